@@ -1,0 +1,564 @@
+//! `slipway.toml`: parsing, validation and revisions.
+//!
+//! Loading a config runs four passes, and reports every problem each pass
+//! finds before giving up: TOML syntax, unknown keys (walked over the
+//! spanned document, so all of them are reported at once, with a "did you
+//! mean"), types (serde, first error only: serde stops there), and the
+//! semantic checks of [`validate`] (references, cycles, resource races).
+//!
+//! A [`Revision`](revision::Revision) is the immutable snapshot a
+//! deployment runs against: see `revision.rs`.
+
+pub mod diagnostic;
+pub mod revision;
+mod schema;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+pub use diagnostic::{ConfigErrors, Problem, ProblemKind, ProblemReport};
+
+/// The file name looked for in a config directory.
+pub const CONFIG_FILE: &str = "slipway.toml";
+
+/// Default job timeout when a job does not set one. Every job has a
+/// timeout: nothing may hang forever.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default environment name when a config declares none.
+pub const DEFAULT_ENVIRONMENT: &str = "default";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub project: Project,
+    pub environments: Vec<Environment>,
+    pub services: Vec<Service>,
+    pub jobs: Vec<Job>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Project {
+    pub name: String,
+    /// Jobs one node runs at once.
+    pub parallelism: Option<usize>,
+    /// Store URL (`sqlite://…` or `postgres://…`); `--store` and
+    /// `SLIPWAY_STORE` win over it.
+    pub store: Option<String>,
+    /// Lease of a claimed job or lock; a node that stops renewing it for
+    /// this long is taken for dead.
+    pub lease: Option<Duration>,
+    /// Output kept per job attempt, in bytes.
+    pub max_log_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Environment {
+    pub name: String,
+    #[serde(skip)]
+    pub span: Range<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Service {
+    pub name: String,
+    #[serde(skip)]
+    pub span: Range<usize>,
+    pub target: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    pub name: String,
+    /// Where each part was written, for diagnostics.
+    #[serde(skip)]
+    pub spans: JobSpans,
+    pub command: Command,
+    pub needs: Vec<String>,
+    pub reads: Vec<String>,
+    pub writes: Vec<String>,
+    pub timeout: Duration,
+    /// Whether `timeout` was written in the file (plan estimates say so).
+    pub timeout_declared: bool,
+    pub kill_grace: Duration,
+    pub retry: Retry,
+    /// Safe to run again after an interruption (a node died mid-run).
+    pub idempotent: bool,
+    pub service: Option<String>,
+    /// Environments the job runs in; `None` means all.
+    pub environments: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct JobSpans {
+    pub name: Range<usize>,
+    pub needs: Vec<Range<usize>>,
+    pub reads: Vec<Range<usize>>,
+    pub writes: Vec<Range<usize>>,
+    pub service: Option<Range<usize>>,
+    pub environments: Vec<Range<usize>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    /// Executed directly; `{version}`-style placeholders are substituted
+    /// per argument, so a value can never split into two arguments.
+    Argv(Vec<String>),
+    /// Run by `/bin/sh -c`, only when the job says `shell = true`.
+    /// Placeholders are refused here: payload values reach it only as
+    /// environment variables.
+    Shell(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Retry {
+    /// Total attempts, the first included (1 = no retry).
+    pub attempts: u32,
+    pub on: RetryOn,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            attempts: 1,
+            on: RetryOn::ExitCodes(vec![]),
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryOn {
+    /// Any failure: non-zero exit, signal, timeout.
+    Any,
+    /// Only these exit codes.
+    ExitCodes(Vec<i32>),
+}
+
+impl Retry {
+    /// Whether a failure with this exit code (None: signal or timeout) is
+    /// worth another attempt under this policy.
+    pub fn retryable(&self, exit_code: Option<i32>) -> bool {
+        match &self.on {
+            RetryOn::Any => true,
+            RetryOn::ExitCodes(codes) => exit_code.is_some_and(|c| codes.contains(&c)),
+        }
+    }
+}
+
+impl Config {
+    pub fn job(&self, name: &str) -> Option<&Job> {
+        self.jobs.iter().find(|j| j.name == name)
+    }
+
+    /// Environment names, or the implicit default one.
+    pub fn environment_names(&self) -> Vec<String> {
+        if self.environments.is_empty() {
+            vec![DEFAULT_ENVIRONMENT.to_string()]
+        } else {
+            self.environments.iter().map(|e| e.name.clone()).collect()
+        }
+    }
+}
+
+/// A config read from disk, with where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub config: Config,
+    /// The config file.
+    pub path: PathBuf,
+    /// The directory whose content makes the revision.
+    pub dir: PathBuf,
+    pub text: Arc<String>,
+}
+
+/// Resolve `path` (a file or a directory holding `slipway.toml`) and load it.
+pub fn load(path: &Path) -> Result<LoadedConfig, ConfigErrors> {
+    let file = if path.is_dir() { path.join(CONFIG_FILE) } else { path.to_path_buf() };
+    let display = file.display().to_string();
+    let text = std::fs::read_to_string(&file).map_err(|e| ConfigErrors {
+        file: display.clone(),
+        source: Arc::new(String::new()),
+        problems: vec![Problem::new(ProblemKind::Io, None, format!("cannot read {display}: {e}"))
+            .hint("pass the config file or its directory with --config")],
+    })?;
+    let config = parse(&display, &text)?;
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    Ok(LoadedConfig { config, path: file, dir, text: Arc::new(text) })
+}
+
+/// Parse and validate config text. `file` is only used in messages.
+pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+    let errors = |problems: Vec<Problem>| ConfigErrors {
+        file: file.to_string(),
+        source: Arc::new(text.to_string()),
+        problems,
+    };
+    let doc = match toml::de::DeTable::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            return Err(errors(vec![Problem::new(ProblemKind::Syntax, e.span(), first_line(e.message()))
+                .label("here")
+                .hint("see https://toml.io for the TOML syntax")]));
+        }
+    };
+    let mut problems = schema::check_keys(doc.get_ref());
+    let raw: Raw = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            problems.push(type_problem(&e));
+            return Err(errors(problems));
+        }
+    };
+    let config = match build(raw, &mut problems) {
+        Some(c) if problems.is_empty() => c,
+        _ => return Err(errors(problems)),
+    };
+    validate::check(&config, &mut problems);
+    if problems.is_empty() { Ok(config) } else { Err(errors(problems)) }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or(s).trim().to_string()
+}
+
+fn type_problem(e: &toml::de::Error) -> Problem {
+    let msg = first_line(e.message());
+    let (kind, hint) = if msg.starts_with("missing field") {
+        (ProblemKind::MissingKey, Some("add the key; see README.md for the config reference".to_string()))
+    } else if msg.contains("untagged enum RawCommand") {
+        (
+            ProblemKind::WrongType,
+            Some("`command` is an array of arguments, e.g. [\"./deploy.sh\", \"--fast\"], or a string with `shell = true`".to_string()),
+        )
+    } else if msg.contains("untagged enum RawRetryOn") {
+        (ProblemKind::WrongType, Some("`on` is \"any\" or an array of exit codes, e.g. [75, 111]".to_string()))
+    } else {
+        (ProblemKind::WrongType, None)
+    };
+    let msg = msg
+        .replace("data did not match any variant of untagged enum RawCommand", "invalid `command`")
+        .replace("data did not match any variant of untagged enum RawRetryOn", "invalid `retry.on`");
+    let mut p = Problem::new(kind, e.span(), msg).label("here");
+    p.hint = hint;
+    p
+}
+
+// ---- the serde shape of the file; unknown keys were reported by `schema` ----
+
+#[derive(Deserialize)]
+struct Raw {
+    project: Option<Spanned<RawProject>>,
+    #[serde(default)]
+    environment: Vec<Spanned<RawEnvironment>>,
+    #[serde(default)]
+    service: Vec<Spanned<RawService>>,
+    #[serde(default)]
+    job: Vec<Spanned<RawJob>>,
+}
+
+#[derive(Deserialize)]
+struct RawProject {
+    name: Option<String>,
+    parallelism: Option<Spanned<i64>>,
+    store: Option<String>,
+    lease: Option<Spanned<String>>,
+    max_log_bytes: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+struct RawEnvironment {
+    name: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+struct RawService {
+    name: Spanned<String>,
+    target: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawCommand {
+    Argv(Vec<String>),
+    Line(String),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawRetryOn {
+    Word(String),
+    Codes(Vec<i64>),
+}
+
+#[derive(Deserialize)]
+struct RawRetry {
+    attempts: Option<Spanned<i64>>,
+    on: Option<Spanned<RawRetryOn>>,
+    backoff: Option<Spanned<String>>,
+    max_backoff: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+struct RawJob {
+    name: Spanned<String>,
+    command: Option<Spanned<RawCommand>>,
+    #[serde(default)]
+    shell: bool,
+    #[serde(default)]
+    needs: Vec<Spanned<String>>,
+    #[serde(default)]
+    reads: Vec<Spanned<String>>,
+    #[serde(default)]
+    writes: Vec<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    kill_grace: Option<Spanned<String>>,
+    retry: Option<Spanned<RawRetry>>,
+    #[serde(default)]
+    idempotent: bool,
+    service: Option<Spanned<String>>,
+    environments: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+fn duration(s: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) -> Option<Duration> {
+    match humantime::parse_duration(s.get_ref()) {
+        Ok(d) if d.is_zero() => {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(s.span()), format!("`{what}` must be longer than zero"))
+                    .label("zero"),
+            );
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(s.span()), format!("`{what}` is not a duration: {e}"))
+                    .label("not a duration")
+                    .hint("write a duration such as \"90s\", \"5m\" or \"1h 30m\""),
+            );
+            None
+        }
+    }
+}
+
+fn positive(v: &Spanned<i64>, what: &str, max: i64, problems: &mut Vec<Problem>) -> Option<i64> {
+    let n = *v.get_ref();
+    if n < 1 || n > max {
+        problems.push(
+            Problem::new(ProblemKind::InvalidValue, Some(v.span()), format!("`{what}` must be between 1 and {max}, not {n}"))
+                .label("out of range"),
+        );
+        None
+    } else {
+        Some(n)
+    }
+}
+
+/// Names of jobs, services, environments and resources: kept to a plain
+/// alphabet so they are safe in URLs, file names and log lines.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !s.starts_with('.')
+}
+
+fn check_name(s: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) {
+    if !valid_name(s.get_ref()) {
+        problems.push(
+            Problem::new(ProblemKind::InvalidValue, Some(s.span()), format!("invalid {what} name {:?}", s.get_ref()))
+                .label("invalid name")
+                .hint("names use letters, digits, '-', '_' and '.', at most 64 characters, not starting with '.'"),
+        );
+    }
+}
+
+fn build(raw: Raw, problems: &mut Vec<Problem>) -> Option<Config> {
+    let mut project = Project { name: String::from("slipway"), parallelism: None, store: None, lease: None, max_log_bytes: None };
+    if let Some(p) = raw.project {
+        let p = p.into_inner();
+        if let Some(n) = p.name {
+            project.name = n;
+        }
+        project.parallelism = p.parallelism.as_ref().and_then(|v| positive(v, "parallelism", 4096, problems)).map(|n| n as usize);
+        project.store = p.store;
+        project.lease = p.lease.as_ref().and_then(|l| duration(l, "lease", problems));
+        project.max_log_bytes = p
+            .max_log_bytes
+            .as_ref()
+            .and_then(|v| positive(v, "max_log_bytes", 1 << 32, problems))
+            .map(|n| n as u64);
+    }
+    let environments = raw
+        .environment
+        .into_iter()
+        .map(|e| {
+            let e = e.into_inner();
+            check_name(&e.name, "environment", problems);
+            Environment { span: e.name.span(), name: e.name.into_inner() }
+        })
+        .collect();
+    let services = raw
+        .service
+        .into_iter()
+        .map(|s| {
+            let s = s.into_inner();
+            check_name(&s.name, "service", problems);
+            let target = match s.target {
+                Some(t) if t.get_ref() != "local" => {
+                    problems.push(
+                        Problem::new(ProblemKind::InvalidValue, Some(t.span()), format!("unknown target {:?}", t.get_ref()))
+                            .label("unknown target")
+                            .hint("this version of Slipway supports target = \"local\""),
+                    );
+                    t.into_inner()
+                }
+                Some(t) => t.into_inner(),
+                None => "local".to_string(),
+            };
+            Service { span: s.name.span(), name: s.name.into_inner(), target }
+        })
+        .collect();
+    let mut jobs = Vec::new();
+    for j in raw.job {
+        let j = j.into_inner();
+        check_name(&j.name, "job", problems);
+        let command = match j.command {
+            None => {
+                problems.push(
+                    Problem::new(ProblemKind::MissingKey, Some(j.name.span()), format!("job {:?} has no `command`", j.name.get_ref()))
+                        .label("this job")
+                        .hint("add command = [\"program\", \"arg\"]"),
+                );
+                Command::Argv(vec![])
+            }
+            Some(c) => {
+                let span = c.span();
+                match (c.into_inner(), j.shell) {
+                    (RawCommand::Argv(v), false) if v.is_empty() || v[0].is_empty() => {
+                        problems.push(
+                            Problem::new(ProblemKind::InvalidValue, Some(span), "`command` is empty")
+                                .label("empty")
+                                .hint("the first element is the program to run"),
+                        );
+                        Command::Argv(v)
+                    }
+                    (RawCommand::Argv(v), false) => Command::Argv(v),
+                    (RawCommand::Line(s), true) => {
+                        if let Some(p) = PLACEHOLDERS.iter().find(|p| s.contains(*p)) {
+                            problems.push(
+                                Problem::new(
+                                    ProblemKind::InvalidValue,
+                                    Some(span),
+                                    format!("placeholder {p} in a shell command"),
+                                )
+                                .label("placeholder")
+                                .hint("values from events never reach a shell: use the environment variable instead, quoted, e.g. \"$SLIPWAY_VERSION\""),
+                            );
+                        }
+                        Command::Shell(s)
+                    }
+                    (RawCommand::Line(s), false) => {
+                        problems.push(
+                            Problem::new(ProblemKind::WrongType, Some(span), "`command` is a string but the job does not say `shell = true`")
+                                .label("a string")
+                                .hint(format!(
+                                    "write the arguments as an array, e.g. {:?}, or add `shell = true` to run it with /bin/sh",
+                                    s.split_whitespace().collect::<Vec<_>>()
+                                )),
+                        );
+                        Command::Shell(s)
+                    }
+                    (RawCommand::Argv(v), true) => {
+                        problems.push(
+                            Problem::new(ProblemKind::WrongType, Some(span), "`shell = true` needs `command` as one string")
+                                .label("an array")
+                                .hint(format!("write command = {:?}", v.join(" "))),
+                        );
+                        Command::Argv(v)
+                    }
+                }
+            }
+        };
+        let timeout = j.timeout.as_ref().and_then(|t| duration(t, "timeout", problems));
+        let kill_grace = j.kill_grace.as_ref().and_then(|t| duration(t, "kill_grace", problems));
+        let mut retry = Retry::default();
+        if let Some(r) = j.retry {
+            let r = r.into_inner();
+            if let Some(a) = r.attempts.as_ref().and_then(|a| positive(a, "retry.attempts", 100, problems)) {
+                retry.attempts = a as u32;
+            }
+            if let Some(b) = r.backoff.as_ref().and_then(|b| duration(b, "retry.backoff", problems)) {
+                retry.backoff = b;
+            }
+            if let Some(b) = r.max_backoff.as_ref().and_then(|b| duration(b, "retry.max_backoff", problems)) {
+                retry.max_backoff = b;
+            }
+            match r.on {
+                None => retry.on = RetryOn::Any,
+                Some(on) => {
+                    let span = on.span();
+                    match on.into_inner() {
+                        RawRetryOn::Word(w) if w == "any" => retry.on = RetryOn::Any,
+                        RawRetryOn::Word(w) => problems.push(
+                            Problem::new(ProblemKind::InvalidValue, Some(span), format!("unknown retry condition {w:?}"))
+                                .label("unknown")
+                                .hint("use \"any\" or an array of exit codes, e.g. [75, 111]"),
+                        ),
+                        RawRetryOn::Codes(c) => {
+                            if let Some(bad) = c.iter().find(|c| !(1..=255).contains(*c)) {
+                                problems.push(
+                                    Problem::new(ProblemKind::InvalidValue, Some(span), format!("exit code {bad} cannot be retried"))
+                                        .label("out of range")
+                                        .hint("retryable exit codes are between 1 and 255"),
+                                );
+                            }
+                            retry.on = RetryOn::ExitCodes(c.into_iter().map(|c| c as i32).collect());
+                        }
+                    }
+                }
+            }
+        }
+        jobs.push(Job {
+            name: j.name.get_ref().clone(),
+            spans: JobSpans {
+                name: j.name.span(),
+                needs: j.needs.iter().map(|n| n.span()).collect(),
+                reads: j.reads.iter().map(|n| n.span()).collect(),
+                writes: j.writes.iter().map(|n| n.span()).collect(),
+                service: j.service.as_ref().map(|s| s.span()),
+                environments: j.environments.iter().flatten().map(|n| n.span()).collect(),
+            },
+            command,
+            needs: j.needs.iter().map(|n| n.get_ref().clone()).collect(),
+            reads: j.reads.iter().map(|r| r.get_ref().clone()).collect(),
+            writes: j.writes.iter().map(|r| r.get_ref().clone()).collect(),
+            timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
+            timeout_declared: timeout.is_some(),
+            kill_grace: kill_grace.unwrap_or(Duration::from_secs(5)),
+            retry,
+            idempotent: j.idempotent,
+            service: j.service.as_ref().map(|s| s.get_ref().clone()),
+            environments: j.environments.as_ref().map(|v| v.iter().map(|e| e.get_ref().clone()).collect()),
+            env: j.env,
+        });
+    }
+    Some(Config { project, environments, services, jobs })
+}
+
+/// Placeholders substituted into argv commands at run time.
+pub const PLACEHOLDERS: &[&str] = &["{version}", "{service}", "{env}", "{deployment}", "{revision}"];

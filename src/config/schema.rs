@@ -1,0 +1,93 @@
+//! The keys each table of `slipway.toml` accepts. Walking the spanned
+//! document (rather than `deny_unknown_fields`) reports every unknown key
+//! at once, each at its own line and column.
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::diagnostic::{Problem, ProblemKind, did_you_mean};
+
+const TOP: &[&str] = &["project", "environment", "service", "job"];
+const PROJECT: &[&str] = &["name", "parallelism", "store", "lease", "max_log_bytes"];
+const ENVIRONMENT: &[&str] = &["name"];
+const SERVICE: &[&str] = &["name", "target"];
+const JOB: &[&str] = &[
+    "name",
+    "command",
+    "shell",
+    "needs",
+    "reads",
+    "writes",
+    "timeout",
+    "kill_grace",
+    "retry",
+    "idempotent",
+    "service",
+    "environments",
+    "env",
+];
+const RETRY: &[&str] = &["attempts", "on", "backoff", "max_backoff"];
+
+pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    check_table(doc, TOP, "", &mut problems);
+    for (key, value) in doc.iter() {
+        let allowed = match key.get_ref().as_ref() {
+            "project" => PROJECT,
+            "environment" => ENVIRONMENT,
+            "service" => SERVICE,
+            "job" => JOB,
+            _ => continue,
+        };
+        let name = key.get_ref().as_ref();
+        let path = if name == "project" { "[project]".to_string() } else { format!("[[{name}]]") };
+        for table in tables(value) {
+            check_table(table, allowed, &path, &mut problems);
+            if name == "job" {
+                for (k, v) in table.iter() {
+                    if k.get_ref().as_ref() == "retry" {
+                        for t in tables(v) {
+                            check_table(t, RETRY, "job.retry", &mut problems);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    problems
+}
+
+/// The tables in a value: itself, or each element of an array of tables.
+/// Values of the wrong type are left to the typed pass to report.
+fn tables<'a, 'i>(value: &'a Spanned<DeValue<'i>>) -> Vec<&'a DeTable<'i>> {
+    match value.get_ref() {
+        DeValue::Table(t) => vec![t],
+        DeValue::Array(a) => a
+            .iter()
+            .filter_map(|v| match v.get_ref() {
+                DeValue::Table(t) => Some(t),
+                _ => None,
+            })
+            .collect(),
+        _ => vec![],
+    }
+}
+
+fn check_table(table: &DeTable<'_>, allowed: &[&str], path: &str, problems: &mut Vec<Problem>) {
+    for (key, _) in table.iter() {
+        let k = key.get_ref().as_ref();
+        if allowed.contains(&k) {
+            continue;
+        }
+        let place = if path.is_empty() { "at the top level".to_string() } else { format!("in {path}") };
+        let hint = match did_you_mean(k, allowed.iter().copied()) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None => format!("known keys here: {}", allowed.join(", ")),
+        };
+        problems.push(
+            Problem::new(ProblemKind::UnknownKey, Some(key.span()), format!("unknown key `{k}` {place}"))
+                .label("unknown key")
+                .hint(hint),
+        );
+    }
+}

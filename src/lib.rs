@@ -1,0 +1,16 @@
+//! Slipway: a continuous deployment engine.
+//!
+//! # Layout
+//!
+//! - [`config`]: `slipway.toml` — parsing, validation with source spans, revisions.
+//! - [`plan`]: from config to the job graph of a deployment (no IO).
+//! - [`store`]: the durable state behind the [`store::Store`] trait (SQLite, PostgreSQL).
+//! - [`scheduler`]: a node's loop — claims jobs with leases, runs them, reports events.
+//! - [`target`]: where jobs run, behind the [`target::Target`] trait (`local` for now).
+//! - [`api`]: the HTTP API, `/metrics`, `/healthz`; the only place wire types are serialized.
+//! - [`cli`]: the `slipway` command line, a client of the API (and of the config for `validate`/`plan`).
+//! - [`bench`]: `slipway bench`, the scheduler against ninja on the same random graphs.
+
+pub mod config;
+pub mod plan;
+pub mod store;

@@ -1,0 +1,418 @@
+//! The durable state: events, revisions, deployments, jobs, attempts,
+//! logs, locks and nodes, behind the [`Store`] trait.
+//!
+//! One implementation, [`sql::SqlStore`], speaks to SQLite (one node, one
+//! file, WAL) and PostgreSQL (several nodes) through sqlx's `Any` driver;
+//! the few statements that differ (row locks, `SKIP LOCKED`, DDL) are
+//! chosen by dialect. Both pass the same test suite (`tests/store.rs`).
+//!
+//! The scheduler's correctness rests on four store operations, each one
+//! transaction: [`Store::submit`] (event + deployment + jobs + supersede),
+//! [`Store::activate`] (take the deployment's lock lease), [`Store::claim`]
+//! (lease a ready job, bump its fencing token) and [`Store::finish`] (record
+//! an attempt, fenced, and release dependants). See
+//! `docs/design/scheduler.md`.
+
+pub mod sql;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::config::revision::Revision;
+
+/// Milliseconds since the Unix epoch: the only time type stored.
+pub type Millis = i64;
+
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store query failed ({op}): {source}")]
+    Query { op: &'static str, source: sqlx::Error },
+    #[error("bad store URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("{0}")]
+    Locked(String),
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub(crate) fn query(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+        move |e| match e {
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+                StoreError::Unavailable(format!("{op}: {e}"))
+            }
+            other => StoreError::Query { op, source: other },
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident = $s:literal),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),* }
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),*];
+            pub fn as_str(self) -> &'static str { match self { $($name::$variant => $s),* } }
+            pub fn parse(s: &str) -> Option<Self> { match s { $($s => Some($name::$variant),)* _ => None } }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.as_str()) }
+        }
+    };
+}
+
+string_enum!(
+    /// Life of a deployment. `queued` waits for its lock; the last four are terminal.
+    DeploymentState {
+        Queued = "queued",
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Cancelled = "cancelled",
+        Superseded = "superseded",
+    }
+);
+
+impl DeploymentState {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, DeploymentState::Queued | DeploymentState::Running)
+    }
+}
+
+string_enum!(
+    /// Life of a job. `pending` waits for its needs, `ready` for a slot.
+    JobState {
+        Pending = "pending",
+        Ready = "ready",
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Skipped = "skipped",
+        Cancelled = "cancelled",
+    }
+);
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Skipped | JobState::Cancelled)
+    }
+}
+
+string_enum!(
+    /// How one attempt of a job ended (`interrupted`: its node died or
+    /// lost the lease mid-run).
+    Outcome {
+        Succeeded = "succeeded",
+        Failed = "failed",
+        TimedOut = "timed_out",
+        Cancelled = "cancelled",
+        Interrupted = "interrupted",
+    }
+);
+
+string_enum!(
+    DeploymentKind {
+        Deploy = "deploy",
+        Run = "run",
+    }
+);
+
+/// What a job runs, frozen at submit time from the pinned revision.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobSpec {
+    pub command: crate::config::Command,
+    pub timeout_ms: u64,
+    pub kill_grace_ms: u64,
+    pub retry_attempts: u32,
+    pub retry_any: bool,
+    pub retry_exit_codes: Vec<i32>,
+    pub retry_backoff_ms: u64,
+    pub retry_max_backoff_ms: u64,
+    pub idempotent: bool,
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+impl JobSpec {
+    pub fn from_job(job: &crate::config::Job) -> Self {
+        let (retry_any, retry_exit_codes) = match &job.retry.on {
+            crate::config::RetryOn::Any => (true, vec![]),
+            crate::config::RetryOn::ExitCodes(c) => (false, c.clone()),
+        };
+        JobSpec {
+            command: job.command.clone(),
+            timeout_ms: job.timeout.as_millis() as u64,
+            kill_grace_ms: job.kill_grace.as_millis() as u64,
+            retry_attempts: job.retry.attempts,
+            retry_any,
+            retry_exit_codes,
+            retry_backoff_ms: job.retry.backoff.as_millis() as u64,
+            retry_max_backoff_ms: job.retry.max_backoff.as_millis() as u64,
+            idempotent: job.idempotent,
+            env: job.env.clone(),
+        }
+    }
+
+    pub fn retryable(&self, exit_code: Option<i32>) -> bool {
+        self.retry_any || exit_code.is_some_and(|c| self.retry_exit_codes.contains(&c))
+    }
+
+    /// Delay before attempt `next` (2 = first retry): exponential, capped,
+    /// with full jitter in the upper half so retries of many jobs spread.
+    pub fn backoff(&self, next: u32) -> Duration {
+        let exp = self.retry_backoff_ms.saturating_mul(1u64 << (next.saturating_sub(2)).min(30));
+        let capped = exp.min(self.retry_max_backoff_ms.max(self.retry_backoff_ms));
+        let jitter = rand::random_range(0..=capped / 2);
+        Duration::from_millis(capped / 2 + jitter)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Idempotency key: the same key is accepted once.
+    pub key: Option<String>,
+    pub kind: String,
+    pub payload: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub name: String,
+    /// Indexes into `NewDeployment::jobs`.
+    pub needs: Vec<usize>,
+    pub spec: JobSpec,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDeployment {
+    pub event: NewEvent,
+    pub kind: DeploymentKind,
+    pub environment: String,
+    pub service: Option<String>,
+    pub version: Option<String>,
+    /// At most one running deployment per lock key.
+    pub lock_key: String,
+    pub revision: String,
+    pub jobs: Vec<NewJob>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Submitted {
+    pub event_id: i64,
+    pub deployment_id: i64,
+    /// The event key was seen before: nothing new was created.
+    pub duplicate: bool,
+    /// Queued deployments this one replaced.
+    pub superseded: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeploymentRow {
+    pub id: i64,
+    pub event_id: i64,
+    pub kind: DeploymentKind,
+    pub environment: String,
+    pub service: Option<String>,
+    pub version: Option<String>,
+    pub revision: String,
+    pub state: DeploymentState,
+    pub reason: Option<String>,
+    pub superseded_by: Option<i64>,
+    pub cancel_requested: bool,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRow {
+    pub id: i64,
+    pub deployment_id: i64,
+    pub name: String,
+    pub state: JobState,
+    pub attempt: i64,
+    pub node: Option<String>,
+    pub needs: Vec<String>,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    pub exit_code: Option<i64>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRow {
+    pub job_id: i64,
+    pub job: String,
+    pub attempt: i64,
+    pub node: String,
+    pub started_at: Millis,
+    pub finished_at: Millis,
+    pub outcome: Outcome,
+    pub exit_code: Option<i64>,
+    pub reason: Option<String>,
+}
+
+/// A job this node now holds a lease on.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub job_id: i64,
+    pub deployment_id: i64,
+    pub name: String,
+    pub attempt: i64,
+    /// Fencing token: every later write for this attempt must carry it.
+    pub fence: i64,
+    pub spec: JobSpec,
+    pub revision: String,
+    pub environment: String,
+    pub service: Option<String>,
+    pub version: Option<String>,
+    /// When the job became ready (for queue latency).
+    pub ready_at: Millis,
+    /// When the deployment's event was accepted.
+    pub event_at: Millis,
+}
+
+#[derive(Debug, Clone)]
+pub struct FinishedAttempt {
+    pub job_id: i64,
+    pub fence: i64,
+    pub node: String,
+    pub started_at: Millis,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub reason: Option<String>,
+    /// Make the job ready again at this time (a retry) instead of final.
+    pub retry_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FinishEffect {
+    /// The fencing token no longer matched: another node owns the job now,
+    /// and nothing was written.
+    pub stale: bool,
+    pub newly_ready: u64,
+    pub deployment_finished: Option<(i64, DeploymentState)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Renewal {
+    pub job_id: i64,
+    /// False: the lease was lost (fence moved on); stop the job.
+    pub held: bool,
+    /// The deployment was cancelled; stop the job.
+    pub cancel: bool,
+}
+
+/// A running job whose lease ran out.
+#[derive(Debug, Clone)]
+pub struct Expired {
+    pub job_id: i64,
+    pub deployment_id: i64,
+    pub name: String,
+    pub fence: i64,
+    pub node: Option<String>,
+    pub attempt: i64,
+    pub started_at: Millis,
+    pub spec: JobSpec,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LogRecord {
+    pub seq: i64,
+    pub job: String,
+    pub attempt: i64,
+    pub ts: Millis,
+    pub stream: String,
+    pub line: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewLogLine {
+    pub deployment_id: i64,
+    pub job_id: i64,
+    pub attempt: i64,
+    pub ts: Millis,
+    pub stream: &'static str,
+    pub line: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counts {
+    pub deployments: Vec<(DeploymentState, i64)>,
+    pub jobs: Vec<(JobState, i64)>,
+    /// Jobs ready and waiting for a slot on any node.
+    pub ready: i64,
+    pub queued_deployments: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeRow {
+    pub id: String,
+    pub started_at: Millis,
+    pub heartbeat_at: Millis,
+}
+
+/// The durable state. Every method is one transaction or one statement.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// "sqlite" or "postgres".
+    fn backend(&self) -> &'static str;
+    /// Only one node can use this store (SQLite): at start-up, every lease
+    /// left by a previous process is known dead.
+    fn single_node(&self) -> bool;
+    async fn ping(&self) -> Result<()>;
+
+    async fn put_revision(&self, revision: &Revision) -> Result<()>;
+    async fn revision(&self, id: &str) -> Result<Option<Revision>>;
+
+    async fn submit(&self, new: NewDeployment) -> Result<Submitted>;
+    async fn deployments(&self, limit: i64, state: Option<DeploymentState>) -> Result<Vec<DeploymentRow>>;
+    async fn deployment(&self, id: i64) -> Result<Option<DeploymentRow>>;
+    async fn jobs(&self, deployment: i64) -> Result<Vec<JobRow>>;
+    async fn attempts(&self, deployment: i64) -> Result<Vec<AttemptRow>>;
+    /// Ask to cancel. `None` if there is no such deployment.
+    async fn cancel(&self, id: i64) -> Result<Option<DeploymentRow>>;
+
+    async fn register_node(&self, node: &str) -> Result<()>;
+    async fn nodes(&self) -> Result<Vec<NodeRow>>;
+    /// Start queued deployments whose lock is free; returns their ids.
+    async fn activate(&self, node: &str, lease: Duration) -> Result<Vec<i64>>;
+    async fn claim(&self, node: &str, lease: Duration, limit: i64) -> Result<Vec<ClaimedJob>>;
+    /// Extend this node's leases (jobs and locks) and report lost or
+    /// cancelled jobs.
+    async fn renew(&self, node: &str, held: &[(i64, i64)], lease: Duration) -> Result<Vec<Renewal>>;
+    async fn finish(&self, done: FinishedAttempt) -> Result<FinishEffect>;
+    /// Running jobs whose lease ended before now.
+    async fn expired(&self) -> Result<Vec<Expired>>;
+    /// Take over or drop lock leases whose holder stopped renewing them.
+    async fn reap_locks(&self, node: &str, lease: Duration) -> Result<u64>;
+    /// Treat every lease as expired now (single-node restart).
+    async fn expire_all_leases(&self) -> Result<()>;
+
+    async fn append_logs(&self, lines: &[NewLogLine]) -> Result<()>;
+    async fn logs(&self, deployment: i64, job: Option<&str>, after: i64, limit: i64) -> Result<Vec<LogRecord>>;
+
+    /// Typical duration of recent successful runs of each job in `environment`.
+    async fn history(&self, environment: &str) -> Result<HashMap<String, Duration>>;
+    async fn counts(&self) -> Result<Counts>;
+}
+
+/// Open the store a URL names: `sqlite://PATH` or `postgres://…`.
+pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>> {
+    Ok(std::sync::Arc::new(sql::SqlStore::open(url).await?))
+}

@@ -1,0 +1,1004 @@
+//! [`Store`] over sqlx's `Any` driver, for SQLite and PostgreSQL.
+//!
+//! Placeholders are `$N` for both (sqlx-sqlite maps `$N` to index N).
+//! Differences by dialect: DDL types, `FOR UPDATE [SKIP LOCKED]` (SQLite
+//! has one writer, a pool of one connection, so its transactions never
+//! interleave), and the advisory lock around PostgreSQL migrations.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+pub struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+const TERMINAL_JOB_STATES: &str = "('succeeded','failed','skipped','cancelled')";
+/// Interruptions an idempotent job survives beyond its retry attempts, so
+/// a job that kills its node cannot loop forever.
+const EXTRA_INTERRUPTED_ATTEMPTS: i64 = 3;
+
+fn schema(d: Dialect) -> Vec<String> {
+    let (serial, blob) = match d {
+        Dialect::Sqlite => ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"),
+        Dialect::Postgres => ("BIGSERIAL PRIMARY KEY", "BYTEA"),
+    };
+    [
+        "CREATE TABLE IF NOT EXISTS revisions (id TEXT PRIMARY KEY, created_at BIGINT NOT NULL, config_text TEXT NOT NULL, archive {blob} NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS events (id {serial}, key TEXT UNIQUE, kind TEXT NOT NULL, payload TEXT NOT NULL, received_at BIGINT NOT NULL, deployment_id BIGINT)",
+        "CREATE TABLE IF NOT EXISTS deployments (id {serial}, event_id BIGINT NOT NULL, kind TEXT NOT NULL, environment TEXT NOT NULL, service TEXT, version TEXT, lock_key TEXT NOT NULL, revision TEXT NOT NULL, state TEXT NOT NULL, reason TEXT, superseded_by BIGINT, cancel_requested BIGINT NOT NULL DEFAULT 0, created_at BIGINT NOT NULL, started_at BIGINT, finished_at BIGINT)",
+        "CREATE INDEX IF NOT EXISTS deployments_state ON deployments (state, id)",
+        "CREATE TABLE IF NOT EXISTS jobs (id {serial}, deployment_id BIGINT NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL, attempt BIGINT NOT NULL DEFAULT 0, fence BIGINT NOT NULL DEFAULT 0, node TEXT, lease_until BIGINT, ready_at BIGINT, not_before BIGINT NOT NULL DEFAULT 0, started_at BIGINT, finished_at BIGINT, exit_code BIGINT, reason TEXT, spec TEXT NOT NULL, UNIQUE (deployment_id, name))",
+        "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, not_before)",
+        "CREATE TABLE IF NOT EXISTS job_needs (job_id BIGINT NOT NULL, need_id BIGINT NOT NULL, PRIMARY KEY (job_id, need_id))",
+        "CREATE INDEX IF NOT EXISTS job_needs_need ON job_needs (need_id)",
+        "CREATE TABLE IF NOT EXISTS attempts (id {serial}, job_id BIGINT NOT NULL, attempt BIGINT NOT NULL, node TEXT NOT NULL, started_at BIGINT NOT NULL, finished_at BIGINT NOT NULL, outcome TEXT NOT NULL, exit_code BIGINT, reason TEXT)",
+        "CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id)",
+        "CREATE TABLE IF NOT EXISTS logs (id {serial}, deployment_id BIGINT NOT NULL, job_id BIGINT NOT NULL, attempt BIGINT NOT NULL, ts BIGINT NOT NULL, stream TEXT NOT NULL, line TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS logs_deployment ON logs (deployment_id, id)",
+        "CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, deployment_id BIGINT NOT NULL, node TEXT NOT NULL, lease_until BIGINT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, started_at BIGINT NOT NULL, heartbeat_at BIGINT NOT NULL)",
+    ]
+    .iter()
+    .map(|s| s.replace("{serial}", serial).replace("{blob}", blob))
+    .collect()
+}
+
+/// SQL assembled at run time, only ever from constants in this file
+/// (never from input: values are always bound).
+fn query_dyn(sql: String) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+}
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+impl SqlStore {
+    /// Connect, and create the schema if it is not there.
+    pub async fn open(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let (dialect, conn_url, pool) = if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(StoreError::BadUrl { url: url.into(), reason: "no file path after sqlite://".into() });
+            }
+            if let Some(parent) = std::path::Path::new(path).parent() {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(parent).map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", parent.display())))?;
+                }
+            }
+            let opts = AnyPoolOptions::new()
+                // One connection: SQLite has one writer anyway, and this
+                // way no transaction ever meets SQLITE_BUSY half-way.
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        use sqlx::Executor;
+                        conn.execute("PRAGMA journal_mode=WAL").await?;
+                        conn.execute("PRAGMA synchronous=NORMAL").await?;
+                        conn.execute("PRAGMA busy_timeout=5000").await?;
+                        Ok(())
+                    })
+                });
+            (Dialect::Sqlite, format!("sqlite://{path}?mode=rwc"), opts)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let opts = AnyPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        use sqlx::Executor;
+                        // No statement may hang: a stuck query fails instead.
+                        conn.execute("SET statement_timeout = 30000").await?;
+                        conn.execute("SET lock_timeout = 20000").await?;
+                        Ok(())
+                    })
+                });
+            (Dialect::Postgres, url.to_string(), opts)
+        } else {
+            return Err(StoreError::BadUrl {
+                url: redact_url(url),
+                reason: "expected sqlite://PATH or postgres://USER@HOST:PORT/DB".into(),
+            });
+        };
+        let pool = tokio::time::timeout(Duration::from_secs(15), pool.connect(&conn_url))
+            .await
+            .map_err(|_| StoreError::Unavailable(format!("connecting to {} timed out", redact_url(url))))?
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to {}: {e}", redact_url(url))))?;
+        let store = SqlStore { pool, dialect };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::query("migrate"))?;
+        if self.dialect == Dialect::Postgres {
+            // Several nodes may start at once; DDL races otherwise.
+            sqlx::query("SELECT pg_advisory_xact_lock(7467233)").execute(&mut *tx).await.map_err(StoreError::query("migrate lock"))?;
+        }
+        for stmt in schema(self.dialect) {
+            query_dyn(stmt.clone()).execute(&mut *tx).await.map_err(StoreError::query("migrate"))?;
+        }
+        tx.commit().await.map_err(StoreError::query("migrate"))?;
+        Ok(())
+    }
+
+    fn for_update(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE",
+        }
+    }
+
+    /// Serialize writers of one deployment (PostgreSQL): without it, two
+    /// jobs finishing at once on two nodes could each miss the other's
+    /// success and leave a dependant pending forever.
+    async fn lock_deployment(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>, id: i64) -> Result<Option<AnyRow>> {
+        let q = format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = $1{}", self.for_update());
+        query_dyn(q.clone()).bind(id).fetch_optional(&mut **tx).await.map_err(StoreError::query("lock deployment"))
+    }
+
+    /// If every job of the deployment is terminal, finish the deployment
+    /// and free its lock.
+    async fn complete_if_done(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>, id: i64, now: Millis) -> Result<Option<DeploymentState>> {
+        let open: i64 = query_dyn(format!("SELECT COUNT(*) FROM jobs WHERE deployment_id = $1 AND state NOT IN {TERMINAL_JOB_STATES}"))
+            .bind(id)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(StoreError::query("count open jobs"))?
+            .try_get(0)
+            .map_err(StoreError::query("count open jobs"))?;
+        if open > 0 {
+            return Ok(None);
+        }
+        let dep = sqlx::query("SELECT state, cancel_requested FROM deployments WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(StoreError::query("read deployment"))?;
+        let state: String = dep.try_get(0).map_err(StoreError::query("read deployment"))?;
+        if state != "running" {
+            return Ok(None);
+        }
+        let cancel: i64 = dep.try_get(1).map_err(StoreError::query("read deployment"))?;
+        let failed = sqlx::query("SELECT name, reason FROM jobs WHERE deployment_id = $1 AND state = 'failed' ORDER BY id")
+            .bind(id)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(StoreError::query("read failed jobs"))?;
+        let (final_state, reason) = if cancel != 0 {
+            (DeploymentState::Cancelled, Some("cancelled on request".to_string()))
+        } else if let Some(first) = failed.first() {
+            let name: String = first.try_get(0).map_err(StoreError::query("read failed jobs"))?;
+            let why: Option<String> = first.try_get(1).map_err(StoreError::query("read failed jobs"))?;
+            let more = if failed.len() > 1 { format!(" (and {} more)", failed.len() - 1) } else { String::new() };
+            (DeploymentState::Failed, Some(format!("job {name:?} failed: {}{more}", why.unwrap_or_default())))
+        } else {
+            (DeploymentState::Succeeded, None)
+        };
+        sqlx::query("UPDATE deployments SET state = $1, reason = $2, finished_at = $3 WHERE id = $4")
+            .bind(final_state.as_str())
+            .bind(reason)
+            .bind(now)
+            .bind(id)
+            .execute(&mut **tx)
+            .await
+            .map_err(StoreError::query("finish deployment"))?;
+        sqlx::query("DELETE FROM locks WHERE deployment_id = $1")
+            .bind(id)
+            .execute(&mut **tx)
+            .await
+            .map_err(StoreError::query("release lock"))?;
+        Ok(Some(final_state))
+    }
+}
+
+/// Never print a password from a store URL.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &creds[..colon], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+const DEPLOYMENT_COLUMNS: &str = "id, event_id, kind, environment, service, version, revision, state, reason, superseded_by, cancel_requested, created_at, started_at, finished_at";
+
+fn deployment_row(r: &AnyRow) -> Result<DeploymentRow> {
+    let e = StoreError::query("decode deployment");
+    let get = |r: &AnyRow| -> std::result::Result<DeploymentRow, sqlx::Error> {
+        let kind: String = r.try_get("kind")?;
+        let state: String = r.try_get("state")?;
+        Ok(DeploymentRow {
+            id: r.try_get("id")?,
+            event_id: r.try_get("event_id")?,
+            kind: DeploymentKind::parse(&kind).unwrap_or(DeploymentKind::Run),
+            environment: r.try_get("environment")?,
+            service: r.try_get("service")?,
+            version: r.try_get("version")?,
+            revision: r.try_get("revision")?,
+            state: DeploymentState::parse(&state).unwrap_or(DeploymentState::Failed),
+            reason: r.try_get("reason")?,
+            superseded_by: r.try_get("superseded_by")?,
+            cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
+            created_at: r.try_get("created_at")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+        })
+    };
+    get(r).map_err(e)
+}
+
+fn spec_of(s: &str) -> Result<JobSpec> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    fn backend(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgres",
+        }
+    }
+
+    fn single_node(&self) -> bool {
+        self.dialect == Dialect::Sqlite
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(StoreError::query("ping"))?;
+        Ok(())
+    }
+
+    async fn put_revision(&self, rev: &Revision) -> Result<()> {
+        sqlx::query("INSERT INTO revisions (id, created_at, config_text, archive) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING")
+            .bind(&rev.id)
+            .bind(now_ms())
+            .bind(&rev.config_text)
+            .bind(rev.archive.clone())
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query("store revision"))?;
+        Ok(())
+    }
+
+    async fn revision(&self, id: &str) -> Result<Option<Revision>> {
+        let row = sqlx::query("SELECT id, config_text, archive FROM revisions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::query("read revision"))?;
+        row.map(|r| {
+            Ok(Revision {
+                id: r.try_get(0).map_err(StoreError::query("read revision"))?,
+                config_text: r.try_get(1).map_err(StoreError::query("read revision"))?,
+                archive: r.try_get(2).map_err(StoreError::query("read revision"))?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn submit(&self, new: NewDeployment) -> Result<Submitted> {
+        let now = now_ms();
+        let op = "submit";
+        let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+        let inserted = sqlx::query(
+            "INSERT INTO events (key, kind, payload, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING id",
+        )
+        .bind(new.event.key.clone())
+        .bind(&new.event.kind)
+        .bind(&new.event.payload)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::query(op))?;
+        let Some(row) = inserted else {
+            // Seen before: answer with what the first delivery created.
+            let row = sqlx::query("SELECT id, deployment_id FROM events WHERE key = $1")
+                .bind(new.event.key.clone())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?;
+            tx.commit().await.map_err(StoreError::query(op))?;
+            return Ok(Submitted {
+                event_id: row.try_get(0).map_err(StoreError::query(op))?,
+                deployment_id: row.try_get::<Option<i64>, _>(1).map_err(StoreError::query(op))?.unwrap_or(0),
+                duplicate: true,
+                superseded: vec![],
+            });
+        };
+        let event_id: i64 = row.try_get(0).map_err(StoreError::query(op))?;
+        let dep_id: i64 = sqlx::query(
+            "INSERT INTO deployments (event_id, kind, environment, service, version, lock_key, revision, state, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8) RETURNING id",
+        )
+        .bind(event_id)
+        .bind(new.kind.as_str())
+        .bind(&new.environment)
+        .bind(new.service.clone())
+        .bind(new.version.clone())
+        .bind(&new.lock_key)
+        .bind(&new.revision)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(StoreError::query(op))?
+        .try_get(0)
+        .map_err(StoreError::query(op))?;
+        sqlx::query("UPDATE events SET deployment_id = $1 WHERE id = $2")
+            .bind(dep_id)
+            .bind(event_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?;
+        let mut ids = Vec::with_capacity(new.jobs.len());
+        for job in &new.jobs {
+            let spec = serde_json::to_string(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let id: i64 = sqlx::query("INSERT INTO jobs (deployment_id, name, state, spec) VALUES ($1, $2, 'pending', $3) RETURNING id")
+                .bind(dep_id)
+                .bind(&job.name)
+                .bind(spec)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?
+                .try_get(0)
+                .map_err(StoreError::query(op))?;
+            ids.push(id);
+        }
+        for (i, job) in new.jobs.iter().enumerate() {
+            for &n in &job.needs {
+                let need = *ids.get(n).ok_or_else(|| StoreError::Corrupt(format!("job {} needs index {n}", job.name)))?;
+                sqlx::query("INSERT INTO job_needs (job_id, need_id) VALUES ($1, $2)")
+                    .bind(ids[i])
+                    .bind(need)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?;
+            }
+        }
+        let mut superseded = Vec::new();
+        if new.kind == DeploymentKind::Deploy {
+            let rows = sqlx::query(
+                "UPDATE deployments SET state = 'superseded', superseded_by = $1, finished_at = $2, reason = $3 \
+                 WHERE lock_key = $4 AND kind = 'deploy' AND state = 'queued' AND id <> $1 RETURNING id",
+            )
+            .bind(dep_id)
+            .bind(now)
+            .bind(format!("superseded by deployment {dep_id} before it started"))
+            .bind(&new.lock_key)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?;
+            for r in rows {
+                let old: i64 = r.try_get(0).map_err(StoreError::query(op))?;
+                sqlx::query("UPDATE jobs SET state = 'cancelled', reason = $1, finished_at = $2 WHERE deployment_id = $3 AND state = 'pending'")
+                    .bind(format!("deployment superseded by {dep_id}"))
+                    .bind(now)
+                    .bind(old)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?;
+                superseded.push(old);
+            }
+        }
+        tx.commit().await.map_err(StoreError::query(op))?;
+        Ok(Submitted { event_id, deployment_id: dep_id, duplicate: false, superseded })
+    }
+
+    async fn deployments(&self, limit: i64, state: Option<DeploymentState>) -> Result<Vec<DeploymentRow>> {
+        let rows = match state {
+            Some(s) => query_dyn(format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE state = $1 ORDER BY id DESC LIMIT $2"))
+                .bind(s.as_str())
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await,
+            None => query_dyn(format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments ORDER BY id DESC LIMIT $1"))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await,
+        }
+        .map_err(StoreError::query("list deployments"))?;
+        rows.iter().map(deployment_row).collect()
+    }
+
+    async fn deployment(&self, id: i64) -> Result<Option<DeploymentRow>> {
+        query_dyn(format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::query("read deployment"))?
+            .as_ref()
+            .map(deployment_row)
+            .transpose()
+    }
+
+    async fn jobs(&self, deployment: i64) -> Result<Vec<JobRow>> {
+        let op = "list jobs";
+        let rows = sqlx::query(
+            "SELECT id, deployment_id, name, state, attempt, node, started_at, finished_at, exit_code, reason FROM jobs WHERE deployment_id = $1 ORDER BY id",
+        )
+        .bind(deployment)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::query(op))?;
+        let needs = sqlx::query("SELECT n.job_id, j.name FROM job_needs n JOIN jobs j ON j.id = n.need_id WHERE j.deployment_id = $1 ORDER BY j.id")
+            .bind(deployment)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
+        let mut by_job: HashMap<i64, Vec<String>> = HashMap::new();
+        for n in needs {
+            by_job.entry(n.try_get(0).map_err(StoreError::query(op))?).or_default().push(n.try_get(1).map_err(StoreError::query(op))?);
+        }
+        rows.iter()
+            .map(|r| {
+                let f = || -> std::result::Result<JobRow, sqlx::Error> {
+                    let id: i64 = r.try_get("id")?;
+                    let state: String = r.try_get("state")?;
+                    Ok(JobRow {
+                        id,
+                        deployment_id: r.try_get("deployment_id")?,
+                        name: r.try_get("name")?,
+                        state: JobState::parse(&state).unwrap_or(JobState::Failed),
+                        attempt: r.try_get("attempt")?,
+                        node: r.try_get("node")?,
+                        needs: by_job.get(&id).cloned().unwrap_or_default(),
+                        started_at: r.try_get("started_at")?,
+                        finished_at: r.try_get("finished_at")?,
+                        exit_code: r.try_get("exit_code")?,
+                        reason: r.try_get("reason")?,
+                    })
+                };
+                f().map_err(StoreError::query(op))
+            })
+            .collect()
+    }
+
+    async fn attempts(&self, deployment: i64) -> Result<Vec<AttemptRow>> {
+        let op = "list attempts";
+        let rows = sqlx::query(
+            "SELECT a.job_id, j.name, a.attempt, a.node, a.started_at, a.finished_at, a.outcome, a.exit_code, a.reason \
+             FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.deployment_id = $1 ORDER BY a.id",
+        )
+        .bind(deployment)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::query(op))?;
+        rows.iter()
+            .map(|r| {
+                let f = || -> std::result::Result<AttemptRow, sqlx::Error> {
+                    let outcome: String = r.try_get(6)?;
+                    Ok(AttemptRow {
+                        job_id: r.try_get(0)?,
+                        job: r.try_get(1)?,
+                        attempt: r.try_get(2)?,
+                        node: r.try_get(3)?,
+                        started_at: r.try_get(4)?,
+                        finished_at: r.try_get(5)?,
+                        outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Failed),
+                        exit_code: r.try_get(7)?,
+                        reason: r.try_get(8)?,
+                    })
+                };
+                f().map_err(StoreError::query(op))
+            })
+            .collect()
+    }
+
+    async fn cancel(&self, id: i64) -> Result<Option<DeploymentRow>> {
+        let op = "cancel";
+        let now = now_ms();
+        let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+        let Some(row) = self.lock_deployment(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        let dep = deployment_row(&row)?;
+        if dep.state.is_terminal() {
+            tx.commit().await.map_err(StoreError::query(op))?;
+            return Ok(Some(dep));
+        }
+        sqlx::query("UPDATE deployments SET cancel_requested = 1 WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?;
+        sqlx::query("UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 WHERE deployment_id = $2 AND state IN ('pending', 'ready')")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?;
+        if dep.state == DeploymentState::Queued {
+            sqlx::query("UPDATE deployments SET state = 'cancelled', reason = 'cancelled while queued', finished_at = $1 WHERE id = $2")
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?;
+        } else {
+            self.complete_if_done(&mut tx, id, now).await?;
+        }
+        let row = self.lock_deployment(&mut tx, id).await?;
+        tx.commit().await.map_err(StoreError::query(op))?;
+        row.as_ref().map(deployment_row).transpose()
+    }
+
+    async fn register_node(&self, node: &str) -> Result<()> {
+        let now = now_ms();
+        sqlx::query("INSERT INTO nodes (id, started_at, heartbeat_at) VALUES ($1, $2, $2) ON CONFLICT (id) DO UPDATE SET heartbeat_at = $2")
+            .bind(node)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query("register node"))?;
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let rows = sqlx::query("SELECT id, started_at, heartbeat_at FROM nodes ORDER BY heartbeat_at DESC LIMIT 100")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query("list nodes"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeRow {
+                    id: r.try_get(0).map_err(StoreError::query("list nodes"))?,
+                    started_at: r.try_get(1).map_err(StoreError::query("list nodes"))?,
+                    heartbeat_at: r.try_get(2).map_err(StoreError::query("list nodes"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn activate(&self, node: &str, lease: Duration) -> Result<Vec<i64>> {
+        let op = "activate";
+        let now = now_ms();
+        let queued = sqlx::query("SELECT id, lock_key FROM deployments WHERE state = 'queued' ORDER BY id LIMIT 100")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
+        let mut tried = HashSet::new();
+        let mut activated = Vec::new();
+        for r in queued {
+            let id: i64 = r.try_get(0).map_err(StoreError::query(op))?;
+            let key: String = r.try_get(1).map_err(StoreError::query(op))?;
+            // Oldest first: a younger deployment never overtakes an older
+            // one on the same lock.
+            if !tried.insert(key.clone()) {
+                continue;
+            }
+            let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+            let got = sqlx::query("INSERT INTO locks (key, deployment_id, node, lease_until) VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING key")
+                .bind(&key)
+                .bind(id)
+                .bind(node)
+                .bind(now + ms(lease))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?;
+            if got.is_none() {
+                tx.rollback().await.map_err(StoreError::query(op))?;
+                continue;
+            }
+            let started = sqlx::query("UPDATE deployments SET state = 'running', started_at = $1 WHERE id = $2 AND state = 'queued'")
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?
+                .rows_affected();
+            if started == 0 {
+                tx.rollback().await.map_err(StoreError::query(op))?;
+                continue;
+            }
+            sqlx::query(
+                "UPDATE jobs SET state = 'ready', ready_at = $1 WHERE deployment_id = $2 AND state = 'pending' \
+                 AND NOT EXISTS (SELECT 1 FROM job_needs n WHERE n.job_id = jobs.id)",
+            )
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?;
+            tx.commit().await.map_err(StoreError::query(op))?;
+            activated.push(id);
+        }
+        Ok(activated)
+    }
+
+    async fn claim(&self, node: &str, lease: Duration, limit: i64) -> Result<Vec<ClaimedJob>> {
+        let op = "claim";
+        let now = now_ms();
+        let skip = match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+        };
+        let q = format!(
+            "UPDATE jobs SET state = 'running', node = $1, lease_until = $2, fence = fence + 1, attempt = attempt + 1, started_at = $3 \
+             WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND not_before <= $3 ORDER BY id LIMIT $4{skip}) \
+             RETURNING id, deployment_id, name, attempt, fence, spec, ready_at"
+        );
+        let rows = query_dyn(q.clone())
+            .bind(node)
+            .bind(now + ms(lease))
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
+        let mut deps: HashMap<i64, (String, String, Option<String>, Option<String>, i64)> = HashMap::new();
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let dep: i64 = r.try_get(1).map_err(StoreError::query(op))?;
+            if !deps.contains_key(&dep) {
+                let d = sqlx::query("SELECT revision, environment, service, version, created_at FROM deployments WHERE id = $1")
+                    .bind(dep)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(StoreError::query(op))?;
+                deps.insert(
+                    dep,
+                    (
+                        d.try_get(0).map_err(StoreError::query(op))?,
+                        d.try_get(1).map_err(StoreError::query(op))?,
+                        d.try_get(2).map_err(StoreError::query(op))?,
+                        d.try_get(3).map_err(StoreError::query(op))?,
+                        d.try_get(4).map_err(StoreError::query(op))?,
+                    ),
+                );
+            }
+            let (revision, environment, service, version, event_at) = deps[&dep].clone();
+            let spec: String = r.try_get(5).map_err(StoreError::query(op))?;
+            out.push(ClaimedJob {
+                job_id: r.try_get(0).map_err(StoreError::query(op))?,
+                deployment_id: dep,
+                name: r.try_get(2).map_err(StoreError::query(op))?,
+                attempt: r.try_get(3).map_err(StoreError::query(op))?,
+                fence: r.try_get(4).map_err(StoreError::query(op))?,
+                spec: spec_of(&spec)?,
+                revision,
+                environment,
+                service,
+                version,
+                ready_at: r.try_get::<Option<i64>, _>(6).map_err(StoreError::query(op))?.unwrap_or(now),
+                event_at,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn renew(&self, node: &str, held: &[(i64, i64)], lease: Duration) -> Result<Vec<Renewal>> {
+        let op = "renew leases";
+        let now = now_ms();
+        let until = now + ms(lease);
+        sqlx::query("UPDATE nodes SET heartbeat_at = $1 WHERE id = $2").bind(now).bind(node).execute(&self.pool).await.map_err(StoreError::query(op))?;
+        sqlx::query("UPDATE locks SET lease_until = $1 WHERE node = $2").bind(until).bind(node).execute(&self.pool).await.map_err(StoreError::query(op))?;
+        if held.is_empty() {
+            return Ok(vec![]);
+        }
+        sqlx::query("UPDATE jobs SET lease_until = $1 WHERE node = $2 AND state = 'running'")
+            .bind(until)
+            .bind(node)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
+        let rows = sqlx::query(
+            "SELECT j.id, j.fence, d.cancel_requested FROM jobs j JOIN deployments d ON d.id = j.deployment_id WHERE j.node = $1 AND j.state = 'running'",
+        )
+        .bind(node)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::query(op))?;
+        let mut mine: HashMap<i64, (i64, bool)> = HashMap::new();
+        for r in rows {
+            mine.insert(
+                r.try_get(0).map_err(StoreError::query(op))?,
+                (r.try_get(1).map_err(StoreError::query(op))?, r.try_get::<i64, _>(2).map_err(StoreError::query(op))? != 0),
+            );
+        }
+        Ok(held
+            .iter()
+            .map(|(job, fence)| match mine.get(job) {
+                Some((f, cancel)) if f == fence => Renewal { job_id: *job, held: true, cancel: *cancel },
+                _ => Renewal { job_id: *job, held: false, cancel: false },
+            })
+            .collect())
+    }
+
+    async fn finish(&self, done: FinishedAttempt) -> Result<FinishEffect> {
+        let op = "finish job";
+        let now = now_ms();
+        let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+        let dep_id: Option<i64> = sqlx::query("SELECT deployment_id FROM jobs WHERE id = $1")
+            .bind(done.job_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(StoreError::query(op))?;
+        let Some(dep_id) = dep_id else {
+            return Err(StoreError::Corrupt(format!("no job with id {}", done.job_id)));
+        };
+        let dep_row = self.lock_deployment(&mut tx, dep_id).await?.ok_or_else(|| StoreError::Corrupt(format!("no deployment {dep_id}")))?;
+        let dep = deployment_row(&dep_row)?;
+        let job = sqlx::query("SELECT name, attempt, fence, state FROM jobs WHERE id = $1")
+            .bind(done.job_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?;
+        let name: String = job.try_get(0).map_err(StoreError::query(op))?;
+        let attempt: i64 = job.try_get(1).map_err(StoreError::query(op))?;
+        let fence: i64 = job.try_get(2).map_err(StoreError::query(op))?;
+        let state: String = job.try_get(3).map_err(StoreError::query(op))?;
+        if fence != done.fence || state != "running" {
+            tx.rollback().await.map_err(StoreError::query(op))?;
+            return Ok(FinishEffect { stale: true, ..Default::default() });
+        }
+        sqlx::query("INSERT INTO attempts (job_id, attempt, node, started_at, finished_at, outcome, exit_code, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+            .bind(done.job_id)
+            .bind(attempt)
+            .bind(&done.node)
+            .bind(done.started_at)
+            .bind(now)
+            .bind(done.outcome.as_str())
+            .bind(done.exit_code.map(i64::from))
+            .bind(done.reason.clone())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?;
+        let mut effect = FinishEffect::default();
+        match (done.retry_at, dep.cancel_requested) {
+            (Some(at), false) => {
+                sqlx::query("UPDATE jobs SET state = 'ready', not_before = $1, ready_at = $1, node = NULL, lease_until = NULL, exit_code = $2, reason = $3 WHERE id = $4")
+                    .bind(at)
+                    .bind(done.exit_code.map(i64::from))
+                    .bind(done.reason.clone().map(|r| format!("attempt {attempt}: {r}; retrying")))
+                    .bind(done.job_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?;
+            }
+            _ => {
+                let new_state = match done.outcome {
+                    Outcome::Succeeded => JobState::Succeeded,
+                    Outcome::Cancelled => JobState::Cancelled,
+                    _ if dep.cancel_requested => JobState::Cancelled,
+                    _ => JobState::Failed,
+                };
+                sqlx::query("UPDATE jobs SET state = $1, finished_at = $2, exit_code = $3, reason = $4, lease_until = NULL WHERE id = $5")
+                    .bind(new_state.as_str())
+                    .bind(now)
+                    .bind(done.exit_code.map(i64::from))
+                    .bind(done.reason.clone())
+                    .bind(done.job_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?;
+                if dep.cancel_requested {
+                    sqlx::query("UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 WHERE deployment_id = $2 AND state IN ('pending', 'ready')")
+                        .bind(now)
+                        .bind(dep_id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::query(op))?;
+                } else if new_state == JobState::Succeeded {
+                    effect.newly_ready = sqlx::query(
+                        "UPDATE jobs SET state = 'ready', ready_at = $1 WHERE deployment_id = $2 AND state = 'pending' \
+                         AND id IN (SELECT job_id FROM job_needs WHERE need_id = $3) \
+                         AND NOT EXISTS (SELECT 1 FROM job_needs n JOIN jobs j2 ON j2.id = n.need_id WHERE n.job_id = jobs.id AND j2.state <> 'succeeded')",
+                    )
+                    .bind(now)
+                    .bind(dep_id)
+                    .bind(done.job_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?
+                    .rows_affected();
+                } else {
+                    // Everything downstream of a failure is skipped, and says why.
+                    sqlx::query(
+                        "WITH RECURSIVE down(id) AS (SELECT job_id FROM job_needs WHERE need_id = $1 \
+                         UNION SELECT n.job_id FROM job_needs n JOIN down ON n.need_id = down.id) \
+                         UPDATE jobs SET state = 'skipped', finished_at = $2, reason = $3 WHERE id IN (SELECT id FROM down) AND state IN ('pending', 'ready')",
+                    )
+                    .bind(done.job_id)
+                    .bind(now)
+                    .bind(format!("not run: it needs {name:?} (directly or through other jobs), which {}", new_state.as_str()))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?;
+                }
+                effect.deployment_finished = self.complete_if_done(&mut tx, dep_id, now).await?.map(|s| (dep_id, s));
+            }
+        }
+        tx.commit().await.map_err(StoreError::query(op))?;
+        Ok(effect)
+    }
+
+    async fn expired(&self) -> Result<Vec<Expired>> {
+        let op = "find expired leases";
+        let rows = sqlx::query("SELECT id, deployment_id, name, fence, node, attempt, started_at, spec FROM jobs WHERE state = 'running' AND lease_until < $1 ORDER BY id LIMIT 500")
+            .bind(now_ms())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
+        rows.iter()
+            .map(|r| {
+                let spec: String = r.try_get(7).map_err(StoreError::query(op))?;
+                let mut spec = spec_of(&spec)?;
+                // An interrupted idempotent job may run again, a bounded
+                // number of extra times.
+                spec.retry_attempts = spec.retry_attempts.saturating_add(EXTRA_INTERRUPTED_ATTEMPTS as u32);
+                Ok(Expired {
+                    job_id: r.try_get(0).map_err(StoreError::query(op))?,
+                    deployment_id: r.try_get(1).map_err(StoreError::query(op))?,
+                    name: r.try_get(2).map_err(StoreError::query(op))?,
+                    fence: r.try_get(3).map_err(StoreError::query(op))?,
+                    node: r.try_get(4).map_err(StoreError::query(op))?,
+                    attempt: r.try_get(5).map_err(StoreError::query(op))?,
+                    started_at: r.try_get::<Option<i64>, _>(6).map_err(StoreError::query(op))?.unwrap_or(0),
+                    spec,
+                })
+            })
+            .collect()
+    }
+
+    async fn reap_locks(&self, node: &str, lease: Duration) -> Result<u64> {
+        let op = "reap locks";
+        let now = now_ms();
+        let dropped = query_dyn(format!(
+            "DELETE FROM locks WHERE lease_until < $1 AND deployment_id IN (SELECT id FROM deployments WHERE state NOT IN ('queued', 'running'))"
+        ))
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::query(op))?
+        .rows_affected();
+        // A running deployment keeps its lock; whoever notices the holder
+        // is gone carries the lease on.
+        let taken = sqlx::query("UPDATE locks SET node = $1, lease_until = $2 WHERE lease_until < $3")
+            .bind(node)
+            .bind(now + ms(lease))
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?
+            .rows_affected();
+        Ok(dropped + taken)
+    }
+
+    async fn expire_all_leases(&self) -> Result<()> {
+        sqlx::query("UPDATE jobs SET lease_until = 0 WHERE state = 'running'").execute(&self.pool).await.map_err(StoreError::query("expire leases"))?;
+        sqlx::query("UPDATE locks SET lease_until = 0").execute(&self.pool).await.map_err(StoreError::query("expire leases"))?;
+        Ok(())
+    }
+
+    async fn append_logs(&self, lines: &[NewLogLine]) -> Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(StoreError::query("append logs"))?;
+        for chunk in lines.chunks(100) {
+            let mut q = String::from("INSERT INTO logs (deployment_id, job_id, attempt, ts, stream, line) VALUES ");
+            for i in 0..chunk.len() {
+                let b = i * 6;
+                if i > 0 {
+                    q.push_str(", ");
+                }
+                q.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6));
+            }
+            let mut query = query_dyn(q.clone());
+            for l in chunk {
+                query = query.bind(l.deployment_id).bind(l.job_id).bind(l.attempt).bind(l.ts).bind(l.stream).bind(l.line.clone());
+            }
+            query.execute(&mut *tx).await.map_err(StoreError::query("append logs"))?;
+        }
+        tx.commit().await.map_err(StoreError::query("append logs"))?;
+        Ok(())
+    }
+
+    async fn logs(&self, deployment: i64, job: Option<&str>, after: i64, limit: i64) -> Result<Vec<LogRecord>> {
+        let op = "read logs";
+        let base = "SELECT l.id, j.name, l.attempt, l.ts, l.stream, l.line FROM logs l JOIN jobs j ON j.id = l.job_id WHERE l.deployment_id = $1 AND l.id > $2";
+        let rows = match job {
+            Some(name) => query_dyn(format!("{base} AND j.name = $3 ORDER BY l.id LIMIT $4"))
+                .bind(deployment)
+                .bind(after)
+                .bind(name)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await,
+            None => query_dyn(format!("{base} ORDER BY l.id LIMIT $3")).bind(deployment).bind(after).bind(limit).fetch_all(&self.pool).await,
+        }
+        .map_err(StoreError::query(op))?;
+        rows.iter()
+            .map(|r| {
+                let f = || -> std::result::Result<LogRecord, sqlx::Error> {
+                    Ok(LogRecord {
+                        seq: r.try_get(0)?,
+                        job: r.try_get(1)?,
+                        attempt: r.try_get(2)?,
+                        ts: r.try_get(3)?,
+                        stream: r.try_get(4)?,
+                        line: r.try_get(5)?,
+                    })
+                };
+                f().map_err(StoreError::query(op))
+            })
+            .collect()
+    }
+
+    async fn history(&self, environment: &str) -> Result<HashMap<String, Duration>> {
+        let op = "read history";
+        let rows = sqlx::query(
+            "SELECT j.name, a.finished_at - a.started_at FROM attempts a JOIN jobs j ON j.id = a.job_id JOIN deployments d ON d.id = j.deployment_id \
+             WHERE a.outcome = 'succeeded' AND d.environment = $1 ORDER BY a.id DESC LIMIT 5000",
+        )
+        .bind(environment)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::query(op))?;
+        let mut samples: HashMap<String, Vec<i64>> = HashMap::new();
+        for r in rows {
+            let name: String = r.try_get(0).map_err(StoreError::query(op))?;
+            let d: i64 = r.try_get(1).map_err(StoreError::query(op))?;
+            let v = samples.entry(name).or_default();
+            if v.len() < 5 {
+                v.push(d.max(0));
+            }
+        }
+        Ok(samples
+            .into_iter()
+            .map(|(k, mut v)| {
+                v.sort_unstable();
+                (k, Duration::from_millis(v[v.len() / 2] as u64))
+            })
+            .collect())
+    }
+
+    async fn counts(&self) -> Result<Counts> {
+        let op = "count";
+        let mut counts = Counts::default();
+        for r in sqlx::query("SELECT state, COUNT(*) FROM deployments GROUP BY state").fetch_all(&self.pool).await.map_err(StoreError::query(op))? {
+            let s: String = r.try_get(0).map_err(StoreError::query(op))?;
+            let n: i64 = r.try_get(1).map_err(StoreError::query(op))?;
+            if let Some(s) = DeploymentState::parse(&s) {
+                if s == DeploymentState::Queued {
+                    counts.queued_deployments = n;
+                }
+                counts.deployments.push((s, n));
+            }
+        }
+        for r in sqlx::query("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetch_all(&self.pool).await.map_err(StoreError::query(op))? {
+            let s: String = r.try_get(0).map_err(StoreError::query(op))?;
+            let n: i64 = r.try_get(1).map_err(StoreError::query(op))?;
+            if let Some(s) = JobState::parse(&s) {
+                if s == JobState::Ready {
+                    counts.ready = n;
+                }
+                counts.jobs.push((s, n));
+            }
+        }
+        Ok(counts)
+    }
+}
