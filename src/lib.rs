@@ -14,3 +14,5 @@
 pub mod config;
 pub mod plan;
 pub mod store;
+pub mod scheduler;
+pub mod target;

@@ -1,0 +1,59 @@
+//! The consumer that stores job output: batches [`Event::JobOutput`] lines
+//! and appends them to the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::event::Event;
+use crate::store::{NewLogLine, Store};
+
+/// Lines kept in memory while the store does not answer; past this the
+/// oldest are dropped (and counted) rather than growing without bound.
+const MAX_BUFFERED: usize = 50_000;
+
+pub async fn run(store: Arc<dyn Store>, mut events: mpsc::Receiver<Arc<Event>>) {
+    let mut buf: Vec<NewLogLine> = Vec::new();
+    let mut dropped = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let flush_now = tokio::select! {
+            ev = events.recv() => match ev {
+                None => { flush(&*store, &mut buf, &mut dropped).await; return; }
+                Some(ev) => match &*ev {
+                    Event::JobOutput { deployment, job_id, attempt, ts, stream, line } => {
+                        buf.push(NewLogLine { deployment_id: *deployment, job_id: *job_id, attempt: *attempt, ts: *ts, stream, line: line.clone() });
+                        buf.len() >= 1000
+                    }
+                    // A finished job's output should be readable at once.
+                    Event::JobFinished { .. } => true,
+                    _ => false,
+                }
+            },
+            _ = tick.tick() => true,
+        };
+        if flush_now {
+            flush(&*store, &mut buf, &mut dropped).await;
+        }
+    }
+}
+
+async fn flush(store: &dyn Store, buf: &mut Vec<NewLogLine>, dropped: &mut u64) {
+    if buf.is_empty() {
+        return;
+    }
+    match store.append_logs(buf).await {
+        Ok(()) => buf.clear(),
+        Err(e) => {
+            tracing::warn!(error = %e, lines = buf.len(), "cannot store job output yet; keeping it in memory");
+            if buf.len() > MAX_BUFFERED {
+                let excess = buf.len() - MAX_BUFFERED;
+                buf.drain(..excess);
+                *dropped += excess as u64;
+                tracing::error!(dropped = *dropped, "store unavailable too long: dropped oldest job output lines");
+            }
+        }
+    }
+}

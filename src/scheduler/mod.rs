@@ -1,0 +1,477 @@
+//! A node's scheduler: the loop that starts queued deployments, claims
+//! ready jobs up to the node's parallelism, runs them on a [`Target`],
+//! keeps their leases alive, and takes over jobs whose node died.
+//!
+//! Design notes: `docs/design/scheduler.md`. In short: all coordination
+//! goes through the store (so one node and five behave the same); each
+//! claim bumps the job's fencing token and every later write carries it;
+//! a finished job releases its dependants in the same transaction, and the
+//! loop is woken at once to claim them, so a chain of jobs pays no polling
+//! delay. Polling (`poll`) only finds work made by other nodes.
+//!
+//! **Architecture Invariant:** the scheduler reports only through
+//! [`event::Event`]s and never sees a concrete target.
+
+pub mod event;
+pub mod logwriter;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::revision;
+use crate::store::{ClaimedJob, FinishEffect, FinishedAttempt, Outcome, Store, StoreError, now_ms};
+use crate::target::{JobRequest, RunResult, Stream, Target};
+use event::{Event, EventBus};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub node_id: String,
+    /// Jobs this node runs at once.
+    pub parallelism: usize,
+    /// How long a claim or lock holds without renewal.
+    pub lease: Duration,
+    /// How often to look for work made elsewhere and for expired leases.
+    pub poll: Duration,
+    /// Output kept per job attempt.
+    pub max_log_bytes: u64,
+    /// Where revisions are unpacked.
+    pub work_dir: PathBuf,
+    /// On shutdown, how long running jobs may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl SchedulerConfig {
+    pub fn new(node_id: impl Into<String>, work_dir: PathBuf) -> Self {
+        SchedulerConfig {
+            node_id: node_id.into(),
+            parallelism: 8,
+            lease: Duration::from_secs(15),
+            poll: Duration::from_millis(500),
+            max_log_bytes: 1 << 20,
+            work_dir,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a running job is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    DeploymentCancelled,
+    LeaseLost,
+    Shutdown,
+}
+
+struct Running {
+    fence: i64,
+    cancel: CancellationToken,
+    why: Arc<OnceLock<StopReason>>,
+}
+
+pub struct Scheduler {
+    store: Arc<dyn Store>,
+    target: Arc<dyn Target>,
+    cfg: SchedulerConfig,
+    events: EventBus,
+    wake: Arc<Notify>,
+    materialized: Arc<Mutex<HashMap<String, PathBuf>>>,
+}
+
+/// A node id unique to this process: host, pid and a random suffix.
+pub fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "node".into());
+    format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
+}
+
+impl Scheduler {
+    pub fn new(store: Arc<dyn Store>, target: Arc<dyn Target>, cfg: SchedulerConfig, events: EventBus) -> Self {
+        Scheduler { store, target, cfg, events, wake: Arc::new(Notify::new()), materialized: Arc::default() }
+    }
+
+    /// Notify this to make the loop look for work now (after a submit).
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Run until `shutdown` fires, then let running jobs finish within the
+    /// grace period; jobs still running then are stopped and recorded as
+    /// interrupted.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), StoreError> {
+        let this = Arc::new(self);
+        this.store.register_node(&this.cfg.node_id).await?;
+        if this.store.single_node() {
+            // Only one node can use this store, so whatever a previous
+            // process left running is dead: reap it now, not after a lease.
+            this.store.expire_all_leases().await?;
+        }
+        let mut running: HashMap<i64, Running> = HashMap::new();
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        // Task id -> job id, so a job task that panics still frees its slot.
+        let mut task_jobs: HashMap<tokio::task::Id, i64> = HashMap::new();
+        let renew_every = (this.cfg.lease / 3).min(Duration::from_secs(1)).max(Duration::from_millis(50));
+        let mut last_renew = Instant::now();
+        let mut last_reap = Instant::now() - this.cfg.poll;
+        let mut store_down_since: Option<Instant> = None;
+
+        while !shutdown.is_cancelled() {
+            let step = async {
+                if last_renew.elapsed() >= renew_every {
+                    this.renew(&running).await?;
+                    last_renew = Instant::now();
+                }
+                if last_reap.elapsed() >= this.cfg.poll {
+                    this.reap().await?;
+                    last_reap = Instant::now();
+                }
+                for d in this.store.activate(&this.cfg.node_id, this.cfg.lease).await? {
+                    this.events.emit(Event::DeploymentStarted { deployment: d, node: this.cfg.node_id.clone() }).await;
+                }
+                let free = this.cfg.parallelism.saturating_sub(running.len());
+                if free > 0 {
+                    for job in this.store.claim(&this.cfg.node_id, this.cfg.lease, free as i64).await? {
+                        let cancel = CancellationToken::new();
+                        let why = Arc::new(OnceLock::new());
+                        running.insert(job.job_id, Running { fence: job.fence, cancel: cancel.clone(), why: why.clone() });
+                        let me = this.clone();
+                        let id = job.job_id;
+                        let handle = tasks.spawn(async move { me.run_job(job, cancel, why).await });
+                        task_jobs.insert(handle.id(), id);
+                    }
+                }
+                Ok::<(), StoreError>(())
+            }
+            .await;
+            let pause = match step {
+                Ok(()) => {
+                    if let Some(since) = store_down_since.take() {
+                        tracing::info!(after = ?since.elapsed(), "store reachable again");
+                    }
+                    renew_every.min(this.cfg.poll)
+                }
+                Err(e) => {
+                    if store_down_since.is_none() {
+                        store_down_since = Some(Instant::now());
+                    }
+                    tracing::warn!(error = %e, "scheduler step failed; retrying");
+                    Duration::from_millis(500)
+                }
+            };
+            tokio::select! {
+                _ = this.wake.notified() => {}
+                Some(done) = tasks.join_next_with_id() => {
+                    let task = match &done { Ok((id, _)) => *id, Err(e) => e.id() };
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "job task failed");
+                    }
+                    if let Some(job) = task_jobs.remove(&task) { running.remove(&job); }
+                }
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+
+        // Shutdown: no new claims. Give running jobs the grace period.
+        if !running.is_empty() {
+            tracing::info!(jobs = running.len(), grace = ?this.cfg.shutdown_grace, "waiting for running jobs before stopping");
+        }
+        let deadline = tokio::time::Instant::now() + this.cfg.shutdown_grace;
+        loop {
+            tokio::select! {
+                done = tasks.join_next_with_id() => match done {
+                    None => break,
+                    Some(done) => {
+                        let task = match &done { Ok((id, _)) => *id, Err(e) => e.id() };
+                        if let Some(job) = task_jobs.remove(&task) { running.remove(&job); }
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    for r in running.values() {
+                        let _ = r.why.set(StopReason::Shutdown);
+                        r.cancel.cancel();
+                    }
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
+                _ = tokio::time::sleep(renew_every) => {
+                    if let Err(e) = this.renew(&running).await {
+                        tracing::warn!(error = %e, "renewing leases during shutdown failed");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keep our leases; stop jobs whose lease is gone or whose deployment
+    /// was cancelled.
+    async fn renew(&self, running: &HashMap<i64, Running>) -> Result<(), StoreError> {
+        let held: Vec<(i64, i64)> = running.iter().map(|(id, r)| (*id, r.fence)).collect();
+        for r in self.store.renew(&self.cfg.node_id, &held, self.cfg.lease).await? {
+            if let Some(job) = running.get(&r.job_id) {
+                if !r.held {
+                    let _ = job.why.set(StopReason::LeaseLost);
+                    job.cancel.cancel();
+                } else if r.cancel {
+                    let _ = job.why.set(StopReason::DeploymentCancelled);
+                    job.cancel.cancel();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Jobs whose node stopped renewing: retry if idempotent, else fail
+    /// them as interrupted. Fenced, so two nodes reaping at once is safe.
+    async fn reap(&self) -> Result<(), StoreError> {
+        self.store.reap_locks(&self.cfg.node_id, self.cfg.lease).await?;
+        for x in self.store.expired().await? {
+            let retry = x.spec.idempotent && (x.attempt as u32) < x.spec.retry_attempts;
+            let node = x.node.clone().unwrap_or_else(|| "?".into());
+            let reason = if retry {
+                format!("interrupted: node {node} stopped renewing its lease mid-run; retrying because the job is idempotent")
+            } else if x.spec.idempotent {
+                format!("interrupted: node {node} stopped renewing its lease mid-run, and the job has no attempts left")
+            } else {
+                format!(
+                    "interrupted: node {node} stopped renewing its lease mid-run; not retried because the job is not declared idempotent (set `idempotent = true` if running it twice is safe)"
+                )
+            };
+            tracing::warn!(deployment = x.deployment_id, job = %x.name, %reason, "reaping job");
+            let effect = self
+                .store
+                .finish(FinishedAttempt {
+                    job_id: x.job_id,
+                    fence: x.fence,
+                    node,
+                    started_at: x.started_at,
+                    outcome: Outcome::Interrupted,
+                    exit_code: None,
+                    reason: Some(reason.clone()),
+                    retry_at: retry.then(now_ms),
+                })
+                .await?;
+            if !effect.stale {
+                self.events
+                    .emit(Event::JobFinished {
+                        deployment: x.deployment_id,
+                        job_id: x.job_id,
+                        name: x.name.clone(),
+                        attempt: x.attempt,
+                        outcome: Outcome::Interrupted,
+                        reason: Some(reason),
+                        duration: Duration::from_millis((now_ms() - x.started_at).max(0) as u64),
+                        retry_in: retry.then_some(Duration::ZERO),
+                    })
+                    .await;
+                self.after_finish(&effect).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn after_finish(&self, effect: &FinishEffect) {
+        if let Some((deployment, state)) = effect.deployment_finished {
+            self.events.emit(Event::DeploymentFinished { deployment, state }).await;
+        }
+        if effect.newly_ready > 0 || effect.deployment_finished.is_some() {
+            // Dependants are ready, or a lock was freed for a queued deployment.
+            self.wake.notify_one();
+        }
+    }
+
+    async fn workdir(&self, revision_id: &str) -> Result<PathBuf, String> {
+        if let Some(p) = self.materialized.lock().ok().and_then(|m| m.get(revision_id).cloned()) {
+            return Ok(p);
+        }
+        let rev = self
+            .store
+            .revision(revision_id)
+            .await
+            .map_err(|e| format!("cannot load revision {}: {e}", revision::short(revision_id)))?
+            .ok_or_else(|| format!("revision {} is missing from the store", revision::short(revision_id)))?;
+        let work = self.cfg.work_dir.clone();
+        let id = revision_id.to_string();
+        let path = tokio::task::spawn_blocking(move || revision::materialize(&work, &id, &rev.archive))
+            .await
+            .map_err(|e| format!("unpacking revision: {e}"))?
+            .map_err(|e| format!("cannot unpack revision {} under {}: {e}", revision::short(revision_id), self.cfg.work_dir.display()))?;
+        if let Ok(mut m) = self.materialized.lock() {
+            m.insert(revision_id.to_string(), path.clone());
+        }
+        Ok(path)
+    }
+
+    async fn run_job(&self, job: ClaimedJob, cancel: CancellationToken, why: Arc<OnceLock<StopReason>>) {
+        let started_at = now_ms();
+        let start = Instant::now();
+        self.events
+            .emit(Event::JobStarted {
+                deployment: job.deployment_id,
+                job_id: job.job_id,
+                name: job.name.clone(),
+                attempt: job.attempt,
+                node: self.cfg.node_id.clone(),
+                queued_for: Duration::from_millis((started_at - job.ready_at).max(0) as u64),
+                since_event: Duration::from_millis((started_at - job.event_at).max(0) as u64),
+            })
+            .await;
+        let note = |line: String| Event::JobOutput {
+            deployment: job.deployment_id,
+            job_id: job.job_id,
+            attempt: job.attempt,
+            ts: now_ms(),
+            stream: "slipway",
+            line,
+        };
+        let result = match self.workdir(&job.revision).await {
+            Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
+            Ok(workdir) => {
+                let mut values = BTreeMap::new();
+                values.insert("deployment", job.deployment_id.to_string());
+                values.insert("env", job.environment.clone());
+                values.insert("revision", job.revision.clone());
+                values.insert("service", job.service.clone().unwrap_or_default());
+                values.insert("version", job.version.clone().unwrap_or_default());
+                let req = JobRequest { deployment_id: job.deployment_id, job: job.name.clone(), attempt: job.attempt, spec: job.spec.clone(), workdir, values };
+                let (tx, rx) = mpsc::channel(256);
+                let target = self.target.clone();
+                let c = cancel.clone();
+                let run = tokio::spawn(async move { target.run(req, tx, c).await });
+                self.forward_output(&job, rx).await;
+                match run.await {
+                    Ok(r) => r,
+                    Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(format!("target failed: {e}")) },
+                }
+            }
+        };
+        let stop = why.get().copied();
+        let (outcome, reason) = match (stop, result.outcome) {
+            (Some(StopReason::Shutdown), Outcome::Cancelled) => (
+                Outcome::Interrupted,
+                Some(format!("interrupted: node {} shut down while the job ran", self.cfg.node_id)),
+            ),
+            (Some(StopReason::DeploymentCancelled), Outcome::Cancelled) => (Outcome::Cancelled, Some("deployment cancelled while the job ran".into())),
+            (_, o) => (o, result.reason.clone()),
+        };
+        let spec = &job.spec;
+        let more_attempts = (job.attempt as u32) < spec.retry_attempts;
+        let retry_in = match outcome {
+            Outcome::Failed | Outcome::TimedOut if more_attempts && spec.retryable(result.exit_code.filter(|_| outcome == Outcome::Failed)) => {
+                Some(spec.backoff(job.attempt as u32 + 1))
+            }
+            Outcome::Interrupted if spec.idempotent && more_attempts => Some(Duration::ZERO),
+            _ => None,
+        };
+        if stop == Some(StopReason::LeaseLost) {
+            // Someone else owns the job now; writing would be wrong and
+            // the fenced write would be refused anyway.
+            self.events.emit(note("[slipway] lease lost: another node took this job over; this attempt's result is discarded".into())).await;
+            return;
+        }
+        let summary = match (&outcome, &reason, retry_in) {
+            (Outcome::Succeeded, _, _) => format!("[slipway] attempt {} succeeded in {:.1?}", job.attempt, start.elapsed()),
+            (o, r, Some(d)) => format!(
+                "[slipway] attempt {} {}: {}; retrying in {:.1?} (attempt {} of {})",
+                job.attempt,
+                o,
+                r.clone().unwrap_or_default(),
+                d,
+                job.attempt + 1,
+                spec.retry_attempts
+            ),
+            (o, r, None) => format!("[slipway] attempt {} {}: {}", job.attempt, o, r.clone().unwrap_or_default()),
+        };
+        self.events.emit(note(summary)).await;
+        let done = FinishedAttempt {
+            job_id: job.job_id,
+            fence: job.fence,
+            node: self.cfg.node_id.clone(),
+            started_at,
+            outcome,
+            exit_code: result.exit_code,
+            reason: reason.clone(),
+            retry_at: retry_in.map(|d| now_ms() + d.as_millis() as i64),
+        };
+        // The store may be briefly down: keep trying while our lease could
+        // still be valid. After that the reaper of some node decides.
+        let mut delay = Duration::from_millis(100);
+        let give_up = Instant::now() + self.cfg.lease;
+        let effect = loop {
+            match self.store.finish(done.clone()).await {
+                Ok(e) => break Some(e),
+                Err(e) if Instant::now() < give_up => {
+                    tracing::warn!(job = %job.name, error = %e, "cannot record job result yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(job = %job.name, error = %e, "giving up recording job result; its lease will expire");
+                    break None;
+                }
+            }
+        };
+        self.events
+            .emit(Event::JobFinished {
+                deployment: job.deployment_id,
+                job_id: job.job_id,
+                name: job.name.clone(),
+                attempt: job.attempt,
+                outcome,
+                reason,
+                duration: start.elapsed(),
+                retry_in,
+            })
+            .await;
+        if let Some(effect) = effect {
+            self.after_finish(&effect).await;
+        }
+        if retry_in.is_some() {
+            let wake = self.wake.clone();
+            let d = retry_in.unwrap_or_default();
+            tokio::spawn(async move {
+                tokio::time::sleep(d).await;
+                wake.notify_one();
+            });
+        }
+    }
+
+    /// Output lines to events, bounded at `max_log_bytes` per attempt.
+    async fn forward_output(&self, job: &ClaimedJob, mut rx: mpsc::Receiver<(Stream, String)>) {
+        let max = self.cfg.max_log_bytes;
+        let mut kept = 0u64;
+        let mut dropped_lines = 0u64;
+        let mut dropped_bytes = 0u64;
+        let ev = |stream: &'static str, line: String| Event::JobOutput {
+            deployment: job.deployment_id,
+            job_id: job.job_id,
+            attempt: job.attempt,
+            ts: now_ms(),
+            stream,
+            line,
+        };
+        while let Some((stream, line)) = rx.recv().await {
+            let size = line.len() as u64 + 1;
+            if kept + size > max {
+                if dropped_lines == 0 {
+                    self.events
+                        .emit(ev("slipway", format!("[slipway] output truncated: this attempt reached max_log_bytes ({max} bytes); further output is counted, not kept")))
+                        .await;
+                }
+                dropped_lines += 1;
+                dropped_bytes += size;
+                continue;
+            }
+            kept += size;
+            self.events.emit(ev(stream.as_str(), line)).await;
+        }
+        if dropped_lines > 0 {
+            self.events.emit(ev("slipway", format!("[slipway] {dropped_lines} lines ({dropped_bytes} bytes) of output were dropped"))).await;
+        }
+    }
+}
