@@ -16,3 +16,7 @@ pub mod plan;
 pub mod store;
 pub mod scheduler;
 pub mod target;
+pub mod api;
+pub mod submit;
+pub mod bench;
+pub mod cli;

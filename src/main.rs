@@ -1,3 +1,30 @@
-fn main() {
-    println!("Hello, world!");
+//! The `slipway` binary: parse arguments, run, map errors to exit codes.
+//! Everything else lives in the library (`src/lib.rs`).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = slipway::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLIPWAY_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("slipway: cannot start the async runtime: {e}");
+            return ExitCode::from(slipway::cli::exit::INTERNAL);
+        }
+    };
+    match runtime.block_on(slipway::cli::run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("slipway: {}", e.message.trim_end());
+            ExitCode::from(e.code)
+        }
+    }
 }

@@ -89,6 +89,12 @@ pub struct ProblemReport {
     pub hint: Option<String>,
 }
 
+impl ProblemReport {
+    pub fn kind_str(&self) -> String {
+        self.kind.as_str().to_string()
+    }
+}
+
 impl ConfigErrors {
     /// Line and column (1-based) of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {

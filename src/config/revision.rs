@@ -111,11 +111,13 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), Revisi
 /// return that directory. Unpacks to a temporary name and renames, so a
 /// half-written tree is never used.
 pub fn materialize(work_dir: &Path, id: &str, archive: &[u8]) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(work_dir)?;
+    // Absolute, so a job's relative program path resolves inside it.
+    let work_dir = &std::fs::canonicalize(work_dir)?;
     let dest = work_dir.join(id);
     if dest.is_dir() {
         return Ok(dest);
     }
-    std::fs::create_dir_all(work_dir)?;
     let tmp = work_dir.join(format!(".{id}.{}.{}", std::process::id(), rand::random::<u32>()));
     tar::Archive::new(archive).unpack(&tmp)?;
     match std::fs::rename(&tmp, &dest) {

@@ -1,0 +1,398 @@
+//! The HTTP API under `/api/v1`, plus `/healthz` and `/metrics`.
+//!
+//! **Architecture Invariant:** only this module (with [`wire`]) decides
+//! what goes over the wire; store rows are converted to wire types here.
+//! Every error is JSON `{"error": {"kind", "message"}}` with the matching
+//! status: 400 bad input, 404 unknown id, 413 too large, 422 invalid
+//! config, 503 store down.
+
+pub mod metrics;
+pub mod wire;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use serde::Deserialize;
+use utoipa::OpenApi;
+
+use crate::store::{DeploymentState, Store, StoreError};
+use crate::submit::{Request, SubmitError, Submitter};
+use wire::*;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub submitter: Submitter,
+    pub metrics: Arc<metrics::Metrics>,
+    pub node: String,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    problems: Vec<Problem>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, kind, message: message.into(), problems: vec![] }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string()),
+            _ => {
+                tracing::error!(error = %e, "store error");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            }
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Config(errors) => {
+                let problems = errors
+                    .reports()
+                    .into_iter()
+                    .map(|r| Problem { kind: r.kind_str(), file: r.file, line: r.line, column: r.column, message: r.message, hint: r.hint })
+                    .collect();
+                ApiError {
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
+                    kind: "invalid_config",
+                    message: format!("the config on disk is invalid ({} problems); nothing was started", errors.problems.len()),
+                    problems,
+                }
+            }
+            SubmitError::Plan(p) => Self::bad_request(p.to_string()),
+            SubmitError::Invalid(m) => Self::bad_request(m),
+            SubmitError::Revision(r) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", r.to_string()),
+            SubmitError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = r.status();
+        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" };
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("request body larger than {MAX_BODY_BYTES} bytes")
+        } else {
+            r.body_text()
+        };
+        // Unprocessable JSON is still the client's mistake: say 400.
+        let status = if status == StatusCode::UNPROCESSABLE_ENTITY { StatusCode::BAD_REQUEST } else { status };
+        Self::new(status, kind, message)
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        Self::bad_request(r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        Self::bad_request(r.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: ErrorDetail { kind: self.kind.into(), message: self.message, problems: self.problems } }))
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, healthz),
+    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, Health, ErrorBody))
+)]
+pub struct ApiDoc;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/events", post(post_event))
+        .route("/api/v1/deployments", get(list_deployments))
+        .route("/api/v1/deployments/{id}", get(get_deployment))
+        .route("/api/v1/deployments/{id}/jobs", get(list_jobs))
+        .route("/api/v1/deployments/{id}/logs", get(get_logs))
+        .route("/api/v1/deployments/{id}/logs/stream", get(stream_logs))
+        .route("/api/v1/deployments/{id}/cancel", post(cancel_deployment))
+        .route("/api/v1/nodes", get(list_nodes))
+        .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/openapi.json") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], ApiDoc::openapi().to_pretty_json().unwrap_or_default())
+}
+
+/// Liveness and store reachability.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health), (status = 503, body = Health)))]
+async fn healthz(State(s): State<Arc<AppState>>) -> impl IntoResponse {
+    let store = tokio::time::timeout(Duration::from_secs(3), s.store.ping()).await;
+    let (status, store_state) = match store {
+        Ok(Ok(())) => (StatusCode::OK, "ok".to_string()),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store did not answer within 3s".to_string()),
+    };
+    let body = Health {
+        status: if status == StatusCode::OK { "ok" } else { "degraded" }.into(),
+        store: store_state,
+        node: s.node.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    (status, Json(body))
+}
+
+async fn metrics_text(State(s): State<Arc<AppState>>) -> ApiResult<impl IntoResponse> {
+    let counts = s.store.counts().await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render(&counts)))
+}
+
+/// Submit an event; the deployment is stored before the answer.
+#[utoipa::path(post, path = "/api/v1/events", request_body = EventRequest,
+    responses((status = 202, body = EventAccepted), (status = 200, description = "duplicate event id", body = EventAccepted),
+              (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn post_event(State(s): State<Arc<AppState>>, body: Result<Json<EventRequest>, JsonRejection>) -> ApiResult<impl IntoResponse> {
+    let Json(req) = body?;
+    let payload = serde_json::to_string(&req).unwrap_or_default();
+    let request = match req.kind {
+        EventKind::Deploy => {
+            let service = req.service.ok_or_else(|| ApiError::bad_request("a deploy event needs `service`"))?;
+            let version = req.version.ok_or_else(|| ApiError::bad_request("a deploy event needs `version`"))?;
+            if !req.jobs.is_empty() {
+                return Err(ApiError::bad_request("a deploy event takes no `jobs`; use kind = \"run\""));
+            }
+            Request::Deploy { service, version, environment: req.environment }
+        }
+        EventKind::Run => {
+            if req.service.is_some() || req.version.is_some() {
+                return Err(ApiError::bad_request("a run event takes `jobs`, not `service` or `version`"));
+            }
+            Request::Run { jobs: req.jobs, environment: req.environment }
+        }
+    };
+    let sub = s.submitter.submit(request, req.id, payload).await?;
+    let status = if sub.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
+    Ok((
+        status,
+        Json(EventAccepted { event_id: sub.event_id, deployment_id: sub.deployment_id, duplicate: sub.duplicate, superseded: sub.superseded }),
+    ))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct ListQuery {
+    /// At most this many, newest first (default 50, at most 1000).
+    limit: Option<i64>,
+    /// Only deployments in this state.
+    state: Option<String>,
+}
+
+/// Deployments, newest first.
+#[utoipa::path(get, path = "/api/v1/deployments", params(ListQuery), responses((status = 200, body = Vec<Deployment>), (status = 400, body = ErrorBody)))]
+async fn list_deployments(State(s): State<Arc<AppState>>, q: Result<Query<ListQuery>, QueryRejection>) -> ApiResult<Json<Vec<Deployment>>> {
+    let Query(q) = q?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
+    }
+    let state = match q.state.as_deref() {
+        None => None,
+        Some(st) => Some(DeploymentState::parse(st).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "unknown state {st:?}; one of: {}",
+                DeploymentState::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+        })?),
+    };
+    Ok(Json(s.store.deployments(limit, state).await?.into_iter().map(Deployment::from).collect()))
+}
+
+async fn deployment_or_404(s: &AppState, id: i64) -> ApiResult<crate::store::DeploymentRow> {
+    s.store.deployment(id).await?.ok_or_else(|| ApiError::not_found(format!("no deployment {id}")))
+}
+
+/// One deployment with its jobs and every attempt.
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", params(("id" = i64, Path)), responses((status = 200, body = DeploymentDetail), (status = 404, body = ErrorBody)))]
+async fn get_deployment(State(s): State<Arc<AppState>>, id: Result<Path<i64>, PathRejection>) -> ApiResult<Json<DeploymentDetail>> {
+    let Path(id) = id?;
+    let d = deployment_or_404(&s, id).await?;
+    let jobs = s.store.jobs(id).await?.into_iter().map(Job::from).collect();
+    let attempts = s.store.attempts(id).await?.into_iter().map(Attempt::from).collect();
+    Ok(Json(DeploymentDetail { deployment: d.into(), jobs, attempts }))
+}
+
+/// The jobs of a deployment.
+#[utoipa::path(get, path = "/api/v1/deployments/{id}/jobs", params(("id" = i64, Path)), responses((status = 200, body = Vec<Job>), (status = 404, body = ErrorBody)))]
+async fn list_jobs(State(s): State<Arc<AppState>>, id: Result<Path<i64>, PathRejection>) -> ApiResult<Json<Vec<Job>>> {
+    let Path(id) = id?;
+    deployment_or_404(&s, id).await?;
+    Ok(Json(s.store.jobs(id).await?.into_iter().map(Job::from).collect()))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct LogQuery {
+    /// Only this job's lines.
+    job: Option<String>,
+    /// Lines after this `seq` (default 0: from the start).
+    after: Option<i64>,
+    /// At most this many lines (default 1000, at most 10000).
+    limit: Option<i64>,
+}
+
+/// Stored output of a deployment's jobs.
+#[utoipa::path(get, path = "/api/v1/deployments/{id}/logs", params(("id" = i64, Path), LogQuery),
+    responses((status = 200, body = Vec<LogLine>), (status = 404, body = ErrorBody)))]
+async fn get_logs(
+    State(s): State<Arc<AppState>>,
+    id: Result<Path<i64>, PathRejection>,
+    q: Result<Query<LogQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<LogLine>>> {
+    let Path(id) = id?;
+    let Query(q) = q?;
+    deployment_or_404(&s, id).await?;
+    let limit = q.limit.unwrap_or(1000);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 10000"));
+    }
+    let lines = s.store.logs(id, q.job.as_deref(), q.after.unwrap_or(0), limit).await?;
+    Ok(Json(lines.into_iter().map(LogLine::from).collect()))
+}
+
+/// Follow a deployment's output as server-sent events: `line` events
+/// (data: a LogLine, id: its seq), then one `end` event (data: the
+/// deployment) once it is over and every line was sent.
+#[utoipa::path(get, path = "/api/v1/deployments/{id}/logs/stream", params(("id" = i64, Path), LogQuery),
+    responses((status = 200, description = "text/event-stream"), (status = 404, body = ErrorBody)))]
+async fn stream_logs(
+    State(s): State<Arc<AppState>>,
+    id: Result<Path<i64>, PathRejection>,
+    q: Result<Query<LogQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let Path(id) = id?;
+    let Query(q) = q?;
+    deployment_or_404(&s, id).await?;
+    // A reconnecting EventSource resumes where it stopped.
+    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok());
+    let mut after = resume.or(q.after).unwrap_or(0);
+    let job = q.job.clone();
+    let store = s.store.clone();
+    let stream = async_stream(move |tx| async move {
+        loop {
+            let lines = match store.logs(id, job.as_deref(), after, 500).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(SseEvent::default().event("error").data(e.to_string())).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let got = lines.len();
+            for l in lines {
+                after = l.seq;
+                let data = serde_json::to_string(&LogLine::from(l)).unwrap_or_default();
+                if tx.send(SseEvent::default().event("line").id(after.to_string()).data(data)).await.is_err() {
+                    return;
+                }
+            }
+            if got == 500 {
+                continue;
+            }
+            match store.deployment(id).await {
+                Ok(Some(d)) if d.state.is_terminal() => {
+                    // Output is flushed shortly after the last job ends:
+                    // one more read catches it.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if let Ok(rest) = store.logs(id, job.as_deref(), after, 10_000).await {
+                        for l in rest {
+                            after = l.seq;
+                            let data = serde_json::to_string(&LogLine::from(l)).unwrap_or_default();
+                            if tx.send(SseEvent::default().event("line").id(after.to_string()).data(data)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let data = serde_json::to_string(&Deployment::from(d)).unwrap_or_default();
+                    let _ = tx.send(SseEvent::default().event("end").data(data)).await;
+                    return;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// A stream fed by a task through a small channel; the task stops when the
+/// client goes away (its sends fail).
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<SseEvent>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    futures_util::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+}
+
+/// Cancel a deployment: queued ones end at once, running jobs are stopped
+/// (their process groups killed), pending jobs never start.
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/cancel", params(("id" = i64, Path)),
+    responses((status = 202, body = Deployment), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn cancel_deployment(State(s): State<Arc<AppState>>, id: Result<Path<i64>, PathRejection>) -> ApiResult<impl IntoResponse> {
+    let Path(id) = id?;
+    let before = deployment_or_404(&s, id).await?;
+    if before.state.is_terminal() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("deployment {id} is already {}; nothing to cancel", before.state),
+        ));
+    }
+    let d = s.store.cancel(id).await?.ok_or_else(|| ApiError::not_found(format!("no deployment {id}")))?;
+    if let Some(w) = &s.submitter.wake {
+        w.notify_one();
+    }
+    Ok((StatusCode::ACCEPTED, Json(Deployment::from(d))))
+}
+
+/// Nodes that share this store, most recently seen first.
+#[utoipa::path(get, path = "/api/v1/nodes", responses((status = 200, body = Vec<Node>)))]
+async fn list_nodes(State(s): State<Arc<AppState>>) -> ApiResult<Json<Vec<Node>>> {
+    Ok(Json(s.store.nodes().await?.into_iter().map(|n| Node { id: n.id, started_at: n.started_at, heartbeat_at: n.heartbeat_at }).collect()))
+}

@@ -1,0 +1,217 @@
+//! The JSON the API speaks, shared by the server and the CLI client.
+//! Times are Unix milliseconds; durations are milliseconds.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::store::{self, DeploymentKind, DeploymentState, JobState, Outcome};
+
+/// An event that asks for a deployment.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventRequest {
+    /// `deploy` (a service at a version) or `run` (named jobs).
+    pub kind: EventKind,
+    /// For `deploy`: the service.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// For `deploy`: the version (letters, digits, `.`, `_`, `-`, `+`).
+    #[serde(default)]
+    pub version: Option<String>,
+    /// For `run`: the jobs (their `needs` run too).
+    #[serde(default)]
+    pub jobs: Vec<String>,
+    /// The environment; optional when the config has only one.
+    #[serde(default)]
+    pub environment: Option<String>,
+    /// Idempotency key: an event with a key already seen is answered with
+    /// the first delivery's deployment and starts nothing.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Deploy,
+    Run,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventAccepted {
+    pub event_id: i64,
+    pub deployment_id: i64,
+    /// True when this event id was seen before.
+    pub duplicate: bool,
+    /// Queued deployments this one superseded.
+    pub superseded: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Deployment {
+    pub id: i64,
+    pub kind: DeploymentKind,
+    pub environment: String,
+    pub service: Option<String>,
+    pub version: Option<String>,
+    /// Config revision (content hash) every job runs against.
+    pub revision: String,
+    pub state: DeploymentState,
+    pub reason: Option<String>,
+    pub superseded_by: Option<i64>,
+    pub cancel_requested: bool,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub duration_ms: Option<i64>,
+}
+
+impl From<store::DeploymentRow> for Deployment {
+    fn from(d: store::DeploymentRow) -> Self {
+        Deployment {
+            duration_ms: d.started_at.map(|s| d.finished_at.unwrap_or_else(store::now_ms) - s),
+            id: d.id,
+            kind: d.kind,
+            environment: d.environment,
+            service: d.service,
+            version: d.version,
+            revision: d.revision,
+            state: d.state,
+            reason: d.reason,
+            superseded_by: d.superseded_by,
+            cancel_requested: d.cancel_requested,
+            created_at: d.created_at,
+            started_at: d.started_at,
+            finished_at: d.finished_at,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Job {
+    pub name: String,
+    pub state: JobState,
+    /// Attempts started so far.
+    pub attempt: i64,
+    pub node: Option<String>,
+    pub needs: Vec<String>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub duration_ms: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub reason: Option<String>,
+}
+
+impl From<store::JobRow> for Job {
+    fn from(j: store::JobRow) -> Self {
+        Job {
+            duration_ms: j.started_at.map(|s| j.finished_at.unwrap_or_else(store::now_ms) - s),
+            name: j.name,
+            state: j.state,
+            attempt: j.attempt,
+            node: j.node,
+            needs: j.needs,
+            started_at: j.started_at,
+            finished_at: j.finished_at,
+            exit_code: j.exit_code,
+            reason: j.reason,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Attempt {
+    pub job: String,
+    pub attempt: i64,
+    pub node: String,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub duration_ms: i64,
+    pub outcome: Outcome,
+    pub exit_code: Option<i64>,
+    pub reason: Option<String>,
+}
+
+impl From<store::AttemptRow> for Attempt {
+    fn from(a: store::AttemptRow) -> Self {
+        Attempt {
+            duration_ms: a.finished_at - a.started_at,
+            job: a.job,
+            attempt: a.attempt,
+            node: a.node,
+            started_at: a.started_at,
+            finished_at: a.finished_at,
+            outcome: a.outcome,
+            exit_code: a.exit_code,
+            reason: a.reason,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeploymentDetail {
+    pub deployment: Deployment,
+    pub jobs: Vec<Job>,
+    /// Every attempt of every job, in order.
+    pub attempts: Vec<Attempt>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LogLine {
+    /// Position in the deployment's log; pass as `after` to continue.
+    pub seq: i64,
+    pub job: String,
+    pub attempt: i64,
+    pub ts: i64,
+    /// `stdout`, `stderr` or `slipway` (the engine's own notes).
+    pub stream: String,
+    pub line: String,
+}
+
+impl From<store::LogRecord> for LogLine {
+    fn from(l: store::LogRecord) -> Self {
+        LogLine { seq: l.seq, job: l.job, attempt: l.attempt, ts: l.ts, stream: l.stream, line: l.line }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Node {
+    pub id: String,
+    pub started_at: i64,
+    pub heartbeat_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`, or `degraded` when the store does not answer.
+    pub status: String,
+    pub store: String,
+    pub node: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable kind: `bad_request`, `not_found`,
+    /// `invalid_config`, `payload_too_large`, `store_unavailable`, `internal`.
+    pub kind: String,
+    pub message: String,
+    /// For `invalid_config`: each problem with file, line and column.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Problem {
+    pub kind: String,
+    pub file: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+    pub hint: Option<String>,
+}

@@ -1,0 +1,546 @@
+//! The `slipway` command line. `validate`, `plan` and `bench` work on
+//! local files; everything else is a client of a running `slipway serve`
+//! through the HTTP API. Exit codes: [`exit`].
+
+pub mod client;
+pub mod exit;
+pub mod serve;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::api::wire::*;
+use crate::config::{self, ConfigErrors};
+use crate::plan::{self, Selection};
+use crate::store::{DeploymentState, JobState};
+use client::{Client, ClientError};
+
+#[derive(Debug, Parser)]
+#[command(name = "slipway", version, about = "Slipway: continuous deployment in one binary", propagate_version = true)]
+pub struct Cli {
+    /// The config file, or the directory holding slipway.toml.
+    #[arg(long, short = 'c', global = true, env = "SLIPWAY_CONFIG", default_value = ".")]
+    pub config: PathBuf,
+    /// The Slipway server the client commands talk to.
+    #[arg(long, global = true, env = "SLIPWAY_SERVER", default_value = "http://127.0.0.1:7878")]
+    pub server: String,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check the config and report every problem with file, line and column.
+    Validate,
+    /// Show the job graph without running anything: order, parallel waves,
+    /// critical path and estimated duration.
+    Plan(PlanArgs),
+    /// Run the daemon: scheduler, HTTP API, metrics.
+    Serve(ServeArgs),
+    /// Deploy a service at a version (runs the service's jobs and what they need).
+    Deploy(DeployArgs),
+    /// Run jobs by name (and what they need).
+    Run(RunArgs),
+    /// Deployments and their jobs.
+    Status(StatusArgs),
+    /// Output of a deployment's jobs; `-f` follows it live.
+    Logs(LogsArgs),
+    /// Cancel a deployment: queued ones never start, running jobs are stopped.
+    Cancel { deployment: i64 },
+    /// Measure the scheduler against ninja on the same random graphs.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[arg(long)]
+    pub env: Option<String>,
+    /// Plan one service's jobs.
+    #[arg(long, conflicts_with = "jobs")]
+    pub service: Option<String>,
+    /// Plan these jobs (and what they need).
+    #[arg(long, value_delimiter = ',')]
+    pub jobs: Vec<String>,
+    /// Graphviz output.
+    #[arg(long, conflicts_with = "json")]
+    pub dot: bool,
+    /// Slots to estimate with (default: the config's parallelism, or 8).
+    #[arg(long)]
+    pub parallelism: Option<usize>,
+    /// Store to read past durations from (default as for `serve`).
+    #[arg(long, env = "SLIPWAY_STORE")]
+    pub store: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: String,
+    /// sqlite://PATH or postgres://USER@HOST:PORT/DB (default: SQLite next to the config).
+    #[arg(long, env = "SLIPWAY_STORE")]
+    pub store: Option<String>,
+    /// Jobs this node runs at once.
+    #[arg(long)]
+    pub parallelism: Option<usize>,
+    /// This node's id (default: host-pid-random).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Lease of claimed jobs and locks, e.g. "15s".
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lease: Option<Duration>,
+    /// How often to look for work from other nodes and for expired leases.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
+    pub poll: Duration,
+    /// On SIGTERM, how long running jobs may take to finish.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    pub service: String,
+    /// The version to deploy.
+    #[arg(id = "artifact_version", value_name = "VERSION")]
+    pub version: String,
+    #[arg(long)]
+    pub env: Option<String>,
+    /// Idempotency key: the same id deploys once.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Return once the deployment is accepted instead of following it.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[arg(required = true)]
+    pub jobs: Vec<String>,
+    #[arg(long)]
+    pub env: Option<String>,
+    #[arg(long)]
+    pub id: Option<String>,
+    #[arg(long)]
+    pub detach: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// One deployment in detail; without it, the latest deployments.
+    pub deployment: Option<i64>,
+    #[arg(long, default_value_t = 20)]
+    pub limit: i64,
+    /// Only deployments in this state.
+    #[arg(long)]
+    pub state: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    pub deployment: i64,
+    pub job: Option<String>,
+    /// Keep following until the deployment ends.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 1000)]
+    pub jobs: usize,
+    #[arg(long, default_value_t = 50)]
+    pub width: usize,
+    /// Slots for the no-op graph (Slipway's parallelism and ninja's -j).
+    #[arg(long, default_value_t = 8)]
+    pub parallelism: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 50)]
+    pub sleep_min_ms: u64,
+    #[arg(long, default_value_t = 300)]
+    pub sleep_max_ms: u64,
+}
+
+/// An error the binary prints before exiting with `code`.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        CliError { code, message: message.into() }
+    }
+    pub fn config(e: ConfigErrors) -> Self {
+        CliError::new(exit::INVALID_CONFIG, e.render(std::io::stderr().is_terminal()))
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        let mut message = e.to_string();
+        if let ClientError::Api { problems, .. } = &e {
+            for p in problems {
+                match (p.line, p.column) {
+                    (Some(l), Some(c)) => message.push_str(&format!("\n  {}:{l}:{c}: {}", p.file, p.message)),
+                    _ => message.push_str(&format!("\n  {}: {}", p.file, p.message)),
+                }
+                if let Some(h) = &p.hint {
+                    message.push_str(&format!("\n    hint: {h}"));
+                }
+            }
+        }
+        CliError::new(e.exit_code(), message)
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+pub async fn run(cli: Cli) -> Result<u8, CliError> {
+    let client = Client::new(&cli.server);
+    match cli.command {
+        Command::Validate => validate(&cli.config, cli.json),
+        Command::Plan(a) => plan_cmd(&cli.config, a, cli.json).await,
+        Command::Serve(a) => {
+            serve::serve(serve::ServeOptions {
+                config: cli.config,
+                listen: a.listen,
+                store: a.store,
+                parallelism: a.parallelism,
+                node_id: a.node_id,
+                lease: a.lease,
+                poll: a.poll,
+                shutdown_grace: a.shutdown_grace,
+            })
+            .await
+        }
+        Command::Deploy(a) => {
+            let req = EventRequest {
+                kind: EventKind::Deploy,
+                service: Some(a.service),
+                version: Some(a.version),
+                jobs: vec![],
+                environment: a.env,
+                id: a.id,
+            };
+            submit(&client, req, a.detach, cli.json).await
+        }
+        Command::Run(a) => {
+            let req = EventRequest { kind: EventKind::Run, service: None, version: None, jobs: a.jobs, environment: a.env, id: a.id };
+            submit(&client, req, a.detach, cli.json).await
+        }
+        Command::Status(a) => status(&client, a, cli.json).await,
+        Command::Logs(a) => logs(&client, a, cli.json).await,
+        Command::Cancel { deployment } => {
+            let d: Deployment = client.post_empty(&format!("/api/v1/deployments/{deployment}/cancel")).await?;
+            if cli.json {
+                print_json(&d);
+            } else {
+                println!("deployment {} {}", d.id, if d.state.is_terminal() { format!("is {}", d.state) } else { "is being cancelled: its running jobs are being stopped".into() });
+            }
+            Ok(exit::OK)
+        }
+        Command::Bench(a) => {
+            let report = crate::bench::run(crate::bench::BenchOptions {
+                jobs: a.jobs,
+                width: a.width,
+                parallelism: a.parallelism,
+                seed: a.seed,
+                sleep_min_ms: a.sleep_min_ms,
+                sleep_max_ms: a.sleep_max_ms,
+                json: cli.json,
+            })
+            .await;
+            match report {
+                Ok(_) => Ok(exit::OK),
+                Err(e) => Err(CliError::new(exit::INTERNAL, e.to_string())),
+            }
+        }
+    }
+}
+
+fn validate(path: &std::path::Path, json: bool) -> Result<u8, CliError> {
+    match config::load(path) {
+        Ok(loaded) => {
+            if json {
+                print_json(&serde_json::json!({"valid": true, "file": loaded.path, "problems": []}));
+            } else {
+                let c = &loaded.config;
+                println!(
+                    "{}: valid ({} environment{}, {} service{}, {} job{})",
+                    loaded.path.display(),
+                    c.environment_names().len(),
+                    if c.environment_names().len() == 1 { "" } else { "s" },
+                    c.services.len(),
+                    if c.services.len() == 1 { "" } else { "s" },
+                    c.jobs.len(),
+                    if c.jobs.len() == 1 { "" } else { "s" },
+                );
+            }
+            Ok(exit::OK)
+        }
+        Err(e) if json => {
+            print_json(&serde_json::json!({"valid": false, "file": e.file, "problems": e.reports()}));
+            Ok(exit::INVALID_CONFIG)
+        }
+        Err(e) => Err(CliError::config(e)),
+    }
+}
+
+async fn plan_cmd(path: &std::path::Path, a: PlanArgs, json: bool) -> Result<u8, CliError> {
+    let loaded = config::load(path).map_err(CliError::config)?;
+    let env = crate::submit::resolve_environment(&loaded.config, a.env.clone()).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    let selection = match (&a.service, a.jobs.is_empty()) {
+        (Some(s), _) => Selection::Service { service: s.clone() },
+        (None, false) => Selection::Jobs { jobs: a.jobs.clone() },
+        (None, true) => Selection::All,
+    };
+    // Past durations, if a store exists; planning never needs one.
+    let url = serve::store_url(a.store.as_deref(), loaded.config.project.store.as_deref(), &loaded.dir);
+    let sqlite_missing = url.strip_prefix("sqlite://").is_some_and(|p| !std::path::Path::new(p).exists());
+    let (history, history_note) = if sqlite_missing {
+        (Default::default(), None)
+    } else {
+        match tokio::time::timeout(Duration::from_secs(10), async {
+            let store = crate::store::open(&url).await?;
+            store.history(&env).await
+        })
+        .await
+        {
+            Ok(Ok(h)) => (h, None),
+            Ok(Err(e)) => (Default::default(), Some(format!("note: no past durations ({e}); estimating from timeouts"))),
+            Err(_) => (Default::default(), Some("note: the store did not answer in 10s; estimating from timeouts".to_string())),
+        }
+    };
+    let parallelism = a.parallelism.or(loaded.config.project.parallelism).unwrap_or(8);
+    let p = plan::build(&loaded.config, &env, &selection, parallelism, &history).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    if json {
+        print_json(&p);
+    } else if a.dot {
+        print!("{}", p.render_dot());
+    } else {
+        print!("{}", p.render_text());
+        if let Some(n) = history_note {
+            eprintln!("{n}");
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn fmt_ms(ms: Option<i64>) -> String {
+    ms.map(|m| plan::format_duration(Duration::from_millis(m.max(0) as u64))).unwrap_or_else(|| "-".into())
+}
+
+fn symbol(s: JobState) -> &'static str {
+    match s {
+        JobState::Pending => "·",
+        JobState::Ready => "…",
+        JobState::Running => "▶",
+        JobState::Succeeded => "✓",
+        JobState::Failed => "✗",
+        JobState::Skipped => "↷",
+        JobState::Cancelled => "⊘",
+    }
+}
+
+async fn submit(client: &Client, req: EventRequest, detach: bool, json: bool) -> Result<u8, CliError> {
+    let accepted: EventAccepted = client.post("/api/v1/events", &req).await?;
+    if !json {
+        if accepted.duplicate {
+            println!("event already seen: it created deployment {} (nothing new started)", accepted.deployment_id);
+        } else {
+            println!("deployment {} accepted (event {})", accepted.deployment_id, accepted.event_id);
+        }
+        for s in &accepted.superseded {
+            println!("  deployment {s} (still queued) is superseded by {}", accepted.deployment_id);
+        }
+    }
+    if detach {
+        if json {
+            print_json(&accepted);
+        }
+        return Ok(exit::OK);
+    }
+    follow(client, accepted.deployment_id, json).await
+}
+
+/// Live progress: one line per job state change, until the deployment ends.
+async fn follow(client: &Client, id: i64, json: bool) -> Result<u8, CliError> {
+    let mut seen: std::collections::HashMap<String, (JobState, i64)> = Default::default();
+    let mut last_state = None;
+    let mut failures = 0;
+    loop {
+        let detail: DeploymentDetail = match client.get(&format!("/api/v1/deployments/{id}")).await {
+            Ok(d) => {
+                failures = 0;
+                d
+            }
+            Err(ClientError::Unreachable { .. }) if failures < 20 => {
+                // The server may be restarting; the deployment is durable.
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let d = &detail.deployment;
+        if !json {
+            if last_state != Some(d.state) {
+                println!("deployment {id}: {}{}", d.state, if d.state == DeploymentState::Running { format!(" (revision {})", config::revision::short(&d.revision)) } else { String::new() });
+                last_state = Some(d.state);
+            }
+            for j in &detail.jobs {
+                let key = (j.state, j.attempt);
+                if seen.get(&j.name) == Some(&key) || j.state == JobState::Pending {
+                    continue;
+                }
+                seen.insert(j.name.clone(), key);
+                let extra = match j.state {
+                    JobState::Running => format!("started (attempt {}{})", j.attempt, j.node.as_deref().map(|n| format!(" on {n}")).unwrap_or_default()),
+                    JobState::Succeeded => format!("succeeded in {}", fmt_ms(j.duration_ms)),
+                    JobState::Ready if j.attempt > 0 => format!("waiting to retry: {}", j.reason.clone().unwrap_or_default()),
+                    JobState::Ready => "ready".into(),
+                    s => format!("{s}: {}", j.reason.clone().unwrap_or_default()),
+                };
+                println!("  {} {:<24} {extra}", symbol(j.state), j.name);
+            }
+        }
+        if d.state.is_terminal() {
+            if json {
+                print_json(&detail);
+            } else {
+                let done = detail.jobs.iter().filter(|j| j.state == JobState::Succeeded).count();
+                println!(
+                    "deployment {id} {} in {}: {done}/{} jobs succeeded{}",
+                    d.state,
+                    fmt_ms(d.duration_ms),
+                    detail.jobs.len(),
+                    d.reason.as_deref().map(|r| format!("\n  reason: {r}")).unwrap_or_default()
+                );
+                if d.state != DeploymentState::Succeeded {
+                    println!("  see the output with: slipway logs {id}");
+                }
+            }
+            return Ok(if d.state == DeploymentState::Succeeded { exit::OK } else { exit::DEPLOYMENT_FAILED });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliError> {
+    let Some(id) = a.deployment else {
+        let mut path = format!("/api/v1/deployments?limit={}", a.limit);
+        if let Some(s) = &a.state {
+            path.push_str(&format!("&state={s}"));
+        }
+        let list: Vec<Deployment> = client.get(&path).await?;
+        if json {
+            print_json(&list);
+            return Ok(exit::OK);
+        }
+        if list.is_empty() {
+            println!("no deployments yet");
+        }
+        println!("{:>5}  {:<11} {:<8} {:<12} {:<20} {:>9}  REASON", "ID", "STATE", "KIND", "ENV", "SERVICE@VERSION", "DURATION");
+        for d in list {
+            let what = match (&d.service, &d.version) {
+                (Some(s), Some(v)) => format!("{s}@{v}"),
+                _ => "-".into(),
+            };
+            println!(
+                "{:>5}  {:<11} {:<8} {:<12} {:<20} {:>9}  {}",
+                d.id,
+                d.state.as_str(),
+                d.kind.as_str(),
+                d.environment,
+                what,
+                fmt_ms(d.duration_ms),
+                d.reason.unwrap_or_default()
+            );
+        }
+        return Ok(exit::OK);
+    };
+    let detail: DeploymentDetail = client.get(&format!("/api/v1/deployments/{id}")).await?;
+    if json {
+        print_json(&detail);
+        return Ok(exit::OK);
+    }
+    let d = &detail.deployment;
+    println!("deployment {}: {} ({})", d.id, d.state, d.kind.as_str());
+    println!("  environment: {}", d.environment);
+    if let (Some(s), Some(v)) = (&d.service, &d.version) {
+        println!("  service:     {s} {v}");
+    }
+    println!("  revision:    {}", d.revision);
+    println!("  duration:    {}", fmt_ms(d.duration_ms));
+    if let Some(r) = &d.reason {
+        println!("  reason:      {r}");
+    }
+    if let Some(s) = d.superseded_by {
+        println!("  superseded by deployment {s}");
+    }
+    println!("\n  {:<24} {:<10} {:>7} {:>9}  NODE / REASON", "JOB", "STATE", "ATTEMPT", "DURATION");
+    for j in &detail.jobs {
+        println!(
+            "  {} {:<22} {:<10} {:>7} {:>9}  {}",
+            symbol(j.state),
+            j.name,
+            j.state.as_str(),
+            j.attempt,
+            fmt_ms(j.duration_ms),
+            j.reason.clone().or(j.node.clone()).unwrap_or_default()
+        );
+    }
+    let retried: Vec<&Attempt> = detail.attempts.iter().filter(|a| a.outcome != crate::store::Outcome::Succeeded).collect();
+    if !retried.is_empty() {
+        println!("\n  failed or interrupted attempts:");
+        for a in retried {
+            println!("    {} attempt {} on {}: {} {}", a.job, a.attempt, a.node, a.outcome.as_str(), a.reason.clone().unwrap_or_default());
+        }
+    }
+    Ok(exit::OK)
+}
+
+async fn logs(client: &Client, a: LogsArgs, json: bool) -> Result<u8, CliError> {
+    let print = |l: &LogLine| {
+        if json {
+            println!("{}", serde_json::to_string(l).unwrap_or_default());
+        } else {
+            let secs = l.ts / 1000;
+            let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+            println!("{h:02}:{m:02}:{s:02}.{:03} {} {}: {}", l.ts % 1000, l.job, l.stream, l.line);
+        }
+    };
+    if a.follow {
+        let d = client.follow_logs(a.deployment, a.job.as_deref(), print).await?;
+        if !json {
+            eprintln!("deployment {} {}", d.id, d.state);
+        }
+        return Ok(if d.state == DeploymentState::Succeeded { exit::OK } else { exit::DEPLOYMENT_FAILED });
+    }
+    let mut after = 0;
+    loop {
+        let mut path = format!("/api/v1/deployments/{}/logs?after={after}&limit=5000", a.deployment);
+        if let Some(j) = &a.job {
+            path.push_str(&format!("&job={j}"));
+        }
+        let lines: Vec<LogLine> = client.get(&path).await?;
+        for l in &lines {
+            print(l);
+        }
+        match lines.last() {
+            Some(l) if lines.len() == 5000 => after = l.seq,
+            _ => break,
+        }
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,181 @@
+//! `slipway serve`: one node — scheduler, API and event consumers, wired
+//! together and stopped together.
+//!
+//! Shutdown: the first SIGINT/SIGTERM stops claiming work and the API,
+//! and gives running jobs `--shutdown-grace` to finish; a second signal
+//! exits at once (the jobs' leases then expire and another node, or this
+//! one restarted, takes over).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{CliError, exit};
+use crate::api::{self, AppState, metrics::Metrics};
+use crate::scheduler::event::{Event, EventBus};
+use crate::scheduler::{self, Scheduler, SchedulerConfig, logwriter};
+use crate::store::{self, Store};
+use crate::submit::Submitter;
+use crate::target::LocalTarget;
+
+pub struct ServeOptions {
+    pub config: PathBuf,
+    pub listen: String,
+    pub store: Option<String>,
+    pub parallelism: Option<usize>,
+    pub node_id: Option<String>,
+    pub lease: Option<Duration>,
+    pub poll: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// The store a command uses: `--store`, else `SLIPWAY_STORE` (clap reads
+/// both into one option), else the config's `[project] store`, else a
+/// SQLite file in `.slipway/` next to the config.
+pub fn store_url(explicit: Option<&str>, config_store: Option<&str>, config_dir: &Path) -> String {
+    if let Some(s) = explicit.or(config_store) {
+        return s.to_string();
+    }
+    let dir = std::fs::canonicalize(config_dir).unwrap_or_else(|_| config_dir.to_path_buf());
+    format!("sqlite://{}", dir.join(".slipway").join("slipway.db").display())
+}
+
+/// Hold an exclusive lock on a SQLite store for the life of the process:
+/// two nodes on one SQLite file would each reap the other's jobs.
+fn lock_sqlite(db: &str) -> Result<std::fs::File, CliError> {
+    use std::os::fd::AsRawFd;
+    let path = format!("{db}.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("cannot open lock file {path}: {e}")))?;
+    // SAFETY: flock on a file descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(CliError::new(
+            exit::UNAVAILABLE,
+            format!("another `slipway serve` already uses the SQLite store {db} (lock {path} is held); several nodes need a PostgreSQL store"),
+        ));
+    }
+    Ok(file)
+}
+
+pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
+    let loaded = crate::config::load(&opts.config).map_err(CliError::config)?;
+    let url = store_url(opts.store.as_deref(), loaded.config.project.store.as_deref(), &loaded.dir);
+    let _lock = match url.strip_prefix("sqlite://") {
+        Some(path) => {
+            if let Some(parent) = Path::new(path).parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            Some(lock_sqlite(path)?)
+        }
+        None => None,
+    };
+    let store: Arc<dyn Store> = store::open(&url).await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
+    let addr: SocketAddr = opts
+        .listen
+        .parse()
+        .map_err(|e| CliError::new(exit::USAGE, format!("--listen {:?} is not an address like 127.0.0.1:7878: {e}", opts.listen)))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse { " (the port is in use: is another slipway serve running? pick another with --listen)" } else { "" };
+        CliError::new(exit::UNAVAILABLE, format!("cannot listen on {addr}: {e}{hint}"))
+    })?;
+    let local = listener.local_addr().unwrap_or(addr);
+
+    let node = opts.node_id.clone().unwrap_or_else(scheduler::default_node_id);
+    let parallelism = opts.parallelism.or(loaded.config.project.parallelism).unwrap_or(8);
+    let work_dir = loaded.dir.join(".slipway").join("work");
+    let mut cfg = SchedulerConfig::new(node.clone(), work_dir);
+    cfg.parallelism = parallelism;
+    cfg.poll = opts.poll;
+    cfg.shutdown_grace = opts.shutdown_grace;
+    if let Some(l) = opts.lease.or(loaded.config.project.lease) {
+        cfg.lease = l;
+    }
+    if let Some(m) = loaded.config.project.max_log_bytes {
+        cfg.max_log_bytes = m;
+    }
+
+    let mut bus = EventBus::new();
+    let log_rx = bus.subscribe(4096);
+    let metrics_rx = bus.subscribe(4096);
+    let report_rx = bus.subscribe(4096);
+    let metrics = Arc::new(Metrics::new());
+    tokio::spawn(logwriter::run(store.clone(), log_rx));
+    tokio::spawn(api::metrics::consume(metrics.clone(), metrics_rx));
+    tokio::spawn(report(report_rx));
+
+    let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget), cfg.clone(), bus);
+    let wake = sched.waker();
+    let state = Arc::new(AppState {
+        store: store.clone(),
+        submitter: Submitter { config_path: loaded.path.clone(), store: store.clone(), parallelism, wake: Some(wake) },
+        metrics,
+        node: node.clone(),
+    });
+
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            eprintln!("slipway: stopping (running jobs get their grace period; signal again to exit now)");
+            shutdown.cancel();
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            eprintln!("slipway: exiting now");
+            std::process::exit(exit::INTERRUPTED as i32);
+        });
+    }
+
+    eprintln!(
+        "slipway serve: node {node}, listening on http://{local}, store {} ({}), parallelism {parallelism}, config {}",
+        store::sql::redact_url(&url),
+        store.backend(),
+        loaded.path.display()
+    );
+    let server = {
+        let shutdown = shutdown.clone();
+        let app = api::router(state);
+        tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+        })
+    };
+    let result = Scheduler::run(sched, shutdown.clone()).await;
+    shutdown.cancel();
+    // Open log streams would hold a graceful shutdown forever.
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    match result {
+        Ok(()) => Ok(exit::OK),
+        Err(e) => Err(CliError::new(exit::UNAVAILABLE, format!("scheduler stopped: {e}"))),
+    }
+}
+
+/// The server's own log: one line per job event.
+async fn report(mut rx: tokio::sync::mpsc::Receiver<Arc<Event>>) {
+    while let Some(ev) = rx.recv().await {
+        match &*ev {
+            Event::DeploymentStarted { deployment, .. } => tracing::info!(deployment, "deployment started"),
+            Event::JobStarted { deployment, name, attempt, .. } => tracing::info!(deployment, job = %name, attempt, "job started"),
+            Event::JobFinished { deployment, name, attempt, outcome, reason, duration, retry_in, .. } => tracing::info!(
+                deployment,
+                job = %name,
+                attempt,
+                outcome = %outcome,
+                reason = reason.as_deref().unwrap_or(""),
+                duration_ms = duration.as_millis() as u64,
+                retry_in_ms = retry_in.map(|d| d.as_millis() as u64),
+                "job finished"
+            ),
+            Event::DeploymentFinished { deployment, state } => tracing::info!(deployment, state = %state, "deployment finished"),
+            Event::JobOutput { .. } => {}
+        }
+    }
+}

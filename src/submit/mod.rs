@@ -1,0 +1,145 @@
+//! From a request ("deploy api 1.4.0 to staging", "run these jobs") to a
+//! stored deployment: read and validate the config as it is on disk now,
+//! snapshot it as a revision, plan, and store event + deployment + jobs in
+//! one transaction. The revision is fixed here: every job of the
+//! deployment runs against it, whatever happens to the files afterwards.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::config::{self, ConfigErrors, revision};
+use crate::plan::{self, PlanError, Selection};
+use crate::store::{DeploymentKind, JobSpec, NewDeployment, NewEvent, NewJob, Store, StoreError, Submitted};
+
+/// What someone asks for.
+#[derive(Debug, Clone)]
+pub enum Request {
+    Deploy { service: String, version: String, environment: Option<String> },
+    Run { jobs: Vec<String>, environment: Option<String> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the config on disk is invalid:\n{0}")]
+    Config(ConfigErrors),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Revision(#[from] revision::RevisionError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Versions and event keys travel from payloads into argv and file names:
+/// a strict alphabet, checked before anything else.
+pub fn valid_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'))
+        && v.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+}
+
+pub fn valid_key(k: &str) -> bool {
+    !k.is_empty() && k.len() <= 128 && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
+}
+
+pub struct Submitter {
+    pub config_path: PathBuf,
+    pub store: Arc<dyn Store>,
+    pub parallelism: usize,
+    pub wake: Option<Arc<Notify>>,
+}
+
+impl Submitter {
+    pub async fn submit(&self, request: Request, key: Option<String>, payload: String) -> Result<Submitted, SubmitError> {
+        if let Some(k) = &key {
+            if !valid_key(k) {
+                return Err(SubmitError::Invalid(format!(
+                    "invalid event id {k:?}: use at most 128 letters, digits, '.', '_', '-' or ':'"
+                )));
+            }
+        }
+        let (selection, environment, kind, service, version) = match &request {
+            Request::Deploy { service, version, environment } => {
+                if !config::valid_name(service) {
+                    return Err(SubmitError::Invalid(format!("invalid service name {service:?}")));
+                }
+                if !valid_version(version) {
+                    return Err(SubmitError::Invalid(format!(
+                        "invalid version {version:?}: a version starts with a letter or digit and uses only letters, digits, '.', '_', '-' and '+' (at most 128)"
+                    )));
+                }
+                (Selection::Service { service: service.clone() }, environment.clone(), DeploymentKind::Deploy, Some(service.clone()), Some(version.clone()))
+            }
+            Request::Run { jobs, environment } => {
+                if jobs.is_empty() {
+                    return Err(SubmitError::Invalid("name at least one job to run".into()));
+                }
+                if let Some(bad) = jobs.iter().find(|j| !config::valid_name(j)) {
+                    return Err(SubmitError::Invalid(format!("invalid job name {bad:?}")));
+                }
+                (Selection::Jobs { jobs: jobs.clone() }, environment.clone(), DeploymentKind::Run, None, None)
+            }
+        };
+        if let Some(env) = &environment {
+            if !config::valid_name(env) {
+                return Err(SubmitError::Invalid(format!("invalid environment name {env:?}")));
+            }
+        }
+        // Reading and hashing the directory is blocking work.
+        let path = self.config_path.clone();
+        let (loaded, rev) = tokio::task::spawn_blocking(move || -> Result<_, SubmitError> {
+            let loaded = config::load(&path).map_err(SubmitError::Config)?;
+            let rev = revision::snapshot(&loaded.dir, &loaded.text)?;
+            Ok((loaded, rev))
+        })
+        .await
+        .map_err(|e| SubmitError::Invalid(format!("reading the config failed: {e}")))??;
+        let environment = resolve_environment(&loaded.config, environment)?;
+        let history = self.store.history(&environment).await.unwrap_or_default();
+        let parallelism = loaded.config.project.parallelism.unwrap_or(self.parallelism);
+        let plan = plan::build(&loaded.config, &environment, &selection, parallelism, &history)?;
+        self.store.put_revision(&rev).await?;
+        let lock_key = match &service {
+            Some(s) => format!("{environment}/service/{s}"),
+            None => format!("{environment}/jobs"),
+        };
+        let jobs = plan
+            .jobs
+            .iter()
+            .map(|j| NewJob { name: j.name.clone(), needs: j.needs.clone(), spec: JobSpec::from_job(&j.job) })
+            .collect();
+        let submitted = self
+            .store
+            .submit(NewDeployment {
+                event: NewEvent { key, kind: kind.as_str().to_string(), payload },
+                kind,
+                environment,
+                service,
+                version,
+                lock_key,
+                revision: rev.id,
+                jobs,
+            })
+            .await?;
+        if let Some(w) = &self.wake {
+            w.notify_one();
+        }
+        Ok(submitted)
+    }
+}
+
+/// The environment a request means: the one named, or the only one.
+pub fn resolve_environment(config: &config::Config, requested: Option<String>) -> Result<String, SubmitError> {
+    let names = config.environment_names();
+    match requested {
+        Some(e) if names.contains(&e) => Ok(e),
+        Some(e) => Err(SubmitError::Plan(PlanError::UnknownEnvironment { env: e, known: names.join(", ") })),
+        None if names.len() == 1 => Ok(names[0].clone()),
+        None => Err(SubmitError::Invalid(format!("this config has several environments ({}); say which with --env", names.join(", ")))),
+    }
+}
