@@ -1,7 +1,737 @@
-//! placeholder until the bench module lands
+//! `slipway bench`: the scheduler against ninja on the same random graph.
+//!
+//! One deterministic layered DAG (from `--seed`) is run twice:
+//!
+//! - **no-op graph**: every job is `true`. This measures what Slipway adds
+//!   per job (store transactions, events, process set-up) against ninja,
+//!   the reference for "run a DAG of shell commands fast". Both get the
+//!   same slots (`-j`); the goal is Slipway ≤ 1.5 × ninja.
+//! - **sleep graph**: every job sleeps a random time. With as many slots as
+//!   the widest level, the best possible makespan is the critical path
+//!   (longest chain of sleeps); the goal is Slipway ≤ 1.02 × that. Ninja
+//!   runs it too, for reference.
+//!
+//! Slipway runs in-process, exactly as `slipway serve` wires it (SQLite
+//! store, log writer, local target), against a throw-away directory under
+//! the system temp dir, removed at the end. Jobs use `shell = true`, so
+//! both sides start each command through `/bin/sh -c`.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config;
+use crate::scheduler::event::{Event, EventBus};
+use crate::scheduler::{Scheduler, SchedulerConfig, logwriter};
+use crate::store::{self, DeploymentState, JobState, Store, StoreError};
+use crate::submit::{Request, SubmitError, Submitter};
+use crate::target::LocalTarget;
+
+/// Slipway's no-op makespan may be at most this multiple of ninja's.
+pub const NOOP_TARGET: f64 = 1.5;
+/// Slipway's sleep-graph makespan may be at most this multiple of the critical path.
+pub const SLEEP_TARGET: f64 = 1.02;
+
 #[derive(Debug, Clone)]
-pub struct BenchOptions { pub jobs: usize, pub width: usize, pub parallelism: usize, pub seed: u64, pub sleep_min_ms: u64, pub sleep_max_ms: u64, pub json: bool }
+pub struct BenchOptions {
+    /// Jobs in the graph.
+    pub jobs: usize,
+    /// Most jobs in one level.
+    pub width: usize,
+    /// Slots for the no-op graph, for both Slipway and `ninja -j`.
+    pub parallelism: usize,
+    pub seed: u64,
+    /// Sleep graph: each job sleeps uniformly in `[sleep_min_ms, sleep_max_ms]`.
+    pub sleep_min_ms: u64,
+    pub sleep_max_ms: u64,
+    /// Print a JSON report instead of the human table.
+    pub json: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            jobs: 1000,
+            width: 50,
+            parallelism: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4),
+            seed: 1,
+            sleep_min_ms: 50,
+            sleep_max_ms: 300,
+            json: false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
-#[error("bench not built yet")]
-pub struct BenchError;
-pub async fn run(_opts: BenchOptions) -> Result<(), BenchError> { Err(BenchError) }
+pub enum BenchError {
+    #[error("ninja not found on PATH: install Debian's ninja-build (apt-get install ninja-build)")]
+    NinjaMissing,
+    #[error("invalid bench options: {0}")]
+    Options(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("the generated config does not validate (a bug in `slipway bench`):\n{0}")]
+    Config(config::ConfigErrors),
+    #[error("bench store: {0}")]
+    Store(#[from] StoreError),
+    #[error("submitting the bench graph failed: {0}")]
+    Submit(#[from] SubmitError),
+    #[error("slipway run of the {graph} graph failed: {reason}")]
+    Slipway { graph: &'static str, reason: String },
+    #[error("ninja run of the {graph} graph failed: {reason}")]
+    Ninja { graph: &'static str, reason: String },
+    #[error("{what} did not finish within {}", humantime::format_duration(*.after))]
+    Timeout { what: String, after: Duration },
+    #[error("cannot write the JSON report: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Io { what, source }
+}
+
+// ---------------------------------------------------------------- the graph
+
+/// A layered DAG. Jobs are numbered level by level, so every need of a job
+/// has a smaller index than the job itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dag {
+    /// Jobs per level, in order.
+    pub level_sizes: Vec<usize>,
+    /// The level of each job.
+    pub level: Vec<usize>,
+    /// Indexes of the jobs each job needs, sorted, distinct.
+    pub needs: Vec<Vec<usize>>,
+}
+
+impl Dag {
+    pub fn len(&self) -> usize {
+        self.needs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.needs.is_empty()
+    }
+
+    pub fn levels(&self) -> usize {
+        self.level_sizes.len()
+    }
+
+    pub fn max_width(&self) -> usize {
+        self.level_sizes.iter().copied().max().unwrap_or(0)
+    }
+
+    pub fn edges(&self) -> usize {
+        self.needs.iter().map(Vec::len).sum()
+    }
+
+    /// `j0000`, `j0001`, …: zero-padded so names sort like indexes.
+    pub fn name(&self, i: usize) -> String {
+        let digits = self.len().saturating_sub(1).to_string().len().max(4);
+        format!("j{i:0digits$}")
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        (0..self.len()).map(|i| self.name(i)).collect()
+    }
+}
+
+/// A random layered DAG, the same for the same arguments: `jobs` jobs in
+/// levels of between `width/2` and `width` jobs (the last level takes what
+/// is left); every job after level 0 needs 1–3 distinct earlier jobs, at
+/// least one of them from the level just before.
+pub fn generate(jobs: usize, width: usize, seed: u64) -> Dag {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let width = width.max(1);
+    let min_width = (width / 2).max(1);
+    let mut level_sizes = Vec::new();
+    let mut placed = 0;
+    while placed < jobs {
+        let size = rng.random_range(min_width..=width).min(jobs - placed);
+        level_sizes.push(size);
+        placed += size;
+    }
+    let mut level = Vec::with_capacity(jobs);
+    let mut needs = Vec::with_capacity(jobs);
+    let mut start = 0; // first job of the current level
+    for (l, &size) in level_sizes.iter().enumerate() {
+        let prev_start = if l == 0 { 0 } else { start - level_sizes[l - 1] };
+        for _ in 0..size {
+            level.push(l);
+            let mut mine: Vec<usize> = Vec::new();
+            if l > 0 {
+                let want = rng.random_range(1..=3usize).min(start);
+                mine.push(rng.random_range(prev_start..start));
+                while mine.len() < want {
+                    let n = rng.random_range(0..start);
+                    if !mine.contains(&n) {
+                        mine.push(n);
+                    }
+                }
+                mine.sort_unstable();
+            }
+            needs.push(mine);
+        }
+        start += size;
+    }
+    Dag { level_sizes, level, needs }
+}
+
+/// Sleep time of each job, uniform in `[min_ms, max_ms]`, from the seed.
+pub fn sleep_durations(jobs: usize, min_ms: u64, max_ms: u64, seed: u64) -> Vec<u64> {
+    // A different stream from the graph's, so the shape does not depend on it.
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5EED_51EE_9000_0000);
+    let (lo, hi) = (min_ms.min(max_ms), min_ms.max(max_ms));
+    (0..jobs).map(|_| rng.random_range(lo..=hi)).collect()
+}
+
+/// Longest path through the graph, summing the durations of its jobs.
+/// `None` if `needs` has a cycle or an index out of range.
+pub fn critical_path(needs: &[Vec<usize>], durations: &[u64]) -> Option<u64> {
+    let n = needs.len();
+    if durations.len() != n || needs.iter().flatten().any(|&d| d >= n) {
+        return None;
+    }
+    let mut dependants = vec![Vec::new(); n];
+    let mut missing: Vec<usize> = needs.iter().map(Vec::len).collect();
+    for (job, ns) in needs.iter().enumerate() {
+        for &d in ns {
+            dependants[d].push(job);
+        }
+    }
+    let mut finish = vec![0u64; n];
+    let mut start = vec![0u64; n];
+    let mut queue: VecDeque<usize> = (0..n).filter(|&j| missing[j] == 0).collect();
+    let mut done = 0;
+    while let Some(j) = queue.pop_front() {
+        done += 1;
+        finish[j] = start[j] + durations[j];
+        for &k in &dependants[j] {
+            start[k] = start[k].max(finish[j]);
+            missing[k] -= 1;
+            if missing[k] == 0 {
+                queue.push_back(k);
+            }
+        }
+    }
+    (done == n).then(|| finish.into_iter().max().unwrap_or(0))
+}
+
+/// `sleep 0.137` for 137 ms.
+pub fn sleep_command(ms: u64) -> String {
+    format!("sleep {}.{:03}", ms / 1000, ms % 1000)
+}
+
+/// `slipway.toml` for the graph, one shell command per job.
+pub fn slipway_toml(dag: &Dag, commands: &[String]) -> String {
+    let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let mut out = String::from("# Generated by `slipway bench`.\n[project]\nname = \"bench\"\n");
+    for i in 0..dag.len() {
+        let needs: Vec<String> = dag.needs[i].iter().map(|&d| quote(&dag.name(d))).collect();
+        let command = commands.get(i).map(String::as_str).unwrap_or("true");
+        let _ = write!(
+            out,
+            "\n[[job]]\nname = {}\nshell = true\ncommand = {}\nneeds = [{}]\ntimeout = \"60s\"\n",
+            quote(&dag.name(i)),
+            quote(command),
+            needs.join(", ")
+        );
+    }
+    out
+}
+
+/// `build.ninja` for the graph: outputs are never created, so every edge
+/// runs; needs are order-only dependencies.
+pub fn build_ninja(dag: &Dag, commands: &[String]) -> String {
+    let mut out = String::from("# Generated by `slipway bench`.\nrule r\n  command = $cmd\n");
+    for i in 0..dag.len() {
+        let command = commands.get(i).map(String::as_str).unwrap_or("true").replace('$', "$$");
+        let _ = write!(out, "\nbuild {}: r", dag.name(i));
+        if !dag.needs[i].is_empty() {
+            out.push_str(" ||");
+            for &d in &dag.needs[i] {
+                let _ = write!(out, " {}", dag.name(d));
+            }
+        }
+        let _ = writeln!(out, "\n  cmd = {command}");
+    }
+    out
+}
+
+// ---------------------------------------------------------------- report
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub seed: u64,
+    pub jobs: usize,
+    pub levels: usize,
+    /// Jobs in the widest level.
+    pub max_level_width: usize,
+    pub edges: usize,
+    pub ninja_version: String,
+    pub noop: NoopReport,
+    pub sleep: SleepReport,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NoopReport {
+    pub parallelism: usize,
+    pub slipway: SlipwayRun,
+    pub ninja_secs: f64,
+    /// Slipway ÷ ninja.
+    pub ratio: f64,
+    pub target: f64,
+    pub within_target: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SleepReport {
+    pub parallelism: usize,
+    pub sleep_min_ms: u64,
+    pub sleep_max_ms: u64,
+    pub critical_path_secs: f64,
+    pub slipway: SlipwayRun,
+    /// Slipway ÷ critical path.
+    pub ratio: f64,
+    pub target: f64,
+    pub within_target: bool,
+    pub ninja_secs: f64,
+    /// Ninja ÷ critical path.
+    pub ninja_ratio: f64,
+}
+
+/// One Slipway run, as seen from its events.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlipwayRun {
+    /// From just before submit to the deployment's `DeploymentFinished`.
+    pub makespan_secs: f64,
+    /// Most jobs running at once.
+    pub peak_running: usize,
+    /// Mean time from a job becoming ready to its start (store clock, ms resolution).
+    pub mean_ready_to_start_ms: f64,
+}
+
+impl BenchReport {
+    pub fn human(&self) -> String {
+        let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
+        let n = &self.noop;
+        let s = &self.sleep;
+        format!(
+            "slipway bench: seed {}, {} jobs in {} levels (widest {}), {} needs; {}\n\
+             no-op graph ({} jobs, {} levels, -j {}): slipway {:.2}s, ninja {:.2}s, ratio {:.2} (target ≤ {}) {}\n\
+             sleep graph (critical path {:.2}s, -j {}): slipway {:.2}s (×{:.3} of critical path, target ≤ {}) {}, ninja {:.2}s (×{:.3})\n\
+             slipway detail: no-op peak {} running, ready→start {:.1}ms mean; sleep peak {} running, ready→start {:.1}ms mean\n",
+            self.seed,
+            self.jobs,
+            self.levels,
+            self.max_level_width,
+            self.edges,
+            self.ninja_version,
+            self.jobs,
+            self.levels,
+            n.parallelism,
+            n.slipway.makespan_secs,
+            n.ninja_secs,
+            n.ratio,
+            n.target,
+            verdict(n.within_target),
+            s.critical_path_secs,
+            s.parallelism,
+            s.slipway.makespan_secs,
+            s.ratio,
+            s.target,
+            verdict(s.within_target),
+            s.ninja_secs,
+            s.ninja_ratio,
+            n.slipway.peak_running,
+            n.slipway.mean_ready_to_start_ms,
+            s.slipway.peak_running,
+            s.slipway.mean_ready_to_start_ms,
+        )
+    }
+}
+
+// ---------------------------------------------------------------- running
+
+/// Removes the bench directory however `run` ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn create() -> Result<Self, BenchError> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let path = std::env::temp_dir().join(format!("slipway-bench-{}-{nanos:08x}", std::process::id()));
+        std::fs::create_dir_all(&path).map_err(io(format!("cannot create {}", path.display())))?;
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn find_ninja() -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("ninja"))
+        .find(|f| std::fs::metadata(f).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// Run both graphs on Slipway and ninja, print the report (human or JSON)
+/// to stdout and return it.
+pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
+    if opts.jobs == 0 {
+        return Err(BenchError::Options("--jobs must be at least 1".into()));
+    }
+    if opts.width == 0 {
+        return Err(BenchError::Options("--width must be at least 1".into()));
+    }
+    if opts.parallelism == 0 {
+        return Err(BenchError::Options("--parallelism must be at least 1".into()));
+    }
+    if opts.sleep_min_ms > opts.sleep_max_ms {
+        return Err(BenchError::Options(format!(
+            "the sleep range is empty: min {}ms > max {}ms",
+            opts.sleep_min_ms, opts.sleep_max_ms
+        )));
+    }
+    if opts.sleep_max_ms > 50_000 {
+        return Err(BenchError::Options("sleeps above 50s exceed the jobs' 60s timeout".into()));
+    }
+    let ninja = find_ninja().ok_or(BenchError::NinjaMissing)?;
+    let ninja_version = ninja_version(&ninja).await?;
+
+    let dag = generate(opts.jobs, opts.width, opts.seed);
+    let names = dag.names();
+    let root = TempDir::create()?;
+    let progress = |msg: &str| eprintln!("slipway bench: {msg}");
+
+    // No-op graph.
+    let noop_cmds = vec!["true".to_string(); dag.len()];
+    let noop_dir = write_graph(&root.0.join("noop"), &dag, &noop_cmds)?;
+    let noop_limit = Duration::from_secs(60) + Duration::from_millis(100) * dag.len() as u32;
+    progress(&format!("no-op graph on slipway ({} jobs, -j {})", dag.len(), opts.parallelism));
+    let noop_slipway = run_slipway("no-op", &noop_dir, &names, opts.parallelism, noop_limit).await?;
+    progress("no-op graph on ninja");
+    let noop_ninja = run_ninja("no-op", &ninja, &noop_dir, opts.parallelism, noop_limit).await?;
+
+    // Sleep graph, with as many slots as the widest level.
+    let sleeps = sleep_durations(dag.len(), opts.sleep_min_ms, opts.sleep_max_ms, opts.seed);
+    let crit_ms = critical_path(&dag.needs, &sleeps)
+        .ok_or_else(|| BenchError::Options("the generated graph has a cycle (a bug in `slipway bench`)".into()))?;
+    let sleep_cmds: Vec<String> = sleeps.iter().map(|&ms| sleep_command(ms)).collect();
+    let sleep_dir = write_graph(&root.0.join("sleep"), &dag, &sleep_cmds)?;
+    let slots = dag.max_width().max(1);
+    let total_ms: u64 = sleeps.iter().sum();
+    let sleep_limit = Duration::from_secs(60) + Duration::from_millis(3 * (crit_ms + total_ms / slots as u64)) + Duration::from_millis(100) * dag.len() as u32;
+    progress(&format!("sleep graph on slipway (critical path {:.2}s, -j {slots})", crit_ms as f64 / 1000.0));
+    let sleep_slipway = run_slipway("sleep", &sleep_dir, &names, slots, sleep_limit).await?;
+    progress("sleep graph on ninja");
+    let sleep_ninja = run_ninja("sleep", &ninja, &sleep_dir, slots, sleep_limit).await?;
+    drop(root);
+
+    let crit = crit_ms as f64 / 1000.0;
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::INFINITY };
+    let noop_ratio = ratio(noop_slipway.makespan_secs, noop_ninja.as_secs_f64());
+    let sleep_ratio = ratio(sleep_slipway.makespan_secs, crit);
+    let report = BenchReport {
+        seed: opts.seed,
+        jobs: dag.len(),
+        levels: dag.levels(),
+        max_level_width: dag.max_width(),
+        edges: dag.edges(),
+        ninja_version,
+        noop: NoopReport {
+            parallelism: opts.parallelism,
+            slipway: noop_slipway,
+            ninja_secs: noop_ninja.as_secs_f64(),
+            ratio: noop_ratio,
+            target: NOOP_TARGET,
+            within_target: noop_ratio <= NOOP_TARGET,
+        },
+        sleep: SleepReport {
+            parallelism: slots,
+            sleep_min_ms: opts.sleep_min_ms,
+            sleep_max_ms: opts.sleep_max_ms,
+            critical_path_secs: crit,
+            slipway: sleep_slipway,
+            ratio: sleep_ratio,
+            target: SLEEP_TARGET,
+            within_target: sleep_ratio <= SLEEP_TARGET,
+            ninja_secs: sleep_ninja.as_secs_f64(),
+            ninja_ratio: ratio(sleep_ninja.as_secs_f64(), crit),
+        },
+    };
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(report)
+}
+
+/// A directory holding `slipway.toml` and `build.ninja` for the graph.
+fn write_graph(dir: &Path, dag: &Dag, commands: &[String]) -> Result<PathBuf, BenchError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+    let dir = std::fs::canonicalize(dir).map_err(io(format!("cannot resolve {}", dir.display())))?;
+    let toml_path = dir.join(config::CONFIG_FILE);
+    std::fs::write(&toml_path, slipway_toml(dag, commands)).map_err(io(format!("cannot write {}", toml_path.display())))?;
+    let ninja_path = dir.join("build.ninja");
+    std::fs::write(&ninja_path, build_ninja(dag, commands)).map_err(io(format!("cannot write {}", ninja_path.display())))?;
+    Ok(dir)
+}
+
+/// What the bench's own event consumer saw.
+#[derive(Debug, Default)]
+struct Watched {
+    peak_running: usize,
+    started: u64,
+    ready_to_start: Duration,
+}
+
+async fn watch(mut rx: mpsc::Receiver<Arc<Event>>, finished: mpsc::UnboundedSender<(i64, DeploymentState, Instant)>) -> Watched {
+    let mut w = Watched::default();
+    let mut running = 0usize;
+    while let Some(ev) = rx.recv().await {
+        match &*ev {
+            Event::JobStarted { queued_for, .. } => {
+                running += 1;
+                w.peak_running = w.peak_running.max(running);
+                w.started += 1;
+                w.ready_to_start += *queued_for;
+            }
+            Event::JobFinished { .. } => running = running.saturating_sub(1),
+            Event::DeploymentFinished { deployment, state } => {
+                let _ = finished.send((*deployment, *state, Instant::now()));
+            }
+            _ => {}
+        }
+    }
+    w
+}
+
+/// Run the graph in `dir` on an in-process Slipway node with a fresh
+/// SQLite store, wired as `slipway serve` wires it.
+async fn run_slipway(graph: &'static str, dir: &Path, names: &[String], parallelism: usize, limit: Duration) -> Result<SlipwayRun, BenchError> {
+    let config_path = dir.join(config::CONFIG_FILE);
+    let loaded = config::load(&config_path).map_err(BenchError::Config)?;
+    if loaded.config.jobs.len() != names.len() {
+        return Err(BenchError::Slipway { graph, reason: format!("the config has {} jobs, expected {}", loaded.config.jobs.len(), names.len()) });
+    }
+    let db = dir.join(".slipway").join("bench.db");
+    let store: Arc<dyn Store> = store::open(&format!("sqlite://{}", db.display())).await?;
+
+    let mut bus = EventBus::new();
+    let log_rx = bus.subscribe(4096);
+    let my_rx = bus.subscribe(4096);
+    let log_task = tokio::spawn(logwriter::run(store.clone(), log_rx));
+    let (fin_tx, mut fin_rx) = mpsc::unbounded_channel();
+    let watch_task = tokio::spawn(watch(my_rx, fin_tx));
+
+    let mut cfg = SchedulerConfig::new("bench", dir.join(".slipway").join("work"));
+    cfg.parallelism = parallelism;
+    cfg.poll = Duration::from_millis(200);
+    cfg.shutdown_grace = Duration::from_secs(5);
+    let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget), cfg, bus);
+    let submitter = Submitter { config_path, store: store.clone(), parallelism, wake: Some(sched.waker()) };
+    let token = CancellationToken::new();
+    let sched_task = tokio::spawn(Scheduler::run(sched, token.clone()));
+    // Let the node register and go idle, so its start-up is not timed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let measured = async {
+        let start = Instant::now();
+        let submitted = submitter.submit(Request::Run { jobs: names.to_vec(), environment: None }, None, "{}".into()).await?;
+        let id = submitted.deployment_id;
+        let wait = async {
+            while let Some((d, state, at)) = fin_rx.recv().await {
+                if d == id {
+                    return Some((state, at));
+                }
+            }
+            None
+        };
+        let (state, at) = match tokio::time::timeout(limit, wait).await {
+            Err(_) => return Err(BenchError::Timeout { what: format!("slipway on the {graph} graph"), after: limit }),
+            Ok(None) => return Err(BenchError::Slipway { graph, reason: "the scheduler stopped before the deployment finished".into() }),
+            Ok(Some(x)) => x,
+        };
+        let makespan = at.duration_since(start);
+        let jobs = store.jobs(id).await?;
+        let bad: Vec<String> = jobs
+            .iter()
+            .filter(|j| j.state != JobState::Succeeded)
+            .take(3)
+            .map(|j| format!("{} {}{}", j.name, j.state, j.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()))
+            .collect();
+        if state != DeploymentState::Succeeded || jobs.len() != names.len() || !bad.is_empty() {
+            return Err(BenchError::Slipway {
+                graph,
+                reason: format!(
+                    "deployment {id} ended {state} with {} of {} jobs{}{}",
+                    jobs.len(),
+                    names.len(),
+                    if bad.is_empty() { "" } else { "; for instance: " },
+                    bad.join(", ")
+                ),
+            });
+        }
+        Ok(makespan)
+    }
+    .await;
+
+    token.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), sched_task).await;
+    let watched = tokio::time::timeout(Duration::from_secs(5), watch_task).await.ok().and_then(Result::ok).unwrap_or_default();
+    let _ = tokio::time::timeout(Duration::from_secs(5), log_task).await;
+    let makespan = measured?;
+    match stopped {
+        Err(_) => return Err(BenchError::Timeout { what: "stopping the bench scheduler".into(), after: Duration::from_secs(30) }),
+        Ok(Err(e)) => return Err(BenchError::Slipway { graph, reason: format!("scheduler task failed: {e}") }),
+        Ok(Ok(Err(e))) => return Err(BenchError::Slipway { graph, reason: format!("scheduler stopped: {e}") }),
+        Ok(Ok(Ok(()))) => {}
+    }
+    Ok(SlipwayRun {
+        makespan_secs: makespan.as_secs_f64(),
+        peak_running: watched.peak_running,
+        mean_ready_to_start_ms: if watched.started == 0 { 0.0 } else { watched.ready_to_start.as_secs_f64() * 1000.0 / watched.started as f64 },
+    })
+}
+
+async fn ninja_version(ninja: &Path) -> Result<String, BenchError> {
+    let run = tokio::process::Command::new(ninja).arg("--version").stdin(Stdio::null()).kill_on_drop(true).output();
+    match tokio::time::timeout(Duration::from_secs(10), run).await {
+        Err(_) => Err(BenchError::Timeout { what: format!("{} --version", ninja.display()), after: Duration::from_secs(10) }),
+        Ok(Err(e)) => Err(BenchError::Io { what: format!("cannot run {}", ninja.display()), source: e }),
+        Ok(Ok(out)) => Ok(format!("ninja {}", String::from_utf8_lossy(&out.stdout).trim())),
+    }
+}
+
+/// Time `ninja -f build.ninja -j P -C dir`. Ninja gets its own process
+/// group, so a timeout kills the commands it started too.
+async fn run_ninja(graph: &'static str, ninja: &Path, dir: &Path, parallelism: usize, limit: Duration) -> Result<Duration, BenchError> {
+    // Ninja remembers what it built: start from nothing every time.
+    for f in [".ninja_log", ".ninja_deps"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let mut cmd = tokio::process::Command::new(ninja);
+    cmd.arg("-f")
+        .arg("build.ninja")
+        .arg("-j")
+        .arg(parallelism.to_string())
+        .arg("-C")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    let start = Instant::now();
+    let child = cmd.spawn().map_err(io(format!("cannot run {}", ninja.display())))?;
+    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let out = match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(r) => r.map_err(io(format!("waiting for {}", ninja.display())))?,
+        Err(_) => {
+            if pgid > 0 {
+                // SAFETY: plain syscall on the group we created; ESRCH is ignored.
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+            }
+            return Err(BenchError::Timeout { what: format!("ninja on the {graph} graph"), after: limit });
+        }
+    };
+    let elapsed = start.elapsed();
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(BenchError::Ninja { graph, reason: format!("{}: {}", out.status, stderr.trim()) });
+    }
+    Ok(elapsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generator_is_deterministic_for_a_seed() {
+        assert_eq!(generate(500, 20, 7), generate(500, 20, 7));
+        assert_ne!(generate(500, 20, 7), generate(500, 20, 8));
+        assert_eq!(sleep_durations(100, 50, 300, 7), sleep_durations(100, 50, 300, 7));
+    }
+
+    #[test]
+    fn generated_graphs_are_layered() {
+        for (jobs, width, seed) in [(1000, 50, 1), (37, 5, 2), (10, 1, 3), (1, 50, 4), (200, 3, 5)] {
+            let dag = generate(jobs, width, seed);
+            assert_eq!(dag.len(), jobs);
+            assert_eq!(dag.level_sizes.iter().sum::<usize>(), jobs);
+            assert!(dag.level_sizes.iter().all(|&s| s >= 1 && s <= width), "{:?}", dag.level_sizes);
+            // All levels but the last are at least half the width.
+            let full = &dag.level_sizes[..dag.levels() - 1];
+            assert!(full.iter().all(|&s| s >= (width / 2).max(1)));
+            for (j, ns) in dag.needs.iter().enumerate() {
+                let l = dag.level[j];
+                if l == 0 {
+                    assert!(ns.is_empty());
+                    continue;
+                }
+                assert!((1..=3).contains(&ns.len()), "job {j} needs {ns:?}");
+                assert!(ns.windows(2).all(|w| w[0] < w[1]), "sorted and distinct: {ns:?}");
+                assert!(ns.iter().all(|&d| dag.level[d] < l), "job {j} at level {l} needs {ns:?}");
+                assert!(ns.iter().any(|&d| dag.level[d] == l - 1), "job {j} needs nothing from level {}", l - 1);
+            }
+        }
+    }
+
+    #[test]
+    fn critical_path_of_a_small_graph() {
+        // a(3) → b(5) → d(1), a → c(10) → d, e(20) alone.
+        let needs = vec![vec![], vec![0], vec![0], vec![1, 2], vec![]];
+        assert_eq!(critical_path(&needs, &[3, 5, 10, 1, 4]), Some(14));
+        assert_eq!(critical_path(&needs, &[3, 5, 10, 1, 20]), Some(20));
+        assert_eq!(critical_path(&[vec![1], vec![0]], &[1, 1]), None, "a cycle has no critical path");
+        assert_eq!(critical_path(&[], &[]), Some(0));
+    }
+
+    #[test]
+    fn generated_files_describe_the_graph() {
+        let dag = generate(60, 8, 3);
+        let cmds: Vec<String> = sleep_durations(60, 50, 300, 3).into_iter().map(sleep_command).collect();
+        let cfg = config::parse("slipway.toml", &slipway_toml(&dag, &cmds)).expect("the generated config validates");
+        assert_eq!(cfg.jobs.len(), 60);
+        for (i, job) in cfg.jobs.iter().enumerate() {
+            assert_eq!(job.name, dag.name(i));
+            assert_eq!(job.needs, dag.needs[i].iter().map(|&d| dag.name(d)).collect::<Vec<_>>());
+            assert_eq!(job.command, config::Command::Shell(cmds[i].clone()));
+        }
+        let ninja = build_ninja(&dag, &cmds);
+        assert_eq!(ninja.matches("\nbuild ").count(), 60);
+        assert_eq!(sleep_command(137), "sleep 0.137");
+        assert_eq!(sleep_command(1005), "sleep 1.005");
+    }
+
+    /// The whole bench on a small graph (needs ninja). Size with
+    /// `SLIPWAY_BENCH_JOBS`; run with `cargo test --release --lib bench -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore = "runs processes for several seconds and needs ninja"]
+    async fn bench_end_to_end() {
+        let jobs = std::env::var("SLIPWAY_BENCH_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+        let report = run(BenchOptions { jobs, ..BenchOptions::default() }).await.expect("bench runs");
+        assert_eq!(report.jobs, jobs);
+        assert!(report.noop.slipway.makespan_secs > 0.0 && report.noop.ninja_secs > 0.0);
+        assert!(report.sleep.ratio >= 0.99, "nothing beats the critical path: {report:?}");
+    }
+}

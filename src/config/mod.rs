@@ -219,15 +219,20 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
         Ok(raw) => raw,
         Err(e) => {
             problems.push(type_problem(&e));
+            problems.sort_by_key(|p| p.span.as_ref().map(|s| s.start).unwrap_or(0));
             return Err(errors(problems));
         }
     };
-    let config = match build(raw, &mut problems) {
-        Some(c) if problems.is_empty() => c,
-        _ => return Err(errors(problems)),
-    };
+    // Semantic checks run even when values were wrong: a bad timeout and
+    // an unknown `needs` are independent mistakes, both worth reporting.
+    let config = build(raw, &mut problems);
     validate::check(&config, &mut problems);
-    if problems.is_empty() { Ok(config) } else { Err(errors(problems)) }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        problems.sort_by_key(|p| p.span.as_ref().map(|s| s.start).unwrap_or(0));
+        Err(errors(problems))
+    }
 }
 
 fn first_line(s: &str) -> String {
@@ -243,6 +248,8 @@ fn type_problem(e: &toml::de::Error) -> Problem {
             ProblemKind::WrongType,
             Some("`command` is an array of arguments, e.g. [\"./deploy.sh\", \"--fast\"], or a string with `shell = true`".to_string()),
         )
+    } else if msg.contains("expected a sequence") {
+        (ProblemKind::WrongType, Some("this key takes a list, e.g. [\"name\"]".to_string()))
     } else if msg.contains("untagged enum RawRetryOn") {
         (ProblemKind::WrongType, Some("`on` is \"any\" or an array of exit codes, e.g. [75, 111]".to_string()))
     } else {
@@ -387,7 +394,7 @@ fn check_name(s: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) {
     }
 }
 
-fn build(raw: Raw, problems: &mut Vec<Problem>) -> Option<Config> {
+fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
     let mut project = Project { name: String::from("slipway"), parallelism: None, store: None, lease: None, max_log_bytes: None };
     if let Some(p) = raw.project {
         let p = p.into_inner();
@@ -557,7 +564,7 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Option<Config> {
             env: j.env,
         });
     }
-    Some(Config { project, environments, services, jobs })
+    Config { project, environments, services, jobs }
 }
 
 /// Placeholders substituted into argv commands at run time.

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a fresh machine: install what is missing
+# (Debian packages), start a throwaway PostgreSQL on a private port, run
+# every test against it, stop it. Usage: scripts/test.sh [cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v ninja >/dev/null || need_apt+=(ninja-build)
+command -v curl >/dev/null || need_apt+=(curl)
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+[ -n "$pg_bin" ] && [ -x "$pg_bin/initdb" ] || need_apt+=(postgresql)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "test.sh: installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  timeout 600 apt-get update -qq
+  timeout 900 apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+fi
+
+# Throwaway PostgreSQL: its own data directory and a free port. initdb
+# refuses to run as root, so the server runs as `nobody` when we are root.
+pg_dir=$(mktemp -d /tmp/slipway-pg.XXXXXX)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+run_pg() { if [ "$(id -u)" = 0 ]; then runuser -u nobody -- "$@"; else "$@"; fi; }
+if [ "$(id -u)" = 0 ]; then chown nobody "$pg_dir"; chmod 700 "$pg_dir"; fi
+cleanup() {
+  run_pg "$pg_bin/pg_ctl" -D "$pg_dir/data" -m immediate -w -t 20 stop >/dev/null 2>&1 || true
+  rm -rf "$pg_dir"
+}
+trap cleanup EXIT
+run_pg "$pg_bin/initdb" -D "$pg_dir/data" -U slipway --auth=trust -E UTF8 >/dev/null
+run_pg "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/log" -w -t 60 \
+  -o "-h 127.0.0.1 -p $port -k $pg_dir -c max_connections=300 -c fsync=off" start >/dev/null
+export SLIPWAY_TEST_POSTGRES="postgres://slipway@127.0.0.1:$port/postgres"
+export SLIPWAY_REQUIRE_POSTGRES=1
+echo "test.sh: PostgreSQL on 127.0.0.1:$port"
+
+# Two cores in CI: keep test binaries' own parallelism modest, since many
+# tests run real processes and real servers.
+if command -v cargo-nextest >/dev/null; then
+  cargo nextest run --no-fail-fast --test-threads 4 "$@"
+else
+  cargo test --no-fail-fast "$@" -- --test-threads 4
+fi

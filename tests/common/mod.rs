@@ -1,0 +1,169 @@
+//! Shared test support: stores (SQLite in a temp dir, and a fresh
+//! PostgreSQL database per test when `SLIPWAY_TEST_POSTGRES` is set, as
+//! `scripts/test.sh` does), the real binary, free ports, configs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slipway::store::{self, Store};
+
+/// A database of its own on the test PostgreSQL server, or `None` (with a
+/// note) when there is none. With `SLIPWAY_REQUIRE_POSTGRES=1` a missing
+/// server fails the test instead: CI must run these.
+pub async fn postgres_url() -> Option<String> {
+    let Ok(admin) = std::env::var("SLIPWAY_TEST_POSTGRES") else {
+        if std::env::var("SLIPWAY_REQUIRE_POSTGRES").as_deref() == Ok("1") {
+            panic!("SLIPWAY_REQUIRE_POSTGRES=1 but SLIPWAY_TEST_POSTGRES is not set");
+        }
+        eprintln!("note: PostgreSQL part skipped: SLIPWAY_TEST_POSTGRES is not set (scripts/test.sh starts a server and sets it)");
+        return None;
+    };
+    sqlx::any::install_default_drivers();
+    let name = format!("slipway_t{}_{}", std::process::id(), rand::random::<u32>());
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin).await.expect("connect to the test PostgreSQL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.expect("create test database");
+    let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin.clone());
+    Some(format!("{base}/{name}"))
+}
+
+pub fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("slipway.db").display())
+}
+
+/// Every store backend available here, each fresh: ("sqlite", …) always,
+/// ("postgres", …) when a server is configured.
+pub async fn stores(dir: &Path) -> Vec<(&'static str, Arc<dyn Store>)> {
+    let mut v: Vec<(&'static str, Arc<dyn Store>)> = vec![("sqlite", store::open(&sqlite_url(dir)).await.expect("open sqlite store"))];
+    if let Some(url) = postgres_url().await {
+        v.push(("postgres", store::open(&url).await.expect("open postgres store")));
+    }
+    v
+}
+
+pub fn slipway_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_slipway"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A temp dir holding `slipway.toml` with `text`, plus executable scripts.
+pub fn config_dir(text: &str, scripts: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("slipway.toml"), text).expect("write config");
+    for (name, body) in scripts {
+        let p = dir.path().join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&p, body).expect("write script");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    dir
+}
+
+/// A running `slipway serve`, killed (SIGKILL) when dropped.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Start the real binary on a free port and wait until /healthz answers.
+    pub fn start(config: &Path, store: Option<&str>, extra: &[&str]) -> Server {
+        let port = free_port();
+        let log = config.join(format!("serve-{port}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(slipway_bin());
+        cmd.arg("--config").arg(config).arg("serve").arg("--listen").arg(format!("127.0.0.1:{port}"));
+        if let Some(s) = store {
+            cmd.arg("--store").arg(s);
+        }
+        cmd.args(extra).stdin(Stdio::null()).stdout(out.try_clone().expect("dup")).stderr(out).env_remove("SLIPWAY_STORE");
+        let child = cmd.spawn().expect("spawn slipway serve");
+        let mut s = Server { child, url: format!("http://127.0.0.1:{port}"), port, log };
+        s.wait_healthy(Duration::from_secs(30));
+        s
+    }
+
+    pub fn wait_healthy(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("slipway serve exited early ({status}):\n{}", self.log_text());
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("slipway serve did not listen within {timeout:?}:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The CLI against this server.
+    pub fn cli(&self, config: &Path, args: &[&str]) -> std::process::Output {
+        Command::new(slipway_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("--server")
+            .arg(&self.url)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run slipway")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Poll `f` until it returns Some, or panic with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// GET a JSON document from a server (blocking, for binary tests).
+pub fn get_json(url: &str) -> serde_json::Value {
+    let out = Command::new("curl").args(["-sS", "--max-time", "10", url]).output().expect("curl");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bad JSON from {url}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// POST JSON, return (status, body).
+pub fn post_json(url: &str, body: &str) -> (u16, serde_json::Value) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", "-H", "content-type: application/json", "-d", body, url])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, "0"));
+    (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}

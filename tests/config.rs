@@ -1,0 +1,335 @@
+//! Pure tests of config parsing and validation: every mistake is reported
+//! with its place and a hint, several at once. Expected reports are
+//! snapshot files under tests/snapshots/.
+
+use slipway::config::{self, Command, ProblemKind, RetryOn};
+
+fn problems(text: &str) -> String {
+    let errors = config::parse("slipway.toml", text).expect_err("config should be invalid");
+    let mut out = String::new();
+    for r in errors.reports() {
+        out.push_str(&format!(
+            "{}:{}:{} [{}] {}\n",
+            r.file,
+            r.line.unwrap_or(0),
+            r.column.unwrap_or(0),
+            r.kind.as_str(),
+            r.message
+        ));
+        if let Some(h) = r.hint {
+            out.push_str(&format!("    hint: {h}\n"));
+        }
+    }
+    out
+}
+
+trait KindStr {
+    fn as_str(&self) -> &'static str;
+}
+impl KindStr for ProblemKind {
+    fn as_str(&self) -> &'static str {
+        ProblemKind::as_str(*self)
+    }
+}
+
+#[test]
+fn valid_config_parses_with_defaults() {
+    let c = config::parse(
+        "slipway.toml",
+        r#"
+[project]
+name = "x"
+parallelism = 3
+
+[[environment]]
+name = "staging"
+
+[[job]]
+name = "a"
+command = ["./a.sh", "{version}"]
+retry = { attempts = 3, on = [75], backoff = "2s" }
+
+[[job]]
+name = "b"
+needs = ["a"]
+shell = true
+command = "echo hi | tr a-z A-Z"
+timeout = "5m"
+idempotent = true
+"#,
+    )
+    .expect("valid");
+    assert_eq!(c.project.parallelism, Some(3));
+    let a = c.job("a").unwrap();
+    assert_eq!(a.command, Command::Argv(vec!["./a.sh".into(), "{version}".into()]));
+    assert_eq!(a.retry.attempts, 3);
+    assert_eq!(a.retry.on, RetryOn::ExitCodes(vec![75]));
+    assert!(a.retry.retryable(Some(75)));
+    assert!(!a.retry.retryable(Some(1)));
+    assert!(!a.retry.retryable(None));
+    assert_eq!(a.timeout, config::DEFAULT_TIMEOUT);
+    assert!(!a.timeout_declared);
+    let b = c.job("b").unwrap();
+    assert_eq!(b.command, Command::Shell("echo hi | tr a-z A-Z".into()));
+    assert_eq!(b.timeout.as_secs(), 300);
+    assert!(b.idempotent);
+}
+
+#[test]
+fn every_unknown_key_is_reported_at_once() {
+    insta::assert_snapshot!(problems(
+        r#"
+[project]
+name = "x"
+paralelism = 3
+
+[[job]]
+name = "a"
+comand = ["true"]
+command = ["true"]
+timout = "1m"
+
+[[job]]
+name = "b"
+command = ["true"]
+retry = { attempts = 2, backof = "1s" }
+colour = "blue"
+"#
+    ));
+}
+
+#[test]
+fn wrong_type_is_reported_with_its_place() {
+    insta::assert_snapshot!(problems(
+        r#"
+[[job]]
+name = "a"
+command = ["true"]
+needs = "b"
+"#
+    ));
+}
+
+#[test]
+fn syntax_error_has_line_and_column() {
+    insta::assert_snapshot!(problems("[[job]]\nname = \"a\"\ncommand = [\"true\"\n"));
+}
+
+#[test]
+fn references_cycles_and_races_are_all_reported() {
+    insta::assert_snapshot!(problems(
+        r#"
+[[environment]]
+name = "staging"
+
+[[service]]
+name = "api"
+
+[[job]]
+name = "checkout"
+command = ["true"]
+
+[[job]]
+name = "build"
+command = ["true"]
+needs = ["chekout"]
+service = "apy"
+environments = ["stagin"]
+
+[[job]]
+name = "x"
+command = ["true"]
+needs = ["z"]
+
+[[job]]
+name = "y"
+command = ["true"]
+needs = ["x"]
+
+[[job]]
+name = "z"
+command = ["true"]
+needs = ["y"]
+
+[[job]]
+name = "self"
+command = ["true"]
+needs = ["self"]
+"#
+    ));
+}
+
+#[test]
+fn unordered_writers_and_readers_are_races() {
+    insta::assert_snapshot!(problems(
+        r#"
+[[job]]
+name = "certs-a"
+command = ["true"]
+writes = ["tls-certs"]
+
+[[job]]
+name = "certs-b"
+command = ["true"]
+writes = ["tls-certs"]
+
+[[job]]
+name = "lb"
+command = ["true"]
+reads = ["tls-certs"]
+needs = ["certs-a"]
+"#
+    ));
+}
+
+#[test]
+fn ordered_writers_are_not_races() {
+    config::parse(
+        "slipway.toml",
+        r#"
+[[job]]
+name = "a"
+command = ["true"]
+writes = ["r"]
+
+[[job]]
+name = "b"
+command = ["true"]
+writes = ["r"]
+needs = ["mid"]
+
+[[job]]
+name = "mid"
+command = ["true"]
+needs = ["a"]
+
+[[job]]
+name = "reader"
+command = ["true"]
+reads = ["r"]
+needs = ["b"]
+"#,
+    )
+    .expect("transitively ordered writers and readers are fine");
+}
+
+#[test]
+fn writers_in_disjoint_environments_do_not_race() {
+    config::parse(
+        "slipway.toml",
+        r#"
+[[environment]]
+name = "staging"
+[[environment]]
+name = "production"
+
+[[job]]
+name = "a"
+command = ["true"]
+writes = ["r"]
+environments = ["staging"]
+
+[[job]]
+name = "b"
+command = ["true"]
+writes = ["r"]
+environments = ["production"]
+"#,
+    )
+    .expect("no race across environments");
+}
+
+#[test]
+fn shell_rules_and_bad_values() {
+    insta::assert_snapshot!(problems(
+        r#"
+[[job]]
+name = "a"
+command = "echo {version}"
+shell = true
+
+[[job]]
+name = "b"
+command = "echo hi"
+
+[[job]]
+name = "c"
+command = ["true"]
+timeout = "soon"
+retry = { attempts = 0, on = "sometimes" }
+
+[[job]]
+name = "bad name!"
+command = []
+
+[[job]]
+name = "a"
+command = ["true"]
+"#
+    ));
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let e = config::load(std::path::Path::new("/nonexistent/dir/slipway.toml")).expect_err("missing");
+    let text = e.to_string();
+    assert!(text.contains("cannot read /nonexistent/dir/slipway.toml"), "{text}");
+}
+
+#[test]
+fn rendered_report_names_file_line_and_column() {
+    let e = config::parse("conf/slipway.toml", "[[job]]\nname = \"a\"\ncommand = [\"true\"]\nneeds = [\"nope\"]\n").expect_err("invalid");
+    let rendered = e.render(false);
+    assert!(rendered.contains("conf/slipway.toml:4:10"), "{rendered}");
+    assert!(rendered.contains("needs unknown job \"nope\""), "{rendered}");
+    assert!(rendered.contains("1 problem found"), "{rendered}");
+}
+
+/// No input makes the parser panic: mutate a real config byte by byte
+/// (deterministically) and parse each. The cargo-fuzz target in fuzz/
+/// explores further.
+#[test]
+fn parser_never_panics_on_mutations() {
+    let base = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo/slipway.toml")).unwrap();
+    let bytes = base.as_bytes();
+    let mut seed: u64 = 0x9E3779B97F4A7C15;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let alphabet = b"[]{}=\",.#\n abc0123-_'\\";
+    for _ in 0..3000 {
+        let mut m = bytes.to_vec();
+        for _ in 0..(1 + next() % 4) {
+            let pos = (next() as usize) % m.len().max(1);
+            match next() % 3 {
+                0 => m[pos] = alphabet[(next() as usize) % alphabet.len()],
+                1 => {
+                    m.remove(pos);
+                }
+                _ => m.insert(pos, alphabet[(next() as usize) % alphabet.len()]),
+            }
+        }
+        let text = String::from_utf8_lossy(&m);
+        let _ = config::parse("fuzz.toml", &text);
+    }
+}
+
+#[test]
+fn deep_needs_chain_does_not_overflow() {
+    let mut text = String::new();
+    for i in 0..5000 {
+        text.push_str(&format!("[[job]]\nname = \"j{i}\"\ncommand = [\"true\"]\n"));
+        if i > 0 {
+            text.push_str(&format!("needs = [\"j{}\"]\n", i - 1));
+        }
+    }
+    // and close a cycle at the end
+    text.push_str("[[job]]\nname = \"loop\"\ncommand = [\"true\"]\nneeds = [\"j4999\"]\n");
+    text = text.replacen("name = \"j0\"\ncommand = [\"true\"]\n", "name = \"j0\"\ncommand = [\"true\"]\nneeds = [\"loop\"]\n", 1);
+    let e = config::parse("deep.toml", &text).expect_err("cycle");
+    assert_eq!(e.problems.len(), 1);
+    assert_eq!(e.problems[0].kind, ProblemKind::Cycle);
+}
