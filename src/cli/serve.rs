@@ -88,10 +88,10 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
     })?;
     let local = listener.local_addr().unwrap_or(addr);
 
-    let node = opts.node_id.clone().unwrap_or_else(scheduler::default_node_id);
+    let node_id = opts.node_id.clone().unwrap_or_else(scheduler::default_node_id);
     let parallelism = opts.parallelism.or(loaded.config.project.parallelism).unwrap_or(8);
     let work_dir = loaded.dir.join(".slipway").join("work");
-    let mut cfg = SchedulerConfig::new(node.clone(), work_dir);
+    let mut cfg = SchedulerConfig::new(node_id.clone(), work_dir);
     cfg.parallelism = parallelism;
     cfg.poll = opts.poll;
     cfg.shutdown_grace = opts.shutdown_grace;
@@ -102,25 +102,8 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
         cfg.max_log_bytes = m;
     }
 
-    let mut bus = EventBus::new();
-    let log_rx = bus.subscribe(4096);
-    let metrics_rx = bus.subscribe(4096);
-    let report_rx = bus.subscribe(4096);
-    let metrics = Arc::new(Metrics::new());
-    tokio::spawn(logwriter::run(store.clone(), log_rx));
-    tokio::spawn(api::metrics::consume(metrics.clone(), metrics_rx));
-    tokio::spawn(report(report_rx));
-
-    let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget), cfg.clone(), bus);
-    let wake = sched.waker();
-    let state = Arc::new(AppState {
-        store: store.clone(),
-        submitter: Submitter { config_path: loaded.path.clone(), store: store.clone(), parallelism, wake: Some(wake) },
-        metrics,
-        node: node.clone(),
-    });
-
-    let shutdown = CancellationToken::new();
+    let node = start_node(NodeOptions { config_path: loaded.path.clone(), store: store.clone(), scheduler: cfg, listener });
+    let shutdown = node.shutdown.clone();
     {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -136,26 +119,71 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
     }
 
     eprintln!(
-        "slipway serve: node {node}, listening on http://{local}, store {} ({}), parallelism {parallelism}, config {}",
+        "slipway serve: node {node_id}, listening on http://{local}, store {} ({}), parallelism {parallelism}, config {}",
         store::sql::redact_url(&url),
         store.backend(),
         loaded.path.display()
     );
-    let server = {
-        let shutdown = shutdown.clone();
-        let app = api::router(state);
-        tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
-        })
-    };
-    let result = Scheduler::run(sched, shutdown.clone()).await;
-    shutdown.cancel();
-    // Open log streams would hold a graceful shutdown forever.
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let result = node.task.await.unwrap_or_else(|e| Err(crate::store::StoreError::Unavailable(format!("node task failed: {e}"))));
     match result {
         Ok(()) => Ok(exit::OK),
         Err(e) => Err(CliError::new(exit::UNAVAILABLE, format!("scheduler stopped: {e}"))),
     }
+}
+
+pub struct NodeOptions {
+    pub config_path: PathBuf,
+    pub store: Arc<dyn Store>,
+    pub scheduler: SchedulerConfig,
+    pub listener: tokio::net::TcpListener,
+}
+
+/// A node started by [`start_node`]: cancel `shutdown` to stop it; `task`
+/// ends when the scheduler has stopped and the API has closed.
+pub struct RunningNode {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
+}
+
+/// Wire one node: event consumers (store log writer, metrics, server log),
+/// the scheduler, and the API on `listener`. Used by `serve` and by the
+/// in-process tests.
+pub fn start_node(opts: NodeOptions) -> RunningNode {
+    let store = opts.store;
+    let addr = opts.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let mut bus = EventBus::new();
+    let log_rx = bus.subscribe(4096);
+    let metrics_rx = bus.subscribe(4096);
+    let report_rx = bus.subscribe(4096);
+    let metrics = Arc::new(Metrics::new());
+    tokio::spawn(logwriter::run(store.clone(), log_rx));
+    tokio::spawn(api::metrics::consume(metrics.clone(), metrics_rx));
+    tokio::spawn(report(report_rx));
+    let node = opts.scheduler.node_id.clone();
+    let parallelism = opts.scheduler.parallelism;
+    let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget), opts.scheduler, bus);
+    let wake = sched.waker();
+    let state = Arc::new(AppState {
+        store: store.clone(),
+        submitter: Submitter { config_path: opts.config_path, store: store.clone(), parallelism, wake: Some(wake) },
+        metrics,
+        node,
+    });
+    let shutdown = CancellationToken::new();
+    let app = api::router(state);
+    let listener = opts.listener;
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let stop = token.clone();
+        let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await });
+        let result = Scheduler::run(sched, token.clone()).await;
+        token.cancel();
+        // Open log streams would hold a graceful shutdown forever.
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        result
+    });
+    RunningNode { addr, shutdown, task }
 }
 
 /// The server's own log: one line per job event.

@@ -1,0 +1,406 @@
+//! In-process API tests: a whole node (scheduler + API) on 127.0.0.1:0,
+//! against every store backend (SQLite always, PostgreSQL when
+//! configured), driven over real HTTP.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use slipway::cli::serve::{NodeOptions, RunningNode, start_node};
+use slipway::scheduler::SchedulerConfig;
+use slipway::store::Store;
+
+const CONFIG: &str = r#"
+[project]
+name = "api-test"
+
+[[environment]]
+name = "staging"
+
+[[service]]
+name = "api"
+
+[[job]]
+name = "prepare"
+command = ["./say.sh", "prepare", "0"]
+timeout = "30s"
+
+[[job]]
+name = "left"
+needs = ["prepare"]
+command = ["./say.sh", "left", "1"]
+timeout = "30s"
+
+[[job]]
+name = "right"
+needs = ["prepare"]
+command = ["./say.sh", "right", "1"]
+timeout = "30s"
+
+[[job]]
+name = "middle"
+needs = ["prepare"]
+command = ["./say.sh", "middle", "1"]
+timeout = "30s"
+
+[[job]]
+name = "deploy"
+service = "api"
+needs = ["left", "right", "middle"]
+command = ["./say.sh", "deploy-{version}", "0"]
+timeout = "30s"
+
+[[job]]
+name = "slow"
+command = ["./say.sh", "slow", "60"]
+timeout = "2m"
+
+[[job]]
+name = "fails"
+command = ["./fail.sh"]
+timeout = "10s"
+
+[[job]]
+name = "after-fail"
+needs = ["fails"]
+command = ["true"]
+"#;
+
+const SAY: &str = "#!/bin/sh\necho \"$1 says hello from $SLIPWAY_ENV\"\nsleep \"$2\"\necho \"$1 done\" >&2\n";
+const FAIL: &str = "#!/bin/sh\necho 'about to fail'\nexit 3\n";
+
+struct Node {
+    base: String,
+    node: RunningNode,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn start(backend: &'static str, store: Arc<dyn Store>) -> Node {
+        let dir = common::config_dir(CONFIG, &[("say.sh", SAY), ("fail.sh", FAIL)]);
+        let mut cfg = SchedulerConfig::new(format!("test-{backend}"), dir.path().join(".slipway/work"));
+        cfg.parallelism = 4;
+        cfg.poll = Duration::from_millis(100);
+        cfg.lease = Duration::from_secs(5);
+        cfg.shutdown_grace = Duration::from_secs(1);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener });
+        let base = format!("http://{}", node.addr);
+        Node { base, node, http: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap(), _dir: dir }
+    }
+
+    fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.http.get(format!("{}{path}", self.base)).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.http.post(format!("{}{path}", self.base)).json(body).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let r = self.http.post(format!("{}{path}", self.base)).header("content-type", "application/json").body(body).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn wait_terminal(&self, id: i64) -> Value {
+        for _ in 0..600 {
+            let (status, d) = self.get(&format!("/api/v1/deployments/{id}")).await;
+            assert_eq!(status, 200, "{d}");
+            let state = d["deployment"]["state"].as_str().unwrap().to_string();
+            if !["queued", "running"].contains(&state.as_str()) {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("deployment {id} did not finish");
+    }
+
+    async fn wait_job_state(&self, id: i64, job: &str, state: &str) {
+        for _ in 0..300 {
+            let (_, d) = self.get(&format!("/api/v1/deployments/{id}")).await;
+            if job_of(&d, job)["state"] == state {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {job} of deployment {id} never reached {state}");
+    }
+
+    async fn stop(self) {
+        self.node.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.node.task).await;
+    }
+}
+
+fn job_of<'a>(d: &'a Value, name: &str) -> &'a Value {
+    d["jobs"].as_array().unwrap().iter().find(|j| j["name"] == name).unwrap_or(&Value::Null)
+}
+
+async fn for_each_backend<F, Fut>(f: F)
+where
+    F: Fn(&'static str, Node) -> Fut,
+    Fut: std::future::Future<Output = Node>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, store) in common::stores(dir.path()).await {
+        let node = Node::start(backend, store).await;
+        let node = f(backend, node).await;
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deploy_runs_the_graph_in_parallel_and_records_everything() {
+    for_each_backend(|backend, n| async move {
+        let (status, accepted) = n.post("/api/v1/events", &json!({"kind": "deploy", "service": "api", "version": "1.4.0", "environment": "staging"})).await;
+        assert_eq!(status, 202, "{backend}: {accepted}");
+        let id = accepted["deployment_id"].as_i64().unwrap();
+        let d = n.wait_terminal(id).await;
+        assert_eq!(d["deployment"]["state"], "succeeded", "{backend}: {d}");
+        assert_eq!(d["deployment"]["version"], "1.4.0");
+        assert_eq!(d["jobs"].as_array().unwrap().len(), 5, "{backend}: service jobs and their needs only");
+        // The three middle jobs ran at the same time: each started before
+        // any of them finished.
+        let starts: Vec<i64> = ["left", "right", "middle"].iter().map(|j| job_of(&d, j)["started_at"].as_i64().unwrap()).collect();
+        let ends: Vec<i64> = ["left", "right", "middle"].iter().map(|j| job_of(&d, j)["finished_at"].as_i64().unwrap()).collect();
+        assert!(starts.iter().max() < ends.iter().min(), "{backend}: not parallel: {starts:?} {ends:?}");
+        // ...and strictly after what they need, strictly before what needs them.
+        assert!(job_of(&d, "prepare")["finished_at"].as_i64() <= starts.iter().min().copied());
+        assert!(job_of(&d, "deploy")["started_at"].as_i64() >= ends.iter().max().copied());
+        assert_eq!(d["attempts"].as_array().unwrap().len(), 5);
+
+        // Output, line by line, with the version substituted in argv.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (status, logs) = n.get(&format!("/api/v1/deployments/{id}/logs?job=deploy")).await;
+        assert_eq!(status, 200);
+        let lines: Vec<&str> = logs.as_array().unwrap().iter().map(|l| l["line"].as_str().unwrap()).collect();
+        assert!(lines.contains(&"deploy-1.4.0 says hello from staging"), "{backend}: {lines:?}");
+        assert!(lines.contains(&"deploy-1.4.0 done"), "{backend}: {lines:?}");
+        let streams: Vec<&str> = logs.as_array().unwrap().iter().map(|l| l["stream"].as_str().unwrap()).collect();
+        assert!(streams.contains(&"stderr") && streams.contains(&"stdout") && streams.contains(&"slipway"));
+
+        // Metrics see the store's counts and this node's durations.
+        let metrics = n.http.get(format!("{}/metrics", n.base)).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("slipway_jobs{state=\"succeeded\"} 5"), "{backend}: {metrics}");
+        assert!(metrics.contains("slipway_deployments{state=\"succeeded\"} 1"), "{metrics}");
+        assert!(metrics.contains("slipway_job_duration_seconds_count{outcome=\"succeeded\"} 5"), "{metrics}");
+        assert!(metrics.contains("slipway_event_to_start_seconds_count 5"), "{metrics}");
+        assert!(metrics.contains("slipway_queue_depth 0"), "{metrics}");
+        n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_event_id_deploys_once() {
+    for_each_backend(|backend, n| async move {
+        let ev = json!({"kind": "run", "jobs": ["prepare"], "environment": "staging", "id": "push-42"});
+        let (s1, a) = n.post("/api/v1/events", &ev).await;
+        let (s2, b) = n.post("/api/v1/events", &ev).await;
+        assert_eq!((s1, s2), (202, 200), "{backend}");
+        assert_eq!(a["deployment_id"], b["deployment_id"]);
+        assert_eq!(b["duplicate"], true);
+        let (_, list) = n.get("/api/v1/deployments").await;
+        assert_eq!(list.as_array().unwrap().len(), 1, "{backend}: {list}");
+        n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failure_skips_dependants_with_reason() {
+    for_each_backend(|backend, n| async move {
+        let (_, a) = n.post("/api/v1/events", &json!({"kind": "run", "jobs": ["after-fail", "prepare"], "environment": "staging"})).await;
+        let d = n.wait_terminal(a["deployment_id"].as_i64().unwrap()).await;
+        assert_eq!(d["deployment"]["state"], "failed", "{backend}: {d}");
+        assert!(d["deployment"]["reason"].as_str().unwrap().contains("\"fails\" failed: exit code 3"), "{d}");
+        assert_eq!(job_of(&d, "fails")["exit_code"], 3);
+        assert_eq!(job_of(&d, "after-fail")["state"], "skipped");
+        assert!(job_of(&d, "after-fail")["reason"].as_str().unwrap().contains("\"fails\""));
+        // The independent branch still ran.
+        assert_eq!(job_of(&d, "prepare")["state"], "succeeded");
+        n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_stops_running_jobs_and_skips_the_rest() {
+    for_each_backend(|backend, n| async move {
+        let (_, a) = n.post("/api/v1/events", &json!({"kind": "run", "jobs": ["slow"], "environment": "staging"})).await;
+        let id = a["deployment_id"].as_i64().unwrap();
+        n.wait_job_state(id, "slow", "running").await;
+        let (status, c) = n.post(&format!("/api/v1/deployments/{id}/cancel"), &json!({})).await;
+        assert_eq!(status, 202, "{backend}: {c}");
+        let d = n.wait_terminal(id).await;
+        assert_eq!(d["deployment"]["state"], "cancelled", "{backend}: {d}");
+        assert_eq!(job_of(&d, "slow")["state"], "cancelled");
+        // Cancelling again is a conflict, not a silent success.
+        let (status, e) = n.post(&format!("/api/v1/deployments/{id}/cancel"), &json!({})).await;
+        assert_eq!(status, 409, "{e}");
+        assert_eq!(e["error"]["kind"], "conflict");
+        n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn newer_deploy_supersedes_a_queued_one() {
+    for_each_backend(|backend, n| async move {
+        // The first deploy runs (and holds the service's lock), the second
+        // waits for it, the third supersedes the second.
+        let ev = |v: &str| json!({"kind": "deploy", "service": "api", "version": v, "environment": "staging"});
+        let (_, d1) = n.post("/api/v1/events", &ev("1.0.0")).await;
+        n.wait_job_state(d1["deployment_id"].as_i64().unwrap(), "left", "running").await;
+        let (_, d2) = n.post("/api/v1/events", &ev("1.0.1")).await;
+        let (_, d3) = n.post("/api/v1/events", &ev("1.0.2")).await;
+        let (id1, id2, id3) = (d1["deployment_id"].as_i64().unwrap(), d2["deployment_id"].as_i64().unwrap(), d3["deployment_id"].as_i64().unwrap());
+        assert_eq!(d3["superseded"], json!([id2]), "{backend}: {d3}");
+        let (_, two) = n.get(&format!("/api/v1/deployments/{id2}")).await;
+        assert_eq!(two["deployment"]["state"], "superseded");
+        assert_eq!(two["deployment"]["superseded_by"], id3);
+        assert_eq!(n.wait_terminal(id1).await["deployment"]["state"], "succeeded");
+        assert_eq!(n.wait_terminal(id3).await["deployment"]["state"], "succeeded");
+        // At most one deployment of the service ran at a time.
+        let (_, one) = n.get(&format!("/api/v1/deployments/{id1}")).await;
+        let (_, three) = n.get(&format!("/api/v1/deployments/{id3}")).await;
+        assert!(three["deployment"]["started_at"].as_i64() >= one["deployment"]["finished_at"].as_i64(), "{backend}: overlapping deploys");
+        n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_clear_errors_and_change_nothing() {
+    for_each_backend(|backend, n| async move {
+        let cases: Vec<(Value, u16, &str)> = vec![
+            (json!({"kind": "deploy", "service": "api", "version": "$(touch x)", "environment": "staging"}), 400, "invalid version"),
+            (json!({"kind": "deploy", "service": "api", "version": "../../etc", "environment": "staging"}), 400, "invalid version"),
+            (json!({"kind": "deploy", "service": "api"}), 400, "needs `version`"),
+            (json!({"kind": "run", "jobs": ["nope"], "environment": "staging"}), 400, "unknown job \"nope\""),
+            (json!({"kind": "run", "jobs": ["prepare"], "environment": "prod"}), 400, "unknown environment \"prod\""),
+            (json!({"kind": "run", "jobs": []}), 400, "at least one job"),
+            (json!({"kind": "launch"}), 400, "unknown variant"),
+            (json!({"kind": "run", "jobs": ["prepare"], "colour": "red"}), 400, "unknown field"),
+            (json!({"kind": "run", "jobs": ["prepare"], "id": "bad id with spaces"}), 400, "invalid event id"),
+        ];
+        for (body, status, needle) in cases {
+            let (s, e) = n.post("/api/v1/events", &body).await;
+            assert_eq!(s, status, "{backend}: {body} -> {e}");
+            assert!(e["error"]["message"].as_str().unwrap_or("").contains(needle), "{backend}: {body} -> {e}");
+        }
+        let (s, e) = n.post_raw("/api/v1/events", b"{not json".to_vec()).await;
+        assert_eq!(s, 400, "{e}");
+        assert_eq!(e["error"]["kind"], "bad_request");
+        let (s, e) = n.post_raw("/api/v1/events", vec![b' '; 200_000]).await;
+        assert_eq!(s, 413, "{e}");
+        assert_eq!(e["error"]["kind"], "payload_too_large");
+        let (s, e) = n.get("/api/v1/deployments/12345").await;
+        assert_eq!((s, e["error"]["kind"].as_str()), (404, Some("not_found")));
+        let (s, _) = n.get("/api/v1/deployments/abc").await;
+        assert_eq!(s, 400);
+        let (s, _) = n.get("/api/v1/deployments?limit=0").await;
+        assert_eq!(s, 400);
+        let (s, e) = n.get("/api/v1/deployments?state=bogus").await;
+        assert_eq!(s, 400, "{e}");
+        let (s, _) = n.get("/api/v1/nope").await;
+        assert_eq!(s, 404);
+        // Nothing was created by any of it.
+        let (_, list) = n.get("/api/v1/deployments").await;
+        assert_eq!(list, json!([]), "{backend}");
+        n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalid_config_on_disk_is_422_with_places_and_keeps_what_was_accepted() {
+    for_each_backend(|backend, n| async move {
+        let (_, a) = n.post("/api/v1/events", &json!({"kind": "run", "jobs": ["prepare"], "environment": "staging"})).await;
+        let first = a["deployment_id"].as_i64().unwrap();
+        let path = n.dir().join("slipway.toml");
+        let good = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, good.replace("needs = [\"prepare\"]\ncommand = [\"./say.sh\", \"left\"", "needs = [\"prepar\"]\ncommand = [\"./say.sh\", \"left\"")).unwrap();
+        let (s, e) = n.post("/api/v1/events", &json!({"kind": "run", "jobs": ["prepare"], "environment": "staging"})).await;
+        assert_eq!(s, 422, "{backend}: {e}");
+        assert_eq!(e["error"]["kind"], "invalid_config");
+        let p = &e["error"]["problems"][0];
+        assert_eq!(p["kind"], "unknown-reference", "{e}");
+        assert!(p["line"].as_u64().unwrap() > 1 && p["column"].as_u64().unwrap() > 1, "{e}");
+        assert_eq!(p["hint"], "did you mean \"prepare\"?");
+        std::fs::write(&path, good).unwrap();
+        // The deployment accepted before is intact and runs to the end.
+        assert_eq!(n.wait_terminal(first).await["deployment"]["state"], "succeeded");
+        let (_, list) = n.get("/api/v1/deployments").await;
+        assert_eq!(list.as_array().unwrap().len(), 1);
+        n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sse_stream_delivers_lines_then_end() {
+    for_each_backend(|backend, n| async move {
+        let (_, a) = n.post("/api/v1/events", &json!({"kind": "run", "jobs": ["left"], "environment": "staging"})).await;
+        let id = a["deployment_id"].as_i64().unwrap();
+        let text = n
+            .http
+            .get(format!("{}/api/v1/deployments/{id}/logs/stream", n.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains("event: line"), "{backend}: {text}");
+        assert!(text.contains("left says hello from staging"), "{backend}: {text}");
+        let end = text.find("event: end").expect("end event");
+        assert!(text.rfind("event: line").unwrap() < end, "lines come before the end event");
+        assert!(text[end..].contains("\"state\":\"succeeded\""), "{text}");
+        // Resuming after the last id gives only the end.
+        let last_id: i64 = text.lines().filter_map(|l| l.strip_prefix("id: ")).last().unwrap().parse().unwrap();
+        let rest = n
+            .http
+            .get(format!("{}/api/v1/deployments/{id}/logs/stream", n.base))
+            .header("Last-Event-ID", last_id.to_string())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!rest.contains("event: line"), "{rest}");
+        assert!(rest.contains("event: end"));
+        n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn openapi_and_health_are_served() {
+    for_each_backend(|backend, n| async move {
+        let (s, doc) = n.get("/api/v1/openapi.json").await;
+        assert_eq!(s, 200);
+        assert_eq!(doc["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
+        for path in ["/api/v1/events", "/api/v1/deployments", "/api/v1/deployments/{id}", "/api/v1/deployments/{id}/logs/stream", "/api/v1/deployments/{id}/cancel"] {
+            assert!(doc["paths"][path].is_object(), "{backend}: {path} missing from OpenAPI");
+        }
+        assert!(doc["components"]["schemas"]["EventRequest"].is_object());
+        let (s, h) = n.get("/healthz").await;
+        assert_eq!((s, h["status"].as_str(), h["store"].as_str()), (200, Some("ok"), Some("ok")), "{h}");
+        n
+    })
+    .await;
+}
