@@ -1,0 +1,807 @@
+//! End-to-end tests of the real `slipway` binary: crashes (SIGKILL) and
+//! restarts, several nodes on one PostgreSQL store, lease takeover,
+//! revisions, timeouts, retries, bounded output and CLI exit codes.
+//!
+//! Jobs prove "ran exactly once" through side effects: each appends
+//! `<job> <attempt>` to a marker file outside the config directory (jobs
+//! run in a snapshot of the config directory, so the marker path is
+//! absolute and passed through the job's `env`). Every wait is bounded;
+//! nothing asserts on wall-clock durations.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, free_port, get_json, post_json, slipway_bin};
+use serde_json::Value;
+
+/// Generous bound for anything that should happen "soon".
+const WAIT: Duration = Duration::from_secs(60);
+
+/// `mark.sh FIRST [LATER]`: record "<job> <attempt>" in $MARK, then sleep
+/// FIRST seconds on attempt 1 and LATER (default FIRST) on later attempts.
+/// `exec`, so the sleep is the job's direct child (PR_SET_PDEATHSIG).
+const MARK_SH: &str = r#"#!/bin/sh
+echo "$SLIPWAY_JOB $SLIPWAY_ATTEMPT" >> "$MARK"
+if [ "$SLIPWAY_ATTEMPT" -gt 1 ] && [ -n "$2" ]; then exec sleep "$2"; fi
+exec sleep "${1:-0}"
+"#;
+
+// ---------------------------------------------------------------- fixture
+
+/// A config directory plus a directory outside it for markers, stores and
+/// server logs (server logs inside the config dir would become part of
+/// every revision). `@EXT@` and `@NONCE@` in the config text are replaced.
+struct Fx {
+    cfg: tempfile::TempDir,
+    ext: tempfile::TempDir,
+    /// Digits unique to this test run, for `pgrep -f` patterns.
+    nonce: String,
+    text: String,
+    scripts: Vec<(String, String)>,
+}
+
+impl Fx {
+    fn new(toml: &str, scripts: &[(&str, &str)]) -> Fx {
+        let ext = tempfile::tempdir().expect("tempdir");
+        let nonce = format!("{}{:06}", std::process::id() % 10_000, rand::random::<u32>() % 1_000_000);
+        let text = toml.replace("@EXT@", &ext.path().display().to_string()).replace("@NONCE@", &nonce);
+        let scripts: Vec<(String, String)> = scripts.iter().map(|(n, b)| (n.to_string(), b.replace("@NONCE@", &nonce))).collect();
+        let refs: Vec<(&str, &str)> = scripts.iter().map(|(n, b)| (n.as_str(), b.as_str())).collect();
+        let cfg = common::config_dir(&text, &refs);
+        Fx { cfg, ext, nonce, text, scripts }
+    }
+
+    fn dir(&self) -> &Path {
+        self.cfg.path()
+    }
+
+    /// Another node's own copy of the same config directory.
+    fn copy(&self) -> tempfile::TempDir {
+        let refs: Vec<(&str, &str)> = self.scripts.iter().map(|(n, b)| (n.as_str(), b.as_str())).collect();
+        common::config_dir(&self.text, &refs)
+    }
+
+    fn sqlite(&self) -> String {
+        common::sqlite_url(self.ext.path())
+    }
+
+    fn marker(&self) -> PathBuf {
+        self.ext.path().join("marks")
+    }
+
+    /// Lines of the marker file as (job, attempt).
+    fn marks(&self) -> Vec<(String, i64)> {
+        let text = std::fs::read_to_string(self.marker()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let (job, attempt) = l.split_once(' ')?;
+                Some((job.to_string(), attempt.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// How many times `job` started, by its side effects.
+    fn runs(&self, job: &str) -> usize {
+        self.marks().iter().filter(|(j, _)| j == job).count()
+    }
+
+    fn marked(&self, job: &str, attempt: i64) -> bool {
+        self.marks().iter().any(|(j, a)| j == job && *a == attempt)
+    }
+
+    /// Start `slipway serve` on `config` with its log in the outside dir.
+    fn serve_in(&self, config: &Path, store: &str, extra: &[&str]) -> Server {
+        let port = free_port();
+        let log = self.ext.path().join(format!("serve-{port}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(slipway_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--store")
+            .arg(store)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .env_remove("SLIPWAY_STORE")
+            .env_remove("SLIPWAY_CONFIG")
+            .env_remove("SLIPWAY_SERVER")
+            .spawn()
+            .expect("spawn slipway serve");
+        let mut s = Server { child, url: format!("http://127.0.0.1:{port}"), port, log };
+        s.wait_healthy(Duration::from_secs(30));
+        s
+    }
+
+    fn serve(&self, store: &str, extra: &[&str]) -> Server {
+        self.serve_in(self.dir(), store, extra)
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// Poll `f` until Some; on timeout panic with `what` and `diag()`.
+fn wait<T>(what: &str, diag: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {WAIT:?} waiting for {what}\n{}", diag());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Submit a run event; the deployment id.
+fn submit_run(url: &str, jobs: &[&str], env: Option<&str>) -> i64 {
+    let body = serde_json::json!({"kind": "run", "jobs": jobs, "environment": env}).to_string();
+    let (status, v) = post_json(&format!("{url}/api/v1/events"), &body);
+    assert_eq!(status, 202, "submit {jobs:?}: {v}");
+    v["deployment_id"].as_i64().unwrap_or_else(|| panic!("no deployment_id in {v}"))
+}
+
+fn detail(url: &str, id: i64) -> Value {
+    get_json(&format!("{url}/api/v1/deployments/{id}"))
+}
+
+fn state(d: &Value) -> &str {
+    d["deployment"]["state"].as_str().unwrap_or("?")
+}
+
+fn job<'a>(d: &'a Value, name: &str) -> &'a Value {
+    d["jobs"].as_array().and_then(|js| js.iter().find(|j| j["name"] == name)).unwrap_or_else(|| panic!("no job {name} in {d:#}"))
+}
+
+fn job_state<'a>(d: &'a Value, name: &str) -> &'a str {
+    job(d, name)["state"].as_str().unwrap_or("?")
+}
+
+fn attempts<'a>(d: &'a Value, name: &str) -> Vec<&'a Value> {
+    d["attempts"].as_array().map(|a| a.iter().filter(|x| x["job"] == name).collect()).unwrap_or_default()
+}
+
+fn is_terminal(state: &str) -> bool {
+    matches!(state, "succeeded" | "failed" | "cancelled" | "superseded")
+}
+
+/// Wait until the deployment ends; its detail.
+fn wait_done(url: &str, id: i64, diag: impl Fn() -> String) -> Value {
+    wait(&format!("deployment {id} to end"), || format!("{:#}\n{}", detail(url, id), diag()), || {
+        let d = detail(url, id);
+        is_terminal(state(&d)).then_some(d)
+    })
+}
+
+/// Every stored log line of a deployment (optionally one job's).
+fn logs(url: &str, id: i64, job: Option<&str>) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let mut u = format!("{url}/api/v1/deployments/{id}/logs?after={after}&limit=10000");
+        if let Some(j) = job {
+            u.push_str(&format!("&job={j}"));
+        }
+        let page = get_json(&u);
+        let page = page.as_array().cloned().unwrap_or_else(|| panic!("logs: not an array: {page}"));
+        let n = page.len();
+        if let Some(last) = page.last() {
+            after = last["seq"].as_i64().expect("seq");
+        }
+        out.extend(page);
+        if n < 10_000 {
+            return out;
+        }
+    }
+}
+
+/// Processes whose command line contains `pattern` (pgrep -f), other than pgrep.
+fn pgrep(pattern: &str) -> Vec<String> {
+    let out = Command::new("pgrep").args(["-a", "-f", pattern]).output().expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// Whether the process `pid` is alive (not gone, not a zombie).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|s| s != "Z" && s != "X"),
+        Err(_) => false,
+    }
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!("exit {:?}\nstdout:\n{}\nstderr:\n{}", o.status.code(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().expect("tokio runtime")
+}
+
+fn logs_of(servers: &[&Server]) -> String {
+    servers.iter().map(|s| format!("--- serve log {}:\n{}", s.url, s.log_text())).collect::<Vec<_>>().join("\n")
+}
+
+// ---------------------------------------------------------------- tests
+
+/// A crash (SIGKILL) mid-deployment, then a restart on the same SQLite
+/// store: the non-idempotent job that was running fails as interrupted,
+/// the idempotent one is retried, and nothing that finished runs again.
+#[test]
+fn kill9_during_run_then_restart_sqlite() {
+    let fx = Fx::new(
+        r#"
+[project]
+name = "crash"
+
+[[job]]
+name = "A"
+command = ["./mark.sh", "0"]
+env = { MARK = "@EXT@/marks" }
+
+[[job]]
+name = "B"
+needs = ["A"]
+command = ["./mark.sh", "30.@NONCE@"]
+env = { MARK = "@EXT@/marks" }
+
+[[job]]
+name = "C"
+needs = ["A"]
+idempotent = true
+command = ["./mark.sh", "30.@NONCE@", "1"]
+env = { MARK = "@EXT@/marks" }
+
+[[job]]
+name = "D"
+needs = ["C"]
+command = ["./mark.sh", "0"]
+env = { MARK = "@EXT@/marks" }
+"#,
+        &[("mark.sh", MARK_SH)],
+    );
+    let store = fx.sqlite();
+    let flags = ["--poll", "200ms", "--parallelism", "4", "--node-id", "first", "--shutdown-grace", "1s"];
+    let mut server = fx.serve(&store, &flags);
+    let id = submit_run(&server.url, &["A", "B", "C", "D"], None);
+
+    wait("B and C running (and started)", || format!("{:#}\n{}", detail(&server.url, id), logs_of(&[&server])), || {
+        let d = detail(&server.url, id);
+        (job_state(&d, "B") == "running" && job_state(&d, "C") == "running" && fx.marked("B", 1) && fx.marked("C", 1)).then_some(())
+    });
+    let before = detail(&server.url, id);
+    assert_eq!(job_state(&before, "A"), "succeeded");
+    assert_eq!(job_state(&before, "D"), "pending");
+    server.kill9();
+
+    let server = fx.serve(&store, &["--poll", "200ms", "--parallelism", "4", "--node-id", "second", "--shutdown-grace", "1s"]);
+    let d = wait_done(&server.url, id, || logs_of(&[&server]));
+    let diag = format!("{d:#}\nmarks: {:?}\n{}", fx.marks(), logs_of(&[&server]));
+
+    assert_eq!(state(&d), "failed", "B failed, so the deployment failed\n{diag}");
+    // A completed before the crash: it never ran again.
+    assert_eq!(fx.runs("A"), 1, "{diag}");
+    assert_eq!(job_state(&d, "A"), "succeeded", "{diag}");
+    assert_eq!(job(&d, "A")["attempt"], 1, "{diag}");
+    // B is not idempotent: failed as interrupted, not run again.
+    let b = job(&d, "B");
+    assert_eq!(b["state"], "failed", "{diag}");
+    let reason = b["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("interrupted") && reason.contains("idempotent"), "B's reason: {reason:?}\n{diag}");
+    assert_eq!(fx.runs("B"), 1, "{diag}");
+    assert_eq!(b["attempt"], 1, "{diag}");
+    // C is idempotent: its interrupted attempt 1 is recorded, attempt 2 succeeded.
+    let c = job(&d, "C");
+    assert_eq!(c["state"], "succeeded", "{diag}");
+    assert_eq!(c["attempt"], 2, "{diag}");
+    assert_eq!(c["node"], "second", "{diag}");
+    let c_attempts = attempts(&d, "C");
+    assert_eq!(c_attempts.len(), 2, "{diag}");
+    assert_eq!(c_attempts[0]["outcome"], "interrupted", "{diag}");
+    assert_eq!(c_attempts[0]["node"], "first", "{diag}");
+    assert_eq!(c_attempts[1]["outcome"], "succeeded", "{diag}");
+    assert_eq!(fx.marks().iter().filter(|(j, _)| j == "C").map(|(_, a)| *a).collect::<Vec<_>>(), vec![1, 2], "{diag}");
+    // D ran once, after C's retry.
+    assert_eq!(job_state(&d, "D"), "succeeded", "{diag}");
+    assert_eq!(fx.runs("D"), 1, "{diag}");
+    let order: Vec<String> = fx.marks().into_iter().map(|(j, a)| format!("{j}{a}")).collect();
+    let pos = |x: &str| order.iter().position(|o| o == x).unwrap_or_else(|| panic!("{x} not in {order:?}"));
+    assert!(pos("C2") < pos("D1"), "{order:?}");
+
+    let out = server.cli(fx.dir(), &["status", &id.to_string()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("interrupted"), "status should explain the interruption:\n{}", text(&out));
+}
+
+/// After SIGKILL of the server, the jobs it was running die with it
+/// (PR_SET_PDEATHSIG), rather than running on unsupervised.
+#[test]
+fn sigkill_leaves_no_orphan_job_processes() {
+    let fx = Fx::new(
+        r#"
+[project]
+name = "orphans"
+
+[[job]]
+name = "one"
+command = ["./mark.sh", "300.@NONCE@1"]
+env = { MARK = "@EXT@/marks" }
+
+[[job]]
+name = "two"
+command = ["./mark.sh", "300.@NONCE@2"]
+env = { MARK = "@EXT@/marks" }
+"#,
+        &[("mark.sh", MARK_SH)],
+    );
+    let mut server = fx.serve(&fx.sqlite(), &["--poll", "200ms", "--parallelism", "4"]);
+    let id = submit_run(&server.url, &["one", "two"], None);
+    let pattern = format!("300\\.{}", fx.nonce);
+    wait("both jobs' processes to run", || format!("{:#}\n{}", detail(&server.url, id), logs_of(&[&server])), || {
+        (fx.marked("one", 1) && fx.marked("two", 1) && pgrep(&pattern).len() == 2).then_some(())
+    });
+    server.kill9();
+    wait("the killed node's job processes to be gone", || format!("still running: {:?}", pgrep(&pattern)), || pgrep(&pattern).is_empty().then_some(()));
+}
+
+/// Two nodes on one PostgreSQL store split a wide deployment between
+/// them, and every job runs exactly once.
+#[test]
+fn two_nodes_share_work_on_postgres() {
+    let Some(pg) = runtime().block_on(common::postgres_url()) else { return };
+    let mut toml = String::from("[project]\nname = \"shared\"\n");
+    let names: Vec<String> = (1..=12).map(|i| format!("w{i:02}")).collect();
+    for n in &names {
+        toml.push_str(&format!("\n[[job]]\nname = \"{n}\"\ncommand = [\"./mark.sh\", \"1\"]\nenv = {{ MARK = \"@EXT@/marks\" }}\n"));
+    }
+    let needs = names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
+    toml.push_str(&format!("\n[[job]]\nname = \"final\"\nneeds = [{needs}]\ncommand = [\"./mark.sh\", \"0\"]\nenv = {{ MARK = \"@EXT@/marks\" }}\n"));
+    let fx = Fx::new(&toml, &[("mark.sh", MARK_SH)]);
+    let other = fx.copy();
+    let n1 = format!("n1-{}", fx.nonce);
+    let n2 = format!("n2-{}", fx.nonce);
+    let s1 = fx.serve(&pg, &["--poll", "200ms", "--parallelism", "2", "--node-id", &n1]);
+    let s2 = fx.serve_in(other.path(), &pg, &["--poll", "200ms", "--parallelism", "2", "--node-id", &n2]);
+
+    let nodes = get_json(&format!("{}/api/v1/nodes", s2.url));
+    let ids: Vec<&str> = nodes.as_array().map(|a| a.iter().filter_map(|n| n["id"].as_str()).collect()).unwrap_or_default();
+    assert!(ids.contains(&n1.as_str()) && ids.contains(&n2.as_str()), "both nodes registered: {nodes}");
+
+    let id = submit_run(&s1.url, &["final"], None);
+    let d = wait_done(&s1.url, id, || logs_of(&[&s1, &s2]));
+    let diag = format!("{d:#}\nmarks: {:?}\n{}", fx.marks(), logs_of(&[&s1, &s2]));
+    assert_eq!(state(&d), "succeeded", "{diag}");
+    assert_eq!(d["jobs"].as_array().map(Vec::len), Some(13), "{diag}");
+    for j in d["jobs"].as_array().expect("jobs") {
+        assert_eq!(j["state"], "succeeded", "{diag}");
+        assert_eq!(j["attempt"], 1, "{diag}");
+    }
+    let used: std::collections::BTreeSet<&str> = d["jobs"].as_array().expect("jobs").iter().filter_map(|j| j["node"].as_str()).collect();
+    assert!(used.contains(n1.as_str()) && used.contains(n2.as_str()), "both nodes should have run jobs, ran on {used:?}\n{diag}");
+    for n in names.iter().map(String::as_str).chain(["final"]) {
+        assert_eq!(fx.runs(n), 1, "{n} should have run exactly once\n{diag}");
+    }
+    assert_eq!(fx.marks().last().map(|(j, _)| j.as_str()), Some("final"), "final runs after all it needs\n{diag}");
+    // Both servers answer the same from the shared store.
+    assert_eq!(state(&detail(&s2.url, id)), "succeeded");
+}
+
+/// A node killed mid-run on a shared PostgreSQL store: once its leases
+/// expire another node re-runs its idempotent jobs, fails its
+/// non-idempotent one as interrupted, and runs nothing finished again.
+#[test]
+fn killed_node_work_is_taken_over_on_postgres() {
+    let Some(pg) = runtime().block_on(common::postgres_url()) else { return };
+    let fx = Fx::new(
+        r#"
+[project]
+name = "takeover"
+
+[[environment]]
+name = "safe"
+
+[[environment]]
+name = "fragile"
+
+[[job]]
+name = "first"
+idempotent = true
+command = ["./mark.sh", "0"]
+env = { MARK = "@EXT@/marks" }
+
+[[job]]
+name = "w1"
+needs = ["first"]
+idempotent = true
+command = ["./mark.sh", "4", "1"]
+env = { MARK = "@EXT@/marks" }
+
+[[job]]
+name = "w2"
+needs = ["first"]
+idempotent = true
+command = ["./mark.sh", "4", "1"]
+env = { MARK = "@EXT@/marks" }
+
+[[job]]
+name = "w3"
+needs = ["first"]
+idempotent = true
+command = ["./mark.sh", "4", "1"]
+env = { MARK = "@EXT@/marks" }
+
+[[job]]
+name = "last"
+needs = ["w1", "w2", "w3"]
+idempotent = true
+command = ["./mark.sh", "0"]
+env = { MARK = "@EXT@/marks" }
+
+[[job]]
+name = "once"
+command = ["./mark.sh", "30"]
+env = { MARK = "@EXT@/marks" }
+"#,
+        &[("mark.sh", MARK_SH)],
+    );
+    let other = fx.copy();
+    let n1 = format!("n1-{}", fx.nonce);
+    let n2 = format!("n2-{}", fx.nonce);
+    let flags = |node: &str| -> Vec<String> {
+        ["--lease", "2s", "--poll", "200ms", "--parallelism", "8", "--shutdown-grace", "1s", "--node-id", node].iter().map(|s| s.to_string()).collect()
+    };
+    let f1 = flags(&n1);
+    let mut s1 = fx.serve(&pg, &f1.iter().map(String::as_str).collect::<Vec<_>>());
+    // Two deployments (different environments, so different locks): one
+    // of idempotent jobs only, one with a job that must not run twice.
+    let safe = submit_run(&s1.url, &["last"], Some("safe"));
+    let fragile = submit_run(&s1.url, &["once"], Some("fragile"));
+
+    // Node 1 alone claims everything ready: "first" finishes, then w1..w3
+    // and "once" are mid-run on node 1.
+    wait("node 1 to be mid-run", || format!("{:#}\n{:#}\n{}", detail(&s1.url, safe), detail(&s1.url, fragile), logs_of(&[&s1])), || {
+        let d = detail(&s1.url, safe);
+        let f = detail(&s1.url, fragile);
+        let running = ["w1", "w2", "w3"].iter().all(|j| job_state(&d, j) == "running" && fx.marked(j, 1));
+        (running && job_state(&f, "once") == "running" && fx.marked("once", 1)).then_some(())
+    });
+    // Node 2 joins (nothing is ready for it), then node 1 dies.
+    let f2 = flags(&n2);
+    let s2 = fx.serve_in(other.path(), &pg, &f2.iter().map(String::as_str).collect::<Vec<_>>());
+    let before = detail(&s2.url, safe);
+    assert_eq!(job_state(&before, "first"), "succeeded", "{before:#}");
+    assert!(["w1", "w2", "w3"].iter().all(|j| job(&before, j)["node"] == n1.as_str()), "{before:#}");
+    s1.kill9();
+
+    let d = wait_done(&s2.url, safe, || logs_of(&[&s1, &s2]));
+    let f = wait_done(&s2.url, fragile, || logs_of(&[&s1, &s2]));
+    let diag = format!("{d:#}\n{f:#}\nmarks: {:?}\n{}", fx.marks(), logs_of(&[&s1, &s2]));
+
+    assert_eq!(state(&d), "succeeded", "{diag}");
+    // Completed before the kill: not run again.
+    assert_eq!(fx.runs("first"), 1, "{diag}");
+    assert_eq!(job(&d, "first")["node"], n1.as_str(), "{diag}");
+    // Interrupted: re-run by node 2 as attempt 2.
+    for w in ["w1", "w2", "w3"] {
+        let j = job(&d, w);
+        assert_eq!(j["state"], "succeeded", "{w}\n{diag}");
+        assert_eq!(j["attempt"], 2, "{w}\n{diag}");
+        assert_eq!(j["node"], n2.as_str(), "{w}\n{diag}");
+        let a = attempts(&d, w);
+        assert_eq!(a.len(), 2, "{w}\n{diag}");
+        assert_eq!(a[0]["outcome"], "interrupted", "{w}\n{diag}");
+        assert_eq!(a[0]["node"], n1.as_str(), "{w}\n{diag}");
+        assert!(a[0]["reason"].as_str().unwrap_or_default().contains(&n1), "{w}\n{diag}");
+        assert_eq!(a[1]["outcome"], "succeeded", "{w}\n{diag}");
+        assert_eq!(a[1]["node"], n2.as_str(), "{w}\n{diag}");
+        assert_eq!(fx.marks().iter().filter(|(j, _)| j == w).map(|(_, a)| *a).collect::<Vec<_>>(), vec![1, 2], "{w}\n{diag}");
+    }
+    assert_eq!(job(&d, "last")["node"], n2.as_str(), "{diag}");
+    assert_eq!(fx.runs("last"), 1, "{diag}");
+
+    // Not idempotent: failed as interrupted, never run twice.
+    assert_eq!(state(&f), "failed", "{diag}");
+    let once = job(&f, "once");
+    assert_eq!(once["state"], "failed", "{diag}");
+    assert_eq!(once["attempt"], 1, "{diag}");
+    let reason = once["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("interrupted") && reason.contains("idempotent"), "reason {reason:?}\n{diag}");
+    assert_eq!(fx.runs("once"), 1, "{diag}");
+}
+
+/// Two nodes on one SQLite file would reap each other's jobs: the second
+/// `serve` refuses to start and says why.
+#[test]
+fn sqlite_store_refuses_second_serve() {
+    let fx = Fx::new("[project]\nname = \"one\"\n\n[[job]]\nname = \"a\"\ncommand = [\"true\"]\n", &[]);
+    let store = fx.sqlite();
+    let first = fx.serve(&store, &[]);
+    let port = free_port();
+    let mut second = Command::new(slipway_bin())
+        .arg("--config")
+        .arg(fx.dir())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store", &store])
+        .env_remove("SLIPWAY_STORE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn second serve");
+    let deadline = Instant::now() + WAIT;
+    while second.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second serve on the same SQLite store kept running");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = second.wait_with_output().expect("output");
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another `slipway serve`") && stderr.contains(store.trim_start_matches("sqlite://")), "{}", text(&out));
+    // The first one is unaffected.
+    assert_eq!(get_json(&format!("{}/healthz", first.url))["status"], "ok");
+}
+
+/// Every job of a deployment runs against the revision taken at submit
+/// time, whatever happens to the config directory meanwhile.
+#[test]
+fn config_change_during_run_does_not_change_revision() {
+    let fx = Fx::new(
+        r#"
+[project]
+name = "revisions"
+
+[[job]]
+name = "gate"
+shell = true
+command = "while [ ! -e \"$GATE\" ]; do sleep 0.1; done"
+env = { GATE = "@EXT@/gate" }
+
+[[job]]
+name = "show"
+needs = ["gate"]
+command = ["cat", "./data.txt"]
+"#,
+        &[],
+    );
+    std::fs::write(fx.dir().join("data.txt"), "original-content\n").expect("write data");
+    let server = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
+    let first = submit_run(&server.url, &["show"], None);
+    let at_submit = detail(&server.url, first);
+    let revision = at_submit["deployment"]["revision"].as_str().expect("revision").to_string();
+
+    wait("the gate job to run", || format!("{:#}", detail(&server.url, first)), || (job_state(&detail(&server.url, first), "gate") == "running").then_some(()));
+    std::fs::write(fx.dir().join("data.txt"), "changed-content\n").expect("rewrite data");
+    std::fs::write(fx.ext.path().join("gate"), "").expect("open gate");
+
+    let d = wait_done(&server.url, first, || logs_of(&[&server]));
+    assert_eq!(state(&d), "succeeded", "{d:#}");
+    assert_eq!(d["deployment"]["revision"], revision.as_str());
+    let out: Vec<String> = logs(&server.url, first, Some("show")).iter().filter(|l| l["stream"] == "stdout").map(|l| l["line"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(out, vec!["original-content".to_string()], "the job saw the config directory as it was at submit time");
+
+    let second = submit_run(&server.url, &["show"], None);
+    let d2 = wait_done(&server.url, second, || logs_of(&[&server]));
+    assert_eq!(state(&d2), "succeeded", "{d2:#}");
+    let revision2 = d2["deployment"]["revision"].as_str().expect("revision").to_string();
+    assert_ne!(revision2, revision, "a changed directory is a new revision");
+    let out2: Vec<String> = logs(&server.url, second, Some("show")).iter().filter(|l| l["stream"] == "stdout").map(|l| l["line"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(out2, vec!["changed-content".to_string()]);
+
+    // Revisions are content hashes: the same tree again is the same revision.
+    let third = submit_run(&server.url, &["show"], None);
+    let d3 = wait_done(&server.url, third, || logs_of(&[&server]));
+    assert_eq!(d3["deployment"]["revision"], revision2.as_str());
+}
+
+/// A timed-out job is killed with everything it started: a background
+/// process in its process group does not outlive it.
+#[test]
+fn timeout_kills_whole_process_group() {
+    let fx = Fx::new(
+        r#"
+[project]
+name = "timeouts"
+
+[[job]]
+name = "hang"
+shell = true
+timeout = "1s"
+kill_grace = "1s"
+command = "sleep 300.@NONCE@ & echo $! > \"$PIDFILE\"; sleep 120"
+env = { PIDFILE = "@EXT@/bg.pid" }
+"#,
+        &[],
+    );
+    let server = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
+    let id = submit_run(&server.url, &["hang"], None);
+    let d = wait_done(&server.url, id, || logs_of(&[&server]));
+    let diag = format!("{d:#}\n{}", logs_of(&[&server]));
+    assert_eq!(state(&d), "failed", "{diag}");
+    let j = job(&d, "hang");
+    assert_eq!(j["state"], "failed", "{diag}");
+    assert!(j["reason"].as_str().unwrap_or_default().contains("timed out"), "{diag}");
+    let a = attempts(&d, "hang");
+    assert_eq!(a.len(), 1, "{diag}");
+    assert_eq!(a[0]["outcome"], "timed_out", "{diag}");
+
+    // The background sleep did start, and is gone now.
+    let pid: i32 = std::fs::read_to_string(fx.ext.path().join("bg.pid")).expect("the job wrote its background pid").trim().parse().expect("pid");
+    let pattern = format!("300\\.{}", fx.nonce);
+    wait("the background process to be gone", || format!("alive: {}, pgrep: {:?}", alive(pid), pgrep(&pattern)), || {
+        (!alive(pid) && pgrep(&pattern).is_empty()).then_some(())
+    });
+    // The server itself is fine.
+    assert_eq!(get_json(&format!("{}/healthz", server.url))["status"], "ok");
+}
+
+/// Retries follow the policy: retryable exit codes are retried (with
+/// backoff) and every attempt is recorded; other codes fail at once.
+#[test]
+fn retry_with_backoff_records_every_attempt() {
+    let fx = Fx::new(
+        r#"
+[project]
+name = "retries"
+
+[[job]]
+name = "flaky"
+shell = true
+command = "echo \"$SLIPWAY_JOB $SLIPWAY_ATTEMPT\" >> \"$MARK\"; [ \"$SLIPWAY_ATTEMPT\" -ge 3 ] || exit 75"
+retry = { attempts = 3, on = [75], backoff = "200ms" }
+env = { MARK = "@EXT@/marks" }
+
+[[job]]
+name = "broken"
+shell = true
+command = "echo \"$SLIPWAY_JOB $SLIPWAY_ATTEMPT\" >> \"$MARK\"; exit 3"
+retry = { attempts = 3, on = [75], backoff = "200ms" }
+env = { MARK = "@EXT@/marks" }
+"#,
+        &[],
+    );
+    let server = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
+    let id = submit_run(&server.url, &["flaky", "broken"], None);
+    let d = wait_done(&server.url, id, || logs_of(&[&server]));
+    let diag = format!("{d:#}\nmarks: {:?}\n{}", fx.marks(), logs_of(&[&server]));
+    assert_eq!(state(&d), "failed", "broken failed\n{diag}");
+
+    let flaky = job(&d, "flaky");
+    assert_eq!(flaky["state"], "succeeded", "{diag}");
+    assert_eq!(flaky["attempt"], 3, "{diag}");
+    let a = attempts(&d, "flaky");
+    let summary: Vec<(i64, &str, Option<i64>)> = a.iter().map(|x| (x["attempt"].as_i64().unwrap_or(0), x["outcome"].as_str().unwrap_or("?"), x["exit_code"].as_i64())).collect();
+    assert_eq!(summary, vec![(1, "failed", Some(75)), (2, "failed", Some(75)), (3, "succeeded", Some(0))], "{diag}");
+    assert_eq!(fx.marks().iter().filter(|(j, _)| j == "flaky").map(|(_, a)| *a).collect::<Vec<_>>(), vec![1, 2, 3], "{diag}");
+
+    let broken = job(&d, "broken");
+    assert_eq!(broken["state"], "failed", "{diag}");
+    assert_eq!(broken["attempt"], 1, "{diag}");
+    assert_eq!(broken["exit_code"], 3, "{diag}");
+    let b = attempts(&d, "broken");
+    assert_eq!(b.len(), 1, "{diag}");
+    assert_eq!(b[0]["outcome"], "failed", "{diag}");
+    assert_eq!(b[0]["exit_code"], 3, "{diag}");
+    assert_eq!(fx.runs("broken"), 1, "{diag}");
+}
+
+/// A job's output is kept up to `max_log_bytes`; the rest is counted, and
+/// the log says how much was dropped.
+#[test]
+fn output_is_bounded_with_marker() {
+    let fx = Fx::new(
+        r#"
+[project]
+name = "chatty"
+max_log_bytes = 10000
+
+[[job]]
+name = "chatty"
+command = ["seq", "1", "100000"]
+
+[[job]]
+name = "quiet"
+command = ["echo", "still here"]
+"#,
+        &[],
+    );
+    let server = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
+    let id = submit_run(&server.url, &["chatty"], None);
+    let d = wait_done(&server.url, id, || logs_of(&[&server]));
+    assert_eq!(state(&d), "succeeded", "{d:#}");
+
+    // The notes are written after the output; wait for the last one.
+    let lines = wait("the dropped-output note", || logs_of(&[&server]), || {
+        let lines = logs(&server.url, id, Some("chatty"));
+        lines.iter().any(|l| l["line"].as_str().unwrap_or_default().contains("of output were dropped")).then_some(lines)
+    });
+    let kept: Vec<&str> = lines.iter().filter(|l| l["stream"] == "stdout").map(|l| l["line"].as_str().unwrap_or_default()).collect();
+    let kept_bytes: usize = kept.iter().map(|l| l.len() + 1).sum();
+    assert!(kept_bytes <= 10_000, "kept {kept_bytes} bytes of output");
+    assert!(kept_bytes > 9_000, "kept only {kept_bytes} bytes of output");
+    // What was kept is the start of the output, in order.
+    let expected: Vec<String> = (1..=kept.len()).map(|i| i.to_string()).collect();
+    assert_eq!(kept, expected.iter().map(String::as_str).collect::<Vec<_>>());
+    let notes: Vec<&str> = lines.iter().filter(|l| l["stream"] == "slipway").map(|l| l["line"].as_str().unwrap_or_default()).collect();
+    assert!(notes.iter().any(|n| n.contains("truncated")), "{notes:?}");
+    let dropped = notes.iter().find(|n| n.contains("of output were dropped")).expect("dropped note");
+    // "[slipway] N lines (M bytes) of output were dropped": N and M add up.
+    let nums: Vec<u64> = dropped.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).filter_map(|s| s.parse().ok()).collect();
+    let total_bytes: u64 = (1..=100_000u64).map(|i| i.to_string().len() as u64 + 1).sum();
+    assert_eq!(nums.len(), 2, "{dropped}");
+    assert_eq!(nums[0] + kept.len() as u64, 100_000, "{dropped}");
+    assert_eq!(nums[1] + kept_bytes as u64, total_bytes, "{dropped}");
+    // Everything stored for the job stays near the bound.
+    let stored: usize = lines.iter().map(|l| l["line"].as_str().unwrap_or_default().len() + 1).sum();
+    assert!(stored < 11_000, "stored {stored} bytes for the job");
+
+    // The server keeps working.
+    assert_eq!(get_json(&format!("{}/healthz", server.url))["status"], "ok");
+    let next = submit_run(&server.url, &["quiet"], None);
+    let d = wait_done(&server.url, next, || logs_of(&[&server]));
+    assert_eq!(state(&d), "succeeded", "{d:#}");
+}
+
+/// The CLI's exit codes, which scripts rely on.
+#[test]
+fn cli_exit_codes() {
+    let fx = Fx::new(
+        r#"
+[project]
+name = "codes"
+
+[[job]]
+name = "fails"
+shell = true
+command = "echo about to fail; exit 1"
+
+[[job]]
+name = "works"
+command = ["true"]
+"#,
+        &[],
+    );
+    let server = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
+
+    let out = server.cli(fx.dir(), &["run", "works"]);
+    assert_eq!(out.status.code(), Some(0), "run of a succeeding job: {}", text(&out));
+    let out = server.cli(fx.dir(), &["run", "fails"]);
+    assert_eq!(out.status.code(), Some(1), "run of a failing job: {}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("failed"), "{}", text(&out));
+    let out = server.cli(fx.dir(), &["status", "999"]);
+    assert_eq!(out.status.code(), Some(5), "status of an unknown deployment: {}", text(&out));
+    let out = server.cli(fx.dir(), &["run", "no-such-job"]);
+    assert_eq!(out.status.code(), Some(6), "run of an unknown job: {}", text(&out));
+
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let cli = |dir: &Path, args: &[&str]| {
+        Command::new(slipway_bin())
+            .arg("--config")
+            .arg(dir)
+            .arg("--server")
+            .arg(&closed)
+            .args(args)
+            .env_remove("SLIPWAY_STORE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run slipway")
+    };
+    let out = cli(fx.dir(), &["status"]);
+    assert_eq!(out.status.code(), Some(4), "status with no server: {}", text(&out));
+
+    // validate reads files only: no server needed.
+    let out = cli(fx.dir(), &["validate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let bad = common::config_dir("[project]\nname = \"bad\"\n\n[[job]]\nname = \"x\"\ncomand = [\"true\"]\n", &[]);
+    let out = cli(bad.path(), &["validate"]);
+    assert_eq!(out.status.code(), Some(3), "validate of a bad config: {}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("comand"), "names the bad key: {}", text(&out));
+}

@@ -1,0 +1,1019 @@
+//! The `Store` contract, one suite for every backend: each test runs its
+//! case against every store `common::stores` opens (SQLite always,
+//! PostgreSQL when `SLIPWAY_TEST_POSTGRES` is set), each fresh, and labels
+//! every assertion with the backend's name.
+//!
+//! Run against both:
+//! `SLIPWAY_TEST_POSTGRES=postgres://… SLIPWAY_REQUIRE_POSTGRES=1 cargo test --test store`
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slipway::config::Command;
+use slipway::config::revision::Revision;
+use slipway::store::{
+    ClaimedJob, Counts, DeploymentKind, DeploymentRow, DeploymentState, FinishEffect, FinishedAttempt, JobRow, JobSpec, JobState,
+    NewDeployment, NewEvent, NewJob, NewLogLine, Outcome, Store, Submitted, now_ms,
+};
+
+// ---------------------------------------------------------------- helpers
+
+const REV: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const LEASE: Duration = Duration::from_secs(60);
+const N1: &str = "node-1";
+const N2: &str = "node-2";
+const N3: &str = "node-3";
+
+type Backend = (&'static str, Arc<dyn Store>);
+
+/// Every backend, fresh, with the revision `REV` stored.
+async fn backends(dir: &tempfile::TempDir) -> Vec<Backend> {
+    let stores = common::stores(dir.path()).await;
+    for (name, store) in &stores {
+        assert_eq!(store.backend(), *name, "common::stores labels its stores by backend");
+        store.put_revision(&revision()).await.unwrap_or_else(|e| panic!("[{name}] put_revision: {e}"));
+    }
+    stores
+}
+
+fn revision() -> Revision {
+    Revision { id: REV.to_string(), config_text: "[project]\nname = \"t\"\n".to_string(), archive: vec![] }
+}
+
+/// A spec with non-default values everywhere, so a lossy round trip shows.
+fn spec() -> JobSpec {
+    JobSpec {
+        command: Command::Argv(vec!["./deploy.sh".into(), "{version}".into()]),
+        timeout_ms: 90_000,
+        kill_grace_ms: 2_500,
+        retry_attempts: 3,
+        retry_any: false,
+        retry_exit_codes: vec![75, 111],
+        retry_backoff_ms: 1_000,
+        retry_max_backoff_ms: 30_000,
+        idempotent: true,
+        env: BTreeMap::from([("REGION".to_string(), "eu-west-1".to_string())]),
+    }
+}
+
+/// Jobs from (name, indexes of the jobs it needs).
+fn jobs(list: &[(&str, &[usize])]) -> Vec<NewJob> {
+    list.iter().map(|(name, needs)| NewJob { name: name.to_string(), needs: needs.to_vec(), spec: spec() }).collect()
+}
+
+/// `n` jobs `j000`… with no needs.
+fn independent(n: usize) -> Vec<NewJob> {
+    (0..n).map(|i| NewJob { name: format!("j{i:03}"), needs: vec![], spec: spec() }).collect()
+}
+
+/// `layers` layers of `width` jobs, each needing every job of the layer before.
+fn layered(layers: usize, width: usize) -> Vec<NewJob> {
+    let mut out = Vec::new();
+    for l in 0..layers {
+        for w in 0..width {
+            let needs = if l == 0 { vec![] } else { ((l - 1) * width..l * width).collect() };
+            out.push(NewJob { name: format!("l{l:02}w{w}"), needs, spec: spec() });
+        }
+    }
+    out
+}
+
+/// a -> b, a -> c, (b, c) -> d.
+fn diamond() -> Vec<NewJob> {
+    jobs(&[("a", &[]), ("b", &[0]), ("c", &[0]), ("d", &[1, 2])])
+}
+
+/// A `deploy` deployment to `staging` on `lock_key`, no event key.
+fn new_deployment(lock_key: &str, jobs: Vec<NewJob>) -> NewDeployment {
+    NewDeployment {
+        event: NewEvent { key: None, kind: "push".into(), payload: r#"{"ref":"main"}"#.into() },
+        kind: DeploymentKind::Deploy,
+        environment: "staging".into(),
+        service: Some("api".into()),
+        version: Some("1.2.3".into()),
+        lock_key: lock_key.into(),
+        revision: REV.into(),
+        jobs,
+    }
+}
+
+fn run_deployment(lock_key: &str, jobs: Vec<NewJob>) -> NewDeployment {
+    NewDeployment { kind: DeploymentKind::Run, ..new_deployment(lock_key, jobs) }
+}
+
+async fn submit(b: &Backend, new: NewDeployment) -> Submitted {
+    b.1.submit(new).await.unwrap_or_else(|e| panic!("[{}] submit: {e}", b.0))
+}
+
+async fn deployment(b: &Backend, id: i64) -> DeploymentRow {
+    b.1.deployment(id).await.unwrap_or_else(|e| panic!("[{}] deployment: {e}", b.0)).unwrap_or_else(|| panic!("[{}] no deployment {id}", b.0))
+}
+
+async fn dep_state(b: &Backend, id: i64) -> DeploymentState {
+    deployment(b, id).await.state
+}
+
+async fn job_rows(b: &Backend, dep: i64) -> Vec<JobRow> {
+    b.1.jobs(dep).await.unwrap_or_else(|e| panic!("[{}] jobs: {e}", b.0))
+}
+
+async fn job_row(b: &Backend, dep: i64, name: &str) -> JobRow {
+    job_rows(b, dep).await.into_iter().find(|j| j.name == name).unwrap_or_else(|| panic!("[{}] no job {name} in {dep}", b.0))
+}
+
+async fn job_states(b: &Backend, dep: i64) -> BTreeMap<String, JobState> {
+    job_rows(b, dep).await.into_iter().map(|j| (j.name, j.state)).collect()
+}
+
+fn states(list: &[(&str, JobState)]) -> BTreeMap<String, JobState> {
+    list.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+}
+
+async fn deployment_count(b: &Backend) -> usize {
+    b.1.deployments(1000, None).await.unwrap_or_else(|e| panic!("[{}] deployments: {e}", b.0)).len()
+}
+
+async fn activate(b: &Backend, node: &str) -> Vec<i64> {
+    let mut ids = b.1.activate(node, LEASE).await.unwrap_or_else(|e| panic!("[{}] activate: {e}", b.0));
+    ids.sort_unstable();
+    ids
+}
+
+async fn claim_with(b: &Backend, node: &str, lease: Duration, limit: i64) -> Vec<ClaimedJob> {
+    b.1.claim(node, lease, limit).await.unwrap_or_else(|e| panic!("[{}] claim: {e}", b.0))
+}
+
+async fn claim(b: &Backend, node: &str, limit: i64) -> Vec<ClaimedJob> {
+    claim_with(b, node, LEASE, limit).await
+}
+
+fn names(claimed: &[ClaimedJob]) -> Vec<&str> {
+    let mut v: Vec<&str> = claimed.iter().map(|j| j.name.as_str()).collect();
+    v.sort_unstable();
+    v
+}
+
+fn by_name<'a>(claimed: &'a [ClaimedJob], name: &str) -> &'a ClaimedJob {
+    claimed.iter().find(|j| j.name == name).unwrap_or_else(|| panic!("{name} was not claimed"))
+}
+
+/// The report of `node` for `job`, with the fence it was claimed with.
+fn done(job: &ClaimedJob, node: &str, outcome: Outcome) -> FinishedAttempt {
+    let ok = outcome == Outcome::Succeeded;
+    FinishedAttempt {
+        job_id: job.job_id,
+        fence: job.fence,
+        node: node.to_string(),
+        started_at: now_ms(),
+        outcome,
+        exit_code: Some(if ok { 0 } else { 1 }),
+        reason: if ok { None } else { Some(format!("{} exited with 1", job.name)) },
+        retry_at: None,
+    }
+}
+
+async fn finish(b: &Backend, attempt: FinishedAttempt) -> FinishEffect {
+    b.1.finish(attempt).await.unwrap_or_else(|e| panic!("[{}] finish: {e}", b.0))
+}
+
+/// Finish `job` as claimed, and check the fence was current.
+async fn finish_ok(b: &Backend, job: &ClaimedJob, node: &str, outcome: Outcome) -> FinishEffect {
+    let effect = finish(b, done(job, node, outcome)).await;
+    assert!(!effect.stale, "[{}] finishing {} with its current fence must not be stale", b.0, job.name);
+    effect
+}
+
+/// Claim every ready job and finish it Succeeded, until the deployment ends.
+async fn run_to_end(b: &Backend, dep: i64) -> DeploymentState {
+    for _ in 0..1000 {
+        let claimed = claim(b, N1, 100).await;
+        if claimed.is_empty() {
+            break;
+        }
+        for j in &claimed {
+            finish_ok(b, j, N1, Outcome::Succeeded).await;
+        }
+    }
+    dep_state(b, dep).await
+}
+
+async fn counts(b: &Backend) -> Counts {
+    b.1.counts().await.unwrap_or_else(|e| panic!("[{}] counts: {e}", b.0))
+}
+
+fn nonzero<K: Copy + Eq + std::hash::Hash>(v: &[(K, i64)]) -> HashMap<K, i64> {
+    v.iter().filter(|(_, n)| *n != 0).map(|(k, n)| (*k, *n)).collect()
+}
+
+// ------------------------------------------------------------------ cases
+
+/// 1. submit stores the event, the deployment and its jobs; a second
+/// delivery of the same event key creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_stores_everything_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        // Revisions round-trip, and storing one twice is harmless.
+        b.1.put_revision(&revision()).await.unwrap_or_else(|e| panic!("[{name}] put_revision again: {e}"));
+        let rev = b.1.revision(REV).await.unwrap().unwrap_or_else(|| panic!("[{name}] revision lost"));
+        assert_eq!((rev.id.as_str(), rev.config_text.as_str(), rev.archive.len()), (REV, revision().config_text.as_str(), 0), "[{name}] revision");
+        assert!(b.1.revision("nope").await.unwrap().is_none(), "[{name}] unknown revision");
+
+        let before = now_ms();
+        let mut new = new_deployment("staging/api", jobs(&[("build", &[]), ("migrate", &[0]), ("deploy", &[0, 1])]));
+        new.event.key = Some("delivery-1".into());
+        let s = submit(&b, new.clone()).await;
+        assert!(!s.duplicate, "[{name}] first delivery is not a duplicate");
+        assert!(s.superseded.is_empty(), "[{name}] nothing to supersede");
+        assert!(s.event_id > 0 && s.deployment_id > 0, "[{name}] ids: {s:?}");
+
+        let d = deployment(&b, s.deployment_id).await;
+        assert_eq!(d.id, s.deployment_id, "[{name}]");
+        assert_eq!(d.event_id, s.event_id, "[{name}] deployment's event");
+        assert_eq!(d.state, DeploymentState::Queued, "[{name}] a new deployment is queued");
+        assert_eq!(d.kind, DeploymentKind::Deploy, "[{name}]");
+        assert_eq!(d.environment, "staging", "[{name}]");
+        assert_eq!(d.service.as_deref(), Some("api"), "[{name}]");
+        assert_eq!(d.version.as_deref(), Some("1.2.3"), "[{name}]");
+        assert_eq!(d.revision, REV, "[{name}]");
+        assert_eq!((d.reason.as_deref(), d.superseded_by, d.cancel_requested), (None, None, false), "[{name}]");
+        assert!(d.created_at >= before && d.created_at <= now_ms(), "[{name}] created_at {} not in [{before}, now]", d.created_at);
+        assert_eq!((d.started_at, d.finished_at), (None, None), "[{name}] not started");
+
+        let rows = job_rows(&b, s.deployment_id).await;
+        let got: Vec<(&str, JobState, i64, Option<&str>, Vec<&str>)> =
+            rows.iter().map(|j| (j.name.as_str(), j.state, j.attempt, j.node.as_deref(), j.needs.iter().map(String::as_str).collect())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("build", JobState::Pending, 0, None, vec![]),
+                ("migrate", JobState::Pending, 0, None, vec!["build"]),
+                ("deploy", JobState::Pending, 0, None, vec!["build", "migrate"]),
+            ],
+            "[{name}] jobs as submitted"
+        );
+        assert!(rows.iter().all(|j| j.deployment_id == s.deployment_id && j.started_at.is_none() && j.finished_at.is_none()), "[{name}] {rows:?}");
+        assert_eq!(deployment_count(&b).await, 1, "[{name}]");
+
+        // The same key again, even with another body: the first answer, nothing new.
+        let mut again = new_deployment("other/lock", jobs(&[("x", &[])]));
+        again.event.key = Some("delivery-1".into());
+        again.event.payload = "{}".into();
+        let dup = submit(&b, again).await;
+        assert!(dup.duplicate, "[{name}] same key is a duplicate");
+        assert_eq!((dup.event_id, dup.deployment_id), (s.event_id, s.deployment_id), "[{name}] duplicate answers with the first ids");
+        assert!(dup.superseded.is_empty(), "[{name}]");
+        assert_eq!(deployment_count(&b).await, 1, "[{name}] a duplicate creates no deployment");
+        assert_eq!(job_rows(&b, s.deployment_id).await.len(), 3, "[{name}] a duplicate adds no jobs");
+        assert_eq!(dep_state(&b, s.deployment_id).await, DeploymentState::Queued, "[{name}] a duplicate supersedes nothing");
+
+        // Events without a key are never duplicates of each other.
+        let k1 = submit(&b, run_deployment("r1", jobs(&[("x", &[])]))).await;
+        let k2 = submit(&b, run_deployment("r2", jobs(&[("x", &[])]))).await;
+        assert!(!k1.duplicate && !k2.duplicate, "[{name}] keyless events");
+        assert_ne!(k1.deployment_id, k2.deployment_id, "[{name}]");
+        assert_ne!(k1.event_id, k2.event_id, "[{name}]");
+        assert_eq!(deployment_count(&b).await, 3, "[{name}]");
+        let queued = b.1.deployments(10, Some(DeploymentState::Queued)).await.unwrap();
+        assert_eq!(queued.iter().map(|d| d.id).collect::<Vec<_>>(), vec![k2.deployment_id, k1.deployment_id, s.deployment_id], "[{name}] newest first");
+        assert_eq!(b.1.deployments(2, None).await.unwrap().len(), 2, "[{name}] limit");
+        assert!(b.1.deployments(10, Some(DeploymentState::Running)).await.unwrap().is_empty(), "[{name}] state filter");
+    }
+}
+
+/// 2. A queued deploy is superseded by a newer deploy on its lock key; runs
+/// never supersede, other keys never interfere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_deploy_supersedes_queued_one_on_same_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        let first = submit(&b, new_deployment("prod/api", diamond())).await;
+        let other_key = submit(&b, new_deployment("prod/web", diamond())).await;
+        let second = submit(&b, new_deployment("prod/api", diamond())).await;
+        assert_eq!(second.superseded, vec![first.deployment_id], "[{name}] second supersedes first only");
+        assert!(other_key.superseded.is_empty(), "[{name}]");
+
+        let d1 = deployment(&b, first.deployment_id).await;
+        assert_eq!(d1.state, DeploymentState::Superseded, "[{name}]");
+        assert_eq!(d1.superseded_by, Some(second.deployment_id), "[{name}] superseded_by");
+        assert!(d1.finished_at.is_some(), "[{name}] superseded is terminal: finished_at set");
+        assert!(d1.reason.as_deref().unwrap_or("").contains(&second.deployment_id.to_string()), "[{name}] reason names the successor: {:?}", d1.reason);
+        let rows = job_rows(&b, first.deployment_id).await;
+        assert!(rows.iter().all(|j| j.state == JobState::Cancelled && j.finished_at.is_some()), "[{name}] superseded jobs cancelled: {rows:?}");
+        assert_eq!(dep_state(&b, second.deployment_id).await, DeploymentState::Queued, "[{name}]");
+        assert_eq!(dep_state(&b, other_key.deployment_id).await, DeploymentState::Queued, "[{name}] other lock key untouched");
+        assert!(job_rows(&b, second.deployment_id).await.iter().all(|j| j.state == JobState::Pending), "[{name}]");
+
+        // A run neither supersedes nor is superseded.
+        let run = submit(&b, run_deployment("prod/api", diamond())).await;
+        assert!(run.superseded.is_empty(), "[{name}] a run supersedes nothing");
+        assert_eq!(dep_state(&b, second.deployment_id).await, DeploymentState::Queued, "[{name}] deploy still queued after a run");
+        let run2 = submit(&b, run_deployment("prod/api", diamond())).await;
+        assert!(run2.superseded.is_empty(), "[{name}] a run does not supersede a run");
+        assert_eq!(dep_state(&b, run.deployment_id).await, DeploymentState::Queued, "[{name}]");
+        let third = submit(&b, new_deployment("prod/api", diamond())).await;
+        assert_eq!(third.superseded, vec![second.deployment_id], "[{name}] a deploy supersedes only queued deploys");
+        assert_eq!(dep_state(&b, run.deployment_id).await, DeploymentState::Queued, "[{name}] queued run survives a deploy");
+        assert_eq!(dep_state(&b, run2.deployment_id).await, DeploymentState::Queued, "[{name}]");
+        assert_eq!(dep_state(&b, other_key.deployment_id).await, DeploymentState::Queued, "[{name}]");
+
+        // A running deploy is not superseded.
+        assert_eq!(activate(&b, N1).await, vec![other_key.deployment_id, run.deployment_id], "[{name}] oldest per key starts");
+        let web2 = submit(&b, new_deployment("prod/web", diamond())).await;
+        assert!(web2.superseded.is_empty(), "[{name}] a running deploy is never superseded");
+        assert_eq!(dep_state(&b, other_key.deployment_id).await, DeploymentState::Running, "[{name}]");
+        let d = deployment(&b, other_key.deployment_id).await;
+        assert_eq!((d.superseded_by, d.reason), (None, None), "[{name}]");
+    }
+}
+
+/// 3. One running deployment per lock key, oldest first; roots start ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activate_starts_oldest_per_lock_and_waits_for_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        let d1 = submit(&b, new_deployment("prod/api", jobs(&[("a", &[]), ("b", &[0]), ("c", &[])]))).await.deployment_id;
+        let r1 = submit(&b, run_deployment("prod/ops", jobs(&[("x", &[])]))).await.deployment_id;
+        let r2 = submit(&b, run_deployment("prod/ops", jobs(&[("y", &[])]))).await.deployment_id;
+        let before = now_ms();
+        assert_eq!(activate(&b, N1).await, vec![d1, r1], "[{name}] one per lock key, the oldest");
+        let d = deployment(&b, d1).await;
+        assert_eq!(d.state, DeploymentState::Running, "[{name}]");
+        assert!(d.started_at.is_some_and(|t| t >= before), "[{name}] started_at: {:?}", d.started_at);
+        assert_eq!(dep_state(&b, r2).await, DeploymentState::Queued, "[{name}] younger on the same key waits");
+        assert_eq!(job_states(&b, d1).await, states(&[("a", JobState::Ready), ("b", JobState::Pending), ("c", JobState::Ready)]), "[{name}] roots ready");
+        assert_eq!(job_states(&b, r2).await, states(&[("y", JobState::Pending)]), "[{name}] queued jobs stay pending");
+
+        // A deploy on a busy key waits, and a second activation changes nothing.
+        let d2 = submit(&b, new_deployment("prod/api", jobs(&[("a", &[]), ("b", &[0])]))).await;
+        assert!(d2.superseded.is_empty(), "[{name}]");
+        let d2 = d2.deployment_id;
+        assert!(activate(&b, N2).await.is_empty(), "[{name}] locks are held");
+        assert_eq!(dep_state(&b, d2).await, DeploymentState::Queued, "[{name}]");
+        assert_eq!(job_states(&b, d2).await, states(&[("a", JobState::Pending), ("b", JobState::Pending)]), "[{name}]");
+
+        // Finish d1 job by job: d2 starts only after the last one.
+        let first = claim(&b, N1, 10).await;
+        assert_eq!(names(&first), vec!["a", "c", "x"], "[{name}] only ready jobs are claimed");
+        for j in &first {
+            if j.deployment_id == d1 {
+                finish_ok(&b, j, N1, Outcome::Succeeded).await;
+            }
+        }
+        assert!(activate(&b, N1).await.is_empty(), "[{name}] d1 still runs b");
+        assert_eq!(dep_state(&b, d2).await, DeploymentState::Queued, "[{name}]");
+        let bj = claim(&b, N1, 10).await;
+        assert_eq!(names(&bj), vec!["b"], "[{name}]");
+        let eff = finish_ok(&b, &bj[0], N1, Outcome::Succeeded).await;
+        assert_eq!(eff.deployment_finished, Some((d1, DeploymentState::Succeeded)), "[{name}] last job finishes the deployment");
+        let d = deployment(&b, d1).await;
+        assert_eq!((d.state, d.reason.clone()), (DeploymentState::Succeeded, None), "[{name}]");
+        assert!(d.finished_at.is_some(), "[{name}] finished_at");
+
+        assert_eq!(activate(&b, N2).await, vec![d2], "[{name}] the lock is free now");
+        assert_eq!(job_states(&b, d2).await, states(&[("a", JobState::Ready), ("b", JobState::Pending)]), "[{name}]");
+        assert_eq!(dep_state(&b, r2).await, DeploymentState::Queued, "[{name}] r1 still holds prod/ops");
+        let x = by_name(&first, "x");
+        finish_ok(&b, x, N1, Outcome::Succeeded).await;
+        assert_eq!(activate(&b, N2).await, vec![r2], "[{name}]");
+    }
+}
+
+/// 4. claim leases ready jobs with a new fence; stale reports change nothing;
+/// lapsed leases are found; a reaped job with `retry_at` is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_fences_and_expired_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        let mut new = new_deployment("prod/api", jobs(&[("a", &[]), ("b", &[]), ("c", &[0])]));
+        new.environment = "prod".into();
+        let dep = submit(&b, new).await;
+        activate(&b, N1).await;
+        let event_at = deployment(&b, dep.deployment_id).await.created_at;
+
+        let short = claim_with(&b, N1, Duration::from_millis(1), 1).await;
+        assert_eq!(names(&short), vec!["a"], "[{name}] limit 1, lowest id first");
+        let a = &short[0];
+        assert_eq!((a.fence, a.attempt), (1, 1), "[{name}] first claim: fence and attempt 1");
+        assert_eq!(a.deployment_id, dep.deployment_id, "[{name}]");
+        assert_eq!((a.revision.as_str(), a.environment.as_str()), (REV, "prod"), "[{name}]");
+        assert_eq!((a.service.as_deref(), a.version.as_deref()), (Some("api"), Some("1.2.3")), "[{name}]");
+        assert_eq!(a.spec, spec(), "[{name}] spec round-trips");
+        assert_eq!(a.event_at, event_at, "[{name}] event_at");
+        assert!(a.ready_at >= event_at && a.ready_at <= now_ms(), "[{name}] ready_at {}", a.ready_at);
+
+        let long = claim(&b, N1, 10).await;
+        assert_eq!(names(&long), vec!["b"], "[{name}] a claimed job is not claimed again");
+        let bj = &long[0];
+        assert_eq!((bj.fence, bj.attempt), (1, 1), "[{name}]");
+        assert!(claim(&b, N2, 10).await.is_empty(), "[{name}] nothing ready is left (c is pending)");
+        let row = job_row(&b, dep.deployment_id, "a").await;
+        assert_eq!((row.state, row.attempt, row.node.as_deref()), (JobState::Running, 1, Some(N1)), "[{name}]");
+        assert!(row.started_at.is_some(), "[{name}] started_at set by claim");
+
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let expired = b.1.expired().await.unwrap();
+        assert_eq!(expired.iter().map(|e| e.job_id).collect::<Vec<_>>(), vec![a.job_id], "[{name}] only a's lease lapsed");
+        let e = &expired[0];
+        assert_eq!((e.name.as_str(), e.fence, e.attempt, e.node.as_deref(), e.deployment_id), ("a", 1, 1, Some(N1), dep.deployment_id), "[{name}]");
+        assert_eq!(Some(e.started_at), row.started_at, "[{name}] expired started_at");
+        assert_eq!(e.spec.command, spec().command, "[{name}]");
+        assert!(e.spec.retry_attempts >= spec().retry_attempts, "[{name}]");
+
+        // A report with an old fence is refused and changes nothing.
+        let stale = finish(&b, FinishedAttempt { fence: 0, ..done(a, N1, Outcome::Succeeded) }).await;
+        assert!(stale.stale, "[{name}] wrong fence is stale");
+        assert_eq!((stale.newly_ready, stale.deployment_finished), (0, None), "[{name}]");
+        assert_eq!(job_states(&b, dep.deployment_id).await, states(&[("a", JobState::Running), ("b", JobState::Running), ("c", JobState::Pending)]), "[{name}] unchanged");
+        assert!(b.1.attempts(dep.deployment_id).await.unwrap().is_empty(), "[{name}] no attempt recorded for a stale report");
+
+        // The reaper finishes it with the current fence and asks for a retry.
+        let reaped = finish(
+            &b,
+            FinishedAttempt {
+                fence: e.fence,
+                node: N2.into(),
+                started_at: e.started_at,
+                outcome: Outcome::Interrupted,
+                exit_code: None,
+                reason: Some("lease of node-1 expired".into()),
+                retry_at: Some(now_ms()),
+                job_id: e.job_id,
+            },
+        )
+        .await;
+        assert!(!reaped.stale, "[{name}] current fence is not stale");
+        assert_eq!(reaped.deployment_finished, None, "[{name}]");
+        let row = job_row(&b, dep.deployment_id, "a").await;
+        assert_eq!((row.state, row.node.as_deref()), (JobState::Ready, None), "[{name}] retried job is ready, unowned");
+        assert!(b.1.expired().await.unwrap().is_empty(), "[{name}] no longer expired");
+        let attempts = b.1.attempts(dep.deployment_id).await.unwrap();
+        assert_eq!(attempts.len(), 1, "[{name}]");
+        assert_eq!((attempts[0].outcome, attempts[0].attempt, attempts[0].node.as_str()), (Outcome::Interrupted, 1, N2), "[{name}]");
+
+        // The old holder's late report is stale now, even with its own fence.
+        let late = finish(&b, done(a, N1, Outcome::Succeeded)).await;
+        assert!(late.stale, "[{name}] a report for a job that is no longer running is stale");
+        assert_eq!(job_row(&b, dep.deployment_id, "a").await.state, JobState::Ready, "[{name}]");
+
+        let again = claim(&b, N2, 10).await;
+        assert_eq!(names(&again), vec!["a"], "[{name}] reaped job claimable again");
+        assert_eq!((again[0].fence, again[0].attempt), (2, 2), "[{name}] fence and attempt bumped");
+        let old = finish(&b, done(a, N1, Outcome::Succeeded)).await;
+        assert!(old.stale, "[{name}] fence 1 is stale once fence 2 is out");
+        assert_eq!(job_row(&b, dep.deployment_id, "a").await.node.as_deref(), Some(N2), "[{name}]");
+        let eff = finish_ok(&b, &again[0], N2, Outcome::Succeeded).await;
+        assert_eq!(eff.newly_ready, 1, "[{name}] c");
+    }
+}
+
+/// 5. Dependants start when all their needs succeeded; a failure skips what
+/// is downstream only; the deployment fails once every job is terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependants_and_failure_propagation() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        use JobState::*;
+
+        // Success: d waits for both b and c.
+        let ok = submit(&b, new_deployment("prod/api", diamond())).await.deployment_id;
+        assert_eq!(activate(&b, N1).await, vec![ok], "[{name}]");
+        let a = claim(&b, N1, 10).await;
+        assert_eq!(names(&a), vec!["a"], "[{name}]");
+        let queued = submit(&b, new_deployment("prod/api", diamond())).await.deployment_id;
+        let eff = finish_ok(&b, &a[0], N1, Outcome::Succeeded).await;
+        assert_eq!((eff.newly_ready, eff.deployment_finished), (2, None), "[{name}] a releases b and c");
+        assert_eq!(job_states(&b, ok).await, states(&[("a", Succeeded), ("b", Ready), ("c", Ready), ("d", Pending)]), "[{name}]");
+        let bc = claim(&b, N1, 10).await;
+        assert_eq!(names(&bc), vec!["b", "c"], "[{name}]");
+        let eff = finish_ok(&b, by_name(&bc, "b"), N1, Outcome::Succeeded).await;
+        assert_eq!(eff.newly_ready, 0, "[{name}] d still needs c");
+        assert_eq!(job_row(&b, ok, "d").await.state, Pending, "[{name}]");
+        assert!(claim(&b, N1, 10).await.is_empty(), "[{name}] d not claimable yet");
+        let eff = finish_ok(&b, by_name(&bc, "c"), N1, Outcome::Succeeded).await;
+        assert_eq!(eff.newly_ready, 1, "[{name}] d ready after b and c");
+        assert_eq!(job_row(&b, ok, "d").await.state, Ready, "[{name}]");
+        assert!(activate(&b, N1).await.is_empty(), "[{name}] lock still held");
+        let d = claim(&b, N1, 10).await;
+        assert_eq!(names(&d), vec!["d"], "[{name}]");
+        let eff = finish_ok(&b, &d[0], N1, Outcome::Succeeded).await;
+        assert_eq!(eff.deployment_finished, Some((ok, DeploymentState::Succeeded)), "[{name}]");
+        assert_eq!(activate(&b, N1).await, vec![queued], "[{name}] success releases the lock");
+        assert_eq!(run_to_end(&b, queued).await, DeploymentState::Succeeded, "[{name}]");
+
+        // Failure: a -> b, a -> c, (b, c) -> d, d -> e, c -> f.
+        let graph = jobs(&[("a", &[]), ("b", &[0]), ("c", &[0]), ("d", &[1, 2]), ("e", &[3]), ("f", &[2])]);
+        let bad = submit(&b, new_deployment("prod/api", graph.clone())).await.deployment_id;
+        assert_eq!(activate(&b, N1).await, vec![bad], "[{name}]");
+        let next = submit(&b, new_deployment("prod/api", diamond())).await.deployment_id;
+        let a = claim(&b, N1, 10).await;
+        finish_ok(&b, &a[0], N1, Outcome::Succeeded).await;
+        let bj = claim(&b, N1, 1).await;
+        assert_eq!(names(&bj), vec!["b"], "[{name}]");
+        let eff = finish_ok(&b, &bj[0], N1, Outcome::Failed).await;
+        assert_eq!((eff.newly_ready, eff.deployment_finished), (0, None), "[{name}] c and f are still open");
+        assert_eq!(
+            job_states(&b, bad).await,
+            states(&[("a", Succeeded), ("b", Failed), ("c", Ready), ("d", Skipped), ("e", Skipped), ("f", Pending)]),
+            "[{name}] everything downstream of b is skipped, nothing else"
+        );
+        for skipped in ["d", "e"] {
+            let row = job_row(&b, bad, skipped).await;
+            assert!(row.reason.as_deref().is_some_and(|r| r.contains("\"b\"")), "[{name}] {skipped}'s reason names b: {:?}", row.reason);
+            assert!(row.finished_at.is_some(), "[{name}] skipped is terminal");
+        }
+        let b_row = job_row(&b, bad, "b").await;
+        assert_eq!((b_row.exit_code, b_row.reason.as_deref()), (Some(1), Some("b exited with 1")), "[{name}]");
+        assert_eq!(dep_state(&b, bad).await, DeploymentState::Running, "[{name}] not failed while c runs");
+
+        let c = claim(&b, N2, 10).await;
+        assert_eq!(names(&c), vec!["c"], "[{name}] the independent branch still runs");
+        let eff = finish_ok(&b, &c[0], N2, Outcome::Succeeded).await;
+        assert_eq!((eff.newly_ready, eff.deployment_finished), (1, None), "[{name}] f ready; d stays skipped");
+        assert_eq!(job_row(&b, bad, "d").await.state, Skipped, "[{name}]");
+        assert!(activate(&b, N1).await.is_empty(), "[{name}] failing deployment keeps its lock until the end");
+        let f = claim(&b, N2, 10).await;
+        assert_eq!(names(&f), vec!["f"], "[{name}]");
+        let eff = finish_ok(&b, &f[0], N2, Outcome::Succeeded).await;
+        assert_eq!(eff.deployment_finished, Some((bad, DeploymentState::Failed)), "[{name}]");
+        let d = deployment(&b, bad).await;
+        assert_eq!(d.state, DeploymentState::Failed, "[{name}]");
+        assert!(d.reason.as_deref().is_some_and(|r| r.contains("\"b\"")), "[{name}] reason names b: {:?}", d.reason);
+        assert!(d.finished_at.is_some(), "[{name}]");
+        assert_eq!(activate(&b, N1).await, vec![next], "[{name}] failure releases the lock");
+    }
+}
+
+/// 6. A failed attempt with `retry_at` makes the job ready again, but not
+/// before then; every attempt is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_waits_and_records_every_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        let dep = submit(&b, new_deployment("prod/api", jobs(&[("flaky", &[]), ("after", &[0])]))).await.deployment_id;
+        activate(&b, N1).await;
+        let first = claim(&b, N1, 10).await;
+        assert_eq!(names(&first), vec!["flaky"], "[{name}]");
+        let started1 = now_ms() - 50;
+        let retry_at = now_ms() + 700;
+        let eff = finish(
+            &b,
+            FinishedAttempt {
+                started_at: started1,
+                exit_code: Some(75),
+                reason: Some("temporary failure".into()),
+                retry_at: Some(retry_at),
+                ..done(&first[0], N1, Outcome::Failed)
+            },
+        )
+        .await;
+        assert!(!eff.stale, "[{name}]");
+        assert_eq!((eff.newly_ready, eff.deployment_finished), (0, None), "[{name}] a retry releases and finishes nothing");
+        assert_eq!(job_states(&b, dep).await, states(&[("flaky", JobState::Ready), ("after", JobState::Pending)]), "[{name}]");
+        let row = job_row(&b, dep, "flaky").await;
+        assert_eq!((row.exit_code, row.node.as_deref(), row.attempt), (Some(75), None, 1), "[{name}]");
+        assert_eq!(counts(&b).await.ready, 1, "[{name}] waiting retry counts as ready");
+        assert!(claim(&b, N2, 10).await.is_empty(), "[{name}] not claimable before not_before");
+        assert_eq!(dep_state(&b, dep).await, DeploymentState::Running, "[{name}]");
+
+        let wait = retry_at - now_ms() + 30;
+        tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
+        let second = claim(&b, N2, 10).await;
+        assert_eq!(names(&second), vec!["flaky"], "[{name}] claimable after not_before");
+        assert_eq!((second[0].fence, second[0].attempt), (2, 2), "[{name}]");
+        assert!(second[0].ready_at >= retry_at, "[{name}] ready_at is the retry time");
+        let eff = finish(
+            &b,
+            FinishedAttempt {
+                exit_code: Some(111),
+                reason: Some("connection refused".into()),
+                retry_at: Some(now_ms() - 1),
+                ..done(&second[0], N2, Outcome::TimedOut)
+            },
+        )
+        .await;
+        assert!(!eff.stale, "[{name}]");
+        let third = claim(&b, N1, 10).await;
+        assert_eq!(names(&third), vec!["flaky"], "[{name}] retry_at in the past: claimable at once");
+        assert_eq!((third[0].fence, third[0].attempt), (3, 3), "[{name}]");
+        let eff = finish_ok(&b, &third[0], N1, Outcome::Succeeded).await;
+        assert_eq!(eff.newly_ready, 1, "[{name}]");
+
+        let attempts = b.1.attempts(dep).await.unwrap();
+        let got: Vec<(&str, i64, &str, Outcome, Option<i64>, Option<&str>)> =
+            attempts.iter().map(|a| (a.job.as_str(), a.attempt, a.node.as_str(), a.outcome, a.exit_code, a.reason.as_deref())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("flaky", 1, N1, Outcome::Failed, Some(75), Some("temporary failure")),
+                ("flaky", 2, N2, Outcome::TimedOut, Some(111), Some("connection refused")),
+                ("flaky", 3, N1, Outcome::Succeeded, Some(0), None),
+            ],
+            "[{name}] every attempt, in order"
+        );
+        assert_eq!(attempts[0].started_at, started1, "[{name}] started_at as reported");
+        assert!(attempts.iter().all(|a| a.finished_at >= a.started_at && a.job_id == first[0].job_id), "[{name}] {attempts:?}");
+        assert_eq!(run_to_end(&b, dep).await, DeploymentState::Succeeded, "[{name}]");
+        assert_eq!(job_row(&b, dep, "flaky").await.attempt, 3, "[{name}]");
+    }
+}
+
+/// 7. Cancel: a queued deployment at once; a running one once its running
+/// jobs are done (renew tells them); unknown ids are `None`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_queued_and_running() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        use JobState::*;
+        assert!(b.1.cancel(987_654).await.unwrap().is_none(), "[{name}] unknown id");
+
+        let running = submit(&b, new_deployment("prod/api", jobs(&[("a", &[]), ("b", &[0]), ("c", &[])]))).await.deployment_id;
+        assert_eq!(activate(&b, N1).await, vec![running], "[{name}]");
+        let queued = submit(&b, run_deployment("prod/api", diamond())).await.deployment_id;
+        let after = submit(&b, run_deployment("prod/api", jobs(&[("z", &[])]))).await.deployment_id;
+
+        // Queued: cancelled at once, jobs too, never started.
+        let row = b.1.cancel(queued).await.unwrap().unwrap_or_else(|| panic!("[{name}] cancel queued: None"));
+        assert_eq!((row.id, row.state), (queued, DeploymentState::Cancelled), "[{name}] queued is cancelled at once");
+        assert!(row.finished_at.is_some() && row.reason.is_some(), "[{name}] {row:?}");
+        assert!(job_rows(&b, queued).await.iter().all(|j| j.state == Cancelled), "[{name}] its jobs are cancelled");
+        assert_eq!(deployment(&b, queued).await.state, DeploymentState::Cancelled, "[{name}] stored");
+
+        // Running: a runs, c ready, b pending.
+        let a = claim(&b, N1, 1).await;
+        assert_eq!(names(&a), vec!["a"], "[{name}]");
+        let a = &a[0];
+        let row = b.1.cancel(running).await.unwrap().unwrap_or_else(|| panic!("[{name}] cancel running: None"));
+        assert_eq!((row.state, row.cancel_requested), (DeploymentState::Running, true), "[{name}] running: cancel is requested");
+        assert_eq!(job_states(&b, running).await, states(&[("a", Running), ("b", Cancelled), ("c", Cancelled)]), "[{name}]");
+        assert!(claim(&b, N2, 10).await.is_empty(), "[{name}] nothing of a cancelled deployment is claimable");
+        let r = b.1.renew(N1, &[(a.job_id, a.fence)], LEASE).await.unwrap();
+        assert_eq!(r.len(), 1, "[{name}]");
+        assert_eq!((r[0].job_id, r[0].held, r[0].cancel), (a.job_id, true, true), "[{name}] renew tells the holder to stop");
+        assert!(activate(&b, N2).await.is_empty(), "[{name}] lock held until the running job ends");
+
+        // Cancelling twice is harmless.
+        let again = b.1.cancel(running).await.unwrap().unwrap();
+        assert_eq!((again.state, again.cancel_requested), (DeploymentState::Running, true), "[{name}]");
+
+        let eff = finish_ok(&b, a, N1, Outcome::Cancelled).await;
+        assert_eq!(eff.deployment_finished, Some((running, DeploymentState::Cancelled)), "[{name}]");
+        let d = deployment(&b, running).await;
+        assert_eq!(d.state, DeploymentState::Cancelled, "[{name}]");
+        assert!(d.finished_at.is_some() && d.reason.is_some(), "[{name}] {d:?}");
+        assert_eq!(job_row(&b, running, "a").await.state, Cancelled, "[{name}]");
+        assert_eq!(activate(&b, N2).await, vec![after], "[{name}] lock released, the next one starts");
+
+        // A terminal deployment is returned unchanged.
+        let t = b.1.cancel(running).await.unwrap().unwrap();
+        assert_eq!(t.state, DeploymentState::Cancelled, "[{name}]");
+
+        // A running job that fails after cancel: still `cancelled`, and a retry is not scheduled.
+        let z = claim(&b, N1, 10).await;
+        assert_eq!(names(&z), vec!["z"], "[{name}]");
+        b.1.cancel(after).await.unwrap();
+        let eff = finish(&b, FinishedAttempt { retry_at: Some(now_ms()), ..done(&z[0], N1, Outcome::Failed) }).await;
+        assert_eq!(eff.deployment_finished, Some((after, DeploymentState::Cancelled)), "[{name}] no retry after cancel");
+        assert_eq!(job_row(&b, after, "z").await.state, Cancelled, "[{name}]");
+    }
+}
+
+/// 8. renew says whether this node still holds each (job, fence).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renew_detects_lost_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        b.1.register_node(N1).await.unwrap();
+        b.1.register_node(N2).await.unwrap();
+        let dep = submit(&b, new_deployment("prod/api", jobs(&[("a", &[]), ("b", &[])]))).await.deployment_id;
+        activate(&b, N1).await;
+        let mine = claim_with(&b, N1, Duration::from_millis(1), 10).await;
+        assert_eq!(names(&mine), vec!["a", "b"], "[{name}]");
+        let (a, bj) = (by_name(&mine, "a"), by_name(&mine, "b"));
+
+        // N1 renews only b in time; a's lease lapses and is reaped.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let expired = b.1.expired().await.unwrap();
+        assert_eq!(expired.len(), 2, "[{name}] both lapsed");
+        let reap = finish(
+            &b,
+            FinishedAttempt { node: N2.into(), outcome: Outcome::Interrupted, retry_at: Some(now_ms()), ..done(a, N1, Outcome::Interrupted) },
+        )
+        .await;
+        assert!(!reap.stale, "[{name}]");
+        let taken = claim_with(&b, N2, Duration::from_millis(1), 10).await;
+        assert_eq!(names(&taken), vec!["a"], "[{name}]");
+        assert_eq!(taken[0].fence, a.fence + 1, "[{name}]");
+
+        let r = b.1.renew(N1, &[(a.job_id, a.fence), (bj.job_id, bj.fence)], LEASE).await.unwrap();
+        let r: HashMap<i64, (bool, bool)> = r.iter().map(|r| (r.job_id, (r.held, r.cancel))).collect();
+        assert_eq!(r.get(&a.job_id), Some(&(false, false)), "[{name}] a's fence moved on: lost");
+        assert_eq!(r.get(&bj.job_id), Some(&(true, false)), "[{name}] b is still N1's");
+        let expired: Vec<i64> = b.1.expired().await.unwrap().iter().map(|e| e.job_id).collect();
+        assert_eq!(expired, vec![a.job_id], "[{name}] renew extended b's lease, not N2's a");
+
+        let r = b.1.renew(N2, &[(a.job_id, taken[0].fence)], LEASE).await.unwrap();
+        assert_eq!((r[0].job_id, r[0].held, r[0].cancel), (a.job_id, true, false), "[{name}] the new holder holds it");
+        assert!(b.1.expired().await.unwrap().is_empty(), "[{name}] renewed");
+        let r = b.1.renew(N2, &[(a.job_id, a.fence)], LEASE).await.unwrap();
+        assert!(!r[0].held, "[{name}] right node, old fence: not held");
+        let r = b.1.renew(N1, &[(a.job_id, taken[0].fence)], LEASE).await.unwrap();
+        assert!(!r[0].held, "[{name}] right fence, other node: not held");
+
+        // Once finished, a job is not held by anyone.
+        finish_ok(&b, &taken[0], N2, Outcome::Succeeded).await;
+        let r = b.1.renew(N2, &[(a.job_id, taken[0].fence)], LEASE).await.unwrap();
+        assert!(!r[0].held, "[{name}] finished job is not held");
+        let nodes: HashSet<String> = b.1.nodes().await.unwrap().into_iter().map(|n| n.id).collect();
+        assert_eq!(nodes, HashSet::from([N1.to_string(), N2.to_string()]), "[{name}] nodes");
+        let _ = dep;
+    }
+}
+
+/// Claim and finish until the deployment is over or stuck (nothing ready
+/// or running but something pending); returns the job ids this node ran.
+async fn drain(store: Arc<dyn Store>, label: &'static str, node: String, dep: i64) -> Vec<i64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut mine = Vec::new();
+    loop {
+        assert!(Instant::now() < deadline, "[{label}] {node}: no end after 120s");
+        let claimed = store.claim(&node, LEASE, 4).await.unwrap_or_else(|e| panic!("[{label}] {node} claim: {e}"));
+        if claimed.is_empty() {
+            let d = store.deployment(dep).await.unwrap().unwrap();
+            if d.state.is_terminal() {
+                break;
+            }
+            let rows = store.jobs(dep).await.unwrap();
+            if !rows.iter().any(|j| matches!(j.state, JobState::Ready | JobState::Running)) && rows.iter().any(|j| j.state == JobState::Pending) {
+                break; // stuck: the caller's assertions say how
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        // Finish them all at once, as a node with parallel slots would.
+        let results = futures_util::future::join_all(claimed.iter().map(|j| {
+            store.finish(FinishedAttempt {
+                job_id: j.job_id,
+                fence: j.fence,
+                node: node.clone(),
+                started_at: now_ms(),
+                outcome: Outcome::Succeeded,
+                exit_code: Some(0),
+                reason: None,
+                retry_at: None,
+            })
+        }))
+        .await;
+        for (j, r) in claimed.iter().zip(results) {
+            let eff = r.unwrap_or_else(|e| panic!("[{label}] {node} finish {}: {e}", j.name));
+            assert!(!eff.stale, "[{label}] {node}: finishing {} (fence {}) was stale", j.name, j.fence);
+        }
+        mine.extend(claimed.iter().map(|j| j.job_id));
+    }
+    mine
+}
+
+/// Three nodes drain `dep` concurrently; returns every node's job ids.
+async fn drain_with_three_nodes(b: &Backend, dep: i64) -> Vec<Vec<i64>> {
+    let tasks: Vec<_> = [N1, N2, N3].iter().map(|n| tokio::spawn(drain(b.1.clone(), b.0, n.to_string(), dep))).collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap_or_else(|e| panic!("[{}] node task: {e}", b.0)));
+    }
+    out
+}
+
+/// Every job claimed once, the deployment succeeded, nothing left open.
+async fn assert_ran_exactly_once(b: &Backend, dep: i64, per_node: &[Vec<i64>], total: usize) {
+    let name = b.0;
+    let all: Vec<i64> = per_node.iter().flatten().copied().collect();
+    let unique: HashSet<i64> = all.iter().copied().collect();
+    assert_eq!(all.len(), unique.len(), "[{name}] some job was claimed twice ({} claims, {} jobs)", all.len(), unique.len());
+    let rows = job_rows(b, dep).await;
+    let open: Vec<(&str, JobState)> = rows.iter().filter(|j| j.state != JobState::Succeeded).map(|j| (j.name.as_str(), j.state)).collect();
+    assert!(open.is_empty(), "[{name}] jobs not succeeded: {open:?}");
+    assert_eq!(rows.len(), total, "[{name}]");
+    assert_eq!(unique, rows.iter().map(|j| j.id).collect::<HashSet<_>>(), "[{name}] every job claimed");
+    assert!(rows.iter().all(|j| j.attempt == 1), "[{name}] one attempt each");
+    assert_eq!(b.1.attempts(dep).await.unwrap().len(), total, "[{name}] one attempt row each");
+    assert_eq!(dep_state(b, dep).await, DeploymentState::Succeeded, "[{name}]");
+    assert!(per_node.iter().filter(|v| !v.is_empty()).count() >= 2, "[{name}] work was shared: {:?}", per_node.iter().map(Vec::len).collect::<Vec<_>>());
+}
+
+/// 9. Three nodes claiming at once never run a job twice and never lose a
+/// dependant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_nodes_claim_each_job_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        let flat = submit(&b, new_deployment("prod/flat", independent(200))).await.deployment_id;
+        assert_eq!(activate(&b, N1).await, vec![flat], "[{name}]");
+        let per_node = drain_with_three_nodes(&b, flat).await;
+        assert_ran_exactly_once(&b, flat, &per_node, 200).await;
+
+        let layers = submit(&b, new_deployment("prod/layers", layered(50, 4))).await.deployment_id;
+        assert_eq!(activate(&b, N2).await, vec![layers], "[{name}]");
+        assert_eq!(counts(&b).await.ready, 4, "[{name}] first layer only");
+        let per_node = drain_with_three_nodes(&b, layers).await;
+        assert_ran_exactly_once(&b, layers, &per_node, 200).await;
+    }
+}
+
+/// 10. Logs page in order, per job or all; history has typical durations
+/// of successful runs per environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_page_in_order_and_history_per_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        let dep = submit(&b, new_deployment("prod/api", jobs(&[("build", &[]), ("test", &[])]))).await.deployment_id;
+        let other = submit(&b, new_deployment("prod/web", jobs(&[("build", &[])]))).await.deployment_id;
+        let rows = job_rows(&b, dep).await;
+        let id_of = |n: &str| rows.iter().find(|j| j.name == n).unwrap().id;
+        let (build, test) = (id_of("build"), id_of("test"));
+        let other_build = job_rows(&b, other).await[0].id;
+
+        let t0 = now_ms();
+        let lines: Vec<NewLogLine> = (0..2500)
+            .map(|i| NewLogLine {
+                deployment_id: dep,
+                job_id: if i % 3 == 0 { test } else { build },
+                attempt: 1 + (i % 2) as i64,
+                ts: t0 + i as i64,
+                stream: if i % 5 == 0 { "stderr" } else { "stdout" },
+                line: format!("line {i:04} ünïcode ✓"),
+            })
+            .collect();
+        // Several appends, one interleaved with another deployment's.
+        b.1.append_logs(&lines[..1000]).await.unwrap();
+        b.1.append_logs(&[NewLogLine { deployment_id: other, job_id: other_build, attempt: 1, ts: t0, stream: "stdout", line: "elsewhere".into() }])
+            .await
+            .unwrap();
+        b.1.append_logs(&lines[1000..2499]).await.unwrap();
+        b.1.append_logs(&[]).await.unwrap();
+        b.1.append_logs(&lines[2499..]).await.unwrap();
+
+        let page_all = |job: Option<&'static str>| {
+            let store = b.1.clone();
+            async move {
+                let mut out = Vec::new();
+                let mut after = 0;
+                let mut pages = 0;
+                loop {
+                    let page = store.logs(dep, job, after, 700).await.unwrap();
+                    assert!(page.len() <= 700, "[{name}] limit");
+                    if page.is_empty() {
+                        break;
+                    }
+                    pages += 1;
+                    after = page.last().unwrap().seq;
+                    out.extend(page);
+                }
+                (out, pages)
+            }
+        };
+        let (all, pages) = page_all(None).await;
+        assert_eq!(pages, 4, "[{name}] 2500 lines in pages of 700");
+        assert_eq!(all.len(), 2500, "[{name}] every line, and only this deployment's");
+        assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "[{name}] seq increases");
+        for (i, (rec, want)) in all.iter().zip(&lines).enumerate() {
+            let job = if want.job_id == test { "test" } else { "build" };
+            assert_eq!(
+                (rec.job.as_str(), rec.attempt, rec.ts, rec.stream.as_str(), rec.line.as_str()),
+                (job, want.attempt, want.ts, want.stream, want.line.as_str()),
+                "[{name}] line {i}"
+            );
+        }
+        let (tests, _) = page_all(Some("test")).await;
+        let want: Vec<&str> = lines.iter().filter(|l| l.job_id == test).map(|l| l.line.as_str()).collect();
+        assert_eq!(want.len(), 834, "[{name}]");
+        assert_eq!(tests.iter().map(|r| r.line.as_str()).collect::<Vec<_>>(), want, "[{name}] job filter, in order");
+        assert!(tests.iter().all(|r| r.job == "test"), "[{name}]");
+        let mid = all[1234].seq;
+        let rest = b.1.logs(dep, None, mid, 10_000).await.unwrap();
+        assert_eq!(rest.len(), 2500 - 1235, "[{name}] after is exclusive");
+        assert_eq!(rest[0].line, lines[1235].line, "[{name}]");
+        assert!(b.1.logs(dep, Some("nope"), 0, 100).await.unwrap().is_empty(), "[{name}] unknown job");
+        let elsewhere = b.1.logs(other, None, 0, 100).await.unwrap();
+        assert_eq!(elsewhere.iter().map(|r| r.line.as_str()).collect::<Vec<_>>(), vec!["elsewhere"], "[{name}]");
+
+        // History: "migrate" succeeded twice in prod taking ~3 s; "lint" only failed.
+        for round in 0..2 {
+            let mut new = new_deployment(&format!("prod/hist{round}"), jobs(&[("migrate", &[]), ("lint", &[])]));
+            new.environment = "prod".into();
+            let d = submit(&b, new).await.deployment_id;
+            activate(&b, N1).await;
+            let claimed = claim(&b, N1, 10).await;
+            assert_eq!(names(&claimed), vec!["lint", "migrate"], "[{name}]");
+            let m = by_name(&claimed, "migrate");
+            let eff = finish(&b, FinishedAttempt { started_at: now_ms() - 3000, ..done(m, N1, Outcome::Succeeded) }).await;
+            assert!(!eff.stale, "[{name}]");
+            let lint = by_name(&claimed, "lint");
+            finish(&b, FinishedAttempt { started_at: now_ms() - 60_000, ..done(lint, N1, Outcome::Failed) }).await;
+            assert_eq!(dep_state(&b, d).await, DeploymentState::Failed, "[{name}]");
+        }
+        let mut staging = new_deployment("staging/api", jobs(&[("smoke", &[])]));
+        staging.environment = "staging".into();
+        let s = submit(&b, staging).await.deployment_id;
+        activate(&b, N1).await;
+        let smoke = claim(&b, N1, 10).await;
+        finish(&b, FinishedAttempt { started_at: now_ms() - 500, ..done(&smoke[0], N1, Outcome::Succeeded) }).await;
+        assert_eq!(dep_state(&b, s).await, DeploymentState::Succeeded, "[{name}]");
+
+        let prod = b.1.history("prod").await.unwrap();
+        assert_eq!(prod.keys().collect::<HashSet<_>>(), HashSet::from([&"migrate".to_string()]), "[{name}] only succeeded jobs of prod: {prod:?}");
+        let migrate = prod["migrate"];
+        assert!(migrate >= Duration::from_millis(3000) && migrate < Duration::from_millis(4000), "[{name}] migrate took {migrate:?}");
+        let staging = b.1.history("staging").await.unwrap();
+        assert_eq!(staging.keys().collect::<HashSet<_>>(), HashSet::from([&"smoke".to_string()]), "[{name}] {staging:?}");
+        let smoke_d = staging["smoke"];
+        assert!(smoke_d >= Duration::from_millis(500) && smoke_d < Duration::from_millis(1500), "[{name}] smoke took {smoke_d:?}");
+        assert!(b.1.history("nowhere").await.unwrap().is_empty(), "[{name}]");
+    }
+}
+
+/// 11. counts: deployments and jobs by state, and the ready count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_by_state() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        use JobState::*;
+        let empty = counts(&b).await;
+        assert!(nonzero(&empty.deployments).is_empty() && nonzero(&empty.jobs).is_empty(), "[{name}] empty store: {empty:?}");
+        assert_eq!((empty.ready, empty.queued_deployments), (0, 0), "[{name}]");
+
+        let d1 = submit(&b, new_deployment("k1", jobs(&[("a", &[]), ("b", &[]), ("c", &[0])]))).await.deployment_id;
+        assert_eq!(activate(&b, N1).await, vec![d1], "[{name}]");
+        let a = claim(&b, N1, 1).await;
+        assert_eq!(names(&a), vec!["a"], "[{name}]");
+        let d2 = submit(&b, new_deployment("k1", jobs(&[("x", &[]), ("y", &[])]))).await.deployment_id;
+        let d3 = submit(&b, new_deployment("k3", jobs(&[("solo", &[])]))).await.deployment_id;
+        b.1.cancel(d3).await.unwrap().unwrap();
+        let d4 = submit(&b, new_deployment("k1", jobs(&[("z", &[])]))).await;
+        assert_eq!(d4.superseded, vec![d2], "[{name}]");
+
+        let c = counts(&b).await;
+        assert_eq!(
+            nonzero(&c.deployments),
+            HashMap::from([(DeploymentState::Running, 1), (DeploymentState::Queued, 1), (DeploymentState::Cancelled, 1), (DeploymentState::Superseded, 1)]),
+            "[{name}] deployments by state"
+        );
+        assert_eq!(nonzero(&c.jobs), HashMap::from([(Running, 1), (Ready, 1), (Pending, 2), (Cancelled, 3)]), "[{name}] jobs by state");
+        assert_eq!((c.ready, c.queued_deployments), (1, 1), "[{name}]");
+
+        finish_ok(&b, &a[0], N1, Outcome::Succeeded).await;
+        let c = counts(&b).await;
+        assert_eq!(nonzero(&c.jobs), HashMap::from([(Succeeded, 1), (Ready, 2), (Pending, 1), (Cancelled, 3)]), "[{name}] after a");
+        assert_eq!(c.ready, 2, "[{name}] b and c");
+
+        assert_eq!(run_to_end(&b, d1).await, DeploymentState::Succeeded, "[{name}]");
+        let c = counts(&b).await;
+        assert_eq!(nonzero(&c.deployments)[&DeploymentState::Succeeded], 1, "[{name}]");
+        assert_eq!((c.ready, c.queued_deployments), (0, 1), "[{name}] d4 waits for activation");
+        assert_eq!(activate(&b, N1).await, vec![d4.deployment_id], "[{name}]");
+        let c = counts(&b).await;
+        assert_eq!((c.ready, c.queued_deployments), (1, 0), "[{name}]");
+    }
+}
+
+/// 12. expire_all_leases: every running job is expired now, and every lock
+/// can be taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expire_all_leases_expires_every_running_job() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        let d1 = submit(&b, new_deployment("k1", jobs(&[("a", &[]), ("b", &[]), ("c", &[0])]))).await.deployment_id;
+        let d2 = submit(&b, new_deployment("k2", jobs(&[("x", &[]), ("y", &[])]))).await.deployment_id;
+        assert_eq!(activate(&b, N1).await, vec![d1, d2], "[{name}]");
+        let mut running: Vec<i64> = claim(&b, N1, 2).await.iter().map(|j| j.job_id).collect();
+        running.extend(claim(&b, N2, 2).await.iter().map(|j| j.job_id));
+        running.sort_unstable();
+        assert_eq!(running.len(), 4, "[{name}] a, b, x, y");
+        assert!(b.1.expired().await.unwrap().is_empty(), "[{name}] long leases");
+        assert_eq!(b.1.reap_locks(N3, LEASE).await.unwrap(), 0, "[{name}] locks are fresh");
+
+        b.1.expire_all_leases().await.unwrap();
+        let mut expired: Vec<i64> = b.1.expired().await.unwrap().iter().map(|e| e.job_id).collect();
+        expired.sort_unstable();
+        assert_eq!(expired, running, "[{name}] every running job, and only those");
+        assert_eq!(job_row(&b, d1, "c").await.state, JobState::Pending, "[{name}]");
+        assert_eq!(b.1.reap_locks(N3, LEASE).await.unwrap(), 2, "[{name}] both locks lapsed and are taken over");
+        assert_eq!(b.1.reap_locks(N3, LEASE).await.unwrap(), 0, "[{name}] and are fresh again");
+        assert_eq!(dep_state(&b, d1).await, DeploymentState::Running, "[{name}] running deployments keep their lock");
+        let _ = d2;
+    }
+}
