@@ -127,16 +127,33 @@ impl Fx {
 // ---------------------------------------------------------------- helpers
 
 /// Poll `f` until Some; on timeout panic with `what` and `diag()`.
-fn wait<T>(what: &str, diag: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
+fn wait<T>(what: &str, diag: impl Fn() -> String, f: impl FnMut() -> Option<T>) -> T {
+    wait_within(WAIT, what, diag, f)
+}
+
+fn wait_within<T>(limit: Duration, what: &str, diag: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = f() {
             return v;
         }
         if Instant::now() > deadline {
-            panic!("timed out after {WAIT:?} waiting for {what}\n{}", diag());
+            panic!("timed out after {limit:?} waiting for {what}\n{}", diag());
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Processes die at once when killed; this bounds waiting for it.
+const GONE: Duration = Duration::from_secs(15);
+
+/// Kills (SIGKILL) processes matching a `pgrep -f` pattern when dropped,
+/// so a failing test leaves nothing running behind it.
+struct Reap(String);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill").args(["-KILL", "-f", &self.0]).status();
     }
 }
 
@@ -200,6 +217,17 @@ fn logs(url: &str, id: i64, job: Option<&str>) -> Vec<Value> {
             return out;
         }
     }
+}
+
+/// A finished job's stdout lines. Output is stored asynchronously, just
+/// after the job's result: wait for the closing "[slipway] attempt …" note,
+/// which is written after all of the attempt's output.
+fn stdout_of(server: &Server, id: i64, job: &str) -> Vec<String> {
+    let lines = wait(&format!("the output of {job} to be stored"), || logs_of(&[server]), || {
+        let lines = logs(&server.url, id, Some(job));
+        lines.iter().any(|l| l["stream"] == "slipway" && l["line"].as_str().unwrap_or_default().starts_with("[slipway] attempt")).then_some(lines)
+    });
+    lines.iter().filter(|l| l["stream"] == "stdout").map(|l| l["line"].as_str().unwrap_or_default().to_string()).collect()
 }
 
 /// Processes whose command line contains `pattern` (pgrep -f), other than pgrep.
@@ -342,13 +370,14 @@ env = { MARK = "@EXT@/marks" }
         &[("mark.sh", MARK_SH)],
     );
     let mut server = fx.serve(&fx.sqlite(), &["--poll", "200ms", "--parallelism", "4"]);
+    let pattern = format!("^sleep 300\\.{}", fx.nonce);
+    let _reap = Reap(pattern.clone());
     let id = submit_run(&server.url, &["one", "two"], None);
-    let pattern = format!("300\\.{}", fx.nonce);
     wait("both jobs' processes to run", || format!("{:#}\n{}", detail(&server.url, id), logs_of(&[&server])), || {
         (fx.marked("one", 1) && fx.marked("two", 1) && pgrep(&pattern).len() == 2).then_some(())
     });
     server.kill9();
-    wait("the killed node's job processes to be gone", || format!("still running: {:?}", pgrep(&pattern)), || pgrep(&pattern).is_empty().then_some(()));
+    wait_within(GONE, "the killed node's job processes to be gone", || format!("still running: {:?}", pgrep(&pattern)), || pgrep(&pattern).is_empty().then_some(()));
 }
 
 /// Two nodes on one PostgreSQL store split a wide deployment between
@@ -585,7 +614,7 @@ command = ["cat", "./data.txt"]
     let d = wait_done(&server.url, first, || logs_of(&[&server]));
     assert_eq!(state(&d), "succeeded", "{d:#}");
     assert_eq!(d["deployment"]["revision"], revision.as_str());
-    let out: Vec<String> = logs(&server.url, first, Some("show")).iter().filter(|l| l["stream"] == "stdout").map(|l| l["line"].as_str().unwrap_or_default().to_string()).collect();
+    let out = stdout_of(&server, first, "show");
     assert_eq!(out, vec!["original-content".to_string()], "the job saw the config directory as it was at submit time");
 
     let second = submit_run(&server.url, &["show"], None);
@@ -593,8 +622,7 @@ command = ["cat", "./data.txt"]
     assert_eq!(state(&d2), "succeeded", "{d2:#}");
     let revision2 = d2["deployment"]["revision"].as_str().expect("revision").to_string();
     assert_ne!(revision2, revision, "a changed directory is a new revision");
-    let out2: Vec<String> = logs(&server.url, second, Some("show")).iter().filter(|l| l["stream"] == "stdout").map(|l| l["line"].as_str().unwrap_or_default().to_string()).collect();
-    assert_eq!(out2, vec!["changed-content".to_string()]);
+    assert_eq!(stdout_of(&server, second, "show"), vec!["changed-content".to_string()]);
 
     // Revisions are content hashes: the same tree again is the same revision.
     let third = submit_run(&server.url, &["show"], None);
@@ -621,6 +649,7 @@ env = { PIDFILE = "@EXT@/bg.pid" }
 "#,
         &[],
     );
+    let _reap = Reap(format!("^sleep 300\\.{}", fx.nonce));
     let server = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
     let id = submit_run(&server.url, &["hang"], None);
     let d = wait_done(&server.url, id, || logs_of(&[&server]));
@@ -635,8 +664,8 @@ env = { PIDFILE = "@EXT@/bg.pid" }
 
     // The background sleep did start, and is gone now.
     let pid: i32 = std::fs::read_to_string(fx.ext.path().join("bg.pid")).expect("the job wrote its background pid").trim().parse().expect("pid");
-    let pattern = format!("300\\.{}", fx.nonce);
-    wait("the background process to be gone", || format!("alive: {}, pgrep: {:?}", alive(pid), pgrep(&pattern)), || {
+    let pattern = format!("^sleep 300\\.{}", fx.nonce);
+    wait_within(GONE, "the background process to be gone", || format!("alive: {}, pgrep: {:?}", alive(pid), pgrep(&pattern)), || {
         (!alive(pid) && pgrep(&pattern).is_empty()).then_some(())
     });
     // The server itself is fine.
@@ -804,4 +833,171 @@ command = ["true"]
     let out = cli(bad.path(), &["validate"]);
     assert_eq!(out.status.code(), Some(3), "validate of a bad config: {}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("comand"), "names the bad key: {}", text(&out));
+}
+
+/// A graceful stop (SIGTERM) whose grace period runs out interrupts the
+/// running jobs, just as a crash does: an idempotent job is retried after
+/// the restart, a non-idempotent one fails as interrupted.
+#[test]
+fn sigterm_with_running_jobs_then_restart_retries_idempotent_ones() {
+    let fx = Fx::new(
+        r#"
+[project]
+name = "stop"
+
+[[job]]
+name = "safe"
+idempotent = true
+command = ["./mark.sh", "30.@NONCE@", "0"]
+env = { MARK = "@EXT@/marks" }
+
+[[job]]
+name = "unsafe"
+command = ["./mark.sh", "30.@NONCE@"]
+env = { MARK = "@EXT@/marks" }
+"#,
+        &[("mark.sh", MARK_SH)],
+    );
+    let store = fx.sqlite();
+    let mut server = fx.serve(&store, &["--poll", "200ms", "--shutdown-grace", "1s", "--node-id", "stopping"]);
+    let id = submit_run(&server.url, &["safe", "unsafe"], None);
+    wait("both jobs to run", || format!("{:#}", detail(&server.url, id)), || {
+        let d = detail(&server.url, id);
+        (job_state(&d, "safe") == "running" && job_state(&d, "unsafe") == "running" && fx.marked("safe", 1) && fx.marked("unsafe", 1)).then_some(())
+    });
+    let term = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().expect("kill");
+    assert!(term.success());
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = server.child.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop after SIGTERM\n{}", server.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(0), "a graceful stop exits 0\n{}", server.log_text());
+
+    let server = fx.serve(&store, &["--poll", "200ms", "--node-id", "restarted"]);
+    let d = wait_done(&server.url, id, || logs_of(&[&server]));
+    let diag = format!("{d:#}\nmarks: {:?}\n{}", fx.marks(), logs_of(&[&server]));
+    let unsafe_job = job(&d, "unsafe");
+    assert_eq!(unsafe_job["state"], "failed", "{diag}");
+    assert!(unsafe_job["reason"].as_str().unwrap_or_default().contains("interrupted"), "{diag}");
+    assert_eq!(fx.runs("unsafe"), 1, "{diag}");
+    let a = attempts(&d, "safe");
+    assert_eq!(a.first().map(|a| a["outcome"].clone()), Some(Value::from("interrupted")), "{diag}");
+    assert_eq!(job_state(&d, "safe"), "succeeded", "an idempotent job interrupted by a shutdown is retried, as after a crash\n{diag}");
+    assert_eq!(job(&d, "safe")["attempt"], 2, "{diag}");
+    assert_eq!(fx.marks().iter().filter(|(j, _)| j == "safe").map(|(_, a)| *a).collect::<Vec<_>>(), vec![1, 2], "{diag}");
+}
+
+/// A node restarted with the same `--node-id` (a stable host name, say)
+/// must not keep alive the leases of the jobs its previous process was
+/// running: those are reaped like any dead node's, even while the new
+/// process is busy with other jobs.
+#[test]
+fn restarted_node_with_same_id_does_not_renew_dead_jobs_on_postgres() {
+    let Some(pg) = runtime().block_on(common::postgres_url()) else { return };
+    let fx = Fx::new(
+        r#"
+[project]
+name = "same-id"
+
+[[environment]]
+name = "one"
+
+[[environment]]
+name = "two"
+
+[[job]]
+name = "crashed"
+idempotent = true
+command = ["./mark.sh", "30.@NONCE@", "0"]
+env = { MARK = "@EXT@/marks" }
+
+[[job]]
+name = "busy"
+shell = true
+timeout = "3m"
+command = "while [ ! -e \"$GATE\" ]; do sleep 0.1; done"
+env = { GATE = "@EXT@/gate" }
+"#,
+        &[("mark.sh", MARK_SH)],
+    );
+    let node = format!("stable-{}", fx.nonce);
+    let flags = ["--lease", "2s", "--poll", "200ms", "--shutdown-grace", "1s", "--node-id", node.as_str()];
+    let mut s1 = fx.serve(&pg, &flags);
+    let first = submit_run(&s1.url, &["crashed"], Some("one"));
+    wait("the first job to run", || format!("{:#}", detail(&s1.url, first)), || {
+        (job_state(&detail(&s1.url, first), "crashed") == "running" && fx.marked("crashed", 1)).then_some(())
+    });
+    s1.kill9();
+
+    let s2 = fx.serve(&pg, &flags);
+    let second = submit_run(&s2.url, &["busy"], Some("two"));
+    wait("the busy job to run", || format!("{:#}", detail(&s2.url, second)), || (job_state(&detail(&s2.url, second), "busy") == "running").then_some(()));
+    // Leases are 2s: the dead process's job is reaped and retried long
+    // before this wait gives up, while "busy" still runs.
+    let d = wait_done(&s2.url, first, || format!("{:#}\n{}", detail(&s2.url, second), logs_of(&[&s1, &s2])));
+    std::fs::write(fx.ext.path().join("gate"), "").expect("open gate");
+    let diag = format!("{d:#}\nmarks: {:?}\n{}", fx.marks(), logs_of(&[&s1, &s2]));
+    assert_eq!(state(&d), "succeeded", "{diag}");
+    assert_eq!(job(&d, "crashed")["attempt"], 2, "{diag}");
+    assert_eq!(attempts(&d, "crashed")[0]["outcome"], "interrupted", "{diag}");
+    let d2 = wait_done(&s2.url, second, || logs_of(&[&s2]));
+    assert_eq!(state(&d2), "succeeded", "{d2:#}");
+}
+
+/// After SIGKILL of the server, not even the processes a job's shell
+/// started (its grandchildren) run on: an interrupted job is over, or a
+/// retry elsewhere would run concurrently with its remains.
+#[test]
+fn sigkill_leaves_no_orphan_grandchildren() {
+    let fx = Fx::new(
+        r#"
+[project]
+name = "grandchildren"
+
+[[job]]
+name = "script"
+shell = true
+command = "echo \"$SLIPWAY_JOB $SLIPWAY_ATTEMPT\" >> \"$MARK\"; sleep 300.@NONCE@; echo done"
+env = { MARK = "@EXT@/marks" }
+"#,
+        &[],
+    );
+    let pattern = format!("^sleep 300\\.{}", fx.nonce);
+    let _reap = Reap(pattern.clone());
+    let mut server = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
+    let id = submit_run(&server.url, &["script"], None);
+    wait("the job's sleep to run", || format!("{:#}", detail(&server.url, id)), || (fx.marked("script", 1) && pgrep(&pattern).len() == 1).then_some(()));
+    server.kill9();
+    wait_within(GONE, "the killed node's job processes to be gone", || format!("still running: {:?}", pgrep(&pattern)), || pgrep(&pattern).is_empty().then_some(()));
+}
+
+/// Once output is cut at `max_log_bytes`, nothing later of that attempt is
+/// kept: the note says "further output is counted, not kept", and a log
+/// with holes in it would mislead.
+#[test]
+fn output_after_truncation_note_is_not_kept() {
+    let fx = Fx::new(
+        r#"
+[project]
+name = "holes"
+max_log_bytes = 1000
+
+[[job]]
+name = "cut"
+shell = true
+command = "seq 1 200; head -c 2000 /dev/zero | tr '\\0' x; echo; echo after-the-cut"
+"#,
+        &[],
+    );
+    let server = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
+    let id = submit_run(&server.url, &["cut"], None);
+    let d = wait_done(&server.url, id, || logs_of(&[&server]));
+    assert_eq!(state(&d), "succeeded", "{d:#}");
+    let out = stdout_of(&server, id, "cut");
+    assert!(!out.iter().any(|l| l == "after-the-cut"), "output after the truncation note was kept: {:?}", &out[out.len().saturating_sub(3)..]);
+    assert_eq!(out, (1..=200).map(|i| i.to_string()).collect::<Vec<_>>());
 }

@@ -208,6 +208,84 @@ fn nonzero<K: Copy + Eq + std::hash::Hash>(v: &[(K, i64)]) -> HashMap<K, i64> {
     v.iter().filter(|(_, n)| *n != 0).map(|(k, n)| (*k, *n)).collect()
 }
 
+/// One node of the concurrency tests: claim and finish until the
+/// deployment is over or stuck; returns the job ids this node ran.
+async fn drain(store: Arc<dyn Store>, label: &'static str, node: String, dep: i64) -> Vec<i64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut mine = Vec::new();
+    loop {
+        assert!(Instant::now() < deadline, "[{label}] {node}: no end after 60s");
+        let claimed = store.claim(&node, LEASE, 4).await.unwrap_or_else(|e| panic!("[{label}] {node} claim: {e}"));
+        if claimed.is_empty() {
+            let d = store.deployment(dep).await.unwrap().unwrap();
+            if d.state.is_terminal() {
+                break;
+            }
+            // Nothing ready or running: the deployment must be over. A job's
+            // end, its dependants' release and the deployment's end are one
+            // transaction, so a second look that still sees it open means
+            // it is stuck (the caller's assertions say how).
+            let rows = store.jobs(dep).await.unwrap();
+            if !rows.iter().any(|j| matches!(j.state, JobState::Ready | JobState::Running)) {
+                let d = store.deployment(dep).await.unwrap().unwrap();
+                if !d.state.is_terminal() {
+                    eprintln!("[{label}] {node}: deployment {dep} is stuck {}: nothing ready or running", d.state);
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        // Finish them all at once, as a node with parallel slots would.
+        let results = futures_util::future::join_all(claimed.iter().map(|j| {
+            store.finish(FinishedAttempt {
+                job_id: j.job_id,
+                fence: j.fence,
+                node: node.clone(),
+                started_at: now_ms(),
+                outcome: Outcome::Succeeded,
+                exit_code: Some(0),
+                reason: None,
+                retry_at: None,
+            })
+        }))
+        .await;
+        for (j, r) in claimed.iter().zip(results) {
+            let eff = r.unwrap_or_else(|e| panic!("[{label}] {node} finish {}: {e}", j.name));
+            assert!(!eff.stale, "[{label}] {node}: finishing {} (fence {}) was stale", j.name, j.fence);
+        }
+        mine.extend(claimed.iter().map(|j| j.job_id));
+    }
+    mine
+}
+
+/// Three nodes drain `dep` concurrently; returns every node's job ids.
+async fn drain_with_three_nodes(b: &Backend, dep: i64) -> Vec<Vec<i64>> {
+    let tasks: Vec<_> = [N1, N2, N3].iter().map(|n| tokio::spawn(drain(b.1.clone(), b.0, n.to_string(), dep))).collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap_or_else(|e| panic!("[{}] node task: {e}", b.0)));
+    }
+    out
+}
+
+/// Every job claimed once, the deployment succeeded, nothing left open.
+async fn assert_ran_exactly_once(b: &Backend, dep: i64, per_node: &[Vec<i64>], total: usize) {
+    let name = b.0;
+    let all: Vec<i64> = per_node.iter().flatten().copied().collect();
+    let unique: HashSet<i64> = all.iter().copied().collect();
+    assert_eq!(all.len(), unique.len(), "[{name}] some job was claimed twice ({} claims, {} jobs)", all.len(), unique.len());
+    let rows = job_rows(b, dep).await;
+    let open: Vec<(&str, JobState)> = rows.iter().filter(|j| j.state != JobState::Succeeded).map(|j| (j.name.as_str(), j.state)).collect();
+    assert!(open.is_empty(), "[{name}] {} jobs not succeeded (lost dependants?), first ones: {:?}", open.len(), &open[..open.len().min(8)]);
+    assert_eq!(rows.len(), total, "[{name}]");
+    assert_eq!(unique, rows.iter().map(|j| j.id).collect::<HashSet<_>>(), "[{name}] every job claimed");
+    assert!(rows.iter().all(|j| j.attempt == 1), "[{name}] one attempt each");
+    assert_eq!(b.1.attempts(dep).await.unwrap().len(), total, "[{name}] one attempt row each");
+    assert_eq!(dep_state(b, dep).await, DeploymentState::Succeeded, "[{name}] every job succeeded, so the deployment must have (lost completion?)");
+    assert!(per_node.iter().filter(|v| !v.is_empty()).count() >= 2, "[{name}] work was shared: {:?}", per_node.iter().map(Vec::len).collect::<Vec<_>>());
+}
+
 // ------------------------------------------------------------------ cases
 
 /// 1. submit stores the event, the deployment and its jobs; a second
@@ -245,8 +323,10 @@ async fn submit_stores_everything_and_is_idempotent() {
         assert_eq!((d.started_at, d.finished_at), (None, None), "[{name}] not started");
 
         let rows = job_rows(&b, s.deployment_id).await;
-        let got: Vec<(&str, JobState, i64, Option<&str>, Vec<&str>)> =
-            rows.iter().map(|j| (j.name.as_str(), j.state, j.attempt, j.node.as_deref(), j.needs.iter().map(String::as_str).collect())).collect();
+        let got: Vec<_> = rows
+            .iter()
+            .map(|j| (j.name.as_str(), j.state, j.attempt, j.node.as_deref(), j.needs.iter().map(String::as_str).collect::<Vec<_>>()))
+            .collect();
         assert_eq!(
             got,
             vec![
@@ -271,15 +351,29 @@ async fn submit_stores_everything_and_is_idempotent() {
         assert_eq!(job_rows(&b, s.deployment_id).await.len(), 3, "[{name}] a duplicate adds no jobs");
         assert_eq!(dep_state(&b, s.deployment_id).await, DeploymentState::Queued, "[{name}] a duplicate supersedes nothing");
 
+        // A need that points nowhere is refused, and leaves nothing behind.
+        let mut bad = new_deployment("staging/bad", jobs(&[("x", &[]), ("y", &[7])]));
+        bad.event.key = Some("delivery-bad".into());
+        assert!(b.1.submit(bad.clone()).await.is_err(), "[{name}] needs index out of range must be an error");
+        assert_eq!(deployment_count(&b).await, 1, "[{name}] a refused submit creates nothing");
+        bad.jobs = jobs(&[("x", &[])]);
+        let retried = submit(&b, bad).await;
+        assert!(!retried.duplicate, "[{name}] the refused submit did not keep its event key");
+        assert_eq!(deployment_count(&b).await, 2, "[{name}]");
+
         // Events without a key are never duplicates of each other.
         let k1 = submit(&b, run_deployment("r1", jobs(&[("x", &[])]))).await;
         let k2 = submit(&b, run_deployment("r2", jobs(&[("x", &[])]))).await;
         assert!(!k1.duplicate && !k2.duplicate, "[{name}] keyless events");
         assert_ne!(k1.deployment_id, k2.deployment_id, "[{name}]");
         assert_ne!(k1.event_id, k2.event_id, "[{name}]");
-        assert_eq!(deployment_count(&b).await, 3, "[{name}]");
+        assert_eq!(deployment_count(&b).await, 4, "[{name}]");
         let queued = b.1.deployments(10, Some(DeploymentState::Queued)).await.unwrap();
-        assert_eq!(queued.iter().map(|d| d.id).collect::<Vec<_>>(), vec![k2.deployment_id, k1.deployment_id, s.deployment_id], "[{name}] newest first");
+        assert_eq!(
+            queued.iter().map(|d| d.id).collect::<Vec<_>>(),
+            vec![k2.deployment_id, k1.deployment_id, retried.deployment_id, s.deployment_id],
+            "[{name}] newest first"
+        );
         assert_eq!(b.1.deployments(2, None).await.unwrap().len(), 2, "[{name}] limit");
         assert!(b.1.deployments(10, Some(DeploymentState::Running)).await.unwrap().is_empty(), "[{name}] state filter");
     }
@@ -329,6 +423,74 @@ async fn newer_deploy_supersedes_queued_one_on_same_lock() {
         assert_eq!(dep_state(&b, other_key.deployment_id).await, DeploymentState::Running, "[{name}]");
         let d = deployment(&b, other_key.deployment_id).await;
         assert_eq!((d.superseded_by, d.reason), (None, None), "[{name}]");
+    }
+}
+
+/// 2b. Submits racing on one lock key (a burst of webhooks): afterwards
+/// one deploy is queued, the newest, and every other one was superseded by
+/// a newer one. One event key delivered several times at once makes one
+/// deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submits_supersede_consistently() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        let mut problems = Vec::new();
+        for round in 0..10 {
+            let key = format!("prod/race{round}");
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let store = b.1.clone();
+                    let key = key.clone();
+                    tokio::spawn(async move { store.submit(new_deployment(&key, diamond())).await })
+                })
+                .collect();
+            let mut ids = Vec::new();
+            for t in tasks {
+                ids.push(t.await.unwrap().unwrap_or_else(|e| panic!("[{name}] submit: {e}")).deployment_id);
+            }
+            ids.sort_unstable();
+            let newest = *ids.last().unwrap();
+            let mut table = Vec::new();
+            for &id in &ids {
+                let d = deployment(&b, id).await;
+                let ok = if id == newest {
+                    d.state == DeploymentState::Queued
+                } else {
+                    d.state == DeploymentState::Superseded && d.superseded_by.is_some_and(|by| by > id)
+                };
+                table.push(format!("{id}:{}{}{}", d.state, d.superseded_by.map(|s| format!("->{s}")).unwrap_or_default(), if ok { "" } else { "(!)" }));
+            }
+            if table.iter().any(|t| t.ends_with("(!)")) {
+                problems.push(format!("round {round}: {}", table.join(" ")));
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "[{name}] 8 concurrent deploys on one lock key must leave exactly the newest queued, each other superseded by a newer one \
+             (id:state->superseded_by, (!) marks a violation):\n{}",
+            problems.join("\n")
+        );
+
+        // The same event key, eight deliveries at once.
+        let before = deployment_count(&b).await;
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let store = b.1.clone();
+                tokio::spawn(async move {
+                    let mut new = new_deployment("prod/dup", diamond());
+                    new.event.key = Some("burst-1".into());
+                    store.submit(new).await
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.unwrap().unwrap_or_else(|e| panic!("[{name}] submit: {e}")));
+        }
+        assert_eq!(answers.iter().filter(|a| !a.duplicate).count(), 1, "[{name}] exactly one delivery is new: {answers:?}");
+        assert_eq!(answers.iter().map(|a| a.deployment_id).collect::<HashSet<_>>().len(), 1, "[{name}] all answer the same deployment: {answers:?}");
+        assert_eq!(deployment_count(&b).await, before + 1, "[{name}] one deployment for one event key");
     }
 }
 
@@ -564,7 +726,7 @@ async fn retry_waits_and_records_every_attempt() {
         let first = claim(&b, N1, 10).await;
         assert_eq!(names(&first), vec!["flaky"], "[{name}]");
         let started1 = now_ms() - 50;
-        let retry_at = now_ms() + 700;
+        let retry_at = now_ms() + 1000;
         let eff = finish(
             &b,
             FinishedAttempt {
@@ -609,8 +771,7 @@ async fn retry_waits_and_records_every_attempt() {
         assert_eq!(eff.newly_ready, 1, "[{name}]");
 
         let attempts = b.1.attempts(dep).await.unwrap();
-        let got: Vec<(&str, i64, &str, Outcome, Option<i64>, Option<&str>)> =
-            attempts.iter().map(|a| (a.job.as_str(), a.attempt, a.node.as_str(), a.outcome, a.exit_code, a.reason.as_deref())).collect();
+        let got: Vec<_> = attempts.iter().map(|a| (a.job.as_str(), a.attempt, a.node.as_str(), a.outcome, a.exit_code, a.reason.as_deref())).collect();
         assert_eq!(
             got,
             vec![
@@ -678,6 +839,16 @@ async fn cancel_queued_and_running() {
         let t = b.1.cancel(running).await.unwrap().unwrap();
         assert_eq!(t.state, DeploymentState::Cancelled, "[{name}]");
 
+        // Running, but no job running: cancelled at once, lock released.
+        let idle = submit(&b, run_deployment("prod/idle", jobs(&[("p", &[]), ("q", &[0])]))).await.deployment_id;
+        let idle_next = submit(&b, run_deployment("prod/idle", jobs(&[("p", &[])]))).await.deployment_id;
+        assert_eq!(activate(&b, N1).await, vec![idle], "[{name}]");
+        let row = b.1.cancel(idle).await.unwrap().unwrap();
+        assert_eq!(row.state, DeploymentState::Cancelled, "[{name}] nothing running: cancelled at once");
+        assert_eq!(job_states(&b, idle).await, states(&[("p", Cancelled), ("q", Cancelled)]), "[{name}]");
+        assert_eq!(activate(&b, N1).await, vec![idle_next], "[{name}] and its lock is free");
+        b.1.cancel(idle_next).await.unwrap();
+
         // A running job that fails after cancel: still `cancelled`, and a retry is not scheduled.
         let z = claim(&b, N1, 10).await;
         assert_eq!(names(&z), vec!["z"], "[{name}]");
@@ -715,6 +886,7 @@ async fn renew_detects_lost_leases() {
         let taken = claim_with(&b, N2, Duration::from_millis(1), 10).await;
         assert_eq!(names(&taken), vec!["a"], "[{name}]");
         assert_eq!(taken[0].fence, a.fence + 1, "[{name}]");
+        tokio::time::sleep(Duration::from_millis(30)).await; // N2's 1 ms lease lapses too
 
         let r = b.1.renew(N1, &[(a.job_id, a.fence), (bj.job_id, bj.fence)], LEASE).await.unwrap();
         let r: HashMap<i64, (bool, bool)> = r.iter().map(|r| (r.job_id, (r.held, r.cancel))).collect();
@@ -737,78 +909,8 @@ async fn renew_detects_lost_leases() {
         assert!(!r[0].held, "[{name}] finished job is not held");
         let nodes: HashSet<String> = b.1.nodes().await.unwrap().into_iter().map(|n| n.id).collect();
         assert_eq!(nodes, HashSet::from([N1.to_string(), N2.to_string()]), "[{name}] nodes");
-        let _ = dep;
+        assert_eq!(job_states(&b, dep).await, states(&[("a", JobState::Succeeded), ("b", JobState::Running)]), "[{name}]");
     }
-}
-
-/// Claim and finish until the deployment is over or stuck (nothing ready
-/// or running but something pending); returns the job ids this node ran.
-async fn drain(store: Arc<dyn Store>, label: &'static str, node: String, dep: i64) -> Vec<i64> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut mine = Vec::new();
-    loop {
-        assert!(Instant::now() < deadline, "[{label}] {node}: no end after 120s");
-        let claimed = store.claim(&node, LEASE, 4).await.unwrap_or_else(|e| panic!("[{label}] {node} claim: {e}"));
-        if claimed.is_empty() {
-            let d = store.deployment(dep).await.unwrap().unwrap();
-            if d.state.is_terminal() {
-                break;
-            }
-            let rows = store.jobs(dep).await.unwrap();
-            if !rows.iter().any(|j| matches!(j.state, JobState::Ready | JobState::Running)) && rows.iter().any(|j| j.state == JobState::Pending) {
-                break; // stuck: the caller's assertions say how
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            continue;
-        }
-        // Finish them all at once, as a node with parallel slots would.
-        let results = futures_util::future::join_all(claimed.iter().map(|j| {
-            store.finish(FinishedAttempt {
-                job_id: j.job_id,
-                fence: j.fence,
-                node: node.clone(),
-                started_at: now_ms(),
-                outcome: Outcome::Succeeded,
-                exit_code: Some(0),
-                reason: None,
-                retry_at: None,
-            })
-        }))
-        .await;
-        for (j, r) in claimed.iter().zip(results) {
-            let eff = r.unwrap_or_else(|e| panic!("[{label}] {node} finish {}: {e}", j.name));
-            assert!(!eff.stale, "[{label}] {node}: finishing {} (fence {}) was stale", j.name, j.fence);
-        }
-        mine.extend(claimed.iter().map(|j| j.job_id));
-    }
-    mine
-}
-
-/// Three nodes drain `dep` concurrently; returns every node's job ids.
-async fn drain_with_three_nodes(b: &Backend, dep: i64) -> Vec<Vec<i64>> {
-    let tasks: Vec<_> = [N1, N2, N3].iter().map(|n| tokio::spawn(drain(b.1.clone(), b.0, n.to_string(), dep))).collect();
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap_or_else(|e| panic!("[{}] node task: {e}", b.0)));
-    }
-    out
-}
-
-/// Every job claimed once, the deployment succeeded, nothing left open.
-async fn assert_ran_exactly_once(b: &Backend, dep: i64, per_node: &[Vec<i64>], total: usize) {
-    let name = b.0;
-    let all: Vec<i64> = per_node.iter().flatten().copied().collect();
-    let unique: HashSet<i64> = all.iter().copied().collect();
-    assert_eq!(all.len(), unique.len(), "[{name}] some job was claimed twice ({} claims, {} jobs)", all.len(), unique.len());
-    let rows = job_rows(b, dep).await;
-    let open: Vec<(&str, JobState)> = rows.iter().filter(|j| j.state != JobState::Succeeded).map(|j| (j.name.as_str(), j.state)).collect();
-    assert!(open.is_empty(), "[{name}] jobs not succeeded: {open:?}");
-    assert_eq!(rows.len(), total, "[{name}]");
-    assert_eq!(unique, rows.iter().map(|j| j.id).collect::<HashSet<_>>(), "[{name}] every job claimed");
-    assert!(rows.iter().all(|j| j.attempt == 1), "[{name}] one attempt each");
-    assert_eq!(b.1.attempts(dep).await.unwrap().len(), total, "[{name}] one attempt row each");
-    assert_eq!(dep_state(b, dep).await, DeploymentState::Succeeded, "[{name}]");
-    assert!(per_node.iter().filter(|v| !v.is_empty()).count() >= 2, "[{name}] work was shared: {:?}", per_node.iter().map(Vec::len).collect::<Vec<_>>());
 }
 
 /// 9. Three nodes claiming at once never run a job twice and never lose a
@@ -828,6 +930,90 @@ async fn concurrent_nodes_claim_each_job_once() {
         assert_eq!(counts(&b).await.ready, 4, "[{name}] first layer only");
         let per_node = drain_with_three_nodes(&b, layers).await;
         assert_ran_exactly_once(&b, layers, &per_node, 200).await;
+    }
+}
+
+/// 9b. Three nodes activating, claiming and finishing at once never run two
+/// deployments of one lock key together, nor a younger before an older.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_nodes_activate_one_deployment_per_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        let mut key_of: HashMap<i64, &'static str> = HashMap::new();
+        for i in 0..16 {
+            let key = if i % 4 == 3 { "prod/other" } else { "prod/jobs" };
+            let id = submit(&b, run_deployment(key, jobs(&[("a", &[]), ("b", &[0]), ("c", &[0])]))).await.deployment_id;
+            key_of.insert(id, key);
+        }
+        let key_of = Arc::new(key_of);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+        // The monitor: every snapshot of deployments must respect the locks.
+        let monitor = {
+            let (store, key_of, stop) = (b.1.clone(), key_of.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut violations = Vec::new();
+                let mut snapshots = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let all = store.deployments(1000, None).await.unwrap();
+                    snapshots += 1;
+                    for key in ["prod/jobs", "prod/other"] {
+                        let of_key: Vec<&DeploymentRow> = all.iter().filter(|d| key_of[&d.id] == key).collect();
+                        let running: Vec<i64> = of_key.iter().filter(|d| d.state == DeploymentState::Running).map(|d| d.id).collect();
+                        let oldest_queued = of_key.iter().filter(|d| d.state == DeploymentState::Queued).map(|d| d.id).min();
+                        if running.len() > 1 {
+                            violations.push(format!("{key}: running together: {running:?}"));
+                        }
+                        if let (Some(&r), Some(q)) = (running.first(), oldest_queued)
+                            && q < r
+                        {
+                            violations.push(format!("{key}: {r} runs while older {q} is queued"));
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                (violations, snapshots)
+            })
+        };
+
+        let nodes: Vec<_> = [N1, N2, N3]
+            .iter()
+            .map(|node| {
+                let store = b.1.clone();
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    loop {
+                        if Instant::now() > deadline {
+                            break; // the assertions below say what is left
+                        }
+                        store.activate(node, LEASE).await.unwrap_or_else(|e| panic!("[{name}] activate: {e}"));
+                        let claimed = store.claim(node, LEASE, 2).await.unwrap_or_else(|e| panic!("[{name}] claim: {e}"));
+                        for j in &claimed {
+                            let eff = store.finish(done(j, node, Outcome::Succeeded)).await.unwrap_or_else(|e| panic!("[{name}] finish: {e}"));
+                            assert!(!eff.stale, "[{name}] {node}: stale finish of {}", j.job_id);
+                        }
+                        if claimed.is_empty() {
+                            let all = store.deployments(1000, None).await.unwrap();
+                            if all.iter().all(|d| d.state.is_terminal()) {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for n in nodes {
+            n.await.unwrap_or_else(|e| panic!("[{name}] node task: {e}"));
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (violations, snapshots) = monitor.await.unwrap();
+        assert!(violations.is_empty(), "[{name}] lock violations seen in {snapshots} snapshots: {violations:?}");
+        let all = b.1.deployments(1000, None).await.unwrap();
+        assert_eq!(all.len(), 16, "[{name}]");
+        assert!(all.iter().all(|d| d.state == DeploymentState::Succeeded), "[{name}] every deployment succeeds within 30 s: {:?}", all.iter().map(|d| (d.id, d.state)).collect::<Vec<_>>());
+        assert_eq!(counts(&b).await.ready, 0, "[{name}]");
     }
 }
 
@@ -908,6 +1094,11 @@ async fn logs_page_in_order_and_history_per_environment() {
         assert!(b.1.logs(dep, Some("nope"), 0, 100).await.unwrap().is_empty(), "[{name}] unknown job");
         let elsewhere = b.1.logs(other, None, 0, 100).await.unwrap();
         assert_eq!(elsewhere.iter().map(|r| r.line.as_str()).collect::<Vec<_>>(), vec!["elsewhere"], "[{name}]");
+
+        // The log deployments never ran; out of the way of what follows.
+        for d in [dep, other] {
+            assert_eq!(b.1.cancel(d).await.unwrap().map(|d| d.state), Some(DeploymentState::Cancelled), "[{name}]");
+        }
 
         // History: "migrate" succeeded twice in prod taking ~3 s; "lint" only failed.
         for round in 0..2 {
@@ -1013,7 +1204,9 @@ async fn expire_all_leases_expires_every_running_job() {
         assert_eq!(job_row(&b, d1, "c").await.state, JobState::Pending, "[{name}]");
         assert_eq!(b.1.reap_locks(N3, LEASE).await.unwrap(), 2, "[{name}] both locks lapsed and are taken over");
         assert_eq!(b.1.reap_locks(N3, LEASE).await.unwrap(), 0, "[{name}] and are fresh again");
-        assert_eq!(dep_state(&b, d1).await, DeploymentState::Running, "[{name}] running deployments keep their lock");
-        let _ = d2;
+        for d in [d1, d2] {
+            assert_eq!(dep_state(&b, d).await, DeploymentState::Running, "[{name}] running deployments keep their lock");
+        }
     }
 }
+

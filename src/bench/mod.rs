@@ -288,6 +288,8 @@ pub struct NoopReport {
     pub parallelism: usize,
     pub slipway: SlipwayRun,
     pub ninja_secs: f64,
+    /// CPU time of ninja and the commands it ran.
+    pub ninja_cpu_secs: f64,
     /// Slipway ÷ ninja.
     pub ratio: f64,
     pub target: f64,
@@ -306,6 +308,7 @@ pub struct SleepReport {
     pub target: f64,
     pub within_target: bool,
     pub ninja_secs: f64,
+    pub ninja_cpu_secs: f64,
     /// Ninja ÷ critical path.
     pub ninja_ratio: f64,
 }
@@ -319,6 +322,9 @@ pub struct SlipwayRun {
     pub peak_running: usize,
     /// Mean time from a job becoming ready to its start (store clock, ms resolution).
     pub mean_ready_to_start_ms: f64,
+    /// CPU time (user + system) of this process and of the jobs it ran,
+    /// during the run: a figure that holds up on a busy machine.
+    pub cpu_secs: f64,
 }
 
 impl BenchReport {
@@ -330,6 +336,7 @@ impl BenchReport {
             "slipway bench: seed {}, {} jobs in {} levels (widest {}), {} needs; {}\n\
              no-op graph ({} jobs, {} levels, -j {}): slipway {:.2}s, ninja {:.2}s, ratio {:.2} (target ≤ {}) {}\n\
              sleep graph (critical path {:.2}s, -j {}): slipway {:.2}s (×{:.3} of critical path, target ≤ {}) {}, ninja {:.2}s (×{:.3})\n\
+             cpu time: no-op slipway {:.2}s vs ninja {:.2}s; sleep slipway {:.2}s vs ninja {:.2}s\n\
              slipway detail: no-op peak {} running, ready→start {:.1}ms mean; sleep peak {} running, ready→start {:.1}ms mean\n",
             self.seed,
             self.jobs,
@@ -353,6 +360,10 @@ impl BenchReport {
             verdict(s.within_target),
             s.ninja_secs,
             s.ninja_ratio,
+            n.slipway.cpu_secs,
+            n.ninja_cpu_secs,
+            s.slipway.cpu_secs,
+            s.ninja_cpu_secs,
             n.slipway.peak_running,
             n.slipway.mean_ready_to_start_ms,
             s.slipway.peak_running,
@@ -444,7 +455,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
 
     let crit = crit_ms as f64 / 1000.0;
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::INFINITY };
-    let noop_ratio = ratio(noop_slipway.makespan_secs, noop_ninja.as_secs_f64());
+    let noop_ratio = ratio(noop_slipway.makespan_secs, noop_ninja.wall.as_secs_f64());
     let sleep_ratio = ratio(sleep_slipway.makespan_secs, crit);
     let report = BenchReport {
         seed: opts.seed,
@@ -456,7 +467,8 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         noop: NoopReport {
             parallelism: opts.parallelism,
             slipway: noop_slipway,
-            ninja_secs: noop_ninja.as_secs_f64(),
+            ninja_secs: noop_ninja.wall.as_secs_f64(),
+            ninja_cpu_secs: noop_ninja.cpu.as_secs_f64(),
             ratio: noop_ratio,
             target: NOOP_TARGET,
             within_target: noop_ratio <= NOOP_TARGET,
@@ -470,8 +482,9 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             ratio: sleep_ratio,
             target: SLEEP_TARGET,
             within_target: sleep_ratio <= SLEEP_TARGET,
-            ninja_secs: sleep_ninja.as_secs_f64(),
-            ninja_ratio: ratio(sleep_ninja.as_secs_f64(), crit),
+            ninja_secs: sleep_ninja.wall.as_secs_f64(),
+            ninja_cpu_secs: sleep_ninja.cpu.as_secs_f64(),
+            ninja_ratio: ratio(sleep_ninja.wall.as_secs_f64(), crit),
         },
     };
     if opts.json {
@@ -551,6 +564,7 @@ async fn run_slipway(graph: &'static str, dir: &Path, names: &[String], parallel
     // Let the node register and go idle, so its start-up is not timed.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    let cpu_before = cpu_time();
     let measured = async {
         let start = Instant::now();
         let submitted = submitter.submit(Request::Run { jobs: names.to_vec(), environment: None }, None, "{}".into()).await?;
@@ -596,6 +610,7 @@ async fn run_slipway(graph: &'static str, dir: &Path, names: &[String], parallel
     let stopped = tokio::time::timeout(Duration::from_secs(30), sched_task).await;
     let watched = tokio::time::timeout(Duration::from_secs(5), watch_task).await.ok().and_then(Result::ok).unwrap_or_default();
     let _ = tokio::time::timeout(Duration::from_secs(5), log_task).await;
+    let cpu = cpu_time().saturating_sub(cpu_before);
     let makespan = measured?;
     match stopped {
         Err(_) => return Err(BenchError::Timeout { what: "stopping the bench scheduler".into(), after: Duration::from_secs(30) }),
@@ -607,6 +622,7 @@ async fn run_slipway(graph: &'static str, dir: &Path, names: &[String], parallel
         makespan_secs: makespan.as_secs_f64(),
         peak_running: watched.peak_running,
         mean_ready_to_start_ms: if watched.started == 0 { 0.0 } else { watched.ready_to_start.as_secs_f64() * 1000.0 / watched.started as f64 },
+        cpu_secs: cpu.as_secs_f64(),
     })
 }
 
@@ -619,9 +635,36 @@ async fn ninja_version(ninja: &Path) -> Result<String, BenchError> {
     }
 }
 
+/// CPU time (user + system) of `RUSAGE_SELF` or `RUSAGE_CHILDREN`.
+fn rusage_cpu(who: libc::c_int) -> Duration {
+    // SAFETY: getrusage only writes the struct we pass it.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// This process and the children it has waited for (jobs, ninja and,
+/// through ninja, its commands).
+fn cpu_time() -> Duration {
+    rusage_cpu(libc::RUSAGE_SELF) + rusage_cpu(libc::RUSAGE_CHILDREN)
+}
+
+fn children_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_CHILDREN)
+}
+
+struct NinjaRun {
+    wall: Duration,
+    /// Ninja's and its commands' CPU time.
+    cpu: Duration,
+}
+
 /// Time `ninja -f build.ninja -j P -C dir`. Ninja gets its own process
 /// group, so a timeout kills the commands it started too.
-async fn run_ninja(graph: &'static str, ninja: &Path, dir: &Path, parallelism: usize, limit: Duration) -> Result<Duration, BenchError> {
+async fn run_ninja(graph: &'static str, ninja: &Path, dir: &Path, parallelism: usize, limit: Duration) -> Result<NinjaRun, BenchError> {
     // Ninja remembers what it built: start from nothing every time.
     for f in [".ninja_log", ".ninja_deps"] {
         let _ = std::fs::remove_file(dir.join(f));
@@ -638,6 +681,7 @@ async fn run_ninja(graph: &'static str, ninja: &Path, dir: &Path, parallelism: u
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
+    let children_before = children_cpu();
     let start = Instant::now();
     let child = cmd.spawn().map_err(io(format!("cannot run {}", ninja.display())))?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
@@ -653,12 +697,13 @@ async fn run_ninja(graph: &'static str, ninja: &Path, dir: &Path, parallelism: u
             return Err(BenchError::Timeout { what: format!("ninja on the {graph} graph"), after: limit });
         }
     };
-    let elapsed = start.elapsed();
+    let wall = start.elapsed();
+    let cpu = children_cpu().saturating_sub(children_before);
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(BenchError::Ninja { graph, reason: format!("{}: {}", out.status, stderr.trim()) });
     }
-    Ok(elapsed)
+    Ok(NinjaRun { wall, cpu })
 }
 
 #[cfg(test)]

@@ -102,6 +102,8 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
         cfg.max_log_bytes = m;
     }
 
+    // Registered before the API answers, so a node that listens is listed.
+    store.register_node(&node_id).await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
     let node = start_node(NodeOptions { config_path: loaded.path.clone(), store: store.clone(), scheduler: cfg, listener });
     let shutdown = node.shutdown.clone();
     {

@@ -231,7 +231,7 @@ impl Scheduler {
     async fn reap(&self) -> Result<(), StoreError> {
         self.store.reap_locks(&self.cfg.node_id, self.cfg.lease).await?;
         for x in self.store.expired().await? {
-            let retry = x.spec.idempotent && (x.attempt as u32) < x.spec.retry_attempts;
+            let retry = x.spec.idempotent && (x.attempt as u32) < x.spec.interrupted_attempt_limit();
             let node = x.node.clone().unwrap_or_else(|| "?".into());
             let reason = if retry {
                 format!("interrupted: node {node} stopped renewing its lease mid-run; retrying because the job is idempotent")
@@ -365,7 +365,7 @@ impl Scheduler {
             Outcome::Failed | Outcome::TimedOut if more_attempts && spec.retryable(result.exit_code.filter(|_| outcome == Outcome::Failed)) => {
                 Some(spec.backoff(job.attempt as u32 + 1))
             }
-            Outcome::Interrupted if spec.idempotent && more_attempts => Some(Duration::ZERO),
+            Outcome::Interrupted if spec.idempotent && (job.attempt as u32) < spec.interrupted_attempt_limit() => Some(Duration::ZERO),
             _ => None,
         };
         if stop == Some(StopReason::LeaseLost) {
@@ -457,7 +457,8 @@ impl Scheduler {
         };
         while let Some((stream, line)) = rx.recv().await {
             let size = line.len() as u64 + 1;
-            if kept + size > max {
+            // Once truncated, stay truncated: a log with holes misleads.
+            if dropped_lines > 0 || kept + size > max {
                 if dropped_lines == 0 {
                     self.events
                         .emit(ev("slipway", format!("[slipway] output truncated: this attempt reached max_log_bytes ({max} bytes); further output is counted, not kept")))

@@ -168,6 +168,14 @@ impl JobSpec {
         }
     }
 
+    /// Attempts an idempotent job may reach when its runs are interrupted
+    /// (node died or shut down): its retry attempts plus a few, so a job
+    /// that kills its node cannot loop forever. Crash and graceful stop
+    /// use the same limit.
+    pub fn interrupted_attempt_limit(&self) -> u32 {
+        self.retry_attempts.saturating_add(3)
+    }
+
     pub fn retryable(&self, exit_code: Option<i32>) -> bool {
         self.retry_any || exit_code.is_some_and(|c| self.retry_exit_codes.contains(&c))
     }

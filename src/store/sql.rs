@@ -26,9 +26,6 @@ pub struct SqlStore {
 }
 
 const TERMINAL_JOB_STATES: &str = "('succeeded','failed','skipped','cancelled')";
-/// Interruptions an idempotent job survives beyond its retry attempts, so
-/// a job that kills its node cannot loop forever.
-const EXTRA_INTERRUPTED_ATTEMPTS: i64 = 3;
 
 fn schema(d: Dialect) -> Vec<String> {
     let (serial, blob) = match d {
@@ -695,12 +692,18 @@ impl Store for SqlStore {
         if held.is_empty() {
             return Ok(vec![]);
         }
-        sqlx::query("UPDATE jobs SET lease_until = $1 WHERE node = $2 AND state = 'running'")
-            .bind(until)
-            .bind(node)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::query(op))?;
+        // Only the attempts this process holds: jobs left under the same
+        // node id by a previous process must expire and be reaped.
+        for (job, fence) in held {
+            sqlx::query("UPDATE jobs SET lease_until = $1 WHERE id = $2 AND fence = $3 AND node = $4 AND state = 'running'")
+                .bind(until)
+                .bind(*job)
+                .bind(*fence)
+                .bind(node)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::query(op))?;
+        }
         let rows = sqlx::query(
             "SELECT j.id, j.fence, d.cancel_requested FROM jobs j JOIN deployments d ON d.id = j.deployment_id WHERE j.node = $1 AND j.state = 'running'",
         )
@@ -845,10 +848,7 @@ impl Store for SqlStore {
         rows.iter()
             .map(|r| {
                 let spec: String = r.try_get(7).map_err(StoreError::query(op))?;
-                let mut spec = spec_of(&spec)?;
-                // An interrupted idempotent job may run again, a bounded
-                // number of extra times.
-                spec.retry_attempts = spec.retry_attempts.saturating_add(EXTRA_INTERRUPTED_ATTEMPTS as u32);
+                let spec = spec_of(&spec)?;
                 Ok(Expired {
                     job_id: r.try_get(0).map_err(StoreError::query(op))?,
                     deployment_id: r.try_get(1).map_err(StoreError::query(op))?,

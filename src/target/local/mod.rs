@@ -3,9 +3,9 @@
 //! Each attempt gets its own process group, so a timeout or a cancel kills
 //! everything the job started (SIGTERM, then SIGKILL after `kill_grace`),
 //! and so does the end of the job: a job does not leave processes behind
-//! (long-running things are services, not jobs). The child also gets
-//! `PR_SET_PDEATHSIG`, so if Slipway is killed with SIGKILL its direct
-//! child dies with it.
+//! (long-running things are services, not jobs). A small supervisor in the
+//! group (see `split_supervisor`) kills the whole group if Slipway itself
+//! dies, even by SIGKILL.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -67,14 +67,93 @@ fn build_command(req: &JobRequest) -> Result<Command, String> {
     for (k, v) in &req.spec.env {
         cmd.env(k, v);
     }
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    let slipway = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec and calls only
+    // async-signal-safe functions (see `split_supervisor`).
     unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        cmd.pre_exec(move || {
+            split_supervisor(slipway);
             Ok(())
         });
     }
     Ok(cmd)
+}
+
+extern "C" fn on_slipway_death(_: libc::c_int) {
+    // SAFETY: kill is async-signal-safe.
+    unsafe {
+        libc::kill(0, libc::SIGKILL);
+    }
+}
+
+/// Runs in the forked child, already leader of the job's process group.
+/// Forks once more: the grandchild returns and goes on to exec the job;
+/// this process stays behind as the group's supervisor. It waits for the
+/// job and exits with the job's status (so Slipway sees the job's exit
+/// code or signal), and if Slipway dies — even by SIGKILL — the kernel's
+/// parent-death signal makes it kill the whole group, grandchildren
+/// included. Without it, processes a job started would outlive a crashed
+/// node and could run beside the retry of an interrupted job.
+///
+/// # Safety
+/// Only async-signal-safe calls: this runs after fork in a threaded process.
+unsafe fn split_supervisor(slipway: libc::pid_t) {
+    unsafe {
+        let job = libc::fork();
+        if job <= 0 {
+            // The job itself (or, if fork failed, run it unsupervised with
+            // the direct parent-death signal at least).
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            return;
+        }
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_slipway_death as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR1, 0, 0, 0);
+        if libc::getppid() != slipway {
+            libc::kill(0, libc::SIGKILL); // Slipway died before we got here.
+        }
+        // Stop and timeout signals are for the job; the supervisor only
+        // passes the job's fate on.
+        let mut ign: libc::sigaction = std::mem::zeroed();
+        ign.sa_sigaction = libc::SIG_IGN;
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGPIPE] {
+            libc::sigaction(sig, &ign, std::ptr::null_mut());
+        }
+        // Hold no descriptor of Slipway's: not the output pipes (their
+        // readers wait for EOF), not std's exec-status pipe, not sockets.
+        for fd in 0..3 {
+            libc::close(fd);
+        }
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+            for fd in 3..4096 {
+                libc::close(fd);
+            }
+        }
+        let mut status: libc::c_int = 0;
+        loop {
+            let r = libc::waitpid(job, &mut status, 0);
+            if r == job {
+                break;
+            }
+            if r == -1 && *libc::__errno_location() != libc::EINTR {
+                libc::_exit(70);
+            }
+        }
+        if libc::WIFEXITED(status) {
+            libc::_exit(libc::WEXITSTATUS(status));
+        }
+        if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            libc::kill(libc::getpid(), sig);
+            libc::_exit(128 + sig);
+        }
+        libc::_exit(70);
+    }
 }
 
 fn kill_group(pgid: i32, signal: i32) {
