@@ -867,16 +867,18 @@ async fn renew_detects_lost_leases() {
         let name = b.0;
         b.1.register_node(N1).await.unwrap();
         b.1.register_node(N2).await.unwrap();
-        let dep = submit(&b, new_deployment("prod/api", jobs(&[("a", &[]), ("b", &[])]))).await.deployment_id;
+        let dep = submit(&b, new_deployment("prod/api", jobs(&[("a", &[]), ("b", &[]), ("c", &[])]))).await.deployment_id;
         activate(&b, N1).await;
         let mine = claim_with(&b, N1, Duration::from_millis(1), 10).await;
-        assert_eq!(names(&mine), vec!["a", "b"], "[{name}]");
-        let (a, bj) = (by_name(&mine, "a"), by_name(&mine, "b"));
+        assert_eq!(names(&mine), vec!["a", "b", "c"], "[{name}]");
+        let (a, bj, c) = (by_name(&mine, "a"), by_name(&mine, "b"), by_name(&mine, "c"));
 
-        // N1 renews only b in time; a's lease lapses and is reaped.
+        // Every lease lapses; a is reaped and taken by N2. N1 goes on to
+        // renew a and b, but not c (as if a previous process with the same
+        // node id had left it behind).
         tokio::time::sleep(Duration::from_millis(30)).await;
         let expired = b.1.expired().await.unwrap();
-        assert_eq!(expired.len(), 2, "[{name}] both lapsed");
+        assert_eq!(expired.len(), 3, "[{name}] all lapsed");
         let reap = finish(
             &b,
             FinishedAttempt { node: N2.into(), outcome: Outcome::Interrupted, retry_at: Some(now_ms()), ..done(a, N1, Outcome::Interrupted) },
@@ -893,11 +895,12 @@ async fn renew_detects_lost_leases() {
         assert_eq!(r.get(&a.job_id), Some(&(false, false)), "[{name}] a's fence moved on: lost");
         assert_eq!(r.get(&bj.job_id), Some(&(true, false)), "[{name}] b is still N1's");
         let expired: Vec<i64> = b.1.expired().await.unwrap().iter().map(|e| e.job_id).collect();
-        assert_eq!(expired, vec![a.job_id], "[{name}] renew extended b's lease, not N2's a");
+        assert_eq!(expired, vec![a.job_id, c.job_id], "[{name}] renew extended b's lease only: not N2's a, nor c, which N1 did not name");
 
         let r = b.1.renew(N2, &[(a.job_id, taken[0].fence)], LEASE).await.unwrap();
         assert_eq!((r[0].job_id, r[0].held, r[0].cancel), (a.job_id, true, false), "[{name}] the new holder holds it");
-        assert!(b.1.expired().await.unwrap().is_empty(), "[{name}] renewed");
+        let expired: Vec<i64> = b.1.expired().await.unwrap().iter().map(|e| e.job_id).collect();
+        assert_eq!(expired, vec![c.job_id], "[{name}] a renewed by N2");
         let r = b.1.renew(N2, &[(a.job_id, a.fence)], LEASE).await.unwrap();
         assert!(!r[0].held, "[{name}] right node, old fence: not held");
         let r = b.1.renew(N1, &[(a.job_id, taken[0].fence)], LEASE).await.unwrap();
@@ -909,7 +912,7 @@ async fn renew_detects_lost_leases() {
         assert!(!r[0].held, "[{name}] finished job is not held");
         let nodes: HashSet<String> = b.1.nodes().await.unwrap().into_iter().map(|n| n.id).collect();
         assert_eq!(nodes, HashSet::from([N1.to_string(), N2.to_string()]), "[{name}] nodes");
-        assert_eq!(job_states(&b, dep).await, states(&[("a", JobState::Succeeded), ("b", JobState::Running)]), "[{name}]");
+        assert_eq!(job_states(&b, dep).await, states(&[("a", JobState::Succeeded), ("b", JobState::Running), ("c", JobState::Running)]), "[{name}]");
     }
 }
 

@@ -297,7 +297,21 @@ impl Store for SqlStore {
     async fn submit(&self, new: NewDeployment) -> Result<Submitted> {
         let now = now_ms();
         let op = "submit";
+        if new.jobs.is_empty() {
+            // It would run forever holding its lock.
+            return Err(StoreError::Corrupt("a deployment needs at least one job".into()));
+        }
         let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+        if self.dialect == Dialect::Postgres {
+            // Submits on one lock key in id order = commit order, so a
+            // newer deploy always supersedes the older queued ones (and
+            // never the reverse) even when webhooks arrive in a burst.
+            sqlx::query("SELECT pg_advisory_xact_lock(7467234, hashtext($1))")
+                .bind(&new.lock_key)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?;
+        }
         let inserted = sqlx::query(
             "INSERT INTO events (key, kind, payload, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING id",
         )
@@ -376,7 +390,7 @@ impl Store for SqlStore {
         if new.kind == DeploymentKind::Deploy {
             let rows = sqlx::query(
                 "UPDATE deployments SET state = 'superseded', superseded_by = $1, finished_at = $2, reason = $3 \
-                 WHERE lock_key = $4 AND kind = 'deploy' AND state = 'queued' AND id <> $1 RETURNING id",
+                 WHERE lock_key = $4 AND kind = 'deploy' AND state = 'queued' AND id < $1 RETURNING id",
             )
             .bind(dep_id)
             .bind(now)
