@@ -404,3 +404,42 @@ async fn openapi_and_health_are_served() {
     })
     .await;
 }
+
+/// The store goes away mid-run: the API says 503 with the reason, the
+/// node keeps going, and once the store is back the deployment accepted
+/// before the outage finishes: nothing accepted is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn store_outage_is_503_and_nothing_accepted_is_lost() {
+    let Some(pg) = common::PgServer::start() else {
+        if std::env::var("SLIPWAY_REQUIRE_POSTGRES").as_deref() == Ok("1") {
+            panic!("PostgreSQL binaries are required (SLIPWAY_REQUIRE_POSTGRES=1)");
+        }
+        eprintln!("note: skipped: no PostgreSQL binaries under /usr/lib/postgresql");
+        return;
+    };
+    let store = slipway::store::open(&pg.url()).await.expect("store");
+    let n = Node::start("outage", store).await;
+    let (_, a) = n.post("/api/v1/events", &json!({"kind": "run", "jobs": ["left"], "environment": "staging"})).await;
+    let id = a["deployment_id"].as_i64().unwrap();
+    n.wait_job_state(id, "left", "running").await;
+    assert!(pg.ctl("stop"), "stop PostgreSQL");
+
+    let (s, h) = n.get("/healthz").await;
+    assert_eq!((s, h["status"].as_str()), (503, Some("degraded")), "{h}");
+    let (s, e) = n.post("/api/v1/events", &json!({"kind": "run", "jobs": ["prepare"], "environment": "staging"})).await;
+    assert_eq!(s, 503, "{e}");
+    assert_eq!(e["error"]["kind"], "store_unavailable", "{e}");
+    let (s, e) = n.get(&format!("/api/v1/deployments/{id}")).await;
+    assert_eq!((s, e["error"]["kind"].as_str()), (503, Some("store_unavailable")), "{e}");
+
+    // The job ends while the store is down; its result is recorded once
+    // the store is back (within its lease).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(pg.ctl("start"), "start PostgreSQL again");
+    let d = n.wait_terminal(id).await;
+    assert_eq!(d["deployment"]["state"], "succeeded", "{d}");
+    assert_eq!(job_of(&d, "left")["attempt"], 1, "{d}");
+    let (s, _) = n.get("/healthz").await;
+    assert_eq!(s, 200);
+    n.stop().await;
+}

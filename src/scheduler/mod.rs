@@ -60,6 +60,9 @@ impl SchedulerConfig {
     }
 }
 
+/// How long a job's result is retried against a store that does not answer.
+const FINISH_RETRY_LIMIT: Duration = Duration::from_secs(600);
+
 /// Why a running job is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopReason {
@@ -126,7 +129,7 @@ impl Scheduler {
                     last_renew = Instant::now();
                 }
                 if last_reap.elapsed() >= this.cfg.poll {
-                    this.reap().await?;
+                    this.reap(&running).await?;
                     last_reap = Instant::now();
                 }
                 for d in this.store.activate(&this.cfg.node_id, this.cfg.lease).await? {
@@ -195,7 +198,13 @@ impl Scheduler {
                         let _ = r.why.set(StopReason::Shutdown);
                         r.cancel.cancel();
                     }
-                    while tasks.join_next().await.is_some() {}
+                    // Killed jobs record themselves quickly; one stuck on a
+                    // dead store is abandoned (its lease will expire).
+                    let drained = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
+                    if drained.is_err() {
+                        tracing::warn!("abandoning job results that could not be recorded; their leases will expire");
+                        tasks.abort_all();
+                    }
                     break;
                 }
                 _ = tokio::time::sleep(renew_every) => {
@@ -228,9 +237,14 @@ impl Scheduler {
 
     /// Jobs whose node stopped renewing: retry if idempotent, else fail
     /// them as interrupted. Fenced, so two nodes reaping at once is safe.
-    async fn reap(&self) -> Result<(), StoreError> {
+    async fn reap(&self, running: &HashMap<i64, Running>) -> Result<(), StoreError> {
         self.store.reap_locks(&self.cfg.node_id, self.cfg.lease).await?;
         for x in self.store.expired().await? {
+            // Our own job whose lease ran out while the store was down: we
+            // still hold it (and maybe its result), so renew, don't reap.
+            if running.get(&x.job_id).is_some_and(|r| r.fence == x.fence) {
+                continue;
+            }
             let retry = x.spec.idempotent && (x.attempt as u32) < x.spec.interrupted_attempt_limit();
             let node = x.node.clone().unwrap_or_else(|| "?".into());
             let reason = if retry {
@@ -398,10 +412,11 @@ impl Scheduler {
             reason: reason.clone(),
             retry_at: retry_in.map(|d| now_ms() + d.as_millis() as i64),
         };
-        // The store may be briefly down: keep trying while our lease could
-        // still be valid. After that the reaper of some node decides.
+        // The store may be down: keep trying (our own reaper leaves a job we
+        // hold alone, and a fenced write cannot clobber another node's
+        // takeover). Past the limit, the reaper of some node decides.
         let mut delay = Duration::from_millis(100);
-        let give_up = Instant::now() + self.cfg.lease;
+        let give_up = Instant::now() + FINISH_RETRY_LIMIT;
         let effect = loop {
             match self.store.finish(done.clone()).await {
                 Ok(e) => break Some(e),

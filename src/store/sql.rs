@@ -94,7 +94,9 @@ impl SqlStore {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let opts = AnyPoolOptions::new()
                 .max_connections(8)
-                .acquire_timeout(Duration::from_secs(10))
+                // A store that is down answers within this: the API says
+                // 503 rather than keeping a client waiting.
+                .acquire_timeout(Duration::from_secs(5))
                 .after_connect(|conn, _| {
                     Box::pin(async move {
                         use sqlx::Executor;

@@ -100,7 +100,13 @@ impl Submitter {
         .await
         .map_err(|e| SubmitError::Invalid(format!("reading the config failed: {e}")))??;
         let environment = resolve_environment(&loaded.config, environment)?;
-        let history = self.store.history(&environment).await.unwrap_or_default();
+        // Past durations only feed estimates, but a store that is down
+        // must fail the request now, not after every later call times out.
+        let history = match self.store.history(&environment).await {
+            Ok(h) => h,
+            Err(e @ StoreError::Unavailable(_)) => return Err(e.into()),
+            Err(_) => Default::default(),
+        };
         let parallelism = loaded.config.project.parallelism.unwrap_or(self.parallelism);
         let plan = plan::build(&loaded.config, &environment, &selection, parallelism, &history)?;
         self.store.put_revision(&rev).await?;

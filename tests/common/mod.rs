@@ -167,3 +167,73 @@ pub fn post_json(url: &str, body: &str) -> (u16, serde_json::Value) {
     let (body, code) = text.rsplit_once('\n').unwrap_or((&text, "0"));
     (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
 }
+
+/// A PostgreSQL server of the test's own (initdb in a temp dir, a free
+/// port), for tests that stop and start the store. `None` when Debian's
+/// PostgreSQL binaries are not installed (scripts/test.sh installs them).
+pub struct PgServer {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    bin: PathBuf,
+}
+
+impl PgServer {
+    pub fn start() -> Option<PgServer> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql").ok()?.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|b| b.join("initdb").exists()).max()?;
+        let dir = tempfile::tempdir().ok()?;
+        let as_root = unsafe { libc_geteuid() } == 0;
+        if as_root {
+            Command::new("chown").arg("nobody").arg(dir.path()).status().ok()?;
+        }
+        let s = PgServer { dir, port: free_port(), bin };
+        let ok = s.run(&[s.bin.join("initdb").to_str()?, "-D", s.data().to_str()?, "-U", "slipway", "--auth=trust"]);
+        assert!(ok, "initdb failed");
+        assert!(s.ctl("start"), "pg_ctl start failed");
+        Some(s)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn run(&self, argv: &[&str]) -> bool {
+        let as_root = unsafe { libc_geteuid() } == 0;
+        let mut cmd = if as_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "nobody", "--"]).args(argv);
+            c
+        } else {
+            let mut c = Command::new(argv[0]);
+            c.args(&argv[1..]);
+            c
+        };
+        cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// `pg_ctl start` or `stop` (immediate: as if the server crashed).
+    pub fn ctl(&self, what: &str) -> bool {
+        let data = self.data();
+        let log = self.dir.path().join("log");
+        let opts = format!("-h 127.0.0.1 -p {} -k {} -c fsync=off", self.port, self.dir.path().display());
+        let ctl = self.bin.join("pg_ctl");
+        match what {
+            "start" => self.run(&[ctl.to_str().unwrap(), "-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "-o", &opts, "start"]),
+            _ => self.run(&[ctl.to_str().unwrap(), "-D", data.to_str().unwrap(), "-m", "immediate", "-w", "-t", "30", "stop"]),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://slipway@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.ctl("stop");
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
