@@ -348,8 +348,9 @@ env = { MARK = "@EXT@/marks" }
     assert!(stdout.contains("interrupted"), "status should explain the interruption:\n{}", text(&out));
 }
 
-/// After SIGKILL of the server, the jobs it was running die with it
-/// (PR_SET_PDEATHSIG), rather than running on unsupervised.
+/// After SIGKILL of the server, the jobs it was running do not run on
+/// beside their retries: the next Slipway on the host (here the restart)
+/// finds them by their owner mark and kills them first.
 #[test]
 fn sigkill_leaves_no_orphan_job_processes() {
     let fx = Fx::new(
@@ -377,7 +378,9 @@ env = { MARK = "@EXT@/marks" }
         (fx.marked("one", 1) && fx.marked("two", 1) && pgrep(&pattern).len() == 2).then_some(())
     });
     server.kill9();
+    let restarted = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
     wait_within(GONE, "the killed node's job processes to be gone", || format!("still running: {:?}", pgrep(&pattern)), || pgrep(&pattern).is_empty().then_some(()));
+    assert!(logs_of(&[&restarted]).contains("killed processes left by jobs"), "{}", logs_of(&[&restarted]));
 }
 
 /// Two nodes on one PostgreSQL store split a wide deployment between
@@ -949,8 +952,8 @@ env = { GATE = "@EXT@/gate" }
 }
 
 /// After SIGKILL of the server, not even the processes a job's shell
-/// started (its grandchildren) run on: an interrupted job is over, or a
-/// retry elsewhere would run concurrently with its remains.
+/// started (its grandchildren) run on once a Slipway is back on the host:
+/// a retry must not run concurrently with the remains of its attempt.
 #[test]
 fn sigkill_leaves_no_orphan_grandchildren() {
     let fx = Fx::new(
@@ -972,7 +975,9 @@ env = { MARK = "@EXT@/marks" }
     let id = submit_run(&server.url, &["script"], None);
     wait("the job's sleep to run", || format!("{:#}", detail(&server.url, id)), || (fx.marked("script", 1) && pgrep(&pattern).len() == 1).then_some(()));
     server.kill9();
+    let restarted = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
     wait_within(GONE, "the killed node's job processes to be gone", || format!("still running: {:?}", pgrep(&pattern)), || pgrep(&pattern).is_empty().then_some(()));
+    assert!(logs_of(&[&restarted]).contains("killed processes left by jobs"), "{}", logs_of(&[&restarted]));
 }
 
 /// Once output is cut at `max_log_bytes`, nothing later of that attempt is

@@ -386,7 +386,7 @@ async fn cancel_deployment(State(s): State<Arc<AppState>>, id: Result<Path<i64>,
     }
     let d = s.store.cancel(id).await?.ok_or_else(|| ApiError::not_found(format!("no deployment {id}")))?;
     if let Some(w) = &s.submitter.wake {
-        w.notify_one();
+        w.work_changed();
     }
     Ok((StatusCode::ACCEPTED, Json(Deployment::from(d))))
 }

@@ -165,7 +165,7 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     let node = opts.scheduler.node_id.clone();
     let parallelism = opts.scheduler.parallelism;
     let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget), opts.scheduler, bus);
-    let wake = sched.waker();
+    let wake = sched.handle();
     let state = Arc::new(AppState {
         store: store.clone(),
         submitter: Submitter { config_path: opts.config_path, store: store.clone(), parallelism, wake: Some(wake) },

@@ -19,24 +19,34 @@ pub async fn run(store: Arc<dyn Store>, mut events: mpsc::Receiver<Arc<Event>>) 
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let flush_now = tokio::select! {
+        let mut flush_now = tokio::select! {
             ev = events.recv() => match ev {
                 None => { flush(&*store, &mut buf, &mut dropped).await; return; }
-                Some(ev) => match &*ev {
-                    Event::JobOutput { deployment, job_id, attempt, ts, stream, line } => {
-                        buf.push(NewLogLine { deployment_id: *deployment, job_id: *job_id, attempt: *attempt, ts: *ts, stream, line: line.clone() });
-                        buf.len() >= 1000
-                    }
-                    // A finished job's output should be readable at once.
-                    Event::JobFinished { .. } => true,
-                    _ => false,
-                }
+                Some(ev) => take(&ev, &mut buf),
             },
             _ = tick.tick() => true,
         };
-        if flush_now {
+        // Take everything already queued before writing: one transaction
+        // for many lines and many finished jobs, not one per job.
+        while let Ok(ev) = events.try_recv() {
+            flush_now |= take(&ev, &mut buf);
+        }
+        if flush_now || buf.len() >= 1000 {
             flush(&*store, &mut buf, &mut dropped).await;
         }
+    }
+}
+
+/// Buffer an output line; true when the buffer should be written soon (a
+/// job finished: its output should be readable at once).
+fn take(ev: &Event, buf: &mut Vec<NewLogLine>) -> bool {
+    match ev {
+        Event::JobOutput { deployment, job_id, attempt, ts, stream, line } => {
+            buf.push(NewLogLine { deployment_id: *deployment, job_id: *job_id, attempt: *attempt, ts: *ts, stream, line: line.clone() });
+            false
+        }
+        Event::JobFinished { .. } => true,
+        _ => false,
     }
 }
 

@@ -17,6 +17,7 @@ pub mod logwriter;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -63,6 +64,9 @@ impl SchedulerConfig {
 /// How long a job's result is retried against a store that does not answer.
 const FINISH_RETRY_LIMIT: Duration = Duration::from_secs(600);
 
+/// How often a node looks for processes left by a dead Slipway on its host.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
 /// Why a running job is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopReason {
@@ -83,7 +87,26 @@ pub struct Scheduler {
     cfg: SchedulerConfig,
     events: EventBus,
     wake: Arc<Notify>,
+    /// Set when queued deployments may be startable (a submit, a finished
+    /// or cancelled deployment freed a lock); otherwise only the poll tick
+    /// looks, keeping a query off every job's path.
+    activate: Arc<AtomicBool>,
     materialized: Arc<Mutex<HashMap<String, PathBuf>>>,
+}
+
+/// How the rest of the node tells the scheduler there is new work.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    wake: Arc<Notify>,
+    activate: Arc<AtomicBool>,
+}
+
+impl SchedulerHandle {
+    /// A deployment was submitted or cancelled: look now.
+    pub fn work_changed(&self) {
+        self.activate.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
 }
 
 /// A node id unique to this process: host, pid and a random suffix.
@@ -94,12 +117,11 @@ pub fn default_node_id() -> String {
 
 impl Scheduler {
     pub fn new(store: Arc<dyn Store>, target: Arc<dyn Target>, cfg: SchedulerConfig, events: EventBus) -> Self {
-        Scheduler { store, target, cfg, events, wake: Arc::new(Notify::new()), materialized: Arc::default() }
+        Scheduler { store, target, cfg, events, wake: Arc::new(Notify::new()), activate: Arc::new(AtomicBool::new(true)), materialized: Arc::default() }
     }
 
-    /// Notify this to make the loop look for work now (after a submit).
-    pub fn waker(&self) -> Arc<Notify> {
-        self.wake.clone()
+    pub fn handle(&self) -> SchedulerHandle {
+        SchedulerHandle { wake: self.wake.clone(), activate: self.activate.clone() }
     }
 
     /// Run until `shutdown` fires, then let running jobs finish within the
@@ -108,6 +130,12 @@ impl Scheduler {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let this = Arc::new(self);
         this.store.register_node(&this.cfg.node_id).await?;
+        // Remains of jobs of a Slipway that died on this host go first, so
+        // a retried job never runs beside its own interrupted attempt.
+        let swept = this.target.sweep_orphans().await;
+        if swept > 0 {
+            tracing::warn!(processes = swept, "killed processes left by jobs of a Slipway process that died");
+        }
         if this.store.single_node() {
             // Only one node can use this store, so whatever a previous
             // process left running is dead: reap it now, not after a lease.
@@ -121,6 +149,8 @@ impl Scheduler {
         let mut last_renew = Instant::now();
         let mut last_reap = Instant::now() - this.cfg.poll;
         let mut store_down_since: Option<Instant> = None;
+        let mut last_sweep = Instant::now();
+        let mut last_activate = Instant::now();
 
         while !shutdown.is_cancelled() {
             let step = async {
@@ -132,8 +162,22 @@ impl Scheduler {
                     this.reap(&running).await?;
                     last_reap = Instant::now();
                 }
-                for d in this.store.activate(&this.cfg.node_id, this.cfg.lease).await? {
-                    this.events.emit(Event::DeploymentStarted { deployment: d, node: this.cfg.node_id.clone() }).await;
+                if last_sweep.elapsed() >= SWEEP_EVERY {
+                    last_sweep = Instant::now();
+                    let swept = this.target.sweep_orphans().await;
+                    if swept > 0 {
+                        tracing::warn!(processes = swept, "killed processes left by jobs of a Slipway process that died");
+                    }
+                }
+                if this.activate.swap(false, Ordering::SeqCst) || last_activate.elapsed() >= this.cfg.poll {
+                    last_activate = Instant::now();
+                    let started = this.store.activate(&this.cfg.node_id, this.cfg.lease).await;
+                    if started.is_err() {
+                        this.activate.store(true, Ordering::SeqCst);
+                    }
+                    for d in started? {
+                        this.events.emit(Event::DeploymentStarted { deployment: d, node: this.cfg.node_id.clone() }).await;
+                    }
                 }
                 let free = this.cfg.parallelism.saturating_sub(running.len());
                 if free > 0 {
@@ -293,8 +337,11 @@ impl Scheduler {
         if let Some((deployment, state)) = effect.deployment_finished {
             self.events.emit(Event::DeploymentFinished { deployment, state }).await;
         }
+        if effect.deployment_finished.is_some() {
+            // Its lock is free: a queued deployment may start.
+            self.activate.store(true, Ordering::SeqCst);
+        }
         if effect.newly_ready > 0 || effect.deployment_finished.is_some() {
-            // Dependants are ready, or a lock was freed for a queued deployment.
             self.wake.notify_one();
         }
     }

@@ -23,9 +23,13 @@ enum Dialect {
 pub struct SqlStore {
     pool: AnyPool,
     dialect: Dialect,
+    /// What a claim needs to know of a deployment (revision, environment,
+    /// service, version, created_at). Immutable once stored, so cached.
+    claim_info: std::sync::Mutex<HashMap<i64, ClaimInfo>>,
 }
 
-const TERMINAL_JOB_STATES: &str = "('succeeded','failed','skipped','cancelled')";
+type ClaimInfo = (String, String, Option<String>, Option<String>, i64);
+
 
 fn schema(d: Dialect) -> Vec<String> {
     let (serial, blob) = match d {
@@ -39,6 +43,7 @@ fn schema(d: Dialect) -> Vec<String> {
         "CREATE INDEX IF NOT EXISTS deployments_state ON deployments (state, id)",
         "CREATE TABLE IF NOT EXISTS jobs (id {serial}, deployment_id BIGINT NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL, attempt BIGINT NOT NULL DEFAULT 0, fence BIGINT NOT NULL DEFAULT 0, node TEXT, lease_until BIGINT, ready_at BIGINT, not_before BIGINT NOT NULL DEFAULT 0, started_at BIGINT, finished_at BIGINT, exit_code BIGINT, reason TEXT, spec TEXT NOT NULL, UNIQUE (deployment_id, name))",
         "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, not_before)",
+        "CREATE INDEX IF NOT EXISTS jobs_deployment_state ON jobs (deployment_id, state)",
         "CREATE TABLE IF NOT EXISTS job_needs (job_id BIGINT NOT NULL, need_id BIGINT NOT NULL, PRIMARY KEY (job_id, need_id))",
         "CREATE INDEX IF NOT EXISTS job_needs_need ON job_needs (need_id)",
         "CREATE TABLE IF NOT EXISTS attempts (id {serial}, job_id BIGINT NOT NULL, attempt BIGINT NOT NULL, node TEXT NOT NULL, started_at BIGINT NOT NULL, finished_at BIGINT NOT NULL, outcome TEXT NOT NULL, exit_code BIGINT, reason TEXT)",
@@ -117,7 +122,7 @@ impl SqlStore {
             .await
             .map_err(|_| StoreError::Unavailable(format!("connecting to {} timed out", redact_url(url))))?
             .map_err(|e| StoreError::Unavailable(format!("cannot connect to {}: {e}", redact_url(url))))?;
-        let store = SqlStore { pool, dialect };
+        let store = SqlStore { pool, dialect, claim_info: Default::default() };
         store.migrate().await?;
         Ok(store)
     }
@@ -153,7 +158,7 @@ impl SqlStore {
     /// If every job of the deployment is terminal, finish the deployment
     /// and free its lock.
     async fn complete_if_done(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>, id: i64, now: Millis) -> Result<Option<DeploymentState>> {
-        let open: i64 = query_dyn(format!("SELECT COUNT(*) FROM jobs WHERE deployment_id = $1 AND state NOT IN {TERMINAL_JOB_STATES}"))
+        let open: i64 = sqlx::query("SELECT COUNT(*) FROM jobs WHERE deployment_id = $1 AND state IN ('pending', 'ready', 'running')")
             .bind(id)
             .fetch_one(&mut **tx)
             .await
@@ -658,26 +663,32 @@ impl Store for SqlStore {
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::query(op))?;
-        let mut deps: HashMap<i64, (String, String, Option<String>, Option<String>, i64)> = HashMap::new();
+        let mut deps: HashMap<i64, ClaimInfo> = HashMap::new();
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let dep: i64 = r.try_get(1).map_err(StoreError::query(op))?;
             if !deps.contains_key(&dep) {
-                let d = sqlx::query("SELECT revision, environment, service, version, created_at FROM deployments WHERE id = $1")
-                    .bind(dep)
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(StoreError::query(op))?;
-                deps.insert(
-                    dep,
-                    (
-                        d.try_get(0).map_err(StoreError::query(op))?,
-                        d.try_get(1).map_err(StoreError::query(op))?,
-                        d.try_get(2).map_err(StoreError::query(op))?,
-                        d.try_get(3).map_err(StoreError::query(op))?,
-                        d.try_get(4).map_err(StoreError::query(op))?,
-                    ),
-                );
+                let cached = self.claim_info.lock().ok().and_then(|c| c.get(&dep).cloned());
+                let info = match cached {
+                    Some(i) => i,
+                    None => {
+                        let d = sqlx::query("SELECT revision, environment, service, version, created_at FROM deployments WHERE id = $1")
+                            .bind(dep)
+                            .fetch_one(&self.pool)
+                            .await
+                            .map_err(StoreError::query(op))?;
+                        let f = || -> std::result::Result<ClaimInfo, sqlx::Error> { Ok((d.try_get(0)?, d.try_get(1)?, d.try_get(2)?, d.try_get(3)?, d.try_get(4)?)) };
+                        let info = f().map_err(StoreError::query(op))?;
+                        if let Ok(mut c) = self.claim_info.lock() {
+                            if c.len() > 10_000 {
+                                c.clear();
+                            }
+                            c.insert(dep, info.clone());
+                        }
+                        info
+                    }
+                };
+                deps.insert(dep, info);
             }
             let (revision, environment, service, version, event_at) = deps[&dep].clone();
             let spec: String = r.try_get(5).map_err(StoreError::query(op))?;
@@ -747,28 +758,44 @@ impl Store for SqlStore {
         let op = "finish job";
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
-        let dep_id: Option<i64> = sqlx::query("SELECT deployment_id FROM jobs WHERE id = $1")
-            .bind(done.job_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(StoreError::query(op))?
-            .map(|r| r.try_get(0))
-            .transpose()
-            .map_err(StoreError::query(op))?;
-        let Some(dep_id) = dep_id else {
-            return Err(StoreError::Corrupt(format!("no job with id {}", done.job_id)));
+        // The job, and whether its deployment is being cancelled. On
+        // PostgreSQL the deployment row is locked first (see
+        // lock_deployment); SQLite has one writer, so one read does.
+        let (dep_id, name, attempt, fence, state, cancel_requested): (i64, String, i64, i64, String, bool) = match self.dialect {
+            Dialect::Sqlite => {
+                let r = sqlx::query(
+                    "SELECT j.deployment_id, j.name, j.attempt, j.fence, j.state, d.cancel_requested FROM jobs j JOIN deployments d ON d.id = j.deployment_id WHERE j.id = $1",
+                )
+                .bind(done.job_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?
+                .ok_or_else(|| StoreError::Corrupt(format!("no job with id {}", done.job_id)))?;
+                let f = || -> std::result::Result<_, sqlx::Error> {
+                    Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?, r.try_get::<i64, _>(5)? != 0))
+                };
+                f().map_err(StoreError::query(op))?
+            }
+            Dialect::Postgres => {
+                let dep_id: i64 = sqlx::query("SELECT deployment_id FROM jobs WHERE id = $1")
+                    .bind(done.job_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?
+                    .ok_or_else(|| StoreError::Corrupt(format!("no job with id {}", done.job_id)))?
+                    .try_get(0)
+                    .map_err(StoreError::query(op))?;
+                let dep_row = self.lock_deployment(&mut tx, dep_id).await?.ok_or_else(|| StoreError::Corrupt(format!("no deployment {dep_id}")))?;
+                let dep = deployment_row(&dep_row)?;
+                let r = sqlx::query("SELECT name, attempt, fence, state FROM jobs WHERE id = $1")
+                    .bind(done.job_id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?;
+                let f = || -> std::result::Result<_, sqlx::Error> { Ok((dep_id, r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, dep.cancel_requested)) };
+                f().map_err(StoreError::query(op))?
+            }
         };
-        let dep_row = self.lock_deployment(&mut tx, dep_id).await?.ok_or_else(|| StoreError::Corrupt(format!("no deployment {dep_id}")))?;
-        let dep = deployment_row(&dep_row)?;
-        let job = sqlx::query("SELECT name, attempt, fence, state FROM jobs WHERE id = $1")
-            .bind(done.job_id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(StoreError::query(op))?;
-        let name: String = job.try_get(0).map_err(StoreError::query(op))?;
-        let attempt: i64 = job.try_get(1).map_err(StoreError::query(op))?;
-        let fence: i64 = job.try_get(2).map_err(StoreError::query(op))?;
-        let state: String = job.try_get(3).map_err(StoreError::query(op))?;
         if fence != done.fence || state != "running" {
             tx.rollback().await.map_err(StoreError::query(op))?;
             return Ok(FinishEffect { stale: true, ..Default::default() });
@@ -786,7 +813,7 @@ impl Store for SqlStore {
             .await
             .map_err(StoreError::query(op))?;
         let mut effect = FinishEffect::default();
-        match (done.retry_at, dep.cancel_requested) {
+        match (done.retry_at, cancel_requested) {
             (Some(at), false) => {
                 sqlx::query("UPDATE jobs SET state = 'ready', not_before = $1, ready_at = $1, node = NULL, lease_until = NULL, exit_code = $2, reason = $3 WHERE id = $4")
                     .bind(at)
@@ -801,7 +828,7 @@ impl Store for SqlStore {
                 let new_state = match done.outcome {
                     Outcome::Succeeded => JobState::Succeeded,
                     Outcome::Cancelled => JobState::Cancelled,
-                    _ if dep.cancel_requested => JobState::Cancelled,
+                    _ if cancel_requested => JobState::Cancelled,
                     _ => JobState::Failed,
                 };
                 sqlx::query("UPDATE jobs SET state = $1, finished_at = $2, exit_code = $3, reason = $4, lease_until = NULL WHERE id = $5")
@@ -813,7 +840,7 @@ impl Store for SqlStore {
                     .execute(&mut *tx)
                     .await
                     .map_err(StoreError::query(op))?;
-                if dep.cancel_requested {
+                if cancel_requested {
                     sqlx::query("UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 WHERE deployment_id = $2 AND state IN ('pending', 'ready')")
                         .bind(now)
                         .bind(dep_id)
@@ -847,7 +874,10 @@ impl Store for SqlStore {
                     .await
                     .map_err(StoreError::query(op))?;
                 }
-                effect.deployment_finished = self.complete_if_done(&mut tx, dep_id, now).await?.map(|s| (dep_id, s));
+                // A job just became ready: the deployment is not done.
+                if effect.newly_ready == 0 {
+                    effect.deployment_finished = self.complete_if_done(&mut tx, dep_id, now).await?.map(|s| (dep_id, s));
+                }
             }
         }
         tx.commit().await.map_err(StoreError::query(op))?;

@@ -7,8 +7,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::sync::Notify;
-
 use crate::config::{self, ConfigErrors, revision};
 use crate::plan::{self, PlanError, Selection};
 use crate::store::{DeploymentKind, JobSpec, NewDeployment, NewEvent, NewJob, Store, StoreError, Submitted};
@@ -51,7 +49,7 @@ pub struct Submitter {
     pub config_path: PathBuf,
     pub store: Arc<dyn Store>,
     pub parallelism: usize,
-    pub wake: Option<Arc<Notify>>,
+    pub wake: Option<crate::scheduler::SchedulerHandle>,
 }
 
 impl Submitter {
@@ -133,7 +131,7 @@ impl Submitter {
             })
             .await?;
         if let Some(w) = &self.wake {
-            w.notify_one();
+            w.work_changed();
         }
         Ok(submitted)
     }

@@ -69,6 +69,13 @@ pub trait Target: Send + Sync + 'static {
     /// Run one attempt to the end. Must return within the spec's timeout
     /// plus its kill grace, and promptly once `cancel` fires.
     async fn run(&self, request: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult;
+
+    /// Stop what jobs of a dead Slipway process left running on this
+    /// target. Called when a node starts (before interrupted jobs are
+    /// retried) and periodically. Returns how many it stopped.
+    async fn sweep_orphans(&self) -> usize {
+        0
+    }
 }
 
 /// Longest line kept whole; longer ones are cut into pieces of this size

@@ -3,9 +3,10 @@
 //! Each attempt gets its own process group, so a timeout or a cancel kills
 //! everything the job started (SIGTERM, then SIGKILL after `kill_grace`),
 //! and so does the end of the job: a job does not leave processes behind
-//! (long-running things are services, not jobs). A small supervisor in the
-//! group (see `split_supervisor`) kills the whole group if Slipway itself
-//! dies, even by SIGKILL.
+//! (long-running things are services, not jobs). If Slipway itself dies
+//! (SIGKILL, a crash), its jobs' processes are found by the owner mark in
+//! their environment and killed by the next Slipway on the host
+//! ([`sweep_orphans`]), before any interrupted job is retried.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -67,93 +68,80 @@ fn build_command(req: &JobRequest) -> Result<Command, String> {
     for (k, v) in &req.spec.env {
         cmd.env(k, v);
     }
-    let slipway = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs between fork and exec and calls only
-    // async-signal-safe functions (see `split_supervisor`).
-    unsafe {
-        cmd.pre_exec(move || {
-            split_supervisor(slipway);
-            Ok(())
-        });
-    }
+    // Marks every process of the job (children inherit it) as ours, so a
+    // later Slipway on this host can find them if we die: see
+    // `sweep_orphans`. No pre_exec hook: that would force fork() instead
+    // of posix_spawn, which costs a copy of Slipway's page tables per job.
+    cmd.env(OWNER_ENV, owner_mark());
     Ok(cmd)
 }
 
-extern "C" fn on_slipway_death(_: libc::c_int) {
-    // SAFETY: kill is async-signal-safe.
-    unsafe {
-        libc::kill(0, libc::SIGKILL);
-    }
+/// Environment variable carrying "<pid>.<start time>" of the Slipway
+/// process that started a job.
+const OWNER_ENV: &str = "SLIPWAY_OWNER";
+
+fn owner_mark() -> &'static str {
+    static MARK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MARK.get_or_init(|| {
+        let pid = std::process::id() as i32;
+        format!("{pid}.{}", proc_stat(pid).map(|s| s.start_time).unwrap_or(0))
+    })
 }
 
-/// Runs in the forked child, already leader of the job's process group.
-/// Forks once more: the grandchild returns and goes on to exec the job;
-/// this process stays behind as the group's supervisor. It waits for the
-/// job and exits with the job's status (so Slipway sees the job's exit
-/// code or signal), and if Slipway dies — even by SIGKILL — the kernel's
-/// parent-death signal makes it kill the whole group, grandchildren
-/// included. Without it, processes a job started would outlive a crashed
-/// node and could run beside the retry of an interrupted job.
-///
-/// # Safety
-/// Only async-signal-safe calls: this runs after fork in a threaded process.
-unsafe fn split_supervisor(slipway: libc::pid_t) {
-    unsafe {
-        let job = libc::fork();
-        if job <= 0 {
-            // The job itself (or, if fork failed, run it unsupervised with
-            // the direct parent-death signal at least).
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            return;
+struct ProcStat {
+    pgid: i32,
+    start_time: u64,
+}
+
+/// Process group and start time (clock ticks since boot) from
+/// /proc/PID/stat; the start time tells a process from a later one that
+/// reused its pid.
+fn proc_stat(pid: i32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields
+    // are counted from after its closing parenthesis (field 3 = index 0).
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcStat { pgid: fields.get(2)?.parse().ok()?, start_time: fields.get(19)?.parse().ok()? })
+}
+
+/// Kill what jobs left behind when their Slipway died (SIGKILL, a crash):
+/// every process on this host marked with the owner of a Slipway process
+/// that no longer exists, and its process group. Runs when a node starts,
+/// before it retries interrupted jobs, and now and then after. Returns
+/// how many processes it killed.
+pub fn sweep_orphans() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let mine = owner_mark();
+    let mut killed = 0;
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let Some(owner) = environ
+            .split(|b| *b == 0)
+            .find_map(|kv| kv.strip_prefix(OWNER_ENV.as_bytes()).and_then(|v| v.strip_prefix(b"=")))
+        else {
+            continue;
+        };
+        let owner = String::from_utf8_lossy(owner);
+        if owner == mine {
+            continue;
         }
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_slipway_death as *const () as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR1, 0, 0, 0);
-        if libc::getppid() != slipway {
-            libc::kill(0, libc::SIGKILL); // Slipway died before we got here.
+        let Some((opid, ostart)) = owner.split_once('.') else { continue };
+        let (Ok(opid), Ok(ostart)) = (opid.parse::<i32>(), ostart.parse::<u64>()) else { continue };
+        if proc_stat(opid).is_some_and(|s| s.start_time == ostart) {
+            continue; // its Slipway is alive and looks after it
         }
-        // Stop and timeout signals are for the job; the supervisor only
-        // passes the job's fate on.
-        let mut ign: libc::sigaction = std::mem::zeroed();
-        ign.sa_sigaction = libc::SIG_IGN;
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGPIPE] {
-            libc::sigaction(sig, &ign, std::ptr::null_mut());
+        if let Some(stat) = proc_stat(pid) {
+            kill_group(stat.pgid, libc::SIGKILL);
         }
-        // Hold no descriptor of Slipway's: not the output pipes (their
-        // readers wait for EOF), not std's exec-status pipe, not sockets.
-        for fd in 0..3 {
-            libc::close(fd);
+        // SAFETY: plain syscall on a pid we just identified as an orphan.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
         }
-        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
-            for fd in 3..4096 {
-                libc::close(fd);
-            }
-        }
-        let mut status: libc::c_int = 0;
-        loop {
-            let r = libc::waitpid(job, &mut status, 0);
-            if r == job {
-                break;
-            }
-            if r == -1 && *libc::__errno_location() != libc::EINTR {
-                libc::_exit(70);
-            }
-        }
-        if libc::WIFEXITED(status) {
-            libc::_exit(libc::WEXITSTATUS(status));
-        }
-        if libc::WIFSIGNALED(status) {
-            let sig = libc::WTERMSIG(status);
-            let mut dfl: libc::sigaction = std::mem::zeroed();
-            dfl.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(sig, &dfl, std::ptr::null_mut());
-            libc::kill(libc::getpid(), sig);
-            libc::_exit(128 + sig);
-        }
-        libc::_exit(70);
+        killed += 1;
     }
+    killed
 }
 
 fn kill_group(pgid: i32, signal: i32) {
@@ -215,6 +203,10 @@ fn describe(status: std::process::ExitStatus) -> (Option<i32>, String) {
 impl Target for LocalTarget {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    async fn sweep_orphans(&self) -> usize {
+        tokio::task::spawn_blocking(sweep_orphans).await.unwrap_or(0)
     }
 
     async fn run(&self, req: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
