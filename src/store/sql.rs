@@ -6,6 +6,9 @@
 //! interleave), and the advisory lock around PostgreSQL migrations.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,11 +24,301 @@ enum Dialect {
 }
 
 pub struct SqlStore {
+    inner: Arc<Inner>,
+    /// SQLite only: claims and finishes go through one task that commits
+    /// whatever is queued in one transaction (group commit): one WAL
+    /// append for many jobs instead of one each.
+    batch: Option<mpsc::Sender<BatchOp>>,
+}
+
+pub struct Inner {
     pool: AnyPool,
     dialect: Dialect,
     /// What a claim needs to know of a deployment (revision, environment,
     /// service, version, created_at). Immutable once stored, so cached.
     claim_info: std::sync::Mutex<HashMap<i64, ClaimInfo>>,
+}
+
+impl std::ops::Deref for SqlStore {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+enum BatchOp {
+    Finish(FinishedAttempt, oneshot::Sender<Result<FinishEffect>>),
+    Claim { node: String, lease: Duration, limit: i64, reply: oneshot::Sender<Result<Vec<ClaimedJob>>> },
+}
+
+/// Most operations one transaction carries.
+const MAX_BATCH: usize = 128;
+
+async fn batcher(inner: Arc<Inner>, mut rx: mpsc::Receiver<BatchOp>) {
+    while let Some(first) = rx.recv().await {
+        let mut ops = vec![first];
+        while ops.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        match inner.run_batch(&ops).await {
+            // Answers go out only after the commit.
+            Ok(results) => {
+                for (op, result) in ops.into_iter().zip(results) {
+                    answer(op, Ok(result));
+                }
+            }
+            // Something failed and the batch was rolled back: run each
+            // alone, so one bad operation fails only itself.
+            Err(_) => {
+                for op in ops {
+                    let result = inner.run_batch(std::slice::from_ref(&op)).await.map(|mut r| r.remove(0));
+                    answer(op, result);
+                }
+            }
+        }
+    }
+}
+
+fn answer(op: BatchOp, result: Result<BatchResult>) {
+    match (op, result) {
+        (BatchOp::Finish(_, reply), Ok(BatchResult::Finish(r))) => {
+            let _ = reply.send(Ok(r));
+        }
+        (BatchOp::Claim { reply, .. }, Ok(BatchResult::Claim(r))) => {
+            let _ = reply.send(Ok(r));
+        }
+        (BatchOp::Finish(_, reply), Err(e)) => {
+            let _ = reply.send(Err(e));
+        }
+        (BatchOp::Claim { reply, .. }, Err(e)) => {
+            let _ = reply.send(Err(e));
+        }
+        (BatchOp::Finish(_, reply), Ok(_)) => {
+            let _ = reply.send(Err(StoreError::Corrupt("batch answered a finish with a claim".into())));
+        }
+        (BatchOp::Claim { reply, .. }, Ok(_)) => {
+            let _ = reply.send(Err(StoreError::Corrupt("batch answered a claim with a finish".into())));
+        }
+    }
+}
+
+enum BatchResult {
+    Finish(FinishEffect),
+    Claim(Vec<ClaimedJob>),
+}
+
+impl Inner {
+    async fn claim_on(&self, conn: &mut sqlx::AnyConnection, node: &str, lease: Duration, limit: i64) -> Result<Vec<ClaimedJob>> {
+        let op = "claim";
+        let now = now_ms();
+        let skip = match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+        };
+        let q = format!(
+            "UPDATE jobs SET state = 'running', node = $1, lease_until = $2, fence = fence + 1, attempt = attempt + 1, started_at = $3 \
+             WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND not_before <= $3 ORDER BY id LIMIT $4{skip}) \
+             RETURNING id, deployment_id, name, attempt, fence, spec, ready_at"
+        );
+        let rows = query_dyn(q.clone())
+            .bind(node)
+            .bind(now + ms(lease))
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(StoreError::query(op))?;
+        let mut deps: HashMap<i64, ClaimInfo> = HashMap::new();
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let dep: i64 = r.try_get(1).map_err(StoreError::query(op))?;
+            if !deps.contains_key(&dep) {
+                let cached = self.claim_info.lock().ok().and_then(|c| c.get(&dep).cloned());
+                let info = match cached {
+                    Some(i) => i,
+                    None => {
+                        let d = sqlx::query("SELECT revision, environment, service, version, created_at FROM deployments WHERE id = $1")
+                            .bind(dep)
+                            .fetch_one(&mut *conn)
+                            .await
+                            .map_err(StoreError::query(op))?;
+                        let f = || -> std::result::Result<ClaimInfo, sqlx::Error> { Ok((d.try_get(0)?, d.try_get(1)?, d.try_get(2)?, d.try_get(3)?, d.try_get(4)?)) };
+                        let info = f().map_err(StoreError::query(op))?;
+                        if let Ok(mut c) = self.claim_info.lock() {
+                            if c.len() > 10_000 {
+                                c.clear();
+                            }
+                            c.insert(dep, info.clone());
+                        }
+                        info
+                    }
+                };
+                deps.insert(dep, info);
+            }
+            let (revision, environment, service, version, event_at) = deps[&dep].clone();
+            let spec: String = r.try_get(5).map_err(StoreError::query(op))?;
+            out.push(ClaimedJob {
+                job_id: r.try_get(0).map_err(StoreError::query(op))?,
+                deployment_id: dep,
+                name: r.try_get(2).map_err(StoreError::query(op))?,
+                attempt: r.try_get(3).map_err(StoreError::query(op))?,
+                fence: r.try_get(4).map_err(StoreError::query(op))?,
+                spec: spec_of(&spec)?,
+                revision,
+                environment,
+                service,
+                version,
+                ready_at: r.try_get::<Option<i64>, _>(6).map_err(StoreError::query(op))?.unwrap_or(now),
+                event_at,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Runs inside the caller's transaction; on a stale fence it writes
+    /// nothing and says so.
+    async fn finish_on(&self, tx: &mut sqlx::AnyConnection, done: FinishedAttempt) -> Result<FinishEffect> {
+        let op = "finish job";
+        let now = now_ms();
+        // The job, and whether its deployment is being cancelled. On
+        // PostgreSQL the deployment row is locked first (see
+        // lock_deployment); SQLite has one writer, so one read does.
+        let (dep_id, name, attempt, fence, state, cancel_requested): (i64, String, i64, i64, String, bool) = match self.dialect {
+            Dialect::Sqlite => {
+                let r = sqlx::query(
+                    "SELECT j.deployment_id, j.name, j.attempt, j.fence, j.state, d.cancel_requested FROM jobs j JOIN deployments d ON d.id = j.deployment_id WHERE j.id = $1",
+                )
+                .bind(done.job_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?
+                .ok_or_else(|| StoreError::Corrupt(format!("no job with id {}", done.job_id)))?;
+                let f = || -> std::result::Result<_, sqlx::Error> {
+                    Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?, r.try_get::<i64, _>(5)? != 0))
+                };
+                f().map_err(StoreError::query(op))?
+            }
+            Dialect::Postgres => {
+                let dep_id: i64 = sqlx::query("SELECT deployment_id FROM jobs WHERE id = $1")
+                    .bind(done.job_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?
+                    .ok_or_else(|| StoreError::Corrupt(format!("no job with id {}", done.job_id)))?
+                    .try_get(0)
+                    .map_err(StoreError::query(op))?;
+                let dep_row = self.lock_deployment(tx, dep_id).await?.ok_or_else(|| StoreError::Corrupt(format!("no deployment {dep_id}")))?;
+                let dep = deployment_row(&dep_row)?;
+                let r = sqlx::query("SELECT name, attempt, fence, state FROM jobs WHERE id = $1")
+                    .bind(done.job_id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?;
+                let f = || -> std::result::Result<_, sqlx::Error> { Ok((dep_id, r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, dep.cancel_requested)) };
+                f().map_err(StoreError::query(op))?
+            }
+        };
+        if fence != done.fence || state != "running" {
+            return Ok(FinishEffect { stale: true, ..Default::default() });
+        }
+        sqlx::query("INSERT INTO attempts (job_id, attempt, node, started_at, finished_at, outcome, exit_code, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+            .bind(done.job_id)
+            .bind(attempt)
+            .bind(&done.node)
+            .bind(done.started_at)
+            .bind(now)
+            .bind(done.outcome.as_str())
+            .bind(done.exit_code.map(i64::from))
+            .bind(done.reason.clone())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?;
+        let mut effect = FinishEffect::default();
+        match (done.retry_at, cancel_requested) {
+            (Some(at), false) => {
+                sqlx::query("UPDATE jobs SET state = 'ready', not_before = $1, ready_at = $1, node = NULL, lease_until = NULL, exit_code = $2, reason = $3 WHERE id = $4")
+                    .bind(at)
+                    .bind(done.exit_code.map(i64::from))
+                    .bind(done.reason.clone().map(|r| format!("attempt {attempt}: {r}; retrying")))
+                    .bind(done.job_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?;
+            }
+            _ => {
+                let new_state = match done.outcome {
+                    Outcome::Succeeded => JobState::Succeeded,
+                    Outcome::Cancelled => JobState::Cancelled,
+                    _ if cancel_requested => JobState::Cancelled,
+                    _ => JobState::Failed,
+                };
+                sqlx::query("UPDATE jobs SET state = $1, finished_at = $2, exit_code = $3, reason = $4, lease_until = NULL WHERE id = $5")
+                    .bind(new_state.as_str())
+                    .bind(now)
+                    .bind(done.exit_code.map(i64::from))
+                    .bind(done.reason.clone())
+                    .bind(done.job_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?;
+                if cancel_requested {
+                    sqlx::query("UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 WHERE deployment_id = $2 AND state IN ('pending', 'ready')")
+                        .bind(now)
+                        .bind(dep_id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::query(op))?;
+                } else if new_state == JobState::Succeeded {
+                    effect.newly_ready = sqlx::query(
+                        "UPDATE jobs SET state = 'ready', ready_at = $1 WHERE deployment_id = $2 AND state = 'pending' \
+                         AND id IN (SELECT job_id FROM job_needs WHERE need_id = $3) \
+                         AND NOT EXISTS (SELECT 1 FROM job_needs n JOIN jobs j2 ON j2.id = n.need_id WHERE n.job_id = jobs.id AND j2.state <> 'succeeded')",
+                    )
+                    .bind(now)
+                    .bind(dep_id)
+                    .bind(done.job_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?
+                    .rows_affected();
+                } else {
+                    // Everything downstream of a failure is skipped, and says why.
+                    sqlx::query(
+                        "WITH RECURSIVE down(id) AS (SELECT job_id FROM job_needs WHERE need_id = $1 \
+                         UNION SELECT n.job_id FROM job_needs n JOIN down ON n.need_id = down.id) \
+                         UPDATE jobs SET state = 'skipped', finished_at = $2, reason = $3 WHERE id IN (SELECT id FROM down) AND state IN ('pending', 'ready')",
+                    )
+                    .bind(done.job_id)
+                    .bind(now)
+                    .bind(format!("not run: it needs {name:?} (directly or through other jobs), which {}", new_state.as_str()))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?;
+                }
+                // A job just became ready: the deployment is not done.
+                if effect.newly_ready == 0 {
+                    effect.deployment_finished = self.complete_if_done(tx, dep_id, now).await?.map(|s| (dep_id, s));
+                }
+            }
+        }
+        Ok(effect)
+    }
+
+    async fn run_batch(&self, ops: &[BatchOp]) -> Result<Vec<BatchResult>> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::query("batch"))?;
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            results.push(match op {
+                BatchOp::Finish(done, _) => BatchResult::Finish(self.finish_on(&mut tx, done.clone()).await?),
+                BatchOp::Claim { node, lease, limit, .. } => BatchResult::Claim(self.claim_on(&mut tx, node, *lease, *limit).await?),
+            });
+        }
+        tx.commit().await.map_err(StoreError::query("batch commit"))?;
+        Ok(results)
+    }
 }
 
 type ClaimInfo = (String, String, Option<String>, Option<String>, i64);
@@ -122,7 +415,13 @@ impl SqlStore {
             .await
             .map_err(|_| StoreError::Unavailable(format!("connecting to {} timed out", redact_url(url))))?
             .map_err(|e| StoreError::Unavailable(format!("cannot connect to {}: {e}", redact_url(url))))?;
-        let store = SqlStore { pool, dialect, claim_info: Default::default() };
+        let inner = Arc::new(Inner { pool, dialect, claim_info: Default::default() });
+        let batch = (dialect == Dialect::Sqlite).then(|| {
+            let (tx, rx) = mpsc::channel(1024);
+            tokio::spawn(batcher(inner.clone(), rx));
+            tx
+        });
+        let store = SqlStore { inner, batch };
         store.migrate().await?;
         Ok(store)
     }
@@ -140,6 +439,9 @@ impl SqlStore {
         Ok(())
     }
 
+}
+
+impl Inner {
     fn for_update(&self) -> &'static str {
         match self.dialect {
             Dialect::Sqlite => "",
@@ -150,17 +452,17 @@ impl SqlStore {
     /// Serialize writers of one deployment (PostgreSQL): without it, two
     /// jobs finishing at once on two nodes could each miss the other's
     /// success and leave a dependant pending forever.
-    async fn lock_deployment(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>, id: i64) -> Result<Option<AnyRow>> {
+    async fn lock_deployment(&self, conn: &mut sqlx::AnyConnection, id: i64) -> Result<Option<AnyRow>> {
         let q = format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = $1{}", self.for_update());
-        query_dyn(q.clone()).bind(id).fetch_optional(&mut **tx).await.map_err(StoreError::query("lock deployment"))
+        query_dyn(q.clone()).bind(id).fetch_optional(&mut *conn).await.map_err(StoreError::query("lock deployment"))
     }
 
     /// If every job of the deployment is terminal, finish the deployment
     /// and free its lock.
-    async fn complete_if_done(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>, id: i64, now: Millis) -> Result<Option<DeploymentState>> {
+    async fn complete_if_done(&self, tx: &mut sqlx::AnyConnection, id: i64, now: Millis) -> Result<Option<DeploymentState>> {
         let open: i64 = sqlx::query("SELECT COUNT(*) FROM jobs WHERE deployment_id = $1 AND state IN ('pending', 'ready', 'running')")
             .bind(id)
-            .fetch_one(&mut **tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(StoreError::query("count open jobs"))?
             .try_get(0)
@@ -170,7 +472,7 @@ impl SqlStore {
         }
         let dep = sqlx::query("SELECT state, cancel_requested FROM deployments WHERE id = $1")
             .bind(id)
-            .fetch_one(&mut **tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(StoreError::query("read deployment"))?;
         let state: String = dep.try_get(0).map_err(StoreError::query("read deployment"))?;
@@ -180,7 +482,7 @@ impl SqlStore {
         let cancel: i64 = dep.try_get(1).map_err(StoreError::query("read deployment"))?;
         let failed = sqlx::query("SELECT name, reason FROM jobs WHERE deployment_id = $1 AND state = 'failed' ORDER BY id")
             .bind(id)
-            .fetch_all(&mut **tx)
+            .fetch_all(&mut *tx)
             .await
             .map_err(StoreError::query("read failed jobs"))?;
         let (final_state, reason) = if cancel != 0 {
@@ -198,12 +500,12 @@ impl SqlStore {
             .bind(reason)
             .bind(now)
             .bind(id)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await
             .map_err(StoreError::query("finish deployment"))?;
         sqlx::query("DELETE FROM locks WHERE deployment_id = $1")
             .bind(id)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await
             .map_err(StoreError::query("release lock"))?;
         Ok(Some(final_state))
@@ -526,7 +828,7 @@ impl Store for SqlStore {
         let op = "cancel";
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
-        let Some(row) = self.lock_deployment(&mut tx, id).await? else {
+        let Some(row) = self.lock_deployment(&mut *tx, id).await? else {
             return Ok(None);
         };
         let dep = deployment_row(&row)?;
@@ -553,9 +855,9 @@ impl Store for SqlStore {
                 .await
                 .map_err(StoreError::query(op))?;
         } else {
-            self.complete_if_done(&mut tx, id, now).await?;
+            self.complete_if_done(&mut *tx, id, now).await?;
         }
-        let row = self.lock_deployment(&mut tx, id).await?;
+        let row = self.lock_deployment(&mut *tx, id).await?;
         tx.commit().await.map_err(StoreError::query(op))?;
         row.as_ref().map(deployment_row).transpose()
     }
@@ -644,70 +946,13 @@ impl Store for SqlStore {
     }
 
     async fn claim(&self, node: &str, lease: Duration, limit: i64) -> Result<Vec<ClaimedJob>> {
-        let op = "claim";
-        let now = now_ms();
-        let skip = match self.dialect {
-            Dialect::Sqlite => "",
-            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
-        };
-        let q = format!(
-            "UPDATE jobs SET state = 'running', node = $1, lease_until = $2, fence = fence + 1, attempt = attempt + 1, started_at = $3 \
-             WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND not_before <= $3 ORDER BY id LIMIT $4{skip}) \
-             RETURNING id, deployment_id, name, attempt, fence, spec, ready_at"
-        );
-        let rows = query_dyn(q.clone())
-            .bind(node)
-            .bind(now + ms(lease))
-            .bind(now)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::query(op))?;
-        let mut deps: HashMap<i64, ClaimInfo> = HashMap::new();
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let dep: i64 = r.try_get(1).map_err(StoreError::query(op))?;
-            if !deps.contains_key(&dep) {
-                let cached = self.claim_info.lock().ok().and_then(|c| c.get(&dep).cloned());
-                let info = match cached {
-                    Some(i) => i,
-                    None => {
-                        let d = sqlx::query("SELECT revision, environment, service, version, created_at FROM deployments WHERE id = $1")
-                            .bind(dep)
-                            .fetch_one(&self.pool)
-                            .await
-                            .map_err(StoreError::query(op))?;
-                        let f = || -> std::result::Result<ClaimInfo, sqlx::Error> { Ok((d.try_get(0)?, d.try_get(1)?, d.try_get(2)?, d.try_get(3)?, d.try_get(4)?)) };
-                        let info = f().map_err(StoreError::query(op))?;
-                        if let Ok(mut c) = self.claim_info.lock() {
-                            if c.len() > 10_000 {
-                                c.clear();
-                            }
-                            c.insert(dep, info.clone());
-                        }
-                        info
-                    }
-                };
-                deps.insert(dep, info);
-            }
-            let (revision, environment, service, version, event_at) = deps[&dep].clone();
-            let spec: String = r.try_get(5).map_err(StoreError::query(op))?;
-            out.push(ClaimedJob {
-                job_id: r.try_get(0).map_err(StoreError::query(op))?,
-                deployment_id: dep,
-                name: r.try_get(2).map_err(StoreError::query(op))?,
-                attempt: r.try_get(3).map_err(StoreError::query(op))?,
-                fence: r.try_get(4).map_err(StoreError::query(op))?,
-                spec: spec_of(&spec)?,
-                revision,
-                environment,
-                service,
-                version,
-                ready_at: r.try_get::<Option<i64>, _>(6).map_err(StoreError::query(op))?.unwrap_or(now),
-                event_at,
-            });
+        if let Some(batch) = &self.batch {
+            let (reply, rx) = oneshot::channel();
+            batch.send(BatchOp::Claim { node: node.to_string(), lease, limit, reply }).await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+            return rx.await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
         }
-        Ok(out)
+        let mut conn = self.pool.acquire().await.map_err(StoreError::query("claim"))?;
+        self.claim_on(&mut conn, node, lease, limit).await
     }
 
     async fn renew(&self, node: &str, held: &[(i64, i64)], lease: Duration) -> Result<Vec<Renewal>> {
@@ -755,132 +1000,14 @@ impl Store for SqlStore {
     }
 
     async fn finish(&self, done: FinishedAttempt) -> Result<FinishEffect> {
-        let op = "finish job";
-        let now = now_ms();
-        let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
-        // The job, and whether its deployment is being cancelled. On
-        // PostgreSQL the deployment row is locked first (see
-        // lock_deployment); SQLite has one writer, so one read does.
-        let (dep_id, name, attempt, fence, state, cancel_requested): (i64, String, i64, i64, String, bool) = match self.dialect {
-            Dialect::Sqlite => {
-                let r = sqlx::query(
-                    "SELECT j.deployment_id, j.name, j.attempt, j.fence, j.state, d.cancel_requested FROM jobs j JOIN deployments d ON d.id = j.deployment_id WHERE j.id = $1",
-                )
-                .bind(done.job_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(StoreError::query(op))?
-                .ok_or_else(|| StoreError::Corrupt(format!("no job with id {}", done.job_id)))?;
-                let f = || -> std::result::Result<_, sqlx::Error> {
-                    Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?, r.try_get::<i64, _>(5)? != 0))
-                };
-                f().map_err(StoreError::query(op))?
-            }
-            Dialect::Postgres => {
-                let dep_id: i64 = sqlx::query("SELECT deployment_id FROM jobs WHERE id = $1")
-                    .bind(done.job_id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(StoreError::query(op))?
-                    .ok_or_else(|| StoreError::Corrupt(format!("no job with id {}", done.job_id)))?
-                    .try_get(0)
-                    .map_err(StoreError::query(op))?;
-                let dep_row = self.lock_deployment(&mut tx, dep_id).await?.ok_or_else(|| StoreError::Corrupt(format!("no deployment {dep_id}")))?;
-                let dep = deployment_row(&dep_row)?;
-                let r = sqlx::query("SELECT name, attempt, fence, state FROM jobs WHERE id = $1")
-                    .bind(done.job_id)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(StoreError::query(op))?;
-                let f = || -> std::result::Result<_, sqlx::Error> { Ok((dep_id, r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, dep.cancel_requested)) };
-                f().map_err(StoreError::query(op))?
-            }
-        };
-        if fence != done.fence || state != "running" {
-            tx.rollback().await.map_err(StoreError::query(op))?;
-            return Ok(FinishEffect { stale: true, ..Default::default() });
+        if let Some(batch) = &self.batch {
+            let (reply, rx) = oneshot::channel();
+            batch.send(BatchOp::Finish(done, reply)).await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+            return rx.await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
         }
-        sqlx::query("INSERT INTO attempts (job_id, attempt, node, started_at, finished_at, outcome, exit_code, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
-            .bind(done.job_id)
-            .bind(attempt)
-            .bind(&done.node)
-            .bind(done.started_at)
-            .bind(now)
-            .bind(done.outcome.as_str())
-            .bind(done.exit_code.map(i64::from))
-            .bind(done.reason.clone())
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::query(op))?;
-        let mut effect = FinishEffect::default();
-        match (done.retry_at, cancel_requested) {
-            (Some(at), false) => {
-                sqlx::query("UPDATE jobs SET state = 'ready', not_before = $1, ready_at = $1, node = NULL, lease_until = NULL, exit_code = $2, reason = $3 WHERE id = $4")
-                    .bind(at)
-                    .bind(done.exit_code.map(i64::from))
-                    .bind(done.reason.clone().map(|r| format!("attempt {attempt}: {r}; retrying")))
-                    .bind(done.job_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::query(op))?;
-            }
-            _ => {
-                let new_state = match done.outcome {
-                    Outcome::Succeeded => JobState::Succeeded,
-                    Outcome::Cancelled => JobState::Cancelled,
-                    _ if cancel_requested => JobState::Cancelled,
-                    _ => JobState::Failed,
-                };
-                sqlx::query("UPDATE jobs SET state = $1, finished_at = $2, exit_code = $3, reason = $4, lease_until = NULL WHERE id = $5")
-                    .bind(new_state.as_str())
-                    .bind(now)
-                    .bind(done.exit_code.map(i64::from))
-                    .bind(done.reason.clone())
-                    .bind(done.job_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::query(op))?;
-                if cancel_requested {
-                    sqlx::query("UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 WHERE deployment_id = $2 AND state IN ('pending', 'ready')")
-                        .bind(now)
-                        .bind(dep_id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(StoreError::query(op))?;
-                } else if new_state == JobState::Succeeded {
-                    effect.newly_ready = sqlx::query(
-                        "UPDATE jobs SET state = 'ready', ready_at = $1 WHERE deployment_id = $2 AND state = 'pending' \
-                         AND id IN (SELECT job_id FROM job_needs WHERE need_id = $3) \
-                         AND NOT EXISTS (SELECT 1 FROM job_needs n JOIN jobs j2 ON j2.id = n.need_id WHERE n.job_id = jobs.id AND j2.state <> 'succeeded')",
-                    )
-                    .bind(now)
-                    .bind(dep_id)
-                    .bind(done.job_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::query(op))?
-                    .rows_affected();
-                } else {
-                    // Everything downstream of a failure is skipped, and says why.
-                    sqlx::query(
-                        "WITH RECURSIVE down(id) AS (SELECT job_id FROM job_needs WHERE need_id = $1 \
-                         UNION SELECT n.job_id FROM job_needs n JOIN down ON n.need_id = down.id) \
-                         UPDATE jobs SET state = 'skipped', finished_at = $2, reason = $3 WHERE id IN (SELECT id FROM down) AND state IN ('pending', 'ready')",
-                    )
-                    .bind(done.job_id)
-                    .bind(now)
-                    .bind(format!("not run: it needs {name:?} (directly or through other jobs), which {}", new_state.as_str()))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::query(op))?;
-                }
-                // A job just became ready: the deployment is not done.
-                if effect.newly_ready == 0 {
-                    effect.deployment_finished = self.complete_if_done(&mut tx, dep_id, now).await?.map(|s| (dep_id, s));
-                }
-            }
-        }
-        tx.commit().await.map_err(StoreError::query(op))?;
+        let mut tx = self.pool.begin().await.map_err(StoreError::query("finish job"))?;
+        let effect = self.finish_on(&mut tx, done).await?;
+        tx.commit().await.map_err(StoreError::query("finish job"))?;
         Ok(effect)
     }
 
