@@ -47,6 +47,7 @@ impl std::ops::Deref for SqlStore {
 }
 
 enum BatchOp {
+    Logs(Vec<NewLogLine>, oneshot::Sender<Result<()>>),
     Finish(FinishedAttempt, oneshot::Sender<Result<FinishEffect>>),
     Claim { node: String, lease: Duration, limit: i64, reply: oneshot::Sender<Result<Vec<ClaimedJob>>> },
 }
@@ -84,6 +85,12 @@ async fn batcher(inner: Arc<Inner>, mut rx: mpsc::Receiver<BatchOp>) {
 
 fn answer(op: BatchOp, result: Result<BatchResult>) {
     match (op, result) {
+        (BatchOp::Logs(_, reply), Ok(_)) => {
+            let _ = reply.send(Ok(()));
+        }
+        (BatchOp::Logs(_, reply), Err(e)) => {
+            let _ = reply.send(Err(e));
+        }
         (BatchOp::Finish(_, reply), Ok(BatchResult::Finish(r))) => {
             let _ = reply.send(Ok(r));
         }
@@ -106,11 +113,34 @@ fn answer(op: BatchOp, result: Result<BatchResult>) {
 }
 
 enum BatchResult {
+    Logs,
     Finish(FinishEffect),
     Claim(Vec<ClaimedJob>),
 }
 
 impl Inner {
+    async fn append_logs_on(&self, tx: &mut sqlx::AnyConnection, lines: &[NewLogLine]) -> Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        for chunk in lines.chunks(100) {
+            let mut q = String::from("INSERT INTO logs (deployment_id, job_id, attempt, ts, stream, line) VALUES ");
+            for i in 0..chunk.len() {
+                let b = i * 6;
+                if i > 0 {
+                    q.push_str(", ");
+                }
+                q.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6));
+            }
+            let mut query = query_dyn(q.clone());
+            for l in chunk {
+                query = query.bind(l.deployment_id).bind(l.job_id).bind(l.attempt).bind(l.ts).bind(l.stream).bind(l.line.clone());
+            }
+            query.execute(&mut *tx).await.map_err(StoreError::query("append logs"))?;
+        }
+        Ok(())
+    }
+
     async fn claim_on(&self, conn: &mut sqlx::AnyConnection, node: &str, lease: Duration, limit: i64) -> Result<Vec<ClaimedJob>> {
         let op = "claim";
         let now = now_ms();
@@ -312,6 +342,10 @@ impl Inner {
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
             results.push(match op {
+                BatchOp::Logs(lines, _) => {
+                    self.append_logs_on(&mut tx, lines).await?;
+                    BatchResult::Logs
+                }
                 BatchOp::Finish(done, _) => BatchResult::Finish(self.finish_on(&mut tx, done.clone()).await?),
                 BatchOp::Claim { node, lease, limit, .. } => BatchResult::Claim(self.claim_on(&mut tx, node, *lease, *limit).await?),
             });
@@ -1070,22 +1104,13 @@ impl Store for SqlStore {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await.map_err(StoreError::query("append logs"))?;
-        for chunk in lines.chunks(100) {
-            let mut q = String::from("INSERT INTO logs (deployment_id, job_id, attempt, ts, stream, line) VALUES ");
-            for i in 0..chunk.len() {
-                let b = i * 6;
-                if i > 0 {
-                    q.push_str(", ");
-                }
-                q.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6));
-            }
-            let mut query = query_dyn(q.clone());
-            for l in chunk {
-                query = query.bind(l.deployment_id).bind(l.job_id).bind(l.attempt).bind(l.ts).bind(l.stream).bind(l.line.clone());
-            }
-            query.execute(&mut *tx).await.map_err(StoreError::query("append logs"))?;
+        if let Some(batch) = &self.batch {
+            let (reply, rx) = oneshot::channel();
+            batch.send(BatchOp::Logs(lines.to_vec(), reply)).await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+            return rx.await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
         }
+        let mut tx = self.pool.begin().await.map_err(StoreError::query("append logs"))?;
+        self.append_logs_on(&mut tx, lines).await?;
         tx.commit().await.map_err(StoreError::query("append logs"))?;
         Ok(())
     }
