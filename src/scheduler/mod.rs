@@ -75,10 +75,38 @@ enum StopReason {
     Shutdown,
 }
 
+#[derive(Clone)]
 struct Running {
     fence: i64,
     cancel: CancellationToken,
     why: Arc<OnceLock<StopReason>>,
+}
+
+/// Jobs this node runs now, by job id. Shared by the loop (slots, leases)
+/// and the job tasks (which register the next job they claim themselves).
+type RunningMap = Arc<Mutex<HashMap<i64, Running>>>;
+
+fn snapshot(running: &RunningMap) -> HashMap<i64, Running> {
+    running.lock().map(|m| m.clone()).unwrap_or_default()
+}
+
+fn running_len(running: &RunningMap) -> usize {
+    running.lock().map(|m| m.len()).unwrap_or(0)
+}
+
+/// Removes a job from the running map when its task is done with it,
+/// also if the task panics.
+struct Slot {
+    running: RunningMap,
+    job: i64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.running.lock() {
+            m.remove(&self.job);
+        }
+    }
 }
 
 pub struct Scheduler {
@@ -141,10 +169,8 @@ impl Scheduler {
             // process left running is dead: reap it now, not after a lease.
             this.store.expire_all_leases().await?;
         }
-        let mut running: HashMap<i64, Running> = HashMap::new();
+        let running: RunningMap = Arc::default();
         let mut tasks: JoinSet<()> = JoinSet::new();
-        // Task id -> job id, so a job task that panics still frees its slot.
-        let mut task_jobs: HashMap<tokio::task::Id, i64> = HashMap::new();
         let renew_every = (this.cfg.lease / 3).min(Duration::from_secs(1)).max(Duration::from_millis(50));
         let mut last_renew = Instant::now();
         let mut last_reap = Instant::now() - this.cfg.poll;
@@ -155,11 +181,11 @@ impl Scheduler {
         while !shutdown.is_cancelled() {
             let step = async {
                 if last_renew.elapsed() >= renew_every {
-                    this.renew(&running).await?;
+                    this.renew(&snapshot(&running)).await?;
                     last_renew = Instant::now();
                 }
                 if last_reap.elapsed() >= this.cfg.poll {
-                    this.reap(&running).await?;
+                    this.reap(&snapshot(&running)).await?;
                     last_reap = Instant::now();
                 }
                 if last_sweep.elapsed() >= SWEEP_EVERY {
@@ -179,16 +205,12 @@ impl Scheduler {
                         this.events.emit(Event::DeploymentStarted { deployment: d, node: this.cfg.node_id.clone() }).await;
                     }
                 }
-                let free = this.cfg.parallelism.saturating_sub(running.len());
+                let free = this.cfg.parallelism.saturating_sub(running_len(&running));
                 if free > 0 {
                     for job in this.store.claim(&this.cfg.node_id, this.cfg.lease, free as i64).await? {
-                        let cancel = CancellationToken::new();
-                        let why = Arc::new(OnceLock::new());
-                        running.insert(job.job_id, Running { fence: job.fence, cancel: cancel.clone(), why: why.clone() });
                         let me = this.clone();
-                        let id = job.job_id;
-                        let handle = tasks.spawn(async move { me.run_job(job, cancel, why).await });
-                        task_jobs.insert(handle.id(), id);
+                        let (running, shutdown) = (running.clone(), shutdown.clone());
+                        tasks.spawn(async move { me.run_chain(job, running, shutdown).await });
                     }
                 }
                 Ok::<(), StoreError>(())
@@ -211,12 +233,10 @@ impl Scheduler {
             };
             tokio::select! {
                 _ = this.wake.notified() => {}
-                Some(done) = tasks.join_next_with_id() => {
-                    let task = match &done { Ok((id, _)) => *id, Err(e) => e.id() };
+                Some(done) = tasks.join_next() => {
                     if let Err(e) = done {
                         tracing::error!(error = %e, "job task failed");
                     }
-                    if let Some(job) = task_jobs.remove(&task) { running.remove(&job); }
                 }
                 _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.cancelled() => {}
@@ -224,21 +244,15 @@ impl Scheduler {
         }
 
         // Shutdown: no new claims. Give running jobs the grace period.
-        if !running.is_empty() {
-            tracing::info!(jobs = running.len(), grace = ?this.cfg.shutdown_grace, "waiting for running jobs before stopping");
+        if running_len(&running) > 0 {
+            tracing::info!(jobs = running_len(&running), grace = ?this.cfg.shutdown_grace, "waiting for running jobs before stopping");
         }
         let deadline = tokio::time::Instant::now() + this.cfg.shutdown_grace;
         loop {
             tokio::select! {
-                done = tasks.join_next_with_id() => match done {
-                    None => break,
-                    Some(done) => {
-                        let task = match &done { Ok((id, _)) => *id, Err(e) => e.id() };
-                        if let Some(job) = task_jobs.remove(&task) { running.remove(&job); }
-                    }
-                },
+                done = tasks.join_next() => if done.is_none() { break },
                 _ = tokio::time::sleep_until(deadline) => {
-                    for r in running.values() {
+                    for r in snapshot(&running).values() {
                         let _ = r.why.set(StopReason::Shutdown);
                         r.cancel.cancel();
                     }
@@ -252,7 +266,7 @@ impl Scheduler {
                     break;
                 }
                 _ = tokio::time::sleep(renew_every) => {
-                    if let Err(e) = this.renew(&running).await {
+                    if let Err(e) = this.renew(&snapshot(&running)).await {
                         tracing::warn!(error = %e, "renewing leases during shutdown failed");
                     }
                 }
@@ -264,6 +278,9 @@ impl Scheduler {
     /// Keep our leases; stop jobs whose lease is gone or whose deployment
     /// was cancelled.
     async fn renew(&self, running: &HashMap<i64, Running>) -> Result<(), StoreError> {
+        if running.is_empty() {
+            return self.store.renew(&self.cfg.node_id, &[], self.cfg.lease).await.map(|_| ());
+        }
         let held: Vec<(i64, i64)> = running.iter().map(|(id, r)| (*id, r.fence)).collect();
         for r in self.store.renew(&self.cfg.node_id, &held, self.cfg.lease).await? {
             if let Some(job) = running.get(&r.job_id) {
@@ -368,7 +385,23 @@ impl Scheduler {
         Ok(path)
     }
 
-    async fn run_job(&self, job: ClaimedJob, cancel: CancellationToken, why: Arc<OnceLock<StopReason>>) {
+    /// Run a claimed job, then, in the same slot, whatever job the store
+    /// hands over with its result (`finish_and_claim`): a chain of jobs
+    /// runs without a trip through the loop between links.
+    async fn run_chain(self: Arc<Self>, first: ClaimedJob, running: RunningMap, shutdown: CancellationToken) {
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            let entry = Running { fence: job.fence, cancel: CancellationToken::new(), why: Arc::new(OnceLock::new()) };
+            if let Ok(mut m) = running.lock() {
+                m.insert(job.job_id, entry.clone());
+            }
+            let _slot = Slot { running: running.clone(), job: job.job_id };
+            next = self.run_job(job, entry.cancel, entry.why, !shutdown.is_cancelled()).await;
+        }
+    }
+
+    /// Returns the next job to run in this slot, if the store gave one.
+    async fn run_job(&self, job: ClaimedJob, cancel: CancellationToken, why: Arc<OnceLock<StopReason>>, claim_next: bool) -> Option<ClaimedJob> {
         let started_at = now_ms();
         let start = Instant::now();
         self.events
@@ -433,7 +466,7 @@ impl Scheduler {
             // Someone else owns the job now; writing would be wrong and
             // the fenced write would be refused anyway.
             self.events.emit(note("[slipway] lease lost: another node took this job over; this attempt's result is discarded".into())).await;
-            return;
+            return None;
         }
         let summary = match (&outcome, &reason, retry_in) {
             (Outcome::Succeeded, _, _) => format!("[slipway] attempt {} succeeded in {:.1?}", job.attempt, start.elapsed()),
@@ -464,8 +497,17 @@ impl Scheduler {
         // takeover). Past the limit, the reaper of some node decides.
         let mut delay = Duration::from_millis(100);
         let give_up = Instant::now() + FINISH_RETRY_LIMIT;
+        let mut claimed = None;
         let effect = loop {
-            match self.store.finish(done.clone()).await {
+            let result = if claim_next {
+                self.store.finish_and_claim(done.clone(), &self.cfg.node_id, self.cfg.lease).await.map(|(e, c)| {
+                    claimed = c;
+                    e
+                })
+            } else {
+                self.store.finish(done.clone()).await
+            };
+            match result {
                 Ok(e) => break Some(e),
                 Err(e) if Instant::now() < give_up => {
                     tracing::warn!(job = %job.name, error = %e, "cannot record job result yet; retrying");
@@ -501,6 +543,7 @@ impl Scheduler {
                 wake.notify_one();
             });
         }
+        claimed
     }
 
     /// Output lines to events, bounded at `max_log_bytes` per attempt.

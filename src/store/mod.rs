@@ -405,6 +405,17 @@ pub trait Store: Send + Sync + 'static {
     /// cancelled jobs.
     async fn renew(&self, node: &str, held: &[(i64, i64)], lease: Duration) -> Result<Vec<Renewal>>;
     async fn finish(&self, done: FinishedAttempt) -> Result<FinishEffect>;
+    /// Record an attempt and, unless it was stale, claim one more ready
+    /// job for `node` at once (the finished job's slot is free). Stores
+    /// may do both in one transaction.
+    async fn finish_and_claim(&self, done: FinishedAttempt, node: &str, lease: Duration) -> Result<(FinishEffect, Option<ClaimedJob>)> {
+        let effect = self.finish(done).await?;
+        if effect.stale {
+            return Ok((effect, None));
+        }
+        let next = self.claim(node, lease, 1).await?.into_iter().next();
+        Ok((effect, next))
+    }
     /// Running jobs whose lease ended before now.
     async fn expired(&self) -> Result<Vec<Expired>>;
     /// Take over or drop lock leases whose holder stopped renewing them.

@@ -49,6 +49,7 @@ impl std::ops::Deref for SqlStore {
 enum BatchOp {
     Logs(Vec<NewLogLine>, oneshot::Sender<Result<()>>),
     Finish(FinishedAttempt, oneshot::Sender<Result<FinishEffect>>),
+    FinishClaim { done: FinishedAttempt, node: String, lease: Duration, reply: oneshot::Sender<Result<(FinishEffect, Option<ClaimedJob>)>> },
     Claim { node: String, lease: Duration, limit: i64, reply: oneshot::Sender<Result<Vec<ClaimedJob>>> },
 }
 
@@ -91,6 +92,15 @@ fn answer(op: BatchOp, result: Result<BatchResult>) {
         (BatchOp::Logs(_, reply), Err(e)) => {
             let _ = reply.send(Err(e));
         }
+        (BatchOp::FinishClaim { reply, .. }, Ok(BatchResult::FinishClaim(e, c))) => {
+            let _ = reply.send(Ok((e, c)));
+        }
+        (BatchOp::FinishClaim { reply, .. }, Ok(_)) => {
+            let _ = reply.send(Err(StoreError::Corrupt("batch answered a finish-and-claim with something else".into())));
+        }
+        (BatchOp::FinishClaim { reply, .. }, Err(e)) => {
+            let _ = reply.send(Err(e));
+        }
         (BatchOp::Finish(_, reply), Ok(BatchResult::Finish(r))) => {
             let _ = reply.send(Ok(r));
         }
@@ -114,6 +124,7 @@ fn answer(op: BatchOp, result: Result<BatchResult>) {
 
 enum BatchResult {
     Logs,
+    FinishClaim(FinishEffect, Option<ClaimedJob>),
     Finish(FinishEffect),
     Claim(Vec<ClaimedJob>),
 }
@@ -337,6 +348,15 @@ impl Inner {
         Ok(effect)
     }
 
+    async fn finish_claim_on(&self, tx: &mut sqlx::AnyConnection, done: FinishedAttempt, node: &str, lease: Duration) -> Result<(FinishEffect, Option<ClaimedJob>)> {
+        let effect = self.finish_on(tx, done).await?;
+        if effect.stale {
+            return Ok((effect, None));
+        }
+        let next = self.claim_on(tx, node, lease, 1).await?.into_iter().next();
+        Ok((effect, next))
+    }
+
     async fn run_batch(&self, ops: &[BatchOp]) -> Result<Vec<BatchResult>> {
         let mut tx = self.pool.begin().await.map_err(StoreError::query("batch"))?;
         let mut results = Vec::with_capacity(ops.len());
@@ -347,6 +367,10 @@ impl Inner {
                     BatchResult::Logs
                 }
                 BatchOp::Finish(done, _) => BatchResult::Finish(self.finish_on(&mut tx, done.clone()).await?),
+                BatchOp::FinishClaim { done, node, lease, .. } => {
+                    let (e, c) = self.finish_claim_on(&mut tx, done.clone(), node, *lease).await?;
+                    BatchResult::FinishClaim(e, c)
+                }
                 BatchOp::Claim { node, lease, limit, .. } => BatchResult::Claim(self.claim_on(&mut tx, node, *lease, *limit).await?),
             });
         }
@@ -999,16 +1023,17 @@ impl Store for SqlStore {
             return Ok(vec![]);
         }
         // Only the attempts this process holds: jobs left under the same
-        // node id by a previous process must expire and be reaped.
-        for (job, fence) in held {
-            sqlx::query("UPDATE jobs SET lease_until = $1 WHERE id = $2 AND fence = $3 AND node = $4 AND state = 'running'")
-                .bind(until)
-                .bind(*job)
-                .bind(*fence)
-                .bind(node)
-                .execute(&self.pool)
-                .await
-                .map_err(StoreError::query(op))?;
+        // node id by a previous process must expire and be reaped. (A job
+        // row has one current attempt, so its id names it.) One statement
+        // per 500 jobs, not one per job.
+        for chunk in held.chunks(500) {
+            let ids: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
+            let q = format!("UPDATE jobs SET lease_until = $1 WHERE node = $2 AND state = 'running' AND id IN ({})", ids.join(", "));
+            let mut query = query_dyn(q).bind(until).bind(node);
+            for (job, _) in chunk {
+                query = query.bind(*job);
+            }
+            query.execute(&self.pool).await.map_err(StoreError::query(op))?;
         }
         let rows = sqlx::query(
             "SELECT j.id, j.fence, d.cancel_requested FROM jobs j JOIN deployments d ON d.id = j.deployment_id WHERE j.node = $1 AND j.state = 'running'",
@@ -1043,6 +1068,21 @@ impl Store for SqlStore {
         let effect = self.finish_on(&mut tx, done).await?;
         tx.commit().await.map_err(StoreError::query("finish job"))?;
         Ok(effect)
+    }
+
+    async fn finish_and_claim(&self, done: FinishedAttempt, node: &str, lease: Duration) -> Result<(FinishEffect, Option<ClaimedJob>)> {
+        if let Some(batch) = &self.batch {
+            let (reply, rx) = oneshot::channel();
+            batch
+                .send(BatchOp::FinishClaim { done, node: node.to_string(), lease, reply })
+                .await
+                .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+            return rx.await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+        }
+        let mut tx = self.pool.begin().await.map_err(StoreError::query("finish job"))?;
+        let out = self.finish_claim_on(&mut tx, done, node, lease).await?;
+        tx.commit().await.map_err(StoreError::query("finish job"))?;
+        Ok(out)
     }
 
     async fn expired(&self) -> Result<Vec<Expired>> {
