@@ -370,7 +370,7 @@ async fn sse_stream_delivers_lines_then_end() {
         assert!(text.rfind("event: line").unwrap() < end, "lines come before the end event");
         assert!(text[end..].contains("\"state\":\"succeeded\""), "{text}");
         // Resuming after the last id gives only the end.
-        let last_id: i64 = text.lines().filter_map(|l| l.strip_prefix("id: ")).last().unwrap().parse().unwrap();
+        let last_id: i64 = text.lines().filter_map(|l| l.strip_prefix("id: ")).next_back().unwrap().parse().unwrap();
         let rest = n
             .http
             .get(format!("{}/api/v1/deployments/{id}/logs/stream", n.base))

@@ -23,15 +23,6 @@ fn problems(text: &str) -> String {
     out
 }
 
-trait KindStr {
-    fn as_str(&self) -> &'static str;
-}
-impl KindStr for ProblemKind {
-    fn as_str(&self) -> &'static str {
-        ProblemKind::as_str(*self)
-    }
-}
-
 #[test]
 fn valid_config_parses_with_defaults() {
     let c = config::parse(

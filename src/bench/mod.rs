@@ -59,7 +59,7 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { jobs: 1000, width: 50, parallelism: 8, seed: 1, sleep_min_ms: 50, sleep_max_ms: 300, json: false }
+        BenchOptions { jobs: 1000, width: 50, parallelism: 8, seed: 1, sleep_min_ms: 200, sleep_max_ms: 1000, json: false }
     }
 }
 

@@ -161,9 +161,12 @@ pub struct BenchArgs {
     pub parallelism: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    #[arg(long, default_value_t = 50)]
+    /// Sleeping graph: shortest job, in ms.
+    #[arg(long, default_value_t = 200)]
     pub sleep_min_ms: u64,
-    #[arg(long, default_value_t = 300)]
+    /// Sleeping graph: longest job, in ms. (Much shorter jobs measure
+    /// process start-up more than scheduling: ninja itself then misses 2%.)
+    #[arg(long, default_value_t = 1000)]
     pub sleep_max_ms: u64,
 }
 

@@ -77,8 +77,8 @@ fn references(config: &Config, index: &HashMap<&str, usize>, problems: &mut Vec<
                 );
             }
         }
-        if let (Some(svc), Some(span)) = (&job.service, &job.spans.service) {
-            if !service_names.contains(&svc.as_str()) {
+        if let (Some(svc), Some(span)) = (&job.service, &job.spans.service)
+            && !service_names.contains(&svc.as_str()) {
                 let hint = match did_you_mean(svc, service_names.iter().copied()) {
                     Some(s) => format!("did you mean {s:?}?"),
                     None => "declare it in a [[service]] table".to_string(),
@@ -89,7 +89,6 @@ fn references(config: &Config, index: &HashMap<&str, usize>, problems: &mut Vec<
                         .hint(hint),
                 );
             }
-        }
         if let Some(envs) = &job.environments {
             for (env, span) in envs.iter().zip(&job.spans.environments) {
                 if !env_names.contains(&env.as_str()) {

@@ -93,7 +93,7 @@ fn answer(op: BatchOp, result: Result<BatchResult>) {
             let _ = reply.send(Err(e));
         }
         (BatchOp::FinishClaim { reply, .. }, Ok(BatchResult::FinishClaim(e, c))) => {
-            let _ = reply.send(Ok((e, c)));
+            let _ = reply.send(Ok((e, c.map(|c| *c))));
         }
         (BatchOp::FinishClaim { reply, .. }, Ok(_)) => {
             let _ = reply.send(Err(StoreError::Corrupt("batch answered a finish-and-claim with something else".into())));
@@ -124,7 +124,7 @@ fn answer(op: BatchOp, result: Result<BatchResult>) {
 
 enum BatchResult {
     Logs,
-    FinishClaim(FinishEffect, Option<ClaimedJob>),
+    FinishClaim(FinishEffect, Option<Box<ClaimedJob>>),
     Finish(FinishEffect),
     Claim(Vec<ClaimedJob>),
 }
@@ -176,7 +176,7 @@ impl Inner {
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let dep: i64 = r.try_get(1).map_err(StoreError::query(op))?;
-            if !deps.contains_key(&dep) {
+            if let std::collections::hash_map::Entry::Vacant(e) = deps.entry(dep) {
                 let cached = self.claim_info.lock().ok().and_then(|c| c.get(&dep).cloned());
                 let info = match cached {
                     Some(i) => i,
@@ -197,7 +197,7 @@ impl Inner {
                         info
                     }
                 };
-                deps.insert(dep, info);
+                e.insert(info);
             }
             let (revision, environment, service, version, event_at) = deps[&dep].clone();
             let spec: String = r.try_get(5).map_err(StoreError::query(op))?;
@@ -369,7 +369,7 @@ impl Inner {
                 BatchOp::Finish(done, _) => BatchResult::Finish(self.finish_on(&mut tx, done.clone()).await?),
                 BatchOp::FinishClaim { done, node, lease, .. } => {
                     let (e, c) = self.finish_claim_on(&mut tx, done.clone(), node, *lease).await?;
-                    BatchResult::FinishClaim(e, c)
+                    BatchResult::FinishClaim(e, c.map(Box::new))
                 }
                 BatchOp::Claim { node, lease, limit, .. } => BatchResult::Claim(self.claim_on(&mut tx, node, *lease, *limit).await?),
             });
@@ -427,11 +427,10 @@ impl SqlStore {
             if path.is_empty() {
                 return Err(StoreError::BadUrl { url: url.into(), reason: "no file path after sqlite://".into() });
             }
-            if let Some(parent) = std::path::Path::new(path).parent() {
-                if !parent.as_os_str().is_empty() {
+            if let Some(parent) = std::path::Path::new(path).parent()
+                && !parent.as_os_str().is_empty() {
                     std::fs::create_dir_all(parent).map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", parent.display())))?;
                 }
-            }
             let opts = AnyPoolOptions::new()
                 // One connection: SQLite has one writer anyway, and this
                 // way no transaction ever meets SQLITE_BUSY half-way.
@@ -886,7 +885,7 @@ impl Store for SqlStore {
         let op = "cancel";
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
-        let Some(row) = self.lock_deployment(&mut *tx, id).await? else {
+        let Some(row) = self.lock_deployment(&mut tx, id).await? else {
             return Ok(None);
         };
         let dep = deployment_row(&row)?;
@@ -913,9 +912,9 @@ impl Store for SqlStore {
                 .await
                 .map_err(StoreError::query(op))?;
         } else {
-            self.complete_if_done(&mut *tx, id, now).await?;
+            self.complete_if_done(&mut tx, id, now).await?;
         }
-        let row = self.lock_deployment(&mut *tx, id).await?;
+        let row = self.lock_deployment(&mut tx, id).await?;
         tx.commit().await.map_err(StoreError::query(op))?;
         row.as_ref().map(deployment_row).transpose()
     }
@@ -1113,9 +1112,7 @@ impl Store for SqlStore {
     async fn reap_locks(&self, node: &str, lease: Duration) -> Result<u64> {
         let op = "reap locks";
         let now = now_ms();
-        let dropped = query_dyn(format!(
-            "DELETE FROM locks WHERE lease_until < $1 AND deployment_id IN (SELECT id FROM deployments WHERE state NOT IN ('queued', 'running'))"
-        ))
+        let dropped = query_dyn("DELETE FROM locks WHERE lease_until < $1 AND deployment_id IN (SELECT id FROM deployments WHERE state NOT IN ('queued', 'running'))".to_string())
         .bind(now)
         .execute(&self.pool)
         .await

@@ -54,13 +54,12 @@ pub struct Submitter {
 
 impl Submitter {
     pub async fn submit(&self, request: Request, key: Option<String>, payload: String) -> Result<Submitted, SubmitError> {
-        if let Some(k) = &key {
-            if !valid_key(k) {
+        if let Some(k) = &key
+            && !valid_key(k) {
                 return Err(SubmitError::Invalid(format!(
                     "invalid event id {k:?}: use at most 128 letters, digits, '.', '_', '-' or ':'"
                 )));
             }
-        }
         let (selection, environment, kind, service, version) = match &request {
             Request::Deploy { service, version, environment } => {
                 if !config::valid_name(service) {
@@ -83,11 +82,10 @@ impl Submitter {
                 (Selection::Jobs { jobs: jobs.clone() }, environment.clone(), DeploymentKind::Run, None, None)
             }
         };
-        if let Some(env) = &environment {
-            if !config::valid_name(env) {
+        if let Some(env) = &environment
+            && !config::valid_name(env) {
                 return Err(SubmitError::Invalid(format!("invalid environment name {env:?}")));
             }
-        }
         // Reading and hashing the directory is blocking work.
         let path = self.config_path.clone();
         let (loaded, rev) = tokio::task::spawn_blocking(move || -> Result<_, SubmitError> {
