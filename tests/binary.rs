@@ -1010,3 +1010,35 @@ command = "seq 1 200; head -c 2000 /dev/zero | tr '\\0' x; echo; echo after-the-
     assert!(!out.iter().any(|l| l == "after-the-cut"), "output after the truncation note was kept: {:?}", &out[out.len().saturating_sub(3)..]);
     assert_eq!(out, (1..=200).map(|i| i.to_string()).collect::<Vec<_>>());
 }
+
+/// SIGTERM while a job runs: the job finishes within the grace period, but
+/// the stopping node takes no new work with its result (the job that
+/// needed it is left for the next node), and a restart runs it.
+#[test]
+fn sigterm_finishes_running_jobs_but_takes_no_new_ones() {
+    let dir = common::config_dir(
+        "[[job]]\nname = \"slow\"\ncommand = [\"sleep\", \"2\"]\n\n[[job]]\nname = \"after\"\nneeds = [\"slow\"]\ncommand = [\"true\"]\n",
+        &[],
+    );
+    let store = format!("sqlite://{}/state/slipway.db", dir.path().display());
+    let mut server = common::Server::start(dir.path(), Some(&store), &["--shutdown-grace", "20s", "--poll", "200ms"]);
+    let (status, accepted) = common::post_json(&format!("{}/api/v1/events", server.url), r#"{"kind":"run","jobs":["after"]}"#);
+    assert_eq!(status, 202, "{accepted}");
+    let id = accepted["deployment_id"].as_i64().unwrap();
+    common::wait_for(std::time::Duration::from_secs(30), "slow to run", || {
+        let d = common::get_json(&format!("{}/api/v1/deployments/{id}", server.url));
+        (d["jobs"][0]["state"] == "running").then_some(())
+    });
+    let pid = server.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = common::wait_for(std::time::Duration::from_secs(30), "serve to exit", || server.child.try_wait().ok().flatten());
+    assert!(status.success(), "graceful stop exits 0: {status}\n{}", server.log_text());
+    let restarted = common::Server::start(dir.path(), Some(&store), &["--poll", "200ms"]);
+    let d = common::wait_for(std::time::Duration::from_secs(30), "the deployment to finish", || {
+        let d = common::get_json(&format!("{}/api/v1/deployments/{id}", restarted.url));
+        (d["deployment"]["state"] == "succeeded").then_some(d)
+    });
+    let node_of = |name: &str| d["jobs"].as_array().unwrap().iter().find(|j| j["name"] == name).unwrap()["node"].clone();
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 2, "each job ran once: {d}");
+    assert_ne!(node_of("slow"), node_of("after"), "the stopping node must not have started `after`: {d}");
+}

@@ -757,15 +757,4 @@ mod tests {
         assert_eq!(sleep_command(1005), "sleep 1.005");
     }
 
-    /// The whole bench on a small graph (needs ninja). Size with
-    /// `SLIPWAY_BENCH_JOBS`; run with `cargo test --release --lib bench -- --ignored --nocapture`.
-    #[tokio::test(flavor = "multi_thread")]
-    #[ignore = "runs processes for several seconds and needs ninja"]
-    async fn bench_end_to_end() {
-        let jobs = std::env::var("SLIPWAY_BENCH_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
-        let report = run(BenchOptions { jobs, ..BenchOptions::default() }).await.expect("bench runs");
-        assert_eq!(report.jobs, jobs);
-        assert!(report.noop.slipway.makespan_secs > 0.0 && report.noop.ninja_secs > 0.0);
-        assert!(report.sleep.ratio >= 0.99, "nothing beats the critical path: {report:?}");
-    }
 }

@@ -396,12 +396,13 @@ impl Scheduler {
                 m.insert(job.job_id, entry.clone());
             }
             let _slot = Slot { running: running.clone(), job: job.job_id };
-            next = self.run_job(job, entry.cancel, entry.why, !shutdown.is_cancelled()).await;
+            next = self.run_job(job, entry.cancel, entry.why, &shutdown).await;
         }
     }
 
     /// Returns the next job to run in this slot, if the store gave one.
-    async fn run_job(&self, job: ClaimedJob, cancel: CancellationToken, why: Arc<OnceLock<StopReason>>, claim_next: bool) -> Option<ClaimedJob> {
+    /// `shutdown`: once it fires, no next job is taken.
+    async fn run_job(&self, job: ClaimedJob, cancel: CancellationToken, why: Arc<OnceLock<StopReason>>, shutdown: &CancellationToken) -> Option<ClaimedJob> {
         let started_at = now_ms();
         let start = Instant::now();
         self.events
@@ -499,7 +500,9 @@ impl Scheduler {
         let give_up = Instant::now() + FINISH_RETRY_LIMIT;
         let mut claimed = None;
         let effect = loop {
-            let result = if claim_next {
+            // Checked now, not when the job started: a node stopping must
+            // not take new work with the results of the old.
+            let result = if !shutdown.is_cancelled() {
                 self.store.finish_and_claim(done.clone(), &self.cfg.node_id, self.cfg.lease).await.map(|(e, c)| {
                     claimed = c;
                     e
