@@ -517,14 +517,13 @@ impl Inner {
     /// If every job of the deployment is terminal, finish the deployment
     /// and free its lock.
     async fn complete_if_done(&self, tx: &mut sqlx::AnyConnection, id: i64, now: Millis) -> Result<Option<DeploymentState>> {
-        let open: i64 = sqlx::query("SELECT COUNT(*) FROM jobs WHERE deployment_id = $1 AND state IN ('pending', 'ready', 'running')")
+        // Any open job at all? (Stops at the first; a COUNT would walk them all.)
+        let open = sqlx::query("SELECT 1 FROM jobs WHERE deployment_id = $1 AND state IN ('pending', 'ready', 'running') LIMIT 1")
             .bind(id)
-            .fetch_one(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await
-            .map_err(StoreError::query("count open jobs"))?
-            .try_get(0)
             .map_err(StoreError::query("count open jobs"))?;
-        if open > 0 {
+        if open.is_some() {
             return Ok(None);
         }
         let dep = sqlx::query("SELECT state, cancel_requested FROM deployments WHERE id = $1")
