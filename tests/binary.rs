@@ -1042,3 +1042,26 @@ fn sigterm_finishes_running_jobs_but_takes_no_new_ones() {
     assert_eq!(d["attempts"].as_array().unwrap().len(), 2, "each job ran once: {d}");
     assert_ne!(node_of("slow"), node_of("after"), "the stopping node must not have started `after`: {d}");
 }
+
+/// The orphan sweep never kills Slipway itself, even when its own
+/// environment carries the owner mark of a dead Slipway (as it does when a
+/// deploy job restarts Slipway).
+#[test]
+fn issue3_sweep_spares_itself_with_an_inherited_owner_mark() {
+    let dir = common::config_dir("[[job]]\nname = \"a\"\ncommand = [\"true\"]\n", &[]);
+    let port = common::free_port();
+    let mut child = std::process::Command::new(common::slipway_bin())
+        .args(["--config", dir.path().to_str().unwrap(), "serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("SLIPWAY_OWNER", "1.1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    common::wait_for(std::time::Duration::from_secs(30), "serve to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let alive = child.try_wait().expect("try_wait").is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(alive, "slipway serve killed itself in its orphan sweep");
+}

@@ -314,10 +314,16 @@ async fn stream_logs(
     let store = s.store.clone();
     let stream = async_stream(move |tx| async move {
         loop {
+            // A client that left is noticed even while nothing is sent.
+            if tx.is_closed() {
+                return;
+            }
             let lines = match store.logs(id, job.as_deref(), after, 500).await {
                 Ok(l) => l,
                 Err(e) => {
-                    let _ = tx.send(SseEvent::default().event("error").data(e.to_string())).await;
+                    if tx.send(SseEvent::default().event("error").data(e.to_string())).await.is_err() {
+                        return;
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }

@@ -31,6 +31,8 @@ pub const CONFIG_FILE: &str = "slipway.toml";
 /// Default job timeout when a job does not set one. Every job has a
 /// timeout: nothing may hang forever.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest duration a config accepts: keeps every deadline computable.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Default environment name when a config declares none.
 pub const DEFAULT_ENVIRONMENT: &str = "default";
 
@@ -347,6 +349,14 @@ fn duration(s: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) -> Opt
             problems.push(
                 Problem::new(ProblemKind::InvalidValue, Some(s.span()), format!("`{what}` must be longer than zero"))
                     .label("zero"),
+            );
+            None
+        }
+        Ok(d) if d > MAX_DURATION => {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(s.span()), format!("`{what}` is longer than a year"))
+                    .label("too long")
+                    .hint("durations are at most 365 days"),
             );
             None
         }

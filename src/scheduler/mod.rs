@@ -77,17 +77,25 @@ enum StopReason {
 
 #[derive(Clone)]
 struct Running {
-    fence: i64,
     cancel: CancellationToken,
     why: Arc<OnceLock<StopReason>>,
 }
 
-/// Jobs this node runs now, by job id. Shared by the loop (slots, leases)
-/// and the job tasks (which register the next job they claim themselves).
-type RunningMap = Arc<Mutex<HashMap<i64, Running>>>;
+/// Attempts this node runs now, by (job id, fence): a job re-claimed by
+/// this node while its old attempt is still being stopped is two entries,
+/// two slots. Shared by the loop (slots, leases) and the job tasks. An
+/// entry goes in *before* its task is spawned, so a slot is never counted
+/// late (and parallelism never exceeded).
+type RunningMap = Arc<Mutex<HashMap<(i64, i64), Running>>>;
 
-fn snapshot(running: &RunningMap) -> HashMap<i64, Running> {
+fn snapshot(running: &RunningMap) -> HashMap<(i64, i64), Running> {
     running.lock().map(|m| m.clone()).unwrap_or_default()
+}
+
+fn register(running: &RunningMap, job: &ClaimedJob) {
+    if let Ok(mut m) = running.lock() {
+        m.insert((job.job_id, job.fence), Running { cancel: CancellationToken::new(), why: Arc::new(OnceLock::new()) });
+    }
 }
 
 fn running_len(running: &RunningMap) -> usize {
@@ -98,13 +106,13 @@ fn running_len(running: &RunningMap) -> usize {
 /// also if the task panics.
 struct Slot {
     running: RunningMap,
-    job: i64,
+    attempt: (i64, i64),
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Ok(mut m) = self.running.lock() {
-            m.remove(&self.job);
+            m.remove(&self.attempt);
         }
     }
 }
@@ -208,6 +216,7 @@ impl Scheduler {
                 let free = this.cfg.parallelism.saturating_sub(running_len(&running));
                 if free > 0 {
                     for job in this.store.claim(&this.cfg.node_id, this.cfg.lease, free as i64).await? {
+                        register(&running, &job);
                         let me = this.clone();
                         let (running, shutdown) = (running.clone(), shutdown.clone());
                         tasks.spawn(async move { me.run_chain(job, running, shutdown).await });
@@ -277,13 +286,14 @@ impl Scheduler {
 
     /// Keep our leases; stop jobs whose lease is gone or whose deployment
     /// was cancelled.
-    async fn renew(&self, running: &HashMap<i64, Running>) -> Result<(), StoreError> {
+    async fn renew(&self, running: &HashMap<(i64, i64), Running>) -> Result<(), StoreError> {
         if running.is_empty() {
             return self.store.renew(&self.cfg.node_id, &[], self.cfg.lease).await.map(|_| ());
         }
-        let held: Vec<(i64, i64)> = running.iter().map(|(id, r)| (*id, r.fence)).collect();
-        for r in self.store.renew(&self.cfg.node_id, &held, self.cfg.lease).await? {
-            if let Some(job) = running.get(&r.job_id) {
+        let held: Vec<(i64, i64)> = running.keys().copied().collect();
+        // Answers come in the order of `held`.
+        for (key, r) in held.iter().zip(self.store.renew(&self.cfg.node_id, &held, self.cfg.lease).await?) {
+            if let Some(job) = running.get(key) {
                 if !r.held {
                     let _ = job.why.set(StopReason::LeaseLost);
                     job.cancel.cancel();
@@ -298,12 +308,12 @@ impl Scheduler {
 
     /// Jobs whose node stopped renewing: retry if idempotent, else fail
     /// them as interrupted. Fenced, so two nodes reaping at once is safe.
-    async fn reap(&self, running: &HashMap<i64, Running>) -> Result<(), StoreError> {
+    async fn reap(&self, running: &HashMap<(i64, i64), Running>) -> Result<(), StoreError> {
         self.store.reap_locks(&self.cfg.node_id, self.cfg.lease).await?;
         for x in self.store.expired().await? {
             // Our own job whose lease ran out while the store was down: we
             // still hold it (and maybe its result), so renew, don't reap.
-            if running.get(&x.job_id).is_some_and(|r| r.fence == x.fence) {
+            if running.contains_key(&(x.job_id, x.fence)) {
                 continue;
             }
             let retry = x.spec.idempotent && (x.attempt as u32) < x.spec.interrupted_attempt_limit();
@@ -389,14 +399,21 @@ impl Scheduler {
     /// hands over with its result (`finish_and_claim`): a chain of jobs
     /// runs without a trip through the loop between links.
     async fn run_chain(self: Arc<Self>, first: ClaimedJob, running: RunningMap, shutdown: CancellationToken) {
+        // The loop registered `first`; each next job is registered before
+        // the slot of the one before is released.
         let mut next = Some(first);
+        let mut _slot: Option<Slot> = None;
         while let Some(job) = next.take() {
-            let entry = Running { fence: job.fence, cancel: CancellationToken::new(), why: Arc::new(OnceLock::new()) };
-            if let Ok(mut m) = running.lock() {
-                m.insert(job.job_id, entry.clone());
-            }
-            let _slot = Slot { running: running.clone(), job: job.job_id };
+            let key = (job.job_id, job.fence);
+            let Some(entry) = running.lock().ok().and_then(|m| m.get(&key).cloned()) else {
+                tracing::error!(job = %job.name, "claimed job missing from the running map; its lease will expire");
+                return;
+            };
+            _slot = Some(Slot { running: running.clone(), attempt: key });
             next = self.run_job(job, entry.cancel, entry.why, &shutdown).await;
+            if let Some(n) = &next {
+                register(&running, n);
+            }
         }
     }
 
@@ -491,7 +508,7 @@ impl Scheduler {
             outcome,
             exit_code: result.exit_code,
             reason: reason.clone(),
-            retry_at: retry_in.map(|d| now_ms() + d.as_millis() as i64),
+            retry_at: retry_in.map(|d| now_ms().saturating_add(d.as_millis().min(i64::MAX as u128 / 2) as i64)),
         };
         // The store may be down: keep trying (our own reaper leaves a job we
         // hold alone, and a fenced write cannot clobber another node's

@@ -415,8 +415,10 @@ fn query_dyn(sql: String) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::A
     sqlx::query(sqlx::AssertSqlSafe(sql))
 }
 
+/// Milliseconds of a duration, capped at a century so `now + ms(d)` can
+/// never overflow, whatever a flag or config said.
 fn ms(d: Duration) -> i64 {
-    d.as_millis().min(i64::MAX as u128) as i64
+    d.as_millis().min(100 * 365 * 24 * 3600 * 1000) as i64
 }
 
 impl SqlStore {

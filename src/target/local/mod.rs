@@ -88,12 +88,16 @@ fn owner_mark() -> &'static str {
     })
 }
 
+fn parent_of(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    text[text.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+}
+
 struct ProcStat {
-    pgid: i32,
     start_time: u64,
 }
 
-/// Process group and start time (clock ticks since boot) from
+/// Start time (clock ticks since boot) from
 /// /proc/PID/stat; the start time tells a process from a later one that
 /// reused its pid.
 fn proc_stat(pid: i32) -> Option<ProcStat> {
@@ -102,20 +106,34 @@ fn proc_stat(pid: i32) -> Option<ProcStat> {
     // are counted from after its closing parenthesis (field 3 = index 0).
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(ProcStat { pgid: fields.get(2)?.parse().ok()?, start_time: fields.get(19)?.parse().ok()? })
+    Some(ProcStat { start_time: fields.get(19)?.parse().ok()? })
 }
 
 /// Kill what jobs left behind when their Slipway died (SIGKILL, a crash):
 /// every process on this host marked with the owner of a Slipway process
-/// that no longer exists, and its process group. Runs when a node starts,
+/// that no longer exists (Slipway binaries themselves excepted). Runs when a node starts,
 /// before it retries interrupted jobs, and now and then after. Returns
 /// how many processes it killed.
 pub fn sweep_orphans() -> usize {
     let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
     let mine = owner_mark();
+    // Never ourselves or our ancestors (a Slipway started by a job of an
+    // older one inherits its mark), never another pid namespace (its pids
+    // mean other processes).
+    let mut spared = vec![std::process::id() as i32];
+    let mut at = std::process::id() as i32;
+    while let Some(parent) = parent_of(at).filter(|p| *p > 1 && !spared.contains(p)) {
+        spared.push(parent);
+        at = parent;
+    }
+    let our_ns = std::fs::read_link("/proc/self/ns/pid").ok();
+    let our_exe = std::fs::read_link("/proc/self/exe").ok();
     let mut killed = 0;
     for entry in dir.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if spared.contains(&pid) || std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok() != our_ns {
+            continue;
+        }
         let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
         let Some(owner) = environ
             .split(|b| *b == 0)
@@ -132,9 +150,14 @@ pub fn sweep_orphans() -> usize {
         if proc_stat(opid).is_some_and(|s| s.start_time == ostart) {
             continue; // its Slipway is alive and looks after it
         }
-        if let Some(stat) = proc_stat(pid) {
-            kill_group(stat.pgid, libc::SIGKILL);
+        // A Slipway started by a job (an upgrade, a restart) inherits the
+        // mark: it is not an orphan to kill.
+        if our_exe.is_some() && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == our_exe {
+            continue;
         }
+        // Only the marked process itself: everything a job started carries
+        // the mark, and its process group may hold processes that do not
+        // belong to the job (whoever started a marked Slipway).
         // SAFETY: plain syscall on a pid we just identified as an orphan.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
@@ -279,8 +302,12 @@ impl Target for LocalTarget {
         // Whatever the job left running in its group goes too, and with it
         // the last holders of the output pipes.
         kill_group(pgid, libc::SIGKILL);
-        for pump in [out, err].into_iter().flatten() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), pump).await;
+        // A daemon the job started may still hold the pipes (setsid, no
+        // redirect): stop reading after a moment, or the job never ends.
+        for mut pump in [out, err].into_iter().flatten() {
+            if tokio::time::timeout(Duration::from_secs(2), &mut pump).await.is_err() {
+                pump.abort();
+            }
         }
         result
     }
