@@ -180,18 +180,31 @@ impl Scheduler {
         let running: RunningMap = Arc::default();
         let mut tasks: JoinSet<()> = JoinSet::new();
         let renew_every = (this.cfg.lease / 3).min(Duration::from_secs(1)).max(Duration::from_millis(50));
-        let mut last_renew = Instant::now();
         let mut last_reap = Instant::now() - this.cfg.poll;
+        // Leases are renewed by a task of their own: nothing the loop waits
+        // on (a slow store write, a full event channel) may delay them, or
+        // other nodes would take over jobs that are alive.
+        let renewer_stop = CancellationToken::new();
+        let renewer = {
+            let (this, running, stop) = (this.clone(), running.clone(), renewer_stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(renew_every) => {}
+                    }
+                    if let Err(e) = this.renew(&snapshot(&running)).await {
+                        tracing::warn!(error = %e, "renewing leases failed; retrying");
+                    }
+                }
+            })
+        };
         let mut store_down_since: Option<Instant> = None;
         let mut last_sweep = Instant::now();
         let mut last_activate = Instant::now();
 
         while !shutdown.is_cancelled() {
             let step = async {
-                if last_renew.elapsed() >= renew_every {
-                    this.renew(&snapshot(&running)).await?;
-                    last_renew = Instant::now();
-                }
                 if last_reap.elapsed() >= this.cfg.poll {
                     this.reap(&snapshot(&running)).await?;
                     last_reap = Instant::now();
@@ -274,13 +287,10 @@ impl Scheduler {
                     }
                     break;
                 }
-                _ = tokio::time::sleep(renew_every) => {
-                    if let Err(e) = this.renew(&snapshot(&running)).await {
-                        tracing::warn!(error = %e, "renewing leases during shutdown failed");
-                    }
-                }
             }
         }
+        renewer_stop.cancel();
+        let _ = renewer.await;
         Ok(())
     }
 
