@@ -96,9 +96,6 @@ struct Counting {
 
 #[async_trait]
 impl Target for Counting {
-    fn name(&self) -> &'static str {
-        "counting"
-    }
     async fn run(&self, _r: JobRequest, _o: OutputSink, _c: CancellationToken) -> RunResult {
         let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
         self.max.fetch_max(n, Ordering::SeqCst);

@@ -36,7 +36,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Default environment name when a config declares none.
 pub const DEFAULT_ENVIRONMENT: &str = "default";
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Config {
     pub project: Project,
     pub environments: Vec<Environment>,
@@ -44,7 +44,7 @@ pub struct Config {
     pub jobs: Vec<Job>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Project {
     pub name: String,
     /// Jobs one node runs at once.
@@ -59,26 +59,23 @@ pub struct Project {
     pub max_log_bytes: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Environment {
     pub name: String,
-    #[serde(skip)]
     pub span: Range<usize>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Service {
     pub name: String,
-    #[serde(skip)]
     pub span: Range<usize>,
     pub target: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Job {
     pub name: String,
     /// Where each part was written, for diagnostics.
-    #[serde(skip)]
     pub spans: JobSpans,
     pub command: Command,
     pub needs: Vec<String>,
@@ -119,7 +116,7 @@ pub enum Command {
     Shell(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retry {
     /// Total attempts, the first included (1 = no retry).
     pub attempts: u32,
@@ -139,8 +136,7 @@ impl Default for Retry {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RetryOn {
     /// Any failure: non-zero exit, signal, timeout.
     Any,

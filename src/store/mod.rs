@@ -41,8 +41,6 @@ pub enum StoreError {
     Query { op: &'static str, source: sqlx::Error },
     #[error("bad store URL {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
-    #[error("{0}")]
-    Locked(String),
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
 }
@@ -226,7 +224,7 @@ pub struct NewDeployment {
     pub jobs: Vec<NewJob>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Submitted {
     pub event_id: i64,
     pub deployment_id: i64,
@@ -236,7 +234,7 @@ pub struct Submitted {
     pub superseded: Vec<i64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct DeploymentRow {
     pub id: i64,
     pub event_id: i64,
@@ -254,7 +252,7 @@ pub struct DeploymentRow {
     pub finished_at: Option<Millis>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct JobRow {
     pub id: i64,
     pub deployment_id: i64,
@@ -269,7 +267,7 @@ pub struct JobRow {
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct AttemptRow {
     pub job_id: i64,
     pub job: String,
@@ -346,7 +344,7 @@ pub struct Expired {
     pub spec: JobSpec,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct LogRecord {
     pub seq: i64,
     pub job: String,
@@ -366,7 +364,7 @@ pub struct NewLogLine {
     pub line: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default)]
 pub struct Counts {
     pub deployments: Vec<(DeploymentState, i64)>,
     pub jobs: Vec<(JobState, i64)>,
@@ -375,7 +373,7 @@ pub struct Counts {
     pub queued_deployments: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct NodeRow {
     pub id: String,
     pub started_at: Millis,

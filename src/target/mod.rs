@@ -65,7 +65,6 @@ pub struct RunResult {
 
 #[async_trait]
 pub trait Target: Send + Sync + 'static {
-    fn name(&self) -> &'static str;
     /// Run one attempt to the end. Must return within the spec's timeout
     /// plus its kill grace, and promptly once `cancel` fires.
     async fn run(&self, request: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult;

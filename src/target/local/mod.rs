@@ -224,10 +224,6 @@ fn describe(status: std::process::ExitStatus) -> (Option<i32>, String) {
 
 #[async_trait]
 impl Target for LocalTarget {
-    fn name(&self) -> &'static str {
-        "local"
-    }
-
     async fn sweep_orphans(&self) -> usize {
         tokio::task::spawn_blocking(sweep_orphans).await.unwrap_or(0)
     }
