@@ -46,11 +46,17 @@ impl std::ops::Deref for SqlStore {
     }
 }
 
-enum BatchOp {
-    Logs(Vec<NewLogLine>, oneshot::Sender<Result<()>>),
-    Finish(FinishedAttempt, oneshot::Sender<Result<FinishEffect>>),
-    FinishClaim { done: FinishedAttempt, node: String, lease: Duration, reply: oneshot::Sender<Result<(FinishEffect, Option<ClaimedJob>)>> },
-    Claim { node: String, lease: Duration, limit: i64, reply: oneshot::Sender<Result<Vec<ClaimedJob>>> },
+/// One operation for the SQLite writer task, and where its answer goes.
+struct BatchOp {
+    work: Work,
+    reply: oneshot::Sender<Result<BatchResult>>,
+}
+
+enum Work {
+    Logs(Vec<NewLogLine>),
+    Finish(FinishedAttempt),
+    FinishClaim { done: FinishedAttempt, node: String, lease: Duration },
+    Claim { node: String, lease: Duration, limit: i64 },
 }
 
 /// Most operations one transaction carries.
@@ -65,61 +71,38 @@ async fn batcher(inner: Arc<Inner>, mut rx: mpsc::Receiver<BatchOp>) {
                 Err(_) => break,
             }
         }
-        match inner.run_batch(&ops).await {
+        let work: Vec<&Work> = ops.iter().map(|op| &op.work).collect();
+        match inner.run_batch(&work).await {
             // Answers go out only after the commit.
             Ok(results) => {
                 for (op, result) in ops.into_iter().zip(results) {
-                    answer(op, Ok(result));
+                    let _ = op.reply.send(Ok(result));
                 }
             }
             // Something failed and the batch was rolled back: run each
             // alone, so one bad operation fails only itself.
             Err(_) => {
                 for op in ops {
-                    let result = inner.run_batch(std::slice::from_ref(&op)).await.map(|mut r| r.remove(0));
-                    answer(op, result);
+                    let result = inner.run_batch(&[&op.work]).await.map(|mut r| r.remove(0));
+                    let _ = op.reply.send(result);
                 }
             }
         }
     }
 }
 
-fn answer(op: BatchOp, result: Result<BatchResult>) {
-    match (op, result) {
-        (BatchOp::Logs(_, reply), Ok(_)) => {
-            let _ = reply.send(Ok(()));
-        }
-        (BatchOp::Logs(_, reply), Err(e)) => {
-            let _ = reply.send(Err(e));
-        }
-        (BatchOp::FinishClaim { reply, .. }, Ok(BatchResult::FinishClaim(e, c))) => {
-            let _ = reply.send(Ok((e, c.map(|c| *c))));
-        }
-        (BatchOp::FinishClaim { reply, .. }, Ok(_)) => {
-            let _ = reply.send(Err(StoreError::Corrupt("batch answered a finish-and-claim with something else".into())));
-        }
-        (BatchOp::FinishClaim { reply, .. }, Err(e)) => {
-            let _ = reply.send(Err(e));
-        }
-        (BatchOp::Finish(_, reply), Ok(BatchResult::Finish(r))) => {
-            let _ = reply.send(Ok(r));
-        }
-        (BatchOp::Claim { reply, .. }, Ok(BatchResult::Claim(r))) => {
-            let _ = reply.send(Ok(r));
-        }
-        (BatchOp::Finish(_, reply), Err(e)) => {
-            let _ = reply.send(Err(e));
-        }
-        (BatchOp::Claim { reply, .. }, Err(e)) => {
-            let _ = reply.send(Err(e));
-        }
-        (BatchOp::Finish(_, reply), Ok(_)) => {
-            let _ = reply.send(Err(StoreError::Corrupt("batch answered a finish with a claim".into())));
-        }
-        (BatchOp::Claim { reply, .. }, Ok(_)) => {
-            let _ = reply.send(Err(StoreError::Corrupt("batch answered a claim with a finish".into())));
-        }
+impl SqlStore {
+    /// Hand `work` to the SQLite writer task and wait for its committed answer.
+    async fn batched(&self, batch: &mpsc::Sender<BatchOp>, work: Work) -> Result<BatchResult> {
+        let stopped = || StoreError::Unavailable("store writer stopped".into());
+        let (reply, rx) = oneshot::channel();
+        batch.send(BatchOp { work, reply }).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
+}
+
+fn mismatch() -> StoreError {
+    StoreError::Corrupt("store writer answered with the wrong kind of result".into())
 }
 
 enum BatchResult {
@@ -357,21 +340,21 @@ impl Inner {
         Ok((effect, next))
     }
 
-    async fn run_batch(&self, ops: &[BatchOp]) -> Result<Vec<BatchResult>> {
+    async fn run_batch(&self, ops: &[&Work]) -> Result<Vec<BatchResult>> {
         let mut tx = self.pool.begin().await.map_err(StoreError::query("batch"))?;
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
             results.push(match op {
-                BatchOp::Logs(lines, _) => {
+                Work::Logs(lines) => {
                     self.append_logs_on(&mut tx, lines).await?;
                     BatchResult::Logs
                 }
-                BatchOp::Finish(done, _) => BatchResult::Finish(self.finish_on(&mut tx, done.clone()).await?),
-                BatchOp::FinishClaim { done, node, lease, .. } => {
+                Work::Finish(done) => BatchResult::Finish(self.finish_on(&mut tx, done.clone()).await?),
+                Work::FinishClaim { done, node, lease } => {
                     let (e, c) = self.finish_claim_on(&mut tx, done.clone(), node, *lease).await?;
                     BatchResult::FinishClaim(e, c.map(Box::new))
                 }
-                BatchOp::Claim { node, lease, limit, .. } => BatchResult::Claim(self.claim_on(&mut tx, node, *lease, *limit).await?),
+                Work::Claim { node, lease, limit } => BatchResult::Claim(self.claim_on(&mut tx, node, *lease, *limit).await?),
             });
         }
         tx.commit().await.map_err(StoreError::query("batch commit"))?;
@@ -1005,9 +988,10 @@ impl Store for SqlStore {
 
     async fn claim(&self, node: &str, lease: Duration, limit: i64) -> Result<Vec<ClaimedJob>> {
         if let Some(batch) = &self.batch {
-            let (reply, rx) = oneshot::channel();
-            batch.send(BatchOp::Claim { node: node.to_string(), lease, limit, reply }).await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
-            return rx.await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+            return match self.batched(batch, Work::Claim { node: node.to_string(), lease, limit }).await? {
+                BatchResult::Claim(jobs) => Ok(jobs),
+                _ => Err(mismatch()),
+            };
         }
         let mut conn = self.pool.acquire().await.map_err(StoreError::query("claim"))?;
         self.claim_on(&mut conn, node, lease, limit).await
@@ -1060,9 +1044,10 @@ impl Store for SqlStore {
 
     async fn finish(&self, done: FinishedAttempt) -> Result<FinishEffect> {
         if let Some(batch) = &self.batch {
-            let (reply, rx) = oneshot::channel();
-            batch.send(BatchOp::Finish(done, reply)).await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
-            return rx.await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+            return match self.batched(batch, Work::Finish(done)).await? {
+                BatchResult::Finish(effect) => Ok(effect),
+                _ => Err(mismatch()),
+            };
         }
         let mut tx = self.pool.begin().await.map_err(StoreError::query("finish job"))?;
         let effect = self.finish_on(&mut tx, done).await?;
@@ -1072,12 +1057,10 @@ impl Store for SqlStore {
 
     async fn finish_and_claim(&self, done: FinishedAttempt, node: &str, lease: Duration) -> Result<(FinishEffect, Option<ClaimedJob>)> {
         if let Some(batch) = &self.batch {
-            let (reply, rx) = oneshot::channel();
-            batch
-                .send(BatchOp::FinishClaim { done, node: node.to_string(), lease, reply })
-                .await
-                .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
-            return rx.await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+            return match self.batched(batch, Work::FinishClaim { done, node: node.to_string(), lease }).await? {
+                BatchResult::FinishClaim(effect, next) => Ok((effect, next.map(|n| *n))),
+                _ => Err(mismatch()),
+            };
         }
         let mut tx = self.pool.begin().await.map_err(StoreError::query("finish job"))?;
         let out = self.finish_claim_on(&mut tx, done, node, lease).await?;
@@ -1143,9 +1126,7 @@ impl Store for SqlStore {
             return Ok(());
         }
         if let Some(batch) = &self.batch {
-            let (reply, rx) = oneshot::channel();
-            batch.send(BatchOp::Logs(lines.to_vec(), reply)).await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
-            return rx.await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+            return self.batched(batch, Work::Logs(lines.to_vec())).await.map(|_| ());
         }
         let mut tx = self.pool.begin().await.map_err(StoreError::query("append logs"))?;
         self.append_logs_on(&mut tx, lines).await?;
