@@ -313,6 +313,9 @@ async fn stream_logs(
     let job = q.job.clone();
     let store = s.store.clone();
     let stream = async_stream(move |tx| async move {
+        // Set once the deployment is over: one more read (the last output
+        // is flushed shortly after the last job ends), then the end event.
+        let mut ended = None;
         loop {
             // A client that left is noticed even while nothing is sent.
             if tx.is_closed() {
@@ -339,23 +342,15 @@ async fn stream_logs(
             if got == 500 {
                 continue;
             }
+            if let Some(d) = ended.take() {
+                let data = serde_json::to_string(&Deployment::from(d)).unwrap_or_default();
+                let _ = tx.send(SseEvent::default().event("end").data(data)).await;
+                return;
+            }
             match store.deployment(id).await {
                 Ok(Some(d)) if d.state.is_terminal() => {
-                    // Output is flushed shortly after the last job ends:
-                    // one more read catches it.
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    if let Ok(rest) = store.logs(id, job.as_deref(), after, 10_000).await {
-                        for l in rest {
-                            after = l.seq;
-                            let data = serde_json::to_string(&LogLine::from(l)).unwrap_or_default();
-                            if tx.send(SseEvent::default().event("line").id(after.to_string()).data(data)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    let data = serde_json::to_string(&Deployment::from(d)).unwrap_or_default();
-                    let _ = tx.send(SseEvent::default().event("end").data(data)).await;
-                    return;
+                    ended = Some(d);
                 }
                 _ => tokio::time::sleep(Duration::from_millis(250)).await,
             }

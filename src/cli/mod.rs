@@ -108,24 +108,28 @@ pub struct DeployArgs {
     /// The version to deploy.
     #[arg(id = "artifact_version", value_name = "VERSION")]
     pub version: String,
-    #[arg(long)]
-    pub env: Option<String>,
-    /// Idempotency key: the same id deploys once.
-    #[arg(long)]
-    pub id: Option<String>,
-    /// Return once the deployment is accepted instead of following it.
-    #[arg(long)]
-    pub detach: bool,
+    #[command(flatten)]
+    pub submit: SubmitArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[arg(required = true)]
     pub jobs: Vec<String>,
+    #[command(flatten)]
+    pub submit: SubmitArgs,
+}
+
+/// What `deploy` and `run` share.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The environment (optional when the config has only one).
     #[arg(long)]
     pub env: Option<String>,
+    /// Idempotency key: the same id deploys once.
     #[arg(long)]
     pub id: Option<String>,
+    /// Return once the deployment is accepted instead of following it.
     #[arg(long)]
     pub detach: bool,
 }
@@ -232,14 +236,14 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 service: Some(a.service),
                 version: Some(a.version),
                 jobs: vec![],
-                environment: a.env,
-                id: a.id,
+                environment: a.submit.env,
+                id: a.submit.id,
             };
-            submit(&client, req, a.detach, cli.json).await
+            submit(&client, req, a.submit.detach, cli.json).await
         }
         Command::Run(a) => {
-            let req = EventRequest { kind: EventKind::Run, service: None, version: None, jobs: a.jobs, environment: a.env, id: a.id };
-            submit(&client, req, a.detach, cli.json).await
+            let req = EventRequest { kind: EventKind::Run, service: None, version: None, jobs: a.jobs, environment: a.submit.env, id: a.submit.id };
+            submit(&client, req, a.submit.detach, cli.json).await
         }
         Command::Status(a) => status(&client, a, cli.json).await,
         Command::Logs(a) => logs(&client, a, cli.json).await,
