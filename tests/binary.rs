@@ -1065,3 +1065,32 @@ fn issue3_sweep_spares_itself_with_an_inherited_owner_mark() {
     let _ = child.wait();
     assert!(alive, "slipway serve killed itself in its orphan sweep");
 }
+
+/// `slipway logs ID -f` follows live output over the SSE stream until the
+/// deployment ends (exit 0 for success), and afterwards `slipway plan`
+/// estimates from the recorded run instead of from timeouts.
+#[test]
+fn logs_follow_then_plan_from_history() {
+    let dir = common::config_dir(
+        "[[job]]\nname = \"talk\"\nshell = true\ncommand = \"for i in 1 2 3; do echo line-$i; sleep 0.3; done\"\ntimeout = \"1m\"\n",
+        &[],
+    );
+    let store = format!("sqlite://{}/state/slipway.db", dir.path().display());
+    let server = common::Server::start(dir.path(), Some(&store), &["--poll", "200ms"]);
+    let (status, accepted) = common::post_json(&format!("{}/api/v1/events", server.url), r#"{"kind":"run","jobs":["talk"]}"#);
+    assert_eq!(status, 202, "{accepted}");
+    let id = accepted["deployment_id"].as_i64().unwrap().to_string();
+    let out = server.cli(dir.path(), &["logs", &id, "-f"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let order: Vec<usize> = ["line-1", "line-2", "line-3"].iter().map(|l| stdout.find(l).unwrap_or_else(|| panic!("{l} missing: {stdout}"))).collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "lines out of order: {stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("succeeded"));
+
+    let plan = server.cli(dir.path(), &["--json", "plan", "--store", &store]);
+    assert_eq!(plan.status.code(), Some(0), "{}", String::from_utf8_lossy(&plan.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).expect("plan JSON");
+    assert_eq!(plan["jobs"][0]["estimate_source"], "history", "{plan}");
+    assert_eq!(plan["estimated_from_history"], 1);
+    assert!(plan["estimated_duration"].as_f64().unwrap() < 60.0, "estimate from the run, not the 1m timeout: {plan}");
+}

@@ -440,3 +440,46 @@ pub trait Store: Send + Sync + 'static {
 pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>> {
     Ok(std::sync::Arc::new(sql::SqlStore::open(url).await?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(backoff_ms: u64, max_ms: u64) -> JobSpec {
+        JobSpec {
+            command: crate::config::Command::Argv(vec!["true".into()]),
+            timeout_ms: 1000,
+            kill_grace_ms: 1000,
+            retry_attempts: 10,
+            retry_any: false,
+            retry_exit_codes: vec![75],
+            retry_backoff_ms: backoff_ms,
+            retry_max_backoff_ms: max_ms,
+            idempotent: false,
+            env: Default::default(),
+        }
+    }
+
+    /// Delay before attempt n is drawn from [d/2, d] with d = backoff ×
+    /// 2^(n-2), capped at max_backoff: it grows, it is capped, it jitters.
+    #[test]
+    fn backoff_is_exponential_capped_and_jittered() {
+        let s = spec(1000, 16_000);
+        for (attempt, full) in [(2u32, 1000u64), (3, 2000), (4, 4000), (5, 8000), (6, 16_000), (7, 16_000), (40, 16_000)] {
+            let draws: Vec<u64> = (0..200).map(|_| s.backoff(attempt).as_millis() as u64).collect();
+            assert!(draws.iter().all(|d| (full / 2..=full).contains(d)), "attempt {attempt}: {draws:?} outside [{}, {full}]", full / 2);
+            let distinct: std::collections::HashSet<_> = draws.iter().collect();
+            assert!(distinct.len() > 10, "attempt {attempt}: no jitter: {distinct:?}");
+        }
+    }
+
+    #[test]
+    fn only_declared_failures_are_retryable() {
+        let s = spec(1000, 1000);
+        assert!(s.retryable(Some(75)));
+        assert!(!s.retryable(Some(1)));
+        assert!(!s.retryable(None), "a timeout is retryable only under on = \"any\"");
+        let any = JobSpec { retry_any: true, ..s };
+        assert!(any.retryable(None) && any.retryable(Some(1)));
+    }
+}
