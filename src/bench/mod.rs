@@ -50,6 +50,9 @@ pub struct BenchOptions {
     /// Slots for the no-op graph, for both Slipway and `ninja -j`.
     pub parallelism: usize,
     pub seed: u64,
+    /// No-op graph: how many times each of Slipway and ninja runs it
+    /// (alternating); the report gives the median ratio.
+    pub rounds: usize,
     /// Sleep graph: each job sleeps uniformly in `[sleep_min_ms, sleep_max_ms]`.
     pub sleep_min_ms: u64,
     pub sleep_max_ms: u64,
@@ -59,7 +62,7 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { jobs: 1000, width: 50, parallelism: 8, seed: 1, sleep_min_ms: 200, sleep_max_ms: 1000, json: false }
+        BenchOptions { jobs: 1000, width: 50, parallelism: 8, seed: 1, rounds: 5, sleep_min_ms: 200, sleep_max_ms: 1000, json: false }
     }
 }
 
@@ -282,8 +285,10 @@ pub struct NoopReport {
     pub ninja_secs: f64,
     /// CPU time of ninja and the commands it ran.
     pub ninja_cpu_secs: f64,
-    /// Slipway ÷ ninja.
+    /// Slipway ÷ ninja: the median of the rounds' ratios.
     pub ratio: f64,
+    /// Each round's Slipway ÷ ninja, in the order run.
+    pub round_ratios: Vec<f64>,
     pub target: f64,
     pub within_target: bool,
 }
@@ -326,7 +331,7 @@ impl BenchReport {
         let s = &self.sleep;
         format!(
             "slipway bench: seed {}, {} jobs in {} levels (widest {}), {} needs; {}\n\
-             no-op graph ({} jobs, {} levels, -j {}): slipway {:.2}s, ninja {:.2}s, ratio {:.2} (target ≤ {}) {}\n\
+             no-op graph ({} jobs, {} levels, -j {}): slipway {:.2}s, ninja {:.2}s, ratio {:.2} (target ≤ {}) {}; median of {} rounds: {}\n\
              sleep graph (critical path {:.2}s, -j {}): slipway {:.2}s (×{:.3} of critical path, target ≤ {}) {}, ninja {:.2}s (×{:.3})\n\
              cpu time: no-op slipway {:.2}s vs ninja {:.2}s; sleep slipway {:.2}s vs ninja {:.2}s\n\
              slipway detail: no-op peak {} running, ready→start {:.1}ms mean; sleep peak {} running, ready→start {:.1}ms mean\n",
@@ -344,6 +349,8 @@ impl BenchReport {
             n.ratio,
             n.target,
             verdict(n.within_target),
+            n.round_ratios.len(),
+            n.round_ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" "),
             s.critical_path_secs,
             s.parallelism,
             s.slipway.makespan_secs,
@@ -392,12 +399,19 @@ fn find_ninja() -> Option<PathBuf> {
 
 /// Run both graphs on Slipway and ninja, print the report (human or JSON)
 /// to stdout and return it.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { f64::INFINITY }
+}
+
 pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     if opts.jobs == 0 {
         return Err(BenchError::Options("--jobs must be at least 1".into()));
     }
     if opts.width == 0 {
         return Err(BenchError::Options("--width must be at least 1".into()));
+    }
+    if opts.rounds == 0 {
+        return Err(BenchError::Options("--rounds must be at least 1".into()));
     }
     if opts.parallelism == 0 {
         return Err(BenchError::Options("--parallelism must be at least 1".into()));
@@ -416,14 +430,23 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let root = TempDir::create()?;
     let progress = |msg: &str| eprintln!("slipway bench: {msg}");
 
-    // No-op graph.
+    // No-op graph: alternate the two, each round in a fresh directory (a
+    // fresh store), and keep the round with the median ratio.
     let noop_cmds = vec!["true".to_string(); dag.len()];
-    let noop_dir = write_graph(&root.0.join("noop"), &dag, &noop_cmds)?;
     let noop_limit = Duration::from_secs(60) + Duration::from_millis(100) * dag.len() as u32;
-    progress(&format!("no-op graph on slipway ({} jobs, -j {})", dag.len(), opts.parallelism));
-    let noop_slipway = run_slipway("no-op", &noop_dir, &names, opts.parallelism, noop_limit).await?;
-    progress("no-op graph on ninja");
-    let noop_ninja = run_ninja("no-op", &ninja, &noop_dir, opts.parallelism, noop_limit).await?;
+    let mut rounds = Vec::with_capacity(opts.rounds);
+    for round in 1..=opts.rounds {
+        let noop_dir = write_graph(&root.0.join(format!("noop-{round}")), &dag, &noop_cmds)?;
+        progress(&format!("no-op graph, round {round} of {}: slipway ({} jobs, -j {}), then ninja", opts.rounds, dag.len(), opts.parallelism));
+        let s = run_slipway("no-op", &noop_dir, &names, opts.parallelism, noop_limit).await?;
+        let n = run_ninja("no-op", &ninja, &noop_dir, opts.parallelism, noop_limit).await?;
+        rounds.push((s, n));
+    }
+    let round_ratios: Vec<f64> = rounds.iter().map(|(s, n)| ratio(s.makespan_secs, n.wall.as_secs_f64())).collect();
+    let mut order: Vec<usize> = (0..rounds.len()).collect();
+    order.sort_by(|&a, &b| round_ratios[a].total_cmp(&round_ratios[b]));
+    let median = order[order.len() / 2];
+    let (noop_slipway, noop_ninja) = rounds.swap_remove(median);
 
     // Sleep graph, with as many slots as the widest level.
     let sleeps = sleep_durations(dag.len(), opts.sleep_min_ms, opts.sleep_max_ms, opts.seed);
@@ -440,8 +463,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     drop(root);
 
     let crit = crit_ms as f64 / 1000.0;
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::INFINITY };
-    let noop_ratio = ratio(noop_slipway.makespan_secs, noop_ninja.wall.as_secs_f64());
+    let noop_ratio = round_ratios[median];
     let sleep_ratio = ratio(sleep_slipway.makespan_secs, crit);
     let report = BenchReport {
         seed: opts.seed,
@@ -456,6 +478,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             ninja_secs: noop_ninja.wall.as_secs_f64(),
             ninja_cpu_secs: noop_ninja.cpu.as_secs_f64(),
             ratio: noop_ratio,
+            round_ratios,
             target: NOOP_TARGET,
             within_target: noop_ratio <= NOOP_TARGET,
         },

@@ -165,6 +165,10 @@ pub struct BenchArgs {
     pub parallelism: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// No-op graph: runs of each, alternating; the median ratio is
+    /// reported (one run is at the mercy of whatever else the machine does).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
     /// Sleeping graph: shortest job, in ms.
     #[arg(long, default_value_t = 200)]
     pub sleep_min_ms: u64,
@@ -262,6 +266,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 width: a.width,
                 parallelism: a.parallelism,
                 seed: a.seed,
+                rounds: a.rounds,
                 sleep_min_ms: a.sleep_min_ms,
                 sleep_max_ms: a.sleep_max_ms,
                 json: cli.json,

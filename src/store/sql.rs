@@ -142,16 +142,20 @@ impl Inner {
             Dialect::Sqlite => "",
             Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
         };
+        // The limit is written into the statement, not bound: SQLite
+        // re-prepares a statement each time a bound LIMIT changes (its
+        // planner may use the value), and a claim runs once per job. An
+        // i64 formatted as digits cannot inject anything.
+        let limit = limit.max(0);
         let q = format!(
             "UPDATE jobs SET state = 'running', node = $1, lease_until = $2, fence = fence + 1, attempt = attempt + 1, started_at = $3 \
-             WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND not_before <= $3 ORDER BY id LIMIT $4{skip}) \
+             WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND not_before <= $3 ORDER BY id LIMIT {limit}{skip}) \
              RETURNING id, deployment_id, name, attempt, fence, spec, ready_at"
         );
-        let rows = query_dyn(q.clone())
+        let rows = query_dyn(q)
             .bind(node)
             .bind(now + ms(lease))
             .bind(now)
-            .bind(limit)
             .fetch_all(&mut *conn)
             .await
             .map_err(StoreError::query(op))?;
