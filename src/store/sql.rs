@@ -92,6 +92,15 @@ async fn batcher(inner: Arc<Inner>, mut rx: mpsc::Receiver<BatchOp>) {
 }
 
 impl SqlStore {
+    /// Run `work` in a transaction of its own (PostgreSQL), or in the
+    /// SQLite writer's next group commit.
+    async fn write(&self, work: Work) -> Result<BatchResult> {
+        match &self.batch {
+            Some(batch) => self.batched(batch, work).await,
+            None => self.run_batch(&[&work]).await?.pop().ok_or_else(mismatch),
+        }
+    }
+
     /// Hand `work` to the SQLite writer task and wait for its committed answer.
     async fn batched(&self, batch: &mpsc::Sender<BatchOp>, work: Work) -> Result<BatchResult> {
         let stopped = || StoreError::Unavailable("store writer stopped".into());
@@ -207,162 +216,283 @@ impl Inner {
     }
 
     /// Runs inside the caller's transaction; on a stale fence it writes
-    /// nothing and says so.
-    async fn finish_on(&self, tx: &mut sqlx::AnyConnection, done: FinishedAttempt) -> Result<FinishEffect> {
+    /// nothing and says so. What is common to many finishes is left to the
+    /// caller (`run_ops_on`), which does it once for all of a transaction:
+    /// the attempt's row goes to `attempts`; a job that became final is
+    /// returned, so that its dependants can be made ready (if it
+    /// succeeded) and its deployment checked for completion.
+    async fn finish_on(&self, tx: &mut sqlx::AnyConnection, done: FinishedAttempt, attempts: &mut Vec<AttemptRecord>) -> Result<(FinishEffect, Option<Final>)> {
         let op = "finish job";
         let now = now_ms();
-        // The job, and whether its deployment is being cancelled. On
-        // PostgreSQL the deployment row is locked first (see
-        // lock_deployment); SQLite has one writer, so one read does.
-        let (dep_id, name, attempt, fence, state, cancel_requested): (i64, String, i64, i64, String, bool) = match self.dialect {
-            Dialect::Sqlite => {
-                let r = sqlx::query(
-                    "SELECT j.deployment_id, j.name, j.attempt, j.fence, j.state, d.cancel_requested FROM jobs j JOIN deployments d ON d.id = j.deployment_id WHERE j.id = $1",
-                )
+        // On PostgreSQL the deployment row is locked first (see
+        // lock_deployment), so a cancel cannot slip between our read of
+        // `cancel_requested` and our write. SQLite has one writer.
+        if self.dialect == Dialect::Postgres {
+            let dep_id: Option<i64> = sqlx::query("SELECT deployment_id FROM jobs WHERE id = $1")
                 .bind(done.job_id)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(StoreError::query(op))?
-                .ok_or_else(|| StoreError::Corrupt(format!("no job with id {}", done.job_id)))?;
-                let f = || -> std::result::Result<_, sqlx::Error> {
-                    Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?, r.try_get::<i64, _>(5)? != 0))
-                };
-                f().map_err(StoreError::query(op))?
-            }
-            Dialect::Postgres => {
-                let dep_id: i64 = sqlx::query("SELECT deployment_id FROM jobs WHERE id = $1")
-                    .bind(done.job_id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(StoreError::query(op))?
-                    .ok_or_else(|| StoreError::Corrupt(format!("no job with id {}", done.job_id)))?
-                    .try_get(0)
-                    .map_err(StoreError::query(op))?;
-                let dep_row = self.lock_deployment(tx, dep_id).await?.ok_or_else(|| StoreError::Corrupt(format!("no deployment {dep_id}")))?;
-                let dep = deployment_row(&dep_row)?;
-                let r = sqlx::query("SELECT name, attempt, fence, state FROM jobs WHERE id = $1")
-                    .bind(done.job_id)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(StoreError::query(op))?;
-                let f = || -> std::result::Result<_, sqlx::Error> { Ok((dep_id, r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, dep.cancel_requested)) };
-                f().map_err(StoreError::query(op))?
-            }
-        };
-        if fence != done.fence || state != "running" {
-            return Ok(FinishEffect { stale: true, ..Default::default() });
+                .map(|r| r.try_get(0))
+                .transpose()
+                .map_err(StoreError::query(op))?;
+            let dep_id = dep_id.ok_or_else(|| StoreError::Corrupt(format!("no job with id {}", done.job_id)))?;
+            self.lock_deployment(tx, dep_id).await?.ok_or_else(|| StoreError::Corrupt(format!("no deployment {dep_id}")))?;
         }
-        sqlx::query("INSERT INTO attempts (job_id, attempt, node, started_at, finished_at, outcome, exit_code, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+        if done.retry_at.is_some() {
+            return self.finish_retry_on(tx, done, now, attempts).await;
+        }
+        // The common case in one statement: the job becomes final, fenced
+        // (another node's takeover matches nothing), and says what it was.
+        let r = sqlx::query(
+            "UPDATE jobs SET state = CASE WHEN $1 = 'succeeded' THEN 'succeeded' \
+               WHEN $1 = 'cancelled' OR (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id) <> 0 THEN 'cancelled' ELSE 'failed' END, \
+             finished_at = $2, exit_code = $3, reason = $4, lease_until = NULL \
+             WHERE id = $5 AND fence = $6 AND state = 'running' \
+             RETURNING deployment_id, name, attempt, state, (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id)",
+        )
+        .bind(done.outcome.as_str())
+        .bind(now)
+        .bind(done.exit_code.map(i64::from))
+        .bind(done.reason.clone())
+        .bind(done.job_id)
+        .bind(done.fence)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::query(op))?;
+        let Some(r) = r else {
+            return Ok((FinishEffect { stale: true, ..Default::default() }, None));
+        };
+        let f = || -> std::result::Result<(i64, String, i64, String, bool), sqlx::Error> {
+            Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get::<i64, _>(4)? != 0))
+        };
+        let (dep_id, name, attempt, new_state, cancel_requested) = f().map_err(StoreError::query(op))?;
+        attempts.push(AttemptRecord::of(&done, attempt, now));
+        if cancel_requested {
+            sqlx::query("UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 WHERE deployment_id = $2 AND state IN ('pending', 'ready')")
+                .bind(now)
+                .bind(dep_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?;
+        } else if new_state == JobState::Succeeded.as_str() {
+            // Its dependants: made ready by the caller.
+        } else {
+            // Everything downstream of a failure is skipped, and says why.
+            sqlx::query(
+                "WITH RECURSIVE down(id) AS (SELECT job_id FROM job_needs WHERE need_id = $1 \
+                 UNION SELECT n.job_id FROM job_needs n JOIN down ON n.need_id = down.id) \
+                 UPDATE jobs SET state = 'skipped', finished_at = $2, reason = $3 WHERE id IN (SELECT id FROM down) AND state IN ('pending', 'ready')",
+            )
             .bind(done.job_id)
-            .bind(attempt)
-            .bind(&done.node)
-            .bind(done.started_at)
             .bind(now)
-            .bind(done.outcome.as_str())
-            .bind(done.exit_code.map(i64::from))
-            .bind(done.reason.clone())
+            .bind(format!("not run: it needs {name:?} (directly or through other jobs), which {new_state}"))
             .execute(&mut *tx)
             .await
             .map_err(StoreError::query(op))?;
-        let mut effect = FinishEffect::default();
-        match (done.retry_at, cancel_requested) {
-            (Some(at), false) => {
-                sqlx::query("UPDATE jobs SET state = 'ready', not_before = $1, ready_at = $1, node = NULL, lease_until = NULL, exit_code = $2, reason = $3 WHERE id = $4")
-                    .bind(at)
-                    .bind(done.exit_code.map(i64::from))
-                    .bind(done.reason.clone().map(|r| format!("attempt {attempt}: {r}; retrying")))
-                    .bind(done.job_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::query(op))?;
-            }
-            _ => {
-                let new_state = match done.outcome {
-                    Outcome::Succeeded => JobState::Succeeded,
-                    Outcome::Cancelled => JobState::Cancelled,
-                    _ if cancel_requested => JobState::Cancelled,
-                    _ => JobState::Failed,
-                };
-                sqlx::query("UPDATE jobs SET state = $1, finished_at = $2, exit_code = $3, reason = $4, lease_until = NULL WHERE id = $5")
-                    .bind(new_state.as_str())
-                    .bind(now)
-                    .bind(done.exit_code.map(i64::from))
-                    .bind(done.reason.clone())
-                    .bind(done.job_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::query(op))?;
-                if cancel_requested {
-                    sqlx::query("UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 WHERE deployment_id = $2 AND state IN ('pending', 'ready')")
-                        .bind(now)
-                        .bind(dep_id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(StoreError::query(op))?;
-                } else if new_state == JobState::Succeeded {
-                    effect.newly_ready = sqlx::query(
-                        "UPDATE jobs SET state = 'ready', ready_at = $1 WHERE deployment_id = $2 AND state = 'pending' \
-                         AND id IN (SELECT job_id FROM job_needs WHERE need_id = $3) \
-                         AND NOT EXISTS (SELECT 1 FROM job_needs n JOIN jobs j2 ON j2.id = n.need_id WHERE n.job_id = jobs.id AND j2.state <> 'succeeded')",
-                    )
-                    .bind(now)
-                    .bind(dep_id)
-                    .bind(done.job_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::query(op))?
-                    .rows_affected();
-                } else {
-                    // Everything downstream of a failure is skipped, and says why.
-                    sqlx::query(
-                        "WITH RECURSIVE down(id) AS (SELECT job_id FROM job_needs WHERE need_id = $1 \
-                         UNION SELECT n.job_id FROM job_needs n JOIN down ON n.need_id = down.id) \
-                         UPDATE jobs SET state = 'skipped', finished_at = $2, reason = $3 WHERE id IN (SELECT id FROM down) AND state IN ('pending', 'ready')",
-                    )
-                    .bind(done.job_id)
-                    .bind(now)
-                    .bind(format!("not run: it needs {name:?} (directly or through other jobs), which {}", new_state.as_str()))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::query(op))?;
-                }
-                // A job just became ready: the deployment is not done.
-                if effect.newly_ready == 0 {
-                    effect.deployment_finished = self.complete_if_done(tx, dep_id, now).await?.map(|s| (dep_id, s));
-                }
-            }
         }
-        Ok(effect)
+        let succeeded = !cancel_requested && new_state == JobState::Succeeded.as_str();
+        Ok((FinishEffect::default(), Some(Final { job_id: done.job_id, deployment_id: dep_id, succeeded })))
     }
 
-    async fn finish_claim_on(&self, tx: &mut sqlx::AnyConnection, done: FinishedAttempt, node: &str, lease: Duration) -> Result<(FinishEffect, Option<ClaimedJob>)> {
-        let effect = self.finish_on(tx, done).await?;
-        if effect.stale {
-            return Ok((effect, None));
+    /// A failed attempt that will be retried (unless its deployment is
+    /// being cancelled, which makes it final). Rare: read, then write.
+    async fn finish_retry_on(&self, tx: &mut sqlx::AnyConnection, done: FinishedAttempt, now: Millis, attempts: &mut Vec<AttemptRecord>) -> Result<(FinishEffect, Option<Final>)> {
+        let op = "finish job";
+        let r = sqlx::query(
+            "SELECT j.attempt, j.fence, j.state, d.cancel_requested FROM jobs j JOIN deployments d ON d.id = j.deployment_id WHERE j.id = $1",
+        )
+        .bind(done.job_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::query(op))?
+        .ok_or_else(|| StoreError::Corrupt(format!("no job with id {}", done.job_id)))?;
+        let f = || -> std::result::Result<(i64, i64, String, bool), sqlx::Error> { Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get::<i64, _>(3)? != 0)) };
+        let (attempt, fence, state, cancel_requested) = f().map_err(StoreError::query(op))?;
+        if fence != done.fence || state != "running" {
+            return Ok((FinishEffect { stale: true, ..Default::default() }, None));
         }
-        let next = self.claim_on(tx, node, lease, 1).await?.into_iter().next();
-        Ok((effect, next))
+        if cancel_requested {
+            // Not retried: final, through the common path.
+            return Box::pin(self.finish_on(tx, FinishedAttempt { retry_at: None, ..done }, attempts)).await;
+        }
+        attempts.push(AttemptRecord::of(&done, attempt, now));
+        sqlx::query("UPDATE jobs SET state = 'ready', not_before = $1, ready_at = $1, node = NULL, lease_until = NULL, exit_code = $2, reason = $3 WHERE id = $4")
+            .bind(done.retry_at)
+            .bind(done.exit_code.map(i64::from))
+            .bind(done.reason.clone().map(|r| format!("attempt {attempt}: {r}; retrying")))
+            .bind(done.job_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?;
+        Ok((FinishEffect::default(), None))
+    }
+
+    /// Every attempt row of a transaction in one statement (per 100).
+    async fn insert_attempts_on(&self, tx: &mut sqlx::AnyConnection, rows: &[AttemptRecord]) -> Result<()> {
+        for chunk in rows.chunks(100) {
+            let mut q = String::from("INSERT INTO attempts (job_id, attempt, node, started_at, finished_at, outcome, exit_code, reason) VALUES ");
+            for i in 0..chunk.len() {
+                let b = i * 8;
+                if i > 0 {
+                    q.push_str(", ");
+                }
+                q.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8));
+            }
+            let mut query = query_dyn(q);
+            for a in chunk {
+                query = query.bind(a.job_id).bind(a.attempt).bind(a.node.clone()).bind(a.started_at).bind(a.finished_at).bind(a.outcome).bind(a.exit_code).bind(a.reason.clone());
+            }
+            query.execute(&mut *tx).await.map_err(StoreError::query("record attempts"))?;
+        }
+        Ok(())
+    }
+
+    /// Make ready every pending job whose needs have all succeeded, among
+    /// the dependants of `succeeded` (jobs that just succeeded). Returns
+    /// how many became ready, by deployment.
+    async fn release_dependants_on(&self, tx: &mut sqlx::AnyConnection, succeeded: &[i64], now: Millis) -> Result<HashMap<i64, u64>> {
+        let mut ready: HashMap<i64, u64> = HashMap::new();
+        for chunk in succeeded.chunks(500) {
+            let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+            let q = format!(
+                "UPDATE jobs SET state = 'ready', ready_at = $1 WHERE state = 'pending' \
+                 AND id IN (SELECT job_id FROM job_needs WHERE need_id IN ({})) \
+                 AND NOT EXISTS (SELECT 1 FROM job_needs n JOIN jobs j2 ON j2.id = n.need_id WHERE n.job_id = jobs.id AND j2.state <> 'succeeded') \
+                 RETURNING deployment_id",
+                list.join(", ")
+            );
+            let mut query = query_dyn(q).bind(now);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for r in query.fetch_all(&mut *tx).await.map_err(StoreError::query("release dependants"))? {
+                let dep: i64 = r.try_get(0).map_err(StoreError::query("release dependants"))?;
+                *ready.entry(dep).or_default() += 1;
+            }
+        }
+        Ok(ready)
+    }
+
+    /// Runs `ops` in one transaction, in three steps: every finish (and
+    /// log append, and plain claim) in order; then, once for all the
+    /// finishes, the attempt rows, the dependants that became ready and
+    /// one claim for every finish that wants a next job; then the
+    /// completion checks, skipped for a deployment that has a job just
+    /// made ready or handed out. A chain of jobs thus costs about two
+    /// statements per job. PostgreSQL runs the same with one operation.
+    async fn run_ops_on(&self, tx: &mut sqlx::AnyConnection, ops: &[&Work]) -> Result<Vec<BatchResult>> {
+        let mut results: Vec<BatchResult> = Vec::with_capacity(ops.len());
+        let mut attempts = Vec::new();
+        let mut finals: Vec<(usize, Final)> = Vec::new();
+        // Finishes that want a next job, by the (node, lease) they claim with.
+        let mut want: Vec<(usize, &str, Duration)> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            results.push(match op {
+                Work::Logs(lines) => {
+                    self.append_logs_on(tx, lines).await?;
+                    BatchResult::Logs
+                }
+                Work::Finish(done) | Work::FinishClaim { done, .. } => {
+                    let (effect, fin) = self.finish_on(tx, done.clone(), &mut attempts).await?;
+                    if let Some(f) = fin {
+                        finals.push((i, f));
+                    }
+                    match op {
+                        Work::FinishClaim { node, lease, .. } => {
+                            if !effect.stale {
+                                want.push((i, node.as_str(), *lease));
+                            }
+                            BatchResult::FinishClaim(effect, None)
+                        }
+                        _ => BatchResult::Finish(effect),
+                    }
+                }
+                Work::Claim { node, lease, limit } => BatchResult::Claim(self.claim_on(tx, node, *lease, *limit).await?),
+            });
+        }
+        fn effect_of(r: &mut BatchResult) -> Option<&mut FinishEffect> {
+            match r {
+                BatchResult::Finish(e) | BatchResult::FinishClaim(e, _) => Some(e),
+                _ => None,
+            }
+        }
+        let now = now_ms();
+        self.insert_attempts_on(tx, &attempts).await?;
+        let succeeded: Vec<i64> = finals.iter().filter(|(_, f)| f.succeeded).map(|(_, f)| f.job_id).collect();
+        let ready = if succeeded.is_empty() { HashMap::new() } else { self.release_dependants_on(tx, &succeeded, now).await? };
+        for (i, f) in &finals {
+            if let (true, Some(n), Some(e)) = (f.succeeded, ready.get(&f.deployment_id), effect_of(&mut results[*i])) {
+                e.newly_ready = *n;
+            }
+        }
+        let mut busy: HashSet<i64> = ready.keys().copied().collect();
+        while let Some(&(_, node, lease)) = want.first() {
+            let (group, rest): (Vec<_>, Vec<_>) = want.into_iter().partition(|(_, n, l)| *n == node && *l == lease);
+            want = rest;
+            let claimed = self.claim_on(tx, node, lease, group.len() as i64).await?;
+            for ((i, _, _), job) in group.into_iter().zip(claimed) {
+                busy.insert(job.deployment_id);
+                if let BatchResult::FinishClaim(_, next) = &mut results[i] {
+                    *next = Some(Box::new(job));
+                }
+            }
+        }
+        for (i, f) in finals {
+            // Checked once per deployment: the first check finishes it, a
+            // second would find it finished already.
+            if !busy.insert(f.deployment_id) {
+                continue;
+            }
+            let finished = self.complete_if_done(tx, f.deployment_id, now).await?.map(|s| (f.deployment_id, s));
+            if let Some(e) = effect_of(&mut results[i]) {
+                e.deployment_finished = finished;
+            }
+        }
+        Ok(results)
     }
 
     async fn run_batch(&self, ops: &[&Work]) -> Result<Vec<BatchResult>> {
         let mut tx = self.pool.begin().await.map_err(StoreError::query("batch"))?;
-        let mut results = Vec::with_capacity(ops.len());
-        for op in ops {
-            results.push(match op {
-                Work::Logs(lines) => {
-                    self.append_logs_on(&mut tx, lines).await?;
-                    BatchResult::Logs
-                }
-                Work::Finish(done) => BatchResult::Finish(self.finish_on(&mut tx, done.clone()).await?),
-                Work::FinishClaim { done, node, lease } => {
-                    let (e, c) = self.finish_claim_on(&mut tx, done.clone(), node, *lease).await?;
-                    BatchResult::FinishClaim(e, c.map(Box::new))
-                }
-                Work::Claim { node, lease, limit } => BatchResult::Claim(self.claim_on(&mut tx, node, *lease, *limit).await?),
-            });
-        }
+        let results = self.run_ops_on(&mut tx, ops).await?;
         tx.commit().await.map_err(StoreError::query("batch commit"))?;
         Ok(results)
+    }
+}
+
+/// A job that became final (not retried), as `run_ops_on` needs it.
+struct Final {
+    job_id: i64,
+    deployment_id: i64,
+    /// Succeeded in a deployment not being cancelled: its dependants may
+    /// become ready.
+    succeeded: bool,
+}
+
+/// An attempt's row, written with the others of its transaction.
+struct AttemptRecord {
+    job_id: i64,
+    attempt: i64,
+    node: String,
+    started_at: Millis,
+    finished_at: Millis,
+    outcome: &'static str,
+    exit_code: Option<i64>,
+    reason: Option<String>,
+}
+
+impl AttemptRecord {
+    fn of(done: &FinishedAttempt, attempt: i64, now: Millis) -> Self {
+        AttemptRecord {
+            job_id: done.job_id,
+            attempt,
+            node: done.node.clone(),
+            started_at: done.started_at,
+            finished_at: now,
+            outcome: done.outcome.as_str(),
+            exit_code: done.exit_code.map(i64::from),
+            reason: done.reason.clone(),
+        }
     }
 }
 
@@ -715,30 +845,55 @@ impl Store for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::query(op))?;
-        let mut ids = Vec::with_capacity(new.jobs.len());
-        for job in &new.jobs {
-            let spec = serde_json::to_string(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let id: i64 = sqlx::query("INSERT INTO jobs (deployment_id, name, state, spec) VALUES ($1, $2, 'pending', $3) RETURNING id")
-                .bind(dep_id)
-                .bind(&job.name)
-                .bind(spec)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(StoreError::query(op))?
-                .try_get(0)
-                .map_err(StoreError::query(op))?;
-            ids.push(id);
+        // Many rows per statement: a 1,000-job graph is a few dozen
+        // statements, not 3,000. Ids come back matched by name (unique in
+        // a deployment): RETURNING promises no order.
+        let mut by_name: HashMap<String, i64> = HashMap::with_capacity(new.jobs.len());
+        for chunk in new.jobs.chunks(100) {
+            let mut q = String::from("INSERT INTO jobs (deployment_id, name, state, spec) VALUES ");
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    q.push_str(", ");
+                }
+                q.push_str(&format!("($1, ${}, 'pending', ${})", 2 * i + 2, 2 * i + 3));
+            }
+            q.push_str(" RETURNING id, name");
+            let mut query = query_dyn(q).bind(dep_id);
+            for job in chunk {
+                let spec = serde_json::to_string(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                query = query.bind(job.name.clone()).bind(spec);
+            }
+            for r in query.fetch_all(&mut *tx).await.map_err(StoreError::query(op))? {
+                let f = || -> std::result::Result<(i64, String), sqlx::Error> { Ok((r.try_get(0)?, r.try_get(1)?)) };
+                let (id, name) = f().map_err(StoreError::query(op))?;
+                by_name.insert(name, id);
+            }
         }
+        let ids: Vec<i64> = new
+            .jobs
+            .iter()
+            .map(|j| by_name.get(&j.name).copied().ok_or_else(|| StoreError::Corrupt(format!("job {} was not stored", j.name))))
+            .collect::<Result<_>>()?;
+        let mut edges: Vec<(i64, i64)> = Vec::new();
         for (i, job) in new.jobs.iter().enumerate() {
             for &n in &job.needs {
                 let need = *ids.get(n).ok_or_else(|| StoreError::Corrupt(format!("job {} needs index {n}", job.name)))?;
-                sqlx::query("INSERT INTO job_needs (job_id, need_id) VALUES ($1, $2)")
-                    .bind(ids[i])
-                    .bind(need)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::query(op))?;
+                edges.push((ids[i], need));
             }
+        }
+        for chunk in edges.chunks(400) {
+            let mut q = String::from("INSERT INTO job_needs (job_id, need_id) VALUES ");
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    q.push_str(", ");
+                }
+                q.push_str(&format!("(${}, ${})", 2 * i + 1, 2 * i + 2));
+            }
+            let mut query = query_dyn(q);
+            for (job, need) in chunk {
+                query = query.bind(*job).bind(*need);
+            }
+            query.execute(&mut *tx).await.map_err(StoreError::query(op))?;
         }
         let mut superseded = Vec::new();
         if new.kind == DeploymentKind::Deploy {
@@ -1047,29 +1202,17 @@ impl Store for SqlStore {
     }
 
     async fn finish(&self, done: FinishedAttempt) -> Result<FinishEffect> {
-        if let Some(batch) = &self.batch {
-            return match self.batched(batch, Work::Finish(done)).await? {
-                BatchResult::Finish(effect) => Ok(effect),
-                _ => Err(mismatch()),
-            };
+        match self.write(Work::Finish(done)).await? {
+            BatchResult::Finish(effect) => Ok(effect),
+            _ => Err(mismatch()),
         }
-        let mut tx = self.pool.begin().await.map_err(StoreError::query("finish job"))?;
-        let effect = self.finish_on(&mut tx, done).await?;
-        tx.commit().await.map_err(StoreError::query("finish job"))?;
-        Ok(effect)
     }
 
     async fn finish_and_claim(&self, done: FinishedAttempt, node: &str, lease: Duration) -> Result<(FinishEffect, Option<ClaimedJob>)> {
-        if let Some(batch) = &self.batch {
-            return match self.batched(batch, Work::FinishClaim { done, node: node.to_string(), lease }).await? {
-                BatchResult::FinishClaim(effect, next) => Ok((effect, next.map(|n| *n))),
-                _ => Err(mismatch()),
-            };
+        match self.write(Work::FinishClaim { done, node: node.to_string(), lease }).await? {
+            BatchResult::FinishClaim(effect, next) => Ok((effect, next.map(|n| *n))),
+            _ => Err(mismatch()),
         }
-        let mut tx = self.pool.begin().await.map_err(StoreError::query("finish job"))?;
-        let out = self.finish_claim_on(&mut tx, done, node, lease).await?;
-        tx.commit().await.map_err(StoreError::query("finish job"))?;
-        Ok(out)
     }
 
     async fn expired(&self) -> Result<Vec<Expired>> {
