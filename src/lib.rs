@@ -16,6 +16,7 @@ pub mod plan;
 pub mod store;
 pub mod scheduler;
 pub mod target;
+pub mod service;
 pub mod api;
 pub mod submit;
 pub mod bench;

@@ -359,6 +359,7 @@ fn symbol(s: JobState) -> &'static str {
         JobState::Running => "▶",
         JobState::Succeeded => "✓",
         JobState::Failed => "✗",
+        JobState::RolledBack => "↺",
         JobState::Skipped => "↷",
         JobState::Cancelled => "⊘",
     }

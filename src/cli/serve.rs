@@ -19,7 +19,8 @@ use crate::scheduler::event::{Event, EventBus};
 use crate::scheduler::{self, Scheduler, SchedulerConfig, logwriter};
 use crate::store::{self, Store};
 use crate::submit::Submitter;
-use crate::target::LocalTarget;
+use crate::service::ServiceManager;
+use crate::target::{LocalTarget, Target};
 
 pub struct ServeOptions {
     pub config: PathBuf,
@@ -164,7 +165,16 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     tokio::spawn(report(report_rx));
     let node = opts.scheduler.node_id.clone();
     let parallelism = opts.scheduler.parallelism;
-    let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget), opts.scheduler, bus);
+    let shutdown = CancellationToken::new();
+    let target: Arc<dyn Target> = Arc::new(LocalTarget);
+    let services = ServiceManager::new(target.clone(), store.clone(), shutdown.clone());
+    let sched = Scheduler::new(store.clone(), target, opts.scheduler, bus).with_services(services.clone());
+    // Services come back at their recorded versions while the node starts
+    // taking work (a rollout waits for its service's restore).
+    tokio::spawn({
+        let (services, workdir) = (services.clone(), sched.workdir_fn());
+        async move { services.restore(workdir).await }
+    });
     let wake = sched.handle();
     let state = Arc::new(AppState {
         store: store.clone(),
@@ -172,7 +182,6 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
         metrics,
         node,
     });
-    let shutdown = CancellationToken::new();
     let app = api::router(state);
     let listener = opts.listener;
     let token = shutdown.clone();
@@ -181,6 +190,7 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
         let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await });
         let result = Scheduler::run(sched, token.clone()).await;
         token.cancel();
+        services.stop_all_services().await;
         // Open log streams would hold a graceful shutdown forever.
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         result

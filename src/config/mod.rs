@@ -12,6 +12,7 @@
 pub mod diagnostic;
 pub mod revision;
 mod schema;
+pub mod service;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -70,6 +71,8 @@ pub struct Service {
     pub name: String,
     pub span: Range<usize>,
     pub target: String,
+    /// Set when the service is managed (it has a `command`).
+    pub spec: Option<service::ServiceSpec>,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +117,9 @@ pub enum Command {
     /// Placeholders are refused here: payload values reach it only as
     /// environment variables.
     Shell(String),
+    /// Roll the service out to the deployment's version: run by the
+    /// service manager, not as a process (`<service>.rollout` jobs).
+    Rollout(Box<service::ServiceSpec>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,7 +275,7 @@ struct Raw {
     #[serde(default)]
     environment: Vec<Spanned<RawEnvironment>>,
     #[serde(default)]
-    service: Vec<Spanned<RawService>>,
+    service: Vec<Spanned<service::RawService>>,
     #[serde(default)]
     job: Vec<Spanned<RawJob>>,
 }
@@ -286,12 +292,6 @@ struct RawProject {
 #[derive(Deserialize)]
 struct RawEnvironment {
     name: Spanned<String>,
-}
-
-#[derive(Deserialize)]
-struct RawService {
-    name: Spanned<String>,
-    target: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -425,27 +425,14 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
             Environment { span: e.name.span(), name: e.name.into_inner() }
         })
         .collect();
-    let services = raw
-        .service
-        .into_iter()
-        .map(|s| {
-            let s = s.into_inner();
-            check_name(&s.name, "service", problems);
-            let target = match s.target {
-                Some(t) if t.get_ref() != "local" => {
-                    problems.push(
-                        Problem::new(ProblemKind::InvalidValue, Some(t.span()), format!("unknown target {:?}", t.get_ref()))
-                            .label("unknown target")
-                            .hint("this version of Slipway supports target = \"local\""),
-                    );
-                    t.into_inner()
-                }
-                Some(t) => t.into_inner(),
-                None => "local".to_string(),
-            };
-            Service { span: s.name.span(), name: s.name.into_inner(), target }
-        })
-        .collect();
+    let mut services = Vec::new();
+    let mut service_jobs = Vec::new();
+    for s in raw.service {
+        let (mut svc, built) = service::build(s.into_inner(), problems);
+        svc.spec = built.spec;
+        services.push(svc);
+        service_jobs.extend(built.jobs);
+    }
     let mut jobs = Vec::new();
     for j in raw.job {
         let j = j.into_inner();
@@ -570,6 +557,9 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
             env: j.env,
         });
     }
+    // A deploy's own jobs come after the config's, so `plan` lists the
+    // user's jobs in file order first.
+    jobs.extend(service_jobs);
     Config { project, environments, services, jobs }
 }
 

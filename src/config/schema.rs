@@ -10,7 +10,10 @@ use super::diagnostic::{Problem, ProblemKind, did_you_mean};
 const TOP: &[&str] = &["project", "environment", "service", "job"];
 const PROJECT: &[&str] = &["name", "parallelism", "store", "lease", "max_log_bytes"];
 const ENVIRONMENT: &[&str] = &["name"];
-const SERVICE: &[&str] = &["name", "target"];
+const SERVICE: &[&str] = &["name", "target", "listen", "instances", "command", "env", "health", "rollout", "migrate", "verify", "stop_grace"];
+const HEALTH: &[&str] = &["http", "status", "command", "interval", "timeout", "healthy_after", "deadline"];
+const ROLLOUT: &[&str] = &["strategy", "max_surge", "max_unavailable", "drain"];
+const STEP: &[&str] = &["command", "timeout", "idempotent"];
 const JOB: &[&str] = &[
     "name",
     "command",
@@ -43,12 +46,18 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
         let path = if name == "project" { "[project]".to_string() } else { format!("[[{name}]]") };
         for table in tables(value) {
             check_table(table, allowed, &path, &mut problems);
-            if name == "job" {
-                for (k, v) in table.iter() {
-                    if k.get_ref().as_ref() == "retry" {
-                        for t in tables(v) {
-                            check_table(t, RETRY, "job.retry", &mut problems);
-                        }
+            for (k, v) in table.iter() {
+                let sub = match (name, k.get_ref().as_ref()) {
+                    ("job", "retry") => Some((RETRY, "job.retry")),
+                    ("service", "health") => Some((HEALTH, "service.health")),
+                    ("service", "rollout") => Some((ROLLOUT, "service.rollout")),
+                    ("service", "migrate") => Some((STEP, "service.migrate")),
+                    ("service", "verify") => Some((STEP, "service.verify")),
+                    _ => None,
+                };
+                if let Some((allowed, path)) = sub {
+                    for t in tables(v) {
+                        check_table(t, allowed, path, &mut problems);
                     }
                 }
             }

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::revision;
 use crate::store::{ClaimedJob, FinishEffect, FinishedAttempt, Outcome, Store, StoreError, now_ms};
+use crate::service::{RolloutRequest, ServiceManager};
 use crate::target::{JobRequest, RunResult, Stream, Target};
 use event::{Event, EventBus};
 
@@ -128,6 +129,8 @@ pub struct Scheduler {
     /// looks, keeping a query off every job's path.
     activate: Arc<AtomicBool>,
     materialized: Arc<Mutex<HashMap<String, PathBuf>>>,
+    /// Runs `<service>.rollout` jobs; a node without one fails them.
+    services: Option<Arc<ServiceManager>>,
 }
 
 /// How the rest of the node tells the scheduler there is new work.
@@ -146,6 +149,27 @@ impl SchedulerHandle {
 }
 
 /// A node id unique to this process: host, pid and a random suffix.
+/// The revision's files under `work_dir`, unpacked once per process.
+async fn materialize(store: &dyn Store, work_dir: &std::path::Path, cache: &Mutex<HashMap<String, PathBuf>>, revision_id: &str) -> Result<PathBuf, String> {
+    if let Some(p) = cache.lock().ok().and_then(|m| m.get(revision_id).cloned()) {
+        return Ok(p);
+    }
+    let rev = store
+        .revision(revision_id)
+        .await
+        .map_err(|e| format!("cannot load revision {}: {e}", revision::short(revision_id)))?
+        .ok_or_else(|| format!("revision {} is missing from the store", revision::short(revision_id)))?;
+    let (work, id) = (work_dir.to_path_buf(), revision_id.to_string());
+    let path = tokio::task::spawn_blocking(move || revision::materialize(&work, &id, &rev.archive))
+        .await
+        .map_err(|e| format!("unpacking revision: {e}"))?
+        .map_err(|e| format!("cannot unpack revision {} under {}: {e}", revision::short(revision_id), work_dir.display()))?;
+    if let Ok(mut m) = cache.lock() {
+        m.insert(revision_id.to_string(), path.clone());
+    }
+    Ok(path)
+}
+
 pub fn default_node_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "node".into());
     format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
@@ -153,7 +177,31 @@ pub fn default_node_id() -> String {
 
 impl Scheduler {
     pub fn new(store: Arc<dyn Store>, target: Arc<dyn Target>, cfg: SchedulerConfig, events: EventBus) -> Self {
-        Scheduler { store, target, cfg, events, wake: Arc::new(Notify::new()), activate: Arc::new(AtomicBool::new(true)), materialized: Arc::default() }
+        Scheduler {
+            store,
+            target,
+            cfg,
+            events,
+            wake: Arc::new(Notify::new()),
+            activate: Arc::new(AtomicBool::new(true)),
+            materialized: Arc::default(),
+            services: None,
+        }
+    }
+
+    /// Let this node run rollouts through `services`.
+    pub fn with_services(mut self, services: Arc<ServiceManager>) -> Self {
+        self.services = Some(services);
+        self
+    }
+
+    /// Unpack a revision for a job or a service (cached per revision).
+    pub fn workdir_fn(&self) -> impl Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<PathBuf, String>> + Send>> + use<> {
+        let (store, work_dir, materialized) = (self.store.clone(), self.cfg.work_dir.clone(), self.materialized.clone());
+        move |id: String| {
+            let (store, work_dir, materialized) = (store.clone(), work_dir.clone(), materialized.clone());
+            Box::pin(async move { materialize(&*store, &work_dir, &materialized, &id).await })
+        }
     }
 
     pub fn handle(&self) -> SchedulerHandle {
@@ -384,25 +432,7 @@ impl Scheduler {
     }
 
     async fn workdir(&self, revision_id: &str) -> Result<PathBuf, String> {
-        if let Some(p) = self.materialized.lock().ok().and_then(|m| m.get(revision_id).cloned()) {
-            return Ok(p);
-        }
-        let rev = self
-            .store
-            .revision(revision_id)
-            .await
-            .map_err(|e| format!("cannot load revision {}: {e}", revision::short(revision_id)))?
-            .ok_or_else(|| format!("revision {} is missing from the store", revision::short(revision_id)))?;
-        let work = self.cfg.work_dir.clone();
-        let id = revision_id.to_string();
-        let path = tokio::task::spawn_blocking(move || revision::materialize(&work, &id, &rev.archive))
-            .await
-            .map_err(|e| format!("unpacking revision: {e}"))?
-            .map_err(|e| format!("cannot unpack revision {} under {}: {e}", revision::short(revision_id), self.cfg.work_dir.display()))?;
-        if let Ok(mut m) = self.materialized.lock() {
-            m.insert(revision_id.to_string(), path.clone());
-        }
-        Ok(path)
+        materialize(&*self.store, &self.cfg.work_dir, &self.materialized, revision_id).await
     }
 
     /// Run a claimed job, then, in the same slot, whatever job the store
@@ -462,9 +492,50 @@ impl Scheduler {
                 values.insert("version", job.version.clone().unwrap_or_default());
                 let req = JobRequest { deployment_id: job.deployment_id, job: job.name.clone(), attempt: job.attempt, spec: job.spec.clone(), workdir, values };
                 let (tx, rx) = mpsc::channel(256);
-                let target = self.target.clone();
                 let c = cancel.clone();
-                let run = tokio::spawn(async move { target.run(req, tx, c).await });
+                let run = match &req.spec.command {
+                    // A rollout is the service manager's, in this process:
+                    // its timeout is applied here (no process to kill).
+                    crate::config::Command::Rollout(spec) => {
+                        let services = self.services.clone();
+                        let rollout = job.version.clone().map(|version| RolloutRequest {
+                            environment: job.environment.clone(),
+                            deployment_id: job.deployment_id,
+                            revision: job.revision.clone(),
+                            version,
+                            spec: (**spec).clone(),
+                            workdir: req.workdir.clone(),
+                        });
+                        let timeout = Duration::from_millis(req.spec.timeout_ms.max(1));
+                        tokio::spawn(async move {
+                            let (Some(services), Some(rollout)) = (services, rollout) else {
+                                return RunResult {
+                                    outcome: Outcome::Failed,
+                                    exit_code: None,
+                                    reason: Some("a rollout needs a node with a service manager and a version: use `slipway deploy SERVICE VERSION`".into()),
+                                };
+                            };
+                            let stop = c.child_token();
+                            let work = services.rollout(rollout, tx, stop.clone());
+                            tokio::pin!(work);
+                            tokio::select! {
+                                r = &mut work => r,
+                                _ = tokio::time::sleep(timeout) => {
+                                    // Ask it to stop (it rolls back), and wait for that.
+                                    stop.cancel();
+                                    let mut r = work.await;
+                                    r.reason = Some(format!("timed out after {}: {}", humantime::format_duration(timeout), r.reason.unwrap_or_default()));
+                                    if r.outcome == Outcome::Succeeded { r.outcome = Outcome::TimedOut; }
+                                    r
+                                }
+                            }
+                        })
+                    }
+                    _ => {
+                        let target = self.target.clone();
+                        tokio::spawn(async move { target.run(req, tx, c).await })
+                    }
+                };
                 self.forward_output(&job, rx).await;
                 match run.await {
                     Ok(r) => r,

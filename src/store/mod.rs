@@ -83,12 +83,15 @@ macro_rules! string_enum {
 }
 
 string_enum!(
-    /// Life of a deployment. `queued` waits for its lock; the last four are terminal.
+    /// Life of a deployment. `queued` waits for its lock; the others
+    /// after `running` are terminal. `rolled_back`: a rollout failed and
+    /// the service went back to its last good version.
     DeploymentState {
         Queued = "queued",
         Running = "running",
         Succeeded = "succeeded",
         Failed = "failed",
+        RolledBack = "rolled_back",
         Cancelled = "cancelled",
         Superseded = "superseded",
     }
@@ -108,6 +111,7 @@ string_enum!(
         Running = "running",
         Succeeded = "succeeded",
         Failed = "failed",
+        RolledBack = "rolled_back",
         Skipped = "skipped",
         Cancelled = "cancelled",
     }
@@ -115,7 +119,7 @@ string_enum!(
 
 impl JobState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Skipped | JobState::Cancelled)
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::RolledBack | JobState::Skipped | JobState::Cancelled)
     }
 }
 
@@ -128,6 +132,7 @@ string_enum!(
         TimedOut = "timed_out",
         Cancelled = "cancelled",
         Interrupted = "interrupted",
+        RolledBack = "rolled_back",
     }
 );
 
@@ -154,6 +159,22 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
+    /// A service's post-rollout check, run once, as a job-like command.
+    pub fn verify(step: &crate::config::service::StepSpec) -> Self {
+        JobSpec {
+            command: crate::config::Command::Argv(step.command.clone()),
+            timeout_ms: step.timeout.as_millis() as u64,
+            kill_grace_ms: 5000,
+            retry_attempts: 1,
+            retry_any: false,
+            retry_exit_codes: vec![],
+            retry_backoff_ms: 1000,
+            retry_max_backoff_ms: 1000,
+            idempotent: step.idempotent,
+            env: Default::default(),
+        }
+    }
+
     pub fn from_job(job: &crate::config::Job) -> Self {
         let (retry_any, retry_exit_codes) = match &job.retry.on {
             crate::config::RetryOn::Any => (true, vec![]),
@@ -380,6 +401,22 @@ pub struct NodeRow {
     pub heartbeat_at: Millis,
 }
 
+/// What a service runs in an environment: the version that last took
+/// all traffic (its last good version), and the one before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceRow {
+    pub environment: String,
+    pub service: String,
+    pub version: String,
+    pub previous_version: Option<String>,
+    /// The service's spec (JSON) as deployed: a restart brings back this,
+    /// not whatever the config says today.
+    pub spec: String,
+    pub revision: String,
+    pub deployment_id: i64,
+    pub updated_at: Millis,
+}
+
 /// The durable state. Every method is one transaction or one statement.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -434,6 +471,11 @@ pub trait Store: Send + Sync + 'static {
     /// Typical duration of recent successful runs of each job in `environment`.
     async fn history(&self, environment: &str) -> Result<HashMap<String, Duration>>;
     async fn counts(&self) -> Result<Counts>;
+
+    /// Record that `row.version` now takes all of the service's traffic;
+    /// the version it replaced becomes `previous_version`.
+    async fn set_service(&self, row: ServiceRow) -> Result<()>;
+    async fn services(&self) -> Result<Vec<ServiceRow>>;
 }
 
 /// Open the store a URL names: `sqlite://PATH` or `postgres://…`.

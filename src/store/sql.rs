@@ -245,7 +245,7 @@ impl Inner {
         // The common case in one statement: the job becomes final, fenced
         // (another node's takeover matches nothing), and says what it was.
         let r = sqlx::query(
-            "UPDATE jobs SET state = CASE WHEN $1 = 'succeeded' THEN 'succeeded' \
+            "UPDATE jobs SET state = CASE WHEN $1 = 'succeeded' THEN 'succeeded' WHEN $1 = 'rolled_back' THEN 'rolled_back' \
                WHEN $1 = 'cancelled' OR (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id) <> 0 THEN 'cancelled' ELSE 'failed' END, \
              finished_at = $2, exit_code = $3, reason = $4, lease_until = NULL \
              WHERE id = $5 AND fence = $6 AND state = 'running' \
@@ -520,6 +520,7 @@ fn schema(d: Dialect) -> Vec<String> {
         "CREATE INDEX IF NOT EXISTS logs_deployment ON logs (deployment_id, id)",
         "CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, deployment_id BIGINT NOT NULL, node TEXT NOT NULL, lease_until BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, started_at BIGINT NOT NULL, heartbeat_at BIGINT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS services (environment TEXT NOT NULL, service TEXT NOT NULL, version TEXT NOT NULL, previous_version TEXT, spec TEXT NOT NULL, revision TEXT NOT NULL, deployment_id BIGINT NOT NULL, updated_at BIGINT NOT NULL, PRIMARY KEY (environment, service))",
     ]
     .iter()
     .map(|s| s.replace("{serial}", serial).replace("{blob}", blob))
@@ -655,7 +656,11 @@ impl Inner {
             return Ok(None);
         }
         let cancel: i64 = dep.try_get(1).map_err(StoreError::query("read deployment"))?;
-        let failed = sqlx::query("SELECT name, reason FROM jobs WHERE deployment_id = $1 AND state = 'failed' ORDER BY id")
+        // A rolled-back rollout names the deployment's outcome first.
+        let failed = sqlx::query(
+            "SELECT name, reason, state FROM jobs WHERE deployment_id = $1 AND state IN ('failed', 'rolled_back') \
+             ORDER BY CASE WHEN state = 'rolled_back' THEN 0 ELSE 1 END, id",
+        )
             .bind(id)
             .fetch_all(&mut *tx)
             .await
@@ -665,8 +670,13 @@ impl Inner {
         } else if let Some(first) = failed.first() {
             let name: String = first.try_get(0).map_err(StoreError::query("read failed jobs"))?;
             let why: Option<String> = first.try_get(1).map_err(StoreError::query("read failed jobs"))?;
+            let state: String = first.try_get(2).map_err(StoreError::query("read failed jobs"))?;
             let more = if failed.len() > 1 { format!(" (and {} more)", failed.len() - 1) } else { String::new() };
-            (DeploymentState::Failed, Some(format!("job {name:?} failed: {}{more}", why.unwrap_or_default())))
+            if state == "rolled_back" {
+                (DeploymentState::RolledBack, Some(format!("job {name:?} {}{more}", why.unwrap_or_default())))
+            } else {
+                (DeploymentState::Failed, Some(format!("job {name:?} failed: {}{more}", why.unwrap_or_default())))
+            }
         } else {
             (DeploymentState::Succeeded, None)
         };
@@ -1364,5 +1374,53 @@ impl Store for SqlStore {
             }
         }
         Ok(counts)
+    }
+
+    async fn set_service(&self, row: ServiceRow) -> Result<()> {
+        // Same version again (a re-run rollout) keeps the older previous.
+        sqlx::query(
+            "INSERT INTO services (environment, service, version, previous_version, spec, revision, deployment_id, updated_at) \
+             VALUES ($1, $2, $3, NULL, $4, $5, $6, $7) \
+             ON CONFLICT (environment, service) DO UPDATE SET \
+               previous_version = CASE WHEN services.version = excluded.version THEN services.previous_version ELSE services.version END, \
+               version = excluded.version, spec = excluded.spec, revision = excluded.revision, \
+               deployment_id = excluded.deployment_id, updated_at = excluded.updated_at",
+        )
+        .bind(&row.environment)
+        .bind(&row.service)
+        .bind(&row.version)
+        .bind(&row.spec)
+        .bind(&row.revision)
+        .bind(row.deployment_id)
+        .bind(row.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::query("record service version"))?;
+        Ok(())
+    }
+
+    async fn services(&self) -> Result<Vec<ServiceRow>> {
+        let op = "list services";
+        let rows = sqlx::query("SELECT environment, service, version, previous_version, spec, revision, deployment_id, updated_at FROM services ORDER BY environment, service")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
+        rows.iter()
+            .map(|r| {
+                let f = || -> std::result::Result<ServiceRow, sqlx::Error> {
+                    Ok(ServiceRow {
+                        environment: r.try_get(0)?,
+                        service: r.try_get(1)?,
+                        version: r.try_get(2)?,
+                        previous_version: r.try_get(3)?,
+                        spec: r.try_get(4)?,
+                        revision: r.try_get(5)?,
+                        deployment_id: r.try_get(6)?,
+                        updated_at: r.try_get(7)?,
+                    })
+                };
+                f().map_err(StoreError::query(op))
+            })
+            .collect()
     }
 }

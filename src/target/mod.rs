@@ -5,6 +5,10 @@
 //! back. Output goes through an [`OutputSink`] line by line; bounding it is
 //! the scheduler's job, not the target's.
 //!
+//! A target also runs service *instances* ([`Target::start_instance`],
+//! [`Instance`]); health checks, the proxy and rollouts are the service
+//! manager's (`crate::service`), the same for every target.
+//!
 //! Targets live in `target/<name>/`: `local` (processes on this node) for
 //! now; Docker, SSH and ECS follow.
 
@@ -63,8 +67,46 @@ pub struct RunResult {
     pub reason: Option<String>,
 }
 
+/// One instance of a service to start: everything already resolved
+/// (placeholders filled, port chosen).
+#[derive(Debug, Clone)]
+pub struct InstanceRequest {
+    pub service: String,
+    pub environment: String,
+    pub version: String,
+    /// The port the instance must listen on (on 127.0.0.1 for `local`).
+    pub port: u16,
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: PathBuf,
+}
+
+/// A running instance of a service, as its target sees it.
+#[async_trait]
+pub trait Instance: Send + Sync + 'static {
+    /// For people and records: "pid 1234", a container id.
+    fn id(&self) -> String;
+    /// Where the proxy and health checks reach it.
+    fn addr(&self) -> std::net::SocketAddr;
+    /// How it ended ("exit code 1", "killed by signal 9"), once it has.
+    fn exit(&self) -> Option<String>;
+    /// Resolves once the instance has ended, for whatever reason.
+    async fn exited(&self);
+    /// Its last lines of output (stdout and stderr interleaved).
+    fn last_output(&self) -> Vec<String>;
+    /// SIGTERM (or the target's equivalent), then a kill after `grace`.
+    /// Returns once it has ended.
+    async fn stop(&self, grace: std::time::Duration);
+}
+
 #[async_trait]
 pub trait Target: Send + Sync + 'static {
+    /// Start one instance of a service. An error says why, for people
+    /// ("cannot start \"./server\": No such file or directory").
+    async fn start_instance(&self, _request: InstanceRequest) -> Result<std::sync::Arc<dyn Instance>, String> {
+        Err("this target cannot run service instances".into())
+    }
+
     /// Run one attempt to the end. Must return within the spec's timeout
     /// plus its kill grace, and promptly once `cancel` fires.
     async fn run(&self, request: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult;

@@ -16,7 +16,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use super::{JobRequest, MAX_LINE_BYTES, OutputSink, RunResult, Stream, Target};
+mod instance;
+
+use super::{Instance, InstanceRequest, JobRequest, MAX_LINE_BYTES, OutputSink, RunResult, Stream, Target};
 use crate::config;
 use crate::store::Outcome;
 
@@ -54,6 +56,7 @@ fn build_command(req: &JobRequest) -> Result<Command, String> {
             c.arg("-c").arg(line);
             c
         }
+        config::Command::Rollout(_) => return Err("a rollout is run by the service manager, not as a process".into()),
     };
     cmd.current_dir(&req.workdir)
         .stdin(Stdio::null())
@@ -95,6 +98,8 @@ fn parent_of(pid: i32) -> Option<i32> {
 
 struct ProcStat {
     start_time: u64,
+    /// 'Z': exited, not yet reaped by its parent: dead for our purposes.
+    zombie: bool,
 }
 
 /// Start time (clock ticks since boot) from
@@ -106,7 +111,7 @@ fn proc_stat(pid: i32) -> Option<ProcStat> {
     // are counted from after its closing parenthesis (field 3 = index 0).
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(ProcStat { start_time: fields.get(19)?.parse().ok()? })
+    Some(ProcStat { start_time: fields.get(19)?.parse().ok()?, zombie: fields.first() == Some(&"Z") })
 }
 
 /// Kill what jobs left behind when their Slipway died (SIGKILL, a crash):
@@ -147,7 +152,7 @@ pub fn sweep_orphans() -> usize {
         }
         let Some((opid, ostart)) = owner.split_once('.') else { continue };
         let (Ok(opid), Ok(ostart)) = (opid.parse::<i32>(), ostart.parse::<u64>()) else { continue };
-        if proc_stat(opid).is_some_and(|s| s.start_time == ostart) {
+        if proc_stat(opid).is_some_and(|s| s.start_time == ostart && !s.zombie) {
             continue; // its Slipway is alive and looks after it
         }
         // A Slipway started by a job (an upgrade, a restart) inherits the
@@ -224,6 +229,10 @@ fn describe(status: std::process::ExitStatus) -> (Option<i32>, String) {
 
 #[async_trait]
 impl Target for LocalTarget {
+    async fn start_instance(&self, request: InstanceRequest) -> Result<std::sync::Arc<dyn Instance>, String> {
+        instance::start(request)
+    }
+
     async fn sweep_orphans(&self) -> usize {
         tokio::task::spawn_blocking(sweep_orphans).await.unwrap_or(0)
     }
@@ -241,6 +250,7 @@ impl Target for LocalTarget {
                 let program = match &req.spec.command {
                     config::Command::Argv(a) => a.first().cloned().unwrap_or_default(),
                     config::Command::Shell(_) => "/bin/sh".into(),
+                    config::Command::Rollout(s) => format!("rollout of {}", s.name),
                 };
                 return RunResult {
                     outcome: Outcome::Failed,

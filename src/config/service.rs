@@ -1,0 +1,416 @@
+//! `[[service]]`: what Slipway deploys and keeps running.
+//!
+//! A service with a `command` is *managed*: Slipway runs its instances,
+//! health-checks them and moves traffic between versions through a proxy
+//! on the service's stable `listen` address. Deploying it runs two jobs
+//! that the config gets for free, `<service>.migrate` (when the service
+//! declares `migrate`) and `<service>.rollout` after it, so the planner,
+//! the scheduler and the record treat them as any other job: a completed
+//! migration never runs again, an interrupted one is retried only when
+//! declared idempotent.
+//!
+//! A service without `command` only names a group of jobs (`service = …`
+//! on a job), as before.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use super::{Command, Job, JobSpans, Problem, ProblemKind, Retry, check_name, duration, positive};
+
+/// Placeholders a service's command (and its health/migrate/verify
+/// commands) may use. `{port}` is the instance's own port.
+pub const SERVICE_PLACEHOLDERS: &[&str] = &["{port}", "{version}", "{service}", "{env}", "{deployment}", "{revision}"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    /// The proxy's stable address: what clients connect to.
+    pub listen: SocketAddr,
+    pub instances: u32,
+    /// Argv template; `{port}` and `{version}` are filled per instance.
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub health: HealthSpec,
+    pub rollout: RolloutSpec,
+    /// Run after the new instances take traffic; failing it rolls back.
+    pub verify: Option<StepSpec>,
+    /// SIGTERM, then SIGKILL after this.
+    pub stop_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheck {
+    /// GET this path on the instance; healthy when the status matches.
+    Http { path: String, status: u16 },
+    /// Run this argv (placeholders filled); healthy on exit code 0.
+    Command { argv: Vec<String> },
+    /// Healthy when the instance accepts a TCP connection on its port
+    /// (the default when a service declares no check).
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthSpec {
+    pub check: HealthCheck,
+    pub interval: Duration,
+    /// One check's own timeout.
+    pub timeout: Duration,
+    /// Consecutive passes that make an instance healthy.
+    pub healthy_after: u32,
+    /// An instance not healthy by then fails the rollout.
+    pub deadline: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Replace instances a few at a time: at most `max_surge` above the
+    /// desired count, at most `max_unavailable` below it.
+    Rolling { max_surge: u32, max_unavailable: u32 },
+    /// Start a whole new set, switch all traffic at once.
+    BlueGreen,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    pub strategy: Strategy,
+    /// How long a replaced instance keeps serving its in-flight requests
+    /// after it stops receiving new ones (it stops earlier when idle).
+    pub drain: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepSpec {
+    pub command: Vec<String>,
+    pub timeout: Duration,
+    pub idempotent: bool,
+}
+
+// ---- the serde shape -------------------------------------------------------
+
+#[derive(Deserialize)]
+pub(super) struct RawService {
+    pub name: Spanned<String>,
+    pub target: Option<Spanned<String>>,
+    pub listen: Option<Spanned<String>>,
+    pub instances: Option<Spanned<i64>>,
+    pub command: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub health: Option<Spanned<RawHealth>>,
+    pub rollout: Option<Spanned<RawRollout>>,
+    pub migrate: Option<Spanned<RawStep>>,
+    pub verify: Option<Spanned<RawStep>>,
+    pub stop_grace: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawHealth {
+    http: Option<Spanned<String>>,
+    status: Option<Spanned<i64>>,
+    command: Option<Spanned<Vec<String>>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    healthy_after: Option<Spanned<i64>>,
+    deadline: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawRollout {
+    strategy: Option<Spanned<String>>,
+    max_surge: Option<Spanned<i64>>,
+    max_unavailable: Option<Spanned<i64>>,
+    drain: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawStep {
+    command: Spanned<Vec<String>>,
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    idempotent: bool,
+}
+
+/// A built service: its name and, when managed, its spec and the jobs a
+/// deploy of it runs.
+pub(super) struct Built {
+    pub spec: Option<ServiceSpec>,
+    pub jobs: Vec<Job>,
+}
+
+fn argv(v: &Spanned<Vec<String>>, what: &str, problems: &mut Vec<Problem>) -> Vec<String> {
+    if v.get_ref().first().is_none_or(|p| p.is_empty()) {
+        problems.push(
+            Problem::new(ProblemKind::InvalidValue, Some(v.span()), format!("`{what}` is empty"))
+                .label("empty")
+                .hint("the first element is the program to run"),
+        );
+    }
+    for arg in v.get_ref() {
+        for p in placeholders_in(arg) {
+            if !SERVICE_PLACEHOLDERS.contains(&p.as_str()) {
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(v.span()), format!("unknown placeholder {p} in `{what}`"))
+                        .label("here")
+                        .hint(format!("known placeholders: {}", SERVICE_PLACEHOLDERS.join(", "))),
+                );
+            }
+        }
+    }
+    v.get_ref().clone()
+}
+
+/// `{word}` sequences in an argument.
+fn placeholders_in(arg: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = arg;
+    while let Some(start) = rest.find('{') {
+        let Some(len) = rest[start..].find('}') else { break };
+        let word = &rest[start..start + len + 1];
+        if word.len() > 2 && word[1..word.len() - 1].chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            out.push(word.to_string());
+        }
+        rest = &rest[start + len + 1..];
+    }
+    out
+}
+
+fn nonneg(v: &Spanned<i64>, what: &str, max: i64, problems: &mut Vec<Problem>) -> Option<u32> {
+    let n = *v.get_ref();
+    if !(0..=max).contains(&n) {
+        problems.push(Problem::new(ProblemKind::InvalidValue, Some(v.span()), format!("`{what}` must be between 0 and {max}, not {n}")).label("out of range"));
+        None
+    } else {
+        Some(n as u32)
+    }
+}
+
+pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Service, Built) {
+    check_name(&raw.name, "service", problems);
+    let name = raw.name.get_ref().clone();
+    let target = match raw.target {
+        Some(t) if t.get_ref() != "local" => {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(t.span()), format!("unknown target {:?}", t.get_ref()))
+                    .label("unknown target")
+                    .hint("this version of Slipway supports target = \"local\""),
+            );
+            t.into_inner()
+        }
+        Some(t) => t.into_inner(),
+        None => "local".to_string(),
+    };
+    let service = super::Service { span: raw.name.span(), name: name.clone(), target, spec: None };
+    let Some(command) = raw.command else {
+        // Not managed: every managed-only key is a mistake worth naming.
+        for (present, key) in [
+            (raw.listen.as_ref().map(|s| s.span()), "listen"),
+            (raw.health.as_ref().map(|s| s.span()), "health"),
+            (raw.rollout.as_ref().map(|s| s.span()), "rollout"),
+            (raw.migrate.as_ref().map(|s| s.span()), "migrate"),
+            (raw.verify.as_ref().map(|s| s.span()), "verify"),
+            (raw.instances.as_ref().map(|s| s.span()), "instances"),
+        ] {
+            if let Some(span) = present {
+                problems.push(
+                    Problem::new(ProblemKind::MissingKey, Some(span), format!("service {name:?} sets `{key}` but has no `command` to run"))
+                        .label("needs `command`")
+                        .hint("add command = [\"./bin/server\", \"--port\", \"{port}\"] to the service"),
+                );
+            }
+        }
+        return (service, Built { spec: None, jobs: vec![] });
+    };
+    let command_span = command.span();
+    let command = argv(&command, "command", problems);
+    if !command.iter().any(|a| a.contains("{port}")) && !raw.env.values().any(|v| v.contains("{port}")) {
+        problems.push(
+            Problem::new(ProblemKind::InvalidValue, Some(command_span.clone()), format!("service {name:?}: its command never receives {{port}}"))
+                .label("no {port}")
+                .hint("each instance gets a fresh port: pass it, e.g. [\"./server\", \"--port\", \"{port}\"] or env = { PORT = \"{port}\" }"),
+        );
+    }
+    let listen = match &raw.listen {
+        None => {
+            problems.push(
+                Problem::new(ProblemKind::MissingKey, Some(raw.name.span()), format!("managed service {name:?} has no `listen` address"))
+                    .label("this service")
+                    .hint("add listen = \"127.0.0.1:8080\": the stable address Slipway's proxy serves the service on"),
+            );
+            None
+        }
+        Some(l) => match l.get_ref().parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 => Some(a),
+            Ok(_) => {
+                problems.push(Problem::new(ProblemKind::InvalidValue, Some(l.span()), "`listen` needs a fixed port, not 0").label("port 0").hint("clients must know where to connect"));
+                None
+            }
+            Err(e) => {
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(l.span()), format!("`listen` is not an address: {e}"))
+                        .label("not ip:port")
+                        .hint("write e.g. \"127.0.0.1:8080\" or \"0.0.0.0:80\""),
+                );
+                None
+            }
+        },
+    };
+    let instances = raw.instances.as_ref().and_then(|v| positive(v, "instances", 64, problems)).unwrap_or(1) as u32;
+
+    let mut health = HealthSpec {
+        check: HealthCheck::Tcp,
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(2),
+        healthy_after: 1,
+        deadline: Duration::from_secs(60),
+    };
+    if let Some(h) = &raw.health {
+        let span = h.span();
+        let h = h.get_ref();
+        health.check = match (&h.http, &h.command) {
+            (Some(_), Some(c)) => {
+                problems.push(Problem::new(ProblemKind::InvalidValue, Some(c.span()), "a health check is `http` or `command`, not both").label("second check"));
+                HealthCheck::Tcp
+            }
+            (Some(p), None) => {
+                if !p.get_ref().starts_with('/') {
+                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(p.span()), "`health.http` is a path starting with '/'").label("not a path").hint("e.g. http = \"/healthz\""));
+                }
+                let status = match &h.status {
+                    Some(s) if (100..=599).contains(s.get_ref()) => *s.get_ref() as u16,
+                    Some(s) => {
+                        problems.push(Problem::new(ProblemKind::InvalidValue, Some(s.span()), format!("`health.status` {} is not an HTTP status", s.get_ref())).label("100–599"));
+                        200
+                    }
+                    None => 200,
+                };
+                HealthCheck::Http { path: p.get_ref().clone(), status }
+            }
+            (None, Some(c)) => HealthCheck::Command { argv: argv(c, "health.command", problems) },
+            (None, None) => {
+                if let Some(s) = &h.status {
+                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(s.span()), "`health.status` without `health.http`").label("no http check").hint("add http = \"/healthz\""));
+                }
+                let _ = span;
+                HealthCheck::Tcp
+            }
+        };
+        if let Some(d) = h.interval.as_ref().and_then(|d| duration(d, "health.interval", problems)) {
+            health.interval = d;
+        }
+        if let Some(d) = h.timeout.as_ref().and_then(|d| duration(d, "health.timeout", problems)) {
+            health.timeout = d;
+        }
+        if let Some(n) = h.healthy_after.as_ref().and_then(|n| positive(n, "health.healthy_after", 100, problems)) {
+            health.healthy_after = n as u32;
+        }
+        if let Some(d) = h.deadline.as_ref().and_then(|d| duration(d, "health.deadline", problems)) {
+            health.deadline = d;
+        }
+    }
+
+    let mut rollout = RolloutSpec { strategy: Strategy::Rolling { max_surge: 1, max_unavailable: 0 }, drain: Duration::from_secs(2) };
+    if let Some(r) = &raw.rollout {
+        let r = r.get_ref();
+        let surge = r.max_surge.as_ref().and_then(|v| nonneg(v, "rollout.max_surge", 64, problems));
+        let unavailable = r.max_unavailable.as_ref().and_then(|v| nonneg(v, "rollout.max_unavailable", 64, problems));
+        match r.strategy.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("rolling") => {
+                let (s, u) = (surge.unwrap_or(1), unavailable.unwrap_or(0));
+                if s == 0 && u == 0 {
+                    let span = r.max_surge.as_ref().or(r.max_unavailable.as_ref()).map(|v| v.span());
+                    problems.push(
+                        Problem::new(ProblemKind::InvalidValue, span, "a rolling rollout with max_surge = 0 and max_unavailable = 0 can never replace an instance")
+                            .label("both zero")
+                            .hint("allow one extra instance (max_surge = 1) or one fewer (max_unavailable = 1)"),
+                    );
+                }
+                rollout.strategy = Strategy::Rolling { max_surge: s, max_unavailable: u };
+            }
+            Some("blue-green") | Some("blue_green") => {
+                if let Some(v) = r.max_surge.as_ref().or(r.max_unavailable.as_ref()) {
+                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(v.span()), "max_surge and max_unavailable belong to the rolling strategy").label("not for blue-green"));
+                }
+                rollout.strategy = Strategy::BlueGreen;
+            }
+            Some(other) => {
+                let span = r.strategy.as_ref().map(|s| s.span());
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, span, format!("unknown rollout strategy {other:?}"))
+                        .label("unknown")
+                        .hint("use \"rolling\" or \"blue-green\""),
+                );
+            }
+        }
+        if let Some(d) = r.drain.as_ref().and_then(|d| duration(d, "rollout.drain", problems)) {
+            rollout.drain = d;
+        }
+    }
+    let step = |s: &Spanned<RawStep>, what: &str, problems: &mut Vec<Problem>| {
+        let s = s.get_ref();
+        StepSpec {
+            command: argv(&s.command, &format!("{what}.command"), problems),
+            timeout: s.timeout.as_ref().and_then(|d| duration(d, &format!("{what}.timeout"), problems)).unwrap_or(Duration::from_secs(600)),
+            idempotent: s.idempotent,
+        }
+    };
+    let migrate = raw.migrate.as_ref().map(|m| (m.span(), step(m, "migrate", problems)));
+    let verify = raw.verify.as_ref().map(|v| step(v, "verify", problems));
+    let stop_grace = raw.stop_grace.as_ref().and_then(|d| duration(d, "stop_grace", problems)).unwrap_or(Duration::from_secs(10));
+
+    let Some(listen) = listen else {
+        return (service, Built { spec: None, jobs: vec![] });
+    };
+    let spec = ServiceSpec { name: name.clone(), listen, instances, command, env: raw.env, health, rollout, verify, stop_grace };
+    let job = |job_name: String, command: Command, timeout: Duration, idempotent: bool, needs: Vec<String>| Job {
+        name: job_name,
+        spans: JobSpans { name: raw.name.span(), needs: needs.iter().map(|_| raw.name.span()).collect(), ..JobSpans::default() },
+        command,
+        needs,
+        reads: vec![],
+        writes: vec![format!("service/{name}")],
+        timeout,
+        timeout_declared: true,
+        kill_grace: Duration::from_secs(10),
+        retry: Retry::default(),
+        idempotent,
+        service: Some(name.clone()),
+        environments: None,
+        env: BTreeMap::new(),
+    };
+    let mut jobs = Vec::new();
+    let mut rollout_needs = Vec::new();
+    if let Some((_, m)) = &migrate {
+        let n = migrate_job(&name);
+        jobs.push(job(n.clone(), Command::Argv(m.command.clone()), m.timeout, m.idempotent, vec![]));
+        rollout_needs.push(n);
+    }
+    let rollout_timeout = rollout_timeout(&spec);
+    // Not retried after an interruption (a node died mid-rollout): the
+    // restarted node brings the service back on its recorded version, the
+    // new one only if it had taken all traffic, and the deployment says
+    // it was interrupted. Deploying again is one command.
+    jobs.push(job(rollout_job(&name), Command::Rollout(Box::new(spec.clone())), rollout_timeout, false, rollout_needs));
+    (service, Built { spec: Some(spec), jobs })
+}
+
+pub fn migrate_job(service: &str) -> String {
+    format!("{service}.migrate")
+}
+
+pub fn rollout_job(service: &str) -> String {
+    format!("{service}.rollout")
+}
+
+/// Long enough for every instance to be replaced one by one, each waiting
+/// its full health deadline and drain, plus verify and a margin.
+fn rollout_timeout(s: &ServiceSpec) -> Duration {
+    let per = s.health.deadline + s.rollout.drain + s.stop_grace;
+    let verify = s.verify.as_ref().map(|v| v.timeout).unwrap_or_default();
+    (per * (2 * s.instances + 2) + verify + Duration::from_secs(60)).min(super::MAX_DURATION)
+}

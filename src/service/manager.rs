@@ -1,0 +1,573 @@
+//! The service manager of a node: for every (environment, service) it
+//! runs, its proxy, its instances and their version. Rollouts
+//! (`<service>.rollout` jobs) go through [`ServiceManager::rollout`]; a
+//! supervisor restarts instances that die; [`ServiceManager::restore`]
+//! brings every recorded service back when the node starts.
+//!
+//! See docs/design/rollouts.md for the rollout loop and its failure cases.
+//!
+//! **Architecture Invariant:** the manager sees targets only through
+//! `dyn Target` / `dyn Instance`: health checks, the proxy and the rollout
+//! logic are the same for every target.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::health;
+use super::proxy::Proxy;
+use crate::config::service::{ServiceSpec, Strategy};
+use crate::store::{Outcome, ServiceRow, Store, now_ms};
+use crate::target::local::substitute;
+use crate::target::{Instance, InstanceRequest, JobRequest, OutputSink, RunResult, Stream, Target};
+
+/// A rollout to run: the job's deployment, the service as the pinned
+/// revision declares it, and the version.
+#[derive(Debug, Clone)]
+pub struct RolloutRequest {
+    pub environment: String,
+    pub deployment_id: i64,
+    pub revision: String,
+    pub version: String,
+    pub spec: ServiceSpec,
+    pub workdir: PathBuf,
+}
+
+/// The version a service runs and how to start more of it.
+#[derive(Clone)]
+struct Generation {
+    version: String,
+    spec: ServiceSpec,
+    workdir: PathBuf,
+    revision: String,
+    deployment_id: i64,
+}
+
+#[derive(Default)]
+struct ServiceState {
+    current: Option<Generation>,
+    instances: Vec<Arc<dyn Instance>>,
+    /// Restarts by the supervisor since the last rollout, for status.
+    restarts: u32,
+}
+
+struct Managed {
+    proxy: Proxy,
+    /// Held for a whole rollout: one rollout per service at a time, and
+    /// the supervisor keeps out while it runs.
+    state: Mutex<ServiceState>,
+}
+
+pub struct ServiceManager {
+    target: Arc<dyn Target>,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    client: reqwest::Client,
+    services: Mutex<HashMap<(String, String), Arc<Managed>>>,
+}
+
+/// What `status` shows of a service on this node.
+#[derive(Debug, Clone)]
+pub struct ServiceStatus {
+    pub environment: String,
+    pub service: String,
+    pub version: Option<String>,
+    pub listen: SocketAddr,
+    pub instances: Vec<(SocketAddr, String, bool)>,
+    pub restarts: u32,
+}
+
+/// Output of a rollout, line by line, into the job's log.
+struct Say<'a>(&'a OutputSink);
+
+impl Say<'_> {
+    async fn line(&self, s: impl Into<String>) {
+        let _ = self.0.send((Stream::Stdout, format!("[rollout] {}", s.into()))).await;
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| format!("cannot find a free port: {e}"))
+}
+
+impl ServiceManager {
+    pub fn new(target: Arc<dyn Target>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Arc<Self> {
+        let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).pool_max_idle_per_host(0).build().unwrap_or_default();
+        Arc::new(ServiceManager { target, store, shutdown, client, services: Mutex::new(HashMap::new()) })
+    }
+
+    /// The service's entry, binding its proxy on first use. A port in use
+    /// is an error here, before any instance starts.
+    async fn managed(self: &Arc<Self>, environment: &str, spec: &ServiceSpec) -> Result<Arc<Managed>, String> {
+        let key = (environment.to_string(), spec.name.clone());
+        let mut services = self.services.lock().await;
+        if let Some(m) = services.get(&key) {
+            if m.proxy.local_addr() == spec.listen || spec.listen.port() == 0 {
+                return Ok(m.clone());
+            }
+            // The address changed in the config: a new proxy; the old one
+            // goes when its entry is replaced.
+        }
+        let proxy = Proxy::bind(&spec.name, spec.listen, self.shutdown.child_token()).await.map_err(|e| e.to_string())?;
+        let m = Arc::new(Managed { proxy, state: Mutex::new(ServiceState::default()) });
+        services.insert(key, m.clone());
+        let me = self.clone();
+        let (env, m2) = (environment.to_string(), m.clone());
+        tokio::spawn(async move { me.supervise(env, m2).await });
+        Ok(m)
+    }
+
+    fn values(&self, environment: &str, g: &Generation, port: u16) -> BTreeMap<&'static str, String> {
+        let mut v = BTreeMap::new();
+        v.insert("port", port.to_string());
+        v.insert("version", g.version.clone());
+        v.insert("service", g.spec.name.clone());
+        v.insert("env", environment.to_string());
+        v.insert("deployment", g.deployment_id.to_string());
+        v.insert("revision", g.revision.clone());
+        v
+    }
+
+    async fn start_one(&self, environment: &str, g: &Generation) -> Result<Arc<dyn Instance>, String> {
+        let port = free_port()?;
+        let values = self.values(environment, g, port);
+        let req = InstanceRequest {
+            service: g.spec.name.clone(),
+            environment: environment.to_string(),
+            version: g.version.clone(),
+            port,
+            argv: g.spec.command.iter().map(|a| substitute(a, &values)).collect(),
+            env: g.spec.env.iter().map(|(k, v)| (k.clone(), substitute(v, &values))).collect(),
+            workdir: g.workdir.clone(),
+        };
+        self.target.start_instance(req).await
+    }
+
+    /// Start `count` instances of `g` and wait until all are healthy. On
+    /// any failure every one of them is stopped and the error says why.
+    async fn start_healthy(&self, environment: &str, g: &Generation, count: usize, say: &Say<'_>, cancel: &CancellationToken) -> Result<Vec<Arc<dyn Instance>>, String> {
+        let mut started = Vec::new();
+        for _ in 0..count {
+            match self.start_one(environment, g).await {
+                Ok(i) => {
+                    say.line(format!("started {} {} on {} ({})", g.spec.name, g.version, i.addr(), i.id())).await;
+                    started.push(i);
+                }
+                Err(e) => {
+                    self.stop_all(&started, g.spec.stop_grace).await;
+                    return Err(e);
+                }
+            }
+        }
+        let checks = started.iter().map(|i| {
+            let values = self.values(environment, g, i.addr().port());
+            let i = i.clone();
+            async move { health::wait_healthy(&self.client, &g.spec.health, &*i, &g.workdir, &values, cancel).await }
+        });
+        let results = futures_util::future::join_all(checks).await;
+        let mut failure = None;
+        for (i, r) in started.iter().zip(results) {
+            match r {
+                Ok(seen) => say.line(format!("{} is healthy: {seen}", i.addr())).await,
+                Err(e) => {
+                    say.line(format!("{} is not healthy: {e}", i.addr())).await;
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        match failure {
+            None => Ok(started),
+            Some(e) => {
+                self.stop_all(&started, g.spec.stop_grace).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn stop_all(&self, instances: &[Arc<dyn Instance>], grace: Duration) {
+        futures_util::future::join_all(instances.iter().map(|i| i.stop(grace))).await;
+    }
+
+    /// Out of the proxy first, then wait for in-flight requests (at most
+    /// `drain`), then stop.
+    async fn retire(&self, proxy: &Proxy, keep: &[Arc<dyn Instance>], old: &[Arc<dyn Instance>], drain: Duration, grace: Duration, say: &Say<'_>) {
+        if old.is_empty() {
+            return;
+        }
+        proxy.set_backends(keep.iter().map(|i| i.addr()).collect());
+        let until = tokio::time::Instant::now() + drain;
+        while tokio::time::Instant::now() < until && old.iter().any(|i| proxy.in_flight(i.addr()) > 0) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.stop_all(old, grace).await;
+        for i in old {
+            say.line(format!("stopped {} ({})", i.addr(), i.id())).await;
+        }
+    }
+
+    /// Run one rollout to its end: the service runs `req.version` on all
+    /// its instances, or (on failure) what it ran before.
+    pub async fn rollout(self: &Arc<Self>, req: RolloutRequest, out: OutputSink, cancel: CancellationToken) -> RunResult {
+        let say = Say(&out);
+        let env = req.environment.clone();
+        let m = match self.managed(&env, &req.spec).await {
+            Ok(m) => m,
+            Err(e) => return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
+        };
+        let mut state = m.state.lock().await;
+        let new = Generation { version: req.version.clone(), spec: req.spec.clone(), workdir: req.workdir.clone(), revision: req.revision.clone(), deployment_id: req.deployment_id };
+        let n = new.spec.instances as usize;
+        let old_gen = state.current.clone();
+        let old: Vec<Arc<dyn Instance>> = std::mem::take(&mut state.instances);
+        if let Some(g) = &old_gen
+            && g.version == new.version
+            && g.spec == new.spec
+            && old.len() == n
+            && old.iter().all(|i| i.exit().is_none())
+        {
+            state.instances = old;
+            say.line(format!("{} already runs {} on {n} instance(s): nothing to do", new.spec.name, new.version)).await;
+            return self.commit(&env, &new, &say).await;
+        }
+        say.line(format!(
+            "rolling {} out: {} → {} ({n} instance(s), {})",
+            new.spec.name,
+            old_gen.as_ref().map(|g| g.version.as_str()).unwrap_or("nothing"),
+            new.version,
+            match new.spec.rollout.strategy {
+                Strategy::BlueGreen => "blue-green".to_string(),
+                Strategy::Rolling { max_surge, max_unavailable } => format!("rolling, max surge {max_surge}, max unavailable {max_unavailable}"),
+            }
+        ))
+        .await;
+        let result = match new.spec.rollout.strategy {
+            Strategy::BlueGreen => self.blue_green(&env, &m.proxy, &new, &old, &say, &cancel).await,
+            Strategy::Rolling { max_surge, max_unavailable } => self.rolling(&env, &m.proxy, &new, old.clone(), max_surge as usize, max_unavailable as usize, &say, &cancel).await,
+        };
+        let mut new_instances = match result {
+            Ok(instances) => instances,
+            Err((why, survivors)) => {
+                // Back to the last good version: keep what still runs of
+                // it, start what is missing.
+                return self.roll_back(&env, &m, &mut state, old_gen, survivors, why, &say).await;
+            }
+        };
+        // All traffic is on the new version: that is the commit point a
+        // restart honours.
+        state.current = Some(new.clone());
+        state.restarts = 0;
+        if let RunResult { outcome: Outcome::Failed, reason, .. } = self.commit(&env, &new, &say).await {
+            state.instances = new_instances;
+            return RunResult { outcome: Outcome::Failed, exit_code: None, reason };
+        }
+        if let Some(verify) = &new.spec.verify {
+            say.line(format!("verifying: {}", verify.command.join(" "))).await;
+            let values = self.values(&env, &new, new.spec.listen.port());
+            let job = JobRequest {
+                deployment_id: new.deployment_id,
+                job: format!("{}.verify", new.spec.name),
+                attempt: 1,
+                spec: crate::store::JobSpec::verify(verify),
+                workdir: new.workdir.clone(),
+                values,
+            };
+            let r = self.target.run(job, out.clone(), cancel.child_token()).await;
+            if r.outcome != Outcome::Succeeded {
+                let why = format!("verify failed: {}", r.reason.unwrap_or_else(|| r.outcome.to_string()));
+                say.line(why.clone()).await;
+                let survivors = Vec::new();
+                // The old instances are gone: roll back starts them anew.
+                let stale = std::mem::take(&mut new_instances);
+                let res = self.roll_back(&env, &m, &mut state, old_gen, survivors, why, &say).await;
+                self.stop_all(&stale, new.spec.stop_grace).await;
+                return res;
+            }
+            say.line("verify passed").await;
+        }
+        state.instances = new_instances;
+        say.line(format!("{} runs {} on {n} instance(s) behind {}", new.spec.name, new.version, new.spec.listen)).await;
+        RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None }
+    }
+
+    async fn commit(&self, env: &str, g: &Generation, say: &Say<'_>) -> RunResult {
+        let spec = match serde_json::to_string(&g.spec) {
+            Ok(s) => s,
+            Err(e) => return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(format!("cannot record the service: {e}")) },
+        };
+        let row = ServiceRow {
+            environment: env.to_string(),
+            service: g.spec.name.clone(),
+            version: g.version.clone(),
+            previous_version: None,
+            spec,
+            revision: g.revision.clone(),
+            deployment_id: g.deployment_id,
+            updated_at: now_ms(),
+        };
+        // The store may blink: a few tries, then the rollout fails.
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1..=5 {
+            match self.store.set_service(row.clone()).await {
+                Ok(()) => {
+                    say.line(format!("recorded: {} {} runs {}", env, g.spec.name, g.version)).await;
+                    return RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None };
+                }
+                Err(e) if attempt < 5 => {
+                    say.line(format!("cannot record the new version yet ({e}); retrying")).await;
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(format!("cannot record the new version: {e}")) },
+            }
+        }
+        RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some("cannot record the new version".into()) }
+    }
+
+    /// Start all new instances, switch all traffic at once, retire the old.
+    async fn blue_green(
+        &self,
+        env: &str,
+        proxy: &Proxy,
+        new: &Generation,
+        old: &[Arc<dyn Instance>],
+        say: &Say<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Arc<dyn Instance>>, (String, Vec<Arc<dyn Instance>>)> {
+        let n = new.spec.instances as usize;
+        let started = self.start_healthy(env, new, n, say, cancel).await.map_err(|e| (e, old.to_vec()))?;
+        say.line(format!("traffic → {} ({} instance(s))", new.version, started.len())).await;
+        self.retire(proxy, &started, old, new.spec.rollout.drain, new.spec.stop_grace, say).await;
+        Ok(started)
+    }
+
+    /// Replace instances a batch at a time within the surge/unavailable
+    /// budget. On failure returns the old instances still running.
+    #[allow(clippy::too_many_arguments)]
+    async fn rolling(
+        &self,
+        env: &str,
+        proxy: &Proxy,
+        new: &Generation,
+        mut old: Vec<Arc<dyn Instance>>,
+        surge: usize,
+        unavailable: usize,
+        say: &Say<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Arc<dyn Instance>>, (String, Vec<Arc<dyn Instance>>)> {
+        let n = new.spec.instances as usize;
+        let mut fresh: Vec<Arc<dyn Instance>> = Vec::new();
+        // Dead old instances count as unavailable already.
+        old.retain(|i| i.exit().is_none());
+        while fresh.len() < n {
+            if cancel.is_cancelled() {
+                let f = std::mem::take(&mut fresh);
+                self.stop_all(&f, new.spec.stop_grace).await;
+                return Err(("stopped on request".into(), old));
+            }
+            let missing = n - fresh.len();
+            // Take down first what the unavailable budget allows (only
+            // instances that will not be needed again).
+            let down = unavailable.min(old.len()).min(missing);
+            if down > 0 {
+                let gone: Vec<_> = old.drain(..down).collect();
+                let keep: Vec<_> = old.iter().chain(fresh.iter()).cloned().collect();
+                self.retire(proxy, &keep, &gone, new.spec.rollout.drain, new.spec.stop_grace, say).await;
+            }
+            let batch = (surge + down).max(1).min(missing);
+            match self.start_healthy(env, new, batch, say, cancel).await {
+                Ok(started) => fresh.extend(started),
+                Err(e) => {
+                    proxy.set_backends(old.iter().map(|i| i.addr()).collect());
+                    let f = std::mem::take(&mut fresh);
+                    self.stop_all(&f, new.spec.stop_grace).await;
+                    return Err((e, old));
+                }
+            }
+            let serving: Vec<_> = old.iter().chain(fresh.iter()).cloned().collect();
+            proxy.set_backends(serving.iter().map(|i| i.addr()).collect());
+            say.line(format!("traffic → {} of {} instance(s) on {}", fresh.len(), n, new.version)).await;
+            // Back to at most n instances.
+            let excess = (old.len() + fresh.len()).saturating_sub(n).min(old.len());
+            if excess > 0 {
+                let gone: Vec<_> = old.drain(..excess).collect();
+                let keep: Vec<_> = old.iter().chain(fresh.iter()).cloned().collect();
+                self.retire(proxy, &keep, &gone, new.spec.rollout.drain, new.spec.stop_grace, say).await;
+            }
+        }
+        let rest = std::mem::take(&mut old);
+        self.retire(proxy, &fresh, &rest, new.spec.rollout.drain, new.spec.stop_grace, say).await;
+        Ok(fresh)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn roll_back(
+        &self,
+        env: &str,
+        m: &Managed,
+        state: &mut ServiceState,
+        old_gen: Option<Generation>,
+        mut survivors: Vec<Arc<dyn Instance>>,
+        why: String,
+        say: &Say<'_>,
+    ) -> RunResult {
+        let Some(g) = old_gen else {
+            m.proxy.set_backends(vec![]);
+            state.current = None;
+            state.instances = vec![];
+            say.line(format!("failed, and there is no earlier version to return to: {why}")).await;
+            return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(why) };
+        };
+        survivors.retain(|i| i.exit().is_none());
+        let missing = (g.spec.instances as usize).saturating_sub(survivors.len());
+        say.line(format!("rolling back to {} ({} instance(s) still run, starting {missing})", g.version, survivors.len())).await;
+        if missing > 0 {
+            // No cancel here: going back is not optional.
+            match self.start_healthy(env, &g, missing, say, &CancellationToken::new()).await {
+                Ok(more) => survivors.extend(more),
+                Err(e) => say.line(format!("could not start every instance of {}: {e}", g.version)).await,
+            }
+        }
+        m.proxy.set_backends(survivors.iter().map(|i| i.addr()).collect());
+        state.instances = survivors;
+        state.current = Some(g.clone());
+        // The store still names the old version unless the failure came
+        // after the commit (verify): say it again either way.
+        let _ = self.commit(env, &g, say).await;
+        say.line(format!("traffic is on {} again", g.version)).await;
+        RunResult { outcome: Outcome::RolledBack, exit_code: None, reason: Some(format!("rolled back to {}: {why}", g.version)) }
+    }
+
+    /// Restart instances that die between rollouts, with backoff, and
+    /// keep the proxy on the live ones.
+    async fn supervise(self: Arc<Self>, env: String, m: Arc<Managed>) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            // try_lock: a rollout holds the lock and handles its own.
+            let Ok(mut state) = m.state.try_lock() else { continue };
+            let Some(g) = state.current.clone() else { continue };
+            let dead: Vec<usize> = state.instances.iter().enumerate().filter(|(_, i)| i.exit().is_some()).map(|(n, _)| n).collect();
+            if dead.is_empty() {
+                backoff = Duration::from_secs(1);
+                continue;
+            }
+            for &d in dead.iter().rev() {
+                let i = state.instances.remove(d);
+                tracing::warn!(service = %g.spec.name, env = %env, instance = %i.addr(), exit = %i.exit().unwrap_or_default(), output = %health::output_tail(&*i), "instance died; restarting");
+            }
+            m.proxy.set_backends(state.instances.iter().map(|i| i.addr()).collect());
+            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(async move { while rx.recv().await.is_some() {} });
+            let say = Say(&tx);
+            match self.start_healthy(&env, &g, dead.len(), &say, &self.shutdown.child_token()).await {
+                Ok(more) => {
+                    state.restarts += more.len() as u32;
+                    state.instances.extend(more);
+                    m.proxy.set_backends(state.instances.iter().map(|i| i.addr()).collect());
+                    tracing::info!(service = %g.spec.name, env = %env, restarts = state.restarts, "instance restarted");
+                }
+                Err(e) => {
+                    tracing::warn!(service = %g.spec.name, env = %env, error = %e, retry_in = ?backoff, "restart failed");
+                    drop(state);
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// Bring every service recorded in the store back at its recorded
+    /// version (a node start: after a crash, nothing of ours still runs).
+    /// `workdir` unpacks a revision. Errors are logged, not fatal: one
+    /// broken service must not keep the others down.
+    pub async fn restore<W, F>(self: &Arc<Self>, workdir: W)
+    where
+        W: Fn(String) -> F,
+        F: std::future::Future<Output = Result<PathBuf, String>>,
+    {
+        let rows = match self.store.services().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read recorded services; none restored");
+                return;
+            }
+        };
+        for row in rows {
+            let spec: ServiceSpec = match serde_json::from_str(&row.spec) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(service = %row.service, env = %row.environment, error = %e, "recorded service spec unreadable; not restored");
+                    continue;
+                }
+            };
+            let dir = match workdir(row.revision.clone()).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(service = %row.service, env = %row.environment, error = %e, "cannot unpack the service's revision; not restored");
+                    continue;
+                }
+            };
+            let m = match self.managed(&row.environment, &spec).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(service = %row.service, env = %row.environment, error = %e, "cannot serve the service");
+                    continue;
+                }
+            };
+            let g = Generation { version: row.version.clone(), spec: spec.clone(), workdir: dir, revision: row.revision.clone(), deployment_id: row.deployment_id };
+            let mut state = m.state.lock().await;
+            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(async move { while rx.recv().await.is_some() {} });
+            match self.start_healthy(&row.environment, &g, spec.instances as usize, &Say(&tx), &self.shutdown.child_token()).await {
+                Ok(instances) => {
+                    m.proxy.set_backends(instances.iter().map(|i| i.addr()).collect());
+                    state.instances = instances;
+                    tracing::info!(service = %row.service, env = %row.environment, version = %row.version, "service restored");
+                }
+                Err(e) => tracing::error!(service = %row.service, env = %row.environment, version = %row.version, error = %e, "cannot restore the service; the supervisor keeps trying"),
+            }
+            state.current = Some(g);
+        }
+    }
+
+    pub async fn status(&self) -> Vec<ServiceStatus> {
+        let services: Vec<((String, String), Arc<Managed>)> = self.services.lock().await.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut out = Vec::new();
+        for ((environment, service), m) in services {
+            let state = m.state.lock().await;
+            out.push(ServiceStatus {
+                environment,
+                service,
+                version: state.current.as_ref().map(|g| g.version.clone()),
+                listen: m.proxy.local_addr(),
+                instances: state.instances.iter().map(|i| (i.addr(), i.id(), i.exit().is_none())).collect(),
+                restarts: state.restarts,
+            });
+        }
+        out.sort_by(|a, b| (&a.environment, &a.service).cmp(&(&b.environment, &b.service)));
+        out
+    }
+
+    /// Stop every instance (node shutdown).
+    pub async fn stop_all_services(&self) {
+        let services: Vec<Arc<Managed>> = self.services.lock().await.values().cloned().collect();
+        for m in services {
+            let mut state = m.state.lock().await;
+            let grace = state.current.as_ref().map(|g| g.spec.stop_grace).unwrap_or(Duration::from_secs(5));
+            let instances = std::mem::take(&mut state.instances);
+            m.proxy.set_backends(vec![]);
+            self.stop_all(&instances, grace).await;
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Services: long-running things Slipway deploys and keeps running, as
+//! opposed to jobs, which run to an end.
+//!
+//! - [`proxy`]: the reverse proxy on a service's stable address; rollouts
+//!   move traffic by swapping its backend set.
+
+pub mod proxy;
+pub mod health;
+pub mod manager;
+
+pub use manager::{RolloutRequest, ServiceManager};

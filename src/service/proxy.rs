@@ -1,0 +1,762 @@
+//! The reverse proxy on a service's stable `listen` address.
+//!
+//! Clients keep talking to one address while rollouts start instances on
+//! fresh ports and swap the backend set with [`Proxy::set_backends`]. The
+//! set, the round-robin cursor and the per-backend in-flight counts sit
+//! under one mutex, so picking a backend and counting the request against
+//! it is atomic with respect to a swap: once `set_backends` has returned,
+//! `in_flight(old) == 0` means the old instance can be stopped. A request
+//! stays counted until the backend's response body has been read to its
+//! end or the exchange is abandoned (client gone, timeout, error).
+//!
+//! Clients are served HTTP/1.1 with keep-alive (hyper); backends are
+//! reached through one pooled keep-alive client (hyper-util). A send that
+//! fails before any response (refused, reset, a pooled connection the
+//! backend just closed) is retried on the next backend, once per backend,
+//! which is what makes an instance dying mid-rollout invisible. Retrying
+//! needs the body again, so request bodies up to [`MAX_BUFFERED_BODY`] are
+//! buffered; larger ones are streamed and never retried. Non-idempotent
+//! requests are retried only when nothing was sent (connect failures).
+//!
+//! Every wait is bounded: connecting, the backend's response headers, a
+//! body that stops moving in either direction, and a client that stops
+//! reading what we write.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, BodyStream, Empty, Full, StreamBody};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+
+/// Connecting to a backend.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// From sending a request to having the backend's whole response head.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A body (either direction) that yields nothing for this long is
+/// abandoned, and so is a client that accepts no bytes for this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Request bodies up to this size are buffered so the request can be
+/// retried on another backend.
+pub const MAX_BUFFERED_BODY: usize = 1024 * 1024;
+/// An idle keep-alive client connection (or one sending its request head
+/// this slowly) is closed after this long. Long, like nginx's
+/// `keepalive_timeout`, because closing an idle connection races with a
+/// client reusing it.
+const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// Idle pooled connections to backends are closed after this long.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Headers that describe one connection, not the message: never forwarded
+/// (RFC 9110 §7.6.1). `expect` is dropped separately: our own server side
+/// answers it.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("service {service:?}: cannot listen on {addr}: {}", bind_reason(source))]
+    Bind { service: String, addr: SocketAddr, source: io::Error },
+}
+
+/// The OS's reason, and what to do about it.
+fn bind_reason(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => {
+            "Address already in use (another process holds the port; pick another `listen` for the service)".into()
+        }
+        io::ErrorKind::PermissionDenied => {
+            "Permission denied (ports below 1024 need privileges; pick a higher port for the service's `listen`)".into()
+        }
+        io::ErrorKind::AddrNotAvailable => {
+            "Address not available (no interface of this machine has that IP; check the service's `listen`)".into()
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Timeouts, for callers (and tests) that cannot live with the defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyOptions {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions { connect_timeout: CONNECT_TIMEOUT, response_timeout: RESPONSE_TIMEOUT, idle_timeout: IDLE_TIMEOUT }
+    }
+}
+
+/// Counters since the proxy started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// Requests received from clients, whatever their outcome.
+    pub requests: u64,
+    /// Requests the proxy answered itself with 502, 503 or 504.
+    pub errors: u64,
+}
+
+/// A running proxy. Clones share it.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("service", &self.inner.service)
+            .field("local_addr", &self.inner.local_addr)
+            .field("backends", &self.backends())
+            .finish()
+    }
+}
+
+struct Inner {
+    service: String,
+    local_addr: SocketAddr,
+    options: ProxyOptions,
+    client: Client<HttpConnector, ProxyBody>,
+    backends: Mutex<Backends>,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    /// Whether we still accept, and how many client connections are open:
+    /// what [`Proxy::stopped`] waits on.
+    life: watch::Sender<Life>,
+}
+
+#[derive(Default)]
+struct Backends {
+    list: Vec<SocketAddr>,
+    next: usize,
+    /// Only non-zero counts are kept, so removed backends leave no trace.
+    in_flight: HashMap<SocketAddr, usize>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Life {
+    listening: bool,
+    connections: usize,
+}
+
+impl Proxy {
+    /// Bind `addr` now (so a port in use is a clear error at once) and serve until `shutdown` fires.
+    pub async fn bind(service: &str, addr: SocketAddr, shutdown: CancellationToken) -> Result<Proxy, ProxyError> {
+        Self::bind_with(service, addr, shutdown, ProxyOptions::default()).await
+    }
+
+    /// [`Proxy::bind`] with other timeouts.
+    pub async fn bind_with(
+        service: &str,
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+        options: ProxyOptions,
+    ) -> Result<Proxy, ProxyError> {
+        let bind_err = |source| ProxyError::Bind { service: service.to_string(), addr, source };
+        let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+        let local_addr = listener.local_addr().map_err(bind_err)?;
+
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(options.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+
+        let (life, _) = watch::channel(Life { listening: true, connections: 0 });
+        let inner = Arc::new(Inner {
+            service: service.to_string(),
+            local_addr,
+            options,
+            client,
+            backends: Mutex::new(Backends::default()),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            life,
+        });
+        tokio::spawn(accept_loop(inner.clone(), listener, shutdown));
+        Ok(Proxy { inner })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// Replace the backends atomically (round-robin among them). Duplicates
+    /// are dropped. Requests already sent to a removed backend finish there.
+    pub fn set_backends(&self, backends: Vec<SocketAddr>) {
+        let mut list = Vec::with_capacity(backends.len());
+        for b in backends {
+            if !list.contains(&b) {
+                list.push(b);
+            }
+        }
+        tracing::debug!(service = %self.inner.service, backends = ?list, "proxy backends set");
+        self.inner.lock().list = list;
+    }
+
+    pub fn backends(&self) -> Vec<SocketAddr> {
+        self.inner.lock().list.clone()
+    }
+
+    /// Requests now in flight to `backend` (a rollout waits for 0, or its drain time, before stopping an instance).
+    pub fn in_flight(&self, backend: SocketAddr) -> usize {
+        self.inner.lock().in_flight.get(&backend).copied().unwrap_or(0)
+    }
+
+    /// Counters since start: requests served, and requests the proxy itself answered with an error (502/503/504).
+    pub fn stats(&self) -> ProxyStats {
+        ProxyStats {
+            requests: self.inner.requests.load(Ordering::Relaxed),
+            errors: self.inner.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Resolves once shutdown has fired, the listening socket is closed and
+    /// every client connection has ended.
+    pub async fn stopped(&self) {
+        let mut rx = self.inner.life.subscribe();
+        // The sender lives in `inner`, which `self` keeps alive: no error.
+        let _ = rx.wait_for(|l| !l.listening && l.connections == 0).await;
+    }
+}
+
+async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather
+                // than spin; the listener itself stays usable.
+                tracing::warn!(service = %inner.service, error = %e, "proxy cannot accept a connection");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        inner.life.send_modify(|l| l.connections += 1);
+        tokio::spawn(serve_connection(inner.clone(), stream, peer, shutdown.clone()));
+    }
+    drop(listener);
+    inner.life.send_modify(|l| l.listening = false);
+    tracing::debug!(service = %inner.service, "proxy stopped accepting");
+}
+
+/// Decrements the open-connection count however the connection task ends.
+struct ConnectionGuard(Arc<Inner>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.life.send_modify(|l| l.connections = l.connections.saturating_sub(1));
+    }
+}
+
+async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+    let _guard = ConnectionGuard(inner.clone());
+    let io = TokioIo::new(WriteDeadline::new(stream, inner.options.idle_timeout));
+    let handler = inner.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let inner = handler.clone();
+        async move { Ok::<_, Infallible>(inner.handle(req, peer).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).keep_alive(true).header_read_timeout(CLIENT_IDLE_TIMEOUT);
+    let conn = builder.serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            // Finish the request in progress, then close instead of
+            // waiting for the next one.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        // Clients vanishing mid-exchange is ordinary; not worth a warning.
+        tracing::debug!(service = %inner.service, %peer, error = %e, "proxy client connection ended with an error");
+    }
+}
+
+/// What a pick found.
+enum Pick {
+    /// Counted against this backend until the guard drops.
+    Backend(InFlight),
+    /// The set is empty.
+    NoBackends,
+    /// Every backend in the set was already tried for this request.
+    Exhausted,
+}
+
+/// One request counted against one backend.
+struct InFlight {
+    inner: Arc<Inner>,
+    backend: SocketAddr,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut b = self.inner.lock();
+        if let Some(n) = b.in_flight.get_mut(&self.backend) {
+            *n -= 1;
+            if *n == 0 {
+                b.in_flight.remove(&self.backend);
+            }
+        }
+    }
+}
+
+/// A request body: kept, so it can be sent again, or streamed once.
+enum RequestBody {
+    Buffered { data: Bytes, trailers: Option<HeaderMap> },
+    Streaming(Option<ProxyBody>),
+}
+
+impl RequestBody {
+    /// The body for one attempt; `None` once a streamed body was used.
+    fn for_attempt(&mut self) -> Option<ProxyBody> {
+        match self {
+            RequestBody::Buffered { data, trailers: None } if data.is_empty() => {
+                Some(Empty::new().map_err(|never| match never {}).boxed_unsync())
+            }
+            RequestBody::Buffered { data, trailers: None } => {
+                Some(Full::new(data.clone()).map_err(|never| match never {}).boxed_unsync())
+            }
+            RequestBody::Buffered { data, trailers: Some(t) } => {
+                let frames = vec![Ok::<_, BoxError>(Frame::data(data.clone())), Ok(Frame::trailers(t.clone()))];
+                Some(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync())
+            }
+            RequestBody::Streaming(body) => body.take(),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, RequestBody::Buffered { .. })
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Backends> {
+        // Nothing panics while holding the lock; if something ever did, the
+        // data (a list and counters) is still consistent enough to go on.
+        self.backends.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Round-robin pick among the current set, skipping `tried`, counted
+    /// in the same critical section as the pick (see the module doc).
+    fn pick(self: &Arc<Self>, tried: &[SocketAddr]) -> Pick {
+        let mut b = self.lock();
+        let len = b.list.len();
+        if len == 0 {
+            return Pick::NoBackends;
+        }
+        let start = b.next;
+        b.next = b.next.wrapping_add(1);
+        let Some(backend) = (0..len).map(|i| b.list[start.wrapping_add(i) % len]).find(|a| !tried.contains(a)) else {
+            return Pick::Exhausted;
+        };
+        *b.in_flight.entry(backend).or_insert(0) += 1;
+        Pick::Backend(InFlight { inner: self.clone(), backend })
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let (parts, body) = req.into_parts();
+
+        // Answer at once rather than first reading a body for nobody.
+        if self.lock().list.is_empty() {
+            return self.no_backends();
+        }
+
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::EXPECT);
+        append_forwarded_for(&mut headers, peer);
+        headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+        let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+
+        let mut body = match read_body(body, self.options.idle_timeout).await {
+            Ok(b) => b,
+            Err(BodyReadError::Idle) => {
+                return plain(StatusCode::REQUEST_TIMEOUT, "the request body stopped arriving\n".into());
+            }
+            Err(BodyReadError::Failed(e)) => {
+                return plain(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}\n"));
+            }
+        };
+
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last_error: Option<String> = None;
+        loop {
+            let guard = match self.pick(&tried) {
+                Pick::Backend(g) => g,
+                // The set may have been emptied since the check above.
+                Pick::NoBackends if tried.is_empty() => return self.no_backends(),
+                Pick::NoBackends | Pick::Exhausted => break,
+            };
+            let backend = guard.backend;
+            tried.push(backend);
+            let Some(attempt_body) = body.for_attempt() else { break };
+            let uri = match Uri::builder().scheme("http").authority(backend.to_string()).path_and_query(path_and_query.as_str()).build() {
+                Ok(u) => u,
+                Err(e) => return plain(StatusCode::BAD_REQUEST, format!("bad request target: {e}\n")),
+            };
+            let mut out = Request::new(attempt_body);
+            *out.method_mut() = parts.method.clone();
+            *out.uri_mut() = uri;
+            // Backends always get HTTP/1.1 so the pooled connection stays
+            // keep-alive whatever the client spoke.
+            *out.version_mut() = Version::HTTP_11;
+            *out.headers_mut() = headers.clone();
+
+            match tokio::time::timeout(self.options.response_timeout, self.client.request(out)).await {
+                Ok(Ok(resp)) => return self.relay(resp, guard),
+                Ok(Err(e)) => {
+                    // Connect errors: nothing was sent, any method may go
+                    // elsewhere. Otherwise the backend may have acted on it.
+                    let retry = body.replayable() && (e.is_connect() || parts.method.is_idempotent());
+                    let described = error_chain(&e);
+                    tracing::debug!(service = %self.service, %backend, error = %described, retry, "proxy send failed");
+                    last_error = Some(format!("{backend}: {described}"));
+                    if !retry {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(service = %self.service, %backend, timeout = ?self.options.response_timeout, "instance did not answer in time");
+                    return plain(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "service {}: instance {backend} did not answer within {}\n",
+                            self.service,
+                            humanize(self.options.response_timeout)
+                        ),
+                    );
+                }
+            }
+        }
+
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let last = last_error.unwrap_or_else(|| "no instance left to try".into());
+        tracing::warn!(service = %self.service, error = %last, "no instance answered");
+        plain(StatusCode::BAD_GATEWAY, format!("service {}: no instance answered; last error: {last}\n", self.service))
+    }
+
+    fn no_backends(&self) -> Response<ProxyBody> {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        plain(StatusCode::SERVICE_UNAVAILABLE, format!("service {} has no healthy instance\n", self.service))
+    }
+
+    /// The backend's response, with its body streamed through and the
+    /// request counted against the backend until that body ends.
+    fn relay(&self, resp: Response<Incoming>, guard: InFlight) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.version = Version::HTTP_11;
+        let body = Watched::new(body, self.options.idle_timeout, Some(guard)).boxed_unsync();
+        Response::from_parts(parts, body)
+    }
+}
+
+/// Remove hop-by-hop headers, including those the `connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// `x-forwarded-for`: what earlier proxies said, then the client's address.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let ip = peer.ip().to_string();
+    let mut value: Vec<u8> = Vec::new();
+    for prior in headers.get_all(&name) {
+        value.extend_from_slice(prior.as_bytes());
+        value.extend_from_slice(b", ");
+    }
+    value.extend_from_slice(ip.as_bytes());
+    // Earlier values were valid header bytes, so this holds; if not, the
+    // client's own address alone is still true.
+    let value = HeaderValue::from_bytes(&value).or_else(|_| HeaderValue::from_str(&ip));
+    headers.remove(&name);
+    if let Ok(v) = value {
+        headers.insert(name, v);
+    }
+}
+
+enum BodyReadError {
+    Idle,
+    Failed(String),
+}
+
+/// Buffer the body if it fits in [`MAX_BUFFERED_BODY`]; otherwise stream
+/// it (what was read so far, then the rest).
+async fn read_body(mut body: Incoming, idle: Duration) -> Result<RequestBody, BodyReadError> {
+    let too_big = body.size_hint().lower() > MAX_BUFFERED_BODY as u64;
+    if too_big {
+        return Ok(RequestBody::Streaming(Some(Watched::new(body, idle, None).boxed_unsync())));
+    }
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut size = 0usize;
+    let mut trailers: Option<HeaderMap> = None;
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(BodyReadError::Idle),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(BodyReadError::Failed(e.to_string())),
+            Ok(Some(Ok(f))) => f,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                size += data.len();
+                chunks.push(data);
+                if size > MAX_BUFFERED_BODY {
+                    let read = futures_util::stream::iter(chunks.into_iter().map(|c| Ok::<_, BoxError>(Frame::data(c))));
+                    let rest = BodyStream::new(Watched::new(body, idle, None));
+                    return Ok(RequestBody::Streaming(Some(StreamBody::new(read.chain(rest)).boxed_unsync())));
+                }
+            }
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = Some(t);
+                }
+            }
+        }
+    }
+    let data = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => Bytes::from(chunks.concat()),
+    };
+    Ok(RequestBody::Buffered { data, trailers })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no data for {0:?}")]
+struct IdleBody(Duration);
+
+/// A body passed through with an idle timeout, optionally holding a
+/// request's in-flight count until it ends.
+struct Watched<B> {
+    inner: B,
+    idle: Duration,
+    /// Created on the first wait: fast bodies never allocate a timer.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+    guard: Option<InFlight>,
+}
+
+impl<B> Watched<B> {
+    fn new(inner: B, idle: Duration, guard: Option<InFlight>) -> Self {
+        Watched { inner, idle, timer: None, armed: false, guard }
+    }
+}
+
+impl<B> Body for Watched<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.armed = false;
+                // The backend is done with the request once its last byte
+                // is here, even if hyper never polls us again.
+                if this.inner.is_end_stream() {
+                    this.guard = None;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.guard = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.guard = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let deadline = Instant::now() + this.idle;
+                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !this.armed {
+                    timer.as_mut().reset(deadline);
+                    this.armed = true;
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        this.guard = None;
+                        Poll::Ready(Some(Err(Box::new(IdleBody(this.idle)))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A client socket whose writes fail once they have been blocked for
+/// `limit`: a client that stops reading must not hold a connection (and
+/// a backend's in-flight count) forever.
+struct WriteDeadline<T> {
+    io: T,
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(io: T, limit: Duration) -> Self {
+        WriteDeadline { io, limit, timer: None, armed: false }
+    }
+
+    /// Called when a write is blocked: start the clock, or fail if it ran out.
+    fn blocked(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let deadline = Instant::now() + self.limit;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading")),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn watch<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        match r {
+            Poll::Pending => self.blocked(cx).map(Err),
+            ready => {
+                self.armed = false;
+                ready
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.watch(cx, r)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.watch(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_flush(cx);
+        this.watch(cx, r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.watch(cx, r)
+    }
+}
+
+fn plain(status: StatusCode, message: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(Full::new(Bytes::from(message)).map_err(|never| match never {}).boxed_unsync());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}
+
+/// An error and its causes on one line: hyper-util's own message is just
+/// "client error (Connect)"; the reason is further down the chain.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+fn humanize(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}

@@ -1,0 +1,123 @@
+//! Service instances on the local target: one process group each, owned
+//! by this Slipway process (marked like jobs, so a Slipway that died
+//! leaves nothing behind: the next one's orphan sweep kills them, and the
+//! service manager starts the recorded version again).
+
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::Command;
+use tokio::sync::{mpsc, watch};
+
+use super::{OWNER_ENV, describe, kill_group, owner_mark, pump};
+use crate::target::{Instance, InstanceRequest, Stream};
+
+/// Lines of an instance's output kept for the record of a failed rollout.
+const KEEP_LINES: usize = 40;
+
+pub struct LocalInstance {
+    pgid: i32,
+    addr: SocketAddr,
+    exit: watch::Receiver<Option<String>>,
+    output: Arc<Mutex<VecDeque<String>>>,
+}
+
+pub fn start(req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {
+    let Some(program) = req.argv.first() else { return Err("empty command".into()) };
+    let program_path = if program.contains('/') && !program.starts_with('/') { req.workdir.join(program).into_os_string() } else { program.into() };
+    let mut cmd = Command::new(&program_path);
+    cmd.args(&req.argv[1..])
+        .current_dir(&req.workdir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .envs(&req.env)
+        .env("SLIPWAY_SERVICE", &req.service)
+        .env("SLIPWAY_ENV", &req.environment)
+        .env("SLIPWAY_VERSION", &req.version)
+        .env("SLIPWAY_PORT", req.port.to_string())
+        .env(OWNER_ENV, owner_mark());
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start {program:?} in {}: {e}", req.workdir.display()))?;
+    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let output: Arc<Mutex<VecDeque<String>>> = Arc::default();
+    let (tx, mut rx) = mpsc::channel::<(Stream, String)>(256);
+    if let Some(o) = child.stdout.take() {
+        tokio::spawn(pump(o, Stream::Stdout, tx.clone()));
+    }
+    if let Some(e) = child.stderr.take() {
+        tokio::spawn(pump(e, Stream::Stderr, tx));
+    }
+    {
+        let output = output.clone();
+        tokio::spawn(async move {
+            while let Some((_, line)) = rx.recv().await {
+                if let Ok(mut o) = output.lock() {
+                    if o.len() >= KEEP_LINES {
+                        o.pop_front();
+                    }
+                    o.push_back(line);
+                }
+            }
+        });
+    }
+    let (exit_tx, exit) = watch::channel(None);
+    tokio::spawn(async move {
+        let why = match child.wait().await {
+            Ok(status) => describe(status).1,
+            Err(e) => format!("waiting for it failed: {e}"),
+        };
+        // The group may hold more than the main process: it goes too.
+        kill_group(pgid, libc::SIGKILL);
+        let _ = exit_tx.send(Some(why));
+    });
+    Ok(Arc::new(LocalInstance { pgid, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)), exit, output }))
+}
+
+#[async_trait]
+impl Instance for LocalInstance {
+    fn id(&self) -> String {
+        format!("pid {}", self.pgid)
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn exit(&self) -> Option<String> {
+        self.exit.borrow().clone()
+    }
+
+    async fn exited(&self) {
+        let mut rx = self.exit.clone();
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    fn last_output(&self) -> Vec<String> {
+        self.output.lock().map(|o| o.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    async fn stop(&self, grace: Duration) {
+        if self.exit().is_some() {
+            return;
+        }
+        kill_group(self.pgid, libc::SIGTERM);
+        if tokio::time::timeout(grace, self.exited()).await.is_err() {
+            kill_group(self.pgid, libc::SIGKILL);
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.exited()).await;
+        }
+    }
+}
+
+impl Drop for LocalInstance {
+    /// An instance nobody holds any more must not keep running unseen.
+    fn drop(&mut self) {
+        if self.exit.borrow().is_none() {
+            kill_group(self.pgid, libc::SIGKILL);
+        }
+    }
+}
