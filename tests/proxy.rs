@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -267,6 +267,59 @@ async fn dead_backend_in_the_set_is_retried_elsewhere() {
     assert_eq!(p.stats().errors, 0);
 }
 
+/// A backend that reads each request and hangs up without answering;
+/// counts the requests it read.
+async fn hang_up_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn sent_requests_are_retried_only_if_idempotent() {
+    let b = Backend::start("b").await;
+    let (rude, seen) = hang_up_backend().await;
+    let (p, _shutdown) = proxy(&[&b]).await;
+    p.set_backends(vec![rude, b.addr]);
+    let c = client();
+
+    // The request reached `rude`, which hung up: a GET may be sent again.
+    for _ in 0..4 {
+        assert_eq!(get_text(&c, &url(&p, "/")).await, (200, "b".to_string()));
+    }
+    assert!(seen.load(Ordering::SeqCst) >= 2, "the hang-up backend was not tried");
+
+    // A POST that reached it must not be: round-robin sends one of two there.
+    let before = seen.load(Ordering::SeqCst);
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let r = c.post(url(&p, "/echo")).body("pay once").send().await.unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 502]);
+    assert_eq!(seen.load(Ordering::SeqCst), before + 1);
+    assert_eq!(p.stats().errors, 1);
+}
+
 #[tokio::test]
 async fn binding_a_port_in_use_says_which() {
     let shutdown = CancellationToken::new();
@@ -346,6 +399,11 @@ async fn forwards_headers_and_bodies() {
     }
 
     let c = client();
+    let r = c.head(url(&p, "/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("content-length").is_some_and(|v| v != "0"), "{:?}", r.headers());
+    assert!(r.bytes().await.unwrap().is_empty());
+
     // Small (buffered), large with a length (streamed), large chunked
     // (buffered, then streamed once past the limit).
     for len in [0usize, 100_000, 3 * 1024 * 1024] {

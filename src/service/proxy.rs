@@ -451,9 +451,9 @@ impl Inner {
             match tokio::time::timeout(self.options.response_timeout, self.client.request(out)).await {
                 Ok(Ok(resp)) => return self.relay(resp, guard),
                 Ok(Err(e)) => {
-                    // Connect errors: nothing was sent, any method may go
-                    // elsewhere. Otherwise the backend may have acted on it.
-                    let retry = body.replayable() && (e.is_connect() || parts.method.is_idempotent());
+                    // If nothing was sent, any method may go elsewhere;
+                    // otherwise the backend may have acted on it.
+                    let retry = body.replayable() && (nothing_sent(&e) || parts.method.is_idempotent());
                     let described = error_chain(&e);
                     tracing::debug!(service = %self.service, %backend, error = %described, retry, "proxy send failed");
                     last_error = Some(format!("{backend}: {described}"));
@@ -496,6 +496,22 @@ impl Inner {
         let body = Watched::new(body, self.options.idle_timeout, Some(guard)).boxed_unsync();
         Response::from_parts(parts, body)
     }
+}
+
+/// Whether a failed send certainly wrote nothing: a connect failure, or a
+/// request hyper hands back unstarted (its error is then "canceled").
+fn nothing_sent(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return true;
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_canceled()) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Remove hop-by-hop headers, including those the `connection` header names.

@@ -133,8 +133,34 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        let pid = self.child.id();
         self.kill9();
+        // What it ran (service instances) would outlive it otherwise.
+        kill_marked(pid);
     }
+}
+
+/// SIGKILL every process carrying the owner mark of Slipway process `pid`.
+pub fn kill_marked(pid: u32) {
+    let mark = format!("SLIPWAY_OWNER={pid}.");
+    let Ok(dir) = std::fs::read_dir("/proc") else { return };
+    for entry in dir.flatten() {
+        let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(env) = std::fs::read(format!("/proc/{p}/environ")) else { continue };
+        if env.split(|b| *b == 0).any(|kv| kv.starts_with(mark.as_bytes())) {
+            let _ = Command::new("kill").arg("-9").arg(p.to_string()).status();
+        }
+    }
+}
+
+/// Processes carrying the owner mark of Slipway process `pid`.
+pub fn marked(pid: u32) -> usize {
+    let mark = format!("SLIPWAY_OWNER={pid}.");
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|p| std::fs::read(format!("/proc/{p}/environ")).is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv.starts_with(mark.as_bytes()))))
+        .count()
 }
 
 /// Poll `f` until it returns Some, or panic with `what` after `timeout`.

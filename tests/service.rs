@@ -1,0 +1,309 @@
+//! Services on the local target, through the real binary and the demo
+//! service (`slipway-demo`): deploy, zero-downtime rollouts under HTTP
+//! load, automatic rollback, migrations once per deployment, kill -9 and
+//! restart, bad input.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Server, config_dir, free_port, get_json, wait_for};
+
+fn demo_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_slipway-demo")
+}
+
+/// A config with one managed service `web` on `port`.
+fn web_config(port: u16, instances: u32, rollout: &str, extra: &str) -> String {
+    let demo = demo_bin();
+    format!(
+        r#"
+[project]
+name = "svc-test"
+
+[[environment]]
+name = "staging"
+
+[[service]]
+name = "web"
+listen = "127.0.0.1:{port}"
+instances = {instances}
+command = ["{demo}", "serve", "--port", "{{port}}", "--version", "{{version}}"]
+health = {{ http = "/healthz", interval = "100ms", healthy_after = 2, deadline = "3s" }}
+rollout = {rollout}
+migrate = {{ command = ["{demo}", "migrate", "--file", "migrations.log", "--version", "{{version}}"] }}
+{extra}
+"#
+    )
+}
+
+fn deploy(server: &Server, dir: &Path, version: &str) -> std::process::Output {
+    server.cli(dir, &["deploy", "web", version, "--env", "staging"])
+}
+
+/// GET / through the proxy: the body, or None on any failure.
+fn hello(port: u16) -> Option<String> {
+    let out = std::process::Command::new("curl").args(["-sf", "--max-time", "5", &format!("http://127.0.0.1:{port}/")]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn migrations(dir: &Path) -> Vec<String> {
+    let work = dir.join("migrations.log");
+    // Jobs run in the revision's unpacked copy of the config directory.
+    let mut lines = Vec::new();
+    for entry in walk(dir) {
+        if entry.file_name().is_some_and(|n| n == "migrations.log") {
+            lines.extend(std::fs::read_to_string(&entry).unwrap_or_default().lines().map(String::from));
+        }
+    }
+    let _ = work;
+    lines.sort();
+    lines
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// HTTP load through the proxy from several keep-alive clients until
+/// `stop`; returns (ok, failed, first failures).
+fn load(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, u64, Vec<String>)> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let ok = Arc::new(AtomicU64::new(0));
+            let failed = Arc::new(AtomicU64::new(0));
+            let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let mut tasks = Vec::new();
+            for _ in 0..8 {
+                let (ok, failed, errors, stop) = (ok.clone(), failed.clone(), errors.clone(), stop.clone());
+                tasks.push(tokio::spawn(async move {
+                    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+                    while !stop.load(Ordering::SeqCst) {
+                        let got = match client.get(format!("http://127.0.0.1:{port}/")).send().await {
+                            Ok(r) => {
+                                let status = r.status();
+                                match r.text().await {
+                                    Ok(body) if status.is_success() && body.starts_with("hello") => Ok(()),
+                                    Ok(body) => Err(format!("status {status}: {body}")),
+                                    Err(e) => Err(format!("status {status}, body: {e}")),
+                                }
+                            }
+                            Err(e) => Err(e.to_string()),
+                        };
+                        match got {
+                            Ok(()) => {
+                                ok.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Err(err) => {
+                                failed.fetch_add(1, Ordering::SeqCst);
+                                let mut e = errors.lock().expect("lock");
+                                if e.len() < 5 {
+                                    e.push(err);
+                                }
+                            }
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+            let e = errors.lock().expect("lock").clone();
+            (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst), e)
+        })
+    })
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn deploy_roll_out_and_roll_back_without_a_failed_request() {
+    let port = free_port();
+    let dir = config_dir(&web_config(port, 2, r#"{ strategy = "rolling", max_surge = 1, max_unavailable = 0, drain = "300ms" }"#, ""), &[]);
+    let server = Server::start(dir.path(), None, &[]);
+
+    let out = deploy(&server, dir.path(), "1.0");
+    assert!(out.status.success(), "deploy 1.0 failed:\n{}", text(&out));
+    assert_eq!(hello(port).as_deref(), Some("hello from demo 1.0"));
+
+    // v2 under load: every request answered.
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = load(port, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let out = deploy(&server, dir.path(), "2.0");
+    std::thread::sleep(Duration::from_millis(300));
+    // v3 never becomes healthy: rolled back, still under load.
+    let bad = deploy(&server, dir.path(), "3.0");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let (ok, failed, errors) = loader.join().expect("load thread");
+    assert!(out.status.success(), "deploy 2.0 failed:\n{}", text(&out));
+    assert!(ok > 100, "too little load to prove anything: {ok} requests");
+    assert_eq!(failed, 0, "{failed} of {} requests failed during the rollouts: {errors:?}", ok + failed);
+
+    assert_eq!(bad.status.code(), Some(1), "a rolled-back deploy exits 1:\n{}", text(&bad));
+    let said = text(&bad);
+    assert!(said.contains("rolled_back") && said.contains("rolled back to 2.0"), "{said}");
+    assert!(said.contains("GET /healthz → 500") && said.contains("v3.0 is broken"), "the reason carries the health output: {said}");
+    assert_eq!(hello(port).as_deref(), Some("hello from demo 2.0"), "traffic stays on the last good version");
+
+    let deps = get_json(&format!("{}/api/v1/deployments", server.url));
+    let list = deps.as_array().or_else(|| deps["deployments"].as_array()).unwrap_or_else(|| panic!("a list of deployments: {deps}"));
+    let states: Vec<&str> = list.iter().map(|d| d["state"].as_str().unwrap_or("")).collect();
+    assert!(states.contains(&"rolled_back"), "{states:?}");
+    // One migration per deployment, never one per instance.
+    assert_eq!(migrations(dir.path()), vec!["migrated to 1.0", "migrated to 2.0", "migrated to 3.0"]);
+}
+
+#[test]
+fn blue_green_switches_all_at_once_and_verify_failure_rolls_back() {
+    let port = free_port();
+    let verify = format!(r#"verify = {{ command = ["sh", "-c", "test \"$SLIPWAY_VERSION\" != 2.5" ] }}"#);
+    let dir = config_dir(&web_config(port, 2, r#"{ strategy = "blue-green", drain = "200ms" }"#, &verify), &[]);
+    let server = Server::start(dir.path(), None, &[]);
+    assert!(deploy(&server, dir.path(), "1.0").status.success());
+    let out = deploy(&server, dir.path(), "2.0");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(hello(port).as_deref(), Some("hello from demo 2.0"));
+    // 2.5 is healthy but fails its verify step: back to 2.0.
+    let out = deploy(&server, dir.path(), "2.5");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("verify failed"), "{}", text(&out));
+    assert_eq!(hello(port).as_deref(), Some("hello from demo 2.0"));
+}
+
+#[test]
+fn kill_9_during_a_rollout_then_restart_runs_exactly_one_version() {
+    let port = free_port();
+    // Slow health (healthy after 2 s) so the kill lands mid-rollout.
+    let cfg = web_config(port, 2, r#"{ strategy = "rolling", max_surge = 1, drain = "200ms" }"#, "").replace(
+        r#"health = { http = "/healthz", interval = "100ms", healthy_after = 2, deadline = "3s" }"#,
+        r#"health = { http = "/healthz", interval = "500ms", healthy_after = 4, deadline = "10s" }"#,
+    );
+    let dir = config_dir(&cfg, &[]);
+    let mut server = Server::start(dir.path(), None, &[]);
+    assert!(deploy(&server, dir.path(), "1.0").status.success());
+    let first_pid = server.child.id();
+
+    let accepted = server.cli(dir.path(), &["deploy", "web", "2.0", "--env", "staging", "--detach"]);
+    assert!(accepted.status.success(), "{}", text(&accepted));
+    // Wait until the new version's first instance runs, then crash.
+    wait_for(Duration::from_secs(20), "an instance of 2.0", || {
+        walk_procs().into_iter().any(|cmd| cmd.contains("slipway-demo") && cmd.contains("--version\x002.0")).then_some(())
+    });
+    server.kill9();
+    // Not dropped: its instances are left for the next node to find.
+    std::mem::forget(server);
+    assert!(common::marked(first_pid) > 0, "the dead node's instances outlive it");
+
+    let server = Server::start(dir.path(), None, &[]);
+    wait_for(Duration::from_secs(15), "the new node to sweep the dead node's instances", || (common::marked(first_pid) == 0).then_some(()));
+    // Back on the recorded version (1.0: 2.0 never took all traffic), and
+    // the deployment says it was interrupted.
+    let body = wait_for(Duration::from_secs(20), "the service back", || hello(port));
+    assert_eq!(body, "hello from demo 1.0");
+    let d = wait_for(Duration::from_secs(20), "the interrupted deployment to end", || {
+        let d = get_json(&format!("{}/api/v1/deployments/2", server.url))["deployment"].clone();
+        (d["state"].as_str() != Some("running") && d["state"].as_str() != Some("queued")).then_some(d)
+    });
+    assert_eq!(d["state"], "failed", "{d}");
+    assert!(d["reason"].as_str().unwrap_or("").contains("interrupted"), "{d}");
+    let versions: Vec<String> = walk_procs().into_iter().filter(|c| c.contains("slipway-demo") && c.contains(&format!("\x00{}\x00", "serve"))).collect();
+    assert!(versions.iter().all(|c| c.contains("--version\x001.0")), "only 1.0 runs: {versions:?}");
+    assert_eq!(migrations(dir.path()), vec!["migrated to 1.0", "migrated to 2.0"], "the migration ran once per deployment");
+
+    // Deploying again completes the change.
+    let out = deploy(&server, dir.path(), "2.0");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(hello(port).as_deref(), Some("hello from demo 2.0"));
+}
+
+/// Command lines (NUL-separated) of every process.
+fn walk_procs() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.chars().all(|c| c.is_ascii_digit())))
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|b| String::from_utf8_lossy(&b).to_string())
+        .collect()
+}
+
+#[test]
+fn a_crashed_instance_is_restarted() {
+    let port = free_port();
+    let dir = config_dir(&web_config(port, 1, r#"{ strategy = "rolling", max_surge = 1, drain = "100ms" }"#, ""), &[]);
+    let server = Server::start(dir.path(), None, &[]);
+    assert!(deploy(&server, dir.path(), "1.0").status.success());
+    let pids = |v: &str| -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+            .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&format!("--version\x00{v}"))))
+            .collect()
+    };
+    let before = pids("1.0");
+    assert_eq!(before.len(), 1, "{before:?}");
+    let _ = std::process::Command::new("kill").arg("-9").arg(before[0].to_string()).status();
+    let started = Instant::now();
+    wait_for(Duration::from_secs(15), "a new instance", || {
+        let now = pids("1.0");
+        (now.len() == 1 && now[0] != before[0] && hello(port).is_some()).then_some(())
+    });
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(server.log_text().contains("instance died; restarting"), "the restart is recorded:\n{}", server.log_text());
+}
+
+#[test]
+fn a_port_in_use_fails_the_rollout_clearly() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let dir = config_dir(&web_config(port, 1, r#"{ strategy = "rolling", max_surge = 1 }"#, ""), &[]);
+    let server = Server::start(dir.path(), None, &[]);
+    let out = deploy(&server, dir.path(), "1.0");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains(&format!("127.0.0.1:{port}")) && said.to_lowercase().contains("in use"), "{said}");
+}
+
+#[test]
+fn service_config_mistakes_are_reported_with_their_place() {
+    let dir = config_dir(
+        r#"
+[[service]]
+name = "web"
+command = ["./server"]
+instances = 0
+health = { http = "healthz", interval = "often" }
+rollout = { strategy = "canary" }
+"#,
+        &[],
+    );
+    let out = std::process::Command::new(common::slipway_bin()).arg("--config").arg(dir.path()).arg("validate").output().expect("run");
+    assert_eq!(out.status.code(), Some(3));
+    let said = text(&out);
+    for expected in ["no `listen` address", "never receives {port}", "`instances` must be between 1 and 64", "starting with '/'", "not a duration", "unknown rollout strategy \"canary\""] {
+        assert!(said.contains(expected), "missing {expected:?} in:\n{said}");
+    }
+}
