@@ -176,8 +176,8 @@ fn deploy_roll_out_and_roll_back_without_a_failed_request() {
 #[test]
 fn blue_green_switches_all_at_once_and_verify_failure_rolls_back() {
     let port = free_port();
-    let verify = format!(r#"verify = {{ command = ["sh", "-c", "test \"$SLIPWAY_VERSION\" != 2.5" ] }}"#);
-    let dir = config_dir(&web_config(port, 2, r#"{ strategy = "blue-green", drain = "200ms" }"#, &verify), &[]);
+    let verify = r#"verify = { command = ["sh", "-c", "test \"$SLIPWAY_VERSION\" != 2.5" ] }"#;
+    let dir = config_dir(&web_config(port, 2, r#"{ strategy = "blue-green", drain = "200ms" }"#, verify), &[]);
     let server = Server::start(dir.path(), None, &[]);
     assert!(deploy(&server, dir.path(), "1.0").status.success());
     let out = deploy(&server, dir.path(), "2.0");
@@ -306,4 +306,32 @@ rollout = { strategy = "canary" }
     for expected in ["no `listen` address", "never receives {port}", "`instances` must be between 1 and 64", "starting with '/'", "not a duration", "unknown rollout strategy \"canary\""] {
         assert!(said.contains(expected), "missing {expected:?} in:\n{said}");
     }
+}
+
+#[test]
+fn rollback_returns_to_the_previous_version_without_migrating() {
+    let port = free_port();
+    let dir = config_dir(&web_config(port, 2, r#"{ strategy = "rolling", max_surge = 2, drain = "100ms" }"#, ""), &[]);
+    let server = Server::start(dir.path(), None, &[]);
+    let refused = server.cli(dir.path(), &["rollback", "web", "--env", "staging"]);
+    assert_ne!(refused.status.code(), Some(0), "nothing recorded yet: {}", text(&refused));
+    assert!(deploy(&server, dir.path(), "1.0").status.success());
+    let only_one = server.cli(dir.path(), &["rollback", "web"]);
+    assert_eq!(only_one.status.code(), Some(6), "one version only: refused (409): {}", text(&only_one));
+    assert!(text(&only_one).contains("no earlier version"), "{}", text(&only_one));
+    assert!(deploy(&server, dir.path(), "2.0").status.success());
+
+    let out = server.cli(dir.path(), &["rollback", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(hello(port).as_deref(), Some("hello from demo 1.0"));
+    assert!(text(&out).contains("web.rollout") && !text(&out).contains("web.migrate"), "only the rollout runs: {}", text(&out));
+    assert_eq!(migrations(dir.path()), vec!["migrated to 1.0", "migrated to 2.0"]);
+
+    let status = server.cli(dir.path(), &["status"]);
+    let said = text(&status);
+    let line = said.lines().find(|l| l.starts_with("staging") && l.contains("web")).unwrap_or_else(|| panic!("no service line in:\n{said}"));
+    assert!(line.contains("1.0") && line.contains("2.0") && line.contains("2/2"), "version, previous and instances: {line}");
+    let services = get_json(&format!("{}/api/v1/services", server.url));
+    assert_eq!(services[0]["version"], "1.0", "{services}");
+    assert_eq!(services[0]["previous_version"], "2.0", "{services}");
 }

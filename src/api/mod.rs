@@ -36,6 +36,8 @@ pub struct AppState {
     pub submitter: Submitter,
     pub metrics: Arc<metrics::Metrics>,
     pub node: String,
+    /// This node's running services (live instances for `/services`).
+    pub services: Option<Arc<crate::service::ServiceManager>>,
 }
 
 #[derive(Debug)]
@@ -88,6 +90,7 @@ impl From<SubmitError> for ApiError {
             }
             SubmitError::Plan(p) => Self::bad_request(p.to_string()),
             SubmitError::Invalid(m) => Self::bad_request(m),
+            SubmitError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
             SubmitError::Revision(r) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", r.to_string()),
             SubmitError::Store(s) => s.into(),
         }
@@ -133,8 +136,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, healthz),
-    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, Health, ErrorBody))
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, healthz),
+    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, Health, ErrorBody))
 )]
 pub struct ApiDoc;
 
@@ -151,6 +154,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/deployments/{id}/logs/stream", get(stream_logs))
         .route("/api/v1/deployments/{id}/cancel", post(cancel_deployment))
         .route("/api/v1/nodes", get(list_nodes))
+        .route("/api/v1/services", get(list_services))
+        .route("/api/v1/services/{environment}/{service}/rollback", post(rollback_service))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -390,6 +395,55 @@ async fn cancel_deployment(State(s): State<Arc<AppState>>, id: Result<Path<i64>,
         w.work_changed();
     }
     Ok((StatusCode::ACCEPTED, Json(Deployment::from(d))))
+}
+
+/// Every service with a recorded version, per environment, with its live
+/// instances on this node and its newest deployment.
+#[utoipa::path(get, path = "/api/v1/services", responses((status = 200, body = Vec<ServiceInfo>), (status = 503, body = ErrorBody)))]
+async fn list_services(State(s): State<Arc<AppState>>) -> ApiResult<Json<Vec<ServiceInfo>>> {
+    let rows = s.store.services().await?;
+    let live = match &s.services {
+        Some(m) => m.status().await,
+        None => vec![],
+    };
+    let recent = s.store.deployments(500, None).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| {
+                let here = live.iter().find(|l| l.environment == r.environment && l.service == r.service);
+                let last = recent.iter().find(|d| d.environment == r.environment && d.service.as_deref() == Some(r.service.as_str())).cloned().map(Deployment::from);
+                ServiceInfo {
+                    listen: here.map(|h| h.listen.to_string()),
+                    instances: here
+                        .map(|h| h.instances.iter().map(|(a, id, running)| InstanceInfo { address: a.to_string(), id: id.clone(), running: *running }).collect())
+                        .unwrap_or_default(),
+                    restarts: here.map(|h| h.restarts).unwrap_or(0),
+                    last_deployment: last,
+                    environment: r.environment,
+                    service: r.service,
+                    version: r.version,
+                    previous_version: r.previous_version,
+                    revision: r.revision,
+                    deployment_id: r.deployment_id,
+                    updated_at: r.updated_at,
+                }
+            })
+            .collect(),
+    ))
+}
+
+/// Return a service to the version it ran before its current one (only
+/// its rollout runs; migrations go forward only).
+#[utoipa::path(post, path = "/api/v1/services/{environment}/{service}/rollback", params(("environment" = String, Path), ("service" = String, Path)),
+    responses((status = 202, body = EventAccepted), (status = 400, body = ErrorBody), (status = 409, description = "no earlier version", body = ErrorBody)))]
+async fn rollback_service(State(s): State<Arc<AppState>>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<impl IntoResponse> {
+    let Path((environment, service)) = p?;
+    if !crate::config::valid_name(&environment) || !crate::config::valid_name(&service) {
+        return Err(ApiError::bad_request("invalid environment or service name"));
+    }
+    let payload = serde_json::json!({ "kind": "rollback", "service": service, "environment": environment }).to_string();
+    let sub = s.submitter.submit(Request::Rollback { service, environment: Some(environment) }, None, payload).await?;
+    Ok((StatusCode::ACCEPTED, Json(EventAccepted { event_id: sub.event_id, deployment_id: sub.deployment_id, duplicate: sub.duplicate, superseded: sub.superseded })))
 }
 
 /// Nodes that share this store, most recently seen first.

@@ -181,6 +181,37 @@ pub struct Node {
     pub heartbeat_at: i64,
 }
 
+/// A service in an environment: its recorded version and, on the node
+/// that answers, its live instances.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServiceInfo {
+    pub environment: String,
+    pub service: String,
+    /// The version that last took all traffic.
+    pub version: String,
+    /// What `rollback` would return to.
+    pub previous_version: Option<String>,
+    pub revision: String,
+    /// The deployment that put `version` in place.
+    pub deployment_id: i64,
+    pub updated_at: i64,
+    /// The proxy's address, when this node runs the service.
+    pub listen: Option<String>,
+    /// Instances on this node (empty when another node runs them).
+    pub instances: Vec<InstanceInfo>,
+    /// Crashed instances the supervisor restarted since the last rollout.
+    pub restarts: u32,
+    /// The newest deployment of this service in this environment.
+    pub last_deployment: Option<Deployment>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InstanceInfo {
+    pub address: String,
+    pub id: String,
+    pub running: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     /// `ok`, or `degraded` when the store does not answer.

@@ -47,6 +47,8 @@ pub enum Command {
     Deploy(DeployArgs),
     /// Run jobs by name (and what they need).
     Run(RunArgs),
+    /// Return a service to the version it ran before (its rollout only).
+    Rollback(RollbackArgs),
     /// Deployments and their jobs.
     Status(StatusArgs),
     /// Output of a deployment's jobs; `-f` follows it live.
@@ -110,6 +112,17 @@ pub struct DeployArgs {
     pub version: String,
     #[command(flatten)]
     pub submit: SubmitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    pub service: String,
+    /// The environment (optional when the service runs in only one).
+    #[arg(long)]
+    pub env: Option<String>,
+    /// Return once the deployment is accepted instead of following it.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 #[derive(Debug, Args)]
@@ -249,6 +262,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             let req = EventRequest { kind: EventKind::Run, service: None, version: None, jobs: a.jobs, environment: a.submit.env, id: a.submit.id };
             submit(&client, req, a.submit.detach, cli.json).await
         }
+        Command::Rollback(a) => rollback(&client, a, cli.json).await,
         Command::Status(a) => status(&client, a, cli.json).await,
         Command::Logs(a) => logs(&client, a, cli.json).await,
         Command::Cancel { deployment } => {
@@ -449,17 +463,69 @@ async fn follow(client: &Client, id: i64, json: bool) -> Result<u8, CliError> {
     }
 }
 
+async fn rollback(client: &Client, a: RollbackArgs, json: bool) -> Result<u8, CliError> {
+    let env = match a.env {
+        Some(e) => e,
+        None => {
+            let services: Vec<ServiceInfo> = client.get("/api/v1/services").await?;
+            let envs: Vec<String> = services.into_iter().filter(|s| s.service == a.service).map(|s| s.environment).collect();
+            match envs.as_slice() {
+                [one] => one.clone(),
+                [] => return Err(CliError::new(exit::NOT_FOUND, format!("service {:?} has no recorded version in any environment", a.service))),
+                many => return Err(CliError::new(exit::USAGE, format!("service {:?} runs in {}; say which with --env", a.service, many.join(", ")))),
+            }
+        }
+    };
+    let accepted: EventAccepted = client.post_empty(&format!("/api/v1/services/{env}/{}/rollback", a.service)).await?;
+    if !json {
+        println!("rollback of {} in {env}: deployment {} accepted", a.service, accepted.deployment_id);
+    }
+    if a.detach {
+        if json {
+            print_json(&accepted);
+        }
+        return Ok(exit::OK);
+    }
+    follow(client, accepted.deployment_id, json).await
+}
+
+/// Services per environment: version, instances, health, last deployment.
+fn print_services(services: &[ServiceInfo]) {
+    if services.is_empty() {
+        return;
+    }
+    println!("{:<12} {:<16} {:<12} {:<12} {:<22} {:<10} LAST DEPLOYMENT", "ENV", "SERVICE", "VERSION", "PREVIOUS", "LISTEN", "INSTANCES");
+    for s in services {
+        let up = s.instances.iter().filter(|i| i.running).count();
+        let last = s.last_deployment.as_ref().map(|d| format!("{} {} {}", d.id, d.version.as_deref().unwrap_or("-"), d.state)).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<12} {:<16} {:<12} {:<12} {:<22} {:<10} {}{}",
+            s.environment,
+            s.service,
+            s.version,
+            s.previous_version.as_deref().unwrap_or("-"),
+            s.listen.as_deref().unwrap_or("(other node)"),
+            format!("{up}/{}", s.instances.len()),
+            last,
+            if s.restarts > 0 { format!("  ({} restarts)", s.restarts) } else { String::new() }
+        );
+    }
+    println!();
+}
+
 async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliError> {
     let Some(id) = a.deployment else {
+        let services: Vec<ServiceInfo> = client.get("/api/v1/services").await?;
         let mut path = format!("/api/v1/deployments?limit={}", a.limit);
         if let Some(s) = &a.state {
             path.push_str(&format!("&state={s}"));
         }
         let list: Vec<Deployment> = client.get(&path).await?;
         if json {
-            print_json(&list);
+            print_json(&serde_json::json!({ "services": services, "deployments": list }));
             return Ok(exit::OK);
         }
+        print_services(&services);
         if list.is_empty() {
             println!("no deployments yet");
         }

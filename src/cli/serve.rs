@@ -181,6 +181,7 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
         submitter: Submitter { config_path: opts.config_path, store: store.clone(), parallelism, wake: Some(wake) },
         metrics,
         node,
+        services: Some(services.clone()),
     });
     let app = api::router(state);
     let listener = opts.listener;

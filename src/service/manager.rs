@@ -106,12 +106,12 @@ impl ServiceManager {
     async fn managed(self: &Arc<Self>, environment: &str, spec: &ServiceSpec) -> Result<Arc<Managed>, String> {
         let key = (environment.to_string(), spec.name.clone());
         let mut services = self.services.lock().await;
-        if let Some(m) = services.get(&key) {
-            if m.proxy.local_addr() == spec.listen || spec.listen.port() == 0 {
-                return Ok(m.clone());
-            }
-            // The address changed in the config: a new proxy; the old one
-            // goes when its entry is replaced.
+        // The address changed in the config: a new proxy; the old one
+        // goes when its entry is replaced.
+        if let Some(m) = services.get(&key)
+            && (m.proxy.local_addr() == spec.listen || spec.listen.port() == 0)
+        {
+            return Ok(m.clone());
         }
         let proxy = Proxy::bind(&spec.name, spec.listen, self.shutdown.child_token()).await.map_err(|e| e.to_string())?;
         let m = Arc::new(Managed { proxy, state: Mutex::new(ServiceState::default()) });

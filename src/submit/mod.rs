@@ -16,6 +16,9 @@ use crate::store::{DeploymentKind, JobSpec, NewDeployment, NewEvent, NewJob, Sto
 pub enum Request {
     Deploy { service: String, version: String, environment: Option<String> },
     Run { jobs: Vec<String>, environment: Option<String> },
+    /// Back to the version the service ran before its current one: only
+    /// its rollout runs (migrations go forward only).
+    Rollback { service: String, environment: Option<String> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +31,9 @@ pub enum SubmitError {
     Revision(#[from] revision::RevisionError),
     #[error("{0}")]
     Invalid(String),
+    /// The request is well-formed but the state does not allow it.
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -60,6 +66,21 @@ impl Submitter {
                     "invalid event id {k:?}: use at most 128 letters, digits, '.', '_', '-' or ':'"
                 )));
             }
+        let request = match request {
+            Request::Rollback { service, environment } => {
+                let env = environment.clone();
+                let rows = self.store.services().await?;
+                let row = rows
+                    .into_iter()
+                    .find(|r| r.service == service && env.as_ref().is_none_or(|e| *e == r.environment))
+                    .ok_or_else(|| SubmitError::Invalid(format!("service {service:?} has no recorded version{}: nothing to roll back", env.as_deref().map(|e| format!(" in {e}")).unwrap_or_default())))?;
+                let version = row.previous_version.ok_or_else(|| {
+                    SubmitError::Conflict(format!("service {service:?} in {} has run only {}: there is no earlier version to roll back to", row.environment, row.version))
+                })?;
+                return self.submit_rollback(service, version, row.environment, key, payload).await;
+            }
+            r => r,
+        };
         let (selection, environment, kind, service, version) = match &request {
             Request::Deploy { service, version, environment } => {
                 if !config::valid_name(service) {
@@ -81,7 +102,31 @@ impl Submitter {
                 }
                 (Selection::Jobs { jobs: jobs.clone() }, environment.clone(), DeploymentKind::Run, None, None)
             }
+            Request::Rollback { .. } => unreachable!("handled above"),
         };
+        self.submit_selection(selection, environment, kind, service, version, key, payload, None).await
+    }
+
+    async fn submit_rollback(&self, service: String, version: String, environment: String, key: Option<String>, payload: String) -> Result<Submitted, SubmitError> {
+        let job = config::service::rollout_job(&service);
+        let selection = Selection::Jobs { jobs: vec![job.clone()] };
+        self.submit_selection(selection, Some(environment), DeploymentKind::Deploy, Some(service), Some(version), key, payload, Some(job)).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn submit_selection(
+        &self,
+        selection: Selection,
+        environment: Option<String>,
+        kind: DeploymentKind,
+        service: Option<String>,
+        version: Option<String>,
+        key: Option<String>,
+        payload: String,
+        // Run only this job of the plan, without what it needs (a
+        // rollback: the migration of the version returned to already ran).
+        only: Option<String>,
+    ) -> Result<Submitted, SubmitError> {
         if let Some(env) = &environment
             && !config::valid_name(env) {
                 return Err(SubmitError::Invalid(format!("invalid environment name {env:?}")));
@@ -113,7 +158,8 @@ impl Submitter {
         let jobs = plan
             .jobs
             .iter()
-            .map(|j| NewJob { name: j.name.clone(), needs: j.needs.clone(), spec: JobSpec::from_job(&j.job) })
+            .filter(|j| only.as_ref().is_none_or(|o| *o == j.name))
+            .map(|j| NewJob { name: j.name.clone(), needs: if only.is_some() { vec![] } else { j.needs.clone() }, spec: JobSpec::from_job(&j.job) })
             .collect();
         let submitted = self
             .store
