@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The quickstart: build Slipway, show the demo project's plan, run it on a
-# local `slipway serve` (embedded SQLite store), and show what was recorded.
+# The quickstart: build Slipway and its demo service, show the demo
+# project's plan, run its job graph on a local `slipway serve` (embedded
+# SQLite store), then deploy the demo HTTP service three times: v1, v2 under
+# live traffic (no request fails), and v3, which never becomes healthy and
+# is rolled back by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "==> building slipway"
-cargo build --quiet
+echo "==> building slipway and the demo service (slipway-demo)"
+cargo build --quiet --bins
 bin="$PWD/target/debug/slipway"
+# The demo config runs `slipway-demo` from PATH; its migration appends here.
+export PATH="$PWD/target/debug:$PATH"
 
 work=$(mktemp -d /tmp/slipway-demo.XXXXXX)
 cp -r examples/demo/. "$work/"
@@ -14,7 +19,10 @@ rm -rf "$work/.slipway"  # state of an earlier local run, never part of the demo
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 export SLIPWAY_CONFIG="$work" SLIPWAY_SERVER="http://127.0.0.1:$port"
 serve_pid=""
+load_pid=""
 cleanup() {
+  if [ -n "$load_pid" ]; then kill "$load_pid" 2>/dev/null || true; fi
+  # A graceful stop: Slipway stops the service instances it runs.
   if [ -n "$serve_pid" ]; then kill "$serve_pid" 2>/dev/null || true; wait "$serve_pid" 2>/dev/null || true; fi
   rm -rf "$work"
 }
@@ -25,6 +33,8 @@ echo; echo "==> slipway validate"
 echo; echo "==> slipway plan --env staging   (nothing runs; estimates come from timeouts)"
 "$bin" plan --env staging
 
+# Jobs inherit serve's environment: the demo migration's file.
+export SLIPWAY_DEMO_MIGRATIONS="$work/migrations.log"
 echo; echo "==> slipway serve --listen 127.0.0.1:$port   (in the background; log in $work/serve.log)"
 "$bin" serve --listen "127.0.0.1:$port" >"$work/serve.log" 2>&1 &
 serve_pid=$!
@@ -37,10 +47,37 @@ echo; echo "==> slipway deploy api 1.4.0 --env staging   (the api service's jobs
 
 echo; echo "==> slipway plan --env staging   (estimates now come from the recorded runs)"
 "$bin" plan --env staging
-echo; echo "==> slipway status"
-"$bin" status
 echo; echo "==> slipway logs 2 deploy-api"
 "$bin" logs 2 deploy-api
+
+web=http://127.0.0.1:8480
+echo; echo "==> slipway deploy web 1 --env staging   (migrate once, then start 2 instances behind the proxy on $web)"
+"$bin" deploy web 1 --env staging
+echo "curl $web/  ->  $(curl -s "$web/")"
+
+echo; echo "==> slipway deploy web 2 --env staging   (while a client sends requests through the proxy without pause)"
+( while :; do
+    if out=$(curl -sf -m 2 "$web/"); then echo "$out"; else echo "FAILED"; fi
+  done >"$work/traffic.log" 2>&1 ) &
+load_pid=$!
+sleep 1
+"$bin" deploy web 2 --env staging
+sleep 1
+kill "$load_pid" 2>/dev/null || true; wait "$load_pid" 2>/dev/null || true; load_pid=""
+total=$(wc -l <"$work/traffic.log"); bad=$(grep -c '^FAILED$' "$work/traffic.log" || true)
+echo "traffic during the rollout: $total requests, $bad failed"
+echo "   answered by v1: $(grep -c 'demo 1$' "$work/traffic.log" || true), by v2: $(grep -c 'demo 2$' "$work/traffic.log" || true);" \
+  "first answer: $(head -1 "$work/traffic.log"), last: $(tail -1 "$work/traffic.log")"
+echo "   (for a moment both versions serve: a rolling update replaces one instance at a time)"
+
+echo; echo "==> slipway deploy web 3 --env staging   (v3 fails its health check: automatic rollback)"
+"$bin" deploy web 3 --env staging || echo "(exit code $?: the deployment was rolled back, as expected)"
+echo "curl $web/  ->  $(curl -s "$web/")"
+echo; echo "==> the migration ran once per deployment ($SLIPWAY_DEMO_MIGRATIONS):"
+sed 's/^/   /' "$SLIPWAY_DEMO_MIGRATIONS"
+
+echo; echo "==> slipway status"
+"$bin" status
 echo; echo "==> curl $SLIPWAY_SERVER/metrics (excerpt)"
 curl -s "$SLIPWAY_SERVER/metrics" | grep -E '^slipway_(deployments|jobs)\{state="succeeded"\}|^slipway_job_duration_seconds_count' || true
 
@@ -51,6 +88,8 @@ Done. Next, with your own slipway.toml:
   slipway plan --env ENV [--dot]      the graph, critical path and estimate
   slipway serve                       scheduler + API on 127.0.0.1:7878
   slipway deploy SERVICE VERSION --env ENV ; slipway run JOB... --env ENV
+  slipway rollback SERVICE --env ENV  back to the previous version
   slipway status [ID] ; slipway logs ID [JOB] -f ; slipway cancel ID
+  (try: slipway logs 5 web.rollout   the rollout's own account of the rollback)
   API: http://127.0.0.1:7878/api/v1/openapi.json   metrics: /metrics
 NEXT

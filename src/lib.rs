@@ -6,7 +6,8 @@
 //! - [`plan`]: from config to the job graph of a deployment (no IO).
 //! - [`store`]: the durable state behind the [`store::Store`] trait (SQLite, PostgreSQL).
 //! - [`scheduler`]: a node's loop — claims jobs with leases, runs them, reports events.
-//! - [`target`]: where jobs run, behind the [`target::Target`] trait (`local` for now).
+//! - [`target`]: where jobs and service instances run, behind the [`target::Target`] trait (`local` for now).
+//! - [`service`]: managed services — rollouts behind health checks, the proxy, rollback, supervision.
 //! - [`api`]: the HTTP API, `/metrics`, `/healthz`; the only place wire types are serialized.
 //! - [`cli`]: the `slipway` command line, a client of the API (and of the config for `validate`/`plan`).
 //! - [`bench`]: `slipway bench`, the scheduler against ninja on the same random graphs.

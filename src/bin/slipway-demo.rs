@@ -6,8 +6,9 @@
 //! - `GET /healthz` answers 200, except for versions starting with `3`
 //!   ("v3 is broken"), which answer 500: a release that never becomes
 //!   healthy;
-//! - `migrate --file F --version V` appends one line to F, so "exactly
-//!   once per deployment" can be counted.
+//! - `migrate --version V [--file F]` appends one line to F (default:
+//!   `$SLIPWAY_DEMO_MIGRATIONS`, else `migrations.log`), so "exactly once
+//!   per deployment" can be counted.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -38,7 +39,7 @@ enum Cmd {
     },
     /// Append "migrated to VERSION" to FILE.
     Migrate {
-        #[arg(long)]
+        #[arg(long, env = "SLIPWAY_DEMO_MIGRATIONS", default_value = "migrations.log")]
         file: std::path::PathBuf,
         #[arg(long)]
         version: String,

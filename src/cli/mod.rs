@@ -497,7 +497,7 @@ fn print_services(services: &[ServiceInfo]) {
     println!("{:<12} {:<16} {:<12} {:<12} {:<22} {:<10} LAST DEPLOYMENT", "ENV", "SERVICE", "VERSION", "PREVIOUS", "LISTEN", "INSTANCES");
     for s in services {
         let up = s.instances.iter().filter(|i| i.running).count();
-        let last = s.last_deployment.as_ref().map(|d| format!("{} {} {}", d.id, d.version.as_deref().unwrap_or("-"), d.state)).unwrap_or_else(|| "-".into());
+        let last = s.last_deployment.as_ref().map(|d| format!("#{} {} {}", d.id, d.version.as_deref().unwrap_or("-"), d.state)).unwrap_or_else(|| "-".into());
         println!(
             "{:<12} {:<16} {:<12} {:<12} {:<22} {:<10} {}{}",
             s.environment,
