@@ -335,3 +335,138 @@ fn rollback_returns_to_the_previous_version_without_migrating() {
     assert_eq!(services[0]["version"], "1.0", "{services}");
     assert_eq!(services[0]["previous_version"], "2.0", "{services}");
 }
+
+/// A tiny HTTP server for release tarballs: `GET /web-<v>.tar.gz` serves
+/// `tarball`; `/down-*` always answers 503; anything else 404. Counts hits.
+fn tarball_server(tarball: Vec<u8>) -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let hits = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = hits.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut line = String::new();
+            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            seen.lock().expect("lock").push(path.clone());
+            let (status, body): (&str, &[u8]) = if path.starts_with("/web-") {
+                ("200 OK", &tarball)
+            } else if path.starts_with("/down-") {
+                ("503 Service Unavailable", b"try later")
+            } else {
+                ("404 Not Found", b"no such release")
+            };
+            let _ = write!(conn, "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+            let _ = conn.write_all(body);
+        }
+    });
+    (port, hits)
+}
+
+/// A release tarball: `bin/web` starts the demo server.
+fn release_tarball() -> (Vec<u8>, String) {
+    use sha2::Digest;
+    let script = format!("#!/bin/sh\nexec {} serve --port \"$1\" --version \"$2\"\n", demo_bin());
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let mut header = tar::Header::new_gnu();
+    header.set_size(script.len() as u64);
+    header.set_mode(0o755);
+    header.set_cksum();
+    builder.append_data(&mut header, "bin/web", script.as_bytes()).expect("append");
+    let bytes = builder.into_inner().expect("tar").finish().expect("gzip");
+    let sha = hex::encode(sha2::Sha256::digest(&bytes));
+    (bytes, sha)
+}
+
+#[test]
+fn a_release_tarball_is_fetched_checked_and_run_and_a_bad_one_refused() {
+    let (tarball, sha) = release_tarball();
+    let (http, hits) = tarball_server(tarball);
+    let port = free_port();
+    let cfg = |path: &str| {
+        format!(
+            r#"
+[[environment]]
+name = "staging"
+
+[[service]]
+name = "web"
+listen = "127.0.0.1:{port}"
+command = ["./bin/web", "{{port}}", "{{version}}"]
+artifact = {{ url = "http://127.0.0.1:{http}/{path}-{{version}}.tar.gz", attempts = 2 }}
+health = {{ http = "/healthz", interval = "100ms", deadline = "3s" }}
+migrate = {{ command = ["sh", "-c", "echo migrating in $PWD"] }}
+"#
+        )
+    };
+    let dir = config_dir(&cfg("web"), &[]);
+    let server = Server::start(dir.path(), None, &[]);
+
+    let missing = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]);
+    assert_eq!(missing.status.code(), Some(6), "{}", text(&missing));
+    assert!(text(&missing).contains("--sha256"), "{}", text(&missing));
+
+    let out = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging", "--sha256", &sha]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(hello(port).as_deref(), Some("hello from demo 1.0"));
+    assert_eq!(hits.lock().expect("lock").as_slice(), ["/web-1.0.tar.gz"]);
+
+    // Same checksum again: served from the cache, no download.
+    let again = server.cli(dir.path(), &["deploy", "web", "1.1", "--env", "staging", "--sha256", &sha]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(hits.lock().expect("lock").len(), 1, "cached per checksum");
+
+    // A checksum that does not match: refused before migrate or rollout.
+    let wrong = "0".repeat(64);
+    let bad = server.cli(dir.path(), &["deploy", "web", "2.0", "--env", "staging", "--sha256", &wrong]);
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    let said = text(&bad);
+    assert!(said.contains("sha256 mismatch") && said.contains(&sha), "{said}");
+    let d = get_json(&format!("{}/api/v1/deployments/3", server.url));
+    let states: Vec<(String, String)> = d["jobs"].as_array().expect("jobs").iter().map(|j| (j["name"].as_str().unwrap_or("").into(), j["state"].as_str().unwrap_or("").into())).collect();
+    assert!(states.contains(&("web.migrate".into(), "skipped".into())) && states.contains(&("web.rollout".into(), "skipped".into())), "{states:?}");
+    assert_eq!(hello(port).as_deref(), Some("hello from demo 1.1"), "traffic stays where it was");
+}
+
+#[test]
+fn a_download_that_keeps_failing_says_the_status_and_the_tries() {
+    let (tarball, sha) = release_tarball();
+    let (http, hits) = tarball_server(tarball);
+    let port = free_port();
+    let config = |path: &str| {
+        format!(
+            r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:{port}"
+command = ["./bin/web", "{{port}}", "{{version}}"]
+artifact = {{ url = "http://127.0.0.1:{http}/{path}-{{version}}.tar.gz", attempts = 2 }}
+"#
+        )
+    };
+    let dir = config_dir(&config("down"), &[]);
+    let server = Server::start(dir.path(), None, &[]);
+    let out = server.cli(dir.path(), &["deploy", "web", "1.0", "--sha256", &sha]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("HTTP 503") && said.contains("after 2 tries"), "{said}");
+    assert_eq!(hits.lock().expect("lock").len(), 2, "a 5xx is retried up to `attempts`");
+
+    // A 404 is final at once.
+    std::fs::write(dir.path().join("slipway.toml"), config("gone")).expect("rewrite config");
+    let out = server.cli(dir.path(), &["deploy", "web", "1.0", "--sha256", &sha, "--id", "second"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("HTTP 404") && text(&out).contains("after 1 try"), "{}", text(&out));
+    assert_eq!(hits.lock().expect("lock").len(), 3);
+}

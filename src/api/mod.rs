@@ -202,10 +202,10 @@ async fn post_event(State(s): State<Arc<AppState>>, body: Result<Json<EventReque
             if !req.jobs.is_empty() {
                 return Err(ApiError::bad_request("a deploy event takes no `jobs`; use kind = \"run\""));
             }
-            Request::Deploy { service, version, environment: req.environment }
+            Request::Deploy { service, version, environment: req.environment, digest: req.digest }
         }
         EventKind::Run => {
-            if req.service.is_some() || req.version.is_some() {
+            if req.service.is_some() || req.version.is_some() || req.digest.is_some() {
                 return Err(ApiError::bad_request("a run event takes `jobs`, not `service` or `version`"));
             }
             Request::Run { jobs: req.jobs, environment: req.environment }

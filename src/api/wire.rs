@@ -18,6 +18,10 @@ pub struct EventRequest {
     /// For `deploy`: the version (letters, digits, `.`, `_`, `-`, `+`).
     #[serde(default)]
     pub version: Option<String>,
+    /// For `deploy` of a service with an `artifact`: the release tarball's
+    /// SHA-256 (64 hex digits, optionally after `sha256:`).
+    #[serde(default)]
+    pub digest: Option<String>,
     /// For `run`: the jobs (their `needs` run too).
     #[serde(default)]
     pub jobs: Vec<String>,

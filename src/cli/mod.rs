@@ -110,6 +110,9 @@ pub struct DeployArgs {
     /// The version to deploy.
     #[arg(id = "artifact_version", value_name = "VERSION")]
     pub version: String,
+    /// SHA-256 of the release tarball (services with an `artifact`).
+    #[arg(long, value_name = "HEX")]
+    pub sha256: Option<String>,
     #[command(flatten)]
     pub submit: SubmitArgs,
 }
@@ -252,6 +255,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 kind: EventKind::Deploy,
                 service: Some(a.service),
                 version: Some(a.version),
+                digest: a.sha256,
                 jobs: vec![],
                 environment: a.submit.env,
                 id: a.submit.id,
@@ -259,7 +263,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             submit(&client, req, a.submit.detach, cli.json).await
         }
         Command::Run(a) => {
-            let req = EventRequest { kind: EventKind::Run, service: None, version: None, jobs: a.jobs, environment: a.submit.env, id: a.submit.id };
+            let req = EventRequest { kind: EventKind::Run, service: None, version: None, digest: None, jobs: a.jobs, environment: a.submit.env, id: a.submit.id };
             submit(&client, req, a.submit.detach, cli.json).await
         }
         Command::Rollback(a) => rollback(&client, a, cli.json).await,

@@ -120,6 +120,9 @@ pub enum Command {
     /// Roll the service out to the deployment's version: run by the
     /// service manager, not as a process (`<service>.rollout` jobs).
     Rollout(Box<service::ServiceSpec>),
+    /// Download and verify the deployment's release tarball (run by the
+    /// node, not as a process: `<service>.fetch` jobs).
+    Fetch(Box<service::ArtifactSpec>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

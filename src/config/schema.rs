@@ -10,7 +10,8 @@ use super::diagnostic::{Problem, ProblemKind, did_you_mean};
 const TOP: &[&str] = &["project", "environment", "service", "job"];
 const PROJECT: &[&str] = &["name", "parallelism", "store", "lease", "max_log_bytes"];
 const ENVIRONMENT: &[&str] = &["name"];
-const SERVICE: &[&str] = &["name", "target", "listen", "instances", "command", "env", "health", "rollout", "migrate", "verify", "stop_grace"];
+const SERVICE: &[&str] = &["name", "target", "listen", "instances", "command", "env", "health", "rollout", "migrate", "verify", "stop_grace", "artifact"];
+const ARTIFACT: &[&str] = &["url", "attempts", "timeout"];
 const HEALTH: &[&str] = &["http", "status", "command", "interval", "timeout", "healthy_after", "deadline"];
 const ROLLOUT: &[&str] = &["strategy", "max_surge", "max_unavailable", "drain"];
 const STEP: &[&str] = &["command", "timeout", "idempotent"];
@@ -53,6 +54,7 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
                     ("service", "rollout") => Some((ROLLOUT, "service.rollout")),
                     ("service", "migrate") => Some((STEP, "service.migrate")),
                     ("service", "verify") => Some((STEP, "service.verify")),
+                    ("service", "artifact") => Some((ARTIFACT, "service.artifact")),
                     _ => None,
                 };
                 if let Some((allowed, path)) = sub {

@@ -40,6 +40,22 @@ pub struct ServiceSpec {
     pub verify: Option<StepSpec>,
     /// SIGTERM, then SIGKILL after this.
     pub stop_grace: Duration,
+    /// A release tarball to fetch per version; the service's commands
+    /// then run in its unpacked directory.
+    pub artifact: Option<ArtifactSpec>,
+}
+
+/// Where a service's release tarballs come from. The SHA-256 of each comes
+/// with the deploy request (`--sha256`): a tarball is never run unchecked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactSpec {
+    /// `http(s)://…`, with `{version}` (and `{service}`) filled per deploy.
+    pub url: String,
+    /// Tries before the fetch fails (timeouts and 5xx answers retry with
+    /// backoff; 4xx answers and a wrong checksum do not).
+    pub attempts: u32,
+    /// The whole download, per try.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +123,14 @@ pub(super) struct RawService {
     pub migrate: Option<Spanned<RawStep>>,
     pub verify: Option<Spanned<RawStep>>,
     pub stop_grace: Option<Spanned<String>>,
+    pub artifact: Option<Spanned<RawArtifact>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawArtifact {
+    url: Spanned<String>,
+    attempts: Option<Spanned<i64>>,
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -215,6 +239,7 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
             (raw.migrate.as_ref().map(|s| s.span()), "migrate"),
             (raw.verify.as_ref().map(|s| s.span()), "verify"),
             (raw.instances.as_ref().map(|s| s.span()), "instances"),
+            (raw.artifact.as_ref().map(|s| s.span()), "artifact"),
         ] {
             if let Some(span) = present {
                 problems.push(
@@ -362,11 +387,36 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
     let migrate = raw.migrate.as_ref().map(|m| (m.span(), step(m, "migrate", problems)));
     let verify = raw.verify.as_ref().map(|v| step(v, "verify", problems));
     let stop_grace = raw.stop_grace.as_ref().and_then(|d| duration(d, "stop_grace", problems)).unwrap_or(Duration::from_secs(10));
+    let artifact = raw.artifact.as_ref().map(|a| {
+        let a = a.get_ref();
+        let url = a.url.get_ref();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(a.url.span()), "`artifact.url` must be an http:// or https:// URL")
+                    .label("not a URL")
+                    .hint("e.g. url = \"https://releases.example.org/web-{version}.tar.gz\""),
+            );
+        }
+        for p in placeholders_in(url) {
+            if !["{version}", "{service}"].contains(&p.as_str()) {
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(a.url.span()), format!("unknown placeholder {p} in `artifact.url`"))
+                        .label("here")
+                        .hint("an artifact URL may use {version} and {service}"),
+                );
+            }
+        }
+        ArtifactSpec {
+            url: url.clone(),
+            attempts: a.attempts.as_ref().and_then(|n| positive(n, "artifact.attempts", 20, problems)).unwrap_or(4) as u32,
+            timeout: a.timeout.as_ref().and_then(|d| duration(d, "artifact.timeout", problems)).unwrap_or(Duration::from_secs(600)),
+        }
+    });
 
     let Some(listen) = listen else {
         return (service, Built { spec: None, jobs: vec![] });
     };
-    let spec = ServiceSpec { name: name.clone(), listen, instances, command, env: raw.env, health, rollout, verify, stop_grace };
+    let spec = ServiceSpec { name: name.clone(), listen, instances, command, env: raw.env, health, rollout, verify, stop_grace, artifact };
     let job = |job_name: String, command: Command, timeout: Duration, idempotent: bool, needs: Vec<String>| Job {
         name: job_name,
         spans: JobSpans { name: raw.name.span(), needs: needs.iter().map(|_| raw.name.span()).collect(), ..JobSpans::default() },
@@ -385,10 +435,20 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
     };
     let mut jobs = Vec::new();
     let mut rollout_needs = Vec::new();
+    // fetch → migrate → rollout: nothing runs before the tarball is
+    // downloaded and its checksum verified.
+    let mut migrate_needs = Vec::new();
+    if let Some(a) = &spec.artifact {
+        let n = fetch_job(&name);
+        let per_try = a.timeout + Duration::from_secs(30);
+        jobs.push(job(n.clone(), Command::Fetch(Box::new(a.clone())), (per_try * a.attempts).min(super::MAX_DURATION), true, vec![]));
+        migrate_needs.push(n.clone());
+        rollout_needs.push(n);
+    }
     if let Some((_, m)) = &migrate {
         let n = migrate_job(&name);
-        jobs.push(job(n.clone(), Command::Argv(m.command.clone()), m.timeout, m.idempotent, vec![]));
-        rollout_needs.push(n);
+        jobs.push(job(n.clone(), Command::Argv(m.command.clone()), m.timeout, m.idempotent, migrate_needs));
+        rollout_needs = vec![n];
     }
     let rollout_timeout = rollout_timeout(&spec);
     // Not retried after an interruption (a node died mid-rollout): the
@@ -397,6 +457,10 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
     // it was interrupted. Deploying again is one command.
     jobs.push(job(rollout_job(&name), Command::Rollout(Box::new(spec.clone())), rollout_timeout, false, rollout_needs));
     (service, Built { spec: Some(spec), jobs })
+}
+
+pub fn fetch_job(service: &str) -> String {
+    format!("{service}.fetch")
 }
 
 pub fn migrate_job(service: &str) -> String {

@@ -483,7 +483,15 @@ impl Scheduler {
         };
         let result = match self.workdir(&job.revision).await {
             Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
-            Ok(workdir) => {
+            Ok(revision_dir) => {
+                // A tarball service's migrate and rollout run in its
+                // unpacked release (fetched by the job before them).
+                let cache = self.cfg.work_dir.parent().unwrap_or(&self.cfg.work_dir).join("artifacts");
+                let artifact_dir = job.spec.artifact.as_ref().map(|a| crate::service::artifact::dir_for(&cache, &a.sha256));
+                let workdir = match (&job.spec.command, &artifact_dir) {
+                    (crate::config::Command::Fetch(_), _) | (_, None) => revision_dir,
+                    (_, Some(d)) => d.clone(),
+                };
                 let mut values = BTreeMap::new();
                 values.insert("deployment", job.deployment_id.to_string());
                 values.insert("env", job.environment.clone());
@@ -499,6 +507,7 @@ impl Scheduler {
                     crate::config::Command::Rollout(spec) => {
                         let services = self.services.clone();
                         let rollout = job.version.clone().map(|version| RolloutRequest {
+                            sha256: job.spec.artifact.as_ref().map(|a| a.sha256.clone()),
                             environment: job.environment.clone(),
                             deployment_id: job.deployment_id,
                             revision: job.revision.clone(),
@@ -528,6 +537,24 @@ impl Scheduler {
                                     if r.outcome == Outcome::Succeeded { r.outcome = Outcome::TimedOut; }
                                     r
                                 }
+                            }
+                        })
+                    }
+                    crate::config::Command::Fetch(spec) => {
+                        let spec = (**spec).clone();
+                        let wanted = req.spec.artifact.clone();
+                        tokio::spawn(async move {
+                            let Some(a) = wanted else {
+                                return RunResult {
+                                    outcome: Outcome::Failed,
+                                    exit_code: None,
+                                    reason: Some("no release checksum: deploy with `--sha256` (or `digest` in the event)".into()),
+                                };
+                            };
+                            match crate::service::artifact::fetch(&spec, &a.url, &a.sha256, &cache, &tx, &c).await {
+                                Ok(_) => RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None },
+                                Err(e) if c.is_cancelled() => RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(e) },
+                                Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
                             }
                         })
                     }

@@ -39,7 +39,7 @@ pub async fn check_once(
                     if got == *status { Ok(seen) } else { Err(format!("{seen}, expected {status}")) }
                 }
                 Err(e) if e.is_timeout() => Err(format!("GET {path}: no answer within {}", humantime::format_duration(spec.timeout))),
-                Err(e) => Err(format!("GET {path}: {}", error_chain(&e))),
+                Err(e) => Err(format!("GET {path}: {}", super::error_chain(&e))),
             }
         }
         HealthCheck::Command { argv } => {
@@ -58,19 +58,6 @@ pub async fn check_once(
             }
         }
     }
-}
-
-/// reqwest's errors say little at the top ("error sending request"): the
-/// cause ("connection refused") is further down.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Wait until `instance` is healthy. The error explains why not: the

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +30,9 @@ use crate::target::{Instance, InstanceRequest, JobRequest, OutputSink, RunResult
 /// revision declares it, and the version.
 #[derive(Debug, Clone)]
 pub struct RolloutRequest {
+    /// Tarball services: the release's checksum (`workdir` is its
+    /// unpacked directory).
+    pub sha256: Option<String>,
     pub environment: String,
     pub deployment_id: i64,
     pub revision: String,
@@ -41,6 +44,7 @@ pub struct RolloutRequest {
 /// The version a service runs and how to start more of it.
 #[derive(Clone)]
 struct Generation {
+    sha256: Option<String>,
     version: String,
     spec: ServiceSpec,
     workdir: PathBuf,
@@ -220,7 +224,7 @@ impl ServiceManager {
             Err(e) => return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
         };
         let mut state = m.state.lock().await;
-        let new = Generation { version: req.version.clone(), spec: req.spec.clone(), workdir: req.workdir.clone(), revision: req.revision.clone(), deployment_id: req.deployment_id };
+        let new = Generation { sha256: req.sha256.clone(), version: req.version.clone(), spec: req.spec.clone(), workdir: req.workdir.clone(), revision: req.revision.clone(), deployment_id: req.deployment_id };
         let n = new.spec.instances as usize;
         let old_gen = state.current.clone();
         let old: Vec<Arc<dyn Instance>> = std::mem::take(&mut state.instances);
@@ -308,6 +312,9 @@ impl ServiceManager {
             revision: g.revision.clone(),
             deployment_id: g.deployment_id,
             updated_at: now_ms(),
+            artifact_dir: g.spec.artifact.as_ref().map(|_| g.workdir.display().to_string()),
+            sha256: g.sha256.clone(),
+            previous_sha256: None,
         };
         // The store may blink: a few tries, then the rollout fails.
         let mut delay = Duration::from_millis(200);
@@ -511,7 +518,13 @@ impl ServiceManager {
                     continue;
                 }
             };
-            let dir = match workdir(row.revision.clone()).await {
+            let dir = match &row.artifact_dir {
+                // A tarball service runs in its unpacked release.
+                Some(d) if Path::new(d).join(".complete").exists() => Ok(PathBuf::from(d)),
+                Some(d) => Err(format!("its unpacked release {d} is gone; deploy it again")),
+                None => workdir(row.revision.clone()).await,
+            };
+            let dir = match dir {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!(service = %row.service, env = %row.environment, error = %e, "cannot unpack the service's revision; not restored");
@@ -525,7 +538,7 @@ impl ServiceManager {
                     continue;
                 }
             };
-            let g = Generation { version: row.version.clone(), spec: spec.clone(), workdir: dir, revision: row.revision.clone(), deployment_id: row.deployment_id };
+            let g = Generation { sha256: row.sha256.clone(), version: row.version.clone(), spec: spec.clone(), workdir: dir, revision: row.revision.clone(), deployment_id: row.deployment_id };
             let mut state = m.state.lock().await;
             let (tx, mut rx) = tokio::sync::mpsc::channel(64);
             tokio::spawn(async move { while rx.recv().await.is_some() {} });

@@ -156,6 +156,17 @@ pub struct JobSpec {
     pub retry_max_backoff_ms: u64,
     pub idempotent: bool,
     pub env: std::collections::BTreeMap<String, String>,
+    /// The deployment's release tarball (URL with the version filled, and
+    /// its SHA-256 from the request): fetched by `<service>.fetch`, and
+    /// the directory the service's other jobs and instances run in.
+    #[serde(default)]
+    pub artifact: Option<ArtifactRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ArtifactRef {
+    pub url: String,
+    pub sha256: String,
 }
 
 impl JobSpec {
@@ -172,6 +183,7 @@ impl JobSpec {
             retry_max_backoff_ms: 1000,
             idempotent: step.idempotent,
             env: Default::default(),
+            artifact: None,
         }
     }
 
@@ -191,6 +203,7 @@ impl JobSpec {
             retry_max_backoff_ms: job.retry.max_backoff.as_millis() as u64,
             idempotent: job.idempotent,
             env: job.env.clone(),
+            artifact: None,
         }
     }
 
@@ -415,6 +428,12 @@ pub struct ServiceRow {
     pub revision: String,
     pub deployment_id: i64,
     pub updated_at: Millis,
+    /// The unpacked release its instances run in (tarball services).
+    pub artifact_dir: Option<String>,
+    /// Tarball services: the SHA-256 of `version`'s release, and of
+    /// `previous_version`'s (what a rollback fetches).
+    pub sha256: Option<String>,
+    pub previous_sha256: Option<String>,
 }
 
 /// The durable state. Every method is one transaction or one statement.

@@ -520,7 +520,7 @@ fn schema(d: Dialect) -> Vec<String> {
         "CREATE INDEX IF NOT EXISTS logs_deployment ON logs (deployment_id, id)",
         "CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, deployment_id BIGINT NOT NULL, node TEXT NOT NULL, lease_until BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, started_at BIGINT NOT NULL, heartbeat_at BIGINT NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS services (environment TEXT NOT NULL, service TEXT NOT NULL, version TEXT NOT NULL, previous_version TEXT, spec TEXT NOT NULL, revision TEXT NOT NULL, deployment_id BIGINT NOT NULL, updated_at BIGINT NOT NULL, PRIMARY KEY (environment, service))",
+        "CREATE TABLE IF NOT EXISTS services (environment TEXT NOT NULL, service TEXT NOT NULL, version TEXT NOT NULL, previous_version TEXT, spec TEXT NOT NULL, revision TEXT NOT NULL, deployment_id BIGINT NOT NULL, updated_at BIGINT NOT NULL, artifact_dir TEXT, sha256 TEXT, previous_sha256 TEXT, PRIMARY KEY (environment, service))",
     ]
     .iter()
     .map(|s| s.replace("{serial}", serial).replace("{blob}", blob))
@@ -1379,12 +1379,14 @@ impl Store for SqlStore {
     async fn set_service(&self, row: ServiceRow) -> Result<()> {
         // Same version again (a re-run rollout) keeps the older previous.
         sqlx::query(
-            "INSERT INTO services (environment, service, version, previous_version, spec, revision, deployment_id, updated_at) \
-             VALUES ($1, $2, $3, NULL, $4, $5, $6, $7) \
+            "INSERT INTO services (environment, service, version, previous_version, spec, revision, deployment_id, updated_at, artifact_dir, sha256, previous_sha256) \
+             VALUES ($1, $2, $3, NULL, $4, $5, $6, $7, $8, $9, NULL) \
              ON CONFLICT (environment, service) DO UPDATE SET \
                previous_version = CASE WHEN services.version = excluded.version THEN services.previous_version ELSE services.version END, \
+               previous_sha256 = CASE WHEN services.version = excluded.version THEN services.previous_sha256 ELSE services.sha256 END, \
+               sha256 = excluded.sha256, \
                version = excluded.version, spec = excluded.spec, revision = excluded.revision, \
-               deployment_id = excluded.deployment_id, updated_at = excluded.updated_at",
+               deployment_id = excluded.deployment_id, updated_at = excluded.updated_at, artifact_dir = excluded.artifact_dir",
         )
         .bind(&row.environment)
         .bind(&row.service)
@@ -1393,6 +1395,8 @@ impl Store for SqlStore {
         .bind(&row.revision)
         .bind(row.deployment_id)
         .bind(row.updated_at)
+        .bind(row.artifact_dir.clone())
+        .bind(row.sha256.clone())
         .execute(&self.pool)
         .await
         .map_err(StoreError::query("record service version"))?;
@@ -1401,7 +1405,7 @@ impl Store for SqlStore {
 
     async fn services(&self) -> Result<Vec<ServiceRow>> {
         let op = "list services";
-        let rows = sqlx::query("SELECT environment, service, version, previous_version, spec, revision, deployment_id, updated_at FROM services ORDER BY environment, service")
+        let rows = sqlx::query("SELECT environment, service, version, previous_version, spec, revision, deployment_id, updated_at, artifact_dir, sha256, previous_sha256 FROM services ORDER BY environment, service")
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::query(op))?;
@@ -1417,6 +1421,9 @@ impl Store for SqlStore {
                         revision: r.try_get(5)?,
                         deployment_id: r.try_get(6)?,
                         updated_at: r.try_get(7)?,
+                        artifact_dir: r.try_get(8)?,
+                        sha256: r.try_get(9)?,
+                        previous_sha256: r.try_get(10)?,
                     })
                 };
                 f().map_err(StoreError::query(op))

@@ -14,7 +14,9 @@ use crate::store::{DeploymentKind, JobSpec, NewDeployment, NewEvent, NewJob, Sto
 /// What someone asks for.
 #[derive(Debug, Clone)]
 pub enum Request {
-    Deploy { service: String, version: String, environment: Option<String> },
+    /// `digest`: the SHA-256 of the release tarball, for services
+    /// deployed from one (required there, refused elsewhere).
+    Deploy { service: String, version: String, environment: Option<String>, digest: Option<String> },
     Run { jobs: Vec<String>, environment: Option<String> },
     /// Back to the version the service ran before its current one: only
     /// its rollout runs (migrations go forward only).
@@ -77,12 +79,18 @@ impl Submitter {
                 let version = row.previous_version.ok_or_else(|| {
                     SubmitError::Conflict(format!("service {service:?} in {} has run only {}: there is no earlier version to roll back to", row.environment, row.version))
                 })?;
-                return self.submit_rollback(service, version, row.environment, key, payload).await;
+                return self.submit_rollback(service, version, row.environment, row.previous_sha256, key, payload).await;
             }
             r => r,
         };
+        let mut digest = None;
         let (selection, environment, kind, service, version) = match &request {
-            Request::Deploy { service, version, environment } => {
+            Request::Deploy { service, version, environment, digest: d } => {
+                if let Some(d) = d {
+                    digest = Some(crate::service::artifact::parse_sha256(d).ok_or_else(|| {
+                        SubmitError::Invalid(format!("invalid sha256 {d:?}: 64 hexadecimal digits, optionally after \"sha256:\""))
+                    })?);
+                }
                 if !config::valid_name(service) {
                     return Err(SubmitError::Invalid(format!("invalid service name {service:?}")));
                 }
@@ -104,13 +112,21 @@ impl Submitter {
             }
             Request::Rollback { .. } => unreachable!("handled above"),
         };
-        self.submit_selection(selection, environment, kind, service, version, key, payload, None).await
+        self.submit_selection(selection, environment, kind, service, version, digest, key, payload, None).await
     }
 
-    async fn submit_rollback(&self, service: String, version: String, environment: String, key: Option<String>, payload: String) -> Result<Submitted, SubmitError> {
+    async fn submit_rollback(
+        &self,
+        service: String,
+        version: String,
+        environment: String,
+        digest: Option<String>,
+        key: Option<String>,
+        payload: String,
+    ) -> Result<Submitted, SubmitError> {
         let job = config::service::rollout_job(&service);
         let selection = Selection::Jobs { jobs: vec![job.clone()] };
-        self.submit_selection(selection, Some(environment), DeploymentKind::Deploy, Some(service), Some(version), key, payload, Some(job)).await
+        self.submit_selection(selection, Some(environment), DeploymentKind::Deploy, Some(service), Some(version), digest, key, payload, Some(job)).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -121,6 +137,7 @@ impl Submitter {
         kind: DeploymentKind,
         service: Option<String>,
         version: Option<String>,
+        digest: Option<String>,
         key: Option<String>,
         payload: String,
         // Run only this job of the plan, without what it needs (a
@@ -155,11 +172,18 @@ impl Submitter {
             Some(s) => format!("{environment}/service/{s}"),
             None => format!("{environment}/jobs"),
         };
+        let artifact = release(&loaded.config, service.as_deref(), version.as_deref(), digest)?;
         let jobs = plan
             .jobs
             .iter()
             .filter(|j| only.as_ref().is_none_or(|o| *o == j.name))
-            .map(|j| NewJob { name: j.name.clone(), needs: if only.is_some() { vec![] } else { j.needs.clone() }, spec: JobSpec::from_job(&j.job) })
+            .map(|j| {
+                let mut spec = JobSpec::from_job(&j.job);
+                if matches!(j.job.command, config::Command::Fetch(_) | config::Command::Rollout(_)) || service.as_deref().is_some_and(|s| j.name == config::service::migrate_job(s)) {
+                    spec.artifact = artifact.clone();
+                }
+                NewJob { name: j.name.clone(), needs: if only.is_some() { vec![] } else { j.needs.clone() }, spec }
+            })
             .collect();
         let submitted = self
             .store
@@ -178,6 +202,27 @@ impl Submitter {
             w.work_changed();
         }
         Ok(submitted)
+    }
+}
+
+/// The release tarball a deploy fetches: the service's artifact URL with
+/// the version filled in, and the request's checksum. A tarball service
+/// without a checksum, or a checksum for a service without a tarball, is
+/// refused before anything is stored.
+fn release(config: &config::Config, service: Option<&str>, version: Option<&str>, digest: Option<String>) -> Result<Option<crate::store::ArtifactRef>, SubmitError> {
+    let Some(service) = service else { return Ok(None) };
+    let artifact = config.services.iter().find(|s| s.name == service).and_then(|s| s.spec.as_ref()).and_then(|s| s.artifact.as_ref());
+    match (artifact, digest) {
+        (Some(a), Some(sha256)) => {
+            let url = a.url.replace("{version}", version.unwrap_or_default()).replace("{service}", service);
+            Ok(Some(crate::store::ArtifactRef { url, sha256 }))
+        }
+        (Some(a), None) => Err(SubmitError::Invalid(format!(
+            "service {service:?} is deployed from a release tarball ({}): give its SHA-256 with --sha256 (or `digest` in the event)",
+            a.url
+        ))),
+        (None, Some(_)) => Err(SubmitError::Invalid(format!("a SHA-256 was given, but service {service:?} has no `artifact` to check it against"))),
+        (None, None) => Ok(None),
     }
 }
 

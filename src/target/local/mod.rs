@@ -56,7 +56,7 @@ fn build_command(req: &JobRequest) -> Result<Command, String> {
             c.arg("-c").arg(line);
             c
         }
-        config::Command::Rollout(_) => return Err("a rollout is run by the service manager, not as a process".into()),
+        config::Command::Rollout(_) | config::Command::Fetch(_) => return Err("rollouts and artifact fetches are run by the node, not as a process".into()),
     };
     cmd.current_dir(&req.workdir)
         .stdin(Stdio::null())
@@ -251,6 +251,7 @@ impl Target for LocalTarget {
                     config::Command::Argv(a) => a.first().cloned().unwrap_or_default(),
                     config::Command::Shell(_) => "/bin/sh".into(),
                     config::Command::Rollout(s) => format!("rollout of {}", s.name),
+                    config::Command::Fetch(a) => format!("fetch of {}", a.url),
                 };
                 return RunResult {
                     outcome: Outcome::Failed,
