@@ -136,8 +136,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, healthz),
-    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, Health, ErrorBody))
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, healthz),
+    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, Health, ErrorBody))
 )]
 pub struct ApiDoc;
 
@@ -156,6 +156,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/services", get(list_services))
         .route("/api/v1/services/{environment}/{service}/rollback", post(rollback_service))
+        .route("/api/v1/services/{environment}/{service}/events", get(service_events))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -444,6 +445,16 @@ async fn rollback_service(State(s): State<Arc<AppState>>, p: Result<Path<(String
     let payload = serde_json::json!({ "kind": "rollback", "service": service, "environment": environment }).to_string();
     let sub = s.submitter.submit(Request::Rollback { service, environment: Some(environment) }, None, payload).await?;
     Ok((StatusCode::ACCEPTED, Json(EventAccepted { event_id: sub.event_id, deployment_id: sub.deployment_id, duplicate: sub.duplicate, superseded: sub.superseded })))
+}
+
+/// A service's events outside deployments (crashes, restarts, restores),
+/// newest first.
+#[utoipa::path(get, path = "/api/v1/services/{environment}/{service}/events", params(("environment" = String, Path), ("service" = String, Path)),
+    responses((status = 200, body = Vec<ServiceEventInfo>), (status = 400, body = ErrorBody)))]
+async fn service_events(State(s): State<Arc<AppState>>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<Json<Vec<ServiceEventInfo>>> {
+    let Path((environment, service)) = p?;
+    let events = s.store.service_events(&environment, &service, 200).await?;
+    Ok(Json(events.into_iter().map(|e| ServiceEventInfo { at: e.at, kind: e.kind, message: e.message }).collect()))
 }
 
 /// Nodes that share this store, most recently seen first.

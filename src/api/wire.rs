@@ -209,6 +209,15 @@ pub struct ServiceInfo {
     pub last_deployment: Option<Deployment>,
 }
 
+/// What happened to a service outside a deployment.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServiceEventInfo {
+    pub at: i64,
+    /// `instance_died`, `restarted`, `restart_failed`, `restored`, `restore_failed`.
+    pub kind: String,
+    pub message: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct InstanceInfo {
     pub address: String,

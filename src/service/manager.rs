@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::health;
 use super::proxy::Proxy;
 use crate::config::service::{ServiceSpec, Strategy};
-use crate::store::{Outcome, ServiceRow, Store, now_ms};
+use crate::store::{Outcome, ServiceEvent, ServiceRow, Store, now_ms};
 use crate::target::local::substitute;
 use crate::target::{Instance, InstanceRequest, JobRequest, OutputSink, RunResult, Stream, Target};
 
@@ -124,6 +124,20 @@ impl ServiceManager {
         let (env, m2) = (environment.to_string(), m.clone());
         tokio::spawn(async move { me.supervise(env, m2).await });
         Ok(m)
+    }
+
+    /// Record what happened to a service outside a deployment: in the
+    /// server log and in the store (`GET …/services/{env}/{name}/events`).
+    async fn note(&self, environment: &str, service: &str, kind: &str, message: String) {
+        if kind.ends_with("failed") {
+            tracing::warn!(service, env = environment, kind, "{message}");
+        } else {
+            tracing::info!(service, env = environment, kind, "{message}");
+        }
+        let event = ServiceEvent { environment: environment.to_string(), service: service.to_string(), at: now_ms(), kind: kind.to_string(), message };
+        if let Err(e) = self.store.record_service_event(event).await {
+            tracing::warn!(service, env = environment, error = %e, "cannot record a service event");
+        }
     }
 
     fn values(&self, environment: &str, g: &Generation, port: u16) -> BTreeMap<&'static str, String> {
@@ -462,28 +476,37 @@ impl ServiceManager {
             let Ok(mut state) = m.state.try_lock() else { continue };
             let Some(g) = state.current.clone() else { continue };
             let dead: Vec<usize> = state.instances.iter().enumerate().filter(|(_, i)| i.exit().is_some()).map(|(n, _)| n).collect();
-            if dead.is_empty() {
+            // Missing: died now, or never started (a restore that failed).
+            let missing = (g.spec.instances as usize).saturating_sub(state.instances.len() - dead.len());
+            if missing == 0 {
                 backoff = Duration::from_secs(1);
                 continue;
             }
+            let mut died = Vec::new();
             for &d in dead.iter().rev() {
                 let i = state.instances.remove(d);
-                tracing::warn!(service = %g.spec.name, env = %env, instance = %i.addr(), exit = %i.exit().unwrap_or_default(), output = %health::output_tail(&*i), "instance died; restarting");
+                died.push(health::exited(&*i, &i.exit().unwrap_or_default()));
+            }
+            for why in died {
+                self.note(&env, &g.spec.name, "instance_died", format!("{why}; restarting")).await;
             }
             m.proxy.set_backends(state.instances.iter().map(|i| i.addr()).collect());
             let (tx, mut rx) = tokio::sync::mpsc::channel(64);
             tokio::spawn(async move { while rx.recv().await.is_some() {} });
             let say = Say(&tx);
-            match self.start_healthy(&env, &g, dead.len(), &say, &self.shutdown.child_token()).await {
+            match self.start_healthy(&env, &g, missing, &say, &self.shutdown.child_token()).await {
                 Ok(more) => {
                     state.restarts += more.len() as u32;
+                    let started: Vec<String> = more.iter().map(|i| format!("{} ({})", i.addr(), i.id())).collect();
                     state.instances.extend(more);
                     m.proxy.set_backends(state.instances.iter().map(|i| i.addr()).collect());
-                    tracing::info!(service = %g.spec.name, env = %env, restarts = state.restarts, "instance restarted");
+                    let restarts = state.restarts;
+                    drop(state);
+                    self.note(&env, &g.spec.name, "restarted", format!("{} {} restarted as {} ({restarts} restarts since the last rollout)", g.spec.name, g.version, started.join(", "))).await;
                 }
                 Err(e) => {
-                    tracing::warn!(service = %g.spec.name, env = %env, error = %e, retry_in = ?backoff, "restart failed");
                     drop(state);
+                    self.note(&env, &g.spec.name, "restart_failed", format!("restarting {} {} failed: {e}; next try in {}", g.spec.name, g.version, humantime::format_duration(backoff))).await;
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -545,10 +568,13 @@ impl ServiceManager {
             match self.start_healthy(&row.environment, &g, spec.instances as usize, &Say(&tx), &self.shutdown.child_token()).await {
                 Ok(instances) => {
                     m.proxy.set_backends(instances.iter().map(|i| i.addr()).collect());
+                    let n = instances.len();
                     state.instances = instances;
-                    tracing::info!(service = %row.service, env = %row.environment, version = %row.version, "service restored");
+                    self.note(&row.environment, &row.service, "restored", format!("{} {} restored on {n} instance(s) behind {}", row.service, row.version, spec.listen)).await;
                 }
-                Err(e) => tracing::error!(service = %row.service, env = %row.environment, version = %row.version, error = %e, "cannot restore the service; the supervisor keeps trying"),
+                Err(e) => {
+                    self.note(&row.environment, &row.service, "restore_failed", format!("cannot restore {} {}: {e}; the supervisor keeps trying", row.service, row.version)).await;
+                }
             }
             state.current = Some(g);
         }

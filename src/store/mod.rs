@@ -436,6 +436,18 @@ pub struct ServiceRow {
     pub previous_sha256: Option<String>,
 }
 
+/// Something that happened to a running service outside a deployment (a
+/// crashed instance restarted, a service restored when its node started).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceEvent {
+    pub environment: String,
+    pub service: String,
+    pub at: Millis,
+    /// `restarted`, `restart_failed`, `restored`, `restore_failed`.
+    pub kind: String,
+    pub message: String,
+}
+
 /// The durable state. Every method is one transaction or one statement.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -495,6 +507,9 @@ pub trait Store: Send + Sync + 'static {
     /// the version it replaced becomes `previous_version`.
     async fn set_service(&self, row: ServiceRow) -> Result<()>;
     async fn services(&self) -> Result<Vec<ServiceRow>>;
+    async fn record_service_event(&self, event: ServiceEvent) -> Result<()>;
+    /// Newest first.
+    async fn service_events(&self, environment: &str, service: &str, limit: i64) -> Result<Vec<ServiceEvent>>;
 }
 
 /// Open the store a URL names: `sqlite://PATH` or `postgres://…`.

@@ -520,6 +520,8 @@ fn schema(d: Dialect) -> Vec<String> {
         "CREATE INDEX IF NOT EXISTS logs_deployment ON logs (deployment_id, id)",
         "CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, deployment_id BIGINT NOT NULL, node TEXT NOT NULL, lease_until BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, started_at BIGINT NOT NULL, heartbeat_at BIGINT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS service_events (id {serial}, environment TEXT NOT NULL, service TEXT NOT NULL, at BIGINT NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS service_events_service ON service_events (environment, service, id)",
         "CREATE TABLE IF NOT EXISTS services (environment TEXT NOT NULL, service TEXT NOT NULL, version TEXT NOT NULL, previous_version TEXT, spec TEXT NOT NULL, revision TEXT NOT NULL, deployment_id BIGINT NOT NULL, updated_at BIGINT NOT NULL, artifact_dir TEXT, sha256 TEXT, previous_sha256 TEXT, PRIMARY KEY (environment, service))",
     ]
     .iter()
@@ -1425,6 +1427,38 @@ impl Store for SqlStore {
                         sha256: r.try_get(9)?,
                         previous_sha256: r.try_get(10)?,
                     })
+                };
+                f().map_err(StoreError::query(op))
+            })
+            .collect()
+    }
+
+    async fn record_service_event(&self, e: ServiceEvent) -> Result<()> {
+        sqlx::query("INSERT INTO service_events (environment, service, at, kind, message) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&e.environment)
+            .bind(&e.service)
+            .bind(e.at)
+            .bind(&e.kind)
+            .bind(&e.message)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query("record service event"))?;
+        Ok(())
+    }
+
+    async fn service_events(&self, environment: &str, service: &str, limit: i64) -> Result<Vec<ServiceEvent>> {
+        let op = "list service events";
+        let rows = sqlx::query("SELECT environment, service, at, kind, message FROM service_events WHERE environment = $1 AND service = $2 ORDER BY id DESC LIMIT 1000")
+            .bind(environment)
+            .bind(service)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
+        rows.iter()
+            .take(limit.clamp(0, 1000) as usize)
+            .map(|r| {
+                let f = || -> std::result::Result<ServiceEvent, sqlx::Error> {
+                    Ok(ServiceEvent { environment: r.try_get(0)?, service: r.try_get(1)?, at: r.try_get(2)?, kind: r.try_get(3)?, message: r.try_get(4)? })
                 };
                 f().map_err(StoreError::query(op))
             })
