@@ -56,6 +56,7 @@ fn spec() -> JobSpec {
         retry_max_backoff_ms: 30_000,
         idempotent: true,
         env: BTreeMap::from([("REGION".to_string(), "eu-west-1".to_string())]),
+        artifact: Some(slipway::store::ArtifactRef { url: "https://example.org/web-1.tar.gz".into(), sha256: "ab".repeat(32) }),
     }
 }
 
@@ -1213,3 +1214,47 @@ async fn expire_all_leases_expires_every_running_job() {
     }
 }
 
+
+// ---------------------------------------------------------------- services
+
+fn service_row(version: &str, sha: Option<&str>, dep: i64) -> slipway::store::ServiceRow {
+    slipway::store::ServiceRow {
+        environment: "staging".into(),
+        service: "web".into(),
+        version: version.into(),
+        previous_version: None,
+        spec: "{}".into(),
+        revision: REV.into(),
+        deployment_id: dep,
+        updated_at: now_ms(),
+        artifact_dir: sha.map(|s| format!("/cache/{s}")),
+        sha256: sha.map(String::from),
+        previous_sha256: None,
+    }
+}
+
+#[tokio::test]
+async fn a_service_records_its_version_and_the_one_before() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for b in backends(&dir).await {
+        let (name, store) = &b;
+        store.set_service(service_row("1.0", Some("aa"), 1)).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        store.set_service(service_row("2.0", Some("bb"), 2)).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        // The same version again (a re-run rollout) keeps the older previous.
+        store.set_service(service_row("2.0", Some("bb"), 3)).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        let rows = store.services().await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        assert_eq!(rows.len(), 1, "[{name}] one row per (environment, service)");
+        let r = &rows[0];
+        assert_eq!((r.version.as_str(), r.previous_version.as_deref(), r.deployment_id), ("2.0", Some("1.0"), 3), "[{name}]");
+        assert_eq!((r.sha256.as_deref(), r.previous_sha256.as_deref(), r.artifact_dir.as_deref()), (Some("bb"), Some("aa"), Some("/cache/bb")), "[{name}]");
+
+        for (kind, message) in [("instance_died", "exit code 1"), ("restarted", "as 127.0.0.1:1")] {
+            let e = slipway::store::ServiceEvent { environment: "staging".into(), service: "web".into(), at: now_ms(), kind: kind.into(), message: message.into() };
+            store.record_service_event(e).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        }
+        let events = store.service_events("staging", "web", 10).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["restarted", "instance_died"], "[{name}] newest first");
+        assert!(store.service_events("staging", "api", 10).await.unwrap_or_else(|e| panic!("[{name}] {e}")).is_empty(), "[{name}]");
+    }
+}
