@@ -28,6 +28,7 @@ fn spec(cmd: Vec<&str>, timeout_ms: u64) -> JobSpec {
         retry_max_backoff_ms: 1000,
         idempotent: false,
         env: Default::default(),
+        artifact: None,
     }
 }
 

@@ -533,6 +533,7 @@ mod tests {
             retry_max_backoff_ms: max_ms,
             idempotent: false,
             env: Default::default(),
+            artifact: None,
         }
     }
 
