@@ -8,7 +8,7 @@ use slipway::config;
 use slipway::plan::{self, EstimateSource, PlanError, Selection};
 
 fn demo() -> config::Config {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo/slipway.toml")).unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/plan-demo.toml")).unwrap();
     config::parse("slipway.toml", &text).expect("demo config is valid")
 }
 
