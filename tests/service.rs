@@ -469,3 +469,19 @@ artifact = {{ url = "http://127.0.0.1:{http}/{path}-{{version}}.tar.gz", attempt
     assert!(text(&out).contains("HTTP 404") && text(&out).contains("after 1 try"), "{}", text(&out));
     assert_eq!(hits.lock().expect("lock").len(), 3);
 }
+
+#[test]
+fn a_failed_verify_is_never_what_rollback_returns_to() {
+    let port = free_port();
+    let verify = r#"verify = { command = ["sh", "-c", "test \"$SLIPWAY_VERSION\" != 2.5" ] }"#;
+    let dir = config_dir(&web_config(port, 1, r#"{ strategy = "blue-green", drain = "100ms" }"#, verify), &[]);
+    let server = Server::start(dir.path(), None, &[]);
+    for v in ["1.0", "2.0"] {
+        assert!(deploy(&server, dir.path(), v).status.success());
+    }
+    assert_eq!(deploy(&server, dir.path(), "2.5").status.code(), Some(1));
+    let services = get_json(&format!("{}/api/v1/services", server.url));
+    assert_eq!((&services[0]["version"], &services[0]["previous_version"]), (&"2.0".into(), &"1.0".into()), "{services}");
+    assert!(server.cli(dir.path(), &["rollback", "web"]).status.success());
+    assert_eq!(hello(port).as_deref(), Some("hello from demo 1.0"));
+}

@@ -62,6 +62,9 @@ struct ServiceState {
 
 struct Managed {
     proxy: Proxy,
+    /// Stops this entry's proxy and supervisor (node shutdown, or the
+    /// service moved to another `listen` address).
+    stop: CancellationToken,
     /// Held for a whole rollout: one rollout per service at a time, and
     /// the supervisor keeps out while it runs.
     state: Mutex<ServiceState>,
@@ -110,15 +113,26 @@ impl ServiceManager {
     async fn managed(self: &Arc<Self>, environment: &str, spec: &ServiceSpec) -> Result<Arc<Managed>, String> {
         let key = (environment.to_string(), spec.name.clone());
         let mut services = self.services.lock().await;
-        // The address changed in the config: a new proxy; the old one
-        // goes when its entry is replaced.
         if let Some(m) = services.get(&key)
             && (m.proxy.local_addr() == spec.listen || spec.listen.port() == 0)
         {
             return Ok(m.clone());
         }
-        let proxy = Proxy::bind(&spec.name, spec.listen, self.shutdown.child_token()).await.map_err(|e| e.to_string())?;
-        let m = Arc::new(Managed { proxy, state: Mutex::new(ServiceState::default()) });
+        let stop = self.shutdown.child_token();
+        let proxy = Proxy::bind(&spec.name, spec.listen, stop.clone()).await.map_err(|e| e.to_string())?;
+        // The address changed in the config: the new proxy takes over the
+        // running version and its instances (what a failed rollout returns
+        // to); the old proxy and its supervisor stop.
+        let mut state = ServiceState::default();
+        if let Some(old) = services.get(&key) {
+            let mut o = old.state.lock().await;
+            state.current = o.current.take();
+            state.instances = std::mem::take(&mut o.instances);
+            state.restarts = o.restarts;
+            proxy.set_backends(state.instances.iter().map(|i| i.addr()).collect());
+            old.stop.cancel();
+        }
+        let m = Arc::new(Managed { proxy, stop, state: Mutex::new(state) });
         services.insert(key, m.clone());
         let me = self.clone();
         let (env, m2) = (environment.to_string(), m.clone());
@@ -245,6 +259,8 @@ impl ServiceManager {
         if let Some(g) = &old_gen
             && g.version == new.version
             && g.spec == new.spec
+            && g.sha256 == new.sha256
+            && g.workdir == new.workdir
             && old.len() == n
             && old.iter().all(|i| i.exit().is_none())
         {
@@ -275,14 +291,8 @@ impl ServiceManager {
                 return self.roll_back(&env, &m, &mut state, old_gen, survivors, why, &say).await;
             }
         };
-        // All traffic is on the new version: that is the commit point a
-        // restart honours.
         state.current = Some(new.clone());
         state.restarts = 0;
-        if let RunResult { outcome: Outcome::Failed, reason, .. } = self.commit(&env, &new, &say).await {
-            state.instances = new_instances;
-            return RunResult { outcome: Outcome::Failed, exit_code: None, reason };
-        }
         if let Some(verify) = &new.spec.verify {
             say.line(format!("verifying: {}", verify.command.join(" "))).await;
             let values = self.values(&env, &new, new.spec.listen.port());
@@ -306,6 +316,17 @@ impl ServiceManager {
                 return res;
             }
             say.line("verify passed").await;
+        }
+        // All traffic is on the new version and it passed verify: the
+        // commit point a restart honours (and what a rollback returns from).
+        if let RunResult { outcome: Outcome::Failed, reason, .. } = self.commit(&env, &new, &say).await {
+            state.instances = new_instances;
+            let why = reason.unwrap_or_default();
+            return RunResult {
+                outcome: Outcome::Failed,
+                exit_code: None,
+                reason: Some(format!("{} serves {}, but {why}: a restart of this node would bring back the version recorded before", new.spec.name, new.version)),
+            };
         }
         state.instances = new_instances;
         say.line(format!("{} runs {} on {n} instance(s) behind {}", new.spec.name, new.version, new.spec.listen)).await;
@@ -469,7 +490,7 @@ impl ServiceManager {
         let mut backoff = Duration::from_secs(1);
         loop {
             tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = m.stop.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
             // try_lock: a rollout holds the lock and handles its own.

@@ -46,13 +46,9 @@ pub fn start(req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     let output: Arc<Mutex<VecDeque<String>>> = Arc::default();
     let (tx, mut rx) = mpsc::channel::<(Stream, String)>(256);
-    if let Some(o) = child.stdout.take() {
-        tokio::spawn(pump(o, Stream::Stdout, tx.clone()));
-    }
-    if let Some(e) = child.stderr.take() {
-        tokio::spawn(pump(e, Stream::Stderr, tx));
-    }
-    {
+    let out_pump = child.stdout.take().map(|o| tokio::spawn(pump(o, Stream::Stdout, tx.clone())));
+    let err_pump = child.stderr.take().map(|e| tokio::spawn(pump(e, Stream::Stderr, tx)));
+    let collector = {
         let output = output.clone();
         tokio::spawn(async move {
             while let Some((_, line)) = rx.recv().await {
@@ -63,8 +59,8 @@ pub fn start(req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {
                     o.push_back(line);
                 }
             }
-        });
-    }
+        })
+    };
     let (exit_tx, exit) = watch::channel(None);
     tokio::spawn(async move {
         let why = match child.wait().await {
@@ -73,6 +69,16 @@ pub fn start(req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {
         };
         // The group may hold more than the main process: it goes too.
         kill_group(pgid, libc::SIGKILL);
+        // Its last words before the exit is announced: whoever asks why it
+        // ended reads `last_output`. Bounded: a grandchild that escaped
+        // the group may hold the pipes.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            for p in [out_pump, err_pump].into_iter().flatten() {
+                let _ = p.await;
+            }
+            let _ = collector.await;
+        })
+        .await;
         let _ = exit_tx.send(Some(why));
     });
     Ok(Arc::new(LocalInstance { pgid, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)), exit, output }))
