@@ -99,8 +99,7 @@ async fn local_same_version_again_is_a_no_op() {
     same_version_again_is_a_no_op(local()).await;
 }
 
-// Known bug: fails today; un-ignore it with the fix.
-
+// Regression: the exit was once announced before the output was in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn local_output_is_complete_once_exited() {
     output_is_complete_once_exited(local()).await;
@@ -775,7 +774,7 @@ async fn same_version_again_is_a_no_op(target: Arc<dyn Target>) {
     .await;
 }
 
-// ---- known bugs ------------------------------------------------------------
+// ---- output completeness ---------------------------------------------------
 
 /// Once `exited()` has resolved, `last_output()` holds everything the
 /// instance wrote: rollback reasons quote it ("its last output: …"), and
