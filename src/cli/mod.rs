@@ -170,8 +170,28 @@ pub struct LogsArgs {
     pub follow: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchWhat {
+    /// The scheduler against ninja on random graphs.
+    Scheduler,
+    /// The service proxy against the service hit directly (wrk), and the
+    /// engine's own share of a rollout.
+    Services,
+}
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    #[arg(value_enum, default_value = "scheduler")]
+    pub what: BenchWhat,
+    /// Services: each wrk run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub wrk_secs: u64,
+    /// Services: wrk's connections.
+    #[arg(long, default_value_t = 32)]
+    pub connections: u32,
+    /// Services: instances in the measured rollout.
+    #[arg(long, default_value_t = 4)]
+    pub instances: u32,
     #[arg(long, default_value_t = 1000)]
     pub jobs: usize,
     #[arg(long, default_value_t = 50)]
@@ -277,6 +297,19 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 println!("deployment {} {}", d.id, if d.state.is_terminal() { format!("is {}", d.state) } else { "is being cancelled: its running jobs are being stopped".into() });
             }
             Ok(exit::OK)
+        }
+        Command::Bench(a) if a.what == BenchWhat::Services => {
+            let opts = crate::bench::service::ServiceBenchOptions {
+                duration: Duration::from_secs(a.wrk_secs),
+                connections: a.connections,
+                threads: 2,
+                rollout_instances: a.instances,
+                json: cli.json,
+            };
+            match crate::bench::service::run(opts, &crate::bench::service::default_demo_bin()).await {
+                Ok(_) => Ok(exit::OK),
+                Err(e) => Err(CliError::new(exit::INTERNAL, e.to_string())),
+            }
         }
         Command::Bench(a) => {
             let report = crate::bench::run(crate::bench::BenchOptions {

@@ -1,0 +1,804 @@
+//! `slipway bench service`: what the service path costs.
+//!
+//! Two measurements, both against the demo service (`slipway-demo serve`,
+//! which answers `GET /` with one short line):
+//!
+//! - **proxy overhead**: `wrk` against the demo directly, then through a
+//!   [`Proxy`] (in this process) with that one backend, alternating
+//!   direct, proxy, direct, proxy ([`ROUNDS`] rounds each); the report
+//!   gives the medians of requests/s and of the 99th-percentile latency,
+//!   and proxy ÷ direct for both. Everything shares the machine: wrk, the
+//!   demo and the proxy compete for the same cores, so the ratio is "what
+//!   a client sees on this machine", not the proxy's cost in isolation;
+//!   the CPU time per request of the proxy and of the demo is reported
+//!   next to it for that reason.
+//! - **rollout overhead**: a [`ServiceManager`] over a throw-away SQLite
+//!   store and the local target rolls `instances` demo instances from one
+//!   version to the next (rolling, max surge 1, max unavailable 0, HTTP
+//!   health check every 100 ms, healthy after 1 pass, drain 200 ms). The
+//!   rollout's own output lines, timestamped as they arrive, split its
+//!   time into the waits it cannot avoid (each new instance's health wait,
+//!   from "started" to "is healthy"; each old instance's retirement, from
+//!   "traffic →" to "stopped", i.e. drain plus stop) and the rest, the
+//!   engine's own work (spawning, proxy swaps, the store write, output).
+//!   Nothing sends traffic during the rollouts, so every drain ends at its
+//!   first check: the configured drain is a cap, not a wait, and is not
+//!   subtracted.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{BenchError, TempDir, ratio, rusage_cpu};
+use crate::config::service::{HealthCheck, HealthSpec, RolloutSpec, ServiceSpec, Strategy};
+use crate::service::proxy::{Proxy, ProxyError};
+use crate::service::{RolloutRequest, ServiceManager};
+use crate::store::{self, Outcome, StoreError};
+use crate::target::{LocalTarget, Stream};
+
+/// wrk runs per side (direct, proxy), alternating.
+pub const ROUNDS: usize = 2;
+/// Timed rollouts: 1.0 → 2.0, then 2.0 → 2.1, 2.1 → 2.2.
+pub const ROLLOUT_VERSIONS: [&str; 4] = ["1.0", "2.0", "2.1", "2.2"];
+
+const HEALTH_INTERVAL: Duration = Duration::from_millis(100);
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+const HEALTHY_AFTER: u32 = 1;
+const HEALTH_DEADLINE: Duration = Duration::from_secs(10);
+const DRAIN: Duration = Duration::from_millis(200);
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long the demo may take to listen.
+const DEMO_START_LIMIT: Duration = Duration::from_secs(10);
+/// What wrk may take beyond its own `-d`.
+const WRK_MARGIN: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct ServiceBenchOptions {
+    /// Each wrk run (`-d`), whole seconds.
+    pub duration: Duration,
+    /// wrk's `-c`.
+    pub connections: u32,
+    /// wrk's `-t`.
+    pub threads: u32,
+    /// Instances of the service in the rollout measurement.
+    pub rollout_instances: u32,
+    /// Print a JSON report instead of the human text.
+    pub json: bool,
+}
+
+impl Default for ServiceBenchOptions {
+    fn default() -> Self {
+        ServiceBenchOptions { duration: Duration::from_secs(10), connections: 32, threads: 2, rollout_instances: 4, json: false }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceBenchError {
+    #[error("wrk not found: apt-get install wrk")]
+    WrkMissing,
+    #[error("the demo service binary {0} does not exist (build it: cargo build --release --bin slipway-demo)")]
+    DemoMissing(PathBuf),
+    #[error("invalid bench options: {0}")]
+    Options(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{what} did not finish within {}", humantime::format_duration(*.after))]
+    Timeout { what: String, after: Duration },
+    #[error("the demo service did not start: {0}")]
+    Demo(String),
+    #[error("wrk failed: {0}")]
+    Wrk(String),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error(transparent)]
+    Bench(#[from] BenchError),
+    #[error("bench store: {0}")]
+    Store(#[from] StoreError),
+    #[error("rollout {from} → {to} did not succeed: {reason}")]
+    Rollout { from: String, to: String, reason: String },
+    #[error("cannot write the JSON report: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServiceBenchError {
+    let what = what.into();
+    move |source| ServiceBenchError::Io { what, source }
+}
+
+// ---------------------------------------------------------------- report
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceBenchReport {
+    /// `std::thread::available_parallelism`: wrk, the demo and the proxy share these.
+    pub cores: usize,
+    pub wrk_version: String,
+    pub proxy: ProxyBench,
+    pub rollout: RolloutBench,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyBench {
+    pub duration_secs: u64,
+    pub connections: u32,
+    pub threads: u32,
+    /// wrk runs per side.
+    pub rounds: usize,
+    /// Medians over the rounds.
+    pub rps_direct: f64,
+    pub rps_proxy: f64,
+    pub p99_direct_ms: f64,
+    pub p99_proxy_ms: f64,
+    pub p50_direct_ms: f64,
+    pub p50_proxy_ms: f64,
+    /// rps_proxy ÷ rps_direct (below 1: the proxy costs throughput).
+    pub rps_ratio: f64,
+    /// p99_proxy ÷ p99_direct (above 1: the proxy adds tail latency).
+    pub p99_ratio: f64,
+    /// Every wrk run, in the order run.
+    pub runs: Vec<WrkRun>,
+    /// Requests the proxy answered itself with 502/503/504 (should be 0).
+    pub proxy_errors: u64,
+}
+
+/// One wrk run.
+#[derive(Debug, Clone, Serialize)]
+pub struct WrkRun {
+    /// "direct" or "proxy".
+    pub via: &'static str,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub requests: u64,
+    /// Non-2xx/3xx answers plus socket errors (should be 0).
+    pub errors: u64,
+    /// This process's CPU time (the proxy, when it is in the path) per request.
+    pub slipway_cpu_us_per_request: f64,
+    /// The demo's CPU time per request.
+    pub demo_cpu_us_per_request: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutBench {
+    pub instances: u32,
+    pub health_interval_ms: f64,
+    pub healthy_after: u32,
+    pub drain_ms: f64,
+    pub stop_grace_ms: f64,
+    /// Timed rollouts, in order (the first is 1.0 → 2.0).
+    pub runs: Vec<RolloutRun>,
+    /// The run with the median total time.
+    pub median: RolloutRun,
+}
+
+/// One timed rollout, split by its output lines.
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutRun {
+    pub from: String,
+    pub to: String,
+    /// From calling `rollout` to its return.
+    pub total_secs: f64,
+    /// Sum over new instances of "started" → "is healthy": the instance's
+    /// start-up, the configured interval(s) between checks and the checks.
+    pub health_wait_secs: f64,
+    /// Each new instance's health wait, in order.
+    pub health_waits_ms: Vec<f64>,
+    /// Whole health intervals those waits contain (a fresh instance that
+    /// already listens passes its first check and waits none).
+    pub health_intervals_waited: u32,
+    /// health_intervals_waited × interval: the configured part of the health waits.
+    pub health_interval_secs: f64,
+    /// Sum over old instances of "traffic →" → "stopped": the drain (ends at
+    /// once, nothing is in flight) and SIGTERM until the process is gone.
+    pub retire_secs: f64,
+    /// Each old instance's retirement, in order.
+    pub retires_ms: Vec<f64>,
+    /// instances × drain: the configured cap, not subtracted (see retire_secs).
+    pub drain_configured_secs: f64,
+    /// health_wait_secs + retire_secs: what is subtracted.
+    pub waits_secs: f64,
+    /// total − waits: spawning, proxy swaps, the store write, output.
+    pub overhead_secs: f64,
+    pub overhead_per_instance_ms: f64,
+    /// "traffic →" lines: one per batch.
+    pub batches: usize,
+}
+
+impl ServiceBenchReport {
+    pub fn human(&self) -> String {
+        let p = &self.proxy;
+        let r = &self.rollout;
+        let first = &r.runs[0];
+        let m = &r.median;
+        let errors: u64 = p.runs.iter().map(|w| w.errors).sum::<u64>() + p.proxy_errors;
+        let per_run = |via: &str| p.runs.iter().filter(|w| w.via == via).map(|w| format!("{:.2}", w.p99_ms)).collect::<Vec<_>>().join("/");
+        let cpu = |via: &str, f: fn(&WrkRun) -> f64| median(&p.runs.iter().filter(|w| w.via == via).map(f).collect::<Vec<_>>());
+        let mut out = format!(
+            "slipway bench service: {} cores shared by wrk, the demo and the proxy; {}\n\
+             proxy (wrk -t{} -c{} -d{}s, {} rounds each, alternating, medians): direct {:.0} req/s p99 {:.2}ms; through the proxy {:.0} req/s p99 {:.2}ms → req/s ×{:.2}, p99 ×{:.2}\n\
+             p99 per run (ms): direct {}, proxy {} (tails swing when wrk, the demo and the proxy outnumber the cores)\n\
+             cpu per request through the proxy: slipway (the proxy) {:.1}µs, demo {:.1}µs (direct: demo {:.1}µs)\n",
+            self.cores,
+            self.wrk_version,
+            p.threads,
+            p.connections,
+            p.duration_secs,
+            p.rounds,
+            p.rps_direct,
+            p.p99_direct_ms,
+            p.rps_proxy,
+            p.p99_proxy_ms,
+            p.rps_ratio,
+            p.p99_ratio,
+            per_run("direct"),
+            per_run("proxy"),
+            cpu("proxy", |w| w.slipway_cpu_us_per_request),
+            cpu("proxy", |w| w.demo_cpu_us_per_request),
+            cpu("direct", |w| w.demo_cpu_us_per_request),
+        );
+        if errors > 0 {
+            out.push_str(&format!("WARNING: {errors} failed requests during the wrk runs: the req/s figures are not comparable\n"));
+        }
+        let line = |label: String, x: &RolloutRun| {
+            format!(
+                "{label}: {:.3}s total − waits {:.3}s = engine {:.3}s, {:.1}ms per instance\n    \
+                 waits subtracted, measured from the rollout's output lines: health {:.3}s (per instance {} ms; {} whole {:.0}ms interval(s) = {:.3}s, the rest start-up and checks) + retire {:.3}s (drain + stop; per instance {} ms)\n",
+                x.total_secs,
+                x.waits_secs,
+                x.overhead_secs,
+                x.overhead_per_instance_ms,
+                x.health_wait_secs,
+                x.health_waits_ms.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join("/"),
+                x.health_intervals_waited,
+                r.health_interval_ms,
+                x.health_interval_secs,
+                x.retire_secs,
+                x.retires_ms.iter().map(|m| format!("{m:.1}")).collect::<Vec<_>>().join("/"),
+            )
+        };
+        out.push_str(&format!(
+            "rollout ({} instances of the demo, rolling surge 1 / unavailable 0, GET /healthz every {:.0}ms, healthy after {}, drain {:.0}ms; no traffic, so drains end at once and the configured {:.0}ms × {} is not subtracted):\n",
+            r.instances, r.health_interval_ms, r.healthy_after, r.drain_ms, r.drain_ms, r.instances
+        ));
+        out.push_str(&line(format!("  {} → {}", first.from, first.to), first));
+        out.push_str(&line(
+            format!("  median of {} ({}: {})", r.runs.len(), r.runs.iter().map(|x| format!("{}→{}", x.from, x.to)).collect::<Vec<_>>().join(", "), r.runs.iter().map(|x| format!("{:.3}s", x.total_secs)).collect::<Vec<_>>().join(" ")),
+            m,
+        ));
+        out
+    }
+}
+
+// ---------------------------------------------------------------- wrk output
+
+/// What we read from `wrk --latency`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WrkOutput {
+    pub requests_per_sec: f64,
+    pub p50: Option<Duration>,
+    pub p99: Duration,
+    /// "N requests in …".
+    pub requests: u64,
+    /// "Non-2xx or 3xx responses: N".
+    pub non_2xx: u64,
+    /// Sum of "Socket errors: connect a, read b, write c, timeout d".
+    pub socket_errors: u64,
+}
+
+/// `264.31us`, `2.12ms`, `1.05s`, `1.20m`, `2.00h` as wrk prints them.
+pub fn parse_wrk_time(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, scale) = [("us", 1e-6), ("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)]
+        .iter()
+        .find_map(|(unit, scale)| s.strip_suffix(unit).map(|n| (n, *scale)))?;
+    let v: f64 = num.trim().parse().ok()?;
+    (v.is_finite() && v >= 0.0).then(|| Duration::from_secs_f64(v * scale))
+}
+
+pub fn parse_wrk(text: &str) -> Result<WrkOutput, String> {
+    let mut rps = None;
+    let mut p50 = None;
+    let mut p99 = None;
+    let mut requests = 0;
+    let mut non_2xx = 0;
+    let mut socket_errors = 0;
+    let mut in_distribution = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            rps = Some(v.trim().parse::<f64>().map_err(|e| format!("bad Requests/sec {v:?}: {e}"))?);
+        } else if t.starts_with("Latency Distribution") {
+            in_distribution = true;
+        } else if in_distribution && let Some((pct, value)) = t.split_once('%') {
+            let at = parse_wrk_time(value).ok_or_else(|| format!("bad latency {value:?} in {t:?}"))?;
+            match pct.trim() {
+                "50" => p50 = Some(at),
+                "99" => p99 = Some(at),
+                _ => {}
+            }
+        } else {
+            in_distribution = false;
+            if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+                non_2xx = v.trim().parse().map_err(|e| format!("bad {t:?}: {e}"))?;
+            } else if let Some(v) = t.strip_prefix("Socket errors:") {
+                // connect 0, read 12, write 0, timeout 3
+                for part in v.split(',') {
+                    let n = part.split_whitespace().last().and_then(|n| n.parse::<u64>().ok()).ok_or_else(|| format!("bad {t:?}"))?;
+                    socket_errors += n;
+                }
+            } else if let Some((n, rest)) = t.split_once(' ')
+                && rest.starts_with("requests in ")
+            {
+                requests = n.parse().map_err(|e| format!("bad {t:?}: {e}"))?;
+            }
+        }
+    }
+    let requests_per_sec = rps.ok_or("no \"Requests/sec:\" line")?;
+    let p99 = p99.ok_or("no 99% line in the latency distribution (was --latency passed?)")?;
+    Ok(WrkOutput { requests_per_sec, p50, p99, requests, non_2xx, socket_errors })
+}
+
+// ---------------------------------------------------------------- running
+
+/// Where the CLI finds the demo: next to the running `slipway` binary.
+pub fn default_demo_bin() -> PathBuf {
+    std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("slipway-demo"))).unwrap_or_else(|| PathBuf::from("slipway-demo"))
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|f| std::fs::metadata(f).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+fn free_port() -> Result<u16, ServiceBenchError> {
+    std::net::TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).map(|a| a.port()).map_err(io("cannot find a free port"))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Run both measurements, print the report (human or JSON) to stdout and
+/// return it. `demo_bin` is the `slipway-demo` binary
+/// ([`default_demo_bin`] finds it next to `slipway`).
+pub async fn run(opts: ServiceBenchOptions, demo_bin: &Path) -> Result<ServiceBenchReport, ServiceBenchError> {
+    if opts.threads == 0 {
+        return Err(ServiceBenchError::Options("--threads must be at least 1".into()));
+    }
+    if opts.connections < opts.threads {
+        return Err(ServiceBenchError::Options(format!("--connections ({}) must be at least --threads ({})", opts.connections, opts.threads)));
+    }
+    if opts.duration < Duration::from_secs(1) || opts.duration.subsec_nanos() != 0 {
+        return Err(ServiceBenchError::Options("--duration must be a whole number of seconds, at least 1s".into()));
+    }
+    if !(1..=64).contains(&opts.rollout_instances) {
+        return Err(ServiceBenchError::Options("--rollout-instances must be between 1 and 64".into()));
+    }
+    let wrk = find_on_path("wrk").ok_or(ServiceBenchError::WrkMissing)?;
+    let demo = std::fs::canonicalize(demo_bin).map_err(|_| ServiceBenchError::DemoMissing(demo_bin.to_path_buf()))?;
+    if !demo.is_file() {
+        return Err(ServiceBenchError::DemoMissing(demo_bin.to_path_buf()));
+    }
+    let wrk_version = wrk_version(&wrk).await?;
+    let progress = |msg: &str| eprintln!("slipway bench service: {msg}");
+
+    progress(&format!("proxy: wrk -t{} -c{} -d{}s, direct and through the proxy, {ROUNDS} rounds each", opts.threads, opts.connections, opts.duration.as_secs()));
+    let proxy = bench_proxy(&opts, &wrk, &demo).await?;
+    progress(&format!("rollouts of {} demo instances: {}", opts.rollout_instances, ROLLOUT_VERSIONS.join(" → ")));
+    let rollout = bench_rollouts(&opts, &demo).await?;
+
+    let report = ServiceBenchReport { cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), wrk_version, proxy, rollout };
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(report)
+}
+
+async fn wrk_version(wrk: &Path) -> Result<String, ServiceBenchError> {
+    // `wrk --version` prints its banner and usage, and exits 1.
+    let run = tokio::process::Command::new(wrk).arg("--version").stdin(Stdio::null()).kill_on_drop(true).output();
+    let limit = Duration::from_secs(10);
+    match tokio::time::timeout(limit, run).await {
+        Err(_) => Err(ServiceBenchError::Timeout { what: format!("{} --version", wrk.display()), after: limit }),
+        Ok(Err(e)) => Err(ServiceBenchError::Io { what: format!("cannot run {}", wrk.display()), source: e }),
+        Ok(Ok(out)) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            // "wrk debian/4.1.0-3+b2 [epoll] Copyright (C) 2012 Will Glozer"
+            let first = text.lines().next().unwrap_or("wrk").trim();
+            Ok(first.split(" Copyright").next().unwrap_or(first).to_string())
+        }
+    }
+}
+
+/// The demo, started directly; killed when dropped.
+struct Demo {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+}
+
+impl Demo {
+    async fn start(bin: &Path, version: &str) -> Result<Demo, ServiceBenchError> {
+        let port = free_port()?;
+        let mut child = tokio::process::Command::new(bin)
+            .args(["serve", "--port", &port.to_string(), "--version", version])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io(format!("cannot run {}", bin.display())))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut stderr = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use tokio::io::AsyncReadExt as _;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), e.read_to_string(&mut stderr)).await;
+                }
+                return Err(ServiceBenchError::Demo(format!("{} exited ({status}): {}", bin.display(), stderr.trim())));
+            }
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await {
+                return Ok(Demo { child, addr });
+            }
+            if started.elapsed() > DEMO_START_LIMIT {
+                return Err(ServiceBenchError::Timeout { what: format!("the demo service listening on {addr}"), after: DEMO_START_LIMIT });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// CPU time (user + system) the demo has used so far, from /proc.
+    fn cpu(&self) -> Duration {
+        self.child.id().and_then(proc_cpu).unwrap_or_default()
+    }
+}
+
+/// utime + stime of a process, from `/proc/PID/stat`.
+fn proc_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "pid (comm) ": state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+async fn run_wrk(wrk: &Path, opts: &ServiceBenchOptions, addr: SocketAddr) -> Result<WrkOutput, ServiceBenchError> {
+    let url = format!("http://{addr}/");
+    let run = tokio::process::Command::new(wrk)
+        .arg(format!("-t{}", opts.threads))
+        .arg(format!("-c{}", opts.connections))
+        .arg(format!("-d{}s", opts.duration.as_secs()))
+        .arg("--latency")
+        .arg(&url)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let limit = opts.duration + WRK_MARGIN;
+    let out = match tokio::time::timeout(limit, run).await {
+        Err(_) => return Err(ServiceBenchError::Timeout { what: format!("wrk against {url}"), after: limit }),
+        Ok(Err(e)) => return Err(ServiceBenchError::Io { what: format!("cannot run {}", wrk.display()), source: e }),
+        Ok(Ok(out)) => out,
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(ServiceBenchError::Wrk(format!("{} against {url}: {}{}", out.status, stdout.trim(), stderr.trim())));
+    }
+    parse_wrk(&stdout).map_err(|e| ServiceBenchError::Wrk(format!("cannot read its output ({e}):\n{stdout}")))
+}
+
+async fn bench_proxy(opts: &ServiceBenchOptions, wrk: &Path, demo_bin: &Path) -> Result<ProxyBench, ServiceBenchError> {
+    let demo = Demo::start(demo_bin, "1.0").await?;
+    let shutdown = CancellationToken::new();
+    let _stop_proxy = shutdown.clone().drop_guard();
+    let proxy = Proxy::bind("bench", SocketAddr::from(([127, 0, 0, 1], 0)), shutdown.clone()).await?;
+    proxy.set_backends(vec![demo.addr]);
+
+    let mut runs = Vec::with_capacity(2 * ROUNDS);
+    for round in 1..=ROUNDS {
+        for (via, addr) in [("direct", demo.addr), ("proxy", proxy.local_addr())] {
+            eprintln!("slipway bench service: proxy round {round} of {ROUNDS}: {via}");
+            let (self_before, demo_before) = (rusage_cpu(libc::RUSAGE_SELF), demo.cpu());
+            let w = run_wrk(wrk, opts, addr).await?;
+            let (self_cpu, demo_cpu) = (rusage_cpu(libc::RUSAGE_SELF).saturating_sub(self_before), demo.cpu().saturating_sub(demo_before));
+            let per = |d: Duration| if w.requests == 0 { 0.0 } else { d.as_secs_f64() * 1e6 / w.requests as f64 };
+            runs.push(WrkRun {
+                via,
+                rps: w.requests_per_sec,
+                p50_ms: w.p50.map(ms).unwrap_or(f64::NAN),
+                p99_ms: ms(w.p99),
+                requests: w.requests,
+                errors: w.non_2xx + w.socket_errors,
+                slipway_cpu_us_per_request: per(self_cpu),
+                demo_cpu_us_per_request: per(demo_cpu),
+            });
+        }
+    }
+    let proxy_errors = proxy.stats().errors;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), proxy.stopped()).await;
+    drop(demo);
+
+    let side = |via: &str, f: fn(&WrkRun) -> f64| median(&runs.iter().filter(|w| w.via == via).map(f).collect::<Vec<_>>());
+    let (rps_direct, rps_proxy) = (side("direct", |w| w.rps), side("proxy", |w| w.rps));
+    let (p99_direct_ms, p99_proxy_ms) = (side("direct", |w| w.p99_ms), side("proxy", |w| w.p99_ms));
+    Ok(ProxyBench {
+        duration_secs: opts.duration.as_secs(),
+        connections: opts.connections,
+        threads: opts.threads,
+        rounds: ROUNDS,
+        rps_direct,
+        rps_proxy,
+        p99_direct_ms,
+        p99_proxy_ms,
+        p50_direct_ms: side("direct", |w| w.p50_ms),
+        p50_proxy_ms: side("proxy", |w| w.p50_ms),
+        rps_ratio: ratio(rps_proxy, rps_direct),
+        p99_ratio: ratio(p99_proxy_ms, p99_direct_ms),
+        runs,
+        proxy_errors,
+    })
+}
+
+fn bench_spec(demo_bin: &Path, instances: u32, listen: SocketAddr) -> ServiceSpec {
+    ServiceSpec {
+        name: "bench".into(),
+        listen,
+        instances,
+        command: vec![demo_bin.display().to_string(), "serve".into(), "--port".into(), "{port}".into(), "--version".into(), "{version}".into()],
+        env: Default::default(),
+        health: HealthSpec {
+            check: HealthCheck::Http { path: "/healthz".into(), status: 200 },
+            interval: HEALTH_INTERVAL,
+            timeout: HEALTH_TIMEOUT,
+            healthy_after: HEALTHY_AFTER,
+            deadline: HEALTH_DEADLINE,
+        },
+        rollout: RolloutSpec { strategy: Strategy::Rolling { max_surge: 1, max_unavailable: 0 }, drain: DRAIN },
+        verify: None,
+        stop_grace: STOP_GRACE,
+        artifact: None,
+    }
+}
+
+/// A rollout's output lines, as they arrived, without the "[rollout] " prefix.
+type Lines = Vec<(Instant, String)>;
+
+/// Run one rollout, timing it and its output lines.
+async fn timed_rollout(manager: &Arc<ServiceManager>, req: RolloutRequest, from: &str) -> Result<(Duration, Lines), ServiceBenchError> {
+    let to = req.version.clone();
+    let instances = req.spec.instances;
+    let (tx, mut rx) = mpsc::channel::<(Stream, String)>(1024);
+    let collector = tokio::spawn(async move {
+        let mut lines = Vec::new();
+        while let Some((_, line)) = rx.recv().await {
+            let line = line.strip_prefix("[rollout] ").map(str::to_string).unwrap_or(line);
+            lines.push((Instant::now(), line));
+        }
+        lines
+    });
+    let limit = (HEALTH_DEADLINE + DRAIN + STOP_GRACE) * (2 * instances + 2) + Duration::from_secs(30);
+    let start = Instant::now();
+    let result = tokio::time::timeout(limit, manager.rollout(req, tx, CancellationToken::new())).await;
+    let total = start.elapsed();
+    let lines = tokio::time::timeout(Duration::from_secs(5), collector).await.ok().and_then(Result::ok).unwrap_or_default();
+    let failed = |reason: String| {
+        let tail: Vec<&str> = lines.iter().rev().take(8).rev().map(|(_, l)| l.as_str()).collect();
+        ServiceBenchError::Rollout { from: from.to_string(), to: to.clone(), reason: format!("{reason}; its last lines: {}", tail.join(" | ")) }
+    };
+    match result {
+        Err(_) => Err(ServiceBenchError::Timeout { what: format!("rollout {from} → {to}"), after: limit }),
+        Ok(r) if r.outcome != Outcome::Succeeded => Err(failed(format!("{}{}", r.outcome, r.reason.map(|r| format!(": {r}")).unwrap_or_default()))),
+        Ok(_) => Ok((total, lines)),
+    }
+}
+
+/// Split a rollout's time by its output lines (see [`RolloutRun`]).
+fn split_rollout(from: &str, to: &str, total: Duration, lines: &[(Instant, String)], instances: u32) -> RolloutRun {
+    let mut health = Vec::new();
+    let mut retire = Vec::new();
+    let mut batches = 0;
+    let mut started: Vec<(String, Instant)> = Vec::new();
+    for (i, (at, line)) in lines.iter().enumerate() {
+        if let Some(rest) = line.strip_prefix("started ") {
+            // "started NAME VERSION on ADDR (pid N)"
+            if let Some(addr) = rest.split(" on ").nth(1).and_then(|r| r.split_whitespace().next()) {
+                started.push((addr.to_string(), *at));
+            }
+        } else if let Some((addr, _)) = line.split_once(" is healthy: ") {
+            if let Some((_, t0)) = started.iter().find(|(a, _)| a == addr) {
+                health.push(at.saturating_duration_since(*t0));
+            }
+        } else if line.starts_with("traffic →") {
+            batches += 1;
+        } else if line.starts_with("stopped ") && i > 0 {
+            // The line before is "traffic →" (or another "stopped" of the
+            // same retirement, which then adds ~0).
+            retire.push(at.saturating_duration_since(lines[i - 1].0));
+        }
+    }
+    let intervals: u32 = health.iter().map(|d| (d.as_nanos() / HEALTH_INTERVAL.as_nanos()) as u32).sum();
+    let health_sum: Duration = health.iter().sum();
+    let retire_sum: Duration = retire.iter().sum();
+    let waits = health_sum + retire_sum;
+    let overhead = total.as_secs_f64() - waits.as_secs_f64();
+    RolloutRun {
+        from: from.to_string(),
+        to: to.to_string(),
+        total_secs: total.as_secs_f64(),
+        health_wait_secs: health_sum.as_secs_f64(),
+        health_waits_ms: health.iter().copied().map(ms).collect(),
+        health_intervals_waited: intervals,
+        health_interval_secs: (HEALTH_INTERVAL * intervals).as_secs_f64(),
+        retire_secs: retire_sum.as_secs_f64(),
+        retires_ms: retire.iter().copied().map(ms).collect(),
+        drain_configured_secs: (DRAIN * instances).as_secs_f64(),
+        waits_secs: waits.as_secs_f64(),
+        overhead_secs: overhead,
+        overhead_per_instance_ms: overhead * 1000.0 / instances as f64,
+        batches,
+    }
+}
+
+async fn bench_rollouts(opts: &ServiceBenchOptions, demo_bin: &Path) -> Result<RolloutBench, ServiceBenchError> {
+    let dir = TempDir::create()?;
+    let store = store::open(&format!("sqlite://{}", dir.0.join("bench.db").display())).await?;
+    let shutdown = CancellationToken::new();
+    // However this ends (even dropped), the proxy and the supervisor stop;
+    // instances nobody holds any more are killed by their own Drop.
+    let _stop = shutdown.clone().drop_guard();
+    let manager = ServiceManager::new(Arc::new(LocalTarget), store, shutdown.clone());
+    let n = opts.rollout_instances;
+    let spec = bench_spec(demo_bin, n, SocketAddr::from(([127, 0, 0, 1], free_port()?)));
+    let request = |i: usize| RolloutRequest {
+        sha256: None,
+        environment: "bench".into(),
+        deployment_id: i as i64 + 1,
+        revision: "bench".into(),
+        version: ROLLOUT_VERSIONS[i].into(),
+        spec: spec.clone(),
+        workdir: dir.0.clone(),
+    };
+
+    let measured = async {
+        // The first deploy starts from nothing: not timed.
+        timed_rollout(&manager, request(0), "nothing").await?;
+        let mut runs = Vec::new();
+        for i in 1..ROLLOUT_VERSIONS.len() {
+            let from = ROLLOUT_VERSIONS[i - 1];
+            let (total, lines) = timed_rollout(&manager, request(i), from).await?;
+            let run = split_rollout(from, ROLLOUT_VERSIONS[i], total, &lines, n);
+            eprintln!("slipway bench service: rollout {from} → {}: {:.3}s", run.to, run.total_secs);
+            runs.push(run);
+        }
+        Ok::<_, ServiceBenchError>(runs)
+    }
+    .await;
+
+    let stop_limit = STOP_GRACE * 2 + Duration::from_secs(10);
+    let _ = tokio::time::timeout(stop_limit, manager.stop_all_services()).await;
+    shutdown.cancel();
+    drop(dir);
+    let runs = measured?;
+
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by(|&a, &b| runs[a].total_secs.total_cmp(&runs[b].total_secs));
+    let median = runs[order[order.len() / 2]].clone();
+    Ok(RolloutBench {
+        instances: n,
+        health_interval_ms: ms(HEALTH_INTERVAL),
+        healthy_after: HEALTHY_AFTER,
+        drain_ms: ms(DRAIN),
+        stop_grace_ms: ms(STOP_GRACE),
+        runs,
+        median,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `wrk -t2 -c32 -d10s --latency` against the demo through a proxy that
+    /// answered some requests with errors.
+    const SAMPLE: &str = "Running 10s test @ http://127.0.0.1:41235/
+  2 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.37ms    2.01ms  52.40ms   91.92%
+    Req/Sec    13.52k     1.61k   17.21k    70.00%
+  Latency Distribution
+     50%  712.00us
+     75%    1.44ms
+     90%    3.12ms
+     99%    9.87ms
+  269012 requests in 10.01s, 35.15MB read
+  Socket errors: connect 0, read 3, write 0, timeout 2
+  Non-2xx or 3xx responses: 17
+Requests/sec:  26874.63
+Transfer/sec:      3.51MB
+";
+
+    #[test]
+    fn parses_wrk_latency_output() {
+        let w = parse_wrk(SAMPLE).expect("parses");
+        assert_eq!(w.requests_per_sec, 26874.63);
+        assert_eq!(w.p50, Some(Duration::from_micros(712)));
+        assert_eq!(w.p99, Duration::from_micros(9870));
+        assert_eq!(w.requests, 269012);
+        assert_eq!(w.non_2xx, 17);
+        assert_eq!(w.socket_errors, 5);
+    }
+
+    #[test]
+    fn parses_a_clean_run_with_second_latencies() {
+        let text = "Running 1s test @ http://127.0.0.1:8080/\n  1 threads and 1 connections\n  Latency Distribution\n     50%  208.00us\n     99%    1.05s\n  293246 requests in 2.10s, 38.31MB read\nRequests/sec: 139644.21\n";
+        let w = parse_wrk(text).expect("parses");
+        assert_eq!(w.p99, Duration::from_millis(1050));
+        assert_eq!((w.non_2xx, w.socket_errors, w.requests), (0, 0, 293246));
+    }
+
+    #[test]
+    fn wrk_time_units() {
+        assert_eq!(parse_wrk_time("264.31us"), Some(Duration::from_nanos(264_310)));
+        assert_eq!(parse_wrk_time("2.12ms"), Some(Duration::from_micros(2120)));
+        assert_eq!(parse_wrk_time(" 3.00s"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_wrk_time("1.50m"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_wrk_time("2.00h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_wrk_time("12"), None);
+        assert_eq!(parse_wrk_time("fast ms"), None);
+    }
+
+    #[test]
+    fn output_without_a_distribution_is_an_error() {
+        let text = "Running 1s test @ http://127.0.0.1:8080/\nRequests/sec: 10.00\n";
+        assert!(parse_wrk(text).unwrap_err().contains("--latency"));
+        assert!(parse_wrk("unable to connect to 127.0.0.1:1 Connection refused").is_err());
+    }
+
+    #[test]
+    fn rollout_time_is_split_by_its_lines() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let lines: Vec<(Instant, String)> = vec![
+            (at(0), "rolling bench out: 1.0 → 2.0 (1 instance(s), rolling, max surge 1, max unavailable 0)".into()),
+            (at(5), "started bench 2.0 on 127.0.0.1:4000 (pid 10)".into()),
+            (at(110), "127.0.0.1:4000 is healthy: GET /healthz → 200 \"ok 2.0\"".into()),
+            (at(111), "traffic → 1 of 1 instance(s) on 2.0".into()),
+            (at(121), "stopped 127.0.0.1:3000 (pid 9)".into()),
+            (at(125), "recorded: bench bench runs 2.0".into()),
+        ];
+        let r = split_rollout("1.0", "2.0", Duration::from_millis(130), &lines, 1);
+        assert!((r.health_wait_secs - 0.105).abs() < 1e-9, "{r:?}");
+        assert!((r.retire_secs - 0.010).abs() < 1e-9, "{r:?}");
+        assert!((r.overhead_secs - 0.015).abs() < 1e-9, "{r:?}");
+        assert_eq!((r.batches, r.health_intervals_waited, r.health_waits_ms.len(), r.retires_ms.len()), (1, 1, 1, 1));
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0]), 2.5);
+    }
+}
