@@ -89,7 +89,13 @@ impl Node {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener });
         let base = format!("http://{}", node.addr);
-        Node { base, node, http: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap(), _dir: dir }
+        Node { base, node, http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                // A refused oversized body makes the server close that
+                // connection; a pooled one could be reused mid-close.
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap(), _dir: dir }
     }
 
     fn dir(&self) -> &std::path::Path {
