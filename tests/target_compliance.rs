@@ -175,6 +175,8 @@ impl Harness {
             argv,
             env: BTreeMap::new(),
             workdir: self.dir.path().to_path_buf(),
+            image: None,
+            container_port: None,
         }
     }
 

@@ -30,10 +30,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve HTTP on 127.0.0.1:PORT.
+    /// Serve HTTP on HOST:PORT.
     Serve {
         #[arg(long)]
         port: u16,
+        /// 0.0.0.0 inside a container, whose published port arrives there.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
         #[arg(long)]
         version: String,
     },
@@ -85,7 +88,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Serve { port, version } => {
+        Cmd::Serve { port, host, version } => {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
@@ -94,7 +97,7 @@ fn main() -> ExitCode {
                 }
             };
             runtime.block_on(async move {
-                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                let addr = SocketAddr::new(host, port);
                 let listener = match tokio::net::TcpListener::bind(addr).await {
                     Ok(l) => l,
                     Err(e) => {

@@ -176,6 +176,8 @@ impl ServiceManager {
             argv: g.spec.command.iter().map(|a| substitute(a, &values)).collect(),
             env: g.spec.env.iter().map(|(k, v)| (k.clone(), substitute(v, &values))).collect(),
             workdir: g.workdir.clone(),
+            image: None,
+            container_port: None,
         };
         self.target.start_instance(req).await
     }

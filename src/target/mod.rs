@@ -12,6 +12,7 @@
 //! Targets live in `target/<name>/`: `local` (processes on this node) for
 //! now; Docker, SSH and ECS follow.
 
+pub mod docker;
 pub mod local;
 
 use std::collections::BTreeMap;
@@ -79,6 +80,10 @@ pub struct InstanceRequest {
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub workdir: PathBuf,
+    /// Container targets: the image to run (by digest once pinned) and
+    /// the port inside the container (published on `port`).
+    pub image: Option<String>,
+    pub container_port: Option<u16>,
 }
 
 /// A running instance of a service, as its target sees it.

@@ -83,7 +83,7 @@ fn build_command(req: &JobRequest) -> Result<Command, String> {
 /// process that started a job.
 const OWNER_ENV: &str = "SLIPWAY_OWNER";
 
-fn owner_mark() -> &'static str {
+pub(crate) fn owner_mark() -> &'static str {
     static MARK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     MARK.get_or_init(|| {
         let pid = std::process::id() as i32;

@@ -1,0 +1,220 @@
+//! The `docker` target: service instances are containers on the Docker
+//! Engine, driven through its API over the local socket (bollard), never
+//! through the `docker` CLI.
+//!
+//! Every container Slipway creates carries labels (`slipway.service`,
+//! `slipway.environment`, `slipway.version`, `slipway.owner`), so that a
+//! later Slipway can tell its containers from anyone else's; it never
+//! touches a container without them. The instance's port is published on
+//! 127.0.0.1 only: clients reach it through Slipway's proxy.
+//!
+//! First step of the Docker issue: instances from a local image. Pulling
+//! from a registry, digests, adoption after a restart and `gc` come next.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, InspectContainerOptions, LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    WaitContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Instance, InstanceRequest, JobRequest, OutputSink, RunResult, Target};
+use crate::store::Outcome;
+
+/// Every Engine call is bounded: a stuck daemon must not stall a rollout.
+const API_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lines of a container's log kept for the record of a failed rollout.
+const KEEP_LINES: usize = 40;
+
+pub const LABEL_SERVICE: &str = "slipway.service";
+pub const LABEL_ENVIRONMENT: &str = "slipway.environment";
+pub const LABEL_VERSION: &str = "slipway.version";
+pub const LABEL_OWNER: &str = "slipway.owner";
+
+#[derive(Clone)]
+pub struct DockerTarget {
+    docker: Docker,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("cannot reach the Docker Engine at its local socket: {0} (is dockerd running, and may this user use /var/run/docker.sock?)")]
+    Unreachable(String),
+}
+
+impl DockerTarget {
+    /// Connect to the local Engine and check that it answers.
+    pub async fn connect() -> Result<Self, DockerError> {
+        let docker = Docker::connect_with_local_defaults().map_err(|e| DockerError::Unreachable(e.to_string()))?;
+        match tokio::time::timeout(Duration::from_secs(5), docker.ping()).await {
+            Ok(Ok(_)) => Ok(DockerTarget { docker }),
+            Ok(Err(e)) => Err(DockerError::Unreachable(crate::service::error_chain(&e))),
+            Err(_) => Err(DockerError::Unreachable("no answer within 5s".into())),
+        }
+    }
+
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+}
+
+async fn bounded<T, E: std::error::Error>(what: &str, f: impl std::future::Future<Output = Result<T, E>>) -> Result<T, String> {
+    match tokio::time::timeout(API_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {}", crate::service::error_chain(&e))),
+        Err(_) => Err(format!("{what}: the Docker Engine did not answer within {}s", API_TIMEOUT.as_secs())),
+    }
+}
+
+pub struct DockerInstance {
+    docker: Docker,
+    id: String,
+    addr: SocketAddr,
+    exit: watch::Receiver<Option<String>>,
+    output: Arc<Mutex<VecDeque<String>>>,
+}
+
+#[async_trait]
+impl Target for DockerTarget {
+    async fn run(&self, _request: JobRequest, _output: OutputSink, _cancel: CancellationToken) -> RunResult {
+        RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some("jobs do not run on the docker target yet; only service instances do".into()) }
+    }
+
+    async fn start_instance(&self, req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {
+        let Some(image) = req.image.clone() else { return Err(format!("service {}: the docker target needs an image", req.service)) };
+        let container_port = req.container_port.unwrap_or(req.port);
+        let port_key = format!("{container_port}/tcp");
+        let labels = HashMap::from([
+            (LABEL_SERVICE.to_string(), req.service.clone()),
+            (LABEL_ENVIRONMENT.to_string(), req.environment.clone()),
+            (LABEL_VERSION.to_string(), req.version.clone()),
+            (LABEL_OWNER.to_string(), super::local::owner_mark().to_string()),
+        ]);
+        let mut env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.push(format!("SLIPWAY_SERVICE={}", req.service));
+        env.push(format!("SLIPWAY_ENV={}", req.environment));
+        env.push(format!("SLIPWAY_VERSION={}", req.version));
+        env.push(format!("SLIPWAY_PORT={container_port}"));
+        let body = ContainerCreateBody {
+            image: Some(image.clone()),
+            cmd: (!req.argv.is_empty()).then(|| req.argv.clone()),
+            env: Some(env),
+            labels: Some(labels),
+            exposed_ports: Some(vec![port_key.clone()]),
+            host_config: Some(HostConfig {
+                port_bindings: Some(HashMap::from([(
+                    port_key,
+                    Some(vec![PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(req.port.to_string()) }]),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let name = format!("slipway-{}-{}-{}", req.environment, req.service, req.port);
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let created = bounded(&format!("creating a container of {image}"), self.docker.create_container(Some(options), body)).await?;
+        let id = created.id;
+        if let Err(e) = bounded("starting the container", self.docker.start_container(&id, None)).await {
+            let _ = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
+            return Err(e);
+        }
+        let (exit_tx, exit) = watch::channel(None);
+        let output: Arc<Mutex<VecDeque<String>>> = Arc::default();
+        {
+            let (docker, id, output) = (self.docker.clone(), id.clone(), output.clone());
+            tokio::spawn(async move {
+                // The wait stream ends when the container stops (or the
+                // Engine goes away: then we say so).
+                let mut wait = docker.wait_container(&id, Some(WaitContainerOptionsBuilder::default().condition("not-running").build()));
+                let waited = wait.next().await;
+                let mut why = match waited {
+                    Some(Ok(r)) => format!("exit code {}", r.status_code),
+                    // bollard reports a non-zero exit as an error carrying the code.
+                    Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => format!("exit code {code}"),
+                    Some(Err(e)) => format!("lost track of it: {}", crate::service::error_chain(&e)),
+                    None => "lost track of it: the Engine closed the wait".into(),
+                };
+                if let Ok(Ok(info)) = tokio::time::timeout(API_TIMEOUT, docker.inspect_container(&id, None::<InspectContainerOptions>)).await
+                    && info.state.as_ref().and_then(|s| s.oom_killed) == Some(true)
+                {
+                    why.push_str(" (OOM-killed: it reached its memory limit)");
+                }
+                // Its own last words, for the record of a failed rollout.
+                let logs = docker.logs(&id, Some(LogsOptionsBuilder::default().stdout(true).stderr(true).tail(&KEEP_LINES.to_string()).build()));
+                let lines: Vec<String> = tokio::time::timeout(Duration::from_secs(5), logs.collect::<Vec<_>>())
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .flat_map(|l| l.to_string().lines().map(str::to_string).collect::<Vec<_>>())
+                    .collect();
+                if let Ok(mut o) = output.lock() {
+                    o.extend(lines);
+                    while o.len() > KEEP_LINES {
+                        o.pop_front();
+                    }
+                }
+                let _ = exit_tx.send(Some(why));
+            });
+        }
+        Ok(Arc::new(DockerInstance { docker: self.docker.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)), exit, output }))
+    }
+}
+
+#[async_trait]
+impl Instance for DockerInstance {
+    fn id(&self) -> String {
+        format!("container {}", &self.id[..self.id.len().min(12)])
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn exit(&self) -> Option<String> {
+        self.exit.borrow().clone()
+    }
+
+    async fn exited(&self) {
+        let mut rx = self.exit.clone();
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    fn last_output(&self) -> Vec<String> {
+        self.output.lock().map(|o| o.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    async fn stop(&self, grace: Duration) {
+        // The Engine sends SIGTERM, then SIGKILL after `t` seconds.
+        let t = grace.as_secs().max(1) as i32;
+        let stop = self.docker.stop_container(&self.id, Some(StopContainerOptionsBuilder::default().t(t).build()));
+        let _ = tokio::time::timeout(grace + API_TIMEOUT, stop).await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.exited()).await;
+        let remove = self.docker.remove_container(&self.id, Some(RemoveContainerOptionsBuilder::default().force(true).build()));
+        let _ = tokio::time::timeout(API_TIMEOUT, remove).await;
+    }
+}
+
+impl Drop for DockerInstance {
+    /// A container nobody holds any more must not keep running unseen.
+    fn drop(&mut self) {
+        if self.exit.borrow().is_none()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let (docker, id) = (self.docker.clone(), self.id.clone());
+            rt.spawn(async move {
+                let remove = docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build()));
+                let _ = tokio::time::timeout(API_TIMEOUT, remove).await;
+            });
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The docker target against the real Docker Engine on this machine.
+//!
+//! No image can be pulled here, so the test assembles one: a root
+//! filesystem holding the demo binary and the shared libraries it links
+//! (from `ldd`), imported through the Engine API. Without a reachable
+//! Engine the tests are skipped with a message, unless
+//! `SLIPWAY_REQUIRE_DOCKER=1` (set by scripts/test.sh when dockerd runs),
+//! which makes a missing Engine a failure.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::query_parameters::{CreateImageOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder};
+use futures_util::StreamExt;
+use slipway::target::docker::{DockerTarget, LABEL_OWNER, LABEL_SERVICE, LABEL_VERSION};
+use slipway::target::{InstanceRequest, Target};
+use tokio::sync::OnceCell;
+
+const IMAGE: &str = "slipway-test/demo:dev";
+
+async fn engine() -> Option<DockerTarget> {
+    match DockerTarget::connect().await {
+        Ok(t) => Some(t),
+        Err(e) if std::env::var("SLIPWAY_REQUIRE_DOCKER").as_deref() == Ok("1") => panic!("SLIPWAY_REQUIRE_DOCKER=1 but {e}"),
+        Err(e) => {
+            eprintln!("skipped: no Docker Engine ({e}); set SLIPWAY_REQUIRE_DOCKER=1 to make this a failure");
+            None
+        }
+    }
+}
+
+/// A tar of / for the image: the demo at /demo, plus every library `ldd`
+/// names, at the same paths.
+fn rootfs() -> Vec<u8> {
+    let demo = env!("CARGO_BIN_EXE_slipway-demo");
+    let ldd = Command::new("ldd").arg(demo).output().expect("run ldd");
+    let mut files: Vec<String> = String::from_utf8_lossy(&ldd.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')).map(str::to_string))
+        .collect();
+    files.sort();
+    files.dedup();
+    let mut b = tar::Builder::new(Vec::new());
+    // Plain ustar entries with the bytes read whole: the Engine's
+    // importer refuses GNU sparse entries.
+    let mut add = |path: &str, name: &str| {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        let mut h = tar::Header::new_ustar();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o755);
+        h.set_cksum();
+        b.append_data(&mut h, name, bytes.as_slice()).unwrap_or_else(|e| panic!("add {name}: {e}"));
+    };
+    add(demo, "demo");
+    for f in &files {
+        add(f, f.trim_start_matches('/'));
+    }
+    b.into_inner().expect("tar")
+}
+
+static IMAGE_READY: OnceCell<()> = OnceCell::const_new();
+
+async fn image(t: &DockerTarget) {
+    IMAGE_READY
+        .get_or_init(|| async {
+            let opts = CreateImageOptionsBuilder::default().from_src("-").repo("slipway-test/demo").tag("dev").build();
+            let mut s = t.client().create_image(Some(opts), Some(bollard::body_full(rootfs().into())), None);
+            while let Some(r) = s.next().await {
+                r.expect("import the demo image");
+            }
+        })
+        .await;
+}
+
+fn request(version: &str, port: u16, argv: &[&str]) -> InstanceRequest {
+    InstanceRequest {
+        service: "web".into(),
+        environment: "test".into(),
+        version: version.into(),
+        port,
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: BTreeMap::new(),
+        workdir: std::env::temp_dir(),
+        image: Some(IMAGE.into()),
+        container_port: Some(8080),
+    }
+}
+
+fn get(port: u16) -> Option<String> {
+    let out = Command::new("curl").args(["-sf", "--max-time", "2", &format!("http://127.0.0.1:{port}/")]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_instance_serves_carries_labels_and_stops() {
+    let Some(t) = engine().await else { return };
+    image(&t).await;
+    let port = common::free_port();
+    let i = t
+        .start_instance(request("1.0", port, &["/demo", "serve", "--host", "0.0.0.0", "--port", "8080", "--version", "1.0"]))
+        .await
+        .expect("start a container");
+    assert!(i.id().starts_with("container "), "{}", i.id());
+    let body = tokio::task::spawn_blocking(move || common::wait_for(Duration::from_secs(20), "the container to answer", || get(port))).await.expect("join");
+    assert_eq!(body, "hello from demo 1.0");
+    assert!(i.exit().is_none());
+
+    let containers = t
+        .client()
+        .list_containers(Some(ListContainersOptionsBuilder::default().all(true).build()))
+        .await
+        .expect("list containers");
+    let ours = containers.iter().find(|c| c.ports.iter().flatten().any(|p| p.public_port == Some(port))).expect("our container is listed");
+    let labels = ours.labels.clone().unwrap_or_default();
+    assert_eq!(labels.get(LABEL_SERVICE).map(String::as_str), Some("web"));
+    assert_eq!(labels.get(LABEL_VERSION).map(String::as_str), Some("1.0"));
+    assert!(labels.contains_key(LABEL_OWNER), "{labels:?}");
+    let id = ours.id.clone().expect("id");
+
+    i.stop(Duration::from_secs(2)).await;
+    assert!(i.exit().is_some(), "stopped");
+    assert!(get(port).is_none(), "nothing answers after stop");
+    assert!(t.client().inspect_container(&id, None::<InspectContainerOptions>).await.is_err(), "the container is removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_exits_says_its_exit_code_and_last_output() {
+    let Some(t) = engine().await else { return };
+    image(&t).await;
+    let i: Arc<dyn slipway::target::Instance> = t
+        .start_instance(request("1.0", common::free_port(), &["/demo", "migrate", "--file", "/no/such/dir/log", "--version", "1.0"]))
+        .await
+        .expect("start a container");
+    tokio::time::timeout(Duration::from_secs(20), i.exited()).await.expect("it exits");
+    let why = i.exit().unwrap_or_default();
+    assert!(why.contains("exit code 1"), "{why}");
+    let out = i.last_output().join("\n");
+    assert!(out.contains("cannot write /no/such/dir/log"), "its own log, without `docker logs`: {out:?}");
+    i.stop(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_image_is_a_clear_error() {
+    let Some(t) = engine().await else { return };
+    let mut req = request("1.0", common::free_port(), &[]);
+    req.image = Some("slipway-test/no-such-image:1".into());
+    let e = t.start_instance(req).await.err().expect("refused");
+    assert!(e.contains("slipway-test/no-such-image:1") && e.to_lowercase().contains("no such image"), "{e}");
+}
