@@ -87,6 +87,8 @@ fn request(version: &str, port: u16, argv: &[&str]) -> InstanceRequest {
         workdir: std::env::temp_dir(),
         image: Some(IMAGE.into()),
         container_port: Some(8080),
+        memory_bytes: None,
+        millicpus: None,
     }
 }
 
@@ -150,4 +152,90 @@ async fn an_unknown_image_is_a_clear_error() {
     req.image = Some("slipway-test/no-such-image:1".into());
     let e = t.start_instance(req).await.err().expect("refused");
     assert!(e.contains("slipway-test/no-such-image:1") && e.to_lowercase().contains("no such image"), "{e}");
+}
+
+/// The demo image under the tags a test deploys (all the same bytes: the
+/// version reaches the demo through its command line).
+async fn tagged(t: &DockerTarget, tags: &[&str]) {
+    image(t).await;
+    for tag in tags {
+        let opts = bollard::query_parameters::TagImageOptionsBuilder::default().repo("slipway-test/demo").tag(tag).build();
+        t.client().tag_image(IMAGE, Some(opts)).await.expect("tag the demo image");
+    }
+}
+
+fn docker_config(port: u16) -> String {
+    format!(
+        r#"
+[[environment]]
+name = "staging"
+
+[[service]]
+name = "web"
+target = "docker"
+image = "slipway-test/demo"
+port = 8080
+memory = "64m"
+cpus = 0.5
+listen = "127.0.0.1:{port}"
+instances = 2
+command = ["/demo", "serve", "--host", "0.0.0.0", "--port", "{{port}}", "--version", "{{version}}"]
+health = {{ http = "/healthz", interval = "100ms", healthy_after = 2, deadline = "5s" }}
+rollout = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, drain = "300ms" }}
+"#
+    )
+}
+
+#[test]
+fn containers_roll_out_and_back_under_load_without_a_failed_request() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let Some(t) = rt.block_on(engine()) else { return };
+    rt.block_on(tagged(&t, &["1.0", "2.0", "3.0"]));
+    let port = common::free_port();
+    let dir = common::config_dir(&docker_config(port), &[]);
+    let server = common::Server::start(dir.path(), None, &[]);
+    let deploy = |v: &str| server.cli(dir.path(), &["deploy", "web", v, "--env", "staging"]);
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+
+    let out = deploy("1.0");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(get(port).as_deref(), Some("hello from demo 1.0"));
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loader = common::load(port, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let two = deploy("2.0");
+    let three = deploy("3.0");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed, errors) = loader.join().expect("load");
+    assert!(two.status.success(), "{}", text(&two));
+    assert!(ok > 100, "{ok} requests");
+    assert_eq!(failed, 0, "{failed} failed: {errors:?}");
+    assert_eq!(three.status.code(), Some(1), "{}", text(&three));
+    assert!(text(&three).contains("rolled back to 2.0") && text(&three).contains("GET /healthz → 500"), "{}", text(&three));
+    assert_eq!(get(port).as_deref(), Some("hello from demo 2.0"));
+
+    // Two containers of 2.0 run, labelled, with the limits asked for.
+    let containers = rt
+        .block_on(t.client().list_containers(Some(
+            ListContainersOptionsBuilder::default().filters(&std::collections::HashMap::from([("label", vec!["slipway.service=web"])])).build(),
+        )))
+        .expect("list");
+    let ours: Vec<_> = containers.iter().filter(|c| c.ports.iter().flatten().any(|p| p.public_port.is_some())).filter(|c| {
+        c.labels.as_ref().and_then(|l| l.get(LABEL_OWNER)).is_some_and(|o| o.starts_with(&format!("{}.", server.child.id())))
+    }).collect();
+    assert_eq!(ours.len(), 2, "{ours:?}");
+    assert!(ours.iter().all(|c| c.labels.as_ref().and_then(|l| l.get(LABEL_VERSION)).map(String::as_str) == Some("2.0")));
+    let id = ours[0].id.clone().expect("id");
+    let info = rt.block_on(t.client().inspect_container(&id, None::<InspectContainerOptions>)).expect("inspect");
+    let hc = info.host_config.expect("host config");
+    assert_eq!((hc.memory, hc.nano_cpus), (Some(64 << 20), Some(500_000_000)));
+
+    // A graceful stop removes them.
+    let mut server = server;
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let _ = server.child.wait();
+    let left = rt.block_on(t.client().inspect_container(&id, None::<InspectContainerOptions>));
+    assert!(left.is_err(), "stopped with its node");
 }

@@ -7,10 +7,10 @@ mod common;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Server, config_dir, free_port, get_json, wait_for};
+use common::{Server, config_dir, free_port, get_json, load, wait_for};
 
 fn demo_bin() -> &'static str {
     env!("CARGO_BIN_EXE_slipway-demo")
@@ -78,56 +78,6 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
-}
-
-/// HTTP load through the proxy from several keep-alive clients until
-/// `stop`; returns (ok, failed, first failures).
-fn load(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, u64, Vec<String>)> {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        rt.block_on(async move {
-            let ok = Arc::new(AtomicU64::new(0));
-            let failed = Arc::new(AtomicU64::new(0));
-            let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-            let mut tasks = Vec::new();
-            for _ in 0..8 {
-                let (ok, failed, errors, stop) = (ok.clone(), failed.clone(), errors.clone(), stop.clone());
-                tasks.push(tokio::spawn(async move {
-                    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
-                    while !stop.load(Ordering::SeqCst) {
-                        let got = match client.get(format!("http://127.0.0.1:{port}/")).send().await {
-                            Ok(r) => {
-                                let status = r.status();
-                                match r.text().await {
-                                    Ok(body) if status.is_success() && body.starts_with("hello") => Ok(()),
-                                    Ok(body) => Err(format!("status {status}: {body}")),
-                                    Err(e) => Err(format!("status {status}, body: {e}")),
-                                }
-                            }
-                            Err(e) => Err(e.to_string()),
-                        };
-                        match got {
-                            Ok(()) => {
-                                ok.fetch_add(1, Ordering::SeqCst);
-                            }
-                            Err(err) => {
-                                failed.fetch_add(1, Ordering::SeqCst);
-                                let mut e = errors.lock().expect("lock");
-                                if e.len() < 5 {
-                                    e.push(err);
-                                }
-                            }
-                        }
-                    }
-                }));
-            }
-            for t in tasks {
-                let _ = t.await;
-            }
-            let e = errors.lock().expect("lock").clone();
-            (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst), e)
-        })
-    })
 }
 
 fn text(out: &std::process::Output) -> String {
@@ -484,4 +434,31 @@ fn a_failed_verify_is_never_what_rollback_returns_to() {
     assert_eq!((&services[0]["version"], &services[0]["previous_version"]), (&"2.0".into(), &"1.0".into()), "{services}");
     assert!(server.cli(dir.path(), &["rollback", "web"]).status.success());
     assert_eq!(hello(port).as_deref(), Some("hello from demo 1.0"));
+}
+
+#[test]
+fn container_keys_are_checked_against_the_target() {
+    let dir = config_dir(
+        r#"
+[[service]]
+name = "api"
+listen = "127.0.0.1:8081"
+command = ["./api", "{port}"]
+image = "registry.example.org/api"
+
+[[service]]
+name = "web"
+target = "docker"
+listen = "127.0.0.1:8082"
+image = "Registry/Web:latest"
+memory = "1k"
+"#,
+        &[],
+    );
+    let out = std::process::Command::new(common::slipway_bin()).arg("--config").arg(dir.path()).arg("validate").output().expect("run");
+    assert_eq!(out.status.code(), Some(3));
+    let said = text(&out);
+    for expected in ["`image` is for containers", "has no `port`", "is not an image name without a tag", "not a size of at least 6m"] {
+        assert!(said.contains(expected), "missing {expected:?} in:\n{said}");
+    }
 }

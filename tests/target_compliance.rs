@@ -177,6 +177,8 @@ impl Harness {
             workdir: self.dir.path().to_path_buf(),
             image: None,
             container_port: None,
+            memory_bytes: None,
+            millicpus: None,
         }
     }
 

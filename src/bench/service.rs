@@ -580,6 +580,7 @@ fn bench_spec(demo_bin: &Path, instances: u32, listen: SocketAddr) -> ServiceSpe
         verify: None,
         stop_grace: STOP_GRACE,
         artifact: None,
+        container: None,
     }
 }
 

@@ -10,7 +10,7 @@ use super::diagnostic::{Problem, ProblemKind, did_you_mean};
 const TOP: &[&str] = &["project", "environment", "service", "job"];
 const PROJECT: &[&str] = &["name", "parallelism", "store", "lease", "max_log_bytes"];
 const ENVIRONMENT: &[&str] = &["name"];
-const SERVICE: &[&str] = &["name", "target", "listen", "instances", "command", "env", "health", "rollout", "migrate", "verify", "stop_grace", "artifact"];
+const SERVICE: &[&str] = &["name", "target", "listen", "instances", "command", "env", "health", "rollout", "migrate", "verify", "stop_grace", "artifact", "image", "port", "memory", "cpus"];
 const ARTIFACT: &[&str] = &["url", "attempts", "timeout"];
 const HEALTH: &[&str] = &["http", "status", "command", "interval", "timeout", "healthy_after", "deadline"];
 const ROLLOUT: &[&str] = &["strategy", "max_surge", "max_unavailable", "drain"];

@@ -43,6 +43,42 @@ pub struct ServiceSpec {
     /// A release tarball to fetch per version; the service's commands
     /// then run in its unpacked directory.
     pub artifact: Option<ArtifactSpec>,
+    /// `target = "docker"`: the image and how to run it.
+    #[serde(default)]
+    pub container: Option<ContainerSpec>,
+}
+
+/// How a docker service's containers run. The deploy's version is the
+/// image tag (`image:version`); `command`, when set, replaces the image's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// `registry/repository`, without a tag.
+    pub image: String,
+    /// The port the service listens on inside the container.
+    pub port: u16,
+    pub memory_bytes: Option<u64>,
+    /// Thousandths of a CPU.
+    pub millicpus: Option<u32>,
+}
+
+/// "256m", "1g", "512k", or bytes.
+fn memory(s: &Spanned<String>, problems: &mut Vec<Problem>) -> Option<u64> {
+    let t = s.get_ref().trim().to_ascii_lowercase();
+    let (digits, mult) = match t.strip_suffix(['k', 'm', 'g']) {
+        Some(d) => (d, match t.chars().last() { Some('k') => 1u64 << 10, Some('m') => 1 << 20, _ => 1 << 30 }),
+        None => (t.as_str(), 1),
+    };
+    match digits.trim().parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).filter(|n| *n >= 6 << 20) {
+        Some(n) => Some(n),
+        None => {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(s.span()), format!("`memory` {:?} is not a size of at least 6m", s.get_ref()))
+                    .label("not a size")
+                    .hint("write e.g. \"256m\" or \"1g\" (the Docker Engine refuses less than 6m)"),
+            );
+            None
+        }
+    }
 }
 
 /// Where a service's release tarballs come from. The SHA-256 of each comes
@@ -124,6 +160,10 @@ pub(super) struct RawService {
     pub verify: Option<Spanned<RawStep>>,
     pub stop_grace: Option<Spanned<String>>,
     pub artifact: Option<Spanned<RawArtifact>>,
+    pub image: Option<Spanned<String>>,
+    pub port: Option<Spanned<i64>>,
+    pub memory: Option<Spanned<String>>,
+    pub cpus: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -218,19 +258,37 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
     check_name(&raw.name, "service", problems);
     let name = raw.name.get_ref().clone();
     let target = match raw.target {
-        Some(t) if t.get_ref() != "local" => {
+        Some(t) if t.get_ref() != "local" && t.get_ref() != "docker" => {
             problems.push(
                 Problem::new(ProblemKind::InvalidValue, Some(t.span()), format!("unknown target {:?}", t.get_ref()))
                     .label("unknown target")
-                    .hint("this version of Slipway supports target = \"local\""),
+                    .hint("this version of Slipway supports target = \"local\" and \"docker\""),
             );
             t.into_inner()
         }
         Some(t) => t.into_inner(),
         None => "local".to_string(),
     };
+    let docker = target == "docker";
     let service = super::Service { span: raw.name.span(), name: name.clone(), target, spec: None };
-    let Some(command) = raw.command else {
+    if !docker {
+        for (present, key) in [
+            (raw.image.as_ref().map(|s| s.span()), "image"),
+            (raw.port.as_ref().map(|s| s.span()), "port"),
+            (raw.memory.as_ref().map(|s| s.span()), "memory"),
+            (raw.cpus.as_ref().map(|s| s.span()), "cpus"),
+        ] {
+            if let Some(span) = present {
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(span), format!("`{key}` is for containers, and service {name:?} runs on the local target"))
+                        .label("docker only")
+                        .hint("add target = \"docker\" to the service, or remove the key"),
+                );
+            }
+        }
+    }
+    let managed = raw.command.is_some() || (docker && raw.image.is_some());
+    if !managed {
         // Not managed: every managed-only key is a mistake worth naming.
         for (present, key) in [
             (raw.listen.as_ref().map(|s| s.span()), "listen"),
@@ -250,10 +308,62 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
             }
         }
         return (service, Built { spec: None, jobs: vec![] });
+    }
+    let command_span = raw.command.as_ref().map(|c| c.span()).unwrap_or_else(|| raw.name.span());
+    let command = raw.command.as_ref().map(|c| argv(c, "command", problems)).unwrap_or_default();
+    let container = if docker {
+        let port = match &raw.port {
+            Some(p) if (1..=65535).contains(p.get_ref()) => Some(*p.get_ref() as u16),
+            Some(p) => {
+                problems.push(Problem::new(ProblemKind::InvalidValue, Some(p.span()), format!("`port` {} is not a port", p.get_ref())).label("1–65535"));
+                None
+            }
+            None => {
+                problems.push(
+                    Problem::new(ProblemKind::MissingKey, Some(raw.name.span()), format!("docker service {name:?} has no `port`"))
+                        .label("this service")
+                        .hint("add port = 8080: the port the service listens on inside its container"),
+                );
+                None
+            }
+        };
+        let image = match &raw.image {
+            Some(i) if crate::config::valid_image(i.get_ref()) => Some(i.get_ref().clone()),
+            Some(i) => {
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(i.span()), format!("`image` {:?} is not an image name without a tag", i.get_ref()))
+                        .label("not registry/repository")
+                        .hint("e.g. image = \"registry.example.org:5000/team/web\"; the deploy's version is the tag"),
+                );
+                None
+            }
+            None => {
+                problems.push(
+                    Problem::new(ProblemKind::MissingKey, Some(raw.name.span()), format!("docker service {name:?} has no `image`"))
+                        .label("this service")
+                        .hint("add image = \"registry.example.org/team/web\""),
+                );
+                None
+            }
+        };
+        let millicpus = raw.cpus.as_ref().and_then(|c| {
+            let v = *c.get_ref();
+            if v > 0.0 && v <= 1024.0 {
+                Some((v * 1000.0).round() as u32)
+            } else {
+                problems.push(Problem::new(ProblemKind::InvalidValue, Some(c.span()), format!("`cpus` {v} is not between 0 and 1024")).label("out of range"));
+                None
+            }
+        });
+        let memory_bytes = raw.memory.as_ref().and_then(|m| memory(m, problems));
+        match (image, port) {
+            (Some(image), Some(port)) => Some(ContainerSpec { image, port, memory_bytes, millicpus }),
+            _ => None,
+        }
+    } else {
+        None
     };
-    let command_span = command.span();
-    let command = argv(&command, "command", problems);
-    if !command.iter().any(|a| a.contains("{port}")) && !raw.env.values().any(|v| v.contains("{port}")) {
+    if !docker && !command.iter().any(|a| a.contains("{port}")) && !raw.env.values().any(|v| v.contains("{port}")) {
         problems.push(
             Problem::new(ProblemKind::InvalidValue, Some(command_span.clone()), format!("service {name:?}: its command never receives {{port}}"))
                 .label("no {port}")
@@ -416,7 +526,10 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
     let Some(listen) = listen else {
         return (service, Built { spec: None, jobs: vec![] });
     };
-    let spec = ServiceSpec { name: name.clone(), listen, instances, command, env: raw.env, health, rollout, verify, stop_grace, artifact };
+    if docker && container.is_none() {
+        return (service, Built { spec: None, jobs: vec![] });
+    }
+    let spec = ServiceSpec { name: name.clone(), listen, instances, command, env: raw.env, health, rollout, verify, stop_grace, artifact, container };
     let job = |job_name: String, command: Command, timeout: Duration, idempotent: bool, needs: Vec<String>| Job {
         name: job_name,
         spans: JobSpans { name: raw.name.span(), needs: needs.iter().map(|_| raw.name.span()).collect(), ..JobSpans::default() },

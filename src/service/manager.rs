@@ -71,7 +71,10 @@ struct Managed {
 }
 
 pub struct ServiceManager {
+    /// Runs `verify` steps (processes on this node).
     target: Arc<dyn Target>,
+    /// Where instances start, by the service's target.
+    targets: Arc<dyn crate::target::Targets>,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
     client: reqwest::Client,
@@ -104,8 +107,14 @@ fn free_port() -> Result<u16, String> {
 
 impl ServiceManager {
     pub fn new(target: Arc<dyn Target>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Arc<Self> {
+        let targets: Arc<dyn crate::target::Targets> = Arc::new(crate::target::NodeTargets::new(target.clone()));
+        Self::with_targets(target, targets, store, shutdown)
+    }
+
+    /// `targets` resolves the target each service runs on.
+    pub fn with_targets(target: Arc<dyn Target>, targets: Arc<dyn crate::target::Targets>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Arc<Self> {
         let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).pool_max_idle_per_host(0).build().unwrap_or_default();
-        Arc::new(ServiceManager { target, store, shutdown, client, services: Mutex::new(HashMap::new()) })
+        Arc::new(ServiceManager { target, targets, store, shutdown, client, services: Mutex::new(HashMap::new()) })
     }
 
     /// The service's entry, binding its proxy on first use. A port in use
@@ -167,7 +176,9 @@ impl ServiceManager {
 
     async fn start_one(&self, environment: &str, g: &Generation) -> Result<Arc<dyn Instance>, String> {
         let port = free_port()?;
-        let values = self.values(environment, g, port);
+        // In a container, `{port}` is the port inside it.
+        let values = self.values(environment, g, g.spec.container.as_ref().map(|c| c.port).unwrap_or(port));
+        let c = g.spec.container.as_ref();
         let req = InstanceRequest {
             service: g.spec.name.clone(),
             environment: environment.to_string(),
@@ -176,10 +187,13 @@ impl ServiceManager {
             argv: g.spec.command.iter().map(|a| substitute(a, &values)).collect(),
             env: g.spec.env.iter().map(|(k, v)| (k.clone(), substitute(v, &values))).collect(),
             workdir: g.workdir.clone(),
-            image: None,
-            container_port: None,
+            image: c.map(|c| format!("{}:{}", c.image, g.version)),
+            container_port: c.map(|c| c.port),
+            memory_bytes: c.and_then(|c| c.memory_bytes),
+            millicpus: c.and_then(|c| c.millicpus),
         };
-        self.target.start_instance(req).await
+        let target = self.targets.get(if c.is_some() { "docker" } else { "local" }).await?;
+        target.start_instance(req).await
     }
 
     /// Start `count` instances of `g` and wait until all are healthy. On

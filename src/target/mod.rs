@@ -84,6 +84,48 @@ pub struct InstanceRequest {
     /// the port inside the container (published on `port`).
     pub image: Option<String>,
     pub container_port: Option<u16>,
+    /// Container targets: limits (bytes; thousandths of a CPU).
+    pub memory_bytes: Option<u64>,
+    pub millicpus: Option<u32>,
+}
+
+/// The targets a node can start service instances on, by name. A target
+/// that needs a connection (the Docker Engine) is connected on first use
+/// and again after a failure, so an Engine that comes back resumes work.
+#[async_trait]
+pub trait Targets: Send + Sync + 'static {
+    async fn get(&self, name: &str) -> Result<std::sync::Arc<dyn Target>, String>;
+}
+
+/// This node's targets: `local` always; `docker` when its Engine answers.
+pub struct NodeTargets {
+    local: std::sync::Arc<dyn Target>,
+    docker: tokio::sync::Mutex<Option<std::sync::Arc<dyn Target>>>,
+}
+
+impl NodeTargets {
+    pub fn new(local: std::sync::Arc<dyn Target>) -> Self {
+        NodeTargets { local, docker: tokio::sync::Mutex::new(None) }
+    }
+}
+
+#[async_trait]
+impl Targets for NodeTargets {
+    async fn get(&self, name: &str) -> Result<std::sync::Arc<dyn Target>, String> {
+        match name {
+            "local" => Ok(self.local.clone()),
+            "docker" => {
+                let mut d = self.docker.lock().await;
+                if let Some(t) = &*d {
+                    return Ok(t.clone());
+                }
+                let t: std::sync::Arc<dyn Target> = std::sync::Arc::new(docker::DockerTarget::connect().await.map_err(|e| e.to_string())?);
+                *d = Some(t.clone());
+                Ok(t)
+            }
+            other => Err(format!("unknown target {other:?}")),
+        }
+    }
 }
 
 /// A running instance of a service, as its target sees it.

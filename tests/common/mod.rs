@@ -263,3 +263,54 @@ unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
 }
+
+/// HTTP load through the proxy from several keep-alive clients until
+/// `stop`; returns (ok, failed, first failures).
+pub fn load(port: u16, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<(u64, u64, Vec<String>)> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let mut tasks = Vec::new();
+            for _ in 0..8 {
+                let (ok, failed, errors, stop) = (ok.clone(), failed.clone(), errors.clone(), stop.clone());
+                tasks.push(tokio::spawn(async move {
+                    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let got = match client.get(format!("http://127.0.0.1:{port}/")).send().await {
+                            Ok(r) => {
+                                let status = r.status();
+                                match r.text().await {
+                                    Ok(body) if status.is_success() && body.starts_with("hello") => Ok(()),
+                                    Ok(body) => Err(format!("status {status}: {body}")),
+                                    Err(e) => Err(format!("status {status}, body: {e}")),
+                                }
+                            }
+                            Err(e) => Err(e.to_string()),
+                        };
+                        match got {
+                            Ok(()) => {
+                                ok.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            Err(err) => {
+                                failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                let mut e = errors.lock().expect("lock");
+                                if e.len() < 5 {
+                                    e.push(err);
+                                }
+                            }
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+            let e = errors.lock().expect("lock").clone();
+            (ok.load(std::sync::atomic::Ordering::SeqCst), failed.load(std::sync::atomic::Ordering::SeqCst), e)
+        })
+    })
+}
+

@@ -111,6 +111,8 @@ impl Target for DockerTarget {
             labels: Some(labels),
             exposed_ports: Some(vec![port_key.clone()]),
             host_config: Some(HostConfig {
+                memory: req.memory_bytes.map(|b| b.min(i64::MAX as u64) as i64),
+                nano_cpus: req.millicpus.map(|m| i64::from(m) * 1_000_000),
                 port_bindings: Some(HashMap::from([(
                     port_key,
                     Some(vec![PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(req.port.to_string()) }]),
