@@ -154,17 +154,69 @@ async fn an_unknown_image_is_a_clear_error() {
     assert!(e.contains("slipway-test/no-such-image:1") && e.to_lowercase().contains("no such image"), "{e}");
 }
 
-/// The demo image under the tags a test deploys (all the same bytes: the
-/// version reaches the demo through its command line).
-async fn tagged(t: &DockerTarget, tags: &[&str]) {
-    image(t).await;
-    for tag in tags {
-        let opts = bollard::query_parameters::TagImageOptionsBuilder::default().repo("slipway-test/demo").tag(tag).build();
-        t.client().tag_image(IMAGE, Some(opts)).await.expect("tag the demo image");
+/// Debian's docker-registry on a free 127.0.0.1 port with its own config
+/// and storage; killed on drop. (dockerd treats 127.0.0.0/8 registries as
+/// insecure, so plain HTTP works without configuring the Engine.)
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = common::free_port();
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config).expect("write registry config");
+        let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"].into_iter().find(|p| std::path::Path::new(p).exists()).unwrap_or_else(|| {
+            panic!("Debian's docker-registry is not installed (scripts/test.sh installs it: apt-get install docker-registry)")
+        });
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry");
+        common::wait_for(Duration::from_secs(20), "the registry to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+        Registry { child, port, _dir: dir }
+    }
+
+    fn repo(&self) -> String {
+        format!("127.0.0.1:{}/demo", self.port)
+    }
+
+    /// Push the demo image to this registry as `repo:tag`, for each tag
+    /// (all the same bytes unless `marker` changes them: the version
+    /// reaches the demo through its command line).
+    async fn push(&self, t: &DockerTarget, tags: &[&str]) {
+        image(t).await;
+        for tag in tags {
+            let opts = bollard::query_parameters::TagImageOptionsBuilder::default().repo(&self.repo()).tag(tag).build();
+            t.client().tag_image(IMAGE, Some(opts)).await.expect("tag the demo image");
+            let opts = bollard::query_parameters::PushImageOptionsBuilder::default().tag(tag).build();
+            let mut s = t.client().push_image(&self.repo(), Some(opts), None);
+            while let Some(r) = s.next().await {
+                let info = r.expect("push to the test registry");
+                assert!(info.error_detail.is_none(), "push failed: {info:?}");
+            }
+        }
     }
 }
 
-fn docker_config(port: u16) -> String {
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn docker_config(port: u16, image: &str) -> String {
     format!(
         r#"
 [[environment]]
@@ -173,7 +225,7 @@ name = "staging"
 [[service]]
 name = "web"
 target = "docker"
-image = "slipway-test/demo"
+image = "{image}"
 port = 8080
 memory = "64m"
 cpus = 0.5
@@ -190,9 +242,10 @@ rollout = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, drain = "
 fn containers_roll_out_and_back_under_load_without_a_failed_request() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let Some(t) = rt.block_on(engine()) else { return };
-    rt.block_on(tagged(&t, &["1.0", "2.0", "3.0"]));
+    let registry = Registry::start();
+    rt.block_on(registry.push(&t, &["1.0", "2.0", "3.0"]));
     let port = common::free_port();
-    let dir = common::config_dir(&docker_config(port), &[]);
+    let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
     let server = common::Server::start(dir.path(), None, &[]);
     let deploy = |v: &str| server.cli(dir.path(), &["deploy", "web", v, "--env", "staging"]);
     let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
@@ -238,4 +291,79 @@ fn containers_roll_out_and_back_under_load_without_a_failed_request() {
     let _ = server.child.wait();
     let left = rt.block_on(t.client().inspect_container(&id, None::<InspectContainerOptions>));
     assert!(left.is_err(), "stopped with its node");
+}
+
+/// A second image, different bytes: the demo plus a marker file.
+async fn other_image(t: &DockerTarget, repo_tag: (&str, &str)) {
+    let mut tar = tar::Builder::new(rootfs_builder_bytes());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(6);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.append_data(&mut h, "marker", &b"other\n"[..]).expect("marker");
+    let bytes = tar.into_inner().expect("tar");
+    let opts = CreateImageOptionsBuilder::default().from_src("-").repo(repo_tag.0).tag(repo_tag.1).build();
+    let mut s = t.client().create_image(Some(opts), Some(bollard::body_full(bytes.into())), None);
+    while let Some(r) = s.next().await {
+        r.expect("import the other image");
+    }
+}
+
+/// The rootfs archive without its end-of-archive marker, so more entries
+/// can follow.
+fn rootfs_builder_bytes() -> Vec<u8> {
+    let mut bytes = rootfs();
+    // A tar ends with two 512-byte zero blocks (and padding): drop the
+    // trailing zeros back to the last entry.
+    while bytes.len() >= 512 && bytes[bytes.len() - 512..].iter().all(|b| *b == 0) {
+        bytes.truncate(bytes.len() - 512);
+    }
+    bytes
+}
+
+#[test]
+fn the_digest_pinned_when_the_deploy_is_accepted_runs_even_if_the_tag_moves() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let Some(t) = rt.block_on(engine()) else { return };
+    let registry = Registry::start();
+    rt.block_on(registry.push(&t, &["1.0", "3.0", "4.0"]));
+    let port = common::free_port();
+    let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
+    let server = common::Server::start(dir.path(), None, &[]);
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]).status.success());
+
+    // Unknown tag: refused when the deploy is asked for, saying why.
+    let unknown = server.cli(dir.path(), &["deploy", "web", "9.9", "--env", "staging"]);
+    assert_eq!(unknown.status.code(), Some(6), "{}", text(&unknown));
+    assert!(text(&unknown).contains(&format!("{}:9.9", registry.repo())), "{}", text(&unknown));
+
+    // 3.0 holds the service's lock for its health deadline; 4.0 is
+    // accepted (and pinned) meanwhile, then its tag moves.
+    assert!(server.cli(dir.path(), &["deploy", "web", "3.0", "--env", "staging", "--detach"]).status.success());
+    let queued = server.cli(dir.path(), &["--json", "deploy", "web", "4.0", "--env", "staging", "--detach"]);
+    assert!(queued.status.success(), "{}", text(&queued));
+    let pinned = rt.block_on(t.client().inspect_registry_image(&format!("{}:4.0", registry.repo()), None)).expect("inspect").descriptor.digest.expect("digest");
+    rt.block_on(async {
+        other_image(&t, (&registry.repo(), "4.0")).await;
+        let mut s = t.client().push_image(&registry.repo(), Some(bollard::query_parameters::PushImageOptionsBuilder::default().tag("4.0").build()), None);
+        while let Some(r) = s.next().await {
+            r.expect("push the moved tag");
+        }
+    });
+    let moved = rt.block_on(t.client().inspect_registry_image(&format!("{}:4.0", registry.repo()), None)).expect("inspect").descriptor.digest.expect("digest");
+    assert_ne!(pinned, moved, "the tag really moved");
+
+    let d: serde_json::Value = serde_json::from_slice(&queued.stdout).expect("json");
+    let id = d["deployment_id"].as_i64().expect("id");
+    let done = common::wait_for(Duration::from_secs(60), "deployment of 4.0 to end", || {
+        let d = common::get_json(&format!("{}/api/v1/deployments/{id}", server.url))["deployment"].clone();
+        (d["state"] != "running" && d["state"] != "queued").then_some(d)
+    });
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let services = common::get_json(&format!("{}/api/v1/services", server.url));
+    assert_eq!(services[0]["version"], "4.0");
+    assert_eq!(services[0]["digest"].as_str(), Some(pinned.as_str()), "the planned digest runs, not the moved tag: {services}");
+    let status = server.cli(dir.path(), &["status"]);
+    assert!(text(&status).contains(&pinned[..19]), "status shows tag and digest: {}", text(&status));
 }

@@ -91,6 +91,7 @@ impl From<SubmitError> for ApiError {
             SubmitError::Plan(p) => Self::bad_request(p.to_string()),
             SubmitError::Invalid(m) => Self::bad_request(m),
             SubmitError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            SubmitError::Unavailable(m) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
             SubmitError::Revision(r) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", r.to_string()),
             SubmitError::Store(s) => s.into(),
         }
@@ -424,6 +425,7 @@ async fn list_services(State(s): State<Arc<AppState>>) -> ApiResult<Json<Vec<Ser
                     service: r.service,
                     version: r.version,
                     previous_version: r.previous_version,
+                    digest: r.sha256.map(|h| format!("sha256:{h}")),
                     revision: r.revision,
                     deployment_id: r.deployment_id,
                     updated_at: r.updated_at,

@@ -195,6 +195,9 @@ pub struct ServiceInfo {
     pub version: String,
     /// What `rollback` would return to.
     pub previous_version: Option<String>,
+    /// The SHA-256 `version` runs by: a container image's digest, or a
+    /// release tarball's checksum.
+    pub digest: Option<String>,
     pub revision: String,
     /// The deployment that put `version` in place.
     pub deployment_id: i64,

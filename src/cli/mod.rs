@@ -539,7 +539,10 @@ fn print_services(services: &[ServiceInfo]) {
             "{:<12} {:<16} {:<12} {:<12} {:<22} {:<10} {}{}",
             s.environment,
             s.service,
-            s.version,
+            match &s.digest {
+                Some(d) => format!("{} ({})", s.version, &d[..d.len().min(19)]),
+                None => s.version.clone(),
+            },
             s.previous_version.as_deref().unwrap_or("-"),
             s.listen.as_deref().unwrap_or("(other node)"),
             format!("{up}/{}", s.instances.len()),

@@ -20,7 +20,7 @@ use crate::scheduler::{self, Scheduler, SchedulerConfig, logwriter};
 use crate::store::{self, Store};
 use crate::submit::Submitter;
 use crate::service::ServiceManager;
-use crate::target::{LocalTarget, Target};
+use crate::target::{LocalTarget, NodeTargets, Target, Targets};
 
 pub struct ServeOptions {
     pub config: PathBuf,
@@ -167,7 +167,8 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     let parallelism = opts.scheduler.parallelism;
     let shutdown = CancellationToken::new();
     let target: Arc<dyn Target> = Arc::new(LocalTarget);
-    let services = ServiceManager::new(target.clone(), store.clone(), shutdown.clone());
+    let targets: Arc<dyn Targets> = Arc::new(NodeTargets::new(target.clone()));
+    let services = ServiceManager::with_targets(target.clone(), targets.clone(), store.clone(), shutdown.clone());
     let sched = Scheduler::new(store.clone(), target, opts.scheduler, bus).with_services(services.clone());
     // Services come back at their recorded versions while the node starts
     // taking work (a rollout waits for its service's restore).
@@ -178,7 +179,7 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     let wake = sched.handle();
     let state = Arc::new(AppState {
         store: store.clone(),
-        submitter: Submitter { config_path: opts.config_path, store: store.clone(), parallelism, wake: Some(wake) },
+        submitter: Submitter { config_path: opts.config_path, store: store.clone(), parallelism, wake: Some(wake), targets: Some(targets) },
         metrics,
         node,
         services: Some(services.clone()),

@@ -123,6 +123,9 @@ pub enum Command {
     /// Download and verify the deployment's release tarball (run by the
     /// node, not as a process: `<service>.fetch` jobs).
     Fetch(Box<service::ArtifactSpec>),
+    /// Pull the deployment's image (by the digest pinned at submit) onto
+    /// the container engine (`<service>.fetch` of docker services).
+    Pull(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -356,6 +356,13 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
             }
         });
         let memory_bytes = raw.memory.as_ref().and_then(|m| memory(m, problems));
+        if let Some(a) = &raw.artifact {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(a.span()), "a docker service runs its image: `artifact` tarballs are for the local target")
+                    .label("not for docker")
+                    .hint("remove `artifact`; the deploy's version is the image tag"),
+            );
+        }
         match (image, port) {
             (Some(image), Some(port)) => Some(ContainerSpec { image, port, memory_bytes, millicpus }),
             _ => None,
@@ -551,7 +558,12 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
     // fetch → migrate → rollout: nothing runs before the tarball is
     // downloaded and its checksum verified.
     let mut migrate_needs = Vec::new();
-    if let Some(a) = &spec.artifact {
+    if let Some(c) = &spec.container {
+        let n = fetch_job(&name);
+        jobs.push(job(n.clone(), Command::Pull(c.image.clone()), Duration::from_secs(1860), true, vec![]));
+        migrate_needs.push(n.clone());
+        rollout_needs.push(n);
+    } else if let Some(a) = &spec.artifact {
         let n = fetch_job(&name);
         let per_try = a.timeout + Duration::from_secs(30);
         jobs.push(job(n.clone(), Command::Fetch(Box::new(a.clone())), (per_try * a.attempts).min(super::MAX_DURATION), true, vec![]));

@@ -487,7 +487,8 @@ impl Scheduler {
                 // A tarball service's migrate and rollout run in its
                 // unpacked release (fetched by the job before them).
                 let cache = self.cfg.work_dir.parent().unwrap_or(&self.cfg.work_dir).join("artifacts");
-                let artifact_dir = job.spec.artifact.as_ref().map(|a| crate::service::artifact::dir_for(&cache, &a.sha256));
+                // (Only tarballs unpack; a container image stays in its engine.)
+                let artifact_dir = job.spec.artifact.as_ref().filter(|a| a.url.starts_with("http")).map(|a| crate::service::artifact::dir_for(&cache, &a.sha256));
                 let workdir = match (&job.spec.command, &artifact_dir) {
                     (crate::config::Command::Fetch(_), _) | (_, None) => revision_dir,
                     (_, Some(d)) => d.clone(),
@@ -537,6 +538,19 @@ impl Scheduler {
                                     if r.outcome == Outcome::Succeeded { r.outcome = Outcome::TimedOut; }
                                     r
                                 }
+                            }
+                        })
+                    }
+                    crate::config::Command::Pull(image) => {
+                        let (services, image, pinned) = (self.services.clone(), image.clone(), req.spec.artifact.clone());
+                        tokio::spawn(async move {
+                            match (services, pinned) {
+                                (Some(s), Some(p)) => s.pull(&image, &p.sha256, tx, c).await,
+                                _ => RunResult {
+                                    outcome: Outcome::Failed,
+                                    exit_code: None,
+                                    reason: Some("no pinned image digest, or no service manager on this node".into()),
+                                },
                             }
                         })
                     }

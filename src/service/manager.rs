@@ -187,7 +187,12 @@ impl ServiceManager {
             argv: g.spec.command.iter().map(|a| substitute(a, &values)).collect(),
             env: g.spec.env.iter().map(|(k, v)| (k.clone(), substitute(v, &values))).collect(),
             workdir: g.workdir.clone(),
-            image: c.map(|c| format!("{}:{}", c.image, g.version)),
+            // The digest pinned when the deploy was accepted, never the
+            // tag: a tag moved since changes nothing.
+            image: c.map(|c| match &g.sha256 {
+                Some(hex) => format!("{}@sha256:{hex}", c.image),
+                None => format!("{}:{}", c.image, g.version),
+            }),
             container_port: c.map(|c| c.port),
             memory_bytes: c.and_then(|c| c.memory_bytes),
             millicpus: c.and_then(|c| c.millicpus),
@@ -255,6 +260,22 @@ impl ServiceManager {
         self.stop_all(old, grace).await;
         for i in old {
             say.line(format!("stopped {} ({})", i.addr(), i.id())).await;
+        }
+    }
+
+    /// Make a container service's pinned image available (its
+    /// `<service>.fetch` job): `reference` is `image:tag`, `sha256` the
+    /// digest pinned when the deploy was accepted.
+    pub async fn pull(&self, image: &str, sha256: &str, out: OutputSink, cancel: CancellationToken) -> RunResult {
+        let reference = format!("{image}@sha256:{sha256}");
+        let result = match self.targets.get("docker").await {
+            Ok(t) => t.prepare(&reference, &out, &cancel).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None },
+            Err(e) if cancel.is_cancelled() => RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(e) },
+            Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
         }
     }
 

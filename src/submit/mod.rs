@@ -36,6 +36,9 @@ pub enum SubmitError {
     /// The request is well-formed but the state does not allow it.
     #[error("{0}")]
     Conflict(String),
+    /// Something the request needs is down (the Docker Engine).
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -58,6 +61,9 @@ pub struct Submitter {
     pub store: Arc<dyn Store>,
     pub parallelism: usize,
     pub wake: Option<crate::scheduler::SchedulerHandle>,
+    /// Resolves a container service's `image:version` to a digest when
+    /// the deploy is accepted (None: such deploys are refused).
+    pub targets: Option<Arc<dyn crate::target::Targets>>,
 }
 
 impl Submitter {
@@ -172,14 +178,14 @@ impl Submitter {
             Some(s) => format!("{environment}/service/{s}"),
             None => format!("{environment}/jobs"),
         };
-        let artifact = release(&loaded.config, service.as_deref(), version.as_deref(), digest)?;
+        let artifact = self.release(&loaded.config, service.as_deref(), version.as_deref(), digest).await?;
         let jobs = plan
             .jobs
             .iter()
             .filter(|j| only.as_ref().is_none_or(|o| *o == j.name))
             .map(|j| {
                 let mut spec = JobSpec::from_job(&j.job);
-                if matches!(j.job.command, config::Command::Fetch(_) | config::Command::Rollout(_)) || service.as_deref().is_some_and(|s| j.name == config::service::migrate_job(s)) {
+                if matches!(j.job.command, config::Command::Fetch(_) | config::Command::Pull(_) | config::Command::Rollout(_)) || service.as_deref().is_some_and(|s| j.name == config::service::migrate_job(s)) {
                     spec.artifact = artifact.clone();
                 }
                 NewJob { name: j.name.clone(), needs: if only.is_some() { vec![] } else { j.needs.clone() }, spec }
@@ -205,13 +211,38 @@ impl Submitter {
     }
 }
 
-/// The release tarball a deploy fetches: the service's artifact URL with
-/// the version filled in, and the request's checksum. A tarball service
-/// without a checksum, or a checksum for a service without a tarball, is
-/// refused before anything is stored.
-fn release(config: &config::Config, service: Option<&str>, version: Option<&str>, digest: Option<String>) -> Result<Option<crate::store::ArtifactRef>, SubmitError> {
-    let Some(service) = service else { return Ok(None) };
-    let artifact = config.services.iter().find(|s| s.name == service).and_then(|s| s.spec.as_ref()).and_then(|s| s.artifact.as_ref());
+impl Submitter {
+    /// What a deploy runs, pinned: a tarball service's URL (version filled
+    /// in) with the request's checksum; a container service's
+    /// `image:version` with the digest it names now, asked of the
+    /// registry through the engine (or the request's digest). A tarball
+    /// service without a checksum, or a checksum for a service with
+    /// neither, is refused before anything is stored.
+    async fn release(&self, config: &config::Config, service: Option<&str>, version: Option<&str>, digest: Option<String>) -> Result<Option<crate::store::ArtifactRef>, SubmitError> {
+        let Some(service) = service else { return Ok(None) };
+        let spec = config.services.iter().find(|s| s.name == service).and_then(|s| s.spec.as_ref());
+        if let Some(c) = spec.and_then(|s| s.container.as_ref()) {
+            let reference = format!("{}:{}", c.image, version.unwrap_or_default());
+            let sha256 = match digest {
+                Some(d) => d,
+                None => {
+                    let targets = self.targets.as_ref().ok_or_else(|| SubmitError::Invalid("this node cannot resolve image tags".into()))?;
+                    let docker = targets.get("docker").await.map_err(SubmitError::Unavailable)?;
+                    docker
+                        .resolve(&reference)
+                        .await
+                        .map_err(|e| SubmitError::Invalid(format!("cannot pin {reference} to a digest: {e}")))?
+                        .ok_or_else(|| SubmitError::Invalid(format!("the docker target named no digest for {reference}")))?
+                }
+            };
+            return Ok(Some(crate::store::ArtifactRef { url: reference, sha256 }));
+        }
+        release(spec, service, version, digest)
+    }
+}
+
+fn release(spec: Option<&config::service::ServiceSpec>, service: &str, version: Option<&str>, digest: Option<String>) -> Result<Option<crate::store::ArtifactRef>, SubmitError> {
+    let artifact = spec.and_then(|s| s.artifact.as_ref());
     match (artifact, digest) {
         (Some(a), Some(sha256)) => {
             let url = a.url.replace("{version}", version.unwrap_or_default()).replace("{service}", service);

@@ -154,6 +154,18 @@ pub trait Target: Send + Sync + 'static {
         Err("this target cannot run service instances".into())
     }
 
+    /// Pin `reference` (`image:tag`) to what it names now: the image's
+    /// digest (hex of its SHA-256). Targets without images answer None.
+    async fn resolve(&self, _reference: &str) -> Result<Option<String>, String> {
+        Ok(None)
+    }
+
+    /// Make `reference` (`image@sha256:…`) available before instances
+    /// start (a pull). Targets without images have nothing to do.
+    async fn prepare(&self, _reference: &str, _output: &OutputSink, _cancel: &CancellationToken) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Run one attempt to the end. Must return within the spec's timeout
     /// plus its kill grace, and promptly once `cancel` fires.
     async fn run(&self, request: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult;

@@ -32,6 +32,9 @@ use crate::store::Outcome;
 
 /// Every Engine call is bounded: a stuck daemon must not stall a rollout.
 const API_TIMEOUT: Duration = Duration::from_secs(30);
+/// Tries of a pull (timeouts and registry errors), with backoff.
+const PULL_ATTEMPTS: u32 = 3;
+const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Lines of a container's log kept for the record of a failed rollout.
 const KEEP_LINES: usize = 40;
 
@@ -87,6 +90,61 @@ pub struct DockerInstance {
 impl Target for DockerTarget {
     async fn run(&self, _request: JobRequest, _output: OutputSink, _cancel: CancellationToken) -> RunResult {
         RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some("jobs do not run on the docker target yet; only service instances do".into()) }
+    }
+
+    async fn resolve(&self, reference: &str) -> Result<Option<String>, String> {
+        let inspected = bounded(&format!("resolving {reference} in its registry"), self.docker.inspect_registry_image(reference, None)).await?;
+        let digest = inspected.descriptor.digest.unwrap_or_default();
+        match digest.strip_prefix("sha256:") {
+            Some(hex) if hex.len() == 64 => Ok(Some(hex.to_string())),
+            _ => Err(format!("the registry named no sha256 digest for {reference} (got {digest:?})")),
+        }
+    }
+
+    async fn prepare(&self, reference: &str, output: &OutputSink, cancel: &CancellationToken) -> Result<(), String> {
+        let say = |line: String| async move {
+            let _ = output.send((super::Stream::Stdout, format!("[pull] {line}"))).await;
+        };
+        if let Ok(Ok(_)) = tokio::time::timeout(API_TIMEOUT, self.docker.inspect_image(reference)).await {
+            say(format!("{reference} is already on the Engine")).await;
+            return Ok(());
+        }
+        let mut delay = Duration::from_secs(1);
+        let mut failures = Vec::new();
+        for attempt in 1..=PULL_ATTEMPTS {
+            say(format!("pulling {reference} (try {attempt} of {PULL_ATTEMPTS})")).await;
+            let opts = bollard::query_parameters::CreateImageOptionsBuilder::default().from_image(reference).build();
+            let pull = async {
+                let mut s = self.docker.create_image(Some(opts), None, None);
+                while let Some(r) = s.next().await {
+                    r.map_err(|e| crate::service::error_chain(&e))?;
+                }
+                Ok::<(), String>(())
+            };
+            let result = tokio::select! {
+                r = tokio::time::timeout(PULL_TIMEOUT, pull) => r.unwrap_or_else(|_| Err(format!("no complete pull within {}s", PULL_TIMEOUT.as_secs()))),
+                _ = cancel.cancelled() => return Err("stopped on request".into()),
+            };
+            match result {
+                Ok(()) => {
+                    say(format!("pulled {reference}")).await;
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Unknown image or refused credentials will not change.
+                    let lower = e.to_lowercase();
+                    let fin = lower.contains("not found") || lower.contains("manifest unknown") || lower.contains("unauthorized") || lower.contains("denied");
+                    say(format!("try {attempt} failed: {e}")).await;
+                    failures.push(format!("try {attempt}: {e}"));
+                    if fin || attempt == PULL_ATTEMPTS {
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+        Err(format!("pulling {reference} failed: {}", failures.join("; ")))
     }
 
     async fn start_instance(&self, req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {

@@ -56,7 +56,7 @@ fn build_command(req: &JobRequest) -> Result<Command, String> {
             c.arg("-c").arg(line);
             c
         }
-        config::Command::Rollout(_) | config::Command::Fetch(_) => return Err("rollouts and artifact fetches are run by the node, not as a process".into()),
+        config::Command::Rollout(_) | config::Command::Fetch(_) | config::Command::Pull(_) => return Err("rollouts and artifact fetches are run by the node, not as a process".into()),
     };
     cmd.current_dir(&req.workdir)
         .stdin(Stdio::null())
@@ -252,6 +252,7 @@ impl Target for LocalTarget {
                     config::Command::Shell(_) => "/bin/sh".into(),
                     config::Command::Rollout(s) => format!("rollout of {}", s.name),
                     config::Command::Fetch(a) => format!("fetch of {}", a.url),
+                    config::Command::Pull(i) => format!("pull of {i}"),
                 };
                 return RunResult {
                     outcome: Outcome::Failed,
