@@ -366,4 +366,28 @@ fn the_digest_pinned_when_the_deploy_is_accepted_runs_even_if_the_tag_moves() {
     assert_eq!(services[0]["digest"].as_str(), Some(pinned.as_str()), "the planned digest runs, not the moved tag: {services}");
     let status = server.cli(dir.path(), &["status"]);
     assert!(text(&status).contains(&pinned[..19]), "status shows tag and digest: {}", text(&status));
+
+    // kill -9, then a new node: the dead node's containers are removed and
+    // the recorded version (by its digest) runs again.
+    let owned_by = |pid: u32| -> Vec<String> {
+        let filters = std::collections::HashMap::from([("label", vec!["slipway.service=web"])]);
+        let list = rt.block_on(t.client().list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build()))).expect("list");
+        list.into_iter()
+            .filter(|c| c.labels.as_ref().and_then(|l| l.get(LABEL_OWNER)).is_some_and(|o| o.starts_with(&format!("{pid}."))))
+            .filter_map(|c| c.image)
+            .collect()
+    };
+    let old_pid = server.child.id();
+    assert_eq!(owned_by(old_pid).len(), 2);
+    drop(server); // SIGKILL
+    let mut server = common::Server::start(dir.path(), None, &[]);
+    let images = common::wait_for(Duration::from_secs(30), "the service back on the new node", || {
+        let mine = owned_by(server.child.id());
+        (mine.len() == 2 && owned_by(old_pid).is_empty() && get(port).is_some()).then_some(mine)
+    });
+    assert!(images.iter().all(|i| i.ends_with(&pinned)), "restored by digest: {images:?}");
+    assert_eq!(get(port).as_deref(), Some("hello from demo 4.0"));
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let _ = server.child.wait();
+    assert!(owned_by(server.child.id()).is_empty(), "a graceful stop removes its containers");
 }

@@ -120,6 +120,8 @@ impl Targets for NodeTargets {
                     return Ok(t.clone());
                 }
                 let t: std::sync::Arc<dyn Target> = std::sync::Arc::new(docker::DockerTarget::connect().await.map_err(|e| e.to_string())?);
+                // What a dead Slipway on this host left running goes first.
+                t.sweep_orphans().await;
                 *d = Some(t.clone());
                 Ok(t)
             }

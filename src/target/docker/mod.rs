@@ -92,6 +92,31 @@ impl Target for DockerTarget {
         RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some("jobs do not run on the docker target yet; only service instances do".into()) }
     }
 
+    /// Remove the containers of a Slipway on this host that died without
+    /// stopping them (SIGKILL, a crash): as on the local target, a node's
+    /// instances die with it and its restart brings the recorded version
+    /// back. Containers without our labels are never touched.
+    async fn sweep_orphans(&self) -> usize {
+        let filters = HashMap::from([("label", vec![LABEL_OWNER])]);
+        let opts = bollard::query_parameters::ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let Ok(containers) = bounded("listing containers", self.docker.list_containers(Some(opts))).await else { return 0 };
+        let mine = super::local::owner_mark();
+        let mut removed = 0;
+        for c in containers {
+            let owner = c.labels.as_ref().and_then(|l| l.get(LABEL_OWNER)).cloned().unwrap_or_default();
+            let Some(id) = c.id else { continue };
+            if owner == mine || !super::local::owner_is_dead(&owner) {
+                continue;
+            }
+            let remove = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build()));
+            if bounded("removing an orphaned container", remove).await.is_ok() {
+                tracing::warn!(container = %id, owner = %owner, "removed a container left by a Slipway process that died");
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     async fn resolve(&self, reference: &str) -> Result<Option<String>, String> {
         let inspected = bounded(&format!("resolving {reference} in its registry"), self.docker.inspect_registry_image(reference, None)).await?;
         let digest = inspected.descriptor.digest.unwrap_or_default();

@@ -147,12 +147,7 @@ pub fn sweep_orphans() -> usize {
             continue;
         };
         let owner = String::from_utf8_lossy(owner);
-        if owner == mine {
-            continue;
-        }
-        let Some((opid, ostart)) = owner.split_once('.') else { continue };
-        let (Ok(opid), Ok(ostart)) = (opid.parse::<i32>(), ostart.parse::<u64>()) else { continue };
-        if proc_stat(opid).is_some_and(|s| s.start_time == ostart && !s.zombie) {
+        if owner == mine || !owner_is_dead(&owner) {
             continue; // its Slipway is alive and looks after it
         }
         // A Slipway started by a job (an upgrade, a restart) inherits the
@@ -170,6 +165,15 @@ pub fn sweep_orphans() -> usize {
         killed += 1;
     }
     killed
+}
+
+/// Whether the Slipway process named by an owner mark ("<pid>.<start
+/// time>") on this host is gone. A mark that does not parse is not ours to
+/// judge: false.
+pub(crate) fn owner_is_dead(owner: &str) -> bool {
+    let Some((opid, ostart)) = owner.split_once('.') else { return false };
+    let (Ok(opid), Ok(ostart)) = (opid.parse::<i32>(), ostart.parse::<u64>()) else { return false };
+    !proc_stat(opid).is_some_and(|s| s.start_time == ostart && !s.zombie)
 }
 
 fn kill_group(pgid: i32, signal: i32) {
