@@ -234,6 +234,7 @@ instances = 2
 command = ["/demo", "serve", "--host", "0.0.0.0", "--port", "{{port}}", "--version", "{{version}}"]
 health = {{ http = "/healthz", interval = "100ms", healthy_after = 2, deadline = "5s" }}
 rollout = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, drain = "300ms" }}
+migrate = {{ command = ["/demo", "migrate", "--file", "/migrations.log", "--version", "{{version}}"] }}
 "#
     )
 }
@@ -253,6 +254,10 @@ fn containers_roll_out_and_back_under_load_without_a_failed_request() {
     let out = deploy("1.0");
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(get(port).as_deref(), Some("hello from demo 1.0"));
+    // The migration ran once, in a one-off container of the pinned image
+    // (the demo's path exists only there), its output in the record.
+    let logs = server.cli(dir.path(), &["logs", "1", "web.migrate"]);
+    assert!(text(&logs).contains("migration to 1.0 applied (/migrations.log)"), "{}", text(&logs));
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let loader = common::load(port, stop.clone());

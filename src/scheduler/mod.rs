@@ -572,6 +572,17 @@ impl Scheduler {
                             }
                         })
                     }
+                    // A container service's migration: a one-off container
+                    // of the pinned image, not a process here.
+                    crate::config::Command::Argv(_) if req.spec.artifact.as_ref().is_some_and(|a| !a.url.starts_with("http")) => {
+                        let services = self.services.clone();
+                        tokio::spawn(async move {
+                            match services {
+                                Some(s) => s.run_in_container(req, tx, c).await,
+                                None => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some("no service manager on this node".into()) },
+                            }
+                        })
+                    }
                     _ => {
                         let target = self.target.clone();
                         tokio::spawn(async move { target.run(req, tx, c).await })

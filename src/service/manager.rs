@@ -279,6 +279,15 @@ impl ServiceManager {
         }
     }
 
+    /// Run a container service's job (its migration) as a one-off
+    /// container of the pinned image.
+    pub async fn run_in_container(&self, req: JobRequest, out: OutputSink, cancel: CancellationToken) -> RunResult {
+        match self.targets.get("docker").await {
+            Ok(t) => t.run(req, out, cancel).await,
+            Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
+        }
+    }
+
     /// Run one rollout to its end: the service runs `req.version` on all
     /// its instances, or (on failure) what it ran before.
     pub async fn rollout(self: &Arc<Self>, req: RolloutRequest, out: OutputSink, cancel: CancellationToken) -> RunResult {

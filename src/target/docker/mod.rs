@@ -88,8 +88,74 @@ pub struct DockerInstance {
 
 #[async_trait]
 impl Target for DockerTarget {
-    async fn run(&self, _request: JobRequest, _output: OutputSink, _cancel: CancellationToken) -> RunResult {
-        RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some("jobs do not run on the docker target yet; only service instances do".into()) }
+    /// A one-off container from the job's pinned image (a docker
+    /// service's migration): its output streamed line by line, its exit
+    /// code the job's, removed afterwards whatever happens.
+    async fn run(&self, req: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
+        let failed = |reason: String| RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(reason) };
+        let Some(image) = req.spec.artifact.as_ref().map(|a| {
+            let repo = a.url.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map(|(r, _)| r).unwrap_or(&a.url);
+            format!("{repo}@sha256:{}", a.sha256)
+        }) else {
+            return failed("no pinned image for this job".into());
+        };
+        let crate::config::Command::Argv(argv) = &req.spec.command else { return failed("a container job takes an argv command".into()) };
+        let argv: Vec<String> = argv.iter().map(|a| super::local::substitute(a, &req.values)).collect();
+        let mut env: Vec<String> = req.spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        for (k, v) in &req.values {
+            env.push(format!("SLIPWAY_{}={v}", k.to_ascii_uppercase()));
+        }
+        env.push(format!("SLIPWAY_JOB={}", req.job));
+        let labels = HashMap::from([
+            (LABEL_SERVICE.to_string(), req.values.get("service").cloned().unwrap_or_default()),
+            (LABEL_ENVIRONMENT.to_string(), req.values.get("env").cloned().unwrap_or_default()),
+            (LABEL_VERSION.to_string(), req.values.get("version").cloned().unwrap_or_default()),
+            (LABEL_OWNER.to_string(), super::local::owner_mark().to_string()),
+        ]);
+        let body = ContainerCreateBody { image: Some(image.clone()), cmd: Some(argv), env: Some(env), labels: Some(labels), ..Default::default() };
+        let id = match bounded(&format!("creating a container of {image}"), self.docker.create_container(None::<bollard::query_parameters::CreateContainerOptions>, body)).await {
+            Ok(c) => c.id,
+            Err(e) => return failed(e),
+        };
+        let remove = || async {
+            let r = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build()));
+            let _ = tokio::time::timeout(API_TIMEOUT, r).await;
+        };
+        if let Err(e) = bounded("starting the container", self.docker.start_container(&id, None)).await {
+            remove().await;
+            return failed(e);
+        }
+        let follow = async {
+            let mut logs = self.docker.logs(&id, Some(LogsOptionsBuilder::default().follow(true).stdout(true).stderr(true).build()));
+            while let Some(Ok(chunk)) = logs.next().await {
+                let stream = if matches!(chunk, bollard::container::LogOutput::StdErr { .. }) { super::Stream::Stderr } else { super::Stream::Stdout };
+                for line in chunk.to_string().lines() {
+                    let _ = output.send((stream, line.to_string())).await;
+                }
+            }
+        };
+        let timeout = Duration::from_millis(req.spec.timeout_ms.max(1));
+        let ended = tokio::select! {
+            _ = follow => None,
+            _ = tokio::time::sleep(timeout) => Some(Outcome::TimedOut),
+            _ = cancel.cancelled() => Some(Outcome::Cancelled),
+        };
+        if ended.is_some() {
+            let grace = (req.spec.kill_grace_ms / 1000).max(1) as i32;
+            let _ = tokio::time::timeout(API_TIMEOUT, self.docker.stop_container(&id, Some(StopContainerOptionsBuilder::default().t(grace).build()))).await;
+        }
+        let code = match tokio::time::timeout(API_TIMEOUT, self.docker.inspect_container(&id, None::<InspectContainerOptions>)).await {
+            Ok(Ok(info)) => info.state.and_then(|s| s.exit_code),
+            _ => None,
+        };
+        remove().await;
+        match (ended, code) {
+            (Some(Outcome::TimedOut), c) => RunResult { outcome: Outcome::TimedOut, exit_code: c.map(|c| c as i32), reason: Some(format!("timed out after {}", humantime::format_duration(timeout))) },
+            (Some(o), c) => RunResult { outcome: o, exit_code: c.map(|c| c as i32), reason: Some("stopped on request".into()) },
+            (None, Some(0)) => RunResult { outcome: Outcome::Succeeded, exit_code: Some(0), reason: None },
+            (None, Some(c)) => RunResult { outcome: Outcome::Failed, exit_code: Some(c as i32), reason: Some(format!("exit code {c}")) },
+            (None, None) => failed("the container's exit code is unknown (the Engine did not say)".into()),
+        }
     }
 
     /// Remove the containers of a Slipway on this host that died without
