@@ -396,3 +396,10 @@ fn the_digest_pinned_when_the_deploy_is_accepted_runs_even_if_the_tag_moves() {
     let _ = server.child.wait();
     assert!(owned_by(server.child.id()).is_empty(), "a graceful stop removes its containers");
 }
+
+#[tokio::test]
+async fn a_missing_engine_socket_is_a_clear_error() {
+    let e = DockerTarget::connect_to("/nonexistent/docker.sock").await.err().expect("no Engine there");
+    let said = e.to_string();
+    assert!(said.contains("cannot reach the Docker Engine") && said.contains("/nonexistent/docker.sock"), "{said}");
+}

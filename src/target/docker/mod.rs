@@ -55,9 +55,21 @@ pub enum DockerError {
 }
 
 impl DockerTarget {
-    /// Connect to the local Engine and check that it answers.
+    /// Connect to the local Engine (`DOCKER_HOST`, else its usual socket)
+    /// and check that it answers.
     pub async fn connect() -> Result<Self, DockerError> {
         let docker = Docker::connect_with_local_defaults().map_err(|e| DockerError::Unreachable(e.to_string()))?;
+        Self::checked(docker).await
+    }
+
+    /// Connect to the Engine on the Unix socket at `path`.
+    pub async fn connect_to(path: &str) -> Result<Self, DockerError> {
+        let docker = Docker::connect_with_socket(path, API_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)
+            .map_err(|e| DockerError::Unreachable(format!("{path}: {}", crate::service::error_chain(&e))))?;
+        Self::checked(docker).await.map_err(|DockerError::Unreachable(e)| DockerError::Unreachable(format!("{path}: {e}")))
+    }
+
+    async fn checked(docker: Docker) -> Result<Self, DockerError> {
         match tokio::time::timeout(Duration::from_secs(5), docker.ping()).await {
             Ok(Ok(_)) => Ok(DockerTarget { docker }),
             Ok(Err(e)) => Err(DockerError::Unreachable(crate::service::error_chain(&e))),
