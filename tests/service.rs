@@ -50,16 +50,15 @@ fn hello(port: u16) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Every line the demo's migrations wrote: jobs run in the revision's
+/// unpacked copy of the config directory, one per revision.
 fn migrations(dir: &Path) -> Vec<String> {
-    let work = dir.join("migrations.log");
-    // Jobs run in the revision's unpacked copy of the config directory.
     let mut lines = Vec::new();
     for entry in walk(dir) {
         if entry.file_name().is_some_and(|n| n == "migrations.log") {
             lines.extend(std::fs::read_to_string(&entry).unwrap_or_default().lines().map(String::from));
         }
     }
-    let _ = work;
     lines.sort();
     lines
 }
@@ -386,6 +385,15 @@ migrate = {{ command = ["sh", "-c", "echo migrating in $PWD"] }}
     let states: Vec<(String, String)> = d["jobs"].as_array().expect("jobs").iter().map(|j| (j["name"].as_str().unwrap_or("").into(), j["state"].as_str().unwrap_or("").into())).collect();
     assert!(states.contains(&("web.migrate".into(), "skipped".into())) && states.contains(&("web.rollout".into(), "skipped".into())), "{states:?}");
     assert_eq!(hello(port).as_deref(), Some("hello from demo 1.1"), "traffic stays where it was");
+
+    // A restarted node runs the recorded release from its unpacked copy:
+    // no download.
+    let downloads = hits.lock().expect("lock").len();
+    drop(server);
+    let _server = Server::start(dir.path(), None, &[]);
+    let back = wait_for(Duration::from_secs(20), "the service restored", || hello(port));
+    assert_eq!(back, "hello from demo 1.1");
+    assert_eq!(hits.lock().expect("lock").len(), downloads, "restored from the cache");
 }
 
 #[test]

@@ -56,7 +56,7 @@ fn spec() -> JobSpec {
         retry_max_backoff_ms: 30_000,
         idempotent: true,
         env: BTreeMap::from([("REGION".to_string(), "eu-west-1".to_string())]),
-        artifact: Some(slipway::store::ArtifactRef { url: "https://example.org/web-1.tar.gz".into(), sha256: "ab".repeat(32) }),
+        artifact: Some(slipway::store::ArtifactRef { url: "https://example.org/web-1.tar.gz".into(), sha256: "ab".repeat(32), kind: slipway::store::ArtifactKind::Image }),
     }
 }
 

@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::revision;
-use crate::store::{ClaimedJob, FinishEffect, FinishedAttempt, Outcome, Store, StoreError, now_ms};
+use crate::store::{ArtifactKind, ClaimedJob, FinishEffect, FinishedAttempt, Outcome, Store, StoreError, now_ms};
 use crate::service::{RolloutRequest, ServiceManager};
 use crate::target::{JobRequest, RunResult, Stream, Target};
 use event::{Event, EventBus};
@@ -488,7 +488,7 @@ impl Scheduler {
                 // unpacked release (fetched by the job before them).
                 let cache = self.cfg.work_dir.parent().unwrap_or(&self.cfg.work_dir).join("artifacts");
                 // (Only tarballs unpack; a container image stays in its engine.)
-                let artifact_dir = job.spec.artifact.as_ref().filter(|a| a.url.starts_with("http")).map(|a| crate::service::artifact::dir_for(&cache, &a.sha256));
+                let artifact_dir = job.spec.artifact.as_ref().filter(|a| a.kind == ArtifactKind::Tarball).map(|a| crate::service::artifact::dir_for(&cache, &a.sha256));
                 let workdir = match (&job.spec.command, &artifact_dir) {
                     (crate::config::Command::Fetch(_), _) | (_, None) => revision_dir,
                     (_, Some(d)) => d.clone(),
@@ -574,7 +574,7 @@ impl Scheduler {
                     }
                     // A container service's migration: a one-off container
                     // of the pinned image, not a process here.
-                    crate::config::Command::Argv(_) if req.spec.artifact.as_ref().is_some_and(|a| !a.url.starts_with("http")) => {
+                    crate::config::Command::Argv(_) if req.spec.artifact.as_ref().is_some_and(|a| a.kind == ArtifactKind::Image) => {
                         let services = self.services.clone();
                         tokio::spawn(async move {
                             match services {

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::service::{HealthCheck, HealthSpec};
 use crate::target::Instance;
-use crate::target::local::substitute;
+use crate::target::local::{program_path, substitute};
 
 /// One check: Ok(what it saw) or Err(what went wrong), both for people.
 pub async fn check_once(
@@ -45,8 +45,7 @@ pub async fn check_once(
         HealthCheck::Command { argv } => {
             let argv: Vec<String> = argv.iter().map(|a| substitute(a, values)).collect();
             let Some(program) = argv.first() else { return Err("empty health command".into()) };
-            let program_path = if program.contains('/') && !program.starts_with('/') { workdir.join(program).into_os_string() } else { program.into() };
-            let mut cmd = tokio::process::Command::new(program_path);
+            let mut cmd = tokio::process::Command::new(program_path(program, workdir));
             cmd.args(&argv[1..]).current_dir(workdir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
             match tokio::time::timeout(spec.timeout, cmd.output()).await {
                 Err(_) => Err(format!("{program}: no answer within {}", humantime::format_duration(spec.timeout))),

@@ -92,12 +92,15 @@ pub struct ServiceStatus {
     pub restarts: u32,
 }
 
-/// Output of a rollout, line by line, into the job's log.
-struct Say<'a>(&'a OutputSink);
+/// Output of a rollout, line by line, into the job's log; nowhere for
+/// the supervisor and restore, which record outcomes as service events.
+struct Say<'a>(Option<&'a OutputSink>);
 
 impl Say<'_> {
     async fn line(&self, s: impl Into<String>) {
-        let _ = self.0.send((Stream::Stdout, format!("[rollout] {}", s.into()))).await;
+        if let Some(out) = self.0 {
+            let _ = out.send((Stream::Stdout, format!("[rollout] {}", s.into()))).await;
+        }
     }
 }
 
@@ -291,7 +294,7 @@ impl ServiceManager {
     /// Run one rollout to its end: the service runs `req.version` on all
     /// its instances, or (on failure) what it ran before.
     pub async fn rollout(self: &Arc<Self>, req: RolloutRequest, out: OutputSink, cancel: CancellationToken) -> RunResult {
-        let say = Say(&out);
+        let say = Say(Some(&out));
         let env = req.environment.clone();
         let m = match self.managed(&env, &req.spec).await {
             Ok(m) => m,
@@ -558,9 +561,7 @@ impl ServiceManager {
                 self.note(&env, &g.spec.name, "instance_died", format!("{why}; restarting")).await;
             }
             m.proxy.set_backends(state.instances.iter().map(|i| i.addr()).collect());
-            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-            tokio::spawn(async move { while rx.recv().await.is_some() {} });
-            let say = Say(&tx);
+            let say = Say(None);
             match self.start_healthy(&env, &g, missing, &say, &self.shutdown.child_token()).await {
                 Ok(more) => {
                     state.restarts += more.len() as u32;
@@ -630,9 +631,7 @@ impl ServiceManager {
             };
             let g = Generation { sha256: row.sha256.clone(), version: row.version.clone(), spec: spec.clone(), workdir: dir, revision: row.revision.clone(), deployment_id: row.deployment_id };
             let mut state = m.state.lock().await;
-            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-            tokio::spawn(async move { while rx.recv().await.is_some() {} });
-            match self.start_healthy(&row.environment, &g, spec.instances as usize, &Say(&tx), &self.shutdown.child_token()).await {
+            match self.start_healthy(&row.environment, &g, spec.instances as usize, &Say(None), &self.shutdown.child_token()).await {
                 Ok(instances) => {
                     m.proxy.set_backends(instances.iter().map(|i| i.addr()).collect());
                     let n = instances.len();

@@ -165,8 +165,21 @@ pub struct JobSpec {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ArtifactRef {
+    /// A tarball's URL, or a container image's `image:tag`.
     pub url: String,
     pub sha256: String,
+    #[serde(default)]
+    pub kind: ArtifactKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactKind {
+    /// Unpacked into the node's cache; the service's commands run in it.
+    #[default]
+    Tarball,
+    /// Pulled onto the container engine; run by digest.
+    Image,
 }
 
 impl JobSpec {

@@ -235,7 +235,7 @@ impl Submitter {
                         .ok_or_else(|| SubmitError::Invalid(format!("the docker target named no digest for {reference}")))?
                 }
             };
-            return Ok(Some(crate::store::ArtifactRef { url: reference, sha256 }));
+            return Ok(Some(crate::store::ArtifactRef { url: reference, sha256, kind: crate::store::ArtifactKind::Image }));
         }
         release(spec, service, version, digest)
     }
@@ -246,7 +246,7 @@ fn release(spec: Option<&config::service::ServiceSpec>, service: &str, version: 
     match (artifact, digest) {
         (Some(a), Some(sha256)) => {
             let url = a.url.replace("{version}", version.unwrap_or_default()).replace("{service}", service);
-            Ok(Some(crate::store::ArtifactRef { url, sha256 }))
+            Ok(Some(crate::store::ArtifactRef { url, sha256, kind: crate::store::ArtifactKind::Tarball }))
         }
         (Some(a), None) => Err(SubmitError::Invalid(format!(
             "service {service:?} is deployed from a release tarball ({}): give its SHA-256 with --sha256 (or `digest` in the event)",

@@ -130,6 +130,59 @@ impl Targets for NodeTargets {
     }
 }
 
+/// Lines of an instance's output kept for the record of a failed rollout.
+pub const KEEP_LINES: usize = 40;
+
+/// What every target's instance tracks the same way: how it ended (once
+/// it has) and its last lines of output. The target's watcher holds the
+/// [`ExitSender`] and the writing side; the instance answers
+/// [`Instance::exit`], [`Instance::exited`] and [`Instance::last_output`]
+/// from here.
+#[derive(Clone)]
+pub struct Lifeline {
+    exit: tokio::sync::watch::Receiver<Option<String>>,
+    output: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+}
+
+/// Announces how an instance ended, once.
+pub struct ExitSender(tokio::sync::watch::Sender<Option<String>>);
+
+impl ExitSender {
+    pub fn send(self, why: String) {
+        let _ = self.0.send(Some(why));
+    }
+}
+
+impl Lifeline {
+    pub fn new() -> (Lifeline, ExitSender) {
+        let (tx, exit) = tokio::sync::watch::channel(None);
+        (Lifeline { exit, output: Default::default() }, ExitSender(tx))
+    }
+
+    /// Keep a line, dropping the oldest beyond [`KEEP_LINES`].
+    pub fn push_line(&self, line: String) {
+        if let Ok(mut o) = self.output.lock() {
+            if o.len() >= KEEP_LINES {
+                o.pop_front();
+            }
+            o.push_back(line);
+        }
+    }
+
+    pub fn exit(&self) -> Option<String> {
+        self.exit.borrow().clone()
+    }
+
+    pub async fn exited(&self) {
+        let mut rx = self.exit.clone();
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    pub fn last_output(&self) -> Vec<String> {
+        self.output.lock().map(|o| o.iter().cloned().collect()).unwrap_or_default()
+    }
+}
+
 /// A running instance of a service, as its target sees it.
 #[async_trait]
 pub trait Instance: Send + Sync + 'static {

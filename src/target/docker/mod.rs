@@ -11,9 +11,9 @@
 //! First step of the Docker issue: instances from a local image. Pulling
 //! from a registry, digests, adoption after a restart and `gc` come next.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,10 +24,9 @@ use bollard::query_parameters::{
     WaitContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Instance, InstanceRequest, JobRequest, OutputSink, RunResult, Target};
+use super::{Instance, InstanceRequest, JobRequest, KEEP_LINES, Lifeline, OutputSink, RunResult, Target};
 use crate::store::Outcome;
 
 /// Every Engine call is bounded: a stuck daemon must not stall a rollout.
@@ -35,8 +34,6 @@ const API_TIMEOUT: Duration = Duration::from_secs(30);
 /// Tries of a pull (timeouts and registry errors), with backoff.
 const PULL_ATTEMPTS: u32 = 3;
 const PULL_TIMEOUT: Duration = Duration::from_secs(600);
-/// Lines of a container's log kept for the record of a failed rollout.
-const KEEP_LINES: usize = 40;
 
 pub const LABEL_SERVICE: &str = "slipway.service";
 pub const LABEL_ENVIRONMENT: &str = "slipway.environment";
@@ -94,8 +91,7 @@ pub struct DockerInstance {
     docker: Docker,
     id: String,
     addr: SocketAddr,
-    exit: watch::Receiver<Option<String>>,
-    output: Arc<Mutex<VecDeque<String>>>,
+    life: Lifeline,
 }
 
 #[async_trait]
@@ -290,10 +286,9 @@ impl Target for DockerTarget {
             let _ = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
             return Err(e);
         }
-        let (exit_tx, exit) = watch::channel(None);
-        let output: Arc<Mutex<VecDeque<String>>> = Arc::default();
+        let (life, exit_tx) = Lifeline::new();
         {
-            let (docker, id, output) = (self.docker.clone(), id.clone(), output.clone());
+            let (docker, id, life) = (self.docker.clone(), id.clone(), life.clone());
             tokio::spawn(async move {
                 // The wait stream ends when the container stops (or the
                 // Engine goes away: then we say so).
@@ -313,23 +308,16 @@ impl Target for DockerTarget {
                 }
                 // Its own last words, for the record of a failed rollout.
                 let logs = docker.logs(&id, Some(LogsOptionsBuilder::default().stdout(true).stderr(true).tail(&KEEP_LINES.to_string()).build()));
-                let lines: Vec<String> = tokio::time::timeout(Duration::from_secs(5), logs.collect::<Vec<_>>())
-                    .await
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(Result::ok)
-                    .flat_map(|l| l.to_string().lines().map(str::to_string).collect::<Vec<_>>())
-                    .collect();
-                if let Ok(mut o) = output.lock() {
-                    o.extend(lines);
-                    while o.len() > KEEP_LINES {
-                        o.pop_front();
+                let chunks = tokio::time::timeout(Duration::from_secs(5), logs.collect::<Vec<_>>()).await.unwrap_or_default();
+                for chunk in chunks.into_iter().filter_map(Result::ok) {
+                    for line in chunk.to_string().lines() {
+                        life.push_line(line.to_string());
                     }
                 }
-                let _ = exit_tx.send(Some(why));
+                exit_tx.send(why);
             });
         }
-        Ok(Arc::new(DockerInstance { docker: self.docker.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)), exit, output }))
+        Ok(Arc::new(DockerInstance { docker: self.docker.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)), life }))
     }
 }
 
@@ -344,16 +332,15 @@ impl Instance for DockerInstance {
     }
 
     fn exit(&self) -> Option<String> {
-        self.exit.borrow().clone()
+        self.life.exit()
     }
 
     async fn exited(&self) {
-        let mut rx = self.exit.clone();
-        let _ = rx.wait_for(Option::is_some).await;
+        self.life.exited().await
     }
 
     fn last_output(&self) -> Vec<String> {
-        self.output.lock().map(|o| o.iter().cloned().collect()).unwrap_or_default()
+        self.life.last_output()
     }
 
     async fn stop(&self, grace: Duration) {
@@ -370,7 +357,7 @@ impl Instance for DockerInstance {
 impl Drop for DockerInstance {
     /// A container nobody holds any more must not keep running unseen.
     fn drop(&mut self) {
-        if self.exit.borrow().is_none()
+        if self.life.exit().is_none()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
             let (docker, id) = (self.docker.clone(), self.id.clone());

@@ -3,33 +3,27 @@
 //! leaves nothing behind: the next one's orphan sweep kills them, and the
 //! service manager starts the recorded version again).
 
-use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::process::Command;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use super::{OWNER_ENV, describe, kill_group, owner_mark, pump};
-use crate::target::{Instance, InstanceRequest, Stream};
-
-/// Lines of an instance's output kept for the record of a failed rollout.
-const KEEP_LINES: usize = 40;
+use super::{OWNER_ENV, describe, kill_group, owner_mark, program_path, pump};
+use crate::target::{Instance, InstanceRequest, Lifeline, Stream};
 
 pub struct LocalInstance {
     pgid: i32,
     addr: SocketAddr,
-    exit: watch::Receiver<Option<String>>,
-    output: Arc<Mutex<VecDeque<String>>>,
+    life: Lifeline,
 }
 
 pub fn start(req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {
     let Some(program) = req.argv.first() else { return Err("empty command".into()) };
-    let program_path = if program.contains('/') && !program.starts_with('/') { req.workdir.join(program).into_os_string() } else { program.into() };
-    let mut cmd = Command::new(&program_path);
+    let mut cmd = Command::new(program_path(program, &req.workdir));
     cmd.args(&req.argv[1..])
         .current_dir(&req.workdir)
         .stdin(Stdio::null())
@@ -44,24 +38,18 @@ pub fn start(req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {
         .env(OWNER_ENV, owner_mark());
     let mut child = cmd.spawn().map_err(|e| format!("cannot start {program:?} in {}: {e}", req.workdir.display()))?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-    let output: Arc<Mutex<VecDeque<String>>> = Arc::default();
+    let (life, exit_tx) = Lifeline::new();
     let (tx, mut rx) = mpsc::channel::<(Stream, String)>(256);
     let out_pump = child.stdout.take().map(|o| tokio::spawn(pump(o, Stream::Stdout, tx.clone())));
     let err_pump = child.stderr.take().map(|e| tokio::spawn(pump(e, Stream::Stderr, tx)));
     let collector = {
-        let output = output.clone();
+        let life = life.clone();
         tokio::spawn(async move {
             while let Some((_, line)) = rx.recv().await {
-                if let Ok(mut o) = output.lock() {
-                    if o.len() >= KEEP_LINES {
-                        o.pop_front();
-                    }
-                    o.push_back(line);
-                }
+                life.push_line(line);
             }
         })
     };
-    let (exit_tx, exit) = watch::channel(None);
     tokio::spawn(async move {
         let why = match child.wait().await {
             Ok(status) => describe(status).1,
@@ -79,9 +67,9 @@ pub fn start(req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {
             let _ = collector.await;
         })
         .await;
-        let _ = exit_tx.send(Some(why));
+        exit_tx.send(why);
     });
-    Ok(Arc::new(LocalInstance { pgid, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)), exit, output }))
+    Ok(Arc::new(LocalInstance { pgid, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)), life }))
 }
 
 #[async_trait]
@@ -95,16 +83,15 @@ impl Instance for LocalInstance {
     }
 
     fn exit(&self) -> Option<String> {
-        self.exit.borrow().clone()
+        self.life.exit()
     }
 
     async fn exited(&self) {
-        let mut rx = self.exit.clone();
-        let _ = rx.wait_for(Option::is_some).await;
+        self.life.exited().await
     }
 
     fn last_output(&self) -> Vec<String> {
-        self.output.lock().map(|o| o.iter().cloned().collect()).unwrap_or_default()
+        self.life.last_output()
     }
 
     async fn stop(&self, grace: Duration) {
@@ -122,7 +109,7 @@ impl Instance for LocalInstance {
 impl Drop for LocalInstance {
     /// An instance nobody holds any more must not keep running unseen.
     fn drop(&mut self) {
-        if self.exit.borrow().is_none() {
+        if self.life.exit().is_none() {
             kill_group(self.pgid, libc::SIGKILL);
         }
     }

@@ -40,14 +40,7 @@ fn build_command(req: &JobRequest) -> Result<Command, String> {
         config::Command::Argv(argv) => {
             let Some(program) = argv.first() else { return Err("empty command".into()) };
             let program = substitute(program, &req.values);
-            // A relative path with a slash is relative to the revision,
-            // not to wherever Slipway was started.
-            let program_path = if program.contains('/') && !program.starts_with('/') {
-                req.workdir.join(&program).into_os_string()
-            } else {
-                program.into()
-            };
-            let mut c = Command::new(program_path);
+            let mut c = Command::new(program_path(&program, &req.workdir));
             c.args(argv[1..].iter().map(|a| substitute(a, &req.values)));
             c
         }
@@ -174,6 +167,13 @@ pub(crate) fn owner_is_dead(owner: &str) -> bool {
     let Some((opid, ostart)) = owner.split_once('.') else { return false };
     let (Ok(opid), Ok(ostart)) = (opid.parse::<i32>(), ostart.parse::<u64>()) else { return false };
     !proc_stat(opid).is_some_and(|s| s.start_time == ostart && !s.zombie)
+}
+
+/// The program of an argv command: a relative path with a slash is
+/// relative to `workdir` (the revision, or the unpacked release), not to
+/// wherever Slipway was started; a bare name is looked up on PATH.
+pub fn program_path(program: &str, workdir: &std::path::Path) -> std::ffi::OsString {
+    if program.contains('/') && !program.starts_with('/') { workdir.join(program).into_os_string() } else { program.into() }
 }
 
 fn kill_group(pgid: i32, signal: i32) {
