@@ -460,13 +460,18 @@ target = "docker"
 listen = "127.0.0.1:8082"
 image = "Registry/Web:latest"
 memory = "1k"
+
+[[service]]
+name = "db"
+target = "docker"
+listen = "127.0.0.1:8083"
 "#,
         &[],
     );
     let out = std::process::Command::new(common::slipway_bin()).arg("--config").arg(dir.path()).arg("validate").output().expect("run");
     assert_eq!(out.status.code(), Some(3));
     let said = text(&out);
-    for expected in ["`image` is for containers", "has no `port`", "is not an image name without a tag", "not a size of at least 6m"] {
+    for expected in ["`image` is for containers", "has no `port`", "is not an image name without a tag", "not a size of at least 6m", "service \"db\" sets `listen` but has no `image` to run"] {
         assert!(said.contains(expected), "missing {expected:?} in:\n{said}");
     }
 }

@@ -300,10 +300,15 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
             (raw.artifact.as_ref().map(|s| s.span()), "artifact"),
         ] {
             if let Some(span) = present {
+                let (missing, hint) = if docker {
+                    ("image", "add image = \"registry.example.org/team/web\" to the service")
+                } else {
+                    ("command", "add command = [\"./bin/server\", \"--port\", \"{port}\"] to the service")
+                };
                 problems.push(
-                    Problem::new(ProblemKind::MissingKey, Some(span), format!("service {name:?} sets `{key}` but has no `command` to run"))
-                        .label("needs `command`")
-                        .hint("add command = [\"./bin/server\", \"--port\", \"{port}\"] to the service"),
+                    Problem::new(ProblemKind::MissingKey, Some(span), format!("service {name:?} sets `{key}` but has no `{missing}` to run"))
+                        .label(format!("needs `{missing}`"))
+                        .hint(hint),
                 );
             }
         }
