@@ -1,0 +1,168 @@
+//! Docker test kit, shared by the test files that need the Engine (include
+//! it with `#[path = "common/docker.rs"] mod dockerkit;` next to `mod
+//! common;`): the Engine or a skip, the demo image assembled from the demo
+//! binary and its libraries, and Debian's docker-registry on a free port.
+#![allow(dead_code)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use bollard::query_parameters::CreateImageOptionsBuilder;
+use futures_util::StreamExt;
+use slipway::target::docker::DockerTarget;
+use tokio::sync::OnceCell;
+
+use crate::common;
+
+pub const IMAGE: &str = "slipway-test/demo:dev";
+
+pub async fn engine() -> Option<DockerTarget> {
+    match DockerTarget::connect().await {
+        Ok(t) => Some(t),
+        Err(e) if std::env::var("SLIPWAY_REQUIRE_DOCKER").as_deref() == Ok("1") => panic!("SLIPWAY_REQUIRE_DOCKER=1 but {e}"),
+        Err(e) => {
+            eprintln!("skipped: no Docker Engine ({e}); set SLIPWAY_REQUIRE_DOCKER=1 to make this a failure");
+            None
+        }
+    }
+}
+
+/// A tar of / for the image: the demo at /demo, plus every library `ldd`
+/// names, at the same paths.
+pub fn rootfs() -> Vec<u8> {
+    let demo = env!("CARGO_BIN_EXE_slipway-demo");
+    let ldd = Command::new("ldd").arg(demo).output().expect("run ldd");
+    let mut files: Vec<String> = String::from_utf8_lossy(&ldd.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')).map(str::to_string))
+        .collect();
+    files.sort();
+    files.dedup();
+    let mut b = tar::Builder::new(Vec::new());
+    // Plain ustar entries with the bytes read whole: the Engine's
+    // importer refuses GNU sparse entries.
+    let mut add = |path: &str, name: &str| {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        let mut h = tar::Header::new_ustar();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o755);
+        h.set_cksum();
+        b.append_data(&mut h, name, bytes.as_slice()).unwrap_or_else(|e| panic!("add {name}: {e}"));
+    };
+    add(demo, "demo");
+    for f in &files {
+        add(f, f.trim_start_matches('/'));
+    }
+    b.into_inner().expect("tar")
+}
+
+static IMAGE_READY: OnceCell<()> = OnceCell::const_new();
+
+pub async fn image(t: &DockerTarget) {
+    IMAGE_READY
+        .get_or_init(|| async {
+            let opts = CreateImageOptionsBuilder::default().from_src("-").repo("slipway-test/demo").tag("dev").build();
+            let mut s = t.client().create_image(Some(opts), Some(bollard::body_full(rootfs().into())), None);
+            while let Some(r) = s.next().await {
+                r.expect("import the demo image");
+            }
+        })
+        .await;
+}
+
+pub fn get(port: u16) -> Option<String> {
+    let out = Command::new("curl").args(["-sf", "--max-time", "2", &format!("http://127.0.0.1:{port}/")]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+
+/// Debian's docker-registry on a free 127.0.0.1 port with its own config
+/// and storage; killed on drop. (dockerd treats 127.0.0.0/8 registries as
+/// insecure, so plain HTTP works without configuring the Engine.)
+pub struct Registry {
+    child: std::process::Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = common::free_port();
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config).expect("write registry config");
+        let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"].into_iter().find(|p| std::path::Path::new(p).exists()).unwrap_or_else(|| {
+            panic!("Debian's docker-registry is not installed (scripts/test.sh installs it: apt-get install docker-registry)")
+        });
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry");
+        common::wait_for(Duration::from_secs(20), "the registry to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+        Registry { child, port, _dir: dir }
+    }
+
+    pub fn repo(&self) -> String {
+        format!("127.0.0.1:{}/demo", self.port)
+    }
+
+    /// Push the demo image to this registry as `repo:tag`, for each tag
+    /// (all the same bytes unless `marker` changes them: the version
+    /// reaches the demo through its command line).
+    pub async fn push(&self, t: &DockerTarget, tags: &[&str]) {
+        image(t).await;
+        for tag in tags {
+            let opts = bollard::query_parameters::TagImageOptionsBuilder::default().repo(&self.repo()).tag(tag).build();
+            t.client().tag_image(IMAGE, Some(opts)).await.expect("tag the demo image");
+            let opts = bollard::query_parameters::PushImageOptionsBuilder::default().tag(tag).build();
+            let mut s = t.client().push_image(&self.repo(), Some(opts), None);
+            while let Some(r) = s.next().await {
+                let info = r.expect("push to the test registry");
+                assert!(info.error_detail.is_none(), "push failed: {info:?}");
+            }
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A second image, different bytes: the demo plus a marker file.
+pub async fn other_image(t: &DockerTarget, repo_tag: (&str, &str)) {
+    let mut tar = tar::Builder::new(rootfs_builder_bytes());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(6);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.append_data(&mut h, "marker", &b"other\n"[..]).expect("marker");
+    let bytes = tar.into_inner().expect("tar");
+    let opts = CreateImageOptionsBuilder::default().from_src("-").repo(repo_tag.0).tag(repo_tag.1).build();
+    let mut s = t.client().create_image(Some(opts), Some(bollard::body_full(bytes.into())), None);
+    while let Some(r) = s.next().await {
+        r.expect("import the other image");
+    }
+}
+
+/// The rootfs archive without its end-of-archive marker, so more entries
+/// can follow.
+pub fn rootfs_builder_bytes() -> Vec<u8> {
+    let mut bytes = rootfs();
+    // A tar ends with two 512-byte zero blocks (and padding): drop the
+    // trailing zeros back to the last entry.
+    while bytes.len() >= 512 && bytes[bytes.len() - 512..].iter().all(|b| *b == 0) {
+        bytes.truncate(bytes.len() - 512);
+    }
+    bytes
+}
+
