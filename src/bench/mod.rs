@@ -16,6 +16,7 @@
 //! the system temp dir, removed at the end. Jobs use `shell = true`, so
 //! both sides start each command through `/bin/sh -c`.
 
+pub mod docker;
 pub mod service;
 use std::collections::VecDeque;
 use std::fmt::Write as _;

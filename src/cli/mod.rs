@@ -177,6 +177,10 @@ pub enum BenchWhat {
     /// The service proxy against the service hit directly (wrk), and the
     /// engine's own share of a rollout.
     Services,
+    /// A container service: failed requests while `docker-compose up -d`
+    /// recreates it and while Slipway rolls it out (wrk for `--wrk-secs`
+    /// with `--connections`), and a rollout of `--instances` containers.
+    Docker,
 }
 
 #[derive(Debug, Args)]
@@ -307,6 +311,19 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 json: cli.json,
             };
             match crate::bench::service::run(opts, &crate::bench::service::default_demo_bin()).await {
+                Ok(_) => Ok(exit::OK),
+                Err(e) => Err(CliError::new(exit::INTERNAL, e.to_string())),
+            }
+        }
+        Command::Bench(a) if a.what == BenchWhat::Docker => {
+            let opts = crate::bench::docker::DockerBenchOptions {
+                duration: Duration::from_secs(a.wrk_secs),
+                connections: a.connections,
+                threads: 2,
+                rollout_instances: a.instances,
+                json: cli.json,
+            };
+            match crate::bench::docker::run(opts, &crate::bench::service::default_demo_bin()).await {
                 Ok(_) => Ok(exit::OK),
                 Err(e) => Err(CliError::new(exit::INTERNAL, e.to_string())),
             }
