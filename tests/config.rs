@@ -324,3 +324,86 @@ fn deep_needs_chain_does_not_overflow() {
     assert_eq!(e.problems.len(), 1);
     assert_eq!(e.problems[0].kind, ProblemKind::Cycle);
 }
+
+// Issue 5: secrets and registry credentials: every mistake at its place.
+#[test]
+fn secret_and_registry_mistakes() {
+    let text = r#"
+[secret.db]
+env = "DB PASSWORD"
+
+[secret.both]
+env = "A"
+file = "/etc/a"
+
+[secret.relative]
+file = "secrets/pw"
+
+[secret.nowhere]
+
+[[registry]]
+host = "registry.example.org"
+username = "ci"
+
+[[registry]]
+host = "https://registry.example.org/v2"
+token = "tokn"
+
+[[service]]
+name = "web"
+command = ["./web", "--port", "{port}"]
+listen = "127.0.0.1:8080"
+env = { DB = "x" }
+secrets = { DB = "db", API = "api" }
+secret_files = { "/run/secrets/db" = "db" }
+"#;
+    insta::assert_snapshot!(problems(text));
+}
+
+#[test]
+fn a_docker_service_gets_the_credentials_of_its_images_registry() {
+    let c = config::parse(
+        "slipway.toml",
+        r#"
+[secret.registry]
+file = "/etc/slipway/registry-password"
+
+[secret.api]
+env = "API_KEY"
+
+[[registry]]
+host = "registry.example.org:5000"
+username = "ci"
+password = "registry"
+
+[[service]]
+name = "web"
+target = "docker"
+image = "registry.example.org:5000/team/web"
+port = 8080
+listen = "127.0.0.1:8080"
+secrets = { API_KEY = "api" }
+secret_files = { "/run/secrets/api" = "api" }
+migrate = { command = ["/web", "migrate"] }
+
+[[service]]
+name = "other"
+target = "docker"
+image = "elsewhere.example.org/web"
+port = 8080
+listen = "127.0.0.1:8081"
+"#,
+    )
+    .expect("valid");
+    let web = c.services[0].spec.as_ref().expect("managed");
+    let container = web.container.as_ref().expect("docker");
+    let auth = container.auth.as_ref().expect("credentials for its registry");
+    assert_eq!((auth.host.as_str(), auth.username.as_deref()), ("registry.example.org:5000", Some("ci")));
+    assert!(matches!(&auth.password.as_ref().expect("password").source, config::secret::SecretSource::File(p) if p.ends_with("registry-password")));
+    assert_eq!(container.secret_files.keys().collect::<Vec<_>>(), ["/run/secrets/api"]);
+    assert_eq!(web.secrets.keys().collect::<Vec<_>>(), ["API_KEY"]);
+    // The migration sees the service's secrets; the other service's
+    // registry has no credentials.
+    assert_eq!(c.job("web.migrate").expect("migrate job").secrets.keys().collect::<Vec<_>>(), ["API_KEY"]);
+    assert!(c.services[1].spec.as_ref().and_then(|s| s.container.as_ref()).expect("docker").auth.is_none());
+}

@@ -34,6 +34,9 @@ fn request(version: &str, port: u16, argv: &[&str]) -> InstanceRequest {
         container_port: Some(8080),
         memory_bytes: None,
         millicpus: None,
+        deployment_id: 7,
+        secret_env: BTreeMap::new(),
+        secret_files: BTreeMap::new(),
     }
 }
 
@@ -252,4 +255,105 @@ async fn a_missing_engine_socket_is_a_clear_error() {
     let e = DockerTarget::connect_to("/nonexistent/docker.sock").await.err().expect("no Engine there");
     let said = e.to_string();
     assert!(said.contains("cannot reach the Docker Engine") && said.contains("/nonexistent/docker.sock"), "{said}");
+}
+
+/// Remove this Engine's names for `repo:tag` (the tag and its digest
+/// reference), so that a deploy of it must pull from the registry. The
+/// bytes stay under the demo image's own name.
+async fn forget(t: &DockerTarget, repo: &str, tag: &str) {
+    let reference = format!("{repo}:{tag}");
+    let Ok(info) = t.client().inspect_image(&reference).await else { return };
+    let opts = bollard::query_parameters::RemoveImageOptionsBuilder::default().noprune(true).build();
+    let _ = t.client().remove_image(&reference, Some(opts.clone()), None).await;
+    for d in info.repo_digests.unwrap_or_default().into_iter().filter(|d| d.starts_with(&format!("{repo}@"))) {
+        let _ = t.client().remove_image(&d, Some(opts.clone()), None).await;
+    }
+    assert!(t.client().inspect_image(&reference).await.is_err(), "{reference} still on the Engine");
+}
+
+// Issue 5: registry credentials come from secrets; a wrong password is a
+// clear refusal naming the registry and the user, never the password.
+#[test]
+fn registry_credentials_come_from_secrets_and_a_wrong_password_is_refused_clearly() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let Some(t) = rt.block_on(engine()) else { return };
+    const PASSWORD: &str = "correct-horse-battery";
+    const API_KEY: &str = "s3cret-api-key-4711";
+    let registry = Registry::start_with_auth("deployer", PASSWORD);
+    rt.block_on(async {
+        registry.push(&t, &["1.0", "2.0"]).await;
+        forget(&t, &registry.repo(), "1.0").await;
+        forget(&t, &registry.repo(), "2.0").await;
+    });
+    // Secrets live outside the config directory (which is shipped as the
+    // revision): files on the Slipway host.
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let pw = secrets.path().join("registry-password");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).expect("write secret");
+    let api = secrets.path().join("api-key");
+    std::fs::write(&api, API_KEY).expect("write secret");
+    let port = common::free_port();
+    let config = format!(
+        "{}secrets = {{ API_KEY = \"api\" }}\nsecret_files = {{ \"/run/secrets/api_key\" = \"api\" }}\n\n\
+         [secret.registry]\nfile = \"{}\"\n\n[secret.api]\nfile = \"{}\"\n\n\
+         [[registry]]\nhost = \"127.0.0.1:{}\"\nusername = \"deployer\"\npassword = \"registry\"\n",
+        docker_config(port, &registry.repo()),
+        pw.display(),
+        api.display(),
+        registry.port
+    );
+    let dir = common::config_dir(&config, &[]);
+    let server = common::Server::start(dir.path(), None, &[]);
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+
+    let one = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]);
+    assert!(one.status.success(), "{}", text(&one));
+    let fetch = text(&server.cli(dir.path(), &["logs", "1", "web.fetch"]));
+    assert!(fetch.contains("pulling") && fetch.contains("pulled"), "pulled with the credentials: {fetch}");
+    assert_eq!(get(port).as_deref(), Some("hello from demo 1.0"));
+
+    // The secrets reached the container: as an environment variable, and
+    // as a file readable by its owner only.
+    let filters = std::collections::HashMap::from([("label", vec!["slipway.service=web"])]);
+    let list = rt.block_on(t.client().list_containers(Some(ListContainersOptionsBuilder::default().filters(&filters).build()))).expect("list");
+    let id = list
+        .iter()
+        .find(|c| c.labels.as_ref().and_then(|l| l.get(LABEL_OWNER)).is_some_and(|o| o.starts_with(&format!("{}.", server.child.id()))))
+        .and_then(|c| c.id.clone())
+        .expect("a container of ours");
+    let info = rt.block_on(t.client().inspect_container(&id, None::<InspectContainerOptions>)).expect("inspect");
+    let env = info.config.and_then(|c| c.env).unwrap_or_default();
+    assert!(env.contains(&format!("API_KEY={API_KEY}")), "{env:?}");
+    let archive: Vec<u8> = rt.block_on(async {
+        let opts = bollard::query_parameters::DownloadFromContainerOptionsBuilder::default().path("/run/secrets/api_key").build();
+        let chunks: Vec<_> = t.client().download_from_container(&id, Some(opts)).collect().await;
+        chunks.into_iter().flat_map(|c| c.expect("download the secret file").to_vec()).collect()
+    });
+    let mut tar = tar::Archive::new(archive.as_slice());
+    let mut entry = tar.entries().expect("tar").next().expect("one entry").expect("entry");
+    assert_eq!(entry.header().mode().expect("mode") & 0o777, 0o400);
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut entry, &mut body).expect("read");
+    assert_eq!(body, API_KEY);
+
+    // The password changes on the host but not in the registry: the next
+    // deploy is refused when it is asked for, saying which registry and
+    // user, and the service stays where it was.
+    std::fs::write(&pw, "wrong-password").expect("rotate the secret");
+    let two = server.cli(dir.path(), &["deploy", "web", "2.0", "--env", "staging"]);
+    assert_eq!(two.status.code(), Some(6), "{}", text(&two));
+    let said = text(&two);
+    assert!(said.contains("refused the credentials") && said.contains(&format!("127.0.0.1:{}", registry.port)) && said.contains("deployer"), "{said}");
+    assert_eq!(get(port).as_deref(), Some("hello from demo 1.0"));
+
+    // No secret value in the server's log, the record or the API.
+    let record = format!(
+        "{}{}{}",
+        server.log_text(),
+        text(&server.cli(dir.path(), &["logs", "1"])),
+        common::get_json(&format!("{}/api/v1/deployments/1", server.url))
+    );
+    for secret in [PASSWORD, API_KEY, "wrong-password"] {
+        assert!(!record.contains(secret), "{secret} leaked: {record}");
+    }
 }

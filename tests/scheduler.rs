@@ -29,6 +29,7 @@ fn spec(cmd: Vec<&str>, timeout_ms: u64) -> JobSpec {
         idempotent: false,
         env: Default::default(),
         artifact: None,
+        secrets: Default::default(),
     }
 }
 

@@ -57,6 +57,10 @@ fn spec() -> JobSpec {
         idempotent: true,
         env: BTreeMap::from([("REGION".to_string(), "eu-west-1".to_string())]),
         artifact: Some(slipway::store::ArtifactRef { url: "https://example.org/web-1.tar.gz".into(), sha256: "ab".repeat(32), kind: slipway::store::ArtifactKind::Image }),
+        secrets: BTreeMap::from([(
+            "DB_PASSWORD".to_string(),
+            slipway::config::secret::SecretRef { name: "db".into(), source: slipway::config::secret::SecretSource::Env("DB_PW".into()) },
+        )]),
     }
 }
 

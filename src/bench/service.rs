@@ -564,6 +564,7 @@ async fn bench_proxy(opts: &ServiceBenchOptions, wrk: &Path, demo_bin: &Path) ->
 
 fn bench_spec(demo_bin: &Path, instances: u32, listen: SocketAddr) -> ServiceSpec {
     ServiceSpec {
+        secrets: Default::default(),
         name: "bench".into(),
         listen,
         instances,

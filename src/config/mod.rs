@@ -12,6 +12,7 @@
 pub mod diagnostic;
 pub mod revision;
 mod schema;
+pub mod secret;
 pub mod service;
 pub mod validate;
 
@@ -43,6 +44,10 @@ pub struct Config {
     pub environments: Vec<Environment>,
     pub services: Vec<Service>,
     pub jobs: Vec<Job>,
+    /// `[secret.NAME]`: where each secret is read from (never its value).
+    pub secrets: BTreeMap<String, secret::SecretRef>,
+    /// `[[registry]]`: credentials per registry host.
+    pub registries: Vec<secret::RegistryAuth>,
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +100,8 @@ pub struct Job {
     /// Environments the job runs in; `None` means all.
     pub environments: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
+    /// Environment variables whose values are secrets, read when it runs.
+    pub secrets: BTreeMap<String, secret::SecretRef>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -124,8 +131,9 @@ pub enum Command {
     /// node, not as a process: `<service>.fetch` jobs).
     Fetch(Box<service::ArtifactSpec>),
     /// Pull the deployment's image (by the digest pinned at submit) onto
-    /// the container engine (`<service>.fetch` of docker services).
-    Pull(String),
+    /// the container engine (`<service>.fetch` of docker services), with
+    /// the registry credentials the service's container names.
+    Pull(Box<service::ContainerSpec>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,6 +292,10 @@ struct Raw {
     service: Vec<Spanned<service::RawService>>,
     #[serde(default)]
     job: Vec<Spanned<RawJob>>,
+    #[serde(default)]
+    secret: BTreeMap<Spanned<String>, Spanned<secret::RawSecret>>,
+    #[serde(default)]
+    registry: Vec<Spanned<secret::RawRegistry>>,
 }
 
 #[derive(Deserialize)]
@@ -451,10 +463,12 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
             Environment { span: e.name.span(), name: e.name.into_inner() }
         })
         .collect();
+    let secrets = secret::build_secrets(raw.secret, problems);
+    let registries = secret::build_registries(raw.registry, &secrets, problems);
     let mut services = Vec::new();
     let mut service_jobs = Vec::new();
     for s in raw.service {
-        let (mut svc, built) = service::build(s.into_inner(), problems);
+        let (mut svc, built) = service::build(s.into_inner(), &secrets, &registries, problems);
         svc.spec = built.spec;
         services.push(svc);
         service_jobs.extend(built.jobs);
@@ -581,12 +595,13 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
             service: j.service.as_ref().map(|s| s.get_ref().clone()),
             environments: j.environments.as_ref().map(|v| v.iter().map(|e| e.get_ref().clone()).collect()),
             env: j.env,
+            secrets: BTreeMap::new(),
         });
     }
     // A deploy's own jobs come after the config's, so `plan` lists the
     // user's jobs in file order first.
     jobs.extend(service_jobs);
-    Config { project, environments, services, jobs }
+    Config { project, environments, services, jobs, secrets, registries }
 }
 
 /// Placeholders substituted into argv commands at run time.

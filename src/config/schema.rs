@@ -7,10 +7,12 @@ use toml::de::{DeTable, DeValue};
 
 use super::diagnostic::{Problem, ProblemKind, did_you_mean};
 
-const TOP: &[&str] = &["project", "environment", "service", "job"];
+const TOP: &[&str] = &["project", "environment", "service", "job", "secret", "registry"];
+const SECRET: &[&str] = &["env", "file"];
+const REGISTRY: &[&str] = &["host", "username", "password", "token"];
 const PROJECT: &[&str] = &["name", "parallelism", "store", "lease", "max_log_bytes"];
 const ENVIRONMENT: &[&str] = &["name"];
-const SERVICE: &[&str] = &["name", "target", "listen", "instances", "command", "env", "health", "rollout", "migrate", "verify", "stop_grace", "artifact", "image", "port", "memory", "cpus"];
+const SERVICE: &[&str] = &["name", "target", "listen", "instances", "command", "env", "health", "rollout", "migrate", "verify", "stop_grace", "artifact", "image", "port", "memory", "cpus", "secrets", "secret_files"];
 const ARTIFACT: &[&str] = &["url", "attempts", "timeout"];
 const HEALTH: &[&str] = &["http", "status", "command", "interval", "timeout", "healthy_after", "deadline"];
 const ROLLOUT: &[&str] = &["strategy", "max_surge", "max_unavailable", "drain"];
@@ -41,6 +43,18 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
             "environment" => ENVIRONMENT,
             "service" => SERVICE,
             "job" => JOB,
+            "registry" => REGISTRY,
+            "secret" => {
+                // `[secret.NAME]`: one table per secret, under any name.
+                for table in tables(value) {
+                    for (name, v) in table.iter() {
+                        for t in tables(v) {
+                            check_table(t, SECRET, &format!("[secret.{}]", name.get_ref()), &mut problems);
+                        }
+                    }
+                }
+                continue;
+            }
             _ => continue,
         };
         let name = key.get_ref().as_ref();

@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use super::secret::{RegistryAuth, SecretRef};
 use super::{Command, Job, JobSpans, Problem, ProblemKind, Retry, check_name, duration, positive};
 
 /// Placeholders a service's command (and its health/migrate/verify
@@ -46,6 +47,10 @@ pub struct ServiceSpec {
     /// `target = "docker"`: the image and how to run it.
     #[serde(default)]
     pub container: Option<ContainerSpec>,
+    /// Environment variables whose values are secrets, read on the node
+    /// when an instance (or the migration) starts: name → secret.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretRef>,
 }
 
 /// How a docker service's containers run. The deploy's version is the
@@ -59,6 +64,14 @@ pub struct ContainerSpec {
     pub memory_bytes: Option<u64>,
     /// Thousandths of a CPU.
     pub millicpus: Option<u32>,
+    /// Credentials for the image's registry (the `[[registry]]` whose
+    /// host the image names), if any.
+    #[serde(default)]
+    pub auth: Option<RegistryAuth>,
+    /// Files written into each container before it starts (mode 0400):
+    /// absolute path in the container → secret.
+    #[serde(default)]
+    pub secret_files: BTreeMap<String, SecretRef>,
 }
 
 /// "256m", "1g", "512k", or bytes.
@@ -164,6 +177,8 @@ pub(super) struct RawService {
     pub port: Option<Spanned<i64>>,
     pub memory: Option<Spanned<String>>,
     pub cpus: Option<Spanned<f64>>,
+    pub secrets: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+    pub secret_files: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -254,7 +269,7 @@ fn nonneg(v: &Spanned<i64>, what: &str, max: i64, problems: &mut Vec<Problem>) -
     }
 }
 
-pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Service, Built) {
+pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, registries: &[RegistryAuth], problems: &mut Vec<Problem>) -> (super::Service, Built) {
     check_name(&raw.name, "service", problems);
     let name = raw.name.get_ref().clone();
     let target = match raw.target {
@@ -277,6 +292,7 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
             (raw.port.as_ref().map(|s| s.span()), "port"),
             (raw.memory.as_ref().map(|s| s.span()), "memory"),
             (raw.cpus.as_ref().map(|s| s.span()), "cpus"),
+            (raw.secret_files.as_ref().map(|s| s.span()), "secret_files"),
         ] {
             if let Some(span) = present {
                 problems.push(
@@ -368,8 +384,22 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
                     .hint("remove `artifact`; the deploy's version is the image tag"),
             );
         }
+        let mut secret_files = BTreeMap::new();
+        for (path, secret) in raw.secret_files.iter().flat_map(|m| m.get_ref().iter()) {
+            if !path.starts_with('/') || path.ends_with('/') || path.split('/').any(|c| c == "..") {
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("secret file {path:?} is not an absolute file path in the container"))
+                        .label("not /path/to/file")
+                        .hint("e.g. secret_files = { \"/run/secrets/api_key\" = \"api_key\" }"),
+                );
+            }
+            if let Some(r) = super::secret::lookup(secret, secrets, problems) {
+                secret_files.insert(path.clone(), r);
+            }
+        }
+        let auth = image.as_ref().and_then(|i| registries.iter().find(|r| r.host == super::secret::registry_host(i)).cloned());
         match (image, port) {
-            (Some(image), Some(port)) => Some(ContainerSpec { image, port, memory_bytes, millicpus }),
+            (Some(image), Some(port)) => Some(ContainerSpec { image, port, memory_bytes, millicpus, auth, secret_files }),
             _ => None,
         }
     } else {
@@ -541,7 +571,19 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
     if docker && container.is_none() {
         return (service, Built { spec: None, jobs: vec![] });
     }
-    let spec = ServiceSpec { name: name.clone(), listen, instances, command, env: raw.env, health, rollout, verify, stop_grace, artifact, container };
+    let mut secret_env = BTreeMap::new();
+    for (var, secret) in raw.secrets.iter().flat_map(|m| m.get_ref().iter()) {
+        if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || var.starts_with(|c: char| c.is_ascii_digit()) {
+            problems.push(Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("{var:?} is not an environment variable name")).label("for this secret").hint("e.g. secrets = { DATABASE_URL = \"db_url\" }"));
+        }
+        if raw.env.contains_key(var) {
+            problems.push(Problem::new(ProblemKind::Duplicate, Some(secret.span()), format!("{var} is set both in `env` and in `secrets`")).label("second value"));
+        }
+        if let Some(r) = super::secret::lookup(secret, secrets, problems) {
+            secret_env.insert(var.clone(), r);
+        }
+    }
+    let spec = ServiceSpec { name: name.clone(), listen, instances, command, env: raw.env, health, rollout, verify, stop_grace, artifact, container, secrets: secret_env };
     let job = |job_name: String, command: Command, timeout: Duration, idempotent: bool, needs: Vec<String>| Job {
         name: job_name,
         spans: JobSpans { name: raw.name.span(), needs: needs.iter().map(|_| raw.name.span()).collect(), ..JobSpans::default() },
@@ -557,6 +599,7 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
         service: Some(name.clone()),
         environments: None,
         env: BTreeMap::new(),
+        secrets: BTreeMap::new(),
     };
     let mut jobs = Vec::new();
     let mut rollout_needs = Vec::new();
@@ -565,7 +608,7 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
     let mut migrate_needs = Vec::new();
     if let Some(c) = &spec.container {
         let n = fetch_job(&name);
-        jobs.push(job(n.clone(), Command::Pull(c.image.clone()), Duration::from_secs(1860), true, vec![]));
+        jobs.push(job(n.clone(), Command::Pull(Box::new(c.clone())), Duration::from_secs(1860), true, vec![]));
         migrate_needs.push(n.clone());
         rollout_needs.push(n);
     } else if let Some(a) = &spec.artifact {
@@ -577,7 +620,10 @@ pub(super) fn build(raw: RawService, problems: &mut Vec<Problem>) -> (super::Ser
     }
     if let Some((_, m)) = &migrate {
         let n = migrate_job(&name);
-        jobs.push(job(n.clone(), Command::Argv(m.command.clone()), m.timeout, m.idempotent, migrate_needs));
+        let mut migrate = job(n.clone(), Command::Argv(m.command.clone()), m.timeout, m.idempotent, migrate_needs);
+        // The migration sees what the service sees.
+        migrate.secrets = spec.secrets.clone();
+        jobs.push(migrate);
         rollout_needs = vec![n];
     }
     let rollout_timeout = rollout_timeout(&spec);

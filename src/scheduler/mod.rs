@@ -541,8 +541,8 @@ impl Scheduler {
                             }
                         })
                     }
-                    crate::config::Command::Pull(image) => {
-                        let (services, image, pinned) = (self.services.clone(), image.clone(), req.spec.artifact.clone());
+                    crate::config::Command::Pull(container) => {
+                        let (services, image, pinned) = (self.services.clone(), container.clone(), req.spec.artifact.clone());
                         tokio::spawn(async move {
                             match (services, pinned) {
                                 (Some(s), Some(p)) => s.pull(&image, &p.sha256, tx, c).await,

@@ -199,6 +199,11 @@ impl ServiceManager {
             container_port: c.map(|c| c.port),
             memory_bytes: c.and_then(|c| c.memory_bytes),
             millicpus: c.and_then(|c| c.millicpus),
+            deployment_id: g.deployment_id,
+            // Read now, on this node: a rotated secret reaches the next
+            // instance started.
+            secret_env: g.spec.secrets.iter().map(|(k, r)| Ok((k.clone(), r.read()?))).collect::<Result<_, String>>()?,
+            secret_files: c.map(|c| c.secret_files.iter().map(|(p, r)| Ok((p.clone(), r.read()?))).collect::<Result<_, String>>()).transpose()?.unwrap_or_default(),
         };
         let target = self.targets.get(if c.is_some() { "docker" } else { "local" }).await?;
         target.start_instance(req).await
@@ -269,11 +274,11 @@ impl ServiceManager {
     /// Make a container service's pinned image available (its
     /// `<service>.fetch` job): `reference` is `image:tag`, `sha256` the
     /// digest pinned when the deploy was accepted.
-    pub async fn pull(&self, image: &str, sha256: &str, out: OutputSink, cancel: CancellationToken) -> RunResult {
-        let reference = format!("{image}@sha256:{sha256}");
-        let result = match self.targets.get("docker").await {
-            Ok(t) => t.prepare(&reference, &out, &cancel).await,
-            Err(e) => Err(e),
+    pub async fn pull(&self, container: &crate::config::service::ContainerSpec, sha256: &str, out: OutputSink, cancel: CancellationToken) -> RunResult {
+        let reference = format!("{}@sha256:{sha256}", container.image);
+        let result = match (self.targets.get("docker").await, container.auth.as_ref().map(|a| a.credentials()).transpose()) {
+            (Ok(t), Ok(auth)) => t.prepare(&reference, auth.as_ref(), &out, &cancel).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
         };
         match result {
             Ok(()) => RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None },
@@ -349,7 +354,7 @@ impl ServiceManager {
                 deployment_id: new.deployment_id,
                 job: format!("{}.verify", new.spec.name),
                 attempt: 1,
-                spec: crate::store::JobSpec::verify(verify),
+                spec: crate::store::JobSpec { secrets: new.spec.secrets.clone(), ..crate::store::JobSpec::verify(verify) },
                 workdir: new.workdir.clone(),
                 values,
             };

@@ -161,6 +161,9 @@ pub struct JobSpec {
     /// the directory the service's other jobs and instances run in.
     #[serde(default)]
     pub artifact: Option<ArtifactRef>,
+    /// Environment variables from secrets: only where to read them.
+    #[serde(default)]
+    pub secrets: std::collections::BTreeMap<String, crate::config::secret::SecretRef>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -197,6 +200,7 @@ impl JobSpec {
             idempotent: step.idempotent,
             env: Default::default(),
             artifact: None,
+            secrets: Default::default(),
         }
     }
 
@@ -217,6 +221,7 @@ impl JobSpec {
             idempotent: job.idempotent,
             env: job.env.clone(),
             artifact: None,
+            secrets: job.secrets.clone(),
         }
     }
 
@@ -547,6 +552,7 @@ mod tests {
             idempotent: false,
             env: Default::default(),
             artifact: None,
+            secrets: Default::default(),
         }
     }
 

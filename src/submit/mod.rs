@@ -228,8 +228,9 @@ impl Submitter {
                 None => {
                     let targets = self.targets.as_ref().ok_or_else(|| SubmitError::Invalid("this node cannot resolve image tags".into()))?;
                     let docker = targets.get("docker").await.map_err(SubmitError::Unavailable)?;
+                    let auth = c.auth.as_ref().map(|a| a.credentials()).transpose().map_err(|e| SubmitError::Invalid(format!("cannot pin {reference} to a digest: {e}")))?;
                     docker
-                        .resolve(&reference)
+                        .resolve(&reference, auth.as_ref())
                         .await
                         .map_err(|e| SubmitError::Invalid(format!("cannot pin {reference} to a digest: {e}")))?
                         .ok_or_else(|| SubmitError::Invalid(format!("the docker target named no digest for {reference}")))?

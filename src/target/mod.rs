@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::secret::{Credentials, Secret};
 use crate::store::{JobSpec, Outcome};
 
 pub use local::LocalTarget;
@@ -87,6 +88,13 @@ pub struct InstanceRequest {
     /// Container targets: limits (bytes; thousandths of a CPU).
     pub memory_bytes: Option<u64>,
     pub millicpus: Option<u32>,
+    /// The deployment that rolled this version out (for labels).
+    pub deployment_id: i64,
+    /// Environment variables whose values are secrets (kept apart from
+    /// `env` so that no `Debug` of a request ever shows them).
+    pub secret_env: BTreeMap<String, Secret>,
+    /// Container targets: files to place before the start (mode 0400).
+    pub secret_files: BTreeMap<String, Secret>,
 }
 
 /// The targets a node can start service instances on, by name. A target
@@ -211,13 +219,13 @@ pub trait Target: Send + Sync + 'static {
 
     /// Pin `reference` (`image:tag`) to what it names now: the image's
     /// digest (hex of its SHA-256). Targets without images answer None.
-    async fn resolve(&self, _reference: &str) -> Result<Option<String>, String> {
+    async fn resolve(&self, _reference: &str, _auth: Option<&Credentials>) -> Result<Option<String>, String> {
         Ok(None)
     }
 
     /// Make `reference` (`image@sha256:…`) available before instances
     /// start (a pull). Targets without images have nothing to do.
-    async fn prepare(&self, _reference: &str, _output: &OutputSink, _cancel: &CancellationToken) -> Result<(), String> {
+    async fn prepare(&self, _reference: &str, _auth: Option<&Credentials>, _output: &OutputSink, _cancel: &CancellationToken) -> Result<(), String> {
         Ok(())
     }
 

@@ -83,16 +83,39 @@ pub struct Registry {
     child: std::process::Child,
     pub port: u16,
     _dir: tempfile::TempDir,
+    /// User and password, when it wants them.
+    pub auth: Option<(String, String)>,
 }
 
 impl Registry {
     pub fn start() -> Registry {
+        Registry::start_with(None)
+    }
+
+    /// A registry that wants HTTP basic auth (htpasswd, bcrypt, from
+    /// Debian's apache2-utils) for this user and password.
+    pub fn start_with_auth(user: &str, password: &str) -> Registry {
+        Registry::start_with(Some((user, password)))
+    }
+
+    fn start_with(auth: Option<(&str, &str)>) -> Registry {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = common::free_port();
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("data").display()
         );
+        let config = match auth {
+            None => config,
+            Some((user, password)) => {
+                let out = Command::new("htpasswd").args(["-Bbn", user, password]).output().unwrap_or_else(|e| {
+                    panic!("htpasswd (Debian's apache2-utils; scripts/test.sh installs it) cannot run: {e}")
+                });
+                assert!(out.status.success(), "htpasswd: {}", String::from_utf8_lossy(&out.stderr));
+                std::fs::write(dir.path().join("htpasswd"), &out.stdout).expect("write htpasswd");
+                format!("{config}auth:\n  htpasswd:\n    realm: slipway-test\n    path: {}\n", dir.path().join("htpasswd").display())
+            }
+        };
         std::fs::write(dir.path().join("config.yml"), config).expect("write registry config");
         let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"].into_iter().find(|p| std::path::Path::new(p).exists()).unwrap_or_else(|| {
             panic!("Debian's docker-registry is not installed (scripts/test.sh installs it: apt-get install docker-registry)")
@@ -106,7 +129,7 @@ impl Registry {
             .spawn()
             .expect("start docker-registry");
         common::wait_for(Duration::from_secs(20), "the registry to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
-        Registry { child, port, _dir: dir }
+        Registry { child, port, _dir: dir, auth: auth.map(|(u, p)| (u.to_string(), p.to_string())) }
     }
 
     pub fn repo(&self) -> String {
@@ -122,7 +145,13 @@ impl Registry {
             let opts = bollard::query_parameters::TagImageOptionsBuilder::default().repo(&self.repo()).tag(tag).build();
             t.client().tag_image(IMAGE, Some(opts)).await.expect("tag the demo image");
             let opts = bollard::query_parameters::PushImageOptionsBuilder::default().tag(tag).build();
-            let mut s = t.client().push_image(&self.repo(), Some(opts), None);
+            let creds = self.auth.as_ref().map(|(u, p)| bollard::auth::DockerCredentials {
+                username: Some(u.clone()),
+                password: Some(p.clone()),
+                serveraddress: Some(format!("127.0.0.1:{}", self.port)),
+                ..Default::default()
+            });
+            let mut s = t.client().push_image(&self.repo(), Some(opts), creds);
             while let Some(r) = s.next().await {
                 let info = r.expect("push to the test registry");
                 assert!(info.error_detail.is_none(), "push failed: {info:?}");

@@ -27,6 +27,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{Instance, InstanceRequest, JobRequest, KEEP_LINES, Lifeline, OutputSink, RunResult, Target};
+use crate::config::secret::{Credentials, Secret};
 use crate::store::Outcome;
 
 /// Every Engine call is bounded: a stuck daemon must not stall a rollout.
@@ -39,6 +40,36 @@ pub const LABEL_SERVICE: &str = "slipway.service";
 pub const LABEL_ENVIRONMENT: &str = "slipway.environment";
 pub const LABEL_VERSION: &str = "slipway.version";
 pub const LABEL_OWNER: &str = "slipway.owner";
+/// `sha256:…` of the image the container runs (pinned at submit).
+pub const LABEL_DIGEST: &str = "slipway.digest";
+pub const LABEL_DEPLOYMENT: &str = "slipway.deployment";
+/// On one-off job containers (migrations): the job's name.
+pub const LABEL_JOB: &str = "slipway.job";
+
+/// What bollard sends as `X-Registry-Auth`.
+fn docker_credentials(auth: Option<&Credentials>) -> Option<bollard::auth::DockerCredentials> {
+    auth.map(|c| bollard::auth::DockerCredentials {
+        username: c.username.clone(),
+        password: c.password.as_ref().map(|p| p.expose().to_string()),
+        identitytoken: c.token.as_ref().map(|t| t.expose().to_string()),
+        serveraddress: Some(c.host.clone()),
+        ..Default::default()
+    })
+}
+
+/// Why a registry said no, for people: the Engine's words, with what
+/// they mean when they mean refused credentials.
+fn registry_error(e: String, auth: Option<&Credentials>) -> String {
+    let lower = e.to_lowercase();
+    if lower.contains("unauthorized") || lower.contains("authentication required") || lower.contains("denied") || lower.contains("401") {
+        match auth {
+            Some(c) => format!("the registry refused the credentials of [[registry]] {:?} (user {:?}): {e}", c.host, c.username.as_deref().unwrap_or("(token)")),
+            None => format!("the registry wants credentials and none are configured (add a [[registry]] for its host): {e}"),
+        }
+    } else {
+        e
+    }
+}
 
 #[derive(Clone)]
 pub struct DockerTarget {
@@ -114,11 +145,21 @@ impl Target for DockerTarget {
             env.push(format!("SLIPWAY_{}={v}", k.to_ascii_uppercase()));
         }
         env.push(format!("SLIPWAY_JOB={}", req.job));
+        for (k, secret) in &req.spec.secrets {
+            match secret.read() {
+                Ok(v) => env.push(format!("{k}={}", v.expose())),
+                Err(e) => return failed(e),
+            }
+        }
         let labels = HashMap::from([
             (LABEL_SERVICE.to_string(), req.values.get("service").cloned().unwrap_or_default()),
             (LABEL_ENVIRONMENT.to_string(), req.values.get("env").cloned().unwrap_or_default()),
             (LABEL_VERSION.to_string(), req.values.get("version").cloned().unwrap_or_default()),
             (LABEL_OWNER.to_string(), super::local::owner_mark().to_string()),
+            (LABEL_DIGEST.to_string(), image.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_default()),
+            (LABEL_DEPLOYMENT.to_string(), req.deployment_id.to_string()),
+            // A one-off: never adopted as an instance.
+            (LABEL_JOB.to_string(), req.job.clone()),
         ]);
         let body = ContainerCreateBody { image: Some(image.clone()), cmd: Some(argv), env: Some(env), labels: Some(labels), ..Default::default() };
         let id = match bounded(&format!("creating a container of {image}"), self.docker.create_container(None::<bollard::query_parameters::CreateContainerOptions>, body)).await {
@@ -191,8 +232,10 @@ impl Target for DockerTarget {
         removed
     }
 
-    async fn resolve(&self, reference: &str) -> Result<Option<String>, String> {
-        let inspected = bounded(&format!("resolving {reference} in its registry"), self.docker.inspect_registry_image(reference, None)).await?;
+    async fn resolve(&self, reference: &str, auth: Option<&Credentials>) -> Result<Option<String>, String> {
+        let inspected = bounded(&format!("resolving {reference} in its registry"), self.docker.inspect_registry_image(reference, docker_credentials(auth)))
+            .await
+            .map_err(|e| registry_error(e, auth))?;
         let digest = inspected.descriptor.digest.unwrap_or_default();
         match digest.strip_prefix("sha256:") {
             Some(hex) if hex.len() == 64 => Ok(Some(hex.to_string())),
@@ -200,7 +243,7 @@ impl Target for DockerTarget {
         }
     }
 
-    async fn prepare(&self, reference: &str, output: &OutputSink, cancel: &CancellationToken) -> Result<(), String> {
+    async fn prepare(&self, reference: &str, auth: Option<&Credentials>, output: &OutputSink, cancel: &CancellationToken) -> Result<(), String> {
         let say = |line: String| async move {
             let _ = output.send((super::Stream::Stdout, format!("[pull] {line}"))).await;
         };
@@ -214,9 +257,9 @@ impl Target for DockerTarget {
             say(format!("pulling {reference} (try {attempt} of {PULL_ATTEMPTS})")).await;
             let opts = bollard::query_parameters::CreateImageOptionsBuilder::default().from_image(reference).build();
             let pull = async {
-                let mut s = self.docker.create_image(Some(opts), None, None);
+                let mut s = self.docker.create_image(Some(opts), None, docker_credentials(auth));
                 while let Some(r) = s.next().await {
-                    r.map_err(|e| crate::service::error_chain(&e))?;
+                    r.map_err(|e| registry_error(crate::service::error_chain(&e), auth))?;
                 }
                 Ok::<(), String>(())
             };
@@ -232,7 +275,7 @@ impl Target for DockerTarget {
                 Err(e) => {
                     // Unknown image or refused credentials will not change.
                     let lower = e.to_lowercase();
-                    let fin = lower.contains("not found") || lower.contains("manifest unknown") || lower.contains("unauthorized") || lower.contains("denied");
+                    let fin = lower.contains("not found") || lower.contains("manifest unknown") || lower.contains("credentials");
                     say(format!("try {attempt} failed: {e}")).await;
                     failures.push(format!("try {attempt}: {e}"));
                     if fin || attempt == PULL_ATTEMPTS {
@@ -255,8 +298,11 @@ impl Target for DockerTarget {
             (LABEL_ENVIRONMENT.to_string(), req.environment.clone()),
             (LABEL_VERSION.to_string(), req.version.clone()),
             (LABEL_OWNER.to_string(), super::local::owner_mark().to_string()),
+            (LABEL_DIGEST.to_string(), image.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_default()),
+            (LABEL_DEPLOYMENT.to_string(), req.deployment_id.to_string()),
         ]);
         let mut env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.extend(req.secret_env.iter().map(|(k, v)| format!("{k}={}", v.expose())));
         env.push(format!("SLIPWAY_SERVICE={}", req.service));
         env.push(format!("SLIPWAY_ENV={}", req.environment));
         env.push(format!("SLIPWAY_VERSION={}", req.version));
@@ -282,6 +328,17 @@ impl Target for DockerTarget {
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
         let created = bounded(&format!("creating a container of {image}"), self.docker.create_container(Some(options), body)).await?;
         let id = created.id;
+        if !req.secret_files.is_empty() {
+            let upload = self.docker.upload_to_container(
+                &id,
+                Some(bollard::query_parameters::UploadToContainerOptionsBuilder::default().path("/").build()),
+                bollard::body_full(secret_tar(&req.secret_files).into()),
+            );
+            if let Err(e) = bounded("placing the secret files in the container", upload).await {
+                let _ = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
+                return Err(e);
+            }
+        }
         if let Err(e) = bounded("starting the container", self.docker.start_container(&id, None)).await {
             let _ = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
             return Err(e);
@@ -319,6 +376,39 @@ impl Target for DockerTarget {
         }
         Ok(Arc::new(DockerInstance { docker: self.docker.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)), life }))
     }
+}
+
+/// A tar of the secret files (mode 0400, their directories 0755), built
+/// in memory: a secret never touches this host's disk.
+fn secret_tar(files: &std::collections::BTreeMap<String, Secret>) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dirs = std::collections::BTreeSet::new();
+    for path in files.keys() {
+        let rel = path.trim_start_matches('/');
+        let mut acc = String::new();
+        for part in rel.split('/').collect::<Vec<_>>().split_last().map(|(_, d)| d.to_vec()).unwrap_or_default() {
+            acc.push_str(part);
+            acc.push('/');
+            dirs.insert(acc.clone());
+        }
+    }
+    for d in dirs {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_cksum();
+        let _ = b.append_data(&mut h, &d, std::io::empty());
+    }
+    for (path, value) in files {
+        let bytes = value.expose().as_bytes();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o400);
+        h.set_cksum();
+        let _ = b.append_data(&mut h, path.trim_start_matches('/'), bytes);
+    }
+    b.into_inner().unwrap_or_default()
 }
 
 #[async_trait]

@@ -31,6 +31,7 @@ pub fn start(req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {
         .stderr(Stdio::piped())
         .process_group(0)
         .envs(&req.env)
+        .envs(req.secret_env.iter().map(|(k, v)| (k, v.expose())))
         .env("SLIPWAY_SERVICE", &req.service)
         .env("SLIPWAY_ENV", &req.environment)
         .env("SLIPWAY_VERSION", &req.version)

@@ -64,6 +64,9 @@ fn build_command(req: &JobRequest) -> Result<Command, String> {
     for (k, v) in &req.spec.env {
         cmd.env(k, v);
     }
+    for (k, secret) in &req.spec.secrets {
+        cmd.env(k, secret.read()?.expose());
+    }
     // Marks every process of the job (children inherit it) as ours, so a
     // later Slipway on this host can find them if we die: see
     // `sweep_orphans`. No pre_exec hook: that would force fork() instead
@@ -256,7 +259,7 @@ impl Target for LocalTarget {
                     config::Command::Shell(_) => "/bin/sh".into(),
                     config::Command::Rollout(s) => format!("rollout of {}", s.name),
                     config::Command::Fetch(a) => format!("fetch of {}", a.url),
-                    config::Command::Pull(i) => format!("pull of {i}"),
+                    config::Command::Pull(c) => format!("pull of {}", c.image),
                 };
                 return RunResult {
                     outcome: Outcome::Failed,

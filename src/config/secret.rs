@@ -1,0 +1,267 @@
+//! `[secret.NAME]` and `[[registry]]`: values that must never be in the
+//! config (or in git), and the registries whose credentials they are.
+//!
+//! A secret is named in the config and read on the node that needs it, at
+//! the moment it needs it, from an environment variable of the Slipway
+//! process or a file on its host. Only its *source* (the variable's name,
+//! the file's path) is ever stored, in revisions and job specs; the value
+//! lives in memory for as long as one pull, one container start or one job
+//! needs it, and [`Secret`]'s `Debug` prints no value.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use super::{Problem, ProblemKind, check_name};
+
+/// Where a named secret's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRef {
+    pub name: String,
+    #[serde(flatten)]
+    pub source: SecretSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretSource {
+    /// An environment variable of the Slipway process.
+    Env(String),
+    /// A file on the Slipway host (a trailing newline is not part of it).
+    File(PathBuf),
+}
+
+/// A secret's value. `Debug` shows its length, never the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret(<{} bytes>)", self.0.len())
+    }
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl SecretRef {
+    /// Read the value now. The error names the secret and its source, never
+    /// a value.
+    pub fn read(&self) -> Result<Secret, String> {
+        match &self.source {
+            SecretSource::Env(var) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Ok(Secret(v)),
+                Ok(_) => Err(format!("secret {:?}: environment variable {var} is empty", self.name)),
+                Err(_) => Err(format!("secret {:?}: environment variable {var} is not set for the Slipway process", self.name)),
+            },
+            SecretSource::File(path) => {
+                // Bounded: a secret is small, and a wrong path (a device, a
+                // huge file) must not eat the node's memory.
+                let meta = std::fs::metadata(path).map_err(|e| format!("secret {:?}: cannot read {}: {e}", self.name, path.display()))?;
+                if !meta.is_file() || meta.len() > 1 << 20 {
+                    return Err(format!("secret {:?}: {} is not a regular file of at most 1 MiB", self.name, path.display()));
+                }
+                let v = std::fs::read_to_string(path).map_err(|e| format!("secret {:?}: cannot read {}: {e}", self.name, path.display()))?;
+                let v = v.strip_suffix('\n').map(|v| v.strip_suffix('\r').unwrap_or(v)).unwrap_or(&v).to_string();
+                if v.is_empty() {
+                    return Err(format!("secret {:?}: {} is empty", self.name, path.display()));
+                }
+                Ok(Secret(v))
+            }
+        }
+    }
+}
+
+/// Credentials for one registry host: a user and password (basic auth,
+/// or the registry's token service, which the Engine asks with them), or
+/// an identity token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryAuth {
+    /// `host[:port]` as written in image names.
+    pub host: String,
+    pub username: Option<String>,
+    pub password: Option<SecretRef>,
+    pub token: Option<SecretRef>,
+}
+
+/// What a pull or a registry lookup sends, read from the secrets.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    pub host: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub token: Option<Secret>,
+}
+
+impl RegistryAuth {
+    pub fn credentials(&self) -> Result<Credentials, String> {
+        Ok(Credentials {
+            host: self.host.clone(),
+            username: self.username.clone(),
+            password: self.password.as_ref().map(SecretRef::read).transpose()?,
+            token: self.token.as_ref().map(SecretRef::read).transpose()?,
+        })
+    }
+}
+
+/// The registry host of an image name (`host[:port]/path`), or Docker
+/// Hub's when the first part names none.
+pub fn registry_host(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => first,
+        _ => "docker.io",
+    }
+}
+
+// ---- the serde shape -------------------------------------------------------
+
+#[derive(Deserialize)]
+pub(super) struct RawSecret {
+    env: Option<Spanned<String>>,
+    file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawRegistry {
+    host: Spanned<String>,
+    username: Option<Spanned<String>>,
+    password: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+}
+
+pub(super) fn build_secrets(raw: BTreeMap<Spanned<String>, Spanned<RawSecret>>, problems: &mut Vec<Problem>) -> BTreeMap<String, SecretRef> {
+    let mut out = BTreeMap::new();
+    for (name, s) in raw {
+        check_name(&name, "secret", problems);
+        let span = s.span();
+        let s = s.into_inner();
+        let source = match (s.env, s.file) {
+            (Some(e), None) => {
+                let v = e.get_ref();
+                if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || v.starts_with(|c: char| c.is_ascii_digit()) {
+                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(e.span()), format!("{v:?} is not an environment variable name")).label("not a variable name").hint("e.g. env = \"REGISTRY_PASSWORD\""));
+                }
+                SecretSource::Env(e.into_inner())
+            }
+            (None, Some(f)) => {
+                if !f.get_ref().starts_with('/') {
+                    problems.push(
+                        Problem::new(ProblemKind::InvalidValue, Some(f.span()), "a secret's `file` must be an absolute path on the Slipway host")
+                            .label("relative path")
+                            .hint("secrets are never part of the config directory (it is stored and shipped as the revision)"),
+                    );
+                }
+                SecretSource::File(PathBuf::from(f.into_inner()))
+            }
+            (Some(_), Some(f)) => {
+                problems.push(Problem::new(ProblemKind::InvalidValue, Some(f.span()), format!("secret {:?} has both `env` and `file`", name.get_ref())).label("second source").hint("a secret comes from one place"));
+                continue;
+            }
+            (None, None) => {
+                problems.push(
+                    Problem::new(ProblemKind::MissingKey, Some(span), format!("secret {:?} says nowhere to read it from", name.get_ref()))
+                        .label("this secret")
+                        .hint("add env = \"VARIABLE\" or file = \"/etc/slipway/NAME\"; the value itself never goes in the config"),
+                );
+                continue;
+            }
+        };
+        out.insert(name.get_ref().clone(), SecretRef { name: name.into_inner(), source });
+    }
+    out
+}
+
+/// A use of a secret by name: the secret, or a problem at the use.
+pub(super) fn lookup(name: &Spanned<String>, secrets: &BTreeMap<String, SecretRef>, problems: &mut Vec<Problem>) -> Option<SecretRef> {
+    match secrets.get(name.get_ref()) {
+        Some(s) => Some(s.clone()),
+        None => {
+            let hint = match super::diagnostic::did_you_mean(name.get_ref(), secrets.keys().map(String::as_str)) {
+                Some(s) => format!("did you mean {s:?}?"),
+                None => format!("declare it: [secret.{}] with env = \"VARIABLE\" or file = \"/path\"", name.get_ref()),
+            };
+            problems.push(Problem::new(ProblemKind::UnknownReference, Some(name.span()), format!("unknown secret {:?}", name.get_ref())).label("no such secret").hint(hint));
+            None
+        }
+    }
+}
+
+pub(super) fn build_registries(raw: Vec<Spanned<RawRegistry>>, secrets: &BTreeMap<String, SecretRef>, problems: &mut Vec<Problem>) -> Vec<RegistryAuth> {
+    let mut out: Vec<RegistryAuth> = Vec::new();
+    for r in raw {
+        let span = r.span();
+        let r = r.into_inner();
+        let host = r.host.get_ref();
+        if host.is_empty() || host.contains('/') || !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':')) {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(r.host.span()), format!("`host` {host:?} is not a registry host"))
+                    .label("not host[:port]")
+                    .hint("write the registry part of the image name, e.g. host = \"registry.example.org:5000\""),
+            );
+        }
+        if out.iter().any(|o| &o.host == host) {
+            problems.push(Problem::new(ProblemKind::InvalidValue, Some(r.host.span()), format!("registry {host:?} is declared twice")).label("again"));
+        }
+        let password = r.password.as_ref().and_then(|p| lookup(p, secrets, problems));
+        let token = r.token.as_ref().and_then(|t| lookup(t, secrets, problems));
+        match (&r.username, &r.password, &r.token) {
+            (Some(_), Some(_), None) | (None, None, Some(_)) => {}
+            (_, _, Some(t)) if r.username.is_some() || r.password.is_some() => {
+                problems.push(Problem::new(ProblemKind::InvalidValue, Some(t.span()), "a registry takes `username` + `password`, or `token`, not both").label("second kind of credential"));
+            }
+            (Some(u), None, None) => {
+                problems.push(Problem::new(ProblemKind::MissingKey, Some(u.span()), "`username` without `password`").label("no password").hint("add password = \"SECRET-NAME\", naming a [secret.*]"));
+            }
+            (None, Some(p), None) => {
+                problems.push(Problem::new(ProblemKind::MissingKey, Some(p.span()), "`password` without `username`").label("no username"));
+            }
+            _ => {
+                problems.push(
+                    Problem::new(ProblemKind::MissingKey, Some(span), format!("registry {host:?} has no credentials"))
+                        .label("this registry")
+                        .hint("add username = \"…\" and password = \"SECRET-NAME\", or token = \"SECRET-NAME\""),
+                );
+            }
+        }
+        out.push(RegistryAuth { host: host.clone(), username: r.username.map(Spanned::into_inner), password, token });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_value_never_shows_in_debug() {
+        let s = Secret("hunter2".into());
+        let c = Credentials { host: "r".into(), username: Some("u".into()), password: Some(s), token: None };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn registry_hosts_follow_the_image_name_rules() {
+        assert_eq!(registry_host("127.0.0.1:5000/demo"), "127.0.0.1:5000");
+        assert_eq!(registry_host("registry.example.org/team/web"), "registry.example.org");
+        assert_eq!(registry_host("localhost/web"), "localhost");
+        assert_eq!(registry_host("team/web"), "docker.io");
+        assert_eq!(registry_host("web"), "docker.io");
+    }
+
+    #[test]
+    fn a_file_secret_loses_its_trailing_newline_and_a_missing_one_names_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pw");
+        std::fs::write(&p, "s3cret\n").unwrap();
+        let r = SecretRef { name: "pw".into(), source: SecretSource::File(p.clone()) };
+        assert_eq!(r.read().unwrap().expose(), "s3cret");
+        let missing = SecretRef { name: "pw".into(), source: SecretSource::Env("SLIPWAY_TEST_SURELY_UNSET_VAR".into()) };
+        let e = missing.read().unwrap_err();
+        assert!(e.contains("SLIPWAY_TEST_SURELY_UNSET_VAR") && e.contains("\"pw\""), "{e}");
+    }
+}
