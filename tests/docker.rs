@@ -357,3 +357,37 @@ fn registry_credentials_come_from_secrets_and_a_wrong_password_is_refused_clearl
         assert!(!record.contains(secret), "{secret} leaked: {record}");
     }
 }
+
+// Issue 5, bad input: a container that exits at once and one that its
+// memory limit OOM-kills each roll back with a reason that needs no
+// `docker logs`, and traffic stays on the last good version.
+#[test]
+fn a_container_that_exits_at_once_or_is_oom_killed_rolls_back_with_its_reason() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let Some(t) = rt.block_on(engine()) else { return };
+    let registry = Registry::start();
+    rt.block_on(registry.push(&t, &["1.0", "8.0", "9.0"]));
+    let port = common::free_port();
+    let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
+    let server = common::Server::start(dir.path(), None, &[]);
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]).status.success());
+
+    let reason = |id: i64| {
+        let d = common::get_json(&format!("{}/api/v1/deployments/{id}", server.url));
+        (d["deployment"]["state"].as_str().unwrap_or_default().to_string(), d.to_string())
+    };
+    let crash = server.cli(dir.path(), &["deploy", "web", "9.0", "--env", "staging"]);
+    assert_eq!(crash.status.code(), Some(1), "{}", text(&crash));
+    let (state, record) = reason(2);
+    assert_eq!(state, "rolled_back", "{record}");
+    assert!(record.contains("exit code 4") && record.contains("version 9.0 cannot boot"), "exit code and its own last words: {record}");
+    assert_eq!(get(port).as_deref(), Some("hello from demo 1.0"));
+
+    let oom = server.cli(dir.path(), &["deploy", "web", "8.0", "--env", "staging"]);
+    assert_eq!(oom.status.code(), Some(1), "{}", text(&oom));
+    let (state, record) = reason(3);
+    assert_eq!(state, "rolled_back", "{record}");
+    assert!(record.contains("OOM-killed") && record.contains("fills memory"), "the OOM flag and its own last words: {record}");
+    assert_eq!(get(port).as_deref(), Some("hello from demo 1.0"));
+}

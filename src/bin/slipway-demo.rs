@@ -6,6 +6,12 @@
 //! - `GET /healthz` answers 200, except for versions starting with `3`
 //!   ("v3 is broken"), which answer 500: a release that never becomes
 //!   healthy;
+//! - `serve` exits at once with code 4 (saying why on stderr) for
+//!   versions starting with `9`: a release that crashes on boot, also in
+//!   an image without a shell;
+//! - `serve` for versions starting with `8` first fills memory (1 MiB at
+//!   a time, touched, up to 1 GiB) before it listens: a release that a
+//!   container's memory limit OOM-kills;
 //! - `migrate --version V [--file F]` appends one line to F (default:
 //!   `$SLIPWAY_DEMO_MIGRATIONS`, else `migrations.log`), so "exactly once
 //!   per deployment" can be counted.
@@ -87,6 +93,19 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Cmd::Serve { version, .. } if version.starts_with('9') => {
+            eprintln!("slipway-demo: version {version} cannot boot");
+            ExitCode::from(4)
+        }
+        Cmd::Serve { version, .. } if version.starts_with('8') => {
+            eprintln!("slipway-demo: version {version} fills memory before it listens");
+            let mut hog: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..1024 {
+                hog.push(vec![1u8; 1 << 20]);
+            }
+            eprintln!("slipway-demo: holding {} MiB and no limit stopped it", hog.len());
+            ExitCode::from(5)
         }
         Cmd::Serve { port, host, version } => {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
