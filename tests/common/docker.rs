@@ -27,9 +27,8 @@ pub async fn engine() -> Option<DockerTarget> {
     }
 }
 
-/// A tar of / for the image: the demo at /demo, plus every library `ldd`
-/// names, at the same paths.
-pub fn rootfs() -> Vec<u8> {
+/// The demo binary and every library `ldd` names for it, by absolute path.
+fn demo_files() -> Vec<String> {
     let demo = env!("CARGO_BIN_EXE_slipway-demo");
     let ldd = Command::new("ldd").arg(demo).output().expect("run ldd");
     let mut files: Vec<String> = String::from_utf8_lossy(&ldd.stdout)
@@ -38,6 +37,13 @@ pub fn rootfs() -> Vec<u8> {
         .collect();
     files.sort();
     files.dedup();
+    files
+}
+
+/// A tar of / for the image: the demo at /demo, plus every library `ldd`
+/// names, at the same paths.
+pub fn rootfs() -> Vec<u8> {
+    let demo = env!("CARGO_BIN_EXE_slipway-demo");
     let mut b = tar::Builder::new(Vec::new());
     // Plain ustar entries with the bytes read whole: the Engine's
     // importer refuses GNU sparse entries.
@@ -50,18 +56,47 @@ pub fn rootfs() -> Vec<u8> {
         b.append_data(&mut h, name, bytes.as_slice()).unwrap_or_else(|e| panic!("add {name}: {e}"));
     };
     add(demo, "demo");
-    for f in &files {
-        add(f, f.trim_start_matches('/'));
+    for f in demo_files() {
+        add(&f, f.trim_start_matches('/'));
     }
     b.into_inner().expect("tar")
 }
 
+/// The label saying which build of the demo an imported image holds.
+const BUILD_LABEL: &str = "slipway.test.demo-build";
+
+/// Which build of the demo (and of its libraries) the image would hold:
+/// their sizes and modification times, which every rebuild changes.
+fn demo_build() -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in std::iter::once(env!("CARGO_BIN_EXE_slipway-demo").to_string()).chain(demo_files()) {
+        let meta = std::fs::metadata(&f).unwrap_or_else(|e| panic!("stat {f}: {e}"));
+        (&f, meta.len(), meta.modified().ok()).hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}
+
 static IMAGE_READY: OnceCell<()> = OnceCell::const_new();
 
+/// `IMAGE` holds this build of the demo. Imported only when it does not
+/// yet: every test process asks, and an import per process would leave an
+/// unnamed copy behind each time.
 pub async fn image(t: &DockerTarget) {
     IMAGE_READY
         .get_or_init(|| async {
-            let opts = CreateImageOptionsBuilder::default().from_src("-").repo("slipway-test/demo").tag("dev").build();
+            let build = demo_build();
+            if let Ok(info) = t.client().inspect_image(IMAGE).await
+                && info.config.and_then(|c| c.labels).and_then(|l| l.get(BUILD_LABEL).cloned()).as_deref() == Some(build.as_str())
+            {
+                return;
+            }
+            let opts = CreateImageOptionsBuilder::default()
+                .from_src("-")
+                .repo("slipway-test/demo")
+                .tag("dev")
+                .changes(vec![format!("LABEL {BUILD_LABEL}={build}")])
+                .build();
             let mut s = t.client().create_image(Some(opts), Some(bollard::body_full(rootfs().into())), None);
             while let Some(r) = s.next().await {
                 r.expect("import the demo image");
