@@ -87,7 +87,7 @@ impl Node {
         cfg.lease = Duration::from_secs(5);
         cfg.shutdown_grace = Duration::from_secs(1);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener });
+        let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "api-test".into() });
         let base = format!("http://{}", node.addr);
         Node { base, node, http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))

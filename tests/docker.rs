@@ -225,29 +225,100 @@ fn the_digest_pinned_when_the_deploy_is_accepted_runs_even_if_the_tag_moves() {
     let status = server.cli(dir.path(), &["status"]);
     assert!(text(&status).contains(&pinned[..19]), "status shows tag and digest: {}", text(&status));
 
-    // kill -9, then a new node: the dead node's containers are removed and
-    // the recorded version (by its digest) runs again.
-    let owned_by = |pid: u32| -> Vec<String> {
-        let filters = std::collections::HashMap::from([("label", vec!["slipway.service=web"])]);
-        let list = rt.block_on(t.client().list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build()))).expect("list");
-        list.into_iter()
-            .filter(|c| c.labels.as_ref().and_then(|l| l.get(LABEL_OWNER)).is_some_and(|o| o.starts_with(&format!("{pid}."))))
-            .filter_map(|c| c.image)
-            .collect()
-    };
-    let old_pid = server.child.id();
-    assert_eq!(owned_by(old_pid).len(), 2);
+    // kill -9, then a new node: it adopts the dead node's containers of
+    // the recorded version (by its digest) instead of replacing them.
+    let old = server.child.id();
+    let before = web_containers(&rt, &t, &[old]);
+    assert_eq!(before.len(), 2, "{before:?}");
     drop(server); // SIGKILL
     let mut server = common::Server::start(dir.path(), None, &[]);
-    let images = common::wait_for(Duration::from_secs(30), "the service back on the new node", || {
-        let mine = owned_by(server.child.id());
-        (mine.len() == 2 && owned_by(old_pid).is_empty() && get(port).is_some()).then_some(mine)
-    });
-    assert!(images.iter().all(|i| i.ends_with(&pinned)), "restored by digest: {images:?}");
+    let pids = [old, server.child.id()];
+    common::wait_for(Duration::from_secs(30), "the service back on the new node", || get(port));
     assert_eq!(get(port).as_deref(), Some("hello from demo 4.0"));
+    let after = web_containers(&rt, &t, &pids);
+    assert_eq!(after.iter().map(|c| &c.id).collect::<Vec<_>>(), before.iter().map(|c| &c.id).collect::<Vec<_>>(), "the same containers, adopted");
+    assert!(after.iter().all(|c| c.image.ends_with(&pinned)), "by digest: {after:?}");
+    let events = common::get_json(&format!("{}/api/v1/services/staging/web/events", server.url)).to_string();
+    assert!(events.contains("2 adopted"), "{events}");
+    let gc = common::get_json(&format!("{}/api/v1/gc", server.url));
+    assert_eq!(gc["containers"].as_array().map(Vec::len), Some(0), "adopted containers are not orphans: {gc}");
     unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
     let _ = server.child.wait();
-    assert!(owned_by(server.child.id()).is_empty(), "a graceful stop removes its containers");
+    assert!(web_containers(&rt, &t, &pids).is_empty(), "a graceful stop removes its containers, adopted ones too");
+}
+
+#[derive(Debug)]
+struct Seen {
+    id: String,
+    version: String,
+    image: String,
+    owner: String,
+    /// Set on one-off job containers (migrations).
+    job: String,
+}
+
+/// Every container of service `web` started by one of the Slipway
+/// processes `pids` (tests run side by side), sorted by id.
+fn web_containers(rt: &tokio::runtime::Runtime, t: &DockerTarget, pids: &[u32]) -> Vec<Seen> {
+    let filters = std::collections::HashMap::from([("label", vec!["slipway.service=web"])]);
+    let list = rt.block_on(t.client().list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build()))).expect("list");
+    let mut v: Vec<Seen> = list
+        .into_iter()
+        .map(|c| {
+            let l = c.labels.clone().unwrap_or_default();
+            Seen {
+                id: c.id.unwrap_or_default(),
+                version: l.get(LABEL_VERSION).cloned().unwrap_or_default(),
+                image: c.image.unwrap_or_default(),
+                owner: l.get(LABEL_OWNER).cloned().unwrap_or_default(),
+                job: l.get("slipway.job").cloned().unwrap_or_default(),
+            }
+        })
+        .filter(|c: &Seen| pids.iter().any(|p| c.owner.starts_with(&format!("{p}."))))
+        .collect();
+    v.sort_by(|a, b| a.id.cmp(&b.id));
+    v
+}
+
+// Issue 5: SIGKILL of Slipway in the middle of a rollout, then a restart:
+// one version (the recorded one), the migration ran once, no orphans.
+#[test]
+fn sigkill_mid_rollout_then_restart_converges_to_the_recorded_version() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let Some(t) = rt.block_on(engine()) else { return };
+    let registry = Registry::start();
+    rt.block_on(registry.push(&t, &["1.0", "2.0"]));
+    let port = common::free_port();
+    // Slow health (healthy after 10 checks, 1 s apart) keeps the rollout
+    // of 2.0 going long enough to kill the node in its middle.
+    let config = docker_config(port, &registry.repo()).replace("healthy_after = 2, deadline = \"5s\"", "healthy_after = 2, deadline = \"30s\"");
+    let dir = common::config_dir(&config, &[]);
+    let server = common::Server::start(dir.path(), None, &[]);
+    assert!(server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]).status.success());
+    let first = server.child.id();
+    let ones: Vec<String> = web_containers(&rt, &t, &[first]).into_iter().map(|c| c.id).collect();
+    assert_eq!(ones.len(), 2);
+    let slow = config.replace("interval = \"100ms\", healthy_after = 2", "interval = \"1s\", healthy_after = 10");
+    std::fs::write(dir.path().join("slipway.toml"), slow).expect("slower health");
+    assert!(server.cli(dir.path(), &["deploy", "web", "2.0", "--env", "staging", "--detach"]).status.success());
+    common::wait_for(Duration::from_secs(30), "a 2.0 container to start", || web_containers(&rt, &t, &[first]).iter().any(|c| c.version == "2.0" && c.job.is_empty()).then_some(()));
+    drop(server); // SIGKILL mid-rollout
+
+    let server = common::Server::start(dir.path(), None, &[]);
+    let pids = [first, server.child.id()];
+    let settled = common::wait_for(Duration::from_secs(40), "only 1.0 left", || {
+        let now = web_containers(&rt, &t, &pids);
+        (now.len() == 2 && now.iter().all(|c| c.version == "1.0") && get(port).is_some()).then_some(now)
+    });
+    assert_eq!(settled.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), ones, "the 1.0 containers were adopted, not replaced");
+    assert_eq!(get(port).as_deref(), Some("hello from demo 1.0"));
+    let d = common::get_json(&format!("{}/api/v1/deployments/2", server.url));
+    assert_eq!(d["deployment"]["state"], "failed", "{d}");
+    let migrate = d["jobs"].as_array().and_then(|j| j.iter().find(|j| j["name"] == "web.migrate")).cloned().expect("the migrate job");
+    assert_eq!((migrate["state"].as_str(), migrate["attempt"].as_i64()), (Some("succeeded"), Some(1)), "the migration ran once: {migrate}");
+    let gc = common::get_json(&format!("{}/api/v1/gc", server.url));
+    assert_eq!(gc["containers"].as_array().map(Vec::len), Some(0), "no orphaned containers: {gc}");
+    drop(server);
 }
 
 #[tokio::test]
@@ -390,4 +461,83 @@ fn a_container_that_exits_at_once_or_is_oom_killed_rolls_back_with_its_reason() 
     assert_eq!(state, "rolled_back", "{record}");
     assert!(record.contains("OOM-killed") && record.contains("fills memory"), "the OOM flag and its own last words: {record}");
     assert_eq!(get(port).as_deref(), Some("hello from demo 1.0"));
+}
+
+// Issue 5: `status` lists containers with our labels that no live Slipway
+// holds; `gc` is a dry run until --apply, removes those and images no
+// environment runs or could roll back to, and never touches anything
+// without our labels.
+#[test]
+fn gc_lists_then_removes_orphans_and_unused_images_and_nothing_else() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let Some(t) = rt.block_on(engine()) else { return };
+    let registry = Registry::start();
+    rt.block_on(async {
+        registry.push(&t, &["1.0", "2.0"]).await;
+        // 5.0: different bytes, so a digest of its own.
+        other_image(&t, (&registry.repo(), "5.0")).await;
+        let mut s = t.client().push_image(&registry.repo(), Some(bollard::query_parameters::PushImageOptionsBuilder::default().tag("5.0").build()), None);
+        while let Some(r) = s.next().await {
+            r.expect("push 5.0");
+        }
+    });
+    let port = common::free_port();
+    let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
+    let server = common::Server::start(dir.path(), None, &[]);
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    for v in ["5.0", "1.0", "2.0"] {
+        let out = server.cli(dir.path(), &["deploy", "web", v, "--env", "staging"]);
+        assert!(out.status.success(), "{v}: {}", text(&out));
+    }
+    let five = rt.block_on(t.client().inspect_image(&format!("{}:5.0", registry.repo()))).expect("5.0 is on the Engine").id.expect("id");
+
+    // An orphan (our labels, an owner that is gone: pid 1 never started at
+    // tick 1) and a stranger's container (no labels).
+    let create = |labels: Option<std::collections::HashMap<String, String>>, name: String| {
+        let body = bollard::models::ContainerCreateBody { image: Some(IMAGE.into()), cmd: Some(vec!["/demo".into(), "serve".into()]), labels, ..Default::default() };
+        let opts = bollard::query_parameters::CreateContainerOptionsBuilder::default().name(&name).build();
+        rt.block_on(t.client().create_container(Some(opts), body)).expect("create").id
+    };
+    let tag = common::free_port();
+    // The installation's scope, as its own containers carry it.
+    let filters = std::collections::HashMap::from([("label", vec!["slipway.service=web"])]);
+    let scope = rt
+        .block_on(t.client().list_containers(Some(ListContainersOptionsBuilder::default().filters(&filters).build())))
+        .expect("list")
+        .into_iter()
+        .filter_map(|c| c.labels)
+        .find(|l| l.get(LABEL_OWNER).is_some_and(|o| o.starts_with(&format!("{}.", server.child.id()))))
+        .and_then(|l| l.get("slipway.scope").cloned())
+        .expect("our containers carry a scope");
+    let orphan = create(
+        Some(std::collections::HashMap::from([
+            ("slipway.scope".to_string(), scope),
+            (LABEL_OWNER.to_string(), "1.1".to_string()),
+            (LABEL_SERVICE.to_string(), "web".to_string()),
+            ("slipway.environment".to_string(), "staging".to_string()),
+            (LABEL_VERSION.to_string(), "0.9".to_string()),
+        ])),
+        format!("slipway-test-orphan-{tag}"),
+    );
+    let stranger = create(None, format!("not-slipway-{tag}"));
+
+    let status = text(&server.cli(dir.path(), &["status"]));
+    assert!(status.contains("orphaned containers") && status.contains(&orphan[..12]) && status.contains("web 0.9 (staging)"), "{status}");
+    let dry = text(&server.cli(dir.path(), &["gc"]));
+    assert!(dry.contains(&format!("would remove container {}", &orphan[..12])), "{dry}");
+    assert!(dry.contains(&five.trim_start_matches("sha256:")[..12]) && dry.contains("5.0"), "the unused image is listed: {dry}");
+    assert!(!dry.contains(&stranger[..12]), "{dry}");
+    assert!(rt.block_on(t.client().inspect_container(&orphan, None::<InspectContainerOptions>)).is_ok(), "a dry run removes nothing");
+    assert!(rt.block_on(t.client().inspect_image(&five)).is_ok(), "a dry run removes nothing");
+
+    let applied = server.cli(dir.path(), &["gc", "--apply"]);
+    assert!(applied.status.success() && text(&applied).contains("removed container"), "{}", text(&applied));
+    assert!(rt.block_on(t.client().inspect_container(&orphan, None::<InspectContainerOptions>)).is_err(), "the orphan is gone");
+    assert!(rt.block_on(t.client().inspect_image(&five)).is_err(), "the unused image is gone");
+    assert!(rt.block_on(t.client().inspect_container(&stranger, None::<InspectContainerOptions>)).is_ok(), "a container without our labels is never touched");
+    assert!(rt.block_on(t.client().inspect_image(&format!("{}:1.0", registry.repo()))).is_ok(), "what could be rolled back to stays");
+    assert_eq!(get(port).as_deref(), Some("hello from demo 2.0"));
+    let again = text(&server.cli(dir.path(), &["gc"]));
+    assert!(again.contains("nothing to collect"), "{again}");
+    let _ = rt.block_on(t.client().remove_container(&stranger, Some(bollard::query_parameters::RemoveContainerOptionsBuilder::default().force(true).build())));
 }

@@ -137,8 +137,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, healthz),
-    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, Health, ErrorBody))
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, gc_plan, gc_apply, healthz),
+    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, Health, ErrorBody))
 )]
 pub struct ApiDoc;
 
@@ -158,6 +158,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/services", get(list_services))
         .route("/api/v1/services/{environment}/{service}/rollback", post(rollback_service))
         .route("/api/v1/services/{environment}/{service}/events", get(service_events))
+        .route("/api/v1/gc", get(gc_plan).post(gc_apply))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -457,6 +458,25 @@ async fn service_events(State(s): State<Arc<AppState>>, p: Result<Path<(String, 
     let Path((environment, service)) = p?;
     let events = s.store.service_events(&environment, &service, 200).await?;
     Ok(Json(events.into_iter().map(|e| ServiceEventInfo { at: e.at, kind: e.kind, message: e.message }).collect()))
+}
+
+/// What `slipway gc` would remove: orphaned containers and unused images
+/// (a dry run).
+#[utoipa::path(get, path = "/api/v1/gc", responses((status = 200, body = GarbageInfo), (status = 503, body = ErrorBody)))]
+async fn gc_plan(State(s): State<Arc<AppState>>) -> ApiResult<Json<GarbageInfo>> {
+    gc(&s, false).await
+}
+
+/// Remove what `GET /api/v1/gc` lists; answers with what is gone.
+#[utoipa::path(post, path = "/api/v1/gc", responses((status = 200, body = GarbageInfo), (status = 503, body = ErrorBody)))]
+async fn gc_apply(State(s): State<Arc<AppState>>) -> ApiResult<Json<GarbageInfo>> {
+    gc(&s, true).await
+}
+
+async fn gc(s: &AppState, apply: bool) -> ApiResult<Json<GarbageInfo>> {
+    let Some(m) = &s.services else { return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "this node runs no services")) };
+    let report = m.garbage(apply).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
+    Ok(Json(report.into()))
 }
 
 /// Nodes that share this store, most recently seen first.

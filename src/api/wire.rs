@@ -212,6 +212,31 @@ pub struct ServiceInfo {
     pub last_deployment: Option<Deployment>,
 }
 
+/// What `gc` found, or removed when `applied`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GarbageInfo {
+    /// Containers with Slipway's labels that no live Slipway holds.
+    pub containers: Vec<GarbageItemInfo>,
+    /// Images of deployed repositories that nothing runs or could roll back to.
+    pub images: Vec<GarbageItemInfo>,
+    pub applied: bool,
+    /// Why something was not looked at or left alone.
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GarbageItemInfo {
+    pub id: String,
+    pub what: String,
+}
+
+impl From<crate::service::manager::GarbageReport> for GarbageInfo {
+    fn from(r: crate::service::manager::GarbageReport) -> Self {
+        let items = |v: Vec<crate::target::GarbageItem>| v.into_iter().map(|i| GarbageItemInfo { id: i.id, what: i.what }).collect();
+        GarbageInfo { containers: items(r.garbage.containers), images: items(r.garbage.images), applied: r.applied, notes: r.notes }
+    }
+}
+
 /// What happened to a service outside a deployment.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ServiceEventInfo {

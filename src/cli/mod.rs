@@ -55,6 +55,10 @@ pub enum Command {
     Logs(LogsArgs),
     /// Cancel a deployment: queued ones never start, running jobs are stopped.
     Cancel { deployment: i64 },
+    /// List (or with --apply, remove) containers with Slipway's labels that
+    /// no live Slipway holds, and images no environment runs or could roll
+    /// back to. A dry run unless --apply.
+    Gc(GcArgs),
     /// Measure the scheduler against ninja on the same random graphs.
     Bench(BenchArgs),
 }
@@ -115,6 +119,13 @@ pub struct DeployArgs {
     pub sha256: Option<String>,
     #[command(flatten)]
     pub submit: SubmitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Remove what is listed (without it, nothing is touched).
+    #[arg(long)]
+    pub apply: bool,
 }
 
 #[derive(Debug, Args)]
@@ -292,6 +303,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Rollback(a) => rollback(&client, a, cli.json).await,
         Command::Status(a) => status(&client, a, cli.json).await,
+        Command::Gc(a) => gc(&client, a, cli.json).await,
         Command::Logs(a) => logs(&client, a, cli.json).await,
         Command::Cancel { deployment } => {
             let d: Deployment = client.post_empty(&format!("/api/v1/deployments/{deployment}/cancel")).await?;
@@ -325,6 +337,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             };
             match crate::bench::docker::run(opts, &crate::bench::service::default_demo_bin()).await {
                 Ok(_) => Ok(exit::OK),
+                Err(e @ crate::bench::docker::DockerBenchError::Interrupted) => Err(CliError::new(exit::INTERRUPTED, e.to_string())),
                 Err(e) => Err(CliError::new(exit::INTERNAL, e.to_string())),
             }
         }
@@ -570,19 +583,62 @@ fn print_services(services: &[ServiceInfo]) {
     println!();
 }
 
+async fn gc(client: &Client, a: GcArgs, json: bool) -> Result<u8, CliError> {
+    let g: GarbageInfo = if a.apply { client.post_empty("/api/v1/gc").await? } else { client.get("/api/v1/gc").await? };
+    if json {
+        print_json(&g);
+        return Ok(exit::OK);
+    }
+    for n in &g.notes {
+        println!("note: {n}");
+    }
+    if g.containers.is_empty() && g.images.is_empty() {
+        println!("nothing to collect");
+        return Ok(exit::OK);
+    }
+    let verb = if g.applied { "removed" } else { "would remove" };
+    for c in &g.containers {
+        println!("{verb} container {}: {}", &c.id[..c.id.len().min(12)], c.what);
+    }
+    for i in &g.images {
+        println!("{verb} image {}: {}", i.id.trim_start_matches("sha256:").get(..12).unwrap_or(&i.id), i.what);
+    }
+    if !g.applied {
+        println!("(dry run: `slipway gc --apply` removes them)");
+    }
+    Ok(exit::OK)
+}
+
+/// Orphaned containers, for `status`: only asked where docker services
+/// are recorded, and quietly skipped when the node cannot say.
+async fn orphans(client: &Client, services: &[ServiceInfo]) -> Vec<GarbageItemInfo> {
+    if !services.iter().any(|s| s.digest.is_some()) {
+        return vec![];
+    }
+    client.get::<GarbageInfo>("/api/v1/gc").await.map(|g| g.containers).unwrap_or_default()
+}
+
 async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliError> {
     let Some(id) = a.deployment else {
         let services: Vec<ServiceInfo> = client.get("/api/v1/services").await?;
+        let orphans = orphans(client, &services).await;
         let mut path = format!("/api/v1/deployments?limit={}", a.limit);
         if let Some(s) = &a.state {
             path.push_str(&format!("&state={s}"));
         }
         let list: Vec<Deployment> = client.get(&path).await?;
         if json {
-            print_json(&serde_json::json!({ "services": services, "deployments": list }));
+            print_json(&serde_json::json!({ "services": services, "orphans": orphans, "deployments": list }));
             return Ok(exit::OK);
         }
         print_services(&services);
+        if !orphans.is_empty() {
+            println!("orphaned containers (no live Slipway holds them; `slipway gc --apply` removes them):");
+            for o in &orphans {
+                println!("  {} {}", &o.id[..o.id.len().min(12)], o.what);
+            }
+            println!();
+        }
         if list.is_empty() {
             println!("no deployments yet");
         }

@@ -105,7 +105,8 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
 
     // Registered before the API answers, so a node that listens is listed.
     store.register_node(&node_id).await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
-    let node = start_node(NodeOptions { config_path: loaded.path.clone(), store: store.clone(), scheduler: cfg, listener });
+    let scope = crate::target::docker::scope_of_store(&url);
+    let node = start_node(NodeOptions { config_path: loaded.path.clone(), store: store.clone(), scheduler: cfg, listener, scope });
     let shutdown = node.shutdown.clone();
     {
         let shutdown = shutdown.clone();
@@ -139,6 +140,8 @@ pub struct NodeOptions {
     pub store: Arc<dyn Store>,
     pub scheduler: SchedulerConfig,
     pub listener: tokio::net::TcpListener,
+    /// Which containers are this installation's (`docker::scope_of_store`).
+    pub scope: String,
 }
 
 /// A node started by [`start_node`]: cancel `shutdown` to stop it; `task`
@@ -167,7 +170,7 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     let parallelism = opts.scheduler.parallelism;
     let shutdown = CancellationToken::new();
     let target: Arc<dyn Target> = Arc::new(LocalTarget);
-    let targets: Arc<dyn Targets> = Arc::new(NodeTargets::new(target.clone()));
+    let targets: Arc<dyn Targets> = Arc::new(NodeTargets::new(target.clone()).scoped(opts.scope).restoring());
     let services = ServiceManager::with_targets(target.clone(), targets.clone(), store.clone(), shutdown.clone());
     let sched = Scheduler::new(store.clone(), target, opts.scheduler, bus).with_services(services.clone());
     // Services come back at their recorded versions while the node starts

@@ -81,6 +81,15 @@ pub struct ServiceManager {
     services: Mutex<HashMap<(String, String), Arc<Managed>>>,
 }
 
+/// What `gc` found (or removed, when `applied`).
+#[derive(Debug, Clone)]
+pub struct GarbageReport {
+    pub garbage: crate::target::Garbage,
+    pub applied: bool,
+    /// Why some of it was not looked at or left alone.
+    pub notes: Vec<String>,
+}
+
 /// What `status` shows of a service on this node.
 #[derive(Debug, Clone)]
 pub struct ServiceStatus {
@@ -603,6 +612,7 @@ impl ServiceManager {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read recorded services; none restored");
+                self.targets.after_restore().await;
                 return;
             }
         };
@@ -636,19 +646,52 @@ impl ServiceManager {
             };
             let g = Generation { sha256: row.sha256.clone(), version: row.version.clone(), spec: spec.clone(), workdir: dir, revision: row.revision.clone(), deployment_id: row.deployment_id };
             let mut state = m.state.lock().await;
-            match self.start_healthy(&row.environment, &g, spec.instances as usize, &Say(None), &self.shutdown.child_token()).await {
-                Ok(instances) => {
+            // Instances of the recorded version that a dead Slipway left
+            // running are kept (once healthy) instead of replaced.
+            let adopted = self.adopt(&row.environment, &g).await;
+            let kept = adopted.len();
+            let wanted = (spec.instances as usize).saturating_sub(kept);
+            match self.start_healthy(&row.environment, &g, wanted, &Say(None), &self.shutdown.child_token()).await {
+                Ok(started) => {
+                    let instances: Vec<Arc<dyn Instance>> = adopted.into_iter().chain(started).collect();
                     m.proxy.set_backends(instances.iter().map(|i| i.addr()).collect());
                     let n = instances.len();
                     state.instances = instances;
-                    self.note(&row.environment, &row.service, "restored", format!("{} {} restored on {n} instance(s) behind {}", row.service, row.version, spec.listen)).await;
+                    let how = if kept > 0 { format!(" ({kept} adopted from the Slipway that ran them before)") } else { String::new() };
+                    self.note(&row.environment, &row.service, "restored", format!("{} {} restored on {n} instance(s) behind {}{how}", row.service, row.version, spec.listen)).await;
                 }
                 Err(e) => {
+                    self.stop_all(&adopted, spec.stop_grace).await;
                     self.note(&row.environment, &row.service, "restore_failed", format!("cannot restore {} {}: {e}; the supervisor keeps trying", row.service, row.version)).await;
                 }
             }
             state.current = Some(g);
         }
+        // What was not adopted may go now.
+        self.targets.after_restore().await;
+    }
+
+    /// Take over healthy instances of `g` left by a dead Slipway (up to the
+    /// wanted count); the rest of what it left is swept afterwards.
+    async fn adopt(&self, environment: &str, g: &Generation) -> Vec<Arc<dyn Instance>> {
+        let c = g.spec.container.as_ref();
+        let Ok(target) = self.targets.get(if c.is_some() { "docker" } else { "local" }).await else { return vec![] };
+        let image = c.and_then(|c| g.sha256.as_ref().map(|hex| format!("{}@sha256:{hex}", c.image)));
+        let found = target.adopt(environment, &g.spec.name, &g.version, image.as_deref()).await;
+        let checks = found.iter().map(|i| {
+            let values = self.values(environment, g, i.addr().port());
+            let i = i.clone();
+            let cancel = self.shutdown.child_token();
+            async move { health::wait_healthy(&self.client, &g.spec.health, &*i, &g.workdir, &values, &cancel).await.is_ok() }
+        });
+        let healthy = futures_util::future::join_all(checks).await;
+        let mut keep = Vec::new();
+        let mut drop = Vec::new();
+        for (i, ok) in found.into_iter().zip(healthy) {
+            if ok && keep.len() < g.spec.instances as usize { keep.push(i) } else { drop.push(i) }
+        }
+        self.stop_all(&drop, g.spec.stop_grace).await;
+        keep
     }
 
     pub async fn status(&self) -> Vec<ServiceStatus> {
@@ -667,6 +710,42 @@ impl ServiceManager {
         }
         out.sort_by(|a, b| (&a.environment, &a.service).cmp(&(&b.environment, &b.service)));
         out
+    }
+
+    /// What `slipway gc` removes (with `apply`, removes it): containers
+    /// with Slipway's labels that no live Slipway holds, and images of the
+    /// repositories docker services deploy that no environment runs or
+    /// could roll back to. Nothing else is ever touched.
+    pub async fn garbage(&self, apply: bool) -> Result<GarbageReport, String> {
+        let rows = self.store.services().await.map_err(|e| e.to_string())?;
+        let mut keep = crate::target::Keep::default();
+        for row in &rows {
+            let Ok(spec) = serde_json::from_str::<ServiceSpec>(&row.spec) else { continue };
+            if let Some(c) = spec.container {
+                keep.repositories.insert(c.image);
+                keep.digests.extend([&row.sha256, &row.previous_sha256].into_iter().flatten().map(|h| format!("sha256:{h}")));
+            }
+        }
+        let mut notes = Vec::new();
+        let docker = match self.targets.get("docker").await {
+            Ok(t) => t,
+            Err(e) => {
+                notes.push(format!("the Docker Engine was not asked: {e}"));
+                return Ok(GarbageReport { garbage: Default::default(), applied: apply, notes });
+            }
+        };
+        let mut garbage = docker.garbage(&keep).await?;
+        // A deploy in flight may have pulled an image it has not started
+        // yet: images wait until nothing is in flight.
+        let in_flight = self.store.deployments(500, None).await.map_err(|e| e.to_string())?.into_iter().filter(|d| !d.state.is_terminal()).count();
+        if in_flight > 0 && !garbage.images.is_empty() {
+            notes.push(format!("{in_flight} deployment(s) in flight: images are left for a later gc"));
+            garbage.images.clear();
+        }
+        if apply {
+            garbage = docker.collect(&garbage).await;
+        }
+        Ok(GarbageReport { garbage, applied: apply, notes })
     }
 
     /// Stop every instance (node shutdown).

@@ -103,17 +103,39 @@ pub struct InstanceRequest {
 #[async_trait]
 pub trait Targets: Send + Sync + 'static {
     async fn get(&self, name: &str) -> Result<std::sync::Arc<dyn Target>, String>;
+
+    /// The node's restore has adopted what it could: what dead Slipway
+    /// processes left on the targets connected so far may go now.
+    async fn after_restore(&self) {}
 }
 
 /// This node's targets: `local` always; `docker` when its Engine answers.
 pub struct NodeTargets {
     local: std::sync::Arc<dyn Target>,
     docker: tokio::sync::Mutex<Option<std::sync::Arc<dyn Target>>>,
+    /// Until the node's restore is done, a first connection does not sweep:
+    /// the restore adopts first (see [`Targets::after_restore`]).
+    restored: std::sync::atomic::AtomicBool,
+    /// The installation's container scope (see `docker::scope_of_store`).
+    scope: String,
 }
 
 impl NodeTargets {
     pub fn new(local: std::sync::Arc<dyn Target>) -> Self {
-        NodeTargets { local, docker: tokio::sync::Mutex::new(None) }
+        NodeTargets { local, docker: tokio::sync::Mutex::new(None), restored: std::sync::atomic::AtomicBool::new(true), scope: String::new() }
+    }
+
+    /// Containers of this installation carry (and only they are touched
+    /// by) this scope.
+    pub fn scoped(mut self, scope: String) -> Self {
+        self.scope = scope;
+        self
+    }
+
+    /// For a node that restores its services: sweeping waits for that.
+    pub fn restoring(self) -> Self {
+        self.restored.store(false, std::sync::atomic::Ordering::SeqCst);
+        self
     }
 }
 
@@ -127,15 +149,49 @@ impl Targets for NodeTargets {
                 if let Some(t) = &*d {
                     return Ok(t.clone());
                 }
-                let t: std::sync::Arc<dyn Target> = std::sync::Arc::new(docker::DockerTarget::connect().await.map_err(|e| e.to_string())?);
-                // What a dead Slipway on this host left running goes first.
-                t.sweep_orphans().await;
+                let t: std::sync::Arc<dyn Target> = std::sync::Arc::new(docker::DockerTarget::connect().await.map_err(|e| e.to_string())?.scoped(&self.scope));
+                // What a dead Slipway on this host left running goes first
+                // (after the restore had its chance to adopt it).
+                if self.restored.load(std::sync::atomic::Ordering::SeqCst) {
+                    t.sweep_orphans().await;
+                }
                 *d = Some(t.clone());
                 Ok(t)
             }
             other => Err(format!("unknown target {other:?}")),
         }
     }
+
+    async fn after_restore(&self) {
+        self.restored.store(true, std::sync::atomic::Ordering::SeqCst);
+        let docker = self.docker.lock().await.clone();
+        if let Some(t) = docker {
+            t.sweep_orphans().await;
+        }
+    }
+}
+
+/// What `gc` must leave alone.
+#[derive(Debug, Clone, Default)]
+pub struct Keep {
+    /// Image repositories Slipway deploys (only these are collected).
+    pub repositories: std::collections::BTreeSet<String>,
+    /// `sha256:…` digests a recorded service runs or could roll back to.
+    pub digests: std::collections::BTreeSet<String>,
+}
+
+/// Things a target holds that nothing needs (see [`Target::garbage`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Garbage {
+    pub containers: Vec<GarbageItem>,
+    pub images: Vec<GarbageItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GarbageItem {
+    pub id: String,
+    /// For people: "web 2.0 (staging), left by Slipway pid 1234".
+    pub what: String,
 }
 
 /// Lines of an instance's output kept for the record of a failed rollout.
@@ -232,6 +288,28 @@ pub trait Target: Send + Sync + 'static {
     /// Run one attempt to the end. Must return within the spec's timeout
     /// plus its kill grace, and promptly once `cancel` fires.
     async fn run(&self, request: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult;
+
+    /// Take over the running instances of `service` at `version` (and,
+    /// when `image` names a digest, that image) that a Slipway on this host
+    /// left behind when it died: a restart then keeps them instead of
+    /// replacing them. Only instances carrying this target's marks are
+    /// considered; those returned are this process's from now on.
+    async fn adopt(&self, _environment: &str, _service: &str, _version: &str, _image: Option<&str>) -> Vec<std::sync::Arc<dyn Instance>> {
+        vec![]
+    }
+
+    /// What `gc` would remove here: things this target made that nothing
+    /// live holds (instances of dead Slipway processes nobody adopted) and
+    /// artifacts of `keep.repositories` that no environment runs or could
+    /// roll back to.
+    async fn garbage(&self, _keep: &Keep) -> Result<Garbage, String> {
+        Ok(Garbage::default())
+    }
+
+    /// Remove what [`Target::garbage`] found; returns what is gone.
+    async fn collect(&self, _garbage: &Garbage) -> Garbage {
+        Garbage::default()
+    }
 
     /// Stop what jobs of a dead Slipway process left running on this
     /// target. Called when a node starts (before interrupted jobs are

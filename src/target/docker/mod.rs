@@ -26,7 +26,7 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{Instance, InstanceRequest, JobRequest, KEEP_LINES, Lifeline, OutputSink, RunResult, Target};
+use super::{Garbage, GarbageItem, Instance, InstanceRequest, JobRequest, KEEP_LINES, Keep, Lifeline, OutputSink, RunResult, Target};
 use crate::config::secret::{Credentials, Secret};
 use crate::store::Outcome;
 
@@ -43,6 +43,20 @@ pub const LABEL_OWNER: &str = "slipway.owner";
 /// `sha256:…` of the image the container runs (pinned at submit).
 pub const LABEL_DIGEST: &str = "slipway.digest";
 pub const LABEL_DEPLOYMENT: &str = "slipway.deployment";
+/// The installation (store) a container belongs to.
+pub const LABEL_SCOPE: &str = "slipway.scope";
+
+/// A store's scope label: a digest of its URL without credentials, the
+/// same on every node that shares the store.
+pub fn scope_of_store(url: &str) -> String {
+    use sha2::Digest;
+    let clean = match url.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map(|(_, host)| host).unwrap_or(rest)),
+        None => url.to_string(),
+    };
+    hex::encode(&sha2::Sha256::digest(clean.as_bytes())[..6])
+}
+
 /// On one-off job containers (migrations): the job's name.
 pub const LABEL_JOB: &str = "slipway.job";
 
@@ -74,6 +88,14 @@ fn registry_error(e: String, auth: Option<&Credentials>) -> String {
 #[derive(Clone)]
 pub struct DockerTarget {
     docker: Docker,
+    /// Which Slipway installation (store) this is: containers of another
+    /// installation sharing the Engine are never swept, adopted or
+    /// collected, even when their Slipway is down.
+    scope: String,
+    /// Containers of dead Slipway processes this one adopted: its own
+    /// now, though their owner label still names the dead one (labels are
+    /// fixed at creation).
+    adopted: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +121,7 @@ impl DockerTarget {
 
     async fn checked(docker: Docker) -> Result<Self, DockerError> {
         match tokio::time::timeout(Duration::from_secs(5), docker.ping()).await {
-            Ok(Ok(_)) => Ok(DockerTarget { docker }),
+            Ok(Ok(_)) => Ok(DockerTarget { docker, scope: String::new(), adopted: Default::default() }),
             Ok(Err(e)) => Err(DockerError::Unreachable(crate::service::error_chain(&e))),
             Err(_) => Err(DockerError::Unreachable("no answer within 5s".into())),
         }
@@ -108,6 +130,40 @@ impl DockerTarget {
     pub fn client(&self) -> &Docker {
         &self.docker
     }
+
+    /// Mark (and only ever touch) containers of this installation: see
+    /// [`scope_of_store`].
+    pub fn scoped(mut self, scope: &str) -> Self {
+        self.scope = scope.to_string();
+        self
+    }
+
+    fn labels(&self, mut l: HashMap<String, String>) -> HashMap<String, String> {
+        l.insert(LABEL_SCOPE.to_string(), self.scope.clone());
+        l
+    }
+
+    fn is_adopted(&self, id: &str) -> bool {
+        self.adopted.lock().map(|a| a.contains(id)).unwrap_or(false)
+    }
+
+    /// Every container with our labels, running or not.
+    async fn labelled(&self) -> Result<Vec<bollard::models::ContainerSummary>, String> {
+        let scope = format!("{LABEL_SCOPE}={}", self.scope);
+        let filters = HashMap::from([("label", vec![LABEL_OWNER, scope.as_str()])]);
+        let opts = bollard::query_parameters::ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        bounded("listing containers", self.docker.list_containers(Some(opts))).await
+    }
+
+    /// Held by nobody: left by a Slipway that is gone, and not adopted.
+    fn orphaned(&self, c: &bollard::models::ContainerSummary) -> bool {
+        let owner = c.labels.as_ref().and_then(|l| l.get(LABEL_OWNER)).cloned().unwrap_or_default();
+        owner != super::local::owner_mark() && super::local::owner_is_dead(&owner) && !c.id.as_deref().is_some_and(|id| self.is_adopted(id))
+    }
+}
+
+fn label<'a>(c: &'a bollard::models::ContainerSummary, key: &str) -> &'a str {
+    c.labels.as_ref().and_then(|l| l.get(key)).map(String::as_str).unwrap_or("")
 }
 
 async fn bounded<T, E: std::error::Error>(what: &str, f: impl std::future::Future<Output = Result<T, E>>) -> Result<T, String> {
@@ -123,6 +179,17 @@ pub struct DockerInstance {
     id: String,
     addr: SocketAddr,
     life: Lifeline,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_store_scope_ignores_credentials_but_not_the_database() {
+        let a = super::scope_of_store("postgres://slipway:pw1@db.example.org:5432/prod");
+        assert_eq!(a, super::scope_of_store("postgres://other:pw2@db.example.org:5432/prod"));
+        assert_ne!(a, super::scope_of_store("postgres://slipway:pw1@db.example.org:5432/staging"));
+        assert_eq!(a.len(), 12);
+    }
 }
 
 #[async_trait]
@@ -151,7 +218,7 @@ impl Target for DockerTarget {
                 Err(e) => return failed(e),
             }
         }
-        let labels = HashMap::from([
+        let labels = self.labels(HashMap::from([
             (LABEL_SERVICE.to_string(), req.values.get("service").cloned().unwrap_or_default()),
             (LABEL_ENVIRONMENT.to_string(), req.values.get("env").cloned().unwrap_or_default()),
             (LABEL_VERSION.to_string(), req.values.get("version").cloned().unwrap_or_default()),
@@ -160,7 +227,7 @@ impl Target for DockerTarget {
             (LABEL_DEPLOYMENT.to_string(), req.deployment_id.to_string()),
             // A one-off: never adopted as an instance.
             (LABEL_JOB.to_string(), req.job.clone()),
-        ]);
+        ]));
         let body = ContainerCreateBody { image: Some(image.clone()), cmd: Some(argv), env: Some(env), labels: Some(labels), ..Default::default() };
         let id = match bounded(&format!("creating a container of {image}"), self.docker.create_container(None::<bollard::query_parameters::CreateContainerOptions>, body)).await {
             Ok(c) => c.id,
@@ -212,15 +279,13 @@ impl Target for DockerTarget {
     /// instances die with it and its restart brings the recorded version
     /// back. Containers without our labels are never touched.
     async fn sweep_orphans(&self) -> usize {
-        let filters = HashMap::from([("label", vec![LABEL_OWNER])]);
-        let opts = bollard::query_parameters::ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
-        let Ok(containers) = bounded("listing containers", self.docker.list_containers(Some(opts))).await else { return 0 };
+        let Ok(containers) = self.labelled().await else { return 0 };
         let mine = super::local::owner_mark();
         let mut removed = 0;
         for c in containers {
             let owner = c.labels.as_ref().and_then(|l| l.get(LABEL_OWNER)).cloned().unwrap_or_default();
             let Some(id) = c.id else { continue };
-            if owner == mine || !super::local::owner_is_dead(&owner) {
+            if owner == mine || !super::local::owner_is_dead(&owner) || self.is_adopted(&id) {
                 continue;
             }
             let remove = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build()));
@@ -230,6 +295,93 @@ impl Target for DockerTarget {
             }
         }
         removed
+    }
+
+    async fn adopt(&self, environment: &str, service: &str, version: &str, image: Option<&str>) -> Vec<Arc<dyn Instance>> {
+        let Ok(containers) = self.labelled().await else { return vec![] };
+        let digest = image.and_then(|i| i.rsplit_once('@')).map(|(_, d)| d);
+        let mut out: Vec<Arc<dyn Instance>> = Vec::new();
+        for c in containers {
+            let Some(id) = c.id.clone() else { continue };
+            let ours = label(&c, LABEL_SERVICE) == service && label(&c, LABEL_ENVIRONMENT) == environment && label(&c, LABEL_JOB).is_empty();
+            let running = c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
+            let same = label(&c, LABEL_VERSION) == version && digest.is_none_or(|d| label(&c, LABEL_DIGEST) == d);
+            // Published on 127.0.0.1 (as every instance of ours is).
+            let port = c.ports.iter().flatten().find(|p| p.ip.as_deref() == Some("127.0.0.1")).and_then(|p| p.public_port);
+            let (true, true, true, Some(port)) = (ours && self.orphaned(&c), running, same, port) else { continue };
+            if let Ok(mut a) = self.adopted.lock() {
+                a.insert(id.clone());
+            }
+            tracing::info!(container = %id, service, env = environment, version, "adopted a container left by a Slipway that died");
+            let life = watch(&self.docker, &id);
+            out.push(Arc::new(DockerInstance { docker: self.docker.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)), life }));
+        }
+        out
+    }
+
+    async fn garbage(&self, keep: &Keep) -> Result<Garbage, String> {
+        let containers = self.labelled().await?;
+        let mut g = Garbage::default();
+        let mut in_use = std::collections::HashSet::new();
+        for c in &containers {
+            if let Some(i) = &c.image_id {
+                in_use.insert(i.clone());
+            }
+            if !self.orphaned(c) {
+                continue;
+            }
+            let owner = label(c, LABEL_OWNER);
+            let what = match label(c, LABEL_JOB) {
+                "" => format!("{} {} ({}), left by Slipway pid {}", label(c, LABEL_SERVICE), label(c, LABEL_VERSION), label(c, LABEL_ENVIRONMENT), owner.split('.').next().unwrap_or(owner)),
+                job => format!("job {job} ({}), left by Slipway pid {}", label(c, LABEL_ENVIRONMENT), owner.split('.').next().unwrap_or(owner)),
+            };
+            g.containers.push(GarbageItem { id: c.id.clone().unwrap_or_default(), what });
+        }
+        let images = bounded("listing images", self.docker.list_images(Some(bollard::query_parameters::ListImagesOptionsBuilder::default().all(false).build()))).await?;
+        for i in images {
+            // Only images of repositories Slipway deploys, by digest.
+            let names: Vec<&String> = i.repo_digests.iter().chain(i.repo_tags.iter()).collect();
+            let repo_of = |n: &str| n.rsplit_once('@').map(|(r, _)| r.to_string()).or_else(|| n.rsplit_once(':').filter(|(_, t)| !t.contains('/')).map(|(r, _)| r.to_string()));
+            let ours = names.iter().any(|n| repo_of(n).is_some_and(|r| keep.repositories.contains(&r)));
+            let foreign = names.iter().any(|n| repo_of(n).is_none_or(|r| !keep.repositories.contains(&r)));
+            let kept = i.repo_digests.iter().any(|d| d.rsplit_once('@').is_some_and(|(_, h)| keep.digests.contains(h)));
+            if !ours || foreign || kept || in_use.contains(&i.id) {
+                continue;
+            }
+            let shown = i.repo_tags.first().or(i.repo_digests.first()).cloned().unwrap_or_else(|| i.id.clone());
+            g.images.push(GarbageItem { id: i.id.clone(), what: format!("{shown} ({} MB), which no environment runs or could roll back to", i.size / 1_000_000) });
+        }
+        Ok(g)
+    }
+
+    async fn collect(&self, garbage: &Garbage) -> Garbage {
+        let mut gone = Garbage::default();
+        for c in &garbage.containers {
+            let remove = self.docker.remove_container(&c.id, Some(RemoveContainerOptionsBuilder::default().force(true).build()));
+            match bounded("removing an orphaned container", remove).await {
+                Ok(()) => gone.containers.push(c.clone()),
+                Err(e) => tracing::warn!(container = %c.id, error = %e, "gc could not remove a container"),
+            }
+        }
+        for i in &garbage.images {
+            // Name by name, never forced: an image that something started
+            // using meanwhile stays.
+            let names = match bounded("inspecting an image", self.docker.inspect_image(&i.id)).await {
+                Ok(info) => info.repo_tags.unwrap_or_default().into_iter().chain(info.repo_digests.unwrap_or_default()).collect::<Vec<_>>(),
+                Err(_) => continue,
+            };
+            let mut failed = None;
+            for n in names {
+                if let Err(e) = bounded("removing an image", self.docker.remove_image(&n, None::<bollard::query_parameters::RemoveImageOptions>, None)).await {
+                    failed = Some(e);
+                }
+            }
+            match failed {
+                None => gone.images.push(i.clone()),
+                Some(e) => tracing::warn!(image = %i.id, error = %e, "gc could not remove an image"),
+            }
+        }
+        gone
     }
 
     async fn resolve(&self, reference: &str, auth: Option<&Credentials>) -> Result<Option<String>, String> {
@@ -293,14 +445,14 @@ impl Target for DockerTarget {
         let Some(image) = req.image.clone() else { return Err(format!("service {}: the docker target needs an image", req.service)) };
         let container_port = req.container_port.unwrap_or(req.port);
         let port_key = format!("{container_port}/tcp");
-        let labels = HashMap::from([
+        let labels = self.labels(HashMap::from([
             (LABEL_SERVICE.to_string(), req.service.clone()),
             (LABEL_ENVIRONMENT.to_string(), req.environment.clone()),
             (LABEL_VERSION.to_string(), req.version.clone()),
             (LABEL_OWNER.to_string(), super::local::owner_mark().to_string()),
             (LABEL_DIGEST.to_string(), image.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_default()),
             (LABEL_DEPLOYMENT.to_string(), req.deployment_id.to_string()),
-        ]);
+        ]));
         let mut env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         env.extend(req.secret_env.iter().map(|(k, v)| format!("{k}={}", v.expose())));
         env.push(format!("SLIPWAY_SERVICE={}", req.service));
@@ -343,37 +495,7 @@ impl Target for DockerTarget {
             let _ = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
             return Err(e);
         }
-        let (life, exit_tx) = Lifeline::new();
-        {
-            let (docker, id, life) = (self.docker.clone(), id.clone(), life.clone());
-            tokio::spawn(async move {
-                // The wait stream ends when the container stops (or the
-                // Engine goes away: then we say so).
-                let mut wait = docker.wait_container(&id, Some(WaitContainerOptionsBuilder::default().condition("not-running").build()));
-                let waited = wait.next().await;
-                let mut why = match waited {
-                    Some(Ok(r)) => format!("exit code {}", r.status_code),
-                    // bollard reports a non-zero exit as an error carrying the code.
-                    Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => format!("exit code {code}"),
-                    Some(Err(e)) => format!("lost track of it: {}", crate::service::error_chain(&e)),
-                    None => "lost track of it: the Engine closed the wait".into(),
-                };
-                if let Ok(Ok(info)) = tokio::time::timeout(API_TIMEOUT, docker.inspect_container(&id, None::<InspectContainerOptions>)).await
-                    && info.state.as_ref().and_then(|s| s.oom_killed) == Some(true)
-                {
-                    why.push_str(" (OOM-killed: it reached its memory limit)");
-                }
-                // Its own last words, for the record of a failed rollout.
-                let logs = docker.logs(&id, Some(LogsOptionsBuilder::default().stdout(true).stderr(true).tail(&KEEP_LINES.to_string()).build()));
-                let chunks = tokio::time::timeout(Duration::from_secs(5), logs.collect::<Vec<_>>()).await.unwrap_or_default();
-                for chunk in chunks.into_iter().filter_map(Result::ok) {
-                    for line in chunk.to_string().lines() {
-                        life.push_line(line.to_string());
-                    }
-                }
-                exit_tx.send(why);
-            });
-        }
+        let life = watch(&self.docker, &id);
         Ok(Arc::new(DockerInstance { docker: self.docker.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)), life }))
     }
 }
@@ -409,6 +531,43 @@ fn secret_tar(files: &std::collections::BTreeMap<String, Secret>) -> Vec<u8> {
         let _ = b.append_data(&mut h, path.trim_start_matches('/'), bytes);
     }
     b.into_inner().unwrap_or_default()
+}
+
+/// Follow a container until it stops: then announce why (exit code, the
+/// OOM flag) with its last lines of log.
+fn watch(docker: &Docker, id: &str) -> Lifeline {
+    let (life, exit_tx) = Lifeline::new();
+    {
+        let (docker, id, life) = (docker.clone(), id.to_string(), life.clone());
+            tokio::spawn(async move {
+                // The wait stream ends when the container stops (or the
+                // Engine goes away: then we say so).
+                let mut wait = docker.wait_container(&id, Some(WaitContainerOptionsBuilder::default().condition("not-running").build()));
+                let waited = wait.next().await;
+                let mut why = match waited {
+                    Some(Ok(r)) => format!("exit code {}", r.status_code),
+                    // bollard reports a non-zero exit as an error carrying the code.
+                    Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => format!("exit code {code}"),
+                    Some(Err(e)) => format!("lost track of it: {}", crate::service::error_chain(&e)),
+                    None => "lost track of it: the Engine closed the wait".into(),
+                };
+                if let Ok(Ok(info)) = tokio::time::timeout(API_TIMEOUT, docker.inspect_container(&id, None::<InspectContainerOptions>)).await
+                    && info.state.as_ref().and_then(|s| s.oom_killed) == Some(true)
+                {
+                    why.push_str(" (OOM-killed: it reached its memory limit)");
+                }
+                // Its own last words, for the record of a failed rollout.
+                let logs = docker.logs(&id, Some(LogsOptionsBuilder::default().stdout(true).stderr(true).tail(&KEEP_LINES.to_string()).build()));
+                let chunks = tokio::time::timeout(Duration::from_secs(5), logs.collect::<Vec<_>>()).await.unwrap_or_default();
+                for chunk in chunks.into_iter().filter_map(Result::ok) {
+                    for line in chunk.to_string().lines() {
+                        life.push_line(line.to_string());
+                    }
+                }
+                exit_tx.send(why);
+            });
+        }
+    life
 }
 
 #[async_trait]
