@@ -204,7 +204,6 @@ async fn docker_output_is_complete_once_exited() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "the supervisor drops a dead instance without stop(), and DockerInstance's Drop removes only running containers: the exited container stays (src/service/manager.rs supervise)"]
 async fn docker_dead_instance_is_replaced() {
     let Some(t) = docker().await else { return };
     dead_instance_is_replaced(t).await;

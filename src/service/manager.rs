@@ -567,10 +567,15 @@ impl ServiceManager {
                 continue;
             }
             let mut died = Vec::new();
+            let mut gone = Vec::new();
             for &d in dead.iter().rev() {
                 let i = state.instances.remove(d);
                 died.push(health::exited(&*i, &i.exit().unwrap_or_default()));
+                gone.push(i);
             }
+            // Ended already, but what it leaves (an exited container and
+            // its name) must go too: stop() cleans up on every target.
+            self.stop_all(&gone, Duration::from_secs(1)).await;
             for why in died {
                 self.note(&env, &g.spec.name, "instance_died", format!("{why}; restarting")).await;
             }
