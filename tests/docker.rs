@@ -128,6 +128,7 @@ fn containers_roll_out_and_back_under_load_without_a_failed_request() {
     rt.block_on(registry.push(&t, &["1.0", "2.0", "3.0"]));
     let port = common::free_port();
     let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
+    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
     let server = common::Server::start(dir.path(), None, &[]);
     let deploy = |v: &str| server.cli(dir.path(), &["deploy", "web", v, "--env", "staging"]);
     let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
@@ -187,6 +188,7 @@ fn the_digest_pinned_when_the_deploy_is_accepted_runs_even_if_the_tag_moves() {
     rt.block_on(registry.push(&t, &["1.0", "3.0", "4.0"]));
     let port = common::free_port();
     let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
+    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
     let server = common::Server::start(dir.path(), None, &[]);
     let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]).status.success());
@@ -293,6 +295,7 @@ fn sigkill_mid_rollout_then_restart_converges_to_the_recorded_version() {
     // of 2.0 going long enough to kill the node in its middle.
     let config = docker_config(port, &registry.repo()).replace("healthy_after = 2, deadline = \"5s\"", "healthy_after = 2, deadline = \"30s\"");
     let dir = common::config_dir(&config, &[]);
+    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
     let server = common::Server::start(dir.path(), None, &[]);
     assert!(server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]).status.success());
     let first = server.child.id();
@@ -374,6 +377,7 @@ fn registry_credentials_come_from_secrets_and_a_wrong_password_is_refused_clearl
         registry.port
     );
     let dir = common::config_dir(&config, &[]);
+    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
     let server = common::Server::start(dir.path(), None, &[]);
     let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 
@@ -440,6 +444,7 @@ fn a_container_that_exits_at_once_or_is_oom_killed_rolls_back_with_its_reason() 
     rt.block_on(registry.push(&t, &["1.0", "8.0", "9.0"]));
     let port = common::free_port();
     let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
+    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
     let server = common::Server::start(dir.path(), None, &[]);
     let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]).status.success());
@@ -483,6 +488,7 @@ fn gc_lists_then_removes_orphans_and_unused_images_and_nothing_else() {
     });
     let port = common::free_port();
     let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
+    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
     let server = common::Server::start(dir.path(), None, &[]);
     let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     for v in ["5.0", "1.0", "2.0"] {
@@ -540,4 +546,91 @@ fn gc_lists_then_removes_orphans_and_unused_images_and_nothing_else() {
     let again = text(&server.cli(dir.path(), &["gc"]));
     assert!(again.contains("nothing to collect"), "{again}");
     let _ = rt.block_on(t.client().remove_container(&stranger, Some(bollard::query_parameters::RemoveContainerOptionsBuilder::default().force(true).build())));
+}
+
+/// A Unix socket that forwards to the machine's Engine and can be cut: for
+/// the Slipway that talks through it, the Engine goes away and comes back
+/// (while the containers keep running, as with a restarted dockerd using
+/// live-restore, or a socket that disappeared).
+struct EngineLink {
+    path: std::path::PathBuf,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl EngineLink {
+    fn new() -> EngineLink {
+        let dir = tempfile::tempdir().expect("tempdir");
+        EngineLink { path: dir.path().join("docker.sock"), task: None, _dir: dir }
+    }
+
+    fn url(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+
+    fn up(&mut self, rt: &tokio::runtime::Runtime) {
+        let engine = std::env::var("DOCKER_HOST").ok().and_then(|h| h.strip_prefix("unix://").map(String::from)).unwrap_or_else(|| "/var/run/docker.sock".into());
+        let _ = std::fs::remove_file(&self.path);
+        let listener = rt.block_on(async { tokio::net::UnixListener::bind(&self.path) }).expect("bind the link socket");
+        self.task = Some(rt.spawn(async move {
+            // Dropped with the task: every forwarded connection ends too.
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut a, _)) = listener.accept().await {
+                let engine = engine.clone();
+                conns.spawn(async move {
+                    if let Ok(mut b) = tokio::net::UnixStream::connect(&engine).await {
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    fn down(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+// Issue 5: the Engine unreachable is a clear error that loses nothing
+// (the service keeps serving the version it ran), an unreachable registry
+// is named as such, and the Engine coming back resumes work.
+#[test]
+fn an_unreachable_engine_or_registry_is_a_clear_error_and_the_engine_coming_back_resumes() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let Some(t) = rt.block_on(engine()) else { return };
+    let registry = Registry::start();
+    rt.block_on(registry.push(&t, &["1.0", "2.0", "3.0"]));
+    let mut link = EngineLink::new();
+    link.up(&rt);
+    let port = common::free_port();
+    let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
+    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
+    let server = common::Server::start_with_env(dir.path(), None, &[], &[("DOCKER_HOST", &link.url())]);
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let one = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]);
+    assert!(one.status.success(), "{}", text(&one));
+
+    link.down();
+    let refused = server.cli(dir.path(), &["deploy", "web", "2.0", "--env", "staging"]);
+    assert_eq!(refused.status.code(), Some(4), "{}", text(&refused));
+    assert!(text(&refused).contains("cannot reach the Docker Engine"), "{}", text(&refused));
+    assert_eq!(get(port).as_deref(), Some("hello from demo 1.0"), "what runs keeps running");
+    assert!(server.cli(dir.path(), &["status"]).status.success());
+
+    link.up(&rt);
+    let two = server.cli(dir.path(), &["deploy", "web", "2.0", "--env", "staging"]);
+    assert!(two.status.success(), "the Engine is back: {}", text(&two));
+    assert_eq!(get(port).as_deref(), Some("hello from demo 2.0"));
+
+    let registry_port = registry.port;
+    drop(registry);
+    let unreachable = server.cli(dir.path(), &["deploy", "web", "3.0", "--env", "staging"]);
+    assert_eq!(unreachable.status.code(), Some(6), "{}", text(&unreachable));
+    let said = text(&unreachable).to_lowercase();
+    assert!(said.contains(&format!("127.0.0.1:{registry_port}")) && said.contains("connection refused"), "{said}");
+    assert_eq!(get(port).as_deref(), Some("hello from demo 2.0"));
+    link.down();
 }

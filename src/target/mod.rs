@@ -147,6 +147,10 @@ impl Targets for NodeTargets {
             "docker" => {
                 let mut d = self.docker.lock().await;
                 if let Some(t) = &*d {
+                    // Kept across Engine outages (it remembers what it
+                    // adopted); asked first, so an Engine that went away is
+                    // reported as such, not as whatever call failed next.
+                    t.check().await?;
                     return Ok(t.clone());
                 }
                 let t: std::sync::Arc<dyn Target> = std::sync::Arc::new(docker::DockerTarget::connect().await.map_err(|e| e.to_string())?.scoped(&self.scope));
@@ -288,6 +292,12 @@ pub trait Target: Send + Sync + 'static {
     /// Run one attempt to the end. Must return within the spec's timeout
     /// plus its kill grace, and promptly once `cancel` fires.
     async fn run(&self, request: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult;
+
+    /// Whether the target can be used now (the Docker Engine answers).
+    /// The error says what is unreachable, for people.
+    async fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Take over the running instances of `service` at `version` (and,
     /// when `image` names a digest, that image) that a Slipway on this host

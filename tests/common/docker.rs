@@ -230,3 +230,36 @@ pub fn rootfs_builder_bytes() -> Vec<u8> {
     bytes
 }
 
+
+/// Removes, when dropped, every container of the Slipway installation
+/// whose config directory is `dir` (its scope label): a test's server is
+/// killed with SIGKILL, and with scoped sweeps no later Slipway would ever
+/// remove what it left. Declare it before the server, so it drops after.
+pub struct ScopeCleanup {
+    scope: String,
+}
+
+impl ScopeCleanup {
+    pub fn of(dir: &std::path::Path) -> ScopeCleanup {
+        let url = slipway::cli::serve::store_url(None, None, dir);
+        ScopeCleanup { scope: slipway::target::docker::scope_of_store(&url) }
+    }
+}
+
+impl Drop for ScopeCleanup {
+    fn drop(&mut self) {
+        let scope = format!("slipway.scope={}", self.scope);
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async {
+            let Ok(t) = DockerTarget::connect().await else { return };
+            let filters = std::collections::HashMap::from([("label", vec![scope.as_str()])]);
+            let opts = bollard::query_parameters::ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+            for c in t.client().list_containers(Some(opts)).await.unwrap_or_default() {
+                if let Some(id) = c.id {
+                    let rm = bollard::query_parameters::RemoveContainerOptionsBuilder::default().force(true).build();
+                    let _ = tokio::time::timeout(Duration::from_secs(20), t.client().remove_container(&id, Some(rm))).await;
+                }
+            }
+        });
+    }
+}

@@ -78,6 +78,11 @@ pub struct Server {
 impl Server {
     /// Start the real binary on a free port and wait until /healthz answers.
     pub fn start(config: &Path, store: Option<&str>, extra: &[&str]) -> Server {
+        Server::start_with_env(config, store, extra, &[])
+    }
+
+    /// Like [`Server::start`], with extra environment variables.
+    pub fn start_with_env(config: &Path, store: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let log = config.join(format!("serve-{port}.log"));
         let out = std::fs::File::create(&log).expect("log file");
@@ -87,6 +92,7 @@ impl Server {
             cmd.arg("--store").arg(s);
         }
         cmd.args(extra).stdin(Stdio::null()).stdout(out.try_clone().expect("dup")).stderr(out).env_remove("SLIPWAY_STORE");
+        cmd.envs(env.iter().copied());
         let child = cmd.spawn().expect("spawn slipway serve");
         let mut s = Server { child, url: format!("http://127.0.0.1:{port}"), port, log };
         s.wait_healthy(Duration::from_secs(30));

@@ -297,6 +297,14 @@ impl Target for DockerTarget {
         removed
     }
 
+    async fn check(&self) -> Result<(), String> {
+        match tokio::time::timeout(Duration::from_secs(5), self.docker.ping()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(DockerError::Unreachable(crate::service::error_chain(&e)).to_string()),
+            Err(_) => Err(DockerError::Unreachable("no answer within 5s".into()).to_string()),
+        }
+    }
+
     async fn adopt(&self, environment: &str, service: &str, version: &str, image: Option<&str>) -> Vec<Arc<dyn Instance>> {
         let Ok(containers) = self.labelled().await else { return vec![] };
         let digest = image.and_then(|i| i.rsplit_once('@')).map(|(_, d)| d);
