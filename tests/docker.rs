@@ -634,3 +634,56 @@ fn an_unreachable_engine_or_registry_is_a_clear_error_and_the_engine_coming_back
     assert_eq!(get(port).as_deref(), Some("hello from demo 2.0"));
     link.down();
 }
+
+// Issue 5: the Engine going away in the middle of a rollout fails the
+// deployment with that reason; traffic stays on what still runs, and once
+// the Engine answers again the service converges on its recorded version.
+#[test]
+fn the_engine_going_away_mid_rollout_fails_the_deployment_with_that_reason() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let Some(t) = rt.block_on(engine()) else { return };
+    let registry = Registry::start();
+    rt.block_on(registry.push(&t, &["1.0", "2.0"]));
+    let mut link = EngineLink::new();
+    link.up(&rt);
+    let port = common::free_port();
+    // Health passes take 2 s per new instance: time to cut the link.
+    let config = docker_config(port, &registry.repo()).replace("interval = \"100ms\", healthy_after = 2", "interval = \"1s\", healthy_after = 2");
+    let dir = common::config_dir(&config, &[]);
+    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
+    let server = common::Server::start_with_env(dir.path(), None, &[], &[("DOCKER_HOST", &link.url())]);
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let one = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]);
+    assert!(one.status.success(), "{}", text(&one));
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loader = common::load(port, stop.clone());
+    assert!(server.cli(dir.path(), &["deploy", "web", "2.0", "--env", "staging", "--detach"]).status.success());
+    common::wait_for(Duration::from_secs(30), "the rollout to start a 2.0 container", || {
+        let l = common::get_json(&format!("{}/api/v1/deployments/2/logs?job=web.rollout", server.url)).to_string();
+        l.contains("started web 2.0").then_some(())
+    });
+    link.down();
+    let done = common::wait_for(Duration::from_secs(90), "deployment 2 to end", || {
+        let d = common::get_json(&format!("{}/api/v1/deployments/2", server.url))["deployment"].clone();
+        (d["state"] != "running" && d["state"] != "queued").then_some(d)
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed, errors) = loader.join().expect("load");
+    eprintln!("deployment 2 ended: {done}");
+    assert_ne!(done["state"], "succeeded", "{done}");
+    let record = common::get_json(&format!("{}/api/v1/deployments/2", server.url)).to_string();
+    assert!(record.contains("cannot reach the Docker Engine"), "the reason says the Engine went away: {record}");
+    assert!(ok > 50, "{ok} requests");
+    assert_eq!(failed, 0, "traffic stayed on instances that still run: {errors:?}");
+
+    link.up(&rt);
+    let services = common::wait_for(Duration::from_secs(60), "the service to settle on one version", || {
+        let s = common::get_json(&format!("{}/api/v1/services", server.url));
+        let body = get(port)?;
+        (s[0]["instances"].as_array().is_some_and(|i| i.len() == 2 && i.iter().all(|i| i["running"] == true))).then_some((s, body))
+    });
+    assert_eq!(services.0[0]["version"], "1.0", "{}", services.0);
+    assert_eq!(services.1, "hello from demo 1.0");
+    link.down();
+}

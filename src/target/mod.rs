@@ -219,6 +219,11 @@ impl ExitSender {
     pub fn send(self, why: String) {
         let _ = self.0.send(Some(why));
     }
+
+    /// Nobody holds the instance any more: its watcher may give up.
+    pub fn abandoned(&self) -> bool {
+        self.0.is_closed()
+    }
 }
 
 impl Lifeline {

@@ -60,6 +60,11 @@ pub fn scope_of_store(url: &str) -> String {
 /// On one-off job containers (migrations): the job's name.
 pub const LABEL_JOB: &str = "slipway.job";
 
+/// Where the Engine is looked for: `DOCKER_HOST`, else its usual socket.
+fn engine_socket() -> String {
+    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+}
+
 /// What bollard sends as `X-Registry-Auth`.
 fn docker_credentials(auth: Option<&Credentials>) -> Option<bollard::auth::DockerCredentials> {
     auth.map(|c| bollard::auth::DockerCredentials {
@@ -100,7 +105,7 @@ pub struct DockerTarget {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
-    #[error("cannot reach the Docker Engine at its local socket: {0} (is dockerd running, and may this user use /var/run/docker.sock?)")]
+    #[error("cannot reach the Docker Engine: {0} (is dockerd running, and may this user use its socket, {socket}?)", socket = engine_socket())]
     Unreachable(String),
 }
 
@@ -545,37 +550,64 @@ fn secret_tar(files: &std::collections::BTreeMap<String, Secret>) -> Vec<u8> {
 /// OOM flag) with its last lines of log.
 fn watch(docker: &Docker, id: &str) -> Lifeline {
     let (life, exit_tx) = Lifeline::new();
-    {
-        let (docker, id, life) = (docker.clone(), id.to_string(), life.clone());
-            tokio::spawn(async move {
-                // The wait stream ends when the container stops (or the
-                // Engine goes away: then we say so).
-                let mut wait = docker.wait_container(&id, Some(WaitContainerOptionsBuilder::default().condition("not-running").build()));
-                let waited = wait.next().await;
-                let mut why = match waited {
-                    Some(Ok(r)) => format!("exit code {}", r.status_code),
-                    // bollard reports a non-zero exit as an error carrying the code.
-                    Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => format!("exit code {code}"),
-                    Some(Err(e)) => format!("lost track of it: {}", crate::service::error_chain(&e)),
-                    None => "lost track of it: the Engine closed the wait".into(),
-                };
-                if let Ok(Ok(info)) = tokio::time::timeout(API_TIMEOUT, docker.inspect_container(&id, None::<InspectContainerOptions>)).await
-                    && info.state.as_ref().and_then(|s| s.oom_killed) == Some(true)
-                {
-                    why.push_str(" (OOM-killed: it reached its memory limit)");
-                }
-                // Its own last words, for the record of a failed rollout.
-                let logs = docker.logs(&id, Some(LogsOptionsBuilder::default().stdout(true).stderr(true).tail(&KEEP_LINES.to_string()).build()));
-                let chunks = tokio::time::timeout(Duration::from_secs(5), logs.collect::<Vec<_>>()).await.unwrap_or_default();
-                for chunk in chunks.into_iter().filter_map(Result::ok) {
-                    for line in chunk.to_string().lines() {
-                        life.push_line(line.to_string());
-                    }
-                }
-                exit_tx.send(why);
-            });
+    let (docker, id, life2) = (docker.clone(), id.to_string(), life.clone());
+    tokio::spawn(async move {
+        let life = life2;
+        let mut why = match wait_until_stopped(&docker, &id, &exit_tx).await {
+            Some(why) => why,
+            None => return, // nobody holds the instance any more
+        };
+        if let Ok(Ok(info)) = tokio::time::timeout(API_TIMEOUT, docker.inspect_container(&id, None::<InspectContainerOptions>)).await
+            && info.state.as_ref().and_then(|s| s.oom_killed) == Some(true)
+        {
+            why.push_str(" (OOM-killed: it reached its memory limit)");
         }
+        // Its own last words, for the record of a failed rollout.
+        let logs = docker.logs(&id, Some(LogsOptionsBuilder::default().stdout(true).stderr(true).tail(&KEEP_LINES.to_string()).build()));
+        let chunks = tokio::time::timeout(Duration::from_secs(5), logs.collect::<Vec<_>>()).await.unwrap_or_default();
+        for chunk in chunks.into_iter().filter_map(Result::ok) {
+            for line in chunk.to_string().lines() {
+                life.push_line(line.to_string());
+            }
+        }
+        exit_tx.send(why);
+    });
     life
+}
+
+/// How the container stopped. A dropped connection to the Engine is not
+/// a stopped container (a restarted dockerd with live-restore, a socket
+/// that came back): the wait is taken up again until the Engine can say.
+/// None once nobody holds the instance.
+async fn wait_until_stopped(docker: &Docker, id: &str, holder: &super::ExitSender) -> Option<String> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let mut wait = docker.wait_container(id, Some(WaitContainerOptionsBuilder::default().condition("not-running").build()));
+        match wait.next().await {
+            Some(Ok(r)) => return Some(format!("exit code {}", r.status_code)),
+            // bollard reports a non-zero exit as an error carrying the code.
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => return Some(format!("exit code {code}")),
+            Some(Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })) => return Some("removed outside Slipway".into()),
+            Some(Err(_)) | None => {}
+        }
+        // The Engine went quiet: ask again, with backoff, what became of it.
+        loop {
+            if holder.abandoned() {
+                return None;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            match tokio::time::timeout(API_TIMEOUT, docker.inspect_container(id, None::<InspectContainerOptions>)).await {
+                Ok(Ok(info)) => match info.state {
+                    Some(st) if st.running == Some(true) => break, // still up: wait again
+                    Some(st) => return Some(format!("exit code {}", st.exit_code.unwrap_or(-1))),
+                    None => return Some("stopped (the Engine gave no state)".into()),
+                },
+                Ok(Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })) => return Some("removed outside Slipway".into()),
+                _ => {} // still unreachable
+            }
+        }
+    }
 }
 
 #[async_trait]
