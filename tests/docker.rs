@@ -97,6 +97,20 @@ async fn an_unknown_image_is_a_clear_error() {
     assert!(e.contains("slipway-test/no-such-image:1") && e.to_lowercase().contains("no such image"), "{e}");
 }
 
+/// A Slipway serving `config` (from a temp dir), with the containers of its
+/// installation removed when the test ends. Bound in this order, they drop
+/// in the reverse one: the server first, then its containers, then the dir.
+fn serve(config: &str, env: &[(&str, &str)]) -> (tempfile::TempDir, dockerkit::ScopeCleanup, common::Server) {
+    let dir = common::config_dir(config, &[]);
+    let cleanup = dockerkit::ScopeCleanup::of(dir.path());
+    let server = common::Server::start_with_env(dir.path(), None, &[], env);
+    (dir, cleanup, server)
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
 fn docker_config(port: u16, image: &str) -> String {
     format!(
         r#"
@@ -127,11 +141,8 @@ fn containers_roll_out_and_back_under_load_without_a_failed_request() {
     let registry = Registry::start();
     rt.block_on(registry.push(&t, &["1.0", "2.0", "3.0"]));
     let port = common::free_port();
-    let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
-    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
-    let server = common::Server::start(dir.path(), None, &[]);
+    let (dir, _cleanup, server) = serve(&docker_config(port, &registry.repo()), &[]);
     let deploy = |v: &str| server.cli(dir.path(), &["deploy", "web", v, "--env", "staging"]);
-    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 
     let out = deploy("1.0");
     assert!(out.status.success(), "{}", text(&out));
@@ -187,10 +198,7 @@ fn the_digest_pinned_when_the_deploy_is_accepted_runs_even_if_the_tag_moves() {
     let registry = Registry::start();
     rt.block_on(registry.push(&t, &["1.0", "3.0", "4.0"]));
     let port = common::free_port();
-    let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
-    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
-    let server = common::Server::start(dir.path(), None, &[]);
-    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let (dir, _cleanup, server) = serve(&docker_config(port, &registry.repo()), &[]);
     assert!(server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]).status.success());
 
     // Unknown tag: refused when the deploy is asked for, saying why.
@@ -294,9 +302,7 @@ fn sigkill_mid_rollout_then_restart_converges_to_the_recorded_version() {
     // Slow health (healthy after 10 checks, 1 s apart) keeps the rollout
     // of 2.0 going long enough to kill the node in its middle.
     let config = docker_config(port, &registry.repo()).replace("healthy_after = 2, deadline = \"5s\"", "healthy_after = 2, deadline = \"30s\"");
-    let dir = common::config_dir(&config, &[]);
-    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
-    let server = common::Server::start(dir.path(), None, &[]);
+    let (dir, _cleanup, server) = serve(&config, &[]);
     assert!(server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]).status.success());
     let first = server.child.id();
     let ones: Vec<String> = web_containers(&rt, &t, &[first]).into_iter().map(|c| c.id).collect();
@@ -376,10 +382,7 @@ fn registry_credentials_come_from_secrets_and_a_wrong_password_is_refused_clearl
         api.display(),
         registry.port
     );
-    let dir = common::config_dir(&config, &[]);
-    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
-    let server = common::Server::start(dir.path(), None, &[]);
-    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let (dir, _cleanup, server) = serve(&config, &[]);
 
     let one = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]);
     assert!(one.status.success(), "{}", text(&one));
@@ -443,10 +446,7 @@ fn a_container_that_exits_at_once_or_is_oom_killed_rolls_back_with_its_reason() 
     let registry = Registry::start();
     rt.block_on(registry.push(&t, &["1.0", "8.0", "9.0"]));
     let port = common::free_port();
-    let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
-    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
-    let server = common::Server::start(dir.path(), None, &[]);
-    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let (dir, _cleanup, server) = serve(&docker_config(port, &registry.repo()), &[]);
     assert!(server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]).status.success());
 
     let reason = |id: i64| {
@@ -487,10 +487,7 @@ fn gc_lists_then_removes_orphans_and_unused_images_and_nothing_else() {
         }
     });
     let port = common::free_port();
-    let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
-    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
-    let server = common::Server::start(dir.path(), None, &[]);
-    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let (dir, _cleanup, server) = serve(&docker_config(port, &registry.repo()), &[]);
     for v in ["5.0", "1.0", "2.0"] {
         let out = server.cli(dir.path(), &["deploy", "web", v, "--env", "staging"]);
         assert!(out.status.success(), "{v}: {}", text(&out));
@@ -606,10 +603,7 @@ fn an_unreachable_engine_or_registry_is_a_clear_error_and_the_engine_coming_back
     let mut link = EngineLink::new();
     link.up(&rt);
     let port = common::free_port();
-    let dir = common::config_dir(&docker_config(port, &registry.repo()), &[]);
-    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
-    let server = common::Server::start_with_env(dir.path(), None, &[], &[("DOCKER_HOST", &link.url())]);
-    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let (dir, _cleanup, server) = serve(&docker_config(port, &registry.repo()), &[("DOCKER_HOST", &link.url())]);
     let one = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]);
     assert!(one.status.success(), "{}", text(&one));
 
@@ -649,10 +643,7 @@ fn the_engine_going_away_mid_rollout_fails_the_deployment_with_that_reason() {
     let port = common::free_port();
     // Health passes take 2 s per new instance: time to cut the link.
     let config = docker_config(port, &registry.repo()).replace("interval = \"100ms\", healthy_after = 2", "interval = \"1s\", healthy_after = 2");
-    let dir = common::config_dir(&config, &[]);
-    let _cleanup = dockerkit::ScopeCleanup::of(dir.path());
-    let server = common::Server::start_with_env(dir.path(), None, &[], &[("DOCKER_HOST", &link.url())]);
-    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let (dir, _cleanup, server) = serve(&config, &[("DOCKER_HOST", &link.url())]);
     let one = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]);
     assert!(one.status.success(), "{}", text(&one));
 
