@@ -198,13 +198,13 @@ pub enum BenchWhat {
 pub struct BenchArgs {
     #[arg(value_enum, default_value = "scheduler")]
     pub what: BenchWhat,
-    /// Services: each wrk run, in seconds.
+    /// services, docker: each wrk run, in seconds.
     #[arg(long, default_value_t = 10)]
     pub wrk_secs: u64,
-    /// Services: wrk's connections.
+    /// services, docker: wrk's connections.
     #[arg(long, default_value_t = 32)]
     pub connections: u32,
-    /// Services: instances in the measured rollout.
+    /// services, docker: instances in the measured rollout.
     #[arg(long, default_value_t = 4)]
     pub instances: u32,
     #[arg(long, default_value_t = 1000)]

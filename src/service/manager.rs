@@ -221,18 +221,25 @@ impl ServiceManager {
     /// Start `count` instances of `g` and wait until all are healthy. On
     /// any failure every one of them is stopped and the error says why.
     async fn start_healthy(&self, environment: &str, g: &Generation, count: usize, say: &Say<'_>, cancel: &CancellationToken) -> Result<Vec<Arc<dyn Instance>>, String> {
+        // Started side by side: creating a container is most of a
+        // rollout's time on the docker target.
+        let results = futures_util::future::join_all((0..count).map(|_| self.start_one(environment, g))).await;
         let mut started = Vec::new();
-        for _ in 0..count {
-            match self.start_one(environment, g).await {
+        let mut first_error = None;
+        for r in results {
+            match r {
                 Ok(i) => {
                     say.line(format!("started {} {} on {} ({})", g.spec.name, g.version, i.addr(), i.id())).await;
                     started.push(i);
                 }
                 Err(e) => {
-                    self.stop_all(&started, g.spec.stop_grace).await;
-                    return Err(e);
+                    first_error.get_or_insert(e);
                 }
             }
+        }
+        if let Some(e) = first_error {
+            self.stop_all(&started, g.spec.stop_grace).await;
+            return Err(e);
         }
         let checks = started.iter().map(|i| {
             let values = self.values(environment, g, i.addr().port());

@@ -633,11 +633,19 @@ impl Instance for DockerInstance {
     }
 
     async fn stop(&self, grace: Duration) {
-        // The Engine sends SIGTERM, then SIGKILL after `t` seconds.
-        let t = grace.as_secs().max(1) as i32;
-        let stop = self.docker.stop_container(&self.id, Some(StopContainerOptionsBuilder::default().t(t).build()));
-        let _ = tokio::time::timeout(grace + API_TIMEOUT, stop).await;
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.exited()).await;
+        // SIGTERM, then SIGKILL after `grace`, timed here: the Engine's own
+        // stop counts its timeout in whole seconds only.
+        let signal = |sig: &'static str| {
+            let kill = self.docker.kill_container(&self.id, Some(bollard::query_parameters::KillContainerOptionsBuilder::default().signal(sig).build()));
+            tokio::time::timeout(API_TIMEOUT, kill)
+        };
+        if self.exit().is_none() {
+            let _ = signal("SIGTERM").await;
+            if tokio::time::timeout(grace, self.exited()).await.is_err() {
+                let _ = signal("SIGKILL").await;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(10), self.exited()).await;
+        }
         let remove = self.docker.remove_container(&self.id, Some(RemoveContainerOptionsBuilder::default().force(true).build()));
         let _ = tokio::time::timeout(API_TIMEOUT, remove).await;
     }
