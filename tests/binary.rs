@@ -1094,3 +1094,41 @@ fn logs_follow_then_plan_from_history() {
     assert_eq!(plan["estimated_from_history"], 1);
     assert!(plan["estimated_duration"].as_f64().unwrap() < 60.0, "estimate from the run, not the 1m timeout: {plan}");
 }
+
+// Issue 5: a secret read from Slipway's own environment reaches only what
+// lists it (the service's migration here), not every process Slipway
+// starts, and never its log, even at debug level.
+#[test]
+fn a_secret_in_slipways_environment_reaches_only_what_lists_it() {
+    let port = common::free_port();
+    let demo = env!("CARGO_BIN_EXE_slipway-demo");
+    let config = format!(
+        r#"
+[secret.api]
+env = "SLIPWAY_TEST_API_SECRET"
+
+[[service]]
+name = "web"
+command = ["{demo}", "serve", "--port", "{{port}}", "--version", "{{version}}"]
+listen = "127.0.0.1:{port}"
+secrets = {{ API_KEY = "api" }}
+migrate = {{ command = ["sh", "-c", "test \"$API_KEY\" = topsecret-4711 && echo migrate has the key"] }}
+
+[[job]]
+name = "peek"
+shell = true
+command = "echo peek sees ${{SLIPWAY_TEST_API_SECRET:-nothing}} and ${{API_KEY:-nothing}}"
+"#
+    );
+    let dir = common::config_dir(&config, &[]);
+    let server = common::Server::start_with_env(dir.path(), None, &[], &[("SLIPWAY_TEST_API_SECRET", "topsecret-4711"), ("SLIPWAY_LOG", "debug")]);
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let deploy = server.cli(dir.path(), &["deploy", "web", "1"]);
+    assert!(deploy.status.success(), "{}", text(&deploy));
+    assert!(text(&server.cli(dir.path(), &["logs", "1", "web.migrate"])).contains("migrate has the key"));
+    let run = server.cli(dir.path(), &["run", "peek"]);
+    assert!(run.status.success(), "{}", text(&run));
+    let peek = text(&server.cli(dir.path(), &["logs", "2"]));
+    assert!(peek.contains("peek sees nothing and nothing"), "{peek}");
+    assert!(!server.log_text().contains("topsecret-4711"), "the secret is in the server log");
+}

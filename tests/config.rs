@@ -407,3 +407,17 @@ listen = "127.0.0.1:8081"
     assert_eq!(c.job("web.migrate").expect("migrate job").secrets.keys().collect::<Vec<_>>(), ["API_KEY"]);
     assert!(c.services[1].spec.as_ref().and_then(|s| s.container.as_ref()).expect("docker").auth.is_none());
 }
+
+// Issue 5: the config directory is shipped as the revision: a secret's
+// file inside it is refused, naming the file.
+#[test]
+fn a_secret_file_inside_the_config_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inside = dir.path().join("keys").join("api");
+    std::fs::create_dir_all(inside.parent().unwrap()).unwrap();
+    std::fs::write(&inside, "x").unwrap();
+    std::fs::write(dir.path().join("slipway.toml"), format!("[secret.api]\nfile = {:?}\n", inside.display().to_string())).unwrap();
+    let e = config::load(dir.path()).expect_err("refused");
+    let said = e.reports().into_iter().map(|r| format!("{}:{} {}", r.line.unwrap_or(0), r.column.unwrap_or(0), r.message)).collect::<Vec<_>>().join("\n");
+    assert!(said.contains("inside the config directory") && said.contains("keys/api") && said.starts_with("2:8"), "{said}");
+}

@@ -382,7 +382,8 @@ fn registry_credentials_come_from_secrets_and_a_wrong_password_is_refused_clearl
         api.display(),
         registry.port
     );
-    let (dir, _cleanup, server) = serve(&config, &[]);
+    // At debug level: bollard logs request and response bodies.
+    let (dir, _cleanup, server) = serve(&config, &[("SLIPWAY_LOG", "debug")]);
 
     let one = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "staging"]);
     assert!(one.status.success(), "{}", text(&one));
@@ -661,7 +662,6 @@ fn the_engine_going_away_mid_rollout_fails_the_deployment_with_that_reason() {
     });
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (ok, failed, errors) = loader.join().expect("load");
-    eprintln!("deployment 2 ended: {done}");
     assert_ne!(done["state"], "succeeded", "{done}");
     let record = common::get_json(&format!("{}/api/v1/deployments/2", server.url)).to_string();
     assert!(record.contains("cannot reach the Docker Engine"), "the reason says the Engine went away: {record}");
@@ -676,5 +676,12 @@ fn the_engine_going_away_mid_rollout_fails_the_deployment_with_that_reason() {
     });
     assert_eq!(services.0[0]["version"], "1.0", "{}", services.0);
     assert_eq!(services.1, "hello from demo 1.0");
+    // What could not be removed while the Engine was away is gone now:
+    // nothing is left running that nobody holds.
+    let pid = server.child.id();
+    common::wait_for(Duration::from_secs(30), "only the two 1.0 containers left", || {
+        let now = web_containers(&rt, &t, &[pid]);
+        (now.len() == 2 && now.iter().all(|c| c.version == "1.0")).then_some(())
+    });
     link.down();
 }

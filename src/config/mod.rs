@@ -214,6 +214,29 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigErrors> {
     let config = parse(&display, &text)?;
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    // The config directory is the revision: stored and shipped to every
+    // node. A secret's file must not be in it.
+    let root = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
+    let inside: Vec<Problem> = config
+        .secrets
+        .values()
+        .filter_map(|s| match &s.source {
+            secret::SecretSource::File(p) => {
+                let real = p.parent().and_then(|d| std::fs::canonicalize(d).ok()).map(|d| d.join(p.file_name().unwrap_or_default())).unwrap_or_else(|| p.clone());
+                real.starts_with(&root).then(|| {
+                    let quoted = format!("{:?}", p.display().to_string());
+                    let span = text.find(&quoted).map(|at| at..at + quoted.len());
+                    Problem::new(ProblemKind::InvalidValue, span, format!("secret {:?}: {} is inside the config directory {}", s.name, p.display(), root.display()))
+                        .label("inside the revision")
+                        .hint("the config directory is stored and shipped to every node as the revision: keep secret files elsewhere, e.g. /etc/slipway/secrets/")
+                })
+            }
+            secret::SecretSource::Env(_) => None,
+        })
+        .collect();
+    if !inside.is_empty() {
+        return Err(ConfigErrors { file: display, source: Arc::new(text), problems: inside });
+    }
     Ok(LoadedConfig { config, path: file, dir, text: Arc::new(text) })
 }
 

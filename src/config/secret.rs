@@ -16,6 +16,27 @@ use toml::Spanned;
 
 use super::{Problem, ProblemKind, check_name};
 
+/// Environment variables that hold a secret's value, from every config
+/// this process has parsed and every job spec it has run: no process
+/// Slipway starts inherits them, only those that list the secret get it.
+static ENV_SOURCES: std::sync::Mutex<std::collections::BTreeSet<String>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Remember where these secrets come from (see [`env_sources`]).
+pub fn note_sources<'a>(secrets: impl IntoIterator<Item = &'a SecretRef>) {
+    if let Ok(mut set) = ENV_SOURCES.lock() {
+        for s in secrets {
+            if let SecretSource::Env(v) = &s.source {
+                set.insert(v.clone());
+            }
+        }
+    }
+}
+
+/// Every environment variable known to hold a secret.
+pub fn env_sources() -> Vec<String> {
+    ENV_SOURCES.lock().map(|s| s.iter().cloned().collect()).unwrap_or_default()
+}
+
 /// Where a named secret's value comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretRef {
@@ -173,6 +194,7 @@ pub(super) fn build_secrets(raw: BTreeMap<Spanned<String>, Spanned<RawSecret>>, 
         };
         out.insert(name.get_ref().clone(), SecretRef { name: name.into_inner(), source });
     }
+    note_sources(out.values());
     out
 }
 

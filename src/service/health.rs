@@ -46,6 +46,7 @@ pub async fn check_once(
             let argv: Vec<String> = argv.iter().map(|a| substitute(a, values)).collect();
             let Some(program) = argv.first() else { return Err("empty health command".into()) };
             let mut cmd = tokio::process::Command::new(program_path(program, workdir));
+            crate::target::local::hide_secret_sources(cmd.as_std_mut());
             cmd.args(&argv[1..]).current_dir(workdir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
             match tokio::time::timeout(spec.timeout, cmd.output()).await {
                 Err(_) => Err(format!("{program}: no answer within {}", humantime::format_duration(spec.timeout))),

@@ -212,6 +212,21 @@ pub struct Lifeline {
     output: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
 }
 
+/// Keeps an instance's last lines (see [`Lifeline::keeper`]).
+#[derive(Clone)]
+pub struct LineKeeper(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+
+impl LineKeeper {
+    pub fn push_line(&self, line: String) {
+        if let Ok(mut o) = self.0.lock() {
+            if o.len() >= KEEP_LINES {
+                o.pop_front();
+            }
+            o.push_back(line);
+        }
+    }
+}
+
 /// Announces how an instance ended, once.
 pub struct ExitSender(tokio::sync::watch::Sender<Option<String>>);
 
@@ -234,12 +249,13 @@ impl Lifeline {
 
     /// Keep a line, dropping the oldest beyond [`KEEP_LINES`].
     pub fn push_line(&self, line: String) {
-        if let Ok(mut o) = self.output.lock() {
-            if o.len() >= KEEP_LINES {
-                o.pop_front();
-            }
-            o.push_back(line);
-        }
+        self.keeper().push_line(line)
+    }
+
+    /// The writing side of the kept lines alone: a watcher holding it does
+    /// not keep the instance "held" (see [`ExitSender::abandoned`]).
+    pub fn keeper(&self) -> LineKeeper {
+        LineKeeper(self.output.clone())
     }
 
     pub fn exit(&self) -> Option<String> {

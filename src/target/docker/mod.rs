@@ -101,6 +101,37 @@ pub struct DockerTarget {
     /// now, though their owner label still names the dead one (labels are
     /// fixed at creation).
     adopted: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Containers whose removal failed (the Engine was away): removed once
+    /// it answers again, so none is left running unheld.
+    pending: Pending,
+}
+
+type Pending = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
+/// The Engine answers (again): remove what could not be removed while it
+/// was away.
+async fn retry_pending(docker: &Docker, pending: &Pending) {
+    let left: Vec<String> = pending.lock().map(|p| p.iter().cloned().collect()).unwrap_or_default();
+    for id in left {
+        remove_or_remember(docker, &id, pending).await;
+    }
+}
+
+/// Force-remove a container; on failure, remember it for later.
+async fn remove_or_remember(docker: &Docker, id: &str, pending: &Pending) {
+    let remove = docker.remove_container(id, Some(RemoveContainerOptionsBuilder::default().force(true).build()));
+    match tokio::time::timeout(API_TIMEOUT, remove).await {
+        Ok(Ok(())) | Ok(Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })) => {
+            if let Ok(mut p) = pending.lock() {
+                p.remove(id);
+            }
+        }
+        _ => {
+            if let Ok(mut p) = pending.lock() {
+                p.insert(id.to_string());
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +157,7 @@ impl DockerTarget {
 
     async fn checked(docker: Docker) -> Result<Self, DockerError> {
         match tokio::time::timeout(Duration::from_secs(5), docker.ping()).await {
-            Ok(Ok(_)) => Ok(DockerTarget { docker, scope: String::new(), adopted: Default::default() }),
+            Ok(Ok(_)) => Ok(DockerTarget { docker, scope: String::new(), adopted: Default::default(), pending: Default::default() }),
             Ok(Err(e)) => Err(DockerError::Unreachable(crate::service::error_chain(&e))),
             Err(_) => Err(DockerError::Unreachable("no answer within 5s".into())),
         }
@@ -181,6 +212,7 @@ async fn bounded<T, E: std::error::Error>(what: &str, f: impl std::future::Futur
 
 pub struct DockerInstance {
     docker: Docker,
+    pending: Pending,
     id: String,
     addr: SocketAddr,
     life: Lifeline,
@@ -304,7 +336,10 @@ impl Target for DockerTarget {
 
     async fn check(&self) -> Result<(), String> {
         match tokio::time::timeout(Duration::from_secs(5), self.docker.ping()).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                retry_pending(&self.docker, &self.pending).await;
+                Ok(())
+            }
             Ok(Err(e)) => Err(DockerError::Unreachable(crate::service::error_chain(&e)).to_string()),
             Err(_) => Err(DockerError::Unreachable("no answer within 5s".into()).to_string()),
         }
@@ -326,8 +361,8 @@ impl Target for DockerTarget {
                 a.insert(id.clone());
             }
             tracing::info!(container = %id, service, env = environment, version, "adopted a container left by a Slipway that died");
-            let life = watch(&self.docker, &id);
-            out.push(Arc::new(DockerInstance { docker: self.docker.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)), life }));
+            let life = watch(&self.docker, &id, &self.pending);
+            out.push(Arc::new(DockerInstance { docker: self.docker.clone(), pending: self.pending.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)), life }));
         }
         out
     }
@@ -508,8 +543,8 @@ impl Target for DockerTarget {
             let _ = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
             return Err(e);
         }
-        let life = watch(&self.docker, &id);
-        Ok(Arc::new(DockerInstance { docker: self.docker.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)), life }))
+        let life = watch(&self.docker, &id, &self.pending);
+        Ok(Arc::new(DockerInstance { docker: self.docker.clone(), pending: self.pending.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)), life }))
     }
 }
 
@@ -548,12 +583,11 @@ fn secret_tar(files: &std::collections::BTreeMap<String, Secret>) -> Vec<u8> {
 
 /// Follow a container until it stops: then announce why (exit code, the
 /// OOM flag) with its last lines of log.
-fn watch(docker: &Docker, id: &str) -> Lifeline {
+fn watch(docker: &Docker, id: &str, pending: &Pending) -> Lifeline {
     let (life, exit_tx) = Lifeline::new();
-    let (docker, id, life2) = (docker.clone(), id.to_string(), life.clone());
+    let (docker, id, lines, pending) = (docker.clone(), id.to_string(), life.keeper(), pending.clone());
     tokio::spawn(async move {
-        let life = life2;
-        let mut why = match wait_until_stopped(&docker, &id, &exit_tx).await {
+        let mut why = match wait_until_stopped(&docker, &id, &exit_tx, &pending).await {
             Some(why) => why,
             None => return, // nobody holds the instance any more
         };
@@ -567,7 +601,7 @@ fn watch(docker: &Docker, id: &str) -> Lifeline {
         let chunks = tokio::time::timeout(Duration::from_secs(5), logs.collect::<Vec<_>>()).await.unwrap_or_default();
         for chunk in chunks.into_iter().filter_map(Result::ok) {
             for line in chunk.to_string().lines() {
-                life.push_line(line.to_string());
+                lines.push_line(line.to_string());
             }
         }
         exit_tx.send(why);
@@ -579,7 +613,7 @@ fn watch(docker: &Docker, id: &str) -> Lifeline {
 /// a stopped container (a restarted dockerd with live-restore, a socket
 /// that came back): the wait is taken up again until the Engine can say.
 /// None once nobody holds the instance.
-async fn wait_until_stopped(docker: &Docker, id: &str, holder: &super::ExitSender) -> Option<String> {
+async fn wait_until_stopped(docker: &Docker, id: &str, holder: &super::ExitSender, pending: &Pending) -> Option<String> {
     let mut backoff = Duration::from_millis(200);
     loop {
         let mut wait = docker.wait_container(id, Some(WaitContainerOptionsBuilder::default().condition("not-running").build()));
@@ -599,7 +633,13 @@ async fn wait_until_stopped(docker: &Docker, id: &str, holder: &super::ExitSende
             backoff = (backoff * 2).min(Duration::from_secs(5));
             match tokio::time::timeout(API_TIMEOUT, docker.inspect_container(id, None::<InspectContainerOptions>)).await {
                 Ok(Ok(info)) => match info.state {
-                    Some(st) if st.running == Some(true) => break, // still up: wait again
+                    Some(st) if st.running == Some(true) => {
+                        // The Engine is back: what could not be removed
+                        // while it was away goes now.
+                        retry_pending(docker, pending).await;
+                        backoff = Duration::from_millis(200);
+                        break; // still up: wait again
+                    }
                     Some(st) => return Some(format!("exit code {}", st.exit_code.unwrap_or(-1))),
                     None => return Some("stopped (the Engine gave no state)".into()),
                 },
@@ -646,8 +686,7 @@ impl Instance for DockerInstance {
             }
             let _ = tokio::time::timeout(Duration::from_secs(10), self.exited()).await;
         }
-        let remove = self.docker.remove_container(&self.id, Some(RemoveContainerOptionsBuilder::default().force(true).build()));
-        let _ = tokio::time::timeout(API_TIMEOUT, remove).await;
+        remove_or_remember(&self.docker, &self.id, &self.pending).await;
     }
 }
 
@@ -657,11 +696,8 @@ impl Drop for DockerInstance {
         if self.life.exit().is_none()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            let (docker, id) = (self.docker.clone(), self.id.clone());
-            rt.spawn(async move {
-                let remove = docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build()));
-                let _ = tokio::time::timeout(API_TIMEOUT, remove).await;
-            });
+            let (docker, id, pending) = (self.docker.clone(), self.id.clone(), self.pending.clone());
+            rt.spawn(async move { remove_or_remember(&docker, &id, &pending).await });
         }
     }
 }

@@ -24,6 +24,7 @@ pub struct LocalInstance {
 pub fn start(req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {
     let Some(program) = req.argv.first() else { return Err("empty command".into()) };
     let mut cmd = Command::new(program_path(program, &req.workdir));
+    super::hide_secret_sources(cmd.as_std_mut());
     cmd.args(&req.argv[1..])
         .current_dir(&req.workdir)
         .stdin(Stdio::null())

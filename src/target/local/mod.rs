@@ -57,6 +57,8 @@ fn build_command(req: &JobRequest) -> Result<Command, String> {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
+    crate::config::secret::note_sources(req.spec.secrets.values());
+    hide_secret_sources(cmd.as_std_mut());
     for (k, v) in &req.values {
         cmd.env(format!("SLIPWAY_{}", k.to_ascii_uppercase()), v);
     }
@@ -73,6 +75,14 @@ fn build_command(req: &JobRequest) -> Result<Command, String> {
     // of posix_spawn, which costs a copy of Slipway's page tables per job.
     cmd.env(OWNER_ENV, owner_mark());
     Ok(cmd)
+}
+
+/// Take the variables that hold secrets out of a child's environment (it
+/// would inherit Slipway's own): a process gets a secret only by listing it.
+pub(crate) fn hide_secret_sources(cmd: &mut std::process::Command) {
+    for var in crate::config::secret::env_sources() {
+        cmd.env_remove(var);
+    }
 }
 
 /// Environment variable carrying "<pid>.<start time>" of the Slipway
