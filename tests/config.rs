@@ -421,3 +421,29 @@ fn a_secret_file_inside_the_config_directory_is_refused() {
     let said = e.reports().into_iter().map(|r| format!("{}:{} {}", r.line.unwrap_or(0), r.column.unwrap_or(0), r.message)).collect::<Vec<_>>().join("\n");
     assert!(said.contains("inside the config directory") && said.contains("keys/api") && said.starts_with("2:8"), "{said}");
 }
+
+#[test]
+fn secret_file_paths_and_reserved_names() {
+    let text = r#"
+[secret.s]
+env = "S"
+
+[[registry]]
+host = "Registry.Example.org"
+token = "s"
+
+[[service]]
+name = "web"
+target = "docker"
+image = "registry.example.org/web"
+port = 8080
+listen = "127.0.0.1:8080"
+secrets = { SLIPWAY_TOKEN = "s" }
+secret_files = { "/run//x" = "s", "/run/a" = "s", "/run/a/b" = "s", "/." = "s" }
+
+[[service]]
+name = "group"
+secrets = { T = "s" }
+"#;
+    insta::assert_snapshot!(problems(text));
+}

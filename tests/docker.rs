@@ -35,6 +35,7 @@ fn request(version: &str, port: u16, argv: &[&str]) -> InstanceRequest {
         memory_bytes: None,
         millicpus: None,
         deployment_id: 7,
+        spec_digest: "test".into(),
         secret_env: BTreeMap::new(),
         secret_files: BTreeMap::new(),
     }
@@ -410,7 +411,7 @@ fn registry_credentials_come_from_secrets_and_a_wrong_password_is_refused_clearl
     });
     let mut tar = tar::Archive::new(archive.as_slice());
     let mut entry = tar.entries().expect("tar").next().expect("one entry").expect("entry");
-    assert_eq!(entry.header().mode().expect("mode") & 0o777, 0o400);
+    assert_eq!(entry.header().mode().expect("mode") & 0o777, 0o444, "readable by any user in the container, as Docker's own secrets");
     let mut body = String::new();
     std::io::Read::read_to_string(&mut entry, &mut body).expect("read");
     assert_eq!(body, API_KEY);

@@ -30,6 +30,7 @@ fn spec(cmd: Vec<&str>, timeout_ms: u64) -> JobSpec {
         env: Default::default(),
         artifact: None,
         secrets: Default::default(),
+        secret_files: Default::default(),
     }
 }
 

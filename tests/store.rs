@@ -61,6 +61,10 @@ fn spec() -> JobSpec {
             "DB_PASSWORD".to_string(),
             slipway::config::secret::SecretRef { name: "db".into(), source: slipway::config::secret::SecretSource::Env("DB_PW".into()) },
         )]),
+        secret_files: BTreeMap::from([(
+            "/run/secrets/db".to_string(),
+            slipway::config::secret::SecretRef { name: "db".into(), source: slipway::config::secret::SecretSource::File("/etc/slipway/db".into()) },
+        )]),
     }
 }
 

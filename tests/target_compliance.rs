@@ -358,6 +358,7 @@ impl Harness {
             memory_bytes: None,
             millicpus: None,
             deployment_id: 0,
+            spec_digest: String::new(),
             secret_env: BTreeMap::new(),
             secret_files: BTreeMap::new(),
         }

@@ -475,7 +475,12 @@ async fn gc_apply(State(s): State<Arc<AppState>>) -> ApiResult<Json<GarbageInfo>
 
 async fn gc(s: &AppState, apply: bool) -> ApiResult<Json<GarbageInfo>> {
     let Some(m) = &s.services else { return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "this node runs no services")) };
-    let report = m.garbage(apply).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
+    // In its own task: a client that gives up must not cut a removal short.
+    let m = m.clone();
+    let report = tokio::spawn(async move { m.garbage(apply).await })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("gc stopped: {e}")))?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
     Ok(Json(report.into()))
 }
 

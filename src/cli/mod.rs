@@ -598,15 +598,20 @@ async fn gc(client: &Client, a: GcArgs, json: bool) -> Result<u8, CliError> {
     }
     let verb = if g.applied { "removed" } else { "would remove" };
     for c in &g.containers {
-        println!("{verb} container {}: {}", &c.id[..c.id.len().min(12)], c.what);
+        println!("{verb} container {}: {}", short(&c.id), c.what);
     }
     for i in &g.images {
-        println!("{verb} image {}: {}", i.id.trim_start_matches("sha256:").get(..12).unwrap_or(&i.id), i.what);
+        println!("{verb} image {}: {}", short(i.id.trim_start_matches("sha256:")), i.what);
     }
     if !g.applied {
         println!("(dry run: `slipway gc --apply` removes them)");
     }
     Ok(exit::OK)
+}
+
+/// The first 12 characters of an id (as `docker ps` shows them).
+fn short(id: &str) -> String {
+    id.chars().take(12).collect()
 }
 
 /// Orphaned containers, for `status`: only asked where docker services
@@ -635,7 +640,7 @@ async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliErr
         if !orphans.is_empty() {
             println!("orphaned containers (no live Slipway holds them; `slipway gc --apply` removes them):");
             for o in &orphans {
-                println!("  {} {}", &o.id[..o.id.len().min(12)], o.what);
+                println!("  {} {}", short(&o.id), o.what);
             }
             println!();
         }

@@ -102,6 +102,8 @@ pub struct Job {
     pub env: BTreeMap<String, String>,
     /// Environment variables whose values are secrets, read when it runs.
     pub secrets: BTreeMap<String, secret::SecretRef>,
+    /// Container jobs (a docker service's migration): secret files.
+    pub secret_files: BTreeMap<String, secret::SecretRef>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -619,6 +621,7 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
             environments: j.environments.as_ref().map(|v| v.iter().map(|e| e.get_ref().clone()).collect()),
             env: j.env,
             secrets: BTreeMap::new(),
+            secret_files: BTreeMap::new(),
         });
     }
     // A deploy's own jobs come after the config's, so `plan` lists the

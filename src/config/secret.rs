@@ -219,11 +219,11 @@ pub(super) fn build_registries(raw: Vec<Spanned<RawRegistry>>, secrets: &BTreeMa
         let span = r.span();
         let r = r.into_inner();
         let host = r.host.get_ref();
-        if host.is_empty() || host.contains('/') || !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':')) {
+        if host.is_empty() || host.contains('/') || host.chars().any(|c| c.is_ascii_uppercase()) || !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':')) {
             problems.push(
                 Problem::new(ProblemKind::InvalidValue, Some(r.host.span()), format!("`host` {host:?} is not a registry host"))
                     .label("not host[:port]")
-                    .hint("write the registry part of the image name, e.g. host = \"registry.example.org:5000\""),
+                    .hint("write the registry part of the image name, in lowercase, e.g. host = \"registry.example.org:5000\" (Docker Hub: \"docker.io\")"),
             );
         }
         if out.iter().any(|o| &o.host == host) {

@@ -314,6 +314,7 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
             (raw.verify.as_ref().map(|s| s.span()), "verify"),
             (raw.instances.as_ref().map(|s| s.span()), "instances"),
             (raw.artifact.as_ref().map(|s| s.span()), "artifact"),
+            (raw.secrets.as_ref().map(|s| s.span()), "secrets"),
         ] {
             if let Some(span) = present {
                 let (missing, hint) = if docker {
@@ -386,7 +387,9 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
         }
         let mut secret_files = BTreeMap::new();
         for (path, secret) in raw.secret_files.iter().flat_map(|m| m.get_ref().iter()) {
-            if !path.starts_with('/') || path.ends_with('/') || path.split('/').any(|c| c == "..") {
+            if let Some(other) = raw.secret_files.iter().flat_map(|m| m.get_ref().keys()).find(|other| *other != path && path.starts_with(&format!("{other}/"))) {
+                problems.push(Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("secret file {path:?} would be inside secret file {other:?}")).label("under another file"));
+            } else if !path.starts_with('/') || path.len() < 2 || path.ends_with('/') || path[1..].split('/').any(|c| c.is_empty() || c == "." || c == "..") {
                 problems.push(
                     Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("secret file {path:?} is not an absolute file path in the container"))
                         .label("not /path/to/file")
@@ -576,6 +579,9 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
         if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || var.starts_with(|c: char| c.is_ascii_digit()) {
             problems.push(Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("{var:?} is not an environment variable name")).label("for this secret").hint("e.g. secrets = { DATABASE_URL = \"db_url\" }"));
         }
+        if var.starts_with("SLIPWAY_") {
+            problems.push(Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("{var}: names starting with SLIPWAY_ are Slipway's own")).label("reserved").hint("pick another name"));
+        }
         if raw.env.contains_key(var) {
             problems.push(Problem::new(ProblemKind::Duplicate, Some(secret.span()), format!("{var} is set both in `env` and in `secrets`")).label("second value"));
         }
@@ -600,6 +606,7 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
         environments: None,
         env: BTreeMap::new(),
         secrets: BTreeMap::new(),
+        secret_files: BTreeMap::new(),
     };
     let mut jobs = Vec::new();
     let mut rollout_needs = Vec::new();
@@ -623,6 +630,7 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
         let mut migrate = job(n.clone(), Command::Argv(m.command.clone()), m.timeout, m.idempotent, migrate_needs);
         // The migration sees what the service sees.
         migrate.secrets = spec.secrets.clone();
+        migrate.secret_files = spec.container.as_ref().map(|c| c.secret_files.clone()).unwrap_or_default();
         jobs.push(migrate);
         rollout_needs = vec![n];
     }

@@ -113,6 +113,13 @@ impl Say<'_> {
     }
 }
 
+/// A digest of a spec, for labels: the same for the same settings.
+fn spec_digest(spec: &ServiceSpec) -> String {
+    use sha2::Digest;
+    let json = serde_json::to_string(spec).unwrap_or_default();
+    hex::encode(&sha2::Sha256::digest(json.as_bytes())[..8])
+}
+
 fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| format!("cannot find a free port: {e}"))
 }
@@ -209,6 +216,7 @@ impl ServiceManager {
             memory_bytes: c.and_then(|c| c.memory_bytes),
             millicpus: c.and_then(|c| c.millicpus),
             deployment_id: g.deployment_id,
+            spec_digest: spec_digest(&g.spec),
             // Read now, on this node: a rotated secret reaches the next
             // instance started.
             secret_env: g.spec.secrets.iter().map(|(k, r)| Ok((k.clone(), r.read()?))).collect::<Result<_, String>>()?,
@@ -673,8 +681,11 @@ impl ServiceManager {
                     self.note(&row.environment, &row.service, "restored", format!("{} {} restored on {n} instance(s) behind {}{how}", row.service, row.version, spec.listen)).await;
                 }
                 Err(e) => {
-                    self.stop_all(&adopted, spec.stop_grace).await;
-                    self.note(&row.environment, &row.service, "restore_failed", format!("cannot restore {} {}: {e}; the supervisor keeps trying", row.service, row.version)).await;
+                    // What was adopted healthy keeps serving; the
+                    // supervisor starts the rest.
+                    m.proxy.set_backends(adopted.iter().map(|i| i.addr()).collect());
+                    state.instances = adopted;
+                    self.note(&row.environment, &row.service, "restore_failed", format!("cannot restore {} {} fully ({kept} adopted): {e}; the supervisor keeps trying", row.service, row.version)).await;
                 }
             }
             state.current = Some(g);
@@ -689,7 +700,9 @@ impl ServiceManager {
         let c = g.spec.container.as_ref();
         let Ok(target) = self.targets.get(if c.is_some() { "docker" } else { "local" }).await else { return vec![] };
         let image = c.and_then(|c| g.sha256.as_ref().map(|hex| format!("{}@sha256:{hex}", c.image)));
-        let found = target.adopt(environment, &g.spec.name, &g.version, image.as_deref()).await;
+        let spec_digest = spec_digest(&g.spec);
+        let wanted = crate::target::Adoptable { environment, service: &g.spec.name, version: &g.version, image: image.as_deref(), spec_digest: &spec_digest };
+        let found = target.adopt(&wanted).await;
         let checks = found.iter().map(|i| {
             let values = self.values(environment, g, i.addr().port());
             let i = i.clone();
@@ -739,6 +752,10 @@ impl ServiceManager {
             }
         }
         let mut notes = Vec::new();
+        if self.targets.restoring() {
+            notes.push("this node is still restoring its services (and adopting their containers): ask again in a moment".into());
+            return Ok(GarbageReport { garbage: Default::default(), applied: apply, notes });
+        }
         let docker = match self.targets.get("docker").await {
             Ok(t) => t,
             Err(e) => {

@@ -164,6 +164,9 @@ pub struct JobSpec {
     /// Environment variables from secrets: only where to read them.
     #[serde(default)]
     pub secrets: std::collections::BTreeMap<String, crate::config::secret::SecretRef>,
+    /// Container jobs: files from secrets (path in the container → secret).
+    #[serde(default)]
+    pub secret_files: std::collections::BTreeMap<String, crate::config::secret::SecretRef>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -201,6 +204,7 @@ impl JobSpec {
             env: Default::default(),
             artifact: None,
             secrets: Default::default(),
+            secret_files: Default::default(),
         }
     }
 
@@ -222,6 +226,7 @@ impl JobSpec {
             env: job.env.clone(),
             artifact: None,
             secrets: job.secrets.clone(),
+            secret_files: job.secret_files.clone(),
         }
     }
 
@@ -553,6 +558,7 @@ mod tests {
             env: Default::default(),
             artifact: None,
             secrets: Default::default(),
+            secret_files: Default::default(),
         }
     }
 

@@ -90,6 +90,10 @@ pub struct InstanceRequest {
     pub millicpus: Option<u32>,
     /// The deployment that rolled this version out (for labels).
     pub deployment_id: i64,
+    /// A digest of the service's spec: a restart adopts only instances
+    /// started from the spec it records (not a same-version redeploy with
+    /// other settings that was cut short).
+    pub spec_digest: String,
     /// Environment variables whose values are secrets (kept apart from
     /// `env` so that no `Debug` of a request ever shows them).
     pub secret_env: BTreeMap<String, Secret>,
@@ -105,8 +109,13 @@ pub trait Targets: Send + Sync + 'static {
     async fn get(&self, name: &str) -> Result<std::sync::Arc<dyn Target>, String>;
 
     /// The node's restore has adopted what it could: what dead Slipway
-    /// processes left on the targets connected so far may go now.
+    /// processes left on the targets may go now.
     async fn after_restore(&self) {}
+
+    /// Still restoring: what looks orphaned may be about to be adopted.
+    fn restoring(&self) -> bool {
+        false
+    }
 }
 
 /// This node's targets: `local` always; `docker` when its Engine answers.
@@ -145,13 +154,17 @@ impl Targets for NodeTargets {
         match name {
             "local" => Ok(self.local.clone()),
             "docker" => {
-                let mut d = self.docker.lock().await;
-                if let Some(t) = &*d {
+                let cached = self.docker.lock().await.clone();
+                if let Some(t) = cached {
                     // Kept across Engine outages (it remembers what it
                     // adopted); asked first, so an Engine that went away is
                     // reported as such, not as whatever call failed next.
                     t.check().await?;
-                    return Ok(t.clone());
+                    return Ok(t);
+                }
+                let mut d = self.docker.lock().await;
+                if let Some(t) = &*d {
+                    return Ok(t.clone()); // connected meanwhile
                 }
                 let t: std::sync::Arc<dyn Target> = std::sync::Arc::new(docker::DockerTarget::connect().await.map_err(|e| e.to_string())?.scoped(&self.scope));
                 // What a dead Slipway on this host left running goes first
@@ -167,12 +180,35 @@ impl Targets for NodeTargets {
     }
 
     async fn after_restore(&self) {
+        let connected = self.docker.lock().await.clone();
         self.restored.store(true, std::sync::atomic::Ordering::SeqCst);
-        let docker = self.docker.lock().await.clone();
-        if let Some(t) = docker {
-            t.sweep_orphans().await;
+        match connected {
+            Some(t) => {
+                t.sweep_orphans().await;
+            }
+            // Connect now (a first connection sweeps), so that no later
+            // request — a dry-run `gc` — is what removes them. Without an
+            // Engine this fails at once and the first later use sweeps.
+            None => {
+                let _ = self.get("docker").await;
+            }
         }
     }
+
+    fn restoring(&self) -> bool {
+        !self.restored.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The instances a restarted node may take over (see [`Target::adopt`]).
+#[derive(Debug, Clone)]
+pub struct Adoptable<'a> {
+    pub environment: &'a str,
+    pub service: &'a str,
+    pub version: &'a str,
+    /// `image@sha256:…` for container targets.
+    pub image: Option<&'a str>,
+    pub spec_digest: &'a str,
 }
 
 /// What `gc` must leave alone.
@@ -325,7 +361,7 @@ pub trait Target: Send + Sync + 'static {
     /// left behind when it died: a restart then keeps them instead of
     /// replacing them. Only instances carrying this target's marks are
     /// considered; those returned are this process's from now on.
-    async fn adopt(&self, _environment: &str, _service: &str, _version: &str, _image: Option<&str>) -> Vec<std::sync::Arc<dyn Instance>> {
+    async fn adopt(&self, _wanted: &Adoptable<'_>) -> Vec<std::sync::Arc<dyn Instance>> {
         vec![]
     }
 

@@ -43,6 +43,8 @@ pub const LABEL_OWNER: &str = "slipway.owner";
 /// `sha256:…` of the image the container runs (pinned at submit).
 pub const LABEL_DIGEST: &str = "slipway.digest";
 pub const LABEL_DEPLOYMENT: &str = "slipway.deployment";
+/// A digest of the service spec the container was started from.
+pub const LABEL_SPEC: &str = "slipway.spec";
 /// The installation (store) a container belongs to.
 pub const LABEL_SCOPE: &str = "slipway.scope";
 
@@ -79,8 +81,10 @@ fn docker_credentials(auth: Option<&Credentials>) -> Option<bollard::auth::Docke
 /// Why a registry said no, for people: the Engine's words, with what
 /// they mean when they mean refused credentials.
 fn registry_error(e: String, auth: Option<&Credentials>) -> String {
+    // The Engine's and the registry's own words for refused credentials;
+    // not bare numbers, which an image reference may hold ("host:4010").
     let lower = e.to_lowercase();
-    if lower.contains("unauthorized") || lower.contains("authentication required") || lower.contains("denied") || lower.contains("401") {
+    if ["unauthorized", "authentication required", "access to the resource is denied", "no basic auth credentials", "incorrect username or password"].iter().any(|w| lower.contains(w)) {
         match auth {
             Some(c) => format!("the registry refused the credentials of [[registry]] {:?} (user {:?}): {e}", c.host, c.username.as_deref().unwrap_or("(token)")),
             None => format!("the registry wants credentials and none are configured (add a [[registry]] for its host): {e}"),
@@ -274,6 +278,11 @@ impl Target for DockerTarget {
             let r = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build()));
             let _ = tokio::time::timeout(API_TIMEOUT, r).await;
         };
+        let files: Result<std::collections::BTreeMap<String, Secret>, String> = req.spec.secret_files.iter().map(|(p, r)| Ok((p.clone(), r.read()?))).collect();
+        if let Err(e) = async { upload_secrets(&self.docker, &id, &files?).await }.await {
+            remove().await;
+            return failed(e);
+        }
         if let Err(e) = bounded("starting the container", self.docker.start_container(&id, None)).await {
             remove().await;
             return failed(e);
@@ -345,7 +354,8 @@ impl Target for DockerTarget {
         }
     }
 
-    async fn adopt(&self, environment: &str, service: &str, version: &str, image: Option<&str>) -> Vec<Arc<dyn Instance>> {
+    async fn adopt(&self, wanted: &super::Adoptable<'_>) -> Vec<Arc<dyn Instance>> {
+        let super::Adoptable { environment, service, version, image, spec_digest } = *wanted;
         let Ok(containers) = self.labelled().await else { return vec![] };
         let digest = image.and_then(|i| i.rsplit_once('@')).map(|(_, d)| d);
         let mut out: Vec<Arc<dyn Instance>> = Vec::new();
@@ -353,7 +363,7 @@ impl Target for DockerTarget {
             let Some(id) = c.id.clone() else { continue };
             let ours = label(&c, LABEL_SERVICE) == service && label(&c, LABEL_ENVIRONMENT) == environment && label(&c, LABEL_JOB).is_empty();
             let running = c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
-            let same = label(&c, LABEL_VERSION) == version && digest.is_none_or(|d| label(&c, LABEL_DIGEST) == d);
+            let same = label(&c, LABEL_VERSION) == version && digest.is_none_or(|d| label(&c, LABEL_DIGEST) == d) && label(&c, LABEL_SPEC) == spec_digest;
             // Published on 127.0.0.1 (as every instance of ours is).
             let port = c.ports.iter().flatten().find(|p| p.ip.as_deref() == Some("127.0.0.1")).and_then(|p| p.public_port);
             let (true, true, true, Some(port)) = (ours && self.orphaned(&c), running, same, port) else { continue };
@@ -370,11 +380,11 @@ impl Target for DockerTarget {
     async fn garbage(&self, keep: &Keep) -> Result<Garbage, String> {
         let containers = self.labelled().await?;
         let mut g = Garbage::default();
-        let mut in_use = std::collections::HashSet::new();
+        // Images any container on the Engine uses (ours, other
+        // installations', anyone's) are never collected.
+        let everyone = bounded("listing containers", self.docker.list_containers(Some(bollard::query_parameters::ListContainersOptionsBuilder::default().all(true).build()))).await?;
+        let in_use: std::collections::HashSet<String> = everyone.iter().filter_map(|c| c.image_id.clone()).collect();
         for c in &containers {
-            if let Some(i) = &c.image_id {
-                in_use.insert(i.clone());
-            }
             if !self.orphaned(c) {
                 continue;
             }
@@ -500,6 +510,7 @@ impl Target for DockerTarget {
             (LABEL_OWNER.to_string(), super::local::owner_mark().to_string()),
             (LABEL_DIGEST.to_string(), image.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_default()),
             (LABEL_DEPLOYMENT.to_string(), req.deployment_id.to_string()),
+            (LABEL_SPEC.to_string(), req.spec_digest.clone()),
         ]));
         let mut env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         env.extend(req.secret_env.iter().map(|(k, v)| format!("{k}={}", v.expose())));
@@ -528,16 +539,9 @@ impl Target for DockerTarget {
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
         let created = bounded(&format!("creating a container of {image}"), self.docker.create_container(Some(options), body)).await?;
         let id = created.id;
-        if !req.secret_files.is_empty() {
-            let upload = self.docker.upload_to_container(
-                &id,
-                Some(bollard::query_parameters::UploadToContainerOptionsBuilder::default().path("/").build()),
-                bollard::body_full(secret_tar(&req.secret_files).into()),
-            );
-            if let Err(e) = bounded("placing the secret files in the container", upload).await {
-                let _ = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
-                return Err(e);
-            }
+        if let Err(e) = upload_secrets(&self.docker, &id, &req.secret_files).await {
+            remove_or_remember(&self.docker, &id, &self.pending).await;
+            return Err(e);
         }
         if let Err(e) = bounded("starting the container", self.docker.start_container(&id, None)).await {
             let _ = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
@@ -548,37 +552,34 @@ impl Target for DockerTarget {
     }
 }
 
-/// A tar of the secret files (mode 0400, their directories 0755), built
-/// in memory: a secret never touches this host's disk.
-fn secret_tar(files: &std::collections::BTreeMap<String, Secret>) -> Vec<u8> {
+/// A tar of the secret files, built in memory. Mode 0444, as Docker's own
+/// secrets: an image's non-root user must read them too. No directory
+/// entries: the Engine creates missing parents, and an entry would reset
+/// an existing directory's mode (or replace a symlinked one).
+fn secret_tar(files: &std::collections::BTreeMap<String, Secret>) -> Result<Vec<u8>, String> {
     let mut b = tar::Builder::new(Vec::new());
-    let mut dirs = std::collections::BTreeSet::new();
-    for path in files.keys() {
-        let rel = path.trim_start_matches('/');
-        let mut acc = String::new();
-        for part in rel.split('/').collect::<Vec<_>>().split_last().map(|(_, d)| d.to_vec()).unwrap_or_default() {
-            acc.push_str(part);
-            acc.push('/');
-            dirs.insert(acc.clone());
-        }
-    }
-    for d in dirs {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(0o755);
-        h.set_size(0);
-        h.set_cksum();
-        let _ = b.append_data(&mut h, &d, std::io::empty());
-    }
     for (path, value) in files {
         let bytes = value.expose().as_bytes();
         let mut h = tar::Header::new_ustar();
         h.set_size(bytes.len() as u64);
-        h.set_mode(0o400);
+        h.set_mode(0o444);
         h.set_cksum();
-        let _ = b.append_data(&mut h, path.trim_start_matches('/'), bytes);
+        b.append_data(&mut h, path.trim_start_matches('/'), bytes).map_err(|e| format!("cannot pack secret file {path}: {e}"))?;
     }
-    b.into_inner().unwrap_or_default()
+    b.into_inner().map_err(|e| format!("cannot pack the secret files: {e}"))
+}
+
+/// Place secret files in a created (not yet started) container.
+async fn upload_secrets(docker: &Docker, id: &str, files: &std::collections::BTreeMap<String, Secret>) -> Result<(), String> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let upload = docker.upload_to_container(
+        id,
+        Some(bollard::query_parameters::UploadToContainerOptionsBuilder::default().path("/").build()),
+        bollard::body_full(secret_tar(files)?.into()),
+    );
+    bounded("placing the secret files in the container", upload).await
 }
 
 /// Follow a container until it stops: then announce why (exit code, the
