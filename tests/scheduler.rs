@@ -164,3 +164,41 @@ async fn issue3_parallelism_is_never_exceeded_1_worker() {
 async fn issue3_parallelism_is_never_exceeded_current_thread() {
     parallelism_body().await
 }
+
+// A stored job spec this binary cannot read (an older Slipway's `pull`
+// took a string) fails that job, saying why; the other job runs: one bad
+// row must not stop the node's claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue5_an_unreadable_stored_spec_fails_its_job_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, rev) = setup(dir.path()).await;
+    let bad = submit(&store, &rev, "old", vec![NewJob { name: "web.fetch".into(), needs: vec![], spec: spec(vec!["true"], 5_000) }]).await;
+    let good = submit(&store, &rev, "new", vec![NewJob { name: "fine".into(), needs: vec![], spec: spec(vec!["true"], 5_000) }]).await;
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&common::sqlite_url(dir.path())).await.unwrap();
+        let old = r#"{"command":{"pull":"registry.example.org/web"},"timeout_ms":1000,"kill_grace_ms":1000,"retry_attempts":1,"retry_any":false,"retry_exit_codes":[],"retry_backoff_ms":1000,"retry_max_backoff_ms":1000,"idempotent":true,"env":{}}"#;
+        sqlx::query("UPDATE jobs SET spec = ? WHERE deployment_id = ?").bind(old).bind(bad).execute(&mut conn).await.unwrap();
+    }
+    let mut cfg = SchedulerConfig::new("n1", dir.path().join("work"));
+    cfg.poll = Duration::from_millis(100);
+    let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget), cfg, EventBus::new());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(sched.run(shutdown.clone()));
+    let start = Instant::now();
+    let done = |s: &str| s != "running" && s != "queued";
+    let (mut b, mut g) = (String::new(), String::new());
+    while start.elapsed() < Duration::from_secs(15) {
+        b = store.deployment(bad).await.unwrap().unwrap().state.as_str().to_string();
+        g = store.deployment(good).await.unwrap().unwrap().state.as_str().to_string();
+        if done(&b) && done(&g) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    let _ = task.await;
+    assert_eq!((b.as_str(), g.as_str()), ("failed", "succeeded"));
+    let reason = store.deployment(bad).await.unwrap().unwrap().reason.unwrap_or_default();
+    assert!(reason.contains("cannot read the job's stored spec"), "{reason}");
+}

@@ -136,6 +136,10 @@ pub enum Command {
     /// the container engine (`<service>.fetch` of docker services), with
     /// the registry credentials the service's container names.
     Pull(Box<service::ContainerSpec>),
+    /// Never from a config: a stored job spec this binary cannot read
+    /// (written by another version of Slipway). Running it fails with
+    /// this reason instead of stalling every claim.
+    Unreadable(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

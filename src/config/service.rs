@@ -68,7 +68,7 @@ pub struct ContainerSpec {
     /// host the image names), if any.
     #[serde(default)]
     pub auth: Option<RegistryAuth>,
-    /// Files written into each container before it starts (mode 0400):
+    /// Files written into each container before it starts (mode 0444):
     /// absolute path in the container → secret.
     #[serde(default)]
     pub secret_files: BTreeMap<String, SecretRef>,

@@ -203,7 +203,7 @@ impl Inner {
                 name: r.try_get(2).map_err(StoreError::query(op))?,
                 attempt: r.try_get(3).map_err(StoreError::query(op))?,
                 fence: r.try_get(4).map_err(StoreError::query(op))?,
-                spec: spec_of(&spec)?,
+                spec: spec_or_unreadable(&spec),
                 revision,
                 environment,
                 service,
@@ -744,6 +744,27 @@ fn spec_of(s: &str) -> Result<JobSpec> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))
 }
 
+/// A claimed or expired job's spec; one that does not decode (stored by
+/// another version of Slipway) becomes a job that fails saying so, rather
+/// than an error that would stop every claim of the node.
+fn spec_or_unreadable(s: &str) -> JobSpec {
+    spec_of(s).unwrap_or_else(|e| JobSpec {
+        command: crate::config::Command::Unreadable(format!("this Slipway cannot read the job's stored spec ({e}); it was probably stored by another version: deploy again")),
+        timeout_ms: 1000,
+        kill_grace_ms: 1000,
+        retry_attempts: 1,
+        retry_any: false,
+        retry_exit_codes: vec![],
+        retry_backoff_ms: 1000,
+        retry_max_backoff_ms: 1000,
+        idempotent: false,
+        env: Default::default(),
+        artifact: None,
+        secrets: Default::default(),
+        secret_files: Default::default(),
+    })
+}
+
 #[async_trait]
 impl Store for SqlStore {
     fn backend(&self) -> &'static str {
@@ -1237,7 +1258,7 @@ impl Store for SqlStore {
         rows.iter()
             .map(|r| {
                 let spec: String = r.try_get(7).map_err(StoreError::query(op))?;
-                let spec = spec_of(&spec)?;
+                let spec = spec_or_unreadable(&spec);
                 Ok(Expired {
                     job_id: r.try_get(0).map_err(StoreError::query(op))?,
                     deployment_id: r.try_get(1).map_err(StoreError::query(op))?,

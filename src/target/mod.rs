@@ -97,7 +97,7 @@ pub struct InstanceRequest {
     /// Environment variables whose values are secrets (kept apart from
     /// `env` so that no `Debug` of a request ever shows them).
     pub secret_env: BTreeMap<String, Secret>,
-    /// Container targets: files to place before the start (mode 0400).
+    /// Container targets: files to place before the start (mode 0444).
     pub secret_files: BTreeMap<String, Secret>,
 }
 

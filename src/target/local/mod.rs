@@ -50,6 +50,7 @@ fn build_command(req: &JobRequest) -> Result<Command, String> {
             c
         }
         config::Command::Rollout(_) | config::Command::Fetch(_) | config::Command::Pull(_) => return Err("rollouts and artifact fetches are run by the node, not as a process".into()),
+        config::Command::Unreadable(why) => return Err(why.clone()),
     };
     cmd.current_dir(&req.workdir)
         .stdin(Stdio::null())
@@ -270,6 +271,7 @@ impl Target for LocalTarget {
                     config::Command::Rollout(s) => format!("rollout of {}", s.name),
                     config::Command::Fetch(a) => format!("fetch of {}", a.url),
                     config::Command::Pull(c) => format!("pull of {}", c.image),
+                    config::Command::Unreadable(_) => "an unreadable job".into(),
                 };
                 return RunResult {
                     outcome: Outcome::Failed,
