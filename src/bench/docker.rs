@@ -47,14 +47,14 @@ use bollard::query_parameters::{
     CreateImageOptionsBuilder, ListContainersOptionsBuilder, PushImageOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
     TagImageOptionsBuilder,
 };
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryFutureExt};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::service::parse_wrk;
-use super::{BenchError, TempDir};
+use super::wrk::{LoadBenchError, LoadBenchOptions, find_demo, find_wrk, free_port, io, read_wrk, run_wrk, socket_errors, wrk_version};
+use super::{BenchError, TempDir, find_on_path, ms};
 use crate::target::docker::{DockerError, DockerTarget};
 
 /// The load test's change, and the timed rollouts after it.
@@ -79,46 +79,19 @@ const COMPOSE_LIMIT: Duration = Duration::from_secs(90);
 const DEPLOY_LIMIT: Duration = Duration::from_secs(120);
 const START_LIMIT: Duration = Duration::from_secs(30);
 const SERVE_LIMIT: Duration = Duration::from_secs(30);
-const WRK_MARGIN: Duration = Duration::from_secs(30);
-
-#[derive(Debug, Clone)]
-pub struct DockerBenchOptions {
-    /// Each wrk run (`-d`), whole seconds; the change starts a quarter in.
-    pub duration: Duration,
-    /// wrk's `-c`.
-    pub connections: u32,
-    /// wrk's `-t`.
-    pub threads: u32,
-    /// Containers in the timed rollouts.
-    pub rollout_instances: u32,
-    /// Print a JSON report instead of the human text.
-    pub json: bool,
-}
-
-impl Default for DockerBenchOptions {
-    fn default() -> Self {
-        DockerBenchOptions { duration: Duration::from_secs(10), connections: 32, threads: 2, rollout_instances: 4, json: false }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerBenchError {
-    #[error("wrk not found: apt-get install wrk")]
-    WrkMissing,
+    /// What both load benches can meet: wrk or the demo missing, invalid
+    /// options, I/O, timeouts, wrk failing.
+    #[error(transparent)]
+    Load(#[from] LoadBenchError),
     #[error("docker-compose not found: apt-get install docker-compose")]
     ComposeMissing,
     #[error("docker-registry not found (Slipway pins tags to digests through a registry): apt-get install docker-registry")]
     RegistryMissing,
     #[error("ldd not found (it names the libraries the demo image needs): apt-get install libc-bin")]
     LddMissing,
-    #[error("the demo service binary {0} does not exist (build it: cargo build --release --bin slipway-demo)")]
-    DemoMissing(PathBuf),
-    #[error("invalid bench options: {0}")]
-    Options(String),
-    #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
-    #[error("{what} did not finish within {}", humantime::format_duration(*.after))]
-    Timeout { what: String, after: Duration },
     #[error(transparent)]
     Unreachable(#[from] DockerError),
     #[error("Docker Engine: {0}")]
@@ -131,8 +104,6 @@ pub enum DockerBenchError {
     Server(String),
     #[error("deploy {service} {version}: {reason}")]
     Deploy { service: String, version: String, reason: String },
-    #[error("wrk failed: {0}")]
-    Wrk(String),
     #[error("{0}")]
     Measure(String),
     #[error("interrupted by Ctrl-C")]
@@ -141,11 +112,6 @@ pub enum DockerBenchError {
     Bench(#[from] BenchError),
     #[error("cannot write the JSON report: {0}")]
     Json(#[from] serde_json::Error),
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DockerBenchError {
-    let what = what.into();
-    move |source| DockerBenchError::Io { what, source }
 }
 
 // ---------------------------------------------------------------- report
@@ -400,25 +366,6 @@ stop_grace = "{STOP_GRACE}"
 
 // ---------------------------------------------------------------- wrk and the prober
 
-/// "Socket errors: connect a, read b, write c, timeout d" → [a, b, c, d].
-pub fn socket_errors(wrk_output: &str) -> [u64; 4] {
-    let mut out = [0; 4];
-    if let Some(line) = wrk_output.lines().find_map(|l| l.trim().strip_prefix("Socket errors:")) {
-        for part in line.split(',') {
-            let mut words = part.split_whitespace();
-            let (Some(kind), Some(n)) = (words.next(), words.next().and_then(|n| n.parse::<u64>().ok())) else { continue };
-            match kind {
-                "connect" => out[0] = n,
-                "read" => out[1] = n,
-                "write" => out[2] = n,
-                "timeout" => out[3] = n,
-                _ => {}
-            }
-        }
-    }
-    out
-}
-
 /// One probe: when (since the run began), and the version that answered
 /// (`None`: refused, reset, not 200, too slow).
 #[derive(Debug, Clone, PartialEq)]
@@ -494,45 +441,17 @@ async fn wait_serving(addr: SocketAddr, version: &str, limit: Duration) -> Resul
             Err(e) => e,
         };
         if start.elapsed() > limit {
-            return Err(DockerBenchError::Timeout { what: format!("waiting for {addr} to answer with {version} (last: {last})"), after: limit });
+            return Err(LoadBenchError::Timeout { what: format!("waiting for {addr} to answer with {version} (last: {last})"), after: limit }.into());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-struct WrkResult {
-    text: String,
-}
-
-async fn run_wrk(wrk: &Path, opts: &DockerBenchOptions, addr: SocketAddr) -> Result<WrkResult, DockerBenchError> {
-    let url = format!("http://{addr}/");
-    let run = tokio::process::Command::new(wrk)
-        .arg(format!("-t{}", opts.threads))
-        .arg(format!("-c{}", opts.connections))
-        .arg(format!("-d{}s", opts.duration.as_secs()))
-        .arg("--latency")
-        .arg(&url)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let limit = opts.duration + WRK_MARGIN;
-    let out = match tokio::time::timeout(limit, run).await {
-        Err(_) => return Err(DockerBenchError::Timeout { what: format!("wrk against {url}"), after: limit }),
-        Ok(Err(e)) => return Err(DockerBenchError::Io { what: format!("cannot run {}", wrk.display()), source: e }),
-        Ok(Ok(out)) => out,
-    };
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(DockerBenchError::Wrk(format!("{} against {url}: {}{}", out.status, text.trim(), String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    Ok(WrkResult { text })
 }
 
 /// wrk and the prober against `addr` for the run's duration; `change`
 /// starts `lead` in. The change must end before wrk does.
 async fn under_load<F, Fut>(
     wrk: &Path,
-    opts: &DockerBenchOptions,
+    opts: &LoadBenchOptions,
     addr: SocketAddr,
     lead: Duration,
     new_version: &str,
@@ -552,7 +471,7 @@ where
             change().await?;
             Ok::<_, DockerBenchError>((t0, begin.elapsed()))
         };
-        let r = tokio::try_join!(run_wrk(wrk, opts, addr), changed);
+        let r = tokio::try_join!(run_wrk(wrk, opts, addr).map_err(DockerBenchError::from), changed);
         let wrk_end = begin.elapsed();
         stop.cancel();
         r.map(|(w, c)| (w, c, wrk_end))
@@ -567,8 +486,8 @@ where
             t0.as_secs_f64()
         )));
     }
-    let parsed = parse_wrk(&w.text).map_err(|e| DockerBenchError::Wrk(format!("cannot read its output ({e}):\n{}", w.text)))?;
-    let socket = socket_errors(&w.text);
+    let parsed = read_wrk(&w)?;
+    let socket = socket_errors(&w);
     let socket_sum: u64 = socket.iter().sum();
     let failed = parsed.non_2xx + socket_sum;
     let attempts = parsed.requests + socket_sum;
@@ -591,22 +510,8 @@ where
 
 // ---------------------------------------------------------------- subprocesses
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|f| std::fs::metadata(f).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
-}
-
-fn free_port() -> Result<u16, DockerBenchError> {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).map(|a| a.port()).map_err(io("cannot find a free port"))
-}
-
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// Run a program to its end within `limit`: (success, stdout + stderr).
@@ -618,8 +523,8 @@ async fn run_bounded(program: &Path, args: &[&str], cwd: Option<&Path>, limit: D
     }
     let what = format!("{} {}", program.display(), args.join(" "));
     match tokio::time::timeout(limit, cmd.output()).await {
-        Err(_) => Err(DockerBenchError::Timeout { what, after: limit }),
-        Ok(Err(e)) => Err(DockerBenchError::Io { what: format!("cannot run {what}"), source: e }),
+        Err(_) => Err(LoadBenchError::Timeout { what, after: limit }.into()),
+        Ok(Err(e)) => Err(LoadBenchError::Io { what: format!("cannot run {what}"), source: e }.into()),
         Ok(Ok(out)) => Ok((out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))),
     }
 }
@@ -642,7 +547,7 @@ impl Compose {
     }
 
     fn write(&self, text: &str) -> Result<(), DockerBenchError> {
-        std::fs::write(&self.file, text).map_err(io(format!("cannot write {}", self.file.display())))
+        Ok(std::fs::write(&self.file, text).map_err(io(format!("cannot write {}", self.file.display())))?)
     }
 
     async fn up(&self) -> Result<(), DockerBenchError> {
@@ -688,13 +593,13 @@ fn rootfs(files: &[(String, Vec<u8>)], version: &str) -> Result<Vec<u8>, DockerB
         add(name, bytes, 0o755)?;
     }
     add("version", format!("{version}\n").as_bytes(), 0o644)?;
-    b.into_inner().map_err(io("cannot finish the image's tar"))
+    Ok(b.into_inner().map_err(io("cannot finish the image's tar"))?)
 }
 
 /// Bound an Engine call; its error says what was being done.
 async fn engine<T, E: std::fmt::Display>(what: &str, f: impl Future<Output = Result<T, E>>) -> Result<T, DockerBenchError> {
     match tokio::time::timeout(ENGINE_LIMIT, f).await {
-        Err(_) => Err(DockerBenchError::Timeout { what: what.to_string(), after: ENGINE_LIMIT }),
+        Err(_) => Err(LoadBenchError::Timeout { what: what.to_string(), after: ENGINE_LIMIT }.into()),
         Ok(Err(e)) => Err(DockerBenchError::Engine(format!("{what}: {e}"))),
         Ok(Ok(v)) => Ok(v),
     }
@@ -801,7 +706,7 @@ impl Server {
                 return Ok(server);
             }
             if start.elapsed() > START_LIMIT {
-                return Err(DockerBenchError::Timeout { what: format!("slipway serve answering on {} (its log: {})", server.url, server.log_tail(10)), after: START_LIMIT });
+                return Err(LoadBenchError::Timeout { what: format!("slipway serve answering on {} (its log: {})", server.url, server.log_tail(10)), after: START_LIMIT }.into());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -848,7 +753,7 @@ impl Server {
                 }
             }
             if start.elapsed() > DEPLOY_LIMIT {
-                return Err(DockerBenchError::Timeout { what: format!("deployment {id} of {service} {version}"), after: DEPLOY_LIMIT });
+                return Err(LoadBenchError::Timeout { what: format!("deployment {id} of {service} {version}"), after: DEPLOY_LIMIT }.into());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1007,20 +912,15 @@ fn run_id() -> String {
 /// Run both measurements, print the report (human or JSON) to stdout and
 /// return it. `demo_bin` is the `slipway-demo` binary
 /// ([`super::service::default_demo_bin`] finds it next to `slipway`).
-pub async fn run(opts: DockerBenchOptions, demo_bin: &Path) -> Result<DockerBenchReport, DockerBenchError> {
-    if opts.threads == 0 {
-        return Err(DockerBenchError::Options("--threads must be at least 1".into()));
-    }
-    if opts.connections < opts.threads {
-        return Err(DockerBenchError::Options(format!("--connections ({}) must be at least --threads ({})", opts.connections, opts.threads)));
-    }
+pub async fn run(opts: LoadBenchOptions, demo_bin: &Path) -> Result<DockerBenchReport, DockerBenchError> {
+    opts.check_wrk()?;
     if opts.duration < Duration::from_secs(4) || opts.duration.subsec_nanos() != 0 {
-        return Err(DockerBenchError::Options("--wrk-secs must be a whole number of seconds, at least 4 (the change needs room)".into()));
+        return Err(LoadBenchError::Options("--wrk-secs must be a whole number of seconds, at least 4 (the change needs room)".into()).into());
     }
     if !(1..=16).contains(&opts.rollout_instances) {
-        return Err(DockerBenchError::Options("--instances must be between 1 and 16".into()));
+        return Err(LoadBenchError::Options("--instances must be between 1 and 16".into()).into());
     }
-    let wrk = find_on_path("wrk").ok_or(DockerBenchError::WrkMissing)?;
+    let wrk = find_wrk()?;
     let compose_bin = find_on_path("docker-compose").ok_or(DockerBenchError::ComposeMissing)?;
     let registry_bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
         .into_iter()
@@ -1028,10 +928,7 @@ pub async fn run(opts: DockerBenchOptions, demo_bin: &Path) -> Result<DockerBenc
         .find(|p| p.is_file())
         .or_else(|| find_on_path("docker-registry"))
         .ok_or(DockerBenchError::RegistryMissing)?;
-    let demo = std::fs::canonicalize(demo_bin).map_err(|_| DockerBenchError::DemoMissing(demo_bin.to_path_buf()))?;
-    if !demo.is_file() {
-        return Err(DockerBenchError::DemoMissing(demo_bin.to_path_buf()));
-    }
+    let demo = find_demo(demo_bin)?;
     let target = DockerTarget::connect().await?;
     let docker = target.client().clone();
     let dir = TempDir::create()?;
@@ -1059,7 +956,7 @@ pub async fn run(opts: DockerBenchOptions, demo_bin: &Path) -> Result<DockerBenc
 
 #[allow(clippy::too_many_arguments)]
 async fn measure(
-    opts: &DockerBenchOptions,
+    opts: &LoadBenchOptions,
     wrk: &Path,
     compose_bin: &Path,
     registry_bin: &Path,
@@ -1116,7 +1013,7 @@ async fn measure(
             return Err(DockerBenchError::Registry(format!("exited at start ({status}): {}", log.trim())));
         }
         if start.elapsed() > START_LIMIT {
-            return Err(DockerBenchError::Timeout { what: format!("docker-registry listening on 127.0.0.1:{reg_port}"), after: START_LIMIT });
+            return Err(LoadBenchError::Timeout { what: format!("docker-registry listening on 127.0.0.1:{reg_port}"), after: START_LIMIT }.into());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1170,11 +1067,11 @@ async fn measure(
                         ok &= probe_once(*a).await.is_ok_and(|v| v == version);
                     }
                     if ok {
-                        return Ok(t0.elapsed());
+                        return Ok::<_, DockerBenchError>(t0.elapsed());
                     }
                 }
                 if t0.elapsed() > START_LIMIT {
-                    return Err(DockerBenchError::Timeout { what: format!("{n} compose replicas answering with {version}"), after: START_LIMIT });
+                    return Err(LoadBenchError::Timeout { what: format!("{n} compose replicas answering with {version}"), after: START_LIMIT }.into());
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -1257,13 +1154,6 @@ async fn measure(
     })
 }
 
-async fn wrk_version(wrk: &Path) -> Result<String, DockerBenchError> {
-    // `wrk --version` prints its banner and usage, and exits 1.
-    let (_, text) = run_bounded(wrk, &["--version"], None, Duration::from_secs(10)).await?;
-    let first = text.lines().next().unwrap_or("wrk").trim();
-    Ok(first.split(" Copyright").next().unwrap_or(first).to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1296,13 +1186,6 @@ mod tests {
         assert_eq!(spec("web").health.interval, HEALTH_INTERVAL);
         assert_eq!(spec("web").container.as_ref().map(|c| c.image.as_str()), Some("127.0.0.1:5000/slipway-bench-x/demo"));
         assert!(config.jobs.iter().any(|j| j.name == "web4.rollout"), "a rollout job per service");
-    }
-
-    #[test]
-    fn socket_errors_are_read_by_kind() {
-        let text = "  269012 requests in 10.01s, 35.15MB read\n  Socket errors: connect 4411, read 12, write 0, timeout 3\nRequests/sec: 1.0\n";
-        assert_eq!(socket_errors(text), [4411, 12, 0, 3]);
-        assert_eq!(socket_errors("Requests/sec: 1.0\n"), [0, 0, 0, 0]);
     }
 
     #[test]

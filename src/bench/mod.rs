@@ -18,6 +18,7 @@
 
 pub mod docker;
 pub mod service;
+pub mod wrk;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -393,10 +394,16 @@ impl Drop for TempDir {
     }
 }
 
-fn find_ninja() -> Option<PathBuf> {
+/// An executable file `name` in a directory of `PATH`.
+fn find_on_path(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join("ninja")).find(|f| std::fs::metadata(f).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|f| std::fs::metadata(f).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// A duration in (fractional) milliseconds, for reports.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// Run both graphs on Slipway and ninja, print the report (human or JSON)
@@ -424,7 +431,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     if opts.sleep_max_ms > 50_000 {
         return Err(BenchError::Options("sleeps above 50s exceed the jobs' 60s timeout".into()));
     }
-    let ninja = find_ninja().ok_or(BenchError::NinjaMissing)?;
+    let ninja = find_on_path("ninja").ok_or(BenchError::NinjaMissing)?;
     let ninja_version = ninja_version(&ninja).await?;
 
     let dag = generate(opts.jobs, opts.width, opts.seed);

@@ -35,7 +35,8 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{BenchError, TempDir, ratio, rusage_cpu};
+use super::wrk::{LoadBenchError, LoadBenchOptions, find_demo, find_wrk, free_port, io, read_wrk, run_wrk, wrk_version};
+use super::{BenchError, TempDir, ms, ratio, rusage_cpu};
 use crate::config::service::{HealthCheck, HealthSpec, RolloutSpec, ServiceSpec, Strategy};
 use crate::service::proxy::{Proxy, ProxyError};
 use crate::service::{RolloutRequest, ServiceManager};
@@ -55,45 +56,15 @@ const DRAIN: Duration = Duration::from_millis(200);
 const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long the demo may take to listen.
 const DEMO_START_LIMIT: Duration = Duration::from_secs(10);
-/// What wrk may take beyond its own `-d`.
-const WRK_MARGIN: Duration = Duration::from_secs(30);
-
-#[derive(Debug, Clone)]
-pub struct ServiceBenchOptions {
-    /// Each wrk run (`-d`), whole seconds.
-    pub duration: Duration,
-    /// wrk's `-c`.
-    pub connections: u32,
-    /// wrk's `-t`.
-    pub threads: u32,
-    /// Instances of the service in the rollout measurement.
-    pub rollout_instances: u32,
-    /// Print a JSON report instead of the human text.
-    pub json: bool,
-}
-
-impl Default for ServiceBenchOptions {
-    fn default() -> Self {
-        ServiceBenchOptions { duration: Duration::from_secs(10), connections: 32, threads: 2, rollout_instances: 4, json: false }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceBenchError {
-    #[error("wrk not found: apt-get install wrk")]
-    WrkMissing,
-    #[error("the demo service binary {0} does not exist (build it: cargo build --release --bin slipway-demo)")]
-    DemoMissing(PathBuf),
-    #[error("invalid bench options: {0}")]
-    Options(String),
-    #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
-    #[error("{what} did not finish within {}", humantime::format_duration(*.after))]
-    Timeout { what: String, after: Duration },
+    /// What both load benches can meet: wrk or the demo missing, invalid
+    /// options, I/O, timeouts, wrk failing.
+    #[error(transparent)]
+    Load(#[from] LoadBenchError),
     #[error("the demo service did not start: {0}")]
     Demo(String),
-    #[error("wrk failed: {0}")]
-    Wrk(String),
     #[error(transparent)]
     Proxy(#[from] ProxyError),
     #[error(transparent)]
@@ -104,11 +75,6 @@ pub enum ServiceBenchError {
     Rollout { from: String, to: String, reason: String },
     #[error("cannot write the JSON report: {0}")]
     Json(#[from] serde_json::Error),
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServiceBenchError {
-    let what = what.into();
-    move |source| ServiceBenchError::Io { what, source }
 }
 
 // ---------------------------------------------------------------- report
@@ -274,90 +240,11 @@ impl ServiceBenchReport {
     }
 }
 
-// ---------------------------------------------------------------- wrk output
-
-/// What we read from `wrk --latency`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WrkOutput {
-    pub requests_per_sec: f64,
-    pub p50: Option<Duration>,
-    pub p99: Duration,
-    /// "N requests in …".
-    pub requests: u64,
-    /// "Non-2xx or 3xx responses: N".
-    pub non_2xx: u64,
-    /// Sum of "Socket errors: connect a, read b, write c, timeout d".
-    pub socket_errors: u64,
-}
-
-/// `264.31us`, `2.12ms`, `1.05s`, `1.20m`, `2.00h` as wrk prints them.
-pub fn parse_wrk_time(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, scale) = [("us", 1e-6), ("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)]
-        .iter()
-        .find_map(|(unit, scale)| s.strip_suffix(unit).map(|n| (n, *scale)))?;
-    let v: f64 = num.trim().parse().ok()?;
-    (v.is_finite() && v >= 0.0).then(|| Duration::from_secs_f64(v * scale))
-}
-
-pub fn parse_wrk(text: &str) -> Result<WrkOutput, String> {
-    let mut rps = None;
-    let mut p50 = None;
-    let mut p99 = None;
-    let mut requests = 0;
-    let mut non_2xx = 0;
-    let mut socket_errors = 0;
-    let mut in_distribution = false;
-    for line in text.lines() {
-        let t = line.trim();
-        if let Some(v) = t.strip_prefix("Requests/sec:") {
-            rps = Some(v.trim().parse::<f64>().map_err(|e| format!("bad Requests/sec {v:?}: {e}"))?);
-        } else if t.starts_with("Latency Distribution") {
-            in_distribution = true;
-        } else if in_distribution && let Some((pct, value)) = t.split_once('%') {
-            let at = parse_wrk_time(value).ok_or_else(|| format!("bad latency {value:?} in {t:?}"))?;
-            match pct.trim() {
-                "50" => p50 = Some(at),
-                "99" => p99 = Some(at),
-                _ => {}
-            }
-        } else {
-            in_distribution = false;
-            if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
-                non_2xx = v.trim().parse().map_err(|e| format!("bad {t:?}: {e}"))?;
-            } else if let Some(v) = t.strip_prefix("Socket errors:") {
-                // connect 0, read 12, write 0, timeout 3
-                for part in v.split(',') {
-                    let n = part.split_whitespace().last().and_then(|n| n.parse::<u64>().ok()).ok_or_else(|| format!("bad {t:?}"))?;
-                    socket_errors += n;
-                }
-            } else if let Some((n, rest)) = t.split_once(' ')
-                && rest.starts_with("requests in ")
-            {
-                requests = n.parse().map_err(|e| format!("bad {t:?}: {e}"))?;
-            }
-        }
-    }
-    let requests_per_sec = rps.ok_or("no \"Requests/sec:\" line")?;
-    let p99 = p99.ok_or("no 99% line in the latency distribution (was --latency passed?)")?;
-    Ok(WrkOutput { requests_per_sec, p50, p99, requests, non_2xx, socket_errors })
-}
-
 // ---------------------------------------------------------------- running
 
 /// Where the CLI finds the demo: next to the running `slipway` binary.
 pub fn default_demo_bin() -> PathBuf {
     std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("slipway-demo"))).unwrap_or_else(|| PathBuf::from("slipway-demo"))
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|f| std::fs::metadata(f).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
-}
-
-fn free_port() -> Result<u16, ServiceBenchError> {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).map(|a| a.port()).map_err(io("cannot find a free port"))
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -370,31 +257,19 @@ fn median(v: &[f64]) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 /// Run both measurements, print the report (human or JSON) to stdout and
 /// return it. `demo_bin` is the `slipway-demo` binary
 /// ([`default_demo_bin`] finds it next to `slipway`).
-pub async fn run(opts: ServiceBenchOptions, demo_bin: &Path) -> Result<ServiceBenchReport, ServiceBenchError> {
-    if opts.threads == 0 {
-        return Err(ServiceBenchError::Options("--threads must be at least 1".into()));
-    }
-    if opts.connections < opts.threads {
-        return Err(ServiceBenchError::Options(format!("--connections ({}) must be at least --threads ({})", opts.connections, opts.threads)));
-    }
+pub async fn run(opts: LoadBenchOptions, demo_bin: &Path) -> Result<ServiceBenchReport, ServiceBenchError> {
+    opts.check_wrk()?;
     if opts.duration < Duration::from_secs(1) || opts.duration.subsec_nanos() != 0 {
-        return Err(ServiceBenchError::Options("--duration must be a whole number of seconds, at least 1s".into()));
+        return Err(LoadBenchError::Options("--duration must be a whole number of seconds, at least 1s".into()).into());
     }
     if !(1..=64).contains(&opts.rollout_instances) {
-        return Err(ServiceBenchError::Options("--rollout-instances must be between 1 and 64".into()));
+        return Err(LoadBenchError::Options("--rollout-instances must be between 1 and 64".into()).into());
     }
-    let wrk = find_on_path("wrk").ok_or(ServiceBenchError::WrkMissing)?;
-    let demo = std::fs::canonicalize(demo_bin).map_err(|_| ServiceBenchError::DemoMissing(demo_bin.to_path_buf()))?;
-    if !demo.is_file() {
-        return Err(ServiceBenchError::DemoMissing(demo_bin.to_path_buf()));
-    }
+    let wrk = find_wrk()?;
+    let demo = find_demo(demo_bin)?;
     let wrk_version = wrk_version(&wrk).await?;
     let progress = |msg: &str| eprintln!("slipway bench service: {msg}");
 
@@ -410,22 +285,6 @@ pub async fn run(opts: ServiceBenchOptions, demo_bin: &Path) -> Result<ServiceBe
         print!("{}", report.human());
     }
     Ok(report)
-}
-
-async fn wrk_version(wrk: &Path) -> Result<String, ServiceBenchError> {
-    // `wrk --version` prints its banner and usage, and exits 1.
-    let run = tokio::process::Command::new(wrk).arg("--version").stdin(Stdio::null()).kill_on_drop(true).output();
-    let limit = Duration::from_secs(10);
-    match tokio::time::timeout(limit, run).await {
-        Err(_) => Err(ServiceBenchError::Timeout { what: format!("{} --version", wrk.display()), after: limit }),
-        Ok(Err(e)) => Err(ServiceBenchError::Io { what: format!("cannot run {}", wrk.display()), source: e }),
-        Ok(Ok(out)) => {
-            let text = String::from_utf8_lossy(&out.stdout);
-            // "wrk debian/4.1.0-3+b2 [epoll] Copyright (C) 2012 Will Glozer"
-            let first = text.lines().next().unwrap_or("wrk").trim();
-            Ok(first.split(" Copyright").next().unwrap_or(first).to_string())
-        }
-    }
 }
 
 /// The demo, started directly; killed when dropped.
@@ -460,7 +319,7 @@ impl Demo {
                 return Ok(Demo { child, addr });
             }
             if started.elapsed() > DEMO_START_LIMIT {
-                return Err(ServiceBenchError::Timeout { what: format!("the demo service listening on {addr}"), after: DEMO_START_LIMIT });
+                return Err(LoadBenchError::Timeout { what: format!("the demo service listening on {addr}"), after: DEMO_START_LIMIT }.into());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -484,32 +343,7 @@ fn proc_cpu(pid: u32) -> Option<Duration> {
     (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
-async fn run_wrk(wrk: &Path, opts: &ServiceBenchOptions, addr: SocketAddr) -> Result<WrkOutput, ServiceBenchError> {
-    let url = format!("http://{addr}/");
-    let run = tokio::process::Command::new(wrk)
-        .arg(format!("-t{}", opts.threads))
-        .arg(format!("-c{}", opts.connections))
-        .arg(format!("-d{}s", opts.duration.as_secs()))
-        .arg("--latency")
-        .arg(&url)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let limit = opts.duration + WRK_MARGIN;
-    let out = match tokio::time::timeout(limit, run).await {
-        Err(_) => return Err(ServiceBenchError::Timeout { what: format!("wrk against {url}"), after: limit }),
-        Ok(Err(e)) => return Err(ServiceBenchError::Io { what: format!("cannot run {}", wrk.display()), source: e }),
-        Ok(Ok(out)) => out,
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        return Err(ServiceBenchError::Wrk(format!("{} against {url}: {}{}", out.status, stdout.trim(), stderr.trim())));
-    }
-    parse_wrk(&stdout).map_err(|e| ServiceBenchError::Wrk(format!("cannot read its output ({e}):\n{stdout}")))
-}
-
-async fn bench_proxy(opts: &ServiceBenchOptions, wrk: &Path, demo_bin: &Path) -> Result<ProxyBench, ServiceBenchError> {
+async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path) -> Result<ProxyBench, ServiceBenchError> {
     let demo = Demo::start(demo_bin, "1.0").await?;
     let shutdown = CancellationToken::new();
     let _stop_proxy = shutdown.clone().drop_guard();
@@ -521,7 +355,7 @@ async fn bench_proxy(opts: &ServiceBenchOptions, wrk: &Path, demo_bin: &Path) ->
         for (via, addr) in [("direct", demo.addr), ("proxy", proxy.local_addr())] {
             eprintln!("slipway bench service: proxy round {round} of {ROUNDS}: {via}");
             let (self_before, demo_before) = (rusage_cpu(libc::RUSAGE_SELF), demo.cpu());
-            let w = run_wrk(wrk, opts, addr).await?;
+            let w = read_wrk(&run_wrk(wrk, opts, addr).await?)?;
             let (self_cpu, demo_cpu) = (rusage_cpu(libc::RUSAGE_SELF).saturating_sub(self_before), demo.cpu().saturating_sub(demo_before));
             let per = |d: Duration| if w.requests == 0 { 0.0 } else { d.as_secs_f64() * 1e6 / w.requests as f64 };
             runs.push(WrkRun {
@@ -611,7 +445,7 @@ async fn timed_rollout(manager: &Arc<ServiceManager>, req: RolloutRequest, from:
         ServiceBenchError::Rollout { from: from.to_string(), to: to.clone(), reason: format!("{reason}; its last lines: {}", tail.join(" | ")) }
     };
     match result {
-        Err(_) => Err(ServiceBenchError::Timeout { what: format!("rollout {from} → {to}"), after: limit }),
+        Err(_) => Err(LoadBenchError::Timeout { what: format!("rollout {from} → {to}"), after: limit }.into()),
         Ok(r) if r.outcome != Outcome::Succeeded => Err(failed(format!("{}{}", r.outcome, r.reason.map(|r| format!(": {r}")).unwrap_or_default()))),
         Ok(_) => Ok((total, lines)),
     }
@@ -664,7 +498,7 @@ fn split_rollout(from: &str, to: &str, total: Duration, lines: &[(Instant, Strin
     }
 }
 
-async fn bench_rollouts(opts: &ServiceBenchOptions, demo_bin: &Path) -> Result<RolloutBench, ServiceBenchError> {
+async fn bench_rollouts(opts: &LoadBenchOptions, demo_bin: &Path) -> Result<RolloutBench, ServiceBenchError> {
     let dir = TempDir::create()?;
     let store = store::open(&format!("sqlite://{}", dir.0.join("bench.db").display())).await?;
     let shutdown = CancellationToken::new();
@@ -722,62 +556,6 @@ async fn bench_rollouts(opts: &ServiceBenchOptions, demo_bin: &Path) -> Result<R
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `wrk -t2 -c32 -d10s --latency` against the demo through a proxy that
-    /// answered some requests with errors.
-    const SAMPLE: &str = "Running 10s test @ http://127.0.0.1:41235/
-  2 threads and 32 connections
-  Thread Stats   Avg      Stdev     Max   +/- Stdev
-    Latency     1.37ms    2.01ms  52.40ms   91.92%
-    Req/Sec    13.52k     1.61k   17.21k    70.00%
-  Latency Distribution
-     50%  712.00us
-     75%    1.44ms
-     90%    3.12ms
-     99%    9.87ms
-  269012 requests in 10.01s, 35.15MB read
-  Socket errors: connect 0, read 3, write 0, timeout 2
-  Non-2xx or 3xx responses: 17
-Requests/sec:  26874.63
-Transfer/sec:      3.51MB
-";
-
-    #[test]
-    fn parses_wrk_latency_output() {
-        let w = parse_wrk(SAMPLE).expect("parses");
-        assert_eq!(w.requests_per_sec, 26874.63);
-        assert_eq!(w.p50, Some(Duration::from_micros(712)));
-        assert_eq!(w.p99, Duration::from_micros(9870));
-        assert_eq!(w.requests, 269012);
-        assert_eq!(w.non_2xx, 17);
-        assert_eq!(w.socket_errors, 5);
-    }
-
-    #[test]
-    fn parses_a_clean_run_with_second_latencies() {
-        let text = "Running 1s test @ http://127.0.0.1:8080/\n  1 threads and 1 connections\n  Latency Distribution\n     50%  208.00us\n     99%    1.05s\n  293246 requests in 2.10s, 38.31MB read\nRequests/sec: 139644.21\n";
-        let w = parse_wrk(text).expect("parses");
-        assert_eq!(w.p99, Duration::from_millis(1050));
-        assert_eq!((w.non_2xx, w.socket_errors, w.requests), (0, 0, 293246));
-    }
-
-    #[test]
-    fn wrk_time_units() {
-        assert_eq!(parse_wrk_time("264.31us"), Some(Duration::from_nanos(264_310)));
-        assert_eq!(parse_wrk_time("2.12ms"), Some(Duration::from_micros(2120)));
-        assert_eq!(parse_wrk_time(" 3.00s"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_wrk_time("1.50m"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_wrk_time("2.00h"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_wrk_time("12"), None);
-        assert_eq!(parse_wrk_time("fast ms"), None);
-    }
-
-    #[test]
-    fn output_without_a_distribution_is_an_error() {
-        let text = "Running 1s test @ http://127.0.0.1:8080/\nRequests/sec: 10.00\n";
-        assert!(parse_wrk(text).unwrap_err().contains("--latency"));
-        assert!(parse_wrk("unable to connect to 127.0.0.1:1 Connection refused").is_err());
-    }
 
     #[test]
     fn rollout_time_is_split_by_its_lines() {

@@ -315,7 +315,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             Ok(exit::OK)
         }
         Command::Bench(a) if a.what == BenchWhat::Services => {
-            let opts = crate::bench::service::ServiceBenchOptions {
+            let opts = crate::bench::wrk::LoadBenchOptions {
                 duration: Duration::from_secs(a.wrk_secs),
                 connections: a.connections,
                 threads: 2,
@@ -328,7 +328,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             }
         }
         Command::Bench(a) if a.what == BenchWhat::Docker => {
-            let opts = crate::bench::docker::DockerBenchOptions {
+            let opts = crate::bench::wrk::LoadBenchOptions {
                 duration: Duration::from_secs(a.wrk_secs),
                 connections: a.connections,
                 threads: 2,
