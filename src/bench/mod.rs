@@ -406,12 +406,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Run both graphs on Slipway and ninja, print the report (human or JSON)
-/// to stdout and return it.
+/// `a / b`, or infinity when `b` is zero.
 fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { f64::INFINITY }
 }
 
+/// Run both graphs on Slipway and ninja, print the report (human or JSON)
+/// to stdout and return it.
 pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     if opts.jobs == 0 {
         return Err(BenchError::Options("--jobs must be at least 1".into()));

@@ -263,10 +263,10 @@ fn median(v: &[f64]) -> f64 {
 pub async fn run(opts: LoadBenchOptions, demo_bin: &Path) -> Result<ServiceBenchReport, ServiceBenchError> {
     opts.check_wrk()?;
     if opts.duration < Duration::from_secs(1) || opts.duration.subsec_nanos() != 0 {
-        return Err(LoadBenchError::Options("--duration must be a whole number of seconds, at least 1s".into()).into());
+        return Err(LoadBenchError::Options("--wrk-secs must be at least 1".into()).into());
     }
     if !(1..=64).contains(&opts.rollout_instances) {
-        return Err(LoadBenchError::Options("--rollout-instances must be between 1 and 64".into()).into());
+        return Err(LoadBenchError::Options("--instances must be between 1 and 64".into()).into());
     }
     let wrk = find_wrk()?;
     let demo = find_demo(demo_bin)?;

@@ -222,17 +222,6 @@ pub struct DockerInstance {
     life: Lifeline,
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_store_scope_ignores_credentials_but_not_the_database() {
-        let a = super::scope_of_store("postgres://slipway:pw1@db.example.org:5432/prod");
-        assert_eq!(a, super::scope_of_store("postgres://other:pw2@db.example.org:5432/prod"));
-        assert_ne!(a, super::scope_of_store("postgres://slipway:pw1@db.example.org:5432/staging"));
-        assert_eq!(a.len(), 12);
-    }
-}
-
 #[async_trait]
 impl Target for DockerTarget {
     /// A one-off container from the job's pinned image (a docker
@@ -700,5 +689,16 @@ impl Drop for DockerInstance {
             let (docker, id, pending) = (self.docker.clone(), self.id.clone(), self.pending.clone());
             rt.spawn(async move { remove_or_remember(&docker, &id, &pending).await });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_store_scope_ignores_credentials_but_not_the_database() {
+        let a = super::scope_of_store("postgres://slipway:pw1@db.example.org:5432/prod");
+        assert_eq!(a, super::scope_of_store("postgres://other:pw2@db.example.org:5432/prod"));
+        assert_ne!(a, super::scope_of_store("postgres://slipway:pw1@db.example.org:5432/staging"));
+        assert_eq!(a.len(), 12);
     }
 }
