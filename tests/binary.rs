@@ -1132,3 +1132,66 @@ command = "echo peek sees ${{SLIPWAY_TEST_API_SECRET:-nothing}} and ${{API_KEY:-
     assert!(peek.contains("peek sees nothing and nothing"), "{peek}");
     assert!(!server.log_text().contains("topsecret-4711"), "the secret is in the server log");
 }
+
+// Issue 6: a secret is given only to the job that lists it, and a value a
+// job or an instance prints itself is masked in the stored log, the
+// recorded reasons, the API and the server log.
+#[test]
+fn issue6_a_secret_printed_by_a_job_or_an_instance_is_masked_everywhere() {
+    let port = common::free_port();
+    let demo = env!("CARGO_BIN_EXE_slipway-demo");
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let key = secrets.path().join("api-key");
+    std::fs::write(&key, "topsecret-9931\n").expect("write the secret");
+    let config = format!(
+        r#"
+[secret.api]
+file = "{key}"
+
+[[service]]
+name = "web"
+command = ["sh", "-c", "echo booting $0 with $API_KEY >&2; exec {demo} serve --port \"$1\" --version \"$0\"", "{{version}}", "{{port}}"]
+listen = "127.0.0.1:{port}"
+secrets = {{ API_KEY = "api" }}
+health = {{ http = "/healthz", interval = "100ms", deadline = "2s" }}
+
+[[job]]
+name = "leak"
+shell = true
+secrets = {{ API_KEY = "api" }}
+command = "echo the key is $API_KEY; echo \"$API_KEY\" >&2; exit 3"
+
+[[job]]
+name = "peek"
+shell = true
+command = "echo peek sees ${{API_KEY:-nothing}}"
+"#,
+        key = key.display()
+    );
+    let dir = common::config_dir(&config, &[]);
+    let server = common::Server::start(dir.path(), None, &[]);
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+
+    let leak = server.cli(dir.path(), &["run", "leak"]);
+    assert_eq!(leak.status.code(), Some(1), "{}", text(&leak));
+    let logs = text(&server.cli(dir.path(), &["logs", "1"]));
+    assert!(logs.contains("the key is [secret api]"), "the job had the value, and it is masked: {logs}");
+    assert!(text(&server.cli(dir.path(), &["run", "peek"])).contains("succeeded"));
+    assert!(text(&server.cli(dir.path(), &["logs", "2"])).contains("peek sees nothing"), "a job that does not list it does not get it");
+
+    assert!(server.cli(dir.path(), &["deploy", "web", "1"]).status.success());
+    let three = server.cli(dir.path(), &["deploy", "web", "3"]);
+    assert_eq!(three.status.code(), Some(1), "{}", text(&three));
+    assert!(text(&three).contains("booting 3 with [secret api]"), "the instance's last output, masked, in the reason: {}", text(&three));
+
+    let everything = format!(
+        "{}{}{}{}{}{}",
+        logs,
+        text(&three),
+        text(&server.cli(dir.path(), &["logs", "4"])),
+        common::get_json(&format!("{}/api/v1/deployments/4", server.url)),
+        common::get_json(&format!("{}/api/v1/services/default/web/events", server.url)),
+        server.log_text()
+    );
+    assert!(!everything.contains("topsecret-9931"), "the value leaked: {everything}");
+}

@@ -447,3 +447,15 @@ secrets = { T = "s" }
 "#;
     insta::assert_snapshot!(problems(text));
 }
+
+/// The config reference in README.md is a config Slipway accepts.
+#[test]
+fn the_readme_config_reference_is_valid() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
+    let section = &readme[readme.find("## The config").expect("a config section")..];
+    let start = section.find("```toml\n").expect("a toml block") + "```toml\n".len();
+    let block = &section[start..start + section[start..].find("```").expect("its end")];
+    if let Err(e) = config::parse("README.md", block) {
+        panic!("README's config does not validate:\n{}", e.reports().into_iter().map(|r| format!("{}:{} {}", r.line.unwrap_or(0), r.column.unwrap_or(0), r.message)).collect::<Vec<_>>().join("\n"));
+    }
+}

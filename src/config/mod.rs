@@ -384,6 +384,7 @@ struct RawJob {
     environments: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    secrets: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
 }
 
 fn duration(s: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) -> Option<Duration> {
@@ -623,8 +624,8 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
             idempotent: j.idempotent,
             service: j.service.as_ref().map(|s| s.get_ref().clone()),
             environments: j.environments.as_ref().map(|v| v.iter().map(|e| e.get_ref().clone()).collect()),
+            secrets: secret::env_secrets(j.secrets.as_ref(), &j.env, &secrets, problems),
             env: j.env,
-            secrets: BTreeMap::new(),
             secret_files: BTreeMap::new(),
         });
     }

@@ -31,6 +31,7 @@ const JOB: &[&str] = &[
     "service",
     "environments",
     "env",
+    "secrets",
 ];
 const RETRY: &[&str] = &["attempts", "on", "backoff", "max_backoff"];
 

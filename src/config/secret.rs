@@ -213,6 +213,77 @@ pub(super) fn lookup(name: &Spanned<String>, secrets: &BTreeMap<String, SecretRe
     }
 }
 
+/// `secrets = { VAR = "secret" }` of a service or job: environment
+/// variable → secret, each checked.
+pub(super) fn env_secrets(
+    raw: Option<&Spanned<BTreeMap<String, Spanned<String>>>>,
+    env: &BTreeMap<String, String>,
+    secrets: &BTreeMap<String, SecretRef>,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<String, SecretRef> {
+    let mut out = BTreeMap::new();
+    for (var, secret) in raw.iter().flat_map(|m| m.get_ref().iter()) {
+        if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || var.starts_with(|c: char| c.is_ascii_digit()) {
+            problems.push(Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("{var:?} is not an environment variable name")).label("for this secret").hint("e.g. secrets = { DATABASE_URL = \"db_url\" }"));
+        }
+        if var.starts_with("SLIPWAY_") {
+            problems.push(Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("{var}: names starting with SLIPWAY_ are Slipway's own")).label("reserved").hint("pick another name"));
+        }
+        if env.contains_key(var) {
+            problems.push(Problem::new(ProblemKind::Duplicate, Some(secret.span()), format!("{var} is set both in `env` and in `secrets`")).label("second value"));
+        }
+        if let Some(r) = lookup(secret, secrets, problems) {
+            out.insert(var.clone(), r);
+        }
+    }
+    out
+}
+
+/// Masks secret values in text: every line of output Slipway keeps, and
+/// every reason it records, passes through the redactor of the secrets
+/// the job (or service) was given, so a value a process prints itself is
+/// stored as `[secret NAME]`.
+#[derive(Clone, Default)]
+pub struct Redactor {
+    /// (value, name), longest value first: a value that contains another
+    /// is masked whole.
+    values: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Redactor(<{} values>)", self.values.len())
+    }
+}
+
+impl Redactor {
+    /// The values of these secrets, read now; one that cannot be read is
+    /// not given to anything either, so there is nothing to mask.
+    pub fn of<'a>(secrets: impl IntoIterator<Item = &'a SecretRef>) -> Redactor {
+        let mut values: Vec<(String, String)> = secrets.into_iter().filter_map(|s| s.read().ok().map(|v| (v.0, s.name.clone()))).filter(|(v, _)| !v.is_empty()).collect();
+        // A secret file's value may span lines; output comes line by line.
+        let lines: Vec<(String, String)> = values.iter().flat_map(|(v, n)| v.lines().filter(|l| l.trim().len() >= 4).map(|l| (l.to_string(), n.clone())).collect::<Vec<_>>()).collect();
+        values.extend(lines);
+        values.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+        values.dedup_by(|a, b| a.0 == b.0);
+        Redactor { values }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (value, name) in &self.values {
+            if out.contains(value.as_str()) {
+                out = out.replace(value.as_str(), &format!("[secret {name}]"));
+            }
+        }
+        out
+    }
+}
+
 pub(super) fn build_registries(raw: Vec<Spanned<RawRegistry>>, secrets: &BTreeMap<String, SecretRef>, problems: &mut Vec<Problem>) -> Vec<RegistryAuth> {
     let mut out: Vec<RegistryAuth> = Vec::new();
     for r in raw {
@@ -264,6 +335,20 @@ mod tests {
         let s = Secret("hunter2".into());
         let c = Credentials { host: "r".into(), username: Some("u".into()), password: Some(s), token: None };
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_redactor_masks_each_value_and_the_longer_one_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "hunter2").unwrap();
+        std::fs::write(&b, "hunter2-and-more\nsecond line of it\n").unwrap();
+        let refs = [SecretRef { name: "short".into(), source: SecretSource::File(a) }, SecretRef { name: "long".into(), source: SecretSource::File(b) }];
+        let r = Redactor::of(refs.iter());
+        assert_eq!(r.redact("x hunter2-and-more y hunter2 z"), "x [secret long] y [secret short] z");
+        assert_eq!(r.redact("it says: second line of it"), "it says: [secret long]");
+        assert_eq!(r.redact("nothing here"), "nothing here");
+        assert!(!format!("{r:?}").contains("hunter2"));
     }
 
     #[test]

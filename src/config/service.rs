@@ -574,21 +574,7 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
     if docker && container.is_none() {
         return (service, Built { spec: None, jobs: vec![] });
     }
-    let mut secret_env = BTreeMap::new();
-    for (var, secret) in raw.secrets.iter().flat_map(|m| m.get_ref().iter()) {
-        if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || var.starts_with(|c: char| c.is_ascii_digit()) {
-            problems.push(Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("{var:?} is not an environment variable name")).label("for this secret").hint("e.g. secrets = { DATABASE_URL = \"db_url\" }"));
-        }
-        if var.starts_with("SLIPWAY_") {
-            problems.push(Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("{var}: names starting with SLIPWAY_ are Slipway's own")).label("reserved").hint("pick another name"));
-        }
-        if raw.env.contains_key(var) {
-            problems.push(Problem::new(ProblemKind::Duplicate, Some(secret.span()), format!("{var} is set both in `env` and in `secrets`")).label("second value"));
-        }
-        if let Some(r) = super::secret::lookup(secret, secrets, problems) {
-            secret_env.insert(var.clone(), r);
-        }
-    }
+    let secret_env = super::secret::env_secrets(raw.secrets.as_ref(), &raw.env, secrets, problems);
     let spec = ServiceSpec { name: name.clone(), listen, instances, command, env: raw.env, health, rollout, verify, stop_grace, artifact, container, secrets: secret_env };
     let job = |job_name: String, command: Command, timeout: Duration, idempotent: bool, needs: Vec<String>| Job {
         name: job_name,

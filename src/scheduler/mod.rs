@@ -481,6 +481,8 @@ impl Scheduler {
             stream: "slipway",
             line,
         };
+        // The secrets this job is given: masked in everything kept of it.
+        let redactor = redactor_for(&job.spec);
         let result = match self.workdir(&job.revision).await {
             Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
             Ok(revision_dir) => {
@@ -588,7 +590,7 @@ impl Scheduler {
                         tokio::spawn(async move { target.run(req, tx, c).await })
                     }
                 };
-                self.forward_output(&job, rx).await;
+                self.forward_output(&job, rx, &redactor).await;
                 match run.await {
                     Ok(r) => r,
                     Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(format!("target failed: {e}")) },
@@ -602,7 +604,7 @@ impl Scheduler {
                 Some(format!("interrupted: node {} shut down while the job ran", self.cfg.node_id)),
             ),
             (Some(StopReason::DeploymentCancelled), Outcome::Cancelled) => (Outcome::Cancelled, Some("deployment cancelled while the job ran".into())),
-            (_, o) => (o, result.reason.clone()),
+            (_, o) => (o, result.reason.as_deref().map(|r| redactor.redact(r))),
         };
         let spec = &job.spec;
         let more_attempts = (job.attempt as u32) < spec.retry_attempts;
@@ -699,8 +701,9 @@ impl Scheduler {
         claimed
     }
 
-    /// Output lines to events, bounded at `max_log_bytes` per attempt.
-    async fn forward_output(&self, job: &ClaimedJob, mut rx: mpsc::Receiver<(Stream, String)>) {
+    /// Output lines to events (secret values masked), bounded at
+    /// `max_log_bytes` per attempt.
+    async fn forward_output(&self, job: &ClaimedJob, mut rx: mpsc::Receiver<(Stream, String)>, redactor: &crate::config::secret::Redactor) {
         let max = self.cfg.max_log_bytes;
         let mut kept = 0u64;
         let mut dropped_lines = 0u64;
@@ -714,6 +717,7 @@ impl Scheduler {
             line,
         };
         while let Some((stream, line)) = rx.recv().await {
+            let line = if redactor.is_empty() { line } else { redactor.redact(&line) };
             let size = line.len() as u64 + 1;
             // Once truncated, stay truncated: a log with holes misleads.
             if dropped_lines > 0 || kept + size > max {
@@ -733,4 +737,22 @@ impl Scheduler {
             self.events.emit(ev("slipway", format!("[slipway] {dropped_lines} lines ({dropped_bytes} bytes) of output were dropped"))).await;
         }
     }
+}
+
+/// The secrets a job is given, directly or through what it runs (a
+/// rollout's service, a pull's registry): what its output and reason mask.
+fn redactor_for(spec: &crate::store::JobSpec) -> crate::config::secret::Redactor {
+    let mut refs: Vec<&crate::config::secret::SecretRef> = spec.secrets.values().chain(spec.secret_files.values()).collect();
+    match &spec.command {
+        crate::config::Command::Rollout(s) => {
+            refs.extend(s.secrets.values());
+            refs.extend(s.container.iter().flat_map(|c| c.secret_files.values()));
+        }
+        crate::config::Command::Pull(c) => refs.extend(c.auth.iter().flat_map(|a| a.password.iter().chain(a.token.iter()))),
+        _ => {}
+    }
+    if refs.is_empty() {
+        return Default::default();
+    }
+    crate::config::secret::Redactor::of(refs)
 }

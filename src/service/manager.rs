@@ -79,6 +79,10 @@ pub struct ServiceManager {
     shutdown: CancellationToken,
     client: reqwest::Client,
     services: Mutex<HashMap<(String, String), Arc<Managed>>>,
+    /// Per (environment, service): the values of the secrets its instances
+    /// were last given, masked in what `note` records (an instance's last
+    /// output may print them).
+    redactors: std::sync::Mutex<HashMap<(String, String), crate::config::secret::Redactor>>,
 }
 
 /// What `gc` found (or removed, when `applied`).
@@ -133,7 +137,7 @@ impl ServiceManager {
     /// `targets` resolves the target each service runs on.
     pub fn with_targets(target: Arc<dyn Target>, targets: Arc<dyn crate::target::Targets>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Arc<Self> {
         let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).pool_max_idle_per_host(0).build().unwrap_or_default();
-        Arc::new(ServiceManager { target, targets, store, shutdown, client, services: Mutex::new(HashMap::new()) })
+        Arc::new(ServiceManager { target, targets, store, shutdown, client, services: Mutex::new(HashMap::new()), redactors: Default::default() })
     }
 
     /// The service's entry, binding its proxy on first use. A port in use
@@ -171,6 +175,10 @@ impl ServiceManager {
     /// Record what happened to a service outside a deployment: in the
     /// server log and in the store (`GET …/services/{env}/{name}/events`).
     async fn note(&self, environment: &str, service: &str, kind: &str, message: String) {
+        let message = match self.redactors.lock().ok().and_then(|r| r.get(&(environment.to_string(), service.to_string())).cloned()) {
+            Some(r) => r.redact(&message),
+            None => message,
+        };
         if kind.ends_with("failed") {
             tracing::warn!(service, env = environment, kind, "{message}");
         } else {
@@ -222,6 +230,11 @@ impl ServiceManager {
             secret_env: g.spec.secrets.iter().map(|(k, r)| Ok((k.clone(), r.read()?))).collect::<Result<_, String>>()?,
             secret_files: c.map(|c| c.secret_files.iter().map(|(p, r)| Ok((p.clone(), r.read()?))).collect::<Result<_, String>>()).transpose()?.unwrap_or_default(),
         };
+        let secrets = g.spec.secrets.values().chain(c.iter().flat_map(|c| c.secret_files.values()));
+        let redactor = crate::config::secret::Redactor::of(secrets);
+        if let Ok(mut r) = self.redactors.lock() {
+            r.insert((environment.to_string(), g.spec.name.clone()), redactor);
+        }
         let target = self.targets.get(if c.is_some() { "docker" } else { "local" }).await?;
         target.start_instance(req).await
     }
