@@ -6,7 +6,8 @@
 //! - [`plan`]: from config to the job graph of a deployment (no IO).
 //! - [`store`]: the durable state behind the [`store::Store`] trait (SQLite, PostgreSQL).
 //! - [`scheduler`]: a node's loop — claims jobs with leases, runs them, reports events.
-//! - [`target`]: where jobs and service instances run, behind the [`target::Target`] trait (`local` for now).
+//! - [`target`]: where jobs and service instances run, behind the [`target::Target`] trait (`local`, `docker`).
+//! - [`trigger`]: events from outside (GitHub webhooks) read, checked and decided into deployments.
 //! - [`service`]: managed services — rollouts behind health checks, the proxy, rollback, supervision.
 //! - [`api`]: the HTTP API, `/metrics`, `/healthz`; the only place wire types are serialized.
 //! - [`cli`]: the `slipway` command line, a client of the API (and of the config for `validate`/`plan`).
@@ -20,5 +21,6 @@ pub mod target;
 pub mod service;
 pub mod api;
 pub mod submit;
+pub mod trigger;
 pub mod bench;
 pub mod cli;

@@ -1266,3 +1266,19 @@ async fn a_service_records_its_version_and_the_one_before() {
         assert!(store.service_events("staging", "api", 10).await.unwrap_or_else(|e| panic!("[{name}] {e}")).is_empty(), "[{name}]");
     }
 }
+
+// Issue 6: a delivery that starts nothing is stored once per key.
+#[tokio::test]
+async fn an_event_without_a_deployment_is_stored_once_per_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for b in backends(&dir).await {
+        let (name, store) = &b;
+        let ev = || slipway::store::NewEvent { key: Some("github:abc".into()), kind: "github.push".into(), payload: "{}".into() };
+        let (first, dup) = store.record_event(ev()).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        assert!(!dup, "[{name}]");
+        let (again, dup) = store.record_event(ev()).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        assert!(dup && again == first, "[{name}] the same key is one event");
+        let (other, dup) = store.record_event(slipway::store::NewEvent { key: Some("github:abd".into()), ..ev() }).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        assert!(!dup && other != first, "[{name}]");
+    }
+}

@@ -6,6 +6,7 @@
 //! status: 400 bad input, 404 unknown id, 413 too large, 422 invalid
 //! config, 503 store down.
 
+mod hooks;
 pub mod metrics;
 pub mod wire;
 
@@ -137,8 +138,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, gc_plan, gc_apply, healthz),
-    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, Health, ErrorBody))
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, gc_plan, gc_apply, hooks::github, healthz),
+    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HookAnswer, HookResult, Health, ErrorBody))
 )]
 pub struct ApiDoc;
 
@@ -161,6 +162,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/gc", get(gc_plan).post(gc_apply))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // After the limit layer: a hook reads its body under its own,
+        // configured limit.
+        .route("/hooks/github", post(hooks::github))
         .with_state(state)
 }
 

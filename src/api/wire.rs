@@ -212,6 +212,33 @@ pub struct ServiceInfo {
     pub last_deployment: Option<Deployment>,
 }
 
+/// The answer to a webhook delivery.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HookAnswer {
+    /// `X-GitHub-Delivery`.
+    pub delivery: String,
+    pub event: String,
+    /// This delivery was seen before: nothing new was started.
+    pub duplicate: bool,
+    /// What the delivery was ("pong", "…:1.4.0 published", why it was ignored).
+    pub note: Option<String>,
+    /// Per service and environment that follow the published image.
+    pub results: Vec<HookResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HookResult {
+    pub service: String,
+    pub environment: String,
+    pub version: String,
+    /// The deployment started (or started by the first delivery).
+    pub deployment_id: Option<i64>,
+    /// Available, not deployed: why.
+    pub held: Option<String>,
+    /// The deployment was refused: why.
+    pub error: Option<String>,
+}
+
 /// What `gc` found, or removed when `applied`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct GarbageInfo {

@@ -48,6 +48,7 @@ pub struct Config {
     pub secrets: BTreeMap<String, secret::SecretRef>,
     /// `[[registry]]`: credentials per registry host.
     pub registries: Vec<secret::RegistryAuth>,
+    pub github: Option<Github>,
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +79,22 @@ pub struct Service {
     pub target: String,
     /// Set when the service is managed (it has a `command`).
     pub spec: Option<service::ServiceSpec>,
+    /// The image whose published versions are this service's versions (a
+    /// docker service's own image, or `follows`).
+    pub follows: Option<String>,
+    /// Environments where a published version deploys by itself.
+    pub auto_deploy: Vec<String>,
+    /// Which published versions may deploy by themselves.
+    pub tags: Option<service::TagFilter>,
+}
+
+/// `[github]`: webhooks from GitHub (`POST /hooks/github`).
+#[derive(Debug, Clone)]
+pub struct Github {
+    /// The webhook's secret: deliveries are checked against it.
+    pub webhook_secret: secret::SecretRef,
+    /// Larger deliveries are refused (413).
+    pub max_payload: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -325,6 +342,13 @@ struct Raw {
     secret: BTreeMap<Spanned<String>, Spanned<secret::RawSecret>>,
     #[serde(default)]
     registry: Vec<Spanned<secret::RawRegistry>>,
+    github: Option<Spanned<RawGithub>>,
+}
+
+#[derive(Deserialize)]
+struct RawGithub {
+    webhook_secret: Spanned<String>,
+    max_payload: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -484,7 +508,7 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
             .and_then(|v| positive(v, "max_log_bytes", 1 << 32, problems))
             .map(|n| n as u64);
     }
-    let environments = raw
+    let environments: Vec<Environment> = raw
         .environment
         .into_iter()
         .map(|e| {
@@ -495,10 +519,19 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
         .collect();
     let secrets = secret::build_secrets(raw.secret, problems);
     let registries = secret::build_registries(raw.registry, &secrets, problems);
+    let github = raw.github.map(|g| {
+        let g = g.into_inner();
+        Github {
+            webhook_secret: secret::lookup(&g.webhook_secret, &secrets, problems)
+                .unwrap_or(secret::SecretRef { name: g.webhook_secret.get_ref().clone(), source: secret::SecretSource::Env(String::new()) }),
+            max_payload: g.max_payload.as_ref().and_then(|v| positive(v, "github.max_payload", 64 << 20, problems)).unwrap_or(1 << 20) as usize,
+        }
+    });
+    let env_names: Vec<String> = if environments.is_empty() { vec![DEFAULT_ENVIRONMENT.to_string()] } else { environments.iter().map(|e: &Environment| e.name.clone()).collect() };
     let mut services = Vec::new();
     let mut service_jobs = Vec::new();
     for s in raw.service {
-        let (mut svc, built) = service::build(s.into_inner(), &secrets, &registries, problems);
+        let (mut svc, built) = service::build(s.into_inner(), &secrets, &registries, &env_names, problems);
         svc.spec = built.spec;
         services.push(svc);
         service_jobs.extend(built.jobs);
@@ -632,7 +665,7 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
     // A deploy's own jobs come after the config's, so `plan` lists the
     // user's jobs in file order first.
     jobs.extend(service_jobs);
-    Config { project, environments, services, jobs, secrets, registries }
+    Config { project, environments, services, jobs, secrets, registries, github }
 }
 
 /// Placeholders substituted into argv commands at run time.

@@ -7,12 +7,13 @@ use toml::de::{DeTable, DeValue};
 
 use super::diagnostic::{Problem, ProblemKind, did_you_mean};
 
-const TOP: &[&str] = &["project", "environment", "service", "job", "secret", "registry"];
+const TOP: &[&str] = &["project", "environment", "service", "job", "secret", "registry", "github"];
+const GITHUB: &[&str] = &["webhook_secret", "max_payload"];
 const SECRET: &[&str] = &["env", "file"];
 const REGISTRY: &[&str] = &["host", "username", "password", "token"];
 const PROJECT: &[&str] = &["name", "parallelism", "store", "lease", "max_log_bytes"];
 const ENVIRONMENT: &[&str] = &["name"];
-const SERVICE: &[&str] = &["name", "target", "listen", "instances", "command", "env", "health", "rollout", "migrate", "verify", "stop_grace", "artifact", "image", "port", "memory", "cpus", "secrets", "secret_files"];
+const SERVICE: &[&str] = &["name", "target", "listen", "instances", "command", "env", "health", "rollout", "migrate", "verify", "stop_grace", "artifact", "image", "port", "memory", "cpus", "secrets", "secret_files", "follows", "auto_deploy", "tags"];
 const ARTIFACT: &[&str] = &["url", "attempts", "timeout"];
 const HEALTH: &[&str] = &["http", "status", "command", "interval", "timeout", "healthy_after", "deadline"];
 const ROLLOUT: &[&str] = &["strategy", "max_surge", "max_unavailable", "drain"];
@@ -45,6 +46,7 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
             "service" => SERVICE,
             "job" => JOB,
             "registry" => REGISTRY,
+            "github" => GITHUB,
             "secret" => {
                 // `[secret.NAME]`: one table per secret, under any name.
                 for table in tables(value) {
@@ -59,7 +61,7 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
             _ => continue,
         };
         let name = key.get_ref().as_ref();
-        let path = if name == "project" { "[project]".to_string() } else { format!("[[{name}]]") };
+        let path = if name == "project" || name == "github" { format!("[{name}]") } else { format!("[[{name}]]") };
         for table in tables(value) {
             check_table(table, allowed, &path, &mut problems);
             for (k, v) in table.iter() {

@@ -74,6 +74,43 @@ pub struct ContainerSpec {
     pub secret_files: BTreeMap<String, SecretRef>,
 }
 
+/// Which published versions may deploy by themselves: `"semver"`
+/// (`1.2.3`, `v1.2.3`, with an optional pre-release or build part), or a
+/// regular expression matched against the whole tag.
+#[derive(Debug, Clone)]
+pub enum TagFilter {
+    Semver,
+    Regex(regex::Regex),
+}
+
+impl TagFilter {
+    pub fn parse(s: &str) -> Result<TagFilter, String> {
+        if s == "semver" {
+            return Ok(TagFilter::Semver);
+        }
+        regex::RegexBuilder::new(&format!("^(?:{s})$")).size_limit(1 << 20).build().map(TagFilter::Regex).map_err(|e| e.to_string().lines().last().unwrap_or("invalid").trim().to_string())
+    }
+
+    pub fn allows(&self, tag: &str) -> bool {
+        match self {
+            TagFilter::Semver => {
+                let t = tag.strip_prefix('v').unwrap_or(tag);
+                let core = t.split(['-', '+']).next().unwrap_or("");
+                let parts: Vec<&str> = core.split('.').collect();
+                parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+            }
+            TagFilter::Regex(r) => r.is_match(tag),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            TagFilter::Semver => "semver".into(),
+            TagFilter::Regex(r) => r.as_str().trim_start_matches("^(?:").trim_end_matches(")$").to_string(),
+        }
+    }
+}
+
 /// "256m", "1g", "512k", or bytes.
 fn memory(s: &Spanned<String>, problems: &mut Vec<Problem>) -> Option<u64> {
     let t = s.get_ref().trim().to_ascii_lowercase();
@@ -179,6 +216,9 @@ pub(super) struct RawService {
     pub cpus: Option<Spanned<f64>>,
     pub secrets: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     pub secret_files: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+    pub follows: Option<Spanned<String>>,
+    pub auto_deploy: Option<Vec<Spanned<String>>>,
+    pub tags: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -269,7 +309,7 @@ fn nonneg(v: &Spanned<i64>, what: &str, max: i64, problems: &mut Vec<Problem>) -
     }
 }
 
-pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, registries: &[RegistryAuth], problems: &mut Vec<Problem>) -> (super::Service, Built) {
+pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, registries: &[RegistryAuth], environments: &[String], problems: &mut Vec<Problem>) -> (super::Service, Built) {
     check_name(&raw.name, "service", problems);
     let name = raw.name.get_ref().clone();
     let target = match raw.target {
@@ -285,7 +325,48 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
         None => "local".to_string(),
     };
     let docker = target == "docker";
-    let service = super::Service { span: raw.name.span(), name: name.clone(), target, spec: None };
+    let follows = match (&raw.follows, &raw.image) {
+        (Some(f), _) if docker => {
+            problems.push(Problem::new(ProblemKind::InvalidValue, Some(f.span()), "a docker service follows its own `image`").label("not needed").hint("remove `follows`"));
+            None
+        }
+        (Some(f), _) if !crate::config::valid_image(f.get_ref()) => {
+            problems.push(Problem::new(ProblemKind::InvalidValue, Some(f.span()), format!("`follows` {:?} is not an image name without a tag", f.get_ref())).label("not registry/repository").hint("e.g. follows = \"ghcr.io/team/web\""));
+            None
+        }
+        (Some(f), _) => Some(f.get_ref().clone()),
+        (None, Some(i)) if docker => Some(i.get_ref().to_ascii_lowercase()),
+        _ => None,
+    };
+    let mut auto_deploy = Vec::new();
+    for e in raw.auto_deploy.iter().flatten() {
+        if !environments.contains(e.get_ref()) {
+            let hint = match super::diagnostic::did_you_mean(e.get_ref(), environments.iter().map(String::as_str)) {
+                Some(s) => format!("did you mean {s:?}?"),
+                None => format!("environments: {}", environments.join(", ")),
+            };
+            problems.push(Problem::new(ProblemKind::UnknownReference, Some(e.span()), format!("unknown environment {:?} in `auto_deploy`", e.get_ref())).label("no such environment").hint(hint));
+        } else {
+            auto_deploy.push(e.get_ref().clone());
+        }
+    }
+    if let Some(a) = raw.auto_deploy.as_ref().and_then(|a| a.first())
+        && follows.is_none()
+    {
+        problems.push(
+            Problem::new(ProblemKind::MissingKey, Some(a.span()), format!("service {name:?} has `auto_deploy` but follows no image"))
+                .label("nothing to follow")
+                .hint("add follows = \"registry/repository\" (a docker service follows its `image`)"),
+        );
+    }
+    let tags = raw.tags.as_ref().and_then(|t| match TagFilter::parse(t.get_ref()) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            problems.push(Problem::new(ProblemKind::InvalidValue, Some(t.span()), format!("`tags` is not \"semver\" or a regular expression: {e}")).label("bad filter").hint("e.g. tags = \"semver\" or tags = \"^v?[0-9]+[.][0-9]+$\" (matched against the whole tag)"));
+            None
+        }
+    });
+    let service = super::Service { span: raw.name.span(), name: name.clone(), target, spec: None, follows, auto_deploy, tags };
     if !docker {
         for (present, key) in [
             (raw.image.as_ref().map(|s| s.span()), "image"),

@@ -531,6 +531,9 @@ pub trait Store: Send + Sync + 'static {
     async fn set_service(&self, row: ServiceRow) -> Result<()>;
     async fn services(&self) -> Result<Vec<ServiceRow>>;
     async fn record_service_event(&self, event: ServiceEvent) -> Result<()>;
+    /// Store an event that starts no deployment by itself (a webhook
+    /// delivery). Returns its id and whether its key was seen before.
+    async fn record_event(&self, event: NewEvent) -> Result<(i64, bool)>;
     /// Newest first.
     async fn service_events(&self, environment: &str, service: &str, limit: i64) -> Result<Vec<ServiceEvent>>;
 }

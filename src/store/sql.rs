@@ -1454,6 +1454,25 @@ impl Store for SqlStore {
             .collect()
     }
 
+    async fn record_event(&self, e: NewEvent) -> Result<(i64, bool)> {
+        let op = "record an event";
+        let inserted = sqlx::query("INSERT INTO events (key, kind, payload, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING id")
+            .bind(e.key.clone())
+            .bind(&e.kind)
+            .bind(&e.payload)
+            .bind(now_ms())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
+        match inserted {
+            Some(row) => Ok((row.try_get(0).map_err(StoreError::query(op))?, false)),
+            None => {
+                let row = sqlx::query("SELECT id FROM events WHERE key = $1").bind(e.key.clone()).fetch_one(&self.pool).await.map_err(StoreError::query(op))?;
+                Ok((row.try_get(0).map_err(StoreError::query(op))?, true))
+            }
+        }
+    }
+
     async fn record_service_event(&self, e: ServiceEvent) -> Result<()> {
         sqlx::query("INSERT INTO service_events (environment, service, at, kind, message) VALUES ($1, $2, $3, $4, $5)")
             .bind(&e.environment)

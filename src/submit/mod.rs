@@ -212,6 +212,14 @@ impl Submitter {
 }
 
 impl Submitter {
+    /// The config on disk, as the next deployment would read it.
+    pub async fn config(&self) -> Result<config::LoadedConfig, SubmitError> {
+        let path = self.config_path.clone();
+        tokio::task::spawn_blocking(move || config::load(&path).map_err(SubmitError::Config))
+            .await
+            .map_err(|e| SubmitError::Invalid(format!("reading the config failed: {e}")))?
+    }
+
     /// What a deploy runs, pinned: a tarball service's URL (version filled
     /// in) with the request's checksum; a container service's
     /// `image:version` with the digest it names now, asked of the

@@ -1,0 +1,93 @@
+//! `POST /hooks/github`: deliveries from GitHub, checked and turned into
+//! deployments (see `crate::trigger`).
+//!
+//! Order matters for "an event is stored before it is acknowledged" and
+//! "the same event twice deploys once": the deployments a delivery starts
+//! are submitted first, each under a key derived from `X-GitHub-Delivery`
+//! (idempotent), then the delivery itself is stored under its own key, and
+//! only then does GitHub get its answer. A redelivery, or a retry after a
+//! crash in between, finds every key taken and starts nothing new.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use http_body_util::BodyExt;
+
+use super::wire::{HookAnswer, HookResult};
+use super::{ApiError, ApiResult, AppState};
+use crate::store::NewEvent;
+use crate::submit::Request;
+use crate::trigger::github::{self, Delivery};
+use crate::trigger::{TriggerError, decide};
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A delivery from GitHub (`push`, `registry_package`, `package`, `ping`).
+#[utoipa::path(post, path = "/hooks/github", request_body = String,
+    responses((status = 200, body = HookAnswer), (status = 202, body = HookAnswer), (status = 400, body = super::wire::ErrorBody),
+        (status = 401, body = super::wire::ErrorBody), (status = 404, body = super::wire::ErrorBody), (status = 413, body = super::wire::ErrorBody)))]
+pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, Json<HookAnswer>)> {
+    let loaded = s.submitter.config().await?;
+    let Some(gh) = loaded.config.github.clone() else {
+        return Err(ApiError::not_found("GitHub webhooks are not configured here: add [github] webhook_secret = \"SECRET-NAME\" to slipway.toml"));
+    };
+    let bytes = match http_body_util::Limited::new(body, gh.max_payload).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("delivery larger than [github] max_payload ({} bytes)", gh.max_payload)));
+        }
+        Err(e) => return Err(ApiError::bad_request(format!("cannot read the delivery: {e}"))),
+    };
+    let secret = gh.webhook_secret.read().map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
+    github::verify(secret.expose().as_bytes(), &bytes, header(&headers, "x-hub-signature-256")).map_err(|e| {
+        tracing::warn!(reason = %e, "refused a GitHub delivery");
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
+    })?;
+    let delivery = header(&headers, "x-github-delivery").filter(|d| github::valid_delivery(d)).ok_or_else(|| ApiError::bad_request("missing or malformed X-GitHub-Delivery"))?;
+    let event = header(&headers, "x-github-event")
+        .filter(|e| !e.is_empty() && e.len() <= 64 && e.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .ok_or_else(|| ApiError::bad_request("missing or malformed X-GitHub-Event"))?;
+    let parsed = github::parse(event, &bytes).map_err(|e| match e {
+        TriggerError::BadPayload(m) => ApiError::bad_request(m),
+        TriggerError::Unauthenticated(m) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", m),
+    })?;
+    let key = format!("github:{delivery}");
+    let mut answer = HookAnswer { delivery: delivery.to_string(), event: event.to_string(), duplicate: false, note: None, results: vec![] };
+    let status = match parsed {
+        Delivery::Ping => {
+            answer.note = Some("pong".into());
+            StatusCode::OK
+        }
+        Delivery::Ignored(why) => {
+            answer.note = Some(why);
+            StatusCode::ACCEPTED
+        }
+        Delivery::Published(p) => {
+            answer.note = Some(format!("{}:{} published", p.image, p.version));
+            for d in decide(&loaded.config, &p) {
+                let mut r = HookResult { service: d.service.clone(), environment: d.environment.clone(), version: p.version.clone(), deployment_id: None, held: d.held.clone(), error: None };
+                if d.held.is_none() {
+                    let payload = serde_json::json!({ "kind": "deploy", "service": d.service, "version": p.version, "environment": d.environment, "source": key }).to_string();
+                    let request = Request::Deploy { service: d.service.clone(), version: p.version.clone(), environment: Some(d.environment.clone()), digest: None };
+                    match s.submitter.submit(request, Some(format!("{key}:{}:{}", d.environment, d.service)), payload).await {
+                        Ok(sub) => r.deployment_id = Some(sub.deployment_id),
+                        Err(e) => r.error = Some(ApiError::from(e).message),
+                    }
+                }
+                answer.results.push(r);
+            }
+            StatusCode::ACCEPTED
+        }
+    };
+    // The delivery itself, with what it meant: the record of a version
+    // that is available but not deployed, and the redelivery guard.
+    let payload = serde_json::json!({ "event": event, "note": answer.note, "results": answer.results }).to_string();
+    let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: format!("github.{event}"), payload }).await?;
+    answer.duplicate = duplicate;
+    Ok((status, Json(answer)))
+}

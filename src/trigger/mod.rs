@@ -1,0 +1,119 @@
+//! Triggers: events from outside (a forge, a registry) that start
+//! deployments by themselves.
+//!
+//! A trigger reads a delivery into a [`Published`] artifact (`github.rs`:
+//! signature check and payload parsing, pure), and [`decide`] says, from
+//! the config alone, what that means per service and environment: deploy
+//! where the service opts in (`auto_deploy`) and its tag filter lets the
+//! version through; elsewhere the version is recorded as available, not
+//! deployed, with the reason. The API layer stores the delivery and
+//! submits the deployments.
+//!
+//! **Architecture Invariant:** no string from a payload is used before it
+//! has passed a strict pattern (image names, versions, delivery ids); none
+//! ever reaches a shell.
+
+pub mod github;
+
+use crate::config::Config;
+
+/// A version of an image that a registry says was published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// `registry/repository`, lowercase, without tag.
+    pub image: String,
+    /// The tag: the version to deploy.
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TriggerError {
+    /// 401: the delivery is not from whom it claims.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// 400: signed, but not something Slipway can read.
+    #[error("{0}")]
+    BadPayload(String),
+}
+
+/// What a published version means for one service in one environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub service: String,
+    pub environment: String,
+    /// `None`: deploy. `Some(why)`: available, not deployed.
+    pub held: Option<String>,
+}
+
+/// For every service that follows `p.image` (a docker service's own
+/// image, or a service's `follows`), in every environment: deploy or hold.
+pub fn decide(config: &Config, p: &Published) -> Vec<Decision> {
+    let mut out = Vec::new();
+    for s in &config.services {
+        if s.follows.as_deref() != Some(p.image.as_str()) {
+            continue;
+        }
+        for env in config.environment_names() {
+            let held = if !s.auto_deploy.contains(&env) {
+                Some(format!("auto_deploy is off for {env} (the service's auto_deploy lists {})", list(&s.auto_deploy)))
+            } else if let Some(f) = &s.tags
+                && !f.allows(&p.version)
+            {
+                Some(format!("tag {} does not pass the service's tag filter ({})", p.version, f.describe()))
+            } else {
+                None
+            };
+            out.push(Decision { service: s.name.clone(), environment: env, held });
+        }
+    }
+    out
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() { "no environment".into() } else { v.join(", ") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_opted_in_environments_deploy_and_the_tag_filter_holds_the_rest() {
+        let config = crate::config::parse(
+            "t.toml",
+            r#"
+[[environment]]
+name = "staging"
+[[environment]]
+name = "production"
+
+[[service]]
+name = "web"
+target = "docker"
+image = "ghcr.io/o/web"
+port = 8080
+listen = "127.0.0.1:8080"
+auto_deploy = ["staging", "production"]
+tags = "semver"
+
+[[service]]
+name = "worker"
+command = ["./worker", "--port", "{port}"]
+listen = "127.0.0.1:8081"
+follows = "ghcr.io/o/web"
+auto_deploy = ["staging"]
+"#,
+        )
+        .expect("valid");
+        let d = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "1.4.0".into() });
+        let deployed: Vec<_> = d.iter().filter(|d| d.held.is_none()).map(|d| format!("{}@{}", d.service, d.environment)).collect();
+        assert_eq!(deployed, ["web@staging", "web@production", "worker@staging"]);
+        let held = d.iter().find(|d| d.service == "worker" && d.environment == "production").and_then(|d| d.held.clone()).unwrap_or_default();
+        assert!(held.contains("auto_deploy is off for production"), "{held}");
+
+        let latest = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "latest".into() });
+        let web: Vec<_> = latest.iter().filter(|d| d.service == "web").collect();
+        assert!(web.iter().all(|d| d.held.as_deref().is_some_and(|h| h.contains("tag filter (semver)"))), "{web:?}");
+        assert!(decide(&config, &Published { image: "ghcr.io/o/other".into(), version: "1.0.0".into() }).is_empty());
+    }
+}

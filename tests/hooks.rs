@@ -1,0 +1,168 @@
+//! `POST /hooks/github` in-process, against every store backend: GitHub's
+//! sample deliveries (tests/fixtures/github) with good, bad and missing
+//! signatures, a redelivery, opt-in per environment, the tag filter,
+//! injection strings, the payload limit.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use slipway::cli::serve::{NodeOptions, start_node};
+use slipway::scheduler::SchedulerConfig;
+use slipway::trigger::github::sign;
+
+const SECRET: &str = "hook-secret-5521";
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/tests/fixtures/github/{name}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
+}
+
+/// GitHub's sample package delivery, with `tag` as its tag (the sample's
+/// is empty).
+fn published(tag: &str) -> Vec<u8> {
+    let mut v: Value = serde_json::from_str(&fixture("registry-package-published-docker.json")).expect("json");
+    let pv = &mut v["registry_package"]["package_version"];
+    pv["container_metadata"]["tag"]["name"] = Value::String(tag.into());
+    pv["package_url"] = Value::String(format!("ghcr.io/Codertocat/hello-world:{tag}"));
+    serde_json::to_vec(&v).expect("json")
+}
+
+struct Hooks {
+    base: String,
+    http: reqwest::Client,
+    node: slipway::cli::serve::RunningNode,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl Hooks {
+    async fn start(store: std::sync::Arc<dyn slipway::store::Store>) -> Hooks {
+        let secrets = tempfile::tempdir().expect("tempdir");
+        std::fs::write(secrets.path().join("hook"), SECRET).expect("secret");
+        let config = format!(
+            r#"
+[[environment]]
+name = "staging"
+[[environment]]
+name = "production"
+
+[secret.hook]
+file = "{}"
+
+[github]
+webhook_secret = "hook"
+max_payload = 65536
+
+[[service]]
+name = "web"
+follows = "ghcr.io/codertocat/hello-world"
+auto_deploy = ["staging"]
+tags = "semver"
+
+[[job]]
+name = "deploy-web"
+service = "web"
+command = ["true"]
+"#,
+            secrets.path().join("hook").display()
+        );
+        let dir = common::config_dir(&config, &[]);
+        let mut cfg = SchedulerConfig::new("hooks", dir.path().join(".slipway/work"));
+        cfg.poll = Duration::from_millis(100);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "hooks-test".into() });
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).pool_max_idle_per_host(0).build().expect("client");
+        Hooks { base: format!("http://{}", node.addr), http, node, _dirs: (dir, secrets) }
+    }
+
+    async fn deliver(&self, event: &str, delivery: &str, body: &[u8], signature: Option<String>) -> (u16, Value) {
+        let mut r = self.http.post(format!("{}/hooks/github", self.base)).header("x-github-event", event).header("x-github-delivery", delivery).body(body.to_vec());
+        if let Some(sig) = signature {
+            r = r.header("x-hub-signature-256", sig);
+        }
+        let r = r.send().await.expect("send");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn signed(&self, event: &str, delivery: &str, body: &[u8]) -> (u16, Value) {
+        self.deliver(event, delivery, body, Some(sign(SECRET.as_bytes(), body))).await
+    }
+
+    async fn deployments(&self) -> Vec<Value> {
+        let v: Value = self.http.get(format!("{}/api/v1/deployments", self.base)).send().await.expect("get").json().await.expect("json");
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    async fn stop(self) {
+        self.node.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.node.task).await;
+    }
+}
+
+// Issue 6: signatures, redelivery, opt-in, tag filter, bad input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue6_github_deliveries_are_checked_deduplicated_and_deploy_where_opted_in() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let h = Hooks::start(store).await;
+        let body = published("1.4.0");
+
+        // Missing and wrong signatures: 401, nothing stored or started.
+        let (s, e) = h.deliver("registry_package", "d-1", &body, None).await;
+        assert_eq!(s, 401, "{backend}: {e}");
+        assert!(e["error"]["message"].as_str().unwrap_or("").contains("X-Hub-Signature-256"), "{e}");
+        let (s, _) = h.deliver("registry_package", "d-1", &body, Some(sign(b"not the secret", &body))).await;
+        assert_eq!(s, 401);
+        let mut tampered = body.clone();
+        tampered.extend_from_slice(b" ");
+        let (s, _) = h.deliver("registry_package", "d-1", &tampered, Some(sign(SECRET.as_bytes(), &body))).await;
+        assert_eq!(s, 401, "a body changed after signing");
+        assert!(h.deployments().await.is_empty(), "{backend}");
+
+        // Signed: staging deploys 1.4.0, production holds it, saying why.
+        let (s, a) = h.signed("registry_package", "d-1", &body).await;
+        assert_eq!(s, 202, "{backend}: {a}");
+        assert_eq!(a["duplicate"], false);
+        let results = a["results"].as_array().cloned().unwrap_or_default();
+        let staging = results.iter().find(|r| r["environment"] == "staging").cloned().expect("staging");
+        let production = results.iter().find(|r| r["environment"] == "production").cloned().expect("production");
+        let id = staging["deployment_id"].as_i64().unwrap_or_else(|| panic!("a deployment in staging: {a}"));
+        assert!(production["deployment_id"].is_null() && production["held"].as_str().unwrap_or("").contains("auto_deploy is off for production"), "{a}");
+        // Redelivered: the same answer, nothing new.
+        let (s, b) = h.signed("registry_package", "d-1", &body).await;
+        assert_eq!(s, 202);
+        assert_eq!(b["duplicate"], true, "{b}");
+        assert_eq!(b["results"][0]["deployment_id"], staging["deployment_id"]);
+        let list = h.deployments().await;
+        assert_eq!(list.len(), 1, "{backend}: {list:?}");
+        assert_eq!((list[0]["id"].as_i64(), list[0]["version"].as_str(), list[0]["environment"].as_str()), (Some(id), Some("1.4.0"), Some("staging")));
+
+        // `latest` does not pass the semver filter anywhere.
+        let (s, l) = h.signed("registry_package", "d-2", &published("latest")).await;
+        assert_eq!(s, 202);
+        assert!(l["results"].as_array().is_some_and(|r| r.iter().all(|r| r["deployment_id"].is_null())), "{l}");
+        assert!(l.to_string().contains("does not pass the service's tag filter (semver)"), "{l}");
+
+        // Injection strings in the tag: refused before anything uses them.
+        for tag in ["$(touch x)", "../../etc"] {
+            let (s, e) = h.signed("registry_package", "d-3", &published(tag)).await;
+            assert_eq!(s, 400, "{tag}: {e}");
+            assert!(e["error"]["message"].as_str().unwrap_or("").contains("is not"), "{e}");
+        }
+        // A malformed delivery id is refused too.
+        let (s, _) = h.signed("registry_package", "../x", &body).await;
+        assert_eq!(s, 400);
+
+        // Too large: 413. A ping: pong. A push: recorded, nothing to do yet.
+        let big = vec![b' '; 70_000];
+        let (s, _) = h.signed("registry_package", "d-4", &big).await;
+        assert_eq!(s, 413);
+        let (s, p) = h.signed("ping", "d-5", br#"{"zen":"Design for failure."}"#).await;
+        assert_eq!((s, p["note"].as_str()), (200, Some("pong")));
+        let (s, p) = h.signed("push", "d-6", fixture("push.json").as_bytes()).await;
+        assert_eq!(s, 202, "{p}");
+        assert_eq!(h.deployments().await.len(), 1, "{backend}");
+        h.stop().await;
+    }
+}
