@@ -686,3 +686,56 @@ fn the_engine_going_away_mid_rollout_fails_the_deployment_with_that_reason() {
     });
     link.down();
 }
+
+// Issue 6: a push to a real registry is a deployment on the docker target,
+// end to end: Debian's docker-registry notifies Slipway (its endpoint
+// config sends the bearer token), the tagged manifest push deploys where
+// auto_deploy opts in; pulls and blob pushes start nothing; a wrong token
+// is refused.
+#[test]
+fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let Some(t) = rt.block_on(engine()) else { return };
+    const TOKEN: &str = "registry-hook-token-77";
+    let secrets = tempfile::tempdir().expect("tempdir");
+    std::fs::write(secrets.path().join("hook"), TOKEN).expect("secret");
+    let port = common::free_port();
+    let with_image = |image: &str| {
+        format!(
+            "{}auto_deploy = [\"staging\"]\n\n[secret.hook]\nfile = \"{}\"\n\n[registry_hook]\ntoken = \"hook\"\n",
+            docker_config(port, image),
+            secrets.path().join("hook").display()
+        )
+    };
+    // The registry needs Slipway's address and Slipway's config the
+    // registry's: start Slipway first, then point its config (read afresh
+    // by every request) at the registry.
+    let (dir, _cleanup, server) = serve(&with_image("127.0.0.1:1/placeholder"), &[]);
+    let registry = Registry::start_notifying(&format!("{}/hooks/registry", server.url), TOKEN);
+    std::fs::write(dir.path().join("slipway.toml"), with_image(&registry.repo())).expect("config");
+
+    rt.block_on(registry.push(&t, &["1.0"]));
+    common::wait_for(Duration::from_secs(60), "the pushed 1.0 to be deployed", || (get(port).as_deref() == Some("hello from demo 1.0")).then_some(()));
+    rt.block_on(registry.push(&t, &["2.0"]));
+    common::wait_for(Duration::from_secs(60), "the pushed 2.0 to be deployed", || (get(port).as_deref() == Some("hello from demo 2.0")).then_some(()));
+
+    // A pull is a notification too: it starts nothing.
+    rt.block_on(async {
+        let opts = bollard::query_parameters::CreateImageOptionsBuilder::default().from_image(&format!("{}:1.0", registry.repo())).build();
+        let mut s = t.client().create_image(Some(opts), None, None);
+        while let Some(r) = s.next().await {
+            r.expect("pull");
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let list = common::get_json(&format!("{}/api/v1/deployments", server.url));
+    let versions: Vec<&str> = list.as_array().map(|a| a.iter().filter_map(|d| d["version"].as_str()).collect()).unwrap_or_default();
+    assert_eq!(versions, ["2.0", "1.0"], "one deployment per pushed tag: {list}");
+
+    let wrong = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "Authorization: Bearer nope", "-d", r#"{"events":[]}"#])
+        .arg(format!("{}/hooks/registry", server.url))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&wrong.stdout), "401");
+}

@@ -21,7 +21,35 @@ use super::{ApiError, ApiResult, AppState};
 use crate::store::NewEvent;
 use crate::submit::Request;
 use crate::trigger::github::{self, Delivery};
-use crate::trigger::{TriggerError, decide};
+use crate::trigger::{Decision, TriggerError, decide, decide_any};
+
+/// The body, at most `max` bytes (413 beyond, naming the setting).
+async fn read_limited(body: Body, max: usize, setting: &str) -> ApiResult<axum::body::Bytes> {
+    match http_body_util::Limited::new(body, max).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("delivery larger than {setting} ({max} bytes)"))),
+        Err(e) => Err(ApiError::bad_request(format!("cannot read the delivery: {e}"))),
+    }
+}
+
+/// Submit a deployment for every decision that deploys, each under its own
+/// key below `key` (so a redelivery finds them taken).
+async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, key: &str) -> Vec<HookResult> {
+    let mut results = Vec::new();
+    for d in decisions {
+        let mut r = HookResult { service: d.service.clone(), environment: d.environment.clone(), version: version.to_string(), deployment_id: None, held: d.held.clone(), error: None };
+        if d.held.is_none() {
+            let payload = serde_json::json!({ "kind": "deploy", "service": d.service, "version": version, "environment": d.environment, "source": key }).to_string();
+            let request = Request::Deploy { service: d.service.clone(), version: version.to_string(), environment: Some(d.environment.clone()), digest: None };
+            match s.submitter.submit(request, Some(format!("{key}:{}:{}", d.environment, d.service)), payload).await {
+                Ok(sub) => r.deployment_id = Some(sub.deployment_id),
+                Err(e) => r.error = Some(ApiError::from(e).message),
+            }
+        }
+        results.push(r);
+    }
+    results
+}
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
@@ -36,13 +64,7 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
     let Some(gh) = loaded.config.github.clone() else {
         return Err(ApiError::not_found("GitHub webhooks are not configured here: add [github] webhook_secret = \"SECRET-NAME\" to slipway.toml"));
     };
-    let bytes = match http_body_util::Limited::new(body, gh.max_payload).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("delivery larger than [github] max_payload ({} bytes)", gh.max_payload)));
-        }
-        Err(e) => return Err(ApiError::bad_request(format!("cannot read the delivery: {e}"))),
-    };
+    let bytes = read_limited(body, gh.max_payload, "[github] max_payload").await?;
     let secret = gh.webhook_secret.read().map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
     github::verify(secret.expose().as_bytes(), &bytes, header(&headers, "x-hub-signature-256")).map_err(|e| {
         tracing::warn!(reason = %e, "refused a GitHub delivery");
@@ -69,18 +91,7 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         }
         Delivery::Published(p) => {
             answer.note = Some(format!("{}:{} published", p.image, p.version));
-            for d in decide(&loaded.config, &p) {
-                let mut r = HookResult { service: d.service.clone(), environment: d.environment.clone(), version: p.version.clone(), deployment_id: None, held: d.held.clone(), error: None };
-                if d.held.is_none() {
-                    let payload = serde_json::json!({ "kind": "deploy", "service": d.service, "version": p.version, "environment": d.environment, "source": key }).to_string();
-                    let request = Request::Deploy { service: d.service.clone(), version: p.version.clone(), environment: Some(d.environment.clone()), digest: None };
-                    match s.submitter.submit(request, Some(format!("{key}:{}:{}", d.environment, d.service)), payload).await {
-                        Ok(sub) => r.deployment_id = Some(sub.deployment_id),
-                        Err(e) => r.error = Some(ApiError::from(e).message),
-                    }
-                }
-                answer.results.push(r);
-            }
+            answer.results = act(&s, decide(&loaded.config, &p), &p.version, &key).await;
             StatusCode::ACCEPTED
         }
     };
@@ -90,4 +101,38 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
     let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: format!("github.{event}"), payload }).await?;
     answer.duplicate = duplicate;
     Ok((status, Json(answer)))
+}
+
+/// Notifications from a Docker distribution registry: tagged manifest
+/// pushes deploy (as a published version, see [`github`]); pulls, blobs
+/// and deletes are ignored. Each event is handled once, by its id.
+#[utoipa::path(post, path = "/hooks/registry", request_body = String,
+    responses((status = 200, body = HookAnswer), (status = 400, body = super::wire::ErrorBody), (status = 401, body = super::wire::ErrorBody),
+        (status = 404, body = super::wire::ErrorBody), (status = 413, body = super::wire::ErrorBody)))]
+pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, Json<HookAnswer>)> {
+    let loaded = s.submitter.config().await?;
+    let Some(hook) = loaded.config.registry_hook.clone() else {
+        return Err(ApiError::not_found("registry notifications are not configured here: add [registry_hook] token = \"SECRET-NAME\" to slipway.toml"));
+    };
+    let bytes = read_limited(body, hook.max_payload, "[registry_hook] max_payload").await?;
+    let token = hook.token.read().map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
+    crate::trigger::registry::verify(token.expose().as_bytes(), header(&headers, "authorization")).map_err(|e| {
+        tracing::warn!(reason = %e, "refused a registry notification");
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
+    })?;
+    let (pushed, ignored) = crate::trigger::registry::parse(&bytes).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mut answer = HookAnswer { delivery: String::new(), event: "registry".into(), duplicate: false, note: Some(format!("{} tagged push(es), {ignored} event(s) ignored", pushed.len())), results: vec![] };
+    let mut all_duplicates = !pushed.is_empty();
+    for p in pushed {
+        let key = format!("registry:{}", p.id);
+        let results = act(&s, decide_any(&loaded.config, &p.images, &p.version), &p.version, &key).await;
+        let payload = serde_json::json!({ "images": p.images, "version": p.version, "results": results }).to_string();
+        let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: "registry.push".into(), payload }).await?;
+        all_duplicates &= duplicate;
+        answer.results.extend(results);
+    }
+    answer.duplicate = all_duplicates;
+    // The registry retries anything but a 2xx: every event it sent is
+    // either handled or deliberately ignored by now.
+    Ok((StatusCode::OK, Json(answer)))
 }

@@ -138,7 +138,7 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, gc_plan, gc_apply, hooks::github, healthz),
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, gc_plan, gc_apply, hooks::github, hooks::registry, healthz),
     components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HookAnswer, HookResult, Health, ErrorBody))
 )]
 pub struct ApiDoc;
@@ -165,6 +165,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         // After the limit layer: a hook reads its body under its own,
         // configured limit.
         .route("/hooks/github", post(hooks::github))
+        .route("/hooks/registry", post(hooks::registry))
         .with_state(state)
 }
 

@@ -49,6 +49,16 @@ pub struct Config {
     /// `[[registry]]`: credentials per registry host.
     pub registries: Vec<secret::RegistryAuth>,
     pub github: Option<Github>,
+    pub registry_hook: Option<RegistryHook>,
+}
+
+/// `[registry_hook]`: notifications from a Docker distribution registry
+/// (`POST /hooks/registry`), which sends `Authorization: Bearer <token>`
+/// as its endpoint config says.
+#[derive(Debug, Clone)]
+pub struct RegistryHook {
+    pub token: secret::SecretRef,
+    pub max_payload: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -343,6 +353,13 @@ struct Raw {
     #[serde(default)]
     registry: Vec<Spanned<secret::RawRegistry>>,
     github: Option<Spanned<RawGithub>>,
+    registry_hook: Option<Spanned<RawRegistryHook>>,
+}
+
+#[derive(Deserialize)]
+struct RawRegistryHook {
+    token: Spanned<String>,
+    max_payload: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -527,6 +544,13 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
             max_payload: g.max_payload.as_ref().and_then(|v| positive(v, "github.max_payload", 64 << 20, problems)).unwrap_or(1 << 20) as usize,
         }
     });
+    let registry_hook = raw.registry_hook.map(|g| {
+        let g = g.into_inner();
+        RegistryHook {
+            token: secret::lookup(&g.token, &secrets, problems).unwrap_or(secret::SecretRef { name: g.token.get_ref().clone(), source: secret::SecretSource::Env(String::new()) }),
+            max_payload: g.max_payload.as_ref().and_then(|v| positive(v, "registry_hook.max_payload", 64 << 20, problems)).unwrap_or(1 << 20) as usize,
+        }
+    });
     let env_names: Vec<String> = if environments.is_empty() { vec![DEFAULT_ENVIRONMENT.to_string()] } else { environments.iter().map(|e: &Environment| e.name.clone()).collect() };
     let mut services = Vec::new();
     let mut service_jobs = Vec::new();
@@ -665,7 +689,7 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
     // A deploy's own jobs come after the config's, so `plan` lists the
     // user's jobs in file order first.
     jobs.extend(service_jobs);
-    Config { project, environments, services, jobs, secrets, registries, github }
+    Config { project, environments, services, jobs, secrets, registries, github, registry_hook }
 }
 
 /// Placeholders substituted into argv commands at run time.

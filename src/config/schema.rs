@@ -7,8 +7,9 @@ use toml::de::{DeTable, DeValue};
 
 use super::diagnostic::{Problem, ProblemKind, did_you_mean};
 
-const TOP: &[&str] = &["project", "environment", "service", "job", "secret", "registry", "github"];
+const TOP: &[&str] = &["project", "environment", "service", "job", "secret", "registry", "github", "registry_hook"];
 const GITHUB: &[&str] = &["webhook_secret", "max_payload"];
+const REGISTRY_HOOK: &[&str] = &["token", "max_payload"];
 const SECRET: &[&str] = &["env", "file"];
 const REGISTRY: &[&str] = &["host", "username", "password", "token"];
 const PROJECT: &[&str] = &["name", "parallelism", "store", "lease", "max_log_bytes"];
@@ -47,6 +48,7 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
             "job" => JOB,
             "registry" => REGISTRY,
             "github" => GITHUB,
+            "registry_hook" => REGISTRY_HOOK,
             "secret" => {
                 // `[secret.NAME]`: one table per secret, under any name.
                 for table in tables(value) {
@@ -61,7 +63,7 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
             _ => continue,
         };
         let name = key.get_ref().as_ref();
-        let path = if name == "project" || name == "github" { format!("[{name}]") } else { format!("[[{name}]]") };
+        let path = if matches!(name, "project" | "github" | "registry_hook") { format!("[{name}]") } else { format!("[[{name}]]") };
         for table in tables(value) {
             check_table(table, allowed, &path, &mut problems);
             for (k, v) in table.iter() {

@@ -14,6 +14,7 @@
 //! ever reaches a shell.
 
 pub mod github;
+pub mod registry;
 
 use crate::config::Config;
 
@@ -64,6 +65,20 @@ pub fn decide(config: &Config, p: &Published) -> Vec<Decision> {
                 None
             };
             out.push(Decision { service: s.name.clone(), environment: env, held });
+        }
+    }
+    out
+}
+
+/// [`decide`] for a version known under several image names (a registry
+/// reached by more than one host name): each service and environment once.
+pub fn decide_any(config: &Config, images: &[String], version: &str) -> Vec<Decision> {
+    let mut out: Vec<Decision> = Vec::new();
+    for image in images {
+        for d in decide(config, &Published { image: image.clone(), version: version.to_string() }) {
+            if !out.iter().any(|o| o.service == d.service && o.environment == d.environment) {
+                out.push(d);
+            }
         }
     }
     out

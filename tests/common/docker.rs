@@ -133,7 +133,17 @@ impl Registry {
         Registry::start_with(Some((user, password)))
     }
 
+    /// A registry that notifies `url` of every event, sending
+    /// `Authorization: Bearer <token>`.
+    pub fn start_notifying(url: &str, token: &str) -> Registry {
+        Registry::start_full(None, Some((url, token)))
+    }
+
     fn start_with(auth: Option<(&str, &str)>) -> Registry {
+        Registry::start_full(auth, None)
+    }
+
+    fn start_full(auth: Option<(&str, &str)>, notify: Option<(&str, &str)>) -> Registry {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = common::free_port();
         let config = format!(
@@ -150,6 +160,12 @@ impl Registry {
                 std::fs::write(dir.path().join("htpasswd"), &out.stdout).expect("write htpasswd");
                 format!("{config}auth:\n  htpasswd:\n    realm: slipway-test\n    path: {}\n", dir.path().join("htpasswd").display())
             }
+        };
+        let config = match notify {
+            None => config,
+            Some((url, token)) => format!(
+                "{config}notifications:\n  endpoints:\n    - name: slipway\n      url: {url}\n      headers:\n        Authorization: [\"Bearer {token}\"]\n      timeout: 30s\n      threshold: 3\n      backoff: 1s\n"
+            ),
         };
         std::fs::write(dir.path().join("config.yml"), config).expect("write registry config");
         let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"].into_iter().find(|p| std::path::Path::new(p).exists()).unwrap_or_else(|| {
