@@ -94,6 +94,17 @@ command = ["true"]
         v.as_array().cloned().unwrap_or_default()
     }
 
+    async fn wait_done(&self, id: i64) {
+        for _ in 0..300 {
+            let d: Value = self.http.get(format!("{}/api/v1/deployments/{id}", self.base)).send().await.expect("get").json().await.expect("json");
+            if !matches!(d["deployment"]["state"].as_str(), Some("queued" | "running")) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("deployment {id} did not end");
+    }
+
     async fn stop(self) {
         self.node.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.node.task).await;
@@ -163,6 +174,20 @@ async fn issue6_github_deliveries_are_checked_deduplicated_and_deploy_where_opte
         let (s, p) = h.signed("push", "d-6", fixture("push.json").as_bytes()).await;
         assert_eq!(s, 202, "{p}");
         assert_eq!(h.deployments().await.len(), 1, "{backend}");
+
+        // `why`, from the record: production never opted in; staging has
+        // 1.4.0 and held `latest` back.
+        h.wait_done(id).await;
+        let why = |env: &'static str| {
+            let (http, base) = (h.http.clone(), h.base.clone());
+            async move { http.get(format!("{base}/api/v1/services/{env}/web/why")).send().await.expect("get").json::<Value>().await.expect("json") }
+        };
+        let p = why("production").await;
+        assert_eq!(p["newest"], "latest", "{p}");
+        assert!(p["verdict"].as_str().unwrap_or("").contains("runs nothing in production yet"), "{p}");
+        assert!(p["history"].to_string().contains("1.4.0 from a GitHub delivery: available, not deployed: auto_deploy is off for production"), "{p}");
+        let s = why("staging").await;
+        assert!(s["verdict"].as_str().unwrap_or("").starts_with("web runs 1.4.0, not latest: available, not deployed: tag latest does not pass"), "{backend}: {s}");
         h.stop().await;
     }
 }

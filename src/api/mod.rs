@@ -138,8 +138,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, gc_plan, gc_apply, hooks::github, hooks::registry, healthz),
-    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HookAnswer, HookResult, Health, ErrorBody))
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, gc_plan, gc_apply, hooks::github, hooks::registry, healthz),
+    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HookAnswer, HookResult, WhyInfo, Health, ErrorBody))
 )]
 pub struct ApiDoc;
 
@@ -159,6 +159,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/services", get(list_services))
         .route("/api/v1/services/{environment}/{service}/rollback", post(rollback_service))
         .route("/api/v1/services/{environment}/{service}/events", get(service_events))
+        .route("/api/v1/services/{environment}/{service}/why", get(why_service))
         .route("/api/v1/gc", get(gc_plan).post(gc_apply))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -487,6 +488,22 @@ async fn gc(s: &AppState, apply: bool) -> ApiResult<Json<GarbageInfo>> {
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("gc stopped: {e}")))?
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
     Ok(Json(report.into()))
+}
+
+/// Why the service runs the version it runs and not the newest seen.
+#[utoipa::path(get, path = "/api/v1/services/{environment}/{service}/why", params(("environment" = String, Path), ("service" = String, Path)),
+    responses((status = 200, body = WhyInfo), (status = 400, body = ErrorBody)))]
+async fn why_service(State(s): State<Arc<AppState>>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<Json<WhyInfo>> {
+    let Path((environment, service)) = p?;
+    if !crate::config::valid_name(&environment) || !crate::config::valid_name(&service) {
+        return Err(ApiError::bad_request("invalid environment or service name"));
+    }
+    let rows = s.store.services().await?;
+    let running = rows.iter().find(|r| r.environment == environment && r.service == service);
+    let deployments = s.store.deployments(1000, None).await?;
+    let events = s.store.events(&["github.", "registry."], 1000).await?;
+    let e = crate::why::explain(&environment, &service, running, &deployments, &events);
+    Ok(Json(WhyInfo { environment, service, running: e.running, newest: e.newest, verdict: e.verdict, history: e.history }))
 }
 
 /// Nodes that share this store, most recently seen first.

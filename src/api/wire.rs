@@ -212,6 +212,21 @@ pub struct ServiceInfo {
     pub last_deployment: Option<Deployment>,
 }
 
+/// `why`: why a service runs the version it runs.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WhyInfo {
+    pub environment: String,
+    pub service: String,
+    /// The recorded version (with its digest), if any.
+    pub running: Option<String>,
+    /// The newest version seen (asked for, or published).
+    pub newest: Option<String>,
+    /// The answer, in a sentence or a few.
+    pub verdict: String,
+    /// What became of each version seen, newest first.
+    pub history: Vec<String>,
+}
+
 /// The answer to a webhook delivery.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HookAnswer {

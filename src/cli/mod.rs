@@ -49,6 +49,9 @@ pub enum Command {
     Run(RunArgs),
     /// Return a service to the version it ran before (its rollout only).
     Rollback(RollbackArgs),
+    /// Why a service runs the version it runs and not the newest one seen:
+    /// held (not opted in, filtered), queued behind a lock, rolled back…
+    Why(WhyArgs),
     /// Deployments and their jobs.
     Status(StatusArgs),
     /// Output of a deployment's jobs; `-f` follows it live.
@@ -126,6 +129,14 @@ pub struct GcArgs {
     /// Remove what is listed (without it, nothing is touched).
     #[arg(long)]
     pub apply: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WhyArgs {
+    pub service: String,
+    /// The environment (optional when the service runs in only one).
+    #[arg(long)]
+    pub env: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -302,6 +313,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             submit(&client, req, a.submit.detach, cli.json).await
         }
         Command::Rollback(a) => rollback(&client, a, cli.json).await,
+        Command::Why(a) => why(&client, a, cli.json).await,
         Command::Status(a) => status(&client, a, cli.json).await,
         Command::Gc(a) => gc(&client, a, cli.json).await,
         Command::Logs(a) => logs(&client, a, cli.json).await,
@@ -530,19 +542,40 @@ async fn follow(client: &Client, id: i64, json: bool) -> Result<u8, CliError> {
     }
 }
 
-async fn rollback(client: &Client, a: RollbackArgs, json: bool) -> Result<u8, CliError> {
-    let env = match a.env {
-        Some(e) => e,
-        None => {
-            let services: Vec<ServiceInfo> = client.get("/api/v1/services").await?;
-            let envs: Vec<String> = services.into_iter().filter(|s| s.service == a.service).map(|s| s.environment).collect();
-            match envs.as_slice() {
-                [one] => one.clone(),
-                [] => return Err(CliError::new(exit::NOT_FOUND, format!("service {:?} has no recorded version in any environment", a.service))),
-                many => return Err(CliError::new(exit::USAGE, format!("service {:?} runs in {}; say which with --env", a.service, many.join(", ")))),
-            }
+/// The environment a service command means: the one given, or the only
+/// one the service has a recorded version in.
+async fn service_env(client: &Client, service: &str, env: Option<String>) -> Result<String, CliError> {
+    if let Some(e) = env {
+        return Ok(e);
+    }
+    let services: Vec<ServiceInfo> = client.get("/api/v1/services").await?;
+    let envs: Vec<String> = services.into_iter().filter(|s| s.service == service).map(|s| s.environment).collect();
+    match envs.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(CliError::new(exit::NOT_FOUND, format!("service {service:?} has no recorded version in any environment; say which with --env"))),
+        many => Err(CliError::new(exit::USAGE, format!("service {service:?} runs in {}; say which with --env", many.join(", ")))),
+    }
+}
+
+async fn why(client: &Client, a: WhyArgs, json: bool) -> Result<u8, CliError> {
+    let env = service_env(client, &a.service, a.env).await?;
+    let w: WhyInfo = client.get(&format!("/api/v1/services/{env}/{}/why", a.service)).await?;
+    if json {
+        print_json(&w);
+        return Ok(exit::OK);
+    }
+    println!("{}", w.verdict);
+    if !w.history.is_empty() {
+        println!("\nversions seen in {env}, newest first:");
+        for h in &w.history {
+            println!("  {h}");
         }
-    };
+    }
+    Ok(exit::OK)
+}
+
+async fn rollback(client: &Client, a: RollbackArgs, json: bool) -> Result<u8, CliError> {
+    let env = service_env(client, &a.service, a.env).await?;
     let accepted: EventAccepted = client.post_empty(&format!("/api/v1/services/{env}/{}/rollback", a.service)).await?;
     if !json {
         println!("rollback of {} in {env}: deployment {} accepted", a.service, accepted.deployment_id);

@@ -459,6 +459,15 @@ pub struct ServiceRow {
     pub previous_sha256: Option<String>,
 }
 
+/// A stored event (a webhook delivery, a registry notification).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub id: i64,
+    pub kind: String,
+    pub payload: String,
+    pub received_at: Millis,
+}
+
 /// Something that happened to a running service outside a deployment (a
 /// crashed instance restarted, a service restored when its node started).
 #[derive(Debug, Clone, PartialEq)]
@@ -534,6 +543,9 @@ pub trait Store: Send + Sync + 'static {
     /// Store an event that starts no deployment by itself (a webhook
     /// delivery). Returns its id and whether its key was seen before.
     async fn record_event(&self, event: NewEvent) -> Result<(i64, bool)>;
+    /// The newest events whose kind starts with one of `prefixes`
+    /// (`github.`, `registry.`), newest first.
+    async fn events(&self, prefixes: &[&str], limit: i64) -> Result<Vec<EventRow>>;
     /// Newest first.
     async fn service_events(&self, environment: &str, service: &str, limit: i64) -> Result<Vec<ServiceEvent>>;
 }

@@ -1473,6 +1473,30 @@ impl Store for SqlStore {
         }
     }
 
+    async fn events(&self, prefixes: &[&str], limit: i64) -> Result<Vec<EventRow>> {
+        let op = "list events";
+        let mut out = Vec::new();
+        for prefix in prefixes {
+            // LIKE narrows it down; the exact prefix test is below ('_'
+            // is a LIKE wildcard).
+            let rows = sqlx::query("SELECT id, kind, payload, received_at FROM events WHERE kind LIKE $1 ORDER BY id DESC LIMIT 1000")
+                .bind(format!("{prefix}%"))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::query(op))?;
+            for r in &rows {
+                let f = || -> std::result::Result<EventRow, sqlx::Error> { Ok(EventRow { id: r.try_get(0)?, kind: r.try_get(1)?, payload: r.try_get(2)?, received_at: r.try_get(3)? }) };
+                let e = f().map_err(StoreError::query(op))?;
+                if e.kind.starts_with(prefix) {
+                    out.push(e);
+                }
+            }
+        }
+        out.sort_by(|a, b| b.id.cmp(&a.id));
+        out.truncate(limit.clamp(0, 1000) as usize);
+        Ok(out)
+    }
+
     async fn record_service_event(&self, e: ServiceEvent) -> Result<()> {
         sqlx::query("INSERT INTO service_events (environment, service, at, kind, message) VALUES ($1, $2, $3, $4, $5)")
             .bind(&e.environment)
