@@ -76,6 +76,9 @@ echo "curl $web/  ->  $(curl -s "$web/")"
 echo; echo "==> the migration ran once per deployment ($SLIPWAY_DEMO_MIGRATIONS):"
 sed 's/^/   /' "$SLIPWAY_DEMO_MIGRATIONS"
 
+echo; echo "==> slipway why web --env staging   (why it runs what it runs, from the record)"
+"$bin" why web --env staging
+
 echo; echo "==> slipway status"
 "$bin" status
 echo; echo "==> curl $SLIPWAY_SERVER/metrics (excerpt)"

@@ -141,7 +141,7 @@ fn fate(s: &Sighting) -> String {
         DeploymentState::Running => format!("deployment #{} is running now", d.id),
         DeploymentState::Succeeded => format!("deployed by #{}", d.id),
         DeploymentState::Failed => format!("deployment #{} failed{reason}", d.id),
-        DeploymentState::RolledBack => format!("deployment #{} failed its health checks and was rolled back{reason}", d.id),
+        DeploymentState::RolledBack => format!("deployment #{} was rolled back{reason}", d.id),
         DeploymentState::Cancelled => format!("deployment #{} was cancelled{reason}", d.id),
         DeploymentState::Superseded => match d.superseded_by {
             Some(n) => format!("deployment #{} was superseded by #{n} before it started", d.id),
@@ -205,7 +205,7 @@ mod tests {
         let deps = [dep(1, "1.0", DeploymentState::Succeeded, None, 100), dep(2, "1.1", DeploymentState::RolledBack, Some("GET /healthz → 500"), 200)];
         let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &[]);
         assert_eq!(e.newest.as_deref(), Some("1.1"));
-        assert!(e.verdict.starts_with("web runs 1.0, not 1.1: deployment #2 failed its health checks and was rolled back: GET /healthz → 500"), "{}", e.verdict);
+        assert!(e.verdict.starts_with("web runs 1.0, not 1.1: deployment #2 was rolled back: GET /healthz → 500"), "{}", e.verdict);
 
         let events = [held("1.2", "auto_deploy is off for production", 300)];
         let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &events);
