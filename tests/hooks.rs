@@ -188,6 +188,16 @@ async fn issue6_github_deliveries_are_checked_deduplicated_and_deploy_where_opte
         assert!(p["history"].to_string().contains("1.4.0 from a GitHub delivery: available, not deployed: auto_deploy is off for production"), "{p}");
         let s = why("staging").await;
         assert!(s["verdict"].as_str().unwrap_or("").starts_with("web runs 1.4.0, not latest: available, not deployed: tag latest does not pass"), "{backend}: {s}");
+        // The audit log has every delivery, refused ones included, newest
+        // first, with who, where from and what came of it.
+        let audit: Value = h.http.get(format!("{}/api/v1/audit?limit=100", h.base)).send().await.expect("get").json().await.expect("json");
+        let entries = audit.as_array().cloned().unwrap_or_default();
+        assert!(entries.iter().all(|e| e["address"] == "127.0.0.1" && e["actor"] == "github webhook" && e["action"] == "POST /hooks/github"), "{backend}: {audit}");
+        let refused: Vec<&Value> = entries.iter().filter(|e| e["status"] == 401).collect();
+        assert_eq!(refused.len(), 3, "{audit}");
+        assert!(refused[0]["detail"].as_str().unwrap_or("").contains("does not match"), "{audit}");
+        assert!(entries.iter().any(|e| e["status"] == 202 && e["detail"].as_str().unwrap_or("").contains(&format!("web 1.4.0 in staging → deployment {id}"))), "{audit}");
+        assert!(entries.iter().any(|e| e["detail"].as_str().unwrap_or("").contains("(a redelivery)")), "{audit}");
         h.stop().await;
     }
 }

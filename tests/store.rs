@@ -1282,3 +1282,19 @@ async fn an_event_without_a_deployment_is_stored_once_per_key() {
         assert!(!dup && other != first, "[{name}]");
     }
 }
+
+// Issue 6: the audit log keeps every entry, newest first.
+#[tokio::test]
+async fn the_audit_log_keeps_entries_newest_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for b in backends(&dir).await {
+        let (name, store) = &b;
+        for (n, status) in [(1, 202), (2, 401)] {
+            let e = slipway::store::AuditEntry { id: 0, at: now_ms(), actor: "anonymous".into(), address: "127.0.0.1".into(), action: "POST /api/v1/events".into(), detail: format!("entry {n}"), status };
+            store.record_audit(e).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        }
+        let log = store.audit(10).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        assert_eq!(log.iter().map(|e| (e.detail.as_str(), e.status)).collect::<Vec<_>>(), [("entry 2", 401), ("entry 1", 202)], "[{name}]");
+        assert!(log[0].id > log[1].id);
+    }
+}

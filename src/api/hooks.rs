@@ -17,7 +17,23 @@ use axum::http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
 
 use super::wire::{HookAnswer, HookResult};
+use super::audit::AuditNote;
 use super::{ApiError, ApiResult, AppState};
+
+/// What a delivery meant, for the audit log.
+fn note_of(a: &HookAnswer) -> AuditNote {
+    let mut parts = vec![format!("{} {}{}", a.event, a.delivery, if a.duplicate { " (a redelivery)" } else { "" })];
+    parts.extend(a.note.clone());
+    for r in &a.results {
+        parts.push(match (&r.deployment_id, &r.held, &r.error) {
+            (Some(id), _, _) => format!("{} {} in {} → deployment {id}", r.service, r.version, r.environment),
+            (_, Some(h), _) => format!("{} {} in {} held: {h}", r.service, r.version, r.environment),
+            (_, _, Some(e)) => format!("{} {} in {} refused: {e}", r.service, r.version, r.environment),
+            _ => format!("{} {} in {}", r.service, r.version, r.environment),
+        });
+    }
+    AuditNote(parts.join("; "))
+}
 use crate::store::NewEvent;
 use crate::submit::Request;
 use crate::trigger::github::{self, Delivery};
@@ -59,7 +75,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 #[utoipa::path(post, path = "/hooks/github", request_body = String,
     responses((status = 200, body = HookAnswer), (status = 202, body = HookAnswer), (status = 400, body = super::wire::ErrorBody),
         (status = 401, body = super::wire::ErrorBody), (status = 404, body = super::wire::ErrorBody), (status = 413, body = super::wire::ErrorBody)))]
-pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, Json<HookAnswer>)> {
+pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
     let loaded = s.submitter.config().await?;
     let Some(gh) = loaded.config.github.clone() else {
         return Err(ApiError::not_found("GitHub webhooks are not configured here: add [github] webhook_secret = \"SECRET-NAME\" to slipway.toml"));
@@ -100,7 +116,7 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
     let payload = serde_json::json!({ "event": event, "note": answer.note, "results": answer.results }).to_string();
     let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: format!("github.{event}"), payload }).await?;
     answer.duplicate = duplicate;
-    Ok((status, Json(answer)))
+    Ok((status, axum::Extension(note_of(&answer)), Json(answer)))
 }
 
 /// Notifications from a Docker distribution registry: tagged manifest
@@ -109,7 +125,7 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
 #[utoipa::path(post, path = "/hooks/registry", request_body = String,
     responses((status = 200, body = HookAnswer), (status = 400, body = super::wire::ErrorBody), (status = 401, body = super::wire::ErrorBody),
         (status = 404, body = super::wire::ErrorBody), (status = 413, body = super::wire::ErrorBody)))]
-pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, Json<HookAnswer>)> {
+pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
     let loaded = s.submitter.config().await?;
     let Some(hook) = loaded.config.registry_hook.clone() else {
         return Err(ApiError::not_found("registry notifications are not configured here: add [registry_hook] token = \"SECRET-NAME\" to slipway.toml"));
@@ -134,5 +150,5 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
     answer.duplicate = all_duplicates;
     // The registry retries anything but a 2xx: every event it sent is
     // either handled or deliberately ignored by now.
-    Ok((StatusCode::OK, Json(answer)))
+    Ok((StatusCode::OK, axum::Extension(note_of(&answer)), Json(answer)))
 }

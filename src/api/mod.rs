@@ -6,6 +6,7 @@
 //! status: 400 bad input, 404 unknown id, 413 too large, 422 invalid
 //! config, 503 store down.
 
+mod audit;
 mod hooks;
 pub mod metrics;
 pub mod wire;
@@ -128,8 +129,10 @@ impl From<QueryRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: ErrorDetail { kind: self.kind.into(), message: self.message, problems: self.problems } }))
-            .into_response()
+        let note = audit::AuditNote(self.message.clone());
+        let mut res = (self.status, Json(ErrorBody { error: ErrorDetail { kind: self.kind.into(), message: self.message, problems: self.problems } })).into_response();
+        res.extensions_mut().insert(note);
+        res
     }
 }
 
@@ -138,12 +141,13 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, gc_plan, gc_apply, hooks::github, hooks::registry, healthz),
-    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HookAnswer, HookResult, WhyInfo, Health, ErrorBody))
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, gc_plan, gc_apply, hooks::github, hooks::registry, healthz),
+    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HookAnswer, HookResult, WhyInfo, AuditInfo, Health, ErrorBody))
 )]
 pub struct ApiDoc;
 
 pub fn router(state: Arc<AppState>) -> Router {
+    let audit = axum::middleware::from_fn_with_state(state.clone(), audit::layer);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
@@ -167,6 +171,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         // configured limit.
         .route("/hooks/github", post(hooks::github))
         .route("/hooks/registry", post(hooks::registry))
+        .route("/api/v1/audit", get(list_audit))
+        .layer(audit)
         .with_state(state)
 }
 
@@ -220,10 +226,17 @@ async fn post_event(State(s): State<Arc<AppState>>, body: Result<Json<EventReque
             Request::Run { jobs: req.jobs, environment: req.environment }
         }
     };
+    let what = match &request {
+        Request::Deploy { service, version, environment, .. } => format!("deploy {service} {version} in {}", environment.as_deref().unwrap_or("the only environment")),
+        Request::Run { jobs, environment } => format!("run {} in {}", jobs.join(", "), environment.as_deref().unwrap_or("the only environment")),
+        Request::Rollback { service, .. } => format!("roll {service} back"),
+    };
     let sub = s.submitter.submit(request, req.id, payload).await?;
     let status = if sub.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let note = audit::AuditNote(format!("{what} → deployment {}{}", sub.deployment_id, if sub.duplicate { " (a repeated request)" } else { "" }));
     Ok((
         status,
+        axum::Extension(note),
         Json(EventAccepted { event_id: sub.event_id, deployment_id: sub.deployment_id, duplicate: sub.duplicate, superseded: sub.superseded }),
     ))
 }
@@ -403,7 +416,7 @@ async fn cancel_deployment(State(s): State<Arc<AppState>>, id: Result<Path<i64>,
     if let Some(w) = &s.submitter.wake {
         w.work_changed();
     }
-    Ok((StatusCode::ACCEPTED, Json(Deployment::from(d))))
+    Ok((StatusCode::ACCEPTED, axum::Extension(audit::AuditNote(format!("cancel deployment {id}"))), Json(Deployment::from(d))))
 }
 
 /// Every service with a recorded version, per environment, with its live
@@ -452,8 +465,10 @@ async fn rollback_service(State(s): State<Arc<AppState>>, p: Result<Path<(String
         return Err(ApiError::bad_request("invalid environment or service name"));
     }
     let payload = serde_json::json!({ "kind": "rollback", "service": service, "environment": environment }).to_string();
+    let note = audit::AuditNote(format!("roll {service} back in {environment}"));
     let sub = s.submitter.submit(Request::Rollback { service, environment: Some(environment) }, None, payload).await?;
-    Ok((StatusCode::ACCEPTED, Json(EventAccepted { event_id: sub.event_id, deployment_id: sub.deployment_id, duplicate: sub.duplicate, superseded: sub.superseded })))
+    let note = audit::AuditNote(format!("{} → deployment {}", note.0, sub.deployment_id));
+    Ok((StatusCode::ACCEPTED, axum::Extension(note), Json(EventAccepted { event_id: sub.event_id, deployment_id: sub.deployment_id, duplicate: sub.duplicate, superseded: sub.superseded })))
 }
 
 /// A service's events outside deployments (crashes, restarts, restores),
@@ -469,17 +484,17 @@ async fn service_events(State(s): State<Arc<AppState>>, p: Result<Path<(String, 
 /// What `slipway gc` would remove: orphaned containers and unused images
 /// (a dry run).
 #[utoipa::path(get, path = "/api/v1/gc", responses((status = 200, body = GarbageInfo), (status = 503, body = ErrorBody)))]
-async fn gc_plan(State(s): State<Arc<AppState>>) -> ApiResult<Json<GarbageInfo>> {
+async fn gc_plan(State(s): State<Arc<AppState>>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<GarbageInfo>)> {
     gc(&s, false).await
 }
 
 /// Remove what `GET /api/v1/gc` lists; answers with what is gone.
 #[utoipa::path(post, path = "/api/v1/gc", responses((status = 200, body = GarbageInfo), (status = 503, body = ErrorBody)))]
-async fn gc_apply(State(s): State<Arc<AppState>>) -> ApiResult<Json<GarbageInfo>> {
+async fn gc_apply(State(s): State<Arc<AppState>>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<GarbageInfo>)> {
     gc(&s, true).await
 }
 
-async fn gc(s: &AppState, apply: bool) -> ApiResult<Json<GarbageInfo>> {
+async fn gc(s: &AppState, apply: bool) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<GarbageInfo>)> {
     let Some(m) = &s.services else { return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "this node runs no services")) };
     // In its own task: a client that gives up must not cut a removal short.
     let m = m.clone();
@@ -487,7 +502,8 @@ async fn gc(s: &AppState, apply: bool) -> ApiResult<Json<GarbageInfo>> {
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("gc stopped: {e}")))?
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
-    Ok(Json(report.into()))
+    let note = audit::AuditNote(format!("gc{}: {} container(s), {} image(s)", if apply { " --apply" } else { "" }, report.garbage.containers.len(), report.garbage.images.len()));
+    Ok((axum::Extension(note), Json(report.into())))
 }
 
 /// Why the service runs the version it runs and not the newest seen.
@@ -504,6 +520,15 @@ async fn why_service(State(s): State<Arc<AppState>>, p: Result<Path<(String, Str
     let events = s.store.events(&["github.", "registry."], 1000).await?;
     let e = crate::why::explain(&environment, &service, running, &deployments, &events);
     Ok(Json(WhyInfo { environment, service, running: e.running, newest: e.newest, verdict: e.verdict, history: e.history }))
+}
+
+/// The audit log, newest first: every request that changed something (or
+/// tried to), who sent it, from where, what it meant, what came of it.
+#[utoipa::path(get, path = "/api/v1/audit", params(ListQuery), responses((status = 200, body = Vec<AuditInfo>)))]
+async fn list_audit(State(s): State<Arc<AppState>>, q: Result<Query<ListQuery>, QueryRejection>) -> ApiResult<Json<Vec<AuditInfo>>> {
+    let Query(q) = q?;
+    let rows = s.store.audit(q.limit.unwrap_or(50).clamp(1, 1000)).await?;
+    Ok(Json(rows.into_iter().map(|a| AuditInfo { id: a.id, at: a.at, actor: a.actor, address: a.address, action: a.action, detail: a.detail, status: a.status as u16 }).collect()))
 }
 
 /// Nodes that share this store, most recently seen first.

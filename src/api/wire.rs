@@ -212,6 +212,23 @@ pub struct ServiceInfo {
     pub last_deployment: Option<Deployment>,
 }
 
+/// One entry of the audit log.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditInfo {
+    pub id: i64,
+    pub at: i64,
+    /// Who: "anonymous", "github webhook", "registry notifications".
+    pub actor: String,
+    /// The client's address.
+    pub address: String,
+    /// What: "POST /api/v1/events".
+    pub action: String,
+    /// What it meant and what came of it.
+    pub detail: String,
+    /// The HTTP status answered.
+    pub status: u16,
+}
+
 /// `why`: why a service runs the version it runs.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct WhyInfo {

@@ -49,6 +49,13 @@ pub enum Command {
     Run(RunArgs),
     /// Return a service to the version it ran before (its rollout only).
     Rollback(RollbackArgs),
+    /// The audit log: every request that changed something (or tried to),
+    /// newest first: when, who, from where, what, the answer.
+    Audit {
+        /// At most this many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
     /// Why a service runs the version it runs and not the newest one seen:
     /// held (not opted in, filtered), queued behind a lock, rolled back…
     Why(WhyArgs),
@@ -314,6 +321,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Rollback(a) => rollback(&client, a, cli.json).await,
         Command::Why(a) => why(&client, a, cli.json).await,
+        Command::Audit { limit } => audit(&client, limit, cli.json).await,
         Command::Status(a) => status(&client, a, cli.json).await,
         Command::Gc(a) => gc(&client, a, cli.json).await,
         Command::Logs(a) => logs(&client, a, cli.json).await,
@@ -555,6 +563,22 @@ async fn service_env(client: &Client, service: &str, env: Option<String>) -> Res
         [] => Err(CliError::new(exit::NOT_FOUND, format!("service {service:?} has no recorded version in any environment; say which with --env"))),
         many => Err(CliError::new(exit::USAGE, format!("service {service:?} runs in {}; say which with --env", many.join(", ")))),
     }
+}
+
+async fn audit(client: &Client, limit: i64, json: bool) -> Result<u8, CliError> {
+    let entries: Vec<AuditInfo> = client.get(&format!("/api/v1/audit?limit={}", limit.clamp(1, 1000))).await?;
+    if json {
+        print_json(&entries);
+        return Ok(exit::OK);
+    }
+    if entries.is_empty() {
+        println!("the audit log is empty");
+    }
+    for e in &entries {
+        let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.at.max(0) as u64));
+        println!("{at}  {:<22} {:<15} {} {}  {}", e.actor, e.address, e.status, e.action, e.detail);
+    }
+    Ok(exit::OK)
 }
 
 async fn why(client: &Client, a: WhyArgs, json: bool) -> Result<u8, CliError> {

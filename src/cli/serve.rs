@@ -192,7 +192,7 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
         let stop = token.clone();
-        let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await });
+        let server = tokio::spawn(async move { axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move { stop.cancelled().await }).await });
         let result = Scheduler::run(sched, token.clone()).await;
         token.cancel();
         services.stop_all_services().await;

@@ -459,6 +459,25 @@ pub struct ServiceRow {
     pub previous_sha256: Option<String>,
 }
 
+/// One action taken through the API, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    /// Assigned by the store.
+    pub id: i64,
+    pub at: Millis,
+    /// Who: "anonymous", "github webhook", "registry", later a token's name.
+    pub actor: String,
+    /// The client's address.
+    pub address: String,
+    /// What: "POST /api/v1/events".
+    pub action: String,
+    /// What it meant and what came of it ("deploy web 1.4.0 in staging →
+    /// deployment 12", or the error).
+    pub detail: String,
+    /// The HTTP status answered.
+    pub status: i64,
+}
+
 /// A stored event (a webhook delivery, a registry notification).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventRow {
@@ -543,6 +562,11 @@ pub trait Store: Send + Sync + 'static {
     /// Store an event that starts no deployment by itself (a webhook
     /// delivery). Returns its id and whether its key was seen before.
     async fn record_event(&self, event: NewEvent) -> Result<(i64, bool)>;
+    /// Append to the audit log (there is no way to change or delete an
+    /// entry).
+    async fn record_audit(&self, entry: AuditEntry) -> Result<()>;
+    /// The audit log, newest first.
+    async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>>;
     /// The newest events whose kind starts with one of `prefixes`
     /// (`github.`, `registry.`), newest first.
     async fn events(&self, prefixes: &[&str], limit: i64) -> Result<Vec<EventRow>>;

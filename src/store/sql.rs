@@ -522,6 +522,7 @@ fn schema(d: Dialect) -> Vec<String> {
         "CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, started_at BIGINT NOT NULL, heartbeat_at BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS service_events (id {serial}, environment TEXT NOT NULL, service TEXT NOT NULL, at BIGINT NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL)",
         "CREATE INDEX IF NOT EXISTS service_events_service ON service_events (environment, service, id)",
+        "CREATE TABLE IF NOT EXISTS audit (id {serial}, at BIGINT NOT NULL, actor TEXT NOT NULL, address TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL, status BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS services (environment TEXT NOT NULL, service TEXT NOT NULL, version TEXT NOT NULL, previous_version TEXT, spec TEXT NOT NULL, revision TEXT NOT NULL, deployment_id BIGINT NOT NULL, updated_at BIGINT NOT NULL, artifact_dir TEXT, sha256 TEXT, previous_sha256 TEXT, PRIMARY KEY (environment, service))",
     ]
     .iter()
@@ -1495,6 +1496,37 @@ impl Store for SqlStore {
         out.sort_by(|a, b| b.id.cmp(&a.id));
         out.truncate(limit.clamp(0, 1000) as usize);
         Ok(out)
+    }
+
+    async fn record_audit(&self, a: AuditEntry) -> Result<()> {
+        sqlx::query("INSERT INTO audit (at, actor, address, action, detail, status) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(a.at)
+            .bind(&a.actor)
+            .bind(&a.address)
+            .bind(&a.action)
+            .bind(&a.detail)
+            .bind(a.status)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query("record an audit entry"))?;
+        Ok(())
+    }
+
+    async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>> {
+        let op = "list the audit log";
+        let rows = sqlx::query("SELECT id, at, actor, address, action, detail, status FROM audit ORDER BY id DESC LIMIT 1000")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
+        rows.iter()
+            .take(limit.clamp(0, 1000) as usize)
+            .map(|r| {
+                let f = || -> std::result::Result<AuditEntry, sqlx::Error> {
+                    Ok(AuditEntry { id: r.try_get(0)?, at: r.try_get(1)?, actor: r.try_get(2)?, address: r.try_get(3)?, action: r.try_get(4)?, detail: r.try_get(5)?, status: r.try_get(6)? })
+                };
+                f().map_err(StoreError::query(op))
+            })
+            .collect()
     }
 
     async fn record_service_event(&self, e: ServiceEvent) -> Result<()> {
