@@ -34,8 +34,9 @@ pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
         _ => "anonymous",
     };
     let res = next.run(req).await;
+    let actor = res.extensions().get::<super::auth::Actor>().map(|a| a.0.clone()).unwrap_or_else(|| actor.to_string());
     let detail = res.extensions().get::<AuditNote>().map(|n| n.0.clone()).unwrap_or_default();
-    let entry = AuditEntry { id: 0, at: crate::store::now_ms(), actor: actor.into(), address, action, detail, status: i64::from(res.status().as_u16()) };
+    let entry = AuditEntry { id: 0, at: crate::store::now_ms(), actor, address, action, detail, status: i64::from(res.status().as_u16()) };
     if let Err(e) = s.store.record_audit(entry).await {
         tracing::warn!(error = %e, "cannot write the audit log");
     }

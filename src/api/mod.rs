@@ -7,6 +7,7 @@
 //! config, 503 store down.
 
 mod audit;
+pub mod auth;
 mod hooks;
 pub mod metrics;
 pub mod wire;
@@ -141,13 +142,14 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, gc_plan, gc_apply, hooks::github, hooks::registry, healthz),
-    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HookAnswer, HookResult, WhyInfo, AuditInfo, Health, ErrorBody))
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, create_token, list_tokens, revoke_token, gc_plan, gc_apply, hooks::github, hooks::registry, healthz),
+    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HookAnswer, HookResult, WhyInfo, AuditInfo, TokenRequest, TokenCreated, TokenInfo, auth::Role, Health, ErrorBody))
 )]
 pub struct ApiDoc;
 
 pub fn router(state: Arc<AppState>) -> Router {
     let audit = axum::middleware::from_fn_with_state(state.clone(), audit::layer);
+    let auth = axum::middleware::from_fn_with_state(state.clone(), auth::layer);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
@@ -172,6 +174,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/hooks/github", post(hooks::github))
         .route("/hooks/registry", post(hooks::registry))
         .route("/api/v1/audit", get(list_audit))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{name}", axum::routing::delete(revoke_token))
+        // Outermost last: the audit log sees who auth said it was.
+        .layer(auth)
         .layer(audit)
         .with_state(state)
 }
@@ -207,8 +213,14 @@ async fn metrics_text(State(s): State<Arc<AppState>>) -> ApiResult<impl IntoResp
 #[utoipa::path(post, path = "/api/v1/events", request_body = EventRequest,
     responses((status = 202, body = EventAccepted), (status = 200, description = "duplicate event id", body = EventAccepted),
               (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
-async fn post_event(State(s): State<Arc<AppState>>, body: Result<Json<EventRequest>, JsonRejection>) -> ApiResult<impl IntoResponse> {
+async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, body: Result<Json<EventRequest>, JsonRejection>) -> ApiResult<impl IntoResponse> {
     let Json(req) = body?;
+    let environment = match &req.environment {
+        Some(e) => e.clone(),
+        // The only environment, as the submit will resolve it.
+        None => s.submitter.config().await?.config.environment_names().into_iter().next().unwrap_or_default(),
+    };
+    caller.require(auth::Need::Deploy, Some(&environment))?;
     let payload = serde_json::to_string(&req).unwrap_or_default();
     let request = match req.kind {
         EventKind::Deploy => {
@@ -402,9 +414,10 @@ where
 /// (their process groups killed), pending jobs never start.
 #[utoipa::path(post, path = "/api/v1/deployments/{id}/cancel", params(("id" = i64, Path)),
     responses((status = 202, body = Deployment), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn cancel_deployment(State(s): State<Arc<AppState>>, id: Result<Path<i64>, PathRejection>) -> ApiResult<impl IntoResponse> {
+async fn cancel_deployment(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, id: Result<Path<i64>, PathRejection>) -> ApiResult<impl IntoResponse> {
     let Path(id) = id?;
     let before = deployment_or_404(&s, id).await?;
+    caller.require(auth::Need::Deploy, Some(&before.environment))?;
     if before.state.is_terminal() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -459,8 +472,9 @@ async fn list_services(State(s): State<Arc<AppState>>) -> ApiResult<Json<Vec<Ser
 /// its rollout runs; migrations go forward only).
 #[utoipa::path(post, path = "/api/v1/services/{environment}/{service}/rollback", params(("environment" = String, Path), ("service" = String, Path)),
     responses((status = 202, body = EventAccepted), (status = 400, body = ErrorBody), (status = 409, description = "no earlier version", body = ErrorBody)))]
-async fn rollback_service(State(s): State<Arc<AppState>>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<impl IntoResponse> {
+async fn rollback_service(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<impl IntoResponse> {
     let Path((environment, service)) = p?;
+    caller.require(auth::Need::Deploy, Some(&environment))?;
     if !crate::config::valid_name(&environment) || !crate::config::valid_name(&service) {
         return Err(ApiError::bad_request("invalid environment or service name"));
     }
@@ -490,7 +504,8 @@ async fn gc_plan(State(s): State<Arc<AppState>>) -> ApiResult<(axum::Extension<a
 
 /// Remove what `GET /api/v1/gc` lists; answers with what is gone.
 #[utoipa::path(post, path = "/api/v1/gc", responses((status = 200, body = GarbageInfo), (status = 503, body = ErrorBody)))]
-async fn gc_apply(State(s): State<Arc<AppState>>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<GarbageInfo>)> {
+async fn gc_apply(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<GarbageInfo>)> {
+    caller.require(auth::Need::Admin, None)?;
     gc(&s, true).await
 }
 
@@ -529,6 +544,61 @@ async fn list_audit(State(s): State<Arc<AppState>>, q: Result<Query<ListQuery>, 
     let Query(q) = q?;
     let rows = s.store.audit(q.limit.unwrap_or(50).clamp(1, 1000)).await?;
     Ok(Json(rows.into_iter().map(|a| AuditInfo { id: a.id, at: a.at, actor: a.actor, address: a.address, action: a.action, detail: a.detail, status: a.status as u16 }).collect()))
+}
+
+/// Create an API token; the answer holds the token, shown this once. The
+/// very first token (none exists yet) must be an admin token for every
+/// environment, asked for from this host.
+#[utoipa::path(post, path = "/api/v1/tokens", request_body = TokenRequest, responses((status = 201, body = TokenCreated), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_token(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    addr: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    body: Result<Json<TokenRequest>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(req) = body?;
+    if caller.name.is_none() {
+        if !auth::from_loopback(addr.as_ref().map(|a| &a.0)) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the first token can only be created from the Slipway host itself"));
+        }
+        if req.roles.get("*") != Some(&auth::Role::Admin) {
+            return Err(ApiError::bad_request("the first token must be an admin token for every environment: --role '*=admin'"));
+        }
+    } else {
+        caller.require(auth::Need::Admin, None)?;
+    }
+    if !crate::config::valid_name(&req.name) {
+        return Err(ApiError::bad_request(format!("invalid token name {:?}", req.name)));
+    }
+    if req.roles.is_empty() || req.roles.keys().any(|e| e != "*" && !crate::config::valid_name(e)) {
+        return Err(ApiError::bad_request("a token needs roles: environment (or \"*\") → viewer, deployer, approver or admin"));
+    }
+    let token = auth::generate();
+    let row = crate::store::TokenRow { name: req.name.clone(), hash: auth::hash(&token), roles: serde_json::to_string(&req.roles).unwrap_or_default(), created_at: crate::store::now_ms(), revoked_at: None };
+    if !s.store.create_token(row).await? {
+        return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("a token named {:?} exists", req.name)));
+    }
+    let note = audit::AuditNote(format!("create token {} with roles {}", req.name, serde_json::to_string(&req.roles).unwrap_or_default()));
+    Ok((StatusCode::CREATED, axum::Extension(note), Json(TokenCreated { name: req.name, token, roles: req.roles })))
+}
+
+/// Every token (never the token itself), revoked ones included.
+#[utoipa::path(get, path = "/api/v1/tokens", responses((status = 200, body = Vec<TokenInfo>), (status = 403, body = ErrorBody)))]
+async fn list_tokens(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<Json<Vec<TokenInfo>>> {
+    caller.require(auth::Need::Admin, None)?;
+    let rows = s.store.tokens().await?;
+    Ok(Json(rows.into_iter().map(|t| TokenInfo { name: t.name, roles: serde_json::from_str(&t.roles).unwrap_or_default(), created_at: t.created_at, revoked_at: t.revoked_at }).collect()))
+}
+
+/// Revoke a token: requests with it get 401 from now on.
+#[utoipa::path(delete, path = "/api/v1/tokens/{name}", params(("name" = String, Path)), responses((status = 200, body = TokenInfo), (status = 404, body = ErrorBody)))]
+async fn revoke_token(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, name: Result<Path<String>, PathRejection>) -> ApiResult<impl IntoResponse> {
+    let Path(name) = name?;
+    caller.require(auth::Need::Admin, None)?;
+    if !s.store.revoke_token(&name).await? {
+        return Err(ApiError::not_found(format!("no live token named {name:?}")));
+    }
+    Ok((axum::Extension(audit::AuditNote(format!("revoke token {name}"))), Json(serde_json::json!({ "revoked": name }))))
 }
 
 /// Nodes that share this store, most recently seen first.

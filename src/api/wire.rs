@@ -212,6 +212,31 @@ pub struct ServiceInfo {
     pub last_deployment: Option<Deployment>,
 }
 
+/// `POST /api/v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub name: String,
+    /// Environment (or "*" for every one) → role.
+    pub roles: std::collections::BTreeMap<String, super::auth::Role>,
+}
+
+/// A new token: shown this once.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    pub name: String,
+    pub token: String,
+    pub roles: std::collections::BTreeMap<String, super::auth::Role>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenInfo {
+    pub name: String,
+    pub roles: std::collections::BTreeMap<String, super::auth::Role>,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
 /// One entry of the audit log.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AuditInfo {

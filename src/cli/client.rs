@@ -38,9 +38,18 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str) -> Self {
+    /// `token`: sent as `Authorization: Bearer` on every request.
+    pub fn new(base: &str, token: Option<&str>) -> Self {
         let base = base.trim_end_matches('/').to_string();
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = token
+            && let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+        {
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let http = reqwest::Client::builder()
+            .default_headers(headers.clone())
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .build()
@@ -48,6 +57,7 @@ impl Client {
         // Streams stay open for long; the server sends keep-alives, so a
         // silent connection for a minute is a dead one.
         let stream_http = reqwest::Client::builder()
+            .default_headers(headers)
             .connect_timeout(Duration::from_secs(5))
             .read_timeout(Duration::from_secs(60))
             .build()
@@ -94,6 +104,12 @@ impl Client {
     pub async fn post<B: serde::Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
         let url = self.url(path);
         let resp = self.http.post(&url).json(body).send().await.map_err(|e| self.unreachable(&url, e))?;
+        self.decode(&url, resp).await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = self.url(path);
+        let resp = self.http.delete(&url).send().await.map_err(|e| self.unreachable(&url, e))?;
         self.decode(&url, resp).await
     }
 

@@ -27,6 +27,9 @@ pub struct Cli {
     /// The Slipway server the client commands talk to.
     #[arg(long, global = true, env = "SLIPWAY_SERVER", default_value = "http://127.0.0.1:7878")]
     pub server: String,
+    /// API token (once tokens exist, the API needs one).
+    #[arg(long, global = true, env = "SLIPWAY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     pub json: bool,
@@ -49,6 +52,9 @@ pub enum Command {
     Run(RunArgs),
     /// Return a service to the version it ran before (its rollout only).
     Rollback(RollbackArgs),
+    /// API tokens: create (the token is printed once), list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// The audit log: every request that changed something (or tried to),
     /// newest first: when, who, from where, what, the answer.
     Audit {
@@ -136,6 +142,21 @@ pub struct GcArgs {
     /// Remove what is listed (without it, nothing is touched).
     #[arg(long)]
     pub apply: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token. The first one must be `--role '*=admin'`, made on
+    /// the Slipway host.
+    Create {
+        name: String,
+        /// ENV=ROLE (or '*=ROLE' for every environment); ROLE is viewer,
+        /// deployer, approver or admin. Repeatable.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+    },
+    List,
+    Revoke { name: String },
 }
 
 #[derive(Debug, Args)]
@@ -286,7 +307,7 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 pub async fn run(cli: Cli) -> Result<u8, CliError> {
-    let client = Client::new(&cli.server);
+    let client = Client::new(&cli.server, cli.token.as_deref());
     match cli.command {
         Command::Validate => validate(&cli.config, cli.json),
         Command::Plan(a) => plan_cmd(&cli.config, a, cli.json).await,
@@ -322,6 +343,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Rollback(a) => rollback(&client, a, cli.json).await,
         Command::Why(a) => why(&client, a, cli.json).await,
         Command::Audit { limit } => audit(&client, limit, cli.json).await,
+        Command::Token(t) => token(&client, t, cli.json).await,
         Command::Status(a) => status(&client, a, cli.json).await,
         Command::Gc(a) => gc(&client, a, cli.json).await,
         Command::Logs(a) => logs(&client, a, cli.json).await,
@@ -563,6 +585,44 @@ async fn service_env(client: &Client, service: &str, env: Option<String>) -> Res
         [] => Err(CliError::new(exit::NOT_FOUND, format!("service {service:?} has no recorded version in any environment; say which with --env"))),
         many => Err(CliError::new(exit::USAGE, format!("service {service:?} runs in {}; say which with --env", many.join(", ")))),
     }
+}
+
+async fn token(client: &Client, t: TokenCommand, json: bool) -> Result<u8, CliError> {
+    match t {
+        TokenCommand::Create { name, roles } => {
+            let mut map = serde_json::Map::new();
+            for r in &roles {
+                let Some((env, role)) = r.split_once('=') else {
+                    return Err(CliError::new(exit::USAGE, format!("--role {r:?}: write ENV=ROLE, e.g. staging=deployer or '*=viewer'")));
+                };
+                map.insert(env.to_string(), serde_json::Value::String(role.to_string()));
+            }
+            let created: TokenCreated = client.post("/api/v1/tokens", &serde_json::json!({ "name": name, "roles": map })).await?;
+            if json {
+                print_json(&created);
+            } else {
+                println!("token {} created; it is shown only now:\n{}", created.name, created.token);
+            }
+        }
+        TokenCommand::List => {
+            let tokens: Vec<TokenInfo> = client.get("/api/v1/tokens").await?;
+            if json {
+                print_json(&tokens);
+            } else {
+                for t in tokens {
+                    let roles: Vec<String> = t.roles.iter().map(|(e, r)| format!("{e}={}", serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())).collect();
+                    println!("{:<20} {:<40} {}", t.name, roles.join(","), if t.revoked_at.is_some() { "revoked" } else { "live" });
+                }
+            }
+        }
+        TokenCommand::Revoke { name } => {
+            let _: serde_json::Value = client.delete(&format!("/api/v1/tokens/{name}")).await?;
+            if !json {
+                println!("token {name} revoked");
+            }
+        }
+    }
+    Ok(exit::OK)
 }
 
 async fn audit(client: &Client, limit: i64, json: bool) -> Result<u8, CliError> {

@@ -459,6 +459,18 @@ pub struct ServiceRow {
     pub previous_sha256: Option<String>,
 }
 
+/// An API token as stored: never the token itself, only its SHA-256.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRow {
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub hash: String,
+    /// JSON: environment (or "*") → role.
+    pub roles: String,
+    pub created_at: Millis,
+    pub revoked_at: Option<Millis>,
+}
+
 /// One action taken through the API, as the audit log keeps it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditEntry {
@@ -567,6 +579,14 @@ pub trait Store: Send + Sync + 'static {
     async fn record_audit(&self, entry: AuditEntry) -> Result<()>;
     /// The audit log, newest first.
     async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>>;
+    /// Store a new API token (by its hash). False: the name is taken.
+    async fn create_token(&self, token: TokenRow) -> Result<bool>;
+    /// Every token, revoked ones included, oldest first.
+    async fn tokens(&self) -> Result<Vec<TokenRow>>;
+    /// The live (not revoked) token with this hash.
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>>;
+    /// Revoke by name. False: no such live token.
+    async fn revoke_token(&self, name: &str) -> Result<bool>;
     /// The newest events whose kind starts with one of `prefixes`
     /// (`github.`, `registry.`), newest first.
     async fn events(&self, prefixes: &[&str], limit: i64) -> Result<Vec<EventRow>>;

@@ -522,6 +522,7 @@ fn schema(d: Dialect) -> Vec<String> {
         "CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, started_at BIGINT NOT NULL, heartbeat_at BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS service_events (id {serial}, environment TEXT NOT NULL, service TEXT NOT NULL, at BIGINT NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL)",
         "CREATE INDEX IF NOT EXISTS service_events_service ON service_events (environment, service, id)",
+        "CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, roles TEXT NOT NULL, created_at BIGINT NOT NULL, revoked_at BIGINT)",
         "CREATE TABLE IF NOT EXISTS audit (id {serial}, at BIGINT NOT NULL, actor TEXT NOT NULL, address TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL, status BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS services (environment TEXT NOT NULL, service TEXT NOT NULL, version TEXT NOT NULL, previous_version TEXT, spec TEXT NOT NULL, revision TEXT NOT NULL, deployment_id BIGINT NOT NULL, updated_at BIGINT NOT NULL, artifact_dir TEXT, sha256 TEXT, previous_sha256 TEXT, PRIMARY KEY (environment, service))",
     ]
@@ -739,6 +740,10 @@ fn deployment_row(r: &AnyRow) -> Result<DeploymentRow> {
         })
     };
     get(r).map_err(e)
+}
+
+fn token_row(r: &sqlx::any::AnyRow) -> std::result::Result<TokenRow, sqlx::Error> {
+    Ok(TokenRow { name: r.try_get(0)?, hash: r.try_get(1)?, roles: r.try_get(2)?, created_at: r.try_get(3)?, revoked_at: r.try_get(4)? })
 }
 
 fn spec_of(s: &str) -> Result<JobSpec> {
@@ -1496,6 +1501,44 @@ impl Store for SqlStore {
         out.sort_by(|a, b| b.id.cmp(&a.id));
         out.truncate(limit.clamp(0, 1000) as usize);
         Ok(out)
+    }
+
+    async fn create_token(&self, t: TokenRow) -> Result<bool> {
+        let r = sqlx::query("INSERT INTO tokens (name, hash, roles, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+            .bind(&t.name)
+            .bind(&t.hash)
+            .bind(&t.roles)
+            .bind(t.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query("create a token"))?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRow>> {
+        let op = "list tokens";
+        let rows = sqlx::query("SELECT name, hash, roles, created_at, revoked_at FROM tokens ORDER BY created_at, name").fetch_all(&self.pool).await.map_err(StoreError::query(op))?;
+        rows.iter().map(|r| token_row(r).map_err(StoreError::query(op))).collect()
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>> {
+        let op = "find a token";
+        let row = sqlx::query("SELECT name, hash, roles, created_at, revoked_at FROM tokens WHERE hash = $1 AND revoked_at IS NULL")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
+        row.as_ref().map(|r| token_row(r).map_err(StoreError::query(op))).transpose()
+    }
+
+    async fn revoke_token(&self, name: &str) -> Result<bool> {
+        let r = sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL")
+            .bind(now_ms())
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query("revoke a token"))?;
+        Ok(r.rows_affected() == 1)
     }
 
     async fn record_audit(&self, a: AuditEntry) -> Result<()> {

@@ -1,0 +1,181 @@
+//! API tokens and roles.
+//!
+//! A token is a random string shown once when it is created; the store
+//! keeps only its SHA-256. Each token has a role per environment (`*` for
+//! every one): `viewer` reads, `deployer` also deploys, runs, rolls back
+//! and cancels, `approver` also approves, `admin` does everything,
+//! including tokens and `gc`.
+//!
+//! Until the first token exists the API is open (a fresh install must be
+//! usable to create it); the first token must be an admin token created
+//! from this host (loopback). From then on a request without a valid token
+//! gets 401, one whose token lacks the role 403. `/healthz`, `/metrics`,
+//! the OpenAPI document and the hooks (which prove themselves with their
+//! own secrets) need no token.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use super::{ApiError, AppState};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Viewer,
+    Deployer,
+    Approver,
+    Admin,
+}
+
+/// What a request needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    Read,
+    Deploy,
+    Approve,
+    Admin,
+}
+
+impl Role {
+    pub fn allows(self, need: Need) -> bool {
+        match self {
+            Role::Admin => true,
+            Role::Deployer => matches!(need, Need::Read | Need::Deploy),
+            Role::Approver => matches!(need, Need::Read | Need::Approve),
+            Role::Viewer => need == Need::Read,
+        }
+    }
+}
+
+/// Who sent a request. `name: None`: no token exists yet (open).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub name: Option<String>,
+    pub roles: BTreeMap<String, Role>,
+}
+
+impl Caller {
+    /// May this caller do `need` in `environment` (`None`: something not
+    /// tied to one environment, which needs the role for `*`)?
+    pub fn may(&self, need: Need, environment: Option<&str>) -> bool {
+        if self.name.is_none() {
+            return true;
+        }
+        let for_all = self.roles.get("*").is_some_and(|r| r.allows(need));
+        match environment {
+            Some(env) => for_all || self.roles.get(env).is_some_and(|r| r.allows(need)),
+            None => for_all,
+        }
+    }
+
+    /// 403 unless [`Caller::may`].
+    pub fn require(&self, need: Need, environment: Option<&str>) -> Result<(), ApiError> {
+        if self.may(need, environment) {
+            return Ok(());
+        }
+        let what = match need {
+            Need::Read => "read",
+            Need::Deploy => "deploy",
+            Need::Approve => "approve",
+            Need::Admin => "administer",
+        };
+        let place = environment.map(|e| format!(" in {e}")).unwrap_or_else(|| " (a role for every environment, \"*\", is needed)".into());
+        Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("token {:?} may not {what}{place}", self.name.as_deref().unwrap_or(""))))
+    }
+
+    pub fn actor(&self) -> String {
+        match &self.name {
+            Some(n) => format!("token {n}"),
+            None => "anonymous".into(),
+        }
+    }
+}
+
+/// The audit log's "who", set on the response by [`layer`].
+#[derive(Debug, Clone)]
+pub struct Actor(pub String);
+
+pub fn hash(token: &str) -> String {
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+/// A new token: 32 random bytes, hex, with a prefix that says what it is.
+pub fn generate() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("slw_{}", hex::encode(bytes))
+}
+
+fn public(path: &str) -> bool {
+    matches!(path, "/healthz" | "/metrics" | "/api/v1/openapi.json") || path.starts_with("/hooks/")
+}
+
+/// Authenticate every request (see the module header); reads need a role
+/// somewhere, anything else is checked by its handler against the
+/// environment it acts in.
+pub async fn layer(State(s): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    if public(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let header = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let caller = match header.as_deref().and_then(|h| h.strip_prefix("Bearer ")) {
+        Some(token) => match s.store.token_by_hash(&hash(token)).await {
+            Ok(Some(t)) => Caller { name: Some(t.name), roles: serde_json::from_str(&t.roles).unwrap_or_default() },
+            Ok(None) => return refuse(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown or revoked token"), "an unknown token"),
+            Err(e) => return ApiError::from(e).into_response(),
+        },
+        None => match s.store.tokens().await {
+            // Open only while no token was ever created.
+            Ok(all) if all.is_empty() => Caller { name: None, roles: BTreeMap::new() },
+            Ok(_) => {
+                return refuse(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "this API needs a token: Authorization: Bearer TOKEN (slipway --token, or SLIPWAY_TOKEN)"), "no token");
+            }
+            Err(e) => return ApiError::from(e).into_response(),
+        },
+    };
+    if matches!(*req.method(), Method::GET | Method::HEAD) && caller.name.is_some() && !caller.roles.values().any(|r| r.allows(Need::Read)) {
+        return refuse(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this token has no role"), &caller.actor());
+    }
+    let actor = caller.actor();
+    req.extensions_mut().insert(caller);
+    let mut res = next.run(req).await;
+    res.extensions_mut().insert(Actor(actor));
+    res
+}
+
+fn refuse(e: ApiError, who: &str) -> Response {
+    let mut res = e.into_response();
+    res.extensions_mut().insert(Actor(who.to_string()));
+    res
+}
+
+/// Whether a request came from this host (the first token's bootstrap).
+pub fn from_loopback(req_addr: Option<&ConnectInfo<SocketAddr>>) -> bool {
+    req_addr.is_some_and(|c| c.0.ip().is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_allow_what_they_say_per_environment() {
+        let c = Caller { name: Some("ci".into()), roles: BTreeMap::from([("staging".into(), Role::Deployer), ("*".into(), Role::Viewer)]) };
+        assert!(c.may(Need::Deploy, Some("staging")));
+        assert!(!c.may(Need::Deploy, Some("production")));
+        assert!(c.may(Need::Read, Some("production")));
+        assert!(!c.may(Need::Approve, Some("staging")));
+        assert!(!c.may(Need::Admin, None));
+        let open = Caller { name: None, roles: BTreeMap::new() };
+        assert!(open.may(Need::Admin, None));
+        assert_ne!(hash("a"), hash("b"));
+        assert!(generate().starts_with("slw_") && generate() != generate());
+    }
+}

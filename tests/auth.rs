@@ -1,0 +1,129 @@
+//! API tokens and roles, in-process against every store backend: the
+//! bootstrap of the first token, then every role against every endpoint
+//! (a table), revocation.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use slipway::cli::serve::{NodeOptions, start_node};
+use slipway::scheduler::SchedulerConfig;
+
+const CONFIG: &str = r#"
+[[environment]]
+name = "staging"
+[[environment]]
+name = "production"
+
+[[job]]
+name = "noop"
+command = ["true"]
+"#;
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let mut r = match method {
+            "GET" => self.http.get(url),
+            "DELETE" => self.http.delete(url),
+            _ => self.http.post(url),
+        };
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.expect("send");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn token(&self, admin: Option<&str>, name: &str, roles: Value) -> String {
+        let (s, v) = self.call("POST", "/api/v1/tokens", admin, Some(json!({"name": name, "roles": roles}))).await;
+        assert_eq!(s, 201, "{v}");
+        v["token"].as_str().expect("token").to_string()
+    }
+}
+
+// Issue 6: every role against every endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue6_every_role_against_every_endpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let cfg_dir = common::config_dir(CONFIG, &[]);
+        let mut cfg = SchedulerConfig::new("auth", cfg_dir.path().join(".slipway/work"));
+        cfg.poll = Duration::from_millis(100);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let node = start_node(NodeOptions { config_path: cfg_dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "auth-test".into() });
+        let api = Api { base: format!("http://{}", node.addr), http: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("client") };
+
+        // No token yet: open, and the first token must be an admin one.
+        assert_eq!(api.call("GET", "/api/v1/deployments", None, None).await.0, 200, "{backend}");
+        let (s, v) = api.call("POST", "/api/v1/tokens", None, Some(json!({"name": "ci", "roles": {"staging": "deployer"}}))).await;
+        assert_eq!(s, 400, "{v}");
+        let admin = api.token(None, "root", json!({"*": "admin"})).await;
+        // From now on: no token, 401.
+        let (s, v) = api.call("GET", "/api/v1/deployments", None, None).await;
+        assert_eq!(s, 401, "{backend}: {v}");
+
+        let viewer = api.token(Some(&admin), "viewer", json!({"*": "viewer"})).await;
+        let deployer = api.token(Some(&admin), "deployer", json!({"staging": "deployer", "production": "viewer"})).await;
+        let approver = api.token(Some(&admin), "approver", json!({"*": "approver"})).await;
+        let run = |env: &str| json!({"kind": "run", "jobs": ["noop"], "environment": env});
+        // (method, path, body) and the callers allowed; anyone else: 403
+        // (with a token) or 401 (without, or with a wrong one).
+        let table: Vec<(&str, &str, Option<Value>, &[&str])> = vec![
+            ("GET", "/api/v1/deployments", None, &["viewer", "deployer", "approver", "admin"]),
+            ("GET", "/api/v1/services", None, &["viewer", "deployer", "approver", "admin"]),
+            ("GET", "/api/v1/audit", None, &["viewer", "deployer", "approver", "admin"]),
+            ("POST", "/api/v1/events", Some(run("staging")), &["deployer", "admin"]),
+            ("POST", "/api/v1/events", Some(run("production")), &["admin"]),
+            ("POST", "/api/v1/services/production/web/rollback", None, &["admin"]),
+            ("GET", "/api/v1/tokens", None, &["admin"]),
+            ("POST", "/api/v1/gc", None, &["admin"]),
+        ];
+        let callers: Vec<(&str, Option<&str>)> =
+            vec![("nobody", None), ("wrong", Some("slw_not-a-token")), ("viewer", Some(&viewer)), ("deployer", Some(&deployer)), ("approver", Some(&approver)), ("admin", Some(&admin))];
+        for (method, path, body, allowed) in &table {
+            for (who, token) in &callers {
+                let (s, v) = api.call(method, path, *token, body.clone()).await;
+                let expected = if token.is_none() || *who == "wrong" {
+                    "401"
+                } else if allowed.contains(who) {
+                    "allowed"
+                } else {
+                    "403"
+                };
+                let got = match s {
+                    401 => "401",
+                    403 => "403",
+                    _ => "allowed",
+                };
+                assert_eq!(got, expected, "{backend}: {who} {method} {path} → {s} {v}");
+            }
+        }
+        // The public ones stay public.
+        assert_eq!(api.call("GET", "/healthz", None, None).await.0, 200);
+
+        // Revoked: 401 from then on; the audit log says who did what.
+        let (s, _) = api.call("DELETE", "/api/v1/tokens/deployer", Some(&admin), None).await;
+        assert_eq!(s, 200);
+        assert_eq!(api.call("GET", "/api/v1/deployments", Some(&deployer), None).await.0, 401);
+        let (_, log) = api.call("GET", "/api/v1/audit?limit=200", Some(&viewer), None).await;
+        let text = log.to_string();
+        assert!(text.contains("token deployer") && text.contains("revoke token deployer") && text.contains("token root"), "{backend}: {log}");
+        assert!(!text.contains(&deployer) && !text.contains(&admin), "no token value in the audit log");
+        let (_, tokens) = api.call("GET", "/api/v1/tokens", Some(&admin), None).await;
+        assert!(!tokens.to_string().contains(&admin), "tokens are never shown again: {tokens}");
+
+        node.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), node.task).await;
+    }
+}
