@@ -1498,7 +1498,7 @@ impl Store for SqlStore {
                 }
             }
         }
-        out.sort_by(|a, b| b.id.cmp(&a.id));
+        out.sort_by_key(|e| std::cmp::Reverse(e.id));
         out.truncate(limit.clamp(0, 1000) as usize);
         Ok(out)
     }
