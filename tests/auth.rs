@@ -19,6 +19,16 @@ name = "production"
 [[job]]
 name = "noop"
 command = ["true"]
+
+[[service]]
+name = "web"
+follows = "ghcr.io/o/web"
+auto_deploy = ["staging", "production"]
+
+[[job]]
+name = "deploy-web"
+service = "web"
+command = ["true"]
 "#;
 
 struct Api {
@@ -111,6 +121,23 @@ async fn issue6_every_role_against_every_endpoint() {
         }
         // The public ones stay public.
         assert_eq!(api.call("GET", "/healthz", None, None).await.0, 200);
+
+        // A generic "published" event: deploys where the token may, holds
+        // the rest saying why; published twice, deployed once.
+        let event = json!({"image": "ghcr.io/o/web", "version": "2.1.0"});
+        let (s, a) = api.call("POST", "/api/v1/published", Some(&deployer), Some(event.clone())).await;
+        assert_eq!(s, 202, "{backend}: {a}");
+        let results = a["results"].as_array().cloned().unwrap_or_default();
+        let staging = results.iter().find(|r| r["environment"] == "staging").cloned().unwrap_or_default();
+        let production = results.iter().find(|r| r["environment"] == "production").cloned().unwrap_or_default();
+        assert!(staging["deployment_id"].is_i64(), "{a}");
+        assert!(production["held"].as_str().unwrap_or("").contains("token deployer may not deploy in production"), "{a}");
+        let (_, again) = api.call("POST", "/api/v1/published", Some(&deployer), Some(event)).await;
+        assert_eq!((again["duplicate"].as_bool(), &again["results"][0]["deployment_id"]), (Some(true), &staging["deployment_id"]), "{again}");
+        let (s, bad) = api.call("POST", "/api/v1/published", Some(&deployer), Some(json!({"service": "web", "version": "$(touch x)"}))).await;
+        assert_eq!(s, 400, "{bad}");
+        let (_, why) = api.call("GET", "/api/v1/services/production/web/why", Some(&viewer), None).await;
+        assert!(why["verdict"].as_str().unwrap_or("").contains("may not deploy in production"), "{why}");
 
         // Revoked: 401 from then on; the audit log says who did what.
         let (s, _) = api.call("DELETE", "/api/v1/tokens/deployer", Some(&admin), None).await;

@@ -152,3 +152,52 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
     // either handled or deliberately ignored by now.
     Ok((StatusCode::OK, axum::Extension(note_of(&answer)), Json(answer)))
 }
+
+/// The generic "artifact published" event: an image (its followers) or a
+/// service, and a version. Deploys where `auto_deploy` opts in, the tag
+/// filter passes and the caller's token may deploy; holds it elsewhere.
+#[utoipa::path(post, path = "/api/v1/published", request_body = super::wire::PublishedRequest,
+    responses((status = 202, body = HookAnswer), (status = 400, body = super::wire::ErrorBody), (status = 401, body = super::wire::ErrorBody)))]
+pub async fn published(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<super::auth::Caller>,
+    body: Result<Json<super::wire::PublishedRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
+    let Json(req) = body?;
+    if !crate::submit::valid_version(&req.version) {
+        return Err(ApiError::bad_request(format!("version {:?} is not a version (letters, digits, '.', '_', '-', '+'; at most 128)", req.version)));
+    }
+    let loaded = s.submitter.config().await?;
+    let (what, decisions) = match (&req.image, &req.service) {
+        (Some(i), None) => {
+            let image = i.to_ascii_lowercase();
+            if !crate::config::valid_image(&image) {
+                return Err(ApiError::bad_request(format!("image {i:?} is not registry/repository without a tag")));
+            }
+            let d = decide(&loaded.config, &crate::trigger::Published { image: image.clone(), version: req.version.clone() });
+            (image, d)
+        }
+        (None, Some(svc)) if crate::config::valid_name(svc) => (svc.clone(), crate::trigger::decide_service(&loaded.config, svc, &req.version)),
+        _ => return Err(ApiError::bad_request("name either `image` or `service` (a valid name)")),
+    };
+    let id = req.id.clone().unwrap_or_else(|| format!("{what}:{}", req.version).replace('/', ":"));
+    if id.is_empty() || id.len() > 100 || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '+')) {
+        return Err(ApiError::bad_request(format!("invalid id {id:?}: letters, digits, '.', '_', '-', '+', ':'; at most 100")));
+    }
+    // What the token may not deploy is held, saying so.
+    let decisions: Vec<Decision> = decisions
+        .into_iter()
+        .map(|mut d| {
+            if d.held.is_none() && !caller.may(super::auth::Need::Deploy, Some(&d.environment)) {
+                d.held = Some(format!("{} may not deploy in {}", caller.actor(), d.environment));
+            }
+            d
+        })
+        .collect();
+    let key = format!("published:{id}");
+    let results = act(&s, decisions, &req.version, &key).await;
+    let payload = serde_json::json!({ "what": what, "version": req.version, "results": results }).to_string();
+    let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: "published".into(), payload }).await?;
+    let answer = HookAnswer { delivery: id, event: "published".into(), duplicate, note: Some(format!("{what} {} published", req.version)), results };
+    Ok((StatusCode::ACCEPTED, axum::Extension(note_of(&answer)), Json(answer)))
+}

@@ -142,8 +142,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, create_token, list_tokens, revoke_token, gc_plan, gc_apply, hooks::github, hooks::registry, healthz),
-    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HookAnswer, HookResult, WhyInfo, AuditInfo, TokenRequest, TokenCreated, TokenInfo, auth::Role, Health, ErrorBody))
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, create_token, list_tokens, revoke_token, gc_plan, gc_apply, hooks::github, hooks::registry, hooks::published, healthz),
+    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HookAnswer, HookResult, PublishedRequest, WhyInfo, AuditInfo, TokenRequest, TokenCreated, TokenInfo, auth::Role, Health, ErrorBody))
 )]
 pub struct ApiDoc;
 
@@ -155,6 +155,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/events", post(post_event))
+        .route("/api/v1/published", post(hooks::published))
         .route("/api/v1/deployments", get(list_deployments))
         .route("/api/v1/deployments/{id}", get(get_deployment))
         .route("/api/v1/deployments/{id}/jobs", get(list_jobs))
@@ -532,7 +533,7 @@ async fn why_service(State(s): State<Arc<AppState>>, p: Result<Path<(String, Str
     let rows = s.store.services().await?;
     let running = rows.iter().find(|r| r.environment == environment && r.service == service);
     let deployments = s.store.deployments(1000, None).await?;
-    let events = s.store.events(&["github.", "registry."], 1000).await?;
+    let events = s.store.events(&["github.", "registry.", "published"], 1000).await?;
     let e = crate::why::explain(&environment, &service, running, &deployments, &events);
     Ok(Json(WhyInfo { environment, service, running: e.running, newest: e.newest, verdict: e.verdict, history: e.history }))
 }

@@ -269,6 +269,23 @@ pub struct WhyInfo {
     pub history: Vec<String>,
 }
 
+/// `POST /api/v1/published`: a version of an artifact was published.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishedRequest {
+    /// The image (`registry/repository`) whose services follow it…
+    #[serde(default)]
+    pub image: Option<String>,
+    /// …or the service, by name.
+    #[serde(default)]
+    pub service: Option<String>,
+    pub version: String,
+    /// Idempotency key; by default the artifact and version themselves, so
+    /// the same version published twice deploys once.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
 /// The answer to a webhook delivery.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HookAnswer {

@@ -49,9 +49,20 @@ pub struct Decision {
 /// For every service that follows `p.image` (a docker service's own
 /// image, or a service's `follows`), in every environment: deploy or hold.
 pub fn decide(config: &Config, p: &Published) -> Vec<Decision> {
+    decide_for(config, &p.version, |s| s.follows.as_deref() == Some(p.image.as_str()))
+}
+
+/// [`decide`] for one service named directly (a generic "published"
+/// event that names the service, not an image).
+pub fn decide_service(config: &Config, service: &str, version: &str) -> Vec<Decision> {
+    decide_for(config, version, |s| s.name == service)
+}
+
+fn decide_for(config: &Config, version: &str, follows: impl Fn(&crate::config::Service) -> bool) -> Vec<Decision> {
+    let p = Published { image: String::new(), version: version.to_string() };
     let mut out = Vec::new();
     for s in &config.services {
-        if s.follows.as_deref() != Some(p.image.as_str()) {
+        if !follows(s) {
             continue;
         }
         for env in config.environment_names() {

@@ -43,7 +43,13 @@ pub fn explain(environment: &str, service: &str, running: Option<&ServiceRow>, d
     }
     for e in events {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.payload) else { continue };
-        let source = if e.kind.starts_with("github.") { "a GitHub delivery" } else { "a registry push" };
+        let source = if e.kind.starts_with("github.") {
+            "a GitHub delivery"
+        } else if e.kind == "published" {
+            "a published event"
+        } else {
+            "a registry push"
+        };
         for r in v["results"].as_array().into_iter().flatten() {
             if r["service"] != service || r["environment"] != environment {
                 continue;
