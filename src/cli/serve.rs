@@ -162,10 +162,12 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     let log_rx = bus.subscribe(4096);
     let metrics_rx = bus.subscribe(4096);
     let report_rx = bus.subscribe(4096);
+    let notify_rx = bus.subscribe(4096);
     let metrics = Arc::new(Metrics::new());
     tokio::spawn(logwriter::run(store.clone(), log_rx));
     tokio::spawn(api::metrics::consume(metrics.clone(), metrics_rx));
     tokio::spawn(report(report_rx));
+    tokio::spawn(crate::notify::run(store.clone(), opts.config_path.clone(), notify_rx));
     let node = opts.scheduler.node_id.clone();
     let parallelism = opts.scheduler.parallelism;
     let shutdown = CancellationToken::new();

@@ -50,7 +50,30 @@ pub struct Config {
     pub registries: Vec<secret::RegistryAuth>,
     pub github: Option<Github>,
     pub registry_hook: Option<RegistryHook>,
+    /// `[[notify]]`: outgoing webhooks about deployments.
+    pub notify: Vec<Notify>,
 }
+
+/// Where to tell about deployments, and which.
+#[derive(Debug, Clone)]
+pub struct Notify {
+    /// The URL, or the secret holding it (a Slack webhook URL is a secret).
+    pub url: NotifyUrl,
+    pub slack: bool,
+    /// Deployment states to tell about ("started" for a start).
+    pub on: Vec<String>,
+    /// Only these environments (empty: all).
+    pub environments: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum NotifyUrl {
+    Plain(String),
+    Secret(secret::SecretRef),
+}
+
+/// What `[[notify]] on` may name.
+pub const NOTIFY_ON: &[&str] = &["started", "succeeded", "failed", "rolled_back", "cancelled", "superseded"];
 
 /// `[registry_hook]`: notifications from a Docker distribution registry
 /// (`POST /hooks/registry`), which sends `Authorization: Bearer <token>`
@@ -354,6 +377,18 @@ struct Raw {
     registry: Vec<Spanned<secret::RawRegistry>>,
     github: Option<Spanned<RawGithub>>,
     registry_hook: Option<Spanned<RawRegistryHook>>,
+    #[serde(default)]
+    notify: Vec<Spanned<RawNotify>>,
+}
+
+#[derive(Deserialize)]
+struct RawNotify {
+    url: Option<Spanned<String>>,
+    url_secret: Option<Spanned<String>>,
+    format: Option<Spanned<String>>,
+    on: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    environments: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -551,6 +586,53 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
             max_payload: g.max_payload.as_ref().and_then(|v| positive(v, "registry_hook.max_payload", 64 << 20, problems)).unwrap_or(1 << 20) as usize,
         }
     });
+    let mut notify = Vec::new();
+    for n in raw.notify {
+        let span = n.span();
+        let n = n.into_inner();
+        let url = match (&n.url, &n.url_secret) {
+            (Some(u), None) => {
+                if !(u.get_ref().starts_with("http://") || u.get_ref().starts_with("https://")) {
+                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(u.span()), "`notify.url` must be an http:// or https:// URL").label("not a URL"));
+                }
+                Some(NotifyUrl::Plain(u.get_ref().clone()))
+            }
+            (None, Some(s)) => secret::lookup(s, &secrets, problems).map(NotifyUrl::Secret),
+            _ => {
+                problems.push(
+                    Problem::new(ProblemKind::MissingKey, Some(span.clone()), "a [[notify]] takes `url` or `url_secret` (one of them)")
+                        .label("this notify")
+                        .hint("url_secret names a [secret.*]: a Slack webhook URL is itself a secret"),
+                );
+                None
+            }
+        };
+        let slack = match n.format.as_ref().map(|f| f.get_ref().as_str()) {
+            None | Some("json") => false,
+            Some("slack") => true,
+            Some(other) => {
+                problems.push(Problem::new(ProblemKind::InvalidValue, n.format.as_ref().map(|f| f.span()), format!("unknown notify format {other:?}")).label("unknown").hint("\"json\" or \"slack\""));
+                false
+            }
+        };
+        let on: Vec<String> = match &n.on {
+            None => NOTIFY_ON.iter().map(|s| s.to_string()).collect(),
+            Some(v) => v
+                .iter()
+                .filter(|o| {
+                    let ok = NOTIFY_ON.contains(&o.get_ref().as_str());
+                    if !ok {
+                        problems.push(Problem::new(ProblemKind::InvalidValue, Some(o.span()), format!("unknown deployment event {:?}", o.get_ref())).label("unknown").hint(format!("one of {}", NOTIFY_ON.join(", "))));
+                    }
+                    ok
+                })
+                .map(|o| o.get_ref().clone())
+                .collect(),
+        };
+        if let Some(url) = url {
+            notify.push(Notify { url, slack, on, environments: n.environments.iter().map(|e| e.get_ref().clone()).collect() });
+        }
+    }
     let env_names: Vec<String> = if environments.is_empty() { vec![DEFAULT_ENVIRONMENT.to_string()] } else { environments.iter().map(|e: &Environment| e.name.clone()).collect() };
     let mut services = Vec::new();
     let mut service_jobs = Vec::new();
@@ -689,7 +771,7 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
     // A deploy's own jobs come after the config's, so `plan` lists the
     // user's jobs in file order first.
     jobs.extend(service_jobs);
-    Config { project, environments, services, jobs, secrets, registries, github, registry_hook }
+    Config { project, environments, services, jobs, secrets, registries, github, registry_hook, notify }
 }
 
 /// Placeholders substituted into argv commands at run time.

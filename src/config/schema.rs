@@ -7,7 +7,8 @@ use toml::de::{DeTable, DeValue};
 
 use super::diagnostic::{Problem, ProblemKind, did_you_mean};
 
-const TOP: &[&str] = &["project", "environment", "service", "job", "secret", "registry", "github", "registry_hook"];
+const TOP: &[&str] = &["project", "environment", "service", "job", "secret", "registry", "github", "registry_hook", "notify"];
+const NOTIFY: &[&str] = &["url", "url_secret", "format", "on", "environments"];
 const GITHUB: &[&str] = &["webhook_secret", "max_payload"];
 const REGISTRY_HOOK: &[&str] = &["token", "max_payload"];
 const SECRET: &[&str] = &["env", "file"];
@@ -49,6 +50,7 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
             "registry" => REGISTRY,
             "github" => GITHUB,
             "registry_hook" => REGISTRY_HOOK,
+            "notify" => NOTIFY,
             "secret" => {
                 // `[secret.NAME]`: one table per secret, under any name.
                 for table in tables(value) {
