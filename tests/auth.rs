@@ -139,6 +139,15 @@ async fn issue6_every_role_against_every_endpoint() {
         let (_, why) = api.call("GET", "/api/v1/services/production/web/why", Some(&viewer), None).await;
         assert!(why["verdict"].as_str().unwrap_or("").contains("may not deploy in production"), "{why}");
 
+        // Triggers' keys are theirs: a caller cannot take one ahead of them.
+        let (s, e) = api.call("POST", "/api/v1/events", Some(&deployer), Some(json!({"kind": "run", "jobs": ["noop"], "environment": "staging", "id": "published:x"}))).await;
+        assert_eq!(s, 400, "{e}");
+        // A viewer publishes nothing.
+        assert_eq!(api.call("POST", "/api/v1/published", Some(&viewer), Some(json!({"service": "web", "version": "3.0.0"}))).await.0, 403);
+        // A version with a build part deploys (its key is a digest).
+        let (s, a) = api.call("POST", "/api/v1/published", Some(&admin), Some(json!({"service": "web", "version": "2.2.0+build.5"}))).await;
+        assert!(s == 202 && a["results"][0]["deployment_id"].is_i64(), "{a}");
+
         // Revoked: 401 from then on; the audit log says who did what.
         let (s, _) = api.call("DELETE", "/api/v1/tokens/deployer", Some(&admin), None).await;
         assert_eq!(s, 200);

@@ -145,6 +145,10 @@ async fn issue6_github_deliveries_are_checked_deduplicated_and_deploy_where_opte
         assert_eq!(s, 202);
         assert_eq!(b["duplicate"], true, "{b}");
         assert_eq!(b["results"][0]["deployment_id"], staging["deployment_id"]);
+        // Replayed under a new delivery id (the id is not signed): the
+        // same body is the same event.
+        let (s, c) = h.signed("registry_package", "d-9", &body).await;
+        assert_eq!((s, c["duplicate"].as_bool()), (202, Some(true)), "{c}");
         let list = h.deployments().await;
         assert_eq!(list.len(), 1, "{backend}: {list:?}");
         assert_eq!((list[0]["id"].as_i64(), list[0]["version"].as_str(), list[0]["environment"].as_str()), (Some(id), Some("1.4.0"), Some("staging")));

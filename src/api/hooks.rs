@@ -48,23 +48,50 @@ async fn read_limited(body: Body, max: usize, setting: &str) -> ApiResult<axum::
     }
 }
 
+/// An event key from anything: `prefix:` and a digest, so it is always a
+/// valid key (length, alphabet) whatever the parts hold.
+pub(super) fn key_of(prefix: &str, parts: &[&str]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    format!("{prefix}:{}", &hex::encode(h.finalize())[..40])
+}
+
 /// Submit a deployment for every decision that deploys, each under its own
-/// key below `key` (so a redelivery finds them taken).
-async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, key: &str) -> Vec<HookResult> {
+/// key below `key` (so a redelivery finds them taken). Also says whether a
+/// submit failed for a reason that may pass (the store or the Engine
+/// down): then the delivery must not be stored, and the sender must retry.
+async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, key: &str) -> (Vec<HookResult>, bool) {
+    let mut transient = false;
     let mut results = Vec::new();
     for d in decisions {
         let mut r = HookResult { service: d.service.clone(), environment: d.environment.clone(), version: version.to_string(), deployment_id: None, held: d.held.clone(), error: None };
         if d.held.is_none() {
             let payload = serde_json::json!({ "kind": "deploy", "service": d.service, "version": version, "environment": d.environment, "source": key }).to_string();
             let request = Request::Deploy { service: d.service.clone(), version: version.to_string(), environment: Some(d.environment.clone()), digest: None };
-            match s.submitter.submit(request, Some(format!("{key}:{}:{}", d.environment, d.service)), payload).await {
+            match s.submitter.submit(request, Some(key_of(key, &[&d.environment, &d.service])), payload).await {
                 Ok(sub) => r.deployment_id = Some(sub.deployment_id),
-                Err(e) => r.error = Some(ApiError::from(e).message),
+                Err(e) => {
+                    let e = ApiError::from(e);
+                    transient |= e.status == StatusCode::SERVICE_UNAVAILABLE;
+                    r.error = Some(e.message);
+                }
             }
         }
         results.push(r);
     }
-    results
+    (results, transient)
+}
+
+/// 503 for a delivery whose deployments could not all be submitted for a
+/// passing reason: nothing of it is recorded as handled, the sender
+/// retries, and what was submitted is not submitted twice.
+fn retry_later(results: &[HookResult]) -> ApiError {
+    let why: Vec<String> = results.iter().filter_map(|r| r.error.as_ref().map(|e| format!("{} in {}: {e}", r.service, r.environment))).collect();
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("not every deployment could be submitted; send it again: {}", why.join("; ")))
 }
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -94,7 +121,9 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         TriggerError::BadPayload(m) => ApiError::bad_request(m),
         TriggerError::Unauthenticated(m) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", m),
     })?;
-    let key = format!("github:{delivery}");
+    // The body, not the delivery id (which the signature does not cover):
+    // a redelivery and a replay under a new id are both the same event.
+    let key = key_of("github", &[&String::from_utf8_lossy(&bytes)]);
     let mut answer = HookAnswer { delivery: delivery.to_string(), event: event.to_string(), duplicate: false, note: None, results: vec![] };
     let status = match parsed {
         Delivery::Ping => {
@@ -107,7 +136,11 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         }
         Delivery::Published(p) => {
             answer.note = Some(format!("{}:{} published", p.image, p.version));
-            answer.results = act(&s, decide(&loaded.config, &p), &p.version, &key).await;
+            let (results, transient) = act(&s, decide(&loaded.config, &p), &p.version, &key).await;
+            if transient {
+                return Err(retry_later(&results));
+            }
+            answer.results = results;
             StatusCode::ACCEPTED
         }
     };
@@ -140,8 +173,11 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
     let mut answer = HookAnswer { delivery: String::new(), event: "registry".into(), duplicate: false, note: Some(format!("{} tagged push(es), {ignored} event(s) ignored", pushed.len())), results: vec![] };
     let mut all_duplicates = !pushed.is_empty();
     for p in pushed {
-        let key = format!("registry:{}", p.id);
-        let results = act(&s, decide_any(&loaded.config, &p.images, &p.version), &p.version, &key).await;
+        let key = key_of("registry", &[&p.id]);
+        let (results, transient) = act(&s, decide_any(&loaded.config, &p.images, &p.version), &p.version, &key).await;
+        if transient {
+            return Err(retry_later(&results));
+        }
         let payload = serde_json::json!({ "images": p.images, "version": p.version, "results": results }).to_string();
         let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: "registry.push".into(), payload }).await?;
         all_duplicates &= duplicate;
@@ -164,6 +200,9 @@ pub async fn published(
     body: Result<Json<super::wire::PublishedRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
     let Json(req) = body?;
+    if !caller.may_somewhere(super::auth::Need::Deploy) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("{} may not deploy anywhere", caller.actor())));
+    }
     if !crate::submit::valid_version(&req.version) {
         return Err(ApiError::bad_request(format!("version {:?} is not a version (letters, digits, '.', '_', '-', '+'; at most 128)", req.version)));
     }
@@ -180,9 +219,9 @@ pub async fn published(
         (None, Some(svc)) if crate::config::valid_name(svc) => (svc.clone(), crate::trigger::decide_service(&loaded.config, svc, &req.version)),
         _ => return Err(ApiError::bad_request("name either `image` or `service` (a valid name)")),
     };
-    let id = req.id.clone().unwrap_or_else(|| format!("{what}:{}", req.version).replace('/', ":"));
-    if id.is_empty() || id.len() > 100 || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '+')) {
-        return Err(ApiError::bad_request(format!("invalid id {id:?}: letters, digits, '.', '_', '-', '+', ':'; at most 100")));
+    let id = req.id.clone().unwrap_or_else(|| format!("{what}:{}", req.version));
+    if id.is_empty() || id.len() > 256 {
+        return Err(ApiError::bad_request("`id` must be 1 to 256 characters"));
     }
     // What the token may not deploy is held, saying so.
     let decisions: Vec<Decision> = decisions
@@ -194,8 +233,11 @@ pub async fn published(
             d
         })
         .collect();
-    let key = format!("published:{id}");
-    let results = act(&s, decisions, &req.version, &key).await;
+    let key = key_of("published", &[&id]);
+    let (results, transient) = act(&s, decisions, &req.version, &key).await;
+    if transient {
+        return Err(retry_later(&results));
+    }
     let payload = serde_json::json!({ "what": what, "version": req.version, "results": results }).to_string();
     let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: "published".into(), payload }).await?;
     let answer = HookAnswer { delivery: id, event: "published".into(), duplicate, note: Some(format!("{what} {} published", req.version)), results };

@@ -222,6 +222,11 @@ async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axu
         None => s.submitter.config().await?.config.environment_names().into_iter().next().unwrap_or_default(),
     };
     caller.require(auth::Need::Deploy, Some(&environment))?;
+    // Keys under these prefixes are the triggers' own: a caller could
+    // otherwise take a key a future delivery will use, and stop it.
+    if req.id.as_deref().is_some_and(|k| ["github:", "registry:", "published:"].iter().any(|p| k.starts_with(p))) {
+        return Err(ApiError::bad_request("event ids starting with github:, registry: or published: are reserved for Slipway's triggers"));
+    }
     let payload = serde_json::to_string(&req).unwrap_or_default();
     let request = match req.kind {
         EventKind::Deploy => {

@@ -129,7 +129,8 @@ async fn deliver(http: &reqwest::Client, n: &Notify, body: &serde_json::Value, i
                 return;
             }
             Ok(r) => format!("HTTP {}", r.status()),
-            Err(e) => crate::service::error_chain(&e).replace(&url, &shown),
+            // Without the URL: reqwest's own spelling of it may differ.
+            Err(e) => crate::service::error_chain(&e.without_url()),
         };
         if attempt == ATTEMPTS {
             tracing::warn!(deployment = id, event = what, to = %shown, "notification failed after {ATTEMPTS} tries: {why}");

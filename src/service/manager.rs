@@ -230,11 +230,7 @@ impl ServiceManager {
             secret_env: g.spec.secrets.iter().map(|(k, r)| Ok((k.clone(), r.read()?))).collect::<Result<_, String>>()?,
             secret_files: c.map(|c| c.secret_files.iter().map(|(p, r)| Ok((p.clone(), r.read()?))).collect::<Result<_, String>>()).transpose()?.unwrap_or_default(),
         };
-        let secrets = g.spec.secrets.values().chain(c.iter().flat_map(|c| c.secret_files.values()));
-        let redactor = crate::config::secret::Redactor::of(secrets);
-        if let Ok(mut r) = self.redactors.lock() {
-            r.insert((environment.to_string(), g.spec.name.clone()), redactor);
-        }
+        self.remember_secrets(environment, g);
         let target = self.targets.get(if c.is_some() { "docker" } else { "local" }).await?;
         target.start_instance(req).await
     }
@@ -707,9 +703,21 @@ impl ServiceManager {
         self.targets.after_restore().await;
     }
 
+    /// The values of the secrets `g`'s instances get: what `note` masks.
+    fn remember_secrets(&self, environment: &str, g: &Generation) {
+        let c = g.spec.container.as_ref();
+        let secrets = g.spec.secrets.values().chain(c.into_iter().flat_map(|c| c.secret_files.values()));
+        let redactor = crate::config::secret::Redactor::of(secrets);
+        if let Ok(mut r) = self.redactors.lock() {
+            r.insert((environment.to_string(), g.spec.name.clone()), redactor);
+        }
+    }
+
     /// Take over healthy instances of `g` left by a dead Slipway (up to the
     /// wanted count); the rest of what it left is swept afterwards.
     async fn adopt(&self, environment: &str, g: &Generation) -> Vec<Arc<dyn Instance>> {
+        // Adopted instances may print secrets too.
+        self.remember_secrets(environment, g);
         let c = g.spec.container.as_ref();
         let Ok(target) = self.targets.get(if c.is_some() { "docker" } else { "local" }).await else { return vec![] };
         let image = c.and_then(|c| g.sha256.as_ref().map(|hex| format!("{}@sha256:{hex}", c.image)));
