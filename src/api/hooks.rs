@@ -41,7 +41,10 @@ use crate::trigger::{Decision, TriggerError, decide, decide_any};
 
 /// The body, at most `max` bytes (413 beyond, naming the setting).
 async fn read_limited(body: Body, max: usize, setting: &str) -> ApiResult<axum::body::Bytes> {
-    match http_body_util::Limited::new(body, max).collect().await {
+    // A sender that trickles its body must not hold a connection forever.
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), http_body_util::Limited::new(body, max).collect()).await;
+    let Ok(read) = read else { return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", "the delivery's body did not arrive within 30s")) };
+    match read {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("delivery larger than {setting} ({max} bytes)"))),
         Err(e) => Err(ApiError::bad_request(format!("cannot read the delivery: {e}"))),
