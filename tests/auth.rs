@@ -92,7 +92,8 @@ async fn issue6_every_role_against_every_endpoint() {
         let table: Vec<(&str, &str, Option<Value>, &[&str])> = vec![
             ("GET", "/api/v1/deployments", None, &["viewer", "deployer", "approver", "admin"]),
             ("GET", "/api/v1/services", None, &["viewer", "deployer", "approver", "admin"]),
-            ("GET", "/api/v1/audit", None, &["viewer", "deployer", "approver", "admin"]),
+            // The audit log spans every environment: a role for "*".
+            ("GET", "/api/v1/audit", None, &["viewer", "approver", "admin"]),
             ("POST", "/api/v1/events", Some(run("staging")), &["deployer", "admin"]),
             ("POST", "/api/v1/events", Some(run("production")), &["admin"]),
             ("POST", "/api/v1/services/production/web/rollback", None, &["admin"]),
@@ -138,6 +139,17 @@ async fn issue6_every_role_against_every_endpoint() {
         assert_eq!(s, 400, "{bad}");
         let (_, why) = api.call("GET", "/api/v1/services/production/web/why", Some(&viewer), None).await;
         assert!(why["verdict"].as_str().unwrap_or("").contains("may not deploy in production"), "{why}");
+
+        // Reads are per environment too: a staging-only viewer sees
+        // staging's deployments, not production's.
+        let stager = api.token(Some(&admin), "stager", json!({"staging": "viewer"})).await;
+        let (_, all) = api.call("GET", "/api/v1/deployments?limit=100", Some(&admin), None).await;
+        let prod = all.as_array().and_then(|a| a.iter().find(|d| d["environment"] == "production")).and_then(|d| d["id"].as_i64()).expect("a production deployment");
+        let (s, seen) = api.call("GET", "/api/v1/deployments?limit=100", Some(&stager), None).await;
+        assert!(s == 200 && seen.as_array().is_some_and(|a| !a.is_empty() && a.iter().all(|d| d["environment"] == "staging")), "{seen}");
+        assert_eq!(api.call("GET", &format!("/api/v1/deployments/{prod}"), Some(&stager), None).await.0, 403);
+        assert_eq!(api.call("GET", &format!("/api/v1/deployments/{prod}/logs"), Some(&stager), None).await.0, 403);
+        assert_eq!(api.call("GET", "/api/v1/services/production/web/why", Some(&stager), None).await.0, 403);
 
         // Triggers' keys are theirs: a caller cannot take one ahead of them.
         let (s, e) = api.call("POST", "/api/v1/events", Some(&deployer), Some(json!({"kind": "run", "jobs": ["noop"], "environment": "staging", "id": "published:x"}))).await;

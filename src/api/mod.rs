@@ -269,7 +269,7 @@ struct ListQuery {
 
 /// Deployments, newest first.
 #[utoipa::path(get, path = "/api/v1/deployments", params(ListQuery), responses((status = 200, body = Vec<Deployment>), (status = 400, body = ErrorBody)))]
-async fn list_deployments(State(s): State<Arc<AppState>>, q: Result<Query<ListQuery>, QueryRejection>) -> ApiResult<Json<Vec<Deployment>>> {
+async fn list_deployments(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, q: Result<Query<ListQuery>, QueryRejection>) -> ApiResult<Json<Vec<Deployment>>> {
     let Query(q) = q?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
@@ -284,7 +284,17 @@ async fn list_deployments(State(s): State<Arc<AppState>>, q: Result<Query<ListQu
             ))
         })?),
     };
-    Ok(Json(s.store.deployments(limit, state).await?.into_iter().map(Deployment::from).collect()))
+    // Of the newest `limit`, those in environments the caller may read.
+    let rows = s.store.deployments(limit, state).await?;
+    Ok(Json(rows.into_iter().filter(|d| caller.may(auth::Need::Read, Some(&d.environment))).map(Deployment::from).collect()))
+}
+
+/// A deployment the caller may read (404 if none, 403 if its environment
+/// is not the caller's).
+async fn readable(s: &AppState, caller: &auth::Caller, id: i64) -> ApiResult<crate::store::DeploymentRow> {
+    let d = deployment_or_404(s, id).await?;
+    caller.require(auth::Need::Read, Some(&d.environment))?;
+    Ok(d)
 }
 
 async fn deployment_or_404(s: &AppState, id: i64) -> ApiResult<crate::store::DeploymentRow> {
@@ -293,9 +303,9 @@ async fn deployment_or_404(s: &AppState, id: i64) -> ApiResult<crate::store::Dep
 
 /// One deployment with its jobs and every attempt.
 #[utoipa::path(get, path = "/api/v1/deployments/{id}", params(("id" = i64, Path)), responses((status = 200, body = DeploymentDetail), (status = 404, body = ErrorBody)))]
-async fn get_deployment(State(s): State<Arc<AppState>>, id: Result<Path<i64>, PathRejection>) -> ApiResult<Json<DeploymentDetail>> {
+async fn get_deployment(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, id: Result<Path<i64>, PathRejection>) -> ApiResult<Json<DeploymentDetail>> {
     let Path(id) = id?;
-    let d = deployment_or_404(&s, id).await?;
+    let d = readable(&s, &caller, id).await?;
     let jobs = s.store.jobs(id).await?.into_iter().map(Job::from).collect();
     let attempts = s.store.attempts(id).await?.into_iter().map(Attempt::from).collect();
     Ok(Json(DeploymentDetail { deployment: d.into(), jobs, attempts }))
@@ -303,9 +313,9 @@ async fn get_deployment(State(s): State<Arc<AppState>>, id: Result<Path<i64>, Pa
 
 /// The jobs of a deployment.
 #[utoipa::path(get, path = "/api/v1/deployments/{id}/jobs", params(("id" = i64, Path)), responses((status = 200, body = Vec<Job>), (status = 404, body = ErrorBody)))]
-async fn list_jobs(State(s): State<Arc<AppState>>, id: Result<Path<i64>, PathRejection>) -> ApiResult<Json<Vec<Job>>> {
+async fn list_jobs(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, id: Result<Path<i64>, PathRejection>) -> ApiResult<Json<Vec<Job>>> {
     let Path(id) = id?;
-    deployment_or_404(&s, id).await?;
+    readable(&s, &caller, id).await?;
     Ok(Json(s.store.jobs(id).await?.into_iter().map(Job::from).collect()))
 }
 
@@ -323,13 +333,13 @@ struct LogQuery {
 #[utoipa::path(get, path = "/api/v1/deployments/{id}/logs", params(("id" = i64, Path), LogQuery),
     responses((status = 200, body = Vec<LogLine>), (status = 404, body = ErrorBody)))]
 async fn get_logs(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>,
     id: Result<Path<i64>, PathRejection>,
     q: Result<Query<LogQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<LogLine>>> {
     let Path(id) = id?;
     let Query(q) = q?;
-    deployment_or_404(&s, id).await?;
+    readable(&s, &caller, id).await?;
     let limit = q.limit.unwrap_or(1000);
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be between 1 and 10000"));
@@ -344,14 +354,14 @@ async fn get_logs(
 #[utoipa::path(get, path = "/api/v1/deployments/{id}/logs/stream", params(("id" = i64, Path), LogQuery),
     responses((status = 200, description = "text/event-stream"), (status = 404, body = ErrorBody)))]
 async fn stream_logs(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>,
     id: Result<Path<i64>, PathRejection>,
     q: Result<Query<LogQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let Path(id) = id?;
     let Query(q) = q?;
-    deployment_or_404(&s, id).await?;
+    readable(&s, &caller, id).await?;
     // A reconnecting EventSource resumes where it stopped.
     let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok());
     let mut after = resume.or(q.after).unwrap_or(0);
@@ -441,8 +451,9 @@ async fn cancel_deployment(State(s): State<Arc<AppState>>, axum::Extension(calle
 /// Every service with a recorded version, per environment, with its live
 /// instances on this node and its newest deployment.
 #[utoipa::path(get, path = "/api/v1/services", responses((status = 200, body = Vec<ServiceInfo>), (status = 503, body = ErrorBody)))]
-async fn list_services(State(s): State<Arc<AppState>>) -> ApiResult<Json<Vec<ServiceInfo>>> {
-    let rows = s.store.services().await?;
+async fn list_services(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<Json<Vec<ServiceInfo>>> {
+    let mut rows = s.store.services().await?;
+    rows.retain(|r| caller.may(auth::Need::Read, Some(&r.environment)));
     let live = match &s.services {
         Some(m) => m.status().await,
         None => vec![],
@@ -495,8 +506,9 @@ async fn rollback_service(State(s): State<Arc<AppState>>, axum::Extension(caller
 /// newest first.
 #[utoipa::path(get, path = "/api/v1/services/{environment}/{service}/events", params(("environment" = String, Path), ("service" = String, Path)),
     responses((status = 200, body = Vec<ServiceEventInfo>), (status = 400, body = ErrorBody)))]
-async fn service_events(State(s): State<Arc<AppState>>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<Json<Vec<ServiceEventInfo>>> {
+async fn service_events(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<Json<Vec<ServiceEventInfo>>> {
     let Path((environment, service)) = p?;
+    caller.require(auth::Need::Read, Some(&environment))?;
     let events = s.store.service_events(&environment, &service, 200).await?;
     Ok(Json(events.into_iter().map(|e| ServiceEventInfo { at: e.at, kind: e.kind, message: e.message }).collect()))
 }
@@ -504,7 +516,8 @@ async fn service_events(State(s): State<Arc<AppState>>, p: Result<Path<(String, 
 /// What `slipway gc` would remove: orphaned containers and unused images
 /// (a dry run).
 #[utoipa::path(get, path = "/api/v1/gc", responses((status = 200, body = GarbageInfo), (status = 503, body = ErrorBody)))]
-async fn gc_plan(State(s): State<Arc<AppState>>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<GarbageInfo>)> {
+async fn gc_plan(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<GarbageInfo>)> {
+    caller.require(auth::Need::Read, None)?;
     gc(&s, false).await
 }
 
@@ -530,11 +543,12 @@ async fn gc(s: &AppState, apply: bool) -> ApiResult<(axum::Extension<audit::Audi
 /// Why the service runs the version it runs and not the newest seen.
 #[utoipa::path(get, path = "/api/v1/services/{environment}/{service}/why", params(("environment" = String, Path), ("service" = String, Path)),
     responses((status = 200, body = WhyInfo), (status = 400, body = ErrorBody)))]
-async fn why_service(State(s): State<Arc<AppState>>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<Json<WhyInfo>> {
+async fn why_service(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<Json<WhyInfo>> {
     let Path((environment, service)) = p?;
     if !crate::config::valid_name(&environment) || !crate::config::valid_name(&service) {
         return Err(ApiError::bad_request("invalid environment or service name"));
     }
+    caller.require(auth::Need::Read, Some(&environment))?;
     let rows = s.store.services().await?;
     let running = rows.iter().find(|r| r.environment == environment && r.service == service);
     let deployments = s.store.deployments(1000, None).await?;
@@ -546,8 +560,10 @@ async fn why_service(State(s): State<Arc<AppState>>, p: Result<Path<(String, Str
 /// The audit log, newest first: every request that changed something (or
 /// tried to), who sent it, from where, what it meant, what came of it.
 #[utoipa::path(get, path = "/api/v1/audit", params(ListQuery), responses((status = 200, body = Vec<AuditInfo>)))]
-async fn list_audit(State(s): State<Arc<AppState>>, q: Result<Query<ListQuery>, QueryRejection>) -> ApiResult<Json<Vec<AuditInfo>>> {
+async fn list_audit(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, q: Result<Query<ListQuery>, QueryRejection>) -> ApiResult<Json<Vec<AuditInfo>>> {
     let Query(q) = q?;
+    // It spans every environment (and names tokens and addresses).
+    caller.require(auth::Need::Read, None)?;
     let rows = s.store.audit(q.limit.unwrap_or(50).clamp(1, 1000)).await?;
     Ok(Json(rows.into_iter().map(|a| AuditInfo { id: a.id, at: a.at, actor: a.actor, address: a.address, action: a.action, detail: a.detail, status: a.status as u16 }).collect()))
 }
