@@ -357,27 +357,13 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             Ok(exit::OK)
         }
         Command::Bench(a) if a.what == BenchWhat::Services => {
-            let opts = crate::bench::wrk::LoadBenchOptions {
-                duration: Duration::from_secs(a.wrk_secs),
-                connections: a.connections,
-                threads: 2,
-                rollout_instances: a.instances,
-                json: cli.json,
-            };
-            match crate::bench::service::run(opts, &crate::bench::service::default_demo_bin()).await {
+            match crate::bench::service::run(load_options(&a, cli.json), &crate::bench::service::default_demo_bin()).await {
                 Ok(_) => Ok(exit::OK),
                 Err(e) => Err(CliError::new(exit::INTERNAL, e.to_string())),
             }
         }
         Command::Bench(a) if a.what == BenchWhat::Docker => {
-            let opts = crate::bench::wrk::LoadBenchOptions {
-                duration: Duration::from_secs(a.wrk_secs),
-                connections: a.connections,
-                threads: 2,
-                rollout_instances: a.instances,
-                json: cli.json,
-            };
-            match crate::bench::docker::run(opts, &crate::bench::service::default_demo_bin()).await {
+            match crate::bench::docker::run(load_options(&a, cli.json), &crate::bench::service::default_demo_bin()).await {
                 Ok(_) => Ok(exit::OK),
                 Err(e @ crate::bench::docker::DockerBenchError::Interrupted) => Err(CliError::new(exit::INTERRUPTED, e.to_string())),
                 Err(e) => Err(CliError::new(exit::INTERNAL, e.to_string())),
@@ -724,6 +710,11 @@ async fn gc(client: &Client, a: GcArgs, json: bool) -> Result<u8, CliError> {
         println!("(dry run: `slipway gc --apply` removes them)");
     }
     Ok(exit::OK)
+}
+
+/// The options the load benches (`services`, `docker`) share.
+fn load_options(a: &BenchArgs, json: bool) -> crate::bench::wrk::LoadBenchOptions {
+    crate::bench::wrk::LoadBenchOptions { duration: Duration::from_secs(a.wrk_secs), connections: a.connections, threads: 2, rollout_instances: a.instances, json }
 }
 
 /// The first 12 characters of an id (as `docker ps` shows them).

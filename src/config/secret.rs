@@ -260,7 +260,14 @@ impl Redactor {
     /// The values of these secrets, read now; one that cannot be read is
     /// not given to anything either, so there is nothing to mask.
     pub fn of<'a>(secrets: impl IntoIterator<Item = &'a SecretRef>) -> Redactor {
-        let mut values: Vec<(String, String)> = secrets.into_iter().filter_map(|s| s.read().ok().map(|v| (v.0, s.name.clone()))).filter(|(v, _)| !v.is_empty()).collect();
+        let read: Vec<(String, Secret)> = secrets.into_iter().filter_map(|s| s.read().ok().map(|v| (s.name.clone(), v))).collect();
+        Redactor::of_values(read.iter().map(|(n, v)| (n.as_str(), v)))
+    }
+
+    /// From values already read (name, value): the very values a process
+    /// was given, not a second read that a rotation could make differ.
+    pub fn of_values<'a>(secrets: impl IntoIterator<Item = (&'a str, &'a Secret)>) -> Redactor {
+        let mut values: Vec<(String, String)> = secrets.into_iter().map(|(n, v)| (v.0.clone(), n.to_string())).filter(|(v, _)| !v.is_empty()).collect();
         // A secret file's value may span lines; output comes line by line.
         let lines: Vec<(String, String)> = values.iter().flat_map(|(v, n)| v.lines().filter(|l| l.trim().len() >= 4).map(|l| (l.to_string(), n.clone())).collect::<Vec<_>>()).collect();
         values.extend(lines);

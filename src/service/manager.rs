@@ -206,6 +206,13 @@ impl ServiceManager {
         // In a container, `{port}` is the port inside it.
         let values = self.values(environment, g, g.spec.container.as_ref().map(|c| c.port).unwrap_or(port));
         let c = g.spec.container.as_ref();
+        // Read once, now, on this node: a rotated secret reaches the next
+        // instance started.
+        let read = |m: &BTreeMap<String, crate::config::secret::SecretRef>| -> Result<BTreeMap<String, (String, crate::config::secret::Secret)>, String> {
+            m.iter().map(|(k, r)| Ok((k.clone(), (r.name.clone(), r.read()?)))).collect()
+        };
+        let env_secrets = read(&g.spec.secrets)?;
+        let file_secrets = c.map(|c| read(&c.secret_files)).transpose()?.unwrap_or_default();
         let req = InstanceRequest {
             service: g.spec.name.clone(),
             environment: environment.to_string(),
@@ -225,12 +232,12 @@ impl ServiceManager {
             millicpus: c.and_then(|c| c.millicpus),
             deployment_id: g.deployment_id,
             spec_digest: spec_digest(&g.spec),
-            // Read now, on this node: a rotated secret reaches the next
-            // instance started.
-            secret_env: g.spec.secrets.iter().map(|(k, r)| Ok((k.clone(), r.read()?))).collect::<Result<_, String>>()?,
-            secret_files: c.map(|c| c.secret_files.iter().map(|(p, r)| Ok((p.clone(), r.read()?))).collect::<Result<_, String>>()).transpose()?.unwrap_or_default(),
+            secret_env: env_secrets.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect(),
+            secret_files: file_secrets.iter().map(|(p, (_, v))| (p.clone(), v.clone())).collect(),
         };
-        self.remember_secrets(environment, g);
+        // What note() masks: the values this instance was given.
+        let given = env_secrets.values().chain(file_secrets.values()).map(|(name, v)| (name.as_str(), v));
+        self.remember(environment, &g.spec.name, crate::config::secret::Redactor::of_values(given));
         let target = self.targets.get(if c.is_some() { "docker" } else { "local" }).await?;
         target.start_instance(req).await
     }
@@ -707,9 +714,12 @@ impl ServiceManager {
     fn remember_secrets(&self, environment: &str, g: &Generation) {
         let c = g.spec.container.as_ref();
         let secrets = g.spec.secrets.values().chain(c.into_iter().flat_map(|c| c.secret_files.values()));
-        let redactor = crate::config::secret::Redactor::of(secrets);
+        self.remember(environment, &g.spec.name, crate::config::secret::Redactor::of(secrets));
+    }
+
+    fn remember(&self, environment: &str, service: &str, redactor: crate::config::secret::Redactor) {
         if let Ok(mut r) = self.redactors.lock() {
-            r.insert((environment.to_string(), g.spec.name.clone()), redactor);
+            r.insert((environment.to_string(), service.to_string()), redactor);
         }
     }
 

@@ -315,12 +315,20 @@ pub trait Instance: Send + Sync + 'static {
     fn id(&self) -> String;
     /// Where the proxy and health checks reach it.
     fn addr(&self) -> std::net::SocketAddr;
+    /// How it ended and its last output, kept by the target's watcher.
+    fn lifeline(&self) -> &Lifeline;
     /// How it ended ("exit code 1", "killed by signal 9"), once it has.
-    fn exit(&self) -> Option<String>;
+    fn exit(&self) -> Option<String> {
+        self.lifeline().exit()
+    }
     /// Resolves once the instance has ended, for whatever reason.
-    async fn exited(&self);
+    async fn exited(&self) {
+        self.lifeline().exited().await
+    }
     /// Its last lines of output (stdout and stderr interleaved).
-    fn last_output(&self) -> Vec<String>;
+    fn last_output(&self) -> Vec<String> {
+        self.lifeline().last_output()
+    }
     /// SIGTERM (or the target's equivalent), then a kill after `grace`.
     /// Returns once it has ended.
     async fn stop(&self, grace: std::time::Duration);

@@ -59,7 +59,6 @@ pub fn decide_service(config: &Config, service: &str, version: &str) -> Vec<Deci
 }
 
 fn decide_for(config: &Config, version: &str, follows: impl Fn(&crate::config::Service) -> bool) -> Vec<Decision> {
-    let p = Published { image: String::new(), version: version.to_string() };
     let mut out = Vec::new();
     for s in &config.services {
         if !follows(s) {
@@ -69,9 +68,9 @@ fn decide_for(config: &Config, version: &str, follows: impl Fn(&crate::config::S
             let held = if !s.auto_deploy.contains(&env) {
                 Some(format!("auto_deploy is off for {env} (the service's auto_deploy lists {})", list(&s.auto_deploy)))
             } else if let Some(f) = &s.tags
-                && !f.allows(&p.version)
+                && !f.allows(version)
             {
-                Some(format!("tag {} does not pass the service's tag filter ({})", p.version, f.describe()))
+                Some(format!("tag {version} does not pass the service's tag filter ({})", f.describe()))
             } else {
                 None
             };
@@ -84,15 +83,7 @@ fn decide_for(config: &Config, version: &str, follows: impl Fn(&crate::config::S
 /// [`decide`] for a version known under several image names (a registry
 /// reached by more than one host name): each service and environment once.
 pub fn decide_any(config: &Config, images: &[String], version: &str) -> Vec<Decision> {
-    let mut out: Vec<Decision> = Vec::new();
-    for image in images {
-        for d in decide(config, &Published { image: image.clone(), version: version.to_string() }) {
-            if !out.iter().any(|o| o.service == d.service && o.environment == d.environment) {
-                out.push(d);
-            }
-        }
-    }
-    out
+    decide_for(config, version, |s| s.follows.as_ref().is_some_and(|f| images.contains(f)))
 }
 
 fn list(v: &[String]) -> String {

@@ -3,7 +3,7 @@
 //! pushes with a tag mean a new version. Pulls, blob pushes, deletes and
 //! untagged pushes are ignored. Pure, like `github.rs`.
 
-use super::{Published, TriggerError};
+use super::TriggerError;
 
 /// One push of a tagged manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,12 +15,6 @@ pub struct Pushed {
     /// pusher used and the one in the event's URL.
     pub images: Vec<String>,
     pub version: String,
-}
-
-impl Pushed {
-    pub fn published(&self, image: &str) -> Published {
-        Published { image: image.to_string(), version: self.version.clone() }
-    }
 }
 
 /// The tagged manifest pushes in an envelope, and how many events were

@@ -315,15 +315,11 @@ impl Target for DockerTarget {
     /// back. Containers without our labels are never touched.
     async fn sweep_orphans(&self) -> usize {
         let Ok(containers) = self.labelled().await else { return 0 };
-        let mine = super::local::owner_mark();
         let mut removed = 0;
-        for c in containers {
-            let owner = c.labels.as_ref().and_then(|l| l.get(LABEL_OWNER)).cloned().unwrap_or_default();
-            let Some(id) = c.id else { continue };
-            if owner == mine || !super::local::owner_is_dead(&owner) || self.is_adopted(&id) {
-                continue;
-            }
-            let remove = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build()));
+        for c in containers.iter().filter(|c| self.orphaned(c)) {
+            let owner = label(c, LABEL_OWNER);
+            let Some(id) = &c.id else { continue };
+            let remove = self.docker.remove_container(id, Some(RemoveContainerOptionsBuilder::default().force(true).build()));
             if bounded("removing an orphaned container", remove).await.is_ok() {
                 tracing::warn!(container = %id, owner = %owner, "removed a container left by a Slipway process that died");
                 removed += 1;
@@ -650,16 +646,8 @@ impl Instance for DockerInstance {
         self.addr
     }
 
-    fn exit(&self) -> Option<String> {
-        self.life.exit()
-    }
-
-    async fn exited(&self) {
-        self.life.exited().await
-    }
-
-    fn last_output(&self) -> Vec<String> {
-        self.life.last_output()
+    fn lifeline(&self) -> &Lifeline {
+        &self.life
     }
 
     async fn stop(&self, grace: Duration) {

@@ -84,16 +84,8 @@ impl Instance for LocalInstance {
         self.addr
     }
 
-    fn exit(&self) -> Option<String> {
-        self.life.exit()
-    }
-
-    async fn exited(&self) {
-        self.life.exited().await
-    }
-
-    fn last_output(&self) -> Vec<String> {
-        self.life.last_output()
+    fn lifeline(&self) -> &Lifeline {
+        &self.life
     }
 
     async fn stop(&self, grace: Duration) {
