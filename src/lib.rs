@@ -7,6 +7,8 @@
 //! - [`store`]: the durable state behind the [`store::Store`] trait (SQLite, PostgreSQL).
 //! - [`scheduler`]: a node's loop — claims jobs with leases, runs them, reports events.
 //! - [`target`]: where jobs and service instances run, behind the [`target::Target`] trait (`local`, `docker`).
+//! - [`git`]: an environment's config repository, mirrored and read with the system `git`.
+//! - [`gate`]: approvals, soak times, deploy windows and promotions between environments.
 //! - [`notify`]: outgoing webhooks about deployments, a consumer of the scheduler's events.
 //! - [`why`]: why a service runs the version it runs, from the record alone (no IO).
 //! - [`trigger`]: events from outside (GitHub webhooks) read, checked and decided into deployments.
@@ -23,6 +25,8 @@ pub mod target;
 pub mod service;
 pub mod api;
 pub mod submit;
+pub mod git;
+pub mod gate;
 pub mod trigger;
 pub mod why;
 pub mod notify;

@@ -55,6 +55,7 @@ async fn submit(store: &Arc<dyn Store>, rev: &str, key: &str, jobs: Vec<NewJob>)
             lock_key: format!("default/jobs/{key}"),
             revision: rev.into(),
             jobs,
+            hold: None,
         })
         .await
         .unwrap()

@@ -106,6 +106,7 @@ fn new_deployment(lock_key: &str, jobs: Vec<NewJob>) -> NewDeployment {
         lock_key: lock_key.into(),
         revision: REV.into(),
         jobs,
+        hold: None,
     }
 }
 

@@ -51,17 +51,7 @@ async fn read_limited(body: Body, max: usize, setting: &str) -> ApiResult<axum::
     }
 }
 
-/// An event key from anything: `prefix:` and a digest, so it is always a
-/// valid key (length, alphabet) whatever the parts hold.
-pub(super) fn key_of(prefix: &str, parts: &[&str]) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    for p in parts {
-        h.update(p.as_bytes());
-        h.update([0u8]);
-    }
-    format!("{prefix}:{}", &hex::encode(h.finalize())[..40])
-}
+pub(super) use crate::submit::key_of;
 
 /// Submit a deployment for every decision that deploys, each under its own
 /// key below `key` (so a redelivery finds them taken). Also says whether a
@@ -97,6 +87,13 @@ fn retry_later(results: &[HookResult]) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("not every deployment could be submitted; send it again: {}", why.join("; ")))
 }
 
+/// A repository URL compared loosely: GitHub names one repository by
+/// several URLs, with or without `.git` and a trailing slash.
+fn normal_repo(u: &str) -> String {
+    let u = u.trim().trim_end_matches('/');
+    u.strip_suffix(".git").unwrap_or(u).to_ascii_lowercase()
+}
+
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
@@ -127,7 +124,7 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
     // The body, not the delivery id (which the signature does not cover):
     // a redelivery and a replay under a new id are both the same event.
     let key = key_of("github", &[&String::from_utf8_lossy(&bytes)]);
-    let mut answer = HookAnswer { delivery: delivery.to_string(), event: event.to_string(), duplicate: false, note: None, results: vec![] };
+    let mut answer = HookAnswer { delivery: delivery.to_string(), event: event.to_string(), duplicate: false, note: None, results: vec![], revisions: vec![] };
     let status = match parsed {
         Delivery::Ping => {
             answer.note = Some("pong".into());
@@ -135,6 +132,30 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         }
         Delivery::Ignored(why) => {
             answer.note = Some(why);
+            StatusCode::ACCEPTED
+        }
+        Delivery::Push { branch, commit, repositories } => {
+            let same = |a: &str, b: &str| normal_repo(a) == normal_repo(b);
+            let envs: Vec<String> = loaded
+                .config
+                .environments
+                .iter()
+                .filter(|e| e.git.as_ref().is_some_and(|g| g.branch == branch && repositories.iter().any(|r| same(r, &g.url))))
+                .map(|e| e.name.clone())
+                .collect();
+            answer.note = Some(if envs.is_empty() {
+                format!("push of {} to {branch}: no environment follows that branch of that repository", crate::config::revision::short(&commit))
+            } else {
+                format!("push of {} to {branch}: config of {}", crate::config::revision::short(&commit), envs.join(", "))
+            });
+            for env in envs {
+                // The branch head is fetched and decided on: the payload's
+                // commit is only a hint (a later push may have moved it).
+                match s.submitter.check_revision(&env).await {
+                    Ok(r) => answer.revisions.push(r.into()),
+                    Err(e) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("config of {env} not decided; send it again: {e}"))),
+                }
+            }
             StatusCode::ACCEPTED
         }
         Delivery::Published(p) => {
@@ -149,7 +170,7 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
     };
     // The delivery itself, with what it meant: the record of a version
     // that is available but not deployed, and the redelivery guard.
-    let payload = serde_json::json!({ "event": event, "note": answer.note, "results": answer.results }).to_string();
+    let payload = serde_json::json!({ "event": event, "note": answer.note, "results": answer.results, "revisions": answer.revisions }).to_string();
     let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: format!("github.{event}"), payload }).await?;
     answer.duplicate = duplicate;
     Ok((status, axum::Extension(note_of(&answer)), Json(answer)))
@@ -173,7 +194,7 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
     })?;
     let (pushed, ignored) = crate::trigger::registry::parse(&bytes).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let mut answer = HookAnswer { delivery: String::new(), event: "registry".into(), duplicate: false, note: Some(format!("{} tagged push(es), {ignored} event(s) ignored", pushed.len())), results: vec![] };
+    let mut answer = HookAnswer { delivery: String::new(), event: "registry".into(), duplicate: false, note: Some(format!("{} tagged push(es), {ignored} event(s) ignored", pushed.len())), results: vec![], revisions: vec![] };
     let mut all_duplicates = !pushed.is_empty();
     for p in pushed {
         let key = key_of("registry", &[&p.id]);
@@ -243,6 +264,6 @@ pub async fn published(
     }
     let payload = serde_json::json!({ "what": what, "version": req.version, "results": results }).to_string();
     let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: "published".into(), payload }).await?;
-    let answer = HookAnswer { delivery: id, event: "published".into(), duplicate, note: Some(format!("{what} {} published", req.version)), results };
+    let answer = HookAnswer { delivery: id, event: "published".into(), duplicate, note: Some(format!("{what} {} published", req.version)), results, revisions: vec![] };
     Ok((StatusCode::ACCEPTED, axum::Extension(note_of(&answer)), Json(answer)))
 }

@@ -298,6 +298,10 @@ pub struct HookAnswer {
     pub note: Option<String>,
     /// Per service and environment that follow the published image.
     pub results: Vec<HookResult>,
+    /// A push: what became of the new commit, per environment following
+    /// the branch.
+    #[serde(default)]
+    pub revisions: Vec<RevisionInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -387,4 +391,90 @@ pub struct Problem {
     pub column: Option<usize>,
     pub message: String,
     pub hint: Option<String>,
+}
+
+/// A deployment waiting at a gate, and what it waits for.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ApprovalInfo {
+    pub deployment: Deployment,
+    /// An approver must approve it.
+    pub approval_required: bool,
+    pub approved_by: Option<String>,
+    pub approved_at: Option<i64>,
+    /// Soak: not before this time (ms since the epoch; 0: none).
+    pub not_before: i64,
+    /// It starts only inside the environment's deploy windows.
+    pub window: bool,
+    /// A promotion: where its version comes from.
+    pub source_environment: Option<String>,
+    pub source_deployment: Option<i64>,
+    pub waiting_for: Option<String>,
+}
+
+impl From<(store::DeploymentRow, store::Hold)> for ApprovalInfo {
+    fn from((d, h): (store::DeploymentRow, store::Hold)) -> Self {
+        ApprovalInfo {
+            deployment: Deployment::from(d),
+            approval_required: h.approval,
+            approved_by: h.approved_by,
+            approved_at: h.approved_at,
+            not_before: h.not_before,
+            window: h.window,
+            source_environment: h.source_environment,
+            source_deployment: h.source_deployment,
+            waiting_for: h.waiting_for,
+        }
+    }
+}
+
+/// `POST /api/v1/services/{environment}/{service}/promote`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    /// The environment whose running version is promoted.
+    pub from: String,
+}
+
+/// What became of one commit of an environment's config branch.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RevisionInfo {
+    pub environment: String,
+    pub commit: String,
+    /// The revision id its deployments name.
+    pub revision: String,
+    pub branch: String,
+    /// `accepted` or `rejected`.
+    pub state: String,
+    pub previous: Option<String>,
+    pub changed: Vec<String>,
+    /// The jobs its changes run, and why.
+    pub jobs: Vec<TouchedJob>,
+    pub deployment: Option<i64>,
+    /// Why it was rejected: the validation report.
+    pub errors: Option<String>,
+    pub at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TouchedJob {
+    pub job: String,
+    pub why: String,
+}
+
+impl From<crate::submit::git::RevisionRecord> for RevisionInfo {
+    fn from(r: crate::submit::git::RevisionRecord) -> Self {
+        RevisionInfo {
+            environment: r.environment,
+            commit: r.commit,
+            revision: r.revision,
+            branch: r.branch,
+            state: r.state,
+            previous: r.previous,
+            changed: r.changed,
+            jobs: r.jobs.into_iter().map(|t| TouchedJob { job: t.job, why: t.why }).collect(),
+            deployment: r.deployment,
+            errors: r.errors,
+            at: r.at,
+        }
+    }
 }

@@ -171,6 +171,8 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     let node = opts.scheduler.node_id.clone();
     let parallelism = opts.scheduler.parallelism;
     let shutdown = CancellationToken::new();
+    // The submitter reports gates and rejected revisions on the same bus.
+    let events = bus.clone();
     let target: Arc<dyn Target> = Arc::new(LocalTarget);
     let targets: Arc<dyn Targets> = Arc::new(NodeTargets::new(target.clone()).scoped(opts.scope).restoring());
     let services = ServiceManager::with_targets(target.clone(), targets.clone(), store.clone(), shutdown.clone());
@@ -182,9 +184,12 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
         async move { services.restore(workdir).await }
     });
     let wake = sched.handle();
+    let submitter = Arc::new(Submitter { config_path: opts.config_path, store: store.clone(), parallelism, wake: Some(wake), targets: Some(targets), events: Some(events) });
+    tokio::spawn(crate::gate::run(store.clone(), submitter.clone(), shutdown.clone()));
+    tokio::spawn(crate::trigger::poll::run(submitter.clone(), shutdown.clone()));
     let state = Arc::new(AppState {
         store: store.clone(),
-        submitter: Submitter { config_path: opts.config_path, store: store.clone(), parallelism, wake: Some(wake), targets: Some(targets) },
+        submitter,
         metrics,
         node,
         services: Some(services.clone()),
@@ -222,6 +227,8 @@ async fn report(mut rx: tokio::sync::mpsc::Receiver<Arc<Event>>) {
                 "job finished"
             ),
             Event::DeploymentFinished { deployment, state } => tracing::info!(deployment, state = %state, "deployment finished"),
+            Event::DeploymentWaiting { deployment } => tracing::info!(deployment, "deployment waiting for approval"),
+            Event::RevisionRejected { environment, commit, errors } => tracing::warn!(environment = %environment, commit = %commit, "config revision rejected:\n{errors}"),
             Event::JobOutput { .. } => {}
         }
     }

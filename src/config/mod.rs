@@ -10,6 +10,7 @@
 //! deployment runs against: see `revision.rs`.
 
 pub mod diagnostic;
+pub mod environment;
 pub mod revision;
 mod schema;
 pub mod secret;
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 pub use diagnostic::{ConfigErrors, Problem, ProblemKind, ProblemReport};
+pub use environment::{Environment, GitSource, Window};
 
 /// The file name looked for in a config directory.
 pub const CONFIG_FILE: &str = "slipway.toml";
@@ -73,7 +75,7 @@ pub enum NotifyUrl {
 }
 
 /// What `[[notify]] on` may name.
-pub const NOTIFY_ON: &[&str] = &["started", "succeeded", "failed", "rolled_back", "cancelled", "superseded"];
+pub const NOTIFY_ON: &[&str] = &["started", "succeeded", "failed", "rolled_back", "cancelled", "superseded", "waiting", "revision_rejected"];
 
 /// `[registry_hook]`: notifications from a Docker distribution registry
 /// (`POST /hooks/registry`), which sends `Authorization: Bearer <token>`
@@ -97,12 +99,6 @@ pub struct Project {
     pub lease: Option<Duration>,
     /// Output kept per job attempt, in bytes.
     pub max_log_bytes: Option<u64>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Environment {
-    pub name: String,
-    pub span: Range<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +150,10 @@ pub struct Job {
     pub secrets: BTreeMap<String, secret::SecretRef>,
     /// Container jobs (a docker service's migration): secret files.
     pub secret_files: BTreeMap<String, secret::SecretRef>,
+    /// Globs over the paths of a config repository: on a new git
+    /// revision the job runs when a changed path matches (see
+    /// `plan::changes`). Empty: not run by a change of its own.
+    pub files: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -237,6 +237,10 @@ impl Config {
     }
 
     /// Environment names, or the implicit default one.
+    pub fn environment(&self, name: &str) -> Option<&Environment> {
+        self.environments.iter().find(|e| e.name == name)
+    }
+
     pub fn environment_names(&self) -> Vec<String> {
         if self.environments.is_empty() {
             vec![DEFAULT_ENVIRONMENT.to_string()]
@@ -366,7 +370,7 @@ fn type_problem(e: &toml::de::Error) -> Problem {
 struct Raw {
     project: Option<Spanned<RawProject>>,
     #[serde(default)]
-    environment: Vec<Spanned<RawEnvironment>>,
+    environment: Vec<Spanned<environment::RawEnvironment>>,
     #[serde(default)]
     service: Vec<Spanned<service::RawService>>,
     #[serde(default)]
@@ -413,11 +417,6 @@ struct RawProject {
 }
 
 #[derive(Deserialize)]
-struct RawEnvironment {
-    name: Spanned<String>,
-}
-
-#[derive(Deserialize)]
 #[serde(untagged)]
 enum RawCommand {
     Argv(Vec<String>),
@@ -461,9 +460,11 @@ struct RawJob {
     #[serde(default)]
     env: BTreeMap<String, String>,
     secrets: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+    #[serde(default)]
+    files: Vec<Spanned<String>>,
 }
 
-fn duration(s: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) -> Option<Duration> {
+pub(crate) fn duration(s: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) -> Option<Duration> {
     match humantime::parse_duration(s.get_ref()) {
         Ok(d) if d.is_zero() => {
             problems.push(
@@ -534,7 +535,7 @@ pub fn valid_name(s: &str) -> bool {
         && !s.starts_with('.')
 }
 
-fn check_name(s: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) {
+pub(crate) fn check_name(s: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) {
     if !valid_name(s.get_ref()) {
         problems.push(
             Problem::new(ProblemKind::InvalidValue, Some(s.span()), format!("invalid {what} name {:?}", s.get_ref()))
@@ -563,11 +564,7 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
     let environments: Vec<Environment> = raw
         .environment
         .into_iter()
-        .map(|e| {
-            let e = e.into_inner();
-            check_name(&e.name, "environment", problems);
-            Environment { span: e.name.span(), name: e.name.into_inner() }
-        })
+        .map(|e| environment::build(e.into_inner(), problems))
         .collect();
     let secrets = secret::build_secrets(raw.secret, problems);
     let registries = secret::build_registries(raw.registry, &secrets, problems);
@@ -704,6 +701,11 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
             }
         };
         let timeout = j.timeout.as_ref().and_then(|t| duration(t, "timeout", problems));
+        for f in &j.files {
+            if let Err(e) = globset::Glob::new(f.get_ref()) {
+                problems.push(Problem::new(ProblemKind::InvalidValue, Some(f.span()), format!("invalid `files` pattern {:?}: {}", f.get_ref(), e.kind())).label("invalid glob").hint("globs over repository paths, e.g. \"nginx/**\" or \"db/migrations/*.sql\""));
+            }
+        }
         let kill_grace = j.kill_grace.as_ref().and_then(|t| duration(t, "kill_grace", problems));
         let mut retry = Retry::default();
         if let Some(r) = j.retry {
@@ -766,6 +768,7 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
             secrets: secret::env_secrets(j.secrets.as_ref(), &j.env, &secrets, problems),
             env: j.env,
             secret_files: BTreeMap::new(),
+            files: j.files.iter().map(|f| f.get_ref().clone()).collect(),
         });
     }
     // A deploy's own jobs come after the config's, so `plan` lists the

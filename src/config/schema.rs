@@ -14,7 +14,8 @@ const REGISTRY_HOOK: &[&str] = &["token", "max_payload"];
 const SECRET: &[&str] = &["env", "file"];
 const REGISTRY: &[&str] = &["host", "username", "password", "token"];
 const PROJECT: &[&str] = &["name", "parallelism", "store", "lease", "max_log_bytes"];
-const ENVIRONMENT: &[&str] = &["name"];
+const ENVIRONMENT: &[&str] = &["name", "git", "promote_from", "soak", "approval", "windows"];
+const GIT: &[&str] = &["url", "branch", "path", "poll", "timeout"];
 const SERVICE: &[&str] = &["name", "target", "listen", "instances", "command", "env", "health", "rollout", "migrate", "verify", "stop_grace", "artifact", "image", "port", "memory", "cpus", "secrets", "secret_files", "follows", "auto_deploy", "tags"];
 const ARTIFACT: &[&str] = &["url", "attempts", "timeout"];
 const HEALTH: &[&str] = &["http", "status", "command", "interval", "timeout", "healthy_after", "deadline"];
@@ -35,6 +36,7 @@ const JOB: &[&str] = &[
     "environments",
     "env",
     "secrets",
+    "files",
 ];
 const RETRY: &[&str] = &["attempts", "on", "backoff", "max_backoff"];
 
@@ -76,6 +78,7 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
                     ("service", "migrate") => Some((STEP, "service.migrate")),
                     ("service", "verify") => Some((STEP, "service.verify")),
                     ("service", "artifact") => Some((ARTIFACT, "service.artifact")),
+                    ("environment", "git") => Some((GIT, "environment.git")),
                     _ => None,
                 };
                 if let Some((allowed, path)) = sub {

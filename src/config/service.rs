@@ -674,6 +674,7 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
         env: BTreeMap::new(),
         secrets: BTreeMap::new(),
         secret_files: BTreeMap::new(),
+        files: vec![],
     };
     let mut jobs = Vec::new();
     let mut rollout_needs = Vec::new();

@@ -50,6 +50,30 @@ fn duplicates(config: &Config, problems: &mut Vec<Problem>) {
 
 fn references(config: &Config, index: &HashMap<&str, usize>, problems: &mut Vec<Problem>) {
     let env_names: Vec<&str> = config.environments.iter().map(|e| e.name.as_str()).collect();
+    for e in &config.environments {
+        let (Some(from), Some(span)) = (&e.promote_from, &e.promote_from_span) else { continue };
+        if from == &e.name {
+            problems.push(Problem::new(ProblemKind::Cycle, Some(span.clone()), format!("environment {:?} promotes from itself", e.name)).label("itself"));
+        } else if !env_names.contains(&from.as_str()) {
+            problems.push(
+                Problem::new(ProblemKind::UnknownReference, Some(span.clone()), format!("environment {:?} promotes from unknown environment {from:?}", e.name))
+                    .label("no such environment")
+                    .hint(format!("declared environments: {}", env_names.join(", "))),
+            );
+        } else {
+            // staging → production → staging would wait for itself forever.
+            let mut at = from.as_str();
+            let mut steps = 0;
+            while let Some(next) = config.environment(at).and_then(|x| x.promote_from.as_deref()) {
+                steps += 1;
+                if next == e.name || steps > env_names.len() {
+                    problems.push(Problem::new(ProblemKind::Cycle, Some(span.clone()), format!("promotions of environment {:?} form a cycle", e.name)).label("cycle"));
+                    break;
+                }
+                at = next;
+            }
+        }
+    }
     let service_names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
     for job in &config.jobs {
         let mut seen = HashSet::new();

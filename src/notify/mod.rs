@@ -1,5 +1,6 @@
 //! Outgoing webhooks about deployments (`[[notify]]`): started, succeeded,
-//! failed, rolled back, cancelled, superseded.
+//! failed, rolled back, cancelled, superseded, waiting for approval; and
+//! about rejected config revisions.
 //!
 //! Another consumer of the scheduler's event stream. It never holds the
 //! stream up: each event is turned into deliveries at once, and the
@@ -51,6 +52,7 @@ pub fn slack_body(what: &str, d: &DeploymentRow) -> serde_json::Value {
     let mark = match what {
         "succeeded" => ":white_check_mark:",
         "started" => ":arrow_forward:",
+        "waiting" => ":hourglass:",
         "rolled_back" => ":leftwards_arrow_with_hook:",
         _ => ":x:",
     };
@@ -67,6 +69,27 @@ pub async fn run(store: Arc<dyn Store>, config_path: PathBuf, mut rx: mpsc::Rece
         let (id, what) = match &*ev {
             Event::DeploymentStarted { deployment, .. } => (*deployment, "started".to_string()),
             Event::DeploymentFinished { deployment, state } => (*deployment, state.as_str().to_string()),
+            Event::DeploymentWaiting { deployment } => (*deployment, "waiting".to_string()),
+            Event::RevisionRejected { environment, commit, errors } => {
+                let (path, http, slots) = (config_path.clone(), http.clone(), slots.clone());
+                let (environment, commit, errors) = (environment.clone(), commit.clone(), errors.clone());
+                tokio::spawn(async move {
+                    let Ok(Ok(loaded)) = tokio::task::spawn_blocking(move || crate::config::load(&path)).await else { return };
+                    for n in loaded.config.notify.into_iter().filter(|n| n.on.iter().any(|o| o == "revision_rejected") && (n.environments.is_empty() || n.environments.contains(&environment))) {
+                        let body = if n.slack {
+                            serde_json::json!({ "text": format!(":no_entry: config {} for {environment} was rejected; {environment} stays on its last good revision:\n{}", crate::config::revision::short(&commit), errors.chars().take(1500).collect::<String>()) })
+                        } else {
+                            serde_json::json!({ "event": "revision.rejected", "revision": { "environment": environment, "commit": commit, "errors": errors } })
+                        };
+                        let (http, slots) = (http.clone(), slots.clone());
+                        tokio::spawn(async move {
+                            let _slot = slots.acquire_owned().await;
+                            deliver(&http, &n, &body, 0, "revision_rejected").await;
+                        });
+                    }
+                });
+                continue;
+            }
             _ => continue,
         };
         // Reading the config and the row happens off the stream, too.

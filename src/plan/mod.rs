@@ -24,7 +24,13 @@ pub enum Selection {
     Service { service: String },
     /// Named jobs and what they need.
     Jobs { jobs: Vec<String> },
+    /// Exactly these jobs, ordered by the `needs` among them; what they
+    /// need outside the set does not run (a git revision: the jobs its
+    /// changes touch, see [`changes`]).
+    Exactly { jobs: Vec<String> },
 }
+
+pub mod changes;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -124,7 +130,7 @@ pub fn build(
             }
             r
         }
-        Selection::Jobs { jobs } => {
+        Selection::Jobs { jobs } | Selection::Exactly { jobs } => {
             let mut r = Vec::new();
             for name in jobs {
                 let Some(&i) = index.get(name.as_str()) else {
@@ -140,7 +146,11 @@ pub fn build(
         }
     };
     let mut selected = BTreeSet::new();
-    let mut stack = roots;
+    let closed = matches!(selection, Selection::Exactly { .. });
+    if closed {
+        selected.extend(roots.iter().copied());
+    }
+    let mut stack = if closed { vec![] } else { roots };
     while let Some(i) = stack.pop() {
         if !selected.insert(i) {
             continue;

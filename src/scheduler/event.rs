@@ -1,4 +1,5 @@
-//! What the scheduler reports. The store's log writer, the metrics, the
+//! What the scheduler (and, for gates and git revisions, the submitter)
+//! reports. The store's log writer, the metrics, the
 //! server's own log and anything else that watches a node meet the
 //! scheduler only through [`Event`].
 
@@ -36,6 +37,12 @@ pub enum Event {
         retry_in: Option<Duration>,
     },
     DeploymentFinished { deployment: i64, state: DeploymentState },
+    /// Not from the scheduler: a deployment stored `waiting` for an
+    /// approval (the submitter reports it).
+    DeploymentWaiting { deployment: i64 },
+    /// Not from the scheduler: a commit of an environment's config branch
+    /// failed validation; the environment stays on its last good one.
+    RevisionRejected { environment: String, commit: String, errors: String },
 }
 
 /// Fan-out to every consumer. Channels are bounded and sends wait, so a

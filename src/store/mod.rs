@@ -83,10 +83,12 @@ macro_rules! string_enum {
 }
 
 string_enum!(
-    /// Life of a deployment. `queued` waits for its lock; the others
-    /// after `running` are terminal. `rolled_back`: a rollout failed and
-    /// the service went back to its last good version.
+    /// Life of a deployment. `waiting` is held by a gate (an approval, a
+    /// soak time, a deploy window: see [`Hold`]); `queued` waits for its
+    /// lock; the others after `running` are terminal. `rolled_back`: a
+    /// rollout failed and the service went back to its last good version.
     DeploymentState {
+        Waiting = "waiting",
         Queued = "queued",
         Running = "running",
         Succeeded = "succeeded",
@@ -99,7 +101,7 @@ string_enum!(
 
 impl DeploymentState {
     pub fn is_terminal(self) -> bool {
-        !matches!(self, DeploymentState::Queued | DeploymentState::Running)
+        !matches!(self, DeploymentState::Waiting | DeploymentState::Queued | DeploymentState::Running)
     }
 }
 
@@ -279,6 +281,28 @@ pub struct NewDeployment {
     pub lock_key: String,
     pub revision: String,
     pub jobs: Vec<NewJob>,
+    /// Gates it waits for before it may queue (None: queued at once).
+    pub hold: Option<Hold>,
+}
+
+/// What a `waiting` deployment waits for. Released (to `queued`) by the
+/// gate loop once every condition holds; see `crate::gate`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hold {
+    /// An approver must approve it (`slipway approve`).
+    pub approval: bool,
+    pub approved_by: Option<String>,
+    pub approved_at: Option<Millis>,
+    /// Not before this time (a promotion's soak).
+    pub not_before: Millis,
+    /// Only inside the environment's deploy windows.
+    pub window: bool,
+    /// A promotion: the environment and deployment it comes from. It is
+    /// dropped if that environment no longer runs the version.
+    pub source_environment: Option<String>,
+    pub source_deployment: Option<i64>,
+    /// What it waits for now, in words (kept current by the gate loop).
+    pub waiting_for: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -439,7 +463,7 @@ pub struct NodeRow {
 
 /// What a service runs in an environment: the version that last took
 /// all traffic (its last good version), and the one before it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ServiceRow {
     pub environment: String,
     pub service: String,
@@ -531,6 +555,18 @@ pub trait Store: Send + Sync + 'static {
     async fn attempts(&self, deployment: i64) -> Result<Vec<AttemptRow>>;
     /// Ask to cancel. `None` if there is no such deployment.
     async fn cancel(&self, id: i64) -> Result<Option<DeploymentRow>>;
+    /// Waiting deployments (oldest first) with what holds them.
+    async fn holds(&self) -> Result<Vec<(DeploymentRow, Hold)>>;
+    async fn hold(&self, deployment: i64) -> Result<Option<Hold>>;
+    /// Record an approval of a waiting deployment that needs one: false
+    /// when it is not waiting (any more) or needs none.
+    async fn approve(&self, deployment: i64, by: &str) -> Result<bool>;
+    async fn set_waiting_for(&self, deployment: i64, what: &str) -> Result<()>;
+    /// `waiting` → `queued`; false if it was no longer waiting.
+    async fn release(&self, deployment: i64) -> Result<bool>;
+    /// End a waiting deployment that can no longer go ahead (the version
+    /// it promotes left its source environment), with the reason.
+    async fn drop_waiting(&self, deployment: i64, reason: &str) -> Result<bool>;
 
     async fn register_node(&self, node: &str) -> Result<()>;
     async fn nodes(&self) -> Result<Vec<NodeRow>>;

@@ -524,6 +524,7 @@ fn schema(d: Dialect) -> Vec<String> {
         "CREATE INDEX IF NOT EXISTS service_events_service ON service_events (environment, service, id)",
         "CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, roles TEXT NOT NULL, created_at BIGINT NOT NULL, revoked_at BIGINT)",
         "CREATE TABLE IF NOT EXISTS audit (id {serial}, at BIGINT NOT NULL, actor TEXT NOT NULL, address TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL, status BIGINT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS holds (deployment_id BIGINT PRIMARY KEY, approval BIGINT NOT NULL, approved_by TEXT, approved_at BIGINT, not_before BIGINT NOT NULL, in_window BIGINT NOT NULL, source_environment TEXT, source_deployment BIGINT, waiting_for TEXT)",
         "CREATE TABLE IF NOT EXISTS services (environment TEXT NOT NULL, service TEXT NOT NULL, version TEXT NOT NULL, previous_version TEXT, spec TEXT NOT NULL, revision TEXT NOT NULL, deployment_id BIGINT NOT NULL, updated_at BIGINT NOT NULL, artifact_dir TEXT, sha256 TEXT, previous_sha256 TEXT, PRIMARY KEY (environment, service))",
     ]
     .iter()
@@ -717,6 +718,24 @@ pub fn redact_url(url: &str) -> String {
 
 const DEPLOYMENT_COLUMNS: &str = "id, event_id, kind, environment, service, version, revision, state, reason, superseded_by, cancel_requested, created_at, started_at, finished_at";
 
+const HOLD_COLUMNS: &str = "h.approval, h.approved_by, h.approved_at, h.not_before, h.in_window, h.source_environment, h.source_deployment, h.waiting_for";
+
+fn hold_row(r: &AnyRow) -> Result<Hold> {
+    let get = |r: &AnyRow| -> std::result::Result<Hold, sqlx::Error> {
+        Ok(Hold {
+            approval: r.try_get::<i64, _>("approval")? != 0,
+            approved_by: r.try_get("approved_by")?,
+            approved_at: r.try_get("approved_at")?,
+            not_before: r.try_get("not_before")?,
+            window: r.try_get::<i64, _>("in_window")? != 0,
+            source_environment: r.try_get("source_environment")?,
+            source_deployment: r.try_get("source_deployment")?,
+            waiting_for: r.try_get("waiting_for")?,
+        })
+    };
+    get(r).map_err(StoreError::query("decode hold"))
+}
+
 fn deployment_row(r: &AnyRow) -> Result<DeploymentRow> {
     let e = StoreError::query("decode deployment");
     let get = |r: &AnyRow| -> std::result::Result<DeploymentRow, sqlx::Error> {
@@ -863,7 +882,7 @@ impl Store for SqlStore {
         let event_id: i64 = row.try_get(0).map_err(StoreError::query(op))?;
         let dep_id: i64 = sqlx::query(
             "INSERT INTO deployments (event_id, kind, environment, service, version, lock_key, revision, state, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8) RETURNING id",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $8) RETURNING id",
         )
         .bind(event_id)
         .bind(new.kind.as_str())
@@ -873,11 +892,29 @@ impl Store for SqlStore {
         .bind(&new.lock_key)
         .bind(&new.revision)
         .bind(now)
+        .bind(if new.hold.is_some() { "waiting" } else { "queued" })
         .fetch_one(&mut *tx)
         .await
         .map_err(StoreError::query(op))?
         .try_get(0)
         .map_err(StoreError::query(op))?;
+        if let Some(h) = &new.hold {
+            sqlx::query(
+                "INSERT INTO holds (deployment_id, approval, not_before, in_window, source_environment, source_deployment, waiting_for) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(dep_id)
+            .bind(h.approval as i64)
+            .bind(h.not_before)
+            .bind(h.window as i64)
+            .bind(h.source_environment.clone())
+            .bind(h.source_deployment)
+            .bind(h.waiting_for.clone())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?;
+            // The reason of a waiting deployment is what it waits for.
+            sqlx::query("UPDATE deployments SET reason = $1 WHERE id = $2").bind(h.waiting_for.clone()).bind(dep_id).execute(&mut *tx).await.map_err(StoreError::query(op))?;
+        }
         sqlx::query("UPDATE events SET deployment_id = $1 WHERE id = $2")
             .bind(dep_id)
             .bind(event_id)
@@ -938,7 +975,7 @@ impl Store for SqlStore {
         if new.kind == DeploymentKind::Deploy {
             let rows = sqlx::query(
                 "UPDATE deployments SET state = 'superseded', superseded_by = $1, finished_at = $2, reason = $3 \
-                 WHERE lock_key = $4 AND kind = 'deploy' AND state = 'queued' AND id < $1 RETURNING id",
+                 WHERE lock_key = $4 AND kind = 'deploy' AND state IN ('queued', 'waiting') AND id < $1 RETURNING id",
             )
             .bind(dep_id)
             .bind(now)
@@ -1086,10 +1123,11 @@ impl Store for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::query(op))?;
-        if dep.state == DeploymentState::Queued {
-            sqlx::query("UPDATE deployments SET state = 'cancelled', reason = 'cancelled while queued', finished_at = $1 WHERE id = $2")
+        if matches!(dep.state, DeploymentState::Queued | DeploymentState::Waiting) {
+            sqlx::query("UPDATE deployments SET state = 'cancelled', reason = $3, finished_at = $1 WHERE id = $2")
                 .bind(now)
                 .bind(id)
+                .bind(if dep.state == DeploymentState::Queued { "cancelled while queued" } else { "cancelled while waiting" })
                 .execute(&mut *tx)
                 .await
                 .map_err(StoreError::query(op))?;
@@ -1099,6 +1137,85 @@ impl Store for SqlStore {
         let row = self.lock_deployment(&mut tx, id).await?;
         tx.commit().await.map_err(StoreError::query(op))?;
         row.as_ref().map(deployment_row).transpose()
+    }
+
+    async fn holds(&self) -> Result<Vec<(DeploymentRow, Hold)>> {
+        let op = "list holds";
+        let cols = DEPLOYMENT_COLUMNS.split(", ").map(|c| format!("d.{c}")).collect::<Vec<_>>().join(", ");
+        let rows = query_dyn(format!("SELECT {cols}, {HOLD_COLUMNS} FROM deployments d JOIN holds h ON h.deployment_id = d.id WHERE d.state = 'waiting' ORDER BY d.id"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
+        rows.iter().map(|r| Ok((deployment_row(r)?, hold_row(r)?))).collect()
+    }
+
+    async fn hold(&self, deployment: i64) -> Result<Option<Hold>> {
+        let row = query_dyn(format!("SELECT {HOLD_COLUMNS} FROM holds h WHERE h.deployment_id = $1"))
+            .bind(deployment)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::query("read hold"))?;
+        row.as_ref().map(hold_row).transpose()
+    }
+
+    async fn approve(&self, deployment: i64, by: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE holds SET approved_by = $1, approved_at = $2 WHERE deployment_id = $3 AND approval = 1 AND approved_by IS NULL \
+             AND EXISTS (SELECT 1 FROM deployments d WHERE d.id = $3 AND d.state = 'waiting')",
+        )
+        .bind(by)
+        .bind(now_ms())
+        .bind(deployment)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::query("approve"))?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn set_waiting_for(&self, deployment: i64, what: &str) -> Result<()> {
+        for q in ["UPDATE holds SET waiting_for = $1 WHERE deployment_id = $2", "UPDATE deployments SET reason = $1 WHERE id = $2 AND state = 'waiting'"] {
+            sqlx::query(q).bind(what).bind(deployment).execute(&self.pool).await.map_err(StoreError::query("set waiting_for"))?;
+        }
+        Ok(())
+    }
+
+    async fn release(&self, deployment: i64) -> Result<bool> {
+        let n = sqlx::query("UPDATE deployments SET state = 'queued', reason = NULL WHERE id = $1 AND state = 'waiting'")
+            .bind(deployment)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query("release"))?
+            .rows_affected();
+        if n > 0 {
+            let _ = sqlx::query("UPDATE holds SET waiting_for = NULL WHERE deployment_id = $1").bind(deployment).execute(&self.pool).await;
+        }
+        Ok(n > 0)
+    }
+
+    async fn drop_waiting(&self, deployment: i64, reason: &str) -> Result<bool> {
+        let op = "drop waiting deployment";
+        let now = now_ms();
+        let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+        let n = sqlx::query("UPDATE deployments SET state = 'cancelled', reason = $1, finished_at = $2 WHERE id = $3 AND state = 'waiting'")
+            .bind(reason)
+            .bind(now)
+            .bind(deployment)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?
+            .rows_affected();
+        if n > 0 {
+            sqlx::query("UPDATE jobs SET state = 'cancelled', reason = $1, finished_at = $2 WHERE deployment_id = $3 AND state = 'pending'")
+                .bind(reason)
+                .bind(now)
+                .bind(deployment)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?;
+        }
+        tx.commit().await.map_err(StoreError::query(op))?;
+        Ok(n > 0)
     }
 
     async fn register_node(&self, node: &str) -> Result<()> {

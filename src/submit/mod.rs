@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use crate::config::{self, ConfigErrors, revision};
 use crate::plan::{self, PlanError, Selection};
-use crate::store::{DeploymentKind, JobSpec, NewDeployment, NewEvent, NewJob, Store, StoreError, Submitted};
+use crate::store::{DeploymentKind, Hold, JobSpec, NewDeployment, NewEvent, NewJob, Store, StoreError, Submitted};
+
+pub mod git;
 
 /// What someone asks for.
 #[derive(Debug, Clone)]
@@ -64,6 +66,66 @@ pub struct Submitter {
     /// Resolves a container service's `image:version` to a digest when
     /// the deploy is accepted (None: such deploys are refused).
     pub targets: Option<Arc<dyn crate::target::Targets>>,
+    /// Reports what does not come from the scheduler: a deployment now
+    /// waiting for an approval, a rejected config revision.
+    pub events: Option<crate::scheduler::event::EventBus>,
+}
+
+/// An event key from anything: `prefix:` and a digest, so it is always a
+/// valid key (length, alphabet) whatever the parts hold.
+pub fn key_of(prefix: &str, parts: &[&str]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    format!("{prefix}:{}", &hex::encode(h.finalize())[..40])
+}
+
+/// The config a deployment runs against, and the node's own config (which
+/// holds the environment's gates: a commit cannot lift its own approval).
+pub struct Source {
+    pub disk: config::Config,
+    pub config: config::Config,
+    pub environment: String,
+    /// To store with the deployment (None: already stored).
+    pub revision: Option<revision::Revision>,
+    pub revision_id: String,
+}
+
+/// A promotion: where the version comes from, and its soak.
+#[derive(Debug, Clone)]
+pub struct Promotion {
+    pub from: String,
+    pub deployment: i64,
+    pub not_before: crate::store::Millis,
+}
+
+/// Everything one submission needs; built by the public entry points.
+struct Submission {
+    selection: Selection,
+    environment: Option<String>,
+    kind: DeploymentKind,
+    service: Option<String>,
+    version: Option<String>,
+    digest: Option<String>,
+    key: Option<String>,
+    payload: String,
+    /// Run only this job of the plan, without what it needs (a rollback:
+    /// the migration of the version returned to already ran). Rollbacks
+    /// pass no gate.
+    only: Option<String>,
+    /// The stored event's kind (default: the deployment kind).
+    event_kind: Option<String>,
+    source: Option<Source>,
+    promotion: Option<Promotion>,
+}
+
+impl Submission {
+    fn new(selection: Selection, environment: Option<String>, kind: DeploymentKind, key: Option<String>, payload: String) -> Self {
+        Submission { selection, environment, kind, service: None, version: None, digest: None, key, payload, only: None, event_kind: None, source: None, promotion: None }
+    }
 }
 
 impl Submitter {
@@ -74,7 +136,7 @@ impl Submitter {
                     "invalid event id {k:?}: use at most 128 letters, digits, '.', '_', '-' or ':'"
                 )));
             }
-        let request = match request {
+        match request {
             Request::Rollback { service, environment } => {
                 let env = environment.clone();
                 let rows = self.store.services().await?;
@@ -85,27 +147,21 @@ impl Submitter {
                 let version = row.previous_version.ok_or_else(|| {
                     SubmitError::Conflict(format!("service {service:?} in {} has run only {}: there is no earlier version to roll back to", row.environment, row.version))
                 })?;
-                return self.submit_rollback(service, version, row.environment, row.previous_sha256, key, payload).await;
+                let job = config::service::rollout_job(&service);
+                let mut sub = Submission::new(Selection::Jobs { jobs: vec![job.clone()] }, Some(row.environment), DeploymentKind::Deploy, key, payload);
+                sub.service = Some(service);
+                sub.version = Some(version);
+                sub.digest = row.previous_sha256;
+                sub.only = Some(job);
+                self.submit_selection(sub).await
             }
-            r => r,
-        };
-        let mut digest = None;
-        let (selection, environment, kind, service, version) = match &request {
-            Request::Deploy { service, version, environment, digest: d } => {
-                if let Some(d) = d {
-                    digest = Some(crate::service::artifact::parse_sha256(d).ok_or_else(|| {
-                        SubmitError::Invalid(format!("invalid sha256 {d:?}: 64 hexadecimal digits, optionally after \"sha256:\""))
-                    })?);
-                }
-                if !config::valid_name(service) {
-                    return Err(SubmitError::Invalid(format!("invalid service name {service:?}")));
-                }
-                if !valid_version(version) {
-                    return Err(SubmitError::Invalid(format!(
-                        "invalid version {version:?}: a version starts with a letter or digit and uses only letters, digits, '.', '_', '-' and '+' (at most 128)"
-                    )));
-                }
-                (Selection::Service { service: service.clone() }, environment.clone(), DeploymentKind::Deploy, Some(service.clone()), Some(version.clone()))
+            Request::Deploy { service, version, environment, digest } => {
+                check_deploy(&service, &version)?;
+                let mut sub = Submission::new(Selection::Service { service: service.clone() }, environment, DeploymentKind::Deploy, key, payload);
+                sub.digest = digest.map(|d| parse_digest(&d)).transpose()?;
+                sub.service = Some(service);
+                sub.version = Some(version);
+                self.submit_selection(sub).await
             }
             Request::Run { jobs, environment } => {
                 if jobs.is_empty() {
@@ -114,56 +170,92 @@ impl Submitter {
                 if let Some(bad) = jobs.iter().find(|j| !config::valid_name(j)) {
                     return Err(SubmitError::Invalid(format!("invalid job name {bad:?}")));
                 }
-                (Selection::Jobs { jobs: jobs.clone() }, environment.clone(), DeploymentKind::Run, None, None)
+                self.submit_selection(Submission::new(Selection::Jobs { jobs }, environment, DeploymentKind::Run, key, payload)).await
             }
-            Request::Rollback { .. } => unreachable!("handled above"),
-        };
-        self.submit_selection(selection, environment, kind, service, version, digest, key, payload, None).await
+        }
     }
 
-    async fn submit_rollback(
-        &self,
-        service: String,
-        version: String,
-        environment: String,
-        digest: Option<String>,
-        key: Option<String>,
-        payload: String,
-    ) -> Result<Submitted, SubmitError> {
-        let job = config::service::rollout_job(&service);
-        let selection = Selection::Jobs { jobs: vec![job.clone()] };
-        self.submit_selection(selection, Some(environment), DeploymentKind::Deploy, Some(service), Some(version), digest, key, payload, Some(job)).await
+    /// Deploy `service` to `to` at the version (and digest) it runs in
+    /// `from`. When `to` promotes from `from`, the deployment waits out the
+    /// soak time from the moment that version succeeded there.
+    pub async fn promote(&self, service: &str, from: &str, to: &str, key: Option<String>, event_kind: Option<String>, payload: String) -> Result<Submitted, SubmitError> {
+        for n in [service, from, to] {
+            if !config::valid_name(n) {
+                return Err(SubmitError::Invalid(format!("invalid name {n:?}")));
+            }
+        }
+        if from == to {
+            return Err(SubmitError::Invalid(format!("cannot promote from {from} to itself")));
+        }
+        let disk = self.config().await?;
+        let target = disk.config.environment(to).ok_or_else(|| SubmitError::Plan(PlanError::UnknownEnvironment { env: to.to_string(), known: disk.config.environment_names().join(", ") }))?;
+        if disk.config.environment(from).is_none() {
+            return Err(SubmitError::Plan(PlanError::UnknownEnvironment { env: from.to_string(), known: disk.config.environment_names().join(", ") }));
+        }
+        if let Some(p) = &target.promote_from
+            && p != from {
+                return Err(SubmitError::Invalid(format!("environment {to} promotes from {p}, not from {from}")));
+            }
+        let row = self.store.services().await?.into_iter().find(|r| r.environment == from && r.service == service).ok_or_else(|| {
+            SubmitError::Conflict(format!("service {service:?} has never been deployed to {from}: nothing to promote"))
+        })?;
+        let source = self.store.deployment(row.deployment_id).await?;
+        let finished = source.as_ref().and_then(|d| d.finished_at).unwrap_or(row.updated_at);
+        let soak = if target.promote_from.as_deref() == Some(from) { target.soak } else { std::time::Duration::ZERO };
+        let mut sub = Submission::new(Selection::Service { service: service.to_string() }, Some(to.to_string()), DeploymentKind::Deploy, key, payload);
+        sub.service = Some(service.to_string());
+        sub.version = Some(row.version.clone());
+        sub.digest = row.sha256.clone();
+        sub.event_kind = event_kind;
+        sub.promotion = Some(Promotion { from: from.to_string(), deployment: row.deployment_id, not_before: finished + soak.as_millis() as i64 });
+        self.submit_selection(sub).await
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn submit_selection(
-        &self,
-        selection: Selection,
-        environment: Option<String>,
-        kind: DeploymentKind,
-        service: Option<String>,
-        version: Option<String>,
-        digest: Option<String>,
-        key: Option<String>,
-        payload: String,
-        // Run only this job of the plan, without what it needs (a
-        // rollback: the migration of the version returned to already ran).
-        only: Option<String>,
-    ) -> Result<Submitted, SubmitError> {
-        if let Some(env) = &environment
+    /// Run `jobs` (exactly those) of an accepted git revision.
+    pub(crate) async fn submit_revision(&self, source: Source, jobs: Vec<String>, key: String, event_kind: String, payload: String) -> Result<Submitted, SubmitError> {
+        let mut sub = Submission::new(Selection::Exactly { jobs }, Some(source.environment.clone()), DeploymentKind::Run, Some(key), payload);
+        sub.event_kind = Some(event_kind);
+        sub.source = Some(source);
+        self.submit_selection(sub).await
+    }
+
+    /// The config and revision a deployment to `requested` runs against:
+    /// the directory on disk as it is now, or, for an environment that
+    /// takes its config from git, its last accepted commit.
+    pub async fn source(&self, requested: Option<String>) -> Result<Source, SubmitError> {
+        let disk = self.config().await?;
+        let environment = resolve_environment(&disk.config, requested)?;
+        if let Some(git) = disk.config.environment(&environment).and_then(|e| e.git.clone()) {
+            let Some(accepted) = self.accepted_revision(&environment).await? else {
+                return Err(SubmitError::Conflict(format!(
+                    "environment {environment} takes its config from git ({} branch {}) and no commit of it is accepted yet: push to the branch{}",
+                    git.url,
+                    git.branch,
+                    if git.poll.is_some() { " or wait for the next poll" } else { " (with the webhook set up) or run `slipway revisions check`" }
+                )));
+            };
+            let rev = self.store.revision(&accepted.revision).await?.ok_or_else(|| SubmitError::Invalid(format!("revision {} of environment {environment} is not in the store", accepted.revision)))?;
+            let config = parse_for(&environment, &format!("{}@{}", git.url, accepted.short()), &rev.config_text).map_err(SubmitError::Config)?;
+            return Ok(Source { disk: disk.config, config, environment, revision: None, revision_id: rev.id });
+        }
+        let dir = disk.dir.clone();
+        let text = disk.text.clone();
+        let rev = tokio::task::spawn_blocking(move || revision::snapshot(&dir, &text))
+            .await
+            .map_err(|e| SubmitError::Invalid(format!("reading the config failed: {e}")))??;
+        Ok(Source { config: disk.config.clone(), disk: disk.config, environment, revision_id: rev.id.clone(), revision: Some(rev) })
+    }
+
+    async fn submit_selection(&self, sub: Submission) -> Result<Submitted, SubmitError> {
+        if let Some(env) = &sub.environment
             && !config::valid_name(env) {
                 return Err(SubmitError::Invalid(format!("invalid environment name {env:?}")));
             }
-        // Reading and hashing the directory is blocking work.
-        let path = self.config_path.clone();
-        let (loaded, rev) = tokio::task::spawn_blocking(move || -> Result<_, SubmitError> {
-            let loaded = config::load(&path).map_err(SubmitError::Config)?;
-            let rev = revision::snapshot(&loaded.dir, &loaded.text)?;
-            Ok((loaded, rev))
-        })
-        .await
-        .map_err(|e| SubmitError::Invalid(format!("reading the config failed: {e}")))??;
-        let environment = resolve_environment(&loaded.config, environment)?;
+        let source = match sub.source {
+            Some(s) => s,
+            None => self.source(sub.environment.clone()).await?,
+        };
+        let environment = source.environment.clone();
         // Past durations only feed estimates, but a store that is down
         // must fail the request now, not after every later call times out.
         let history = match self.store.history(&environment).await {
@@ -171,14 +263,18 @@ impl Submitter {
             Err(e @ StoreError::Unavailable(_)) => return Err(e.into()),
             Err(_) => Default::default(),
         };
-        let parallelism = loaded.config.project.parallelism.unwrap_or(self.parallelism);
-        let plan = plan::build(&loaded.config, &environment, &selection, parallelism, &history)?;
-        self.store.put_revision(&rev).await?;
+        let parallelism = source.config.project.parallelism.unwrap_or(self.parallelism);
+        let plan = plan::build(&source.config, &environment, &sub.selection, parallelism, &history)?;
+        if let Some(rev) = &source.revision {
+            self.store.put_revision(rev).await?;
+        }
+        let service = sub.service;
         let lock_key = match &service {
             Some(s) => format!("{environment}/service/{s}"),
             None => format!("{environment}/jobs"),
         };
-        let artifact = self.release(&loaded.config, service.as_deref(), version.as_deref(), digest).await?;
+        let only = sub.only;
+        let artifact = self.release(&source.config, service.as_deref(), sub.version.as_deref(), sub.digest).await?;
         let jobs = plan
             .jobs
             .iter()
@@ -191,24 +287,88 @@ impl Submitter {
                 NewJob { name: j.name.clone(), needs: if only.is_some() { vec![] } else { j.needs.clone() }, spec }
             })
             .collect();
+        // Gates: deploys (not rollbacks) into an environment with an
+        // approval, deploy windows, or a promotion's soak still running.
+        let env = source.disk.environment(&environment);
+        let now = crate::store::now_ms();
+        let hold = match (sub.kind, &only, env) {
+            (DeploymentKind::Deploy, None, Some(env)) => {
+                let promotion = sub.promotion.as_ref();
+                let hold = Hold {
+                    approval: env.approval,
+                    not_before: promotion.map(|p| p.not_before).unwrap_or(0),
+                    window: !env.windows.is_empty(),
+                    source_environment: promotion.map(|p| p.from.clone()),
+                    source_deployment: promotion.map(|p| p.deployment),
+                    ..Hold::default()
+                };
+                let blocked = hold.approval || hold.not_before > now || !env.window_open(now / 1000);
+                blocked.then_some(hold)
+            }
+            _ => None,
+        };
+        let hold = hold.map(|mut h| {
+            h.waiting_for = crate::gate::waits(&h, env, now, None).map(|w| w.join("; "));
+            h
+        });
+        let waiting_approval = hold.as_ref().is_some_and(|h| h.approval);
         let submitted = self
             .store
             .submit(NewDeployment {
-                event: NewEvent { key, kind: kind.as_str().to_string(), payload },
-                kind,
+                event: NewEvent { key: sub.key, kind: sub.event_kind.unwrap_or_else(|| sub.kind.as_str().to_string()), payload: sub.payload },
+                kind: sub.kind,
                 environment,
                 service,
-                version,
+                version: sub.version,
                 lock_key,
-                revision: rev.id,
+                revision: source.revision_id,
                 jobs,
+                hold,
             })
             .await?;
         if let Some(w) = &self.wake {
             w.work_changed();
         }
+        if waiting_approval && !submitted.duplicate
+            && let Some(bus) = &self.events {
+                bus.emit(crate::scheduler::event::Event::DeploymentWaiting { deployment: submitted.deployment_id }).await;
+            }
         Ok(submitted)
     }
+}
+
+fn check_deploy(service: &str, version: &str) -> Result<(), SubmitError> {
+    if !config::valid_name(service) {
+        return Err(SubmitError::Invalid(format!("invalid service name {service:?}")));
+    }
+    if !valid_version(version) {
+        return Err(SubmitError::Invalid(format!(
+            "invalid version {version:?}: a version starts with a letter or digit and uses only letters, digits, '.', '_', '-' and '+' (at most 128)"
+        )));
+    }
+    Ok(())
+}
+
+fn parse_digest(d: &str) -> Result<String, SubmitError> {
+    crate::service::artifact::parse_sha256(d).ok_or_else(|| SubmitError::Invalid(format!("invalid sha256 {d:?}: 64 hexadecimal digits, optionally after \"sha256:\"")))
+}
+
+/// Parse a revision's config for `environment`: a repository's config
+/// that declares no environments is taken to mean this one.
+pub fn parse_for(environment: &str, name: &str, text: &str) -> Result<config::Config, ConfigErrors> {
+    let mut config = config::parse(name, text)?;
+    if config.environments.is_empty() {
+        config.environments.push(config::Environment::named(environment));
+    }
+    if config.environment(environment).is_none() {
+        return Err(ConfigErrors {
+            file: name.to_string(),
+            source: Arc::new(text.to_string()),
+            problems: vec![config::Problem::new(config::ProblemKind::UnknownReference, None, format!("this config declares environments {} but not {environment:?}, which takes its config from it", config.environment_names().join(", ")))
+                .hint(format!("add [[environment]] name = {environment:?}, or declare no environments at all"))],
+        });
+    }
+    Ok(config)
 }
 
 impl Submitter {

@@ -32,6 +32,9 @@ pub enum Delivery {
     Ping,
     /// A container image version was published.
     Published(Published),
+    /// A push to a branch: environments whose config follows that branch
+    /// of one of these repositories fetch it and decide on the new head.
+    Push { branch: String, commit: String, repositories: Vec<String> },
     /// Understood, but nothing to do, and why ("a push to refs/tags/x",
     /// "package event without a tag").
     Ignored(String),
@@ -68,7 +71,25 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Delivery, TriggerError> {
             }
             Ok(Delivery::Published(Published { image, version: tag.to_string() }))
         }
-        "push" => Ok(Delivery::Ignored(format!("push to {}: config from git is not followed yet", v["ref"].as_str().unwrap_or("?")))),
+        "push" => {
+            let r = v["ref"].as_str().unwrap_or("");
+            let Some(branch) = r.strip_prefix("refs/heads/") else {
+                return Ok(Delivery::Ignored(format!("push to {r:?}: only branches carry config")));
+            };
+            if !crate::config::environment::valid_branch(branch) {
+                return Err(TriggerError::BadPayload(format!("push: branch {branch:?} is not a branch name Slipway accepts (letters, digits, '.', '_', '-', '/'; no '..')")));
+            }
+            let commit = v["after"].as_str().unwrap_or("");
+            if v["deleted"].as_bool() == Some(true) || commit.chars().all(|c| c == '0') {
+                return Ok(Delivery::Ignored(format!("push deleted branch {branch}")));
+            }
+            if !crate::git::valid_commit(commit) {
+                return Err(TriggerError::BadPayload(format!("push: {commit:?} is not a commit id")));
+            }
+            let repo = &v["repository"];
+            let repositories = ["clone_url", "ssh_url", "git_url", "html_url", "url"].iter().filter_map(|k| repo[*k].as_str()).map(str::to_string).collect();
+            Ok(Delivery::Push { branch: branch.to_string(), commit: commit.to_string(), repositories })
+        }
         other => Ok(Delivery::Ignored(format!("event {other:?} is not one Slipway acts on"))),
     }
 }
@@ -108,7 +129,16 @@ mod tests {
             parse("registry_package", tagged.as_bytes()).unwrap(),
             Delivery::Published(Published { image: "ghcr.io/codertocat/hello-world".into(), version: "1.4.0".into() })
         );
-        assert!(matches!(parse("push", &fixture("push.json")), Ok(Delivery::Ignored(_))));
+        assert!(matches!(parse("push", &fixture("push.json")), Ok(Delivery::Ignored(why)) if why.contains("refs/tags/simple-tag")));
+        let branch = String::from_utf8_lossy(&fixture("push.json")).replace("refs/tags/simple-tag", "refs/heads/main").replace("0000000000000000000000000000000000000000", "6113728f27ae82c7b1a177c8d03f9e96e0adf247");
+        match parse("push", branch.as_bytes()) {
+            Ok(Delivery::Push { branch, commit, repositories }) => {
+                assert_eq!(branch, "main");
+                assert_eq!(commit, "6113728f27ae82c7b1a177c8d03f9e96e0adf247");
+                assert!(repositories.contains(&"https://github.com/Codertocat/Hello-World.git".to_string()));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -120,5 +150,11 @@ mod tests {
             assert!(!matches!(r, Ok(Delivery::Published(_))), "{tag:?} → {r:?}");
         }
         assert!(parse("registry_package", b"not json").is_err());
+        for branch in ["$(touch x)", "../../etc", "-rf", "a..b", "x y"] {
+            let body = serde_json::json!({"ref": format!("refs/heads/{branch}"), "after": "a".repeat(40), "repository": {"clone_url": "x"}});
+            assert!(matches!(parse("push", body.to_string().as_bytes()), Err(TriggerError::BadPayload(_))), "{branch:?}");
+        }
+        let body = serde_json::json!({"ref": "refs/heads/main", "after": "$(id)"});
+        assert!(parse("push", body.to_string().as_bytes()).is_err());
     }
 }

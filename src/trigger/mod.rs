@@ -14,6 +14,7 @@
 //! ever reaches a shell.
 
 pub mod github;
+pub mod poll;
 pub mod registry;
 
 use crate::config::Config;

@@ -143,6 +143,7 @@ fn fate(s: &Sighting) -> String {
     let Some(d) = &s.deployment else { return "no deployment".into() };
     let reason = d.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
     match d.state {
+        DeploymentState::Waiting => format!("deployment #{} is {}", d.id, d.reason.as_deref().unwrap_or("waiting")),
         DeploymentState::Queued => format!("deployment #{} is queued", d.id),
         DeploymentState::Running => format!("deployment #{} is running now", d.id),
         DeploymentState::Succeeded => format!("deployed by #{}", d.id),

@@ -1,0 +1,102 @@
+//! Gates and config revisions over HTTP: pending approvals, approving,
+//! promoting, and an environment's commits from git.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+
+use super::audit::AuditNote;
+use super::wire::{ApprovalInfo, ErrorBody, EventAccepted, PromoteRequest, RevisionInfo};
+use super::{ApiError, ApiResult, AppState, auth, deployment_or_404};
+
+/// Deployments waiting at a gate (approval, soak, deploy window), oldest
+/// first.
+#[utoipa::path(get, path = "/api/v1/approvals", responses((status = 200, body = Vec<ApprovalInfo>)))]
+pub(super) async fn list_approvals(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<Json<Vec<ApprovalInfo>>> {
+    let mut holds = s.store.holds().await?;
+    holds.retain(|(d, _)| caller.may(auth::Need::Read, Some(&d.environment)));
+    Ok(Json(holds.into_iter().map(ApprovalInfo::from).collect()))
+}
+
+/// Approve a waiting deployment. Needs the approver (or admin) role for
+/// its environment; it starts once its other gates pass too.
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/approve", params(("id" = i64, Path)),
+    responses((status = 200, body = ApprovalInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn approve(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, id: Result<Path<i64>, PathRejection>) -> ApiResult<impl IntoResponse> {
+    let Path(id) = id?;
+    let d = deployment_or_404(&s, id).await?;
+    caller.require(auth::Need::Approve, Some(&d.environment))?;
+    let by = caller.actor();
+    if !s.store.approve(id, &by).await? {
+        let hold = s.store.hold(id).await?;
+        let why = match (d.state, hold) {
+            (crate::store::DeploymentState::Waiting, Some(h)) if h.approved_by.is_some() => format!("deployment {id} was already approved by {}", h.approved_by.unwrap_or_default()),
+            (crate::store::DeploymentState::Waiting, _) => format!("deployment {id} needs no approval ({})", d.reason.as_deref().unwrap_or("it waits for other gates")),
+            (state, _) => format!("deployment {id} is {state}, not waiting for an approval"),
+        };
+        return Err(ApiError::new(StatusCode::CONFLICT, "conflict", why));
+    }
+    let hold = s.store.hold(id).await?.unwrap_or_default();
+    let d = deployment_or_404(&s, id).await?;
+    let note = AuditNote(format!("approve deployment {id} ({} {} in {})", d.service.as_deref().unwrap_or("jobs"), d.version.as_deref().unwrap_or(""), d.environment));
+    Ok((StatusCode::OK, axum::Extension(note), Json(ApprovalInfo::from((d, hold)))))
+}
+
+/// Deploy the version (and digest) a service runs in `from` to this
+/// environment. Needs the deployer role here; gates of this environment
+/// apply (soak, approval, windows).
+#[utoipa::path(post, path = "/api/v1/services/{environment}/{service}/promote", params(("environment" = String, Path), ("service" = String, Path)), request_body = PromoteRequest,
+    responses((status = 202, body = EventAccepted), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn promote(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Json<PromoteRequest>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Path((environment, service)) = p?;
+    let Json(req) = body?;
+    caller.require(auth::Need::Deploy, Some(&environment))?;
+    let payload = serde_json::json!({ "kind": "promote", "service": service, "from": req.from, "to": environment, "by": caller.actor() }).to_string();
+    let sub = s.submitter.promote(&service, &req.from, &environment, None, None, payload).await?;
+    let d = s.store.deployment(sub.deployment_id).await?;
+    let note = AuditNote(format!(
+        "promote {service} {} from {} to {environment} → deployment {}{}",
+        d.as_ref().and_then(|d| d.version.clone()).unwrap_or_default(),
+        req.from,
+        sub.deployment_id,
+        d.as_ref().and_then(|d| d.reason.clone()).map(|r| format!(" ({r})")).unwrap_or_default()
+    ));
+    Ok((StatusCode::ACCEPTED, axum::Extension(note), Json(EventAccepted { event_id: sub.event_id, deployment_id: sub.deployment_id, duplicate: sub.duplicate, superseded: sub.superseded })))
+}
+
+/// The commits of an environment's config branch Slipway has decided on,
+/// newest first (accepted ones run their touched jobs; rejected ones say
+/// why).
+#[utoipa::path(get, path = "/api/v1/environments/{environment}/revisions", params(("environment" = String, Path)), responses((status = 200, body = Vec<RevisionInfo>)))]
+pub(super) async fn list_revisions(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<String>, PathRejection>) -> ApiResult<Json<Vec<RevisionInfo>>> {
+    let Path(environment) = p?;
+    caller.require(auth::Need::Read, Some(&environment))?;
+    if !crate::config::valid_name(&environment) {
+        return Err(ApiError::bad_request("invalid environment name"));
+    }
+    Ok(Json(s.submitter.revisions(&environment, 100).await?.into_iter().map(RevisionInfo::from).collect()))
+}
+
+/// Fetch the environment's branch now and decide on its head (what a
+/// push webhook or a poll does).
+#[utoipa::path(post, path = "/api/v1/environments/{environment}/revisions/check", params(("environment" = String, Path)),
+    responses((status = 200, body = RevisionInfo), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(super) async fn check_revision(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<String>, PathRejection>) -> ApiResult<impl IntoResponse> {
+    let Path(environment) = p?;
+    caller.require(auth::Need::Deploy, Some(&environment))?;
+    if !crate::config::valid_name(&environment) {
+        return Err(ApiError::bad_request("invalid environment name"));
+    }
+    let r = s.submitter.check_revision(&environment).await?;
+    let note = AuditNote(format!("check config of {environment}: {} {}{}", r.short(), r.state, r.deployment.map(|d| format!(" → deployment {d}")).unwrap_or_default()));
+    Ok((axum::Extension(note), Json(RevisionInfo::from(r))))
+}

@@ -1,0 +1,278 @@
+//! `[[environment]]`: where an environment's config comes from (a git
+//! branch), how versions reach it (promotion from another environment,
+//! soak time, approval) and when (deploy windows).
+
+use std::ops::Range;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::diagnostic::{Problem, ProblemKind};
+
+#[derive(Debug, Clone)]
+pub struct Environment {
+    pub name: String,
+    pub span: Range<usize>,
+    /// The environment's config is the `slipway.toml` of this branch.
+    pub git: Option<GitSource>,
+    /// Versions are promoted from this environment.
+    pub promote_from: Option<String>,
+    pub promote_from_span: Option<Range<usize>>,
+    /// How long a version must have run in `promote_from` first.
+    pub soak: Duration,
+    /// Deploys wait for an approver (`slipway approve`).
+    pub approval: bool,
+    /// Deploys start only inside one of these (empty: any time).
+    pub windows: Vec<Window>,
+}
+
+impl Environment {
+    pub fn named(name: &str) -> Self {
+        Environment { name: name.to_string(), span: 0..0, git: None, promote_from: None, promote_from_span: None, soak: Duration::ZERO, approval: false, windows: vec![] }
+    }
+
+    /// Whether `at` (seconds since the epoch) is inside a deploy window.
+    pub fn window_open(&self, at: i64) -> bool {
+        self.windows.is_empty() || self.windows.iter().any(|w| w.contains(at))
+    }
+
+    /// When the next window opens after `at` (seconds since the epoch).
+    pub fn next_window(&self, at: i64) -> Option<i64> {
+        self.windows.iter().filter_map(|w| w.next_open(at)).min()
+    }
+
+    pub fn windows_text(&self) -> String {
+        self.windows.iter().map(|w| w.text.clone()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitSource {
+    /// A local path or a URL `git` understands (never starting with '-').
+    pub url: String,
+    pub branch: String,
+    /// The directory of the repository holding `slipway.toml` ("" = root).
+    pub path: String,
+    /// Look for new commits this often (None: only on a push webhook).
+    pub poll: Option<Duration>,
+    /// Each git command is killed after this.
+    pub timeout: Duration,
+}
+
+/// A weekly window in UTC: days of the week and a time range. A range
+/// whose end is before its start runs past midnight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Bit 0 = Monday … bit 6 = Sunday: the days the window *opens*.
+    pub days: u8,
+    /// Minutes after midnight, UTC.
+    pub start: u32,
+    pub end: u32,
+    pub text: String,
+}
+
+const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+impl Window {
+    /// `"mon-fri 09:00-17:00"`, `"sat,sun 10:00-12:00"`, `"22:00-02:00"`.
+    pub fn parse(s: &str) -> Result<Window, String> {
+        let s = s.trim();
+        let (days_part, time_part) = match s.rsplit_once(' ') {
+            Some((d, t)) => (Some(d.trim()), t),
+            None => (None, s),
+        };
+        let days = match days_part {
+            None => 0x7f,
+            Some(d) => {
+                let mut bits = 0u8;
+                for item in d.split(',') {
+                    let item = item.trim().to_ascii_lowercase();
+                    let day = |n: &str| DAYS.iter().position(|d| *d == n).ok_or_else(|| format!("unknown day {n:?} (use mon, tue, wed, thu, fri, sat, sun)"));
+                    match item.split_once('-') {
+                        Some((a, b)) => {
+                            let (a, b) = (day(a)?, day(b)?);
+                            let mut i = a;
+                            loop {
+                                bits |= 1 << i;
+                                if i == b {
+                                    break;
+                                }
+                                i = (i + 1) % 7;
+                            }
+                        }
+                        None => bits |= 1 << day(&item)?,
+                    }
+                }
+                bits
+            }
+        };
+        let (a, b) = time_part.split_once('-').ok_or_else(|| format!("{time_part:?} is not a time range like 09:00-17:00"))?;
+        let (start, end) = (minutes(a)?, minutes(b)?);
+        if start == end {
+            return Err("the window starts and ends at the same time".into());
+        }
+        Ok(Window { days, start, end, text: format!("{s} UTC") })
+    }
+
+    /// Whether `at` (seconds since the epoch, UTC) is inside.
+    pub fn contains(&self, at: i64) -> bool {
+        let (day, minute) = day_minute(at);
+        if self.start < self.end {
+            self.days & (1 << day) != 0 && minute >= self.start && minute < self.end
+        } else {
+            // Past midnight: opened today in the evening, or yesterday.
+            let yesterday = (day + 6) % 7;
+            (self.days & (1 << day) != 0 && minute >= self.start) || (self.days & (1 << yesterday) != 0 && minute < self.end)
+        }
+    }
+
+    /// The next opening strictly after `at` (within eight days).
+    pub fn next_open(&self, at: i64) -> Option<i64> {
+        let midnight = at - at.rem_euclid(86_400);
+        (0..8).map(|d| midnight + d * 86_400 + self.start as i64 * 60).find(|t| *t > at && self.days & (1 << day_minute(*t).0) != 0)
+    }
+}
+
+/// (weekday with Monday = 0, minute of the day) of a UTC time.
+fn day_minute(at: i64) -> (u32, u32) {
+    let days = at.div_euclid(86_400);
+    // 1970-01-01 was a Thursday (3 with Monday = 0).
+    (((days + 3).rem_euclid(7)) as u32, (at.rem_euclid(86_400) / 60) as u32)
+}
+
+fn minutes(s: &str) -> Result<u32, String> {
+    let bad = || format!("{s:?} is not a time like 09:00");
+    let (h, m) = s.trim().split_once(':').ok_or_else(bad)?;
+    let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 24 || m > 59 || (h == 24 && m != 0) {
+        return Err(bad());
+    }
+    Ok(h * 60 + m)
+}
+
+/// A branch name from config or a payload: a strict alphabet, no `..`, not
+/// starting with '-' or '/', so it is safe as one argument and in a refspec.
+pub fn valid_branch(b: &str) -> bool {
+    !b.is_empty()
+        && b.len() <= 200
+        && b.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+        && !b.starts_with(['-', '/', '.'])
+        && !b.ends_with(['/', '.'])
+        && !b.contains("..")
+        && !b.contains("//")
+        && !b.ends_with(".lock")
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawEnvironment {
+    name: Spanned<String>,
+    git: Option<Spanned<RawGit>>,
+    promote_from: Option<Spanned<String>>,
+    soak: Option<Spanned<String>>,
+    #[serde(default)]
+    approval: bool,
+    #[serde(default)]
+    windows: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+struct RawGit {
+    url: Spanned<String>,
+    branch: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    poll: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+pub(super) fn build(raw: RawEnvironment, problems: &mut Vec<Problem>) -> Environment {
+    super::check_name(&raw.name, "environment", problems);
+    let mut env = Environment::named(raw.name.get_ref());
+    env.span = raw.name.span();
+    env.git = raw.git.map(|g| {
+        let g = g.into_inner();
+        let url = g.url.get_ref().trim().to_string();
+        if url.is_empty() || url.starts_with('-') || url.chars().any(|c| c.is_control()) || url.starts_with("ext::") {
+            problems.push(Problem::new(ProblemKind::InvalidValue, Some(g.url.span()), format!("{url:?} is not a repository path or URL")).label("not a repository").hint("a local path, https://…, ssh://… or git@host:path"));
+        }
+        let branch = g.branch.as_ref().map(|b| b.get_ref().clone()).unwrap_or_else(|| "main".to_string());
+        if let Some(b) = &g.branch
+            && !valid_branch(b.get_ref()) {
+                problems.push(Problem::new(ProblemKind::InvalidValue, Some(b.span()), format!("invalid branch name {:?}", b.get_ref())).label("invalid branch").hint("letters, digits, '.', '_', '-' and '/', not starting with '-' and without '..'"));
+            }
+        let path = g.path.as_ref().map(|p| p.get_ref().trim_matches('/').to_string()).unwrap_or_default();
+        if let Some(p) = &g.path
+            && !path.is_empty() && (path.split('/').any(|c| c.is_empty() || c == "." || c == "..") || !path.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))) {
+                problems.push(Problem::new(ProblemKind::InvalidValue, Some(p.span()), format!("invalid path {:?} in the repository", p.get_ref())).label("invalid path").hint("a relative directory such as \"deploy\" or \"ops/slipway\""));
+            }
+        GitSource {
+            url,
+            branch,
+            path,
+            poll: g.poll.as_ref().and_then(|p| super::duration(p, "git.poll", problems)),
+            timeout: g.timeout.as_ref().and_then(|t| super::duration(t, "git.timeout", problems)).unwrap_or(Duration::from_secs(120)),
+        }
+    });
+    if let Some(p) = &raw.promote_from {
+        env.promote_from = Some(p.get_ref().clone());
+        env.promote_from_span = Some(p.span());
+    }
+    if let Some(s) = &raw.soak {
+        if raw.promote_from.is_none() {
+            problems.push(Problem::new(ProblemKind::InvalidValue, Some(s.span()), "`soak` without `promote_from`").label("soak of what?").hint("soak is how long a version must run in `promote_from` before it is promoted here"));
+        }
+        env.soak = super::duration(s, "soak", problems).unwrap_or_default();
+    }
+    env.approval = raw.approval;
+    for w in &raw.windows {
+        match Window::parse(w.get_ref()) {
+            Ok(win) => env.windows.push(win),
+            Err(e) => problems.push(Problem::new(ProblemKind::InvalidValue, Some(w.span()), format!("invalid deploy window: {e}")).label("invalid window").hint("e.g. \"mon-fri 09:00-17:00\" or \"sat 10:00-12:00\" (UTC)")),
+        }
+    }
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // 2026-11-23 was a Monday.
+    const MONDAY: i64 = 1_795_392_000;
+
+    #[test]
+    fn windows_open_on_their_days_and_hours() {
+        assert_eq!(day_minute(MONDAY), (0, 0));
+        let w = Window::parse("mon-fri 09:00-17:00").unwrap();
+        assert!(w.contains(MONDAY + 9 * 3600));
+        assert!(!w.contains(MONDAY + 17 * 3600));
+        assert!(!w.contains(MONDAY + 5 * 86_400 + 10 * 3600), "saturday");
+        assert_eq!(w.next_open(MONDAY + 17 * 3600), Some(MONDAY + 86_400 + 9 * 3600));
+        assert_eq!(w.next_open(MONDAY + 4 * 86_400 + 18 * 3600), Some(MONDAY + 7 * 86_400 + 9 * 3600), "friday evening → monday");
+        let night = Window::parse("sun 22:00-02:00").unwrap();
+        assert!(night.contains(MONDAY - 3600), "sunday 23:00");
+        assert!(night.contains(MONDAY + 3600), "monday 01:00, opened sunday");
+        assert!(!night.contains(MONDAY + 22 * 3600 + 60), "monday 22:01");
+        let sat_sun = Window::parse("sat,sun 10:00-12:00").unwrap();
+        assert_eq!(sat_sun.days, 0b110_0000);
+        assert!(Window::parse("fri-mon 10:00-11:00").unwrap().contains(MONDAY + 10 * 3600));
+    }
+
+    #[test]
+    fn bad_windows_say_what_is_wrong() {
+        for (w, says) in [("mon-fry 09:00-17:00", "unknown day"), ("09:00", "time range"), ("25:00-26:00", "not a time"), ("10:00-10:00", "same time")] {
+            let e = Window::parse(w).unwrap_err();
+            assert!(e.contains(says), "{w}: {e}");
+        }
+    }
+
+    #[test]
+    fn branch_names_are_checked() {
+        for ok in ["main", "release/1.4", "feature_x-2"] {
+            assert!(valid_branch(ok), "{ok}");
+        }
+        for bad in ["", "-rf", "../../etc", "a..b", "$(touch x)", "a b", "/abs", "x.lock", "a//b", "ref;rm"] {
+            assert!(!valid_branch(bad), "{bad}");
+        }
+    }
+}

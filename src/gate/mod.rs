@@ -1,0 +1,252 @@
+//! Gates between environments: approvals, soak times, deploy windows, and
+//! promotion (a version that succeeded in one environment deployed to the
+//! next by rule).
+//!
+//! A gated deployment is stored `waiting` with a [`Hold`]. The gate loop
+//! ([`run`], on every node) looks at the waiting ones each second: one
+//! whose conditions all hold is released to `queued` (a compare-and-set
+//! in the store, so one node wins); one whose promoted version left its
+//! source environment is dropped; the others get their `waiting_for`
+//! text updated, which `status`, the API and `why` show. The same loop
+//! starts automatic promotions. Design notes: docs/design/gates.md.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Environment};
+use crate::store::{DeploymentRow, DeploymentState, Hold, Millis, Store};
+use crate::submit::Submitter;
+
+/// What a waiting deployment should do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Release,
+    Wait(String),
+    Drop(String),
+}
+
+fn clock(ms: Millis) -> String {
+    let s = ms / 1000;
+    let days = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    let day = days[(s.div_euclid(86_400)).rem_euclid(7) as usize];
+    format!("{day} {:02}:{:02}:{:02} UTC", s.rem_euclid(86_400) / 3600, s.rem_euclid(3600) / 60, s.rem_euclid(60))
+}
+
+/// What `hold` still waits for at `now`, in words; None when nothing.
+/// `source_version`: what the promotion's source environment runs now.
+pub fn waits(hold: &Hold, env: Option<&Environment>, now: Millis, deployment: Option<&DeploymentRow>) -> Option<Vec<String>> {
+    let mut w = Vec::new();
+    let env_name = env.map(|e| e.name.as_str()).unwrap_or("this environment");
+    if hold.approval && hold.approved_by.is_none() {
+        let id = deployment.map(|d| d.id.to_string()).unwrap_or_else(|| "ID".into());
+        w.push(format!("approval by an approver of {env_name} (slipway approve {id})"));
+    }
+    if hold.not_before > now {
+        let left = Duration::from_millis((hold.not_before - now) as u64);
+        let from = hold.source_environment.as_deref().unwrap_or("its source environment");
+        w.push(format!("soak in {from} until {} ({} more)", clock(hold.not_before), crate::plan::format_duration(left)));
+    }
+    if hold.window
+        && let Some(env) = env
+        && !env.window_open(now / 1000) {
+            let next = env.next_window(now / 1000).map(|t| format!("; next opens {}", clock(t * 1000))).unwrap_or_default();
+            w.push(format!("the deploy window of {} ({}){next}", env.name, env.windows_text()));
+        }
+    (!w.is_empty()).then_some(w)
+}
+
+/// Decide on one waiting deployment.
+pub fn evaluate(d: &DeploymentRow, hold: &Hold, env: Option<&Environment>, now: Millis, source_version: Option<&str>) -> Verdict {
+    if let (Some(from), Some(v)) = (&hold.source_environment, &d.version)
+        && source_version != Some(v.as_str()) {
+            return Verdict::Drop(format!(
+                "not promoted: {from} no longer runs {v} (it runs {})",
+                source_version.unwrap_or("nothing")
+            ));
+        }
+    match waits(hold, env, now, Some(d)) {
+        None => Verdict::Release,
+        Some(w) => Verdict::Wait(format!("waiting for {}", w.join("; "))),
+    }
+}
+
+/// Promotions due: for each environment that promotes from another and
+/// each service that opts that environment into `auto_deploy`, the
+/// version the source runs, if the target has never run it. Returns
+/// (service, from, to, source deployment id).
+pub fn due_promotions(config: &Config, services: &[crate::store::ServiceRow]) -> Vec<(String, String, String, i64)> {
+    let mut out = Vec::new();
+    for env in &config.environments {
+        let Some(from) = &env.promote_from else { continue };
+        for s in config.services.iter().filter(|s| s.auto_deploy.contains(&env.name)) {
+            let Some(src) = services.iter().find(|r| &r.environment == from && r.service == s.name) else { continue };
+            let here = services.iter().find(|r| r.environment == env.name && r.service == s.name);
+            // Never back to what it came from: a rollback in the source is
+            // not a new version to promote.
+            if here.is_some_and(|h| h.version == src.version || h.previous_version.as_deref() == Some(src.version.as_str())) {
+                continue;
+            }
+            out.push((s.name.clone(), from.clone(), env.name.clone(), src.deployment_id));
+        }
+    }
+    out
+}
+
+/// The gate loop; see the module header.
+pub async fn run(store: Arc<dyn Store>, submitter: Arc<Submitter>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = once(&store, &submitter).await {
+            tracing::debug!("gate loop: {e}");
+        }
+    }
+}
+
+async fn once(store: &Arc<dyn Store>, submitter: &Submitter) -> Result<(), crate::submit::SubmitError> {
+    let config = match submitter.config().await {
+        Ok(c) => c.config,
+        // An invalid config on disk releases nothing; the API says why.
+        Err(_) => return Ok(()),
+    };
+    let has_promotions = config.environments.iter().any(|e| e.promote_from.is_some());
+    let holds = store.holds().await?;
+    if holds.is_empty() && !has_promotions {
+        return Ok(());
+    }
+    let services = store.services().await?;
+    let now = crate::store::now_ms();
+    for (d, hold) in holds {
+        let env = config.environment(&d.environment);
+        let source_version = hold.source_environment.as_ref().and_then(|from| {
+            services.iter().find(|r| &r.environment == from && Some(&r.service) == d.service.as_ref()).map(|r| r.version.as_str())
+        });
+        match evaluate(&d, &hold, env, now, source_version) {
+            Verdict::Release => {
+                if store.release(d.id).await? {
+                    tracing::info!(deployment = d.id, environment = %d.environment, "gates passed; deployment queued");
+                    if let Some(w) = &submitter.wake {
+                        w.work_changed();
+                    }
+                }
+            }
+            Verdict::Drop(why) => {
+                if store.drop_waiting(d.id, &why).await?
+                    && let Some(bus) = &submitter.events {
+                        bus.emit(crate::scheduler::event::Event::DeploymentFinished { deployment: d.id, state: DeploymentState::Cancelled }).await;
+                    }
+            }
+            Verdict::Wait(what) => {
+                if hold.waiting_for.as_deref() != Some(what.as_str()) {
+                    store.set_waiting_for(d.id, &what).await?;
+                }
+            }
+        }
+    }
+    for (service, from, to, source) in due_promotions(&config, &services) {
+        // One promotion per source deployment, whichever node sees it.
+        let kind = format!("promote:{to}:{service}:");
+        let done = store.events(&[&kind], 1).await?;
+        if done.first().is_some_and(|e| e.payload.contains(&format!("\"source_deployment\":{source}"))) {
+            continue;
+        }
+        let Some(src) = store.deployment(source).await? else { continue };
+        if src.state != DeploymentState::Succeeded {
+            continue;
+        }
+        let key = crate::submit::key_of("promote", &[&to, &service, &source.to_string()]);
+        let payload = serde_json::json!({ "kind": "promote", "service": service, "from": from, "to": to, "source_deployment": source }).to_string();
+        match submitter.promote(&service, &from, &to, Some(key), Some(kind), payload).await {
+            Ok(s) if !s.duplicate => tracing::info!(service, from, to, deployment = s.deployment_id, "promotion submitted"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(service, from, to, "promotion not submitted: {e}"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::DeploymentKind;
+
+    const MONDAY_NOON: Millis = (1_795_392_000 + 12 * 3600) * 1000;
+
+    fn dep(version: &str) -> DeploymentRow {
+        DeploymentRow {
+            id: 7,
+            event_id: 1,
+            kind: DeploymentKind::Deploy,
+            environment: "production".into(),
+            service: Some("api".into()),
+            version: Some(version.into()),
+            revision: "r".into(),
+            state: DeploymentState::Waiting,
+            reason: None,
+            superseded_by: None,
+            cancel_requested: false,
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn every_gate_must_pass() {
+        let mut env = Environment::named("production");
+        env.windows = vec![crate::config::Window::parse("mon-fri 09:00-17:00").unwrap()];
+        let mut hold = Hold { approval: true, not_before: MONDAY_NOON + 60_000, window: true, source_environment: Some("staging".into()), source_deployment: Some(3), ..Hold::default() };
+        let d = dep("1.4.0");
+        let v = evaluate(&d, &hold, Some(&env), MONDAY_NOON, Some("1.4.0"));
+        assert_eq!(v, Verdict::Wait("waiting for approval by an approver of production (slipway approve 7); soak in staging until Mon 12:01:00 UTC (1m00s more)".into()));
+        hold.approved_by = Some("alice".into());
+        assert!(matches!(evaluate(&d, &hold, Some(&env), MONDAY_NOON, Some("1.4.0")), Verdict::Wait(w) if w.starts_with("waiting for soak")));
+        assert_eq!(evaluate(&d, &hold, Some(&env), MONDAY_NOON + 60_000, Some("1.4.0")), Verdict::Release);
+        let evening = MONDAY_NOON + 6 * 3600 * 1000;
+        assert_eq!(
+            evaluate(&d, &hold, Some(&env), evening, Some("1.4.0")),
+            Verdict::Wait("waiting for the deploy window of production (mon-fri 09:00-17:00 UTC); next opens Tue 09:00:00 UTC".into())
+        );
+        assert_eq!(evaluate(&d, &hold, Some(&env), MONDAY_NOON + 60_000, Some("1.5.0")), Verdict::Drop("not promoted: staging no longer runs 1.4.0 (it runs 1.5.0)".into()));
+    }
+
+    #[test]
+    fn promotions_are_due_once_per_new_version() {
+        let config = crate::config::parse(
+            "t",
+            r#"
+[[environment]]
+name = "staging"
+[[environment]]
+name = "production"
+promote_from = "staging"
+soak = "10m"
+[[service]]
+name = "api"
+auto_deploy = ["staging", "production"]
+[[service]]
+name = "worker"
+auto_deploy = ["staging"]
+"#,
+        )
+        .unwrap();
+        let row = |env: &str, svc: &str, v: &str, prev: Option<&str>, dep: i64| crate::store::ServiceRow {
+            environment: env.into(),
+            service: svc.into(),
+            version: v.into(),
+            previous_version: prev.map(Into::into),
+            deployment_id: dep,
+            ..crate::store::ServiceRow::default()
+        };
+        let rows = vec![row("staging", "api", "2.0", Some("1.0"), 5), row("staging", "worker", "2.0", None, 6), row("production", "api", "1.0", None, 2)];
+        assert_eq!(due_promotions(&config, &rows), vec![("api".into(), "staging".into(), "production".into(), 5)]);
+        let rows = vec![row("staging", "api", "1.0", Some("2.0"), 8), row("production", "api", "2.0", Some("1.0"), 7)];
+        assert!(due_promotions(&config, &rows).is_empty(), "staging rolled back to what production came from");
+    }
+}

@@ -1,0 +1,180 @@
+//! Config revisions from git: a commit of an environment's branch is
+//! accepted (stored as the revision its deployments run against, and the
+//! jobs its changes touch are run) or rejected (recorded with the
+//! validation errors; the environment stays on its last good commit).
+//!
+//! Each verdict is an event of kind `revision:<env>:` under a key derived
+//! from the environment and the commit, so a webhook and a poll, or two
+//! nodes, deciding on the same commit record it once and run its jobs once.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Source, SubmitError, Submitter, key_of, parse_for};
+use crate::config::{self, revision};
+use crate::git::{GitError, Mirror};
+use crate::plan::changes::{self, Touched};
+use crate::store::NewEvent;
+
+/// What became of a commit (stored as the event's payload).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevisionRecord {
+    pub environment: String,
+    pub commit: String,
+    /// The revision id deployments name (the commit, plus the config
+    /// directory's digest when it is not the repository's root).
+    pub revision: String,
+    pub branch: String,
+    /// "accepted" or "rejected".
+    pub state: String,
+    /// The last accepted commit before this one.
+    pub previous: Option<String>,
+    #[serde(default)]
+    pub changed: Vec<String>,
+    #[serde(default)]
+    pub jobs: Vec<Touched>,
+    pub deployment: Option<i64>,
+    pub errors: Option<String>,
+    #[serde(default)]
+    pub at: i64,
+}
+
+impl RevisionRecord {
+    pub fn short(&self) -> &str {
+        revision::short(&self.commit)
+    }
+    pub fn accepted(&self) -> bool {
+        self.state == "accepted"
+    }
+}
+
+/// The event kind of an environment's revision records (names cannot
+/// hold ':', so one environment's prefix never matches another's).
+pub fn event_kind(environment: &str) -> String {
+    format!("revision:{environment}:")
+}
+
+fn revision_id(commit: &str, path: &str) -> String {
+    if path.is_empty() { commit.to_string() } else { format!("{commit}.{}", &key_of("p", &[path])[2..10]) }
+}
+
+impl Submitter {
+    /// The records of an environment's commits, newest first.
+    pub async fn revisions(&self, environment: &str, limit: i64) -> Result<Vec<RevisionRecord>, SubmitError> {
+        let rows = self.store.events(&[&event_kind(environment)], limit).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let mut rec: RevisionRecord = serde_json::from_str(&r.payload).ok()?;
+                rec.at = r.received_at;
+                Some(rec)
+            })
+            .collect())
+    }
+
+    pub async fn accepted_revision(&self, environment: &str) -> Result<Option<RevisionRecord>, SubmitError> {
+        Ok(self.revisions(environment, 1000).await?.into_iter().find(|r| r.accepted()))
+    }
+
+    /// The mirror of an environment's repository, if it has one.
+    pub async fn mirror(&self, environment: &str) -> Result<Option<Mirror>, SubmitError> {
+        let disk = self.config().await?;
+        let Some(git) = disk.config.environment(environment).and_then(|e| e.git.clone()) else { return Ok(None) };
+        Ok(Some(Mirror::new(&disk.dir.join(".slipway"), &git)))
+    }
+
+    /// Fetch an environment's branch and decide on its head commit.
+    pub async fn check_revision(&self, environment: &str) -> Result<RevisionRecord, SubmitError> {
+        let mirror = self.mirror(environment).await?.ok_or_else(|| SubmitError::Invalid(format!("environment {environment} does not take its config from git")))?;
+        let head = mirror.fetch().await.map_err(git_error)?;
+        self.decide_commit(environment, &mirror, &head).await
+    }
+
+    /// Accept or reject `commit` for `environment` (once: a commit decided
+    /// before returns its record).
+    pub async fn decide_commit(&self, environment: &str, mirror: &Mirror, commit: &str) -> Result<RevisionRecord, SubmitError> {
+        let history = self.revisions(environment, 1000).await?;
+        if let Some(seen) = history.iter().find(|r| r.commit == commit) {
+            return Ok(seen.clone());
+        }
+        let previous = history.iter().find(|r| r.accepted()).map(|r| r.commit.clone());
+        let key = key_of("git", &[environment, commit]);
+        let mut record = RevisionRecord {
+            environment: environment.to_string(),
+            commit: commit.to_string(),
+            revision: revision_id(commit, &mirror.source.path),
+            branch: mirror.source.branch.clone(),
+            state: "accepted".into(),
+            previous: previous.clone(),
+            changed: vec![],
+            jobs: vec![],
+            deployment: None,
+            errors: None,
+            at: 0,
+        };
+        let tmp = mirror.dir.with_extension(format!("checkout.{}", rand::random::<u32>()));
+        let checked = self.check_commit(environment, mirror, commit, &tmp).await;
+        let _ = std::fs::remove_dir_all(&tmp);
+        let (config, rev) = match checked {
+            Ok(x) => x,
+            Err(errors) => {
+                record.state = "rejected".into();
+                record.errors = Some(errors);
+                tracing::warn!(environment, commit, "config revision rejected; the environment stays on {}", previous.as_deref().unwrap_or("no revision"));
+                self.store.record_event(NewEvent { key: Some(key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() }).await?;
+                if let Some(bus) = &self.events {
+                    bus.emit(crate::scheduler::event::Event::RevisionRejected { environment: environment.to_string(), commit: commit.to_string(), errors: record.errors.clone().unwrap_or_default() }).await;
+                }
+                return Ok(record);
+            }
+        };
+        // The first commit seen is the baseline: nothing changed yet.
+        if let Some(prev) = &previous {
+            record.changed = mirror.changed(prev, commit).await.map_err(git_error)?;
+            record.jobs = changes::touched(&config, environment, &record.changed);
+        }
+        self.store.put_revision(&rev).await?;
+        record.changed.truncate(1000);
+        let disk = self.config().await?.config;
+        let source = Source { disk, config, environment: environment.to_string(), revision: None, revision_id: rev.id.clone() };
+        if record.jobs.is_empty() {
+            self.store.record_event(NewEvent { key: Some(key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() }).await?;
+        } else {
+            let jobs = record.jobs.iter().map(|t| t.job.clone()).collect();
+            // The deployment's event is the record: it carries the key, so
+            // a second decision on this commit finds it and runs nothing.
+            let pending = serde_json::to_string(&RevisionRecord { deployment: None, ..record.clone() }).unwrap_or_default();
+            let sub = self.submit_revision(source, jobs, key, event_kind(environment), pending).await?;
+            record.deployment = Some(sub.deployment_id);
+        }
+        tracing::info!(environment, commit, jobs = record.jobs.len(), "config revision accepted");
+        Ok(record)
+    }
+
+    /// Check out and validate a commit: its config, as a revision whose id
+    /// is the commit. Errors are the validation report, as text.
+    async fn check_commit(&self, environment: &str, mirror: &Mirror, commit: &str, dir: &std::path::Path) -> Result<(config::Config, revision::Revision), String> {
+        mirror.checkout(commit, dir).await.map_err(|e| e.to_string())?;
+        let file = dir.join(config::CONFIG_FILE);
+        let text = std::fs::read_to_string(&file).map_err(|e| format!("no {} at {} of {}: {e}", config::CONFIG_FILE, revision::short(commit), mirror.source.url))?;
+        let shown = if mirror.source.path.is_empty() { format!("{}@{}", config::CONFIG_FILE, revision::short(commit)) } else { format!("{}/{}@{}", mirror.source.path, config::CONFIG_FILE, revision::short(commit)) };
+        let config = parse_for(environment, &shown, &text).map_err(|e| e.render(false))?;
+        let (dir, path) = (dir.to_path_buf(), mirror.source.path.clone());
+        let commit = commit.to_string();
+        tokio::task::spawn_blocking(move || {
+            revision::snapshot(&dir, &text).map(|mut rev| {
+                rev.id = revision_id(&commit, &path);
+                (config, rev)
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    }
+}
+
+fn git_error(e: GitError) -> SubmitError {
+    match e {
+        GitError::Invalid(m) => SubmitError::Invalid(m),
+        e => SubmitError::Unavailable(e.to_string()),
+    }
+}

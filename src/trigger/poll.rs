@@ -1,0 +1,41 @@
+//! Polling config repositories: each environment whose `git.poll` is set
+//! is fetched that often, and a new head commit is decided on (accepted
+//! or rejected, see `submit::git`). Off by default: a push webhook is the
+//! cheaper trigger.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::submit::Submitter;
+
+pub async fn run(submitter: Arc<Submitter>, shutdown: CancellationToken) {
+    let mut last: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(loaded) = submitter.config().await else { continue };
+        for env in &loaded.config.environments {
+            let Some(every) = env.git.as_ref().and_then(|g| g.poll) else { continue };
+            if last.get(&env.name).is_some_and(|t| t.elapsed() < every) {
+                continue;
+            }
+            last.insert(env.name.clone(), Instant::now());
+            // One at a time: a slow fetch delays the next poll, never piles up.
+            let checked = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = submitter.check_revision(&env.name) => r,
+            };
+            match checked {
+                Ok(r) => tracing::debug!(environment = %env.name, commit = %r.commit, state = %r.state, "polled config repository"),
+                Err(e) => tracing::warn!(environment = %env.name, "polling the config repository failed: {e}"),
+            }
+        }
+    }
+}
