@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 
 use super::audit::AuditNote;
-use super::wire::{ApprovalInfo, ErrorBody, EventAccepted, PromoteRequest, RevisionInfo};
+use super::wire::{ApprovalInfo, EnvironmentInfo, ErrorBody, EventAccepted, PromoteRequest, RevisionInfo};
 use super::{ApiError, ApiResult, AppState, auth, deployment_or_404};
 
 /// Deployments waiting at a gate (approval, soak, deploy window), oldest
@@ -99,4 +99,31 @@ pub(super) async fn check_revision(State(s): State<Arc<AppState>>, axum::Extensi
     let r = s.submitter.check_revision(&environment).await?;
     let note = AuditNote(format!("check config of {environment}: {} {}{}", r.short(), r.state, r.deployment.map(|d| format!(" → deployment {d}")).unwrap_or_default()));
     Ok((axum::Extension(note), Json(RevisionInfo::from(r))))
+}
+
+/// The environments of the node's config: config source, gates, and the
+/// commit each git-configured one runs.
+#[utoipa::path(get, path = "/api/v1/environments", responses((status = 200, body = Vec<EnvironmentInfo>)))]
+pub(super) async fn list_environments(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<Json<Vec<EnvironmentInfo>>> {
+    let config = s.submitter.config().await?.config;
+    let mut out = Vec::new();
+    for e in config.environments.iter().filter(|e| caller.may(auth::Need::Read, Some(&e.name))) {
+        let mut info = EnvironmentInfo {
+            name: e.name.clone(),
+            git: e.git.as_ref().map(|g| format!("{} {}", g.url, g.branch)),
+            promote_from: e.promote_from.clone(),
+            soak_secs: e.soak.as_secs(),
+            approval: e.approval,
+            windows: e.windows.iter().map(|w| w.text.clone()).collect(),
+            ..EnvironmentInfo::default()
+        };
+        if e.git.is_some() {
+            let records = s.submitter.revisions(&e.name, 1000).await?;
+            let accepted = records.iter().position(|r| r.accepted());
+            info.rejected = records.iter().take(accepted.unwrap_or(records.len())).find(|r| !r.accepted()).cloned().map(RevisionInfo::from);
+            info.revision = accepted.map(|i| RevisionInfo::from(records[i].clone()));
+        }
+        out.push(info);
+    }
+    Ok(Json(out))
 }

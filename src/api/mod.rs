@@ -143,8 +143,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, create_token, list_tokens, revoke_token, gc_plan, gc_apply, gates::list_approvals, gates::approve, gates::promote, gates::list_revisions, gates::check_revision, hooks::github, hooks::registry, hooks::published, healthz),
-    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HookAnswer, HookResult, PublishedRequest, WhyInfo, AuditInfo, TokenRequest, TokenCreated, TokenInfo, ApprovalInfo, PromoteRequest, RevisionInfo, TouchedJob, auth::Role, Health, ErrorBody))
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, create_token, list_tokens, revoke_token, gc_plan, gc_apply, gates::list_environments, gates::list_approvals, gates::approve, gates::promote, gates::list_revisions, gates::check_revision, hooks::github, hooks::registry, hooks::published, healthz),
+    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HookAnswer, HookResult, PublishedRequest, WhyInfo, AuditInfo, TokenRequest, TokenCreated, TokenInfo, ApprovalInfo, EnvironmentInfo, PromoteRequest, RevisionInfo, TouchedJob, auth::Role, Health, ErrorBody))
 )]
 pub struct ApiDoc;
 
@@ -166,6 +166,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/deployments/{id}/approve", post(gates::approve))
         .route("/api/v1/approvals", get(gates::list_approvals))
         .route("/api/v1/services/{environment}/{service}/promote", post(gates::promote))
+        .route("/api/v1/environments", get(gates::list_environments))
         .route("/api/v1/environments/{environment}/revisions", get(gates::list_revisions))
         .route("/api/v1/environments/{environment}/revisions/check", post(gates::check_revision))
         .route("/api/v1/nodes", get(list_nodes))

@@ -478,3 +478,21 @@ impl From<crate::submit::git::RevisionRecord> for RevisionInfo {
         }
     }
 }
+
+/// An environment: where its config comes from, its gates, and (config
+/// from git) the commit it runs and a newer rejected one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct EnvironmentInfo {
+    pub name: String,
+    /// `URL branch` of its config repository (None: the node's directory).
+    pub git: Option<String>,
+    pub promote_from: Option<String>,
+    pub soak_secs: u64,
+    pub approval: bool,
+    /// Deploy windows (UTC).
+    pub windows: Vec<String>,
+    /// The last accepted commit.
+    pub revision: Option<RevisionInfo>,
+    /// A commit newer than `revision` that was rejected.
+    pub rejected: Option<RevisionInfo>,
+}

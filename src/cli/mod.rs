@@ -5,6 +5,7 @@
 pub mod client;
 pub mod exit;
 pub mod serve;
+mod gates;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -71,6 +72,26 @@ pub enum Command {
     Logs(LogsArgs),
     /// Cancel a deployment: queued ones never start, running jobs are stopped.
     Cancel { deployment: i64 },
+    /// Approve a deployment waiting for an approval (needs the approver
+    /// role for its environment). It starts once its other gates pass.
+    Approve { deployment: i64 },
+    /// Deploy the version a service runs in one environment to another
+    /// (same digest); the target's gates (soak, approval, windows) apply.
+    Promote {
+        service: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
+    /// Commits of an environment's config branch and what became of each
+    /// (accepted and the jobs they ran, or rejected and why).
+    Revisions {
+        env: String,
+        /// Fetch the branch now and decide on its head.
+        #[arg(long)]
+        check: bool,
+    },
     /// List (or with --apply, remove) containers with Slipway's labels that
     /// no live Slipway holds, and images no environment runs or could roll
     /// back to. A dry run unless --apply.
@@ -98,6 +119,12 @@ pub struct PlanArgs {
     /// Store to read past durations from (default as for `serve`).
     #[arg(long, env = "SLIPWAY_STORE")]
     pub store: Option<String>,
+    /// With --to: the jobs a new commit of the environment's config
+    /// branch runs (what changed from this commit or branch).
+    #[arg(long, requires = "to", conflicts_with_all = ["service", "jobs", "dot"])]
+    pub from: Option<String>,
+    #[arg(long, requires = "from")]
+    pub to: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -310,7 +337,11 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
     let client = Client::new(&cli.server, cli.token.as_deref());
     match cli.command {
         Command::Validate => validate(&cli.config, cli.json),
+        Command::Plan(PlanArgs { env, from: Some(from), to: Some(to), parallelism, .. }) => gates::plan_change(&cli.config, env, &from, &to, parallelism, cli.json).await,
         Command::Plan(a) => plan_cmd(&cli.config, a, cli.json).await,
+        Command::Approve { deployment } => gates::approve(&client, deployment, cli.json).await,
+        Command::Promote { service, from, to } => gates::promote(&client, &service, &from, &to, cli.json).await,
+        Command::Revisions { env, check } => gates::revisions(&client, &env, check, cli.json).await,
         Command::Serve(a) => {
             serve::serve(serve::ServeOptions {
                 config: cli.config,
@@ -745,6 +776,7 @@ async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliErr
             return Ok(exit::OK);
         }
         print_services(&services);
+        gates::print_gates(client).await?;
         if !orphans.is_empty() {
             println!("orphaned containers (no live Slipway holds them; `slipway gc --apply` removes them):");
             for o in &orphans {

@@ -521,6 +521,8 @@ pub struct EventRow {
     pub kind: String,
     pub payload: String,
     pub received_at: Millis,
+    /// The deployment it started, if any.
+    pub deployment_id: Option<i64>,
 }
 
 /// Something that happened to a running service outside a deployment (a

@@ -1602,13 +1602,13 @@ impl Store for SqlStore {
         for prefix in prefixes {
             // LIKE narrows it down; the exact prefix test is below ('_'
             // is a LIKE wildcard).
-            let rows = sqlx::query("SELECT id, kind, payload, received_at FROM events WHERE kind LIKE $1 ORDER BY id DESC LIMIT 1000")
+            let rows = sqlx::query("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE kind LIKE $1 ORDER BY id DESC LIMIT 1000")
                 .bind(format!("{prefix}%"))
                 .fetch_all(&self.pool)
                 .await
                 .map_err(StoreError::query(op))?;
             for r in &rows {
-                let f = || -> std::result::Result<EventRow, sqlx::Error> { Ok(EventRow { id: r.try_get(0)?, kind: r.try_get(1)?, payload: r.try_get(2)?, received_at: r.try_get(3)? }) };
+                let f = || -> std::result::Result<EventRow, sqlx::Error> { Ok(EventRow { id: r.try_get(0)?, kind: r.try_get(1)?, payload: r.try_get(2)?, received_at: r.try_get(3)?, deployment_id: r.try_get(4)? }) };
                 let e = f().map_err(StoreError::query(op))?;
                 if e.kind.starts_with(prefix) {
                     out.push(e);

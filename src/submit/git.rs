@@ -66,6 +66,7 @@ impl Submitter {
             .filter_map(|r| {
                 let mut rec: RevisionRecord = serde_json::from_str(&r.payload).ok()?;
                 rec.at = r.received_at;
+                rec.deployment = rec.deployment.or(r.deployment_id);
                 Some(rec)
             })
             .collect())

@@ -204,7 +204,7 @@ mod tests {
 
     fn held(version: &str, why: &str, at: i64) -> EventRow {
         let payload = serde_json::json!({"results": [{"service": "web", "environment": "production", "version": version, "deployment_id": null, "held": why, "error": null}]});
-        EventRow { id: at, kind: "registry.push".into(), payload: payload.to_string(), received_at: at }
+        EventRow { id: at, kind: "registry.push".into(), payload: payload.to_string(), received_at: at, deployment_id: None }
     }
 
     #[test]

@@ -1,0 +1,258 @@
+//! Config from git, in-process against every store backend: a repository
+//! made by the test, commits changing different files, a push webhook and
+//! an explicit check; only the jobs whose `files` match (and what needs
+//! them) run; a bad commit is rejected and the environment stays on its
+//! last good one; `plan --from --to` (the real binary) shows the decision.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use slipway::cli::serve::{NodeOptions, start_node};
+use slipway::scheduler::SchedulerConfig;
+use slipway::trigger::github::sign;
+
+const SECRET: &str = "git-hook-secret";
+
+fn git(repo: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"])
+        .args(args)
+        .output()
+        .expect("git");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn commit(repo: &Path, files: &[(&str, &str)], message: &str) -> String {
+    for (path, text) in files {
+        let p = repo.join(path);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, text).expect("write");
+    }
+    git(repo, &["add", "-A"]);
+    git(repo, &["commit", "-q", "-m", message]);
+    git(repo, &["rev-parse", "HEAD"])
+}
+
+/// The repository's config: each job appends its name to `ran`.
+fn repo_config(ran: &Path, broken: bool) -> String {
+    let run = |name: &str| format!(r#"command = ["sh", "-c", "echo {name} >> {}"]"#, ran.display());
+    format!(
+        r#"
+[[job]]
+name = "nginx"
+{}
+files = ["nginx/**"]
+
+[[job]]
+name = "reload"
+{}
+needs = ["nginx"]
+
+[[job]]
+name = "schema"
+{}
+files = ["db/*.sql"]
+
+[[job]]
+name = "backup"
+{}
+{}
+"#,
+        run("nginx"),
+        run("reload"),
+        run("schema"),
+        run("backup"),
+        if broken { "needs = [\"nginx-typo\"]" } else { "" }
+    )
+}
+
+struct Node {
+    base: String,
+    http: reqwest::Client,
+    node: slipway::cli::serve::RunningNode,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn get(&self, path: &str) -> Value {
+        self.http.get(format!("{}{path}", self.base)).send().await.expect("get").json().await.expect("json")
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self.http.post(format!("{}{path}", self.base)).json(&body).send().await.expect("post");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn push(&self, delivery: &str, branch: &str, after: &str, repo: &Path) -> (u16, Value) {
+        let body = json!({ "ref": format!("refs/heads/{branch}"), "after": after, "repository": { "clone_url": format!("{}/", repo.display()), "full_name": "o/config" } }).to_string();
+        let r = self
+            .http
+            .post(format!("{}/hooks/github", self.base))
+            .header("x-github-event", "push")
+            .header("x-github-delivery", delivery)
+            .header("x-hub-signature-256", sign(SECRET.as_bytes(), body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .expect("push");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn wait_done(&self, id: i64) -> Value {
+        for _ in 0..400 {
+            let d = self.get(&format!("/api/v1/deployments/{id}")).await;
+            if !matches!(d["deployment"]["state"].as_str(), Some("queued" | "running" | "waiting")) {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("deployment {id} did not end");
+    }
+}
+
+fn ran(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut v: Vec<String> = text.lines().map(str::to_string).collect();
+    std::fs::write(path, "").expect("truncate");
+    v.sort();
+    v
+}
+
+// Issue 6: a git repository, two commits changing different files, only the affected jobs run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue6_config_from_git_runs_only_the_jobs_a_commit_touches() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(scratch.path()).await {
+        let repo = tempfile::tempdir().expect("repo");
+        let ran_file = scratch.path().join(format!("ran-{backend}"));
+        git(repo.path(), &["init", "-q", "-b", "main"]);
+        let c1 = commit(repo.path(), &[("slipway.toml", &repo_config(&ran_file, false)), ("nginx/site.conf", "a"), ("db/001.sql", "create")], "first");
+
+        let secret = scratch.path().join(format!("secret-{backend}"));
+        std::fs::write(&secret, SECRET).expect("secret");
+        let node_config = format!(
+            r#"
+[[environment]]
+name = "staging"
+[environment.git]
+url = "{}"
+branch = "main"
+
+[secret.hook]
+file = "{}"
+
+[github]
+webhook_secret = "hook"
+"#,
+            repo.path().display(),
+            secret.display()
+        );
+        let dir = common::config_dir(&node_config, &[]);
+        let mut cfg = SchedulerConfig::new("git", dir.path().join(".slipway/work"));
+        cfg.poll = Duration::from_millis(100);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "git-test".into() });
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
+        let n = Node { base: format!("http://{}", node.addr), http, node, dir };
+
+        // Before any commit is accepted, a run in staging says why not.
+        let (s, e) = n.post("/api/v1/events", json!({"kind": "run", "jobs": ["backup"], "environment": "staging"})).await;
+        assert_eq!(s, 409, "{backend}: {e}");
+        assert!(e["error"]["message"].as_str().unwrap_or("").contains("no commit of it is accepted yet"), "{e}");
+
+        // The first commit is the baseline: accepted, nothing runs.
+        let (s, r) = n.post("/api/v1/environments/staging/revisions/check", json!(null)).await;
+        assert_eq!(s, 200, "{backend}: {r}");
+        assert_eq!((r["commit"].as_str(), r["state"].as_str(), r["deployment"].as_i64()), (Some(c1.as_str()), Some("accepted"), None), "{r}");
+
+        // A commit touching nginx/: nginx and reload (which needs it) run.
+        let c2 = commit(repo.path(), &[("nginx/site.conf", "b")], "nginx");
+        let (s, a) = n.push("d-1", "main", &c2, repo.path()).await;
+        assert_eq!(s, 202, "{backend}: {a}");
+        let rev = &a["revisions"][0];
+        assert_eq!(rev["commit"], c2.as_str(), "{a}");
+        assert_eq!(rev["changed"], json!(["nginx/site.conf"]));
+        let id = rev["deployment"].as_i64().expect("deployment");
+        let d = n.wait_done(id).await;
+        assert_eq!(d["deployment"]["state"], "succeeded", "{d}");
+        assert_eq!(d["deployment"]["revision"], c2.as_str(), "the revision is the commit");
+        assert_eq!(ran(&ran_file), ["nginx", "reload"], "{backend}");
+        let jobs: Vec<&str> = d["jobs"].as_array().expect("jobs").iter().filter_map(|j| j["name"].as_str()).collect();
+        assert!(!jobs.contains(&"schema") && !jobs.contains(&"backup"), "{jobs:?}");
+
+        // The same push again: nothing new.
+        let (s, again) = n.push("d-1", "main", &c2, repo.path()).await;
+        assert_eq!(s, 202);
+        assert_eq!(again["duplicate"], true, "{again}");
+        assert_eq!(again["revisions"][0]["deployment"].as_i64(), Some(id));
+
+        // A commit touching db/: only schema runs.
+        let c3 = commit(repo.path(), &[("db/002.sql", "alter")], "db");
+        let (s, r) = n.post("/api/v1/environments/staging/revisions/check", json!(null)).await;
+        assert_eq!(s, 200, "{r}");
+        assert_eq!(r["jobs"], json!([{"job": "schema", "why": "db/002.sql changed (files = [\"db/*.sql\"])"}]));
+        n.wait_done(r["deployment"].as_i64().expect("deployment")).await;
+        assert_eq!(ran(&ran_file), ["schema"]);
+
+        // A broken commit is rejected with the validation errors; staging
+        // stays on c3, and what runs there runs against c3.
+        let c4 = commit(repo.path(), &[("slipway.toml", &repo_config(&ran_file, true)), ("nginx/site.conf", "c")], "broken");
+        let (s, r) = n.push("d-2", "main", &c4, repo.path()).await;
+        assert_eq!(s, 202, "{r}");
+        let rejected = &r["revisions"][0];
+        assert_eq!(rejected["state"], "rejected", "{r}");
+        assert!(rejected["errors"].as_str().unwrap_or("").contains("nginx-typo"), "{rejected}");
+        assert!(rejected["deployment"].is_null());
+        let envs = n.get("/api/v1/environments").await;
+        assert_eq!(envs[0]["revision"]["commit"], c3.as_str(), "{envs}");
+        assert_eq!(envs[0]["rejected"]["commit"], c4.as_str(), "{envs}");
+        let (s, e) = n.post("/api/v1/events", json!({"kind": "run", "jobs": ["backup"], "environment": "staging"})).await;
+        assert_eq!(s, 202, "{e}");
+        let d = n.wait_done(e["deployment_id"].as_i64().expect("id")).await;
+        assert_eq!(d["deployment"]["revision"], c3.as_str());
+        assert_eq!(ran(&ran_file), ["backup"]);
+
+        // Fixed: the next commit is compared with the last good one (c3),
+        // so the nginx change of the rejected commit runs now.
+        let c5 = commit(repo.path(), &[("slipway.toml", &repo_config(&ran_file, false))], "fix");
+        let (_, r) = n.post("/api/v1/environments/staging/revisions/check", json!(null)).await;
+        assert_eq!((r["commit"].as_str(), r["previous"].as_str()), (Some(c5.as_str()), Some(c3.as_str())), "{r}");
+        n.wait_done(r["deployment"].as_i64().expect("deployment")).await;
+        assert_eq!(ran(&ran_file), ["nginx", "reload"]);
+
+        // Payload strings that are not branch names never reach git.
+        for bad in ["$(touch x)", "../../etc", "-upload-pack=x"] {
+            let (s, e) = n.push("d-3", bad, &c5, repo.path()).await;
+            assert_eq!(s, 400, "{bad}: {e}");
+        }
+        // A push to a branch nothing follows changes nothing.
+        let (s, a) = n.push("d-4", "feature", &c5, repo.path()).await;
+        assert_eq!(s, 202);
+        assert!(a["revisions"].as_array().is_some_and(|r| r.is_empty()), "{a}");
+
+        // `plan --from --to` shows the same decision, and a rejection.
+        let plan = Command::new(common::slipway_bin())
+            .args(["--config"])
+            .arg(n.dir.path())
+            .args(["plan", "--env", "staging", "--from", &c1[..10], "--to", &c3, "--json"])
+            .output()
+            .expect("plan");
+        assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+        let p: Value = serde_json::from_slice(&plan.stdout).expect("plan json");
+        let jobs: Vec<&str> = p["jobs"].as_array().expect("jobs").iter().filter_map(|j| j["job"].as_str()).collect();
+        assert_eq!(jobs, ["nginx", "reload", "schema"], "{p}");
+        let plan = Command::new(common::slipway_bin()).args(["--config"]).arg(n.dir.path()).args(["plan", "--env", "staging", "--from", &c3, "--to", &c4]).output().expect("plan");
+        assert_eq!(plan.status.code(), Some(3), "{}", String::from_utf8_lossy(&plan.stderr));
+        assert!(String::from_utf8_lossy(&plan.stderr).contains("would be REJECTED"));
+
+        n.node.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), n.node.task).await;
+    }
+}
