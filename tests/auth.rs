@@ -99,6 +99,16 @@ async fn issue6_every_role_against_every_endpoint() {
             ("POST", "/api/v1/services/production/web/rollback", None, &["admin"]),
             ("GET", "/api/v1/tokens", None, &["admin"]),
             ("POST", "/api/v1/gc", None, &["admin"]),
+            ("GET", "/api/v1/approvals", None, &["viewer", "deployer", "approver", "admin"]),
+            ("GET", "/api/v1/environments", None, &["viewer", "deployer", "approver", "admin"]),
+            ("GET", "/api/v1/environments/production/revisions", None, &["viewer", "deployer", "approver", "admin"]),
+            ("POST", "/api/v1/environments/staging/revisions/check", None, &["deployer", "admin"]),
+            ("POST", "/api/v1/environments/production/revisions/check", None, &["admin"]),
+            // Deployment 1 is the staging run above (approving it is 409:
+            // it waits for nothing, but the role check comes first).
+            ("POST", "/api/v1/deployments/1/approve", None, &["approver", "admin"]),
+            ("POST", "/api/v1/services/staging/web/promote", Some(json!({"from": "production"})), &["deployer", "admin"]),
+            ("POST", "/api/v1/services/production/web/promote", Some(json!({"from": "staging"})), &["admin"]),
         ];
         let callers: Vec<(&str, Option<&str>)> =
             vec![("nobody", None), ("wrong", Some("slw_not-a-token")), ("viewer", Some(&viewer)), ("deployer", Some(&deployer)), ("approver", Some(&approver)), ("admin", Some(&admin))];

@@ -399,6 +399,7 @@ async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path) -> Re
 fn bench_spec(demo_bin: &Path, instances: u32, listen: SocketAddr) -> ServiceSpec {
     ServiceSpec {
         secrets: Default::default(),
+        listen_in: Default::default(),
         name: "bench".into(),
         listen,
         instances,

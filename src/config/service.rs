@@ -51,6 +51,28 @@ pub struct ServiceSpec {
     /// when an instance (or the migration) starts: name → secret.
     #[serde(default)]
     pub secrets: BTreeMap<String, SecretRef>,
+    /// `listen = { staging = "…", production = "…" }`: the address per
+    /// environment (one node can run both). Empty: `listen` everywhere.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub listen_in: BTreeMap<String, SocketAddr>,
+}
+
+impl ServiceSpec {
+    /// The spec as deployed to `environment` (its own `listen`).
+    pub fn for_environment(&self, environment: &str) -> ServiceSpec {
+        let mut s = self.clone();
+        if let Some(a) = self.listen_in.get(environment) {
+            s.listen = *a;
+        }
+        s
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawListen {
+    One(String),
+    PerEnvironment(BTreeMap<String, String>),
 }
 
 /// How a docker service's containers run. The deploy's version is the
@@ -199,7 +221,7 @@ pub struct StepSpec {
 pub(super) struct RawService {
     pub name: Spanned<String>,
     pub target: Option<Spanned<String>>,
-    pub listen: Option<Spanned<String>>,
+    pub listen: Option<Spanned<RawListen>>,
     pub instances: Option<Spanned<i64>>,
     pub command: Option<Spanned<Vec<String>>>,
     #[serde(default)]
@@ -496,6 +518,7 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
                 .hint("each instance gets a fresh port: pass it, e.g. [\"./server\", \"--port\", \"{port}\"] or env = { PORT = \"{port}\" }"),
         );
     }
+    let mut listen_in = BTreeMap::new();
     let listen = match &raw.listen {
         None => {
             problems.push(
@@ -505,21 +528,41 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
             );
             None
         }
-        Some(l) => match l.get_ref().parse::<SocketAddr>() {
-            Ok(a) if a.port() != 0 => Some(a),
-            Ok(_) => {
-                problems.push(Problem::new(ProblemKind::InvalidValue, Some(l.span()), "`listen` needs a fixed port, not 0").label("port 0").hint("clients must know where to connect"));
-                None
+        Some(l) => {
+            let span = l.span();
+            let addr = |text: &str, problems: &mut Vec<Problem>| match text.parse::<SocketAddr>() {
+                Ok(a) if a.port() != 0 => Some(a),
+                Ok(_) => {
+                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(span.clone()), "`listen` needs a fixed port, not 0").label("port 0").hint("clients must know where to connect"));
+                    None
+                }
+                Err(e) => {
+                    problems.push(
+                        Problem::new(ProblemKind::InvalidValue, Some(span.clone()), format!("`listen` is not an address: {e}"))
+                            .label("not ip:port")
+                            .hint("write e.g. \"127.0.0.1:8080\" or \"0.0.0.0:80\""),
+                    );
+                    None
+                }
+            };
+            match l.get_ref() {
+                RawListen::One(text) => addr(text, problems),
+                RawListen::PerEnvironment(map) => {
+                    for (env, text) in map {
+                        if !environments.contains(env) {
+                            problems.push(Problem::new(ProblemKind::UnknownReference, Some(span.clone()), format!("`listen` names unknown environment {env:?}")).label("no such environment").hint(format!("declared environments: {}", environments.join(", "))));
+                        }
+                        if let Some(a) = addr(text, problems) {
+                            listen_in.insert(env.clone(), a);
+                        }
+                    }
+                    if let Some(missing) = environments.iter().find(|e| !map.contains_key(*e)) {
+                        problems.push(Problem::new(ProblemKind::MissingKey, Some(span.clone()), format!("`listen` has no address for environment {missing:?}")).label("per environment").hint("name every environment, e.g. listen = { staging = \"127.0.0.1:8081\", production = \"127.0.0.1:8080\" }"));
+                    }
+                    listen_in.values().next().copied()
+                }
             }
-            Err(e) => {
-                problems.push(
-                    Problem::new(ProblemKind::InvalidValue, Some(l.span()), format!("`listen` is not an address: {e}"))
-                        .label("not ip:port")
-                        .hint("write e.g. \"127.0.0.1:8080\" or \"0.0.0.0:80\""),
-                );
-                None
-            }
-        },
+        }
     };
     let instances = raw.instances.as_ref().and_then(|v| positive(v, "instances", 64, problems)).unwrap_or(1) as u32;
 
@@ -656,7 +699,7 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
         return (service, Built { spec: None, jobs: vec![] });
     }
     let secret_env = super::secret::env_secrets(raw.secrets.as_ref(), &raw.env, secrets, problems);
-    let spec = ServiceSpec { name: name.clone(), listen, instances, command, env: raw.env, health, rollout, verify, stop_grace, artifact, container, secrets: secret_env };
+    let spec = ServiceSpec { name: name.clone(), listen, instances, command, env: raw.env, health, rollout, verify, stop_grace, artifact, container, secrets: secret_env, listen_in };
     let job = |job_name: String, command: Command, timeout: Duration, idempotent: bool, needs: Vec<String>| Job {
         name: job_name,
         spans: JobSpans { name: raw.name.span(), needs: needs.iter().map(|_| raw.name.span()).collect(), ..JobSpans::default() },

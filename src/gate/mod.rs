@@ -35,12 +35,11 @@ fn clock(ms: Millis) -> String {
 }
 
 /// What `hold` still waits for at `now`, in words; None when nothing.
-/// `source_version`: what the promotion's source environment runs now.
-pub fn waits(hold: &Hold, env: Option<&Environment>, now: Millis, deployment: Option<&DeploymentRow>) -> Option<Vec<String>> {
+pub fn waits(hold: &Hold, env: Option<&Environment>, now: Millis, deployment: Option<i64>) -> Option<Vec<String>> {
     let mut w = Vec::new();
     let env_name = env.map(|e| e.name.as_str()).unwrap_or("this environment");
     if hold.approval && hold.approved_by.is_none() {
-        let id = deployment.map(|d| d.id.to_string()).unwrap_or_else(|| "ID".into());
+        let id = deployment.map(|d| d.to_string()).unwrap_or_else(|| "ID".into());
         w.push(format!("approval by an approver of {env_name} (slipway approve {id})"));
     }
     if hold.not_before > now {
@@ -66,7 +65,7 @@ pub fn evaluate(d: &DeploymentRow, hold: &Hold, env: Option<&Environment>, now: 
                 source_version.unwrap_or("nothing")
             ));
         }
-    match waits(hold, env, now, Some(d)) {
+    match waits(hold, env, now, Some(d.id)) {
         None => Verdict::Release,
         Some(w) => Verdict::Wait(format!("waiting for {}", w.join("; "))),
     }

@@ -280,7 +280,16 @@ impl Submitter {
             .iter()
             .filter(|j| only.as_ref().is_none_or(|o| *o == j.name))
             .map(|j| {
-                let mut spec = JobSpec::from_job(&j.job);
+                // A service with a `listen` per environment rolls out on
+                // this environment's address.
+                let mut spec = match &j.job.command {
+                    config::Command::Rollout(svc) if !svc.listen_in.is_empty() => {
+                        let mut job = j.job.clone();
+                        job.command = config::Command::Rollout(Box::new(svc.for_environment(&environment)));
+                        JobSpec::from_job(&job)
+                    }
+                    _ => JobSpec::from_job(&j.job),
+                };
                 if matches!(j.job.command, config::Command::Fetch(_) | config::Command::Pull(_) | config::Command::Rollout(_)) || service.as_deref().is_some_and(|s| j.name == config::service::migrate_job(s)) {
                     spec.artifact = artifact.clone();
                 }
@@ -307,11 +316,8 @@ impl Submitter {
             }
             _ => None,
         };
-        let hold = hold.map(|mut h| {
-            h.waiting_for = crate::gate::waits(&h, env, now, None).map(|w| w.join("; "));
-            h
-        });
         let waiting_approval = hold.as_ref().is_some_and(|h| h.approval);
+        let hold_now = hold.clone();
         let submitted = self
             .store
             .submit(NewDeployment {
@@ -326,6 +332,13 @@ impl Submitter {
                 hold,
             })
             .await?;
+        // What it waits for, with its id (`slipway approve ID`), before
+        // anyone is told about it; the gate loop keeps it current.
+        if let Some(h) = &hold_now
+            && !submitted.duplicate
+            && let Some(w) = crate::gate::waits(h, env, now, Some(submitted.deployment_id)) {
+                self.store.set_waiting_for(submitted.deployment_id, &format!("waiting for {}", w.join("; "))).await?;
+            }
         if let Some(w) = &self.wake {
             w.work_changed();
         }

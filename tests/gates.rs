@@ -1,0 +1,212 @@
+//! Gates and promotion in-process, against every store backend: a managed
+//! service (the demo binary) in staging and production on one node;
+//! production promotes from staging after a soak time and an approval,
+//! the approval needs the approver role for production, a waiting
+//! deployment is notified, a version that leaves staging is not promoted,
+//! and a deploy outside the deploy window waits and says why.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+use slipway::cli::serve::{NodeOptions, start_node};
+use slipway::scheduler::SchedulerConfig;
+
+const SOAK_MS: i64 = 4000;
+
+type Seen = Arc<Mutex<Vec<Value>>>;
+
+async fn receiver() -> (String, Seen) {
+    let seen: Seen = Arc::default();
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(|State(seen): State<Seen>, Json(body): Json<Value>| async move { seen.lock().unwrap().push(body) }))
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), seen)
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let mut r = self.http.request(method.parse().expect("method"), format!("{}{path}", self.base));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.expect("send");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn deployment(&self, id: i64, token: &str) -> Value {
+        self.call("GET", &format!("/api/v1/deployments/{id}"), Some(token), None).await.1["deployment"].clone()
+    }
+
+    async fn wait_state(&self, id: i64, token: &str, done: &[&str]) -> Value {
+        for _ in 0..600 {
+            let d = self.deployment(id, token).await;
+            if done.contains(&d["state"].as_str().unwrap_or("")) {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("deployment {id} never reached {done:?}: {}", self.deployment(id, token).await);
+    }
+
+    /// The production deployment of `version`, once there is one.
+    async fn production(&self, version: &str, token: &str) -> Value {
+        for _ in 0..200 {
+            let (_, list) = self.call("GET", "/api/v1/deployments?limit=50", Some(token), None).await;
+            if let Some(d) = list.as_array().into_iter().flatten().find(|d| d["environment"] == "production" && d["version"] == version) {
+                return d.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no production deployment of {version}");
+    }
+}
+
+fn hello(port: u16) -> Option<String> {
+    let out = std::process::Command::new("curl").args(["-sf", "--max-time", "5", &format!("http://127.0.0.1:{port}/")]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+// Issue 6: promotion with approval and soak time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue6_production_promotes_from_staging_after_soak_and_approval() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(scratch.path()).await {
+        let (hook, seen) = receiver().await;
+        let (staging_port, production_port) = (common::free_port(), common::free_port());
+        let demo = env!("CARGO_BIN_EXE_slipway-demo");
+        // A window that is closed now: two hours from now, one hour long.
+        let hour = (SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() / 3600 + 2) % 24;
+        let config = format!(
+            r#"
+[[environment]]
+name = "staging"
+
+[[environment]]
+name = "production"
+promote_from = "staging"
+soak = "{SOAK_MS}ms"
+approval = true
+
+[[environment]]
+name = "weekend"
+windows = ["{hour:02}:00-{:02}:00"]
+
+[[service]]
+name = "web"
+follows = "ghcr.io/o/web"
+auto_deploy = ["staging", "production"]
+listen = {{ staging = "127.0.0.1:{staging_port}", production = "127.0.0.1:{production_port}", weekend = "127.0.0.1:{}" }}
+command = ["{demo}", "serve", "--port", "{{port}}", "--version", "{{version}}"]
+health = {{ http = "/healthz", interval = "100ms", healthy_after = 1, deadline = "10s" }}
+
+[[notify]]
+url = "{hook}"
+on = ["waiting"]
+"#,
+            (hour + 1) % 24,
+            common::free_port()
+        );
+        let dir = common::config_dir(&config, &[]);
+        let mut cfg = SchedulerConfig::new("gates", dir.path().join(".slipway/work"));
+        cfg.poll = Duration::from_millis(100);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "gates-test".into() });
+        let api = Api { base: format!("http://{}", node.addr), http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client") };
+        let (_, admin) = api.call("POST", "/api/v1/tokens", None, Some(json!({"name": "root", "roles": {"*": "admin"}}))).await;
+        let admin = admin["token"].as_str().expect("admin token").to_string();
+        let token = |name: &'static str, roles: Value| {
+            let (api, admin) = (&api, admin.clone());
+            async move { api.call("POST", "/api/v1/tokens", Some(&admin), Some(json!({"name": name, "roles": roles}))).await.1["token"].as_str().expect("token").to_string() }
+        };
+        let alice = token("alice", json!({"production": "approver"})).await;
+        let bob = token("bob", json!({"staging": "deployer", "production": "deployer"})).await;
+
+        // 1.0 to staging; production gets it by promotion, waiting for the
+        // soak and an approval, and says so.
+        let (s, a) = api.call("POST", "/api/v1/events", Some(&bob), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "staging"}))).await;
+        assert_eq!(s, 202, "{backend}: {a}");
+        let staged = api.wait_state(a["deployment_id"].as_i64().expect("id"), &admin, &["succeeded", "failed", "rolled_back"]).await;
+        assert_eq!(staged["state"], "succeeded", "{staged}");
+        let p = api.production("1.0", &admin).await;
+        let pid = p["id"].as_i64().expect("id");
+        assert_eq!(p["state"], "waiting", "{p}");
+        let reason = p["reason"].as_str().unwrap_or("");
+        assert!(reason.contains(&format!("approval by an approver of production (slipway approve {pid})")) && reason.contains("soak in staging"), "{reason}");
+        let (_, pending) = api.call("GET", "/api/v1/approvals", Some(&alice), None).await;
+        assert_eq!(pending[0]["deployment"]["id"].as_i64(), Some(pid), "{pending}");
+        assert_eq!(pending[0]["source_environment"], "staging");
+        assert_eq!(pending[0]["not_before"].as_i64(), Some(staged["finished_at"].as_i64().expect("finished") + SOAK_MS));
+        common::wait_for(Duration::from_secs(20), "the waiting notification", || {
+            seen.lock().unwrap().iter().find(|b| b["event"] == "deployment.waiting" && b["deployment"]["id"].as_i64() == Some(pid)).cloned()
+        });
+
+        // Only an approver of production may approve; deployers may not.
+        let (s, e) = api.call("POST", &format!("/api/v1/deployments/{pid}/approve"), Some(&bob), None).await;
+        assert_eq!(s, 403, "{e}");
+        let (s, a) = api.call("POST", &format!("/api/v1/deployments/{pid}/approve"), Some(&alice), None).await;
+        assert_eq!(s, 200, "{a}");
+        assert_eq!(a["approved_by"], "token alice");
+        let (s, _) = api.call("POST", &format!("/api/v1/deployments/{pid}/approve"), Some(&alice), None).await;
+        assert_eq!(s, 409, "approved twice");
+
+        // It starts once the soak is over, not before, and production
+        // serves 1.0 on its own address (staging keeps its own).
+        let done = api.wait_state(pid, &admin, &["succeeded", "failed", "rolled_back", "cancelled"]).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        assert!(done["started_at"].as_i64().expect("started") >= staged["finished_at"].as_i64().expect("finished") + SOAK_MS, "{done} vs {staged}");
+        assert!(hello(production_port).is_some_and(|b| b.contains("1.0")), "production");
+        assert!(hello(staging_port).is_some_and(|b| b.contains("1.0")), "staging");
+
+        // 2.0 reaches staging and waits for production; staging rolls back
+        // to 1.0, so 2.0 is not promoted, and says why.
+        let (_, a) = api.call("POST", "/api/v1/events", Some(&bob), Some(json!({"kind": "deploy", "service": "web", "version": "2.0", "environment": "staging"}))).await;
+        api.wait_state(a["deployment_id"].as_i64().expect("id"), &admin, &["succeeded"]).await;
+        let p2 = api.production("2.0", &admin).await;
+        assert_eq!(p2["state"], "waiting", "{p2}");
+        let (s, r) = api.call("POST", "/api/v1/services/staging/web/rollback", Some(&bob), None).await;
+        assert_eq!(s, 202, "{r}");
+        api.wait_state(r["deployment_id"].as_i64().expect("id"), &admin, &["succeeded"]).await;
+        let dropped = api.wait_state(p2["id"].as_i64().expect("id"), &admin, &["cancelled"]).await;
+        assert_eq!(dropped["reason"], "not promoted: staging no longer runs 2.0 (it runs 1.0)", "{dropped}");
+
+        // `promote` by hand: the version staging runs, with the same gates.
+        let (s, e) = api.call("POST", "/api/v1/services/production/web/promote", Some(&bob), Some(json!({"from": "weekend"}))).await;
+        assert_eq!(s, 400, "production promotes from staging only: {e}");
+        assert!(e["error"]["message"].as_str().unwrap_or("").contains("promotes from staging, not from weekend"), "{e}");
+        let (s, a) = api.call("POST", "/api/v1/services/production/web/promote", Some(&bob), Some(json!({"from": "staging"}))).await;
+        assert_eq!(s, 202, "{a}");
+        let manual = api.deployment(a["deployment_id"].as_i64().expect("id"), &admin).await;
+        assert_eq!((manual["version"].as_str(), manual["state"].as_str()), (Some("1.0"), Some("waiting")), "{manual}");
+        let (s, _) = api.call("POST", &format!("/api/v1/deployments/{}/cancel", manual["id"]), Some(&bob), None).await;
+        assert_eq!(s, 202);
+        assert_eq!(api.deployment(manual["id"].as_i64().expect("id"), &admin).await["reason"], "cancelled while waiting");
+
+        // Outside its deploy window a deploy waits and says when it opens.
+        let (_, a) = api.call("POST", "/api/v1/events", Some(&admin), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "weekend"}))).await;
+        let w = api.deployment(a["deployment_id"].as_i64().expect("id"), &admin).await;
+        assert_eq!(w["state"], "waiting", "{w}");
+        let reason = w["reason"].as_str().unwrap_or("");
+        assert!(reason.starts_with(&format!("waiting for the deploy window of weekend ({hour:02}:00-")) && reason.contains("next opens"), "{reason}");
+        let (_, why) = api.call("GET", "/api/v1/services/weekend/web/why", Some(&admin), None).await;
+        assert!(why["verdict"].as_str().unwrap_or("").contains("deploy window"), "{why}");
+
+        node.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), node.task).await;
+    }
+}
