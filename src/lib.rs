@@ -7,6 +7,7 @@
 //! - [`store`]: the durable state behind the [`store::Store`] trait (SQLite, PostgreSQL).
 //! - [`scheduler`]: a node's loop — claims jobs with leases, runs them, reports events.
 //! - [`target`]: where jobs and service instances run, behind the [`target::Target`] trait (`local`, `docker`).
+//! - [`retention`]: registry tag retention — keep the newest N tags, delete older ones nothing runs or could roll back to.
 //! - [`notify`]: outgoing webhooks about deployments, a consumer of the scheduler's events.
 //! - [`why`]: why a service runs the version it runs, from the record alone (no IO).
 //! - [`trigger`]: events from outside (GitHub webhooks) read, checked and decided into deployments.
@@ -26,5 +27,6 @@ pub mod submit;
 pub mod trigger;
 pub mod why;
 pub mod notify;
+pub mod retention;
 pub mod bench;
 pub mod cli;
