@@ -223,94 +223,84 @@ pub struct Report {
     pub repositories: Vec<RepositoryReport>,
 }
 
-/// The plan (or, with `apply`, its execution) for every policy of the
-/// config. A registry's failure is that repository's error, never the
-/// whole run's; only the store failing is.
-pub async fn run(config: &Config, store: &dyn Store, apply: bool) -> Result<Report, StoreError> {
-    let rows = store.services().await?;
-    let deployments = in_flight(store).await?;
-    let mut report = Report { applied: apply, repositories: vec![] };
+/// The plan for every policy of the config, given what the store records
+/// (`slipway plan` passes nothing when there is no store yet). A
+/// registry's failure is that repository's error, never the whole run's.
+pub async fn dry_run(config: &Config, rows: &[ServiceRow], deployments: &[DeploymentRow]) -> Report {
+    let mut report = Report { applied: false, repositories: vec![] };
     for policy in policies(config) {
         let mut repo = RepositoryReport { image: policy.image.clone(), keep: policy.keep, services: policy.services.clone(), ..Default::default() };
-        let protect = protected(&policy, config, &rows, &deployments);
-        let client = match RegistryClient::for_image(&policy.image, &config.registries) {
+        let protect = protected(&policy, config, rows, deployments);
+        match RegistryClient::for_image(&policy.image, &config.registries) {
+            Err(e) => repo.errors.push(e.to_string()),
+            Ok(client) => match client.resolve_all(&policy.image).await {
+                Err(e) => repo.errors.push(e.to_string()),
+                Ok(tags) => {
+                    let decision = decide(&tags, &protect, policy.keep);
+                    repo.kept = decision.kept;
+                    repo.delete = decision.delete;
+                }
+            },
+        }
+        report.repositories.push(repo);
+    }
+    report
+}
+
+/// The plan (or, with `apply`, its execution) for every policy of the
+/// config. Only the store failing fails the whole run.
+pub async fn run(config: &Config, store: &dyn Store, apply: bool) -> Result<Report, StoreError> {
+    let mut report = dry_run(config, &store.services().await?, &in_flight(store).await?).await;
+    if !apply {
+        return Ok(report);
+    }
+    report.applied = true;
+    let policies = policies(config);
+    for repo in report.repositories.iter_mut().filter(|r| !r.delete.is_empty()) {
+        let Some(policy) = policies.iter().find(|p| p.image == repo.image) else { continue };
+        // A deploy accepted since the store was read may name one of
+        // these: read again just before deleting, and spare it.
+        let now = protected(policy, config, &store.services().await?, &in_flight(store).await?);
+        let client = match RegistryClient::for_image(&repo.image, &config.registries) {
             Ok(c) => c,
             Err(e) => {
                 repo.errors.push(e.to_string());
-                report.repositories.push(repo);
                 continue;
             }
         };
-        let tags = match client.resolve_all(&policy.image).await {
-            Ok(t) => t,
-            Err(e) => {
-                repo.errors.push(e.to_string());
-                report.repositories.push(repo);
-                continue;
-            }
-        };
-        let decision = decide(&tags, &protect, policy.keep);
-        repo.kept = decision.kept;
-        repo.delete = decision.delete;
-        if apply && !repo.delete.is_empty() {
-            // A deploy accepted since the store was read may name one of
-            // these: read again just before deleting and spare it.
-            let now = protected(&policy, config, &store.services().await?, &in_flight(store).await?);
-            for d in std::mem::take(&mut repo.delete) {
-                let spared: Vec<String> = d.tags.iter().flat_map(|t| now.tags.get(t).into_iter().flatten()).chain(now.digests.get(&d.digest).into_iter().flatten()).cloned().collect();
-                if !spared.is_empty() {
-                    for t in &d.tags {
-                        repo.kept.push(Kept { tag: t.clone(), digest: d.digest.clone(), reasons: spared.clone() });
-                    }
-                    continue;
-                }
-                match client.delete(&policy.image, &d.digest).await {
-                    Ok(()) => repo.deleted.push(d.digest.clone()),
-                    Err(e) => repo.errors.push(e.to_string()),
-                }
+        let mut stopped = false;
+        for d in std::mem::take(&mut repo.delete) {
+            if stopped {
                 repo.delete.push(d);
+                continue;
             }
+            let spared: Vec<String> = d.tags.iter().flat_map(|t| now.tags.get(t).into_iter().flatten()).chain(now.digests.get(&d.digest).into_iter().flatten()).cloned().collect();
+            if !spared.is_empty() {
+                for t in &d.tags {
+                    repo.kept.push(Kept { tag: t.clone(), digest: d.digest.clone(), reasons: spared.clone() });
+                }
+                continue;
+            }
+            match client.delete(&repo.image, &d.digest).await {
+                Ok(()) => repo.deleted.push(d.digest.clone()),
+                // The next delete would meet the same answer: say it once.
+                Err(e @ (RetentionError::Refused { .. } | RetentionError::DeleteDisabled { .. } | RetentionError::Unreachable { .. })) => {
+                    repo.errors.push(e.to_string());
+                    stopped = true;
+                }
+                Err(e) => repo.errors.push(e.to_string()),
+            }
+            repo.delete.push(d);
         }
-        report.repositories.push(repo);
     }
     Ok(report)
 }
 
-async fn in_flight(store: &dyn Store) -> Result<Vec<DeploymentRow>, StoreError> {
+/// Deployments still queued or running.
+pub async fn in_flight(store: &dyn Store) -> Result<Vec<DeploymentRow>, StoreError> {
     let mut v = store.deployments(10_000, Some(crate::store::DeploymentState::Queued)).await?;
     v.extend(store.deployments(10_000, Some(crate::store::DeploymentState::Running)).await?);
     Ok(v)
-}
-
-/// Text for people: per repository, what stays and why, what goes.
-pub fn render(report: &Report) -> String {
-    let mut out = String::new();
-    for r in &report.repositories {
-        out.push_str(&format!("{} (keep_tags = {}; {}):\n", r.image, r.keep, r.services.join(", ")));
-        for e in &r.errors {
-            out.push_str(&format!("  error: {e}\n"));
-        }
-        for k in &r.kept {
-            out.push_str(&format!("  keep   {:<24} {}\n", k.tag, k.reasons.join("; ")));
-        }
-        for d in &r.delete {
-            let verb = match (report.applied, r.deleted.contains(&d.digest)) {
-                (false, _) => "would delete",
-                (true, true) => "deleted",
-                (true, false) => "not deleted",
-            };
-            out.push_str(&format!("  {verb} {} ({})\n", d.tags.join(", "), short_digest(&d.digest)));
-        }
-        if r.errors.is_empty() && r.kept.is_empty() && r.delete.is_empty() {
-            out.push_str("  no tags\n");
-        }
-    }
-    out
-}
-
-fn short_digest(d: &str) -> String {
-    let hex = d.strip_prefix("sha256:").unwrap_or(d);
-    format!("sha256:{}", hex.chars().take(12).collect::<String>())
 }
 
 #[cfg(test)]
