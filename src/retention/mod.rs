@@ -82,13 +82,17 @@ pub fn protected(policy: &Policy, config: &Config, rows: &[ServiceRow], deployme
         // image, even if the config has changed since.
         let container = serde_json::from_str::<ServiceSpec>(&row.spec).ok().and_then(|s| s.container);
         let docker_here = container.as_ref().is_some_and(|c| c.image.eq_ignore_ascii_case(&policy.image));
-        if !docker_here && !follows_image(&row.service) {
+        // A service gone from the config may still run a version of this
+        // image, and nothing says which image it was: keep its versions.
+        let unknown = container.is_none() && !config.services.iter().any(|s| s.name == row.service);
+        if !docker_here && !unknown && !follows_image(&row.service) {
             continue;
         }
         let env = &row.environment;
-        p.tag(&row.version, format!("{env} runs it"));
+        let whose = if unknown { format!(" (service {}, no longer in the config)", row.service) } else { String::new() };
+        p.tag(&row.version, format!("{env} runs it{whose}"));
         if let Some(v) = &row.previous_version {
-            p.tag(v, format!("{env} could roll back to it"));
+            p.tag(v, format!("{env} could roll back to it{whose}"));
         }
         // Only a docker row's sha256 is an image digest (a tarball
         // service's is its release's checksum).
@@ -434,6 +438,7 @@ follows = "reg.example.org/team/other"
             row("production", "shop", "1.0.0", Some("0.9.0"), spec, Some("aa"), Some("bb")),
             row("staging", "worker", "2.0.0", Some("1.9.0"), "{}".into(), Some("tarball-checksum"), None),
             row("staging", "other", "7.0.0", None, "{}".into(), None, None),
+            row("dev", "removed", "0.1.0", None, "{}".into(), None, None),
         ];
         let dep = |id, state, service: &str, version: &str| DeploymentRow {
             id,
@@ -453,13 +458,14 @@ follows = "reg.example.org/team/other"
         };
         let deps = vec![dep(7, crate::store::DeploymentState::Queued, "worker-b", "1.5.0"), dep(8, crate::store::DeploymentState::Succeeded, "worker", "1.4.0")];
         let shop = protected(&ps[0], &c, &rows, &deps);
-        assert_eq!(shop.tags.keys().collect::<Vec<_>>(), vec!["0.9.0", "1.0.0"]);
+        assert_eq!(shop.tags.keys().collect::<Vec<_>>(), vec!["0.1.0", "0.9.0", "1.0.0"]);
         assert!(shop.tags["1.0.0"].contains("production runs it"));
         assert!(shop.tags["0.9.0"].contains("production could roll back to it"));
         assert!(shop.digests["sha256:aa"].contains("production runs it (1.0.0 by digest)"));
         assert!(shop.digests["sha256:bb"].contains("production could roll back to it (0.9.0 by digest)"));
         let worker = protected(&ps[1], &c, &rows, &deps);
-        assert_eq!(worker.tags.keys().collect::<Vec<_>>(), vec!["1.5.0", "1.9.0", "2.0.0"]);
+        assert_eq!(worker.tags.keys().collect::<Vec<_>>(), vec!["0.1.0", "1.5.0", "1.9.0", "2.0.0"]);
+        assert!(worker.tags["0.1.0"].contains("dev runs it (service removed, no longer in the config)"));
         assert!(worker.tags["1.5.0"].contains("deployment 7 (queued) deploys it to production"));
         // A tarball service's checksum is no image digest.
         assert!(worker.digests.is_empty());

@@ -47,6 +47,8 @@ pub enum RetentionError {
     Status { host: String, what: String, status: u16, detail: String },
     #[error("registry {host} sent something unexpected {what}: {detail}")]
     Invalid { host: String, what: String, detail: String },
+    #[error("registry {host} speaks HTTPS, and this build of Slipway has no TLS (reqwest is built without it): only registries on the loopback host can be reached")]
+    NoTls { host: String },
     #[error("registry {host}: {detail}")]
     Credentials { host: String, detail: String },
     #[error("{image:?} is not a repository retention can handle: {detail}")]
@@ -133,8 +135,15 @@ impl RegistryClient {
     }
 
     fn unreachable(&self, e: reqwest::Error) -> RetentionError {
+        let builder = e.is_builder();
+        let detail = crate::service::error_chain(&e.without_url());
+        // Without a TLS backend, hyper's connector refuses https URLs (it
+        // has no error kind for it, only this message).
+        if self.base.starts_with("https://") && (builder || detail.contains("scheme is not http")) {
+            return RetentionError::NoTls { host: self.host.clone() };
+        }
         // reqwest's message names the URL; ours names the registry.
-        RetentionError::Unreachable { host: self.host.clone(), detail: crate::service::error_chain(&e.without_url()) }
+        RetentionError::Unreachable { host: self.host.clone(), detail }
     }
 
     fn who(&self) -> String {
@@ -328,8 +337,13 @@ impl RegistryClient {
     pub async fn resolve_all(&self, image: &str) -> Result<Vec<TagInfo>, RetentionError> {
         let repo = repository(image)?;
         let tags = self.tags(image).await?;
-        let repo = &repo;
-        let results: Vec<Result<Option<TagInfo>, RetentionError>> = futures_util::stream::iter(tags.iter().map(|t| self.resolve(repo, t))).buffered(PARALLEL).collect().await;
+        // Owned arguments: a borrowing closure here makes the future not
+        // `Send` for the API's spawned task.
+        let lookups: Vec<_> = tags.into_iter().map(|t| {
+            let repo = repo.clone();
+            async move { self.resolve(&repo, &t).await }
+        }).collect();
+        let results: Vec<Result<Option<TagInfo>, RetentionError>> = futures_util::stream::iter(lookups).buffered(PARALLEL).collect().await;
         let mut out = Vec::new();
         for r in results {
             if let Some(t) = r? {
@@ -384,6 +398,13 @@ mod tests {
         assert!(!valid_digest("sha256:../../x"));
         assert!(valid_tag("1.4.0") && valid_tag("latest") && valid_tag("v1_2-rc.1"));
         assert!(!valid_tag("") && !valid_tag(".x") && !valid_tag("a/b") && !valid_tag("$(touch x)") && !valid_tag(&"a".repeat(129)));
+    }
+
+    #[tokio::test]
+    async fn an_https_registry_without_tls_says_so_by_name() {
+        let c = RegistryClient::for_image("registry.example.org/team/web", &[]).expect("client");
+        let e = c.tags("registry.example.org/team/web").await.expect_err("no TLS in this build");
+        assert!(matches!(e, RetentionError::NoTls { .. }) && e.to_string().starts_with("registry registry.example.org "), "{e}");
     }
 
     #[test]
