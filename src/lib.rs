@@ -9,6 +9,7 @@
 //! - [`target`]: where jobs and service instances run, behind the [`target::Target`] trait (`local`, `docker`).
 //! - [`git`]: an environment's config repository, mirrored and read with the system `git`.
 //! - [`gate`]: approvals, soak times, deploy windows and promotions between environments.
+//! - [`retention`]: registry tag retention — keep the newest N tags, delete older ones nothing runs or could roll back to.
 //! - [`notify`]: outgoing webhooks about deployments, a consumer of the scheduler's events.
 //! - [`why`]: why a service runs the version it runs, from the record alone (no IO).
 //! - [`trigger`]: events from outside (GitHub webhooks) read, checked and decided into deployments.
@@ -30,5 +31,6 @@ pub mod gate;
 pub mod trigger;
 pub mod why;
 pub mod notify;
+pub mod retention;
 pub mod bench;
 pub mod cli;

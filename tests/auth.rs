@@ -109,6 +109,9 @@ async fn issue6_every_role_against_every_endpoint() {
             ("POST", "/api/v1/deployments/1/approve", None, &["approver", "admin"]),
             ("POST", "/api/v1/services/staging/web/promote", Some(json!({"from": "production"})), &["deployer", "admin"]),
             ("POST", "/api/v1/services/production/web/promote", Some(json!({"from": "staging"})), &["admin"]),
+            // Retention's plan spans every environment; deleting is admin's.
+            ("GET", "/api/v1/retention", None, &["viewer", "approver", "admin"]),
+            ("POST", "/api/v1/retention", None, &["admin"]),
         ];
         let callers: Vec<(&str, Option<&str>)> =
             vec![("nobody", None), ("wrong", Some("slw_not-a-token")), ("viewer", Some(&viewer)), ("deployer", Some(&deployer)), ("approver", Some(&approver)), ("admin", Some(&admin))];

@@ -143,8 +143,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, create_token, list_tokens, revoke_token, gc_plan, gc_apply, gates::list_environments, gates::list_approvals, gates::approve, gates::promote, gates::list_revisions, gates::check_revision, hooks::github, hooks::registry, hooks::published, healthz),
-    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HookAnswer, HookResult, PublishedRequest, WhyInfo, AuditInfo, TokenRequest, TokenCreated, TokenInfo, ApprovalInfo, EnvironmentInfo, PromoteRequest, RevisionInfo, TouchedJob, auth::Role, Health, ErrorBody))
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, create_token, list_tokens, revoke_token, gc_plan, gc_apply, retention_plan, retention_apply, gates::list_environments, gates::list_approvals, gates::approve, gates::promote, gates::list_revisions, gates::check_revision, hooks::github, hooks::registry, hooks::published, healthz),
+    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, RetentionInfo, RetentionRepositoryInfo, RetentionKeptInfo, RetentionDeleteInfo, HookAnswer, HookResult, PublishedRequest, WhyInfo, AuditInfo, TokenRequest, TokenCreated, TokenInfo, ApprovalInfo, EnvironmentInfo, PromoteRequest, RevisionInfo, TouchedJob, auth::Role, Health, ErrorBody))
 )]
 pub struct ApiDoc;
 
@@ -175,6 +175,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/services/{environment}/{service}/events", get(service_events))
         .route("/api/v1/services/{environment}/{service}/why", get(why_service))
         .route("/api/v1/gc", get(gc_plan).post(gc_apply))
+        .route("/api/v1/retention", get(retention_plan).post(retention_apply))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         // After the limit layer: a hook reads its body under its own,
@@ -545,6 +546,41 @@ async fn gc(s: &AppState, apply: bool) -> ApiResult<(axum::Extension<audit::Audi
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
     let note = audit::AuditNote(format!("gc{}: {} container(s), {} image(s)", if apply { " --apply" } else { "" }, report.garbage.containers.len(), report.garbage.images.len()));
     Ok((axum::Extension(note), Json(report.into())))
+}
+
+/// What registry tag retention would delete (a dry run): per repository
+/// under `keep_tags`, the tags kept and why, the manifests to delete.
+#[utoipa::path(get, path = "/api/v1/retention", responses((status = 200, body = RetentionInfo), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn retention_plan(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<RetentionInfo>)> {
+    // It spans every environment's records.
+    caller.require(auth::Need::Read, None)?;
+    retention(&s, false).await
+}
+
+/// Delete what `GET /api/v1/retention` lists, from the registries;
+/// answers with what is gone. Needs admin for `*`.
+#[utoipa::path(post, path = "/api/v1/retention", responses((status = 200, body = RetentionInfo), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn retention_apply(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<RetentionInfo>)> {
+    caller.require(auth::Need::Admin, None)?;
+    retention(&s, true).await
+}
+
+async fn retention(s: &AppState, apply: bool) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<RetentionInfo>)> {
+    let loaded = s.submitter.config().await?;
+    let store = s.store.clone();
+    // In its own task: a client that gives up must not cut deletes short.
+    let report = tokio::spawn(async move { crate::retention::run(&loaded.config, store.as_ref(), apply).await })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("retention stopped: {e}")))??;
+    let deleted: usize = report.repositories.iter().map(|r| r.deleted.len()).sum();
+    let planned: usize = report.repositories.iter().map(|r| r.delete.len()).sum();
+    let errors: usize = report.repositories.iter().map(|r| r.errors.len()).sum();
+    let note = if apply {
+        format!("retention --apply: {deleted} of {planned} manifest(s) deleted in {} repositories, {errors} error(s)", report.repositories.len())
+    } else {
+        format!("retention: {planned} manifest(s) to delete in {} repositories, {errors} error(s)", report.repositories.len())
+    };
+    Ok((axum::Extension(audit::AuditNote(note)), Json(report.into())))
 }
 
 /// Why the service runs the version it runs and not the newest seen.

@@ -342,6 +342,61 @@ impl From<crate::service::manager::GarbageReport> for GarbageInfo {
     }
 }
 
+/// What retention keeps and deletes, per repository (deleted, when `applied`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RetentionInfo {
+    pub applied: bool,
+    pub repositories: Vec<RetentionRepositoryInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RetentionRepositoryInfo {
+    /// `registry/repository`.
+    pub image: String,
+    pub keep_tags: u32,
+    /// The services whose versions are this image's tags.
+    pub services: Vec<String>,
+    /// Newest first, each with every reason it stays.
+    pub kept: Vec<RetentionKeptInfo>,
+    /// Manifests the policy deletes, with the tags that go with each.
+    pub delete: Vec<RetentionDeleteInfo>,
+    /// Why the repository was not (entirely) handled, naming the registry.
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RetentionKeptInfo {
+    pub tag: String,
+    pub digest: String,
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RetentionDeleteInfo {
+    pub digest: String,
+    pub tags: Vec<String>,
+    /// Whether it is gone (only ever true when applied).
+    pub deleted: bool,
+}
+
+impl From<crate::retention::Report> for RetentionInfo {
+    fn from(r: crate::retention::Report) -> Self {
+        let repositories = r
+            .repositories
+            .into_iter()
+            .map(|repo| RetentionRepositoryInfo {
+                delete: repo.delete.into_iter().map(|d| RetentionDeleteInfo { deleted: repo.deleted.contains(&d.digest), digest: d.digest, tags: d.tags }).collect(),
+                image: repo.image,
+                keep_tags: repo.keep,
+                services: repo.services,
+                kept: repo.kept.into_iter().map(|k| RetentionKeptInfo { tag: k.tag, digest: k.digest, reasons: k.reasons }).collect(),
+                errors: repo.errors,
+            })
+            .collect();
+        RetentionInfo { applied: r.applied, repositories }
+    }
+}
+
 /// What happened to a service outside a deployment.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ServiceEventInfo {

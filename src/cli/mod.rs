@@ -96,6 +96,10 @@ pub enum Command {
     /// no live Slipway holds, and images no environment runs or could roll
     /// back to. A dry run unless --apply.
     Gc(GcArgs),
+    /// Registry tag retention for services with `keep_tags`: per repository,
+    /// the tags kept and why, and the older manifests nothing runs or could
+    /// roll back to. A dry run unless --apply, which deletes them.
+    Retention(GcArgs),
     /// Measure the scheduler against ninja on the same random graphs.
     Bench(BenchArgs),
 }
@@ -377,6 +381,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Token(t) => token(&client, t, cli.json).await,
         Command::Status(a) => status(&client, a, cli.json).await,
         Command::Gc(a) => gc(&client, a, cli.json).await,
+        Command::Retention(a) => retention(&client, a, cli.json).await,
         Command::Logs(a) => logs(&client, a, cli.json).await,
         Command::Cancel { deployment } => {
             let d: Deployment = client.post_empty(&format!("/api/v1/deployments/{deployment}/cancel")).await?;
@@ -481,6 +486,7 @@ async fn plan_cmd(path: &std::path::Path, a: PlanArgs, json: bool) -> Result<u8,
         print!("{}", p.render_dot());
     } else {
         print!("{}", p.render_text());
+        print!("{}", plan_retention(&loaded.config, &url, sqlite_missing).await);
         if let Some(n) = history_note {
             eprintln!("{n}");
         }
@@ -741,6 +747,100 @@ async fn gc(client: &Client, a: GcArgs, json: bool) -> Result<u8, CliError> {
         println!("(dry run: `slipway gc --apply` removes them)");
     }
     Ok(exit::OK)
+}
+
+async fn retention(client: &Client, a: GcArgs, json: bool) -> Result<u8, CliError> {
+    let r: RetentionInfo = if a.apply { client.post_empty("/api/v1/retention").await? } else { client.get("/api/v1/retention").await? };
+    if json {
+        print_json(&r);
+    } else {
+        print!("{}", render_retention(&r));
+        if r.repositories.is_empty() {
+            println!("no service sets keep_tags: nothing to do");
+        } else if !r.applied && r.repositories.iter().any(|x| !x.delete.is_empty()) {
+            println!("(dry run: `slipway retention --apply` deletes them)");
+        }
+    }
+    // A registry that could not be asked (or refused) is a failure to report.
+    Ok(if r.repositories.iter().any(|x| !x.errors.is_empty()) { exit::UNAVAILABLE } else { exit::OK })
+}
+
+/// Per repository: what stays and why, what goes.
+fn render_retention(r: &RetentionInfo) -> String {
+    let mut out = String::new();
+    for repo in &r.repositories {
+        out.push_str(&format!("{} (keep_tags = {}; {}):\n", repo.image, repo.keep_tags, repo.services.join(", ")));
+        for e in &repo.errors {
+            out.push_str(&format!("  error: {e}\n"));
+        }
+        for k in &repo.kept {
+            out.push_str(&format!("  keep          {:<20} {}\n", k.tag, k.reasons.join("; ")));
+        }
+        for d in &repo.delete {
+            let verb = match (r.applied, d.deleted) {
+                (false, _) => "would delete ",
+                (true, true) => "deleted      ",
+                (true, false) => "not deleted  ",
+            };
+            out.push_str(&format!("  {verb} {:<20} {}\n", d.tags.join(", "), short_digest(&d.digest)));
+        }
+        if repo.errors.is_empty() && repo.kept.is_empty() && repo.delete.is_empty() {
+            out.push_str("  no tags\n");
+        }
+    }
+    out
+}
+
+fn short_digest(d: &str) -> String {
+    format!("sha256:{}", short(d.trim_start_matches("sha256:")))
+}
+
+/// `plan`'s retention section: the dry run against what the store
+/// records. Never fails the plan: an unreachable registry or store is one
+/// line saying so.
+async fn plan_retention(config: &config::Config, store_url: &str, sqlite_missing: bool) -> String {
+    if crate::retention::policies(config).is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\nretention (dry run; `slipway retention --apply` deletes):\n");
+    let records = if sqlite_missing {
+        out.push_str("  note: no store yet: nothing is recorded as running\n");
+        Some((vec![], vec![]))
+    } else {
+        let read = async {
+            let store = crate::store::open(store_url).await?;
+            Ok::<_, crate::store::StoreError>((store.services().await?, crate::retention::in_flight(store.as_ref()).await?))
+        };
+        match tokio::time::timeout(Duration::from_secs(10), read).await {
+            Ok(Ok(r)) => Some(r),
+            Ok(Err(e)) => {
+                out.push_str(&format!("  the store cannot say what runs ({e}): not planned\n"));
+                None
+            }
+            Err(_) => {
+                out.push_str("  the store did not answer in 10s: not planned\n");
+                None
+            }
+        }
+    };
+    let Some((rows, deployments)) = records else { return out };
+    match tokio::time::timeout(Duration::from_secs(60), crate::retention::dry_run(config, &rows, &deployments)).await {
+        Ok(report) => {
+            let info = RetentionInfo::from(report);
+            for repo in &info.repositories {
+                if let Some(e) = repo.errors.first() {
+                    // One line: the plan is about the jobs; this is a note.
+                    out.push_str(&format!("  {}: not planned: {e}\n", repo.image));
+                }
+            }
+            let ok = RetentionInfo { applied: false, repositories: info.repositories.into_iter().filter(|r| r.errors.is_empty()).collect() };
+            for line in render_retention(&ok).lines() {
+                out.push_str(&format!("  {line}\n"));
+            }
+        }
+        Err(_) => out.push_str("  the registries did not answer within 60s: not planned\n"),
+    }
+    out
 }
 
 /// The options the load benches (`services`, `docker`) share.

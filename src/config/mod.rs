@@ -115,6 +115,9 @@ pub struct Service {
     pub auto_deploy: Vec<String>,
     /// Which published versions may deploy by themselves.
     pub tags: Option<service::TagFilter>,
+    /// Retention: keep this many newest tags of `follows` in its registry
+    /// (older ones nothing runs or could roll back to are deleted).
+    pub keep_tags: Option<u32>,
 }
 
 /// `[github]`: webhooks from GitHub (`POST /hooks/github`).

@@ -24,6 +24,9 @@ use super::{Command, Job, JobSpans, Problem, ProblemKind, Retry, check_name, dur
 
 /// Placeholders a service's command (and its health/migrate/verify
 /// commands) may use. `{port}` is the instance's own port.
+/// Largest `keep_tags`: far above any registry's per-repository limit.
+pub const MAX_KEEP_TAGS: i64 = 10_000;
+
 pub const SERVICE_PLACEHOLDERS: &[&str] = &["{port}", "{version}", "{service}", "{env}", "{deployment}", "{revision}"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +244,7 @@ pub(super) struct RawService {
     pub follows: Option<Spanned<String>>,
     pub auto_deploy: Option<Vec<Spanned<String>>>,
     pub tags: Option<Spanned<String>>,
+    pub keep_tags: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -388,7 +392,21 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
             None
         }
     });
-    let service = super::Service { span: raw.name.span(), name: name.clone(), target, spec: None, follows, auto_deploy, tags };
+    // Retention deletes tags from a registry: only meaningful where the
+    // service's versions are an image's tags.
+    let keep_tags = raw.keep_tags.as_ref().and_then(|k| {
+        let n = positive(k, "keep_tags", MAX_KEEP_TAGS, problems)?;
+        if follows.is_none() && raw.follows.is_none() && !(docker && raw.image.is_some()) {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(k.span()), format!("service {name:?} has `keep_tags` but no registry image whose tags it could keep"))
+                    .label("no image")
+                    .hint("keep_tags is for a docker service's `image` or a service that `follows` an image"),
+            );
+            return None;
+        }
+        Some(n as u32)
+    });
+    let service = super::Service { span: raw.name.span(), name: name.clone(), target, spec: None, follows, auto_deploy, tags, keep_tags };
     if !docker {
         for (present, key) in [
             (raw.image.as_ref().map(|s| s.span()), "image"),

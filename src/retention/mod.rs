@@ -1,0 +1,473 @@
+//! Registry tag retention: per repository a service's versions come from
+//! (a docker service's `image`, or `follows`), keep the newest `keep_tags`
+//! tags and delete the older ones through the registry API — never one
+//! that an environment runs or could roll back to, nor one a queued or
+//! running deployment is about to deploy.
+//!
+//! [`decide`] is the whole policy and does no IO; [`registry`] is the small
+//! HTTP client that lists, resolves and deletes; [`run`] joins them with
+//! what the store records. Deleting is by manifest digest (that is what a
+//! registry deletes), so every tag pointing at a digest goes with it: a
+//! digest is deleted only when none of its tags is kept.
+
+pub mod registry;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::config::Config;
+use crate::config::service::ServiceSpec;
+use crate::store::{DeploymentRow, ServiceRow, Store, StoreError};
+
+pub use registry::{RegistryClient, RetentionError};
+
+/// One repository under a retention policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// `host[:port]/path`, lower case, without a tag.
+    pub image: String,
+    /// Tags kept by age. Services sharing an image keep the most any asks.
+    pub keep: u32,
+    /// The services whose versions are this image's tags (and set `keep_tags`).
+    pub services: Vec<String>,
+}
+
+/// The repositories the config puts under retention, one policy each.
+pub fn policies(config: &Config) -> Vec<Policy> {
+    let mut by_image: BTreeMap<String, Policy> = BTreeMap::new();
+    for s in &config.services {
+        let (Some(image), Some(keep)) = (&s.follows, s.keep_tags) else { continue };
+        let image = image.to_ascii_lowercase();
+        let p = by_image.entry(image.clone()).or_insert_with(|| Policy { image, keep, services: vec![] });
+        p.keep = p.keep.max(keep);
+        p.services.push(s.name.clone());
+    }
+    by_image.into_values().collect()
+}
+
+/// A tag as the registry has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagInfo {
+    pub tag: String,
+    /// `sha256:…` of its manifest.
+    pub digest: String,
+    /// The image's `created` (Unix milliseconds), when its config says.
+    pub created: Option<i64>,
+}
+
+/// What must not be deleted, and why: tag → reasons, digest → reasons.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Protected {
+    pub tags: BTreeMap<String, BTreeSet<String>>,
+    pub digests: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Protected {
+    pub fn tag(&mut self, tag: &str, reason: impl Into<String>) {
+        self.tags.entry(tag.to_string()).or_default().insert(reason.into());
+    }
+    pub fn digest(&mut self, digest: &str, reason: impl Into<String>) {
+        self.digests.entry(digest.to_string()).or_default().insert(reason.into());
+    }
+}
+
+/// What the store says must stay for `policy`: the versions (and, for
+/// docker services, the pinned digests) each environment runs and could
+/// roll back to, and the versions of deployments still queued or running.
+pub fn protected(policy: &Policy, config: &Config, rows: &[ServiceRow], deployments: &[DeploymentRow]) -> Protected {
+    let follows_image = |service: &str| config.services.iter().any(|s| s.name == service && s.follows.as_deref().is_some_and(|f| f.eq_ignore_ascii_case(&policy.image)));
+    let mut p = Protected::default();
+    for row in rows {
+        // A docker service pins a digest: what it runs is that digest,
+        // whatever its tag points at today. Its recorded spec says which
+        // image, even if the config has changed since.
+        let container = serde_json::from_str::<ServiceSpec>(&row.spec).ok().and_then(|s| s.container);
+        let docker_here = container.as_ref().is_some_and(|c| c.image.eq_ignore_ascii_case(&policy.image));
+        // A service gone from the config may still run a version of this
+        // image, and nothing says which image it was: keep its versions.
+        let unknown = container.is_none() && !config.services.iter().any(|s| s.name == row.service);
+        if !docker_here && !unknown && !follows_image(&row.service) {
+            continue;
+        }
+        let env = &row.environment;
+        let whose = if unknown { format!(" (service {}, no longer in the config)", row.service) } else { String::new() };
+        p.tag(&row.version, format!("{env} runs it{whose}"));
+        if let Some(v) = &row.previous_version {
+            p.tag(v, format!("{env} could roll back to it{whose}"));
+        }
+        // Only a docker row's sha256 is an image digest (a tarball
+        // service's is its release's checksum).
+        if docker_here {
+            if let Some(h) = &row.sha256 {
+                p.digest(&format!("sha256:{h}"), format!("{env} runs it ({} by digest)", row.version));
+            }
+            if let (Some(h), Some(v)) = (&row.previous_sha256, &row.previous_version) {
+                p.digest(&format!("sha256:{h}"), format!("{env} could roll back to it ({v} by digest)"));
+            }
+        }
+    }
+    for d in deployments.iter().filter(|d| !d.state.is_terminal()) {
+        if let (Some(service), Some(version)) = (&d.service, &d.version)
+            && follows_image(service)
+        {
+            p.tag(version, format!("deployment {} ({}) deploys it to {}", d.id, d.state, d.environment));
+        }
+    }
+    p
+}
+
+/// A tag that stays, with every reason it does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    pub tag: String,
+    pub digest: String,
+    pub reasons: Vec<String>,
+}
+
+/// A manifest to delete, and the tags that go with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doomed {
+    pub digest: String,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// Newest first.
+    pub kept: Vec<Kept>,
+    /// Newest first (by their newest tag).
+    pub delete: Vec<Doomed>,
+}
+
+/// `1.2.3`, `v1.2.3`, `1.2.3-rc.1`: (major, minor, patch, is a release,
+/// pre-release part). A release sorts above its pre-releases.
+fn semver(tag: &str) -> Option<(u64, u64, u64, bool, String)> {
+    let t = tag.strip_prefix('v').unwrap_or(tag);
+    let (core, pre) = match t.split_once('-') {
+        Some((c, p)) => (c, Some(p.split('+').next().unwrap_or(p))),
+        None => (t.split('+').next().unwrap_or(t), None),
+    };
+    let mut parts = core.split('.').map(|p| if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) { p.parse::<u64>().ok() } else { None });
+    let (Some(Some(a)), Some(Some(b)), Some(Some(c)), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else { return None };
+    Some((a, b, c, pre.is_none(), pre.unwrap_or("").to_string()))
+}
+
+/// Newest first: by the image's `created`, then (when absent or equal) by
+/// semver, then by name. A tag without a date sorts below every dated one.
+pub fn order_newest_first(tags: &mut [TagInfo]) {
+    tags.sort_by(|a, b| {
+        b.created.is_some().cmp(&a.created.is_some()).then(b.created.cmp(&a.created)).then_with(|| semver(&b.tag).cmp(&semver(&a.tag))).then_with(|| b.tag.cmp(&a.tag))
+    });
+}
+
+/// The policy. Keeps the newest `keep` tags, every protected tag, every
+/// tag whose digest is protected, and every tag sharing a digest with a
+/// kept one (deleting that digest would take the kept tag with it);
+/// deletes the digests of all the others.
+pub fn decide(tags: &[TagInfo], protected: &Protected, keep: u32) -> Decision {
+    let mut tags = tags.to_vec();
+    order_newest_first(&mut tags);
+    let mut reasons: Vec<Vec<String>> = vec![Vec::new(); tags.len()];
+    for (i, t) in tags.iter().enumerate() {
+        if i < keep as usize {
+            reasons[i].push(format!("newest {keep}"));
+        }
+        reasons[i].extend(protected.tags.get(&t.tag).into_iter().flatten().cloned());
+        reasons[i].extend(protected.digests.get(&t.digest).into_iter().flatten().cloned());
+    }
+    // The first kept tag of each digest names why its siblings stay.
+    let mut kept_digest: BTreeMap<&str, &str> = BTreeMap::new();
+    for (i, t) in tags.iter().enumerate() {
+        if !reasons[i].is_empty() {
+            kept_digest.entry(t.digest.as_str()).or_insert(t.tag.as_str());
+        }
+    }
+    let mut decision = Decision::default();
+    let mut doomed: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, t) in tags.iter().enumerate() {
+        let mut why = std::mem::take(&mut reasons[i]);
+        if why.is_empty()
+            && let Some(sibling) = kept_digest.get(t.digest.as_str())
+        {
+            why.push(format!("shares its digest with kept tag {sibling}"));
+        }
+        if why.is_empty() {
+            match doomed.get(t.digest.as_str()) {
+                Some(&at) => decision.delete[at].tags.push(t.tag.clone()),
+                None => {
+                    doomed.insert(&t.digest, decision.delete.len());
+                    decision.delete.push(Doomed { digest: t.digest.clone(), tags: vec![t.tag.clone()] });
+                }
+            }
+        } else {
+            decision.kept.push(Kept { tag: t.tag.clone(), digest: t.digest.clone(), reasons: why });
+        }
+    }
+    decision
+}
+
+/// One repository's outcome.
+#[derive(Debug, Clone, Default)]
+pub struct RepositoryReport {
+    pub image: String,
+    pub keep: u32,
+    pub services: Vec<String>,
+    pub kept: Vec<Kept>,
+    /// What the policy deletes (with `apply`: what it tried to).
+    pub delete: Vec<Doomed>,
+    /// Digests actually deleted (apply only).
+    pub deleted: Vec<String>,
+    /// Why this repository was not (entirely) handled: the registry could
+    /// not be reached, refused the credentials, refused a delete…
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub applied: bool,
+    pub repositories: Vec<RepositoryReport>,
+}
+
+/// The plan for every policy of the config, given what the store records
+/// (`slipway plan` passes nothing when there is no store yet). A
+/// registry's failure is that repository's error, never the whole run's.
+pub async fn dry_run(config: &Config, rows: &[ServiceRow], deployments: &[DeploymentRow]) -> Report {
+    let mut report = Report { applied: false, repositories: vec![] };
+    for policy in policies(config) {
+        let mut repo = RepositoryReport { image: policy.image.clone(), keep: policy.keep, services: policy.services.clone(), ..Default::default() };
+        let protect = protected(&policy, config, rows, deployments);
+        match RegistryClient::for_image(&policy.image, &config.registries) {
+            Err(e) => repo.errors.push(e.to_string()),
+            Ok(client) => match client.resolve_all(&policy.image).await {
+                Err(e) => repo.errors.push(e.to_string()),
+                Ok(tags) => {
+                    let decision = decide(&tags, &protect, policy.keep);
+                    repo.kept = decision.kept;
+                    repo.delete = decision.delete;
+                }
+            },
+        }
+        report.repositories.push(repo);
+    }
+    report
+}
+
+/// The plan (or, with `apply`, its execution) for every policy of the
+/// config. Only the store failing fails the whole run.
+pub async fn run(config: &Config, store: &dyn Store, apply: bool) -> Result<Report, StoreError> {
+    let mut report = dry_run(config, &store.services().await?, &in_flight(store).await?).await;
+    if !apply {
+        return Ok(report);
+    }
+    report.applied = true;
+    let policies = policies(config);
+    for repo in report.repositories.iter_mut().filter(|r| !r.delete.is_empty()) {
+        let Some(policy) = policies.iter().find(|p| p.image == repo.image) else { continue };
+        // A deploy accepted since the store was read may name one of
+        // these: read again just before deleting, and spare it.
+        let now = protected(policy, config, &store.services().await?, &in_flight(store).await?);
+        let client = match RegistryClient::for_image(&repo.image, &config.registries) {
+            Ok(c) => c,
+            Err(e) => {
+                repo.errors.push(e.to_string());
+                continue;
+            }
+        };
+        let mut stopped = false;
+        for d in std::mem::take(&mut repo.delete) {
+            if stopped {
+                repo.delete.push(d);
+                continue;
+            }
+            let spared: Vec<String> = d.tags.iter().flat_map(|t| now.tags.get(t).into_iter().flatten()).chain(now.digests.get(&d.digest).into_iter().flatten()).cloned().collect();
+            if !spared.is_empty() {
+                for t in &d.tags {
+                    repo.kept.push(Kept { tag: t.clone(), digest: d.digest.clone(), reasons: spared.clone() });
+                }
+                continue;
+            }
+            match client.delete(&repo.image, &d.digest).await {
+                Ok(()) => repo.deleted.push(d.digest.clone()),
+                // The next delete would meet the same answer: say it once.
+                Err(e @ (RetentionError::Refused { .. } | RetentionError::DeleteDisabled { .. } | RetentionError::Unreachable { .. })) => {
+                    repo.errors.push(e.to_string());
+                    stopped = true;
+                }
+                Err(e) => repo.errors.push(e.to_string()),
+            }
+            repo.delete.push(d);
+        }
+    }
+    Ok(report)
+}
+
+/// Deployments still queued or running.
+pub async fn in_flight(store: &dyn Store) -> Result<Vec<DeploymentRow>, StoreError> {
+    let mut v = store.deployments(10_000, Some(crate::store::DeploymentState::Queued)).await?;
+    v.extend(store.deployments(10_000, Some(crate::store::DeploymentState::Running)).await?);
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(tag: &str, digest: &str, created: Option<i64>) -> TagInfo {
+        TagInfo { tag: tag.into(), digest: digest.into(), created }
+    }
+
+    fn tags_of(d: &Decision) -> (Vec<&str>, Vec<Vec<&str>>) {
+        (d.kept.iter().map(|k| k.tag.as_str()).collect(), d.delete.iter().map(|d| d.tags.iter().map(String::as_str).collect()).collect())
+    }
+
+    #[test]
+    fn keeps_the_newest_n_and_deletes_the_rest_newest_first() {
+        let tags = [t("1.0.0", "a", Some(1)), t("1.1.0", "b", Some(2)), t("1.2.0", "c", Some(3)), t("1.3.0", "d", Some(4))];
+        let d = decide(&tags, &Protected::default(), 2);
+        assert_eq!(tags_of(&d), (vec!["1.3.0", "1.2.0"], vec![vec!["1.1.0"], vec!["1.0.0"]]));
+        assert_eq!(d.kept[0].reasons, vec!["newest 2"]);
+        assert_eq!(d.delete[0].digest, "b");
+    }
+
+    #[test]
+    fn protected_tags_and_digests_stay_with_their_reasons() {
+        let tags = [t("1.0.0", "a", Some(1)), t("1.1.0", "b", Some(2)), t("1.2.0", "c", Some(3)), t("1.3.0", "d", Some(4))];
+        let mut p = Protected::default();
+        p.tag("1.0.0", "production runs it");
+        p.digest("b", "staging could roll back to it (1.1.0 by digest)");
+        let d = decide(&tags, &p, 1);
+        assert_eq!(tags_of(&d), (vec!["1.3.0", "1.1.0", "1.0.0"], vec![vec!["1.2.0"]]));
+        assert_eq!(d.kept[1].reasons, vec!["staging could roll back to it (1.1.0 by digest)"]);
+        assert_eq!(d.kept[2].reasons, vec!["production runs it"]);
+    }
+
+    #[test]
+    fn a_digest_shared_with_a_kept_tag_is_never_deleted() {
+        // "stable" is old by name but points at the kept 1.0.0's manifest;
+        // "1.1" and "1.1.1" share one that nothing keeps: one delete.
+        let tags = [t("1.0.0", "a", Some(1)), t("stable", "a", Some(1)), t("1.1.1", "b", Some(2)), t("1.1", "b", Some(2)), t("1.2.0", "c", Some(3))];
+        let mut p = Protected::default();
+        p.tag("1.0.0", "production runs it");
+        let d = decide(&tags, &p, 1);
+        assert_eq!(tags_of(&d), (vec!["1.2.0", "1.0.0", "stable"], vec![vec!["1.1.1", "1.1"]]));
+        assert_eq!(d.kept[2].reasons, vec!["shares its digest with kept tag 1.0.0"]);
+        for doomed in &d.delete {
+            assert!(d.kept.iter().all(|k| k.digest != doomed.digest));
+        }
+    }
+
+    #[test]
+    fn without_dates_semver_then_name_orders() {
+        let mut tags = vec![t("abc", "1", None), t("1.10.0", "2", None), t("1.9.0", "3", None), t("1.10.0-rc.1", "4", None), t("v2.0.0", "5", None), t("zzz", "6", None), t("0.1.0", "7", Some(5))];
+        order_newest_first(&mut tags);
+        let order: Vec<&str> = tags.iter().map(|t| t.tag.as_str()).collect();
+        assert_eq!(order, vec!["0.1.0", "v2.0.0", "1.10.0", "1.10.0-rc.1", "1.9.0", "zzz", "abc"]);
+    }
+
+    #[test]
+    fn keep_larger_than_the_tags_deletes_nothing_and_odd_input_does_not_panic() {
+        let tags = [t("1.0.0", "a", Some(1))];
+        assert!(decide(&tags, &Protected::default(), 5).delete.is_empty());
+        assert_eq!(decide(&[], &Protected::default(), 1), Decision::default());
+        let odd = [t("", "", None), t("1..2", "x", Some(i64::MIN)), t("v", "x", Some(i64::MAX)), t("1.2.3.4", "y", None), t("99999999999999999999.0.0", "z", None)];
+        let d = decide(&odd, &Protected::default(), 1);
+        assert_eq!(d.kept.len() + d.delete.iter().map(|d| d.tags.len()).sum::<usize>(), odd.len());
+    }
+
+    fn config() -> Config {
+        crate::config::parse(
+            "slipway.toml",
+            r#"
+[[environment]]
+name = "staging"
+[[environment]]
+name = "production"
+[[service]]
+name = "worker"
+follows = "reg.example.org/team/worker"
+keep_tags = 3
+[[service]]
+name = "worker-b"
+follows = "reg.example.org/team/worker"
+keep_tags = 5
+[[service]]
+name = "shop"
+target = "docker"
+image = "reg.example.org/team/shop"
+port = 8080
+listen = "127.0.0.1:8090"
+keep_tags = 2
+[[service]]
+name = "other"
+follows = "reg.example.org/team/other"
+"#,
+        )
+        .expect("valid config")
+    }
+
+    #[test]
+    fn policies_group_services_by_image_and_keep_the_most_asked() {
+        let p = policies(&config());
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].image.as_str(), p[0].keep), ("reg.example.org/team/shop", 2));
+        assert_eq!((p[1].image.as_str(), p[1].keep, p[1].services.clone()), ("reg.example.org/team/worker", 5, vec!["worker".to_string(), "worker-b".to_string()]));
+    }
+
+    fn row(env: &str, service: &str, version: &str, previous: Option<&str>, spec: String, sha: Option<&str>, prev_sha: Option<&str>) -> ServiceRow {
+        ServiceRow {
+            environment: env.into(),
+            service: service.into(),
+            version: version.into(),
+            previous_version: previous.map(Into::into),
+            spec,
+            revision: "r".into(),
+            deployment_id: 1,
+            updated_at: 0,
+            artifact_dir: None,
+            sha256: sha.map(Into::into),
+            previous_sha256: prev_sha.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn protection_comes_from_what_runs_could_roll_back_and_is_in_flight() {
+        let c = config();
+        let ps = policies(&c);
+        // A docker service's spec as a deploy records it.
+        let spec = c.services.iter().find(|s| s.name == "shop").and_then(|s| s.spec.clone()).map(|s| serde_json::to_string(&s).expect("spec")).expect("shop is managed");
+        let rows = vec![
+            row("production", "shop", "1.0.0", Some("0.9.0"), spec, Some("aa"), Some("bb")),
+            row("staging", "worker", "2.0.0", Some("1.9.0"), "{}".into(), Some("tarball-checksum"), None),
+            row("staging", "other", "7.0.0", None, "{}".into(), None, None),
+            row("dev", "removed", "0.1.0", None, "{}".into(), None, None),
+        ];
+        let dep = |id, state, service: &str, version: &str| DeploymentRow {
+            id,
+            event_id: id,
+            kind: crate::store::DeploymentKind::Deploy,
+            environment: "production".into(),
+            service: Some(service.into()),
+            version: Some(version.into()),
+            revision: "r".into(),
+            state,
+            reason: None,
+            superseded_by: None,
+            cancel_requested: false,
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+        };
+        let deps = vec![dep(7, crate::store::DeploymentState::Queued, "worker-b", "1.5.0"), dep(8, crate::store::DeploymentState::Succeeded, "worker", "1.4.0")];
+        let shop = protected(&ps[0], &c, &rows, &deps);
+        assert_eq!(shop.tags.keys().collect::<Vec<_>>(), vec!["0.1.0", "0.9.0", "1.0.0"]);
+        assert!(shop.tags["1.0.0"].contains("production runs it"));
+        assert!(shop.tags["0.9.0"].contains("production could roll back to it"));
+        assert!(shop.digests["sha256:aa"].contains("production runs it (1.0.0 by digest)"));
+        assert!(shop.digests["sha256:bb"].contains("production could roll back to it (0.9.0 by digest)"));
+        let worker = protected(&ps[1], &c, &rows, &deps);
+        assert_eq!(worker.tags.keys().collect::<Vec<_>>(), vec!["0.1.0", "1.5.0", "1.9.0", "2.0.0"]);
+        assert!(worker.tags["0.1.0"].contains("dev runs it (service removed, no longer in the config)"));
+        assert!(worker.tags["1.5.0"].contains("deployment 7 (queued) deploys it to production"));
+        // A tarball service's checksum is no image digest.
+        assert!(worker.digests.is_empty());
+    }
+}
