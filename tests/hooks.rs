@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use slipway::cli::serve::{NodeOptions, start_node};
 use slipway::scheduler::SchedulerConfig;
 use slipway::trigger::github::sign;
@@ -53,6 +53,10 @@ file = "{}"
 webhook_secret = "hook"
 max_payload = 65536
 
+[events]
+hmac_secret = "hook"
+environments = ["staging"]
+
 [[service]]
 name = "web"
 follows = "ghcr.io/codertocat/hello-world"
@@ -83,6 +87,24 @@ command = ["true"]
         let r = r.send().await.expect("send");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post_raw(&self, path: &str, body: &str, signature: Option<String>) -> (u16, Value) {
+        let mut r = self.http.post(format!("{}{path}", self.base)).header("content-type", "application/json").body(body.to_string());
+        if let Some(sig) = signature {
+            r = r.header("x-slipway-signature-256", sig);
+        }
+        let r = r.send().await.expect("send");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post_json(&self, path: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
+        let mut r = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let r = r.send().await.expect("send");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
     async fn signed(&self, event: &str, delivery: &str, body: &[u8]) -> (u16, Value) {
@@ -202,6 +224,45 @@ async fn issue6_github_deliveries_are_checked_deduplicated_and_deploy_where_opte
         assert!(refused[0]["detail"].as_str().unwrap_or("").contains("does not match"), "{audit}");
         assert!(entries.iter().any(|e| e["status"] == 202 && e["detail"].as_str().unwrap_or("").contains(&format!("web 1.4.0 in staging → deployment {id}"))), "{audit}");
         assert!(entries.iter().any(|e| e["detail"].as_str().unwrap_or("").contains("(a redelivery)")), "{audit}");
+        h.stop().await;
+    }
+}
+
+// Issue 6: the generic "artifact published" event on /api/v1/events, by HMAC signature (or token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue6_a_generic_published_event_is_signed_or_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let h = Hooks::start(store).await;
+        // A token exists: the API is closed to unsigned, tokenless calls.
+        let (s, _) = h.post_json("/api/v1/tokens", None, &json!({"name": "root", "roles": {"*": "admin"}})).await;
+        assert_eq!(s, 201, "{backend}");
+        let event = json!({"kind": "published", "image": "ghcr.io/codertocat/hello-world", "version": "2.0.0", "id": "build-77"}).to_string();
+        let (s, _) = h.post_raw("/api/v1/events", &event, None).await;
+        assert_eq!(s, 401, "{backend}: neither a token nor a signature");
+        let (s, e) = h.post_raw("/api/v1/events", &event, Some(sign(b"wrong", event.as_bytes()))).await;
+        assert_eq!(s, 401, "{e}");
+        assert!(e["error"]["message"].as_str().unwrap_or("").contains("does not match"), "{e}");
+
+        // Signed: staging (opted in, and the signer may deploy there)
+        // deploys; production holds it, saying why.
+        let (s, a) = h.post_raw("/api/v1/events", &event, Some(sign(SECRET.as_bytes(), event.as_bytes()))).await;
+        assert_eq!(s, 202, "{backend}: {a}");
+        let results = a["results"].as_array().cloned().unwrap_or_default();
+        let staging = results.iter().find(|r| r["environment"] == "staging").expect("staging");
+        assert!(staging["deployment_id"].as_i64().is_some(), "{a}");
+        let production = results.iter().find(|r| r["environment"] == "production").expect("production");
+        assert!(production["held"].as_str().is_some(), "{a}");
+        // Twice: deploys once.
+        let (_, again) = h.post_raw("/api/v1/events", &event, Some(sign(SECRET.as_bytes(), event.as_bytes()))).await;
+        assert_eq!(again["duplicate"], true, "{again}");
+        // The signer may deploy only where [events] says; a bad digest is 400.
+        let run = json!({"kind": "run", "jobs": ["deploy-web"], "environment": "production"}).to_string();
+        let (s, _) = h.post_raw("/api/v1/events", &run, Some(sign(SECRET.as_bytes(), run.as_bytes()))).await;
+        assert_eq!(s, 403);
+        let bad = json!({"kind": "published", "service": "web", "version": "2.0.1", "digest": "sha256:$(id)"}).to_string();
+        let (s, _) = h.post_raw("/api/v1/events", &bad, Some(sign(SECRET.as_bytes(), bad.as_bytes()))).await;
+        assert_eq!(s, 400);
         h.stop().await;
     }
 }

@@ -98,6 +98,7 @@ impl Caller {
 
     pub fn actor(&self) -> String {
         match &self.name {
+            Some(n) if n == HMAC_CALLER => "an event signed with [events] hmac_secret".into(),
             Some(n) => format!("token {n}"),
             None => "anonymous".into(),
         }
@@ -130,6 +131,20 @@ pub async fn layer(State(s): State<Arc<AppState>>, mut req: Request, next: Next)
         return next.run(req).await;
     }
     let header = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let signature = req.headers().get("x-slipway-signature-256").and_then(|v| v.to_str().ok()).map(str::to_string);
+    if header.is_none() && signature.is_some() && matches!(req.uri().path(), "/api/v1/events" | "/api/v1/published") && req.method() == Method::POST {
+        return match signed(&s, req, signature.as_deref()).await {
+            Ok((caller, req)) => {
+                let actor = caller.actor();
+                let mut req = req;
+                req.extensions_mut().insert(caller);
+                let mut res = next.run(req).await;
+                res.extensions_mut().insert(Actor(actor));
+                res
+            }
+            Err(e) => refuse(e, "a signed event"),
+        };
+    }
     let caller = match header.as_deref().and_then(|h| h.strip_prefix("Bearer ")) {
         Some(token) => match s.store.token_by_hash(&hash(token)).await {
             Ok(Some(t)) => Caller { name: Some(t.name), roles: serde_json::from_str(&t.roles).unwrap_or_default() },
@@ -153,6 +168,39 @@ pub async fn layer(State(s): State<Arc<AppState>>, mut req: Request, next: Next)
     let mut res = next.run(req).await;
     res.extensions_mut().insert(Actor(actor));
     res
+}
+
+/// The caller of a signed event (not a valid token name, so no token can
+/// pass for it).
+const HMAC_CALLER: &str = "(hmac)";
+
+/// Largest signed event body: events are small JSON documents.
+const MAX_SIGNED_BODY: usize = 1 << 20;
+
+/// An event signed with `[events] hmac_secret` instead of a token: its
+/// caller may deploy in `[events] environments` (all when empty). The
+/// body is read here to check it, then handed on unchanged.
+async fn signed(s: &AppState, req: Request, signature: Option<&str>) -> Result<(Caller, Request), ApiError> {
+    use http_body_util::BodyExt;
+    let config = s.submitter.config().await?.config;
+    let Some(events) = config.events else {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "signed events are not configured here: add [events] hmac_secret = \"SECRET-NAME\" to slipway.toml, or send a token"));
+    };
+    let (parts, body) = req.into_parts();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), http_body_util::Limited::new(body, MAX_SIGNED_BODY).collect()).await;
+    let bytes = match read {
+        Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", "the event's body did not arrive within 30s")),
+        Ok(Err(_)) => return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("a signed event is at most {MAX_SIGNED_BODY} bytes"))),
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    let secret = events.hmac_secret.read().map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
+    crate::trigger::github::verify_named(secret.expose().as_bytes(), &bytes, signature, "X-Slipway-Signature-256").map_err(|e| {
+        tracing::warn!(reason = %e, "refused a signed event");
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", format!("X-Slipway-Signature-256: {e}"))
+    })?;
+    let envs = if events.environments.is_empty() { vec!["*".to_string()] } else { events.environments };
+    let caller = Caller { name: Some(HMAC_CALLER.into()), roles: envs.into_iter().map(|e| (e, Role::Deployer)).collect() };
+    Ok((caller, Request::from_parts(parts, axum::body::Body::from(bytes))))
 }
 
 fn refuse(e: ApiError, who: &str) -> Response {

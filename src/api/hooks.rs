@@ -57,14 +57,14 @@ pub(super) use crate::submit::key_of;
 /// key below `key` (so a redelivery finds them taken). Also says whether a
 /// submit failed for a reason that may pass (the store or the Engine
 /// down): then the delivery must not be stored, and the sender must retry.
-async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, key: &str) -> (Vec<HookResult>, bool) {
+async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, digest: Option<&str>, key: &str) -> (Vec<HookResult>, bool) {
     let mut transient = false;
     let mut results = Vec::new();
     for d in decisions {
         let mut r = HookResult { service: d.service.clone(), environment: d.environment.clone(), version: version.to_string(), deployment_id: None, held: d.held.clone(), error: None };
         if d.held.is_none() {
             let payload = serde_json::json!({ "kind": "deploy", "service": d.service, "version": version, "environment": d.environment, "source": key }).to_string();
-            let request = Request::Deploy { service: d.service.clone(), version: version.to_string(), environment: Some(d.environment.clone()), digest: None };
+            let request = Request::Deploy { service: d.service.clone(), version: version.to_string(), environment: Some(d.environment.clone()), digest: digest.map(str::to_string) };
             match s.submitter.submit(request, Some(key_of(key, &[&d.environment, &d.service])), payload).await {
                 Ok(sub) => r.deployment_id = Some(sub.deployment_id),
                 Err(e) => {
@@ -160,7 +160,7 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         }
         Delivery::Published(p) => {
             answer.note = Some(format!("{}:{} published", p.image, p.version));
-            let (results, transient) = act(&s, decide(&loaded.config, &p), &p.version, &key).await;
+            let (results, transient) = act(&s, decide(&loaded.config, &p), &p.version, None, &key).await;
             if transient {
                 return Err(retry_later(&results));
             }
@@ -198,7 +198,7 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
     let mut all_duplicates = !pushed.is_empty();
     for p in pushed {
         let key = key_of("registry", &[&p.id]);
-        let (results, transient) = act(&s, decide_any(&loaded.config, &p.images, &p.version), &p.version, &key).await;
+        let (results, transient) = act(&s, decide_any(&loaded.config, &p.images, &p.version), &p.version, None, &key).await;
         if transient {
             return Err(retry_later(&results));
         }
@@ -224,6 +224,16 @@ pub async fn published(
     body: Result<Json<super::wire::PublishedRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
     let Json(req) = body?;
+    published_event(&s, &caller, req).await
+}
+
+/// An "artifact published" event from `/api/v1/published` or
+/// `/api/v1/events` (`kind = "published"`).
+pub(super) async fn published_event(s: &AppState, caller: &super::auth::Caller, req: super::wire::PublishedRequest) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
+    if let Some(d) = &req.digest
+        && crate::service::artifact::parse_sha256(d).is_none() {
+            return Err(ApiError::bad_request(format!("invalid digest {d:?}: sha256: and 64 hexadecimal digits")));
+        }
     if !caller.may_somewhere(super::auth::Need::Deploy) {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("{} may not deploy anywhere", caller.actor())));
     }
@@ -258,7 +268,7 @@ pub async fn published(
         })
         .collect();
     let key = key_of("published", &[&id]);
-    let (results, transient) = act(&s, decisions, &req.version, &key).await;
+    let (results, transient) = act(s, decisions, &req.version, req.digest.as_deref(), &key).await;
     if transient {
         return Err(retry_later(&results));
     }

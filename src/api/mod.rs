@@ -222,8 +222,19 @@ async fn metrics_text(State(s): State<Arc<AppState>>) -> ApiResult<impl IntoResp
 #[utoipa::path(post, path = "/api/v1/events", request_body = EventRequest,
     responses((status = 202, body = EventAccepted), (status = 200, description = "duplicate event id", body = EventAccepted),
               (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
-async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, body: Result<Json<EventRequest>, JsonRejection>) -> ApiResult<impl IntoResponse> {
+async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, body: Result<Json<EventRequest>, JsonRejection>) -> ApiResult<axum::response::Response> {
     let Json(req) = body?;
+    if req.kind == EventKind::Published {
+        if !req.jobs.is_empty() || req.environment.is_some() {
+            return Err(ApiError::bad_request("a published event takes `image` or `service`, `version`, `digest` and `id`: where it deploys is decided by the services' auto_deploy"));
+        }
+        let version = req.version.ok_or_else(|| ApiError::bad_request("a published event needs `version`"))?;
+        let p = PublishedRequest { image: req.image, service: req.service, version, digest: req.digest, id: req.id };
+        return Ok(hooks::published_event(&s, &caller, p).await?.into_response());
+    }
+    if req.image.is_some() {
+        return Err(ApiError::bad_request("`image` belongs to published events (kind = \"published\")"));
+    }
     let environment = match &req.environment {
         Some(e) => e.clone(),
         // The only environment, as the submit will resolve it.
@@ -251,6 +262,7 @@ async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axu
             }
             Request::Run { jobs: req.jobs, environment: req.environment }
         }
+        EventKind::Published => unreachable!("handled above"),
     };
     let what = match &request {
         Request::Deploy { service, version, environment, .. } => format!("deploy {service} {version} in {}", environment.as_deref().unwrap_or("the only environment")),
@@ -264,7 +276,8 @@ async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axu
         status,
         axum::Extension(note),
         Json(EventAccepted { event_id: sub.event_id, deployment_id: sub.deployment_id, duplicate: sub.duplicate, superseded: sub.superseded }),
-    ))
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -25,6 +25,10 @@ pub struct EventRequest {
     /// For `run`: the jobs (their `needs` run too).
     #[serde(default)]
     pub jobs: Vec<String>,
+    /// For `published`: the image whose followers get the version
+    /// (instead of `service`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// The environment; optional when the config has only one.
     #[serde(default)]
     pub environment: Option<String>,
@@ -39,6 +43,10 @@ pub struct EventRequest {
 pub enum EventKind {
     Deploy,
     Run,
+    /// "An artifact was published": `image` (its followers) or `service`,
+    /// `version`, optional `digest`; deploys where `auto_deploy` opts in
+    /// (as `POST /api/v1/published`).
+    Published,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -280,6 +288,11 @@ pub struct PublishedRequest {
     #[serde(default)]
     pub service: Option<String>,
     pub version: String,
+    /// The artifact's digest (`sha256:…`): a container image is pinned to
+    /// it rather than to what the tag names at deploy time; a release
+    /// tarball is checked against it.
+    #[serde(default)]
+    pub digest: Option<String>,
     /// Idempotency key; by default the artifact and version themselves, so
     /// the same version published twice deploys once.
     #[serde(default)]

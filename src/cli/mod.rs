@@ -366,13 +366,14 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 version: Some(a.version),
                 digest: a.sha256,
                 jobs: vec![],
+                image: None,
                 environment: a.submit.env,
                 id: a.submit.id,
             };
             submit(&client, req, a.submit.detach, cli.json).await
         }
         Command::Run(a) => {
-            let req = EventRequest { kind: EventKind::Run, service: None, version: None, digest: None, jobs: a.jobs, environment: a.submit.env, id: a.submit.id };
+            let req = EventRequest { kind: EventKind::Run, service: None, version: None, digest: None, jobs: a.jobs, image: None, environment: a.submit.env, id: a.submit.id };
             submit(&client, req, a.submit.detach, cli.json).await
         }
         Command::Rollback(a) => rollback(&client, a, cli.json).await,

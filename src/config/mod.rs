@@ -52,6 +52,8 @@ pub struct Config {
     pub registries: Vec<secret::RegistryAuth>,
     pub github: Option<Github>,
     pub registry_hook: Option<RegistryHook>,
+    /// `[events]`: events signed with HMAC instead of a token.
+    pub events: Option<EventsHook>,
     /// `[[notify]]`: outgoing webhooks about deployments.
     pub notify: Vec<Notify>,
 }
@@ -76,6 +78,16 @@ pub enum NotifyUrl {
 
 /// What `[[notify]] on` may name.
 pub const NOTIFY_ON: &[&str] = &["started", "succeeded", "failed", "rolled_back", "cancelled", "superseded", "waiting", "revision_rejected"];
+
+/// `[events]`: `POST /api/v1/events` (and `/api/v1/published`) signed
+/// with `X-Slipway-Signature-256: sha256=<hex HMAC-SHA256 of the body>`
+/// instead of a token; such a caller may deploy in `environments`.
+#[derive(Debug, Clone)]
+pub struct EventsHook {
+    pub hmac_secret: secret::SecretRef,
+    /// Empty: every environment.
+    pub environments: Vec<String>,
+}
 
 /// `[registry_hook]`: notifications from a Docker distribution registry
 /// (`POST /hooks/registry`), which sends `Authorization: Bearer <token>`
@@ -386,6 +398,14 @@ struct Raw {
     registry_hook: Option<Spanned<RawRegistryHook>>,
     #[serde(default)]
     notify: Vec<Spanned<RawNotify>>,
+    events: Option<Spanned<RawEvents>>,
+}
+
+#[derive(Deserialize)]
+struct RawEvents {
+    hmac_secret: Spanned<String>,
+    #[serde(default)]
+    environments: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -586,6 +606,13 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
             max_payload: g.max_payload.as_ref().and_then(|v| positive(v, "registry_hook.max_payload", 64 << 20, problems)).unwrap_or(1 << 20) as usize,
         }
     });
+    let events = raw.events.map(|e| {
+        let e = e.into_inner();
+        EventsHook {
+            hmac_secret: secret::lookup(&e.hmac_secret, &secrets, problems).unwrap_or(secret::SecretRef { name: e.hmac_secret.get_ref().clone(), source: secret::SecretSource::Env(String::new()) }),
+            environments: e.environments.iter().map(|x| x.get_ref().clone()).collect(),
+        }
+    });
     let mut notify = Vec::new();
     for n in raw.notify {
         let span = n.span();
@@ -777,7 +804,7 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
     // A deploy's own jobs come after the config's, so `plan` lists the
     // user's jobs in file order first.
     jobs.extend(service_jobs);
-    Config { project, environments, services, jobs, secrets, registries, github, registry_hook, notify }
+    Config { project, environments, services, jobs, secrets, registries, github, registry_hook, events, notify }
 }
 
 /// Placeholders substituted into argv commands at run time.

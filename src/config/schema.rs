@@ -7,7 +7,8 @@ use toml::de::{DeTable, DeValue};
 
 use super::diagnostic::{Problem, ProblemKind, did_you_mean};
 
-const TOP: &[&str] = &["project", "environment", "service", "job", "secret", "registry", "github", "registry_hook", "notify"];
+const TOP: &[&str] = &["project", "environment", "service", "job", "secret", "registry", "github", "registry_hook", "notify", "events"];
+const EVENTS: &[&str] = &["hmac_secret", "environments"];
 const NOTIFY: &[&str] = &["url", "url_secret", "format", "on", "environments"];
 const GITHUB: &[&str] = &["webhook_secret", "max_payload"];
 const REGISTRY_HOOK: &[&str] = &["token", "max_payload"];
@@ -51,6 +52,7 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
             "job" => JOB,
             "registry" => REGISTRY,
             "github" => GITHUB,
+            "events" => EVENTS,
             "registry_hook" => REGISTRY_HOOK,
             "notify" => NOTIFY,
             "secret" => {
@@ -67,7 +69,7 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
             _ => continue,
         };
         let name = key.get_ref().as_ref();
-        let path = if matches!(name, "project" | "github" | "registry_hook") { format!("[{name}]") } else { format!("[[{name}]]") };
+        let path = if matches!(name, "project" | "github" | "registry_hook" | "events") { format!("[{name}]") } else { format!("[[{name}]]") };
         for table in tables(value) {
             check_table(table, allowed, &path, &mut problems);
             for (k, v) in table.iter() {

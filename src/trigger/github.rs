@@ -9,12 +9,19 @@ use super::{Published, TriggerError};
 /// Check `X-Hub-Signature-256` (`sha256=<hex>`) over the raw body with the
 /// webhook secret. The comparison is constant-time (`Mac::verify_slice`).
 pub fn verify(secret: &[u8], body: &[u8], header: Option<&str>) -> Result<(), TriggerError> {
-    let header = header.ok_or(TriggerError::Unauthenticated("no X-Hub-Signature-256 header"))?;
-    let hex_sig = header.trim().strip_prefix("sha256=").ok_or(TriggerError::Unauthenticated("X-Hub-Signature-256 is not sha256=<hex>"))?;
-    let sig = hex::decode(hex_sig).map_err(|_| TriggerError::Unauthenticated("X-Hub-Signature-256 is not sha256=<hex>"))?;
+    verify_named(secret, body, header, "X-Hub-Signature-256")
+}
+
+/// [`verify`] for a signature header of another name (Slipway's own
+/// `X-Slipway-Signature-256` has the same shape).
+pub fn verify_named(secret: &[u8], body: &[u8], header: Option<&str>, name: &'static str) -> Result<(), TriggerError> {
+    let header = header.ok_or(TriggerError::Unauthenticated(match name { "X-Hub-Signature-256" => "no X-Hub-Signature-256 header", _ => "no signature header" }))?;
+    let malformed = TriggerError::Unauthenticated(match name { "X-Hub-Signature-256" => "X-Hub-Signature-256 is not sha256=<hex>", _ => "the signature is not sha256=<hex>" });
+    let hex_sig = header.trim().strip_prefix("sha256=").ok_or(malformed.clone())?;
+    let sig = hex::decode(hex_sig).map_err(|_| malformed)?;
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| TriggerError::Unauthenticated("no usable webhook secret"))?;
     mac.update(body);
-    mac.verify_slice(&sig).map_err(|_| TriggerError::Unauthenticated("X-Hub-Signature-256 does not match the body"))
+    mac.verify_slice(&sig).map_err(|_| TriggerError::Unauthenticated(match name { "X-Hub-Signature-256" => "X-Hub-Signature-256 does not match the body", _ => "the signature does not match the body" }))
 }
 
 /// The signature GitHub would send for `body` (tests, and `slipway` users

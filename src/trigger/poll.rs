@@ -1,7 +1,7 @@
 //! Polling config repositories: each environment whose `git.poll` is set
 //! is fetched that often, and a new head commit is decided on (accepted
 //! or rejected, see `submit::git`). Off by default: a push webhook is the
-//! cheaper trigger.
+//! cheaper trigger. Every git environment is fetched once at start.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,9 +22,14 @@ pub async fn run(submitter: Arc<Submitter>, shutdown: CancellationToken) {
         }
         let Ok(loaded) = submitter.config().await else { continue };
         for env in &loaded.config.environments {
-            let Some(every) = env.git.as_ref().and_then(|g| g.poll) else { continue };
-            if last.get(&env.name).is_some_and(|t| t.elapsed() < every) {
-                continue;
+            let Some(git) = &env.git else { continue };
+            // Every git environment is fetched once when the node starts
+            // (a push may have been missed while it was down); after that
+            // only those with `poll`.
+            match (last.get(&env.name), git.poll) {
+                (None, _) => {}
+                (Some(t), Some(every)) if t.elapsed() >= every => {}
+                _ => continue,
             }
             last.insert(env.name.clone(), Instant::now());
             // One at a time: a slow fetch delays the next poll, never piles up.
