@@ -228,9 +228,11 @@ promote_from = "staging"
 soak = "10m"
 [[service]]
 name = "api"
+follows = "ghcr.io/o/api"
 auto_deploy = ["staging", "production"]
 [[service]]
 name = "worker"
+follows = "ghcr.io/o/worker"
 auto_deploy = ["staging"]
 "#,
         )

@@ -137,7 +137,7 @@ mod tests {
             Delivery::Published(Published { image: "ghcr.io/codertocat/hello-world".into(), version: "1.4.0".into() })
         );
         assert!(matches!(parse("push", &fixture("push.json")), Ok(Delivery::Ignored(why)) if why.contains("refs/tags/simple-tag")));
-        let branch = String::from_utf8_lossy(&fixture("push.json")).replace("refs/tags/simple-tag", "refs/heads/main").replace("0000000000000000000000000000000000000000", "6113728f27ae82c7b1a177c8d03f9e96e0adf247");
+        let branch = String::from_utf8_lossy(&fixture("push.json")).replace("refs/tags/simple-tag", "refs/heads/main").replace("0000000000000000000000000000000000000000", "6113728f27ae82c7b1a177c8d03f9e96e0adf247").replace("\"deleted\": true", "\"deleted\": false");
         match parse("push", branch.as_bytes()) {
             Ok(Delivery::Push { branch, commit, repositories }) => {
                 assert_eq!(branch, "main");
