@@ -140,7 +140,7 @@ pub(super) async fn plan_change(path: &std::path::Path, env: Option<String>, fro
     let _ = std::fs::remove_dir_all(&dir);
     let text = text?;
     let name = format!("{}@{}", config::CONFIG_FILE, config::revision::short(&b));
-    let config = crate::submit::parse_for(&env, &name, &text).map_err(|e| {
+    let config = crate::submit::parse_for(&env, &loaded.config.environment_names(), &name, &text).map_err(|e| {
         CliError::new(exit::INVALID_CONFIG, format!("{} would be REJECTED: {env} would stay on its last good revision\n{}", config::revision::short(&b), e.render(false)))
     })?;
     let touched = plan::changes::touched(&config, &env, &changed);

@@ -317,6 +317,13 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigErrors> {
 
 /// Parse and validate config text. `file` is only used in messages.
 pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+    parse_in(file, text, &[])
+}
+
+/// [`parse`] a config that lives in a repository an environment follows:
+/// if it declares no environments, it has the node's (`environments`),
+/// so it may name them (`auto_deploy`, a `listen` per environment).
+pub fn parse_in(file: &str, text: &str, environments: &[String]) -> Result<Config, ConfigErrors> {
     let errors = |problems: Vec<Problem>| ConfigErrors {
         file: file.to_string(),
         source: Arc::new(text.to_string()),
@@ -341,7 +348,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     };
     // Semantic checks run even when values were wrong: a bad timeout and
     // an unknown `needs` are independent mistakes, both worth reporting.
-    let config = build(raw, &mut problems);
+    let config = build(raw, environments, &mut problems);
     validate::check(&config, &mut problems);
     if problems.is_empty() {
         Ok(config)
@@ -568,7 +575,7 @@ pub(crate) fn check_name(s: &Spanned<String>, what: &str, problems: &mut Vec<Pro
     }
 }
 
-fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
+fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config {
     let mut project = Project { name: String::from("slipway"), parallelism: None, store: None, lease: None, max_log_bytes: None };
     if let Some(p) = raw.project {
         let p = p.into_inner();
@@ -589,6 +596,7 @@ fn build(raw: Raw, problems: &mut Vec<Problem>) -> Config {
         .into_iter()
         .map(|e| environment::build(e.into_inner(), problems))
         .collect();
+    let environments = if environments.is_empty() { inherited.iter().map(|n| Environment::named(n)).collect() } else { environments };
     let secrets = secret::build_secrets(raw.secret, problems);
     let registries = secret::build_registries(raw.registry, &secrets, problems);
     let github = raw.github.map(|g| {

@@ -158,7 +158,8 @@ impl Submitter {
         let file = dir.join(config::CONFIG_FILE);
         let text = std::fs::read_to_string(&file).map_err(|e| format!("no {} at {} of {}: {e}", config::CONFIG_FILE, revision::short(commit), mirror.source.url))?;
         let shown = if mirror.source.path.is_empty() { format!("{}@{}", config::CONFIG_FILE, revision::short(commit)) } else { format!("{}/{}@{}", mirror.source.path, config::CONFIG_FILE, revision::short(commit)) };
-        let config = parse_for(environment, &shown, &text).map_err(|e| e.render(false))?;
+        let node = self.config().await.map_err(|e| e.to_string())?.config.environment_names();
+        let config = parse_for(environment, &node, &shown, &text).map_err(|e| e.render(false))?;
         let (dir, path) = (dir.to_path_buf(), mirror.source.path.clone());
         let commit = commit.to_string();
         tokio::task::spawn_blocking(move || {

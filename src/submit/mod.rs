@@ -235,7 +235,7 @@ impl Submitter {
                 )));
             };
             let rev = self.store.revision(&accepted.revision).await?.ok_or_else(|| SubmitError::Invalid(format!("revision {} of environment {environment} is not in the store", accepted.revision)))?;
-            let config = parse_for(&environment, &format!("{}@{}", git.url, accepted.short()), &rev.config_text).map_err(SubmitError::Config)?;
+            let config = parse_for(&environment, &disk.config.environment_names(), &format!("{}@{}", git.url, accepted.short()), &rev.config_text).map_err(SubmitError::Config)?;
             return Ok(Source { disk: disk.config, config, environment, revision: None, revision_id: rev.id });
         }
         let dir = disk.dir.clone();
@@ -367,12 +367,9 @@ fn parse_digest(d: &str) -> Result<String, SubmitError> {
 }
 
 /// Parse a revision's config for `environment`: a repository's config
-/// that declares no environments is taken to mean this one.
-pub fn parse_for(environment: &str, name: &str, text: &str) -> Result<config::Config, ConfigErrors> {
-    let mut config = config::parse(name, text)?;
-    if config.environments.is_empty() {
-        config.environments.push(config::Environment::named(environment));
-    }
+/// that declares no environments has the node's.
+pub fn parse_for(environment: &str, node_environments: &[String], name: &str, text: &str) -> Result<config::Config, ConfigErrors> {
+    let config = config::parse_in(name, text, node_environments)?;
     if config.environment(environment).is_none() {
         return Err(ConfigErrors {
             file: name.to_string(),
