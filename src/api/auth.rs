@@ -96,6 +96,11 @@ impl Caller {
         Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("token {:?} may not {what}{place}", self.name.as_deref().unwrap_or(""))))
     }
 
+    /// An event signed with `[events] hmac_secret`, not a token.
+    pub fn is_signed(&self) -> bool {
+        self.name.as_deref() == Some(HMAC_CALLER)
+    }
+
     pub fn actor(&self) -> String {
         match &self.name {
             Some(n) if n == HMAC_CALLER => "an event signed with [events] hmac_secret".into(),

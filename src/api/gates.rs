@@ -31,6 +31,11 @@ pub(super) async fn approve(State(s): State<Arc<AppState>>, axum::Extension(call
     let d = deployment_or_404(&s, id).await?;
     caller.require(auth::Need::Approve, Some(&d.environment))?;
     let by = caller.actor();
+    // Four eyes: whoever asked for a deployment does not approve it.
+    if caller.name.is_some()
+        && s.store.hold(id).await?.and_then(|h| h.requested_by).is_some_and(|r| r == by) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("{by} asked for deployment {id}: another approver must approve it")));
+        }
     if !s.store.approve(id, &by).await? {
         let hold = s.store.hold(id).await?;
         let why = match (d.state, hold) {
@@ -61,7 +66,7 @@ pub(super) async fn promote(
     let Json(req) = body?;
     caller.require(auth::Need::Deploy, Some(&environment))?;
     let payload = serde_json::json!({ "kind": "promote", "service": service, "from": req.from, "to": environment, "by": caller.actor() }).to_string();
-    let sub = s.submitter.promote(&service, &req.from, &environment, None, None, payload).await?;
+    let sub = s.submitter.promote(&service, &req.from, &environment, None, None, payload, caller.name.as_ref().map(|_| caller.actor())).await?;
     let d = s.store.deployment(sub.deployment_id).await?;
     let note = AuditNote(format!(
         "promote {service} {} from {} to {environment} → deployment {}{}",
@@ -110,7 +115,7 @@ pub(super) async fn list_environments(State(s): State<Arc<AppState>>, axum::Exte
     for e in config.environments.iter().filter(|e| caller.may(auth::Need::Read, Some(&e.name))) {
         let mut info = EnvironmentInfo {
             name: e.name.clone(),
-            git: e.git.as_ref().map(|g| format!("{} {}", g.url, g.branch)),
+            git: e.git.as_ref().map(|g| format!("{} {}", g.shown(), g.branch)),
             promote_from: e.promote_from.clone(),
             soak_secs: e.soak.as_secs(),
             approval: e.approval,

@@ -57,11 +57,39 @@ pub(super) use crate::submit::key_of;
 /// key below `key` (so a redelivery finds them taken). Also says whether a
 /// submit failed for a reason that may pass (the store or the Engine
 /// down): then the delivery must not be stored, and the sender must retry.
+/// Decisions per environment, each from the config that environment runs
+/// (an environment whose config is a git branch: its accepted commit's
+/// services, `follows`, `auto_deploy` and `tags`).
+async fn per_environment(s: &AppState, disk: &crate::config::Config, decide: impl Fn(&crate::config::Config) -> Vec<Decision>) -> Vec<Decision> {
+    let from_disk = decide(disk);
+    let mut out = Vec::new();
+    for env in disk.environment_names() {
+        if disk.environment(&env).is_some_and(|e| e.git.is_some()) {
+            match s.submitter.config_for(&env).await {
+                Ok(c) => out.extend(decide(&c).into_iter().filter(|d| d.environment == env)),
+                Err(e) => tracing::warn!(environment = %env, "no decision for a published version: {e}"),
+            }
+        } else {
+            out.extend(from_disk.iter().filter(|d| d.environment == env).cloned());
+        }
+    }
+    out
+}
+
 async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, digest: Option<&str>, key: &str) -> (Vec<HookResult>, bool) {
     let mut transient = false;
     let mut results = Vec::new();
     for d in decisions {
         let mut r = HookResult { service: d.service.clone(), environment: d.environment.clone(), version: version.to_string(), deployment_id: None, held: d.held.clone(), error: None };
+        // A digest pins an image or checks a tarball; a service that runs
+        // neither (it only follows the tags) deploys the version alone.
+        let digest = match digest {
+            Some(dg) => match s.submitter.config_for(&d.environment).await {
+                Ok(c) => c.services.iter().find(|x| x.name == d.service).and_then(|x| x.spec.as_ref()).filter(|sp| sp.container.is_some() || sp.artifact.is_some()).map(|_| dg),
+                Err(_) => Some(dg),
+            },
+            None => None,
+        };
         if d.held.is_none() {
             let payload = serde_json::json!({ "kind": "deploy", "service": d.service, "version": version, "environment": d.environment, "source": key }).to_string();
             let request = Request::Deploy { service: d.service.clone(), version: version.to_string(), environment: Some(d.environment.clone()), digest: digest.map(str::to_string) };
@@ -87,10 +115,22 @@ fn retry_later(results: &[HookResult]) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("not every deployment could be submitted; send it again: {}", why.join("; ")))
 }
 
+/// How long a push waits for its decision before answering (it goes on
+/// in the background; `slipway revisions` shows it).
+const DECIDE_WAIT: std::time::Duration = std::time::Duration::from_secs(8);
+
 /// A repository URL compared loosely: GitHub names one repository by
 /// several URLs, with or without `.git` and a trailing slash.
 fn normal_repo(u: &str) -> String {
-    let u = u.trim().trim_end_matches('/');
+    // Credentials in the configured URL are not part of its identity.
+    let u = match u.trim().split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('/') {
+            Some((authority, path)) => format!("{scheme}://{}/{path}", authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority)),
+            None => u.trim().to_string(),
+        },
+        None => u.trim().to_string(),
+    };
+    let u = u.trim_end_matches('/');
     u.strip_suffix(".git").unwrap_or(u).to_ascii_lowercase()
 }
 
@@ -151,16 +191,24 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
             for env in envs {
                 // The branch head is fetched and decided on: the payload's
                 // commit is only a hint (a later push may have moved it).
-                match s.submitter.check_revision(&env).await {
-                    Ok(r) => answer.revisions.push(r.into()),
-                    Err(e) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("config of {env} not decided; send it again: {e}"))),
+                // In its own task: GitHub waits 10 s for an answer, and a
+                // decision cut short when it hangs up would be lost.
+                let submitter = s.submitter.clone();
+                let name = env.clone();
+                let task = tokio::spawn(async move { submitter.check_revision(&name).await });
+                match tokio::time::timeout(DECIDE_WAIT, task).await {
+                    Ok(Ok(Ok(r))) => answer.revisions.push(r.into()),
+                    Ok(Ok(Err(e))) if matches!(e, crate::submit::SubmitError::Conflict(_)) => answer.note = Some(format!("{}; {env}: {e}", answer.note.take().unwrap_or_default())),
+                    Ok(Ok(Err(e))) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("config of {env} not decided; send it again: {e}"))),
+                    Ok(Err(e)) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("config of {env} not decided: {e}"))),
+                    Err(_) => answer.note = Some(format!("{}; {env}: still deciding (slipway revisions {env})", answer.note.take().unwrap_or_default())),
                 }
             }
             StatusCode::ACCEPTED
         }
         Delivery::Published(p) => {
             answer.note = Some(format!("{}:{} published", p.image, p.version));
-            let (results, transient) = act(&s, decide(&loaded.config, &p), &p.version, None, &key).await;
+            let (results, transient) = act(&s, per_environment(&s, &loaded.config, |c| decide(c, &p)).await, &p.version, None, &key).await;
             if transient {
                 return Err(retry_later(&results));
             }
@@ -198,7 +246,7 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
     let mut all_duplicates = !pushed.is_empty();
     for p in pushed {
         let key = key_of("registry", &[&p.id]);
-        let (results, transient) = act(&s, decide_any(&loaded.config, &p.images, &p.version), &p.version, None, &key).await;
+        let (results, transient) = act(&s, per_environment(&s, &loaded.config, |c| decide_any(c, &p.images, &p.version)).await, &p.version, None, &key).await;
         if transient {
             return Err(retry_later(&results));
         }
@@ -247,10 +295,11 @@ pub(super) async fn published_event(s: &AppState, caller: &super::auth::Caller, 
             if !crate::config::valid_image(&image) {
                 return Err(ApiError::bad_request(format!("image {i:?} is not registry/repository without a tag")));
             }
-            let d = decide(&loaded.config, &crate::trigger::Published { image: image.clone(), version: req.version.clone() });
+            let published = crate::trigger::Published { image: image.clone(), version: req.version.clone() };
+            let d = per_environment(s, &loaded.config, |c| decide(c, &published)).await;
             (image, d)
         }
-        (None, Some(svc)) if crate::config::valid_name(svc) => (svc.clone(), crate::trigger::decide_service(&loaded.config, svc, &req.version)),
+        (None, Some(svc)) if crate::config::valid_name(svc) => (svc.clone(), per_environment(s, &loaded.config, |c| crate::trigger::decide_service(c, svc, &req.version)).await),
         _ => return Err(ApiError::bad_request("name either `image` or `service` (a valid name)")),
     };
     let id = req.id.clone().unwrap_or_else(|| format!("{what}:{}", req.version));

@@ -224,6 +224,11 @@ async fn metrics_text(State(s): State<Arc<AppState>>) -> ApiResult<impl IntoResp
               (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, body: Result<Json<EventRequest>, JsonRejection>) -> ApiResult<axum::response::Response> {
     let Json(req) = body?;
+    // A signature proves only that the body came from whoever holds the
+    // secret: such a caller may announce artifacts, never pick what runs.
+    if caller.is_signed() && req.kind != EventKind::Published {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "an event signed with [events] hmac_secret may only be kind = \"published\"; deploys and runs need a token"));
+    }
     if req.kind == EventKind::Published {
         if !req.jobs.is_empty() || req.environment.is_some() {
             return Err(ApiError::bad_request("a published event takes `image` or `service`, `version`, `digest` and `id`: where it deploys is decided by the services' auto_deploy"));
@@ -243,8 +248,8 @@ async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axu
     caller.require(auth::Need::Deploy, Some(&environment))?;
     // Keys under these prefixes are the triggers' own: a caller could
     // otherwise take a key a future delivery will use, and stop it.
-    if req.id.as_deref().is_some_and(|k| ["github:", "registry:", "published:"].iter().any(|p| k.starts_with(p))) {
-        return Err(ApiError::bad_request("event ids starting with github:, registry: or published: are reserved for Slipway's triggers"));
+    if req.id.as_deref().is_some_and(|k| crate::submit::RESERVED_KEY_PREFIXES.iter().any(|p| k.starts_with(p))) {
+        return Err(ApiError::bad_request(format!("event ids starting with {} are reserved for Slipway's triggers", crate::submit::RESERVED_KEY_PREFIXES.join(", "))));
     }
     let payload = serde_json::to_string(&req).unwrap_or_default();
     let request = match req.kind {
@@ -269,7 +274,7 @@ async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axu
         Request::Run { jobs, environment } => format!("run {} in {}", jobs.join(", "), environment.as_deref().unwrap_or("the only environment")),
         Request::Rollback { service, .. } => format!("roll {service} back"),
     };
-    let sub = s.submitter.submit(request, req.id, payload).await?;
+    let sub = s.submitter.submit_by(request, req.id, payload, caller.name.as_ref().map(|_| caller.actor())).await?;
     let status = if sub.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
     let note = audit::AuditNote(format!("{what} → deployment {}{}", sub.deployment_id, if sub.duplicate { " (a repeated request)" } else { "" }));
     Ok((

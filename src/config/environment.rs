@@ -60,6 +60,31 @@ pub struct GitSource {
     pub timeout: Duration,
 }
 
+impl GitSource {
+    /// The URL for people and logs: a password or token in it is hidden.
+    pub fn shown(&self) -> String {
+        redact_userinfo(&self.url)
+    }
+}
+
+/// `https://user:secret@host/…` → `https://user:***@host/…` (and a bare
+/// `https://token@host/…` → `https://***@host/…`).
+pub fn redact_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user, host)) => {
+            let user = match user.split_once(':') {
+                Some((name, _)) => format!("{name}:***"),
+                None => "***".to_string(),
+            };
+            format!("{scheme}://{user}@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
 /// A weekly window in UTC: days of the week and a time range. A range
 /// whose end is before its start runs past midnight.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,6 +289,14 @@ mod tests {
             let e = Window::parse(w).unwrap_err();
             assert!(e.contains(says), "{w}: {e}");
         }
+    }
+
+    #[test]
+    fn credentials_in_a_repository_url_are_hidden() {
+        assert_eq!(redact_userinfo("https://bot:s3cret@git.example.org/ops.git"), "https://bot:***@git.example.org/ops.git");
+        assert_eq!(redact_userinfo("https://ghp_token@github.com/o/r.git"), "https://***@github.com/o/r.git");
+        assert_eq!(redact_userinfo("git@github.com:o/r.git"), "git@github.com:o/r.git");
+        assert_eq!(redact_userinfo("/srv/config.git"), "/srv/config.git");
     }
 
     #[test]

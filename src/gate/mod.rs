@@ -10,8 +10,9 @@
 //! text updated, which `status`, the API and `why` show. The same loop
 //! starts automatic promotions. Design notes: docs/design/gates.md.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -71,30 +72,29 @@ pub fn evaluate(d: &DeploymentRow, hold: &Hold, env: Option<&Environment>, now: 
     }
 }
 
-/// Promotions due: for each environment that promotes from another and
-/// each service that opts that environment into `auto_deploy`, the
-/// version the source runs, if the target has never run it. Returns
-/// (service, from, to, source deployment id).
-pub fn due_promotions(config: &Config, services: &[crate::store::ServiceRow]) -> Vec<(String, String, String, i64)> {
+/// Promotions due into `target` (an environment with `promote_from`):
+/// for each service of `services` (the config `target` runs) that opts
+/// `target` into `auto_deploy`, the version the source runs, if the target
+/// has never run it. Returns (service, from, source deployment id).
+pub fn due_promotions(target: &Environment, services: &Config, rows: &[crate::store::ServiceRow]) -> Vec<(String, String, i64)> {
+    let Some(from) = &target.promote_from else { return vec![] };
     let mut out = Vec::new();
-    for env in &config.environments {
-        let Some(from) = &env.promote_from else { continue };
-        for s in config.services.iter().filter(|s| s.auto_deploy.contains(&env.name)) {
-            let Some(src) = services.iter().find(|r| &r.environment == from && r.service == s.name) else { continue };
-            let here = services.iter().find(|r| r.environment == env.name && r.service == s.name);
-            // Never back to what it came from: a rollback in the source is
-            // not a new version to promote.
-            if here.is_some_and(|h| h.version == src.version || h.previous_version.as_deref() == Some(src.version.as_str())) {
-                continue;
-            }
-            out.push((s.name.clone(), from.clone(), env.name.clone(), src.deployment_id));
+    for s in services.services.iter().filter(|s| s.auto_deploy.contains(&target.name)) {
+        let Some(src) = rows.iter().find(|r| &r.environment == from && r.service == s.name) else { continue };
+        let here = rows.iter().find(|r| r.environment == target.name && r.service == s.name);
+        // Never back to what it came from: a rollback in the source is
+        // not a new version to promote.
+        if here.is_some_and(|h| h.version == src.version || h.previous_version.as_deref() == Some(src.version.as_str())) {
+            continue;
         }
+        out.push((s.name.clone(), from.clone(), src.deployment_id));
     }
     out
 }
 
 /// The gate loop; see the module header.
 pub async fn run(store: Arc<dyn Store>, submitter: Arc<Submitter>, shutdown: CancellationToken) {
+    let mut failed = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -102,13 +102,17 @@ pub async fn run(store: Arc<dyn Store>, submitter: Arc<Submitter>, shutdown: Can
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = once(&store, &submitter).await {
+        if let Err(e) = once(&store, &submitter, &mut failed).await {
             tracing::debug!("gate loop: {e}");
         }
     }
 }
 
-async fn once(store: &Arc<dyn Store>, submitter: &Submitter) -> Result<(), crate::submit::SubmitError> {
+/// A promotion that could not be submitted is not tried again for this
+/// long (it would fail the same way every second, on every node).
+const PROMOTION_BACKOFF: Duration = Duration::from_secs(60);
+
+async fn once(store: &Arc<dyn Store>, submitter: &Submitter, failed: &mut HashMap<(String, String, i64), Instant>) -> Result<(), crate::submit::SubmitError> {
     let config = match submitter.config().await {
         Ok(c) => c.config,
         // An invalid config on disk releases nothing; the API says why.
@@ -148,10 +152,27 @@ async fn once(store: &Arc<dyn Store>, submitter: &Submitter) -> Result<(), crate
             }
         }
     }
-    for (service, from, to, source) in due_promotions(&config, &services) {
+    let mut due = Vec::new();
+    for target in config.environments.iter().filter(|e| e.promote_from.is_some()) {
+        // The services (and their auto_deploy) of the config the target runs.
+        let runs = if target.git.is_some() {
+            match submitter.config_for(&target.name).await {
+                Ok(c) => c,
+                Err(_) => continue,
+            }
+        } else {
+            config.clone()
+        };
+        due.extend(due_promotions(target, &runs, &services).into_iter().map(|(svc, from, src)| (svc, from, target.name.clone(), src)));
+    }
+    failed.retain(|_, at| at.elapsed() < PROMOTION_BACKOFF);
+    for (service, from, to, source) in due {
+        if failed.contains_key(&(to.clone(), service.clone(), source)) {
+            continue;
+        }
         // One promotion per source deployment, whichever node sees it.
         let kind = format!("promote:{to}:{service}:");
-        let done = store.events(&[&kind], 1).await?;
+        let done = store.events_of_kind(&kind, 1).await?;
         if done.first().is_some_and(|e| e.payload.contains(&format!("\"source_deployment\":{source}"))) {
             continue;
         }
@@ -161,10 +182,13 @@ async fn once(store: &Arc<dyn Store>, submitter: &Submitter) -> Result<(), crate
         }
         let key = crate::submit::key_of("promote", &[&to, &service, &source.to_string()]);
         let payload = serde_json::json!({ "kind": "promote", "service": service, "from": from, "to": to, "source_deployment": source }).to_string();
-        match submitter.promote(&service, &from, &to, Some(key), Some(kind), payload).await {
+        match submitter.promote(&service, &from, &to, Some(key), Some(kind), payload, None).await {
             Ok(s) if !s.duplicate => tracing::info!(service, from, to, deployment = s.deployment_id, "promotion submitted"),
             Ok(_) => {}
-            Err(e) => tracing::warn!(service, from, to, "promotion not submitted: {e}"),
+            Err(e) => {
+                tracing::warn!(service, from, to, "promotion not submitted (tried again in {}s): {e}", PROMOTION_BACKOFF.as_secs());
+                failed.insert((to.clone(), service.clone(), source), Instant::now());
+            }
         }
     }
     Ok(())
@@ -245,9 +269,11 @@ auto_deploy = ["staging"]
             deployment_id: dep,
             ..crate::store::ServiceRow::default()
         };
+        let production = config.environment("production").unwrap();
         let rows = vec![row("staging", "api", "2.0", Some("1.0"), 5), row("staging", "worker", "2.0", None, 6), row("production", "api", "1.0", None, 2)];
-        assert_eq!(due_promotions(&config, &rows), vec![("api".into(), "staging".into(), "production".into(), 5)]);
+        assert_eq!(due_promotions(production, &config, &rows), vec![("api".into(), "staging".into(), 5)]);
+        assert!(due_promotions(config.environment("staging").unwrap(), &config, &rows).is_empty(), "staging promotes from nowhere");
         let rows = vec![row("staging", "api", "1.0", Some("2.0"), 8), row("production", "api", "2.0", Some("1.0"), 7)];
-        assert!(due_promotions(&config, &rows).is_empty(), "staging rolled back to what production came from");
+        assert!(due_promotions(production, &config, &rows).is_empty(), "staging rolled back to what production came from");
     }
 }

@@ -38,6 +38,9 @@ pub fn valid_rev(r: &str) -> bool {
     crate::config::environment::valid_branch(r) || (r.len() >= 4 && r.len() <= 64 && r.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
+/// Most output a git command may give (an archive of a config directory).
+const MAX_OUTPUT: u64 = crate::config::revision::MAX_REVISION_BYTES + (16 << 20);
+
 pub struct Mirror {
     pub dir: PathBuf,
     pub source: GitSource,
@@ -70,17 +73,42 @@ impl Mirror {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let child = cmd.spawn().map_err(GitError::Spawn)?;
-        let out = match tokio::time::timeout(self.source.timeout, child.wait_with_output()).await {
-            Err(_) => return Err(GitError::Timeout { what: what.to_string(), timeout: self.source.timeout }),
-            Ok(r) => r.map_err(GitError::Spawn)?,
+        let mut child = cmd.spawn().map_err(GitError::Spawn)?;
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(GitError::Invalid("git's output pipes are missing".into()));
         };
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            let message = err.lines().filter(|l| !l.trim().is_empty()).take(4).collect::<Vec<_>>().join(" / ");
-            return Err(GitError::Failed { what: what.to_string(), message: if message.is_empty() { out.status.to_string() } else { message } });
+        let run = async {
+            use tokio::io::AsyncReadExt;
+            // Bounded: a repository cannot make the node hold more than a
+            // revision may be (plus the tar framing).
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let (mut stdout, mut stderr) = (stdout.take(MAX_OUTPUT + 1), stderr.take(64 << 10));
+            let (o, e) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+            o.and(e).map_err(GitError::Spawn)?;
+            if out.len() as u64 > MAX_OUTPUT {
+                // It would block on a full pipe until the timeout.
+                let _ = child.kill().await;
+            }
+            let status = child.wait().await.map_err(GitError::Spawn)?;
+            Ok::<_, GitError>((status, out, err))
+        };
+        let (status, out, err) = match tokio::time::timeout(self.source.timeout, run).await {
+            Err(_) => return Err(GitError::Timeout { what: what.to_string(), timeout: self.source.timeout }),
+            Ok(r) => r?,
+        };
+        if out.len() as u64 > MAX_OUTPUT {
+            return Err(GitError::Invalid(format!("git {what}: more than {MAX_OUTPUT} bytes of output; a config directory is at most {} bytes", crate::config::revision::MAX_REVISION_BYTES)));
         }
-        Ok(out.stdout)
+        if !status.success() {
+            // (stderr is read up to 64 KiB: git's messages are short.)
+            let err = String::from_utf8_lossy(&err);
+            let message = err.lines().filter(|l| !l.trim().is_empty()).take(4).collect::<Vec<_>>().join(" / ");
+            // Git may echo the URL, credentials and all.
+            let message = message.replace(&self.source.url, &self.source.shown());
+            return Err(GitError::Failed { what: what.to_string(), message: if message.is_empty() { status.to_string() } else { message } });
+        }
+        Ok(out)
     }
 
     /// Fetch the branch into the mirror (created on first use) and return
@@ -94,7 +122,7 @@ impl Mirror {
             self.git("init", &["init", "--quiet", "--bare"], Some(&self.dir)).await?;
         }
         let refspec = format!("+refs/heads/{}:{}", self.source.branch, self.remote_ref());
-        self.git(&format!("fetch of {} from {}", self.source.branch, self.source.url), &["fetch", "--quiet", "--no-tags", "--", &self.source.url, &refspec], Some(&self.dir)).await?;
+        self.git(&format!("fetch of {} from {}", self.source.branch, self.source.shown()), &["fetch", "--quiet", "--no-tags", "--", &self.source.url, &refspec], Some(&self.dir)).await?;
         self.resolve(&self.remote_ref()).await
     }
 
@@ -106,7 +134,7 @@ impl Mirror {
         }
         let named = if rev == self.source.branch { self.remote_ref() } else { rev.to_string() };
         let out = self.git(&format!("rev-parse {rev}"), &["rev-parse", "--verify", "--quiet", "--end-of-options", &format!("{named}^{{commit}}")], Some(&self.dir)).await.map_err(|e| match e {
-            GitError::Failed { .. } => GitError::Invalid(format!("{rev:?} is not a commit of {} (fetched branch {})", self.source.url, self.source.branch)),
+            GitError::Failed { .. } => GitError::Invalid(format!("{rev:?} is not a commit of {} (fetched branch {})", self.source.shown(), self.source.branch)),
             e => e,
         })?;
         let id = String::from_utf8_lossy(&out).trim().to_string();
@@ -114,6 +142,21 @@ impl Mirror {
             return Err(GitError::Invalid(format!("git named {id:?} for {rev:?}")));
         }
         Ok(id)
+    }
+
+    /// Whether `a` is an ancestor of `b` (or the same commit).
+    pub async fn is_ancestor(&self, a: &str, b: &str) -> Result<bool, GitError> {
+        for c in [a, b] {
+            if !valid_commit(c) {
+                return Err(GitError::Invalid(format!("{c:?} is not a full commit id")));
+            }
+        }
+        match self.git("merge-base", &["merge-base", "--is-ancestor", a, b], Some(&self.dir)).await {
+            Ok(_) => Ok(true),
+            // Exit 1: not an ancestor (or one of them is unknown here).
+            Err(GitError::Failed { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Paths changed between two commits, relative to the config

@@ -300,9 +300,11 @@ pub async fn run(config: &Config, store: &dyn Store, apply: bool) -> Result<Repo
     Ok(report)
 }
 
-/// Deployments still queued or running.
+/// Deployments still waiting at a gate, queued or running: a deploy
+/// waiting all weekend for its window still needs its tag.
 pub async fn in_flight(store: &dyn Store) -> Result<Vec<DeploymentRow>, StoreError> {
-    let mut v = store.deployments(10_000, Some(crate::store::DeploymentState::Queued)).await?;
+    let mut v = store.deployments(10_000, Some(crate::store::DeploymentState::Waiting)).await?;
+    v.extend(store.deployments(10_000, Some(crate::store::DeploymentState::Queued)).await?);
     v.extend(store.deployments(10_000, Some(crate::store::DeploymentState::Running)).await?);
     Ok(v)
 }

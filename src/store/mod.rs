@@ -303,6 +303,8 @@ pub struct Hold {
     pub source_deployment: Option<i64>,
     /// What it waits for now, in words (kept current by the gate loop).
     pub waiting_for: Option<String>,
+    /// Who asked for it (a token's actor): they may not approve it.
+    pub requested_by: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -628,6 +630,8 @@ pub trait Store: Send + Sync + 'static {
     /// The newest events whose kind starts with one of `prefixes`
     /// (`github.`, `registry.`), newest first.
     async fn events(&self, prefixes: &[&str], limit: i64) -> Result<Vec<EventRow>>;
+    /// Events of exactly this kind, newest first (indexed).
+    async fn events_of_kind(&self, kind: &str, limit: i64) -> Result<Vec<EventRow>>;
     /// Newest first.
     async fn service_events(&self, environment: &str, service: &str, limit: i64) -> Result<Vec<ServiceEvent>>;
 }

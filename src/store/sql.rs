@@ -524,7 +524,8 @@ fn schema(d: Dialect) -> Vec<String> {
         "CREATE INDEX IF NOT EXISTS service_events_service ON service_events (environment, service, id)",
         "CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, roles TEXT NOT NULL, created_at BIGINT NOT NULL, revoked_at BIGINT)",
         "CREATE TABLE IF NOT EXISTS audit (id {serial}, at BIGINT NOT NULL, actor TEXT NOT NULL, address TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL, status BIGINT NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS holds (deployment_id BIGINT PRIMARY KEY, approval BIGINT NOT NULL, approved_by TEXT, approved_at BIGINT, not_before BIGINT NOT NULL, in_window BIGINT NOT NULL, source_environment TEXT, source_deployment BIGINT, waiting_for TEXT)",
+        "CREATE INDEX IF NOT EXISTS events_kind ON events (kind, id)",
+        "CREATE TABLE IF NOT EXISTS holds (deployment_id BIGINT PRIMARY KEY, approval BIGINT NOT NULL, approved_by TEXT, approved_at BIGINT, not_before BIGINT NOT NULL, in_window BIGINT NOT NULL, source_environment TEXT, source_deployment BIGINT, waiting_for TEXT, requested_by TEXT)",
         "CREATE TABLE IF NOT EXISTS services (environment TEXT NOT NULL, service TEXT NOT NULL, version TEXT NOT NULL, previous_version TEXT, spec TEXT NOT NULL, revision TEXT NOT NULL, deployment_id BIGINT NOT NULL, updated_at BIGINT NOT NULL, artifact_dir TEXT, sha256 TEXT, previous_sha256 TEXT, PRIMARY KEY (environment, service))",
     ]
     .iter()
@@ -718,7 +719,7 @@ pub fn redact_url(url: &str) -> String {
 
 const DEPLOYMENT_COLUMNS: &str = "id, event_id, kind, environment, service, version, revision, state, reason, superseded_by, cancel_requested, created_at, started_at, finished_at";
 
-const HOLD_COLUMNS: &str = "h.approval, h.approved_by, h.approved_at, h.not_before, h.in_window, h.source_environment, h.source_deployment, h.waiting_for";
+const HOLD_COLUMNS: &str = "h.approval, h.approved_by, h.approved_at, h.not_before, h.in_window, h.source_environment, h.source_deployment, h.waiting_for, h.requested_by";
 
 fn hold_row(r: &AnyRow) -> Result<Hold> {
     let get = |r: &AnyRow| -> std::result::Result<Hold, sqlx::Error> {
@@ -731,6 +732,7 @@ fn hold_row(r: &AnyRow) -> Result<Hold> {
             source_environment: r.try_get("source_environment")?,
             source_deployment: r.try_get("source_deployment")?,
             waiting_for: r.try_get("waiting_for")?,
+            requested_by: r.try_get("requested_by")?,
         })
     };
     get(r).map_err(StoreError::query("decode hold"))
@@ -900,7 +902,7 @@ impl Store for SqlStore {
         .map_err(StoreError::query(op))?;
         if let Some(h) = &new.hold {
             sqlx::query(
-                "INSERT INTO holds (deployment_id, approval, not_before, in_window, source_environment, source_deployment, waiting_for) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO holds (deployment_id, approval, not_before, in_window, source_environment, source_deployment, waiting_for, requested_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(dep_id)
             .bind(h.approval as i64)
@@ -909,6 +911,7 @@ impl Store for SqlStore {
             .bind(h.source_environment.clone())
             .bind(h.source_deployment)
             .bind(h.waiting_for.clone())
+            .bind(h.requested_by.clone())
             .execute(&mut *tx)
             .await
             .map_err(StoreError::query(op))?;
@@ -1594,6 +1597,22 @@ impl Store for SqlStore {
                 Ok((row.try_get(0).map_err(StoreError::query(op))?, true))
             }
         }
+    }
+
+    async fn events_of_kind(&self, kind: &str, limit: i64) -> Result<Vec<EventRow>> {
+        let op = "list events of a kind";
+        let rows = sqlx::query("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE kind = $1 ORDER BY id DESC LIMIT $2")
+            .bind(kind)
+            .bind(limit.clamp(0, 10_000))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
+        rows.iter()
+            .map(|r| {
+                let f = || -> std::result::Result<EventRow, sqlx::Error> { Ok(EventRow { id: r.try_get(0)?, kind: r.try_get(1)?, payload: r.try_get(2)?, received_at: r.try_get(3)?, deployment_id: r.try_get(4)? }) };
+                f().map_err(StoreError::query(op))
+            })
+            .collect()
     }
 
     async fn events(&self, prefixes: &[&str], limit: i64) -> Result<Vec<EventRow>> {

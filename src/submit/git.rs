@@ -36,6 +36,9 @@ pub struct RevisionRecord {
     pub errors: Option<String>,
     #[serde(default)]
     pub at: i64,
+    /// The id of the event this record is (not stored in it).
+    #[serde(skip)]
+    pub event: i64,
 }
 
 impl RevisionRecord {
@@ -60,12 +63,13 @@ fn revision_id(commit: &str, path: &str) -> String {
 impl Submitter {
     /// The records of an environment's commits, newest first.
     pub async fn revisions(&self, environment: &str, limit: i64) -> Result<Vec<RevisionRecord>, SubmitError> {
-        let rows = self.store.events(&[&event_kind(environment)], limit).await?;
+        let rows = self.store.events_of_kind(&event_kind(environment), limit).await?;
         Ok(rows
             .into_iter()
             .filter_map(|r| {
                 let mut rec: RevisionRecord = serde_json::from_str(&r.payload).ok()?;
                 rec.at = r.received_at;
+                rec.event = r.id;
                 rec.deployment = rec.deployment.or(r.deployment_id);
                 Some(rec)
             })
@@ -86,6 +90,9 @@ impl Submitter {
     /// Fetch an environment's branch and decide on its head commit.
     pub async fn check_revision(&self, environment: &str) -> Result<RevisionRecord, SubmitError> {
         let mirror = self.mirror(environment).await?.ok_or_else(|| SubmitError::Invalid(format!("environment {environment} does not take its config from git")))?;
+        let lock = self.deciding.lock().map(|mut m| m.entry(environment.to_string()).or_default().clone()).map_err(|_| SubmitError::Invalid("a decision panicked".into()))?;
+        // Bounded: fetch and checkout have their own timeouts.
+        let _one = tokio::time::timeout(mirror.source.timeout * 3, lock.lock()).await.map_err(|_| SubmitError::Unavailable(format!("another decision on {environment}'s config is taking too long")))?;
         let head = mirror.fetch().await.map_err(git_error)?;
         self.decide_commit(environment, &mirror, &head).await
     }
@@ -94,11 +101,31 @@ impl Submitter {
     /// before returns its record).
     pub async fn decide_commit(&self, environment: &str, mirror: &Mirror, commit: &str) -> Result<RevisionRecord, SubmitError> {
         let history = self.revisions(environment, 1000).await?;
+        let current = history.iter().find(|r| r.accepted());
+        let previous = current.map(|r| r.commit.clone());
+        // The decision that made the current commit current, which the
+        // next acceptance names (a commit may become current more than once).
+        let after = current.map(|r| format!("{}/{}", r.commit, r.event)).unwrap_or_default();
         if let Some(seen) = history.iter().find(|r| r.commit == commit) {
-            return Ok(seen.clone());
+            // Decided before: the same answer. Unless it is an older
+            // accepted commit that is the branch head again (a force-push
+            // back): then it is accepted anew, after the current one.
+            if !seen.accepted() || previous.as_deref() == Some(commit) || mirror.fetch().await.map_err(git_error)? != commit {
+                return Ok(seen.clone());
+            }
+        } else if let Some(prev) = &previous
+            && mirror.is_ancestor(commit, prev).await.map_err(git_error)?
+            && mirror.fetch().await.map_err(git_error)? != commit
+        {
+            // Older than what is accepted and no longer the head: a
+            // decision that lost a race with a newer commit.
+            return Err(SubmitError::Conflict(format!("{} is older than the accepted {} and not the head of {} any more: nothing to decide", revision::short(commit), revision::short(prev), mirror.source.branch)));
         }
-        let previous = history.iter().find(|r| r.accepted()).map(|r| r.commit.clone());
         let key = key_of("git", &[environment, commit]);
+        // Accepting is a compare-and-set on the commit it follows: of two
+        // nodes (or a webhook and a poll) deciding different commits after
+        // the same one, one wins, and the other's key is a duplicate.
+        let successor_key = key_of("git", &[environment, "after", &after]);
         let mut record = RevisionRecord {
             environment: environment.to_string(),
             commit: commit.to_string(),
@@ -111,20 +138,26 @@ impl Submitter {
             deployment: None,
             errors: None,
             at: 0,
+            event: 0,
         };
         let tmp = mirror.dir.with_extension(format!("checkout.{}", rand::random::<u32>()));
         let checked = self.check_commit(environment, mirror, commit, &tmp).await;
         let _ = std::fs::remove_dir_all(&tmp);
         let (config, rev) = match checked {
             Ok(x) => x,
-            Err(errors) => {
+            // Git or the disk failing says nothing about the commit: no
+            // verdict is recorded, the next push or poll tries again.
+            Err(Checked::Unavailable(e)) => return Err(SubmitError::Unavailable(e)),
+            Err(Checked::Invalid(errors)) => {
                 record.state = "rejected".into();
                 record.errors = Some(errors);
                 tracing::warn!(environment, commit, "config revision rejected; the environment stays on {}", previous.as_deref().unwrap_or("no revision"));
-                self.store.record_event(NewEvent { key: Some(key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() }).await?;
-                if let Some(bus) = &self.events {
-                    bus.emit(crate::scheduler::event::Event::RevisionRejected { environment: environment.to_string(), commit: commit.to_string(), errors: record.errors.clone().unwrap_or_default() }).await;
-                }
+                let (_, inserted) = self.store.record_event(NewEvent { key: Some(key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() }).await?;
+                // Once, however many nodes decided it.
+                if inserted
+                    && let Some(bus) = &self.events {
+                        bus.emit(crate::scheduler::event::Event::RevisionRejected { environment: environment.to_string(), commit: commit.to_string(), errors: record.errors.clone().unwrap_or_default() }).await;
+                    }
                 return Ok(record);
             }
         };
@@ -137,29 +170,61 @@ impl Submitter {
         record.changed.truncate(1000);
         let disk = self.config().await?.config;
         let source = Source { disk, config, environment: environment.to_string(), revision: None, revision_id: rev.id.clone() };
-        if record.jobs.is_empty() {
-            self.store.record_event(NewEvent { key: Some(key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() }).await?;
+        let won = if record.jobs.is_empty() {
+            self.store.record_event(NewEvent { key: Some(successor_key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() }).await?.1
         } else {
             let jobs = record.jobs.iter().map(|t| t.job.clone()).collect();
-            // The deployment's event is the record: it carries the key, so
-            // a second decision on this commit finds it and runs nothing.
+            // The deployment's event is the record: submit and record are
+            // one transaction.
             let pending = serde_json::to_string(&RevisionRecord { deployment: None, ..record.clone() }).unwrap_or_default();
-            let sub = self.submit_revision(source, jobs, key, event_kind(environment), pending).await?;
+            let sub = self.submit_revision(source, jobs, successor_key, event_kind(environment), pending).await?;
             record.deployment = Some(sub.deployment_id);
+            !sub.duplicate
+        };
+        if !won {
+            let winner = self.accepted_revision(environment).await?;
+            return match winner {
+                Some(w) if w.commit == commit => Ok(w),
+                w => Err(SubmitError::Conflict(format!(
+                    "{} was not accepted: {} was accepted after {} meanwhile; the next push or poll decides again",
+                    revision::short(commit),
+                    w.map(|w| w.short().to_string()).unwrap_or_else(|| "another commit".into()),
+                    previous.as_deref().map(revision::short).unwrap_or("the start")
+                ))),
+            };
         }
         tracing::info!(environment, commit, jobs = record.jobs.len(), "config revision accepted");
         Ok(record)
     }
 
     /// Check out and validate a commit: its config, as a revision whose id
-    /// is the commit. Errors are the validation report, as text.
-    async fn check_commit(&self, environment: &str, mirror: &Mirror, commit: &str, dir: &std::path::Path) -> Result<(config::Config, revision::Revision), String> {
-        mirror.checkout(commit, dir).await.map_err(|e| e.to_string())?;
+    /// is the commit.
+    async fn check_commit(&self, environment: &str, mirror: &Mirror, commit: &str, dir: &std::path::Path) -> Result<(config::Config, revision::Revision), Checked> {
+        let unavailable = |e: String| Checked::Unavailable(e);
+        mirror.checkout(commit, dir).await.map_err(|e| match e {
+            // A tree too large for a revision is the commit's fault.
+            GitError::Invalid(m) => Checked::Invalid(m),
+            e => Checked::Unavailable(e.to_string()),
+        })?;
         let file = dir.join(config::CONFIG_FILE);
-        let text = std::fs::read_to_string(&file).map_err(|e| format!("no {} at {} of {}: {e}", config::CONFIG_FILE, revision::short(commit), mirror.source.url))?;
+        let at = format!("{} of {}", revision::short(commit), mirror.source.shown());
+        // A regular file of reasonable size: a symlink could point at
+        // /dev/zero or at a file of this host (whose lines would end up in
+        // the rejection report).
+        match std::fs::symlink_metadata(&file) {
+            Ok(m) if m.file_type().is_file() && m.len() <= MAX_CONFIG_BYTES => {}
+            Ok(m) if m.file_type().is_file() => return Err(Checked::Invalid(format!("{} at {at} is larger than {MAX_CONFIG_BYTES} bytes", config::CONFIG_FILE))),
+            Ok(_) => return Err(Checked::Invalid(format!("{} at {at} is not a regular file (a symlink?)", config::CONFIG_FILE))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Checked::Invalid(format!("no {} at {at}{}", config::CONFIG_FILE, if mirror.source.path.is_empty() { String::new() } else { format!(" in {}/", mirror.source.path) }))),
+            Err(e) => return Err(unavailable(format!("cannot read {}: {e}", file.display()))),
+        }
+        let text = std::fs::read_to_string(&file).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => Checked::Invalid(format!("{} at {at} is not UTF-8", config::CONFIG_FILE)),
+            _ => unavailable(format!("cannot read {}: {e}", file.display())),
+        })?;
         let shown = if mirror.source.path.is_empty() { format!("{}@{}", config::CONFIG_FILE, revision::short(commit)) } else { format!("{}/{}@{}", mirror.source.path, config::CONFIG_FILE, revision::short(commit)) };
-        let node = self.config().await.map_err(|e| e.to_string())?.config.environment_names();
-        let config = parse_for(environment, &node, &shown, &text).map_err(|e| e.render(false))?;
+        let node = self.config().await.map_err(|e| unavailable(e.to_string()))?.config.environment_names();
+        let config = parse_for(environment, &node, &shown, &text).map_err(|e| Checked::Invalid(e.render(false)))?;
         let (dir, path) = (dir.to_path_buf(), mirror.source.path.clone());
         let commit = commit.to_string();
         tokio::task::spawn_blocking(move || {
@@ -169,9 +234,21 @@ impl Submitter {
             })
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+        .map_err(|e| unavailable(e.to_string()))?
+        .map_err(|e| match e {
+            revision::RevisionError::TooLarge { .. } => Checked::Invalid(e.to_string()),
+            e => unavailable(e.to_string()),
+        })
     }
+}
+
+/// Largest `slipway.toml` a commit may carry.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Why a commit could not be checked: its own fault (rejected) or not.
+enum Checked {
+    Invalid(String),
+    Unavailable(String),
 }
 
 fn git_error(e: GitError) -> SubmitError {

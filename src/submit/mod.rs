@@ -69,7 +69,15 @@ pub struct Submitter {
     /// Reports what does not come from the scheduler: a deployment now
     /// waiting for an approval, a rejected config revision.
     pub events: Option<crate::scheduler::event::EventBus>,
+    /// One decision on an environment's config commits at a time on this
+    /// node (a push and a poll at once would fetch and check twice).
+    pub deciding: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// Keys Slipway derives itself (deliveries, commits, promotions): a
+/// caller's `id` may not start with these, or it could take a key a future
+/// delivery, commit or promotion will need, and stop it.
+pub const RESERVED_KEY_PREFIXES: &[&str] = &["github:", "registry:", "published:", "git:", "promote:"];
 
 /// An event key from anything: `prefix:` and a digest, so it is always a
 /// valid key (length, alphabet) whatever the parts hold.
@@ -120,16 +128,24 @@ struct Submission {
     event_kind: Option<String>,
     source: Option<Source>,
     promotion: Option<Promotion>,
+    /// Who asks (a token's actor), kept with a hold: they cannot approve.
+    actor: Option<String>,
 }
 
 impl Submission {
     fn new(selection: Selection, environment: Option<String>, kind: DeploymentKind, key: Option<String>, payload: String) -> Self {
-        Submission { selection, environment, kind, service: None, version: None, digest: None, key, payload, only: None, event_kind: None, source: None, promotion: None }
+        Submission { selection, environment, kind, service: None, version: None, digest: None, key, payload, only: None, event_kind: None, source: None, promotion: None, actor: None }
     }
 }
 
 impl Submitter {
     pub async fn submit(&self, request: Request, key: Option<String>, payload: String) -> Result<Submitted, SubmitError> {
+        self.submit_by(request, key, payload, None).await
+    }
+
+    /// [`submit`](Self::submit) on behalf of `actor` (who then cannot
+    /// approve the deployment if it waits for an approval).
+    pub async fn submit_by(&self, request: Request, key: Option<String>, payload: String, actor: Option<String>) -> Result<Submitted, SubmitError> {
         if let Some(k) = &key
             && !valid_key(k) {
                 return Err(SubmitError::Invalid(format!(
@@ -161,6 +177,7 @@ impl Submitter {
                 sub.digest = digest.map(|d| parse_digest(&d)).transpose()?;
                 sub.service = Some(service);
                 sub.version = Some(version);
+                sub.actor = actor;
                 self.submit_selection(sub).await
             }
             Request::Run { jobs, environment } => {
@@ -170,7 +187,9 @@ impl Submitter {
                 if let Some(bad) = jobs.iter().find(|j| !config::valid_name(j)) {
                     return Err(SubmitError::Invalid(format!("invalid job name {bad:?}")));
                 }
-                self.submit_selection(Submission::new(Selection::Jobs { jobs }, environment, DeploymentKind::Run, key, payload)).await
+                let mut sub = Submission::new(Selection::Jobs { jobs }, environment, DeploymentKind::Run, key, payload);
+                sub.actor = actor;
+                self.submit_selection(sub).await
             }
         }
     }
@@ -178,7 +197,7 @@ impl Submitter {
     /// Deploy `service` to `to` at the version (and digest) it runs in
     /// `from`. When `to` promotes from `from`, the deployment waits out the
     /// soak time from the moment that version succeeded there.
-    pub async fn promote(&self, service: &str, from: &str, to: &str, key: Option<String>, event_kind: Option<String>, payload: String) -> Result<Submitted, SubmitError> {
+    pub async fn promote(&self, service: &str, from: &str, to: &str, key: Option<String>, event_kind: Option<String>, payload: String, actor: Option<String>) -> Result<Submitted, SubmitError> {
         for n in [service, from, to] {
             if !config::valid_name(n) {
                 return Err(SubmitError::Invalid(format!("invalid name {n:?}")));
@@ -207,6 +226,7 @@ impl Submitter {
         sub.version = Some(row.version.clone());
         sub.digest = row.sha256.clone();
         sub.event_kind = event_kind;
+        sub.actor = actor;
         sub.promotion = Some(Promotion { from: from.to_string(), deployment: row.deployment_id, not_before: finished + soak.as_millis() as i64 });
         self.submit_selection(sub).await
     }
@@ -229,13 +249,13 @@ impl Submitter {
             let Some(accepted) = self.accepted_revision(&environment).await? else {
                 return Err(SubmitError::Conflict(format!(
                     "environment {environment} takes its config from git ({} branch {}) and no commit of it is accepted yet: push to the branch{}",
-                    git.url,
+                    git.shown(),
                     git.branch,
                     if git.poll.is_some() { " or wait for the next poll" } else { " (with the webhook set up) or run `slipway revisions check`" }
                 )));
             };
             let rev = self.store.revision(&accepted.revision).await?.ok_or_else(|| SubmitError::Invalid(format!("revision {} of environment {environment} is not in the store", accepted.revision)))?;
-            let config = parse_for(&environment, &disk.config.environment_names(), &format!("{}@{}", git.url, accepted.short()), &rev.config_text).map_err(SubmitError::Config)?;
+            let config = parse_for(&environment, &disk.config.environment_names(), &format!("{}@{}", git.shown(), accepted.short()), &rev.config_text).map_err(SubmitError::Config)?;
             return Ok(Source { disk: disk.config, config, environment, revision: None, revision_id: rev.id });
         }
         let dir = disk.dir.clone();
@@ -244,6 +264,18 @@ impl Submitter {
             .await
             .map_err(|e| SubmitError::Invalid(format!("reading the config failed: {e}")))??;
         Ok(Source { config: disk.config.clone(), disk: disk.config, environment, revision_id: rev.id.clone(), revision: Some(rev) })
+    }
+
+    /// The config deployments to `environment` run against now, without
+    /// snapshotting anything: the node's, or the environment's accepted
+    /// commit's. What services exist there and how they are triggered is
+    /// read from it.
+    pub async fn config_for(&self, environment: &str) -> Result<config::Config, SubmitError> {
+        let disk = self.config().await?;
+        let Some(git) = disk.config.environment(environment).and_then(|e| e.git.clone()) else { return Ok(disk.config) };
+        let accepted = self.accepted_revision(environment).await?.ok_or_else(|| SubmitError::Conflict(format!("environment {environment} has no accepted commit of {} yet", git.shown())))?;
+        let rev = self.store.revision(&accepted.revision).await?.ok_or_else(|| SubmitError::Invalid(format!("revision {} of environment {environment} is not in the store", accepted.revision)))?;
+        parse_for(environment, &disk.config.environment_names(), &format!("{}@{}", git.shown(), accepted.short()), &rev.config_text).map_err(SubmitError::Config)
     }
 
     async fn submit_selection(&self, sub: Submission) -> Result<Submitted, SubmitError> {
@@ -296,12 +328,12 @@ impl Submitter {
                 NewJob { name: j.name.clone(), needs: if only.is_some() { vec![] } else { j.needs.clone() }, spec }
             })
             .collect();
-        // Gates: deploys (not rollbacks) into an environment with an
-        // approval, deploy windows, or a promotion's soak still running.
+        // Gates: deploys and runs (not rollbacks) into an environment with
+        // an approval or deploy windows, and a promotion's soak.
         let env = source.disk.environment(&environment);
         let now = crate::store::now_ms();
-        let hold = match (sub.kind, &only, env) {
-            (DeploymentKind::Deploy, None, Some(env)) => {
+        let hold = match (&only, env) {
+            (None, Some(env)) => {
                 let promotion = sub.promotion.as_ref();
                 let hold = Hold {
                     approval: env.approval,
@@ -309,6 +341,7 @@ impl Submitter {
                     window: !env.windows.is_empty(),
                     source_environment: promotion.map(|p| p.from.clone()),
                     source_deployment: promotion.map(|p| p.deployment),
+                    requested_by: sub.actor.clone(),
                     ..Hold::default()
                 };
                 let blocked = hold.approval || hold.not_before > now || !env.window_open(now / 1000);
