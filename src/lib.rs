@@ -15,6 +15,7 @@
 //! - [`trigger`]: events from outside (GitHub webhooks) read, checked and decided into deployments.
 //! - [`service`]: managed services — rollouts behind health checks, the proxy, rollback, supervision.
 //! - [`api`]: the HTTP API, `/metrics`, `/healthz`; the only place wire types are serialized.
+//! - [`http`]: every outgoing HTTP client — reqwest with rustls (ring provider) and the system's CA roots.
 //! - [`cli`]: the `slipway` command line, a client of the API (and of the config for `validate`/`plan`).
 //! - [`bench`]: `slipway bench`, the scheduler against ninja on the same random graphs.
 
@@ -34,3 +35,4 @@ pub mod notify;
 pub mod retention;
 pub mod bench;
 pub mod cli;
+pub mod http;

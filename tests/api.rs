@@ -89,7 +89,7 @@ impl Node {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "api-test".into() });
         let base = format!("http://{}", node.addr);
-        Node { base, node, http: reqwest::Client::builder()
+        Node { base, node, http: slipway::http::builder()
                 .timeout(Duration::from_secs(20))
                 // A refused oversized body makes the server close that
                 // connection; a pooled one could be reused mid-close.

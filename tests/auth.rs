@@ -72,7 +72,7 @@ async fn issue6_every_role_against_every_endpoint() {
         cfg.poll = Duration::from_millis(100);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let node = start_node(NodeOptions { config_path: cfg_dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "auth-test".into() });
-        let api = Api { base: format!("http://{}", node.addr), http: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("client") };
+        let api = Api { base: format!("http://{}", node.addr), http: slipway::http::builder().timeout(Duration::from_secs(20)).build().expect("client") };
 
         // No token yet: open, and the first token must be an admin one.
         assert_eq!(api.call("GET", "/api/v1/deployments", None, None).await.0, 200, "{backend}");

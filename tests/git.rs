@@ -159,7 +159,7 @@ webhook_secret = "hook"
         cfg.poll = Duration::from_millis(100);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "git-test".into() });
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
+        let http = slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client");
         let n = Node { base: format!("http://{}", node.addr), http, node, dir };
 
         // Before any commit is accepted, a run in staging says why not.

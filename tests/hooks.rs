@@ -75,7 +75,7 @@ command = ["true"]
         cfg.poll = Duration::from_millis(100);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "hooks-test".into() });
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).pool_max_idle_per_host(0).build().expect("client");
+        let http = slipway::http::builder().timeout(Duration::from_secs(20)).pool_max_idle_per_host(0).build().expect("client");
         Hooks { base: format!("http://{}", node.addr), http, node, _dirs: (dir, secrets) }
     }
 

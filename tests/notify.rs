@@ -76,7 +76,7 @@ command = "echo broken; exit 3"
     cfg.poll = Duration::from_millis(100);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "notify-test".into() });
-    let http = reqwest::Client::new();
+    let http = slipway::http::builder().build().expect("client");
     let base = format!("http://{}", node.addr);
     for job in ["ok", "bad"] {
         let r = http.post(format!("{base}/api/v1/events")).json(&serde_json::json!({"kind": "run", "jobs": [job]})).send().await.expect("post");

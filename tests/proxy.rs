@@ -97,7 +97,7 @@ fn url(p: &Proxy, path: &str) -> String {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
+    slipway::http::builder().timeout(Duration::from_secs(10)).build().unwrap()
 }
 
 /// Poll `f` until it holds (5 s at most).
@@ -348,7 +348,7 @@ async fn in_flight_counts_until_the_response_is_done() {
     eventually("request done", || p.in_flight(b.addr) == 0).await;
 
     // A client that gives up while the backend is still thinking.
-    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(100)).build().unwrap();
+    let impatient = slipway::http::builder().timeout(Duration::from_millis(100)).build().unwrap();
     assert!(impatient.get(url(&p, "/slow")).send().await.is_err());
     eventually("abandoned request released", || p.in_flight(b.addr) == 0).await;
 

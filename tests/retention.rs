@@ -37,7 +37,7 @@ struct Pusher {
 
 impl Pusher {
     fn new(reg: &dockerkit::Registry) -> Pusher {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("client");
+        let http = slipway::http::builder().timeout(Duration::from_secs(20)).build().expect("client");
         Pusher { http, base: format!("http://127.0.0.1:{}", reg.port), repo: "demo".into(), auth: reg.auth.clone() }
     }
 
@@ -206,7 +206,7 @@ command = ["true"]
     }
 
     let (n, base) = node(dir.path(), store.clone()).await;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
+    let http = slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client");
 
     // The API's dry run: the right ones, for the right reasons; nothing gone.
     let v: Value = http.get(format!("{base}/api/v1/retention")).send().await.expect("get").json().await.expect("json");
@@ -301,7 +301,7 @@ command = ["true"]
     let dir = common::config_dir(&config, &[]);
     let store = slipway::store::open(&common::sqlite_url(dir.path())).await.expect("store");
     let (n, base) = node(dir.path(), store).await;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
+    let http = slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client");
 
     let v: Value = http.post(format!("{base}/api/v1/retention")).send().await.expect("post").json().await.expect("json");
     assert_eq!(v["applied"], true);

@@ -576,7 +576,7 @@ impl Harness {
 
 /// A client that keeps no idle connections: every check is a fresh one.
 fn probe_client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(5)).pool_max_idle_per_host(0).build().expect("client")
+    slipway::http::builder().timeout(Duration::from_secs(5)).pool_max_idle_per_host(0).build().expect("client")
 }
 
 /// GET `path` on `addr`: the trimmed body of a 2xx answer, or why not.
@@ -902,7 +902,7 @@ fn start_load(listen: SocketAddr, stop: Arc<AtomicBool>, load: Arc<Load>) -> Vec
         .map(|_| {
             let (stop, load) = (stop.clone(), load.clone());
             tokio::spawn(async move {
-                let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+                let client = slipway::http::builder().timeout(Duration::from_secs(10)).build().expect("client");
                 while !stop.load(Ordering::SeqCst) {
                     match get(&client, listen, "/").await {
                         Ok(body) if body.starts_with("hello from demo ") => {

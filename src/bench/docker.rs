@@ -666,6 +666,11 @@ async fn remove_labelled(docker: &Docker, label: &str) -> Result<usize, DockerBe
 
 // ---------------------------------------------------------------- Slipway's side
 
+/// The bench's client of the Slipway API it starts.
+pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    crate::http::client(|b| b.timeout(Duration::from_secs(10)))
+}
+
 /// `slipway serve` (this binary) on the bench config, and its API.
 struct Server {
     child: tokio::process::Child,
@@ -693,7 +698,7 @@ impl Server {
             .kill_on_drop(true)
             .spawn()
             .map_err(io(format!("cannot start {} serve", exe.display())))?;
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| DockerBenchError::Server(e.to_string()))?;
+        let http = http_client().map_err(|e| DockerBenchError::Server(e.to_string()))?;
         let mut server = Server { child, url: format!("http://{}", local(port)), log, http };
         let start = Instant::now();
         loop {

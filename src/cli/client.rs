@@ -48,20 +48,10 @@ impl Client {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let http = reqwest::Client::builder()
-            .default_headers(headers.clone())
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap_or_default();
+        let http = crate::http::client(|b| b.default_headers(headers.clone()).connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(30))).unwrap_or_default();
         // Streams stay open for long; the server sends keep-alives, so a
         // silent connection for a minute is a dead one.
-        let stream_http = reqwest::Client::builder()
-            .default_headers(headers)
-            .connect_timeout(Duration::from_secs(5))
-            .read_timeout(Duration::from_secs(60))
-            .build()
-            .unwrap_or_default();
+        let stream_http = crate::http::client(|b| b.default_headers(headers.clone()).connect_timeout(Duration::from_secs(5)).read_timeout(Duration::from_secs(60))).unwrap_or_default();
         Client { base, http, stream_http }
     }
 
@@ -91,7 +81,19 @@ impl Client {
     }
 
     fn unreachable(&self, url: &str, e: reqwest::Error) -> ClientError {
-        let reason = if e.is_timeout() { "timed out".to_string() } else if e.is_connect() { "connection refused or no route".to_string() } else { e.to_string() };
+        // A connect error's root cause says what failed: refused, no
+        // route, or (https) the server's certificate.
+        let reason = if e.is_timeout() {
+            "timed out".to_string()
+        } else if e.is_connect() {
+            let mut root: &dyn std::error::Error = &e;
+            while let Some(next) = root.source() {
+                root = next;
+            }
+            root.to_string()
+        } else {
+            e.to_string()
+        };
         ClientError::Unreachable { url: url.into(), reason }
     }
 

@@ -60,11 +60,16 @@ pub fn slack_body(what: &str, d: &DeploymentRow) -> serde_json::Value {
     serde_json::json!({ "text": format!("{mark} {subject} in {}: deployment #{} {}{reason}", d.environment, d.id, what.replace('_', " ")) })
 }
 
+/// The deliveries' client (https checked against the system's roots).
+pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    crate::http::client(|b| b.timeout(TIMEOUT).connect_timeout(Duration::from_secs(5)))
+}
+
 /// Consume the event stream until it ends.
 pub async fn run(store: Arc<dyn Store>, config_path: PathBuf, mut rx: mpsc::Receiver<Arc<Event>>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let http = reqwest::Client::builder().timeout(TIMEOUT).connect_timeout(Duration::from_secs(5)).build().unwrap_or_default();
+    let http = http_client().unwrap_or_default();
     while let Some(ev) = rx.recv().await {
         let (id, what) = match &*ev {
             Event::DeploymentStarted { deployment, .. } => (*deployment, "started".to_string()),

@@ -47,8 +47,6 @@ pub enum RetentionError {
     Status { host: String, what: String, status: u16, detail: String },
     #[error("registry {host} sent something unexpected {what}: {detail}")]
     Invalid { host: String, what: String, detail: String },
-    #[error("registry {host} speaks HTTPS, and this build of Slipway has no TLS (reqwest is built without it): only registries on the loopback host can be reached")]
-    NoTls { host: String },
     #[error("registry {host}: {detail}")]
     Credentials { host: String, detail: String },
     #[error("{image:?} is not a repository retention can handle: {detail}")]
@@ -130,20 +128,13 @@ impl RegistryClient {
         };
         let api = if host == "docker.io" { "registry-1.docker.io" } else { host.as_str() };
         let scheme = if loopback(&host) { "http" } else { "https" };
-        let http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).connect_timeout(CONNECT_TIMEOUT).build().map_err(|e| RetentionError::Unreachable { host: host.clone(), detail: crate::service::error_chain(&e) })?;
+        let http = crate::http::client(|b| b.timeout(REQUEST_TIMEOUT).connect_timeout(CONNECT_TIMEOUT)).map_err(|e| RetentionError::Unreachable { host: host.clone(), detail: crate::service::error_chain(&e) })?;
         Ok(RegistryClient { http, base: format!("{scheme}://{api}"), host, creds, bearer: tokio::sync::Mutex::new(None) })
     }
 
     fn unreachable(&self, e: reqwest::Error) -> RetentionError {
-        let builder = e.is_builder();
-        let detail = crate::service::error_chain(&e.without_url());
-        // Without a TLS backend, hyper's connector refuses https URLs (it
-        // has no error kind for it, only this message).
-        if self.base.starts_with("https://") && (builder || detail.contains("scheme is not http")) {
-            return RetentionError::NoTls { host: self.host.clone() };
-        }
         // reqwest's message names the URL; ours names the registry.
-        RetentionError::Unreachable { host: self.host.clone(), detail }
+        RetentionError::Unreachable { host: self.host.clone(), detail: crate::service::error_chain(&e.without_url()) }
     }
 
     fn who(&self) -> String {
@@ -400,11 +391,29 @@ mod tests {
         assert!(!valid_tag("") && !valid_tag(".x") && !valid_tag("a/b") && !valid_tag("$(touch x)") && !valid_tag(&"a".repeat(129)));
     }
 
+    /// An https registry is spoken to over TLS: what reaches the socket
+    /// is a TLS ClientHello (record type 22), and a failure names the
+    /// registry, not "scheme is not http". tests/tls.rs has the full
+    /// handshake with a real certificate.
     #[tokio::test]
-    async fn an_https_registry_without_tls_says_so_by_name() {
-        let c = RegistryClient::for_image("registry.example.org/team/web", &[]).expect("client");
-        let e = c.tags("registry.example.org/team/web").await.expect_err("no TLS in this build");
-        assert!(matches!(e, RetentionError::NoTls { .. }) && e.to_string().starts_with("registry registry.example.org "), "{e}");
+    async fn an_https_registry_gets_a_tls_client_hello() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let (mut sock, _) = listener.accept().await.expect("accept");
+            let mut head = [0u8; 3];
+            sock.read_exact(&mut head).await.expect("read");
+            head // dropped: the handshake ends here
+        });
+        let mut c = RegistryClient::for_image("registry.example.org/team/web", &[]).expect("client");
+        assert_eq!(c.base, "https://registry.example.org");
+        c.base = format!("https://127.0.0.1:{port}");
+        let e = c.tags("registry.example.org/team/web").await.expect_err("the server hangs up");
+        let head = server.await.expect("server");
+        assert!(head[0] == 0x16 && head[1] == 0x03, "not a TLS handshake record: {head:?}");
+        assert!(matches!(e, RetentionError::Unreachable { .. }) && e.to_string().starts_with("registry registry.example.org cannot be reached: "), "{e}");
+        assert!(!e.to_string().contains("scheme is not http"), "{e}");
     }
 
     #[test]

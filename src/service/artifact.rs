@@ -44,6 +44,11 @@ enum TryError {
     Final(String),
 }
 
+/// Downloads: a read may stall a minute, the whole try has `spec.timeout`.
+pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    crate::http::client(|b| b.connect_timeout(Duration::from_secs(10)).read_timeout(Duration::from_secs(60)))
+}
+
 /// Fetch `url`, check it against `sha256`, unpack it under `cache`.
 /// Returns the unpacked directory. Errors say what happened on each try.
 pub async fn fetch(spec: &ArtifactSpec, url: &str, sha256: &str, cache: &Path, out: &OutputSink, cancel: &CancellationToken) -> Result<PathBuf, String> {
@@ -53,11 +58,7 @@ pub async fn fetch(spec: &ArtifactSpec, url: &str, sha256: &str, cache: &Path, o
         return Ok(dir);
     }
     std::fs::create_dir_all(cache).map_err(|e| format!("cannot create the artifact cache {}: {e}", cache.display()))?;
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .read_timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    let client = http_client().map_err(|e| format!("cannot build an HTTP client: {e}"))?;
     let mut failures: Vec<String> = Vec::new();
     let mut delay = Duration::from_secs(1);
     for attempt in 1..=spec.attempts.max(1) {

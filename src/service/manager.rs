@@ -128,6 +128,11 @@ fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| format!("cannot find a free port: {e}"))
 }
 
+/// Health checks and verifies: no pooled connections (an instance may be gone).
+pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    crate::http::client(|b| b.connect_timeout(Duration::from_secs(2)).pool_max_idle_per_host(0))
+}
+
 impl ServiceManager {
     pub fn new(target: Arc<dyn Target>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Arc<Self> {
         let targets: Arc<dyn crate::target::Targets> = Arc::new(crate::target::NodeTargets::new(target.clone()));
@@ -136,7 +141,7 @@ impl ServiceManager {
 
     /// `targets` resolves the target each service runs on.
     pub fn with_targets(target: Arc<dyn Target>, targets: Arc<dyn crate::target::Targets>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Arc<Self> {
-        let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).pool_max_idle_per_host(0).build().unwrap_or_default();
+        let client = http_client().unwrap_or_default();
         Arc::new(ServiceManager { target, targets, store, shutdown, client, services: Mutex::new(HashMap::new()), redactors: Default::default() })
     }
 

@@ -283,7 +283,7 @@ pub fn load(port: u16, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread:
             for _ in 0..8 {
                 let (ok, failed, errors, stop) = (ok.clone(), failed.clone(), errors.clone(), stop.clone());
                 tasks.push(tokio::spawn(async move {
-                    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+                    let client = slipway::http::builder().timeout(Duration::from_secs(10)).build().expect("client");
                     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                         let got = match client.get(format!("http://127.0.0.1:{port}/")).send().await {
                             Ok(r) => {
