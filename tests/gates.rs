@@ -197,6 +197,17 @@ on = ["waiting"]
         assert_eq!(s, 202);
         assert_eq!(api.deployment(manual["id"].as_i64().expect("id"), &admin).await["reason"], "cancelled while waiting");
 
+        // Four eyes: whoever asks for a deployment cannot approve it, even
+        // an admin.
+        let (_, a) = api.call("POST", "/api/v1/events", Some(&admin), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "production"}))).await;
+        let own = a["deployment_id"].as_i64().expect("id");
+        let (s, e) = api.call("POST", &format!("/api/v1/deployments/{own}/approve"), Some(&admin), None).await;
+        assert_eq!(s, 403, "{e}");
+        assert!(e["error"]["message"].as_str().unwrap_or("").contains("another approver"), "{e}");
+        let (s, _) = api.call("POST", &format!("/api/v1/deployments/{own}/approve"), Some(&alice), None).await;
+        assert_eq!(s, 200);
+        api.wait_state(own, &admin, &["succeeded"]).await;
+
         // Outside its deploy window a deploy waits and says when it opens.
         let (_, a) = api.call("POST", "/api/v1/events", Some(&admin), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "weekend"}))).await;
         let w = api.deployment(a["deployment_id"].as_i64().expect("id"), &admin).await;
