@@ -699,12 +699,18 @@ fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
     const TOKEN: &str = "registry-hook-token-77";
     let secrets = tempfile::tempdir().expect("tempdir");
     std::fs::write(secrets.path().join("hook"), TOKEN).expect("secret");
-    let port = common::free_port();
+    let (port, local_port) = (common::free_port(), common::free_port());
+    // Beside the container service, a local-target one whose versions
+    // follow the same image's tags (the demo binary, run directly).
     let with_image = |image: &str| {
         format!(
-            "{}auto_deploy = [\"staging\"]\n\n[secret.hook]\nfile = \"{}\"\n\n[registry_hook]\ntoken = \"hook\"\n",
+            "{}auto_deploy = [\"staging\"]\n\n[secret.hook]\nfile = \"{}\"\n\n[registry_hook]\ntoken = \"hook\"\n\n\
+             [[service]]\nname = \"web-local\"\nfollows = \"{image}\"\nauto_deploy = [\"staging\"]\nlisten = \"127.0.0.1:{local_port}\"\n\
+             command = [\"{}\", \"serve\", \"--port\", \"{{port}}\", \"--version\", \"{{version}}\"]\n\
+             health = {{ http = \"/healthz\", interval = \"100ms\", healthy_after = 1 }}\n",
             docker_config(port, image),
-            secrets.path().join("hook").display()
+            secrets.path().join("hook").display(),
+            env!("CARGO_BIN_EXE_slipway-demo")
         )
     };
     // The registry needs Slipway's address and Slipway's config the
@@ -716,8 +722,10 @@ fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
 
     rt.block_on(registry.push(&t, &["1.0"]));
     common::wait_for(Duration::from_secs(60), "the pushed 1.0 to be deployed", || (get(port).as_deref() == Some("hello from demo 1.0")).then_some(()));
+    common::wait_for(Duration::from_secs(60), "the local follower at 1.0", || (get(local_port).as_deref() == Some("hello from demo 1.0")).then_some(()));
     rt.block_on(registry.push(&t, &["2.0"]));
     common::wait_for(Duration::from_secs(60), "the pushed 2.0 to be deployed", || (get(port).as_deref() == Some("hello from demo 2.0")).then_some(()));
+    common::wait_for(Duration::from_secs(60), "the local follower at 2.0", || (get(local_port).as_deref() == Some("hello from demo 2.0")).then_some(()));
 
     // A pull is a notification too: it starts nothing.
     rt.block_on(async {
@@ -729,8 +737,9 @@ fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
     });
     std::thread::sleep(Duration::from_secs(2));
     let list = common::get_json(&format!("{}/api/v1/deployments", server.url));
-    let versions: Vec<&str> = list.as_array().map(|a| a.iter().filter_map(|d| d["version"].as_str()).collect()).unwrap_or_default();
-    assert_eq!(versions, ["2.0", "1.0"], "one deployment per pushed tag: {list}");
+    let mut versions: Vec<String> = list.as_array().map(|a| a.iter().filter_map(|d| Some(format!("{}@{}", d["service"].as_str()?, d["version"].as_str()?))).collect()).unwrap_or_default();
+    versions.sort();
+    assert_eq!(versions, ["web-local@1.0", "web-local@2.0", "web@1.0", "web@2.0"], "one deployment per pushed tag and follower: {list}");
 
     let wrong = std::process::Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "Authorization: Bearer nope", "-d", r#"{"events":[]}"#])
