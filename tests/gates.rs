@@ -147,7 +147,7 @@ on = ["waiting"]
         let pid = p["id"].as_i64().expect("id");
         assert_eq!(p["state"], "waiting", "{p}");
         let reason = p["reason"].as_str().unwrap_or("");
-        assert!(reason.contains(&format!("approval by an approver of production (slipway approve {pid})")) && reason.contains("soak in staging"), "{reason}");
+        assert!(reason.starts_with("waiting for approval by an approver of production; soak in staging until"), "{reason}");
         let (_, pending) = api.call("GET", "/api/v1/approvals", Some(&alice), None).await;
         assert_eq!(pending[0]["deployment"]["id"].as_i64(), Some(pid), "{pending}");
         assert_eq!(pending[0]["source_environment"], "staging");

@@ -45,7 +45,17 @@ pub(super) async fn approve(State(s): State<Arc<AppState>>, axum::Extension(call
         };
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", why));
     }
-    let hold = s.store.hold(id).await?.unwrap_or_default();
+    let mut hold = s.store.hold(id).await?.unwrap_or_default();
+    // Say at once what it still waits for (the gate loop would, within a
+    // second): an approval that was the last gate releases it there.
+    let config = s.submitter.config().await?.config;
+    if let Some(w) = crate::gate::waits(&hold, config.environment(&d.environment), crate::store::now_ms()) {
+        let text = format!("waiting for {}", w.join("; "));
+        s.store.set_waiting_for(id, &text).await?;
+        hold.waiting_for = Some(text);
+    } else {
+        hold.waiting_for = None;
+    }
     let d = deployment_or_404(&s, id).await?;
     let note = AuditNote(format!("approve deployment {id} ({} {} in {})", d.service.as_deref().unwrap_or("jobs"), d.version.as_deref().unwrap_or(""), d.environment));
     Ok((StatusCode::OK, axum::Extension(note), Json(ApprovalInfo::from((d, hold)))))
@@ -66,7 +76,8 @@ pub(super) async fn promote(
     let Json(req) = body?;
     caller.require(auth::Need::Deploy, Some(&environment))?;
     let payload = serde_json::json!({ "kind": "promote", "service": service, "from": req.from, "to": environment, "by": caller.actor() }).to_string();
-    let sub = s.submitter.promote(&service, &req.from, &environment, None, None, payload, caller.name.as_ref().map(|_| caller.actor())).await?;
+    let origin = crate::submit::Origin { payload, actor: caller.name.as_ref().map(|_| caller.actor()), ..Default::default() };
+    let sub = s.submitter.promote(&service, &req.from, &environment, origin).await?;
     let d = s.store.deployment(sub.deployment_id).await?;
     let note = AuditNote(format!(
         "promote {service} {} from {} to {environment} → deployment {}{}",

@@ -14,8 +14,8 @@ pub(super) async fn approve(client: &Client, deployment: i64, json: bool) -> Res
         let d = &a.deployment;
         let what = format!("{} {}", d.service.as_deref().unwrap_or("jobs"), d.version.as_deref().unwrap_or(""));
         match &a.waiting_for {
-            Some(w) if !w.contains("approval") || w.contains(';') => println!("deployment {} ({what} in {}) approved by {}; still {w}", d.id, d.environment, a.approved_by.as_deref().unwrap_or("?")),
-            _ => println!("deployment {} ({what} in {}) approved by {}; it starts when its gates pass", d.id, d.environment, a.approved_by.as_deref().unwrap_or("?")),
+            Some(w) => println!("deployment {} ({what} in {}) approved by {}; still {w}", d.id, d.environment, a.approved_by.as_deref().unwrap_or("?")),
+            None => println!("deployment {} ({what} in {}) approved by {}; it starts now", d.id, d.environment, a.approved_by.as_deref().unwrap_or("?")),
         }
     }
     Ok(exit::OK)
@@ -93,7 +93,9 @@ pub(super) async fn print_gates(client: &Client) -> Result<(), CliError> {
         let at = e.revision.as_ref().map(|r| format!("at {}", config::revision::short(&r.commit))).unwrap_or_else(|| "no commit accepted yet".into());
         println!("config of {}: {} {at}", e.name, e.git.as_deref().unwrap_or(""));
         if let Some(r) = &e.rejected {
-            println!("  newer commit {} was REJECTED (slipway revisions {}): {}", config::revision::short(&r.commit), e.name, r.errors.as_deref().unwrap_or("").lines().next().unwrap_or(""));
+            // The report's first problem, without its diagnostic code line.
+            let first = r.errors.as_deref().unwrap_or("").lines().find_map(|l| l.trim().strip_prefix("× ").or_else(|| (!l.trim().is_empty() && !l.contains("::")).then_some(l.trim()))).unwrap_or("");
+            println!("  newer commit {} was REJECTED (slipway revisions {}): {first}", config::revision::short(&r.commit), e.name);
         }
     }
     if !envs.iter().any(|e| e.git.is_some()) && waiting.is_empty() {

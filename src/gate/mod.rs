@@ -36,12 +36,11 @@ fn clock(ms: Millis) -> String {
 }
 
 /// What `hold` still waits for at `now`, in words; None when nothing.
-pub fn waits(hold: &Hold, env: Option<&Environment>, now: Millis, deployment: Option<i64>) -> Option<Vec<String>> {
+pub fn waits(hold: &Hold, env: Option<&Environment>, now: Millis) -> Option<Vec<String>> {
     let mut w = Vec::new();
     let env_name = env.map(|e| e.name.as_str()).unwrap_or("this environment");
     if hold.approval && hold.approved_by.is_none() {
-        let id = deployment.map(|d| d.to_string()).unwrap_or_else(|| "ID".into());
-        w.push(format!("approval by an approver of {env_name} (slipway approve {id})"));
+        w.push(format!("approval by an approver of {env_name}"));
     }
     if hold.not_before > now {
         let left = Duration::from_millis((hold.not_before - now) as u64);
@@ -66,7 +65,7 @@ pub fn evaluate(d: &DeploymentRow, hold: &Hold, env: Option<&Environment>, now: 
                 source_version.unwrap_or("nothing")
             ));
         }
-    match waits(hold, env, now, Some(d.id)) {
+    match waits(hold, env, now) {
         None => Verdict::Release,
         Some(w) => Verdict::Wait(format!("waiting for {}", w.join("; "))),
     }
@@ -182,7 +181,7 @@ async fn once(store: &Arc<dyn Store>, submitter: &Submitter, failed: &mut HashMa
         }
         let key = crate::submit::key_of("promote", &[&to, &service, &source.to_string()]);
         let payload = serde_json::json!({ "kind": "promote", "service": service, "from": from, "to": to, "source_deployment": source }).to_string();
-        match submitter.promote(&service, &from, &to, Some(key), Some(kind), payload, None).await {
+        match submitter.promote(&service, &from, &to, crate::submit::Origin { key: Some(key), event_kind: Some(kind), payload, actor: None }).await {
             Ok(s) if !s.duplicate => tracing::info!(service, from, to, deployment = s.deployment_id, "promotion submitted"),
             Ok(_) => {}
             Err(e) => {
@@ -227,7 +226,7 @@ mod tests {
         let mut hold = Hold { approval: true, not_before: MONDAY_NOON + 60_000, window: true, source_environment: Some("staging".into()), source_deployment: Some(3), ..Hold::default() };
         let d = dep("1.4.0");
         let v = evaluate(&d, &hold, Some(&env), MONDAY_NOON, Some("1.4.0"));
-        assert_eq!(v, Verdict::Wait("waiting for approval by an approver of production (slipway approve 7); soak in staging until Mon 12:01:00 UTC (1m00s more)".into()));
+        assert_eq!(v, Verdict::Wait("waiting for approval by an approver of production; soak in staging until Mon 12:01:00 UTC (1m00s more)".into()));
         hold.approved_by = Some("alice".into());
         assert!(matches!(evaluate(&d, &hold, Some(&env), MONDAY_NOON, Some("1.4.0")), Verdict::Wait(w) if w.starts_with("waiting for soak")));
         assert_eq!(evaluate(&d, &hold, Some(&env), MONDAY_NOON + 60_000, Some("1.4.0")), Verdict::Release);

@@ -102,6 +102,16 @@ pub struct Source {
     pub revision_id: String,
 }
 
+/// Where a promotion request comes from: its idempotency key, the kind and
+/// payload of its stored event, and who asks.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub key: Option<String>,
+    pub event_kind: Option<String>,
+    pub payload: String,
+    pub actor: Option<String>,
+}
+
 /// A promotion: where the version comes from, and its soak.
 #[derive(Debug, Clone)]
 pub struct Promotion {
@@ -197,7 +207,8 @@ impl Submitter {
     /// Deploy `service` to `to` at the version (and digest) it runs in
     /// `from`. When `to` promotes from `from`, the deployment waits out the
     /// soak time from the moment that version succeeded there.
-    pub async fn promote(&self, service: &str, from: &str, to: &str, key: Option<String>, event_kind: Option<String>, payload: String, actor: Option<String>) -> Result<Submitted, SubmitError> {
+    pub async fn promote(&self, service: &str, from: &str, to: &str, origin: Origin) -> Result<Submitted, SubmitError> {
+        let Origin { key, event_kind, payload, actor } = origin;
         for n in [service, from, to] {
             if !config::valid_name(n) {
                 return Err(SubmitError::Invalid(format!("invalid name {n:?}")));
@@ -344,13 +355,12 @@ impl Submitter {
                     requested_by: sub.actor.clone(),
                     ..Hold::default()
                 };
-                let blocked = hold.approval || hold.not_before > now || !env.window_open(now / 1000);
-                blocked.then_some(hold)
+                // What it waits for is its reason from the start.
+                crate::gate::waits(&hold, Some(env), now).map(|w| Hold { waiting_for: Some(format!("waiting for {}", w.join("; "))), ..hold })
             }
             _ => None,
         };
         let waiting_approval = hold.as_ref().is_some_and(|h| h.approval);
-        let hold_now = hold.clone();
         let submitted = self
             .store
             .submit(NewDeployment {
@@ -365,13 +375,6 @@ impl Submitter {
                 hold,
             })
             .await?;
-        // What it waits for, with its id (`slipway approve ID`), before
-        // anyone is told about it; the gate loop keeps it current.
-        if let Some(h) = &hold_now
-            && !submitted.duplicate
-            && let Some(w) = crate::gate::waits(h, env, now, Some(submitted.deployment_id)) {
-                self.store.set_waiting_for(submitted.deployment_id, &format!("waiting for {}", w.join("; "))).await?;
-            }
         if let Some(w) = &self.wake {
             w.work_changed();
         }
