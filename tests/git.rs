@@ -42,6 +42,11 @@ fn commit(repo: &Path, files: &[(&str, &str)], message: &str) -> String {
 
 /// The repository's config: each job appends its name to `ran`.
 fn repo_config(ran: &Path, broken: bool) -> String {
+    repo_config_with(ran, broken, 1)
+}
+
+/// … and a managed service `web` (the demo binary) with `instances`.
+fn repo_config_with(ran: &Path, broken: bool, instances: u32) -> String {
     let run = |name: &str| format!(r#"command = ["sh", "-c", "echo {name} >> {}"]"#, ran.display());
     format!(
         r#"
@@ -70,7 +75,38 @@ name = "backup"
         run("schema"),
         run("backup"),
         if broken { "needs = [\"nginx-typo\"]" } else { "" }
+    ) + &format!(
+        r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:{}"
+instances = {instances}
+command = ["{}", "serve", "--port", "{{port}}", "--version", "{{version}}"]
+health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
+"#,
+        web_port(),
+        env!("CARGO_BIN_EXE_slipway-demo")
     )
+}
+
+/// One port for the test's `web` service, the same in every commit.
+fn web_port() -> u16 {
+    static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *PORT.get_or_init(common::free_port)
+}
+
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+
+/// A notification receiver on 127.0.0.1:0.
+async fn receiver() -> (String, Seen) {
+    let seen: Seen = Default::default();
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(|axum::extract::State(seen): axum::extract::State<Seen>, axum::Json(body): axum::Json<Value>| async move { seen.lock().unwrap().push(body) }))
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), seen)
 }
 
 struct Node {
@@ -135,6 +171,7 @@ async fn issue6_config_from_git_runs_only_the_jobs_a_commit_touches() {
         // No commit yet: the node's fetch at start finds no branch.
         git(repo.path(), &["init", "-q", "-b", "main"]);
 
+        let (hook, seen) = receiver().await;
         let secret = scratch.path().join(format!("secret-{backend}"));
         std::fs::write(&secret, SECRET).expect("secret");
         let node_config = format!(
@@ -150,6 +187,10 @@ file = "{}"
 
 [github]
 webhook_secret = "hook"
+
+[[notify]]
+url = "{hook}"
+on = ["revision_rejected"]
 "#,
             repo.path().display(),
             secret.display()
@@ -212,6 +253,10 @@ webhook_secret = "hook"
         assert_eq!(rejected["state"], "rejected", "{r}");
         assert!(rejected["errors"].as_str().unwrap_or("").contains("nginx-typo"), "{rejected}");
         assert!(rejected["deployment"].is_null());
+        // Reported once, to whoever listens for it.
+        common::wait_for(Duration::from_secs(20), "the rejection to be notified", || {
+            seen.lock().unwrap().iter().find(|b| b["event"] == "revision.rejected" && b["revision"]["commit"] == c4.as_str()).cloned()
+        });
         let envs = n.get("/api/v1/environments").await;
         assert_eq!(envs[0]["revision"]["commit"], c3.as_str(), "{envs}");
         assert_eq!(envs[0]["rejected"]["commit"], c4.as_str(), "{envs}");
@@ -228,6 +273,21 @@ webhook_secret = "hook"
         assert_eq!((r["commit"].as_str(), r["previous"].as_str()), (Some(c5.as_str()), Some(c3.as_str())), "{r}");
         n.wait_done(r["deployment"].as_i64().expect("deployment")).await;
         assert_eq!(ran(&ran_file), ["nginx", "reload"]);
+
+        // A commit that changes a running service's definition (not its
+        // version) rolls it out again, at its version, on the new revision.
+        let (s, e) = n.post("/api/v1/events", json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "staging"})).await;
+        assert_eq!(s, 202, "{e}");
+        assert_eq!(n.wait_done(e["deployment_id"].as_i64().expect("id")).await["deployment"]["state"], "succeeded");
+        let c6 = commit(repo.path(), &[("slipway.toml", &repo_config_with(&ran_file, false, 2))], "two web instances");
+        let (_, r) = n.post("/api/v1/environments/staging/revisions/check", json!(null)).await;
+        assert_eq!((r["commit"].as_str(), r["redeploy"].clone()), (Some(c6.as_str()), json!(["web"])), "{r}");
+        let list = n.get("/api/v1/deployments?limit=5").await;
+        let again = list.as_array().expect("list").iter().find(|d| d["service"] == "web" && d["revision"] == c6.as_str()).cloned().unwrap_or_else(|| panic!("a redeploy of web: {list}"));
+        let again = n.wait_done(again["id"].as_i64().expect("id")).await;
+        assert_eq!((again["deployment"]["state"].as_str(), again["deployment"]["version"].as_str()), (Some("succeeded"), Some("1.0")), "{again}");
+        let services = n.get("/api/v1/services").await;
+        assert_eq!(services[0]["instances"].as_array().map(|i| i.len()), Some(2), "{services}");
 
         // Payload strings that are not branch names never reach git.
         for bad in ["$(touch x)", "../../etc", "-upload-pack=x"] {

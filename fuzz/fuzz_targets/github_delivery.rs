@@ -1,6 +1,6 @@
 //! Any bytes as a GitHub delivery of any event, with any signature header:
 //! a decision or an error, never a panic; and whatever it publishes has
-//! passed the image and version patterns. Run: `cargo fuzz run
+//! passed the image and version patterns (a push: branch and commit). Run: `cargo fuzz run
 //! github_delivery` (needs cargo-fuzz, and RUSTC_BOOTSTRAP=1 on stable).
 #![no_main]
 
@@ -13,9 +13,17 @@ fuzz_target!(|data: &[u8]| {
     let header = std::str::from_utf8(head).ok();
     let _ = verify(b"secret", body, header);
     for event in ["registry_package", "package", "push", "ping", "other"] {
-        if let Ok(Delivery::Published(p)) = parse(event, body) {
-            assert!(slipway::config::valid_image(&p.image), "{p:?}");
-            assert!(slipway::submit::valid_version(&p.version), "{p:?}");
+        match parse(event, body) {
+            Ok(Delivery::Published(p)) => {
+                assert!(slipway::config::valid_image(&p.image), "{p:?}");
+                assert!(slipway::submit::valid_version(&p.version), "{p:?}");
+            }
+            // What reaches git must have passed its patterns.
+            Ok(Delivery::Push { branch, commit, .. }) => {
+                assert!(slipway::config::environment::valid_branch(&branch), "{branch:?}");
+                assert!(slipway::git::valid_commit(&commit), "{commit:?}");
+            }
+            _ => {}
         }
     }
 });

@@ -518,6 +518,9 @@ pub struct RevisionInfo {
     /// The jobs its changes run, and why.
     pub jobs: Vec<TouchedJob>,
     pub deployment: Option<i64>,
+    /// Services whose definition it changed, redeployed at the version
+    /// they run.
+    pub redeploy: Vec<String>,
     /// Why it was rejected: the validation report.
     pub errors: Option<String>,
     pub at: i64,
@@ -541,6 +544,7 @@ impl From<crate::submit::git::RevisionRecord> for RevisionInfo {
             changed: r.changed,
             jobs: r.jobs.into_iter().map(|t| TouchedJob { job: t.job, why: t.why }).collect(),
             deployment: r.deployment,
+            redeploy: r.redeploy,
             errors: r.errors,
             at: r.at,
         }

@@ -76,6 +76,9 @@ fn print_revision(r: &RevisionInfo) {
             for j in &r.jobs {
                 println!("    {:<24} {}", j.job, j.why);
             }
+            for svc in &r.redeploy {
+                println!("    {svc:<24} its definition changed: redeployed at the version it runs");
+            }
         }
         _ => {
             println!("{short} {} REJECTED; {} stays on its last good revision{}", r.branch, r.environment, r.previous.as_deref().map(|p| format!(" ({})", config::revision::short(p))).unwrap_or_default());

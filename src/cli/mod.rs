@@ -873,7 +873,8 @@ async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliErr
         }
         let list: Vec<Deployment> = client.get(&path).await?;
         if json {
-            print_json(&serde_json::json!({ "services": services, "orphans": orphans, "deployments": list }));
+            let approvals: Vec<crate::api::wire::ApprovalInfo> = client.get("/api/v1/approvals").await?;
+            print_json(&serde_json::json!({ "services": services, "orphans": orphans, "waiting": approvals, "deployments": list }));
             return Ok(exit::OK);
         }
         print_services(&services);

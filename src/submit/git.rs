@@ -33,6 +33,10 @@ pub struct RevisionRecord {
     #[serde(default)]
     pub jobs: Vec<Touched>,
     pub deployment: Option<i64>,
+    /// Services this environment runs whose definition the commit
+    /// changed: each is redeployed at the version it runs.
+    #[serde(default)]
+    pub redeploy: Vec<String>,
     pub errors: Option<String>,
     #[serde(default)]
     pub at: i64,
@@ -136,6 +140,7 @@ impl Submitter {
             changed: vec![],
             jobs: vec![],
             deployment: None,
+            redeploy: vec![],
             errors: None,
             at: 0,
             event: 0,
@@ -152,9 +157,9 @@ impl Submitter {
                 record.state = "rejected".into();
                 record.errors = Some(errors);
                 tracing::warn!(environment, commit, "config revision rejected; the environment stays on {}", previous.as_deref().unwrap_or("no revision"));
-                let (_, inserted) = self.store.record_event(NewEvent { key: Some(key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() }).await?;
+                let (_, seen_before) = self.store.record_event(NewEvent { key: Some(key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() }).await?;
                 // Once, however many nodes decided it.
-                if inserted
+                if !seen_before
                     && let Some(bus) = &self.events {
                         bus.emit(crate::scheduler::event::Event::RevisionRejected { environment: environment.to_string(), commit: commit.to_string(), errors: record.errors.clone().unwrap_or_default() }).await;
                     }
@@ -166,12 +171,16 @@ impl Submitter {
             record.changed = mirror.changed(prev, commit).await.map_err(git_error)?;
             record.jobs = changes::touched(&config, environment, &record.changed);
         }
+        if let Some(cur) = current {
+            record.redeploy = self.respecified(environment, cur, &config).await?;
+        }
         self.store.put_revision(&rev).await?;
         record.changed.truncate(1000);
         let disk = self.config().await?.config;
         let source = Source { disk, config, environment: environment.to_string(), revision: None, revision_id: rev.id.clone() };
         let won = if record.jobs.is_empty() {
-            self.store.record_event(NewEvent { key: Some(successor_key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() }).await?.1
+            // (record_event says whether the key was taken before.)
+            !self.store.record_event(NewEvent { key: Some(successor_key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() }).await?.1
         } else {
             let jobs = record.jobs.iter().map(|t| t.job.clone()).collect();
             // The deployment's event is the record: submit and record are
@@ -194,7 +203,44 @@ impl Submitter {
             };
         }
         tracing::info!(environment, commit, jobs = record.jobs.len(), "config revision accepted");
+        // Now that the commit is what the environment runs, services whose
+        // definition it changed roll out again at their running version.
+        self.redeploy(environment, commit, &record.redeploy).await;
         Ok(record)
+    }
+
+    /// Services the environment runs whose spec differs between the
+    /// current accepted commit and `config`.
+    async fn respecified(&self, environment: &str, current: &RevisionRecord, config: &config::Config) -> Result<Vec<String>, SubmitError> {
+        let Some(old) = self.store.revision(&current.revision).await? else { return Ok(vec![]) };
+        let node = self.config().await?.config.environment_names();
+        let Ok(old) = parse_for(environment, &node, "previous", &old.config_text) else { return Ok(vec![]) };
+        let running = self.store.services().await?;
+        Ok(config
+            .services
+            .iter()
+            .filter(|s| running.iter().any(|r| r.environment == environment && r.service == s.name))
+            .filter_map(|s| {
+                let new = s.spec.as_ref()?.for_environment(environment);
+                let before = old.services.iter().find(|o| o.name == s.name).and_then(|o| o.spec.as_ref()).map(|o| o.for_environment(environment));
+                (before.as_ref() != Some(&new)).then(|| s.name.clone())
+            })
+            .collect())
+    }
+
+    /// Deploy each service again at the version (and digest) it runs in
+    /// `environment`, against the revision just accepted; once per commit.
+    async fn redeploy(&self, environment: &str, commit: &str, services: &[String]) {
+        let Ok(rows) = self.store.services().await else { return };
+        for name in services {
+            let Some(row) = rows.iter().find(|r| r.environment == environment && &r.service == name) else { continue };
+            let payload = serde_json::json!({ "kind": "deploy", "service": name, "version": row.version, "environment": environment, "reason": format!("its definition changed in {}", revision::short(commit)) }).to_string();
+            let request = super::Request::Deploy { service: name.clone(), version: row.version.clone(), environment: Some(environment.to_string()), digest: row.sha256.clone() };
+            match self.submit(request, Some(key_of("git", &[environment, commit, "redeploy", name])), payload).await {
+                Ok(s) => tracing::info!(environment, service = %name, deployment = s.deployment_id, "service redeployed: its definition changed"),
+                Err(e) => tracing::warn!(environment, service = %name, "service not redeployed after its definition changed: {e}"),
+            }
+        }
     }
 
     /// Check out and validate a commit: its config, as a revision whose id
