@@ -318,3 +318,46 @@ on = ["revision_rejected"]
         let _ = tokio::time::timeout(Duration::from_secs(10), n.node.task).await;
     }
 }
+
+// Issue 6: `poll` finds a new commit by itself (no webhook, no check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue6_a_polled_branch_is_followed_without_a_webhook() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (_, store) = common::stores(scratch.path()).await.into_iter().next().expect("a store");
+    let repo = tempfile::tempdir().expect("repo");
+    let ran_file = scratch.path().join("ran");
+    git(repo.path(), &["init", "-q", "-b", "main"]);
+    let c1 = commit(repo.path(), &[("slipway.toml", &repo_config(&ran_file, false)), ("nginx/site.conf", "a")], "first");
+    let node_config = format!("[[environment]]\nname = \"staging\"\n[environment.git]\nurl = \"{}\"\npoll = \"200ms\"\n", repo.path().display());
+    let dir = common::config_dir(&node_config, &[]);
+    let mut cfg = SchedulerConfig::new("poll", dir.path().join(".slipway/work"));
+    cfg.poll = Duration::from_millis(100);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "poll-test".into() });
+    let n = Node { base: format!("http://{}", node.addr), http: slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client"), node, dir };
+    let newest = |n: &Node| {
+        let (base, http) = (n.base.clone(), n.http.clone());
+        async move { http.get(format!("{base}/api/v1/environments/staging/revisions")).send().await.expect("get").json::<Value>().await.expect("json")[0].clone() }
+    };
+    for _ in 0..100 {
+        if newest(&n).await["commit"] == c1.as_str() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(newest(&n).await["commit"], c1.as_str(), "the first commit, fetched at start");
+    let c2 = commit(repo.path(), &[("nginx/site.conf", "b")], "nginx");
+    let mut seen = Value::Null;
+    for _ in 0..100 {
+        seen = newest(&n).await;
+        if seen["commit"] == c2.as_str() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen["commit"], c2.as_str(), "the poll found the new commit: {seen}");
+    n.wait_done(seen["deployment"].as_i64().expect("a deployment")).await;
+    assert_eq!(ran(&ran_file), ["nginx", "reload"]);
+    n.node.shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), n.node.task).await;
+}
