@@ -1250,7 +1250,6 @@ impl Store for SqlStore {
 
     async fn activate(&self, node: &str, lease: Duration) -> Result<Vec<i64>> {
         let op = "activate";
-        let now = now_ms();
         let queued = sqlx::query("SELECT id, lock_key FROM deployments WHERE state = 'queued' ORDER BY id LIMIT 100")
             .fetch_all(&self.pool)
             .await
@@ -1266,6 +1265,11 @@ impl Store for SqlStore {
                 continue;
             }
             let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+            // Read the clock here, not once for the batch: the deployment
+            // holding this lock may have finished (and released it) since,
+            // and a start stamped before that finish would look like two
+            // deployments of one lock overlapping.
+            let now = now_ms();
             let got = sqlx::query("INSERT INTO locks (key, deployment_id, node, lease_until) VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING key")
                 .bind(&key)
                 .bind(id)
@@ -1278,6 +1282,9 @@ impl Store for SqlStore {
                 tx.rollback().await.map_err(StoreError::query(op))?;
                 continue;
             }
+            // After the lock is ours (on PostgreSQL the insert waited for
+            // the previous holder's release to commit).
+            let now = now_ms();
             let started = sqlx::query("UPDATE deployments SET state = 'running', started_at = $1 WHERE id = $2 AND state = 'queued'")
                 .bind(now)
                 .bind(id)
