@@ -361,3 +361,52 @@ async fn issue6_a_polled_branch_is_followed_without_a_webhook() {
     n.node.shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), n.node.task).await;
 }
+
+// Issue 6: a private repository's credentials come from a [secret], reach git's HTTP request, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue6_git_credentials_come_from_a_secret_and_are_never_shown() {
+    const TOKEN: &str = "tok-secret-4711";
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>> = Default::default();
+    let app = axum::Router::new()
+        .fallback(|axum::extract::State(seen): axum::extract::State<std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>>, req: axum::extract::Request| async move {
+            let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+            seen.lock().unwrap().push((req.uri().to_string(), auth));
+            (axum::http::StatusCode::NOT_FOUND, "no such repository")
+        })
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let git_addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (_, store) = common::stores(scratch.path()).await.into_iter().next().expect("a store");
+    std::fs::write(scratch.path().join("git-token"), TOKEN).expect("token");
+    let node_config = format!(
+        "[[environment]]\nname = \"staging\"\n[environment.git]\nurl = \"http://{git_addr}/ops/config.git\"\npassword = \"git_token\"\n\n[secret.git_token]\nfile = \"{}\"\n",
+        scratch.path().join("git-token").display()
+    );
+    let dir = common::config_dir(&node_config, &[]);
+    let cfg = SchedulerConfig::new("git-auth", dir.path().join(".slipway/work"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "git-auth-test".into() });
+    let n = Node { base: format!("http://{}", node.addr), http: slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client"), node, dir };
+    let (s, e) = n.post("/api/v1/environments/staging/revisions/check", json!(null)).await;
+    assert_eq!(s, 503, "the repository answers 404: {e}");
+    assert!(!e.to_string().contains(TOKEN), "{e}");
+    let requests = seen.lock().unwrap().clone();
+    let (path, auth) = requests.first().cloned().expect("git asked the server");
+    assert!(path.starts_with("/ops/config.git/info/refs"), "{path}");
+    let expected = format!("Basic {}", {
+        // x-access-token:TOKEN, base64
+        let out = Command::new("base64").arg("-w0").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().expect("base64");
+        use std::io::Write as _;
+        let mut out = out;
+        out.stdin.take().expect("stdin").write_all(format!("x-access-token:{TOKEN}").as_bytes()).expect("write");
+        String::from_utf8(out.wait_with_output().expect("base64").stdout).expect("utf8")
+    });
+    assert_eq!(auth.as_deref(), Some(expected.as_str()), "git sent the secret as basic auth");
+    let envs = n.get("/api/v1/environments").await;
+    assert!(!envs.to_string().contains(TOKEN), "{envs}");
+    n.node.shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), n.node.task).await;
+}

@@ -58,13 +58,48 @@ pub struct GitSource {
     pub poll: Option<Duration>,
     /// Each git command is killed after this.
     pub timeout: Duration,
+    /// HTTPS credentials: the user name (default `x-access-token`, what
+    /// GitHub and Gitea expect with a token) and a `[secret.*]` holding the
+    /// password or token. Sent as an `http.extraHeader` through git's
+    /// environment, never on its command line or in the URL.
+    pub username: Option<String>,
+    pub password: Option<super::secret::SecretRef>,
 }
 
 impl GitSource {
+    /// The `Authorization` header git sends, when credentials are set.
+    pub fn authorization(&self) -> Result<Option<String>, String> {
+        use std::io::Write as _;
+        let Some(p) = &self.password else { return Ok(None) };
+        let secret = p.read()?;
+        let user = self.username.as_deref().unwrap_or("x-access-token");
+        let mut raw = Vec::new();
+        let _ = write!(raw, "{user}:{}", secret.expose());
+        Ok(Some(format!("Authorization: Basic {}", base64_encode(&raw))))
+    }
+
     /// The URL for people and logs: a password or token in it is hidden.
     pub fn shown(&self) -> String {
         redact_userinfo(&self.url)
     }
+}
+
+/// Standard base64 with padding (one header's worth; no crate for it).
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// `https://user:secret@host/…` → `https://user:***@host/…` (and a bare
@@ -208,9 +243,11 @@ struct RawGit {
     path: Option<Spanned<String>>,
     poll: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password: Option<Spanned<String>>,
 }
 
-pub(super) fn build(raw: RawEnvironment, problems: &mut Vec<Problem>) -> Environment {
+pub(super) fn build(raw: RawEnvironment, secrets: &std::collections::BTreeMap<String, super::secret::SecretRef>, problems: &mut Vec<Problem>) -> Environment {
     super::check_name(&raw.name, "environment", problems);
     let mut env = Environment::named(raw.name.get_ref());
     env.span = raw.name.span();
@@ -236,6 +273,13 @@ pub(super) fn build(raw: RawEnvironment, problems: &mut Vec<Problem>) -> Environ
             path,
             poll: g.poll.as_ref().and_then(|p| super::duration(p, "git.poll", problems)),
             timeout: g.timeout.as_ref().and_then(|t| super::duration(t, "git.timeout", problems)).unwrap_or(Duration::from_secs(120)),
+            username: g.username.as_ref().map(|u| {
+                if u.get_ref().is_empty() || u.get_ref().contains(':') || u.get_ref().chars().any(|c| c.is_control()) {
+                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(u.span()), "invalid git user name").label("invalid").hint("a user name without ':' or control characters"));
+                }
+                u.get_ref().clone()
+            }),
+            password: g.password.as_ref().and_then(|p| super::secret::lookup(p, secrets, problems)),
         }
     });
     if let Some(p) = &raw.promote_from {
@@ -288,6 +332,13 @@ mod tests {
         for (w, says) in [("mon-fry 09:00-17:00", "unknown day"), ("09:00", "time range"), ("25:00-26:00", "not a time"), ("10:00-10:00", "same time")] {
             let e = Window::parse(w).unwrap_err();
             assert!(e.contains(says), "{w}: {e}");
+        }
+    }
+
+    #[test]
+    fn base64_matches_the_standard() {
+        for (raw, enc) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("x-access-token:ghp_1", "eC1hY2Nlc3MtdG9rZW46Z2hwXzE=")] {
+            assert_eq!(base64_encode(raw.as_bytes()), enc, "{raw}");
         }
     }
 

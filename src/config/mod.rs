@@ -591,13 +591,14 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
             .and_then(|v| positive(v, "max_log_bytes", 1 << 32, problems))
             .map(|n| n as u64);
     }
+    let secrets = secret::build_secrets(raw.secret, problems);
     let environments: Vec<Environment> = raw
         .environment
         .into_iter()
-        .map(|e| environment::build(e.into_inner(), problems))
+        .map(|e| environment::build(e.into_inner(), &secrets, problems))
         .collect();
     let environments = if environments.is_empty() { inherited.iter().map(|n| Environment::named(n)).collect() } else { environments };
-    let secrets = secret::build_secrets(raw.secret, problems);
+
     let registries = secret::build_registries(raw.registry, &secrets, problems);
     let github = raw.github.map(|g| {
         let g = g.into_inner();

@@ -63,6 +63,15 @@ impl Mirror {
         if let Some(d) = cwd {
             cmd.arg("-C").arg(d);
         }
+        // Credentials go through git's environment (GIT_CONFIG_*), never
+        // its arguments (which `ps` shows) nor the URL.
+        // Nor does git inherit the variables that hold Slipway's secrets.
+        for var in crate::config::secret::env_sources() {
+            cmd.env_remove(var);
+        }
+        if let Some(header) = self.source.authorization().map_err(|e| GitError::Invalid(format!("git credentials: {e}")))? {
+            cmd.env("GIT_CONFIG_COUNT", "1").env("GIT_CONFIG_KEY_0", "http.extraHeader").env("GIT_CONFIG_VALUE_0", header);
+        }
         cmd.args(args)
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_ASKPASS", "/bin/false")
