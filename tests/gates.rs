@@ -208,6 +208,23 @@ on = ["waiting"]
         assert_eq!(s, 200);
         api.wait_state(own, &admin, &["succeeded"]).await;
 
+        // The config changes while a deployment waits: when its gates pass
+        // it is submitted again on the current revision (keeping its
+        // approval), never rolling out the config it was submitted with.
+        let (_, a) = api.call("POST", "/api/v1/events", Some(&bob), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "production"}))).await;
+        let stale = api.deployment(a["deployment_id"].as_i64().expect("id"), &admin).await;
+        assert_eq!(stale["state"], "waiting", "{stale}");
+        let path = dir.path().join("slipway.toml");
+        let text = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(&path, format!("{text}\n# edited while a deployment waited\n")).expect("edit");
+        let (s, _) = api.call("POST", &format!("/api/v1/deployments/{}/approve", stale["id"]), Some(&alice), None).await;
+        assert_eq!(s, 200);
+        let old = api.wait_state(stale["id"].as_i64().expect("id"), &admin, &["superseded", "cancelled"]).await;
+        let again = old["superseded_by"].as_i64().unwrap_or_else(|| panic!("submitted again: {old}"));
+        let fresh = api.wait_state(again, &admin, &["succeeded", "failed", "rolled_back"]).await;
+        assert_eq!(fresh["state"], "succeeded", "{fresh}");
+        assert_ne!(fresh["revision"], stale["revision"], "the current config, not the one it waited with");
+
         // Outside its deploy window a deploy waits and says when it opens.
         let (_, a) = api.call("POST", "/api/v1/events", Some(&admin), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "weekend"}))).await;
         let w = api.deployment(a["deployment_id"].as_i64().expect("id"), &admin).await;

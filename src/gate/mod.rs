@@ -131,6 +131,18 @@ async fn once(store: &Arc<dyn Store>, submitter: &Submitter, failed: &mut HashMa
         });
         match evaluate(&d, &hold, env, now, source_version) {
             Verdict::Release => {
+                // Never an older config than the environment's current one.
+                match submitter.resubmit_if_moved(&d, &hold).await {
+                    Ok(None) => {}
+                    Ok(Some(new)) => {
+                        tracing::info!(deployment = d.id, again = new.deployment_id, "the config moved while it waited: submitted again on the current revision");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(deployment = d.id, "not released: cannot tell whether its config is current: {e}");
+                        continue;
+                    }
+                }
                 if store.release(d.id).await? {
                     tracing::info!(deployment = d.id, environment = %d.environment, "gates passed; deployment queued");
                     if let Some(w) = &submitter.wake {

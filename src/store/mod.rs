@@ -305,6 +305,9 @@ pub struct Hold {
     pub waiting_for: Option<String>,
     /// Who asked for it (a token's actor): they may not approve it.
     pub requested_by: Option<String>,
+    /// The digest its artifact was pinned to (so it can be submitted again
+    /// on a newer revision without resolving the tag again).
+    pub digest: Option<String>,
 }
 
 #[derive(Debug, Clone)]

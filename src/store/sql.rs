@@ -525,7 +525,7 @@ fn schema(d: Dialect) -> Vec<String> {
         "CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, roles TEXT NOT NULL, created_at BIGINT NOT NULL, revoked_at BIGINT)",
         "CREATE TABLE IF NOT EXISTS audit (id {serial}, at BIGINT NOT NULL, actor TEXT NOT NULL, address TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL, status BIGINT NOT NULL)",
         "CREATE INDEX IF NOT EXISTS events_kind ON events (kind, id)",
-        "CREATE TABLE IF NOT EXISTS holds (deployment_id BIGINT PRIMARY KEY, approval BIGINT NOT NULL, approved_by TEXT, approved_at BIGINT, not_before BIGINT NOT NULL, in_window BIGINT NOT NULL, source_environment TEXT, source_deployment BIGINT, waiting_for TEXT, requested_by TEXT)",
+        "CREATE TABLE IF NOT EXISTS holds (deployment_id BIGINT PRIMARY KEY, approval BIGINT NOT NULL, approved_by TEXT, approved_at BIGINT, not_before BIGINT NOT NULL, in_window BIGINT NOT NULL, source_environment TEXT, source_deployment BIGINT, waiting_for TEXT, requested_by TEXT, digest TEXT)",
         "CREATE TABLE IF NOT EXISTS services (environment TEXT NOT NULL, service TEXT NOT NULL, version TEXT NOT NULL, previous_version TEXT, spec TEXT NOT NULL, revision TEXT NOT NULL, deployment_id BIGINT NOT NULL, updated_at BIGINT NOT NULL, artifact_dir TEXT, sha256 TEXT, previous_sha256 TEXT, PRIMARY KEY (environment, service))",
     ]
     .iter()
@@ -719,7 +719,7 @@ pub fn redact_url(url: &str) -> String {
 
 const DEPLOYMENT_COLUMNS: &str = "id, event_id, kind, environment, service, version, revision, state, reason, superseded_by, cancel_requested, created_at, started_at, finished_at";
 
-const HOLD_COLUMNS: &str = "h.approval, h.approved_by, h.approved_at, h.not_before, h.in_window, h.source_environment, h.source_deployment, h.waiting_for, h.requested_by";
+const HOLD_COLUMNS: &str = "h.approval, h.approved_by, h.approved_at, h.not_before, h.in_window, h.source_environment, h.source_deployment, h.waiting_for, h.requested_by, h.digest";
 
 fn hold_row(r: &AnyRow) -> Result<Hold> {
     let get = |r: &AnyRow| -> std::result::Result<Hold, sqlx::Error> {
@@ -733,6 +733,7 @@ fn hold_row(r: &AnyRow) -> Result<Hold> {
             source_deployment: r.try_get("source_deployment")?,
             waiting_for: r.try_get("waiting_for")?,
             requested_by: r.try_get("requested_by")?,
+            digest: r.try_get("digest")?,
         })
     };
     get(r).map_err(StoreError::query("decode hold"))
@@ -902,7 +903,7 @@ impl Store for SqlStore {
         .map_err(StoreError::query(op))?;
         if let Some(h) = &new.hold {
             sqlx::query(
-                "INSERT INTO holds (deployment_id, approval, not_before, in_window, source_environment, source_deployment, waiting_for, requested_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                "INSERT INTO holds (deployment_id, approval, not_before, in_window, source_environment, source_deployment, waiting_for, requested_by, digest, approved_by, approved_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )
             .bind(dep_id)
             .bind(h.approval as i64)
@@ -912,6 +913,9 @@ impl Store for SqlStore {
             .bind(h.source_deployment)
             .bind(h.waiting_for.clone())
             .bind(h.requested_by.clone())
+            .bind(h.digest.clone())
+            .bind(h.approved_by.clone())
+            .bind(h.approved_at)
             .execute(&mut *tx)
             .await
             .map_err(StoreError::query(op))?;

@@ -140,11 +140,14 @@ struct Submission {
     promotion: Option<Promotion>,
     /// Who asks (a token's actor), kept with a hold: they cannot approve.
     actor: Option<String>,
+    /// An approval already given (a waiting deployment submitted again on
+    /// a newer revision keeps it).
+    approved: Option<(String, crate::store::Millis)>,
 }
 
 impl Submission {
     fn new(selection: Selection, environment: Option<String>, kind: DeploymentKind, key: Option<String>, payload: String) -> Self {
-        Submission { selection, environment, kind, service: None, version: None, digest: None, key, payload, only: None, event_kind: None, source: None, promotion: None, actor: None }
+        Submission { selection, environment, kind, service: None, version: None, digest: None, key, payload, only: None, event_kind: None, source: None, promotion: None, actor: None, approved: None }
     }
 }
 
@@ -240,6 +243,52 @@ impl Submitter {
         sub.actor = actor;
         sub.promotion = Some(Promotion { from: from.to_string(), deployment: row.deployment_id, not_before: finished + soak.as_millis() as i64 });
         self.submit_selection(sub).await
+    }
+
+    /// The revision a deployment to `environment` would run against now:
+    /// the accepted commit's, or the node's directory hashed.
+    async fn current_revision(&self, environment: &str) -> Result<String, SubmitError> {
+        let disk = self.config().await?;
+        if disk.config.environment(environment).is_some_and(|e| e.git.is_some()) {
+            return self.accepted_revision(environment).await?.map(|r| r.revision).ok_or_else(|| SubmitError::Conflict(format!("environment {environment} has no accepted commit")));
+        }
+        let (dir, text) = (disk.dir.clone(), disk.text.clone());
+        Ok(tokio::task::spawn_blocking(move || revision::snapshot(&dir, &text)).await.map_err(|e| SubmitError::Invalid(format!("reading the config failed: {e}")))??.id)
+    }
+
+    /// A waiting deployment about to be released, whose environment's
+    /// config has moved on since it was submitted: submitted again on the
+    /// current revision (same version, same pinned digest, same promotion,
+    /// the approval it got), so it does not roll out an older config.
+    /// None when its revision is still current.
+    pub async fn resubmit_if_moved(&self, d: &crate::store::DeploymentRow, hold: &Hold) -> Result<Option<Submitted>, SubmitError> {
+        let current = self.current_revision(&d.environment).await?;
+        if current == d.revision {
+            return Ok(None);
+        }
+        let payload = serde_json::json!({ "kind": "resubmit", "of": d.id, "revision": current }).to_string();
+        let mut sub = match (d.kind, &d.service, &d.version) {
+            (DeploymentKind::Deploy, Some(service), Some(version)) => {
+                let mut sub = Submission::new(Selection::Service { service: service.clone() }, Some(d.environment.clone()), DeploymentKind::Deploy, None, payload);
+                sub.service = Some(service.clone());
+                sub.version = Some(version.clone());
+                sub.digest = hold.digest.clone();
+                sub
+            }
+            _ => {
+                let jobs = self.store.jobs(d.id).await?.into_iter().map(|j| j.name).collect();
+                Submission::new(Selection::Exactly { jobs }, Some(d.environment.clone()), d.kind, None, payload)
+            }
+        };
+        sub.event_kind = Some("resubmit".into());
+        sub.actor = hold.requested_by.clone();
+        sub.approved = hold.approved_by.clone().map(|by| (by, hold.approved_at.unwrap_or_default()));
+        if let (Some(from), Some(dep)) = (&hold.source_environment, hold.source_deployment) {
+            sub.promotion = Some(Promotion { from: from.clone(), deployment: dep, not_before: hold.not_before });
+        }
+        let new = self.submit_selection(sub).await?;
+        self.store.drop_waiting(d.id, &format!("the config moved to {} before it started: submitted again as deployment {}", revision::short(&current), new.deployment_id)).await?;
+        Ok(Some(new))
     }
 
     /// Run `jobs` (exactly those) of an accepted git revision.
@@ -353,6 +402,9 @@ impl Submitter {
                     source_environment: promotion.map(|p| p.from.clone()),
                     source_deployment: promotion.map(|p| p.deployment),
                     requested_by: sub.actor.clone(),
+                    digest: artifact.as_ref().map(|a| a.sha256.clone()),
+                    approved_by: sub.approved.as_ref().map(|a| a.0.clone()),
+                    approved_at: sub.approved.as_ref().map(|a| a.1),
                     ..Hold::default()
                 };
                 // What it waits for is its reason from the start.
