@@ -47,7 +47,25 @@ pub fn slipway_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_slipway"))
 }
 
+/// A port for a test to listen on. Below the kernel's ephemeral range
+/// (32768–60999 here): ports from `bind(:0)` — the instances Slipway
+/// starts, outgoing connections — come from there, and a port picked there
+/// and used a moment later was sometimes taken meanwhile by another test's
+/// instance. Random, so parallel test processes rarely meet; never the same
+/// twice in one process; checked free by binding it.
 pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..1000 {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
