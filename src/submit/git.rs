@@ -81,6 +81,12 @@ impl Submitter {
     }
 
     pub async fn accepted_revision(&self, environment: &str) -> Result<Option<RevisionRecord>, SubmitError> {
+        // Asked on every deploy and by the gate loop each second: the
+        // newest few records nearly always hold it; only a run of
+        // rejections makes it look further back.
+        if let Some(r) = self.revisions(environment, 20).await?.into_iter().find(|r| r.accepted()) {
+            return Ok(Some(r));
+        }
         Ok(self.revisions(environment, 1000).await?.into_iter().find(|r| r.accepted()))
     }
 
@@ -104,6 +110,8 @@ impl Submitter {
     /// Accept or reject `commit` for `environment` (once: a commit decided
     /// before returns its record).
     pub async fn decide_commit(&self, environment: &str, mirror: &Mirror, commit: &str) -> Result<RevisionRecord, SubmitError> {
+        // The node's own config, read once for the whole decision.
+        let disk = self.config().await?.config;
         let history = self.revisions(environment, 1000).await?;
         let current = history.iter().find(|r| r.accepted());
         let previous = current.map(|r| r.commit.clone());
@@ -146,7 +154,7 @@ impl Submitter {
             event: 0,
         };
         let tmp = mirror.dir.with_extension(format!("checkout.{}", rand::random::<u32>()));
-        let checked = self.check_commit(environment, mirror, commit, &tmp).await;
+        let checked = self.check_commit(environment, &disk, mirror, commit, &tmp).await;
         let _ = std::fs::remove_dir_all(&tmp);
         let (config, rev) = match checked {
             Ok(x) => x,
@@ -172,11 +180,10 @@ impl Submitter {
             record.jobs = changes::touched(&config, environment, &record.changed);
         }
         if let Some(cur) = current {
-            record.redeploy = self.respecified(environment, cur, &config).await?;
+            record.redeploy = self.respecified(environment, &disk, cur, &config).await?;
         }
         self.store.put_revision(&rev).await?;
         record.changed.truncate(1000);
-        let disk = self.config().await?.config;
         let source = Source { disk, config, environment: environment.to_string(), revision: None, revision_id: rev.id.clone() };
         let won = if record.jobs.is_empty() {
             // (record_event says whether the key was taken before.)
@@ -211,10 +218,9 @@ impl Submitter {
 
     /// Services the environment runs whose spec differs between the
     /// current accepted commit and `config`.
-    async fn respecified(&self, environment: &str, current: &RevisionRecord, config: &config::Config) -> Result<Vec<String>, SubmitError> {
+    async fn respecified(&self, environment: &str, disk: &config::Config, current: &RevisionRecord, config: &config::Config) -> Result<Vec<String>, SubmitError> {
         let Some(old) = self.store.revision(&current.revision).await? else { return Ok(vec![]) };
-        let node = self.config().await?.config.environment_names();
-        let Ok(old) = parse_for(environment, &node, "previous", &old.config_text) else { return Ok(vec![]) };
+        let Ok(old) = parse_for(environment, &disk.environment_names(), "previous", &old.config_text) else { return Ok(vec![]) };
         let running = self.store.services().await?;
         Ok(config
             .services
@@ -245,7 +251,7 @@ impl Submitter {
 
     /// Check out and validate a commit: its config, as a revision whose id
     /// is the commit.
-    async fn check_commit(&self, environment: &str, mirror: &Mirror, commit: &str, dir: &std::path::Path) -> Result<(config::Config, revision::Revision), Checked> {
+    async fn check_commit(&self, environment: &str, disk: &config::Config, mirror: &Mirror, commit: &str, dir: &std::path::Path) -> Result<(config::Config, revision::Revision), Checked> {
         let unavailable = |e: String| Checked::Unavailable(e);
         mirror.checkout(commit, dir).await.map_err(|e| match e {
             // A tree too large for a revision is the commit's fault.
@@ -269,8 +275,7 @@ impl Submitter {
             _ => unavailable(format!("cannot read {}: {e}", file.display())),
         })?;
         let shown = if mirror.source.path.is_empty() { format!("{}@{}", config::CONFIG_FILE, revision::short(commit)) } else { format!("{}/{}@{}", mirror.source.path, config::CONFIG_FILE, revision::short(commit)) };
-        let node = self.config().await.map_err(|e| unavailable(e.to_string()))?.config.environment_names();
-        let config = parse_for(environment, &node, &shown, &text).map_err(|e| Checked::Invalid(e.render(false)))?;
+        let config = parse_for(environment, &disk.environment_names(), &shown, &text).map_err(|e| Checked::Invalid(e.render(false)))?;
         let (dir, path) = (dir.to_path_buf(), mirror.source.path.clone());
         let commit = commit.to_string();
         tokio::task::spawn_blocking(move || {

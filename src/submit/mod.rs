@@ -72,6 +72,8 @@ pub struct Submitter {
     /// One decision on an environment's config commits at a time on this
     /// node (a push and a poll at once would fetch and check twice).
     pub deciding: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Configs of accepted commits, parsed once: (environment, revision).
+    pub parsed: std::sync::Mutex<std::collections::HashMap<(String, String), config::Config>>,
 }
 
 /// Keys Slipway derives itself (deliveries, commits, promotions): a
@@ -334,8 +336,20 @@ impl Submitter {
         let disk = self.config().await?;
         let Some(git) = disk.config.environment(environment).and_then(|e| e.git.clone()) else { return Ok(disk.config) };
         let accepted = self.accepted_revision(environment).await?.ok_or_else(|| SubmitError::Conflict(format!("environment {environment} has no accepted commit of {} yet", git.shown())))?;
+        let cache_key = (environment.to_string(), accepted.revision.clone());
+        if let Some(c) = self.parsed.lock().ok().and_then(|m| m.get(&cache_key).cloned()) {
+            return Ok(c);
+        }
         let rev = self.store.revision(&accepted.revision).await?.ok_or_else(|| SubmitError::Invalid(format!("revision {} of environment {environment} is not in the store", accepted.revision)))?;
-        parse_for(environment, &disk.config.environment_names(), &format!("{}@{}", git.shown(), accepted.short()), &rev.config_text).map_err(SubmitError::Config)
+        let config = parse_for(environment, &disk.config.environment_names(), &format!("{}@{}", git.shown(), accepted.short()), &rev.config_text).map_err(SubmitError::Config)?;
+        if let Ok(mut m) = self.parsed.lock() {
+            // A few environments, each at one commit at a time.
+            if m.len() >= 64 {
+                m.clear();
+            }
+            m.insert(cache_key, config.clone());
+        }
+        Ok(config)
     }
 
     async fn submit_selection(&self, sub: Submission) -> Result<Submitted, SubmitError> {

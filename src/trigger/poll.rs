@@ -11,8 +11,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::submit::Submitter;
 
+const CONFIG_EVERY: Duration = Duration::from_secs(5);
+
 pub async fn run(submitter: Arc<Submitter>, shutdown: CancellationToken) {
     let mut last: HashMap<String, Instant> = HashMap::new();
+    // The node's config, read again every few seconds, not every tick.
+    let mut config: Option<(Instant, crate::config::Config)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -20,8 +24,14 @@ pub async fn run(submitter: Arc<Submitter>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Ok(loaded) = submitter.config().await else { continue };
-        for env in &loaded.config.environments {
+        if config.as_ref().is_none_or(|(at, _)| at.elapsed() >= CONFIG_EVERY) {
+            match submitter.config().await {
+                Ok(l) => config = Some((Instant::now(), l.config)),
+                Err(_) => continue,
+            }
+        }
+        let Some((_, current)) = &config else { continue };
+        for env in &current.environments {
             let Some(git) = &env.git else { continue };
             // Every git environment is fetched once when the node starts
             // (a push may have been missed while it was down); after that
