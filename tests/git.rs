@@ -362,13 +362,16 @@ async fn issue6_a_polled_branch_is_followed_without_a_webhook() {
     let _ = tokio::time::timeout(Duration::from_secs(10), n.node.task).await;
 }
 
+/// What the test's HTTP server saw: path and Authorization header.
+type Requests = std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
+
 // Issue 6: a private repository's credentials come from a [secret], reach git's HTTP request, and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn issue6_git_credentials_come_from_a_secret_and_are_never_shown() {
     const TOKEN: &str = "tok-secret-4711";
-    let seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>> = Default::default();
+    let seen: Requests = Default::default();
     let app = axum::Router::new()
-        .fallback(|axum::extract::State(seen): axum::extract::State<std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>>, req: axum::extract::Request| async move {
+        .fallback(|axum::extract::State(seen): axum::extract::State<Requests>, req: axum::extract::Request| async move {
             let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
             seen.lock().unwrap().push((req.uri().to_string(), auth));
             (axum::http::StatusCode::NOT_FOUND, "no such repository")
