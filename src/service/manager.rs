@@ -20,6 +20,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::health;
+use super::ports::PORTS;
 use super::proxy::Proxy;
 use crate::config::service::{ServiceSpec, Strategy};
 use crate::store::{Outcome, ServiceEvent, ServiceRow, Store, now_ms};
@@ -124,10 +125,6 @@ fn spec_digest(spec: &ServiceSpec) -> String {
     hex::encode(&sha2::Sha256::digest(json.as_bytes())[..8])
 }
 
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| format!("cannot find a free port: {e}"))
-}
-
 /// Health checks and verifies: no pooled connections (an instance may be gone).
 pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
     crate::http::client(|b| b.connect_timeout(Duration::from_secs(2)).pool_max_idle_per_host(0))
@@ -207,7 +204,16 @@ impl ServiceManager {
     }
 
     async fn start_one(&self, environment: &str, g: &Generation) -> Result<Arc<dyn Instance>, String> {
-        let port = free_port()?;
+        let port = PORTS.reserve()?;
+        let started = self.start_on(environment, g, port).await;
+        match &started {
+            Ok(i) => PORTS.hold(i),
+            Err(_) => PORTS.release(port),
+        }
+        started
+    }
+
+    async fn start_on(&self, environment: &str, g: &Generation, port: u16) -> Result<Arc<dyn Instance>, String> {
         // In a container, `{port}` is the port inside it.
         let values = self.values(environment, g, g.spec.container.as_ref().map(|c| c.port).unwrap_or(port));
         let c = g.spec.container.as_ref();
@@ -739,6 +745,7 @@ impl ServiceManager {
         let spec_digest = spec_digest(&g.spec);
         let wanted = crate::target::Adoptable { environment, service: &g.spec.name, version: &g.version, image: image.as_deref(), spec_digest: &spec_digest };
         let found = target.adopt(&wanted).await;
+        found.iter().for_each(|i| PORTS.hold(i));
         let checks = found.iter().map(|i| {
             let values = self.values(environment, g, i.addr().port());
             let i = i.clone();

@@ -3,11 +3,13 @@
 //!
 //! - [`proxy`]: the reverse proxy on a service's stable address; rollouts
 //!   move traffic by swapping its backend set.
+//! - `ports`: host ports for instances, never handed out twice while in use.
 
 pub mod proxy;
 pub mod artifact;
 pub mod health;
 pub mod manager;
+mod ports;
 
 pub use manager::{RolloutRequest, ServiceManager};
 
