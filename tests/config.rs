@@ -459,3 +459,22 @@ fn the_readme_config_reference_is_valid() {
         panic!("README's config does not validate:\n{}", e.reports().into_iter().map(|r| format!("{}:{} {}", r.line.unwrap_or(0), r.column.unwrap_or(0), r.message)).collect::<Vec<_>>().join("\n"));
     }
 }
+
+// Issue 6: deploy windows in a time zone; a bad zone or window is reported
+// at its place, together with the other mistakes.
+#[test]
+fn issue6_environment_time_zones_and_windows() {
+    let c = config::parse(
+        "slipway.toml",
+        "[[environment]]\nname = \"production\"\ntimezone = \"America/New_York\"\nwindows = [\"mon-fri 09:00-17:00\"]\n",
+    )
+    .expect("valid");
+    let prod = c.environment("production").expect("production");
+    assert_eq!(prod.timezone.name, "America/New_York");
+    assert_eq!(prod.windows_text(), "mon-fri 09:00-17:00 America/New_York");
+    // 2026-11-23 (Monday) 14:00 UTC is 09:00 in New York (UTC-5).
+    assert!(prod.window_open(1_795_392_000 + 14 * 3600) && !prod.window_open(1_795_392_000 + 14 * 3600 - 60));
+    insta::assert_snapshot!(problems(
+        "[[environment]]\nname = \"production\"\ntimezone = \"Mars/Olympus_Mons\"\nwindows = [\"24:00-02:00\", \"mon-fri 09:00-17:00\"]\n",
+    ));
+}

@@ -1299,3 +1299,42 @@ async fn the_audit_log_keeps_entries_newest_first() {
         assert!(log[0].id > log[1].id);
     }
 }
+
+// Issue 6: a deployment released inside its deploy window but still queued
+// (behind a lock) when the window closes goes back to waiting; it does not
+// start outside the window. What has no window, or a window still open,
+// stays queued.
+#[tokio::test]
+async fn issue6_a_queued_deployment_whose_window_closed_waits_again() {
+    // 2026-11-23 was a Monday; its noon and its evening, in ms.
+    const MONDAY: i64 = 1_795_392_000;
+    let (noon, evening) = ((MONDAY + 12 * 3600) * 1000, (MONDAY + 20 * 3600) * 1000);
+    let config = slipway::config::parse(
+        "slipway.toml",
+        "[[environment]]\nname = \"production\"\nwindows = [\"mon-fri 09:00-17:00\"]\n\n[[environment]]\nname = \"staging\"\n\n[[job]]\nname = \"j\"\ncommand = [\"true\"]\n",
+    )
+    .expect("config");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for b in backends(&dir).await {
+        let (name, store) = &b;
+        let hold = slipway::store::Hold { window: true, ..Default::default() };
+        let gated = submit(&b, NewDeployment { environment: "production".into(), hold: Some(hold.clone()), ..new_deployment("production/api", jobs(&[("a", &[])])) }).await.deployment_id;
+        let free = submit(&b, new_deployment("staging/api", jobs(&[("a", &[])]))).await.deployment_id;
+        assert_eq!(dep_state(&b, gated).await, DeploymentState::Waiting, "[{name}]");
+        assert!(store.release(gated).await.unwrap_or_else(|e| panic!("[{name}] {e}")), "[{name}] released (its window was open)");
+
+        slipway::gate::hold_back_closed(store, &config, noon).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        assert_eq!(dep_state(&b, gated).await, DeploymentState::Queued, "[{name}] the window is still open at noon");
+
+        slipway::gate::hold_back_closed(store, &config, evening).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        let d = deployment(&b, gated).await;
+        assert_eq!(d.state, DeploymentState::Waiting, "[{name}] the window closed before it started");
+        let reason = d.reason.unwrap_or_default();
+        assert!(reason.contains("deploy window of production") && reason.contains("closed while it was queued"), "[{name}] {reason}");
+        assert_eq!(store.hold(gated).await.unwrap_or_else(|e| panic!("[{name}] {e}")).and_then(|h| h.waiting_for), Some(reason.clone()), "[{name}]");
+        assert_eq!(dep_state(&b, free).await, DeploymentState::Queued, "[{name}] no window, no hold");
+        // Nothing it could start: the held-back one is not activated.
+        let started = store.activate(N1, LEASE).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        assert_eq!(started, vec![free], "[{name}]");
+    }
+}

@@ -25,25 +25,55 @@ pub struct Environment {
     pub approval: bool,
     /// Deploys start only inside one of these (empty: any time).
     pub windows: Vec<Window>,
+    /// The zone `windows` are in (UTC unless `timezone` says otherwise).
+    pub timezone: Zone,
+}
+
+/// A time zone from the tz database, with the name it was given.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    pub name: String,
+    pub tz: jiff::tz::TimeZone,
+}
+
+impl Default for Zone {
+    fn default() -> Self {
+        Zone { name: "UTC".into(), tz: jiff::tz::TimeZone::UTC }
+    }
+}
+
+impl Zone {
+    pub fn get(name: &str) -> Result<Zone, String> {
+        jiff::tz::TimeZone::get(name).map(|tz| Zone { name: name.to_string(), tz }).map_err(|e| format!("unknown time zone {name:?}: {e}"))
+    }
+
+    fn at(&self, at: i64) -> jiff::ZonedDateTime {
+        jiff::Timestamp::from_second(at).unwrap_or(jiff::Timestamp::UNIX_EPOCH).to_zoned_datetime(self.tz.clone())
+    }
+
+    /// `at` (ms since the epoch) as "Tue 09:00:00 CET", in this zone.
+    pub fn clock(&self, ms: i64) -> String {
+        self.at(ms.div_euclid(1000)).strftime("%a %H:%M:%S %Z").to_string()
+    }
 }
 
 impl Environment {
     pub fn named(name: &str) -> Self {
-        Environment { name: name.to_string(), span: 0..0, git: None, promote_from: None, promote_from_span: None, soak: Duration::ZERO, approval: false, windows: vec![] }
+        Environment { name: name.to_string(), span: 0..0, git: None, promote_from: None, promote_from_span: None, soak: Duration::ZERO, approval: false, windows: vec![], timezone: Zone::default() }
     }
 
     /// Whether `at` (seconds since the epoch) is inside a deploy window.
     pub fn window_open(&self, at: i64) -> bool {
-        self.windows.is_empty() || self.windows.iter().any(|w| w.contains(at))
+        self.windows.is_empty() || self.windows.iter().any(|w| w.contains(at, &self.timezone))
     }
 
     /// When the next window opens after `at` (seconds since the epoch).
     pub fn next_window(&self, at: i64) -> Option<i64> {
-        self.windows.iter().filter_map(|w| w.next_open(at)).min()
+        self.windows.iter().filter_map(|w| w.next_open(at, &self.timezone)).min()
     }
 
     pub fn windows_text(&self) -> String {
-        self.windows.iter().map(|w| w.text.clone()).collect::<Vec<_>>().join(", ")
+        format!("{} {}", self.windows.iter().map(|w| w.text.as_str()).collect::<Vec<_>>().join(", "), self.timezone.name)
     }
 }
 
@@ -120,13 +150,14 @@ pub fn redact_userinfo(url: &str) -> String {
     }
 }
 
-/// A weekly window in UTC: days of the week and a time range. A range
-/// whose end is before its start runs past midnight.
+/// A weekly window in the environment's zone: days of the week and a
+/// time range of wall-clock time. A range whose end is before its start
+/// runs past midnight.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
     /// Bit 0 = Monday … bit 6 = Sunday: the days the window *opens*.
     pub days: u8,
-    /// Minutes after midnight, UTC.
+    /// Minutes after midnight, wall-clock time.
     pub start: u32,
     pub end: u32,
     pub text: String,
@@ -172,12 +203,16 @@ impl Window {
         if start == end {
             return Err("the window starts and ends at the same time".into());
         }
-        Ok(Window { days, start, end, text: format!("{s} UTC") })
+        if start == 24 * 60 {
+            return Err("a window cannot start at 24:00 (use 00:00 of the next day)".into());
+        }
+        Ok(Window { days, start, end, text: s.to_string() })
     }
 
-    /// Whether `at` (seconds since the epoch, UTC) is inside.
-    pub fn contains(&self, at: i64) -> bool {
-        let (day, minute) = day_minute(at);
+    /// Whether `at` (seconds since the epoch) is inside, on `zone`'s
+    /// wall clock.
+    pub fn contains(&self, at: i64, zone: &Zone) -> bool {
+        let (day, minute) = day_minute(&zone.at(at));
         if self.start < self.end {
             self.days & (1 << day) != 0 && minute >= self.start && minute < self.end
         } else {
@@ -187,18 +222,37 @@ impl Window {
         }
     }
 
-    /// The next opening strictly after `at` (within eight days).
-    pub fn next_open(&self, at: i64) -> Option<i64> {
-        let midnight = at - at.rem_euclid(86_400);
-        (0..8).map(|d| midnight + d * 86_400 + self.start as i64 * 60).find(|t| *t > at && self.days & (1 << day_minute(*t).0) != 0)
+    /// The next opening strictly after `at` (within eight days), in
+    /// seconds since the epoch. An opening in a daylight-saving gap
+    /// (02:30 on the night clocks skip from 02:00 to 03:00) is at the end
+    /// of the gap, where [`Window::contains`] starts to say yes.
+    pub fn next_open(&self, at: i64, zone: &Zone) -> Option<i64> {
+        let open = jiff::civil::Time::new((self.start / 60) as i8, (self.start % 60) as i8, 0, 0).ok()?;
+        let mut date = zone.at(at).date();
+        for _ in 0..8 {
+            let mut t = zone.tz.to_timestamp(date.to_datetime(open)).ok()?.as_second();
+            if zone.at(t).time() != open {
+                // In a gap: back to the first minute the wall clock shows
+                // past the opening time (gaps are at most a few hours).
+                for _ in 0..240 {
+                    if !self.contains(t - 60, zone) {
+                        break;
+                    }
+                    t -= 60;
+                }
+            }
+            if t > at && self.days & (1 << date.weekday().to_monday_zero_offset()) != 0 {
+                return Some(t);
+            }
+            date = date.tomorrow().ok()?;
+        }
+        None
     }
 }
 
-/// (weekday with Monday = 0, minute of the day) of a UTC time.
-fn day_minute(at: i64) -> (u32, u32) {
-    let days = at.div_euclid(86_400);
-    // 1970-01-01 was a Thursday (3 with Monday = 0).
-    (((days + 3).rem_euclid(7)) as u32, (at.rem_euclid(86_400) / 60) as u32)
+/// (weekday with Monday = 0, minute of the day) on a wall clock.
+fn day_minute(z: &jiff::ZonedDateTime) -> (u32, u32) {
+    (z.weekday().to_monday_zero_offset() as u32, z.hour() as u32 * 60 + z.minute() as u32)
 }
 
 fn minutes(s: &str) -> Result<u32, String> {
@@ -234,6 +288,7 @@ pub(super) struct RawEnvironment {
     approval: bool,
     #[serde(default)]
     windows: Vec<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -293,10 +348,16 @@ pub(super) fn build(raw: RawEnvironment, secrets: &std::collections::BTreeMap<St
         env.soak = super::duration(s, "soak", problems).unwrap_or_default();
     }
     env.approval = raw.approval;
+    if let Some(tz) = &raw.timezone {
+        match Zone::get(tz.get_ref()) {
+            Ok(z) => env.timezone = z,
+            Err(e) => problems.push(Problem::new(ProblemKind::InvalidValue, Some(tz.span()), e).label("not a time zone").hint("a name from the tz database, e.g. \"Europe/Berlin\" or \"America/New_York\"")),
+        }
+    }
     for w in &raw.windows {
         match Window::parse(w.get_ref()) {
             Ok(win) => env.windows.push(win),
-            Err(e) => problems.push(Problem::new(ProblemKind::InvalidValue, Some(w.span()), format!("invalid deploy window: {e}")).label("invalid window").hint("e.g. \"mon-fri 09:00-17:00\" or \"sat 10:00-12:00\" (UTC)")),
+            Err(e) => problems.push(Problem::new(ProblemKind::InvalidValue, Some(w.span()), format!("invalid deploy window: {e}")).label("invalid window").hint("e.g. \"mon-fri 09:00-17:00\" or \"sat 10:00-12:00\" (in the environment's `timezone`, UTC by default)")),
         }
     }
     env
@@ -311,25 +372,50 @@ mod tests {
 
     #[test]
     fn windows_open_on_their_days_and_hours() {
-        assert_eq!(day_minute(MONDAY), (0, 0));
+        let utc = Zone::default();
+        assert_eq!(day_minute(&utc.at(MONDAY)), (0, 0));
         let w = Window::parse("mon-fri 09:00-17:00").unwrap();
-        assert!(w.contains(MONDAY + 9 * 3600));
-        assert!(!w.contains(MONDAY + 17 * 3600));
-        assert!(!w.contains(MONDAY + 5 * 86_400 + 10 * 3600), "saturday");
-        assert_eq!(w.next_open(MONDAY + 17 * 3600), Some(MONDAY + 86_400 + 9 * 3600));
-        assert_eq!(w.next_open(MONDAY + 4 * 86_400 + 18 * 3600), Some(MONDAY + 7 * 86_400 + 9 * 3600), "friday evening → monday");
+        assert!(w.contains(MONDAY + 9 * 3600, &utc));
+        assert!(!w.contains(MONDAY + 17 * 3600, &utc));
+        assert!(!w.contains(MONDAY + 5 * 86_400 + 10 * 3600, &utc), "saturday");
+        assert_eq!(w.next_open(MONDAY + 17 * 3600, &utc), Some(MONDAY + 86_400 + 9 * 3600));
+        assert_eq!(w.next_open(MONDAY + 4 * 86_400 + 18 * 3600, &utc), Some(MONDAY + 7 * 86_400 + 9 * 3600), "friday evening → monday");
         let night = Window::parse("sun 22:00-02:00").unwrap();
-        assert!(night.contains(MONDAY - 3600), "sunday 23:00");
-        assert!(night.contains(MONDAY + 3600), "monday 01:00, opened sunday");
-        assert!(!night.contains(MONDAY + 22 * 3600 + 60), "monday 22:01");
+        assert!(night.contains(MONDAY - 3600, &utc), "sunday 23:00");
+        assert!(night.contains(MONDAY + 3600, &utc), "monday 01:00, opened sunday");
+        assert!(!night.contains(MONDAY + 22 * 3600 + 60, &utc), "monday 22:01");
         let sat_sun = Window::parse("sat,sun 10:00-12:00").unwrap();
         assert_eq!(sat_sun.days, 0b110_0000);
-        assert!(Window::parse("fri-mon 10:00-11:00").unwrap().contains(MONDAY + 10 * 3600));
+        assert!(Window::parse("fri-mon 10:00-11:00").unwrap().contains(MONDAY + 10 * 3600, &utc));
+    }
+
+    #[test]
+    fn windows_follow_their_time_zone_across_daylight_saving() {
+        let berlin = Zone::get("Europe/Berlin").expect("tz database");
+        let w = Window::parse("mon-fri 09:00-17:00").unwrap();
+        // November: Berlin is UTC+1, so 09:00 there is 08:00 UTC.
+        assert!(!w.contains(MONDAY + 7 * 3600 + 59 * 60, &berlin));
+        assert!(w.contains(MONDAY + 8 * 3600, &berlin));
+        assert!(!w.contains(MONDAY + 16 * 3600, &berlin), "17:00 in Berlin");
+        assert_eq!(w.next_open(MONDAY, &berlin), Some(MONDAY + 8 * 3600));
+        assert_eq!(berlin.clock((MONDAY + 8 * 3600) * 1000), "Mon 09:00:00 CET");
+        // 2026-07-06 was a Monday; in summer Berlin is UTC+2.
+        let july = 1_783_296_000;
+        assert!(w.contains(july + 7 * 3600, &berlin), "09:00 CEST");
+        assert!(!w.contains(july + 15 * 3600, &berlin), "17:00 CEST");
+        // Clocks went forward on Sunday 2026-03-29 from 02:00 to 03:00: a
+        // window opening at 02:30 that night opens at 03:00 CEST (01:00 UTC).
+        let gap = Window::parse("sun 02:30-04:00").unwrap();
+        let saturday_noon = 1_774_699_200; // 2026-03-28 12:00 UTC
+        assert_eq!(gap.next_open(saturday_noon, &berlin), Some(1_774_746_000));
+        assert!(gap.contains(1_774_746_000, &berlin) && !gap.contains(1_774_746_000 - 1, &berlin));
+        let e = Zone::get("Mars/Olympus_Mons").unwrap_err();
+        assert!(e.contains("unknown time zone \"Mars/Olympus_Mons\""), "{e}");
     }
 
     #[test]
     fn bad_windows_say_what_is_wrong() {
-        for (w, says) in [("mon-fry 09:00-17:00", "unknown day"), ("09:00", "time range"), ("25:00-26:00", "not a time"), ("10:00-10:00", "same time")] {
+        for (w, says) in [("mon-fry 09:00-17:00", "unknown day"), ("09:00", "time range"), ("25:00-26:00", "not a time"), ("10:00-10:00", "same time"), ("24:00-02:00", "cannot start at 24:00")] {
             let e = Window::parse(w).unwrap_err();
             assert!(e.contains(says), "{w}: {e}");
         }

@@ -28,29 +28,25 @@ pub enum Verdict {
     Drop(String),
 }
 
-fn clock(ms: Millis) -> String {
-    let s = ms / 1000;
-    let days = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    let day = days[(s.div_euclid(86_400)).rem_euclid(7) as usize];
-    format!("{day} {:02}:{:02}:{:02} UTC", s.rem_euclid(86_400) / 3600, s.rem_euclid(3600) / 60, s.rem_euclid(60))
-}
-
 /// What `hold` still waits for at `now`, in words; None when nothing.
 pub fn waits(hold: &Hold, env: Option<&Environment>, now: Millis) -> Option<Vec<String>> {
     let mut w = Vec::new();
     let env_name = env.map(|e| e.name.as_str()).unwrap_or("this environment");
+    // Times in the environment's zone, the one its windows are written in.
+    let utc = crate::config::environment::Zone::default();
+    let zone = env.map(|e| &e.timezone).unwrap_or(&utc);
     if hold.approval && hold.approved_by.is_none() {
         w.push(format!("approval by an approver of {env_name}"));
     }
     if hold.not_before > now {
         let left = Duration::from_millis((hold.not_before - now) as u64);
         let from = hold.source_environment.as_deref().unwrap_or("its source environment");
-        w.push(format!("soak in {from} until {} ({} more)", clock(hold.not_before), crate::plan::format_duration(left)));
+        w.push(format!("soak in {from} until {} ({} more)", zone.clock(hold.not_before), crate::plan::format_duration(left)));
     }
     if hold.window
         && let Some(env) = env
         && !env.window_open(now / 1000) {
-            let next = env.next_window(now / 1000).map(|t| format!("; next opens {}", clock(t * 1000))).unwrap_or_default();
+            let next = env.next_window(now / 1000).map(|t| format!("; next opens {}", zone.clock(t * 1000))).unwrap_or_default();
             w.push(format!("the deploy window of {} ({}){next}", env.name, env.windows_text()));
         }
     (!w.is_empty()).then_some(w)
@@ -107,6 +103,25 @@ pub async fn run(store: Arc<dyn Store>, submitter: Arc<Submitter>, shutdown: Can
     }
 }
 
+/// A deployment released inside its window may still wait in the queue
+/// (behind a lock) until the window closes: it goes back to waiting for
+/// the next one rather than start outside it. What already started runs
+/// to its end.
+pub async fn hold_back_closed(store: &Arc<dyn Store>, config: &Config, now: Millis) -> Result<(), crate::store::StoreError> {
+    for (d, hold) in store.queued_in_windows().await? {
+        let Some(env) = config.environment(&d.environment) else { continue };
+        if env.window_open(now / 1000) {
+            continue;
+        }
+        let Some(waits) = waits(&hold, Some(env), now) else { continue };
+        let what = format!("waiting for {} (its window closed while it was queued)", waits.join("; "));
+        if store.hold_back(d.id, &what).await? {
+            tracing::info!(deployment = d.id, environment = %d.environment, "the deploy window closed before it started: waiting again");
+        }
+    }
+    Ok(())
+}
+
 /// A promotion that could not be submitted is not tried again for this
 /// long (it would fail the same way every second, on every node).
 const PROMOTION_BACKOFF: Duration = Duration::from_secs(60);
@@ -118,12 +133,15 @@ async fn once(store: &Arc<dyn Store>, submitter: &Submitter, failed: &mut HashMa
         Err(_) => return Ok(()),
     };
     let has_promotions = config.environments.iter().any(|e| e.promote_from.is_some());
+    let now = crate::store::now_ms();
+    if config.environments.iter().any(|e| !e.windows.is_empty()) {
+        hold_back_closed(store, &config, now).await?;
+    }
     let holds = store.holds().await?;
     if holds.is_empty() && !has_promotions {
         return Ok(());
     }
     let services = store.services().await?;
-    let now = crate::store::now_ms();
     for (d, hold) in holds {
         let env = config.environment(&d.environment);
         let source_version = hold.source_environment.as_ref().and_then(|from| {

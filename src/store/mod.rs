@@ -571,6 +571,12 @@ pub trait Store: Send + Sync + 'static {
     async fn set_waiting_for(&self, deployment: i64, what: &str) -> Result<()>;
     /// `waiting` → `queued`; false if it was no longer waiting.
     async fn release(&self, deployment: i64) -> Result<bool>;
+    /// Queued deployments that may start only inside a deploy window
+    /// (oldest first), with their holds.
+    async fn queued_in_windows(&self) -> Result<Vec<(DeploymentRow, Hold)>>;
+    /// `queued` → `waiting` again, saying why (its window closed before
+    /// it could start); false if it was no longer queued.
+    async fn hold_back(&self, deployment: i64, waiting_for: &str) -> Result<bool>;
     /// End a waiting deployment that can no longer go ahead (the version
     /// it promotes left its source environment), with the reason.
     async fn drop_waiting(&self, deployment: i64, reason: &str) -> Result<bool>;

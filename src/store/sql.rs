@@ -1200,6 +1200,33 @@ impl Store for SqlStore {
         Ok(n > 0)
     }
 
+    async fn queued_in_windows(&self) -> Result<Vec<(DeploymentRow, Hold)>> {
+        let op = "list queued deployments in windows";
+        let cols = DEPLOYMENT_COLUMNS.split(", ").map(|c| format!("d.{c}")).collect::<Vec<_>>().join(", ");
+        let rows = query_dyn(format!("SELECT {cols}, {HOLD_COLUMNS} FROM deployments d JOIN holds h ON h.deployment_id = d.id WHERE d.state = 'queued' AND h.in_window = 1 ORDER BY d.id"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
+        rows.iter().map(|r| Ok((deployment_row(r)?, hold_row(r)?))).collect()
+    }
+
+    async fn hold_back(&self, deployment: i64, waiting_for: &str) -> Result<bool> {
+        let op = "hold back a queued deployment";
+        let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+        let n = sqlx::query("UPDATE deployments SET state = 'waiting', reason = $1 WHERE id = $2 AND state = 'queued'")
+            .bind(waiting_for)
+            .bind(deployment)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?
+            .rows_affected();
+        if n > 0 {
+            sqlx::query("UPDATE holds SET waiting_for = $1 WHERE deployment_id = $2").bind(waiting_for).bind(deployment).execute(&mut *tx).await.map_err(StoreError::query(op))?;
+        }
+        tx.commit().await.map_err(StoreError::query(op))?;
+        Ok(n > 0)
+    }
+
     async fn drop_waiting(&self, deployment: i64, reason: &str) -> Result<bool> {
         let op = "drop waiting deployment";
         let now = now_ms();
