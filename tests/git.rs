@@ -413,3 +413,98 @@ async fn issue6_git_credentials_come_from_a_secret_and_are_never_shown() {
     n.node.shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), n.node.task).await;
 }
+
+// Issue 6: a commit that changes a service's definition while a promotion of
+// it waits (here for its soak) does not lose the promotion: the promotion is
+// submitted again on the new commit, same version, still a promotion; no
+// redeploy of the older running version supersedes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue6_a_definition_change_keeps_a_waiting_promotion() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(scratch.path()).await {
+        let repo = tempfile::tempdir().expect("repo");
+        git(repo.path(), &["init", "-q", "-b", "main"]);
+        let (staging_port, production_port) = (common::free_port(), common::free_port());
+        let repo_config = |instances: u32| {
+            format!(
+                r#"
+[[service]]
+name = "web"
+follows = "ghcr.io/o/web"
+auto_deploy = ["staging", "production"]
+listen = {{ staging = "127.0.0.1:{staging_port}", production = "127.0.0.1:{production_port}" }}
+instances = {instances}
+command = ["{}", "serve", "--port", "{{port}}", "--version", "{{version}}"]
+health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
+"#,
+                env!("CARGO_BIN_EXE_slipway-demo")
+            )
+        };
+        let node_config = format!(
+            r#"
+[[environment]]
+name = "staging"
+[environment.git]
+url = "{0}"
+
+[[environment]]
+name = "production"
+promote_from = "staging"
+soak = "1h"
+[environment.git]
+url = "{0}"
+"#,
+            repo.path().display()
+        );
+        let c1 = commit(repo.path(), &[("slipway.toml", &repo_config(1))], "first");
+        let dir = common::config_dir(&node_config, &[]);
+        let mut cfg = SchedulerConfig::new("git", dir.path().join(".slipway/work"));
+        cfg.poll = Duration::from_millis(100);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "git-test".into() });
+        let http = slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client");
+        let n = Node { base: format!("http://{}", node.addr), http, node, dir };
+        for env in ["staging", "production"] {
+            let (s, r) = n.post(&format!("/api/v1/environments/{env}/revisions/check"), json!(null)).await;
+            assert_eq!((s, r["commit"].as_str()), (200, Some(c1.as_str())), "{backend} {env}: {r}");
+        }
+
+        // Production runs 0.9 (deployed by hand: soak is for promotions);
+        // 1.0 succeeds in staging and its promotion waits for the soak.
+        for (env, version) in [("production", "0.9"), ("staging", "1.0")] {
+            let (s, e) = n.post("/api/v1/events", json!({"kind": "deploy", "service": "web", "version": version, "environment": env})).await;
+            assert_eq!(s, 202, "{backend}: {e}");
+            let d = n.wait_done(e["deployment_id"].as_i64().expect("id")).await;
+            assert_eq!(d["deployment"]["state"], "succeeded", "{backend}: {d}");
+        }
+        let waiting = |list: &Value| list.as_array().into_iter().flatten().find(|d| d["environment"] == "production" && d["state"] == "waiting").cloned();
+        let mut promotion = Value::Null;
+        for _ in 0..200 {
+            if let Some(p) = waiting(&n.get("/api/v1/deployments?limit=20").await) {
+                promotion = p;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!((promotion["version"].as_str(), promotion["revision"].as_str()), (Some("1.0"), Some(c1.as_str())), "{promotion}");
+
+        // A commit giving web two instances, decided in production.
+        let c2 = commit(repo.path(), &[("slipway.toml", &repo_config(2))], "two instances");
+        let (s, r) = n.post("/api/v1/environments/production/revisions/check", json!(null)).await;
+        assert_eq!((s, r["commit"].as_str(), r["redeploy"].clone()), (200, Some(c2.as_str()), json!(["web"])), "{backend}: {r}");
+        let list = n.get("/api/v1/deployments?limit=20").await;
+        let again = waiting(&list).unwrap_or_else(|| panic!("{backend}: the promotion still waits: {list}"));
+        assert_ne!(again["id"], promotion["id"], "{backend}: submitted again");
+        assert_eq!((again["version"].as_str(), again["revision"].as_str()), (Some("1.0"), Some(c2.as_str())), "{backend}: {again}");
+        assert!(again["reason"].as_str().unwrap_or("").contains("soak in staging"), "{backend}: {again}");
+        let old = n.get(&format!("/api/v1/deployments/{}", promotion["id"])).await;
+        assert_eq!((old["deployment"]["state"].as_str(), &old["deployment"]["superseded_by"]), (Some("superseded"), &again["id"]), "{backend}: {old}");
+        assert!(
+            !list.as_array().into_iter().flatten().any(|d| d["environment"] == "production" && d["version"] == "0.9" && d["revision"] == c2.as_str()),
+            "{backend}: no redeploy of 0.9 superseding the promotion: {list}"
+        );
+
+        n.node.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), n.node.task).await;
+    }
+}

@@ -13,7 +13,7 @@ use super::{Source, SubmitError, Submitter, key_of, parse_for};
 use crate::config::{self, revision};
 use crate::git::{GitError, Mirror};
 use crate::plan::changes::{self, Touched};
-use crate::store::NewEvent;
+use crate::store::{DeploymentKind, DeploymentState, NewEvent};
 
 /// What became of a commit (stored as the event's payload).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -234,14 +234,51 @@ impl Submitter {
             .collect())
     }
 
-    /// Deploy each service again at the version (and digest) it runs in
-    /// `environment`, against the revision just accepted; once per commit.
+    /// Roll each service out again on the revision just accepted; once
+    /// per commit. What it is rolled out at is what it is headed for, not
+    /// only what it runs now:
+    /// - a deploy of it still waiting or queued (a promotion in its soak,
+    ///   a deploy waiting for approval) is submitted again on this
+    ///   revision, keeping its version, digest, promotion and approval; a
+    ///   redeploy at the running version would supersede it;
+    /// - else, a deploy (or rollback) of it running now: its version (a
+    ///   redeploy at the version that runs before it ends would undo it);
+    /// - else the version (and digest) it runs.
     async fn redeploy(&self, environment: &str, commit: &str, services: &[String]) {
         let Ok(rows) = self.store.services().await else { return };
+        let in_flight: Vec<crate::store::DeploymentRow> = match self.store.deployments(500, None).await {
+            Ok(list) => list
+                .into_iter()
+                .filter(|d| d.environment == environment && matches!(d.state, DeploymentState::Waiting | DeploymentState::Queued | DeploymentState::Running))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(environment, "services not redeployed after their definition changed: {e}");
+                return;
+            }
+        };
         for name in services {
             let Some(row) = rows.iter().find(|r| r.environment == environment && &r.service == name) else { continue };
-            let payload = serde_json::json!({ "kind": "deploy", "service": name, "version": row.version, "environment": environment, "reason": format!("its definition changed in {}", revision::short(commit)) }).to_string();
-            let request = super::Request::Deploy { service: name.clone(), version: row.version.clone(), environment: Some(environment.to_string()), digest: row.sha256.clone() };
+            let of_it = |states: &[DeploymentState], kinds: &[DeploymentKind]| {
+                in_flight.iter().filter(|d| d.service.as_deref() == Some(name.as_str()) && states.contains(&d.state) && kinds.contains(&d.kind)).max_by_key(|d| d.id)
+            };
+            if let Some(pending) = of_it(&[DeploymentState::Waiting, DeploymentState::Queued], &[DeploymentKind::Deploy]) {
+                let hold = self.store.hold(pending.id).await.ok().flatten().unwrap_or_default();
+                match self.resubmit_if_moved(pending, &hold).await {
+                    Ok(Some(s)) => tracing::info!(environment, service = %name, deployment = s.deployment_id, of = pending.id, "its definition changed: its pending deploy submitted again on the new revision"),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(environment, service = %name, "pending deploy {} not submitted again after the definition changed: {e}", pending.id),
+                }
+                continue;
+            }
+            let (version, digest) = match of_it(&[DeploymentState::Running], &[DeploymentKind::Deploy]) {
+                Some(d) if d.version.as_deref().is_some_and(|v| v != row.version) => {
+                    let digest = self.store.hold(d.id).await.ok().flatten().and_then(|h| h.digest);
+                    (d.version.clone().unwrap_or_default(), digest)
+                }
+                _ => (row.version.clone(), row.sha256.clone()),
+            };
+            let payload = serde_json::json!({ "kind": "deploy", "service": name, "version": version, "environment": environment, "reason": format!("its definition changed in {}", revision::short(commit)) }).to_string();
+            let request = super::Request::Deploy { service: name.clone(), version, environment: Some(environment.to_string()), digest };
             match self.submit(request, Some(key_of("git", &[environment, commit, "redeploy", name])), payload).await {
                 Ok(s) => tracing::info!(environment, service = %name, deployment = s.deployment_id, "service redeployed: its definition changed"),
                 Err(e) => tracing::warn!(environment, service = %name, "service not redeployed after its definition changed: {e}"),
