@@ -133,6 +133,13 @@ command = ["true"]
     for line in ["would delete", "1.1.0", "1.1.1, 1.1", "production runs it", "production could roll back to it", "newest 2", "shares its digest with kept tag 1.0.0"] {
         assert!(out.contains(line), "plan lacks {line:?}:\n{out}");
     }
+    // … and `plan --json` has the same dry run, as the API shapes it.
+    let (code, out, err) = slipway(dir.path(), "http://127.0.0.1:9", &["--json", "plan", "--env", "production"]).await;
+    assert_eq!(code, 0, "plan --json: {out}{err}");
+    let planned: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("plan --json: {e}: {out}"));
+    assert!(planned["jobs"].is_array(), "{planned:#}");
+    assert_eq!(planned["retention"]["applied"], false, "{planned:#}");
+    assert_eq!(to_delete(&planned["retention"]), BTreeSet::from([c.clone(), d.clone()]), "{planned:#}");
 
     let (n, base) = node(dir.path(), store.clone()).await;
     let http = slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client");
@@ -278,6 +285,11 @@ command = ["true"]
     let lines: Vec<&str> = out.lines().filter(|l| l.contains(&format!("127.0.0.1:{port}"))).collect();
     assert_eq!(lines.len(), 1, "{out}");
     assert!(lines[0].contains(&format!("not planned: registry 127.0.0.1:{port} cannot be reached")), "{out}");
+    let (code, out, err) = slipway(dir.path(), "http://127.0.0.1:9", &["--json", "plan"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let p: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("plan --json: {e}: {out}"));
+    let errors = p["retention"]["repositories"][0]["errors"].to_string();
+    assert!(errors.contains(&format!("registry 127.0.0.1:{port} cannot be reached")), "{p:#}");
 
     let store = slipway::store::open(&common::sqlite_url(dir.path())).await.expect("store");
     let (n, base) = node(dir.path(), store).await;

@@ -482,12 +482,20 @@ async fn plan_cmd(path: &std::path::Path, a: PlanArgs, json: bool) -> Result<u8,
     let parallelism = a.parallelism.or(loaded.config.project.parallelism).unwrap_or(8);
     let p = plan::build(&loaded.config, &env, &selection, parallelism, &history).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     if json {
-        print_json(&p);
+        let mut v = serde_json::to_value(&p).unwrap_or_default();
+        if let (Some(obj), Some(r)) = (v.as_object_mut(), plan_retention(&loaded.config, &url, sqlite_missing).await) {
+            let r = match r {
+                Ok(info) => serde_json::to_value(info).unwrap_or_default(),
+                Err(note) => serde_json::json!({ "note": note }),
+            };
+            obj.insert("retention".into(), r);
+        }
+        print_json(&v);
     } else if a.dot {
         print!("{}", p.render_dot());
     } else {
         print!("{}", p.render_text());
-        print!("{}", plan_retention(&loaded.config, &url, sqlite_missing).await);
+        print!("{}", render_plan_retention(plan_retention(&loaded.config, &url, sqlite_missing).await));
         if let Some(n) = history_note {
             eprintln!("{n}");
         }
@@ -797,37 +805,38 @@ fn short_digest(d: &str) -> String {
 }
 
 /// `plan`'s retention section: the dry run against what the store
-/// records. Never fails the plan: an unreachable registry or store is one
-/// line saying so.
-async fn plan_retention(config: &config::Config, store_url: &str, sqlite_missing: bool) -> String {
+/// records. None without `keep_tags` anywhere. Never fails the plan: an
+/// unreachable store or registry is a note (per repository, for a
+/// registry).
+async fn plan_retention(config: &config::Config, store_url: &str, sqlite_missing: bool) -> Option<Result<RetentionInfo, String>> {
     if crate::retention::policies(config).is_empty() {
-        return String::new();
+        return None;
     }
-    let mut out = String::from("\nretention (dry run; `slipway retention --apply` deletes):\n");
-    let records = if sqlite_missing {
-        out.push_str("  note: no store yet: nothing is recorded as running\n");
-        Some((vec![], vec![]))
+    let (rows, deployments) = if sqlite_missing {
+        (vec![], vec![])
     } else {
         let read = async {
             let store = crate::store::open(store_url).await?;
             Ok::<_, crate::store::StoreError>((store.services().await?, crate::retention::in_flight(store.as_ref()).await?))
         };
         match tokio::time::timeout(Duration::from_secs(10), read).await {
-            Ok(Ok(r)) => Some(r),
-            Ok(Err(e)) => {
-                out.push_str(&format!("  the store cannot say what runs ({e}): not planned\n"));
-                None
-            }
-            Err(_) => {
-                out.push_str("  the store did not answer in 10s: not planned\n");
-                None
-            }
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Some(Err(format!("the store cannot say what runs ({e}): not planned"))),
+            Err(_) => return Some(Err("the store did not answer in 10s: not planned".into())),
         }
     };
-    let Some((rows, deployments)) = records else { return out };
-    match tokio::time::timeout(Duration::from_secs(60), crate::retention::dry_run(config, &rows, &deployments)).await {
-        Ok(report) => {
-            let info = RetentionInfo::from(report);
+    Some(match tokio::time::timeout(Duration::from_secs(60), crate::retention::dry_run(config, &rows, &deployments)).await {
+        Ok(report) => Ok(RetentionInfo::from(report)),
+        Err(_) => Err("the registries did not answer within 60s: not planned".into()),
+    })
+}
+
+fn render_plan_retention(r: Option<Result<RetentionInfo, String>>) -> String {
+    let Some(r) = r else { return String::new() };
+    let mut out = String::from("\nretention (dry run; `slipway retention --apply` deletes):\n");
+    match r {
+        Err(note) => out.push_str(&format!("  {note}\n")),
+        Ok(info) => {
             for repo in &info.repositories {
                 if let Some(e) = repo.errors.first() {
                     // One line: the plan is about the jobs; this is a note.
@@ -839,7 +848,6 @@ async fn plan_retention(config: &config::Config, store_url: &str, sqlite_missing
                 out.push_str(&format!("  {line}\n"));
             }
         }
-        Err(_) => out.push_str("  the registries did not answer within 60s: not planned\n"),
     }
     out
 }
