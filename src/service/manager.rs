@@ -204,13 +204,25 @@ impl ServiceManager {
     }
 
     async fn start_one(&self, environment: &str, g: &Generation) -> Result<Arc<dyn Instance>, String> {
-        let port = PORTS.reserve()?;
-        let started = self.start_on(environment, g, port).await;
-        match &started {
-            Ok(i) => PORTS.hold(i),
-            Err(_) => PORTS.release(port),
+        let mut tries = 0;
+        loop {
+            let port = PORTS.reserve()?;
+            let started = self.start_on(environment, g, port).await;
+            match &started {
+                Ok(i) => PORTS.hold(i),
+                Err(_) => PORTS.release(port),
+            }
+            // Another process on this host (a second node, anything) may
+            // take the port between our pick and the Engine's bind; the
+            // Engine says so in words, and another port will do.
+            tries += 1;
+            match started {
+                Err(e) if tries < 3 && (e.contains("port is already allocated") || e.contains("address already in use")) => {
+                    tracing::info!(service = %g.spec.name, port, "port taken before the instance bound it; another port: {e}");
+                }
+                other => return other,
+            }
         }
-        started
     }
 
     async fn start_on(&self, environment: &str, g: &Generation, port: u16) -> Result<Arc<dyn Instance>, String> {
