@@ -78,6 +78,13 @@ async fn issue6_every_role_against_every_endpoint() {
         assert_eq!(api.call("GET", "/api/v1/deployments", None, None).await.0, 200, "{backend}");
         let (s, v) = api.call("POST", "/api/v1/tokens", None, Some(json!({"name": "ci", "roles": {"staging": "deployer"}}))).await;
         assert_eq!(s, 400, "{v}");
+        // A request a proxy forwarded is not from this host, though its
+        // connection is from loopback.
+        for header in ["x-forwarded-for", "forwarded"] {
+            let r = api.http.post(format!("{}/api/v1/tokens", api.base)).header(header, "for=203.0.113.9").json(&json!({"name": "root", "roles": {"*": "admin"}})).send().await.expect("post");
+            assert_eq!(r.status().as_u16(), 403, "{backend} {header}");
+            assert!(r.text().await.unwrap_or_default().contains("not through a proxy"), "{backend} {header}");
+        }
         let admin = api.token(None, "root", json!({"*": "admin"})).await;
         // From now on: no token, 401.
         let (s, v) = api.call("GET", "/api/v1/deployments", None, None).await;

@@ -215,8 +215,12 @@ fn refuse(e: ApiError, who: &str) -> Response {
 }
 
 /// Whether a request came from this host (the first token's bootstrap).
-pub fn from_loopback(req_addr: Option<&ConnectInfo<SocketAddr>>) -> bool {
-    req_addr.is_some_and(|c| c.0.ip().is_loopback())
+/// A request a proxy forwarded says so in a header; it came from
+/// wherever the proxy's client is, so it does not count, though the
+/// connection is from loopback.
+pub fn from_loopback(req_addr: Option<&ConnectInfo<SocketAddr>>, headers: &axum::http::HeaderMap) -> bool {
+    const FORWARDED: [&str; 4] = ["forwarded", "x-forwarded-for", "x-real-ip", "x-forwarded-host"];
+    req_addr.is_some_and(|c| c.0.ip().is_loopback()) && !FORWARDED.iter().any(|h| headers.contains_key(*h))
 }
 
 #[cfg(test)]

@@ -637,12 +637,13 @@ async fn create_token(
     State(s): State<Arc<AppState>>,
     axum::Extension(caller): axum::Extension<auth::Caller>,
     addr: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    headers: axum::http::HeaderMap,
     body: Result<Json<TokenRequest>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(req) = body?;
     if caller.name.is_none() {
-        if !auth::from_loopback(addr.as_ref().map(|a| &a.0)) {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the first token can only be created from the Slipway host itself"));
+        if !auth::from_loopback(addr.as_ref().map(|a| &a.0), &headers) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the first token can only be created from the Slipway host itself, not through a proxy (`slipway token create` on it)"));
         }
         if req.roles.get("*") != Some(&auth::Role::Admin) {
             return Err(ApiError::bad_request("the first token must be an admin token for every environment: --role '*=admin'"));
