@@ -2,7 +2,8 @@
 //! (a docker service's `image`, or `follows`), keep the newest `keep_tags`
 //! tags and delete the older ones through the registry API — never one
 //! that an environment runs or could roll back to, nor one a queued or
-//! running deployment is about to deploy.
+//! running deployment is about to deploy. Only the tags the services
+//! follow (their `tags` filters) count and can go.
 //!
 //! [`decide`] is the whole policy and does no IO; [`registry`] is the small
 //! HTTP client that lists, resolves and deletes; [`run`] joins them with
@@ -59,6 +60,9 @@ pub struct TagInfo {
 pub struct Protected {
     pub tags: BTreeMap<String, BTreeSet<String>>,
     pub digests: BTreeMap<String, BTreeSet<String>>,
+    /// Tags no service of the policy follows (outside every `tags`
+    /// filter): not ours to delete, and not counted in the newest N.
+    pub outside: BTreeMap<String, String>,
 }
 
 impl Protected {
@@ -115,6 +119,23 @@ pub fn protected(policy: &Policy, config: &Config, rows: &[ServiceRow], deployme
     p
 }
 
+/// Mark the tags outside the `tags` filters of every service following
+/// the policy's image (with `keep_tags` or not). A service without a
+/// filter follows every tag, and then none is outside.
+pub fn mark_outside(policy: &Policy, config: &Config, tags: &[TagInfo], protect: &mut Protected) {
+    let mut filters = Vec::new();
+    for s in config.services.iter().filter(|s| s.follows.as_deref().is_some_and(|f| f.eq_ignore_ascii_case(&policy.image))) {
+        match &s.tags {
+            Some(f) => filters.push(f),
+            None => return,
+        }
+    }
+    let described = filters.iter().map(|f| f.describe()).collect::<Vec<_>>().join(", ");
+    for t in tags.iter().filter(|t| !filters.iter().any(|f| f.allows(&t.tag))) {
+        protect.outside.insert(t.tag.clone(), format!("outside the tags filter ({described}): not followed"));
+    }
+}
+
 /// A tag that stays, with every reason it does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kept {
@@ -159,17 +180,24 @@ pub fn order_newest_first(tags: &mut [TagInfo]) {
     });
 }
 
-/// The policy. Keeps the newest `keep` tags, every protected tag, every
-/// tag whose digest is protected, and every tag sharing a digest with a
-/// kept one (deleting that digest would take the kept tag with it);
-/// deletes the digests of all the others.
+/// The policy. Keeps the newest `keep` followed tags, every tag outside
+/// the services' filters, every protected tag, every tag whose digest is
+/// protected, and every tag sharing a digest with a kept one (deleting
+/// that digest would take the kept tag with it); deletes the digests of
+/// all the others.
 pub fn decide(tags: &[TagInfo], protected: &Protected, keep: u32) -> Decision {
     let mut tags = tags.to_vec();
     order_newest_first(&mut tags);
     let mut reasons: Vec<Vec<String>> = vec![Vec::new(); tags.len()];
+    let mut followed = 0;
     for (i, t) in tags.iter().enumerate() {
-        if i < keep as usize {
-            reasons[i].push(format!("newest {keep}"));
+        if let Some(why) = protected.outside.get(&t.tag) {
+            reasons[i].push(why.clone());
+        } else {
+            if followed < keep as usize {
+                reasons[i].push(format!("newest {keep}"));
+            }
+            followed += 1;
         }
         reasons[i].extend(protected.tags.get(&t.tag).into_iter().flatten().cloned());
         reasons[i].extend(protected.digests.get(&t.digest).into_iter().flatten().cloned());
@@ -234,12 +262,13 @@ pub async fn dry_run(config: &Config, rows: &[ServiceRow], deployments: &[Deploy
     let mut report = Report { applied: false, repositories: vec![] };
     for policy in policies(config) {
         let mut repo = RepositoryReport { image: policy.image.clone(), keep: policy.keep, services: policy.services.clone(), ..Default::default() };
-        let protect = protected(&policy, config, rows, deployments);
+        let mut protect = protected(&policy, config, rows, deployments);
         match RegistryClient::for_image(&policy.image, &config.registries) {
             Err(e) => repo.errors.push(e.to_string()),
             Ok(client) => match client.resolve_all(&policy.image).await {
                 Err(e) => repo.errors.push(e.to_string()),
                 Ok(tags) => {
+                    mark_outside(&policy, config, &tags, &mut protect);
                     let decision = decide(&tags, &protect, policy.keep);
                     repo.kept = decision.kept;
                     repo.delete = decision.delete;
@@ -369,6 +398,17 @@ mod tests {
     fn keep_larger_than_the_tags_deletes_nothing_and_odd_input_does_not_panic() {
         let tags = [t("1.0.0", "a", Some(1))];
         assert!(decide(&tags, &Protected::default(), 5).delete.is_empty());
+        // Tags outside the filters stay and do not count towards N; one
+        // sharing a digest with a followed old tag keeps that digest.
+        let tags = [t("main-1", "m1", Some(9)), t("main-2", "m2", Some(8)), t("1.0.0", "a", Some(1)), t("1.1.0", "b", Some(2)), t("1.2.0", "c", Some(3)), t("latest", "a", Some(1))];
+        let mut p = Protected::default();
+        for o in ["main-1", "main-2", "latest"] {
+            p.outside.insert(o.into(), "outside".into());
+        }
+        let d = decide(&tags, &p, 1);
+        assert_eq!(d.delete, vec![Doomed { digest: "b".into(), tags: vec!["1.1.0".into()] }], "{d:?}");
+        let kept: Vec<&str> = d.kept.iter().map(|k| k.tag.as_str()).collect();
+        assert_eq!(kept, ["main-1", "main-2", "1.2.0", "1.0.0", "latest"]);
         assert_eq!(decide(&[], &Protected::default(), 1), Decision::default());
         let odd = [t("", "", None), t("1..2", "x", Some(i64::MIN)), t("v", "x", Some(i64::MAX)), t("1.2.3.4", "y", None), t("99999999999999999999.0.0", "z", None)];
         let d = decide(&odd, &Protected::default(), 1);
@@ -412,6 +452,23 @@ follows = "reg.example.org/team/other"
         assert_eq!(p.len(), 2);
         assert_eq!((p[0].image.as_str(), p[0].keep), ("reg.example.org/team/shop", 2));
         assert_eq!((p[1].image.as_str(), p[1].keep, p[1].services.clone()), ("reg.example.org/team/worker", 5, vec!["worker".to_string(), "worker-b".to_string()]));
+    }
+
+    #[test]
+    fn only_tags_outside_every_services_filter_are_outside() {
+        let tags = [t("1.0.0", "a", None), t("main-7", "b", None), t("rc-1", "c", None), t("latest", "d", None)];
+        let text = |b_tags: &str| {
+            format!("[[service]]\nname = \"a\"\nfollows = \"reg.example.org/w\"\ntags = \"semver\"\nkeep_tags = 1\n[[service]]\nname = \"b\"\nfollows = \"reg.example.org/w\"\n{b_tags}\n")
+        };
+        let outside = |text: String| {
+            let config = crate::config::parse("slipway.toml", &text).expect("valid");
+            let mut p = Protected::default();
+            mark_outside(&policies(&config)[0], &config, &tags, &mut p);
+            p.outside.keys().cloned().collect::<Vec<_>>()
+        };
+        assert_eq!(outside(text("tags = \"main-.*\"")), ["latest", "rc-1"]);
+        assert_eq!(outside(text("tags = \"semver\"")), ["latest", "main-7", "rc-1"]);
+        assert!(outside(text("")).is_empty(), "b follows every tag");
     }
 
     fn row(env: &str, service: &str, version: &str, previous: Option<&str>, spec: String, sha: Option<&str>, prev_sha: Option<&str>) -> ServiceRow {
