@@ -495,7 +495,7 @@ async fn plan_cmd(path: &std::path::Path, a: PlanArgs, json: bool) -> Result<u8,
         print!("{}", p.render_dot());
     } else {
         print!("{}", p.render_text());
-        print!("{}", render_plan_retention(plan_retention(&loaded.config, &url, sqlite_missing).await));
+        print!("{}", render_plan_retention(plan_retention(&loaded.config, &url, sqlite_missing).await, sqlite_missing));
         if let Some(n) = history_note {
             eprintln!("{n}");
         }
@@ -831,9 +831,12 @@ async fn plan_retention(config: &config::Config, store_url: &str, sqlite_missing
     })
 }
 
-fn render_plan_retention(r: Option<Result<RetentionInfo, String>>) -> String {
+fn render_plan_retention(r: Option<Result<RetentionInfo, String>>, sqlite_missing: bool) -> String {
     let Some(r) = r else { return String::new() };
     let mut out = String::from("\nretention (dry run; `slipway retention --apply` deletes):\n");
+    if sqlite_missing {
+        out.push_str("  note: no store yet: nothing is recorded as running\n");
+    }
     match r {
         Err(note) => out.push_str(&format!("  {note}\n")),
         Ok(info) => {

@@ -222,14 +222,14 @@ impl Window {
         }
     }
 
-    /// The next opening strictly after `at` (within eight days), in
+    /// The next opening strictly after `at` (within two weeks), in
     /// seconds since the epoch. An opening in a daylight-saving gap
     /// (02:30 on the night clocks skip from 02:00 to 03:00) is at the end
     /// of the gap, where [`Window::contains`] starts to say yes.
     pub fn next_open(&self, at: i64, zone: &Zone) -> Option<i64> {
         let open = jiff::civil::Time::new((self.start / 60) as i8, (self.start % 60) as i8, 0, 0).ok()?;
         let mut date = zone.at(at).date();
-        for _ in 0..8 {
+        for _ in 0..15 {
             let mut t = zone.tz.to_timestamp(date.to_datetime(open)).ok()?.as_second();
             if zone.at(t).time() != open {
                 // In a gap: back to the first minute the wall clock shows
@@ -241,7 +241,8 @@ impl Window {
                     t -= 60;
                 }
             }
-            if t > at && self.days & (1 << date.weekday().to_monday_zero_offset()) != 0 {
+            // (A window lying wholly in a gap does not open that day.)
+            if t > at && self.days & (1 << date.weekday().to_monday_zero_offset()) != 0 && self.contains(t, zone) {
                 return Some(t);
             }
             date = date.tomorrow().ok()?;
@@ -409,6 +410,9 @@ mod tests {
         let saturday_noon = 1_774_699_200; // 2026-03-28 12:00 UTC
         assert_eq!(gap.next_open(saturday_noon, &berlin), Some(1_774_746_000));
         assert!(gap.contains(1_774_746_000, &berlin) && !gap.contains(1_774_746_000 - 1, &berlin));
+        // A window wholly inside that gap does not open that Sunday.
+        let lost = Window::parse("sun 02:15-02:45").unwrap();
+        assert_eq!(lost.next_open(saturday_noon, &berlin), Some(1_774_746_000 + 7 * 86_400 - 45 * 60), "the next Sunday, 02:15 CEST = 00:15 UTC");
         let e = Zone::get("Mars/Olympus_Mons").unwrap_err();
         assert!(e.contains("unknown time zone \"Mars/Olympus_Mons\""), "{e}");
     }

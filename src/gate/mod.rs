@@ -114,9 +114,10 @@ pub async fn hold_back_closed(store: &Arc<dyn Store>, config: &Config, now: Mill
             continue;
         }
         let Some(waits) = waits(&hold, Some(env), now) else { continue };
-        let what = format!("waiting for {} (its window closed while it was queued)", waits.join("; "));
+        // The same words the gate loop would use, so they stay put.
+        let what = format!("waiting for {}", waits.join("; "));
         if store.hold_back(d.id, &what).await? {
-            tracing::info!(deployment = d.id, environment = %d.environment, "the deploy window closed before it started: waiting again");
+            tracing::info!(deployment = d.id, environment = %d.environment, "the deploy window closed while it was queued: waiting again");
         }
     }
     Ok(())
@@ -137,11 +138,17 @@ async fn once(store: &Arc<dyn Store>, submitter: &Submitter, failed: &mut HashMa
     if config.environments.iter().any(|e| !e.windows.is_empty()) {
         hold_back_closed(store, &config, now).await?;
     }
+    let has_git = config.environments.iter().any(|e| e.git.is_some());
     let holds = store.holds().await?;
-    if holds.is_empty() && !has_promotions {
+    if holds.is_empty() && !has_promotions && !has_git {
         return Ok(());
     }
     let services = store.services().await?;
+    if has_git
+        && let Err(e) = submitter.redeploy_drifted(&config, &services).await
+    {
+        tracing::debug!("drift check: {e}");
+    }
     for (d, hold) in holds {
         let env = config.environment(&d.environment);
         let source_version = hold.source_environment.as_ref().and_then(|from| {

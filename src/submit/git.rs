@@ -212,7 +212,7 @@ impl Submitter {
         tracing::info!(environment, commit, jobs = record.jobs.len(), "config revision accepted");
         // Now that the commit is what the environment runs, services whose
         // definition it changed roll out again at their running version.
-        self.redeploy(environment, commit, &record.redeploy).await;
+        self.redeploy(environment, &record.redeploy).await;
         Ok(record)
     }
 
@@ -234,56 +234,74 @@ impl Submitter {
             .collect())
     }
 
-    /// Roll each service out again on the revision just accepted; once
-    /// per commit. What it is rolled out at is what it is headed for, not
-    /// only what it runs now:
-    /// - a deploy of it still waiting or queued (a promotion in its soak,
-    ///   a deploy waiting for approval) is submitted again on this
-    ///   revision, keeping its version, digest, promotion and approval; a
-    ///   redeploy at the running version would supersede it;
-    /// - else, a deploy (or rollback) of it running now: its version (a
-    ///   redeploy at the version that runs before it ends would undo it);
-    /// - else the version (and digest) it runs.
-    async fn redeploy(&self, environment: &str, commit: &str, services: &[String]) {
-        let Ok(rows) = self.store.services().await else { return };
-        let in_flight: Vec<crate::store::DeploymentRow> = match self.store.deployments(500, None).await {
-            Ok(list) => list
-                .into_iter()
-                .filter(|d| d.environment == environment && matches!(d.state, DeploymentState::Waiting | DeploymentState::Queued | DeploymentState::Running))
-                .collect(),
+    /// A commit changed these services' definitions. A deploy of one
+    /// still waiting at a gate (a promotion in its soak, a deploy waiting
+    /// for approval) is submitted again on the new revision now, keeping
+    /// its version, digest, promotion and approval, rather than being
+    /// superseded by a redeploy of the older running version. Every other
+    /// service is rolled out again by the gate loop's drift check
+    /// ([`Submitter::redeploy_drifted`]) once nothing of it is in flight.
+    async fn redeploy(&self, environment: &str, services: &[String]) {
+        let waiting = match self.store.holds().await {
+            Ok(h) => h,
             Err(e) => {
-                tracing::warn!(environment, "services not redeployed after their definition changed: {e}");
+                tracing::warn!(environment, "waiting deploys not moved to the new revision (the gate loop will, when they are released): {e}");
                 return;
             }
         };
         for name in services {
-            let Some(row) = rows.iter().find(|r| r.environment == environment && &r.service == name) else { continue };
-            let of_it = |states: &[DeploymentState], kinds: &[DeploymentKind]| {
-                in_flight.iter().filter(|d| d.service.as_deref() == Some(name.as_str()) && states.contains(&d.state) && kinds.contains(&d.kind)).max_by_key(|d| d.id)
-            };
-            if let Some(pending) = of_it(&[DeploymentState::Waiting, DeploymentState::Queued], &[DeploymentKind::Deploy]) {
-                let hold = self.store.hold(pending.id).await.ok().flatten().unwrap_or_default();
-                match self.resubmit_if_moved(pending, &hold).await {
-                    Ok(Some(s)) => tracing::info!(environment, service = %name, deployment = s.deployment_id, of = pending.id, "its definition changed: its pending deploy submitted again on the new revision"),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(environment, service = %name, "pending deploy {} not submitted again after the definition changed: {e}", pending.id),
-                }
-                continue;
-            }
-            let (version, digest) = match of_it(&[DeploymentState::Running], &[DeploymentKind::Deploy]) {
-                Some(d) if d.version.as_deref().is_some_and(|v| v != row.version) => {
-                    let digest = self.store.hold(d.id).await.ok().flatten().and_then(|h| h.digest);
-                    (d.version.clone().unwrap_or_default(), digest)
-                }
-                _ => (row.version.clone(), row.sha256.clone()),
-            };
-            let payload = serde_json::json!({ "kind": "deploy", "service": name, "version": version, "environment": environment, "reason": format!("its definition changed in {}", revision::short(commit)) }).to_string();
-            let request = super::Request::Deploy { service: name.clone(), version, environment: Some(environment.to_string()), digest };
-            match self.submit(request, Some(key_of("git", &[environment, commit, "redeploy", name])), payload).await {
-                Ok(s) => tracing::info!(environment, service = %name, deployment = s.deployment_id, "service redeployed: its definition changed"),
-                Err(e) => tracing::warn!(environment, service = %name, "service not redeployed after its definition changed: {e}"),
+            let Some((pending, hold)) = waiting.iter().filter(|(d, _)| d.environment == environment && d.kind == DeploymentKind::Deploy && d.service.as_deref() == Some(name.as_str())).max_by_key(|(d, _)| d.id) else { continue };
+            match self.resubmit_if_moved(pending, hold).await {
+                Ok(Some(s)) => tracing::info!(environment, service = %name, deployment = s.deployment_id, of = pending.id, "its definition changed: its waiting deploy submitted again on the new revision"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(environment, service = %name, "waiting deploy {} not submitted again after the definition changed: {e}", pending.id),
             }
         }
+    }
+
+    /// The drift check, for the gate loop: in each environment that takes
+    /// its config from git, a service whose recorded definition differs
+    /// from its accepted commit's, with no deployment of it waiting,
+    /// queued or running, is rolled out again at the version (and digest)
+    /// it runs, on that commit. Once per (environment, revision, service),
+    /// whichever node sees it: a redeploy that fails is not tried again
+    /// until the next commit.
+    pub async fn redeploy_drifted(&self, disk: &config::Config, rows: &[crate::store::ServiceRow]) -> Result<(), SubmitError> {
+        for env in disk.environments.iter().filter(|e| e.git.is_some()) {
+            let here: Vec<&crate::store::ServiceRow> = rows.iter().filter(|r| r.environment == env.name).collect();
+            if here.is_empty() {
+                continue;
+            }
+            let Some(accepted) = self.accepted_revision(&env.name).await? else { continue };
+            let Ok(config) = self.config_for(&env.name).await else { continue };
+            let drifted: Vec<&&crate::store::ServiceRow> = here
+                .iter()
+                .filter(|r| r.revision != accepted.revision)
+                .filter(|r| {
+                    let Some(want) = config.services.iter().find(|s| s.name == r.service).and_then(|s| s.spec.as_ref()) else { return false };
+                    let runs: Option<crate::config::service::ServiceSpec> = serde_json::from_str(&r.spec).ok();
+                    runs.as_ref() != Some(&want.for_environment(&env.name))
+                })
+                .collect();
+            if drifted.is_empty() {
+                continue;
+            }
+            let mut busy = Vec::new();
+            for state in [DeploymentState::Waiting, DeploymentState::Queued, DeploymentState::Running] {
+                busy.extend(self.store.deployments(10_000, Some(state)).await?.into_iter().filter(|d| d.environment == env.name).filter_map(|d| d.service));
+            }
+            for row in drifted.into_iter().filter(|r| !busy.contains(&r.service)) {
+                let name = &row.service;
+                let payload = serde_json::json!({ "kind": "deploy", "service": name, "version": row.version, "environment": env.name, "reason": format!("its definition changed in {}", revision::short(&accepted.commit)) }).to_string();
+                let request = super::Request::Deploy { service: name.clone(), version: row.version.clone(), environment: Some(env.name.clone()), digest: row.sha256.clone() };
+                match self.submit(request, Some(key_of("git", &[&env.name, &accepted.revision, "redeploy", name])), payload).await {
+                    Ok(s) if !s.duplicate => tracing::info!(environment = %env.name, service = %name, deployment = s.deployment_id, "service redeployed: its definition changed"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(environment = %env.name, service = %name, "service not redeployed after its definition changed: {e}"),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Check out and validate a commit: its config, as a revision whose id
