@@ -517,3 +517,82 @@ url = "{0}"
         let _ = tokio::time::timeout(Duration::from_secs(10), n.node.task).await;
     }
 }
+
+// Issue 6: a commit changing a service's definition while a deploy of a newer
+// version runs does not undo that deploy: the redeploy comes after it ends,
+// at the version it left running (before, it was queued at the older one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue6_a_definition_change_during_a_deploy_redeploys_what_that_deploy_left() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(scratch.path()).await {
+        let repo = tempfile::tempdir().expect("repo");
+        git(repo.path(), &["init", "-q", "-b", "main"]);
+        let port = common::free_port();
+        // The migration makes a deploy last a few seconds.
+        let repo_config = |instances: u32| {
+            format!(
+                r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:{port}"
+instances = {instances}
+migrate = {{ command = ["sleep", "3"] }}
+command = ["{}", "serve", "--port", "{{port}}", "--version", "{{version}}"]
+health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
+"#,
+                env!("CARGO_BIN_EXE_slipway-demo")
+            )
+        };
+        let node_config = format!("[[environment]]\nname = \"staging\"\n[environment.git]\nurl = \"{}\"\n", repo.path().display());
+        let c1 = commit(repo.path(), &[("slipway.toml", &repo_config(1))], "first");
+        let dir = common::config_dir(&node_config, &[]);
+        let mut cfg = SchedulerConfig::new("git", dir.path().join(".slipway/work"));
+        cfg.poll = Duration::from_millis(100);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "git-test".into() });
+        let http = slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client");
+        let n = Node { base: format!("http://{}", node.addr), http, node, dir };
+        let (s, r) = n.post("/api/v1/environments/staging/revisions/check", json!(null)).await;
+        assert_eq!((s, r["commit"].as_str()), (200, Some(c1.as_str())), "{backend}: {r}");
+        let deploy = |version: &'static str| n.post("/api/v1/events", json!({"kind": "deploy", "service": "web", "version": version, "environment": "staging"}));
+        let (_, e) = deploy("1.0").await;
+        assert_eq!(n.wait_done(e["deployment_id"].as_i64().expect("id")).await["deployment"]["state"], "succeeded", "{backend}");
+
+        // 2.0 is running (in its migration) when a commit gives web two instances.
+        let (_, e) = deploy("2.0").await;
+        let newer = e["deployment_id"].as_i64().expect("id");
+        for _ in 0..100 {
+            if n.get(&format!("/api/v1/deployments/{newer}")).await["deployment"]["state"] == "running" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let c2 = commit(repo.path(), &[("slipway.toml", &repo_config(2))], "two instances");
+        let (_, r) = n.post("/api/v1/environments/staging/revisions/check", json!(null)).await;
+        assert_eq!((r["commit"].as_str(), r["redeploy"].clone()), (Some(c2.as_str()), json!(["web"])), "{backend}: {r}");
+        assert_eq!(n.wait_done(newer).await["deployment"]["state"], "succeeded", "{backend}");
+
+        // Then the redeploy, on c2, at 2.0.
+        let mut again = Value::Null;
+        for _ in 0..100 {
+            let list = n.get("/api/v1/deployments?limit=10").await;
+            if let Some(d) = list.as_array().expect("list").iter().find(|d| d["revision"] == c2.as_str()) {
+                again = d.clone();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(again["version"], "2.0", "{backend}: the redeploy is at what the running deploy left: {again}");
+        let done = n.wait_done(again["id"].as_i64().expect("id")).await;
+        assert_eq!(done["deployment"]["state"], "succeeded", "{backend}: {done}");
+        let services = n.get("/api/v1/services").await;
+        assert_eq!((services[0]["version"].as_str(), services[0]["instances"].as_array().map(|i| i.len())), (Some("2.0"), Some(2)), "{backend}: {services}");
+        // Once per commit: nothing more follows.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let list = n.get("/api/v1/deployments?limit=10").await;
+        assert_eq!(list.as_array().expect("list").iter().filter(|d| d["revision"] == c2.as_str()).count(), 1, "{backend}: {list}");
+
+        n.node.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), n.node.task).await;
+    }
+}

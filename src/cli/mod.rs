@@ -871,7 +871,11 @@ async fn orphans(client: &Client, services: &[ServiceInfo]) -> Vec<GarbageItemIn
     if !services.iter().any(|s| s.digest.is_some()) {
         return vec![];
     }
-    client.get::<GarbageInfo>("/api/v1/gc").await.map(|g| g.containers).unwrap_or_default()
+    // A side note of `status`: a slow Engine must not hold the rest up.
+    match tokio::time::timeout(Duration::from_secs(5), client.get::<GarbageInfo>("/api/v1/gc")).await {
+        Ok(Ok(g)) => g.containers,
+        _ => vec![],
+    }
 }
 
 async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliError> {

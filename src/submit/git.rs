@@ -274,9 +274,11 @@ impl Submitter {
             }
             let Some(accepted) = self.accepted_revision(&env.name).await? else { continue };
             let Ok(config) = self.config_for(&env.name).await else { continue };
+            let key = |service: &str| key_of("git", &[&env.name, &accepted.revision, "redeploy", service]);
+            let done = |service: &str| self.redeployed.lock().map(|d| d.contains(&key(service))).unwrap_or(false);
             let drifted: Vec<&&crate::store::ServiceRow> = here
                 .iter()
-                .filter(|r| r.revision != accepted.revision)
+                .filter(|r| r.revision != accepted.revision && !done(&r.service))
                 .filter(|r| {
                     let Some(want) = config.services.iter().find(|s| s.name == r.service).and_then(|s| s.spec.as_ref()) else { return false };
                     let runs: Option<crate::config::service::ServiceSpec> = serde_json::from_str(&r.spec).ok();
@@ -294,10 +296,25 @@ impl Submitter {
                 let name = &row.service;
                 let payload = serde_json::json!({ "kind": "deploy", "service": name, "version": row.version, "environment": env.name, "reason": format!("its definition changed in {}", revision::short(&accepted.commit)) }).to_string();
                 let request = super::Request::Deploy { service: name.clone(), version: row.version.clone(), environment: Some(env.name.clone()), digest: row.sha256.clone() };
-                match self.submit(request, Some(key_of("git", &[&env.name, &accepted.revision, "redeploy", name])), payload).await {
-                    Ok(s) if !s.duplicate => tracing::info!(environment = %env.name, service = %name, deployment = s.deployment_id, "service redeployed: its definition changed"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(environment = %env.name, service = %name, "service not redeployed after its definition changed: {e}"),
+                match self.submit(request, Some(key(name)), payload).await {
+                    Ok(s) => {
+                        if !s.duplicate {
+                            tracing::info!(environment = %env.name, service = %name, deployment = s.deployment_id, "service redeployed: its definition changed");
+                        }
+                        if let Ok(mut d) = self.redeployed.lock() {
+                            d.insert(key(name));
+                        }
+                    }
+                    // An outage passes: tried again next second, quietly.
+                    Err(e @ (SubmitError::Unavailable(_) | SubmitError::Store(_))) => tracing::debug!(environment = %env.name, service = %name, "service not redeployed yet after its definition changed: {e}"),
+                    // Anything else would fail the same way each second:
+                    // said once, and left until the next commit.
+                    Err(e) => {
+                        tracing::warn!(environment = %env.name, service = %name, "service not redeployed after its definition changed: {e}");
+                        if let Ok(mut d) = self.redeployed.lock() {
+                            d.insert(key(name));
+                        }
+                    }
                 }
             }
         }

@@ -74,12 +74,15 @@ pub struct Submitter {
     pub deciding: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Configs of accepted commits, parsed once: (environment, revision).
     pub parsed: std::sync::Mutex<std::collections::HashMap<(String, String), config::Config>>,
+    /// Drift redeploys this node has submitted (or found submitted), by
+    /// key: the drift check asks no more about them.
+    pub redeployed: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Keys Slipway derives itself (deliveries, commits, promotions): a
 /// caller's `id` may not start with these, or it could take a key a future
 /// delivery, commit or promotion will need, and stop it.
-pub const RESERVED_KEY_PREFIXES: &[&str] = &["github:", "registry:", "published:", "git:", "promote:"];
+pub const RESERVED_KEY_PREFIXES: &[&str] = &["github:", "registry:", "published:", "git:", "promote:", "resubmit:"];
 
 /// An event key from anything: `prefix:` and a digest, so it is always a
 /// valid key (length, alphabet) whatever the parts hold.
@@ -268,10 +271,17 @@ impl Submitter {
         if current == d.revision {
             return Ok(None);
         }
+        // Cancelled or superseded since it was read: nothing to carry on.
+        if self.store.deployment(d.id).await?.map(|now| now.state) != Some(d.state) {
+            return Ok(None);
+        }
         let payload = serde_json::json!({ "kind": "resubmit", "of": d.id, "revision": current }).to_string();
+        // One resubmission of it per revision, whichever node (or path:
+        // its release, a commit changing its service) gets there first.
+        let key = Some(key_of("resubmit", &[&d.id.to_string(), &current]));
         let mut sub = match (d.kind, &d.service, &d.version) {
             (DeploymentKind::Deploy, Some(service), Some(version)) => {
-                let mut sub = Submission::new(Selection::Service { service: service.clone() }, Some(d.environment.clone()), DeploymentKind::Deploy, None, payload);
+                let mut sub = Submission::new(Selection::Service { service: service.clone() }, Some(d.environment.clone()), DeploymentKind::Deploy, key, payload);
                 sub.service = Some(service.clone());
                 sub.version = Some(version.clone());
                 sub.digest = hold.digest.clone();
@@ -279,7 +289,7 @@ impl Submitter {
             }
             _ => {
                 let jobs = self.store.jobs(d.id).await?.into_iter().map(|j| j.name).collect();
-                Submission::new(Selection::Exactly { jobs }, Some(d.environment.clone()), d.kind, None, payload)
+                Submission::new(Selection::Exactly { jobs }, Some(d.environment.clone()), d.kind, key, payload)
             }
         };
         sub.event_kind = Some("resubmit".into());
