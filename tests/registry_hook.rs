@@ -29,6 +29,7 @@ file = "{}"
 
 [registry_hook]
 token = "hook"
+hosts = ["{}"]
 
 [[service]]
 name = "web"
@@ -40,6 +41,7 @@ command = ["{}", "serve", "--port", "{{port}}", "--version", "{{version}}"]
 health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
 "#,
         secret.display(),
+        image.split('/').next().unwrap_or(""),
         env!("CARGO_BIN_EXE_slipway-demo")
     )
 }

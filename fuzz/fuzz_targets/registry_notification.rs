@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok((pushed, _)) = slipway::trigger::registry::parse(data) {
+    if let Ok((pushed, _)) = slipway::trigger::registry::parse(data, &[]) {
         for p in pushed {
             assert!(slipway::submit::valid_version(&p.version), "{p:?}");
             assert!(p.images.iter().all(|i| slipway::config::valid_image(i)), "{p:?}");

@@ -241,7 +241,7 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
         tracing::warn!(reason = %e, "refused a registry notification");
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
     })?;
-    let (pushed, ignored) = crate::trigger::registry::parse(&bytes).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let (pushed, ignored) = crate::trigger::registry::parse(&bytes, &hook.hosts).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mut answer = HookAnswer { delivery: String::new(), event: "registry".into(), duplicate: false, note: Some(format!("{} tagged push(es), {ignored} event(s) ignored", pushed.len())), results: vec![], revisions: vec![] };
     let mut all_duplicates = !pushed.is_empty();
     for p in pushed {

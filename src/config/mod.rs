@@ -96,6 +96,11 @@ pub struct EventsHook {
 pub struct RegistryHook {
     pub token: secret::SecretRef,
     pub max_payload: usize,
+    /// The names (`host[:port]`) the registry is known by in images. Set,
+    /// a notification's images are named by these only, never by the
+    /// Host header its pusher sent; empty, by that header and the event's
+    /// URL.
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -429,6 +434,8 @@ struct RawNotify {
 struct RawRegistryHook {
     token: Spanned<String>,
     max_payload: Option<Spanned<i64>>,
+    #[serde(default)]
+    hosts: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -613,6 +620,19 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
         RegistryHook {
             token: secret::lookup(&g.token, &secrets, problems).unwrap_or(secret::SecretRef { name: g.token.get_ref().clone(), source: secret::SecretSource::Env(String::new()) }),
             max_payload: g.max_payload.as_ref().and_then(|v| positive(v, "registry_hook.max_payload", 64 << 20, problems)).unwrap_or(1 << 20) as usize,
+            hosts: g
+                .hosts
+                .iter()
+                .filter_map(|h| {
+                    let host = h.get_ref().to_ascii_lowercase();
+                    if valid_image(&format!("{host}/x")) && !host.contains('/') {
+                        Some(host)
+                    } else {
+                        problems.push(Problem::new(ProblemKind::InvalidValue, Some(h.span()), format!("{:?} is not a registry host", h.get_ref())).label("not host[:port]").hint("the name images of this registry start with, e.g. \"registry.internal:5000\""));
+                        None
+                    }
+                })
+                .collect(),
         }
     });
     let events = raw.events.map(|e| {

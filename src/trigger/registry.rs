@@ -18,8 +18,10 @@ pub struct Pushed {
 }
 
 /// The tagged manifest pushes in an envelope, and how many events were
-/// ignored.
-pub fn parse(body: &[u8]) -> Result<(Vec<Pushed>, usize), TriggerError> {
+/// ignored. `hosts`, when not empty, are the registry's own names: images
+/// are named by them, not by the hosts the payload carries (which the
+/// pusher's Host header decides).
+pub fn parse(body: &[u8], hosts: &[String]) -> Result<(Vec<Pushed>, usize), TriggerError> {
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| TriggerError::BadPayload(format!("not JSON: {e}")))?;
     let events = v["events"].as_array().ok_or_else(|| TriggerError::BadPayload("no \"events\" array: not a registry notification envelope".into()))?;
     let mut out = Vec::new();
@@ -43,7 +45,9 @@ pub fn parse(body: &[u8]) -> Result<(Vec<Pushed>, usize), TriggerError> {
         let repo = target["repository"].as_str().unwrap_or("").to_ascii_lowercase();
         let url_host = target["url"].as_str().and_then(|u| u.split_once("://")).and_then(|(_, rest)| rest.split('/').next()).unwrap_or("");
         let request_host = e["request"]["host"].as_str().unwrap_or("");
-        let mut images: Vec<String> = [request_host, url_host]
+        let from_payload = [request_host, url_host];
+        let named_by: Vec<&str> = if hosts.is_empty() { from_payload.to_vec() } else { hosts.iter().map(String::as_str).collect() };
+        let mut images: Vec<String> = named_by
             .iter()
             .filter(|h| !h.is_empty())
             .map(|h| format!("{}/{repo}", h.to_ascii_lowercase()))
@@ -90,15 +94,19 @@ mod tests {
 
     #[test]
     fn a_tagged_manifest_push_is_a_version_and_the_rest_is_ignored() {
-        let (pushed, ignored) = parse(&envelope("push", "1.4.0", MANIFEST)).unwrap();
+        let (pushed, ignored) = parse(&envelope("push", "1.4.0", MANIFEST), &[]).unwrap();
         assert_eq!(ignored, 0);
         assert_eq!(pushed[0].images, ["127.0.0.1:5000/team/web", "registry.example.org:5000/team/web"]);
+        // With the registry's own names configured, the payload's hosts
+        // (the pusher's Host header) name nothing.
+        let (pushed, _) = parse(&envelope("push", "1.4.0", MANIFEST), &["registry.internal:5000".to_string()]).unwrap();
+        assert_eq!(pushed[0].images, ["registry.internal:5000/team/web"]);
         assert_eq!(pushed[0].version, "1.4.0");
         for (action, tag, media) in [("pull", "1.4.0", MANIFEST), ("push", "", MANIFEST), ("push", "1.4.0", "application/octet-stream"), ("delete", "1.4.0", MANIFEST)] {
-            assert_eq!(parse(&envelope(action, tag, media)).unwrap(), (vec![], 1), "{action} {tag:?} {media}");
+            assert_eq!(parse(&envelope(action, tag, media), &[]).unwrap(), (vec![], 1), "{action} {tag:?} {media}");
         }
-        assert!(parse(&envelope("push", "$(touch x)", MANIFEST)).is_err());
-        assert!(parse(b"{}").is_err());
+        assert!(parse(&envelope("push", "$(touch x)", MANIFEST), &[]).is_err());
+        assert!(parse(b"{}", &[]).is_err());
     }
 
     #[test]
