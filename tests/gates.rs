@@ -238,3 +238,87 @@ on = ["waiting"]
         let _ = tokio::time::timeout(Duration::from_secs(15), node.task).await;
     }
 }
+
+// Issue 6: a promotion chain of three environments. A version that succeeds
+// in staging is promoted to production, and, once it succeeds there, on to
+// dr, each step from the one before, with the same digest-less version, and
+// each after the previous finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue6_a_version_is_promoted_along_a_chain_of_three_environments() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(scratch.path()).await {
+        let ports = [common::free_port(), common::free_port(), common::free_port()];
+        let config = format!(
+            r#"
+[[environment]]
+name = "staging"
+
+[[environment]]
+name = "production"
+promote_from = "staging"
+
+[[environment]]
+name = "dr"
+promote_from = "production"
+
+[[service]]
+name = "web"
+follows = "ghcr.io/o/web"
+auto_deploy = ["staging", "production", "dr"]
+listen = {{ staging = "127.0.0.1:{}", production = "127.0.0.1:{}", dr = "127.0.0.1:{}" }}
+command = ["{}", "serve", "--port", "{{port}}", "--version", "{{version}}"]
+health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
+"#,
+            ports[0],
+            ports[1],
+            ports[2],
+            env!("CARGO_BIN_EXE_slipway-demo")
+        );
+        let dir = common::config_dir(&config, &[]);
+        let mut cfg = SchedulerConfig::new("chain", dir.path().join(".slipway/work"));
+        cfg.poll = Duration::from_millis(100);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "chain-test".into() });
+        let api = Api { base: format!("http://{}", node.addr), http: slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client") };
+        let (_, admin) = api.call("POST", "/api/v1/tokens", None, Some(json!({"name": "root", "roles": {"*": "admin"}}))).await;
+        let admin = admin["token"].as_str().expect("admin token").to_string();
+
+        let (s, a) = api.call("POST", "/api/v1/events", Some(&admin), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "staging"}))).await;
+        assert_eq!(s, 202, "{backend}: {a}");
+        let mut finished_before = 0;
+        let mut source = (String::new(), a["deployment_id"].as_i64().expect("id"));
+        for env in ["staging", "production", "dr"] {
+            // The deployment of 1.0 in `env` (staging's is the one asked for).
+            let mut id = None;
+            for _ in 0..300 {
+                let (_, list) = api.call("GET", "/api/v1/deployments?limit=20", Some(&admin), None).await;
+                id = list.as_array().into_iter().flatten().find(|d| d["environment"] == env && d["version"] == "1.0").and_then(|d| d["id"].as_i64());
+                if id.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let id = id.unwrap_or_else(|| panic!("{backend}: no deployment of 1.0 in {env}"));
+            let d = api.wait_state(id, &admin, &["succeeded", "failed", "rolled_back", "cancelled", "superseded"]).await;
+            assert_eq!(d["state"], "succeeded", "{backend} {env}: {d}");
+            assert!(d["started_at"].as_i64().unwrap_or(0) >= finished_before, "{backend} {env} started before the step before it finished: {d}");
+            finished_before = d["finished_at"].as_i64().expect("finished");
+            if env != "staging" {
+                // `why` tells where it came from.
+                let (_, why) = api.call("GET", &format!("/api/v1/services/{env}/web/why"), Some(&admin), None).await;
+                let verdict = why["verdict"].as_str().unwrap_or("");
+                assert!(verdict.ends_with(&format!("deployed by deployment #{id}, promoted from {} (deployment #{})", source.0, source.1)), "{backend} {env}: {why}");
+            }
+            source = (env.to_string(), id);
+        }
+        for (port, env) in ports.iter().zip(["staging", "production", "dr"]) {
+            assert!(hello(*port).is_some_and(|b| b.contains("1.0")), "{backend}: {env} serves 1.0");
+        }
+        // Exactly one deployment per environment: nothing promoted twice.
+        let (_, list) = api.call("GET", "/api/v1/deployments?limit=20", Some(&admin), None).await;
+        assert_eq!(list.as_array().map(|l| l.len()), Some(3), "{backend}: {list}");
+
+        node.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), node.task).await;
+    }
+}

@@ -614,7 +614,24 @@ async fn why_service(State(s): State<Arc<AppState>>, axum::Extension(caller): ax
     let running = rows.iter().find(|r| r.environment == environment && r.service == service);
     let deployments = s.store.deployments(1000, None).await?;
     let events = s.store.events(&["github.", "registry.", "published"], 1000).await?;
-    let e = crate::why::explain(&environment, &service, running, &deployments, &events);
+    // Which of its deployments were promotions: the automatic ones by
+    // their events, gated ones (a manual promote too) by their holds.
+    let mut promoted = crate::why::Promoted::new();
+    for e in s.store.events_of_kind(&format!("promote:{environment}:{service}:"), 100).await? {
+        let v: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
+        if let (Some(d), Some(from)) = (e.deployment_id, v["from"].as_str()) {
+            promoted.insert(d, (from.to_string(), v["source_deployment"].as_i64()));
+        }
+    }
+    for d in deployments.iter().filter(|d| d.environment == environment && d.service.as_deref() == Some(service.as_str())).take(20) {
+        if !promoted.contains_key(&d.id)
+            && let Some(h) = s.store.hold(d.id).await?
+            && let Some(from) = h.source_environment
+        {
+            promoted.insert(d.id, (from, h.source_deployment));
+        }
+    }
+    let e = crate::why::explain(&environment, &service, running, &deployments, &events, &promoted);
     Ok(Json(WhyInfo { environment, service, running: e.running, newest: e.newest, verdict: e.verdict, history: e.history }))
 }
 

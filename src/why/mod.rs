@@ -33,13 +33,22 @@ struct Sighting {
     error: Option<String>,
 }
 
+/// Where a promotion came from: the source environment and deployment.
+pub type Promoted = std::collections::BTreeMap<i64, (String, Option<i64>)>;
+
+fn promoted_from(promoted: &Promoted, id: i64) -> Option<String> {
+    promoted.get(&id).map(|(from, src)| format!("promoted from {from}{}", src.map(|s| format!(" (deployment #{s})")).unwrap_or_default()))
+}
+
 /// Why `service` in `environment` runs what it runs. `deployments` and
-/// `events` may hold other services' and environments' rows.
-pub fn explain(environment: &str, service: &str, running: Option<&ServiceRow>, deployments: &[DeploymentRow], events: &[EventRow]) -> Explanation {
+/// `events` may hold other services' and environments' rows; `promoted`
+/// says which deployments were promotions, and from where.
+pub fn explain(environment: &str, service: &str, running: Option<&ServiceRow>, deployments: &[DeploymentRow], events: &[EventRow], promoted: &Promoted) -> Explanation {
     let mine = |d: &&DeploymentRow| d.environment == environment && d.service.as_deref() == Some(service) && d.version.is_some();
     let mut seen: Vec<Sighting> = Vec::new();
     for d in deployments.iter().filter(mine) {
-        seen.push(Sighting { at: d.created_at, version: d.version.clone().unwrap_or_default(), source: format!("deployment #{} ({})", d.id, d.kind), deployment: Some(d.clone()), held: None, error: None });
+        let how = promoted_from(promoted, d.id).map(|p| format!(", {p}")).unwrap_or_default();
+        seen.push(Sighting { at: d.created_at, version: d.version.clone().unwrap_or_default(), source: format!("deployment #{} ({}{how})", d.id, d.kind), deployment: Some(d.clone()), held: None, error: None });
     }
     for e in events {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.payload) else { continue };
@@ -104,7 +113,9 @@ pub fn explain(environment: &str, service: &str, running: Option<&ServiceRow>, d
     };
     let runs = |v: &str| running.is_some_and(|r| r.version == v);
     let verdict = if runs(&newest.version) {
-        let by = running.map(|r| format!(", deployed by deployment #{}", r.deployment_id)).unwrap_or_default();
+        let by = running
+            .map(|r| format!(", deployed by deployment #{}{}", r.deployment_id, promoted_from(promoted, r.deployment_id).map(|p| format!(", {p}")).unwrap_or_default()))
+            .unwrap_or_default();
         format!("{service} runs {}, the newest version seen{by}", running_text.clone().unwrap_or_default())
     } else {
         let now = match &running_text {
@@ -210,12 +221,12 @@ mod tests {
     #[test]
     fn a_held_version_says_why_and_a_rolled_back_one_says_what_failed() {
         let deps = [dep(1, "1.0", DeploymentState::Succeeded, None, 100), dep(2, "1.1", DeploymentState::RolledBack, Some("GET /healthz → 500"), 200)];
-        let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &[]);
+        let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new());
         assert_eq!(e.newest.as_deref(), Some("1.1"));
         assert!(e.verdict.starts_with("web runs 1.0, not 1.1: deployment #2 was rolled back: GET /healthz → 500"), "{}", e.verdict);
 
         let events = [held("1.2", "auto_deploy is off for production", 300)];
-        let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &events);
+        let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &events, &Promoted::new());
         assert!(e.verdict.contains("not 1.2: available, not deployed: auto_deploy is off for production"), "{}", e.verdict);
         assert_eq!(e.history.len(), 3);
         assert!(e.history[0].contains("1.2 from a registry push"), "{:?}", e.history);
@@ -224,11 +235,15 @@ mod tests {
     #[test]
     fn the_newest_running_and_a_queued_one_waiting_for_the_lock() {
         let deps = [dep(1, "1.0", DeploymentState::Succeeded, None, 100)];
-        assert!(explain("production", "web", Some(&row("1.0", 1)), &deps, &[]).verdict.contains("runs 1.0, the newest version seen, deployed by deployment #1"));
+        assert!(explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new()).verdict.contains("runs 1.0, the newest version seen, deployed by deployment #1"));
+        let promoted = Promoted::from([(1, ("staging".to_string(), Some(7)))]);
+        let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &promoted);
+        assert!(e.verdict.ends_with("deployed by deployment #1, promoted from staging (deployment #7)"), "{}", e.verdict);
+        assert!(e.history.iter().any(|h| h.contains("from deployment #1 (deploy, promoted from staging (deployment #7))")), "{:?}", e.history);
         let deps = [dep(1, "1.0", DeploymentState::Succeeded, None, 100), dep(2, "1.1", DeploymentState::Running, None, 200), dep(3, "1.2", DeploymentState::Queued, None, 300)];
-        let v = explain("production", "web", Some(&row("1.0", 1)), &deps, &[]).verdict;
+        let v = explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new()).verdict;
         assert!(v.contains("deployment #3 is queued; it waits for deployment #2 (1.1), which holds the service's lock"), "{v}");
-        let other = explain("staging", "web", None, &deps, &[]);
+        let other = explain("staging", "web", None, &deps, &[], &Promoted::new());
         assert!(other.verdict.contains("never been deployed to staging"), "{}", other.verdict);
     }
 }
