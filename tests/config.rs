@@ -482,10 +482,11 @@ fn issue6_environment_time_zones_and_windows() {
 // Issue 6: `[registry_hook] hosts` are registry names, nothing else.
 #[test]
 fn issue6_registry_hook_hosts_are_host_names() {
-    let text = "[secret.hook]\nenv = \"HOOK\"\n[registry_hook]\ntoken = \"hook\"\nhosts = [\"Registry.Internal:5000\", \"a/b\", \"$(x)\"]\n";
+    let text = "[secret.hook]\nenv = \"HOOK\"\n[registry_hook]\ntoken = \"hook\"\nhosts = [\"Registry.Internal:5000\", \"a/b\", \"$(x)\", \"myregistry\"]\n";
     let out = problems(text);
     assert!(out.contains("\"a/b\" is not a registry host") && out.contains("\"$(x)\" is not a registry host"), "{out}");
+    assert!(out.contains("\"myregistry\" is not a registry host"), "a bare name is Docker Hub's: {out}");
     assert!(!out.contains("Registry.Internal"), "{out}");
-    let ok = config::parse("slipway.toml", "[secret.hook]\nenv = \"HOOK\"\n[registry_hook]\ntoken = \"hook\"\nhosts = [\"Registry.Internal:5000\"]\n").expect("valid");
-    assert_eq!(ok.registry_hook.expect("hook").hosts, ["registry.internal:5000"]);
+    let ok = config::parse("slipway.toml", "[secret.hook]\nenv = \"HOOK\"\n[registry_hook]\ntoken = \"hook\"\nhosts = [\"Registry.Internal:5000\", \"registry.internal:5000\", \"localhost\"]\n").expect("valid");
+    assert_eq!(ok.registry_hook.expect("hook").hosts, ["registry.internal:5000", "localhost"]);
 }

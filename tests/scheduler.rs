@@ -56,6 +56,7 @@ async fn submit(store: &Arc<dyn Store>, rev: &str, key: &str, jobs: Vec<NewJob>)
             revision: rev.into(),
             jobs,
             hold: None,
+            only_after: None,
         })
         .await
         .unwrap()

@@ -107,6 +107,7 @@ fn new_deployment(lock_key: &str, jobs: Vec<NewJob>) -> NewDeployment {
         revision: REV.into(),
         jobs,
         hold: None,
+        only_after: None,
     }
 }
 
@@ -1336,5 +1337,46 @@ async fn issue6_a_queued_deployment_whose_window_closed_waits_again() {
         // Nothing it could start: the held-back one is not activated.
         let started = store.activate(N1, LEASE).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
         assert_eq!(started, vec![free], "[{name}]");
+    }
+}
+
+// Issue 6: a background redeploy (`only_after`) is stored only when nothing
+// on its lock is in flight and the service's record is still the one its
+// caller read; refused, it stores nothing (not even its event key), and it
+// never supersedes anyone's deploy.
+#[tokio::test]
+async fn issue6_a_background_redeploy_waits_for_an_idle_service_and_a_current_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for b in backends(&dir).await {
+        let (name, store) = &b;
+        let lock = "staging/service/web";
+        let redeploy = |ran: i64| NewDeployment {
+            event: NewEvent { key: Some("git:drift-web".into()), kind: "deploy".into(), payload: "{}".into() },
+            service: Some("web".into()),
+            only_after: Some(ran),
+            ..new_deployment(lock, jobs(&[("a", &[])]))
+        };
+        store.set_service(service_row("1.0", None, 1000)).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+
+        // Someone's deploy of 2.0 is queued: refused, and 2.0 stays queued.
+        let theirs = submit(&b, NewDeployment { service: Some("web".into()), version: Some("2.0".into()), ..new_deployment(lock, jobs(&[("a", &[])])) }).await.deployment_id;
+        let s = submit(&b, redeploy(1000)).await;
+        assert!(s.busy && s.deployment_id == 0 && s.superseded.is_empty(), "[{name}] {s:?}");
+        assert_eq!(dep_state(&b, theirs).await, DeploymentState::Queued, "[{name}]");
+
+        // (Record 1000: an earlier deployment, before this store's ids.)
+        // 2.0 has run since (its record names it): a redeploy read before is stale.
+        store.cancel(theirs).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        store.set_service(service_row("2.0", None, theirs)).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        assert!(submit(&b, redeploy(1000)).await.busy, "[{name}] a stale record");
+
+        // Idle and current: stored, once (the key was not taken by the refusals).
+        let s = submit(&b, redeploy(theirs)).await;
+        assert!(!s.busy && !s.duplicate && s.deployment_id > 0, "[{name}] {s:?}");
+        assert_eq!(dep_state(&b, s.deployment_id).await, DeploymentState::Queued, "[{name}]");
+        // Now it is in flight itself: a second one is refused before its key.
+        assert!(submit(&b, redeploy(theirs)).await.busy, "[{name}]");
+        assert!(store.in_flight_on(lock).await.unwrap_or_else(|e| panic!("[{name}] {e}")), "[{name}]");
+        assert!(!store.in_flight_on("staging/service/other").await.unwrap_or_else(|e| panic!("[{name}] {e}")), "[{name}]");
     }
 }

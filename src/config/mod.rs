@@ -625,14 +625,21 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
                 .iter()
                 .filter_map(|h| {
                     let host = h.get_ref().to_ascii_lowercase();
-                    if valid_image(&format!("{host}/x")) && !host.contains('/') {
+                    // A bare name ("myregistry/team/web") is Docker Hub's.
+                    let registry_like = host.contains('.') || host.contains(':') || host == "localhost";
+                    if valid_image(&format!("{host}/x")) && !host.contains('/') && registry_like {
                         Some(host)
                     } else {
-                        problems.push(Problem::new(ProblemKind::InvalidValue, Some(h.span()), format!("{:?} is not a registry host", h.get_ref())).label("not host[:port]").hint("the name images of this registry start with, e.g. \"registry.internal:5000\""));
+                        problems.push(Problem::new(ProblemKind::InvalidValue, Some(h.span()), format!("{:?} is not a registry host", h.get_ref())).label("not host[:port]").hint("the name images of this registry start with, with a '.' or a port (or localhost), e.g. \"registry.internal:5000\""));
                         None
                     }
                 })
-                .collect(),
+                .fold(Vec::new(), |mut v, h| {
+                    if !v.contains(&h) {
+                        v.push(h);
+                    }
+                    v
+                }),
         }
     });
     let events = raw.events.map(|e| {

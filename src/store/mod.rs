@@ -283,6 +283,12 @@ pub struct NewDeployment {
     pub jobs: Vec<NewJob>,
     /// Gates it waits for before it may queue (None: queued at once).
     pub hold: Option<Hold>,
+    /// Only if nothing on its lock is waiting, queued or running, and the
+    /// service's record still names this deployment (the one the caller
+    /// saw run): else nothing is stored and the answer is `busy`. For
+    /// background redeploys, which must never supersede anyone's deploy
+    /// nor act on a record gone stale.
+    pub only_after: Option<i64>,
 }
 
 /// What a `waiting` deployment waits for. Released (to `queued`) by the
@@ -318,6 +324,8 @@ pub struct Submitted {
     pub duplicate: bool,
     /// Queued deployments this one replaced.
     pub superseded: Vec<i64>,
+    /// Refused under `only_after`: nothing was stored.
+    pub busy: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -571,6 +579,8 @@ pub trait Store: Send + Sync + 'static {
     async fn set_waiting_for(&self, deployment: i64, what: &str) -> Result<()>;
     /// `waiting` → `queued`; false if it was no longer waiting.
     async fn release(&self, deployment: i64) -> Result<bool>;
+    /// Whether a deployment on `lock_key` is waiting, queued or running.
+    async fn in_flight_on(&self, lock_key: &str) -> Result<bool>;
     /// Queued deployments that may start only inside a deploy window
     /// (oldest first), with their holds.
     async fn queued_in_windows(&self) -> Result<Vec<(DeploymentRow, Hold)>>;

@@ -857,6 +857,29 @@ impl Store for SqlStore {
                 .await
                 .map_err(StoreError::query(op))?;
         }
+        if let Some(ran) = new.only_after {
+            // Under the lock key's lock (PostgreSQL) or the one connection
+            // (SQLite): no submit on this key can slip in between.
+            let busy = sqlx::query("SELECT id FROM deployments WHERE lock_key = $1 AND state IN ('waiting', 'queued', 'running') LIMIT 1")
+                .bind(&new.lock_key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?
+                .is_some();
+            let recorded: Option<i64> = sqlx::query("SELECT deployment_id FROM services WHERE environment = $1 AND service = $2")
+                .bind(&new.environment)
+                .bind(new.service.clone().unwrap_or_default())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?
+                .map(|r| r.try_get(0))
+                .transpose()
+                .map_err(StoreError::query(op))?;
+            if busy || recorded != Some(ran) {
+                tx.rollback().await.map_err(StoreError::query(op))?;
+                return Ok(Submitted { event_id: 0, deployment_id: 0, duplicate: false, superseded: vec![], busy: true });
+            }
+        }
         let inserted = sqlx::query(
             "INSERT INTO events (key, kind, payload, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING id",
         )
@@ -880,6 +903,7 @@ impl Store for SqlStore {
                 deployment_id: row.try_get::<Option<i64>, _>(1).map_err(StoreError::query(op))?.unwrap_or(0),
                 duplicate: true,
                 superseded: vec![],
+                busy: false,
             });
         };
         let event_id: i64 = row.try_get(0).map_err(StoreError::query(op))?;
@@ -1004,7 +1028,7 @@ impl Store for SqlStore {
             }
         }
         tx.commit().await.map_err(StoreError::query(op))?;
-        Ok(Submitted { event_id, deployment_id: dep_id, duplicate: false, superseded })
+        Ok(Submitted { event_id, deployment_id: dep_id, duplicate: false, superseded, busy: false })
     }
 
     async fn deployments(&self, limit: i64, state: Option<DeploymentState>) -> Result<Vec<DeploymentRow>> {
@@ -1198,6 +1222,15 @@ impl Store for SqlStore {
             let _ = sqlx::query("UPDATE holds SET waiting_for = NULL WHERE deployment_id = $1").bind(deployment).execute(&self.pool).await;
         }
         Ok(n > 0)
+    }
+
+    async fn in_flight_on(&self, lock_key: &str) -> Result<bool> {
+        Ok(sqlx::query("SELECT id FROM deployments WHERE lock_key = $1 AND state IN ('waiting', 'queued', 'running') LIMIT 1")
+            .bind(lock_key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::query("in flight on a lock"))?
+            .is_some())
     }
 
     async fn queued_in_windows(&self) -> Result<Vec<(DeploymentRow, Hold)>> {

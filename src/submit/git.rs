@@ -13,7 +13,7 @@ use super::{Source, SubmitError, Submitter, key_of, parse_for};
 use crate::config::{self, revision};
 use crate::git::{GitError, Mirror};
 use crate::plan::changes::{self, Touched};
-use crate::store::{DeploymentKind, DeploymentState, NewEvent};
+use crate::store::{DeploymentKind, NewEvent};
 
 /// What became of a commit (stored as the event's payload).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -52,6 +52,20 @@ impl RevisionRecord {
     pub fn accepted(&self) -> bool {
         self.state == "accepted"
     }
+}
+
+/// A spec as far as a redeploy cares: one environment's address is not
+/// another's change (`for_environment` keeps every environment's map).
+fn comparable(spec: &crate::config::service::ServiceSpec) -> crate::config::service::ServiceSpec {
+    let mut s = spec.clone();
+    s.listen_in.clear();
+    s
+}
+
+/// What the drift check remembers having settled: a service's record (by
+/// the deployment that wrote it) against an accepted revision.
+fn settled_key(environment: &str, row: &crate::store::ServiceRow, revision: &str) -> String {
+    format!("{environment}\n{}\n{}\n{revision}", row.service, row.deployment_id)
 }
 
 /// The event kind of an environment's revision records (names cannot
@@ -227,8 +241,8 @@ impl Submitter {
             .iter()
             .filter(|s| running.iter().any(|r| r.environment == environment && r.service == s.name))
             .filter_map(|s| {
-                let new = s.spec.as_ref()?.for_environment(environment);
-                let before = old.services.iter().find(|o| o.name == s.name).and_then(|o| o.spec.as_ref()).map(|o| o.for_environment(environment));
+                let new = comparable(&s.spec.as_ref()?.for_environment(environment));
+                let before = old.services.iter().find(|o| o.name == s.name).and_then(|o| o.spec.as_ref()).map(|o| comparable(&o.for_environment(environment)));
                 (before.as_ref() != Some(&new)).then(|| s.name.clone())
             })
             .collect())
@@ -261,11 +275,13 @@ impl Submitter {
 
     /// The drift check, for the gate loop: in each environment that takes
     /// its config from git, a service whose recorded definition differs
-    /// from its accepted commit's, with no deployment of it waiting,
-    /// queued or running, is rolled out again at the version (and digest)
-    /// it runs, on that commit. Once per (environment, revision, service),
-    /// whichever node sees it: a redeploy that fails is not tried again
-    /// until the next commit.
+    /// from its accepted commit's is rolled out again at the version (and
+    /// digest) it runs, on that commit — only when nothing of it is
+    /// waiting, queued or running and its record is the one read here
+    /// (the store checks both in the submit's transaction, so it never
+    /// supersedes anyone's deploy nor redeploys a version just replaced).
+    /// Once per (environment, revision, service), whichever node sees it:
+    /// a redeploy that fails is not tried again until the next commit.
     pub async fn redeploy_drifted(&self, disk: &config::Config, rows: &[crate::store::ServiceRow]) -> Result<(), SubmitError> {
         for env in disk.environments.iter().filter(|e| e.git.is_some()) {
             let here: Vec<&crate::store::ServiceRow> = rows.iter().filter(|r| r.environment == env.name).collect();
@@ -273,37 +289,51 @@ impl Submitter {
                 continue;
             }
             let Some(accepted) = self.accepted_revision(&env.name).await? else { continue };
-            let Ok(config) = self.config_for(&env.name).await else { continue };
-            let key = |service: &str| key_of("git", &[&env.name, &accepted.revision, "redeploy", service]);
-            let done = |service: &str| self.redeployed.lock().map(|d| d.contains(&key(service))).unwrap_or(false);
-            let drifted: Vec<&&crate::store::ServiceRow> = here
-                .iter()
-                .filter(|r| r.revision != accepted.revision && !done(&r.service))
-                .filter(|r| {
-                    let Some(want) = config.services.iter().find(|s| s.name == r.service).and_then(|s| s.spec.as_ref()) else { return false };
-                    let runs: Option<crate::config::service::ServiceSpec> = serde_json::from_str(&r.spec).ok();
-                    runs.as_ref() != Some(&want.for_environment(&env.name))
-                })
-                .collect();
-            if drifted.is_empty() {
+            // What this node has settled: (service, record, revision) seen
+            // in step, or redeployed.
+            let settled = |r: &crate::store::ServiceRow| self.redeployed.lock().map(|d| d.contains(&settled_key(&env.name, r, &accepted.revision))).unwrap_or(false);
+            let candidates: Vec<&&crate::store::ServiceRow> = here.iter().filter(|r| r.revision != accepted.revision && !settled(r)).collect();
+            if candidates.is_empty() {
                 continue;
             }
-            let mut busy = Vec::new();
-            for state in [DeploymentState::Waiting, DeploymentState::Queued, DeploymentState::Running] {
-                busy.extend(self.store.deployments(10_000, Some(state)).await?.into_iter().filter(|d| d.environment == env.name).filter_map(|d| d.service));
-            }
-            for row in drifted.into_iter().filter(|r| !busy.contains(&r.service)) {
+            let Ok(config) = self.config_for(&env.name).await else { continue };
+            for row in candidates {
+                let want = config.services.iter().find(|s| s.name == row.service).and_then(|s| s.spec.as_ref()).map(|s| comparable(&s.for_environment(&env.name)));
+                let runs: Option<crate::config::service::ServiceSpec> = serde_json::from_str(&row.spec).ok();
+                let settle = || {
+                    if let Ok(mut d) = self.redeployed.lock() {
+                        d.insert(settled_key(&env.name, row, &accepted.revision));
+                    }
+                };
+                let Some(want) = want else {
+                    // Gone from the config: nothing to roll out.
+                    settle();
+                    continue;
+                };
+                if runs.as_ref().map(comparable).as_ref() == Some(&want) {
+                    settle();
+                    continue;
+                }
+                // A digest is only the same kind of thing if the artifact
+                // kind is (an image's digest, a tarball's checksum).
+                let same_kind = runs.as_ref().is_some_and(|r| r.container.is_some() == want.container.is_some());
+                let digest = if same_kind { row.sha256.clone() } else { None };
                 let name = &row.service;
+                // Cheap first: the submit below does much more before its
+                // store transaction refuses the same way.
+                if self.store.in_flight_on(&super::lock_key(&env.name, Some(name))).await? {
+                    continue;
+                }
                 let payload = serde_json::json!({ "kind": "deploy", "service": name, "version": row.version, "environment": env.name, "reason": format!("its definition changed in {}", revision::short(&accepted.commit)) }).to_string();
-                let request = super::Request::Deploy { service: name.clone(), version: row.version.clone(), environment: Some(env.name.clone()), digest: row.sha256.clone() };
-                match self.submit(request, Some(key(name)), payload).await {
+                let key = key_of("git", &[&env.name, &accepted.revision, "redeploy", name]);
+                match self.redeploy_if_idle(row, digest, key, payload).await {
+                    // Something of it is in flight: asked again next second.
+                    Ok(s) if s.busy => {}
                     Ok(s) => {
                         if !s.duplicate {
                             tracing::info!(environment = %env.name, service = %name, deployment = s.deployment_id, "service redeployed: its definition changed");
                         }
-                        if let Ok(mut d) = self.redeployed.lock() {
-                            d.insert(key(name));
-                        }
+                        settle();
                     }
                     // An outage passes: tried again next second, quietly.
                     Err(e @ (SubmitError::Unavailable(_) | SubmitError::Store(_))) => tracing::debug!(environment = %env.name, service = %name, "service not redeployed yet after its definition changed: {e}"),
@@ -311,9 +341,7 @@ impl Submitter {
                     // said once, and left until the next commit.
                     Err(e) => {
                         tracing::warn!(environment = %env.name, service = %name, "service not redeployed after its definition changed: {e}");
-                        if let Ok(mut d) = self.redeployed.lock() {
-                            d.insert(key(name));
-                        }
+                        settle();
                     }
                 }
             }
@@ -378,5 +406,31 @@ fn git_error(e: GitError) -> SubmitError {
     match e {
         GitError::Invalid(m) => SubmitError::Invalid(m),
         e => SubmitError::Unavailable(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn web(staging: u16, production: u16, instances: u32) -> crate::config::service::ServiceSpec {
+        let text = format!(
+            "[[environment]]\nname = \"staging\"\n[[environment]]\nname = \"production\"\n[[service]]\nname = \"web\"\ninstances = {instances}\nlisten = {{ staging = \"127.0.0.1:{staging}\", production = \"127.0.0.1:{production}\" }}\ncommand = [\"/bin/web\", \"{{port}}\"]\n"
+        );
+        let c = config::parse("slipway.toml", &text).expect("valid");
+        c.services[0].spec.clone().expect("a managed service")
+    }
+
+    // Issue 6 (review): one environment's address is not another's change.
+    #[test]
+    fn only_the_environment_whose_definition_changed_differs() {
+        let (before, moved) = (web(8001, 9001, 1), web(8001, 9002, 1));
+        assert_eq!(comparable(&before.for_environment("staging")), comparable(&moved.for_environment("staging")));
+        assert_ne!(comparable(&before.for_environment("production")), comparable(&moved.for_environment("production")));
+        assert_ne!(comparable(&before.for_environment("staging")), comparable(&web(8001, 9001, 2).for_environment("staging")));
+        // What a rollout records reads back equal.
+        let stored = serde_json::to_string(&before.for_environment("staging")).expect("json");
+        let back: crate::config::service::ServiceSpec = serde_json::from_str(&stored).expect("spec");
+        assert_eq!(comparable(&back), comparable(&before.for_environment("staging")));
     }
 }

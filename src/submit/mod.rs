@@ -74,8 +74,8 @@ pub struct Submitter {
     pub deciding: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Configs of accepted commits, parsed once: (environment, revision).
     pub parsed: std::sync::Mutex<std::collections::HashMap<(String, String), config::Config>>,
-    /// Drift redeploys this node has submitted (or found submitted), by
-    /// key: the drift check asks no more about them.
+    /// What the drift check has settled on this node (a service record in
+    /// step with its revision, or redeployed): it asks no more about them.
     pub redeployed: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
@@ -148,11 +148,13 @@ struct Submission {
     /// An approval already given (a waiting deployment submitted again on
     /// a newer revision keeps it).
     approved: Option<(String, crate::store::Millis)>,
+    /// See [`NewDeployment::only_after`].
+    only_after: Option<i64>,
 }
 
 impl Submission {
     fn new(selection: Selection, environment: Option<String>, kind: DeploymentKind, key: Option<String>, payload: String) -> Self {
-        Submission { selection, environment, kind, service: None, version: None, digest: None, key, payload, only: None, event_kind: None, source: None, promotion: None, actor: None, approved: None }
+        Submission { selection, environment, kind, service: None, version: None, digest: None, key, payload, only: None, event_kind: None, source: None, promotion: None, actor: None, approved: None, only_after: None }
     }
 }
 
@@ -210,6 +212,20 @@ impl Submitter {
                 self.submit_selection(sub).await
             }
         }
+    }
+
+    /// Deploy a service again at the version its record `row` names (a
+    /// background redeploy), only if nothing of it is in flight and its
+    /// record still names `row`'s deployment; else `busy` and nothing
+    /// stored.
+    pub(crate) async fn redeploy_if_idle(&self, row: &crate::store::ServiceRow, digest: Option<String>, key: String, payload: String) -> Result<Submitted, SubmitError> {
+        check_deploy(&row.service, &row.version)?;
+        let mut sub = Submission::new(Selection::Service { service: row.service.clone() }, Some(row.environment.clone()), DeploymentKind::Deploy, Some(key), payload);
+        sub.digest = digest.map(|d| parse_digest(&d)).transpose()?;
+        sub.service = Some(row.service.clone());
+        sub.version = Some(row.version.clone());
+        sub.only_after = Some(row.deployment_id);
+        self.submit_selection(sub).await
     }
 
     /// Deploy `service` to `to` at the version (and digest) it runs in
@@ -385,10 +401,7 @@ impl Submitter {
             self.store.put_revision(rev).await?;
         }
         let service = sub.service;
-        let lock_key = match &service {
-            Some(s) => format!("{environment}/service/{s}"),
-            None => format!("{environment}/jobs"),
-        };
+        let lock_key = lock_key(&environment, service.as_deref());
         let only = sub.only;
         let artifact = self.release(&source.config, service.as_deref(), sub.version.as_deref(), sub.digest).await?;
         let jobs = plan
@@ -449,6 +462,7 @@ impl Submitter {
                 revision: source.revision_id,
                 jobs,
                 hold,
+                only_after: sub.only_after,
             })
             .await?;
         if let Some(w) = &self.wake {
@@ -459,6 +473,15 @@ impl Submitter {
                 bus.emit(crate::scheduler::event::Event::DeploymentWaiting { deployment: submitted.deployment_id }).await;
             }
         Ok(submitted)
+    }
+}
+
+/// At most one deployment of a service (or of an environment's jobs) runs
+/// at a time: this is the key of that lock.
+pub(crate) fn lock_key(environment: &str, service: Option<&str>) -> String {
+    match service {
+        Some(s) => format!("{environment}/service/{s}"),
+        None => format!("{environment}/jobs"),
     }
 }
 

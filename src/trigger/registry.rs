@@ -55,7 +55,8 @@ pub fn parse(body: &[u8], hosts: &[String]) -> Result<(Vec<Pushed>, usize), Trig
             .collect();
         images.dedup();
         if images.is_empty() {
-            return Err(TriggerError::BadPayload(format!("repository {repo:?} on host {request_host:?} is not an image name")));
+            let on = if hosts.is_empty() { format!("host {request_host:?}") } else { format!("hosts {hosts:?}") };
+            return Err(TriggerError::BadPayload(format!("repository {repo:?} on {on} is not an image name")));
         }
         out.push(Pushed { id: id.to_string(), images, version: tag.to_string() });
     }
