@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::config::{self, ConfigErrors, revision};
 use crate::plan::{self, PlanError, Selection};
-use crate::store::{DeploymentKind, Hold, JobSpec, NewDeployment, NewEvent, NewJob, Store, StoreError, Submitted};
+use crate::store::{DeploymentKind, DeploymentState, Hold, JobSpec, NewDeployment, NewEvent, NewJob, Store, StoreError, Submitted};
 
 pub mod git;
 
@@ -315,6 +315,15 @@ impl Submitter {
             sub.promotion = Some(Promotion { from: from.clone(), deployment: dep, not_before: hold.not_before });
         }
         let new = self.submit_selection(sub).await?;
+        // Cancelled while we submitted (a person, `slipway cancel`): the
+        // copy goes too, or a cancelled deploy would come back.
+        if !new.duplicate
+            && let Some(old) = self.store.deployment(d.id).await?
+            && old.state == DeploymentState::Cancelled
+        {
+            self.store.cancel(new.deployment_id).await?;
+            return Ok(None);
+        }
         self.store.drop_waiting(d.id, &format!("the config moved to {} before it started: submitted again as deployment {}", revision::short(&current), new.deployment_id)).await?;
         Ok(Some(new))
     }
