@@ -307,7 +307,7 @@ health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
                 // `why` tells where it came from.
                 let (_, why) = api.call("GET", &format!("/api/v1/services/{env}/web/why"), Some(&admin), None).await;
                 let verdict = why["verdict"].as_str().unwrap_or("");
-                assert!(verdict.ends_with(&format!("deployed by deployment #{id}, promoted from {} (deployment #{})", source.0, source.1)), "{backend} {env}: {why}");
+                assert!(verdict.ends_with(&format!("deployed by deployment #{id}, promoted from {} #{}", source.0, source.1)), "{backend} {env}: {why}");
             }
             source = (env.to_string(), id);
         }

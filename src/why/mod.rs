@@ -37,7 +37,7 @@ struct Sighting {
 pub type Promoted = std::collections::BTreeMap<i64, (String, Option<i64>)>;
 
 fn promoted_from(promoted: &Promoted, id: i64) -> Option<String> {
-    promoted.get(&id).map(|(from, src)| format!("promoted from {from}{}", src.map(|s| format!(" (deployment #{s})")).unwrap_or_default()))
+    promoted.get(&id).map(|(from, src)| format!("promoted from {from}{}", src.map(|s| format!(" #{s}")).unwrap_or_default()))
 }
 
 /// Why `service` in `environment` runs what it runs. `deployments` and
@@ -238,8 +238,8 @@ mod tests {
         assert!(explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new()).verdict.contains("runs 1.0, the newest version seen, deployed by deployment #1"));
         let promoted = Promoted::from([(1, ("staging".to_string(), Some(7)))]);
         let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &promoted);
-        assert!(e.verdict.ends_with("deployed by deployment #1, promoted from staging (deployment #7)"), "{}", e.verdict);
-        assert!(e.history.iter().any(|h| h.contains("from deployment #1 (deploy, promoted from staging (deployment #7))")), "{:?}", e.history);
+        assert!(e.verdict.ends_with("deployed by deployment #1, promoted from staging #7"), "{}", e.verdict);
+        assert!(e.history.iter().any(|h| h.contains("from deployment #1 (deploy, promoted from staging #7)")), "{:?}", e.history);
         let deps = [dep(1, "1.0", DeploymentState::Succeeded, None, 100), dep(2, "1.1", DeploymentState::Running, None, 200), dep(3, "1.2", DeploymentState::Queued, None, 300)];
         let v = explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new()).verdict;
         assert!(v.contains("deployment #3 is queued; it waits for deployment #2 (1.1), which holds the service's lock"), "{v}");
