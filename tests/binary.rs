@@ -1195,3 +1195,72 @@ command = "echo peek sees ${{API_KEY:-nothing}}"
     );
     assert!(!everything.contains("topsecret-9931"), "the value leaked: {everything}");
 }
+
+/// `slipway run` into an environment behind an approval: the CLI says
+/// what the deployment waits for, and when the config changes while it
+/// waits (so it is submitted again on the new revision once approved), the
+/// CLI follows the copy to its end instead of reporting a cancellation.
+#[test]
+fn issue6_the_cli_follows_a_waiting_deployment_through_its_resubmission() {
+    let dir = common::config_dir(
+        r#"
+[[environment]]
+name = "production"
+approval = true
+
+[[job]]
+name = "hello"
+command = ["echo", "hello"]
+"#,
+        &[],
+    );
+    let server = Server::start(dir.path(), None, &[]);
+    let mut child = Command::new(slipway_bin())
+        .arg("--config")
+        .arg(dir.path())
+        .arg("--server")
+        .arg(&server.url)
+        .args(["run", "hello", "--env", "production"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn slipway run");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut out = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while !out.iter().any(|l: &String| l.contains("waiting for approval by an approver of production")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => out.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the CLI never said what the deployment waits for: {out:?}");
+            }
+        }
+    }
+    let status = text(&server.cli(dir.path(), &["status"]));
+    assert!(status.contains("1  run in production: waiting for approval"), "{status}");
+
+    let path = dir.path().join("slipway.toml");
+    let config = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(&path, format!("{config}\n# edited while it waited\n")).expect("edit");
+    let approved = server.cli(dir.path(), &["approve", "1"]);
+    assert!(text(&approved).contains("deployment 1 (run in production) approved"), "{}", text(&approved));
+
+    let code = wait("the CLI to finish", || format!("{out:?}"), || child.try_wait().ok().flatten());
+    out.extend(rx.try_iter());
+    let all = out.join("\n");
+    assert_eq!(code.code(), Some(0), "{all}");
+    assert!(all.contains("submitted again as deployment 2; following deployment 2"), "{all}");
+    assert!(all.contains("deployment 2 succeeded"), "{all}");
+    let old = get_json(&format!("{}/api/v1/deployments/1", server.url));
+    assert_eq!((old["deployment"]["state"].as_str(), old["deployment"]["superseded_by"].as_i64()), (Some("superseded"), Some(2)), "{old}");
+}

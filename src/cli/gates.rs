@@ -2,7 +2,7 @@
 
 use super::client::Client;
 use super::{CliError, exit, print_json};
-use crate::api::wire::{ApprovalInfo, EnvironmentInfo, EventAccepted, PromoteRequest, RevisionInfo};
+use crate::api::wire::{ApprovalInfo, Deployment, EnvironmentInfo, EventAccepted, PromoteRequest, RevisionInfo};
 use crate::config;
 use crate::plan::{self, Selection};
 
@@ -12,7 +12,7 @@ pub(super) async fn approve(client: &Client, deployment: i64, json: bool) -> Res
         print_json(&a);
     } else {
         let d = &a.deployment;
-        let what = format!("{} {}", d.service.as_deref().unwrap_or("jobs"), d.version.as_deref().unwrap_or(""));
+        let what = what(d);
         match &a.waiting_for {
             Some(w) => println!("deployment {} ({what} in {}) approved by {}; still {w}", d.id, d.environment, a.approved_by.as_deref().unwrap_or("?")),
             None => println!("deployment {} ({what} in {}) approved by {}; it starts now", d.id, d.environment, a.approved_by.as_deref().unwrap_or("?")),
@@ -109,10 +109,9 @@ pub(super) async fn print_gates(client: &Client) -> Result<(), CliError> {
         for a in &waiting {
             let d = &a.deployment;
             println!(
-                "  {:>5}  {} {} in {}{}: {}",
+                "  {:>5}  {} in {}{}: {}",
                 d.id,
-                d.service.as_deref().unwrap_or("jobs"),
-                d.version.as_deref().unwrap_or(""),
+                what(d),
                 d.environment,
                 a.source_environment.as_deref().map(|s| format!(" (from {s})")).unwrap_or_default(),
                 a.waiting_for.as_deref().unwrap_or("waiting")
@@ -182,4 +181,13 @@ pub(super) async fn plan_change(path: &std::path::Path, env: Option<String>, fro
         print!("{}", p.render_text());
     }
     Ok(exit::OK)
+}
+
+/// A deployment in a few words: "web 1.4.0", or "run" for named jobs.
+fn what(d: &Deployment) -> String {
+    match (&d.service, &d.version) {
+        (Some(s), Some(v)) => format!("{s} {v}"),
+        (Some(s), None) => s.clone(),
+        _ => d.kind.as_str().to_string(),
+    }
 }

@@ -542,9 +542,10 @@ async fn submit(client: &Client, req: EventRequest, detach: bool, json: bool) ->
 }
 
 /// Live progress: one line per job state change, until the deployment ends.
-async fn follow(client: &Client, id: i64, json: bool) -> Result<u8, CliError> {
+async fn follow(client: &Client, mut id: i64, json: bool) -> Result<u8, CliError> {
     let mut seen: std::collections::HashMap<String, (JobState, i64)> = Default::default();
     let mut last_state = None;
+    let mut last_reason: Option<String> = None;
     let mut failures = 0;
     loop {
         let detail: DeploymentDetail = match client.get(&format!("/api/v1/deployments/{id}")).await {
@@ -564,7 +565,19 @@ async fn follow(client: &Client, id: i64, json: bool) -> Result<u8, CliError> {
         if !json {
             if last_state != Some(d.state) {
                 println!("deployment {id}: {}{}", d.state, if d.state == DeploymentState::Running { format!(" (revision {})", config::revision::short(&d.revision)) } else { String::new() });
+                if d.state == DeploymentState::Waiting {
+                    // A gate may hold it for hours: say that leaving is safe.
+                    println!("  it starts by itself once its gates pass; Ctrl-C stops following, not the deployment (or use --detach)");
+                }
                 last_state = Some(d.state);
+            }
+            // What a waiting deployment waits for changes as gates pass
+            // (approved, now only the window…): show each change.
+            if d.state == DeploymentState::Waiting && d.reason != last_reason {
+                if let Some(r) = &d.reason {
+                    println!("  {r}");
+                }
+                last_reason = d.reason.clone();
             }
             for j in &detail.jobs {
                 let key = (j.state, j.attempt);
@@ -581,6 +594,23 @@ async fn follow(client: &Client, id: i64, json: bool) -> Result<u8, CliError> {
                 };
                 println!("  {} {:<24} {extra}", symbol(j.state), j.name);
             }
+        }
+        // Submitted again on a newer config while it waited (or replaced
+        // by the same request): the deployment the caller asked for goes
+        // on under the new id, so follow that one.
+        if d.state == DeploymentState::Superseded
+            && let Some(next) = d.superseded_by
+            && let Ok(n) = client.get::<DeploymentDetail>(&format!("/api/v1/deployments/{next}")).await
+            && same_request(&detail, &n)
+        {
+            if !json {
+                println!("deployment {id}: {}; following deployment {next}", d.reason.as_deref().unwrap_or("superseded"));
+            }
+            id = next;
+            seen.clear();
+            last_state = None;
+            last_reason = None;
+            continue;
         }
         if d.state.is_terminal() {
             if json {
@@ -602,6 +632,15 @@ async fn follow(client: &Client, id: i64, json: bool) -> Result<u8, CliError> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Whether `next` carries on what `d` asked for: the same kind of
+/// deployment of the same thing (version, or jobs) in the same environment
+/// (a newer version superseding it is not).
+fn same_request(d: &DeploymentDetail, next: &DeploymentDetail) -> bool {
+    let jobs = |x: &DeploymentDetail| x.jobs.iter().map(|j| j.name.clone()).collect::<std::collections::BTreeSet<_>>();
+    let (a, b) = (&d.deployment, &next.deployment);
+    (a.kind, &a.environment, &a.service, &a.version) == (b.kind, &b.environment, &b.service, &b.version) && (a.service.is_some() || jobs(d) == jobs(next))
 }
 
 /// The environment a service command means: the one given, or the only

@@ -176,7 +176,7 @@ async fn once(store: &Arc<dyn Store>, submitter: &Submitter, failed: &mut HashMa
                 }
             }
             Verdict::Drop(why) => {
-                if store.drop_waiting(d.id, &why).await?
+                if store.drop_waiting(d.id, &why, None).await?
                     && let Some(bus) = &submitter.events {
                         bus.emit(crate::scheduler::event::Event::DeploymentFinished { deployment: d.id, state: DeploymentState::Cancelled }).await;
                     }

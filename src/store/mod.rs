@@ -587,9 +587,11 @@ pub trait Store: Send + Sync + 'static {
     /// `queued` → `waiting` again, saying why (its window closed before
     /// it could start); false if it was no longer queued.
     async fn hold_back(&self, deployment: i64, waiting_for: &str) -> Result<bool>;
-    /// End a waiting deployment that can no longer go ahead (the version
-    /// it promotes left its source environment), with the reason.
-    async fn drop_waiting(&self, deployment: i64, reason: &str) -> Result<bool>;
+    /// End a waiting deployment that can no longer go ahead, with the
+    /// reason: `cancelled` (the version it promotes left its source
+    /// environment) or, given `replaced_by`, `superseded` by that copy of
+    /// it (submitted again on a newer config revision).
+    async fn drop_waiting(&self, deployment: i64, reason: &str, replaced_by: Option<i64>) -> Result<bool>;
 
     async fn register_node(&self, node: &str) -> Result<()>;
     async fn nodes(&self) -> Result<Vec<NodeRow>>;

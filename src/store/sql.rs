@@ -1260,11 +1260,14 @@ impl Store for SqlStore {
         Ok(n > 0)
     }
 
-    async fn drop_waiting(&self, deployment: i64, reason: &str) -> Result<bool> {
+    async fn drop_waiting(&self, deployment: i64, reason: &str, replaced_by: Option<i64>) -> Result<bool> {
         let op = "drop waiting deployment";
         let now = now_ms();
+        let state = if replaced_by.is_some() { DeploymentState::Superseded } else { DeploymentState::Cancelled };
         let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
-        let n = sqlx::query("UPDATE deployments SET state = 'cancelled', reason = $1, finished_at = $2 WHERE id = $3 AND state = 'waiting'")
+        let n = sqlx::query("UPDATE deployments SET state = $1, superseded_by = $2, reason = $3, finished_at = $4 WHERE id = $5 AND state = 'waiting'")
+            .bind(state.as_str())
+            .bind(replaced_by)
             .bind(reason)
             .bind(now)
             .bind(deployment)

@@ -324,7 +324,7 @@ impl Submitter {
             self.store.cancel(new.deployment_id).await?;
             return Ok(None);
         }
-        self.store.drop_waiting(d.id, &format!("the config moved to {} before it started: submitted again as deployment {}", revision::short(&current), new.deployment_id)).await?;
+        self.store.drop_waiting(d.id, &format!("the config moved to {} before it started: submitted again as deployment {}", revision::short(&current), new.deployment_id), Some(new.deployment_id)).await?;
         Ok(Some(new))
     }
 
