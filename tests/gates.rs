@@ -137,11 +137,16 @@ on = ["waiting"]
         let alice = token("alice", json!({"production": "approver"})).await;
         let bob = token("bob", json!({"staging": "deployer", "production": "deployer"})).await;
 
-        // 1.0 to staging; production gets it by promotion, waiting for the
-        // soak and an approval, and says so.
-        let (s, a) = api.call("POST", "/api/v1/events", Some(&bob), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "staging"}))).await;
+        // 1.0 is published: it deploys to staging by itself, and not to
+        // production, though auto_deploy names it: production takes
+        // versions by promotion, waiting for the soak and an approval, and
+        // says so.
+        let (s, a) = api.call("POST", "/api/v1/published", Some(&bob), Some(json!({"image": "ghcr.io/o/web", "version": "1.0"}))).await;
         assert_eq!(s, 202, "{backend}: {a}");
-        let staged = api.wait_state(a["deployment_id"].as_i64().expect("id"), &admin, &["succeeded", "failed", "rolled_back"]).await;
+        let result = |env: &str| a["results"].as_array().into_iter().flatten().find(|r| r["environment"] == env).cloned().unwrap_or_else(|| panic!("{env}: {a}"));
+        assert_eq!(result("production")["held"], "production takes versions by promotion from staging: promoted there once it has succeeded in staging", "{a}");
+        assert!(result("production")["deployment_id"].is_null(), "{a}");
+        let staged = api.wait_state(result("staging")["deployment_id"].as_i64().expect("id"), &admin, &["succeeded", "failed", "rolled_back"]).await;
         assert_eq!(staged["state"], "succeeded", "{staged}");
         let p = api.production("1.0", &admin).await;
         let pid = p["id"].as_i64().expect("id");

@@ -73,6 +73,7 @@ async fn per_environment(s: &AppState, disk: &crate::config::Config, decide: imp
             out.extend(from_disk.iter().filter(|d| d.environment == env).cloned());
         }
     }
+    crate::trigger::promotion_only(disk, &mut out);
     out
 }
 

@@ -87,6 +87,20 @@ pub fn decide_any(config: &Config, images: &[String], version: &str) -> Vec<Deci
     decide_for(config, version, |s| s.follows.as_ref().is_some_and(|f| images.contains(f)))
 }
 
+/// An environment that takes its versions by promotion (`promote_from`)
+/// never gets a published version directly, even where `auto_deploy`
+/// names it: there, `auto_deploy` means "promote here by itself", and a
+/// direct deploy would reach production beside staging instead of after
+/// it. `gates` is the node's config (gates are never read from a
+/// repository).
+pub fn promotion_only(gates: &Config, decisions: &mut [Decision]) {
+    for d in decisions.iter_mut().filter(|d| d.held.is_none()) {
+        if let Some(from) = gates.environment(&d.environment).and_then(|e| e.promote_from.as_deref()) {
+            d.held = Some(format!("{} takes versions by promotion from {from}: promoted there once it has succeeded in {from}", d.environment));
+        }
+    }
+}
+
 fn list(v: &[String]) -> String {
     if v.is_empty() { "no environment".into() } else { v.join(", ") }
 }
@@ -94,6 +108,31 @@ fn list(v: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn issue6_a_published_version_reaches_a_promoted_environment_only_by_promotion() {
+        let config = crate::config::parse(
+            "t.toml",
+            r#"
+[[environment]]
+name = "staging"
+[[environment]]
+name = "production"
+promote_from = "staging"
+
+[[service]]
+name = "web"
+follows = "ghcr.io/o/web"
+auto_deploy = ["staging", "production"]
+"#,
+        )
+        .expect("valid");
+        let mut d = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "1.2.0".into() });
+        promotion_only(&config, &mut d);
+        let held = |env: &str| d.iter().find(|d| d.environment == env).expect("decided").held.clone();
+        assert_eq!(held("staging"), None);
+        assert_eq!(held("production").as_deref(), Some("production takes versions by promotion from staging: promoted there once it has succeeded in staging"));
+    }
 
     #[test]
     fn only_opted_in_environments_deploy_and_the_tag_filter_holds_the_rest() {
