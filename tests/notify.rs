@@ -106,3 +106,60 @@ command = "echo broken; exit 3"
     node.shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), node.task).await;
 }
+
+/// Deployments that end without the scheduler running them — superseded
+/// by a newer deploy while waiting, or cancelled while waiting — are
+/// notified too (`on` lists both among its defaults).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue6_superseded_and_cancelled_waiting_deployments_are_notified() {
+    let (url, seen) = receiver().await;
+    let config = format!(
+        r#"
+[[environment]]
+name = "prod"
+approval = true
+
+[[notify]]
+url = "{url}/gone"
+on = ["superseded", "cancelled"]
+
+[[service]]
+name = "api"
+
+[[job]]
+name = "api-deploy"
+service = "api"
+command = ["true"]
+"#
+    );
+    let dir = common::config_dir(&config, &[]);
+    let store = slipway::store::open(&common::sqlite_url(dir.path())).await.expect("store");
+    let mut cfg = SchedulerConfig::new("notify-gone", dir.path().join(".slipway/work"));
+    cfg.poll = Duration::from_millis(100);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "notify-gone-test".into() });
+    let http = slipway::http::builder().build().expect("client");
+    let base = format!("http://{}", node.addr);
+    let mut ids = Vec::new();
+    for version in ["1.0", "2.0"] {
+        let r = http.post(format!("{base}/api/v1/events")).json(&serde_json::json!({"kind": "deploy", "service": "api", "version": version, "environment": "prod"})).send().await.expect("post");
+        assert_eq!(r.status().as_u16(), 202);
+        let body: Value = r.json().await.expect("json");
+        ids.push(body["deployment_id"].as_i64().expect("id"));
+    }
+    let r = http.post(format!("{base}/api/v1/deployments/{}/cancel", ids[1])).send().await.expect("cancel");
+    assert_eq!(r.status().as_u16(), 202);
+    let mut got = Vec::new();
+    for _ in 0..150 {
+        got = seen.lock().unwrap().iter().map(|(_, b)| (b["event"].as_str().unwrap_or("").to_string(), b["deployment"]["id"].as_i64())).collect::<Vec<_>>();
+        got.sort();
+        got.dedup();
+        if got.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(got, [("deployment.cancelled".to_string(), Some(ids[1])), ("deployment.superseded".to_string(), Some(ids[0]))], "{got:?}");
+    node.shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), node.task).await;
+}

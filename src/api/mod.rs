@@ -471,6 +471,13 @@ async fn cancel_deployment(State(s): State<Arc<AppState>>, axum::Extension(calle
     if let Some(w) = &s.submitter.wake {
         w.work_changed();
     }
+    // Ended by the cancel itself (it was queued or waiting, or nothing of
+    // it was running): no scheduler will report its end, so this does.
+    if d.state.is_terminal()
+        && let Some(bus) = &s.submitter.events
+    {
+        bus.emit(crate::scheduler::event::Event::DeploymentFinished { deployment: id, state: d.state }).await;
+    }
     Ok((StatusCode::ACCEPTED, axum::Extension(audit::AuditNote(format!("cancel deployment {id}"))), Json(Deployment::from(d))))
 }
 

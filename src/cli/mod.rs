@@ -600,17 +600,26 @@ async fn follow(client: &Client, mut id: i64, json: bool) -> Result<u8, CliError
         // on under the new id, so follow that one.
         if d.state == DeploymentState::Superseded
             && let Some(next) = d.superseded_by
-            && let Ok(n) = client.get::<DeploymentDetail>(&format!("/api/v1/deployments/{next}")).await
-            && same_request(&detail, &n)
         {
-            if !json {
-                println!("deployment {id}: {}; following deployment {next}", d.reason.as_deref().unwrap_or("superseded"));
+            let n = match client.get::<DeploymentDetail>(&format!("/api/v1/deployments/{next}")).await {
+                Ok(n) => Some(n),
+                Err(ClientError::Unreachable { .. }) if failures < 20 => {
+                    failures += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(_) => None,
+            };
+            if n.is_some_and(|n| same_request(&detail, &n)) {
+                if !json {
+                    println!("deployment {id}: {}; following deployment {next}", d.reason.as_deref().unwrap_or("superseded"));
+                }
+                id = next;
+                seen.clear();
+                last_state = None;
+                last_reason = None;
+                continue;
             }
-            id = next;
-            seen.clear();
-            last_state = None;
-            last_reason = None;
-            continue;
         }
         if d.state.is_terminal() {
             if json {

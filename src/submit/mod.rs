@@ -459,6 +459,9 @@ impl Submitter {
             _ => None,
         };
         let waiting_approval = hold.as_ref().is_some_and(|h| h.approval);
+        // A copy of a waiting deployment on a newer config supersedes it,
+        // but nothing ended that anyone should hear about.
+        let resubmission = sub.event_kind.as_deref() == Some("resubmit");
         let submitted = self
             .store
             .submit(NewDeployment {
@@ -477,10 +480,15 @@ impl Submitter {
         if let Some(w) = &self.wake {
             w.work_changed();
         }
-        if waiting_approval && !submitted.duplicate
-            && let Some(bus) = &self.events {
+        if let Some(bus) = &self.events {
+            if waiting_approval && !submitted.duplicate {
                 bus.emit(crate::scheduler::event::Event::DeploymentWaiting { deployment: submitted.deployment_id }).await;
             }
+            // The scheduler never ran these: their end is told here.
+            for &old in submitted.superseded.iter().filter(|_| !resubmission) {
+                bus.emit(crate::scheduler::event::Event::DeploymentFinished { deployment: old, state: DeploymentState::Superseded }).await;
+            }
+        }
         Ok(submitted)
     }
 }

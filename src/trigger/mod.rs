@@ -94,10 +94,16 @@ pub fn decide_any(config: &Config, images: &[String], version: &str) -> Vec<Deci
 /// it. `gates` is the node's config (gates are never read from a
 /// repository).
 pub fn promotion_only(gates: &Config, decisions: &mut [Decision]) {
+    let before = decisions.to_vec();
     for d in decisions.iter_mut().filter(|d| d.held.is_none()) {
-        if let Some(from) = gates.environment(&d.environment).and_then(|e| e.promote_from.as_deref()) {
-            d.held = Some(format!("{} takes versions by promotion from {from}: promoted there once it has succeeded in {from}", d.environment));
-        }
+        let Some(from) = gates.environment(&d.environment).and_then(|e| e.promote_from.as_deref()) else { continue };
+        // Held in the source too: no promotion will come by itself, and the
+        // reason must not promise one.
+        let source = before.iter().find(|s| s.service == d.service && s.environment == from).and_then(|s| s.held.as_deref());
+        d.held = Some(match source {
+            None => format!("{} takes versions by promotion from {from}: promoted there once it has succeeded in {from}", d.environment),
+            Some(why) => format!("{} takes versions by promotion from {from}, and {from} holds this version too ({why}): deploy it to {from} first, or to {} by hand", d.environment, d.environment),
+        });
     }
 }
 
@@ -132,6 +138,15 @@ auto_deploy = ["staging", "production"]
         let held = |env: &str| d.iter().find(|d| d.environment == env).expect("decided").held.clone();
         assert_eq!(held("staging"), None);
         assert_eq!(held("production").as_deref(), Some("production takes versions by promotion from staging: promoted there once it has succeeded in staging"));
+
+        // Opted in only where it must be promoted to: no promise of one.
+        let mut d = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "latest".into() });
+        for x in d.iter_mut().filter(|x| x.environment == "staging") {
+            x.held = Some("filtered".into());
+        }
+        promotion_only(&config, &mut d);
+        let production = d.iter().find(|d| d.environment == "production").and_then(|d| d.held.clone()).expect("held");
+        assert_eq!(production, "production takes versions by promotion from staging, and staging holds this version too (filtered): deploy it to staging first, or to production by hand");
     }
 
     #[test]
