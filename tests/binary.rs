@@ -1264,3 +1264,49 @@ command = ["echo", "hello"]
     let old = get_json(&format!("{}/api/v1/deployments/1", server.url));
     assert_eq!((old["deployment"]["state"].as_str(), old["deployment"]["superseded_by"].as_i64()), (Some("superseded"), Some(2)), "{old}");
 }
+
+/// Tokens through the CLI as a user meets them: the first (admin) token
+/// made on the host, a deployer token for staging only, and exit code 7
+/// (not allowed) with the reason for a missing role, a missing token and
+/// a revoked one.
+#[test]
+fn issue6_cli_tokens_and_the_not_allowed_exit_code() {
+    let dir = common::config_dir(
+        r#"
+[[environment]]
+name = "staging"
+[[environment]]
+name = "production"
+
+[[job]]
+name = "hello"
+command = ["echo", "hello"]
+"#,
+        &[],
+    );
+    let server = Server::start(dir.path(), None, &[]);
+    let last_line = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("").to_string();
+    let root = server.cli(dir.path(), &["token", "create", "root", "--role", "*=admin"]);
+    assert!(root.status.success(), "{}", text(&root));
+    let admin = last_line(&root);
+    assert!(admin.starts_with("slw_"), "{}", text(&root));
+    let made = server.cli(dir.path(), &["--token", &admin, "token", "create", "ci", "--role", "staging=deployer"]);
+    assert!(made.status.success(), "{}", text(&made));
+    let ci = last_line(&made);
+
+    let prod = server.cli(dir.path(), &["--token", &ci, "run", "hello", "--env", "production"]);
+    assert_eq!(prod.status.code(), Some(7), "{}", text(&prod));
+    assert!(text(&prod).contains("token \"ci\" may not deploy in production"), "{}", text(&prod));
+    let staging = server.cli(dir.path(), &["--token", &ci, "run", "hello", "--env", "staging"]);
+    assert_eq!(staging.status.code(), Some(0), "{}", text(&staging));
+
+    let anonymous = server.cli(dir.path(), &["status"]);
+    assert_eq!(anonymous.status.code(), Some(7), "{}", text(&anonymous));
+    assert!(text(&anonymous).contains("this API needs a token"), "{}", text(&anonymous));
+    assert!(server.cli(dir.path(), &["--token", &admin, "token", "revoke", "ci"]).status.success());
+    let revoked = server.cli(dir.path(), &["--token", &ci, "status"]);
+    assert_eq!(revoked.status.code(), Some(7), "{}", text(&revoked));
+    assert!(text(&revoked).contains("unknown or revoked token"), "{}", text(&revoked));
+    let list = text(&server.cli(dir.path(), &["--token", &admin, "token", "list"]));
+    assert!(!list.contains(&ci) && !list.contains(&admin), "tokens are shown only when made: {list}");
+}

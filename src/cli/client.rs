@@ -25,6 +25,7 @@ impl ClientError {
             ClientError::Api { status: 404, .. } => exit::NOT_FOUND,
             ClientError::Api { kind, .. } if kind == "invalid_config" => exit::INVALID_CONFIG,
             ClientError::Api { status: 503, .. } => exit::UNAVAILABLE,
+            ClientError::Api { status: 401 | 403, .. } => exit::NOT_ALLOWED,
             ClientError::Api { status, .. } if (400..500).contains(status) => exit::REJECTED,
             _ => exit::INTERNAL,
         }

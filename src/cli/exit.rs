@@ -15,6 +15,9 @@ pub const UNAVAILABLE: u8 = 4;
 pub const NOT_FOUND: u8 = 5;
 /// The server refused the request (bad input, conflict, too large).
 pub const REJECTED: u8 = 6;
+/// The server refused the caller: no token, an unknown or revoked one
+/// (401), or a role it lacks for that environment (403).
+pub const NOT_ALLOWED: u8 = 7;
 /// A bug or an unexpected condition in Slipway itself.
 pub const INTERNAL: u8 = 70;
 /// Stopped by a signal (SIGINT or SIGTERM) before the work was done.
