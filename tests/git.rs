@@ -328,15 +328,14 @@ on = ["revision_rejected"]
     }
 }
 
-// Issue 6: `poll` finds a new commit by itself (no webhook, no check).
+// Issue 6: `poll` finds a new commit by itself (no webhook, no check); a
+// branch that cannot be fetched says so until a fetch succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn issue6_a_polled_branch_is_followed_without_a_webhook() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let (_, store) = common::stores(scratch.path()).await.into_iter().next().expect("a store");
     let repo = tempfile::tempdir().expect("repo");
     let ran_file = scratch.path().join("ran");
-    git(repo.path(), &["init", "-q", "-b", "main"]);
-    let c1 = commit(repo.path(), &[("slipway.toml", &repo_config(&ran_file, false)), ("nginx/site.conf", "a")], "first");
     let node_config = format!("[[environment]]\nname = \"staging\"\n[environment.git]\nurl = \"{}\"\npoll = \"200ms\"\n", repo.path().display());
     let dir = common::config_dir(&node_config, &[]);
     let mut cfg = SchedulerConfig::new("poll", dir.path().join(".slipway/work"));
@@ -348,13 +347,28 @@ async fn issue6_a_polled_branch_is_followed_without_a_webhook() {
         let (base, http) = (n.base.clone(), n.http.clone());
         async move { http.get(format!("{base}/api/v1/environments/staging/revisions")).send().await.expect("get").json::<Value>().await.expect("json")[0].clone() }
     };
+    // Not a repository yet: every poll fails, and the environment says so.
+    let mut staging = Value::Null;
+    for _ in 0..100 {
+        staging = n.get("/api/v1/environments").await[0].clone();
+        if staging["fetch_error"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(staging["fetch_error"].as_str().unwrap_or("").contains("git fetch of main"), "{staging}");
+    assert!(staging["fetch_failed_at"].is_i64(), "{staging}");
+    git(repo.path(), &["init", "-q", "-b", "main"]);
+    let c1 = commit(repo.path(), &[("slipway.toml", &repo_config(&ran_file, false)), ("nginx/site.conf", "a")], "first");
     for _ in 0..100 {
         if newest(&n).await["commit"] == c1.as_str() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(newest(&n).await["commit"], c1.as_str(), "the first commit, fetched at start");
+    assert_eq!(newest(&n).await["commit"], c1.as_str(), "the first commit, fetched once the repository exists");
+    let staging = n.get("/api/v1/environments").await[0].clone();
+    assert!(staging["fetch_error"].is_null(), "a fetch succeeded since: {staging}");
     let c2 = commit(repo.path(), &[("nginx/site.conf", "b")], "nginx");
     let mut seen = Value::Null;
     for _ in 0..100 {

@@ -567,4 +567,8 @@ pub struct EnvironmentInfo {
     pub revision: Option<RevisionInfo>,
     /// A commit newer than `revision` that was rejected.
     pub rejected: Option<RevisionInfo>,
+    /// The answering node's last fetch of the branch failed (and none has
+    /// succeeded since): when (ms) and what git said.
+    pub fetch_failed_at: Option<i64>,
+    pub fetch_error: Option<String>,
 }

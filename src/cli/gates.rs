@@ -53,6 +53,11 @@ pub(super) async fn revisions(client: &Client, env: &str, check: bool, json: boo
         print_json(&list);
         return Ok(exit::OK);
     }
+    // A branch that cannot be fetched is the first thing to know.
+    let envs: Vec<EnvironmentInfo> = client.get("/api/v1/environments").await.unwrap_or_default();
+    if let Some(line) = envs.iter().find(|e| e.name == env).and_then(fetch_failure) {
+        println!("{line}");
+    }
     if list.is_empty() {
         println!("no commit of {env}'s config branch has been decided on yet");
     }
@@ -95,6 +100,9 @@ pub(super) async fn print_gates(client: &Client) -> Result<(), CliError> {
     for e in envs.iter().filter(|e| e.git.is_some()) {
         let at = e.revision.as_ref().map(|r| format!("at {}", config::revision::short(&r.commit))).unwrap_or_else(|| "no commit accepted yet".into());
         println!("config of {}: {} {at}", e.name, e.git.as_deref().unwrap_or(""));
+        if let Some(line) = fetch_failure(e) {
+            println!("  {line}");
+        }
         if let Some(r) = &e.rejected {
             // The report's first problem, without its diagnostic code line.
             let first = r.errors.as_deref().unwrap_or("").lines().find_map(|l| l.trim().strip_prefix("× ").or_else(|| (!l.trim().is_empty() && !l.contains("::")).then_some(l.trim()))).unwrap_or("");
@@ -190,4 +198,12 @@ fn what(d: &Deployment) -> String {
         (Some(s), None) => s.clone(),
         _ => d.kind.as_str().to_string(),
     }
+}
+
+/// "the last fetch failed 12s ago: …" for an environment whose branch the
+/// server could not fetch (and has not fetched since).
+fn fetch_failure(e: &EnvironmentInfo) -> Option<String> {
+    let (at, error) = (e.fetch_failed_at?, e.fetch_error.as_deref()?);
+    let ago = std::time::Duration::from_secs(((crate::store::now_ms() - at).max(0) / 1000) as u64);
+    Some(format!("the last fetch of its branch failed {} ago: {error}", humantime::format_duration(ago)))
 }

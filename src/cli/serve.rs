@@ -184,7 +184,7 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
         async move { services.restore(workdir).await }
     });
     let wake = sched.handle();
-    let submitter = Arc::new(Submitter { config_path: opts.config_path, store: store.clone(), parallelism, wake: Some(wake), targets: Some(targets), events: Some(events), deciding: Default::default(), parsed: Default::default(), redeployed: Default::default() });
+    let submitter = Arc::new(Submitter { config_path: opts.config_path, store: store.clone(), parallelism, wake: Some(wake), targets: Some(targets), events: Some(events), deciding: Default::default(), parsed: Default::default(), redeployed: Default::default(), fetch_failures: Default::default() });
     tokio::spawn(crate::gate::run(store.clone(), submitter.clone(), shutdown.clone()));
     tokio::spawn(crate::trigger::poll::run(submitter.clone(), shutdown.clone()));
     let state = Arc::new(AppState {

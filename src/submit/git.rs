@@ -117,8 +117,20 @@ impl Submitter {
         let lock = self.deciding.lock().map(|mut m| m.entry(environment.to_string()).or_default().clone()).map_err(|_| SubmitError::Invalid("a decision panicked".into()))?;
         // Bounded: fetch and checkout have their own timeouts.
         let _one = tokio::time::timeout(mirror.source.timeout * 3, lock.lock()).await.map_err(|_| SubmitError::Unavailable(format!("another decision on {environment}'s config is taking too long")))?;
-        let head = mirror.fetch().await.map_err(git_error)?;
-        self.decide_commit(environment, &mirror, &head).await
+        let fetched = mirror.fetch().await;
+        if let Ok(mut f) = self.fetch_failures.lock() {
+            match &fetched {
+                Ok(_) => f.remove(environment),
+                Err(e) => f.insert(environment.to_string(), (crate::store::now_ms(), e.to_string())),
+            };
+        }
+        self.decide_commit(environment, &mirror, &fetched.map_err(git_error)?).await
+    }
+
+    /// This node's last failed fetch of `environment`'s branch, if no
+    /// fetch has succeeded since: (when, ms; what git said).
+    pub fn fetch_failure(&self, environment: &str) -> Option<(i64, String)> {
+        self.fetch_failures.lock().ok()?.get(environment).cloned()
     }
 
     /// Accept or reject `commit` for `environment` (once: a commit decided
