@@ -466,8 +466,22 @@ fn a_container_that_exits_at_once_or_is_oom_killed_rolls_back_with_its_reason() 
     assert_eq!(oom.status.code(), Some(1), "{}", text(&oom));
     let (state, record) = reason(3);
     assert_eq!(state, "rolled_back", "{record}");
+    // The Engine's flag, or (when the Engine never sets it: its OOM event
+    // and the exit race) a SIGKILL under the memory limit named as probable.
     assert!(record.contains("OOM-killed") && record.contains("fills memory"), "the OOM flag and its own last words: {record}");
     assert_eq!(get(port).as_deref(), Some("hello from demo 1.0"));
+
+    // A SIGKILL from outside under the memory limit, with no OOM flag: the
+    // supervisor's record names memory as the probable cause, not certain.
+    let running: Vec<Seen> = web_containers(&rt, &t, &[server.child.id()]).into_iter().filter(|c| c.version == "1.0" && c.job.is_empty()).collect();
+    assert!(!running.is_empty(), "1.0 runs");
+    let killed = std::process::Command::new("docker").args(["kill", "--signal", "KILL", &running[0].id]).output().expect("docker kill");
+    assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
+    let events = common::wait_for(Duration::from_secs(30), "the supervisor's record of the kill", || {
+        let e = common::get_json(&format!("{}/api/v1/services/staging/web/events", server.url)).to_string();
+        e.contains("instance_died").then_some(e)
+    });
+    assert!(events.contains("exit code 137 (killed by SIGKILL under its memory limit of 64 MiB: probably OOM-killed, though the Engine did not flag it)"), "{events}");
 }
 
 // Issue 5: `status` lists containers with our labels that no live Slipway

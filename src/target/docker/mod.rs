@@ -577,11 +577,7 @@ fn watch(docker: &Docker, id: &str, pending: &Pending) -> Lifeline {
             Some(why) => why,
             None => return, // nobody holds the instance any more
         };
-        if let Ok(Ok(info)) = tokio::time::timeout(API_TIMEOUT, docker.inspect_container(&id, None::<InspectContainerOptions>)).await
-            && info.state.as_ref().and_then(|s| s.oom_killed) == Some(true)
-        {
-            why.push_str(" (OOM-killed: it reached its memory limit)");
-        }
+        why.push_str(&oom_note(&docker, &id).await);
         // Its own last words, for the record of a failed rollout.
         let logs = docker.logs(&id, Some(LogsOptionsBuilder::default().stdout(true).stderr(true).tail(&KEEP_LINES.to_string()).build()));
         let chunks = tokio::time::timeout(Duration::from_secs(5), logs.collect::<Vec<_>>()).await.unwrap_or_default();
@@ -593,6 +589,34 @@ fn watch(docker: &Docker, id: &str, pending: &Pending) -> Lifeline {
         exit_tx.send(why);
     });
     life
+}
+
+/// Why a stopped container was killed, if memory is the likely reason.
+/// The Engine's OOM flag can lag the exit (containerd reports the OOM
+/// event and the exit separately), so a SIGKILL (137) under a memory
+/// limit is asked about again briefly, and named as probable if the flag
+/// never comes.
+async fn oom_note(docker: &Docker, id: &str) -> String {
+    let mut sigkill_limit = None;
+    for attempt in 0..4 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let Ok(Ok(info)) = tokio::time::timeout(API_TIMEOUT, docker.inspect_container(id, None::<InspectContainerOptions>)).await else { break };
+        let state = info.state.as_ref();
+        if state.and_then(|s| s.oom_killed) == Some(true) {
+            return " (OOM-killed: it reached its memory limit)".into();
+        }
+        let limit = info.host_config.as_ref().and_then(|h| h.memory).filter(|m| *m > 0);
+        match (state.and_then(|s| s.exit_code), limit) {
+            (Some(137), Some(limit)) => sigkill_limit = Some(limit),
+            _ => break,
+        }
+    }
+    match sigkill_limit {
+        Some(limit) => format!(" (killed by SIGKILL under its memory limit of {} MiB: probably OOM-killed, though the Engine did not flag it)", limit >> 20),
+        None => String::new(),
+    }
 }
 
 /// How the container stopped. A dropped connection to the Engine is not
