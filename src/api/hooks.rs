@@ -97,8 +97,12 @@ async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, digest: Opti
             match s.submitter.submit(request, Some(key_of(key, &[&d.environment, &d.service])), payload).await {
                 Ok(sub) => r.deployment_id = Some(sub.deployment_id),
                 Err(e) => {
+                    // The sender just announced this tag: a pin that fails
+                    // now (registry slow, not yet consistent) is retried by
+                    // the sender rather than lost.
+                    let unpinned = matches!(e, crate::submit::SubmitError::Unpinned(_));
                     let e = ApiError::from(e);
-                    transient |= e.status == StatusCode::SERVICE_UNAVAILABLE;
+                    transient |= unpinned || e.status == StatusCode::SERVICE_UNAVAILABLE;
                     r.error = Some(e.message);
                 }
             }

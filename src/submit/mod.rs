@@ -41,6 +41,12 @@ pub enum SubmitError {
     /// Something the request needs is down (the Docker Engine).
     #[error("{0}")]
     Unavailable(String),
+    /// A container image's tag could not be pinned to a digest (unknown
+    /// tag, registry unreachable or refusing). Refused like bad input when
+    /// a person asks; but when the registry itself just announced the tag
+    /// (a hook), most likely passing, so the hook asks to be retried.
+    #[error("{0}")]
+    Unpinned(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -567,8 +573,8 @@ impl Submitter {
                     docker
                         .resolve(&reference, auth.as_ref())
                         .await
-                        .map_err(|e| SubmitError::Invalid(format!("cannot pin {reference} to a digest: {e}")))?
-                        .ok_or_else(|| SubmitError::Invalid(format!("the docker target named no digest for {reference}")))?
+                        .map_err(|e| SubmitError::Unpinned(format!("cannot pin {reference} to a digest: {e}")))?
+                        .ok_or_else(|| SubmitError::Unpinned(format!("the docker target named no digest for {reference}")))?
                 }
             };
             return Ok(Some(crate::store::ArtifactRef { url: reference, sha256, kind: crate::store::ArtifactKind::Image }));

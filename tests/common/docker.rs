@@ -187,6 +187,12 @@ impl Registry {
         format!("127.0.0.1:{}/demo", self.port)
     }
 
+    /// What the registry logged (warnings and errors: failed
+    /// notifications among them), for a failing test's message.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("registry.log")).unwrap_or_default()
+    }
+
     /// Push the demo image to this registry as `repo:tag`, for each tag
     /// (all the same bytes unless `marker` changes them: the version
     /// reaches the demo through its command line).
