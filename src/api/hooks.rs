@@ -77,19 +77,26 @@ async fn per_environment(s: &AppState, disk: &crate::config::Config, decide: imp
     out
 }
 
-async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, digest: Option<&str>, key: &str) -> (Vec<HookResult>, bool) {
+/// `digest` is the caller's, for either kind of artifact; `image_digest`
+/// the manifest digest a registry announced, for container services only
+/// (a tarball that follows the tags has its own checksum).
+async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, digest: Option<&str>, image_digest: Option<&str>, key: &str) -> (Vec<HookResult>, bool) {
     let mut transient = false;
     let mut results = Vec::new();
     for d in decisions {
         let mut r = HookResult { service: d.service.clone(), environment: d.environment.clone(), version: version.to_string(), deployment_id: None, held: d.held.clone(), error: None };
         // A digest pins an image or checks a tarball; a service that runs
         // neither (it only follows the tags) deploys the version alone.
-        let digest = match digest {
-            Some(dg) => match s.submitter.config_for(&d.environment).await {
-                Ok(c) => c.services.iter().find(|x| x.name == d.service).and_then(|x| x.spec.as_ref()).filter(|sp| sp.container.is_some() || sp.artifact.is_some()).map(|_| dg),
-                Err(_) => Some(dg),
+        let digest = match (digest, image_digest) {
+            (None, None) => None,
+            _ => match s.submitter.config_for(&d.environment).await {
+                Ok(c) => match c.services.iter().find(|x| x.name == d.service).and_then(|x| x.spec.as_ref()) {
+                    Some(sp) if sp.container.is_some() => image_digest.or(digest),
+                    Some(sp) if sp.artifact.is_some() => digest,
+                    _ => None,
+                },
+                Err(_) => digest,
             },
-            None => None,
         };
         if d.held.is_none() {
             let payload = serde_json::json!({ "kind": "deploy", "service": d.service, "version": version, "environment": d.environment, "source": key }).to_string();
@@ -213,7 +220,7 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         }
         Delivery::Published(p) => {
             answer.note = Some(format!("{}:{} published", p.image, p.version));
-            let (results, transient) = act(&s, per_environment(&s, &loaded.config, |c| decide(c, &p)).await, &p.version, None, &key).await;
+            let (results, transient) = act(&s, per_environment(&s, &loaded.config, |c| decide(c, &p)).await, &p.version, None, None, &key).await;
             if transient {
                 return Err(retry_later(&results));
             }
@@ -251,7 +258,9 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
     let mut all_duplicates = !pushed.is_empty();
     for p in pushed {
         let key = key_of("registry", &[&p.id]);
-        let (results, transient) = act(&s, per_environment(&s, &loaded.config, |c| decide_any(c, &p.images, &p.version)).await, &p.version, None, &key).await;
+        // The pushed manifest's own digest: no tag to resolve, no race with
+        // the registry's consistency, the very bytes that were pushed.
+        let (results, transient) = act(&s, per_environment(&s, &loaded.config, |c| decide_any(c, &p.images, &p.version)).await, &p.version, None, p.digest.as_deref(), &key).await;
         if transient {
             return Err(retry_later(&results));
         }
@@ -322,7 +331,7 @@ pub(super) async fn published_event(s: &AppState, caller: &super::auth::Caller, 
         })
         .collect();
     let key = key_of("published", &[&id]);
-    let (results, transient) = act(s, decisions, &req.version, req.digest.as_deref(), &key).await;
+    let (results, transient) = act(s, decisions, &req.version, req.digest.as_deref(), None, &key).await;
     if transient {
         return Err(retry_later(&results));
     }

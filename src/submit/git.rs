@@ -117,20 +117,31 @@ impl Submitter {
         let lock = self.deciding.lock().map(|mut m| m.entry(environment.to_string()).or_default().clone()).map_err(|_| SubmitError::Invalid("a decision panicked".into()))?;
         // Bounded: fetch and checkout have their own timeouts.
         let _one = tokio::time::timeout(mirror.source.timeout * 3, lock.lock()).await.map_err(|_| SubmitError::Unavailable(format!("another decision on {environment}'s config is taking too long")))?;
+        let head = self.fetch(environment, &mirror).await?;
+        self.decide_commit(environment, &mirror, &head).await
+    }
+
+    /// Fetch the branch, keeping this node's record of the last failed
+    /// fetch (for `status`) current: set on failure, cleared on success.
+    async fn fetch(&self, environment: &str, mirror: &Mirror) -> Result<String, SubmitError> {
         let fetched = mirror.fetch().await;
         if let Ok(mut f) = self.fetch_failures.lock() {
             match &fetched {
                 Ok(_) => f.remove(environment),
-                Err(e) => f.insert(environment.to_string(), (crate::store::now_ms(), e.to_string())),
+                Err(e) => f.insert(environment.to_string(), (crate::store::now_ms(), e.to_string(), source_of(&mirror.source))),
             };
         }
-        self.decide_commit(environment, &mirror, &fetched.map_err(git_error)?).await
+        fetched.map_err(git_error)
     }
 
     /// This node's last failed fetch of `environment`'s branch, if no
-    /// fetch has succeeded since: (when, ms; what git said).
-    pub fn fetch_failure(&self, environment: &str) -> Option<(i64, String)> {
-        self.fetch_failures.lock().ok()?.get(environment).cloned()
+    /// fetch has succeeded since and it was of the source the config
+    /// names now (a fixed URL makes an old failure moot): (when, ms; what
+    /// git said).
+    pub fn fetch_failure(&self, environment: &str, source: &crate::config::environment::GitSource) -> Option<(i64, String)> {
+        let f = self.fetch_failures.lock().ok()?;
+        let (at, error, of) = f.get(environment)?;
+        (*of == source_of(source)).then(|| (*at, error.clone()))
     }
 
     /// Accept or reject `commit` for `environment` (once: a commit decided
@@ -148,12 +159,12 @@ impl Submitter {
             // Decided before: the same answer. Unless it is an older
             // accepted commit that is the branch head again (a force-push
             // back): then it is accepted anew, after the current one.
-            if !seen.accepted() || previous.as_deref() == Some(commit) || mirror.fetch().await.map_err(git_error)? != commit {
+            if !seen.accepted() || previous.as_deref() == Some(commit) || self.fetch(environment, mirror).await? != commit {
                 return Ok(seen.clone());
             }
         } else if let Some(prev) = &previous
             && mirror.is_ancestor(commit, prev).await.map_err(git_error)?
-            && mirror.fetch().await.map_err(git_error)? != commit
+            && self.fetch(environment, mirror).await? != commit
         {
             // Older than what is accepted and no longer the head: a
             // decision that lost a race with a newer commit.
@@ -419,6 +430,12 @@ fn git_error(e: GitError) -> SubmitError {
         GitError::Invalid(m) => SubmitError::Invalid(m),
         e => SubmitError::Unavailable(e.to_string()),
     }
+}
+
+/// What a fetch failure was of: the repository (credentials hidden) and
+/// branch.
+fn source_of(s: &crate::config::environment::GitSource) -> String {
+    format!("{} {}", s.shown(), s.branch)
 }
 
 #[cfg(test)]

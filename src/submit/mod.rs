@@ -87,7 +87,7 @@ pub struct Submitter {
     /// (when, ms; what git said), until a fetch succeeds: shown by
     /// `status` and `revisions`, so a broken URL or credential is not
     /// only a line in the server log.
-    pub fetch_failures: std::sync::Mutex<std::collections::HashMap<String, (i64, String)>>,
+    pub fetch_failures: std::sync::Mutex<std::collections::HashMap<String, (i64, String, String)>>,
 }
 
 /// Keys Slipway derives itself (deliveries, commits, promotions): a

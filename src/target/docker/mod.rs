@@ -594,8 +594,8 @@ fn watch(docker: &Docker, id: &str, pending: &Pending) -> Lifeline {
 /// Why a stopped container was killed, if memory is the likely reason.
 /// The Engine's OOM flag can lag the exit (containerd reports the OOM
 /// event and the exit separately), so a SIGKILL (137) under a memory
-/// limit is asked about again briefly, and named as probable if the flag
-/// never comes.
+/// limit is asked about again briefly; if the flag never comes, both
+/// possible causes are named.
 async fn oom_note(docker: &Docker, id: &str) -> String {
     let mut sigkill_limit = None;
     for attempt in 0..4 {
@@ -614,7 +614,7 @@ async fn oom_note(docker: &Docker, id: &str) -> String {
         }
     }
     match sigkill_limit {
-        Some(limit) => format!(" (killed by SIGKILL under its memory limit of {} MiB: probably OOM-killed, though the Engine did not flag it)", limit >> 20),
+        Some(limit) => format!(" (SIGKILL under its memory limit of {} MiB, not flagged as an OOM kill by the Engine: out of memory, or killed from outside)", limit >> 20),
         None => String::new(),
     }
 }
