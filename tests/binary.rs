@@ -1215,13 +1215,8 @@ command = ["echo", "hello"]
         &[],
     );
     let server = Server::start(dir.path(), None, &[]);
-    let mut child = Command::new(slipway_bin())
-        .arg("--config")
-        .arg(dir.path())
-        .arg("--server")
-        .arg(&server.url)
-        .args(["run", "hello", "--env", "production"])
-        .stdin(Stdio::null())
+    let mut child = server
+        .cli_command(dir.path(), &["run", "hello", "--env", "production"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -138,9 +138,9 @@ pub(super) async fn list_environments(State(s): State<Arc<AppState>>, axum::Exte
             let accepted = records.iter().position(|r| r.accepted());
             info.rejected = records.iter().take(accepted.unwrap_or(records.len())).find(|r| !r.accepted()).cloned().map(RevisionInfo::from);
             info.revision = accepted.map(|i| RevisionInfo::from(records[i].clone()));
-            if let Some((at, error)) = e.git.as_ref().and_then(|g| s.submitter.fetch_failure(&e.name, g)) {
-                info.fetch_failed_at = Some(at);
-                info.fetch_error = Some(error);
+            if let Some(f) = e.git.as_ref().and_then(|g| s.submitter.fetch_failure(&e.name, g)) {
+                info.fetch_failed_at = Some(f.at);
+                info.fetch_error = Some(f.error);
             }
         }
         out.push(info);

@@ -128,7 +128,7 @@ impl Submitter {
         if let Ok(mut f) = self.fetch_failures.lock() {
             match &fetched {
                 Ok(_) => f.remove(environment),
-                Err(e) => f.insert(environment.to_string(), (crate::store::now_ms(), e.to_string(), source_of(&mirror.source))),
+                Err(e) => f.insert(environment.to_string(), FetchFailure { at: crate::store::now_ms(), error: e.to_string(), source: source_of(&mirror.source) }),
             };
         }
         fetched.map_err(git_error)
@@ -136,12 +136,9 @@ impl Submitter {
 
     /// This node's last failed fetch of `environment`'s branch, if no
     /// fetch has succeeded since and it was of the source the config
-    /// names now (a fixed URL makes an old failure moot): (when, ms; what
-    /// git said).
-    pub fn fetch_failure(&self, environment: &str, source: &crate::config::environment::GitSource) -> Option<(i64, String)> {
-        let f = self.fetch_failures.lock().ok()?;
-        let (at, error, of) = f.get(environment)?;
-        (*of == source_of(source)).then(|| (*at, error.clone()))
+    /// names now (a fixed URL makes an old failure moot).
+    pub fn fetch_failure(&self, environment: &str, source: &crate::config::environment::GitSource) -> Option<FetchFailure> {
+        self.fetch_failures.lock().ok()?.get(environment).filter(|f| f.source == source_of(source)).cloned()
     }
 
     /// Accept or reject `commit` for `environment` (once: a commit decided
@@ -430,6 +427,17 @@ fn git_error(e: GitError) -> SubmitError {
         GitError::Invalid(m) => SubmitError::Invalid(m),
         e => SubmitError::Unavailable(e.to_string()),
     }
+}
+
+/// A fetch of an environment's branch that failed on this node.
+#[derive(Debug, Clone)]
+pub struct FetchFailure {
+    /// When (ms since the epoch).
+    pub at: i64,
+    /// What git said (the URL shown without credentials).
+    pub error: String,
+    /// What it was a fetch of: [`source_of`].
+    pub source: String,
 }
 
 /// What a fetch failure was of: the repository (credentials hidden) and

@@ -83,11 +83,10 @@ pub struct Submitter {
     /// What the drift check has settled on this node (a service record in
     /// step with its revision, or redeployed): it asks no more about them.
     pub redeployed: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// Per git environment, this node's last failed fetch of its branch
-    /// (when, ms; what git said), until a fetch succeeds: shown by
-    /// `status` and `revisions`, so a broken URL or credential is not
-    /// only a line in the server log.
-    pub fetch_failures: std::sync::Mutex<std::collections::HashMap<String, (i64, String, String)>>,
+    /// Per git environment, this node's last failed fetch of its branch,
+    /// until a fetch succeeds: shown by `status` and `revisions`, so a
+    /// broken URL or credential is not only a line in the server log.
+    pub fetch_failures: std::sync::Mutex<std::collections::HashMap<String, git::FetchFailure>>,
 }
 
 /// Keys Slipway derives itself (deliveries, commits, promotions): a

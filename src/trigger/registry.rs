@@ -15,8 +15,8 @@ pub struct Pushed {
     /// pusher used and the one in the event's URL.
     pub images: Vec<String>,
     pub version: String,
-    /// The pushed manifest's digest (`sha256:` and 64 hex digits), when
-    /// the event gives a well-formed one: what the deploy is pinned to.
+    /// The pushed manifest's digest (its 64 hex digits), when the event
+    /// gives a well-formed `sha256:` one: what the deploy is pinned to.
     pub digest: Option<String>,
 }
 
@@ -61,7 +61,7 @@ pub fn parse(body: &[u8], hosts: &[String]) -> Result<(Vec<Pushed>, usize), Trig
             let on = if hosts.is_empty() { format!("host {request_host:?}") } else { format!("hosts {hosts:?}") };
             return Err(TriggerError::BadPayload(format!("repository {repo:?} on {on} is not an image name")));
         }
-        let digest = target["digest"].as_str().filter(|d| d.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))).map(str::to_ascii_lowercase);
+        let digest = target["digest"].as_str().filter(|d| d.starts_with("sha256:")).and_then(crate::service::artifact::parse_sha256);
         out.push(Pushed { id: id.to_string(), images, version: tag.to_string(), digest });
     }
     Ok((out, ignored))
@@ -107,7 +107,7 @@ mod tests {
         let (pushed, _) = parse(&envelope("push", "1.4.0", MANIFEST), &["registry.internal:5000".to_string()]).unwrap();
         assert_eq!(pushed[0].images, ["registry.internal:5000/team/web"]);
         assert_eq!(pushed[0].version, "1.4.0");
-        assert_eq!(pushed[0].digest.as_deref(), Some("sha256:fc6a51919cfeb2e6763f62b6d9e8815acbf7cd2e476ea353743570610737b752"), "the deploy is pinned to it");
+        assert_eq!(pushed[0].digest.as_deref(), Some("fc6a51919cfeb2e6763f62b6d9e8815acbf7cd2e476ea353743570610737b752"), "the deploy is pinned to it");
         let short = String::from_utf8(envelope("push", "1.4.0", MANIFEST)).unwrap().replace("sha256:fc6a51919cfeb2e6763f62b6d9e8815acbf7cd2e476ea353743570610737b752", "sha256:fc6a");
         assert_eq!(parse(short.as_bytes(), &[]).unwrap().0[0].digest, None, "a malformed digest is not used: the tag is resolved instead");
         for (action, tag, media) in [("pull", "1.4.0", MANIFEST), ("push", "", MANIFEST), ("push", "1.4.0", "application/octet-stream"), ("delete", "1.4.0", MANIFEST)] {

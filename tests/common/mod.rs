@@ -141,17 +141,17 @@ impl Server {
         let _ = self.child.wait();
     }
 
-    /// The CLI against this server.
+    /// The CLI against this server, run to its end.
     pub fn cli(&self, config: &Path, args: &[&str]) -> std::process::Output {
-        Command::new(slipway_bin())
-            .arg("--config")
-            .arg(config)
-            .arg("--server")
-            .arg(&self.url)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run slipway")
+        self.cli_command(config, args).output().expect("run slipway")
+    }
+
+    /// The CLI against this server, not started: for a test that reads
+    /// its output while it runs.
+    pub fn cli_command(&self, config: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(slipway_bin());
+        cmd.arg("--config").arg(config).arg("--server").arg(&self.url).args(args).stdin(Stdio::null());
+        cmd
     }
 }
 
