@@ -18,6 +18,9 @@ pub const REJECTED: u8 = 6;
 /// The server refused the caller: no token, an unknown or revoked one
 /// (401), or a role it lacks for that environment (403).
 pub const NOT_ALLOWED: u8 = 7;
+/// The store was upgraded by a newer Slipway (its schema version is newer
+/// than this binary knows): this one refuses to use it.
+pub const INCOMPATIBLE_STORE: u8 = 8;
 /// A bug or an unexpected condition in Slipway itself.
 pub const INTERNAL: u8 = 70;
 /// Stopped by a signal (SIGINT or SIGTERM) before the work was done.

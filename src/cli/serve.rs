@@ -78,7 +78,10 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
         }
         None => None,
     };
-    let store: Arc<dyn Store> = store::open(&url).await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
+    let store: Arc<dyn Store> = store::open(&url).await.map_err(|e| {
+        let code = if matches!(e, store::StoreError::SchemaTooNew { .. }) { exit::INCOMPATIBLE_STORE } else { exit::UNAVAILABLE };
+        CliError::new(code, e.to_string())
+    })?;
     let addr: SocketAddr = opts
         .listen
         .parse()

@@ -16,7 +16,6 @@ pub mod registry;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::Config;
-use crate::config::service::ServiceSpec;
 use crate::store::{DeploymentRow, ServiceRow, Store, StoreError};
 
 pub use registry::{RegistryClient, RetentionError};
@@ -84,7 +83,7 @@ pub fn protected(policy: &Policy, config: &Config, rows: &[ServiceRow], deployme
         // A docker service pins a digest: what it runs is that digest,
         // whatever its tag points at today. Its recorded spec says which
         // image, even if the config has changed since.
-        let container = serde_json::from_str::<ServiceSpec>(&row.spec).ok().and_then(|s| s.container);
+        let container = crate::store::spec::decode_service(&row.spec).ok().and_then(|s| s.container);
         let docker_here = container.as_ref().is_some_and(|c| c.image.eq_ignore_ascii_case(&policy.image));
         // A service gone from the config may still run a version of this
         // image, and nothing says which image it was: keep its versions.
@@ -492,7 +491,7 @@ follows = "reg.example.org/team/other"
         let c = config();
         let ps = policies(&c);
         // A docker service's spec as a deploy records it.
-        let spec = c.services.iter().find(|s| s.name == "shop").and_then(|s| s.spec.clone()).map(|s| serde_json::to_string(&s).expect("spec")).expect("shop is managed");
+        let spec = c.services.iter().find(|s| s.name == "shop").and_then(|s| s.spec.clone()).map(|s| crate::store::spec::encode_service(&s)).expect("shop is managed");
         let rows = vec![
             row("production", "shop", "1.0.0", Some("0.9.0"), spec, Some("aa"), Some("bb")),
             row("staging", "worker", "2.0.0", Some("1.9.0"), "{}".into(), Some("tarball-checksum"), None),

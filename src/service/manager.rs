@@ -451,10 +451,7 @@ impl ServiceManager {
     }
 
     async fn commit(&self, env: &str, g: &Generation, say: &Say<'_>) -> RunResult {
-        let spec = match serde_json::to_string(&g.spec) {
-            Ok(s) => s,
-            Err(e) => return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(format!("cannot record the service: {e}")) },
-        };
+        let spec = crate::store::spec::encode_service(&g.spec);
         let row = ServiceRow {
             environment: env.to_string(),
             service: g.spec.name.clone(),
@@ -676,7 +673,7 @@ impl ServiceManager {
             }
         };
         for row in rows {
-            let spec: ServiceSpec = match serde_json::from_str(&row.spec) {
+            let spec: ServiceSpec = match crate::store::spec::decode_service(&row.spec) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(service = %row.service, env = %row.environment, error = %e, "recorded service spec unreadable; not restored");
@@ -800,7 +797,7 @@ impl ServiceManager {
         let rows = self.store.services().await.map_err(|e| e.to_string())?;
         let mut keep = crate::target::Keep::default();
         for row in &rows {
-            let Ok(spec) = serde_json::from_str::<ServiceSpec>(&row.spec) else { continue };
+            let Ok(spec) = crate::store::spec::decode_service(&row.spec) else { continue };
             if let Some(c) = spec.container {
                 keep.repositories.insert(c.image);
                 keep.digests.extend([&row.sha256, &row.previous_sha256].into_iter().flatten().map(|h| format!("sha256:{h}")));

@@ -13,6 +13,8 @@
 //! an attempt, fenced, and release dependants). See
 //! `docs/design/scheduler.md`.
 
+pub mod migrate;
+pub mod spec;
 pub mod sql;
 
 use std::collections::HashMap;
@@ -43,6 +45,13 @@ pub enum StoreError {
     BadUrl { url: String, reason: String },
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
+    /// The store was migrated by a newer Slipway: reading it with this
+    /// one could misread or damage what that one wrote.
+    #[error(
+        "the store's schema is at version {found}, newer than this Slipway knows (up to {known}): a newer Slipway upgraded it. \
+         Run that version or a newer one against this store; this one refuses to start rather than misread it"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
 }
 
 impl StoreError {
@@ -482,7 +491,8 @@ pub struct ServiceRow {
     pub service: String,
     pub version: String,
     pub previous_version: Option<String>,
-    /// The service's spec (JSON) as deployed: a restart brings back this,
+    /// The service's spec as deployed, as the store writes it
+    /// ([`spec::encode_service`], read with [`spec::decode_service`]): a restart brings back this,
     /// not whatever the config says today.
     pub spec: String,
     pub revision: String,

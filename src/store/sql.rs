@@ -3,7 +3,7 @@
 //! Placeholders are `$N` for both (sqlx-sqlite maps `$N` to index N).
 //! Differences by dialect: DDL types, `FOR UPDATE [SKIP LOCKED]` (SQLite
 //! has one writer, a pool of one connection, so its transactions never
-//! interleave), and the advisory lock around PostgreSQL migrations.
+//! interleave). The schema and its migrations: `super::migrate`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use sqlx::{AnyPool, Row};
 use super::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dialect {
+pub(super) enum Dialect {
     Sqlite,
     Postgres,
 }
@@ -499,40 +499,6 @@ impl AttemptRecord {
 type ClaimInfo = (String, String, Option<String>, Option<String>, i64);
 
 
-fn schema(d: Dialect) -> Vec<String> {
-    let (serial, blob) = match d {
-        Dialect::Sqlite => ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"),
-        Dialect::Postgres => ("BIGSERIAL PRIMARY KEY", "BYTEA"),
-    };
-    [
-        "CREATE TABLE IF NOT EXISTS revisions (id TEXT PRIMARY KEY, created_at BIGINT NOT NULL, config_text TEXT NOT NULL, archive {blob} NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS events (id {serial}, key TEXT UNIQUE, kind TEXT NOT NULL, payload TEXT NOT NULL, received_at BIGINT NOT NULL, deployment_id BIGINT)",
-        "CREATE TABLE IF NOT EXISTS deployments (id {serial}, event_id BIGINT NOT NULL, kind TEXT NOT NULL, environment TEXT NOT NULL, service TEXT, version TEXT, lock_key TEXT NOT NULL, revision TEXT NOT NULL, state TEXT NOT NULL, reason TEXT, superseded_by BIGINT, cancel_requested BIGINT NOT NULL DEFAULT 0, created_at BIGINT NOT NULL, started_at BIGINT, finished_at BIGINT)",
-        "CREATE INDEX IF NOT EXISTS deployments_state ON deployments (state, id)",
-        "CREATE TABLE IF NOT EXISTS jobs (id {serial}, deployment_id BIGINT NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL, attempt BIGINT NOT NULL DEFAULT 0, fence BIGINT NOT NULL DEFAULT 0, node TEXT, lease_until BIGINT, ready_at BIGINT, not_before BIGINT NOT NULL DEFAULT 0, started_at BIGINT, finished_at BIGINT, exit_code BIGINT, reason TEXT, spec TEXT NOT NULL, UNIQUE (deployment_id, name))",
-        "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, not_before)",
-        "CREATE INDEX IF NOT EXISTS jobs_deployment_state ON jobs (deployment_id, state)",
-        "CREATE TABLE IF NOT EXISTS job_needs (job_id BIGINT NOT NULL, need_id BIGINT NOT NULL, PRIMARY KEY (job_id, need_id))",
-        "CREATE INDEX IF NOT EXISTS job_needs_need ON job_needs (need_id)",
-        "CREATE TABLE IF NOT EXISTS attempts (id {serial}, job_id BIGINT NOT NULL, attempt BIGINT NOT NULL, node TEXT NOT NULL, started_at BIGINT NOT NULL, finished_at BIGINT NOT NULL, outcome TEXT NOT NULL, exit_code BIGINT, reason TEXT)",
-        "CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id)",
-        "CREATE TABLE IF NOT EXISTS logs (id {serial}, deployment_id BIGINT NOT NULL, job_id BIGINT NOT NULL, attempt BIGINT NOT NULL, ts BIGINT NOT NULL, stream TEXT NOT NULL, line TEXT NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS logs_deployment ON logs (deployment_id, id)",
-        "CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, deployment_id BIGINT NOT NULL, node TEXT NOT NULL, lease_until BIGINT NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, started_at BIGINT NOT NULL, heartbeat_at BIGINT NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS service_events (id {serial}, environment TEXT NOT NULL, service TEXT NOT NULL, at BIGINT NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS service_events_service ON service_events (environment, service, id)",
-        "CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, roles TEXT NOT NULL, created_at BIGINT NOT NULL, revoked_at BIGINT)",
-        "CREATE TABLE IF NOT EXISTS audit (id {serial}, at BIGINT NOT NULL, actor TEXT NOT NULL, address TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL, status BIGINT NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS events_kind ON events (kind, id)",
-        "CREATE TABLE IF NOT EXISTS holds (deployment_id BIGINT PRIMARY KEY, approval BIGINT NOT NULL, approved_by TEXT, approved_at BIGINT, not_before BIGINT NOT NULL, in_window BIGINT NOT NULL, source_environment TEXT, source_deployment BIGINT, waiting_for TEXT, requested_by TEXT, digest TEXT)",
-        "CREATE TABLE IF NOT EXISTS services (environment TEXT NOT NULL, service TEXT NOT NULL, version TEXT NOT NULL, previous_version TEXT, spec TEXT NOT NULL, revision TEXT NOT NULL, deployment_id BIGINT NOT NULL, updated_at BIGINT NOT NULL, artifact_dir TEXT, sha256 TEXT, previous_sha256 TEXT, PRIMARY KEY (environment, service))",
-    ]
-    .iter()
-    .map(|s| s.replace("{serial}", serial).replace("{blob}", blob))
-    .collect()
-}
-
 /// SQL assembled at run time, only ever from constants in this file
 /// (never from input: values are always bound).
 fn query_dyn(sql: String) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
@@ -546,7 +512,8 @@ fn ms(d: Duration) -> i64 {
 }
 
 impl SqlStore {
-    /// Connect, and create the schema if it is not there.
+    /// Connect, and migrate the schema to this build's version (refusing
+    /// a store whose schema is newer than this build knows).
     pub async fn open(url: &str) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let (dialect, conn_url, pool) = if let Some(path) = url.strip_prefix("sqlite://") {
@@ -609,17 +576,9 @@ impl SqlStore {
         Ok(store)
     }
 
+    /// Bring the schema up to date: numbered migrations (`super::migrate`).
     async fn migrate(&self) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::query("migrate"))?;
-        if self.dialect == Dialect::Postgres {
-            // Several nodes may start at once; DDL races otherwise.
-            sqlx::query("SELECT pg_advisory_xact_lock(7467233)").execute(&mut *tx).await.map_err(StoreError::query("migrate lock"))?;
-        }
-        for stmt in schema(self.dialect) {
-            query_dyn(stmt.clone()).execute(&mut *tx).await.map_err(StoreError::query("migrate"))?;
-        }
-        tx.commit().await.map_err(StoreError::query("migrate"))?;
-        Ok(())
+        super::migrate::run(&self.pool, self.dialect).await
     }
 
 }
@@ -769,7 +728,7 @@ fn token_row(r: &sqlx::any::AnyRow) -> std::result::Result<TokenRow, sqlx::Error
 }
 
 fn spec_of(s: &str) -> Result<JobSpec> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))
+    spec::decode_job(s).map_err(StoreError::Corrupt)
 }
 
 /// A claimed or expired job's spec; one that does not decode (stored by
@@ -967,7 +926,7 @@ impl Store for SqlStore {
             q.push_str(" RETURNING id, name");
             let mut query = query_dyn(q).bind(dep_id);
             for job in chunk {
-                let spec = serde_json::to_string(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let spec = spec::encode_job(&job.spec).map_err(StoreError::Corrupt)?;
                 query = query.bind(job.name.clone()).bind(spec);
             }
             for r in query.fetch_all(&mut *tx).await.map_err(StoreError::query(op))? {

@@ -319,7 +319,7 @@ impl Submitter {
             let Ok(config) = self.config_for(&env.name).await else { continue };
             for row in candidates {
                 let want = config.services.iter().find(|s| s.name == row.service).and_then(|s| s.spec.as_ref()).map(|s| comparable(&s.for_environment(&env.name)));
-                let runs: Option<crate::config::service::ServiceSpec> = serde_json::from_str(&row.spec).ok();
+                let runs = crate::store::spec::decode_service(&row.spec).ok();
                 let settle = || {
                     if let Ok(mut d) = self.redeployed.lock() {
                         d.insert(settled_key(&env.name, row, &accepted.revision));
@@ -466,8 +466,8 @@ mod tests {
         assert_ne!(comparable(&before.for_environment("production")), comparable(&moved.for_environment("production")));
         assert_ne!(comparable(&before.for_environment("staging")), comparable(&web(8001, 9001, 2).for_environment("staging")));
         // What a rollout records reads back equal.
-        let stored = serde_json::to_string(&before.for_environment("staging")).expect("json");
-        let back: crate::config::service::ServiceSpec = serde_json::from_str(&stored).expect("spec");
+        let stored = crate::store::spec::encode_service(&before.for_environment("staging"));
+        let back = crate::store::spec::decode_service(&stored).expect("spec");
         assert_eq!(comparable(&back), comparable(&before.for_environment("staging")));
     }
 }

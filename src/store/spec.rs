@@ -1,0 +1,527 @@
+//! How the store writes the job and service specs it keeps (`jobs.spec`,
+//! `services.spec`): its own types, versioned and tagged, converted from
+//! and to the config's types.
+//!
+//! A row holds JSON tagged with its format, `{"format": "job/1", …}` or
+//! `{"format": "service/1", …}`. Rows written before formats existed carry
+//! no tag and have exactly the `/1` shape, so they read as `/1`.
+//!
+//! Why: these rows outlive the build that wrote them (a waiting deployment
+//! runs its jobs after an upgrade; a restarted node brings back a service
+//! from its stored spec; a rollback reads the spec it deployed). Were they
+//! the config's types serialized directly, renaming a config field would
+//! silently change what old rows mean. Here a config refactor changes only
+//! the conversions below; a new stored shape is a new format (`job/2`),
+//! and the reader keeps every older one. The shapes are pinned by a test
+//! against rows the build before formats wrote.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{self, secret, service};
+
+/// A job spec as a row holds it.
+pub fn encode_job(spec: &super::JobSpec) -> Result<String, String> {
+    let job = v1::Job::try_from(spec)?;
+    serde_json::to_string(&StoredJob::V1(job)).map_err(|e| format!("job spec: {e}"))
+}
+
+/// A row's job spec, whatever format of it this build knows.
+pub fn decode_job(s: &str) -> Result<super::JobSpec, String> {
+    let job = match tagged::<StoredJob>(s, "job")? {
+        Tagged::Tagged(StoredJob::V1(j)) => j,
+        Tagged::Legacy(v) => serde_json::from_value::<v1::Job>(v).map_err(|e| format!("job spec: {e}"))?,
+    };
+    Ok(job.into())
+}
+
+/// A service spec as a row holds it (`ServiceRow::spec`).
+pub fn encode_service(spec: &service::ServiceSpec) -> String {
+    // Plain data (strings, numbers, maps with string keys): cannot fail.
+    serde_json::to_string(&StoredService::V1(v1::Service::from(spec))).unwrap_or_default()
+}
+
+/// A row's service spec, whatever format of it this build knows.
+pub fn decode_service(s: &str) -> Result<service::ServiceSpec, String> {
+    let svc = match tagged::<StoredService>(s, "service")? {
+        Tagged::Tagged(StoredService::V1(v)) => v,
+        Tagged::Legacy(v) => serde_json::from_value::<v1::Service>(v).map_err(|e| format!("service spec: {e}"))?,
+    };
+    Ok(svc.into())
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "format")]
+enum StoredJob {
+    #[serde(rename = "job/1")]
+    V1(v1::Job),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "format")]
+enum StoredService {
+    #[serde(rename = "service/1")]
+    V1(v1::Service),
+}
+
+enum Tagged<T> {
+    Tagged(T),
+    /// Written before formats existed: the `/1` shape, untagged.
+    Legacy(serde_json::Value),
+}
+
+fn tagged<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<Tagged<T>, String> {
+    let v: serde_json::Value = serde_json::from_str(s).map_err(|e| format!("{what} spec is not JSON: {e}"))?;
+    let Some(format) = v.get("format").map(|f| f.as_str().unwrap_or("?").to_string()) else {
+        return Ok(Tagged::Legacy(v));
+    };
+    serde_json::from_value::<T>(v).map(Tagged::Tagged).map_err(|e| {
+        if format.starts_with(&format!("{what}/")) && !e.to_string().contains("unknown variant") {
+            format!("{what} spec ({format}): {e}")
+        } else {
+            format!("{what} spec in format {format:?}, which this Slipway does not know (written by a newer one?)")
+        }
+    })
+}
+
+/// Format `/1`: the shapes as the build before formats wrote them. Never
+/// change a field here; add a `v2` instead.
+mod v1 {
+    use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Job {
+        pub command: Command,
+        pub timeout_ms: u64,
+        pub kill_grace_ms: u64,
+        pub retry_attempts: u32,
+        pub retry_any: bool,
+        pub retry_exit_codes: Vec<i32>,
+        pub retry_backoff_ms: u64,
+        pub retry_max_backoff_ms: u64,
+        pub idempotent: bool,
+        pub env: BTreeMap<String, String>,
+        #[serde(default)]
+        pub artifact: Option<Artifact>,
+        #[serde(default)]
+        pub secrets: BTreeMap<String, Secret>,
+        #[serde(default)]
+        pub secret_files: BTreeMap<String, Secret>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Command {
+        Argv(Vec<String>),
+        Shell(String),
+        Rollout(Box<Service>),
+        Fetch(Box<ArtifactSource>),
+        Pull(Box<Container>),
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Artifact {
+        pub url: String,
+        pub sha256: String,
+        #[serde(default)]
+        pub kind: ArtifactKind,
+    }
+
+    #[derive(Serialize, Deserialize, Default)]
+    #[serde(rename_all = "snake_case")]
+    pub enum ArtifactKind {
+        #[default]
+        Tarball,
+        Image,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Secret {
+        pub name: String,
+        #[serde(flatten)]
+        pub source: SecretSource,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum SecretSource {
+        Env(String),
+        File(PathBuf),
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Service {
+        pub name: String,
+        pub listen: SocketAddr,
+        pub instances: u32,
+        pub command: Vec<String>,
+        pub env: BTreeMap<String, String>,
+        pub health: Health,
+        pub rollout: Rollout,
+        pub verify: Option<Step>,
+        pub stop_grace: Duration,
+        pub artifact: Option<ArtifactSource>,
+        #[serde(default)]
+        pub container: Option<Container>,
+        #[serde(default)]
+        pub secrets: BTreeMap<String, Secret>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        pub listen_in: BTreeMap<String, SocketAddr>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Container {
+        pub image: String,
+        pub port: u16,
+        pub memory_bytes: Option<u64>,
+        pub millicpus: Option<u32>,
+        #[serde(default)]
+        pub auth: Option<RegistryAuth>,
+        #[serde(default)]
+        pub secret_files: BTreeMap<String, Secret>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct RegistryAuth {
+        pub host: String,
+        pub username: Option<String>,
+        pub password: Option<Secret>,
+        pub token: Option<Secret>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct ArtifactSource {
+        pub url: String,
+        pub attempts: u32,
+        pub timeout: Duration,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum HealthCheck {
+        Http { path: String, status: u16 },
+        Command { argv: Vec<String> },
+        Tcp,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Health {
+        pub check: HealthCheck,
+        pub interval: Duration,
+        pub timeout: Duration,
+        pub healthy_after: u32,
+        pub deadline: Duration,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Strategy {
+        Rolling { max_surge: u32, max_unavailable: u32 },
+        BlueGreen,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Rollout {
+        pub strategy: Strategy,
+        pub drain: Duration,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Step {
+        pub command: Vec<String>,
+        pub timeout: Duration,
+        pub idempotent: bool,
+    }
+}
+
+// ---- conversions: the only place that knows both shapes ----------------
+
+fn secrets_to(m: &BTreeMap<String, secret::SecretRef>) -> BTreeMap<String, v1::Secret> {
+    m.iter().map(|(k, v)| (k.clone(), v.into())).collect()
+}
+
+fn secrets_from(m: BTreeMap<String, v1::Secret>) -> BTreeMap<String, secret::SecretRef> {
+    m.into_iter().map(|(k, v)| (k, v.into())).collect()
+}
+
+impl TryFrom<&super::JobSpec> for v1::Job {
+    type Error = String;
+    fn try_from(s: &super::JobSpec) -> Result<Self, String> {
+        let command = match &s.command {
+            config::Command::Argv(a) => v1::Command::Argv(a.clone()),
+            config::Command::Shell(c) => v1::Command::Shell(c.clone()),
+            config::Command::Rollout(svc) => v1::Command::Rollout(Box::new(svc.as_ref().into())),
+            config::Command::Fetch(a) => v1::Command::Fetch(Box::new(a.as_ref().into())),
+            config::Command::Pull(c) => v1::Command::Pull(Box::new(c.as_ref().into())),
+            // What an unreadable row reads as: never written back.
+            config::Command::Unreadable(why) => return Err(format!("an unreadable job spec is not stored again ({why})")),
+        };
+        Ok(v1::Job {
+            command,
+            timeout_ms: s.timeout_ms,
+            kill_grace_ms: s.kill_grace_ms,
+            retry_attempts: s.retry_attempts,
+            retry_any: s.retry_any,
+            retry_exit_codes: s.retry_exit_codes.clone(),
+            retry_backoff_ms: s.retry_backoff_ms,
+            retry_max_backoff_ms: s.retry_max_backoff_ms,
+            idempotent: s.idempotent,
+            env: s.env.clone(),
+            artifact: s.artifact.as_ref().map(|a| v1::Artifact {
+                url: a.url.clone(),
+                sha256: a.sha256.clone(),
+                kind: match a.kind {
+                    super::ArtifactKind::Tarball => v1::ArtifactKind::Tarball,
+                    super::ArtifactKind::Image => v1::ArtifactKind::Image,
+                },
+            }),
+            secrets: secrets_to(&s.secrets),
+            secret_files: secrets_to(&s.secret_files),
+        })
+    }
+}
+
+impl From<v1::Job> for super::JobSpec {
+    fn from(j: v1::Job) -> Self {
+        let command = match j.command {
+            v1::Command::Argv(a) => config::Command::Argv(a),
+            v1::Command::Shell(c) => config::Command::Shell(c),
+            v1::Command::Rollout(s) => config::Command::Rollout(Box::new((*s).into())),
+            v1::Command::Fetch(a) => config::Command::Fetch(Box::new((*a).into())),
+            v1::Command::Pull(c) => config::Command::Pull(Box::new((*c).into())),
+        };
+        super::JobSpec {
+            command,
+            timeout_ms: j.timeout_ms,
+            kill_grace_ms: j.kill_grace_ms,
+            retry_attempts: j.retry_attempts,
+            retry_any: j.retry_any,
+            retry_exit_codes: j.retry_exit_codes,
+            retry_backoff_ms: j.retry_backoff_ms,
+            retry_max_backoff_ms: j.retry_max_backoff_ms,
+            idempotent: j.idempotent,
+            env: j.env,
+            artifact: j.artifact.map(|a| super::ArtifactRef {
+                url: a.url,
+                sha256: a.sha256,
+                kind: match a.kind {
+                    v1::ArtifactKind::Tarball => super::ArtifactKind::Tarball,
+                    v1::ArtifactKind::Image => super::ArtifactKind::Image,
+                },
+            }),
+            secrets: secrets_from(j.secrets),
+            secret_files: secrets_from(j.secret_files),
+        }
+    }
+}
+
+impl From<&secret::SecretRef> for v1::Secret {
+    fn from(s: &secret::SecretRef) -> Self {
+        let source = match &s.source {
+            secret::SecretSource::Env(v) => v1::SecretSource::Env(v.clone()),
+            secret::SecretSource::File(p) => v1::SecretSource::File(p.clone()),
+        };
+        v1::Secret { name: s.name.clone(), source }
+    }
+}
+
+impl From<v1::Secret> for secret::SecretRef {
+    fn from(s: v1::Secret) -> Self {
+        let source = match s.source {
+            v1::SecretSource::Env(v) => secret::SecretSource::Env(v),
+            v1::SecretSource::File(p) => secret::SecretSource::File(p),
+        };
+        secret::SecretRef { name: s.name, source }
+    }
+}
+
+impl From<&service::ServiceSpec> for v1::Service {
+    fn from(s: &service::ServiceSpec) -> Self {
+        v1::Service {
+            name: s.name.clone(),
+            listen: s.listen,
+            instances: s.instances,
+            command: s.command.clone(),
+            env: s.env.clone(),
+            health: v1::Health {
+                check: match &s.health.check {
+                    service::HealthCheck::Http { path, status } => v1::HealthCheck::Http { path: path.clone(), status: *status },
+                    service::HealthCheck::Command { argv } => v1::HealthCheck::Command { argv: argv.clone() },
+                    service::HealthCheck::Tcp => v1::HealthCheck::Tcp,
+                },
+                interval: s.health.interval,
+                timeout: s.health.timeout,
+                healthy_after: s.health.healthy_after,
+                deadline: s.health.deadline,
+            },
+            rollout: v1::Rollout {
+                strategy: match s.rollout.strategy {
+                    service::Strategy::Rolling { max_surge, max_unavailable } => v1::Strategy::Rolling { max_surge, max_unavailable },
+                    service::Strategy::BlueGreen => v1::Strategy::BlueGreen,
+                },
+                drain: s.rollout.drain,
+            },
+            verify: s.verify.as_ref().map(|v| v1::Step { command: v.command.clone(), timeout: v.timeout, idempotent: v.idempotent }),
+            stop_grace: s.stop_grace,
+            artifact: s.artifact.as_ref().map(Into::into),
+            container: s.container.as_ref().map(Into::into),
+            secrets: secrets_to(&s.secrets),
+            listen_in: s.listen_in.clone(),
+        }
+    }
+}
+
+impl From<v1::Service> for service::ServiceSpec {
+    fn from(s: v1::Service) -> Self {
+        service::ServiceSpec {
+            name: s.name,
+            listen: s.listen,
+            instances: s.instances,
+            command: s.command,
+            env: s.env,
+            health: service::HealthSpec {
+                check: match s.health.check {
+                    v1::HealthCheck::Http { path, status } => service::HealthCheck::Http { path, status },
+                    v1::HealthCheck::Command { argv } => service::HealthCheck::Command { argv },
+                    v1::HealthCheck::Tcp => service::HealthCheck::Tcp,
+                },
+                interval: s.health.interval,
+                timeout: s.health.timeout,
+                healthy_after: s.health.healthy_after,
+                deadline: s.health.deadline,
+            },
+            rollout: service::RolloutSpec {
+                strategy: match s.rollout.strategy {
+                    v1::Strategy::Rolling { max_surge, max_unavailable } => service::Strategy::Rolling { max_surge, max_unavailable },
+                    v1::Strategy::BlueGreen => service::Strategy::BlueGreen,
+                },
+                drain: s.rollout.drain,
+            },
+            verify: s.verify.map(|v| service::StepSpec { command: v.command, timeout: v.timeout, idempotent: v.idempotent }),
+            stop_grace: s.stop_grace,
+            artifact: s.artifact.map(Into::into),
+            container: s.container.map(Into::into),
+            secrets: secrets_from(s.secrets),
+            listen_in: s.listen_in,
+        }
+    }
+}
+
+impl From<&service::ArtifactSpec> for v1::ArtifactSource {
+    fn from(a: &service::ArtifactSpec) -> Self {
+        v1::ArtifactSource { url: a.url.clone(), attempts: a.attempts, timeout: a.timeout }
+    }
+}
+
+impl From<v1::ArtifactSource> for service::ArtifactSpec {
+    fn from(a: v1::ArtifactSource) -> Self {
+        service::ArtifactSpec { url: a.url, attempts: a.attempts, timeout: a.timeout }
+    }
+}
+
+impl From<&service::ContainerSpec> for v1::Container {
+    fn from(c: &service::ContainerSpec) -> Self {
+        v1::Container {
+            image: c.image.clone(),
+            port: c.port,
+            memory_bytes: c.memory_bytes,
+            millicpus: c.millicpus,
+            auth: c.auth.as_ref().map(|a| v1::RegistryAuth {
+                host: a.host.clone(),
+                username: a.username.clone(),
+                password: a.password.as_ref().map(Into::into),
+                token: a.token.as_ref().map(Into::into),
+            }),
+            secret_files: secrets_to(&c.secret_files),
+        }
+    }
+}
+
+impl From<v1::Container> for service::ContainerSpec {
+    fn from(c: v1::Container) -> Self {
+        service::ContainerSpec {
+            image: c.image,
+            port: c.port,
+            memory_bytes: c.memory_bytes,
+            millicpus: c.millicpus,
+            auth: c.auth.map(|a| secret::RegistryAuth { host: a.host, username: a.username, password: a.password.map(Into::into), token: a.token.map(Into::into) }),
+            secret_files: secrets_from(c.secret_files),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows exactly as the build before formats (d43299a) wrote them, in
+    /// tests/fixtures/upgrade: they must keep reading the same.
+    const OLD_ROLLOUT_JOB: &str = r#"{"command":{"rollout":{"name":"web","listen":"127.0.0.1:39411","instances":1,"command":["slipway-demo","serve","--port","{port}","--version","{version}"],"env":{},"health":{"check":{"http":{"path":"/healthz","status":200}},"interval":{"secs":0,"nanos":100000000},"timeout":{"secs":2,"nanos":0},"healthy_after":1,"deadline":{"secs":10,"nanos":0}},"rollout":{"strategy":{"rolling":{"max_surge":1,"max_unavailable":0}},"drain":{"secs":0,"nanos":200000000}},"verify":null,"stop_grace":{"secs":10,"nanos":0},"artifact":null,"container":null,"secrets":{}}},"timeout_ms":140800,"kill_grace_ms":10000,"retry_attempts":1,"retry_any":false,"retry_exit_codes":[],"retry_backoff_ms":1000,"retry_max_backoff_ms":60000,"idempotent":false,"env":{},"artifact":null,"secrets":{},"secret_files":{}}"#;
+
+    fn full_service() -> service::ServiceSpec {
+        let secret = |n: &str| secret::SecretRef { name: n.into(), source: secret::SecretSource::Env(format!("{}_VAR", n.to_uppercase())) };
+        service::ServiceSpec {
+            name: "shop".into(),
+            listen: "127.0.0.1:8080".parse().expect("addr"),
+            instances: 3,
+            command: vec!["shop".into(), "--port".into(), "{port}".into()],
+            env: BTreeMap::from([("MODE".into(), "prod".into())]),
+            health: service::HealthSpec { check: service::HealthCheck::Command { argv: vec!["check".into()] }, interval: Duration::from_millis(250), timeout: Duration::from_secs(2), healthy_after: 2, deadline: Duration::from_secs(30) },
+            rollout: service::RolloutSpec { strategy: service::Strategy::BlueGreen, drain: Duration::from_secs(1) },
+            verify: Some(service::StepSpec { command: vec!["smoke".into()], timeout: Duration::from_secs(5), idempotent: true }),
+            stop_grace: Duration::from_secs(9),
+            artifact: Some(service::ArtifactSpec { url: "https://example.invalid/shop-{version}.tar.gz".into(), attempts: 3, timeout: Duration::from_secs(60) }),
+            container: Some(service::ContainerSpec {
+                image: "registry.example.invalid/shop".into(),
+                port: 8000,
+                memory_bytes: Some(1 << 26),
+                millicpus: Some(500),
+                auth: Some(secret::RegistryAuth { host: "registry.example.invalid".into(), username: Some("ci".into()), password: Some(secret("registry_password")), token: None }),
+                secret_files: BTreeMap::from([("/run/key".into(), secret::SecretRef { name: "key".into(), source: secret::SecretSource::File("/etc/key".into()) })]),
+            }),
+            secrets: BTreeMap::from([("DB_PASSWORD".into(), secret("db"))]),
+            listen_in: BTreeMap::from([("staging".into(), "127.0.0.1:8081".parse().expect("addr"))]),
+        }
+    }
+
+    #[test]
+    fn issue13_rows_written_before_formats_read_as_format_1() {
+        let job = decode_job(OLD_ROLLOUT_JOB).expect("an old row decodes");
+        let config::Command::Rollout(svc) = &job.command else { panic!("a rollout job: {:?}", job.command) };
+        assert_eq!(svc.listen.port(), 39411);
+        assert_eq!(svc.health.interval, Duration::from_millis(100));
+        assert_eq!(job.timeout_ms, 140_800);
+        // Written again, it is the same row plus its tag.
+        let again: serde_json::Value = serde_json::from_str(&encode_job(&job).expect("encodes")).expect("json");
+        let mut old: serde_json::Value = serde_json::from_str(OLD_ROLLOUT_JOB).expect("json");
+        old.as_object_mut().expect("object").insert("format".into(), "job/1".into());
+        assert_eq!(again, old);
+    }
+
+    #[test]
+    fn issue13_every_field_survives_a_round_trip_and_the_shape_is_pinned() {
+        let svc = full_service();
+        let encoded = encode_service(&svc);
+        assert_eq!(decode_service(&encoded).expect("decodes"), svc);
+        let job = super::super::JobSpec { command: config::Command::Rollout(Box::new(svc)), ..super::super::JobSpec::verify(&service::StepSpec { command: vec!["x".into()], timeout: Duration::from_secs(1), idempotent: false }) };
+        let job_encoded = encode_job(&job).expect("encodes");
+        assert_eq!(decode_job(&job_encoded).expect("decodes"), job);
+        // The stored shape is a contract with every store already written:
+        // a change here must be a new format, never an edit of format 1.
+        let pretty: serde_json::Value = serde_json::from_str(&encoded).expect("json");
+        insta::assert_snapshot!("service_format_1", serde_json::to_string_pretty(&pretty).expect("json"));
+    }
+
+    #[test]
+    fn issue13_unknown_formats_and_garbage_are_refused_with_what_they_are() {
+        let newer = decode_service(r#"{"format":"service/9","name":"web"}"#).expect_err("a format from the future");
+        assert!(newer.contains("service/9") && newer.contains("newer"), "{newer}");
+        let bad = decode_job(r#"{"format":"job/1","command":{"argv":"not a list"}}"#).expect_err("a broken row");
+        assert!(bad.contains("job/1"), "{bad}");
+        assert!(decode_job("not json").expect_err("not json").contains("not JSON"));
+    }
+}
