@@ -201,3 +201,59 @@ pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
     }
     res
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn refused(address: &str, status: i64, n: usize) -> AuditEntry {
+        AuditEntry { id: 0, at: 0, actor: "github webhook".into(), address: address.into(), action: "POST /hooks/github".into(), detail: format!("refusal {n}"), status }
+    }
+
+    #[test]
+    fn issue13_refusals_are_recorded_one_by_one_up_to_a_bound_then_summed_up_per_minute() {
+        let r = Refusals::default();
+        let t0 = Instant::now();
+        let admitted: Vec<Admission> = (0..1000).map(|n| r.admit(&refused("10.0.0.1", 401, n), t0 + Duration::from_millis(n as u64))).collect();
+        assert!(admitted[..10].iter().all(|a| a.record && a.flush.is_none()), "the first ones, one by one");
+        assert!(admitted[10..].iter().all(|a| !a.record && a.summaries.is_empty()));
+        let (key, generation, after) = admitted[10].flush.clone().expect("a flush when the minute ends");
+        assert!(after <= Refusals::WINDOW && admitted[11..].iter().all(|a| a.flush.is_none()), "one flush per window");
+        // Another sender, or another status, has its own bound.
+        assert!(r.admit(&refused("10.0.0.2", 401, 0), t0).record);
+        assert!(r.admit(&refused("10.0.0.1", 400, 0), t0).record);
+        // The minute ends: one summary, the count and the last one.
+        let end = t0 + Refusals::WINDOW;
+        let summary = r.flush(&key, generation, end).expect("summary");
+        assert_eq!(summary.detail, "and 990 more refused deliveries like this in the last minute (HTTP 401 from 10.0.0.1); the last: refusal 999");
+        assert_eq!((summary.status, summary.address.as_str(), summary.action.as_str()), (401, "10.0.0.1", "POST /hooks/github"));
+        assert!(r.flush(&key, generation, end).is_none(), "once");
+        // A new minute records the first ones again.
+        assert!(r.admit(&refused("10.0.0.1", 401, 1000), end).record);
+        // A window summed up by the next refusal, before its flush ran.
+        let r = Refusals::default();
+        let mut flush = None;
+        for n in 0..12 {
+            flush = flush.or(r.admit(&refused("10.0.0.1", 401, n), t0).flush);
+        }
+        let late = r.admit(&refused("10.0.0.1", 401, 12), t0 + Refusals::WINDOW + Duration::from_secs(1));
+        assert!(late.record && late.summaries.len() == 1 && late.summaries[0].detail.starts_with("and 2 more"), "{late:?}");
+        let (key, generation, _) = flush.expect("flush");
+        assert!(r.flush(&key, generation, t0 + Refusals::WINDOW * 2).is_none(), "not twice");
+        // Stopping: what is pending is summed up.
+        for n in 0..15 {
+            r.admit(&refused("10.0.0.3", 413, n), t0 + Refusals::WINDOW * 2);
+        }
+        let pending = r.flush_all(t0 + Refusals::WINDOW * 2 + Duration::from_secs(5));
+        assert_eq!(pending.iter().map(|p| p.detail.as_str()).collect::<Vec<_>>(), ["and 5 more refused deliveries like this in the last 5s (HTTP 413 from 10.0.0.3); the last: refusal 14"]);
+        // Many senders at once share one count beyond the bound on keys.
+        let r = Refusals::default();
+        for n in 0..Refusals::MAX_KEYS + 50 {
+            r.admit(&refused(&format!("10.1.{}.{}", n / 256, n % 256), 401, n), t0);
+        }
+        assert_eq!(r.windows.lock().map(|w| w.len()).unwrap_or(0), Refusals::MAX_KEYS + 1);
+        assert!(Refusals::bounded("/hooks/registry", 400) && Refusals::bounded("/api/v1/events", 401));
+        assert!(!Refusals::bounded("/api/v1/events", 403) && !Refusals::bounded("/hooks/github", 202));
+    }
+}

@@ -740,3 +740,42 @@ pub fn resolve_environment(config: &config::Config, requested: Option<String>) -
         None => Err(SubmitError::Invalid(format!("this config has several environments ({}); say which with --env", names.join(", ")))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue13_a_key_means_its_request_and_an_older_event_is_judged_by_what_it_kept() {
+        let asked = |version: &str, digest: Option<&str>| Asked { kind: "deploy".into(), environment: "staging".into(), service: Some("web".into()), version: Some(version.into()), digest: digest.map(String::from), jobs: vec![] };
+        let stored = with_request(r#"{"kind":"deploy","id":"k"}"#.into(), &asked("4.1", None));
+        let (first, legacy) = Asked::of_stored(&stored, None).expect("kept");
+        assert!(!legacy && asked("4.1", None).same_as(&first, legacy));
+        assert!(!asked("4.2", None).same_as(&first, legacy));
+        assert!(!asked("4.1", Some(&"a".repeat(64))).same_as(&first, legacy), "a digest makes it another request");
+        assert_eq!(first.describe(), "deploy web 4.1 in staging");
+        // Not JSON: kept beside the request.
+        assert!(Asked::of_stored(&with_request("x".into(), &asked("4.1", None)), None).is_some_and(|(a, _)| a == asked("4.1", None)));
+        // Stored before requests were kept: its deployment row decides.
+        let row = crate::store::DeploymentRow {
+            id: 12,
+            event_id: 3,
+            kind: DeploymentKind::Deploy,
+            environment: "staging".into(),
+            service: Some("web".into()),
+            version: Some("4.1".into()),
+            revision: "r".into(),
+            state: DeploymentState::Succeeded,
+            reason: None,
+            superseded_by: None,
+            cancel_requested: false,
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+        };
+        let (old, legacy) = Asked::of_stored(r#"{"kind":"deploy","service":"web","version":"4.1","id":"k"}"#, Some(&row)).expect("from the row");
+        assert!(legacy && asked("4.1", None).same_as(&old, legacy) && !asked("4.2", None).same_as(&old, legacy));
+        assert!(Asked::of_stored("{}", None).is_none(), "nothing to compare: taken as the same");
+        assert!(is_caller_key("release-k") && !is_caller_key("github:abc") && !is_caller_key("published:abc"));
+    }
+}
