@@ -153,7 +153,7 @@ async fn record(s: &AppState, entry: AuditEntry) {
 /// Record the summaries still pending (the node stops).
 pub async fn flush_refusals(s: &AppState) {
     for entry in s.refusals.flush_all(std::time::Instant::now()) {
-        tracing::warn!(action = %entry.action, address = %entry.address, status = entry.status, "{}", entry.detail);
+        tracing::warn!(action = %entry.action, address = %entry.address, status = entry.status, detail = ?entry.detail, "refusals summed up");
         record(s, entry).await;
     }
 }
@@ -182,7 +182,7 @@ pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
     }
     let admission = s.refusals.admit(&entry, std::time::Instant::now());
     for summary in admission.summaries {
-        tracing::warn!(action = %summary.action, address = %summary.address, status = summary.status, "{}", summary.detail);
+        tracing::warn!(action = %summary.action, address = %summary.address, status = summary.status, detail = ?summary.detail, "refusals summed up");
         record(&s, summary).await;
     }
     if let Some((key, generation, after)) = admission.flush {
@@ -190,13 +190,13 @@ pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
             if let Some(summary) = s.refusals.flush(&key, generation, std::time::Instant::now()) {
-                tracing::warn!(action = %summary.action, address = %summary.address, status = summary.status, "{}", summary.detail);
+                tracing::warn!(action = %summary.action, address = %summary.address, status = summary.status, detail = ?summary.detail, "refusals summed up");
                 record(&s, summary).await;
             }
         });
     }
     if admission.record {
-        tracing::warn!(action = %entry.action, address = %entry.address, status = entry.status, reason = %entry.detail, "refused");
+        tracing::warn!(action = %entry.action, address = %entry.address, status = entry.status, reason = ?entry.detail, "refused");
         record(&s, entry).await;
     }
     res

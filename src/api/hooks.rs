@@ -90,9 +90,12 @@ async fn per_environment(s: &AppState, disk: &crate::config::Config, decide: imp
 struct Sightings {
     services: Vec<crate::store::ServiceRow>,
     deployments: Vec<crate::store::DeploymentRow>,
-    /// (received at, [(service, environment, version)]) per delivery.
-    deliveries: Vec<(i64, Vec<(String, String, String)>)>,
+    /// When each delivery came, and what it named.
+    deliveries: Vec<(i64, Vec<Named>)>,
 }
+
+/// (service, environment, version) a delivery's result names.
+type Named = (String, String, String);
 
 impl Sightings {
     async fn load(s: &AppState) -> Result<Sightings, crate::store::StoreError> {
