@@ -225,6 +225,52 @@ async fn same_event_id_deploys_once() {
     .await;
 }
 
+// Issue 13: `deploy web 4.2 --id K` after `deploy web 4.1 --id K` answered "already seen" and never deployed 4.2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue13_an_event_id_reused_for_another_request_is_a_conflict_naming_the_first() {
+    for_each_backend(|backend, n| async move {
+        let first = json!({"kind": "deploy", "service": "api", "version": "4.1", "id": "release-k"});
+        let (s, a) = n.post("/api/v1/events", &first).await;
+        assert_eq!(s, 202, "{backend}: {a}");
+        let id = a["deployment_id"].as_i64().expect("deployment");
+        // The same request again, also with its (only) environment named:
+        // already seen, the same deployment.
+        for again in [first.clone(), json!({"kind": "deploy", "service": "api", "version": "4.1", "environment": "staging", "id": "release-k"})] {
+            let (s, b) = n.post("/api/v1/events", &again).await;
+            assert_eq!((s, b["duplicate"].as_bool(), b["deployment_id"].as_i64()), (200, Some(true), Some(id)), "{backend}: {b}");
+        }
+        // Another version, a digest, a run under the same key: 409, naming
+        // what the key was first used for and what it started.
+        for other in [
+            json!({"kind": "deploy", "service": "api", "version": "4.2", "id": "release-k"}),
+            json!({"kind": "deploy", "service": "api", "version": "4.1", "digest": "a".repeat(64), "id": "release-k"}),
+            json!({"kind": "run", "jobs": ["prepare"], "id": "release-k"}),
+        ] {
+            let (s, e) = n.post("/api/v1/events", &other).await;
+            assert_eq!(s, 409, "{backend}: {other} → {e}");
+            let message = e["error"]["message"].as_str().unwrap_or("");
+            assert!(message.contains(r#"event id "release-k" was already used for deploy api 4.1 in staging"#) && message.contains(&format!("(deployment {id})")), "{backend}: {message}");
+        }
+        // The CLI: exit 6 with that message; the same request, exit 0.
+        let config = n.dir().join("slipway.toml");
+        let cli = |args: &[&str]| std::process::Command::new(common::slipway_bin()).arg("--config").arg(&config).arg("--server").arg(&n.base).args(args).stdin(std::process::Stdio::null()).output().expect("run slipway");
+        let out = cli(&["deploy", "api", "4.2", "--id", "release-k", "--detach"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(6), "{backend}: {stderr}");
+        assert!(stderr.contains("already used for deploy api 4.1 in staging") && stderr.contains("deploy api 4.2 in staging"), "{backend}: {stderr}");
+        let out = cli(&["deploy", "api", "4.1", "--id", "release-k", "--detach"]);
+        assert_eq!(out.status.code(), Some(0), "{backend}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("already seen"), "{backend}");
+        // 4.2 was never deployed.
+        let (_, list) = n.get("/api/v1/deployments").await;
+        let versions: Vec<&str> = list.as_array().unwrap().iter().filter_map(|d| d["version"].as_str()).collect();
+        assert_eq!(versions, ["4.1"], "{backend}: {list}");
+        n.wait_terminal(id).await;
+        n
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failure_skips_dependants_with_reason() {
     for_each_backend(|backend, n| async move {

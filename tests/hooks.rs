@@ -57,6 +57,10 @@ max_payload = 65536
 hmac_secret = "hook"
 environments = ["staging"]
 
+[registry_hook]
+token = "hook"
+hosts = ["ghcr.io"]
+
 [[service]]
 name = "web"
 follows = "ghcr.io/codertocat/hello-world"
@@ -125,6 +129,18 @@ command = ["true"]
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("deployment {id} did not end");
+    }
+
+    async fn why(&self, env: &str) -> Value {
+        self.http.get(format!("{}/api/v1/services/{env}/web/why", self.base)).send().await.expect("get").json().await.expect("json")
+    }
+
+    /// A registry's notification of a push of `tag` (with `digest`).
+    async fn registry_push(&self, id: &str, tag: &str, digest: &str) -> (u16, Value) {
+        let body = json!({"events": [{"id": id, "action": "push", "target": {"mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "digest": format!("sha256:{digest}"), "repository": "codertocat/hello-world", "tag": tag}, "request": {"host": "ghcr.io"}}]});
+        let r = self.http.post(format!("{}/hooks/registry", self.base)).bearer_auth(SECRET).json(&body).send().await.expect("send");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
     async fn stop(self) {
@@ -211,7 +227,7 @@ async fn issue6_github_deliveries_are_checked_deduplicated_and_deploy_where_opte
         let p = why("production").await;
         assert_eq!(p["newest"], "latest", "{p}");
         assert!(p["verdict"].as_str().unwrap_or("").contains("runs nothing in production yet"), "{p}");
-        assert!(p["history"].to_string().contains("1.4.0 from a GitHub delivery: available, not deployed: auto_deploy is off for production"), "{p}");
+        assert!(p["history"].to_string().contains("1.4.0 from a GitHub registry_package delivery: available, not deployed: auto_deploy is off for production"), "{p}");
         let s = why("staging").await;
         assert!(s["verdict"].as_str().unwrap_or("").starts_with("web runs 1.4.0, not latest: available, not deployed: tag latest does not pass"), "{backend}: {s}");
         // The audit log has every delivery, refused ones included, newest
@@ -264,5 +280,176 @@ async fn issue6_a_generic_published_event_is_signed_or_refused() {
         let (s, _) = h.post_raw("/api/v1/events", &bad, Some(sign(SECRET.as_bytes(), bad.as_bytes()))).await;
         assert_eq!(s, 400);
         h.stop().await;
+    }
+}
+
+/// GitHub's `package` delivery of the same publication as
+/// [`published`]'s `registry_package` one (GitHub sends both to a hook
+/// subscribed to both).
+fn published_as_package(tag: &str) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(&published(tag)).expect("json");
+    let p = v.as_object_mut().and_then(|o| o.remove("registry_package")).expect("registry_package");
+    v["package"] = p;
+    serde_json::to_vec(&v).expect("json")
+}
+
+// Issue 13: one publication sent as `package` and `registry_package` deployed twice; the same body under another event was called a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue13_a_publication_announced_by_several_events_deploys_once_and_keeps_its_origins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let h = Hooks::start(store).await;
+        let (s, a) = h.signed("registry_package", "d-1", &published("1.4.0")).await;
+        assert_eq!(s, 202, "{backend}: {a}");
+        let staging = |a: &Value| a["results"].as_array().and_then(|r| r.iter().find(|r| r["environment"] == "staging").cloned()).unwrap_or(Value::Null);
+        let id = staging(&a)["deployment_id"].as_i64().unwrap_or_else(|| panic!("{backend}: deployed: {a}"));
+
+        // The same publication as a `package` event: not a redelivery of
+        // the first (another kind of delivery), but the same deployment.
+        let (s, b) = h.signed("package", "d-2", &published_as_package("1.4.0")).await;
+        assert_eq!((s, b["duplicate"].as_bool()), (202, Some(false)), "{backend}: {b}");
+        assert_eq!(staging(&b)["deployment_id"].as_i64(), Some(id), "{backend}: {b}");
+        // Its redelivery is a duplicate of it.
+        let (_, c) = h.signed("package", "d-3", &published_as_package("1.4.0")).await;
+        assert_eq!(c["duplicate"], true, "{backend}: {c}");
+        // The same body under another event is that other event (which
+        // reads no package in it), not a duplicate.
+        let (s, d) = h.signed("package", "d-4", &published("1.4.0")).await;
+        assert_eq!((s, d["duplicate"].as_bool()), (202, Some(false)), "{backend}: {d}");
+        assert!(d["note"].as_str().unwrap_or("").contains("no package_url"), "{backend}: {d}");
+        // A registry notification of the same push (the same digest) and
+        // a generic published event: still that one deployment.
+        let (s, r) = h.registry_push("ev-1", "1.4.0", "3da1996a8115d7616457760d9920b815241d0a03b34cf5f04e9a0e9d8de37498").await;
+        assert_eq!(s, 200, "{backend}: {r}");
+        assert!(r["results"].as_array().is_some_and(|r| r.iter().filter(|r| r["environment"] == "staging").all(|r| r["deployment_id"].as_i64() == Some(id) || r["held"].is_string())), "{backend}: {r}");
+
+        let list = h.deployments().await;
+        assert_eq!(list.len(), 1, "{backend}: deployed once: {list:?}");
+        // `why` names both deliveries that announced it, by their kind.
+        h.wait_done(id).await;
+        let why = h.why("staging").await;
+        assert!(why["history"].to_string().contains(&format!("deployment #{id} (deploy) (from a GitHub registry_package delivery, a GitHub package delivery")), "{backend}: {why}");
+        h.stop().await;
+    }
+}
+
+// Issue 13: a late retry of an older version's publication moved a service back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue13_a_late_publication_of_an_older_version_is_held_not_deployed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let h = Hooks::start(store).await;
+        let staging = |a: &Value| a["results"].as_array().and_then(|r| r.iter().find(|r| r["environment"] == "staging").cloned()).unwrap_or(Value::Null);
+        let (s, a) = h.signed("registry_package", "d-1", &published("1.5.0")).await;
+        assert_eq!(s, 202, "{backend}: {a}");
+        let first = staging(&a)["deployment_id"].as_i64().unwrap_or_else(|| panic!("{backend}: {a}"));
+        h.wait_done(first).await;
+
+        // 1.4.0, late, from each sender: held, saying why; nothing deployed.
+        let (_, g) = h.signed("registry_package", "d-2", &published("1.4.0")).await;
+        let held = staging(&g)["held"].as_str().unwrap_or_default().to_string();
+        assert!(held.starts_with("older than 1.5.0, which was last deployed to staging") && held.contains("(by semver)") && held.contains("deploy 1.4.0 by hand"), "{backend}: {g}");
+        let (s, r) = h.registry_push("ev-2", "1.4.0", &"b".repeat(64)).await;
+        assert_eq!(s, 200, "{backend}: {r}");
+        assert!(staging(&r)["held"].as_str().is_some_and(|h| h.starts_with("older than 1.5.0")), "{backend}: {r}");
+        let event = json!({"kind": "published", "image": "ghcr.io/codertocat/hello-world", "version": "1.3.9"}).to_string();
+        let (s, p) = h.post_raw("/api/v1/events", &event, Some(sign(SECRET.as_bytes(), event.as_bytes()))).await;
+        assert_eq!(s, 202, "{backend}: {p}");
+        assert!(staging(&p)["held"].as_str().is_some_and(|h| h.starts_with("older than 1.5.0")), "{backend}: {p}");
+        // The same version again (another push of it): not newer either.
+        let (_, same) = h.registry_push("ev-3", "1.5.0", &"c".repeat(64)).await;
+        assert!(staging(&same)["held"].as_str().is_some_and(|h| h.starts_with("1.5.0 was last deployed to staging")), "{backend}: {same}");
+        assert_eq!(h.deployments().await.len(), 1, "{backend}");
+
+        // Newer deploys; an older one than that newer one, while it may
+        // still be in flight, is held against it.
+        let (_, n) = h.signed("registry_package", "d-5", &published("1.10.0")).await;
+        let newer = staging(&n)["deployment_id"].as_i64().unwrap_or_else(|| panic!("{backend}: 1.10.0 deploys: {n}"));
+        let (_, o) = h.signed("registry_package", "d-6", &published("1.9.0")).await;
+        assert!(staging(&o)["held"].as_str().is_some_and(|h| h.starts_with("older than 1.10.0, which ")), "{backend}: {o}");
+        h.wait_done(newer).await;
+
+        // `why` says what became of it; a person can still deploy it.
+        let why = h.why("staging").await;
+        assert!(why["history"].to_string().contains("1.9.0 from a GitHub registry_package delivery: available, not deployed: older than 1.10.0"), "{backend}: {why}");
+        let (s, d) = h.post_json("/api/v1/events", None, &json!({"kind": "deploy", "service": "web", "version": "1.4.0", "environment": "staging"})).await;
+        assert_eq!(s, 202, "{backend}: by hand: {d}");
+        let versions: Vec<String> = h.deployments().await.iter().filter_map(|d| d["version"].as_str().map(String::from)).collect();
+        assert_eq!(versions, ["1.4.0", "1.10.0", "1.5.0"], "{backend}");
+        h.stop().await;
+    }
+}
+
+// Issue 13: a generic published event's id reused for another version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue13_a_published_event_id_reused_for_another_publication_is_a_conflict() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let h = Hooks::start(store).await;
+        let send = |version: &str| {
+            let event = json!({"kind": "published", "image": "ghcr.io/codertocat/hello-world", "version": version, "id": "build-77"}).to_string();
+            let sig = sign(SECRET.as_bytes(), event.as_bytes());
+            let h = &h;
+            async move { h.post_raw("/api/v1/events", &event, Some(sig)).await }
+        };
+        let (s, a) = send("2.0.0").await;
+        assert_eq!(s, 202, "{backend}: {a}");
+        let (s, again) = send("2.0.0").await;
+        assert_eq!((s, again["duplicate"].as_bool()), (202, Some(true)), "{backend}: {again}");
+        let (s, e) = send("2.0.1").await;
+        assert_eq!(s, 409, "{backend}: {e}");
+        let message = e["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains(r#"event id "build-77" was already used for ghcr.io/codertocat/hello-world 2.0.0 published (deployment "#) && message.contains("2.0.1"), "{backend}: {message}");
+        assert_eq!(h.deployments().await.len(), 1, "{backend}");
+        h.stop().await;
+    }
+}
+
+// Issue 13: a flood of refused deliveries grew the audit log by 18,640 rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue13_a_flood_of_refused_deliveries_adds_a_bounded_number_of_audit_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let h = Hooks::start(store.clone()).await;
+        let body = published("1.4.0");
+        // 3,000 with a wrong signature and 300 signed but unreadable, 16
+        // at a time.
+        let bad_signature = sign(b"not the secret", &body);
+        let unreadable = b"not json".to_vec();
+        let mut statuses = std::collections::BTreeMap::new();
+        let started = std::time::Instant::now();
+        for round in 0..(3300 / 16 + 1) {
+            let sends = (0..16).map(|i| round * 16 + i).filter(|n| *n < 3300).map(|n| {
+                let h = &h;
+                let (payload, sig) = if n < 3000 { (&body, bad_signature.clone()) } else { (&unreadable, sign(SECRET.as_bytes(), &unreadable)) };
+                async move { h.deliver("registry_package", &format!("d-{n}"), payload, Some(sig)).await.0 }
+            });
+            for s in futures_util::future::join_all(sends).await {
+                *statuses.entry(s).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(statuses, [(400, 300), (401, 3000)].into_iter().collect(), "{backend}");
+        // The first ones are there, one by one, and no more than the bound:
+        // 10 a minute per sender, endpoint and status, and a summary row.
+        let minutes = started.elapsed().as_secs() / 60 + 1;
+        let audit = store.audit(10_000).await.expect("audit");
+        assert!(audit.len() as u64 <= 2 * 11 * minutes, "{backend}: {} rows: {:?}", audit.len(), audit.iter().map(|a| &a.detail).collect::<Vec<_>>());
+        let oldest: Vec<_> = audit.iter().rev().take(10).collect();
+        assert!(oldest.iter().all(|a| a.status == 401 && a.detail.contains("does not match") && a.action == "POST /hooks/github"), "{backend}: {oldest:?}");
+        assert_eq!(audit.iter().filter(|a| a.status == 400).count(), 10, "{backend}");
+        // The rest are summed up, at the latest when the node stops.
+        h.stop().await;
+        let audit = store.audit(10_000).await.expect("audit");
+        let summary = |status: i64, n: u64| audit.iter().any(|a| a.status == status && a.detail.starts_with(&format!("and {n} more refused deliveries like this in the last")) && a.detail.contains("(HTTP"));
+        let details = audit.iter().map(|a| &a.detail).collect::<Vec<_>>();
+        if minutes == 1 {
+            assert!(summary(401, 2990) && summary(400, 290), "{backend}: {details:?}");
+            assert_eq!(audit.len(), 22, "{backend}: {details:?}");
+        } else {
+            // Slower than a minute (a loaded machine): more windows, each
+            // bounded, and nothing uncounted.
+            let counted: u64 = audit.iter().map(|a| a.detail.strip_prefix("and ").and_then(|d| d.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(1)).sum();
+            assert_eq!(counted, 3300, "{backend}: {details:?}");
+        }
     }
 }

@@ -3,10 +3,14 @@
 //!
 //! Order matters for "an event is stored before it is acknowledged" and
 //! "the same event twice deploys once": the deployments a delivery starts
-//! are submitted first, each under a key derived from `X-GitHub-Delivery`
-//! (idempotent), then the delivery itself is stored under its own key, and
-//! only then does GitHub get its answer. A redelivery, or a retry after a
-//! crash in between, finds every key taken and starts nothing new.
+//! are submitted first, each under a key derived from what was published
+//! (image, version, digest, environment, service: idempotent, whichever
+//! delivery announces it), then the delivery itself is stored under its
+//! own key (its event kind and body), and only then does GitHub get its
+//! answer. A redelivery, another event kind announcing the same push, or
+//! a retry after a crash in between, finds every key taken and starts
+//! nothing new. A published version older than what an environment runs
+//! or has decided is held there, not deployed.
 
 use std::sync::Arc;
 
@@ -77,31 +81,130 @@ async fn per_environment(s: &AppState, disk: &crate::config::Config, decide: imp
     out
 }
 
+/// What the store says about services' versions, read once per delivery
+/// (and only if something may deploy): what each environment runs or has
+/// decided, and when each version was first seen (a deployment of it, or
+/// a delivery's result naming it). The newest 1,000 deployments and
+/// deliveries of each kind: a version seen only before that is taken as
+/// never seen.
+struct Sightings {
+    services: Vec<crate::store::ServiceRow>,
+    deployments: Vec<crate::store::DeploymentRow>,
+    /// When each delivery came, and what it named.
+    deliveries: Vec<(i64, Vec<Named>)>,
+}
+
+/// (service, environment, version) a delivery's result names.
+type Named = (String, String, String);
+
+impl Sightings {
+    async fn load(s: &AppState) -> Result<Sightings, crate::store::StoreError> {
+        let deliveries = s
+            .store
+            .events(&["github.", "registry.", "published"], 1000)
+            .await?
+            .into_iter()
+            .map(|e| {
+                let v: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
+                let named = v["results"].as_array().into_iter().flatten().filter_map(|r| Some((r["service"].as_str()?.to_string(), r["environment"].as_str()?.to_string(), r["version"].as_str()?.to_string()))).collect();
+                (e.received_at, named)
+            })
+            .collect();
+        Ok(Sightings { services: s.store.services().await?, deployments: s.store.deployments(1000, None).await?, deliveries })
+    }
+
+    fn first_seen(&self, environment: &str, service: &str, version: &str) -> Option<i64> {
+        let deployed = self.deployments.iter().filter(|d| d.environment == environment && d.service.as_deref() == Some(service) && d.version.as_deref() == Some(version)).map(|d| d.created_at);
+        let announced = self.deliveries.iter().filter(|(_, named)| named.iter().any(|(s, e, v)| s == service && e == environment && v == version)).map(|(at, _)| *at);
+        deployed.chain(announced).min()
+    }
+
+    /// What `service` runs in `environment` (or, if Slipway does not run
+    /// it itself, its last successful deployment) and its deployments
+    /// waiting, queued or running.
+    fn standing(&self, environment: &str, service: &str) -> Vec<crate::trigger::Standing> {
+        use crate::store::{DeploymentKind, DeploymentState};
+        let mine = |d: &&crate::store::DeploymentRow| d.environment == environment && d.service.as_deref() == Some(service) && d.kind == DeploymentKind::Deploy && d.version.is_some();
+        let standing = |version: &str, digest: Option<String>, what: String| crate::trigger::Standing { version: version.to_string(), digest, what, first_seen: self.first_seen(environment, service, version) };
+        let mut out = Vec::new();
+        match self.services.iter().find(|r| r.environment == environment && r.service == service) {
+            Some(r) => out.push(standing(&r.version, r.sha256.clone(), format!("runs in {environment} (deployment #{})", r.deployment_id))),
+            None => {
+                if let Some(d) = self.deployments.iter().filter(mine).filter(|d| d.state == DeploymentState::Succeeded).max_by_key(|d| d.id) {
+                    out.push(standing(d.version.as_deref().unwrap_or_default(), None, format!("was last deployed to {environment} (deployment #{})", d.id)));
+                }
+            }
+        }
+        for d in self.deployments.iter().filter(mine).filter(|d| !d.state.is_terminal()) {
+            out.push(standing(d.version.as_deref().unwrap_or_default(), None, format!("is {} in {environment} (deployment #{})", d.state, d.id)));
+        }
+        out
+    }
+}
+
 /// `digest` is the caller's, for either kind of artifact; `image_digest`
 /// the manifest digest a registry announced, for container services only
-/// (a tarball that follows the tags has its own checksum).
-async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, digest: Option<&str>, image_digest: Option<&str>, key: &str) -> (Vec<HookResult>, bool) {
+/// (a tarball that follows the tags has its own checksum); `announced`
+/// the digest that identifies the publication (whatever its sender
+/// named), pinning nothing by itself.
+///
+/// Each decision that deploys is keyed by the publication
+/// ([`crate::trigger::publication_key`]): announced again, by another
+/// event kind or a retry, it answers with the deployment it started. It
+/// deploys only if it is newer than what the environment runs or has
+/// decided ([`crate::trigger::not_newer`]); otherwise it is held, saying
+/// why (`why` shows it, and a deploy by hand can still take it).
+async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, digest: Option<&str>, image_digest: Option<&str>, announced: Option<&str>) -> (Vec<HookResult>, bool) {
     let mut transient = false;
     let mut results = Vec::new();
+    let mut sightings: Option<Sightings> = None;
     for d in decisions {
         let mut r = HookResult { service: d.service.clone(), environment: d.environment.clone(), version: version.to_string(), deployment_id: None, held: d.held.clone(), error: None };
+        let config = s.submitter.config_for(&d.environment).await;
+        let service = config.as_ref().ok().and_then(|c| c.services.iter().find(|x| x.name == d.service).cloned());
         // A digest pins an image or checks a tarball; a service that runs
         // neither (it only follows the tags) deploys the version alone.
         let digest = match (digest, image_digest) {
             (None, None) => None,
-            _ => match s.submitter.config_for(&d.environment).await {
-                Ok(c) => match c.services.iter().find(|x| x.name == d.service).and_then(|x| x.spec.as_ref()) {
-                    Some(sp) if sp.container.is_some() => image_digest.or(digest),
-                    Some(sp) if sp.artifact.is_some() => digest,
-                    _ => None,
-                },
-                Err(_) => digest,
+            _ => match (&config, service.as_ref().and_then(|x| x.spec.as_ref())) {
+                (Err(_), _) => digest,
+                (_, Some(sp)) if sp.container.is_some() => image_digest.or(digest),
+                (_, Some(sp)) if sp.artifact.is_some() => digest,
+                _ => None,
             },
         };
+        let what = service.as_ref().and_then(|x| x.follows.clone()).unwrap_or_else(|| format!("service {}", d.service));
+        let key = crate::trigger::publication_key(&what, version, announced, &d.environment, &d.service);
         if d.held.is_none() {
-            let payload = serde_json::json!({ "kind": "deploy", "service": d.service, "version": version, "environment": d.environment, "source": key }).to_string();
+            // Announced before: what that started. Else: newer than what
+            // stands, or held.
+            let known = match s.store.event_by_key(&key).await {
+                Ok(Some(e)) => Ok(Some(e.deployment_id)),
+                Ok(None) if sightings.is_some() => Ok(None),
+                Ok(None) => Sightings::load(s).await.map(|x| {
+                    sightings = Some(x);
+                    None
+                }),
+                Err(e) => Err(e),
+            };
+            match (known, &sightings) {
+                (Ok(Some(id)), _) => r.deployment_id = Some(id.unwrap_or(0)),
+                (Ok(None), Some(seen)) => {
+                    let first_seen = seen.first_seen(&d.environment, &d.service, version);
+                    r.held = crate::trigger::not_newer(service.as_ref().and_then(|x| x.tags.as_ref()), version, announced, first_seen, &seen.standing(&d.environment, &d.service));
+                }
+                (Ok(None), None) => {}
+                (Err(e), _) => {
+                    let e = ApiError::from(e);
+                    transient |= e.status == StatusCode::SERVICE_UNAVAILABLE;
+                    r.error = Some(e.message);
+                }
+            }
+        }
+        if r.held.is_none() && r.deployment_id.is_none() && r.error.is_none() {
+            let payload = serde_json::json!({ "kind": "deploy", "service": d.service, "version": version, "environment": d.environment, "digest": announced }).to_string();
             let request = Request::Deploy { service: d.service.clone(), version: version.to_string(), environment: Some(d.environment.clone()), digest: digest.map(str::to_string) };
-            match s.submitter.submit(request, Some(key_of(key, &[&d.environment, &d.service])), payload).await {
+            match s.submitter.submit(request, Some(key), payload).await {
                 Ok(sub) => r.deployment_id = Some(sub.deployment_id),
                 Err(e) => {
                     // The sender just announced this tag: a pin that fails
@@ -161,10 +264,9 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
     };
     let bytes = read_limited(body, gh.max_payload, "[github] max_payload").await?;
     let secret = gh.webhook_secret.read().map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
-    github::verify(secret.expose().as_bytes(), &bytes, header(&headers, "x-hub-signature-256")).map_err(|e| {
-        tracing::warn!(reason = %e, "refused a GitHub delivery");
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
-    })?;
+    // Refusals are logged (and audited) by the audit layer, within a
+    // bound: a flood of bad deliveries must not flood the log.
+    github::verify(secret.expose().as_bytes(), &bytes, header(&headers, "x-hub-signature-256")).map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()))?;
     let delivery = header(&headers, "x-github-delivery").filter(|d| github::valid_delivery(d)).ok_or_else(|| ApiError::bad_request("missing or malformed X-GitHub-Delivery"))?;
     let event = header(&headers, "x-github-event")
         .filter(|e| !e.is_empty() && e.len() <= 64 && e.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
@@ -173,9 +275,12 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         TriggerError::BadPayload(m) => ApiError::bad_request(m),
         TriggerError::Unauthenticated(m) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", m),
     })?;
-    // The body, not the delivery id (which the signature does not cover):
-    // a redelivery and a replay under a new id are both the same event.
-    let key = key_of("github", &[&String::from_utf8_lossy(&bytes)]);
+    // The event and its body, not the delivery id (which the signature
+    // does not cover): a redelivery and a replay under a new id are both
+    // the same event; the same body as another kind of event is another
+    // delivery (`package` and `registry_package` of one push), recorded as
+    // such. What they announce deploys once by its own key (see `act`).
+    let key = key_of("github", &[event, &String::from_utf8_lossy(&bytes)]);
     let mut answer = HookAnswer { delivery: delivery.to_string(), event: event.to_string(), duplicate: false, note: None, results: vec![], revisions: vec![] };
     let status = match parsed {
         Delivery::Ping => {
@@ -220,7 +325,7 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         }
         Delivery::Published(p) => {
             answer.note = Some(format!("{}:{} published", p.image, p.version));
-            let (results, transient) = act(&s, per_environment(&s, &loaded.config, |c| decide(c, &p)).await, &p.version, None, None, &key).await;
+            let (results, transient) = act(&s, per_environment(&s, &loaded.config, |c| decide(c, &p)).await, &p.version, None, None, p.digest.as_deref()).await;
             if transient {
                 return Err(retry_later(&results));
             }
@@ -249,10 +354,7 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
     };
     let bytes = read_limited(body, hook.max_payload, "[registry_hook] max_payload").await?;
     let token = hook.token.read().map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
-    crate::trigger::registry::verify(token.expose().as_bytes(), header(&headers, "authorization")).map_err(|e| {
-        tracing::warn!(reason = %e, "refused a registry notification");
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
-    })?;
+    crate::trigger::registry::verify(token.expose().as_bytes(), header(&headers, "authorization")).map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()))?;
     let (pushed, ignored) = crate::trigger::registry::parse(&bytes, &hook.hosts).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mut answer = HookAnswer { delivery: String::new(), event: "registry".into(), duplicate: false, note: Some(format!("{} tagged push(es), {ignored} event(s) ignored", pushed.len())), results: vec![], revisions: vec![] };
     let mut all_duplicates = !pushed.is_empty();
@@ -260,7 +362,7 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
         let key = key_of("registry", &[&p.id]);
         // The pushed manifest's own digest: no tag to resolve, no race with
         // the registry's consistency, the very bytes that were pushed.
-        let (results, transient) = act(&s, per_environment(&s, &loaded.config, |c| decide_any(c, &p.images, &p.version)).await, &p.version, None, p.digest.as_deref(), &key).await;
+        let (results, transient) = act(&s, per_environment(&s, &loaded.config, |c| decide_any(c, &p.images, &p.version)).await, &p.version, None, p.digest.as_deref(), p.digest.as_deref()).await;
         if transient {
             return Err(retry_later(&results));
         }
@@ -309,7 +411,7 @@ pub(super) async fn published_event(s: &AppState, caller: &super::auth::Caller, 
             if !crate::config::valid_image(&image) {
                 return Err(ApiError::bad_request(format!("image {i:?} is not registry/repository without a tag")));
             }
-            let published = crate::trigger::Published { image: image.clone(), version: req.version.clone() };
+            let published = crate::trigger::Published { image: image.clone(), version: req.version.clone(), digest: None };
             let d = per_environment(s, &loaded.config, |c| decide(c, &published)).await;
             (image, d)
         }
@@ -331,11 +433,27 @@ pub(super) async fn published_event(s: &AppState, caller: &super::auth::Caller, 
         })
         .collect();
     let key = key_of("published", &[&id]);
-    let (results, transient) = act(s, decisions, &req.version, req.digest.as_deref(), None, &key).await;
+    let digest = req.digest.as_deref().and_then(crate::service::artifact::parse_sha256);
+    // An id names one publication: the same again is a retry (answered
+    // from what it started), another one under it is refused, naming it.
+    if let Some(first) = s.store.event_by_key(&key).await? {
+        let v: serde_json::Value = serde_json::from_str(&first.payload).unwrap_or_default();
+        let same = v["what"].as_str() == Some(what.as_str()) && v["version"].as_str() == Some(req.version.as_str()) && v.get("digest").is_none_or(|d| d.as_str() == digest.as_deref());
+        if !same {
+            let started: Vec<String> = v["results"].as_array().into_iter().flatten().filter_map(|r| Some(format!("deployment {} in {}", r["deployment_id"].as_i64()?, r["environment"].as_str()?))).collect();
+            let started = if started.is_empty() { "no deployment".to_string() } else { started.join(", ") };
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("event id {id:?} was already used for {} {} published ({started}); this one ({what} {}) is a different publication: give it its own id", v["what"].as_str().unwrap_or("?"), v["version"].as_str().unwrap_or("?"), req.version),
+            ));
+        }
+    }
+    let (results, transient) = act(s, decisions, &req.version, req.digest.as_deref(), None, digest.as_deref()).await;
     if transient {
         return Err(retry_later(&results));
     }
-    let payload = serde_json::json!({ "what": what, "version": req.version, "results": results }).to_string();
+    let payload = serde_json::json!({ "what": what, "version": req.version, "digest": digest, "results": results }).to_string();
     let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: "published".into(), payload }).await?;
     let answer = HookAnswer { delivery: id, event: "published".into(), duplicate, note: Some(format!("{what} {} published", req.version)), results, revisions: vec![] };
     Ok((StatusCode::ACCEPTED, axum::Extension(note_of(&answer)), Json(answer)))

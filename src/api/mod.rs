@@ -6,7 +6,7 @@
 //! status: 400 bad input, 404 unknown id, 413 too large, 422 invalid
 //! config, 503 store down.
 
-mod audit;
+pub mod audit;
 mod gates;
 pub mod auth;
 mod hooks;
@@ -42,6 +42,8 @@ pub struct AppState {
     pub node: String,
     /// This node's running services (live instances for `/services`).
     pub services: Option<Arc<crate::service::ServiceManager>>,
+    /// How many refused requests the audit log records one by one.
+    pub refusals: audit::Refusals,
 }
 
 #[derive(Debug)]

@@ -223,7 +223,8 @@ pub struct SubmitArgs {
     /// The environment (optional when the config has only one).
     #[arg(long)]
     pub env: Option<String>,
-    /// Idempotency key: the same id deploys once.
+    /// Idempotency key: the same request under it deploys once; another
+    /// request under it is refused (exit 6).
     #[arg(long)]
     pub id: Option<String>,
     /// Return once the deployment is accepted instead of following it.

@@ -196,8 +196,9 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
         metrics,
         node,
         services: Some(services.clone()),
+        refusals: Default::default(),
     });
-    let app = api::router(state);
+    let app = api::router(state.clone());
     let listener = opts.listener;
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
@@ -208,6 +209,8 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
         services.stop_all_services().await;
         // Open log streams would hold a graceful shutdown forever.
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        // Refusals counted but not yet summed up in the audit log.
+        let _ = tokio::time::timeout(Duration::from_secs(5), api::audit::flush_refusals(&state)).await;
         result
     });
     RunningNode { addr, shutdown, task }

@@ -645,6 +645,9 @@ pub trait Store: Send + Sync + 'static {
     /// Store an event that starts no deployment by itself (a webhook
     /// delivery). Returns its id and whether its key was seen before.
     async fn record_event(&self, event: NewEvent) -> Result<(i64, bool)>;
+    /// The event stored under an idempotency key, if any (to tell a
+    /// repeated request from a different one reusing its key).
+    async fn event_by_key(&self, key: &str) -> Result<Option<EventRow>>;
     /// Append to the audit log (there is no way to change or delete an
     /// entry).
     async fn record_audit(&self, entry: AuditEntry) -> Result<()>;

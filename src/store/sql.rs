@@ -1632,6 +1632,16 @@ impl Store for SqlStore {
         }
     }
 
+    async fn event_by_key(&self, key: &str) -> Result<Option<EventRow>> {
+        let op = "read an event by its key";
+        let row = sqlx::query("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE key = $1").bind(key).fetch_optional(&self.pool).await.map_err(StoreError::query(op))?;
+        row.map(|r| {
+            let f = || -> std::result::Result<EventRow, sqlx::Error> { Ok(EventRow { id: r.try_get(0)?, kind: r.try_get(1)?, payload: r.try_get(2)?, received_at: r.try_get(3)?, deployment_id: r.try_get(4)? }) };
+            f().map_err(StoreError::query(op))
+        })
+        .transpose()
+    }
+
     async fn events_of_kind(&self, kind: &str, limit: i64) -> Result<Vec<EventRow>> {
         let op = "list events of a kind";
         let rows = sqlx::query("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE kind = $1 ORDER BY id DESC LIMIT $2")

@@ -94,6 +94,68 @@ pub struct Submitter {
 /// delivery, commit or promotion will need, and stop it.
 pub const RESERVED_KEY_PREFIXES: &[&str] = &["github:", "registry:", "published:", "git:", "promote:", "resubmit:"];
 
+/// What a request asked for, as its idempotency key means it: stored with
+/// its event (`"request"` in the payload), so the same key again is
+/// either this request (answered "already seen") or another one (a
+/// conflict naming this one). The environment is the resolved one, jobs
+/// are a set, a digest is its 64 hex digits: `deploy web 4.1` and `deploy
+/// web 4.1 --env staging` (its only environment) are the same request.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Asked {
+    /// `deploy`, `run` or `rollback`.
+    pub kind: String,
+    pub environment: String,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub digest: Option<String>,
+    #[serde(default)]
+    pub jobs: Vec<String>,
+}
+
+impl Asked {
+    /// "deploy web 4.1 in staging", "run a, b in staging".
+    pub fn describe(&self) -> String {
+        let pinned = self.digest.as_deref().map(|d| format!(" (sha256:{})", &d[..d.len().min(12)])).unwrap_or_default();
+        match self.kind.as_str() {
+            "run" => format!("run {} in {}", self.jobs.join(", "), self.environment),
+            "rollback" => format!("roll {} back in {}", self.service.as_deref().unwrap_or("?"), self.environment),
+            k => format!("{k} {} {}{pinned} in {}", self.service.as_deref().unwrap_or("?"), self.version.as_deref().unwrap_or("?"), self.environment),
+        }
+    }
+
+    /// The request a stored event was made for: its `"request"`, or, for
+    /// an event stored before requests were kept with their key, what its
+    /// deployment row says (kind, environment, service, version; `true`:
+    /// only those can be compared).
+    fn of_stored(payload: &str, deployment: Option<&crate::store::DeploymentRow>) -> Option<(Asked, bool)> {
+        if let Some(r) = serde_json::from_str::<serde_json::Value>(payload).ok().and_then(|v| v.get("request").cloned()) {
+            return serde_json::from_value(r).ok().map(|a| (a, false));
+        }
+        let d = deployment?;
+        Some((Asked { kind: d.kind.as_str().to_string(), environment: d.environment.clone(), service: d.service.clone(), version: d.version.clone(), digest: None, jobs: vec![] }, true))
+    }
+
+    /// Equal, or for an older event's `first` (`legacy`), equal in what
+    /// it kept.
+    fn same_as(&self, first: &Asked, legacy: bool) -> bool {
+        if legacy {
+            let kind = if self.kind == "rollback" { "deploy" } else { self.kind.as_str() };
+            return kind == first.kind && self.environment == first.environment && self.service == first.service && (self.kind != "deploy" || self.version == first.version);
+        }
+        self == first
+    }
+}
+
+/// A key a caller chose (`--id`), as opposed to one Slipway derives
+/// from what it is for (a delivery, a commit, a promotion): only a
+/// caller's key can be reused for a different request by mistake.
+pub fn is_caller_key(key: &str) -> bool {
+    !RESERVED_KEY_PREFIXES.iter().any(|p| key.starts_with(p))
+}
+
 /// An event key from anything: `prefix:` and a digest, so it is always a
 /// valid key (length, alphabet) whatever the parts hold.
 pub fn key_of(prefix: &str, parts: &[&str]) -> String {
@@ -407,6 +469,34 @@ impl Submitter {
             None => self.source(sub.environment.clone()).await?,
         };
         let environment = source.environment.clone();
+        // A caller's key names one request: the same again is answered
+        // with what it created, before anything is planned or resolved;
+        // another request under it is refused, naming the first.
+        let asked = sub.key.as_deref().filter(|k| is_caller_key(k)).map(|_| Asked {
+            kind: if sub.only.is_some() { "rollback".into() } else { sub.kind.as_str().to_string() },
+            environment: environment.clone(),
+            service: sub.service.clone(),
+            version: if sub.only.is_some() { None } else { sub.version.clone() },
+            digest: sub.digest.clone(),
+            jobs: match &sub.selection {
+                Selection::Jobs { jobs } | Selection::Exactly { jobs } => {
+                    let mut j = jobs.clone();
+                    j.sort();
+                    j.dedup();
+                    j
+                }
+                _ => vec![],
+            },
+        });
+        if let (Some(asked), Some(key)) = (&asked, &sub.key)
+            && let Some(seen) = self.seen_key(key, asked).await?
+        {
+            return Ok(seen);
+        }
+        let payload = match &asked {
+            Some(a) => with_request(sub.payload, a),
+            None => sub.payload,
+        };
         // Past durations only feed estimates, but a store that is down
         // must fail the request now, not after every later call times out.
         let history = match self.store.history(&environment).await {
@@ -475,7 +565,7 @@ impl Submitter {
         let submitted = self
             .store
             .submit(NewDeployment {
-                event: NewEvent { key: sub.key, kind: sub.event_kind.unwrap_or_else(|| sub.kind.as_str().to_string()), payload: sub.payload },
+                event: NewEvent { key: sub.key.clone(), kind: sub.event_kind.unwrap_or_else(|| sub.kind.as_str().to_string()), payload },
                 kind: sub.kind,
                 environment,
                 service,
@@ -487,6 +577,13 @@ impl Submitter {
                 only_after: sub.only_after,
             })
             .await?;
+        // Another request took the key in the meantime: the same check.
+        if submitted.duplicate
+            && let (Some(asked), Some(key)) = (&asked, &sub.key)
+            && let Some(seen) = self.seen_key(key, asked).await?
+        {
+            return Ok(seen);
+        }
         if let Some(w) = &self.wake {
             w.work_changed();
         }
@@ -500,6 +597,41 @@ impl Submitter {
             }
         }
         Ok(submitted)
+    }
+}
+
+impl Submitter {
+    /// What a caller's key already stands for: `None` if unused, the
+    /// first request's answer (a duplicate) if `asked` is that request,
+    /// a conflict naming it if not.
+    async fn seen_key(&self, key: &str, asked: &Asked) -> Result<Option<Submitted>, SubmitError> {
+        let Some(first) = self.store.event_by_key(key).await? else { return Ok(None) };
+        let deployment = match first.deployment_id {
+            Some(id) => self.store.deployment(id).await?,
+            None => None,
+        };
+        let dep = first.deployment_id.map(|d| format!("deployment {d}")).unwrap_or_else(|| "no deployment".into());
+        match Asked::of_stored(&first.payload, deployment.as_ref()) {
+            Some((f, legacy)) if !asked.same_as(&f, legacy) => Err(SubmitError::Conflict(format!(
+                "event id {key:?} was already used for {} ({dep}); this request ({}) is a different one: give it its own id",
+                f.describe(),
+                asked.describe()
+            ))),
+            _ => Ok(Some(Submitted { event_id: first.id, deployment_id: first.deployment_id.unwrap_or(0), duplicate: true, superseded: vec![], busy: false })),
+        }
+    }
+}
+
+/// The payload with what was asked kept in it (`"request"`); a payload
+/// that is not a JSON object is wrapped as `"payload"`.
+fn with_request(payload: String, asked: &Asked) -> String {
+    let request = serde_json::to_value(asked).unwrap_or_default();
+    match serde_json::from_str::<serde_json::Value>(&payload) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            m.insert("request".into(), request);
+            serde_json::Value::Object(m).to_string()
+        }
+        _ => serde_json::json!({ "payload": payload, "request": request }).to_string(),
     }
 }
 
@@ -606,5 +738,44 @@ pub fn resolve_environment(config: &config::Config, requested: Option<String>) -
         Some(e) => Err(SubmitError::Plan(PlanError::UnknownEnvironment { env: e, known: names.join(", ") })),
         None if names.len() == 1 => Ok(names[0].clone()),
         None => Err(SubmitError::Invalid(format!("this config has several environments ({}); say which with --env", names.join(", ")))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue13_a_key_means_its_request_and_an_older_event_is_judged_by_what_it_kept() {
+        let asked = |version: &str, digest: Option<&str>| Asked { kind: "deploy".into(), environment: "staging".into(), service: Some("web".into()), version: Some(version.into()), digest: digest.map(String::from), jobs: vec![] };
+        let stored = with_request(r#"{"kind":"deploy","id":"k"}"#.into(), &asked("4.1", None));
+        let (first, legacy) = Asked::of_stored(&stored, None).expect("kept");
+        assert!(!legacy && asked("4.1", None).same_as(&first, legacy));
+        assert!(!asked("4.2", None).same_as(&first, legacy));
+        assert!(!asked("4.1", Some(&"a".repeat(64))).same_as(&first, legacy), "a digest makes it another request");
+        assert_eq!(first.describe(), "deploy web 4.1 in staging");
+        // Not JSON: kept beside the request.
+        assert!(Asked::of_stored(&with_request("x".into(), &asked("4.1", None)), None).is_some_and(|(a, _)| a == asked("4.1", None)));
+        // Stored before requests were kept: its deployment row decides.
+        let row = crate::store::DeploymentRow {
+            id: 12,
+            event_id: 3,
+            kind: DeploymentKind::Deploy,
+            environment: "staging".into(),
+            service: Some("web".into()),
+            version: Some("4.1".into()),
+            revision: "r".into(),
+            state: DeploymentState::Succeeded,
+            reason: None,
+            superseded_by: None,
+            cancel_requested: false,
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+        };
+        let (old, legacy) = Asked::of_stored(r#"{"kind":"deploy","service":"web","version":"4.1","id":"k"}"#, Some(&row)).expect("from the row");
+        assert!(legacy && asked("4.1", None).same_as(&old, legacy) && !asked("4.2", None).same_as(&old, legacy));
+        assert!(Asked::of_stored("{}", None).is_none(), "nothing to compare: taken as the same");
+        assert!(is_caller_key("release-k") && !is_caller_key("github:abc") && !is_caller_key("published:abc"));
     }
 }

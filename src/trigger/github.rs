@@ -76,7 +76,10 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Delivery, TriggerError> {
             if !crate::submit::valid_version(tag) {
                 return Err(TriggerError::BadPayload(format!("{event}: tag {tag:?} is not a version (letters, digits, '.', '_', '-', '+'; at most 128)")));
             }
-            Ok(Delivery::Published(Published { image, version: tag.to_string() }))
+            // A container package version is named by its digest: what
+            // tells this push of the tag from another one.
+            let digest = ["version", "name"].iter().filter_map(|k| version[*k].as_str()).find(|d| d.starts_with("sha256:")).and_then(crate::service::artifact::parse_sha256);
+            Ok(Delivery::Published(Published { image, version: tag.to_string(), digest }))
         }
         "push" => {
             let r = v["ref"].as_str().unwrap_or("");
@@ -134,7 +137,11 @@ mod tests {
         let tagged = String::from_utf8_lossy(&pkg).replacen(r#""name": """#, r#""name": "1.4.0""#, 1);
         assert_eq!(
             parse("registry_package", tagged.as_bytes()).unwrap(),
-            Delivery::Published(Published { image: "ghcr.io/codertocat/hello-world".into(), version: "1.4.0".into() })
+            Delivery::Published(Published {
+                image: "ghcr.io/codertocat/hello-world".into(),
+                version: "1.4.0".into(),
+                digest: Some("3da1996a8115d7616457760d9920b815241d0a03b34cf5f04e9a0e9d8de37498".into())
+            })
         );
         assert!(matches!(parse("push", &fixture("push.json")), Ok(Delivery::Ignored(why)) if why.contains("refs/tags/simple-tag")));
         let branch = String::from_utf8_lossy(&fixture("push.json")).replace("refs/tags/simple-tag", "refs/heads/main").replace("0000000000000000000000000000000000000000", "6113728f27ae82c7b1a177c8d03f9e96e0adf247").replace("\"deleted\": true", "\"deleted\": false");

@@ -26,6 +26,9 @@ pub struct Published {
     pub image: String,
     /// The tag: the version to deploy.
     pub version: String,
+    /// The published manifest's digest (64 hex digits), when the sender
+    /// names one: part of what identifies the publication, not a pin.
+    pub digest: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,6 +110,120 @@ pub fn promotion_only(gates: &Config, decisions: &mut [Decision]) {
     }
 }
 
+/// The key a publication deploys under in one environment: what was
+/// published (the image a service follows, or the service named; the
+/// version; the digest if the sender named one), not the delivery that
+/// announced it. GitHub's `package` and `registry_package` deliveries of
+/// one push, a registry's retries, and a `/published` event for the same
+/// image and version all find it taken: one deployment.
+pub fn publication_key(what: &str, version: &str, digest: Option<&str>, environment: &str, service: &str) -> String {
+    crate::submit::key_of("published", &["publication", what, version, digest.unwrap_or(""), environment, service])
+}
+
+/// A version an environment runs, or has decided on (a deployment of it
+/// waiting, queued or running): what a published version must be newer
+/// than to deploy by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standing {
+    pub version: String,
+    /// Its digest, when known (what runs).
+    pub digest: Option<String>,
+    /// "runs in staging (deployment #3)", "is queued in staging
+    /// (deployment #4)".
+    pub what: String,
+    /// When a version was first seen (a deployment or a delivery of it).
+    pub first_seen: Option<crate::store::Millis>,
+}
+
+/// Why a published `version` is not deployed by itself: it is not newer
+/// than something in `standing` by the service's tag rule. `semver`:
+/// semantic version precedence (`1.10.0` > `1.9.0` > `1.9.0-rc.1`). A
+/// regular expression (or no rule) orders nothing by the tags
+/// themselves, so versions go by when each was first seen (a late retry
+/// of an older publication was seen before what replaced it); so does a
+/// pair semver cannot order (a version deployed by hand that is not
+/// semver). The same version is not newer, unless both digests are known
+/// and differ (a tag pushed again with new content). `None`: it is newer
+/// than all of them (or nothing stands), and deploys.
+pub fn not_newer(rule: Option<&crate::config::service::TagFilter>, version: &str, digest: Option<&str>, first_seen: Option<crate::store::Millis>, standing: &[Standing]) -> Option<String> {
+    use std::cmp::Ordering;
+    for st in standing {
+        let by_semver = matches!(rule, Some(crate::config::service::TagFilter::Semver)).then(|| semver_cmp(version, &st.version)).flatten();
+        let order = match by_semver {
+            Some(o) => Some(o),
+            None if version == st.version => Some(Ordering::Equal),
+            // Never seen before: the newest. A standing version whose
+            // first sighting is beyond what the store lists cannot be
+            // ordered, and does not hold anything back.
+            None => match (first_seen, st.first_seen) {
+                (Some(c), Some(s)) if c < s => Some(Ordering::Less),
+                _ => Some(Ordering::Greater),
+            },
+        };
+        let how = if by_semver.is_some() { "by semver" } else { "by when each was first seen" };
+        match order {
+            Some(Ordering::Equal) => {
+                if let (Some(a), Some(b)) = (digest, st.digest.as_deref())
+                    && a != b
+                {
+                    continue;
+                }
+                return Some(format!("{} {}: a published version deploys only if it is newer than what the environment runs or has decided", st.version, st.what));
+            }
+            Some(Ordering::Less) => {
+                return Some(format!(
+                    "older than {}, which {} ({how}): a published version deploys only if it is newer than what the environment runs or has decided; deploy {version} by hand to go back to it",
+                    st.version, st.what
+                ));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Semantic version precedence (semver.org §11), `v` prefix allowed,
+/// build metadata ignored; `None` if either is not `MAJOR.MINOR.PATCH`.
+pub fn semver_cmp(a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    fn parse(v: &str) -> Option<([u64; 3], Vec<&str>)> {
+        let v = v.strip_prefix('v').unwrap_or(v);
+        let v = v.split('+').next().unwrap_or(v);
+        let (core, pre) = match v.split_once('-') {
+            Some((c, p)) => (c, p.split('.').collect()),
+            None => (v, vec![]),
+        };
+        let mut n = [0u64; 3];
+        let mut parts = core.split('.');
+        for slot in &mut n {
+            let p = parts.next().filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))?;
+            *slot = p.parse().ok()?;
+        }
+        parts.next().is_none().then_some((n, pre))
+    }
+    let ((na, pa), (nb, pb)) = (parse(a)?, parse(b)?);
+    Some(na.cmp(&nb).then_with(|| match (pa.is_empty(), pb.is_empty()) {
+        (true, true) => std::cmp::Ordering::Equal,
+        // A release is above its pre-releases.
+        (true, false) => std::cmp::Ordering::Greater,
+        (false, true) => std::cmp::Ordering::Less,
+        (false, false) => {
+            for (x, y) in pa.iter().zip(&pb) {
+                let o = match (x.parse::<u64>(), y.parse::<u64>()) {
+                    (Ok(x), Ok(y)) => x.cmp(&y),
+                    // Numeric identifiers are below alphanumeric ones.
+                    (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+                    (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+                    (Err(_), Err(_)) => x.cmp(y),
+                };
+                if o != std::cmp::Ordering::Equal {
+                    return o;
+                }
+            }
+            pa.len().cmp(&pb.len())
+        }
+    }))
+}
+
 fn list(v: &[String]) -> String {
     if v.is_empty() { "no environment".into() } else { v.join(", ") }
 }
@@ -133,20 +250,54 @@ auto_deploy = ["staging", "production"]
 "#,
         )
         .expect("valid");
-        let mut d = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "1.2.0".into() });
+        let mut d = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "1.2.0".into(), digest: None });
         promotion_only(&config, &mut d);
         let held = |env: &str| d.iter().find(|d| d.environment == env).expect("decided").held.clone();
         assert_eq!(held("staging"), None);
         assert_eq!(held("production").as_deref(), Some("production takes versions by promotion from staging: promoted there once it has succeeded in staging"));
 
         // Opted in only where it must be promoted to: no promise of one.
-        let mut d = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "latest".into() });
+        let mut d = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "latest".into(), digest: None });
         for x in d.iter_mut().filter(|x| x.environment == "staging") {
             x.held = Some("filtered".into());
         }
         promotion_only(&config, &mut d);
         let production = d.iter().find(|d| d.environment == "production").and_then(|d| d.held.clone()).expect("held");
         assert_eq!(production, "production takes versions by promotion from staging, and staging holds this version too (filtered): deploy it to staging first, or to production by hand");
+    }
+
+    #[test]
+    fn issue13_semver_precedence_orders_releases_pre_releases_and_numbers() {
+        use std::cmp::Ordering::*;
+        for (a, b, o) in [("1.10.0", "1.9.0", Greater), ("v1.2.3", "1.2.3", Equal), ("1.2.3+build.5", "1.2.3", Equal), ("1.0.0", "1.0.0-rc.1", Greater), ("1.0.0-rc.2", "1.0.0-rc.10", Less), ("1.0.0-alpha", "1.0.0-1", Greater), ("1.0.0-alpha.1", "1.0.0-alpha", Greater), ("2.0.0", "10.0.0", Less)] {
+            assert_eq!(semver_cmp(a, b), Some(o), "{a} vs {b}");
+        }
+        assert_eq!(semver_cmp("latest", "1.0.0"), None);
+        assert_eq!(semver_cmp("1.0", "1.0.0"), None);
+    }
+
+    #[test]
+    fn issue13_a_published_version_not_newer_than_what_stands_is_held_with_the_reason() {
+        let semver = crate::config::service::TagFilter::parse("semver").expect("rule");
+        let runs = |v: &str, seen: i64| Standing { version: v.into(), digest: Some("a".repeat(64)), what: "runs in staging (deployment #3)".into(), first_seen: Some(seen) };
+        // semver: older is held (and says how to go back), newer deploys.
+        let held = not_newer(Some(&semver), "4.1.0", None, Some(100), &[runs("4.2.0", 50)]).expect("held");
+        assert!(held.starts_with("older than 4.2.0, which runs in staging (deployment #3) (by semver)") && held.contains("deploy 4.1.0 by hand"), "{held}");
+        assert_eq!(not_newer(Some(&semver), "4.10.0", None, None, &[runs("4.9.0", 50)]), None);
+        // Newer than what runs but not than a queued deploy: held.
+        let queued = Standing { version: "4.3.0".into(), digest: None, what: "is queued in staging (deployment #5)".into(), first_seen: Some(60) };
+        assert!(not_newer(Some(&semver), "4.2.5", None, None, &[runs("4.2.0", 50), queued]).is_some_and(|w| w.contains("4.3.0, which is queued")));
+        // The same version again: held, unless its content changed.
+        assert!(not_newer(Some(&semver), "4.2.0", None, None, &[runs("4.2.0", 50)]).is_some_and(|w| w.starts_with("4.2.0 runs in staging")));
+        assert_eq!(not_newer(Some(&semver), "4.2.0", Some(&"b".repeat(64)), None, &[runs("4.2.0", 50)]), None, "a tag pushed again with new content");
+        // A regular expression: by first sighting. A version never seen
+        // is the newest; one seen before what runs is older.
+        let regex = crate::config::service::TagFilter::parse("main-[0-9a-f]+").expect("rule");
+        assert_eq!(not_newer(Some(&regex), "main-aaa", None, None, &[runs("main-fff", 50)]), None);
+        let w = not_newer(Some(&regex), "main-aaa", None, Some(10), &[runs("main-fff", 50)]).expect("held");
+        assert!(w.contains("(by when each was first seen)"), "{w}");
+        assert_eq!(not_newer(None, "x", None, Some(60), &[runs("y", 50)]), None);
+        assert_eq!(not_newer(Some(&semver), "1.0.0", None, None, &[]), None, "nothing stands: it deploys");
     }
 
     #[test]
@@ -177,15 +328,15 @@ auto_deploy = ["staging"]
 "#,
         )
         .expect("valid");
-        let d = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "1.4.0".into() });
+        let d = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "1.4.0".into(), digest: None });
         let deployed: Vec<_> = d.iter().filter(|d| d.held.is_none()).map(|d| format!("{}@{}", d.service, d.environment)).collect();
         assert_eq!(deployed, ["web@staging", "web@production", "worker@staging"]);
         let held = d.iter().find(|d| d.service == "worker" && d.environment == "production").and_then(|d| d.held.clone()).unwrap_or_default();
         assert!(held.contains("auto_deploy is off for production"), "{held}");
 
-        let latest = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "latest".into() });
+        let latest = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "latest".into(), digest: None });
         let web: Vec<_> = latest.iter().filter(|d| d.service == "web").collect();
         assert!(web.iter().all(|d| d.held.as_deref().is_some_and(|h| h.contains("tag filter (semver)"))), "{web:?}");
-        assert!(decide(&config, &Published { image: "ghcr.io/o/other".into(), version: "1.0.0".into() }).is_empty());
+        assert!(decide(&config, &Published { image: "ghcr.io/o/other".into(), version: "1.0.0".into(), digest: None }).is_empty());
     }
 }

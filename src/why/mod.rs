@@ -28,6 +28,9 @@ struct Sighting {
     at: i64,
     version: String,
     source: String,
+    /// The deliveries that announced it (a deployment a publication
+    /// started: each event kind that announced that publication).
+    origins: Vec<String>,
     deployment: Option<DeploymentRow>,
     held: Option<String>,
     error: Option<String>,
@@ -48,16 +51,16 @@ pub fn explain(environment: &str, service: &str, running: Option<&ServiceRow>, d
     let mut seen: Vec<Sighting> = Vec::new();
     for d in deployments.iter().filter(mine) {
         let how = promoted_from(promoted, d.id).map(|p| format!(", {p}")).unwrap_or_default();
-        seen.push(Sighting { at: d.created_at, version: d.version.clone().unwrap_or_default(), source: format!("deployment #{} ({}{how})", d.id, d.kind), deployment: Some(d.clone()), held: None, error: None });
+        seen.push(Sighting { at: d.created_at, version: d.version.clone().unwrap_or_default(), source: format!("deployment #{} ({}{how})", d.id, d.kind), origins: vec![], deployment: Some(d.clone()), held: None, error: None });
     }
     for e in events {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.payload) else { continue };
-        let source = if e.kind.starts_with("github.") {
-            "a GitHub delivery"
+        let source = if let Some(event) = e.kind.strip_prefix("github.") {
+            format!("a GitHub {event} delivery")
         } else if e.kind == "published" {
-            "a published event"
+            "a published event".to_string()
         } else {
-            "a registry push"
+            "a registry push".to_string()
         };
         for r in v["results"].as_array().into_iter().flatten() {
             if r["service"] != service || r["environment"] != environment {
@@ -65,15 +68,18 @@ pub fn explain(environment: &str, service: &str, running: Option<&ServiceRow>, d
             }
             // A delivery that started a deployment is that deployment.
             if let Some(id) = r["deployment_id"].as_i64() {
-                if let Some(s) = seen.iter_mut().find(|s| s.deployment.as_ref().is_some_and(|d| d.id == id)) {
-                    s.source = format!("{} (from {source})", s.source);
+                if let Some(s) = seen.iter_mut().find(|s| s.deployment.as_ref().is_some_and(|d| d.id == id))
+                    && !s.origins.contains(&source)
+                {
+                    s.origins.push(source.clone());
                 }
                 continue;
             }
             seen.push(Sighting {
                 at: e.received_at,
                 version: r["version"].as_str().unwrap_or("?").to_string(),
-                source: source.to_string(),
+                source: source.clone(),
+                origins: vec![],
                 deployment: None,
                 held: r["held"].as_str().map(String::from),
                 error: r["error"].as_str().map(String::from),
@@ -103,7 +109,15 @@ pub fn explain(environment: &str, service: &str, running: Option<&ServiceRow>, d
         Some(h) => format!("{} (sha256:{})", r.version, &h[..h.len().min(12)]),
         None => r.version.clone(),
     });
-    let history = seen.iter().take(12).map(|s| format!("{} {} from {}: {}", when(s.at), s.version, s.source, fate(s))).collect();
+    let history = seen
+        .iter()
+        .take(12)
+        .map(|s| {
+            // Events come newest first: the first announcement first.
+            let from = if s.origins.is_empty() { String::new() } else { format!(" (from {})", s.origins.iter().rev().cloned().collect::<Vec<_>>().join(", ")) };
+            format!("{} {} from {}{from}: {}", when(s.at), s.version, s.source, fate(s))
+        })
+        .collect();
     let Some(newest) = seen.first() else {
         let verdict = match &running_text {
             Some(v) => format!("{service} runs {v} in {environment}; no other version has been seen"),
