@@ -62,7 +62,8 @@ impl SchedulerConfig {
     }
 }
 
-/// How long a job's result is retried against a store that does not answer.
+/// How long a job's result is retried against a store that answers with
+/// an error (not one that does not answer: that is retried until it does).
 const FINISH_RETRY_LIMIT: Duration = Duration::from_secs(600);
 
 /// How often a node looks for processes left by a dead Slipway on its host.
@@ -103,6 +104,48 @@ fn running_len(running: &RunningMap) -> usize {
     running.lock().map(|m| m.len()).unwrap_or(0)
 }
 
+/// Whether the store answers this node, as its own calls find. Other
+/// nodes' leases are judged only once it has answered for a whole lease
+/// without a break: a lease that ran out while the store could not be
+/// reached says nothing about its node (`docs/design/scheduler.md`,
+/// "When the store does not answer").
+struct StoreSeen {
+    /// Since when every call got an answer; None while the last one found
+    /// the store unavailable.
+    answering_since: Mutex<Option<Instant>>,
+}
+
+impl StoreSeen {
+    fn new() -> Self {
+        StoreSeen { answering_since: Mutex::new(Some(Instant::now())) }
+    }
+
+    /// Start counting now (a node that just started knows nothing of
+    /// what the store went through before).
+    fn restart(&self) {
+        if let Ok(mut s) = self.answering_since.lock() {
+            *s = Some(Instant::now());
+        }
+    }
+
+    fn saw<T>(&self, r: &Result<T, StoreError>) {
+        if let Ok(mut s) = self.answering_since.lock() {
+            match r {
+                Ok(_) => {
+                    s.get_or_insert_with(Instant::now);
+                }
+                Err(StoreError::Unavailable(_)) => *s = None,
+                // The store answered, with an error of its own.
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn answering_for(&self) -> Duration {
+        self.answering_since.lock().ok().and_then(|s| s.map(|t| t.elapsed())).unwrap_or_default()
+    }
+}
+
 /// Removes a job from the running map when its task is done with it,
 /// also if the task panics.
 struct Slot {
@@ -131,6 +174,7 @@ pub struct Scheduler {
     materialized: Arc<Mutex<HashMap<String, PathBuf>>>,
     /// Runs `<service>.rollout` jobs; a node without one fails them.
     services: Option<Arc<ServiceManager>>,
+    store_seen: StoreSeen,
 }
 
 /// How the rest of the node tells the scheduler there is new work.
@@ -186,6 +230,7 @@ impl Scheduler {
             activate: Arc::new(AtomicBool::new(true)),
             materialized: Arc::default(),
             services: None,
+            store_seen: StoreSeen::new(),
         }
     }
 
@@ -214,6 +259,7 @@ impl Scheduler {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let this = Arc::new(self);
         this.store.register_node(&this.cfg.node_id).await?;
+        this.store_seen.restart();
         // Remains of jobs of a Slipway that died on this host go first, so
         // a retried job never runs beside its own interrupted attempt.
         let swept = this.target.sweep_orphans().await;
@@ -241,7 +287,14 @@ impl Scheduler {
                         _ = stop.cancelled() => break,
                         _ = tokio::time::sleep(renew_every) => {}
                     }
-                    if let Err(e) = this.renew(&snapshot(&running)).await {
+                    // Bounded: a renewal slower than the lease is no
+                    // renewal, and a store that does not answer at all
+                    // (no reset, no error) must still count as down.
+                    let renewed = tokio::time::timeout(this.cfg.lease, this.renew(&snapshot(&running)))
+                        .await
+                        .unwrap_or_else(|_| Err(StoreError::Unavailable(format!("renewing leases took longer than the lease ({:?})", this.cfg.lease))));
+                    this.store_seen.saw(&renewed);
+                    if let Err(e) = renewed {
                         tracing::warn!(error = %e, "renewing leases failed; retrying");
                     }
                 }
@@ -253,7 +306,7 @@ impl Scheduler {
 
         while !shutdown.is_cancelled() {
             let step = async {
-                if last_reap.elapsed() >= this.cfg.poll {
+                if last_reap.elapsed() >= this.cfg.poll && this.may_reap() {
                     this.reap(&snapshot(&running)).await?;
                     last_reap = Instant::now();
                 }
@@ -286,10 +339,11 @@ impl Scheduler {
                 Ok::<(), StoreError>(())
             }
             .await;
+            this.store_seen.saw(&step);
             let pause = match step {
                 Ok(()) => {
                     if let Some(since) = store_down_since.take() {
-                        tracing::info!(after = ?since.elapsed(), "store reachable again");
+                        tracing::info!(after = ?since.elapsed(), lease = ?this.cfg.lease, "store reachable again; other nodes' leases are judged again once it has answered for a lease");
                     }
                     renew_every.min(this.cfg.poll)
                 }
@@ -340,6 +394,16 @@ impl Scheduler {
         renewer_stop.cancel();
         let _ = renewer.await;
         Ok(())
+    }
+
+    /// Whether this node may judge other nodes' leases now: only once the
+    /// store has answered it for a whole lease since it last did not (or
+    /// since this node started), so that every live node has had a lease
+    /// to renew, and to record what it finished, after the store came
+    /// back. A single-node store needs no wait: every lease in it that
+    /// this node does not hold is a dead process's.
+    fn may_reap(&self) -> bool {
+        self.store.single_node() || self.store_seen.answering_for() >= self.cfg.lease
     }
 
     /// Keep our leases; stop jobs whose lease is gone or whose deployment
@@ -645,9 +709,13 @@ impl Scheduler {
             reason: reason.clone(),
             retry_at: retry_in.map(|d| now_ms().saturating_add(d.as_millis().min(i64::MAX as u128 / 2) as i64)),
         };
-        // The store may be down: keep trying (our own reaper leaves a job we
-        // hold alone, and a fenced write cannot clobber another node's
-        // takeover). Past the limit, the reaper of some node decides.
+        // The store may be down: keep trying until it answers (the result
+        // is this node's to record; it holds the job's slot, so at most
+        // `parallelism` results wait, and the renewer keeps their leases
+        // once the store is back; our own reaper leaves a job we hold
+        // alone; a fenced write cannot clobber another node's takeover).
+        // A store that answers with an error is tried until the limit;
+        // then the reaper of some node decides.
         let mut delay = Duration::from_millis(100);
         let give_up = Instant::now() + FINISH_RETRY_LIMIT;
         let mut claimed = None;
@@ -662,15 +730,17 @@ impl Scheduler {
             } else {
                 self.store.finish(done.clone()).await
             };
+            self.store_seen.saw(&result);
             match result {
                 Ok(e) => break Some(e),
-                Err(e) if Instant::now() < give_up => {
+                Err(e) if matches!(e, StoreError::Unavailable(_)) || Instant::now() < give_up => {
                     tracing::warn!(job = %job.name, error = %e, "cannot record job result yet; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
                 Err(e) => {
-                    tracing::error!(job = %job.name, error = %e, "giving up recording job result; its lease will expire");
+                    // The result stays in the log at least.
+                    tracing::error!(deployment = job.deployment_id, job = %job.name, attempt = job.attempt, %outcome, exit_code = ?done.exit_code, error = %e, "giving up recording job result; its lease will expire");
                     break None;
                 }
             }
