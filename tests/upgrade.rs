@@ -13,13 +13,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Server, wait_for};
+use common::Server;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/upgrade")
 }
 
 /// The fixture's config exactly as the old build saw it (same revision).
+/// Its ports (recorded in the stored specs) are below both the kernel's
+/// ephemeral range and `common::free_port`'s, so nothing else takes them.
 fn config_for(kind: &str) -> (tempfile::TempDir, u16) {
     let port: u16 = std::fs::read_to_string(fixtures().join(kind).join("port.txt")).expect("port.txt").trim().parse().expect("a port");
     let text = std::fs::read_to_string(fixtures().join("config/slipway.toml")).expect("fixture config")
@@ -48,6 +50,20 @@ fn cli(server: &Server, config: &Path, token: &str, args: &[&str]) -> (i32, Stri
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// Poll `f` for up to a minute; on timeout, fail with the server's log.
+fn wait_for<T>(server: &Server, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}; the server's log:\n{}", server.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn http_get(port: u16) -> Option<String> {
     let out = Command::new("curl").args(["-sf", "--max-time", "2", &format!("http://127.0.0.1:{port}/")]).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
@@ -62,7 +78,7 @@ fn everything_is_still_there_and_usable(kind: &str, store: Option<&str>) {
 
     // The service the old build ran comes back at its recorded version,
     // from its recorded spec (written untagged by the old build).
-    let answer = wait_for(Duration::from_secs(30), "web 2 restored on its listen address", || http_get(port).filter(|a| a.ends_with(" 2")));
+    let answer = wait_for(&server, "web 2 restored on its listen address", || http_get(port).filter(|a| a.ends_with(" 2")));
     assert!(answer.contains("demo"), "{answer}");
 
     let (code, status) = cli(&server, config.path(), &t["root"], &["status"]);
@@ -93,7 +109,7 @@ fn everything_is_still_there_and_usable(kind: &str, store: Option<&str>) {
     // the config directory is part of the revision).
     let (code, out) = cli(&server, config.path(), &t["approver"], &["approve", "4"]);
     assert_eq!(code, 0, "approve the old build's waiting deployment: {out}\n{}", diag());
-    wait_for(Duration::from_secs(60), "web 1 deployed to production after the approval", || {
+    wait_for(&server, "web 1 deployed to production after the approval", || {
         let (_, s) = cli(&server, config.path(), &t["root"], &["status"]);
         let line = s.lines().find(|l| l.starts_with("production") && l.contains("web"))?.to_string();
         (line.split_whitespace().nth(2) == Some("1")).then_some(())
@@ -103,7 +119,7 @@ fn everything_is_still_there_and_usable(kind: &str, store: Option<&str>) {
     // Rollback to the recorded previous version (1), through this build.
     let (code, out) = cli(&server, config.path(), &t["root"], &["rollback", "web", "--env", "staging"]);
     assert_eq!(code, 0, "rollback: {out}\n{}", diag());
-    let answer = wait_for(Duration::from_secs(30), "web 1 after the rollback", || http_get(port).filter(|a| a.ends_with(" 1")));
+    let answer = wait_for(&server, "web 1 after the rollback", || http_get(port).filter(|a| a.ends_with(" 1")));
     assert!(answer.contains("demo"), "{answer}");
     let (_, status) = cli(&server, config.path(), &t["root"], &["status"]);
     let staging = status.lines().find(|l| l.starts_with("staging") && l.contains("web")).expect("staging web line");
