@@ -183,6 +183,7 @@ fn done(job: &ClaimedJob, node: &str, outcome: Outcome) -> FinishedAttempt {
         exit_code: Some(if ok { 0 } else { 1 }),
         reason: if ok { None } else { Some(format!("{} exited with 1", job.name)) },
         retry_at: None,
+        takeover: false,
     }
 }
 
@@ -258,6 +259,7 @@ async fn drain(store: Arc<dyn Store>, label: &'static str, node: String, dep: i6
                 exit_code: Some(0),
                 reason: None,
                 retry_at: None,
+                takeover: false,
             })
         }))
         .await;
@@ -618,6 +620,7 @@ async fn claim_fences_and_expired_leases() {
                 exit_code: None,
                 reason: Some("lease of node-1 expired".into()),
                 retry_at: Some(now_ms()),
+                takeover: false,
                 job_id: e.job_id,
             },
         )
@@ -745,6 +748,7 @@ async fn retry_waits_and_records_every_attempt() {
                 exit_code: Some(75),
                 reason: Some("temporary failure".into()),
                 retry_at: Some(retry_at),
+                takeover: false,
                 ..done(&first[0], N1, Outcome::Failed)
             },
         )
@@ -770,6 +774,7 @@ async fn retry_waits_and_records_every_attempt() {
                 exit_code: Some(111),
                 reason: Some("connection refused".into()),
                 retry_at: Some(now_ms() - 1),
+                takeover: false,
                 ..done(&second[0], N2, Outcome::TimedOut)
             },
         )
@@ -924,6 +929,35 @@ async fn renew_detects_lost_leases() {
         let nodes: HashSet<String> = b.1.nodes().await.unwrap().into_iter().map(|n| n.id).collect();
         assert_eq!(nodes, HashSet::from([N1.to_string(), N2.to_string()]), "[{name}] nodes");
         assert_eq!(job_states(&b, dep).await, states(&[("a", JobState::Succeeded), ("b", JobState::Running), ("c", JobState::Running)]), "[{name}]");
+    }
+}
+
+/// Issue 13: a reaper reads a lapsed lease, the owner renews it, then the
+/// reaper writes its takeover: the takeover changes nothing (final or
+/// retried alike), and the owner still holds the job and records it.
+#[tokio::test]
+async fn issue13_a_takeover_after_the_owner_renewed_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        b.1.register_node(N1).await.unwrap();
+        submit(&b, new_deployment("prod/api", jobs(&[("a", &[]), ("b", &[])]))).await;
+        activate(&b, N1).await;
+        let mine = claim_with(&b, N1, Duration::from_millis(1), 10).await;
+        let (a, bj) = (by_name(&mine, "a"), by_name(&mine, "b"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(b.1.expired().await.unwrap().len(), 2, "[{name}] both lapsed: the reaper reads them");
+        // The owner renews before the reaper writes.
+        let r = b.1.renew(N1, &[(a.job_id, a.fence), (bj.job_id, bj.fence)], LEASE).await.unwrap();
+        assert!(r.iter().all(|r| r.held), "[{name}] renewed: {r:?}");
+        for (job, retry_at) in [(a, None), (bj, Some(now_ms()))] {
+            let takeover = FinishedAttempt { node: N2.into(), outcome: Outcome::Interrupted, retry_at, takeover: true, ..done(job, N1, Outcome::Interrupted) };
+            assert!(finish(&b, takeover).await.stale, "[{name}] {}: a takeover of a renewed lease must change nothing", job.name);
+        }
+        assert_eq!(job_states(&b, a.deployment_id).await, states(&[("a", JobState::Running), ("b", JobState::Running)]), "[{name}]");
+        finish_ok(&b, a, N1, Outcome::Succeeded).await;
+        finish_ok(&b, bj, N1, Outcome::Succeeded).await;
+        assert!(b.1.attempts(a.deployment_id).await.unwrap().iter().all(|x| x.outcome == Outcome::Succeeded), "[{name}] no interrupted attempt recorded");
     }
 }
 

@@ -461,6 +461,7 @@ impl Scheduler {
                     exit_code: None,
                     reason: Some(reason.clone()),
                     retry_at: retry.then(now_ms),
+                    takeover: true,
                 })
                 .await?;
             if !effect.stale {
@@ -708,6 +709,7 @@ impl Scheduler {
             exit_code: result.exit_code,
             reason: reason.clone(),
             retry_at: retry_in.map(|d| now_ms().saturating_add(d.as_millis().min(i64::MAX as u128 / 2) as i64)),
+            takeover: false,
         };
         // The store may be down: keep trying until it answers (the result
         // is this node's to record; it holds the job's slot, so at most

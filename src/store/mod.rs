@@ -414,6 +414,10 @@ pub struct FinishedAttempt {
     pub reason: Option<String>,
     /// Make the job ready again at this time (a retry) instead of final.
     pub retry_at: Option<Millis>,
+    /// Another node's takeover of a job whose lease ran out: written only
+    /// if the lease is still out when it is written, so an owner that
+    /// renewed between the reaper's read and this write keeps its job.
+    pub takeover: bool,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -248,7 +248,7 @@ impl Inner {
             "UPDATE jobs SET state = CASE WHEN $1 = 'succeeded' THEN 'succeeded' WHEN $1 = 'rolled_back' THEN 'rolled_back' \
                WHEN $1 = 'cancelled' OR (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id) <> 0 THEN 'cancelled' ELSE 'failed' END, \
              finished_at = $2, exit_code = $3, reason = $4, lease_until = NULL \
-             WHERE id = $5 AND fence = $6 AND state = 'running' \
+             WHERE id = $5 AND fence = $6 AND state = 'running' AND ($7 = 0 OR lease_until < $2) \
              RETURNING deployment_id, name, attempt, state, (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id)",
         )
         .bind(done.outcome.as_str())
@@ -257,6 +257,7 @@ impl Inner {
         .bind(done.reason.clone())
         .bind(done.job_id)
         .bind(done.fence)
+        .bind(i64::from(done.takeover))
         .fetch_optional(&mut *tx)
         .await
         .map_err(StoreError::query(op))?;
@@ -300,16 +301,19 @@ impl Inner {
     async fn finish_retry_on(&self, tx: &mut sqlx::AnyConnection, done: FinishedAttempt, now: Millis, attempts: &mut Vec<AttemptRecord>) -> Result<(FinishEffect, Option<Final>)> {
         let op = "finish job";
         let r = sqlx::query(
-            "SELECT j.attempt, j.fence, j.state, d.cancel_requested FROM jobs j JOIN deployments d ON d.id = j.deployment_id WHERE j.id = $1",
+            "SELECT j.attempt, j.fence, j.state, d.cancel_requested, j.lease_until FROM jobs j JOIN deployments d ON d.id = j.deployment_id WHERE j.id = $1",
         )
         .bind(done.job_id)
         .fetch_optional(&mut *tx)
         .await
         .map_err(StoreError::query(op))?
         .ok_or_else(|| StoreError::Corrupt(format!("no job with id {}", done.job_id)))?;
-        let f = || -> std::result::Result<(i64, i64, String, bool), sqlx::Error> { Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get::<i64, _>(3)? != 0)) };
-        let (attempt, fence, state, cancel_requested) = f().map_err(StoreError::query(op))?;
-        if fence != done.fence || state != "running" {
+        let f = || -> std::result::Result<(i64, i64, String, bool, Option<i64>), sqlx::Error> {
+            Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get::<i64, _>(3)? != 0, r.try_get(4)?))
+        };
+        let (attempt, fence, state, cancel_requested, lease_until) = f().map_err(StoreError::query(op))?;
+        let renewed = done.takeover && lease_until.is_none_or(|l| l >= now);
+        if fence != done.fence || state != "running" || renewed {
             return Ok((FinishEffect { stale: true, ..Default::default() }, None));
         }
         if cancel_requested {
