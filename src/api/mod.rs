@@ -197,8 +197,17 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// take any size. A body that does not declare its length is cut off at
 /// the limit by [`DefaultBodyLimit`] where one is read.
 async fn declared_body_limit(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use http_body_util::BodyExt;
+    /// Up to this much of a refused body is read and dropped first: a
+    /// client still sending it would otherwise meet a closed connection
+    /// instead of the answer.
+    const DRAIN: u64 = 1 << 20;
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+    if let Some(n) = declared.filter(|n| *n > MAX_BODY_BYTES as u64) {
+        if n <= DRAIN {
+            let mut body = req.into_body();
+            let _ = tokio::time::timeout(Duration::from_secs(10), async { while let Some(Ok(_)) = body.frame().await {} }).await;
+        }
         return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request body larger than {MAX_BODY_BYTES} bytes (64 KiB, the API's limit)")).into_response();
     }
     next.run(req).await
