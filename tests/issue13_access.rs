@@ -378,8 +378,9 @@ fn issue13_a_full_disk_under_the_store_is_503_exit_4_and_healthz_says_so() {
         assert!(o.status.success(), "{}", text(&o));
     }
     let refused = refused.unwrap_or_else(|| panic!("no write failed on a full disk:\n{}", server.log_text()));
-    assert!(text(&refused).contains("store unavailable") && text(&refused).contains("full"), "{}", text(&refused));
+    assert!(text(&refused).contains("store unavailable") && text(&refused).contains("the disk holding the SQLite store is full"), "{}", text(&refused));
     let (s, health) = get(&format!("{}/healthz", server.url), None);
+    eprintln!("full disk: the CLI said: {}\n/healthz said: {health}", text(&refused).trim());
     assert_eq!(s, 503, "{health}");
     let health: Value = serde_json::from_str(&health).expect("health JSON");
     assert_eq!(health["status"], "degraded", "{health}");

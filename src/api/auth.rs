@@ -7,9 +7,12 @@
 //! including tokens and `gc`.
 //!
 //! Until the first token exists the API is open (a fresh install must be
-//! usable to create it); the first token must be an admin token created
-//! from this host (loopback). From then on a request without a valid token
-//! gets 401, one whose token lacks the role 403. `/healthz`, `/metrics`,
+//! usable to create it), approvals excepted; the first token must be an
+//! admin token created from this host (loopback). From then on (revoked
+//! tokens count: the API never opens again) a request without a valid
+//! token gets 401, one whose token lacks the role 403. The last live admin
+//! token for `*` cannot be revoked; `slipway token create --local` writes
+//! one into the store when none is left. `/healthz`, `/metrics`,
 //! the OpenAPI document and the hooks (which prove themselves with their
 //! own secrets) need no token.
 
