@@ -1215,8 +1215,14 @@ command = ["echo", "hello"]
         &[],
     );
     let server = Server::start(dir.path(), None, &[]);
+    // An approval needs a token (issue 13): the first (admin) token, which
+    // asks for the run, and an approver's.
+    let root = server.cli(dir.path(), &["token", "create", "root", "--role", "*=admin"]);
+    let root = String::from_utf8_lossy(&root.stdout).lines().last().unwrap_or("").to_string();
+    let alice = server.cli(dir.path(), &["--token", &root, "token", "create", "alice", "--role", "production=approver"]);
+    let alice = String::from_utf8_lossy(&alice.stdout).lines().last().unwrap_or("").to_string();
     let mut child = server
-        .cli_command(dir.path(), &["run", "hello", "--env", "production"])
+        .cli_command(dir.path(), &["--token", &root, "run", "hello", "--env", "production"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -1241,13 +1247,13 @@ command = ["echo", "hello"]
             }
         }
     }
-    let status = text(&server.cli(dir.path(), &["status"]));
+    let status = text(&server.cli(dir.path(), &["--token", &root, "status"]));
     assert!(status.contains("1  run in production: waiting for approval"), "{status}");
 
     let path = dir.path().join("slipway.toml");
     let config = std::fs::read_to_string(&path).expect("config");
     std::fs::write(&path, format!("{config}\n# edited while it waited\n")).expect("edit");
-    let approved = server.cli(dir.path(), &["approve", "1"]);
+    let approved = server.cli(dir.path(), &["--token", &alice, "approve", "1"]);
     assert!(text(&approved).contains("deployment 1 (run in production) approved"), "{}", text(&approved));
 
     let code = wait("the CLI to finish", || format!("{out:?}"), || child.try_wait().ok().flatten());
@@ -1256,7 +1262,7 @@ command = ["echo", "hello"]
     assert_eq!(code.code(), Some(0), "{all}");
     assert!(all.contains("submitted again as deployment 2; following deployment 2"), "{all}");
     assert!(all.contains("deployment 2 succeeded"), "{all}");
-    let old = get_json(&format!("{}/api/v1/deployments/1", server.url));
+    let old: Value = serde_json::from_slice(&server.cli(dir.path(), &["--token", &root, "--json", "status", "1"]).stdout).unwrap_or_default();
     assert_eq!((old["deployment"]["state"].as_str(), old["deployment"]["superseded_by"].as_i64()), (Some("superseded"), Some(2)), "{old}");
 }
 

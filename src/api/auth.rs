@@ -7,9 +7,12 @@
 //! including tokens and `gc`.
 //!
 //! Until the first token exists the API is open (a fresh install must be
-//! usable to create it); the first token must be an admin token created
-//! from this host (loopback). From then on a request without a valid token
-//! gets 401, one whose token lacks the role 403. `/healthz`, `/metrics`,
+//! usable to create it), approvals excepted; the first token must be an
+//! admin token created from this host (loopback). From then on (revoked
+//! tokens count: the API never opens again) a request without a valid
+//! token gets 401, one whose token lacks the role 403. The last live admin
+//! token for `*` cannot be revoked; `slipway token create --local` writes
+//! one into the store when none is left. `/healthz`, `/metrics`,
 //! the OpenAPI document and the hooks (which prove themselves with their
 //! own secrets) need no token.
 
@@ -81,8 +84,17 @@ impl Caller {
         self.name.is_none() || self.roles.values().any(|r| r.allows(need))
     }
 
-    /// 403 unless [`Caller::may`].
+    /// 403 unless [`Caller::may`]. An approval is never anonymous: while
+    /// no token exists (the open API) it would be by nobody in particular.
     pub fn require(&self, need: Need, environment: Option<&str>) -> Result<(), ApiError> {
+        if need == Need::Approve && self.name.is_none() {
+            let role = environment.map(|e| format!(" for {e}")).unwrap_or_default();
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("approving needs a token, and none exists yet (an approval by nobody in particular is no approval): create the first admin token on the Slipway host with `slipway token create root --role '*=admin'`, then approve with a token that has the approver role{role} (not the one that asked for the deployment)"),
+            ));
+        }
         if self.may(need, environment) {
             return Ok(());
         }
@@ -108,6 +120,26 @@ impl Caller {
             None => "anonymous".into(),
         }
     }
+}
+
+/// Refuse roles for environments the config does not define (a typo
+/// would otherwise grant nothing, silently); `*` is always fine.
+pub fn check_roles(roles: &BTreeMap<String, Role>, known: &[String]) -> Result<(), String> {
+    let unknown: Vec<&str> = roles.keys().filter(|e| *e != "*" && !known.contains(e)).map(String::as_str).collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "roles name environments the config does not define: {} (defined: {}; \"*\" means every environment)",
+        unknown.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(", "),
+        known.join(", ")
+    ))
+}
+
+/// Whether roles give admin for every environment (what the first token
+/// must be, and what must remain among live tokens).
+pub fn is_root_admin(roles: &BTreeMap<String, Role>) -> bool {
+    roles.get("*") == Some(&Role::Admin)
 }
 
 /// The audit log's "who", set on the response by [`layer`].
@@ -239,5 +271,19 @@ mod tests {
         assert!(open.may(Need::Admin, None));
         assert_ne!(hash("a"), hash("b"));
         assert!(generate().starts_with("slw_") && generate() != generate());
+    }
+
+    // Issue 13: no approval by nobody in particular; roles only for
+    // environments that exist.
+    #[test]
+    fn issue13_no_anonymous_approval_and_no_roles_for_unknown_environments() {
+        let open = Caller { name: None, roles: BTreeMap::new() };
+        let anonymous_approval = open.require(Need::Approve, Some("production")).expect_err("no anonymous approval");
+        assert!(anonymous_approval.message.contains("slipway token create root --role '*=admin'"), "{anonymous_approval:?}");
+        let roles = BTreeMap::from([("stagin".to_string(), Role::Deployer), ("*".to_string(), Role::Viewer)]);
+        let known = ["staging".to_string(), "production".to_string()];
+        let e = check_roles(&roles, &known).expect_err("unknown environment");
+        assert!(e.contains("\"stagin\"") && e.contains("staging, production"), "{e}");
+        assert!(check_roles(&BTreeMap::from([("*".to_string(), Role::Admin), ("staging".to_string(), Role::Viewer)]), &known).is_ok());
     }
 }

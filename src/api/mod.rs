@@ -178,19 +178,41 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/services/{environment}/{service}/why", get(why_service))
         .route("/api/v1/gc", get(gc_plan).post(gc_apply))
         .route("/api/v1/retention", get(retention_plan).post(retention_apply))
-        .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/openapi.json") })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        // After the limit layer: a hook reads its body under its own,
-        // configured limit.
-        .route("/hooks/github", post(hooks::github))
-        .route("/hooks/registry", post(hooks::registry))
         .route("/api/v1/audit", get(list_audit))
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/tokens/{name}", axum::routing::delete(revoke_token))
+        .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/openapi.json") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(declared_body_limit))
+        // After the limit layers: a hook reads its body under its own,
+        // configured limit.
+        .route("/hooks/github", post(hooks::github))
+        .route("/hooks/registry", post(hooks::registry))
         // Outermost last: the audit log sees who auth said it was.
         .layer(auth)
         .layer(audit)
         .with_state(state)
+}
+
+/// 413 for a body declared larger than [`MAX_BODY_BYTES`], whatever the
+/// endpoint: those that read no body (a DELETE, a GET) would otherwise
+/// take any size. A body that does not declare its length is cut off at
+/// the limit by [`DefaultBodyLimit`] where one is read.
+async fn declared_body_limit(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use http_body_util::BodyExt;
+    /// Up to this much of a refused body is read and dropped first: a
+    /// client still sending it would otherwise meet a closed connection
+    /// instead of the answer.
+    const DRAIN: u64 = 1 << 20;
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|n| *n > MAX_BODY_BYTES as u64) {
+        if n <= DRAIN {
+            let mut body = req.into_body();
+            let _ = tokio::time::timeout(Duration::from_secs(10), async { while let Some(Ok(_)) = body.frame().await {} }).await;
+        }
+        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request body larger than {MAX_BODY_BYTES} bytes (64 KiB, the API's limit)")).into_response();
+    }
+    next.run(req).await
 }
 
 async fn openapi() -> impl IntoResponse {
@@ -202,7 +224,11 @@ async fn openapi() -> impl IntoResponse {
 async fn healthz(State(s): State<Arc<AppState>>) -> impl IntoResponse {
     let store = tokio::time::timeout(Duration::from_secs(3), s.store.ping()).await;
     let (status, store_state) = match store {
-        Ok(Ok(())) => (StatusCode::OK, "ok".to_string()),
+        // A full disk still answers reads: what a recent write met counts.
+        Ok(Ok(())) => match crate::store::disk_trouble() {
+            Some(trouble) => (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: a write failed within the last {}s: {trouble}", crate::store::DISK_TROUBLE_SHOWN.as_secs())),
+            None => (StatusCode::OK, "ok".to_string()),
+        },
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store did not answer within 3s".to_string()),
     };
@@ -683,6 +709,10 @@ async fn create_token(
     if req.roles.is_empty() || req.roles.keys().any(|e| e != "*" && !crate::config::valid_name(e)) {
         return Err(ApiError::bad_request("a token needs roles: environment (or \"*\") → viewer, deployer, approver or admin"));
     }
+    if req.roles.keys().any(|e| e != "*") {
+        let known = s.submitter.config().await?.config.environment_names();
+        auth::check_roles(&req.roles, &known).map_err(ApiError::bad_request)?;
+    }
     let token = auth::generate();
     let row = crate::store::TokenRow { name: req.name.clone(), hash: auth::hash(&token), roles: serde_json::to_string(&req.roles).unwrap_or_default(), created_at: crate::store::now_ms(), revoked_at: None };
     if !s.store.create_token(row).await? {
@@ -705,8 +735,16 @@ async fn list_tokens(State(s): State<Arc<AppState>>, axum::Extension(caller): ax
 async fn revoke_token(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, name: Result<Path<String>, PathRejection>) -> ApiResult<impl IntoResponse> {
     let Path(name) = name?;
     caller.require(auth::Need::Admin, None)?;
-    if !s.store.revoke_token(&name).await? {
-        return Err(ApiError::not_found(format!("no live token named {name:?}")));
+    match s.store.revoke_token(&name).await? {
+        crate::store::Revoked::Revoked => {}
+        crate::store::Revoked::NoSuchToken => return Err(ApiError::not_found(format!("no live token named {name:?}"))),
+        crate::store::Revoked::LastAdmin => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("token {name:?} is the last live admin token for every environment (\"*\"): without it no token could be created or revoked again. Create another admin token first (`slipway token create NAME --role '*=admin'`), then revoke this one"),
+            ));
+        }
     }
     Ok((axum::Extension(audit::AuditNote(format!("revoke token {name}"))), Json(serde_json::json!({ "revoked": name }))))
 }

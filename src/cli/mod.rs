@@ -185,6 +185,15 @@ pub enum TokenCommand {
         /// deployer, approver or admin. Repeatable.
         #[arg(long = "role", required = true)]
         roles: Vec<String>,
+        /// Write the token into the store directly, not through the API:
+        /// the way back in when no admin token is left. Needs what
+        /// `serve` needs to open the store (its file, or its database URL).
+        #[arg(long)]
+        local: bool,
+        /// With --local: the store, as `serve --store` (default: as `serve`
+        /// finds it from the config).
+        #[arg(long, env = "SLIPWAY_STORE")]
+        store: Option<String>,
     },
     List,
     Revoke { name: String },
@@ -380,6 +389,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Rollback(a) => rollback(&client, a, cli.json).await,
         Command::Why(a) => why(&client, a, cli.json).await,
         Command::Audit { limit } => audit(&client, limit, cli.json).await,
+        Command::Token(TokenCommand::Create { name, roles, local: true, store }) => token_local(&cli.config, store.as_deref(), &name, &roles, cli.json).await,
         Command::Token(t) => token(&client, t, cli.json).await,
         Command::Status(a) => status(&client, a, cli.json).await,
         Command::Gc(a) => gc(&client, a, cli.json).await,
@@ -668,16 +678,85 @@ async fn service_env(client: &Client, service: &str, env: Option<String>) -> Res
     }
 }
 
+/// `--role ENV=ROLE` flags as the API's `roles` object.
+fn role_map(roles: &[String]) -> Result<serde_json::Map<String, serde_json::Value>, CliError> {
+    let mut map = serde_json::Map::new();
+    for r in roles {
+        let Some((env, role)) = r.split_once('=') else {
+            return Err(CliError::new(exit::USAGE, format!("--role {r:?}: write ENV=ROLE, e.g. staging=deployer or '*=viewer'")));
+        };
+        map.insert(env.to_string(), serde_json::Value::String(role.to_string()));
+    }
+    Ok(map)
+}
+
+/// `token create --local`: the token goes into the store directly, found
+/// as `serve` finds it. Whoever can open the store (its file, or its
+/// database with the URL's credentials) can already change anything in
+/// it, so this grants nothing new; it is the way back in when every
+/// admin token is gone, and it never goes through the network's API.
+async fn token_local(config_path: &std::path::Path, store: Option<&str>, name: &str, roles: &[String], json: bool) -> Result<u8, CliError> {
+    use crate::api::auth::{self, Role};
+    let map = role_map(roles)?;
+    let roles: std::collections::BTreeMap<String, Role> = serde_json::from_value(serde_json::Value::Object(map))
+        .map_err(|e| CliError::new(exit::USAGE, format!("--role: {e} (roles are viewer, deployer, approver or admin)")))?;
+    if !config::valid_name(name) {
+        return Err(CliError::new(exit::REJECTED, format!("invalid token name {name:?}")));
+    }
+    if roles.keys().any(|e| e != "*" && !config::valid_name(e)) {
+        return Err(CliError::new(exit::REJECTED, "a token needs roles: environment (or \"*\") → viewer, deployer, approver or admin"));
+    }
+    let loaded = config::load(config_path).map_err(CliError::config)?;
+    auth::check_roles(&roles, &loaded.config.environment_names()).map_err(|e| CliError::new(exit::REJECTED, e))?;
+    let url = serve::store_url(store, loaded.config.project.store.as_deref(), &loaded.dir);
+    let redacted = crate::store::sql::redact_url(&url);
+    // Opening a SQLite URL creates the file: a mistyped path would get a
+    // token in a new, empty store that no server reads.
+    if let Some(path) = url.strip_prefix("sqlite://")
+        && !std::path::Path::new(path).exists()
+    {
+        return Err(CliError::new(exit::UNAVAILABLE, format!("no store at {path}: is this the store `slipway serve` uses? (--config, or --store / SLIPWAY_STORE as given to serve)")));
+    }
+    let store = crate::store::open(&url).await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
+    let tokens = store.tokens().await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
+    // As for the API's first token: a store must keep a live admin for
+    // "*", or the API would refuse everyone.
+    if !auth::is_root_admin(&roles) && !tokens.iter().any(|t| t.is_root_admin()) {
+        return Err(CliError::new(exit::REJECTED, format!("{redacted} has no live admin token for every environment: make one first (--role '*=admin'), or the API stays closed to everyone")));
+    }
+    let token = auth::generate();
+    let row = crate::store::TokenRow { name: name.to_string(), hash: auth::hash(&token), roles: serde_json::to_string(&roles).unwrap_or_default(), created_at: crate::store::now_ms(), revoked_at: None };
+    if !store.create_token(row).await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))? {
+        return Err(CliError::new(exit::REJECTED, format!("a token named {name:?} exists in {redacted} (revoked ones keep their name): pick another name")));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let user = std::env::var("USER").unwrap_or_else(|_| format!("uid {}", unsafe { libc::geteuid() }));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "this host".into());
+    let entry = crate::store::AuditEntry {
+        id: 0,
+        at: crate::store::now_ms(),
+        actor: format!("{user} on {host}, with the store (token create --local)"),
+        address: "local".into(),
+        action: "token create --local".into(),
+        detail: format!("create token {name} with roles {}", serde_json::to_string(&roles).unwrap_or_default()),
+        status: 201,
+    };
+    // The token exists now; a failed audit row must not hide it.
+    if let Err(e) = store.record_audit(entry).await {
+        eprintln!("slipway: warning: the token was created, but the audit log could not record it: {e}");
+    }
+    if json {
+        print_json(&TokenCreated { name: name.to_string(), token, roles });
+    } else {
+        println!("token {name} created in {redacted}; it is shown only now:\n{token}");
+    }
+    Ok(exit::OK)
+}
+
 async fn token(client: &Client, t: TokenCommand, json: bool) -> Result<u8, CliError> {
     match t {
-        TokenCommand::Create { name, roles } => {
-            let mut map = serde_json::Map::new();
-            for r in &roles {
-                let Some((env, role)) = r.split_once('=') else {
-                    return Err(CliError::new(exit::USAGE, format!("--role {r:?}: write ENV=ROLE, e.g. staging=deployer or '*=viewer'")));
-                };
-                map.insert(env.to_string(), serde_json::Value::String(role.to_string()));
-            }
+        TokenCommand::Create { name, roles, .. } => {
+            let map = role_map(&roles)?;
             let created: TokenCreated = client.post("/api/v1/tokens", &serde_json::json!({ "name": name, "roles": map })).await?;
             if json {
                 print_json(&created);

@@ -6,6 +6,7 @@
 //! exits at once (the jobs' leases then expire and another node, or this
 //! one restarted, takes over).
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -117,15 +118,17 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
             use tokio::signal::unix::{SignalKind, signal};
             let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-            eprintln!("slipway: stopping (running jobs get their grace period; signal again to exit now)");
+            // Not eprintln!: with stderr closed it would panic here, and the node would never stop.
+            let _ = writeln!(std::io::stderr(), "slipway: stopping (running jobs get their grace period; signal again to exit now)");
             shutdown.cancel();
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-            eprintln!("slipway: exiting now");
+            let _ = writeln!(std::io::stderr(), "slipway: exiting now");
             std::process::exit(exit::INTERRUPTED as i32);
         });
     }
 
-    eprintln!(
+    let _ = writeln!(
+        std::io::stderr(),
         "slipway serve: node {node_id}, listening on http://{local}, store {} ({}), parallelism {parallelism}, config {}",
         store::sql::redact_url(&url),
         store.backend(),

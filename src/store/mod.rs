@@ -60,6 +60,17 @@ impl StoreError {
             sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
                 StoreError::Unavailable(format!("{op}: {e}"))
             }
+            // A full disk or failing I/O under the store: nothing is wrong
+            // with the request, the store cannot write now (503, exit 4),
+            // and /healthz says so for a while (see `disk_trouble`).
+            sqlx::Error::Database(ref d) if d.code().as_deref().and_then(disk_trouble_of).is_some() => {
+                let what = d.code().as_deref().and_then(disk_trouble_of).unwrap_or_default();
+                let message = format!("{op}: {what} ({})", d.message());
+                if let Ok(mut last) = DISK_TROUBLE.lock() {
+                    *last = Some((std::time::Instant::now(), message.clone()));
+                }
+                StoreError::Unavailable(message)
+            }
             // Timeouts, lock waits, a server shutting down or full, a busy
             // SQLite file: the store is there but cannot answer now.
             sqlx::Error::Database(ref d)
@@ -70,6 +81,38 @@ impl StoreError {
             other => StoreError::Query { op, source: other },
         }
     }
+}
+
+/// What a database error code says about the disk under the store, if it
+/// is about that: SQLite's SQLITE_FULL (13) and SQLITE_IOERR family (10,
+/// and its extended codes 10 + n·256), PostgreSQL's class 53
+/// (insufficient resources: 53100 disk_full, 53200 out_of_memory…; 53300,
+/// too many connections, is a busy server, mapped above).
+fn disk_trouble_of(code: &str) -> Option<&'static str> {
+    match code {
+        "13" => Some("the disk holding the SQLite store is full"),
+        "53100" => Some("the disk of the PostgreSQL server is full"),
+        c if c.starts_with("53") && c.len() == 5 && c != "53300" => Some("the PostgreSQL server is out of resources (disk or memory)"),
+        // SQLite's codes are at most 4 digits, SQLSTATEs always 5.
+        c if c.len() < 5 && c.parse::<i32>().is_ok_and(|n| n & 0xff == 10) => Some("an I/O error on the disk holding the SQLite store (is it full or failing?)"),
+        _ => None,
+    }
+}
+
+/// The last write that failed for a full disk or an I/O error, and when.
+static DISK_TROUBLE: std::sync::Mutex<Option<(std::time::Instant, String)>> = std::sync::Mutex::new(None);
+
+/// How long `/healthz` reports a store write that failed for its disk: a
+/// node keeps writing (heartbeats, leases, logs), so while the disk stays
+/// full this never lapses, and once there is room again it does.
+pub const DISK_TROUBLE_SHOWN: Duration = Duration::from_secs(30);
+
+/// The disk trouble a store write met in the last [`DISK_TROUBLE_SHOWN`],
+/// if any (a read of the store still works on a full disk, so a ping
+/// alone would call it fine).
+pub fn disk_trouble() -> Option<String> {
+    let last = DISK_TROUBLE.lock().ok()?;
+    last.as_ref().filter(|(at, _)| at.elapsed() < DISK_TROUBLE_SHOWN).map(|(_, m)| m.clone())
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -522,6 +565,24 @@ pub struct TokenRow {
     pub revoked_at: Option<Millis>,
 }
 
+/// What [`Store::revoke_token`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    Revoked,
+    /// No live token has that name.
+    NoSuchToken,
+    /// It is the last live token with the admin role for `*`: nothing
+    /// done, since without it no token could ever be made again.
+    LastAdmin,
+}
+
+impl TokenRow {
+    /// A live token with the admin role for every environment (`*`).
+    pub fn is_root_admin(&self) -> bool {
+        self.revoked_at.is_none() && serde_json::from_str::<HashMap<String, String>>(&self.roles).is_ok_and(|r| r.get("*").is_some_and(|role| role == "admin"))
+    }
+}
+
 /// One action taken through the API, as the audit log keeps it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditEntry {
@@ -663,8 +724,10 @@ pub trait Store: Send + Sync + 'static {
     async fn tokens(&self) -> Result<Vec<TokenRow>>;
     /// The live (not revoked) token with this hash.
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>>;
-    /// Revoke by name. False: no such live token.
-    async fn revoke_token(&self, name: &str) -> Result<bool>;
+    /// Revoke by name, unless it is the last live admin token for `*`
+    /// (checked and revoked in one transaction, so two admins revoking
+    /// each other at once cannot both succeed).
+    async fn revoke_token(&self, name: &str) -> Result<Revoked>;
     /// The newest events whose kind starts with one of `prefixes`
     /// (`github.`, `registry.`), newest first.
     async fn events(&self, prefixes: &[&str], limit: i64) -> Result<Vec<EventRow>>;
@@ -712,6 +775,59 @@ mod tests {
             let distinct: std::collections::HashSet<_> = draws.iter().collect();
             assert!(distinct.len() > 10, "attempt {attempt}: no jitter: {distinct:?}");
         }
+    }
+
+    /// A database error with just a code, as a driver reports it.
+    #[derive(Debug)]
+    struct Coded(&'static str);
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error {}", self.0)
+        }
+    }
+    impl std::error::Error for Coded {}
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            "database or disk is full"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    // Issue 13: a full disk is an unavailable store (503, exit 4), said as
+    // such; a constraint violation is not.
+    #[test]
+    fn issue13_disk_full_and_io_errors_are_an_unavailable_store() {
+        let classify = |code: &'static str| StoreError::query("store revision")(sqlx::Error::Database(Box::new(Coded(code))));
+        // SQLITE_FULL, SQLITE_IOERR, SQLITE_IOERR_WRITE (778), _FSYNC (1034);
+        // PostgreSQL's disk_full and another class-53 shortage.
+        for (code, says) in [("13", "disk holding the SQLite store is full"), ("10", "I/O error"), ("778", "I/O error"), ("1034", "I/O error"), ("53100", "disk of the PostgreSQL server is full"), ("53200", "out of resources")] {
+            match classify(code) {
+                StoreError::Unavailable(m) => assert!(m.contains(says) && m.starts_with("store revision: "), "{code}: {m}"),
+                other => panic!("{code}: {other:?}"),
+            }
+        }
+        assert!(disk_trouble().is_some_and(|m| m.contains("full") || m.contains("resources")), "remembered for /healthz");
+        // Not disk trouble: a unique violation (SQLite 2067, PostgreSQL
+        // 23505), a syntax error (1), a PostgreSQL code ending like an
+        // SQLite I/O error.
+        for code in ["2067", "23505", "1", "22010"] {
+            assert!(matches!(classify(code), StoreError::Query { .. }), "{code}");
+        }
+        assert!(matches!(classify("53300"), StoreError::Unavailable(_)), "too many connections stays unavailable");
     }
 
     #[test]

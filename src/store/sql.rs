@@ -1714,14 +1714,28 @@ impl Store for SqlStore {
         row.as_ref().map(|r| token_row(r).map_err(StoreError::query(op))).transpose()
     }
 
-    async fn revoke_token(&self, name: &str) -> Result<bool> {
-        let r = sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL")
+    async fn revoke_token(&self, name: &str) -> Result<Revoked> {
+        let op = "revoke a token";
+        let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+        // The live tokens, locked (PostgreSQL): a concurrent revoke waits
+        // here and then sees this one's result. On SQLite a writer that
+        // committed since this read makes the UPDATE fail (busy snapshot)
+        // rather than act on what it read.
+        let q = format!("SELECT name, hash, roles, created_at, revoked_at FROM tokens WHERE revoked_at IS NULL{}", self.for_update());
+        let rows = query_dyn(q).fetch_all(&mut *tx).await.map_err(StoreError::query(op))?;
+        let live = rows.iter().map(token_row).collect::<std::result::Result<Vec<_>, _>>().map_err(StoreError::query(op))?;
+        let Some(target) = live.iter().find(|t| t.name == name) else { return Ok(Revoked::NoSuchToken) };
+        if target.is_root_admin() && !live.iter().any(|t| t.name != name && t.is_root_admin()) {
+            return Ok(Revoked::LastAdmin);
+        }
+        sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL")
             .bind(now_ms())
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
-            .map_err(StoreError::query("revoke a token"))?;
-        Ok(r.rows_affected() == 1)
+            .map_err(StoreError::query(op))?;
+        tx.commit().await.map_err(StoreError::query(op))?;
+        Ok(Revoked::Revoked)
     }
 
     async fn record_audit(&self, a: AuditEntry) -> Result<()> {
