@@ -34,7 +34,7 @@ const SHARED: &[(&str, &str, &str)] = &[
     ("Unauthenticated", "401", "No token while tokens exist, an unknown or revoked token, or (signed events) a wrong signature (`kind`: unauthenticated)"),
     ("Forbidden", "403", "The token has no role for what this asks, where it asks it (`kind`: forbidden)"),
     ("Timeout", "408", "A signed event's body did not arrive within 30 s (`kind`: timeout)"),
-    ("TooLarge", "413", "The body is larger than 64 KiB (a signed event: 1 MiB) (`kind`: payload_too_large)"),
+    ("TooLarge", "413", "The body is larger than 64 KiB (`kind`: payload_too_large)"),
     ("UnsupportedMediaType", "415", "The body is not sent as `Content-Type: application/json` (`kind`: bad_request)"),
     ("Unavailable", "503", "The store does not answer (`kind`: store_unavailable or unavailable); nothing was changed that the answer does not say: try again"),
 ];

@@ -152,7 +152,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// A delivery from GitHub (`push`, `registry_package`, `package`, `ping`).
 #[utoipa::path(post, path = "/hooks/github", request_body(content = Object, content_type = "application/json", description = "GitHub's payload, as GitHub signed it"),
-    params(("X-GitHub-Event" = String, Header, description = "The event"), ("X-GitHub-Delivery" = String, Header, description = "The delivery's id (hexadecimal digits and '-')")),
+    params(("X-GitHub-Event" = String, Header, pattern = "^[a-z_]{1,64}$", description = "The event"), ("X-GitHub-Delivery" = String, Header, pattern = "^[0-9A-Fa-f-]{1,64}$", description = "The delivery's id")),
     security(("github_signature" = [])),
     responses((status = 200, description = "A ping", body = HookAnswer), (status = 202, description = "Handled (or ignored, saying why)", body = HookAnswer),
         (status = 400, description = "Missing or malformed headers or payload", body = super::wire::ErrorBody), (status = 401, description = "No or a wrong X-Hub-Signature-256", body = super::wire::ErrorBody),

@@ -397,7 +397,7 @@ async fn get_logs(
 #[utoipa::path(get, path = "/api/v1/deployments/{id}/logs/stream",
     params(("id" = i64, Path, description = "The deployment"), ("job" = Option<String>, Query, description = "Only this job's lines"),
            ("after" = Option<i64>, Query, description = "Lines after this `seq` (default 0: from the start)"),
-           ("Last-Event-ID" = Option<String>, Header, description = "A reconnecting client resumes after this `seq` (before `after`); anything but an integer is ignored")),
+           ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "A reconnecting client resumes after this `seq` (before `after`); anything but an integer is ignored")),
     responses((status = 200, description = "Server-sent events: `line` (data: a LogLine, id: its seq), `error` (data: why the store could not be read; the stream goes on), and last `end` (data: the Deployment)",
                content_type = "text/event-stream", body = SseEventInfo),
               (status = 404, description = "No such deployment", body = ErrorBody)))]
