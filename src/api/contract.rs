@@ -81,7 +81,11 @@ impl Modify for Contract {
                 let responses = &mut op.responses.responses;
                 for (_, status, name, target, parameter, expression) in LINKS.iter().filter(|l| l.0 == id) {
                     if let Some(RefOr::T(r)) = responses.get_mut(*status) {
-                        r.links.insert(name.to_string(), RefOr::T(LinkBuilder::new().operation_id(*target).parameter(*parameter, *expression).build()));
+                        let mut link = LinkBuilder::new().operation_id(*target).parameter(*parameter, *expression);
+                        if id == "post_event" {
+                            link = link.description("For a deploy or run event (a published one names its deployments in `results`)");
+                        }
+                        r.links.insert(name.to_string(), RefOr::T(link.build()));
                     }
                 }
                 let mut add = |status: &str| {
