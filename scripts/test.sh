@@ -12,6 +12,7 @@ command -v docker-registry >/dev/null || need_apt+=(docker-registry)
 command -v htpasswd >/dev/null || need_apt+=(apache2-utils)
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
 [ -n "$pg_bin" ] && [ -x "$pg_bin/initdb" ] || need_apt+=(postgresql)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "test.sh: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -19,6 +20,23 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   timeout 900 apt-get install -y -qq "${need_apt[@]}" >/dev/null
   pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 fi
+
+# The API contract test's tools (tests/openapi.rs), from PyPI, in a
+# virtualenv kept across runs and made again only when these versions
+# change.
+openapi_tools="schemathesis==4.32.5 openapi-spec-validator==0.9.0"
+openapi_venv="${XDG_CACHE_HOME:-$HOME/.cache}/slipway/openapi-tools"
+if [ "$(cat "$openapi_venv/.installed" 2>/dev/null)" != "$openapi_tools" ]; then
+  echo "test.sh: installing $openapi_tools (PyPI) into $openapi_venv"
+  rm -rf "$openapi_venv"
+  python3 -m venv "$openapi_venv"
+  # shellcheck disable=SC2086
+  timeout 900 "$openapi_venv/bin/pip" install -q --disable-pip-version-check $openapi_tools \
+    || { echo "test.sh: cannot install $openapi_tools from PyPI" >&2; exit 1; }
+  echo "$openapi_tools" > "$openapi_venv/.installed"
+fi
+export SLIPWAY_OPENAPI_TOOLS="$openapi_venv/bin"
+export SLIPWAY_REQUIRE_OPENAPI_TOOLS=1
 
 # Throwaway PostgreSQL: its own data directory and a free port. initdb
 # refuses to run as root, so the server runs as `nobody` when we are root.

@@ -10,12 +10,12 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 
 use super::audit::AuditNote;
-use super::wire::{ApprovalInfo, EnvironmentInfo, ErrorBody, EventAccepted, PromoteRequest, RevisionInfo};
+use super::wire::{ApprovalInfo, EnvironmentInfo, ErrorBody, EventAccepted, Name, PromoteRequest, RevisionInfo};
 use super::{ApiError, ApiResult, AppState, auth, deployment_or_404};
 
 /// Deployments waiting at a gate (approval, soak, deploy window), oldest
 /// first.
-#[utoipa::path(get, path = "/api/v1/approvals", responses((status = 200, body = Vec<ApprovalInfo>)))]
+#[utoipa::path(get, path = "/api/v1/approvals", responses((status = 200, description = "Those in environments the token may read", body = Vec<ApprovalInfo>)))]
 pub(super) async fn list_approvals(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<Json<Vec<ApprovalInfo>>> {
     let mut holds = s.store.holds().await?;
     holds.retain(|(d, _)| caller.may(auth::Need::Read, Some(&d.environment)));
@@ -24,8 +24,12 @@ pub(super) async fn list_approvals(State(s): State<Arc<AppState>>, axum::Extensi
 
 /// Approve a waiting deployment. Needs the approver (or admin) role for
 /// its environment; it starts once its other gates pass too.
-#[utoipa::path(post, path = "/api/v1/deployments/{id}/approve", params(("id" = i64, Path)),
-    responses((status = 200, body = ApprovalInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/approve", params(("id" = i64, Path, description = "The deployment")),
+    responses((status = 200, description = "Approved: what it still waits for", body = ApprovalInfo),
+              (status = 403, description = "No approver role there, the approver asked for the deployment, or no token at all (an approval is never anonymous)", body = ErrorBody),
+              (status = 404, description = "No such deployment", body = ErrorBody),
+              (status = 409, description = "It does not wait for an approval (none needed, already approved, or not waiting)", body = ErrorBody),
+              (status = 422, description = "The config on disk is invalid", body = ErrorBody)))]
 pub(super) async fn approve(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, id: Result<Path<i64>, PathRejection>) -> ApiResult<impl IntoResponse> {
     let Path(id) = id?;
     let d = deployment_or_404(&s, id).await?;
@@ -64,8 +68,11 @@ pub(super) async fn approve(State(s): State<Arc<AppState>>, axum::Extension(call
 /// Deploy the version (and digest) a service runs in `from` to this
 /// environment. Needs the deployer role here; gates of this environment
 /// apply (soak, approval, windows).
-#[utoipa::path(post, path = "/api/v1/services/{environment}/{service}/promote", params(("environment" = String, Path), ("service" = String, Path)), request_body = PromoteRequest,
-    responses((status = 202, body = EventAccepted), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/services/{environment}/{service}/promote", params(("environment" = Name, Path), ("service" = Name, Path)), request_body = PromoteRequest,
+    responses((status = 202, description = "The promotion's deployment", body = EventAccepted),
+              (status = 400, description = "Bad names, an unknown environment, or one that promotes from elsewhere", body = ErrorBody),
+              (status = 409, description = "The service has never been deployed to `from`", body = ErrorBody),
+              (status = 422, description = "The config on disk is invalid", body = ErrorBody)))]
 pub(super) async fn promote(
     State(s): State<Arc<AppState>>,
     axum::Extension(caller): axum::Extension<auth::Caller>,
@@ -92,7 +99,8 @@ pub(super) async fn promote(
 /// The commits of an environment's config branch Slipway has decided on,
 /// newest first (accepted ones run their touched jobs; rejected ones say
 /// why).
-#[utoipa::path(get, path = "/api/v1/environments/{environment}/revisions", params(("environment" = String, Path)), responses((status = 200, body = Vec<RevisionInfo>)))]
+#[utoipa::path(get, path = "/api/v1/environments/{environment}/revisions", params(("environment" = Name, Path)),
+    responses((status = 200, description = "At most 100, newest first (none for an environment whose config is not from git)", body = Vec<RevisionInfo>)))]
 pub(super) async fn list_revisions(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<String>, PathRejection>) -> ApiResult<Json<Vec<RevisionInfo>>> {
     let Path(environment) = p?;
     caller.require(auth::Need::Read, Some(&environment))?;
@@ -104,8 +112,12 @@ pub(super) async fn list_revisions(State(s): State<Arc<AppState>>, axum::Extensi
 
 /// Fetch the environment's branch now and decide on its head (what a
 /// push webhook or a poll does).
-#[utoipa::path(post, path = "/api/v1/environments/{environment}/revisions/check", params(("environment" = String, Path)),
-    responses((status = 200, body = RevisionInfo), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/environments/{environment}/revisions/check", params(("environment" = Name, Path)),
+    responses((status = 200, description = "What became of the branch's head", body = RevisionInfo),
+              (status = 400, description = "A bad name, or an environment that does not take its config from git", body = ErrorBody),
+              (status = 409, description = "The head is older than the accepted commit", body = ErrorBody),
+              (status = 422, description = "The config on disk is invalid", body = ErrorBody),
+              (status = 503, description = "The store, or the git fetch, failed: try again", body = ErrorBody)))]
 pub(super) async fn check_revision(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<String>, PathRejection>) -> ApiResult<impl IntoResponse> {
     let Path(environment) = p?;
     caller.require(auth::Need::Deploy, Some(&environment))?;
@@ -119,7 +131,7 @@ pub(super) async fn check_revision(State(s): State<Arc<AppState>>, axum::Extensi
 
 /// The environments of the node's config: config source, gates, and the
 /// commit each git-configured one runs.
-#[utoipa::path(get, path = "/api/v1/environments", responses((status = 200, body = Vec<EnvironmentInfo>)))]
+#[utoipa::path(get, path = "/api/v1/environments", responses((status = 200, description = "Those the token may read", body = Vec<EnvironmentInfo>), (status = 422, description = "The config on disk is invalid", body = ErrorBody)))]
 pub(super) async fn list_environments(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<Json<Vec<EnvironmentInfo>>> {
     let config = s.submitter.config().await?.config;
     let mut out = Vec::new();

@@ -254,9 +254,14 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// A delivery from GitHub (`push`, `registry_package`, `package`, `ping`).
-#[utoipa::path(post, path = "/hooks/github", request_body = String,
-    responses((status = 200, body = HookAnswer), (status = 202, body = HookAnswer), (status = 400, body = super::wire::ErrorBody),
-        (status = 401, body = super::wire::ErrorBody), (status = 404, body = super::wire::ErrorBody), (status = 413, body = super::wire::ErrorBody)))]
+#[utoipa::path(post, path = "/hooks/github", request_body(content = Object, content_type = "application/json", description = "GitHub's payload, as GitHub signed it"),
+    params(("X-GitHub-Event" = String, Header, pattern = "^[a-z_]{1,64}$", description = "The event"), ("X-GitHub-Delivery" = String, Header, pattern = "^[0-9A-Fa-f-]{1,64}$", description = "The delivery's id")),
+    security(("github_signature" = [])),
+    responses((status = 200, description = "A ping", body = HookAnswer), (status = 202, description = "Handled (or ignored, saying why)", body = HookAnswer),
+        (status = 400, description = "Missing or malformed headers or payload", body = super::wire::ErrorBody), (status = 401, description = "No or a wrong X-Hub-Signature-256", body = super::wire::ErrorBody),
+        (status = 404, description = "[github] is not configured here", body = super::wire::ErrorBody), (status = 408, description = "The body did not arrive within 30 s", body = super::wire::ErrorBody),
+        (status = 413, description = "Larger than [github] max_payload", body = super::wire::ErrorBody), (status = 422, description = "The config on disk is invalid", body = super::wire::ErrorBody),
+        (status = 503, description = "Not every deployment or decision could be made now (store, registry, git): send it again", body = super::wire::ErrorBody)))]
 pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
     let loaded = s.submitter.config().await?;
     let Some(gh) = loaded.config.github.clone() else {
@@ -344,9 +349,13 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
 /// Notifications from a Docker distribution registry: tagged manifest
 /// pushes deploy (as a published version, see [`github`]); pulls, blobs
 /// and deletes are ignored. Each event is handled once, by its id.
-#[utoipa::path(post, path = "/hooks/registry", request_body = String,
-    responses((status = 200, body = HookAnswer), (status = 400, body = super::wire::ErrorBody), (status = 401, body = super::wire::ErrorBody),
-        (status = 404, body = super::wire::ErrorBody), (status = 413, body = super::wire::ErrorBody)))]
+#[utoipa::path(post, path = "/hooks/registry", request_body(content = Object, content_type = "application/json", description = "The registry's notification envelope (`events`)"),
+    security(("registry_token" = [])),
+    responses((status = 200, description = "Every event handled or deliberately ignored", body = HookAnswer), (status = 400, description = "Not a notification envelope", body = super::wire::ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = super::wire::ErrorBody), (status = 404, description = "[registry_hook] is not configured here", body = super::wire::ErrorBody),
+        (status = 408, description = "The body did not arrive within 30 s", body = super::wire::ErrorBody), (status = 413, description = "Larger than [registry_hook] max_payload", body = super::wire::ErrorBody),
+        (status = 422, description = "The config on disk is invalid", body = super::wire::ErrorBody),
+        (status = 503, description = "Not every deployment could be submitted now: the registry sends it again", body = super::wire::ErrorBody)))]
 pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
     let loaded = s.submitter.config().await?;
     let Some(hook) = loaded.config.registry_hook.clone() else {
@@ -381,7 +390,8 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
 /// service, and a version. Deploys where `auto_deploy` opts in, the tag
 /// filter passes and the caller's token may deploy; holds it elsewhere.
 #[utoipa::path(post, path = "/api/v1/published", request_body = super::wire::PublishedRequest,
-    responses((status = 202, body = HookAnswer), (status = 400, body = super::wire::ErrorBody), (status = 401, body = super::wire::ErrorBody)))]
+    responses((status = 202, description = "Recorded: what it did per service and environment (deployed, held and why, refused and why)", body = HookAnswer),
+        (status = 403, description = "The caller may not deploy anywhere", body = super::wire::ErrorBody), (status = 422, description = "The config on disk is invalid", body = super::wire::ErrorBody)))]
 pub async fn published(
     State(s): State<Arc<AppState>>,
     axum::Extension(caller): axum::Extension<super::auth::Caller>,

@@ -7,6 +7,7 @@
 //! config, 503 store down.
 
 pub mod audit;
+mod contract;
 mod gates;
 pub mod auth;
 mod hooks;
@@ -29,6 +30,7 @@ use serde::Deserialize;
 use utoipa::OpenApi;
 
 use crate::store::{DeploymentState, Store, StoreError};
+use contract::Contract;
 use crate::submit::{Request, SubmitError, Submitter};
 use wire::*;
 
@@ -145,8 +147,9 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, create_token, list_tokens, revoke_token, gc_plan, gc_apply, retention_plan, retention_apply, gates::list_environments, gates::list_approvals, gates::approve, gates::promote, gates::list_revisions, gates::check_revision, hooks::github, hooks::registry, hooks::published, healthz),
-    components(schemas(EventRequest, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, RetentionInfo, RetentionRepositoryInfo, RetentionKeptInfo, RetentionDeleteInfo, HookAnswer, HookResult, PublishedRequest, WhyInfo, AuditInfo, TokenRequest, TokenCreated, TokenInfo, ApprovalInfo, EnvironmentInfo, PromoteRequest, RevisionInfo, TouchedJob, auth::Role, Health, ErrorBody))
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, create_token, list_tokens, revoke_token, gc_plan, gc_apply, retention_plan, retention_apply, gates::list_environments, gates::list_approvals, gates::approve, gates::promote, gates::list_revisions, gates::check_revision, hooks::github, hooks::registry, hooks::published, healthz, metrics_text, openapi),
+    components(schemas(EventRequestSchema, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, RetentionInfo, RetentionRepositoryInfo, RetentionKeptInfo, RetentionDeleteInfo, HookAnswer, HookResult, PublishedRequest, WhyInfo, AuditInfo, TokenRequest, TokenCreated, TokenInfo, ApprovalInfo, EnvironmentInfo, PromoteRequest, RevisionInfo, TouchedJob, auth::Role, Health, ErrorBody, EventAnswer, TokenRevoked, SseEventInfo, Name, Version, EventId, Digest, Image)),
+    modifiers(&Contract)
 )]
 pub struct ApiDoc;
 
@@ -215,12 +218,14 @@ async fn declared_body_limit(req: axum::extract::Request, next: axum::middleware
     next.run(req).await
 }
 
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", responses((status = 200, description = "The OpenAPI document of this API", body = Object)))]
 async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], ApiDoc::openapi().to_pretty_json().unwrap_or_default())
 }
 
 /// Liveness and store reachability.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health), (status = 503, body = Health)))]
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The node runs and its store answers", body = Health), (status = 503, description = "The store does not answer", body = Health)))]
 async fn healthz(State(s): State<Arc<AppState>>) -> impl IntoResponse {
     let store = tokio::time::timeout(Duration::from_secs(3), s.store.ping()).await;
     let (status, store_state) = match store {
@@ -241,15 +246,20 @@ async fn healthz(State(s): State<Arc<AppState>>) -> impl IntoResponse {
     (status, Json(body))
 }
 
+/// Prometheus metrics of this node and the store's counts.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus' text format", body = String, content_type = "text/plain; version=0.0.4; charset=utf-8")))]
 async fn metrics_text(State(s): State<Arc<AppState>>) -> ApiResult<impl IntoResponse> {
     let counts = s.store.counts().await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render(&counts)))
 }
 
 /// Submit an event; the deployment is stored before the answer.
-#[utoipa::path(post, path = "/api/v1/events", request_body = EventRequest,
-    responses((status = 202, body = EventAccepted), (status = 200, description = "duplicate event id", body = EventAccepted),
-              (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/events", request_body = EventRequestSchema,
+    responses((status = 202, description = "Stored: a deployment (deploy, run), or what a publication did (published)", body = EventAnswer),
+              (status = 200, description = "An event id seen before: its deployment, nothing new started", body = EventAccepted),
+              (status = 403, description = "The token may not deploy there, or a signed event that is not kind = \"published\"", body = ErrorBody),
+              (status = 409, description = "Nothing to start: e.g. an environment whose config comes from git has no accepted commit yet", body = ErrorBody),
+              (status = 422, description = "The config on disk is invalid: nothing was started", body = ErrorBody)))]
 async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, body: Result<Json<EventRequest>, JsonRejection>) -> ApiResult<axum::response::Response> {
     let Json(req) = body?;
     // A signature proves only that the body came from whoever holds the
@@ -314,15 +324,18 @@ async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axu
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
     /// At most this many, newest first (default 50, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
     /// Only deployments in this state.
+    #[param(value_type = Option<DeploymentState>)]
     state: Option<String>,
 }
 
 /// Deployments, newest first.
-#[utoipa::path(get, path = "/api/v1/deployments", params(ListQuery), responses((status = 200, body = Vec<Deployment>), (status = 400, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/deployments", params(ListQuery), responses((status = 200, description = "Those the token may read, of the newest `limit`", body = Vec<Deployment>)))]
 async fn list_deployments(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, q: Result<Query<ListQuery>, QueryRejection>) -> ApiResult<Json<Vec<Deployment>>> {
     let Query(q) = q?;
     let limit = q.limit.unwrap_or(50);
@@ -356,7 +369,8 @@ async fn deployment_or_404(s: &AppState, id: i64) -> ApiResult<crate::store::Dep
 }
 
 /// One deployment with its jobs and every attempt.
-#[utoipa::path(get, path = "/api/v1/deployments/{id}", params(("id" = i64, Path)), responses((status = 200, body = DeploymentDetail), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", params(("id" = i64, Path, description = "The deployment")),
+    responses((status = 200, description = "The deployment, its jobs and their attempts", body = DeploymentDetail), (status = 404, description = "No such deployment", body = ErrorBody)))]
 async fn get_deployment(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, id: Result<Path<i64>, PathRejection>) -> ApiResult<Json<DeploymentDetail>> {
     let Path(id) = id?;
     let d = readable(&s, &caller, id).await?;
@@ -366,7 +380,8 @@ async fn get_deployment(State(s): State<Arc<AppState>>, axum::Extension(caller):
 }
 
 /// The jobs of a deployment.
-#[utoipa::path(get, path = "/api/v1/deployments/{id}/jobs", params(("id" = i64, Path)), responses((status = 200, body = Vec<Job>), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/deployments/{id}/jobs", params(("id" = i64, Path, description = "The deployment")),
+    responses((status = 200, description = "Its jobs", body = Vec<Job>), (status = 404, description = "No such deployment", body = ErrorBody)))]
 async fn list_jobs(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, id: Result<Path<i64>, PathRejection>) -> ApiResult<Json<Vec<Job>>> {
     let Path(id) = id?;
     readable(&s, &caller, id).await?;
@@ -374,18 +389,20 @@ async fn list_jobs(State(s): State<Arc<AppState>>, axum::Extension(caller): axum
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct LogQuery {
     /// Only this job's lines.
     job: Option<String>,
     /// Lines after this `seq` (default 0: from the start).
     after: Option<i64>,
     /// At most this many lines (default 1000, at most 10000).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<i64>,
 }
 
 /// Stored output of a deployment's jobs.
-#[utoipa::path(get, path = "/api/v1/deployments/{id}/logs", params(("id" = i64, Path), LogQuery),
-    responses((status = 200, body = Vec<LogLine>), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/deployments/{id}/logs", params(("id" = i64, Path, description = "The deployment"), LogQuery),
+    responses((status = 200, description = "Its stored output, oldest first", body = Vec<LogLine>), (status = 404, description = "No such deployment", body = ErrorBody)))]
 async fn get_logs(
     State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>,
     id: Result<Path<i64>, PathRejection>,
@@ -405,8 +422,13 @@ async fn get_logs(
 /// Follow a deployment's output as server-sent events: `line` events
 /// (data: a LogLine, id: its seq), then one `end` event (data: the
 /// deployment) once it is over and every line was sent.
-#[utoipa::path(get, path = "/api/v1/deployments/{id}/logs/stream", params(("id" = i64, Path), LogQuery),
-    responses((status = 200, description = "text/event-stream"), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/deployments/{id}/logs/stream",
+    params(("id" = i64, Path, description = "The deployment"), ("job" = Option<String>, Query, description = "Only this job's lines"),
+           ("after" = Option<i64>, Query, description = "Lines after this `seq` (default 0: from the start)"),
+           ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "A reconnecting client resumes after this `seq` (before `after`); anything but an integer is ignored")),
+    responses((status = 200, description = "Server-sent events: `line` (data: a LogLine, id: its seq), `error` (data: why the store could not be read; the stream goes on), and last `end` (data: the Deployment)",
+               content_type = "text/event-stream", body = SseEventInfo),
+              (status = 404, description = "No such deployment", body = ErrorBody)))]
 async fn stream_logs(
     State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>,
     id: Result<Path<i64>, PathRejection>,
@@ -482,8 +504,9 @@ where
 
 /// Cancel a deployment: queued ones end at once, running jobs are stopped
 /// (their process groups killed), pending jobs never start.
-#[utoipa::path(post, path = "/api/v1/deployments/{id}/cancel", params(("id" = i64, Path)),
-    responses((status = 202, body = Deployment), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/cancel", params(("id" = i64, Path, description = "The deployment")),
+    responses((status = 202, description = "Cancelled (queued, waiting) or being cancelled (running)", body = Deployment), (status = 404, description = "No such deployment", body = ErrorBody),
+              (status = 409, description = "It has already ended", body = ErrorBody)))]
 async fn cancel_deployment(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, id: Result<Path<i64>, PathRejection>) -> ApiResult<impl IntoResponse> {
     let Path(id) = id?;
     let before = deployment_or_404(&s, id).await?;
@@ -511,7 +534,7 @@ async fn cancel_deployment(State(s): State<Arc<AppState>>, axum::Extension(calle
 
 /// Every service with a recorded version, per environment, with its live
 /// instances on this node and its newest deployment.
-#[utoipa::path(get, path = "/api/v1/services", responses((status = 200, body = Vec<ServiceInfo>), (status = 503, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/services", responses((status = 200, description = "Those in environments the token may read", body = Vec<ServiceInfo>)))]
 async fn list_services(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<Json<Vec<ServiceInfo>>> {
     let mut rows = s.store.services().await?;
     rows.retain(|r| caller.may(auth::Need::Read, Some(&r.environment)));
@@ -548,8 +571,9 @@ async fn list_services(State(s): State<Arc<AppState>>, axum::Extension(caller): 
 
 /// Return a service to the version it ran before its current one (only
 /// its rollout runs; migrations go forward only).
-#[utoipa::path(post, path = "/api/v1/services/{environment}/{service}/rollback", params(("environment" = String, Path), ("service" = String, Path)),
-    responses((status = 202, body = EventAccepted), (status = 400, body = ErrorBody), (status = 409, description = "no earlier version", body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/services/{environment}/{service}/rollback", params(("environment" = Name, Path), ("service" = Name, Path)),
+    responses((status = 202, description = "The rollback's deployment", body = EventAccepted), (status = 400, description = "Bad names, or the service has no recorded version there", body = ErrorBody),
+              (status = 409, description = "No earlier version to return to", body = ErrorBody), (status = 422, description = "The config on disk is invalid: nothing was started", body = ErrorBody)))]
 async fn rollback_service(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<impl IntoResponse> {
     let Path((environment, service)) = p?;
     caller.require(auth::Need::Deploy, Some(&environment))?;
@@ -565,10 +589,13 @@ async fn rollback_service(State(s): State<Arc<AppState>>, axum::Extension(caller
 
 /// A service's events outside deployments (crashes, restarts, restores),
 /// newest first.
-#[utoipa::path(get, path = "/api/v1/services/{environment}/{service}/events", params(("environment" = String, Path), ("service" = String, Path)),
-    responses((status = 200, body = Vec<ServiceEventInfo>), (status = 400, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/services/{environment}/{service}/events", params(("environment" = Name, Path), ("service" = Name, Path)),
+    responses((status = 200, description = "At most 200, newest first", body = Vec<ServiceEventInfo>)))]
 async fn service_events(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<Json<Vec<ServiceEventInfo>>> {
     let Path((environment, service)) = p?;
+    if !crate::config::valid_name(&environment) || !crate::config::valid_name(&service) {
+        return Err(ApiError::bad_request("invalid environment or service name"));
+    }
     caller.require(auth::Need::Read, Some(&environment))?;
     let events = s.store.service_events(&environment, &service, 200).await?;
     Ok(Json(events.into_iter().map(|e| ServiceEventInfo { at: e.at, kind: e.kind, message: e.message }).collect()))
@@ -576,14 +603,14 @@ async fn service_events(State(s): State<Arc<AppState>>, axum::Extension(caller):
 
 /// What `slipway gc` would remove: orphaned containers and unused images
 /// (a dry run).
-#[utoipa::path(get, path = "/api/v1/gc", responses((status = 200, body = GarbageInfo), (status = 503, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/gc", responses((status = 200, description = "What would go", body = GarbageInfo), (status = 503, description = "The store, or this node's targets (the Docker Engine), cannot be asked; or this node runs no services", body = ErrorBody)))]
 async fn gc_plan(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<GarbageInfo>)> {
     caller.require(auth::Need::Read, None)?;
     gc(&s, false).await
 }
 
 /// Remove what `GET /api/v1/gc` lists; answers with what is gone.
-#[utoipa::path(post, path = "/api/v1/gc", responses((status = 200, body = GarbageInfo), (status = 503, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/gc", responses((status = 200, description = "What is gone", body = GarbageInfo), (status = 503, description = "The store, or this node's targets (the Docker Engine), cannot be asked; or this node runs no services", body = ErrorBody)))]
 async fn gc_apply(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<GarbageInfo>)> {
     caller.require(auth::Need::Admin, None)?;
     gc(&s, true).await
@@ -603,7 +630,7 @@ async fn gc(s: &AppState, apply: bool) -> ApiResult<(axum::Extension<audit::Audi
 
 /// What registry tag retention would delete (a dry run): per repository
 /// under `keep_tags`, the tags kept and why, the manifests to delete.
-#[utoipa::path(get, path = "/api/v1/retention", responses((status = 200, body = RetentionInfo), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/retention", responses((status = 200, description = "What would be deleted, per repository (a registry's failure is in its `errors`)", body = RetentionInfo), (status = 422, description = "The config on disk is invalid", body = ErrorBody)))]
 async fn retention_plan(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<RetentionInfo>)> {
     // It spans every environment's records.
     caller.require(auth::Need::Read, None)?;
@@ -612,7 +639,7 @@ async fn retention_plan(State(s): State<Arc<AppState>>, axum::Extension(caller):
 
 /// Delete what `GET /api/v1/retention` lists, from the registries;
 /// answers with what is gone. Needs admin for `*`.
-#[utoipa::path(post, path = "/api/v1/retention", responses((status = 200, body = RetentionInfo), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/retention", responses((status = 200, description = "What was deleted, per repository (a registry's failure is in its `errors`)", body = RetentionInfo), (status = 422, description = "The config on disk is invalid", body = ErrorBody)))]
 async fn retention_apply(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<RetentionInfo>)> {
     caller.require(auth::Need::Admin, None)?;
     retention(&s, true).await
@@ -637,8 +664,8 @@ async fn retention(s: &AppState, apply: bool) -> ApiResult<(axum::Extension<audi
 }
 
 /// Why the service runs the version it runs and not the newest seen.
-#[utoipa::path(get, path = "/api/v1/services/{environment}/{service}/why", params(("environment" = String, Path), ("service" = String, Path)),
-    responses((status = 200, body = WhyInfo), (status = 400, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/services/{environment}/{service}/why", params(("environment" = Name, Path), ("service" = Name, Path)),
+    responses((status = 200, description = "The answer", body = WhyInfo)))]
 async fn why_service(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<Json<WhyInfo>> {
     let Path((environment, service)) = p?;
     if !crate::config::valid_name(&environment) || !crate::config::valid_name(&service) {
@@ -672,7 +699,8 @@ async fn why_service(State(s): State<Arc<AppState>>, axum::Extension(caller): ax
 
 /// The audit log, newest first: every request that changed something (or
 /// tried to), who sent it, from where, what it meant, what came of it.
-#[utoipa::path(get, path = "/api/v1/audit", params(ListQuery), responses((status = 200, body = Vec<AuditInfo>)))]
+#[utoipa::path(get, path = "/api/v1/audit", params(("limit" = Option<i64>, Query, description = "At most this many, newest first (default 50; below 1 counts as 1, above 1000 as 1000)")),
+    responses((status = 200, description = "Entries, newest first", body = Vec<AuditInfo>)))]
 async fn list_audit(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, q: Result<Query<ListQuery>, QueryRejection>) -> ApiResult<Json<Vec<AuditInfo>>> {
     let Query(q) = q?;
     // It spans every environment (and names tokens and addresses).
@@ -684,7 +712,11 @@ async fn list_audit(State(s): State<Arc<AppState>>, axum::Extension(caller): axu
 /// Create an API token; the answer holds the token, shown this once. The
 /// very first token (none exists yet) must be an admin token for every
 /// environment, asked for from this host.
-#[utoipa::path(post, path = "/api/v1/tokens", request_body = TokenRequest, responses((status = 201, body = TokenCreated), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/tokens", request_body = TokenRequest,
+    responses((status = 201, description = "The token, shown this once", body = TokenCreated),
+              (status = 400, description = "A bad name or roles (roles for environments the config does not define included), or a first token that is not an admin token for \"*\"", body = ErrorBody),
+              (status = 403, description = "Not an admin token for \"*\", or a first token asked for from elsewhere than this host", body = ErrorBody),
+              (status = 409, description = "A token of that name exists (revoked ones included)", body = ErrorBody)))]
 async fn create_token(
     State(s): State<Arc<AppState>>,
     axum::Extension(caller): axum::Extension<auth::Caller>,
@@ -723,7 +755,7 @@ async fn create_token(
 }
 
 /// Every token (never the token itself), revoked ones included.
-#[utoipa::path(get, path = "/api/v1/tokens", responses((status = 200, body = Vec<TokenInfo>), (status = 403, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/tokens", responses((status = 200, description = "Every token, revoked ones included", body = Vec<TokenInfo>)))]
 async fn list_tokens(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<Json<Vec<TokenInfo>>> {
     caller.require(auth::Need::Admin, None)?;
     let rows = s.store.tokens().await?;
@@ -731,7 +763,9 @@ async fn list_tokens(State(s): State<Arc<AppState>>, axum::Extension(caller): ax
 }
 
 /// Revoke a token: requests with it get 401 from now on.
-#[utoipa::path(delete, path = "/api/v1/tokens/{name}", params(("name" = String, Path)), responses((status = 200, body = TokenInfo), (status = 404, body = ErrorBody)))]
+#[utoipa::path(delete, path = "/api/v1/tokens/{name}", params(("name" = String, Path, description = "The token's name")),
+    responses((status = 200, description = "Revoked", body = TokenRevoked), (status = 404, description = "No live token of that name", body = ErrorBody),
+              (status = 409, description = "The last live admin token for every environment (\"*\"): create another one first", body = ErrorBody)))]
 async fn revoke_token(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, name: Result<Path<String>, PathRejection>) -> ApiResult<impl IntoResponse> {
     let Path(name) = name?;
     caller.require(auth::Need::Admin, None)?;
@@ -746,11 +780,11 @@ async fn revoke_token(State(s): State<Arc<AppState>>, axum::Extension(caller): a
             ));
         }
     }
-    Ok((axum::Extension(audit::AuditNote(format!("revoke token {name}"))), Json(serde_json::json!({ "revoked": name }))))
+    Ok((axum::Extension(audit::AuditNote(format!("revoke token {name}"))), Json(TokenRevoked { revoked: name })))
 }
 
 /// Nodes that share this store, most recently seen first.
-#[utoipa::path(get, path = "/api/v1/nodes", responses((status = 200, body = Vec<Node>)))]
+#[utoipa::path(get, path = "/api/v1/nodes", responses((status = 200, description = "The nodes", body = Vec<Node>)))]
 async fn list_nodes(State(s): State<Arc<AppState>>) -> ApiResult<Json<Vec<Node>>> {
     Ok(Json(s.store.nodes().await?.into_iter().map(|n| Node { id: n.id, started_at: n.started_at, heartbeat_at: n.heartbeat_at }).collect()))
 }

@@ -6,8 +6,9 @@ use utoipa::ToSchema;
 
 use crate::store::{self, DeploymentKind, DeploymentState, JobState, Outcome};
 
-/// An event that asks for a deployment.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+/// An event that asks for a deployment. (The OpenAPI document describes
+/// it by [`EventRequestSchema`], one shape per kind.)
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventRequest {
     /// `deploy` (a service at a version) or `run` (named jobs).
@@ -36,6 +37,72 @@ pub struct EventRequest {
     /// the first delivery's deployment and starts nothing.
     #[serde(default)]
     pub id: Option<String>,
+}
+
+/// `POST /api/v1/events` as the document states it: [`EventRequest`]'s
+/// fields, one shape per `kind` (a field of another kind is 400). Only
+/// read by the tests, which hold it to [`EventRequest`].
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[schema(as = EventRequest, examples(
+    json!({"kind": "deploy", "service": "web", "version": "1.4.0", "environment": "staging"}),
+    json!({"kind": "run", "jobs": ["build"], "environment": "staging", "id": "ci-run-4711"}),
+    json!({"kind": "published", "service": "web", "version": "1.4.1"})
+))]
+pub enum EventRequestSchema {
+    /// A service at a version: its jobs and what they need.
+    Deploy {
+        #[schema(value_type = Name)]
+        service: String,
+        #[schema(value_type = Version)]
+        version: String,
+        /// Optional when the config has only one environment.
+        #[serde(default)]
+        #[schema(value_type = Option<Name>)]
+        environment: Option<String>,
+        /// For a service with an `artifact`: the release tarball's SHA-256.
+        #[serde(default)]
+        #[schema(value_type = Option<Digest>)]
+        digest: Option<String>,
+        /// Idempotency key: an event with a key already seen is answered
+        /// with the first delivery's deployment and starts nothing.
+        #[serde(default)]
+        #[schema(value_type = Option<EventId>)]
+        id: Option<String>,
+    },
+    /// Named jobs and what they need.
+    Run {
+        #[schema(value_type = Vec<Name>, min_items = 1)]
+        jobs: Vec<String>,
+        /// Optional when the config has only one environment.
+        #[serde(default)]
+        #[schema(value_type = Option<Name>)]
+        environment: Option<String>,
+        /// Idempotency key (as for `deploy`).
+        #[serde(default)]
+        #[schema(value_type = Option<EventId>)]
+        id: Option<String>,
+    },
+    /// An artifact was published (as `POST /api/v1/published`): `image`
+    /// (its followers) or `service`; deploys where `auto_deploy` opts in.
+    Published {
+        #[serde(default)]
+        #[schema(value_type = Option<Image>)]
+        image: Option<String>,
+        #[serde(default)]
+        #[schema(value_type = Option<Name>)]
+        service: Option<String>,
+        #[schema(value_type = Version)]
+        version: String,
+        #[serde(default)]
+        #[schema(value_type = Option<Digest>)]
+        digest: Option<String>,
+        /// Idempotency key, any 1 to 256 characters; by default the
+        /// artifact and version themselves.
+        #[serde(default)]
+        #[schema(min_length = 1, max_length = 256)]
+        id: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -223,9 +290,12 @@ pub struct ServiceInfo {
 /// `POST /api/v1/tokens`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"name": "ci", "roles": {"staging": "deployer", "*": "viewer"}})))]
 pub struct TokenRequest {
+    #[schema(value_type = Name)]
     pub name: String,
     /// Environment (or "*" for every one) → role.
+    #[schema(schema_with = roles_schema)]
     pub roles: std::collections::BTreeMap<String, super::auth::Role>,
 }
 
@@ -280,22 +350,29 @@ pub struct WhyInfo {
 /// `POST /api/v1/published`: a version of an artifact was published.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"image": "ghcr.io/team/web", "version": "1.4.2"}), json!({"service": "web", "version": "1.4.3", "digest": "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"})))]
 pub struct PublishedRequest {
     /// The image (`registry/repository`) whose services follow it…
     #[serde(default)]
+    #[schema(value_type = Option<Image>)]
     pub image: Option<String>,
     /// …or the service, by name.
     #[serde(default)]
+    #[schema(value_type = Option<Name>)]
     pub service: Option<String>,
+    #[schema(value_type = Version)]
     pub version: String,
     /// The artifact's digest (`sha256:…`): a container image is pinned to
     /// it rather than to what the tag names at deploy time; a release
     /// tarball is checked against it.
     #[serde(default)]
+    #[schema(value_type = Option<Digest>)]
     pub digest: Option<String>,
-    /// Idempotency key; by default the artifact and version themselves, so
-    /// the same version published twice deploys once.
+    /// Idempotency key (any 1 to 256 characters); by default the artifact
+    /// and version themselves, so the same version published twice
+    /// deploys once.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 256)]
     pub id: Option<String>,
 }
 
@@ -498,8 +575,10 @@ impl From<(store::DeploymentRow, store::Hold)> for ApprovalInfo {
 /// `POST /api/v1/services/{environment}/{service}/promote`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"from": "staging"})))]
 pub struct PromoteRequest {
     /// The environment whose running version is promoted.
+    #[schema(value_type = Name)]
     pub from: String,
 }
 
@@ -571,4 +650,209 @@ pub struct EnvironmentInfo {
     /// succeeded since): when (ms) and what git said.
     pub fetch_failed_at: Option<i64>,
     pub fetch_error: Option<String>,
+}
+
+// The rules the server checks, stated in the OpenAPI document as string
+// schemas of their own (one definition each; the unit tests below hold
+// each pattern to the function that enforces it).
+
+/// `crate::config::valid_name`: environments, services, jobs, tokens.
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$";
+/// `crate::submit::valid_version`.
+pub const VERSION_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$";
+/// `crate::submit::valid_key`: an event's idempotency key.
+pub const EVENT_ID_PATTERN: &str = "^[A-Za-z0-9._:-]{1,128}$";
+/// `crate::service::artifact::parse_sha256`.
+pub const DIGEST_PATTERN: &str = "^(sha256:)?[0-9A-Fa-f]{64}$";
+/// A token's role is given per environment name, or `*` for every one.
+pub const ROLE_SCOPE_PATTERN: &str = "^(\\*|[A-Za-z0-9_-][A-Za-z0-9._-]{0,63})$";
+/// `crate::config::valid_image` (after lowercasing, as the server does),
+/// slightly looser: the server also refuses a first part it reads as a
+/// registry host (with a `.` or `:`) that holds other characters.
+pub const IMAGE_PATTERN: &str = "^([A-Za-z0-9.:-]+/)?[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$";
+
+fn string_schema(pattern: &str, min: usize, max: usize, description: &str, example: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(pattern))
+        .min_length(Some(min))
+        .max_length(Some(max))
+        .description(Some(description))
+        .examples([serde_json::json!(example)])
+        .into()
+}
+
+macro_rules! string_rule {
+    ($(#[$doc:meta])* $ty:ident, $pattern:expr, $min:expr, $max:expr, $description:expr, $example:expr) => {
+        $(#[$doc])*
+        pub struct $ty;
+        impl utoipa::PartialSchema for $ty {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                string_schema($pattern, $min, $max, $description, $example)
+            }
+        }
+        impl utoipa::ToSchema for $ty {}
+    };
+}
+
+string_rule!(
+    /// Document-only: a name (see [`NAME_PATTERN`]).
+    Name, NAME_PATTERN, 1, 64,
+    "A name of an environment, service, job or token: letters, digits, '-', '_' and '.', at most 64 characters, not starting with '.'.",
+    "staging"
+);
+string_rule!(
+    /// Document-only: a version (see [`VERSION_PATTERN`]).
+    Version, VERSION_PATTERN, 1, 128,
+    "A version: starts with a letter or digit, then letters, digits, '.', '_', '-' and '+'; at most 128 characters.",
+    "1.4.0"
+);
+string_rule!(
+    /// Document-only: an event id (see [`EVENT_ID_PATTERN`]).
+    EventId, EVENT_ID_PATTERN, 1, 128,
+    "The idempotency key of a deploy or run event: at most 128 letters, digits, '.', '_', '-' or ':'. Keys starting with github:, registry:, published:, git:, promote: or resubmit: are Slipway's own (400).",
+    "ci-run-4711"
+);
+string_rule!(
+    /// Document-only: a SHA-256 digest (see [`DIGEST_PATTERN`]).
+    Digest, DIGEST_PATTERN, 64, 71,
+    "A SHA-256: 64 hexadecimal digits, optionally after 'sha256:'.",
+    "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+);
+string_rule!(
+    /// Document-only: an image without a tag (see [`IMAGE_PATTERN`]).
+    Image, IMAGE_PATTERN, 1, 255,
+    "An image without a tag or digest: an optional registry host (with a '.' or ':', or localhost), then the repository's path; compared in lowercase.",
+    "ghcr.io/team/web"
+);
+
+/// A token's roles: environment name (or `*` for every one) → role.
+fn roles_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Type};
+    let role = utoipa::openapi::Ref::from_schema_name(<super::auth::Role as ToSchema>::name());
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some("Environment (or \"*\" for every one) → role; at least one."))
+        .min_properties(Some(1))
+        .property_names(Some(ObjectBuilder::new().schema_type(Type::String).pattern(Some(ROLE_SCOPE_PATTERN))))
+        .additional_properties(Some(AdditionalProperties::RefOr(role.into())))
+        .build()
+}
+
+/// `POST /api/v1/events`: kinds `deploy` and `run` answer with the
+/// deployment, kind `published` with what the publication did per
+/// service and environment (as `POST /api/v1/published`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum EventAnswer {
+    Accepted(EventAccepted),
+    Published(HookAnswer),
+}
+
+/// `DELETE /api/v1/tokens/{name}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenRevoked {
+    /// The token's name.
+    pub revoked: String,
+}
+
+/// One event of `GET /api/v1/deployments/{id}/logs/stream`, as an
+/// EventSource reads it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SseEventInfo {
+    pub event: SseEventKind,
+    /// `line`: a LogLine; `end`: the Deployment (JSON); `error`: why the
+    /// store could not be read.
+    pub data: String,
+    /// `line`: its seq (an EventSource keeps the last one for the others).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SseEventKind {
+    Line,
+    Error,
+    End,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random strings over the characters the rules care about, plus the
+    /// edges (empty, at and past each length limit, a leading '.', '-' or
+    /// '+', a trailing newline).
+    fn samples() -> Vec<String> {
+        const ALPHABET: &[char] = &['a', 'Z', '0', '9', '.', '_', '-', '+', ':', '*', '/', '@', ' ', '\n', 'é', 'f', 'F'];
+        let mut v: Vec<String> = vec![
+            String::new(),
+            "*".into(),
+            ".web".into(),
+            "-web".into(),
+            "+1".into(),
+            "web\n".into(),
+            "a".repeat(64),
+            "a".repeat(65),
+            "1".repeat(128),
+            "1".repeat(129),
+            "sha256:".to_string() + &"a".repeat(64),
+            "A".repeat(64),
+            "sha256:".to_string() + &"a".repeat(63),
+            "ghcr.io/team/web".into(),
+            "localhost:5000/web".into(),
+            "Team/Web".into(),
+        ];
+        for _ in 0..20_000 {
+            let len = rand::random::<u32>() as usize % 80;
+            v.push((0..len).map(|_| ALPHABET[rand::random::<u32>() as usize % ALPHABET.len()]).collect());
+        }
+        v
+    }
+
+    fn re(p: &str) -> regex::Regex {
+        regex::Regex::new(p).expect("pattern compiles")
+    }
+
+    #[test]
+    fn issue13_document_patterns_state_the_rules_the_server_checks() {
+        let (name, version, key, digest, scope, image) = (re(NAME_PATTERN), re(VERSION_PATTERN), re(EVENT_ID_PATTERN), re(DIGEST_PATTERN), re(ROLE_SCOPE_PATTERN), re(IMAGE_PATTERN));
+        for s in samples() {
+            assert_eq!(name.is_match(&s), crate::config::valid_name(&s), "name {s:?}");
+            assert_eq!(version.is_match(&s), crate::submit::valid_version(&s), "version {s:?}");
+            assert_eq!(key.is_match(&s), crate::submit::valid_key(&s), "event id {s:?}");
+            assert_eq!(digest.is_match(&s), crate::service::artifact::parse_sha256(&s).is_some(), "digest {s:?}");
+            assert_eq!(scope.is_match(&s), s == "*" || crate::config::valid_name(&s), "role scope {s:?}");
+            // Looser by design (see IMAGE_PATTERN): never refuses an image the server takes.
+            if crate::config::valid_image(&s.to_ascii_lowercase()) {
+                assert!(image.is_match(&s), "image {s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn issue13_the_documented_event_shapes_are_events_the_server_reads() {
+        let doc = <EventRequestSchema as utoipa::PartialSchema>::schema();
+        let doc = serde_json::to_value(doc).expect("schema");
+        let examples = doc["examples"].as_array().expect("examples").clone();
+        assert_eq!(examples.len(), 3, "one example per kind");
+        let extra = [
+            serde_json::json!({"kind": "deploy", "service": "api", "version": "2.0.0", "digest": "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae", "id": "k"}),
+            serde_json::json!({"kind": "published", "image": "ghcr.io/team/web", "version": "1.4.0", "id": "any id at all"}),
+        ];
+        for e in examples.iter().chain(extra.iter()) {
+            let shape: EventRequestSchema = serde_json::from_value(e.clone()).unwrap_or_else(|err| panic!("{e}: not the documented shape: {err}"));
+            let read: EventRequest = serde_json::from_value(e.clone()).unwrap_or_else(|err| panic!("{e}: the server cannot read it: {err}"));
+            let kind = match shape {
+                EventRequestSchema::Deploy { .. } => EventKind::Deploy,
+                EventRequestSchema::Run { .. } => EventKind::Run,
+                EventRequestSchema::Published { .. } => EventKind::Published,
+            };
+            assert_eq!(read.kind, kind, "{e}");
+        }
+        // A field of another kind is not the documented shape.
+        assert!(serde_json::from_value::<EventRequestSchema>(serde_json::json!({"kind": "run", "jobs": ["build"], "service": "web"})).is_err());
+    }
 }
