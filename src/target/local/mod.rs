@@ -332,12 +332,18 @@ fn earlier_attempts(installation: &str, deployment: i64, job: &str, attempt: i64
         if d != deployment || name != job || a >= attempt {
             continue;
         }
-        // A live owner (this process too) is stopping its attempt, which
-        // lost its lease: waited for, never killed from here.
         if p.owner != owner_mark() && owner_is_dead(&p.owner) {
             kill_marked(&p);
             killed.push((p.pid, p.start_time));
+        } else if p.owner.split('.').next().and_then(|o| o.parse::<i32>().ok()) != parent_of(p.pid) {
+            // A live owner's (this process's too) attempt runs while its
+            // main process, the owner's child, does: the owner ends the
+            // whole group with it. Others escaped the group (a daemon the
+            // job started): no longer the attempt's, as after any attempt.
+            continue;
         }
+        // Else a live owner is stopping its attempt, which lost its
+        // lease: waited for, never killed from here.
         running.push((p.pid, p.start_time, p.owner));
     }
     wait_gone(&killed, Duration::from_secs(1));
@@ -631,6 +637,19 @@ mod tests {
         assert_eq!(stopped.err().map(|r| r.outcome), Some(Outcome::Cancelled));
         let _ = live.kill();
         let _ = live.wait();
+        // What escaped a live owner's attempt (not its child: a daemon the
+        // job started) is not waited for, nor killed.
+        let mut starter = std::process::Command::new("sh");
+        starter.args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"]).env(OWNER_ENV, owner_mark()).env(INSTALLATION_ENV, &installation).env(JOB_ENV, "5/1/j");
+        let escaped: i32 = String::from_utf8_lossy(&starter.output().expect("run sh").stdout).trim().parse().expect("pid of the escaped sleep");
+        let go = target.end_earlier_attempts(5, "j", 2, Duration::from_secs(30), &CancellationToken::new()).await;
+        let escaped_running = proc_stat(escaped).is_some_and(|s| !s.zombie);
+        // SAFETY: kill of the sleep this test started.
+        unsafe {
+            libc::kill(escaped, libc::SIGKILL);
+        }
+        assert_eq!(go.ok(), Some(0));
+        assert!(escaped_running);
         // A dead owner's attempt is ended, and then the retry may start.
         // Another job, another deployment, a later attempt: left alone.
         // (An older Slipway on this host would kill all of these at its
