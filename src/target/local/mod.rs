@@ -48,11 +48,9 @@ impl LocalTarget {
 
     /// The marks every process this target starts carries.
     fn mark(&self, cmd: &mut std::process::Command, job: Option<(i64, i64, &str)>) {
-        cmd.env(OWNER_ENV, owner_mark());
         match &self.installation {
-            Some(i) => cmd.env(INSTALLATION_ENV, &**i),
-            // Not inherited from whoever started Slipway either.
-            None => cmd.env_remove(INSTALLATION_ENV),
+            Some(i) => cmd.env(OWNER_ENV, format!("{}@{i}", owner_mark())),
+            None => cmd.env(OWNER_ENV, owner_mark()),
         };
         match job {
             Some((deployment, attempt, name)) => cmd.env(JOB_ENV, format!("{deployment}/{attempt}/{name}")),
@@ -137,11 +135,12 @@ pub(crate) fn hide_secret_sources(cmd: &mut std::process::Command) {
     }
 }
 
-/// Environment variable carrying "<pid>.<start time>" of the Slipway
-/// process that started a job.
+/// Environment variable carrying "<pid>.<start time>@<installation>" of
+/// the Slipway process that started a process (the installation:
+/// [`installation_of_store`]; none without one). In one value, so that an
+/// older Slipway, which kills every process whose "<pid>.<start time>"
+/// names a dead process, cannot read it and leaves it alone.
 const OWNER_ENV: &str = "SLIPWAY_OWNER";
-/// The installation that started it ([`installation_of_store`]).
-const INSTALLATION_ENV: &str = "SLIPWAY_INSTALLATION";
 /// On a job's processes: "<deployment id>/<attempt>/<job name>".
 const JOB_ENV: &str = "SLIPWAY_OWNER_JOB";
 
@@ -215,12 +214,16 @@ fn marked_processes() -> Vec<Marked> {
             continue;
         }
         let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-        let Some(owner) = env_value(&environ, OWNER_ENV) else { continue };
+        let Some(mark) = env_value(&environ, OWNER_ENV) else { continue };
         if our_exe.is_some() && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == our_exe {
             continue;
         }
         let Some(stat) = proc_stat(pid).filter(|s| !s.zombie) else { continue };
-        found.push(Marked { pid, start_time: stat.start_time, owner, installation: env_value(&environ, INSTALLATION_ENV), job: env_value(&environ, JOB_ENV) });
+        let (owner, installation) = match mark.split_once('@') {
+            Some((owner, installation)) => (owner.to_string(), Some(installation.to_string())),
+            None => (mark, None),
+        };
+        found.push(Marked { pid, start_time: stat.start_time, owner, installation, job: env_value(&environ, JOB_ENV) });
     }
     found
 }
@@ -571,10 +574,8 @@ mod tests {
     /// A sleeping process with the given marks (`owner` None: ours).
     fn marked(installation: Option<&str>, owner: Option<&str>, job: Option<&str>) -> std::process::Child {
         let mut cmd = std::process::Command::new("sleep");
-        cmd.arg("30").env(OWNER_ENV, owner.unwrap_or(owner_mark())).env_remove(INSTALLATION_ENV).env_remove(JOB_ENV);
-        if let Some(i) = installation {
-            cmd.env(INSTALLATION_ENV, i);
-        }
+        let owner = owner.unwrap_or(owner_mark());
+        cmd.arg("30").env(OWNER_ENV, installation.map(|i| format!("{owner}@{i}")).unwrap_or(owner.to_string())).env_remove(JOB_ENV);
         if let Some(j) = job {
             cmd.env(JOB_ENV, j);
         }
@@ -640,7 +641,7 @@ mod tests {
         // What escaped a live owner's attempt (not its child: a daemon the
         // job started) is not waited for, nor killed.
         let mut starter = std::process::Command::new("sh");
-        starter.args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"]).env(OWNER_ENV, owner_mark()).env(INSTALLATION_ENV, &installation).env(JOB_ENV, "5/1/j");
+        starter.args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"]).env(OWNER_ENV, format!("{}@{installation}", owner_mark())).env(JOB_ENV, "5/1/j");
         let escaped: i32 = String::from_utf8_lossy(&starter.output().expect("run sh").stdout).trim().parse().expect("pid of the escaped sleep");
         let go = target.end_earlier_attempts(5, "j", 2, Duration::from_secs(30), &CancellationToken::new()).await;
         let escaped_running = proc_stat(escaped).is_some_and(|s| !s.zombie);
