@@ -560,7 +560,7 @@ impl Scheduler {
         // stopping its attempt is waited for, at most until its timeout
         // would have ended it).
         let earlier = if job.attempt > 1 {
-            let within = Duration::from_millis(job.spec.timeout_ms.saturating_add(job.spec.kill_grace_ms)) + self.cfg.lease;
+            let within = Duration::from_millis(job.spec.timeout_ms.saturating_add(job.spec.kill_grace_ms)).saturating_add(self.cfg.lease);
             let ended = self.target.end_earlier_attempts(job.deployment_id, &job.name, job.attempt, within, &cancel).await;
             if let Ok(n @ 1..) = ended {
                 self.events.emit(note(format!("[slipway] {n} processes of an earlier attempt were still running on this host; attempt {} started once they were gone", job.attempt))).await;
@@ -842,4 +842,27 @@ fn redactor_for(spec: &crate::store::JobSpec) -> crate::config::secret::Redactor
         return Default::default();
     }
     crate::config::secret::Redactor::of(refs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 13: the minimum lease is the shortest one in which a node
+    /// can have renewed, died, and had its processes found and ended by a
+    /// node on its host.
+    #[test]
+    fn issue13_minimum_lease_fits_renewal_sweep_and_margin() {
+        let fits = |lease: Duration, poll: Duration| lease >= renew_interval(lease) + sweep_interval(poll) + SWEEP_MARGIN;
+        for poll_ms in [1, 100, 200, 250, 500, 1000, 1500, 2000, 5000, 20_000] {
+            let poll = Duration::from_millis(poll_ms);
+            let min = minimum_lease(poll);
+            assert!(fits(min, poll), "poll {poll:?}: minimum {min:?} does not fit");
+            assert!(!fits(min - Duration::from_millis(1), poll), "poll {poll:?}: {min:?} is not the minimum");
+            assert!(check_lease(min, poll).is_ok() && check_lease(min - Duration::from_millis(1), poll).is_err());
+        }
+        assert_eq!(minimum_lease(Duration::from_millis(500)), Duration::from_millis(1500));
+        // The default lease fits the default poll interval.
+        assert!(check_lease(SchedulerConfig::new("n", PathBuf::new()).lease, Duration::from_millis(500)).is_ok());
+    }
 }

@@ -448,7 +448,8 @@ impl Target for LocalTarget {
 
     async fn end_earlier_attempts(&self, deployment_id: i64, job: &str, attempt: i64, within: Duration, cancel: &CancellationToken) -> Result<usize, RunResult> {
         let Some(installation) = self.installation.clone() else { return Ok(0) };
-        let deadline = Instant::now() + within;
+        // (None: beyond any instant, for a timeout that large.)
+        let deadline = Instant::now().checked_add(within);
         let mut found = std::collections::HashSet::new();
         loop {
             let (i, name) = (installation.clone(), job.to_string());
@@ -463,7 +464,7 @@ impl Target for LocalTarget {
             if running.is_empty() {
                 continue;
             }
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 let pids: Vec<String> = running.iter().map(|(p, owner)| format!("{p} (started by Slipway process {})", owner.split('.').next().unwrap_or(owner))).collect();
                 return Err(RunResult {
                     outcome: Outcome::Failed,
