@@ -984,6 +984,231 @@ env = { MARK = "@EXT@/marks" }
     drop(restarted);
 }
 
+/// `wait.sh`: record "<pid>" in `$PIDS/<job>`, then wait for `$GATE`.
+const WAIT_SH: &str = r#"#!/bin/sh
+echo $$ > "$PIDS/$SLIPWAY_JOB"
+while [ ! -e "$GATE" ]; do sleep 0.1; done
+"#;
+
+/// An installation for the issue 13 tests: a job that waits for a gate
+/// and a service `web` (the demo server) on `port`.
+fn installation(name: &str, port: u16) -> Fx {
+    let demo = env!("CARGO_BIN_EXE_slipway-demo");
+    Fx::new(
+        &format!(
+            r#"
+[project]
+name = "{name}"
+
+[[environment]]
+name = "staging"
+
+[[job]]
+name = "long"
+command = ["./wait.sh"]
+env = {{ PIDS = "@EXT@", GATE = "@EXT@/gate" }}
+
+[[service]]
+name = "web"
+listen = "127.0.0.1:{port}"
+instances = 2
+command = ["{demo}", "serve", "--port", "{{port}}", "--version", "{{version}}"]
+health = {{ http = "/healthz", interval = "100ms", healthy_after = 1, deadline = "10s" }}
+"#
+        ),
+        &[("wait.sh", WAIT_SH)],
+    )
+}
+
+/// Pids of the processes Slipway process `owner` started whose command
+/// line contains `needle`.
+fn started_by(owner: u32, needle: &str) -> Vec<i32> {
+    let mark = format!("SLIPWAY_OWNER={owner}.");
+    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|p| std::fs::read(format!("/proc/{p}/environ")).is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv.starts_with(mark.as_bytes()))))
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle)))
+        .collect();
+    pids.sort();
+    pids
+}
+
+fn pid_in(fx: &Fx, job: &str) -> Option<i32> {
+    std::fs::read_to_string(fx.ext.path().join(job)).ok()?.trim().parse().ok()
+}
+
+/// Issue 13: one installation's orphan sweeps never touch another
+/// installation's processes, orphaned or not. Two installations (separate
+/// stores) on one host run a job and a service each; A is SIGKILLed. A
+/// third installation starting meanwhile, and B all along, leave A's
+/// orphans alone (only A's own next node may end them); A restarted ends
+/// its previous life's processes, and B's job and instances are never
+/// touched: same pids throughout, and B's job succeeds.
+#[test]
+fn issue13_an_installation_sweeps_only_its_own_orphans() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let (a, b) = (installation("alpha", port_a), installation("beta", port_b));
+    let flags = ["--poll", "200ms"];
+    let mut sa = a.serve(&a.sqlite(), &flags);
+    let sb = b.serve(&b.sqlite(), &flags);
+    let gates = [a.ext.path().join("gate"), b.ext.path().join("gate")];
+    // Whatever happens, nothing waits for its gate after the test.
+    struct Open<'a>(&'a [PathBuf]);
+    impl Drop for Open<'_> {
+        fn drop(&mut self) {
+            self.0.iter().for_each(|g| drop(std::fs::write(g, "")));
+        }
+    }
+    let _open = Open(&gates);
+    for (fx, s) in [(&a, &sa), (&b, &sb)] {
+        let out = s.cli(fx.dir(), &["deploy", "web", "1.0", "--env", "staging"]);
+        assert!(out.status.success(), "{}\n{}", text(&out), logs_of(&[s]));
+    }
+    let run_a = submit_run(&sa.url, &["long"], Some("staging"));
+    let run_b = submit_run(&sb.url, &["long"], Some("staging"));
+    let job_a = wait("A's job to run", || logs_of(&[&sa]), || pid_in(&a, "long"));
+    let job_b = wait("B's job to run", || logs_of(&[&sb]), || pid_in(&b, "long"));
+    let web_a = started_by(sa.child.id(), "slipway-demo");
+    let web_b = started_by(sb.child.id(), "slipway-demo");
+    assert_eq!((web_a.len(), web_b.len()), (2, 2), "two instances each: {web_a:?} {web_b:?}");
+    let b_pids: Vec<i32> = web_b.iter().copied().chain([job_b]).collect();
+    let a_pids: Vec<i32> = web_a.iter().copied().chain([job_a]).collect();
+    let diag = |servers: &[&Server]| format!("A's {a_pids:?}, B's {b_pids:?}\n{}", logs_of(servers));
+
+    sa.kill9();
+    assert!(a_pids.iter().all(|p| alive(*p)), "A's processes outlive A: {}", diag(&[&sb]));
+    // A third installation starts on the host and sweeps it.
+    let c = Fx::new("[project]\nname = \"gamma\"\n\n[[job]]\nname = \"a\"\ncommand = [\"true\"]\n", &[]);
+    let sc = c.serve(&c.sqlite(), &flags);
+    wait("C's first sweep", || sc.log_text(), || sc.log_text().contains("swept this host").then_some(()));
+    assert!(a_pids.iter().all(|p| alive(*p)), "another installation killed A's orphans: {}", diag(&[&sb, &sc]));
+    assert!(b_pids.iter().all(|p| alive(*p)), "B's processes were touched: {}", diag(&[&sb, &sc]));
+
+    // A again: it ends what its previous life left, and nothing of B's.
+    let sa2 = a.serve(&a.sqlite(), &flags);
+    wait_within(GONE, "A's previous life's processes to be gone", || diag(&[&sa2, &sb]), || a_pids.iter().all(|p| !alive(*p)).then_some(()));
+    let interrupted = wait_done(&sa2.url, run_a, || diag(&[&sa2]));
+    assert_eq!(job_state(&interrupted, "long"), "failed", "A's job was interrupted: {interrupted:#}");
+    assert!(b_pids.iter().all(|p| alive(*p)), "A's restart touched B's processes: {}", diag(&[&sa2, &sb, &sc]));
+
+    std::fs::write(&gates[1], "").expect("open B's gate");
+    let done = wait_done(&sb.url, run_b, || diag(&[&sb]));
+    assert_eq!(state(&done), "succeeded", "{done:#}\n{}", diag(&[&sb]));
+    assert_eq!(job(&done, "long")["attempt"], 1, "{done:#}");
+    assert_eq!(started_by(sb.child.id(), "slipway-demo"), web_b, "B's instances are the same processes: {}", diag(&[&sa2, &sb, &sc]));
+    assert!(web_b.iter().all(|p| alive(*p)), "{}", diag(&[&sa2, &sb, &sc]));
+}
+
+/// `beat.sh`: attempt 1 records its start and then a heartbeat every 50 ms
+/// until it is killed; a later attempt records its start, whether attempt
+/// 1's process still exists (its state from /proc, or "gone"), and its end.
+const BEAT_SH: &str = r#"#!/bin/sh
+echo "start $SLIPWAY_ATTEMPT $(date +%s%N) $$" >> "$LOG"
+if [ "$SLIPWAY_ATTEMPT" -gt 1 ]; then
+  prev=$(sed -n 's/^start 1 [0-9]* //p' "$LOG")
+  state=$(cut -d' ' -f3 "/proc/$prev/stat" 2>/dev/null || echo gone)
+  echo "previous $state" >> "$LOG"
+  echo "end $SLIPWAY_ATTEMPT $(date +%s%N)" >> "$LOG"
+  exit 0
+fi
+while :; do echo "beat 1 $(date +%s%N)" >> "$LOG"; sleep 0.05; done
+"#;
+
+/// Issue 13: with a short (accepted) lease, a node killed mid-job on a
+/// shared PostgreSQL store: the other node on the same host ends the dead
+/// node's process before it retries the idempotent job, so the first
+/// attempt's last heartbeat comes before the second attempt's start, and
+/// the second attempt finds the first one's process gone. Before the kill,
+/// the second node's sweeps leave the live first node's process alone.
+#[test]
+fn issue13_a_retry_never_runs_beside_its_first_attempt() {
+    let Some(pg) = runtime().block_on(common::postgres_url()) else { return };
+    let fx = Fx::new(
+        r#"
+[project]
+name = "overlap"
+
+[[job]]
+name = "beat"
+idempotent = true
+command = ["./beat.sh"]
+env = { LOG = "@EXT@/beats" }
+"#,
+        &[("beat.sh", BEAT_SH)],
+    );
+    let other = fx.copy();
+    let (n1, n2) = (format!("n1-{}", fx.nonce), format!("n2-{}", fx.nonce));
+    let flags = |node: &str| -> Vec<String> { ["--lease", "2s", "--poll", "200ms", "--shutdown-grace", "1s", "--node-id", node].iter().map(|s| s.to_string()).collect() };
+    let f1 = flags(&n1);
+    let mut s1 = fx.serve(&pg, &f1.iter().map(String::as_str).collect::<Vec<_>>());
+    let id = submit_run(&s1.url, &["beat"], None);
+    let log = fx.ext.path().join("beats");
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    let beats = || lines().lines().filter(|l| l.starts_with("beat 1 ")).count();
+    wait("attempt 1 to beat", || format!("{:#}\n{}", detail(&s1.url, id), logs_of(&[&s1])), || (beats() > 2).then_some(()));
+    let first: i32 = lines().lines().find_map(|l| l.strip_prefix("start 1 ")?.split_whitespace().nth(1)?.parse().ok()).expect("attempt 1's pid");
+
+    let f2 = flags(&n2);
+    let s2 = fx.serve_in(other.path(), &pg, &f2.iter().map(String::as_str).collect::<Vec<_>>());
+    wait("node 2's first sweep", || s2.log_text(), || s2.log_text().contains("swept this host").then_some(()));
+    let seen = beats();
+    wait("attempt 1 to beat on", || logs_of(&[&s1, &s2]), || (beats() > seen + 2).then_some(()));
+    assert!(alive(first), "node 2 swept the process of live node 1\n{}", logs_of(&[&s1, &s2]));
+
+    s1.kill9();
+    let d = wait_done(&s2.url, id, || format!("{}\n{}", lines(), logs_of(&[&s1, &s2])));
+    let text = lines();
+    let diag = format!("{d:#}\n{text}\n{}", logs_of(&[&s1, &s2]));
+    assert_eq!(state(&d), "succeeded", "{diag}");
+    let j = job(&d, "beat");
+    assert_eq!((j["attempt"].as_i64(), j["node"].as_str()), (Some(2), Some(n2.as_str())), "{diag}");
+    assert_eq!(attempts(&d, "beat")[0]["outcome"], "interrupted", "{diag}");
+    let time = |prefix: &str| -> Vec<u128> { text.lines().filter_map(|l| l.strip_prefix(prefix)?.split_whitespace().next()?.parse().ok()).collect() };
+    let second_start = *time("start 2 ").first().unwrap_or_else(|| panic!("attempt 2 never started\n{diag}"));
+    let last_beat = time("beat 1 ").into_iter().max().expect("beats");
+    assert!(last_beat < second_start, "attempt 1 still beat {} ms after attempt 2 started\n{diag}", (last_beat - second_start) / 1_000_000);
+    let previous = text.lines().find_map(|l| l.strip_prefix("previous ")).unwrap_or("?");
+    assert!(previous == "gone" || previous == "Z", "attempt 2 found attempt 1's process {previous}\n{diag}");
+    assert!(!alive(first), "{diag}");
+}
+
+/// Issue 13: a lease too short for the node's sweep and poll intervals is
+/// refused at start with the reason and the minimum (a usage error from
+/// `--lease`, an invalid config from `[project] lease`).
+#[test]
+fn issue13_serve_refuses_a_lease_too_short_for_its_sweeps() {
+    let fx = Fx::new("[project]\nname = \"short\"\n\n[[job]]\nname = \"a\"\ncommand = [\"true\"]\n", &[]);
+    let serve = |config: &Path, extra: &[&str]| {
+        Command::new(slipway_bin())
+            .arg("--config")
+            .arg(config)
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port()), "--store", &fx.sqlite()])
+            .args(extra)
+            .env_remove("SLIPWAY_STORE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run serve")
+    };
+    let out = serve(fx.dir(), &["--lease", "1s"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("--lease") && said.contains("a lease of 1s is too short") && said.contains("at least 1s 500ms"), "{}", text(&out));
+    // The minimum follows the poll interval.
+    let out = serve(fx.dir(), &["--lease", "2s", "--poll", "2s"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 3s 500ms"), "{}", text(&out));
+    // From the config: its file is named, and it is an invalid config.
+    let short = Fx::new("[project]\nname = \"short\"\nlease = \"1s\"\n", &[]);
+    let out = serve(short.dir(), &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("slipway.toml") && said.contains("[project] lease") && said.contains("too short"), "{}", text(&out));
+    assert!(!std::path::Path::new(fx.sqlite().trim_start_matches("sqlite://")).exists(), "refused before the store was opened");
+}
+
 /// Once output is cut at `max_log_bytes`, nothing later of that attempt is
 /// kept: the note says "further output is counted, not kept", and a log
 /// with holes in it would mislead.

@@ -72,7 +72,7 @@ async fn issue3_daemon_holding_stdout_does_not_keep_job_running() {
     let id = submit(&store, &rev, "d1", vec![NewJob { name: "starts-daemon".into(), needs: vec![], spec: spec(vec!["sh", "-c", &format!("setsid sh -c 'echo $$ > {}; exec sleep 40' & sleep 0.5; echo started", dir.path().join("daemon.pid").display())], 5_000) }]).await;
     let mut cfg = SchedulerConfig::new("n1", dir.path().join("work"));
     cfg.poll = Duration::from_millis(100);
-    let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget), cfg, EventBus::new());
+    let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget::default()), cfg, EventBus::new());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(sched.run(shutdown.clone()));
     let start = Instant::now();
@@ -184,7 +184,7 @@ async fn issue5_an_unreadable_stored_spec_fails_its_job_and_nothing_else() {
     }
     let mut cfg = SchedulerConfig::new("n1", dir.path().join("work"));
     cfg.poll = Duration::from_millis(100);
-    let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget), cfg, EventBus::new());
+    let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget::default()), cfg, EventBus::new());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(sched.run(shutdown.clone()));
     let start = Instant::now();

@@ -74,7 +74,7 @@ struct UnderTest {
 }
 
 fn local() -> UnderTest {
-    UnderTest { name: "local", target: Arc::new(LocalTarget), engine: None }
+    UnderTest { name: "local", target: Arc::new(LocalTarget::default()), engine: None }
 }
 
 /// The machine's Docker Engine with the demo image imported; `None` (and
@@ -263,7 +263,7 @@ impl Harness {
     /// `slipway serve`.
     fn manager(&self) -> (Arc<ServiceManager>, CancellationToken) {
         let shutdown = CancellationToken::new();
-        let m = ServiceManager::with_targets(Arc::new(LocalTarget), Arc::new(Only(self.under.clone())), self.store.clone(), shutdown.clone());
+        let m = ServiceManager::with_targets(Arc::new(LocalTarget::default()), Arc::new(Only(self.under.clone())), self.store.clone(), shutdown.clone());
         self.managers.lock().unwrap().push((m.clone(), shutdown.clone()));
         (m, shutdown)
     }

@@ -576,7 +576,7 @@ async fn run_slipway(graph: &'static str, dir: &Path, names: &[String], parallel
     cfg.parallelism = parallelism;
     cfg.poll = Duration::from_millis(200);
     cfg.shutdown_grace = Duration::from_secs(5);
-    let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget), cfg, bus);
+    let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget::default()), cfg, bus);
     let submitter = Submitter { config_path, store: store.clone(), parallelism, wake: Some(sched.handle()), targets: None, events: None, deciding: Default::default(), parsed: Default::default(), redeployed: Default::default(), fetch_failures: Default::default() };
     let token = CancellationToken::new();
     let sched_task = tokio::spawn(Scheduler::run(sched, token.clone()));

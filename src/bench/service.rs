@@ -506,7 +506,7 @@ async fn bench_rollouts(opts: &LoadBenchOptions, demo_bin: &Path) -> Result<Roll
     // However this ends (even dropped), the proxy and the supervisor stop;
     // instances nobody holds any more are killed by their own Drop.
     let _stop = shutdown.clone().drop_guard();
-    let manager = ServiceManager::new(Arc::new(LocalTarget), store, shutdown.clone());
+    let manager = ServiceManager::new(Arc::new(LocalTarget::default()), store, shutdown.clone());
     let n = opts.rollout_instances;
     let spec = bench_spec(demo_bin, n, SocketAddr::from(([127, 0, 0, 1], free_port()?)));
     let request = |i: usize| RolloutRequest {

@@ -69,6 +69,15 @@ fn lock_sqlite(db: &str) -> Result<std::fs::File, CliError> {
 
 pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
     let loaded = crate::config::load(&opts.config).map_err(CliError::config)?;
+    // Before anything starts: a node with too short a lease could retry a
+    // job beside the remains of its attempt.
+    let lease = opts.lease.or(loaded.config.project.lease).unwrap_or(SchedulerConfig::new(String::new(), PathBuf::new()).lease);
+    if let Err(e) = scheduler::check_lease(lease, opts.poll) {
+        return Err(match (opts.lease, loaded.config.project.lease) {
+            (None, Some(_)) => CliError::new(exit::INVALID_CONFIG, format!("{}: [project] lease: {e}", loaded.path.display())),
+            _ => CliError::new(exit::USAGE, format!("--lease/--poll: {e}")),
+        });
+    }
     let url = store_url(opts.store.as_deref(), loaded.config.project.store.as_deref(), &loaded.dir);
     let _lock = match url.strip_prefix("sqlite://") {
         Some(path) => {
@@ -109,7 +118,8 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
 
     // Registered before the API answers, so a node that listens is listed.
     store.register_node(&node_id).await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
-    let scope = crate::target::docker::scope_of_store(&url);
+    // One identity for the installation's containers and processes.
+    let scope = crate::target::local::installation_of_store(&url);
     let node = start_node(NodeOptions { config_path: loaded.path.clone(), store: store.clone(), scheduler: cfg, listener, scope });
     let shutdown = node.shutdown.clone();
     {
@@ -146,7 +156,8 @@ pub struct NodeOptions {
     pub store: Arc<dyn Store>,
     pub scheduler: SchedulerConfig,
     pub listener: tokio::net::TcpListener,
-    /// Which containers are this installation's (`docker::scope_of_store`).
+    /// Which containers and local processes are this installation's
+    /// (`local::installation_of_store`): only those are ever swept.
     pub scope: String,
 }
 
@@ -179,7 +190,7 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     let shutdown = CancellationToken::new();
     // The submitter reports gates and rejected revisions on the same bus.
     let events = bus.clone();
-    let target: Arc<dyn Target> = Arc::new(LocalTarget);
+    let target: Arc<dyn Target> = Arc::new(LocalTarget::scoped(opts.scope.clone()));
     let targets: Arc<dyn Targets> = Arc::new(NodeTargets::new(target.clone()).scoped(opts.scope).restoring());
     let services = ServiceManager::with_targets(target.clone(), targets.clone(), store.clone(), shutdown.clone());
     let sched = Scheduler::new(store.clone(), target, opts.scheduler, bus).with_services(services.clone());

@@ -66,8 +66,58 @@ impl SchedulerConfig {
 /// an error (not one that does not answer: that is retried until it does).
 const FINISH_RETRY_LIMIT: Duration = Duration::from_secs(600);
 
-/// How often a node looks for processes left by a dead Slipway on its host.
-const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How long ending a dead node's leftover processes may take once a sweep
+/// is due (the sweep task waking late on a busy host, reading /proc,
+/// SIGKILL, seeing them gone).
+const SWEEP_MARGIN: Duration = Duration::from_millis(500);
+
+/// How often a node renews its leases.
+pub fn renew_interval(lease: Duration) -> Duration {
+    (lease / 3).min(Duration::from_secs(1)).max(Duration::from_millis(50))
+}
+
+/// How often a node looks for processes left on its host by a dead node
+/// of its installation: every poll interval, as for other work left by
+/// other nodes (not more than four times a second: it reads /proc).
+pub fn sweep_interval(poll: Duration) -> Duration {
+    poll.max(Duration::from_millis(250))
+}
+
+/// The shortest lease that lets a node on the same host as a node that
+/// dies end the dead node's processes before that node's leases run out,
+/// so before any node can retry its jobs: the dead node may have renewed
+/// last one renew interval before it died, and its processes are found
+/// within one sweep interval and ended within [`SWEEP_MARGIN`]. (The
+/// renew interval is a third of the lease, at most 1 s.)
+pub fn minimum_lease(poll: Duration) -> Duration {
+    let rest = sweep_interval(poll) + SWEEP_MARGIN;
+    // lease >= lease/3 + rest while the lease is under 3 s; above, lease >= 1s + rest.
+    let short = rest * 3 / 2;
+    if short <= Duration::from_secs(3) { short } else { rest + Duration::from_secs(1) }
+}
+
+/// A lease too short for the node's sweep and poll intervals.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "a lease of {} is too short with a poll interval of {}: it must be at least {} (a dead node's leases may have been renewed {} before it died; another node on its host finds its leftover processes within a sweep interval of {} and needs up to {} to end them; all of that must fit in the lease, or a retry of its job could start while they still run)",
+    humantime::format_duration(*lease),
+    humantime::format_duration(*poll),
+    humantime::format_duration(*minimum),
+    humantime::format_duration(renew_interval(*minimum)),
+    humantime::format_duration(sweep_interval(*poll)),
+    humantime::format_duration(SWEEP_MARGIN)
+)]
+pub struct LeaseTooShort {
+    pub lease: Duration,
+    pub poll: Duration,
+    pub minimum: Duration,
+}
+
+/// Refuse a lease shorter than [`minimum_lease`] for `poll`.
+pub fn check_lease(lease: Duration, poll: Duration) -> Result<(), LeaseTooShort> {
+    let minimum = minimum_lease(poll);
+    if lease < minimum { Err(LeaseTooShort { lease, poll, minimum }) } else { Ok(()) }
+}
 
 /// Why a running job is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,12 +310,14 @@ impl Scheduler {
         let this = Arc::new(self);
         this.store.register_node(&this.cfg.node_id).await?;
         this.store_seen.restart();
-        // Remains of jobs of a Slipway that died on this host go first, so
-        // a retried job never runs beside its own interrupted attempt.
+        // Remains of jobs of a Slipway of this installation that died on
+        // this host go first, so a retried job never runs beside its own
+        // interrupted attempt.
         let swept = this.target.sweep_orphans().await;
         if swept > 0 {
-            tracing::warn!(processes = swept, "killed processes left by jobs of a Slipway process that died");
+            tracing::warn!(processes = swept, "killed processes left by jobs of a Slipway process of this installation that died");
         }
+        tracing::info!(killed = swept, "swept this host for processes left by dead nodes of this installation");
         if this.store.single_node() {
             // Only one node can use this store, so whatever a previous
             // process left running is dead: reap it now, not after a lease.
@@ -273,7 +325,7 @@ impl Scheduler {
         }
         let running: RunningMap = Arc::default();
         let mut tasks: JoinSet<()> = JoinSet::new();
-        let renew_every = (this.cfg.lease / 3).min(Duration::from_secs(1)).max(Duration::from_millis(50));
+        let renew_every = renew_interval(this.cfg.lease);
         let mut last_reap = Instant::now() - this.cfg.poll;
         // Leases are renewed by a task of their own: nothing the loop waits
         // on (a slow store write, a full event channel) may delay them, or
@@ -300,8 +352,25 @@ impl Scheduler {
                 }
             })
         };
+        // Sweeps too: a dead node's processes on this host must be ended
+        // before its leases run out (`minimum_lease`), whatever the loop
+        // is waiting for.
+        let sweeper = {
+            let (this, stop, every) = (this.clone(), renewer_stop.clone(), sweep_interval(this.cfg.poll));
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(every) => {}
+                    }
+                    let swept = this.target.sweep_orphans().await;
+                    if swept > 0 {
+                        tracing::warn!(processes = swept, "killed processes left by jobs of a Slipway process of this installation that died");
+                    }
+                }
+            })
+        };
         let mut store_down_since: Option<Instant> = None;
-        let mut last_sweep = Instant::now();
         let mut last_activate = Instant::now();
 
         while !shutdown.is_cancelled() {
@@ -309,13 +378,6 @@ impl Scheduler {
                 if last_reap.elapsed() >= this.cfg.poll && this.may_reap() {
                     this.reap(&snapshot(&running)).await?;
                     last_reap = Instant::now();
-                }
-                if last_sweep.elapsed() >= SWEEP_EVERY {
-                    last_sweep = Instant::now();
-                    let swept = this.target.sweep_orphans().await;
-                    if swept > 0 {
-                        tracing::warn!(processes = swept, "killed processes left by jobs of a Slipway process that died");
-                    }
                 }
                 if this.activate.swap(false, Ordering::SeqCst) || last_activate.elapsed() >= this.cfg.poll {
                     last_activate = Instant::now();
@@ -393,6 +455,7 @@ impl Scheduler {
         }
         renewer_stop.cancel();
         let _ = renewer.await;
+        let _ = sweeper.await;
         Ok(())
     }
 
@@ -432,7 +495,16 @@ impl Scheduler {
     /// them as interrupted. Fenced, so two nodes reaping at once is safe.
     async fn reap(&self, running: &HashMap<(i64, i64), Running>) -> Result<(), StoreError> {
         self.store.reap_locks(&self.cfg.node_id, self.cfg.lease).await?;
-        for x in self.store.expired().await? {
+        let expired = self.store.expired().await?;
+        // What a dead node left running on this host goes (and is seen
+        // gone) before its jobs are retried.
+        if expired.iter().any(|x| !running.contains_key(&(x.job_id, x.fence))) {
+            let swept = self.target.sweep_orphans().await;
+            if swept > 0 {
+                tracing::warn!(processes = swept, "killed processes left by jobs of a Slipway process of this installation that died");
+            }
+        }
+        for x in expired {
             // Our own job whose lease ran out while the store was down: we
             // still hold it (and maybe its result), so renew, don't reap.
             if running.contains_key(&(x.job_id, x.fence)) {
@@ -548,9 +620,24 @@ impl Scheduler {
         };
         // The secrets this job is given: masked in everything kept of it.
         let redactor = redactor_for(&job.spec);
-        let result = match self.workdir(&job.revision).await {
-            Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
-            Ok(revision_dir) => {
+        // A retry never starts beside what this host still runs of an
+        // earlier attempt (a dead node's leftovers are ended; a live node
+        // stopping its attempt is waited for, at most until its timeout
+        // would have ended it).
+        let earlier = if job.attempt > 1 {
+            let within = Duration::from_millis(job.spec.timeout_ms.saturating_add(job.spec.kill_grace_ms)).saturating_add(self.cfg.lease);
+            let ended = self.target.end_earlier_attempts(job.deployment_id, &job.name, job.attempt, within, &cancel).await;
+            if let Ok(n @ 1..) = ended {
+                self.events.emit(note(format!("[slipway] {n} processes of an earlier attempt were still running on this host; attempt {} started once they were gone", job.attempt))).await;
+            }
+            ended.err()
+        } else {
+            None
+        };
+        let result = match (earlier, self.workdir(&job.revision).await) {
+            (Some(r), _) => r,
+            (None, Err(e)) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
+            (None, Ok(revision_dir)) => {
                 // A tarball service's migrate and rollout run in its
                 // unpacked release (fetched by the job before them).
                 let cache = self.cfg.work_dir.parent().unwrap_or(&self.cfg.work_dir).join("artifacts");
@@ -827,4 +914,27 @@ fn redactor_for(spec: &crate::store::JobSpec) -> crate::config::secret::Redactor
         return Default::default();
     }
     crate::config::secret::Redactor::of(refs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 13: the minimum lease is the shortest one in which a node
+    /// can have renewed, died, and had its processes found and ended by a
+    /// node on its host.
+    #[test]
+    fn issue13_minimum_lease_fits_renewal_sweep_and_margin() {
+        let fits = |lease: Duration, poll: Duration| lease >= renew_interval(lease) + sweep_interval(poll) + SWEEP_MARGIN;
+        for poll_ms in [1, 100, 200, 250, 500, 1000, 1500, 2000, 5000, 20_000] {
+            let poll = Duration::from_millis(poll_ms);
+            let min = minimum_lease(poll);
+            assert!(fits(min, poll), "poll {poll:?}: minimum {min:?} does not fit");
+            assert!(!fits(min - Duration::from_millis(1), poll), "poll {poll:?}: {min:?} is not the minimum");
+            assert!(check_lease(min, poll).is_ok() && check_lease(min - Duration::from_millis(1), poll).is_err());
+        }
+        assert_eq!(minimum_lease(Duration::from_millis(500)), Duration::from_millis(1500));
+        // The default lease fits the default poll interval.
+        assert!(check_lease(SchedulerConfig::new("n", PathBuf::new()).lease, Duration::from_millis(500)).is_ok());
+    }
 }

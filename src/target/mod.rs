@@ -386,11 +386,21 @@ pub trait Target: Send + Sync + 'static {
         Garbage::default()
     }
 
-    /// Stop what jobs of a dead Slipway process left running on this
-    /// target. Called when a node starts (before interrupted jobs are
-    /// retried) and periodically. Returns how many it stopped.
+    /// Stop what jobs of a dead Slipway process of this installation left
+    /// running on this target. Called when a node starts, before it reaps
+    /// expired leases, and periodically. Returns how many it stopped.
     async fn sweep_orphans(&self) -> usize {
         0
+    }
+
+    /// Before attempt `attempt` (> 1) of a job starts here: end what this
+    /// target can see of earlier attempts of the same job that may still
+    /// run (those of a dead Slipway), and wait, at most `within`, for those
+    /// a live one is still stopping. `Ok(n)`: go ahead (`n` processes of
+    /// earlier attempts were found); `Err`: the attempt's result instead
+    /// (they did not end, or `cancel` fired).
+    async fn end_earlier_attempts(&self, _deployment_id: i64, _job: &str, _attempt: i64, _within: std::time::Duration, _cancel: &CancellationToken) -> Result<usize, RunResult> {
+        Ok(0)
     }
 }
 

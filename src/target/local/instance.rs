@@ -1,7 +1,8 @@
 //! Service instances on the local target: one process group each, owned
-//! by this Slipway process (marked like jobs, so a Slipway that died
-//! leaves nothing behind: the next one's orphan sweep kills them, and the
-//! service manager starts the recorded version again).
+//! by this Slipway process (marked like jobs, with this process and this
+//! installation, so a Slipway that died leaves nothing behind: the next
+//! one of the same installation on this host kills them in its orphan
+//! sweep, and the service manager starts the recorded version again).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
@@ -12,7 +13,7 @@ use async_trait::async_trait;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
-use super::{OWNER_ENV, describe, kill_group, owner_mark, program_path, pump};
+use super::{LocalTarget, describe, kill_group, program_path, pump};
 use crate::target::{Instance, InstanceRequest, Lifeline, Stream};
 
 pub struct LocalInstance {
@@ -21,7 +22,7 @@ pub struct LocalInstance {
     life: Lifeline,
 }
 
-pub fn start(req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {
+pub fn start(req: InstanceRequest, target: &LocalTarget) -> Result<Arc<dyn Instance>, String> {
     let Some(program) = req.argv.first() else { return Err("empty command".into()) };
     let mut cmd = Command::new(program_path(program, &req.workdir));
     super::hide_secret_sources(cmd.as_std_mut());
@@ -36,8 +37,8 @@ pub fn start(req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {
         .env("SLIPWAY_SERVICE", &req.service)
         .env("SLIPWAY_ENV", &req.environment)
         .env("SLIPWAY_VERSION", &req.version)
-        .env("SLIPWAY_PORT", req.port.to_string())
-        .env(OWNER_ENV, owner_mark());
+        .env("SLIPWAY_PORT", req.port.to_string());
+    target.mark(cmd.as_std_mut(), None);
     let mut child = cmd.spawn().map_err(|e| format!("cannot start {program:?} in {}: {e}", req.workdir.display()))?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     let (life, exit_tx) = Lifeline::new();

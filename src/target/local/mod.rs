@@ -4,12 +4,16 @@
 //! everything the job started (SIGTERM, then SIGKILL after `kill_grace`),
 //! and so does the end of the job: a job does not leave processes behind
 //! (long-running things are services, not jobs). If Slipway itself dies
-//! (SIGKILL, a crash), its jobs' processes are found by the owner mark in
-//! their environment and killed by the next Slipway on the host
-//! ([`sweep_orphans`]), before any interrupted job is retried.
+//! (SIGKILL, a crash), its jobs' processes are found by the marks in their
+//! environment (which Slipway process, which installation, which attempt)
+//! and killed by the next Slipway of the same installation on the host
+//! ([`sweep_orphans`]), before any interrupted job is retried; another
+//! installation's processes are never touched.
 
 use std::process::Stdio;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -22,8 +26,51 @@ use super::{Instance, InstanceRequest, JobRequest, MAX_LINE_BYTES, OutputSink, R
 use crate::config;
 use crate::store::Outcome;
 
+/// Without an installation (`LocalTarget::default()`, in-process tests and
+/// benchmarks) processes are marked with their owner only, and nothing is
+/// ever swept: whose orphans they are cannot be told.
 #[derive(Debug, Default, Clone)]
-pub struct LocalTarget;
+pub struct LocalTarget {
+    /// The installation (store) whose processes this target marks and may
+    /// sweep: see [`installation_of_store`].
+    installation: Option<Arc<str>>,
+    /// Orphans without an installation mark (left by an older Slipway) are
+    /// reported once, not at every sweep.
+    reported_unscoped: Arc<AtomicBool>,
+}
+
+impl LocalTarget {
+    /// Processes of this target carry `installation`, and only this
+    /// installation's orphans are swept.
+    pub fn scoped(installation: impl Into<String>) -> Self {
+        LocalTarget { installation: Some(Arc::from(installation.into())), reported_unscoped: Arc::default() }
+    }
+
+    /// The marks every process this target starts carries.
+    fn mark(&self, cmd: &mut std::process::Command, job: Option<(i64, i64, &str)>) {
+        match &self.installation {
+            Some(i) => cmd.env(OWNER_ENV, format!("{}@{i}", owner_mark())),
+            None => cmd.env(OWNER_ENV, owner_mark()),
+        };
+        match job {
+            Some((deployment, attempt, name)) => cmd.env(JOB_ENV, format!("{deployment}/{attempt}/{name}")),
+            None => cmd.env_remove(JOB_ENV),
+        };
+    }
+}
+
+/// The installation a store URL names, for marking processes: the
+/// containers' scope (`docker::scope_of_store`, a digest of the URL
+/// without credentials), with a SQLite path made absolute first, so that
+/// two installations each using `sqlite://slipway.db` in their own
+/// directory are two. Nodes of one installation share it when they spell
+/// a PostgreSQL URL the same way.
+pub fn installation_of_store(url: &str) -> String {
+    match url.strip_prefix("sqlite://").and_then(|path| std::fs::canonicalize(path).ok()) {
+        Some(path) => crate::target::docker::scope_of_store(&format!("sqlite://{}", path.display())),
+        None => crate::target::docker::scope_of_store(url),
+    }
+}
 
 /// Substitute `{name}` placeholders inside one argument. Values stay one
 /// argument whatever they contain: no shell ever sees them.
@@ -35,7 +82,7 @@ pub fn substitute(arg: &str, values: &std::collections::BTreeMap<&'static str, S
     out
 }
 
-fn build_command(req: &JobRequest) -> Result<Command, String> {
+fn build_command(req: &JobRequest, target: &LocalTarget) -> Result<Command, String> {
     let mut cmd = match &req.spec.command {
         config::Command::Argv(argv) => {
             let Some(program) = argv.first() else { return Err("empty command".into()) };
@@ -70,11 +117,13 @@ fn build_command(req: &JobRequest) -> Result<Command, String> {
     for (k, secret) in &req.spec.secrets {
         cmd.env(k, secret.read()?.expose());
     }
-    // Marks every process of the job (children inherit it) as ours, so a
-    // later Slipway on this host can find them if we die: see
-    // `sweep_orphans`. No pre_exec hook: that would force fork() instead
-    // of posix_spawn, which costs a copy of Slipway's page tables per job.
-    cmd.env(OWNER_ENV, owner_mark());
+    // Marks every process of the job (children inherit them) as this
+    // attempt's, of this installation, started by us, so a later Slipway of
+    // this installation on this host can find them if we die: see
+    // `sweep_orphans`. Set last: a job's own `env` cannot change them. No
+    // pre_exec hook: that would force fork() instead of posix_spawn, which
+    // costs a copy of Slipway's page tables per job.
+    target.mark(cmd.as_std_mut(), Some((req.deployment_id, req.attempt, &req.job)));
     Ok(cmd)
 }
 
@@ -86,9 +135,14 @@ pub(crate) fn hide_secret_sources(cmd: &mut std::process::Command) {
     }
 }
 
-/// Environment variable carrying "<pid>.<start time>" of the Slipway
-/// process that started a job.
+/// Environment variable carrying "<pid>.<start time>@<installation>" of
+/// the Slipway process that started a process (the installation:
+/// [`installation_of_store`]; none without one). In one value, so that an
+/// older Slipway, which kills every process whose "<pid>.<start time>"
+/// names a dead process, cannot read it and leaves it alone.
 const OWNER_ENV: &str = "SLIPWAY_OWNER";
+/// On a job's processes: "<deployment id>/<attempt>/<job name>".
+const JOB_ENV: &str = "SLIPWAY_OWNER_JOB";
 
 pub(crate) fn owner_mark() -> &'static str {
     static MARK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -121,17 +175,30 @@ fn proc_stat(pid: i32) -> Option<ProcStat> {
     Some(ProcStat { start_time: fields.get(19)?.parse().ok()?, zombie: fields.first() == Some(&"Z") })
 }
 
-/// Kill what jobs left behind when their Slipway died (SIGKILL, a crash):
-/// every process on this host marked with the owner of a Slipway process
-/// that no longer exists (Slipway binaries themselves excepted). Runs when a node starts,
-/// before it retries interrupted jobs, and now and then after. Returns
-/// how many processes it killed.
-pub fn sweep_orphans() -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
-    let mine = owner_mark();
-    // Never ourselves or our ancestors (a Slipway started by a job of an
-    // older one inherits its mark), never another pid namespace (its pids
-    // mean other processes).
+/// A process carrying an owner mark, as found in /proc.
+struct Marked {
+    pid: i32,
+    start_time: u64,
+    owner: String,
+    installation: Option<String>,
+    /// "<deployment id>/<attempt>/<job name>" on a job's processes.
+    job: Option<String>,
+}
+
+/// The value of `name` in a NUL-separated environment block.
+fn env_value(environ: &[u8], name: &str) -> Option<String> {
+    environ
+        .split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(name.as_bytes()).and_then(|v| v.strip_prefix(b"=")))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Every process on this host carrying an owner mark, but never ourselves
+/// or our ancestors (a Slipway started by a job of an older one inherits
+/// its marks), never another pid namespace (its pids mean other
+/// processes), never a Slipway binary (a Slipway a job restarted).
+fn marked_processes() -> Vec<Marked> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
     let mut spared = vec![std::process::id() as i32];
     let mut at = std::process::id() as i32;
     while let Some(parent) = parent_of(at).filter(|p| *p > 1 && !spared.contains(p)) {
@@ -140,38 +207,151 @@ pub fn sweep_orphans() -> usize {
     }
     let our_ns = std::fs::read_link("/proc/self/ns/pid").ok();
     let our_exe = std::fs::read_link("/proc/self/exe").ok();
-    let mut killed = 0;
+    let mut found = Vec::new();
     for entry in dir.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
         if spared.contains(&pid) || std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok() != our_ns {
             continue;
         }
         let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-        let Some(owner) = environ
-            .split(|b| *b == 0)
-            .find_map(|kv| kv.strip_prefix(OWNER_ENV.as_bytes()).and_then(|v| v.strip_prefix(b"=")))
-        else {
-            continue;
-        };
-        let owner = String::from_utf8_lossy(owner);
-        if owner == mine || !owner_is_dead(&owner) {
-            continue; // its Slipway is alive and looks after it
-        }
-        // A Slipway started by a job (an upgrade, a restart) inherits the
-        // mark: it is not an orphan to kill.
+        let Some(mark) = env_value(&environ, OWNER_ENV) else { continue };
         if our_exe.is_some() && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == our_exe {
             continue;
         }
-        // Only the marked process itself: everything a job started carries
-        // the mark, and its process group may hold processes that do not
-        // belong to the job (whoever started a marked Slipway).
+        let Some(stat) = proc_stat(pid).filter(|s| !s.zombie) else { continue };
+        let (owner, installation) = match mark.split_once('@') {
+            Some((owner, installation)) => (owner.to_string(), Some(installation.to_string())),
+            None => (mark, None),
+        };
+        found.push(Marked { pid, start_time: stat.start_time, owner, installation, job: env_value(&environ, JOB_ENV) });
+    }
+    found
+}
+
+/// Whether `pid` is still the process that started at `start_time` and has
+/// not exited (a zombie has: only its parent's bookkeeping is left).
+fn is_running(pid: i32, start_time: u64) -> bool {
+    proc_stat(pid).is_some_and(|s| s.start_time == start_time && !s.zombie)
+}
+
+/// SIGKILL one marked process, unless its pid now names another process.
+/// Only the marked process itself: everything a job started carries the
+/// marks, and its process group may hold processes that do not belong to
+/// the job (whoever started a marked Slipway).
+fn kill_marked(p: &Marked) {
+    if is_running(p.pid, p.start_time) {
         // SAFETY: plain syscall on a pid we just identified as an orphan.
         unsafe {
-            libc::kill(pid, libc::SIGKILL);
+            libc::kill(p.pid, libc::SIGKILL);
         }
-        killed += 1;
     }
-    killed
+}
+
+/// Wait (bounded) until the processes are gone; those still running.
+fn wait_gone(procs: &[(i32, u64)], within: Duration) -> Vec<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left: Vec<i32> = procs.iter().filter(|(p, s)| is_running(*p, *s)).map(|(p, _)| *p).collect();
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How long a sweep waits for the processes it killed to be gone.
+const CONFIRM_WITHIN: Duration = Duration::from_secs(5);
+
+/// What [`sweep_orphans`] did.
+#[derive(Debug, Default)]
+pub struct Swept {
+    pub killed: usize,
+    /// Killed, yet not gone within [`CONFIRM_WITHIN`] (a process stuck in
+    /// the kernel, as on a hung NFS mount).
+    pub still_running: Vec<i32>,
+    /// Orphans without an installation mark (an older Slipway started
+    /// them): whose they are cannot be told, so they are left alone.
+    pub unscoped: Vec<i32>,
+}
+
+/// Kill what jobs and service instances of `installation` left behind
+/// when their Slipway died (SIGKILL, a crash): every process on this host
+/// marked with this installation and with the owner of a Slipway process
+/// that no longer exists (this node's previous life, or another node of
+/// this installation on this host that died). Processes of a live Slipway
+/// (another node of this installation included: it looks after them) and
+/// of another installation (its own next Slipway sweeps them) are never
+/// touched. Returns once the killed processes are gone (or after
+/// [`CONFIRM_WITHIN`]). Runs when a node starts, before it reaps leases,
+/// every sweep interval after, and before interrupted jobs are retried.
+pub fn sweep_orphans(installation: &str) -> Swept {
+    let mine = owner_mark();
+    let mut swept = Swept::default();
+    // Again after each pass that killed something: a process caught in the
+    // middle of an exec shows no environment for a moment, and one an
+    // orphan had just forked is found only now.
+    for _ in 0..5 {
+        let mut killed = Vec::new();
+        swept.unscoped.clear();
+        for p in marked_processes() {
+            if p.owner == mine || !owner_is_dead(&p.owner) {
+                continue; // its Slipway is alive and looks after it
+            }
+            match p.installation.as_deref() {
+                Some(i) if i == installation => {
+                    kill_marked(&p);
+                    killed.push((p.pid, p.start_time));
+                }
+                Some(_) => {}
+                None => swept.unscoped.push(p.pid),
+            }
+        }
+        if killed.is_empty() {
+            break;
+        }
+        swept.killed += killed.len();
+        swept.still_running = wait_gone(&killed, CONFIRM_WITHIN);
+        if !swept.still_running.is_empty() {
+            break;
+        }
+    }
+    swept
+}
+
+/// Processes of attempts before `attempt` of one job of `installation` on
+/// this host: those of a dead Slipway are killed (and given a moment to
+/// go). Returns the pids found, and those still running with their owner
+/// mark.
+fn earlier_attempts(installation: &str, deployment: i64, job: &str, attempt: i64) -> (Vec<i32>, Vec<(i32, String)>) {
+    let mut killed = Vec::new();
+    let mut running = Vec::new();
+    for p in marked_processes() {
+        if p.installation.as_deref() != Some(installation) {
+            continue;
+        }
+        let Some(mark) = &p.job else { continue };
+        let mut parts = mark.splitn(3, '/');
+        let (Some(Ok(d)), Some(Ok(a)), Some(name)) = (parts.next().map(str::parse::<i64>), parts.next().map(str::parse::<i64>), parts.next()) else { continue };
+        if d != deployment || name != job || a >= attempt {
+            continue;
+        }
+        if p.owner != owner_mark() && owner_is_dead(&p.owner) {
+            kill_marked(&p);
+            killed.push((p.pid, p.start_time));
+        } else if p.owner.split('.').next().and_then(|o| o.parse::<i32>().ok()) != parent_of(p.pid) {
+            // A live owner's (this process's too) attempt runs while its
+            // main process, the owner's child, does: the owner ends the
+            // whole group with it. Others escaped the group (a daemon the
+            // job started): no longer the attempt's, as after any attempt.
+            continue;
+        }
+        // Else a live owner is stopping its attempt, which lost its
+        // lease: waited for, never killed from here.
+        running.push((p.pid, p.start_time, p.owner));
+    }
+    wait_gone(&killed, Duration::from_secs(1));
+    let found = running.iter().map(|(pid, _, _)| *pid).collect();
+    (found, running.into_iter().filter(|(pid, start, _)| is_running(*pid, *start)).map(|(pid, _, owner)| (pid, owner)).collect())
 }
 
 /// Whether the Slipway process named by an owner mark ("<pid>.<start
@@ -248,17 +428,65 @@ fn describe(status: std::process::ExitStatus) -> (Option<i32>, String) {
 #[async_trait]
 impl Target for LocalTarget {
     async fn start_instance(&self, request: InstanceRequest) -> Result<std::sync::Arc<dyn Instance>, String> {
-        instance::start(request)
+        instance::start(request, self)
     }
 
     async fn sweep_orphans(&self) -> usize {
-        tokio::task::spawn_blocking(sweep_orphans).await.unwrap_or(0)
+        let Some(installation) = self.installation.clone() else { return 0 };
+        let swept = tokio::task::spawn_blocking(move || sweep_orphans(&installation)).await.unwrap_or_default();
+        if !swept.still_running.is_empty() {
+            tracing::warn!(pids = ?swept.still_running, "processes left by a dead Slipway of this installation are still there after SIGKILL");
+        }
+        if !swept.unscoped.is_empty() && !self.reported_unscoped.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                pids = ?swept.unscoped,
+                "left running: processes of a Slipway process that is gone, without an installation mark (an older Slipway started them), so they may be another installation's; end them by hand if they are this one's"
+            );
+        }
+        swept.killed
+    }
+
+    async fn end_earlier_attempts(&self, deployment_id: i64, job: &str, attempt: i64, within: Duration, cancel: &CancellationToken) -> Result<usize, RunResult> {
+        let Some(installation) = self.installation.clone() else { return Ok(0) };
+        // (None: beyond any instant, for a timeout that large.)
+        let deadline = Instant::now().checked_add(within);
+        let mut found = std::collections::HashSet::new();
+        loop {
+            let (i, name) = (installation.clone(), job.to_string());
+            let (n, running) = tokio::task::spawn_blocking(move || earlier_attempts(&i, deployment_id, &name, attempt)).await.unwrap_or_default();
+            // Done once a look finds nothing at all: one that ended some
+            // may have missed a process caught mid-exec (no environment
+            // for a moment).
+            if n.is_empty() {
+                return Ok(found.len());
+            }
+            found.extend(n);
+            if running.is_empty() {
+                continue;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                let pids: Vec<String> = running.iter().map(|(p, owner)| format!("{p} (started by Slipway process {})", owner.split('.').next().unwrap_or(owner))).collect();
+                return Err(RunResult {
+                    outcome: Outcome::Failed,
+                    exit_code: None,
+                    reason: Some(format!(
+                        "processes of an earlier attempt of this job are still running on this host after {}: {}; attempt {attempt} does not start beside them",
+                        humantime::format_duration(within),
+                        pids.join(", ")
+                    )),
+                });
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some("stopped on request".into()) }),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
     }
 
     async fn run(&self, req: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
         let timeout = Duration::from_millis(req.spec.timeout_ms.max(1));
         let grace = Duration::from_millis(req.spec.kill_grace_ms);
-        let mut cmd = match build_command(&req) {
+        let mut cmd = match build_command(&req, self) {
             Ok(c) => c,
             Err(e) => return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
         };
@@ -337,5 +565,110 @@ impl Target for LocalTarget {
             }
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sleeping process with the given marks (`owner` None: ours).
+    fn marked(installation: Option<&str>, owner: Option<&str>, job: Option<&str>) -> std::process::Child {
+        let mut cmd = std::process::Command::new("sleep");
+        let owner = owner.unwrap_or(owner_mark());
+        cmd.arg("30").env(OWNER_ENV, installation.map(|i| format!("{owner}@{i}")).unwrap_or(owner.to_string())).env_remove(JOB_ENV);
+        if let Some(j) = job {
+            cmd.env(JOB_ENV, j);
+        }
+        let child = cmd.spawn().expect("spawn sleep");
+        // Until its exec is complete, its environment reads empty.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read(format!("/proc/{}/environ", child.id())).is_ok_and(|e| env_value(&e, OWNER_ENV).is_some()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child
+    }
+
+    fn running(child: &std::process::Child) -> bool {
+        proc_stat(child.id() as i32).is_some_and(|s| !s.zombie)
+    }
+
+    /// A mark of a Slipway process that does not exist.
+    const DEAD: &str = "999999999.1";
+
+    fn unique() -> String {
+        format!("test-{}-{}", std::process::id(), rand::random::<u32>())
+    }
+
+    #[test]
+    fn issue13_sweep_kills_only_this_installations_orphans() {
+        let (ours, theirs) = (unique(), unique());
+        let mut procs = [
+            marked(Some(&ours), Some(DEAD), None),
+            marked(Some(&theirs), Some(DEAD), None),
+            marked(Some(&ours), None, None),
+            marked(None, Some(DEAD), None),
+        ];
+        // (No pause: an older Slipway on this host would kill the orphans.)
+        let swept = sweep_orphans(&ours);
+        let alive: Vec<bool> = procs.iter().map(running).collect();
+        for p in &mut procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        assert_eq!(alive, [false, true, true, true], "only our installation's orphan is killed: {swept:?}");
+        assert_eq!(swept.killed, 1);
+        assert!(swept.still_running.is_empty());
+        assert!(swept.unscoped.contains(&(procs[3].id() as i32)), "the unmarked orphan is reported: {swept:?}");
+    }
+
+    #[tokio::test]
+    async fn issue13_a_retry_waits_for_a_live_attempt_and_ends_a_dead_ones() {
+        let installation = unique();
+        let target = LocalTarget::scoped(installation.clone());
+        let cancel = CancellationToken::new();
+        // A live owner's (ours) attempt 1 of job "j" of deployment 5: waited
+        // for, never killed, and past the bound the retry does not start.
+        let mut live = marked(Some(&installation), None, Some("5/1/j"));
+        let waited = target.end_earlier_attempts(5, "j", 2, Duration::from_millis(300), &cancel).await;
+        let reason = waited.err().and_then(|r| (r.outcome == Outcome::Failed).then_some(r.reason).flatten()).unwrap_or_default();
+        assert!(reason.contains(&format!("{} (started by Slipway process {})", live.id(), std::process::id())) && reason.contains("attempt 2 does not start"), "{reason}");
+        assert!(running(&live), "a live owner's process is never killed from here");
+        cancel.cancel();
+        let stopped = target.end_earlier_attempts(5, "j", 2, Duration::from_secs(30), &cancel).await;
+        assert_eq!(stopped.err().map(|r| r.outcome), Some(Outcome::Cancelled));
+        let _ = live.kill();
+        let _ = live.wait();
+        // What escaped a live owner's attempt (not its child: a daemon the
+        // job started) is not waited for, nor killed.
+        let mut starter = std::process::Command::new("sh");
+        starter.args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"]).env(OWNER_ENV, format!("{}@{installation}", owner_mark())).env(JOB_ENV, "5/1/j");
+        let escaped: i32 = String::from_utf8_lossy(&starter.output().expect("run sh").stdout).trim().parse().expect("pid of the escaped sleep");
+        let go = target.end_earlier_attempts(5, "j", 2, Duration::from_secs(30), &CancellationToken::new()).await;
+        let escaped_running = proc_stat(escaped).is_some_and(|s| !s.zombie);
+        // SAFETY: kill of the sleep this test started.
+        unsafe {
+            libc::kill(escaped, libc::SIGKILL);
+        }
+        assert_eq!(go.ok(), Some(0));
+        assert!(escaped_running);
+        // A dead owner's attempt is ended, and then the retry may start.
+        // Another job, another deployment, a later attempt: left alone.
+        // (An older Slipway on this host would kill all of these at its
+        // next sweep: hence no pause between starting and looking.)
+        let mut dead = marked(Some(&installation), Some(DEAD), Some("5/1/j"));
+        let mut others = [marked(Some(&installation), Some(DEAD), Some("5/1/k")), marked(Some(&installation), Some(DEAD), Some("6/1/j")), marked(Some(&installation), Some(DEAD), Some("5/2/j"))];
+        let ended = target.end_earlier_attempts(5, "j", 2, Duration::from_secs(30), &CancellationToken::new()).await;
+        let dead_running = running(&dead);
+        let others_running: Vec<bool> = others.iter().map(running).collect();
+        for p in others.iter_mut().chain([&mut dead]) {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        assert_eq!(ended.ok(), Some(1));
+        assert!(!dead_running);
+        assert_eq!(others_running, [true, true, true]);
+        // Without an installation nothing is looked at.
+        assert_eq!(LocalTarget::default().end_earlier_attempts(5, "j", 2, Duration::ZERO, &cancel).await.ok(), Some(0));
     }
 }
