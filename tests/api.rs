@@ -363,6 +363,12 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         assert_eq!((s, e["error"]["kind"].as_str()), (404, Some("not_found")));
         let (s, _) = n.get("/api/v1/deployments/abc").await;
         assert_eq!(s, 400);
+        // Issue 13 (schemathesis): a NUL byte in a job filter failed
+        // PostgreSQL's query with a 500; it is bad input.
+        for path in ["/api/v1/deployments/12345/logs?job=a%00b", "/api/v1/deployments/12345/logs/stream?job=a%00b"] {
+            let (s, e) = n.get(path).await;
+            assert_eq!((s, e["error"]["kind"].as_str()), (400, Some("bad_request")), "{backend}: {path} -> {e}");
+        }
         let (s, _) = n.get("/api/v1/deployments?limit=0").await;
         assert_eq!(s, 400);
         let (s, e) = n.get("/api/v1/deployments?state=bogus").await;

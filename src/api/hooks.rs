@@ -391,7 +391,9 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
 /// filter passes and the caller's token may deploy; holds it elsewhere.
 #[utoipa::path(post, path = "/api/v1/published", request_body = super::wire::PublishedRequest,
     responses((status = 202, description = "Recorded: what it did per service and environment (deployed, held and why, refused and why)", body = HookAnswer),
-        (status = 403, description = "The caller may not deploy anywhere", body = super::wire::ErrorBody), (status = 422, description = "The config on disk is invalid", body = super::wire::ErrorBody)))]
+        (status = 403, description = "The caller may not deploy anywhere", body = super::wire::ErrorBody),
+        (status = 409, description = "Its `id` was used before for another publication (named in the message)", body = super::wire::ErrorBody),
+        (status = 422, description = "The config on disk is invalid", body = super::wire::ErrorBody)))]
 pub async fn published(
     State(s): State<Arc<AppState>>,
     axum::Extension(caller): axum::Extension<super::auth::Caller>,

@@ -410,6 +410,7 @@ async fn get_logs(
 ) -> ApiResult<Json<Vec<LogLine>>> {
     let Path(id) = id?;
     let Query(q) = q?;
+    check_job_filter(q.job.as_deref())?;
     readable(&s, &caller, id).await?;
     let limit = q.limit.unwrap_or(1000);
     if !(1..=10_000).contains(&limit) {
@@ -417,6 +418,15 @@ async fn get_logs(
     }
     let lines = s.store.logs(id, q.job.as_deref(), q.after.unwrap_or(0), limit).await?;
     Ok(Json(lines.into_iter().map(LogLine::from).collect()))
+}
+
+/// A `job` filter that cannot name a job is bad input, not a query: a
+/// NUL byte in it would fail PostgreSQL's query (found by schemathesis).
+fn check_job_filter(job: Option<&str>) -> Result<(), ApiError> {
+    match job {
+        Some(j) if !crate::config::valid_name(j) => Err(ApiError::bad_request(format!("job {j:?} is not a job name (letters, digits, '-', '_', '.'; at most 64)"))),
+        _ => Ok(()),
+    }
 }
 
 /// Follow a deployment's output as server-sent events: `line` events
@@ -437,6 +447,7 @@ async fn stream_logs(
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let Path(id) = id?;
     let Query(q) = q?;
+    check_job_filter(q.job.as_deref())?;
     readable(&s, &caller, id).await?;
     // A reconnecting EventSource resumes where it stopped.
     let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok());
