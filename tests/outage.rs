@@ -280,12 +280,15 @@ fn issue13_node_killed_during_a_store_outage_is_taken_over_after_it() {
         let reason = a["reason"].as_str().unwrap_or_default();
         assert!(reason.contains("n3") && reason.contains("retrying"), "{reason:?}\n{diag}");
     }
-    // n3's jobs running at the stop were taken over and ran again elsewhere.
-    for name in running(&mid).into_iter().filter(|(_, n)| n == "n3").map(|(j, _)| j) {
-        let j = jobs(&d).iter().find(|j| j["name"] == name.as_str()).unwrap_or_else(|| panic!("no job {name}\n{diag}"));
+    // What n3 had running when it died was taken over and ran again
+    // elsewhere. (The snapshot `mid` is taken a moment before the kill: a
+    // job in it may still have finished on n3, and n3 may have started
+    // others since; so the interrupted attempts say what died with it.)
+    for a in &interrupted {
+        let name = a["job"].as_str().unwrap_or("?");
+        let j = jobs(&d).iter().find(|j| j["name"] == name).unwrap_or_else(|| panic!("no job {name}\n{diag}"));
         assert_eq!(j["state"], "succeeded", "{name}\n{diag}");
         assert_ne!(j["node"], "n3", "{name} was taken over\n{diag}");
-        assert!(attempts(&d).iter().any(|a| a["job"] == name.as_str() && a["node"] == "n3" && a["outcome"] == "interrupted"), "{name}\n{diag}");
     }
     // Nothing that finished was run again, except what died with n3.
     let taken_over: BTreeSet<&str> = interrupted.iter().filter_map(|a| a["job"].as_str()).collect();
