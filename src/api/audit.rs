@@ -164,6 +164,10 @@ pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
     }
     let path = req.uri().path().to_string();
     let action = format!("{} {path}", req.method());
+    // The bound counts refusals per route, not per raw path: a flood of
+    // made-up paths (each its own key) would slip past it otherwise.
+    let matched = req.extensions().get::<axum::extract::MatchedPath>().map(|m| m.as_str().to_string());
+    let route = format!("{} {}", req.method(), matched.as_deref().unwrap_or("(no such endpoint)"));
     let address = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string()).unwrap_or_else(|| "unknown".into());
     // Until API tokens exist, only the hooks can say who they are (by the
     // secret they proved they hold).
@@ -176,11 +180,15 @@ pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
     let actor = res.extensions().get::<super::auth::Actor>().map(|a| a.0.clone()).unwrap_or_else(|| actor.to_string());
     let detail = res.extensions().get::<AuditNote>().map(|n| n.0.clone()).unwrap_or_default();
     let entry = AuditEntry { id: 0, at: crate::store::now_ms(), actor, address, action, detail, status: i64::from(res.status().as_u16()) };
-    if !Refusals::bounded(&path, res.status().as_u16()) {
+    // A request to no endpoint at all is refused in bulk as cheaply as a
+    // bad hook delivery: bounded too.
+    let no_endpoint = matched.is_none() && res.status().as_u16() >= 400;
+    if !(no_endpoint || Refusals::bounded(&path, res.status().as_u16())) {
         record(&s, entry).await;
         return res;
     }
-    let admission = s.refusals.admit(&entry, std::time::Instant::now());
+    let keyed = AuditEntry { action: route, ..entry.clone() };
+    let admission = s.refusals.admit(&keyed, std::time::Instant::now());
     for summary in admission.summaries {
         tracing::warn!(action = %summary.action, address = %summary.address, status = summary.status, detail = ?summary.detail, "refusals summed up");
         record(&s, summary).await;

@@ -466,7 +466,10 @@ impl Scheduler {
     /// back. A single-node store needs no wait: every lease in it that
     /// this node does not hold is a dead process's.
     fn may_reap(&self) -> bool {
-        self.store.single_node() || self.store_seen.answering_for() >= self.cfg.lease
+        // A lease, plus a renewal interval and a margin: an owner's renewal
+        // that started just before the store came back may hang for up to a
+        // lease (its timeout) before the next one is sent.
+        self.store.single_node() || self.store_seen.answering_for() >= self.cfg.lease + renew_interval(self.cfg.lease) + Duration::from_millis(500)
     }
 
     /// Keep our leases; stop jobs whose lease is gone or whose deployment
