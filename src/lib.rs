@@ -19,20 +19,20 @@
 //! - [`cli`]: the `slipway` command line, a client of the API (and of the config for `validate`/`plan`).
 //! - [`bench`]: `slipway bench`, the scheduler against ninja on the same random graphs.
 
-pub mod config;
-pub mod plan;
-pub mod store;
-pub mod scheduler;
-pub mod target;
-pub mod service;
 pub mod api;
-pub mod submit;
-pub mod git;
-pub mod gate;
-pub mod trigger;
-pub mod why;
-pub mod notify;
-pub mod retention;
 pub mod bench;
 pub mod cli;
+pub mod config;
+pub mod gate;
+pub mod git;
 pub mod http;
+pub mod notify;
+pub mod plan;
+pub mod retention;
+pub mod scheduler;
+pub mod service;
+pub mod store;
+pub mod submit;
+pub mod target;
+pub mod trigger;
+pub mod why;

@@ -89,13 +89,18 @@ impl Node {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "api-test".into() });
         let base = format!("http://{}", node.addr);
-        Node { base, node, http: slipway::http::builder()
+        Node {
+            base,
+            node,
+            http: slipway::http::builder()
                 .timeout(Duration::from_secs(20))
                 // A refused oversized body makes the server close that
                 // connection; a pooled one could be reused mid-close.
                 .pool_max_idle_per_host(0)
                 .build()
-                .unwrap(), _dir: dir }
+                .unwrap(),
+            _dir: dir,
+        }
     }
 
     fn dir(&self) -> &std::path::Path {
@@ -249,11 +254,24 @@ async fn issue13_an_event_id_reused_for_another_request_is_a_conflict_naming_the
             let (s, e) = n.post("/api/v1/events", &other).await;
             assert_eq!(s, 409, "{backend}: {other} → {e}");
             let message = e["error"]["message"].as_str().unwrap_or("");
-            assert!(message.contains(r#"event id "release-k" was already used for deploy api 4.1 in staging"#) && message.contains(&format!("(deployment {id})")), "{backend}: {message}");
+            assert!(
+                message.contains(r#"event id "release-k" was already used for deploy api 4.1 in staging"#) && message.contains(&format!("(deployment {id})")),
+                "{backend}: {message}"
+            );
         }
         // The CLI: exit 6 with that message; the same request, exit 0.
         let config = n.dir().join("slipway.toml");
-        let cli = |args: &[&str]| std::process::Command::new(common::slipway_bin()).arg("--config").arg(&config).arg("--server").arg(&n.base).args(args).stdin(std::process::Stdio::null()).output().expect("run slipway");
+        let cli = |args: &[&str]| {
+            std::process::Command::new(common::slipway_bin())
+                .arg("--config")
+                .arg(&config)
+                .arg("--server")
+                .arg(&n.base)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("run slipway")
+        };
         let out = cli(&["deploy", "api", "4.2", "--id", "release-k", "--detach"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(6), "{backend}: {stderr}");
@@ -390,7 +408,11 @@ async fn invalid_config_on_disk_is_422_with_places_and_keeps_what_was_accepted()
         let first = a["deployment_id"].as_i64().unwrap();
         let path = n.dir().join("slipway.toml");
         let good = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, good.replace("needs = [\"prepare\"]\ncommand = [\"./say.sh\", \"left\"", "needs = [\"prepar\"]\ncommand = [\"./say.sh\", \"left\"")).unwrap();
+        std::fs::write(
+            &path,
+            good.replace("needs = [\"prepare\"]\ncommand = [\"./say.sh\", \"left\"", "needs = [\"prepar\"]\ncommand = [\"./say.sh\", \"left\""),
+        )
+        .unwrap();
         let (s, e) = n.post("/api/v1/events", &json!({"kind": "run", "jobs": ["prepare"], "environment": "staging"})).await;
         assert_eq!(s, 422, "{backend}: {e}");
         assert_eq!(e["error"]["kind"], "invalid_config");
@@ -413,15 +435,7 @@ async fn sse_stream_delivers_lines_then_end() {
     for_each_backend(|backend, n| async move {
         let (_, a) = n.post("/api/v1/events", &json!({"kind": "run", "jobs": ["left"], "environment": "staging"})).await;
         let id = a["deployment_id"].as_i64().unwrap();
-        let text = n
-            .http
-            .get(format!("{}/api/v1/deployments/{id}/logs/stream", n.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = n.http.get(format!("{}/api/v1/deployments/{id}/logs/stream", n.base)).send().await.unwrap().text().await.unwrap();
         assert!(text.contains("event: line"), "{backend}: {text}");
         assert!(text.contains("left says hello from staging"), "{backend}: {text}");
         let end = text.find("event: end").expect("end event");
@@ -452,7 +466,9 @@ async fn openapi_and_health_are_served() {
         let (s, doc) = n.get("/api/v1/openapi.json").await;
         assert_eq!(s, 200);
         assert_eq!(doc["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
-        for path in ["/api/v1/events", "/api/v1/deployments", "/api/v1/deployments/{id}", "/api/v1/deployments/{id}/logs/stream", "/api/v1/deployments/{id}/cancel"] {
+        for path in
+            ["/api/v1/events", "/api/v1/deployments", "/api/v1/deployments/{id}", "/api/v1/deployments/{id}/logs/stream", "/api/v1/deployments/{id}/cancel"]
+        {
             assert!(doc["paths"][path].is_object(), "{backend}: {path} missing from OpenAPI");
         }
         assert!(doc["components"]["schemas"]["EventRequest"].is_object());

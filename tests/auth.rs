@@ -81,7 +81,14 @@ async fn issue6_every_role_against_every_endpoint() {
         // A request a proxy forwarded is not from this host, though its
         // connection is from loopback.
         for header in ["x-forwarded-for", "forwarded"] {
-            let r = api.http.post(format!("{}/api/v1/tokens", api.base)).header(header, "for=203.0.113.9").json(&json!({"name": "root", "roles": {"*": "admin"}})).send().await.expect("post");
+            let r = api
+                .http
+                .post(format!("{}/api/v1/tokens", api.base))
+                .header(header, "for=203.0.113.9")
+                .json(&json!({"name": "root", "roles": {"*": "admin"}}))
+                .send()
+                .await
+                .expect("post");
             assert_eq!(r.status().as_u16(), 403, "{backend} {header}");
             assert!(r.text().await.unwrap_or_default().contains("not through a proxy"), "{backend} {header}");
         }
@@ -120,8 +127,14 @@ async fn issue6_every_role_against_every_endpoint() {
             ("GET", "/api/v1/retention", None, &["viewer", "approver", "admin"]),
             ("POST", "/api/v1/retention", None, &["admin"]),
         ];
-        let callers: Vec<(&str, Option<&str>)> =
-            vec![("nobody", None), ("wrong", Some("slw_not-a-token")), ("viewer", Some(&viewer)), ("deployer", Some(&deployer)), ("approver", Some(&approver)), ("admin", Some(&admin))];
+        let callers: Vec<(&str, Option<&str>)> = vec![
+            ("nobody", None),
+            ("wrong", Some("slw_not-a-token")),
+            ("viewer", Some(&viewer)),
+            ("deployer", Some(&deployer)),
+            ("approver", Some(&approver)),
+            ("admin", Some(&admin)),
+        ];
         for (method, path, body, allowed) in &table {
             for (who, token) in &callers {
                 let (s, v) = api.call(method, path, *token, body.clone()).await;
@@ -164,7 +177,8 @@ async fn issue6_every_role_against_every_endpoint() {
         // staging's deployments, not production's.
         let stager = api.token(Some(&admin), "stager", json!({"staging": "viewer"})).await;
         let (_, all) = api.call("GET", "/api/v1/deployments?limit=100", Some(&admin), None).await;
-        let prod = all.as_array().and_then(|a| a.iter().find(|d| d["environment"] == "production")).and_then(|d| d["id"].as_i64()).expect("a production deployment");
+        let prod =
+            all.as_array().and_then(|a| a.iter().find(|d| d["environment"] == "production")).and_then(|d| d["id"].as_i64()).expect("a production deployment");
         let (s, seen) = api.call("GET", "/api/v1/deployments?limit=100", Some(&stager), None).await;
         assert!(s == 200 && seen.as_array().is_some_and(|a| !a.is_empty() && a.iter().all(|d| d["environment"] == "staging")), "{seen}");
         assert_eq!(api.call("GET", &format!("/api/v1/deployments/{prod}"), Some(&stager), None).await.0, 403);
@@ -172,7 +186,9 @@ async fn issue6_every_role_against_every_endpoint() {
         assert_eq!(api.call("GET", "/api/v1/services/production/web/why", Some(&stager), None).await.0, 403);
 
         // Triggers' keys are theirs: a caller cannot take one ahead of them.
-        let (s, e) = api.call("POST", "/api/v1/events", Some(&deployer), Some(json!({"kind": "run", "jobs": ["noop"], "environment": "staging", "id": "published:x"}))).await;
+        let (s, e) = api
+            .call("POST", "/api/v1/events", Some(&deployer), Some(json!({"kind": "run", "jobs": ["noop"], "environment": "staging", "id": "published:x"})))
+            .await;
         assert_eq!(s, 400, "{e}");
         // A viewer publishes nothing.
         assert_eq!(api.call("POST", "/api/v1/published", Some(&viewer), Some(json!({"service": "web", "version": "3.0.0"}))).await.0, 403);

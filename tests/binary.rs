@@ -191,10 +191,14 @@ fn is_terminal(state: &str) -> bool {
 
 /// Wait until the deployment ends; its detail.
 fn wait_done(url: &str, id: i64, diag: impl Fn() -> String) -> Value {
-    wait(&format!("deployment {id} to end"), || format!("{:#}\n{}", detail(url, id), diag()), || {
-        let d = detail(url, id);
-        is_terminal(state(&d)).then_some(d)
-    })
+    wait(
+        &format!("deployment {id} to end"),
+        || format!("{:#}\n{}", detail(url, id), diag()),
+        || {
+            let d = detail(url, id);
+            is_terminal(state(&d)).then_some(d)
+        },
+    )
 }
 
 /// Every stored log line of a deployment (optionally one job's).
@@ -223,10 +227,14 @@ fn logs(url: &str, id: i64, job: Option<&str>) -> Vec<Value> {
 /// after the job's result: wait for the closing "[slipway] attempt …" note,
 /// which is written after all of the attempt's output.
 fn stdout_of(server: &Server, id: i64, job: &str) -> Vec<String> {
-    let lines = wait(&format!("the output of {job} to be stored"), || logs_of(&[server]), || {
-        let lines = logs(&server.url, id, Some(job));
-        lines.iter().any(|l| l["stream"] == "slipway" && l["line"].as_str().unwrap_or_default().starts_with("[slipway] attempt")).then_some(lines)
-    });
+    let lines = wait(
+        &format!("the output of {job} to be stored"),
+        || logs_of(&[server]),
+        || {
+            let lines = logs(&server.url, id, Some(job));
+            lines.iter().any(|l| l["stream"] == "slipway" && l["line"].as_str().unwrap_or_default().starts_with("[slipway] attempt")).then_some(lines)
+        },
+    );
     lines.iter().filter(|l| l["stream"] == "stdout").map(|l| l["line"].as_str().unwrap_or_default().to_string()).collect()
 }
 
@@ -299,10 +307,14 @@ env = { MARK = "@EXT@/marks" }
     let mut server = fx.serve(&store, &flags);
     let id = submit_run(&server.url, &["A", "B", "C", "D"], None);
 
-    wait("B and C running (and started)", || format!("{:#}\n{}", detail(&server.url, id), logs_of(&[&server])), || {
-        let d = detail(&server.url, id);
-        (job_state(&d, "B") == "running" && job_state(&d, "C") == "running" && fx.marked("B", 1) && fx.marked("C", 1)).then_some(())
-    });
+    wait(
+        "B and C running (and started)",
+        || format!("{:#}\n{}", detail(&server.url, id), logs_of(&[&server])),
+        || {
+            let d = detail(&server.url, id);
+            (job_state(&d, "B") == "running" && job_state(&d, "C") == "running" && fx.marked("B", 1) && fx.marked("C", 1)).then_some(())
+        },
+    );
     let before = detail(&server.url, id);
     assert_eq!(job_state(&before, "A"), "succeeded");
     assert_eq!(job_state(&before, "D"), "pending");
@@ -374,12 +386,19 @@ env = { MARK = "@EXT@/marks" }
     let pattern = format!("^sleep 300\\.{}", fx.nonce);
     let _reap = Reap(pattern.clone());
     let id = submit_run(&server.url, &["one", "two"], None);
-    wait("both jobs' processes to run", || format!("{:#}\n{}", detail(&server.url, id), logs_of(&[&server])), || {
-        (fx.marked("one", 1) && fx.marked("two", 1) && pgrep(&pattern).len() == 2).then_some(())
-    });
+    wait(
+        "both jobs' processes to run",
+        || format!("{:#}\n{}", detail(&server.url, id), logs_of(&[&server])),
+        || (fx.marked("one", 1) && fx.marked("two", 1) && pgrep(&pattern).len() == 2).then_some(()),
+    );
     server.kill9();
     let restarted = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
-    wait_within(GONE, "the killed node's job processes to be gone", || format!("still running: {:?}", pgrep(&pattern)), || pgrep(&pattern).is_empty().then_some(()));
+    wait_within(
+        GONE,
+        "the killed node's job processes to be gone",
+        || format!("still running: {:?}", pgrep(&pattern)),
+        || pgrep(&pattern).is_empty().then_some(()),
+    );
     // (Any Slipway on the host sweeps: when tests run side by side another
     // test's server may get there first, so the log is not asserted.)
     drop(restarted);
@@ -500,12 +519,16 @@ env = { MARK = "@EXT@/marks" }
 
     // Node 1 alone claims everything ready: "first" finishes, then w1..w3
     // and "once" are mid-run on node 1.
-    wait("node 1 to be mid-run", || format!("{:#}\n{:#}\n{}", detail(&s1.url, safe), detail(&s1.url, fragile), logs_of(&[&s1])), || {
-        let d = detail(&s1.url, safe);
-        let f = detail(&s1.url, fragile);
-        let running = ["w1", "w2", "w3"].iter().all(|j| job_state(&d, j) == "running" && fx.marked(j, 1));
-        (running && job_state(&f, "once") == "running" && fx.marked("once", 1)).then_some(())
-    });
+    wait(
+        "node 1 to be mid-run",
+        || format!("{:#}\n{:#}\n{}", detail(&s1.url, safe), detail(&s1.url, fragile), logs_of(&[&s1])),
+        || {
+            let d = detail(&s1.url, safe);
+            let f = detail(&s1.url, fragile);
+            let running = ["w1", "w2", "w3"].iter().all(|j| job_state(&d, j) == "running" && fx.marked(j, 1));
+            (running && job_state(&f, "once") == "running" && fx.marked("once", 1)).then_some(())
+        },
+    );
     // Node 2 joins (nothing is ready for it), then node 1 dies.
     let f2 = flags(&n2);
     let s2 = fx.serve_in(other.path(), &pg, &f2.iter().map(String::as_str).collect::<Vec<_>>());
@@ -670,9 +693,12 @@ env = { PIDFILE = "@EXT@/bg.pid" }
     // The background sleep did start, and is gone now.
     let pid: i32 = std::fs::read_to_string(fx.ext.path().join("bg.pid")).expect("the job wrote its background pid").trim().parse().expect("pid");
     let pattern = format!("^sleep 300\\.{}", fx.nonce);
-    wait_within(GONE, "the background process to be gone", || format!("alive: {}, pgrep: {:?}", alive(pid), pgrep(&pattern)), || {
-        (!alive(pid) && pgrep(&pattern).is_empty()).then_some(())
-    });
+    wait_within(
+        GONE,
+        "the background process to be gone",
+        || format!("alive: {}, pgrep: {:?}", alive(pid), pgrep(&pattern)),
+        || (!alive(pid) && pgrep(&pattern).is_empty()).then_some(()),
+    );
     // The server itself is fine.
     assert_eq!(get_json(&format!("{}/healthz", server.url))["status"], "ok");
 }
@@ -712,7 +738,8 @@ env = { MARK = "@EXT@/marks" }
     assert_eq!(flaky["state"], "succeeded", "{diag}");
     assert_eq!(flaky["attempt"], 3, "{diag}");
     let a = attempts(&d, "flaky");
-    let summary: Vec<(i64, &str, Option<i64>)> = a.iter().map(|x| (x["attempt"].as_i64().unwrap_or(0), x["outcome"].as_str().unwrap_or("?"), x["exit_code"].as_i64())).collect();
+    let summary: Vec<(i64, &str, Option<i64>)> =
+        a.iter().map(|x| (x["attempt"].as_i64().unwrap_or(0), x["outcome"].as_str().unwrap_or("?"), x["exit_code"].as_i64())).collect();
     assert_eq!(summary, vec![(1, "failed", Some(75)), (2, "failed", Some(75)), (3, "succeeded", Some(0))], "{diag}");
     assert_eq!(fx.marks().iter().filter(|(j, _)| j == "flaky").map(|(_, a)| *a).collect::<Vec<_>>(), vec![1, 2, 3], "{diag}");
 
@@ -753,10 +780,14 @@ command = ["echo", "still here"]
     assert_eq!(state(&d), "succeeded", "{d:#}");
 
     // The notes are written after the output; wait for the last one.
-    let lines = wait("the dropped-output note", || logs_of(&[&server]), || {
-        let lines = logs(&server.url, id, Some("chatty"));
-        lines.iter().any(|l| l["line"].as_str().unwrap_or_default().contains("of output were dropped")).then_some(lines)
-    });
+    let lines = wait(
+        "the dropped-output note",
+        || logs_of(&[&server]),
+        || {
+            let lines = logs(&server.url, id, Some("chatty"));
+            lines.iter().any(|l| l["line"].as_str().unwrap_or_default().contains("of output were dropped")).then_some(lines)
+        },
+    );
     let kept: Vec<&str> = lines.iter().filter(|l| l["stream"] == "stdout").map(|l| l["line"].as_str().unwrap_or_default()).collect();
     let kept_bytes: usize = kept.iter().map(|l| l.len() + 1).sum();
     assert!(kept_bytes <= 10_000, "kept {kept_bytes} bytes of output");
@@ -866,10 +897,14 @@ env = { MARK = "@EXT@/marks" }
     let store = fx.sqlite();
     let mut server = fx.serve(&store, &["--poll", "200ms", "--shutdown-grace", "1s", "--node-id", "stopping"]);
     let id = submit_run(&server.url, &["safe", "unsafe"], None);
-    wait("both jobs to run", || format!("{:#}", detail(&server.url, id)), || {
-        let d = detail(&server.url, id);
-        (job_state(&d, "safe") == "running" && job_state(&d, "unsafe") == "running" && fx.marked("safe", 1) && fx.marked("unsafe", 1)).then_some(())
-    });
+    wait(
+        "both jobs to run",
+        || format!("{:#}", detail(&server.url, id)),
+        || {
+            let d = detail(&server.url, id);
+            (job_state(&d, "safe") == "running" && job_state(&d, "unsafe") == "running" && fx.marked("safe", 1) && fx.marked("unsafe", 1)).then_some(())
+        },
+    );
     let term = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().expect("kill");
     assert!(term.success());
     let deadline = Instant::now() + WAIT;
@@ -933,9 +968,11 @@ env = { GATE = "@EXT@/gate" }
     let flags = ["--lease", "2s", "--poll", "200ms", "--shutdown-grace", "1s", "--node-id", node.as_str()];
     let mut s1 = fx.serve(&pg, &flags);
     let first = submit_run(&s1.url, &["crashed"], Some("one"));
-    wait("the first job to run", || format!("{:#}", detail(&s1.url, first)), || {
-        (job_state(&detail(&s1.url, first), "crashed") == "running" && fx.marked("crashed", 1)).then_some(())
-    });
+    wait(
+        "the first job to run",
+        || format!("{:#}", detail(&s1.url, first)),
+        || (job_state(&detail(&s1.url, first), "crashed") == "running" && fx.marked("crashed", 1)).then_some(()),
+    );
     s1.kill9();
 
     let s2 = fx.serve(&pg, &flags);
@@ -978,7 +1015,12 @@ env = { MARK = "@EXT@/marks" }
     wait("the job's sleep to run", || format!("{:#}", detail(&server.url, id)), || (fx.marked("script", 1) && pgrep(&pattern).len() == 1).then_some(()));
     server.kill9();
     let restarted = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
-    wait_within(GONE, "the killed node's job processes to be gone", || format!("still running: {:?}", pgrep(&pattern)), || pgrep(&pattern).is_empty().then_some(()));
+    wait_within(
+        GONE,
+        "the killed node's job processes to be gone",
+        || format!("still running: {:?}", pgrep(&pattern)),
+        || pgrep(&pattern).is_empty().then_some(()),
+    );
     // (Any Slipway on the host sweeps: when tests run side by side another
     // test's server may get there first, so the log is not asserted.)
     drop(restarted);
@@ -1141,7 +1183,9 @@ env = { LOG = "@EXT@/beats" }
     );
     let other = fx.copy();
     let (n1, n2) = (format!("n1-{}", fx.nonce), format!("n2-{}", fx.nonce));
-    let flags = |node: &str| -> Vec<String> { ["--lease", "2s", "--poll", "200ms", "--shutdown-grace", "1s", "--node-id", node].iter().map(|s| s.to_string()).collect() };
+    let flags = |node: &str| -> Vec<String> {
+        ["--lease", "2s", "--poll", "200ms", "--shutdown-grace", "1s", "--node-id", node].iter().map(|s| s.to_string()).collect()
+    };
     let f1 = flags(&n1);
     let mut s1 = fx.serve(&pg, &f1.iter().map(String::as_str).collect::<Vec<_>>());
     let id = submit_run(&s1.url, &["beat"], None);
@@ -1296,10 +1340,8 @@ fn issue3_sweep_spares_itself_with_an_inherited_owner_mark() {
 /// estimates from the recorded run instead of from timeouts.
 #[test]
 fn logs_follow_then_plan_from_history() {
-    let dir = common::config_dir(
-        "[[job]]\nname = \"talk\"\nshell = true\ncommand = \"for i in 1 2 3; do echo line-$i; sleep 0.3; done\"\ntimeout = \"1m\"\n",
-        &[],
-    );
+    let dir =
+        common::config_dir("[[job]]\nname = \"talk\"\nshell = true\ncommand = \"for i in 1 2 3; do echo line-$i; sleep 0.3; done\"\ntimeout = \"1m\"\n", &[]);
     let store = format!("sqlite://{}/state/slipway.db", dir.path().display());
     let server = common::Server::start(dir.path(), Some(&store), &["--poll", "200ms"]);
     let (status, accepted) = common::post_json(&format!("{}/api/v1/events", server.url), r#"{"kind":"run","jobs":["talk"]}"#);

@@ -8,14 +8,7 @@ fn problems(text: &str) -> String {
     let errors = config::parse("slipway.toml", text).expect_err("config should be invalid");
     let mut out = String::new();
     for r in errors.reports() {
-        out.push_str(&format!(
-            "{}:{}:{} [{}] {}\n",
-            r.file,
-            r.line.unwrap_or(0),
-            r.column.unwrap_or(0),
-            r.kind.as_str(),
-            r.message
-        ));
+        out.push_str(&format!("{}:{}:{} [{}] {}\n", r.file, r.line.unwrap_or(0), r.column.unwrap_or(0), r.kind.as_str(), r.message));
         if let Some(h) = r.hint {
             out.push_str(&format!("    hint: {h}\n"));
         }
@@ -456,7 +449,10 @@ fn the_readme_config_reference_is_valid() {
     let start = section.find("```toml\n").expect("a toml block") + "```toml\n".len();
     let block = &section[start..start + section[start..].find("```").expect("its end")];
     if let Err(e) = config::parse("README.md", block) {
-        panic!("README's config does not validate:\n{}", e.reports().into_iter().map(|r| format!("{}:{} {}", r.line.unwrap_or(0), r.column.unwrap_or(0), r.message)).collect::<Vec<_>>().join("\n"));
+        panic!(
+            "README's config does not validate:\n{}",
+            e.reports().into_iter().map(|r| format!("{}:{} {}", r.line.unwrap_or(0), r.column.unwrap_or(0), r.message)).collect::<Vec<_>>().join("\n")
+        );
     }
 }
 
@@ -464,11 +460,8 @@ fn the_readme_config_reference_is_valid() {
 // at its place, together with the other mistakes.
 #[test]
 fn issue6_environment_time_zones_and_windows() {
-    let c = config::parse(
-        "slipway.toml",
-        "[[environment]]\nname = \"production\"\ntimezone = \"America/New_York\"\nwindows = [\"mon-fri 09:00-17:00\"]\n",
-    )
-    .expect("valid");
+    let c = config::parse("slipway.toml", "[[environment]]\nname = \"production\"\ntimezone = \"America/New_York\"\nwindows = [\"mon-fri 09:00-17:00\"]\n")
+        .expect("valid");
     let prod = c.environment("production").expect("production");
     assert_eq!(prod.timezone.name, "America/New_York");
     assert_eq!(prod.windows_text(), "mon-fri 09:00-17:00 America/New_York");
@@ -487,6 +480,10 @@ fn issue6_registry_hook_hosts_are_host_names() {
     assert!(out.contains("\"a/b\" is not a registry host") && out.contains("\"$(x)\" is not a registry host"), "{out}");
     assert!(out.contains("\"myregistry\" is not a registry host"), "a bare name is Docker Hub's: {out}");
     assert!(!out.contains("Registry.Internal"), "{out}");
-    let ok = config::parse("slipway.toml", "[secret.hook]\nenv = \"HOOK\"\n[registry_hook]\ntoken = \"hook\"\nhosts = [\"Registry.Internal:5000\", \"registry.internal:5000\", \"localhost\"]\n").expect("valid");
+    let ok = config::parse(
+        "slipway.toml",
+        "[secret.hook]\nenv = \"HOOK\"\n[registry_hook]\ntoken = \"hook\"\nhosts = [\"Registry.Internal:5000\", \"registry.internal:5000\", \"localhost\"]\n",
+    )
+    .expect("valid");
     assert_eq!(ok.registry_hook.expect("hook").hosts, ["registry.internal:5000", "localhost"]);
 }

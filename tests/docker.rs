@@ -55,11 +55,7 @@ async fn a_container_instance_serves_carries_labels_and_stops() {
     assert_eq!(body, "hello from demo 1.0");
     assert!(i.exit().is_none());
 
-    let containers = t
-        .client()
-        .list_containers(Some(ListContainersOptionsBuilder::default().all(true).build()))
-        .await
-        .expect("list containers");
+    let containers = t.client().list_containers(Some(ListContainersOptionsBuilder::default().all(true).build())).await.expect("list containers");
     let ours = containers.iter().find(|c| c.ports.iter().flatten().any(|p| p.public_port == Some(port))).expect("our container is listed");
     let labels = ours.labels.clone().unwrap_or_default();
     assert_eq!(labels.get(LABEL_SERVICE).map(String::as_str), Some("web"));
@@ -174,9 +170,11 @@ fn containers_roll_out_and_back_under_load_without_a_failed_request() {
             ListContainersOptionsBuilder::default().filters(&std::collections::HashMap::from([("label", vec!["slipway.service=web"])])).build(),
         )))
         .expect("list");
-    let ours: Vec<_> = containers.iter().filter(|c| c.ports.iter().flatten().any(|p| p.public_port.is_some())).filter(|c| {
-        c.labels.as_ref().and_then(|l| l.get(LABEL_OWNER)).is_some_and(|o| o.starts_with(&format!("{}.", server.child.id())))
-    }).collect();
+    let ours: Vec<_> = containers
+        .iter()
+        .filter(|c| c.ports.iter().flatten().any(|p| p.public_port.is_some()))
+        .filter(|c| c.labels.as_ref().and_then(|l| l.get(LABEL_OWNER)).is_some_and(|o| o.starts_with(&format!("{}.", server.child.id()))))
+        .collect();
     assert_eq!(ours.len(), 2, "{ours:?}");
     assert!(ours.iter().all(|c| c.labels.as_ref().and_then(|l| l.get(LABEL_VERSION)).map(String::as_str) == Some("2.0")));
     let id = ours[0].id.clone().expect("id");
@@ -311,7 +309,9 @@ fn sigkill_mid_rollout_then_restart_converges_to_the_recorded_version() {
     let slow = config.replace("interval = \"100ms\", healthy_after = 2", "interval = \"1s\", healthy_after = 10");
     std::fs::write(dir.path().join("slipway.toml"), slow).expect("slower health");
     assert!(server.cli(dir.path(), &["deploy", "web", "2.0", "--env", "staging", "--detach"]).status.success());
-    common::wait_for(Duration::from_secs(30), "a 2.0 container to start", || web_containers(&rt, &t, &[first]).iter().any(|c| c.version == "2.0" && c.job.is_empty()).then_some(()));
+    common::wait_for(Duration::from_secs(30), "a 2.0 container to start", || {
+        web_containers(&rt, &t, &[first]).iter().any(|c| c.version == "2.0" && c.job.is_empty()).then_some(())
+    });
     drop(server); // SIGKILL mid-rollout
 
     let server = common::Server::start(dir.path(), None, &[]);
@@ -427,12 +427,8 @@ fn registry_credentials_come_from_secrets_and_a_wrong_password_is_refused_clearl
     assert_eq!(get(port).as_deref(), Some("hello from demo 1.0"));
 
     // No secret value in the server's log, the record or the API.
-    let record = format!(
-        "{}{}{}",
-        server.log_text(),
-        text(&server.cli(dir.path(), &["logs", "1"])),
-        common::get_json(&format!("{}/api/v1/deployments/1", server.url))
-    );
+    let record =
+        format!("{}{}{}", server.log_text(), text(&server.cli(dir.path(), &["logs", "1"])), common::get_json(&format!("{}/api/v1/deployments/1", server.url)));
     for secret in [PASSWORD, API_KEY, "wrong-password"] {
         assert!(!record.contains(secret), "{secret} leaked: {record}");
     }
@@ -483,7 +479,12 @@ fn a_container_that_exits_at_once_or_is_oom_killed_rolls_back_with_its_reason() 
         let e = common::get_json(&format!("{}/api/v1/services/staging/web/events", server.url)).to_string();
         e.contains("instance_died").then_some(e)
     });
-    assert!(events.contains("exit code 137 (SIGKILL under its memory limit of 64 MiB, not flagged as an OOM kill by the Engine: out of memory, or killed from outside)"), "{events}");
+    assert!(
+        events.contains(
+            "exit code 137 (SIGKILL under its memory limit of 64 MiB, not flagged as an OOM kill by the Engine: out of memory, or killed from outside)"
+        ),
+        "{events}"
+    );
 }
 
 // Issue 5: `status` lists containers with our labels that no live Slipway
@@ -515,7 +516,8 @@ fn gc_lists_then_removes_orphans_and_unused_images_and_nothing_else() {
     // An orphan (our labels, an owner that is gone: pid 1 never started at
     // tick 1) and a stranger's container (no labels).
     let create = |labels: Option<std::collections::HashMap<String, String>>, name: String| {
-        let body = bollard::models::ContainerCreateBody { image: Some(IMAGE.into()), cmd: Some(vec!["/demo".into(), "serve".into()]), labels, ..Default::default() };
+        let body =
+            bollard::models::ContainerCreateBody { image: Some(IMAGE.into()), cmd: Some(vec!["/demo".into(), "serve".into()]), labels, ..Default::default() };
         let opts = bollard::query_parameters::CreateContainerOptionsBuilder::default().name(&name).build();
         rt.block_on(t.client().create_container(Some(opts), body)).expect("create").id
     };
@@ -584,7 +586,8 @@ impl EngineLink {
     }
 
     fn up(&mut self, rt: &tokio::runtime::Runtime) {
-        let engine = std::env::var("DOCKER_HOST").ok().and_then(|h| h.strip_prefix("unix://").map(String::from)).unwrap_or_else(|| "/var/run/docker.sock".into());
+        let engine =
+            std::env::var("DOCKER_HOST").ok().and_then(|h| h.strip_prefix("unix://").map(String::from)).unwrap_or_else(|| "/var/run/docker.sock".into());
         let _ = std::fs::remove_file(&self.path);
         let listener = rt.block_on(async { tokio::net::UnixListener::bind(&self.path) }).expect("bind the link socket");
         self.task = Some(rt.spawn(async move {
@@ -743,7 +746,11 @@ fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
             if std::time::Instant::now() > deadline {
                 let list = common::get_json(&format!("{}/api/v1/deployments", server.url));
                 let audit = common::get_json(&format!("{}/api/v1/audit", server.url));
-                panic!("timed out after 60s waiting for {what}\ndeployments: {list}\naudit: {audit}\nslipway log:\n{}\nregistry log:\n{}", server.log_text(), registry.log_text());
+                panic!(
+                    "timed out after 60s waiting for {what}\ndeployments: {list}\naudit: {audit}\nslipway log:\n{}\nregistry log:\n{}",
+                    server.log_text(),
+                    registry.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -765,7 +772,8 @@ fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
     });
     std::thread::sleep(Duration::from_secs(2));
     let list = common::get_json(&format!("{}/api/v1/deployments", server.url));
-    let mut versions: Vec<String> = list.as_array().map(|a| a.iter().filter_map(|d| Some(format!("{}@{}", d["service"].as_str()?, d["version"].as_str()?))).collect()).unwrap_or_default();
+    let mut versions: Vec<String> =
+        list.as_array().map(|a| a.iter().filter_map(|d| Some(format!("{}@{}", d["service"].as_str()?, d["version"].as_str()?))).collect()).unwrap_or_default();
     versions.sort();
     assert_eq!(versions, ["web-local@1.0", "web-local@2.0", "web@1.0", "web@2.0"], "one deployment per pushed tag and follower: {list}");
 
@@ -787,7 +795,19 @@ fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
     }]});
     for _ in 0..2 {
         let unseen = std::process::Command::new("curl")
-            .args(["-s", "-w", "\n%{http_code}", "-X", "POST", "-H", &format!("Authorization: Bearer {TOKEN}"), "-H", "Content-Type: application/json", "-d", &envelope.to_string()])
+            .args([
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                "POST",
+                "-H",
+                &format!("Authorization: Bearer {TOKEN}"),
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &envelope.to_string(),
+            ])
             .arg(format!("{}/hooks/registry", server.url))
             .output()
             .expect("curl");
@@ -807,7 +827,19 @@ fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
     pinned["events"][0]["target"]["tag"] = "7.8".into();
     pinned["events"][0]["target"]["digest"] = digest.clone().into();
     let sent = std::process::Command::new("curl")
-        .args(["-s", "-w", "\n%{http_code}", "-X", "POST", "-H", &format!("Authorization: Bearer {TOKEN}"), "-H", "Content-Type: application/json", "-d", &pinned.to_string()])
+        .args([
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            "POST",
+            "-H",
+            &format!("Authorization: Bearer {TOKEN}"),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &pinned.to_string(),
+        ])
         .arg(format!("{}/hooks/registry", server.url))
         .output()
         .expect("curl");

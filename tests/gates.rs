@@ -132,7 +132,12 @@ on = ["waiting"]
         let admin = admin["token"].as_str().expect("admin token").to_string();
         let token = |name: &'static str, roles: Value| {
             let (api, admin) = (&api, admin.clone());
-            async move { api.call("POST", "/api/v1/tokens", Some(&admin), Some(json!({"name": name, "roles": roles}))).await.1["token"].as_str().expect("token").to_string() }
+            async move {
+                api.call("POST", "/api/v1/tokens", Some(&admin), Some(json!({"name": name, "roles": roles}))).await.1["token"]
+                    .as_str()
+                    .expect("token")
+                    .to_string()
+            }
         };
         let alice = token("alice", json!({"production": "approver"})).await;
         let bob = token("bob", json!({"staging": "deployer", "production": "deployer"})).await;
@@ -143,7 +148,8 @@ on = ["waiting"]
         // says so.
         let (s, a) = api.call("POST", "/api/v1/published", Some(&bob), Some(json!({"image": "ghcr.io/o/web", "version": "1.0"}))).await;
         assert_eq!(s, 202, "{backend}: {a}");
-        let result = |env: &str| a["results"].as_array().into_iter().flatten().find(|r| r["environment"] == env).cloned().unwrap_or_else(|| panic!("{env}: {a}"));
+        let result =
+            |env: &str| a["results"].as_array().into_iter().flatten().find(|r| r["environment"] == env).cloned().unwrap_or_else(|| panic!("{env}: {a}"));
         assert_eq!(result("production")["held"], "production takes versions by promotion from staging: promoted there once it has succeeded in staging", "{a}");
         assert!(result("production")["deployment_id"].is_null(), "{a}");
         let staged = api.wait_state(result("staging")["deployment_id"].as_i64().expect("id"), &admin, &["succeeded", "failed", "rolled_back"]).await;
@@ -180,7 +186,8 @@ on = ["waiting"]
 
         // 2.0 reaches staging and waits for production; staging rolls back
         // to 1.0, so 2.0 is not promoted, and says why.
-        let (_, a) = api.call("POST", "/api/v1/events", Some(&bob), Some(json!({"kind": "deploy", "service": "web", "version": "2.0", "environment": "staging"}))).await;
+        let (_, a) =
+            api.call("POST", "/api/v1/events", Some(&bob), Some(json!({"kind": "deploy", "service": "web", "version": "2.0", "environment": "staging"}))).await;
         api.wait_state(a["deployment_id"].as_i64().expect("id"), &admin, &["succeeded"]).await;
         let p2 = api.production("2.0", &admin).await;
         assert_eq!(p2["state"], "waiting", "{p2}");
@@ -204,7 +211,9 @@ on = ["waiting"]
 
         // Four eyes: whoever asks for a deployment cannot approve it, even
         // an admin.
-        let (_, a) = api.call("POST", "/api/v1/events", Some(&admin), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "production"}))).await;
+        let (_, a) = api
+            .call("POST", "/api/v1/events", Some(&admin), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "production"})))
+            .await;
         let own = a["deployment_id"].as_i64().expect("id");
         let (s, e) = api.call("POST", &format!("/api/v1/deployments/{own}/approve"), Some(&admin), None).await;
         assert_eq!(s, 403, "{e}");
@@ -216,7 +225,9 @@ on = ["waiting"]
         // The config changes while a deployment waits: when its gates pass
         // it is submitted again on the current revision (keeping its
         // approval), never rolling out the config it was submitted with.
-        let (_, a) = api.call("POST", "/api/v1/events", Some(&bob), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "production"}))).await;
+        let (_, a) = api
+            .call("POST", "/api/v1/events", Some(&bob), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "production"})))
+            .await;
         let stale = api.deployment(a["deployment_id"].as_i64().expect("id"), &admin).await;
         assert_eq!(stale["state"], "waiting", "{stale}");
         let path = dir.path().join("slipway.toml");
@@ -231,7 +242,9 @@ on = ["waiting"]
         assert_ne!(fresh["revision"], stale["revision"], "the current config, not the one it waited with");
 
         // Outside its deploy window a deploy waits and says when it opens.
-        let (_, a) = api.call("POST", "/api/v1/events", Some(&admin), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "weekend"}))).await;
+        let (_, a) = api
+            .call("POST", "/api/v1/events", Some(&admin), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "weekend"})))
+            .await;
         let w = api.deployment(a["deployment_id"].as_i64().expect("id"), &admin).await;
         assert_eq!(w["state"], "waiting", "{w}");
         let reason = w["reason"].as_str().unwrap_or("");
@@ -288,7 +301,9 @@ health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
         let (_, admin) = api.call("POST", "/api/v1/tokens", None, Some(json!({"name": "root", "roles": {"*": "admin"}}))).await;
         let admin = admin["token"].as_str().expect("admin token").to_string();
 
-        let (s, a) = api.call("POST", "/api/v1/events", Some(&admin), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "staging"}))).await;
+        let (s, a) = api
+            .call("POST", "/api/v1/events", Some(&admin), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "staging"})))
+            .await;
         assert_eq!(s, 202, "{backend}: {a}");
         let mut finished_before = 0;
         let mut source = (String::new(), a["deployment_id"].as_i64().expect("id"));

@@ -101,7 +101,12 @@ type Seen = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
 async fn receiver() -> (String, Seen) {
     let seen: Seen = Default::default();
     let app = axum::Router::new()
-        .route("/hook", axum::routing::post(|axum::extract::State(seen): axum::extract::State<Seen>, axum::Json(body): axum::Json<Value>| async move { seen.lock().unwrap().push(body) }))
+        .route(
+            "/hook",
+            axum::routing::post(|axum::extract::State(seen): axum::extract::State<Seen>, axum::Json(body): axum::Json<Value>| async move {
+                seen.lock().unwrap().push(body)
+            }),
+        )
         .with_state(seen.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -319,7 +324,12 @@ on = ["revision_rejected"]
         let p: Value = serde_json::from_slice(&plan.stdout).expect("plan json");
         let jobs: Vec<&str> = p["jobs"].as_array().expect("jobs").iter().filter_map(|j| j["job"].as_str()).collect();
         assert_eq!(jobs, ["nginx", "reload", "schema"], "{p}");
-        let plan = Command::new(common::slipway_bin()).args(["--config"]).arg(n.dir.path()).args(["plan", "--env", "staging", "--from", &c3, "--to", &c4]).output().expect("plan");
+        let plan = Command::new(common::slipway_bin())
+            .args(["--config"])
+            .arg(n.dir.path())
+            .args(["plan", "--env", "staging", "--from", &c3, "--to", &c4])
+            .output()
+            .expect("plan");
         assert_eq!(plan.status.code(), Some(3), "{}", String::from_utf8_lossy(&plan.stderr));
         assert!(String::from_utf8_lossy(&plan.stderr).contains("would be REJECTED"));
 
@@ -568,7 +578,8 @@ health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
         let n = Node { base: format!("http://{}", node.addr), http, node, dir };
         let (s, r) = n.post("/api/v1/environments/staging/revisions/check", json!(null)).await;
         assert_eq!((s, r["commit"].as_str()), (200, Some(c1.as_str())), "{backend}: {r}");
-        let deploy = |version: &'static str| n.post("/api/v1/events", json!({"kind": "deploy", "service": "web", "version": version, "environment": "staging"}));
+        let deploy =
+            |version: &'static str| n.post("/api/v1/events", json!({"kind": "deploy", "service": "web", "version": version, "environment": "staging"}));
         let (_, e) = deploy("1.0").await;
         assert_eq!(n.wait_done(e["deployment_id"].as_i64().expect("id")).await["deployment"]["state"], "succeeded", "{backend}");
 

@@ -84,7 +84,8 @@ command = ["true"]
     }
 
     async fn deliver(&self, event: &str, delivery: &str, body: &[u8], signature: Option<String>) -> (u16, Value) {
-        let mut r = self.http.post(format!("{}/hooks/github", self.base)).header("x-github-event", event).header("x-github-delivery", delivery).body(body.to_vec());
+        let mut r =
+            self.http.post(format!("{}/hooks/github", self.base)).header("x-github-event", event).header("x-github-delivery", delivery).body(body.to_vec());
         if let Some(sig) = signature {
             r = r.header("x-hub-signature-256", sig);
         }
@@ -227,18 +228,30 @@ async fn issue6_github_deliveries_are_checked_deduplicated_and_deploy_where_opte
         let p = why("production").await;
         assert_eq!(p["newest"], "latest", "{p}");
         assert!(p["verdict"].as_str().unwrap_or("").contains("runs nothing in production yet"), "{p}");
-        assert!(p["history"].to_string().contains("1.4.0 from a GitHub registry_package delivery: available, not deployed: auto_deploy is off for production"), "{p}");
+        assert!(
+            p["history"].to_string().contains("1.4.0 from a GitHub registry_package delivery: available, not deployed: auto_deploy is off for production"),
+            "{p}"
+        );
         let s = why("staging").await;
-        assert!(s["verdict"].as_str().unwrap_or("").starts_with("web runs 1.4.0, not latest: available, not deployed: tag latest does not pass"), "{backend}: {s}");
+        assert!(
+            s["verdict"].as_str().unwrap_or("").starts_with("web runs 1.4.0, not latest: available, not deployed: tag latest does not pass"),
+            "{backend}: {s}"
+        );
         // The audit log has every delivery, refused ones included, newest
         // first, with who, where from and what came of it.
         let audit: Value = h.http.get(format!("{}/api/v1/audit?limit=100", h.base)).send().await.expect("get").json().await.expect("json");
         let entries = audit.as_array().cloned().unwrap_or_default();
-        assert!(entries.iter().all(|e| e["address"] == "127.0.0.1" && e["actor"] == "github webhook" && e["action"] == "POST /hooks/github"), "{backend}: {audit}");
+        assert!(
+            entries.iter().all(|e| e["address"] == "127.0.0.1" && e["actor"] == "github webhook" && e["action"] == "POST /hooks/github"),
+            "{backend}: {audit}"
+        );
         let refused: Vec<&Value> = entries.iter().filter(|e| e["status"] == 401).collect();
         assert_eq!(refused.len(), 3, "{audit}");
         assert!(refused[0]["detail"].as_str().unwrap_or("").contains("does not match"), "{audit}");
-        assert!(entries.iter().any(|e| e["status"] == 202 && e["detail"].as_str().unwrap_or("").contains(&format!("web 1.4.0 in staging → deployment {id}"))), "{audit}");
+        assert!(
+            entries.iter().any(|e| e["status"] == 202 && e["detail"].as_str().unwrap_or("").contains(&format!("web 1.4.0 in staging → deployment {id}"))),
+            "{audit}"
+        );
         assert!(entries.iter().any(|e| e["detail"].as_str().unwrap_or("").contains("(a redelivery)")), "{audit}");
         h.stop().await;
     }
@@ -321,14 +334,22 @@ async fn issue13_a_publication_announced_by_several_events_deploys_once_and_keep
         // a generic published event: still that one deployment.
         let (s, r) = h.registry_push("ev-1", "1.4.0", "3da1996a8115d7616457760d9920b815241d0a03b34cf5f04e9a0e9d8de37498").await;
         assert_eq!(s, 200, "{backend}: {r}");
-        assert!(r["results"].as_array().is_some_and(|r| r.iter().filter(|r| r["environment"] == "staging").all(|r| r["deployment_id"].as_i64() == Some(id) || r["held"].is_string())), "{backend}: {r}");
+        assert!(
+            r["results"]
+                .as_array()
+                .is_some_and(|r| r.iter().filter(|r| r["environment"] == "staging").all(|r| r["deployment_id"].as_i64() == Some(id) || r["held"].is_string())),
+            "{backend}: {r}"
+        );
 
         let list = h.deployments().await;
         assert_eq!(list.len(), 1, "{backend}: deployed once: {list:?}");
         // `why` names both deliveries that announced it, by their kind.
         h.wait_done(id).await;
         let why = h.why("staging").await;
-        assert!(why["history"].to_string().contains(&format!("deployment #{id} (deploy) (from a GitHub registry_package delivery, a GitHub package delivery")), "{backend}: {why}");
+        assert!(
+            why["history"].to_string().contains(&format!("deployment #{id} (deploy) (from a GitHub registry_package delivery, a GitHub package delivery")),
+            "{backend}: {why}"
+        );
         h.stop().await;
     }
 }
@@ -348,7 +369,10 @@ async fn issue13_a_late_publication_of_an_older_version_is_held_not_deployed() {
         // 1.4.0, late, from each sender: held, saying why; nothing deployed.
         let (_, g) = h.signed("registry_package", "d-2", &published("1.4.0")).await;
         let held = staging(&g)["held"].as_str().unwrap_or_default().to_string();
-        assert!(held.starts_with("older than 1.5.0, which was last deployed to staging") && held.contains("(by semver)") && held.contains("deploy 1.4.0 by hand"), "{backend}: {g}");
+        assert!(
+            held.starts_with("older than 1.5.0, which was last deployed to staging") && held.contains("(by semver)") && held.contains("deploy 1.4.0 by hand"),
+            "{backend}: {g}"
+        );
         let (s, r) = h.registry_push("ev-2", "1.4.0", &"b".repeat(64)).await;
         assert_eq!(s, 200, "{backend}: {r}");
         assert!(staging(&r)["held"].as_str().is_some_and(|h| h.starts_with("older than 1.5.0")), "{backend}: {r}");
@@ -371,7 +395,10 @@ async fn issue13_a_late_publication_of_an_older_version_is_held_not_deployed() {
 
         // `why` says what became of it; a person can still deploy it.
         let why = h.why("staging").await;
-        assert!(why["history"].to_string().contains("1.9.0 from a GitHub registry_package delivery: available, not deployed: older than 1.10.0"), "{backend}: {why}");
+        assert!(
+            why["history"].to_string().contains("1.9.0 from a GitHub registry_package delivery: available, not deployed: older than 1.10.0"),
+            "{backend}: {why}"
+        );
         let (s, d) = h.post_json("/api/v1/events", None, &json!({"kind": "deploy", "service": "web", "version": "1.4.0", "environment": "staging"})).await;
         assert_eq!(s, 202, "{backend}: by hand: {d}");
         let versions: Vec<String> = h.deployments().await.iter().filter_map(|d| d["version"].as_str().map(String::from)).collect();
@@ -399,7 +426,11 @@ async fn issue13_a_published_event_id_reused_for_another_publication_is_a_confli
         let (s, e) = send("2.0.1").await;
         assert_eq!(s, 409, "{backend}: {e}");
         let message = e["error"]["message"].as_str().unwrap_or("");
-        assert!(message.contains(r#"event id "build-77" was already used for ghcr.io/codertocat/hello-world 2.0.0 published (deployment "#) && message.contains("2.0.1"), "{backend}: {message}");
+        assert!(
+            message.contains(r#"event id "build-77" was already used for ghcr.io/codertocat/hello-world 2.0.0 published (deployment "#)
+                && message.contains("2.0.1"),
+            "{backend}: {message}"
+        );
         assert_eq!(h.deployments().await.len(), 1, "{backend}");
         h.stop().await;
     }
@@ -460,7 +491,11 @@ async fn issue13_a_flood_of_refused_deliveries_adds_a_bounded_number_of_audit_ro
         // The rest are summed up, at the latest when the node stops.
         h.stop().await;
         let audit = store.audit(10_000).await.expect("audit");
-        let summary = |status: i64, n: u64| audit.iter().any(|a| a.status == status && a.detail.starts_with(&format!("and {n} more refused deliveries like this in the last")) && a.detail.contains("(HTTP"));
+        let summary = |status: i64, n: u64| {
+            audit.iter().any(|a| {
+                a.status == status && a.detail.starts_with(&format!("and {n} more refused deliveries like this in the last")) && a.detail.contains("(HTTP")
+            })
+        };
         let details = audit.iter().map(|a| &a.detail).collect::<Vec<_>>();
         if minutes == 1 {
             assert!(summary(401, 2990) && summary(400, 290), "{backend}: {details:?}");
@@ -468,7 +503,8 @@ async fn issue13_a_flood_of_refused_deliveries_adds_a_bounded_number_of_audit_ro
         } else {
             // Slower than a minute (a loaded machine): more windows, each
             // bounded, and nothing uncounted.
-            let counted: u64 = audit.iter().map(|a| a.detail.strip_prefix("and ").and_then(|d| d.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(1)).sum();
+            let counted: u64 =
+                audit.iter().map(|a| a.detail.strip_prefix("and ").and_then(|d| d.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(1)).sum();
             assert_eq!(counted, 3300, "{backend}: {details:?}");
         }
     }

@@ -108,7 +108,15 @@ async fn issue13_the_last_admin_token_for_every_environment_cannot_be_revoked() 
         for round in 0..5 {
             let other = api.token(Some(&survivor), &format!("admin{round}"), json!({"*": "admin"})).await;
             let names = api.call("GET", "/api/v1/tokens", Some(&survivor), None).await.1;
-            let survivor_name = names.as_array().expect("tokens").iter().find(|t| t["revoked_at"].is_null() && t["name"] != format!("admin{round}") && t["roles"]["*"] == "admin").expect("survivor")["name"].as_str().expect("name").to_string();
+            let survivor_name = names
+                .as_array()
+                .expect("tokens")
+                .iter()
+                .find(|t| t["revoked_at"].is_null() && t["name"] != format!("admin{round}") && t["roles"]["*"] == "admin")
+                .expect("survivor")["name"]
+                .as_str()
+                .expect("name")
+                .to_string();
             let (first, second) = (format!("/api/v1/tokens/admin{round}"), format!("/api/v1/tokens/{survivor_name}"));
             let (a, b) = tokio::join!(api.call("DELETE", &first, Some(&survivor), None), api.call("DELETE", &second, Some(&other), None));
             // Whichever comes second is refused: as the last admin (409),
@@ -166,7 +174,8 @@ async fn issue13_roles_for_environments_the_config_does_not_define_are_refused()
         let (s, v) = api.call("POST", "/api/v1/tokens", None, Some(json!({"name": "root", "roles": {"*": "admin", "prod": "admin"}}))).await;
         assert_eq!(s, 400, "{backend}: {v}");
         let root = api.token(None, "root", json!({"*": "admin"})).await;
-        let (s, v) = api.call("POST", "/api/v1/tokens", Some(&root), Some(json!({"name": "ci", "roles": {"stagin": "deployer", "production": "viewer"}}))).await;
+        let (s, v) =
+            api.call("POST", "/api/v1/tokens", Some(&root), Some(json!({"name": "ci", "roles": {"stagin": "deployer", "production": "viewer"}}))).await;
         assert_eq!(s, 400, "{backend}: {v}");
         let message = v["error"]["message"].as_str().unwrap_or("");
         assert!(message.contains("\"stagin\"") && message.contains("defined: staging, production") && !message.contains("\"production\""), "{backend}: {v}");
@@ -265,7 +274,18 @@ fn lockout_and_local_recovery(backend: &str, dir: &Path, store: &str) {
     let over_network = server.cli(dir, &["token", "create", "again", "--role", "*=admin"]);
     assert_eq!(over_network.status.code(), Some(7), "{backend}: {}", text(&over_network));
 
-    let local = |args: &[&str]| Command::new(common::slipway_bin()).arg("--config").arg(dir).args(["token", "create"]).args(args).args(["--local", "--store", store]).env_remove("SLIPWAY_STORE").stdin(Stdio::null()).output().expect("run slipway");
+    let local = |args: &[&str]| {
+        Command::new(common::slipway_bin())
+            .arg("--config")
+            .arg(dir)
+            .args(["token", "create"])
+            .args(args)
+            .args(["--local", "--store", store])
+            .env_remove("SLIPWAY_STORE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run slipway")
+    };
     // --local keeps the store usable: with no live admin left, the token
     // it makes must be one; and roles for unknown environments are refused.
     let viewer = local(&["viewer", "--role", "*=viewer"]);
@@ -319,7 +339,11 @@ struct Mount(tempfile::TempDir);
 impl Mount {
     fn tmpfs(size: &str) -> Result<Mount, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir.path()).output().map_err(|e| format!("cannot run mount: {e}"))?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
         if !out.status.success() {
             return Err(format!("mount -t tmpfs failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
         }

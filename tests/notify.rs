@@ -142,7 +142,12 @@ command = ["true"]
     let base = format!("http://{}", node.addr);
     let mut ids = Vec::new();
     for version in ["1.0", "2.0"] {
-        let r = http.post(format!("{base}/api/v1/events")).json(&serde_json::json!({"kind": "deploy", "service": "api", "version": version, "environment": "prod"})).send().await.expect("post");
+        let r = http
+            .post(format!("{base}/api/v1/events"))
+            .json(&serde_json::json!({"kind": "deploy", "service": "api", "version": version, "environment": "prod"}))
+            .send()
+            .await
+            .expect("post");
         assert_eq!(r.status().as_u16(), 202);
         let body: Value = r.json().await.expect("json");
         ids.push(body["deployment_id"].as_i64().expect("id"));

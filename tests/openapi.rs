@@ -242,7 +242,10 @@ fn schemathesis(tools: &Tools, server: &Server, work: &Path, what: &str, token: 
     }
     let (ok, out) = run_bounded(cmd, Duration::from_secs(300));
     let tail: String = server.log_text().lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-    assert!(ok, "schemathesis found answers that are not what /api/v1/openapi.json says ({what}, seed {seed}):\n{out}\n--- server log (last lines) ---\n{tail}");
+    assert!(
+        ok,
+        "schemathesis found answers that are not what /api/v1/openapi.json says ({what}, seed {seed}):\n{out}\n--- server log (last lines) ---\n{tail}"
+    );
     // Not a run that tested nothing: its summary names the cases it sent.
     let cases = out.lines().find(|l| l.contains("generated,")).unwrap_or_default().trim().to_string();
     let sent: u64 = cases.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);

@@ -47,7 +47,10 @@ fn graph(levels: usize, width: usize, sleep: &str) -> String {
         }
     }
     let last: Vec<String> = (0..width).map(|i| format!("\"{}\"", name(levels - 1, i))).collect();
-    t.push_str(&format!("\n[[job]]\nname = \"done\"\nneeds = [{}]\nidempotent = true\ncommand = [\"./mark.sh\", \"0\"]\nenv = {{ MARK = \"@EXT@/marks\" }}\n", last.join(", ")));
+    t.push_str(&format!(
+        "\n[[job]]\nname = \"done\"\nneeds = [{}]\nidempotent = true\ncommand = [\"./mark.sh\", \"0\"]\nenv = {{ MARK = \"@EXT@/marks\" }}\n",
+        last.join(", ")
+    ));
     t
 }
 
@@ -150,7 +153,11 @@ fn attempts(d: &Value) -> &[Value] {
 
 /// Jobs running now, with their node.
 fn running(d: &Value) -> BTreeMap<String, String> {
-    jobs(d).iter().filter(|j| j["state"] == "running").map(|j| (j["name"].as_str().unwrap_or("?").to_string(), j["node"].as_str().unwrap_or("?").to_string())).collect()
+    jobs(d)
+        .iter()
+        .filter(|j| j["state"] == "running")
+        .map(|j| (j["name"].as_str().unwrap_or("?").to_string(), j["node"].as_str().unwrap_or("?").to_string()))
+        .collect()
 }
 
 fn count(d: &Value, st: &str) -> usize {
@@ -173,9 +180,12 @@ fn wait<T>(limit: Duration, what: &str, diag: impl Fn() -> String, mut f: impl F
 
 /// Wait until the deployment ends (asking any server that answers).
 fn wait_done(servers: &[&Server], id: i64) -> Value {
-    wait(WAIT, &format!("deployment {id} to end"), || logs_of(servers), || {
-        servers.iter().find_map(|s| detail(&s.url, id)).filter(|d| matches!(state(d), "succeeded" | "failed" | "cancelled" | "superseded"))
-    })
+    wait(
+        WAIT,
+        &format!("deployment {id} to end"),
+        || logs_of(servers),
+        || servers.iter().find_map(|s| detail(&s.url, id)).filter(|d| matches!(state(d), "succeeded" | "failed" | "cancelled" | "superseded")),
+    )
 }
 
 /// Wait until the deployment is mid-run in the way `ready` says; its detail.

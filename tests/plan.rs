@@ -54,8 +54,7 @@ fn demo_plan_from_history() {
 
 #[test]
 fn parallelism_one_serializes_the_estimate() {
-    let history: HashMap<String, Duration> =
-        demo().jobs.iter().map(|j| (j.name.clone(), Duration::from_secs(1))).collect();
+    let history: HashMap<String, Duration> = demo().jobs.iter().map(|j| (j.name.clone(), Duration::from_secs(1))).collect();
     let p = plan::build(&demo(), "staging", &Selection::All, 1, &history).unwrap();
     assert_eq!(p.estimated_duration, Duration::from_secs(7));
     assert_eq!(p.critical_path_duration, Duration::from_secs(4));

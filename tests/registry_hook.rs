@@ -66,7 +66,8 @@ async fn issue6_a_registry_push_over_its_http_api_deploys_a_local_follower() {
         let mut cfg = SchedulerConfig::new("registry-hook", dir.path().join(".slipway/work"));
         cfg.poll = Duration::from_millis(100);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "registry-hook-test".into() });
+        let node =
+            start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "registry-hook-test".into() });
         let base = format!("http://{}", node.addr);
         let registry = dockerkit::Registry::start_notifying(&format!("{base}/hooks/registry"), TOKEN);
         std::fs::write(dir.path().join("slipway.toml"), config(&registry.repo(), port, &secret)).expect("config");
@@ -79,7 +80,14 @@ async fn issue6_a_registry_push_over_its_http_api_deploys_a_local_follower() {
         pusher.image("2026-11-02T00:00:00Z", &["latest"]).await;
         let http = slipway::http::builder().timeout(Duration::from_secs(10)).build().expect("client");
         let why = common::wait_for(Duration::from_secs(30), "latest to be seen", || {
-            let v: Value = serde_json::from_str(&std::process::Command::new("curl").args(["-sf", &format!("{base}/api/v1/services/staging/web/why")]).output().ok().map(|o| String::from_utf8_lossy(&o.stdout).to_string())?).ok()?;
+            let v: Value = serde_json::from_str(
+                &std::process::Command::new("curl")
+                    .args(["-sf", &format!("{base}/api/v1/services/staging/web/why")])
+                    .output()
+                    .ok()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).to_string())?,
+            )
+            .ok()?;
             v["history"].as_array()?.iter().any(|h| h.as_str().is_some_and(|h| h.contains("latest"))).then_some(v)
         });
         assert!(why["running"].as_str().unwrap_or("").contains("1.4.0"), "{backend}: {why}");

@@ -24,7 +24,6 @@ use slipway::cli::serve::{NodeOptions, start_node};
 use slipway::scheduler::SchedulerConfig;
 use slipway::store::{ServiceRow, Store};
 
-
 /// A node in-process on the config in `dir`, with `store`.
 async fn node(dir: &Path, store: Arc<dyn Store>) -> (slipway::cli::serve::RunningNode, String) {
     let mut cfg = SchedulerConfig::new("retention", dir.join(".slipway/work"));
@@ -45,7 +44,15 @@ async fn slipway(dir: &Path, server: &str, args: &[&str]) -> (i32, String, Strin
     let (dir, server) = (dir.to_path_buf(), server.to_string());
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
-        let out = Command::new(common::slipway_bin()).arg("--config").arg(&dir).arg("--server").arg(&server).args(&args).env_remove("SLIPWAY_STORE").output().expect("run slipway");
+        let out = Command::new(common::slipway_bin())
+            .arg("--config")
+            .arg(&dir)
+            .arg("--server")
+            .arg(&server)
+            .args(&args)
+            .env_remove("SLIPWAY_STORE")
+            .output()
+            .expect("run slipway");
         (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
     })
     .await
@@ -76,7 +83,17 @@ fn repo_of(v: &Value) -> &Value {
 }
 
 fn kept(v: &Value) -> Vec<(String, String)> {
-    repo_of(v)["kept"].as_array().into_iter().flatten().map(|k| (k["tag"].as_str().unwrap_or("").to_string(), k["reasons"].as_array().into_iter().flatten().filter_map(|r| r.as_str()).collect::<Vec<_>>().join("; "))).collect()
+    repo_of(v)["kept"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|k| {
+            (
+                k["tag"].as_str().unwrap_or("").to_string(),
+                k["reasons"].as_array().into_iter().flatten().filter_map(|r| r.as_str()).collect::<Vec<_>>().join("; "),
+            )
+        })
+        .collect()
 }
 
 fn to_delete(v: &Value) -> BTreeSet<String> {
@@ -130,7 +147,9 @@ command = ["true"]
     let (code, out, err) = slipway(dir.path(), "http://127.0.0.1:9", &["plan", "--env", "production"]).await;
     assert_eq!(code, 0, "plan: {out}{err}");
     assert!(out.contains("retention (dry run"), "{out}");
-    for line in ["would delete", "1.1.0", "1.1.1, 1.1", "production runs it", "production could roll back to it", "newest 2", "shares its digest with kept tag 1.0.0"] {
+    for line in
+        ["would delete", "1.1.0", "1.1.1, 1.1", "production runs it", "production could roll back to it", "newest 2", "shares its digest with kept tag 1.0.0"]
+    {
         assert!(out.contains(line), "plan lacks {line:?}:\n{out}");
     }
     // … and `plan --json` has the same dry run, as the API shapes it.
@@ -310,7 +329,9 @@ fn problems(text: &str) -> Vec<String> {
 fn keep_tags_is_only_for_registry_backed_services_and_within_range() {
     let p = problems("[[service]]\nname = \"api\"\nkeep_tags = 5\n");
     assert_eq!(p, vec!["3:13 service \"api\" has `keep_tags` but no registry image whose tags it could keep"]);
-    let p = problems("[[service]]\nname = \"api\"\nfollows = \"reg.example.org/api\"\nkeep_tags = 0\n\n[[service]]\nname = \"b\"\nfollows = \"reg.example.org/b\"\nkeep_tags = 10001\n");
+    let p = problems(
+        "[[service]]\nname = \"api\"\nfollows = \"reg.example.org/api\"\nkeep_tags = 0\n\n[[service]]\nname = \"b\"\nfollows = \"reg.example.org/b\"\nkeep_tags = 10001\n",
+    );
     assert_eq!(p, vec!["4:13 `keep_tags` must be between 1 and 10000, not 0", "9:13 `keep_tags` must be between 1 and 10000, not 10001"]);
     let p = problems("[[service]]\nname = \"api\"\nfollows = \"reg.example.org/api\"\nkeep_tag = 3\n");
     assert_eq!(p, vec!["4:1 unknown key `keep_tag` in [[service]]"]);

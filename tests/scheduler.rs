@@ -69,7 +69,20 @@ async fn submit(store: &Arc<dyn Store>, rev: &str, key: &str, jobs: Vec<NewJob>)
 async fn issue3_daemon_holding_stdout_does_not_keep_job_running() {
     let dir = tempfile::tempdir().unwrap();
     let (store, rev) = setup(dir.path()).await;
-    let id = submit(&store, &rev, "d1", vec![NewJob { name: "starts-daemon".into(), needs: vec![], spec: spec(vec!["sh", "-c", &format!("setsid sh -c 'echo $$ > {}; exec sleep 40' & sleep 0.5; echo started", dir.path().join("daemon.pid").display())], 5_000) }]).await;
+    let id = submit(
+        &store,
+        &rev,
+        "d1",
+        vec![NewJob {
+            name: "starts-daemon".into(),
+            needs: vec![],
+            spec: spec(
+                vec!["sh", "-c", &format!("setsid sh -c 'echo $$ > {}; exec sleep 40' & sleep 0.5; echo started", dir.path().join("daemon.pid").display())],
+                5_000,
+            ),
+        }],
+    )
+    .await;
     let mut cfg = SchedulerConfig::new("n1", dir.path().join("work"));
     cfg.poll = Duration::from_millis(100);
     let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget::default()), cfg, EventBus::new());

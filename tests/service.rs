@@ -175,7 +175,8 @@ fn kill_9_during_a_rollout_then_restart_runs_exactly_one_version() {
     });
     assert_eq!(d["state"], "failed", "{d}");
     assert!(d["reason"].as_str().unwrap_or("").contains("interrupted"), "{d}");
-    let versions: Vec<String> = procs_of(server.child.id()).into_iter().map(|(_, c)| c).filter(|c| c.contains("slipway-demo") && c.contains("\x00serve\x00")).collect();
+    let versions: Vec<String> =
+        procs_of(server.child.id()).into_iter().map(|(_, c)| c).filter(|c| c.contains("slipway-demo") && c.contains("\x00serve\x00")).collect();
     assert_eq!(versions.len(), 2, "{versions:?}");
     assert!(versions.iter().all(|c| c.contains("--version\x001.0")), "only 1.0 runs: {versions:?}");
     assert_eq!(migrations(dir.path()), vec!["migrated to 1.0", "migrated to 2.0"], "the migration ran once per deployment");
@@ -251,7 +252,14 @@ rollout = { strategy = "canary" }
     let out = std::process::Command::new(common::slipway_bin()).arg("--config").arg(dir.path()).arg("validate").output().expect("run");
     assert_eq!(out.status.code(), Some(3));
     let said = text(&out);
-    for expected in ["no `listen` address", "never receives {port}", "`instances` must be between 1 and 64", "starting with '/'", "not a duration", "unknown rollout strategy \"canary\""] {
+    for expected in [
+        "no `listen` address",
+        "never receives {port}",
+        "`instances` must be between 1 and 64",
+        "starting with '/'",
+        "not a duration",
+        "unknown rollout strategy \"canary\"",
+    ] {
         assert!(said.contains(expected), "missing {expected:?} in:\n{said}");
     }
 }
@@ -382,7 +390,8 @@ migrate = {{ command = ["sh", "-c", "echo migrating in $PWD"] }}
     let said = text(&bad);
     assert!(said.contains("sha256 mismatch") && said.contains(&sha), "{said}");
     let d = get_json(&format!("{}/api/v1/deployments/3", server.url));
-    let states: Vec<(String, String)> = d["jobs"].as_array().expect("jobs").iter().map(|j| (j["name"].as_str().unwrap_or("").into(), j["state"].as_str().unwrap_or("").into())).collect();
+    let states: Vec<(String, String)> =
+        d["jobs"].as_array().expect("jobs").iter().map(|j| (j["name"].as_str().unwrap_or("").into(), j["state"].as_str().unwrap_or("").into())).collect();
     assert!(states.contains(&("web.migrate".into(), "skipped".into())) && states.contains(&("web.rollout".into(), "skipped".into())), "{states:?}");
     assert_eq!(hello(port).as_deref(), Some("hello from demo 1.1"), "traffic stays where it was");
 
@@ -471,7 +480,13 @@ listen = "127.0.0.1:8083"
     let out = std::process::Command::new(common::slipway_bin()).arg("--config").arg(dir.path()).arg("validate").output().expect("run");
     assert_eq!(out.status.code(), Some(3));
     let said = text(&out);
-    for expected in ["`image` is for containers", "has no `port`", "is not an image name without a tag", "not a size of at least 6m", "service \"db\" sets `listen` but has no `image` to run"] {
+    for expected in [
+        "`image` is for containers",
+        "has no `port`",
+        "is not an image name without a tag",
+        "not a size of at least 6m",
+        "service \"db\" sets `listen` but has no `image` to run",
+    ] {
         assert!(said.contains(expected), "missing {expected:?} in:\n{said}");
     }
 }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use slipway::config::Command;
 use slipway::config::revision::Revision;
 use slipway::store::{
-    ClaimedJob, Counts, DeploymentKind, DeploymentRow, DeploymentState, FinishEffect, FinishedAttempt, JobRow, JobSpec, JobState,
-    NewDeployment, NewEvent, NewJob, NewLogLine, Outcome, Store, Submitted, now_ms,
+    ClaimedJob, Counts, DeploymentKind, DeploymentRow, DeploymentState, FinishEffect, FinishedAttempt, JobRow, JobSpec, JobState, NewDeployment, NewEvent,
+    NewJob, NewLogLine, Outcome, Store, Submitted, now_ms,
 };
 
 // ---------------------------------------------------------------- helpers
@@ -56,7 +56,11 @@ fn spec() -> JobSpec {
         retry_max_backoff_ms: 30_000,
         idempotent: true,
         env: BTreeMap::from([("REGION".to_string(), "eu-west-1".to_string())]),
-        artifact: Some(slipway::store::ArtifactRef { url: "https://example.org/web-1.tar.gz".into(), sha256: "ab".repeat(32), kind: slipway::store::ArtifactKind::Image }),
+        artifact: Some(slipway::store::ArtifactRef {
+            url: "https://example.org/web-1.tar.gz".into(),
+            sha256: "ab".repeat(32),
+            kind: slipway::store::ArtifactKind::Image,
+        }),
         secrets: BTreeMap::from([(
             "DB_PASSWORD".to_string(),
             slipway::config::secret::SecretRef { name: "db".into(), source: slipway::config::secret::SecretSource::Env("DB_PW".into()) },
@@ -336,10 +340,8 @@ async fn submit_stores_everything_and_is_idempotent() {
         assert_eq!((d.started_at, d.finished_at), (None, None), "[{name}] not started");
 
         let rows = job_rows(&b, s.deployment_id).await;
-        let got: Vec<_> = rows
-            .iter()
-            .map(|j| (j.name.as_str(), j.state, j.attempt, j.node.as_deref(), j.needs.iter().map(String::as_str).collect::<Vec<_>>()))
-            .collect();
+        let got: Vec<_> =
+            rows.iter().map(|j| (j.name.as_str(), j.state, j.attempt, j.node.as_deref(), j.needs.iter().map(String::as_str).collect::<Vec<_>>())).collect();
         assert_eq!(
             got,
             vec![
@@ -606,7 +608,11 @@ async fn claim_fences_and_expired_leases() {
         let stale = finish(&b, FinishedAttempt { fence: 0, ..done(a, N1, Outcome::Succeeded) }).await;
         assert!(stale.stale, "[{name}] wrong fence is stale");
         assert_eq!((stale.newly_ready, stale.deployment_finished), (0, None), "[{name}]");
-        assert_eq!(job_states(&b, dep.deployment_id).await, states(&[("a", JobState::Running), ("b", JobState::Running), ("c", JobState::Pending)]), "[{name}] unchanged");
+        assert_eq!(
+            job_states(&b, dep.deployment_id).await,
+            states(&[("a", JobState::Running), ("b", JobState::Running), ("c", JobState::Pending)]),
+            "[{name}] unchanged"
+        );
         assert!(b.1.attempts(dep.deployment_id).await.unwrap().is_empty(), "[{name}] no attempt recorded for a stale report");
 
         // The reaper finishes it with the current fence and asks for a retry.
@@ -895,11 +901,8 @@ async fn renew_detects_lost_leases() {
         tokio::time::sleep(Duration::from_millis(30)).await;
         let expired = b.1.expired().await.unwrap();
         assert_eq!(expired.len(), 3, "[{name}] all lapsed");
-        let reap = finish(
-            &b,
-            FinishedAttempt { node: N2.into(), outcome: Outcome::Interrupted, retry_at: Some(now_ms()), ..done(a, N1, Outcome::Interrupted) },
-        )
-        .await;
+        let reap =
+            finish(&b, FinishedAttempt { node: N2.into(), outcome: Outcome::Interrupted, retry_at: Some(now_ms()), ..done(a, N1, Outcome::Interrupted) }).await;
         assert!(!reap.stale, "[{name}]");
         let taken = claim_with(&b, N2, Duration::from_millis(1), 10).await;
         assert_eq!(names(&taken), vec!["a"], "[{name}]");
@@ -1060,7 +1063,11 @@ async fn concurrent_nodes_activate_one_deployment_per_lock() {
         assert!(violations.is_empty(), "[{name}] lock violations seen in {snapshots} snapshots: {violations:?}");
         let all = b.1.deployments(1000, None).await.unwrap();
         assert_eq!(all.len(), 16, "[{name}]");
-        assert!(all.iter().all(|d| d.state == DeploymentState::Succeeded), "[{name}] every deployment succeeds within 30 s: {:?}", all.iter().map(|d| (d.id, d.state)).collect::<Vec<_>>());
+        assert!(
+            all.iter().all(|d| d.state == DeploymentState::Succeeded),
+            "[{name}] every deployment succeeds within 30 s: {:?}",
+            all.iter().map(|d| (d.id, d.state)).collect::<Vec<_>>()
+        );
         assert_eq!(counts(&b).await.ready, 0, "[{name}]");
     }
 }
@@ -1258,7 +1265,6 @@ async fn expire_all_leases_expires_every_running_job() {
     }
 }
 
-
 // ---------------------------------------------------------------- services
 
 fn service_row(version: &str, sha: Option<&str>, dep: i64) -> slipway::store::ServiceRow {
@@ -1293,7 +1299,8 @@ async fn a_service_records_its_version_and_the_one_before() {
         assert_eq!((r.sha256.as_deref(), r.previous_sha256.as_deref(), r.artifact_dir.as_deref()), (Some("bb"), Some("aa"), Some("/cache/bb")), "[{name}]");
 
         for (kind, message) in [("instance_died", "exit code 1"), ("restarted", "as 127.0.0.1:1")] {
-            let e = slipway::store::ServiceEvent { environment: "staging".into(), service: "web".into(), at: now_ms(), kind: kind.into(), message: message.into() };
+            let e =
+                slipway::store::ServiceEvent { environment: "staging".into(), service: "web".into(), at: now_ms(), kind: kind.into(), message: message.into() };
             store.record_service_event(e).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
         }
         let events = store.service_events("staging", "web", 10).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
@@ -1314,7 +1321,8 @@ async fn an_event_without_a_deployment_is_stored_once_per_key() {
         assert!(!dup, "[{name}]");
         let (again, dup) = store.record_event(ev()).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
         assert!(dup && again == first, "[{name}] the same key is one event");
-        let (other, dup) = store.record_event(slipway::store::NewEvent { key: Some("github:abd".into()), ..ev() }).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        let (other, dup) =
+            store.record_event(slipway::store::NewEvent { key: Some("github:abd".into()), ..ev() }).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
         assert!(!dup && other != first, "[{name}]");
     }
 }
@@ -1326,7 +1334,15 @@ async fn the_audit_log_keeps_entries_newest_first() {
     for b in backends(&dir).await {
         let (name, store) = &b;
         for (n, status) in [(1, 202), (2, 401)] {
-            let e = slipway::store::AuditEntry { id: 0, at: now_ms(), actor: "anonymous".into(), address: "127.0.0.1".into(), action: "POST /api/v1/events".into(), detail: format!("entry {n}"), status };
+            let e = slipway::store::AuditEntry {
+                id: 0,
+                at: now_ms(),
+                actor: "anonymous".into(),
+                address: "127.0.0.1".into(),
+                action: "POST /api/v1/events".into(),
+                detail: format!("entry {n}"),
+                status,
+            };
             store.record_audit(e).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
         }
         let log = store.audit(10).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
@@ -1353,7 +1369,10 @@ async fn issue6_a_queued_deployment_whose_window_closed_waits_again() {
     for b in backends(&dir).await {
         let (name, store) = &b;
         let hold = slipway::store::Hold { window: true, ..Default::default() };
-        let gated = submit(&b, NewDeployment { environment: "production".into(), hold: Some(hold.clone()), ..new_deployment("production/api", jobs(&[("a", &[])])) }).await.deployment_id;
+        let gated =
+            submit(&b, NewDeployment { environment: "production".into(), hold: Some(hold.clone()), ..new_deployment("production/api", jobs(&[("a", &[])])) })
+                .await
+                .deployment_id;
         let free = submit(&b, new_deployment("staging/api", jobs(&[("a", &[])]))).await.deployment_id;
         assert_eq!(dep_state(&b, gated).await, DeploymentState::Waiting, "[{name}]");
         assert!(store.release(gated).await.unwrap_or_else(|e| panic!("[{name}] {e}")), "[{name}] released (its window was open)");
@@ -1393,7 +1412,9 @@ async fn issue6_a_background_redeploy_waits_for_an_idle_service_and_a_current_re
         store.set_service(service_row("1.0", None, 1000)).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
 
         // Someone's deploy of 2.0 is queued: refused, and 2.0 stays queued.
-        let theirs = submit(&b, NewDeployment { service: Some("web".into()), version: Some("2.0".into()), ..new_deployment(lock, jobs(&[("a", &[])])) }).await.deployment_id;
+        let theirs = submit(&b, NewDeployment { service: Some("web".into()), version: Some("2.0".into()), ..new_deployment(lock, jobs(&[("a", &[])])) })
+            .await
+            .deployment_id;
         let s = submit(&b, redeploy(1000)).await;
         assert!(s.busy && s.deployment_id == 0 && s.superseded.is_empty(), "[{name}] {s:?}");
         assert_eq!(dep_state(&b, theirs).await, DeploymentState::Queued, "[{name}]");

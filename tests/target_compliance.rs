@@ -533,7 +533,8 @@ impl Harness {
             return self.demo_spec(instances, strategy);
         }
         let flag = self.dir.path().join("broken-");
-        let script = format!("test -e '{}'\"$0\" && {{ echo broken >&2; exit 5; }}; exec '{}' serve --port \"$1\" --version \"$0\"", flag.display(), demo_bin());
+        let script =
+            format!("test -e '{}'\"$0\" && {{ echo broken >&2; exit 5; }}; exec '{}' serve --port \"$1\" --version \"$0\"", flag.display(), demo_bin());
         self.spec_with_command(instances, strategy, ["sh", "-c", &script, "{version}", "{port}"].map(String::from).to_vec())
     }
 

@@ -24,7 +24,8 @@ fn fixtures() -> PathBuf {
 /// ephemeral range and `common::free_port`'s, so nothing else takes them.
 fn config_for(kind: &str) -> (tempfile::TempDir, u16) {
     let port: u16 = std::fs::read_to_string(fixtures().join(kind).join("port.txt")).expect("port.txt").trim().parse().expect("a port");
-    let text = std::fs::read_to_string(fixtures().join("config/slipway.toml")).expect("fixture config")
+    let text = std::fs::read_to_string(fixtures().join("config/slipway.toml"))
+        .expect("fixture config")
         .replace("__PORT2__", &(port + 1).to_string())
         .replace("__PORT__", &port.to_string());
     (common::config_dir(&text, &[]), port)
@@ -149,11 +150,8 @@ fn issue13_a_postgres_store_from_the_build_before_migrations_upgrades_in_place()
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let Some(url) = rt.block_on(common::postgres_url()) else { return };
     let psql = psql();
-    let out = Command::new(&psql)
-        .args(["-q", "-v", "ON_ERROR_STOP=1", "-d", &url, "-f"])
-        .arg(fixtures().join("postgres/store.sql"))
-        .output()
-        .expect("run psql");
+    let out =
+        Command::new(&psql).args(["-q", "-v", "ON_ERROR_STOP=1", "-d", &url, "-f"]).arg(fixtures().join("postgres/store.sql")).output().expect("run psql");
     assert!(out.status.success(), "restoring the dump failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(rt.block_on(recorded_version(&url)), None, "the dump predates migrations");
     everything_is_still_there_and_usable("postgres", Some(&url));

@@ -216,7 +216,15 @@ mod tests {
     use std::time::{Duration, Instant};
 
     fn refused(address: &str, status: i64, n: usize) -> AuditEntry {
-        AuditEntry { id: 0, at: 0, actor: "github webhook".into(), address: address.into(), action: "POST /hooks/github".into(), detail: format!("refusal {n}"), status }
+        AuditEntry {
+            id: 0,
+            at: 0,
+            actor: "github webhook".into(),
+            address: address.into(),
+            action: "POST /hooks/github".into(),
+            detail: format!("refusal {n}"),
+            status,
+        }
     }
 
     #[test]
@@ -254,7 +262,10 @@ mod tests {
             r.admit(&refused("10.0.0.3", 413, n), t0 + Refusals::WINDOW * 2);
         }
         let pending = r.flush_all(t0 + Refusals::WINDOW * 2 + Duration::from_secs(5));
-        assert_eq!(pending.iter().map(|p| p.detail.as_str()).collect::<Vec<_>>(), ["and 5 more refused deliveries like this in the last 5s (HTTP 413 from 10.0.0.3); the last: refusal 14"]);
+        assert_eq!(
+            pending.iter().map(|p| p.detail.as_str()).collect::<Vec<_>>(),
+            ["and 5 more refused deliveries like this in the last 5s (HTTP 413 from 10.0.0.3); the last: refusal 14"]
+        );
         // Many senders at once share one count beyond the bound on keys.
         let r = Refusals::default();
         for n in 0..Refusals::MAX_KEYS + 50 {

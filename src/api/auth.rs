@@ -92,7 +92,9 @@ impl Caller {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                format!("approving needs a token, and none exists yet (an approval by nobody in particular is no approval): create the first admin token on the Slipway host with `slipway token create root --role '*=admin'`, then approve with a token that has the approver role{role} (not the one that asked for the deployment)"),
+                format!(
+                    "approving needs a token, and none exists yet (an approval by nobody in particular is no approval): create the first admin token on the Slipway host with `slipway token create root --role '*=admin'`, then approve with a token that has the approver role{role} (not the one that asked for the deployment)"
+                ),
             ));
         }
         if self.may(need, environment) {
@@ -192,7 +194,14 @@ pub async fn layer(State(s): State<Arc<AppState>>, mut req: Request, next: Next)
             // Open only while no token was ever created.
             Ok(all) if all.is_empty() => Caller { name: None, roles: BTreeMap::new() },
             Ok(_) => {
-                return refuse(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "this API needs a token: Authorization: Bearer TOKEN (slipway --token, or SLIPWAY_TOKEN)"), "no token");
+                return refuse(
+                    ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthenticated",
+                        "this API needs a token: Authorization: Bearer TOKEN (slipway --token, or SLIPWAY_TOKEN)",
+                    ),
+                    "no token",
+                );
             }
             Err(e) => return ApiError::from(e).into_response(),
         },
@@ -221,7 +230,11 @@ async fn signed(s: &AppState, req: Request, signature: Option<&str>) -> Result<(
     use http_body_util::BodyExt;
     let config = s.submitter.config().await?.config;
     let Some(events) = config.events else {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "signed events are not configured here: add [events] hmac_secret = \"SECRET-NAME\" to slipway.toml, or send a token"));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "signed events are not configured here: add [events] hmac_secret = \"SECRET-NAME\" to slipway.toml, or send a token",
+        ));
     };
     let (parts, body) = req.into_parts();
     let read = tokio::time::timeout(std::time::Duration::from_secs(30), http_body_util::Limited::new(body, MAX_SIGNED_BODY).collect()).await;

@@ -5,8 +5,8 @@
 //! Kept here so that a new operation gets them without repeating them.
 
 use utoipa::Modify;
-use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::link::LinkBuilder;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, ResponseBuilder};
 
 use super::wire::ErrorBody;
@@ -65,17 +65,37 @@ pub struct Contract;
 impl Modify for Contract {
     fn modify(&self, doc: &mut OpenApi) {
         let components = doc.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("token", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("slw_ and 64 hexadecimal digits").description(Some(TOKEN)).build()));
-        components.add_security_scheme("signature", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description("X-Slipway-Signature-256", SIGNATURE))));
-        components.add_security_scheme("github_signature", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description("X-Hub-Signature-256", GITHUB))));
-        components.add_security_scheme("registry_token", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some(REGISTRY)).build()));
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::Http(
+                HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("slw_ and 64 hexadecimal digits").description(Some(TOKEN)).build(),
+            ),
+        );
+        components
+            .add_security_scheme("signature", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description("X-Slipway-Signature-256", SIGNATURE))));
+        components
+            .add_security_scheme("github_signature", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description("X-Hub-Signature-256", GITHUB))));
+        components
+            .add_security_scheme("registry_token", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some(REGISTRY)).build()));
         let error = || ContentBuilder::new().schema(Some(Ref::from_schema_name(<ErrorBody as utoipa::ToSchema>::name()))).build();
         for (name, _, description) in SHARED {
-            components.responses.insert(name.to_string(), RefOr::T(ResponseBuilder::new().description(*description).content("application/json", error()).build()));
+            components
+                .responses
+                .insert(name.to_string(), RefOr::T(ResponseBuilder::new().description(*description).content("application/json", error()).build()));
         }
         let shared = |status: &str| RefOr::Ref(Ref::from_response_name(SHARED.iter().find(|(_, s, _)| *s == status).map(|(n, _, _)| *n).unwrap_or_default()));
         for (path, item) in doc.paths.paths.iter_mut() {
-            let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch, &mut item.head, &mut item.options, &mut item.trace, &mut item.query];
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+                &mut item.head,
+                &mut item.options,
+                &mut item.trace,
+                &mut item.query,
+            ];
             for op in operations.into_iter().filter_map(Option::as_mut) {
                 let id = op.operation_id.clone().unwrap_or_default();
                 let responses = &mut op.responses.responses;
@@ -122,7 +142,13 @@ impl Modify for Contract {
                     if let RefOr::T(r) = response
                         && r.description.is_empty()
                     {
-                        r.description = status.parse::<u16>().ok().and_then(|s| axum::http::StatusCode::from_u16(s).ok()).and_then(|s| s.canonical_reason()).unwrap_or("Answer").to_string();
+                        r.description = status
+                            .parse::<u16>()
+                            .ok()
+                            .and_then(|s| axum::http::StatusCode::from_u16(s).ok())
+                            .and_then(|s| s.canonical_reason())
+                            .unwrap_or("Answer")
+                            .to_string();
                     }
                 }
             }

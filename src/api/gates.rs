@@ -16,7 +16,10 @@ use super::{ApiError, ApiResult, AppState, auth, deployment_or_404};
 /// Deployments waiting at a gate (approval, soak, deploy window), oldest
 /// first.
 #[utoipa::path(get, path = "/api/v1/approvals", responses((status = 200, description = "Those in environments the token may read", body = Vec<ApprovalInfo>)))]
-pub(super) async fn list_approvals(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<Json<Vec<ApprovalInfo>>> {
+pub(super) async fn list_approvals(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+) -> ApiResult<Json<Vec<ApprovalInfo>>> {
     let mut holds = s.store.holds().await?;
     holds.retain(|(d, _)| caller.may(auth::Need::Read, Some(&d.environment)));
     Ok(Json(holds.into_iter().map(ApprovalInfo::from).collect()))
@@ -30,21 +33,28 @@ pub(super) async fn list_approvals(State(s): State<Arc<AppState>>, axum::Extensi
               (status = 404, description = "No such deployment", body = ErrorBody),
               (status = 409, description = "It does not wait for an approval (none needed, already approved, or not waiting)", body = ErrorBody),
               (status = 422, description = "The config on disk is invalid", body = ErrorBody)))]
-pub(super) async fn approve(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, id: Result<Path<i64>, PathRejection>) -> ApiResult<impl IntoResponse> {
+pub(super) async fn approve(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    id: Result<Path<i64>, PathRejection>,
+) -> ApiResult<impl IntoResponse> {
     let Path(id) = id?;
     let d = deployment_or_404(&s, id).await?;
     caller.require(auth::Need::Approve, Some(&d.environment))?;
     let by = caller.actor();
     // Four eyes: whoever asked for a deployment does not approve it.
-    if caller.name.is_some()
-        && s.store.hold(id).await?.and_then(|h| h.requested_by).is_some_and(|r| r == by) {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("{by} asked for deployment {id}: another approver must approve it")));
-        }
+    if caller.name.is_some() && s.store.hold(id).await?.and_then(|h| h.requested_by).is_some_and(|r| r == by) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("{by} asked for deployment {id}: another approver must approve it")));
+    }
     if !s.store.approve(id, &by).await? {
         let hold = s.store.hold(id).await?;
         let why = match (d.state, hold) {
-            (crate::store::DeploymentState::Waiting, Some(h)) if h.approved_by.is_some() => format!("deployment {id} was already approved by {}", h.approved_by.unwrap_or_default()),
-            (crate::store::DeploymentState::Waiting, _) => format!("deployment {id} needs no approval ({})", d.reason.as_deref().unwrap_or("it waits for other gates")),
+            (crate::store::DeploymentState::Waiting, Some(h)) if h.approved_by.is_some() => {
+                format!("deployment {id} was already approved by {}", h.approved_by.unwrap_or_default())
+            }
+            (crate::store::DeploymentState::Waiting, _) => {
+                format!("deployment {id} needs no approval ({})", d.reason.as_deref().unwrap_or("it waits for other gates"))
+            }
             (state, _) => format!("deployment {id} is {state}, not waiting for an approval"),
         };
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", why));
@@ -61,7 +71,8 @@ pub(super) async fn approve(State(s): State<Arc<AppState>>, axum::Extension(call
         hold.waiting_for = None;
     }
     let d = deployment_or_404(&s, id).await?;
-    let note = AuditNote(format!("approve deployment {id} ({} {} in {})", d.service.as_deref().unwrap_or("jobs"), d.version.as_deref().unwrap_or(""), d.environment));
+    let note =
+        AuditNote(format!("approve deployment {id} ({} {} in {})", d.service.as_deref().unwrap_or("jobs"), d.version.as_deref().unwrap_or(""), d.environment));
     Ok((StatusCode::OK, axum::Extension(note), Json(ApprovalInfo::from((d, hold)))))
 }
 
@@ -93,7 +104,11 @@ pub(super) async fn promote(
         sub.deployment_id,
         d.as_ref().and_then(|d| d.reason.clone()).map(|r| format!(" ({r})")).unwrap_or_default()
     ));
-    Ok((StatusCode::ACCEPTED, axum::Extension(note), Json(EventAccepted { event_id: sub.event_id, deployment_id: sub.deployment_id, duplicate: sub.duplicate, superseded: sub.superseded })))
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Extension(note),
+        Json(EventAccepted { event_id: sub.event_id, deployment_id: sub.deployment_id, duplicate: sub.duplicate, superseded: sub.superseded }),
+    ))
 }
 
 /// The commits of an environment's config branch Slipway has decided on,
@@ -101,7 +116,11 @@ pub(super) async fn promote(
 /// why).
 #[utoipa::path(get, path = "/api/v1/environments/{environment}/revisions", params(("environment" = Name, Path)),
     responses((status = 200, description = "At most 100, newest first (none for an environment whose config is not from git)", body = Vec<RevisionInfo>)))]
-pub(super) async fn list_revisions(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<String>, PathRejection>) -> ApiResult<Json<Vec<RevisionInfo>>> {
+pub(super) async fn list_revisions(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Vec<RevisionInfo>>> {
     let Path(environment) = p?;
     caller.require(auth::Need::Read, Some(&environment))?;
     if !crate::config::valid_name(&environment) {
@@ -118,21 +137,33 @@ pub(super) async fn list_revisions(State(s): State<Arc<AppState>>, axum::Extensi
               (status = 409, description = "The head is older than the accepted commit", body = ErrorBody),
               (status = 422, description = "The config on disk is invalid", body = ErrorBody),
               (status = 503, description = "The store, or the git fetch, failed: try again", body = ErrorBody)))]
-pub(super) async fn check_revision(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<String>, PathRejection>) -> ApiResult<impl IntoResponse> {
+pub(super) async fn check_revision(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult<impl IntoResponse> {
     let Path(environment) = p?;
     caller.require(auth::Need::Deploy, Some(&environment))?;
     if !crate::config::valid_name(&environment) {
         return Err(ApiError::bad_request("invalid environment name"));
     }
     let r = s.submitter.check_revision(&environment).await?;
-    let note = AuditNote(format!("check config of {environment}: {} {}{}", r.short(), r.state, r.deployment.map(|d| format!(" → deployment {d}")).unwrap_or_default()));
+    let note = AuditNote(format!(
+        "check config of {environment}: {} {}{}",
+        r.short(),
+        r.state,
+        r.deployment.map(|d| format!(" → deployment {d}")).unwrap_or_default()
+    ));
     Ok((axum::Extension(note), Json(RevisionInfo::from(r))))
 }
 
 /// The environments of the node's config: config source, gates, and the
 /// commit each git-configured one runs.
 #[utoipa::path(get, path = "/api/v1/environments", responses((status = 200, description = "Those the token may read", body = Vec<EnvironmentInfo>), (status = 422, description = "The config on disk is invalid", body = ErrorBody)))]
-pub(super) async fn list_environments(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<Json<Vec<EnvironmentInfo>>> {
+pub(super) async fn list_environments(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+) -> ApiResult<Json<Vec<EnvironmentInfo>>> {
     let config = s.submitter.config().await?.config;
     let mut out = Vec::new();
     for e in config.environments.iter().filter(|e| caller.may(auth::Need::Read, Some(&e.name))) {

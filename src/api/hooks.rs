@@ -20,8 +20,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
 
-use super::wire::{HookAnswer, HookResult};
 use super::audit::AuditNote;
+use super::wire::{HookAnswer, HookResult};
 use super::{ApiError, ApiResult, AppState};
 
 /// What a delivery meant, for the audit log.
@@ -50,7 +50,9 @@ async fn read_limited(body: Body, max: usize, setting: &str) -> ApiResult<axum::
     let Ok(read) = read else { return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", "the delivery's body did not arrive within 30s")) };
     match read {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("delivery larger than {setting} ({max} bytes)"))),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("delivery larger than {setting} ({max} bytes)")))
+        }
         Err(e) => Err(ApiError::bad_request(format!("cannot read the delivery: {e}"))),
     }
 }
@@ -106,7 +108,12 @@ impl Sightings {
             .into_iter()
             .map(|e| {
                 let v: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
-                let named = v["results"].as_array().into_iter().flatten().filter_map(|r| Some((r["service"].as_str()?.to_string(), r["environment"].as_str()?.to_string(), r["version"].as_str()?.to_string()))).collect();
+                let named = v["results"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| Some((r["service"].as_str()?.to_string(), r["environment"].as_str()?.to_string(), r["version"].as_str()?.to_string())))
+                    .collect();
                 (e.received_at, named)
             })
             .collect();
@@ -114,8 +121,13 @@ impl Sightings {
     }
 
     fn first_seen(&self, environment: &str, service: &str, version: &str) -> Option<i64> {
-        let deployed = self.deployments.iter().filter(|d| d.environment == environment && d.service.as_deref() == Some(service) && d.version.as_deref() == Some(version)).map(|d| d.created_at);
-        let announced = self.deliveries.iter().filter(|(_, named)| named.iter().any(|(s, e, v)| s == service && e == environment && v == version)).map(|(at, _)| *at);
+        let deployed = self
+            .deployments
+            .iter()
+            .filter(|d| d.environment == environment && d.service.as_deref() == Some(service) && d.version.as_deref() == Some(version))
+            .map(|d| d.created_at);
+        let announced =
+            self.deliveries.iter().filter(|(_, named)| named.iter().any(|(s, e, v)| s == service && e == environment && v == version)).map(|(at, _)| *at);
         deployed.chain(announced).min()
     }
 
@@ -124,8 +136,15 @@ impl Sightings {
     /// waiting, queued or running.
     fn standing(&self, environment: &str, service: &str) -> Vec<crate::trigger::Standing> {
         use crate::store::{DeploymentKind, DeploymentState};
-        let mine = |d: &&crate::store::DeploymentRow| d.environment == environment && d.service.as_deref() == Some(service) && d.kind == DeploymentKind::Deploy && d.version.is_some();
-        let standing = |version: &str, digest: Option<String>, what: String| crate::trigger::Standing { version: version.to_string(), digest, what, first_seen: self.first_seen(environment, service, version) };
+        let mine = |d: &&crate::store::DeploymentRow| {
+            d.environment == environment && d.service.as_deref() == Some(service) && d.kind == DeploymentKind::Deploy && d.version.is_some()
+        };
+        let standing = |version: &str, digest: Option<String>, what: String| crate::trigger::Standing {
+            version: version.to_string(),
+            digest,
+            what,
+            first_seen: self.first_seen(environment, service, version),
+        };
         let mut out = Vec::new();
         match self.services.iter().find(|r| r.environment == environment && r.service == service) {
             Some(r) => out.push(standing(&r.version, r.sha256.clone(), format!("runs in {environment} (deployment #{})", r.deployment_id))),
@@ -154,12 +173,26 @@ impl Sightings {
 /// deploys only if it is newer than what the environment runs or has
 /// decided ([`crate::trigger::not_newer`]); otherwise it is held, saying
 /// why (`why` shows it, and a deploy by hand can still take it).
-async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, digest: Option<&str>, image_digest: Option<&str>, announced: Option<&str>) -> (Vec<HookResult>, bool) {
+async fn act(
+    s: &AppState,
+    decisions: Vec<Decision>,
+    version: &str,
+    digest: Option<&str>,
+    image_digest: Option<&str>,
+    announced: Option<&str>,
+) -> (Vec<HookResult>, bool) {
     let mut transient = false;
     let mut results = Vec::new();
     let mut sightings: Option<Sightings> = None;
     for d in decisions {
-        let mut r = HookResult { service: d.service.clone(), environment: d.environment.clone(), version: version.to_string(), deployment_id: None, held: d.held.clone(), error: None };
+        let mut r = HookResult {
+            service: d.service.clone(),
+            environment: d.environment.clone(),
+            version: version.to_string(),
+            deployment_id: None,
+            held: d.held.clone(),
+            error: None,
+        };
         let config = s.submitter.config_for(&d.environment).await;
         let service = config.as_ref().ok().and_then(|c| c.services.iter().find(|x| x.name == d.service).cloned());
         // A digest pins an image or checks a tarball; a service that runs
@@ -191,7 +224,13 @@ async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, digest: Opti
                 (Ok(Some(id)), _) => r.deployment_id = Some(id.unwrap_or(0)),
                 (Ok(None), Some(seen)) => {
                     let first_seen = seen.first_seen(&d.environment, &d.service, version);
-                    r.held = crate::trigger::not_newer(service.as_ref().and_then(|x| x.tags.as_ref()), version, announced, first_seen, &seen.standing(&d.environment, &d.service));
+                    r.held = crate::trigger::not_newer(
+                        service.as_ref().and_then(|x| x.tags.as_ref()),
+                        version,
+                        announced,
+                        first_seen,
+                        &seen.standing(&d.environment, &d.service),
+                    );
                 }
                 (Ok(None), None) => {}
                 (Err(e), _) => {
@@ -202,8 +241,14 @@ async fn act(s: &AppState, decisions: Vec<Decision>, version: &str, digest: Opti
             }
         }
         if r.held.is_none() && r.deployment_id.is_none() && r.error.is_none() {
-            let payload = serde_json::json!({ "kind": "deploy", "service": d.service, "version": version, "environment": d.environment, "digest": announced }).to_string();
-            let request = Request::Deploy { service: d.service.clone(), version: version.to_string(), environment: Some(d.environment.clone()), digest: digest.map(str::to_string) };
+            let payload = serde_json::json!({ "kind": "deploy", "service": d.service, "version": version, "environment": d.environment, "digest": announced })
+                .to_string();
+            let request = Request::Deploy {
+                service: d.service.clone(),
+                version: version.to_string(),
+                environment: Some(d.environment.clone()),
+                digest: digest.map(str::to_string),
+            };
             match s.submitter.submit(request, Some(key), payload).await {
                 Ok(sub) => r.deployment_id = Some(sub.deployment_id),
                 Err(e) => {
@@ -271,8 +316,11 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
     let secret = gh.webhook_secret.read().map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
     // Refusals are logged (and audited) by the audit layer, within a
     // bound: a flood of bad deliveries must not flood the log.
-    github::verify(secret.expose().as_bytes(), &bytes, header(&headers, "x-hub-signature-256")).map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()))?;
-    let delivery = header(&headers, "x-github-delivery").filter(|d| github::valid_delivery(d)).ok_or_else(|| ApiError::bad_request("missing or malformed X-GitHub-Delivery"))?;
+    github::verify(secret.expose().as_bytes(), &bytes, header(&headers, "x-hub-signature-256"))
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()))?;
+    let delivery = header(&headers, "x-github-delivery")
+        .filter(|d| github::valid_delivery(d))
+        .ok_or_else(|| ApiError::bad_request("missing or malformed X-GitHub-Delivery"))?;
     let event = header(&headers, "x-github-event")
         .filter(|e| !e.is_empty() && e.len() <= 64 && e.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
         .ok_or_else(|| ApiError::bad_request("missing or malformed X-GitHub-Event"))?;
@@ -320,8 +368,12 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
                 let task = tokio::spawn(async move { submitter.check_revision(&name).await });
                 match tokio::time::timeout(DECIDE_WAIT, task).await {
                     Ok(Ok(Ok(r))) => answer.revisions.push(r.into()),
-                    Ok(Ok(Err(e))) if matches!(e, crate::submit::SubmitError::Conflict(_)) => answer.note = Some(format!("{}; {env}: {e}", answer.note.take().unwrap_or_default())),
-                    Ok(Ok(Err(e))) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("config of {env} not decided; send it again: {e}"))),
+                    Ok(Ok(Err(e))) if matches!(e, crate::submit::SubmitError::Conflict(_)) => {
+                        answer.note = Some(format!("{}; {env}: {e}", answer.note.take().unwrap_or_default()))
+                    }
+                    Ok(Ok(Err(e))) => {
+                        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("config of {env} not decided; send it again: {e}")));
+                    }
                     Ok(Err(e)) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("config of {env} not decided: {e}"))),
                     Err(_) => answer.note = Some(format!("{}; {env}: still deciding (slipway revisions {env})", answer.note.take().unwrap_or_default())),
                 }
@@ -363,15 +415,31 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
     };
     let bytes = read_limited(body, hook.max_payload, "[registry_hook] max_payload").await?;
     let token = hook.token.read().map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
-    crate::trigger::registry::verify(token.expose().as_bytes(), header(&headers, "authorization")).map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()))?;
+    crate::trigger::registry::verify(token.expose().as_bytes(), header(&headers, "authorization"))
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()))?;
     let (pushed, ignored) = crate::trigger::registry::parse(&bytes, &hook.hosts).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let mut answer = HookAnswer { delivery: String::new(), event: "registry".into(), duplicate: false, note: Some(format!("{} tagged push(es), {ignored} event(s) ignored", pushed.len())), results: vec![], revisions: vec![] };
+    let mut answer = HookAnswer {
+        delivery: String::new(),
+        event: "registry".into(),
+        duplicate: false,
+        note: Some(format!("{} tagged push(es), {ignored} event(s) ignored", pushed.len())),
+        results: vec![],
+        revisions: vec![],
+    };
     let mut all_duplicates = !pushed.is_empty();
     for p in pushed {
         let key = key_of("registry", &[&p.id]);
         // The pushed manifest's own digest: no tag to resolve, no race with
         // the registry's consistency, the very bytes that were pushed.
-        let (results, transient) = act(&s, per_environment(&s, &loaded.config, |c| decide_any(c, &p.images, &p.version)).await, &p.version, None, p.digest.as_deref(), p.digest.as_deref()).await;
+        let (results, transient) = act(
+            &s,
+            per_environment(&s, &loaded.config, |c| decide_any(c, &p.images, &p.version)).await,
+            &p.version,
+            None,
+            p.digest.as_deref(),
+            p.digest.as_deref(),
+        )
+        .await;
         if transient {
             return Err(retry_later(&results));
         }
@@ -405,11 +473,16 @@ pub async fn published(
 
 /// An "artifact published" event from `/api/v1/published` or
 /// `/api/v1/events` (`kind = "published"`).
-pub(super) async fn published_event(s: &AppState, caller: &super::auth::Caller, req: super::wire::PublishedRequest) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
+pub(super) async fn published_event(
+    s: &AppState,
+    caller: &super::auth::Caller,
+    req: super::wire::PublishedRequest,
+) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
     if let Some(d) = &req.digest
-        && crate::service::artifact::parse_sha256(d).is_none() {
-            return Err(ApiError::bad_request(format!("invalid digest {d:?}: sha256: and 64 hexadecimal digits")));
-        }
+        && crate::service::artifact::parse_sha256(d).is_none()
+    {
+        return Err(ApiError::bad_request(format!("invalid digest {d:?}: sha256: and 64 hexadecimal digits")));
+    }
     if !caller.may_somewhere(super::auth::Need::Deploy) {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("{} may not deploy anywhere", caller.actor())));
     }
@@ -427,7 +500,9 @@ pub(super) async fn published_event(s: &AppState, caller: &super::auth::Caller, 
             let d = per_environment(s, &loaded.config, |c| decide(c, &published)).await;
             (image, d)
         }
-        (None, Some(svc)) if crate::config::valid_name(svc) => (svc.clone(), per_environment(s, &loaded.config, |c| crate::trigger::decide_service(c, svc, &req.version)).await),
+        (None, Some(svc)) if crate::config::valid_name(svc) => {
+            (svc.clone(), per_environment(s, &loaded.config, |c| crate::trigger::decide_service(c, svc, &req.version)).await)
+        }
         _ => return Err(ApiError::bad_request("name either `image` or `service` (a valid name)")),
     };
     let id = req.id.clone().unwrap_or_else(|| format!("{what}:{}", req.version));
@@ -450,14 +525,26 @@ pub(super) async fn published_event(s: &AppState, caller: &super::auth::Caller, 
     // from what it started), another one under it is refused, naming it.
     if let Some(first) = s.store.event_by_key(&key).await? {
         let v: serde_json::Value = serde_json::from_str(&first.payload).unwrap_or_default();
-        let same = v["what"].as_str() == Some(what.as_str()) && v["version"].as_str() == Some(req.version.as_str()) && v.get("digest").is_none_or(|d| d.as_str() == digest.as_deref());
+        let same = v["what"].as_str() == Some(what.as_str())
+            && v["version"].as_str() == Some(req.version.as_str())
+            && v.get("digest").is_none_or(|d| d.as_str() == digest.as_deref());
         if !same {
-            let started: Vec<String> = v["results"].as_array().into_iter().flatten().filter_map(|r| Some(format!("deployment {} in {}", r["deployment_id"].as_i64()?, r["environment"].as_str()?))).collect();
+            let started: Vec<String> = v["results"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| Some(format!("deployment {} in {}", r["deployment_id"].as_i64()?, r["environment"].as_str()?)))
+                .collect();
             let started = if started.is_empty() { "no deployment".to_string() } else { started.join(", ") };
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "conflict",
-                format!("event id {id:?} was already used for {} {} published ({started}); this one ({what} {}) is a different publication: give it its own id", v["what"].as_str().unwrap_or("?"), v["version"].as_str().unwrap_or("?"), req.version),
+                format!(
+                    "event id {id:?} was already used for {} {} published ({started}); this one ({what} {}) is a different publication: give it its own id",
+                    v["what"].as_str().unwrap_or("?"),
+                    v["version"].as_str().unwrap_or("?"),
+                    req.version
+                ),
             ));
         }
     }
@@ -467,6 +554,7 @@ pub(super) async fn published_event(s: &AppState, caller: &super::auth::Caller, 
     }
     let payload = serde_json::json!({ "what": what, "version": req.version, "digest": digest, "results": results }).to_string();
     let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: "published".into(), payload }).await?;
-    let answer = HookAnswer { delivery: id, event: "published".into(), duplicate, note: Some(format!("{what} {} published", req.version)), results, revisions: vec![] };
+    let answer =
+        HookAnswer { delivery: id, event: "published".into(), duplicate, note: Some(format!("{what} {} published", req.version)), results, revisions: vec![] };
     Ok((StatusCode::ACCEPTED, axum::Extension(note_of(&answer)), Json(answer)))
 }

@@ -7,9 +7,9 @@
 //! config, 503 store down.
 
 pub mod audit;
+pub mod auth;
 mod contract;
 mod gates;
-pub mod auth;
 mod hooks;
 pub mod metrics;
 pub mod wire;
@@ -30,8 +30,8 @@ use serde::Deserialize;
 use utoipa::OpenApi;
 
 use crate::store::{DeploymentState, Store, StoreError};
-use contract::Contract;
 use crate::submit::{Request, SubmitError, Submitter};
+use contract::Contract;
 use wire::*;
 
 /// Largest request body accepted.
@@ -110,11 +110,7 @@ impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let status = r.status();
         let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" };
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("request body larger than {MAX_BODY_BYTES} bytes")
-        } else {
-            r.body_text()
-        };
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE { format!("request body larger than {MAX_BODY_BYTES} bytes") } else { r.body_text() };
         // Unprocessable JSON is still the client's mistake: say 400.
         let status = if status == StatusCode::UNPROCESSABLE_ENTITY { StatusCode::BAD_REQUEST } else { status };
         Self::new(status, kind, message)
@@ -136,7 +132,8 @@ impl From<QueryRejection> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let note = audit::AuditNote(self.message.clone());
-        let mut res = (self.status, Json(ErrorBody { error: ErrorDetail { kind: self.kind.into(), message: self.message, problems: self.problems } })).into_response();
+        let mut res =
+            (self.status, Json(ErrorBody { error: ErrorDetail { kind: self.kind.into(), message: self.message, problems: self.problems } })).into_response();
         res.extensions_mut().insert(note);
         res
     }
@@ -213,7 +210,12 @@ async fn declared_body_limit(req: axum::extract::Request, next: axum::middleware
             let mut body = req.into_body();
             let _ = tokio::time::timeout(Duration::from_secs(10), async { while let Some(Ok(_)) = body.frame().await {} }).await;
         }
-        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request body larger than {MAX_BODY_BYTES} bytes (64 KiB, the API's limit)")).into_response();
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body larger than {MAX_BODY_BYTES} bytes (64 KiB, the API's limit)"),
+        )
+        .into_response();
     }
     next.run(req).await
 }
@@ -231,7 +233,10 @@ async fn healthz(State(s): State<Arc<AppState>>) -> impl IntoResponse {
     let (status, store_state) = match store {
         // A full disk still answers reads: what a recent write met counts.
         Ok(Ok(())) => match crate::store::disk_trouble() {
-            Some(trouble) => (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: a write failed within the last {}s: {trouble}", crate::store::DISK_TROUBLE_SHOWN.as_secs())),
+            Some(trouble) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("store unavailable: a write failed within the last {}s: {trouble}", crate::store::DISK_TROUBLE_SHOWN.as_secs()),
+            ),
             None => (StatusCode::OK, "ok".to_string()),
         },
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -260,16 +265,26 @@ async fn metrics_text(State(s): State<Arc<AppState>>) -> ApiResult<impl IntoResp
               (status = 403, description = "The token may not deploy there, or a signed event that is not kind = \"published\"", body = ErrorBody),
               (status = 409, description = "Nothing to start: e.g. an environment whose config comes from git has no accepted commit yet", body = ErrorBody),
               (status = 422, description = "The config on disk is invalid: nothing was started", body = ErrorBody)))]
-async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, body: Result<Json<EventRequest>, JsonRejection>) -> ApiResult<axum::response::Response> {
+async fn post_event(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    body: Result<Json<EventRequest>, JsonRejection>,
+) -> ApiResult<axum::response::Response> {
     let Json(req) = body?;
     // A signature proves only that the body came from whoever holds the
     // secret: such a caller may announce artifacts, never pick what runs.
     if caller.is_signed() && req.kind != EventKind::Published {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "an event signed with [events] hmac_secret may only be kind = \"published\"; deploys and runs need a token"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "an event signed with [events] hmac_secret may only be kind = \"published\"; deploys and runs need a token",
+        ));
     }
     if req.kind == EventKind::Published {
         if !req.jobs.is_empty() || req.environment.is_some() {
-            return Err(ApiError::bad_request("a published event takes `image` or `service`, `version`, `digest` and `id`: where it deploys is decided by the services' auto_deploy"));
+            return Err(ApiError::bad_request(
+                "a published event takes `image` or `service`, `version`, `digest` and `id`: where it deploys is decided by the services' auto_deploy",
+            ));
         }
         let version = req.version.ok_or_else(|| ApiError::bad_request("a published event needs `version`"))?;
         let p = PublishedRequest { image: req.image, service: req.service, version, digest: req.digest, id: req.id };
@@ -287,7 +302,10 @@ async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axu
     // Keys under these prefixes are the triggers' own: a caller could
     // otherwise take a key a future delivery will use, and stop it.
     if req.id.as_deref().is_some_and(|k| crate::submit::RESERVED_KEY_PREFIXES.iter().any(|p| k.starts_with(p))) {
-        return Err(ApiError::bad_request(format!("event ids starting with {} are reserved for Slipway's triggers", crate::submit::RESERVED_KEY_PREFIXES.join(", "))));
+        return Err(ApiError::bad_request(format!(
+            "event ids starting with {} are reserved for Slipway's triggers",
+            crate::submit::RESERVED_KEY_PREFIXES.join(", ")
+        )));
     }
     let payload = serde_json::to_string(&req).unwrap_or_default();
     let request = match req.kind {
@@ -308,7 +326,9 @@ async fn post_event(State(s): State<Arc<AppState>>, axum::Extension(caller): axu
         EventKind::Published => unreachable!("handled above"),
     };
     let what = match &request {
-        Request::Deploy { service, version, environment, .. } => format!("deploy {service} {version} in {}", environment.as_deref().unwrap_or("the only environment")),
+        Request::Deploy { service, version, environment, .. } => {
+            format!("deploy {service} {version} in {}", environment.as_deref().unwrap_or("the only environment"))
+        }
         Request::Run { jobs, environment } => format!("run {} in {}", jobs.join(", "), environment.as_deref().unwrap_or("the only environment")),
         Request::Rollback { service, .. } => format!("roll {service} back"),
     };
@@ -336,7 +356,11 @@ struct ListQuery {
 
 /// Deployments, newest first.
 #[utoipa::path(get, path = "/api/v1/deployments", params(ListQuery), responses((status = 200, description = "Those the token may read, of the newest `limit`", body = Vec<Deployment>)))]
-async fn list_deployments(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, q: Result<Query<ListQuery>, QueryRejection>) -> ApiResult<Json<Vec<Deployment>>> {
+async fn list_deployments(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<Deployment>>> {
     let Query(q) = q?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
@@ -345,10 +369,7 @@ async fn list_deployments(State(s): State<Arc<AppState>>, axum::Extension(caller
     let state = match q.state.as_deref() {
         None => None,
         Some(st) => Some(DeploymentState::parse(st).ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "unknown state {st:?}; one of: {}",
-                DeploymentState::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-            ))
+            ApiError::bad_request(format!("unknown state {st:?}; one of: {}", DeploymentState::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")))
         })?),
     };
     // Of the newest `limit`, those in environments the caller may read.
@@ -371,7 +392,11 @@ async fn deployment_or_404(s: &AppState, id: i64) -> ApiResult<crate::store::Dep
 /// One deployment with its jobs and every attempt.
 #[utoipa::path(get, path = "/api/v1/deployments/{id}", params(("id" = i64, Path, description = "The deployment")),
     responses((status = 200, description = "The deployment, its jobs and their attempts", body = DeploymentDetail), (status = 404, description = "No such deployment", body = ErrorBody)))]
-async fn get_deployment(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, id: Result<Path<i64>, PathRejection>) -> ApiResult<Json<DeploymentDetail>> {
+async fn get_deployment(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    id: Result<Path<i64>, PathRejection>,
+) -> ApiResult<Json<DeploymentDetail>> {
     let Path(id) = id?;
     let d = readable(&s, &caller, id).await?;
     let jobs = s.store.jobs(id).await?.into_iter().map(Job::from).collect();
@@ -382,7 +407,11 @@ async fn get_deployment(State(s): State<Arc<AppState>>, axum::Extension(caller):
 /// The jobs of a deployment.
 #[utoipa::path(get, path = "/api/v1/deployments/{id}/jobs", params(("id" = i64, Path, description = "The deployment")),
     responses((status = 200, description = "Its jobs", body = Vec<Job>), (status = 404, description = "No such deployment", body = ErrorBody)))]
-async fn list_jobs(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, id: Result<Path<i64>, PathRejection>) -> ApiResult<Json<Vec<Job>>> {
+async fn list_jobs(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    id: Result<Path<i64>, PathRejection>,
+) -> ApiResult<Json<Vec<Job>>> {
     let Path(id) = id?;
     readable(&s, &caller, id).await?;
     Ok(Json(s.store.jobs(id).await?.into_iter().map(Job::from).collect()))
@@ -404,7 +433,8 @@ struct LogQuery {
 #[utoipa::path(get, path = "/api/v1/deployments/{id}/logs", params(("id" = i64, Path, description = "The deployment"), LogQuery),
     responses((status = 200, description = "Its stored output, oldest first", body = Vec<LogLine>), (status = 404, description = "No such deployment", body = ErrorBody)))]
 async fn get_logs(
-    State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>,
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
     id: Result<Path<i64>, PathRejection>,
     q: Result<Query<LogQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<LogLine>>> {
@@ -424,7 +454,9 @@ async fn get_logs(
 /// NUL byte in it would fail PostgreSQL's query (found by schemathesis).
 fn check_job_filter(job: Option<&str>) -> Result<(), ApiError> {
     match job {
-        Some(j) if !crate::config::valid_name(j) => Err(ApiError::bad_request(format!("job {j:?} is not a job name (letters, digits, '-', '_', '.'; at most 64)"))),
+        Some(j) if !crate::config::valid_name(j) => {
+            Err(ApiError::bad_request(format!("job {j:?} is not a job name (letters, digits, '-', '_', '.'; at most 64)")))
+        }
         _ => Ok(()),
     }
 }
@@ -440,7 +472,8 @@ fn check_job_filter(job: Option<&str>) -> Result<(), ApiError> {
                content_type = "text/event-stream", body = SseEventInfo),
               (status = 404, description = "No such deployment", body = ErrorBody)))]
 async fn stream_logs(
-    State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>,
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
     id: Result<Path<i64>, PathRejection>,
     q: Result<Query<LogQuery>, QueryRejection>,
     headers: HeaderMap,
@@ -518,16 +551,16 @@ where
 #[utoipa::path(post, path = "/api/v1/deployments/{id}/cancel", params(("id" = i64, Path, description = "The deployment")),
     responses((status = 202, description = "Cancelled (queued, waiting) or being cancelled (running)", body = Deployment), (status = 404, description = "No such deployment", body = ErrorBody),
               (status = 409, description = "It has already ended", body = ErrorBody)))]
-async fn cancel_deployment(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, id: Result<Path<i64>, PathRejection>) -> ApiResult<impl IntoResponse> {
+async fn cancel_deployment(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    id: Result<Path<i64>, PathRejection>,
+) -> ApiResult<impl IntoResponse> {
     let Path(id) = id?;
     let before = deployment_or_404(&s, id).await?;
     caller.require(auth::Need::Deploy, Some(&before.environment))?;
     if before.state.is_terminal() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("deployment {id} is already {}; nothing to cancel", before.state),
-        ));
+        return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("deployment {id} is already {}; nothing to cancel", before.state)));
     }
     let d = s.store.cancel(id).await?.ok_or_else(|| ApiError::not_found(format!("no deployment {id}")))?;
     if let Some(w) = &s.submitter.wake {
@@ -558,11 +591,14 @@ async fn list_services(State(s): State<Arc<AppState>>, axum::Extension(caller): 
         rows.into_iter()
             .map(|r| {
                 let here = live.iter().find(|l| l.environment == r.environment && l.service == r.service);
-                let last = recent.iter().find(|d| d.environment == r.environment && d.service.as_deref() == Some(r.service.as_str())).cloned().map(Deployment::from);
+                let last =
+                    recent.iter().find(|d| d.environment == r.environment && d.service.as_deref() == Some(r.service.as_str())).cloned().map(Deployment::from);
                 ServiceInfo {
                     listen: here.map(|h| h.listen.to_string()),
                     instances: here
-                        .map(|h| h.instances.iter().map(|(a, id, running)| InstanceInfo { address: a.to_string(), id: id.clone(), running: *running }).collect())
+                        .map(|h| {
+                            h.instances.iter().map(|(a, id, running)| InstanceInfo { address: a.to_string(), id: id.clone(), running: *running }).collect()
+                        })
                         .unwrap_or_default(),
                     restarts: here.map(|h| h.restarts).unwrap_or(0),
                     last_deployment: last,
@@ -585,7 +621,11 @@ async fn list_services(State(s): State<Arc<AppState>>, axum::Extension(caller): 
 #[utoipa::path(post, path = "/api/v1/services/{environment}/{service}/rollback", params(("environment" = Name, Path), ("service" = Name, Path)),
     responses((status = 202, description = "The rollback's deployment", body = EventAccepted), (status = 400, description = "Bad names, or the service has no recorded version there", body = ErrorBody),
               (status = 409, description = "No earlier version to return to", body = ErrorBody), (status = 422, description = "The config on disk is invalid: nothing was started", body = ErrorBody)))]
-async fn rollback_service(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<impl IntoResponse> {
+async fn rollback_service(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<impl IntoResponse> {
     let Path((environment, service)) = p?;
     caller.require(auth::Need::Deploy, Some(&environment))?;
     if !crate::config::valid_name(&environment) || !crate::config::valid_name(&service) {
@@ -595,14 +635,22 @@ async fn rollback_service(State(s): State<Arc<AppState>>, axum::Extension(caller
     let note = audit::AuditNote(format!("roll {service} back in {environment}"));
     let sub = s.submitter.submit(Request::Rollback { service, environment: Some(environment) }, None, payload).await?;
     let note = audit::AuditNote(format!("{} → deployment {}", note.0, sub.deployment_id));
-    Ok((StatusCode::ACCEPTED, axum::Extension(note), Json(EventAccepted { event_id: sub.event_id, deployment_id: sub.deployment_id, duplicate: sub.duplicate, superseded: sub.superseded })))
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Extension(note),
+        Json(EventAccepted { event_id: sub.event_id, deployment_id: sub.deployment_id, duplicate: sub.duplicate, superseded: sub.superseded }),
+    ))
 }
 
 /// A service's events outside deployments (crashes, restarts, restores),
 /// newest first.
 #[utoipa::path(get, path = "/api/v1/services/{environment}/{service}/events", params(("environment" = Name, Path), ("service" = Name, Path)),
     responses((status = 200, description = "At most 200, newest first", body = Vec<ServiceEventInfo>)))]
-async fn service_events(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<Json<Vec<ServiceEventInfo>>> {
+async fn service_events(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<Json<Vec<ServiceEventInfo>>> {
     let Path((environment, service)) = p?;
     if !crate::config::valid_name(&environment) || !crate::config::valid_name(&service) {
         return Err(ApiError::bad_request("invalid environment or service name"));
@@ -615,14 +663,20 @@ async fn service_events(State(s): State<Arc<AppState>>, axum::Extension(caller):
 /// What `slipway gc` would remove: orphaned containers and unused images
 /// (a dry run).
 #[utoipa::path(get, path = "/api/v1/gc", responses((status = 200, description = "What would go", body = GarbageInfo), (status = 503, description = "The store, or this node's targets (the Docker Engine), cannot be asked; or this node runs no services", body = ErrorBody)))]
-async fn gc_plan(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<GarbageInfo>)> {
+async fn gc_plan(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<GarbageInfo>)> {
     caller.require(auth::Need::Read, None)?;
     gc(&s, false).await
 }
 
 /// Remove what `GET /api/v1/gc` lists; answers with what is gone.
 #[utoipa::path(post, path = "/api/v1/gc", responses((status = 200, description = "What is gone", body = GarbageInfo), (status = 503, description = "The store, or this node's targets (the Docker Engine), cannot be asked; or this node runs no services", body = ErrorBody)))]
-async fn gc_apply(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<GarbageInfo>)> {
+async fn gc_apply(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<GarbageInfo>)> {
     caller.require(auth::Need::Admin, None)?;
     gc(&s, true).await
 }
@@ -635,14 +689,22 @@ async fn gc(s: &AppState, apply: bool) -> ApiResult<(axum::Extension<audit::Audi
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("gc stopped: {e}")))?
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
-    let note = audit::AuditNote(format!("gc{}: {} container(s), {} image(s)", if apply { " --apply" } else { "" }, report.garbage.containers.len(), report.garbage.images.len()));
+    let note = audit::AuditNote(format!(
+        "gc{}: {} container(s), {} image(s)",
+        if apply { " --apply" } else { "" },
+        report.garbage.containers.len(),
+        report.garbage.images.len()
+    ));
     Ok((axum::Extension(note), Json(report.into())))
 }
 
 /// What registry tag retention would delete (a dry run): per repository
 /// under `keep_tags`, the tags kept and why, the manifests to delete.
 #[utoipa::path(get, path = "/api/v1/retention", responses((status = 200, description = "What would be deleted, per repository (a registry's failure is in its `errors`)", body = RetentionInfo), (status = 422, description = "The config on disk is invalid", body = ErrorBody)))]
-async fn retention_plan(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<RetentionInfo>)> {
+async fn retention_plan(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<RetentionInfo>)> {
     // It spans every environment's records.
     caller.require(auth::Need::Read, None)?;
     retention(&s, false).await
@@ -651,7 +713,10 @@ async fn retention_plan(State(s): State<Arc<AppState>>, axum::Extension(caller):
 /// Delete what `GET /api/v1/retention` lists, from the registries;
 /// answers with what is gone. Needs admin for `*`.
 #[utoipa::path(post, path = "/api/v1/retention", responses((status = 200, description = "What was deleted, per repository (a registry's failure is in its `errors`)", body = RetentionInfo), (status = 422, description = "The config on disk is invalid", body = ErrorBody)))]
-async fn retention_apply(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<RetentionInfo>)> {
+async fn retention_apply(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<RetentionInfo>)> {
     caller.require(auth::Need::Admin, None)?;
     retention(&s, true).await
 }
@@ -677,7 +742,11 @@ async fn retention(s: &AppState, apply: bool) -> ApiResult<(axum::Extension<audi
 /// Why the service runs the version it runs and not the newest seen.
 #[utoipa::path(get, path = "/api/v1/services/{environment}/{service}/why", params(("environment" = Name, Path), ("service" = Name, Path)),
     responses((status = 200, description = "The answer", body = WhyInfo)))]
-async fn why_service(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<Json<WhyInfo>> {
+async fn why_service(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<Json<WhyInfo>> {
     let Path((environment, service)) = p?;
     if !crate::config::valid_name(&environment) || !crate::config::valid_name(&service) {
         return Err(ApiError::bad_request("invalid environment or service name"));
@@ -712,12 +781,20 @@ async fn why_service(State(s): State<Arc<AppState>>, axum::Extension(caller): ax
 /// tried to), who sent it, from where, what it meant, what came of it.
 #[utoipa::path(get, path = "/api/v1/audit", params(("limit" = Option<i64>, Query, description = "At most this many, newest first (default 50; below 1 counts as 1, above 1000 as 1000)")),
     responses((status = 200, description = "Entries, newest first", body = Vec<AuditInfo>)))]
-async fn list_audit(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, q: Result<Query<ListQuery>, QueryRejection>) -> ApiResult<Json<Vec<AuditInfo>>> {
+async fn list_audit(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<AuditInfo>>> {
     let Query(q) = q?;
     // It spans every environment (and names tokens and addresses).
     caller.require(auth::Need::Read, None)?;
     let rows = s.store.audit(q.limit.unwrap_or(50).clamp(1, 1000)).await?;
-    Ok(Json(rows.into_iter().map(|a| AuditInfo { id: a.id, at: a.at, actor: a.actor, address: a.address, action: a.action, detail: a.detail, status: a.status as u16 }).collect()))
+    Ok(Json(
+        rows.into_iter()
+            .map(|a| AuditInfo { id: a.id, at: a.at, actor: a.actor, address: a.address, action: a.action, detail: a.detail, status: a.status as u16 })
+            .collect(),
+    ))
 }
 
 /// Create an API token; the answer holds the token, shown this once. The
@@ -738,7 +815,11 @@ async fn create_token(
     let Json(req) = body?;
     if caller.name.is_none() {
         if !auth::from_loopback(addr.as_ref().map(|a| &a.0), &headers) {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the first token can only be created from the Slipway host itself, not through a proxy (`slipway token create` on it)"));
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the first token can only be created from the Slipway host itself, not through a proxy (`slipway token create` on it)",
+            ));
         }
         if req.roles.get("*") != Some(&auth::Role::Admin) {
             return Err(ApiError::bad_request("the first token must be an admin token for every environment: --role '*=admin'"));
@@ -757,7 +838,13 @@ async fn create_token(
         auth::check_roles(&req.roles, &known).map_err(ApiError::bad_request)?;
     }
     let token = auth::generate();
-    let row = crate::store::TokenRow { name: req.name.clone(), hash: auth::hash(&token), roles: serde_json::to_string(&req.roles).unwrap_or_default(), created_at: crate::store::now_ms(), revoked_at: None };
+    let row = crate::store::TokenRow {
+        name: req.name.clone(),
+        hash: auth::hash(&token),
+        roles: serde_json::to_string(&req.roles).unwrap_or_default(),
+        created_at: crate::store::now_ms(),
+        revoked_at: None,
+    };
     if !s.store.create_token(row).await? {
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("a token named {:?} exists", req.name)));
     }
@@ -770,14 +857,22 @@ async fn create_token(
 async fn list_tokens(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>) -> ApiResult<Json<Vec<TokenInfo>>> {
     caller.require(auth::Need::Admin, None)?;
     let rows = s.store.tokens().await?;
-    Ok(Json(rows.into_iter().map(|t| TokenInfo { name: t.name, roles: serde_json::from_str(&t.roles).unwrap_or_default(), created_at: t.created_at, revoked_at: t.revoked_at }).collect()))
+    Ok(Json(
+        rows.into_iter()
+            .map(|t| TokenInfo { name: t.name, roles: serde_json::from_str(&t.roles).unwrap_or_default(), created_at: t.created_at, revoked_at: t.revoked_at })
+            .collect(),
+    ))
 }
 
 /// Revoke a token: requests with it get 401 from now on.
 #[utoipa::path(delete, path = "/api/v1/tokens/{name}", params(("name" = String, Path, description = "The token's name")),
     responses((status = 200, description = "Revoked", body = TokenRevoked), (status = 404, description = "No live token of that name", body = ErrorBody),
               (status = 409, description = "The last live admin token for every environment (\"*\"): create another one first", body = ErrorBody)))]
-async fn revoke_token(State(s): State<Arc<AppState>>, axum::Extension(caller): axum::Extension<auth::Caller>, name: Result<Path<String>, PathRejection>) -> ApiResult<impl IntoResponse> {
+async fn revoke_token(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    name: Result<Path<String>, PathRejection>,
+) -> ApiResult<impl IntoResponse> {
     let Path(name) = name?;
     caller.require(auth::Need::Admin, None)?;
     match s.store.revoke_token(&name).await? {
@@ -787,7 +882,9 @@ async fn revoke_token(State(s): State<Arc<AppState>>, axum::Extension(caller): a
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "conflict",
-                format!("token {name:?} is the last live admin token for every environment (\"*\"): without it no token could be created or revoked again. Create another admin token first (`slipway token create NAME --role '*=admin'`), then revoke this one"),
+                format!(
+                    "token {name:?} is the last live admin token for every environment (\"*\"): without it no token could be created or revoked again. Create another admin token first (`slipway token create NAME --role '*=admin'`), then revoke this one"
+                ),
             ));
         }
     }

@@ -475,7 +475,11 @@ impl From<crate::retention::Report> for RetentionInfo {
             .repositories
             .into_iter()
             .map(|repo| RetentionRepositoryInfo {
-                delete: repo.delete.into_iter().map(|d| RetentionDeleteInfo { deleted: repo.deleted.contains(&d.digest), digest: d.digest, tags: d.tags }).collect(),
+                delete: repo
+                    .delete
+                    .into_iter()
+                    .map(|d| RetentionDeleteInfo { deleted: repo.deleted.contains(&d.digest), digest: d.digest, tags: d.tags })
+                    .collect(),
                 image: repo.image,
                 keep_tags: repo.keep,
                 services: repo.services,
@@ -818,7 +822,8 @@ mod tests {
 
     #[test]
     fn issue13_document_patterns_state_the_rules_the_server_checks() {
-        let (name, version, key, digest, scope, image) = (re(NAME_PATTERN), re(VERSION_PATTERN), re(EVENT_ID_PATTERN), re(DIGEST_PATTERN), re(ROLE_SCOPE_PATTERN), re(IMAGE_PATTERN));
+        let (name, version, key, digest, scope, image) =
+            (re(NAME_PATTERN), re(VERSION_PATTERN), re(EVENT_ID_PATTERN), re(DIGEST_PATTERN), re(ROLE_SCOPE_PATTERN), re(IMAGE_PATTERN));
         for s in samples() {
             assert_eq!(name.is_match(&s), crate::config::valid_name(&s), "name {s:?}");
             assert_eq!(version.is_match(&s), crate::submit::valid_version(&s), "version {s:?}");

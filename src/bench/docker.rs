@@ -711,7 +711,11 @@ impl Server {
                 return Ok(server);
             }
             if start.elapsed() > START_LIMIT {
-                return Err(LoadBenchError::Timeout { what: format!("slipway serve answering on {} (its log: {})", server.url, server.log_tail(10)), after: START_LIMIT }.into());
+                return Err(LoadBenchError::Timeout {
+                    what: format!("slipway serve answering on {} (its log: {})", server.url, server.log_tail(10)),
+                    after: START_LIMIT,
+                }
+                .into());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -752,7 +756,8 @@ impl Server {
                 other => {
                     let reason = detail["deployment"]["reason"].as_str().unwrap_or("no reason given");
                     let logs = self.get(&format!("/api/v1/deployments/{id}/logs?limit=10000")).await.unwrap_or(Value::Null);
-                    let lines: Vec<String> = logs.as_array().map(|a| a.iter().filter_map(|l| l["line"].as_str().map(str::to_string)).collect()).unwrap_or_default();
+                    let lines: Vec<String> =
+                        logs.as_array().map(|a| a.iter().filter_map(|l| l["line"].as_str().map(str::to_string)).collect()).unwrap_or_default();
                     let tail = lines[lines.len().saturating_sub(8)..].join(" | ");
                     return Err(fail(format!("deployment {id} ended {}: {reason}; its last lines: {tail}", other.unwrap_or("in an unknown state"))));
                 }
@@ -844,11 +849,7 @@ async fn rollout_of(server: &Server, detail: &Value, deploy: Duration, service: 
     let logs = server.get(&format!("/api/v1/deployments/{id}/logs?job={job}&limit=10000")).await?;
     let lines: Vec<(i64, String)> = logs
         .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|l| Some((l["ts"].as_i64()?, l["line"].as_str()?.strip_prefix("[rollout] ")?.to_string())))
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(|l| Some((l["ts"].as_i64()?, l["line"].as_str()?.strip_prefix("[rollout] ")?.to_string()))).collect())
         .unwrap_or_default();
     Ok(split_rollout(from, to, deploy, start, end, &lines))
 }
@@ -887,7 +888,8 @@ impl Leftovers {
                 left.push(format!("compose project {}: {e}", c.project));
             }
             let network = format!("{}_default", c.project);
-            if let Ok(Ok(_)) = tokio::time::timeout(ENGINE_LIMIT, self.docker.inspect_network(&network, None::<bollard::query_parameters::InspectNetworkOptions>)).await
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(ENGINE_LIMIT, self.docker.inspect_network(&network, None::<bollard::query_parameters::InspectNetworkOptions>)).await
                 && let Err(e) = engine(&format!("removing network {network}"), self.docker.remove_network(&network)).await
             {
                 left.push(e.to_string());
@@ -1093,7 +1095,12 @@ async fn measure(
         c.up().await?;
         let up = t0.elapsed();
         let serving = all_serving(VERSIONS[i], t0).await?;
-        compose_runs.push(ComposeRecreate { from: VERSIONS[i - 1].into(), to: VERSIONS[i].into(), up_secs: up.as_secs_f64(), serving_secs: serving.as_secs_f64() });
+        compose_runs.push(ComposeRecreate {
+            from: VERSIONS[i - 1].into(),
+            to: VERSIONS[i].into(),
+            up_secs: up.as_secs_f64(),
+            serving_secs: serving.as_secs_f64(),
+        });
     }
     c.run(&["down", "--timeout", "5"]).await?;
 
@@ -1198,7 +1205,10 @@ mod tests {
         let p = |ms: u64, ok: bool| Probe { at: Duration::from_millis(ms), version: ok.then(|| "1.0".to_string()) };
         assert_eq!(longest_gap(&[p(0, true), p(20, true), p(40, true)]), Duration::ZERO);
         // Good at 20, bad at 40..80, good at 100: 80ms without a good answer.
-        assert_eq!(longest_gap(&[p(0, true), p(20, true), p(40, false), p(60, false), p(80, false), p(100, true), p(120, false), p(140, true)]), Duration::from_millis(80));
+        assert_eq!(
+            longest_gap(&[p(0, true), p(20, true), p(40, false), p(60, false), p(80, false), p(100, true), p(120, false), p(140, true)]),
+            Duration::from_millis(80)
+        );
         // Never back: until the last probe.
         assert_eq!(longest_gap(&[p(0, true), p(20, false), p(40, false)]), Duration::from_millis(40));
     }

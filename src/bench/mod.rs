@@ -577,7 +577,18 @@ async fn run_slipway(graph: &'static str, dir: &Path, names: &[String], parallel
     cfg.poll = Duration::from_millis(200);
     cfg.shutdown_grace = Duration::from_secs(5);
     let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget::default()), cfg, bus);
-    let submitter = Submitter { config_path, store: store.clone(), parallelism, wake: Some(sched.handle()), targets: None, events: None, deciding: Default::default(), parsed: Default::default(), redeployed: Default::default(), fetch_failures: Default::default() };
+    let submitter = Submitter {
+        config_path,
+        store: store.clone(),
+        parallelism,
+        wake: Some(sched.handle()),
+        targets: None,
+        events: None,
+        deciding: Default::default(),
+        parsed: Default::default(),
+        redeployed: Default::default(),
+        fetch_failures: Default::default(),
+    };
     let token = CancellationToken::new();
     let sched_task = tokio::spawn(Scheduler::run(sched, token.clone()));
     // Let the node register and go idle, so its start-up is not timed.
@@ -789,5 +800,4 @@ mod tests {
         assert_eq!(sleep_command(137), "sleep 0.137");
         assert_eq!(sleep_command(1005), "sleep 1.005");
     }
-
 }

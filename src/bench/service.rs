@@ -233,7 +233,12 @@ impl ServiceBenchReport {
         ));
         out.push_str(&line(format!("  {} → {}", first.from, first.to), first));
         out.push_str(&line(
-            format!("  median of {} ({}: {})", r.runs.len(), r.runs.iter().map(|x| format!("{}→{}", x.from, x.to)).collect::<Vec<_>>().join(", "), r.runs.iter().map(|x| format!("{:.3}s", x.total_secs)).collect::<Vec<_>>().join(" ")),
+            format!(
+                "  median of {} ({}: {})",
+                r.runs.len(),
+                r.runs.iter().map(|x| format!("{}→{}", x.from, x.to)).collect::<Vec<_>>().join(", "),
+                r.runs.iter().map(|x| format!("{:.3}s", x.total_secs)).collect::<Vec<_>>().join(" ")
+            ),
             m,
         ));
         out
@@ -273,7 +278,12 @@ pub async fn run(opts: LoadBenchOptions, demo_bin: &Path) -> Result<ServiceBench
     let wrk_version = wrk_version(&wrk).await?;
     let progress = |msg: &str| eprintln!("slipway bench service: {msg}");
 
-    progress(&format!("proxy: wrk -t{} -c{} -d{}s, direct and through the proxy, {ROUNDS} rounds each", opts.threads, opts.connections, opts.duration.as_secs()));
+    progress(&format!(
+        "proxy: wrk -t{} -c{} -d{}s, direct and through the proxy, {ROUNDS} rounds each",
+        opts.threads,
+        opts.connections,
+        opts.duration.as_secs()
+    ));
     let proxy = bench_proxy(&opts, &wrk, &demo).await?;
     progress(&format!("rollouts of {} demo instances: {}", opts.rollout_instances, ROLLOUT_VERSIONS.join(" → ")));
     let rollout = bench_rollouts(&opts, &demo).await?;

@@ -162,9 +162,8 @@ pub fn read_wrk(text: &str) -> Result<WrkOutput, LoadBenchError> {
 /// `264.31us`, `2.12ms`, `1.05s`, `1.20m`, `2.00h` as wrk prints them.
 pub fn parse_wrk_time(s: &str) -> Option<Duration> {
     let s = s.trim();
-    let (num, scale) = [("us", 1e-6), ("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)]
-        .iter()
-        .find_map(|(unit, scale)| s.strip_suffix(unit).map(|n| (n, *scale)))?;
+    let (num, scale) =
+        [("us", 1e-6), ("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)].iter().find_map(|(unit, scale)| s.strip_suffix(unit).map(|n| (n, *scale)))?;
     let v: f64 = num.trim().parse().ok()?;
     (v.is_finite() && v >= 0.0).then(|| Duration::from_secs_f64(v * scale))
 }

@@ -49,10 +49,13 @@ impl Client {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let http = crate::http::client(|b| b.default_headers(headers.clone()).connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(30))).unwrap_or_default();
+        let http = crate::http::client(|b| b.default_headers(headers.clone()).connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(30)))
+            .unwrap_or_default();
         // Streams stay open for long; the server sends keep-alives, so a
         // silent connection for a minute is a dead one.
-        let stream_http = crate::http::client(|b| b.default_headers(headers.clone()).connect_timeout(Duration::from_secs(5)).read_timeout(Duration::from_secs(60))).unwrap_or_default();
+        let stream_http =
+            crate::http::client(|b| b.default_headers(headers.clone()).connect_timeout(Duration::from_secs(5)).read_timeout(Duration::from_secs(60)))
+                .unwrap_or_default();
         Client { base, http, stream_http }
     }
 
@@ -125,12 +128,7 @@ impl Client {
     /// Follow the SSE log stream, calling `on_line` per line, until the
     /// `end` event; reconnects (resuming after the last seq) if the
     /// connection drops. Returns the final deployment.
-    pub async fn follow_logs(
-        &self,
-        id: i64,
-        job: Option<&str>,
-        mut on_line: impl FnMut(&LogLine),
-    ) -> Result<Deployment, ClientError> {
+    pub async fn follow_logs(&self, id: i64, job: Option<&str>, mut on_line: impl FnMut(&LogLine)) -> Result<Deployment, ClientError> {
         use futures_util::StreamExt;
         let mut last: i64 = 0;
         let mut failures = 0;

@@ -23,7 +23,8 @@ pub(super) async fn approve(client: &Client, deployment: i64, json: bool) -> Res
 
 pub(super) async fn promote(client: &Client, service: &str, from: &str, to: &str, json: bool) -> Result<u8, CliError> {
     let r: EventAccepted = client.post(&format!("/api/v1/services/{to}/{service}/promote"), &PromoteRequest { from: from.to_string() }).await?;
-    let d: crate::api::wire::Deployment = client.get(&format!("/api/v1/deployments/{}", r.deployment_id)).await.map(|x: crate::api::wire::DeploymentDetail| x.deployment)?;
+    let d: crate::api::wire::Deployment =
+        client.get(&format!("/api/v1/deployments/{}", r.deployment_id)).await.map(|x: crate::api::wire::DeploymentDetail| x.deployment)?;
     if json {
         print_json(&d);
     } else {
@@ -86,7 +87,12 @@ fn print_revision(r: &RevisionInfo) {
             }
         }
         _ => {
-            println!("{short} {} REJECTED; {} stays on its last good revision{}", r.branch, r.environment, r.previous.as_deref().map(|p| format!(" ({})", config::revision::short(p))).unwrap_or_default());
+            println!(
+                "{short} {} REJECTED; {} stays on its last good revision{}",
+                r.branch,
+                r.environment,
+                r.previous.as_deref().map(|p| format!(" ({})", config::revision::short(p))).unwrap_or_default()
+            );
             for line in r.errors.as_deref().unwrap_or("").lines() {
                 println!("    {line}");
             }
@@ -105,7 +111,13 @@ pub(super) async fn print_gates(client: &Client) -> Result<(), CliError> {
         }
         if let Some(r) = &e.rejected {
             // The report's first problem, without its diagnostic code line.
-            let first = r.errors.as_deref().unwrap_or("").lines().find_map(|l| l.trim().strip_prefix("× ").or_else(|| (!l.trim().is_empty() && !l.contains("::")).then_some(l.trim()))).unwrap_or("");
+            let first = r
+                .errors
+                .as_deref()
+                .unwrap_or("")
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("× ").or_else(|| (!l.trim().is_empty() && !l.contains("::")).then_some(l.trim())))
+                .unwrap_or("");
             println!("  newer commit {} was REJECTED (slipway revisions {}): {first}", config::revision::short(&r.commit), e.name);
         }
     }
@@ -132,11 +144,21 @@ pub(super) async fn print_gates(client: &Client) -> Result<(), CliError> {
 
 /// `plan --env E --from A --to B`: what a new commit of E's config branch
 /// would run, decided as the server decides it.
-pub(super) async fn plan_change(path: &std::path::Path, env: Option<String>, from: &str, to: &str, parallelism: Option<usize>, json: bool) -> Result<u8, CliError> {
+pub(super) async fn plan_change(
+    path: &std::path::Path,
+    env: Option<String>,
+    from: &str,
+    to: &str,
+    parallelism: Option<usize>,
+    json: bool,
+) -> Result<u8, CliError> {
     let loaded = config::load(path).map_err(CliError::config)?;
     let env = crate::submit::resolve_environment(&loaded.config, env).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     let Some(git) = loaded.config.environment(&env).and_then(|e| e.git.clone()) else {
-        return Err(CliError::new(exit::USAGE, format!("environment {env} does not take its config from git: --from/--to compare commits of its [environment.git] branch")));
+        return Err(CliError::new(
+            exit::USAGE,
+            format!("environment {env} does not take its config from git: --from/--to compare commits of its [environment.git] branch"),
+        ));
     };
     let mirror = crate::git::Mirror::new(&loaded.dir.join(".slipway"), &git);
     let unavailable = |e: crate::git::GitError| match e {
@@ -148,12 +170,18 @@ pub(super) async fn plan_change(path: &std::path::Path, env: Option<String>, fro
     let changed = mirror.changed(&a, &b).await.map_err(unavailable)?;
     let dir = loaded.dir.join(".slipway").join(format!("plan.{}", rand::random::<u32>()));
     let checked = mirror.checkout(&b, &dir).await;
-    let text = checked.map_err(unavailable).and_then(|_| std::fs::read_to_string(dir.join(config::CONFIG_FILE)).map_err(|e| CliError::new(exit::INVALID_CONFIG, format!("no {} at {}: {e}", config::CONFIG_FILE, config::revision::short(&b)))));
+    let text = checked.map_err(unavailable).and_then(|_| {
+        std::fs::read_to_string(dir.join(config::CONFIG_FILE))
+            .map_err(|e| CliError::new(exit::INVALID_CONFIG, format!("no {} at {}: {e}", config::CONFIG_FILE, config::revision::short(&b))))
+    });
     let _ = std::fs::remove_dir_all(&dir);
     let text = text?;
     let name = format!("{}@{}", config::CONFIG_FILE, config::revision::short(&b));
     let config = crate::submit::parse_for(&env, &loaded.config.environment_names(), &name, &text).map_err(|e| {
-        CliError::new(exit::INVALID_CONFIG, format!("{} would be REJECTED: {env} would stay on its last good revision\n{}", config::revision::short(&b), e.render(false)))
+        CliError::new(
+            exit::INVALID_CONFIG,
+            format!("{} would be REJECTED: {env} would stay on its last good revision\n{}", config::revision::short(&b), e.render(false)),
+        )
     })?;
     let touched = plan::changes::touched(&config, &env, &changed);
     let parallelism = parallelism.or(config.project.parallelism).unwrap_or(8);
@@ -165,14 +193,26 @@ pub(super) async fn plan_change(path: &std::path::Path, env: Option<String>, fro
         print_json(&serde_json::json!({ "environment": env, "from": a, "to": b, "changed": changed, "jobs": touched, "plan": p }));
         return Ok(exit::OK);
     }
-    println!("{} → {} on {} ({} path{} changed):", config::revision::short(&a), config::revision::short(&b), git.branch, changed.len(), if changed.len() == 1 { "" } else { "s" });
+    println!(
+        "{} → {} on {} ({} path{} changed):",
+        config::revision::short(&a),
+        config::revision::short(&b),
+        git.branch,
+        changed.len(),
+        if changed.len() == 1 { "" } else { "s" }
+    );
     for c in changed.iter().take(20) {
         println!("    {c}");
     }
     if changed.len() > 20 {
         println!("    … and {} more", changed.len() - 20);
     }
-    let skipped: Vec<&str> = config.jobs.iter().filter(|j| j.environments.as_ref().is_none_or(|e| e.contains(&env)) && !touched.iter().any(|t| t.job == j.name) && j.service.is_none()).map(|j| j.name.as_str()).collect();
+    let skipped: Vec<&str> = config
+        .jobs
+        .iter()
+        .filter(|j| j.environments.as_ref().is_none_or(|e| e.contains(&env)) && !touched.iter().any(|t| t.job == j.name) && j.service.is_none())
+        .map(|j| j.name.as_str())
+        .collect();
     if touched.is_empty() {
         println!("\nno job runs: no job's `files` match a changed path");
     } else {

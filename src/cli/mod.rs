@@ -4,8 +4,8 @@
 
 pub mod client;
 pub mod exit;
-pub mod serve;
 mod gates;
+pub mod serve;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -196,7 +196,9 @@ pub enum TokenCommand {
         store: Option<String>,
     },
     List,
-    Revoke { name: String },
+    Revoke {
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -351,7 +353,9 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
     let client = Client::new(&cli.server, cli.token.as_deref());
     match cli.command {
         Command::Validate => validate(&cli.config, cli.json),
-        Command::Plan(PlanArgs { env, from: Some(from), to: Some(to), parallelism, .. }) => gates::plan_change(&cli.config, env, &from, &to, parallelism, cli.json).await,
+        Command::Plan(PlanArgs { env, from: Some(from), to: Some(to), parallelism, .. }) => {
+            gates::plan_change(&cli.config, env, &from, &to, parallelism, cli.json).await
+        }
         Command::Plan(a) => plan_cmd(&cli.config, a, cli.json).await,
         Command::Approve { deployment } => gates::approve(&client, deployment, cli.json).await,
         Command::Promote { service, from, to } => gates::promote(&client, &service, &from, &to, cli.json).await,
@@ -383,7 +387,16 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             submit(&client, req, a.submit.detach, cli.json).await
         }
         Command::Run(a) => {
-            let req = EventRequest { kind: EventKind::Run, service: None, version: None, digest: None, jobs: a.jobs, image: None, environment: a.submit.env, id: a.submit.id };
+            let req = EventRequest {
+                kind: EventKind::Run,
+                service: None,
+                version: None,
+                digest: None,
+                jobs: a.jobs,
+                image: None,
+                environment: a.submit.env,
+                id: a.submit.id,
+            };
             submit(&client, req, a.submit.detach, cli.json).await
         }
         Command::Rollback(a) => rollback(&client, a, cli.json).await,
@@ -400,7 +413,11 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             if cli.json {
                 print_json(&d);
             } else {
-                println!("deployment {} {}", d.id, if d.state.is_terminal() { format!("is {}", d.state) } else { "is being cancelled: its running jobs are being stopped".into() });
+                println!(
+                    "deployment {} {}",
+                    d.id,
+                    if d.state.is_terminal() { format!("is {}", d.state) } else { "is being cancelled: its running jobs are being stopped".into() }
+                );
             }
             Ok(exit::OK)
         }
@@ -575,7 +592,11 @@ async fn follow(client: &Client, mut id: i64, json: bool) -> Result<u8, CliError
         let d = &detail.deployment;
         if !json {
             if last_state != Some(d.state) {
-                println!("deployment {id}: {}{}", d.state, if d.state == DeploymentState::Running { format!(" (revision {})", config::revision::short(&d.revision)) } else { String::new() });
+                println!(
+                    "deployment {id}: {}{}",
+                    d.state,
+                    if d.state == DeploymentState::Running { format!(" (revision {})", config::revision::short(&d.revision)) } else { String::new() }
+                );
                 if d.state == DeploymentState::Waiting {
                     // A gate may hold it for hours: say that leaving is safe.
                     println!("  it starts by itself once its gates pass; Ctrl-C stops following, not the deployment (or use --detach)");
@@ -715,17 +736,29 @@ async fn token_local(config_path: &std::path::Path, store: Option<&str>, name: &
     if let Some(path) = url.strip_prefix("sqlite://")
         && !std::path::Path::new(path).exists()
     {
-        return Err(CliError::new(exit::UNAVAILABLE, format!("no store at {path}: is this the store `slipway serve` uses? (--config, or --store / SLIPWAY_STORE as given to serve)")));
+        return Err(CliError::new(
+            exit::UNAVAILABLE,
+            format!("no store at {path}: is this the store `slipway serve` uses? (--config, or --store / SLIPWAY_STORE as given to serve)"),
+        ));
     }
     let store = crate::store::open(&url).await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
     let tokens = store.tokens().await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
     // As for the API's first token: a store must keep a live admin for
     // "*", or the API would refuse everyone.
     if !auth::is_root_admin(&roles) && !tokens.iter().any(|t| t.is_root_admin()) {
-        return Err(CliError::new(exit::REJECTED, format!("{redacted} has no live admin token for every environment: make one first (--role '*=admin'), or the API stays closed to everyone")));
+        return Err(CliError::new(
+            exit::REJECTED,
+            format!("{redacted} has no live admin token for every environment: make one first (--role '*=admin'), or the API stays closed to everyone"),
+        ));
     }
     let token = auth::generate();
-    let row = crate::store::TokenRow { name: name.to_string(), hash: auth::hash(&token), roles: serde_json::to_string(&roles).unwrap_or_default(), created_at: crate::store::now_ms(), revoked_at: None };
+    let row = crate::store::TokenRow {
+        name: name.to_string(),
+        hash: auth::hash(&token),
+        roles: serde_json::to_string(&roles).unwrap_or_default(),
+        created_at: crate::store::now_ms(),
+        revoked_at: None,
+    };
     if !store.create_token(row).await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))? {
         return Err(CliError::new(exit::REJECTED, format!("a token named {name:?} exists in {redacted} (revoked ones keep their name): pick another name")));
     }
@@ -770,7 +803,11 @@ async fn token(client: &Client, t: TokenCommand, json: bool) -> Result<u8, CliEr
                 print_json(&tokens);
             } else {
                 for t in tokens {
-                    let roles: Vec<String> = t.roles.iter().map(|(e, r)| format!("{e}={}", serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())).collect();
+                    let roles: Vec<String> = t
+                        .roles
+                        .iter()
+                        .map(|(e, r)| format!("{e}={}", serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()))
+                        .collect();
                     println!("{:<20} {:<40} {}", t.name, roles.join(","), if t.revoked_at.is_some() { "revoked" } else { "live" });
                 }
             }
@@ -985,7 +1022,13 @@ fn render_plan_retention(r: Option<Result<RetentionInfo, String>>, sqlite_missin
 
 /// The options the load benches (`services`, `docker`) share.
 fn load_options(a: &BenchArgs, json: bool) -> crate::bench::wrk::LoadBenchOptions {
-    crate::bench::wrk::LoadBenchOptions { duration: Duration::from_secs(a.wrk_secs), connections: a.connections, threads: 2, rollout_instances: a.instances, json }
+    crate::bench::wrk::LoadBenchOptions {
+        duration: Duration::from_secs(a.wrk_secs),
+        connections: a.connections,
+        threads: 2,
+        rollout_instances: a.instances,
+        json,
+    }
 }
 
 /// The first 12 characters of an id (as `docker ps` shows them).

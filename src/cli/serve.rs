@@ -18,9 +18,9 @@ use super::{CliError, exit};
 use crate::api::{self, AppState, metrics::Metrics};
 use crate::scheduler::event::{Event, EventBus};
 use crate::scheduler::{self, Scheduler, SchedulerConfig, logwriter};
+use crate::service::ServiceManager;
 use crate::store::{self, Store};
 use crate::submit::Submitter;
-use crate::service::ServiceManager;
 use crate::target::{LocalTarget, NodeTargets, Target, Targets};
 
 pub struct ServeOptions {
@@ -92,12 +92,11 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
         let code = if matches!(e, store::StoreError::SchemaTooNew { .. }) { exit::INCOMPATIBLE_STORE } else { exit::UNAVAILABLE };
         CliError::new(code, e.to_string())
     })?;
-    let addr: SocketAddr = opts
-        .listen
-        .parse()
-        .map_err(|e| CliError::new(exit::USAGE, format!("--listen {:?} is not an address like 127.0.0.1:7878: {e}", opts.listen)))?;
+    let addr: SocketAddr =
+        opts.listen.parse().map_err(|e| CliError::new(exit::USAGE, format!("--listen {:?} is not an address like 127.0.0.1:7878: {e}", opts.listen)))?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::AddrInUse { " (the port is in use: is another slipway serve running? pick another with --listen)" } else { "" };
+        let hint =
+            if e.kind() == std::io::ErrorKind::AddrInUse { " (the port is in use: is another slipway serve running? pick another with --listen)" } else { "" };
         CliError::new(exit::UNAVAILABLE, format!("cannot listen on {addr}: {e}{hint}"))
     })?;
     let local = listener.local_addr().unwrap_or(addr);
@@ -201,23 +200,29 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
         async move { services.restore(workdir).await }
     });
     let wake = sched.handle();
-    let submitter = Arc::new(Submitter { config_path: opts.config_path, store: store.clone(), parallelism, wake: Some(wake), targets: Some(targets), events: Some(events), deciding: Default::default(), parsed: Default::default(), redeployed: Default::default(), fetch_failures: Default::default() });
+    let submitter = Arc::new(Submitter {
+        config_path: opts.config_path,
+        store: store.clone(),
+        parallelism,
+        wake: Some(wake),
+        targets: Some(targets),
+        events: Some(events),
+        deciding: Default::default(),
+        parsed: Default::default(),
+        redeployed: Default::default(),
+        fetch_failures: Default::default(),
+    });
     tokio::spawn(crate::gate::run(store.clone(), submitter.clone(), shutdown.clone()));
     tokio::spawn(crate::trigger::poll::run(submitter.clone(), shutdown.clone()));
-    let state = Arc::new(AppState {
-        store: store.clone(),
-        submitter,
-        metrics,
-        node,
-        services: Some(services.clone()),
-        refusals: Default::default(),
-    });
+    let state = Arc::new(AppState { store: store.clone(), submitter, metrics, node, services: Some(services.clone()), refusals: Default::default() });
     let app = api::router(state.clone());
     let listener = opts.listener;
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
         let stop = token.clone();
-        let server = tokio::spawn(async move { axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move { stop.cancelled().await }).await });
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move { stop.cancelled().await }).await
+        });
         let result = Scheduler::run(sched, token.clone()).await;
         token.cancel();
         services.stop_all_services().await;
@@ -248,7 +253,9 @@ async fn report(mut rx: tokio::sync::mpsc::Receiver<Arc<Event>>) {
             ),
             Event::DeploymentFinished { deployment, state } => tracing::info!(deployment, state = %state, "deployment finished"),
             Event::DeploymentWaiting { deployment } => tracing::info!(deployment, "deployment waiting for approval"),
-            Event::RevisionRejected { environment, commit, errors } => tracing::warn!(environment = %environment, commit = %commit, "config revision rejected:\n{errors}"),
+            Event::RevisionRejected { environment, commit, errors } => {
+                tracing::warn!(environment = %environment, commit = %commit, "config revision rejected:\n{errors}")
+            }
             Event::JobOutput { .. } => {}
         }
     }

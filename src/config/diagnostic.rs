@@ -112,25 +112,15 @@ impl ConfigErrors {
                     }
                     None => (None, None),
                 };
-                ProblemReport {
-                    kind: p.kind,
-                    file: self.file.clone(),
-                    line,
-                    column,
-                    message: p.message.clone(),
-                    hint: p.hint.clone(),
-                }
+                ProblemReport { kind: p.kind, file: self.file.clone(), line, column, message: p.message.clone(), hint: p.hint.clone() }
             })
             .collect()
     }
 
     /// Human rendering of every problem, with source excerpts.
     pub fn render(&self, color: bool) -> String {
-        let handler = if color {
-            miette::GraphicalReportHandler::new()
-        } else {
-            miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor())
-        };
+        let handler =
+            if color { miette::GraphicalReportHandler::new() } else { miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor()) };
         let mut out = String::new();
         for p in &self.problems {
             let d = RenderedProblem {
@@ -144,12 +134,7 @@ impl ConfigErrors {
             let _ = handler.render_report(&mut out, &d);
             out.push('\n');
         }
-        out.push_str(&format!(
-            "{}: {} problem{} found\n",
-            self.file,
-            self.problems.len(),
-            if self.problems.len() == 1 { "" } else { "s" }
-        ));
+        out.push_str(&format!("{}: {} problem{} found\n", self.file, self.problems.len(), if self.problems.len() == 1 { "" } else { "s" }));
         out
     }
 }
@@ -220,10 +205,5 @@ impl Diagnostic for RenderedProblem<'_> {
 
 /// The closest candidate to `word`, for "did you mean" hints.
 pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    candidates
-        .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(word, c), c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
+    candidates.into_iter().map(|c| (strsim::damerau_levenshtein(word, c), c)).filter(|(d, c)| *d <= 2.max(c.len() / 3)).min_by_key(|(d, _)| *d).map(|(_, c)| c)
 }

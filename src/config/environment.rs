@@ -59,7 +59,17 @@ impl Zone {
 
 impl Environment {
     pub fn named(name: &str) -> Self {
-        Environment { name: name.to_string(), span: 0..0, git: None, promote_from: None, promote_from_span: None, soak: Duration::ZERO, approval: false, windows: vec![], timezone: Zone::default() }
+        Environment {
+            name: name.to_string(),
+            span: 0..0,
+            git: None,
+            promote_from: None,
+            promote_from_span: None,
+            soak: Duration::ZERO,
+            approval: false,
+            windows: vec![],
+            timezone: Zone::default(),
+        }
     }
 
     /// Whether `at` (seconds since the epoch) is inside a deploy window.
@@ -311,18 +321,34 @@ pub(super) fn build(raw: RawEnvironment, secrets: &std::collections::BTreeMap<St
         let g = g.into_inner();
         let url = g.url.get_ref().trim().to_string();
         if url.is_empty() || url.starts_with('-') || url.chars().any(|c| c.is_control()) || url.starts_with("ext::") {
-            problems.push(Problem::new(ProblemKind::InvalidValue, Some(g.url.span()), format!("{url:?} is not a repository path or URL")).label("not a repository").hint("a local path, https://…, ssh://… or git@host:path"));
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(g.url.span()), format!("{url:?} is not a repository path or URL"))
+                    .label("not a repository")
+                    .hint("a local path, https://…, ssh://… or git@host:path"),
+            );
         }
         let branch = g.branch.as_ref().map(|b| b.get_ref().clone()).unwrap_or_else(|| "main".to_string());
         if let Some(b) = &g.branch
-            && !valid_branch(b.get_ref()) {
-                problems.push(Problem::new(ProblemKind::InvalidValue, Some(b.span()), format!("invalid branch name {:?}", b.get_ref())).label("invalid branch").hint("letters, digits, '.', '_', '-' and '/', not starting with '-' and without '..'"));
-            }
+            && !valid_branch(b.get_ref())
+        {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(b.span()), format!("invalid branch name {:?}", b.get_ref()))
+                    .label("invalid branch")
+                    .hint("letters, digits, '.', '_', '-' and '/', not starting with '-' and without '..'"),
+            );
+        }
         let path = g.path.as_ref().map(|p| p.get_ref().trim_matches('/').to_string()).unwrap_or_default();
         if let Some(p) = &g.path
-            && !path.is_empty() && (path.split('/').any(|c| c.is_empty() || c == "." || c == "..") || !path.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))) {
-                problems.push(Problem::new(ProblemKind::InvalidValue, Some(p.span()), format!("invalid path {:?} in the repository", p.get_ref())).label("invalid path").hint("a relative directory such as \"deploy\" or \"ops/slipway\""));
-            }
+            && !path.is_empty()
+            && (path.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+                || !path.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/')))
+        {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(p.span()), format!("invalid path {:?} in the repository", p.get_ref()))
+                    .label("invalid path")
+                    .hint("a relative directory such as \"deploy\" or \"ops/slipway\""),
+            );
+        }
         GitSource {
             url,
             branch,
@@ -331,7 +357,11 @@ pub(super) fn build(raw: RawEnvironment, secrets: &std::collections::BTreeMap<St
             timeout: g.timeout.as_ref().and_then(|t| super::duration(t, "git.timeout", problems)).unwrap_or(Duration::from_secs(120)),
             username: g.username.as_ref().map(|u| {
                 if u.get_ref().is_empty() || u.get_ref().contains(':') || u.get_ref().chars().any(|c| c.is_control()) {
-                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(u.span()), "invalid git user name").label("invalid").hint("a user name without ':' or control characters"));
+                    problems.push(
+                        Problem::new(ProblemKind::InvalidValue, Some(u.span()), "invalid git user name")
+                            .label("invalid")
+                            .hint("a user name without ':' or control characters"),
+                    );
                 }
                 u.get_ref().clone()
             }),
@@ -344,7 +374,11 @@ pub(super) fn build(raw: RawEnvironment, secrets: &std::collections::BTreeMap<St
     }
     if let Some(s) = &raw.soak {
         if raw.promote_from.is_none() {
-            problems.push(Problem::new(ProblemKind::InvalidValue, Some(s.span()), "`soak` without `promote_from`").label("soak of what?").hint("soak is how long a version must run in `promote_from` before it is promoted here"));
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(s.span()), "`soak` without `promote_from`")
+                    .label("soak of what?")
+                    .hint("soak is how long a version must run in `promote_from` before it is promoted here"),
+            );
         }
         env.soak = super::duration(s, "soak", problems).unwrap_or_default();
     }
@@ -352,13 +386,21 @@ pub(super) fn build(raw: RawEnvironment, secrets: &std::collections::BTreeMap<St
     if let Some(tz) = &raw.timezone {
         match Zone::get(tz.get_ref()) {
             Ok(z) => env.timezone = z,
-            Err(e) => problems.push(Problem::new(ProblemKind::InvalidValue, Some(tz.span()), e).label("not a time zone").hint("a name from the tz database, e.g. \"Europe/Berlin\" or \"America/New_York\"")),
+            Err(e) => problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(tz.span()), e)
+                    .label("not a time zone")
+                    .hint("a name from the tz database, e.g. \"Europe/Berlin\" or \"America/New_York\""),
+            ),
         }
     }
     for w in &raw.windows {
         match Window::parse(w.get_ref()) {
             Ok(win) => env.windows.push(win),
-            Err(e) => problems.push(Problem::new(ProblemKind::InvalidValue, Some(w.span()), format!("invalid deploy window: {e}")).label("invalid window").hint("e.g. \"mon-fri 09:00-17:00\" or \"sat 10:00-12:00\" (in the environment's `timezone`, UTC by default)")),
+            Err(e) => problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(w.span()), format!("invalid deploy window: {e}"))
+                    .label("invalid window")
+                    .hint("e.g. \"mon-fri 09:00-17:00\" or \"sat 10:00-12:00\" (in the environment's `timezone`, UTC by default)"),
+            ),
         }
     }
     env
@@ -419,7 +461,13 @@ mod tests {
 
     #[test]
     fn bad_windows_say_what_is_wrong() {
-        for (w, says) in [("mon-fry 09:00-17:00", "unknown day"), ("09:00", "time range"), ("25:00-26:00", "not a time"), ("10:00-10:00", "same time"), ("24:00-02:00", "cannot start at 24:00")] {
+        for (w, says) in [
+            ("mon-fry 09:00-17:00", "unknown day"),
+            ("09:00", "time range"),
+            ("25:00-26:00", "not a time"),
+            ("10:00-10:00", "same time"),
+            ("24:00-02:00", "cannot start at 24:00"),
+        ] {
             let e = Window::parse(w).unwrap_err();
             assert!(e.contains(says), "{w}: {e}");
         }

@@ -223,12 +223,7 @@ pub struct Retry {
 
 impl Default for Retry {
     fn default() -> Self {
-        Retry {
-            attempts: 1,
-            on: RetryOn::ExitCodes(vec![]),
-            backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(60),
-        }
+        Retry { attempts: 1, on: RetryOn::ExitCodes(vec![]), backoff: Duration::from_secs(1), max_backoff: Duration::from_secs(60) }
     }
 }
 
@@ -262,11 +257,7 @@ impl Config {
     }
 
     pub fn environment_names(&self) -> Vec<String> {
-        if self.environments.is_empty() {
-            vec![DEFAULT_ENVIRONMENT.to_string()]
-        } else {
-            self.environments.iter().map(|e| e.name.clone()).collect()
-        }
+        if self.environments.is_empty() { vec![DEFAULT_ENVIRONMENT.to_string()] } else { self.environments.iter().map(|e| e.name.clone()).collect() }
     }
 }
 
@@ -288,8 +279,7 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigErrors> {
     let text = std::fs::read_to_string(&file).map_err(|e| ConfigErrors {
         file: display.clone(),
         source: Arc::new(String::new()),
-        problems: vec![Problem::new(ProblemKind::Io, None, format!("cannot read {display}: {e}"))
-            .hint("pass the config file or its directory with --config")],
+        problems: vec![Problem::new(ProblemKind::Io, None, format!("cannot read {display}: {e}")).hint("pass the config file or its directory with --config")],
     })?;
     let config = parse(&display, &text)?;
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
@@ -302,13 +292,18 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigErrors> {
         .values()
         .filter_map(|s| match &s.source {
             secret::SecretSource::File(p) => {
-                let real = p.parent().and_then(|d| std::fs::canonicalize(d).ok()).map(|d| d.join(p.file_name().unwrap_or_default())).unwrap_or_else(|| p.clone());
+                let real =
+                    p.parent().and_then(|d| std::fs::canonicalize(d).ok()).map(|d| d.join(p.file_name().unwrap_or_default())).unwrap_or_else(|| p.clone());
                 real.starts_with(&root).then(|| {
                     let quoted = format!("{:?}", p.display().to_string());
                     let span = text.find(&quoted).map(|at| at..at + quoted.len());
-                    Problem::new(ProblemKind::InvalidValue, span, format!("secret {:?}: {} is inside the config directory {}", s.name, p.display(), root.display()))
-                        .label("inside the revision")
-                        .hint("the config directory is stored and shipped to every node as the revision: keep secret files elsewhere, e.g. /etc/slipway/secrets/")
+                    Problem::new(
+                        ProblemKind::InvalidValue,
+                        span,
+                        format!("secret {:?}: {} is inside the config directory {}", s.name, p.display(), root.display()),
+                    )
+                    .label("inside the revision")
+                    .hint("the config directory is stored and shipped to every node as the revision: keep secret files elsewhere, e.g. /etc/slipway/secrets/")
                 })
             }
             secret::SecretSource::Env(_) => None,
@@ -329,17 +324,13 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
 /// if it declares no environments, it has the node's (`environments`),
 /// so it may name them (`auto_deploy`, a `listen` per environment).
 pub fn parse_in(file: &str, text: &str, environments: &[String]) -> Result<Config, ConfigErrors> {
-    let errors = |problems: Vec<Problem>| ConfigErrors {
-        file: file.to_string(),
-        source: Arc::new(text.to_string()),
-        problems,
-    };
+    let errors = |problems: Vec<Problem>| ConfigErrors { file: file.to_string(), source: Arc::new(text.to_string()), problems };
     let doc = match toml::de::DeTable::parse(text) {
         Ok(doc) => doc,
         Err(e) => {
-            return Err(errors(vec![Problem::new(ProblemKind::Syntax, e.span(), first_line(e.message()))
-                .label("here")
-                .hint("see https://toml.io for the TOML syntax")]));
+            return Err(errors(vec![
+                Problem::new(ProblemKind::Syntax, e.span(), first_line(e.message())).label("here").hint("see https://toml.io for the TOML syntax"),
+            ]));
         }
     };
     let mut problems = schema::check_keys(doc.get_ref());
@@ -372,10 +363,7 @@ fn type_problem(e: &toml::de::Error) -> Problem {
     let (kind, hint) = if msg.starts_with("missing field") {
         (ProblemKind::MissingKey, Some("add the key; see README.md for the config reference".to_string()))
     } else if msg.contains("untagged enum RawCommand") {
-        (
-            ProblemKind::WrongType,
-            Some("`command` is an array of arguments, e.g. [\"./deploy.sh\", \"--fast\"], or a string with `shell = true`".to_string()),
-        )
+        (ProblemKind::WrongType, Some("`command` is an array of arguments, e.g. [\"./deploy.sh\", \"--fast\"], or a string with `shell = true`".to_string()))
     } else if msg.contains("expected a sequence") {
         (ProblemKind::WrongType, Some("this key takes a list, e.g. [\"name\"]".to_string()))
     } else if msg.contains("untagged enum RawRetryOn") {
@@ -504,10 +492,7 @@ struct RawJob {
 pub(crate) fn duration(s: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) -> Option<Duration> {
     match humantime::parse_duration(s.get_ref()) {
         Ok(d) if d.is_zero() => {
-            problems.push(
-                Problem::new(ProblemKind::InvalidValue, Some(s.span()), format!("`{what}` must be longer than zero"))
-                    .label("zero"),
-            );
+            problems.push(Problem::new(ProblemKind::InvalidValue, Some(s.span()), format!("`{what}` must be longer than zero")).label("zero"));
             None
         }
         Ok(d) if d > MAX_DURATION => {
@@ -533,10 +518,7 @@ pub(crate) fn duration(s: &Spanned<String>, what: &str, problems: &mut Vec<Probl
 fn positive(v: &Spanned<i64>, what: &str, max: i64, problems: &mut Vec<Problem>) -> Option<i64> {
     let n = *v.get_ref();
     if n < 1 || n > max {
-        problems.push(
-            Problem::new(ProblemKind::InvalidValue, Some(v.span()), format!("`{what}` must be between 1 and {max}, not {n}"))
-                .label("out of range"),
-        );
+        problems.push(Problem::new(ProblemKind::InvalidValue, Some(v.span()), format!("`{what}` must be between 1 and {max}, not {n}")).label("out of range"));
         None
     } else {
         Some(n)
@@ -559,17 +541,16 @@ pub fn valid_image(s: &str) -> bool {
     }
     !parts.is_empty()
         && parts.iter().all(|p| {
-            !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')) && p.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            !p.is_empty()
+                && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
+                && p.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         })
 }
 
 /// Names of jobs, services, environments and resources: kept to a plain
 /// alphabet so they are safe in URLs, file names and log lines.
 pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && !s.starts_with('.')
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) && !s.starts_with('.')
 }
 
 pub(crate) fn check_name(s: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) {
@@ -592,18 +573,10 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
         project.parallelism = p.parallelism.as_ref().and_then(|v| positive(v, "parallelism", 4096, problems)).map(|n| n as usize);
         project.store = p.store;
         project.lease = p.lease.as_ref().and_then(|l| duration(l, "lease", problems));
-        project.max_log_bytes = p
-            .max_log_bytes
-            .as_ref()
-            .and_then(|v| positive(v, "max_log_bytes", 1 << 32, problems))
-            .map(|n| n as u64);
+        project.max_log_bytes = p.max_log_bytes.as_ref().and_then(|v| positive(v, "max_log_bytes", 1 << 32, problems)).map(|n| n as u64);
     }
     let secrets = secret::build_secrets(raw.secret, problems);
-    let environments: Vec<Environment> = raw
-        .environment
-        .into_iter()
-        .map(|e| environment::build(e.into_inner(), &secrets, problems))
-        .collect();
+    let environments: Vec<Environment> = raw.environment.into_iter().map(|e| environment::build(e.into_inner(), &secrets, problems)).collect();
     let environments = if environments.is_empty() { inherited.iter().map(|n| Environment::named(n)).collect() } else { environments };
 
     let registries = secret::build_registries(raw.registry, &secrets, problems);
@@ -618,7 +591,8 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
     let registry_hook = raw.registry_hook.map(|g| {
         let g = g.into_inner();
         RegistryHook {
-            token: secret::lookup(&g.token, &secrets, problems).unwrap_or(secret::SecretRef { name: g.token.get_ref().clone(), source: secret::SecretSource::Env(String::new()) }),
+            token: secret::lookup(&g.token, &secrets, problems)
+                .unwrap_or(secret::SecretRef { name: g.token.get_ref().clone(), source: secret::SecretSource::Env(String::new()) }),
             max_payload: g.max_payload.as_ref().and_then(|v| positive(v, "registry_hook.max_payload", 64 << 20, problems)).unwrap_or(1 << 20) as usize,
             hosts: g
                 .hosts
@@ -630,7 +604,11 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
                     if valid_image(&format!("{host}/x")) && !host.contains('/') && registry_like {
                         Some(host)
                     } else {
-                        problems.push(Problem::new(ProblemKind::InvalidValue, Some(h.span()), format!("{:?} is not a registry host", h.get_ref())).label("not host[:port]").hint("the name images of this registry start with, with a '.' or a port (or localhost), e.g. \"registry.internal:5000\""));
+                        problems.push(
+                            Problem::new(ProblemKind::InvalidValue, Some(h.span()), format!("{:?} is not a registry host", h.get_ref()))
+                                .label("not host[:port]")
+                                .hint("the name images of this registry start with, with a '.' or a port (or localhost), e.g. \"registry.internal:5000\""),
+                        );
                         None
                     }
                 })
@@ -645,7 +623,8 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
     let events = raw.events.map(|e| {
         let e = e.into_inner();
         EventsHook {
-            hmac_secret: secret::lookup(&e.hmac_secret, &secrets, problems).unwrap_or(secret::SecretRef { name: e.hmac_secret.get_ref().clone(), source: secret::SecretSource::Env(String::new()) }),
+            hmac_secret: secret::lookup(&e.hmac_secret, &secrets, problems)
+                .unwrap_or(secret::SecretRef { name: e.hmac_secret.get_ref().clone(), source: secret::SecretSource::Env(String::new()) }),
             environments: e.environments.iter().map(|x| x.get_ref().clone()).collect(),
         }
     });
@@ -656,7 +635,8 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
         let url = match (&n.url, &n.url_secret) {
             (Some(u), None) => {
                 if !(u.get_ref().starts_with("http://") || u.get_ref().starts_with("https://")) {
-                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(u.span()), "`notify.url` must be an http:// or https:// URL").label("not a URL"));
+                    problems
+                        .push(Problem::new(ProblemKind::InvalidValue, Some(u.span()), "`notify.url` must be an http:// or https:// URL").label("not a URL"));
                 }
                 Some(NotifyUrl::Plain(u.get_ref().clone()))
             }
@@ -674,7 +654,11 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
             None | Some("json") => false,
             Some("slack") => true,
             Some(other) => {
-                problems.push(Problem::new(ProblemKind::InvalidValue, n.format.as_ref().map(|f| f.span()), format!("unknown notify format {other:?}")).label("unknown").hint("\"json\" or \"slack\""));
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, n.format.as_ref().map(|f| f.span()), format!("unknown notify format {other:?}"))
+                        .label("unknown")
+                        .hint("\"json\" or \"slack\""),
+                );
                 false
             }
         };
@@ -685,7 +669,11 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
                 .filter(|o| {
                     let ok = NOTIFY_ON.contains(&o.get_ref().as_str());
                     if !ok {
-                        problems.push(Problem::new(ProblemKind::InvalidValue, Some(o.span()), format!("unknown deployment event {:?}", o.get_ref())).label("unknown").hint(format!("one of {}", NOTIFY_ON.join(", "))));
+                        problems.push(
+                            Problem::new(ProblemKind::InvalidValue, Some(o.span()), format!("unknown deployment event {:?}", o.get_ref()))
+                                .label("unknown")
+                                .hint(format!("one of {}", NOTIFY_ON.join(", "))),
+                        );
                     }
                     ok
                 })
@@ -696,7 +684,8 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
             notify.push(Notify { url, slack, on, environments: n.environments.iter().map(|e| e.get_ref().clone()).collect() });
         }
     }
-    let env_names: Vec<String> = if environments.is_empty() { vec![DEFAULT_ENVIRONMENT.to_string()] } else { environments.iter().map(|e: &Environment| e.name.clone()).collect() };
+    let env_names: Vec<String> =
+        if environments.is_empty() { vec![DEFAULT_ENVIRONMENT.to_string()] } else { environments.iter().map(|e: &Environment| e.name.clone()).collect() };
     let mut services = Vec::new();
     let mut service_jobs = Vec::new();
     for s in raw.service {
@@ -733,13 +722,9 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
                     (RawCommand::Line(s), true) => {
                         if let Some(p) = PLACEHOLDERS.iter().find(|p| s.contains(*p)) {
                             problems.push(
-                                Problem::new(
-                                    ProblemKind::InvalidValue,
-                                    Some(span),
-                                    format!("placeholder {p} in a shell command"),
-                                )
-                                .label("placeholder")
-                                .hint("values from events never reach a shell: use the environment variable instead, quoted, e.g. \"$SLIPWAY_VERSION\""),
+                                Problem::new(ProblemKind::InvalidValue, Some(span), format!("placeholder {p} in a shell command"))
+                                    .label("placeholder")
+                                    .hint("values from events never reach a shell: use the environment variable instead, quoted, e.g. \"$SLIPWAY_VERSION\""),
                             );
                         }
                         Command::Shell(s)
@@ -769,7 +754,11 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
         let timeout = j.timeout.as_ref().and_then(|t| duration(t, "timeout", problems));
         for f in &j.files {
             if let Err(e) = globset::Glob::new(f.get_ref()) {
-                problems.push(Problem::new(ProblemKind::InvalidValue, Some(f.span()), format!("invalid `files` pattern {:?}: {}", f.get_ref(), e.kind())).label("invalid glob").hint("globs over repository paths, e.g. \"nginx/**\" or \"db/migrations/*.sql\""));
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(f.span()), format!("invalid `files` pattern {:?}: {}", f.get_ref(), e.kind()))
+                        .label("invalid glob")
+                        .hint("globs over repository paths, e.g. \"nginx/**\" or \"db/migrations/*.sql\""),
+                );
             }
         }
         let kill_grace = j.kill_grace.as_ref().and_then(|t| duration(t, "kill_grace", problems));

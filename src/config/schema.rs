@@ -17,7 +17,30 @@ const REGISTRY: &[&str] = &["host", "username", "password", "token"];
 const PROJECT: &[&str] = &["name", "parallelism", "store", "lease", "max_log_bytes"];
 const ENVIRONMENT: &[&str] = &["name", "git", "promote_from", "soak", "approval", "windows", "timezone"];
 const GIT: &[&str] = &["url", "branch", "path", "poll", "timeout", "username", "password"];
-const SERVICE: &[&str] = &["name", "target", "listen", "instances", "command", "env", "health", "rollout", "migrate", "verify", "stop_grace", "artifact", "image", "port", "memory", "cpus", "secrets", "secret_files", "follows", "auto_deploy", "tags", "keep_tags"];
+const SERVICE: &[&str] = &[
+    "name",
+    "target",
+    "listen",
+    "instances",
+    "command",
+    "env",
+    "health",
+    "rollout",
+    "migrate",
+    "verify",
+    "stop_grace",
+    "artifact",
+    "image",
+    "port",
+    "memory",
+    "cpus",
+    "secrets",
+    "secret_files",
+    "follows",
+    "auto_deploy",
+    "tags",
+    "keep_tags",
+];
 const ARTIFACT: &[&str] = &["url", "attempts", "timeout"];
 const HEALTH: &[&str] = &["http", "status", "command", "interval", "timeout", "healthy_after", "deadline"];
 const ROLLOUT: &[&str] = &["strategy", "max_surge", "max_unavailable", "drain"];
@@ -121,10 +144,6 @@ fn check_table(table: &DeTable<'_>, allowed: &[&str], path: &str, problems: &mut
             Some(s) => format!("did you mean `{s}`?"),
             None => format!("known keys here: {}", allowed.join(", ")),
         };
-        problems.push(
-            Problem::new(ProblemKind::UnknownKey, Some(key.span()), format!("unknown key `{k}` {place}"))
-                .label("unknown key")
-                .hint(hint),
-        );
+        problems.push(Problem::new(ProblemKind::UnknownKey, Some(key.span()), format!("unknown key `{k}` {place}")).label("unknown key").hint(hint));
     }
 }

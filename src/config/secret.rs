@@ -165,7 +165,11 @@ pub(super) fn build_secrets(raw: BTreeMap<Spanned<String>, Spanned<RawSecret>>, 
             (Some(e), None) => {
                 let v = e.get_ref();
                 if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || v.starts_with(|c: char| c.is_ascii_digit()) {
-                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(e.span()), format!("{v:?} is not an environment variable name")).label("not a variable name").hint("e.g. env = \"REGISTRY_PASSWORD\""));
+                    problems.push(
+                        Problem::new(ProblemKind::InvalidValue, Some(e.span()), format!("{v:?} is not an environment variable name"))
+                            .label("not a variable name")
+                            .hint("e.g. env = \"REGISTRY_PASSWORD\""),
+                    );
                 }
                 SecretSource::Env(e.into_inner())
             }
@@ -180,7 +184,11 @@ pub(super) fn build_secrets(raw: BTreeMap<Spanned<String>, Spanned<RawSecret>>, 
                 SecretSource::File(PathBuf::from(f.into_inner()))
             }
             (Some(_), Some(f)) => {
-                problems.push(Problem::new(ProblemKind::InvalidValue, Some(f.span()), format!("secret {:?} has both `env` and `file`", name.get_ref())).label("second source").hint("a secret comes from one place"));
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(f.span()), format!("secret {:?} has both `env` and `file`", name.get_ref()))
+                        .label("second source")
+                        .hint("a secret comes from one place"),
+                );
                 continue;
             }
             (None, None) => {
@@ -207,7 +215,11 @@ pub(super) fn lookup(name: &Spanned<String>, secrets: &BTreeMap<String, SecretRe
                 Some(s) => format!("did you mean {s:?}?"),
                 None => format!("declare it: [secret.{}] with env = \"VARIABLE\" or file = \"/path\"", name.get_ref()),
             };
-            problems.push(Problem::new(ProblemKind::UnknownReference, Some(name.span()), format!("unknown secret {:?}", name.get_ref())).label("no such secret").hint(hint));
+            problems.push(
+                Problem::new(ProblemKind::UnknownReference, Some(name.span()), format!("unknown secret {:?}", name.get_ref()))
+                    .label("no such secret")
+                    .hint(hint),
+            );
             None
         }
     }
@@ -224,13 +236,22 @@ pub(super) fn env_secrets(
     let mut out = BTreeMap::new();
     for (var, secret) in raw.iter().flat_map(|m| m.get_ref().iter()) {
         if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || var.starts_with(|c: char| c.is_ascii_digit()) {
-            problems.push(Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("{var:?} is not an environment variable name")).label("for this secret").hint("e.g. secrets = { DATABASE_URL = \"db_url\" }"));
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("{var:?} is not an environment variable name"))
+                    .label("for this secret")
+                    .hint("e.g. secrets = { DATABASE_URL = \"db_url\" }"),
+            );
         }
         if var.starts_with("SLIPWAY_") {
-            problems.push(Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("{var}: names starting with SLIPWAY_ are Slipway's own")).label("reserved").hint("pick another name"));
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("{var}: names starting with SLIPWAY_ are Slipway's own"))
+                    .label("reserved")
+                    .hint("pick another name"),
+            );
         }
         if env.contains_key(var) {
-            problems.push(Problem::new(ProblemKind::Duplicate, Some(secret.span()), format!("{var} is set both in `env` and in `secrets`")).label("second value"));
+            problems
+                .push(Problem::new(ProblemKind::Duplicate, Some(secret.span()), format!("{var} is set both in `env` and in `secrets`")).label("second value"));
         }
         if let Some(r) = lookup(secret, secrets, problems) {
             out.insert(var.clone(), r);
@@ -269,7 +290,8 @@ impl Redactor {
     pub fn of_values<'a>(secrets: impl IntoIterator<Item = (&'a str, &'a Secret)>) -> Redactor {
         let mut values: Vec<(String, String)> = secrets.into_iter().map(|(n, v)| (v.0.clone(), n.to_string())).filter(|(v, _)| !v.is_empty()).collect();
         // A secret file's value may span lines; output comes line by line.
-        let lines: Vec<(String, String)> = values.iter().flat_map(|(v, n)| v.lines().filter(|l| l.trim().len() >= 4).map(|l| (l.to_string(), n.clone())).collect::<Vec<_>>()).collect();
+        let lines: Vec<(String, String)> =
+            values.iter().flat_map(|(v, n)| v.lines().filter(|l| l.trim().len() >= 4).map(|l| (l.to_string(), n.clone())).collect::<Vec<_>>()).collect();
         values.extend(lines);
         values.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
         values.dedup_by(|a, b| a.0 == b.0);
@@ -297,7 +319,11 @@ pub(super) fn build_registries(raw: Vec<Spanned<RawRegistry>>, secrets: &BTreeMa
         let span = r.span();
         let r = r.into_inner();
         let host = r.host.get_ref();
-        if host.is_empty() || host.contains('/') || host.chars().any(|c| c.is_ascii_uppercase()) || !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':')) {
+        if host.is_empty()
+            || host.contains('/')
+            || host.chars().any(|c| c.is_ascii_uppercase())
+            || !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
+        {
             problems.push(
                 Problem::new(ProblemKind::InvalidValue, Some(r.host.span()), format!("`host` {host:?} is not a registry host"))
                     .label("not host[:port]")
@@ -312,10 +338,17 @@ pub(super) fn build_registries(raw: Vec<Spanned<RawRegistry>>, secrets: &BTreeMa
         match (&r.username, &r.password, &r.token) {
             (Some(_), Some(_), None) | (None, None, Some(_)) => {}
             (_, _, Some(t)) if r.username.is_some() || r.password.is_some() => {
-                problems.push(Problem::new(ProblemKind::InvalidValue, Some(t.span()), "a registry takes `username` + `password`, or `token`, not both").label("second kind of credential"));
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(t.span()), "a registry takes `username` + `password`, or `token`, not both")
+                        .label("second kind of credential"),
+                );
             }
             (Some(u), None, None) => {
-                problems.push(Problem::new(ProblemKind::MissingKey, Some(u.span()), "`username` without `password`").label("no password").hint("add password = \"SECRET-NAME\", naming a [secret.*]"));
+                problems.push(
+                    Problem::new(ProblemKind::MissingKey, Some(u.span()), "`username` without `password`")
+                        .label("no password")
+                        .hint("add password = \"SECRET-NAME\", naming a [secret.*]"),
+                );
             }
             (None, Some(p), None) => {
                 problems.push(Problem::new(ProblemKind::MissingKey, Some(p.span()), "`password` without `username`").label("no username"));

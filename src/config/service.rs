@@ -113,7 +113,11 @@ impl TagFilter {
         if s == "semver" {
             return Ok(TagFilter::Semver);
         }
-        regex::RegexBuilder::new(&format!("^(?:{s})$")).size_limit(1 << 20).build().map(TagFilter::Regex).map_err(|e| e.to_string().lines().last().unwrap_or("invalid").trim().to_string())
+        regex::RegexBuilder::new(&format!("^(?:{s})$"))
+            .size_limit(1 << 20)
+            .build()
+            .map(TagFilter::Regex)
+            .map_err(|e| e.to_string().lines().last().unwrap_or("invalid").trim().to_string())
     }
 
     pub fn allows(&self, tag: &str) -> bool {
@@ -140,7 +144,14 @@ impl TagFilter {
 fn memory(s: &Spanned<String>, problems: &mut Vec<Problem>) -> Option<u64> {
     let t = s.get_ref().trim().to_ascii_lowercase();
     let (digits, mult) = match t.strip_suffix(['k', 'm', 'g']) {
-        Some(d) => (d, match t.chars().last() { Some('k') => 1u64 << 10, Some('m') => 1 << 20, _ => 1 << 30 }),
+        Some(d) => (
+            d,
+            match t.chars().last() {
+                Some('k') => 1u64 << 10,
+                Some('m') => 1 << 20,
+                _ => 1 << 30,
+            },
+        ),
         None => (t.as_str(), 1),
     };
     match digits.trim().parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).filter(|n| *n >= 6 << 20) {
@@ -335,7 +346,13 @@ fn nonneg(v: &Spanned<i64>, what: &str, max: i64, problems: &mut Vec<Problem>) -
     }
 }
 
-pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, registries: &[RegistryAuth], environments: &[String], problems: &mut Vec<Problem>) -> (super::Service, Built) {
+pub(super) fn build(
+    raw: RawService,
+    secrets: &BTreeMap<String, SecretRef>,
+    registries: &[RegistryAuth],
+    environments: &[String],
+    problems: &mut Vec<Problem>,
+) -> (super::Service, Built) {
     check_name(&raw.name, "service", problems);
     let name = raw.name.get_ref().clone();
     let target = match raw.target {
@@ -353,11 +370,19 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
     let docker = target == "docker";
     let follows = match (&raw.follows, &raw.image) {
         (Some(f), _) if docker => {
-            problems.push(Problem::new(ProblemKind::InvalidValue, Some(f.span()), "a docker service follows its own `image`").label("not needed").hint("remove `follows`"));
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(f.span()), "a docker service follows its own `image`")
+                    .label("not needed")
+                    .hint("remove `follows`"),
+            );
             None
         }
         (Some(f), _) if !crate::config::valid_image(f.get_ref()) => {
-            problems.push(Problem::new(ProblemKind::InvalidValue, Some(f.span()), format!("`follows` {:?} is not an image name without a tag", f.get_ref())).label("not registry/repository").hint("e.g. follows = \"ghcr.io/team/web\""));
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(f.span()), format!("`follows` {:?} is not an image name without a tag", f.get_ref()))
+                    .label("not registry/repository")
+                    .hint("e.g. follows = \"ghcr.io/team/web\""),
+            );
             None
         }
         (Some(f), _) => Some(f.get_ref().clone()),
@@ -371,7 +396,11 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
                 Some(s) => format!("did you mean {s:?}?"),
                 None => format!("environments: {}", environments.join(", ")),
             };
-            problems.push(Problem::new(ProblemKind::UnknownReference, Some(e.span()), format!("unknown environment {:?} in `auto_deploy`", e.get_ref())).label("no such environment").hint(hint));
+            problems.push(
+                Problem::new(ProblemKind::UnknownReference, Some(e.span()), format!("unknown environment {:?} in `auto_deploy`", e.get_ref()))
+                    .label("no such environment")
+                    .hint(hint),
+            );
         } else {
             auto_deploy.push(e.get_ref().clone());
         }
@@ -388,7 +417,11 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
     let tags = raw.tags.as_ref().and_then(|t| match TagFilter::parse(t.get_ref()) {
         Ok(f) => Some(f),
         Err(e) => {
-            problems.push(Problem::new(ProblemKind::InvalidValue, Some(t.span()), format!("`tags` is not \"semver\" or a regular expression: {e}")).label("bad filter").hint("e.g. tags = \"semver\" or tags = \"^v?[0-9]+[.][0-9]+$\" (matched against the whole tag)"));
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(t.span()), format!("`tags` is not \"semver\" or a regular expression: {e}"))
+                    .label("bad filter")
+                    .hint("e.g. tags = \"semver\" or tags = \"^v?[0-9]+[.][0-9]+$\" (matched against the whole tag)"),
+            );
             None
         }
     });
@@ -398,9 +431,13 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
         let n = positive(k, "keep_tags", MAX_KEEP_TAGS, problems)?;
         if follows.is_none() && raw.follows.is_none() && !(docker && raw.image.is_some()) {
             problems.push(
-                Problem::new(ProblemKind::InvalidValue, Some(k.span()), format!("service {name:?} has `keep_tags` but no registry image whose tags it could keep"))
-                    .label("no image")
-                    .hint("keep_tags is for a docker service's `image` or a service that `follows` an image"),
+                Problem::new(
+                    ProblemKind::InvalidValue,
+                    Some(k.span()),
+                    format!("service {name:?} has `keep_tags` but no registry image whose tags it could keep"),
+                )
+                .label("no image")
+                .hint("keep_tags is for a docker service's `image` or a service that `follows` an image"),
             );
             return None;
         }
@@ -508,8 +545,12 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
         }
         let mut secret_files = BTreeMap::new();
         for (path, secret) in raw.secret_files.iter().flat_map(|m| m.get_ref().iter()) {
-            if let Some(other) = raw.secret_files.iter().flat_map(|m| m.get_ref().keys()).find(|other| *other != path && path.starts_with(&format!("{other}/"))) {
-                problems.push(Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("secret file {path:?} would be inside secret file {other:?}")).label("under another file"));
+            if let Some(other) = raw.secret_files.iter().flat_map(|m| m.get_ref().keys()).find(|other| *other != path && path.starts_with(&format!("{other}/")))
+            {
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("secret file {path:?} would be inside secret file {other:?}"))
+                        .label("under another file"),
+                );
             } else if !path.starts_with('/') || path.len() < 2 || path.ends_with('/') || path[1..].split('/').any(|c| c.is_empty() || c == "." || c == "..") {
                 problems.push(
                     Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("secret file {path:?} is not an absolute file path in the container"))
@@ -551,7 +592,11 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
             let addr = |text: &str, problems: &mut Vec<Problem>| match text.parse::<SocketAddr>() {
                 Ok(a) if a.port() != 0 => Some(a),
                 Ok(_) => {
-                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(span.clone()), "`listen` needs a fixed port, not 0").label("port 0").hint("clients must know where to connect"));
+                    problems.push(
+                        Problem::new(ProblemKind::InvalidValue, Some(span.clone()), "`listen` needs a fixed port, not 0")
+                            .label("port 0")
+                            .hint("clients must know where to connect"),
+                    );
                     None
                 }
                 Err(e) => {
@@ -568,14 +613,22 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
                 RawListen::PerEnvironment(map) => {
                     for (env, text) in map {
                         if !environments.contains(env) {
-                            problems.push(Problem::new(ProblemKind::UnknownReference, Some(span.clone()), format!("`listen` names unknown environment {env:?}")).label("no such environment").hint(format!("declared environments: {}", environments.join(", "))));
+                            problems.push(
+                                Problem::new(ProblemKind::UnknownReference, Some(span.clone()), format!("`listen` names unknown environment {env:?}"))
+                                    .label("no such environment")
+                                    .hint(format!("declared environments: {}", environments.join(", "))),
+                            );
                         }
                         if let Some(a) = addr(text, problems) {
                             listen_in.insert(env.clone(), a);
                         }
                     }
                     if let Some(missing) = environments.iter().find(|e| !map.contains_key(*e)) {
-                        problems.push(Problem::new(ProblemKind::MissingKey, Some(span.clone()), format!("`listen` has no address for environment {missing:?}")).label("per environment").hint("name every environment, e.g. listen = { staging = \"127.0.0.1:8081\", production = \"127.0.0.1:8080\" }"));
+                        problems.push(
+                            Problem::new(ProblemKind::MissingKey, Some(span.clone()), format!("`listen` has no address for environment {missing:?}"))
+                                .label("per environment")
+                                .hint("name every environment, e.g. listen = { staging = \"127.0.0.1:8081\", production = \"127.0.0.1:8080\" }"),
+                        );
                     }
                     listen_in.values().next().copied()
                 }
@@ -601,12 +654,19 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
             }
             (Some(p), None) => {
                 if !p.get_ref().starts_with('/') {
-                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(p.span()), "`health.http` is a path starting with '/'").label("not a path").hint("e.g. http = \"/healthz\""));
+                    problems.push(
+                        Problem::new(ProblemKind::InvalidValue, Some(p.span()), "`health.http` is a path starting with '/'")
+                            .label("not a path")
+                            .hint("e.g. http = \"/healthz\""),
+                    );
                 }
                 let status = match &h.status {
                     Some(s) if (100..=599).contains(s.get_ref()) => *s.get_ref() as u16,
                     Some(s) => {
-                        problems.push(Problem::new(ProblemKind::InvalidValue, Some(s.span()), format!("`health.status` {} is not an HTTP status", s.get_ref())).label("100–599"));
+                        problems.push(
+                            Problem::new(ProblemKind::InvalidValue, Some(s.span()), format!("`health.status` {} is not an HTTP status", s.get_ref()))
+                                .label("100–599"),
+                        );
                         200
                     }
                     None => 200,
@@ -616,7 +676,11 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
             (None, Some(c)) => HealthCheck::Command { argv: argv(c, "health.command", problems) },
             (None, None) => {
                 if let Some(s) = &h.status {
-                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(s.span()), "`health.status` without `health.http`").label("no http check").hint("add http = \"/healthz\""));
+                    problems.push(
+                        Problem::new(ProblemKind::InvalidValue, Some(s.span()), "`health.status` without `health.http`")
+                            .label("no http check")
+                            .hint("add http = \"/healthz\""),
+                    );
                 }
                 let _ = span;
                 HealthCheck::Tcp
@@ -647,16 +711,23 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
                 if s == 0 && u == 0 {
                     let span = r.max_surge.as_ref().or(r.max_unavailable.as_ref()).map(|v| v.span());
                     problems.push(
-                        Problem::new(ProblemKind::InvalidValue, span, "a rolling rollout with max_surge = 0 and max_unavailable = 0 can never replace an instance")
-                            .label("both zero")
-                            .hint("allow one extra instance (max_surge = 1) or one fewer (max_unavailable = 1)"),
+                        Problem::new(
+                            ProblemKind::InvalidValue,
+                            span,
+                            "a rolling rollout with max_surge = 0 and max_unavailable = 0 can never replace an instance",
+                        )
+                        .label("both zero")
+                        .hint("allow one extra instance (max_surge = 1) or one fewer (max_unavailable = 1)"),
                     );
                 }
                 rollout.strategy = Strategy::Rolling { max_surge: s, max_unavailable: u };
             }
             Some("blue-green") | Some("blue_green") => {
                 if let Some(v) = r.max_surge.as_ref().or(r.max_unavailable.as_ref()) {
-                    problems.push(Problem::new(ProblemKind::InvalidValue, Some(v.span()), "max_surge and max_unavailable belong to the rolling strategy").label("not for blue-green"));
+                    problems.push(
+                        Problem::new(ProblemKind::InvalidValue, Some(v.span()), "max_surge and max_unavailable belong to the rolling strategy")
+                            .label("not for blue-green"),
+                    );
                 }
                 rollout.strategy = Strategy::BlueGreen;
             }
@@ -717,7 +788,21 @@ pub(super) fn build(raw: RawService, secrets: &BTreeMap<String, SecretRef>, regi
         return (service, Built { spec: None, jobs: vec![] });
     }
     let secret_env = super::secret::env_secrets(raw.secrets.as_ref(), &raw.env, secrets, problems);
-    let spec = ServiceSpec { name: name.clone(), listen, instances, command, env: raw.env, health, rollout, verify, stop_grace, artifact, container, secrets: secret_env, listen_in };
+    let spec = ServiceSpec {
+        name: name.clone(),
+        listen,
+        instances,
+        command,
+        env: raw.env,
+        health,
+        rollout,
+        verify,
+        stop_grace,
+        artifact,
+        container,
+        secrets: secret_env,
+        listen_in,
+    };
     let job = |job_name: String, command: Command, timeout: Duration, idempotent: bool, needs: Vec<String>| Job {
         name: job_name,
         spans: JobSpans { name: raw.name.span(), needs: needs.iter().map(|_| raw.name.span()).collect(), ..JobSpans::default() },

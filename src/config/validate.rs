@@ -32,18 +32,15 @@ fn duplicates(config: &Config, problems: &mut Vec<Problem>) {
     for e in &config.environments {
         if !seen.insert(&e.name) {
             problems.push(
-                Problem::new(ProblemKind::Duplicate, Some(e.span.clone()), format!("environment {:?} is defined twice", e.name))
-                    .label("second definition"),
+                Problem::new(ProblemKind::Duplicate, Some(e.span.clone()), format!("environment {:?} is defined twice", e.name)).label("second definition"),
             );
         }
     }
     let mut seen = HashSet::new();
     for s in &config.services {
         if !seen.insert(&s.name) {
-            problems.push(
-                Problem::new(ProblemKind::Duplicate, Some(s.span.clone()), format!("service {:?} is defined twice", s.name))
-                    .label("second definition"),
-            );
+            problems
+                .push(Problem::new(ProblemKind::Duplicate, Some(s.span.clone()), format!("service {:?} is defined twice", s.name)).label("second definition"));
         }
     }
 }
@@ -67,7 +64,9 @@ fn references(config: &Config, index: &HashMap<&str, usize>, problems: &mut Vec<
             while let Some(next) = config.environment(at).and_then(|x| x.promote_from.as_deref()) {
                 steps += 1;
                 if next == e.name || steps > env_names.len() {
-                    problems.push(Problem::new(ProblemKind::Cycle, Some(span.clone()), format!("promotions of environment {:?} form a cycle", e.name)).label("cycle"));
+                    problems.push(
+                        Problem::new(ProblemKind::Cycle, Some(span.clone()), format!("promotions of environment {:?} form a cycle", e.name)).label("cycle"),
+                    );
                     break;
                 }
                 at = next;
@@ -102,17 +101,18 @@ fn references(config: &Config, index: &HashMap<&str, usize>, problems: &mut Vec<
             }
         }
         if let (Some(svc), Some(span)) = (&job.service, &job.spans.service)
-            && !service_names.contains(&svc.as_str()) {
-                let hint = match did_you_mean(svc, service_names.iter().copied()) {
-                    Some(s) => format!("did you mean {s:?}?"),
-                    None => "declare it in a [[service]] table".to_string(),
-                };
-                problems.push(
-                    Problem::new(ProblemKind::UnknownReference, Some(span.clone()), format!("job {:?} belongs to unknown service {svc:?}", job.name))
-                        .label("no such service")
-                        .hint(hint),
-                );
-            }
+            && !service_names.contains(&svc.as_str())
+        {
+            let hint = match did_you_mean(svc, service_names.iter().copied()) {
+                Some(s) => format!("did you mean {s:?}?"),
+                None => "declare it in a [[service]] table".to_string(),
+            };
+            problems.push(
+                Problem::new(ProblemKind::UnknownReference, Some(span.clone()), format!("job {:?} belongs to unknown service {svc:?}", job.name))
+                    .label("no such service")
+                    .hint(hint),
+            );
+        }
         if let Some(envs) = &job.environments {
             for (env, span) in envs.iter().zip(&job.spans.environments) {
                 if !env_names.contains(&env.as_str()) {
@@ -186,13 +186,9 @@ fn cycles(config: &Config, index: &HashMap<&str, usize>, problems: &mut Vec<Prob
                             let mut names: Vec<&str> = members.iter().rev().map(|m| config.jobs[*m].name.as_str()).collect();
                             names.push(config.jobs[*members.last().unwrap_or(&dep)].name.as_str());
                             problems.push(
-                                Problem::new(
-                                    ProblemKind::Cycle,
-                                    Some(job.spans.needs[edge].clone()),
-                                    format!("dependency cycle: {}", names.join(" → ")),
-                                )
-                                .label("closes the cycle")
-                                .hint("a job cannot run before itself; remove one of these `needs`"),
+                                Problem::new(ProblemKind::Cycle, Some(job.spans.needs[edge].clone()), format!("dependency cycle: {}", names.join(" → ")))
+                                    .label("closes the cycle")
+                                    .hint("a job cannot run before itself; remove one of these `needs`"),
                             );
                         }
                     }

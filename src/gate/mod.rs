@@ -45,22 +45,21 @@ pub fn waits(hold: &Hold, env: Option<&Environment>, now: Millis) -> Option<Vec<
     }
     if hold.window
         && let Some(env) = env
-        && !env.window_open(now / 1000) {
-            let next = env.next_window(now / 1000).map(|t| format!("; next opens {}", zone.clock(t * 1000))).unwrap_or_default();
-            w.push(format!("the deploy window of {} ({}){next}", env.name, env.windows_text()));
-        }
+        && !env.window_open(now / 1000)
+    {
+        let next = env.next_window(now / 1000).map(|t| format!("; next opens {}", zone.clock(t * 1000))).unwrap_or_default();
+        w.push(format!("the deploy window of {} ({}){next}", env.name, env.windows_text()));
+    }
     (!w.is_empty()).then_some(w)
 }
 
 /// Decide on one waiting deployment.
 pub fn evaluate(d: &DeploymentRow, hold: &Hold, env: Option<&Environment>, now: Millis, source_version: Option<&str>) -> Verdict {
     if let (Some(from), Some(v)) = (&hold.source_environment, &d.version)
-        && source_version != Some(v.as_str()) {
-            return Verdict::Drop(format!(
-                "not promoted: {from} no longer runs {v} (it runs {})",
-                source_version.unwrap_or("nothing")
-            ));
-        }
+        && source_version != Some(v.as_str())
+    {
+        return Verdict::Drop(format!("not promoted: {from} no longer runs {v} (it runs {})", source_version.unwrap_or("nothing")));
+    }
     match waits(hold, env, now) {
         None => Verdict::Release,
         Some(w) => Verdict::Wait(format!("waiting for {}", w.join("; "))),
@@ -144,23 +143,26 @@ async fn once(store: &Arc<dyn Store>, submitter: &Submitter, failed: &mut HashMa
         return Ok(());
     }
     let services = store.services().await?;
-    if has_git
-        && let Err(e) = submitter.redeploy_drifted(&config, &services).await
-    {
+    if has_git && let Err(e) = submitter.redeploy_drifted(&config, &services).await {
         tracing::debug!("drift check: {e}");
     }
     for (d, hold) in holds {
         let env = config.environment(&d.environment);
-        let source_version = hold.source_environment.as_ref().and_then(|from| {
-            services.iter().find(|r| &r.environment == from && Some(&r.service) == d.service.as_ref()).map(|r| r.version.as_str())
-        });
+        let source_version = hold
+            .source_environment
+            .as_ref()
+            .and_then(|from| services.iter().find(|r| &r.environment == from && Some(&r.service) == d.service.as_ref()).map(|r| r.version.as_str()));
         match evaluate(&d, &hold, env, now, source_version) {
             Verdict::Release => {
                 // Never an older config than the environment's current one.
                 match submitter.resubmit_if_moved(&d, &hold).await {
                     Ok(None) => {}
                     Ok(Some(new)) => {
-                        tracing::info!(deployment = d.id, again = new.deployment_id, "the config moved while it waited: submitted again on the current revision");
+                        tracing::info!(
+                            deployment = d.id,
+                            again = new.deployment_id,
+                            "the config moved while it waited: submitted again on the current revision"
+                        );
                         continue;
                     }
                     Err(e) => {
@@ -177,9 +179,10 @@ async fn once(store: &Arc<dyn Store>, submitter: &Submitter, failed: &mut HashMa
             }
             Verdict::Drop(why) => {
                 if store.drop_waiting(d.id, &why, None).await?
-                    && let Some(bus) = &submitter.events {
-                        bus.emit(crate::scheduler::event::Event::DeploymentFinished { deployment: d.id, state: DeploymentState::Cancelled }).await;
-                    }
+                    && let Some(bus) = &submitter.events
+                {
+                    bus.emit(crate::scheduler::event::Event::DeploymentFinished { deployment: d.id, state: DeploymentState::Cancelled }).await;
+                }
             }
             Verdict::Wait(what) => {
                 if hold.waiting_for.as_deref() != Some(what.as_str()) {
@@ -260,7 +263,14 @@ mod tests {
     fn every_gate_must_pass() {
         let mut env = Environment::named("production");
         env.windows = vec![crate::config::Window::parse("mon-fri 09:00-17:00").unwrap()];
-        let mut hold = Hold { approval: true, not_before: MONDAY_NOON + 60_000, window: true, source_environment: Some("staging".into()), source_deployment: Some(3), ..Hold::default() };
+        let mut hold = Hold {
+            approval: true,
+            not_before: MONDAY_NOON + 60_000,
+            window: true,
+            source_environment: Some("staging".into()),
+            source_deployment: Some(3),
+            ..Hold::default()
+        };
         let d = dep("1.4.0");
         let v = evaluate(&d, &hold, Some(&env), MONDAY_NOON, Some("1.4.0"));
         assert_eq!(v, Verdict::Wait("waiting for approval by an approver of production; soak in staging until Mon 12:01:00 UTC (1m00s more)".into()));
@@ -272,7 +282,10 @@ mod tests {
             evaluate(&d, &hold, Some(&env), evening, Some("1.4.0")),
             Verdict::Wait("waiting for the deploy window of production (mon-fri 09:00-17:00 UTC); next opens Tue 09:00:00 UTC".into())
         );
-        assert_eq!(evaluate(&d, &hold, Some(&env), MONDAY_NOON + 60_000, Some("1.5.0")), Verdict::Drop("not promoted: staging no longer runs 1.4.0 (it runs 1.5.0)".into()));
+        assert_eq!(
+            evaluate(&d, &hold, Some(&env), MONDAY_NOON + 60_000, Some("1.5.0")),
+            Verdict::Drop("not promoted: staging no longer runs 1.4.0 (it runs 1.5.0)".into())
+        );
     }
 
     #[test]

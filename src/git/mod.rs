@@ -107,7 +107,10 @@ impl Mirror {
             Ok(r) => r?,
         };
         if out.len() as u64 > MAX_OUTPUT {
-            return Err(GitError::Invalid(format!("git {what}: more than {MAX_OUTPUT} bytes of output; a config directory is at most {} bytes", crate::config::revision::MAX_REVISION_BYTES)));
+            return Err(GitError::Invalid(format!(
+                "git {what}: more than {MAX_OUTPUT} bytes of output; a config directory is at most {} bytes",
+                crate::config::revision::MAX_REVISION_BYTES
+            )));
         }
         if !status.success() {
             // (stderr is read up to 64 KiB: git's messages are short.)
@@ -131,7 +134,12 @@ impl Mirror {
             self.git("init", &["init", "--quiet", "--bare"], Some(&self.dir)).await?;
         }
         let refspec = format!("+refs/heads/{}:{}", self.source.branch, self.remote_ref());
-        self.git(&format!("fetch of {} from {}", self.source.branch, self.source.shown()), &["fetch", "--quiet", "--no-tags", "--", &self.source.url, &refspec], Some(&self.dir)).await?;
+        self.git(
+            &format!("fetch of {} from {}", self.source.branch, self.source.shown()),
+            &["fetch", "--quiet", "--no-tags", "--", &self.source.url, &refspec],
+            Some(&self.dir),
+        )
+        .await?;
         self.resolve(&self.remote_ref()).await
     }
 
@@ -142,10 +150,15 @@ impl Mirror {
             return Err(GitError::Invalid(format!("{rev:?} is not a commit id or branch name")));
         }
         let named = if rev == self.source.branch { self.remote_ref() } else { rev.to_string() };
-        let out = self.git(&format!("rev-parse {rev}"), &["rev-parse", "--verify", "--quiet", "--end-of-options", &format!("{named}^{{commit}}")], Some(&self.dir)).await.map_err(|e| match e {
-            GitError::Failed { .. } => GitError::Invalid(format!("{rev:?} is not a commit of {} (fetched branch {})", self.source.shown(), self.source.branch)),
-            e => e,
-        })?;
+        let out = self
+            .git(&format!("rev-parse {rev}"), &["rev-parse", "--verify", "--quiet", "--end-of-options", &format!("{named}^{{commit}}")], Some(&self.dir))
+            .await
+            .map_err(|e| match e {
+                GitError::Failed { .. } => {
+                    GitError::Invalid(format!("{rev:?} is not a commit of {} (fetched branch {})", self.source.shown(), self.source.branch))
+                }
+                e => e,
+            })?;
         let id = String::from_utf8_lossy(&out).trim().to_string();
         if !valid_commit(&id) {
             return Err(GitError::Invalid(format!("git named {id:?} for {rev:?}")));

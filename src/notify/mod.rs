@@ -80,7 +80,12 @@ pub async fn run(store: Arc<dyn Store>, config_path: PathBuf, mut rx: mpsc::Rece
                 let (environment, commit, errors) = (environment.clone(), commit.clone(), errors.clone());
                 tokio::spawn(async move {
                     let Ok(Ok(loaded)) = tokio::task::spawn_blocking(move || crate::config::load(&path)).await else { return };
-                    for n in loaded.config.notify.into_iter().filter(|n| n.on.iter().any(|o| o == "revision_rejected") && (n.environments.is_empty() || n.environments.contains(&environment))) {
+                    for n in loaded
+                        .config
+                        .notify
+                        .into_iter()
+                        .filter(|n| n.on.iter().any(|o| o == "revision_rejected") && (n.environments.is_empty() || n.environments.contains(&environment)))
+                    {
                         let body = if n.slack {
                             serde_json::json!({ "text": format!(":no_entry: config {} for {environment} was rejected; {environment} stays on its last good revision:\n{}", crate::config::revision::short(&commit), errors.chars().take(1500).collect::<String>()) })
                         } else {

@@ -100,13 +100,7 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 /// Build the plan. `history` maps job names to a typical duration of
 /// their recent successful runs.
-pub fn build(
-    config: &Config,
-    env: &str,
-    selection: &Selection,
-    parallelism: usize,
-    history: &HashMap<String, Duration>,
-) -> Result<Plan, PlanError> {
+pub fn build(config: &Config, env: &str, selection: &Selection, parallelism: usize, history: &HashMap<String, Duration>) -> Result<Plan, PlanError> {
     let envs = config.environment_names();
     if !envs.iter().any(|e| e == env) {
         return Err(PlanError::UnknownEnvironment { env: env.to_string(), known: envs.join(", ") });
@@ -122,9 +116,7 @@ pub fn build(
                 let known: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
                 return Err(PlanError::UnknownService { service: service.clone(), known: none_if_empty(&known) });
             }
-            let r: Vec<usize> = (0..config.jobs.len())
-                .filter(|i| config.jobs[*i].service.as_deref() == Some(service) && in_env(&config.jobs[*i]))
-                .collect();
+            let r: Vec<usize> = (0..config.jobs.len()).filter(|i| config.jobs[*i].service.as_deref() == Some(service) && in_env(&config.jobs[*i])).collect();
             if r.is_empty() {
                 return Err(PlanError::ServiceHasNoJobs { service: service.clone(), env: env.to_string() });
             }
@@ -158,11 +150,7 @@ pub fn build(
         for need in &config.jobs[i].needs {
             if let Some(&d) = index.get(need.as_str()) {
                 if !in_env(&config.jobs[d]) {
-                    return Err(PlanError::NeedNotInEnvironment {
-                        job: config.jobs[i].name.clone(),
-                        need: need.clone(),
-                        env: env.to_string(),
-                    });
+                    return Err(PlanError::NeedNotInEnvironment { job: config.jobs[i].name.clone(), need: need.clone(), env: env.to_string() });
                 }
                 stack.push(d);
             }
@@ -211,12 +199,7 @@ pub fn build(
     let mut finish = vec![Duration::ZERO; jobs.len()];
     let mut prev: Vec<Option<usize>> = vec![None; jobs.len()];
     for p in 0..jobs.len() {
-        let (start, from) = jobs[p]
-            .needs
-            .iter()
-            .map(|d| (finish[*d], Some(*d)))
-            .max_by_key(|(f, _)| *f)
-            .unwrap_or((Duration::ZERO, None));
+        let (start, from) = jobs[p].needs.iter().map(|d| (finish[*d], Some(*d))).max_by_key(|(f, _)| *f).unwrap_or((Duration::ZERO, None));
         finish[p] = start + jobs[p].estimate;
         prev[p] = from;
     }
@@ -312,12 +295,7 @@ impl Plan {
         );
         let critical: BTreeSet<usize> = self.critical_path.iter().copied().collect();
         for (w, members) in self.waves.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "wave {} ({}):",
-                w + 1,
-                if members.len() > 1 { format!("{} jobs in parallel", members.len()) } else { "1 job".to_string() }
-            );
+            let _ = writeln!(out, "wave {} ({}):", w + 1, if members.len() > 1 { format!("{} jobs in parallel", members.len()) } else { "1 job".to_string() });
             for &p in members {
                 let j = &self.jobs[p];
                 let needs: Vec<&str> = j.needs.iter().map(|d| self.jobs[*d].name.as_str()).collect();
@@ -343,11 +321,7 @@ impl Plan {
         } else if self.estimated_from_history == 0 {
             "from timeouts (no past runs recorded): an upper bound".to_string()
         } else {
-            format!(
-                "from recorded durations for {} of {} jobs, timeouts for the rest",
-                self.estimated_from_history,
-                self.jobs.len()
-            )
+            format!("from recorded durations for {} of {} jobs, timeouts for the rest", self.estimated_from_history, self.jobs.len())
         };
         let _ = writeln!(out, "estimated total: {} with parallelism {}, {basis}", format_duration(self.estimated_duration), self.parallelism);
         out

@@ -77,7 +77,8 @@ impl Protected {
 /// docker services, the pinned digests) each environment runs and could
 /// roll back to, and the versions of deployments still queued or running.
 pub fn protected(policy: &Policy, config: &Config, rows: &[ServiceRow], deployments: &[DeploymentRow]) -> Protected {
-    let follows_image = |service: &str| config.services.iter().any(|s| s.name == service && s.follows.as_deref().is_some_and(|f| f.eq_ignore_ascii_case(&policy.image)));
+    let follows_image =
+        |service: &str| config.services.iter().any(|s| s.name == service && s.follows.as_deref().is_some_and(|f| f.eq_ignore_ascii_case(&policy.image)));
     let mut p = Protected::default();
     for row in rows {
         // A docker service pins a digest: what it runs is that digest,
@@ -175,7 +176,12 @@ fn semver(tag: &str) -> Option<(u64, u64, u64, bool, String)> {
 /// semver, then by name. A tag without a date sorts below every dated one.
 pub fn order_newest_first(tags: &mut [TagInfo]) {
     tags.sort_by(|a, b| {
-        b.created.is_some().cmp(&a.created.is_some()).then(b.created.cmp(&a.created)).then_with(|| semver(&b.tag).cmp(&semver(&a.tag))).then_with(|| b.tag.cmp(&a.tag))
+        b.created
+            .is_some()
+            .cmp(&a.created.is_some())
+            .then(b.created.cmp(&a.created))
+            .then_with(|| semver(&b.tag).cmp(&semver(&a.tag)))
+            .then_with(|| b.tag.cmp(&a.tag))
     });
 }
 
@@ -306,7 +312,8 @@ pub async fn run(config: &Config, store: &dyn Store, apply: bool) -> Result<Repo
                 repo.delete.push(d);
                 continue;
             }
-            let spared: Vec<String> = d.tags.iter().flat_map(|t| now.tags.get(t).into_iter().flatten()).chain(now.digests.get(&d.digest).into_iter().flatten()).cloned().collect();
+            let spared: Vec<String> =
+                d.tags.iter().flat_map(|t| now.tags.get(t).into_iter().flatten()).chain(now.digests.get(&d.digest).into_iter().flatten()).cloned().collect();
             if !spared.is_empty() {
                 for t in &d.tags {
                     repo.kept.push(Kept { tag: t.clone(), digest: d.digest.clone(), reasons: spared.clone() });
@@ -387,7 +394,15 @@ mod tests {
 
     #[test]
     fn without_dates_semver_then_name_orders() {
-        let mut tags = vec![t("abc", "1", None), t("1.10.0", "2", None), t("1.9.0", "3", None), t("1.10.0-rc.1", "4", None), t("v2.0.0", "5", None), t("zzz", "6", None), t("0.1.0", "7", Some(5))];
+        let mut tags = vec![
+            t("abc", "1", None),
+            t("1.10.0", "2", None),
+            t("1.9.0", "3", None),
+            t("1.10.0-rc.1", "4", None),
+            t("v2.0.0", "5", None),
+            t("zzz", "6", None),
+            t("0.1.0", "7", Some(5)),
+        ];
         order_newest_first(&mut tags);
         let order: Vec<&str> = tags.iter().map(|t| t.tag.as_str()).collect();
         assert_eq!(order, vec!["0.1.0", "v2.0.0", "1.10.0", "1.10.0-rc.1", "1.9.0", "zzz", "abc"]);
@@ -399,7 +414,14 @@ mod tests {
         assert!(decide(&tags, &Protected::default(), 5).delete.is_empty());
         // Tags outside the filters stay and do not count towards N; one
         // sharing a digest with a followed old tag keeps that digest.
-        let tags = [t("main-1", "m1", Some(9)), t("main-2", "m2", Some(8)), t("1.0.0", "a", Some(1)), t("1.1.0", "b", Some(2)), t("1.2.0", "c", Some(3)), t("latest", "a", Some(1))];
+        let tags = [
+            t("main-1", "m1", Some(9)),
+            t("main-2", "m2", Some(8)),
+            t("1.0.0", "a", Some(1)),
+            t("1.1.0", "b", Some(2)),
+            t("1.2.0", "c", Some(3)),
+            t("latest", "a", Some(1)),
+        ];
         let mut p = Protected::default();
         for o in ["main-1", "main-2", "latest"] {
             p.outside.insert(o.into(), "outside".into());
@@ -409,7 +431,8 @@ mod tests {
         let kept: Vec<&str> = d.kept.iter().map(|k| k.tag.as_str()).collect();
         assert_eq!(kept, ["main-1", "main-2", "1.2.0", "1.0.0", "latest"]);
         assert_eq!(decide(&[], &Protected::default(), 1), Decision::default());
-        let odd = [t("", "", None), t("1..2", "x", Some(i64::MIN)), t("v", "x", Some(i64::MAX)), t("1.2.3.4", "y", None), t("99999999999999999999.0.0", "z", None)];
+        let odd =
+            [t("", "", None), t("1..2", "x", Some(i64::MIN)), t("v", "x", Some(i64::MAX)), t("1.2.3.4", "y", None), t("99999999999999999999.0.0", "z", None)];
         let d = decide(&odd, &Protected::default(), 1);
         assert_eq!(d.kept.len() + d.delete.iter().map(|d| d.tags.len()).sum::<usize>(), odd.len());
     }
@@ -450,14 +473,19 @@ follows = "reg.example.org/team/other"
         let p = policies(&config());
         assert_eq!(p.len(), 2);
         assert_eq!((p[0].image.as_str(), p[0].keep), ("reg.example.org/team/shop", 2));
-        assert_eq!((p[1].image.as_str(), p[1].keep, p[1].services.clone()), ("reg.example.org/team/worker", 5, vec!["worker".to_string(), "worker-b".to_string()]));
+        assert_eq!(
+            (p[1].image.as_str(), p[1].keep, p[1].services.clone()),
+            ("reg.example.org/team/worker", 5, vec!["worker".to_string(), "worker-b".to_string()])
+        );
     }
 
     #[test]
     fn only_tags_outside_every_services_filter_are_outside() {
         let tags = [t("1.0.0", "a", None), t("main-7", "b", None), t("rc-1", "c", None), t("latest", "d", None)];
         let text = |b_tags: &str| {
-            format!("[[service]]\nname = \"a\"\nfollows = \"reg.example.org/w\"\ntags = \"semver\"\nkeep_tags = 1\n[[service]]\nname = \"b\"\nfollows = \"reg.example.org/w\"\n{b_tags}\n")
+            format!(
+                "[[service]]\nname = \"a\"\nfollows = \"reg.example.org/w\"\ntags = \"semver\"\nkeep_tags = 1\n[[service]]\nname = \"b\"\nfollows = \"reg.example.org/w\"\n{b_tags}\n"
+            )
         };
         let outside = |text: String| {
             let config = crate::config::parse("slipway.toml", &text).expect("valid");
@@ -491,7 +519,8 @@ follows = "reg.example.org/team/other"
         let c = config();
         let ps = policies(&c);
         // A docker service's spec as a deploy records it.
-        let spec = c.services.iter().find(|s| s.name == "shop").and_then(|s| s.spec.clone()).map(|s| crate::store::spec::encode_service(&s)).expect("shop is managed");
+        let spec =
+            c.services.iter().find(|s| s.name == "shop").and_then(|s| s.spec.clone()).map(|s| crate::store::spec::encode_service(&s)).expect("shop is managed");
         let rows = vec![
             row("production", "shop", "1.0.0", Some("0.9.0"), spec, Some("aa"), Some("bb")),
             row("staging", "worker", "2.0.0", Some("1.9.0"), "{}".into(), Some("tarball-checksum"), None),
@@ -514,7 +543,8 @@ follows = "reg.example.org/team/other"
             started_at: None,
             finished_at: None,
         };
-        let deps = vec![dep(7, crate::store::DeploymentState::Queued, "worker-b", "1.5.0"), dep(8, crate::store::DeploymentState::Succeeded, "worker", "1.4.0")];
+        let deps =
+            vec![dep(7, crate::store::DeploymentState::Queued, "worker-b", "1.5.0"), dep(8, crate::store::DeploymentState::Succeeded, "worker", "1.4.0")];
         let shop = protected(&ps[0], &c, &rows, &deps);
         assert_eq!(shop.tags.keys().collect::<Vec<_>>(), vec!["0.1.0", "0.9.0", "1.0.0"]);
         assert!(shop.tags["1.0.0"].contains("production runs it"));

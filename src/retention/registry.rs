@@ -80,7 +80,9 @@ fn repository(image: &str) -> Result<String, RetentionError> {
     };
     // The path goes into URLs: only the registry's own grammar passes.
     let ok = !path.is_empty()
-        && path.split('/').all(|c| !c.is_empty() && c != "." && c != ".." && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')));
+        && path.split('/').all(|c| {
+            !c.is_empty() && c != "." && c != ".." && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+        });
     if ok { Ok(path) } else { Err(RetentionError::BadImage { image: image.to_string(), detail: "not a lower-case registry/repository name".into() }) }
 }
 
@@ -128,7 +130,8 @@ impl RegistryClient {
         };
         let api = if host == "docker.io" { "registry-1.docker.io" } else { host.as_str() };
         let scheme = if loopback(&host) { "http" } else { "https" };
-        let http = crate::http::client(|b| b.timeout(REQUEST_TIMEOUT).connect_timeout(CONNECT_TIMEOUT)).map_err(|e| RetentionError::Unreachable { host: host.clone(), detail: crate::service::error_chain(&e) })?;
+        let http = crate::http::client(|b| b.timeout(REQUEST_TIMEOUT).connect_timeout(CONNECT_TIMEOUT))
+            .map_err(|e| RetentionError::Unreachable { host: host.clone(), detail: crate::service::error_chain(&e) })?;
         Ok(RegistryClient { http, base: format!("{scheme}://{api}"), host, creds, bearer: tokio::sync::Mutex::new(None) })
     }
 
@@ -177,19 +180,36 @@ impl RegistryClient {
     async fn fetch_token(&self, c: &HashMap<String, String>) -> Result<(), RetentionError> {
         let realm = c.get("realm").cloned().unwrap_or_default();
         if !(realm.starts_with("https://") || (realm.starts_with("http://") && loopback(realm.trim_start_matches("http://").split('/').next().unwrap_or("")))) {
-            return Err(RetentionError::Invalid { host: self.host.clone(), what: "in its auth challenge".into(), detail: "a token service that is not https".into() });
+            return Err(RetentionError::Invalid {
+                host: self.host.clone(),
+                what: "in its auth challenge".into(),
+                detail: "a token service that is not https".into(),
+            });
         }
         let query: Vec<(&str, &str)> = ["service", "scope"].into_iter().filter_map(|k| c.get(k).map(|v| (k, v.as_str()))).collect();
-        let url = reqwest::Url::parse_with_params(&realm, &query).map_err(|e| RetentionError::Invalid { host: self.host.clone(), what: "in its auth challenge".into(), detail: e.to_string() })?;
+        let url = reqwest::Url::parse_with_params(&realm, &query).map_err(|e| RetentionError::Invalid {
+            host: self.host.clone(),
+            what: "in its auth challenge".into(),
+            detail: e.to_string(),
+        })?;
         let mut req = self.http.get(url);
         if let Some(Credentials { username: Some(u), password: Some(p), .. }) = &self.creds {
             req = req.basic_auth(u, Some(p.expose()));
         }
         let resp = req.send().await.map_err(|e| self.unreachable(e))?;
         if !resp.status().is_success() {
-            return Err(RetentionError::Refused { host: self.host.clone(), who: self.who(), status: resp.status().as_u16(), what: "at its token service".into() });
+            return Err(RetentionError::Refused {
+                host: self.host.clone(),
+                who: self.who(),
+                status: resp.status().as_u16(),
+                what: "at its token service".into(),
+            });
         }
-        let v: serde_json::Value = serde_json::from_slice(&self.body(resp, "from its token service").await?).map_err(|e| RetentionError::Invalid { host: self.host.clone(), what: "from its token service".into(), detail: e.to_string() })?;
+        let v: serde_json::Value = serde_json::from_slice(&self.body(resp, "from its token service").await?).map_err(|e| RetentionError::Invalid {
+            host: self.host.clone(),
+            what: "from its token service".into(),
+            detail: e.to_string(),
+        })?;
         let token = v.get("token").or_else(|| v.get("access_token")).and_then(|t| t.as_str()).filter(|t| !t.is_empty());
         match token {
             Some(t) => {
@@ -258,7 +278,9 @@ impl RegistryClient {
                     Some(t) if valid_tag(t) => tags.push(t.to_string()),
                     // Not deleting what one cannot name safely is not
                     // enough: its digest might be shared. Stop here.
-                    other => return Err(RetentionError::Invalid { host: self.host.clone(), what, detail: format!("a tag that is not a valid tag name: {other:?}") }),
+                    other => {
+                        return Err(RetentionError::Invalid { host: self.host.clone(), what, detail: format!("a tag that is not a valid tag name: {other:?}") });
+                    }
                 }
             }
             match next {
@@ -301,7 +323,11 @@ impl RegistryClient {
             return Err(self.status_error(resp, what).await);
         }
         let v = self.json(&self.body(resp, &what).await?, &what)?;
-        Ok(v.get("created").and_then(|c| c.as_str()).and_then(|c| humantime::parse_rfc3339_weak(c).ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis().min(i64::MAX as u128) as i64))
+        Ok(v.get("created")
+            .and_then(|c| c.as_str())
+            .and_then(|c| humantime::parse_rfc3339_weak(c).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis().min(i64::MAX as u128) as i64))
     }
 
     /// A tag's digest and date. `None` for a tag whose manifest is gone.
@@ -330,10 +356,13 @@ impl RegistryClient {
         let tags = self.tags(image).await?;
         // Owned arguments: a borrowing closure here makes the future not
         // `Send` for the API's spawned task.
-        let lookups: Vec<_> = tags.into_iter().map(|t| {
-            let repo = repo.clone();
-            async move { self.resolve(&repo, &t).await }
-        }).collect();
+        let lookups: Vec<_> = tags
+            .into_iter()
+            .map(|t| {
+                let repo = repo.clone();
+                async move { self.resolve(&repo, &t).await }
+            })
+            .collect();
         let results: Vec<Result<Option<TagInfo>, RetentionError>> = futures_util::stream::iter(lookups).buffered(PARALLEL).collect().await;
         let mut out = Vec::new();
         for r in results {
@@ -419,7 +448,10 @@ mod tests {
     #[test]
     fn bearer_challenges_are_read() {
         let mut h = HeaderMap::new();
-        h.insert(WWW_AUTHENTICATE, "Bearer realm=\"https://auth.example.org/token\",service=\"reg\",scope=\"repository:team/web:pull,delete\"".parse().unwrap());
+        h.insert(
+            WWW_AUTHENTICATE,
+            "Bearer realm=\"https://auth.example.org/token\",service=\"reg\",scope=\"repository:team/web:pull,delete\"".parse().unwrap(),
+        );
         let c = challenge(&h).unwrap();
         assert_eq!(c["realm"], "https://auth.example.org/token");
         assert_eq!(c["service"], "reg");

@@ -12,7 +12,10 @@ use crate::store::{DeploymentState, Millis, Outcome};
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    DeploymentStarted { deployment: i64, node: String },
+    DeploymentStarted {
+        deployment: i64,
+        node: String,
+    },
     JobStarted {
         deployment: i64,
         job_id: i64,
@@ -24,7 +27,14 @@ pub enum Event {
         /// From the event's acceptance to this start.
         since_event: Duration,
     },
-    JobOutput { deployment: i64, job_id: i64, attempt: i64, ts: Millis, stream: &'static str, line: String },
+    JobOutput {
+        deployment: i64,
+        job_id: i64,
+        attempt: i64,
+        ts: Millis,
+        stream: &'static str,
+        line: String,
+    },
     JobFinished {
         deployment: i64,
         job_id: i64,
@@ -36,13 +46,22 @@ pub enum Event {
         /// Another attempt follows after this delay.
         retry_in: Option<Duration>,
     },
-    DeploymentFinished { deployment: i64, state: DeploymentState },
+    DeploymentFinished {
+        deployment: i64,
+        state: DeploymentState,
+    },
     /// Not from the scheduler: a deployment stored `waiting` for an
     /// approval (the submitter reports it).
-    DeploymentWaiting { deployment: i64 },
+    DeploymentWaiting {
+        deployment: i64,
+    },
     /// Not from the scheduler: a commit of an environment's config branch
     /// failed validation; the environment stays on its last good one.
-    RevisionRejected { environment: String, commit: String, errors: String },
+    RevisionRejected {
+        environment: String,
+        commit: String,
+        errors: String,
+    },
 }
 
 /// Fan-out to every consumer. Channels are bounded and sends wait, so a

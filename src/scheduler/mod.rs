@@ -26,8 +26,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::revision;
-use crate::store::{ArtifactKind, ClaimedJob, FinishEffect, FinishedAttempt, Outcome, Store, StoreError, now_ms};
 use crate::service::{RolloutRequest, ServiceManager};
+use crate::store::{ArtifactKind, ClaimedJob, FinishEffect, FinishedAttempt, Outcome, Store, StoreError, now_ms};
 use crate::target::{JobRequest, RunResult, Stream, Target};
 use event::{Event, EventBus};
 
@@ -613,14 +613,8 @@ impl Scheduler {
                 since_event: Duration::from_millis((started_at - job.event_at).max(0) as u64),
             })
             .await;
-        let note = |line: String| Event::JobOutput {
-            deployment: job.deployment_id,
-            job_id: job.job_id,
-            attempt: job.attempt,
-            ts: now_ms(),
-            stream: "slipway",
-            line,
-        };
+        let note =
+            |line: String| Event::JobOutput { deployment: job.deployment_id, job_id: job.job_id, attempt: job.attempt, ts: now_ms(), stream: "slipway", line };
         // The secrets this job is given: masked in everything kept of it.
         let redactor = redactor_for(&job.spec);
         // A retry never starts beside what this host still runs of an
@@ -631,7 +625,12 @@ impl Scheduler {
             let within = Duration::from_millis(job.spec.timeout_ms.saturating_add(job.spec.kill_grace_ms)).saturating_add(self.cfg.lease);
             let ended = self.target.end_earlier_attempts(job.deployment_id, &job.name, job.attempt, within, &cancel).await;
             if let Ok(n @ 1..) = ended {
-                self.events.emit(note(format!("[slipway] {n} processes of an earlier attempt were still running on this host; attempt {} started once they were gone", job.attempt))).await;
+                self.events
+                    .emit(note(format!(
+                        "[slipway] {n} processes of an earlier attempt were still running on this host; attempt {} started once they were gone",
+                        job.attempt
+                    )))
+                    .await;
             }
             ended.err()
         } else {
@@ -645,7 +644,8 @@ impl Scheduler {
                 // unpacked release (fetched by the job before them).
                 let cache = self.cfg.work_dir.parent().unwrap_or(&self.cfg.work_dir).join("artifacts");
                 // (Only tarballs unpack; a container image stays in its engine.)
-                let artifact_dir = job.spec.artifact.as_ref().filter(|a| a.kind == ArtifactKind::Tarball).map(|a| crate::service::artifact::dir_for(&cache, &a.sha256));
+                let artifact_dir =
+                    job.spec.artifact.as_ref().filter(|a| a.kind == ArtifactKind::Tarball).map(|a| crate::service::artifact::dir_for(&cache, &a.sha256));
                 let workdir = match (&job.spec.command, &artifact_dir) {
                     (crate::config::Command::Fetch(_), _) | (_, None) => revision_dir,
                     (_, Some(d)) => d.clone(),
@@ -754,10 +754,9 @@ impl Scheduler {
         };
         let stop = why.get().copied();
         let (outcome, reason) = match (stop, result.outcome) {
-            (Some(StopReason::Shutdown), Outcome::Cancelled) => (
-                Outcome::Interrupted,
-                Some(format!("interrupted: node {} shut down while the job ran", self.cfg.node_id)),
-            ),
+            (Some(StopReason::Shutdown), Outcome::Cancelled) => {
+                (Outcome::Interrupted, Some(format!("interrupted: node {} shut down while the job ran", self.cfg.node_id)))
+            }
             (Some(StopReason::DeploymentCancelled), Outcome::Cancelled) => (Outcome::Cancelled, Some("deployment cancelled while the job ran".into())),
             (_, o) => (o, result.reason.as_deref().map(|r| redactor.redact(r))),
         };
@@ -885,7 +884,10 @@ impl Scheduler {
             if dropped_lines > 0 || kept + size > max {
                 if dropped_lines == 0 {
                     self.events
-                        .emit(ev("slipway", format!("[slipway] output truncated: this attempt reached max_log_bytes ({max} bytes); further output is counted, not kept")))
+                        .emit(ev(
+                            "slipway",
+                            format!("[slipway] output truncated: this attempt reached max_log_bytes ({max} bytes); further output is counted, not kept"),
+                        ))
                         .await;
                 }
                 dropped_lines += 1;

@@ -114,7 +114,11 @@ async fn download(client: &reqwest::Client, url: &str, tmp: &Path) -> Result<(u6
     if !status.is_success() {
         let what = format!("HTTP {status}");
         // 408 and 429 say "try later"; other 4xx will not change.
-        return Err(if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 { TryError::Transient(what) } else { TryError::Final(what) });
+        return Err(if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
+            TryError::Transient(what)
+        } else {
+            TryError::Final(what)
+        });
     }
     let mut file = std::fs::File::create(tmp).map_err(|e| TryError::Final(format!("cannot write {}: {e}", tmp.display())))?;
     let mut hasher = Sha256::new();

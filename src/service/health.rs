@@ -52,7 +52,8 @@ pub async fn check_once(
                 Err(_) => Err(format!("{program}: no answer within {}", humantime::format_duration(spec.timeout))),
                 Ok(Err(e)) => Err(format!("cannot run {program:?}: {e}")),
                 Ok(Ok(out)) => {
-                    let text = String::from_utf8_lossy(if out.stdout.is_empty() { &out.stderr } else { &out.stdout }).trim().chars().take(200).collect::<String>();
+                    let text =
+                        String::from_utf8_lossy(if out.stdout.is_empty() { &out.stderr } else { &out.stdout }).trim().chars().take(200).collect::<String>();
                     if out.status.success() { Ok(format!("{program} → ok {text:?}")) } else { Err(format!("{program} → {} {text:?}", out.status)) }
                 }
             }

@@ -267,7 +267,14 @@ impl ServiceManager {
 
     /// Start `count` instances of `g` and wait until all are healthy. On
     /// any failure every one of them is stopped and the error says why.
-    async fn start_healthy(&self, environment: &str, g: &Generation, count: usize, say: &Say<'_>, cancel: &CancellationToken) -> Result<Vec<Arc<dyn Instance>>, String> {
+    async fn start_healthy(
+        &self,
+        environment: &str,
+        g: &Generation,
+        count: usize,
+        say: &Say<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Arc<dyn Instance>>, String> {
         // Started side by side: creating a container is most of a
         // rollout's time on the docker target.
         let results = futures_util::future::join_all((0..count).map(|_| self.start_one(environment, g))).await;
@@ -369,7 +376,14 @@ impl ServiceManager {
             Err(e) => return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
         };
         let mut state = m.state.lock().await;
-        let new = Generation { sha256: req.sha256.clone(), version: req.version.clone(), spec: req.spec.clone(), workdir: req.workdir.clone(), revision: req.revision.clone(), deployment_id: req.deployment_id };
+        let new = Generation {
+            sha256: req.sha256.clone(),
+            version: req.version.clone(),
+            spec: req.spec.clone(),
+            workdir: req.workdir.clone(),
+            revision: req.revision.clone(),
+            deployment_id: req.deployment_id,
+        };
         let n = new.spec.instances as usize;
         let old_gen = state.current.clone();
         let old: Vec<Arc<dyn Instance>> = std::mem::take(&mut state.instances);
@@ -398,7 +412,9 @@ impl ServiceManager {
         .await;
         let result = match new.spec.rollout.strategy {
             Strategy::BlueGreen => self.blue_green(&env, &m.proxy, &new, &old, &say, &cancel).await,
-            Strategy::Rolling { max_surge, max_unavailable } => self.rolling(&env, &m.proxy, &new, old.clone(), max_surge as usize, max_unavailable as usize, &say, &cancel).await,
+            Strategy::Rolling { max_surge, max_unavailable } => {
+                self.rolling(&env, &m.proxy, &new, old.clone(), max_surge as usize, max_unavailable as usize, &say, &cancel).await
+            }
         };
         let mut new_instances = match result {
             Ok(instances) => instances,
@@ -442,7 +458,10 @@ impl ServiceManager {
             return RunResult {
                 outcome: Outcome::Failed,
                 exit_code: None,
-                reason: Some(format!("{} serves {}, but {why}: a restart of this node would bring back the version recorded before", new.spec.name, new.version)),
+                reason: Some(format!(
+                    "{} serves {}, but {why}: a restart of this node would bring back the version recorded before",
+                    new.spec.name, new.version
+                )),
             };
         }
         state.instances = new_instances;
@@ -640,11 +659,23 @@ impl ServiceManager {
                     m.proxy.set_backends(state.instances.iter().map(|i| i.addr()).collect());
                     let restarts = state.restarts;
                     drop(state);
-                    self.note(&env, &g.spec.name, "restarted", format!("{} {} restarted as {} ({restarts} restarts since the last rollout)", g.spec.name, g.version, started.join(", "))).await;
+                    self.note(
+                        &env,
+                        &g.spec.name,
+                        "restarted",
+                        format!("{} {} restarted as {} ({restarts} restarts since the last rollout)", g.spec.name, g.version, started.join(", ")),
+                    )
+                    .await;
                 }
                 Err(e) => {
                     drop(state);
-                    self.note(&env, &g.spec.name, "restart_failed", format!("restarting {} {} failed: {e}; next try in {}", g.spec.name, g.version, humantime::format_duration(backoff))).await;
+                    self.note(
+                        &env,
+                        &g.spec.name,
+                        "restart_failed",
+                        format!("restarting {} {} failed: {e}; next try in {}", g.spec.name, g.version, humantime::format_duration(backoff)),
+                    )
+                    .await;
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -700,7 +731,14 @@ impl ServiceManager {
                     continue;
                 }
             };
-            let g = Generation { sha256: row.sha256.clone(), version: row.version.clone(), spec: spec.clone(), workdir: dir, revision: row.revision.clone(), deployment_id: row.deployment_id };
+            let g = Generation {
+                sha256: row.sha256.clone(),
+                version: row.version.clone(),
+                spec: spec.clone(),
+                workdir: dir,
+                revision: row.revision.clone(),
+                deployment_id: row.deployment_id,
+            };
             let mut state = m.state.lock().await;
             // Instances of the recorded version that a dead Slipway left
             // running are kept (once healthy) instead of replaced.
@@ -714,14 +752,26 @@ impl ServiceManager {
                     let n = instances.len();
                     state.instances = instances;
                     let how = if kept > 0 { format!(" ({kept} adopted from the Slipway that ran them before)") } else { String::new() };
-                    self.note(&row.environment, &row.service, "restored", format!("{} {} restored on {n} instance(s) behind {}{how}", row.service, row.version, spec.listen)).await;
+                    self.note(
+                        &row.environment,
+                        &row.service,
+                        "restored",
+                        format!("{} {} restored on {n} instance(s) behind {}{how}", row.service, row.version, spec.listen),
+                    )
+                    .await;
                 }
                 Err(e) => {
                     // What was adopted healthy keeps serving; the
                     // supervisor starts the rest.
                     m.proxy.set_backends(adopted.iter().map(|i| i.addr()).collect());
                     state.instances = adopted;
-                    self.note(&row.environment, &row.service, "restore_failed", format!("cannot restore {} {} fully ({kept} adopted): {e}; the supervisor keeps trying", row.service, row.version)).await;
+                    self.note(
+                        &row.environment,
+                        &row.service,
+                        "restore_failed",
+                        format!("cannot restore {} {} fully ({kept} adopted): {e}; the supervisor keeps trying", row.service, row.version),
+                    )
+                    .await;
                 }
             }
             state.current = Some(g);

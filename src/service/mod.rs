@@ -5,11 +5,11 @@
 //!   move traffic by swapping its backend set.
 //! - `ports`: host ports for instances, never handed out twice while in use.
 
-pub mod proxy;
 pub mod artifact;
 pub mod health;
 pub mod manager;
 mod ports;
+pub mod proxy;
 
 pub use manager::{RolloutRequest, ServiceManager};
 

@@ -91,15 +91,9 @@ pub enum ProxyError {
 /// The OS's reason, and what to do about it.
 fn bind_reason(e: &io::Error) -> String {
     match e.kind() {
-        io::ErrorKind::AddrInUse => {
-            "Address already in use (another process holds the port; pick another `listen` for the service)".into()
-        }
-        io::ErrorKind::PermissionDenied => {
-            "Permission denied (ports below 1024 need privileges; pick a higher port for the service's `listen`)".into()
-        }
-        io::ErrorKind::AddrNotAvailable => {
-            "Address not available (no interface of this machine has that IP; check the service's `listen`)".into()
-        }
+        io::ErrorKind::AddrInUse => "Address already in use (another process holds the port; pick another `listen` for the service)".into(),
+        io::ErrorKind::PermissionDenied => "Permission denied (ports below 1024 need privileges; pick a higher port for the service's `listen`)".into(),
+        io::ErrorKind::AddrNotAvailable => "Address not available (no interface of this machine has that IP; check the service's `listen`)".into(),
         _ => e.to_string(),
     }
 }
@@ -135,11 +129,7 @@ pub struct Proxy {
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy")
-            .field("service", &self.inner.service)
-            .field("local_addr", &self.inner.local_addr)
-            .field("backends", &self.backends())
-            .finish()
+        f.debug_struct("Proxy").field("service", &self.inner.service).field("local_addr", &self.inner.local_addr).field("backends", &self.backends()).finish()
     }
 }
 
@@ -177,12 +167,7 @@ impl Proxy {
     }
 
     /// [`Proxy::bind`] with other timeouts.
-    pub async fn bind_with(
-        service: &str,
-        addr: SocketAddr,
-        shutdown: CancellationToken,
-        options: ProxyOptions,
-    ) -> Result<Proxy, ProxyError> {
+    pub async fn bind_with(service: &str, addr: SocketAddr, shutdown: CancellationToken, options: ProxyOptions) -> Result<Proxy, ProxyError> {
         let bind_err = |source| ProxyError::Bind { service: service.to_string(), addr, source };
         let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
@@ -190,10 +175,7 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(options.connect_timeout));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE_TIMEOUT).pool_timer(TokioTimer::new()).build(connector);
 
         let (life, _) = watch::channel(Life { listening: true, connections: 0 });
         let inner = Arc::new(Inner {
@@ -238,10 +220,7 @@ impl Proxy {
 
     /// Counters since start: requests served, and requests the proxy itself answered with an error (502/503/504).
     pub fn stats(&self) -> ProxyStats {
-        ProxyStats {
-            requests: self.inner.requests.load(Ordering::Relaxed),
-            errors: self.inner.errors.load(Ordering::Relaxed),
-        }
+        ProxyStats { requests: self.inner.requests.load(Ordering::Relaxed), errors: self.inner.errors.load(Ordering::Relaxed) }
     }
 
     /// Resolves once shutdown has fired, the listening socket is closed and
@@ -355,12 +334,8 @@ impl RequestBody {
     /// The body for one attempt; `None` once a streamed body was used.
     fn for_attempt(&mut self) -> Option<ProxyBody> {
         match self {
-            RequestBody::Buffered { data, trailers: None } if data.is_empty() => {
-                Some(Empty::new().map_err(|never| match never {}).boxed_unsync())
-            }
-            RequestBody::Buffered { data, trailers: None } => {
-                Some(Full::new(data.clone()).map_err(|never| match never {}).boxed_unsync())
-            }
+            RequestBody::Buffered { data, trailers: None } if data.is_empty() => Some(Empty::new().map_err(|never| match never {}).boxed_unsync()),
+            RequestBody::Buffered { data, trailers: None } => Some(Full::new(data.clone()).map_err(|never| match never {}).boxed_unsync()),
             RequestBody::Buffered { data, trailers: Some(t) } => {
                 let frames = vec![Ok::<_, BoxError>(Frame::data(data.clone())), Ok(Frame::trailers(t.clone()))];
                 Some(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync())
@@ -466,11 +441,7 @@ impl Inner {
                     tracing::warn!(service = %self.service, %backend, timeout = ?self.options.response_timeout, "instance did not answer in time");
                     return plain(
                         StatusCode::GATEWAY_TIMEOUT,
-                        format!(
-                            "service {}: instance {backend} did not answer within {}\n",
-                            self.service,
-                            humanize(self.options.response_timeout)
-                        ),
+                        format!("service {}: instance {backend} did not answer within {}\n", self.service, humanize(self.options.response_timeout)),
                     );
                 }
             }
@@ -723,11 +694,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
         this.watch(cx, r)
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         this.watch(cx, r)

@@ -29,10 +29,7 @@ use crate::config::revision::Revision;
 pub type Millis = i64;
 
 pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +54,7 @@ pub enum StoreError {
 impl StoreError {
     pub(crate) fn query(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
         move |e| match e {
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
-                StoreError::Unavailable(format!("{op}: {e}"))
-            }
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => StoreError::Unavailable(format!("{op}: {e}")),
             // A full disk or failing I/O under the store: nothing is wrong
             // with the request, the store cannot write now (503, exit 4),
             // and /healthz says so for a while (see `disk_trouble`).
@@ -94,7 +89,9 @@ fn disk_trouble_of(code: &str) -> Option<&'static str> {
         "53100" => Some("the disk of the PostgreSQL server is full"),
         c if c.starts_with("53") && c.len() == 5 && c != "53300" => Some("the PostgreSQL server is out of resources (disk or memory)"),
         // SQLite's codes are at most 4 digits, SQLSTATEs always 5.
-        c if c.len() < 5 && c.parse::<i32>().is_ok_and(|n| n & 0xff == 10) => Some("an I/O error on the disk holding the SQLite store (is it full or failing?)"),
+        c if c.len() < 5 && c.parse::<i32>().is_ok_and(|n| n & 0xff == 10) => {
+            Some("an I/O error on the disk holding the SQLite store (is it full or failing?)")
+        }
         _ => None,
     }
 }
@@ -814,7 +811,14 @@ mod tests {
         let classify = |code: &'static str| StoreError::query("store revision")(sqlx::Error::Database(Box::new(Coded(code))));
         // SQLITE_FULL, SQLITE_IOERR, SQLITE_IOERR_WRITE (778), _FSYNC (1034);
         // PostgreSQL's disk_full and another class-53 shortage.
-        for (code, says) in [("13", "disk holding the SQLite store is full"), ("10", "I/O error"), ("778", "I/O error"), ("1034", "I/O error"), ("53100", "disk of the PostgreSQL server is full"), ("53200", "out of resources")] {
+        for (code, says) in [
+            ("13", "disk holding the SQLite store is full"),
+            ("10", "I/O error"),
+            ("778", "I/O error"),
+            ("1034", "I/O error"),
+            ("53100", "disk of the PostgreSQL server is full"),
+            ("53200", "out of resources"),
+        ] {
             match classify(code) {
                 StoreError::Unavailable(m) => assert!(m.contains(says) && m.starts_with("store revision: "), "{code}: {m}"),
                 other => panic!("{code}: {other:?}"),

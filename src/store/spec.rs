@@ -448,7 +448,12 @@ impl From<v1::Container> for service::ContainerSpec {
             port: c.port,
             memory_bytes: c.memory_bytes,
             millicpus: c.millicpus,
-            auth: c.auth.map(|a| secret::RegistryAuth { host: a.host, username: a.username, password: a.password.map(Into::into), token: a.token.map(Into::into) }),
+            auth: c.auth.map(|a| secret::RegistryAuth {
+                host: a.host,
+                username: a.username,
+                password: a.password.map(Into::into),
+                token: a.token.map(Into::into),
+            }),
             secret_files: secrets_from(c.secret_files),
         }
     }
@@ -470,18 +475,36 @@ mod tests {
             instances: 3,
             command: vec!["shop".into(), "--port".into(), "{port}".into()],
             env: BTreeMap::from([("MODE".into(), "prod".into())]),
-            health: service::HealthSpec { check: service::HealthCheck::Command { argv: vec!["check".into()] }, interval: Duration::from_millis(250), timeout: Duration::from_secs(2), healthy_after: 2, deadline: Duration::from_secs(30) },
+            health: service::HealthSpec {
+                check: service::HealthCheck::Command { argv: vec!["check".into()] },
+                interval: Duration::from_millis(250),
+                timeout: Duration::from_secs(2),
+                healthy_after: 2,
+                deadline: Duration::from_secs(30),
+            },
             rollout: service::RolloutSpec { strategy: service::Strategy::BlueGreen, drain: Duration::from_secs(1) },
             verify: Some(service::StepSpec { command: vec!["smoke".into()], timeout: Duration::from_secs(5), idempotent: true }),
             stop_grace: Duration::from_secs(9),
-            artifact: Some(service::ArtifactSpec { url: "https://example.invalid/shop-{version}.tar.gz".into(), attempts: 3, timeout: Duration::from_secs(60) }),
+            artifact: Some(service::ArtifactSpec {
+                url: "https://example.invalid/shop-{version}.tar.gz".into(),
+                attempts: 3,
+                timeout: Duration::from_secs(60),
+            }),
             container: Some(service::ContainerSpec {
                 image: "registry.example.invalid/shop".into(),
                 port: 8000,
                 memory_bytes: Some(1 << 26),
                 millicpus: Some(500),
-                auth: Some(secret::RegistryAuth { host: "registry.example.invalid".into(), username: Some("ci".into()), password: Some(secret("registry_password")), token: None }),
-                secret_files: BTreeMap::from([("/run/key".into(), secret::SecretRef { name: "key".into(), source: secret::SecretSource::File("/etc/key".into()) })]),
+                auth: Some(secret::RegistryAuth {
+                    host: "registry.example.invalid".into(),
+                    username: Some("ci".into()),
+                    password: Some(secret("registry_password")),
+                    token: None,
+                }),
+                secret_files: BTreeMap::from([(
+                    "/run/key".into(),
+                    secret::SecretRef { name: "key".into(), source: secret::SecretSource::File("/etc/key".into()) },
+                )]),
             }),
             secrets: BTreeMap::from([("DB_PASSWORD".into(), secret("db"))]),
             listen_in: BTreeMap::from([("staging".into(), "127.0.0.1:8081".parse().expect("addr"))]),
@@ -507,7 +530,10 @@ mod tests {
         let svc = full_service();
         let encoded = encode_service(&svc);
         assert_eq!(decode_service(&encoded).expect("decodes"), svc);
-        let job = super::super::JobSpec { command: config::Command::Rollout(Box::new(svc)), ..super::super::JobSpec::verify(&service::StepSpec { command: vec!["x".into()], timeout: Duration::from_secs(1), idempotent: false }) };
+        let job = super::super::JobSpec {
+            command: config::Command::Rollout(Box::new(svc)),
+            ..super::super::JobSpec::verify(&service::StepSpec { command: vec!["x".into()], timeout: Duration::from_secs(1), idempotent: false })
+        };
         let job_encoded = encode_job(&job).expect("encodes");
         assert_eq!(decode_job(&job_encoded).expect("decodes"), job);
         // The stored shape is a contract with every store already written:

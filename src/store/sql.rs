@@ -8,8 +8,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
 use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 
 use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -161,13 +161,7 @@ impl Inner {
              WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND not_before <= $3 ORDER BY id LIMIT {limit}{skip}) \
              RETURNING id, deployment_id, name, attempt, fence, spec, ready_at"
         );
-        let rows = query_dyn(q)
-            .bind(node)
-            .bind(now + ms(lease))
-            .bind(now)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(StoreError::query(op))?;
+        let rows = query_dyn(q).bind(node).bind(now + ms(lease)).bind(now).fetch_all(&mut *conn).await.map_err(StoreError::query(op))?;
         let mut deps: HashMap<i64, ClaimInfo> = HashMap::new();
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
@@ -182,7 +176,9 @@ impl Inner {
                             .fetch_one(&mut *conn)
                             .await
                             .map_err(StoreError::query(op))?;
-                        let f = || -> std::result::Result<ClaimInfo, sqlx::Error> { Ok((d.try_get(0)?, d.try_get(1)?, d.try_get(2)?, d.try_get(3)?, d.try_get(4)?)) };
+                        let f = || -> std::result::Result<ClaimInfo, sqlx::Error> {
+                            Ok((d.try_get(0)?, d.try_get(1)?, d.try_get(2)?, d.try_get(3)?, d.try_get(4)?))
+                        };
                         let info = f().map_err(StoreError::query(op))?;
                         if let Ok(mut c) = self.claim_info.lock() {
                             if c.len() > 10_000 {
@@ -298,7 +294,13 @@ impl Inner {
 
     /// A failed attempt that will be retried (unless its deployment is
     /// being cancelled, which makes it final). Rare: read, then write.
-    async fn finish_retry_on(&self, tx: &mut sqlx::AnyConnection, done: FinishedAttempt, now: Millis, attempts: &mut Vec<AttemptRecord>) -> Result<(FinishEffect, Option<Final>)> {
+    async fn finish_retry_on(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        done: FinishedAttempt,
+        now: Millis,
+        attempts: &mut Vec<AttemptRecord>,
+    ) -> Result<(FinishEffect, Option<Final>)> {
         let op = "finish job";
         let r = sqlx::query(
             "SELECT j.attempt, j.fence, j.state, d.cancel_requested, j.lease_until FROM jobs j JOIN deployments d ON d.id = j.deployment_id WHERE j.id = $1",
@@ -321,14 +323,16 @@ impl Inner {
             return Box::pin(self.finish_on(tx, FinishedAttempt { retry_at: None, ..done }, attempts)).await;
         }
         attempts.push(AttemptRecord::of(&done, attempt, now));
-        sqlx::query("UPDATE jobs SET state = 'ready', not_before = $1, ready_at = $1, node = NULL, lease_until = NULL, exit_code = $2, reason = $3 WHERE id = $4")
-            .bind(done.retry_at)
-            .bind(done.exit_code.map(i64::from))
-            .bind(done.reason.clone().map(|r| format!("attempt {attempt}: {r}; retrying")))
-            .bind(done.job_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::query(op))?;
+        sqlx::query(
+            "UPDATE jobs SET state = 'ready', not_before = $1, ready_at = $1, node = NULL, lease_until = NULL, exit_code = $2, reason = $3 WHERE id = $4",
+        )
+        .bind(done.retry_at)
+        .bind(done.exit_code.map(i64::from))
+        .bind(done.reason.clone().map(|r| format!("attempt {attempt}: {r}; retrying")))
+        .bind(done.job_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::query(op))?;
         Ok((FinishEffect::default(), None))
     }
 
@@ -345,7 +349,15 @@ impl Inner {
             }
             let mut query = query_dyn(q);
             for a in chunk {
-                query = query.bind(a.job_id).bind(a.attempt).bind(a.node.clone()).bind(a.started_at).bind(a.finished_at).bind(a.outcome).bind(a.exit_code).bind(a.reason.clone());
+                query = query
+                    .bind(a.job_id)
+                    .bind(a.attempt)
+                    .bind(a.node.clone())
+                    .bind(a.started_at)
+                    .bind(a.finished_at)
+                    .bind(a.outcome)
+                    .bind(a.exit_code)
+                    .bind(a.reason.clone());
             }
             query.execute(&mut *tx).await.map_err(StoreError::query("record attempts"))?;
         }
@@ -502,7 +514,6 @@ impl AttemptRecord {
 
 type ClaimInfo = (String, String, Option<String>, Option<String>, i64);
 
-
 /// SQL assembled at run time, only ever from constants in this file
 /// (never from input: values are always bound).
 fn query_dyn(sql: String) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
@@ -525,9 +536,10 @@ impl SqlStore {
                 return Err(StoreError::BadUrl { url: url.into(), reason: "no file path after sqlite://".into() });
             }
             if let Some(parent) = std::path::Path::new(path).parent()
-                && !parent.as_os_str().is_empty() {
-                    std::fs::create_dir_all(parent).map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", parent.display())))?;
-                }
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", parent.display())))?;
+            }
             let opts = AnyPoolOptions::new()
                 // One connection: SQLite has one writer anyway, and this
                 // way no transaction ever meets SQLITE_BUSY half-way.
@@ -560,10 +572,7 @@ impl SqlStore {
                 });
             (Dialect::Postgres, url.to_string(), opts)
         } else {
-            return Err(StoreError::BadUrl {
-                url: redact_url(url),
-                reason: "expected sqlite://PATH or postgres://USER@HOST:PORT/DB".into(),
-            });
+            return Err(StoreError::BadUrl { url: redact_url(url), reason: "expected sqlite://PATH or postgres://USER@HOST:PORT/DB".into() });
         };
         let pool = tokio::time::timeout(Duration::from_secs(15), pool.connect(&conn_url))
             .await
@@ -584,7 +593,6 @@ impl SqlStore {
     async fn migrate(&self) -> Result<()> {
         super::migrate::run(&self.pool, self.dialect).await
     }
-
 }
 
 impl Inner {
@@ -630,10 +638,10 @@ impl Inner {
             "SELECT name, reason, state FROM jobs WHERE deployment_id = $1 AND state IN ('failed', 'rolled_back') \
              ORDER BY CASE WHEN state = 'rolled_back' THEN 0 ELSE 1 END, id",
         )
-            .bind(id)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(StoreError::query("read failed jobs"))?;
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::query("read failed jobs"))?;
         let (final_state, reason) = if cancel != 0 {
             (DeploymentState::Cancelled, Some("cancelled on request".to_string()))
         } else if let Some(first) = failed.first() {
@@ -657,11 +665,7 @@ impl Inner {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::query("finish deployment"))?;
-        sqlx::query("DELETE FROM locks WHERE deployment_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::query("release lock"))?;
+        sqlx::query("DELETE FROM locks WHERE deployment_id = $1").bind(id).execute(&mut *tx).await.map_err(StoreError::query("release lock"))?;
         Ok(Some(final_state))
     }
 }
@@ -680,9 +684,11 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-const DEPLOYMENT_COLUMNS: &str = "id, event_id, kind, environment, service, version, revision, state, reason, superseded_by, cancel_requested, created_at, started_at, finished_at";
+const DEPLOYMENT_COLUMNS: &str =
+    "id, event_id, kind, environment, service, version, revision, state, reason, superseded_by, cancel_requested, created_at, started_at, finished_at";
 
-const HOLD_COLUMNS: &str = "h.approval, h.approved_by, h.approved_at, h.not_before, h.in_window, h.source_environment, h.source_deployment, h.waiting_for, h.requested_by, h.digest";
+const HOLD_COLUMNS: &str =
+    "h.approval, h.approved_by, h.approved_at, h.not_before, h.in_window, h.source_environment, h.source_deployment, h.waiting_for, h.requested_by, h.digest";
 
 fn hold_row(r: &AnyRow) -> Result<Hold> {
     let get = |r: &AnyRow| -> std::result::Result<Hold, sqlx::Error> {
@@ -740,7 +746,9 @@ fn spec_of(s: &str) -> Result<JobSpec> {
 /// than an error that would stop every claim of the node.
 fn spec_or_unreadable(s: &str) -> JobSpec {
     spec_of(s).unwrap_or_else(|e| JobSpec {
-        command: crate::config::Command::Unreadable(format!("this Slipway cannot read the job's stored spec ({e}); it was probably stored by another version: deploy again")),
+        command: crate::config::Command::Unreadable(format!(
+            "this Slipway cannot read the job's stored spec ({e}); it was probably stored by another version: deploy again"
+        )),
         timeout_ms: 1000,
         kill_grace_ms: 1000,
         retry_attempts: 1,
@@ -814,11 +822,7 @@ impl Store for SqlStore {
             // Submits on one lock key in id order = commit order, so a
             // newer deploy always supersedes the older queued ones (and
             // never the reverse) even when webhooks arrive in a burst.
-            sqlx::query("SELECT pg_advisory_xact_lock(7467234, hashtext($1))")
-                .bind(&new.lock_key)
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::query(op))?;
+            sqlx::query("SELECT pg_advisory_xact_lock(7467234, hashtext($1))").bind(&new.lock_key).execute(&mut *tx).await.map_err(StoreError::query(op))?;
         }
         if let Some(ran) = new.only_after {
             // Under the lock key's lock (PostgreSQL) or the one connection
@@ -843,16 +847,14 @@ impl Store for SqlStore {
                 return Ok(Submitted { event_id: 0, deployment_id: 0, duplicate: false, superseded: vec![], busy: true });
             }
         }
-        let inserted = sqlx::query(
-            "INSERT INTO events (key, kind, payload, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING id",
-        )
-        .bind(new.event.key.clone())
-        .bind(&new.event.kind)
-        .bind(&new.event.payload)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(StoreError::query(op))?;
+        let inserted = sqlx::query("INSERT INTO events (key, kind, payload, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING id")
+            .bind(new.event.key.clone())
+            .bind(&new.event.kind)
+            .bind(&new.event.payload)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::query(op))?;
         let Some(row) = inserted else {
             // Seen before: answer with what the first delivery created.
             let row = sqlx::query("SELECT id, deployment_id FROM events WHERE key = $1")
@@ -907,14 +909,14 @@ impl Store for SqlStore {
             .await
             .map_err(StoreError::query(op))?;
             // The reason of a waiting deployment is what it waits for.
-            sqlx::query("UPDATE deployments SET reason = $1 WHERE id = $2").bind(h.waiting_for.clone()).bind(dep_id).execute(&mut *tx).await.map_err(StoreError::query(op))?;
+            sqlx::query("UPDATE deployments SET reason = $1 WHERE id = $2")
+                .bind(h.waiting_for.clone())
+                .bind(dep_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?;
         }
-        sqlx::query("UPDATE events SET deployment_id = $1 WHERE id = $2")
-            .bind(dep_id)
-            .bind(event_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::query(op))?;
+        sqlx::query("UPDATE events SET deployment_id = $1 WHERE id = $2").bind(dep_id).bind(event_id).execute(&mut *tx).await.map_err(StoreError::query(op))?;
         // Many rows per statement: a 1,000-job graph is a few dozen
         // statements, not 3,000. Ids come back matched by name (unique in
         // a deployment): RETURNING promises no order.
@@ -996,15 +998,14 @@ impl Store for SqlStore {
 
     async fn deployments(&self, limit: i64, state: Option<DeploymentState>) -> Result<Vec<DeploymentRow>> {
         let rows = match state {
-            Some(s) => query_dyn(format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE state = $1 ORDER BY id DESC LIMIT $2"))
-                .bind(s.as_str())
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await,
-            None => query_dyn(format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments ORDER BY id DESC LIMIT $1"))
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await,
+            Some(s) => {
+                query_dyn(format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE state = $1 ORDER BY id DESC LIMIT $2"))
+                    .bind(s.as_str())
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await
+            }
+            None => query_dyn(format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments ORDER BY id DESC LIMIT $1")).bind(limit).fetch_all(&self.pool).await,
         }
         .map_err(StoreError::query("list deployments"))?;
         rows.iter().map(deployment_row).collect()
@@ -1106,11 +1107,7 @@ impl Store for SqlStore {
             tx.commit().await.map_err(StoreError::query(op))?;
             return Ok(Some(dep));
         }
-        sqlx::query("UPDATE deployments SET cancel_requested = 1 WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::query(op))?;
+        sqlx::query("UPDATE deployments SET cancel_requested = 1 WHERE id = $1").bind(id).execute(&mut *tx).await.map_err(StoreError::query(op))?;
         sqlx::query("UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 WHERE deployment_id = $2 AND state IN ('pending', 'ready')")
             .bind(now)
             .bind(id)
@@ -1136,10 +1133,12 @@ impl Store for SqlStore {
     async fn holds(&self) -> Result<Vec<(DeploymentRow, Hold)>> {
         let op = "list holds";
         let cols = DEPLOYMENT_COLUMNS.split(", ").map(|c| format!("d.{c}")).collect::<Vec<_>>().join(", ");
-        let rows = query_dyn(format!("SELECT {cols}, {HOLD_COLUMNS} FROM deployments d JOIN holds h ON h.deployment_id = d.id WHERE d.state = 'waiting' ORDER BY d.id"))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::query(op))?;
+        let rows = query_dyn(format!(
+            "SELECT {cols}, {HOLD_COLUMNS} FROM deployments d JOIN holds h ON h.deployment_id = d.id WHERE d.state = 'waiting' ORDER BY d.id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::query(op))?;
         rows.iter().map(|r| Ok((deployment_row(r)?, hold_row(r)?))).collect()
     }
 
@@ -1199,10 +1198,12 @@ impl Store for SqlStore {
     async fn queued_in_windows(&self) -> Result<Vec<(DeploymentRow, Hold)>> {
         let op = "list queued deployments in windows";
         let cols = DEPLOYMENT_COLUMNS.split(", ").map(|c| format!("d.{c}")).collect::<Vec<_>>().join(", ");
-        let rows = query_dyn(format!("SELECT {cols}, {HOLD_COLUMNS} FROM deployments d JOIN holds h ON h.deployment_id = d.id WHERE d.state = 'queued' AND h.in_window = 1 ORDER BY d.id"))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::query(op))?;
+        let rows = query_dyn(format!(
+            "SELECT {cols}, {HOLD_COLUMNS} FROM deployments d JOIN holds h ON h.deployment_id = d.id WHERE d.state = 'queued' AND h.in_window = 1 ORDER BY d.id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::query(op))?;
         rows.iter().map(|r| Ok((deployment_row(r)?, hold_row(r)?))).collect()
     }
 
@@ -1217,7 +1218,12 @@ impl Store for SqlStore {
             .map_err(StoreError::query(op))?
             .rows_affected();
         if n > 0 {
-            sqlx::query("UPDATE holds SET waiting_for = $1 WHERE deployment_id = $2").bind(waiting_for).bind(deployment).execute(&mut *tx).await.map_err(StoreError::query(op))?;
+            sqlx::query("UPDATE holds SET waiting_for = $1 WHERE deployment_id = $2")
+                .bind(waiting_for)
+                .bind(deployment)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::query(op))?;
         }
         tx.commit().await.map_err(StoreError::query(op))?;
         Ok(n > 0)
@@ -1300,14 +1306,15 @@ impl Store for SqlStore {
             // and a start stamped before that finish would look like two
             // deployments of one lock overlapping.
             let now = now_ms();
-            let got = sqlx::query("INSERT INTO locks (key, deployment_id, node, lease_until) VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING key")
-                .bind(&key)
-                .bind(id)
-                .bind(node)
-                .bind(now + ms(lease))
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(StoreError::query(op))?;
+            let got =
+                sqlx::query("INSERT INTO locks (key, deployment_id, node, lease_until) VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING key")
+                    .bind(&key)
+                    .bind(id)
+                    .bind(node)
+                    .bind(now + ms(lease))
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(StoreError::query(op))?;
             if got.is_none() {
                 tx.rollback().await.map_err(StoreError::query(op))?;
                 continue;
@@ -1439,7 +1446,9 @@ impl Store for SqlStore {
     async fn reap_locks(&self, node: &str, lease: Duration) -> Result<u64> {
         let op = "reap locks";
         let now = now_ms();
-        let dropped = query_dyn("DELETE FROM locks WHERE lease_until < $1 AND deployment_id IN (SELECT id FROM deployments WHERE state NOT IN ('queued', 'running'))".to_string())
+        let dropped = query_dyn(
+            "DELETE FROM locks WHERE lease_until < $1 AND deployment_id IN (SELECT id FROM deployments WHERE state NOT IN ('queued', 'running'))".to_string(),
+        )
         .bind(now)
         .execute(&self.pool)
         .await
@@ -1481,13 +1490,15 @@ impl Store for SqlStore {
         let op = "read logs";
         let base = "SELECT l.id, j.name, l.attempt, l.ts, l.stream, l.line FROM logs l JOIN jobs j ON j.id = l.job_id WHERE l.deployment_id = $1 AND l.id > $2";
         let rows = match job {
-            Some(name) => query_dyn(format!("{base} AND j.name = $3 ORDER BY l.id LIMIT $4"))
-                .bind(deployment)
-                .bind(after)
-                .bind(name)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await,
+            Some(name) => {
+                query_dyn(format!("{base} AND j.name = $3 ORDER BY l.id LIMIT $4"))
+                    .bind(deployment)
+                    .bind(after)
+                    .bind(name)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await
+            }
             None => query_dyn(format!("{base} ORDER BY l.id LIMIT $3")).bind(deployment).bind(after).bind(limit).fetch_all(&self.pool).await,
         }
         .map_err(StoreError::query(op))?;
@@ -1638,9 +1649,15 @@ impl Store for SqlStore {
 
     async fn event_by_key(&self, key: &str) -> Result<Option<EventRow>> {
         let op = "read an event by its key";
-        let row = sqlx::query("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE key = $1").bind(key).fetch_optional(&self.pool).await.map_err(StoreError::query(op))?;
+        let row = sqlx::query("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
         row.map(|r| {
-            let f = || -> std::result::Result<EventRow, sqlx::Error> { Ok(EventRow { id: r.try_get(0)?, kind: r.try_get(1)?, payload: r.try_get(2)?, received_at: r.try_get(3)?, deployment_id: r.try_get(4)? }) };
+            let f = || -> std::result::Result<EventRow, sqlx::Error> {
+                Ok(EventRow { id: r.try_get(0)?, kind: r.try_get(1)?, payload: r.try_get(2)?, received_at: r.try_get(3)?, deployment_id: r.try_get(4)? })
+            };
             f().map_err(StoreError::query(op))
         })
         .transpose()
@@ -1656,7 +1673,9 @@ impl Store for SqlStore {
             .map_err(StoreError::query(op))?;
         rows.iter()
             .map(|r| {
-                let f = || -> std::result::Result<EventRow, sqlx::Error> { Ok(EventRow { id: r.try_get(0)?, kind: r.try_get(1)?, payload: r.try_get(2)?, received_at: r.try_get(3)?, deployment_id: r.try_get(4)? }) };
+                let f = || -> std::result::Result<EventRow, sqlx::Error> {
+                    Ok(EventRow { id: r.try_get(0)?, kind: r.try_get(1)?, payload: r.try_get(2)?, received_at: r.try_get(3)?, deployment_id: r.try_get(4)? })
+                };
                 f().map_err(StoreError::query(op))
             })
             .collect()
@@ -1674,7 +1693,9 @@ impl Store for SqlStore {
                 .await
                 .map_err(StoreError::query(op))?;
             for r in &rows {
-                let f = || -> std::result::Result<EventRow, sqlx::Error> { Ok(EventRow { id: r.try_get(0)?, kind: r.try_get(1)?, payload: r.try_get(2)?, received_at: r.try_get(3)?, deployment_id: r.try_get(4)? }) };
+                let f = || -> std::result::Result<EventRow, sqlx::Error> {
+                    Ok(EventRow { id: r.try_get(0)?, kind: r.try_get(1)?, payload: r.try_get(2)?, received_at: r.try_get(3)?, deployment_id: r.try_get(4)? })
+                };
                 let e = f().map_err(StoreError::query(op))?;
                 if e.kind.starts_with(prefix) {
                     out.push(e);
@@ -1700,7 +1721,10 @@ impl Store for SqlStore {
 
     async fn tokens(&self) -> Result<Vec<TokenRow>> {
         let op = "list tokens";
-        let rows = sqlx::query("SELECT name, hash, roles, created_at, revoked_at FROM tokens ORDER BY created_at, name").fetch_all(&self.pool).await.map_err(StoreError::query(op))?;
+        let rows = sqlx::query("SELECT name, hash, roles, created_at, revoked_at FROM tokens ORDER BY created_at, name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query(op))?;
         rows.iter().map(|r| token_row(r).map_err(StoreError::query(op))).collect()
     }
 
@@ -1762,7 +1786,15 @@ impl Store for SqlStore {
             .take(limit.clamp(0, 1000) as usize)
             .map(|r| {
                 let f = || -> std::result::Result<AuditEntry, sqlx::Error> {
-                    Ok(AuditEntry { id: r.try_get(0)?, at: r.try_get(1)?, actor: r.try_get(2)?, address: r.try_get(3)?, action: r.try_get(4)?, detail: r.try_get(5)?, status: r.try_get(6)? })
+                    Ok(AuditEntry {
+                        id: r.try_get(0)?,
+                        at: r.try_get(1)?,
+                        actor: r.try_get(2)?,
+                        address: r.try_get(3)?,
+                        action: r.try_get(4)?,
+                        detail: r.try_get(5)?,
+                        status: r.try_get(6)?,
+                    })
                 };
                 f().map_err(StoreError::query(op))
             })
@@ -1784,12 +1816,14 @@ impl Store for SqlStore {
 
     async fn service_events(&self, environment: &str, service: &str, limit: i64) -> Result<Vec<ServiceEvent>> {
         let op = "list service events";
-        let rows = sqlx::query("SELECT environment, service, at, kind, message FROM service_events WHERE environment = $1 AND service = $2 ORDER BY id DESC LIMIT 1000")
-            .bind(environment)
-            .bind(service)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::query(op))?;
+        let rows = sqlx::query(
+            "SELECT environment, service, at, kind, message FROM service_events WHERE environment = $1 AND service = $2 ORDER BY id DESC LIMIT 1000",
+        )
+        .bind(environment)
+        .bind(service)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::query(op))?;
         rows.iter()
             .take(limit.clamp(0, 1000) as usize)
             .map(|r| {

@@ -113,10 +113,17 @@ impl Submitter {
 
     /// Fetch an environment's branch and decide on its head commit.
     pub async fn check_revision(&self, environment: &str) -> Result<RevisionRecord, SubmitError> {
-        let mirror = self.mirror(environment).await?.ok_or_else(|| SubmitError::Invalid(format!("environment {environment} does not take its config from git")))?;
-        let lock = self.deciding.lock().map(|mut m| m.entry(environment.to_string()).or_default().clone()).map_err(|_| SubmitError::Invalid("a decision panicked".into()))?;
+        let mirror =
+            self.mirror(environment).await?.ok_or_else(|| SubmitError::Invalid(format!("environment {environment} does not take its config from git")))?;
+        let lock = self
+            .deciding
+            .lock()
+            .map(|mut m| m.entry(environment.to_string()).or_default().clone())
+            .map_err(|_| SubmitError::Invalid("a decision panicked".into()))?;
         // Bounded: fetch and checkout have their own timeouts.
-        let _one = tokio::time::timeout(mirror.source.timeout * 3, lock.lock()).await.map_err(|_| SubmitError::Unavailable(format!("another decision on {environment}'s config is taking too long")))?;
+        let _one = tokio::time::timeout(mirror.source.timeout * 3, lock.lock())
+            .await
+            .map_err(|_| SubmitError::Unavailable(format!("another decision on {environment}'s config is taking too long")))?;
         let head = self.fetch(environment, &mirror).await?;
         self.decide_commit(environment, &mirror, &head).await
     }
@@ -128,7 +135,9 @@ impl Submitter {
         if let Ok(mut f) = self.fetch_failures.lock() {
             match &fetched {
                 Ok(_) => f.remove(environment),
-                Err(e) => f.insert(environment.to_string(), FetchFailure { at: crate::store::now_ms(), error: e.to_string(), source: source_of(&mirror.source) }),
+                Err(e) => {
+                    f.insert(environment.to_string(), FetchFailure { at: crate::store::now_ms(), error: e.to_string(), source: source_of(&mirror.source) })
+                }
             };
         }
         fetched.map_err(git_error)
@@ -165,7 +174,12 @@ impl Submitter {
         {
             // Older than what is accepted and no longer the head: a
             // decision that lost a race with a newer commit.
-            return Err(SubmitError::Conflict(format!("{} is older than the accepted {} and not the head of {} any more: nothing to decide", revision::short(commit), revision::short(prev), mirror.source.branch)));
+            return Err(SubmitError::Conflict(format!(
+                "{} is older than the accepted {} and not the head of {} any more: nothing to decide",
+                revision::short(commit),
+                revision::short(prev),
+                mirror.source.branch
+            )));
         }
         let key = key_of("git", &[environment, commit]);
         // Accepting is a compare-and-set on the commit it follows: of two
@@ -199,12 +213,19 @@ impl Submitter {
                 record.state = "rejected".into();
                 record.errors = Some(errors);
                 tracing::warn!(environment, commit, "config revision rejected; the environment stays on {}", previous.as_deref().unwrap_or("no revision"));
-                let (_, seen_before) = self.store.record_event(NewEvent { key: Some(key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() }).await?;
+                let (_, seen_before) = self
+                    .store
+                    .record_event(NewEvent { key: Some(key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() })
+                    .await?;
                 // Once, however many nodes decided it.
-                if !seen_before
-                    && let Some(bus) = &self.events {
-                        bus.emit(crate::scheduler::event::Event::RevisionRejected { environment: environment.to_string(), commit: commit.to_string(), errors: record.errors.clone().unwrap_or_default() }).await;
-                    }
+                if !seen_before && let Some(bus) = &self.events {
+                    bus.emit(crate::scheduler::event::Event::RevisionRejected {
+                        environment: environment.to_string(),
+                        commit: commit.to_string(),
+                        errors: record.errors.clone().unwrap_or_default(),
+                    })
+                    .await;
+                }
                 return Ok(record);
             }
         };
@@ -221,7 +242,11 @@ impl Submitter {
         let source = Source { disk, config, environment: environment.to_string(), revision: None, revision_id: rev.id.clone() };
         let won = if record.jobs.is_empty() {
             // (record_event says whether the key was taken before.)
-            !self.store.record_event(NewEvent { key: Some(successor_key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() }).await?.1
+            !self
+                .store
+                .record_event(NewEvent { key: Some(successor_key), kind: event_kind(environment), payload: serde_json::to_string(&record).unwrap_or_default() })
+                .await?
+                .1
         } else {
             let jobs = record.jobs.iter().map(|t| t.job.clone()).collect();
             // The deployment's event is the record: submit and record are
@@ -252,7 +277,13 @@ impl Submitter {
 
     /// Services the environment runs whose spec differs between the
     /// current accepted commit and `config`.
-    async fn respecified(&self, environment: &str, disk: &config::Config, current: &RevisionRecord, config: &config::Config) -> Result<Vec<String>, SubmitError> {
+    async fn respecified(
+        &self,
+        environment: &str,
+        disk: &config::Config,
+        current: &RevisionRecord,
+        config: &config::Config,
+    ) -> Result<Vec<String>, SubmitError> {
         let Some(old) = self.store.revision(&current.revision).await? else { return Ok(vec![]) };
         let Ok(old) = parse_for(environment, &disk.environment_names(), "previous", &old.config_text) else { return Ok(vec![]) };
         let running = self.store.services().await?;
@@ -284,9 +315,17 @@ impl Submitter {
             }
         };
         for name in services {
-            let Some((pending, hold)) = waiting.iter().filter(|(d, _)| d.environment == environment && d.kind == DeploymentKind::Deploy && d.service.as_deref() == Some(name.as_str())).max_by_key(|(d, _)| d.id) else { continue };
+            let Some((pending, hold)) = waiting
+                .iter()
+                .filter(|(d, _)| d.environment == environment && d.kind == DeploymentKind::Deploy && d.service.as_deref() == Some(name.as_str()))
+                .max_by_key(|(d, _)| d.id)
+            else {
+                continue;
+            };
             match self.resubmit_if_moved(pending, hold).await {
-                Ok(Some(s)) => tracing::info!(environment, service = %name, deployment = s.deployment_id, of = pending.id, "its definition changed: its waiting deploy submitted again on the new revision"),
+                Ok(Some(s)) => {
+                    tracing::info!(environment, service = %name, deployment = s.deployment_id, of = pending.id, "its definition changed: its waiting deploy submitted again on the new revision")
+                }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(environment, service = %name, "waiting deploy {} not submitted again after the definition changed: {e}", pending.id),
             }
@@ -311,14 +350,16 @@ impl Submitter {
             let Some(accepted) = self.accepted_revision(&env.name).await? else { continue };
             // What this node has settled: (service, record, revision) seen
             // in step, or redeployed.
-            let settled = |r: &crate::store::ServiceRow| self.redeployed.lock().map(|d| d.contains(&settled_key(&env.name, r, &accepted.revision))).unwrap_or(false);
+            let settled =
+                |r: &crate::store::ServiceRow| self.redeployed.lock().map(|d| d.contains(&settled_key(&env.name, r, &accepted.revision))).unwrap_or(false);
             let candidates: Vec<&&crate::store::ServiceRow> = here.iter().filter(|r| r.revision != accepted.revision && !settled(r)).collect();
             if candidates.is_empty() {
                 continue;
             }
             let Ok(config) = self.config_for(&env.name).await else { continue };
             for row in candidates {
-                let want = config.services.iter().find(|s| s.name == row.service).and_then(|s| s.spec.as_ref()).map(|s| comparable(&s.for_environment(&env.name)));
+                let want =
+                    config.services.iter().find(|s| s.name == row.service).and_then(|s| s.spec.as_ref()).map(|s| comparable(&s.for_environment(&env.name)));
                 let runs = crate::store::spec::decode_service(&row.spec).ok();
                 let settle = || {
                     if let Ok(mut d) = self.redeployed.lock() {
@@ -356,7 +397,9 @@ impl Submitter {
                         settle();
                     }
                     // An outage passes: tried again next second, quietly.
-                    Err(e @ (SubmitError::Unavailable(_) | SubmitError::Store(_))) => tracing::debug!(environment = %env.name, service = %name, "service not redeployed yet after its definition changed: {e}"),
+                    Err(e @ (SubmitError::Unavailable(_) | SubmitError::Store(_))) => {
+                        tracing::debug!(environment = %env.name, service = %name, "service not redeployed yet after its definition changed: {e}")
+                    }
                     // Anything else would fail the same way each second:
                     // said once, and left until the next commit.
                     Err(e) => {
@@ -371,7 +414,14 @@ impl Submitter {
 
     /// Check out and validate a commit: its config, as a revision whose id
     /// is the commit.
-    async fn check_commit(&self, environment: &str, disk: &config::Config, mirror: &Mirror, commit: &str, dir: &std::path::Path) -> Result<(config::Config, revision::Revision), Checked> {
+    async fn check_commit(
+        &self,
+        environment: &str,
+        disk: &config::Config,
+        mirror: &Mirror,
+        commit: &str,
+        dir: &std::path::Path,
+    ) -> Result<(config::Config, revision::Revision), Checked> {
         let unavailable = |e: String| Checked::Unavailable(e);
         mirror.checkout(commit, dir).await.map_err(|e| match e {
             // A tree too large for a revision is the commit's fault.
@@ -385,16 +435,28 @@ impl Submitter {
         // the rejection report).
         match std::fs::symlink_metadata(&file) {
             Ok(m) if m.file_type().is_file() && m.len() <= MAX_CONFIG_BYTES => {}
-            Ok(m) if m.file_type().is_file() => return Err(Checked::Invalid(format!("{} at {at} is larger than {MAX_CONFIG_BYTES} bytes", config::CONFIG_FILE))),
+            Ok(m) if m.file_type().is_file() => {
+                return Err(Checked::Invalid(format!("{} at {at} is larger than {MAX_CONFIG_BYTES} bytes", config::CONFIG_FILE)));
+            }
             Ok(_) => return Err(Checked::Invalid(format!("{} at {at} is not a regular file (a symlink?)", config::CONFIG_FILE))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Checked::Invalid(format!("no {} at {at}{}", config::CONFIG_FILE, if mirror.source.path.is_empty() { String::new() } else { format!(" in {}/", mirror.source.path) }))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Checked::Invalid(format!(
+                    "no {} at {at}{}",
+                    config::CONFIG_FILE,
+                    if mirror.source.path.is_empty() { String::new() } else { format!(" in {}/", mirror.source.path) }
+                )));
+            }
             Err(e) => return Err(unavailable(format!("cannot read {}: {e}", file.display()))),
         }
         let text = std::fs::read_to_string(&file).map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidData => Checked::Invalid(format!("{} at {at} is not UTF-8", config::CONFIG_FILE)),
             _ => unavailable(format!("cannot read {}: {e}", file.display())),
         })?;
-        let shown = if mirror.source.path.is_empty() { format!("{}@{}", config::CONFIG_FILE, revision::short(commit)) } else { format!("{}/{}@{}", mirror.source.path, config::CONFIG_FILE, revision::short(commit)) };
+        let shown = if mirror.source.path.is_empty() {
+            format!("{}@{}", config::CONFIG_FILE, revision::short(commit))
+        } else {
+            format!("{}/{}@{}", mirror.source.path, config::CONFIG_FILE, revision::short(commit))
+        };
         let config = parse_for(environment, &disk.environment_names(), &shown, &text).map_err(|e| Checked::Invalid(e.render(false)))?;
         let (dir, path) = (dir.to_path_buf(), mirror.source.path.clone());
         let commit = commit.to_string();

@@ -18,11 +18,22 @@ pub mod git;
 pub enum Request {
     /// `digest`: the SHA-256 of the release tarball, for services
     /// deployed from one (required there, refused elsewhere).
-    Deploy { service: String, version: String, environment: Option<String>, digest: Option<String> },
-    Run { jobs: Vec<String>, environment: Option<String> },
+    Deploy {
+        service: String,
+        version: String,
+        environment: Option<String>,
+        digest: Option<String>,
+    },
+    Run {
+        jobs: Vec<String>,
+        environment: Option<String>,
+    },
     /// Back to the version the service ran before its current one: only
     /// its rollout runs (migrations go forward only).
-    Rollback { service: String, environment: Option<String> },
+    Rollback {
+        service: String,
+        environment: Option<String>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +146,17 @@ impl Asked {
             return serde_json::from_value(r).ok().map(|a| (a, false));
         }
         let d = deployment?;
-        Some((Asked { kind: d.kind.as_str().to_string(), environment: d.environment.clone(), service: d.service.clone(), version: d.version.clone(), digest: None, jobs: vec![] }, true))
+        Some((
+            Asked {
+                kind: d.kind.as_str().to_string(),
+                environment: d.environment.clone(),
+                service: d.service.clone(),
+                version: d.version.clone(),
+                digest: None,
+                jobs: vec![],
+            },
+            true,
+        ))
     }
 
     /// Equal, or for an older event's `first` (`legacy`), equal in what
@@ -143,7 +164,10 @@ impl Asked {
     fn same_as(&self, first: &Asked, legacy: bool) -> bool {
         if legacy {
             let kind = if self.kind == "rollback" { "deploy" } else { self.kind.as_str() };
-            return kind == first.kind && self.environment == first.environment && self.service == first.service && (self.kind != "deploy" || self.version == first.version);
+            return kind == first.kind
+                && self.environment == first.environment
+                && self.service == first.service
+                && (self.kind != "deploy" || self.version == first.version);
         }
         self == first
     }
@@ -226,7 +250,23 @@ struct Submission {
 
 impl Submission {
     fn new(selection: Selection, environment: Option<String>, kind: DeploymentKind, key: Option<String>, payload: String) -> Self {
-        Submission { selection, environment, kind, service: None, version: None, digest: None, key, payload, only: None, event_kind: None, source: None, promotion: None, actor: None, approved: None, only_after: None }
+        Submission {
+            selection,
+            environment,
+            kind,
+            service: None,
+            version: None,
+            digest: None,
+            key,
+            payload,
+            only: None,
+            event_kind: None,
+            source: None,
+            promotion: None,
+            actor: None,
+            approved: None,
+            only_after: None,
+        }
     }
 }
 
@@ -239,21 +279,25 @@ impl Submitter {
     /// approve the deployment if it waits for an approval).
     pub async fn submit_by(&self, request: Request, key: Option<String>, payload: String, actor: Option<String>) -> Result<Submitted, SubmitError> {
         if let Some(k) = &key
-            && !valid_key(k) {
-                return Err(SubmitError::Invalid(format!(
-                    "invalid event id {k:?}: use at most 128 letters, digits, '.', '_', '-' or ':'"
-                )));
-            }
+            && !valid_key(k)
+        {
+            return Err(SubmitError::Invalid(format!("invalid event id {k:?}: use at most 128 letters, digits, '.', '_', '-' or ':'")));
+        }
         match request {
             Request::Rollback { service, environment } => {
                 let env = environment.clone();
                 let rows = self.store.services().await?;
-                let row = rows
-                    .into_iter()
-                    .find(|r| r.service == service && env.as_ref().is_none_or(|e| *e == r.environment))
-                    .ok_or_else(|| SubmitError::Invalid(format!("service {service:?} has no recorded version{}: nothing to roll back", env.as_deref().map(|e| format!(" in {e}")).unwrap_or_default())))?;
+                let row = rows.into_iter().find(|r| r.service == service && env.as_ref().is_none_or(|e| *e == r.environment)).ok_or_else(|| {
+                    SubmitError::Invalid(format!(
+                        "service {service:?} has no recorded version{}: nothing to roll back",
+                        env.as_deref().map(|e| format!(" in {e}")).unwrap_or_default()
+                    ))
+                })?;
                 let version = row.previous_version.ok_or_else(|| {
-                    SubmitError::Conflict(format!("service {service:?} in {} has run only {}: there is no earlier version to roll back to", row.environment, row.version))
+                    SubmitError::Conflict(format!(
+                        "service {service:?} in {} has run only {}: there is no earlier version to roll back to",
+                        row.environment, row.version
+                    ))
                 })?;
                 let job = config::service::rollout_job(&service);
                 let mut sub = Submission::new(Selection::Jobs { jobs: vec![job.clone()] }, Some(row.environment), DeploymentKind::Deploy, key, payload);
@@ -290,9 +334,16 @@ impl Submitter {
     /// background redeploy), only if nothing of it is in flight and its
     /// record still names `row`'s deployment; else `busy` and nothing
     /// stored.
-    pub(crate) async fn redeploy_if_idle(&self, row: &crate::store::ServiceRow, digest: Option<String>, key: String, payload: String) -> Result<Submitted, SubmitError> {
+    pub(crate) async fn redeploy_if_idle(
+        &self,
+        row: &crate::store::ServiceRow,
+        digest: Option<String>,
+        key: String,
+        payload: String,
+    ) -> Result<Submitted, SubmitError> {
         check_deploy(&row.service, &row.version)?;
-        let mut sub = Submission::new(Selection::Service { service: row.service.clone() }, Some(row.environment.clone()), DeploymentKind::Deploy, Some(key), payload);
+        let mut sub =
+            Submission::new(Selection::Service { service: row.service.clone() }, Some(row.environment.clone()), DeploymentKind::Deploy, Some(key), payload);
         sub.digest = digest.map(|d| parse_digest(&d)).transpose()?;
         sub.service = Some(row.service.clone());
         sub.version = Some(row.version.clone());
@@ -314,17 +365,25 @@ impl Submitter {
             return Err(SubmitError::Invalid(format!("cannot promote from {from} to itself")));
         }
         let disk = self.config().await?;
-        let target = disk.config.environment(to).ok_or_else(|| SubmitError::Plan(PlanError::UnknownEnvironment { env: to.to_string(), known: disk.config.environment_names().join(", ") }))?;
+        let target = disk
+            .config
+            .environment(to)
+            .ok_or_else(|| SubmitError::Plan(PlanError::UnknownEnvironment { env: to.to_string(), known: disk.config.environment_names().join(", ") }))?;
         if disk.config.environment(from).is_none() {
             return Err(SubmitError::Plan(PlanError::UnknownEnvironment { env: from.to_string(), known: disk.config.environment_names().join(", ") }));
         }
         if let Some(p) = &target.promote_from
-            && p != from {
-                return Err(SubmitError::Invalid(format!("environment {to} promotes from {p}, not from {from}")));
-            }
-        let row = self.store.services().await?.into_iter().find(|r| r.environment == from && r.service == service).ok_or_else(|| {
-            SubmitError::Conflict(format!("service {service:?} has never been deployed to {from}: nothing to promote"))
-        })?;
+            && p != from
+        {
+            return Err(SubmitError::Invalid(format!("environment {to} promotes from {p}, not from {from}")));
+        }
+        let row = self
+            .store
+            .services()
+            .await?
+            .into_iter()
+            .find(|r| r.environment == from && r.service == service)
+            .ok_or_else(|| SubmitError::Conflict(format!("service {service:?} has never been deployed to {from}: nothing to promote")))?;
         let source = self.store.deployment(row.deployment_id).await?;
         let finished = source.as_ref().and_then(|d| d.finished_at).unwrap_or(row.updated_at);
         let soak = if target.promote_from.as_deref() == Some(from) { target.soak } else { std::time::Duration::ZERO };
@@ -343,10 +402,17 @@ impl Submitter {
     async fn current_revision(&self, environment: &str) -> Result<String, SubmitError> {
         let disk = self.config().await?;
         if disk.config.environment(environment).is_some_and(|e| e.git.is_some()) {
-            return self.accepted_revision(environment).await?.map(|r| r.revision).ok_or_else(|| SubmitError::Conflict(format!("environment {environment} has no accepted commit")));
+            return self
+                .accepted_revision(environment)
+                .await?
+                .map(|r| r.revision)
+                .ok_or_else(|| SubmitError::Conflict(format!("environment {environment} has no accepted commit")));
         }
         let (dir, text) = (disk.dir.clone(), disk.text.clone());
-        Ok(tokio::task::spawn_blocking(move || revision::snapshot(&dir, &text)).await.map_err(|e| SubmitError::Invalid(format!("reading the config failed: {e}")))??.id)
+        Ok(tokio::task::spawn_blocking(move || revision::snapshot(&dir, &text))
+            .await
+            .map_err(|e| SubmitError::Invalid(format!("reading the config failed: {e}")))??
+            .id)
     }
 
     /// A waiting deployment about to be released, whose environment's
@@ -369,7 +435,8 @@ impl Submitter {
         let key = Some(key_of("resubmit", &[&d.id.to_string(), &current]));
         let mut sub = match (d.kind, &d.service, &d.version) {
             (DeploymentKind::Deploy, Some(service), Some(version)) => {
-                let mut sub = Submission::new(Selection::Service { service: service.clone() }, Some(d.environment.clone()), DeploymentKind::Deploy, key, payload);
+                let mut sub =
+                    Submission::new(Selection::Service { service: service.clone() }, Some(d.environment.clone()), DeploymentKind::Deploy, key, payload);
                 sub.service = Some(service.clone());
                 sub.version = Some(version.clone());
                 sub.digest = hold.digest.clone();
@@ -396,12 +463,25 @@ impl Submitter {
             self.store.cancel(new.deployment_id).await?;
             return Ok(None);
         }
-        self.store.drop_waiting(d.id, &format!("the config moved to {} before it started: submitted again as deployment {}", revision::short(&current), new.deployment_id), Some(new.deployment_id)).await?;
+        self.store
+            .drop_waiting(
+                d.id,
+                &format!("the config moved to {} before it started: submitted again as deployment {}", revision::short(&current), new.deployment_id),
+                Some(new.deployment_id),
+            )
+            .await?;
         Ok(Some(new))
     }
 
     /// Run `jobs` (exactly those) of an accepted git revision.
-    pub(crate) async fn submit_revision(&self, source: Source, jobs: Vec<String>, key: String, event_kind: String, payload: String) -> Result<Submitted, SubmitError> {
+    pub(crate) async fn submit_revision(
+        &self,
+        source: Source,
+        jobs: Vec<String>,
+        key: String,
+        event_kind: String,
+        payload: String,
+    ) -> Result<Submitted, SubmitError> {
         let mut sub = Submission::new(Selection::Exactly { jobs }, Some(source.environment.clone()), DeploymentKind::Run, Some(key), payload);
         sub.event_kind = Some(event_kind);
         sub.source = Some(source);
@@ -423,8 +503,13 @@ impl Submitter {
                     if git.poll.is_some() { " or wait for the next poll" } else { " (with the webhook set up) or run `slipway revisions check`" }
                 )));
             };
-            let rev = self.store.revision(&accepted.revision).await?.ok_or_else(|| SubmitError::Invalid(format!("revision {} of environment {environment} is not in the store", accepted.revision)))?;
-            let config = parse_for(&environment, &disk.config.environment_names(), &format!("{}@{}", git.shown(), accepted.short()), &rev.config_text).map_err(SubmitError::Config)?;
+            let rev = self
+                .store
+                .revision(&accepted.revision)
+                .await?
+                .ok_or_else(|| SubmitError::Invalid(format!("revision {} of environment {environment} is not in the store", accepted.revision)))?;
+            let config = parse_for(&environment, &disk.config.environment_names(), &format!("{}@{}", git.shown(), accepted.short()), &rev.config_text)
+                .map_err(SubmitError::Config)?;
             return Ok(Source { disk: disk.config, config, environment, revision: None, revision_id: rev.id });
         }
         let dir = disk.dir.clone();
@@ -442,13 +527,21 @@ impl Submitter {
     pub async fn config_for(&self, environment: &str) -> Result<config::Config, SubmitError> {
         let disk = self.config().await?;
         let Some(git) = disk.config.environment(environment).and_then(|e| e.git.clone()) else { return Ok(disk.config) };
-        let accepted = self.accepted_revision(environment).await?.ok_or_else(|| SubmitError::Conflict(format!("environment {environment} has no accepted commit of {} yet", git.shown())))?;
+        let accepted = self
+            .accepted_revision(environment)
+            .await?
+            .ok_or_else(|| SubmitError::Conflict(format!("environment {environment} has no accepted commit of {} yet", git.shown())))?;
         let cache_key = (environment.to_string(), accepted.revision.clone());
         if let Some(c) = self.parsed.lock().ok().and_then(|m| m.get(&cache_key).cloned()) {
             return Ok(c);
         }
-        let rev = self.store.revision(&accepted.revision).await?.ok_or_else(|| SubmitError::Invalid(format!("revision {} of environment {environment} is not in the store", accepted.revision)))?;
-        let config = parse_for(environment, &disk.config.environment_names(), &format!("{}@{}", git.shown(), accepted.short()), &rev.config_text).map_err(SubmitError::Config)?;
+        let rev = self
+            .store
+            .revision(&accepted.revision)
+            .await?
+            .ok_or_else(|| SubmitError::Invalid(format!("revision {} of environment {environment} is not in the store", accepted.revision)))?;
+        let config = parse_for(environment, &disk.config.environment_names(), &format!("{}@{}", git.shown(), accepted.short()), &rev.config_text)
+            .map_err(SubmitError::Config)?;
         if let Ok(mut m) = self.parsed.lock() {
             // A few environments, each at one commit at a time.
             if m.len() >= 64 {
@@ -461,9 +554,10 @@ impl Submitter {
 
     async fn submit_selection(&self, sub: Submission) -> Result<Submitted, SubmitError> {
         if let Some(env) = &sub.environment
-            && !config::valid_name(env) {
-                return Err(SubmitError::Invalid(format!("invalid environment name {env:?}")));
-            }
+            && !config::valid_name(env)
+        {
+            return Err(SubmitError::Invalid(format!("invalid environment name {env:?}")));
+        }
         let source = match sub.source {
             Some(s) => s,
             None => self.source(sub.environment.clone()).await?,
@@ -528,7 +622,9 @@ impl Submitter {
                     }
                     _ => JobSpec::from_job(&j.job),
                 };
-                if matches!(j.job.command, config::Command::Fetch(_) | config::Command::Pull(_) | config::Command::Rollout(_)) || service.as_deref().is_some_and(|s| j.name == config::service::migrate_job(s)) {
+                if matches!(j.job.command, config::Command::Fetch(_) | config::Command::Pull(_) | config::Command::Rollout(_))
+                    || service.as_deref().is_some_and(|s| j.name == config::service::migrate_job(s))
+                {
                     spec.artifact = artifact.clone();
                 }
                 NewJob { name: j.name.clone(), needs: if only.is_some() { vec![] } else { j.needs.clone() }, spec }
@@ -657,7 +753,8 @@ fn check_deploy(service: &str, version: &str) -> Result<(), SubmitError> {
 }
 
 fn parse_digest(d: &str) -> Result<String, SubmitError> {
-    crate::service::artifact::parse_sha256(d).ok_or_else(|| SubmitError::Invalid(format!("invalid sha256 {d:?}: 64 hexadecimal digits, optionally after \"sha256:\"")))
+    crate::service::artifact::parse_sha256(d)
+        .ok_or_else(|| SubmitError::Invalid(format!("invalid sha256 {d:?}: 64 hexadecimal digits, optionally after \"sha256:\"")))
 }
 
 /// Parse a revision's config for `environment`: a repository's config
@@ -668,8 +765,17 @@ pub fn parse_for(environment: &str, node_environments: &[String], name: &str, te
         return Err(ConfigErrors {
             file: name.to_string(),
             source: Arc::new(text.to_string()),
-            problems: vec![config::Problem::new(config::ProblemKind::UnknownReference, None, format!("this config declares environments {} but not {environment:?}, which takes its config from it", config.environment_names().join(", ")))
-                .hint(format!("add [[environment]] name = {environment:?}, or declare no environments at all"))],
+            problems: vec![
+                config::Problem::new(
+                    config::ProblemKind::UnknownReference,
+                    None,
+                    format!(
+                        "this config declares environments {} but not {environment:?}, which takes its config from it",
+                        config.environment_names().join(", ")
+                    ),
+                )
+                .hint(format!("add [[environment]] name = {environment:?}, or declare no environments at all")),
+            ],
         });
     }
     Ok(config)
@@ -690,7 +796,13 @@ impl Submitter {
     /// registry through the engine (or the request's digest). A tarball
     /// service without a checksum, or a checksum for a service with
     /// neither, is refused before anything is stored.
-    async fn release(&self, config: &config::Config, service: Option<&str>, version: Option<&str>, digest: Option<String>) -> Result<Option<crate::store::ArtifactRef>, SubmitError> {
+    async fn release(
+        &self,
+        config: &config::Config,
+        service: Option<&str>,
+        version: Option<&str>,
+        digest: Option<String>,
+    ) -> Result<Option<crate::store::ArtifactRef>, SubmitError> {
         let Some(service) = service else { return Ok(None) };
         let spec = config.services.iter().find(|s| s.name == service).and_then(|s| s.spec.as_ref());
         if let Some(c) = spec.and_then(|s| s.container.as_ref()) {
@@ -700,7 +812,12 @@ impl Submitter {
                 None => {
                     let targets = self.targets.as_ref().ok_or_else(|| SubmitError::Invalid("this node cannot resolve image tags".into()))?;
                     let docker = targets.get("docker").await.map_err(SubmitError::Unavailable)?;
-                    let auth = c.auth.as_ref().map(|a| a.credentials()).transpose().map_err(|e| SubmitError::Invalid(format!("cannot pin {reference} to a digest: {e}")))?;
+                    let auth = c
+                        .auth
+                        .as_ref()
+                        .map(|a| a.credentials())
+                        .transpose()
+                        .map_err(|e| SubmitError::Invalid(format!("cannot pin {reference} to a digest: {e}")))?;
                     docker
                         .resolve(&reference, auth.as_ref())
                         .await
@@ -714,7 +831,12 @@ impl Submitter {
     }
 }
 
-fn release(spec: Option<&config::service::ServiceSpec>, service: &str, version: Option<&str>, digest: Option<String>) -> Result<Option<crate::store::ArtifactRef>, SubmitError> {
+fn release(
+    spec: Option<&config::service::ServiceSpec>,
+    service: &str,
+    version: Option<&str>,
+    digest: Option<String>,
+) -> Result<Option<crate::store::ArtifactRef>, SubmitError> {
     let artifact = spec.and_then(|s| s.artifact.as_ref());
     match (artifact, digest) {
         (Some(a), Some(sha256)) => {
@@ -747,7 +869,14 @@ mod tests {
 
     #[test]
     fn issue13_a_key_means_its_request_and_an_older_event_is_judged_by_what_it_kept() {
-        let asked = |version: &str, digest: Option<&str>| Asked { kind: "deploy".into(), environment: "staging".into(), service: Some("web".into()), version: Some(version.into()), digest: digest.map(String::from), jobs: vec![] };
+        let asked = |version: &str, digest: Option<&str>| Asked {
+            kind: "deploy".into(),
+            environment: "staging".into(),
+            service: Some("web".into()),
+            version: Some(version.into()),
+            digest: digest.map(String::from),
+            jobs: vec![],
+        };
         let stored = with_request(r#"{"kind":"deploy","id":"k"}"#.into(), &asked("4.1", None));
         let (first, legacy) = Asked::of_stored(&stored, None).expect("kept");
         assert!(!legacy && asked("4.1", None).same_as(&first, legacy));

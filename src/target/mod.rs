@@ -399,7 +399,14 @@ pub trait Target: Send + Sync + 'static {
     /// a live one is still stopping. `Ok(n)`: go ahead (`n` processes of
     /// earlier attempts were found); `Err`: the attempt's result instead
     /// (they did not end, or `cancel` fired).
-    async fn end_earlier_attempts(&self, _deployment_id: i64, _job: &str, _attempt: i64, _within: std::time::Duration, _cancel: &CancellationToken) -> Result<usize, RunResult> {
+    async fn end_earlier_attempts(
+        &self,
+        _deployment_id: i64,
+        _job: &str,
+        _attempt: i64,
+        _within: std::time::Duration,
+        _cancel: &CancellationToken,
+    ) -> Result<usize, RunResult> {
         Ok(0)
     }
 }

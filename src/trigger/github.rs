@@ -15,13 +15,24 @@ pub fn verify(secret: &[u8], body: &[u8], header: Option<&str>) -> Result<(), Tr
 /// [`verify`] for a signature header of another name (Slipway's own
 /// `X-Slipway-Signature-256` has the same shape).
 pub fn verify_named(secret: &[u8], body: &[u8], header: Option<&str>, name: &'static str) -> Result<(), TriggerError> {
-    let header = header.ok_or(TriggerError::Unauthenticated(match name { "X-Hub-Signature-256" => "no X-Hub-Signature-256 header", _ => "no signature header" }))?;
-    let malformed = TriggerError::Unauthenticated(match name { "X-Hub-Signature-256" => "X-Hub-Signature-256 is not sha256=<hex>", _ => "the signature is not sha256=<hex>" });
+    let header = header.ok_or(TriggerError::Unauthenticated(match name {
+        "X-Hub-Signature-256" => "no X-Hub-Signature-256 header",
+        _ => "no signature header",
+    }))?;
+    let malformed = TriggerError::Unauthenticated(match name {
+        "X-Hub-Signature-256" => "X-Hub-Signature-256 is not sha256=<hex>",
+        _ => "the signature is not sha256=<hex>",
+    });
     let hex_sig = header.trim().strip_prefix("sha256=").ok_or(malformed.clone())?;
     let sig = hex::decode(hex_sig).map_err(|_| malformed)?;
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| TriggerError::Unauthenticated("no usable webhook secret"))?;
     mac.update(body);
-    mac.verify_slice(&sig).map_err(|_| TriggerError::Unauthenticated(match name { "X-Hub-Signature-256" => "X-Hub-Signature-256 does not match the body", _ => "the signature does not match the body" }))
+    mac.verify_slice(&sig).map_err(|_| {
+        TriggerError::Unauthenticated(match name {
+            "X-Hub-Signature-256" => "X-Hub-Signature-256 does not match the body",
+            _ => "the signature does not match the body",
+        })
+    })
 }
 
 /// The signature GitHub would send for `body` (tests, and `slipway` users
@@ -78,7 +89,11 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Delivery, TriggerError> {
             }
             // A container package version is named by its digest: what
             // tells this push of the tag from another one.
-            let digest = ["version", "name"].iter().filter_map(|k| version[*k].as_str()).find(|d| d.starts_with("sha256:")).and_then(crate::service::artifact::parse_sha256);
+            let digest = ["version", "name"]
+                .iter()
+                .filter_map(|k| version[*k].as_str())
+                .find(|d| d.starts_with("sha256:"))
+                .and_then(crate::service::artifact::parse_sha256);
             Ok(Delivery::Published(Published { image, version: tag.to_string(), digest }))
         }
         "push" => {
@@ -87,7 +102,9 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Delivery, TriggerError> {
                 return Ok(Delivery::Ignored(format!("push to {r:?}: only branches carry config")));
             };
             if !crate::config::environment::valid_branch(branch) {
-                return Err(TriggerError::BadPayload(format!("push: branch {branch:?} is not a branch name Slipway accepts (letters, digits, '.', '_', '-', '/'; no '..')")));
+                return Err(TriggerError::BadPayload(format!(
+                    "push: branch {branch:?} is not a branch name Slipway accepts (letters, digits, '.', '_', '-', '/'; no '..')"
+                )));
             }
             let commit = v["after"].as_str().unwrap_or("");
             if v["deleted"].as_bool() == Some(true) || commit.chars().all(|c| c == '0') {
@@ -144,7 +161,10 @@ mod tests {
             })
         );
         assert!(matches!(parse("push", &fixture("push.json")), Ok(Delivery::Ignored(why)) if why.contains("refs/tags/simple-tag")));
-        let branch = String::from_utf8_lossy(&fixture("push.json")).replace("refs/tags/simple-tag", "refs/heads/main").replace("0000000000000000000000000000000000000000", "6113728f27ae82c7b1a177c8d03f9e96e0adf247").replace("\"deleted\": true", "\"deleted\": false");
+        let branch = String::from_utf8_lossy(&fixture("push.json"))
+            .replace("refs/tags/simple-tag", "refs/heads/main")
+            .replace("0000000000000000000000000000000000000000", "6113728f27ae82c7b1a177c8d03f9e96e0adf247")
+            .replace("\"deleted\": true", "\"deleted\": false");
         match parse("push", branch.as_bytes()) {
             Ok(Delivery::Push { branch, commit, repositories }) => {
                 assert_eq!(branch, "main");

@@ -105,7 +105,10 @@ pub fn promotion_only(gates: &Config, decisions: &mut [Decision]) {
         let source = before.iter().find(|s| s.service == d.service && s.environment == from).and_then(|s| s.held.as_deref());
         d.held = Some(match source {
             None => format!("{} takes versions by promotion from {from}: promoted there once it has succeeded in {from}", d.environment),
-            Some(why) => format!("{} takes versions by promotion from {from}, and {from} holds this version too ({why}): deploy it to {from} first, or to {} by hand", d.environment, d.environment),
+            Some(why) => format!(
+                "{} takes versions by promotion from {from}, and {from} holds this version too ({why}): deploy it to {from} first, or to {} by hand",
+                d.environment, d.environment
+            ),
         });
     }
 }
@@ -145,7 +148,13 @@ pub struct Standing {
 /// semver). The same version is not newer, unless both digests are known
 /// and differ (a tag pushed again with new content). `None`: it is newer
 /// than all of them (or nothing stands), and deploys.
-pub fn not_newer(rule: Option<&crate::config::service::TagFilter>, version: &str, digest: Option<&str>, first_seen: Option<crate::store::Millis>, standing: &[Standing]) -> Option<String> {
+pub fn not_newer(
+    rule: Option<&crate::config::service::TagFilter>,
+    version: &str,
+    digest: Option<&str>,
+    first_seen: Option<crate::store::Millis>,
+    standing: &[Standing],
+) -> Option<String> {
     use std::cmp::Ordering;
     for st in standing {
         let by_semver = matches!(rule, Some(crate::config::service::TagFilter::Semver)).then(|| semver_cmp(version, &st.version)).flatten();
@@ -168,7 +177,10 @@ pub fn not_newer(rule: Option<&crate::config::service::TagFilter>, version: &str
                 {
                     continue;
                 }
-                return Some(format!("{} {}: a published version deploys only if it is newer than what the environment runs or has decided", st.version, st.what));
+                return Some(format!(
+                    "{} {}: a published version deploys only if it is newer than what the environment runs or has decided",
+                    st.version, st.what
+                ));
             }
             Some(Ordering::Less) => {
                 return Some(format!(
@@ -263,13 +275,25 @@ auto_deploy = ["staging", "production"]
         }
         promotion_only(&config, &mut d);
         let production = d.iter().find(|d| d.environment == "production").and_then(|d| d.held.clone()).expect("held");
-        assert_eq!(production, "production takes versions by promotion from staging, and staging holds this version too (filtered): deploy it to staging first, or to production by hand");
+        assert_eq!(
+            production,
+            "production takes versions by promotion from staging, and staging holds this version too (filtered): deploy it to staging first, or to production by hand"
+        );
     }
 
     #[test]
     fn issue13_semver_precedence_orders_releases_pre_releases_and_numbers() {
         use std::cmp::Ordering::*;
-        for (a, b, o) in [("1.10.0", "1.9.0", Greater), ("v1.2.3", "1.2.3", Equal), ("1.2.3+build.5", "1.2.3", Equal), ("1.0.0", "1.0.0-rc.1", Greater), ("1.0.0-rc.2", "1.0.0-rc.10", Less), ("1.0.0-alpha", "1.0.0-1", Greater), ("1.0.0-alpha.1", "1.0.0-alpha", Greater), ("2.0.0", "10.0.0", Less)] {
+        for (a, b, o) in [
+            ("1.10.0", "1.9.0", Greater),
+            ("v1.2.3", "1.2.3", Equal),
+            ("1.2.3+build.5", "1.2.3", Equal),
+            ("1.0.0", "1.0.0-rc.1", Greater),
+            ("1.0.0-rc.2", "1.0.0-rc.10", Less),
+            ("1.0.0-alpha", "1.0.0-1", Greater),
+            ("1.0.0-alpha.1", "1.0.0-alpha", Greater),
+            ("2.0.0", "10.0.0", Less),
+        ] {
             assert_eq!(semver_cmp(a, b), Some(o), "{a} vs {b}");
         }
         assert_eq!(semver_cmp("latest", "1.0.0"), None);
@@ -279,7 +303,12 @@ auto_deploy = ["staging", "production"]
     #[test]
     fn issue13_a_published_version_not_newer_than_what_stands_is_held_with_the_reason() {
         let semver = crate::config::service::TagFilter::parse("semver").expect("rule");
-        let runs = |v: &str, seen: i64| Standing { version: v.into(), digest: Some("a".repeat(64)), what: "runs in staging (deployment #3)".into(), first_seen: Some(seen) };
+        let runs = |v: &str, seen: i64| Standing {
+            version: v.into(),
+            digest: Some("a".repeat(64)),
+            what: "runs in staging (deployment #3)".into(),
+            first_seen: Some(seen),
+        };
         // semver: older is held (and says how to go back), newer deploys.
         let held = not_newer(Some(&semver), "4.1.0", None, Some(100), &[runs("4.2.0", 50)]).expect("held");
         assert!(held.starts_with("older than 4.2.0, which runs in staging (deployment #3) (by semver)") && held.contains("deploy 4.1.0 by hand"), "{held}");

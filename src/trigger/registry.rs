@@ -50,12 +50,8 @@ pub fn parse(body: &[u8], hosts: &[String]) -> Result<(Vec<Pushed>, usize), Trig
         let request_host = e["request"]["host"].as_str().unwrap_or("");
         let from_payload = [request_host, url_host];
         let named_by: Vec<&str> = if hosts.is_empty() { from_payload.to_vec() } else { hosts.iter().map(String::as_str).collect() };
-        let mut images: Vec<String> = named_by
-            .iter()
-            .filter(|h| !h.is_empty())
-            .map(|h| format!("{}/{repo}", h.to_ascii_lowercase()))
-            .filter(|i| crate::config::valid_image(i))
-            .collect();
+        let mut images: Vec<String> =
+            named_by.iter().filter(|h| !h.is_empty()).map(|h| format!("{}/{repo}", h.to_ascii_lowercase())).filter(|i| crate::config::valid_image(i)).collect();
         images.dedup();
         if images.is_empty() {
             let on = if hosts.is_empty() { format!("host {request_host:?}") } else { format!("hosts {hosts:?}") };
@@ -108,9 +104,13 @@ mod tests {
         assert_eq!(pushed[0].images, ["registry.internal:5000/team/web"]);
         assert_eq!(pushed[0].version, "1.4.0");
         assert_eq!(pushed[0].digest.as_deref(), Some("fc6a51919cfeb2e6763f62b6d9e8815acbf7cd2e476ea353743570610737b752"), "the deploy is pinned to it");
-        let short = String::from_utf8(envelope("push", "1.4.0", MANIFEST)).unwrap().replace("sha256:fc6a51919cfeb2e6763f62b6d9e8815acbf7cd2e476ea353743570610737b752", "sha256:fc6a");
+        let short = String::from_utf8(envelope("push", "1.4.0", MANIFEST))
+            .unwrap()
+            .replace("sha256:fc6a51919cfeb2e6763f62b6d9e8815acbf7cd2e476ea353743570610737b752", "sha256:fc6a");
         assert_eq!(parse(short.as_bytes(), &[]).unwrap().0[0].digest, None, "a malformed digest is not used: the tag is resolved instead");
-        for (action, tag, media) in [("pull", "1.4.0", MANIFEST), ("push", "", MANIFEST), ("push", "1.4.0", "application/octet-stream"), ("delete", "1.4.0", MANIFEST)] {
+        for (action, tag, media) in
+            [("pull", "1.4.0", MANIFEST), ("push", "", MANIFEST), ("push", "1.4.0", "application/octet-stream"), ("delete", "1.4.0", MANIFEST)]
+        {
             assert_eq!(parse(&envelope(action, tag, media), &[]).unwrap(), (vec![], 1), "{action} {tag:?} {media}");
         }
         assert!(parse(&envelope("push", "$(touch x)", MANIFEST), &[]).is_err());

@@ -46,12 +46,27 @@ fn promoted_from(promoted: &Promoted, id: i64) -> Option<String> {
 /// Why `service` in `environment` runs what it runs. `deployments` and
 /// `events` may hold other services' and environments' rows; `promoted`
 /// says which deployments were promotions, and from where.
-pub fn explain(environment: &str, service: &str, running: Option<&ServiceRow>, deployments: &[DeploymentRow], events: &[EventRow], promoted: &Promoted) -> Explanation {
+pub fn explain(
+    environment: &str,
+    service: &str,
+    running: Option<&ServiceRow>,
+    deployments: &[DeploymentRow],
+    events: &[EventRow],
+    promoted: &Promoted,
+) -> Explanation {
     let mine = |d: &&DeploymentRow| d.environment == environment && d.service.as_deref() == Some(service) && d.version.is_some();
     let mut seen: Vec<Sighting> = Vec::new();
     for d in deployments.iter().filter(mine) {
         let how = promoted_from(promoted, d.id).map(|p| format!(", {p}")).unwrap_or_default();
-        seen.push(Sighting { at: d.created_at, version: d.version.clone().unwrap_or_default(), source: format!("deployment #{} ({}{how})", d.id, d.kind), origins: vec![], deployment: Some(d.clone()), held: None, error: None });
+        seen.push(Sighting {
+            at: d.created_at,
+            version: d.version.clone().unwrap_or_default(),
+            source: format!("deployment #{} ({}{how})", d.id, d.kind),
+            origins: vec![],
+            deployment: Some(d.clone()),
+            held: None,
+            error: None,
+        });
     }
     for e in events {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.payload) else { continue };
@@ -128,7 +143,13 @@ pub fn explain(environment: &str, service: &str, running: Option<&ServiceRow>, d
     let runs = |v: &str| running.is_some_and(|r| r.version == v);
     let verdict = if runs(&newest.version) {
         let by = running
-            .map(|r| format!(", deployed by deployment #{}{}", r.deployment_id, promoted_from(promoted, r.deployment_id).map(|p| format!(", {p}")).unwrap_or_default()))
+            .map(|r| {
+                format!(
+                    ", deployed by deployment #{}{}",
+                    r.deployment_id,
+                    promoted_from(promoted, r.deployment_id).map(|p| format!(", {p}")).unwrap_or_default()
+                )
+            })
             .unwrap_or_default();
         format!("{service} runs {}, the newest version seen{by}", running_text.clone().unwrap_or_default())
     } else {
@@ -140,7 +161,8 @@ pub fn explain(environment: &str, service: &str, running: Option<&ServiceRow>, d
         // Queued: what it waits for is the service's lock.
         if let Some(d) = &newest.deployment
             && d.state == DeploymentState::Queued
-            && let Some(holder) = deployments.iter().find(|o| o.environment == environment && o.service.as_deref() == Some(service) && o.state == DeploymentState::Running)
+            && let Some(holder) =
+                deployments.iter().find(|o| o.environment == environment && o.service.as_deref() == Some(service) && o.state == DeploymentState::Running)
         {
             why.push_str(&format!("; it waits for deployment #{} ({}), which holds the service's lock", holder.id, holder.version.as_deref().unwrap_or("?")));
         }
@@ -249,12 +271,20 @@ mod tests {
     #[test]
     fn the_newest_running_and_a_queued_one_waiting_for_the_lock() {
         let deps = [dep(1, "1.0", DeploymentState::Succeeded, None, 100)];
-        assert!(explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new()).verdict.contains("runs 1.0, the newest version seen, deployed by deployment #1"));
+        assert!(
+            explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new())
+                .verdict
+                .contains("runs 1.0, the newest version seen, deployed by deployment #1")
+        );
         let promoted = Promoted::from([(1, ("staging".to_string(), Some(7)))]);
         let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &promoted);
         assert!(e.verdict.ends_with("deployed by deployment #1, promoted from staging #7"), "{}", e.verdict);
         assert!(e.history.iter().any(|h| h.contains("from deployment #1 (deploy, promoted from staging #7)")), "{:?}", e.history);
-        let deps = [dep(1, "1.0", DeploymentState::Succeeded, None, 100), dep(2, "1.1", DeploymentState::Running, None, 200), dep(3, "1.2", DeploymentState::Queued, None, 300)];
+        let deps = [
+            dep(1, "1.0", DeploymentState::Succeeded, None, 100),
+            dep(2, "1.1", DeploymentState::Running, None, 200),
+            dep(3, "1.2", DeploymentState::Queued, None, 300),
+        ];
         let v = explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new()).verdict;
         assert!(v.contains("deployment #3 is queued; it waits for deployment #2 (1.1), which holds the service's lock"), "{v}");
         let other = explain("staging", "web", None, &deps, &[], &Promoted::new());

@@ -31,10 +31,8 @@ pub async fn engine() -> Option<DockerTarget> {
 fn demo_files() -> Vec<String> {
     let demo = env!("CARGO_BIN_EXE_slipway-demo");
     let ldd = Command::new("ldd").arg(demo).output().expect("run ldd");
-    let mut files: Vec<String> = String::from_utf8_lossy(&ldd.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')).map(str::to_string))
-        .collect();
+    let mut files: Vec<String> =
+        String::from_utf8_lossy(&ldd.stdout).lines().filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')).map(str::to_string)).collect();
     files.sort();
     files.dedup();
     files
@@ -110,7 +108,6 @@ pub fn get(port: u16) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-
 /// Debian's docker-registry on a free 127.0.0.1 port with its own config
 /// and storage; killed on drop. (dockerd treats 127.0.0.0/8 registries as
 /// insecure, so plain HTTP works without configuring the Engine.)
@@ -153,9 +150,10 @@ impl Registry {
         let config = match auth {
             None => config,
             Some((user, password)) => {
-                let out = Command::new("htpasswd").args(["-Bbn", user, password]).output().unwrap_or_else(|e| {
-                    panic!("htpasswd (Debian's apache2-utils; scripts/test.sh installs it) cannot run: {e}")
-                });
+                let out = Command::new("htpasswd")
+                    .args(["-Bbn", user, password])
+                    .output()
+                    .unwrap_or_else(|e| panic!("htpasswd (Debian's apache2-utils; scripts/test.sh installs it) cannot run: {e}"));
                 assert!(out.status.success(), "htpasswd: {}", String::from_utf8_lossy(&out.stderr));
                 std::fs::write(dir.path().join("htpasswd"), &out.stdout).expect("write htpasswd");
                 format!("{config}auth:\n  htpasswd:\n    realm: slipway-test\n    path: {}\n", dir.path().join("htpasswd").display())
@@ -168,9 +166,10 @@ impl Registry {
             ),
         };
         std::fs::write(dir.path().join("config.yml"), config).expect("write registry config");
-        let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"].into_iter().find(|p| std::path::Path::new(p).exists()).unwrap_or_else(|| {
-            panic!("Debian's docker-registry is not installed (scripts/test.sh installs it: apt-get install docker-registry)")
-        });
+        let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or_else(|| panic!("Debian's docker-registry is not installed (scripts/test.sh installs it: apt-get install docker-registry)"));
         let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
         let child = Command::new(bin)
             .arg("serve")
@@ -251,7 +250,6 @@ pub fn rootfs_builder_bytes() -> Vec<u8> {
     }
     bytes
 }
-
 
 /// Removes, when dropped, every container of the Slipway installation
 /// whose config directory is `dir` (its scope label): a test's server is

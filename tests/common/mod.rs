@@ -229,7 +229,8 @@ pub struct PgServer {
 
 impl PgServer {
     pub fn start() -> Option<PgServer> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql").ok()?.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|b| b.join("initdb").exists()).max()?;
+        let bin =
+            std::fs::read_dir("/usr/lib/postgresql").ok()?.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|b| b.join("initdb").exists()).max()?;
         let dir = tempfile::tempdir().ok()?;
         let as_root = unsafe { libc_geteuid() } == 0;
         if as_root {
@@ -337,4 +338,3 @@ pub fn load(port: u16, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread:
         })
     })
 }
-

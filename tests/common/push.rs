@@ -45,7 +45,13 @@ impl Pusher {
         let loc = r.headers()["location"].to_str().expect("location").to_string();
         let loc = if loc.starts_with('/') { format!("{}{loc}", self.base) } else { loc };
         let sep = if loc.contains('?') { '&' } else { '?' };
-        let r = self.req(reqwest::Method::PUT, &format!("{loc}{sep}digest={digest}")).header("content-type", "application/octet-stream").body(bytes.to_vec()).send().await.expect("upload");
+        let r = self
+            .req(reqwest::Method::PUT, &format!("{loc}{sep}digest={digest}"))
+            .header("content-type", "application/octet-stream")
+            .body(bytes.to_vec())
+            .send()
+            .await
+            .expect("upload");
         assert_eq!(r.status().as_u16(), 201, "upload: {:?}", r.text().await);
         digest
     }
@@ -68,7 +74,13 @@ impl Pusher {
         }))
         .expect("json");
         for tag in tags {
-            let r = self.req(reqwest::Method::PUT, &format!("{}/v2/{}/manifests/{tag}", self.base, self.repo)).header("content-type", MANIFEST_V2).body(manifest.clone()).send().await.expect("put manifest");
+            let r = self
+                .req(reqwest::Method::PUT, &format!("{}/v2/{}/manifests/{tag}", self.base, self.repo))
+                .header("content-type", MANIFEST_V2)
+                .body(manifest.clone())
+                .send()
+                .await
+                .expect("put manifest");
             assert_eq!(r.status().as_u16(), 201, "put manifest {tag}: {:?}", r.text().await);
         }
         sha(&manifest)
@@ -76,12 +88,18 @@ impl Pusher {
 
     /// The registry's answer to a manifest GET by digest (200 or 404).
     pub async fn manifest_status(&self, digest: &str) -> u16 {
-        self.req(reqwest::Method::GET, &format!("{}/v2/{}/manifests/{digest}", self.base, self.repo)).header("accept", MANIFEST_V2).send().await.expect("get manifest").status().as_u16()
+        self.req(reqwest::Method::GET, &format!("{}/v2/{}/manifests/{digest}", self.base, self.repo))
+            .header("accept", MANIFEST_V2)
+            .send()
+            .await
+            .expect("get manifest")
+            .status()
+            .as_u16()
     }
 
     pub async fn tags(&self) -> BTreeSet<String> {
-        let v: Value = self.req(reqwest::Method::GET, &format!("{}/v2/{}/tags/list", self.base, self.repo)).send().await.expect("tags").json().await.expect("json");
+        let v: Value =
+            self.req(reqwest::Method::GET, &format!("{}/v2/{}/tags/list", self.base, self.repo)).send().await.expect("tags").json().await.expect("json");
         v["tags"].as_array().into_iter().flatten().filter_map(|t| t.as_str().map(str::to_string)).collect()
     }
 }
-

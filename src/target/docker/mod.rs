@@ -84,9 +84,14 @@ fn registry_error(e: String, auth: Option<&Credentials>) -> String {
     // The Engine's and the registry's own words for refused credentials;
     // not bare numbers, which an image reference may hold ("host:4010").
     let lower = e.to_lowercase();
-    if ["unauthorized", "authentication required", "access to the resource is denied", "no basic auth credentials", "incorrect username or password"].iter().any(|w| lower.contains(w)) {
+    if ["unauthorized", "authentication required", "access to the resource is denied", "no basic auth credentials", "incorrect username or password"]
+        .iter()
+        .any(|w| lower.contains(w))
+    {
         match auth {
-            Some(c) => format!("the registry refused the credentials of [[registry]] {:?} (user {:?}): {e}", c.host, c.username.as_deref().unwrap_or("(token)")),
+            Some(c) => {
+                format!("the registry refused the credentials of [[registry]] {:?} (user {:?}): {e}", c.host, c.username.as_deref().unwrap_or("(token)"))
+            }
             None => format!("the registry wants credentials and none are configured (add a [[registry]] for its host): {e}"),
         }
     } else {
@@ -259,7 +264,12 @@ impl Target for DockerTarget {
             (LABEL_JOB.to_string(), req.job.clone()),
         ]));
         let body = ContainerCreateBody { image: Some(image.clone()), cmd: Some(argv), env: Some(env), labels: Some(labels), ..Default::default() };
-        let id = match bounded(&format!("creating a container of {image}"), self.docker.create_container(None::<bollard::query_parameters::CreateContainerOptions>, body)).await {
+        let id = match bounded(
+            &format!("creating a container of {image}"),
+            self.docker.create_container(None::<bollard::query_parameters::CreateContainerOptions>, body),
+        )
+        .await
+        {
             Ok(c) => c.id,
             Err(e) => return failed(e),
         };
@@ -301,7 +311,11 @@ impl Target for DockerTarget {
         };
         remove().await;
         match (ended, code) {
-            (Some(Outcome::TimedOut), c) => RunResult { outcome: Outcome::TimedOut, exit_code: c.map(|c| c as i32), reason: Some(format!("timed out after {}", humantime::format_duration(timeout))) },
+            (Some(Outcome::TimedOut), c) => RunResult {
+                outcome: Outcome::TimedOut,
+                exit_code: c.map(|c| c as i32),
+                reason: Some(format!("timed out after {}", humantime::format_duration(timeout))),
+            },
             (Some(o), c) => RunResult { outcome: o, exit_code: c.map(|c| c as i32), reason: Some("stopped on request".into()) },
             (None, Some(0)) => RunResult { outcome: Outcome::Succeeded, exit_code: Some(0), reason: None },
             (None, Some(c)) => RunResult { outcome: Outcome::Failed, exit_code: Some(c as i32), reason: Some(format!("exit code {c}")) },
@@ -357,7 +371,13 @@ impl Target for DockerTarget {
             }
             tracing::info!(container = %id, service, env = environment, version, "adopted a container left by a Slipway that died");
             let life = watch(&self.docker, &id, &self.pending);
-            out.push(Arc::new(DockerInstance { docker: self.docker.clone(), pending: self.pending.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)), life }));
+            out.push(Arc::new(DockerInstance {
+                docker: self.docker.clone(),
+                pending: self.pending.clone(),
+                id,
+                addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                life,
+            }));
         }
         out
     }
@@ -367,7 +387,11 @@ impl Target for DockerTarget {
         let mut g = Garbage::default();
         // Images any container on the Engine uses (ours, other
         // installations', anyone's) are never collected.
-        let everyone = bounded("listing containers", self.docker.list_containers(Some(bollard::query_parameters::ListContainersOptionsBuilder::default().all(true).build()))).await?;
+        let everyone = bounded(
+            "listing containers",
+            self.docker.list_containers(Some(bollard::query_parameters::ListContainersOptionsBuilder::default().all(true).build())),
+        )
+        .await?;
         let in_use: std::collections::HashSet<String> = everyone.iter().filter_map(|c| c.image_id.clone()).collect();
         for c in &containers {
             if !self.orphaned(c) {
@@ -375,16 +399,25 @@ impl Target for DockerTarget {
             }
             let owner = label(c, LABEL_OWNER);
             let what = match label(c, LABEL_JOB) {
-                "" => format!("{} {} ({}), left by Slipway pid {}", label(c, LABEL_SERVICE), label(c, LABEL_VERSION), label(c, LABEL_ENVIRONMENT), owner.split('.').next().unwrap_or(owner)),
+                "" => format!(
+                    "{} {} ({}), left by Slipway pid {}",
+                    label(c, LABEL_SERVICE),
+                    label(c, LABEL_VERSION),
+                    label(c, LABEL_ENVIRONMENT),
+                    owner.split('.').next().unwrap_or(owner)
+                ),
                 job => format!("job {job} ({}), left by Slipway pid {}", label(c, LABEL_ENVIRONMENT), owner.split('.').next().unwrap_or(owner)),
             };
             g.containers.push(GarbageItem { id: c.id.clone().unwrap_or_default(), what });
         }
-        let images = bounded("listing images", self.docker.list_images(Some(bollard::query_parameters::ListImagesOptionsBuilder::default().all(false).build()))).await?;
+        let images =
+            bounded("listing images", self.docker.list_images(Some(bollard::query_parameters::ListImagesOptionsBuilder::default().all(false).build()))).await?;
         for i in images {
             // Only images of repositories Slipway deploys, by digest.
             let names: Vec<&String> = i.repo_digests.iter().chain(i.repo_tags.iter()).collect();
-            let repo_of = |n: &str| n.rsplit_once('@').map(|(r, _)| r.to_string()).or_else(|| n.rsplit_once(':').filter(|(_, t)| !t.contains('/')).map(|(r, _)| r.to_string()));
+            let repo_of = |n: &str| {
+                n.rsplit_once('@').map(|(r, _)| r.to_string()).or_else(|| n.rsplit_once(':').filter(|(_, t)| !t.contains('/')).map(|(r, _)| r.to_string()))
+            };
             let ours = names.iter().any(|n| repo_of(n).is_some_and(|r| keep.repositories.contains(&r)));
             let foreign = names.iter().any(|n| repo_of(n).is_none_or(|r| !keep.repositories.contains(&r)));
             let kept = i.repo_digests.iter().any(|d| d.rsplit_once('@').is_some_and(|(_, h)| keep.digests.contains(h)));
@@ -392,7 +425,8 @@ impl Target for DockerTarget {
                 continue;
             }
             let shown = i.repo_tags.first().or(i.repo_digests.first()).cloned().unwrap_or_else(|| i.id.clone());
-            g.images.push(GarbageItem { id: i.id.clone(), what: format!("{shown} ({} MB), which no environment runs or could roll back to", i.size / 1_000_000) });
+            g.images
+                .push(GarbageItem { id: i.id.clone(), what: format!("{shown} ({} MB), which no environment runs or could roll back to", i.size / 1_000_000) });
         }
         Ok(g)
     }
@@ -533,7 +567,13 @@ impl Target for DockerTarget {
             return Err(e);
         }
         let life = watch(&self.docker, &id, &self.pending);
-        Ok(Arc::new(DockerInstance { docker: self.docker.clone(), pending: self.pending.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)), life }))
+        Ok(Arc::new(DockerInstance {
+            docker: self.docker.clone(),
+            pending: self.pending.clone(),
+            id,
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)),
+            life,
+        }))
     }
 }
 
@@ -614,7 +654,9 @@ async fn oom_note(docker: &Docker, id: &str) -> String {
         }
     }
     match sigkill_limit {
-        Some(limit) => format!(" (SIGKILL under its memory limit of {} MiB, not flagged as an OOM kill by the Engine: out of memory, or killed from outside)", limit >> 20),
+        Some(limit) => {
+            format!(" (SIGKILL under its memory limit of {} MiB, not flagged as an OOM kill by the Engine: out of memory, or killed from outside)", limit >> 20)
+        }
         None => String::new(),
     }
 }

@@ -96,15 +96,12 @@ fn build_command(req: &JobRequest, target: &LocalTarget) -> Result<Command, Stri
             c.arg("-c").arg(line);
             c
         }
-        config::Command::Rollout(_) | config::Command::Fetch(_) | config::Command::Pull(_) => return Err("rollouts and artifact fetches are run by the node, not as a process".into()),
+        config::Command::Rollout(_) | config::Command::Fetch(_) | config::Command::Pull(_) => {
+            return Err("rollouts and artifact fetches are run by the node, not as a process".into());
+        }
         config::Command::Unreadable(why) => return Err(why.clone()),
     };
-    cmd.current_dir(&req.workdir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
+    cmd.current_dir(&req.workdir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
     crate::config::secret::note_sources(req.spec.secrets.values());
     hide_secret_sources(cmd.as_std_mut());
     for (k, v) in &req.values {
@@ -446,7 +443,14 @@ impl Target for LocalTarget {
         swept.killed
     }
 
-    async fn end_earlier_attempts(&self, deployment_id: i64, job: &str, attempt: i64, within: Duration, cancel: &CancellationToken) -> Result<usize, RunResult> {
+    async fn end_earlier_attempts(
+        &self,
+        deployment_id: i64,
+        job: &str,
+        attempt: i64,
+        within: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<usize, RunResult> {
         let Some(installation) = self.installation.clone() else { return Ok(0) };
         // (None: beyond any instant, for a timeout that large.)
         let deadline = Instant::now().checked_add(within);
@@ -465,7 +469,8 @@ impl Target for LocalTarget {
                 continue;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                let pids: Vec<String> = running.iter().map(|(p, owner)| format!("{p} (started by Slipway process {})", owner.split('.').next().unwrap_or(owner))).collect();
+                let pids: Vec<String> =
+                    running.iter().map(|(p, owner)| format!("{p} (started by Slipway process {})", owner.split('.').next().unwrap_or(owner))).collect();
                 return Err(RunResult {
                     outcome: Outcome::Failed,
                     exit_code: None,
@@ -544,11 +549,7 @@ impl Target for LocalTarget {
                 };
                 let code = status.and_then(|s| s.code());
                 if matches!(end, End::TimedOut) {
-                    RunResult {
-                        outcome: Outcome::TimedOut,
-                        exit_code: code,
-                        reason: Some(format!("timed out after {}", humantime::format_duration(timeout))),
-                    }
+                    RunResult { outcome: Outcome::TimedOut, exit_code: code, reason: Some(format!("timed out after {}", humantime::format_duration(timeout))) }
                 } else {
                     RunResult { outcome: Outcome::Cancelled, exit_code: code, reason: Some("stopped on request".into()) }
                 }
@@ -603,12 +604,8 @@ mod tests {
     #[test]
     fn issue13_sweep_kills_only_this_installations_orphans() {
         let (ours, theirs) = (unique(), unique());
-        let mut procs = [
-            marked(Some(&ours), Some(DEAD), None),
-            marked(Some(&theirs), Some(DEAD), None),
-            marked(Some(&ours), None, None),
-            marked(None, Some(DEAD), None),
-        ];
+        let mut procs =
+            [marked(Some(&ours), Some(DEAD), None), marked(Some(&theirs), Some(DEAD), None), marked(Some(&ours), None, None), marked(None, Some(DEAD), None)];
         // (No pause: an older Slipway on this host would kill the orphans.)
         let swept = sweep_orphans(&ours);
         let alive: Vec<bool> = procs.iter().map(running).collect();
@@ -632,7 +629,10 @@ mod tests {
         let mut live = marked(Some(&installation), None, Some("5/1/j"));
         let waited = target.end_earlier_attempts(5, "j", 2, Duration::from_millis(300), &cancel).await;
         let reason = waited.err().and_then(|r| (r.outcome == Outcome::Failed).then_some(r.reason).flatten()).unwrap_or_default();
-        assert!(reason.contains(&format!("{} (started by Slipway process {})", live.id(), std::process::id())) && reason.contains("attempt 2 does not start"), "{reason}");
+        assert!(
+            reason.contains(&format!("{} (started by Slipway process {})", live.id(), std::process::id())) && reason.contains("attempt 2 does not start"),
+            "{reason}"
+        );
         assert!(running(&live), "a live owner's process is never killed from here");
         cancel.cancel();
         let stopped = target.end_earlier_attempts(5, "j", 2, Duration::from_secs(30), &cancel).await;
@@ -657,7 +657,11 @@ mod tests {
         // (An older Slipway on this host would kill all of these at its
         // next sweep: hence no pause between starting and looking.)
         let mut dead = marked(Some(&installation), Some(DEAD), Some("5/1/j"));
-        let mut others = [marked(Some(&installation), Some(DEAD), Some("5/1/k")), marked(Some(&installation), Some(DEAD), Some("6/1/j")), marked(Some(&installation), Some(DEAD), Some("5/2/j"))];
+        let mut others = [
+            marked(Some(&installation), Some(DEAD), Some("5/1/k")),
+            marked(Some(&installation), Some(DEAD), Some("6/1/j")),
+            marked(Some(&installation), Some(DEAD), Some("5/2/j")),
+        ];
         let ended = target.end_earlier_attempts(5, "j", 2, Duration::from_secs(30), &CancellationToken::new()).await;
         let dead_running = running(&dead);
         let others_running: Vec<bool> = others.iter().map(running).collect();
