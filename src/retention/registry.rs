@@ -279,7 +279,11 @@ impl RegistryClient {
                     // Not deleting what one cannot name safely is not
                     // enough: its digest might be shared. Stop here.
                     other => {
-                        return Err(RetentionError::Invalid { host: self.host.clone(), what, detail: format!("a tag that is not a valid tag name: {other:?}") });
+                        return Err(RetentionError::Invalid {
+                            host: self.host.clone(),
+                            what,
+                            detail: format!("a tag that is not a valid tag name: {other:?}"),
+                        });
                     }
                 }
             }
