@@ -6,7 +6,7 @@
 //! - [`plan`]: from config to the job graph of a deployment (no IO).
 //! - [`store`]: the durable state behind the [`store::Store`] trait (SQLite, PostgreSQL).
 //! - [`scheduler`]: a node's loop — claims jobs with leases, runs them, reports events.
-//! - [`target`]: where jobs and service instances run, behind the [`target::Target`] trait (`local`, `docker`).
+//! - [`targets`]: where jobs and service instances run, behind the [`targets::Target`] trait (`local`, `docker`).
 //! - [`git`]: an environment's config repository, mirrored and read with the system `git`.
 //! - [`gate`]: approvals, soak times, deploy windows and promotions between environments.
 //! - [`retention`]: registry tag retention — keep the newest N tags, delete older ones nothing runs or could roll back to.
@@ -33,6 +33,6 @@ pub mod scheduler;
 pub mod service;
 pub mod store;
 pub mod submit;
-pub mod target;
+pub mod targets;
 pub mod trigger;
 pub mod why;

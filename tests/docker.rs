@@ -18,8 +18,8 @@ use std::time::Duration;
 use bollard::query_parameters::{InspectContainerOptions, ListContainersOptionsBuilder};
 use dockerkit::{IMAGE, Registry, engine, get, image, other_image};
 use futures_util::StreamExt;
-use slipway::target::docker::{DockerTarget, LABEL_OWNER, LABEL_SERVICE, LABEL_VERSION};
-use slipway::target::{InstanceRequest, Target};
+use slipway::targets::docker::{DockerTarget, LABEL_OWNER, LABEL_SERVICE, LABEL_VERSION};
+use slipway::targets::{InstanceRequest, Target};
 
 fn request(version: &str, port: u16, argv: &[&str]) -> InstanceRequest {
     InstanceRequest {
@@ -73,7 +73,7 @@ async fn a_container_instance_serves_carries_labels_and_stops() {
 async fn a_container_that_exits_says_its_exit_code_and_last_output() {
     let Some(t) = engine().await else { return };
     image(&t).await;
-    let i: Arc<dyn slipway::target::Instance> = t
+    let i: Arc<dyn slipway::targets::Instance> = t
         .start_instance(request("1.0", common::free_port(), &["/demo", "migrate", "--file", "/no/such/dir/log", "--version", "1.0"]))
         .await
         .expect("start a container");

@@ -13,7 +13,7 @@ use slipway::config::{Command, revision};
 use slipway::scheduler::event::EventBus;
 use slipway::scheduler::{Scheduler, SchedulerConfig};
 use slipway::store::{self, DeploymentKind, JobSpec, NewDeployment, NewEvent, NewJob, Outcome, Store};
-use slipway::target::{JobRequest, LocalTarget, OutputSink, RunResult, Target};
+use slipway::targets::{JobRequest, LocalTarget, OutputSink, RunResult, Target};
 use tokio_util::sync::CancellationToken;
 
 fn spec(cmd: Vec<&str>, timeout_ms: u64) -> JobSpec {

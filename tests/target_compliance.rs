@@ -35,8 +35,8 @@ use slipway::config::service::{HealthCheck, RolloutSpec, ServiceSpec, Strategy};
 use slipway::service::manager::ServiceStatus;
 use slipway::service::{RolloutRequest, ServiceManager};
 use slipway::store::{Outcome, Store};
-use slipway::target::docker::{DockerTarget, LABEL_ENVIRONMENT};
-use slipway::target::{Instance, InstanceRequest, LocalTarget, RunResult, Stream, Target, Targets};
+use slipway::targets::docker::{DockerTarget, LABEL_ENVIRONMENT};
+use slipway::targets::{Instance, InstanceRequest, LocalTarget, RunResult, Stream, Target, Targets};
 use tokio_util::sync::CancellationToken;
 
 use common::free_port;

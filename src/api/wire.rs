@@ -427,7 +427,7 @@ pub struct GarbageItemInfo {
 
 impl From<crate::service::manager::GarbageReport> for GarbageInfo {
     fn from(r: crate::service::manager::GarbageReport) -> Self {
-        let items = |v: Vec<crate::target::GarbageItem>| v.into_iter().map(|i| GarbageItemInfo { id: i.id, what: i.what }).collect();
+        let items = |v: Vec<crate::targets::GarbageItem>| v.into_iter().map(|i| GarbageItemInfo { id: i.id, what: i.what }).collect();
         GarbageInfo { containers: items(r.garbage.containers), images: items(r.garbage.images), applied: r.applied, notes: r.notes }
     }
 }

@@ -55,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wrk::{LoadBenchError, LoadBenchOptions, find_demo, find_wrk, free_port, io, read_wrk, run_wrk, socket_errors, wrk_version};
 use super::{BenchError, TempDir, find_on_path, ms};
-use crate::target::docker::{DockerError, DockerTarget};
+use crate::targets::docker::{DockerError, DockerTarget};
 
 /// The load test's change, and the timed rollouts after it.
 pub const VERSIONS: [&str; 4] = ["1.0", "2.0", "2.1", "2.2"];

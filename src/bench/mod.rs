@@ -37,7 +37,7 @@ use crate::scheduler::event::{Event, EventBus};
 use crate::scheduler::{Scheduler, SchedulerConfig, logwriter};
 use crate::store::{self, DeploymentState, JobState, Store, StoreError};
 use crate::submit::{Request, SubmitError, Submitter};
-use crate::target::LocalTarget;
+use crate::targets::LocalTarget;
 
 /// Slipway's no-op makespan may be at most this multiple of ninja's.
 pub const NOOP_TARGET: f64 = 1.5;

@@ -41,7 +41,7 @@ use crate::config::service::{HealthCheck, HealthSpec, RolloutSpec, ServiceSpec, 
 use crate::service::proxy::{Proxy, ProxyError};
 use crate::service::{RolloutRequest, ServiceManager};
 use crate::store::{self, Outcome, StoreError};
-use crate::target::{LocalTarget, Stream};
+use crate::targets::{LocalTarget, Stream};
 
 /// wrk runs per side (direct, proxy), alternating.
 pub const ROUNDS: usize = 2;

@@ -21,7 +21,7 @@ use crate::scheduler::{self, Scheduler, SchedulerConfig, logwriter};
 use crate::service::ServiceManager;
 use crate::store::{self, Store};
 use crate::submit::Submitter;
-use crate::target::{LocalTarget, NodeTargets, Target, Targets};
+use crate::targets::{LocalTarget, NodeTargets, Target, Targets};
 
 pub struct ServeOptions {
     pub config: PathBuf,
@@ -118,7 +118,7 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
     // Registered before the API answers, so a node that listens is listed.
     store.register_node(&node_id).await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
     // One identity for the installation's containers and processes.
-    let scope = crate::target::local::installation_of_store(&url);
+    let scope = crate::targets::local::installation_of_store(&url);
     let node = start_node(NodeOptions { config_path: loaded.path.clone(), store: store.clone(), scheduler: cfg, listener, scope });
     let shutdown = node.shutdown.clone();
     {

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::revision;
 use crate::service::{RolloutRequest, ServiceManager};
 use crate::store::{ArtifactKind, ClaimedJob, FinishEffect, FinishedAttempt, Outcome, Store, StoreError, now_ms};
-use crate::target::{JobRequest, RunResult, Stream, Target};
+use crate::targets::{JobRequest, RunResult, Stream, Target};
 use event::{Event, EventBus};
 
 #[derive(Debug, Clone)]

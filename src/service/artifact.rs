@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::service::ArtifactSpec;
-use crate::target::{OutputSink, Stream};
+use crate::targets::{OutputSink, Stream};
 
 /// Largest tarball accepted: a wrong URL must not fill the disk.
 pub const MAX_BYTES: u64 = 4 << 30;

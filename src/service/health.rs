@@ -10,8 +10,8 @@ use std::process::Stdio;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::service::{HealthCheck, HealthSpec};
-use crate::target::Instance;
-use crate::target::local::{program_path, substitute};
+use crate::targets::Instance;
+use crate::targets::local::{program_path, substitute};
 
 /// One check: Ok(what it saw) or Err(what went wrong), both for people.
 pub async fn check_once(
@@ -46,7 +46,7 @@ pub async fn check_once(
             let argv: Vec<String> = argv.iter().map(|a| substitute(a, values)).collect();
             let Some(program) = argv.first() else { return Err("empty health command".into()) };
             let mut cmd = tokio::process::Command::new(program_path(program, workdir));
-            crate::target::local::hide_secret_sources(cmd.as_std_mut());
+            crate::targets::local::hide_secret_sources(cmd.as_std_mut());
             cmd.args(&argv[1..]).current_dir(workdir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
             match tokio::time::timeout(spec.timeout, cmd.output()).await {
                 Err(_) => Err(format!("{program}: no answer within {}", humantime::format_duration(spec.timeout))),

@@ -24,8 +24,8 @@ use super::ports::PORTS;
 use super::proxy::Proxy;
 use crate::config::service::{ServiceSpec, Strategy};
 use crate::store::{Outcome, ServiceEvent, ServiceRow, Store, now_ms};
-use crate::target::local::substitute;
-use crate::target::{Instance, InstanceRequest, JobRequest, OutputSink, RunResult, Stream, Target};
+use crate::targets::local::substitute;
+use crate::targets::{Instance, InstanceRequest, JobRequest, OutputSink, RunResult, Stream, Target};
 
 /// A rollout to run: the job's deployment, the service as the pinned
 /// revision declares it, and the version.
@@ -75,7 +75,7 @@ pub struct ServiceManager {
     /// Runs `verify` steps (processes on this node).
     target: Arc<dyn Target>,
     /// Where instances start, by the service's target.
-    targets: Arc<dyn crate::target::Targets>,
+    targets: Arc<dyn crate::targets::Targets>,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
     client: reqwest::Client,
@@ -89,7 +89,7 @@ pub struct ServiceManager {
 /// What `gc` found (or removed, when `applied`).
 #[derive(Debug, Clone)]
 pub struct GarbageReport {
-    pub garbage: crate::target::Garbage,
+    pub garbage: crate::targets::Garbage,
     pub applied: bool,
     /// Why some of it was not looked at or left alone.
     pub notes: Vec<String>,
@@ -132,12 +132,12 @@ pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
 
 impl ServiceManager {
     pub fn new(target: Arc<dyn Target>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Arc<Self> {
-        let targets: Arc<dyn crate::target::Targets> = Arc::new(crate::target::NodeTargets::new(target.clone()));
+        let targets: Arc<dyn crate::targets::Targets> = Arc::new(crate::targets::NodeTargets::new(target.clone()));
         Self::with_targets(target, targets, store, shutdown)
     }
 
     /// `targets` resolves the target each service runs on.
-    pub fn with_targets(target: Arc<dyn Target>, targets: Arc<dyn crate::target::Targets>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn with_targets(target: Arc<dyn Target>, targets: Arc<dyn crate::targets::Targets>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Arc<Self> {
         let client = http_client().unwrap_or_default();
         Arc::new(ServiceManager { target, targets, store, shutdown, client, services: Mutex::new(HashMap::new()), redactors: Default::default() })
     }
@@ -802,7 +802,7 @@ impl ServiceManager {
         let Ok(target) = self.targets.get(if c.is_some() { "docker" } else { "local" }).await else { return vec![] };
         let image = c.and_then(|c| g.sha256.as_ref().map(|hex| format!("{}@sha256:{hex}", c.image)));
         let spec_digest = spec_digest(&g.spec);
-        let wanted = crate::target::Adoptable { environment, service: &g.spec.name, version: &g.version, image: image.as_deref(), spec_digest: &spec_digest };
+        let wanted = crate::targets::Adoptable { environment, service: &g.spec.name, version: &g.version, image: image.as_deref(), spec_digest: &spec_digest };
         let found = target.adopt(&wanted).await;
         found.iter().for_each(|i| PORTS.hold(i));
         let checks = found.iter().map(|i| {
@@ -845,7 +845,7 @@ impl ServiceManager {
     /// could roll back to. Nothing else is ever touched.
     pub async fn garbage(&self, apply: bool) -> Result<GarbageReport, String> {
         let rows = self.store.services().await.map_err(|e| e.to_string())?;
-        let mut keep = crate::target::Keep::default();
+        let mut keep = crate::targets::Keep::default();
         for row in &rows {
             let Ok(spec) = crate::store::spec::decode_service(&row.spec) else { continue };
             if let Some(c) = spec.container {

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use crate::target::Instance;
+use crate::targets::Instance;
 
 /// A pending port not claimed by an instance within this is free again
 /// (its start failed somewhere that did not say so).

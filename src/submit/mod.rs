@@ -82,7 +82,7 @@ pub struct Submitter {
     pub wake: Option<crate::scheduler::SchedulerHandle>,
     /// Resolves a container service's `image:version` to a digest when
     /// the deploy is accepted (None: such deploys are refused).
-    pub targets: Option<Arc<dyn crate::target::Targets>>,
+    pub targets: Option<Arc<dyn crate::targets::Targets>>,
     /// Reports what does not come from the scheduler: a deployment now
     /// waiting for an approval, a rejected config revision.
     pub events: Option<crate::scheduler::event::EventBus>,

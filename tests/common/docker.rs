@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bollard::query_parameters::CreateImageOptionsBuilder;
 use futures_util::StreamExt;
-use slipway::target::docker::DockerTarget;
+use slipway::targets::docker::DockerTarget;
 use tokio::sync::OnceCell;
 
 use crate::common;
@@ -262,7 +262,7 @@ pub struct ScopeCleanup {
 impl ScopeCleanup {
     pub fn of(dir: &std::path::Path) -> ScopeCleanup {
         let url = slipway::cli::serve::store_url(None, None, dir);
-        ScopeCleanup { scope: slipway::target::docker::scope_of_store(&url) }
+        ScopeCleanup { scope: slipway::targets::docker::scope_of_store(&url) }
     }
 }
 

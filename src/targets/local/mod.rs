@@ -67,8 +67,8 @@ impl LocalTarget {
 /// a PostgreSQL URL the same way.
 pub fn installation_of_store(url: &str) -> String {
     match url.strip_prefix("sqlite://").and_then(|path| std::fs::canonicalize(path).ok()) {
-        Some(path) => crate::target::docker::scope_of_store(&format!("sqlite://{}", path.display())),
-        None => crate::target::docker::scope_of_store(url),
+        Some(path) => crate::targets::docker::scope_of_store(&format!("sqlite://{}", path.display())),
+        None => crate::targets::docker::scope_of_store(url),
     }
 }
 

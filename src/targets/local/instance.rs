@@ -14,7 +14,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 
 use super::{LocalTarget, describe, kill_group, program_path, pump};
-use crate::target::{Instance, InstanceRequest, Lifeline, Stream};
+use crate::targets::{Instance, InstanceRequest, Lifeline, Stream};
 
 pub struct LocalInstance {
     pgid: i32,

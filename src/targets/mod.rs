@@ -9,7 +9,7 @@
 //! [`Instance`]); health checks, the proxy and rollouts are the service
 //! manager's (`crate::service`), the same for every target.
 //!
-//! Targets live in `target/<name>/`: `local` (processes on this node) for
+//! Targets live in `targets/<name>/`: `local` (processes on this node) for
 //! now; Docker, SSH and ECS follow.
 
 pub mod docker;
