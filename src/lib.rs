@@ -28,6 +28,7 @@ pub mod git;
 pub mod http;
 pub mod notify;
 pub mod plan;
+pub mod process;
 pub mod retention;
 pub mod scheduler;
 pub mod service;

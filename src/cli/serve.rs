@@ -118,7 +118,7 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
     // Registered before the API answers, so a node that listens is listed.
     store.register_node(&node_id).await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
     // One identity for the installation's containers and processes.
-    let scope = crate::targets::local::installation_of_store(&url);
+    let scope = crate::process::installation_of_store(&url);
     let node = start_node(NodeOptions { config_path: loaded.path.clone(), store: store.clone(), scheduler: cfg, listener, scope });
     let shutdown = node.shutdown.clone();
     {

@@ -163,7 +163,7 @@ async fn deliver(http: &reqwest::Client, n: &Notify, body: &serde_json::Value, i
             }
             Ok(r) => format!("HTTP {}", r.status()),
             // Without the URL: reqwest's own spelling of it may differ.
-            Err(e) => crate::service::error_chain(&e.without_url()),
+            Err(e) => crate::http::error_chain(&e.without_url()),
         };
         if attempt == ATTEMPTS {
             tracing::warn!(deployment = id, event = what, to = %shown, "notification failed after {ATTEMPTS} tries: {why}");

@@ -131,13 +131,13 @@ impl RegistryClient {
         let api = if host == "docker.io" { "registry-1.docker.io" } else { host.as_str() };
         let scheme = if loopback(&host) { "http" } else { "https" };
         let http = crate::http::client(|b| b.timeout(REQUEST_TIMEOUT).connect_timeout(CONNECT_TIMEOUT))
-            .map_err(|e| RetentionError::Unreachable { host: host.clone(), detail: crate::service::error_chain(&e) })?;
+            .map_err(|e| RetentionError::Unreachable { host: host.clone(), detail: crate::http::error_chain(&e) })?;
         Ok(RegistryClient { http, base: format!("{scheme}://{api}"), host, creds, bearer: tokio::sync::Mutex::new(None) })
     }
 
     fn unreachable(&self, e: reqwest::Error) -> RetentionError {
         // reqwest's message names the URL; ours names the registry.
-        RetentionError::Unreachable { host: self.host.clone(), detail: crate::service::error_chain(&e.without_url()) }
+        RetentionError::Unreachable { host: self.host.clone(), detail: crate::http::error_chain(&e.without_url()) }
     }
 
     fn who(&self) -> String {

@@ -109,7 +109,7 @@ pub async fn fetch(spec: &ArtifactSpec, url: &str, sha256: &str, cache: &Path, o
 
 /// Stream the body to `tmp`, hashing as it comes. Returns (bytes, sha256).
 async fn download(client: &reqwest::Client, url: &str, tmp: &Path) -> Result<(u64, String), TryError> {
-    let resp = client.get(url).send().await.map_err(|e| TryError::Transient(super::error_chain(&e)))?;
+    let resp = client.get(url).send().await.map_err(|e| TryError::Transient(crate::http::error_chain(&e)))?;
     let status = resp.status();
     if !status.is_success() {
         let what = format!("HTTP {status}");
@@ -125,7 +125,7 @@ async fn download(client: &reqwest::Client, url: &str, tmp: &Path) -> Result<(u6
     let mut bytes: u64 = 0;
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| TryError::Transient(format!("download interrupted after {bytes} bytes: {}", super::error_chain(&e))))?;
+        let chunk = chunk.map_err(|e| TryError::Transient(format!("download interrupted after {bytes} bytes: {}", crate::http::error_chain(&e))))?;
         bytes += chunk.len() as u64;
         if bytes > MAX_BYTES {
             return Err(TryError::Final(format!("larger than {MAX_BYTES} bytes")));

@@ -10,8 +10,8 @@ use std::process::Stdio;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::service::{HealthCheck, HealthSpec};
+use crate::process::{program_path, substitute};
 use crate::targets::Instance;
-use crate::targets::local::{program_path, substitute};
 
 /// One check: Ok(what it saw) or Err(what went wrong), both for people.
 pub async fn check_once(
@@ -39,14 +39,14 @@ pub async fn check_once(
                     if got == *status { Ok(seen) } else { Err(format!("{seen}, expected {status}")) }
                 }
                 Err(e) if e.is_timeout() => Err(format!("GET {path}: no answer within {}", humantime::format_duration(spec.timeout))),
-                Err(e) => Err(format!("GET {path}: {}", super::error_chain(&e))),
+                Err(e) => Err(format!("GET {path}: {}", crate::http::error_chain(&e))),
             }
         }
         HealthCheck::Command { argv } => {
             let argv: Vec<String> = argv.iter().map(|a| substitute(a, values)).collect();
             let Some(program) = argv.first() else { return Err("empty health command".into()) };
             let mut cmd = tokio::process::Command::new(program_path(program, workdir));
-            crate::targets::local::hide_secret_sources(cmd.as_std_mut());
+            crate::process::hide_secret_sources(cmd.as_std_mut());
             cmd.args(&argv[1..]).current_dir(workdir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
             match tokio::time::timeout(spec.timeout, cmd.output()).await {
                 Err(_) => Err(format!("{program}: no answer within {}", humantime::format_duration(spec.timeout))),

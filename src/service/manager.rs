@@ -23,8 +23,8 @@ use super::health;
 use super::ports::PORTS;
 use super::proxy::Proxy;
 use crate::config::service::{ServiceSpec, Strategy};
+use crate::process::substitute;
 use crate::store::{Outcome, ServiceEvent, ServiceRow, Store, now_ms};
-use crate::targets::local::substitute;
 use crate::targets::{Instance, InstanceRequest, JobRequest, OutputSink, RunResult, Stream, Target};
 
 /// A rollout to run: the job's deployment, the service as the pinned

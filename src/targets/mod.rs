@@ -125,7 +125,7 @@ pub struct NodeTargets {
     /// Until the node's restore is done, a first connection does not sweep:
     /// the restore adopts first (see [`Targets::after_restore`]).
     restored: std::sync::atomic::AtomicBool,
-    /// The installation's container scope (see `docker::scope_of_store`).
+    /// The installation's container scope (see `crate::process::scope_of_store`).
     scope: String,
 }
 

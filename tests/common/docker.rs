@@ -262,7 +262,7 @@ pub struct ScopeCleanup {
 impl ScopeCleanup {
     pub fn of(dir: &std::path::Path) -> ScopeCleanup {
         let url = slipway::cli::serve::store_url(None, None, dir);
-        ScopeCleanup { scope: slipway::targets::docker::scope_of_store(&url) }
+        ScopeCleanup { scope: slipway::process::scope_of_store(&url) }
     }
 }
 

@@ -48,17 +48,6 @@ pub const LABEL_SPEC: &str = "slipway.spec";
 /// The installation (store) a container belongs to.
 pub const LABEL_SCOPE: &str = "slipway.scope";
 
-/// A store's scope label: a digest of its URL without credentials, the
-/// same on every node that shares the store.
-pub fn scope_of_store(url: &str) -> String {
-    use sha2::Digest;
-    let clean = match url.split_once("://") {
-        Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map(|(_, host)| host).unwrap_or(rest)),
-        None => url.to_string(),
-    };
-    hex::encode(&sha2::Sha256::digest(clean.as_bytes())[..6])
-}
-
 /// On one-off job containers (migrations): the job's name.
 pub const LABEL_JOB: &str = "slipway.job";
 
@@ -160,14 +149,14 @@ impl DockerTarget {
     /// Connect to the Engine on the Unix socket at `path`.
     pub async fn connect_to(path: &str) -> Result<Self, DockerError> {
         let docker = Docker::connect_with_socket(path, API_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)
-            .map_err(|e| DockerError::Unreachable(format!("{path}: {}", crate::service::error_chain(&e))))?;
+            .map_err(|e| DockerError::Unreachable(format!("{path}: {}", crate::http::error_chain(&e))))?;
         Self::checked(docker).await.map_err(|DockerError::Unreachable(e)| DockerError::Unreachable(format!("{path}: {e}")))
     }
 
     async fn checked(docker: Docker) -> Result<Self, DockerError> {
         match tokio::time::timeout(Duration::from_secs(5), docker.ping()).await {
             Ok(Ok(_)) => Ok(DockerTarget { docker, scope: String::new(), adopted: Default::default(), pending: Default::default() }),
-            Ok(Err(e)) => Err(DockerError::Unreachable(crate::service::error_chain(&e))),
+            Ok(Err(e)) => Err(DockerError::Unreachable(crate::http::error_chain(&e))),
             Err(_) => Err(DockerError::Unreachable("no answer within 5s".into())),
         }
     }
@@ -177,7 +166,7 @@ impl DockerTarget {
     }
 
     /// Mark (and only ever touch) containers of this installation: see
-    /// [`scope_of_store`].
+    /// [`crate::process::scope_of_store`].
     pub fn scoped(mut self, scope: &str) -> Self {
         self.scope = scope.to_string();
         self
@@ -203,7 +192,7 @@ impl DockerTarget {
     /// Held by nobody: left by a Slipway that is gone, and not adopted.
     fn orphaned(&self, c: &bollard::models::ContainerSummary) -> bool {
         let owner = c.labels.as_ref().and_then(|l| l.get(LABEL_OWNER)).cloned().unwrap_or_default();
-        owner != super::local::owner_mark() && super::local::owner_is_dead(&owner) && !c.id.as_deref().is_some_and(|id| self.is_adopted(id))
+        owner != crate::process::owner_mark() && crate::process::owner_is_dead(&owner) && !c.id.as_deref().is_some_and(|id| self.is_adopted(id))
     }
 }
 
@@ -214,7 +203,7 @@ fn label<'a>(c: &'a bollard::models::ContainerSummary, key: &str) -> &'a str {
 async fn bounded<T, E: std::error::Error>(what: &str, f: impl std::future::Future<Output = Result<T, E>>) -> Result<T, String> {
     match tokio::time::timeout(API_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {}", crate::service::error_chain(&e))),
+        Ok(Err(e)) => Err(format!("{what}: {}", crate::http::error_chain(&e))),
         Err(_) => Err(format!("{what}: the Docker Engine did not answer within {}s", API_TIMEOUT.as_secs())),
     }
 }
@@ -241,7 +230,7 @@ impl Target for DockerTarget {
             return failed("no pinned image for this job".into());
         };
         let crate::config::Command::Argv(argv) = &req.spec.command else { return failed("a container job takes an argv command".into()) };
-        let argv: Vec<String> = argv.iter().map(|a| super::local::substitute(a, &req.values)).collect();
+        let argv: Vec<String> = argv.iter().map(|a| crate::process::substitute(a, &req.values)).collect();
         let mut env: Vec<String> = req.spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         for (k, v) in &req.values {
             env.push(format!("SLIPWAY_{}={v}", k.to_ascii_uppercase()));
@@ -257,7 +246,7 @@ impl Target for DockerTarget {
             (LABEL_SERVICE.to_string(), req.values.get("service").cloned().unwrap_or_default()),
             (LABEL_ENVIRONMENT.to_string(), req.values.get("env").cloned().unwrap_or_default()),
             (LABEL_VERSION.to_string(), req.values.get("version").cloned().unwrap_or_default()),
-            (LABEL_OWNER.to_string(), super::local::owner_mark().to_string()),
+            (LABEL_OWNER.to_string(), crate::process::owner_mark().to_string()),
             (LABEL_DIGEST.to_string(), image.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_default()),
             (LABEL_DEPLOYMENT.to_string(), req.deployment_id.to_string()),
             // A one-off: never adopted as an instance.
@@ -348,7 +337,7 @@ impl Target for DockerTarget {
                 retry_pending(&self.docker, &self.pending).await;
                 Ok(())
             }
-            Ok(Err(e)) => Err(DockerError::Unreachable(crate::service::error_chain(&e)).to_string()),
+            Ok(Err(e)) => Err(DockerError::Unreachable(crate::http::error_chain(&e)).to_string()),
             Err(_) => Err(DockerError::Unreachable("no answer within 5s".into()).to_string()),
         }
     }
@@ -488,7 +477,7 @@ impl Target for DockerTarget {
             let pull = async {
                 let mut s = self.docker.create_image(Some(opts), None, docker_credentials(auth));
                 while let Some(r) = s.next().await {
-                    r.map_err(|e| registry_error(crate::service::error_chain(&e), auth))?;
+                    r.map_err(|e| registry_error(crate::http::error_chain(&e), auth))?;
                 }
                 Ok::<(), String>(())
             };
@@ -526,7 +515,7 @@ impl Target for DockerTarget {
             (LABEL_SERVICE.to_string(), req.service.clone()),
             (LABEL_ENVIRONMENT.to_string(), req.environment.clone()),
             (LABEL_VERSION.to_string(), req.version.clone()),
-            (LABEL_OWNER.to_string(), super::local::owner_mark().to_string()),
+            (LABEL_OWNER.to_string(), crate::process::owner_mark().to_string()),
             (LABEL_DIGEST.to_string(), image.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_default()),
             (LABEL_DEPLOYMENT.to_string(), req.deployment_id.to_string()),
             (LABEL_SPEC.to_string(), req.spec_digest.clone()),
@@ -750,9 +739,9 @@ impl Drop for DockerInstance {
 mod tests {
     #[test]
     fn a_store_scope_ignores_credentials_but_not_the_database() {
-        let a = super::scope_of_store("postgres://slipway:pw1@db.example.org:5432/prod");
-        assert_eq!(a, super::scope_of_store("postgres://other:pw2@db.example.org:5432/prod"));
-        assert_ne!(a, super::scope_of_store("postgres://slipway:pw1@db.example.org:5432/staging"));
+        let a = crate::process::scope_of_store("postgres://slipway:pw1@db.example.org:5432/prod");
+        assert_eq!(a, crate::process::scope_of_store("postgres://other:pw2@db.example.org:5432/prod"));
+        assert_ne!(a, crate::process::scope_of_store("postgres://slipway:pw1@db.example.org:5432/staging"));
         assert_eq!(a.len(), 12);
     }
 }

@@ -13,7 +13,8 @@ use async_trait::async_trait;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
-use super::{LocalTarget, describe, kill_group, program_path, pump};
+use super::{LocalTarget, describe, kill_group, pump};
+use crate::process::program_path;
 use crate::targets::{Instance, InstanceRequest, Lifeline, Stream};
 
 pub struct LocalInstance {
@@ -25,7 +26,7 @@ pub struct LocalInstance {
 pub fn start(req: InstanceRequest, target: &LocalTarget) -> Result<Arc<dyn Instance>, String> {
     let Some(program) = req.argv.first() else { return Err("empty command".into()) };
     let mut cmd = Command::new(program_path(program, &req.workdir));
-    super::hide_secret_sources(cmd.as_std_mut());
+    crate::process::hide_secret_sources(cmd.as_std_mut());
     cmd.args(&req.argv[1..])
         .current_dir(&req.workdir)
         .stdin(Stdio::null())

@@ -24,6 +24,7 @@ mod instance;
 
 use super::{Instance, InstanceRequest, JobRequest, MAX_LINE_BYTES, OutputSink, RunResult, Stream, Target};
 use crate::config;
+use crate::process::{hide_secret_sources, owner_is_dead, owner_mark, proc_stat, program_path, substitute};
 use crate::store::Outcome;
 
 /// Without an installation (`LocalTarget::default()`, in-process tests and
@@ -57,29 +58,6 @@ impl LocalTarget {
             None => cmd.env_remove(JOB_ENV),
         };
     }
-}
-
-/// The installation a store URL names, for marking processes: the
-/// containers' scope (`docker::scope_of_store`, a digest of the URL
-/// without credentials), with a SQLite path made absolute first, so that
-/// two installations each using `sqlite://slipway.db` in their own
-/// directory are two. Nodes of one installation share it when they spell
-/// a PostgreSQL URL the same way.
-pub fn installation_of_store(url: &str) -> String {
-    match url.strip_prefix("sqlite://").and_then(|path| std::fs::canonicalize(path).ok()) {
-        Some(path) => crate::targets::docker::scope_of_store(&format!("sqlite://{}", path.display())),
-        None => crate::targets::docker::scope_of_store(url),
-    }
-}
-
-/// Substitute `{name}` placeholders inside one argument. Values stay one
-/// argument whatever they contain: no shell ever sees them.
-pub fn substitute(arg: &str, values: &std::collections::BTreeMap<&'static str, String>) -> String {
-    let mut out = arg.to_string();
-    for (k, v) in values {
-        out = out.replace(&format!("{{{k}}}"), v);
-    }
-    out
 }
 
 fn build_command(req: &JobRequest, target: &LocalTarget) -> Result<Command, String> {
@@ -124,14 +102,6 @@ fn build_command(req: &JobRequest, target: &LocalTarget) -> Result<Command, Stri
     Ok(cmd)
 }
 
-/// Take the variables that hold secrets out of a child's environment (it
-/// would inherit Slipway's own): a process gets a secret only by listing it.
-pub(crate) fn hide_secret_sources(cmd: &mut std::process::Command) {
-    for var in crate::config::secret::env_sources() {
-        cmd.env_remove(var);
-    }
-}
-
 /// Environment variable carrying "<pid>.<start time>@<installation>" of
 /// the Slipway process that started a process (the installation:
 /// [`installation_of_store`]; none without one). In one value, so that an
@@ -141,35 +111,9 @@ const OWNER_ENV: &str = "SLIPWAY_OWNER";
 /// On a job's processes: "<deployment id>/<attempt>/<job name>".
 const JOB_ENV: &str = "SLIPWAY_OWNER_JOB";
 
-pub(crate) fn owner_mark() -> &'static str {
-    static MARK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    MARK.get_or_init(|| {
-        let pid = std::process::id() as i32;
-        format!("{pid}.{}", proc_stat(pid).map(|s| s.start_time).unwrap_or(0))
-    })
-}
-
 fn parent_of(pid: i32) -> Option<i32> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     text[text.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
-}
-
-struct ProcStat {
-    start_time: u64,
-    /// 'Z': exited, not yet reaped by its parent: dead for our purposes.
-    zombie: bool,
-}
-
-/// Start time (clock ticks since boot) from
-/// /proc/PID/stat; the start time tells a process from a later one that
-/// reused its pid.
-fn proc_stat(pid: i32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: fields
-    // are counted from after its closing parenthesis (field 3 = index 0).
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(ProcStat { start_time: fields.get(19)?.parse().ok()?, zombie: fields.first() == Some(&"Z") })
 }
 
 /// A process carrying an owner mark, as found in /proc.
@@ -349,22 +293,6 @@ fn earlier_attempts(installation: &str, deployment: i64, job: &str, attempt: i64
     wait_gone(&killed, Duration::from_secs(1));
     let found = running.iter().map(|(pid, _, _)| *pid).collect();
     (found, running.into_iter().filter(|(pid, start, _)| is_running(*pid, *start)).map(|(pid, _, owner)| (pid, owner)).collect())
-}
-
-/// Whether the Slipway process named by an owner mark ("<pid>.<start
-/// time>") on this host is gone. A mark that does not parse is not ours to
-/// judge: false.
-pub(crate) fn owner_is_dead(owner: &str) -> bool {
-    let Some((opid, ostart)) = owner.split_once('.') else { return false };
-    let (Ok(opid), Ok(ostart)) = (opid.parse::<i32>(), ostart.parse::<u64>()) else { return false };
-    !proc_stat(opid).is_some_and(|s| s.start_time == ostart && !s.zombie)
-}
-
-/// The program of an argv command: a relative path with a slash is
-/// relative to `workdir` (the revision, or the unpacked release), not to
-/// wherever Slipway was started; a bare name is looked up on PATH.
-pub fn program_path(program: &str, workdir: &std::path::Path) -> std::ffi::OsString {
-    if program.contains('/') && !program.starts_with('/') { workdir.join(program).into_os_string() } else { program.into() }
 }
 
 fn kill_group(pgid: i32, signal: i32) {

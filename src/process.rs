@@ -1,0 +1,93 @@
+//! This Slipway process and the node-side commands it runs, shared by the
+//! targets, the service manager's health checks and verify steps, and the
+//! CLI: who we are on this host (the owner mark every process and
+//! container we start carries, the installation it belongs to), and how an
+//! argv command is filled in and started without a shell.
+//!
+//! Here rather than in a target's folder: every target marks what it
+//! starts the same way, and nothing outside `targets/` may name a target.
+
+/// The installation a store URL names, for marking processes: the
+/// containers' scope (`docker::scope_of_store`, a digest of the URL
+/// without credentials), with a SQLite path made absolute first, so that
+/// two installations each using `sqlite://slipway.db` in their own
+/// directory are two. Nodes of one installation share it when they spell
+/// a PostgreSQL URL the same way.
+pub fn installation_of_store(url: &str) -> String {
+    match url.strip_prefix("sqlite://").and_then(|path| std::fs::canonicalize(path).ok()) {
+        Some(path) => scope_of_store(&format!("sqlite://{}", path.display())),
+        None => scope_of_store(url),
+    }
+}
+
+/// Substitute `{name}` placeholders inside one argument. Values stay one
+/// argument whatever they contain: no shell ever sees them.
+pub fn substitute(arg: &str, values: &std::collections::BTreeMap<&'static str, String>) -> String {
+    let mut out = arg.to_string();
+    for (k, v) in values {
+        out = out.replace(&format!("{{{k}}}"), v);
+    }
+    out
+}
+
+/// Take the variables that hold secrets out of a child's environment (it
+/// would inherit Slipway's own): a process gets a secret only by listing it.
+pub(crate) fn hide_secret_sources(cmd: &mut std::process::Command) {
+    for var in crate::config::secret::env_sources() {
+        cmd.env_remove(var);
+    }
+}
+
+pub(crate) fn owner_mark() -> &'static str {
+    static MARK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MARK.get_or_init(|| {
+        let pid = std::process::id() as i32;
+        format!("{pid}.{}", proc_stat(pid).map(|s| s.start_time).unwrap_or(0))
+    })
+}
+
+/// What /proc says of a process.
+pub(crate) struct ProcStat {
+    pub(crate) start_time: u64,
+    /// 'Z': exited, not yet reaped by its parent: dead for our purposes.
+    pub(crate) zombie: bool,
+}
+
+/// Start time (clock ticks since boot) from
+/// /proc/PID/stat; the start time tells a process from a later one that
+/// reused its pid.
+pub(crate) fn proc_stat(pid: i32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields
+    // are counted from after its closing parenthesis (field 3 = index 0).
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcStat { start_time: fields.get(19)?.parse().ok()?, zombie: fields.first() == Some(&"Z") })
+}
+
+/// Whether the Slipway process named by an owner mark ("<pid>.<start
+/// time>") on this host is gone. A mark that does not parse is not ours to
+/// judge: false.
+pub(crate) fn owner_is_dead(owner: &str) -> bool {
+    let Some((opid, ostart)) = owner.split_once('.') else { return false };
+    let (Ok(opid), Ok(ostart)) = (opid.parse::<i32>(), ostart.parse::<u64>()) else { return false };
+    !proc_stat(opid).is_some_and(|s| s.start_time == ostart && !s.zombie)
+}
+
+/// The program of an argv command: a relative path with a slash is
+/// relative to `workdir` (the revision, or the unpacked release), not to
+/// wherever Slipway was started; a bare name is looked up on PATH.
+pub fn program_path(program: &str, workdir: &std::path::Path) -> std::ffi::OsString {
+    if program.contains('/') && !program.starts_with('/') { workdir.join(program).into_os_string() } else { program.into() }
+}
+
+/// A store's scope label: a digest of its URL without credentials, the
+/// same on every node that shares the store.
+pub fn scope_of_store(url: &str) -> String {
+    use sha2::Digest;
+    let clean = match url.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map(|(_, host)| host).unwrap_or(rest)),
+        None => url.to_string(),
+    };
+    hex::encode(&sha2::Sha256::digest(clean.as_bytes())[..6])
+}
