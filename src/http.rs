@@ -49,6 +49,19 @@ pub fn client(configure: impl Fn(ClientBuilder) -> ClientBuilder) -> Result<Clie
     }
 }
 
+/// An error with its causes: reqwest's top line ("error sending
+/// request") says little; the cause ("connection refused") is below.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -77,17 +90,4 @@ mod tests {
         // bench
         crate::bench::docker::http_client().expect("bench client");
     }
-}
-
-/// An error with its causes: reqwest's top line ("error sending
-/// request") says little; the cause ("connection refused") is below.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -3,10 +3,12 @@
 //! # Layout
 //!
 //! - [`config`]: `slipway.toml` — parsing, validation with source spans, revisions.
+//! - [`process`]: this Slipway process on its host — owner marks, installation, argv filling for node-side commands.
 //! - [`plan`]: from config to the job graph of a deployment (no IO).
 //! - [`store`]: the durable state behind the [`store::Store`] trait (SQLite, PostgreSQL).
 //! - [`scheduler`]: a node's loop — claims jobs with leases, runs them, reports events.
-//! - [`targets`]: where jobs and service instances run, behind the [`targets::Target`] trait (`local`, `docker`).
+//! - [`executor`]: between the scheduler and the targets — routes each job by its command and its spec's target.
+//! - [`targets`]: where jobs and service instances run, behind the [`targets::Target`] trait; one folder and one registration line per target.
 //! - [`git`]: an environment's config repository, mirrored and read with the system `git`.
 //! - [`gate`]: approvals, soak times, deploy windows and promotions between environments.
 //! - [`retention`]: registry tag retention — keep the newest N tags, delete older ones nothing runs or could roll back to.
@@ -23,6 +25,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod executor;
 pub mod gate;
 pub mod git;
 pub mod http;

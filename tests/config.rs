@@ -389,16 +389,17 @@ listen = "127.0.0.1:8081"
     )
     .expect("valid");
     let web = c.services[0].spec.as_ref().expect("managed");
-    let container = web.container.as_ref().expect("docker");
-    let auth = container.auth.as_ref().expect("credentials for its registry");
+    let image = web.image.as_ref().expect("docker");
+    assert_eq!(web.target, "docker");
+    let auth = image.auth.as_ref().expect("credentials for its registry");
     assert_eq!((auth.host.as_str(), auth.username.as_deref()), ("registry.example.org:5000", Some("ci")));
     assert!(matches!(&auth.password.as_ref().expect("password").source, config::secret::SecretSource::File(p) if p.ends_with("registry-password")));
-    assert_eq!(container.secret_files.keys().collect::<Vec<_>>(), ["/run/secrets/api"]);
+    assert_eq!(web.secret_files.keys().collect::<Vec<_>>(), ["/run/secrets/api"]);
     assert_eq!(web.secrets.keys().collect::<Vec<_>>(), ["API_KEY"]);
     // The migration sees the service's secrets; the other service's
     // registry has no credentials.
     assert_eq!(c.job("web.migrate").expect("migrate job").secrets.keys().collect::<Vec<_>>(), ["API_KEY"]);
-    assert!(c.services[1].spec.as_ref().and_then(|s| s.container.as_ref()).expect("docker").auth.is_none());
+    assert!(c.services[1].spec.as_ref().and_then(|s| s.image.as_ref()).expect("docker").auth.is_none());
 }
 
 // Issue 5: the config directory is shipped as the revision: a secret's

@@ -21,19 +21,16 @@ use futures_util::StreamExt;
 use slipway::targets::docker::{DockerTarget, LABEL_OWNER, LABEL_SERVICE, LABEL_VERSION};
 use slipway::targets::{InstanceRequest, Target};
 
-fn request(version: &str, port: u16, argv: &[&str]) -> InstanceRequest {
+fn request(version: &str, argv: &[&str]) -> InstanceRequest {
     InstanceRequest {
         service: "web".into(),
         environment: "test".into(),
         version: version.into(),
-        port,
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: BTreeMap::new(),
         workdir: std::env::temp_dir(),
         image: Some(IMAGE.into()),
-        container_port: Some(8080),
-        memory_bytes: None,
-        millicpus: None,
+        settings: slipway::targets::Settings::of(&serde_json::json!({ "port": 8080, "memory_bytes": null, "millicpus": null })),
         deployment_id: 7,
         spec_digest: "test".into(),
         secret_env: BTreeMap::new(),
@@ -45,11 +42,10 @@ fn request(version: &str, port: u16, argv: &[&str]) -> InstanceRequest {
 async fn a_container_instance_serves_carries_labels_and_stops() {
     let Some(t) = engine().await else { return };
     image(&t).await;
-    let port = common::free_port();
-    let i = t
-        .start_instance(request("1.0", port, &["/demo", "serve", "--host", "0.0.0.0", "--port", "8080", "--version", "1.0"]))
-        .await
-        .expect("start a container");
+    let i =
+        t.start_instance(request("1.0", &["/demo", "serve", "--host", "0.0.0.0", "--port", "{port}", "--version", "1.0"])).await.expect("start a container");
+    // Where it is reached is the target's choice.
+    let port = i.addr().port();
     assert!(i.id().starts_with("container "), "{}", i.id());
     let body = tokio::task::spawn_blocking(move || common::wait_for(Duration::from_secs(20), "the container to answer", || get(port))).await.expect("join");
     assert_eq!(body, "hello from demo 1.0");
@@ -73,10 +69,8 @@ async fn a_container_instance_serves_carries_labels_and_stops() {
 async fn a_container_that_exits_says_its_exit_code_and_last_output() {
     let Some(t) = engine().await else { return };
     image(&t).await;
-    let i: Arc<dyn slipway::targets::Instance> = t
-        .start_instance(request("1.0", common::free_port(), &["/demo", "migrate", "--file", "/no/such/dir/log", "--version", "1.0"]))
-        .await
-        .expect("start a container");
+    let i: Arc<dyn slipway::targets::Instance> =
+        t.start_instance(request("1.0", &["/demo", "migrate", "--file", "/no/such/dir/log", "--version", "1.0"])).await.expect("start a container");
     tokio::time::timeout(Duration::from_secs(20), i.exited()).await.expect("it exits");
     let why = i.exit().unwrap_or_default();
     assert!(why.contains("exit code 1"), "{why}");
@@ -88,10 +82,10 @@ async fn a_container_that_exits_says_its_exit_code_and_last_output() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_image_is_a_clear_error() {
     let Some(t) = engine().await else { return };
-    let mut req = request("1.0", common::free_port(), &[]);
+    let mut req = request("1.0", &[]);
     req.image = Some("slipway-test/no-such-image:1".into());
     let e = t.start_instance(req).await.err().expect("refused");
-    assert!(e.contains("slipway-test/no-such-image:1") && e.to_lowercase().contains("no such image"), "{e}");
+    assert!(e.message.contains("slipway-test/no-such-image:1") && e.message.to_lowercase().contains("no such image"), "{e}");
 }
 
 /// A Slipway serving `config` (from a temp dir), with the containers of its

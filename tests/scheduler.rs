@@ -31,6 +31,7 @@ fn spec(cmd: Vec<&str>, timeout_ms: u64) -> JobSpec {
         artifact: None,
         secrets: Default::default(),
         secret_files: Default::default(),
+        target: None,
     }
 }
 

@@ -481,7 +481,7 @@ listen = "127.0.0.1:8083"
     assert_eq!(out.status.code(), Some(3));
     let said = text(&out);
     for expected in [
-        "`image` is for containers",
+        "`image` is for targets that run images, and service \"api\" runs on target \"local\"",
         "has no `port`",
         "is not an image name without a tag",
         "not a size of at least 6m",

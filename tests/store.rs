@@ -69,6 +69,8 @@ fn spec() -> JobSpec {
             "/run/secrets/db".to_string(),
             slipway::config::secret::SecretRef { name: "db".into(), source: slipway::config::secret::SecretSource::File("/etc/slipway/db".into()) },
         )]),
+        // A non-default target: the round trip keeps it.
+        target: Some("docker".into()),
     }
 }
 

@@ -86,14 +86,11 @@ async fn docker() -> Option<UnderTest> {
 }
 
 /// The manager's targets: the one under test, under its name only, so a
-/// spec that would run elsewhere fails loudly instead of passing there.
-struct Only(UnderTest);
-
-#[async_trait::async_trait]
-impl Targets for Only {
-    async fn get(&self, name: &str) -> Result<Arc<dyn Target>, String> {
-        if name == self.0.name { Ok(self.0.target.clone()) } else { Err(format!("the suite runs on {:?} only; the manager asked for {name:?}", self.0.name)) }
-    }
+/// spec that would run elsewhere fails loudly instead of passing there
+/// (verify steps run on the node's default target, as in `slipway serve`).
+fn only(under: &UnderTest) -> Targets {
+    let targets = Targets::only(under.name, under.target.clone());
+    if under.name == slipway::targets::DEFAULT { targets } else { targets.with(slipway::targets::DEFAULT, Arc::new(LocalTarget::default())) }
 }
 
 // One test per (property, target). A new target: one line per property.
@@ -263,7 +260,7 @@ impl Harness {
     /// `slipway serve`.
     fn manager(&self) -> (Arc<ServiceManager>, CancellationToken) {
         let shutdown = CancellationToken::new();
-        let m = ServiceManager::with_targets(Arc::new(LocalTarget::default()), Arc::new(Only(self.under.clone())), self.store.clone(), shutdown.clone());
+        let m = ServiceManager::with_targets(Arc::new(only(&self.under)), self.store.clone(), shutdown.clone());
         self.managers.lock().unwrap().push((m.clone(), shutdown.clone()));
         (m, shutdown)
     }
@@ -334,29 +331,25 @@ impl Harness {
         args.iter().chain(&["--port", "{port}", "--version", "{version}"]).map(|a| a.to_string()).collect()
     }
 
-    /// A request for one instance of the demo at `version`, reached on
-    /// 127.0.0.1:`port` (versions from "9" exit at once with code 4).
-    fn demo_request(&self, version: &str, port: u16) -> InstanceRequest {
-        let inside = if self.docker() { CONTAINER_PORT } else { port };
-        let argv = self.demo_command().iter().map(|a| a.replace("{port}", &inside.to_string()).replace("{version}", version)).collect();
-        self.instance_request(version, port, argv)
+    /// A request for one instance of the demo at `version`, listening where
+    /// the target chooses (versions from "9" exit at once with code 4).
+    fn demo_request(&self, version: &str) -> InstanceRequest {
+        let argv = self.demo_command().iter().map(|a| a.replace("{version}", version)).collect();
+        self.instance_request(version, argv)
     }
 
     /// A request for one instance running `argv` (in the demo image on
-    /// docker), reached on 127.0.0.1:`port`.
-    fn instance_request(&self, version: &str, port: u16, argv: Vec<String>) -> InstanceRequest {
+    /// docker), `{port}` filled by the target.
+    fn instance_request(&self, version: &str, argv: Vec<String>) -> InstanceRequest {
         InstanceRequest {
             service: SERVICE.into(),
             environment: self.env.clone(),
             version: version.into(),
-            port,
             argv,
             env: BTreeMap::new(),
             workdir: self.dir.path().to_path_buf(),
             image: self.docker().then(|| format!("{}:{version}", self.repo)),
-            container_port: self.docker().then_some(CONTAINER_PORT),
-            memory_bytes: None,
-            millicpus: None,
+            settings: self.settings(),
             deployment_id: 0,
             spec_digest: String::new(),
             secret_env: BTreeMap::new(),
@@ -543,7 +536,7 @@ impl Harness {
     /// defaults here instead of breaking the suite.
     fn spec_with_command(&self, instances: u32, strategy: Strategy, command: Vec<String>) -> ServiceSpec {
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let container = self.docker().then(|| serde_json::json!({ "image": self.repo, "port": CONTAINER_PORT, "memory_bytes": null, "millicpus": null }));
+        let image = self.docker().then(|| serde_json::json!({ "repository": self.repo }));
         let mut spec: ServiceSpec = serde_json::from_value(serde_json::json!({
             "name": SERVICE,
             "listen": listen.to_string(),
@@ -561,15 +554,27 @@ impl Harness {
             "verify": null,
             "stop_grace": { "secs": STOP_GRACE.as_secs(), "nanos": 0 },
             "artifact": null,
-            "container": container,
+            "target": self.under.name,
+            "image": image,
+            "settings": self.settings(),
         }))
         .expect("a ServiceSpec from its serialized form");
         spec.rollout.strategy = strategy;
         // What the suite relies on, stated in types.
         assert_eq!(spec.health.check, HealthCheck::Http { path: "/healthz".into(), status: 200 });
         assert_eq!((spec.health.interval, spec.health.deadline, spec.rollout.drain), (Duration::from_millis(100), HEALTH_DEADLINE, Duration::from_millis(100)));
-        assert_eq!(spec.container.as_ref().map(|c| (c.image.as_str(), c.port)), self.docker().then_some((self.repo.as_str(), CONTAINER_PORT)));
+        assert_eq!(spec.image.as_ref().map(|c| c.repository.as_str()), self.docker().then_some(self.repo.as_str()));
         spec
+    }
+
+    /// The target's own settings of the demo service (docker: where it
+    /// listens in its container).
+    fn settings(&self) -> slipway::targets::Settings {
+        if self.docker() {
+            slipway::targets::Settings::of(&serde_json::json!({ "port": CONTAINER_PORT, "memory_bytes": null, "millicpus": null }))
+        } else {
+            slipway::targets::Settings::default()
+        }
     }
 }
 
@@ -658,7 +663,7 @@ async fn instance_lifecycle(under: UnderTest) {
         let client = probe_client();
 
         // Runs and serves.
-        let i = h.target.start_instance(h.demo_request("1.0", free_port())).await.expect("start the demo");
+        let i = h.target.start_instance(h.demo_request("1.0")).await.expect("start the demo");
         h.track(&i);
         assert!(!i.id().trim().is_empty(), "an instance has an id");
         let addr = i.addr();
@@ -682,8 +687,8 @@ async fn instance_lifecycle(under: UnderTest) {
 
         // A program that does not exist.
         let missing = "slipway-compliance-no-such-program";
-        match h.target.start_instance(h.instance_request("1.0", free_port(), vec![missing.into(), "--port".into(), "1".into()])).await {
-            Err(e) => assert!(e.contains(missing), "the error names the program: {e}"),
+        match h.target.start_instance(h.instance_request("1.0", vec![missing.into(), "--port".into(), "1".into()])).await {
+            Err(e) => assert!(e.message.contains(missing), "the error names the program: {e}"),
             Ok(i) => {
                 h.track(&i);
                 panic!("starting {missing:?} succeeded ({})", i.id());
@@ -691,7 +696,7 @@ async fn instance_lifecycle(under: UnderTest) {
         }
 
         // One that exits at once, with output.
-        let i = h.target.start_instance(h.demo_request("9.0", free_port())).await.expect("start the crashing demo");
+        let i = h.target.start_instance(h.demo_request("9.0")).await.expect("start the crashing demo");
         h.track(&i);
         assert!(tokio::time::timeout(Duration::from_secs(5), i.exited()).await.is_ok(), "exited() resolves when the instance exits by itself");
         let why = i.exit().expect("exit() is Some once exited() resolved");
@@ -1033,7 +1038,7 @@ async fn output_is_complete_once_exited(under: UnderTest) {
     h.run("output_is_complete_once_exited", async {
         let mut missing = 0;
         for _ in 0..rounds {
-            let i = h.target.start_instance(h.demo_request("9.0", free_port())).await.expect("start the crashing demo");
+            let i = h.target.start_instance(h.demo_request("9.0")).await.expect("start the crashing demo");
             h.track(&i);
             i.exited().await;
             if !i.last_output().iter().any(|l| l.contains("cannot boot")) {

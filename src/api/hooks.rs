@@ -201,7 +201,7 @@ async fn act(
             (None, None) => None,
             _ => match (&config, service.as_ref().and_then(|x| x.spec.as_ref())) {
                 (Err(_), _) => digest,
-                (_, Some(sp)) if sp.container.is_some() => image_digest.or(digest),
+                (_, Some(sp)) if sp.image.is_some() => image_digest.or(digest),
                 (_, Some(sp)) if sp.artifact.is_some() => digest,
                 _ => None,
             },

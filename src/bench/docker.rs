@@ -1196,7 +1196,7 @@ mod tests {
         assert_eq!((spec("web").instances, spec("web4").instances), (1, 4));
         assert_eq!(spec("web4").listen, local(4102));
         assert_eq!(spec("web").health.interval, HEALTH_INTERVAL);
-        assert_eq!(spec("web").container.as_ref().map(|c| c.image.as_str()), Some("127.0.0.1:5000/slipway-bench-x/demo"));
+        assert_eq!(spec("web").image.as_ref().map(|c| c.repository.as_str()), Some("127.0.0.1:5000/slipway-bench-x/demo"));
         assert!(config.jobs.iter().any(|j| j.name == "web4.rollout"), "a rollout job per service");
     }
 

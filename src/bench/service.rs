@@ -426,7 +426,10 @@ fn bench_spec(demo_bin: &Path, instances: u32, listen: SocketAddr) -> ServiceSpe
         verify: None,
         stop_grace: STOP_GRACE,
         artifact: None,
-        container: None,
+        target: crate::targets::DEFAULT.to_string(),
+        image: None,
+        secret_files: Default::default(),
+        settings: Default::default(),
     }
 }
 

@@ -16,12 +16,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CliError, exit};
 use crate::api::{self, AppState, metrics::Metrics};
+use crate::executor::Executor;
 use crate::scheduler::event::{Event, EventBus};
 use crate::scheduler::{self, Scheduler, SchedulerConfig, logwriter};
 use crate::service::ServiceManager;
 use crate::store::{self, Store};
 use crate::submit::Submitter;
-use crate::targets::{LocalTarget, NodeTargets, Target, Targets};
+use crate::targets::{NodeContext, Targets};
 
 pub struct ServeOptions {
     pub config: PathBuf,
@@ -156,7 +157,7 @@ pub struct NodeOptions {
     pub scheduler: SchedulerConfig,
     pub listener: tokio::net::TcpListener,
     /// Which containers and local processes are this installation's
-    /// (`local::installation_of_store`): only those are ever swept.
+    /// (`crate::process::installation_of_store`): only those are ever swept.
     pub scope: String,
 }
 
@@ -189,10 +190,10 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     let shutdown = CancellationToken::new();
     // The submitter reports gates and rejected revisions on the same bus.
     let events = bus.clone();
-    let target: Arc<dyn Target> = Arc::new(LocalTarget::scoped(opts.scope.clone()));
-    let targets: Arc<dyn Targets> = Arc::new(NodeTargets::new(target.clone()).scoped(opts.scope).restoring());
-    let services = ServiceManager::with_targets(target.clone(), targets.clone(), store.clone(), shutdown.clone());
-    let sched = Scheduler::new(store.clone(), target, opts.scheduler, bus).with_services(services.clone());
+    let targets = Arc::new(Targets::new(NodeContext { installation: opts.scope }).restoring());
+    let services = ServiceManager::with_targets(targets.clone(), store.clone(), shutdown.clone());
+    let executor = Arc::new(Executor::new(targets.clone()).with_services(services.clone()));
+    let sched = Scheduler::with_executor(store.clone(), executor, opts.scheduler, bus);
     // Services come back at their recorded versions while the node starts
     // taking work (a rollout waits for its service's restore).
     tokio::spawn({

@@ -168,8 +168,12 @@ pub struct Job {
     pub env: BTreeMap<String, String>,
     /// Environment variables whose values are secrets, read when it runs.
     pub secrets: BTreeMap<String, secret::SecretRef>,
-    /// Container jobs (a docker service's migration): secret files.
+    /// Jobs on targets that place files (a service's migration there):
+    /// secret files.
     pub secret_files: BTreeMap<String, secret::SecretRef>,
+    /// Where the job runs: a registered target's name; `None`, the default
+    /// target. A service's migration runs on the service's target.
+    pub target: Option<String>,
     /// Globs over the paths of a config repository: on a new git
     /// revision the job runs when a changed path matches (see
     /// `plan::changes`). Empty: not run by a change of its own.
@@ -202,10 +206,10 @@ pub enum Command {
     /// Download and verify the deployment's release tarball (run by the
     /// node, not as a process: `<service>.fetch` jobs).
     Fetch(Box<service::ArtifactSpec>),
-    /// Pull the deployment's image (by the digest pinned at submit) onto
-    /// the container engine (`<service>.fetch` of docker services), with
-    /// the registry credentials the service's container names.
-    Pull(Box<service::ContainerSpec>),
+    /// Make the deployment's image (by the digest pinned at submit)
+    /// available on the job's target (`<service>.fetch` of services on
+    /// image targets), with the registry credentials the image names.
+    Pull(Box<service::ImageSpec>),
     /// Never from a config: a stored job spec this binary cannot read
     /// (written by another version of Slipway). Running it fails with
     /// this reason instead of stalling every claim.
@@ -344,7 +348,7 @@ pub fn parse_in(file: &str, text: &str, environments: &[String]) -> Result<Confi
     };
     // Semantic checks run even when values were wrong: a bad timeout and
     // an unknown `needs` are independent mistakes, both worth reporting.
-    let config = build(raw, environments, &mut problems);
+    let config = build(raw, &schema::service_tables(&doc), environments, &mut problems);
     validate::check(&config, &mut problems);
     if problems.is_empty() {
         Ok(config)
@@ -358,7 +362,7 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or(s).trim().to_string()
 }
 
-fn type_problem(e: &toml::de::Error) -> Problem {
+pub(crate) fn type_problem(e: &toml::de::Error) -> Problem {
     let msg = first_line(e.message());
     let (kind, hint) = if msg.starts_with("missing field") {
         (ProblemKind::MissingKey, Some("add the key; see README.md for the config reference".to_string()))
@@ -563,7 +567,7 @@ pub(crate) fn check_name(s: &Spanned<String>, what: &str, problems: &mut Vec<Pro
     }
 }
 
-fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config {
+fn build(raw: Raw, service_tables: &[Spanned<toml::de::DeTable<'_>>], inherited: &[String], problems: &mut Vec<Problem>) -> Config {
     let mut project = Project { name: String::from("slipway"), parallelism: None, store: None, lease: None, max_log_bytes: None };
     if let Some(p) = raw.project {
         let p = p.into_inner();
@@ -688,8 +692,12 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
         if environments.is_empty() { vec![DEFAULT_ENVIRONMENT.to_string()] } else { environments.iter().map(|e: &Environment| e.name.clone()).collect() };
     let mut services = Vec::new();
     let mut service_jobs = Vec::new();
-    for s in raw.service {
-        let (mut svc, built) = service::build(s.into_inner(), &secrets, &registries, &env_names, problems);
+    let empty = Spanned::new(0..0, toml::de::DeTable::default());
+    for (i, s) in raw.service.into_iter().enumerate() {
+        // The same table, as the document walk saw it: a target reads its
+        // own keys from it.
+        let table = service_tables.get(i).unwrap_or(&empty);
+        let (mut svc, built) = service::build(s.into_inner(), table, &secrets, &registries, &env_names, problems);
         svc.spec = built.spec;
         services.push(svc);
         service_jobs.extend(built.jobs);
@@ -823,6 +831,7 @@ fn build(raw: Raw, inherited: &[String], problems: &mut Vec<Problem>) -> Config 
             secrets: secret::env_secrets(j.secrets.as_ref(), &j.env, &secrets, problems),
             env: j.env,
             secret_files: BTreeMap::new(),
+            target: None,
             files: j.files.iter().map(|f| f.get_ref().clone()).collect(),
         });
     }

@@ -31,9 +31,6 @@ const SERVICE: &[&str] = &[
     "stop_grace",
     "artifact",
     "image",
-    "port",
-    "memory",
-    "cpus",
     "secrets",
     "secret_files",
     "follows",
@@ -64,6 +61,28 @@ const JOB: &[&str] = &[
 ];
 const RETRY: &[&str] = &["attempts", "on", "backoff", "max_backoff"];
 
+/// The keys a `[[service]]` may have: the common ones and every
+/// registered target's own (which of those a service may use is checked
+/// against its target when it is built).
+fn service_keys() -> Vec<&'static str> {
+    SERVICE.iter().copied().chain(crate::targets::kinds().iter().flat_map(|k| k.service_keys().iter().map(|key| key.name))).collect()
+}
+
+/// Each `[[service]]` table of the document, in order, spans kept.
+pub(super) fn service_tables<'i>(doc: &Spanned<DeTable<'i>>) -> Vec<Spanned<DeTable<'i>>> {
+    let Some(v) = doc.get_ref().get("service") else { return vec![] };
+    match v.get_ref() {
+        DeValue::Array(a) => a
+            .iter()
+            .map(|t| match t.get_ref() {
+                DeValue::Table(table) => Spanned::new(t.span(), table.clone()),
+                _ => Spanned::new(t.span(), DeTable::default()),
+            })
+            .collect(),
+        _ => vec![],
+    }
+}
+
 pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
     let mut problems = Vec::new();
     check_table(doc, TOP, "", &mut problems);
@@ -71,7 +90,7 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
         let allowed = match key.get_ref().as_ref() {
             "project" => PROJECT,
             "environment" => ENVIRONMENT,
-            "service" => SERVICE,
+            "service" => &service_keys(),
             "job" => JOB,
             "registry" => REGISTRY,
             "github" => GITHUB,

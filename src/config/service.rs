@@ -47,9 +47,21 @@ pub struct ServiceSpec {
     /// A release tarball to fetch per version; the service's commands
     /// then run in its unpacked directory.
     pub artifact: Option<ArtifactSpec>,
-    /// `target = "docker"`: the image and how to run it.
+    /// Where instances run: a registered target's name (`local` unless
+    /// the service names one).
+    #[serde(default = "default_target")]
+    pub target: String,
+    /// Targets that run images: the image (its versions are its tags) and
+    /// the credentials for its registry.
     #[serde(default)]
-    pub container: Option<ContainerSpec>,
+    pub image: Option<ImageSpec>,
+    /// Targets that place files: files written into each instance before
+    /// it starts (mode 0444): absolute path in the instance → secret.
+    #[serde(default)]
+    pub secret_files: BTreeMap<String, SecretRef>,
+    /// The target's own settings ([`crate::targets::TargetKind::service_settings`]).
+    #[serde(default, skip_serializing_if = "crate::targets::Settings::is_empty")]
+    pub settings: crate::targets::Settings,
     /// Environment variables whose values are secrets, read on the node
     /// when an instance (or the migration) starts: name → secret.
     #[serde(default)]
@@ -78,25 +90,21 @@ pub(super) enum RawListen {
     PerEnvironment(BTreeMap<String, String>),
 }
 
-/// How a docker service's containers run. The deploy's version is the
-/// image tag (`image:version`); `command`, when set, replaces the image's.
+fn default_target() -> String {
+    crate::targets::DEFAULT.to_string()
+}
+
+/// The image a service on an image target runs. The deploy's version is
+/// the image tag (`image:version`), pinned to its digest when the deploy
+/// is accepted; `command`, when set, replaces the image's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContainerSpec {
+pub struct ImageSpec {
     /// `registry/repository`, without a tag.
-    pub image: String,
-    /// The port the service listens on inside the container.
-    pub port: u16,
-    pub memory_bytes: Option<u64>,
-    /// Thousandths of a CPU.
-    pub millicpus: Option<u32>,
+    pub repository: String,
     /// Credentials for the image's registry (the `[[registry]]` whose
     /// host the image names), if any.
     #[serde(default)]
     pub auth: Option<RegistryAuth>,
-    /// Files written into each container before it starts (mode 0444):
-    /// absolute path in the container → secret.
-    #[serde(default)]
-    pub secret_files: BTreeMap<String, SecretRef>,
 }
 
 /// Which published versions may deploy by themselves: `"semver"`
@@ -141,7 +149,7 @@ impl TagFilter {
 }
 
 /// "256m", "1g", "512k", or bytes.
-fn memory(s: &Spanned<String>, problems: &mut Vec<Problem>) -> Option<u64> {
+pub fn memory(s: &Spanned<String>, problems: &mut Vec<Problem>) -> Option<u64> {
     let t = s.get_ref().trim().to_ascii_lowercase();
     let (digits, mult) = match t.strip_suffix(['k', 'm', 'g']) {
         Some(d) => (
@@ -247,9 +255,6 @@ pub(super) struct RawService {
     pub stop_grace: Option<Spanned<String>>,
     pub artifact: Option<Spanned<RawArtifact>>,
     pub image: Option<Spanned<String>>,
-    pub port: Option<Spanned<i64>>,
-    pub memory: Option<Spanned<String>>,
-    pub cpus: Option<Spanned<f64>>,
     pub secrets: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     pub secret_files: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     pub follows: Option<Spanned<String>>,
@@ -348,6 +353,7 @@ fn nonneg(v: &Spanned<i64>, what: &str, max: i64, problems: &mut Vec<Problem>) -
 
 pub(super) fn build(
     raw: RawService,
+    table: &Spanned<toml::de::DeTable<'_>>,
     secrets: &BTreeMap<String, SecretRef>,
     registries: &[RegistryAuth],
     environments: &[String],
@@ -355,23 +361,30 @@ pub(super) fn build(
 ) -> (super::Service, Built) {
     check_name(&raw.name, "service", problems);
     let name = raw.name.get_ref().clone();
-    let target = match raw.target {
-        Some(t) if t.get_ref() != "local" && t.get_ref() != "docker" => {
-            problems.push(
-                Problem::new(ProblemKind::InvalidValue, Some(t.span()), format!("unknown target {:?}", t.get_ref()))
-                    .label("unknown target")
-                    .hint("this version of Slipway supports target = \"local\" and \"docker\""),
-            );
-            t.into_inner()
-        }
-        Some(t) => t.into_inner(),
-        None => "local".to_string(),
+    let known = || crate::targets::kinds().iter().map(|k| format!("{:?} ({})", k.name(), k.about())).collect::<Vec<_>>().join("; ");
+    let (target, kind) = match &raw.target {
+        Some(t) => match crate::targets::kind(t.get_ref()) {
+            Some(k) => (k.name().to_string(), Some(k)),
+            None => {
+                let hint = match super::diagnostic::did_you_mean(t.get_ref(), crate::targets::kinds().iter().map(|k| k.name())) {
+                    Some(s) => format!("did you mean {s:?}? targets: {}", known()),
+                    None => format!("targets: {}", known()),
+                };
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(t.span()), format!("unknown target {:?}", t.get_ref())).label("unknown target").hint(hint),
+                );
+                (t.get_ref().clone(), None)
+            }
+        },
+        None => (crate::targets::DEFAULT.to_string(), crate::targets::kind(crate::targets::DEFAULT)),
     };
-    let docker = target == "docker";
+    let caps = kind.map(|k| k.capabilities()).unwrap_or_default();
+    // A service on an image target is versioned by its image's tags.
+    let images = caps.uses_images;
     let follows = match (&raw.follows, &raw.image) {
-        (Some(f), _) if docker => {
+        (Some(f), _) if images => {
             problems.push(
-                Problem::new(ProblemKind::InvalidValue, Some(f.span()), "a docker service follows its own `image`")
+                Problem::new(ProblemKind::InvalidValue, Some(f.span()), format!("a service on target {target:?} follows its own `image`"))
                     .label("not needed")
                     .hint("remove `follows`"),
             );
@@ -386,7 +399,7 @@ pub(super) fn build(
             None
         }
         (Some(f), _) => Some(f.get_ref().clone()),
-        (None, Some(i)) if docker => Some(i.get_ref().to_ascii_lowercase()),
+        (None, Some(i)) if images => Some(i.get_ref().to_ascii_lowercase()),
         _ => None,
     };
     let mut auto_deploy = Vec::new();
@@ -411,7 +424,7 @@ pub(super) fn build(
         problems.push(
             Problem::new(ProblemKind::MissingKey, Some(a.span()), format!("service {name:?} has `auto_deploy` but follows no image"))
                 .label("nothing to follow")
-                .hint("add follows = \"registry/repository\" (a docker service follows its `image`)"),
+                .hint("add follows = \"registry/repository\" (a service on an image target follows its `image`)"),
         );
     }
     let tags = raw.tags.as_ref().and_then(|t| match TagFilter::parse(t.get_ref()) {
@@ -429,7 +442,7 @@ pub(super) fn build(
     // service's versions are an image's tags.
     let keep_tags = raw.keep_tags.as_ref().and_then(|k| {
         let n = positive(k, "keep_tags", MAX_KEEP_TAGS, problems)?;
-        if follows.is_none() && raw.follows.is_none() && !(docker && raw.image.is_some()) {
+        if follows.is_none() && raw.follows.is_none() && !(images && raw.image.is_some()) {
             problems.push(
                 Problem::new(
                     ProblemKind::InvalidValue,
@@ -437,31 +450,53 @@ pub(super) fn build(
                     format!("service {name:?} has `keep_tags` but no registry image whose tags it could keep"),
                 )
                 .label("no image")
-                .hint("keep_tags is for a docker service's `image` or a service that `follows` an image"),
+                .hint("keep_tags is for the `image` of a service on an image target, or a service that `follows` an image"),
             );
             return None;
         }
         Some(n as u32)
     });
-    let service = super::Service { span: raw.name.span(), name: name.clone(), target, spec: None, follows, auto_deploy, tags, keep_tags };
-    if !docker {
-        for (present, key) in [
-            (raw.image.as_ref().map(|s| s.span()), "image"),
-            (raw.port.as_ref().map(|s| s.span()), "port"),
-            (raw.memory.as_ref().map(|s| s.span()), "memory"),
-            (raw.cpus.as_ref().map(|s| s.span()), "cpus"),
-            (raw.secret_files.as_ref().map(|s| s.span()), "secret_files"),
-        ] {
-            if let Some(span) = present {
+    let service = super::Service { span: raw.name.span(), name: name.clone(), target: target.clone(), spec: None, follows, auto_deploy, tags, keep_tags };
+    // Keys this service's target does not take: the common ones its
+    // capabilities rule out, and every other target's own.
+    let able = |on: fn(&crate::targets::Capabilities) -> bool| {
+        crate::targets::kinds().iter().filter(|k| on(&k.capabilities())).map(|k| format!("{:?}", k.name())).collect::<Vec<_>>().join(", ")
+    };
+    for (present, key, allowed, what) in [
+        (raw.image.as_ref().map(|s| s.span()), "image", images, "targets that run images"),
+        (raw.secret_files.as_ref().map(|s| s.span()), "secret_files", caps.secret_files, "targets that place files in instances"),
+    ] {
+        if let (Some(span), false, Some(_)) = (present, allowed, kind) {
+            let on = if key == "image" { able(|c| c.uses_images) } else { able(|c| c.secret_files) };
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(span), format!("`{key}` is for {what}, and service {name:?} runs on target {target:?}"))
+                    .label(format!("not for {target}"))
+                    .hint(format!("set target to one of {on}, or remove the key")),
+            );
+        }
+    }
+    if let Some(kind) = kind {
+        let own: Vec<&str> = kind.service_keys().iter().map(|k| k.name).collect();
+        for (key, _) in table.get_ref().iter() {
+            let k = key.get_ref().as_ref();
+            if own.contains(&k) {
+                continue;
+            }
+            let owners: Vec<&str> = crate::targets::kinds().iter().filter(|o| o.service_keys().iter().any(|x| x.name == k)).map(|o| o.name()).collect();
+            if let Some(first) = owners.first() {
                 problems.push(
-                    Problem::new(ProblemKind::InvalidValue, Some(span), format!("`{key}` is for containers, and service {name:?} runs on the local target"))
-                        .label("docker only")
-                        .hint("add target = \"docker\" to the service, or remove the key"),
+                    Problem::new(
+                        ProblemKind::InvalidValue,
+                        Some(key.span()),
+                        format!("`{k}` is a key of target {first:?}, and service {name:?} runs on target {target:?}"),
+                    )
+                    .label(format!("{} only", owners.join("/")))
+                    .hint(format!("add target = {first:?} to the service, or remove the key")),
                 );
             }
         }
     }
-    let managed = raw.command.is_some() || (docker && raw.image.is_some());
+    let managed = raw.command.is_some() || (images && raw.image.is_some());
     if !managed {
         // Not managed: every managed-only key is a mistake worth naming.
         for (present, key) in [
@@ -475,7 +510,7 @@ pub(super) fn build(
             (raw.secrets.as_ref().map(|s| s.span()), "secrets"),
         ] {
             if let Some(span) = present {
-                let (missing, hint) = if docker {
+                let (missing, hint) = if images {
                     ("image", "add image = \"registry.example.org/team/web\" to the service")
                 } else {
                     ("command", "add command = [\"./bin/server\", \"--port\", \"{port}\"] to the service")
@@ -491,22 +526,9 @@ pub(super) fn build(
     }
     let command_span = raw.command.as_ref().map(|c| c.span()).unwrap_or_else(|| raw.name.span());
     let command = raw.command.as_ref().map(|c| argv(c, "command", problems)).unwrap_or_default();
-    let container = if docker {
-        let port = match &raw.port {
-            Some(p) if (1..=65535).contains(p.get_ref()) => Some(*p.get_ref() as u16),
-            Some(p) => {
-                problems.push(Problem::new(ProblemKind::InvalidValue, Some(p.span()), format!("`port` {} is not a port", p.get_ref())).label("1–65535"));
-                None
-            }
-            None => {
-                problems.push(
-                    Problem::new(ProblemKind::MissingKey, Some(raw.name.span()), format!("docker service {name:?} has no `port`"))
-                        .label("this service")
-                        .hint("add port = 8080: the port the service listens on inside its container"),
-                );
-                None
-            }
-        };
+    // The target's own keys, read by the target's kind.
+    let settings = kind.and_then(|k| k.service_settings(&mut crate::targets::ServiceTable { service: &name, table, problems }));
+    let image = if images {
         let image = match &raw.image {
             Some(i) if crate::config::valid_image(i.get_ref()) => Some(i.get_ref().clone()),
             Some(i) => {
@@ -519,31 +541,33 @@ pub(super) fn build(
             }
             None => {
                 problems.push(
-                    Problem::new(ProblemKind::MissingKey, Some(raw.name.span()), format!("docker service {name:?} has no `image`"))
+                    Problem::new(ProblemKind::MissingKey, Some(raw.name.span()), format!("service {name:?} on target {target:?} has no `image`"))
                         .label("this service")
                         .hint("add image = \"registry.example.org/team/web\""),
                 );
                 None
             }
         };
-        let millicpus = raw.cpus.as_ref().and_then(|c| {
-            let v = *c.get_ref();
-            if v > 0.0 && v <= 1024.0 {
-                Some((v * 1000.0).round() as u32)
-            } else {
-                problems.push(Problem::new(ProblemKind::InvalidValue, Some(c.span()), format!("`cpus` {v} is not between 0 and 1024")).label("out of range"));
-                None
-            }
-        });
-        let memory_bytes = raw.memory.as_ref().and_then(|m| memory(m, problems));
         if let Some(a) = &raw.artifact {
             problems.push(
-                Problem::new(ProblemKind::InvalidValue, Some(a.span()), "a docker service runs its image: `artifact` tarballs are for the local target")
-                    .label("not for docker")
-                    .hint("remove `artifact`; the deploy's version is the image tag"),
+                Problem::new(
+                    ProblemKind::InvalidValue,
+                    Some(a.span()),
+                    format!("a service on target {target:?} runs its image: `artifact` tarballs are for targets that run commands"),
+                )
+                .label(format!("not for {target}"))
+                .hint("remove `artifact`; the deploy's version is the image tag"),
             );
         }
-        let mut secret_files = BTreeMap::new();
+        image.map(|repository| {
+            let auth = registries.iter().find(|r| r.host == super::secret::registry_host(&repository)).cloned();
+            ImageSpec { repository, auth }
+        })
+    } else {
+        None
+    };
+    let mut secret_files = BTreeMap::new();
+    if caps.secret_files {
         for (path, secret) in raw.secret_files.iter().flat_map(|m| m.get_ref().iter()) {
             if let Some(other) = raw.secret_files.iter().flat_map(|m| m.get_ref().keys()).find(|other| *other != path && path.starts_with(&format!("{other}/")))
             {
@@ -553,7 +577,7 @@ pub(super) fn build(
                 );
             } else if !path.starts_with('/') || path.len() < 2 || path.ends_with('/') || path[1..].split('/').any(|c| c.is_empty() || c == "." || c == "..") {
                 problems.push(
-                    Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("secret file {path:?} is not an absolute file path in the container"))
+                    Problem::new(ProblemKind::InvalidValue, Some(secret.span()), format!("secret file {path:?} is not an absolute file path in the instance"))
                         .label("not /path/to/file")
                         .hint("e.g. secret_files = { \"/run/secrets/api_key\" = \"api_key\" }"),
                 );
@@ -562,15 +586,8 @@ pub(super) fn build(
                 secret_files.insert(path.clone(), r);
             }
         }
-        let auth = image.as_ref().and_then(|i| registries.iter().find(|r| r.host == super::secret::registry_host(i)).cloned());
-        match (image, port) {
-            (Some(image), Some(port)) => Some(ContainerSpec { image, port, memory_bytes, millicpus, auth, secret_files }),
-            _ => None,
-        }
-    } else {
-        None
-    };
-    if !docker && !command.iter().any(|a| a.contains("{port}")) && !raw.env.values().any(|v| v.contains("{port}")) {
+    }
+    if !images && !command.iter().any(|a| a.contains("{port}")) && !raw.env.values().any(|v| v.contains("{port}")) {
         problems.push(
             Problem::new(ProblemKind::InvalidValue, Some(command_span.clone()), format!("service {name:?}: its command never receives {{port}}"))
                 .label("no {port}")
@@ -784,9 +801,9 @@ pub(super) fn build(
     let Some(listen) = listen else {
         return (service, Built { spec: None, jobs: vec![] });
     };
-    if docker && container.is_none() {
+    let (Some(settings), false) = (settings, images && image.is_none()) else {
         return (service, Built { spec: None, jobs: vec![] });
-    }
+    };
     let secret_env = super::secret::env_secrets(raw.secrets.as_ref(), &raw.env, secrets, problems);
     let spec = ServiceSpec {
         name: name.clone(),
@@ -799,7 +816,10 @@ pub(super) fn build(
         verify,
         stop_grace,
         artifact,
-        container,
+        target: target.clone(),
+        image,
+        secret_files,
+        settings,
         secrets: secret_env,
         listen_in,
     };
@@ -820,6 +840,7 @@ pub(super) fn build(
         env: BTreeMap::new(),
         secrets: BTreeMap::new(),
         secret_files: BTreeMap::new(),
+        target: Some(target.clone()),
         files: vec![],
     };
     let mut jobs = Vec::new();
@@ -827,9 +848,9 @@ pub(super) fn build(
     // fetch → migrate → rollout: nothing runs before the tarball is
     // downloaded and its checksum verified.
     let mut migrate_needs = Vec::new();
-    if let Some(c) = &spec.container {
+    if let Some(i) = &spec.image {
         let n = fetch_job(&name);
-        jobs.push(job(n.clone(), Command::Pull(Box::new(c.clone())), Duration::from_secs(1860), true, vec![]));
+        jobs.push(job(n.clone(), Command::Pull(Box::new(i.clone())), Duration::from_secs(1860), true, vec![]));
         migrate_needs.push(n.clone());
         rollout_needs.push(n);
     } else if let Some(a) = &spec.artifact {
@@ -844,7 +865,7 @@ pub(super) fn build(
         let mut migrate = job(n.clone(), Command::Argv(m.command.clone()), m.timeout, m.idempotent, migrate_needs);
         // The migration sees what the service sees.
         migrate.secrets = spec.secrets.clone();
-        migrate.secret_files = spec.container.as_ref().map(|c| c.secret_files.clone()).unwrap_or_default();
+        migrate.secret_files = spec.secret_files.clone();
         jobs.push(migrate);
         rollout_needs = vec![n];
     }

@@ -81,11 +81,11 @@ pub fn protected(policy: &Policy, config: &Config, rows: &[ServiceRow], deployme
         |service: &str| config.services.iter().any(|s| s.name == service && s.follows.as_deref().is_some_and(|f| f.eq_ignore_ascii_case(&policy.image)));
     let mut p = Protected::default();
     for row in rows {
-        // A docker service pins a digest: what it runs is that digest,
-        // whatever its tag points at today. Its recorded spec says which
-        // image, even if the config has changed since.
-        let container = crate::store::spec::decode_service(&row.spec).ok().and_then(|s| s.container);
-        let docker_here = container.as_ref().is_some_and(|c| c.image.eq_ignore_ascii_case(&policy.image));
+        // A service on an image target pins a digest: what it runs is that
+        // digest, whatever its tag points at today. Its recorded spec says
+        // which image, even if the config has changed since.
+        let container = crate::store::spec::decode_service(&row.spec).ok().and_then(|s| s.image);
+        let docker_here = container.as_ref().is_some_and(|c| c.repository.eq_ignore_ascii_case(&policy.image));
         // A service gone from the config may still run a version of this
         // image, and nothing says which image it was: keep its versions.
         let unknown = container.is_none() && !config.services.iter().any(|s| s.name == row.service);

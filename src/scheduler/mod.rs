@@ -26,8 +26,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::revision;
-use crate::service::{RolloutRequest, ServiceManager};
-use crate::store::{ArtifactKind, ClaimedJob, FinishEffect, FinishedAttempt, Outcome, Store, StoreError, now_ms};
+use crate::executor::{Executor, JobContext};
+use crate::service::ServiceManager;
+use crate::store::{ClaimedJob, FinishEffect, FinishedAttempt, Outcome, Store, StoreError, now_ms};
 use crate::targets::{JobRequest, RunResult, Stream, Target};
 use event::{Event, EventBus};
 
@@ -213,7 +214,8 @@ impl Drop for Slot {
 
 pub struct Scheduler {
     store: Arc<dyn Store>,
-    target: Arc<dyn Target>,
+    /// Runs each job on its target (see `crate::executor`).
+    executor: Arc<Executor>,
     cfg: SchedulerConfig,
     events: EventBus,
     wake: Arc<Notify>,
@@ -222,8 +224,6 @@ pub struct Scheduler {
     /// looks, keeping a query off every job's path.
     activate: Arc<AtomicBool>,
     materialized: Arc<Mutex<HashMap<String, PathBuf>>>,
-    /// Runs `<service>.rollout` jobs; a node without one fails them.
-    services: Option<Arc<ServiceManager>>,
     store_seen: StoreSeen,
 }
 
@@ -270,23 +270,27 @@ pub fn default_node_id() -> String {
 }
 
 impl Scheduler {
+    /// Every job on `target` (in-process tests and benchmarks).
     pub fn new(store: Arc<dyn Store>, target: Arc<dyn Target>, cfg: SchedulerConfig, events: EventBus) -> Self {
+        Self::with_executor(store, Arc::new(Executor::single(target)), cfg, events)
+    }
+
+    pub fn with_executor(store: Arc<dyn Store>, executor: Arc<Executor>, cfg: SchedulerConfig, events: EventBus) -> Self {
         Scheduler {
             store,
-            target,
+            executor,
             cfg,
             events,
             wake: Arc::new(Notify::new()),
             activate: Arc::new(AtomicBool::new(true)),
             materialized: Arc::default(),
-            services: None,
             store_seen: StoreSeen::new(),
         }
     }
 
     /// Let this node run rollouts through `services`.
     pub fn with_services(mut self, services: Arc<ServiceManager>) -> Self {
-        self.services = Some(services);
+        self.executor = Arc::new((*self.executor).clone().with_services(services));
         self
     }
 
@@ -313,7 +317,8 @@ impl Scheduler {
         // Remains of jobs of a Slipway of this installation that died on
         // this host go first, so a retried job never runs beside its own
         // interrupted attempt.
-        let swept = this.target.sweep_orphans().await;
+        this.executor.start().await;
+        let swept = this.executor.sweep_jobs().await;
         if swept > 0 {
             tracing::warn!(processes = swept, "killed processes left by jobs of a Slipway process of this installation that died");
         }
@@ -363,7 +368,7 @@ impl Scheduler {
                         _ = stop.cancelled() => break,
                         _ = tokio::time::sleep(every) => {}
                     }
-                    let swept = this.target.sweep_orphans().await;
+                    let swept = this.executor.sweep_jobs().await;
                     if swept > 0 {
                         tracing::warn!(processes = swept, "killed processes left by jobs of a Slipway process of this installation that died");
                     }
@@ -502,7 +507,7 @@ impl Scheduler {
         // What a dead node left running on this host goes (and is seen
         // gone) before its jobs are retried.
         if expired.iter().any(|x| !running.contains_key(&(x.job_id, x.fence))) {
-            let swept = self.target.sweep_orphans().await;
+            let swept = self.executor.sweep_jobs().await;
             if swept > 0 {
                 tracing::warn!(processes = swept, "killed processes left by jobs of a Slipway process of this installation that died");
             }
@@ -623,7 +628,7 @@ impl Scheduler {
         // would have ended it).
         let earlier = if job.attempt > 1 {
             let within = Duration::from_millis(job.spec.timeout_ms.saturating_add(job.spec.kill_grace_ms)).saturating_add(self.cfg.lease);
-            let ended = self.target.end_earlier_attempts(job.deployment_id, &job.name, job.attempt, within, &cancel).await;
+            let ended = self.executor.end_earlier_attempts(&job.spec, job.deployment_id, &job.name, job.attempt, within, &cancel).await;
             if let Ok(n @ 1..) = ended {
                 self.events
                     .emit(note(format!(
@@ -643,13 +648,7 @@ impl Scheduler {
                 // A tarball service's migrate and rollout run in its
                 // unpacked release (fetched by the job before them).
                 let cache = self.cfg.work_dir.parent().unwrap_or(&self.cfg.work_dir).join("artifacts");
-                // (Only tarballs unpack; a container image stays in its engine.)
-                let artifact_dir =
-                    job.spec.artifact.as_ref().filter(|a| a.kind == ArtifactKind::Tarball).map(|a| crate::service::artifact::dir_for(&cache, &a.sha256));
-                let workdir = match (&job.spec.command, &artifact_dir) {
-                    (crate::config::Command::Fetch(_), _) | (_, None) => revision_dir,
-                    (_, Some(d)) => d.clone(),
-                };
+                let workdir = Executor::workdir(&job.spec, revision_dir, &cache);
                 let mut values = BTreeMap::new();
                 values.insert("deployment", job.deployment_id.to_string());
                 values.insert("env", job.environment.clone());
@@ -659,92 +658,9 @@ impl Scheduler {
                 let req = JobRequest { deployment_id: job.deployment_id, job: job.name.clone(), attempt: job.attempt, spec: job.spec.clone(), workdir, values };
                 let (tx, rx) = mpsc::channel(256);
                 let c = cancel.clone();
-                let run = match &req.spec.command {
-                    // A rollout is the service manager's, in this process:
-                    // its timeout is applied here (no process to kill).
-                    crate::config::Command::Rollout(spec) => {
-                        let services = self.services.clone();
-                        let rollout = job.version.clone().map(|version| RolloutRequest {
-                            sha256: job.spec.artifact.as_ref().map(|a| a.sha256.clone()),
-                            environment: job.environment.clone(),
-                            deployment_id: job.deployment_id,
-                            revision: job.revision.clone(),
-                            version,
-                            spec: (**spec).clone(),
-                            workdir: req.workdir.clone(),
-                        });
-                        let timeout = Duration::from_millis(req.spec.timeout_ms.max(1));
-                        tokio::spawn(async move {
-                            let (Some(services), Some(rollout)) = (services, rollout) else {
-                                return RunResult {
-                                    outcome: Outcome::Failed,
-                                    exit_code: None,
-                                    reason: Some("a rollout needs a node with a service manager and a version: use `slipway deploy SERVICE VERSION`".into()),
-                                };
-                            };
-                            let stop = c.child_token();
-                            let work = services.rollout(rollout, tx, stop.clone());
-                            tokio::pin!(work);
-                            tokio::select! {
-                                r = &mut work => r,
-                                _ = tokio::time::sleep(timeout) => {
-                                    // Ask it to stop (it rolls back), and wait for that.
-                                    stop.cancel();
-                                    let mut r = work.await;
-                                    r.reason = Some(format!("timed out after {}: {}", humantime::format_duration(timeout), r.reason.unwrap_or_default()));
-                                    if r.outcome == Outcome::Succeeded { r.outcome = Outcome::TimedOut; }
-                                    r
-                                }
-                            }
-                        })
-                    }
-                    crate::config::Command::Pull(container) => {
-                        let (services, image, pinned) = (self.services.clone(), container.clone(), req.spec.artifact.clone());
-                        tokio::spawn(async move {
-                            match (services, pinned) {
-                                (Some(s), Some(p)) => s.pull(&image, &p.sha256, tx, c).await,
-                                _ => RunResult {
-                                    outcome: Outcome::Failed,
-                                    exit_code: None,
-                                    reason: Some("no pinned image digest, or no service manager on this node".into()),
-                                },
-                            }
-                        })
-                    }
-                    crate::config::Command::Fetch(spec) => {
-                        let spec = (**spec).clone();
-                        let wanted = req.spec.artifact.clone();
-                        tokio::spawn(async move {
-                            let Some(a) = wanted else {
-                                return RunResult {
-                                    outcome: Outcome::Failed,
-                                    exit_code: None,
-                                    reason: Some("no release checksum: deploy with `--sha256` (or `digest` in the event)".into()),
-                                };
-                            };
-                            match crate::service::artifact::fetch(&spec, &a.url, &a.sha256, &cache, &tx, &c).await {
-                                Ok(_) => RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None },
-                                Err(e) if c.is_cancelled() => RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(e) },
-                                Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
-                            }
-                        })
-                    }
-                    // A container service's migration: a one-off container
-                    // of the pinned image, not a process here.
-                    crate::config::Command::Argv(_) if req.spec.artifact.as_ref().is_some_and(|a| a.kind == ArtifactKind::Image) => {
-                        let services = self.services.clone();
-                        tokio::spawn(async move {
-                            match services {
-                                Some(s) => s.run_in_container(req, tx, c).await,
-                                None => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some("no service manager on this node".into()) },
-                            }
-                        })
-                    }
-                    _ => {
-                        let target = self.target.clone();
-                        tokio::spawn(async move { target.run(req, tx, c).await })
-                    }
-                };
+                let ctx = JobContext { environment: job.environment.clone(), revision: job.revision.clone(), version: job.version.clone() };
+                let executor = self.executor.clone();
+                let run = tokio::spawn(async move { executor.run(ctx, req, &cache, tx, c).await });
                 self.forward_output(&job, rx, &redactor).await;
                 match run.await {
                     Ok(r) => r,
@@ -910,7 +826,7 @@ fn redactor_for(spec: &crate::store::JobSpec) -> crate::config::secret::Redactor
     match &spec.command {
         crate::config::Command::Rollout(s) => {
             refs.extend(s.secrets.values());
-            refs.extend(s.container.iter().flat_map(|c| c.secret_files.values()));
+            refs.extend(s.secret_files.values());
         }
         crate::config::Command::Pull(c) => refs.extend(c.auth.iter().flat_map(|a| a.password.iter().chain(a.token.iter()))),
         _ => {}

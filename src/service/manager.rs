@@ -7,8 +7,9 @@
 //! See docs/design/rollouts.md for the rollout loop and its failure cases.
 //!
 //! **Architecture Invariant:** the manager sees targets only through
-//! `dyn Target` / `dyn Instance`: health checks, the proxy and the rollout
-//! logic are the same for every target.
+//! `dyn Target` / `dyn Instance`, found by the name in the service's spec:
+//! health checks, the proxy and the rollout logic are the same for every
+//! target, and an instance is reached at the address its target gives.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -20,12 +21,11 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::health;
-use super::ports::PORTS;
 use super::proxy::Proxy;
 use crate::config::service::{ServiceSpec, Strategy};
 use crate::process::substitute;
 use crate::store::{Outcome, ServiceEvent, ServiceRow, Store, now_ms};
-use crate::targets::{Instance, InstanceRequest, JobRequest, OutputSink, RunResult, Stream, Target};
+use crate::targets::{Instance, InstanceRequest, JobRequest, OutputSink, RunResult, Stream, Target, Targets};
 
 /// A rollout to run: the job's deployment, the service as the pinned
 /// revision declares it, and the version.
@@ -72,10 +72,9 @@ struct Managed {
 }
 
 pub struct ServiceManager {
-    /// Runs `verify` steps (processes on this node).
-    target: Arc<dyn Target>,
-    /// Where instances start, by the service's target.
-    targets: Arc<dyn crate::targets::Targets>,
+    /// Where instances start, by the service's target; `verify` steps run
+    /// on the default target (they check the service from the node).
+    targets: Arc<Targets>,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
     client: reqwest::Client,
@@ -131,15 +130,24 @@ pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
 }
 
 impl ServiceManager {
+    /// Every service on `target` (in-process tests and benchmarks).
     pub fn new(target: Arc<dyn Target>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Arc<Self> {
-        let targets: Arc<dyn crate::targets::Targets> = Arc::new(crate::targets::NodeTargets::new(target.clone()));
-        Self::with_targets(target, targets, store, shutdown)
+        Self::with_targets(Arc::new(Targets::only(crate::targets::DEFAULT, target)), store, shutdown)
     }
 
     /// `targets` resolves the target each service runs on.
-    pub fn with_targets(target: Arc<dyn Target>, targets: Arc<dyn crate::targets::Targets>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn with_targets(targets: Arc<Targets>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Arc<Self> {
         let client = http_client().unwrap_or_default();
-        Arc::new(ServiceManager { target, targets, store, shutdown, client, services: Mutex::new(HashMap::new()), redactors: Default::default() })
+        Arc::new(ServiceManager { targets, store, shutdown, client, services: Mutex::new(HashMap::new()), redactors: Default::default() })
+    }
+
+    /// The target a service's instances run on.
+    async fn target_of(&self, spec: &ServiceSpec) -> Result<Arc<dyn Target>, String> {
+        match self.targets.get(&spec.target).await {
+            Ok(t) => Ok(t),
+            // A test's single target stands for every target.
+            Err(e) => self.targets.get(crate::targets::DEFAULT).await.ok().filter(|_| self.targets.is_single()).ok_or(e.message),
+        }
     }
 
     /// The service's entry, binding its proxy on first use. A port in use
@@ -203,56 +211,32 @@ impl ServiceManager {
         v
     }
 
+    /// Start one instance of `g`; where it listens is its target's choice.
     async fn start_one(&self, environment: &str, g: &Generation) -> Result<Arc<dyn Instance>, String> {
-        let mut tries = 0;
-        loop {
-            let port = PORTS.reserve()?;
-            let started = self.start_on(environment, g, port).await;
-            match &started {
-                Ok(i) => PORTS.hold(i),
-                Err(_) => PORTS.release(port),
-            }
-            // Another process on this host (a second node, anything) may
-            // take the port between our pick and the Engine's bind; the
-            // Engine says so in words, and another port will do.
-            tries += 1;
-            match started {
-                Err(e) if tries < 3 && (e.contains("port is already allocated") || e.contains("address already in use")) => {
-                    tracing::info!(service = %g.spec.name, port, "port taken before the instance bound it; another port: {e}");
-                }
-                other => return other,
-            }
-        }
-    }
-
-    async fn start_on(&self, environment: &str, g: &Generation, port: u16) -> Result<Arc<dyn Instance>, String> {
-        // In a container, `{port}` is the port inside it.
-        let values = self.values(environment, g, g.spec.container.as_ref().map(|c| c.port).unwrap_or(port));
-        let c = g.spec.container.as_ref();
+        // Every placeholder but `{port}`, which the target fills.
+        let mut values = self.values(environment, g, 0);
+        values.remove("port");
         // Read once, now, on this node: a rotated secret reaches the next
         // instance started.
         let read = |m: &BTreeMap<String, crate::config::secret::SecretRef>| -> Result<BTreeMap<String, (String, crate::config::secret::Secret)>, String> {
             m.iter().map(|(k, r)| Ok((k.clone(), (r.name.clone(), r.read()?)))).collect()
         };
         let env_secrets = read(&g.spec.secrets)?;
-        let file_secrets = c.map(|c| read(&c.secret_files)).transpose()?.unwrap_or_default();
+        let file_secrets = read(&g.spec.secret_files)?;
         let req = InstanceRequest {
             service: g.spec.name.clone(),
             environment: environment.to_string(),
             version: g.version.clone(),
-            port,
             argv: g.spec.command.iter().map(|a| substitute(a, &values)).collect(),
             env: g.spec.env.iter().map(|(k, v)| (k.clone(), substitute(v, &values))).collect(),
             workdir: g.workdir.clone(),
             // The digest pinned when the deploy was accepted, never the
             // tag: a tag moved since changes nothing.
-            image: c.map(|c| match &g.sha256 {
-                Some(hex) => format!("{}@sha256:{hex}", c.image),
-                None => format!("{}:{}", c.image, g.version),
+            image: g.spec.image.as_ref().map(|i| match &g.sha256 {
+                Some(hex) => format!("{}@sha256:{hex}", i.repository),
+                None => format!("{}:{}", i.repository, g.version),
             }),
-            container_port: c.map(|c| c.port),
-            memory_bytes: c.and_then(|c| c.memory_bytes),
-            millicpus: c.and_then(|c| c.millicpus),
+            settings: g.spec.settings.clone(),
             deployment_id: g.deployment_id,
             spec_digest: spec_digest(&g.spec),
             secret_env: env_secrets.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect(),
@@ -261,8 +245,8 @@ impl ServiceManager {
         // What note() masks: the values this instance was given.
         let given = env_secrets.values().chain(file_secrets.values()).map(|(name, v)| (name.as_str(), v));
         self.remember(environment, &g.spec.name, crate::config::secret::Redactor::of_values(given));
-        let target = self.targets.get(if c.is_some() { "docker" } else { "local" }).await?;
-        target.start_instance(req).await
+        let target = self.target_of(&g.spec).await?;
+        target.start_instance(req).await.map_err(|e| e.message)
     }
 
     /// Start `count` instances of `g` and wait until all are healthy. On
@@ -341,31 +325,6 @@ impl ServiceManager {
         }
     }
 
-    /// Make a container service's pinned image available (its
-    /// `<service>.fetch` job): `reference` is `image:tag`, `sha256` the
-    /// digest pinned when the deploy was accepted.
-    pub async fn pull(&self, container: &crate::config::service::ContainerSpec, sha256: &str, out: OutputSink, cancel: CancellationToken) -> RunResult {
-        let reference = format!("{}@sha256:{sha256}", container.image);
-        let result = match (self.targets.get("docker").await, container.auth.as_ref().map(|a| a.credentials()).transpose()) {
-            (Ok(t), Ok(auth)) => t.prepare(&reference, auth.as_ref(), &out, &cancel).await,
-            (Err(e), _) | (_, Err(e)) => Err(e),
-        };
-        match result {
-            Ok(()) => RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None },
-            Err(e) if cancel.is_cancelled() => RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(e) },
-            Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
-        }
-    }
-
-    /// Run a container service's job (its migration) as a one-off
-    /// container of the pinned image.
-    pub async fn run_in_container(&self, req: JobRequest, out: OutputSink, cancel: CancellationToken) -> RunResult {
-        match self.targets.get("docker").await {
-            Ok(t) => t.run(req, out, cancel).await,
-            Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
-        }
-    }
-
     /// Run one rollout to its end: the service runs `req.version` on all
     /// its instances, or (on failure) what it ran before.
     pub async fn rollout(self: &Arc<Self>, req: RolloutRequest, out: OutputSink, cancel: CancellationToken) -> RunResult {
@@ -437,7 +396,10 @@ impl ServiceManager {
                 workdir: new.workdir.clone(),
                 values,
             };
-            let r = self.target.run(job, out.clone(), cancel.child_token()).await;
+            let r = match self.targets.get(crate::targets::DEFAULT).await {
+                Ok(t) => t.run(job, out.clone(), cancel.child_token()).await,
+                Err(e) => RunResult::failed(e.message),
+            };
             if r.outcome != Outcome::Succeeded {
                 let why = format!("verify failed: {}", r.reason.unwrap_or_else(|| r.outcome.to_string()));
                 say.line(why.clone()).await;
@@ -782,8 +744,7 @@ impl ServiceManager {
 
     /// The values of the secrets `g`'s instances get: what `note` masks.
     fn remember_secrets(&self, environment: &str, g: &Generation) {
-        let c = g.spec.container.as_ref();
-        let secrets = g.spec.secrets.values().chain(c.into_iter().flat_map(|c| c.secret_files.values()));
+        let secrets = g.spec.secrets.values().chain(g.spec.secret_files.values());
         self.remember(environment, &g.spec.name, crate::config::secret::Redactor::of(secrets));
     }
 
@@ -798,13 +759,11 @@ impl ServiceManager {
     async fn adopt(&self, environment: &str, g: &Generation) -> Vec<Arc<dyn Instance>> {
         // Adopted instances may print secrets too.
         self.remember_secrets(environment, g);
-        let c = g.spec.container.as_ref();
-        let Ok(target) = self.targets.get(if c.is_some() { "docker" } else { "local" }).await else { return vec![] };
-        let image = c.and_then(|c| g.sha256.as_ref().map(|hex| format!("{}@sha256:{hex}", c.image)));
+        let Ok(target) = self.target_of(&g.spec).await else { return vec![] };
+        let image = g.spec.image.as_ref().and_then(|i| g.sha256.as_ref().map(|hex| format!("{}@sha256:{hex}", i.repository)));
         let spec_digest = spec_digest(&g.spec);
         let wanted = crate::targets::Adoptable { environment, service: &g.spec.name, version: &g.version, image: image.as_deref(), spec_digest: &spec_digest };
         let found = target.adopt(&wanted).await;
-        found.iter().for_each(|i| PORTS.hold(i));
         let checks = found.iter().map(|i| {
             let values = self.values(environment, g, i.addr().port());
             let i = i.clone();
@@ -839,42 +798,53 @@ impl ServiceManager {
         out
     }
 
-    /// What `slipway gc` removes (with `apply`, removes it): containers
-    /// with Slipway's labels that no live Slipway holds, and images of the
-    /// repositories docker services deploy that no environment runs or
-    /// could roll back to. Nothing else is ever touched.
+    /// What `slipway gc` removes (with `apply`, removes it), asked of every
+    /// target: what it made that no live Slipway holds (containers of dead
+    /// Slipway processes), and images of the repositories services deploy
+    /// that no environment runs or could roll back to. Nothing else is
+    /// ever touched.
     pub async fn garbage(&self, apply: bool) -> Result<GarbageReport, String> {
         let rows = self.store.services().await.map_err(|e| e.to_string())?;
         let mut keep = crate::targets::Keep::default();
         for row in &rows {
             let Ok(spec) = crate::store::spec::decode_service(&row.spec) else { continue };
-            if let Some(c) = spec.container {
-                keep.repositories.insert(c.image);
+            if let Some(i) = spec.image {
+                keep.repositories.insert(i.repository);
                 keep.digests.extend([&row.sha256, &row.previous_sha256].into_iter().flatten().map(|h| format!("sha256:{h}")));
             }
         }
         let mut notes = Vec::new();
-        if self.targets.restoring() {
+        if self.targets.is_restoring() {
             notes.push("this node is still restoring its services (and adopting their containers): ask again in a moment".into());
             return Ok(GarbageReport { garbage: Default::default(), applied: apply, notes });
         }
-        let docker = match self.targets.get("docker").await {
-            Ok(t) => t,
-            Err(e) => {
-                notes.push(format!("the Docker Engine was not asked: {e}"));
-                return Ok(GarbageReport { garbage: Default::default(), applied: apply, notes });
+        let mut found = Vec::new();
+        for kind in crate::targets::kinds() {
+            let target = match self.targets.get(kind.name()).await {
+                Ok(t) => t,
+                Err(e) => {
+                    notes.push(format!("target {:?} was not asked: {e}", kind.name()));
+                    continue;
+                }
+            };
+            let mut garbage = target.garbage(&keep).await.map_err(|e| e.message)?;
+            if garbage.containers.is_empty() && garbage.images.is_empty() {
+                continue;
             }
-        };
-        let mut garbage = docker.garbage(&keep).await?;
-        // A deploy in flight may have pulled an image it has not started
-        // yet: images wait until nothing is in flight.
-        let in_flight = self.store.deployments(500, None).await.map_err(|e| e.to_string())?.into_iter().filter(|d| !d.state.is_terminal()).count();
-        if in_flight > 0 && !garbage.images.is_empty() {
-            notes.push(format!("{in_flight} deployment(s) in flight: images are left for a later gc"));
-            garbage.images.clear();
+            // A deploy in flight may have pulled an image it has not
+            // started yet: images wait until nothing is in flight.
+            let in_flight = self.store.deployments(500, None).await.map_err(|e| e.to_string())?.into_iter().filter(|d| !d.state.is_terminal()).count();
+            if in_flight > 0 && !garbage.images.is_empty() {
+                notes.push(format!("{in_flight} deployment(s) in flight: images are left for a later gc"));
+                garbage.images.clear();
+            }
+            found.push((target, garbage));
         }
-        if apply {
-            garbage = docker.collect(&garbage).await;
+        let mut garbage = crate::targets::Garbage::default();
+        for (target, g) in found {
+            let g = if apply { target.collect(&g).await } else { g };
+            garbage.containers.extend(g.containers);
+            garbage.images.extend(g.images);
         }
         Ok(GarbageReport { garbage, applied: apply, notes })
     }

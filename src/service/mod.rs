@@ -3,12 +3,10 @@
 //!
 //! - [`proxy`]: the reverse proxy on a service's stable address; rollouts
 //!   move traffic by swapping its backend set.
-//! - `ports`: host ports for instances, never handed out twice while in use.
 
 pub mod artifact;
 pub mod health;
 pub mod manager;
-mod ports;
 pub mod proxy;
 
 pub use manager::{RolloutRequest, ServiceManager};

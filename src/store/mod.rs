@@ -215,9 +215,13 @@ pub struct JobSpec {
     /// Environment variables from secrets: only where to read them.
     #[serde(default)]
     pub secrets: std::collections::BTreeMap<String, crate::config::secret::SecretRef>,
-    /// Container jobs: files from secrets (path in the container → secret).
+    /// Jobs on targets that place files: files from secrets (path in the
+    /// instance → secret).
     #[serde(default)]
     pub secret_files: std::collections::BTreeMap<String, crate::config::secret::SecretRef>,
+    /// The target the job runs on; `None`: the default target.
+    #[serde(default)]
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -235,7 +239,7 @@ pub enum ArtifactKind {
     /// Unpacked into the node's cache; the service's commands run in it.
     #[default]
     Tarball,
-    /// Pulled onto the container engine; run by digest.
+    /// Made available on an image target; run by digest.
     Image,
 }
 
@@ -256,6 +260,7 @@ impl JobSpec {
             artifact: None,
             secrets: Default::default(),
             secret_files: Default::default(),
+            target: None,
         }
     }
 
@@ -278,6 +283,7 @@ impl JobSpec {
             artifact: None,
             secrets: job.secrets.clone(),
             secret_files: job.secret_files.clone(),
+            target: job.target.clone(),
         }
     }
 
@@ -758,6 +764,7 @@ mod tests {
             artifact: None,
             secrets: Default::default(),
             secret_files: Default::default(),
+            target: None,
         }
     }
 

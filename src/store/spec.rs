@@ -26,15 +26,16 @@ use crate::config::{self, secret, service};
 
 /// A job spec as a row holds it.
 pub fn encode_job(spec: &super::JobSpec) -> Result<String, String> {
-    let job = v1::Job::try_from(spec)?;
-    serde_json::to_string(&StoredJob::V1(job)).map_err(|e| format!("job spec: {e}"))
+    let job = v2::Job::try_from(spec)?;
+    serde_json::to_string(&StoredJob::V2(job)).map_err(|e| format!("job spec: {e}"))
 }
 
 /// A row's job spec, whatever format of it this build knows.
 pub fn decode_job(s: &str) -> Result<super::JobSpec, String> {
-    let job = match tagged::<StoredJob>(s, "job")? {
-        Tagged::Tagged(StoredJob::V1(j)) => j,
-        Tagged::Legacy(v) => serde_json::from_value::<v1::Job>(v).map_err(|e| format!("job spec: {e}"))?,
+    let job: v2::Job = match tagged::<StoredJob>(s, "job")? {
+        Tagged::Tagged(StoredJob::V2(j)) => j,
+        Tagged::Tagged(StoredJob::V1(j)) => j.into(),
+        Tagged::Legacy(v) => serde_json::from_value::<v1::Job>(v).map_err(|e| format!("job spec: {e}"))?.into(),
     };
     Ok(job.into())
 }
@@ -42,14 +43,15 @@ pub fn decode_job(s: &str) -> Result<super::JobSpec, String> {
 /// A service spec as a row holds it (`ServiceRow::spec`).
 pub fn encode_service(spec: &service::ServiceSpec) -> String {
     // Plain data (strings, numbers, maps with string keys): cannot fail.
-    serde_json::to_string(&StoredService::V1(v1::Service::from(spec))).unwrap_or_default()
+    serde_json::to_string(&StoredService::V2(v2::Service::from(spec))).unwrap_or_default()
 }
 
 /// A row's service spec, whatever format of it this build knows.
 pub fn decode_service(s: &str) -> Result<service::ServiceSpec, String> {
-    let svc = match tagged::<StoredService>(s, "service")? {
-        Tagged::Tagged(StoredService::V1(v)) => v,
-        Tagged::Legacy(v) => serde_json::from_value::<v1::Service>(v).map_err(|e| format!("service spec: {e}"))?,
+    let svc: v2::Service = match tagged::<StoredService>(s, "service")? {
+        Tagged::Tagged(StoredService::V2(v)) => v,
+        Tagged::Tagged(StoredService::V1(v)) => v.into(),
+        Tagged::Legacy(v) => serde_json::from_value::<v1::Service>(v).map_err(|e| format!("service spec: {e}"))?.into(),
     };
     Ok(svc.into())
 }
@@ -59,6 +61,8 @@ pub fn decode_service(s: &str) -> Result<service::ServiceSpec, String> {
 enum StoredJob {
     #[serde(rename = "job/1")]
     V1(v1::Job),
+    #[serde(rename = "job/2")]
+    V2(v2::Job),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -66,6 +70,8 @@ enum StoredJob {
 enum StoredService {
     #[serde(rename = "service/1")]
     V1(v1::Service),
+    #[serde(rename = "service/2")]
+    V2(v2::Service),
 }
 
 enum Tagged<T> {
@@ -238,6 +244,142 @@ mod v1 {
     }
 }
 
+/// Format `/2` (issue 14): the target is explicit. A service names its
+/// target, its image (on image targets), its secret files and the
+/// target's own settings (opaque here: the target's kind wrote them); a
+/// job names the target it runs on. Never change a field here; add a `v3`.
+mod v2 {
+    pub use super::v1::{Artifact, ArtifactSource, Health, RegistryAuth, Rollout, Secret, Step};
+    use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Job {
+        pub command: Command,
+        pub timeout_ms: u64,
+        pub kill_grace_ms: u64,
+        pub retry_attempts: u32,
+        pub retry_any: bool,
+        pub retry_exit_codes: Vec<i32>,
+        pub retry_backoff_ms: u64,
+        pub retry_max_backoff_ms: u64,
+        pub idempotent: bool,
+        pub env: BTreeMap<String, String>,
+        pub artifact: Option<Artifact>,
+        pub secrets: BTreeMap<String, Secret>,
+        pub secret_files: BTreeMap<String, Secret>,
+        /// `None`: the default target.
+        pub target: Option<String>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Command {
+        Argv(Vec<String>),
+        Shell(String),
+        Rollout(Box<Service>),
+        Fetch(Box<ArtifactSource>),
+        Pull(Box<Image>),
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Image {
+        pub repository: String,
+        pub auth: Option<RegistryAuth>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Service {
+        pub name: String,
+        pub target: String,
+        pub listen: SocketAddr,
+        pub instances: u32,
+        pub command: Vec<String>,
+        pub env: BTreeMap<String, String>,
+        pub health: Health,
+        pub rollout: Rollout,
+        pub verify: Option<Step>,
+        pub stop_grace: Duration,
+        pub artifact: Option<ArtifactSource>,
+        pub image: Option<Image>,
+        pub secrets: BTreeMap<String, Secret>,
+        pub secret_files: BTreeMap<String, Secret>,
+        /// The target's own settings, as its kind wrote them.
+        #[serde(default)]
+        pub settings: serde_json::Value,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        pub listen_in: BTreeMap<String, SocketAddr>,
+    }
+}
+
+/// Format `/1` predates targets in specs: a `container` there always
+/// meant the docker target, whose settings are the container's port and
+/// limits under the same names. (The one place outside `targets/docker/`
+/// that names it: old rows must keep meaning what they meant.)
+const V1_CONTAINER_TARGET: &str = "docker";
+
+impl From<v1::Service> for v2::Service {
+    fn from(s: v1::Service) -> Self {
+        let (target, image, secret_files, settings) = match s.container {
+            Some(c) => (
+                V1_CONTAINER_TARGET.to_string(),
+                Some(v2::Image { repository: c.image, auth: c.auth }),
+                c.secret_files,
+                serde_json::json!({ "port": c.port, "memory_bytes": c.memory_bytes, "millicpus": c.millicpus }),
+            ),
+            None => (crate::targets::DEFAULT.to_string(), None, BTreeMap::new(), serde_json::Value::Null),
+        };
+        v2::Service {
+            name: s.name,
+            target,
+            listen: s.listen,
+            instances: s.instances,
+            command: s.command,
+            env: s.env,
+            health: s.health,
+            rollout: s.rollout,
+            verify: s.verify,
+            stop_grace: s.stop_grace,
+            artifact: s.artifact,
+            image,
+            secrets: s.secrets,
+            secret_files,
+            settings,
+            listen_in: s.listen_in,
+        }
+    }
+}
+
+impl From<v1::Job> for v2::Job {
+    fn from(j: v1::Job) -> Self {
+        // A job of an image (a docker service's migration, its pull) ran
+        // on the container target.
+        let on_image = j.artifact.as_ref().is_some_and(|a| matches!(a.kind, v1::ArtifactKind::Image)) || matches!(j.command, v1::Command::Pull(_));
+        let command = match j.command {
+            v1::Command::Argv(a) => v2::Command::Argv(a),
+            v1::Command::Shell(c) => v2::Command::Shell(c),
+            v1::Command::Rollout(s) => v2::Command::Rollout(Box::new((*s).into())),
+            v1::Command::Fetch(a) => v2::Command::Fetch(a),
+            v1::Command::Pull(c) => v2::Command::Pull(Box::new(v2::Image { repository: c.image, auth: c.auth })),
+        };
+        v2::Job {
+            command,
+            timeout_ms: j.timeout_ms,
+            kill_grace_ms: j.kill_grace_ms,
+            retry_attempts: j.retry_attempts,
+            retry_any: j.retry_any,
+            retry_exit_codes: j.retry_exit_codes,
+            retry_backoff_ms: j.retry_backoff_ms,
+            retry_max_backoff_ms: j.retry_max_backoff_ms,
+            idempotent: j.idempotent,
+            env: j.env,
+            artifact: j.artifact,
+            secrets: j.secrets,
+            secret_files: j.secret_files,
+            target: on_image.then(|| V1_CONTAINER_TARGET.to_string()),
+        }
+    }
+}
+
 // ---- conversions: the only place that knows both shapes ----------------
 
 fn secrets_to(m: &BTreeMap<String, secret::SecretRef>) -> BTreeMap<String, v1::Secret> {
@@ -248,19 +390,19 @@ fn secrets_from(m: BTreeMap<String, v1::Secret>) -> BTreeMap<String, secret::Sec
     m.into_iter().map(|(k, v)| (k, v.into())).collect()
 }
 
-impl TryFrom<&super::JobSpec> for v1::Job {
+impl TryFrom<&super::JobSpec> for v2::Job {
     type Error = String;
     fn try_from(s: &super::JobSpec) -> Result<Self, String> {
         let command = match &s.command {
-            config::Command::Argv(a) => v1::Command::Argv(a.clone()),
-            config::Command::Shell(c) => v1::Command::Shell(c.clone()),
-            config::Command::Rollout(svc) => v1::Command::Rollout(Box::new(svc.as_ref().into())),
-            config::Command::Fetch(a) => v1::Command::Fetch(Box::new(a.as_ref().into())),
-            config::Command::Pull(c) => v1::Command::Pull(Box::new(c.as_ref().into())),
+            config::Command::Argv(a) => v2::Command::Argv(a.clone()),
+            config::Command::Shell(c) => v2::Command::Shell(c.clone()),
+            config::Command::Rollout(svc) => v2::Command::Rollout(Box::new(svc.as_ref().into())),
+            config::Command::Fetch(a) => v2::Command::Fetch(Box::new(a.as_ref().into())),
+            config::Command::Pull(i) => v2::Command::Pull(Box::new(i.as_ref().into())),
             // What an unreadable row reads as: never written back.
             config::Command::Unreadable(why) => return Err(format!("an unreadable job spec is not stored again ({why})")),
         };
-        Ok(v1::Job {
+        Ok(v2::Job {
             command,
             timeout_ms: s.timeout_ms,
             kill_grace_ms: s.kill_grace_ms,
@@ -281,18 +423,19 @@ impl TryFrom<&super::JobSpec> for v1::Job {
             }),
             secrets: secrets_to(&s.secrets),
             secret_files: secrets_to(&s.secret_files),
+            target: s.target.clone(),
         })
     }
 }
 
-impl From<v1::Job> for super::JobSpec {
-    fn from(j: v1::Job) -> Self {
+impl From<v2::Job> for super::JobSpec {
+    fn from(j: v2::Job) -> Self {
         let command = match j.command {
-            v1::Command::Argv(a) => config::Command::Argv(a),
-            v1::Command::Shell(c) => config::Command::Shell(c),
-            v1::Command::Rollout(s) => config::Command::Rollout(Box::new((*s).into())),
-            v1::Command::Fetch(a) => config::Command::Fetch(Box::new((*a).into())),
-            v1::Command::Pull(c) => config::Command::Pull(Box::new((*c).into())),
+            v2::Command::Argv(a) => config::Command::Argv(a),
+            v2::Command::Shell(c) => config::Command::Shell(c),
+            v2::Command::Rollout(s) => config::Command::Rollout(Box::new((*s).into())),
+            v2::Command::Fetch(a) => config::Command::Fetch(Box::new((*a).into())),
+            v2::Command::Pull(i) => config::Command::Pull(Box::new((*i).into())),
         };
         super::JobSpec {
             command,
@@ -315,6 +458,7 @@ impl From<v1::Job> for super::JobSpec {
             }),
             secrets: secrets_from(j.secrets),
             secret_files: secrets_from(j.secret_files),
+            target: j.target,
         }
     }
 }
@@ -339,10 +483,11 @@ impl From<v1::Secret> for secret::SecretRef {
     }
 }
 
-impl From<&service::ServiceSpec> for v1::Service {
+impl From<&service::ServiceSpec> for v2::Service {
     fn from(s: &service::ServiceSpec) -> Self {
-        v1::Service {
+        v2::Service {
             name: s.name.clone(),
+            target: s.target.clone(),
             listen: s.listen,
             instances: s.instances,
             command: s.command.clone(),
@@ -368,17 +513,20 @@ impl From<&service::ServiceSpec> for v1::Service {
             verify: s.verify.as_ref().map(|v| v1::Step { command: v.command.clone(), timeout: v.timeout, idempotent: v.idempotent }),
             stop_grace: s.stop_grace,
             artifact: s.artifact.as_ref().map(Into::into),
-            container: s.container.as_ref().map(Into::into),
+            image: s.image.as_ref().map(Into::into),
             secrets: secrets_to(&s.secrets),
+            secret_files: secrets_to(&s.secret_files),
+            settings: serde_json::to_value(&s.settings).unwrap_or_default(),
             listen_in: s.listen_in.clone(),
         }
     }
 }
 
-impl From<v1::Service> for service::ServiceSpec {
-    fn from(s: v1::Service) -> Self {
+impl From<v2::Service> for service::ServiceSpec {
+    fn from(s: v2::Service) -> Self {
         service::ServiceSpec {
             name: s.name,
+            target: s.target,
             listen: s.listen,
             instances: s.instances,
             command: s.command,
@@ -404,8 +552,10 @@ impl From<v1::Service> for service::ServiceSpec {
             verify: s.verify.map(|v| service::StepSpec { command: v.command, timeout: v.timeout, idempotent: v.idempotent }),
             stop_grace: s.stop_grace,
             artifact: s.artifact.map(Into::into),
-            container: s.container.map(Into::into),
+            image: s.image.map(Into::into),
             secrets: secrets_from(s.secrets),
+            secret_files: secrets_from(s.secret_files),
+            settings: serde_json::from_value(s.settings).unwrap_or_default(),
             listen_in: s.listen_in,
         }
     }
@@ -423,38 +573,30 @@ impl From<v1::ArtifactSource> for service::ArtifactSpec {
     }
 }
 
-impl From<&service::ContainerSpec> for v1::Container {
-    fn from(c: &service::ContainerSpec) -> Self {
-        v1::Container {
-            image: c.image.clone(),
-            port: c.port,
-            memory_bytes: c.memory_bytes,
-            millicpus: c.millicpus,
-            auth: c.auth.as_ref().map(|a| v1::RegistryAuth {
+impl From<&service::ImageSpec> for v2::Image {
+    fn from(i: &service::ImageSpec) -> Self {
+        v2::Image {
+            repository: i.repository.clone(),
+            auth: i.auth.as_ref().map(|a| v1::RegistryAuth {
                 host: a.host.clone(),
                 username: a.username.clone(),
                 password: a.password.as_ref().map(Into::into),
                 token: a.token.as_ref().map(Into::into),
             }),
-            secret_files: secrets_to(&c.secret_files),
         }
     }
 }
 
-impl From<v1::Container> for service::ContainerSpec {
-    fn from(c: v1::Container) -> Self {
-        service::ContainerSpec {
-            image: c.image,
-            port: c.port,
-            memory_bytes: c.memory_bytes,
-            millicpus: c.millicpus,
-            auth: c.auth.map(|a| secret::RegistryAuth {
+impl From<v2::Image> for service::ImageSpec {
+    fn from(i: v2::Image) -> Self {
+        service::ImageSpec {
+            repository: i.repository,
+            auth: i.auth.map(|a| secret::RegistryAuth {
                 host: a.host,
                 username: a.username,
                 password: a.password.map(Into::into),
                 token: a.token.map(Into::into),
             }),
-            secret_files: secrets_from(c.secret_files),
         }
     }
 }
@@ -490,22 +632,21 @@ mod tests {
                 attempts: 3,
                 timeout: Duration::from_secs(60),
             }),
-            container: Some(service::ContainerSpec {
-                image: "registry.example.invalid/shop".into(),
-                port: 8000,
-                memory_bytes: Some(1 << 26),
-                millicpus: Some(500),
+            target: "docker".into(),
+            image: Some(service::ImageSpec {
+                repository: "registry.example.invalid/shop".into(),
                 auth: Some(secret::RegistryAuth {
                     host: "registry.example.invalid".into(),
                     username: Some("ci".into()),
                     password: Some(secret("registry_password")),
                     token: None,
                 }),
-                secret_files: BTreeMap::from([(
-                    "/run/key".into(),
-                    secret::SecretRef { name: "key".into(), source: secret::SecretSource::File("/etc/key".into()) },
-                )]),
             }),
+            secret_files: BTreeMap::from([(
+                "/run/key".into(),
+                secret::SecretRef { name: "key".into(), source: secret::SecretSource::File("/etc/key".into()) },
+            )]),
+            settings: crate::targets::Settings::of(&serde_json::json!({ "port": 8000, "memory_bytes": 1 << 26, "millicpus": 500 })),
             secrets: BTreeMap::from([("DB_PASSWORD".into(), secret("db"))]),
             listen_in: BTreeMap::from([("staging".into(), "127.0.0.1:8081".parse().expect("addr"))]),
         }
@@ -518,11 +659,11 @@ mod tests {
         assert_eq!(svc.listen.port(), 39411);
         assert_eq!(svc.health.interval, Duration::from_millis(100));
         assert_eq!(job.timeout_ms, 140_800);
-        // Written again, it is the same row plus its tag.
-        let again: serde_json::Value = serde_json::from_str(&encode_job(&job).expect("encodes")).expect("json");
-        let mut old: serde_json::Value = serde_json::from_str(OLD_ROLLOUT_JOB).expect("json");
-        old.as_object_mut().expect("object").insert("format".into(), "job/1".into());
-        assert_eq!(again, old);
+        assert_eq!((svc.target.as_str(), &svc.image, &job.target), ("local", &None, &None), "format 1 without a container: the default target");
+        // Written again, it is format 2 (issue 14), and reads back the same.
+        let again = encode_job(&job).expect("encodes");
+        assert!(again.contains("\"format\":\"job/2\""), "{again}");
+        assert_eq!(decode_job(&again).expect("decodes"), job);
     }
 
     #[test]
@@ -537,9 +678,28 @@ mod tests {
         let job_encoded = encode_job(&job).expect("encodes");
         assert_eq!(decode_job(&job_encoded).expect("decodes"), job);
         // The stored shape is a contract with every store already written:
-        // a change here must be a new format, never an edit of format 1.
+        // a change here must be a new format, never an edit of format 2.
         let pretty: serde_json::Value = serde_json::from_str(&encoded).expect("json");
-        insta::assert_snapshot!("service_format_1", serde_json::to_string_pretty(&pretty).expect("json"));
+        insta::assert_snapshot!("service_format_2", serde_json::to_string_pretty(&pretty).expect("json"));
+    }
+
+    #[test]
+    // Format 1, as the builds before issue 14 wrote it (the snapshot that
+    // pinned it then): its container means the docker target, with the
+    // same image, credentials, files and settings.
+    fn issue14_a_format_1_row_with_a_container_reads_as_the_docker_target() {
+        let snap = include_str!("snapshots/slipway__store__spec__tests__service_format_1.snap");
+        let row = snap.splitn(3, "---").nth(2).expect("snapshot body").trim();
+        assert!(row.contains("\"format\": \"service/1\""), "{row}");
+        let read = decode_service(row).expect("format 1 reads");
+        assert_eq!(read, full_service());
+        let job = format!(
+            r#"{{"format":"job/1","command":{{"pull":{}}},"timeout_ms":1,"kill_grace_ms":1,"retry_attempts":1,"retry_any":false,"retry_exit_codes":[],"retry_backoff_ms":1,"retry_max_backoff_ms":1,"idempotent":true,"env":{{}},"artifact":{{"url":"registry.example.invalid/shop:1","sha256":"ab","kind":"image"}}}}"#,
+            serde_json::to_string(&serde_json::from_str::<serde_json::Value>(row).expect("json")["container"]).expect("json")
+        );
+        let job = decode_job(&job).expect("format 1 job reads");
+        assert_eq!(job.target.as_deref(), Some("docker"));
+        assert_eq!(job.command, config::Command::Pull(Box::new(full_service().image.expect("image"))));
     }
 
     #[test]

@@ -761,6 +761,7 @@ fn spec_or_unreadable(s: &str) -> JobSpec {
         artifact: None,
         secrets: Default::default(),
         secret_files: Default::default(),
+        target: None,
     })
 }
 

@@ -377,7 +377,7 @@ impl Submitter {
                 }
                 // A digest is only the same kind of thing if the artifact
                 // kind is (an image's digest, a tarball's checksum).
-                let same_kind = runs.as_ref().is_some_and(|r| r.container.is_some() == want.container.is_some());
+                let same_kind = runs.as_ref().is_some_and(|r| r.image.is_some() == want.image.is_some());
                 let digest = if same_kind { row.sha256.clone() } else { None };
                 let name = &row.service;
                 // Cheap first: the submit below does much more before its

@@ -82,7 +82,7 @@ pub struct Submitter {
     pub wake: Option<crate::scheduler::SchedulerHandle>,
     /// Resolves a container service's `image:version` to a digest when
     /// the deploy is accepted (None: such deploys are refused).
-    pub targets: Option<Arc<dyn crate::targets::Targets>>,
+    pub targets: Option<Arc<crate::targets::Targets>>,
     /// Reports what does not come from the scheduler: a deployment now
     /// waiting for an approval, a rejected config revision.
     pub events: Option<crate::scheduler::event::EventBus>,
@@ -805,24 +805,23 @@ impl Submitter {
     ) -> Result<Option<crate::store::ArtifactRef>, SubmitError> {
         let Some(service) = service else { return Ok(None) };
         let spec = config.services.iter().find(|s| s.name == service).and_then(|s| s.spec.as_ref());
-        if let Some(c) = spec.and_then(|s| s.container.as_ref()) {
-            let reference = format!("{}:{}", c.image, version.unwrap_or_default());
+        if let Some((c, target)) = spec.and_then(|s| s.image.as_ref().map(|i| (i, &s.target))) {
+            let reference = format!("{}:{}", c.repository, version.unwrap_or_default());
             let sha256 = match digest {
                 Some(d) => d,
                 None => {
                     let targets = self.targets.as_ref().ok_or_else(|| SubmitError::Invalid("this node cannot resolve image tags".into()))?;
-                    let docker = targets.get("docker").await.map_err(SubmitError::Unavailable)?;
+                    let on = targets.get(target).await.map_err(|e| SubmitError::Unavailable(e.message))?;
                     let auth = c
                         .auth
                         .as_ref()
                         .map(|a| a.credentials())
                         .transpose()
                         .map_err(|e| SubmitError::Invalid(format!("cannot pin {reference} to a digest: {e}")))?;
-                    docker
-                        .resolve(&reference, auth.as_ref())
+                    on.resolve(&reference, auth.as_ref())
                         .await
                         .map_err(|e| SubmitError::Unpinned(format!("cannot pin {reference} to a digest: {e}")))?
-                        .ok_or_else(|| SubmitError::Unpinned(format!("the docker target named no digest for {reference}")))?
+                        .ok_or_else(|| SubmitError::Unpinned(format!("target {target:?} named no digest for {reference}")))?
                 }
             };
             return Ok(Some(crate::store::ArtifactRef { url: reference, sha256, kind: crate::store::ArtifactKind::Image }));

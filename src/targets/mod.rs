@@ -1,31 +1,222 @@
-//! Where jobs run, behind the [`Target`] trait.
+//! Where jobs and service instances run: the target seam.
 //!
-//! **Architecture Invariant:** the scheduler never sees a concrete target:
-//! it hands a [`JobRequest`] to a `dyn Target` and gets a [`RunResult`]
-//! back. Output goes through an [`OutputSink`] line by line; bounding it is
-//! the scheduler's job, not the target's.
+//! A target is a folder `targets/<name>/` holding a [`TargetKind`] (its
+//! name, its [`Capabilities`], the `[[service]]` keys it adds and how it
+//! reads them, how a node builds it) and a runtime [`Target`]; the
+//! `registry!` line below lists every target. Nothing outside a target's
+//! folder names it: the config asks the kind for its keys and settings,
+//! the executor (`crate::executor`) routes jobs by the spec's target name,
+//! the service manager starts instances through `dyn Target` and reaches
+//! them at the [`Instance::addr`] the target gives.
 //!
-//! A target also runs service *instances* ([`Target::start_instance`],
-//! [`Instance`]); health checks, the proxy and rollouts are the service
-//! manager's (`crate::service`), the same for every target.
+//! **Architecture Invariant:** `src/scheduler/`, `src/service/` and
+//! `src/executor/` name no concrete target (`tests/seam.rs` checks it).
+//! What differs between targets is asked of [`Capabilities`], never of a
+//! name.
 //!
-//! Targets live in `targets/<name>/`: `local` (processes on this node) for
-//! now; Docker, SSH and ECS follow.
+//! Two rollout shapes: targets whose instances Slipway starts, checks and
+//! switches one by one ([`Target::start_instance`]: local, docker, SSH
+//! hosts), and targets that run their own rollout which Slipway starts,
+//! watches, judges and reverts ([`RolloutEngine`]: ECS, Kubernetes). See
+//! docs/design/targets.md; docs/adding-a-target.md is the recipe.
 
-pub mod docker;
-pub mod local;
-
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::secret::{Credentials, Secret};
 use crate::store::{JobSpec, Outcome};
 
+pub mod ports;
+
 pub use local::LocalTarget;
+
+/// The registry: every target, one name per folder. Adding a target is
+/// adding its name here.
+macro_rules! registry {
+    ($($name:ident),+ $(,)?) => {
+        $(pub mod $name;)+
+        /// Every registered kind of target, in registration order.
+        pub fn kinds() -> &'static [&'static dyn TargetKind] {
+            static KINDS: &[&dyn TargetKind] = &[$(&$name::KIND),+];
+            KINDS
+        }
+    };
+}
+
+registry!(local, docker);
+
+/// The target a spec names when it names none.
+pub const DEFAULT: &str = "local";
+
+/// The kind registered under `name`.
+pub fn kind(name: &str) -> Option<&'static dyn TargetKind> {
+    kinds().iter().copied().find(|k| k.name() == name)
+}
+
+/// What a kind of target can do. The rest of Slipway asks these, never a
+/// target's name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    /// Runs a job's commands (a service's migration among them).
+    pub runs_jobs: bool,
+    /// Runs instances of managed services ([`Target::start_instance`]).
+    pub runs_instances: bool,
+    /// Runs images: a service's versions are tags of its `image`, pinned
+    /// to a digest when a deploy is accepted and pulled before they run
+    /// ([`Target::resolve`], [`Target::prepare`]).
+    pub uses_images: bool,
+    /// Places files from secrets in each instance (`secret_files`).
+    pub secret_files: bool,
+    /// Runs its own rollout, which Slipway starts, watches, judges and
+    /// reverts ([`RolloutEngine`]) instead of switching instances itself.
+    pub own_rollout: bool,
+    /// Runs on machines other than the node's.
+    pub remote: bool,
+}
+
+/// A key a target adds to `[[service]]`, for the unknown-key check, the
+/// JSON Schema and the docs.
+#[derive(Debug, Clone, Copy)]
+pub struct Key {
+    pub name: &'static str,
+    /// TOML type, for people and the schema: "integer", "string", "float".
+    pub kind: &'static str,
+    pub doc: &'static str,
+}
+
+/// A target's own settings of one service, as its [`TargetKind`] read
+/// them from `[[service]]`; opaque to everything else. Stored with the
+/// service's spec, so they must stay readable by later builds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Settings(serde_json::Value);
+
+impl Settings {
+    pub fn of<T: Serialize>(value: &T) -> Settings {
+        Settings(serde_json::to_value(value).unwrap_or_default())
+    }
+
+    /// The settings as the target's own type.
+    pub fn get<T: serde::de::DeserializeOwned>(&self) -> Result<T, TargetError> {
+        serde_json::from_value(self.0.clone()).map_err(|e| TargetError::new(TargetErrorKind::Refused, format!("unreadable target settings: {e}")))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_null() || self.0.as_object().is_some_and(|o| o.is_empty())
+    }
+}
+
+/// One `[[service]]` table, as a target's kind reads its keys from it.
+pub struct ServiceTable<'a, 'i> {
+    pub service: &'a str,
+    /// The table, spans kept (relative to the whole file).
+    pub table: &'a toml::Spanned<toml::de::DeTable<'i>>,
+    pub problems: &'a mut Vec<crate::config::Problem>,
+}
+
+impl ServiceTable<'_, '_> {
+    /// This target's keys as `T` (a struct of `Option<Spanned<_>>`s that
+    /// ignores other keys); a value of the wrong type is a problem at its
+    /// place, and `None`.
+    pub fn read<T: serde::de::DeserializeOwned>(&mut self) -> Option<T> {
+        let de = toml::de::Deserializer::from(self.table.clone());
+        match T::deserialize(de) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.problems.push(crate::config::type_problem(&e));
+                None
+            }
+        }
+    }
+
+    pub fn problem(&mut self, p: crate::config::Problem) {
+        self.problems.push(p);
+    }
+}
+
+/// What a node gives a target when it builds it.
+#[derive(Debug, Clone, Default)]
+pub struct NodeContext {
+    /// The installation (see `crate::process::installation_of_store`):
+    /// what a target starts carries it, and only its orphans are swept.
+    /// Empty: in-process tests and benchmarks (nothing is ever swept).
+    pub installation: String,
+}
+
+/// A kind of target, registered with `registry!`: its config, its
+/// capabilities, and how a node builds its runtime [`Target`].
+#[async_trait]
+pub trait TargetKind: Send + Sync + 'static {
+    /// `target = "<name>"` in `[[service]]`.
+    fn name(&self) -> &'static str;
+    /// One line for people: "processes on this node".
+    fn about(&self) -> &'static str;
+    fn capabilities(&self) -> Capabilities;
+    /// The `[[service]]` keys this target adds (beyond the common ones).
+    fn service_keys(&self) -> &'static [Key] {
+        &[]
+    }
+    /// Read this target's keys of a service; problems go to
+    /// `table.problems`, each at its place, and the answer is then `None`.
+    fn service_settings(&self, _table: &mut ServiceTable<'_, '_>) -> Option<Settings> {
+        Some(Settings::default())
+    }
+    /// The node's runtime target. Called on first use and again after it
+    /// failed (an Engine that was down), never concurrently for a kind.
+    async fn build(&self, node: &NodeContext) -> Result<Arc<dyn Target>, TargetError>;
+}
+
+/// Why a target could not do something. `kind` is for code (a port taken
+/// is retried on another port; an unreachable target is reported as
+/// such); the message is for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TargetError {
+    pub kind: TargetErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetErrorKind {
+    /// The target cannot be reached (the Engine is down, a host is dead).
+    Unavailable,
+    /// The port chosen for an instance was taken before it bound it.
+    PortTaken,
+    /// What was asked for does not exist (an image, a tag).
+    NotFound,
+    /// The request cannot work as given (bad settings, refused
+    /// credentials, a missing image in the spec).
+    Refused,
+    /// This target does not do that.
+    Unsupported,
+    /// Anything else.
+    Failed,
+}
+
+impl TargetError {
+    pub fn new(kind: TargetErrorKind, message: impl Into<String>) -> Self {
+        TargetError { kind, message: message.into() }
+    }
+}
+
+impl From<String> for TargetError {
+    fn from(message: String) -> Self {
+        TargetError { kind: TargetErrorKind::Failed, message }
+    }
+}
+
+impl From<&str> for TargetError {
+    fn from(message: &str) -> Self {
+        TargetError { kind: TargetErrorKind::Failed, message: message.into() }
+    }
+}
 
 /// Everything a target needs to run one attempt of one job.
 #[derive(Debug, Clone)]
@@ -69,25 +260,27 @@ pub struct RunResult {
     pub reason: Option<String>,
 }
 
-/// One instance of a service to start: everything already resolved
-/// (placeholders filled, port chosen).
+impl RunResult {
+    pub fn failed(reason: impl Into<String>) -> Self {
+        RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(reason.into()) }
+    }
+}
+
+/// One instance of a service to start: everything resolved but where it
+/// listens, which the target chooses ([`InstanceRequest::filled`]).
 #[derive(Debug, Clone)]
 pub struct InstanceRequest {
     pub service: String,
     pub environment: String,
     pub version: String,
-    /// The port the instance must listen on (on 127.0.0.1 for `local`).
-    pub port: u16,
+    /// Argv and environment with every placeholder filled but `{port}`.
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub workdir: PathBuf,
-    /// Container targets: the image to run (by digest once pinned) and
-    /// the port inside the container (published on `port`).
+    /// Image targets: the image to run, by digest once pinned.
     pub image: Option<String>,
-    pub container_port: Option<u16>,
-    /// Container targets: limits (bytes; thousandths of a CPU).
-    pub memory_bytes: Option<u64>,
-    pub millicpus: Option<u32>,
+    /// The target's own settings of the service ([`TargetKind::service_settings`]).
+    pub settings: Settings,
     /// The deployment that rolled this version out (for labels).
     pub deployment_id: i64,
     /// A digest of the service's spec: a restart adopts only instances
@@ -97,107 +290,195 @@ pub struct InstanceRequest {
     /// Environment variables whose values are secrets (kept apart from
     /// `env` so that no `Debug` of a request ever shows them).
     pub secret_env: BTreeMap<String, Secret>,
-    /// Container targets: files to place before the start (mode 0444).
+    /// Targets with [`Capabilities::secret_files`]: files to place before
+    /// the start (mode 0444).
     pub secret_files: BTreeMap<String, Secret>,
 }
 
-/// The targets a node can start service instances on, by name. A target
-/// that needs a connection (the Docker Engine) is connected on first use
-/// and again after a failure, so an Engine that comes back resumes work.
-#[async_trait]
-pub trait Targets: Send + Sync + 'static {
-    async fn get(&self, name: &str) -> Result<std::sync::Arc<dyn Target>, String>;
-
-    /// The node's restore has adopted what it could: what dead Slipway
-    /// processes left on the targets may go now.
-    async fn after_restore(&self) {}
-
-    /// Still restoring: what looks orphaned may be about to be adopted.
-    fn restoring(&self) -> bool {
-        false
+impl InstanceRequest {
+    /// Argv and environment with `{port}` filled: the port the instance
+    /// listens on, as it sees it (inside a container, the container's).
+    pub fn filled(&self, port: u16) -> (Vec<String>, BTreeMap<String, String>) {
+        let p = port.to_string();
+        let fill = |s: &String| s.replace("{port}", &p);
+        (self.argv.iter().map(fill).collect(), self.env.iter().map(|(k, v)| (k.clone(), fill(v))).collect())
     }
 }
 
-/// This node's targets: `local` always; `docker` when its Engine answers.
-pub struct NodeTargets {
-    local: std::sync::Arc<dyn Target>,
-    docker: tokio::sync::Mutex<Option<std::sync::Arc<dyn Target>>>,
+/// A node's targets, by name, built on first use from their kinds (and
+/// again after a failure, so an Engine that comes back resumes work).
+pub struct Targets {
+    node: NodeContext,
+    /// Per registered kind: its built target, if built. One lock per kind:
+    /// a slow connection to one target never holds up another.
+    built: HashMap<&'static str, tokio::sync::Mutex<Option<Arc<dyn Target>>>>,
+    /// Targets given ready-made (tests): used as they are, never rebuilt.
+    given: HashMap<String, Arc<dyn Target>>,
     /// Until the node's restore is done, a first connection does not sweep:
     /// the restore adopts first (see [`Targets::after_restore`]).
-    restored: std::sync::atomic::AtomicBool,
-    /// The installation's container scope (see `crate::process::scope_of_store`).
-    scope: String,
+    restored: AtomicBool,
 }
 
-impl NodeTargets {
-    pub fn new(local: std::sync::Arc<dyn Target>) -> Self {
-        NodeTargets { local, docker: tokio::sync::Mutex::new(None), restored: std::sync::atomic::AtomicBool::new(true), scope: String::new() }
+impl Targets {
+    pub fn new(node: NodeContext) -> Self {
+        let built = kinds().iter().map(|k| (k.name(), tokio::sync::Mutex::new(None))).collect();
+        Targets { node, built, given: HashMap::new(), restored: AtomicBool::new(true) }
     }
 
-    /// Containers of this installation carry (and only they are touched
-    /// by) this scope.
-    pub fn scoped(mut self, scope: String) -> Self {
-        self.scope = scope;
+    /// Only `target`, under `name` (in-process tests and benchmarks).
+    pub fn only(name: &str, target: Arc<dyn Target>) -> Self {
+        Targets { node: NodeContext::default(), built: HashMap::new(), given: HashMap::from([(name.to_string(), target)]), restored: AtomicBool::new(true) }
+    }
+
+    /// `target` under `name`, instead of building that kind.
+    pub fn with(mut self, name: &str, target: Arc<dyn Target>) -> Self {
+        self.given.insert(name.to_string(), target);
         self
     }
 
     /// For a node that restores its services: sweeping waits for that.
     pub fn restoring(self) -> Self {
-        self.restored.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.restored.store(false, Ordering::SeqCst);
         self
+    }
+
+    /// Made by [`Targets::only`]: one target standing for every target.
+    pub fn is_single(&self) -> bool {
+        self.built.is_empty() && self.given.len() == 1
+    }
+
+    /// Still restoring: what looks orphaned may be about to be adopted.
+    pub fn is_restoring(&self) -> bool {
+        !self.restored.load(Ordering::SeqCst)
+    }
+
+    /// The target `name`, built (connected) if it is not yet. The error
+    /// says what is unreachable, for people.
+    pub async fn get(&self, name: &str) -> Result<Arc<dyn Target>, TargetError> {
+        if let Some(t) = self.given.get(name) {
+            return Ok(t.clone());
+        }
+        let (Some(slot), Some(kind)) = (self.built.get(name), kind(name)) else {
+            return Err(TargetError::new(TargetErrorKind::Unsupported, format!("unknown target {name:?}")));
+        };
+        let cached = slot.lock().await.clone();
+        if let Some(t) = cached {
+            // Kept across outages (it remembers what it adopted); asked
+            // first, so a target that went away is reported as such, not as
+            // whatever call failed next.
+            t.check().await?;
+            return Ok(t);
+        }
+        let mut slot = slot.lock().await;
+        if let Some(t) = &*slot {
+            return Ok(t.clone()); // built meanwhile
+        }
+        let t = kind.build(&self.node).await?;
+        // What a dead Slipway of this installation left goes first (after
+        // the restore had its chance to adopt it).
+        if self.restored.load(Ordering::SeqCst) {
+            t.sweep_orphans().await;
+        }
+        *slot = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Every target this node has built (or was given).
+    pub async fn built(&self) -> Vec<(String, Arc<dyn Target>)> {
+        let mut out: Vec<(String, Arc<dyn Target>)> = self.given.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+        for (name, slot) in &self.built {
+            if let Some(t) = slot.lock().await.clone() {
+                out.push((name.to_string(), t));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Build every registered target that can be built now (one that
+    /// cannot, an Engine that is down, is tried again on first use).
+    pub async fn start(&self) {
+        for k in kinds() {
+            if self.given.contains_key(k.name()) {
+                continue;
+            }
+            if let Err(e) = self.get(k.name()).await {
+                tracing::info!(target = k.name(), error = %e, "target not available yet; tried again on first use");
+            }
+        }
+    }
+
+    /// The node's restore has adopted what it could: what dead Slipway
+    /// processes left on the targets may go now. A target not built yet is
+    /// built now (a first build sweeps), so that no later request (a
+    /// dry-run `gc`) is what removes it.
+    pub async fn after_restore(&self) {
+        let built = self.built().await;
+        self.restored.store(true, Ordering::SeqCst);
+        for (_, t) in &built {
+            t.sweep_orphans().await;
+        }
+        for k in kinds() {
+            if !built.iter().any(|(n, _)| n == k.name()) {
+                let _ = self.get(k.name()).await;
+            }
+        }
+    }
+
+    /// The scheduler's sweep: the targets that sweep with every reap
+    /// ([`Target::sweeps_with_reaps`]) end what jobs of dead Slipway
+    /// processes left running. Returns how many they ended.
+    pub async fn sweep_jobs(&self) -> usize {
+        let mut n = 0;
+        for (_, t) in self.built().await {
+            if t.sweeps_with_reaps() {
+                n += t.sweep_orphans().await;
+            }
+        }
+        n
     }
 }
 
+/// The second rollout shape: a target that rolls a service out by itself
+/// (ECS's deployments with their circuit breaker, a Kubernetes
+/// Deployment). Slipway starts the rollout, watches it until the target
+/// reports it done or failed (or the deadline passes), judges it (its own
+/// health checks and `verify` still apply), and reverts it to the
+/// revision it recorded. No implementation yet: docs/design/targets.md
+/// maps ECS and Kubernetes onto it.
 #[async_trait]
-impl Targets for NodeTargets {
-    async fn get(&self, name: &str) -> Result<std::sync::Arc<dyn Target>, String> {
-        match name {
-            "local" => Ok(self.local.clone()),
-            "docker" => {
-                let cached = self.docker.lock().await.clone();
-                if let Some(t) = cached {
-                    // Kept across Engine outages (it remembers what it
-                    // adopted); asked first, so an Engine that went away is
-                    // reported as such, not as whatever call failed next.
-                    t.check().await?;
-                    return Ok(t);
-                }
-                let mut d = self.docker.lock().await;
-                if let Some(t) = &*d {
-                    return Ok(t.clone()); // connected meanwhile
-                }
-                let t: std::sync::Arc<dyn Target> = std::sync::Arc::new(docker::DockerTarget::connect().await.map_err(|e| e.to_string())?.scoped(&self.scope));
-                // What a dead Slipway on this host left running goes first
-                // (after the restore had its chance to adopt it).
-                if self.restored.load(std::sync::atomic::Ordering::SeqCst) {
-                    t.sweep_orphans().await;
-                }
-                *d = Some(t.clone());
-                Ok(t)
-            }
-            other => Err(format!("unknown target {other:?}")),
-        }
-    }
+pub trait RolloutEngine: Send + Sync + 'static {
+    /// Ask the target to run `version` of the service (a new task
+    /// definition revision, a patched Deployment). Returns what to revert
+    /// to (the revision it ran before) and a handle on the rollout.
+    async fn begin(&self, request: &InstanceRequest) -> Result<RolloutHandle, TargetError>;
 
-    async fn after_restore(&self) {
-        let connected = self.docker.lock().await.clone();
-        self.restored.store(true, std::sync::atomic::Ordering::SeqCst);
-        match connected {
-            Some(t) => {
-                t.sweep_orphans().await;
-            }
-            // Connect now (a first connection sweeps), so that no later
-            // request — a dry-run `gc` — is what removes them. Without an
-            // Engine this fails at once and the first later use sweeps.
-            None => {
-                let _ = self.get("docker").await;
-            }
-        }
-    }
+    /// Where the rollout is now. Called until it is not `InProgress`.
+    async fn progress(&self, handle: &RolloutHandle) -> Result<RolloutProgress, TargetError>;
 
-    fn restoring(&self) -> bool {
-        !self.restored.load(std::sync::atomic::Ordering::SeqCst)
-    }
+    /// Put back what ran before `handle` began (on failure, a timeout, a
+    /// failed verify, or `slipway rollback`).
+    async fn revert(&self, handle: &RolloutHandle) -> Result<(), TargetError>;
+}
+
+/// A rollout a [`RolloutEngine`] runs: its id and what it replaced, as
+/// the target names them (ARNs, revisions), recorded with the deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutHandle {
+    pub id: String,
+    pub previous: String,
+}
+
+/// What a target says of its own rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RolloutProgress {
+    /// Still going: the target's own words (e.g. "2 of 4 tasks running").
+    InProgress(String),
+    Completed,
+    /// The target gave up, or reverted by itself (ECS's circuit breaker):
+    /// its reason and events, for the record. Slipway never reports such a
+    /// rollout as a success.
+    Failed(String),
 }
 
 /// The instances a restarted node may take over (see [`Target::adopt`]).
@@ -338,19 +619,21 @@ pub trait Instance: Send + Sync + 'static {
 pub trait Target: Send + Sync + 'static {
     /// Start one instance of a service. An error says why, for people
     /// ("cannot start \"./server\": No such file or directory").
-    async fn start_instance(&self, _request: InstanceRequest) -> Result<std::sync::Arc<dyn Instance>, String> {
-        Err("this target cannot run service instances".into())
+    /// The target chooses where the instance listens (a free port here, a
+    /// port on its host) and fills `{port}` ([`InstanceRequest::filled`]).
+    async fn start_instance(&self, _request: InstanceRequest) -> Result<std::sync::Arc<dyn Instance>, TargetError> {
+        Err(TargetError::new(TargetErrorKind::Unsupported, "this target cannot run service instances"))
     }
 
     /// Pin `reference` (`image:tag`) to what it names now: the image's
     /// digest (hex of its SHA-256). Targets without images answer None.
-    async fn resolve(&self, _reference: &str, _auth: Option<&Credentials>) -> Result<Option<String>, String> {
+    async fn resolve(&self, _reference: &str, _auth: Option<&Credentials>) -> Result<Option<String>, TargetError> {
         Ok(None)
     }
 
     /// Make `reference` (`image@sha256:…`) available before instances
     /// start (a pull). Targets without images have nothing to do.
-    async fn prepare(&self, _reference: &str, _auth: Option<&Credentials>, _output: &OutputSink, _cancel: &CancellationToken) -> Result<(), String> {
+    async fn prepare(&self, _reference: &str, _auth: Option<&Credentials>, _output: &OutputSink, _cancel: &CancellationToken) -> Result<(), TargetError> {
         Ok(())
     }
 
@@ -360,7 +643,7 @@ pub trait Target: Send + Sync + 'static {
 
     /// Whether the target can be used now (the Docker Engine answers).
     /// The error says what is unreachable, for people.
-    async fn check(&self) -> Result<(), String> {
+    async fn check(&self) -> Result<(), TargetError> {
         Ok(())
     }
 
@@ -377,7 +660,7 @@ pub trait Target: Send + Sync + 'static {
     /// live holds (instances of dead Slipway processes nobody adopted) and
     /// artifacts of `keep.repositories` that no environment runs or could
     /// roll back to.
-    async fn garbage(&self, _keep: &Keep) -> Result<Garbage, String> {
+    async fn garbage(&self, _keep: &Keep) -> Result<Garbage, TargetError> {
         Ok(Garbage::default())
     }
 
@@ -391,6 +674,13 @@ pub trait Target: Send + Sync + 'static {
     /// expired leases, and periodically. Returns how many it stopped.
     async fn sweep_orphans(&self) -> usize {
         0
+    }
+
+    /// Whether the scheduler sweeps this target with every reap (cheap
+    /// sweeps of job processes) rather than only when the target is first
+    /// built and after the node's restore (an Engine listing).
+    fn sweeps_with_reaps(&self) -> bool {
+        false
     }
 
     /// Before attempt `attempt` (> 1) of a job starts here: end what this

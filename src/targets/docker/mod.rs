@@ -8,8 +8,12 @@
 //! touches a container without them. The instance's port is published on
 //! 127.0.0.1 only: clients reach it through Slipway's proxy.
 //!
-//! First step of the Docker issue: instances from a local image. Pulling
-//! from a registry, digests, adoption after a restart and `gc` come next.
+//! Images are pulled by the digest pinned when a deploy was accepted
+//! ([`Target::resolve`], [`Target::prepare`]); a restarted Slipway adopts
+//! the healthy containers of the version it recorded; `gc` removes what no
+//! live Slipway holds and images nothing runs or could roll back to.
+
+mod config;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -26,7 +30,11 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{Garbage, GarbageItem, Instance, InstanceRequest, JobRequest, KEEP_LINES, Keep, Lifeline, OutputSink, RunResult, Target};
+use super::{
+    Capabilities, Garbage, GarbageItem, Instance, InstanceRequest, JobRequest, KEEP_LINES, Keep, Key, Lifeline, NodeContext, OutputSink, RunResult, ServiceTable,
+    Target, TargetError, TargetErrorKind, TargetKind,
+};
+use config::Settings;
 use crate::config::secret::{Credentials, Secret};
 use crate::store::Outcome;
 
@@ -216,6 +224,39 @@ pub struct DockerInstance {
     life: Lifeline,
 }
 
+/// The `docker` kind: registered in `targets/mod.rs`.
+pub struct Kind;
+
+pub static KIND: Kind = Kind;
+
+#[async_trait]
+impl TargetKind for Kind {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    fn about(&self) -> &'static str {
+        "containers on this node's Docker Engine; instances publish their port on 127.0.0.1"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { runs_jobs: true, runs_instances: true, uses_images: true, secret_files: true, ..Capabilities::default() }
+    }
+
+    fn service_keys(&self) -> &'static [Key] {
+        config::KEYS
+    }
+
+    fn service_settings(&self, table: &mut ServiceTable<'_, '_>) -> Option<super::Settings> {
+        config::read(table).map(|s| super::Settings::of(&s))
+    }
+
+    async fn build(&self, node: &NodeContext) -> Result<Arc<dyn Target>, TargetError> {
+        let t = DockerTarget::connect().await.map_err(|e| TargetError::new(TargetErrorKind::Unavailable, e.to_string()))?;
+        Ok(Arc::new(t.scoped(&node.installation)))
+    }
+}
+
 #[async_trait]
 impl Target for DockerTarget {
     /// A one-off container from the job's pinned image (a docker
@@ -331,14 +372,14 @@ impl Target for DockerTarget {
         removed
     }
 
-    async fn check(&self) -> Result<(), String> {
+    async fn check(&self) -> Result<(), TargetError> {
         match tokio::time::timeout(Duration::from_secs(5), self.docker.ping()).await {
             Ok(Ok(_)) => {
                 retry_pending(&self.docker, &self.pending).await;
                 Ok(())
             }
-            Ok(Err(e)) => Err(DockerError::Unreachable(crate::http::error_chain(&e)).to_string()),
-            Err(_) => Err(DockerError::Unreachable("no answer within 5s".into()).to_string()),
+            Ok(Err(e)) => Err(TargetError::new(TargetErrorKind::Unavailable, DockerError::Unreachable(crate::http::error_chain(&e)).to_string())),
+            Err(_) => Err(TargetError::new(TargetErrorKind::Unavailable, DockerError::Unreachable("no answer within 5s".into()).to_string())),
         }
     }
 
@@ -360,18 +401,16 @@ impl Target for DockerTarget {
             }
             tracing::info!(container = %id, service, env = environment, version, "adopted a container left by a Slipway that died");
             let life = watch(&self.docker, &id, &self.pending);
-            out.push(Arc::new(DockerInstance {
-                docker: self.docker.clone(),
-                pending: self.pending.clone(),
-                id,
-                addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-                life,
-            }));
+            let adopted: Arc<dyn Instance> =
+                Arc::new(DockerInstance { docker: self.docker.clone(), pending: self.pending.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)), life });
+            // Its port stays booked while it lives.
+            super::ports::PORTS.hold(&adopted);
+            out.push(adopted);
         }
         out
     }
 
-    async fn garbage(&self, keep: &Keep) -> Result<Garbage, String> {
+    async fn garbage(&self, keep: &Keep) -> Result<Garbage, TargetError> {
         let containers = self.labelled().await?;
         let mut g = Garbage::default();
         // Images any container on the Engine uses (ours, other
@@ -450,18 +489,18 @@ impl Target for DockerTarget {
         gone
     }
 
-    async fn resolve(&self, reference: &str, auth: Option<&Credentials>) -> Result<Option<String>, String> {
+    async fn resolve(&self, reference: &str, auth: Option<&Credentials>) -> Result<Option<String>, TargetError> {
         let inspected = bounded(&format!("resolving {reference} in its registry"), self.docker.inspect_registry_image(reference, docker_credentials(auth)))
             .await
-            .map_err(|e| registry_error(e, auth))?;
+            .map_err(|e| registry_failure(registry_error(e, auth)))?;
         let digest = inspected.descriptor.digest.unwrap_or_default();
         match digest.strip_prefix("sha256:") {
             Some(hex) if hex.len() == 64 => Ok(Some(hex.to_string())),
-            _ => Err(format!("the registry named no sha256 digest for {reference} (got {digest:?})")),
+            _ => Err(format!("the registry named no sha256 digest for {reference} (got {digest:?})").into()),
         }
     }
 
-    async fn prepare(&self, reference: &str, auth: Option<&Credentials>, output: &OutputSink, cancel: &CancellationToken) -> Result<(), String> {
+    async fn prepare(&self, reference: &str, auth: Option<&Credentials>, output: &OutputSink, cancel: &CancellationToken) -> Result<(), TargetError> {
         let say = |line: String| async move {
             let _ = output.send((super::Stream::Stdout, format!("[pull] {line}"))).await;
         };
@@ -504,12 +543,24 @@ impl Target for DockerTarget {
                 }
             }
         }
-        Err(format!("pulling {reference} failed: {}", failures.join("; ")))
+        Err(registry_failure(format!("pulling {reference} failed: {}", failures.join("; "))))
     }
 
-    async fn start_instance(&self, req: InstanceRequest) -> Result<Arc<dyn Instance>, String> {
-        let Some(image) = req.image.clone() else { return Err(format!("service {}: the docker target needs an image", req.service)) };
-        let container_port = req.container_port.unwrap_or(req.port);
+    async fn start_instance(&self, req: InstanceRequest) -> Result<Arc<dyn Instance>, TargetError> {
+        let settings: Settings = req.settings.get()?;
+        super::ports::on_free_port(|port| self.start_on(&req, &settings, port)).await
+    }
+}
+
+impl DockerTarget {
+    /// One container of `req`, its port published on `port` of 127.0.0.1.
+    async fn start_on(&self, req: &InstanceRequest, settings: &Settings, port: u16) -> Result<Arc<dyn Instance>, TargetError> {
+        let Some(image) = req.image.clone() else {
+            return Err(TargetError::new(TargetErrorKind::Refused, format!("service {}: the docker target needs an image", req.service)));
+        };
+        let container_port = settings.port;
+        // Inside the container, `{port}` is the container's port.
+        let (argv, req_env) = req.filled(container_port);
         let port_key = format!("{container_port}/tcp");
         let labels = self.labels(HashMap::from([
             (LABEL_SERVICE.to_string(), req.service.clone()),
@@ -520,7 +571,7 @@ impl Target for DockerTarget {
             (LABEL_DEPLOYMENT.to_string(), req.deployment_id.to_string()),
             (LABEL_SPEC.to_string(), req.spec_digest.clone()),
         ]));
-        let mut env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut env: Vec<String> = req_env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         env.extend(req.secret_env.iter().map(|(k, v)| format!("{k}={}", v.expose())));
         env.push(format!("SLIPWAY_SERVICE={}", req.service));
         env.push(format!("SLIPWAY_ENV={}", req.environment));
@@ -528,42 +579,51 @@ impl Target for DockerTarget {
         env.push(format!("SLIPWAY_PORT={container_port}"));
         let body = ContainerCreateBody {
             image: Some(image.clone()),
-            cmd: (!req.argv.is_empty()).then(|| req.argv.clone()),
+            cmd: (!argv.is_empty()).then_some(argv),
             env: Some(env),
             labels: Some(labels),
             exposed_ports: Some(vec![port_key.clone()]),
             host_config: Some(HostConfig {
-                memory: req.memory_bytes.map(|b| b.min(i64::MAX as u64) as i64),
-                nano_cpus: req.millicpus.map(|m| i64::from(m) * 1_000_000),
+                memory: settings.memory_bytes.map(|b| b.min(i64::MAX as u64) as i64),
+                nano_cpus: settings.millicpus.map(|m| i64::from(m) * 1_000_000),
                 port_bindings: Some(HashMap::from([(
                     port_key,
-                    Some(vec![PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(req.port.to_string()) }]),
+                    Some(vec![PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(port.to_string()) }]),
                 )])),
                 ..Default::default()
             }),
             ..Default::default()
         };
-        let name = format!("slipway-{}-{}-{}", req.environment, req.service, req.port);
+        let name = format!("slipway-{}-{}-{}", req.environment, req.service, port);
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
-        let created = bounded(&format!("creating a container of {image}"), self.docker.create_container(Some(options), body)).await?;
+        let created = bounded(&format!("creating a container of {image}"), self.docker.create_container(Some(options), body)).await.map_err(port_taken)?;
         let id = created.id;
         if let Err(e) = upload_secrets(&self.docker, &id, &req.secret_files).await {
             remove_or_remember(&self.docker, &id, &self.pending).await;
-            return Err(e);
+            return Err(e.into());
         }
         if let Err(e) = bounded("starting the container", self.docker.start_container(&id, None)).await {
             let _ = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
-            return Err(e);
+            return Err(port_taken(e));
         }
         let life = watch(&self.docker, &id, &self.pending);
-        Ok(Arc::new(DockerInstance {
-            docker: self.docker.clone(),
-            pending: self.pending.clone(),
-            id,
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)),
-            life,
-        }))
+        Ok(Arc::new(DockerInstance { docker: self.docker.clone(), pending: self.pending.clone(), id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)), life }))
     }
+}
+
+/// A registry's answer, by kind: an unknown image or tag will not appear
+/// by retrying.
+fn registry_failure(e: String) -> TargetError {
+    let lower = e.to_lowercase();
+    let kind = if lower.contains("not found") || lower.contains("manifest unknown") { TargetErrorKind::NotFound } else { TargetErrorKind::Failed };
+    TargetError::new(kind, e)
+}
+
+/// The Engine says in words that a published port is taken (another
+/// process on this host took it between our pick and its bind).
+fn port_taken(e: String) -> TargetError {
+    let kind = if e.contains("port is already allocated") || e.contains("address already in use") { TargetErrorKind::PortTaken } else { TargetErrorKind::Failed };
+    TargetError::new(kind, e)
 }
 
 /// A tar of the secret files, built in memory. Mode 0444, as Docker's own

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::{LocalTarget, describe, kill_group, pump};
 use crate::process::program_path;
-use crate::targets::{Instance, InstanceRequest, Lifeline, Stream};
+use crate::targets::{Instance, InstanceRequest, Lifeline, Stream, TargetError, TargetErrorKind};
 
 pub struct LocalInstance {
     pgid: i32,
@@ -23,24 +23,26 @@ pub struct LocalInstance {
     life: Lifeline,
 }
 
-pub fn start(req: InstanceRequest, target: &LocalTarget) -> Result<Arc<dyn Instance>, String> {
-    let Some(program) = req.argv.first() else { return Err("empty command".into()) };
+/// Start one instance listening on `port` of 127.0.0.1.
+pub fn start(req: &InstanceRequest, target: &LocalTarget, port: u16) -> Result<Arc<dyn Instance>, TargetError> {
+    let (argv, env) = req.filled(port);
+    let Some(program) = argv.first() else { return Err(TargetError::new(TargetErrorKind::Refused, "empty command")) };
     let mut cmd = Command::new(program_path(program, &req.workdir));
     crate::process::hide_secret_sources(cmd.as_std_mut());
-    cmd.args(&req.argv[1..])
+    cmd.args(&argv[1..])
         .current_dir(&req.workdir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .envs(&req.env)
+        .envs(&env)
         .envs(req.secret_env.iter().map(|(k, v)| (k, v.expose())))
         .env("SLIPWAY_SERVICE", &req.service)
         .env("SLIPWAY_ENV", &req.environment)
         .env("SLIPWAY_VERSION", &req.version)
-        .env("SLIPWAY_PORT", req.port.to_string());
+        .env("SLIPWAY_PORT", port.to_string());
     target.mark(cmd.as_std_mut(), None);
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {program:?} in {}: {e}", req.workdir.display()))?;
+    let mut child = cmd.spawn().map_err(|e| TargetError::new(TargetErrorKind::Refused, format!("cannot start {program:?} in {}: {e}", req.workdir.display())))?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     let (life, exit_tx) = Lifeline::new();
     let (tx, mut rx) = mpsc::channel::<(Stream, String)>(256);
@@ -73,7 +75,7 @@ pub fn start(req: InstanceRequest, target: &LocalTarget) -> Result<Arc<dyn Insta
         .await;
         exit_tx.send(why);
     });
-    Ok(Arc::new(LocalInstance { pgid, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, req.port)), life }))
+    Ok(Arc::new(LocalInstance { pgid, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)), life }))
 }
 
 #[async_trait]

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 mod instance;
 
-use super::{Instance, InstanceRequest, JobRequest, MAX_LINE_BYTES, OutputSink, RunResult, Stream, Target};
+use super::{Capabilities, Instance, InstanceRequest, JobRequest, MAX_LINE_BYTES, NodeContext, OutputSink, RunResult, Stream, Target, TargetError, TargetKind};
 use crate::config;
 use crate::process::{hide_secret_sources, owner_is_dead, owner_mark, proc_stat, program_path, substitute};
 use crate::store::Outcome;
@@ -350,10 +350,38 @@ fn describe(status: std::process::ExitStatus) -> (Option<i32>, String) {
     }
 }
 
+/// The `local` kind: registered in `targets/mod.rs`.
+pub struct Kind;
+
+pub static KIND: Kind = Kind;
+
+#[async_trait]
+impl TargetKind for Kind {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn about(&self) -> &'static str {
+        "processes on the node itself; instances listen on ports of 127.0.0.1"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { runs_jobs: true, runs_instances: true, ..Capabilities::default() }
+    }
+
+    async fn build(&self, node: &NodeContext) -> Result<Arc<dyn Target>, TargetError> {
+        Ok(Arc::new(if node.installation.is_empty() { LocalTarget::default() } else { LocalTarget::scoped(node.installation.clone()) }))
+    }
+}
+
 #[async_trait]
 impl Target for LocalTarget {
-    async fn start_instance(&self, request: InstanceRequest) -> Result<std::sync::Arc<dyn Instance>, String> {
-        instance::start(request, self)
+    async fn start_instance(&self, request: InstanceRequest) -> Result<Arc<dyn Instance>, TargetError> {
+        super::ports::on_free_port(|port| std::future::ready(instance::start(&request, self, port))).await
+    }
+
+    fn sweeps_with_reaps(&self) -> bool {
+        true
     }
 
     async fn sweep_orphans(&self) -> usize {
@@ -431,7 +459,7 @@ impl Target for LocalTarget {
                     config::Command::Shell(_) => "/bin/sh".into(),
                     config::Command::Rollout(s) => format!("rollout of {}", s.name),
                     config::Command::Fetch(a) => format!("fetch of {}", a.url),
-                    config::Command::Pull(c) => format!("pull of {}", c.image),
+                    config::Command::Pull(c) => format!("pull of {}", c.repository),
                     config::Command::Unreadable(_) => "an unreadable job".into(),
                 };
                 return RunResult {

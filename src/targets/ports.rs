@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use crate::targets::Instance;
+use super::{Instance, TargetError, TargetErrorKind};
 
 /// A pending port not claimed by an instance within this is free again
 /// (its start failed somewhere that did not say so).
@@ -36,23 +36,23 @@ impl Holder {
 }
 
 #[derive(Default)]
-pub(crate) struct PortBook {
+pub struct PortBook {
     ports: Mutex<HashMap<u16, Holder>>,
 }
 
 /// One book per process: every manager (and every node a test runs in
 /// one process) shares the host's ports.
-pub(crate) static PORTS: LazyLock<PortBook> = LazyLock::new(PortBook::default);
+pub static PORTS: LazyLock<PortBook> = LazyLock::new(PortBook::default);
 
 impl PortBook {
     /// A port free on 127.0.0.1 and not in the book, now pending.
-    pub(crate) fn reserve(&self) -> Result<u16, String> {
+    pub fn reserve(&self) -> Result<u16, TargetError> {
         for _ in 0..TRIES {
             let port = std::net::TcpListener::bind(("127.0.0.1", 0))
                 .and_then(|l| l.local_addr())
                 .map(|a| a.port())
-                .map_err(|e| format!("cannot find a free port: {e}"))?;
-            let mut ports = self.ports.lock().map_err(|_| "the port book is poisoned".to_string())?;
+                .map_err(|e| TargetError::new(TargetErrorKind::Unavailable, format!("cannot find a free port: {e}")))?;
+            let mut ports = self.ports.lock().map_err(|_| TargetError::from("the port book is poisoned"))?;
             let now = Instant::now();
             ports.retain(|_, h| h.live(now));
             if let std::collections::hash_map::Entry::Vacant(v) = ports.entry(port) {
@@ -60,22 +60,48 @@ impl PortBook {
                 return Ok(port);
             }
         }
-        Err(format!("cannot find a free port: the kernel offered {TRIES} ports this node already uses"))
+        Err(TargetError::new(TargetErrorKind::Unavailable, format!("cannot find a free port: the kernel offered {TRIES} ports this node already uses")))
     }
 
     /// `instance` runs on its port: the port stays booked while it lives.
-    pub(crate) fn hold(&self, instance: &Arc<dyn Instance>) {
+    pub fn hold(&self, instance: &Arc<dyn Instance>) {
         if let Ok(mut ports) = self.ports.lock() {
             ports.insert(instance.addr().port(), Holder::Instance(Arc::downgrade(instance)));
         }
     }
 
     /// A pending port whose instance did not start.
-    pub(crate) fn release(&self, port: u16) {
+    pub fn release(&self, port: u16) {
         if let Ok(mut ports) = self.ports.lock()
             && matches!(ports.get(&port), Some(Holder::Pending(_)))
         {
             ports.remove(&port);
+        }
+    }
+}
+
+/// Start an instance on a port of 127.0.0.1 from the book: `start(port)`,
+/// again on another port (twice at most) when something else on this
+/// host took the port between our pick and the instance's bind.
+pub async fn on_free_port<F, Fut>(mut start: F) -> Result<Arc<dyn Instance>, TargetError>
+where
+    F: FnMut(u16) -> Fut,
+    Fut: std::future::Future<Output = Result<Arc<dyn Instance>, TargetError>>,
+{
+    let mut tries = 0;
+    loop {
+        let port = PORTS.reserve()?;
+        let started = start(port).await;
+        match &started {
+            Ok(i) => PORTS.hold(i),
+            Err(_) => PORTS.release(port),
+        }
+        tries += 1;
+        match started {
+            Err(e) if tries < 3 && e.kind == TargetErrorKind::PortTaken => {
+                tracing::info!(port, "port taken before the instance bound it; another port: {e}");
+            }
+            other => return other,
         }
     }
 }

@@ -1,0 +1,121 @@
+//! The target seam holds (issue 14): the scheduler, the executor and the
+//! service manager name no concrete target, and every target lives in its
+//! own folder under `src/targets/`, registered in one line.
+//!
+//! A target's name is its folder's name; naming it means writing it as a
+//! string (`"docker"`), a path (`docker::`) or its type (`DockerTarget`).
+//! Comments are not code and are skipped.
+
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The registered targets: the folders under src/targets/.
+fn targets() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root().join("src/targets"))
+        .expect("src/targets")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())).filter_map(|e| e.ok()) {
+        let p = e.path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// The code of a line: what comes before a `//` comment.
+fn code(line: &str) -> &str {
+    match line.find("//") {
+        Some(i) if !line[..i].ends_with(':') => &line[..i],
+        _ => line,
+    }
+}
+
+fn camel(name: &str) -> String {
+    let mut c = name.chars();
+    c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+}
+
+/// Every place in `dirs` that names a registered target.
+fn namings(dirs: &[&str]) -> Vec<String> {
+    let names = targets();
+    let mut files = Vec::new();
+    for d in dirs {
+        rust_files(&root().join(d), &mut files);
+    }
+    let mut found = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).expect("read");
+        for (n, line) in text.lines().enumerate() {
+            let line = code(line);
+            for name in &names {
+                let forms = [format!("\"{name}\""), format!("{name}::"), format!("{}Target", camel(name))];
+                if let Some(form) = forms.iter().find(|form| line.contains(form.as_str())) {
+                    found.push(format!("{}:{}: names target {name} ({form}): {}", f.strip_prefix(root()).unwrap_or(&f).display(), n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn issue14_the_scheduler_executor_and_service_manager_name_no_target() {
+    let names = targets();
+    assert!(names.contains(&"local".to_string()) && names.len() >= 2, "targets found: {names:?}");
+    let found = namings(&["src/scheduler", "src/executor", "src/service"]);
+    assert!(found.is_empty(), "these must ask Targets by the spec's name, or a target's Capabilities, instead:\n{}", found.join("\n"));
+}
+
+#[test]
+fn issue14_every_target_folder_is_registered_in_one_line() {
+    let module = std::fs::read_to_string(root().join("src/targets/mod.rs")).expect("src/targets/mod.rs");
+    let line = module.lines().find(|l| l.starts_with("registry!(")).expect("a `registry!(…);` line in src/targets/mod.rs");
+    let listed: Vec<String> =
+        line.trim_start_matches("registry!(").trim_end_matches(");").split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(sorted, targets(), "the folders under src/targets/ and the registry line differ: {line}");
+    for name in &listed {
+        let kind = slipway::targets::kind(name).unwrap_or_else(|| panic!("{name} is listed but not registered under its folder's name"));
+        assert_eq!(kind.name(), name);
+    }
+}
+
+#[test]
+// The unknown-key check, the JSON Schema and the docs take a target's keys
+// from its kind: one list. A key of one target on another's service is
+// refused, naming the target it belongs to.
+fn issue14_a_targets_keys_come_from_its_kind() {
+    for kind in slipway::targets::kinds() {
+        for key in kind.service_keys() {
+            let other = slipway::targets::kinds().iter().find(|k| !k.service_keys().iter().any(|x| x.name == key.name));
+            let Some(other) = other else { continue };
+            let toml = format!(
+                "[[service]]\nname = \"web\"\ntarget = \"{}\"\ncommand = [\"./web\", \"{{port}}\"]\nlisten = \"127.0.0.1:8080\"\n{} = {}\n",
+                other.name(),
+                key.name,
+                match key.kind {
+                    "integer" => "8080",
+                    "float" => "0.5",
+                    _ => "\"x\"",
+                }
+            );
+            let err = slipway::config::parse("slipway.toml", &toml).expect_err("a foreign key is refused");
+            let wanted = format!("`{}` is a key of target \"{}\"", key.name, kind.name());
+            assert!(err.problems.iter().any(|p| p.message.contains(&wanted)), "{}: {:?}", key.name, err.problems);
+        }
+    }
+}
