@@ -16,7 +16,7 @@ done
 docker info >/dev/null 2>&1 || { echo "docker-demo: the Docker Engine does not answer (is dockerd running?)"; exit 1; }
 
 echo "==> building slipway and the demo service"
-cargo build --quiet --bins
+cargo build --quiet -p slipway -p slipway-demo
 bin="$PWD/target/debug/slipway"
 demo="$PWD/target/debug/slipway-demo"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "==> building slipway and the demo service"
-cargo build --quiet --bins
+cargo build --quiet -p slipway -p slipway-demo
 bin="$PWD/target/debug/slipway"
 demo="$PWD/target/debug/slipway-demo"
 

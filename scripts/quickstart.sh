@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "==> building slipway and the demo service (slipway-demo)"
-cargo build --quiet --bins
+cargo build --quiet -p slipway -p slipway-demo
 bin="$PWD/target/debug/slipway"
 # The demo config runs `slipway-demo` from PATH; its migration appends here.
 export PATH="$PWD/target/debug:$PATH"

@@ -56,10 +56,23 @@ export SLIPWAY_TEST_POSTGRES="postgres://slipway@127.0.0.1:$port/postgres"
 export SLIPWAY_REQUIRE_POSTGRES=1
 echo "test.sh: PostgreSQL on 127.0.0.1:$port"
 
-# Two cores in CI: keep test binaries' own parallelism modest, since many
+# The demo service the tests deploy is a crate of its own, which a test of
+# the root package cannot name with env!(): built once here and passed on
+# (tests/common/mod.rs builds it itself when this is not set).
+SLIPWAY_DEMO_BIN=$(cargo build --quiet -p slipway-demo --bin slipway-demo --message-format=json-render-diagnostics | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "slipway-demo" and m.get("executable"):
+        print(m["executable"])')
+[ -x "$SLIPWAY_DEMO_BIN" ] || { echo "test.sh: cannot build slipway-demo" >&2; exit 1; }
+export SLIPWAY_DEMO_BIN
+
+# The whole workspace: the engine, slipway-bench and slipway-demo. Two
+# cores in CI: keep test binaries' own parallelism modest, since many
 # tests run real processes and real servers.
 if command -v cargo-nextest >/dev/null; then
-  cargo nextest run --no-fail-fast --test-threads 4 "$@"
+  cargo nextest run --workspace --no-fail-fast --test-threads 4 "$@"
 else
-  cargo test --no-fail-fast "$@" -- --test-threads 4
+  cargo test --workspace --no-fail-fast "$@" -- --test-threads 4
 fi

@@ -87,7 +87,5 @@ mod tests {
         // service manager and artifact downloads
         crate::service::manager::http_client().expect("service manager client");
         crate::service::artifact::http_client().expect("artifact client");
-        // bench
-        crate::bench::docker::http_client().expect("bench client");
     }
 }

@@ -19,10 +19,11 @@
 //! - [`api`]: the HTTP API, `/metrics`, `/healthz`; the only place wire types are serialized.
 //! - [`http`]: every outgoing HTTP client — reqwest with rustls (ring provider) and the system's CA roots.
 //! - [`cli`]: the `slipway` command line, a client of the API (and of the config for `validate`/`plan`).
-//! - [`bench`]: `slipway bench`, the scheduler against ninja on the same random graphs.
+//!
+//! The benchmarks (`crates/slipway-bench`) and the demo service
+//! (`crates/slipway-demo`) are crates of their own in this workspace.
 
 pub mod api;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod executor;

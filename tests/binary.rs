@@ -1035,7 +1035,7 @@ while [ ! -e "$GATE" ]; do sleep 0.1; done
 /// An installation for the issue 13 tests: a job that waits for a gate
 /// and a service `web` (the demo server) on `port`.
 fn installation(name: &str, port: u16) -> Fx {
-    let demo = env!("CARGO_BIN_EXE_slipway-demo");
+    let demo = common::demo_bin();
     Fx::new(
         &format!(
             r#"
@@ -1368,7 +1368,7 @@ fn logs_follow_then_plan_from_history() {
 #[test]
 fn a_secret_in_slipways_environment_reaches_only_what_lists_it() {
     let port = common::free_port();
-    let demo = env!("CARGO_BIN_EXE_slipway-demo");
+    let demo = common::demo_bin();
     let config = format!(
         r#"
 [secret.api]
@@ -1406,7 +1406,7 @@ command = "echo peek sees ${{SLIPWAY_TEST_API_SECRET:-nothing}} and ${{API_KEY:-
 #[test]
 fn issue6_a_secret_printed_by_a_job_or_an_instance_is_masked_everywhere() {
     let port = common::free_port();
-    let demo = env!("CARGO_BIN_EXE_slipway-demo");
+    let demo = common::demo_bin();
     let secrets = tempfile::tempdir().expect("tempdir");
     let key = secrets.path().join("api-key");
     std::fs::write(&key, "topsecret-9931\n").expect("write the secret");

@@ -723,7 +723,7 @@ fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
              health = {{ http = \"/healthz\", interval = \"100ms\", healthy_after = 1 }}\n",
             docker_config(port, image),
             secrets.path().join("hook").display(),
-            env!("CARGO_BIN_EXE_slipway-demo")
+            common::demo_bin()
         )
     };
     // The registry needs Slipway's address and Slipway's config the

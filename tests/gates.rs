@@ -89,7 +89,7 @@ async fn issue6_production_promotes_from_staging_after_soak_and_approval() {
     for (backend, store) in common::stores(scratch.path()).await {
         let (hook, seen) = receiver().await;
         let (staging_port, production_port) = (common::free_port(), common::free_port());
-        let demo = env!("CARGO_BIN_EXE_slipway-demo");
+        let demo = common::demo_bin();
         // A window that is closed now: two hours from now, one hour long.
         let hour = (SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() / 3600 + 2) % 24;
         let config = format!(
@@ -290,7 +290,7 @@ health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
             ports[0],
             ports[1],
             ports[2],
-            env!("CARGO_BIN_EXE_slipway-demo")
+            common::demo_bin()
         );
         let dir = common::config_dir(&config, &[]);
         let mut cfg = SchedulerConfig::new("chain", dir.path().join(".slipway/work"));

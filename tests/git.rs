@@ -85,7 +85,7 @@ command = ["{}", "serve", "--port", "{{port}}", "--version", "{{version}}"]
 health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
 "#,
         web_port(),
-        env!("CARGO_BIN_EXE_slipway-demo")
+        common::demo_bin()
     )
 }
 
@@ -470,7 +470,7 @@ instances = {instances}
 command = ["{}", "serve", "--port", "{{port}}", "--version", "{{version}}"]
 health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
 "#,
-                env!("CARGO_BIN_EXE_slipway-demo")
+                common::demo_bin()
             )
         };
         let node_config = format!(
@@ -564,7 +564,7 @@ migrate = {{ command = ["sleep", "3"] }}
 command = ["{}", "serve", "--port", "{{port}}", "--version", "{{version}}"]
 health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
 "#,
-                env!("CARGO_BIN_EXE_slipway-demo")
+                common::demo_bin()
             )
         };
         let node_config = format!("[[environment]]\nname = \"staging\"\n[environment.git]\nurl = \"{}\"\n", repo.path().display());

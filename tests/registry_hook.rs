@@ -42,7 +42,7 @@ health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
 "#,
         secret.display(),
         image.split('/').next().unwrap_or(""),
-        env!("CARGO_BIN_EXE_slipway-demo")
+        common::demo_bin()
     )
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{Server, config_dir, free_port, get_json, load, wait_for};
 
 fn demo_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_slipway-demo")
+    common::demo_bin()
 }
 
 /// A config with one managed service `web` on `port`.

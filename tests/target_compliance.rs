@@ -55,7 +55,7 @@ const VERSIONS: &[&str] = &["1.0", "2.0", "2.1", "3.0", "9.0"];
 const CONTAINER_PORT: u16 = 8080;
 
 fn demo_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_slipway-demo")
+    common::demo_bin()
 }
 
 // ---- the targets -------------------------------------------------------------

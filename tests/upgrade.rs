@@ -41,7 +41,7 @@ fn tokens(kind: &str) -> HashMap<String, String> {
 
 /// `slipway-demo` (the fixture's service) is found on PATH.
 fn path_with_demo() -> String {
-    let demo = PathBuf::from(env!("CARGO_BIN_EXE_slipway-demo"));
+    let demo = PathBuf::from(common::demo_bin());
     format!("{}:{}", demo.parent().expect("bin dir").display(), std::env::var("PATH").unwrap_or_default())
 }
 

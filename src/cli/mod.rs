@@ -1,5 +1,5 @@
-//! The `slipway` command line. `validate`, `plan` and `bench` work on
-//! local files; everything else is a client of a running `slipway serve`
+//! The `slipway` command line. `validate` and `plan` work on local
+//! files; everything else is a client of a running `slipway serve`
 //! through the HTTP API. Exit codes: [`exit`].
 
 pub mod client;
@@ -100,8 +100,6 @@ pub enum Command {
     /// the tags kept and why, and the older manifests nothing runs or could
     /// roll back to. A dry run unless --apply, which deletes them.
     Retention(GcArgs),
-    /// Measure the scheduler against ninja on the same random graphs.
-    Bench(BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -263,54 +261,6 @@ pub struct LogsArgs {
     pub follow: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BenchWhat {
-    /// The scheduler against ninja on random graphs.
-    Scheduler,
-    /// The service proxy against the service hit directly (wrk), and the
-    /// engine's own share of a rollout.
-    Services,
-    /// A container service: failed requests while `docker-compose up -d`
-    /// recreates it and while Slipway rolls it out (wrk for `--wrk-secs`
-    /// with `--connections`), and a rollout of `--instances` containers.
-    Docker,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    #[arg(value_enum, default_value = "scheduler")]
-    pub what: BenchWhat,
-    /// services, docker: each wrk run, in seconds.
-    #[arg(long, default_value_t = 10)]
-    pub wrk_secs: u64,
-    /// services, docker: wrk's connections.
-    #[arg(long, default_value_t = 32)]
-    pub connections: u32,
-    /// services, docker: instances in the measured rollout.
-    #[arg(long, default_value_t = 4)]
-    pub instances: u32,
-    #[arg(long, default_value_t = 1000)]
-    pub jobs: usize,
-    #[arg(long, default_value_t = 50)]
-    pub width: usize,
-    /// Slots for the no-op graph (Slipway's parallelism and ninja's -j).
-    #[arg(long, default_value_t = 8)]
-    pub parallelism: usize,
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    /// No-op graph: runs of each, alternating; the median ratio is
-    /// reported (one run is at the mercy of whatever else the machine does).
-    #[arg(long, default_value_t = 5)]
-    pub rounds: usize,
-    /// Sleeping graph: shortest job, in ms.
-    #[arg(long, default_value_t = 200)]
-    pub sleep_min_ms: u64,
-    /// Sleeping graph: longest job, in ms. (Much shorter jobs measure
-    /// process start-up more than scheduling: ninja itself then misses 2%.)
-    #[arg(long, default_value_t = 1000)]
-    pub sleep_max_ms: u64,
-}
-
 /// An error the binary prints before exiting with `code`.
 #[derive(Debug)]
 pub struct CliError {
@@ -420,36 +370,6 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 );
             }
             Ok(exit::OK)
-        }
-        Command::Bench(a) if a.what == BenchWhat::Services => {
-            match crate::bench::service::run(load_options(&a, cli.json), &crate::bench::service::default_demo_bin()).await {
-                Ok(_) => Ok(exit::OK),
-                Err(e) => Err(CliError::new(exit::INTERNAL, e.to_string())),
-            }
-        }
-        Command::Bench(a) if a.what == BenchWhat::Docker => {
-            match crate::bench::docker::run(load_options(&a, cli.json), &crate::bench::service::default_demo_bin()).await {
-                Ok(_) => Ok(exit::OK),
-                Err(e @ crate::bench::docker::DockerBenchError::Interrupted) => Err(CliError::new(exit::INTERRUPTED, e.to_string())),
-                Err(e) => Err(CliError::new(exit::INTERNAL, e.to_string())),
-            }
-        }
-        Command::Bench(a) => {
-            let report = crate::bench::run(crate::bench::BenchOptions {
-                jobs: a.jobs,
-                width: a.width,
-                parallelism: a.parallelism,
-                seed: a.seed,
-                rounds: a.rounds,
-                sleep_min_ms: a.sleep_min_ms,
-                sleep_max_ms: a.sleep_max_ms,
-                json: cli.json,
-            })
-            .await;
-            match report {
-                Ok(_) => Ok(exit::OK),
-                Err(e) => Err(CliError::new(exit::INTERNAL, e.to_string())),
-            }
         }
     }
 }
@@ -1018,17 +938,6 @@ fn render_plan_retention(r: Option<Result<RetentionInfo, String>>, sqlite_missin
         }
     }
     out
-}
-
-/// The options the load benches (`services`, `docker`) share.
-fn load_options(a: &BenchArgs, json: bool) -> crate::bench::wrk::LoadBenchOptions {
-    crate::bench::wrk::LoadBenchOptions {
-        duration: Duration::from_secs(a.wrk_secs),
-        connections: a.connections,
-        threads: 2,
-        rollout_instances: a.instances,
-        json,
-    }
 }
 
 /// The first 12 characters of an id (as `docker ps` shows them).

@@ -29,7 +29,7 @@ pub async fn engine() -> Option<DockerTarget> {
 
 /// The demo binary and every library `ldd` names for it, by absolute path.
 fn demo_files() -> Vec<String> {
-    let demo = env!("CARGO_BIN_EXE_slipway-demo");
+    let demo = common::demo_bin();
     let ldd = Command::new("ldd").arg(demo).output().expect("run ldd");
     let mut files: Vec<String> =
         String::from_utf8_lossy(&ldd.stdout).lines().filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')).map(str::to_string)).collect();
@@ -41,7 +41,7 @@ fn demo_files() -> Vec<String> {
 /// A tar of / for the image: the demo at /demo, plus every library `ldd`
 /// names, at the same paths.
 pub fn rootfs() -> Vec<u8> {
-    let demo = env!("CARGO_BIN_EXE_slipway-demo");
+    let demo = common::demo_bin();
     let mut b = tar::Builder::new(Vec::new());
     // Plain ustar entries with the bytes read whole: the Engine's
     // importer refuses GNU sparse entries.
@@ -68,7 +68,7 @@ const BUILD_LABEL: &str = "slipway.test.demo-build";
 fn demo_build() -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    for f in std::iter::once(env!("CARGO_BIN_EXE_slipway-demo").to_string()).chain(demo_files()) {
+    for f in std::iter::once(common::demo_bin().to_string()).chain(demo_files()) {
         let meta = std::fs::metadata(&f).unwrap_or_else(|e| panic!("stat {f}: {e}"));
         (&f, meta.len(), meta.modified().ok()).hash(&mut h);
     }

@@ -47,6 +47,52 @@ pub fn slipway_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_slipway"))
 }
 
+/// The demo service's binary (`crates/slipway-demo`). It is a package of
+/// its own, so `env!("CARGO_BIN_EXE_…")` cannot name it here and a test run
+/// of this package alone does not build it: `SLIPWAY_DEMO_BIN` when set
+/// (scripts/test.sh builds it once and sets it), else built here with
+/// cargo, once per test process (cargo rebuilds it only when it changed).
+pub fn demo_bin() -> &'static str {
+    static DEMO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DEMO.get_or_init(|| {
+        if let Some(p) = std::env::var_os("SLIPWAY_DEMO_BIN") {
+            let p = PathBuf::from(p);
+            assert!(p.is_file(), "SLIPWAY_DEMO_BIN={} is not a file", p.display());
+            return p.to_string_lossy().into_owned();
+        }
+        build_demo()
+    })
+}
+
+/// `cargo build -p slipway-demo`, in the profile this test was built in
+/// (`release` when `slipway` sits in a `release` directory), and the path
+/// of the binary cargo reports.
+fn build_demo() -> String {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let release = Path::new(env!("CARGO_BIN_EXE_slipway")).parent().and_then(Path::file_name).is_some_and(|d| d == "release");
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+        "build",
+        "--quiet",
+        "-p",
+        "slipway-demo",
+        "--bin",
+        "slipway-demo",
+        "--message-format=json-render-diagnostics",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().expect("run cargo to build slipway-demo");
+    assert!(out.status.success(), "cargo build -p slipway-demo failed ({})", out.status);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "slipway-demo")
+        .find_map(|m| m["executable"].as_str().map(str::to_string))
+        .expect("cargo named no slipway-demo executable")
+}
+
 /// A port for a test to listen on. Below the kernel's ephemeral range
 /// (32768–60999 here): ports from `bind(:0)` — the instances Slipway
 /// starts, outgoing connections — come from there, and a port picked there

@@ -1,4 +1,4 @@
-//! `slipway bench docker`: one container service under `docker-compose`
+//! `slipway-bench docker`: one container service under `docker-compose`
 //! and under Slipway, on this machine's Docker Engine.
 //!
 //! - **failed requests during a change**: the demo in one container,
@@ -55,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wrk::{LoadBenchError, LoadBenchOptions, find_demo, find_wrk, free_port, io, read_wrk, run_wrk, socket_errors, wrk_version};
 use super::{BenchError, TempDir, find_on_path, ms};
-use crate::targets::docker::{DockerError, DockerTarget};
+use slipway::targets::docker::{DockerError, DockerTarget};
 
 /// The load test's change, and the timed rollouts after it.
 pub const VERSIONS: [&str; 4] = ["1.0", "2.0", "2.1", "2.2"];
@@ -100,6 +100,8 @@ pub enum DockerBenchError {
     Compose { args: String, reason: String },
     #[error("docker-registry: {0}")]
     Registry(String),
+    #[error("the slipway binary {0} does not exist (build it: cargo build --release -p slipway)")]
+    SlipwayMissing(PathBuf),
     #[error("slipway serve: {0}")]
     Server(String),
     #[error("deploy {service} {version}: {reason}")]
@@ -238,7 +240,7 @@ impl DockerBenchReport {
         let (c, s) = (&l.compose, &l.slipway);
         let r = &self.rollout;
         let mut out = format!(
-            "slipway bench docker: {} cores shared by wrk, dockerd, the containers, docker-compose and Slipway; {}; {}; Docker Engine {}\n\n\
+            "slipway-bench docker: {} cores shared by wrk, dockerd, the containers, docker-compose and Slipway; {}; {}; Docker Engine {}\n\n\
              one container of the demo under load (wrk -t{} -c{} -d{}s; the image changes {} → {} {:.1}s in):\n",
             self.cores, self.wrk_version, self.compose_version, self.engine_version, l.threads, l.connections, l.duration_secs, l.from, l.to, l.change_at_secs,
         );
@@ -668,10 +670,10 @@ async fn remove_labelled(docker: &Docker, label: &str) -> Result<usize, DockerBe
 
 /// The bench's client of the Slipway API it starts.
 pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
-    crate::http::client(|b| b.timeout(Duration::from_secs(10)))
+    slipway::http::client(|b| b.timeout(Duration::from_secs(10)))
 }
 
-/// `slipway serve` (this binary) on the bench config, and its API.
+/// `slipway serve` on the bench config, and its API.
 struct Server {
     child: tokio::process::Child,
     url: String,
@@ -680,12 +682,11 @@ struct Server {
 }
 
 impl Server {
-    async fn start(config_dir: &Path, store: &Path, log: PathBuf) -> Result<Server, DockerBenchError> {
-        let exe = std::env::current_exe().map_err(io("cannot find the slipway binary"))?;
+    async fn start(exe: &Path, config_dir: &Path, store: &Path, log: PathBuf) -> Result<Server, DockerBenchError> {
         let port = free_port()?;
         let out = std::fs::File::create(&log).map_err(io(format!("cannot create {}", log.display())))?;
         let err = out.try_clone().map_err(io("cannot duplicate the server log"))?;
-        let child = tokio::process::Command::new(&exe)
+        let child = tokio::process::Command::new(exe)
             .arg("--config")
             .arg(config_dir)
             .args(["serve", "--listen", &local(port).to_string(), "--shutdown-grace", "5s", "--store"])
@@ -876,7 +877,7 @@ impl Leftovers {
         }
         match remove_labelled(&self.docker, &format!("slipway.environment={}", self.env)).await {
             Ok(0) => {}
-            Ok(n) => eprintln!("slipway bench docker: removed {n} container(s) slipway serve left"),
+            Ok(n) => eprintln!("slipway-bench docker: removed {n} container(s) slipway serve left"),
             Err(e) => left.push(format!("Slipway's containers (label slipway.environment={}): {e}", self.env)),
         }
         for c in &self.compose {
@@ -917,9 +918,10 @@ fn run_id() -> String {
 }
 
 /// Run both measurements, print the report (human or JSON) to stdout and
-/// return it. `demo_bin` is the `slipway-demo` binary
-/// ([`super::service::default_demo_bin`] finds it next to `slipway`).
-pub async fn run(opts: LoadBenchOptions, demo_bin: &Path) -> Result<DockerBenchReport, DockerBenchError> {
+/// return it. `slipway_bin` is the `slipway` binary that serves, `demo_bin`
+/// the `slipway-demo` binary ([`super::sibling_bin`] finds both next to
+/// `slipway-bench`).
+pub async fn run(opts: LoadBenchOptions, slipway_bin: &Path, demo_bin: &Path) -> Result<DockerBenchReport, DockerBenchError> {
     opts.check_wrk()?;
     if opts.duration < Duration::from_secs(4) || opts.duration.subsec_nanos() != 0 {
         return Err(LoadBenchError::Options("--wrk-secs must be a whole number of seconds, at least 4 (the change needs room)".into()).into());
@@ -936,6 +938,7 @@ pub async fn run(opts: LoadBenchOptions, demo_bin: &Path) -> Result<DockerBenchR
         .or_else(|| find_on_path("docker-registry"))
         .ok_or(DockerBenchError::RegistryMissing)?;
     let demo = find_demo(demo_bin)?;
+    let slipway = std::fs::canonicalize(slipway_bin).ok().filter(|p| p.is_file()).ok_or_else(|| DockerBenchError::SlipwayMissing(slipway_bin.to_path_buf()))?;
     let target = DockerTarget::connect().await?;
     let docker = target.client().clone();
     let dir = TempDir::create()?;
@@ -943,14 +946,14 @@ pub async fn run(opts: LoadBenchOptions, demo_bin: &Path) -> Result<DockerBenchR
     let mut left = Leftovers { docker: docker.clone(), images: Vec::new(), registry: None, server: None, compose: Vec::new(), env: format!("bench-{id}") };
 
     let measured = tokio::select! {
-        r = measure(&opts, &wrk, &compose_bin, &registry_bin, &demo, &dir.0, &id, &mut left) => r,
+        r = measure(&opts, &wrk, &compose_bin, &registry_bin, &slipway, &demo, &dir.0, &id, &mut left) => r,
         _ = tokio::signal::ctrl_c() => Err(DockerBenchError::Interrupted),
     };
-    eprintln!("slipway bench docker: cleaning up (slipway serve, containers, compose projects, the registry, images)");
+    eprintln!("slipway-bench docker: cleaning up (slipway serve, containers, compose projects, the registry, images)");
     let not_removed = left.clean().await;
     drop(dir);
     for what in &not_removed {
-        eprintln!("slipway bench docker: WARNING: not removed: {what}");
+        eprintln!("slipway-bench docker: WARNING: not removed: {what}");
     }
     let report = measured?;
     if opts.json {
@@ -967,12 +970,13 @@ async fn measure(
     wrk: &Path,
     compose_bin: &Path,
     registry_bin: &Path,
+    slipway: &Path,
     demo: &Path,
     dir: &Path,
     id: &str,
     left: &mut Leftovers,
 ) -> Result<DockerBenchReport, DockerBenchError> {
-    let progress = |msg: &str| eprintln!("slipway bench docker: {msg}");
+    let progress = |msg: &str| eprintln!("slipway-bench docker: {msg}");
     let docker = left.docker.clone();
     let engine_version = engine("asking the Engine's version", docker.version()).await?.version.unwrap_or_else(|| "(unknown)".into());
     let (_, compose_version) = run_bounded(compose_bin, &["version", "--short"], None, COMPOSE_LIMIT).await?;
@@ -1111,7 +1115,7 @@ async fn measure(
     let toml = slipway_toml(&remote, &left.env, web, web4, n);
     std::fs::write(config_dir.join("slipway.toml"), toml).map_err(io("cannot write the bench's slipway.toml"))?;
     progress("slipway serve");
-    left.server = Some(Server::start(&config_dir, &dir.join("slipway.db"), dir.join("slipway.log")).await?);
+    left.server = Some(Server::start(slipway, &config_dir, &dir.join("slipway.db"), dir.join("slipway.log")).await?);
     let server = left.server.as_ref().ok_or_else(|| DockerBenchError::Server("not started".into()))?;
     let env = left.env.clone();
     progress(&format!("slipway: web {from} on {web}, then {from} → {to} under wrk -c{} -d{}s", opts.connections, opts.duration.as_secs()));
@@ -1170,6 +1174,13 @@ async fn measure(
 mod tests {
     use super::*;
 
+    /// Moved here with the bench from the engine's test that every place
+    /// making a client gets one (reqwest panics without a crypto provider).
+    #[test]
+    fn the_bench_client_builds() {
+        http_client().expect("bench client");
+    }
+
     #[test]
     fn the_compose_file_runs_the_demo_at_the_version_on_a_loopback_port() {
         let text = compose_file("slipway-bench-x/demo", "2.0", 1, Some(4100), "x");
@@ -1191,7 +1202,7 @@ mod tests {
     #[test]
     fn the_slipway_config_is_valid_with_two_docker_services() {
         let text = slipway_toml("127.0.0.1:5000/slipway-bench-x/demo", "bench-x", local(4101), local(4102), 4);
-        let config = crate::config::parse("slipway.toml", &text).unwrap_or_else(|e| panic!("{}\n{text}", e.render(false)));
+        let config = slipway::config::parse("slipway.toml", &text).unwrap_or_else(|e| panic!("{}\n{text}", e.render(false)));
         let spec = |name: &str| config.services.iter().find(|s| s.name == name).and_then(|s| s.spec.clone()).expect("managed");
         assert_eq!((spec("web").instances, spec("web4").instances), (1, 4));
         assert_eq!(spec("web4").listen, local(4102));

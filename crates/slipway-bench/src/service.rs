@@ -1,4 +1,4 @@
-//! `slipway bench service`: what the service path costs.
+//! `slipway-bench service`: what the service path costs.
 //!
 //! Two measurements, both against the demo service (`slipway-demo serve`,
 //! which answers `GET /` with one short line):
@@ -37,11 +37,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::wrk::{LoadBenchError, LoadBenchOptions, find_demo, find_wrk, free_port, io, read_wrk, run_wrk, wrk_version};
 use super::{BenchError, TempDir, ms, ratio, rusage_cpu};
-use crate::config::service::{HealthCheck, HealthSpec, RolloutSpec, ServiceSpec, Strategy};
-use crate::service::proxy::{Proxy, ProxyError};
-use crate::service::{RolloutRequest, ServiceManager};
-use crate::store::{self, Outcome, StoreError};
-use crate::targets::{LocalTarget, Stream};
+use slipway::config::service::{HealthCheck, HealthSpec, RolloutSpec, ServiceSpec, Strategy};
+use slipway::service::proxy::{Proxy, ProxyError};
+use slipway::service::{RolloutRequest, ServiceManager};
+use slipway::store::{self, Outcome, StoreError};
+use slipway::targets::{LocalTarget, Stream};
 
 /// wrk runs per side (direct, proxy), alternating.
 pub const ROUNDS: usize = 2;
@@ -185,7 +185,7 @@ impl ServiceBenchReport {
         let per_run = |via: &str| p.runs.iter().filter(|w| w.via == via).map(|w| format!("{:.2}", w.p99_ms)).collect::<Vec<_>>().join("/");
         let cpu = |via: &str, f: fn(&WrkRun) -> f64| median(&p.runs.iter().filter(|w| w.via == via).map(f).collect::<Vec<_>>());
         let mut out = format!(
-            "slipway bench service: {} cores shared by wrk, the demo and the proxy; {}\n\
+            "slipway-bench service: {} cores shared by wrk, the demo and the proxy; {}\n\
              proxy (wrk -t{} -c{} -d{}s, {} rounds each, alternating, medians): direct {:.0} req/s p99 {:.2}ms; through the proxy {:.0} req/s p99 {:.2}ms → req/s ×{:.2}, p99 ×{:.2}\n\
              p99 per run (ms): direct {}, proxy {} (tails swing when wrk, the demo and the proxy outnumber the cores)\n\
              cpu per request through the proxy: slipway (the proxy) {:.1}µs, demo {:.1}µs (direct: demo {:.1}µs)\n",
@@ -247,9 +247,9 @@ impl ServiceBenchReport {
 
 // ---------------------------------------------------------------- running
 
-/// Where the CLI finds the demo: next to the running `slipway` binary.
+/// Where the CLI finds the demo: next to the running `slipway-bench`.
 pub fn default_demo_bin() -> PathBuf {
-    std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("slipway-demo"))).unwrap_or_else(|| PathBuf::from("slipway-demo"))
+    super::sibling_bin("slipway-demo")
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -264,7 +264,7 @@ fn median(v: &[f64]) -> f64 {
 
 /// Run both measurements, print the report (human or JSON) to stdout and
 /// return it. `demo_bin` is the `slipway-demo` binary
-/// ([`default_demo_bin`] finds it next to `slipway`).
+/// ([`default_demo_bin`] finds it next to `slipway-bench`).
 pub async fn run(opts: LoadBenchOptions, demo_bin: &Path) -> Result<ServiceBenchReport, ServiceBenchError> {
     opts.check_wrk()?;
     if opts.duration < Duration::from_secs(1) || opts.duration.subsec_nanos() != 0 {
@@ -276,7 +276,7 @@ pub async fn run(opts: LoadBenchOptions, demo_bin: &Path) -> Result<ServiceBench
     let wrk = find_wrk()?;
     let demo = find_demo(demo_bin)?;
     let wrk_version = wrk_version(&wrk).await?;
-    let progress = |msg: &str| eprintln!("slipway bench service: {msg}");
+    let progress = |msg: &str| eprintln!("slipway-bench service: {msg}");
 
     progress(&format!(
         "proxy: wrk -t{} -c{} -d{}s, direct and through the proxy, {ROUNDS} rounds each",
@@ -363,7 +363,7 @@ async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path) -> Re
     let mut runs = Vec::with_capacity(2 * ROUNDS);
     for round in 1..=ROUNDS {
         for (via, addr) in [("direct", demo.addr), ("proxy", proxy.local_addr())] {
-            eprintln!("slipway bench service: proxy round {round} of {ROUNDS}: {via}");
+            eprintln!("slipway-bench service: proxy round {round} of {ROUNDS}: {via}");
             let (self_before, demo_before) = (rusage_cpu(libc::RUSAGE_SELF), demo.cpu());
             let w = read_wrk(&run_wrk(wrk, opts, addr).await?)?;
             let (self_cpu, demo_cpu) = (rusage_cpu(libc::RUSAGE_SELF).saturating_sub(self_before), demo.cpu().saturating_sub(demo_before));
@@ -540,7 +540,7 @@ async fn bench_rollouts(opts: &LoadBenchOptions, demo_bin: &Path) -> Result<Roll
             let from = ROLLOUT_VERSIONS[i - 1];
             let (total, lines) = timed_rollout(&manager, request(i), from).await?;
             let run = split_rollout(from, ROLLOUT_VERSIONS[i], total, &lines, n);
-            eprintln!("slipway bench service: rollout {from} → {}: {:.3}s", run.to, run.total_secs);
+            eprintln!("slipway-bench service: rollout {from} → {}: {:.3}s", run.to, run.total_secs);
             runs.push(run);
         }
         Ok::<_, ServiceBenchError>(runs)

@@ -1,16 +1,14 @@
-//! `slipway bench` end to end on a small graph: both schedulers run the
+//! `slipway-bench` end to end on a small graph: both schedulers run the
 //! same DAG and the report carries the figures the README quotes. (The
 //! figures themselves are not asserted: timings belong to the benchmark,
 //! not to tests.)
 
-mod common;
-
 #[test]
 fn bench_runs_both_schedulers_on_the_same_graph() {
-    let out = std::process::Command::new(common::slipway_bin())
-        .args(["--json", "bench", "--jobs", "80", "--width", "10", "--parallelism", "4", "--sleep-min-ms", "10", "--sleep-max-ms", "30", "--seed", "7"])
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-bench"))
+        .args(["--json", "scheduler", "--jobs", "80", "--width", "10", "--parallelism", "4", "--sleep-min-ms", "10", "--sleep-max-ms", "30", "--seed", "7"])
         .output()
-        .expect("run slipway bench");
+        .expect("run slipway-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bench failed: {}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");

@@ -1,5 +1,5 @@
-//! What the two load benches, `slipway bench services` ([`super::service`])
-//! and `slipway bench docker` ([`super::docker`]), share: their options,
+//! What the two load benches, `slipway-bench services` ([`super::service`])
+//! and `slipway-bench docker` ([`super::docker`]), share: their options,
 //! the errors both can meet, and wrk: found on `PATH`, run against an
 //! address, its `--latency` output read.
 //!
@@ -57,7 +57,7 @@ impl LoadBenchOptions {
 pub enum LoadBenchError {
     #[error("wrk not found: apt-get install wrk")]
     WrkMissing,
-    #[error("the demo service binary {0} does not exist (build it: cargo build --release --bin slipway-demo)")]
+    #[error("the demo service binary {0} does not exist (build it: cargo build --release -p slipway-demo)")]
     DemoMissing(PathBuf),
     #[error("invalid bench options: {0}")]
     Options(String),

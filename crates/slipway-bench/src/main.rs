@@ -1,0 +1,147 @@
+//! The `slipway-bench` binary: `slipway-bench [scheduler|services|docker]`,
+//! with the options `slipway bench` had before the benchmarks left the
+//! product binary. Exit codes are the `slipway` command's.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use slipway::cli::exit;
+use slipway_bench::{docker, service, wrk};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "slipway-bench",
+    version,
+    about = "Slipway's benchmarks: the scheduler against ninja, the service path under wrk, Docker rollouts against docker-compose"
+)]
+struct Cli {
+    #[arg(value_enum, default_value = "scheduler")]
+    what: BenchWhat,
+    /// Machine-readable JSON output.
+    #[arg(long)]
+    json: bool,
+    /// services, docker: each wrk run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    wrk_secs: u64,
+    /// services, docker: wrk's connections.
+    #[arg(long, default_value_t = 32)]
+    connections: u32,
+    /// services, docker: instances in the measured rollout.
+    #[arg(long, default_value_t = 4)]
+    instances: u32,
+    #[arg(long, default_value_t = 1000)]
+    jobs: usize,
+    #[arg(long, default_value_t = 50)]
+    width: usize,
+    /// Slots for the no-op graph (Slipway's parallelism and ninja's -j).
+    #[arg(long, default_value_t = 8)]
+    parallelism: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// No-op graph: runs of each, alternating; the median ratio is
+    /// reported (one run is at the mercy of whatever else the machine does).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Sleeping graph: shortest job, in ms.
+    #[arg(long, default_value_t = 200)]
+    sleep_min_ms: u64,
+    /// Sleeping graph: longest job, in ms. (Much shorter jobs measure
+    /// process start-up more than scheduling: ninja itself then misses 2%.)
+    #[arg(long, default_value_t = 1000)]
+    sleep_max_ms: u64,
+    /// services, docker: the `slipway-demo` binary [default: next to this one].
+    #[arg(long)]
+    demo_bin: Option<PathBuf>,
+    /// docker: the `slipway` binary that serves [default: next to this one].
+    #[arg(long)]
+    slipway_bin: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchWhat {
+    /// The scheduler against ninja on random graphs.
+    Scheduler,
+    /// The service proxy against the service hit directly (wrk), and the
+    /// engine's own share of a rollout.
+    Services,
+    /// A container service: failed requests while `docker-compose up -d`
+    /// recreates it and while Slipway rolls it out (wrk for `--wrk-secs`
+    /// with `--connections`), and a rollout of `--instances` containers.
+    Docker,
+}
+
+impl Cli {
+    /// The options the load benches (`services`, `docker`) share.
+    fn load_options(&self) -> wrk::LoadBenchOptions {
+        wrk::LoadBenchOptions {
+            duration: Duration::from_secs(self.wrk_secs),
+            connections: self.connections,
+            threads: 2,
+            rollout_instances: self.instances,
+            json: self.json,
+        }
+    }
+}
+
+/// The bench's outcome as an exit code and, on failure, what to print.
+async fn run(cli: Cli) -> Result<(), (u8, String)> {
+    let internal = |e: &dyn std::fmt::Display| (exit::INTERNAL, e.to_string());
+    let demo = cli.demo_bin.clone().unwrap_or_else(service::default_demo_bin);
+    match cli.what {
+        BenchWhat::Services => service::run(cli.load_options(), &demo).await.map(drop).map_err(|e| internal(&e)),
+        BenchWhat::Docker => {
+            let slipway = cli.slipway_bin.clone().unwrap_or_else(|| slipway_bench::sibling_bin("slipway"));
+            match docker::run(cli.load_options(), &slipway, &demo).await {
+                Ok(_) => Ok(()),
+                Err(e @ docker::DockerBenchError::Interrupted) => Err((exit::INTERRUPTED, e.to_string())),
+                Err(e) => Err(internal(&e)),
+            }
+        }
+        BenchWhat::Scheduler => slipway_bench::run(slipway_bench::BenchOptions {
+            jobs: cli.jobs,
+            width: cli.width,
+            parallelism: cli.parallelism,
+            seed: cli.seed,
+            rounds: cli.rounds,
+            sleep_min_ms: cli.sleep_min_ms,
+            sleep_max_ms: cli.sleep_max_ms,
+            json: cli.json,
+        })
+        .await
+        .map(drop)
+        .map_err(|e| internal(&e)),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The scheduler bench runs Slipway's scheduler in-process: its logs go
+    // where `slipway serve`'s go, filtered the same way.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLIPWAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"))
+                // As in `slipway`: bollard's debug logs carry request bodies.
+                .add_directive("bollard=info".parse().expect("a valid directive")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("slipway-bench: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::INTERNAL);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err((code, message)) => {
+            let _ = writeln!(std::io::stderr(), "slipway-bench: {}", message.trim_end());
+            ExitCode::from(code)
+        }
+    }
+}
