@@ -426,7 +426,7 @@ fn bench_spec(demo_bin: &Path, instances: u32, listen: SocketAddr) -> ServiceSpe
         verify: None,
         stop_grace: STOP_GRACE,
         artifact: None,
-        target: crate::targets::DEFAULT.to_string(),
+        target: slipway::targets::DEFAULT.to_string(),
         image: None,
         secret_files: Default::default(),
         settings: Default::default(),
