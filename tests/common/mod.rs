@@ -384,3 +384,17 @@ pub fn load(port: u16, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread:
         })
     })
 }
+
+/// The body of `GET path` on 127.0.0.1:`port` when it answers 200 within
+/// 2 s (HTTP/1.0, no client library: for waits in blocking test code).
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.trim().to_string()).or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.trim().to_string()))
+}

@@ -1,227 +1,171 @@
-//! The target compliance suite: what every target (`local` and `docker`
-//! now; SSH, ECS later) must do for the service manager to deploy on it,
-//! as in vector's sink compliance tests.
+//! The target compliance suite: what every target must do for the
+//! executor and the service manager to deploy on it, as in vector's sink
+//! compliance tests. A recipe: a target supplies a [`Fixture`] (how to
+//! start its environment, how to make a working and a broken artifact,
+//! how to crash an instance behind the manager's back) and one line,
+//! `compliance_suite!(MyFixture);`, in `tests/target_<name>.rs`, which
+//! instantiates every property below as a test of its own.
 //!
-//! In-process: a real [`ServiceManager`] over a real SQLite store and the
-//! target under test, deploying the demo service (`slipway-demo`; in a
-//! container, the demo image of tests/common/docker.rs). Each property is
-//! one generic `async fn` taking an [`UnderTest`]: the target and the
-//! little that differs in running the demo on it. Each property has one
-//! `#[tokio::test]` per target below it; a new target adds an
-//! `UnderTest` constructor and one line per property.
+//! In-process properties run a real [`ServiceManager`] (and executor, for
+//! jobs) over a real SQLite store and the target under test, deploying the
+//! demo service (`slipway-demo`; for image targets, the fixture's image of
+//! it). One property runs the real binary: a node killed with SIGKILL, and
+//! the next node brings the service back.
 //!
-//! Without a Docker Engine the `docker_*` tests are skipped with a
-//! message, unless `SLIPWAY_REQUIRE_DOCKER=1`.
-//!
-//! Every property runs inside [`Harness::run`], which bounds it in time
-//! and stops every instance and manager it started, even when it fails;
-//! on docker it then fails the property if any container it started is
-//! still there.
+//! Every in-process property runs inside [`Harness::run`], which bounds it
+//! in time and stops every instance and manager it started, even when it
+//! fails; it then fails the property if the target still holds anything
+//! of it ([`Fixture::leftovers`]).
 
-mod common;
-#[path = "common/docker.rs"]
-mod dockerkit;
+#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
 use slipway::config::service::{HealthCheck, RolloutSpec, ServiceSpec, Strategy};
+use slipway::executor::{Executor, JobContext};
 use slipway::service::manager::ServiceStatus;
 use slipway::service::{RolloutRequest, ServiceManager};
-use slipway::store::{Outcome, Store};
-use slipway::targets::docker::{DockerTarget, LABEL_ENVIRONMENT};
-use slipway::targets::{Instance, InstanceRequest, LocalTarget, RunResult, Stream, Target, Targets};
+use slipway::store::{ArtifactRef, JobSpec, Outcome, Store};
+use slipway::targets::{Instance, InstanceRequest, JobRequest, Keep, LocalTarget, RunResult, Settings, Stream, Target, Targets};
 use tokio_util::sync::CancellationToken;
 
-use common::free_port;
+use crate::common::free_port;
 
 /// No property may take longer than this (the slowest, on docker, take
 /// under 10 s on 2 cores with another property running beside them).
 const PROPERTY_LIMIT: Duration = Duration::from_secs(30);
-const SERVICE: &str = "web";
+pub const SERVICE: &str = "web";
 /// The health deadline of every spec here: what a broken version costs.
 const HEALTH_DEADLINE: Duration = Duration::from_secs(3);
 const STOP_GRACE: Duration = Duration::from_secs(2);
-/// Every version the properties deploy: on docker each is a tag of the
-/// demo image (`image:version` is what a docker service runs).
-const VERSIONS: &[&str] = &["1.0", "2.0", "2.1", "3.0", "9.0"];
-/// Where the demo listens inside its container (`{port}` there).
-const CONTAINER_PORT: u16 = 8080;
+/// Every version the properties deploy (on image targets, each is a tag
+/// of the demo image).
+pub const VERSIONS: &[&str] = &["1.0", "2.0", "2.1", "3.0", "9.0"];
 
-fn demo_bin() -> &'static str {
-    common::demo_bin()
+pub fn demo_bin() -> String {
+    crate::common::demo_bin().to_string()
 }
 
-// ---- the targets -------------------------------------------------------------
-
-/// A target under test, and what differs between targets in running the
-/// demo on it: its command and image ([`Harness::demo_spec`],
-/// [`Harness::demo_request`]) and how a release goes missing
-/// ([`Harness::break_release`]). Properties never ask which target runs.
-#[derive(Clone)]
-struct UnderTest {
-    /// The name a service's spec selects it by.
-    name: &'static str,
-    target: Arc<dyn Target>,
-    /// Docker: the Engine, for the harness's own tags of the demo image.
-    engine: Option<DockerTarget>,
+/// One property's own corner of the target: an environment name (labels,
+/// container names, what cleanup looks for), a repository name for image
+/// targets, and a directory (the services' workdir and the store's home).
+pub struct Scope {
+    pub env: String,
+    pub repo: String,
+    pub dir: PathBuf,
 }
 
-fn local() -> UnderTest {
-    UnderTest { name: "local", target: Arc::new(LocalTarget::default()), engine: None }
+/// What a target supplies to run the suite. Properties never ask which
+/// target runs: whatever differs is asked of the fixture.
+#[async_trait::async_trait]
+pub trait Fixture: Send + Sync + 'static {
+    /// Start what the target needs (an Engine, a registry, hosts). `None`
+    /// (with a message saying why) skips the suite; a fixture must refuse
+    /// to skip when its `SLIPWAY_REQUIRE_…` variable is set.
+    async fn start() -> Option<Self>
+    where
+        Self: Sized;
+    /// The name a spec selects the target by.
+    fn name(&self) -> &'static str;
+    fn target(&self) -> Arc<dyn Target>;
+    /// Per property, before it runs: make every version of [`VERSIONS`] a
+    /// working artifact in `scope`.
+    async fn prepare(&self, scope: &Scope) {
+        for v in VERSIONS {
+            self.release(scope, v, true).await;
+        }
+    }
+    /// The demo's argv, with `{port}` and `{version}` left for the
+    /// target and the manager. `breakable`: one that fails to run while
+    /// [`Fixture::release`] made its version broken (a target whose
+    /// artifact can go missing ignores it).
+    fn demo_command(&self, scope: &Scope, breakable: bool) -> Vec<String>;
+    /// Image targets: the image a version of the demo runs (`repo:tag`).
+    fn image(&self, _scope: &Scope, _version: &str) -> Option<String> {
+        None
+    }
+    /// The target's own settings of the demo service.
+    fn settings(&self) -> Settings {
+        Settings::default()
+    }
+    /// Make `version` of the demo a working artifact, or one that cannot
+    /// run (a pruned image, a release that exits at once).
+    async fn release(&self, scope: &Scope, version: &str, working: bool);
+    /// Kill an instance behind the manager's back (SIGKILL), as a crash or
+    /// the OOM killer would; `id` as [`Instance::id`] says it.
+    async fn crash(&self, id: &str);
+    /// What is left of a dead instance that the target must remove (a
+    /// container); `None` once nothing is.
+    async fn remains(&self, _id: &str) -> Option<String> {
+        None
+    }
+    /// What `scope` still holds on the target once everything stopped
+    /// (removed now, so one failure does not leak into the next run).
+    async fn leftovers(&self, _scope: &Scope) -> Vec<String> {
+        vec![]
+    }
+    /// Rounds of the exit race property (a container costs more than a
+    /// process).
+    fn rounds(&self) -> usize {
+        50
+    }
+    /// Image targets: publish `version` of the demo where the target
+    /// resolves and pulls from (a registry), returning `repository:tag`.
+    async fn publish(&self, _scope: &Scope, _version: &str) -> Option<String> {
+        None
+    }
+    /// The `[[service]]` keys that run the demo on this target in a real
+    /// `slipway serve` (beyond name, listen and health), for `scope`.
+    async fn service_toml(&self, scope: &Scope) -> String;
 }
 
-/// The machine's Docker Engine with the demo image imported; `None` (and
-/// a message) without an Engine, unless SLIPWAY_REQUIRE_DOCKER=1.
-async fn docker() -> Option<UnderTest> {
-    let engine = dockerkit::engine().await?;
-    dockerkit::image(&engine).await;
-    Some(UnderTest { name: "docker", target: Arc::new(engine.clone()), engine: Some(engine) })
+/// One `#[tokio::test]` per property, for one fixture type.
+#[macro_export]
+macro_rules! compliance_suite {
+    ($fixture:ty) => {
+        $crate::compliance_suite!(@each $fixture;
+            instance_lifecycle, deploys_and_serves, unhealthy_version_rolls_back, crash_during_rollout_rolls_back,
+            restart_restores_the_recorded_version, failed_restore_is_retried, zero_downtime_through_the_proxy,
+            same_version_again_is_a_no_op, output_is_complete_once_exited, dead_instance_is_replaced,
+            runs_jobs_with_exit_codes_and_output, jobs_stop_on_timeout_and_cancel, capabilities_match_what_it_does,
+            images_are_pinned_and_pulled, gc_keeps_what_runs, a_killed_node_comes_back_serving);
+    };
+    (@each $fixture:ty; $($property:ident),+) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $property() {
+                let Some(f) = <$fixture as $crate::compliance::Fixture>::start().await else { return };
+                $crate::compliance::$property(std::sync::Arc::new(f)).await;
+            }
+        )+
+    };
 }
 
 /// The manager's targets: the one under test, under its name only, so a
 /// spec that would run elsewhere fails loudly instead of passing there
 /// (verify steps run on the node's default target, as in `slipway serve`).
-fn only(under: &UnderTest) -> Targets {
-    let targets = Targets::only(under.name, under.target.clone());
-    if under.name == slipway::targets::DEFAULT { targets } else { targets.with(slipway::targets::DEFAULT, Arc::new(LocalTarget::default())) }
-}
-
-// One test per (property, target). A new target: one line per property.
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn local_instance_lifecycle() {
-    instance_lifecycle(local()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn local_deploys_and_serves() {
-    deploys_and_serves(local()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn local_unhealthy_version_rolls_back() {
-    unhealthy_version_rolls_back(local()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn local_crash_during_rollout_rolls_back() {
-    crash_during_rollout_rolls_back(local()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn local_restart_restores_the_recorded_version() {
-    restart_restores_the_recorded_version(local()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn local_failed_restore_is_retried() {
-    failed_restore_is_retried(local()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn local_zero_downtime_through_the_proxy() {
-    zero_downtime_through_the_proxy(local()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn local_same_version_again_is_a_no_op() {
-    same_version_again_is_a_no_op(local()).await;
-}
-
-// Regression: the exit was once announced before the output was in.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn local_output_is_complete_once_exited() {
-    output_is_complete_once_exited(local()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn local_dead_instance_is_replaced() {
-    dead_instance_is_replaced(local()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn docker_instance_lifecycle() {
-    let Some(t) = docker().await else { return };
-    instance_lifecycle(t).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn docker_deploys_and_serves() {
-    let Some(t) = docker().await else { return };
-    deploys_and_serves(t).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn docker_unhealthy_version_rolls_back() {
-    let Some(t) = docker().await else { return };
-    unhealthy_version_rolls_back(t).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn docker_crash_during_rollout_rolls_back() {
-    let Some(t) = docker().await else { return };
-    crash_during_rollout_rolls_back(t).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn docker_restart_restores_the_recorded_version() {
-    let Some(t) = docker().await else { return };
-    restart_restores_the_recorded_version(t).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn docker_failed_restore_is_retried() {
-    let Some(t) = docker().await else { return };
-    failed_restore_is_retried(t).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn docker_zero_downtime_through_the_proxy() {
-    let Some(t) = docker().await else { return };
-    zero_downtime_through_the_proxy(t).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn docker_same_version_again_is_a_no_op() {
-    let Some(t) = docker().await else { return };
-    same_version_again_is_a_no_op(t).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn docker_output_is_complete_once_exited() {
-    let Some(t) = docker().await else { return };
-    output_is_complete_once_exited(t).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn docker_dead_instance_is_replaced() {
-    let Some(t) = docker().await else { return };
-    dead_instance_is_replaced(t).await;
+fn only(fx: &Arc<dyn Fixture>) -> Targets {
+    let targets = Targets::only(fx.name(), fx.target());
+    if fx.name() == slipway::targets::DEFAULT { targets } else { targets.with(slipway::targets::DEFAULT, Arc::new(LocalTarget::default())) }
 }
 
 // ---- the harness -------------------------------------------------------------
 
-/// One property's world: the target, an environment name of its own, a
-/// temp dir (the services' workdir and the store's home), the store, and
-/// everything started, for cleanup.
+/// One property's world: the fixture, its scope on the target, the store,
+/// and everything started, for cleanup.
 struct Harness {
-    under: UnderTest,
+    fx: Arc<dyn Fixture>,
     target: Arc<dyn Target>,
-    /// Unique per harness: container names (`slipway-ENV-SERVICE-PORT`)
-    /// cannot collide between properties running at once, and cleanup
-    /// finds this property's containers by their environment label.
-    env: String,
-    /// Docker: this harness's repository of demo image tags, one per
-    /// version, so a property may remove one without touching the others.
-    repo: String,
-    dir: tempfile::TempDir,
+    scope: Scope,
+    _dir: tempfile::TempDir,
     store: Arc<dyn Store>,
     managers: Mutex<Vec<(Arc<ServiceManager>, CancellationToken)>>,
     instances: Mutex<Vec<Arc<dyn Instance>>>,
@@ -231,36 +175,31 @@ struct Harness {
 static HARNESSES: AtomicU64 = AtomicU64::new(0);
 
 impl Harness {
-    async fn new(under: UnderTest) -> Harness {
+    async fn new(fx: Arc<dyn Fixture>) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = slipway::store::open(&format!("sqlite://{}", dir.path().join("s.db").display())).await.expect("open the SQLite store");
         let n = HARNESSES.fetch_add(1, Ordering::SeqCst) + 1;
-        let (env, repo) = (format!("staging-{}-{n}", std::process::id()), format!("slipway-test/compliance-{}-{n}", std::process::id()));
-        let h = Harness {
-            target: under.target.clone(),
-            under,
-            env,
-            repo,
-            dir,
-            store,
-            managers: Mutex::default(),
-            instances: Mutex::default(),
-            deployment: AtomicI64::new(0),
+        // Unique per harness: container names (`slipway-ENV-SERVICE-PORT`)
+        // cannot collide between properties running at once, and cleanup
+        // finds this property's things by their environment.
+        let scope = Scope {
+            env: format!("staging-{}-{n}", std::process::id()),
+            repo: format!("slipway-test/compliance-{}-{n}", std::process::id()),
+            dir: dir.path().to_path_buf(),
         };
-        if h.docker() {
-            for v in VERSIONS {
-                h.mend_release(v).await;
-            }
-        }
-        h
+        fx.prepare(&scope).await;
+        Harness { target: fx.target(), fx, scope, _dir: dir, store, managers: Mutex::default(), instances: Mutex::default(), deployment: AtomicI64::new(0) }
+    }
+
+    fn dir(&self) -> &Path {
+        &self.scope.dir
     }
 
     /// A new manager (a node's, as after a start) over this store and
-    /// target. Verify steps would run on the node's processes, as in
-    /// `slipway serve`.
+    /// target.
     fn manager(&self) -> (Arc<ServiceManager>, CancellationToken) {
         let shutdown = CancellationToken::new();
-        let m = ServiceManager::with_targets(Arc::new(only(&self.under)), self.store.clone(), shutdown.clone());
+        let m = ServiceManager::with_targets(Arc::new(only(&self.fx)), self.store.clone(), shutdown.clone());
         self.managers.lock().unwrap().push((m.clone(), shutdown.clone()));
         (m, shutdown)
     }
@@ -272,7 +211,7 @@ impl Harness {
 
     /// Run a property, bounded in time; whatever happens, stop every
     /// instance and manager it started, then report: its own failure
-    /// first, else containers that outlived their instances.
+    /// first, else what the target still holds of it.
     async fn run(&self, what: &str, body: impl Future<Output = ()>) {
         let started = Instant::now();
         let result = tokio::time::timeout(PROPERTY_LIMIT, AssertUnwindSafe(body).catch_unwind()).await;
@@ -283,12 +222,10 @@ impl Harness {
             Ok(Err(panic)) => std::panic::resume_unwind(panic),
             Err(_) => panic!("{what}: did not finish within {PROPERTY_LIMIT:?}"),
         }
-        assert!(left.is_empty(), "{what}: containers left after every instance and manager stopped (removed now): {left:#?}");
-        eprintln!("{what} on {}: {took:?}", self.under.name);
+        assert!(left.is_empty(), "{what}: left on the target after every instance and manager stopped (removed now): {left:#?}");
+        eprintln!("{what} on {}: {took:?}", self.fx.name());
     }
 
-    /// Stop everything started; on docker, remove (and return) whatever
-    /// container of this harness is still there, and its image tags.
     async fn cleanup(&self) -> Vec<String> {
         let instances: Vec<_> = std::mem::take(&mut *self.instances.lock().unwrap());
         futures_util::future::join_all(instances.iter().map(|i| i.stop(STOP_GRACE))).await;
@@ -298,58 +235,32 @@ impl Harness {
             let _ = tokio::time::timeout(Duration::from_secs(10), m.stop_all_services()).await;
             shutdown.cancel();
         }
-        let Some(engine) = &self.under.engine else { return vec![] };
-        let filters = std::collections::HashMap::from([("label", vec![format!("{LABEL_ENVIRONMENT}={}", self.env)])]);
-        let opts = bollard::query_parameters::ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
-        let containers = engine.client().list_containers(Some(opts)).await.expect("list this property's containers");
-        let mut left = Vec::new();
-        for c in containers {
-            let id = c.id.unwrap_or_default();
-            left.push(format!("{} {:?} {:?}: {}", &id[..id.len().min(12)], c.names.unwrap_or_default(), c.state, c.status.unwrap_or_default()));
-            let opts = bollard::query_parameters::RemoveContainerOptionsBuilder::default().force(true).build();
-            let _ = engine.client().remove_container(&id, Some(opts)).await;
-        }
-        for v in VERSIONS {
-            self.break_release(v).await;
-        }
-        left
+        self.fx.leftovers(&self.scope).await
     }
 
     fn next_deployment(&self) -> i64 {
         self.deployment.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    fn docker(&self) -> bool {
-        self.under.engine.is_some()
-    }
-
-    /// The demo's command, `{port}` being where it listens: on 127.0.0.1
-    /// on `local`; on every interface in its container (its port there,
-    /// published on 127.0.0.1) on docker, where the image holds it at /demo.
-    fn demo_command(&self) -> Vec<String> {
-        let args: &[&str] = if self.docker() { &["/demo", "serve", "--host", "0.0.0.0"] } else { &[demo_bin(), "serve"] };
-        args.iter().chain(&["--port", "{port}", "--version", "{version}"]).map(|a| a.to_string()).collect()
-    }
-
     /// A request for one instance of the demo at `version`, listening where
     /// the target chooses (versions from "9" exit at once with code 4).
     fn demo_request(&self, version: &str) -> InstanceRequest {
-        let argv = self.demo_command().iter().map(|a| a.replace("{version}", version)).collect();
+        let argv = self.fx.demo_command(&self.scope, false).iter().map(|a| a.replace("{version}", version)).collect();
         self.instance_request(version, argv)
     }
 
     /// A request for one instance running `argv` (in the demo image on
-    /// docker), `{port}` filled by the target.
+    /// image targets), `{port}` filled by the target.
     fn instance_request(&self, version: &str, argv: Vec<String>) -> InstanceRequest {
         InstanceRequest {
             service: SERVICE.into(),
-            environment: self.env.clone(),
+            environment: self.scope.env.clone(),
             version: version.into(),
             argv,
             env: BTreeMap::new(),
-            workdir: self.dir.path().to_path_buf(),
-            image: self.docker().then(|| format!("{}:{version}", self.repo)),
-            settings: self.settings(),
+            workdir: self.dir().to_path_buf(),
+            image: self.fx.image(&self.scope, version),
+            settings: self.fx.settings(),
             deployment_id: 0,
             spec_digest: String::new(),
             secret_env: BTreeMap::new(),
@@ -357,56 +268,20 @@ impl Harness {
         }
     }
 
-    /// Make `version` of the demo impossible to run until
-    /// [`Harness::mend_release`]: on docker its tag is gone (as if the
-    /// image were pruned), on `local` the [`Harness::breakable_spec`]
-    /// finds a flag file and exits at once.
     async fn break_release(&self, version: &str) {
-        match &self.under.engine {
-            Some(engine) => {
-                let opts = bollard::query_parameters::RemoveImageOptionsBuilder::default().noprune(false).build();
-                let _ = engine.client().remove_image(&format!("{}:{version}", self.repo), Some(opts), None).await;
-            }
-            None => std::fs::write(self.dir.path().join(format!("broken-{version}")), "").expect("write the flag"),
-        }
+        self.fx.release(&self.scope, version, false).await
     }
 
     async fn mend_release(&self, version: &str) {
-        match &self.under.engine {
-            Some(engine) => {
-                let opts = bollard::query_parameters::TagImageOptionsBuilder::default().repo(&self.repo).tag(version).build();
-                engine.client().tag_image(dockerkit::IMAGE, Some(opts)).await.expect("tag the demo image");
-            }
-            None => {
-                let _ = std::fs::remove_file(self.dir.path().join(format!("broken-{version}")));
-            }
-        }
+        self.fx.release(&self.scope, version, true).await
     }
 
-    /// Kill an instance behind the manager's back (SIGKILL), as a crash or
-    /// the OOM killer would; `id` as `Instance::id` says it.
     async fn kill(&self, id: &str) {
-        match &self.under.engine {
-            Some(engine) => {
-                let container = id.strip_prefix("container ").unwrap_or_else(|| panic!("not a container id: {id:?}"));
-                engine.client().kill_container(container, None::<bollard::query_parameters::KillContainerOptions>).await.expect("kill the container");
-            }
-            None => {
-                let pid = id.strip_prefix("pid ").unwrap_or_else(|| panic!("not a pid: {id:?}"));
-                let status = std::process::Command::new("kill").args(["-KILL", pid]).status().expect("run kill");
-                assert!(status.success(), "kill -KILL {pid}: {status}");
-            }
-        }
+        self.fx.crash(id).await
     }
 
-    /// What is left of a dead instance (docker: its container, still
-    /// there, and how it is); `None` once nothing is. A dead process
-    /// leaves nothing its target must remove.
     async fn remains(&self, id: &str) -> Option<String> {
-        let engine = self.under.engine.as_ref()?;
-        let container = id.strip_prefix("container ").unwrap_or(id);
-        let info = engine.client().inspect_container(container, None::<bollard::query_parameters::InspectContainerOptions>).await.ok()?;
-        Some(format!("container {container} ({:?}) is still there: {:?}", info.name, info.state.and_then(|s| s.status)))
+        self.fx.remains(id).await
     }
 
     /// Roll `spec` out at `version` with `m`; the result and every line
@@ -424,12 +299,12 @@ impl Harness {
         };
         let req = RolloutRequest {
             sha256: None,
-            environment: self.env.clone(),
+            environment: self.scope.env.clone(),
             deployment_id: self.next_deployment(),
             revision: format!("rev-{version}"),
             version: version.into(),
             spec: spec.clone(),
-            workdir: self.dir.path().to_path_buf(),
+            workdir: self.dir().to_path_buf(),
         };
         let started = Instant::now();
         let result = m.rollout(req, tx, CancellationToken::new()).await;
@@ -443,13 +318,13 @@ impl Harness {
 
     async fn recorded_version(&self) -> Option<String> {
         let rows = self.store.services().await.expect("read recorded services");
-        rows.into_iter().find(|r| r.environment == self.env && r.service == SERVICE).map(|r| r.version)
+        rows.into_iter().find(|r| r.environment == self.scope.env && r.service == SERVICE).map(|r| r.version)
     }
 
     /// The service's status on `m`.
     async fn status(&self, m: &ServiceManager) -> ServiceStatus {
         let all = m.status().await;
-        all.into_iter().find(|s| s.environment == self.env && s.service == SERVICE).expect("the service in status()")
+        all.into_iter().find(|s| s.environment == self.scope.env && s.service == SERVICE).expect("the service in status()")
     }
 }
 
@@ -515,20 +390,13 @@ impl Harness {
     /// Versions starting with "3" never become healthy; versions starting
     /// with "9" exit (code 4) as soon as they start.
     fn demo_spec(&self, instances: u32, strategy: Strategy) -> ServiceSpec {
-        self.spec_with_command(instances, strategy, self.demo_command())
+        self.spec_with_command(instances, strategy, self.fx.demo_command(&self.scope, false))
     }
 
     /// Like [`Harness::demo_spec`], but a version fails to run while
-    /// [`Harness::break_release`] holds: on `local` its instances exit at
-    /// once (code 5, saying "broken"); on docker the image is missing.
+    /// [`Harness::break_release`] holds.
     fn breakable_spec(&self, instances: u32, strategy: Strategy) -> ServiceSpec {
-        if self.docker() {
-            return self.demo_spec(instances, strategy);
-        }
-        let flag = self.dir.path().join("broken-");
-        let script =
-            format!("test -e '{}'\"$0\" && {{ echo broken >&2; exit 5; }}; exec '{}' serve --port \"$1\" --version \"$0\"", flag.display(), demo_bin());
-        self.spec_with_command(instances, strategy, ["sh", "-c", &script, "{version}", "{port}"].map(String::from).to_vec())
+        self.spec_with_command(instances, strategy, self.fx.demo_command(&self.scope, true))
     }
 
     /// Built from its serialized form, so that fields added to
@@ -536,7 +404,7 @@ impl Harness {
     /// defaults here instead of breaking the suite.
     fn spec_with_command(&self, instances: u32, strategy: Strategy, command: Vec<String>) -> ServiceSpec {
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let image = self.docker().then(|| serde_json::json!({ "repository": self.repo }));
+        let image = self.fx.image(&self.scope, "x").map(|i| serde_json::json!({ "repository": i.rsplit_once(':').map(|(r, _)| r).unwrap_or(&i) }));
         let mut spec: ServiceSpec = serde_json::from_value(serde_json::json!({
             "name": SERVICE,
             "listen": listen.to_string(),
@@ -554,27 +422,16 @@ impl Harness {
             "verify": null,
             "stop_grace": { "secs": STOP_GRACE.as_secs(), "nanos": 0 },
             "artifact": null,
-            "target": self.under.name,
+            "target": self.fx.name(),
             "image": image,
-            "settings": self.settings(),
+            "settings": self.fx.settings(),
         }))
         .expect("a ServiceSpec from its serialized form");
         spec.rollout.strategy = strategy;
         // What the suite relies on, stated in types.
         assert_eq!(spec.health.check, HealthCheck::Http { path: "/healthz".into(), status: 200 });
         assert_eq!((spec.health.interval, spec.health.deadline, spec.rollout.drain), (Duration::from_millis(100), HEALTH_DEADLINE, Duration::from_millis(100)));
-        assert_eq!(spec.image.as_ref().map(|c| c.repository.as_str()), self.docker().then_some(self.repo.as_str()));
         spec
-    }
-
-    /// The target's own settings of the demo service (docker: where it
-    /// listens in its container).
-    fn settings(&self) -> slipway::targets::Settings {
-        if self.docker() {
-            slipway::targets::Settings::of(&serde_json::json!({ "port": CONTAINER_PORT, "memory_bytes": null, "millicpus": null }))
-        } else {
-            slipway::targets::Settings::default()
-        }
     }
 }
 
@@ -657,8 +514,8 @@ fn numbers_in(s: &str) -> Vec<u64> {
 /// exit while it runs, ends on `stop` (SIGTERM first: well within the
 /// grace) and frees its port; a missing program is an error naming it; an
 /// instance that exits at once says how, and what it wrote.
-async fn instance_lifecycle(under: UnderTest) {
-    let h = Harness::new(under).await;
+pub async fn instance_lifecycle(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
     h.run("instance_lifecycle", async {
         let client = probe_client();
 
@@ -716,8 +573,8 @@ async fn instance_lifecycle(under: UnderTest) {
 
 /// Rollout 1.0 on 2 instances: succeeded, served through the proxy, 2 live
 /// instances in status, recorded in the store.
-async fn deploys_and_serves(under: UnderTest) {
-    let h = Harness::new(under).await;
+pub async fn deploys_and_serves(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
     h.run("deploys_and_serves", async {
         let (m, _) = h.manager();
         let spec = h.demo_spec(2, rolling());
@@ -744,8 +601,8 @@ async fn deploys_and_serves(under: UnderTest) {
 /// After 1.0, 3.0 (its /healthz answers 500) is rolled back: the reason
 /// carries the check's answer, traffic stays on 1.0, no 3.0 instance is
 /// left, the store still says 1.0.
-async fn unhealthy_version_rolls_back(under: UnderTest) {
-    let h = Harness::new(under).await;
+pub async fn unhealthy_version_rolls_back(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
     h.run("unhealthy_version_rolls_back", async {
         let (m, _) = h.manager();
         let spec = h.demo_spec(2, rolling());
@@ -777,8 +634,8 @@ async fn unhealthy_version_rolls_back(under: UnderTest) {
 /// A version whose process exits right after it starts (the demo's 9.0)
 /// is rolled back as soon as it exits (not at the health deadline), with
 /// the exit in the reason; traffic stays on the previous version.
-async fn crash_during_rollout_rolls_back(under: UnderTest) {
-    let h = Harness::new(under).await;
+pub async fn crash_during_rollout_rolls_back(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
     h.run("crash_during_rollout_rolls_back", async {
         let (m, _) = h.manager();
         let spec = h.demo_spec(2, rolling());
@@ -804,8 +661,8 @@ async fn crash_during_rollout_rolls_back(under: UnderTest) {
 /// Manager A deploys 1.0 and goes away with its instances, as a crashed
 /// node would; manager B over the same store restores 1.0 on 2 instances
 /// behind the same address, and rolls on from there.
-async fn restart_restores_the_recorded_version(under: UnderTest) {
-    let h = Harness::new(under).await;
+pub async fn restart_restores_the_recorded_version(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
     h.run("restart_restores_the_recorded_version", async {
         let spec = h.demo_spec(2, rolling());
         let (a, a_shutdown) = h.manager();
@@ -830,7 +687,7 @@ async fn restart_restores_the_recorded_version(under: UnderTest) {
 
         // B starts over the same store.
         let (b, _) = h.manager();
-        let workdir = h.dir.path().to_path_buf();
+        let workdir = h.dir().to_path_buf();
         let asked = Arc::new(Mutex::new(Vec::new()));
         let asked2 = asked.clone();
         b.restore(move |revision| {
@@ -856,8 +713,8 @@ async fn restart_restores_the_recorded_version(under: UnderTest) {
 /// A service that cannot be restored at start (its release broken: see
 /// [`Harness::break_release`]) comes back by itself once the cause is
 /// gone: the supervisor keeps trying, as `restore` promises.
-async fn failed_restore_is_retried(under: UnderTest) {
-    let h = Harness::new(under).await;
+pub async fn failed_restore_is_retried(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
     h.run("failed_restore_is_retried", async {
         let spec = h.breakable_spec(1, rolling());
         let (a, a_shutdown) = h.manager();
@@ -875,7 +732,7 @@ async fn failed_restore_is_retried(under: UnderTest) {
 
         h.break_release("1.0").await;
         let (b, _) = h.manager();
-        let workdir = h.dir.path().to_path_buf();
+        let workdir = h.dir().to_path_buf();
         b.restore(move |_| {
             let dir = workdir.clone();
             async move { Ok(dir) }
@@ -937,8 +794,8 @@ fn start_load(listen: SocketAddr, stop: Arc<AtomicBool>, load: Arc<Load>) -> Vec
 /// Under constant load through the proxy: 1.0 → 2.0 (rolling, surge 1),
 /// 2.0 → 3.0 (rolled back), 2.0 → 2.1 (blue-green). Not one request fails
 /// and none ever reaches the broken 3.0.
-async fn zero_downtime_through_the_proxy(under: UnderTest) {
-    let h = Harness::new(under).await;
+pub async fn zero_downtime_through_the_proxy(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = Arc::new(Load::default());
     let tasks = Mutex::new(Vec::new());
@@ -996,8 +853,8 @@ async fn zero_downtime_through_the_proxy(under: UnderTest) {
 /// Rolling out the version that already runs, with the same spec, says
 /// "nothing to do" and keeps the very same instances; the same version
 /// with a changed spec is rolled out.
-async fn same_version_again_is_a_no_op(under: UnderTest) {
-    let h = Harness::new(under).await;
+pub async fn same_version_again_is_a_no_op(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
     h.run("same_version_again_is_a_no_op", async {
         let (m, _) = h.manager();
         let spec = h.demo_spec(2, rolling());
@@ -1029,12 +886,12 @@ async fn same_version_again_is_a_no_op(under: UnderTest) {
 /// Once `exited()` has resolved, `last_output()` holds everything the
 /// instance wrote: rollback reasons quote it ("its last output: …"), and
 /// they are read right after the exit is seen.
-async fn output_is_complete_once_exited(under: UnderTest) {
-    let h = Harness::new(under).await;
+pub async fn output_is_complete_once_exited(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
     // The race this catches is a process's: ~1 ms a round. A container
     // takes ~0.5 s to create, start, wait for and remove, so docker gets
     // fewer rounds to stay well inside PROPERTY_LIMIT.
-    let rounds = if h.docker() { 10 } else { 50 };
+    let rounds = h.fx.rounds();
     h.run("output_is_complete_once_exited", async {
         let mut missing = 0;
         for _ in 0..rounds {
@@ -1058,8 +915,8 @@ async fn output_is_complete_once_exited(under: UnderTest) {
 /// OOM killer) is replaced at the same version by the supervisor, the
 /// proxy serves through the replacement, and nothing of the dead one is
 /// left (on docker: its container is removed, not just stopped).
-async fn dead_instance_is_replaced(under: UnderTest) {
-    let h = Harness::new(under).await;
+pub async fn dead_instance_is_replaced(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
     h.run("dead_instance_is_replaced", async {
         let (m, _) = h.manager();
         let spec = h.demo_spec(2, rolling());
@@ -1086,4 +943,239 @@ async fn dead_instance_is_replaced(under: UnderTest) {
         .await;
     })
     .await;
+}
+
+// ---- jobs ------------------------------------------------------------------
+
+/// The executor over this target alone.
+fn executor(fx: &Arc<dyn Fixture>) -> Executor {
+    Executor::new(Arc::new(only(fx)))
+}
+
+/// A job of the demo (`migrate`, on image targets in the image pinned by
+/// the fixture's registry) with `args` after the program.
+async fn demo_job(h: &Harness, args: &[&str], timeout: Duration) -> JobSpec {
+    let program = h.fx.demo_command(&h.scope, false).first().cloned().expect("a demo command");
+    let argv = std::iter::once(program).chain(args.iter().map(|a| a.to_string())).collect();
+    let artifact = match h.fx.publish(&h.scope, "1.0").await {
+        None => None,
+        Some(reference) => {
+            let sha256 = h.target.resolve(&reference, None).await.expect("resolve the published demo").expect("a digest");
+            Some(ArtifactRef { url: reference, sha256, kind: slipway::store::ArtifactKind::Image })
+        }
+    };
+    JobSpec {
+        timeout_ms: timeout.as_millis() as u64,
+        kill_grace_ms: 2000,
+        artifact,
+        target: Some(h.fx.name().to_string()),
+        ..JobSpec::verify(&slipway::config::service::StepSpec { command: argv, timeout, idempotent: false })
+    }
+}
+
+/// Run `spec` through the executor; its result and its output lines.
+async fn run_job(h: &Harness, spec: JobSpec, cancel: CancellationToken) -> (RunResult, Vec<String>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Stream, String)>(256);
+    let collector = tokio::spawn(async move {
+        let mut lines = Vec::new();
+        while let Some((_, l)) = rx.recv().await {
+            lines.push(l);
+        }
+        lines
+    });
+    let values = BTreeMap::from([
+        ("version", "1.0".to_string()),
+        ("env", h.scope.env.clone()),
+        ("service", SERVICE.to_string()),
+        ("deployment", h.next_deployment().to_string()),
+        ("revision", "rev".to_string()),
+    ]);
+    let req = JobRequest { deployment_id: h.next_deployment(), job: format!("{SERVICE}.migrate"), attempt: 1, spec, workdir: h.dir().to_path_buf(), values };
+    let ctx = JobContext { environment: h.scope.env.clone(), revision: "rev".into(), version: Some("1.0".into()) };
+    let result = executor(&h.fx).run(ctx, req, &h.dir().join("artifacts"), tx, cancel).await;
+    let lines = tokio::time::timeout(Duration::from_secs(5), collector).await.expect("output ends with the job").expect("collector");
+    (result, lines)
+}
+
+/// A job runs on the target with `{placeholders}` filled per argument: a
+/// success says so, a failure carries its exit code and its output.
+pub async fn runs_jobs_with_exit_codes_and_output(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
+    h.run("runs_jobs_with_exit_codes_and_output", async {
+        let ok = demo_job(&h, &["migrate", "--file", "migrations.log", "--version", "{version}"], Duration::from_secs(60)).await;
+        let (r, lines) = run_job(&h, ok, CancellationToken::new()).await;
+        assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}: {lines:?}");
+        assert!(lines.iter().any(|l| l.contains("migration to 1.0 applied")), "the job's output, with {{version}} filled: {lines:?}");
+
+        let bad = demo_job(&h, &["migrate", "--file", "/no/such/dir/migrations.log", "--version", "1.0"], Duration::from_secs(60)).await;
+        let (r, lines) = run_job(&h, bad, CancellationToken::new()).await;
+        assert_eq!((r.outcome, r.exit_code), (Outcome::Failed, Some(1)), "{r:?}: {lines:?}");
+        assert!(r.reason.as_deref().is_some_and(|why| numbers_in(why).contains(&1)), "the reason names exit code 1: {r:?}");
+        assert!(lines.iter().any(|l| l.contains("cannot write /no/such/dir/migrations.log")), "stderr is kept: {lines:?}");
+    })
+    .await;
+}
+
+/// A job that runs too long ends as timed out, a cancelled one as
+/// cancelled, both promptly, and neither leaves anything behind.
+pub async fn jobs_stop_on_timeout_and_cancel(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
+    h.run("jobs_stop_on_timeout_and_cancel", async {
+        // The demo's server never ends by itself: a job that hangs.
+        let hang = ["serve", "--port", "18", "--version", "1.0"];
+        let spec = demo_job(&h, &hang, Duration::from_millis(1500)).await;
+        let t = Instant::now();
+        let (r, lines) = run_job(&h, spec, CancellationToken::new()).await;
+        assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}: {lines:?}");
+        assert!(t.elapsed() < Duration::from_secs(15), "a timeout of 1.5 s (grace 2 s) ended after {:?}", t.elapsed());
+
+        let spec = demo_job(&h, &hang, Duration::from_secs(60)).await;
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            c.cancel();
+        });
+        let t = Instant::now();
+        let (r, lines) = run_job(&h, spec, cancel).await;
+        assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}: {lines:?}");
+        assert!(t.elapsed() < Duration::from_secs(15), "cancelled after 1 s, ended after {:?}", t.elapsed());
+    })
+    .await;
+}
+
+// ---- what the kind says of itself ----------------------------------------
+
+/// The kind is registered under the fixture's name, and its capabilities
+/// say what the target does: image targets pin tags, others answer
+/// without a digest; targets that run instances start them.
+pub async fn capabilities_match_what_it_does(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
+    h.run("capabilities_match_what_it_does", async {
+        let kind = slipway::targets::kind(h.fx.name()).unwrap_or_else(|| panic!("no target registered as {:?}", h.fx.name()));
+        let caps = kind.capabilities();
+        assert_eq!(caps.uses_images, h.fx.image(&h.scope, "1.0").is_some(), "uses_images, and the fixture runs an image: {caps:?}");
+        if !caps.uses_images {
+            assert_eq!(h.target.resolve("example.org/x:1", None).await, Ok(None), "a target without images pins nothing");
+        }
+        let started = h.target.start_instance(h.demo_request("1.0")).await;
+        match (caps.runs_instances, started) {
+            (true, Ok(i)) => h.track(&i),
+            (false, Err(e)) => assert_eq!(e.kind, slipway::targets::TargetErrorKind::Unsupported, "{e}"),
+            (true, Err(e)) => panic!("runs_instances, but starting one failed: {e}"),
+            (false, Ok(i)) => {
+                h.track(&i);
+                panic!("started an instance without runs_instances");
+            }
+        }
+    })
+    .await;
+}
+
+/// Image targets: a published tag is pinned to its digest, an unknown tag
+/// is "not found", and the pinned digest is made available and runs.
+pub async fn images_are_pinned_and_pulled(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
+    h.run("images_are_pinned_and_pulled", async {
+        let Some(reference) = h.fx.publish(&h.scope, "2.0").await else {
+            // Nothing to pin: preparing anything is a no-op.
+            let (tx, _rx) = tokio::sync::mpsc::channel(8);
+            assert_eq!(h.target.prepare("example.org/x@sha256:00", None, &tx, &CancellationToken::new()).await, Ok(()));
+            return;
+        };
+        let digest = h.target.resolve(&reference, None).await.expect("resolve").expect("a digest");
+        assert!(digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit()), "a sha256 in hex: {digest:?}");
+        let repo = reference.rsplit_once(':').map(|(r, _)| r.to_string()).expect("repo:tag");
+        let missing = h.target.resolve(&format!("{repo}:no-such-tag"), None).await.expect_err("an unknown tag");
+        assert_eq!(missing.kind, slipway::targets::TargetErrorKind::NotFound, "{missing}");
+        let pinned = format!("{repo}@sha256:{digest}");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        h.target.prepare(&pinned, None, &tx, &CancellationToken::new()).await.expect("make the pinned image available");
+        drop(tx);
+        while rx.recv().await.is_some() {}
+        let mut req = h.demo_request("2.0");
+        req.image = Some(pinned);
+        let i = h.target.start_instance(req).await.expect("start from the digest");
+        h.track(&i);
+        let client = probe_client();
+        let addr = i.addr();
+        assert_eq!(eventually(Duration::from_secs(10), "the pinned image to serve", || get(&client, addr, "/")).await, hello("2.0"));
+    })
+    .await;
+}
+
+/// `gc` never lists (or removes) what a live manager runs.
+pub async fn gc_keeps_what_runs(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
+    h.run("gc_keeps_what_runs", async {
+        let (m, _) = h.manager();
+        let spec = h.demo_spec(2, rolling());
+        h.roll(&m, &spec, "1.0").await.assert_succeeded();
+        let running: BTreeSet<String> = h.status(&m).await.instances.iter().map(|(_, id, _)| id.clone()).collect();
+        let keep = Keep {
+            repositories: h.fx.image(&h.scope, "1.0").map(|i| i.rsplit_once(':').map(|(r, _)| r.to_string()).unwrap_or(i)).into_iter().collect(),
+            digests: BTreeSet::new(),
+        };
+        let garbage = h.target.garbage(&keep).await.expect("garbage");
+        for item in garbage.containers.iter() {
+            assert!(
+                !running.iter().any(|id| id.contains(&item.id) || item.id.contains(id.trim_start_matches("container "))),
+                "gc lists a running instance: {item:?}"
+            );
+        }
+        h.target.collect(&garbage).await;
+        assert_serves(spec.listen, "1.0", 4).await;
+    })
+    .await;
+}
+
+// ---- the real binary: kill -9 of a node --------------------------------------
+
+/// `slipway serve` deploys the demo on this target, is killed with
+/// SIGKILL, and the next node of the same store brings the service back
+/// on its recorded version (adopting or replacing what the dead one left);
+/// a graceful stop afterwards leaves nothing on the target.
+pub async fn a_killed_node_comes_back_serving(fx: Arc<dyn Fixture>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = HARNESSES.fetch_add(1, Ordering::SeqCst) + 1;
+    let scope = Scope {
+        env: format!("node-{}-{n}", std::process::id()),
+        repo: format!("slipway-test/compliance-{}-{n}", std::process::id()),
+        dir: dir.path().to_path_buf(),
+    };
+    fx.prepare(&scope).await;
+    let listen = free_port();
+    let config = format!(
+        "[[environment]]\nname = \"{env}\"\n\n[[service]]\nname = \"{SERVICE}\"\nlisten = \"127.0.0.1:{listen}\"\ninstances = 2\nhealth = {{ http = \"/healthz\", interval = \"100ms\", healthy_after = 1, deadline = \"20s\" }}\n{own}\n",
+        env = scope.env,
+        own = fx.service_toml(&scope).await
+    );
+    std::fs::write(dir.path().join("slipway.toml"), config).expect("write slipway.toml");
+    let body = move || crate::common::http_get(listen, "/");
+    let outcome = tokio::time::timeout(Duration::from_secs(120), async {
+        let (d, env) = (dir.path().to_path_buf(), scope.env.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut first = crate::common::Server::start(&d, None, &[]);
+            let out = first.cli(&d, &["deploy", SERVICE, "1.0", "--env", &env]);
+            assert!(out.status.success(), "deploy: {}\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), first.log_text());
+            crate::common::wait_for(Duration::from_secs(20), "1.0 to serve", || body().filter(|b| b == &hello("1.0")));
+            first.kill9();
+            let mut second = crate::common::Server::start(&d, None, &[]);
+            crate::common::wait_for(Duration::from_secs(40), "1.0 to serve again after the kill", || body().filter(|b| b == &hello("1.0")));
+            let status = second.cli(&d, &["status"]);
+            assert!(String::from_utf8_lossy(&status.stdout).contains("1.0"), "status: {}", String::from_utf8_lossy(&status.stdout));
+            // A graceful stop: SIGTERM, and it ends by itself.
+            unsafe { libc::kill(second.child.id() as i32, libc::SIGTERM) };
+            crate::common::wait_for(Duration::from_secs(30), "the node to stop on SIGTERM", || second.child.try_wait().ok().flatten());
+        })
+        .await
+    })
+    .await;
+    let left = fx.leftovers(&scope).await;
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(panic)) => std::panic::resume_unwind(panic.into_panic()),
+        Err(_) => panic!("a_killed_node_comes_back_serving: did not finish within 120 s"),
+    }
+    assert!(left.is_empty(), "a_killed_node_comes_back_serving: left on the target after a graceful stop: {left:#?}");
 }
