@@ -48,20 +48,29 @@ fn camel(name: &str) -> String {
     c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
 }
 
-/// Every place in `dirs` that names a registered target.
-fn namings(dirs: &[&str]) -> Vec<String> {
+/// Every place in `dirs` (but `src/targets/`, and unit tests) that names
+/// a registered target: as a string, a path or its type (`strings`), or
+/// only as a path into `targets` or its type.
+fn namings(dirs: &[&str], strings: bool) -> Vec<String> {
     let names = targets();
     let mut files = Vec::new();
     for d in dirs {
         rust_files(&root().join(d), &mut files);
     }
+    files.retain(|f| !f.starts_with(root().join("src/targets")));
     let mut found = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f).expect("read");
+        // Unit tests sit at the end of a file, after `#[cfg(test)]`.
+        let text = text.split("#[cfg(test)]").next().unwrap_or_default();
         for (n, line) in text.lines().enumerate() {
             let line = code(line);
             for name in &names {
-                let forms = [format!("\"{name}\""), format!("{name}::"), format!("{}Target", camel(name))];
+                let forms = if strings {
+                    vec![format!("\"{name}\""), format!("{name}::"), format!("{}Target", camel(name))]
+                } else {
+                    vec![format!("targets::{name}"), format!("{}Target", camel(name))]
+                };
                 if let Some(form) = forms.iter().find(|form| line.contains(form.as_str())) {
                     found.push(format!("{}:{}: names target {name} ({form}): {}", f.strip_prefix(root()).unwrap_or(&f).display(), n + 1, line.trim()));
                 }
@@ -75,8 +84,14 @@ fn namings(dirs: &[&str]) -> Vec<String> {
 fn issue14_the_scheduler_executor_and_service_manager_name_no_target() {
     let names = targets();
     assert!(names.contains(&"local".to_string()) && names.len() >= 2, "targets found: {names:?}");
-    let found = namings(&["src/scheduler", "src/executor", "src/service"]);
+    let found = namings(&["src/scheduler", "src/executor", "src/service"], true);
     assert!(found.is_empty(), "these must ask Targets by the spec's name, or a target's Capabilities, instead:\n{}", found.join("\n"));
+}
+
+#[test]
+fn issue14_nothing_outside_src_targets_reaches_into_a_target() {
+    let found = namings(&["src"], false);
+    assert!(found.is_empty(), "only a target's own folder uses its types; elsewhere ask Targets, a TargetKind or Capabilities:\n{}", found.join("\n"));
 }
 
 #[test]
@@ -118,4 +133,25 @@ fn issue14_a_targets_keys_come_from_its_kind() {
             assert!(err.problems.iter().any(|p| p.message.contains(&wanted)), "{}: {:?}", key.name, err.problems);
         }
     }
+}
+
+#[test]
+// `slipway targets` lists every registered kind from the same source as
+// the config's key check: names, capabilities and keys.
+fn issue14_slipway_targets_lists_every_kind_with_its_keys() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_slipway")).args(["--json", "targets"]).output().expect("run slipway targets");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let listed = listed.as_array().expect("a list");
+    assert_eq!(listed.len(), slipway::targets::kinds().len());
+    for (item, kind) in listed.iter().zip(slipway::targets::kinds()) {
+        assert_eq!(item["name"], kind.name());
+        assert_eq!(item["default"], kind.name() == slipway::targets::DEFAULT);
+        assert_eq!(item["capabilities"]["uses_images"], kind.capabilities().uses_images);
+        let keys: Vec<&str> = item["keys"].as_array().expect("keys").iter().filter_map(|k| k["name"].as_str()).collect();
+        assert_eq!(keys, kind.service_keys().iter().map(|k| k.name).collect::<Vec<_>>());
+    }
+    let text = std::process::Command::new(env!("CARGO_BIN_EXE_slipway")).arg("targets").output().expect("run slipway targets");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("local (the default):") && text.contains("key port (integer)"), "{text}");
 }

@@ -42,6 +42,9 @@ pub struct Cli {
 pub enum Command {
     /// Check the config and report every problem with file, line and column.
     Validate,
+    /// The targets this Slipway deploys to (`target = "…"` in a
+    /// `[[service]]`): what each can do and the keys it adds.
+    Targets,
     /// Show the job graph without running anything: order, parallel waves,
     /// critical path and estimated duration.
     Plan(PlanArgs),
@@ -303,6 +306,10 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
     let client = Client::new(&cli.server, cli.token.as_deref());
     match cli.command {
         Command::Validate => validate(&cli.config, cli.json),
+        Command::Targets => {
+            targets_cmd(cli.json);
+            Ok(exit::OK)
+        }
         Command::Plan(PlanArgs { env, from: Some(from), to: Some(to), parallelism, .. }) => {
             gates::plan_change(&cli.config, env, &from, &to, parallelism, cli.json).await
         }
@@ -370,6 +377,44 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 );
             }
             Ok(exit::OK)
+        }
+    }
+}
+
+/// Every registered target, from its kind: the same list the config's
+/// key check and the docs use.
+fn targets_cmd(json: bool) {
+    let kinds = crate::targets::kinds();
+    if json {
+        let list: Vec<serde_json::Value> = kinds
+            .iter()
+            .map(|k| {
+                let keys: Vec<serde_json::Value> =
+                    k.service_keys().iter().map(|key| serde_json::json!({ "name": key.name, "type": key.kind, "doc": key.doc })).collect();
+                serde_json::json!({ "name": k.name(), "about": k.about(), "default": k.name() == crate::targets::DEFAULT, "capabilities": k.capabilities(), "keys": keys })
+            })
+            .collect();
+        print_json(&list);
+        return;
+    }
+    for k in kinds {
+        let c = k.capabilities();
+        let can: Vec<&str> = [
+            (c.runs_jobs, "runs jobs"),
+            (c.runs_instances, "runs service instances"),
+            (c.uses_images, "runs images (pinned by digest)"),
+            (c.secret_files, "places secret files"),
+            (c.own_rollout, "runs its own rollout"),
+            (c.remote, "runs on other machines"),
+        ]
+        .into_iter()
+        .filter_map(|(yes, what)| yes.then_some(what))
+        .collect();
+        let default = if k.name() == crate::targets::DEFAULT { " (the default)" } else { "" };
+        println!("{}{default}: {}", k.name(), k.about());
+        println!("    can: {}", can.join(", "));
+        for key in k.service_keys() {
+            println!("    key {} ({}): {}", key.name, key.kind, key.doc);
         }
     }
 }

@@ -59,12 +59,7 @@ impl Executor {
 
     /// The target a job runs on.
     async fn target_of(&self, spec: &JobSpec) -> Result<Arc<dyn Target>, String> {
-        let name = spec.target.as_deref().unwrap_or(crate::targets::DEFAULT);
-        match self.targets.get(name).await {
-            Ok(t) => Ok(t),
-            // A test's single target stands for every target.
-            Err(e) => self.targets.get(crate::targets::DEFAULT).await.ok().filter(|_| self.targets.is_single()).ok_or(e.message),
-        }
+        self.targets.get(spec.target.as_deref().unwrap_or(crate::targets::DEFAULT)).await.map_err(|e| e.message)
     }
 
     /// Build the node's targets that can be built now (at the scheduler's

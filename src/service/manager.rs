@@ -143,11 +143,7 @@ impl ServiceManager {
 
     /// The target a service's instances run on.
     async fn target_of(&self, spec: &ServiceSpec) -> Result<Arc<dyn Target>, String> {
-        match self.targets.get(&spec.target).await {
-            Ok(t) => Ok(t),
-            // A test's single target stands for every target.
-            Err(e) => self.targets.get(crate::targets::DEFAULT).await.ok().filter(|_| self.targets.is_single()).ok_or(e.message),
-        }
+        self.targets.get(&spec.target).await.map_err(|e| e.message)
     }
 
     /// The service's entry, binding its proxy on first use. A port in use

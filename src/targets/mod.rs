@@ -325,7 +325,10 @@ impl Targets {
         Targets { node, built, given: HashMap::new(), restored: AtomicBool::new(true) }
     }
 
-    /// Only `target`, under `name` (in-process tests and benchmarks).
+    /// Only `target`, under `name`: asked for any other name, it answers
+    /// that target too while it is the only one (in-process tests and
+    /// benchmarks with one target); [`Targets::with`] a second makes every
+    /// name strict.
     pub fn only(name: &str, target: Arc<dyn Target>) -> Self {
         Targets { node: NodeContext::default(), built: HashMap::new(), given: HashMap::from([(name.to_string(), target)]), restored: AtomicBool::new(true) }
     }
@@ -342,11 +345,6 @@ impl Targets {
         self
     }
 
-    /// Made by [`Targets::only`]: one target standing for every target.
-    pub fn is_single(&self) -> bool {
-        self.built.is_empty() && self.given.len() == 1
-    }
-
     /// Still restoring: what looks orphaned may be about to be adopted.
     pub fn is_restoring(&self) -> bool {
         !self.restored.load(Ordering::SeqCst)
@@ -356,6 +354,9 @@ impl Targets {
     /// says what is unreachable, for people.
     pub async fn get(&self, name: &str) -> Result<Arc<dyn Target>, TargetError> {
         if let Some(t) = self.given.get(name) {
+            return Ok(t.clone());
+        }
+        if let (true, Some(t)) = (self.built.is_empty() && self.given.len() == 1, self.given.values().next()) {
             return Ok(t.clone());
         }
         let (Some(slot), Some(kind)) = (self.built.get(name), kind(name)) else {
