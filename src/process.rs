@@ -8,7 +8,7 @@
 //! starts the same way, and nothing outside `targets/` may name a target.
 
 /// The installation a store URL names, for marking processes: the
-/// containers' scope (`docker::scope_of_store`, a digest of the URL
+/// containers' scope ([`scope_of_store`], a digest of the URL
 /// without credentials), with a SQLite path made absolute first, so that
 /// two installations each using `sqlite://slipway.db` in their own
 /// directory are two. Nodes of one installation share it when they spell
@@ -38,6 +38,8 @@ pub(crate) fn hide_secret_sources(cmd: &mut std::process::Command) {
     }
 }
 
+/// This process on this host: "<pid>.<start time>", the start time telling
+/// it from a later process that reuses the pid.
 pub(crate) fn owner_mark() -> &'static str {
     static MARK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     MARK.get_or_init(|| {

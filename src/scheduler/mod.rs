@@ -88,7 +88,7 @@ pub fn sweep_interval(poll: Duration) -> Duration {
 /// dies end the dead node's processes before that node's leases run out,
 /// so before any node can retry its jobs: the dead node may have renewed
 /// last one renew interval before it died, and its processes are found
-/// within one sweep interval and ended within [`SWEEP_MARGIN`]. (The
+/// within one sweep interval and ended within `SWEEP_MARGIN`. (The
 /// renew interval is a third of the lease, at most 1 s.)
 pub fn minimum_lease(poll: Duration) -> Duration {
     let rest = sweep_interval(poll) + SWEEP_MARGIN;
@@ -242,7 +242,6 @@ impl SchedulerHandle {
     }
 }
 
-/// A node id unique to this process: host, pid and a random suffix.
 /// The revision's files under `work_dir`, unpacked once per process.
 async fn materialize(store: &dyn Store, work_dir: &std::path::Path, cache: &Mutex<HashMap<String, PathBuf>>, revision_id: &str) -> Result<PathBuf, String> {
     if let Some(p) = cache.lock().ok().and_then(|m| m.get(revision_id).cloned()) {
@@ -264,6 +263,7 @@ async fn materialize(store: &dyn Store, work_dir: &std::path::Path, cache: &Mute
     Ok(path)
 }
 
+/// A node id unique to this process: host, pid and a random suffix.
 pub fn default_node_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "node".into());
     format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())

@@ -207,7 +207,7 @@ const CONFIRM_WITHIN: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub struct Swept {
     pub killed: usize,
-    /// Killed, yet not gone within [`CONFIRM_WITHIN`] (a process stuck in
+    /// Killed, yet not gone within `CONFIRM_WITHIN` (a process stuck in
     /// the kernel, as on a hung NFS mount).
     pub still_running: Vec<i32>,
     /// Orphans without an installation mark (an older Slipway started
@@ -223,7 +223,7 @@ pub struct Swept {
 /// (another node of this installation included: it looks after them) and
 /// of another installation (its own next Slipway sweeps them) are never
 /// touched. Returns once the killed processes are gone (or after
-/// [`CONFIRM_WITHIN`]). Runs when a node starts, before it reaps leases,
+/// `CONFIRM_WITHIN`). Runs when a node starts, before it reaps leases,
 /// every sweep interval after, and before interrupted jobs are retried.
 pub fn sweep_orphans(installation: &str) -> Swept {
     let mine = owner_mark();
