@@ -104,7 +104,7 @@ fn build_command(req: &JobRequest, target: &LocalTarget) -> Result<Command, Stri
 
 /// Environment variable carrying "<pid>.<start time>@<installation>" of
 /// the Slipway process that started a process (the installation:
-/// [`installation_of_store`]; none without one). In one value, so that an
+/// [`crate::process::installation_of_store`]; none without one). In one value, so that an
 /// older Slipway, which kills every process whose "<pid>.<start time>"
 /// names a dead process, cannot read it and leaves it alone.
 const OWNER_ENV: &str = "SLIPWAY_OWNER";
