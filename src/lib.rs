@@ -18,6 +18,7 @@
 //! - [`service`]: managed services — rollouts behind health checks, the proxy, rollback, supervision.
 //! - [`api`]: the HTTP API, `/metrics`, `/healthz`; the only place wire types are serialized.
 //! - [`http`]: every outgoing HTTP client — reqwest with rustls (ring provider) and the system's CA roots.
+//! - [`values`]: versions, digests, image names and branches — checked once where they enter, then typed.
 //! - [`cli`]: the `slipway` command line, a client of the API (and of the config for `validate`/`plan`).
 //!
 //! The benchmarks (`crates/slipway-bench`) and the demo service
@@ -40,4 +41,5 @@ pub mod store;
 pub mod submit;
 pub mod targets;
 pub mod trigger;
+pub mod values;
 pub mod why;

@@ -279,14 +279,7 @@ fn minutes(s: &str) -> Result<u32, String> {
 /// A branch name from config or a payload: a strict alphabet, no `..`, not
 /// starting with '-' or '/', so it is safe as one argument and in a refspec.
 pub fn valid_branch(b: &str) -> bool {
-    !b.is_empty()
-        && b.len() <= 200
-        && b.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
-        && !b.starts_with(['-', '/', '.'])
-        && !b.ends_with(['/', '.'])
-        && !b.contains("..")
-        && !b.contains("//")
-        && !b.ends_with(".lock")
+    crate::values::Branch::parse(b).is_ok()
 }
 
 #[derive(Deserialize)]

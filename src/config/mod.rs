@@ -532,23 +532,7 @@ fn positive(v: &Spanned<i64>, what: &str, max: i64, problems: &mut Vec<Problem>)
 /// An image reference without a tag or digest: `[registry[:port]/]path`,
 /// lowercase path components of letters, digits, `.`, `_`, `-`.
 pub fn valid_image(s: &str) -> bool {
-    if s.is_empty() || s.len() > 255 || s.contains('@') {
-        return false;
-    }
-    let mut parts: Vec<&str> = s.split('/').collect();
-    // A first part with a '.' or ':' (or "localhost") names a registry.
-    if parts.len() > 1 && (parts[0].contains('.') || parts[0].contains(':') || parts[0] == "localhost") {
-        let reg = parts.remove(0);
-        if !reg.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':')) {
-            return false;
-        }
-    }
-    !parts.is_empty()
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
-                && p.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        })
+    crate::values::Image::parse(s).is_ok()
 }
 
 /// Names of jobs, services, environments and resources: kept to a plain

@@ -88,7 +88,8 @@ fn repository(image: &str) -> Result<String, RetentionError> {
 
 /// `sha256:` and 64 lower-case hex digits: the only digests used in a URL.
 pub fn valid_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    // Lower-case only: a digest in a URL is used exactly as the registry wrote it.
+    d.strip_prefix("sha256:").is_some_and(|h| !h.bytes().any(|b| b.is_ascii_uppercase()) && crate::values::Digest::parse(h).is_ok())
 }
 
 /// The registry's tag grammar.

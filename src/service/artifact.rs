@@ -24,8 +24,7 @@ pub const MAX_BYTES: u64 = 4 << 30;
 /// A SHA-256 as the API accepts it: 64 hex digits, optionally after
 /// `sha256:`. Returned lowercase.
 pub fn parse_sha256(s: &str) -> Option<String> {
-    let hex = s.strip_prefix("sha256:").unwrap_or(s);
-    (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())).then(|| hex.to_ascii_lowercase())
+    crate::values::Digest::parse(s).ok().map(String::from)
 }
 
 /// Where the tarball with this checksum is (or will be) unpacked.

@@ -65,10 +65,7 @@ pub enum SubmitError {
 /// Versions and event keys travel from payloads into argv and file names:
 /// a strict alphabet, checked before anything else.
 pub fn valid_version(v: &str) -> bool {
-    !v.is_empty()
-        && v.len() <= 128
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'))
-        && v.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+    crate::values::Version::parse(v).is_ok()
 }
 
 pub fn valid_key(k: &str) -> bool {
