@@ -5,6 +5,7 @@
 //! - [`config`]: `slipway.toml` — parsing, validation with source spans, revisions.
 //! - [`plan`]: from config to the job graph of a deployment (no IO).
 //! - [`store`]: the durable state behind the [`store::Store`] trait (SQLite, PostgreSQL).
+//! - [`node`]: one node — scheduler, API, gate loop and event consumers started, and stopped, together.
 //! - [`scheduler`]: a node's loop — claims jobs with leases, runs them, reports events.
 //! - [`targets`]: where jobs and service instances run, behind the [`targets::Target`] trait (`local`, `docker`).
 //! - [`git`]: an environment's config repository, mirrored and read with the system `git`.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod gate;
 pub mod git;
 pub mod http;
+pub mod node;
 pub mod notify;
 pub mod plan;
 pub mod retention;
