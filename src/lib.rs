@@ -6,6 +6,7 @@
 //! - [`plan`]: from config to the job graph of a deployment (no IO).
 //! - [`store`]: the durable state behind the [`store::Store`] trait (SQLite, PostgreSQL).
 //! - [`node`]: one node — scheduler, API, gate loop and event consumers started, and stopped, together.
+//! - [`events`]: a node's event bus — the scheduler, submitter and API emit; the log writer, metrics, server log and notifier consume.
 //! - [`scheduler`]: a node's loop — claims jobs with leases, runs them, reports events.
 //! - [`targets`]: where jobs and service instances run, behind the [`targets::Target`] trait (`local`, `docker`).
 //! - [`git`]: an environment's config repository, mirrored and read with the system `git`.
@@ -24,6 +25,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod events;
 pub mod gate;
 pub mod git;
 pub mod http;

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState, metrics::Metrics};
-use crate::scheduler::event::{Event, EventBus};
-use crate::scheduler::{Scheduler, SchedulerConfig, logwriter};
+use crate::events::{EventBus, logwriter, server_log};
+use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::service::ServiceManager;
 use crate::store::{Store, StoreError};
 use crate::submit::Submitter;
@@ -66,7 +66,7 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     // submitter), after they have handled what was queued.
     tasks.spawn(logwriter::run(store.clone(), log_rx));
     tasks.spawn(api::metrics::consume(metrics.clone(), metrics_rx));
-    tasks.spawn(report(report_rx));
+    tasks.spawn(server_log::run(report_rx));
     tasks.spawn(crate::notify::run(store.clone(), opts.config_path.clone(), notify_rx));
     let node = opts.scheduler.node_id.clone();
     let parallelism = opts.scheduler.parallelism;
@@ -132,30 +132,4 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
         result
     });
     RunningNode { addr, shutdown, task }
-}
-
-/// The server's own log: one line per job event.
-async fn report(mut rx: tokio::sync::mpsc::Receiver<Arc<Event>>) {
-    while let Some(ev) = rx.recv().await {
-        match &*ev {
-            Event::DeploymentStarted { deployment, .. } => tracing::info!(deployment, "deployment started"),
-            Event::JobStarted { deployment, name, attempt, .. } => tracing::info!(deployment, job = %name, attempt, "job started"),
-            Event::JobFinished { deployment, name, attempt, outcome, reason, duration, retry_in, .. } => tracing::info!(
-                deployment,
-                job = %name,
-                attempt,
-                outcome = %outcome,
-                reason = reason.as_deref().unwrap_or(""),
-                duration_ms = duration.as_millis() as u64,
-                retry_in_ms = retry_in.map(|d| d.as_millis() as u64),
-                "job finished"
-            ),
-            Event::DeploymentFinished { deployment, state } => tracing::info!(deployment, state = %state, "deployment finished"),
-            Event::DeploymentWaiting { deployment } => tracing::info!(deployment, "deployment waiting for approval"),
-            Event::RevisionRejected { environment, commit, errors } => {
-                tracing::warn!(environment = %environment, commit = %commit, "config revision rejected:\n{errors}")
-            }
-            Event::JobOutput { .. } => {}
-        }
-    }
 }

@@ -33,8 +33,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
-use crate::scheduler::event::{Event, EventBus};
-use crate::scheduler::{Scheduler, SchedulerConfig, logwriter};
+use crate::events::{Event, EventBus, logwriter};
+use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::{self, DeploymentState, JobState, Store, StoreError};
 use crate::submit::{Request, SubmitError, Submitter};
 use crate::targets::LocalTarget;

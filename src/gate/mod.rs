@@ -181,7 +181,7 @@ async fn once(store: &Arc<dyn Store>, submitter: &Submitter, failed: &mut HashMa
                 if store.drop_waiting(d.id, &why, None).await?
                     && let Some(bus) = &submitter.events
                 {
-                    bus.emit(crate::scheduler::event::Event::DeploymentFinished { deployment: d.id, state: DeploymentState::Cancelled }).await;
+                    bus.emit(crate::events::Event::DeploymentFinished { deployment: d.id, state: DeploymentState::Cancelled }).await;
                 }
             }
             Verdict::Wait(what) => {

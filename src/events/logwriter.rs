@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::event::Event;
+use super::Event;
 use crate::store::{NewLogLine, Store};
 
 /// Lines kept in memory while the store does not answer; past this the
