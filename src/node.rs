@@ -96,7 +96,7 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
         redeployed: Default::default(),
         fetch_failures: Default::default(),
     });
-    tasks.spawn(crate::gate::run(store.clone(), submitter.clone(), shutdown.clone()));
+    tasks.spawn(crate::submit::gates::run(store.clone(), submitter.clone(), shutdown.clone()));
     tasks.spawn(crate::trigger::poll::run(submitter.clone(), shutdown.clone()));
     let state = Arc::new(AppState { store: store.clone(), submitter, metrics, node, services: Some(services.clone()), refusals: Default::default() });
     let app = api::router(state.clone());

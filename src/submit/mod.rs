@@ -11,6 +11,7 @@ use crate::config::{self, ConfigErrors, revision};
 use crate::plan::{self, PlanError, Selection};
 use crate::store::{DeploymentKind, DeploymentState, Hold, JobSpec, NewDeployment, NewEvent, NewJob, Store, StoreError, Submitted};
 
+pub mod gates;
 pub mod git;
 
 /// What someone asks for.
