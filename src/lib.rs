@@ -6,6 +6,8 @@
 //! - [`process`]: this Slipway process on its host — owner marks, installation, argv filling for node-side commands.
 //! - [`plan`]: from config to the job graph of a deployment (no IO).
 //! - [`store`]: the durable state behind the [`store::Store`] trait (SQLite, PostgreSQL).
+//! - [`node`]: one node — scheduler, API, gate loop and event consumers started, and stopped, together.
+//! - [`events`]: a node's event bus — the scheduler, submitter and API emit; the log writer, metrics, server log and notifier consume.
 //! - [`scheduler`]: a node's loop — claims jobs with leases, runs them, reports events.
 //! - [`executor`]: between the scheduler and the targets — routes each job by its command and its spec's target.
 //! - [`targets`]: where jobs and service instances run, behind the [`targets::Target`] trait; one folder and one registration line per target.
@@ -27,10 +29,12 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod events;
 pub mod executor;
 pub mod gate;
 pub mod git;
 pub mod http;
+pub mod node;
 pub mod notify;
 pub mod plan;
 pub mod process;

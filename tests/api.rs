@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use slipway::cli::serve::{NodeOptions, RunningNode, start_node};
+use slipway::node::{NodeOptions, RunningNode, start_node};
 use slipway::scheduler::SchedulerConfig;
 use slipway::store::Store;
 

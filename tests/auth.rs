@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use slipway::cli::serve::{NodeOptions, start_node};
+use slipway::node::{NodeOptions, start_node};
 use slipway::scheduler::SchedulerConfig;
 
 const CONFIG: &str = r#"

@@ -1312,6 +1312,52 @@ fn sigterm_finishes_running_jobs_but_takes_no_new_ones() {
     assert_ne!(node_of("slow"), node_of("after"), "the stopping node must not have started `after`: {d}");
 }
 
+/// Output printed just before a graceful stop is stored before the node
+/// exits: the job prints its lines only after SIGTERM was sent, finishes
+/// within the grace period, and the process exits right after; every line
+/// must be in the store. (The log writer holds up to a channel's worth of
+/// lines plus its batch when the scheduler stops: a node that exits
+/// without awaiting it loses them.)
+#[test]
+fn sigterm_keeps_the_output_printed_just_before_the_stop() {
+    const LINES: usize = 20_000;
+    let fx = Fx::new(
+        r#"
+[project]
+name = "flush"
+
+[[job]]
+name = "chatty"
+shell = true
+command = "echo waiting; while [ ! -e \"$GO\" ]; do sleep 0.05; done; seq 1 20000"
+env = { GO = "@EXT@/go" }
+"#,
+        &[],
+    );
+    let store = fx.sqlite();
+    let mut server = fx.serve(&store, &["--poll", "200ms", "--shutdown-grace", "30s"]);
+    let id = submit_run(&server.url, &["chatty"], None);
+    // Its first line is stored: it runs, and the writer has caught up.
+    wait("chatty to run", || logs_of(&[&server]), || logs(&server.url, id, Some("chatty")).iter().any(|l| l["line"] == "waiting").then_some(()));
+    assert!(Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().expect("kill").success());
+    // Only once the node is stopping does the job print.
+    wait("serve to log that it stops", || server.log_text(), || server.log_text().contains("slipway: stopping").then_some(()));
+    std::fs::write(fx.ext.path().join("go"), b"").expect("go file");
+    let status = common::wait_for(WAIT, "serve to exit", || server.child.try_wait().expect("try_wait"));
+    assert_eq!(status.code(), Some(0), "a graceful stop exits 0\n{}", server.log_text());
+
+    let server = fx.serve(&store, &["--poll", "200ms"]);
+    let d = wait_done(&server.url, id, || logs_of(&[&server]));
+    assert_eq!(job_state(&d, "chatty"), "succeeded", "it finished within the grace period: {d:#}");
+    let out: Vec<String> = logs(&server.url, id, Some("chatty"))
+        .iter()
+        .filter(|l| l["stream"] == "stdout" && l["line"] != "waiting")
+        .map(|l| l["line"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(out.len(), LINES, "every line printed before the stop is stored (last stored: {:?})\n{}", out.last(), logs_of(&[&server]));
+    assert_eq!(out.last().map(String::as_str), Some("20000"));
+}
+
 /// The orphan sweep never kills Slipway itself, even when its own
 /// environment carries the owner mark of a dead Slipway (as it does when a
 /// deploy job restarts Slipway).

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
-use slipway::cli::serve::{NodeOptions, start_node};
+use slipway::node::{NodeOptions, start_node};
 use slipway::scheduler::SchedulerConfig;
 
 const SOAK_MS: i64 = 4000;

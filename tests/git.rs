@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use slipway::cli::serve::{NodeOptions, start_node};
+use slipway::node::{NodeOptions, start_node};
 use slipway::scheduler::SchedulerConfig;
 use slipway::trigger::github::sign;
 
@@ -117,7 +117,7 @@ async fn receiver() -> (String, Seen) {
 struct Node {
     base: String,
     http: reqwest::Client,
-    node: slipway::cli::serve::RunningNode,
+    node: slipway::node::RunningNode,
     dir: tempfile::TempDir,
 }
 

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use slipway::cli::serve::{NodeOptions, start_node};
+use slipway::node::{NodeOptions, start_node};
 use slipway::scheduler::SchedulerConfig;
 use slipway::trigger::github::sign;
 
@@ -31,7 +31,7 @@ fn published(tag: &str) -> Vec<u8> {
 struct Hooks {
     base: String,
     http: reqwest::Client,
-    node: slipway::cli::serve::RunningNode,
+    node: slipway::node::RunningNode,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::Server;
 use serde_json::{Value, json};
-use slipway::cli::serve::{NodeOptions, RunningNode, start_node};
+use slipway::node::{NodeOptions, RunningNode, start_node};
 use slipway::scheduler::SchedulerConfig;
 
 const CONFIG: &str = r#"

@@ -13,7 +13,7 @@ mod push;
 use std::time::Duration;
 
 use serde_json::Value;
-use slipway::cli::serve::{NodeOptions, start_node};
+use slipway::node::{NodeOptions, start_node};
 use slipway::scheduler::SchedulerConfig;
 
 const TOKEN: &str = "registry-hook-token-31";

@@ -20,12 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use slipway::cli::serve::{NodeOptions, start_node};
+use slipway::node::{NodeOptions, start_node};
 use slipway::scheduler::SchedulerConfig;
 use slipway::store::{ServiceRow, Store};
 
 /// A node in-process on the config in `dir`, with `store`.
-async fn node(dir: &Path, store: Arc<dyn Store>) -> (slipway::cli::serve::RunningNode, String) {
+async fn node(dir: &Path, store: Arc<dyn Store>) -> (slipway::node::RunningNode, String) {
     let mut cfg = SchedulerConfig::new("retention", dir.join(".slipway/work"));
     cfg.poll = Duration::from_millis(100);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -34,7 +34,7 @@ async fn node(dir: &Path, store: Arc<dyn Store>) -> (slipway::cli::serve::Runnin
     (node, base)
 }
 
-async fn stop(node: slipway::cli::serve::RunningNode) {
+async fn stop(node: slipway::node::RunningNode) {
     node.shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), node.task).await;
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use slipway::config::{Command, revision};
-use slipway::scheduler::event::EventBus;
+use slipway::events::EventBus;
 use slipway::scheduler::{Scheduler, SchedulerConfig};
 use slipway::store::{self, DeploymentKind, JobSpec, NewDeployment, NewEvent, NewJob, Outcome, Store};
 use slipway::targets::{JobRequest, LocalTarget, OutputSink, RunResult, Target};

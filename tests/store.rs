@@ -1379,10 +1379,10 @@ async fn issue6_a_queued_deployment_whose_window_closed_waits_again() {
         assert_eq!(dep_state(&b, gated).await, DeploymentState::Waiting, "[{name}]");
         assert!(store.release(gated).await.unwrap_or_else(|e| panic!("[{name}] {e}")), "[{name}] released (its window was open)");
 
-        slipway::gate::hold_back_closed(store, &config, noon).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        slipway::submit::gates::hold_back_closed(store, &config, noon).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
         assert_eq!(dep_state(&b, gated).await, DeploymentState::Queued, "[{name}] the window is still open at noon");
 
-        slipway::gate::hold_back_closed(store, &config, evening).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        slipway::submit::gates::hold_back_closed(store, &config, evening).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
         let d = deployment(&b, gated).await;
         assert_eq!(d.state, DeploymentState::Waiting, "[{name}] the window closed before it started");
         let reason = d.reason.unwrap_or_default();

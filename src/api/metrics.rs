@@ -15,7 +15,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
-use crate::scheduler::event::Event;
+use crate::events::Event;
 use crate::store::{Counts, DeploymentState, JobState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -111,7 +111,7 @@ impl Metrics {
     }
 }
 
-/// The metrics consumer of the scheduler's event stream.
+/// The metrics consumer of the node's event bus ([`crate::events`]).
 pub async fn consume(metrics: Arc<Metrics>, mut events: mpsc::Receiver<Arc<Event>>) {
     while let Some(ev) = events.recv().await {
         metrics.observe(&ev);

@@ -571,7 +571,7 @@ async fn cancel_deployment(
     if d.state.is_terminal()
         && let Some(bus) = &s.submitter.events
     {
-        bus.emit(crate::scheduler::event::Event::DeploymentFinished { deployment: id, state: d.state }).await;
+        bus.emit(crate::events::Event::DeploymentFinished { deployment: id, state: d.state }).await;
     }
     Ok((StatusCode::ACCEPTED, axum::Extension(audit::AuditNote(format!("cancel deployment {id}"))), Json(Deployment::from(d))))
 }

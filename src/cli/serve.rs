@@ -1,5 +1,6 @@
-//! `slipway serve`: one node — scheduler, API and event consumers, wired
-//! together and stopped together.
+//! `slipway serve`: reads the config and the flags, opens the store (and
+//! locks a SQLite one), binds the listener, then starts one node
+//! ([`crate::node`]) and stops it on a signal.
 //!
 //! Shutdown: the first SIGINT/SIGTERM stops claiming work and the API,
 //! and gives running jobs `--shutdown-grace` to finish; a second signal
@@ -12,17 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
 use super::{CliError, exit};
-use crate::api::{self, AppState, metrics::Metrics};
-use crate::executor::Executor;
-use crate::scheduler::event::{Event, EventBus};
-use crate::scheduler::{self, Scheduler, SchedulerConfig, logwriter};
-use crate::service::ServiceManager;
+use crate::node::{NodeOptions, start_node};
+use crate::scheduler::{self, SchedulerConfig};
 use crate::store::{self, Store};
-use crate::submit::Submitter;
-use crate::targets::{NodeContext, Targets};
 
 pub struct ServeOptions {
     pub config: PathBuf,
@@ -148,116 +142,5 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
     match result {
         Ok(()) => Ok(exit::OK),
         Err(e) => Err(CliError::new(exit::UNAVAILABLE, format!("scheduler stopped: {e}"))),
-    }
-}
-
-pub struct NodeOptions {
-    pub config_path: PathBuf,
-    pub store: Arc<dyn Store>,
-    pub scheduler: SchedulerConfig,
-    pub listener: tokio::net::TcpListener,
-    /// Which containers and local processes are this installation's
-    /// (`crate::process::installation_of_store`): only those are ever swept.
-    pub scope: String,
-}
-
-/// A node started by [`start_node`]: cancel `shutdown` to stop it; `task`
-/// ends when the scheduler has stopped and the API has closed.
-pub struct RunningNode {
-    pub addr: SocketAddr,
-    pub shutdown: CancellationToken,
-    pub task: tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
-}
-
-/// Wire one node: event consumers (store log writer, metrics, server log),
-/// the scheduler, and the API on `listener`. Used by `serve` and by the
-/// in-process tests.
-pub fn start_node(opts: NodeOptions) -> RunningNode {
-    let store = opts.store;
-    let addr = opts.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let mut bus = EventBus::new();
-    let log_rx = bus.subscribe(4096);
-    let metrics_rx = bus.subscribe(4096);
-    let report_rx = bus.subscribe(4096);
-    let notify_rx = bus.subscribe(4096);
-    let metrics = Arc::new(Metrics::new());
-    tokio::spawn(logwriter::run(store.clone(), log_rx));
-    tokio::spawn(api::metrics::consume(metrics.clone(), metrics_rx));
-    tokio::spawn(report(report_rx));
-    tokio::spawn(crate::notify::run(store.clone(), opts.config_path.clone(), notify_rx));
-    let node = opts.scheduler.node_id.clone();
-    let parallelism = opts.scheduler.parallelism;
-    let shutdown = CancellationToken::new();
-    // The submitter reports gates and rejected revisions on the same bus.
-    let events = bus.clone();
-    let targets = Arc::new(Targets::new(NodeContext { installation: opts.scope }).restoring());
-    let services = ServiceManager::with_targets(targets.clone(), store.clone(), shutdown.clone());
-    let executor = Arc::new(Executor::new(targets.clone()).with_services(services.clone()));
-    let sched = Scheduler::with_executor(store.clone(), executor, opts.scheduler, bus);
-    // Services come back at their recorded versions while the node starts
-    // taking work (a rollout waits for its service's restore).
-    tokio::spawn({
-        let (services, workdir) = (services.clone(), sched.workdir_fn());
-        async move { services.restore(workdir).await }
-    });
-    let wake = sched.handle();
-    let submitter = Arc::new(Submitter {
-        config_path: opts.config_path,
-        store: store.clone(),
-        parallelism,
-        wake: Some(wake),
-        targets: Some(targets),
-        events: Some(events),
-        deciding: Default::default(),
-        parsed: Default::default(),
-        redeployed: Default::default(),
-        fetch_failures: Default::default(),
-    });
-    tokio::spawn(crate::gate::run(store.clone(), submitter.clone(), shutdown.clone()));
-    tokio::spawn(crate::trigger::poll::run(submitter.clone(), shutdown.clone()));
-    let state = Arc::new(AppState { store: store.clone(), submitter, metrics, node, services: Some(services.clone()), refusals: Default::default() });
-    let app = api::router(state.clone());
-    let listener = opts.listener;
-    let token = shutdown.clone();
-    let task = tokio::spawn(async move {
-        let stop = token.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move { stop.cancelled().await }).await
-        });
-        let result = Scheduler::run(sched, token.clone()).await;
-        token.cancel();
-        services.stop_all_services().await;
-        // Open log streams would hold a graceful shutdown forever.
-        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-        // Refusals counted but not yet summed up in the audit log.
-        let _ = tokio::time::timeout(Duration::from_secs(5), api::audit::flush_refusals(&state)).await;
-        result
-    });
-    RunningNode { addr, shutdown, task }
-}
-
-/// The server's own log: one line per job event.
-async fn report(mut rx: tokio::sync::mpsc::Receiver<Arc<Event>>) {
-    while let Some(ev) = rx.recv().await {
-        match &*ev {
-            Event::DeploymentStarted { deployment, .. } => tracing::info!(deployment, "deployment started"),
-            Event::JobStarted { deployment, name, attempt, .. } => tracing::info!(deployment, job = %name, attempt, "job started"),
-            Event::JobFinished { deployment, name, attempt, outcome, reason, duration, retry_in, .. } => tracing::info!(
-                deployment,
-                job = %name,
-                attempt,
-                outcome = %outcome,
-                reason = reason.as_deref().unwrap_or(""),
-                duration_ms = duration.as_millis() as u64,
-                retry_in_ms = retry_in.map(|d| d.as_millis() as u64),
-                "job finished"
-            ),
-            Event::DeploymentFinished { deployment, state } => tracing::info!(deployment, state = %state, "deployment finished"),
-            Event::DeploymentWaiting { deployment } => tracing::info!(deployment, "deployment waiting for approval"),
-            Event::RevisionRejected { environment, commit, errors } => {
-                tracing::warn!(environment = %environment, commit = %commit, "config revision rejected:\n{errors}")
-            }
-            Event::JobOutput { .. } => {}
-        }
     }
 }

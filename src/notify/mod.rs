@@ -2,7 +2,7 @@
 //! failed, rolled back, cancelled, superseded, waiting for approval; and
 //! about rejected config revisions.
 //!
-//! Another consumer of the scheduler's event stream. It never holds the
+//! A consumer of the node's event bus ([`crate::events`]). It never holds the
 //! stream up: each event is turned into deliveries at once, and the
 //! deliveries (each retried with backoff) run in their own tasks, at most
 //! [`IN_FLIGHT`] at a time; beyond [`QUEUE`] waiting ones, new ones are
@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::{Notify, NotifyUrl};
-use crate::scheduler::event::Event;
+use crate::events::Event;
 use crate::store::{DeploymentRow, Store};
 
 /// Deliveries sent at once.

@@ -10,10 +10,8 @@
 //! delay. Polling (`poll`) only finds work made by other nodes.
 //!
 //! **Architecture Invariant:** the scheduler reports only through
-//! [`event::Event`]s and never sees a concrete target.
-
-pub mod event;
-pub mod logwriter;
+//! [`Event`]s (emitted on the node's [`crate::events`] bus) and never sees
+//! a concrete target.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -26,11 +24,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::revision;
+use crate::events::{Event, EventBus};
 use crate::executor::{Executor, JobContext};
 use crate::service::ServiceManager;
 use crate::store::{ClaimedJob, FinishEffect, FinishedAttempt, Outcome, Store, StoreError, now_ms};
 use crate::targets::{JobRequest, RunResult, Stream, Target};
-use event::{Event, EventBus};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {

@@ -347,7 +347,7 @@ pub struct NewDeployment {
 }
 
 /// What a `waiting` deployment waits for. Released (to `queued`) by the
-/// gate loop once every condition holds; see `crate::gate`.
+/// gate loop (`submit::gates`) once every condition holds (`crate::gate`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Hold {
     /// An approver must approve it (`slipway approve`).

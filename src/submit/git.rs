@@ -219,7 +219,7 @@ impl Submitter {
                     .await?;
                 // Once, however many nodes decided it.
                 if !seen_before && let Some(bus) = &self.events {
-                    bus.emit(crate::scheduler::event::Event::RevisionRejected {
+                    bus.emit(crate::events::Event::RevisionRejected {
                         environment: environment.to_string(),
                         commit: commit.to_string(),
                         errors: record.errors.clone().unwrap_or_default(),

@@ -11,6 +11,7 @@ use crate::config::{self, ConfigErrors, revision};
 use crate::plan::{self, PlanError, Selection};
 use crate::store::{DeploymentKind, DeploymentState, Hold, JobSpec, NewDeployment, NewEvent, NewJob, Store, StoreError, Submitted};
 
+pub mod gates;
 pub mod git;
 
 /// What someone asks for.
@@ -82,7 +83,7 @@ pub struct Submitter {
     pub targets: Option<Arc<crate::targets::Targets>>,
     /// Reports what does not come from the scheduler: a deployment now
     /// waiting for an approval, a rejected config revision.
-    pub events: Option<crate::scheduler::event::EventBus>,
+    pub events: Option<crate::events::EventBus>,
     /// One decision on an environment's config commits at a time on this
     /// node (a push and a poll at once would fetch and check twice).
     pub deciding: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -682,11 +683,11 @@ impl Submitter {
         }
         if let Some(bus) = &self.events {
             if waiting_approval && !submitted.duplicate {
-                bus.emit(crate::scheduler::event::Event::DeploymentWaiting { deployment: submitted.deployment_id }).await;
+                bus.emit(crate::events::Event::DeploymentWaiting { deployment: submitted.deployment_id }).await;
             }
             // The scheduler never ran these: their end is told here.
             for &old in submitted.superseded.iter().filter(|_| !resubmission) {
-                bus.emit(crate::scheduler::event::Event::DeploymentFinished { deployment: old, state: DeploymentState::Superseded }).await;
+                bus.emit(crate::events::Event::DeploymentFinished { deployment: old, state: DeploymentState::Superseded }).await;
             }
         }
         Ok(submitted)

@@ -36,8 +36,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use slipway::config;
-use slipway::scheduler::event::{Event, EventBus};
-use slipway::scheduler::{Scheduler, SchedulerConfig, logwriter};
+use slipway::events::{Event, EventBus, logwriter};
+use slipway::scheduler::{Scheduler, SchedulerConfig};
 use slipway::store::{self, DeploymentState, JobState, Store, StoreError};
 use slipway::submit::{Request, SubmitError, Submitter};
 use slipway::targets::LocalTarget;

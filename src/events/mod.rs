@@ -1,7 +1,21 @@
-//! What the scheduler (and, for gates and git revisions, the submitter)
-//! reports. The store's log writer, the metrics, the
-//! server's own log and anything else that watches a node meet the
-//! scheduler only through [`Event`].
+//! A node's event bus: what happens to deployments and jobs, fanned out
+//! to everything that watches a node.
+//!
+//! Emitters only emit: the scheduler (starts, job output, results, ends),
+//! the submitter (a deployment waiting at a gate, a superseded one, a
+//! rejected config revision), the gate loop (a promotion dropped) and the
+//! API (a cancel that ended a deployment by itself). Consumers only
+//! subscribe, each on its own bounded channel: [`logwriter`] (job output
+//! into the store), [`server_log`] (the node's own log), the metrics
+//! (`api::metrics::consume`) and the notifier (`notify::run`); `node`
+//! wires them. A consumer's stream ends when every emitter has let go of
+//! the bus, which is how a stopping node lets them finish.
+//!
+//! This module depends on nothing but the store's types, so every other
+//! module may emit or consume without depending on the scheduler.
+
+pub mod logwriter;
+pub mod server_log;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,17 +1,22 @@
 //! The consumer that stores job output: batches [`Event::JobOutput`] lines
-//! and appends them to the store.
+//! and appends them to the store, and writes what it holds when the
+//! stream ends.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::event::Event;
+use super::Event;
 use crate::store::{NewLogLine, Store};
 
 /// Lines kept in memory while the store does not answer; past this the
 /// oldest are dropped (and counted) rather than growing without bound.
 const MAX_BUFFERED: usize = 50_000;
+
+/// When the stream ends (the node stops), how long a store that refuses
+/// the last lines is asked again. The node's own stop deadline is longer.
+const LAST_FLUSH: Duration = Duration::from_secs(5);
 
 pub async fn run(store: Arc<dyn Store>, mut events: mpsc::Receiver<Arc<Event>>) {
     let mut buf: Vec<NewLogLine> = Vec::new();
@@ -21,7 +26,7 @@ pub async fn run(store: Arc<dyn Store>, mut events: mpsc::Receiver<Arc<Event>>) 
     loop {
         let mut flush_now = tokio::select! {
             ev = events.recv() => match ev {
-                None => { flush(&*store, &mut buf, &mut dropped).await; return; }
+                None => { last_flush(&*store, &mut buf, &mut dropped).await; return; }
                 Some(ev) => take(&ev, &mut buf),
             },
             _ = tick.tick() => true,
@@ -34,6 +39,20 @@ pub async fn run(store: Arc<dyn Store>, mut events: mpsc::Receiver<Arc<Event>>) 
         if flush_now || buf.len() >= 1000 {
             flush(&*store, &mut buf, &mut dropped).await;
         }
+    }
+}
+
+/// Ends when the stream does (every sender gone): what is held is written
+/// before it returns, which the node awaits.
+async fn last_flush(store: &dyn Store, buf: &mut Vec<NewLogLine>, dropped: &mut u64) {
+    let until = tokio::time::Instant::now() + LAST_FLUSH;
+    flush(store, buf, dropped).await;
+    while !buf.is_empty() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        flush(store, buf, dropped).await;
+    }
+    if !buf.is_empty() {
+        tracing::error!(lines = buf.len(), "store unavailable while stopping: job output lines not stored");
     }
 }
 
