@@ -49,9 +49,8 @@ fn camel(name: &str) -> String {
 }
 
 /// Every place in `dirs` (but `src/targets/`, and unit tests) that names
-/// a registered target: as a string, a path or its type (`strings`), or
-/// only as a path into `targets` or its type.
-fn namings(dirs: &[&str], strings: bool) -> Vec<String> {
+/// a registered target: as a string, a path or its type.
+fn namings(dirs: &[&str]) -> Vec<String> {
     let names = targets();
     let mut files = Vec::new();
     for d in dirs {
@@ -66,11 +65,7 @@ fn namings(dirs: &[&str], strings: bool) -> Vec<String> {
         for (n, line) in text.lines().enumerate() {
             let line = code(line);
             for name in &names {
-                let forms = if strings {
-                    vec![format!("\"{name}\""), format!("{name}::"), format!("{}Target", camel(name))]
-                } else {
-                    vec![format!("targets::{name}"), format!("{}Target", camel(name))]
-                };
+                let forms = [format!("\"{name}\""), format!("{name}::"), format!("{}Target", camel(name))];
                 if let Some(form) = forms.iter().find(|form| line.contains(form.as_str())) {
                     found.push(format!("{}:{}: names target {name} ({form}): {}", f.strip_prefix(root()).unwrap_or(&f).display(), n + 1, line.trim()));
                 }
@@ -84,14 +79,20 @@ fn namings(dirs: &[&str], strings: bool) -> Vec<String> {
 fn issue14_the_scheduler_executor_and_service_manager_name_no_target() {
     let names = targets();
     assert!(names.contains(&"local".to_string()) && names.len() >= 2, "targets found: {names:?}");
-    let found = namings(&["src/scheduler", "src/executor", "src/service"], true);
+    let found = namings(&["src/scheduler", "src/executor", "src/service"]);
     assert!(found.is_empty(), "these must ask Targets by the spec's name, or a target's Capabilities, instead:\n{}", found.join("\n"));
 }
 
+/// Outside src/targets/: the two places that name a target on purpose.
+/// Format 1 rows predate targets in specs (a `container` there meant
+/// docker), and an audit entry's address "local" is not a target.
+const ALLOWED: &[(&str, &str)] = &[("src/store/spec.rs", "const V1_CONTAINER_TARGET"), ("src/cli/mod.rs", "address: \"local\".into()")];
+
 #[test]
-fn issue14_nothing_outside_src_targets_reaches_into_a_target() {
-    let found = namings(&["src"], false);
-    assert!(found.is_empty(), "only a target's own folder uses its types; elsewhere ask Targets, a TargetKind or Capabilities:\n{}", found.join("\n"));
+fn issue14_nothing_outside_src_targets_names_a_target() {
+    let found: Vec<String> =
+        namings(&["src"]).into_iter().filter(|f| !ALLOWED.iter().any(|(file, code)| f.starts_with(&format!("{file}:")) && f.contains(code))).collect();
+    assert!(found.is_empty(), "only a target's own folder names it; elsewhere ask Targets, a TargetKind or Capabilities:\n{}", found.join("\n"));
 }
 
 #[test]

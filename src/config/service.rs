@@ -524,6 +524,34 @@ pub(super) fn build(
         }
         return (service, Built { spec: None, jobs: vec![] });
     }
+    // What the target cannot do is refused here, not when it is deployed.
+    if let Some(k) = kind {
+        let cannot = if caps.own_rollout {
+            Some("runs its own rollout, which this version of Slipway does not drive yet")
+        } else if !caps.runs_instances {
+            Some("does not run service instances")
+        } else {
+            None
+        };
+        if let Some(why) = cannot {
+            problems.push(
+                Problem::new(
+                    ProblemKind::InvalidValue,
+                    raw.target.as_ref().map(|t| t.span()).or(Some(raw.name.span())),
+                    format!("target {:?} {why}", k.name()),
+                )
+                .label("this target")
+                .hint("`slipway targets` lists what each target can do"),
+            );
+        }
+        if let (Some(m), false) = (&raw.migrate, caps.runs_jobs) {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(m.span()), format!("target {:?} does not run jobs, so it cannot run `migrate`", k.name()))
+                    .label("no jobs on this target")
+                    .hint("`slipway targets` lists what each target can do"),
+            );
+        }
+    }
     let command_span = raw.command.as_ref().map(|c| c.span()).unwrap_or_else(|| raw.name.span());
     let command = raw.command.as_ref().map(|c| argv(c, "command", problems)).unwrap_or_default();
     // The target's own keys, read by the target's kind.

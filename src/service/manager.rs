@@ -117,10 +117,12 @@ impl Say<'_> {
     }
 }
 
-/// A digest of a spec, for labels: the same for the same settings.
+/// A digest of a spec, for labels: the same for the same settings, and
+/// the same as older builds computed for a spec they could hold (so a
+/// restart after an upgrade adopts what the older build started).
 fn spec_digest(spec: &ServiceSpec) -> String {
     use sha2::Digest;
-    let json = serde_json::to_string(spec).unwrap_or_default();
+    let json = crate::store::spec::legacy_service_json(spec).unwrap_or_else(|| serde_json::to_string(spec).unwrap_or_default());
     hex::encode(&sha2::Sha256::digest(json.as_bytes())[..8])
 }
 
@@ -815,11 +817,11 @@ impl ServiceManager {
             return Ok(GarbageReport { garbage: Default::default(), applied: apply, notes });
         }
         let mut found = Vec::new();
-        for kind in crate::targets::kinds() {
-            let target = match self.targets.get(kind.name()).await {
+        for (name, target) in self.targets.each().await {
+            let target = match target {
                 Ok(t) => t,
                 Err(e) => {
-                    notes.push(format!("target {:?} was not asked: {e}", kind.name()));
+                    notes.push(format!("target {name:?} was not asked: {e}"));
                     continue;
                 }
             };

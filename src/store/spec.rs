@@ -317,6 +317,45 @@ mod v2 {
 /// that names it: old rows must keep meaning what they meant.)
 const V1_CONTAINER_TARGET: &str = "docker";
 
+/// The service as format 1 wrote it, for a spec format 1 can hold (local,
+/// or docker with its container): the exact JSON the builds before issue
+/// 14 serialized their spec to. Digests of it stay what they were, so
+/// instances labelled by an older build are still recognised.
+pub fn legacy_service_json(spec: &service::ServiceSpec) -> Option<String> {
+    let s = v2::Service::from(spec);
+    let container = match (s.target.as_str(), s.image) {
+        (crate::targets::DEFAULT, None) if s.secret_files.is_empty() => None,
+        (V1_CONTAINER_TARGET, Some(image)) => {
+            let settings = &s.settings;
+            Some(v1::Container {
+                image: image.repository,
+                port: settings.get("port")?.as_u64().and_then(|p| u16::try_from(p).ok())?,
+                memory_bytes: settings.get("memory_bytes").and_then(|m| m.as_u64()),
+                millicpus: settings.get("millicpus").and_then(|m| m.as_u64()).and_then(|m| u32::try_from(m).ok()),
+                auth: image.auth,
+                secret_files: s.secret_files,
+            })
+        }
+        _ => return None,
+    };
+    let old = v1::Service {
+        name: s.name,
+        listen: s.listen,
+        instances: s.instances,
+        command: s.command,
+        env: s.env,
+        health: s.health,
+        rollout: s.rollout,
+        verify: s.verify,
+        stop_grace: s.stop_grace,
+        artifact: s.artifact,
+        container,
+        secrets: s.secrets,
+        listen_in: s.listen_in,
+    };
+    serde_json::to_string(&old).ok()
+}
+
 impl From<v1::Service> for v2::Service {
     fn from(s: v1::Service) -> Self {
         let (target, image, secret_files, settings) = match s.container {
@@ -681,6 +720,59 @@ mod tests {
         // a change here must be a new format, never an edit of format 2.
         let pretty: serde_json::Value = serde_json::from_str(&encoded).expect("json");
         insta::assert_snapshot!("service_format_2", serde_json::to_string_pretty(&pretty).expect("json"));
+    }
+
+    #[test]
+    // Digests of a spec (container labels) must not change with the
+    // config's shape: a spec format 1 can hold serializes as format 1 did,
+    // byte for byte (here: the rollout spec inside a row the build before
+    // formats wrote).
+    fn issue14_a_spec_serializes_for_its_digest_as_the_old_build_did() {
+        let job = decode_job(OLD_ROLLOUT_JOB).expect("decodes");
+        let config::Command::Rollout(svc) = &job.command else { panic!("rollout") };
+        let old = OLD_ROLLOUT_JOB
+            .split_once(r#"{"command":{"rollout":"#)
+            .and_then(|(_, rest)| rest.split_once(r#"},"timeout_ms""#))
+            .map(|(svc, _)| svc)
+            .expect("the rollout object");
+        assert_eq!(legacy_service_json(svc).as_deref(), Some(old));
+        // A docker spec keeps its container, in the order format 1 wrote it.
+        let json = legacy_service_json(&full_service()).expect("format 1 holds a docker spec");
+        assert!(
+            json.contains(r#""container":{"image":"registry.example.invalid/shop","port":8000,"memory_bytes":67108864,"millicpus":500,"auth":{"#),
+            "{json}"
+        );
+        // A target format 1 never knew has no format 1 form.
+        assert_eq!(legacy_service_json(&service::ServiceSpec { target: "elsewhere".into(), ..full_service() }), None);
+    }
+
+    #[test]
+    // Which target a format 1 job ran on: a job of an image (a docker
+    // service's migration) on docker; anything else on the default target.
+    fn issue14_format_1_jobs_keep_their_target() {
+        let base = r#""timeout_ms":1,"kill_grace_ms":1,"retry_attempts":1,"retry_any":false,"retry_exit_codes":[],"retry_backoff_ms":1,"retry_max_backoff_ms":1,"idempotent":false,"env":{}"#;
+        let migrate =
+            format!(r#"{{"format":"job/1","command":{{"argv":["bin/migrate"]}},{base},"artifact":{{"url":"r.example/api:1","sha256":"ab","kind":"image"}}}}"#);
+        assert_eq!(decode_job(&migrate).expect("decodes").target.as_deref(), Some("docker"));
+        let plain = format!(r#"{{"format":"job/1","command":{{"argv":["./deploy.sh"]}},{base}}}"#);
+        assert_eq!(decode_job(&plain).expect("decodes").target, None);
+        let tarball = format!(r#"{{"command":{{"argv":["bin/migrate"]}},{base},"artifact":{{"url":"https://x/a.tgz","sha256":"ab","kind":"tarball"}}}}"#);
+        assert_eq!(decode_job(&tarball).expect("decodes").target, None, "an untagged row with a tarball");
+    }
+
+    #[test]
+    // A format 1 docker row with no limits reads as the settings a config
+    // without limits parses to: the git drift check compares the two.
+    fn issue14_format_1_settings_equal_the_configs() {
+        let row = r#"{"name":"web","listen":"127.0.0.1:8080","instances":1,"command":[],"env":{},"health":{"check":"tcp","interval":{"secs":1,"nanos":0},"timeout":{"secs":1,"nanos":0},"healthy_after":1,"deadline":{"secs":9,"nanos":0}},"rollout":{"strategy":"blue_green","drain":{"secs":0,"nanos":0}},"verify":null,"stop_grace":{"secs":1,"nanos":0},"artifact":null,"container":{"image":"r.example/web","port":8080,"memory_bytes":null,"millicpus":null,"auth":null,"secret_files":{}},"secrets":{}}"#;
+        let read = decode_service(row).expect("an untagged docker row");
+        let parsed = crate::config::parse(
+            "slipway.toml",
+            "[[service]]\nname = \"web\"\ntarget = \"docker\"\nimage = \"r.example/web\"\nport = 8080\nlisten = \"127.0.0.1:8080\"\n",
+        )
+        .expect("valid");
+        let spec = parsed.services[0].spec.as_ref().expect("managed");
+        assert_eq!((&read.target, &read.image, &read.settings), (&spec.target, &spec.image, &spec.settings));
     }
 
     #[test]

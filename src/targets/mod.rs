@@ -309,33 +309,54 @@ impl InstanceRequest {
 /// again after a failure, so an Engine that comes back resumes work).
 pub struct Targets {
     node: NodeContext,
-    /// Per registered kind: its built target, if built. One lock per kind:
-    /// a slow connection to one target never holds up another.
-    built: HashMap<&'static str, tokio::sync::Mutex<Option<Arc<dyn Target>>>>,
+    /// The targets built so far, by kind. A plain lock, never held across
+    /// an await: reading it never waits for a connection in progress.
+    built: std::sync::Mutex<HashMap<&'static str, Arc<dyn Target>>>,
+    /// One build at a time per kind (held across the connection): a slow
+    /// connection to one target never holds up another, nor a reader.
+    building: HashMap<&'static str, tokio::sync::Mutex<()>>,
     /// Targets given ready-made (tests): used as they are, never rebuilt.
     given: HashMap<String, Arc<dyn Target>>,
+    /// Made by [`Targets::only`]: the one given target answers every name.
+    single: bool,
     /// Until the node's restore is done, a first connection does not sweep:
     /// the restore adopts first (see [`Targets::after_restore`]).
     restored: AtomicBool,
 }
 
+/// How long [`Targets::start`] waits for a target to be built; one that
+/// takes longer (an Engine that hangs) is built on first use instead.
+const START_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
+
 impl Targets {
     pub fn new(node: NodeContext) -> Self {
-        let built = kinds().iter().map(|k| (k.name(), tokio::sync::Mutex::new(None))).collect();
-        Targets { node, built, given: HashMap::new(), restored: AtomicBool::new(true) }
+        let building = kinds().iter().map(|k| (k.name(), tokio::sync::Mutex::new(()))).collect();
+        Targets { node, built: Default::default(), building, given: HashMap::new(), single: false, restored: AtomicBool::new(true) }
     }
 
-    /// Only `target`, under `name`: asked for any other name, it answers
-    /// that target too while it is the only one (in-process tests and
-    /// benchmarks with one target); [`Targets::with`] a second makes every
-    /// name strict.
+    /// Only `target`, under `name`, and asked for any other name it answers
+    /// that target too (in-process tests and benchmarks with one target).
     pub fn only(name: &str, target: Arc<dyn Target>) -> Self {
-        Targets { node: NodeContext::default(), built: HashMap::new(), given: HashMap::from([(name.to_string(), target)]), restored: AtomicBool::new(true) }
+        Targets { single: true, ..Self::exactly(name, target) }
     }
 
-    /// `target` under `name`, instead of building that kind.
+    /// Only `target`, under `name`; any other name is unknown.
+    pub fn exactly(name: &str, target: Arc<dyn Target>) -> Self {
+        Targets {
+            node: NodeContext::default(),
+            built: Default::default(),
+            building: HashMap::new(),
+            given: HashMap::from([(name.to_string(), target)]),
+            single: false,
+            restored: AtomicBool::new(true),
+        }
+    }
+
+    /// `target` under `name`, instead of building that kind (and no longer
+    /// one target for every name).
     pub fn with(mut self, name: &str, target: Arc<dyn Target>) -> Self {
         self.given.insert(name.to_string(), target);
+        self.single = false;
         self
     }
 
@@ -350,63 +371,72 @@ impl Targets {
         !self.restored.load(Ordering::SeqCst)
     }
 
+    fn cached(&self, name: &str) -> Option<Arc<dyn Target>> {
+        self.built.lock().ok().and_then(|b| b.get(name).cloned())
+    }
+
     /// The target `name`, built (connected) if it is not yet. The error
     /// says what is unreachable, for people.
     pub async fn get(&self, name: &str) -> Result<Arc<dyn Target>, TargetError> {
         if let Some(t) = self.given.get(name) {
             return Ok(t.clone());
         }
-        if let (true, Some(t)) = (self.built.is_empty() && self.given.len() == 1, self.given.values().next()) {
+        if let (true, Some(t)) = (self.single, self.given.values().next()) {
             return Ok(t.clone());
         }
-        let (Some(slot), Some(kind)) = (self.built.get(name), kind(name)) else {
+        let (Some(lock), Some(kind)) = (self.building.get(name), kind(name)) else {
             return Err(TargetError::new(TargetErrorKind::Unsupported, format!("unknown target {name:?}")));
         };
-        let cached = slot.lock().await.clone();
-        if let Some(t) = cached {
+        if let Some(t) = self.cached(name) {
             // Kept across outages (it remembers what it adopted); asked
             // first, so a target that went away is reported as such, not as
             // whatever call failed next.
             t.check().await?;
             return Ok(t);
         }
-        let mut slot = slot.lock().await;
-        if let Some(t) = &*slot {
-            return Ok(t.clone()); // built meanwhile
-        }
-        let t = kind.build(&self.node).await?;
-        // What a dead Slipway of this installation left goes first (after
-        // the restore had its chance to adopt it).
+        let t = {
+            let _building = lock.lock().await;
+            if let Some(t) = self.cached(name) {
+                return Ok(t); // built meanwhile
+            }
+            let t = kind.build(&self.node).await?;
+            if let Ok(mut b) = self.built.lock() {
+                b.insert(kind.name(), t.clone());
+            }
+            t
+        };
+        // What a dead Slipway of this installation left goes (after the
+        // restore had its chance to adopt it).
         if self.restored.load(Ordering::SeqCst) {
             t.sweep_orphans().await;
         }
-        *slot = Some(t.clone());
         Ok(t)
     }
 
-    /// Every target this node has built (or was given).
-    pub async fn built(&self) -> Vec<(String, Arc<dyn Target>)> {
+    /// Every target this node has built (or was given), without waiting
+    /// for one being built.
+    pub fn built(&self) -> Vec<(String, Arc<dyn Target>)> {
         let mut out: Vec<(String, Arc<dyn Target>)> = self.given.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
-        for (name, slot) in &self.built {
-            if let Some(t) = slot.lock().await.clone() {
-                out.push((name.to_string(), t));
-            }
+        if let Ok(b) = self.built.lock() {
+            out.extend(b.iter().map(|(n, t)| (n.to_string(), t.clone())));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
 
-    /// Build every registered target that can be built now (one that
-    /// cannot, an Engine that is down, is tried again on first use).
+    /// Build every registered target that can be built now, side by side
+    /// and each within [`START_WITHIN`] (one that cannot, an Engine that is
+    /// down or hangs, is built on first use instead).
     pub async fn start(&self) {
-        for k in kinds() {
-            if self.given.contains_key(k.name()) {
-                continue;
+        let names: Vec<&'static str> = kinds().iter().map(|k| k.name()).filter(|n| !self.given.contains_key(*n)).collect();
+        let builds = names.iter().map(|name| async move {
+            match tokio::time::timeout(START_WITHIN, self.get(name)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::info!(target = name, error = %e, "target not available yet; tried again on first use"),
+                Err(_) => tracing::info!(target = name, "target not built within {START_WITHIN:?}; tried again on first use"),
             }
-            if let Err(e) = self.get(k.name()).await {
-                tracing::info!(target = k.name(), error = %e, "target not available yet; tried again on first use");
-            }
-        }
+        });
+        futures_util::future::join_all(builds).await;
     }
 
     /// The node's restore has adopted what it could: what dead Slipway
@@ -414,7 +444,7 @@ impl Targets {
     /// built now (a first build sweeps), so that no later request (a
     /// dry-run `gc`) is what removes it.
     pub async fn after_restore(&self) {
-        let built = self.built().await;
+        let built = self.built();
         self.restored.store(true, Ordering::SeqCst);
         for (_, t) in &built {
             t.sweep_orphans().await;
@@ -426,12 +456,30 @@ impl Targets {
         }
     }
 
+    /// The distinct targets behind every registered name, each once
+    /// (`gc` asks each target once, even where one answers many names).
+    pub async fn each(&self) -> Vec<(&'static str, Result<Arc<dyn Target>, TargetError>)> {
+        let mut seen: Vec<Arc<dyn Target>> = Vec::new();
+        let mut out = Vec::new();
+        for k in kinds() {
+            match self.get(k.name()).await {
+                Ok(t) if seen.iter().any(|s| Arc::ptr_eq(s, &t)) => {}
+                Ok(t) => {
+                    seen.push(t.clone());
+                    out.push((k.name(), Ok(t)));
+                }
+                Err(e) => out.push((k.name(), Err(e))),
+            }
+        }
+        out
+    }
+
     /// The scheduler's sweep: the targets that sweep with every reap
     /// ([`Target::sweeps_with_reaps`]) end what jobs of dead Slipway
     /// processes left running. Returns how many they ended.
     pub async fn sweep_jobs(&self) -> usize {
         let mut n = 0;
-        for (_, t) in self.built().await {
+        for (_, t) in self.built() {
             if t.sweeps_with_reaps() {
                 n += t.sweep_orphans().await;
             }

@@ -153,7 +153,7 @@ macro_rules! compliance_suite {
 /// spec that would run elsewhere fails loudly instead of passing there
 /// (verify steps run on the node's default target, as in `slipway serve`).
 fn only(fx: &Arc<dyn Fixture>) -> Targets {
-    let targets = Targets::only(fx.name(), fx.target());
+    let targets = Targets::exactly(fx.name(), fx.target());
     if fx.name() == slipway::targets::DEFAULT { targets } else { targets.with(slipway::targets::DEFAULT, Arc::new(LocalTarget::default())) }
 }
 
@@ -1022,7 +1022,8 @@ pub async fn jobs_stop_on_timeout_and_cancel(fx: Arc<dyn Fixture>) {
     let h = Harness::new(fx).await;
     h.run("jobs_stop_on_timeout_and_cancel", async {
         // The demo's server never ends by itself: a job that hangs.
-        let hang = ["serve", "--port", "18", "--version", "1.0"];
+        let port = free_port().to_string();
+        let hang = ["serve", "--port", port.as_str(), "--version", "1.0"];
         let spec = demo_job(&h, &hang, Duration::from_millis(1500)).await;
         let t = Instant::now();
         let (r, lines) = run_job(&h, spec, CancellationToken::new()).await;
@@ -1068,6 +1069,29 @@ pub async fn capabilities_match_what_it_does(fx: Arc<dyn Fixture>) {
                 panic!("started an instance without runs_instances");
             }
         }
+        // Secret files reach an instance only where the target places them;
+        // elsewhere they are refused, never dropped silently.
+        if caps.runs_instances {
+            let file = h.dir().join("secret-value");
+            std::fs::write(&file, "s3cret").expect("write the secret");
+            let secret =
+                slipway::config::secret::SecretRef { name: "s".into(), source: slipway::config::secret::SecretSource::File(file) }.read().expect("read");
+            let mut req = h.demo_request("1.0");
+            req.secret_files.insert("/run/secrets/s".into(), secret);
+            match (caps.secret_files, h.target.start_instance(req).await) {
+                (true, Ok(i)) => h.track(&i),
+                (false, Err(e)) => assert_eq!(e.kind, slipway::targets::TargetErrorKind::Unsupported, "{e}"),
+                (true, Err(e)) => panic!("secret_files, but an instance with one failed to start: {e}"),
+                (false, Ok(i)) => {
+                    h.track(&i);
+                    panic!("an instance with a secret file started without secret_files: the file was dropped");
+                }
+            }
+        }
+        // Jobs run where the kind says they do.
+        let job = demo_job(&h, &["migrate", "--file", "migrations.log", "--version", "1.0"], Duration::from_secs(60)).await;
+        let (r, lines) = run_job(&h, job, CancellationToken::new()).await;
+        assert_eq!(r.outcome == Outcome::Succeeded, caps.runs_jobs, "runs_jobs is {}, the job: {r:?} {lines:?}", caps.runs_jobs);
     })
     .await;
 }
@@ -1125,6 +1149,20 @@ pub async fn gc_keeps_what_runs(fx: Arc<dyn Fixture>) {
         }
         h.target.collect(&garbage).await;
         assert_serves(spec.listen, "1.0", 4).await;
+        // The same through the manager (what `slipway gc --apply` runs):
+        // every target asked once, nothing running listed or removed.
+        let report = m.garbage(true).await.expect("gc");
+        let ids: Vec<&String> = report.garbage.containers.iter().map(|i| &i.id).collect();
+        let distinct: BTreeSet<&String> = ids.iter().copied().collect();
+        assert_eq!(ids.len(), distinct.len(), "an item listed twice: {:?}", report.garbage);
+        for item in &report.garbage.containers {
+            assert!(
+                !running.iter().any(|id| id.contains(&item.id) || item.id.contains(id.trim_start_matches("container "))),
+                "gc lists a running instance: {item:?}"
+            );
+        }
+        assert_serves(spec.listen, "1.0", 4).await;
+        assert_eq!(assert_status(&h.status(&m).await, "1.0", 2).len(), 2, "both instances still run after gc");
     })
     .await;
 }

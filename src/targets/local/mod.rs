@@ -377,6 +377,11 @@ impl TargetKind for Kind {
 #[async_trait]
 impl Target for LocalTarget {
     async fn start_instance(&self, request: InstanceRequest) -> Result<Arc<dyn Instance>, TargetError> {
+        // Not a capability of this target (the config refuses the key):
+        // never dropped silently.
+        if !request.secret_files.is_empty() {
+            return Err(TargetError::new(super::TargetErrorKind::Unsupported, "the local target does not place secret files"));
+        }
         super::ports::on_free_port(|port| std::future::ready(instance::start(&request, self, port))).await
     }
 
