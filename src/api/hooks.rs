@@ -243,13 +243,16 @@ async fn act(
         if r.held.is_none() && r.deployment_id.is_none() && r.error.is_none() {
             let payload = serde_json::json!({ "kind": "deploy", "service": d.service, "version": version, "environment": d.environment, "digest": announced })
                 .to_string();
-            let request = Request::Deploy {
-                service: d.service.clone(),
-                version: version.to_string(),
-                environment: Some(d.environment.clone()),
-                digest: digest.map(str::to_string),
+            // The trigger checked both against the same rules; a value that
+            // still fails them is refused here, never submitted unchecked.
+            let typed = crate::values::Version::parse(version)
+                .and_then(|v| Ok((v, digest.map(crate::values::Digest::parse).transpose()?)))
+                .map(|(version, digest)| Request::Deploy { service: d.service.clone(), version, environment: Some(d.environment.clone()), digest });
+            let submitted = match typed {
+                Ok(request) => s.submitter.submit(request, Some(key), payload).await,
+                Err(e) => Err(crate::submit::SubmitError::Invalid(e.to_string())),
             };
-            match s.submitter.submit(request, Some(key), payload).await {
+            match submitted {
                 Ok(sub) => r.deployment_id = Some(sub.deployment_id),
                 Err(e) => {
                     // The sender just announced this tag: a pin that fails

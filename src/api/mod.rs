@@ -315,7 +315,10 @@ async fn post_event(
             if !req.jobs.is_empty() {
                 return Err(ApiError::bad_request("a deploy event takes no `jobs`; use kind = \"run\""));
             }
-            Request::Deploy { service, version, environment: req.environment, digest: req.digest }
+            // Checked here, once: the submitter takes typed values.
+            let version = crate::values::Version::parse(&version).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let digest = req.digest.as_deref().map(crate::values::Digest::parse).transpose().map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Request::Deploy { service, version, environment: req.environment, digest }
         }
         EventKind::Run => {
             if req.service.is_some() || req.version.is_some() || req.digest.is_some() {

@@ -21,9 +21,10 @@ pub enum Request {
     /// deployed from one (required there, refused elsewhere).
     Deploy {
         service: String,
-        version: String,
+        /// Checked where the request came in (API, hook, CLI).
+        version: crate::values::Version,
         environment: Option<String>,
-        digest: Option<String>,
+        digest: Option<crate::values::Digest>,
     },
     Run {
         jobs: Vec<String>,
@@ -306,11 +307,11 @@ impl Submitter {
                 self.submit_selection(sub).await
             }
             Request::Deploy { service, version, environment, digest } => {
-                check_deploy(&service, &version)?;
+                check_deploy(&service, version.as_str())?;
                 let mut sub = Submission::new(Selection::Service { service: service.clone() }, environment, DeploymentKind::Deploy, key, payload);
-                sub.digest = digest.map(|d| parse_digest(&d)).transpose()?;
+                sub.digest = digest.map(String::from);
                 sub.service = Some(service);
-                sub.version = Some(version);
+                sub.version = Some(version.into());
                 sub.actor = actor;
                 self.submit_selection(sub).await
             }
