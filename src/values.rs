@@ -78,6 +78,12 @@ macro_rules! checked_string {
                 self.0 == other
             }
         }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
     };
 }
 
@@ -165,6 +171,11 @@ impl Image {
 }
 
 impl Branch {
+    /// The branch followed when the config names none.
+    pub fn main() -> Branch {
+        Branch("main".to_string())
+    }
+
     pub fn parse(b: &str) -> Result<Branch, ValueError> {
         let ok = !b.is_empty()
             && b.len() <= 200

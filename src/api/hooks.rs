@@ -353,7 +353,7 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
                 .config
                 .environments
                 .iter()
-                .filter(|e| e.git.as_ref().is_some_and(|g| g.branch == branch && repositories.iter().any(|r| same(r, &g.url))))
+                .filter(|e| e.git.as_ref().is_some_and(|g| g.branch == branch.as_str() && repositories.iter().any(|r| same(r, &g.url))))
                 .map(|e| e.name.clone())
                 .collect();
             answer.note = Some(if envs.is_empty() {

@@ -91,7 +91,7 @@ impl Environment {
 pub struct GitSource {
     /// A local path or a URL `git` understands (never starting with '-').
     pub url: String,
-    pub branch: String,
+    pub branch: crate::values::Branch,
     /// The directory of the repository holding `slipway.toml` ("" = root).
     pub path: String,
     /// Look for new commits this often (None: only on a push webhook).
@@ -320,16 +320,18 @@ pub(super) fn build(raw: RawEnvironment, secrets: &std::collections::BTreeMap<St
                     .hint("a local path, https://…, ssh://… or git@host:path"),
             );
         }
-        let branch = g.branch.as_ref().map(|b| b.get_ref().clone()).unwrap_or_else(|| "main".to_string());
-        if let Some(b) = &g.branch
-            && !valid_branch(b.get_ref())
-        {
-            problems.push(
-                Problem::new(ProblemKind::InvalidValue, Some(b.span()), format!("invalid branch name {:?}", b.get_ref()))
-                    .label("invalid branch")
-                    .hint("letters, digits, '.', '_', '-' and '/', not starting with '-' and without '..'"),
-            );
-        }
+        let branch = match &g.branch {
+            None => crate::values::Branch::main(),
+            Some(b) => crate::values::Branch::parse(b.get_ref()).unwrap_or_else(|_| {
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(b.span()), format!("invalid branch name {:?}", b.get_ref()))
+                        .label("invalid branch")
+                        .hint("letters, digits, '.', '_', '-' and '/', not starting with '-' and without '..'"),
+                );
+                // Never used: the config is refused with the problem above.
+                crate::values::Branch::main()
+            }),
+        };
         let path = g.path.as_ref().map(|p| p.get_ref().trim_matches('/').to_string()).unwrap_or_default();
         if let Some(p) = &g.path
             && !path.is_empty()

@@ -126,9 +126,7 @@ impl Mirror {
     /// Fetch the branch into the mirror (created on first use) and return
     /// the commit it points at.
     pub async fn fetch(&self) -> Result<String, GitError> {
-        if !crate::config::environment::valid_branch(&self.source.branch) {
-            return Err(GitError::Invalid(format!("invalid branch name {:?}", self.source.branch)));
-        }
+        // The branch is a `Branch`: checked once, when the config was read.
         if !self.dir.join("HEAD").exists() {
             std::fs::create_dir_all(&self.dir).map_err(GitError::Spawn)?;
             self.git("init", &["init", "--quiet", "--bare"], Some(&self.dir)).await?;
@@ -149,7 +147,7 @@ impl Mirror {
         if !valid_rev(rev) && !rev.starts_with("refs/slipway/") {
             return Err(GitError::Invalid(format!("{rev:?} is not a commit id or branch name")));
         }
-        let named = if rev == self.source.branch { self.remote_ref() } else { rev.to_string() };
+        let named = if self.source.branch == rev { self.remote_ref() } else { rev.to_string() };
         let out = self
             .git(&format!("rev-parse {rev}"), &["rev-parse", "--verify", "--quiet", "--end-of-options", &format!("{named}^{{commit}}")], Some(&self.dir))
             .await

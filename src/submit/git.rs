@@ -190,7 +190,7 @@ impl Submitter {
             environment: environment.to_string(),
             commit: commit.to_string(),
             revision: revision_id(commit, &mirror.source.path),
-            branch: mirror.source.branch.clone(),
+            branch: mirror.source.branch.to_string(),
             state: "accepted".into(),
             previous: previous.clone(),
             changed: vec![],
