@@ -100,7 +100,7 @@ fn default_target() -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageSpec {
     /// `registry/repository`, without a tag.
-    pub repository: String,
+    pub repository: crate::values::Image,
     /// Credentials for the image's registry (the `[[registry]]` whose
     /// host the image names), if any.
     #[serde(default)]
@@ -558,7 +558,7 @@ pub(super) fn build(
     let settings = kind.and_then(|k| k.service_settings(&mut crate::targets::ServiceTable { service: &name, table, problems }));
     let image = if images {
         let image = match &raw.image {
-            Some(i) if crate::config::valid_image(i.get_ref()) => Some(i.get_ref().clone()),
+            Some(i) if let Ok(image) = crate::values::Image::parse(i.get_ref()) => Some(image),
             Some(i) => {
                 problems.push(
                     Problem::new(ProblemKind::InvalidValue, Some(i.span()), format!("`image` {:?} is not an image name without a tag", i.get_ref()))
@@ -588,7 +588,7 @@ pub(super) fn build(
             );
         }
         image.map(|repository| {
-            let auth = registries.iter().find(|r| r.host == super::secret::registry_host(&repository)).cloned();
+            let auth = registries.iter().find(|r| r.host == super::secret::registry_host(repository.as_str())).cloned();
             ImageSpec { repository, auth }
         })
     } else {

@@ -85,7 +85,7 @@ pub fn protected(policy: &Policy, config: &Config, rows: &[ServiceRow], deployme
         // digest, whatever its tag points at today. Its recorded spec says
         // which image, even if the config has changed since.
         let container = crate::store::spec::decode_service(&row.spec).ok().and_then(|s| s.image);
-        let docker_here = container.as_ref().is_some_and(|c| c.repository.eq_ignore_ascii_case(&policy.image));
+        let docker_here = container.as_ref().is_some_and(|c| c.repository.as_str().eq_ignore_ascii_case(&policy.image));
         // A service gone from the config may still run a version of this
         // image, and nothing says which image it was: keep its versions.
         let unknown = container.is_none() && !config.services.iter().any(|s| s.name == row.service);

@@ -807,7 +807,7 @@ impl ServiceManager {
         for row in &rows {
             let Ok(spec) = crate::store::spec::decode_service(&row.spec) else { continue };
             if let Some(i) = spec.image {
-                keep.repositories.insert(i.repository);
+                keep.repositories.insert(i.repository.into());
                 keep.digests.extend([&row.sha256, &row.previous_sha256].into_iter().flatten().map(|h| format!("sha256:{h}")));
             }
         }

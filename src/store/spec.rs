@@ -37,7 +37,7 @@ pub fn decode_job(s: &str) -> Result<super::JobSpec, String> {
         Tagged::Tagged(StoredJob::V1(j)) => j.into(),
         Tagged::Legacy(v) => serde_json::from_value::<v1::Job>(v).map_err(|e| format!("job spec: {e}"))?.into(),
     };
-    Ok(job.into())
+    job.try_into()
 }
 
 /// A service spec as a row holds it (`ServiceRow::spec`).
@@ -53,7 +53,7 @@ pub fn decode_service(s: &str) -> Result<service::ServiceSpec, String> {
         Tagged::Tagged(StoredService::V1(v)) => v.into(),
         Tagged::Legacy(v) => serde_json::from_value::<v1::Service>(v).map_err(|e| format!("service spec: {e}"))?.into(),
     };
-    Ok(svc.into())
+    svc.try_into()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -467,16 +467,17 @@ impl TryFrom<&super::JobSpec> for v2::Job {
     }
 }
 
-impl From<v2::Job> for super::JobSpec {
-    fn from(j: v2::Job) -> Self {
+impl TryFrom<v2::Job> for super::JobSpec {
+    type Error = String;
+    fn try_from(j: v2::Job) -> Result<Self, String> {
         let command = match j.command {
             v2::Command::Argv(a) => config::Command::Argv(a),
             v2::Command::Shell(c) => config::Command::Shell(c),
-            v2::Command::Rollout(s) => config::Command::Rollout(Box::new((*s).into())),
+            v2::Command::Rollout(s) => config::Command::Rollout(Box::new((*s).try_into()?)),
             v2::Command::Fetch(a) => config::Command::Fetch(Box::new((*a).into())),
-            v2::Command::Pull(i) => config::Command::Pull(Box::new((*i).into())),
+            v2::Command::Pull(i) => config::Command::Pull(Box::new((*i).try_into()?)),
         };
-        super::JobSpec {
+        Ok(super::JobSpec {
             command,
             timeout_ms: j.timeout_ms,
             kill_grace_ms: j.kill_grace_ms,
@@ -498,7 +499,7 @@ impl From<v2::Job> for super::JobSpec {
             secrets: secrets_from(j.secrets),
             secret_files: secrets_from(j.secret_files),
             target: j.target,
-        }
+        })
     }
 }
 
@@ -561,9 +562,10 @@ impl From<&service::ServiceSpec> for v2::Service {
     }
 }
 
-impl From<v2::Service> for service::ServiceSpec {
-    fn from(s: v2::Service) -> Self {
-        service::ServiceSpec {
+impl TryFrom<v2::Service> for service::ServiceSpec {
+    type Error = String;
+    fn try_from(s: v2::Service) -> Result<Self, String> {
+        Ok(service::ServiceSpec {
             name: s.name,
             target: s.target,
             listen: s.listen,
@@ -591,12 +593,12 @@ impl From<v2::Service> for service::ServiceSpec {
             verify: s.verify.map(|v| service::StepSpec { command: v.command, timeout: v.timeout, idempotent: v.idempotent }),
             stop_grace: s.stop_grace,
             artifact: s.artifact.map(Into::into),
-            image: s.image.map(Into::into),
+            image: s.image.map(TryInto::try_into).transpose()?,
             secrets: secrets_from(s.secrets),
             secret_files: secrets_from(s.secret_files),
             settings: serde_json::from_value(s.settings).unwrap_or_default(),
             listen_in: s.listen_in,
-        }
+        })
     }
 }
 
@@ -615,7 +617,7 @@ impl From<v1::ArtifactSource> for service::ArtifactSpec {
 impl From<&service::ImageSpec> for v2::Image {
     fn from(i: &service::ImageSpec) -> Self {
         v2::Image {
-            repository: i.repository.clone(),
+            repository: i.repository.to_string(),
             auth: i.auth.as_ref().map(|a| v1::RegistryAuth {
                 host: a.host.clone(),
                 username: a.username.clone(),
@@ -626,17 +628,19 @@ impl From<&service::ImageSpec> for v2::Image {
     }
 }
 
-impl From<v2::Image> for service::ImageSpec {
-    fn from(i: v2::Image) -> Self {
-        service::ImageSpec {
-            repository: i.repository,
+impl TryFrom<v2::Image> for service::ImageSpec {
+    type Error = String;
+    fn try_from(i: v2::Image) -> Result<Self, String> {
+        // Checked again on the way in: a row is input like any other.
+        Ok(service::ImageSpec {
+            repository: crate::values::Image::parse(&i.repository).map_err(|e| format!("stored spec: {e}"))?,
             auth: i.auth.map(|a| secret::RegistryAuth {
                 host: a.host,
                 username: a.username,
                 password: a.password.map(Into::into),
                 token: a.token.map(Into::into),
             }),
-        }
+        })
     }
 }
 
@@ -673,7 +677,7 @@ mod tests {
             }),
             target: "docker".into(),
             image: Some(service::ImageSpec {
-                repository: "registry.example.invalid/shop".into(),
+                repository: crate::values::Image::parse("registry.example.invalid/shop").expect("an image"),
                 auth: Some(secret::RegistryAuth {
                     host: "registry.example.invalid".into(),
                     username: Some("ci".into()),
@@ -744,6 +748,16 @@ mod tests {
         );
         // A target format 1 never knew has no format 1 form.
         assert_eq!(legacy_service_json(&service::ServiceSpec { target: "elsewhere".into(), ..full_service() }), None);
+    }
+
+    #[test]
+    // A row is input too: an image name that breaks the rule is refused
+    // when the row is read, with what it was, not carried on unchecked.
+    fn issue14_a_stored_image_is_checked_when_read() {
+        let mut v: serde_json::Value = serde_json::from_str(&encode_service(&full_service())).expect("json");
+        v["image"]["repository"] = "Shop; rm -rf /".into();
+        let e = decode_service(&v.to_string()).expect_err("refused");
+        assert!(e.contains("invalid image \"Shop; rm -rf /\""), "{e}");
     }
 
     #[test]
