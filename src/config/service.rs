@@ -130,12 +130,7 @@ impl TagFilter {
 
     pub fn allows(&self, tag: &str) -> bool {
         match self {
-            TagFilter::Semver => {
-                let t = tag.strip_prefix('v').unwrap_or(tag);
-                let core = t.split(['-', '+']).next().unwrap_or("");
-                let parts: Vec<&str> = core.split('.').collect();
-                parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
-            }
+            TagFilter::Semver => crate::values::semver(tag).is_some(),
             TagFilter::Regex(r) => r.is_match(tag),
         }
     }
