@@ -22,11 +22,11 @@ use toml::Spanned;
 use super::secret::{RegistryAuth, SecretRef};
 use super::{Command, Job, JobSpans, Problem, ProblemKind, Retry, check_name, duration, positive};
 
-/// Placeholders a service's command (and its health/migrate/verify
-/// commands) may use. `{port}` is the instance's own port.
 /// Largest `keep_tags`: far above any registry's per-repository limit.
 pub const MAX_KEEP_TAGS: i64 = 10_000;
 
+/// Placeholders a service's command (and its health/migrate/verify
+/// commands) may use. `{port}` is the instance's own port.
 pub const SERVICE_PLACEHOLDERS: &[&str] = &["{port}", "{version}", "{service}", "{env}", "{deployment}", "{revision}"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
