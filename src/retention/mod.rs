@@ -1,5 +1,5 @@
 //! Registry tag retention: per repository a service's versions come from
-//! (a docker service's `image`, or `follows`), keep the newest `keep_tags`
+//! (the `image` of a service on an image target, or `follows`), keep the newest `keep_tags`
 //! tags and delete the older ones through the registry API — never one
 //! that an environment runs or could roll back to, nor one a queued or
 //! running deployment is about to deploy. Only the tags the services
@@ -74,7 +74,7 @@ impl Protected {
 }
 
 /// What the store says must stay for `policy`: the versions (and, for
-/// docker services, the pinned digests) each environment runs and could
+/// services on image targets, the pinned digests) each environment runs and could
 /// roll back to, and the versions of deployments still queued or running.
 pub fn protected(policy: &Policy, config: &Config, rows: &[ServiceRow], deployments: &[DeploymentRow]) -> Protected {
     let follows_image =
@@ -84,12 +84,12 @@ pub fn protected(policy: &Policy, config: &Config, rows: &[ServiceRow], deployme
         // A service on an image target pins a digest: what it runs is that
         // digest, whatever its tag points at today. Its recorded spec says
         // which image, even if the config has changed since.
-        let container = crate::store::spec::decode_service(&row.spec).ok().and_then(|s| s.image);
-        let docker_here = container.as_ref().is_some_and(|c| c.repository.eq_ignore_ascii_case(&policy.image));
+        let image = crate::store::spec::decode_service(&row.spec).ok().and_then(|s| s.image);
+        let pinned_here = image.as_ref().is_some_and(|c| c.repository.eq_ignore_ascii_case(&policy.image));
         // A service gone from the config may still run a version of this
         // image, and nothing says which image it was: keep its versions.
-        let unknown = container.is_none() && !config.services.iter().any(|s| s.name == row.service);
-        if !docker_here && !unknown && !follows_image(&row.service) {
+        let unknown = image.is_none() && !config.services.iter().any(|s| s.name == row.service);
+        if !pinned_here && !unknown && !follows_image(&row.service) {
             continue;
         }
         let env = &row.environment;
@@ -98,9 +98,9 @@ pub fn protected(policy: &Policy, config: &Config, rows: &[ServiceRow], deployme
         if let Some(v) = &row.previous_version {
             p.tag(v, format!("{env} could roll back to it{whose}"));
         }
-        // Only a docker row's sha256 is an image digest (a tarball
+        // Only an image service's sha256 is an image digest (a tarball
         // service's is its release's checksum).
-        if docker_here {
+        if pinned_here {
             if let Some(h) = &row.sha256 {
                 p.digest(&format!("sha256:{h}"), format!("{env} runs it ({} by digest)", row.version));
             }

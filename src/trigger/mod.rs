@@ -50,8 +50,9 @@ pub struct Decision {
     pub held: Option<String>,
 }
 
-/// For every service that follows `p.image` (a docker service's own
-/// image, or a service's `follows`), in every environment: deploy or hold.
+/// For every service that follows `p.image` (the `image` of a service on
+/// an image target, or a service's `follows`), in every environment:
+/// deploy or hold.
 pub fn decide(config: &Config, p: &Published) -> Vec<Decision> {
     decide_for(config, &p.version, |s| s.follows.as_deref() == Some(p.image.as_str()))
 }
