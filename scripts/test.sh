@@ -5,6 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Lints first: they take seconds to a couple of minutes, the suite much
+# longer, so a formatting slip or a clippy warning fails the run before any
+# test starts. --all / --workspace cover every crate of the workspace.
+# SLIPWAY_SKIP_LINTS=1 skips them when rerunning one test file locally.
+if [ "${SLIPWAY_SKIP_LINTS:-0}" != 1 ]; then
+  cargo fmt --all --check \
+    || { echo "test.sh: code is not formatted as rustfmt wants; run \`cargo fmt --all\` and commit the result" >&2; exit 1; }
+  cargo clippy --workspace --all-targets --quiet -- -D warnings \
+    || { echo "test.sh: clippy found warnings (above); fix them or allow one with a reason" >&2; exit 1; }
+fi
+
 need_apt=()
 command -v ninja >/dev/null || need_apt+=(ninja-build)
 command -v curl >/dev/null || need_apt+=(curl)

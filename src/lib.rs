@@ -16,7 +16,7 @@
 //! - [`retention`]: registry tag retention — keep the newest N tags, delete older ones nothing runs or could roll back to.
 //! - [`notify`]: outgoing webhooks about deployments, a consumer of the scheduler's events.
 //! - [`why`]: why a service runs the version it runs, from the record alone (no IO).
-//! - [`trigger`]: events from outside (GitHub webhooks) read, checked and decided into deployments.
+//! - [`trigger`]: events from outside (GitHub and registry webhooks, published events) read, checked and decided into deployments.
 //! - [`service`]: managed services — rollouts behind health checks, the proxy, rollback, supervision.
 //! - [`api`]: the HTTP API, `/metrics`, `/healthz`; the only place wire types are serialized.
 //! - [`http`]: every outgoing HTTP client — reqwest with rustls (ring provider) and the system's CA roots.

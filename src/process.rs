@@ -38,7 +38,7 @@ pub(crate) fn hide_secret_sources(cmd: &mut std::process::Command) {
     }
 }
 
-/// This process on this host: "<pid>.<start time>", the start time telling
+/// This process on this host: `"<pid>.<start time>"`, the start time telling
 /// it from a later process that reuses the pid.
 pub(crate) fn owner_mark() -> &'static str {
     static MARK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -67,9 +67,9 @@ pub(crate) fn proc_stat(pid: i32) -> Option<ProcStat> {
     Some(ProcStat { start_time: fields.get(19)?.parse().ok()?, zombie: fields.first() == Some(&"Z") })
 }
 
-/// Whether the Slipway process named by an owner mark ("<pid>.<start
-/// time>") on this host is gone. A mark that does not parse is not ours to
-/// judge: false.
+/// Whether the Slipway process named by an owner mark
+/// (`"<pid>.<start time>"`) on this host is gone. A mark that does not
+/// parse is not ours to judge: false.
 pub(crate) fn owner_is_dead(owner: &str) -> bool {
     let Some((opid, ostart)) = owner.split_once('.') else { return false };
     let (Ok(opid), Ok(ostart)) = (opid.parse::<i32>(), ostart.parse::<u64>()) else { return false };

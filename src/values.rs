@@ -197,6 +197,14 @@ impl Branch {
     }
 }
 
+/// A tag read as a semantic version (semver.org), with an optional
+/// leading `v` (`v1.2.3`), as `tags = "semver"` means it; `None` if it is
+/// not one. Compare with [`semver::Version::cmp_precedence`]: precedence
+/// ignores build metadata, which `Ord` on `semver::Version` does not.
+pub fn semver(tag: &str) -> Option<semver::Version> {
+    semver::Version::parse(tag.strip_prefix('v').unwrap_or(tag)).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

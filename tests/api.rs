@@ -126,27 +126,20 @@ impl Node {
     }
 
     async fn wait_terminal(&self, id: i64) -> Value {
-        for _ in 0..600 {
+        common::eventually(Duration::from_secs(60), &format!("deployment {id} to finish"), || async {
             let (status, d) = self.get(&format!("/api/v1/deployments/{id}")).await;
             assert_eq!(status, 200, "{d}");
-            let state = d["deployment"]["state"].as_str().unwrap().to_string();
-            if !["queued", "running"].contains(&state.as_str()) {
-                return d;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("deployment {id} did not finish");
+            if ["queued", "running"].contains(&d["deployment"]["state"].as_str().unwrap()) { Err(d["deployment"].clone()) } else { Ok(d) }
+        })
+        .await
     }
 
     async fn wait_job_state(&self, id: i64, job: &str, state: &str) {
-        for _ in 0..300 {
+        common::eventually(Duration::from_secs(30), &format!("job {job} of deployment {id} to be {state}"), || async {
             let (_, d) = self.get(&format!("/api/v1/deployments/{id}")).await;
-            if job_of(&d, job)["state"] == state {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("job {job} of deployment {id} never reached {state}");
+            if job_of(&d, job)["state"] == state { Ok(()) } else { Err(job_of(&d, job).clone()) }
+        })
+        .await
     }
 
     async fn stop(self) {
@@ -192,10 +185,15 @@ async fn deploy_runs_the_graph_in_parallel_and_records_everything() {
         assert!(job_of(&d, "deploy")["started_at"].as_i64() >= ends.iter().max().copied());
         assert_eq!(d["attempts"].as_array().unwrap().len(), 5);
 
-        // Output, line by line, with the version substituted in argv.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (status, logs) = n.get(&format!("/api/v1/deployments/{id}/logs?job=deploy")).await;
-        assert_eq!(status, 200);
+        // Output, line by line, with the version substituted in argv
+        // (the log writer flushes in batches: the job's last line and
+        // Slipway's own end line arrive a moment after the job ends).
+        let logs = common::eventually(Duration::from_secs(10), "the deploy job's whole output in its log", || async {
+            let (status, logs) = n.get(&format!("/api/v1/deployments/{id}/logs?job=deploy")).await;
+            let has = |k: &str, v: &str| logs.as_array().is_some_and(|a| a.iter().any(|l| l[k] == v));
+            if status == 200 && has("line", "deploy-1.4.0 done") && has("stream", "slipway") { Ok(logs) } else { Err(format!("{status} {logs}")) }
+        })
+        .await;
         let lines: Vec<&str> = logs.as_array().unwrap().iter().map(|l| l["line"].as_str().unwrap()).collect();
         assert!(lines.contains(&"deploy-1.4.0 says hello from staging"), "{backend}: {lines:?}");
         assert!(lines.contains(&"deploy-1.4.0 done"), "{backend}: {lines:?}");
@@ -507,7 +505,8 @@ async fn store_outage_is_503_and_nothing_accepted_is_lost() {
     assert_eq!((s, e["error"]["kind"].as_str()), (503, Some("store_unavailable")), "{e}");
 
     // The job ends while the store is down; its result is recorded once
-    // the store is back (within its lease).
+    // the store is back (within its lease). Scenario, not a wait for a
+    // condition: the outage lasts past the job's end.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(pg.ctl("start"), "start PostgreSQL again");
     let d = n.wait_terminal(id).await;

@@ -131,17 +131,8 @@ fn wait<T>(what: &str, diag: impl Fn() -> String, f: impl FnMut() -> Option<T>) 
     wait_within(WAIT, what, diag, f)
 }
 
-fn wait_within<T>(limit: Duration, what: &str, diag: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {limit:?} waiting for {what}\n{}", diag());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_within<T>(limit: Duration, what: &str, diag: impl Fn() -> String, f: impl FnMut() -> Option<T>) -> T {
+    common::wait_for_diag(limit, what, diag, f)
 }
 
 /// Processes die at once when killed; this bounds waiting for it.
@@ -591,14 +582,16 @@ fn sqlite_store_refuses_second_serve() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn second serve");
-    let deadline = Instant::now() + WAIT;
-    while second.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = second.kill();
-            panic!("a second serve on the same SQLite store kept running");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let pid = second.id().to_string();
+    wait_within(
+        WAIT,
+        "a second serve on the same SQLite store to refuse to start",
+        || {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+            "it kept running (killed now)".into()
+        },
+        || second.try_wait().expect("try_wait"),
+    );
     let out = second.wait_with_output().expect("output");
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -907,14 +900,9 @@ env = { MARK = "@EXT@/marks" }
     );
     let term = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().expect("kill");
     assert!(term.success());
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = server.child.try_wait().expect("try_wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "serve did not stop after SIGTERM\n{}", server.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let log = server.log.clone();
+    let status =
+        wait_within(WAIT, "serve to stop after SIGTERM", || std::fs::read_to_string(&log).unwrap_or_default(), || server.child.try_wait().expect("try_wait"));
     assert_eq!(status.code(), Some(0), "a graceful stop exits 0\n{}", server.log_text());
 
     let server = fx.serve(&store, &["--poll", "200ms", "--node-id", "restarted"]);
@@ -1374,6 +1362,8 @@ fn issue3_sweep_spares_itself_with_an_inherited_owner_mark() {
         .spawn()
         .expect("spawn serve");
     common::wait_for(std::time::Duration::from_secs(30), "serve to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    // Scenario, not a wait for a condition: the sweep runs as the node
+    // starts; give a self-kill the time it would take to happen.
     std::thread::sleep(std::time::Duration::from_millis(500));
     let alive = child.try_wait().expect("try_wait").is_none();
     let _ = child.kill();

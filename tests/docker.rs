@@ -145,6 +145,7 @@ fn containers_roll_out_and_back_under_load_without_a_failed_request() {
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let loader = common::load(port, stop.clone());
+    // Load before and after the rollouts (scenario, not waits).
     std::thread::sleep(Duration::from_millis(300));
     let two = deploy("2.0");
     let three = deploy("3.0");
@@ -735,19 +736,12 @@ fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
 
     // A timeout says what Slipway and the registry did meanwhile.
     let serves = |port: u16, body: &str, what: &str| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while get(port).as_deref() != Some(body) {
-            if std::time::Instant::now() > deadline {
-                let list = common::get_json(&format!("{}/api/v1/deployments", server.url));
-                let audit = common::get_json(&format!("{}/api/v1/audit", server.url));
-                panic!(
-                    "timed out after 60s waiting for {what}\ndeployments: {list}\naudit: {audit}\nslipway log:\n{}\nregistry log:\n{}",
-                    server.log_text(),
-                    registry.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let diag = || {
+            let list = common::get_json(&format!("{}/api/v1/deployments", server.url));
+            let audit = common::get_json(&format!("{}/api/v1/audit", server.url));
+            format!("deployments: {list}\naudit: {audit}\nslipway log:\n{}\nregistry log:\n{}", server.log_text(), registry.log_text())
+        };
+        common::wait_for_diag(Duration::from_secs(60), what, diag, || (get(port).as_deref() == Some(body)).then_some(()));
     };
     rt.block_on(registry.push(&t, &["1.0"]));
     serves(port, "hello from demo 1.0", "the pushed 1.0 to be deployed");
@@ -764,6 +758,8 @@ fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
             r.expect("pull");
         }
     });
+    // Scenario, not a wait for a condition: a deployment the pull started
+    // would show within this time.
     std::thread::sleep(Duration::from_secs(2));
     let list = common::get_json(&format!("{}/api/v1/deployments", server.url));
     let mut versions: Vec<String> =

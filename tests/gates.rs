@@ -54,26 +54,25 @@ impl Api {
     }
 
     async fn wait_state(&self, id: i64, token: &str, done: &[&str]) -> Value {
-        for _ in 0..600 {
+        common::eventually(Duration::from_secs(30), &format!("deployment {id} to reach {done:?}"), || async {
             let d = self.deployment(id, token).await;
-            if done.contains(&d["state"].as_str().unwrap_or("")) {
-                return d;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("deployment {id} never reached {done:?}: {}", self.deployment(id, token).await);
+            if done.contains(&d["state"].as_str().unwrap_or("")) { Ok(d) } else { Err(d) }
+        })
+        .await
+    }
+
+    /// The deployment of `version` in `env`, once there is one.
+    async fn deployment_of(&self, env: &str, version: &str, token: &str) -> Value {
+        common::eventually(Duration::from_secs(15), &format!("a deployment of {version} in {env}"), || async {
+            let (_, list) = self.call("GET", "/api/v1/deployments?limit=50", Some(token), None).await;
+            list.as_array().into_iter().flatten().find(|d| d["environment"] == env && d["version"] == version).cloned()
+        })
+        .await
     }
 
     /// The production deployment of `version`, once there is one.
     async fn production(&self, version: &str, token: &str) -> Value {
-        for _ in 0..200 {
-            let (_, list) = self.call("GET", "/api/v1/deployments?limit=50", Some(token), None).await;
-            if let Some(d) = list.as_array().into_iter().flatten().find(|d| d["environment"] == "production" && d["version"] == version) {
-                return d.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("no production deployment of {version}");
+        self.deployment_of("production", version, token).await
     }
 }
 
@@ -163,9 +162,10 @@ on = ["waiting"]
         assert_eq!(pending[0]["deployment"]["id"].as_i64(), Some(pid), "{pending}");
         assert_eq!(pending[0]["source_environment"], "staging");
         assert_eq!(pending[0]["not_before"].as_i64(), Some(staged["finished_at"].as_i64().expect("finished") + SOAK_MS));
-        common::wait_for(Duration::from_secs(20), "the waiting notification", || {
+        common::eventually(Duration::from_secs(20), "the waiting notification", || async {
             seen.lock().unwrap().iter().find(|b| b["event"] == "deployment.waiting" && b["deployment"]["id"].as_i64() == Some(pid)).cloned()
-        });
+        })
+        .await;
 
         // Only an approver of production may approve; deployers may not.
         let (s, e) = api.call("POST", &format!("/api/v1/deployments/{pid}/approve"), Some(&bob), None).await;
@@ -309,16 +309,7 @@ health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
         let mut source = (String::new(), a["deployment_id"].as_i64().expect("id"));
         for env in ["staging", "production", "dr"] {
             // The deployment of 1.0 in `env` (staging's is the one asked for).
-            let mut id = None;
-            for _ in 0..300 {
-                let (_, list) = api.call("GET", "/api/v1/deployments?limit=20", Some(&admin), None).await;
-                id = list.as_array().into_iter().flatten().find(|d| d["environment"] == env && d["version"] == "1.0").and_then(|d| d["id"].as_i64());
-                if id.is_some() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let id = id.unwrap_or_else(|| panic!("{backend}: no deployment of 1.0 in {env}"));
+            let id = api.deployment_of(env, "1.0", &admin).await["id"].as_i64().expect("id");
             let d = api.wait_state(id, &admin, &["succeeded", "failed", "rolled_back", "cancelled", "superseded"]).await;
             assert_eq!(d["state"], "succeeded", "{backend} {env}: {d}");
             assert!(d["started_at"].as_i64().unwrap_or(0) >= finished_before, "{backend} {env} started before the step before it finished: {d}");

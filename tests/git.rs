@@ -147,14 +147,11 @@ impl Node {
     }
 
     async fn wait_done(&self, id: i64) -> Value {
-        for _ in 0..400 {
+        common::eventually(Duration::from_secs(30), &format!("deployment {id} to end"), || async {
             let d = self.get(&format!("/api/v1/deployments/{id}")).await;
-            if !matches!(d["deployment"]["state"].as_str(), Some("queued" | "running" | "waiting")) {
-                return d;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("deployment {id} did not end");
+            if matches!(d["deployment"]["state"].as_str(), Some("queued" | "running" | "waiting")) { Err(d["deployment"].clone()) } else { Ok(d) }
+        })
+        .await
     }
 }
 
@@ -259,9 +256,10 @@ on = ["revision_rejected"]
         assert!(rejected["errors"].as_str().unwrap_or("").contains("nginx-typo"), "{rejected}");
         assert!(rejected["deployment"].is_null());
         // Reported once, to whoever listens for it.
-        common::wait_for(Duration::from_secs(20), "the rejection to be notified", || {
+        common::eventually(Duration::from_secs(20), "the rejection to be notified", || async {
             seen.lock().unwrap().iter().find(|b| b["event"] == "revision.rejected" && b["revision"]["commit"] == c4.as_str()).cloned()
-        });
+        })
+        .await;
         let envs = n.get("/api/v1/environments").await;
         assert_eq!(envs[0]["revision"]["commit"], c3.as_str(), "{envs}");
         assert_eq!(envs[0]["rejected"]["commit"], c4.as_str(), "{envs}");
@@ -288,16 +286,11 @@ on = ["revision_rejected"]
         let (_, r) = n.post("/api/v1/environments/staging/revisions/check", json!(null)).await;
         assert_eq!((r["commit"].as_str(), r["redeploy"].clone()), (Some(c6.as_str()), json!(["web"])), "{r}");
         // (The gate loop's drift check submits it, within a second or so.)
-        let mut again = Value::Null;
-        for _ in 0..100 {
+        let again = common::eventually(Duration::from_secs(10), &format!("{backend}: a redeploy of web on {c6}"), || async {
             let list = n.get("/api/v1/deployments?limit=5").await;
-            if let Some(d) = list.as_array().expect("list").iter().find(|d| d["service"] == "web" && d["revision"] == c6.as_str()) {
-                again = d.clone();
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(again.is_object(), "{backend}: no redeploy of web on {c6}");
+            list.as_array().expect("list").iter().find(|d| d["service"] == "web" && d["revision"] == c6.as_str()).cloned().ok_or(list)
+        })
+        .await;
         let again = n.wait_done(again["id"].as_i64().expect("id")).await;
         assert_eq!((again["deployment"]["state"].as_str(), again["deployment"]["version"].as_str()), (Some("succeeded"), Some("1.0")), "{again}");
         let services = n.get("/api/v1/services").await;
@@ -358,37 +351,29 @@ async fn issue6_a_polled_branch_is_followed_without_a_webhook() {
         async move { http.get(format!("{base}/api/v1/environments/staging/revisions")).send().await.expect("get").json::<Value>().await.expect("json")[0].clone() }
     };
     // Not a repository yet: every poll fails, and the environment says so.
-    let mut staging = Value::Null;
-    for _ in 0..100 {
-        staging = n.get("/api/v1/environments").await[0].clone();
-        if staging["fetch_error"].is_string() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let staging = common::eventually(Duration::from_secs(10), "a failed fetch recorded on staging", || async {
+        let staging = n.get("/api/v1/environments").await[0].clone();
+        if staging["fetch_error"].is_string() { Ok(staging) } else { Err(staging) }
+    })
+    .await;
     assert!(staging["fetch_error"].as_str().unwrap_or("").contains("git fetch of main"), "{staging}");
     assert!(staging["fetch_failed_at"].is_i64(), "{staging}");
     git(repo.path(), &["init", "-q", "-b", "main"]);
     let c1 = commit(repo.path(), &[("slipway.toml", &repo_config(&ran_file, false)), ("nginx/site.conf", "a")], "first");
-    for _ in 0..100 {
-        if newest(&n).await["commit"] == c1.as_str() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(newest(&n).await["commit"], c1.as_str(), "the first commit, fetched once the repository exists");
+    // The first commit, fetched once the repository exists.
+    common::eventually(Duration::from_secs(10), "the first commit to be fetched", || async {
+        let newest = newest(&n).await;
+        if newest["commit"] == c1.as_str() { Ok(()) } else { Err(newest) }
+    })
+    .await;
     let staging = n.get("/api/v1/environments").await[0].clone();
     assert!(staging["fetch_error"].is_null(), "a fetch succeeded since: {staging}");
     let c2 = commit(repo.path(), &[("nginx/site.conf", "b")], "nginx");
-    let mut seen = Value::Null;
-    for _ in 0..100 {
-        seen = newest(&n).await;
-        if seen["commit"] == c2.as_str() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(seen["commit"], c2.as_str(), "the poll found the new commit: {seen}");
+    let seen = common::eventually(Duration::from_secs(10), "the poll to find the new commit", || async {
+        let seen = newest(&n).await;
+        if seen["commit"] == c2.as_str() { Ok(seen) } else { Err(seen) }
+    })
+    .await;
     n.wait_done(seen["deployment"].as_i64().expect("a deployment")).await;
     assert_eq!(ran(&ran_file), ["nginx", "reload"]);
     n.node.shutdown.cancel();
@@ -511,14 +496,11 @@ url = "{0}"
             assert_eq!(d["deployment"]["state"], "succeeded", "{backend}: {d}");
         }
         let waiting = |list: &Value| list.as_array().into_iter().flatten().find(|d| d["environment"] == "production" && d["state"] == "waiting").cloned();
-        let mut promotion = Value::Null;
-        for _ in 0..200 {
-            if let Some(p) = waiting(&n.get("/api/v1/deployments?limit=20").await) {
-                promotion = p;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let promotion = common::eventually(Duration::from_secs(20), &format!("{backend}: the promotion to production to wait"), || async {
+            let list = n.get("/api/v1/deployments?limit=20").await;
+            waiting(&list).ok_or(list)
+        })
+        .await;
         assert_eq!((promotion["version"].as_str(), promotion["revision"].as_str()), (Some("1.0"), Some(c1.as_str())), "{promotion}");
 
         // A commit giving web two instances, decided in production.
@@ -586,33 +568,30 @@ health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
         // 2.0 is running (in its migration) when a commit gives web two instances.
         let (_, e) = deploy("2.0").await;
         let newer = e["deployment_id"].as_i64().expect("id");
-        for _ in 0..100 {
-            if n.get(&format!("/api/v1/deployments/{newer}")).await["deployment"]["state"] == "running" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::eventually(Duration::from_secs(10), &format!("{backend}: deployment {newer} to run"), || async {
+            let d = n.get(&format!("/api/v1/deployments/{newer}")).await["deployment"].clone();
+            if d["state"] == "running" { Ok(()) } else { Err(d) }
+        })
+        .await;
         let c2 = commit(repo.path(), &[("slipway.toml", &repo_config(2))], "two instances");
         let (_, r) = n.post("/api/v1/environments/staging/revisions/check", json!(null)).await;
         assert_eq!((r["commit"].as_str(), r["redeploy"].clone()), (Some(c2.as_str()), json!(["web"])), "{backend}: {r}");
         assert_eq!(n.wait_done(newer).await["deployment"]["state"], "succeeded", "{backend}");
 
         // Then the redeploy, on c2, at 2.0.
-        let mut again = Value::Null;
-        for _ in 0..100 {
+        let again = common::eventually(Duration::from_secs(10), &format!("{backend}: the redeploy on {c2}"), || async {
             let list = n.get("/api/v1/deployments?limit=10").await;
-            if let Some(d) = list.as_array().expect("list").iter().find(|d| d["revision"] == c2.as_str()) {
-                again = d.clone();
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            list.as_array().expect("list").iter().find(|d| d["revision"] == c2.as_str()).cloned().ok_or(list)
+        })
+        .await;
         assert_eq!(again["version"], "2.0", "{backend}: the redeploy is at what the running deploy left: {again}");
         let done = n.wait_done(again["id"].as_i64().expect("id")).await;
         assert_eq!(done["deployment"]["state"], "succeeded", "{backend}: {done}");
         let services = n.get("/api/v1/services").await;
         assert_eq!((services[0]["version"].as_str(), services[0]["instances"].as_array().map(|i| i.len())), (Some("2.0"), Some(2)), "{backend}: {services}");
-        // Once per commit: nothing more follows.
+        // Once per commit: nothing more follows. Scenario, not a wait for
+        // a condition: a second redeploy would come within the gate loop's
+        // second, so let it have the chance.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let list = n.get("/api/v1/deployments?limit=10").await;
         assert_eq!(list.as_array().expect("list").iter().filter(|d| d["revision"] == c2.as_str()).count(), 1, "{backend}: {list}");

@@ -122,14 +122,11 @@ command = ["true"]
     }
 
     async fn wait_done(&self, id: i64) {
-        for _ in 0..300 {
+        common::eventually(Duration::from_secs(20), &format!("deployment {id} to end"), || async {
             let d: Value = self.http.get(format!("{}/api/v1/deployments/{id}", self.base)).send().await.expect("get").json().await.expect("json");
-            if !matches!(d["deployment"]["state"].as_str(), Some("queued" | "running")) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("deployment {id} did not end");
+            if matches!(d["deployment"]["state"].as_str(), Some("queued" | "running")) { Err(d["deployment"].clone()) } else { Ok(()) }
+        })
+        .await
     }
 
     async fn why(&self, env: &str) -> Value {

@@ -84,16 +84,13 @@ command = "echo broken; exit 3"
     }
     // started + succeeded, started + failed on JSON (one of them twice:
     // refused, then retried); failed on Slack.
-    let mut got = Vec::new();
-    for _ in 0..150 {
-        got = seen.lock().unwrap().clone();
+    let got = common::eventually(Duration::from_secs(15), "five JSON notifications of three kinds and one on Slack", || async {
+        let got = seen.lock().unwrap().clone();
         let json_events: Vec<&str> = got.iter().filter(|(k, _)| k == "json").filter_map(|(_, b)| b["event"].as_str()).collect();
         let distinct: std::collections::BTreeSet<&str> = json_events.iter().copied().collect();
-        if distinct.len() == 3 && json_events.len() >= 5 && got.iter().any(|(k, _)| k == "slack") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        if distinct.len() == 3 && json_events.len() >= 5 && got.iter().any(|(k, _)| k == "slack") { Ok(got) } else { Err(format!("{got:?}")) }
+    })
+    .await;
     let json: Vec<&Value> = got.iter().filter(|(k, _)| k == "json").map(|(_, b)| b).collect();
     let events: std::collections::BTreeSet<&str> = json.iter().filter_map(|b| b["event"].as_str()).collect();
     assert_eq!(events.into_iter().collect::<Vec<_>>(), ["deployment.failed", "deployment.started", "deployment.succeeded"], "{got:?}");
@@ -154,16 +151,14 @@ command = ["true"]
     }
     let r = http.post(format!("{base}/api/v1/deployments/{}/cancel", ids[1])).send().await.expect("cancel");
     assert_eq!(r.status().as_u16(), 202);
-    let mut got = Vec::new();
-    for _ in 0..150 {
-        got = seen.lock().unwrap().iter().map(|(_, b)| (b["event"].as_str().unwrap_or("").to_string(), b["deployment"]["id"].as_i64())).collect::<Vec<_>>();
+    let got = common::eventually(Duration::from_secs(15), "two distinct notifications", || async {
+        let mut got =
+            seen.lock().unwrap().iter().map(|(_, b)| (b["event"].as_str().unwrap_or("").to_string(), b["deployment"]["id"].as_i64())).collect::<Vec<_>>();
         got.sort();
         got.dedup();
-        if got.len() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        if got.len() >= 2 { Ok(got) } else { Err(format!("{got:?}")) }
+    })
+    .await;
     assert_eq!(got, [("deployment.cancelled".to_string(), Some(ids[1])), ("deployment.superseded".to_string(), Some(ids[0]))], "{got:?}");
     node.shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), node.task).await;

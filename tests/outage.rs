@@ -164,18 +164,8 @@ fn count(d: &Value, st: &str) -> usize {
     jobs(d).iter().filter(|j| j["state"] == st).count()
 }
 
-/// Poll `f` until Some; on timeout panic with `what` and `diag()`.
-fn wait<T>(limit: Duration, what: &str, diag: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {limit:?} waiting for {what}\n{}", diag());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait<T>(limit: Duration, what: &str, diag: impl Fn() -> String, f: impl FnMut() -> Option<T>) -> T {
+    common::wait_for_diag(limit, what, diag, f)
 }
 
 /// Wait until the deployment ends (asking any server that answers).
@@ -231,6 +221,7 @@ fn issue13_store_outage_longer_than_the_lease_fails_no_finished_job() {
         });
         assert!(pg.ctl("stop"), "stop PostgreSQL");
         let stopped = Instant::now();
+        // The outage itself (scenario, not a wait for a condition).
         std::thread::sleep(Duration::from_secs(outage));
         assert!(pg.ctl("start"), "start PostgreSQL again");
         let outage_was = stopped.elapsed();
@@ -275,6 +266,7 @@ fn issue13_node_killed_during_a_store_outage_is_taken_over_after_it() {
     let mid = wait_mid_run(&servers[0], id, "node n3 to run jobs", |d| count(d, "succeeded") >= 8 && running(d).values().any(|n| n == "n3"));
     assert!(pg.ctl("stop"), "stop PostgreSQL");
     servers[2].kill9();
+    // The outage itself (scenario, not a wait for a condition).
     std::thread::sleep(Duration::from_secs(10));
     assert!(pg.ctl("start"), "start PostgreSQL again");
 
@@ -331,6 +323,7 @@ fn issue13_sqlite_store_unavailable_longer_than_the_lease_loses_no_result() {
         sqlx::any::install_default_drivers();
         let mut conn = sqlx::AnyConnection::connect(&format!("{url}?mode=rw")).await.expect("open the store");
         sqlx::query("BEGIN EXCLUSIVE").execute(&mut conn).await.expect("lock the store");
+        // How long the lock is held (scenario, not a wait for a condition).
         tokio::time::sleep(Duration::from_secs(8)).await;
         sqlx::query("COMMIT").execute(&mut conn).await.expect("unlock the store");
         conn.close().await.expect("close");

@@ -1,6 +1,8 @@
 //! The service proxy over real sockets on 127.0.0.1: axum backends, the
 //! proxy in front, reqwest (or raw TCP) clients.
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -102,11 +104,7 @@ fn client() -> reqwest::Client {
 
 /// Poll `f` until it holds (5 s at most).
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::eventually(Duration::from_secs(5), what, || std::future::ready(f())).await
 }
 
 /// An address where nothing listens.
@@ -189,6 +187,7 @@ async fn zero_failed_requests_across_swaps() {
     while start.elapsed() < Duration::from_millis(1500) {
         p.set_backends(first[swaps % 3].clone());
         swaps += 1;
+        // The swap cadence under load (scenario, not a wait).
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Retire a the way a rollout does: out of the set, drained, stopped.
@@ -449,15 +448,7 @@ async fn shutdown_stops_accepting_and_lets_requests_finish() {
     eventually("request in flight", || p.in_flight(b.addr) == 1).await;
     shutdown.cancel();
     let addr = p.local_addr();
-    let mut refused = false;
-    for _ in 0..200 {
-        if TcpStream::connect(addr).await.is_err() {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(refused, "still accepting after shutdown");
+    common::eventually(Duration::from_secs(1), "the proxy to stop accepting after shutdown", || async { TcpStream::connect(addr).await.is_err() }).await;
     assert_eq!(slow.await.unwrap(), (200, "b".to_string()));
     tokio::time::timeout(Duration::from_secs(5), p.stopped()).await.expect("proxy stops");
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use slipway::config::{Command, revision};
@@ -89,22 +89,24 @@ async fn issue3_daemon_holding_stdout_does_not_keep_job_running() {
     let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget::default()), cfg, EventBus::new());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(sched.run(shutdown.clone()));
-    let start = Instant::now();
-    let mut state = String::new();
-    while start.elapsed() < Duration::from_secs(15) {
-        state = store.deployment(id).await.unwrap().unwrap().state.as_str().to_string();
-        if state != "running" && state != "queued" {
-            break;
+    // The daemon goes with the test, whether it passes or not.
+    struct KillDaemon(std::path::PathBuf);
+    impl Drop for KillDaemon {
+        fn drop(&mut self) {
+            if let Some(pid) = std::fs::read_to_string(&self.0).ok().and_then(|p| p.trim().parse().ok()) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    eprintln!("state {state} after {:?}", start.elapsed());
-    if let Ok(pid) = std::fs::read_to_string(dir.path().join("daemon.pid")) {
-        unsafe { libc::kill(pid.trim().parse().unwrap(), libc::SIGKILL) };
-    }
+    let _daemon = KillDaemon(dir.path().join("daemon.pid"));
+    let state = common::eventually(Duration::from_secs(15), "the job to end although its daemon holds the output pipe (timeout 5s)", || async {
+        let state = store.deployment(id).await.unwrap().unwrap().state.as_str().to_string();
+        if state != "running" && state != "queued" { Ok(state) } else { Err(state) }
+    })
+    .await;
     shutdown.cancel();
     let _ = task.await;
-    assert_eq!(state, "succeeded", "job exited at once (timeout 5s), yet after 15s the deployment is still {state}");
+    assert_eq!(state, "succeeded");
 }
 
 /// Counts how many runs overlap.
@@ -118,6 +120,7 @@ impl Target for Counting {
     async fn run(&self, _r: JobRequest, _o: OutputSink, _c: CancellationToken) -> RunResult {
         let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
         self.max.fetch_max(n, Ordering::SeqCst);
+        // A run that lasts, so that runs could overlap (scenario).
         tokio::time::sleep(Duration::from_millis(20)).await;
         self.now.fetch_sub(1, Ordering::SeqCst);
         RunResult { outcome: Outcome::Succeeded, exit_code: Some(0), reason: None }
@@ -150,19 +153,16 @@ async fn parallelism_body() {
     let sched = Scheduler::new(store.clone(), target.clone(), cfg, EventBus::new());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(sched.run(shutdown.clone()));
-    let start = Instant::now();
-    loop {
-        let mut done = true;
+    common::eventually(Duration::from_secs(60), "every deployment to end", || async {
+        let mut running = Vec::new();
         for id in &ids {
             if !store.deployment(*id).await.unwrap().unwrap().state.is_terminal() {
-                done = false;
+                running.push(*id);
             }
         }
-        if done || start.elapsed() > Duration::from_secs(60) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        if running.is_empty() { Ok(()) } else { Err(format!("still running: {running:?}")) }
+    })
+    .await;
     shutdown.cancel();
     let _ = task.await;
     for id in &ids {
@@ -201,17 +201,13 @@ async fn issue5_an_unreadable_stored_spec_fails_its_job_and_nothing_else() {
     let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget::default()), cfg, EventBus::new());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(sched.run(shutdown.clone()));
-    let start = Instant::now();
     let done = |s: &str| s != "running" && s != "queued";
-    let (mut b, mut g) = (String::new(), String::new());
-    while start.elapsed() < Duration::from_secs(15) {
-        b = store.deployment(bad).await.unwrap().unwrap().state.as_str().to_string();
-        g = store.deployment(good).await.unwrap().unwrap().state.as_str().to_string();
-        if done(&b) && done(&g) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (b, g) = common::eventually(Duration::from_secs(15), "both deployments to end", || async {
+        let b = store.deployment(bad).await.unwrap().unwrap().state.as_str().to_string();
+        let g = store.deployment(good).await.unwrap().unwrap().state.as_str().to_string();
+        if done(&b) && done(&g) { Ok((b, g)) } else { Err(format!("{b}, {g}")) }
+    })
+    .await;
     shutdown.cancel();
     let _ = task.await;
     assert_eq!((b.as_str(), g.as_str()), ("failed", "succeeded"));

@@ -96,6 +96,7 @@ fn deploy_roll_out_and_roll_back_without_a_failed_request() {
     // v2 under load: every request answered.
     let stop = Arc::new(AtomicBool::new(false));
     let loader = load(port, stop.clone());
+    // Load before, between and after the rollouts (scenario, not waits).
     std::thread::sleep(Duration::from_millis(300));
     let out = deploy(&server, dir.path(), "2.0");
     std::thread::sleep(Duration::from_millis(300));

@@ -251,6 +251,7 @@ async fn drain(store: Arc<dyn Store>, label: &'static str, node: String, dep: i6
                 }
                 break;
             }
+            // A node's poll interval, as a real node would wait (scenario).
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
@@ -597,6 +598,8 @@ async fn claim_fences_and_expired_leases() {
         assert_eq!((row.state, row.attempt, row.node.as_deref()), (JobState::Running, 1, Some(N1)), "[{name}]");
         assert!(row.started_at.is_some(), "[{name}] started_at set by claim");
 
+        // A lease is time: let a's 1 ms one lapse (scenario, not a wait
+        // for a condition; what lapsed is the assertion).
         tokio::time::sleep(Duration::from_millis(30)).await;
         let expired = b.1.expired().await.unwrap();
         assert_eq!(expired.iter().map(|e| e.job_id).collect::<Vec<_>>(), vec![a.job_id], "[{name}] only a's lease lapsed");
@@ -770,6 +773,7 @@ async fn retry_waits_and_records_every_attempt() {
         assert!(claim(&b, N2, 10).await.is_empty(), "[{name}] not claimable before not_before");
         assert_eq!(dep_state(&b, dep).await, DeploymentState::Running, "[{name}]");
 
+        // Until just past not_before (scenario: the retry's time comes).
         let wait = retry_at - now_ms() + 30;
         tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
         let second = claim(&b, N2, 10).await;
@@ -899,7 +903,8 @@ async fn renew_detects_lost_leases() {
 
         // Every lease lapses; a is reaped and taken by N2. N1 goes on to
         // renew a and b, but not c (as if a previous process with the same
-        // node id had left it behind).
+        // node id had left it behind). Leases are time: 30 ms outlasts
+        // the 1 ms ones (scenario, not a wait for a condition).
         tokio::time::sleep(Duration::from_millis(30)).await;
         let expired = b.1.expired().await.unwrap();
         assert_eq!(expired.len(), 3, "[{name}] all lapsed");
@@ -950,6 +955,7 @@ async fn issue13_a_takeover_after_the_owner_renewed_changes_nothing() {
         activate(&b, N1).await;
         let mine = claim_with(&b, N1, Duration::from_millis(1), 10).await;
         let (a, bj) = (by_name(&mine, "a"), by_name(&mine, "b"));
+        // Let the 1 ms leases lapse (scenario, not a wait for a condition).
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert_eq!(b.1.expired().await.unwrap().len(), 2, "[{name}] both lapsed: the reaper reads them");
         // The owner renews before the reaper writes.
@@ -1024,6 +1030,7 @@ async fn concurrent_nodes_activate_one_deployment_per_lock() {
                             violations.push(format!("{key}: {r} runs while older {q} is queued"));
                         }
                     }
+                    // The monitor's sampling interval (scenario).
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 (violations, snapshots)
@@ -1051,6 +1058,7 @@ async fn concurrent_nodes_activate_one_deployment_per_lock() {
                             if all.iter().all(|d| d.state.is_terminal()) {
                                 break;
                             }
+                            // A node's poll interval (scenario).
                             tokio::time::sleep(Duration::from_millis(1)).await;
                         }
                     }

@@ -22,7 +22,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -152,15 +152,10 @@ impl TlsServer {
     }
 
     fn wait_for(&self, what: &str, f: impl Fn(&[String]) -> bool) -> Vec<String> {
-        let deadline = Instant::now() + WAIT;
-        loop {
+        common::wait_for(WAIT, what, || {
             let seen = self.seen();
-            if f(&seen) {
-                return seen;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; the server saw {seen:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            if f(&seen) { Ok(seen) } else { Err(format!("the server saw {seen:?}")) }
+        })
     }
 }
 
@@ -287,15 +282,10 @@ command = ["true"]
     let seen = stranger.wait_for("a refused handshake", |s| s.iter().any(|l| l.starts_with("handshake failed")));
     assert!(seen.iter().any(|l| l.contains("received fatal alert: UnknownCA")), "{seen:?}");
     // Five tries, 1 + 2 + 4 + 8 s apart, then one line in the node's log.
-    let deadline = Instant::now() + WAIT;
-    let log = loop {
+    let line = common::wait_for(WAIT, "the failed notification in the node's log", || {
         let log = server.log_text();
-        if log.contains("notification failed after") || Instant::now() > deadline {
-            break log;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let line = log.lines().find(|l| l.contains("notification failed after")).unwrap_or_else(|| panic!("no failure logged:\n{log}"));
+        log.lines().find(|l| l.contains("notification failed after")).map(str::to_string).ok_or(log)
+    });
     assert!(line.contains("invalid peer certificate: UnknownIssuer"), "{line}");
     assert!(!stranger.seen().iter().any(|l| l.starts_with("request")), "nothing was sent to the stranger");
 }

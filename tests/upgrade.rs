@@ -52,17 +52,8 @@ fn cli(server: &Server, config: &Path, token: &str, args: &[&str]) -> (i32, Stri
 }
 
 /// Poll `f` for up to a minute; on timeout, fail with the server's log.
-fn wait_for<T>(server: &Server, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if std::time::Instant::now() > deadline {
-            panic!("timed out waiting for {what}; the server's log:\n{}", server.log_text());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_for<T>(server: &Server, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    common::wait_for_diag(Duration::from_secs(60), what, || format!("the server's log:\n{}", server.log_text()), f)
 }
 
 fn http_get(port: u16) -> Option<String> {

@@ -1,13 +1,15 @@
-//! `POST /hooks/github`: deliveries from GitHub, checked and turned into
-//! deployments (see `crate::trigger`).
+//! Published versions from outside, checked and turned into deployments
+//! (see `crate::trigger`): `POST /hooks/github` (GitHub's deliveries),
+//! `POST /hooks/registry` (a registry's notifications) and
+//! `POST /api/v1/published` (the generic event, with an API token).
 //!
 //! Order matters for "an event is stored before it is acknowledged" and
 //! "the same event twice deploys once": the deployments a delivery starts
 //! are submitted first, each under a key derived from what was published
 //! (image, version, digest, environment, service: idempotent, whichever
 //! delivery announces it), then the delivery itself is stored under its
-//! own key (its event kind and body), and only then does GitHub get its
-//! answer. A redelivery, another event kind announcing the same push, or
+//! own key (its event kind and body), and only then does the sender get
+//! its answer. A redelivery, another event kind announcing the same push, or
 //! a retry after a crash in between, finds every key taken and starts
 //! nothing new. A published version older than what an environment runs
 //! or has decided is held there, not deployed.
@@ -402,7 +404,8 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
 }
 
 /// Notifications from a Docker distribution registry: tagged manifest
-/// pushes deploy (as a published version, see [`github`]); pulls, blobs
+/// pushes deploy (as a published version, like GitHub's package events in
+/// [`github()`]); pulls, blobs
 /// and deletes are ignored. Each event is handled once, by its id.
 #[utoipa::path(post, path = "/hooks/registry", request_body(content = Object, content_type = "application/json", description = "The registry's notification envelope (`events`)"),
     security(("registry_token" = [])),

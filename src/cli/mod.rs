@@ -990,8 +990,9 @@ fn short(id: &str) -> String {
     id.chars().take(12).collect()
 }
 
-/// Orphaned containers, for `status`: only asked where docker services
-/// are recorded, and quietly skipped when the node cannot say.
+/// Orphaned containers, for `status`: only asked where services pinned
+/// to an image digest are recorded, and quietly skipped when the node
+/// cannot say.
 async fn orphans(client: &Client, services: &[ServiceInfo]) -> Vec<GarbageItemInfo> {
     if !services.iter().any(|s| s.digest.is_some()) {
         return vec![];

@@ -125,8 +125,8 @@ pub struct Service {
     pub target: String,
     /// Set when the service is managed (it has a `command`).
     pub spec: Option<service::ServiceSpec>,
-    /// The image whose published versions are this service's versions (a
-    /// docker service's own image, or `follows`).
+    /// The image whose published versions are this service's versions (its
+    /// own `image` on an image target, or `follows`).
     pub follows: Option<String>,
     /// Environments where a published version deploys by itself.
     pub auto_deploy: Vec<String>,

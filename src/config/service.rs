@@ -22,11 +22,11 @@ use toml::Spanned;
 use super::secret::{RegistryAuth, SecretRef};
 use super::{Command, Job, JobSpans, Problem, ProblemKind, Retry, check_name, duration, positive};
 
-/// Placeholders a service's command (and its health/migrate/verify
-/// commands) may use. `{port}` is the instance's own port.
 /// Largest `keep_tags`: far above any registry's per-repository limit.
 pub const MAX_KEEP_TAGS: i64 = 10_000;
 
+/// Placeholders a service's command (and its health/migrate/verify
+/// commands) may use. `{port}` is the instance's own port.
 pub const SERVICE_PLACEHOLDERS: &[&str] = &["{port}", "{version}", "{service}", "{env}", "{deployment}", "{revision}"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,12 +130,7 @@ impl TagFilter {
 
     pub fn allows(&self, tag: &str) -> bool {
         match self {
-            TagFilter::Semver => {
-                let t = tag.strip_prefix('v').unwrap_or(tag);
-                let core = t.split(['-', '+']).next().unwrap_or("");
-                let parts: Vec<&str> = core.split('.').collect();
-                parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
-            }
+            TagFilter::Semver => crate::values::semver(tag).is_some(),
             TagFilter::Regex(r) => r.is_match(tag),
         }
     }

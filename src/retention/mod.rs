@@ -1,5 +1,5 @@
 //! Registry tag retention: per repository a service's versions come from
-//! (a docker service's `image`, or `follows`), keep the newest `keep_tags`
+//! (the `image` of a service on an image target, or `follows`), keep the newest `keep_tags`
 //! tags and delete the older ones through the registry API — never one
 //! that an environment runs or could roll back to, nor one a queued or
 //! running deployment is about to deploy. Only the tags the services
@@ -74,7 +74,7 @@ impl Protected {
 }
 
 /// What the store says must stay for `policy`: the versions (and, for
-/// docker services, the pinned digests) each environment runs and could
+/// services on image targets, the pinned digests) each environment runs and could
 /// roll back to, and the versions of deployments still queued or running.
 pub fn protected(policy: &Policy, config: &Config, rows: &[ServiceRow], deployments: &[DeploymentRow]) -> Protected {
     let follows_image =
@@ -84,12 +84,12 @@ pub fn protected(policy: &Policy, config: &Config, rows: &[ServiceRow], deployme
         // A service on an image target pins a digest: what it runs is that
         // digest, whatever its tag points at today. Its recorded spec says
         // which image, even if the config has changed since.
-        let container = crate::store::spec::decode_service(&row.spec).ok().and_then(|s| s.image);
-        let docker_here = container.as_ref().is_some_and(|c| c.repository.as_str().eq_ignore_ascii_case(&policy.image));
+        let image = crate::store::spec::decode_service(&row.spec).ok().and_then(|s| s.image);
+        let pinned_here = image.as_ref().is_some_and(|c| c.repository.as_str().eq_ignore_ascii_case(&policy.image));
         // A service gone from the config may still run a version of this
         // image, and nothing says which image it was: keep its versions.
-        let unknown = container.is_none() && !config.services.iter().any(|s| s.name == row.service);
-        if !docker_here && !unknown && !follows_image(&row.service) {
+        let unknown = image.is_none() && !config.services.iter().any(|s| s.name == row.service);
+        if !pinned_here && !unknown && !follows_image(&row.service) {
             continue;
         }
         let env = &row.environment;
@@ -98,9 +98,9 @@ pub fn protected(policy: &Policy, config: &Config, rows: &[ServiceRow], deployme
         if let Some(v) = &row.previous_version {
             p.tag(v, format!("{env} could roll back to it{whose}"));
         }
-        // Only a docker row's sha256 is an image digest (a tarball
+        // Only an image service's sha256 is an image digest (a tarball
         // service's is its release's checksum).
-        if docker_here {
+        if pinned_here {
             if let Some(h) = &row.sha256 {
                 p.digest(&format!("sha256:{h}"), format!("{env} runs it ({} by digest)", row.version));
             }
@@ -159,28 +159,21 @@ pub struct Decision {
     pub delete: Vec<Doomed>,
 }
 
-/// `1.2.3`, `v1.2.3`, `1.2.3-rc.1`: (major, minor, patch, is a release,
-/// pre-release part). A release sorts above its pre-releases.
-fn semver(tag: &str) -> Option<(u64, u64, u64, bool, String)> {
-    let t = tag.strip_prefix('v').unwrap_or(tag);
-    let (core, pre) = match t.split_once('-') {
-        Some((c, p)) => (c, Some(p.split('+').next().unwrap_or(p))),
-        None => (t.split('+').next().unwrap_or(t), None),
-    };
-    let mut parts = core.split('.').map(|p| if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) { p.parse::<u64>().ok() } else { None });
-    let (Some(Some(a)), Some(Some(b)), Some(Some(c)), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else { return None };
-    Some((a, b, c, pre.is_none(), pre.unwrap_or("").to_string()))
-}
-
 /// Newest first: by the image's `created`, then (when absent or equal) by
-/// semver, then by name. A tag without a date sorts below every dated one.
+/// semver precedence (`1.10.0` > `1.10.0-rc.10` > `1.10.0-rc.9`; a tag
+/// that is not semver below every one that is), then by name. A tag
+/// without a date sorts below every dated one.
 pub fn order_newest_first(tags: &mut [TagInfo]) {
+    let semver = |t: &TagInfo| crate::values::semver(&t.tag);
     tags.sort_by(|a, b| {
         b.created
             .is_some()
             .cmp(&a.created.is_some())
             .then(b.created.cmp(&a.created))
-            .then_with(|| semver(&b.tag).cmp(&semver(&a.tag)))
+            .then_with(|| match (semver(b), semver(a)) {
+                (Some(vb), Some(va)) => vb.cmp_precedence(&va),
+                (vb, va) => vb.is_some().cmp(&va.is_some()),
+            })
             .then_with(|| b.tag.cmp(&a.tag))
     });
 }
@@ -406,6 +399,27 @@ mod tests {
         order_newest_first(&mut tags);
         let order: Vec<&str> = tags.iter().map(|t| t.tag.as_str()).collect();
         assert_eq!(order, vec!["0.1.0", "v2.0.0", "1.10.0", "1.10.0-rc.1", "1.9.0", "zzz", "abc"]);
+    }
+
+    #[test]
+    fn issue14_rc_10_sorts_after_rc_9_and_a_release_after_its_pre_releases() {
+        // The hand-written parser compared pre-release parts as strings,
+        // so rc.10 sorted below rc.9 and keep_tags = 1 kept rc.9.
+        let mut tags =
+            vec![t("1.0.0-rc.9", "a", None), t("v1.0.0", "b", None), t("1.0.0-rc.10", "c", None), t("1.0.0-alpha", "d", None), t("1.0.0-rc.2", "e", None)];
+        order_newest_first(&mut tags);
+        let order: Vec<&str> = tags.iter().map(|t| t.tag.as_str()).collect();
+        assert_eq!(order, vec!["v1.0.0", "1.0.0-rc.10", "1.0.0-rc.9", "1.0.0-rc.2", "1.0.0-alpha"]);
+        let pre = [t("1.0.0-rc.9", "a", None), t("1.0.0-rc.10", "c", None)];
+        assert_eq!(tags_of(&decide(&pre, &Protected::default(), 1)), (vec!["1.0.0-rc.10"], vec![vec!["1.0.0-rc.9"]]));
+        // The tag filter reads versions the same way, a leading v included.
+        let semver = crate::config::service::TagFilter::parse("semver").expect("rule");
+        for ok in ["1.0.0-rc.10", "v1.2.3", "1.2.3+build.5", "10.20.30-alpha.1+x"] {
+            assert!(semver.allows(ok), "{ok}");
+        }
+        for not in ["1.0", "latest", "v", "1.2.3.4", "1.2.x", "01.2.3", "1.2.3-"] {
+            assert!(!semver.allows(not), "{not}");
+        }
     }
 
     #[test]

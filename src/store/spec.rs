@@ -2,17 +2,18 @@
 //! `services.spec`): its own types, versioned and tagged, converted from
 //! and to the config's types.
 //!
-//! A row holds JSON tagged with its format, `{"format": "job/1", …}` or
-//! `{"format": "service/1", …}`. Rows written before formats existed carry
-//! no tag and have exactly the `/1` shape, so they read as `/1`.
+//! A row holds JSON tagged with its format: `{"format": "job/2", …}` or
+//! `{"format": "service/2", …}` as written today, `/1` rows (before the
+//! target was explicit) still read. Rows written before formats existed
+//! carry no tag and have exactly the `/1` shape, so they read as `/1`.
 //!
 //! Why: these rows outlive the build that wrote them (a waiting deployment
 //! runs its jobs after an upgrade; a restarted node brings back a service
 //! from its stored spec; a rollback reads the spec it deployed). Were they
 //! the config's types serialized directly, renaming a config field would
 //! silently change what old rows mean. Here a config refactor changes only
-//! the conversions below; a new stored shape is a new format (`job/2`),
-//! and the reader keeps every older one. The shapes are pinned by a test
+//! the conversions below; a new stored shape is a new format (as `job/2`
+//! was), and the reader keeps every older one. The shapes are pinned by a test
 //! against rows the build before formats wrote.
 
 use std::collections::BTreeMap;

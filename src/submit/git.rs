@@ -498,7 +498,8 @@ pub struct FetchFailure {
     pub at: i64,
     /// What git said (the URL shown without credentials).
     pub error: String,
-    /// What it was a fetch of: [`source_of`].
+    /// What it was a fetch of: the repository (credentials hidden) and
+    /// the branch, as `source_of` writes it.
     pub source: String,
 }
 

@@ -50,8 +50,9 @@ pub struct Decision {
     pub held: Option<String>,
 }
 
-/// For every service that follows `p.image` (a docker service's own
-/// image, or a service's `follows`), in every environment: deploy or hold.
+/// For every service that follows `p.image` (the `image` of a service on
+/// an image target, or a service's `follows`), in every environment:
+/// deploy or hold.
 pub fn decide(config: &Config, p: &Published) -> Vec<Decision> {
     decide_for(config, &p.version, |s| s.follows.as_deref() == Some(p.image.as_str()))
 }
@@ -195,45 +196,9 @@ pub fn not_newer(
 }
 
 /// Semantic version precedence (semver.org §11), `v` prefix allowed,
-/// build metadata ignored; `None` if either is not `MAJOR.MINOR.PATCH`.
+/// build metadata ignored; `None` if either is not a semantic version.
 pub fn semver_cmp(a: &str, b: &str) -> Option<std::cmp::Ordering> {
-    fn parse(v: &str) -> Option<([u64; 3], Vec<&str>)> {
-        let v = v.strip_prefix('v').unwrap_or(v);
-        let v = v.split('+').next().unwrap_or(v);
-        let (core, pre) = match v.split_once('-') {
-            Some((c, p)) => (c, p.split('.').collect()),
-            None => (v, vec![]),
-        };
-        let mut n = [0u64; 3];
-        let mut parts = core.split('.');
-        for slot in &mut n {
-            let p = parts.next().filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))?;
-            *slot = p.parse().ok()?;
-        }
-        parts.next().is_none().then_some((n, pre))
-    }
-    let ((na, pa), (nb, pb)) = (parse(a)?, parse(b)?);
-    Some(na.cmp(&nb).then_with(|| match (pa.is_empty(), pb.is_empty()) {
-        (true, true) => std::cmp::Ordering::Equal,
-        // A release is above its pre-releases.
-        (true, false) => std::cmp::Ordering::Greater,
-        (false, true) => std::cmp::Ordering::Less,
-        (false, false) => {
-            for (x, y) in pa.iter().zip(&pb) {
-                let o = match (x.parse::<u64>(), y.parse::<u64>()) {
-                    (Ok(x), Ok(y)) => x.cmp(&y),
-                    // Numeric identifiers are below alphanumeric ones.
-                    (Ok(_), Err(_)) => std::cmp::Ordering::Less,
-                    (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
-                    (Err(_), Err(_)) => x.cmp(y),
-                };
-                if o != std::cmp::Ordering::Equal {
-                    return o;
-                }
-            }
-            pa.len().cmp(&pb.len())
-        }
-    }))
+    Some(crate::values::semver(a)?.cmp_precedence(&crate::values::semver(b)?))
 }
 
 fn list(v: &[String]) -> String {

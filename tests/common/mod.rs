@@ -164,17 +164,14 @@ impl Server {
     }
 
     pub fn wait_healthy(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
+        let (log, port) = (self.log.clone(), self.port);
+        let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+        wait_for_diag(timeout, "slipway serve to listen", log_text, || {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("slipway serve exited early ({status}):\n{}", self.log_text());
+                panic!("slipway serve exited early ({status}):\n{}", log_text());
             }
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("slipway serve did not listen within {timeout:?}:\n{}", self.log_text());
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop)
+        });
     }
 
     pub fn log_text(&self) -> String {
@@ -233,18 +230,82 @@ pub fn marked(pid: u32) -> usize {
         .count()
 }
 
-/// Poll `f` until it returns Some, or panic with `what` after `timeout`.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+/// What a polled condition answers: done (with a value), or not yet, with
+/// what it saw, for the message if the wait times out. `true`/`false`,
+/// `Some`/`None`, and `Ok`/`Err(state)` all answer.
+pub trait Check<T> {
+    fn check(self) -> Result<T, String>;
+}
+
+impl Check<()> for bool {
+    fn check(self) -> Result<(), String> {
+        if self { Ok(()) } else { Err("false".into()) }
     }
+}
+
+impl<T> Check<T> for Option<T> {
+    fn check(self) -> Result<T, String> {
+        self.ok_or_else(|| "None".into())
+    }
+}
+
+impl<T, E: std::fmt::Display> Check<T> for Result<T, E> {
+    fn check(self) -> Result<T, String> {
+        self.map_err(|e| e.to_string())
+    }
+}
+
+/// Poll intervals: short at first (most conditions hold within
+/// milliseconds), then every 100 ms; never past the deadline.
+fn next_pause(pause: &mut Duration, deadline: Instant) -> Duration {
+    let p = (*pause).min(deadline.saturating_duration_since(Instant::now()));
+    *pause = (*pause * 2).min(Duration::from_millis(100));
+    p
+}
+
+/// The one way a test waits for something to happen: poll `f` until it
+/// answers done, and return its value; after `within`, panic with `what`
+/// and the last state `f` saw. For async tests; [`wait_for`] blocks.
+pub async fn eventually<T, C, Fut>(within: Duration, what: &str, mut f: impl FnMut() -> Fut) -> T
+where
+    C: Check<T>,
+    Fut: Future<Output = C>,
+{
+    let deadline = Instant::now() + within;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match f().await.check() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => panic!("timed out after {within:?} waiting for {what}; last seen: {last}"),
+            Err(_) => tokio::time::sleep(next_pause(&mut pause, deadline)).await,
+        }
+    }
+}
+
+/// [`eventually`] for blocking tests (the real binary, curl, std threads).
+pub fn wait_for<T, C: Check<T>>(within: Duration, what: &str, mut f: impl FnMut() -> C) -> T {
+    let deadline = Instant::now() + within;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match f().check() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => panic!("timed out after {within:?} waiting for {what}; last seen: {last}"),
+            Err(_) => std::thread::sleep(next_pause(&mut pause, deadline)),
+        }
+    }
+}
+
+/// [`wait_for`], with `diag()` (a server's log, say) in the message if it
+/// times out: computed only then, since it may read files.
+pub fn wait_for_diag<T>(within: Duration, what: &str, diag: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    wait_for(within, what, || match f() {
+        Some(v) => Ok(v),
+        // wait_for's deadline is a moment after this one: its last poll
+        // is past this one's, and brings the diagnosis.
+        None if Instant::now() >= deadline => Err(format!("not yet\n{}", diag())),
+        None => Err(String::new()),
+    })
 }
 
 /// GET a JSON document from a server (blocking, for binary tests).

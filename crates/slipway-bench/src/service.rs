@@ -433,7 +433,7 @@ fn bench_spec(demo_bin: &Path, instances: u32, listen: SocketAddr) -> ServiceSpe
     }
 }
 
-/// A rollout's output lines, as they arrived, without the "[rollout] " prefix.
+/// A rollout's output lines, as they arrived, without the `"[rollout] "` prefix.
 type Lines = Vec<(Instant, String)>;
 
 /// Run one rollout, timing it and its output lines.
