@@ -10,7 +10,7 @@
 //! declared idempotent.
 //!
 //! A service without `command` only names a group of jobs (`service = …`
-//! on a job), as before.
+//! on a job).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -425,7 +425,7 @@ impl Targets {
     }
 
     /// Build every registered target that can be built now, side by side
-    /// and each within [`START_WITHIN`] (one that cannot, an Engine that is
+    /// and each within `START_WITHIN` (3 s) (one that cannot, an Engine that is
     /// down or hangs, is built on first use instead).
     pub async fn start(&self) {
         let names: Vec<&'static str> = kinds().iter().map(|k| k.name()).filter(|n| !self.given.contains_key(*n)).collect();

@@ -33,7 +33,7 @@ use crate::store::Outcome;
 #[derive(Debug, Default, Clone)]
 pub struct LocalTarget {
     /// The installation (store) whose processes this target marks and may
-    /// sweep: see [`installation_of_store`].
+    /// sweep: see [`crate::process::installation_of_store`].
     installation: Option<Arc<str>>,
     /// Orphans without an installation mark (left by an older Slipway) are
     /// reported once, not at every sweep.
@@ -102,13 +102,13 @@ fn build_command(req: &JobRequest, target: &LocalTarget) -> Result<Command, Stri
     Ok(cmd)
 }
 
-/// Environment variable carrying "<pid>.<start time>@<installation>" of
+/// Environment variable carrying `<pid>.<start time>@<installation>` of
 /// the Slipway process that started a process (the installation:
 /// [`crate::process::installation_of_store`]; none without one). In one value, so that an
-/// older Slipway, which kills every process whose "<pid>.<start time>"
+/// older Slipway, which kills every process whose `<pid>.<start time>`
 /// names a dead process, cannot read it and leaves it alone.
 const OWNER_ENV: &str = "SLIPWAY_OWNER";
-/// On a job's processes: "<deployment id>/<attempt>/<job name>".
+/// On a job's processes: `<deployment id>/<attempt>/<job name>`.
 const JOB_ENV: &str = "SLIPWAY_OWNER_JOB";
 
 fn parent_of(pid: i32) -> Option<i32> {
@@ -122,7 +122,7 @@ struct Marked {
     start_time: u64,
     owner: String,
     installation: Option<String>,
-    /// "<deployment id>/<attempt>/<job name>" on a job's processes.
+    /// `<deployment id>/<attempt>/<job name>` on a job's processes.
     job: Option<String>,
 }
 
