@@ -37,7 +37,7 @@ use slipway::store::{ArtifactRef, JobSpec, Outcome, Store};
 use slipway::targets::{Instance, InstanceRequest, JobRequest, Keep, LocalTarget, RunResult, Settings, Stream, Target, Targets};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::free_port;
+use crate::common::{eventually, free_port};
 
 /// No property may take longer than this (the slowest, on docker, take
 /// under 10 s on 2 cores with another property running beside them).
@@ -454,22 +454,6 @@ fn hello(version: &str) -> String {
     format!("hello from demo {version}")
 }
 
-/// Poll `f` every 50 ms until it returns Ok, or panic with the last error.
-async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() >= deadline => panic!("timed out after {timeout:?} waiting for {what}; last: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
 /// `n` GETs of / through `listen`: every one must answer `version`
 /// (round robin: with n ≥ the instance count, every instance is asked).
 async fn assert_serves(listen: SocketAddr, version: &str, n: usize) {
@@ -815,7 +799,7 @@ pub async fn zero_downtime_through_the_proxy(fx: Arc<dyn Fixture>) {
         let to21 = h.roll(&m, &blue_green, "2.1").await;
         let at_end = load.ok.load(Ordering::SeqCst);
         eventually(Duration::from_secs(5), "load after the last rollout", || async {
-            if load.ok.load(Ordering::SeqCst) >= at_end + 50 { Ok(()) } else { Err("too few requests".into()) }
+            if load.ok.load(Ordering::SeqCst) >= at_end + 50 { Ok(()) } else { Err(String::from("too few requests")) }
         })
         .await;
         stop.store(true, Ordering::SeqCst);
