@@ -47,6 +47,14 @@ macro_rules! checked_string {
             }
         }
 
+        // Read-only: a checked value is used as the string it is.
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
                 &self.0

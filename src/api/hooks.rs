@@ -492,19 +492,16 @@ pub(super) async fn published_event(
     if !caller.may_somewhere(super::auth::Need::Deploy) {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("{} may not deploy anywhere", caller.actor())));
     }
-    if !crate::submit::valid_version(&req.version) {
-        return Err(ApiError::bad_request(format!("version {:?} is not a version (letters, digits, '.', '_', '-', '+'; at most 128)", req.version)));
-    }
+    let version = crate::values::Version::parse(&req.version)
+        .map_err(|_| ApiError::bad_request(format!("version {:?} is not a version (letters, digits, '.', '_', '-', '+'; at most 128)", req.version)))?;
     let loaded = s.submitter.config().await?;
     let (what, decisions) = match (&req.image, &req.service) {
         (Some(i), None) => {
-            let image = i.to_ascii_lowercase();
-            if !crate::config::valid_image(&image) {
-                return Err(ApiError::bad_request(format!("image {i:?} is not registry/repository without a tag")));
-            }
-            let published = crate::trigger::Published { image: image.clone(), version: req.version.clone(), digest: None };
+            let image = crate::values::Image::parse(&i.to_ascii_lowercase())
+                .map_err(|_| ApiError::bad_request(format!("image {i:?} is not registry/repository without a tag")))?;
+            let published = crate::trigger::Published { image: image.clone(), version: version.clone(), digest: None };
             let d = per_environment(s, &loaded.config, |c| decide(c, &published)).await;
-            (image, d)
+            (image.to_string(), d)
         }
         (None, Some(svc)) if crate::config::valid_name(svc) => {
             (svc.clone(), per_environment(s, &loaded.config, |c| crate::trigger::decide_service(c, svc, &req.version)).await)

@@ -81,20 +81,17 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Delivery, TriggerError> {
             }
             // package_url is "host/owner/name:tag"; image names are lowercase.
             let image = url.strip_suffix(&format!(":{tag}")).or_else(|| url.strip_suffix(':')).unwrap_or(url).to_ascii_lowercase();
-            if !crate::config::valid_image(&image) {
-                return Err(TriggerError::BadPayload(format!("{event}: {image:?} is not an image name")));
-            }
-            if !crate::submit::valid_version(tag) {
-                return Err(TriggerError::BadPayload(format!("{event}: tag {tag:?} is not a version (letters, digits, '.', '_', '-', '+'; at most 128)")));
-            }
+            let image = crate::values::Image::parse(&image).map_err(|_| TriggerError::BadPayload(format!("{event}: {image:?} is not an image name")))?;
+            let tagged = crate::values::Version::parse(tag)
+                .map_err(|_| TriggerError::BadPayload(format!("{event}: tag {tag:?} is not a version (letters, digits, '.', '_', '-', '+'; at most 128)")))?;
             // A container package version is named by its digest: what
             // tells this push of the tag from another one.
             let digest = ["version", "name"]
                 .iter()
                 .filter_map(|k| version[*k].as_str())
                 .find(|d| d.starts_with("sha256:"))
-                .and_then(crate::service::artifact::parse_sha256);
-            Ok(Delivery::Published(Published { image, version: tag.to_string(), digest }))
+                .and_then(|d| crate::values::Digest::parse(d).ok());
+            Ok(Delivery::Published(Published { image, version: tagged, digest }))
         }
         "push" => {
             let r = v["ref"].as_str().unwrap_or("");
@@ -155,9 +152,9 @@ mod tests {
         assert_eq!(
             parse("registry_package", tagged.as_bytes()).unwrap(),
             Delivery::Published(Published {
-                image: "ghcr.io/codertocat/hello-world".into(),
-                version: "1.4.0".into(),
-                digest: Some("3da1996a8115d7616457760d9920b815241d0a03b34cf5f04e9a0e9d8de37498".into())
+                image: "ghcr.io/codertocat/hello-world".parse().expect("image"),
+                version: "1.4.0".parse().expect("version"),
+                digest: Some("3da1996a8115d7616457760d9920b815241d0a03b34cf5f04e9a0e9d8de37498".parse().expect("digest"))
             })
         );
         assert!(matches!(parse("push", &fixture("push.json")), Ok(Delivery::Ignored(why)) if why.contains("refs/tags/simple-tag")));

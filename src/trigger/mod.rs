@@ -23,12 +23,12 @@ use crate::config::Config;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     /// `registry/repository`, lowercase, without tag.
-    pub image: String,
+    pub image: crate::values::Image,
     /// The tag: the version to deploy.
-    pub version: String,
-    /// The published manifest's digest (64 hex digits), when the sender
-    /// names one: part of what identifies the publication, not a pin.
-    pub digest: Option<String>,
+    pub version: crate::values::Version,
+    /// The published manifest's digest, when the sender names one: part
+    /// of what identifies the publication, not a pin.
+    pub digest: Option<crate::values::Digest>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,8 +87,8 @@ fn decide_for(config: &Config, version: &str, follows: impl Fn(&crate::config::S
 
 /// [`decide`] for a version known under several image names (a registry
 /// reached by more than one host name): each service and environment once.
-pub fn decide_any(config: &Config, images: &[String], version: &str) -> Vec<Decision> {
-    decide_for(config, version, |s| s.follows.as_ref().is_some_and(|f| images.contains(f)))
+pub fn decide_any(config: &Config, images: &[crate::values::Image], version: &str) -> Vec<Decision> {
+    decide_for(config, version, |s| s.follows.as_ref().is_some_and(|f| images.iter().any(|i| i == f.as_str())))
 }
 
 /// An environment that takes its versions by promotion (`promote_from`)
@@ -227,14 +227,14 @@ auto_deploy = ["staging", "production"]
 "#,
         )
         .expect("valid");
-        let mut d = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "1.2.0".into(), digest: None });
+        let mut d = decide(&config, &Published { image: "ghcr.io/o/web".parse().expect("image"), version: "1.2.0".parse().expect("version"), digest: None });
         promotion_only(&config, &mut d);
         let held = |env: &str| d.iter().find(|d| d.environment == env).expect("decided").held.clone();
         assert_eq!(held("staging"), None);
         assert_eq!(held("production").as_deref(), Some("production takes versions by promotion from staging: promoted there once it has succeeded in staging"));
 
         // Opted in only where it must be promoted to: no promise of one.
-        let mut d = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "latest".into(), digest: None });
+        let mut d = decide(&config, &Published { image: "ghcr.io/o/web".parse().expect("image"), version: "latest".parse().expect("version"), digest: None });
         for x in d.iter_mut().filter(|x| x.environment == "staging") {
             x.held = Some("filtered".into());
         }
@@ -279,7 +279,8 @@ auto_deploy = ["staging", "production"]
         assert!(held.starts_with("older than 4.2.0, which runs in staging (deployment #3) (by semver)") && held.contains("deploy 4.1.0 by hand"), "{held}");
         assert_eq!(not_newer(Some(&semver), "4.10.0", None, None, &[runs("4.9.0", 50)]), None);
         // Newer than what runs but not than a queued deploy: held.
-        let queued = Standing { version: "4.3.0".into(), digest: None, what: "is queued in staging (deployment #5)".into(), first_seen: Some(60) };
+        let queued =
+            Standing { version: "4.3.0".parse().expect("version"), digest: None, what: "is queued in staging (deployment #5)".into(), first_seen: Some(60) };
         assert!(not_newer(Some(&semver), "4.2.5", None, None, &[runs("4.2.0", 50), queued]).is_some_and(|w| w.contains("4.3.0, which is queued")));
         // The same version again: held, unless its content changed.
         assert!(not_newer(Some(&semver), "4.2.0", None, None, &[runs("4.2.0", 50)]).is_some_and(|w| w.starts_with("4.2.0 runs in staging")));
@@ -322,15 +323,18 @@ auto_deploy = ["staging"]
 "#,
         )
         .expect("valid");
-        let d = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "1.4.0".into(), digest: None });
+        let d = decide(&config, &Published { image: "ghcr.io/o/web".parse().expect("image"), version: "1.4.0".parse().expect("version"), digest: None });
         let deployed: Vec<_> = d.iter().filter(|d| d.held.is_none()).map(|d| format!("{}@{}", d.service, d.environment)).collect();
         assert_eq!(deployed, ["web@staging", "web@production", "worker@staging"]);
         let held = d.iter().find(|d| d.service == "worker" && d.environment == "production").and_then(|d| d.held.clone()).unwrap_or_default();
         assert!(held.contains("auto_deploy is off for production"), "{held}");
 
-        let latest = decide(&config, &Published { image: "ghcr.io/o/web".into(), version: "latest".into(), digest: None });
+        let latest = decide(&config, &Published { image: "ghcr.io/o/web".parse().expect("image"), version: "latest".parse().expect("version"), digest: None });
         let web: Vec<_> = latest.iter().filter(|d| d.service == "web").collect();
         assert!(web.iter().all(|d| d.held.as_deref().is_some_and(|h| h.contains("tag filter (semver)"))), "{web:?}");
-        assert!(decide(&config, &Published { image: "ghcr.io/o/other".into(), version: "1.0.0".into(), digest: None }).is_empty());
+        assert!(
+            decide(&config, &Published { image: "ghcr.io/o/other".parse().expect("image"), version: "1.0.0".parse().expect("version"), digest: None })
+                .is_empty()
+        );
     }
 }

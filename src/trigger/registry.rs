@@ -13,11 +13,11 @@ pub struct Pushed {
     pub id: String,
     /// Image names it may be known by: `host/repository` for the host the
     /// pusher used and the one in the event's URL.
-    pub images: Vec<String>,
-    pub version: String,
-    /// The pushed manifest's digest (its 64 hex digits), when the event
-    /// gives a well-formed `sha256:` one: what the deploy is pinned to.
-    pub digest: Option<String>,
+    pub images: Vec<crate::values::Image>,
+    pub version: crate::values::Version,
+    /// The pushed manifest's digest, when the event gives a well-formed
+    /// `sha256:` one: what the deploy is pinned to.
+    pub digest: Option<crate::values::Digest>,
 }
 
 /// The tagged manifest pushes in an envelope, and how many events were
@@ -42,23 +42,22 @@ pub fn parse(body: &[u8], hosts: &[String]) -> Result<(Vec<Pushed>, usize), Trig
         if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(TriggerError::BadPayload(format!("event id {id:?} is not an id")));
         }
-        if !crate::submit::valid_version(tag) {
-            return Err(TriggerError::BadPayload(format!("tag {tag:?} is not a version (letters, digits, '.', '_', '-', '+'; at most 128)")));
-        }
+        let version = crate::values::Version::parse(tag)
+            .map_err(|_| TriggerError::BadPayload(format!("tag {tag:?} is not a version (letters, digits, '.', '_', '-', '+'; at most 128)")))?;
         let repo = target["repository"].as_str().unwrap_or("").to_ascii_lowercase();
         let url_host = target["url"].as_str().and_then(|u| u.split_once("://")).and_then(|(_, rest)| rest.split('/').next()).unwrap_or("");
         let request_host = e["request"]["host"].as_str().unwrap_or("");
         let from_payload = [request_host, url_host];
         let named_by: Vec<&str> = if hosts.is_empty() { from_payload.to_vec() } else { hosts.iter().map(String::as_str).collect() };
-        let mut images: Vec<String> =
-            named_by.iter().filter(|h| !h.is_empty()).map(|h| format!("{}/{repo}", h.to_ascii_lowercase())).filter(|i| crate::config::valid_image(i)).collect();
+        let mut images: Vec<crate::values::Image> =
+            named_by.iter().filter(|h| !h.is_empty()).filter_map(|h| crate::values::Image::parse(&format!("{}/{repo}", h.to_ascii_lowercase())).ok()).collect();
         images.dedup();
         if images.is_empty() {
             let on = if hosts.is_empty() { format!("host {request_host:?}") } else { format!("hosts {hosts:?}") };
             return Err(TriggerError::BadPayload(format!("repository {repo:?} on {on} is not an image name")));
         }
-        let digest = target["digest"].as_str().filter(|d| d.starts_with("sha256:")).and_then(crate::service::artifact::parse_sha256);
-        out.push(Pushed { id: id.to_string(), images, version: tag.to_string(), digest });
+        let digest = target["digest"].as_str().filter(|d| d.starts_with("sha256:")).and_then(|d| crate::values::Digest::parse(d).ok());
+        out.push(Pushed { id: id.to_string(), images, version, digest });
     }
     Ok((out, ignored))
 }
