@@ -2,6 +2,18 @@
 //! files; everything else is a client of a running `slipway serve`
 //! through the HTTP API. Exit codes: [`exit`].
 
+/// The process's log, for `slipway` and the tools built on the library:
+/// to stderr, filtered by `SLIPWAY_LOG` (default `info,sqlx=warn`).
+/// Whatever SLIPWAY_LOG asks, bollard stays at info: at debug it logs
+/// request and response bodies, and those carry secrets (a container's
+/// environment).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLIPWAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"))
+        .add_directive("bollard=info".parse().expect("a constant, valid directive"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+}
+
 pub mod client;
 pub mod exit;
 mod gates;

@@ -120,16 +120,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The scheduler bench runs Slipway's scheduler in-process: its logs go
     // where `slipway serve`'s go, filtered the same way.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLIPWAY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"))
-                // As in `slipway`: bollard's debug logs carry request bodies.
-                .add_directive("bollard=info".parse().expect("a valid directive")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    slipway::cli::init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
