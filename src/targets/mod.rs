@@ -168,6 +168,13 @@ pub trait TargetKind: Send + Sync + 'static {
     fn service_settings(&self, _table: &mut ServiceTable<'_, '_>) -> Option<Settings> {
         Some(Settings::default())
     }
+    /// Whether the scheduler sweeps this kind's target at its start and
+    /// with every reap (cheap sweeps of job processes, which must be gone
+    /// before a lease runs out) rather than only when it is first built
+    /// and after the node's restore (an Engine listing).
+    fn sweeps_with_reaps(&self) -> bool {
+        false
+    }
     /// The node's runtime target. Called on first use and again after it
     /// failed (an Engine that was down), never concurrently for a kind.
     async fn build(&self, node: &NodeContext) -> Result<Arc<dyn Target>, TargetError>;
@@ -424,11 +431,12 @@ impl Targets {
         out
     }
 
-    /// Build every registered target that can be built now, side by side
-    /// and each within `START_WITHIN` (3 s) (one that cannot, an Engine that is
-    /// down or hangs, is built on first use instead).
+    /// At the scheduler's start: build the targets its sweeps cover
+    /// ([`TargetKind::sweeps_with_reaps`]), side by side and each within
+    /// `START_WITHIN` (3 s). The others (an Engine) are built on first use
+    /// or after the restore, not on the start's path.
     pub async fn start(&self) {
-        let names: Vec<&'static str> = kinds().iter().map(|k| k.name()).filter(|n| !self.given.contains_key(*n)).collect();
+        let names: Vec<&'static str> = kinds().iter().filter(|k| k.sweeps_with_reaps() && !self.given.contains_key(k.name())).map(|k| k.name()).collect();
         let builds = names.iter().map(|name| async move {
             match tokio::time::timeout(START_WITHIN, self.get(name)).await {
                 Ok(Ok(_)) => {}
@@ -474,13 +482,15 @@ impl Targets {
         out
     }
 
-    /// The scheduler's sweep: the targets that sweep with every reap
-    /// ([`Target::sweeps_with_reaps`]) end what jobs of dead Slipway
+    /// The scheduler's sweep: the targets whose kind sweeps with every reap
+    /// ([`TargetKind::sweeps_with_reaps`]) end what jobs of dead Slipway
     /// processes left running. Returns how many they ended.
     pub async fn sweep_jobs(&self) -> usize {
         let mut n = 0;
-        for (_, t) in self.built() {
-            if t.sweeps_with_reaps() {
+        for (name, t) in self.built() {
+            // A target standing for every name (tests) is swept as the default.
+            let name = if self.single { DEFAULT } else { name.as_str() };
+            if kind(name).is_some_and(|k| k.sweeps_with_reaps()) {
                 n += t.sweep_orphans().await;
             }
         }
@@ -723,13 +733,6 @@ pub trait Target: Send + Sync + 'static {
     /// expired leases, and periodically. Returns how many it stopped.
     async fn sweep_orphans(&self) -> usize {
         0
-    }
-
-    /// Whether the scheduler sweeps this target with every reap (cheap
-    /// sweeps of job processes) rather than only when the target is first
-    /// built and after the node's restore (an Engine listing).
-    fn sweeps_with_reaps(&self) -> bool {
-        false
     }
 
     /// Before attempt `attempt` (> 1) of a job starts here: end what this

@@ -369,6 +369,11 @@ impl TargetKind for Kind {
         Capabilities { runs_jobs: true, runs_instances: true, ..Capabilities::default() }
     }
 
+    /// Processes of a dead node must be gone before its leases run out.
+    fn sweeps_with_reaps(&self) -> bool {
+        true
+    }
+
     async fn build(&self, node: &NodeContext) -> Result<Arc<dyn Target>, TargetError> {
         Ok(Arc::new(if node.installation.is_empty() { LocalTarget::default() } else { LocalTarget::scoped(node.installation.clone()) }))
     }
@@ -383,10 +388,6 @@ impl Target for LocalTarget {
             return Err(TargetError::new(super::TargetErrorKind::Unsupported, "the local target does not place secret files"));
         }
         super::ports::on_free_port(|port| std::future::ready(instance::start(&request, self, port))).await
-    }
-
-    fn sweeps_with_reaps(&self) -> bool {
-        true
     }
 
     async fn sweep_orphans(&self) -> usize {
