@@ -94,29 +94,7 @@ impl Fx {
 
     /// Start `slipway serve` on `config` with its log in the outside dir.
     fn serve_in(&self, config: &Path, store: &str, extra: &[&str]) -> Server {
-        let port = free_port();
-        let log = self.ext.path().join(format!("serve-{port}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(slipway_bin())
-            .arg("--config")
-            .arg(config)
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--store")
-            .arg(store)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
-            .env_remove("SLIPWAY_STORE")
-            .env_remove("SLIPWAY_CONFIG")
-            .env_remove("SLIPWAY_SERVER")
-            .spawn()
-            .expect("spawn slipway serve");
-        let mut s = Server { child, url: format!("http://127.0.0.1:{port}"), port, log };
-        s.wait_healthy(Duration::from_secs(30));
-        s
+        Server::start_logged(config, store, extra, self.ext.path(), "")
     }
 
     fn serve(&self, store: &str, extra: &[&str]) -> Server {

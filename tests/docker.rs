@@ -784,23 +784,7 @@ fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
         "request": {"host": registry.repo().trim_end_matches("/demo")}
     }]});
     for _ in 0..2 {
-        let unseen = std::process::Command::new("curl")
-            .args([
-                "-s",
-                "-w",
-                "\n%{http_code}",
-                "-X",
-                "POST",
-                "-H",
-                &format!("Authorization: Bearer {TOKEN}"),
-                "-H",
-                "Content-Type: application/json",
-                "-d",
-                &envelope.to_string(),
-            ])
-            .arg(format!("{}/hooks/registry", server.url))
-            .output()
-            .expect("curl");
+        let unseen = post_registry_hook(&server.url, TOKEN, &envelope);
         let answer = String::from_utf8_lossy(&unseen.stdout).to_string();
         assert!(answer.ends_with("\n503") && answer.contains("cannot pin"), "{answer}");
     }
@@ -816,27 +800,35 @@ fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
     pinned["events"][0]["id"] = "b1a2c3d4-0000-4000-8000-000000000078".into();
     pinned["events"][0]["target"]["tag"] = "7.8".into();
     pinned["events"][0]["target"]["digest"] = digest.clone().into();
-    let sent = std::process::Command::new("curl")
-        .args([
-            "-s",
-            "-w",
-            "\n%{http_code}",
-            "-X",
-            "POST",
-            "-H",
-            &format!("Authorization: Bearer {TOKEN}"),
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            &pinned.to_string(),
-        ])
-        .arg(format!("{}/hooks/registry", server.url))
-        .output()
-        .expect("curl");
+    let sent = post_registry_hook(&server.url, TOKEN, &pinned);
     let answer = String::from_utf8_lossy(&sent.stdout).to_string();
     assert!(answer.ends_with("\n200") || answer.ends_with("\n202"), "{answer}");
     serves(port, "hello from demo 7.8", "7.8, pinned to the event's digest");
     let services = common::get_json(&format!("{}/api/v1/services", server.url));
     let web = services.as_array().into_iter().flatten().find(|s| s["service"] == "web").cloned().unwrap_or_default();
     assert_eq!(web["digest"].as_str().map(|d| d.trim_start_matches("sha256:")), Some(digest.trim_start_matches("sha256:")), "{services}");
+}
+
+/// POST a registry notification to `/hooks/registry` with its bearer
+/// token; curl prints the body, then the status on a line of its own.
+fn post_registry_hook(url: &str, token: &str, envelope: &serde_json::Value) -> std::process::Output {
+    std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "30",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            "POST",
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+        ])
+        .arg(envelope.to_string())
+        .arg(format!("{url}/hooks/registry"))
+        .output()
+        .expect("curl")
 }

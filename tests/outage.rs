@@ -12,10 +12,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{PgServer, Server, free_port, post_json, slipway_bin};
+use common::{PgServer, Server, post_json};
 use serde_json::Value;
 
 /// Short, as in the report: an outage of 10 to 15 s is several leases.
@@ -86,26 +86,8 @@ impl Fx {
 
     /// `slipway serve` for node `i`, its log outside the config dir.
     fn serve(&self, i: usize, store: &str, node: &str) -> Server {
-        let port = free_port();
-        let log = self.ext.path().join(format!("serve-{node}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(slipway_bin())
-            .arg("--config")
-            .arg(self.configs[i].path())
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--store", store, "--node-id", node])
-            .args(["--lease", LEASE, "--poll", "200ms", "--parallelism", "8", "--shutdown-grace", "1s"])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
-            .env_remove("SLIPWAY_STORE")
-            .env_remove("SLIPWAY_CONFIG")
-            .env_remove("SLIPWAY_SERVER")
-            .spawn()
-            .expect("spawn slipway serve");
-        let mut s = Server { child, url: format!("http://127.0.0.1:{port}"), port, log };
-        s.wait_healthy(Duration::from_secs(30));
-        s
+        let extra = ["--node-id", node, "--lease", LEASE, "--poll", "200ms", "--parallelism", "8", "--shutdown-grace", "1s"];
+        Server::start_logged(self.configs[i].path(), store, &extra, self.ext.path(), node)
     }
 }
 

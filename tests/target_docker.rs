@@ -22,6 +22,8 @@ struct Docker {
     engine: DockerTarget,
     /// Started on first use: only the properties that pin and pull need it.
     registry: OnceLock<dockerkit::Registry>,
+    /// Versions already pushed to it: a property asks for one many times.
+    pushed: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Docker {
@@ -35,7 +37,7 @@ impl Fixture for Docker {
     async fn start() -> Option<Self> {
         let engine = dockerkit::engine().await?;
         dockerkit::image(&engine).await;
-        Some(Docker { engine, registry: OnceLock::new() })
+        Some(Docker { engine, registry: OnceLock::new(), pushed: Default::default() })
     }
 
     fn name(&self) -> &'static str {
@@ -109,7 +111,10 @@ impl Fixture for Docker {
 
     async fn publish(&self, _scope: &Scope, version: &str) -> Option<String> {
         let registry = self.registry();
-        registry.push(&self.engine, &[version]).await;
+        let new = self.pushed.lock().expect("pushed").insert(version.to_string());
+        if new {
+            registry.push(&self.engine, &[version]).await;
+        }
         Some(format!("{}:{version}", registry.repo()))
     }
 

@@ -147,15 +147,33 @@ impl Server {
 
     /// Like [`Server::start`], with extra environment variables.
     pub fn start_with_env(config: &Path, store: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::spawn(config, store, extra, env, config, "")
+    }
+
+    /// [`Server::start`] with its log `serve-<name or port>.log` in
+    /// `log_dir` (outside the config's directory, for a test that watches
+    /// what lands there).
+    pub fn start_logged(config: &Path, store: &str, extra: &[&str], log_dir: &Path, name: &str) -> Server {
+        Server::spawn(config, Some(store), extra, &[], log_dir, name)
+    }
+
+    fn spawn(config: &Path, store: Option<&str>, extra: &[&str], env: &[(&str, &str)], log_dir: &Path, name: &str) -> Server {
         let port = free_port();
-        let log = config.join(format!("serve-{port}.log"));
+        let log = log_dir.join(if name.is_empty() { format!("serve-{port}.log") } else { format!("serve-{name}.log") });
         let out = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(slipway_bin());
         cmd.arg("--config").arg(config).arg("serve").arg("--listen").arg(format!("127.0.0.1:{port}"));
         if let Some(s) = store {
             cmd.arg("--store").arg(s);
         }
-        cmd.args(extra).stdin(Stdio::null()).stdout(out.try_clone().expect("dup")).stderr(out).env_remove("SLIPWAY_STORE");
+        // Only what the test says: none of the caller's own settings.
+        cmd.args(extra)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .env_remove("SLIPWAY_STORE")
+            .env_remove("SLIPWAY_CONFIG")
+            .env_remove("SLIPWAY_SERVER");
         cmd.envs(env.iter().copied());
         let child = cmd.spawn().expect("spawn slipway serve");
         let mut s = Server { child, url: format!("http://127.0.0.1:{port}"), port, log };
