@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     // which Rust ignores by default (so println! would panic). Not for the
     // daemons: a peer closing a pipe or a Unix socket (a job's stdin, the
     // Docker Engine) must be an error there, never the end of the node.
-    if !matches!(cli.command, slipway::cli::Command::Serve(_)) {
+    if !matches!(cli.command, slipway::cli::Command::Serve(_) | slipway::cli::Command::Agent { .. }) {
         // SAFETY: called before any other thread exists; SIG_DFL is a
         // valid disposition for SIGPIPE.
         unsafe {

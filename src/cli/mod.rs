@@ -57,6 +57,14 @@ pub enum Command {
     /// The targets this Slipway deploys to (`target = "…"` in a
     /// `[[service]]`): what each can do and the keys it adds.
     Targets,
+    /// A target's side on a machine it deploys to, started there by
+    /// Slipway itself over the target's own connection; not for people.
+    #[command(hide = true)]
+    Agent {
+        kind: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Show the job graph without running anything: order, parallel waves,
     /// critical path and estimated duration.
     Plan(PlanArgs),
@@ -322,6 +330,10 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             targets_cmd(cli.json);
             Ok(exit::OK)
         }
+        Command::Agent { kind, args } => match crate::targets::kind(&kind) {
+            Some(k) => k.agent(args).await.map_err(|e| CliError::new(exit::USAGE, e)),
+            None => Err(CliError::new(exit::USAGE, format!("no target {kind:?}"))),
+        },
         Command::Plan(PlanArgs { env, from: Some(from), to: Some(to), parallelism, .. }) => {
             gates::plan_change(&cli.config, env, &from, &to, parallelism, cli.json).await
         }

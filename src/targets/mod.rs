@@ -50,7 +50,7 @@ macro_rules! registry {
     };
 }
 
-registry!(local, docker);
+registry!(local, docker, ssh);
 
 /// The target a spec names when it names none.
 pub const DEFAULT: &str = "local";
@@ -178,6 +178,13 @@ pub trait TargetKind: Send + Sync + 'static {
     /// The node's runtime target. Called on first use and again after it
     /// failed (an Engine that was down), never concurrently for a kind.
     async fn build(&self, node: &NodeContext) -> Result<Arc<dyn Target>, TargetError>;
+    /// The target's side on a machine it deploys to, run there by Slipway
+    /// itself as `slipway agent <kind> ARGS…` (SSH hosts: supervise a
+    /// job's process, receive uploads). Returns the process's exit code;
+    /// `Err` says why for people. Kinds without one refuse.
+    async fn agent(&self, _args: Vec<String>) -> Result<u8, String> {
+        Err(format!("target {:?} has no agent", self.name()))
+    }
 }
 
 /// Why a target could not do something. `kind` is for code (a port taken

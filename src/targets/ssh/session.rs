@@ -1,0 +1,1 @@
+//! SSH connections to hosts (being built).
