@@ -13,6 +13,7 @@ pub mod diagnostic;
 pub mod environment;
 pub mod revision;
 mod schema;
+pub use schema::tables_named;
 pub mod secret;
 pub mod service;
 pub mod validate;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-pub use diagnostic::{ConfigErrors, Problem, ProblemKind, ProblemReport};
+pub use diagnostic::{ConfigErrors, Problem, ProblemKind, ProblemReport, did_you_mean};
 pub use environment::{Environment, GitSource, Window};
 
 /// The file name looked for in a config directory.
@@ -56,6 +57,9 @@ pub struct Config {
     pub events: Option<EventsHook>,
     /// `[[notify]]`: outgoing webhooks about deployments.
     pub notify: Vec<Notify>,
+    /// What each target read from its own top-level tables (`[[hosts]]`),
+    /// by target name.
+    pub targets: BTreeMap<String, crate::targets::Settings>,
 }
 
 /// Where to tell about deployments, and which.
@@ -178,6 +182,8 @@ pub struct Job {
     /// revision the job runs when a changed path matches (see
     /// `plan::changes`). Empty: not run by a change of its own.
     pub files: Vec<String>,
+    /// The target's own settings of the job (`hosts`, `batch`, ...).
+    pub settings: crate::targets::Settings,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -348,7 +354,7 @@ pub fn parse_in(file: &str, text: &str, environments: &[String]) -> Result<Confi
     };
     // Semantic checks run even when values were wrong: a bad timeout and
     // an unknown `needs` are independent mistakes, both worth reporting.
-    let config = build(raw, &schema::service_tables(&doc), environments, &mut problems);
+    let config = build(raw, &doc, environments, &mut problems);
     validate::check(&config, &mut problems);
     if problems.is_empty() {
         Ok(config)
@@ -491,6 +497,7 @@ struct RawJob {
     secrets: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     #[serde(default)]
     files: Vec<Spanned<String>>,
+    target: Option<Spanned<String>>,
 }
 
 pub(crate) fn duration(s: &Spanned<String>, what: &str, problems: &mut Vec<Problem>) -> Option<Duration> {
@@ -551,7 +558,9 @@ pub(crate) fn check_name(s: &Spanned<String>, what: &str, problems: &mut Vec<Pro
     }
 }
 
-fn build(raw: Raw, service_tables: &[Spanned<toml::de::DeTable<'_>>], inherited: &[String], problems: &mut Vec<Problem>) -> Config {
+fn build(raw: Raw, doc: &Spanned<toml::de::DeTable<'_>>, inherited: &[String], problems: &mut Vec<Problem>) -> Config {
+    let service_tables = tables_named(doc, "service");
+    let job_tables = tables_named(doc, "job");
     let mut project = Project { name: String::from("slipway"), parallelism: None, store: None, lease: None, max_log_bytes: None };
     if let Some(p) = raw.project {
         let p = p.into_inner();
@@ -568,6 +577,12 @@ fn build(raw: Raw, service_tables: &[Spanned<toml::de::DeTable<'_>>], inherited:
     let environments = if environments.is_empty() { inherited.iter().map(|n| Environment::named(n)).collect() } else { environments };
 
     let registries = secret::build_registries(raw.registry, &secrets, problems);
+    // Each target reads its own top-level tables (`[[hosts]]`) once.
+    let mut targets = BTreeMap::new();
+    for k in crate::targets::kinds() {
+        let read = k.read_tables(&mut crate::targets::ConfigTables { doc, secrets: &secrets, problems });
+        targets.insert(k.name().to_string(), read.unwrap_or_default());
+    }
     let github = raw.github.map(|g| {
         let g = g.into_inner();
         Github {
@@ -681,14 +696,15 @@ fn build(raw: Raw, service_tables: &[Spanned<toml::de::DeTable<'_>>], inherited:
         // The same table, as the document walk saw it: a target reads its
         // own keys from it.
         let table = service_tables.get(i).unwrap_or(&empty);
-        let (mut svc, built) = service::build(s.into_inner(), table, &secrets, &registries, &env_names, problems);
+        let (mut svc, built) = service::build(s.into_inner(), table, &targets, &secrets, &registries, &env_names, problems);
         svc.spec = built.spec;
         services.push(svc);
         service_jobs.extend(built.jobs);
     }
     let mut jobs = Vec::new();
-    for j in raw.job {
+    for (i, j) in raw.job.into_iter().enumerate() {
         let j = j.into_inner();
+        let (target, settings) = job_target(&j, job_tables.get(i).unwrap_or(&empty), &targets, problems);
         check_name(&j.name, "job", problems);
         let command = match j.command {
             None => {
@@ -815,14 +831,77 @@ fn build(raw: Raw, service_tables: &[Spanned<toml::de::DeTable<'_>>], inherited:
             secrets: secret::env_secrets(j.secrets.as_ref(), &j.env, &secrets, problems),
             env: j.env,
             secret_files: BTreeMap::new(),
-            target: None,
+            target,
+            settings,
             files: j.files.iter().map(|f| f.get_ref().clone()).collect(),
         });
     }
     // A deploy's own jobs come after the config's, so `plan` lists the
     // user's jobs in file order first.
     jobs.extend(service_jobs);
-    Config { project, environments, services, jobs, secrets, registries, github, registry_hook, events, notify }
+    Config { project, environments, services, jobs, secrets, registries, github, registry_hook, events, notify, targets }
+}
+
+/// The target a `[[job]]` runs on and that target's settings of it: the
+/// one it names, else the one whose own keys it uses (`hosts = "web"`),
+/// else the default. Keys of another target than its own are refused,
+/// each at its place.
+fn job_target(
+    j: &RawJob,
+    table: &Spanned<toml::de::DeTable<'_>>,
+    kind_tables: &BTreeMap<String, crate::targets::Settings>,
+    problems: &mut Vec<Problem>,
+) -> (Option<String>, crate::targets::Settings) {
+    let name = j.name.get_ref();
+    let owner_of = |key: &str| crate::targets::kinds().iter().copied().find(|k| k.job_keys().iter().any(|x| x.name == key));
+    let used: Vec<(&Spanned<std::borrow::Cow<'_, str>>, &'static dyn crate::targets::TargetKind)> =
+        table.get_ref().iter().filter_map(|(k, _)| owner_of(k.get_ref()).map(|o| (k, o))).collect();
+    let kind = match &j.target {
+        Some(t) => match crate::targets::kind(t.get_ref()) {
+            Some(k) if k.capabilities().runs_jobs => Some(k),
+            Some(k) => {
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(t.span()), format!("target {:?} does not run jobs", k.name()))
+                        .label("no jobs on this target")
+                        .hint("`slipway targets` lists what each target can do"),
+                );
+                return (None, Default::default());
+            }
+            None => {
+                let names: Vec<&str> = crate::targets::kinds().iter().map(|k| k.name()).collect();
+                let hint = match diagnostic::did_you_mean(t.get_ref(), names.iter().copied()) {
+                    Some(s) => format!("did you mean {s:?}?"),
+                    None => format!("targets: {}", names.join(", ")),
+                };
+                problems.push(Problem::new(ProblemKind::InvalidValue, Some(t.span()), format!("unknown target {:?}", t.get_ref())).label("unknown").hint(hint));
+                return (None, Default::default());
+            }
+        },
+        None => used.first().map(|(_, k)| *k),
+    };
+    let Some(kind) = kind else { return (None, Default::default()) };
+    let mut foreign = false;
+    for (key, owner) in &used {
+        if owner.name() != kind.name() {
+            foreign = true;
+            problems.push(
+                Problem::new(
+                    ProblemKind::InvalidValue,
+                    Some(key.span()),
+                    format!("`{}` is a key of target {:?}, and job {name:?} runs on target {:?}", key.get_ref(), owner.name(), kind.name()),
+                )
+                .label(format!("{} only", owner.name()))
+                .hint("a job runs on one target: split it in two jobs"),
+            );
+        }
+    }
+    let empty = crate::targets::Settings::default();
+    let owner = format!("job {name:?}");
+    let settings = kind.job_settings(&mut crate::targets::KeyTable { owner: &owner, table, kind: kind_tables.get(kind.name()).unwrap_or(&empty), problems });
+    if foreign {
+        return (Some(kind.name().to_string()), Default::default());
+    }
+    (Some(kind.name().to_string()), settings.unwrap_or_default())
 }
 
 /// Placeholders substituted into argv commands at run time.

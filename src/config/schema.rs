@@ -58,6 +58,7 @@ const JOB: &[&str] = &[
     "env",
     "secrets",
     "files",
+    "target",
 ];
 const RETRY: &[&str] = &["attempts", "on", "backoff", "max_backoff"];
 
@@ -68,10 +69,13 @@ fn service_keys() -> Vec<&'static str> {
     SERVICE.iter().copied().chain(crate::targets::kinds().iter().flat_map(|k| k.service_keys().iter().map(|key| key.name))).collect()
 }
 
-/// Each `[[service]]` table of the document, in order, spans kept.
-pub(super) fn service_tables<'i>(doc: &Spanned<DeTable<'i>>) -> Vec<Spanned<DeTable<'i>>> {
-    let Some(v) = doc.get_ref().get("service") else { return vec![] };
+/// Each table named `name` of the document (one, or each element of an
+/// array of tables), in order, spans kept. Elements of the wrong type read
+/// as empty tables, so indexes match the typed pass's.
+pub fn tables_named<'i>(doc: &Spanned<DeTable<'i>>, name: &str) -> Vec<Spanned<DeTable<'i>>> {
+    let Some(v) = doc.get_ref().get(name) else { return vec![] };
     match v.get_ref() {
+        DeValue::Table(t) => vec![Spanned::new(v.span(), t.clone())],
         DeValue::Array(a) => a
             .iter()
             .map(|t| match t.get_ref() {
@@ -83,15 +87,27 @@ pub(super) fn service_tables<'i>(doc: &Spanned<DeTable<'i>>) -> Vec<Spanned<DeTa
     }
 }
 
+/// The keys a `[[job]]` may have: the common ones and every registered
+/// target's own.
+fn job_keys() -> Vec<&'static str> {
+    JOB.iter().copied().chain(crate::targets::kinds().iter().flat_map(|k| k.job_keys().iter().map(|key| key.name))).collect()
+}
+
+/// The top-level tables registered targets own, with their keys.
+fn kind_tables() -> impl Iterator<Item = &'static crate::targets::TableKeys> {
+    crate::targets::kinds().iter().flat_map(|k| k.tables().iter())
+}
+
 pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
     let mut problems = Vec::new();
-    check_table(doc, TOP, "", &mut problems);
+    let top: Vec<&str> = TOP.iter().copied().chain(kind_tables().map(|t| t.name)).collect();
+    check_table(doc, &top, "", &mut problems);
     for (key, value) in doc.iter() {
         let allowed = match key.get_ref().as_ref() {
             "project" => PROJECT,
             "environment" => ENVIRONMENT,
             "service" => &service_keys(),
-            "job" => JOB,
+            "job" => &job_keys(),
             "registry" => REGISTRY,
             "github" => GITHUB,
             "events" => EVENTS,
@@ -108,10 +124,14 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
                 }
                 continue;
             }
-            _ => continue,
+            other => match kind_tables().find(|t| t.name == other) {
+                Some(t) => &t.keys.iter().map(|k| k.name).collect::<Vec<_>>(),
+                None => continue,
+            },
         };
         let name = key.get_ref().as_ref();
-        let path = if matches!(name, "project" | "github" | "registry_hook" | "events") { format!("[{name}]") } else { format!("[[{name}]]") };
+        let single = matches!(name, "project" | "github" | "registry_hook" | "events") || kind_tables().any(|t| t.name == name && !t.array);
+        let path = if single { format!("[{name}]") } else { format!("[[{name}]]") };
         for table in tables(value) {
             check_table(table, allowed, &path, &mut problems);
             for (k, v) in table.iter() {

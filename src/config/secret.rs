@@ -207,7 +207,7 @@ pub(super) fn build_secrets(raw: BTreeMap<Spanned<String>, Spanned<RawSecret>>, 
 }
 
 /// A use of a secret by name: the secret, or a problem at the use.
-pub(super) fn lookup(name: &Spanned<String>, secrets: &BTreeMap<String, SecretRef>, problems: &mut Vec<Problem>) -> Option<SecretRef> {
+pub(crate) fn lookup(name: &Spanned<String>, secrets: &BTreeMap<String, SecretRef>, problems: &mut Vec<Problem>) -> Option<SecretRef> {
     match secrets.get(name.get_ref()) {
         Some(s) => Some(s.clone()),
         None => {

@@ -349,6 +349,7 @@ fn nonneg(v: &Spanned<i64>, what: &str, max: i64, problems: &mut Vec<Problem>) -
 pub(super) fn build(
     raw: RawService,
     table: &Spanned<toml::de::DeTable<'_>>,
+    kind_tables: &BTreeMap<String, crate::targets::Settings>,
     secrets: &BTreeMap<String, SecretRef>,
     registries: &[RegistryAuth],
     environments: &[String],
@@ -550,7 +551,12 @@ pub(super) fn build(
     let command_span = raw.command.as_ref().map(|c| c.span()).unwrap_or_else(|| raw.name.span());
     let command = raw.command.as_ref().map(|c| argv(c, "command", problems)).unwrap_or_default();
     // The target's own keys, read by the target's kind.
-    let settings = kind.and_then(|k| k.service_settings(&mut crate::targets::ServiceTable { service: &name, table, problems }));
+    let owner = format!("service {name:?}");
+    let no_tables = crate::targets::Settings::default();
+    let settings = kind.and_then(|k| {
+        let kind = kind_tables.get(k.name()).unwrap_or(&no_tables);
+        k.service_settings(&mut crate::targets::KeyTable { owner: &owner, table, kind, problems })
+    });
     let image = if images {
         let image = match &raw.image {
             Some(i) if let Ok(image) = crate::values::Image::parse(i.get_ref()) => Some(image),
@@ -864,6 +870,8 @@ pub(super) fn build(
         secrets: BTreeMap::new(),
         secret_files: BTreeMap::new(),
         target: Some(target.clone()),
+        // A service's jobs (its migration) reach the hosts the service runs on.
+        settings: spec.settings.clone(),
         files: vec![],
     };
     let mut jobs = Vec::new();

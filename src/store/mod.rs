@@ -222,6 +222,9 @@ pub struct JobSpec {
     /// The target the job runs on; `None`: the default target.
     #[serde(default)]
     pub target: Option<String>,
+    /// That target's own settings of the job (the hosts it runs on).
+    #[serde(default)]
+    pub settings: crate::targets::Settings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -261,6 +264,7 @@ impl JobSpec {
             secrets: Default::default(),
             secret_files: Default::default(),
             target: None,
+            settings: Default::default(),
         }
     }
 
@@ -284,6 +288,7 @@ impl JobSpec {
             secrets: job.secrets.clone(),
             secret_files: job.secret_files.clone(),
             target: job.target.clone(),
+            settings: job.settings.clone(),
         }
     }
 
@@ -765,6 +770,7 @@ mod tests {
             secrets: Default::default(),
             secret_files: Default::default(),
             target: None,
+            settings: Default::default(),
         }
     }
 

@@ -270,6 +270,10 @@ mod v2 {
         pub secret_files: BTreeMap<String, Secret>,
         /// `None`: the default target.
         pub target: Option<String>,
+        /// The target's own settings of the job, as its kind wrote them
+        /// (absent: none; rows written before jobs had any read so).
+        #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+        pub settings: serde_json::Value,
     }
 
     #[derive(Serialize, Deserialize)]
@@ -416,6 +420,7 @@ impl From<v1::Job> for v2::Job {
             secrets: j.secrets,
             secret_files: j.secret_files,
             target: on_image.then(|| V1_CONTAINER_TARGET.to_string()),
+            settings: serde_json::Value::Null,
         }
     }
 }
@@ -464,6 +469,7 @@ impl TryFrom<&super::JobSpec> for v2::Job {
             secrets: secrets_to(&s.secrets),
             secret_files: secrets_to(&s.secret_files),
             target: s.target.clone(),
+            settings: if s.settings.is_empty() { serde_json::Value::Null } else { serde_json::to_value(&s.settings).unwrap_or_default() },
         })
     }
 }
@@ -500,6 +506,11 @@ impl TryFrom<v2::Job> for super::JobSpec {
             secrets: secrets_from(j.secrets),
             secret_files: secrets_from(j.secret_files),
             target: j.target,
+            settings: if j.settings.is_null() {
+                Default::default()
+            } else {
+                serde_json::from_value(j.settings).map_err(|e| format!("unreadable target settings: {e}"))?
+            },
         })
     }
 }

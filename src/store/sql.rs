@@ -762,6 +762,7 @@ fn spec_or_unreadable(s: &str) -> JobSpec {
         secrets: Default::default(),
         secret_files: Default::default(),
         target: None,
+        settings: Default::default(),
     })
 }
 

@@ -113,27 +113,75 @@ impl Settings {
     }
 }
 
-/// One `[[service]]` table, as a target's kind reads its keys from it.
-pub struct ServiceTable<'a, 'i> {
-    pub service: &'a str,
-    /// The table, spans kept (relative to the whole file).
-    pub table: &'a toml::Spanned<toml::de::DeTable<'i>>,
+/// A top-level table of `slipway.toml` that a kind owns (`[[hosts]]`):
+/// its keys are checked like any table's; the kind reads it once per
+/// config ([`TargetKind::read_tables`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TableKeys {
+    pub name: &'static str,
+    /// `[[name]]` (an array of tables) rather than `[name]`.
+    pub array: bool,
+    pub keys: &'static [Key],
+    pub doc: &'static str,
+}
+
+/// What a kind reads its own top-level tables from.
+pub struct ConfigTables<'a, 'i> {
+    /// The whole document, spans kept.
+    pub doc: &'a toml::Spanned<toml::de::DeTable<'i>>,
+    /// The config's `[secret.*]`s, by name: tables name them.
+    pub secrets: &'a BTreeMap<String, crate::config::secret::SecretRef>,
     pub problems: &'a mut Vec<crate::config::Problem>,
 }
 
-impl ServiceTable<'_, '_> {
+impl<'i> ConfigTables<'_, 'i> {
+    /// Each table named `name` (one, or each element of an array of
+    /// tables), spans kept.
+    pub fn tables(&self, name: &str) -> Vec<toml::Spanned<toml::de::DeTable<'i>>> {
+        crate::config::tables_named(self.doc, name)
+    }
+
+    /// A table's keys as `T`; a value of the wrong type is a problem at its
+    /// place, and `None`.
+    pub fn read<T: serde::de::DeserializeOwned>(&mut self, table: &toml::Spanned<toml::de::DeTable<'_>>) -> Option<T> {
+        read_table(table, self.problems)
+    }
+
+    pub fn problem(&mut self, p: crate::config::Problem) {
+        self.problems.push(p);
+    }
+}
+
+fn read_table<T: serde::de::DeserializeOwned>(table: &toml::Spanned<toml::de::DeTable<'_>>, problems: &mut Vec<crate::config::Problem>) -> Option<T> {
+    let de = toml::de::Deserializer::from(table.clone());
+    match T::deserialize(de) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            problems.push(crate::config::type_problem(&e));
+            None
+        }
+    }
+}
+
+/// One `[[service]]` or `[[job]]` table, as a target's kind reads its keys
+/// from it.
+pub struct KeyTable<'a, 'i> {
+    /// For messages: `service "web"`, `job "restart"`.
+    pub owner: &'a str,
+    /// The table, spans kept (relative to the whole file).
+    pub table: &'a toml::Spanned<toml::de::DeTable<'i>>,
+    /// What the kind read from its own top-level tables
+    /// ([`TargetKind::read_tables`]).
+    pub kind: &'a Settings,
+    pub problems: &'a mut Vec<crate::config::Problem>,
+}
+
+impl KeyTable<'_, '_> {
     /// This target's keys as `T` (a struct of `Option<Spanned<_>>`s that
     /// ignores other keys); a value of the wrong type is a problem at its
     /// place, and `None`.
     pub fn read<T: serde::de::DeserializeOwned>(&mut self) -> Option<T> {
-        let de = toml::de::Deserializer::from(self.table.clone());
-        match T::deserialize(de) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                self.problems.push(crate::config::type_problem(&e));
-                None
-            }
-        }
+        read_table(self.table, self.problems)
     }
 
     pub fn problem(&mut self, p: crate::config::Problem) {
@@ -165,7 +213,26 @@ pub trait TargetKind: Send + Sync + 'static {
     }
     /// Read this target's keys of a service; problems go to
     /// `table.problems`, each at its place, and the answer is then `None`.
-    fn service_settings(&self, _table: &mut ServiceTable<'_, '_>) -> Option<Settings> {
+    fn service_settings(&self, _table: &mut KeyTable<'_, '_>) -> Option<Settings> {
+        Some(Settings::default())
+    }
+    /// The `[[job]]` keys this target adds. A job that uses them and names
+    /// no target runs on this one.
+    fn job_keys(&self) -> &'static [Key] {
+        &[]
+    }
+    /// Read this target's keys of a job, like [`TargetKind::service_settings`].
+    fn job_settings(&self, _table: &mut KeyTable<'_, '_>) -> Option<Settings> {
+        Some(Settings::default())
+    }
+    /// The top-level tables this kind owns (`[[hosts]]`).
+    fn tables(&self) -> &'static [TableKeys] {
+        &[]
+    }
+    /// Read this kind's top-level tables, once per config; what it returns
+    /// is handed to [`TargetKind::service_settings`] and
+    /// [`TargetKind::job_settings`] as `table.kind`.
+    fn read_tables(&self, _tables: &mut ConfigTables<'_, '_>) -> Option<Settings> {
         Some(Settings::default())
     }
     /// Whether the scheduler sweeps this kind's target at its start and

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::config::{Problem, ProblemKind};
-use crate::targets::{Key, ServiceTable};
+use crate::targets::{Key, KeyTable};
 
 /// What a service's containers get beyond the common keys. Stored with
 /// the service's spec (as `settings`): the names here are a stored format,
@@ -34,7 +34,7 @@ struct Raw {
     cpus: Option<Spanned<f64>>,
 }
 
-pub fn read(table: &mut ServiceTable<'_, '_>) -> Option<Settings> {
+pub fn read(table: &mut KeyTable<'_, '_>) -> Option<Settings> {
     let raw: Raw = table.read()?;
     let name = raw.name.get_ref();
     let port = match &raw.port {

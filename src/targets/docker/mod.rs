@@ -31,7 +31,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Capabilities, Garbage, GarbageItem, Instance, InstanceRequest, JobRequest, KEEP_LINES, Keep, Key, Lifeline, NodeContext, OutputSink, RunResult, ServiceTable,
+    Capabilities, Garbage, GarbageItem, Instance, InstanceRequest, JobRequest, KEEP_LINES, Keep, Key, Lifeline, NodeContext, OutputSink, RunResult, KeyTable,
     Target, TargetError, TargetErrorKind, TargetKind,
 };
 use config::Settings;
@@ -247,7 +247,7 @@ impl TargetKind for Kind {
         config::KEYS
     }
 
-    fn service_settings(&self, table: &mut ServiceTable<'_, '_>) -> Option<super::Settings> {
+    fn service_settings(&self, table: &mut KeyTable<'_, '_>) -> Option<super::Settings> {
         config::read(table).map(|s| super::Settings::of(&s))
     }
 

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::{Capabilities, JobRequest, NodeContext, OutputSink, RunResult, Target, TargetError, TargetKind};
+use super::{Capabilities, ConfigTables, JobRequest, Key, KeyTable, NodeContext, OutputSink, RunResult, Settings, TableKeys, Target, TargetError, TargetKind};
 
 pub mod agent;
+pub mod config;
 pub mod session;
 
 pub static KIND: Kind = Kind;
@@ -32,6 +33,22 @@ impl TargetKind for Kind {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities { runs_jobs: true, remote: true, ..Capabilities::default() }
+    }
+
+    fn tables(&self) -> &'static [TableKeys] {
+        &[config::HOSTS]
+    }
+
+    fn read_tables(&self, tables: &mut ConfigTables<'_, '_>) -> Option<Settings> {
+        config::read_groups(tables)
+    }
+
+    fn job_keys(&self) -> &'static [Key] {
+        config::JOB_KEYS
+    }
+
+    fn job_settings(&self, table: &mut KeyTable<'_, '_>) -> Option<Settings> {
+        config::read_job(table)
     }
 
     async fn build(&self, node: &NodeContext) -> Result<Arc<dyn Target>, TargetError> {

@@ -1,0 +1,319 @@
+//! The ssh target's part of `slipway.toml`: `[[hosts]]` groups, and the
+//! `hosts` / `batch` / `max_failed` keys of a job. A job's settings carry
+//! its whole group (addresses, user, where the key and the pinned host
+//! keys are read from), so a deployment runs against the hosts of its
+//! pinned revision, whatever the config says later.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::config::secret::SecretRef;
+use crate::config::{Problem, ProblemKind};
+use crate::targets::{ConfigTables, Key, KeyTable, Settings, TableKeys};
+
+pub const HOSTS: TableKeys = TableKeys {
+    name: "hosts",
+    array: true,
+    keys: &[
+        Key { name: "group", kind: "string", doc: "the group's name, used by `hosts = \"…\"` in jobs and services" },
+        Key { name: "addresses", kind: "array", doc: "\"host\" or \"host:port\" of each member (port 22 by default)" },
+        Key { name: "user", kind: "string", doc: "the user to log in as (default \"root\")" },
+        Key { name: "key", kind: "string", doc: "the [secret.*] holding the private key (OpenSSH format)" },
+        Key { name: "known_hosts", kind: "string", doc: "the [secret.*] holding the hosts' keys, known_hosts format; an unknown or changed key is refused" },
+        Key { name: "connect_timeout", kind: "string", doc: "bound on connecting and logging in (default \"5s\")" },
+        Key { name: "dir", kind: "string", doc: "where Slipway keeps its files on each host (default \".slipway\", in the user's home)" },
+    ],
+    doc: "a group of SSH hosts",
+};
+
+pub const JOB_KEYS: &[Key] = &[
+    Key { name: "hosts", kind: "string", doc: "run on every host of this [[hosts]] group" },
+    Key { name: "batch", kind: "integer or string", doc: "hosts at a time: a number or a percentage (\"25%\"); default all" },
+    Key { name: "max_failed", kind: "integer or string", doc: "failed hosts tolerated: a number or a percentage (\"10%\"); default 0" },
+];
+
+/// A group as the config wrote it, resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub name: String,
+    pub hosts: Vec<Host>,
+    pub user: String,
+    pub key: SecretRef,
+    pub known_hosts: SecretRef,
+    pub connect_timeout_ms: u64,
+    pub dir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    /// How people and the record name it: the address without its port.
+    pub name: String,
+    /// "host:port".
+    pub address: String,
+}
+
+impl Group {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms.max(1))
+    }
+}
+
+/// A number of hosts, or a percentage of the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Amount {
+    Count(u32),
+    Percent(u32),
+}
+
+impl Amount {
+    /// For a batch: at least one host.
+    pub fn batch_of(self, total: usize) -> usize {
+        match self {
+            Amount::Count(n) => (n as usize).clamp(1, total.max(1)),
+            Amount::Percent(p) => (total * p as usize).div_ceil(100).clamp(1, total.max(1)),
+        }
+    }
+
+    /// For failures tolerated: rounded down (10% of 5 hosts is none).
+    pub fn tolerated_of(self, total: usize) -> usize {
+        match self {
+            Amount::Count(n) => n as usize,
+            Amount::Percent(p) => total * p as usize / 100,
+        }
+    }
+}
+
+/// What a job on hosts runs against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSettings {
+    pub group: Group,
+    /// `None`: every host at once.
+    pub batch: Option<Amount>,
+    pub max_failed: Amount,
+}
+
+#[derive(Deserialize)]
+struct RawGroup {
+    group: Option<Spanned<String>>,
+    addresses: Option<Spanned<Vec<Spanned<String>>>>,
+    user: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    known_hosts: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    dir: Option<Spanned<String>>,
+}
+
+/// `[[hosts]]`, every group; problems each at its place.
+pub fn read_groups(cx: &mut ConfigTables<'_, '_>) -> Option<Settings> {
+    let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+    let mut ok = true;
+    for table in cx.tables("hosts") {
+        let Some(raw) = cx.read::<RawGroup>(&table) else {
+            ok = false;
+            continue;
+        };
+        match group(raw, table.span(), cx) {
+            Some(g) if groups.contains_key(&g.name) => {
+                cx.problem(Problem::new(ProblemKind::Duplicate, Some(table.span()), format!("host group {:?} is declared twice", g.name)).label("again"));
+                ok = false;
+            }
+            Some(g) => {
+                groups.insert(g.name.clone(), g);
+            }
+            None => ok = false,
+        }
+    }
+    ok.then(|| Settings::of(&groups))
+}
+
+fn group(raw: RawGroup, span: std::ops::Range<usize>, cx: &mut ConfigTables<'_, '_>) -> Option<Group> {
+    let missing = |cx: &mut ConfigTables<'_, '_>, key: &str, hint: &str| {
+        cx.problem(Problem::new(ProblemKind::MissingKey, Some(span.clone()), format!("a [[hosts]] group has no `{key}`")).label("this group").hint(hint));
+    };
+    let Some(name) = raw.group else {
+        missing(cx, "group", "add group = \"web\": jobs name it with hosts = \"web\"");
+        return None;
+    };
+    if !crate::config::valid_name(name.get_ref()) {
+        cx.problem(
+            Problem::new(ProblemKind::InvalidValue, Some(name.span()), format!("invalid group name {:?}", name.get_ref()))
+                .label("not a name")
+                .hint("letters, digits, '-', '_' and '.'"),
+        );
+    }
+    let mut hosts: Vec<Host> = Vec::new();
+    match &raw.addresses {
+        None => missing(cx, "addresses", "add addresses = [\"10.0.0.11\", \"web-2.example.org:2222\"]"),
+        Some(a) if a.get_ref().is_empty() => {
+            cx.problem(Problem::new(ProblemKind::InvalidValue, Some(a.span()), format!("host group {:?} has no addresses", name.get_ref())).label("empty"));
+        }
+        Some(a) => {
+            for addr in a.get_ref() {
+                match host(addr.get_ref()) {
+                    Ok(h) if hosts.iter().any(|x| x.name == h.name) => cx.problem(
+                        Problem::new(ProblemKind::Duplicate, Some(addr.span()), format!("host {:?} is twice in group {:?}", h.name, name.get_ref())).label("again"),
+                    ),
+                    Ok(h) => hosts.push(h),
+                    Err(why) => cx.problem(
+                        Problem::new(ProblemKind::InvalidValue, Some(addr.span()), format!("invalid address {:?}: {why}", addr.get_ref()))
+                            .label("not host or host:port")
+                            .hint("e.g. \"10.0.0.11\", \"web-2.example.org:2222\", \"[fd00::2]:22\""),
+                    ),
+                }
+            }
+        }
+    }
+    let key = match &raw.key {
+        Some(k) => crate::config::secret::lookup(k, cx.secrets, cx.problems),
+        None => {
+            missing(cx, "key", "add key = \"deploy_key\", a [secret.deploy_key] holding the private key");
+            None
+        }
+    };
+    let known_hosts = match &raw.known_hosts {
+        Some(k) => crate::config::secret::lookup(k, cx.secrets, cx.problems),
+        None => {
+            missing(cx, "known_hosts", "add known_hosts = \"ssh_known_hosts\", a [secret.ssh_known_hosts] holding the hosts' keys (ssh-keyscan output, checked)");
+            None
+        }
+    };
+    let connect_timeout = match &raw.connect_timeout {
+        Some(t) => crate::config::duration(t, "connect_timeout", cx.problems)?,
+        None => Duration::from_secs(5),
+    };
+    let user = raw.user.as_ref().map(|u| u.get_ref().clone()).unwrap_or_else(|| "root".to_string());
+    if let Some(u) = &raw.user
+        && (u.get_ref().is_empty() || !u.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+    {
+        cx.problem(Problem::new(ProblemKind::InvalidValue, Some(u.span()), format!("invalid user name {:?}", u.get_ref())).label("not a user name"));
+    }
+    let dir = raw.dir.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| ".slipway".to_string());
+    if let Some(d) = &raw.dir
+        && (d.get_ref().is_empty() || d.get_ref().contains(['\n', '\0', '\'']))
+    {
+        cx.problem(Problem::new(ProblemKind::InvalidValue, Some(d.span()), format!("invalid dir {:?}", d.get_ref())).label("not a usable path"));
+    }
+    if hosts.is_empty() {
+        return None;
+    }
+    Some(Group {
+        name: name.get_ref().clone(),
+        hosts,
+        user,
+        key: key?,
+        known_hosts: known_hosts?,
+        connect_timeout_ms: connect_timeout.as_millis() as u64,
+        dir,
+    })
+}
+
+/// "host", "host:port", "[v6]" or "[v6]:port" → its name and "host:port".
+fn host(s: &str) -> Result<Host, &'static str> {
+    let (name, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or("an IPv6 address needs its closing ]")?;
+        (h, after.strip_prefix(':').map(Some).unwrap_or(if after.is_empty() { None } else { return Err("unexpected text after ]") }))
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, Some(p)),
+            Some(_) => return Err("an IPv6 address goes in brackets: [fd00::2]:22"),
+            None => (s, None),
+        }
+    };
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-._:".contains(c)) {
+        return Err("not a host name or address");
+    }
+    let port: u16 = match port {
+        None => 22,
+        Some(p) => p.parse().ok().filter(|p| *p > 0).ok_or("the port is not a number from 1 to 65535")?,
+    };
+    let address = if name.contains(':') { format!("[{name}]:{port}") } else { format!("{name}:{port}") };
+    Ok(Host { name: name.to_string(), address })
+}
+
+#[derive(Deserialize)]
+struct RawJob {
+    hosts: Option<Spanned<String>>,
+    batch: Option<Spanned<toml::Value>>,
+    max_failed: Option<Spanned<toml::Value>>,
+}
+
+pub fn read_job(table: &mut KeyTable<'_, '_>) -> Option<Settings> {
+    let raw: RawJob = table.read()?;
+    let groups: BTreeMap<String, Group> = table.kind.get().unwrap_or_default();
+    // Each key checked on its own, so every mistake is reported at once.
+    let batch = raw.batch.as_ref().map(|b| amount(b, "batch", 1, table));
+    let max_failed = raw.max_failed.as_ref().map(|m| amount(m, "max_failed", 0, table));
+    let Some(name) = raw.hosts else {
+        table.problem(
+            Problem::new(ProblemKind::MissingKey, Some(table.table.span()), format!("{} runs on SSH hosts but says not which", table.owner))
+                .label("this job")
+                .hint("add hosts = \"web\", a [[hosts]] group"),
+        );
+        return None;
+    };
+    let Some(group) = groups.get(name.get_ref()).cloned() else {
+        let hint = match crate::config::did_you_mean(name.get_ref(), groups.keys().map(String::as_str)) {
+            Some(s) => format!("did you mean {s:?}?"),
+            None if groups.is_empty() => "declare it: [[hosts]] with group, addresses, key and known_hosts".to_string(),
+            None => format!("groups: {}", groups.keys().cloned().collect::<Vec<_>>().join(", ")),
+        };
+        table.problem(
+            Problem::new(ProblemKind::UnknownReference, Some(name.span()), format!("unknown host group {:?}", name.get_ref())).label("no such group").hint(hint),
+        );
+        return None;
+    };
+    let batch = match batch {
+        Some(b) => Some(b?),
+        None => None,
+    };
+    let max_failed = max_failed.unwrap_or(Some(Amount::Count(0)))?;
+    Some(Settings::of(&JobSettings { group, batch, max_failed }))
+}
+
+/// A count (at least `min`) or "N%" (1–100).
+fn amount(v: &Spanned<toml::Value>, key: &str, min: i64, table: &mut KeyTable<'_, '_>) -> Option<Amount> {
+    let bad = |table: &mut KeyTable<'_, '_>| {
+        table.problem(
+            Problem::new(ProblemKind::InvalidValue, Some(v.span()), format!("`{key}` is a whole number of hosts (at least {min}) or a percentage like \"25%\""))
+                .label("not a count or percentage"),
+        );
+        None
+    };
+    match v.get_ref() {
+        toml::Value::Integer(n) if *n >= min && *n <= 100_000 => Some(Amount::Count(*n as u32)),
+        toml::Value::String(s) => match s.strip_suffix('%').and_then(|p| p.trim().parse::<u32>().ok()) {
+            Some(p) if (1..=100).contains(&p) || (min == 0 && p == 0) => Some(Amount::Percent(p)),
+            _ => bad(table),
+        },
+        _ => bad(table),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_and_their_names() {
+        assert_eq!(host("10.0.0.11").unwrap(), Host { name: "10.0.0.11".into(), address: "10.0.0.11:22".into() });
+        assert_eq!(host("web-2.example.org:2222").unwrap(), Host { name: "web-2.example.org".into(), address: "web-2.example.org:2222".into() });
+        assert_eq!(host("[fd00::2]:2200").unwrap(), Host { name: "fd00::2".into(), address: "[fd00::2]:2200".into() });
+        for bad in ["", "a b", "h:0", "h:99999", "fd00::2", "[fd00::2", "h;rm"] {
+            assert!(host(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn batches_and_tolerances_of_a_group() {
+        assert_eq!(Amount::Percent(25).batch_of(20), 5);
+        assert_eq!(Amount::Percent(25).batch_of(3), 1);
+        assert_eq!(Amount::Count(50).batch_of(20), 20);
+        assert_eq!(Amount::Percent(10).tolerated_of(20), 2);
+        assert_eq!(Amount::Percent(10).tolerated_of(5), 0);
+        assert_eq!(Amount::Count(1).tolerated_of(20), 1);
+    }
+}
