@@ -32,6 +32,7 @@ fn spec(cmd: Vec<&str>, timeout_ms: u64) -> JobSpec {
         secrets: Default::default(),
         secret_files: Default::default(),
         target: None,
+        settings: Default::default(),
     }
 }
 
@@ -123,7 +124,7 @@ impl Target for Counting {
         // A run that lasts, so that runs could overlap (scenario).
         tokio::time::sleep(Duration::from_millis(20)).await;
         self.now.fetch_sub(1, Ordering::SeqCst);
-        RunResult { outcome: Outcome::Succeeded, exit_code: Some(0), reason: None }
+        RunResult { outcome: Outcome::Succeeded, exit_code: Some(0), reason: None, parts: Vec::new() }
     }
 }
 

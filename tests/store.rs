@@ -71,6 +71,8 @@ fn spec() -> JobSpec {
         )]),
         // A non-default target: the round trip keeps it.
         target: Some("docker".into()),
+        // And the target's own settings of the job.
+        settings: slipway::targets::Settings::of(&serde_json::json!({ "hosts": ["10.0.0.11:22"], "batch": 2 })),
     }
 }
 
@@ -190,6 +192,7 @@ fn done(job: &ClaimedJob, node: &str, outcome: Outcome) -> FinishedAttempt {
         reason: if ok { None } else { Some(format!("{} exited with 1", job.name)) },
         retry_at: None,
         takeover: false,
+        parts: Vec::new(),
     }
 }
 
@@ -267,6 +270,7 @@ async fn drain(store: Arc<dyn Store>, label: &'static str, node: String, dep: i6
                 reason: None,
                 retry_at: None,
                 takeover: false,
+                parts: Vec::new(),
             })
         }))
         .await;
@@ -633,6 +637,7 @@ async fn claim_fences_and_expired_leases() {
                 retry_at: Some(now_ms()),
                 takeover: false,
                 job_id: e.job_id,
+                parts: Vec::new(),
             },
         )
         .await;
@@ -1105,13 +1110,22 @@ async fn logs_page_in_order_and_history_per_environment() {
                 ts: t0 + i as i64,
                 stream: if i % 5 == 0 { "stderr" } else { "stdout" },
                 line: format!("line {i:04} ünïcode ✓"),
+                part: None,
             })
             .collect();
         // Several appends, one interleaved with another deployment's.
         b.1.append_logs(&lines[..1000]).await.unwrap();
-        b.1.append_logs(&[NewLogLine { deployment_id: other, job_id: other_build, attempt: 1, ts: t0, stream: "stdout", line: "elsewhere".into() }])
-            .await
-            .unwrap();
+        b.1.append_logs(&[NewLogLine {
+            deployment_id: other,
+            job_id: other_build,
+            attempt: 1,
+            ts: t0,
+            stream: "stdout",
+            line: "elsewhere".into(),
+            part: None,
+        }])
+        .await
+        .unwrap();
         b.1.append_logs(&lines[1000..2499]).await.unwrap();
         b.1.append_logs(&[]).await.unwrap();
         b.1.append_logs(&lines[2499..]).await.unwrap();

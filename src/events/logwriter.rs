@@ -60,8 +60,8 @@ async fn last_flush(store: &dyn Store, buf: &mut Vec<NewLogLine>, dropped: &mut 
 /// job finished: its output should be readable at once).
 fn take(ev: &Event, buf: &mut Vec<NewLogLine>) -> bool {
     match ev {
-        Event::JobOutput { deployment, job_id, attempt, ts, stream, line } => {
-            buf.push(NewLogLine { deployment_id: *deployment, job_id: *job_id, attempt: *attempt, ts: *ts, stream, line: line.clone() });
+        Event::JobOutput { deployment, job_id, attempt, ts, stream, line, part } => {
+            buf.push(NewLogLine { deployment_id: *deployment, job_id: *job_id, attempt: *attempt, ts: *ts, stream, line: line.clone(), part: part.clone() });
             false
         }
         Event::JobFinished { .. } => true,

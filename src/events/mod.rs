@@ -48,6 +48,8 @@ pub enum Event {
         ts: Millis,
         stream: &'static str,
         line: String,
+        /// The part of the job that wrote it (a host), if it runs in parts.
+        part: Option<String>,
     },
     JobFinished {
         deployment: i64,

@@ -148,8 +148,8 @@ impl Executor {
                     Err(e) => Err(e),
                 };
                 match result {
-                    Ok(()) => RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None },
-                    Err(e) if cancel.is_cancelled() => RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(e) },
+                    Ok(()) => RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None, parts: Vec::new() },
+                    Err(e) if cancel.is_cancelled() => RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(e), parts: Vec::new() },
                     Err(e) => RunResult::failed(e),
                 }
             }
@@ -158,8 +158,8 @@ impl Executor {
                     return RunResult::failed("no release checksum: deploy with `--sha256` (or `digest` in the event)");
                 };
                 match crate::service::artifact::fetch(spec, &a.url, &a.sha256, artifacts, &out, &cancel).await {
-                    Ok(_) => RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None },
-                    Err(e) if cancel.is_cancelled() => RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(e) },
+                    Ok(_) => RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None, parts: Vec::new() },
+                    Err(e) if cancel.is_cancelled() => RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(e), parts: Vec::new() },
                     Err(e) => RunResult::failed(e),
                 }
             }

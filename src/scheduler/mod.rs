@@ -28,7 +28,7 @@ use crate::events::{Event, EventBus};
 use crate::executor::{Executor, JobContext};
 use crate::service::ServiceManager;
 use crate::store::{ClaimedJob, FinishEffect, FinishedAttempt, Outcome, Store, StoreError, now_ms};
-use crate::targets::{JobRequest, RunResult, Stream, Target};
+use crate::targets::{JobRequest, RunResult, Target};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -540,6 +540,7 @@ impl Scheduler {
                     reason: Some(reason.clone()),
                     retry_at: retry.then(now_ms),
                     takeover: true,
+                    parts: Vec::new(),
                 })
                 .await?;
             if !effect.stale {
@@ -616,8 +617,15 @@ impl Scheduler {
                 since_event: Duration::from_millis((started_at - job.event_at).max(0) as u64),
             })
             .await;
-        let note =
-            |line: String| Event::JobOutput { deployment: job.deployment_id, job_id: job.job_id, attempt: job.attempt, ts: now_ms(), stream: "slipway", line };
+        let note = |line: String| Event::JobOutput {
+            deployment: job.deployment_id,
+            job_id: job.job_id,
+            attempt: job.attempt,
+            ts: now_ms(),
+            stream: "slipway",
+            line,
+            part: None,
+        };
         // The secrets this job is given: masked in everything kept of it.
         let redactor = redactor_for(&job.spec);
         // A retry never starts beside what this host still runs of an
@@ -641,7 +649,7 @@ impl Scheduler {
         };
         let result = match (earlier, self.workdir(&job.revision).await) {
             (Some(r), _) => r,
-            (None, Err(e)) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
+            (None, Err(e)) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e), parts: Vec::new() },
             (None, Ok(revision_dir)) => {
                 // A tarball service's migrate and rollout run in its
                 // unpacked release (fetched by the job before them).
@@ -662,7 +670,7 @@ impl Scheduler {
                 self.forward_output(&job, rx, &redactor).await;
                 match run.await {
                     Ok(r) => r,
-                    Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(format!("target failed: {e}")) },
+                    Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(format!("target failed: {e}")), parts: Vec::new() },
                 }
             }
         };
@@ -713,6 +721,7 @@ impl Scheduler {
             reason: reason.clone(),
             retry_at: retry_in.map(|d| now_ms().saturating_add(d.as_millis().min(i64::MAX as u128 / 2) as i64)),
             takeover: false,
+            parts: result.parts.iter().map(|p| crate::store::PartResult { reason: p.reason.as_deref().map(|r| redactor.redact(r)), ..p.clone() }).collect(),
         };
         // The store may be down: keep trying until it answers (the result
         // is this node's to record; it holds the job's slot, so at most
@@ -778,20 +787,21 @@ impl Scheduler {
 
     /// Output lines to events (secret values masked), bounded at
     /// `max_log_bytes` per attempt.
-    async fn forward_output(&self, job: &ClaimedJob, mut rx: mpsc::Receiver<(Stream, String)>, redactor: &crate::config::secret::Redactor) {
+    async fn forward_output(&self, job: &ClaimedJob, mut rx: mpsc::Receiver<crate::targets::Line>, redactor: &crate::config::secret::Redactor) {
         let max = self.cfg.max_log_bytes;
         let mut kept = 0u64;
         let mut dropped_lines = 0u64;
         let mut dropped_bytes = 0u64;
-        let ev = |stream: &'static str, line: String| Event::JobOutput {
+        let ev = |stream: &'static str, line: String, part: Option<String>| Event::JobOutput {
             deployment: job.deployment_id,
             job_id: job.job_id,
             attempt: job.attempt,
             ts: now_ms(),
             stream,
             line,
+            part,
         };
-        while let Some((stream, line)) = rx.recv().await {
+        while let Some(crate::targets::Line { stream, text: line, part }) = rx.recv().await {
             let line = if redactor.is_empty() { line } else { redactor.redact(&line) };
             let size = line.len() as u64 + 1;
             // Once truncated, stay truncated: a log with holes misleads.
@@ -801,6 +811,7 @@ impl Scheduler {
                         .emit(ev(
                             "slipway",
                             format!("[slipway] output truncated: this attempt reached max_log_bytes ({max} bytes); further output is counted, not kept"),
+                            None,
                         ))
                         .await;
                 }
@@ -809,10 +820,10 @@ impl Scheduler {
                 continue;
             }
             kept += size;
-            self.events.emit(ev(stream.as_str(), line)).await;
+            self.events.emit(ev(stream.as_str(), line, part)).await;
         }
         if dropped_lines > 0 {
-            self.events.emit(ev("slipway", format!("[slipway] {dropped_lines} lines ({dropped_bytes} bytes) of output were dropped"))).await;
+            self.events.emit(ev("slipway", format!("[slipway] {dropped_lines} lines ({dropped_bytes} bytes) of output were dropped"), None)).await;
         }
     }
 }

@@ -33,7 +33,7 @@ pub fn dir_for(cache: &Path, sha256: &str) -> PathBuf {
 }
 
 async fn say(out: &OutputSink, line: String) {
-    let _ = out.send((Stream::Stdout, format!("[fetch] {line}"))).await;
+    let _ = out.send((Stream::Stdout, format!("[fetch] {line}")).into()).await;
 }
 
 enum TryError {

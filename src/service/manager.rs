@@ -112,7 +112,7 @@ struct Say<'a>(Option<&'a OutputSink>);
 impl Say<'_> {
     async fn line(&self, s: impl Into<String>) {
         if let Some(out) = self.0 {
-            let _ = out.send((Stream::Stdout, format!("[rollout] {}", s.into()))).await;
+            let _ = out.send((Stream::Stdout, format!("[rollout] {}", s.into())).into()).await;
         }
     }
 }
@@ -330,7 +330,7 @@ impl ServiceManager {
         let env = req.environment.clone();
         let m = match self.managed(&env, &req.spec).await {
             Ok(m) => m,
-            Err(e) => return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
+            Err(e) => return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e), parts: Vec::new() },
         };
         let mut state = m.state.lock().await;
         let new = Generation {
@@ -416,6 +416,7 @@ impl ServiceManager {
             state.instances = new_instances;
             let why = reason.unwrap_or_default();
             return RunResult {
+                parts: Vec::new(),
                 outcome: Outcome::Failed,
                 exit_code: None,
                 reason: Some(format!(
@@ -426,7 +427,7 @@ impl ServiceManager {
         }
         state.instances = new_instances;
         say.line(format!("{} runs {} on {n} instance(s) behind {}", new.spec.name, new.version, new.spec.listen)).await;
-        RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None }
+        RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None, parts: Vec::new() }
     }
 
     async fn commit(&self, env: &str, g: &Generation, say: &Say<'_>) -> RunResult {
@@ -450,17 +451,24 @@ impl ServiceManager {
             match self.store.set_service(row.clone()).await {
                 Ok(()) => {
                     say.line(format!("recorded: {} {} runs {}", env, g.spec.name, g.version)).await;
-                    return RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None };
+                    return RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None, parts: Vec::new() };
                 }
                 Err(e) if attempt < 5 => {
                     say.line(format!("cannot record the new version yet ({e}); retrying")).await;
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
-                Err(e) => return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(format!("cannot record the new version: {e}")) },
+                Err(e) => {
+                    return RunResult {
+                        parts: Vec::new(),
+                        outcome: Outcome::Failed,
+                        exit_code: None,
+                        reason: Some(format!("cannot record the new version: {e}")),
+                    };
+                }
             }
         }
-        RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some("cannot record the new version".into()) }
+        RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some("cannot record the new version".into()), parts: Vec::new() }
     }
 
     /// Start all new instances, switch all traffic at once, retire the old.
@@ -555,7 +563,7 @@ impl ServiceManager {
             state.current = None;
             state.instances = vec![];
             say.line(format!("failed, and there is no earlier version to return to: {why}")).await;
-            return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(why) };
+            return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(why), parts: Vec::new() };
         };
         survivors.retain(|i| i.exit().is_none());
         let missing = (g.spec.instances as usize).saturating_sub(survivors.len());
@@ -574,7 +582,7 @@ impl ServiceManager {
         // after the commit (verify): say it again either way.
         let _ = self.commit(env, &g, say).await;
         say.line(format!("traffic is on {} again", g.version)).await;
-        RunResult { outcome: Outcome::RolledBack, exit_code: None, reason: Some(format!("rolled back to {}: {why}", g.version)) }
+        RunResult { outcome: Outcome::RolledBack, exit_code: None, reason: Some(format!("rolled back to {}: {why}", g.version)), parts: Vec::new() }
     }
 
     /// Restart instances that die between rollouts, with backoff, and

@@ -28,7 +28,8 @@ use super::sql::Dialect;
 use super::{Result, StoreError};
 
 /// Every migration, oldest first: (version, name, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "baseline", include_str!("migrations/0001_baseline.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "baseline", include_str!("migrations/0001_baseline.sql")), (2, "parts", include_str!("migrations/0002_parts.sql"))];
 
 /// The newest schema version this build knows.
 pub const LATEST: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;

@@ -184,6 +184,9 @@ string_enum!(
         Cancelled = "cancelled",
         Interrupted = "interrupted",
         RolledBack = "rolled_back",
+        // Only for a part of a job (a host): not run, because earlier
+        // batches failed more than the job tolerates.
+        Skipped = "skipped",
     }
 );
 
@@ -421,6 +424,21 @@ pub struct JobRow {
     pub reason: Option<String>,
 }
 
+/// One part of an attempt of a job that runs in parts: one host of a job
+/// on a group of hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartResult {
+    /// The host's name.
+    pub part: String,
+    pub started_at: Millis,
+    pub finished_at: Millis,
+    /// `Skipped`: not run (an earlier batch failed too often).
+    pub outcome: Outcome,
+    pub exit_code: Option<i64>,
+    /// "exit code 3", "connection timed out after 5s", "host key mismatch…".
+    pub reason: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct AttemptRow {
     pub job_id: i64,
@@ -432,6 +450,8 @@ pub struct AttemptRow {
     pub outcome: Outcome,
     pub exit_code: Option<i64>,
     pub reason: Option<String>,
+    /// Each part's result, for a job that runs in parts.
+    pub parts: Vec<PartResult>,
 }
 
 /// A job this node now holds a lease on.
@@ -456,6 +476,9 @@ pub struct ClaimedJob {
 
 #[derive(Debug, Clone)]
 pub struct FinishedAttempt {
+    /// Each part's result (a job on a group of hosts), recorded with the
+    /// attempt.
+    pub parts: Vec<PartResult>,
     pub job_id: i64,
     pub fence: i64,
     pub node: String,
@@ -510,6 +533,7 @@ pub struct LogRecord {
     pub ts: Millis,
     pub stream: String,
     pub line: String,
+    pub part: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -520,6 +544,8 @@ pub struct NewLogLine {
     pub ts: Millis,
     pub stream: &'static str,
     pub line: String,
+    /// The part of the job that wrote it (a host), if it runs in parts.
+    pub part: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]

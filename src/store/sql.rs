@@ -127,17 +127,17 @@ impl Inner {
             return Ok(());
         }
         for chunk in lines.chunks(100) {
-            let mut q = String::from("INSERT INTO logs (deployment_id, job_id, attempt, ts, stream, line) VALUES ");
+            let mut q = String::from("INSERT INTO logs (deployment_id, job_id, attempt, ts, stream, line, part) VALUES ");
             for i in 0..chunk.len() {
-                let b = i * 6;
+                let b = i * 7;
                 if i > 0 {
                     q.push_str(", ");
                 }
-                q.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6));
+                q.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7));
             }
             let mut query = query_dyn(q.clone());
             for l in chunk {
-                query = query.bind(l.deployment_id).bind(l.job_id).bind(l.attempt).bind(l.ts).bind(l.stream).bind(l.line.clone());
+                query = query.bind(l.deployment_id).bind(l.job_id).bind(l.attempt).bind(l.ts).bind(l.stream).bind(l.line.clone()).bind(l.part.clone());
             }
             query.execute(&mut *tx).await.map_err(StoreError::query("append logs"))?;
         }
@@ -361,6 +361,30 @@ impl Inner {
             }
             query.execute(&mut *tx).await.map_err(StoreError::query("record attempts"))?;
         }
+        let parts: Vec<(i64, i64, &crate::store::PartResult)> = rows.iter().flat_map(|a| a.parts.iter().map(|p| (a.job_id, a.attempt, p))).collect();
+        for chunk in parts.chunks(100) {
+            let mut q = String::from("INSERT INTO attempt_parts (job_id, attempt, part, started_at, finished_at, outcome, exit_code, reason) VALUES ");
+            for i in 0..chunk.len() {
+                let b = i * 8;
+                if i > 0 {
+                    q.push_str(", ");
+                }
+                q.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8));
+            }
+            let mut query = query_dyn(q);
+            for (job_id, attempt, p) in chunk {
+                query = query
+                    .bind(*job_id)
+                    .bind(*attempt)
+                    .bind(p.part.clone())
+                    .bind(p.started_at)
+                    .bind(p.finished_at)
+                    .bind(p.outcome.as_str())
+                    .bind(p.exit_code)
+                    .bind(p.reason.clone());
+            }
+            query.execute(&mut *tx).await.map_err(StoreError::query("record the hosts of attempts"))?;
+        }
         Ok(())
     }
 
@@ -495,6 +519,7 @@ struct AttemptRecord {
     outcome: &'static str,
     exit_code: Option<i64>,
     reason: Option<String>,
+    parts: Vec<crate::store::PartResult>,
 }
 
 impl AttemptRecord {
@@ -508,6 +533,7 @@ impl AttemptRecord {
             outcome: done.outcome.as_str(),
             exit_code: done.exit_code.map(i64::from),
             reason: done.reason.clone(),
+            parts: done.parts.clone(),
         }
     }
 }
@@ -1076,10 +1102,38 @@ impl Store for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::query(op))?;
+        let part_rows = sqlx::query(
+            "SELECT p.job_id, p.attempt, p.part, p.started_at, p.finished_at, p.outcome, p.exit_code, p.reason \
+             FROM attempt_parts p JOIN jobs j ON j.id = p.job_id WHERE j.deployment_id = $1 ORDER BY p.id",
+        )
+        .bind(deployment)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::query(op))?;
+        let mut parts: HashMap<(i64, i64), Vec<crate::store::PartResult>> = HashMap::new();
+        for r in &part_rows {
+            let f = || -> std::result::Result<((i64, i64), crate::store::PartResult), sqlx::Error> {
+                let outcome: String = r.try_get(5)?;
+                Ok((
+                    (r.try_get(0)?, r.try_get(1)?),
+                    crate::store::PartResult {
+                        part: r.try_get(2)?,
+                        started_at: r.try_get(3)?,
+                        finished_at: r.try_get(4)?,
+                        outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Failed),
+                        exit_code: r.try_get(6)?,
+                        reason: r.try_get(7)?,
+                    },
+                ))
+            };
+            let (key, part) = f().map_err(StoreError::query(op))?;
+            parts.entry(key).or_default().push(part);
+        }
         rows.iter()
             .map(|r| {
-                let f = || -> std::result::Result<AttemptRow, sqlx::Error> {
+                let mut f = || -> std::result::Result<AttemptRow, sqlx::Error> {
                     let outcome: String = r.try_get(6)?;
+                    let key: (i64, i64) = (r.try_get(0)?, r.try_get(2)?);
                     Ok(AttemptRow {
                         job_id: r.try_get(0)?,
                         job: r.try_get(1)?,
@@ -1090,6 +1144,7 @@ impl Store for SqlStore {
                         outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Failed),
                         exit_code: r.try_get(7)?,
                         reason: r.try_get(8)?,
+                        parts: parts.remove(&key).unwrap_or_default(),
                     })
                 };
                 f().map_err(StoreError::query(op))
@@ -1490,7 +1545,7 @@ impl Store for SqlStore {
 
     async fn logs(&self, deployment: i64, job: Option<&str>, after: i64, limit: i64) -> Result<Vec<LogRecord>> {
         let op = "read logs";
-        let base = "SELECT l.id, j.name, l.attempt, l.ts, l.stream, l.line FROM logs l JOIN jobs j ON j.id = l.job_id WHERE l.deployment_id = $1 AND l.id > $2";
+        let base = "SELECT l.id, j.name, l.attempt, l.ts, l.stream, l.line, l.part FROM logs l JOIN jobs j ON j.id = l.job_id WHERE l.deployment_id = $1 AND l.id > $2";
         let rows = match job {
             Some(name) => {
                 query_dyn(format!("{base} AND j.name = $3 ORDER BY l.id LIMIT $4"))
@@ -1514,6 +1569,7 @@ impl Store for SqlStore {
                         ts: r.try_get(3)?,
                         stream: r.try_get(4)?,
                         line: r.try_get(5)?,
+                        part: r.try_get(6)?,
                     })
                 };
                 f().map_err(StoreError::query(op))

@@ -328,8 +328,24 @@ impl Stream {
     }
 }
 
-/// Lines of output, in order per stream.
-pub type OutputSink = mpsc::Sender<(Stream, String)>;
+/// One line of a job's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub stream: Stream,
+    pub text: String,
+    /// Which part of the job wrote it, for targets that run a job in parts
+    /// (the host, for a job on a group of hosts); `None`: the job itself.
+    pub part: Option<String>,
+}
+
+impl From<(Stream, String)> for Line {
+    fn from((stream, text): (Stream, String)) -> Self {
+        Line { stream, text, part: None }
+    }
+}
+
+/// Lines of output, in order per stream (and part).
+pub type OutputSink = mpsc::Sender<Line>;
 
 /// How an attempt ended, as the target saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,11 +355,14 @@ pub struct RunResult {
     pub exit_code: Option<i32>,
     /// For people: "exit code 3", "killed by signal 9", "timed out after 5m".
     pub reason: Option<String>,
+    /// Targets that run a job in parts (a group of hosts): each part's
+    /// result, recorded with the attempt.
+    pub parts: Vec<crate::store::PartResult>,
 }
 
 impl RunResult {
     pub fn failed(reason: impl Into<String>) -> Self {
-        RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(reason.into()) }
+        RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(reason.into()), parts: Vec::new() }
     }
 }
 

@@ -34,7 +34,7 @@ use slipway::executor::{Executor, JobContext};
 use slipway::service::manager::ServiceStatus;
 use slipway::service::{RolloutRequest, ServiceManager};
 use slipway::store::{ArtifactRef, JobSpec, Outcome, Store};
-use slipway::targets::{Instance, InstanceRequest, JobRequest, Keep, LocalTarget, RunResult, Settings, Stream, Target, Targets};
+use slipway::targets::{Instance, InstanceRequest, JobRequest, Keep, LocalTarget, RunResult, Settings, Target, Targets};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{eventually, free_port};
@@ -287,12 +287,12 @@ impl Harness {
     /// Roll `spec` out at `version` with `m`; the result and every line
     /// the rollout reported.
     async fn roll(&self, m: &Arc<ServiceManager>, spec: &ServiceSpec, version: &str) -> Rolled {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Stream, String)>(64);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<slipway::targets::Line>(64);
         let lines = Arc::new(Mutex::new(Vec::new()));
         let collector = {
             let lines = lines.clone();
             tokio::spawn(async move {
-                while let Some((_, line)) = rx.recv().await {
+                while let Some(slipway::targets::Line { text: line, .. }) = rx.recv().await {
                     lines.lock().unwrap().push(line);
                 }
             })
@@ -959,10 +959,10 @@ async fn demo_job(h: &Harness, args: &[&str], timeout: Duration) -> JobSpec {
 
 /// Run `spec` through the executor; its result and its output lines.
 async fn run_job(h: &Harness, spec: JobSpec, cancel: CancellationToken) -> (RunResult, Vec<String>) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Stream, String)>(256);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<slipway::targets::Line>(256);
     let collector = tokio::spawn(async move {
         let mut lines = Vec::new();
-        while let Some((_, l)) = rx.recv().await {
+        while let Some(slipway::targets::Line { text: l, .. }) = rx.recv().await {
             lines.push(l);
         }
         lines

@@ -41,7 +41,7 @@ use slipway::config::service::{HealthCheck, HealthSpec, RolloutSpec, ServiceSpec
 use slipway::service::proxy::{Proxy, ProxyError};
 use slipway::service::{RolloutRequest, ServiceManager};
 use slipway::store::{self, Outcome, StoreError};
-use slipway::targets::{LocalTarget, Stream};
+use slipway::targets::LocalTarget;
 
 /// wrk runs per side (direct, proxy), alternating.
 pub const ROUNDS: usize = 2;
@@ -440,10 +440,10 @@ type Lines = Vec<(Instant, String)>;
 async fn timed_rollout(manager: &Arc<ServiceManager>, req: RolloutRequest, from: &str) -> Result<(Duration, Lines), ServiceBenchError> {
     let to = req.version.clone();
     let instances = req.spec.instances;
-    let (tx, mut rx) = mpsc::channel::<(Stream, String)>(1024);
+    let (tx, mut rx) = mpsc::channel::<slipway::targets::Line>(1024);
     let collector = tokio::spawn(async move {
         let mut lines = Vec::new();
-        while let Some((_, line)) = rx.recv().await {
+        while let Some(slipway::targets::Line { text: line, .. }) = rx.recv().await {
             let line = line.strip_prefix("[rollout] ").map(str::to_string).unwrap_or(line);
             lines.push((Instant::now(), line));
         }

@@ -263,7 +263,7 @@ impl Target for DockerTarget {
     /// service's migration): its output streamed line by line, its exit
     /// code the job's, removed afterwards whatever happens.
     async fn run(&self, req: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
-        let failed = |reason: String| RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(reason) };
+        let failed = |reason: String| RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(reason), parts: Vec::new() };
         let Some(image) = req.spec.artifact.as_ref().map(|a| {
             let repo = a.url.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map(|(r, _)| r).unwrap_or(&a.url);
             format!("{repo}@sha256:{}", a.sha256)
@@ -321,7 +321,7 @@ impl Target for DockerTarget {
             while let Some(Ok(chunk)) = logs.next().await {
                 let stream = if matches!(chunk, bollard::container::LogOutput::StdErr { .. }) { super::Stream::Stderr } else { super::Stream::Stdout };
                 for line in chunk.to_string().lines() {
-                    let _ = output.send((stream, line.to_string())).await;
+                    let _ = output.send((stream, line.to_string()).into()).await;
                 }
             }
         };
@@ -341,14 +341,14 @@ impl Target for DockerTarget {
         };
         remove().await;
         match (ended, code) {
-            (Some(Outcome::TimedOut), c) => RunResult {
+            (Some(Outcome::TimedOut), c) => RunResult { parts: Vec::new(),
                 outcome: Outcome::TimedOut,
                 exit_code: c.map(|c| c as i32),
                 reason: Some(format!("timed out after {}", humantime::format_duration(timeout))),
             },
-            (Some(o), c) => RunResult { outcome: o, exit_code: c.map(|c| c as i32), reason: Some("stopped on request".into()) },
-            (None, Some(0)) => RunResult { outcome: Outcome::Succeeded, exit_code: Some(0), reason: None },
-            (None, Some(c)) => RunResult { outcome: Outcome::Failed, exit_code: Some(c as i32), reason: Some(format!("exit code {c}")) },
+            (Some(o), c) => RunResult { outcome: o, exit_code: c.map(|c| c as i32), reason: Some("stopped on request".into()), parts: Vec::new() },
+            (None, Some(0)) => RunResult { outcome: Outcome::Succeeded, exit_code: Some(0), reason: None, parts: Vec::new() },
+            (None, Some(c)) => RunResult { parts: Vec::new(), outcome: Outcome::Failed, exit_code: Some(c as i32), reason: Some(format!("exit code {c}")) },
             (None, None) => failed("the container's exit code is unknown (the Engine did not say)".into()),
         }
     }
@@ -502,7 +502,7 @@ impl Target for DockerTarget {
 
     async fn prepare(&self, reference: &str, auth: Option<&Credentials>, output: &OutputSink, cancel: &CancellationToken) -> Result<(), TargetError> {
         let say = |line: String| async move {
-            let _ = output.send((super::Stream::Stdout, format!("[pull] {line}"))).await;
+            let _ = output.send((super::Stream::Stdout, format!("[pull] {line}")).into()).await;
         };
         if let Ok(Ok(_)) = tokio::time::timeout(API_TIMEOUT, self.docker.inspect_image(reference)).await {
             say(format!("{reference} is already on the Engine")).await;

@@ -45,13 +45,13 @@ pub fn start(req: &InstanceRequest, target: &LocalTarget, port: u16) -> Result<A
     let mut child = cmd.spawn().map_err(|e| TargetError::new(TargetErrorKind::Refused, format!("cannot start {program:?} in {}: {e}", req.workdir.display())))?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     let (life, exit_tx) = Lifeline::new();
-    let (tx, mut rx) = mpsc::channel::<(Stream, String)>(256);
+    let (tx, mut rx) = mpsc::channel::<super::super::Line>(256);
     let out_pump = child.stdout.take().map(|o| tokio::spawn(pump(o, Stream::Stdout, tx.clone())));
     let err_pump = child.stderr.take().map(|e| tokio::spawn(pump(e, Stream::Stderr, tx)));
     let collector = {
         let life = life.clone();
         tokio::spawn(async move {
-            while let Some((_, line)) = rx.recv().await {
+            while let Some(super::super::Line { text: line, .. }) = rx.recv().await {
                 life.push_line(line);
             }
         })

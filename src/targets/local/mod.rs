@@ -321,23 +321,23 @@ async fn pump(mut reader: impl AsyncRead + Unpin, stream: Stream, sink: OutputSi
                 line.pop();
             }
             for piece in line.chunks(MAX_LINE_BYTES.max(1)) {
-                if sink.send((stream, String::from_utf8_lossy(piece).into_owned())).await.is_err() {
+                if sink.send((stream, String::from_utf8_lossy(piece).into_owned()).into()).await.is_err() {
                     return;
                 }
             }
-            if line.is_empty() && sink.send((stream, String::new())).await.is_err() {
+            if line.is_empty() && sink.send((stream, String::new()).into()).await.is_err() {
                 return;
             }
         }
         while buf.len() >= MAX_LINE_BYTES {
             let piece: Vec<u8> = buf.drain(..MAX_LINE_BYTES).collect();
-            if sink.send((stream, String::from_utf8_lossy(&piece).into_owned())).await.is_err() {
+            if sink.send((stream, String::from_utf8_lossy(&piece).into_owned()).into()).await.is_err() {
                 return;
             }
         }
     }
     if !buf.is_empty() {
-        let _ = sink.send((stream, String::from_utf8_lossy(&buf).into_owned())).await;
+        let _ = sink.send((stream, String::from_utf8_lossy(&buf).into_owned()).into()).await;
     }
 }
 
@@ -441,10 +441,11 @@ impl Target for LocalTarget {
                         humantime::format_duration(within),
                         pids.join(", ")
                     )),
+                    parts: Vec::new(),
                 });
             }
             tokio::select! {
-                _ = cancel.cancelled() => return Err(RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some("stopped on request".into()) }),
+                _ = cancel.cancelled() => return Err(RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some("stopped on request".into()), parts: Vec::new() }),
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
@@ -455,7 +456,7 @@ impl Target for LocalTarget {
         let grace = Duration::from_millis(req.spec.kill_grace_ms);
         let mut cmd = match build_command(&req, self) {
             Ok(c) => c,
-            Err(e) => return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e) },
+            Err(e) => return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e), parts: Vec::new() },
         };
         let mut child = match cmd.spawn() {
             Ok(c) => c,
@@ -468,7 +469,7 @@ impl Target for LocalTarget {
                     config::Command::Pull(c) => format!("pull of {}", c.repository),
                     config::Command::Unreadable(_) => "an unreadable job".into(),
                 };
-                return RunResult {
+                return RunResult { parts: Vec::new(),
                     outcome: Outcome::Failed,
                     exit_code: None,
                     reason: Some(format!("cannot start {program:?} in {}: {e}", req.workdir.display())),
@@ -494,12 +495,12 @@ impl Target for LocalTarget {
             End::Exited(Ok(status)) => {
                 let (code, why) = describe(status);
                 if status.success() {
-                    RunResult { outcome: Outcome::Succeeded, exit_code: Some(0), reason: None }
+                    RunResult { outcome: Outcome::Succeeded, exit_code: Some(0), reason: None, parts: Vec::new() }
                 } else {
-                    RunResult { outcome: Outcome::Failed, exit_code: code, reason: Some(why) }
+                    RunResult { outcome: Outcome::Failed, exit_code: code, reason: Some(why), parts: Vec::new() }
                 }
             }
-            End::Exited(Err(e)) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(format!("waiting for the process failed: {e}")) },
+            End::Exited(Err(e)) => RunResult { parts: Vec::new(), outcome: Outcome::Failed, exit_code: None, reason: Some(format!("waiting for the process failed: {e}")) },
             End::TimedOut | End::Cancelled => {
                 kill_group(pgid, libc::SIGTERM);
                 let status = match tokio::time::timeout(grace, child.wait()).await {
@@ -511,9 +512,9 @@ impl Target for LocalTarget {
                 };
                 let code = status.and_then(|s| s.code());
                 if matches!(end, End::TimedOut) {
-                    RunResult { outcome: Outcome::TimedOut, exit_code: code, reason: Some(format!("timed out after {}", humantime::format_duration(timeout))) }
+                    RunResult { parts: Vec::new(), outcome: Outcome::TimedOut, exit_code: code, reason: Some(format!("timed out after {}", humantime::format_duration(timeout))) }
                 } else {
-                    RunResult { outcome: Outcome::Cancelled, exit_code: code, reason: Some("stopped on request".into()) }
+                    RunResult { outcome: Outcome::Cancelled, exit_code: code, reason: Some("stopped on request".into()), parts: Vec::new() }
                 }
             }
         };

@@ -215,7 +215,12 @@ fn group(raw: RawGroup, span: std::ops::Range<usize>, cx: &mut ConfigTables<'_, 
 fn host(s: &str) -> Result<Host, &'static str> {
     let (name, port) = if let Some(rest) = s.strip_prefix('[') {
         let (h, after) = rest.split_once(']').ok_or("an IPv6 address needs its closing ]")?;
-        (h, after.strip_prefix(':').map(Some).unwrap_or(if after.is_empty() { None } else { return Err("unexpected text after ]") }))
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err("unexpected text after ]"),
+        };
+        (h, port)
     } else {
         match s.rsplit_once(':') {
             Some((h, p)) if !h.contains(':') => (h, Some(p)),
