@@ -79,6 +79,8 @@ for line in sys.stdin:
 [ -x "$SLIPWAY_DEMO_BIN" ] || { echo "test.sh: cannot build slipway-demo" >&2; exit 1; }
 export SLIPWAY_DEMO_BIN
 
+scripts/fleet.sh sweep || true # SSH test fleets (namespaces, sshd's) a crashed run left behind
+
 # The whole workspace: the engine, slipway-bench and slipway-demo. Two
 # cores in CI: keep test binaries' own parallelism modest, since many
 # tests run real processes and real servers.

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use slipway::store::{self, Store};
 
+pub mod fleet;
+
 /// A database of its own on the test PostgreSQL server, or `None` (with a
 /// note) when there is none. With `SLIPWAY_REQUIRE_POSTGRES=1` a missing
 /// server fails the test instead: CI must run these.
