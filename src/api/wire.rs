@@ -209,6 +209,23 @@ pub struct Attempt {
     pub outcome: Outcome,
     pub exit_code: Option<i64>,
     pub reason: Option<String>,
+    /// A job on a group of hosts: each host's result of this attempt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<AttemptHost>,
+}
+
+/// One host's part of an attempt of a job on a group of hosts.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AttemptHost {
+    pub host: String,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub duration_ms: i64,
+    /// `skipped`: not run, because earlier batches failed too often.
+    pub outcome: Outcome,
+    pub exit_code: Option<i64>,
+    /// "exit code 3", "connection timed out after 5s", ...
+    pub reason: Option<String>,
 }
 
 impl From<store::AttemptRow> for Attempt {
@@ -223,6 +240,19 @@ impl From<store::AttemptRow> for Attempt {
             outcome: a.outcome,
             exit_code: a.exit_code,
             reason: a.reason,
+            hosts: a
+                .parts
+                .into_iter()
+                .map(|p| AttemptHost {
+                    host: p.part,
+                    started_at: p.started_at,
+                    finished_at: p.finished_at,
+                    duration_ms: p.finished_at - p.started_at,
+                    outcome: p.outcome,
+                    exit_code: p.exit_code,
+                    reason: p.reason,
+                })
+                .collect(),
         }
     }
 }
@@ -245,11 +275,14 @@ pub struct LogLine {
     /// `stdout`, `stderr` or `slipway` (the engine's own notes).
     pub stream: String,
     pub line: String,
+    /// The host that wrote it, for a job on a group of hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 impl From<store::LogRecord> for LogLine {
     fn from(l: store::LogRecord) -> Self {
-        LogLine { seq: l.seq, job: l.job, attempt: l.attempt, ts: l.ts, stream: l.stream, line: l.line }
+        LogLine { seq: l.seq, job: l.job, attempt: l.attempt, ts: l.ts, stream: l.stream, line: l.line, host: l.part }
     }
 }
 

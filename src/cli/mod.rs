@@ -282,6 +282,10 @@ pub struct LogsArgs {
     /// Keep following until the deployment ends.
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// Only the lines of this host (a job on a group of hosts): its name,
+    /// or the first part of it ("web-2" for web-2.example.org).
+    #[arg(long)]
+    pub host: Option<String>,
 }
 
 /// An error the binary prints before exiting with `code`.
@@ -1104,6 +1108,22 @@ async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliErr
             j.reason.clone().or(j.node.clone()).unwrap_or_default()
         );
     }
+    // Jobs on hosts: each host of each job's last attempt.
+    for j in &detail.jobs {
+        let Some(last) = detail.attempts.iter().rev().find(|a| a.job == j.name && !a.hosts.is_empty()) else { continue };
+        println!("\n  {} attempt {} on {} hosts:", j.name, last.attempt, last.hosts.len());
+        for h in &last.hosts {
+            let exit = h.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
+            println!(
+                "    {:<24} {:<11} exit {:>3} {:>9}  {}",
+                h.host,
+                h.outcome.as_str(),
+                exit,
+                fmt_ms(Some(h.duration_ms)),
+                h.reason.clone().unwrap_or_default()
+            );
+        }
+    }
     let retried: Vec<&Attempt> = detail.attempts.iter().filter(|a| a.outcome != crate::store::Outcome::Succeeded).collect();
     if !retried.is_empty() {
         println!("\n  failed or interrupted attempts:");
@@ -1114,14 +1134,28 @@ async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliErr
     Ok(exit::OK)
 }
 
+/// Whether `host` (as `--host` wrote it) names the line's host.
+fn host_matches(line: Option<&str>, host: &str) -> bool {
+    line.is_some_and(|l| l == host || l.split('.').next() == Some(host))
+}
+
 async fn logs(client: &Client, a: LogsArgs, json: bool) -> Result<u8, CliError> {
+    let only = a.host.clone();
     let print = |l: &LogLine| {
+        if let Some(h) = &only
+            && !host_matches(l.host.as_deref(), h)
+        {
+            return;
+        }
         if json {
             println!("{}", serde_json::to_string(l).unwrap_or_default());
         } else {
             let secs = l.ts / 1000;
             let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
-            println!("{h:02}:{m:02}:{s:02}.{:03} {} {}: {}", l.ts % 1000, l.job, l.stream, l.line);
+            match &l.host {
+                Some(host) => println!("{h:02}:{m:02}:{s:02}.{:03} {} [{host}] {}: {}", l.ts % 1000, l.job, l.stream, l.line),
+                None => println!("{h:02}:{m:02}:{s:02}.{:03} {} {}: {}", l.ts % 1000, l.job, l.stream, l.line),
+            }
         }
     };
     if a.follow {
