@@ -1,0 +1,248 @@
+//! Jobs on SSH hosts (issue 15), through the real binary against a fleet
+//! of real sshd hosts in network namespaces (`scripts/fleet.sh`): batches
+//! and max_failed over 20 hosts, each host's result and output recorded
+//! apart, dead hosts bounded by their timeout, a changed host key refused,
+//! and a command cut off by a partition ended on the host, not run twice.
+//! Needs root (the fleet); `scripts/test.sh` runs it.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::Server;
+use common::fleet::Fleet;
+
+/// A config for `fleet`'s hosts `1..=n` as group "web", plus `jobs`.
+fn config(fleet: &Fleet, n: usize, jobs: &str) -> String {
+    let addresses: Vec<String> = fleet.hosts()[..n].iter().map(|h| format!("{:?}", h.address)).collect();
+    format!(
+        r#"
+[secret.deploy_key]
+file = {key:?}
+[secret.known]
+file = {known:?}
+
+[[hosts]]
+group = "web"
+addresses = [{addresses}]
+user = {user:?}
+key = "deploy_key"
+known_hosts = "known"
+connect_timeout = "3s"
+dir = {dir:?}
+{jobs}
+"#,
+        key = fleet.key_path().display().to_string(),
+        known = fleet.known_hosts_path().display().to_string(),
+        addresses = addresses.join(", "),
+        user = fleet.user(),
+        dir = fleet.dir(),
+    )
+}
+
+/// `slipway serve` and its CLI in the fleet's bridge namespace (the
+/// current thread enters it: what it spawns lives there too).
+fn serve(fleet: &Fleet, dir: &Path) -> Server {
+    fleet.enter();
+    let store = format!("sqlite://{}/store.db", dir.display());
+    let agent = agent_binary();
+    Server::start_with_env(dir, Some(&store), &["--node-id", "n1"], &[("SLIPWAY_SSH_AGENT", agent.to_str().unwrap())])
+}
+
+/// The agent the hosts get: this build without its debug information (a
+/// quarter of the size: the upload to 20 hosts is what it saves).
+fn agent_binary() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let out = DIR.get_or_init(|| tempfile::tempdir().expect("tempdir")).path().join("slipway-agent");
+    if out.exists() {
+        return out;
+    }
+    let strip = std::process::Command::new("strip").arg("--strip-debug").arg("-o").arg(&out).arg(common::slipway_bin()).status();
+    if !matches!(strip, Ok(s) if s.success()) {
+        std::fs::copy(common::slipway_bin(), &out).expect("copy slipway");
+    }
+    out
+}
+
+fn detail(server: &Server, id: i64) -> serde_json::Value {
+    common::get_json(&format!("{}/api/v1/deployments/{id}", server.url))
+}
+
+/// Run `job` to its end; the deployment's id.
+fn run(server: &Server, dir: &Path, job: &str) -> (i64, std::process::Output) {
+    let out = server.cli(dir, &["run", job]);
+    let list = common::get_json(&format!("{}/api/v1/deployments", server.url));
+    let id = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["id"].as_i64())
+        .max()
+        .unwrap_or_else(|| panic!("no deployment: {list}\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    (id, out)
+}
+
+/// Each host's part of the job's last attempt: name → (outcome, exit, reason).
+fn hosts_of(detail: &serde_json::Value, job: &str) -> std::collections::BTreeMap<String, (String, Option<i64>, String)> {
+    let attempts = detail["attempts"].as_array().cloned().unwrap_or_default();
+    let last = attempts.iter().rev().find(|a| a["job"] == job).unwrap_or_else(|| panic!("no attempt of {job}: {detail}"));
+    last["hosts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no hosts in {last}"))
+        .iter()
+        .map(|h| {
+            (
+                h["host"].as_str().unwrap().to_string(),
+                (h["outcome"].as_str().unwrap().to_string(), h["exit_code"].as_i64(), h["reason"].as_str().unwrap_or("").to_string()),
+            )
+        })
+        .collect()
+}
+
+/// The job's script: prints where it runs, fails with 3 on the hosts
+/// named in FAIL_ON.
+const CHECK: &str = "#!/bin/sh\necho \"on $(hostname) in $(pwd) for $SLIPWAY_JOB\"\necho \"to stderr\" >&2\ncase \" $FAIL_ON \" in *\" $(hostname) \"*) exit 3;; esac\nexit 0\n";
+
+#[test]
+fn issue15_a_job_on_twenty_hosts_in_batches_with_max_failed() {
+    let fleet = Fleet::up(20);
+    let jobs = r#"
+[[job]]
+name = "tolerant"
+command = ["./check.sh"]
+env = { FAIL_ON = "h4 h9" }
+hosts = "web"
+batch = 5
+max_failed = 2
+
+[[job]]
+name = "strict"
+command = ["./check.sh"]
+env = { FAIL_ON = "h4 h9" }
+hosts = "web"
+batch = "25%"
+max_failed = "5%"
+"#;
+    let dir = common::config_dir(&config(&fleet, 20, jobs), &[("check.sh", CHECK)]);
+    let server = serve(&fleet, dir.path());
+
+    // Two failures, two tolerated: the job succeeds and says who failed.
+    let (id, out) = run(&server, dir.path(), "tolerant");
+    let first = id;
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let d = detail(&server, id);
+    let hosts = hosts_of(&d, "tolerant");
+    assert_eq!(hosts.len(), 20, "{hosts:?}");
+    for (name, (outcome, code, reason)) in &hosts {
+        if name == "10.77.0.14" || name == "10.77.0.19" {
+            assert_eq!((outcome.as_str(), *code, reason.as_str()), ("failed", Some(3), "exit 3"), "{name}");
+        } else {
+            assert_eq!((outcome.as_str(), *code), ("succeeded", Some(0)), "{name}: {reason}");
+        }
+    }
+    let job = d["jobs"].as_array().unwrap().iter().find(|j| j["name"] == "tolerant").unwrap().clone();
+    let reason = job["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("2 of 20 hosts failed, within max_failed 2") && reason.contains("10.77.0.14 (exit 3)"), "{reason}");
+
+    // Each host's output is its own: `logs --host` keeps one host's lines.
+    let config = dir.path().to_path_buf();
+    let logs = server.cli(&config, &["logs", &id.to_string(), "tolerant", "--host", "10.77.0.14"]);
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(text.contains("on h4 in /srv/slipway/revisions/") && text.contains("for tolerant"), "{text}");
+    assert!(text.contains("stderr: to stderr"), "{text}");
+    assert!(!text.contains("on h5 "), "another host's line under --host: {text}");
+    let status = String::from_utf8_lossy(&server.cli(&config, &["status", &id.to_string()]).stdout).to_string();
+    assert!(status.contains("tolerant attempt 1 on 20 hosts") && status.contains("10.77.0.19"), "{status}");
+
+    // One failure tolerated (5% of 20): batch 2 (h6–h10) brings it to two,
+    // so batches 3 and 4 never run.
+    let (id, out) = run(&server, dir.path(), "strict");
+    assert!(!out.status.success());
+    let hosts = hosts_of(&detail(&server, id), "strict");
+    let skipped: Vec<&String> = hosts.iter().filter(|(_, (o, _, _))| o == "skipped").map(|(n, _)| n).collect();
+    assert_eq!(skipped.len(), 10, "{hosts:?}");
+    for k in 11..=20 {
+        assert!(skipped.contains(&&format!("10.77.0.{}", 10 + k)), "h{k} ran: {hosts:?}");
+        // Not run there means not run: the revision never reached it for this job.
+    }
+
+    // A revision goes to a host once, by content hash (h1 ran both jobs,
+    // whose revisions differ when the store or the log changed the config
+    // directory between them); a host that never ran got nothing new.
+    let revisions: std::collections::BTreeSet<String> =
+        [first, id].iter().map(|i| detail(&server, *i)["deployment"]["revision"].as_str().unwrap().to_string()).collect();
+    let trees = |k: usize| {
+        std::fs::read_dir(fleet.host_root(k).join("revisions"))
+            .map(|d| d.filter(|e| e.as_ref().is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.'))).count())
+            .unwrap_or(0)
+    };
+    assert_eq!(trees(1), revisions.len());
+    assert_eq!(trees(12), 1);
+}
+
+#[test]
+fn issue15_dead_hosts_are_bounded_and_recorded_and_the_others_run() {
+    let fleet = Fleet::up(6);
+    let jobs = r#"
+[[job]]
+name = "hello"
+command = ["./check.sh"]
+hosts = "web"
+max_failed = 4
+timeout = "2m"
+"#;
+    let dir = common::config_dir(&config(&fleet, 6, jobs), &[("check.sh", CHECK)]);
+    fleet.ctl(1, "link-down");
+    fleet.ctl(2, "stop-sshd");
+    fleet.ctl(3, "freeze");
+    fleet.ctl(4, "rekey");
+    let server = serve(&fleet, dir.path());
+    let started = std::time::Instant::now();
+    let (id, out) = run(&server, dir.path(), "hello");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Every dead host bounded by its 3 s connect timeout (not the job's
+    // two minutes), all in parallel.
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    let hosts = hosts_of(&detail(&server, id), "hello");
+    let reason = |k: usize| hosts[&format!("10.77.0.{}", 10 + k)].2.clone();
+    assert!(reason(1).contains("timed out after 3s") || reason(1).contains("unreachable"), "{}", reason(1));
+    assert!(reason(2).contains("refused"), "{}", reason(2));
+    assert!(reason(3).contains("timed out after 3s"), "{}", reason(3));
+    assert!(reason(4).contains("host key mismatch"), "{}", reason(4));
+    for k in 5..=6 {
+        assert_eq!(hosts[&format!("10.77.0.{}", 10 + k)].0, "succeeded", "{hosts:?}");
+    }
+    fleet.ctl(3, "thaw");
+    fleet.ctl(1, "link-up");
+}
+
+#[test]
+fn issue15_a_command_cut_off_by_a_partition_is_ended_on_its_host() {
+    let fleet = Fleet::up(2);
+    let jobs = r#"
+[[job]]
+name = "long"
+command = ["sh", "-c", "echo started; sleep 300"]
+hosts = "web"
+max_failed = 1
+timeout = "10m"
+"#;
+    let dir = common::config_dir(&config(&fleet, 2, jobs), &[]);
+    let server = serve(&fleet, dir.path());
+    let running_on = |k: usize| {
+        let out = fleet.exec_on(k, &["sh", "-c", "ps -eo args | grep -c '^sleep 300' || true"]);
+        String::from_utf8_lossy(&out.stdout).trim().parse::<usize>().unwrap_or(0)
+    };
+    let mut cli = server.cli_command(dir.path(), &["run", "long"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    common::wait_for(Duration::from_secs(60), "the command to run on h1", || (running_on(1) == 1).then_some(()));
+    fleet.ctl(1, "link-down");
+    // The node notices the partition (keepalives) and records h1 failed;
+    // the command keeps running on h1 until its agent stops hearing the
+    // node's heartbeats, then it is ended there.
+    common::wait_for(Duration::from_secs(60), "the command on h1 to be ended by its agent", || (running_on(1) == 0).then_some(()));
+    fleet.ctl(1, "link-up");
+    assert_eq!(running_on(2), 1, "h2 is untouched by h1's partition");
+    let _ = cli.kill();
+    let _ = cli.wait();
+}
