@@ -522,13 +522,8 @@ pub(super) fn build(
     }
     // What the target cannot do is refused here, not when it is deployed.
     if let Some(k) = kind {
-        let cannot = if caps.own_rollout {
-            Some("runs its own rollout, which this version of Slipway does not drive yet")
-        } else if !caps.runs_instances {
-            Some("does not run service instances")
-        } else {
-            None
-        };
+        // A target that runs its own rollout needs no instances of Slipway's.
+        let cannot = if !caps.own_rollout && !caps.runs_instances { Some("does not run service instances") } else { None };
         if let Some(why) = cannot {
             problems.push(
                 Problem::new(

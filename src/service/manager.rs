@@ -326,6 +326,9 @@ impl ServiceManager {
     /// Run one rollout to its end: the service runs `req.version` on all
     /// its instances, or (on failure) what it ran before.
     pub async fn rollout(self: &Arc<Self>, req: RolloutRequest, out: OutputSink, cancel: CancellationToken) -> RunResult {
+        if runs_own_rollout(&req.spec) {
+            return self.own_rollout(req, out, cancel).await;
+        }
         let say = Say(Some(&out));
         let env = req.environment.clone();
         let m = match self.managed(&env, &req.spec).await {
@@ -428,6 +431,31 @@ impl ServiceManager {
         state.instances = new_instances;
         say.line(format!("{} runs {} on {n} instance(s) behind {}", new.spec.name, new.version, new.spec.listen)).await;
         RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None, parts: Vec::new() }
+    }
+
+    /// A target that rolls out itself (SSH hosts): it does the rollout (and
+    /// the rollback); what it rolled out is recorded here as for any.
+    async fn own_rollout(self: &Arc<Self>, req: RolloutRequest, out: OutputSink, cancel: CancellationToken) -> RunResult {
+        let target = match self.targets.get(&req.spec.target).await {
+            Ok(t) => t,
+            Err(e) => return RunResult::failed(e.message),
+        };
+        let result = target.rollout(&req, out.clone(), cancel).await;
+        if result.outcome != Outcome::Succeeded {
+            return result;
+        }
+        let g = Generation {
+            sha256: req.sha256.clone(),
+            version: req.version.clone(),
+            spec: req.spec.clone(),
+            workdir: req.workdir.clone(),
+            revision: req.revision.clone(),
+            deployment_id: req.deployment_id,
+        };
+        match self.commit(&req.environment, &g, &Say(Some(&out))).await {
+            RunResult { outcome: Outcome::Succeeded, .. } => result,
+            failed => failed,
+        }
     }
 
     async fn commit(&self, env: &str, g: &Generation, say: &Say<'_>) -> RunResult {
@@ -679,6 +707,11 @@ impl ServiceManager {
                     continue;
                 }
             };
+            // Runs elsewhere, under its target's own care (a supervisor
+            // on each host): nothing of it runs on this node.
+            if runs_own_rollout(&spec) {
+                continue;
+            }
             let dir = match &row.artifact_dir {
                 // A tarball service runs in its unpacked release.
                 Some(d) if Path::new(d).join(".complete").exists() => Ok(PathBuf::from(d)),
@@ -866,4 +899,9 @@ impl ServiceManager {
             self.stop_all(&instances, grace).await;
         }
     }
+}
+
+/// Whether the service's target runs its own rollouts.
+fn runs_own_rollout(spec: &ServiceSpec) -> bool {
+    crate::targets::kind(&spec.target).is_some_and(|k| k.capabilities().own_rollout)
 }

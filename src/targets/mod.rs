@@ -793,6 +793,14 @@ pub trait Target: Send + Sync + 'static {
     /// plus its kill grace, and promptly once `cancel` fires.
     async fn run(&self, request: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult;
 
+    /// Targets with [`Capabilities::own_rollout`]: roll the service out
+    /// themselves (SSH hosts: host by host, each behind its own proxy) and
+    /// back on failure; `RolledBack` when it ended where it began. The
+    /// service manager records the result as for any rollout.
+    async fn rollout(&self, _request: &crate::service::RolloutRequest, _output: OutputSink, _cancel: CancellationToken) -> RunResult {
+        RunResult::failed("this target does not run its own rollouts")
+    }
+
     /// Whether the target can be used now (the Docker Engine answers).
     /// The error says what is unreachable, for people.
     async fn check(&self) -> Result<(), TargetError> {

@@ -35,6 +35,11 @@ pub const JOB_KEYS: &[Key] = &[
     Key { name: "max_failed", kind: "integer or string", doc: "failed hosts tolerated: a number or a percentage (\"10%\"); default 0" },
 ];
 
+pub const SERVICE_KEYS: &[Key] = &[
+    Key { name: "hosts", kind: "string", doc: "run the service on every host of this [[hosts]] group, each behind its own proxy" },
+    Key { name: "batch", kind: "integer or string", doc: "hosts rolled out at a time: a number or a percentage (\"25%\"); default 1" },
+];
+
 /// A group as the config wrote it, resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
@@ -91,9 +96,12 @@ impl Amount {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSettings {
     pub group: Group,
-    /// `None`: every host at once.
+    /// `None`: every host at once (a job), one at a time (a service).
     pub batch: Option<Amount>,
     pub max_failed: Amount,
+    /// A service's own jobs (its migration): once, on one host.
+    #[serde(default)]
+    pub one_host: bool,
 }
 
 #[derive(Deserialize)]
@@ -246,6 +254,13 @@ struct RawJob {
     max_failed: Option<Spanned<toml::Value>>,
 }
 
+/// A service's `hosts` and `batch`: the settings of its rollout, and of
+/// its migration, which runs once, on one host.
+pub fn read_service(table: &mut KeyTable<'_, '_>) -> Option<Settings> {
+    let settings: JobSettings = read_job(table)?.get().ok()?;
+    Some(Settings::of(&JobSettings { one_host: true, ..settings }))
+}
+
 pub fn read_job(table: &mut KeyTable<'_, '_>) -> Option<Settings> {
     let raw: RawJob = table.read()?;
     let groups: BTreeMap<String, Group> = table.kind.get().unwrap_or_default();
@@ -276,7 +291,7 @@ pub fn read_job(table: &mut KeyTable<'_, '_>) -> Option<Settings> {
         None => None,
     };
     let max_failed = max_failed.unwrap_or(Some(Amount::Count(0)))?;
-    Some(Settings::of(&JobSettings { group, batch, max_failed }))
+    Some(Settings::of(&JobSettings { group, batch, max_failed, one_host: false }))
 }
 
 /// A count (at least `min`) or "N%" (1–100).

@@ -27,6 +27,7 @@ use session::{Chunk, Connection, Endpoint, Keys, RemoteExit};
 
 pub mod agent;
 pub mod config;
+mod rollout;
 pub mod session;
 
 pub static KIND: Kind = Kind;
@@ -44,7 +45,15 @@ impl TargetKind for Kind {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { runs_jobs: true, remote: true, ..Capabilities::default() }
+        Capabilities { runs_jobs: true, own_rollout: true, remote: true, ..Capabilities::default() }
+    }
+
+    fn service_keys(&self) -> &'static [Key] {
+        config::SERVICE_KEYS
+    }
+
+    fn service_settings(&self, table: &mut KeyTable<'_, '_>) -> Option<Settings> {
+        config::read_service(table)
     }
 
     fn tables(&self) -> &'static [TableKeys] {
@@ -152,6 +161,10 @@ struct Shared<'a> {
 
 #[async_trait]
 impl Target for SshTarget {
+    async fn rollout(&self, req: &crate::service::RolloutRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
+        rollout::run(self, req, output, cancel).await
+    }
+
     async fn run(&self, req: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
         let settings: JobSettings = match req.spec.settings.get() {
             Ok(s) => s,
@@ -177,6 +190,9 @@ impl Target for SshTarget {
         }
         let timeout = Duration::from_millis(req.spec.timeout_ms.max(1));
         let shared = Shared { target: self, req: &req, settings: &settings, keys, packed, env, output: &output, cancel: &cancel, deadline: Instant::now() + timeout };
+        if settings.one_host {
+            return once(&shared, timeout).await;
+        }
         let hosts = &settings.group.hosts;
         let batch = settings.batch.map(|b| b.batch_of(hosts.len())).unwrap_or(hosts.len().max(1));
         let tolerated = settings.max_failed.tolerated_of(hosts.len());
@@ -201,7 +217,7 @@ impl Target for SshTarget {
             if hosts.len() > batch {
                 note(&output, format!("[ssh] batch {} of {}: {}", i + 1, hosts.len().div_ceil(batch), names(chunk))).await;
             }
-            let results = join_all(chunk.iter().map(|h| run_on(&shared, h))).await;
+            let results: Vec<PartResult> = join_all(chunk.iter().map(|h| run_on(&shared, h))).await.into_iter().map(|(p, _)| p).collect();
             failed += results.iter().filter(|r| r.outcome != Outcome::Succeeded).count();
             parts.extend(results);
             if cancel.is_cancelled() {
@@ -214,6 +230,29 @@ impl Target for SshTarget {
         }
         summarize(parts, failed, tolerated, cancel.is_cancelled(), timeout)
     }
+}
+
+/// A service's own job (its migration): once per deployment, on the first
+/// host that can be reached; hosts that cannot are recorded and skipped.
+async fn once(s: &Shared<'_>, timeout: Duration) -> RunResult {
+    let mut parts = Vec::new();
+    for host in &s.settings.group.hosts {
+        let (part, reached) = run_on(s, host).await;
+        let outcome = part.outcome;
+        let reason = part.reason.clone();
+        let exit_code = part.exit_code.map(|c| c as i32);
+        parts.push(part);
+        if reached || outcome == Outcome::Cancelled || Instant::now() >= s.deadline {
+            let reason = match (outcome, reason) {
+                (Outcome::Succeeded, _) => None,
+                (_, r) => Some(format!("on {}: {}", host.name, r.unwrap_or_else(|| outcome.to_string()))),
+            };
+            return RunResult { outcome, exit_code, reason, parts };
+        }
+    }
+    let list = parts.iter().map(|p| format!("{} ({})", p.part, p.reason.clone().unwrap_or_default())).collect::<Vec<_>>().join(", ");
+    let _ = timeout;
+    RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(format!("no host of the group could be reached: {list}")), parts }
 }
 
 /// The job's result from its hosts' results.
@@ -252,25 +291,28 @@ async fn note(output: &OutputSink, line: String) {
     let _ = output.send((Stream::Stdout, line).into()).await;
 }
 
-/// One host's part of the job, from connecting to its end.
-async fn run_on(s: &Shared<'_>, host: &Host) -> PartResult {
+/// One host's part of the job, from connecting to its end; and whether
+/// the host was reached (logged in to) at all.
+async fn run_on(s: &Shared<'_>, host: &Host) -> (PartResult, bool) {
     let started_at = crate::store::now_ms();
     let started = Instant::now();
-    let (outcome, exit_code, reason) = match attempt_on(s, host).await {
+    let result = attempt_on(s, host).await;
+    let reached = !matches!(result, Err(End::Unreached(_)));
+    let (outcome, exit_code, reason) = match result {
         Ok((RemoteExit::Code(0), _)) => (Outcome::Succeeded, Some(0), None),
         Ok((RemoteExit::Code(c), _)) if c == AGENT_FAILED => (Outcome::Failed, None, Some(format!("could not start: {}", agent_said(s, host)))),
         Ok((RemoteExit::Code(c), _)) => (Outcome::Failed, Some(c as i64), Some(format!("exit {c}"))),
         Ok((RemoteExit::Signal(sig), _)) => (Outcome::Failed, None, Some(format!("killed by signal {sig}"))),
         Err(End::Cancelled) => (Outcome::Cancelled, None, Some("stopped on request".into())),
         Err(End::TimedOut) => (Outcome::TimedOut, None, Some(format!("timed out after {}", humantime::format_duration(started.elapsed())))),
-        Err(End::Failed(why)) => (Outcome::Failed, None, Some(why)),
+        Err(End::Failed(why)) | Err(End::Unreached(why)) => (Outcome::Failed, None, Some(why)),
     };
     let line = match &reason {
         Some(r) => format!("[ssh] {}: {} ({})", host.name, outcome.as_str(), r),
         None => format!("[ssh] {}: {} in {:.1?}", host.name, outcome.as_str(), started.elapsed()),
     };
     let _ = s.output.send(Line { stream: Stream::Stdout, text: line, part: Some(host.name.clone()) }).await;
-    PartResult { part: host.name.clone(), started_at, finished_at: crate::store::now_ms(), outcome, exit_code, reason }
+    (PartResult { part: host.name.clone(), started_at, finished_at: crate::store::now_ms(), outcome, exit_code, reason }, reached)
 }
 
 /// The agent's own failures (it could not start the program) exit with
@@ -285,6 +327,8 @@ fn agent_said(_s: &Shared<'_>, _host: &Host) -> String {
 enum End {
     Cancelled,
     TimedOut,
+    /// Could not connect or log in: nothing ran there.
+    Unreached(String),
     Failed(String),
 }
 
@@ -303,7 +347,7 @@ async fn attempt_on(s: &Shared<'_>, host: &Host) -> Result<(RemoteExit, ()), End
     let group = &s.settings.group;
     let ep = Endpoint { name: host.name.clone(), address: host.address.clone(), user: group.user.clone(), connect_timeout: group.connect_timeout() };
     let conn = tokio::select! {
-        c = session::connect(&ep, &s.keys) => c?,
+        c = session::connect(&ep, &s.keys) => c.map_err(|e| End::Unreached(short(&e.message)))?,
         _ = s.cancel.cancelled() => return Err(End::Cancelled),
         _ = tokio::time::sleep_until(s.deadline.into()) => return Err(End::TimedOut),
     };
@@ -404,12 +448,15 @@ fn command_name(c: &crate::config::Command) -> &'static str {
 /// Make the job's revision available on the host, once per content hash;
 /// where it is there.
 async fn ship(s: &Shared<'_>, conn: &Connection, agent: &str) -> Result<String, End> {
-    let dir = &s.settings.group.dir;
-    let sha = &s.packed.sha256;
+    ship_to(conn, agent, &s.settings.group.dir, &s.packed).await
+}
+
+async fn ship_to(conn: &Connection, agent: &str, dir: &str, packed: &Packed) -> Result<String, End> {
+    let sha = &packed.sha256;
     let has = exchange(conn, agent, "has", &json!({ "dir": dir, "sha256": sha }), &[]).await?;
     if has.get("tree").and_then(|t| t.as_bool()) != Some(true) {
         if has.get("blob").and_then(|t| t.as_bool()) != Some(true) {
-            exchange(conn, agent, "put", &json!({ "dir": dir, "sha256": sha, "size": s.packed.bytes.len() }), &s.packed.bytes).await?;
+            exchange(conn, agent, "put", &json!({ "dir": dir, "sha256": sha, "size": packed.bytes.len() }), &packed.bytes).await?;
         }
         let unpacked = exchange(conn, agent, "unpack", &json!({ "dir": dir, "sha256": sha }), &[]).await?;
         return unpacked.get("path").and_then(|p| p.as_str()).map(str::to_string).ok_or_else(|| End::Failed("the agent did not say where it unpacked the revision".into()));
