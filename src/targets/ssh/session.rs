@@ -11,7 +11,7 @@
 //! Command strings are ours only: paths we chose, [`quote`]d; nothing from
 //! a payload is ever part of one (it travels on stdin to the agent).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -454,7 +454,7 @@ pub async fn connect(ep: &Endpoint, keys: &Keys) -> Result<Connection, SshError>
     };
     let fingerprint = Shared::get(&shared.fingerprint).unwrap_or_default();
     Ok(Connection {
-        inner: Arc::new(Inner { handle, label, fingerprint, shared, bound: ep.connect_timeout, agents: tokio::sync::Mutex::new(HashMap::new()) }),
+        inner: Arc::new(Inner { handle, label, fingerprint, shared, bound: ep.connect_timeout, agents: tokio::sync::Mutex::new(HashSet::new()) }),
     })
 }
 
@@ -489,8 +489,8 @@ struct Inner {
     shared: Arc<Shared>,
     /// Bound for opening a channel (the endpoint's connect timeout).
     bound: Duration,
-    /// `ensure_agent`'s answer per base directory.
-    agents: tokio::sync::Mutex<HashMap<String, String>>,
+    /// Agent paths known to answer on the host (`ensure_agent`).
+    agents: tokio::sync::Mutex<HashSet<String>>,
 }
 
 /// An authenticated connection to one host. Clones share it; it ends when
@@ -824,7 +824,7 @@ pub fn agent_command(path: &str, verb: &str) -> String {
 
 /// Make sure this Slipway's binary answers on the host as
 /// `<dir>/bin/slipway-<first 16 hex of its sha256>`, uploading it if not;
-/// the remote path. Cached per connection and directory.
+/// the remote path. Cached per connection and path.
 pub async fn ensure_agent(conn: &Connection, dir: &str, timeout: Duration) -> Result<String, SshError> {
     ensure_agent_with(conn, AgentBinary::current(), dir, timeout).await
 }
@@ -835,16 +835,16 @@ pub async fn ensure_agent_with(conn: &Connection, binary: &AgentBinary, dir: &st
     let failed = |m: String| SshError::new(SshErrorKind::Failed, format!("{label}: {m}"));
     let deadline = Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
-    // Held across the check and upload: two jobs starting at once on one
-    // host upload once.
-    let mut agents = tokio::time::timeout(timeout, conn.inner.agents.lock())
-        .await
-        .map_err(|_| SshError::new(SshErrorKind::TimedOut, format!("{label}: another upload of the agent did not finish within {}", humantime::format_duration(timeout))))?;
-    if let Some(path) = agents.get(dir) {
-        return Ok(path.clone());
-    }
     let hash = binary.short_hash().await.map_err(failed)?;
     let path = format!("{}/bin/slipway-{hash}", dir.trim_end_matches('/'));
+    // Held across the check and upload: two jobs starting at once on one
+    // host upload once.
+    let mut known = tokio::time::timeout(left(), conn.inner.agents.lock())
+        .await
+        .map_err(|_| SshError::new(SshErrorKind::TimedOut, format!("{label}: another upload of the agent did not finish within {}", humantime::format_duration(timeout))))?;
+    if known.contains(&path) {
+        return Ok(path);
+    }
     let check = agent_command(&path, "version");
     let answers = |out: &Output| out.success() && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|v| v.get("version").is_some());
     if !answers(&conn.output(&check, b"", left()).await?) {
@@ -855,7 +855,7 @@ pub async fn ensure_agent_with(conn: &Connection, binary: &AgentBinary, dir: &st
             return Err(failed(format!("the uploaded agent {path} does not run on the host: {}", out.describe())));
         }
     }
-    agents.insert(dir.to_string(), path.clone());
+    known.insert(path.clone());
     Ok(path)
 }
 
