@@ -366,6 +366,9 @@ impl client::Handler for Client {
             client::DisconnectReason::Error(e) => e.to_string(),
         };
         Shared::set(&self.shared.lost_reason, why);
+        // Now, before the session drops its channels: whoever sees a
+        // channel end next finds the connection lost, with the reason.
+        self.shared.lost.cancel();
         Ok(())
     }
 }
@@ -528,7 +531,12 @@ impl Connection {
         tokio::select! {
             r = tokio::time::timeout(bound, fut) => match r {
                 Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(self.lost().unwrap_or_else(|| SshError::new(SshErrorKind::Failed, format!("{label}: {what}: {e}")))),
+                Ok(Err(e)) => {
+                    if self.inner.handle.is_closed() {
+                        settle(&self.inner.shared).await;
+                    }
+                    Err(self.lost().unwrap_or_else(|| SshError::new(SshErrorKind::Failed, format!("{label}: {what}: {e}"))))
+                }
                 Err(_) => Err(SshError::new(SshErrorKind::TimedOut, format!("{label}: {what}: no answer within {}", humantime::format_duration(bound)))),
             },
             _ = self.inner.shared.lost.cancelled() => Err(self.lost().unwrap_or_else(|| SshError::new(SshErrorKind::Lost, format!("{label}: connection lost")))),
@@ -542,7 +550,7 @@ impl Connection {
         let channel = self.guard("opening a session channel", self.inner.bound, self.inner.handle.channel_open_session()).await?;
         self.guard("starting a command", self.inner.bound, channel.exec(true, command)).await?;
         let (read, write) = channel.split();
-        Ok(RemoteProcess { read, write: Some(write), shared: self.inner.shared.clone(), label: self.inner.label.clone(), refused: false })
+        Ok(RemoteProcess { read, write: Some(write), shared: self.inner.shared.clone(), label: self.inner.label.clone(), refused: false, closed: false })
     }
 
     /// Run a short command with `stdin` as its input; everything within
@@ -646,6 +654,11 @@ impl Connection {
     }
 }
 
+/// The session task is ending: a moment (bounded) for it to say why.
+async fn settle(shared: &Shared) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), shared.lost.cancelled()).await;
+}
+
 fn lost_error(shared: &Shared, label: &str) -> Option<SshError> {
     if !shared.lost.is_cancelled() {
         return None;
@@ -696,6 +709,8 @@ pub struct RemoteProcess {
     label: String,
     /// The host answered the exec request with a failure.
     refused: bool,
+    /// The host closed the channel (a normal end).
+    closed: bool,
 }
 
 impl RemoteProcess {
@@ -724,7 +739,13 @@ impl RemoteProcess {
         loop {
             // The session task ends when the connection does (keepalives
             // bound that); with it go the channel's senders: None.
-            match self.read.wait().await? {
+            let Some(msg) = self.read.wait().await else {
+                if !self.closed {
+                    settle(&self.shared).await;
+                }
+                return None;
+            };
+            match msg {
                 ChannelMsg::Data { data } => return Some(Chunk::Stdout(data.to_vec())),
                 ChannelMsg::ExtendedData { data, ext: 1 } => return Some(Chunk::Stderr(data.to_vec())),
                 ChannelMsg::ExitStatus { exit_status } => return Some(Chunk::Exit(RemoteExit::Code(exit_status as i32))),
@@ -735,7 +756,10 @@ impl RemoteProcess {
                     };
                     return Some(Chunk::Exit(RemoteExit::Signal(name)));
                 }
-                ChannelMsg::Close => return None,
+                ChannelMsg::Close => {
+                    self.closed = true;
+                    return None;
+                }
                 ChannelMsg::Failure => self.refused = true,
                 _ => {}
             }
@@ -876,6 +900,16 @@ mod tests {
         assert!(split_address(":22").is_err());
         assert_eq!(known_hosts_name("h", 22), "h");
         assert_eq!(known_hosts_name("h", 2222), "[h]:2222");
+    }
+
+    #[test]
+    fn handles_move_between_tasks() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send_unpin<T: Send + Unpin>() {}
+        send_sync::<Connection>();
+        send_unpin::<RemoteProcess>();
+        send_unpin::<Tunnel>();
+        send_sync::<SshError>();
     }
 
     #[test]
