@@ -20,7 +20,10 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    slipway::cli::init_logging();
+    // The agent's stderr is a job's stream on a host: no logging there.
+    if !matches!(cli.command, slipway::cli::Command::Agent { .. }) {
+        slipway::cli::init_logging();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
