@@ -39,7 +39,7 @@ pub const AGENT_FAILED: u8 = 125;
 pub const PREFIX: &str = "slipway-agent: ";
 
 /// How long the agent waits for its request line.
-const REQUEST_WITHIN: Duration = Duration::from_secs(30);
+pub(super) const REQUEST_WITHIN: Duration = Duration::from_secs(30);
 /// Longest request line.
 const MAX_REQUEST: usize = 1 << 20;
 /// `put`: the longest silence on stdin before the upload is given up.
@@ -179,15 +179,20 @@ pub fn marker_path(dir: &str, installation: &str, deployment: i64, job: &str, at
 // ---- entry ----------------------------------------------------------------
 
 pub async fn main(args: Vec<String>) -> Result<u8, String> {
+    if args.first().map(String::as_str) == Some("supervise") {
+        // The host's service supervisor: a daemon, not a request.
+        return super::supervisor::supervise(&args[1..]).await;
+    }
     let verb = match args.as_slice() {
         [verb] => verb.as_str(),
         _ => {
-            reply_error("usage: slipway agent ssh run|end-earlier|sweep|put|unpack|has|version (the request on stdin)");
+            reply_error("usage: slipway agent ssh run|service|end-earlier|sweep|put|unpack|has|version (the request on stdin), or supervise --dir DIR --installation ID");
             return Ok(2);
         }
     };
     let result = match verb {
         "run" => return Ok(run().await),
+        "service" => return Ok(super::supervisor::service().await),
         "version" => Ok(to_line(&VersionReply { version: env!("CARGO_PKG_VERSION").to_string() })),
         "end-earlier" => end_earlier().await,
         "sweep" => sweep().await,
@@ -208,13 +213,13 @@ pub async fn main(args: Vec<String>) -> Result<u8, String> {
     }
 }
 
-fn to_line<T: Serialize>(v: &T) -> String {
+pub(super) fn to_line<T: Serialize>(v: &T) -> String {
     let mut s = serde_json::to_string(v).unwrap_or_else(|_| "{}".into());
     s.push('\n');
     s
 }
 
-fn reply_error(message: &str) {
+pub(super) fn reply_error(message: &str) {
     let _ = write_all_fd(1, to_line(&ErrorReply { error: message.to_string() }).as_bytes());
 }
 
@@ -222,7 +227,7 @@ fn reply_error(message: &str) {
 
 /// Stdin read by a thread of its own (a plain thread: the runtime never
 /// waits for it, so a read that never returns cannot hold the exit).
-struct Input {
+pub(super) struct Input {
     rx: mpsc::Receiver<Vec<u8>>,
     /// Read but not yet consumed.
     buf: Vec<u8>,
@@ -230,7 +235,7 @@ struct Input {
 }
 
 impl Input {
-    fn start() -> Input {
+    pub(super) fn start() -> Input {
         let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
         std::thread::spawn(move || {
             let mut stdin = std::io::stdin().lock();
@@ -253,7 +258,7 @@ impl Input {
     }
 
     /// The first line (the request), within `within`.
-    async fn line(&mut self, within: Duration) -> Result<Vec<u8>, String> {
+    pub(super) async fn line(&mut self, within: Duration) -> Result<Vec<u8>, String> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
@@ -290,7 +295,7 @@ impl Input {
 
 /// write(2) to a raw descriptor: no std lock (a thread blocked writing
 /// the job's output must never block the agent's own writes).
-fn write_all_fd(fd: i32, mut bytes: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_all_fd(fd: i32, mut bytes: &[u8]) -> std::io::Result<()> {
     while !bytes.is_empty() {
         // SAFETY: writes from a live slice to a descriptor we do not own or close.
         let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
@@ -327,12 +332,12 @@ fn say(message: &str) {
 
 // ---- processes -------------------------------------------------------------
 
-fn start_time(pid: i32) -> Option<u64> {
+pub(super) fn start_time(pid: i32) -> Option<u64> {
     proc_stat(pid).map(|s| s.start_time)
 }
 
 /// `pid` is still the process that started at `start`, and not a zombie.
-fn is_running(pid: i32, start: u64) -> bool {
+pub(super) fn is_running(pid: i32, start: u64) -> bool {
     pid > 0 && proc_stat(pid).is_some_and(|s| s.start_time == start && !s.zombie)
 }
 
@@ -354,7 +359,7 @@ fn group_alive(pgid: i32, leader_start: u64) -> bool {
     pgid > 0 && (is_running(pgid, leader_start) || group_has_members(pgid))
 }
 
-fn kill_group(pgid: i32, signal: i32) {
+pub(super) fn kill_group(pgid: i32, signal: i32) {
     if pgid > 0 {
         // SAFETY: plain syscall; a group that is gone gives ESRCH, ignored.
         unsafe {
@@ -378,7 +383,7 @@ async fn wait_groups_gone(groups: &[(i32, u64)], deadline: Instant) -> bool {
 
 /// SIGTERM the groups, SIGKILL what is left after `grace`, wait until
 /// `deadline`; whether all are gone.
-async fn end_groups(groups: &[(i32, u64)], grace: Duration, deadline: Instant) -> bool {
+pub(super) async fn end_groups(groups: &[(i32, u64)], grace: Duration, deadline: Instant) -> bool {
     let live: Vec<(i32, u64)> = groups.iter().copied().filter(|(g, s)| group_alive(*g, *s)).collect();
     for (g, _) in &live {
         kill_group(*g, libc::SIGTERM);
@@ -394,12 +399,12 @@ async fn end_groups(groups: &[(i32, u64)], grace: Duration, deadline: Instant) -
     wait_groups_gone(&live, deadline.max(Instant::now() + Duration::from_millis(100))).await
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Without the " (os error N)" tail: messages for people.
-fn os_message(e: &std::io::Error) -> String {
+pub(super) fn os_message(e: &std::io::Error) -> String {
     let s = e.to_string();
     match s.find(" (os error ") {
         Some(i) => s[..i].to_string(),
@@ -410,7 +415,7 @@ fn os_message(e: &std::io::Error) -> String {
 // ---- markers ---------------------------------------------------------------
 
 /// A name used as one path component: no separators, no dot files.
-fn check_component(what: &str, value: &str) -> Result<(), String> {
+pub(super) fn check_component(what: &str, value: &str) -> Result<(), String> {
     if value.is_empty() || value.len() > 200 || value.starts_with('.') || value.contains(['/', '\0']) {
         return Err(format!("invalid {what} {value:?}"));
     }
@@ -418,7 +423,7 @@ fn check_component(what: &str, value: &str) -> Result<(), String> {
 }
 
 /// Write a file atomically: a temporary file beside it, then a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {

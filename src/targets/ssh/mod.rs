@@ -29,6 +29,7 @@ pub mod agent;
 pub mod config;
 mod rollout;
 pub mod session;
+pub mod supervisor;
 
 pub static KIND: Kind = Kind;
 
