@@ -283,3 +283,244 @@ fn issue15_the_supervisor_rolls_drains_and_survives_its_own_kill_here() {
     let a = t.ask(&bad);
     assert!(!a.ok && a.last()["error"].is_string(), "{a:?}");
 }
+
+// ---- over SSH, on a host of the fleet ------------------------------------------
+
+mod fleet_test {
+    use super::*;
+    use common::fleet::Fleet;
+    use slipway::targets::ssh::session::{self, AgentBinary, Chunk, Connection, Endpoint, Keys};
+
+    const T: Duration = Duration::from_secs(120);
+
+    /// `path` without its debug information, in a temp dir of this process.
+    fn stripped(path: &str, name: &str) -> PathBuf {
+        static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+        let out = DIR.get_or_init(|| tempfile::tempdir().expect("tempdir")).path().join(name);
+        if !out.exists() {
+            let strip = std::process::Command::new("strip").arg("--strip-debug").arg("-o").arg(&out).arg(path).status();
+            if !matches!(strip, Ok(s) if s.success()) {
+                std::fs::copy(path, &out).expect("copy");
+            }
+        }
+        out
+    }
+
+    struct Host<'a> {
+        fleet: &'a Fleet,
+        conn: Connection,
+        agent: String,
+        installation: String,
+        listen: SocketAddr,
+        spec: String,
+        workdir: String,
+    }
+
+    impl Host<'_> {
+        fn request(&self, op: &str) -> Value {
+            json!({ "dir": self.fleet.dir(), "installation": self.installation, "op": op, "environment": "production", "service": "web" })
+        }
+
+        fn rollout(&self, version: &str) -> Value {
+            let mut r = self.request("rollout");
+            r["spec"] = json!(self.spec);
+            r["version"] = json!(version);
+            r["deployment_id"] = json!(3);
+            r["revision"] = json!(format!("rev-{version}"));
+            r["workdir"] = json!(self.workdir);
+            r["sha256"] = Value::Null;
+            r
+        }
+
+        /// One `service` call over SSH, as rollout.rs makes it.
+        async fn ask(&self, request: &Value) -> Answer {
+            let mut p = self.conn.spawn(&session::agent_command(&self.agent, "service")).await.expect("spawn the agent");
+            p.write(format!("{request}\n").as_bytes()).await.expect("send");
+            p.close_stdin().await.expect("close stdin");
+            let (mut out, mut code) = (Vec::new(), None);
+            while let Some(c) = tokio::time::timeout(T, p.next()).await.expect("the agent answers within the bound") {
+                match c {
+                    Chunk::Stdout(b) => out.extend(b),
+                    Chunk::Stderr(_) => {}
+                    Chunk::Exit(e) => code = Some(e),
+                }
+            }
+            parse(&out, matches!(code, Some(session::RemoteExit::Code(0))))
+        }
+
+        fn base(&self) -> PathBuf {
+            self.fleet.host_root(1).join("supervisor").join(&self.installation)
+        }
+
+        fn supervisor_pid(&self) -> i64 {
+            let v: Value = serde_json::from_slice(&std::fs::read(self.base().join("pid")).expect("the pid file")).expect("pid JSON");
+            v["pid"].as_i64().expect("pid")
+        }
+
+        /// Whether `pid` (of the host's PID namespace) runs there.
+        fn alive(&self, pid: i64) -> bool {
+            self.fleet.exec_on(1, &["kill", "-0", &pid.to_string()]).status.success()
+        }
+    }
+
+    /// GET / on `addr` (HTTP/1.0, 2 s bounds): the body on a 200.
+    fn get(addr: SocketAddr) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(s, "GET / HTTP/1.0\r\nHost: web\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        head.contains(" 200 ").then(|| body.trim().to_string())
+    }
+
+    async fn eventually(within: Duration, what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + within;
+        while !f() {
+            assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Keep-alive clients against `addr` until `stop`: (ok, failed, first failures).
+    async fn load(addr: SocketAddr, stop: Arc<AtomicBool>) -> (u64, u64, Vec<String>) {
+        let tasks: Vec<_> = (0..6)
+            .map(|_| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let client = slipway::http::builder().timeout(Duration::from_secs(10)).build().expect("client");
+                    let (mut ok, mut failed, mut errors) = (0u64, 0u64, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        match client.get(format!("http://{addr}/")).send().await {
+                            Ok(r) if r.status().is_success() => match r.text().await {
+                                Ok(b) if b.starts_with("hello") => ok += 1,
+                                other => {
+                                    failed += 1;
+                                    errors.push(format!("{other:?}"));
+                                }
+                            },
+                            other => {
+                                failed += 1;
+                                errors.push(format!("{other:?}"));
+                            }
+                        }
+                    }
+                    (ok, failed, errors)
+                })
+            })
+            .collect();
+        let mut total = (0, 0, Vec::new());
+        for t in tasks {
+            let (o, f, e) = t.await.expect("load task");
+            total.0 += o;
+            total.1 += f;
+            total.2.extend(e.into_iter().take(3));
+        }
+        total
+    }
+
+    #[test]
+    fn issue15_the_supervisor_on_a_fleet_host_over_ssh() {
+        let fleet = Fleet::up(1);
+        fleet.enter();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        rt.block_on(on_fleet(&fleet));
+    }
+
+    async fn on_fleet(fleet: &Fleet) {
+        let h = fleet.host(1);
+        let ep = Endpoint { name: h.name.clone(), address: h.address.clone(), user: fleet.user().to_string(), connect_timeout: Duration::from_secs(5) };
+        let key =
+            slipway::config::secret::SecretRef { name: "key".into(), source: slipway::config::secret::SecretSource::File(fleet.key_path().to_path_buf()) }
+                .read()
+                .expect("the fleet's key");
+        let keys = Keys { private_key: key, known_hosts: std::fs::read_to_string(fleet.known_hosts_path()).expect("known_hosts") };
+        let conn = session::connect(&ep, &keys).await.expect("connect to h1");
+        let agent = session::ensure_agent_with(&conn, &AgentBinary::at(stripped(common::slipway_bin().to_str().unwrap(), "slipway")), fleet.dir(), T)
+            .await
+            .expect("the agent on h1");
+        let workdir = format!("{}/demo", fleet.dir());
+        let demo = std::fs::read(stripped(common::demo_bin(), "slipway-demo")).expect("read the demo");
+        conn.upload(&format!("{workdir}/slipway-demo"), &demo, 0o755, T).await.expect("upload the demo");
+        let port = 8080;
+        let spec = spec(SocketAddr::from(([0, 0, 0, 0], port)), &format!("{workdir}/slipway-demo"), 2);
+        let listen: SocketAddr = format!("{}:{port}", h.address).parse().expect("addr");
+        let t = Host { fleet, conn, agent, installation: format!("t{}", rand::random::<u32>()), listen, spec, workdir };
+
+        // v1: the host's address answers.
+        let a = t.ask(&t.rollout("1.0")).await;
+        assert!(a.ok && a.outcome() == "succeeded", "{a:?}");
+        assert_eq!(get(t.listen).as_deref(), Some("hello from demo 1.0"));
+
+        // v2 under continuous requests from the bridge: none fails.
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = tokio::spawn(load(t.listen, stop.clone()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let a = t.ask(&t.rollout("2.0")).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (ok, failed, errors) = load.await.expect("load");
+        assert!(a.ok && a.outcome() == "succeeded", "{a:?}");
+        eprintln!("rollout v1 → v2 on {}: {ok} requests, {failed} failed", h.name);
+        assert!(ok > 50, "the load ran ({ok} requests)");
+        assert_eq!(failed, 0, "failed requests during the rollout: {errors:?}");
+        assert_eq!(get(t.listen).as_deref(), Some("hello from demo 2.0"));
+
+        // v3 never gets healthy: rolled back on the host, v2 serves.
+        let a = t.ask(&t.rollout("3.0")).await;
+        assert!(a.ok && a.outcome() == "rolled_back", "{a:?}");
+        assert_eq!(get(t.listen).as_deref(), Some("hello from demo 2.0"));
+
+        // Status: what the node needs to put the host back.
+        let web = t.ask(&t.request("status")).await.web().expect("web in status");
+        assert_eq!((web["version"].as_str(), web["instances"].as_i64(), web["healthy"].as_i64()), (Some("2.0"), Some(2), Some(2)), "{web}");
+        assert_eq!(
+            (web["spec"].as_str(), web["workdir"].as_str(), web["revision"].as_str()),
+            (Some(t.spec.as_str()), Some(t.workdir.as_str()), Some("rev-2.0"))
+        );
+        let before = pids(&web);
+
+        // Drain: refused from the bridge; undrain: answers, same processes.
+        let a = t.ask(&t.request("drain")).await;
+        assert!(a.ok && a.outcome() == "succeeded", "{a:?}");
+        assert!(refused(t.listen), "a drained host refuses connections");
+        let a = t.ask(&t.request("undrain")).await;
+        assert!(a.ok && a.outcome() == "succeeded", "{a:?}");
+        assert_eq!(get(t.listen).as_deref(), Some("hello from demo 2.0"));
+        assert_eq!(pids(&t.ask(&t.request("status")).await.web().expect("web")), before);
+
+        // kill -9 of the supervisor: the next request starts a new one, which
+        // adopts the running instances; the address answers again.
+        let old = t.supervisor_pid();
+        assert!(fleet.exec_on(1, &["kill", "-9", &old.to_string()]).status.success());
+        eventually(Duration::from_secs(10), "the supervisor is gone", || !t.alive(old)).await;
+        assert!(before.iter().all(|p| t.alive(*p)), "instances outlive their supervisor");
+        let s = t.ask(&t.request("status")).await;
+        assert!(s.ok, "{s:?}");
+        assert_ne!(t.supervisor_pid(), old, "a new supervisor answers");
+        eventually(Duration::from_secs(20), "the address answers again", || get(t.listen).as_deref() == Some("hello from demo 2.0")).await;
+        assert_eq!(pids(&t.ask(&t.request("status")).await.web().expect("web")), before, "the same processes, adopted");
+
+        // The node's connection dies mid-rollout: the host finishes it.
+        let conn2 = session::connect(&ep, &keys).await.expect("a second connection");
+        let mut p = conn2.spawn(&session::agent_command(&t.agent, "service")).await.expect("spawn");
+        p.write(format!("{}\n", t.rollout("4.0")).as_bytes()).await.expect("send");
+        p.close_stdin().await.expect("close stdin");
+        let first = tokio::time::timeout(T, p.next()).await.expect("a first line");
+        assert!(matches!(first, Some(Chunk::Stdout(_))), "{first:?}");
+        drop(p);
+        conn2.close().await;
+        eventually(Duration::from_secs(30), "the cut-off rollout finishes on the host", || get(t.listen).as_deref() == Some("hello from demo 4.0")).await;
+        let a = t.ask(&t.rollout("4.0")).await;
+        assert!(a.ok && a.outcome() == "succeeded" && a.said().contains("nothing to do"), "{a:?}");
+
+        // Stop: the address refuses, nothing of it runs.
+        let now = pids(&t.ask(&t.request("status")).await.web().expect("web"));
+        let a = t.ask(&t.request("stop")).await;
+        assert!(a.ok && a.outcome() == "succeeded", "{a:?}");
+        assert!(refused(t.listen));
+        eventually(Duration::from_secs(10), "the instances end", || now.iter().all(|p| !t.alive(*p))).await;
+        assert!(t.ask(&t.request("status")).await.web().is_none());
+    }
+}
