@@ -500,7 +500,6 @@ impl SshTarget {
 
 /// Make a revision (or release) available on the host, once per content
 /// hash; where it is there.
-
 async fn ship_to(conn: &Connection, agent: &str, dir: &str, packed: &Packed) -> Result<String, End> {
     let sha = &packed.sha256;
     let has = exchange(conn, agent, "has", &json!({ "dir": dir, "sha256": sha }), &[]).await?;
