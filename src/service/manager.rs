@@ -325,6 +325,11 @@ impl ServiceManager {
 
     /// Run one rollout to its end: the service runs `req.version` on all
     /// its instances, or (on failure) what it ran before.
+    /// The targets instances start on (`slipway hosts` asks them too).
+    pub fn targets(&self) -> &Arc<Targets> {
+        &self.targets
+    }
+
     pub async fn rollout(self: &Arc<Self>, req: RolloutRequest, out: OutputSink, cancel: CancellationToken) -> RunResult {
         if runs_own_rollout(&req.spec) {
             return self.own_rollout(req, out, cancel).await;

@@ -27,6 +27,7 @@ use session::{Chunk, Connection, Endpoint, Keys, RemoteExit};
 
 pub mod agent;
 pub mod config;
+mod machines;
 mod rollout;
 pub mod session;
 
@@ -199,6 +200,14 @@ struct Shared<'a> {
 impl Target for SshTarget {
     async fn rollout(&self, req: &crate::service::RolloutRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
         rollout::run(self, req, output, cancel).await
+    }
+
+    async fn machines(&self, tables: &Settings) -> Vec<super::Machine> {
+        machines::machines(self, tables).await
+    }
+
+    async fn drain(&self, tables: &Settings, name: &str, drained: bool) -> Result<String, TargetError> {
+        machines::drain(self, tables, name, drained).await
     }
 
     async fn run(&self, req: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
