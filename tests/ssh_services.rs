@@ -231,3 +231,92 @@ fn issue15_a_tarball_service_rolls_across_twenty_hosts_without_a_failed_request(
     let services = common::get_json(&format!("{}/api/v1/services", server.url));
     assert_eq!(services[0]["version"], "2.0", "{services}");
 }
+
+/// The pid of the demo server (version `version`) on host `k`, if any.
+fn demo_pid(fleet: &Fleet, k: usize, version: &str) -> Option<String> {
+    let out = fleet.exec_on(k, &["ps", "-eo", "pid=,args="]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains("slipway-demo serve") && l.contains(&format!("--version {version}")))
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+}
+
+#[test]
+fn issue15_kill_9_in_the_middle_of_a_fleet_rollout_converges_to_the_recorded_version() {
+    const N: usize = 4;
+    let fleet = Fleet::up(N);
+    fleet.enter();
+    let (tarball, sha) = release();
+    let http = tarball_server(tarball);
+    let dir = common::config_dir(&config(&fleet, N, http, 1), &[]);
+    let mut server = serve(&fleet, dir.path());
+    let out = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "production", "--sha256", &sha]);
+    assert!(out.status.success(), "{}", text(&out));
+    let untouched = demo_pid(&fleet, N, "1.0").expect("1.0 runs on the last host");
+
+    // 2.0 host by host; the node dies once the first host switched.
+    let mut deploy = server
+        .cli_command(dir.path(), &["deploy", "web", "2.0", "--env", "production", "--sha256", &sha])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = addrs(&fleet, N)[0];
+    common::wait_for(Duration::from_secs(120), "the first host to serve 2.0", || (get(first).as_deref() == Ok("hello from demo 2.0")).then_some(()));
+    server.kill9();
+    let _ = deploy.kill();
+    let _ = deploy.wait();
+
+    // The next node finds 1.0 recorded (2.0 never finished): every host
+    // converges to it; the last host's instance is kept, not replaced.
+    let server = serve(&fleet, dir.path());
+    common::wait_for(Duration::from_secs(120), "every host back on 1.0", || {
+        addrs(&fleet, N).into_iter().all(|a| get(a).as_deref() == Ok("hello from demo 1.0")).then_some(())
+    });
+    assert_eq!(demo_pid(&fleet, N, "1.0").as_deref(), Some(untouched.as_str()), "the untouched host's instance was replaced");
+    let services = common::get_json(&format!("{}/api/v1/services", server.url));
+    assert_eq!(services[0]["version"], "1.0", "{services}");
+    // Each deployment's migration ran once, on one host.
+    let logs: Vec<String> = (1..=N).filter_map(|k| std::fs::read_to_string(fleet.host_root(k).join("migrations.log")).ok()).collect();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert_eq!(logs[0].lines().collect::<Vec<_>>(), ["migrated to 1.0", "migrated to 2.0"]);
+}
+
+#[test]
+fn issue15_a_drained_host_gets_no_deploys_and_takes_no_connections() {
+    const N: usize = 3;
+    let fleet = Fleet::up(N);
+    fleet.enter();
+    let (tarball, sha) = release();
+    let http = tarball_server(tarball);
+    let dir = common::config_dir(&config(&fleet, N, http, 1), &[]);
+    let server = serve(&fleet, dir.path());
+    let out = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "production", "--sha256", &sha]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let hosts = server.cli(dir.path(), &["--json", "hosts"]);
+    assert!(hosts.status.success(), "{}", text(&hosts));
+    let list: serde_json::Value = serde_json::from_slice(&hosts.stdout).unwrap();
+    assert_eq!(list.as_array().map(|a| a.len()), Some(N), "{list}");
+    for h in list.as_array().unwrap() {
+        assert_eq!(h["reachable"], true, "{h}");
+        assert!(h["fingerprint"].as_str().is_some_and(|f| f.starts_with("SHA256:")), "{h}");
+        assert_eq!(h["services"][0]["version"], "1.0", "{h}");
+    }
+
+    let h2 = fleet.host(2).address.clone();
+    let out = server.cli(dir.path(), &["hosts", "drain", &h2]);
+    assert!(out.status.success(), "{}", text(&out));
+    let a2: SocketAddr = format!("{h2}:{LISTEN_PORT}").parse().unwrap();
+    assert!(get(a2).is_err(), "a drained host still takes connections");
+    let out = server.cli(dir.path(), &["deploy", "web", "2.0", "--env", "production", "--sha256", &sha]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(get(addrs(&fleet, N)[0]).as_deref(), Ok("hello from demo 2.0"));
+    assert!(demo_pid(&fleet, 2, "2.0").is_none(), "the drained host was deployed to");
+
+    let out = server.cli(dir.path(), &["hosts", "undrain", &h2]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(get(a2).as_deref(), Ok("hello from demo 1.0"), "back in service on what it ran");
+    let audit = server.cli(dir.path(), &["audit"]);
+    assert!(text(&audit).contains(&format!("drain host {h2}")), "{}", text(&audit));
+}
