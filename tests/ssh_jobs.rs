@@ -246,3 +246,50 @@ timeout = "10m"
     let _ = cli.kill();
     let _ = cli.wait();
 }
+
+#[test]
+fn issue15_a_retry_after_a_partition_ends_the_cut_off_command_before_it_starts() {
+    let fleet = Fleet::up(1);
+    let jobs = r#"
+[[job]]
+name = "long"
+command = ["sh", "-c", "echo started; sleep 300"]
+hosts = "web"
+timeout = "10m"
+retry = { attempts = 2, backoff = "1s" }
+"#;
+    let dir = common::config_dir(&config(&fleet, 1, jobs), &[]);
+    let server = serve(&fleet, dir.path());
+    // The pids of the job's `sleep`s on the host.
+    let sleeps = || {
+        let out = fleet.exec_on(1, &["ps", "-eo", "pid=,args="]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.trim_start().split_once(' ').is_some_and(|(_, a)| a.trim() == "sleep 300"))
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let mut cli = server.cli_command(dir.path(), &["run", "long"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let first = common::wait_for(Duration::from_secs(60), "attempt 1 to run on h1", || sleeps().first().cloned());
+    fleet.ctl(1, "link-down");
+    // The node notices (keepalives), fails attempt 1 and schedules attempt 2.
+    let id = common::wait_for(Duration::from_secs(60), "attempt 1 to be recorded as failed", || {
+        let list = common::get_json(&format!("{}/api/v1/deployments", server.url));
+        let id = list.as_array()?.iter().filter_map(|d| d["id"].as_i64()).max()?;
+        let d = detail(&server, id);
+        d["attempts"].as_array().is_some_and(|a| !a.is_empty()).then_some(id)
+    });
+    fleet.ctl(1, "link-up");
+    // Attempt 2 ends attempt 1's command before it starts its own: never
+    // two at once, and the old one is gone.
+    let second = common::wait_for(Duration::from_secs(60), "attempt 2 to run on h1", || {
+        let now = sleeps();
+        assert!(now.len() <= 1, "two attempts at once on h1: {now:?}");
+        now.first().filter(|p| **p != first).cloned()
+    });
+    assert!(!sleeps().contains(&first), "attempt 1's command still runs beside attempt 2 ({second})");
+    let hosts = hosts_of(&detail(&server, id), "long");
+    assert!(hosts.values().any(|(o, _, r)| o == "failed" && (r.contains("lost") || r.contains("stopped answering"))), "{hosts:?}");
+    let _ = cli.kill();
+    let _ = cli.wait();
+}

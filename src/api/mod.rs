@@ -144,8 +144,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, create_token, list_tokens, revoke_token, gc_plan, gc_apply, retention_plan, retention_apply, gates::list_environments, gates::list_approvals, gates::approve, gates::promote, gates::list_revisions, gates::check_revision, hooks::github, hooks::registry, hooks::published, healthz, metrics_text, openapi),
-    components(schemas(EventRequestSchema, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, RetentionInfo, RetentionRepositoryInfo, RetentionKeptInfo, RetentionDeleteInfo, HookAnswer, HookResult, PublishedRequest, WhyInfo, AuditInfo, TokenRequest, TokenCreated, TokenInfo, ApprovalInfo, EnvironmentInfo, PromoteRequest, RevisionInfo, TouchedJob, auth::Role, Health, ErrorBody, EventAnswer, TokenRevoked, SseEventInfo, Name, Version, EventId, Digest, Image)),
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, create_token, list_tokens, revoke_token, gc_plan, gc_apply, list_hosts, drain_host, undrain_host, retention_plan, retention_apply, gates::list_environments, gates::list_approvals, gates::approve, gates::promote, gates::list_revisions, gates::check_revision, hooks::github, hooks::registry, hooks::published, healthz, metrics_text, openapi),
+    components(schemas(EventRequestSchema, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HostInfo, HostServiceInfo, HostDrained, RetentionInfo, RetentionRepositoryInfo, RetentionKeptInfo, RetentionDeleteInfo, HookAnswer, HookResult, PublishedRequest, WhyInfo, AuditInfo, TokenRequest, TokenCreated, TokenInfo, ApprovalInfo, EnvironmentInfo, PromoteRequest, RevisionInfo, TouchedJob, auth::Role, Health, ErrorBody, EventAnswer, TokenRevoked, SseEventInfo, Name, Version, EventId, Digest, Image)),
     modifiers(&Contract)
 )]
 pub struct ApiDoc;
@@ -177,6 +177,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/services/{environment}/{service}/events", get(service_events))
         .route("/api/v1/services/{environment}/{service}/why", get(why_service))
         .route("/api/v1/gc", get(gc_plan).post(gc_apply))
+        .route("/api/v1/hosts", get(list_hosts))
+        .route("/api/v1/hosts/{host}/drain", post(drain_host))
+        .route("/api/v1/hosts/{host}/undrain", post(undrain_host))
         .route("/api/v1/retention", get(retention_plan).post(retention_apply))
         .route("/api/v1/audit", get(list_audit))
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
@@ -892,6 +895,67 @@ async fn revoke_token(
         }
     }
     Ok((axum::Extension(audit::AuditNote(format!("revoke token {name}"))), Json(TokenRevoked { revoked: name })))
+}
+
+/// Every host of every target's groups (`[[hosts]]`), asked now: reachable
+/// or why not, its host key, whether it is drained, what runs on it.
+#[utoipa::path(get, path = "/api/v1/hosts", responses((status = 200, description = "The hosts, by group", body = Vec<HostInfo>), (status = 422, description = "The config on disk is invalid", body = ErrorBody)))]
+async fn list_hosts(State(s): State<Arc<AppState>>) -> ApiResult<Json<Vec<HostInfo>>> {
+    let Some(m) = &s.services else { return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "this node runs no targets")) };
+    let loaded = s.submitter.config().await?;
+    let mut hosts = Vec::new();
+    for kind in crate::targets::kinds() {
+        let Some(tables) = loaded.config.targets.get(kind.name()).filter(|t| !t.is_empty()) else { continue };
+        let target = m.targets().get(kind.name()).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.message))?;
+        hosts.extend(target.machines(tables).await.into_iter().map(|h| HostInfo::of(kind.name(), h)));
+    }
+    Ok(Json(hosts))
+}
+
+/// Take a host out of service: rollouts pass it by and its proxies take
+/// no new connections (in-flight requests finish).
+#[utoipa::path(post, path = "/api/v1/hosts/{host}/drain", params(("host" = String, Path, description = "The host's name or address")),
+    responses((status = 200, description = "Drained", body = HostDrained), (status = 404, description = "No such host", body = ErrorBody), (status = 503, description = "The host cannot be reached", body = ErrorBody)))]
+async fn drain_host(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    Path(host): Path<String>,
+) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<HostDrained>)> {
+    set_drained(&s, &caller, host, true).await
+}
+
+/// Put a drained host back in service.
+#[utoipa::path(post, path = "/api/v1/hosts/{host}/undrain", params(("host" = String, Path, description = "The host's name or address")),
+    responses((status = 200, description = "Back in service", body = HostDrained), (status = 404, description = "No such host", body = ErrorBody), (status = 503, description = "The host cannot be reached", body = ErrorBody)))]
+async fn undrain_host(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<auth::Caller>,
+    Path(host): Path<String>,
+) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<HostDrained>)> {
+    set_drained(&s, &caller, host, false).await
+}
+
+async fn set_drained(s: &AppState, caller: &auth::Caller, host: String, drained: bool) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<HostDrained>)> {
+    caller.require(auth::Need::Deploy, None)?;
+    if host.is_empty() || host.len() > 255 || !host.chars().all(|c| c.is_ascii_alphanumeric() || "-._:[]".contains(c)) {
+        return Err(ApiError::bad_request("invalid host name"));
+    }
+    let Some(m) = &s.services else { return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "this node runs no targets")) };
+    let loaded = s.submitter.config().await?;
+    let mut last = None;
+    for kind in crate::targets::kinds() {
+        let Some(tables) = loaded.config.targets.get(kind.name()).filter(|t| !t.is_empty()) else { continue };
+        let target = m.targets().get(kind.name()).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.message))?;
+        match target.drain(tables, &host, drained).await {
+            Ok(said) => {
+                let note = audit::AuditNote(format!("{} host {host}", if drained { "drain" } else { "undrain" }));
+                return Ok((axum::Extension(note), Json(HostDrained { host, drained, message: said })));
+            }
+            Err(e) if e.kind == crate::targets::TargetErrorKind::NotFound => last = Some(e),
+            Err(e) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.message)),
+        }
+    }
+    Err(ApiError::not_found(last.map(|e| e.message).unwrap_or_else(|| format!("no host {host:?} in any [[hosts]] group"))))
 }
 
 /// Nodes that share this store, most recently seen first.

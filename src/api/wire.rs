@@ -894,3 +894,56 @@ mod tests {
         assert!(serde_json::from_value::<EventRequestSchema>(serde_json::json!({"kind": "run", "jobs": ["build"], "service": "web"})).is_err());
     }
 }
+
+/// A host of a target's group (`slipway hosts`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostInfo {
+    pub target: String,
+    pub group: String,
+    pub name: String,
+    pub address: String,
+    pub reachable: bool,
+    /// Why it could not be asked ("connection timed out after 5s").
+    pub error: Option<String>,
+    /// The host key it offered ("SHA256:…").
+    pub fingerprint: Option<String>,
+    pub drained: bool,
+    pub services: Vec<HostServiceInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostServiceInfo {
+    pub environment: String,
+    pub service: String,
+    pub version: String,
+    pub instances: u32,
+    pub healthy: u32,
+}
+
+impl HostInfo {
+    pub fn of(target: &str, m: crate::targets::Machine) -> Self {
+        HostInfo {
+            target: target.to_string(),
+            group: m.group,
+            name: m.name,
+            address: m.address,
+            reachable: m.reachable,
+            error: m.error,
+            fingerprint: m.fingerprint,
+            drained: m.drained,
+            services: m
+                .services
+                .into_iter()
+                .map(|s| HostServiceInfo { environment: s.environment, service: s.service, version: s.version, instances: s.instances, healthy: s.healthy })
+                .collect(),
+        }
+    }
+}
+
+/// What `drain` / `undrain` did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostDrained {
+    pub host: String,
+    pub drained: bool,
+    pub message: String,
+}

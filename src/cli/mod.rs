@@ -119,6 +119,13 @@ pub enum Command {
     /// no live Slipway holds, and images no environment runs or could roll
     /// back to. A dry run unless --apply.
     Gc(GcArgs),
+    /// The hosts of `[[hosts]]` groups: reachable or why not, host key,
+    /// drained, what runs on each; `drain HOST` / `undrain HOST` take a
+    /// host out of service (no new deploys, no new connections) and back.
+    Hosts {
+        #[command(subcommand)]
+        action: Option<HostsAction>,
+    },
     /// Registry tag retention for services with `keep_tags`: per repository,
     /// the tags kept and why, and the older manifests nothing runs or could
     /// roll back to. A dry run unless --apply, which deletes them.
@@ -275,6 +282,15 @@ pub struct StatusArgs {
     pub state: Option<String>,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum HostsAction {
+    /// Take a host out: rollouts pass it by, its proxies stop taking new
+    /// connections (in-flight requests finish).
+    Drain { host: String },
+    /// Put a drained host back in service.
+    Undrain { host: String },
+}
+
 #[derive(Debug, Args)]
 pub struct LogsArgs {
     pub deployment: i64,
@@ -391,6 +407,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Token(t) => token(&client, t, cli.json).await,
         Command::Status(a) => status(&client, a, cli.json).await,
         Command::Gc(a) => gc(&client, a, cli.json).await,
+        Command::Hosts { action } => hosts(&client, action, cli.json).await,
         Command::Retention(a) => retention(&client, a, cli.json).await,
         Command::Logs(a) => logs(&client, a, cli.json).await,
         Command::Cancel { deployment } => {
@@ -1179,6 +1196,51 @@ async fn logs(client: &Client, a: LogsArgs, json: bool) -> Result<u8, CliError> 
             Some(l) if lines.len() == 5000 => after = l.seq,
             _ => break,
         }
+    }
+    Ok(exit::OK)
+}
+
+async fn hosts(client: &Client, action: Option<HostsAction>, json: bool) -> Result<u8, CliError> {
+    let (host, verb) = match action {
+        None => {
+            let hosts: Vec<crate::api::wire::HostInfo> = client.get("/api/v1/hosts").await?;
+            if json {
+                print_json(&hosts);
+                return Ok(exit::OK);
+            }
+            if hosts.is_empty() {
+                println!("no [[hosts]] groups in the config");
+                return Ok(exit::OK);
+            }
+            println!("{:<10} {:<22} {:<10} {:<52} RUNS", "GROUP", "HOST", "STATE", "HOST KEY / WHY");
+            for h in &hosts {
+                let state = if !h.reachable {
+                    "down"
+                } else if h.drained {
+                    "drained"
+                } else {
+                    "up"
+                };
+                let key = h.fingerprint.clone().or(h.error.clone()).unwrap_or_default();
+                let runs = h
+                    .services
+                    .iter()
+                    .map(|s| format!("{}/{} {} ({}/{})", s.environment, s.service, s.version, s.healthy, s.instances))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                println!("{:<10} {:<22} {:<10} {:<52} {}", h.group, h.name, state, key, if runs.is_empty() { "-".into() } else { runs });
+            }
+            let down = hosts.iter().filter(|h| !h.reachable).count();
+            return Ok(if down == 0 { exit::OK } else { exit::UNAVAILABLE });
+        }
+        Some(HostsAction::Drain { host }) => (host, "drain"),
+        Some(HostsAction::Undrain { host }) => (host, "undrain"),
+    };
+    let done: crate::api::wire::HostDrained = client.post_empty(&format!("/api/v1/hosts/{host}/{verb}")).await?;
+    if json {
+        print_json(&done);
+    } else {
+        println!("{}", done.message);
     }
     Ok(exit::OK)
 }

@@ -325,6 +325,11 @@ impl ServiceManager {
 
     /// Run one rollout to its end: the service runs `req.version` on all
     /// its instances, or (on failure) what it ran before.
+    /// The targets instances start on (`slipway hosts` asks them too).
+    pub fn targets(&self) -> &Arc<Targets> {
+        &self.targets
+    }
+
     pub async fn rollout(self: &Arc<Self>, req: RolloutRequest, out: OutputSink, cancel: CancellationToken) -> RunResult {
         if runs_own_rollout(&req.spec) {
             return self.own_rollout(req, out, cancel).await;
@@ -456,6 +461,27 @@ impl ServiceManager {
             RunResult { outcome: Outcome::Succeeded, .. } => result,
             failed => failed,
         }
+    }
+
+    /// After a restart: a service its target rolls out itself, brought to
+    /// its recorded version (see `restore`).
+    async fn converge(self: Arc<Self>, req: RolloutRequest) {
+        let target = match self.targets.get(&req.spec.target).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(service = %req.spec.name, env = %req.environment, error = %e.message, "cannot restore the service");
+                return;
+            }
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::targets::Line>(256);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let r = target.rollout(&req, tx, self.shutdown.child_token()).await;
+        let _ = drain.await;
+        let (kind, message) = match r.outcome {
+            Outcome::Succeeded => ("restored", format!("{} {} restored on its hosts", req.spec.name, req.version)),
+            _ => ("restore_failed", format!("cannot restore {} {} on its hosts: {}", req.spec.name, req.version, r.reason.unwrap_or_default())),
+        };
+        self.note(&req.environment, &req.spec.name, kind, message).await;
     }
 
     async fn commit(&self, env: &str, g: &Generation, say: &Say<'_>) -> RunResult {
@@ -707,11 +733,6 @@ impl ServiceManager {
                     continue;
                 }
             };
-            // Runs elsewhere, under its target's own care (a supervisor
-            // on each host): nothing of it runs on this node.
-            if runs_own_rollout(&spec) {
-                continue;
-            }
             let dir = match &row.artifact_dir {
                 // A tarball service runs in its unpacked release.
                 Some(d) if Path::new(d).join(".complete").exists() => Ok(PathBuf::from(d)),
@@ -725,6 +746,25 @@ impl ServiceManager {
                     continue;
                 }
             };
+            if runs_own_rollout(&spec) {
+                // Runs elsewhere, under its target's own care (a supervisor
+                // on each host): brought to its recorded version there, in
+                // the background (hosts may be slow or dead). What already
+                // runs it is kept; what a rollout cut short by this node's
+                // death left on a newer version is rolled back.
+                let req = RolloutRequest {
+                    sha256: row.sha256.clone(),
+                    environment: row.environment.clone(),
+                    deployment_id: row.deployment_id,
+                    revision: row.revision.clone(),
+                    version: row.version.clone(),
+                    spec,
+                    workdir: dir,
+                };
+                let this = self.clone();
+                tokio::spawn(async move { this.converge(req).await });
+                continue;
+            }
             let m = match self.managed(&row.environment, &spec).await {
                 Ok(m) => m,
                 Err(e) => {

@@ -793,6 +793,20 @@ pub trait Target: Send + Sync + 'static {
     /// plus its kill grace, and promptly once `cancel` fires.
     async fn run(&self, request: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult;
 
+    /// The machines this target deploys to, as the config's tables of its
+    /// kind declare them (`tables`, [`TargetKind::read_tables`]), each
+    /// asked how it is now. Targets without machines of their own: none.
+    async fn machines(&self, _tables: &Settings) -> Vec<Machine> {
+        vec![]
+    }
+
+    /// Take the machine `name` out of service (`drained`) or back in:
+    /// it gets no new deploys and its proxies stop taking connections.
+    /// What it says happened, for people.
+    async fn drain(&self, _tables: &Settings, name: &str, _drained: bool) -> Result<String, TargetError> {
+        Err(TargetError::new(TargetErrorKind::NotFound, format!("no host {name:?} on this target")))
+    }
+
     /// Targets with [`Capabilities::own_rollout`]: roll the service out
     /// themselves (SSH hosts: host by host, each behind its own proxy) and
     /// back on failure; `RolledBack` when it ended where it began. The
@@ -852,6 +866,32 @@ pub trait Target: Send + Sync + 'static {
     ) -> Result<usize, RunResult> {
         Ok(0)
     }
+}
+
+/// A machine a target deploys to (a host of a group), as `slipway hosts`
+/// shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Machine {
+    pub group: String,
+    pub name: String,
+    pub address: String,
+    /// Answered just now; else `error` says why not.
+    pub reachable: bool,
+    pub error: Option<String>,
+    /// The host key it offered ("SHA256:…").
+    pub fingerprint: Option<String>,
+    /// Taken out: no new deploys, its proxies take no new connections.
+    pub drained: bool,
+    pub services: Vec<MachineService>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MachineService {
+    pub environment: String,
+    pub service: String,
+    pub version: String,
+    pub instances: u32,
+    pub healthy: u32,
 }
 
 /// Longest line kept whole; longer ones are cut into pieces of this size

@@ -27,6 +27,7 @@ use session::{Chunk, Connection, Endpoint, Keys, RemoteExit};
 
 pub mod agent;
 pub mod config;
+mod machines;
 mod rollout;
 pub mod session;
 pub mod supervisor;
@@ -97,6 +98,11 @@ pub struct SshTarget {
     owner: String,
     /// Revisions packed for shipping, by local directory.
     packed: Mutex<HashMap<PathBuf, Arc<Packed>>>,
+    /// Open connections, by host, user and the keys they were checked
+    /// with: later jobs skip the handshake. A lost one is replaced.
+    pool: Mutex<HashMap<String, Connection>>,
+    /// Revisions already on a host (pool key, SHA-256) → where.
+    shipped: Mutex<HashMap<(String, String), String>>,
 }
 
 /// A directory as a gzip'd tar, named by its SHA-256.
@@ -108,7 +114,38 @@ struct Packed {
 impl SshTarget {
     pub fn new(installation: String) -> Self {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-        SshTarget { installation, owner: format!("{}@{host}", std::process::id()), packed: Mutex::new(HashMap::new()) }
+        SshTarget {
+            installation,
+            owner: format!("{}@{host}", std::process::id()),
+            packed: Mutex::new(HashMap::new()),
+            pool: Mutex::new(HashMap::new()),
+            shipped: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A connection to `ep`: an open one if it is still alive, else a new one.
+    async fn connection(&self, ep: &Endpoint, keys: &Keys) -> Result<(Connection, String), session::SshError> {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(keys.private_key.expose().as_bytes());
+        h.update(keys.known_hosts.as_bytes());
+        let key = format!("{}|{}|{}", ep.user, ep.address, hex::encode(&h.finalize()[..8]));
+        let cached = self.pool.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        if let Some(c) = cached
+            && c.lost().is_none()
+        {
+            return Ok((c, key));
+        }
+        self.forget(&key);
+        let c = session::connect(ep, keys).await?;
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), c.clone());
+        Ok((c, key))
+    }
+
+    /// Drop a pooled connection and what was known through it.
+    fn forget(&self, key: &str) {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        self.shipped.lock().unwrap_or_else(|e| e.into_inner()).retain(|(k, _), _| k != key);
     }
 
     /// The revision directory packed once per process (a revision never
@@ -164,6 +201,14 @@ struct Shared<'a> {
 impl Target for SshTarget {
     async fn rollout(&self, req: &crate::service::RolloutRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
         rollout::run(self, req, output, cancel).await
+    }
+
+    async fn machines(&self, tables: &Settings) -> Vec<super::Machine> {
+        machines::machines(self, tables).await
+    }
+
+    async fn drain(&self, tables: &Settings, name: &str, drained: bool) -> Result<String, TargetError> {
+        machines::drain(self, tables, name, drained).await
     }
 
     async fn run(&self, req: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
@@ -347,23 +392,26 @@ fn short(message: &str) -> String {
 async fn attempt_on(s: &Shared<'_>, host: &Host) -> Result<(RemoteExit, ()), End> {
     let group = &s.settings.group;
     let ep = Endpoint { name: host.name.clone(), address: host.address.clone(), user: group.user.clone(), connect_timeout: group.connect_timeout() };
-    let conn = tokio::select! {
-        c = session::connect(&ep, &s.keys) => c.map_err(|e| End::Unreached(short(&e.message)))?,
+    let (conn, key) = tokio::select! {
+        c = s.target.connection(&ep, &s.keys) => c.map_err(|e| End::Unreached(short(&e.message)))?,
         _ = s.cancel.cancelled() => return Err(End::Cancelled),
         _ = tokio::time::sleep_until(s.deadline.into()) => return Err(End::TimedOut),
     };
     let result = tokio::select! {
-        r = on_connection(s, host, &conn) => r,
+        r = on_connection(s, host, &conn, &key) => r,
         _ = tokio::time::sleep_until(s.deadline.into()) => Err(End::TimedOut),
     };
-    conn.close().await;
+    if result.is_err() || conn.lost().is_some() {
+        // Whatever went wrong, the next job starts from a new connection.
+        s.target.forget(&key);
+    }
     result
 }
 
-async fn on_connection(s: &Shared<'_>, host: &Host, conn: &Connection) -> Result<(RemoteExit, ()), End> {
+async fn on_connection(s: &Shared<'_>, host: &Host, conn: &Connection, key: &str) -> Result<(RemoteExit, ()), End> {
     let dir = &s.settings.group.dir;
     let agent = session::ensure_agent_with(conn, agent_binary(), dir, UPLOAD).await?;
-    let workdir = ship(s, conn, &agent).await?;
+    let workdir = s.target.ship_once(conn, key, &agent, dir, &s.packed).await?;
     let req = s.req;
     if req.attempt > 1 {
         // An earlier attempt's process may still run there (a partition
@@ -446,12 +494,22 @@ fn command_name(c: &crate::config::Command) -> &'static str {
     }
 }
 
-/// Make the job's revision available on the host, once per content hash;
-/// where it is there.
-async fn ship(s: &Shared<'_>, conn: &Connection, agent: &str) -> Result<String, End> {
-    ship_to(conn, agent, &s.settings.group.dir, &s.packed).await
+impl SshTarget {
+    /// [`ship_to`], remembered per connection: a revision already there is
+    /// not asked about again.
+    async fn ship_once(&self, conn: &Connection, key: &str, agent: &str, dir: &str, packed: &Packed) -> Result<String, End> {
+        let k = (key.to_string(), format!("{dir}|{}", packed.sha256));
+        if let Some(w) = self.shipped.lock().unwrap_or_else(|e| e.into_inner()).get(&k) {
+            return Ok(w.clone());
+        }
+        let w = ship_to(conn, agent, dir, packed).await?;
+        self.shipped.lock().unwrap_or_else(|e| e.into_inner()).insert(k, w.clone());
+        Ok(w)
+    }
 }
 
+/// Make a revision (or release) available on the host, once per content
+/// hash; where it is there.
 async fn ship_to(conn: &Connection, agent: &str, dir: &str, packed: &Packed) -> Result<String, End> {
     let sha = &packed.sha256;
     let has = exchange(conn, agent, "has", &json!({ "dir": dir, "sha256": sha }), &[]).await?;

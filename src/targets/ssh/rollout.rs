@@ -242,7 +242,7 @@ impl Rollout<'_> {
     }
 }
 
-fn end_message(e: &End) -> String {
+pub(super) fn end_message(e: &End) -> String {
     match e {
         End::Cancelled => "stopped".into(),
         End::TimedOut => "timed out".into(),

@@ -1,0 +1,88 @@
+//! `slipway hosts`: every host of every group, asked now (reachable, its
+//! host key, what its supervisor runs, whether it is drained), and
+//! draining a host: its supervisor's proxies stop taking connections and
+//! rollouts pass it by (a server being replaced).
+
+use std::collections::BTreeMap;
+
+use futures_util::future::join_all;
+use serde_json::json;
+
+use super::config::{Group, Host};
+use super::session::{self, Endpoint, Keys};
+use super::{SshTarget, UPLOAD, agent_binary, exchange, short};
+use crate::targets::{Machine, MachineService, Settings, TargetError, TargetErrorKind};
+
+fn groups(tables: &Settings) -> BTreeMap<String, Group> {
+    tables.get().unwrap_or_default()
+}
+
+fn keys(g: &Group) -> Result<Keys, String> {
+    Ok(Keys { private_key: g.key.read()?, known_hosts: g.known_hosts.read()?.expose().to_string() })
+}
+
+fn endpoint(g: &Group, h: &Host) -> Endpoint {
+    Endpoint { name: h.name.clone(), address: h.address.clone(), user: g.user.clone(), connect_timeout: g.connect_timeout() }
+}
+
+/// One `service` request to a host's supervisor.
+async fn ask(target: &SshTarget, g: &Group, h: &Host, request: serde_json::Value) -> Result<(serde_json::Value, String), String> {
+    let keys = keys(g)?;
+    let (conn, key) = target.connection(&endpoint(g, h), &keys).await.map_err(|e| short(&e.message))?;
+    let r = async {
+        let agent = session::ensure_agent_with(&conn, agent_binary(), &g.dir, UPLOAD).await.map_err(|e| short(&e.message))?;
+        exchange(&conn, &agent, "service", &request, &[]).await.map_err(|e| super::rollout::end_message(&e))
+    }
+    .await;
+    if r.is_err() {
+        target.forget(&key);
+    }
+    r.map(|v| (v, conn.fingerprint().to_string()))
+}
+
+pub(super) async fn machines(target: &SshTarget, tables: &Settings) -> Vec<Machine> {
+    let groups = groups(tables);
+    let all: Vec<(&Group, &Host)> = groups.values().flat_map(|g| g.hosts.iter().map(move |h| (g, h))).collect();
+    join_all(all.into_iter().map(|(g, h)| async move {
+        let mut m = Machine { group: g.name.clone(), name: h.name.clone(), address: h.address.clone(), ..Machine::default() };
+        let request = json!({ "dir": g.dir, "installation": target.installation, "op": "status", "environment": "", "service": "" });
+        match ask(target, g, h, request).await {
+            Ok((answer, fingerprint)) => {
+                m.reachable = true;
+                m.fingerprint = Some(fingerprint);
+                let status = &answer["status"];
+                m.drained = status["drained"].as_bool() == Some(true);
+                for s in status["services"].as_array().into_iter().flatten() {
+                    m.drained |= s["drained"].as_bool() == Some(true);
+                    m.services.push(MachineService {
+                        environment: s["environment"].as_str().unwrap_or_default().to_string(),
+                        service: s["service"].as_str().unwrap_or_default().to_string(),
+                        version: s["version"].as_str().unwrap_or_default().to_string(),
+                        instances: s["instances"].as_u64().unwrap_or(0) as u32,
+                        healthy: s["healthy"].as_u64().unwrap_or(0) as u32,
+                    });
+                }
+            }
+            Err(e) => m.error = Some(e),
+        }
+        m
+    }))
+    .await
+}
+
+pub(super) async fn drain(target: &SshTarget, tables: &Settings, name: &str, drained: bool) -> Result<String, TargetError> {
+    let groups = groups(tables);
+    let found = groups.values().find_map(|g| g.hosts.iter().find(|h| h.name == name || h.address == name || h.name.split('.').next() == Some(name)).map(|h| (g, h)));
+    let Some((g, h)) = found else {
+        return Err(TargetError::new(TargetErrorKind::NotFound, format!("no host {name:?} in any [[hosts]] group")));
+    };
+    let op = if drained { "drain" } else { "undrain" };
+    let request = json!({ "dir": g.dir, "installation": target.installation, "op": op, "environment": "", "service": "*" });
+    match ask(target, g, h, request).await {
+        Ok((answer, _)) if answer["result"]["outcome"] == "succeeded" => {
+            Ok(format!("{} ({}) {}", h.name, g.name, if drained { "drained: no new deploys, no new connections" } else { "back in service" }))
+        }
+        Ok((answer, _)) => Err(TargetError::new(TargetErrorKind::Failed, format!("{}: {}", h.name, answer["result"]["reason"].as_str().unwrap_or("the supervisor refused")))),
+        Err(e) => Err(TargetError::new(TargetErrorKind::Unavailable, format!("{}: {e}", h.name))),
+    }
+}
