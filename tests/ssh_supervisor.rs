@@ -228,19 +228,30 @@ fn issue15_the_supervisor_rolls_drains_and_survives_its_own_kill_here() {
     let before = pids(&t.ask(&t.request("status")).web().expect("web"));
     assert_eq!(before.len(), 2, "{before:?}");
 
-    // Drained: the address refuses, the instances keep running; persisted.
-    let a = t.ask(&t.request("drain"));
+    // The whole host drained (as `slipway hosts drain` asks): the address
+    // refuses, the instances keep running, no rollout starts; persisted.
+    let host = |op: &str| {
+        let mut r = t.request(op);
+        r["environment"] = json!("");
+        r["service"] = json!("*");
+        r
+    };
+    let a = t.ask(&host("drain"));
     assert!(a.ok && a.outcome() == "succeeded", "{a:?}");
     assert!(refused(t.listen), "a drained service takes no connections");
     assert!(before.iter().all(|p| alive(*p)), "instances keep running while drained");
-    let web = t.ask(&t.request("status")).web().expect("a drained service is still in status");
+    let s = t.ask(&t.request("status"));
+    assert_eq!(s.last()["status"]["drained"].as_bool(), Some(true), "{s:?}");
+    let web = s.web().expect("a drained service is still in status");
     assert_eq!(web["drained"].as_bool(), Some(true));
     let a = t.ask(&t.rollout("4.0"));
     assert_eq!(a.outcome(), "skipped", "no rollout to a drained service: {a:?}");
-    let a = t.ask(&t.request("undrain"));
+    let a = t.ask(&host("undrain"));
     assert!(a.ok && a.outcome() == "succeeded", "{a:?}\n{}", t.log());
     assert_eq!(get(t.listen).as_deref(), Some("hello from demo 2.0"));
-    assert_eq!(pids(&t.ask(&t.request("status")).web().expect("web")), before, "undrain adopts the instances that kept running");
+    let s = t.ask(&t.request("status"));
+    assert_eq!(s.last()["status"]["drained"].as_bool(), Some(false), "{s:?}");
+    assert_eq!(pids(&s.web().expect("web")), before, "undrain adopts the instances that kept running");
 
     // kill -9 of the supervisor: instances keep serving behind nothing;
     // the next request starts a new supervisor, which adopts them.

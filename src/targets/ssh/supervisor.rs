@@ -112,6 +112,10 @@ impl Paths {
     fn services(&self) -> PathBuf {
         self.base.join("services")
     }
+    /// `{"drained": bool}`: the whole host is out of service.
+    fn host(&self) -> PathBuf {
+        self.base.join("host.json")
+    }
     pub fn service(&self, environment: &str, service: &str) -> PathBuf {
         self.services().join(environment).join(service)
     }
@@ -386,7 +390,8 @@ pub async fn supervise(args: &[String]) -> Result<u8, String> {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("cannot restrict {}: {e}", sock.display()))?;
     tracing::info!(pid = me, exe, "supervisor of {} started", paths.base.display());
 
-    let sup = Arc::new(Supervisor { paths: paths.clone(), installation, shutdown: CancellationToken::new(), services: Default::default() });
+    let drained = std::fs::read(paths.host()).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).and_then(|v| v["drained"].as_bool()).unwrap_or(false);
+    let sup = Arc::new(Supervisor { paths: paths.clone(), installation, shutdown: CancellationToken::new(), services: Default::default(), drained: AtomicBool::new(drained) });
     sup.load().await;
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -502,6 +507,9 @@ struct Supervisor {
     installation: String,
     shutdown: CancellationToken,
     services: tokio::sync::Mutex<HashMap<(String, String), Arc<Svc>>>,
+    /// The whole host drained (`drain` of every service in every
+    /// environment, a server being replaced): no rollout starts here.
+    drained: AtomicBool,
 }
 
 impl Supervisor {
@@ -684,7 +692,11 @@ impl Supervisor {
 
     async fn rollout(&self, req: &Request, tx: &mpsc::Sender<serde_json::Value>) -> Result<serde_json::Value, String> {
         let need = |what: &str, v: &Option<String>| v.clone().ok_or_else(|| format!("a rollout needs {what}"));
-        let spec: ServiceSpec = crate::store::spec::decode_service(&need("spec", &req.spec)?)?;
+        let mut spec: ServiceSpec = crate::store::spec::decode_service(&need("spec", &req.spec)?)?;
+        // The release is already unpacked in `workdir` (the node shipped
+        // it): nothing is fetched here, and a restore must not look for
+        // the node's own marks of an unpacked release.
+        spec.artifact = None;
         if spec.name != req.service {
             return Err(format!("the spec is of service {:?}, the request names {:?}", spec.name, req.service));
         }
@@ -697,7 +709,7 @@ impl Supervisor {
         let Some((svc, mut op)) = self.locked(&req.environment, &req.service, true).await? else {
             return Err("the service cannot be created".into());
         };
-        if svc.meta().drained {
+        if svc.meta().drained || self.drained.load(Ordering::SeqCst) {
             return Ok(result_line(Outcome::Skipped, Some("drained on this host: undrain it first".into())));
         }
         // Known before the rollout can commit: a supervisor killed right
@@ -748,7 +760,8 @@ impl Supervisor {
                     None
                 }
             };
-            if row.is_none() && !meta.drained {
+            let drained = meta.drained || self.drained.load(Ordering::SeqCst);
+            if row.is_none() && !drained {
                 continue; // nothing runs (a first rollout that failed)
             }
             let live: Vec<InstanceMarker> = read_markers(&svc.instances_dir()).into_iter().map(|(_, m)| m).filter(|m| agent::is_running(m.pid, m.start_time)).collect();
@@ -771,12 +784,12 @@ impl Supervisor {
                 "sha256": row.as_ref().and_then(|r| r.sha256.clone()),
                 "instances": live.len(),
                 "healthy": accepting.iter().filter(|ok| **ok).count(),
-                "drained": meta.drained,
+                "drained": drained,
                 "listen": listen,
                 "pids": live.iter().map(|m| m.pid).collect::<Vec<_>>(),
             }));
         }
-        json!({ "status": { "services": services } })
+        json!({ "status": { "drained": self.drained.load(Ordering::SeqCst), "services": services } })
     }
 
     async fn stop(&self, req: &Request) -> Result<serde_json::Value, String> {
@@ -803,11 +816,18 @@ impl Supervisor {
         Ok(result_line(Outcome::Succeeded, None))
     }
 
-    /// Drain (or undrain) one service, or every service with `*`
-    /// (environment `*`: in every environment).
+    /// Drain (or undrain) one service, or every service with `*` (in
+    /// every environment when the environment is `*` or empty: then the
+    /// whole host, persisted, so no rollout starts here either).
     async fn drain(&self, req: &Request, drain: bool) -> Result<serde_json::Value, String> {
+        let every_env = req.environment.is_empty() || req.environment == "*";
         let targets: Vec<(String, String)> = if req.service == "*" {
-            self.all().await.into_iter().filter(|s| req.environment == "*" || s.environment == req.environment).map(|s| (s.environment.clone(), s.name.clone())).collect()
+            if every_env {
+                let bytes = json!({ "drained": drain }).to_string();
+                agent::write_atomic(&self.paths.host(), bytes.as_bytes()).map_err(|e| format!("cannot write {}: {e}", self.paths.host().display()))?;
+                self.drained.store(drain, Ordering::SeqCst);
+            }
+            self.all().await.into_iter().filter(|s| every_env || s.environment == req.environment).map(|s| (s.environment.clone(), s.name.clone())).collect()
         } else {
             vec![(req.environment.clone(), req.service.clone())]
         };
