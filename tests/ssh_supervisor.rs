@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-/// The encoded spec of service "web" on `listen`, the demo as its command.
+/// The encoded spec of service "web" on `listen`, the demo as its command;
+/// a release tarball's service, as the node sends it (the host never
+/// fetches: the node shipped the release unpacked to `workdir`).
 fn spec(listen: SocketAddr, demo: &str, instances: u32) -> String {
     let text = format!(
         r#"
@@ -26,6 +28,7 @@ command = ["{demo}", "serve", "--port", "{{port}}", "--version", "{{version}}"]
 health = {{ http = "/healthz", interval = "100ms", healthy_after = 2, deadline = "4s" }}
 rollout = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, drain = "2s" }}
 stop_grace = "2s"
+artifact = {{ url = "http://127.0.0.1:9/web-{{version}}.tar.gz" }}
 "#
     );
     let config = slipway::config::parse("slipway.toml", &text).unwrap_or_else(|e| panic!("config: {e:?}"));

@@ -692,11 +692,7 @@ impl Supervisor {
 
     async fn rollout(&self, req: &Request, tx: &mpsc::Sender<serde_json::Value>) -> Result<serde_json::Value, String> {
         let need = |what: &str, v: &Option<String>| v.clone().ok_or_else(|| format!("a rollout needs {what}"));
-        let mut spec: ServiceSpec = crate::store::spec::decode_service(&need("spec", &req.spec)?)?;
-        // The release is already unpacked in `workdir` (the node shipped
-        // it): nothing is fetched here, and a restore must not look for
-        // the node's own marks of an unpacked release.
-        spec.artifact = None;
+        let spec: ServiceSpec = crate::store::spec::decode_service(&need("spec", &req.spec)?)?;
         if spec.name != req.service {
             return Err(format!("the spec is of service {:?}, the request names {:?}", spec.name, req.service));
         }
@@ -705,6 +701,15 @@ impl Supervisor {
         let workdir = need("workdir", &req.workdir)?;
         if !Path::new(&workdir).is_dir() {
             return Err(format!("the working directory {workdir} is not on this host"));
+        }
+        if spec.artifact.is_some() {
+            // A release the node shipped unpacked: marked complete as the
+            // node marks its own unpacked releases, which is what the
+            // manager's restore looks for (after a supervisor restart).
+            let complete = Path::new(&workdir).join(".complete");
+            if !complete.exists() {
+                std::fs::write(&complete, b"").map_err(|e| format!("cannot write {}: {}", complete.display(), agent::os_message(&e)))?;
+            }
         }
         let Some((svc, mut op)) = self.locked(&req.environment, &req.service, true).await? else {
             return Err("the service cannot be created".into());
