@@ -268,6 +268,7 @@ fn issue15_the_supervisor_rolls_drains_and_survives_its_own_kill_here() {
     let s = t.ask(&t.request("status"));
     assert!(s.ok, "{s:?}");
     assert_ne!(t.supervisor_pid(), old, "a new supervisor answers");
+    assert_eq!(s.last()["status"]["supervisor"]["pid"].as_i64(), Some(t.supervisor_pid()), "status names the supervisor that answers");
     wait_until(Duration::from_secs(20), "the address answers again", || get(t.listen).as_deref() == Some("hello from demo 2.0"));
     assert_eq!(pids(&t.ask(&t.request("status")).web().expect("web")), before, "the new supervisor adopted the same processes");
 

@@ -82,6 +82,12 @@ const STORE_WITHIN: Duration = Duration::from_secs(10);
 const ORPHAN_GRACE: Duration = Duration::from_secs(5);
 /// How often an instance's process is looked at in /proc.
 const POLL: Duration = Duration::from_millis(200);
+/// Output files (the supervisor's log, each instance's) are cut back to
+/// their last [`LOG_KEEP`] bytes (kept in `*.1`) beyond this size.
+const LOG_LIMIT: u64 = 16 << 20;
+const LOG_KEEP: u64 = 256 << 10;
+/// How often instance output files are looked at.
+const LOG_CHECK_EVERY: Duration = Duration::from_secs(60);
 
 /// Where a supervisor keeps its things on the host.
 #[derive(Debug, Clone)]
@@ -223,13 +229,17 @@ async fn lock_file(path: &Path, within: Duration) -> Result<Option<std::fs::File
 
 /// The last `n` bytes of a file, as text (for error messages).
 fn tail(path: &Path, n: u64) -> String {
+    String::from_utf8_lossy(&tail_bytes(path, n)).trim().to_string()
+}
+
+fn tail_bytes(path: &Path, n: u64) -> Vec<u8> {
     use std::io::{Read as _, Seek as _, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let Ok(mut f) = std::fs::File::open(path) else { return Vec::new() };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(n)));
     let mut buf = Vec::new();
     let _ = f.take(n).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).trim().to_string()
+    buf
 }
 
 /// A connection to the supervisor of (dir, installation), started if none
@@ -252,6 +262,7 @@ pub async fn connect_or_start(paths: &Paths, dir: &str, installation: &str) -> R
         return Ok(s); // started by the agent that held the lock
     }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this agent's binary: {e}"))?;
+    cap_log(&paths.log());
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -291,6 +302,18 @@ pub async fn connect_or_start(paths: &Paths, dir: &str, installation: &str) -> R
             ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A file written in append mode (by a process that keeps writing) cut
+/// back when it grew beyond [`LOG_LIMIT`]: its last bytes to `<file>.1`,
+/// then truncated (appends go on at its new end).
+fn cap_log(path: &Path) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > LOG_LIMIT) {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        let _ = std::fs::write(&old, tail_bytes(path, LOG_KEEP));
+        let _ = std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(0));
     }
 }
 
@@ -399,6 +422,7 @@ pub async fn supervise(args: &[String]) -> Result<u8, String> {
     // Started with setsid there is no terminal to hang up; a stray HUP
     // must not end the host's services' supervision.
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut logs = tokio::time::interval(LOG_CHECK_EVERY);
     loop {
         tokio::select! {
             a = listener.accept() => match a {
@@ -414,6 +438,16 @@ pub async fn supervise(args: &[String]) -> Result<u8, String> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => tracing::info!("SIGHUP ignored"),
+            _ = logs.tick() => {
+                // Instances write their output to files that nothing else
+                // bounds; the supervisor's own log too.
+                cap_log(&paths.log());
+                for svc in sup.all().await {
+                    for (_, m) in read_markers(&svc.instances_dir()) {
+                        cap_log(&svc.instances_dir().join(format!("{}.log", m.pid)));
+                    }
+                }
+            }
         }
     }
     // The proxies stop (their listeners close, in-flight requests
@@ -794,7 +828,15 @@ impl Supervisor {
                 "pids": live.iter().map(|m| m.pid).collect::<Vec<_>>(),
             }));
         }
-        json!({ "status": { "drained": self.drained.load(Ordering::SeqCst), "services": services } })
+        // Which supervisor answers: a node upgraded since it started one
+        // talks to an older build until that one is restarted.
+        let me = std::process::id() as i32;
+        let supervisor = json!({
+            "pid": me,
+            "version": env!("CARGO_PKG_VERSION"),
+            "exe": std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default(),
+        });
+        json!({ "status": { "drained": self.drained.load(Ordering::SeqCst), "supervisor": supervisor, "services": services } })
     }
 
     async fn stop(&self, req: &Request) -> Result<serde_json::Value, String> {
@@ -1090,6 +1132,9 @@ impl Instance for HostInstance {
             }
         }
         let _ = std::fs::remove_file(&self.log);
+        let mut old = self.log.as_os_str().to_owned();
+        old.push(".1");
+        let _ = std::fs::remove_file(old);
     }
 }
 
@@ -1154,7 +1199,7 @@ impl Target for HostTarget {
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(pid) = name.strip_suffix(".log").and_then(|p| p.parse::<i32>().ok())
+                if let Some(pid) = name.strip_suffix(".log").or_else(|| name.strip_suffix(".log.1")).and_then(|p| p.parse::<i32>().ok())
                     && !markers.contains(&pid)
                 {
                     let _ = std::fs::remove_file(e.path());
@@ -1162,5 +1207,37 @@ impl Target for HostTarget {
             }
         }
         ended
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_output_file_beyond_its_limit_keeps_its_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("1.log");
+        let mut text = vec![b'a'; LOG_LIMIT as usize];
+        text.extend_from_slice(b"the end\n");
+        std::fs::write(&path, &text).expect("write");
+        cap_log(&path);
+        assert_eq!(std::fs::metadata(&path).expect("log").len(), 0);
+        let old = std::fs::read(dir.path().join("1.log.1")).expect("the kept end");
+        assert_eq!(old.len() as u64, LOG_KEEP);
+        assert!(old.ends_with(b"the end\n"));
+        // Under the limit: left alone.
+        std::fs::write(&path, b"short\n").expect("write");
+        cap_log(&path);
+        assert_eq!(std::fs::read(&path).expect("log"), b"short\n");
+    }
+
+    #[test]
+    fn socket_paths_and_bad_requests() {
+        let p = Paths::new("/srv/slipway", "abc");
+        assert_eq!(p.sock(), PathBuf::from("/srv/slipway/supervisor/abc/sock"));
+        assert_eq!(p.service("production", "web"), PathBuf::from("/srv/slipway/supervisor/abc/services/production/web"));
+        assert!(serde_json::from_str::<Request>(r#"{"dir": "/d", "installation": "i", "op": "status"}"#).is_ok());
+        assert!(serde_json::from_str::<Request>(r#"{"dir": "/d", "op": "status"}"#).is_err());
     }
 }
