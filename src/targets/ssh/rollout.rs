@@ -34,6 +34,9 @@ struct Rollout<'a> {
     /// The spec as the host's supervisor runs it: on its own host.
     spec: String,
     output: &'a OutputSink,
+    /// The rollout's stop (its timeout, a cancel): a host's own rollout
+    /// then finishes or rolls itself back there; this one stops waiting.
+    cancel: CancellationToken,
 }
 
 pub(super) async fn run(target: &SshTarget, req: &RolloutRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
@@ -53,7 +56,7 @@ pub(super) async fn run(target: &SshTarget, req: &RolloutRequest, output: Output
     on_host.target = crate::targets::DEFAULT.to_string();
     on_host.settings = Default::default();
     let spec = crate::store::spec::encode_service(&on_host);
-    let r = Rollout { target, req, settings, keys, packed, spec, output: &output };
+    let r = Rollout { target, req, settings, keys, packed, spec, output: &output, cancel: cancel.clone() };
     let hosts = r.settings.group.hosts.clone();
     let batch = r.settings.batch.map(|b| b.batch_of(hosts.len())).unwrap_or(1);
     let mut parts: Vec<PartResult> = Vec::new();
@@ -120,13 +123,16 @@ impl Rollout<'_> {
         let started_at = crate::store::now_ms();
         let started = Instant::now();
         let mut before = None;
-        let result = async {
-            let conn = self.connect(host).await?;
-            let r = self.roll(&conn, host, &mut before).await;
-            conn.close().await;
-            r
-        }
-        .await;
+        let result = tokio::select! {
+            r = async {
+                let conn = self.connect(host).await?;
+                let r = self.roll(&conn, host, &mut before).await;
+                conn.close().await;
+                r
+            } => r,
+            _ = self.cancel.cancelled() => Err(End::Cancelled),
+        };
+
         let (outcome, reason) = match result {
             Ok((outcome, reason)) => (outcome, reason),
             Err(End::Cancelled) => (Outcome::Cancelled, Some("stopped on request".into())),
