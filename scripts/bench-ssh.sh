@@ -14,11 +14,13 @@
 set -euo pipefail
 
 HOSTS=${1:-20}
+ROLLOUT=${2:-}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/slipway-bench-ssh.XXXXXX)
 FLEET="$WORK/fleet"
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/slipway-bench
 SLIPWAY=${SLIPWAY_BIN:-$ROOT/target/debug/slipway}
+DEMO=${SLIPWAY_DEMO_BIN:-$(dirname "$SLIPWAY")/slipway-demo}
 
 cleanup() {
   [ -n "${SERVE_PID:-}" ] && kill -9 "$SERVE_PID" 2>/dev/null || true
@@ -102,10 +104,88 @@ ansible_run() {
 A_COLD=$(ansible_run)
 A_WARM=$(ansible_run)
 
+R_JSON=""
+if [ "$ROLLOUT" = "--rollout" ]; then
+  # ---- (b) a tarball service in batches of 5 with a health check ----------
+  [ -x "$DEMO" ] || (cd "$ROOT" && timeout 3600 cargo build -q -p slipway-demo)
+  REL="$WORK/release"
+  mkdir -p "$REL/bin" "$WORK/www"
+  timeout 120 strip --strip-debug -o "$REL/bin/slipway-demo" "$DEMO" 2>/dev/null || cp "$DEMO" "$REL/bin/slipway-demo"
+  printf '#!/bin/sh\nexec "$(dirname "$0")/slipway-demo" serve --port "$1" --version "$2"\n' >"$REL/bin/web"
+  chmod +x "$REL/bin/web"
+  tar -C "$REL" -czf "$WORK/www/web.tar.gz" bin
+  for v in 1.0 2.0; do cp "$WORK/www/web.tar.gz" "$WORK/www/web-$v.tar.gz"; done
+  SHA=$(sha256sum "$WORK/www/web.tar.gz" | cut -d' ' -f1)
+  WWW=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  client python3 -m http.server "$WWW" --bind 127.0.0.1 --directory "$WORK/www" >/dev/null 2>&1 &
+  WWW_PID=$!
+  cat >>"$CONF/slipway.toml" <<TOML
+
+[[environment]]
+name = "production"
+
+[[service]]
+name = "web"
+target = "ssh"
+hosts = "web"
+batch = 5
+listen = "0.0.0.0:8080"
+command = ["./bin/web", "{port}", "{version}"]
+artifact = { url = "http://127.0.0.1:$WWW/web-{version}.tar.gz" }
+health = { http = "/healthz", interval = "200ms", deadline = "10s" }
+rollout = { drain = "0s" }
+TOML
+  # The server reads its config at each request: no restart needed.
+  deploy() { client "$SLIPWAY" --config "$CONF" --server "http://127.0.0.1:$PORT" deploy web "$1" --env production --sha256 "$SHA" >/dev/null; }
+  deploy 1.0
+  t0=$(now); deploy 2.0; t1=$(now)
+  S_ROLL=$(echo "$t1 - $t0" | bc)
+  cat >"$WORK/rollout.yml" <<'YML'
+- hosts: web
+  serial: 5
+  gather_facts: false
+  tasks:
+    - name: where releases go
+      file: { path: "/srv/slipway/ansible", state: directory }
+    - name: copy the release
+      copy: { src: "{{ tarball }}", dest: "/srv/slipway/ansible/web-{{ v }}.tar.gz" }
+    - name: its directory
+      file: { path: "/srv/slipway/ansible/{{ v }}", state: directory }
+    - name: unpack it
+      unarchive: { src: "/srv/slipway/ansible/web-{{ v }}.tar.gz", dest: "/srv/slipway/ansible/{{ v }}", remote_src: true }
+      args: { creates: "/srv/slipway/ansible/{{ v }}/bin/web" }
+    - name: stop the old one
+      shell: "pkill -f 'slipway-demo serve --port 8081' || true"
+    - name: start the new one
+      shell: "cd /srv/slipway/ansible/{{ v }} && (setsid nohup ./bin/web 8081 {{ v }} >/dev/null 2>&1 &)"
+    - name: wait for its port
+      wait_for: { port: 8081, host: 127.0.0.1, timeout: 30 }
+    - name: health check
+      uri: { url: "http://127.0.0.1:8081/healthz", status_code: 200 }
+      register: health
+      retries: 50
+      delay: 0.2
+      until: health.status == 200
+YML
+  play() { client env ANSIBLE_CONFIG="$WORK/ansible.cfg" "$ANSIBLE/ansible-playbook" "$WORK/rollout.yml" -e "v=$1" -e "tarball=$WORK/www/web.tar.gz" >/dev/null; }
+  play 1.0
+  t0=$(now); play 2.0; t1=$(now)
+  A_ROLL=$(echo "$t1 - $t0" | bc)
+  kill "$WWW_PID" 2>/dev/null || true
+  R_RATIO=$(echo "scale=3; $S_ROLL / $A_ROLL" | bc)
+  R_JSON=$(printf ',"rollout":{"batch":5,"slipway_s":%s,"ansible_s":%s,"ratio":%s}' "$S_ROLL" "$A_ROLL" "$R_RATIO")
+fi
+
 RATIO=$(echo "scale=3; $S_WARM / $A_WARM" | bc)
 printf '\n%-34s %10s %10s\n' "one command on $HOSTS hosts" "cold (s)" "warm (s)"
 printf '%-34s %10.2f %10.2f\n' "slipway run (job on hosts)" "$S_COLD" "$S_WARM"
 printf '%-34s %10.2f %10.2f\n' "ansible -m command (pipelining)" "$A_COLD" "$A_WARM"
 printf '%-34s %21s\n' "slipway ÷ ansible (warm)" "$RATIO"
-printf '{"bench":"ssh","hosts":%s,"cores":%s,"load":"%s","one_command":{"slipway_cold_s":%s,"slipway_warm_s":%s,"ansible_cold_s":%s,"ansible_warm_s":%s,"ratio_warm":%s}}\n' \
-  "$HOSTS" "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)" "$S_COLD" "$S_WARM" "$A_COLD" "$A_WARM" "$RATIO"
+if [ -n "$R_JSON" ]; then
+  printf '\n%-34s %10s\n' "tarball service, batches of 5" "wall (s)"
+  printf '%-34s %10.2f\n' "slipway deploy (health-gated)" "$S_ROLL"
+  printf '%-34s %10.2f\n' "ansible-playbook (copy..wait_for)" "$A_ROLL"
+  printf '%-34s %10s\n' "slipway ÷ ansible" "$R_RATIO"
+fi
+printf '{"bench":"ssh","hosts":%s,"cores":%s,"load":"%s","one_command":{"slipway_cold_s":%s,"slipway_warm_s":%s,"ansible_cold_s":%s,"ansible_warm_s":%s,"ratio_warm":%s}%s}\n' \
+  "$HOSTS" "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)" "$S_COLD" "$S_WARM" "$A_COLD" "$A_WARM" "$RATIO" "$R_JSON"
