@@ -209,6 +209,11 @@ mkdir -m 755 /run/sshd '"$HOST_RUN"'
 mount --bind "$hdir" '"$HOST_RUN"'
 mount --bind "$hdir/root" /srv/slipway
 mount --bind "$hdir/tmp" /tmp
+# A host of its own has its own shell start-up files, not this machine'"'"'s:
+# bash sources ~/.bashrc for every command run over SSH, and a start-up
+# file that blocks (a pyenv rehash lock left by a killed shell waits 60 s)
+# would stall every host at once.
+[ ! -f /root/.bashrc ] || mount --bind /dev/null /root/.bashrc
 hostname "$2"
 '"$START_SSHD"'
 exec perl -e '\''$0 = "fleet-init"; while (1) { sleep 1 if wait() == -1 }'\'

@@ -921,5 +921,9 @@ pub fn rollout_job(service: &str) -> String {
 fn rollout_timeout(s: &ServiceSpec) -> Duration {
     let per = s.health.deadline + s.rollout.drain + s.stop_grace;
     let verify = s.verify.as_ref().map(|v| v.timeout).unwrap_or_default();
-    (per * (2 * s.instances + 2) + verify + Duration::from_secs(60)).min(super::MAX_DURATION)
+    // A target that rolls out in rounds (hosts batch by batch) takes one
+    // node's rollout per round, and as many again to roll back.
+    let rounds = crate::targets::kind(&s.target).map(|k| k.rollout_rounds(&s.settings)).unwrap_or(1).max(1);
+    let factor = if rounds > 1 { 2 * rounds } else { 1 };
+    ((per * (2 * s.instances + 2) + verify + Duration::from_secs(60)) * factor).min(super::MAX_DURATION)
 }

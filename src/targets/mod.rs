@@ -235,6 +235,11 @@ pub trait TargetKind: Send + Sync + 'static {
     fn read_tables(&self, _tables: &mut ConfigTables<'_, '_>) -> Option<Settings> {
         Some(Settings::default())
     }
+    /// How many rounds a service's rollout on this target takes one after
+    /// another (hosts batch by batch): its timeout grows with them.
+    fn rollout_rounds(&self, _settings: &Settings) -> u32 {
+        1
+    }
     /// Whether the scheduler sweeps this kind's target at its start and
     /// with every reap (cheap sweeps of job processes, which must be gone
     /// before a lease runs out) rather than only when it is first built

@@ -106,7 +106,13 @@ impl Sshd {
             )
             .expect("write sshd_config");
             let log = std::fs::File::create(dir.path().join("sshd.log")).expect("create sshd.log");
-            let mut child = Command::new(SSHD)
+            // In a mount namespace of its own where the user's ~/.bashrc is
+            // empty: bash sources it for every command run over SSH, and
+            // this machine's may block (a stale pyenv rehash lock waits 60 s).
+            let mut child = Command::new("unshare")
+                .args(["--mount", "--", "sh", "-c"])
+                .arg(r#"mount --make-rprivate / && { [ ! -f "$HOME/.bashrc" ] || mount --bind /dev/null "$HOME/.bashrc"; } && exec "$0" "$@""#)
+                .arg(SSHD)
                 .arg("-D")
                 .arg("-e")
                 .arg("-f")

@@ -66,6 +66,12 @@ impl TargetKind for Kind {
         config::read_groups(tables)
     }
 
+    fn rollout_rounds(&self, settings: &Settings) -> u32 {
+        let Ok(s) = settings.get::<JobSettings>() else { return 1 };
+        let hosts = s.group.hosts.len();
+        hosts.div_ceil(s.batch.map(|b| b.batch_of(hosts)).unwrap_or(1)) as u32
+    }
+
     fn job_keys(&self) -> &'static [Key] {
         config::JOB_KEYS
     }
