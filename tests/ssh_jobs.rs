@@ -256,7 +256,7 @@ name = "long"
 command = ["sh", "-c", "echo started; sleep 300"]
 hosts = "web"
 timeout = "10m"
-retry = { attempts = 2, backoff = "1s" }
+retry = { attempts = 2, backoff = "10s" }   # time for the test to heal the link first
 "#;
     let dir = common::config_dir(&config(&fleet, 1, jobs), &[]);
     let server = serve(&fleet, dir.path());

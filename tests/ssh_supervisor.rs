@@ -277,7 +277,7 @@ fn issue15_the_supervisor_rolls_drains_and_survives_its_own_kill_here() {
     std::thread::sleep(Duration::from_millis(300));
     let _ = agent.kill();
     let _ = agent.wait();
-    wait_until(Duration::from_secs(30), "the cut-off rollout finishes", || get(t.listen).as_deref() == Some("hello from demo 5.0"));
+    wait_until(Duration::from_secs(120), "the cut-off rollout finishes", || get(t.listen).as_deref() == Some("hello from demo 5.0"));
     let a = t.ask(&t.rollout("5.0"));
     assert!(a.ok && a.outcome() == "succeeded" && a.said().contains("nothing to do"), "{a:?}");
 
