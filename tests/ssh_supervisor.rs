@@ -273,8 +273,13 @@ fn issue15_the_supervisor_rolls_drains_and_survives_its_own_kill_here() {
     assert_eq!(pids(&t.ask(&t.request("status")).web().expect("web")), before, "the new supervisor adopted the same processes");
 
     // The node's connection dies mid-rollout: the rollout goes on to its end.
+    // Cut only once the supervisor has said the rollout began (its first
+    // progress line): a fixed pause raced a loaded machine, where the agent
+    // could be killed before it had relayed the request at all.
     let mut agent = t.start(&t.rollout("5.0"));
-    std::thread::sleep(Duration::from_millis(300));
+    let mut first = String::new();
+    let read = std::io::BufRead::read_line(&mut std::io::BufReader::new(agent.stdout.as_mut().expect("stdout")), &mut first);
+    assert!(read.is_ok_and(|n| n > 0) && first.contains("\"line\""), "the rollout began: {first:?}");
     let _ = agent.kill();
     let _ = agent.wait();
     wait_until(Duration::from_secs(120), "the cut-off rollout finishes", || get(t.listen).as_deref() == Some("hello from demo 5.0"));

@@ -61,21 +61,7 @@ impl Fixture for Local {
     /// Instances carry SLIPWAY_ENV: any process of this scope's
     /// environment still running is left over (killed now).
     async fn leftovers(&self, scope: &Scope) -> Vec<String> {
-        let want = format!("SLIPWAY_ENV={}", scope.env);
-        let mut left = Vec::new();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-            if environ.split(|b| *b == 0).any(|kv| kv == want.as_bytes()) {
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) {
-                    continue; // exited, not yet reaped
-                }
-                left.push(format!("pid {pid}: {}", stat.trim()));
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        left
+        common::processes_with_env("SLIPWAY_ENV", &scope.env, true)
     }
 
     async fn service_toml(&self, _scope: &Scope) -> String {

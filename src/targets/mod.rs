@@ -897,6 +897,8 @@ pub struct MachineService {
     pub version: String,
     pub instances: u32,
     pub healthy: u32,
+    /// Its instances as the target names them (`pid 123`).
+    pub ids: Vec<String>,
 }
 
 /// Longest line kept whole; longer ones are cut into pieces of this size

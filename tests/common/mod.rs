@@ -250,6 +250,72 @@ pub fn marked(pid: u32) -> usize {
         .count()
 }
 
+/// Live processes (not zombies) whose environment holds `key=value`,
+/// each as "pid N: its stat line"; with `kill`, SIGKILLed as found.
+pub fn processes_with_env(key: &str, value: &str, kill: bool) -> Vec<String> {
+    let want = format!("{key}={value}");
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        if environ.split(|b| *b == 0).any(|kv| kv == want.as_bytes()) {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) {
+                continue; // exited, not yet reaped
+            }
+            found.push(format!("pid {pid}: {}", stat.trim()));
+            if kill {
+                // SAFETY: a process of the test's own, found by its marks.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    found
+}
+
+/// Pids of processes whose arguments hold `args`, one after another.
+pub fn processes_with_args(args: &[&str]) -> Vec<i32> {
+    let want: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let have: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            have.windows(want.len().max(1)).any(|w| w == want.as_slice())
+        })
+        .collect()
+}
+
+/// Run `program` with `args`, `input` on its stdin, to its end (killed
+/// after `within`).
+pub fn run_with_stdin(program: impl AsRef<std::ffi::OsStr>, args: &[&str], input: &str, within: Duration) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the program");
+    let _ = child.stdin.take().expect("stdin").write_all(input.as_bytes());
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(within) {
+        Ok(out) => out.expect("the program's output"),
+        Err(_) => {
+            // SAFETY: our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("{args:?} did not end within {within:?}");
+        }
+    }
+}
+
 /// What a polled condition answers: done (with a value), or not yet, with
 /// what it saw, for the message if the wait times out. `true`/`false`,
 /// `Some`/`None`, and `Ok`/`Err(state)` all answer.

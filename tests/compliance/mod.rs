@@ -39,6 +39,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::{eventually, free_port};
 
+pub mod own;
+
 /// No property may take longer than this (the slowest, on docker, take
 /// under 10 s on 2 cores with another property running beside them).
 const PROPERTY_LIMIT: Duration = Duration::from_secs(30);
@@ -123,8 +125,23 @@ pub trait Fixture: Send + Sync + 'static {
         None
     }
     /// The `[[service]]` keys that run the demo on this target in a real
-    /// `slipway serve` (beyond name, listen and health), for `scope`.
+    /// `slipway serve` (beyond name, listen and health), for `scope`; it may
+    /// go on with top-level tables of its own (`[[hosts]]`, `[secret.…]`).
     async fn service_toml(&self, scope: &Scope) -> String;
+    /// The target's settings of a job (`JobSpec::settings`).
+    fn job_settings(&self) -> Settings {
+        Settings::default()
+    }
+    /// What the kind read from its own top-level tables (`[[hosts]]`), as
+    /// `Target::machines` takes them.
+    fn tables(&self) -> Settings {
+        Settings::default()
+    }
+    /// Own-rollout targets: stop what `scope`'s services run on purpose
+    /// after every node stopped (services on hosts outlive their node),
+    /// through the target's own means, before [`Fixture::leftovers`] looks
+    /// for what should not be there.
+    async fn retire(&self, _scope: &Scope) {}
 }
 
 /// One `#[tokio::test]` per property, for one fixture type.
@@ -137,6 +154,28 @@ macro_rules! compliance_suite {
             same_version_again_is_a_no_op, output_is_complete_once_exited, dead_instance_is_replaced,
             runs_jobs_with_exit_codes_and_output, jobs_stop_on_timeout_and_cancel, capabilities_match_what_it_does,
             images_are_pinned_and_pulled, gc_keeps_what_runs, a_killed_node_comes_back_serving);
+    };
+    // A target that runs its own rollouts (SSH hosts): the manager hands it
+    // the whole rollout, and no instance passes through the node, so the
+    // per-instance properties above do not apply; these say the same
+    // things of the service as a whole (tests/compliance/own.rs).
+    (own_rollout: $fixture:ty) => {
+        $crate::compliance_suite!(@each $fixture;
+            runs_jobs_with_exit_codes_and_output, jobs_stop_on_timeout_and_cancel, capabilities_match_what_it_does,
+            images_are_pinned_and_pulled, a_killed_node_comes_back_serving);
+        $crate::compliance_suite!(@own $fixture;
+            deploys_and_serves_on_hosts, unhealthy_version_rolls_back_on_hosts, crash_during_rollout_rolls_back_on_hosts,
+            same_version_again_is_a_no_op_on_hosts, zero_downtime_on_hosts, dead_instance_is_replaced_on_hosts,
+            services_outlive_the_node_and_are_adopted);
+    };
+    (@own $fixture:ty; $($property:ident),+) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $property() {
+                let Some(f) = <$fixture as $crate::compliance::Fixture>::start().await else { return };
+                $crate::compliance::own::$property(std::sync::Arc::new(f)).await;
+            }
+        )+
     };
     (@each $fixture:ty; $($property:ident),+) => {
         $(
@@ -166,6 +205,9 @@ struct Harness {
     target: Arc<dyn Target>,
     scope: Scope,
     _dir: tempfile::TempDir,
+    /// The store's own: the scope's directory is the services' workdir,
+    /// which targets on other machines pack and ship.
+    _store_dir: tempfile::TempDir,
     store: Arc<dyn Store>,
     managers: Mutex<Vec<(Arc<ServiceManager>, CancellationToken)>>,
     instances: Mutex<Vec<Arc<dyn Instance>>>,
@@ -177,7 +219,8 @@ static HARNESSES: AtomicU64 = AtomicU64::new(0);
 impl Harness {
     async fn new(fx: Arc<dyn Fixture>) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = slipway::store::open(&format!("sqlite://{}", dir.path().join("s.db").display())).await.expect("open the SQLite store");
+        let store_dir = tempfile::tempdir().expect("tempdir");
+        let store = slipway::store::open(&format!("sqlite://{}", store_dir.path().join("s.db").display())).await.expect("open the SQLite store");
         let n = HARNESSES.fetch_add(1, Ordering::SeqCst) + 1;
         // Unique per harness: container names (`slipway-ENV-SERVICE-PORT`)
         // cannot collide between properties running at once, and cleanup
@@ -188,7 +231,7 @@ impl Harness {
             dir: dir.path().to_path_buf(),
         };
         fx.prepare(&scope).await;
-        Harness { target: fx.target(), fx, scope, _dir: dir, store, managers: Mutex::default(), instances: Mutex::default(), deployment: AtomicI64::new(0) }
+        Harness { target: fx.target(), fx, scope, _dir: dir, _store_dir: store_dir, store, managers: Mutex::default(), instances: Mutex::default(), deployment: AtomicI64::new(0) }
     }
 
     fn dir(&self) -> &Path {
@@ -235,6 +278,7 @@ impl Harness {
             let _ = tokio::time::timeout(Duration::from_secs(10), m.stop_all_services()).await;
             shutdown.cancel();
         }
+        self.fx.retire(&self.scope).await;
         self.fx.leftovers(&self.scope).await
     }
 
@@ -953,6 +997,7 @@ async fn demo_job(h: &Harness, args: &[&str], timeout: Duration) -> JobSpec {
         kill_grace_ms: 2000,
         artifact,
         target: Some(h.fx.name().to_string()),
+        settings: h.fx.job_settings(),
         ..JobSpec::verify(&slipway::config::service::StepSpec { command: argv, timeout, idempotent: false })
     }
 }
@@ -1156,7 +1201,8 @@ pub async fn gc_keeps_what_runs(fx: Arc<dyn Fixture>) {
 /// `slipway serve` deploys the demo on this target, is killed with
 /// SIGKILL, and the next node of the same store brings the service back
 /// on its recorded version (adopting or replacing what the dead one left);
-/// a graceful stop afterwards leaves nothing on the target.
+/// a graceful stop afterwards leaves nothing on the target (a target that
+/// rolls out itself keeps serving until the fixture retires the service).
 pub async fn a_killed_node_comes_back_serving(fx: Arc<dyn Fixture>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let n = HARNESSES.fetch_add(1, Ordering::SeqCst) + 1;
@@ -1174,6 +1220,7 @@ pub async fn a_killed_node_comes_back_serving(fx: Arc<dyn Fixture>) {
     );
     std::fs::write(dir.path().join("slipway.toml"), config).expect("write slipway.toml");
     let body = move || crate::common::http_get(listen, "/");
+    let own_rollout = slipway::targets::kind(fx.name()).is_some_and(|k| k.capabilities().own_rollout);
     let outcome = tokio::time::timeout(Duration::from_secs(120), async {
         let (d, env) = (dir.path().to_path_buf(), scope.env.clone());
         tokio::task::spawn_blocking(move || {
@@ -1189,10 +1236,16 @@ pub async fn a_killed_node_comes_back_serving(fx: Arc<dyn Fixture>) {
             // A graceful stop: SIGTERM, and it ends by itself.
             unsafe { libc::kill(second.child.id() as i32, libc::SIGTERM) };
             crate::common::wait_for(Duration::from_secs(30), "the node to stop on SIGTERM", || second.child.try_wait().ok().flatten());
+            // Services a target rolls out itself live on their hosts, not in
+            // the node: they go on serving without it.
+            if own_rollout {
+                assert_eq!(body().as_deref(), Some(hello("1.0").as_str()), "a service on hosts outlives its node's stop");
+            }
         })
         .await
     })
     .await;
+    fx.retire(&scope).await;
     let left = fx.leftovers(&scope).await;
     match outcome {
         Ok(Ok(())) => {}

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::config::{Group, Host};
 use super::session::{self, Endpoint, Keys};
-use super::{SshTarget, UPLOAD, agent_binary, exchange, short};
+use super::{SshTarget, UPLOAD, exchange, short};
 use crate::targets::{Machine, MachineService, Settings, TargetError, TargetErrorKind};
 
 fn groups(tables: &Settings) -> BTreeMap<String, Group> {
@@ -30,7 +30,7 @@ async fn ask(target: &SshTarget, g: &Group, h: &Host, request: serde_json::Value
     let keys = keys(g)?;
     let (conn, key) = target.connection(&endpoint(g, h), &keys).await.map_err(|e| short(&e.message))?;
     let r = async {
-        let agent = session::ensure_agent_with(&conn, agent_binary(), &g.dir, UPLOAD).await.map_err(|e| short(&e.message))?;
+        let agent = session::ensure_agent_with(&conn, target.agent_binary(), &g.dir, UPLOAD).await.map_err(|e| short(&e.message))?;
         exchange(&conn, &agent, "service", &request, &[]).await.map_err(|e| super::rollout::end_message(&e))
     }
     .await;
@@ -60,6 +60,7 @@ pub(super) async fn machines(target: &SshTarget, tables: &Settings) -> Vec<Machi
                         version: s["version"].as_str().unwrap_or_default().to_string(),
                         instances: s["instances"].as_u64().unwrap_or(0) as u32,
                         healthy: s["healthy"].as_u64().unwrap_or(0) as u32,
+                        ids: s["pids"].as_array().into_iter().flatten().filter_map(|p| p.as_i64()).map(|p| format!("pid {p}")).collect(),
                     });
                 }
             }

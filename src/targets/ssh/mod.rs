@@ -109,6 +109,8 @@ pub struct SshTarget {
     pool: Mutex<HashMap<String, Connection>>,
     /// Revisions already on a host (pool key, SHA-256) → where.
     shipped: Mutex<HashMap<(String, String), String>>,
+    /// The binary uploaded to hosts as their agent.
+    agent: Arc<session::AgentBinary>,
 }
 
 /// A directory as a gzip'd tar, named by its SHA-256.
@@ -119,6 +121,12 @@ struct Packed {
 
 impl SshTarget {
     pub fn new(installation: String) -> Self {
+        Self::with_agent(installation, default_agent())
+    }
+
+    /// A target whose hosts run `agent` (a Slipway binary) as their agent:
+    /// for a process that is not itself Slipway's binary (a test).
+    pub fn with_agent(installation: String, agent: Arc<session::AgentBinary>) -> Self {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
         SshTarget {
             installation,
@@ -126,7 +134,12 @@ impl SshTarget {
             packed: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
             shipped: Mutex::new(HashMap::new()),
+            agent,
         }
+    }
+
+    fn agent_binary(&self) -> &session::AgentBinary {
+        &self.agent
     }
 
     /// A connection to `ep`: an open one if it is still alive, else a new one.
@@ -180,13 +193,18 @@ fn pack(dir: &Path) -> Result<Packed, String> {
 
 /// The Slipway binary the hosts run as their agent: this one, or the one
 /// `SLIPWAY_SSH_AGENT` names (hosts of another platform than the node's;
-/// a build without debug information, which uploads faster).
-fn agent_binary() -> &'static session::AgentBinary {
-    static AGENT: std::sync::OnceLock<session::AgentBinary> = std::sync::OnceLock::new();
-    AGENT.get_or_init(|| match std::env::var_os("SLIPWAY_SSH_AGENT") {
-        Some(p) if !p.is_empty() => session::AgentBinary::at(PathBuf::from(p)),
-        _ => session::AgentBinary::at(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))),
-    })
+/// a build without debug information, which uploads faster). One per
+/// process: its checksum and compressed form are computed once.
+fn default_agent() -> Arc<session::AgentBinary> {
+    static AGENT: std::sync::OnceLock<Arc<session::AgentBinary>> = std::sync::OnceLock::new();
+    AGENT
+        .get_or_init(|| {
+            Arc::new(match std::env::var_os("SLIPWAY_SSH_AGENT") {
+                Some(p) if !p.is_empty() => session::AgentBinary::at(PathBuf::from(p)),
+                _ => session::AgentBinary::at(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))),
+            })
+        })
+        .clone()
 }
 
 /// What every host of a job needs: the same for all of them.
@@ -416,7 +434,7 @@ async fn attempt_on(s: &Shared<'_>, host: &Host) -> Result<(RemoteExit, ()), End
 
 async fn on_connection(s: &Shared<'_>, host: &Host, conn: &Connection, key: &str) -> Result<(RemoteExit, ()), End> {
     let dir = &s.settings.group.dir;
-    let agent = session::ensure_agent_with(conn, agent_binary(), dir, UPLOAD).await?;
+    let agent = session::ensure_agent_with(conn, s.target.agent_binary(), dir, UPLOAD).await?;
     let workdir = s.target.ship_once(conn, key, &agent, dir, &s.packed).await?;
     let req = s.req;
     if req.attempt > 1 {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{Host, JobSettings};
 use super::session::{self, Chunk, Connection, Endpoint, Keys};
-use super::{End, Packed, SshTarget, agent_binary, exchange, ship_to, short};
+use super::{End, Packed, SshTarget, exchange, ship_to, short};
 use crate::service::RolloutRequest;
 use crate::store::{Outcome, PartResult};
 use crate::targets::{Line, OutputSink, RunResult, Stream};
@@ -159,7 +159,7 @@ impl Rollout<'_> {
 
     async fn roll(&self, conn: &Connection, host: &Host, before: &mut Option<Before>) -> Result<(Outcome, Option<String>), End> {
         let dir = &self.settings.group.dir;
-        let agent = session::ensure_agent_with(conn, agent_binary(), dir, super::UPLOAD).await?;
+        let agent = session::ensure_agent_with(conn, self.target.agent_binary(), dir, super::UPLOAD).await?;
         let workdir = ship_to(conn, &agent, dir, &self.packed).await?;
         let status = exchange(conn, &agent, "service", &self.request("status"), &[]).await?;
         let entry = status["status"]["services"]
@@ -225,7 +225,7 @@ impl Rollout<'_> {
     async fn revert(&self, host: &Host, before: &Before) -> Result<(), String> {
         let conn = self.connect(host).await.map_err(|e| end_message(&e))?;
         let r = async {
-            let agent = session::ensure_agent_with(&conn, agent_binary(), &self.settings.group.dir, super::UPLOAD).await?;
+            let agent = session::ensure_agent_with(&conn, self.target.agent_binary(), &self.settings.group.dir, super::UPLOAD).await?;
             let ask = match &before.entry {
                 None => self.request("stop"),
                 Some(e) => {
