@@ -133,7 +133,7 @@ listen = "0.0.0.0:8080"
 command = ["./bin/web", "{port}", "{version}"]
 artifact = { url = "http://127.0.0.1:$WWW/web-{version}.tar.gz" }
 health = { http = "/healthz", interval = "200ms", deadline = "10s" }
-rollout = { drain = "0s" }
+rollout = { drain = "50ms" }
 TOML
   # The server reads its config at each request: no restart needed.
   deploy() { client "$SLIPWAY" --config "$CONF" --server "http://127.0.0.1:$PORT" deploy web "$1" --env production --sha256 "$SHA" >/dev/null; }
@@ -155,7 +155,7 @@ TOML
       unarchive: { src: "/srv/slipway/ansible/web-{{ v }}.tar.gz", dest: "/srv/slipway/ansible/{{ v }}", remote_src: true }
       args: { creates: "/srv/slipway/ansible/{{ v }}/bin/web" }
     - name: stop the old one
-      shell: "pkill -f 'slipway-demo serve --port 8081' || true"
+      shell: "pkill -f '[s]lipway-demo serve --port 8081' || true"
     - name: start the new one
       shell: "cd /srv/slipway/ansible/{{ v }} && (setsid nohup ./bin/web 8081 {{ v }} >/dev/null 2>&1 &)"
     - name: wait for its port
@@ -167,7 +167,10 @@ TOML
       delay: 0.2
       until: health.status == 200
 YML
-  play() { client env ANSIBLE_CONFIG="$WORK/ansible.cfg" "$ANSIBLE/ansible-playbook" "$WORK/rollout.yml" -e "v=$1" -e "tarball=$WORK/www/web.tar.gz" >/dev/null; }
+  play() {
+    client env ANSIBLE_CONFIG="$WORK/ansible.cfg" "$ANSIBLE/ansible-playbook" "$WORK/rollout.yml" -e "v=$1" -e "tarball=$WORK/www/web.tar.gz" >"$WORK/play.log" 2>&1 \
+      || { echo "ansible-playbook failed:" >&2; tail -40 "$WORK/play.log" >&2; return 1; }
+  }
   play 1.0
   t0=$(now); play 2.0; t1=$(now)
   A_ROLL=$(echo "$t1 - $t0" | bc)

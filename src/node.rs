@@ -90,7 +90,7 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
         store: store.clone(),
         parallelism,
         wake: Some(wake),
-        targets: Some(targets),
+        targets: Some(targets.clone()),
         events: Some(events),
         deciding: Default::default(),
         parsed: Default::default(),
@@ -99,6 +99,7 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     });
     tasks.spawn(crate::submit::gates::run(store.clone(), submitter.clone(), shutdown.clone()));
     tasks.spawn(crate::trigger::poll::run(submitter.clone(), shutdown.clone()));
+    tasks.spawn(tend_machines(submitter.clone(), targets.clone(), shutdown.clone()));
     let state = Arc::new(AppState { store: store.clone(), submitter, metrics, node, services: Some(services.clone()), refusals: Default::default() });
     let app = api::router(state.clone());
     let server = {
@@ -133,4 +134,36 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
         result
     });
     RunningNode { addr, shutdown, task }
+}
+
+/// Every [`crate::targets::TEND_EVERY`], each target whose kind has tables
+/// in the config on disk (`[[hosts]]`) looks after its machines
+/// ([`crate::targets::Target::tend`]; SSH hosts: their supervisors kept
+/// running). Until the node stops.
+async fn tend_machines(submitter: Arc<Submitter>, targets: Arc<Targets>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(crate::targets::TEND_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // An invalid config on disk is reported where it is used; the
+        // machines wait for a valid one.
+        let Ok(loaded) = submitter.config().await else { continue };
+        for kind in crate::targets::kinds() {
+            let Some(tables) = loaded.config.targets.get(kind.name()).filter(|t| !t.is_empty()) else { continue };
+            let target = match targets.get(kind.name()).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(target = kind.name(), error = %e.message, "cannot look after the target's machines");
+                    continue;
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = target.tend(tables) => {}
+            }
+        }
+    }
 }

@@ -320,3 +320,58 @@ fn issue15_a_drained_host_gets_no_deploys_and_takes_no_connections() {
     let audit = server.cli(dir.path(), &["audit"]);
     assert!(text(&audit).contains(&format!("drain host {h2}")), "{}", text(&audit));
 }
+
+/// Pid of the supervisor on host `k`, if one runs.
+fn supervisor_pid(fleet: &Fleet, k: usize) -> Option<String> {
+    let out = fleet.exec_on(k, &["ps", "-eo", "pid=,args="]);
+    String::from_utf8_lossy(&out.stdout).lines().find(|l| l.contains("agent ssh supervise")).and_then(|l| l.split_whitespace().next().map(str::to_string))
+}
+
+#[test]
+fn issue15_a_killed_supervisor_is_started_again_by_the_node_and_a_dead_host_is_reported() {
+    const N: usize = 2;
+    let fleet = Fleet::up(N);
+    fleet.enter();
+    let (tarball, sha) = release();
+    let http = tarball_server(tarball);
+    let toml = config(&fleet, N, http, 1).replace("\ndir = ", "\ncheck_every = \"1s\"\ndir = ");
+    assert!(toml.contains("check_every"), "{toml}");
+    let dir = common::config_dir(&toml, &[]);
+    let server = serve(&fleet, dir.path());
+    let out = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "production", "--sha256", &sha]);
+    assert!(out.status.success(), "{}", text(&out));
+    let instance = demo_pid(&fleet, 1, "1.0").expect("1.0 runs on host 1");
+    let old = supervisor_pid(&fleet, 1).expect("a supervisor on host 1");
+
+    // kill -9 of a host's supervisor: its address goes dark, and comes
+    // back without anyone deploying: the node's check starts a new
+    // supervisor, which adopts the instance that kept running.
+    assert!(fleet.exec_on(1, &["kill", "-9", &old]).status.success());
+    let a1 = addrs(&fleet, N)[0];
+    common::wait_for(Duration::from_secs(60), "host 1's address to answer again", || {
+        (supervisor_pid(&fleet, 1).is_some_and(|p| p != old) && get(a1).as_deref() == Ok("hello from demo 1.0")).then_some(())
+    });
+    assert_eq!(demo_pid(&fleet, 1, "1.0").as_deref(), Some(instance.as_str()), "the instance was adopted, not restarted");
+
+    // A host cut off: `slipway hosts` says which and why, and exits 4 (in
+    // JSON too); the node's log says it once.
+    fleet.ctl(2, "link-down");
+    let out = server.cli(dir.path(), &["hosts"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let h2 = fleet.host(2).address.clone();
+    let line = String::from_utf8_lossy(&out.stdout).lines().find(|l| l.contains(&h2)).map(str::to_string).unwrap_or_default();
+    assert!(line.contains("down") && ["no answer", "timed out", "lost"].iter().any(|w| line.contains(w)), "host 2's line: {line:?}\n{}", text(&out));
+    let out = server.cli(dir.path(), &["--json", "hosts"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    common::wait_for(Duration::from_secs(30), "the node's log to report host 2", || {
+        server.log_text().lines().any(|l| l.contains("a host does not answer") && l.contains(&h2)).then_some(())
+    });
+    let once = server.log_text().lines().filter(|l| l.contains("a host does not answer") && l.contains(&h2)).count();
+    std::thread::sleep(Duration::from_secs(3));
+    let later = server.log_text().lines().filter(|l| l.contains("a host does not answer") && l.contains(&h2)).count();
+    assert_eq!((once, later), (1, 1), "reported once, not at every check");
+    fleet.ctl(2, "link-up");
+    common::wait_for(Duration::from_secs(30), "the node's log to report host 2 back", || {
+        server.log_text().lines().any(|l| l.contains("a host answers again") && l.contains(&h2)).then_some(())
+    });
+}

@@ -81,7 +81,9 @@ impl Fixture for Ssh {
             dir = host_dir.path().display().to_string(),
         );
         // The settings as a real config makes them: a service on the group.
-        let text = format!("[[service]]\nname = \"probe\"\ntarget = \"ssh\"\nhosts = \"{GROUP}\"\nlisten = \"127.0.0.1:1\"\ncommand = [\"probe\", \"{{port}}\"]\n\n{tables_toml}");
+        let text = format!(
+            "[[service]]\nname = \"probe\"\ntarget = \"ssh\"\nhosts = \"{GROUP}\"\nlisten = \"127.0.0.1:1\"\ncommand = [\"probe\", \"{{port}}\"]\n\n{tables_toml}"
+        );
         let config = slipway::config::parse("slipway.toml", &text).unwrap_or_else(|e| panic!("the fixture's config: {e:?}\n{text}"));
         let settings = config.services[0].spec.as_ref().expect("a managed service").settings.clone();
         let tables = config.targets.get("ssh").cloned().expect("the ssh kind read its [[hosts]]");

@@ -1204,9 +1204,11 @@ async fn hosts(client: &Client, action: Option<HostsAction>, json: bool) -> Resu
     let (host, verb) = match action {
         None => {
             let hosts: Vec<crate::api::wire::HostInfo> = client.get("/api/v1/hosts").await?;
+            // Exit 4 while a host does not answer, whatever the format.
+            let code = if hosts.iter().all(|h| h.reachable) { exit::OK } else { exit::UNAVAILABLE };
             if json {
                 print_json(&hosts);
-                return Ok(exit::OK);
+                return Ok(code);
             }
             if hosts.is_empty() {
                 println!("no [[hosts]] groups in the config");
@@ -1230,8 +1232,7 @@ async fn hosts(client: &Client, action: Option<HostsAction>, json: bool) -> Resu
                     .join(", ");
                 println!("{:<10} {:<22} {:<10} {:<52} {}", h.group, h.name, state, key, if runs.is_empty() { "-".into() } else { runs });
             }
-            let down = hosts.iter().filter(|h| !h.reachable).count();
-            return Ok(if down == 0 { exit::OK } else { exit::UNAVAILABLE });
+            return Ok(code);
         }
         Some(HostsAction::Drain { host }) => (host, "drain"),
         Some(HostsAction::Undrain { host }) => (host, "undrain"),

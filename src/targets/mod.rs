@@ -805,6 +805,13 @@ pub trait Target: Send + Sync + 'static {
         vec![]
     }
 
+    /// Look after the machines of `tables`: called every few seconds by
+    /// each node ([`TEND_EVERY`]); a target checks what is due (SSH: every
+    /// host's supervisor, each group at its `check_every`, starting one
+    /// where none answers) and reports what changed in its log. Returns
+    /// promptly when nothing is due.
+    async fn tend(&self, _tables: &Settings) {}
+
     /// Take the machine `name` out of service (`drained`) or back in:
     /// it gets no new deploys and its proxies stop taking connections.
     /// What it says happened, for people.
@@ -900,6 +907,10 @@ pub struct MachineService {
     /// Its instances as the target names them (`pid 123`).
     pub ids: Vec<String>,
 }
+
+/// How often a node calls [`Target::tend`] of every target whose kind has
+/// tables in the config.
+pub const TEND_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Longest line kept whole; longer ones are cut into pieces of this size
 /// so one line without a newline cannot exhaust memory.

@@ -231,7 +231,17 @@ impl Harness {
             dir: dir.path().to_path_buf(),
         };
         fx.prepare(&scope).await;
-        Harness { target: fx.target(), fx, scope, _dir: dir, _store_dir: store_dir, store, managers: Mutex::default(), instances: Mutex::default(), deployment: AtomicI64::new(0) }
+        Harness {
+            target: fx.target(),
+            fx,
+            scope,
+            _dir: dir,
+            _store_dir: store_dir,
+            store,
+            managers: Mutex::default(),
+            instances: Mutex::default(),
+            deployment: AtomicI64::new(0),
+        }
     }
 
     fn dir(&self) -> &Path {

@@ -25,6 +25,11 @@ pub const HOSTS: TableKeys = TableKeys {
         Key { name: "known_hosts", kind: "string", doc: "the [secret.*] holding the hosts' keys, known_hosts format; an unknown or changed key is refused" },
         Key { name: "connect_timeout", kind: "string", doc: "bound on connecting and logging in (default \"5s\")" },
         Key { name: "dir", kind: "string", doc: "where Slipway keeps its files on each host (default \".slipway\", in the user's home)" },
+        Key {
+            name: "check_every",
+            kind: "string",
+            doc: "how often each node asks every host's supervisor how it is (default \"30s\"); a supervisor that died is started again and takes its services back",
+        },
     ],
     doc: "a group of SSH hosts",
 };
@@ -50,7 +55,16 @@ pub struct Group {
     pub known_hosts: SecretRef,
     pub connect_timeout_ms: u64,
     pub dir: String,
+    /// How often nodes check the group's hosts (`Target::tend`).
+    #[serde(default = "default_check_every_ms")]
+    pub check_every_ms: u64,
 }
+
+fn default_check_every_ms() -> u64 {
+    DEFAULT_CHECK_EVERY.as_millis() as u64
+}
+
+pub const DEFAULT_CHECK_EVERY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Host {
@@ -61,6 +75,10 @@ pub struct Host {
 }
 
 impl Group {
+    pub fn check_every(&self) -> Duration {
+        Duration::from_millis(self.check_every_ms.max(1))
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms.max(1))
     }
@@ -113,6 +131,7 @@ struct RawGroup {
     known_hosts: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     dir: Option<Spanned<String>>,
+    check_every: Option<Spanned<String>>,
 }
 
 /// `[[hosts]]`, every group; problems each at its place.
@@ -193,6 +212,10 @@ fn group(raw: RawGroup, span: std::ops::Range<usize>, cx: &mut ConfigTables<'_, 
         Some(t) => crate::config::duration(t, "connect_timeout", cx.problems)?,
         None => Duration::from_secs(5),
     };
+    let check_every = match &raw.check_every {
+        Some(t) => crate::config::duration(t, "check_every", cx.problems)?,
+        None => DEFAULT_CHECK_EVERY,
+    };
     let user = raw.user.as_ref().map(|u| u.get_ref().clone()).unwrap_or_else(|| "root".to_string());
     if let Some(u) = &raw.user
         && (u.get_ref().is_empty() || !u.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
@@ -216,6 +239,7 @@ fn group(raw: RawGroup, span: std::ops::Range<usize>, cx: &mut ConfigTables<'_, 
         known_hosts: known_hosts?,
         connect_timeout_ms: connect_timeout.as_millis() as u64,
         dir,
+        check_every_ms: check_every.as_millis() as u64,
     })
 }
 

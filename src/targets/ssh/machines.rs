@@ -43,7 +43,40 @@ async fn ask(target: &SshTarget, g: &Group, h: &Host, request: serde_json::Value
 pub(super) async fn machines(target: &SshTarget, tables: &Settings) -> Vec<Machine> {
     let groups = groups(tables);
     let all: Vec<(&Group, &Host)> = groups.values().flat_map(|g| g.hosts.iter().map(move |h| (g, h))).collect();
-    join_all(all.into_iter().map(|(g, h)| async move {
+    join_all(all.into_iter().map(|(g, h)| machine(target, g, h))).await
+}
+
+/// Look after the groups whose `check_every` has passed since their last
+/// check: every host's supervisor asked for its status, which starts one
+/// where services are kept but no supervisor answers (killed, or the host
+/// rebooted): it adopts what still runs and brings back the rest. A host
+/// that stops answering, and one that answers again, is logged once.
+pub(super) async fn tend(target: &SshTarget, tables: &Settings) {
+    let groups = groups(tables);
+    let now = std::time::Instant::now();
+    let due: Vec<&Group> = {
+        let mut last = target.tended.lock().unwrap_or_else(|e| e.into_inner());
+        let due: Vec<&Group> = groups.values().filter(|g| last.get(&g.name).is_none_or(|t| now.duration_since(*t) >= g.check_every())).collect();
+        for g in &due {
+            last.insert(g.name.clone(), now);
+        }
+        due
+    };
+    let all: Vec<(&Group, &Host)> = due.iter().flat_map(|g| g.hosts.iter().map(move |h| (*g, h))).collect();
+    for m in join_all(all.into_iter().map(|(g, h)| machine(target, g, h))).await {
+        let key = format!("{}/{}", m.group, m.name);
+        let was = target.answered.lock().unwrap_or_else(|e| e.into_inner()).insert(key, m.reachable);
+        match (was, &m.error) {
+            (Some(true) | None, Some(e)) => tracing::warn!(group = m.group, host = m.name, error = %e, "a host does not answer"),
+            (Some(false), None) => tracing::info!(group = m.group, host = m.name, "a host answers again"),
+            _ => {}
+        }
+    }
+}
+
+/// One host, asked now.
+async fn machine(target: &SshTarget, g: &Group, h: &Host) -> Machine {
+    {
         let mut m = Machine { group: g.name.clone(), name: h.name.clone(), address: h.address.clone(), ..Machine::default() };
         let request = json!({ "dir": g.dir, "installation": target.installation, "op": "status", "environment": "", "service": "" });
         match ask(target, g, h, request).await {
@@ -67,8 +100,7 @@ pub(super) async fn machines(target: &SshTarget, tables: &Settings) -> Vec<Machi
             Err(e) => m.error = Some(e),
         }
         m
-    }))
-    .await
+    }
 }
 
 pub(super) async fn drain(target: &SshTarget, tables: &Settings, name: &str, drained: bool) -> Result<String, TargetError> {

@@ -111,6 +111,10 @@ pub struct SshTarget {
     shipped: Mutex<HashMap<(String, String), String>>,
     /// The binary uploaded to hosts as their agent.
     agent: Arc<session::AgentBinary>,
+    /// When each group was last checked ([`Target::tend`]), and whether
+    /// each host (group/name) answered then.
+    tended: Mutex<HashMap<String, Instant>>,
+    answered: Mutex<HashMap<String, bool>>,
 }
 
 /// A directory as a gzip'd tar, named by its SHA-256.
@@ -135,6 +139,8 @@ impl SshTarget {
             pool: Mutex::new(HashMap::new()),
             shipped: Mutex::new(HashMap::new()),
             agent,
+            tended: Mutex::new(HashMap::new()),
+            answered: Mutex::new(HashMap::new()),
         }
     }
 
@@ -229,6 +235,10 @@ impl Target for SshTarget {
 
     async fn machines(&self, tables: &Settings) -> Vec<super::Machine> {
         machines::machines(self, tables).await
+    }
+
+    async fn tend(&self, tables: &Settings) {
+        machines::tend(self, tables).await
     }
 
     async fn drain(&self, tables: &Settings, name: &str, drained: bool) -> Result<String, TargetError> {

@@ -125,6 +125,20 @@ impl Paths {
     pub fn service(&self, environment: &str, service: &str) -> PathBuf {
         self.services().join(environment).join(service)
     }
+
+    /// Whether any service is kept here (`services/<env>/<service>`).
+    fn holds_services(&self) -> bool {
+        let Ok(envs) = std::fs::read_dir(self.services()) else { return false };
+        envs.flatten().any(|e| std::fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_some()))
+    }
+
+    /// The persisted whole-host drain ([`Paths::host`]).
+    fn host_drained(&self) -> bool {
+        std::fs::read(self.host())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v["drained"].as_bool() == Some(true))
+    }
 }
 
 /// A request as the node sends it (`rollout.rs`).
@@ -178,6 +192,14 @@ pub async fn service() -> u8 {
         return fail(&e);
     }
     let paths = Paths::new(&req.dir, &req.installation);
+    // A status check where no supervisor runs and none is needed (nothing
+    // of this installation's was ever rolled out here, or it was all
+    // stopped): answered here, so that checking a group that only runs
+    // jobs starts no daemon on its hosts.
+    if req.op == "status" && connect(&paths.sock()).await.is_none() && !paths.holds_services() {
+        let status = json!({ "status": { "drained": paths.host_drained(), "supervisor": null, "services": [] } });
+        return if agent::write_all_fd(1, format!("{status}\n").as_bytes()).is_ok() { 0 } else { 1 };
+    }
     let stream = match connect_or_start(&paths, &req.dir, &req.installation).await {
         Ok(s) => s,
         Err(e) => return fail(&e),
@@ -413,7 +435,7 @@ pub async fn supervise(args: &[String]) -> Result<u8, String> {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("cannot restrict {}: {e}", sock.display()))?;
     tracing::info!(pid = me, exe, "supervisor of {} started", paths.base.display());
 
-    let drained = std::fs::read(paths.host()).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).and_then(|v| v["drained"].as_bool()).unwrap_or(false);
+    let drained = paths.host_drained();
     let sup = Arc::new(Supervisor { paths: paths.clone(), installation, shutdown: CancellationToken::new(), services: Default::default(), drained: AtomicBool::new(drained) });
     sup.load().await;
 
