@@ -15,54 +15,7 @@ use common::fleet::Fleet;
 
 /// A config for `fleet`'s hosts `1..=n` as group "web", plus `jobs`.
 fn config(fleet: &Fleet, n: usize, jobs: &str) -> String {
-    let addresses: Vec<String> = fleet.hosts()[..n].iter().map(|h| format!("{:?}", h.address)).collect();
-    format!(
-        r#"
-[secret.deploy_key]
-file = {key:?}
-[secret.known]
-file = {known:?}
-
-[[hosts]]
-group = "web"
-addresses = [{addresses}]
-user = {user:?}
-key = "deploy_key"
-known_hosts = "known"
-connect_timeout = "3s"
-dir = {dir:?}
-{jobs}
-"#,
-        key = fleet.key_path().display().to_string(),
-        known = fleet.known_hosts_path().display().to_string(),
-        addresses = addresses.join(", "),
-        user = fleet.user(),
-        dir = fleet.dir(),
-    )
-}
-
-/// `slipway serve` and its CLI in the fleet's bridge namespace (the
-/// current thread enters it: what it spawns lives there too).
-fn serve(fleet: &Fleet, dir: &Path) -> Server {
-    fleet.enter();
-    let store = format!("sqlite://{}/store.db", dir.display());
-    let agent = agent_binary();
-    Server::start_with_env(dir, Some(&store), &["--node-id", "n1"], &[("SLIPWAY_SSH_AGENT", agent.to_str().unwrap())])
-}
-
-/// The agent the hosts get: this build without its debug information (a
-/// quarter of the size: the upload to 20 hosts is what it saves).
-fn agent_binary() -> std::path::PathBuf {
-    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    let out = DIR.get_or_init(|| tempfile::tempdir().expect("tempdir")).path().join("slipway-agent");
-    if out.exists() {
-        return out;
-    }
-    let strip = std::process::Command::new("strip").arg("--strip-debug").arg("-o").arg(&out).arg(common::slipway_bin()).status();
-    if !matches!(strip, Ok(s) if s.success()) {
-        std::fs::copy(common::slipway_bin(), &out).expect("copy slipway");
-    }
-    out
+    format!("{}{jobs}\n", fleet.hosts_toml(n))
 }
 
 fn detail(server: &Server, id: i64) -> serde_json::Value {
@@ -125,7 +78,7 @@ batch = "25%"
 max_failed = "5%"
 "#;
     let dir = common::config_dir(&config(&fleet, 20, jobs), &[("check.sh", CHECK)]);
-    let server = serve(&fleet, dir.path());
+    let server = fleet.serve(dir.path());
 
     // Two failures, two tolerated: the job succeeds and says who failed.
     let (id, out) = run(&server, dir.path(), "tolerant");
@@ -144,6 +97,23 @@ max_failed = "5%"
     let job = d["jobs"].as_array().unwrap().iter().find(|j| j["name"] == "tolerant").unwrap().clone();
     let reason = job["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("2 of 20 hosts failed, within max_failed 2") && reason.contains("10.77.0.14 (exit 3)"), "{reason}");
+
+    // The hosts run the build SLIPWAY_SSH_AGENT names (here: this one
+    // without debug information), uploaded under its own checksum.
+    let hash = |p: &Path| {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(std::fs::read(p).expect("read the binary")))[..16].to_string()
+    };
+    let (named, own) = (hash(&common::fleet::agent_binary()), hash(&common::slipway_bin()));
+    assert_ne!(named, own, "strip made no other binary: nothing would tell the two apart");
+    for k in [1, 20] {
+        let bins: Vec<String> = std::fs::read_dir(fleet.host_root(k).join("bin"))
+            .expect("the host's bin")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(bins, [format!("slipway-{named}")], "host {k} got the named agent, and only it");
+    }
 
     // Each host's output is its own: `logs --host` keeps one host's lines.
     let config = dir.path().to_path_buf();
@@ -197,7 +167,7 @@ timeout = "2m"
     fleet.ctl(2, "stop-sshd");
     fleet.ctl(3, "freeze");
     fleet.ctl(4, "rekey");
-    let server = serve(&fleet, dir.path());
+    let server = fleet.serve(dir.path());
     let started = std::time::Instant::now();
     let (id, out) = run(&server, dir.path(), "hello");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -229,7 +199,7 @@ max_failed = 1
 timeout = "10m"
 "#;
     let dir = common::config_dir(&config(&fleet, 2, jobs), &[]);
-    let server = serve(&fleet, dir.path());
+    let server = fleet.serve(dir.path());
     let running_on = |k: usize| {
         let out = fleet.exec_on(k, &["sh", "-c", "ps -eo args | grep -c '^sleep 300' || true"]);
         String::from_utf8_lossy(&out.stdout).trim().parse::<usize>().unwrap_or(0)
@@ -259,7 +229,7 @@ timeout = "10m"
 retry = { attempts = 2, backoff = "10s" }   # time for the test to heal the link first
 "#;
     let dir = common::config_dir(&config(&fleet, 1, jobs), &[]);
-    let server = serve(&fleet, dir.path());
+    let server = fleet.serve(dir.path());
     // The pids of the job's `sleep`s on the host.
     let sleeps = || {
         let out = fleet.exec_on(1, &["ps", "-eo", "pid=,args="]);

@@ -14,33 +14,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::Server;
 use common::fleet::Fleet;
 
 const LISTEN_PORT: u16 = 8080;
-
-/// The stripped Slipway the hosts run as agent and supervisor.
-fn agent_binary() -> std::path::PathBuf {
-    strip_once("slipway-agent", &common::slipway_bin())
-}
-
-fn strip_once(name: &str, from: &Path) -> std::path::PathBuf {
-    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    let out = DIR.get_or_init(|| tempfile::tempdir().expect("tempdir")).path().join(name);
-    if !out.exists() {
-        let ok = std::process::Command::new("strip").arg("--strip-debug").arg("-o").arg(&out).arg(from).status().is_ok_and(|s| s.success());
-        if !ok {
-            std::fs::copy(from, &out).expect("copy");
-        }
-    }
-    out
-}
 
 /// A release: `bin/web PORT VERSION` starts the demo server, which travels
 /// in the tarball (the hosts have nothing of this machine's but over SSH).
 fn release() -> (Vec<u8>, String) {
     use sha2::Digest;
-    let demo = std::fs::read(strip_once("slipway-demo", Path::new(common::demo_bin()))).expect("demo");
+    let demo = std::fs::read(common::fleet::stripped("slipway-demo", Path::new(common::demo_bin()))).expect("demo");
     let script = "#!/bin/sh\nexec \"$(dirname \"$0\")/slipway-demo\" serve --port \"$1\" --version \"$2\"\n";
     let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
     for (path, body) in [("bin/web", script.as_bytes()), ("bin/slipway-demo", demo.as_slice())] {
@@ -78,26 +60,11 @@ fn tarball_server(tarball: Vec<u8>) -> u16 {
 }
 
 fn config(fleet: &Fleet, n: usize, http: u16, batch: usize) -> String {
-    let addresses: Vec<String> = fleet.hosts()[..n].iter().map(|h| format!("{:?}", h.address)).collect();
     format!(
         r#"
 [[environment]]
 name = "production"
-
-[secret.deploy_key]
-file = {key:?}
-[secret.known]
-file = {known:?}
-
-[[hosts]]
-group = "web"
-addresses = [{addresses}]
-user = {user:?}
-key = "deploy_key"
-known_hosts = "known"
-connect_timeout = "3s"
-dir = {dir:?}
-
+{hosts}
 [[service]]
 name = "web"
 target = "ssh"
@@ -111,18 +78,9 @@ health = {{ http = "/healthz", interval = "200ms", deadline = "4s" }}
 rollout = {{ strategy = "rolling", max_surge = 1, max_unavailable = 0, drain = "1s" }}
 migrate = {{ command = ["sh", "-c", "echo \"migrated to $SLIPWAY_VERSION\" >> {dir}/migrations.log"] }}
 "#,
-        key = fleet.key_path().display().to_string(),
-        known = fleet.known_hosts_path().display().to_string(),
-        addresses = addresses.join(", "),
-        user = fleet.user(),
+        hosts = fleet.hosts_toml(n),
         dir = fleet.dir(),
     )
-}
-
-fn serve(fleet: &Fleet, dir: &Path) -> Server {
-    fleet.enter();
-    let store = format!("sqlite://{}/store.db", dir.display());
-    Server::start_with_env(dir, Some(&store), &["--node-id", "n1"], &[("SLIPWAY_SSH_AGENT", agent_binary().to_str().unwrap())])
 }
 
 /// `GET /` of one host's service address.
@@ -196,7 +154,7 @@ fn issue15_a_tarball_service_rolls_across_twenty_hosts_without_a_failed_request(
     let (tarball, sha) = release();
     let http = tarball_server(tarball);
     let dir = common::config_dir(&config(&fleet, N, http, 5), &[]);
-    let server = serve(&fleet, dir.path());
+    let server = fleet.serve(dir.path());
 
     let out = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "production", "--sha256", &sha]);
     assert!(out.status.success(), "{}", text(&out));
@@ -249,7 +207,7 @@ fn issue15_kill_9_in_the_middle_of_a_fleet_rollout_converges_to_the_recorded_ver
     let (tarball, sha) = release();
     let http = tarball_server(tarball);
     let dir = common::config_dir(&config(&fleet, N, http, 1), &[]);
-    let mut server = serve(&fleet, dir.path());
+    let mut server = fleet.serve(dir.path());
     let out = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "production", "--sha256", &sha]);
     assert!(out.status.success(), "{}", text(&out));
     let untouched = demo_pid(&fleet, N, "1.0").expect("1.0 runs on the last host");
@@ -269,7 +227,7 @@ fn issue15_kill_9_in_the_middle_of_a_fleet_rollout_converges_to_the_recorded_ver
 
     // The next node finds 1.0 recorded (2.0 never finished): every host
     // converges to it; the last host's instance is kept, not replaced.
-    let server = serve(&fleet, dir.path());
+    let server = fleet.serve(dir.path());
     common::wait_for(Duration::from_secs(120), "every host back on 1.0", || {
         addrs(&fleet, N).into_iter().all(|a| get(a).as_deref() == Ok("hello from demo 1.0")).then_some(())
     });
@@ -290,7 +248,7 @@ fn issue15_a_drained_host_gets_no_deploys_and_takes_no_connections() {
     let (tarball, sha) = release();
     let http = tarball_server(tarball);
     let dir = common::config_dir(&config(&fleet, N, http, 1), &[]);
-    let server = serve(&fleet, dir.path());
+    let server = fleet.serve(dir.path());
     let out = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "production", "--sha256", &sha]);
     assert!(out.status.success(), "{}", text(&out));
 
@@ -337,7 +295,7 @@ fn issue15_a_killed_supervisor_is_started_again_by_the_node_and_a_dead_host_is_r
     let toml = config(&fleet, N, http, 1).replace("\ndir = ", "\ncheck_every = \"1s\"\ndir = ");
     assert!(toml.contains("check_every"), "{toml}");
     let dir = common::config_dir(&toml, &[]);
-    let server = serve(&fleet, dir.path());
+    let server = fleet.serve(dir.path());
     let out = server.cli(dir.path(), &["deploy", "web", "1.0", "--env", "production", "--sha256", &sha]);
     assert!(out.status.success(), "{}", text(&out));
     let instance = demo_pid(&fleet, 1, "1.0").expect("1.0 runs on host 1");

@@ -313,19 +313,6 @@ mod fleet_test {
 
     const T: Duration = Duration::from_secs(120);
 
-    /// `path` without its debug information, in a temp dir of this process.
-    fn stripped(path: &str, name: &str) -> PathBuf {
-        static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-        let out = DIR.get_or_init(|| tempfile::tempdir().expect("tempdir")).path().join(name);
-        if !out.exists() {
-            let strip = std::process::Command::new("strip").arg("--strip-debug").arg("-o").arg(&out).arg(path).status();
-            if !matches!(strip, Ok(s) if s.success()) {
-                std::fs::copy(path, &out).expect("copy");
-            }
-        }
-        out
-    }
-
     struct Host<'a> {
         fleet: &'a Fleet,
         conn: Connection,
@@ -457,11 +444,9 @@ mod fleet_test {
                 .expect("the fleet's key");
         let keys = Keys { private_key: key, known_hosts: std::fs::read_to_string(fleet.known_hosts_path()).expect("known_hosts") };
         let conn = session::connect(&ep, &keys).await.expect("connect to h1");
-        let agent = session::ensure_agent_with(&conn, &AgentBinary::at(stripped(common::slipway_bin().to_str().unwrap(), "slipway")), fleet.dir(), T)
-            .await
-            .expect("the agent on h1");
+        let agent = session::ensure_agent_with(&conn, &AgentBinary::at(common::fleet::agent_binary()), fleet.dir(), T).await.expect("the agent on h1");
         let workdir = format!("{}/demo", fleet.dir());
-        let demo = std::fs::read(stripped(common::demo_bin(), "slipway-demo")).expect("read the demo");
+        let demo = std::fs::read(common::fleet::stripped("slipway-demo", std::path::Path::new(common::demo_bin()))).expect("read the demo");
         conn.upload(&format!("{workdir}/slipway-demo"), &demo, 0o755, T).await.expect("upload the demo");
         let port = 8080;
         let spec = spec(SocketAddr::from(([0, 0, 0, 0], port)), &format!("{workdir}/slipway-demo"), 2);

@@ -12,12 +12,6 @@ use slipway::targets::{LocalTarget, Target};
 
 struct Local;
 
-impl Local {
-    fn flag(scope: &Scope, version: &str) -> std::path::PathBuf {
-        scope.dir.join(format!("broken-{version}"))
-    }
-}
-
 #[async_trait::async_trait]
 impl Fixture for Local {
     async fn start() -> Option<Self> {
@@ -32,24 +26,14 @@ impl Fixture for Local {
         Arc::new(LocalTarget::default())
     }
 
-    /// A broken release exits at once (code 5, saying "broken"): a shell
-    /// wrapper finds its flag file before it runs the demo.
+    /// A broken release exits at once (code 5) while its flag file exists
+    /// (`compliance::flag_demo_command`).
     fn demo_command(&self, scope: &Scope, breakable: bool) -> Vec<String> {
-        let demo = compliance::demo_bin();
-        if !breakable {
-            return [demo.as_str(), "serve", "--port", "{port}", "--version", "{version}"].map(String::from).to_vec();
-        }
-        let flag = scope.dir.join("broken-");
-        let script = format!("test -e '{}'\"$0\" && {{ echo broken >&2; exit 5; }}; exec '{demo}' serve --port \"$1\" --version \"$0\"", flag.display());
-        ["sh", "-c", &script, "{version}", "{port}"].map(String::from).to_vec()
+        compliance::flag_demo_command(scope, breakable)
     }
 
     async fn release(&self, scope: &Scope, version: &str, working: bool) {
-        if working {
-            let _ = std::fs::remove_file(Self::flag(scope, version));
-        } else {
-            std::fs::write(Self::flag(scope, version), "").expect("write the flag");
-        }
+        compliance::flag_release(scope, version, working)
     }
 
     async fn crash(&self, id: &str) {

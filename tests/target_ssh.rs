@@ -10,7 +10,7 @@ mod common;
 mod compliance;
 mod sshd;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,10 +33,6 @@ struct Ssh {
 const GROUP: &str = "one";
 
 impl Ssh {
-    fn flag(scope: &Scope, version: &str) -> PathBuf {
-        scope.dir.join(format!("broken-{version}"))
-    }
-
     /// Every supervisor this fixture's host directory holds, by its
     /// installation's directory.
     fn installations(&self) -> Vec<String> {
@@ -113,25 +109,14 @@ impl Fixture for Ssh {
         self.tables.clone()
     }
 
-    /// As on `local`: a broken release exits at once (code 5) when its
-    /// flag file exists. The host is this machine, so the flag is seen
-    /// there.
+    /// A broken release exits at once (code 5) while its flag file exists
+    /// (`compliance::flag_demo_command`).
     fn demo_command(&self, scope: &Scope, breakable: bool) -> Vec<String> {
-        let demo = compliance::demo_bin();
-        if !breakable {
-            return [demo.as_str(), "serve", "--port", "{port}", "--version", "{version}"].map(String::from).to_vec();
-        }
-        let flag = scope.dir.join("broken-");
-        let script = format!("test -e '{}'\"$0\" && {{ echo broken >&2; exit 5; }}; exec '{demo}' serve --port \"$1\" --version \"$0\"", flag.display());
-        ["sh", "-c", &script, "{version}", "{port}"].map(String::from).to_vec()
+        compliance::flag_demo_command(scope, breakable)
     }
 
     async fn release(&self, scope: &Scope, version: &str, working: bool) {
-        if working {
-            let _ = std::fs::remove_file(Self::flag(scope, version));
-        } else {
-            write(&Self::flag(scope, version), "");
-        }
+        compliance::flag_release(scope, version, working)
     }
 
     async fn crash(&self, id: &str) {

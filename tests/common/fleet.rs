@@ -145,6 +145,33 @@ impl Fleet {
         self.local.path()
     }
 
+    /// `[secret.deploy_key]`, `[secret.known]` and the `[[hosts]]` group
+    /// "web" of hosts `1..=n` (connect_timeout 3 s, the fleet's dir): what
+    /// the config of every test on this fleet starts from.
+    pub fn hosts_toml(&self, n: usize) -> String {
+        let addresses: Vec<String> = self.hosts()[..n].iter().map(|h| format!("{:?}", h.address)).collect();
+        format!(
+            "\n[secret.deploy_key]\nfile = {key:?}\n[secret.known]\nfile = {known:?}\n\n[[hosts]]\ngroup = \"web\"\naddresses = [{addresses}]\n\
+             user = {user:?}\nkey = \"deploy_key\"\nknown_hosts = \"known\"\nconnect_timeout = \"3s\"\ndir = {dir:?}\n",
+            key = self.key_path().display().to_string(),
+            known = self.known_hosts_path().display().to_string(),
+            addresses = addresses.join(", "),
+            user = self.user(),
+            dir = self.dir(),
+        )
+    }
+
+    /// `slipway serve` of the config in `dir` (its SQLite store there),
+    /// in the fleet's bridge namespace: the current thread enters it, so
+    /// the CLI it runs later lives there too. The hosts get
+    /// [`agent_binary`] (through `SLIPWAY_SSH_AGENT`).
+    pub fn serve(&self, dir: &Path) -> super::Server {
+        self.enter();
+        let store = format!("sqlite://{}/store.db", dir.display());
+        let agent = agent_binary();
+        super::Server::start_with_env(dir, Some(&store), &["--node-id", "n1"], &[("SLIPWAY_SSH_AGENT", agent.to_str().expect("a UTF-8 path"))])
+    }
+
     /// Where host `k`'s `/srv/slipway` lives on this machine.
     pub fn host_root(&self, k: usize) -> PathBuf {
         self.local.path().join(&self.host(k).name).join("root")
@@ -243,6 +270,30 @@ thread_local! {
 
 /// Move the current thread back to the network namespace it had before
 /// [`Fleet::enter`]; nothing if it never entered one.
+/// `from` without its debug information, made once per test process as
+/// `name` in a directory of its own (a quarter of the size: what uploads
+/// to 20 hosts save); a copy where `strip` fails.
+pub fn stripped(name: &str, from: &Path) -> PathBuf {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    // Tests of one binary run in parallel: one strips, the others wait.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    let out = DIR.get_or_init(|| tempfile::tempdir().expect("tempdir")).path().join(name);
+    if !out.exists() {
+        let ok = Command::new("strip").arg("--strip-debug").arg("-o").arg(&out).arg(from).status().is_ok_and(|s| s.success());
+        if !ok {
+            std::fs::copy(from, &out).expect("copy the binary");
+        }
+    }
+    out
+}
+
+/// The Slipway the hosts run as agent and supervisor: this build,
+/// [`stripped`].
+pub fn agent_binary() -> PathBuf {
+    stripped("slipway-agent", &super::slipway_bin())
+}
+
 pub fn leave() {
     ORIGINAL_NETNS.with(|o| {
         if let Some(ns) = o.borrow_mut().take() {

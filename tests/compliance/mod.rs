@@ -196,6 +196,36 @@ fn only(fx: &Arc<dyn Fixture>) -> Targets {
     if fx.name() == slipway::targets::DEFAULT { targets } else { targets.with(slipway::targets::DEFAULT, Arc::new(LocalTarget::default())) }
 }
 
+// ---- a breakable demo for targets that run processes ---------------------------
+
+/// The flag file that makes `version` of the demo broken (see
+/// [`flag_demo_command`]).
+pub fn flag(scope: &Scope, version: &str) -> PathBuf {
+    scope.dir.join(format!("broken-{version}"))
+}
+
+/// The demo's argv for a target that runs processes where `scope.dir` is
+/// seen (this machine): when `breakable`, a shell wrapper exits at once
+/// (code 5, saying "broken") while the version's [`flag`] file exists.
+pub fn flag_demo_command(scope: &Scope, breakable: bool) -> Vec<String> {
+    let demo = demo_bin();
+    if !breakable {
+        return [demo.as_str(), "serve", "--port", "{port}", "--version", "{version}"].map(String::from).to_vec();
+    }
+    let flag = scope.dir.join("broken-");
+    let script = format!("test -e '{}'\"$0\" && {{ echo broken >&2; exit 5; }}; exec '{demo}' serve --port \"$1\" --version \"$0\"", flag.display());
+    ["sh", "-c", &script, "{version}", "{port}"].map(String::from).to_vec()
+}
+
+/// [`Fixture::release`] for [`flag_demo_command`]: the flag removed or made.
+pub fn flag_release(scope: &Scope, version: &str, working: bool) {
+    if working {
+        let _ = std::fs::remove_file(flag(scope, version));
+    } else {
+        std::fs::write(flag(scope, version), "").expect("write the flag");
+    }
+}
+
 // ---- the harness -------------------------------------------------------------
 
 /// One property's world: the fixture, its scope on the target, the store,
@@ -829,61 +859,78 @@ fn start_load(listen: SocketAddr, stop: Arc<AtomicBool>, load: Arc<Load>) -> Vec
         .collect()
 }
 
+/// Stops the load when dropped: a property that fails mid-way leaves no
+/// client running.
+struct LoadRun {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for LoadRun {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// With 1.0 running through `spec.listen`, under constant load through
+/// it: 1.0 → 2.0 (`spec`'s strategy), 2.0 → 3.0 (rolled back), 2.0 → 2.1
+/// (blue-green), all with `m`. Asserts not one request failed, every
+/// version served, none reached the broken 3.0.
+async fn three_rollouts_under_load(h: &Harness, m: &Arc<ServiceManager>, spec: &ServiceSpec) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = Arc::new(Load::default());
+    let mut run = LoadRun { stop: stop.clone(), tasks: start_load(spec.listen, stop.clone(), load.clone()) };
+    eventually(Duration::from_secs(5), "the load to get going", || async {
+        if load.ok.load(Ordering::SeqCst) >= 50 { Ok(()) } else { Err(format!("{} requests so far", load.ok.load(Ordering::SeqCst))) }
+    })
+    .await;
+
+    let to2 = h.roll(m, spec, "2.0").await;
+    let to3 = h.roll(m, spec, "3.0").await;
+    let blue_green = ServiceSpec { rollout: RolloutSpec { strategy: Strategy::BlueGreen, ..spec.rollout.clone() }, ..spec.clone() };
+    let to21 = h.roll(m, &blue_green, "2.1").await;
+    let at_end = load.ok.load(Ordering::SeqCst);
+    eventually(Duration::from_secs(5), "load after the last rollout", || async {
+        if load.ok.load(Ordering::SeqCst) >= at_end + 50 { Ok(()) } else { Err(String::from("too few requests")) }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for t in std::mem::take(&mut run.tasks) {
+        t.await.expect("a load task panicked");
+    }
+
+    to2.assert_succeeded();
+    to3.assert_rolled_back();
+    to21.assert_succeeded();
+    let (ok, failed) = (load.ok.load(Ordering::SeqCst), load.failed.load(Ordering::SeqCst));
+    let errors = load.errors.lock().unwrap().clone();
+    assert_eq!(failed, 0, "{failed} of {} requests failed during the rollouts; first errors: {errors:?}", ok + failed);
+    assert!(ok >= 500, "too little load to prove anything: {ok} requests");
+    eprintln!("{ok} requests through {}, none failed, during 3 rollouts ({:?}, {:?}, {:?})", spec.listen, to2.took, to3.took, to21.took);
+    let versions = load.versions.lock().unwrap().clone();
+    for v in ["1.0", "2.0", "2.1"] {
+        assert!(versions.contains(v), "the load never saw {v}: {versions:?}");
+    }
+    assert!(!versions.contains("3.0"), "a request reached the unhealthy 3.0: {versions:?}");
+}
+
 /// Under constant load through the proxy: 1.0 → 2.0 (rolling, surge 1),
 /// 2.0 → 3.0 (rolled back), 2.0 → 2.1 (blue-green). Not one request fails
 /// and none ever reaches the broken 3.0.
 pub async fn zero_downtime_through_the_proxy(fx: Arc<dyn Fixture>) {
     let h = Harness::new(fx).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = Arc::new(Load::default());
-    let tasks = Mutex::new(Vec::new());
     h.run("zero_downtime_through_the_proxy", async {
         let (m, _) = h.manager();
         let spec = h.demo_spec(2, rolling());
         h.roll(&m, &spec, "1.0").await.assert_succeeded();
-        tasks.lock().unwrap().extend(start_load(spec.listen, stop.clone(), load.clone()));
-        eventually(Duration::from_secs(5), "the load to get going", || async {
-            if load.ok.load(Ordering::SeqCst) >= 50 { Ok(()) } else { Err(format!("{} requests so far", load.ok.load(Ordering::SeqCst))) }
-        })
-        .await;
-
-        let to2 = h.roll(&m, &spec, "2.0").await;
-        let to3 = h.roll(&m, &spec, "3.0").await;
-        let blue_green = ServiceSpec { rollout: RolloutSpec { strategy: Strategy::BlueGreen, ..spec.rollout.clone() }, ..spec.clone() };
-        let to21 = h.roll(&m, &blue_green, "2.1").await;
-        let at_end = load.ok.load(Ordering::SeqCst);
-        eventually(Duration::from_secs(5), "load after the last rollout", || async {
-            if load.ok.load(Ordering::SeqCst) >= at_end + 50 { Ok(()) } else { Err(String::from("too few requests")) }
-        })
-        .await;
-        stop.store(true, Ordering::SeqCst);
-        let handles: Vec<_> = std::mem::take(&mut *tasks.lock().unwrap());
-        for t in handles {
-            t.await.expect("a load task panicked");
-        }
-
-        to2.assert_succeeded();
-        to3.assert_rolled_back();
-        to21.assert_succeeded();
-        let (ok, failed) = (load.ok.load(Ordering::SeqCst), load.failed.load(Ordering::SeqCst));
-        let errors = load.errors.lock().unwrap().clone();
-        assert_eq!(failed, 0, "{failed} of {} requests failed during the rollouts; first errors: {errors:?}", ok + failed);
-        assert!(ok >= 500, "too little load to prove anything: {ok} requests");
-        eprintln!("{ok} requests through the proxy, none failed, during 3 rollouts ({:?}, {:?}, {:?})", to2.took, to3.took, to21.took);
-        let versions = load.versions.lock().unwrap().clone();
-        for v in ["1.0", "2.0", "2.1"] {
-            assert!(versions.contains(v), "the load never saw {v}: {versions:?}");
-        }
-        assert!(!versions.contains("3.0"), "a request reached the unhealthy 3.0: {versions:?}");
+        three_rollouts_under_load(&h, &m, &spec).await;
         assert_serves(spec.listen, "2.1", 4).await;
         assert_status(&h.status(&m).await, "2.1", 2);
     })
     .await;
-    // On failure the load may still run: stop it.
-    stop.store(true, Ordering::SeqCst);
-    for t in std::mem::take(&mut *tasks.lock().unwrap()) {
-        t.abort();
-    }
 }
 
 // ---- 7. idempotence --------------------------------------------------------

@@ -129,54 +129,15 @@ pub async fn same_version_again_is_a_no_op_on_hosts(fx: Arc<dyn Fixture>) {
 /// fails, none reaches the broken 3.0.
 pub async fn zero_downtime_on_hosts(fx: Arc<dyn Fixture>) {
     let h = Harness::new(fx).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = Arc::new(Load::default());
-    let tasks = Mutex::new(Vec::new());
     h.run("zero_downtime_on_hosts", async {
         let (m, _) = h.manager();
         let spec = h.demo_spec(2, rolling());
         h.roll(&m, &spec, "1.0").await.assert_succeeded();
-        tasks.lock().unwrap().extend(start_load(spec.listen, stop.clone(), load.clone()));
-        eventually(Duration::from_secs(5), "the load to get going", || async {
-            if load.ok.load(Ordering::SeqCst) >= 50 { Ok(()) } else { Err(format!("{} requests so far", load.ok.load(Ordering::SeqCst))) }
-        })
-        .await;
-
-        let to2 = h.roll(&m, &spec, "2.0").await;
-        let to3 = h.roll(&m, &spec, "3.0").await;
-        let blue_green = ServiceSpec { rollout: RolloutSpec { strategy: Strategy::BlueGreen, ..spec.rollout.clone() }, ..spec.clone() };
-        let to21 = h.roll(&m, &blue_green, "2.1").await;
-        let at_end = load.ok.load(Ordering::SeqCst);
-        eventually(Duration::from_secs(5), "load after the last rollout", || async {
-            if load.ok.load(Ordering::SeqCst) >= at_end + 50 { Ok(()) } else { Err(String::from("too few requests")) }
-        })
-        .await;
-        stop.store(true, Ordering::SeqCst);
-        let handles: Vec<_> = std::mem::take(&mut *tasks.lock().unwrap());
-        for t in handles {
-            t.await.expect("a load task panicked");
-        }
-
-        to2.assert_succeeded();
-        to3.assert_rolled_back();
-        to21.assert_succeeded();
-        let (ok, failed) = (load.ok.load(Ordering::SeqCst), load.failed.load(Ordering::SeqCst));
-        let errors = load.errors.lock().unwrap().clone();
-        assert_eq!(failed, 0, "{failed} of {} requests failed during the rollouts; first errors: {errors:?}", ok + failed);
-        assert!(ok >= 500, "too little load to prove anything: {ok} requests");
-        let versions = load.versions.lock().unwrap().clone();
-        for v in ["1.0", "2.0", "2.1"] {
-            assert!(versions.contains(v), "the load never saw {v}: {versions:?}");
-        }
-        assert!(!versions.contains("3.0"), "a request reached the unhealthy 3.0: {versions:?}");
+        three_rollouts_under_load(&h, &m, &spec).await;
         h.assert_on_hosts("2.1", 2).await;
         assert_eq!(h.recorded_version().await.as_deref(), Some("2.1"));
     })
     .await;
-    stop.store(true, Ordering::SeqCst);
-    for t in std::mem::take(&mut *tasks.lock().unwrap()) {
-        t.abort();
-    }
 }
 
 /// An instance killed behind the target's back (SIGKILL) is replaced at
