@@ -263,3 +263,41 @@ retry = { attempts = 2, backoff = "10s" }   # time for the test to heal the link
     let _ = cli.kill();
     let _ = cli.wait();
 }
+
+#[test]
+fn issue15_a_job_whose_agent_was_killed_is_ended_by_the_nodes_host_check() {
+    let fleet = Fleet::up(1);
+    let jobs = r#"
+[[job]]
+name = "long"
+command = ["sh", "-c", "echo started; sleep 300"]
+hosts = "web"
+timeout = "10m"
+"#;
+    let toml = config(&fleet, 1, jobs).replace("\ndir = ", "\ncheck_every = \"1s\"\ndir = ");
+    assert!(toml.contains("check_every"), "{toml}");
+    let dir = common::config_dir(&toml, &[]);
+    let server = fleet.serve(dir.path());
+    let pids_of = |what: &str| {
+        let out = fleet.exec_on(1, &["ps", "-eo", "pid=,args="]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(what) && !l.contains("ps -eo"))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    let mut cli = server.cli_command(dir.path(), &["run", "long"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    common::wait_for(Duration::from_secs(60), "the command to run on h1", || (!pids_of("sleep 300").is_empty()).then_some(()));
+    // The agent that supervises it dies (kill -9): its job's process group
+    // lives on, in a session of its own, with nothing to end it...
+    let agents = pids_of("agent ssh run");
+    assert_eq!(agents.len(), 1, "one agent runs the job: {agents:?}");
+    assert!(fleet.exec_on(1, &["kill", "-9", &agents[0]]).status.success());
+    // ...but the node's next check of the host sweeps it.
+    common::wait_for(Duration::from_secs(30), "the orphaned command to be ended", || pids_of("sleep 300").is_empty().then_some(()));
+    common::wait_for(Duration::from_secs(10), "the node's log to say so", || {
+        server.log_text().contains("ended job processes on a host whose agent had died").then_some(())
+    });
+    let _ = cli.kill();
+    let _ = cli.wait();
+}

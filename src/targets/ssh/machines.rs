@@ -25,13 +25,13 @@ fn endpoint(g: &Group, h: &Host) -> Endpoint {
     Endpoint { name: h.name.clone(), address: h.address.clone(), user: g.user.clone(), connect_timeout: g.connect_timeout() }
 }
 
-/// One `service` request to a host's supervisor.
-async fn ask(target: &SshTarget, g: &Group, h: &Host, request: serde_json::Value) -> Result<(serde_json::Value, String), String> {
+/// One request to a host's agent (`verb`: `service` asks its supervisor).
+async fn ask(target: &SshTarget, g: &Group, h: &Host, verb: &str, request: serde_json::Value) -> Result<(serde_json::Value, String), String> {
     let keys = keys(g)?;
     let (conn, key) = target.connection(&endpoint(g, h), &keys).await.map_err(|e| short(&e.message))?;
     let r = async {
         let agent = session::ensure_agent_with(&conn, target.agent_binary(), &g.dir, UPLOAD).await.map_err(|e| short(&e.message))?;
-        exchange(&conn, &agent, "service", &request, &[]).await.map_err(|e| super::rollout::end_message(&e))
+        exchange(&conn, &agent, verb, &request, &[]).await.map_err(|e| super::rollout::end_message(&e))
     }
     .await;
     if r.is_err() {
@@ -63,7 +63,7 @@ pub(super) async fn tend(target: &SshTarget, tables: &Settings) {
         due
     };
     let all: Vec<(&Group, &Host)> = due.iter().flat_map(|g| g.hosts.iter().map(move |h| (*g, h))).collect();
-    for m in join_all(all.into_iter().map(|(g, h)| machine(target, g, h))).await {
+    for m in join_all(all.into_iter().map(|(g, h)| check(target, g, h))).await {
         let key = format!("{}/{}", m.group, m.name);
         let was = target.answered.lock().unwrap_or_else(|e| e.into_inner()).insert(key, m.reachable);
         match (was, &m.error) {
@@ -74,12 +74,31 @@ pub(super) async fn tend(target: &SshTarget, tables: &Settings) {
     }
 }
 
+/// One host's check: how it is ([`machine`]) and, when it answers, a
+/// sweep of this installation's job processes whose agent died there
+/// (killed with the connection it served): nothing else would end them.
+async fn check(target: &SshTarget, g: &Group, h: &Host) -> Machine {
+    let m = machine(target, g, h).await;
+    if m.reachable {
+        let request = serde_json::to_value(super::agent::SweepRequest { dir: g.dir.clone(), installation: target.installation.clone() }).unwrap_or_default();
+        match ask(target, g, h, "sweep", request).await {
+            Ok((answer, _)) => {
+                if let Some(n) = answer["ended"].as_u64().filter(|n| *n > 0) {
+                    tracing::warn!(group = g.name, host = h.name, ended = n, "ended job processes on a host whose agent had died");
+                }
+            }
+            Err(e) => tracing::warn!(group = g.name, host = h.name, error = %e, "cannot sweep a host's leftover job processes"),
+        }
+    }
+    m
+}
+
 /// One host, asked now.
 async fn machine(target: &SshTarget, g: &Group, h: &Host) -> Machine {
     {
         let mut m = Machine { group: g.name.clone(), name: h.name.clone(), address: h.address.clone(), ..Machine::default() };
         let request = json!({ "dir": g.dir, "installation": target.installation, "op": "status", "environment": "", "service": "" });
-        match ask(target, g, h, request).await {
+        match ask(target, g, h, "service", request).await {
             Ok((answer, fingerprint)) => {
                 m.reachable = true;
                 m.fingerprint = Some(fingerprint);
@@ -111,7 +130,7 @@ pub(super) async fn drain(target: &SshTarget, tables: &Settings, name: &str, dra
     };
     let op = if drained { "drain" } else { "undrain" };
     let request = json!({ "dir": g.dir, "installation": target.installation, "op": op, "environment": "", "service": "*" });
-    match ask(target, g, h, request).await {
+    match ask(target, g, h, "service", request).await {
         Ok((answer, _)) if answer["result"]["outcome"] == "succeeded" => {
             Ok(format!("{} ({}) {}", h.name, g.name, if drained { "drained: no new deploys, no new connections" } else { "back in service" }))
         }
