@@ -488,3 +488,63 @@ fn issue6_registry_hook_hosts_are_host_names() {
     .expect("valid");
     assert_eq!(ok.registry_hook.expect("hook").hosts, ["registry.internal:5000", "localhost"]);
 }
+
+// Issue 15: host groups, and jobs and services on them: every mistake at
+// its place, at once.
+#[test]
+fn issue15_host_groups_and_their_mistakes() {
+    let text = r#"
+[secret.k]
+env = "K"
+[secret.kh]
+env = "KH"
+
+[[hosts]]
+group = "web"
+addresses = ["10.0.0.11", "h;rm"]
+key = "k"
+known_hosts = "kh"
+
+[[hosts]]
+group = "db"
+addresses = ["10.0.0.21"]
+key = "k"
+known_hosts = "nope"
+check_every = "0s"
+
+[[service]]
+name = "api"
+target = "ssh"
+hosts = "web"
+max_failed = 1
+listen = "0.0.0.0:8080"
+command = ["./api", "{port}"]
+
+[[service]]
+name = "db"
+target = "ssh"
+hosts = "db"
+listen = "0.0.0.0:5433"
+command = ["./db", "{port}"]
+
+[[job]]
+name = "j"
+command = ["true"]
+hosts = "webb"
+batch = "200%"
+"#;
+    let out = problems(text);
+    for want in [
+        "slipway.toml:9:27 [invalid-value] invalid address \"h;rm\": not a host name or address",
+        "slipway.toml:17:15 [unknown-reference] unknown secret \"nope\"",
+        "slipway.toml:18:15 [invalid-value] `check_every` must be longer than zero",
+        "slipway.toml:24:1 [unknown-key] unknown key `max_failed` in [[service]]",
+        "slipway.toml:38:9 [unknown-reference] unknown host group \"webb\"",
+        "hint: did you mean \"web\"?",
+        "`batch` is a whole number of hosts (at least 1) or a percentage like \"25%\"",
+    ] {
+        assert!(out.contains(want), "{want:?} not in:\n{out}");
+    }
+    // A group declared with mistakes is not also "unknown" where it is used.
+    assert!(!out.contains("unknown host group \"db\"") && !out.contains("unknown host group \"web\""), "{out}");
+}

@@ -134,27 +134,43 @@ struct RawGroup {
     check_every: Option<Spanned<String>>,
 }
 
+/// What the kind reads from `[[hosts]]`: the groups, and the names of
+/// those declared with mistakes (already reported: a job naming one is not
+/// told the group does not exist).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Groups {
+    pub groups: BTreeMap<String, Group>,
+    #[serde(default)]
+    pub broken: std::collections::BTreeSet<String>,
+}
+
+impl Groups {
+    pub fn of(tables: &Settings) -> Groups {
+        tables.get().unwrap_or_default()
+    }
+}
+
 /// `[[hosts]]`, every group; problems each at its place.
 pub fn read_groups(cx: &mut ConfigTables<'_, '_>) -> Option<Settings> {
-    let mut groups: BTreeMap<String, Group> = BTreeMap::new();
-    let mut ok = true;
+    let mut read = Groups::default();
     for table in cx.tables("hosts") {
-        let Some(raw) = cx.read::<RawGroup>(&table) else {
-            ok = false;
-            continue;
-        };
+        let Some(raw) = cx.read::<RawGroup>(&table) else { continue };
+        let name = raw.group.as_ref().map(|n| n.get_ref().clone());
         match group(raw, table.span(), cx) {
-            Some(g) if groups.contains_key(&g.name) => {
+            Some(g) if read.groups.contains_key(&g.name) => {
                 cx.problem(Problem::new(ProblemKind::Duplicate, Some(table.span()), format!("host group {:?} is declared twice", g.name)).label("again"));
-                ok = false;
             }
             Some(g) => {
-                groups.insert(g.name.clone(), g);
+                read.groups.insert(g.name.clone(), g);
             }
-            None => ok = false,
+            None => read.broken.extend(name),
         }
     }
-    ok.then(|| Settings::of(&groups))
+    // No [[hosts]] at all: nothing (the node then has no machines to tend).
+    if read.groups.is_empty() && read.broken.is_empty() {
+        return None;
+    }
+    Some(Settings::of(&read))
 }
 
 fn group(raw: RawGroup, span: std::ops::Range<usize>, cx: &mut ConfigTables<'_, '_>) -> Option<Group> {
@@ -287,7 +303,7 @@ pub fn read_service(table: &mut KeyTable<'_, '_>) -> Option<Settings> {
 
 pub fn read_job(table: &mut KeyTable<'_, '_>) -> Option<Settings> {
     let raw: RawJob = table.read()?;
-    let groups: BTreeMap<String, Group> = table.kind.get().unwrap_or_default();
+    let Groups { groups, broken } = Groups::of(table.kind);
     // Each key checked on its own, so every mistake is reported at once.
     let batch = raw.batch.as_ref().map(|b| amount(b, "batch", 1, table));
     let max_failed = raw.max_failed.as_ref().map(|m| amount(m, "max_failed", 0, table));
@@ -300,6 +316,9 @@ pub fn read_job(table: &mut KeyTable<'_, '_>) -> Option<Settings> {
         return None;
     };
     let Some(group) = groups.get(name.get_ref()).cloned() else {
+        if broken.contains(name.get_ref()) {
+            return None; // its mistakes are reported where it is declared
+        }
         let hint = match crate::config::did_you_mean(name.get_ref(), groups.keys().map(String::as_str)) {
             Some(s) => format!("did you mean {s:?}?"),
             None if groups.is_empty() => "declare it: [[hosts]] with group, addresses, key and known_hosts".to_string(),

@@ -14,7 +14,7 @@ use super::{SshTarget, UPLOAD, exchange, short};
 use crate::targets::{Machine, MachineService, Settings, TargetError, TargetErrorKind};
 
 fn groups(tables: &Settings) -> BTreeMap<String, Group> {
-    tables.get().unwrap_or_default()
+    super::config::Groups::of(tables).groups
 }
 
 fn keys(g: &Group) -> Result<Keys, String> {
