@@ -438,7 +438,14 @@ fn write_marker(path: &Path, marker: &Marker) -> Result<(), String> {
 
 /// The markers of an installation: path, marker, last change.
 fn markers(dir: &str, installation: &str) -> Vec<(PathBuf, Marker, SystemTime)> {
-    let Ok(entries) = std::fs::read_dir(Path::new(dir).join("runs").join(installation)) else { return vec![] };
+    read_json_files(&Path::new(dir).join("runs").join(installation))
+}
+
+/// Every `*.json` file of `dir` that parses as a `T` (files being written,
+/// `.`-named, and unreadable ones are passed over), with its path and
+/// when it was last written.
+pub(super) fn read_json_files<T: serde::de::DeserializeOwned>(dir: &Path) -> Vec<(PathBuf, T, SystemTime)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
     entries
         .flatten()
         .filter_map(|e| {
@@ -448,8 +455,8 @@ fn markers(dir: &str, installation: &str) -> Vec<(PathBuf, Marker, SystemTime)> 
                 return None;
             }
             let modified = e.metadata().and_then(|m| m.modified()).unwrap_or_else(|_| SystemTime::now());
-            let marker = serde_json::from_slice::<Marker>(&std::fs::read(&path).ok()?).ok()?;
-            Some((path, marker, modified))
+            let value = serde_json::from_slice::<T>(&std::fs::read(&path).ok()?).ok()?;
+            Some((path, value, modified))
         })
         .collect()
 }

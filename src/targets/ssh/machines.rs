@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 
 use futures_util::future::join_all;
-use serde_json::json;
 
 use super::config::{Group, Host};
 use super::session::{self, Endpoint, Keys};
+use super::supervisor::Request;
 use super::{SshTarget, UPLOAD, exchange, short};
 use crate::targets::{Machine, MachineService, Settings, TargetError, TargetErrorKind};
 
@@ -26,7 +26,7 @@ fn endpoint(g: &Group, h: &Host) -> Endpoint {
 }
 
 /// One request to a host's agent (`verb`: `service` asks its supervisor).
-async fn ask(target: &SshTarget, g: &Group, h: &Host, verb: &str, request: serde_json::Value) -> Result<(serde_json::Value, String), String> {
+async fn ask<R: serde::Serialize>(target: &SshTarget, g: &Group, h: &Host, verb: &str, request: R) -> Result<(serde_json::Value, String), String> {
     let keys = keys(g)?;
     let (conn, key) = target.connection(&endpoint(g, h), &keys).await.map_err(|e| short(&e.message))?;
     let r = async {
@@ -80,7 +80,7 @@ pub(super) async fn tend(target: &SshTarget, tables: &Settings) {
 async fn check(target: &SshTarget, g: &Group, h: &Host) -> Machine {
     let m = machine(target, g, h).await;
     if m.reachable {
-        let request = serde_json::to_value(super::agent::SweepRequest { dir: g.dir.clone(), installation: target.installation.clone() }).unwrap_or_default();
+        let request = super::agent::SweepRequest { dir: g.dir.clone(), installation: target.installation.clone() };
         match ask(target, g, h, "sweep", request).await {
             Ok((answer, _)) => {
                 if let Some(n) = answer["ended"].as_u64().filter(|n| *n > 0) {
@@ -97,7 +97,7 @@ async fn check(target: &SshTarget, g: &Group, h: &Host) -> Machine {
 async fn machine(target: &SshTarget, g: &Group, h: &Host) -> Machine {
     {
         let mut m = Machine { group: g.name.clone(), name: h.name.clone(), address: h.address.clone(), ..Machine::default() };
-        let request = json!({ "dir": g.dir, "installation": target.installation, "op": "status", "environment": "", "service": "" });
+        let request = Request { dir: g.dir.clone(), installation: target.installation.clone(), op: "status".into(), ..Request::default() };
         match ask(target, g, h, "service", request).await {
             Ok((answer, fingerprint)) => {
                 m.reachable = true;
@@ -129,7 +129,7 @@ pub(super) async fn drain(target: &SshTarget, tables: &Settings, name: &str, dra
         return Err(TargetError::new(TargetErrorKind::NotFound, format!("no host {name:?} in any [[hosts]] group")));
     };
     let op = if drained { "drain" } else { "undrain" };
-    let request = json!({ "dir": g.dir, "installation": target.installation, "op": op, "environment": "", "service": "*" });
+    let request = Request { dir: g.dir.clone(), installation: target.installation.clone(), op: op.into(), service: "*".into(), ..Request::default() };
     match ask(target, g, h, "service", request).await {
         Ok((answer, _)) if answer["result"]["outcome"] == "succeeded" => {
             Ok(format!("{} ({}) {}", h.name, g.name, if drained { "drained: no new deploys, no new connections" } else { "back in service" }))

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{Capabilities, ConfigTables, JobRequest, Key, KeyTable, Line, NodeContext, OutputSink, RunResult, Settings, Stream, TableKeys, Target, TargetError, TargetKind};
@@ -450,7 +449,14 @@ async fn on_connection(s: &Shared<'_>, host: &Host, conn: &Connection, key: &str
     if req.attempt > 1 {
         // An earlier attempt's process may still run there (a partition
         // cut it off): it ends before this one starts, never beside it.
-        let ask = json!({ "dir": dir, "installation": s.target.installation, "deployment": req.deployment_id, "job": req.job, "attempt": req.attempt, "within_ms": req.spec.kill_grace_ms + 5000 });
+        let ask = agent::EndEarlierRequest {
+            dir: dir.clone(),
+            installation: s.target.installation.clone(),
+            deployment: req.deployment_id,
+            job: req.job.clone(),
+            attempt: req.attempt,
+            within_ms: req.spec.kill_grace_ms + 5000,
+        };
         let answer = exchange(conn, &agent, "end-earlier", &ask, &[]).await?;
         if answer.get("ended").and_then(|e| e.as_bool()) == Some(false) {
             return Err(End::Failed("a process of an earlier attempt of this job is still running there and did not end".into()));
@@ -461,21 +467,21 @@ async fn on_connection(s: &Shared<'_>, host: &Host, conn: &Connection, key: &str
         crate::config::Command::Shell(line) => (None, Some(line.clone())),
         other => return Err(End::Failed(format!("{} does not run on SSH hosts", command_name(other)))),
     };
-    let run = json!({
-        "dir": dir,
-        "installation": s.target.installation,
-        "owner": s.target.owner,
-        "deployment": req.deployment_id,
-        "job": req.job,
-        "attempt": req.attempt,
-        "argv": argv,
-        "shell": shell,
-        "env": s.env,
-        "workdir": workdir,
-        "timeout_ms": req.spec.timeout_ms,
-        "kill_grace_ms": req.spec.kill_grace_ms,
-        "heartbeat_ms": HEARTBEAT_LOST.as_millis() as u64,
-    });
+    let run = agent::RunRequest {
+        dir: dir.clone(),
+        installation: s.target.installation.clone(),
+        owner: s.target.owner.clone(),
+        deployment: req.deployment_id,
+        job: req.job.clone(),
+        attempt: req.attempt,
+        argv,
+        shell,
+        env: s.env.clone(),
+        workdir,
+        timeout_ms: req.spec.timeout_ms,
+        kill_grace_ms: req.spec.kill_grace_ms,
+        heartbeat_ms: HEARTBEAT_LOST.as_millis() as u64,
+    };
     let mut process = conn.spawn(&session::agent_command(&agent, "run")).await?;
     let mut first = serde_json::to_vec(&run).map_err(|e| End::Failed(e.to_string()))?;
     first.push(b'\n');
@@ -546,19 +552,21 @@ impl SshTarget {
 /// hash; where it is there.
 async fn ship_to(conn: &Connection, agent: &str, dir: &str, packed: &Packed) -> Result<String, End> {
     let sha = &packed.sha256;
-    let has = exchange(conn, agent, "has", &json!({ "dir": dir, "sha256": sha }), &[]).await?;
+    let blob = agent::BlobRequest { dir: dir.to_string(), sha256: sha.clone() };
+    let has = exchange(conn, agent, "has", &blob, &[]).await?;
     if has.get("tree").and_then(|t| t.as_bool()) != Some(true) {
         if has.get("blob").and_then(|t| t.as_bool()) != Some(true) {
-            exchange(conn, agent, "put", &json!({ "dir": dir, "sha256": sha, "size": packed.bytes.len() }), &packed.bytes).await?;
+            let put = agent::PutRequest { dir: dir.to_string(), sha256: sha.clone(), size: packed.bytes.len() as u64 };
+            exchange(conn, agent, "put", &put, &packed.bytes).await?;
         }
-        let unpacked = exchange(conn, agent, "unpack", &json!({ "dir": dir, "sha256": sha }), &[]).await?;
+        let unpacked = exchange(conn, agent, "unpack", &blob, &[]).await?;
         return unpacked.get("path").and_then(|p| p.as_str()).map(str::to_string).ok_or_else(|| End::Failed("the agent did not say where it unpacked the revision".into()));
     }
     Ok(format!("{}/revisions/{sha}", dir.trim_end_matches('/')))
 }
 
 /// One request to the agent and its one-line JSON answer.
-async fn exchange(conn: &Connection, agent: &str, verb: &str, request: &serde_json::Value, body: &[u8]) -> Result<serde_json::Value, End> {
+async fn exchange<R: serde::Serialize + ?Sized>(conn: &Connection, agent: &str, verb: &str, request: &R, body: &[u8]) -> Result<serde_json::Value, End> {
     let mut input = serde_json::to_vec(request).map_err(|e| End::Failed(e.to_string()))?;
     input.push(b'\n');
     input.extend_from_slice(body);

@@ -8,12 +8,11 @@
 use std::time::Instant;
 
 use futures_util::future::join_all;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{Host, JobSettings};
 use super::session::{self, Chunk, Connection, Endpoint, Keys};
-use super::{End, Packed, SshTarget, exchange, ship_to, short};
+use super::{End, Packed, SshTarget, exchange, ship_to, short, supervisor};
 use crate::service::RolloutRequest;
 use crate::store::{Outcome, PartResult};
 use crate::targets::{Line, OutputSink, RunResult, Stream};
@@ -147,14 +146,15 @@ impl Rollout<'_> {
         (PartResult { part: host.name.clone(), started_at, finished_at: crate::store::now_ms(), outcome, exit_code: None, reason }, before)
     }
 
-    fn request(&self, op: &str) -> serde_json::Value {
-        json!({
-            "dir": self.settings.group.dir,
-            "installation": self.target.installation,
-            "op": op,
-            "environment": self.req.environment,
-            "service": self.req.spec.name,
-        })
+    fn request(&self, op: &str) -> supervisor::Request {
+        supervisor::Request {
+            dir: self.settings.group.dir.clone(),
+            installation: self.target.installation.clone(),
+            op: op.into(),
+            environment: self.req.environment.clone(),
+            service: self.req.spec.name.clone(),
+            ..supervisor::Request::default()
+        }
     }
 
     async fn roll(&self, conn: &Connection, host: &Host, before: &mut Option<Before>) -> Result<(Outcome, Option<String>), End> {
@@ -171,18 +171,20 @@ impl Rollout<'_> {
             return Ok((Outcome::Skipped, Some("drained: not deployed to".into())));
         }
         *before = Some(Before { entry });
-        let mut ask = self.request("rollout");
-        ask["spec"] = json!(self.spec);
-        ask["version"] = json!(self.req.version);
-        ask["deployment_id"] = json!(self.req.deployment_id);
-        ask["revision"] = json!(self.req.revision);
-        ask["workdir"] = json!(workdir);
-        ask["sha256"] = json!(self.req.sha256);
+        let ask = supervisor::Request {
+            spec: Some(self.spec.clone()),
+            version: Some(self.req.version.clone()),
+            deployment_id: Some(self.req.deployment_id),
+            revision: Some(self.req.revision.clone()),
+            workdir: Some(workdir),
+            sha256: self.req.sha256.clone(),
+            ..self.request("rollout")
+        };
         self.service(conn, &agent, host, &ask).await
     }
 
     /// One `service` request, its progress lines relayed with the host.
-    async fn service(&self, conn: &Connection, agent: &str, host: &Host, ask: &serde_json::Value) -> Result<(Outcome, Option<String>), End> {
+    async fn service(&self, conn: &Connection, agent: &str, host: &Host, ask: &supervisor::Request) -> Result<(Outcome, Option<String>), End> {
         let mut process = conn.spawn(&session::agent_command(agent, "service")).await?;
         let mut first = serde_json::to_vec(ask).map_err(|e| End::Failed(e.to_string()))?;
         first.push(b'\n');
@@ -228,13 +230,16 @@ impl Rollout<'_> {
             let agent = session::ensure_agent_with(&conn, self.target.agent_binary(), &self.settings.group.dir, super::UPLOAD).await?;
             let ask = match &before.entry {
                 None => self.request("stop"),
-                Some(e) => {
-                    let mut ask = self.request("rollout");
-                    for k in ["spec", "version", "deployment_id", "revision", "workdir", "sha256"] {
-                        ask[k] = e[k].clone();
-                    }
-                    ask
-                }
+                // What the host's status said it ran: its own words back.
+                Some(e) => supervisor::Request {
+                    spec: e["spec"].as_str().map(str::to_string),
+                    version: e["version"].as_str().map(str::to_string),
+                    deployment_id: e["deployment_id"].as_i64(),
+                    revision: e["revision"].as_str().map(str::to_string),
+                    workdir: e["workdir"].as_str().map(str::to_string),
+                    sha256: e["sha256"].as_str().map(str::to_string),
+                    ..self.request("rollout")
+                },
             };
             self.service(&conn, &agent, host, &ask).await
         }

@@ -141,8 +141,8 @@ impl Paths {
     }
 }
 
-/// A request as the node sends it (`rollout.rs`).
-#[derive(Debug, Clone, Deserialize)]
+/// A request as the node sends it (`rollout.rs`, `machines.rs`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Request {
     pub dir: String,
     pub installation: String,
@@ -970,19 +970,7 @@ struct InstanceMarker {
 }
 
 fn read_markers(dir: &Path) -> Vec<(PathBuf, InstanceMarker)> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let path = e.path();
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || !name.ends_with(".json") {
-                return None;
-            }
-            let m = serde_json::from_slice::<InstanceMarker>(&std::fs::read(&path).ok()?).ok()?;
-            Some((path, m))
-        })
-        .collect()
+    agent::read_json_files(dir).into_iter().map(|(path, m, _)| (path, m)).collect()
 }
 
 /// The target a host's service managers start instances on: processes of
