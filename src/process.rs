@@ -93,3 +93,24 @@ pub fn scope_of_store(url: &str) -> String {
     };
     hex::encode(&sha2::Sha256::digest(clean.as_bytes())[..6])
 }
+
+/// Signal a whole process group (`pgid` > 0; a group that is gone is no
+/// error).
+pub fn kill_group(pgid: i32, signal: i32) {
+    if pgid > 0 {
+        // SAFETY: plain syscall; a group that is gone gives ESRCH, ignored.
+        unsafe {
+            libc::kill(-pgid, signal);
+        }
+    }
+}
+
+/// How a process ended: its exit code, if it had one, and in words.
+pub fn describe_exit(status: std::process::ExitStatus) -> (Option<i32>, String) {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => (Some(c), format!("exit code {c}")),
+        (None, Some(s)) => (None, format!("killed by signal {s}")),
+        _ => (None, "ended without exit code".into()),
+    }
+}

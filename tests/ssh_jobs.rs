@@ -301,3 +301,42 @@ timeout = "10m"
     let _ = cli.kill();
     let _ = cli.wait();
 }
+
+#[test]
+fn issue15_secrets_reach_jobs_on_hosts_masked_and_the_key_never_shows() {
+    let fleet = Fleet::up(2);
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let value = secrets.path().join("api");
+    std::fs::write(&value, "topsecret-5521\n").expect("write the secret");
+    let jobs = format!(
+        r#"
+[secret.api]
+file = {value:?}
+
+[[job]]
+name = "leak"
+shell = true
+secrets = {{ API_KEY = "api" }}
+command = "echo the key is $API_KEY on $(hostname); echo \"$API_KEY\" >&2; exit 3"
+hosts = "web"
+max_failed = 2
+"#,
+        value = value.display().to_string()
+    );
+    let dir = common::config_dir(&config(&fleet, 2, &jobs), &[]);
+    let server = fleet.serve(dir.path());
+    let (id, out) = run(&server, dir.path(), "leak");
+    assert!(out.status.success(), "both hosts failed, 2 tolerated: {}", String::from_utf8_lossy(&out.stderr));
+    let logs = server.cli(dir.path(), &["logs", &id.to_string(), "leak"]);
+    let logs = format!("{}{}", String::from_utf8_lossy(&logs.stdout), String::from_utf8_lossy(&logs.stderr));
+    for h in ["h1", "h2"] {
+        assert!(logs.contains(&format!("the key is [secret api] on {h}")), "each host had the value, masked in its output: {logs}");
+    }
+    // The private key's body and the secret's value appear nowhere: not in
+    // the record, the API, the logs nor the node's own log.
+    let key = std::fs::read_to_string(fleet.key_path()).expect("the private key");
+    let body = key.lines().nth(1).expect("a key body line").to_string();
+    let everything = format!("{logs}{}{}", detail(&server, id), server.log_text());
+    assert!(!everything.contains("topsecret-5521"), "the secret's value leaked: {everything}");
+    assert!(!everything.contains(&body), "the SSH private key leaked");
+}

@@ -741,6 +741,20 @@ impl Lifeline {
         let _ = rx.wait_for(Option::is_some).await;
     }
 
+    /// End the process group `pgid` this lifeline watches, unless it has
+    /// ended already: SIGTERM, `grace` to exit, then SIGKILL (and at most
+    /// 5 s more for its watcher to see it go).
+    pub async fn end_group(&self, pgid: i32, grace: std::time::Duration) {
+        if self.exit().is_some() {
+            return;
+        }
+        crate::process::kill_group(pgid, libc::SIGTERM);
+        if tokio::time::timeout(grace, self.exited()).await.is_err() {
+            crate::process::kill_group(pgid, libc::SIGKILL);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.exited()).await;
+        }
+    }
+
     pub fn last_output(&self) -> Vec<String> {
         self.output.lock().map(|o| o.iter().cloned().collect()).unwrap_or_default()
     }

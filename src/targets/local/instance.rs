@@ -93,14 +93,7 @@ impl Instance for LocalInstance {
     }
 
     async fn stop(&self, grace: Duration) {
-        if self.exit().is_some() {
-            return;
-        }
-        kill_group(self.pgid, libc::SIGTERM);
-        if tokio::time::timeout(grace, self.exited()).await.is_err() {
-            kill_group(self.pgid, libc::SIGKILL);
-            let _ = tokio::time::timeout(Duration::from_secs(5), self.exited()).await;
-        }
+        self.life.end_group(self.pgid, grace).await
     }
 }
 

@@ -295,14 +295,7 @@ fn earlier_attempts(installation: &str, deployment: i64, job: &str, attempt: i64
     (found, running.into_iter().filter(|(pid, start, _)| is_running(*pid, *start)).map(|(pid, _, owner)| (pid, owner)).collect())
 }
 
-fn kill_group(pgid: i32, signal: i32) {
-    if pgid > 0 {
-        // SAFETY: plain syscall; a group that is gone gives ESRCH, ignored.
-        unsafe {
-            libc::kill(-pgid, signal);
-        }
-    }
-}
+use crate::process::kill_group;
 
 /// Forward output as lines, cutting lines longer than MAX_LINE_BYTES.
 async fn pump(mut reader: impl AsyncRead + Unpin, stream: Stream, sink: OutputSink) {
@@ -341,14 +334,7 @@ async fn pump(mut reader: impl AsyncRead + Unpin, stream: Stream, sink: OutputSi
     }
 }
 
-fn describe(status: std::process::ExitStatus) -> (Option<i32>, String) {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => (Some(c), format!("exit code {c}")),
-        (None, Some(s)) => (None, format!("killed by signal {s}")),
-        _ => (None, "ended without exit code".into()),
-    }
-}
+use crate::process::describe_exit as describe;
 
 /// The `local` kind: registered in `targets/mod.rs`.
 pub struct Kind;

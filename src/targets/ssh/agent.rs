@@ -359,14 +359,7 @@ fn group_alive(pgid: i32, leader_start: u64) -> bool {
     pgid > 0 && (is_running(pgid, leader_start) || group_has_members(pgid))
 }
 
-pub(super) fn kill_group(pgid: i32, signal: i32) {
-    if pgid > 0 {
-        // SAFETY: plain syscall; a group that is gone gives ESRCH, ignored.
-        unsafe {
-            libc::kill(-pgid, signal);
-        }
-    }
-}
+pub(super) use crate::process::kill_group;
 
 /// Wait (polling) until none of `groups` is alive, or `deadline`; whether all are gone.
 async fn wait_groups_gone(groups: &[(i32, u64)], deadline: Instant) -> bool {

@@ -1111,12 +1111,7 @@ impl HostInstance {
 }
 
 fn describe(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt as _;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exited with code {c}"),
-        (None, Some(s)) => format!("killed by signal {s}"),
-        _ => "ended".into(),
-    }
+    crate::process::describe_exit(status).1
 }
 
 #[async_trait]
@@ -1134,13 +1129,7 @@ impl Instance for HostInstance {
     }
 
     async fn stop(&self, grace: Duration) {
-        if self.exit().is_none() {
-            agent::kill_group(self.pid, libc::SIGTERM);
-            if tokio::time::timeout(grace, self.exited()).await.is_err() {
-                agent::kill_group(self.pid, libc::SIGKILL);
-                let _ = tokio::time::timeout(Duration::from_secs(5), self.exited()).await;
-            }
-        }
+        self.life.end_group(self.pid, grace).await;
         let _ = std::fs::remove_file(&self.log);
         let mut old = self.log.as_os_str().to_owned();
         old.push(".1");
