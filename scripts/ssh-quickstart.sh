@@ -29,6 +29,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT  # the EXIT trap then cleans up
 # Everything that talks to the hosts runs on the fleet's bridge.
 client() { FLEET_TIMEOUT=600 "$ROOT/scripts/fleet.sh" client "$FLEET" "$@"; }
 

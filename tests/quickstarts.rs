@@ -1,0 +1,58 @@
+//! The README's walkthroughs run as they are written: `scripts/quickstart.sh`
+//! and (as root, on a throwaway fleet) `scripts/ssh-quickstart.sh`. Each
+//! must end with success and say what the README promises it shows.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Run a script of the repository to its end (killed after `within`): its
+/// exit status and everything it printed.
+fn script(name: &str, within: Duration) -> (bool, String) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let child = Command::new("timeout")
+        .args(["-k", "10", &within.as_secs().to_string(), "bash", &format!("{root}/scripts/{name}")])
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("SLIPWAY_CONFIG")
+        .env_remove("SLIPWAY_SERVER")
+        .env_remove("SLIPWAY_STORE")
+        .spawn()
+        .expect("run the script");
+    let out = child.wait_with_output().expect("its output");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn the_quickstart_runs_as_the_readme_says() {
+    let (ok, out) = script("quickstart.sh", Duration::from_secs(600));
+    assert!(ok, "quickstart.sh failed:\n{out}");
+    assert!(out.contains(", 0 failed"), "no request fails during the rollout:\n{out}");
+    assert!(out.contains("the deployment was rolled back, as expected"), "v3 is rolled back:\n{out}");
+}
+
+#[test]
+fn issue15_the_ssh_quickstart_runs_as_the_readme_says() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the SSH walkthrough: it needs root");
+        eprintln!("skipped: the SSH walkthrough needs root");
+        return;
+    }
+    let (ok, out) = script("ssh-quickstart.sh", Duration::from_secs(600));
+    assert!(ok, "ssh-quickstart.sh failed:\n{out}");
+    for want in [
+        "uptime attempt 1 on 3 hosts:",
+        "h1: up since",
+        "answered, 0 failed",
+        "(exit 1: rolled back, as it should be)",
+        "drained: no new deploys, no new connections",
+        "migrated to 2 on h1",
+    ] {
+        assert!(out.contains(want), "{want:?} not in its output:\n{out}");
+    }
+    // Every host ends on v2: the unhealthy v3 went nowhere.
+    let last = out.rsplit("==> slipway hosts\n").next().unwrap_or_default();
+    assert_eq!(last.matches("production/web 2 (1/1)").count(), 3, "{out}");
+}
