@@ -119,8 +119,13 @@ impl Local {
     }
 
     fn start(&self, request: &Value) -> std::process::Child {
+        self.start_with(&common::slipway_bin(), request)
+    }
+
+    /// The agent's `service` verb of the Slipway build at `bin`.
+    fn start_with(&self, bin: &std::path::Path, request: &Value) -> std::process::Child {
         use std::io::Write as _;
-        let mut child = std::process::Command::new(common::slipway_bin())
+        let mut child = std::process::Command::new(bin)
             .args(["agent", "ssh", "service"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -134,7 +139,11 @@ impl Local {
 
     /// Run one request to its end (at most 120 s).
     fn ask(&self, request: &Value) -> Answer {
-        let child = self.start(request);
+        self.ask_with(&common::slipway_bin(), request)
+    }
+
+    fn ask_with(&self, bin: &std::path::Path, request: &Value) -> Answer {
+        let child = self.start_with(bin, request);
         let pid = child.id();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -302,6 +311,56 @@ fn issue15_the_supervisor_rolls_drains_and_survives_its_own_kill_here() {
     bad["spec"] = json!("not a spec");
     let a = t.ask(&bad);
     assert!(!a.ok && a.last()["error"].is_string(), "{a:?}");
+}
+
+/// The supervisor's exe, as its pid file says.
+fn supervisor_exe(t: &Local) -> String {
+    let v: Value = serde_json::from_slice(&std::fs::read(t.base().join("pid")).expect("the pid file")).expect("JSON");
+    v["exe"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn issue15_another_build_takes_the_host_over_before_a_rollout_and_adopts_the_instances() {
+    let t = Local::new();
+    let a = t.ask(&t.rollout("1.0"));
+    assert!(a.ok && a.outcome() == "succeeded", "{a:?}\n{}", t.log());
+    let (old, before) = (t.supervisor_pid(), pids(&t.ask(&t.request("status")).web().expect("web")));
+
+    // The node was upgraded: its agent is another build (here: a copy of
+    // this one under another name, as another checksum would be).
+    let next_dir = tempfile::tempdir().expect("tempdir");
+    let next = next_dir.path().join("slipway-next");
+    std::fs::copy(common::slipway_bin(), &next).expect("copy slipway");
+
+    // A status asked by it hands nothing over.
+    assert!(t.ask_with(&next, &t.request("status")).ok);
+    assert_eq!(t.supervisor_pid(), old, "a status check changes no supervisor");
+
+    // A rollout does, first: the old supervisor ends, the new one adopts
+    // the instances, then rolls 2.0 out. Between the old one's proxies
+    // closing and the new one's binding, the address refuses connections
+    // (about 0.2 s here; README, "Upgrading"): the load is reported, not
+    // held to zero failures.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = common::load(t.listen.port(), stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let a = t.ask_with(&next, &t.rollout("2.0"));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed, errors) = load.join().expect("load");
+    assert!(a.ok && a.outcome() == "succeeded", "{a:?}\n{}", t.log());
+    assert!(a.said().contains("handed the host over"), "the rollout says so: {a:?}");
+    assert!(!alive(old) || std::fs::read_to_string(format!("/proc/{old}/stat")).is_ok_and(|s| s.contains(") Z")), "the old supervisor ended");
+    assert_ne!(t.supervisor_pid(), old);
+    assert_eq!(supervisor_exe(&t), next.display().to_string(), "the new build supervises");
+    assert_eq!(get(t.listen).as_deref(), Some("hello from demo 2.0"));
+    eprintln!("during the handoff and rollout: {ok} requests answered, {failed} failed: {errors:?}");
+    assert!(ok > 50, "the load ran ({ok} requests)");
+
+    // The new supervisor adopted 1.0's instances (the rollout then
+    // replaced them), and says so in its log.
+    let log = t.log();
+    assert!(log.contains(&format!("{} adopted", before.len())), "1.0's instances were adopted by the new supervisor:\n{log}");
 }
 
 // ---- over SSH, on a host of the fleet ------------------------------------------

@@ -57,6 +57,8 @@ use crate::targets::{
     Adoptable, Instance, InstanceRequest, JobRequest, Lifeline, LocalTarget, OutputSink, RunResult, Target, TargetError, TargetErrorKind, Targets,
 };
 
+/// How long an agent waits for an older supervisor to hand its host over.
+const HANDOFF_WITHIN: Duration = Duration::from_secs(30);
 /// Connecting to the supervisor's socket.
 const CONNECT_WITHIN: Duration = Duration::from_secs(2);
 /// An agent waits this long for another agent that is starting the
@@ -200,11 +202,72 @@ pub async fn service() -> u8 {
         let status = json!({ "status": { "drained": paths.host_drained(), "supervisor": null, "services": [] } });
         return if agent::write_all_fd(1, format!("{status}\n").as_bytes()).is_ok() { 0 } else { 1 };
     }
+    if req.op == "rollout" {
+        hand_over_from_other_build(&paths, &req).await;
+    }
     let stream = match connect_or_start(&paths, &req.dir, &req.installation).await {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
     relay(stream, &line).await
+}
+
+/// A supervisor of another build of the same or an older version (the
+/// node was upgraded) hands the host over before a rollout: asked, it
+/// ends once no operation runs (its instances stay), and the supervisor
+/// this agent then starts adopts them. Never to an older version: nodes
+/// of two versions would pass the host back and forth. Busy, or anything
+/// unexpected: the running supervisor stays and serves the rollout.
+async fn hand_over_from_other_build(paths: &Paths, req: &Request) {
+    let Ok(bytes) = std::fs::read(paths.pid()) else { return };
+    let Ok(info) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return };
+    let (Some(pid), Some(start)) = (info["pid"].as_i64().map(|p| p as i32), info["start_time"].as_u64()) else { return };
+    let theirs_exe = info["exe"].as_str().unwrap_or_default().to_string();
+    let mine_exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
+    if theirs_exe == mine_exe || mine_exe.is_empty() || !agent::is_running(pid, start) {
+        return;
+    }
+    // A supervisor that wrote no version is older than any that does.
+    let theirs = info["version"].as_str().and_then(|v| semver::Version::parse(v).ok()).unwrap_or(semver::Version::new(0, 0, 0));
+    let Ok(mine) = semver::Version::parse(env!("CARGO_PKG_VERSION")) else { return };
+    if mine < theirs {
+        return;
+    }
+    let Some(stream) = connect(&paths.sock()).await else { return };
+    let ask = Request { dir: req.dir.clone(), installation: req.installation.clone(), op: "handoff".into(), ..Request::default() };
+    let Ok(mut line) = serde_json::to_vec(&ask) else { return };
+    line.push(b'\n');
+    let (read, mut write) = stream.into_split();
+    if !matches!(tokio::time::timeout(WRITE_WITHIN, write.write_all(&line)).await, Ok(Ok(()))) {
+        return;
+    }
+    // Its answer; or the end of the connection, when it exited first.
+    let mut lines = BufReader::new(read);
+    let deadline = Instant::now() + HANDOFF_WITHIN;
+    loop {
+        let mut buf = Vec::new();
+        match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), read_line(&mut lines, &mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&buf) else { continue };
+                match v["result"]["outcome"].as_str() {
+                    Some("succeeded") => break,
+                    Some(_) => return, // busy: it stays
+                    None if v.get("error").is_some() => return, // a build that knows no handoff
+                    None => continue,
+                }
+            }
+            Ok(Ok(_)) => break,
+            _ => return,
+        }
+    }
+    while agent::is_running(pid, start) {
+        if Instant::now() >= deadline {
+            return; // connect_or_start finds it still answering: it serves
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let said = json!({ "line": format!("[supervisor] {theirs} ({theirs_exe}) handed the host over to {mine} ({mine_exe}); its instances are adopted") });
+    let _ = agent::write_all_fd(1, format!("{said}\n").as_bytes());
 }
 
 fn fail(message: &str) -> u8 {
@@ -427,7 +490,7 @@ pub async fn supervise(args: &[String]) -> Result<u8, String> {
     };
     let me = std::process::id() as i32;
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
-    let pid = json!({ "pid": me, "start_time": agent::start_time(me).unwrap_or(0), "exe": exe });
+    let pid = json!({ "pid": me, "start_time": agent::start_time(me).unwrap_or(0), "exe": exe, "version": env!("CARGO_PKG_VERSION") });
     agent::write_atomic(&paths.pid(), pid.to_string().as_bytes()).map_err(|e| format!("cannot write {}: {e}", paths.pid().display()))?;
     let sock = paths.sock();
     let _ = std::fs::remove_file(&sock);
@@ -436,7 +499,14 @@ pub async fn supervise(args: &[String]) -> Result<u8, String> {
     tracing::info!(pid = me, exe, "supervisor of {} started", paths.base.display());
 
     let drained = paths.host_drained();
-    let sup = Arc::new(Supervisor { paths: paths.clone(), installation, shutdown: CancellationToken::new(), services: Default::default(), drained: AtomicBool::new(drained) });
+    let sup = Arc::new(Supervisor {
+        paths: paths.clone(),
+        installation,
+        shutdown: CancellationToken::new(),
+        handoff: CancellationToken::new(),
+        services: Default::default(),
+        drained: AtomicBool::new(drained),
+    });
     sup.load().await;
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -459,6 +529,7 @@ pub async fn supervise(args: &[String]) -> Result<u8, String> {
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = sup.handoff.cancelled() => break,
             _ = hup.recv() => tracing::info!("SIGHUP ignored"),
             _ = logs.tick() => {
                 // Instances write their output to files that nothing else
@@ -562,6 +633,9 @@ struct Supervisor {
     paths: Paths,
     installation: String,
     shutdown: CancellationToken,
+    /// Cancelled by a `handoff`: the daemon ends as on SIGTERM (proxies
+    /// close, instances stay) for a newer build to take over.
+    handoff: CancellationToken,
     services: tokio::sync::Mutex<HashMap<(String, String), Arc<Svc>>>,
     /// The whole host drained (`drain` of every service in every
     /// environment, a server being replaced): no rollout starts here.
@@ -728,7 +802,8 @@ impl Supervisor {
             "stop" => self.stop(&req).await,
             "drain" => self.drain(&req, true).await,
             "undrain" => self.drain(&req, false).await,
-            other => Err(format!("unknown op {other:?} (rollout, status, stop, drain, undrain)")),
+            "handoff" => self.hand_off().await,
+            other => Err(format!("unknown op {other:?} (rollout, status, stop, drain, undrain, handoff)")),
         };
         r.unwrap_or_else(error_line)
     }
@@ -859,6 +934,26 @@ impl Supervisor {
             "exe": std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default(),
         });
         json!({ "status": { "drained": self.drained.load(Ordering::SeqCst), "supervisor": supervisor, "services": services } })
+    }
+
+    /// Make way for another build: only while no operation runs on any
+    /// service (else "busy", and this one goes on), then the daemon ends
+    /// as on SIGTERM, leaving its instances to the next supervisor.
+    async fn hand_off(&self) -> Result<serde_json::Value, String> {
+        for svc in self.all().await {
+            if svc.op.try_lock().is_err() {
+                return Ok(result_line(Outcome::Skipped, Some(format!("busy: {}/{} has an operation in flight", svc.environment, svc.name))));
+            }
+        }
+        tracing::info!("handing off to another build");
+        // Ended a moment later: the answer reaches the agent first, and
+        // the proxies serve until then.
+        let handoff = self.handoff.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            handoff.cancel();
+        });
+        Ok(result_line(Outcome::Succeeded, None))
     }
 
     async fn stop(&self, req: &Request) -> Result<serde_json::Value, String> {
