@@ -340,3 +340,27 @@ max_failed = 2
     assert!(!everything.contains("topsecret-5521"), "the secret's value leaked: {everything}");
     assert!(!everything.contains(&body), "the SSH private key leaked");
 }
+
+#[test]
+fn issue15_hosts_called_by_names_of_their_own() {
+    let fleet = Fleet::up(2);
+    let (a1, a2) = (fleet.host(1).address.clone(), fleet.host(2).address.clone());
+    // The group's addresses, given names: `{ name, address }` entries.
+    let toml = config(&fleet, 2, "\n[[job]]\nname = \"where\"\ncommand = [\"hostname\"]\nhosts = \"web\"\n").replace(
+        &format!("addresses = [\"{a1}\", \"{a2}\"]"),
+        &format!("addresses = [{{ name = \"web-a\", address = \"{a1}\" }}, {{ name = \"web-b\", address = \"{a2}:22\" }}]"),
+    );
+    assert!(toml.contains("web-a"), "{toml}");
+    let dir = common::config_dir(&toml, &[]);
+    let server = fleet.serve(dir.path());
+    let (id, out) = run(&server, dir.path(), "where");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hosts = hosts_of(&detail(&server, id), "where");
+    assert_eq!(hosts.keys().cloned().collect::<Vec<_>>(), ["web-a", "web-b"], "the record names them: {hosts:?}");
+    let logs = server.cli(dir.path(), &["logs", &id.to_string(), "where", "--host", "web-b"]);
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(text.contains("stdout: h2") && !text.contains("stdout: h1"), "{text}");
+    let listed = server.cli(dir.path(), &["hosts"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success() && text.contains(&format!("web-a ({a1}:22)")) && text.contains(&format!("web-b ({a2}:22)")), "{text}");
+}

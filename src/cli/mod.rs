@@ -1230,7 +1230,13 @@ async fn hosts(client: &Client, action: Option<HostsAction>, json: bool) -> Resu
                     .map(|s| format!("{}/{} {} ({}/{})", s.environment, s.service, s.version, s.healthy, s.instances))
                     .collect::<Vec<_>>()
                     .join(", ");
-                println!("{:<10} {:<22} {:<10} {:<52} {}", h.group, h.name, state, key, if runs.is_empty() { "-".into() } else { runs });
+                // A host with a name of its own shows where it is too.
+                let host = if h.address.starts_with(&format!("{}:", h.name)) || h.address.starts_with(&format!("[{}]:", h.name)) {
+                    h.name.clone()
+                } else {
+                    format!("{} ({})", h.name, h.address)
+                };
+                println!("{:<10} {:<22} {:<10} {:<52} {}", h.group, host, state, key, if runs.is_empty() { "-".into() } else { runs });
             }
             return Ok(code);
         }

@@ -19,7 +19,11 @@ pub const HOSTS: TableKeys = TableKeys {
     array: true,
     keys: &[
         Key { name: "group", kind: "string", doc: "the group's name, used by `hosts = \"…\"` in jobs and services" },
-        Key { name: "addresses", kind: "array", doc: "\"host\" or \"host:port\" of each member (port 22 by default)" },
+        Key {
+            name: "addresses",
+            kind: "array",
+            doc: "each member: \"host\" or \"host:port\" (port 22 by default), or { name = \"web-2\", address = \"10.0.0.12\" } to call it by a name of its own",
+        },
         Key { name: "user", kind: "string", doc: "the user to log in as (default \"root\")" },
         Key { name: "key", kind: "string", doc: "the [secret.*] holding the private key (OpenSSH format)" },
         Key { name: "known_hosts", kind: "string", doc: "the [secret.*] holding the hosts' keys, known_hosts format; an unknown or changed key is refused" },
@@ -125,7 +129,7 @@ pub struct JobSettings {
 #[derive(Deserialize)]
 struct RawGroup {
     group: Option<Spanned<String>>,
-    addresses: Option<Spanned<Vec<Spanned<String>>>>,
+    addresses: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     user: Option<Spanned<String>>,
     key: Option<Spanned<String>>,
     known_hosts: Option<Spanned<String>>,
@@ -161,6 +165,17 @@ pub fn read_groups(cx: &mut ConfigTables<'_, '_>) -> Option<Settings> {
                 cx.problem(Problem::new(ProblemKind::Duplicate, Some(table.span()), format!("host group {:?} is declared twice", g.name)).label("again"));
             }
             Some(g) => {
+                // Hosts are named in `logs --host` and `hosts drain`: one
+                // name, one host, across every group.
+                for h in &g.hosts {
+                    if let Some(other) = read.groups.values().find(|o| o.hosts.iter().any(|x| x.name == h.name && x.address != h.address)) {
+                        cx.problem(
+                            Problem::new(ProblemKind::Duplicate, Some(table.span()), format!("host name {:?} names two hosts (also in group {:?})", h.name, other.name))
+                                .label("this group")
+                                .hint("give one of them another name: { name = \"…\", address = \"…\" }"),
+                        );
+                    }
+                }
                 read.groups.insert(g.name.clone(), g);
             }
             None => read.broken.extend(name),
@@ -195,16 +210,16 @@ fn group(raw: RawGroup, span: std::ops::Range<usize>, cx: &mut ConfigTables<'_, 
             cx.problem(Problem::new(ProblemKind::InvalidValue, Some(a.span()), format!("host group {:?} has no addresses", name.get_ref())).label("empty"));
         }
         Some(a) => {
-            for addr in a.get_ref() {
-                match host(addr.get_ref()) {
+            for entry in a.get_ref() {
+                match member(entry.get_ref()) {
                     Ok(h) if hosts.iter().any(|x| x.name == h.name) => cx.problem(
-                        Problem::new(ProblemKind::Duplicate, Some(addr.span()), format!("host {:?} is twice in group {:?}", h.name, name.get_ref())).label("again"),
+                        Problem::new(ProblemKind::Duplicate, Some(entry.span()), format!("host {:?} is twice in group {:?}", h.name, name.get_ref())).label("again"),
                     ),
                     Ok(h) => hosts.push(h),
                     Err(why) => cx.problem(
-                        Problem::new(ProblemKind::InvalidValue, Some(addr.span()), format!("invalid address {:?}: {why}", addr.get_ref()))
-                            .label("not host or host:port")
-                            .hint("e.g. \"10.0.0.11\", \"web-2.example.org:2222\", \"[fd00::2]:22\""),
+                        Problem::new(ProblemKind::InvalidValue, Some(entry.span()), why)
+                            .label("not an address")
+                            .hint("e.g. \"10.0.0.11\", \"web-2.example.org:2222\", \"[fd00::2]:22\", { name = \"web-2\", address = \"10.0.0.12\" }"),
                     ),
                 }
             }
@@ -257,6 +272,28 @@ fn group(raw: RawGroup, span: std::ops::Range<usize>, cx: &mut ConfigTables<'_, 
         dir,
         check_every_ms: check_every.as_millis() as u64,
     })
+}
+
+/// One entry of `addresses`: an address (named by itself) or `{ name,
+/// address }`.
+fn member(v: &toml::Value) -> Result<Host, String> {
+    match v {
+        toml::Value::String(s) => host(s).map_err(|why| format!("invalid address {s:?}: {why}")),
+        toml::Value::Table(t) => {
+            if let Some(k) = t.keys().find(|k| !["name", "address"].contains(&k.as_str())) {
+                return Err(format!("unknown key `{k}` in a host (name, address)"));
+            }
+            let (Some(toml::Value::String(n)), Some(toml::Value::String(a))) = (t.get("name"), t.get("address")) else {
+                return Err("a named host needs name and address, both strings".into());
+            };
+            if !crate::config::valid_name(n) {
+                return Err(format!("invalid host name {n:?}: letters, digits, '-', '_' and '.'"));
+            }
+            let h = host(a).map_err(|why| format!("invalid address {a:?}: {why}"))?;
+            Ok(Host { name: n.clone(), ..h })
+        }
+        other => Err(format!("a host is an address string or {{ name, address }}, not {}", other.type_str())),
+    }
 }
 
 /// "host", "host:port", "[v6]" or "[v6]:port" → its name and "host:port".
@@ -367,6 +404,19 @@ mod tests {
         assert_eq!(host("[fd00::2]:2200").unwrap(), Host { name: "fd00::2".into(), address: "[fd00::2]:2200".into() });
         for bad in ["", "a b", "h:0", "h:99999", "fd00::2", "[fd00::2", "h;rm"] {
             assert!(host(bad).is_err(), "{bad:?} accepted");
+        }
+        let named = |t: &str| member(&toml::from_str::<toml::Table>(&format!("m = {t}")).unwrap()["m"]);
+        assert_eq!(named(r#"{ name = "web-2", address = "10.0.0.12:2222" }"#).unwrap(), Host { name: "web-2".into(), address: "10.0.0.12:2222".into() });
+        assert_eq!(named(r#""10.0.0.12""#).unwrap(), Host { name: "10.0.0.12".into(), address: "10.0.0.12:22".into() });
+        for (bad, says) in [
+            (r#"{ name = "web 2", address = "10.0.0.12" }"#, "invalid host name"),
+            (r#"{ name = "web-2" }"#, "needs name and address"),
+            (r#"{ name = "web-2", address = "10.0.0.12", port = 22 }"#, "unknown key `port`"),
+            (r#"{ name = "web-2", address = "h;rm" }"#, "invalid address"),
+            ("22", "not integer"),
+        ] {
+            let e = named(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
         }
     }
 
