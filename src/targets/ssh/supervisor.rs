@@ -504,6 +504,7 @@ pub async fn supervise(args: &[String]) -> Result<u8, String> {
         installation,
         shutdown: CancellationToken::new(),
         handoff: CancellationToken::new(),
+        handing_off: AtomicBool::new(false),
         services: Default::default(),
         drained: AtomicBool::new(drained),
     });
@@ -636,6 +637,7 @@ struct Supervisor {
     /// Cancelled by a `handoff`: the daemon ends as on SIGTERM (proxies
     /// close, instances stay) for a newer build to take over.
     handoff: CancellationToken,
+    handing_off: AtomicBool,
     services: tokio::sync::Mutex<HashMap<(String, String), Arc<Svc>>>,
     /// The whole host drained (`drain` of every service in every
     /// environment, a server being replaced): no rollout starts here.
@@ -796,6 +798,10 @@ impl Supervisor {
         if req.installation != self.installation || Paths::new(&req.dir, &req.installation).base != self.paths.base {
             return error_line(format!("this supervisor serves {}, not {}/{}", self.paths.base.display(), req.dir, req.installation));
         }
+        // Between a handoff's answer and the end: nothing new starts here.
+        if self.handing_off.load(Ordering::SeqCst) && req.op != "status" {
+            return error_line("this supervisor is handing the host over to another build: ask again in a moment");
+        }
         let r = match req.op.as_str() {
             "status" => Ok(self.status().await),
             "rollout" => self.rollout(&req, tx).await,
@@ -944,6 +950,9 @@ impl Supervisor {
             if svc.op.try_lock().is_err() {
                 return Ok(result_line(Outcome::Skipped, Some(format!("busy: {}/{} has an operation in flight", svc.environment, svc.name))));
             }
+        }
+        if self.handing_off.swap(true, Ordering::SeqCst) {
+            return Ok(result_line(Outcome::Succeeded, Some("already handing over".into())));
         }
         tracing::info!("handing off to another build");
         // Ended a moment later: the answer reaches the agent first, and
