@@ -547,4 +547,8 @@ batch = "200%"
     }
     // A group declared with mistakes is not also "unknown" where it is used.
     assert!(!out.contains("unknown host group \"db\"") && !out.contains("unknown host group \"web\""), "{out}");
+    // Nor is one with a type mistake.
+    let typed = "[secret.k]\nenv = \"K\"\n[[hosts]]\ngroup = \"cache\"\naddresses = [\"10.0.0.31\"]\nkey = \"k\"\nknown_hosts = \"k\"\nconnect_timeout = 5\n\n[[job]]\nname = \"j\"\ncommand = [\"true\"]\nhosts = \"cache\"\n";
+    let out = problems(typed);
+    assert!(out.contains("slipway.toml:8:19 [wrong-type]") && !out.contains("unknown host group"), "{out}");
 }

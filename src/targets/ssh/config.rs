@@ -158,7 +158,14 @@ impl Groups {
 pub fn read_groups(cx: &mut ConfigTables<'_, '_>) -> Option<Settings> {
     let mut read = Groups::default();
     for table in cx.tables("hosts") {
-        let Some(raw) = cx.read::<RawGroup>(&table) else { continue };
+        let Some(raw) = cx.read::<RawGroup>(&table) else {
+            // A type mistake (reported): its users are not also told the
+            // group does not exist.
+            if let Some(name) = table.get_ref().get("group").and_then(|g| g.get_ref().as_str()) {
+                read.broken.insert(name.to_string());
+            }
+            continue;
+        };
         let name = raw.group.as_ref().map(|n| n.get_ref().clone());
         match group(raw, table.span(), cx) {
             Some(g) if read.groups.contains_key(&g.name) => {

@@ -252,6 +252,8 @@ async fn hand_over_from_other_build(paths: &Paths, req: &Request) {
                 match v["result"]["outcome"].as_str() {
                     Some("succeeded") => break,
                     Some(_) => return, // busy: it stays
+                    // Already handing over (another agent asked): wait for it too.
+                    None if v["error"].as_str().is_some_and(|e| e.contains("handing the host over")) => break,
                     None if v.get("error").is_some() => return, // a build that knows no handoff
                     None => continue,
                 }
@@ -375,8 +377,15 @@ pub async fn connect_or_start(paths: &Paths, dir: &str, installation: &str) -> R
             drop(child);
             return Ok(s);
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("the supervisor exited at once ({status}): {}", tail(&paths.log(), 2000)));
+        match child.try_wait() {
+            // Exit 0: another supervisor still holds the lock (one ending
+            // after a handoff): start ours again once it may be gone.
+            Ok(Some(status)) if status.success() => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                child = cmd.spawn().map_err(|e| format!("cannot start the supervisor {}: {}", exe.display(), agent::os_message(&e)))?;
+            }
+            Ok(Some(status)) => return Err(format!("the supervisor exited at once ({status}): {}", tail(&paths.log(), 2000))),
+            _ => {}
         }
         if Instant::now() >= deadline {
             return Err(format!(
@@ -799,7 +808,7 @@ impl Supervisor {
             return error_line(format!("this supervisor serves {}, not {}/{}", self.paths.base.display(), req.dir, req.installation));
         }
         // Between a handoff's answer and the end: nothing new starts here.
-        if self.handing_off.load(Ordering::SeqCst) && req.op != "status" {
+        if self.handing_off.load(Ordering::SeqCst) && req.op != "status" && req.op != "handoff" {
             return error_line("this supervisor is handing the host over to another build: ask again in a moment");
         }
         let r = match req.op.as_str() {
