@@ -405,6 +405,24 @@ impl Harness {
         rows.into_iter().find(|r| r.environment == self.scope.env && r.service == SERVICE).map(|r| r.version)
     }
 
+    /// A new manager (a node's after a restart) over this store, restored:
+    /// it must ask for exactly the revision `expected` (in this scope's
+    /// directory).
+    async fn restored_manager(&self, expected: &str) -> Arc<ServiceManager> {
+        let (m, _) = self.manager();
+        let workdir = self.dir().to_path_buf();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let asked2 = asked.clone();
+        m.restore(move |revision| {
+            asked2.lock().unwrap().push(revision);
+            let dir = workdir.clone();
+            async move { Ok(dir) }
+        })
+        .await;
+        assert_eq!(*asked.lock().unwrap(), vec![expected.to_string()], "restore unpacks the recorded revision");
+        m
+    }
+
     /// The service's status on `m`.
     async fn status(&self, m: &ServiceManager) -> ServiceStatus {
         let all = m.status().await;
@@ -754,17 +772,7 @@ pub async fn restart_restores_the_recorded_version(fx: Arc<dyn Fixture>) {
         .await;
 
         // B starts over the same store.
-        let (b, _) = h.manager();
-        let workdir = h.dir().to_path_buf();
-        let asked = Arc::new(Mutex::new(Vec::new()));
-        let asked2 = asked.clone();
-        b.restore(move |revision| {
-            asked2.lock().unwrap().push(revision);
-            let dir = workdir.clone();
-            async move { Ok(dir) }
-        })
-        .await;
-        assert_eq!(*asked.lock().unwrap(), vec!["rev-1.0".to_string()], "restore unpacks the recorded revision");
+        let b = h.restored_manager("rev-1.0").await;
         assert_serves(spec.listen, "1.0", 4).await;
         assert_status(&h.status(&b).await, "1.0", 2);
 

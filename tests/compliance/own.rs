@@ -184,17 +184,7 @@ pub async fn services_outlive_the_node_and_are_adopted(fx: Arc<dyn Fixture>) {
         assert_serves(spec.listen, "1.0", 4).await;
         assert_eq!(h.assert_on_hosts("1.0", 2).await, before, "the node's stop leaves the service on its machines alone");
 
-        let (b, _) = h.manager();
-        let workdir = h.dir().to_path_buf();
-        let asked = Arc::new(Mutex::new(Vec::new()));
-        let asked2 = asked.clone();
-        b.restore(move |revision| {
-            asked2.lock().unwrap().push(revision);
-            let dir = workdir.clone();
-            async move { Ok(dir) }
-        })
-        .await;
-        assert_eq!(*asked.lock().unwrap(), vec!["rev-1.0".to_string()], "restore unpacks the recorded revision");
+        let b = h.restored_manager("rev-1.0").await;
         // The restore converges in the background and says how it went.
         let event = eventually(Duration::from_secs(20), "the restore's event", || async {
             let events = h.store.service_events(&h.scope.env, SERVICE, 10).await.map_err(|e| e.to_string())?;
