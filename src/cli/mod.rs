@@ -451,6 +451,8 @@ fn targets_cmd(json: bool) {
             (c.secret_files, "places secret files"),
             (c.own_rollout, "runs its own rollout"),
             (c.remote, "runs on other machines"),
+            (c.proxied, "serves through Slipway's proxy"),
+            (c.resumes_jobs, "resumes a cut-off job instead of running it twice"),
         ]
         .into_iter()
         .filter_map(|(yes, what)| yes.then_some(what))

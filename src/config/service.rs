@@ -619,7 +619,18 @@ pub(super) fn build(
         );
     }
     let mut listen_in = BTreeMap::new();
-    let listen = match &raw.listen {
+    let listen = if kind.is_some() && !caps.proxied {
+        // Served by the target's own load balancer: no proxy of Slipway's
+        // binds it (the address is never used).
+        if let Some(l) = &raw.listen {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(l.span()), format!("a service on target {target:?} is reached through its own load balancer, not Slipway's proxy"))
+                    .label("not for this target")
+                    .hint("remove `listen`"),
+            );
+        }
+        Some(SocketAddr::from(([0, 0, 0, 0], 0)))
+    } else { match &raw.listen {
         None => {
             problems.push(
                 Problem::new(ProblemKind::MissingKey, Some(raw.name.span()), format!("managed service {name:?} has no `listen` address"))
@@ -675,7 +686,7 @@ pub(super) fn build(
                 }
             }
         }
-    };
+    }};
     let instances = raw.instances.as_ref().and_then(|v| positive(v, "instances", 64, problems)).unwrap_or(1) as u32;
 
     let mut health = HealthSpec {
@@ -888,7 +899,10 @@ pub(super) fn build(
     }
     if let Some((_, m)) = &migrate {
         let n = migrate_job(&name);
-        let mut migrate = job(n.clone(), Command::Argv(m.command.clone()), m.timeout, m.idempotent, migrate_needs);
+        // A target that finds a cut-off step again (and never runs it
+        // twice) may resume it after a node's death.
+        let resumable = crate::targets::kind(&target).is_some_and(|k| k.capabilities().resumes_jobs);
+        let mut migrate = job(n.clone(), Command::Argv(m.command.clone()), m.timeout, m.idempotent || resumable, migrate_needs);
         // The migration sees what the service sees.
         migrate.secrets = spec.secrets.clone();
         migrate.secret_files = spec.secret_files.clone();

@@ -804,7 +804,7 @@ impl Submitter {
     ) -> Result<Option<crate::store::ArtifactRef>, SubmitError> {
         let Some(service) = service else { return Ok(None) };
         let spec = config.services.iter().find(|s| s.name == service).and_then(|s| s.spec.as_ref());
-        if let Some((c, target)) = spec.and_then(|s| s.image.as_ref().map(|i| (i, &s.target))) {
+        if let Some((c, target, spec_settings)) = spec.and_then(|s| s.image.as_ref().map(|i| (i, &s.target, &s.settings))) {
             let reference = format!("{}:{}", c.repository, version.unwrap_or_default());
             let sha256 = match digest {
                 Some(d) => d,
@@ -817,7 +817,7 @@ impl Submitter {
                         .map(|a| a.credentials())
                         .transpose()
                         .map_err(|e| SubmitError::Invalid(format!("cannot pin {reference} to a digest: {e}")))?;
-                    on.resolve(&reference, auth.as_ref())
+                    on.resolve(&reference, spec_settings, auth.as_ref())
                         .await
                         .map_err(|e| SubmitError::Unpinned(format!("cannot pin {reference} to a digest: {e}")))?
                         .ok_or_else(|| SubmitError::Unpinned(format!("target {target:?} named no digest for {reference}")))?

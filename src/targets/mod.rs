@@ -50,7 +50,7 @@ macro_rules! registry {
     };
 }
 
-registry!(local, docker, ssh);
+registry!(local, docker, ssh, ecs);
 
 /// The target a spec names when it names none.
 pub const DEFAULT: &str = "local";
@@ -79,6 +79,15 @@ pub struct Capabilities {
     pub own_rollout: bool,
     /// Runs on machines other than the node's.
     pub remote: bool,
+    /// Slipway's own proxy serves the service on its `listen` address (on
+    /// this node, or on each host). Without it (ECS: AWS's load balancer)
+    /// a service has no `listen`.
+    pub proxied: bool,
+    /// An attempt cut off by a node's death is found again on the target
+    /// and followed, never run twice (ECS one-off tasks, by their tags):
+    /// a service's steps on it are retried after an interruption as if
+    /// idempotent.
+    pub resumes_jobs: bool,
 }
 
 /// A key a target adds to `[[service]]`, for the unknown-key check, the
@@ -797,8 +806,10 @@ pub trait Target: Send + Sync + 'static {
     }
 
     /// Pin `reference` (`image:tag`) to what it names now: the image's
-    /// digest (hex of its SHA-256). Targets without images answer None.
-    async fn resolve(&self, _reference: &str, _auth: Option<&Credentials>) -> Result<Option<String>, TargetError> {
+    /// digest (hex of its SHA-256). `settings`: the service's own
+    /// ([`TargetKind::service_settings`]). Targets without images answer
+    /// None.
+    async fn resolve(&self, _reference: &str, _settings: &Settings, _auth: Option<&Credentials>) -> Result<Option<String>, TargetError> {
         Ok(None)
     }
 

@@ -1053,7 +1053,7 @@ async fn demo_job(h: &Harness, args: &[&str], timeout: Duration) -> JobSpec {
     let artifact = match h.fx.publish(&h.scope, "1.0").await {
         None => None,
         Some(reference) => {
-            let sha256 = h.target.resolve(&reference, None).await.expect("resolve the published demo").expect("a digest");
+            let sha256 = h.target.resolve(&reference, &Default::default(), None).await.expect("resolve the published demo").expect("a digest");
             Some(ArtifactRef { url: reference, sha256, kind: slipway::store::ArtifactKind::Image })
         }
     };
@@ -1151,7 +1151,7 @@ pub async fn capabilities_match_what_it_does(fx: Arc<dyn Fixture>) {
         let caps = kind.capabilities();
         assert_eq!(caps.uses_images, h.fx.image(&h.scope, "1.0").is_some(), "uses_images, and the fixture runs an image: {caps:?}");
         if !caps.uses_images {
-            assert_eq!(h.target.resolve("example.org/x:1", None).await, Ok(None), "a target without images pins nothing");
+            assert_eq!(h.target.resolve("example.org/x:1", &Default::default(), None).await, Ok(None), "a target without images pins nothing");
         }
         let started = h.target.start_instance(h.demo_request("1.0")).await;
         match (caps.runs_instances, started) {
@@ -1201,10 +1201,10 @@ pub async fn images_are_pinned_and_pulled(fx: Arc<dyn Fixture>) {
             assert_eq!(h.target.prepare("example.org/x@sha256:00", None, &tx, &CancellationToken::new()).await, Ok(()));
             return;
         };
-        let digest = h.target.resolve(&reference, None).await.expect("resolve").expect("a digest");
+        let digest = h.target.resolve(&reference, &Default::default(), None).await.expect("resolve").expect("a digest");
         assert!(digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit()), "a sha256 in hex: {digest:?}");
         let repo = reference.rsplit_once(':').map(|(r, _)| r.to_string()).expect("repo:tag");
-        let missing = h.target.resolve(&format!("{repo}:no-such-tag"), None).await.expect_err("an unknown tag");
+        let missing = h.target.resolve(&format!("{repo}:no-such-tag"), &Default::default(), None).await.expect_err("an unknown tag");
         assert_eq!(missing.kind, slipway::targets::TargetErrorKind::NotFound, "{missing}");
         let pinned = format!("{repo}@sha256:{digest}");
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);

@@ -240,7 +240,7 @@ impl TargetKind for Kind {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { runs_jobs: true, runs_instances: true, uses_images: true, secret_files: true, ..Capabilities::default() }
+        Capabilities { runs_jobs: true, runs_instances: true, uses_images: true, secret_files: true, proxied: true, ..Capabilities::default() }
     }
 
     fn service_keys(&self) -> &'static [Key] {
@@ -489,7 +489,7 @@ impl Target for DockerTarget {
         gone
     }
 
-    async fn resolve(&self, reference: &str, auth: Option<&Credentials>) -> Result<Option<String>, TargetError> {
+    async fn resolve(&self, reference: &str, _settings: &super::Settings, auth: Option<&Credentials>) -> Result<Option<String>, TargetError> {
         let inspected = bounded(&format!("resolving {reference} in its registry"), self.docker.inspect_registry_image(reference, docker_credentials(auth)))
             .await
             .map_err(|e| registry_failure(registry_error(e, auth)))?;

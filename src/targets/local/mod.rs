@@ -352,7 +352,7 @@ impl TargetKind for Kind {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { runs_jobs: true, runs_instances: true, ..Capabilities::default() }
+        Capabilities { runs_jobs: true, runs_instances: true, proxied: true, ..Capabilities::default() }
     }
 
     /// Processes of a dead node must be gone before its leases run out.

@@ -46,7 +46,7 @@ impl TargetKind for Kind {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { runs_jobs: true, own_rollout: true, remote: true, ..Capabilities::default() }
+        Capabilities { runs_jobs: true, own_rollout: true, remote: true, proxied: true, ..Capabilities::default() }
     }
 
     fn service_keys(&self) -> &'static [Key] {

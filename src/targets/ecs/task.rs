@@ -1,0 +1,237 @@
+//! A service's `migrate` on ECS: a one-off task (`RunTask`) of the task
+//! definition the rollout will deploy, its container's command overridden,
+//! started where the service runs (its launch type or capacity providers,
+//! its network configuration), gated on the task reaching STOPPED with
+//! exit code 0. Exactly once per deployment: the task carries
+//! `startedBy` and tags naming the installation, deployment, job and
+//! attempt, and an attempt first looks for a task of an earlier one (a
+//! node killed while it ran): one still running is followed, one that
+//! succeeded is the result, and only a failed one is run again.
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_ecs::types::{ContainerOverride, DesiredStatus, KeyValuePair, NetworkConfiguration, Tag, Task, TaskField, TaskOverride};
+use sha2::Digest;
+use tokio_util::sync::CancellationToken;
+
+use super::client::{Clients, EcsTarget, aws_error};
+use super::config::ServiceSettings;
+use super::rollout::{describe_service, pinned, say, task_definition_for};
+use crate::store::Outcome;
+use crate::targets::{JobRequest, OutputSink, RunResult, TargetError};
+
+const TAG_JOB: &str = "slipway:job";
+const TAG_ATTEMPT: &str = "slipway:attempt";
+
+/// `startedBy` of the tasks of one job of one deployment (ECS allows 128
+/// characters; long job names are hashed).
+fn started_by(installation: &str, deployment_id: i64, job: &str) -> String {
+    let inst = hex::encode(&sha2::Sha256::digest(installation.as_bytes())[..4]);
+    let s = format!("slipway-{inst}-{deployment_id}-{job}");
+    if s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        s
+    } else {
+        format!("slipway-{inst}-{deployment_id}-{}", hex::encode(&sha2::Sha256::digest(job.as_bytes())[..16]))
+    }
+}
+
+fn tag<'a>(task: &'a Task, key: &str) -> Option<&'a str> {
+    task.tags().iter().find(|t| t.key() == Some(key)).and_then(|t| t.value())
+}
+
+pub(super) async fn run(target: &EcsTarget, req: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
+    let timeout = Duration::from_millis(req.spec.timeout_ms);
+    match one_off(target, &req, &output, &cancel, timeout).await {
+        Ok(r) => r,
+        Err(e) => RunResult::failed(e.message),
+    }
+}
+
+async fn one_off(target: &EcsTarget, req: &JobRequest, output: &OutputSink, cancel: &CancellationToken, timeout: Duration) -> Result<RunResult, TargetError> {
+    let s = EcsTarget::settings(&req.spec.settings)?;
+    let crate::config::Command::Argv(argv) = &req.spec.command else {
+        return Err(TargetError::from("a one-off task on ECS takes an argv command"));
+    };
+    let argv: Vec<String> = argv.iter().map(|a| crate::process::substitute(a, &req.values)).collect();
+    let artifact = req.spec.artifact.as_ref().ok_or_else(|| TargetError::from("no pinned image for this job"))?;
+    let repository = artifact.url.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map(|(r, _)| r).unwrap_or(&artifact.url);
+    let image = pinned(repository, Some(&artifact.sha256))?;
+    let c = target.clients(&s.aws).await;
+    let by = started_by(&target.installation, req.deployment_id, &req.job);
+    let deadline = Instant::now() + timeout;
+
+    let task_arn = match earlier(&c, &s, &by, req.attempt).await? {
+        Some(t) if t.last_status() != Some("STOPPED") => {
+            let arn = t.task_arn().unwrap_or_default().to_string();
+            say(output, format!("task {arn} of attempt {} still runs: following it (a one-off task is never started twice)", tag(&t, TAG_ATTEMPT).unwrap_or("?"))).await;
+            arn
+        }
+        Some(t) if exit_code(&t, &s.container) == Some(0) => {
+            let arn = t.task_arn().unwrap_or_default();
+            say(output, format!("task {arn} of attempt {} already ran to exit code 0: not run again", tag(&t, TAG_ATTEMPT).unwrap_or("?"))).await;
+            return Ok(ended(&t, &s.container));
+        }
+        _ => {
+            let svc = describe_service(&c, &s).await?;
+            let current = svc.task_definition().unwrap_or_default().to_string();
+            let (td, registered) = task_definition_for(target, &c, &s, &current, &image, req.deployment_id).await?;
+            say(output, format!("task definition {} {td} ({image})", if registered { "registered:" } else { "of" })).await;
+            start(&c, &s, &svc, &td, &by, req, &argv).await?
+        }
+    };
+    say(output, format!("one-off task {task_arn}: {}", argv.join(" "))).await;
+    let mut said = String::new();
+    loop {
+        let t = describe(&c, &s, &task_arn).await?;
+        if let Some(t) = &t {
+            let status = t.last_status().unwrap_or("?").to_string();
+            if status != said {
+                say(output, format!("task {status}")).await;
+                said = status;
+            }
+            if t.last_status() == Some("STOPPED") {
+                return Ok(ended(t, &s.container));
+            }
+        }
+        let stop = |why: &'static str| {
+            let call = c.ecs.stop_task().cluster(&s.cluster).task(&task_arn).reason(format!("slipway: {why}"));
+            async move {
+                let _ = call.send().await;
+                why
+            }
+        };
+        if Instant::now() >= deadline {
+            let why = stop("timed out").await;
+            return Ok(RunResult { outcome: Outcome::TimedOut, exit_code: None, reason: Some(format!("{why} after {}", humantime::format_duration(timeout))), parts: Vec::new() });
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let why = stop("cancelled").await;
+                return Ok(RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(format!("task stopped: {why}")), parts: Vec::new() });
+            }
+            _ = tokio::time::sleep(target.poll.min(deadline.saturating_duration_since(Instant::now()))) => {}
+        }
+    }
+}
+
+/// The newest task an earlier attempt of this job started, if ECS still
+/// knows it (running, or stopped within the last hour or so).
+async fn earlier(c: &Clients, s: &ServiceSettings, by: &str, attempt: i64) -> Result<Option<Task>, TargetError> {
+    let mut arns = Vec::new();
+    for status in [DesiredStatus::Running, DesiredStatus::Stopped] {
+        let out = c
+            .ecs
+            .list_tasks()
+            .cluster(&s.cluster)
+            .started_by(by)
+            .desired_status(status)
+            .send()
+            .await
+            .map_err(|e| aws_error("listing this job's tasks", e))?;
+        arns.extend(out.task_arns().iter().cloned());
+    }
+    if arns.is_empty() {
+        return Ok(None);
+    }
+    let out = c
+        .ecs
+        .describe_tasks()
+        .cluster(&s.cluster)
+        .set_tasks(Some(arns))
+        .include(TaskField::Tags)
+        .send()
+        .await
+        .map_err(|e| aws_error("describing this job's tasks", e))?;
+    let mut tasks: Vec<(i64, Task)> = out
+        .tasks()
+        .iter()
+        .filter(|t| t.started_by() == Some(by))
+        .filter_map(|t| tag(t, TAG_ATTEMPT).and_then(|a| a.parse::<i64>().ok()).filter(|a| *a < attempt).map(|a| (a, t.clone())))
+        .collect();
+    // A running one first (never two at once), then the newest attempt.
+    tasks.sort_by_key(|(a, t)| (t.last_status() != Some("STOPPED"), *a));
+    Ok(tasks.pop().map(|(_, t)| t))
+}
+
+async fn start(c: &Clients, s: &ServiceSettings, svc: &aws_sdk_ecs::types::Service, td: &str, by: &str, req: &JobRequest, argv: &[String]) -> Result<String, TargetError> {
+    let mut env: Vec<KeyValuePair> = req.spec.env.iter().map(|(k, v)| KeyValuePair::builder().name(k).value(v).build()).collect();
+    for (k, v) in &req.values {
+        env.push(KeyValuePair::builder().name(format!("SLIPWAY_{}", k.to_ascii_uppercase())).value(v).build());
+    }
+    env.push(KeyValuePair::builder().name("SLIPWAY_JOB").value(&req.job).build());
+    let overrides = TaskOverride::builder()
+        .container_overrides(ContainerOverride::builder().name(&s.container).set_command(Some(argv.to_vec())).set_environment(Some(env)).build())
+        .build();
+    let tags = [(TAG_JOB, req.job.clone()), (TAG_ATTEMPT, req.attempt.to_string()), (super::rollout::TAG_DEPLOYMENT, req.deployment_id.to_string())]
+        .into_iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect();
+    // Where the service's own tasks run.
+    let network: Option<NetworkConfiguration> = svc.network_configuration().cloned();
+    // The same request twice (a retried call) starts one task.
+    let token = hex::encode(&sha2::Sha256::digest(format!("{by}/{}", req.attempt).as_bytes())[..24]);
+    let out = c
+        .ecs
+        .run_task()
+        .cluster(&s.cluster)
+        .task_definition(td)
+        .count(1)
+        .started_by(by)
+        .set_launch_type(if svc.capacity_provider_strategy().is_empty() { svc.launch_type().cloned() } else { None })
+        .set_capacity_provider_strategy((!svc.capacity_provider_strategy().is_empty()).then(|| svc.capacity_provider_strategy().to_vec()))
+        .set_platform_version(svc.platform_version().map(str::to_string))
+        .set_network_configuration(network)
+        .overrides(overrides)
+        .set_tags(Some(tags))
+        .client_token(token)
+        .send()
+        .await
+        .map_err(|e| aws_error(&format!("running a one-off task of {td}"), e))?;
+    if let Some(f) = out.failures().first() {
+        return Err(TargetError::from(format!("ECS did not start the task: {} {}", f.reason().unwrap_or("?"), f.detail().unwrap_or(""))));
+    }
+    out.tasks().first().and_then(|t| t.task_arn()).map(str::to_string).ok_or_else(|| TargetError::from("ECS started no task"))
+}
+
+async fn describe(c: &Clients, s: &ServiceSettings, arn: &str) -> Result<Option<Task>, TargetError> {
+    let out = c
+        .ecs
+        .describe_tasks()
+        .cluster(&s.cluster)
+        .tasks(arn)
+        .include(TaskField::Tags)
+        .send()
+        .await
+        .map_err(|e| aws_error(&format!("describing task {arn}"), e))?;
+    Ok(out.tasks().first().cloned())
+}
+
+fn exit_code(t: &Task, container: &str) -> Option<i32> {
+    t.containers().iter().find(|c| c.name() == Some(container)).and_then(|c| c.exit_code())
+}
+
+/// How a stopped task ended: its container's exit code, ECS's reasons.
+fn ended(t: &Task, container: &str) -> RunResult {
+    let code = exit_code(t, container);
+    let stopped = t.stopped_reason().unwrap_or("no reason given");
+    let detail = t.containers().iter().find(|c| c.name() == Some(container)).and_then(|c| c.reason()).map(|r| format!(", {r}")).unwrap_or_default();
+    match code {
+        Some(0) => RunResult { outcome: Outcome::Succeeded, exit_code: Some(0), reason: None, parts: Vec::new() },
+        Some(n) => RunResult { outcome: Outcome::Failed, exit_code: Some(n), reason: Some(format!("exit code {n} (ECS: {stopped}{detail})")), parts: Vec::new() },
+        None => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(format!("the task stopped without an exit code (ECS: {stopped}{detail})")), parts: Vec::new() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn started_by_fits_ecs_and_names_the_job() {
+        let s = started_by("inst", 42, "api.migrate");
+        assert!(s.starts_with("slipway-") && s.ends_with("-42-api.migrate"), "{s}");
+        let long = started_by("inst", 42, &"x".repeat(200));
+        assert!(long.len() <= 128, "{long}");
+        assert_ne!(started_by("a", 1, "j"), started_by("b", 1, "j"));
+    }
+}
