@@ -49,6 +49,22 @@ fi
 export SLIPWAY_OPENAPI_TOOLS="$openapi_venv/bin"
 export SLIPWAY_REQUIRE_OPENAPI_TOOLS=1
 
+# moto's server, a real implementation of the AWS APIs the ECS target
+# calls (tests/ecs_moto.rs), from PyPI, in a virtualenv of its own (its
+# pins differ from the contract tools').
+moto_tools="moto[server]==5.2.5"
+moto_venv="${XDG_CACHE_HOME:-$HOME/.cache}/slipway/moto"
+if [ "$(cat "$moto_venv/.installed" 2>/dev/null)" != "$moto_tools" ]; then
+  echo "test.sh: installing $moto_tools (PyPI) into $moto_venv"
+  rm -rf "$moto_venv"
+  python3 -m venv "$moto_venv"
+  timeout 900 "$moto_venv/bin/pip" install -q --disable-pip-version-check "$moto_tools" \
+    || { echo "test.sh: cannot install $moto_tools from PyPI" >&2; exit 1; }
+  echo "$moto_tools" > "$moto_venv/.installed"
+fi
+export SLIPWAY_MOTO="$moto_venv/bin"
+export SLIPWAY_REQUIRE_MOTO=1
+
 # Throwaway PostgreSQL: its own data directory and a free port. initdb
 # refuses to run as root, so the server runs as `nobody` when we are root.
 pg_dir=$(mktemp -d /tmp/slipway-pg.XXXXXX)

@@ -83,10 +83,9 @@ impl EcsTarget {
 /// An AWS error for people: the call, AWS's code and message, or why the
 /// call never reached AWS. Missing things are `NotFound`, refused
 /// credentials `Refused`, a network failure `Unavailable`.
-pub(super) fn aws_error<E, R>(what: &str, e: SdkError<E, R>) -> TargetError
+pub(super) fn aws_error<E>(what: &str, e: SdkError<E, aws_sdk_ecs::config::http::HttpResponse>) -> TargetError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
 {
     match &e {
         SdkError::ServiceError(s) => {
@@ -105,7 +104,12 @@ where
             };
             TargetError::new(kind, format!("{what}: {code}: {message}"))
         }
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+        // An answer that is not AWS's JSON (a proxy's or a server's error
+        // page): its status, not its body.
+        SdkError::ResponseError(r) => {
+            TargetError::new(TargetErrorKind::Unavailable, format!("{what}: an unreadable answer, HTTP {}", r.raw().status().as_u16()))
+        }
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
             TargetError::new(TargetErrorKind::Unavailable, format!("{what}: AWS did not answer: {}", DisplayErrorContext(&e)))
         }
         _ => TargetError::new(TargetErrorKind::Failed, format!("{what}: {}", DisplayErrorContext(&e))),
