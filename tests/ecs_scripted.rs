@@ -16,6 +16,10 @@ use scripted_aws::{Rollout, ScriptedAws, digest_of};
 use serde_json::Value;
 
 fn config(aws: &ScriptedAws, deadline: &str) -> tempfile::TempDir {
+    config_with(aws, deadline, "")
+}
+
+fn config_with(aws: &ScriptedAws, deadline: &str, extra: &str) -> tempfile::TempDir {
     common::config_dir(
         &format!(
             r#"
@@ -31,6 +35,7 @@ container = "app"
 image = "{repo}"
 migrate = {{ command = ["bin/migrate", "--to", "{{version}}"] }}
 health = {{ deadline = "{deadline}" }}
+{extra}
 "#,
             url = aws.url,
             repo = aws.repository()
@@ -236,4 +241,22 @@ fn issue16_scripted_a_migration_outlives_a_killed_node_and_runs_once() {
     assert_eq!(out.0, "succeeded", "{}", out.1);
     assert_eq!(aws.calls_of("RunTask").len(), 1, "the migration ran once: {:?}", aws.ops());
     assert_eq!(aws.service_task_definition(), "arn:aws:ecs:eu-west-1:123456789012:task-definition/api:2");
+}
+
+#[test]
+fn issue16_scripted_bootstrap_runs_once_per_environment_before_the_first_migration() {
+    let aws = ScriptedAws::start();
+    let dir = config_with(&aws, "60s", r#"bootstrap = { command = ["bin/setup", "{env}"] }"#);
+    let server = serve(&dir, &[]);
+    let out = deploy(&server, &dir, "1.1");
+    assert!(out.status.success(), "{}", text(&out));
+    let commands = |aws: &ScriptedAws| -> Vec<Value> { aws.calls_of("RunTask").iter().map(|t| t["overrides"]["containerOverrides"][0]["command"].clone()).collect() };
+    assert_eq!(commands(&aws), vec![serde_json::json!(["bin/setup", "default"]), serde_json::json!(["bin/migrate", "--to", "1.1"])], "bootstrap, then the migration");
+
+    let out = deploy(&server, &dir, "1.2");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(commands(&aws).len(), 3, "the second deploy migrates only: {:?}", commands(&aws));
+    assert_eq!(commands(&aws)[2], serde_json::json!(["bin/migrate", "--to", "1.2"]));
+    let logs = text(&server.cli(dir.path(), &["logs", "2"]));
+    assert!(logs.contains("api.bootstrap already ran in default (deployment 1)"), "{logs}");
 }

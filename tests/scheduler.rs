@@ -33,6 +33,7 @@ fn spec(cmd: Vec<&str>, timeout_ms: u64) -> JobSpec {
         secret_files: Default::default(),
         target: None,
         settings: Default::default(),
+        once_per_environment: false,
     }
 }
 

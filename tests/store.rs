@@ -73,6 +73,7 @@ fn spec() -> JobSpec {
         target: Some("docker".into()),
         // And the target's own settings of the job.
         settings: slipway::targets::Settings::of(&serde_json::json!({ "hosts": ["10.0.0.11:22"], "batch": 2 })),
+        once_per_environment: false,
     }
 }
 

@@ -184,6 +184,9 @@ pub struct Job {
     pub files: Vec<String>,
     /// The target's own settings of the job (`hosts`, `batch`, ...).
     pub settings: crate::targets::Settings,
+    /// Runs once per environment, ever: later deployments there skip it
+    /// (a service's `bootstrap`).
+    pub once_per_environment: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -833,6 +836,7 @@ fn build(raw: Raw, doc: &Spanned<toml::de::DeTable<'_>>, inherited: &[String], p
             secret_files: BTreeMap::new(),
             target,
             settings,
+            once_per_environment: false,
             files: j.files.iter().map(|f| f.get_ref().clone()).collect(),
         });
     }

@@ -246,6 +246,7 @@ pub(super) struct RawService {
     pub health: Option<Spanned<RawHealth>>,
     pub rollout: Option<Spanned<RawRollout>>,
     pub migrate: Option<Spanned<RawStep>>,
+    pub bootstrap: Option<Spanned<RawStep>>,
     pub verify: Option<Spanned<RawStep>>,
     pub stop_grace: Option<Spanned<String>>,
     pub artifact: Option<Spanned<RawArtifact>>,
@@ -500,6 +501,7 @@ pub(super) fn build(
             (raw.health.as_ref().map(|s| s.span()), "health"),
             (raw.rollout.as_ref().map(|s| s.span()), "rollout"),
             (raw.migrate.as_ref().map(|s| s.span()), "migrate"),
+            (raw.bootstrap.as_ref().map(|s| s.span()), "bootstrap"),
             (raw.verify.as_ref().map(|s| s.span()), "verify"),
             (raw.instances.as_ref().map(|s| s.span()), "instances"),
             (raw.artifact.as_ref().map(|s| s.span()), "artifact"),
@@ -535,12 +537,14 @@ pub(super) fn build(
                 .hint("`slipway targets` lists what each target can do"),
             );
         }
-        if let (Some(m), false) = (&raw.migrate, caps.runs_jobs) {
-            problems.push(
-                Problem::new(ProblemKind::InvalidValue, Some(m.span()), format!("target {:?} does not run jobs, so it cannot run `migrate`", k.name()))
-                    .label("no jobs on this target")
-                    .hint("`slipway targets` lists what each target can do"),
-            );
+        for (step, key) in [(&raw.migrate, "migrate"), (&raw.bootstrap, "bootstrap")] {
+            if let (Some(m), false) = (step, caps.runs_jobs) {
+                problems.push(
+                    Problem::new(ProblemKind::InvalidValue, Some(m.span()), format!("target {:?} does not run jobs, so it cannot run `{key}`", k.name()))
+                        .label("no jobs on this target")
+                        .hint("`slipway targets` lists what each target can do"),
+                );
+            }
         }
     }
     let command_span = raw.command.as_ref().map(|c| c.span()).unwrap_or_else(|| raw.name.span());
@@ -805,6 +809,7 @@ pub(super) fn build(
         }
     };
     let migrate = raw.migrate.as_ref().map(|m| (m.span(), step(m, "migrate", problems)));
+    let bootstrap = raw.bootstrap.as_ref().map(|b| step(b, "bootstrap", problems));
     let verify = raw.verify.as_ref().map(|v| step(v, "verify", problems));
     let stop_grace = raw.stop_grace.as_ref().and_then(|d| duration(d, "stop_grace", problems)).unwrap_or(Duration::from_secs(10));
     let artifact = raw.artifact.as_ref().map(|a| {
@@ -878,6 +883,7 @@ pub(super) fn build(
         target: Some(target.clone()),
         // A service's jobs (its migration) reach the hosts the service runs on.
         settings: spec.settings.clone(),
+        once_per_environment: false,
         files: vec![],
     };
     let mut jobs = Vec::new();
@@ -897,11 +903,22 @@ pub(super) fn build(
         migrate_needs.push(n.clone());
         rollout_needs.push(n);
     }
+    // A target that finds a cut-off step again (and never runs it twice)
+    // may resume it after a node's death.
+    let resumable = crate::targets::kind(&target).is_some_and(|k| k.capabilities().resumes_jobs);
+    // fetch → bootstrap (once per environment, ever) → migrate → rollout.
+    if let Some(b) = &bootstrap {
+        let n = bootstrap_job(&name);
+        let mut bootstrap = job(n.clone(), Command::Argv(b.command.clone()), b.timeout, b.idempotent || resumable, migrate_needs);
+        bootstrap.once_per_environment = true;
+        bootstrap.secrets = spec.secrets.clone();
+        bootstrap.secret_files = spec.secret_files.clone();
+        jobs.push(bootstrap);
+        migrate_needs = vec![n.clone()];
+        rollout_needs = vec![n];
+    }
     if let Some((_, m)) = &migrate {
         let n = migrate_job(&name);
-        // A target that finds a cut-off step again (and never runs it
-        // twice) may resume it after a node's death.
-        let resumable = crate::targets::kind(&target).is_some_and(|k| k.capabilities().resumes_jobs);
         let mut migrate = job(n.clone(), Command::Argv(m.command.clone()), m.timeout, m.idempotent || resumable, migrate_needs);
         // The migration sees what the service sees.
         migrate.secrets = spec.secrets.clone();
@@ -920,6 +937,10 @@ pub(super) fn build(
 
 pub fn fetch_job(service: &str) -> String {
     format!("{service}.fetch")
+}
+
+pub fn bootstrap_job(service: &str) -> String {
+    format!("{service}.bootstrap")
 }
 
 pub fn migrate_job(service: &str) -> String {

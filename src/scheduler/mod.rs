@@ -647,6 +647,34 @@ impl Scheduler {
         } else {
             None
         };
+        // A job that runs once per environment, ever (a service's
+        // bootstrap): done there before, it is not run again.
+        let once = job.spec.once_per_environment.then(|| once_key(&job.environment, &job.name));
+        let done_before = match &once {
+            Some(key) if earlier.is_none() => match self.store.event_by_key(key).await {
+                Ok(Some(e)) => Some(Ok(e)),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            },
+            _ => None,
+        };
+        let earlier = match done_before {
+            Some(Ok(e)) => {
+                let first: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
+                let line = format!(
+                    "[slipway] not run: {} already ran in {} (deployment {}); it runs once per environment",
+                    job.name,
+                    job.environment,
+                    first["deployment"].as_i64().map(|d| d.to_string()).unwrap_or_else(|| "?".into())
+                );
+                self.events.emit(note(line)).await;
+                Some(RunResult { outcome: Outcome::Succeeded, exit_code: None, reason: None, parts: Vec::new() })
+            }
+            // Unknown whether it ran: not run now; the attempt fails and
+            // may be retried.
+            Some(Err(e)) => Some(RunResult::failed(format!("cannot tell whether {} already ran in {}: {e}", job.name, job.environment))),
+            None => earlier,
+        };
         let result = match (earlier, self.workdir(&job.revision).await) {
             (Some(r), _) => r,
             (None, Err(e)) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e), parts: Vec::new() },
@@ -673,6 +701,19 @@ impl Scheduler {
                     Err(e) => RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(format!("target failed: {e}")), parts: Vec::new() },
                 }
             }
+        };
+        // Ran to success: recorded before its attempt is, so a node that
+        // dies in between runs it again rather than never.
+        // (Recorded again when it was skipped: the key keeps the first.)
+        let result = match (&once, result.outcome == Outcome::Succeeded) {
+            (Some(key), true) => {
+                let payload = serde_json::json!({ "deployment": job.deployment_id, "job": job.name, "environment": job.environment }).to_string();
+                match self.store.record_event(crate::store::NewEvent { key: Some(key.clone()), kind: "job.once".into(), payload }).await {
+                    Ok(_) => result,
+                    Err(e) => RunResult::failed(format!("{} ran, but cannot be recorded as done in {} ({e}): it would run again", job.name, job.environment)),
+                }
+            }
+            _ => result,
         };
         let stop = why.get().copied();
         let (outcome, reason) = match (stop, result.outcome) {
@@ -830,6 +871,12 @@ impl Scheduler {
 
 /// The secrets a job is given, directly or through what it runs (a
 /// rollout's service, a pull's registry): what its output and reason mask.
+/// The key under which a job that runs once per environment is recorded
+/// as done there.
+fn once_key(environment: &str, job: &str) -> String {
+    format!("once/{environment}/{job}")
+}
+
 fn redactor_for(spec: &crate::store::JobSpec) -> crate::config::secret::Redactor {
     let mut refs: Vec<&crate::config::secret::SecretRef> = spec.secrets.values().chain(spec.secret_files.values()).collect();
     match &spec.command {

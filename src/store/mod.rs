@@ -228,6 +228,10 @@ pub struct JobSpec {
     /// That target's own settings of the job (the hosts it runs on).
     #[serde(default)]
     pub settings: crate::targets::Settings,
+    /// Once per environment, ever (a service's `bootstrap`): a later
+    /// deployment there finds it done and skips it.
+    #[serde(default)]
+    pub once_per_environment: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -268,6 +272,7 @@ impl JobSpec {
             secret_files: Default::default(),
             target: None,
             settings: Default::default(),
+            once_per_environment: false,
         }
     }
 
@@ -292,6 +297,7 @@ impl JobSpec {
             secret_files: job.secret_files.clone(),
             target: job.target.clone(),
             settings: job.settings.clone(),
+            once_per_environment: job.once_per_environment,
         }
     }
 
@@ -797,6 +803,7 @@ mod tests {
             secret_files: Default::default(),
             target: None,
             settings: Default::default(),
+            once_per_environment: false,
         }
     }
 

@@ -274,6 +274,10 @@ mod v2 {
         /// (absent: none; rows written before jobs had any read so).
         #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
         pub settings: serde_json::Value,
+        /// Absent (false) in rows of builds before `bootstrap`; builds
+        /// before it ignore it (and would run such a job again).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub once_per_environment: bool,
     }
 
     #[derive(Serialize, Deserialize)]
@@ -421,6 +425,7 @@ impl From<v1::Job> for v2::Job {
             secret_files: j.secret_files,
             target: on_image.then(|| V1_CONTAINER_TARGET.to_string()),
             settings: serde_json::Value::Null,
+            once_per_environment: false,
         }
     }
 }
@@ -470,6 +475,7 @@ impl TryFrom<&super::JobSpec> for v2::Job {
             secret_files: secrets_to(&s.secret_files),
             target: s.target.clone(),
             settings: if s.settings.is_empty() { serde_json::Value::Null } else { serde_json::to_value(&s.settings).unwrap_or_default() },
+            once_per_environment: s.once_per_environment,
         })
     }
 }
@@ -511,6 +517,7 @@ impl TryFrom<v2::Job> for super::JobSpec {
             } else {
                 serde_json::from_value(j.settings).map_err(|e| format!("unreadable target settings: {e}"))?
             },
+            once_per_environment: j.once_per_environment,
         })
     }
 }

@@ -789,6 +789,7 @@ fn spec_or_unreadable(s: &str) -> JobSpec {
         secret_files: Default::default(),
         target: None,
         settings: Default::default(),
+        once_per_environment: false,
     })
 }
 

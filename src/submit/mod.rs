@@ -622,7 +622,7 @@ impl Submitter {
                     _ => JobSpec::from_job(&j.job),
                 };
                 if matches!(j.job.command, config::Command::Fetch(_) | config::Command::Pull(_) | config::Command::Rollout(_))
-                    || service.as_deref().is_some_and(|s| j.name == config::service::migrate_job(s))
+                    || service.as_deref().is_some_and(|s| j.name == config::service::migrate_job(s) || j.name == config::service::bootstrap_job(s))
                 {
                     spec.artifact = artifact.clone();
                 }
