@@ -119,6 +119,13 @@ fn issue16_scripted_a_completed_rollout_pins_the_digest_keeps_the_rest_and_migra
     assert_eq!(updates[0]["deploymentConfiguration"]["maximumPercent"], 200);
     assert_eq!(aws.service_task_definition(), new_arn);
 
+    // Status and why name it too.
+    let status = text(&server.cli(dir.path(), &["status"]));
+    assert!(status.contains(&format!("runs {new_arn}")), "{status}");
+    let status: Value = serde_json::from_slice(&server.cli(dir.path(), &["status", "--json"]).stdout).expect("status --json");
+    assert_eq!(status["services"][0]["runs"], new_arn, "{status}");
+    let why = text(&server.cli(dir.path(), &["why", "api"]));
+    assert!(why.contains(new_arn), "{why}");
     // The record names the task definition.
     let logs = server.cli(dir.path(), &["logs", "1"]);
     assert!(text(&logs).contains(new_arn), "{}", text(&logs));
@@ -224,7 +231,12 @@ fn issue16_scripted_a_migration_outlives_a_killed_node_and_runs_once() {
     aws.with(|s| s.task_polls = u32::MAX);
     let dir = config(&aws, "60s");
     let mut server = serve(&dir, &["--lease", "3s"]);
-    let mut deploy = server.cli_command(dir.path(), &["deploy", "api", "1.1"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().expect("deploy");
+    let mut deploy = server
+        .cli_command(dir.path(), &["deploy", "api", "1.1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("deploy");
     common::wait_for(Duration::from_secs(60), "the migration's task to start", || (!aws.calls_of("RunTask").is_empty()).then_some(()));
     server.kill9();
     let _ = deploy.kill();
@@ -250,8 +262,13 @@ fn issue16_scripted_bootstrap_runs_once_per_environment_before_the_first_migrati
     let server = serve(&dir, &[]);
     let out = deploy(&server, &dir, "1.1");
     assert!(out.status.success(), "{}", text(&out));
-    let commands = |aws: &ScriptedAws| -> Vec<Value> { aws.calls_of("RunTask").iter().map(|t| t["overrides"]["containerOverrides"][0]["command"].clone()).collect() };
-    assert_eq!(commands(&aws), vec![serde_json::json!(["bin/setup", "default"]), serde_json::json!(["bin/migrate", "--to", "1.1"])], "bootstrap, then the migration");
+    let commands =
+        |aws: &ScriptedAws| -> Vec<Value> { aws.calls_of("RunTask").iter().map(|t| t["overrides"]["containerOverrides"][0]["command"].clone()).collect() };
+    assert_eq!(
+        commands(&aws),
+        vec![serde_json::json!(["bin/setup", "default"]), serde_json::json!(["bin/migrate", "--to", "1.1"])],
+        "bootstrap, then the migration"
+    );
 
     let out = deploy(&server, &dir, "1.2");
     assert!(out.status.success(), "{}", text(&out));

@@ -75,6 +75,7 @@ fn service_row(env: &str, service: &str, version: &str) -> ServiceRow {
         artifact_dir: None,
         sha256: None,
         previous_sha256: None,
+        target_ref: None,
     }
 }
 

@@ -1305,6 +1305,23 @@ fn service_row(version: &str, sha: Option<&str>, dep: i64) -> slipway::store::Se
         artifact_dir: sha.map(|s| format!("/cache/{s}")),
         sha256: sha.map(String::from),
         previous_sha256: None,
+        target_ref: None,
+    }
+}
+
+#[tokio::test]
+async fn issue16_a_service_records_what_its_target_runs_and_loses_it_on_a_target_without() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for b in backends(&dir).await {
+        let (name, store) = &b;
+        let arn = "arn:aws:ecs:eu-west-1:123456789012:task-definition/web:7";
+        let row = slipway::store::ServiceRow { target_ref: Some(arn.into()), ..service_row("1.0", None, 1) };
+        store.set_service(row).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        let rows = store.services().await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        assert_eq!(rows[0].target_ref.as_deref(), Some(arn), "[{name}]");
+        // A later version on a target that names nothing: nothing stale kept.
+        store.set_service(service_row("2.0", None, 2)).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        assert_eq!(store.services().await.unwrap()[0].target_ref, None, "[{name}]");
     }
 }
 

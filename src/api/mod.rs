@@ -613,6 +613,7 @@ async fn list_services(State(s): State<Arc<AppState>>, axum::Extension(caller): 
                     version: r.version,
                     previous_version: r.previous_version,
                     digest: r.sha256.map(|h| format!("sha256:{h}")),
+                    runs: r.target_ref,
                     revision: r.revision,
                     deployment_id: r.deployment_id,
                     updated_at: r.updated_at,

@@ -306,6 +306,10 @@ pub struct ServiceInfo {
     /// The SHA-256 `version` runs by: a container image's digest, or a
     /// release tarball's checksum.
     pub digest: Option<String>,
+    /// Services on a target that runs its own rollout: what runs, in the
+    /// target's own names (an ECS task definition ARN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs: Option<String>,
     pub revision: String,
     /// The deployment that put `version` in place.
     pub deployment_id: i64,

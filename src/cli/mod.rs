@@ -900,11 +900,14 @@ fn print_services(services: &[ServiceInfo]) {
                 None => s.version.clone(),
             },
             s.previous_version.as_deref().unwrap_or("-"),
-            s.listen.as_deref().unwrap_or("(other node)"),
+            s.listen.as_deref().unwrap_or(if s.runs.is_some() { "-" } else { "(other node)" }),
             format!("{up}/{}", s.instances.len()),
             last,
             if s.restarts > 0 { format!("  ({} restarts)", s.restarts) } else { String::new() }
         );
+        if let Some(runs) = &s.runs {
+            println!("{:<12} runs {runs}", "");
+        }
     }
     println!();
 }

@@ -525,6 +525,7 @@ follows = "reg.example.org/team/other"
             artifact_dir: None,
             sha256: sha.map(Into::into),
             previous_sha256: prev_sha.map(Into::into),
+            target_ref: None,
         }
     }
 

@@ -362,7 +362,7 @@ impl ServiceManager {
         {
             state.instances = old;
             say.line(format!("{} already runs {} on {n} instance(s): nothing to do", new.spec.name, new.version)).await;
-            return self.commit(&env, &new, &say).await;
+            return self.commit(&env, &new, None, &say).await;
         }
         say.line(format!(
             "rolling {} out: {} → {} ({n} instance(s), {})",
@@ -420,7 +420,7 @@ impl ServiceManager {
         }
         // All traffic is on the new version and it passed verify: the
         // commit point a restart honours (and what a rollback returns from).
-        if let RunResult { outcome: Outcome::Failed, reason, .. } = self.commit(&env, &new, &say).await {
+        if let RunResult { outcome: Outcome::Failed, reason, .. } = self.commit(&env, &new, None, &say).await {
             state.instances = new_instances;
             let why = reason.unwrap_or_default();
             return RunResult {
@@ -457,7 +457,9 @@ impl ServiceManager {
             revision: req.revision.clone(),
             deployment_id: req.deployment_id,
         };
-        match self.commit(&req.environment, &g, &Say(Some(&out))).await {
+        // What the target says runs now, in its own names, for the record.
+        let target_ref = target.running_ref(&req.spec).await;
+        match self.commit(&req.environment, &g, target_ref, &Say(Some(&out))).await {
             RunResult { outcome: Outcome::Succeeded, .. } => result,
             failed => failed,
         }
@@ -484,7 +486,7 @@ impl ServiceManager {
         self.note(&req.environment, &req.spec.name, kind, message).await;
     }
 
-    async fn commit(&self, env: &str, g: &Generation, say: &Say<'_>) -> RunResult {
+    async fn commit(&self, env: &str, g: &Generation, target_ref: Option<String>, say: &Say<'_>) -> RunResult {
         let spec = crate::store::spec::encode_service(&g.spec);
         let row = ServiceRow {
             environment: env.to_string(),
@@ -498,6 +500,7 @@ impl ServiceManager {
             artifact_dir: g.spec.artifact.as_ref().map(|_| g.workdir.display().to_string()),
             sha256: g.sha256.clone(),
             previous_sha256: None,
+            target_ref,
         };
         // The store may blink: a few tries, then the rollout fails.
         let mut delay = Duration::from_millis(200);
@@ -634,7 +637,7 @@ impl ServiceManager {
         state.current = Some(g.clone());
         // The store still names the old version unless the failure came
         // after the commit (verify): say it again either way.
-        let _ = self.commit(env, &g, say).await;
+        let _ = self.commit(env, &g, None, say).await;
         say.line(format!("traffic is on {} again", g.version)).await;
         RunResult { outcome: Outcome::RolledBack, exit_code: None, reason: Some(format!("rolled back to {}: {why}", g.version)), parts: Vec::new() }
     }

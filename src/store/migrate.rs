@@ -28,8 +28,11 @@ use super::sql::Dialect;
 use super::{Result, StoreError};
 
 /// Every migration, oldest first: (version, name, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "baseline", include_str!("migrations/0001_baseline.sql")), (2, "parts", include_str!("migrations/0002_parts.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "baseline", include_str!("migrations/0001_baseline.sql")),
+    (2, "parts", include_str!("migrations/0002_parts.sql")),
+    (3, "target_ref", include_str!("migrations/0003_target_ref.sql")),
+];
 
 /// The newest schema version this build knows.
 pub const LATEST: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;

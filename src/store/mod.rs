@@ -591,6 +591,9 @@ pub struct ServiceRow {
     /// `previous_version`'s (what a rollback fetches).
     pub sha256: Option<String>,
     pub previous_sha256: Option<String>,
+    /// Targets that run their own rollout: what runs, in the target's own
+    /// names (an ECS task definition ARN).
+    pub target_ref: Option<String>,
 }
 
 /// An API token as stored: never the token itself, only its SHA-256.

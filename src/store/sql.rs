@@ -1635,14 +1635,15 @@ impl Store for SqlStore {
     async fn set_service(&self, row: ServiceRow) -> Result<()> {
         // Same version again (a re-run rollout) keeps the older previous.
         sqlx::query(
-            "INSERT INTO services (environment, service, version, previous_version, spec, revision, deployment_id, updated_at, artifact_dir, sha256, previous_sha256) \
-             VALUES ($1, $2, $3, NULL, $4, $5, $6, $7, $8, $9, NULL) \
+            "INSERT INTO services (environment, service, version, previous_version, spec, revision, deployment_id, updated_at, artifact_dir, sha256, previous_sha256, target_ref) \
+             VALUES ($1, $2, $3, NULL, $4, $5, $6, $7, $8, $9, NULL, $10) \
              ON CONFLICT (environment, service) DO UPDATE SET \
                previous_version = CASE WHEN services.version = excluded.version THEN services.previous_version ELSE services.version END, \
                previous_sha256 = CASE WHEN services.version = excluded.version THEN services.previous_sha256 ELSE services.sha256 END, \
                sha256 = excluded.sha256, \
                version = excluded.version, spec = excluded.spec, revision = excluded.revision, \
-               deployment_id = excluded.deployment_id, updated_at = excluded.updated_at, artifact_dir = excluded.artifact_dir",
+               deployment_id = excluded.deployment_id, updated_at = excluded.updated_at, artifact_dir = excluded.artifact_dir, \
+               target_ref = excluded.target_ref",
         )
         .bind(&row.environment)
         .bind(&row.service)
@@ -1653,6 +1654,7 @@ impl Store for SqlStore {
         .bind(row.updated_at)
         .bind(row.artifact_dir.clone())
         .bind(row.sha256.clone())
+        .bind(row.target_ref.clone())
         .execute(&self.pool)
         .await
         .map_err(StoreError::query("record service version"))?;
@@ -1661,7 +1663,7 @@ impl Store for SqlStore {
 
     async fn services(&self) -> Result<Vec<ServiceRow>> {
         let op = "list services";
-        let rows = sqlx::query("SELECT environment, service, version, previous_version, spec, revision, deployment_id, updated_at, artifact_dir, sha256, previous_sha256 FROM services ORDER BY environment, service")
+        let rows = sqlx::query("SELECT environment, service, version, previous_version, spec, revision, deployment_id, updated_at, artifact_dir, sha256, previous_sha256, target_ref FROM services ORDER BY environment, service")
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::query(op))?;
@@ -1680,6 +1682,7 @@ impl Store for SqlStore {
                         artifact_dir: r.try_get(8)?,
                         sha256: r.try_get(9)?,
                         previous_sha256: r.try_get(10)?,
+                        target_ref: r.try_get(11)?,
                     })
                 };
                 f().map_err(StoreError::query(op))

@@ -852,6 +852,14 @@ pub trait Target: Send + Sync + 'static {
         RunResult::failed("this target does not run its own rollouts")
     }
 
+    /// Targets with [`Capabilities::own_rollout`]: what runs for the
+    /// service now, in the target's own names (an ECS task definition
+    /// ARN), recorded with its version for `status` and `why`. `None`:
+    /// nothing of the kind, or it cannot be asked now.
+    async fn running_ref(&self, _spec: &crate::config::service::ServiceSpec) -> Option<String> {
+        None
+    }
+
     /// Whether the target can be used now (the Docker Engine answers).
     /// The error says what is unreachable, for people.
     async fn check(&self) -> Result<(), TargetError> {

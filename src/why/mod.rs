@@ -118,11 +118,19 @@ pub fn explain(
         artifact_dir: None,
         sha256: None,
         previous_sha256: None,
+        target_ref: None,
     });
     let running = running.or(derived.as_ref());
-    let running_text = running.map(|r| match &r.sha256 {
-        Some(h) => format!("{} (sha256:{})", r.version, &h[..h.len().min(12)]),
-        None => r.version.clone(),
+    let running_text = running.map(|r| {
+        let v = match &r.sha256 {
+            Some(h) => format!("{} (sha256:{})", r.version, &h[..h.len().min(12)]),
+            None => r.version.clone(),
+        };
+        // What the target itself runs (an ECS task definition).
+        match &r.target_ref {
+            Some(t) => format!("{v}, as {t}"),
+            None => v,
+        }
     });
     let history = seen
         .iter()
@@ -246,6 +254,7 @@ mod tests {
             artifact_dir: None,
             sha256: None,
             previous_sha256: None,
+            target_ref: None,
         }
     }
 

@@ -183,6 +183,13 @@ impl Target for EcsTarget {
     async fn rollout(&self, request: &crate::service::RolloutRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
         super::rollout::run(self, request, output, cancel).await
     }
+
+    /// The service's task definition ARN, as ECS says now.
+    async fn running_ref(&self, spec: &crate::config::service::ServiceSpec) -> Option<String> {
+        let s = Self::settings(&spec.settings).ok()?;
+        let c = self.clients(&s.aws).await;
+        super::rollout::describe_service(&c, &s).await.ok()?.task_definition().map(str::to_string)
+    }
 }
 
 #[cfg(test)]
