@@ -15,9 +15,10 @@
 //! name.
 //!
 //! Two rollout shapes: targets whose instances Slipway starts, checks and
-//! switches one by one ([`Target::start_instance`]: local, docker, SSH
-//! hosts), and targets that run their own rollout which Slipway starts,
-//! watches, judges and reverts ([`RolloutEngine`]: ECS, Kubernetes). See
+//! switches one by one ([`Target::start_instance`]: local, docker), and
+//! targets that run their own rollout, which Slipway starts, watches,
+//! judges and reverts ([`Target::rollout`]: SSH hosts, each behind its own
+//! supervisor; ECS, whose deployments Slipway judges). See
 //! docs/design/targets.md; docs/adding-a-target.md is the recipe.
 
 use std::collections::{BTreeMap, HashMap};
@@ -75,7 +76,7 @@ pub struct Capabilities {
     /// Places files from secrets in each instance (`secret_files`).
     pub secret_files: bool,
     /// Runs its own rollout, which Slipway starts, watches, judges and
-    /// reverts ([`RolloutEngine`]) instead of switching instances itself.
+    /// reverts ([`Target::rollout`]) instead of switching instances itself.
     pub own_rollout: bool,
     /// Runs on machines other than the node's.
     pub remote: bool,
@@ -603,48 +604,6 @@ impl Targets {
         }
         n
     }
-}
-
-/// The second rollout shape: a target that rolls a service out by itself
-/// (ECS's deployments with their circuit breaker, a Kubernetes
-/// Deployment). Slipway starts the rollout, watches it until the target
-/// reports it done or failed (or the deadline passes), judges it (its own
-/// health checks and `verify` still apply), and reverts it to the
-/// revision it recorded. No implementation yet: docs/design/targets.md
-/// maps ECS and Kubernetes onto it.
-#[async_trait]
-pub trait RolloutEngine: Send + Sync + 'static {
-    /// Ask the target to run `version` of the service (a new task
-    /// definition revision, a patched Deployment). Returns what to revert
-    /// to (the revision it ran before) and a handle on the rollout.
-    async fn begin(&self, request: &InstanceRequest) -> Result<RolloutHandle, TargetError>;
-
-    /// Where the rollout is now. Called until it is not `InProgress`.
-    async fn progress(&self, handle: &RolloutHandle) -> Result<RolloutProgress, TargetError>;
-
-    /// Put back what ran before `handle` began (on failure, a timeout, a
-    /// failed verify, or `slipway rollback`).
-    async fn revert(&self, handle: &RolloutHandle) -> Result<(), TargetError>;
-}
-
-/// A rollout a [`RolloutEngine`] runs: its id and what it replaced, as
-/// the target names them (ARNs, revisions), recorded with the deployment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RolloutHandle {
-    pub id: String,
-    pub previous: String,
-}
-
-/// What a target says of its own rollout.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RolloutProgress {
-    /// Still going: the target's own words (e.g. "2 of 4 tasks running").
-    InProgress(String),
-    Completed,
-    /// The target gave up, or reverted by itself (ECS's circuit breaker):
-    /// its reason and events, for the record. Slipway never reports such a
-    /// rollout as a success.
-    Failed(String),
 }
 
 /// The instances a restarted node may take over (see [`Target::adopt`]).
