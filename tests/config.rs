@@ -552,3 +552,68 @@ batch = "200%"
     let out = problems(typed);
     assert!(out.contains("slipway.toml:8:19 [wrong-type]") && !out.contains("unknown host group"), "{out}");
 }
+
+// Issue 16: services on ECS, and their mistakes: every one at its place,
+// at once.
+#[test]
+fn issue16_ecs_services_and_their_mistakes() {
+    let good = r#"
+[aws]
+region = "eu-west-1"
+endpoint = "http://127.0.0.1:5000/"
+
+[[service]]
+name = "api"
+target = "ecs"
+cluster = "prod"
+image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/api"
+migrate = { command = ["bin/migrate"] }
+bootstrap = { command = ["bin/setup"] }
+health = { deadline = "10m" }
+"#;
+    let config = config::parse("slipway.toml", good).expect("valid");
+    let jobs: Vec<&str> = config.jobs.iter().map(|j| j.name.as_str()).collect();
+    for j in ["api.fetch", "api.bootstrap", "api.migrate", "api.rollout"] {
+        assert!(jobs.contains(&j), "{j} in {jobs:?}");
+    }
+    let bootstrap = config.jobs.iter().find(|j| j.name == "api.bootstrap").unwrap();
+    assert!(bootstrap.once_per_environment && !config.jobs.iter().find(|j| j.name == "api.migrate").unwrap().once_per_environment);
+    assert_eq!(config.jobs.iter().find(|j| j.name == "api.migrate").unwrap().needs, ["api.bootstrap"]);
+    // ECS finds a cut-off task again: its steps are resumed, not lost.
+    assert!(config.jobs.iter().find(|j| j.name == "api.migrate").unwrap().idempotent);
+    let settings = &config.services[0].spec.as_ref().unwrap().settings;
+    let v: serde_json::Value = serde_json::to_value(settings).unwrap();
+    assert_eq!(v["ecs_service"], "api", "the service's name by default");
+    assert_eq!(v["container"], "api");
+    assert_eq!(v["aws"]["endpoint"], "http://127.0.0.1:5000", "{v}");
+
+    let bad = r#"
+[aws]
+region = "EU west"
+endpoint = "ftp://x"
+
+[[service]]
+name = "api"
+target = "ecs"
+image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/api"
+listen = "127.0.0.1:8080"
+container = "app;rm"
+
+[[job]]
+name = "j"
+target = "ecs"
+command = ["true"]
+"#;
+    let out = problems(bad);
+    for want in [
+        "slipway.toml:3:10 [invalid-value] \"EU west\" is not an AWS region",
+        "slipway.toml:4:12 [invalid-value] `endpoint` \"ftp://x\" is not an http(s) URL",
+        "slipway.toml:10:10 [invalid-value] a service on target \"ecs\" is reached through its own load balancer, not Slipway's proxy",
+        "slipway.toml:11:13 [invalid-value] `container` \"app;rm\" is not an ECS name",
+        "job \"j\" runs on target \"ecs\", which runs only a service's own steps",
+    ] {
+        assert!(out.contains(want), "{want:?} not in:\n{out}");
+    }
+    let no_cluster = "[[service]]\nname = \"api\"\ntarget = \"ecs\"\nimage = \"123456789012.dkr.ecr.eu-west-1.amazonaws.com/api\"\n";
+    assert!(problems(no_cluster).contains("service \"api\" runs on ECS but says not in which cluster"), "{}", problems(no_cluster));
+}
