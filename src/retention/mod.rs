@@ -7,16 +7,23 @@
 //!
 //! [`decide`] is the whole policy and does no IO; [`registry`] is the small
 //! HTTP client that lists, resolves and deletes; [`run`] joins them with
-//! what the store records. Deleting is by manifest digest (that is what a
+//! what the store records. Images a service runs on a target with a
+//! registry of its own (ECS: ECR) are listed and deleted through that
+//! target instead, by the same policy: the seam is
+//! [`Target::registry_images`] and [`Target::delete_registry_images`],
+//! asked of a target whose kind has `Capabilities::own_registry`; this
+//! module names no target. Deleting is by manifest digest (that is what a
 //! registry deletes), so every tag pointing at a digest goes with it: a
 //! digest is deleted only when none of its tags is kept.
 
 pub mod registry;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::config::Config;
 use crate::store::{DeploymentRow, ServiceRow, Store, StoreError};
+use crate::targets::{Settings, Target, Targets};
 
 pub use registry::{RegistryClient, RetentionError};
 
@@ -253,76 +260,142 @@ pub struct Report {
     pub repositories: Vec<RepositoryReport>,
 }
 
+/// Where a repository's tags are listed and its manifests deleted: the
+/// registry's HTTP API, or — for an image a service runs on a target with
+/// a registry of its own (ECS: ECR, which that API does not reach with a
+/// static password) — that target, through the seam
+/// ([`Target::registry_images`], [`Target::delete_registry_images`]). The
+/// policy is the same for both; only the listing and the deletes differ.
+enum Backend {
+    Api(RegistryClient),
+    Target { target: Arc<dyn Target>, settings: Settings },
+}
+
+/// A service on a target with [`Capabilities::own_registry`] that runs
+/// `image`: its target (built on first use) and its settings.
+///
+/// [`Capabilities::own_registry`]: crate::targets::Capabilities::own_registry
+async fn owner(image: &str, config: &Config, targets: &Targets) -> Option<Result<(Arc<dyn Target>, Settings), String>> {
+    let s = config.services.iter().find(|s| {
+        s.follows.as_deref().is_some_and(|f| f.eq_ignore_ascii_case(image))
+            && s.spec.is_some()
+            && crate::targets::kind(&s.target).is_some_and(|k| k.capabilities().own_registry)
+    })?;
+    let settings = s.spec.as_ref().map(|spec| spec.settings.clone()).unwrap_or_default();
+    Some(targets.get(&s.target).await.map(|t| (t, settings)).map_err(|e| format!("{image}: target {:?} cannot be used: {}", s.target, e.message)))
+}
+
+/// The repository's tags and where to delete them.
+async fn list(policy: &Policy, config: &Config, targets: &Targets) -> Result<(Vec<TagInfo>, Backend), String> {
+    if let Some(owner) = owner(&policy.image, config, targets).await {
+        let (target, settings) = owner?;
+        if let Some(images) = target.registry_images(&policy.image, &settings).await {
+            let images = images.map_err(|e| e.message)?;
+            // One TagInfo per tag, dated by the push (a target's registry
+            // need not read the image's config for its `created`).
+            let tags = images
+                .into_iter()
+                .flat_map(|i| i.tags.into_iter().map(move |tag| TagInfo { tag, digest: i.digest.clone(), created: i.pushed }))
+                .collect();
+            return Ok((tags, Backend::Target { target, settings }));
+        }
+    }
+    let client = RegistryClient::for_image(&policy.image, &config.registries).map_err(|e| e.to_string())?;
+    let tags = client.resolve_all(&policy.image).await.map_err(|e| e.to_string())?;
+    Ok((tags, Backend::Api(client)))
+}
+
 /// The plan for every policy of the config, given what the store records
 /// (`slipway plan` passes nothing when there is no store yet). A
 /// registry's failure is that repository's error, never the whole run's.
-pub async fn dry_run(config: &Config, rows: &[ServiceRow], deployments: &[DeploymentRow]) -> Report {
+/// `targets`: the node's (or, for `plan`, a fresh set), for images kept
+/// in a target's own registry.
+pub async fn dry_run(config: &Config, rows: &[ServiceRow], deployments: &[DeploymentRow], targets: &Targets) -> Report {
+    plan(config, rows, deployments, targets).await.0
+}
+
+/// The dry run, and per repository where to delete.
+async fn plan(config: &Config, rows: &[ServiceRow], deployments: &[DeploymentRow], targets: &Targets) -> (Report, Vec<Option<Backend>>) {
     let mut report = Report { applied: false, repositories: vec![] };
+    let mut backends = Vec::new();
     for policy in policies(config) {
         let mut repo = RepositoryReport { image: policy.image.clone(), keep: policy.keep, services: policy.services.clone(), ..Default::default() };
         let mut protect = protected(&policy, config, rows, deployments);
-        match RegistryClient::for_image(&policy.image, &config.registries) {
-            Err(e) => repo.errors.push(e.to_string()),
-            Ok(client) => match client.resolve_all(&policy.image).await {
-                Err(e) => repo.errors.push(e.to_string()),
-                Ok(tags) => {
-                    mark_outside(&policy, config, &tags, &mut protect);
-                    let decision = decide(&tags, &protect, policy.keep);
-                    repo.kept = decision.kept;
-                    repo.delete = decision.delete;
-                }
-            },
+        match list(&policy, config, targets).await {
+            Err(e) => {
+                repo.errors.push(e);
+                backends.push(None);
+            }
+            Ok((tags, backend)) => {
+                mark_outside(&policy, config, &tags, &mut protect);
+                let decision = decide(&tags, &protect, policy.keep);
+                repo.kept = decision.kept;
+                repo.delete = decision.delete;
+                backends.push(Some(backend));
+            }
         }
         report.repositories.push(repo);
     }
-    report
+    (report, backends)
 }
 
 /// The plan (or, with `apply`, its execution) for every policy of the
 /// config. Only the store failing fails the whole run.
-pub async fn run(config: &Config, store: &dyn Store, apply: bool) -> Result<Report, StoreError> {
-    let mut report = dry_run(config, &store.services().await?, &in_flight(store).await?).await;
+pub async fn run(config: &Config, store: &dyn Store, apply: bool, targets: &Targets) -> Result<Report, StoreError> {
+    let (mut report, backends) = plan(config, &store.services().await?, &in_flight(store).await?, targets).await;
     if !apply {
         return Ok(report);
     }
     report.applied = true;
     let policies = policies(config);
-    for repo in report.repositories.iter_mut().filter(|r| !r.delete.is_empty()) {
+    for (repo, backend) in report.repositories.iter_mut().zip(backends) {
+        let Some(backend) = backend else { continue };
+        if repo.delete.is_empty() {
+            continue;
+        }
         let Some(policy) = policies.iter().find(|p| p.image == repo.image) else { continue };
         // A deploy accepted since the store was read may name one of
         // these: read again just before deleting, and spare it.
         let now = protected(policy, config, &store.services().await?, &in_flight(store).await?);
-        let client = match RegistryClient::for_image(&repo.image, &config.registries) {
-            Ok(c) => c,
-            Err(e) => {
-                repo.errors.push(e.to_string());
-                continue;
-            }
-        };
-        let mut stopped = false;
+        let mut doomed = Vec::new();
         for d in std::mem::take(&mut repo.delete) {
-            if stopped {
-                repo.delete.push(d);
-                continue;
-            }
             let spared: Vec<String> =
                 d.tags.iter().flat_map(|t| now.tags.get(t).into_iter().flatten()).chain(now.digests.get(&d.digest).into_iter().flatten()).cloned().collect();
-            if !spared.is_empty() {
+            if spared.is_empty() {
+                doomed.push(d);
+            } else {
                 for t in &d.tags {
                     repo.kept.push(Kept { tag: t.clone(), digest: d.digest.clone(), reasons: spared.clone() });
                 }
-                continue;
             }
-            match client.delete(&repo.image, &d.digest).await {
-                Ok(()) => repo.deleted.push(d.digest.clone()),
-                // The next delete would meet the same answer: say it once.
-                Err(e @ (RetentionError::Refused { .. } | RetentionError::DeleteDisabled { .. } | RetentionError::Unreachable { .. })) => {
-                    repo.errors.push(e.to_string());
-                    stopped = true;
+        }
+        match backend {
+            Backend::Api(client) => {
+                let mut stopped = false;
+                for d in doomed {
+                    if !stopped {
+                        match client.delete(&repo.image, &d.digest).await {
+                            Ok(()) => repo.deleted.push(d.digest.clone()),
+                            // The next delete would meet the same answer: say it once.
+                            Err(e @ (RetentionError::Refused { .. } | RetentionError::DeleteDisabled { .. } | RetentionError::Unreachable { .. })) => {
+                                repo.errors.push(e.to_string());
+                                stopped = true;
+                            }
+                            Err(e) => repo.errors.push(e.to_string()),
+                        }
+                    }
+                    repo.delete.push(d);
                 }
-                Err(e) => repo.errors.push(e.to_string()),
             }
-            repo.delete.push(d);
+            // The target deletes them all at once (ECR: 100 a call) and
+            // says which went and what it refused.
+            Backend::Target { target, settings } => {
+                let digests: Vec<String> = doomed.iter().map(|d| d.digest.clone()).collect();
+                let done = target.delete_registry_images(&repo.image, &settings, &digests).await;
+                repo.deleted.extend(done.deleted);
+                repo.errors.extend(done.errors);
+                repo.delete.extend(doomed);
+            }
         }
     }
     Ok(report)
