@@ -293,10 +293,8 @@ async fn list(policy: &Policy, config: &Config, targets: &Targets) -> Result<(Ve
             let images = images.map_err(|e| e.message)?;
             // One TagInfo per tag, dated by the push (a target's registry
             // need not read the image's config for its `created`).
-            let tags = images
-                .into_iter()
-                .flat_map(|i| i.tags.into_iter().map(move |tag| TagInfo { tag, digest: i.digest.clone(), created: i.pushed }))
-                .collect();
+            let tags =
+                images.into_iter().flat_map(|i| i.tags.into_iter().map(move |tag| TagInfo { tag, digest: i.digest.clone(), created: i.pushed })).collect();
             return Ok((tags, Backend::Target { target, settings }));
         }
     }
@@ -644,5 +642,91 @@ follows = "reg.example.org/team/other"
         assert!(worker.tags["1.5.0"].contains("deployment 7 (queued) deploys it to production"));
         // A tarball service's checksum is no image digest.
         assert!(worker.digests.is_empty());
+    }
+
+    /// A target with a registry of its own, answering from a list and
+    /// recording what it is asked to delete.
+    struct OwnRegistry {
+        images: Vec<crate::targets::RegistryImage>,
+        asked: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Target for OwnRegistry {
+        async fn run(
+            &self,
+            _r: crate::targets::JobRequest,
+            _o: crate::targets::OutputSink,
+            _c: tokio_util::sync::CancellationToken,
+        ) -> crate::targets::RunResult {
+            crate::targets::RunResult::failed("not here")
+        }
+        async fn registry_images(&self, image: &str, _s: &Settings) -> Option<Result<Vec<crate::targets::RegistryImage>, crate::targets::TargetError>> {
+            image.contains(".dkr.ecr.").then(|| Ok(self.images.clone()))
+        }
+        async fn delete_registry_images(&self, _image: &str, _s: &Settings, digests: &[String]) -> crate::targets::RegistryDeletion {
+            self.asked.lock().unwrap().extend(digests.iter().cloned());
+            // The registry refuses one.
+            let (refused, deleted): (Vec<String>, Vec<String>) = digests.iter().cloned().partition(|d| d == "sha256:b");
+            crate::targets::RegistryDeletion { deleted, errors: refused.iter().map(|d| format!("refused {d}")).collect() }
+        }
+    }
+
+    #[tokio::test]
+    async fn issue16_images_in_a_targets_own_registry_are_listed_and_deleted_through_the_target() {
+        let image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/api";
+        let config = crate::config::parse(
+            "slipway.toml",
+            &format!("[[service]]\nname = \"api\"\ntarget = \"ecs\"\ncluster = \"prod\"\nimage = \"{image}\"\nkeep_tags = 1\n"),
+        )
+        .expect("valid config");
+        let img = |digest: &str, tags: &[&str], pushed: i64| crate::targets::RegistryImage {
+            digest: digest.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            pushed: Some(pushed),
+        };
+        let target = Arc::new(OwnRegistry {
+            images: vec![img("sha256:a", &["1.0"], 1), img("sha256:b", &["1.1", "old"], 2), img("sha256:c", &["1.2"], 3), img("sha256:d", &["1.3"], 4)],
+            asked: Default::default(),
+        });
+        let name = config.services[0].target.clone();
+        let targets = Targets::exactly(&name, target.clone());
+        // Production runs 1.0's digest (recorded under a tag since moved).
+        let spec = crate::store::spec::encode_service(config.services[0].spec.as_ref().expect("spec"));
+        let rows = [row("production", "api", "moved", None, spec, Some("a"), None)];
+
+        let report = dry_run(&config, &rows, &[], &targets).await;
+        let repo = &report.repositories[0];
+        assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+        assert_eq!(
+            repo.delete.iter().map(|d| (d.digest.as_str(), d.tags.clone())).collect::<Vec<_>>(),
+            [
+                ("sha256:c", vec!["1.2".to_string()]),
+                // Same push: by name, newest first.
+                ("sha256:b", vec!["old".to_string(), "1.1".to_string()])
+            ]
+        );
+        let kept: Vec<(&str, &[String])> = repo.kept.iter().map(|k| (k.tag.as_str(), k.reasons.as_slice())).collect();
+        assert_eq!(kept, [("1.3", &["newest 1".to_string()][..]), ("1.0", &["production runs it (moved by digest)".to_string()][..])]);
+        assert!(target.asked.lock().unwrap().is_empty(), "a dry run deletes nothing");
+
+        // Apply, through the target; what it refused is the repository's error.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::open(&format!("sqlite://{}", dir.path().join("s.db").display())).await.expect("store");
+        store.set_service(rows[0].clone()).await.expect("record");
+        let report = run(&config, store.as_ref(), true, &targets).await.expect("run");
+        let repo = &report.repositories[0];
+        assert_eq!(*target.asked.lock().unwrap(), ["sha256:c", "sha256:b"]);
+        assert_eq!(repo.deleted, ["sha256:c"]);
+        assert_eq!(repo.errors, ["refused sha256:b"]);
+
+        // An image the target does not keep goes to the registry API.
+        let other = crate::config::parse(
+            "slipway.toml",
+            "[[service]]\nname = \"api\"\ntarget = \"ecs\"\ncluster = \"prod\"\nimage = \"127.0.0.1:9/api\"\nkeep_tags = 1\n",
+        )
+        .expect("valid config");
+        let report = dry_run(&other, &[], &[], &targets).await;
+        assert!(report.repositories[0].errors.iter().any(|e| e.contains("127.0.0.1:9")), "{:?}", report.repositories[0].errors);
     }
 }

@@ -101,7 +101,15 @@ impl ScriptedAws {
         first["revision"] = json!(1);
         state.task_definitions.push((arn.clone(), first, vec![json!({"key": "team", "value": "web"})]));
         state.service_td = arn.clone();
-        state.deployments.push(Deployment { id: "ecs-svc/1".into(), task_definition: arn, status: "PRIMARY", state: "COMPLETED", reason: String::new(), polls: 0, script: None });
+        state.deployments.push(Deployment {
+            id: "ecs-svc/1".into(),
+            task_definition: arn,
+            status: "PRIMARY",
+            state: "COMPLETED",
+            reason: String::new(),
+            polls: 0,
+            script: None,
+        });
         state.images.insert("api".into(), ["1.0", "1.1", "1.2"].iter().map(|t| (t.to_string(), digest_of(t))).collect());
         let state = Arc::new(Mutex::new(state));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -119,14 +127,14 @@ impl ScriptedAws {
                         let op = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("").rsplit('.').next().unwrap_or("").to_string();
                         let req: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
                         let (status, body) = handle(&mut st.lock().unwrap(), &op, req);
-                        (
-                            axum::http::StatusCode::from_u16(status).unwrap(),
-                            [("content-type", "application/x-amz-json-1.1")],
-                            body.to_string(),
-                        )
+                        (axum::http::StatusCode::from_u16(status).unwrap(), [("content-type", "application/x-amz-json-1.1")], body.to_string())
                     }
                 });
-                let _ = axum::serve(listener, app).with_graceful_shutdown(async { let _ = stopped.await; }).await;
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await;
             });
         });
         ScriptedAws { url, state, _stop: stop, _thread: thread }
@@ -195,14 +203,19 @@ fn handle(s: &mut State, op: &str, req: Value) -> (u16, Value) {
     match op {
         "DescribeImages" => {
             let repo = req["repositoryName"].as_str().unwrap_or("");
-            let Some(images) = s.images.get(repo) else { return error("RepositoryNotFoundException", &format!("The repository with name '{repo}' does not exist")) };
+            let Some(images) = s.images.get(repo) else {
+                return error("RepositoryNotFoundException", &format!("The repository with name '{repo}' does not exist"));
+            };
             if req.get("imageIds").is_none() {
                 return list_images(repo, images, &s.pushed_at, &req);
             }
             let tag = req["imageIds"][0]["imageTag"].as_str().unwrap_or("");
             match images.iter().find(|(t, _)| t == tag) {
                 Some((t, d)) => (200, json!({"imageDetails": [{"repositoryName": repo, "imageDigest": format!("sha256:{d}"), "imageTags": [t]}]})),
-                None => error("ImageNotFoundException", &format!("The image with imageId {{imageTag:'{tag}'}} does not exist within the repository with name '{repo}'")),
+                None => error(
+                    "ImageNotFoundException",
+                    &format!("The image with imageId {{imageTag:'{tag}'}} does not exist within the repository with name '{repo}'"),
+                ),
             }
         }
         "BatchDeleteImage" => {
@@ -211,7 +224,9 @@ fn handle(s: &mut State, op: &str, req: Value) -> (u16, Value) {
             if ids.is_empty() || ids.len() > 100 {
                 return error("InvalidParameterException", &format!("imageIds: {} ids; between 1 and 100 are allowed", ids.len()));
             }
-            let Some(images) = s.images.get_mut(&repo) else { return error("RepositoryNotFoundException", &format!("The repository with name '{repo}' does not exist")) };
+            let Some(images) = s.images.get_mut(&repo) else {
+                return error("RepositoryNotFoundException", &format!("The repository with name '{repo}' does not exist"));
+            };
             let (mut deleted, mut failures) = (Vec::new(), Vec::new());
             for id in ids {
                 let digest = id["imageDigest"].as_str().unwrap_or("").to_string();
@@ -279,7 +294,10 @@ fn handle(s: &mut State, op: &str, req: Value) -> (u16, Value) {
             let script = s.next_rollout.take().unwrap_or(Rollout::Completes { polls: 1 });
             let id = format!("ecs-svc/{}", s.deployments.len() + 1);
             s.events.push(format!("(service api) has started 2 tasks: {id}."));
-            s.deployments.insert(0, Deployment { id, task_definition: arn.clone(), status: "PRIMARY", state: "IN_PROGRESS", reason: String::new(), polls: 0, script: Some(script) });
+            s.deployments.insert(
+                0,
+                Deployment { id, task_definition: arn.clone(), status: "PRIMARY", state: "IN_PROGRESS", reason: String::new(), polls: 0, script: Some(script) },
+            );
             s.service_td = arn;
             (200, json!({"service": {"serviceName": "api", "taskDefinition": s.service_td}}))
         }
