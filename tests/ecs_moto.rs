@@ -95,7 +95,7 @@ health = {{ deadline = "15s" }}
     let out = server.cli(dir.path(), &["deploy", "api", "9.9.9"]);
     assert_eq!(out.status.code(), Some(6), "an unknown tag is refused at once: {}", text(&out));
 
-    let mut deploy = server.cli_command(dir.path(), &["deploy", "api", "1.4.0"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("deploy");
+    let deploy = server.cli_command(dir.path(), &["deploy", "api", "1.4.0"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("deploy");
     // While the rollout runs: the service points at the new revision.
     let during = common::wait_for_diag(
         Duration::from_secs(60),

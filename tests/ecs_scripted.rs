@@ -219,7 +219,12 @@ fn issue16_scripted_a_migration_outlives_a_killed_node_and_runs_once() {
     aws.with(|s| s.task_polls = u32::MAX);
     let dir = config(&aws, "60s");
     let mut server = serve(&dir, &["--lease", "3s"]);
-    let mut deploy = server.cli_command(dir.path(), &["deploy", "api", "1.1"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().expect("deploy");
+    let mut deploy = server
+        .cli_command(dir.path(), &["deploy", "api", "1.1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("deploy");
     common::wait_for(Duration::from_secs(60), "the migration's task to start", || (!aws.calls_of("RunTask").is_empty()).then_some(()));
     server.kill9();
     let _ = deploy.kill();

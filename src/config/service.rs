@@ -624,69 +624,75 @@ pub(super) fn build(
         // binds it (the address is never used).
         if let Some(l) = &raw.listen {
             problems.push(
-                Problem::new(ProblemKind::InvalidValue, Some(l.span()), format!("a service on target {target:?} is reached through its own load balancer, not Slipway's proxy"))
-                    .label("not for this target")
-                    .hint("remove `listen`"),
+                Problem::new(
+                    ProblemKind::InvalidValue,
+                    Some(l.span()),
+                    format!("a service on target {target:?} is reached through its own load balancer, not Slipway's proxy"),
+                )
+                .label("not for this target")
+                .hint("remove `listen`"),
             );
         }
         Some(SocketAddr::from(([0, 0, 0, 0], 0)))
-    } else { match &raw.listen {
-        None => {
-            problems.push(
-                Problem::new(ProblemKind::MissingKey, Some(raw.name.span()), format!("managed service {name:?} has no `listen` address"))
-                    .label("this service")
-                    .hint("add listen = \"127.0.0.1:8080\": the stable address Slipway's proxy serves the service on"),
-            );
-            None
-        }
-        Some(l) => {
-            let span = l.span();
-            let addr = |text: &str, problems: &mut Vec<Problem>| match text.parse::<SocketAddr>() {
-                Ok(a) if a.port() != 0 => Some(a),
-                Ok(_) => {
-                    problems.push(
-                        Problem::new(ProblemKind::InvalidValue, Some(span.clone()), "`listen` needs a fixed port, not 0")
-                            .label("port 0")
-                            .hint("clients must know where to connect"),
-                    );
-                    None
-                }
-                Err(e) => {
-                    problems.push(
-                        Problem::new(ProblemKind::InvalidValue, Some(span.clone()), format!("`listen` is not an address: {e}"))
-                            .label("not ip:port")
-                            .hint("write e.g. \"127.0.0.1:8080\" or \"0.0.0.0:80\""),
-                    );
-                    None
-                }
-            };
-            match l.get_ref() {
-                RawListen::One(text) => addr(text, problems),
-                RawListen::PerEnvironment(map) => {
-                    for (env, text) in map {
-                        if !environments.contains(env) {
+    } else {
+        match &raw.listen {
+            None => {
+                problems.push(
+                    Problem::new(ProblemKind::MissingKey, Some(raw.name.span()), format!("managed service {name:?} has no `listen` address"))
+                        .label("this service")
+                        .hint("add listen = \"127.0.0.1:8080\": the stable address Slipway's proxy serves the service on"),
+                );
+                None
+            }
+            Some(l) => {
+                let span = l.span();
+                let addr = |text: &str, problems: &mut Vec<Problem>| match text.parse::<SocketAddr>() {
+                    Ok(a) if a.port() != 0 => Some(a),
+                    Ok(_) => {
+                        problems.push(
+                            Problem::new(ProblemKind::InvalidValue, Some(span.clone()), "`listen` needs a fixed port, not 0")
+                                .label("port 0")
+                                .hint("clients must know where to connect"),
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        problems.push(
+                            Problem::new(ProblemKind::InvalidValue, Some(span.clone()), format!("`listen` is not an address: {e}"))
+                                .label("not ip:port")
+                                .hint("write e.g. \"127.0.0.1:8080\" or \"0.0.0.0:80\""),
+                        );
+                        None
+                    }
+                };
+                match l.get_ref() {
+                    RawListen::One(text) => addr(text, problems),
+                    RawListen::PerEnvironment(map) => {
+                        for (env, text) in map {
+                            if !environments.contains(env) {
+                                problems.push(
+                                    Problem::new(ProblemKind::UnknownReference, Some(span.clone()), format!("`listen` names unknown environment {env:?}"))
+                                        .label("no such environment")
+                                        .hint(format!("declared environments: {}", environments.join(", "))),
+                                );
+                            }
+                            if let Some(a) = addr(text, problems) {
+                                listen_in.insert(env.clone(), a);
+                            }
+                        }
+                        if let Some(missing) = environments.iter().find(|e| !map.contains_key(*e)) {
                             problems.push(
-                                Problem::new(ProblemKind::UnknownReference, Some(span.clone()), format!("`listen` names unknown environment {env:?}"))
-                                    .label("no such environment")
-                                    .hint(format!("declared environments: {}", environments.join(", "))),
+                                Problem::new(ProblemKind::MissingKey, Some(span.clone()), format!("`listen` has no address for environment {missing:?}"))
+                                    .label("per environment")
+                                    .hint("name every environment, e.g. listen = { staging = \"127.0.0.1:8081\", production = \"127.0.0.1:8080\" }"),
                             );
                         }
-                        if let Some(a) = addr(text, problems) {
-                            listen_in.insert(env.clone(), a);
-                        }
+                        listen_in.values().next().copied()
                     }
-                    if let Some(missing) = environments.iter().find(|e| !map.contains_key(*e)) {
-                        problems.push(
-                            Problem::new(ProblemKind::MissingKey, Some(span.clone()), format!("`listen` has no address for environment {missing:?}"))
-                                .label("per environment")
-                                .hint("name every environment, e.g. listen = { staging = \"127.0.0.1:8081\", production = \"127.0.0.1:8080\" }"),
-                        );
-                    }
-                    listen_in.values().next().copied()
                 }
             }
         }
-    }};
+    };
     let instances = raw.instances.as_ref().and_then(|v| positive(v, "instances", 64, problems)).unwrap_or(1) as u32;
 
     let mut health = HealthSpec {

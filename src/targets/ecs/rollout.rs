@@ -123,7 +123,7 @@ pub(super) async fn task_definition_for(
         })
         .collect();
     // Newest first, whatever order the API kept.
-    arns.sort_by(|a, b| b.0.cmp(&a.0));
+    arns.sort_by_key(|a| std::cmp::Reverse(a.0));
     for (_, arn) in arns.into_iter().take(REUSE_WITHIN) {
         if arn == current_arn {
             continue;
