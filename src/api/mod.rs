@@ -731,8 +731,15 @@ async fn retention_apply(
 async fn retention(s: &AppState, apply: bool) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<RetentionInfo>)> {
     let loaded = s.submitter.config().await?;
     let store = s.store.clone();
+    // Images kept in a target's own registry (ECR) are reached through
+    // that target: this node's, or (a node running no services) one built
+    // for the call.
+    let targets = match &s.services {
+        Some(m) => m.targets().clone(),
+        None => Arc::new(crate::targets::Targets::new(crate::targets::NodeContext::default())),
+    };
     // In its own task: a client that gives up must not cut deletes short.
-    let report = tokio::spawn(async move { crate::retention::run(&loaded.config, store.as_ref(), apply).await })
+    let report = tokio::spawn(async move { crate::retention::run(&loaded.config, store.as_ref(), apply, &targets).await })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("retention stopped: {e}")))??;
     let deleted: usize = report.repositories.iter().map(|r| r.deleted.len()).sum();

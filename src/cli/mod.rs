@@ -453,6 +453,7 @@ fn targets_cmd(json: bool) {
             (c.remote, "runs on other machines"),
             (c.proxied, "serves through Slipway's proxy"),
             (c.resumes_jobs, "resumes a cut-off job instead of running it twice"),
+            (c.own_registry, "keeps images in a registry of its own (retention goes through it)"),
         ]
         .into_iter()
         .filter_map(|(yes, what)| yes.then_some(what))
@@ -1005,7 +1006,10 @@ async fn plan_retention(config: &config::Config, store_url: &str, sqlite_missing
             Err(_) => return Some(Err("the store did not answer in 10s: not planned".into())),
         }
     };
-    Some(match tokio::time::timeout(Duration::from_secs(60), crate::retention::dry_run(config, &rows, &deployments)).await {
+    // Images in a target's own registry (ECR) are listed through that
+    // target, built here as a node would build it.
+    let targets = crate::targets::Targets::new(crate::targets::NodeContext::default());
+    Some(match tokio::time::timeout(Duration::from_secs(60), crate::retention::dry_run(config, &rows, &deployments, &targets)).await {
         Ok(report) => Ok(RetentionInfo::from(report)),
         Err(_) => Err("the registries did not answer within 60s: not planned".into()),
     })

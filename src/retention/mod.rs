@@ -7,16 +7,23 @@
 //!
 //! [`decide`] is the whole policy and does no IO; [`registry`] is the small
 //! HTTP client that lists, resolves and deletes; [`run`] joins them with
-//! what the store records. Deleting is by manifest digest (that is what a
+//! what the store records. Images a service runs on a target with a
+//! registry of its own (ECS: ECR) are listed and deleted through that
+//! target instead, by the same policy: the seam is
+//! [`Target::registry_images`] and [`Target::delete_registry_images`],
+//! asked of a target whose kind has `Capabilities::own_registry`; this
+//! module names no target. Deleting is by manifest digest (that is what a
 //! registry deletes), so every tag pointing at a digest goes with it: a
 //! digest is deleted only when none of its tags is kept.
 
 pub mod registry;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::config::Config;
 use crate::store::{DeploymentRow, ServiceRow, Store, StoreError};
+use crate::targets::{Settings, Target, Targets};
 
 pub use registry::{RegistryClient, RetentionError};
 
@@ -253,76 +260,140 @@ pub struct Report {
     pub repositories: Vec<RepositoryReport>,
 }
 
+/// Where a repository's tags are listed and its manifests deleted: the
+/// registry's HTTP API, or — for an image a service runs on a target with
+/// a registry of its own (ECS: ECR, which that API does not reach with a
+/// static password) — that target, through the seam
+/// ([`Target::registry_images`], [`Target::delete_registry_images`]). The
+/// policy is the same for both; only the listing and the deletes differ.
+enum Backend {
+    Api(RegistryClient),
+    Target { target: Arc<dyn Target>, settings: Settings },
+}
+
+/// A service on a target with [`Capabilities::own_registry`] that runs
+/// `image`: its target (built on first use) and its settings.
+///
+/// [`Capabilities::own_registry`]: crate::targets::Capabilities::own_registry
+async fn owner(image: &str, config: &Config, targets: &Targets) -> Option<Result<(Arc<dyn Target>, Settings), String>> {
+    let s = config.services.iter().find(|s| {
+        s.follows.as_deref().is_some_and(|f| f.eq_ignore_ascii_case(image))
+            && s.spec.is_some()
+            && crate::targets::kind(&s.target).is_some_and(|k| k.capabilities().own_registry)
+    })?;
+    let settings = s.spec.as_ref().map(|spec| spec.settings.clone()).unwrap_or_default();
+    Some(targets.get(&s.target).await.map(|t| (t, settings)).map_err(|e| format!("{image}: target {:?} cannot be used: {}", s.target, e.message)))
+}
+
+/// The repository's tags and where to delete them.
+async fn list(policy: &Policy, config: &Config, targets: &Targets) -> Result<(Vec<TagInfo>, Backend), String> {
+    if let Some(owner) = owner(&policy.image, config, targets).await {
+        let (target, settings) = owner?;
+        if let Some(images) = target.registry_images(&policy.image, &settings).await {
+            let images = images.map_err(|e| e.message)?;
+            // One TagInfo per tag, dated by the push (a target's registry
+            // need not read the image's config for its `created`).
+            let tags =
+                images.into_iter().flat_map(|i| i.tags.into_iter().map(move |tag| TagInfo { tag, digest: i.digest.clone(), created: i.pushed })).collect();
+            return Ok((tags, Backend::Target { target, settings }));
+        }
+    }
+    let client = RegistryClient::for_image(&policy.image, &config.registries).map_err(|e| e.to_string())?;
+    let tags = client.resolve_all(&policy.image).await.map_err(|e| e.to_string())?;
+    Ok((tags, Backend::Api(client)))
+}
+
 /// The plan for every policy of the config, given what the store records
 /// (`slipway plan` passes nothing when there is no store yet). A
 /// registry's failure is that repository's error, never the whole run's.
-pub async fn dry_run(config: &Config, rows: &[ServiceRow], deployments: &[DeploymentRow]) -> Report {
+/// `targets`: the node's (or, for `plan`, a fresh set), for images kept
+/// in a target's own registry.
+pub async fn dry_run(config: &Config, rows: &[ServiceRow], deployments: &[DeploymentRow], targets: &Targets) -> Report {
+    plan(config, rows, deployments, targets).await.0
+}
+
+/// The dry run, and per repository where to delete.
+async fn plan(config: &Config, rows: &[ServiceRow], deployments: &[DeploymentRow], targets: &Targets) -> (Report, Vec<Option<Backend>>) {
     let mut report = Report { applied: false, repositories: vec![] };
+    let mut backends = Vec::new();
     for policy in policies(config) {
         let mut repo = RepositoryReport { image: policy.image.clone(), keep: policy.keep, services: policy.services.clone(), ..Default::default() };
         let mut protect = protected(&policy, config, rows, deployments);
-        match RegistryClient::for_image(&policy.image, &config.registries) {
-            Err(e) => repo.errors.push(e.to_string()),
-            Ok(client) => match client.resolve_all(&policy.image).await {
-                Err(e) => repo.errors.push(e.to_string()),
-                Ok(tags) => {
-                    mark_outside(&policy, config, &tags, &mut protect);
-                    let decision = decide(&tags, &protect, policy.keep);
-                    repo.kept = decision.kept;
-                    repo.delete = decision.delete;
-                }
-            },
+        match list(&policy, config, targets).await {
+            Err(e) => {
+                repo.errors.push(e);
+                backends.push(None);
+            }
+            Ok((tags, backend)) => {
+                mark_outside(&policy, config, &tags, &mut protect);
+                let decision = decide(&tags, &protect, policy.keep);
+                repo.kept = decision.kept;
+                repo.delete = decision.delete;
+                backends.push(Some(backend));
+            }
         }
         report.repositories.push(repo);
     }
-    report
+    (report, backends)
 }
 
 /// The plan (or, with `apply`, its execution) for every policy of the
 /// config. Only the store failing fails the whole run.
-pub async fn run(config: &Config, store: &dyn Store, apply: bool) -> Result<Report, StoreError> {
-    let mut report = dry_run(config, &store.services().await?, &in_flight(store).await?).await;
+pub async fn run(config: &Config, store: &dyn Store, apply: bool, targets: &Targets) -> Result<Report, StoreError> {
+    let (mut report, backends) = plan(config, &store.services().await?, &in_flight(store).await?, targets).await;
     if !apply {
         return Ok(report);
     }
     report.applied = true;
     let policies = policies(config);
-    for repo in report.repositories.iter_mut().filter(|r| !r.delete.is_empty()) {
+    for (repo, backend) in report.repositories.iter_mut().zip(backends) {
+        let Some(backend) = backend else { continue };
+        if repo.delete.is_empty() {
+            continue;
+        }
         let Some(policy) = policies.iter().find(|p| p.image == repo.image) else { continue };
         // A deploy accepted since the store was read may name one of
         // these: read again just before deleting, and spare it.
         let now = protected(policy, config, &store.services().await?, &in_flight(store).await?);
-        let client = match RegistryClient::for_image(&repo.image, &config.registries) {
-            Ok(c) => c,
-            Err(e) => {
-                repo.errors.push(e.to_string());
-                continue;
-            }
-        };
-        let mut stopped = false;
+        let mut doomed = Vec::new();
         for d in std::mem::take(&mut repo.delete) {
-            if stopped {
-                repo.delete.push(d);
-                continue;
-            }
             let spared: Vec<String> =
                 d.tags.iter().flat_map(|t| now.tags.get(t).into_iter().flatten()).chain(now.digests.get(&d.digest).into_iter().flatten()).cloned().collect();
-            if !spared.is_empty() {
+            if spared.is_empty() {
+                doomed.push(d);
+            } else {
                 for t in &d.tags {
                     repo.kept.push(Kept { tag: t.clone(), digest: d.digest.clone(), reasons: spared.clone() });
                 }
-                continue;
             }
-            match client.delete(&repo.image, &d.digest).await {
-                Ok(()) => repo.deleted.push(d.digest.clone()),
-                // The next delete would meet the same answer: say it once.
-                Err(e @ (RetentionError::Refused { .. } | RetentionError::DeleteDisabled { .. } | RetentionError::Unreachable { .. })) => {
-                    repo.errors.push(e.to_string());
-                    stopped = true;
+        }
+        match backend {
+            Backend::Api(client) => {
+                let mut stopped = false;
+                for d in doomed {
+                    if !stopped {
+                        match client.delete(&repo.image, &d.digest).await {
+                            Ok(()) => repo.deleted.push(d.digest.clone()),
+                            // The next delete would meet the same answer: say it once.
+                            Err(e @ (RetentionError::Refused { .. } | RetentionError::DeleteDisabled { .. } | RetentionError::Unreachable { .. })) => {
+                                repo.errors.push(e.to_string());
+                                stopped = true;
+                            }
+                            Err(e) => repo.errors.push(e.to_string()),
+                        }
+                    }
+                    repo.delete.push(d);
                 }
-                Err(e) => repo.errors.push(e.to_string()),
             }
-            repo.delete.push(d);
+            // The target deletes them all at once (ECR: 100 a call) and
+            // says which went and what it refused.
+            Backend::Target { target, settings } => {
+                let digests: Vec<String> = doomed.iter().map(|d| d.digest.clone()).collect();
+                let done = target.delete_registry_images(&repo.image, &settings, &digests).await;
+                repo.deleted.extend(done.deleted);
+                repo.errors.extend(done.errors);
+                repo.delete.extend(doomed);
+            }
         }
     }
     Ok(report)
@@ -572,5 +643,91 @@ follows = "reg.example.org/team/other"
         assert!(worker.tags["1.5.0"].contains("deployment 7 (queued) deploys it to production"));
         // A tarball service's checksum is no image digest.
         assert!(worker.digests.is_empty());
+    }
+
+    /// A target with a registry of its own, answering from a list and
+    /// recording what it is asked to delete.
+    struct OwnRegistry {
+        images: Vec<crate::targets::RegistryImage>,
+        asked: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Target for OwnRegistry {
+        async fn run(
+            &self,
+            _r: crate::targets::JobRequest,
+            _o: crate::targets::OutputSink,
+            _c: tokio_util::sync::CancellationToken,
+        ) -> crate::targets::RunResult {
+            crate::targets::RunResult::failed("not here")
+        }
+        async fn registry_images(&self, image: &str, _s: &Settings) -> Option<Result<Vec<crate::targets::RegistryImage>, crate::targets::TargetError>> {
+            image.contains(".dkr.ecr.").then(|| Ok(self.images.clone()))
+        }
+        async fn delete_registry_images(&self, _image: &str, _s: &Settings, digests: &[String]) -> crate::targets::RegistryDeletion {
+            self.asked.lock().unwrap().extend(digests.iter().cloned());
+            // The registry refuses one.
+            let (refused, deleted): (Vec<String>, Vec<String>) = digests.iter().cloned().partition(|d| d == "sha256:b");
+            crate::targets::RegistryDeletion { deleted, errors: refused.iter().map(|d| format!("refused {d}")).collect() }
+        }
+    }
+
+    #[tokio::test]
+    async fn issue16_images_in_a_targets_own_registry_are_listed_and_deleted_through_the_target() {
+        let image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/api";
+        let config = crate::config::parse(
+            "slipway.toml",
+            &format!("[[service]]\nname = \"api\"\ntarget = \"ecs\"\ncluster = \"prod\"\nimage = \"{image}\"\nkeep_tags = 1\n"),
+        )
+        .expect("valid config");
+        let img = |digest: &str, tags: &[&str], pushed: i64| crate::targets::RegistryImage {
+            digest: digest.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            pushed: Some(pushed),
+        };
+        let target = Arc::new(OwnRegistry {
+            images: vec![img("sha256:a", &["1.0"], 1), img("sha256:b", &["1.1", "old"], 2), img("sha256:c", &["1.2"], 3), img("sha256:d", &["1.3"], 4)],
+            asked: Default::default(),
+        });
+        let name = config.services[0].target.clone();
+        let targets = Targets::exactly(&name, target.clone());
+        // Production runs 1.0's digest (recorded under a tag since moved).
+        let spec = crate::store::spec::encode_service(config.services[0].spec.as_ref().expect("spec"));
+        let rows = [row("production", "api", "moved", None, spec, Some("a"), None)];
+
+        let report = dry_run(&config, &rows, &[], &targets).await;
+        let repo = &report.repositories[0];
+        assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+        assert_eq!(
+            repo.delete.iter().map(|d| (d.digest.as_str(), d.tags.clone())).collect::<Vec<_>>(),
+            [
+                ("sha256:c", vec!["1.2".to_string()]),
+                // Same push: by name, newest first.
+                ("sha256:b", vec!["old".to_string(), "1.1".to_string()])
+            ]
+        );
+        let kept: Vec<(&str, &[String])> = repo.kept.iter().map(|k| (k.tag.as_str(), k.reasons.as_slice())).collect();
+        assert_eq!(kept, [("1.3", &["newest 1".to_string()][..]), ("1.0", &["production runs it (moved by digest)".to_string()][..])]);
+        assert!(target.asked.lock().unwrap().is_empty(), "a dry run deletes nothing");
+
+        // Apply, through the target; what it refused is the repository's error.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::open(&format!("sqlite://{}", dir.path().join("s.db").display())).await.expect("store");
+        store.set_service(rows[0].clone()).await.expect("record");
+        let report = run(&config, store.as_ref(), true, &targets).await.expect("run");
+        let repo = &report.repositories[0];
+        assert_eq!(*target.asked.lock().unwrap(), ["sha256:c", "sha256:b"]);
+        assert_eq!(repo.deleted, ["sha256:c"]);
+        assert_eq!(repo.errors, ["refused sha256:b"]);
+
+        // An image the target does not keep goes to the registry API.
+        let other = crate::config::parse(
+            "slipway.toml",
+            "[[service]]\nname = \"api\"\ntarget = \"ecs\"\ncluster = \"prod\"\nimage = \"127.0.0.1:9/api\"\nkeep_tags = 1\n",
+        )
+        .expect("valid config");
+        let report = dry_run(&other, &[], &[], &targets).await;
+        assert!(report.repositories[0].errors.iter().any(|e| e.contains("127.0.0.1:9")), "{:?}", report.repositories[0].errors);
     }
 }

@@ -89,6 +89,11 @@ pub struct Capabilities {
     /// a service's steps on it are retried after an interruption as if
     /// idempotent.
     pub resumes_jobs: bool,
+    /// Keeps a service's images in a registry of its own that the Docker
+    /// Registry HTTP API does not reach (ECS: ECR): registry retention
+    /// lists and deletes them through the target
+    /// ([`Target::registry_images`], [`Target::delete_registry_images`]).
+    pub own_registry: bool,
 }
 
 /// A key a target adds to `[[service]]`, for the unknown-key check, the
@@ -640,6 +645,27 @@ pub struct GarbageItem {
     pub what: String,
 }
 
+/// An image in a target's own registry ([`Target::registry_images`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryImage {
+    /// `sha256:…` of its manifest: what a delete names.
+    pub digest: String,
+    /// Never empty: untagged images are not listed.
+    pub tags: Vec<String>,
+    /// When it was pushed (Unix milliseconds), if the registry says.
+    pub pushed: Option<i64>,
+}
+
+/// What [`Target::delete_registry_images`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryDeletion {
+    /// The digests gone.
+    pub deleted: Vec<String>,
+    /// For people: a digest the registry refused and why, or a call that
+    /// failed and which digests it left.
+    pub errors: Vec<String>,
+}
+
 /// Lines of an instance's output kept for the record of a failed rollout.
 pub const KEEP_LINES: usize = 40;
 
@@ -845,6 +871,25 @@ pub trait Target: Send + Sync + 'static {
     /// Remove what [`Target::garbage`] found; returns what is gone.
     async fn collect(&self, _garbage: &Garbage) -> Garbage {
         Garbage::default()
+    }
+
+    /// Registry retention (`crate::retention`) for targets with
+    /// [`Capabilities::own_registry`]: every tagged image of `image`'s
+    /// repository (`host/path`, no tag) in the target's own registry, every
+    /// page read. `settings`: those of a service on this target that runs
+    /// `image` ([`TargetKind::service_settings`]). `None`: `image` is not in
+    /// a registry of this target's (retention then asks the registry's
+    /// HTTP API, as for every other target).
+    async fn registry_images(&self, _image: &str, _settings: &Settings) -> Option<Result<Vec<RegistryImage>, TargetError>> {
+        None
+    }
+
+    /// Delete the images `digests` (`sha256:…`) of `image`'s repository
+    /// from the target's own registry, with every tag they carry. What the
+    /// registry refused, and a call that failed (the digests it and later
+    /// calls would have deleted are then not tried), are in `errors`.
+    async fn delete_registry_images(&self, image: &str, _settings: &Settings, _digests: &[String]) -> RegistryDeletion {
+        RegistryDeletion { deleted: vec![], errors: vec![format!("{image}: this target keeps no registry of its own")] }
     }
 
     /// Stop what jobs of a dead Slipway process of this installation left

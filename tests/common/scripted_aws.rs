@@ -3,9 +3,11 @@
 //! model whose rollouts and one-off tasks end the way a test scripts them.
 //! It exists for what moto's server cannot show (a deployment progressing,
 //! failing, or rolled back by ECS's circuit breaker; a task exiting
-//! non-zero; pagination). Tests against it prove Slipway's decisions, not
-//! AWS's behaviour; moto (tests/target_ecs.rs) checks the calls' content
-//! against a real implementation of the API.
+//! non-zero; ECR's pagination, which moto ignores). Tests against it prove
+//! Slipway's decisions, not AWS's behaviour; moto (tests/ecs_moto.rs,
+//! tests/ecs_retention.rs) checks the calls' content against a real
+//! implementation of the API.
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -57,6 +59,9 @@ pub struct State {
     tasks: BTreeMap<String, (Value, u32)>,
     /// ECR: repository → (tag, digest hex).
     pub images: BTreeMap<String, Vec<(String, String)>>,
+    /// ECR: digest hex → when it was pushed (epoch seconds), for images
+    /// pushed by [`ScriptedAws::push_images`]; the others by their place.
+    pub pushed_at: BTreeMap<String, i64>,
 }
 
 pub struct ScriptedAws {
@@ -135,6 +140,24 @@ impl ScriptedAws {
         ScriptedAws { url, state, _stop: stop, _thread: thread }
     }
 
+    /// Push `tags` to ECR repository `repo` (created if new), one image
+    /// each, after the images it has: each newer than the one before.
+    pub fn push_images(&self, repo: &str, tags: impl IntoIterator<Item = String>) {
+        self.with(|s| {
+            for t in tags {
+                let d = digest_of(&t);
+                let at = FIRST_PUSH + s.pushed_at.len() as i64 + 1_000;
+                s.pushed_at.entry(d.clone()).or_insert(at);
+                s.images.entry(repo.to_string()).or_default().push((t, d));
+            }
+        })
+    }
+
+    /// The tags ECR repository `repo` holds now, with their digests' hex.
+    pub fn images_of(&self, repo: &str) -> Vec<(String, String)> {
+        self.with(|s| s.images.get(repo).cloned().unwrap_or_default())
+    }
+
     pub fn repository(&self) -> String {
         format!("{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/api")
     }
@@ -183,6 +206,9 @@ fn handle(s: &mut State, op: &str, req: Value) -> (u16, Value) {
             let Some(images) = s.images.get(repo) else {
                 return error("RepositoryNotFoundException", &format!("The repository with name '{repo}' does not exist"));
             };
+            if req.get("imageIds").is_none() {
+                return list_images(repo, images, &s.pushed_at, &req);
+            }
             let tag = req["imageIds"][0]["imageTag"].as_str().unwrap_or("");
             match images.iter().find(|(t, _)| t == tag) {
                 Some((t, d)) => (200, json!({"imageDetails": [{"repositoryName": repo, "imageDigest": format!("sha256:{d}"), "imageTags": [t]}]})),
@@ -191,6 +217,29 @@ fn handle(s: &mut State, op: &str, req: Value) -> (u16, Value) {
                     &format!("The image with imageId {{imageTag:'{tag}'}} does not exist within the repository with name '{repo}'"),
                 ),
             }
+        }
+        "BatchDeleteImage" => {
+            let repo = req["repositoryName"].as_str().unwrap_or("").to_string();
+            let ids = req["imageIds"].as_array().cloned().unwrap_or_default();
+            if ids.is_empty() || ids.len() > 100 {
+                return error("InvalidParameterException", &format!("imageIds: {} ids; between 1 and 100 are allowed", ids.len()));
+            }
+            let Some(images) = s.images.get_mut(&repo) else {
+                return error("RepositoryNotFoundException", &format!("The repository with name '{repo}' does not exist"));
+            };
+            let (mut deleted, mut failures) = (Vec::new(), Vec::new());
+            for id in ids {
+                let digest = id["imageDigest"].as_str().unwrap_or("").to_string();
+                let hex = digest.trim_start_matches("sha256:");
+                let tags: Vec<String> = images.iter().filter(|(_, d)| d == hex).map(|(t, _)| t.clone()).collect();
+                if tags.is_empty() {
+                    failures.push(json!({"imageId": {"imageDigest": digest}, "failureCode": "ImageNotFound", "failureReason": "Requested image not found"}));
+                    continue;
+                }
+                images.retain(|(_, d)| d != hex);
+                deleted.extend(tags.into_iter().map(|t| json!({"imageDigest": digest, "imageTag": t})));
+            }
+            (200, json!({"imageIds": deleted, "failures": failures}))
         }
         "DescribeServices" => {
             if req["services"][0].as_str() != Some("api") || req["cluster"].as_str() != Some("prod") {
@@ -306,6 +355,49 @@ fn handle(s: &mut State, op: &str, req: Value) -> (u16, Value) {
         }
         other => error("UnknownOperationException", &format!("the scripted server does not answer {other}")),
     }
+}
+
+/// When the scripted repository's first image was pushed (epoch seconds);
+/// each later one a second after the one before (those of
+/// [`ScriptedAws::push_images`] from 1,000 s later on, and for good).
+pub const FIRST_PUSH: i64 = 1_700_000_000;
+
+/// DescribeImages without `imageIds`: the repository's images (tags
+/// sharing a digest are one image), pushed in their order in the model,
+/// `maxResults` a page (100 unless asked, at most 1,000, as ECR), the
+/// next page's offset as `nextToken`.
+fn list_images(repo: &str, images: &[(String, String)], pushed_at: &BTreeMap<String, i64>, req: &Value) -> (u16, Value) {
+    let max = req["maxResults"].as_i64().unwrap_or(100);
+    if !(1..=1000).contains(&max) {
+        return error("InvalidParameterException", &format!("maxResults {max}: between 1 and 1000"));
+    }
+    let start = match req["nextToken"].as_str() {
+        None => 0,
+        Some(t) => match t.strip_prefix("scripted-").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => return error("InvalidParameterException", "Invalid parameter at 'nextToken'"),
+        },
+    };
+    let mut order: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (t, d) in images {
+        match order.iter_mut().find(|(od, _)| od == d) {
+            Some((_, tags)) => tags.push(t),
+            None => order.push((d, vec![t])),
+        }
+    }
+    let page: Vec<Value> = order
+        .iter()
+        .enumerate()
+        .skip(start)
+        .take(max as usize)
+        .map(|(i, (d, tags))| json!({"repositoryName": repo, "imageDigest": format!("sha256:{d}"), "imageTags": tags, "imagePushedAt": pushed_at.get(*d).copied().unwrap_or(FIRST_PUSH + i as i64)}))
+        .collect();
+    let next = start + page.len();
+    let mut out = json!({ "imageDetails": page });
+    if next < order.len() {
+        out["nextToken"] = json!(format!("scripted-{next}"));
+    }
+    (200, out)
 }
 
 /// One DescribeServices further along the scripted rollout.

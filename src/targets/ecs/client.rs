@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{Aws, ServiceSettings};
 use crate::config::secret::Credentials as RegistryCredentials;
-use crate::targets::{JobRequest, OutputSink, RunResult, Settings, Target, TargetError, TargetErrorKind};
+use crate::targets::{JobRequest, OutputSink, RegistryDeletion, RegistryImage, RunResult, Settings, Target, TargetError, TargetErrorKind};
 
 /// How long one AWS call may take, connection included, retries included.
 const CONNECT: Duration = Duration::from_secs(5);
@@ -189,6 +189,18 @@ impl Target for EcsTarget {
         let s = Self::settings(&spec.settings).ok()?;
         let c = self.clients(&s.aws).await;
         super::rollout::describe_service(&c, &s).await.ok()?.task_definition().map(str::to_string)
+    }
+
+    /// Retention of a service's images in ECR (see `registry.rs`).
+    async fn registry_images(&self, image: &str, settings: &Settings) -> Option<Result<Vec<RegistryImage>, TargetError>> {
+        // Not an ECR name (pinning refuses those anyway): the registry
+        // API's way, as for any other target.
+        EcrImage::parse(image)?;
+        Some(super::registry::images(self, image, settings).await)
+    }
+
+    async fn delete_registry_images(&self, image: &str, settings: &Settings, digests: &[String]) -> RegistryDeletion {
+        super::registry::delete(self, image, settings, digests).await
     }
 }
 

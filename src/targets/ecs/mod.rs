@@ -24,6 +24,8 @@ pub mod config;
 #[cfg(feature = "aws")]
 mod client;
 #[cfg(feature = "aws")]
+mod registry;
+#[cfg(feature = "aws")]
 mod rollout;
 #[cfg(feature = "aws")]
 mod task;
@@ -46,7 +48,7 @@ impl TargetKind for Kind {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { runs_jobs: true, uses_images: true, own_rollout: true, remote: true, resumes_jobs: true, ..Capabilities::default() }
+        Capabilities { runs_jobs: true, uses_images: true, own_rollout: true, remote: true, resumes_jobs: true, own_registry: true, ..Capabilities::default() }
     }
 
     fn service_keys(&self) -> &'static [Key] {
