@@ -598,6 +598,7 @@ target = "ecs"
 image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/api"
 listen = "127.0.0.1:8080"
 container = "app;rm"
+verify = { command = ["./smoke"] }
 
 [[job]]
 name = "j"
@@ -610,6 +611,7 @@ command = ["true"]
         "slipway.toml:4:12 [invalid-value] `endpoint` \"ftp://x\" is not an http(s) URL",
         "slipway.toml:10:10 [invalid-value] a service on target \"ecs\" is reached through its own load balancer, not Slipway's proxy",
         "slipway.toml:11:13 [invalid-value] `container` \"app;rm\" is not an ECS name",
+        "slipway.toml:12:10 [invalid-value] `verify` is not supported on target \"ecs\" yet",
         "job \"j\" runs on target \"ecs\", which runs only a service's own steps",
     ] {
         assert!(out.contains(want), "{want:?} not in:\n{out}");

@@ -277,3 +277,31 @@ fn issue16_scripted_bootstrap_runs_once_per_environment_before_the_first_migrati
     let logs = text(&server.cli(dir.path(), &["logs", "2"]));
     assert!(logs.contains("api.bootstrap already ran in default (deployment 1)"), "{logs}");
 }
+
+#[test]
+fn issue16_scripted_a_node_killed_mid_rollout_is_followed_by_one_that_brings_back_the_recorded_version() {
+    let aws = ScriptedAws::start();
+    let dir = config(&aws, "60s");
+    let mut server = serve(&dir, &[]);
+    let out = deploy(&server, &dir, "1.1");
+    assert!(out.status.success(), "{}", text(&out));
+    // 1.2's rollout never completes; the node dies while it watches.
+    aws.with(|s| s.next_rollout = Some(Rollout::Hangs));
+    let mut deploying = server
+        .cli_command(dir.path(), &["deploy", "api", "1.2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("deploy");
+    common::wait_for(Duration::from_secs(60), "the service to move to 1.2's revision", || aws.service_task_definition().ends_with("api:3").then_some(()));
+    server.kill9();
+    let _ = deploying.kill();
+    let _ = deploying.wait();
+    // The next node finds 1.1 recorded and puts the service back on its
+    // own revision (the next rollout there completes).
+    let server = serve(&dir, &[]);
+    common::wait_for(Duration::from_secs(60), "the service back on 1.1's revision", || aws.service_task_definition().ends_with("api:2").then_some(()));
+    assert_eq!(aws.calls_of("RegisterTaskDefinition").len(), 2, "1.1's revision is reused, not registered again: {:?}", aws.ops());
+    let status: Value = serde_json::from_slice(&server.cli(dir.path(), &["status", "--json"]).stdout).expect("status --json");
+    assert_eq!(status["services"][0]["version"], "1.1", "{status}");
+}

@@ -537,6 +537,16 @@ pub(super) fn build(
                 .hint("`slipway targets` lists what each target can do"),
             );
         }
+        // `verify` runs on the node against the proxy's address, or on each
+        // host behind its own; a target whose own load balancer serves
+        // the service has neither (not built there yet).
+        if let (Some(v), true) = (&raw.verify, caps.own_rollout && !caps.proxied) {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(v.span()), format!("`verify` is not supported on target {:?} yet", k.name()))
+                    .label("not on this target")
+                    .hint("ECS judges the rollout by its own health checks; a smoke test can be a [[job]] that needs the service's rollout job"),
+            );
+        }
         for (step, key) in [(&raw.migrate, "migrate"), (&raw.bootstrap, "bootstrap")] {
             if let (Some(m), false) = (step, caps.runs_jobs) {
                 problems.push(
