@@ -573,9 +573,9 @@ health = { deadline = "10m" }
 "#;
     let config = config::parse("slipway.toml", good).expect("valid");
     let jobs: Vec<&str> = config.jobs.iter().map(|j| j.name.as_str()).collect();
-    for j in ["api.fetch", "api.bootstrap", "api.migrate", "api.rollout"] {
-        assert!(jobs.contains(&j), "{j} in {jobs:?}");
-    }
+    assert_eq!(jobs, ["api.bootstrap", "api.migrate", "api.rollout"], "ECS pulls by itself: no fetch job");
+    let rollout = config.jobs.iter().find(|j| j.name == "api.rollout").unwrap();
+    assert_eq!(rollout.timeout, std::time::Duration::from_secs(12 * 60), "ECS's deadline, then the revert");
     let bootstrap = config.jobs.iter().find(|j| j.name == "api.bootstrap").unwrap();
     assert!(bootstrap.once_per_environment && !config.jobs.iter().find(|j| j.name == "api.migrate").unwrap().once_per_environment);
     assert_eq!(config.jobs.iter().find(|j| j.name == "api.migrate").unwrap().needs, ["api.bootstrap"]);

@@ -6,11 +6,25 @@
 /// to stderr, filtered by `SLIPWAY_LOG` (default `info,sqlx=warn`).
 /// Whatever SLIPWAY_LOG asks, bollard stays at info: at debug it logs
 /// request and response bodies, and those carry secrets (a container's
-/// environment).
+/// environment); so do the AWS SDK's crates (signing strings, bodies).
+/// The AWS credential chain warns of every provider it tried on each call
+/// without credentials: only its errors are logged (the call's own error
+/// says what was missing).
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLIPWAY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"))
-        .add_directive("bollard=info".parse().expect("a constant, valid directive"));
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("SLIPWAY_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    for directive in [
+        "bollard=info",
+        "aws_config=error",
+        "aws_smithy_runtime=info",
+        "aws_smithy_http_client=info",
+        "aws_runtime=info",
+        "aws_sigv4=info",
+        "aws_sdk_ecs=info",
+        "aws_sdk_ecr=info",
+        "aws_sdk_sqs=info",
+    ] {
+        filter = filter.add_directive(directive.parse().expect("a constant, valid directive"));
+    }
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
 }
 

@@ -907,7 +907,9 @@ pub(super) fn build(
     // fetch → migrate → rollout: nothing runs before the tarball is
     // downloaded and its checksum verified.
     let mut migrate_needs = Vec::new();
-    if let Some(i) = &spec.image {
+    // Pulled before instances start; a target that runs no instances of
+    // Slipway's (ECS) pulls by itself.
+    if let (Some(i), true) = (&spec.image, caps.runs_instances) {
         let n = fetch_job(&name);
         jobs.push(job(n.clone(), Command::Pull(Box::new(i.clone())), Duration::from_secs(1860), true, vec![]));
         migrate_needs.push(n.clone());
@@ -970,6 +972,9 @@ pub fn rollout_job(service: &str) -> String {
 /// Long enough for every instance to be replaced one by one, each waiting
 /// its full health deadline and drain, plus verify and a margin.
 fn rollout_timeout(s: &ServiceSpec) -> Duration {
+    if let Some(t) = crate::targets::kind(&s.target).and_then(|k| k.rollout_timeout(s)) {
+        return t.min(super::MAX_DURATION);
+    }
     let per = s.health.deadline + s.rollout.drain + s.stop_grace;
     let verify = s.verify.as_ref().map(|v| v.timeout).unwrap_or_default();
     // A target that rolls out in rounds (hosts batch by batch) takes one

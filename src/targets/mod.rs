@@ -255,6 +255,12 @@ pub trait TargetKind: Send + Sync + 'static {
     fn rollout_rounds(&self, _settings: &Settings) -> u32 {
         1
     }
+    /// A rollout job's timeout, for targets whose rollout is not Slipway's
+    /// instance by instance (ECS: its deadline and the revert). `None`:
+    /// long enough for every instance to be replaced one by one.
+    fn rollout_timeout(&self, _spec: &crate::config::service::ServiceSpec) -> Option<std::time::Duration> {
+        None
+    }
     /// Whether the scheduler sweeps this kind's target at its start and
     /// with every reap (cheap sweeps of job processes, which must be gone
     /// before a lease runs out) rather than only when it is first built

@@ -110,7 +110,25 @@ where
             TargetError::new(TargetErrorKind::Unavailable, format!("{what}: an unreadable answer, HTTP {}", r.raw().status().as_u16()))
         }
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
-            TargetError::new(TargetErrorKind::Unavailable, format!("{what}: AWS did not answer: {}", DisplayErrorContext(&e)))
+            // The chain's own words, without the SDK's debug dump.
+            let mut chain: Vec<String> = Vec::new();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                let text = s.to_string();
+                if !text.is_empty() && text != "other" && !chain.iter().any(|c| c.contains(&text)) {
+                    chain.push(text);
+                }
+                source = s.source();
+            }
+            if chain.iter().any(|c| c.contains("loading credentials") || c.contains("no providers in chain provided credentials")) {
+                let last = chain.last().cloned().unwrap_or_default();
+                return TargetError::new(
+                    TargetErrorKind::Refused,
+                    format!("{what}: no AWS credentials (the standard chain: AWS_ACCESS_KEY_ID, a profile, web identity, a container or instance role): {last}"),
+                );
+            }
+            let why = if chain.is_empty() { e.to_string() } else { chain.join(": ") };
+            TargetError::new(TargetErrorKind::Unavailable, format!("{what}: AWS did not answer: {why}"))
         }
         _ => TargetError::new(TargetErrorKind::Failed, format!("{what}: {}", DisplayErrorContext(&e))),
     }

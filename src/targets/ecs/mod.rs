@@ -63,6 +63,11 @@ impl TargetKind for Kind {
         config::read_job(table)
     }
 
+    /// ECS's own deadline, then the revert (a few calls, each bounded).
+    fn rollout_timeout(&self, spec: &crate::config::service::ServiceSpec) -> Option<std::time::Duration> {
+        Some(spec.health.deadline + std::time::Duration::from_secs(120))
+    }
+
     fn tables(&self) -> &'static [TableKeys] {
         &[config::AWS]
     }
