@@ -5,7 +5,8 @@
 //!
 //! The crash test puts a small HTTP proxy between Slipway and moto that
 //! holds `DeleteMessage`: the node is killed (SIGKILL) exactly after the
-//! deployment was recorded and before the message was deleted.
+//! deployment was recorded and before the message was deleted, once it
+//! has extended the message's visibility past its timeout meanwhile.
 //!
 //! moto comes from PyPI (`scripts/test.sh` installs it and sets
 //! `SLIPWAY_MOTO`); without it the tests are skipped with a note, unless
@@ -205,7 +206,10 @@ fn issue16_sqs_deploys_once_deduplicates_dead_letters_malformed_and_respects_aut
         if visible == 0 && in_flight == 0 && dlq.len() == 1 { Ok(dlq) } else { Err(format!("{visible} visible, {in_flight} in flight, dlq {dlq:?}")) }
     });
     let malformed: Vec<String> = audit(&server).into_iter().filter(|a| a.contains("malformed message")).collect();
-    assert!(!malformed.is_empty() && malformed.iter().all(|a| a.starts_with("400") && a.contains("invalid version")), "{malformed:#?}");
+    // Read twice (maxReceiveCount 2), backed off in between, then moved.
+    assert_eq!(malformed.len(), 2, "{malformed:#?}");
+    assert!(malformed.iter().all(|a| a.starts_with("400") && a.contains("invalid version")), "{malformed:#?}");
+    assert!(malformed.iter().any(|a| a.contains("(receive 1)")) && malformed.iter().any(|a| a.contains("(receive 2)")), "{malformed:#?}");
 
     // A service without auto_deploy: recorded as held, not deployed.
     q.send(&own(API, "3.0.0", None));
@@ -217,11 +221,13 @@ fn issue16_sqs_deploys_once_deduplicates_dead_letters_malformed_and_respects_aut
 }
 
 /// An HTTP proxy to moto that, while `hold` is set, never answers
-/// `DeleteMessage` (and counts those it holds).
+/// `DeleteMessage` (and counts those it holds), and counts
+/// `ChangeMessageVisibility` calls.
 struct Proxy {
     url: String,
     hold: Arc<AtomicBool>,
     held: Arc<AtomicUsize>,
+    extended: Arc<AtomicUsize>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -229,13 +235,16 @@ fn proxy(upstream: &str) -> Proxy {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let (hold, held) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let (hold, held, extended) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let http = slipway::http::builder().timeout(Duration::from_secs(60)).build().expect("client");
-    let (upstream, h, c) = (upstream.to_string(), hold.clone(), held.clone());
+    let (upstream, h, c, e) = (upstream.to_string(), hold.clone(), held.clone(), extended.clone());
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
-        let (http, upstream, hold, held) = (http.clone(), upstream.clone(), h.clone(), c.clone());
+        let (http, upstream, hold, held, extended) = (http.clone(), upstream.clone(), h.clone(), c.clone(), e.clone());
         async move {
             let target = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            if target == "AmazonSQS.ChangeMessageVisibility" {
+                extended.fetch_add(1, Ordering::SeqCst);
+            }
             if target == "AmazonSQS.DeleteMessage" && hold.load(Ordering::SeqCst) {
                 held.fetch_add(1, Ordering::SeqCst);
                 std::future::pending::<()>().await;
@@ -264,7 +273,7 @@ fn proxy(upstream: &str) -> Proxy {
         }
     });
     rt.spawn(async move { axum::serve(listener, app).await });
-    Proxy { url, hold, held, _rt: rt }
+    Proxy { url, hold, held, extended, _rt: rt }
 }
 
 #[test]
@@ -283,6 +292,12 @@ fn issue16_sqs_a_node_killed_before_deleting_deploys_once_after_a_restart() {
     // message: kill it there.
     common::wait_for_diag(WAIT, "the node to try to delete the message", || server.log_text(), || (p.held.load(Ordering::SeqCst) > 0).then_some(()));
     assert_eq!(deployments(&server, "web"), ["2.0.0"]);
+    // Handled (deleting) past its visibility timeout (2 s): extended, so
+    // it stays in flight rather than going to another reader.
+    let before = p.extended.load(Ordering::SeqCst);
+    common::wait_for(WAIT, "three visibility extensions", || (p.extended.load(Ordering::SeqCst) >= before + 3).then_some(()));
+    let (visible, in_flight, _) = q.show();
+    assert_eq!((visible, in_flight), (0, 1), "still in flight");
     server.kill9();
     p.hold.store(false, Ordering::SeqCst);
 
@@ -297,4 +312,51 @@ fn issue16_sqs_a_node_killed_before_deleting_deploys_once_after_a_restart() {
         || audit(&server).into_iter().find(|a| a.contains("(a redelivery)")),
     );
     assert_eq!(deployments(&server, "web"), ["2.0.0"], "one deployment");
+}
+
+/// Two nodes on one PostgreSQL store: only the lease holder reads the
+/// queue; killed, the other takes over once the lease lapses.
+#[test]
+fn issue16_sqs_one_node_reads_the_queue_and_another_takes_over() {
+    let Some(m) = moto() else { return };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let Some(pg) = rt.block_on(common::postgres_url()) else { return };
+    let q = Queues::setup(&m);
+    let dir = common::config_dir(&config(&m.url, &q.queue), &[]);
+    let flags = |node: &'static str| ["--lease", "3s", "--poll", "200ms", "--node-id", node];
+    let a = common::Server::start_with_env(dir.path(), Some(&pg), &flags("node-a"), &AWS_ENV);
+    let b = common::Server::start_with_env(dir.path(), Some(&pg), &flags("node-b"), &AWS_ENV);
+    let holder = || -> Option<String> {
+        rt.block_on(async {
+            sqlx::any::install_default_drivers();
+            let mut c = <sqlx::AnyConnection as sqlx::Connection>::connect(&pg).await.ok()?;
+            sqlx::query_scalar::<_, String>("SELECT holder FROM leases WHERE name = 'sqs'").fetch_optional(&mut c).await.ok()?
+        })
+    };
+    let first = common::wait_for(WAIT, "a node to hold the sqs lease", holder);
+
+    for v in ["4.0.0", "4.0.1", "4.0.2"] {
+        q.send(&own(WEB, v, None));
+    }
+    q.wait_empty("the messages to be deleted");
+    let rows = common::wait_for(WAIT, "three audit rows", || {
+        let rows = audit(&a);
+        if rows.len() >= 3 { Ok(rows) } else { Err(format!("{rows:#?}")) }
+    });
+    assert!(rows.iter().all(|r| r.contains(&format!("read by node {first}"))), "only {first} reads: {rows:#?}");
+
+    // The holder dies: the other takes the lease and reads on.
+    let (mut dead, alive, other) = if first == "node-a" { (a, b, "node-b") } else { (b, a, "node-a") };
+    dead.kill9();
+    q.send(&own(WEB, "4.1.0", None));
+    common::wait_for_diag(
+        WAIT,
+        "4.1.0 deployed by the other node",
+        || alive.log_text(),
+        || deployments(&alive, "web").contains(&"4.1.0".to_string()).then_some(()),
+    );
+    q.wait_empty("the message to be deleted");
+    assert_eq!(holder().as_deref(), Some(other));
+    let row = audit(&alive).into_iter().find(|r| r.contains("4.1.0")).expect("audited");
+    assert!(row.contains(&format!("read by node {other}")), "{row}");
 }

@@ -52,7 +52,13 @@ pub async fn run(state: Arc<AppState>, node: String, lease: Duration, shutdown: 
     let mut queue: Option<Queue> = None;
     let mut holding = false;
     loop {
-        let pause = match poll_once(&state, &node, lease, wait, &mut queue, &mut holding, &shutdown).await {
+        // Cut short anywhere on shutdown: a message not deleted yet is
+        // read again, and its publication's keys answer it then.
+        let polled = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = poll_once(&state, &node, lease, wait, &mut queue, &mut holding) => r,
+        };
+        let pause = match polled {
             Ok(()) => None,
             Err(why) => {
                 if let Some(w) = why {
@@ -80,15 +86,7 @@ pub async fn run(state: Arc<AppState>, node: String, lease: Duration, shutdown: 
 /// One receive and its messages. `Err(None)`: nothing to do now (no
 /// `[sqs]`, another node holds the lease); `Err(Some(why))`: a failure
 /// worth a warning. Either way the caller pauses.
-async fn poll_once(
-    state: &AppState,
-    node: &str,
-    lease: Duration,
-    wait: i32,
-    queue: &mut Option<Queue>,
-    holding: &mut bool,
-    shutdown: &CancellationToken,
-) -> Result<(), Option<String>> {
+async fn poll_once(state: &AppState, node: &str, lease: Duration, wait: i32, queue: &mut Option<Queue>, holding: &mut bool) -> Result<(), Option<String>> {
     // An invalid config on disk: no receive until it is fixed (a message
     // read now could only fail, and count towards the dead-letter queue).
     let loaded = state.submitter.config().await.map_err(|_| None)?;
@@ -138,17 +136,10 @@ async fn poll_once(
         .wait_time_seconds(wait)
         .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
         .send();
-    let got = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        r = receive => r.map_err(|e| Some(aws_error("ReceiveMessage", e)))?,
-    };
+    let got = receive.await.map_err(|e| Some(aws_error("ReceiveMessage", e)))?;
     let client = q.client.clone();
     for m in got.messages() {
-        // Not deleted yet: a message cut short here is read again.
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = handle(state, &client, &url, visibility, m) => {}
-        }
+        handle(state, &client, &url, visibility, m).await;
     }
     Ok(())
 }
@@ -264,6 +255,8 @@ async fn extending<T>(client: &aws_sdk_sqs::Client, url: &str, receipt: &str, vi
 }
 
 async fn audit(state: &AppState, url: &str, id: &str, status: i64, detail: String) {
+    // Which node read it: with several, only the lease holder does.
+    let detail = format!("{detail} (read by node {})", state.node);
     let entry =
         AuditEntry { id: 0, at: crate::store::now_ms(), actor: "sqs".into(), address: url.to_string(), action: format!("SQS message {id}"), detail, status };
     if let Err(e) = state.store.record_audit(entry).await {
