@@ -70,6 +70,8 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     tasks.spawn(server_log::run(report_rx));
     tasks.spawn(crate::notify::run(store.clone(), opts.config_path.clone(), notify_rx));
     let node = opts.scheduler.node_id.clone();
+    #[cfg(feature = "aws")]
+    let lease = opts.scheduler.lease;
     let parallelism = opts.scheduler.parallelism;
     let shutdown = CancellationToken::new();
     // The submitter reports gates and rejected revisions on the same bus.
@@ -101,6 +103,9 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     tasks.spawn(crate::trigger::poll::run(submitter.clone(), shutdown.clone()));
     tasks.spawn(tend_machines(submitter.clone(), targets.clone(), shutdown.clone()));
     let state = Arc::new(AppState { store: store.clone(), submitter, metrics, node, services: Some(services.clone()), refusals: Default::default() });
+    // `[sqs]`: one node of the installation reads the queue (a lease).
+    #[cfg(feature = "aws")]
+    tasks.spawn(crate::trigger::sqs_consumer::run(state.clone(), state.node.clone(), lease, shutdown.clone()));
     let app = api::router(state.clone());
     let server = {
         let stop = shutdown.clone();

@@ -619,3 +619,21 @@ command = ["true"]
     let no_cluster = "[[service]]\nname = \"api\"\ntarget = \"ecs\"\nimage = \"123456789012.dkr.ecr.eu-west-1.amazonaws.com/api\"\n";
     assert!(problems(no_cluster).contains("service \"api\" runs on ECS but says not in which cluster"), "{}", problems(no_cluster));
 }
+
+// Issue 16: `[sqs] queue_url` is an SQS queue URL; a build without the
+// `aws` feature refuses the table, saying so.
+#[test]
+fn issue16_sqs_queue_url_is_checked_and_needs_aws() {
+    let ok = "[sqs]\nqueue_url = \"https://sqs.eu-west-1.amazonaws.com/123456789012/deploys\"\n";
+    if cfg!(feature = "aws") {
+        let c = config::parse("slipway.toml", ok).expect("valid");
+        let q = c.sqs.expect("[sqs]").queue;
+        assert_eq!((q.name.as_str(), q.region.as_deref()), ("deploys", Some("eu-west-1")));
+        let out = problems("[sqs]\nqueue_url = \"https://sqs.eu-west-1.amazonaws.com/deploys; rm -rf /\"\nvisibility = 3\n");
+        assert!(out.contains("slipway.toml:2:13 [invalid-value]") && out.contains("is not an SQS queue URL"), "{out}");
+        assert!(out.contains("unknown key `visibility` in [sqs]"), "{out}");
+    } else {
+        let out = problems(ok);
+        assert!(out.contains("[sqs] needs AWS support, and this Slipway was built without it"), "{out}");
+    }
+}

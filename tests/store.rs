@@ -1477,3 +1477,51 @@ async fn issue6_a_background_redeploy_waits_for_an_idle_service_and_a_current_re
         assert!(!store.in_flight_on("staging/service/other").await.unwrap_or_else(|e| panic!("[{name}] {e}")), "[{name}]");
     }
 }
+
+/// Issue 16: a named lease (the SQS consumer's: one poller per
+/// installation). One holder at a time, even when nodes ask at once; the
+/// holder renews it; another takes it once it has lapsed or been given up;
+/// only the holder can give it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue16_named_lease_has_one_holder_renews_and_passes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let (name, store) = (b.0, b.1.clone());
+        let take = |holder: &'static str, ttl: Duration| {
+            let store = store.clone();
+            async move { store.try_lease("sqs", holder, ttl).await.unwrap_or_else(|e| panic!("[{name}] try_lease: {e}")) }
+        };
+        // Ten nodes at once, a free lease: exactly one gets it.
+        let racers: Vec<_> = (0..10)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move { store.try_lease("race", &format!("node-{i}"), LEASE).await.unwrap_or_else(|e| panic!("[{name}] race: {e}")) })
+            })
+            .collect();
+        let mut won = 0;
+        for r in racers {
+            won += usize::from(r.await.unwrap());
+        }
+        assert_eq!(won, 1, "[{name}] one holder of a lease taken at once");
+
+        assert!(take(N1, LEASE).await, "[{name}] a free lease is taken");
+        assert!(!take(N2, LEASE).await, "[{name}] a held lease is refused to another");
+        assert!(take(N1, LEASE).await, "[{name}] its holder renews it");
+        assert!(!take(N2, LEASE).await, "[{name}] still refused after the renewal");
+        // Another name is another lease.
+        assert!(store.try_lease("other", N2, LEASE).await.unwrap(), "[{name}] names are independent");
+
+        // Giving it up: only its holder can.
+        store.release_lease("sqs", N2).await.unwrap_or_else(|e| panic!("[{name}] release: {e}"));
+        assert!(!take(N2, LEASE).await, "[{name}] a release by someone else changes nothing");
+        store.release_lease("sqs", N1).await.unwrap_or_else(|e| panic!("[{name}] release: {e}"));
+        assert!(take(N2, LEASE).await, "[{name}] given up, it is taken at once");
+
+        // A holder that stops renewing: another takes over once it lapses.
+        assert!(!take(N3, Duration::from_millis(1)).await, "[{name}] N2 holds it");
+        store.release_lease("sqs", N2).await.unwrap();
+        assert!(take(N3, Duration::from_millis(1)).await, "[{name}] N3 takes it briefly");
+        common::eventually(Duration::from_secs(10), "the lapsed lease to pass to N1", || take(N1, LEASE)).await;
+        assert!(!take(N3, LEASE).await, "[{name}] the old holder cannot renew what another took over");
+    }
+}

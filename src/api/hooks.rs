@@ -477,6 +477,29 @@ pub async fn published(
     published_event(&s, &caller, req).await
 }
 
+/// What became of a deploy request read from the SQS queue.
+pub enum Queued {
+    /// Recorded (deployments submitted, held or none): the message may go.
+    Recorded(String),
+    /// The request itself is wrong (400, 409): a malformed message.
+    Refused(String),
+    /// A passing reason (store, config, a pin): the message is read again.
+    Later(String),
+}
+
+/// A deploy request from the SQS queue (`crate::trigger::sqs_consumer`):
+/// the same path as `/api/v1/published`, on the installation's own
+/// authority (the queue's IAM policy says who may send).
+pub async fn published_from_queue(s: &AppState, req: super::wire::PublishedRequest) -> Queued {
+    let caller = super::auth::Caller { name: None, roles: Default::default() };
+    match published_event(s, &caller, req).await {
+        Ok((_, axum::Extension(note), _)) => Queued::Recorded(note.0),
+        // 422 is the config on disk, not the message: it waits for a fix.
+        Err(e) if matches!(e.status, StatusCode::BAD_REQUEST | StatusCode::CONFLICT) => Queued::Refused(e.message),
+        Err(e) => Queued::Later(e.message),
+    }
+}
+
 /// An "artifact published" event from `/api/v1/published` or
 /// `/api/v1/events` (`kind = "published"`).
 pub(super) async fn published_event(

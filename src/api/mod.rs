@@ -11,6 +11,7 @@ pub mod auth;
 mod contract;
 mod gates;
 mod hooks;
+pub use hooks::{Queued, published_from_queue};
 pub mod metrics;
 pub mod wire;
 

@@ -57,6 +57,8 @@ pub struct Config {
     pub events: Option<EventsHook>,
     /// `[[notify]]`: outgoing webhooks about deployments.
     pub notify: Vec<Notify>,
+    /// `[sqs]`: deploy requests read from an SQS queue.
+    pub sqs: Option<Sqs>,
     /// What each target read from its own top-level tables (`[[hosts]]`),
     /// by target name.
     pub targets: BTreeMap<String, crate::targets::Settings>,
@@ -105,6 +107,14 @@ pub struct RegistryHook {
     /// Host header its pusher sent; empty, by that header and the event's
     /// URL.
     pub hosts: Vec<String>,
+}
+
+/// `[sqs]`: a queue whose messages are deploy requests
+/// (`crate::trigger::sqs`), read by one node of the installation at a
+/// time. Where AWS is (region, endpoint) is `[aws]`'s.
+#[derive(Debug, Clone)]
+pub struct Sqs {
+    pub queue: crate::trigger::sqs::QueueUrl,
 }
 
 #[derive(Debug, Clone)]
@@ -412,6 +422,12 @@ struct Raw {
     #[serde(default)]
     notify: Vec<Spanned<RawNotify>>,
     events: Option<Spanned<RawEvents>>,
+    sqs: Option<Spanned<RawSqs>>,
+}
+
+#[derive(Deserialize)]
+struct RawSqs {
+    queue_url: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -634,6 +650,25 @@ fn build(raw: Raw, doc: &Spanned<toml::de::DeTable<'_>>, inherited: &[String], p
             environments: e.environments.iter().map(|x| x.get_ref().clone()).collect(),
         }
     });
+    let sqs = raw.sqs.and_then(|q| {
+        let span = q.span();
+        let u = q.into_inner().queue_url;
+        if cfg!(not(feature = "aws")) {
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(span), "[sqs] needs AWS support, and this Slipway was built without it (cargo feature `aws`)")
+                    .label("needs the `aws` feature")
+                    .hint("use a build with the default features, or remove [sqs]"),
+            );
+            return None;
+        }
+        match crate::trigger::sqs::QueueUrl::parse(u.get_ref()) {
+            Ok(queue) => Some(Sqs { queue }),
+            Err(e) => {
+                problems.push(Problem::new(ProblemKind::InvalidValue, Some(u.span()), e).label("not a queue URL"));
+                None
+            }
+        }
+    });
     let mut notify = Vec::new();
     for n in raw.notify {
         let span = n.span();
@@ -843,7 +878,7 @@ fn build(raw: Raw, doc: &Spanned<toml::de::DeTable<'_>>, inherited: &[String], p
     // A deploy's own jobs come after the config's, so `plan` lists the
     // user's jobs in file order first.
     jobs.extend(service_jobs);
-    Config { project, environments, services, jobs, secrets, registries, github, registry_hook, events, notify, targets }
+    Config { project, environments, services, jobs, secrets, registries, github, registry_hook, events, notify, sqs, targets }
 }
 
 /// The target a `[[job]]` runs on and that target's settings of it: the

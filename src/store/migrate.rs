@@ -32,6 +32,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "baseline", include_str!("migrations/0001_baseline.sql")),
     (2, "parts", include_str!("migrations/0002_parts.sql")),
     (3, "target_ref", include_str!("migrations/0003_target_ref.sql")),
+    (4, "leases", include_str!("migrations/0004_leases.sql")),
 ];
 
 /// The newest schema version this build knows.

@@ -778,6 +778,14 @@ pub trait Store: Send + Sync + 'static {
     async fn events_of_kind(&self, kind: &str, limit: i64) -> Result<Vec<EventRow>>;
     /// Newest first.
     async fn service_events(&self, environment: &str, service: &str, limit: i64) -> Result<Vec<ServiceEvent>>;
+    /// Take the named lease for `holder`, or renew it, for `ttl` from now:
+    /// true if `holder` has it now (it was free, expired, or already
+    /// `holder`'s). One statement, so two nodes asking at once never both
+    /// get it.
+    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool>;
+    /// Give the lease up, if `holder` has it (a node that stops cleanly
+    /// hands over at once rather than after its lease lapses).
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()>;
 }
 
 /// Open the store a URL names: `sqlite://PATH` or `postgres://…`.

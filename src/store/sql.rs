@@ -1824,6 +1824,35 @@ impl Store for SqlStore {
         Ok(Revoked::Revoked)
     }
 
+    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        let now = now_ms();
+        let expires = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2));
+        // The conditional upsert decides in the database: the row changes
+        // only for its holder or once it has expired.
+        let taken = sqlx::query(
+            "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at WHERE leases.holder = excluded.holder OR leases.expires_at < $4",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(expires)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::query("take a lease"))?
+        .rows_affected();
+        Ok(taken == 1)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
+            .bind(name)
+            .bind(holder)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query("release a lease"))?;
+        Ok(())
+    }
+
     async fn record_audit(&self, a: AuditEntry) -> Result<()> {
         sqlx::query("INSERT INTO audit (at, actor, address, action, detail, status) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(a.at)

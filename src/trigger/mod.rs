@@ -16,6 +16,9 @@
 pub mod github;
 pub mod poll;
 pub mod registry;
+pub mod sqs;
+#[cfg(feature = "aws")]
+pub mod sqs_consumer;
 
 use crate::config::Config;
 
