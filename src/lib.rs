@@ -19,6 +19,7 @@
 //! - [`trigger`]: events from outside (GitHub and registry webhooks, published events) read, checked and decided into deployments.
 //! - [`service`]: managed services — rollouts behind health checks, the proxy, rollback, supervision.
 //! - [`api`]: the HTTP API, `/metrics`, `/healthz`; the only place wire types are serialized.
+//! - [`aws`]: the `[aws]` table, and (feature `aws`) the SDK configuration every AWS client is built from, and AWS errors in words.
 //! - [`http`]: every outgoing HTTP client — reqwest with rustls (ring provider) and the system's CA roots.
 //! - [`values`]: versions, digests, image names and branches — checked once where they enter, then typed.
 //! - [`cli`]: the `slipway` command line, a client of the API (and of the config for `validate`/`plan`).
@@ -27,6 +28,7 @@
 //! (`crates/slipway-demo`) are crates of their own in this workspace.
 
 pub mod api;
+pub mod aws;
 pub mod cli;
 pub mod config;
 pub mod events;

@@ -554,7 +554,9 @@ batch = "200%"
 }
 
 // Issue 16: services on ECS, and their mistakes: every one at its place,
-// at once.
+// at once. (A build without the `aws` feature refuses ECS services:
+// `issue16_a_build_without_aws_refuses_ecs_services`.)
+#[cfg(feature = "aws")]
 #[test]
 fn issue16_ecs_services_and_their_mistakes() {
     let good = r#"
@@ -636,4 +638,11 @@ fn issue16_sqs_queue_url_is_checked_and_needs_aws() {
         let out = problems(ok);
         assert!(out.contains("[sqs] needs AWS support, and this Slipway was built without it"), "{out}");
     }
+}
+
+#[cfg(not(feature = "aws"))]
+#[test]
+fn issue16_a_build_without_aws_refuses_ecs_services() {
+    let text = "[[service]]\nname = \"api\"\ntarget = \"ecs\"\ncluster = \"prod\"\nimage = \"123456789012.dkr.ecr.eu-west-1.amazonaws.com/api\"\n";
+    assert!(problems(text).contains("runs on ECS, and this Slipway was built without AWS support"), "{}", problems(text));
 }

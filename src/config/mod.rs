@@ -59,6 +59,8 @@ pub struct Config {
     pub notify: Vec<Notify>,
     /// `[sqs]`: deploy requests read from an SQS queue.
     pub sqs: Option<Sqs>,
+    /// `[aws]`: where the ECS target and the SQS trigger reach AWS.
+    pub aws: crate::aws::Aws,
     /// What each target read from its own top-level tables (`[[hosts]]`),
     /// by target name.
     pub targets: BTreeMap<String, crate::targets::Settings>,
@@ -423,6 +425,7 @@ struct Raw {
     notify: Vec<Spanned<RawNotify>>,
     events: Option<Spanned<RawEvents>>,
     sqs: Option<Spanned<RawSqs>>,
+    aws: Option<Spanned<crate::aws::RawAws>>,
 }
 
 #[derive(Deserialize)]
@@ -650,6 +653,7 @@ fn build(raw: Raw, doc: &Spanned<toml::de::DeTable<'_>>, inherited: &[String], p
             environments: e.environments.iter().map(|x| x.get_ref().clone()).collect(),
         }
     });
+    let aws = raw.aws.map(|a| crate::aws::read(a.into_inner(), problems)).unwrap_or_default();
     let sqs = raw.sqs.and_then(|q| {
         let span = q.span();
         let u = q.into_inner().queue_url;
@@ -878,7 +882,7 @@ fn build(raw: Raw, doc: &Spanned<toml::de::DeTable<'_>>, inherited: &[String], p
     // A deploy's own jobs come after the config's, so `plan` lists the
     // user's jobs in file order first.
     jobs.extend(service_jobs);
-    Config { project, environments, services, jobs, secrets, registries, github, registry_hook, events, notify, sqs, targets }
+    Config { project, environments, services, jobs, secrets, registries, github, registry_hook, events, notify, sqs, aws, targets }
 }
 
 /// The target a `[[job]]` runs on and that target's settings of it: the

@@ -7,7 +7,7 @@ use toml::de::{DeTable, DeValue};
 
 use super::diagnostic::{Problem, ProblemKind, did_you_mean};
 
-const TOP: &[&str] = &["project", "environment", "service", "job", "secret", "registry", "github", "registry_hook", "notify", "events", "sqs"];
+const TOP: &[&str] = &["project", "environment", "service", "job", "secret", "registry", "github", "registry_hook", "notify", "events", "sqs", "aws"];
 const SQS: &[&str] = &["queue_url"];
 const EVENTS: &[&str] = &["hmac_secret", "environments"];
 const NOTIFY: &[&str] = &["url", "url_secret", "format", "on", "environments"];
@@ -116,6 +116,7 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
             "registry_hook" => REGISTRY_HOOK,
             "notify" => NOTIFY,
             "sqs" => SQS,
+            "aws" => crate::aws::KEYS,
             "secret" => {
                 // `[secret.NAME]`: one table per secret, under any name.
                 for table in tables(value) {
@@ -133,7 +134,7 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
             },
         };
         let name = key.get_ref().as_ref();
-        let single = matches!(name, "project" | "github" | "registry_hook" | "events" | "sqs") || kind_tables().any(|t| t.name == name && !t.array);
+        let single = matches!(name, "project" | "github" | "registry_hook" | "events" | "sqs" | "aws") || kind_tables().any(|t| t.name == name && !t.array);
         let path = if single { format!("[{name}]") } else { format!("[[{name}]]") };
         for table in tables(value) {
             check_table(table, allowed, &path, &mut problems);

@@ -17,14 +17,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use tokio_util::sync::CancellationToken;
 
 use super::sqs::{self, Message, What};
 use crate::api::{AppState, Queued};
+use crate::aws::Aws;
 use crate::store::AuditEntry;
-use crate::targets::ecs::config::Aws;
 
 /// The store lease only one node holds.
 pub const LEASE: &str = "sqs";
@@ -96,7 +96,7 @@ async fn poll_once(state: &AppState, node: &str, lease: Duration, wait: i32, que
         }
         return Err(None);
     };
-    let aws: Aws = loaded.config.targets.get("ecs").and_then(|s| s.get::<Aws>().ok()).unwrap_or_default();
+    let aws: Aws = loaded.config.aws.clone();
     match state.store.try_lease(LEASE, node, lease).await {
         Ok(true) => {
             if !*holding {
@@ -147,19 +147,8 @@ async fn poll_once(state: &AppState, node: &str, lease: Duration, wait: i32, que
 /// A client per region and endpoint: `[aws]`'s, else the queue URL's
 /// region, else the standard chain's; credentials from the standard chain.
 async fn client(aws: &Aws, queue_region: Option<&str>) -> aws_sdk_sqs::Client {
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring))
-        .build_https();
-    let timeouts =
-        aws_config::timeout::TimeoutConfig::builder().connect_timeout(CONNECT).operation_attempt_timeout(ATTEMPT).operation_timeout(OPERATION).build();
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http).timeout_config(timeouts);
-    if let Some(r) = aws.region.as_deref().or(queue_region) {
-        loader = loader.region(aws_config::Region::new(r.to_string()));
-    }
-    if let Some(e) = &aws.endpoint {
-        loader = loader.endpoint_url(e.clone());
-    }
-    aws_sdk_sqs::Client::new(&loader.load().await)
+    let timeouts = crate::aws::Timeouts { connect: CONNECT, attempt: ATTEMPT, operation: OPERATION };
+    aws_sdk_sqs::Client::new(&crate::aws::sdk_config(aws, queue_region, None, timeouts).await)
 }
 
 async fn visibility_of(client: &aws_sdk_sqs::Client, url: &str) -> Result<u32, String> {
@@ -270,9 +259,5 @@ fn aws_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static
     what: &str,
     e: SdkError<E, aws_sdk_sqs::config::http::HttpResponse>,
 ) -> String {
-    match &e {
-        SdkError::ServiceError(s) => format!("{what}: {}: {}", s.err().code().unwrap_or("error"), s.err().message().unwrap_or("")),
-        SdkError::ResponseError(r) => format!("{what}: an unreadable answer, HTTP {}", r.raw().status().as_u16()),
-        _ => format!("{what}: {}", DisplayErrorContext(&e)),
-    }
+    crate::aws::call_error(what, e).message
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_ecs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
 use tokio_util::sync::CancellationToken;
 
 use super::config::{Aws, ServiceSettings};
@@ -51,25 +51,8 @@ impl EcsTarget {
         if let Some(c) = cache.get(aws) {
             return c.clone();
         }
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring))
-            .build_https();
-        let timeouts = aws_config::timeout::TimeoutConfig::builder()
-            .connect_timeout(CONNECT)
-            .operation_attempt_timeout(ATTEMPT)
-            .operation_timeout(OPERATION)
-            .build();
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http).timeout_config(timeouts);
-        if let Some(r) = &aws.region {
-            loader = loader.region(aws_config::Region::new(r.clone()));
-        }
-        if let Some(e) = &aws.endpoint {
-            loader = loader.endpoint_url(e.clone());
-        }
-        if let Some(c) = &self.credentials {
-            loader = loader.credentials_provider(c.clone());
-        }
-        let sdk = loader.load().await;
+        let timeouts = crate::aws::Timeouts { connect: CONNECT, attempt: ATTEMPT, operation: OPERATION };
+        let sdk = crate::aws::sdk_config(aws, None, self.credentials.clone(), timeouts).await;
         let c = Clients { ecs: aws_sdk_ecs::Client::new(&sdk), ecr: aws_sdk_ecr::Client::new(&sdk) };
         cache.insert(aws.clone(), c.clone());
         c
@@ -87,51 +70,19 @@ pub(super) fn aws_error<E>(what: &str, e: SdkError<E, aws_sdk_ecs::config::http:
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    match &e {
-        SdkError::ServiceError(s) => {
-            let err = s.err();
-            let code = err.code().unwrap_or("error");
-            let message = err.message().unwrap_or("");
-            let kind = if code.ends_with("NotFoundException") || code == "ImageNotFoundException" {
-                TargetErrorKind::NotFound
-            } else if matches!(code, "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException" | "ExpiredTokenException")
-                || code.starts_with("InvalidParameter")
-                || code == "ClientException"
-            {
-                TargetErrorKind::Refused
-            } else {
-                TargetErrorKind::Failed
-            };
-            TargetError::new(kind, format!("{what}: {code}: {message}"))
+    let e = crate::aws::call_error(what, e);
+    let kind = match e.code.as_deref() {
+        Some(code) if code.ends_with("NotFoundException") => TargetErrorKind::NotFound,
+        Some("AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException" | "ExpiredTokenException" | "ClientException") => {
+            TargetErrorKind::Refused
         }
-        // An answer that is not AWS's JSON (a proxy's or a server's error
-        // page): its status, not its body.
-        SdkError::ResponseError(r) => {
-            TargetError::new(TargetErrorKind::Unavailable, format!("{what}: an unreadable answer, HTTP {}", r.raw().status().as_u16()))
-        }
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
-            // The chain's own words, without the SDK's debug dump.
-            let mut chain: Vec<String> = Vec::new();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                let text = s.to_string();
-                if !text.is_empty() && text != "other" && !chain.iter().any(|c| c.contains(&text)) {
-                    chain.push(text);
-                }
-                source = s.source();
-            }
-            if chain.iter().any(|c| c.contains("loading credentials") || c.contains("no providers in chain provided credentials")) {
-                let last = chain.last().cloned().unwrap_or_default();
-                return TargetError::new(
-                    TargetErrorKind::Refused,
-                    format!("{what}: no AWS credentials (the standard chain: AWS_ACCESS_KEY_ID, a profile, web identity, a container or instance role): {last}"),
-                );
-            }
-            let why = if chain.is_empty() { e.to_string() } else { chain.join(": ") };
-            TargetError::new(TargetErrorKind::Unavailable, format!("{what}: AWS did not answer: {why}"))
-        }
-        _ => TargetError::new(TargetErrorKind::Failed, format!("{what}: {}", DisplayErrorContext(&e))),
-    }
+        Some(code) if code.starts_with("InvalidParameter") => TargetErrorKind::Refused,
+        Some(_) => TargetErrorKind::Failed,
+        None if e.no_credentials => TargetErrorKind::Refused,
+        None if e.unanswered => TargetErrorKind::Unavailable,
+        None => TargetErrorKind::Failed,
+    };
+    TargetError::new(kind, e.message)
 }
 
 /// An ECR image name: `ACCOUNT.dkr.ecr.REGION.amazonaws.com/repo`.

@@ -1,6 +1,5 @@
-//! The ecs target's part of `slipway.toml`: the `[aws]` table (region,
-//! an endpoint for tests and compatible services) and a service's
-//! `cluster`, `ecs_service` and `container`. A service's settings carry
+//! The ecs target's part of `slipway.toml`: a service's `cluster`,
+//! `ecs_service` and `container`, with the `[aws]` table (`crate::aws`). A service's settings carry
 //! the `[aws]` table too, so a deployment talks to the AWS its pinned
 //! revision names, whatever the config says later. Builds without the
 //! `aws` feature read the same keys (the config stays valid for them to
@@ -10,34 +9,14 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::config::{Problem, ProblemKind};
-use crate::targets::{ConfigTables, Key, KeyTable, Settings, TableKeys};
-
-pub const AWS: TableKeys = TableKeys {
-    name: "aws",
-    array: false,
-    keys: &[
-        Key { name: "region", kind: "string", doc: "the AWS region (default: the standard chain's, AWS_REGION or the profile's)" },
-        Key {
-            name: "endpoint",
-            kind: "string",
-            doc: "one URL for every AWS API Slipway calls (tests, compatible services); default: AWS's own endpoints",
-        },
-    ],
-    doc: "where Slipway reaches AWS; credentials come from the standard AWS chain (environment, profile, instance or task role)",
-};
+pub use crate::aws::Aws;
+use crate::targets::{ConfigTables, Key, KeyTable, Settings};
 
 pub const SERVICE_KEYS: &[Key] = &[
     Key { name: "cluster", kind: "string", doc: "the ECS cluster the service runs in" },
     Key { name: "ecs_service", kind: "string", doc: "the ECS service's name (default: the service's name)" },
     Key { name: "container", kind: "string", doc: "the container of the task definition that runs `image` (default: the service's name)" },
 ];
-
-/// `[aws]` as written.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Aws {
-    pub region: Option<String>,
-    pub endpoint: Option<String>,
-}
 
 /// What a service on ECS runs against.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,46 +29,19 @@ pub struct ServiceSettings {
 }
 
 #[derive(Deserialize)]
-struct RawAws {
-    region: Option<Spanned<String>>,
-    endpoint: Option<Spanned<String>>,
-}
-
-#[derive(Deserialize)]
 struct RawService {
     cluster: Option<Spanned<String>>,
     ecs_service: Option<Spanned<String>>,
     container: Option<Spanned<String>>,
 }
 
-/// `[aws]`; problems each at its place.
+/// `[aws]`, handed to each service's settings (a deployment talks to
+/// the AWS its pinned revision names). The config checks the table itself
+/// (`crate::aws`) and reports its mistakes; it is read quietly here.
 pub fn read_aws(cx: &mut ConfigTables<'_, '_>) -> Option<Settings> {
     let table = cx.tables("aws").into_iter().next()?;
-    let raw: RawAws = cx.read(&table)?;
-    let mut aws = Aws::default();
-    if let Some(r) = raw.region {
-        let ok = !r.get_ref().is_empty() && r.get_ref().chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        if ok {
-            aws.region = Some(r.get_ref().clone());
-        } else {
-            cx.problem(
-                Problem::new(ProblemKind::InvalidValue, Some(r.span()), format!("{:?} is not an AWS region", r.get_ref()))
-                    .label("not a region")
-                    .hint("e.g. region = \"eu-west-1\""),
-            );
-        }
-    }
-    if let Some(e) = raw.endpoint {
-        match reqwest::Url::parse(e.get_ref()) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => aws.endpoint = Some(e.get_ref().trim_end_matches('/').to_string()),
-            _ => cx.problem(
-                Problem::new(ProblemKind::InvalidValue, Some(e.span()), format!("`endpoint` {:?} is not an http(s) URL", e.get_ref()))
-                    .label("not a URL")
-                    .hint("e.g. endpoint = \"http://127.0.0.1:5000\""),
-            ),
-        }
-    }
-    Some(Settings::of(&aws))
+    let raw = crate::aws::RawAws::deserialize(toml::de::Deserializer::from(table)).ok()?;
+    Some(Settings::of(&crate::aws::read(raw, &mut Vec::new())))
 }
 
 fn name_ok(s: &str) -> bool {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{Capabilities, ConfigTables, Key, KeyTable, NodeContext, Settings, TableKeys, Target, TargetError, TargetKind};
+use super::{Capabilities, ConfigTables, Key, KeyTable, NodeContext, Settings, Target, TargetError, TargetKind};
 
 pub mod config;
 #[cfg(feature = "aws")]
@@ -66,10 +66,6 @@ impl TargetKind for Kind {
     /// ECS's own deadline, then the revert (a few calls, each bounded).
     fn rollout_timeout(&self, spec: &crate::config::service::ServiceSpec) -> Option<std::time::Duration> {
         Some(spec.health.deadline + std::time::Duration::from_secs(120))
-    }
-
-    fn tables(&self) -> &'static [TableKeys] {
-        &[config::AWS]
     }
 
     fn read_tables(&self, tables: &mut ConfigTables<'_, '_>) -> Option<Settings> {
