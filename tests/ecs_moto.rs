@@ -128,7 +128,7 @@ health = {{ deadline = "15s" }}
     assert_eq!(tasks.len(), 1, "{tasks:?}");
     assert!(tasks[0]["taskDefinitionArn"].as_str().unwrap().ends_with("api:2"));
     assert_eq!(tasks[0]["overrides"]["containerOverrides"][0]["command"], serde_json::json!(["bin/migrate", "1.4.0"]));
-    assert!(tasks[0]["startedBy"].as_str().unwrap().starts_with("slipway-"));
+    assert!(tasks[0]["startedBy"].as_str().unwrap().starts_with("sw-"));
 
     // And the revert: the service is back on revision 1.
     let after = fixture(&m, "show");

@@ -241,8 +241,8 @@ fn issue16_scripted_a_migration_outlives_a_killed_node_and_runs_once() {
     server.kill9();
     let _ = deploy.kill();
     let _ = deploy.wait();
-    // It finishes while no node watches it.
-    aws.with(|s| s.task_polls = 0);
+    // It runs on while no node watches it: the next node follows it.
+    aws.tasks_stop_after(3);
     let server = serve(&dir, &["--lease", "3s"]);
     let out = common::wait_for(Duration::from_secs(120), "the deployment to finish", || {
         let out = server.cli(dir.path(), &["status", "--json"]);
@@ -252,6 +252,8 @@ fn issue16_scripted_a_migration_outlives_a_killed_node_and_runs_once() {
     });
     assert_eq!(out.0, "succeeded", "{}", out.1);
     assert_eq!(aws.calls_of("RunTask").len(), 1, "the migration ran once: {:?}", aws.ops());
+    let logs = text(&server.cli(dir.path(), &["logs", "1"]));
+    assert!(logs.contains("still runs: following it"), "the next attempt followed the running task: {logs}");
     assert_eq!(aws.service_task_definition(), "arn:aws:ecs:eu-west-1:123456789012:task-definition/api:2");
 }
 

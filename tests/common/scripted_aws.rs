@@ -162,6 +162,17 @@ impl ScriptedAws {
         format!("{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/api")
     }
 
+    /// Every one-off task still running stops (exit code `task_exit`)
+    /// after `n` more DescribeTasks of it.
+    pub fn tasks_stop_after(&self, n: u32) {
+        self.with(|s| {
+            s.task_polls = n;
+            for (_, seen) in s.tasks.values_mut() {
+                *seen = 0;
+            }
+        })
+    }
+
     pub fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         f(&mut self.state.lock().unwrap())
     }
@@ -302,6 +313,12 @@ fn handle(s: &mut State, op: &str, req: Value) -> (u16, Value) {
             (200, json!({"service": {"serviceName": "api", "taskDefinition": s.service_td}}))
         }
         "RunTask" => {
+            // ECS's documented limit on startedBy.
+            if let Some(by) = req["startedBy"].as_str()
+                && (by.len() > 36 || !by.chars().all(|c| c.is_ascii_alphanumeric() || "-/_".contains(c)))
+            {
+                return error("InvalidParameterException", "startedBy: at most 36 letters, numbers, hyphens, forward slashes and underscores");
+            }
             let n = s.tasks.len() + 1;
             let arn = format!("arn:aws:ecs:{REGION}:{ACCOUNT}:task/prod/task{n}");
             let container = req["overrides"]["containerOverrides"][0]["name"].as_str().unwrap_or("app").to_string();
@@ -315,11 +332,18 @@ fn handle(s: &mut State, op: &str, req: Value) -> (u16, Value) {
         }
         "ListTasks" => {
             let by = req["startedBy"].as_str();
+            // As ECS documents it: startedBy is the only filter when given.
+            if by.is_some() && (req.get("desiredStatus").is_some() || req.get("family").is_some() || req.get("serviceName").is_some()) {
+                return error("InvalidParameterException", "startedBy must be the only filter when it is given");
+            }
+            // Without desiredStatus: the running ones.
             let want_stopped = req["desiredStatus"].as_str() == Some("STOPPED");
+            let family = req["family"].as_str();
             let arns: Vec<&String> = s
                 .tasks
                 .iter()
                 .filter(|(_, (t, _))| by.is_none() || t["startedBy"].as_str() == by)
+                .filter(|(_, (t, _))| family.is_none_or(|f| t["taskDefinitionArn"].as_str().is_some_and(|d| d.contains(&format!("/{f}:")))))
                 .filter(|(_, (t, _))| (t["lastStatus"] == "STOPPED") == want_stopped)
                 .map(|(a, _)| a)
                 .collect();

@@ -23,16 +23,12 @@ use crate::targets::{JobRequest, OutputSink, RunResult, TargetError};
 const TAG_JOB: &str = "slipway:job";
 const TAG_ATTEMPT: &str = "slipway:attempt";
 
-/// `startedBy` of the tasks of one job of one deployment (ECS allows 128
-/// characters; long job names are hashed).
+/// `startedBy` of the tasks of one job of one deployment: ECS takes at
+/// most 36 letters, digits, `-`, `/` and `_`, so a hash of installation,
+/// deployment and job (the tags say them in words).
 fn started_by(installation: &str, deployment_id: i64, job: &str) -> String {
-    let inst = hex::encode(&sha2::Sha256::digest(installation.as_bytes())[..4]);
-    let s = format!("slipway-{inst}-{deployment_id}-{job}");
-    if s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        s
-    } else {
-        format!("slipway-{inst}-{deployment_id}-{}", hex::encode(&sha2::Sha256::digest(job.as_bytes())[..16]))
-    }
+    let h = sha2::Sha256::digest(format!("{installation}\n{deployment_id}\n{job}").as_bytes());
+    format!("sw-{}", hex::encode(&h[..16]))
 }
 
 fn tag<'a>(task: &'a Task, key: &str) -> Option<&'a str> {
@@ -60,7 +56,10 @@ async fn one_off(target: &EcsTarget, req: &JobRequest, output: &OutputSink, canc
     let by = started_by(&target.installation, req.deployment_id, &req.job);
     let deadline = Instant::now() + timeout;
 
-    let task_arn = match earlier(&c, &s, &by, req.attempt).await? {
+    let svc = describe_service(&c, &s).await?;
+    let current = svc.task_definition().unwrap_or_default().to_string();
+    let family = family_of(&current);
+    let task_arn = match earlier(&c, &s, &family, &by, req.attempt).await? {
         Some(t) if t.last_status() != Some("STOPPED") => {
             let arn = t.task_arn().unwrap_or_default().to_string();
             say(output, format!("task {arn} of attempt {} still runs: following it (a one-off task is never started twice)", tag(&t, TAG_ATTEMPT).unwrap_or("?"))).await;
@@ -72,83 +71,127 @@ async fn one_off(target: &EcsTarget, req: &JobRequest, output: &OutputSink, canc
             return Ok(ended(&t, &s.container));
         }
         _ => {
-            let svc = describe_service(&c, &s).await?;
-            let current = svc.task_definition().unwrap_or_default().to_string();
             let (td, registered) = task_definition_for(target, &c, &s, &current, &image, req.deployment_id).await?;
             say(output, format!("task definition {} {td} ({image})", if registered { "registered:" } else { "of" })).await;
-            start(&c, &s, &svc, &td, &by, req, &argv).await?
+            match start(&c, &s, &svc, &td, &by, req, &argv).await {
+                Ok(arn) => arn,
+                // The call may have started it before failing (a timeout):
+                // one found under this attempt is followed, never doubled.
+                Err(e) => match earlier(&c, &s, &family, &by, req.attempt + 1).await {
+                    Ok(Some(t)) if tag(&t, TAG_ATTEMPT) == Some(req.attempt.to_string().as_str()) => t.task_arn().unwrap_or_default().to_string(),
+                    _ => return Err(e),
+                },
+            }
         }
     };
     say(output, format!("one-off task {task_arn}: {}", argv.join(" "))).await;
-    let mut said = String::new();
-    loop {
-        let t = describe(&c, &s, &task_arn).await?;
-        if let Some(t) = &t {
-            let status = t.last_status().unwrap_or("?").to_string();
-            if status != said {
-                say(output, format!("task {status}")).await;
-                said = status;
-            }
-            if t.last_status() == Some("STOPPED") {
-                return Ok(ended(t, &s.container));
+    let stop = |why: &'static str| {
+        let call = c.ecs.stop_task().cluster(&s.cluster).task(&task_arn).reason(format!("slipway: {why}"));
+        async move {
+            match call.send().await {
+                Ok(_) => format!("task stopped: {why}"),
+                Err(e) => format!("{why}, and stopping the task failed (it may still run): {}", aws_error("StopTask", e).message),
             }
         }
-        let stop = |why: &'static str| {
-            let call = c.ecs.stop_task().cluster(&s.cluster).task(&task_arn).reason(format!("slipway: {why}"));
-            async move {
-                let _ = call.send().await;
-                why
+    };
+    let mut said = String::new();
+    let mut last_error: Option<String>;
+    loop {
+        // A failed look is waited out until the deadline (the task goes
+        // on either way); it is named then.
+        match describe(&c, &s, &task_arn).await {
+            Ok(Some(t)) => {
+                last_error = None;
+                let status = t.last_status().unwrap_or("?").to_string();
+                if status != said {
+                    say(output, format!("task {status}")).await;
+                    said = status;
+                }
+                if t.last_status() == Some("STOPPED") {
+                    return Ok(ended(&t, &s.container));
+                }
             }
-        };
+            Ok(None) => last_error = Some(format!("ECS does not know task {task_arn}")),
+            Err(e) => last_error = Some(e.message),
+        }
         if Instant::now() >= deadline {
             let why = stop("timed out").await;
-            return Ok(RunResult { outcome: Outcome::TimedOut, exit_code: None, reason: Some(format!("{why} after {}", humantime::format_duration(timeout))), parts: Vec::new() });
+            let detail = last_error.map(|e| format!(" (last answer: {e})")).unwrap_or_default();
+            return Ok(RunResult {
+                outcome: Outcome::TimedOut,
+                exit_code: None,
+                reason: Some(format!("{why} after {}{detail}", humantime::format_duration(timeout))),
+                parts: Vec::new(),
+            });
         }
         tokio::select! {
             _ = cancel.cancelled() => {
                 let why = stop("cancelled").await;
-                return Ok(RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(format!("task stopped: {why}")), parts: Vec::new() });
+                return Ok(RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(why), parts: Vec::new() });
             }
             _ = tokio::time::sleep(target.poll.min(deadline.saturating_duration_since(Instant::now()))) => {}
         }
     }
 }
 
-/// The newest task an earlier attempt of this job started, if ECS still
-/// knows it (running, or stopped within the last hour or so).
-async fn earlier(c: &Clients, s: &ServiceSettings, by: &str, attempt: i64) -> Result<Option<Task>, TargetError> {
-    let mut arns = Vec::new();
-    for status in [DesiredStatus::Running, DesiredStatus::Stopped] {
+/// `family` of `arn:…:task-definition/family:revision` (or `family:revision`).
+fn family_of(task_definition: &str) -> String {
+    let name = task_definition.rsplit_once('/').map(|(_, n)| n).unwrap_or(task_definition);
+    name.rsplit_once(':').map(|(f, _)| f).unwrap_or(name).to_string()
+}
+
+/// Most tasks of a family listed when looking for an earlier attempt's.
+const LIST_PAGES: usize = 10;
+
+/// The task an earlier attempt (below `attempt`) of this job started, if
+/// ECS still knows it: a running one first (never two at once), else the
+/// newest attempt's stopped one (ECS keeps those about an hour). ECS
+/// allows `startedBy` only as ListTasks' sole filter: running tasks are
+/// listed by it, stopped ones by family, and filtered here.
+async fn earlier(c: &Clients, s: &ServiceSettings, family: &str, by: &str, attempt: i64) -> Result<Option<Task>, TargetError> {
+    let mut arns: Vec<String> = Vec::new();
+    let running = c.ecs.list_tasks().cluster(&s.cluster).started_by(by).send().await.map_err(|e| aws_error("listing this job's running tasks", e))?;
+    arns.extend(running.task_arns().iter().cloned());
+    let mut token: Option<String> = None;
+    for _ in 0..LIST_PAGES {
         let out = c
             .ecs
             .list_tasks()
             .cluster(&s.cluster)
-            .started_by(by)
-            .desired_status(status)
+            .family(family)
+            .desired_status(DesiredStatus::Stopped)
+            .set_next_token(token.take())
             .send()
             .await
-            .map_err(|e| aws_error("listing this job's tasks", e))?;
-        arns.extend(out.task_arns().iter().cloned());
+            .map_err(|e| aws_error("listing the family's stopped tasks", e))?;
+        arns.extend(out.task_arns().iter().filter(|a| !arns.contains(a)).cloned().collect::<Vec<_>>());
+        match out.next_token() {
+            Some(t) if !t.is_empty() => token = Some(t.to_string()),
+            _ => break,
+        }
     }
-    if arns.is_empty() {
-        return Ok(None);
+    let mut tasks: Vec<(i64, Task)> = Vec::new();
+    // DescribeTasks takes at most 100 tasks a call.
+    for chunk in arns.chunks(100) {
+        let out = c
+            .ecs
+            .describe_tasks()
+            .cluster(&s.cluster)
+            .set_tasks(Some(chunk.to_vec()))
+            .include(TaskField::Tags)
+            .send()
+            .await
+            .map_err(|e| aws_error("describing this job's tasks", e))?;
+        // `startedBy` names the deployment and job; a task without an
+        // attempt tag counts as the first attempt's.
+        tasks.extend(
+            out.tasks()
+                .iter()
+                .filter(|t| t.started_by() == Some(by))
+                .map(|t| (tag(t, TAG_ATTEMPT).and_then(|a| a.parse::<i64>().ok()).unwrap_or(1), t.clone()))
+                .filter(|(a, _)| *a < attempt),
+        );
     }
-    let out = c
-        .ecs
-        .describe_tasks()
-        .cluster(&s.cluster)
-        .set_tasks(Some(arns))
-        .include(TaskField::Tags)
-        .send()
-        .await
-        .map_err(|e| aws_error("describing this job's tasks", e))?;
-    let mut tasks: Vec<(i64, Task)> = out
-        .tasks()
-        .iter()
-        .filter(|t| t.started_by() == Some(by))
-        .filter_map(|t| tag(t, TAG_ATTEMPT).and_then(|a| a.parse::<i64>().ok()).filter(|a| *a < attempt).map(|a| (a, t.clone())))
-        .collect();
-    // A running one first (never two at once), then the newest attempt.
     tasks.sort_by_key(|(a, t)| (t.last_status() != Some("STOPPED"), *a));
     Ok(tasks.pop().map(|(_, t)| t))
 }
@@ -227,11 +270,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_task_definitions_family() {
+        assert_eq!(family_of("arn:aws:ecs:eu-west-1:123456789012:task-definition/api:7"), "api");
+        assert_eq!(family_of("api-web:12"), "api-web");
+        assert_eq!(family_of("api"), "api");
+    }
+
+    #[test]
     fn started_by_fits_ecs_and_names_the_job() {
-        let s = started_by("inst", 42, "api.migrate");
-        assert!(s.starts_with("slipway-") && s.ends_with("-42-api.migrate"), "{s}");
-        let long = started_by("inst", 42, &"x".repeat(200));
-        assert!(long.len() <= 128, "{long}");
+        for s in [started_by("inst", 42, "api.migrate"), started_by("inst", 42, &"x".repeat(200))] {
+            assert!(s.len() <= 36 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-/_".contains(c)), "{s}");
+        }
         assert_ne!(started_by("a", 1, "j"), started_by("b", 1, "j"));
+        assert_ne!(started_by("a", 1, "j"), started_by("a", 2, "j"));
+        assert_ne!(started_by("a", 1, "j"), started_by("a", 1, "k"));
     }
 }
