@@ -307,3 +307,18 @@ fn issue16_scripted_a_node_killed_mid_rollout_is_followed_by_one_that_brings_bac
     let status: Value = serde_json::from_slice(&server.cli(dir.path(), &["status", "--json"]).stdout).expect("status --json");
     assert_eq!(status["services"][0]["version"], "1.1", "{status}");
 }
+
+#[test]
+fn issue16_scripted_a_read_lagging_behind_the_update_is_not_taken_for_ecs_going_back() {
+    let aws = ScriptedAws::start();
+    // The next three DescribeServices still show the service before it.
+    aws.with(|s| {
+        s.lag_reads = 3;
+        s.next_rollout = Some(Rollout::Completes { polls: 1 });
+    });
+    let dir = config(&aws, "60s");
+    let server = serve(&dir, &[]);
+    let out = deploy(&server, &dir, "1.1");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(aws.calls_of("UpdateService").len(), 1, "no revert: {:?}", aws.ops());
+}

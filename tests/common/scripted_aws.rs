@@ -57,6 +57,10 @@ pub struct State {
     pub task_exit: i32,
     pub task_polls: u32,
     tasks: BTreeMap<String, (Value, u32)>,
+    /// DescribeServices calls after the next UpdateService that still
+    /// answer the state before it (eventual consistency).
+    pub lag_reads: u32,
+    stale: Option<(String, Vec<Deployment>, u32)>,
     /// ECR: repository → (tag, digest hex).
     pub images: BTreeMap<String, Vec<(String, String)>>,
     /// ECR: digest hex → when it was pushed (epoch seconds), for images
@@ -196,6 +200,16 @@ impl ScriptedAws {
     }
 }
 
+fn service_json(td: &str, deployments: Vec<Value>, events: Vec<Value>) -> Value {
+    json!({"services": [{
+        "serviceName": "api", "status": "ACTIVE", "taskDefinition": td, "desiredCount": 2,
+        "launchType": "FARGATE", "platformVersion": "LATEST",
+        "deploymentConfiguration": {"maximumPercent": 200, "minimumHealthyPercent": 100},
+        "networkConfiguration": {"awsvpcConfiguration": {"subnets": ["subnet-1"], "securityGroups": ["sg-1"], "assignPublicIp": "DISABLED"}},
+        "deployments": deployments, "events": events
+    }], "failures": []})
+}
+
 fn error(kind: &str, message: &str) -> (u16, Value) {
     (400, json!({"__type": kind, "message": message}))
 }
@@ -256,19 +270,18 @@ fn handle(s: &mut State, op: &str, req: Value) -> (u16, Value) {
             if req["services"][0].as_str() != Some("api") || req["cluster"].as_str() != Some("prod") {
                 return (200, json!({"services": [], "failures": [{"arn": req["services"][0], "reason": "MISSING"}]}));
             }
+            // An eventually consistent read: the state before the update.
+            if let Some((td, deployments, left)) = &mut s.stale
+                && *left > 0
+            {
+                *left -= 1;
+                let (td, deployments) = (td.clone(), deployments.clone());
+                return (200, service_json(&td, deployments.iter().map(deployment_json).collect(), vec![]));
+            }
             advance(s);
             let deployments: Vec<Value> = s.deployments.iter().map(deployment_json).collect();
             let events: Vec<Value> = s.events.iter().rev().map(|m| json!({"id": "e", "message": m})).collect();
-            (
-                200,
-                json!({"services": [{
-                    "serviceName": "api", "status": "ACTIVE", "taskDefinition": s.service_td, "desiredCount": 2,
-                    "launchType": "FARGATE", "platformVersion": "LATEST",
-                    "deploymentConfiguration": {"maximumPercent": 200, "minimumHealthyPercent": 100},
-                    "networkConfiguration": {"awsvpcConfiguration": {"subnets": ["subnet-1"], "securityGroups": ["sg-1"], "assignPublicIp": "DISABLED"}},
-                    "deployments": deployments, "events": events
-                }], "failures": []}),
-            )
+            (200, service_json(&s.service_td, deployments, events))
         }
         "DescribeTaskDefinition" => {
             let want = req["taskDefinition"].as_str().unwrap_or("");
@@ -309,8 +322,25 @@ fn handle(s: &mut State, op: &str, req: Value) -> (u16, Value) {
                 0,
                 Deployment { id, task_definition: arn.clone(), status: "PRIMARY", state: "IN_PROGRESS", reason: String::new(), polls: 0, script: Some(script) },
             );
+            if s.lag_reads > 0 {
+                let before: Vec<Deployment> = s
+                    .deployments
+                    .iter()
+                    .skip(1)
+                    .cloned()
+                    .map(|mut d| {
+                        if d.status == "ACTIVE" {
+                            d.status = "PRIMARY";
+                        }
+                        d
+                    })
+                    .collect();
+                s.stale = Some((s.service_td.clone(), before, s.lag_reads));
+            }
             s.service_td = arn;
-            (200, json!({"service": {"serviceName": "api", "taskDefinition": s.service_td}}))
+            // As ECS answers: the service with its new PRIMARY deployment.
+            let deployments: Vec<Value> = s.deployments.iter().map(deployment_json).collect();
+            (200, json!({"service": {"serviceName": "api", "taskDefinition": s.service_td, "deployments": deployments}}))
         }
         "RunTask" => {
             // ECS's documented limit on startedBy.

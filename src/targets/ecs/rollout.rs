@@ -73,6 +73,38 @@ fn image_of<'a>(td: &'a TaskDefinition, container: &str) -> Option<&'a str> {
     td.container_definitions().iter().find(|c| c.name() == Some(container)).and_then(|c| c.image())
 }
 
+/// Whether two task definitions differ at most in `container`'s image: a
+/// revision registered earlier is reused only then, so a deploy never
+/// brings back settings changed since (roles, sidecars, environment).
+fn same_but_image(a: &TaskDefinition, b: &TaskDefinition, container: &str) -> bool {
+    let without_image = |td: &TaskDefinition| -> Vec<aws_sdk_ecs::types::ContainerDefinition> {
+        td.container_definitions()
+            .iter()
+            .map(|cd| {
+                let mut cd = cd.clone();
+                if cd.name() == Some(container) {
+                    cd.image = None;
+                }
+                cd
+            })
+            .collect()
+    };
+    without_image(a) == without_image(b)
+        && a.task_role_arn() == b.task_role_arn()
+        && a.execution_role_arn() == b.execution_role_arn()
+        && a.network_mode() == b.network_mode()
+        && a.volumes() == b.volumes()
+        && a.placement_constraints() == b.placement_constraints()
+        && a.requires_compatibilities() == b.requires_compatibilities()
+        && a.cpu() == b.cpu()
+        && a.memory() == b.memory()
+        && a.pid_mode() == b.pid_mode()
+        && a.ipc_mode() == b.ipc_mode()
+        && a.proxy_configuration() == b.proxy_configuration()
+        && a.ephemeral_storage() == b.ephemeral_storage()
+        && a.runtime_platform() == b.runtime_platform()
+}
+
 fn nonempty<T: Clone>(v: &[T]) -> Option<Vec<T>> {
     (!v.is_empty()).then(|| v.to_vec())
 }
@@ -129,7 +161,11 @@ pub(super) async fn task_definition_for(
             continue;
         }
         let (td, tags) = describe_task_definition(c, &arn).await?;
-        if tag(&tags, TAG_IMAGE) == Some(image) && image_of(&td, &s.container) == Some(image) && tag(&tags, TAG_INSTALLATION) == Some(&target.installation) {
+        if tag(&tags, TAG_IMAGE) == Some(image)
+            && image_of(&td, &s.container) == Some(image)
+            && tag(&tags, TAG_INSTALLATION) == Some(&target.installation)
+            && same_but_image(&td, &current, &s.container)
+        {
             return Ok((arn, false));
         }
     }
@@ -179,11 +215,12 @@ pub(super) async fn task_definition_for(
 /// Point the service at `arn` with the circuit breaker on (ECS stops a
 /// failing deployment and goes back by itself), the service's other
 /// deployment settings kept.
-async fn update_service(c: &Clients, s: &ServiceSettings, svc: &Service, arn: &str) -> Result<(), TargetError> {
+async fn update_service(c: &Clients, s: &ServiceSettings, svc: &Service, arn: &str) -> Result<Option<String>, TargetError> {
     let breaker = DeploymentCircuitBreaker::builder().enable(true).rollback(true).build();
     let mut config = svc.deployment_configuration().cloned().unwrap_or_else(|| DeploymentConfiguration::builder().build());
     config.deployment_circuit_breaker = Some(breaker);
-    c.ecs
+    let out = c
+        .ecs
         .update_service()
         .cluster(&s.cluster)
         .service(&s.ecs_service)
@@ -192,7 +229,13 @@ async fn update_service(c: &Clients, s: &ServiceSettings, svc: &Service, arn: &s
         .send()
         .await
         .map_err(|e| aws_error(&format!("updating ECS service {} to {arn}", s.ecs_service), e))?;
-    Ok(())
+    // The deployment it started: watched by its id, not only by its task
+    // definition (a read right after may still show the old state).
+    Ok(out
+        .service()
+        .and_then(|svc| svc.deployments().iter().find(|d| d.status() == Some("PRIMARY") && d.task_definition().is_some_and(|t| same_definition(t, arn))))
+        .and_then(|d| d.id())
+        .map(str::to_string))
 }
 
 /// What ECS said of its service: its last events, newest first.
@@ -228,18 +271,39 @@ async fn rollout(target: &EcsTarget, req: &RolloutRequest, output: &OutputSink, 
     let image = pinned(repository, req.sha256.as_deref())?;
     let c = target.clients(&s.aws).await;
     let svc = describe_service(&c, &s).await?;
-    let previous = svc.task_definition().map(str::to_string).ok_or_else(|| TargetError::from(format!("ECS service {} runs no task definition", s.ecs_service)))?;
-    let (ours, registered) = task_definition_for(target, &c, &s, &previous, &image, req.deployment_id).await?;
-    let primary = svc.deployments().iter().find(|d| d.status() == Some("PRIMARY"));
-    if same_definition(&ours, &previous) && primary.is_none_or(|d| d.rollout_state() != Some(&DeploymentRolloutState::InProgress)) {
-        say(output, format!("ECS service {} already runs {ours} ({image}): nothing to do", s.ecs_service)).await;
-        return Ok(ok());
-    }
-    say(output, format!("task definition {} {ours} ({image}); service {} ran {previous}", if registered { "registered:" } else { "reused:" }, s.ecs_service)).await;
-    update_service(&c, &s, &svc, &ours).await?;
+    let current = svc.task_definition().map(str::to_string).ok_or_else(|| TargetError::from(format!("ECS service {} runs no task definition", s.ecs_service)))?;
+    let (ours, registered) = task_definition_for(target, &c, &s, &current, &image, req.deployment_id).await?;
+    let mine = |d: &&aws_sdk_ecs::types::Deployment| d.task_definition().is_some_and(|t| same_definition(t, &ours));
+    // What a failure goes back to: what the service ran, or, when it is on
+    // ours already (a rollout a dead node started), what ECS still drains.
+    // Never ours.
+    let (previous, deployment_id) = if same_definition(&ours, &current) {
+        let primary_done = svc
+            .deployments()
+            .iter()
+            .find(|d| d.status() == Some("PRIMARY"))
+            .is_some_and(|d| mine(&d) && d.rollout_state().is_none_or(|st| *st == DeploymentRolloutState::Completed) && svc.deployments().len() == 1);
+        if primary_done {
+            say(output, format!("ECS service {} already runs {ours} ({image}), its deployment COMPLETED: nothing to do", s.ecs_service)).await;
+            return Ok(ok());
+        }
+        let draining = svc.deployments().iter().find(|d| !mine(d)).and_then(|d| d.task_definition()).map(str::to_string);
+        say(output, format!("ECS service {} is already deploying {ours} ({image}): watching it", s.ecs_service)).await;
+        (draining, svc.deployments().iter().find(mine).and_then(|d| d.id()).map(str::to_string))
+    } else {
+        say(output, format!("task definition {} {ours} ({image}); service {} ran {current}", if registered { "registered:" } else { "reused:" }, s.ecs_service)).await;
+        match update_service(&c, &s, &svc, &ours).await {
+            Ok(id) => (Some(current), id),
+            Err(e) => {
+                // The call may have taken effect before it failed.
+                let why = format!("the service's update failed: {}", e.message);
+                return Ok(give_back(&c, &s, Some(&current), &ours, why, output).await);
+            }
+        }
+    };
     say(output, format!("ECS service {} in cluster {} now deploys {ours} (circuit breaker on)", s.ecs_service, s.cluster)).await;
     let deadline = Instant::now() + req.spec.health.deadline;
-    let why = match watch(target, &c, &s, &ours, deadline, output, &cancel).await {
+    let why = match watch(target, &c, &s, &ours, deployment_id.as_deref(), deadline, output, &cancel).await {
         Watch::Completed => {
             say(output, format!("ECS deployment of {ours} COMPLETED")).await;
             return Ok(ok());
@@ -249,13 +313,34 @@ async fn rollout(target: &EcsTarget, req: &RolloutRequest, output: &OutputSink, 
         Watch::Stopped => "stopped on request".to_string(),
     };
     say(output, format!("rollout failed: {why}")).await;
-    revert(&c, &s, &previous, output).await.map_err(|e| TargetError::from(format!("{why}; and the revert failed: {}", e.message)))?;
-    Ok(RunResult {
-        outcome: Outcome::RolledBack,
-        exit_code: None,
-        reason: Some(format!("rolled back to {previous}: {why}")),
-        parts: Vec::new(),
-    })
+    Ok(give_back(&c, &s, previous.as_deref(), &ours, why, output).await)
+}
+
+/// After a failed rollout: the service back on `previous` (retried a few
+/// times), `rolled_back`; or, where it cannot go back, failed saying the
+/// service may still be on `ours`.
+async fn give_back(c: &Clients, s: &ServiceSettings, previous: Option<&str>, ours: &str, why: String, output: &OutputSink) -> RunResult {
+    let Some(previous) = previous else {
+        return RunResult::failed(format!("{why}; there is no earlier task definition to go back to, and the service may still be on {ours}"));
+    };
+    let mut delay = std::time::Duration::from_secs(2);
+    let mut last = String::new();
+    for attempt in 1..=4 {
+        match revert(c, s, previous, output).await {
+            Ok(()) => {
+                return RunResult { outcome: Outcome::RolledBack, exit_code: None, reason: Some(format!("rolled back to {previous}: {why}")), parts: Vec::new() };
+            }
+            Err(e) => {
+                last = e.message;
+                if attempt < 4 {
+                    say(output, format!("cannot revert yet ({last}); retrying")).await;
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+    }
+    RunResult::failed(format!("{why}; and the revert to {previous} failed ({last}): the service may still be on {ours}"))
 }
 
 fn ok() -> RunResult {
@@ -264,7 +349,23 @@ fn ok() -> RunResult {
 
 /// Until ours is the PRIMARY deployment and COMPLETED, or it failed, or
 /// ECS went back by itself, or the deadline.
-async fn watch(target: &EcsTarget, c: &Clients, s: &ServiceSettings, ours: &str, deadline: Instant, output: &OutputSink, cancel: &CancellationToken) -> Watch {
+/// How long a deployment of ours may stay unlisted before a service that
+/// points elsewhere counts as ECS having gone back (reads right after an
+/// update may lag).
+const UNLISTED_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[allow(clippy::too_many_arguments)]
+async fn watch(
+    target: &EcsTarget,
+    c: &Clients,
+    s: &ServiceSettings,
+    ours: &str,
+    deployment_id: Option<&str>,
+    deadline: Instant,
+    output: &OutputSink,
+    cancel: &CancellationToken,
+) -> Watch {
+    let started = Instant::now();
     let mut seen = false;
     let mut said = String::new();
     let mut last_error: Option<String>;
@@ -272,7 +373,10 @@ async fn watch(target: &EcsTarget, c: &Clients, s: &ServiceSettings, ours: &str,
         match describe_service(c, s).await {
             Ok(svc) => {
                 last_error = None;
-                let mine = svc.deployments().iter().find(|d| d.task_definition().is_some_and(|t| same_definition(t, ours)));
+                let mine = svc.deployments().iter().find(|d| match deployment_id {
+                    Some(id) => d.id() == Some(id),
+                    None => d.task_definition().is_some_and(|t| same_definition(t, ours)),
+                });
                 match mine {
                     Some(d) => {
                         seen = true;
@@ -297,10 +401,11 @@ async fn watch(target: &EcsTarget, c: &Clients, s: &ServiceSettings, ours: &str,
                             said = now;
                         }
                     }
-                    // Ours was there and is gone, or the service points
-                    // elsewhere: ECS (its circuit breaker) or someone else
-                    // put another task definition back.
-                    None if seen || svc.task_definition().is_some_and(|t| !same_definition(t, ours)) => {
+                    // Ours was there and is gone, or (after a grace for
+                    // lagging reads) the service points elsewhere: ECS (its
+                    // circuit breaker) or someone else put another task
+                    // definition back.
+                    None if seen || (started.elapsed() >= UNLISTED_GRACE && svc.task_definition().is_some_and(|t| !same_definition(t, ours))) => {
                         let now = svc.task_definition().unwrap_or("?");
                         return Watch::Failed(format!("ECS went back to {now} by itself: the deployment of {ours} did not stay{}", events(&svc)));
                     }
