@@ -601,6 +601,8 @@ image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/api"
 listen = "127.0.0.1:8080"
 container = "app;rm"
 verify = { command = ["./smoke"] }
+instances = 3
+health = { http = "/healthz", deadline = "20m" }
 
 [[job]]
 name = "j"
@@ -614,10 +616,17 @@ command = ["true"]
         "slipway.toml:10:10 [invalid-value] a service on target \"ecs\" is reached through its own load balancer, not Slipway's proxy",
         "slipway.toml:11:13 [invalid-value] `container` \"app;rm\" is not an ECS name",
         "slipway.toml:12:10 [invalid-value] `verify` is not supported on target \"ecs\" yet",
+        "slipway.toml:13:13 [invalid-value] `instances` means nothing for a service on target \"ecs\"",
+        "hint: the ECS service's desired count says how many tasks run",
+        "slipway.toml:14:19 [invalid-value] `health.http` means nothing for a service on target \"ecs\"",
         "job \"j\" runs on target \"ecs\", which runs only a service's own steps",
     ] {
         assert!(out.contains(want), "{want:?} not in:\n{out}");
     }
+    // No deadline given: ECS's own pace (old tasks drain first).
+    let plain = "[[service]]\nname = \"api\"\ntarget = \"ecs\"\ncluster = \"prod\"\nimage = \"123456789012.dkr.ecr.eu-west-1.amazonaws.com/api\"\n";
+    let config = config::parse("slipway.toml", plain).expect("valid");
+    assert_eq!(config.services[0].spec.as_ref().unwrap().health.deadline, std::time::Duration::from_secs(30 * 60));
     let no_cluster = "[[service]]\nname = \"api\"\ntarget = \"ecs\"\nimage = \"123456789012.dkr.ecr.eu-west-1.amazonaws.com/api\"\n";
     assert!(problems(no_cluster).contains("service \"api\" runs on ECS but says not in which cluster"), "{}", problems(no_cluster));
 }

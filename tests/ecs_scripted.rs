@@ -306,6 +306,9 @@ fn issue16_scripted_a_node_killed_mid_rollout_is_followed_by_one_that_brings_bac
     assert_eq!(aws.calls_of("RegisterTaskDefinition").len(), 2, "1.1's revision is reused, not registered again: {:?}", aws.ops());
     let status: Value = serde_json::from_slice(&server.cli(dir.path(), &["status", "--json"]).stdout).expect("status --json");
     assert_eq!(status["services"][0]["version"], "1.1", "{status}");
+    // The cut-off deployment says so.
+    let cut = status["deployments"].as_array().unwrap().iter().find(|d| d["id"] == 2).cloned().unwrap_or_default();
+    assert!(cut["state"] != "succeeded" && cut["reason"].as_str().is_some_and(|r| r.contains("interrupted")), "{cut}");
 }
 
 #[test]

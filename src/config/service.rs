@@ -709,13 +709,57 @@ pub(super) fn build(
     };
     let instances = raw.instances.as_ref().and_then(|v| positive(v, "instances", 64, problems)).unwrap_or(1) as u32;
 
+    // A target whose own load balancer serves the service (ECS) judges
+    // its own health: only the deadline is Slipway's, and ECS completes a
+    // deployment only after the old tasks drain (an ALB's deregistration
+    // delay alone is 5 minutes by default).
+    let own_balancer = kind.is_some() && caps.own_rollout && !caps.proxied;
     let mut health = HealthSpec {
         check: HealthCheck::Tcp,
         interval: Duration::from_secs(1),
         timeout: Duration::from_secs(2),
         healthy_after: 1,
-        deadline: Duration::from_secs(60),
+        deadline: if own_balancer { Duration::from_secs(30 * 60) } else { Duration::from_secs(60) },
     };
+    if own_balancer {
+        // What such a target never reads is refused, not ignored.
+        let health_keys = raw.health.as_ref().map(|h| {
+            let h = h.get_ref();
+            [
+                (h.http.as_ref().map(|x| x.span()), "health.http"),
+                (h.command.as_ref().map(|x| x.span()), "health.command"),
+                (h.status.as_ref().map(|x| x.span()), "health.status"),
+                (h.interval.as_ref().map(|x| x.span()), "health.interval"),
+                (h.timeout.as_ref().map(|x| x.span()), "health.timeout"),
+                (h.healthy_after.as_ref().map(|x| x.span()), "health.healthy_after"),
+            ]
+        });
+        let top = [
+            (raw.command.as_ref().map(|x| x.span()), "command"),
+            (raw.instances.as_ref().map(|x| x.span()), "instances"),
+            (raw.rollout.as_ref().map(|x| x.span()), "rollout"),
+            (raw.stop_grace.as_ref().map(|x| x.span()), "stop_grace"),
+            (raw.secrets.as_ref().map(|x| x.span()), "secrets"),
+        ];
+        for (span, key) in top.into_iter().chain(health_keys.into_iter().flatten()) {
+            let Some(span) = span else { continue };
+            let hint = match key {
+                "secrets" => {
+                    "give the task definition its own `secrets` (SSM Parameter Store or Secrets Manager): ECS would show values passed by Slipway in the task's description"
+                }
+                "command" => "the task definition's container says what runs; `migrate` and `bootstrap` override it for one-off tasks",
+                "instances" => "the ECS service's desired count says how many tasks run",
+                _ => {
+                    "ECS's own deployment settings and health checks (the task definition's, the load balancer's) judge the tasks; Slipway waits for ECS's verdict until `health.deadline`"
+                }
+            };
+            problems.push(
+                Problem::new(ProblemKind::InvalidValue, Some(span), format!("`{key}` means nothing for a service on target {target:?}"))
+                    .label("not for this target")
+                    .hint(hint),
+            );
+        }
+    }
     if let Some(h) = &raw.health {
         let span = h.span();
         let h = h.get_ref();

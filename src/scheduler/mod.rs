@@ -708,8 +708,24 @@ impl Scheduler {
         let result = match (&once, result.outcome == Outcome::Succeeded) {
             (Some(key), true) => {
                 let payload = serde_json::json!({ "deployment": job.deployment_id, "job": job.name, "environment": job.environment }).to_string();
-                match self.store.record_event(crate::store::NewEvent { key: Some(key.clone()), kind: "job.once".into(), payload }).await {
-                    Ok(_) => result,
+                // The store may blink: a few tries, as a rollout's commit.
+                let mut delay = Duration::from_millis(200);
+                let mut recorded = Err(String::new());
+                for attempt in 1..=5 {
+                    match self.store.record_event(crate::store::NewEvent { key: Some(key.clone()), kind: "job.once".into(), payload: payload.clone() }).await {
+                        Ok(_) => {
+                            recorded = Ok(());
+                            break;
+                        }
+                        Err(e) => recorded = Err(e.to_string()),
+                    }
+                    if attempt < 5 {
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                }
+                match recorded {
+                    Ok(()) => result,
                     Err(e) => RunResult::failed(format!("{} ran, but cannot be recorded as done in {} ({e}): it would run again", job.name, job.environment)),
                 }
             }
@@ -869,14 +885,14 @@ impl Scheduler {
     }
 }
 
-/// The secrets a job is given, directly or through what it runs (a
-/// rollout's service, a pull's registry): what its output and reason mask.
 /// The key under which a job that runs once per environment is recorded
 /// as done there.
 fn once_key(environment: &str, job: &str) -> String {
     format!("once/{environment}/{job}")
 }
 
+/// The secrets a job is given, directly or through what it runs (a
+/// rollout's service, a pull's registry): what its output and reason mask.
 fn redactor_for(spec: &crate::store::JobSpec) -> crate::config::secret::Redactor {
     let mut refs: Vec<&crate::config::secret::SecretRef> = spec.secrets.values().chain(spec.secret_files.values()).collect();
     match &spec.command {

@@ -468,6 +468,32 @@ impl ServiceManager {
     /// After a restart: a service its target rolls out itself, brought to
     /// its recorded version (see `restore`).
     async fn converge(self: Arc<Self>, req: RolloutRequest) {
+        // Not beside a deployment of the service (another node's, or the
+        // one this node's death cut off, until its lease is reaped): its
+        // rollout would be taken for the target going back. After one, the
+        // record may have moved on: then there is nothing to restore.
+        let lock = crate::submit::lock_key(&req.environment, Some(&req.spec.name));
+        let mut waited = false;
+        loop {
+            match self.store.in_flight_on(&lock).await {
+                Ok(false) => break,
+                Ok(true) => waited = true,
+                Err(e) => {
+                    tracing::warn!(service = %req.spec.name, env = %req.environment, error = %e, "cannot tell whether a deployment of the service is under way; asking again")
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+        if waited {
+            let now =
+                self.store.services().await.ok().and_then(|rows| rows.into_iter().find(|r| r.environment == req.environment && r.service == req.spec.name));
+            if now.as_ref().is_some_and(|r| r.deployment_id != req.deployment_id) {
+                return; // a later deployment recorded what runs
+            }
+        }
         let target = match self.targets.get(&req.spec.target).await {
             Ok(t) => t,
             Err(e) => {

@@ -24,6 +24,9 @@ use crate::targets::{RegistryDeletion, RegistryImage, Settings, TargetError, Tar
 const PAGE: i32 = 1000;
 /// BatchDeleteImage's most image ids per call.
 const BATCH: usize = 100;
+/// More images than ECR allows in one repository (100,000 by default,
+/// adjustable): a listing past this many is taken for one that never ends.
+const MAX_IMAGES: usize = 1_000_000;
 
 /// The repository of `image` and the clients of its region; the endpoint
 /// (tests, compatible services) is the service's `[aws]` one.
@@ -42,7 +45,13 @@ pub(super) async fn images(target: &EcsTarget, image: &str, settings: &Settings)
     let (ecr, client) = reach(target, image, settings).await?;
     let mut out = Vec::new();
     let mut token: Option<String> = None;
+    let mut seen_tokens = std::collections::BTreeSet::new();
     loop {
+        // A listing that never ends (a token given twice, or more pages
+        // than any repository ECR allows) is an error, not a loop.
+        if out.len() > MAX_IMAGES {
+            return Err(TargetError::from(format!("listing the images of {image} in ECR: more than {MAX_IMAGES} images; not planned")));
+        }
         let page = client
             .describe_images()
             .registry_id(&ecr.registry)
@@ -64,7 +73,12 @@ pub(super) async fn images(target: &EcsTarget, image: &str, settings: &Settings)
             });
         }
         match page.next_token() {
-            Some(t) if !t.is_empty() => token = Some(t.to_string()),
+            Some(t) if !t.is_empty() => {
+                if !seen_tokens.insert(t.to_string()) {
+                    return Err(TargetError::from(format!("listing the images of {image} in ECR: ECR gave the same page token twice")));
+                }
+                token = Some(t.to_string())
+            }
             _ => break,
         }
     }
@@ -94,8 +108,10 @@ pub(super) async fn delete(target: &EcsTarget, image: &str, settings: &Settings,
         };
         // ECR answers each id in `imageIds` (deleted) or in `failures`.
         let mut failed = std::collections::BTreeSet::new();
+        let mut unnamed = false;
         for f in out.failures() {
             let digest = f.image_id().and_then(|id| id.image_digest()).unwrap_or("?");
+            unnamed |= digest == "?";
             let code = f.failure_code().map(|c| c.as_str()).unwrap_or("error");
             // Gone already (deleted by someone else since the listing): as
             // the registry API's 404, that is what was wanted.
@@ -105,7 +121,14 @@ pub(super) async fn delete(target: &EcsTarget, image: &str, settings: &Settings,
             failed.insert(digest.to_string());
             done.errors.push(format!("ECR refused to delete {image}@{digest}: {code}: {}", f.failure_reason().unwrap_or("")));
         }
-        done.deleted.extend(batch.iter().filter(|d| !failed.contains(*d)).cloned());
+        // A failure that names no digest: none of the batch is known gone
+        // but those ECR listed as deleted.
+        if unnamed {
+            let gone: std::collections::BTreeSet<&str> = out.image_ids().iter().filter_map(|id| id.image_digest()).collect();
+            done.deleted.extend(batch.iter().filter(|d| gone.contains(d.as_str()) && !failed.contains(*d)).cloned());
+        } else {
+            done.deleted.extend(batch.iter().filter(|d| !failed.contains(*d)).cloned());
+        }
     }
     done
 }
