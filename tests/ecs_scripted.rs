@@ -325,3 +325,34 @@ fn issue16_scripted_a_read_lagging_behind_the_update_is_not_taken_for_ecs_going_
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(aws.calls_of("UpdateService").len(), 1, "no revert: {:?}", aws.ops());
 }
+
+#[test]
+fn issue16_scripted_a_node_stopping_leaves_a_migration_running_for_the_next_to_follow() {
+    let aws = ScriptedAws::start();
+    aws.with(|s| s.task_polls = u32::MAX);
+    let dir = config(&aws, "60s");
+    let mut server = serve(&dir, &["--shutdown-grace", "1s"]);
+    let mut deploying = server
+        .cli_command(dir.path(), &["deploy", "api", "1.1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("deploy");
+    common::wait_for(Duration::from_secs(60), "the migration's task to start", || (!aws.calls_of("RunTask").is_empty()).then_some(()));
+    // A graceful stop: SIGTERM, the grace passes, the job is handed over.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let status = common::wait_for(Duration::from_secs(30), "the node to stop", || server.child.try_wait().ok().flatten());
+    assert!(status.success() || status.code().is_some(), "{status:?}");
+    let _ = deploying.kill();
+    let _ = deploying.wait();
+    assert!(aws.calls_of("StopTask").is_empty(), "the task is left running: {:?}", aws.ops());
+    aws.tasks_stop_after(3);
+    let server = serve(&dir, &["--shutdown-grace", "1s"]);
+    let state = common::wait_for(Duration::from_secs(120), "the deployment to finish", || {
+        let v: Value = serde_json::from_slice(&server.cli(dir.path(), &["status", "--json"]).stdout).ok()?;
+        let state = v["deployments"][0]["state"].as_str()?.to_string();
+        (state != "running" && state != "pending" && state != "queued").then_some(state)
+    });
+    assert_eq!(state, "succeeded");
+    assert_eq!(aws.calls_of("RunTask").len(), 1, "the migration ran once: {:?}", aws.ops());
+}

@@ -130,6 +130,8 @@ enum StopReason {
 struct Running {
     cancel: CancellationToken,
     why: Arc<OnceLock<StopReason>>,
+    /// Told to the target: the job is handed over, not cancelled.
+    stopping: crate::targets::Stopping,
 }
 
 /// Attempts this node runs now, by (job id, fence): a job re-claimed by
@@ -145,7 +147,7 @@ fn snapshot(running: &RunningMap) -> HashMap<(i64, i64), Running> {
 
 fn register(running: &RunningMap, job: &ClaimedJob) {
     if let Ok(mut m) = running.lock() {
-        m.insert((job.job_id, job.fence), Running { cancel: CancellationToken::new(), why: Arc::new(OnceLock::new()) });
+        m.insert((job.job_id, job.fence), Running { cancel: CancellationToken::new(), why: Arc::new(OnceLock::new()), stopping: Default::default() });
     }
 }
 
@@ -443,6 +445,7 @@ impl Scheduler {
                 _ = tokio::time::sleep_until(deadline) => {
                     for r in snapshot(&running).values() {
                         let _ = r.why.set(StopReason::Shutdown);
+                        r.stopping.hand_over();
                         r.cancel.cancel();
                     }
                     // Killed jobs record themselves quickly; one stuck on a
@@ -487,6 +490,7 @@ impl Scheduler {
             if let Some(job) = running.get(key) {
                 if !r.held {
                     let _ = job.why.set(StopReason::LeaseLost);
+                    job.stopping.hand_over();
                     job.cancel.cancel();
                 } else if r.cancel {
                     let _ = job.why.set(StopReason::DeploymentCancelled);
@@ -594,7 +598,7 @@ impl Scheduler {
                 return;
             };
             _slot = Some(Slot { running: running.clone(), attempt: key });
-            next = self.run_job(job, entry.cancel, entry.why, &shutdown).await;
+            next = self.run_job(job, entry.cancel, entry.why, entry.stopping, &shutdown).await;
             if let Some(n) = &next {
                 register(&running, n);
             }
@@ -603,7 +607,14 @@ impl Scheduler {
 
     /// Returns the next job to run in this slot, if the store gave one.
     /// `shutdown`: once it fires, no next job is taken.
-    async fn run_job(&self, job: ClaimedJob, cancel: CancellationToken, why: Arc<OnceLock<StopReason>>, shutdown: &CancellationToken) -> Option<ClaimedJob> {
+    async fn run_job(
+        &self,
+        job: ClaimedJob,
+        cancel: CancellationToken,
+        why: Arc<OnceLock<StopReason>>,
+        stopping: crate::targets::Stopping,
+        shutdown: &CancellationToken,
+    ) -> Option<ClaimedJob> {
         let started_at = now_ms();
         let start = Instant::now();
         self.events
@@ -689,7 +700,15 @@ impl Scheduler {
                 values.insert("revision", job.revision.clone());
                 values.insert("service", job.service.clone().unwrap_or_default());
                 values.insert("version", job.version.clone().unwrap_or_default());
-                let req = JobRequest { deployment_id: job.deployment_id, job: job.name.clone(), attempt: job.attempt, spec: job.spec.clone(), workdir, values };
+                let req = JobRequest {
+                    deployment_id: job.deployment_id,
+                    job: job.name.clone(),
+                    attempt: job.attempt,
+                    spec: job.spec.clone(),
+                    workdir,
+                    values,
+                    stopping,
+                };
                 let (tx, rx) = mpsc::channel(256);
                 let c = cancel.clone();
                 let ctx = JobContext { environment: job.environment.clone(), revision: job.revision.clone(), version: job.version.clone() };

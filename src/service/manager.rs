@@ -401,6 +401,7 @@ impl ServiceManager {
                 spec: crate::store::JobSpec { secrets: new.spec.secrets.clone(), ..crate::store::JobSpec::verify(verify) },
                 workdir: new.workdir.clone(),
                 values,
+                stopping: Default::default(),
             };
             let r = match self.targets.get(crate::targets::DEFAULT).await {
                 Ok(t) => t.run(job, out.clone(), cancel.child_token()).await,

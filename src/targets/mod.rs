@@ -337,6 +337,25 @@ pub struct JobRequest {
     /// Values for `{placeholder}`s in argv commands and `SLIPWAY_*`
     /// environment variables (version, service, env, deployment, revision).
     pub values: BTreeMap<&'static str, String>,
+    /// Why the attempt's `cancel` fired, once it has.
+    pub stopping: Stopping,
+}
+
+/// Why an attempt is being stopped, said before its cancel fires: handed
+/// over (this node stops, or another node took the job over) rather than
+/// cancelled or timed out. A target whose work outlives the node (an ECS
+/// task) then leaves it running for the next attempt to follow.
+#[derive(Debug, Clone, Default)]
+pub struct Stopping(Arc<std::sync::OnceLock<()>>);
+
+impl Stopping {
+    pub fn hand_over(&self) {
+        let _ = self.0.set(());
+    }
+
+    pub fn handed_over(&self) -> bool {
+        self.0.get().is_some()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1084,7 +1084,15 @@ async fn run_job(h: &Harness, spec: JobSpec, cancel: CancellationToken) -> (RunR
         ("deployment", h.next_deployment().to_string()),
         ("revision", "rev".to_string()),
     ]);
-    let req = JobRequest { deployment_id: h.next_deployment(), job: format!("{SERVICE}.migrate"), attempt: 1, spec, workdir: h.dir().to_path_buf(), values };
+    let req = JobRequest {
+        deployment_id: h.next_deployment(),
+        job: format!("{SERVICE}.migrate"),
+        attempt: 1,
+        spec,
+        workdir: h.dir().to_path_buf(),
+        values,
+        stopping: Default::default(),
+    };
     let ctx = JobContext { environment: h.scope.env.clone(), revision: "rev".into(), version: Some("1.0".into()) };
     let result = executor(&h.fx).run(ctx, req, &h.dir().join("artifacts"), tx, cancel).await;
     let lines = tokio::time::timeout(Duration::from_secs(5), collector).await.expect("output ends with the job").expect("collector");

@@ -126,6 +126,12 @@ async fn one_off(target: &EcsTarget, req: &JobRequest, output: &OutputSink, canc
         }
         tokio::select! {
             _ = cancel.cancelled() => {
+                // Handed over (this node stops, another took the job): the
+                // task goes on, and the next attempt follows it.
+                if req.stopping.handed_over() {
+                    say(output, format!("task {task_arn} left running: the next attempt follows it")).await;
+                    return Ok(RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(format!("handed over; task {task_arn} still runs")), parts: Vec::new() });
+                }
                 let why = stop("cancelled").await;
                 return Ok(RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(why), parts: Vec::new() });
             }
