@@ -16,54 +16,19 @@
 #![cfg(feature = "aws")]
 
 mod common;
+
+use common::moto::Moto;
 #[path = "common/scripted_aws.rs"]
 mod scripted_aws;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::path::Path;
 
 use serde_json::Value;
 use slipway::store::ServiceRow;
 
-struct Moto {
-    child: Child,
-    url: String,
-    bin: PathBuf,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn moto() -> Option<Moto> {
-    let Some(bin) = std::env::var_os("SLIPWAY_MOTO").map(PathBuf::from).filter(|b| b.join("moto_server").exists()) else {
-        assert!(std::env::var("SLIPWAY_REQUIRE_MOTO").as_deref() != Ok("1"), "SLIPWAY_REQUIRE_MOTO=1 but SLIPWAY_MOTO names no moto_server");
-        eprintln!("note: no moto (set SLIPWAY_MOTO to a virtualenv's bin with moto[server]); skipped");
-        return None;
-    };
-    let port = common::free_port();
-    let child = Command::new(bin.join("moto_server"))
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto_server");
-    let moto = Moto { child, url: format!("http://127.0.0.1:{port}"), bin };
-    common::wait_for(Duration::from_secs(60), "moto to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop));
-    Some(moto)
-}
-
 fn fixture(m: &Moto, what: &str) -> Value {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/moto_ecr.py");
-    let out = common::run_with_stdin(m.bin.join("python"), &[script.to_str().unwrap(), what, &m.url], "", Duration::from_secs(60));
-    assert!(out.status.success(), "moto_ecr.py {what}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("fixture JSON")
+    m.fixture("moto_ecr.py", what)
 }
 
 /// digest → its tags, as moto lists them.
@@ -194,7 +159,7 @@ fn kept(v: &Value) -> BTreeMap<String, String> {
 // Only 1.3.0 and 1.4.0 go, and only with --apply.
 #[test]
 fn issue16_moto_ecr_retention_deletes_exactly_what_nothing_runs_or_could_roll_back_to() {
-    let Some(m) = moto() else { return };
+    let Some(m) = common::moto::start() else { return };
     let set = fixture(&m, "setup");
     let repo = set["repository"].as_str().unwrap().to_string();
     let digest = |tag: &str| set["digests"][tag].as_str().unwrap().to_string();

@@ -15,8 +15,10 @@
 
 mod common;
 
+use common::moto::Moto;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -30,38 +32,6 @@ const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222
 const AWS_ENV: [(&str, &str); 4] =
     [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_EC2_METADATA_DISABLED", "true"), ("AWS_CONFIG_FILE", "/dev/null")];
 const WAIT: Duration = Duration::from_secs(60);
-
-struct Moto {
-    child: Child,
-    url: String,
-    bin: PathBuf,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn moto() -> Option<Moto> {
-    let Some(bin) = std::env::var_os("SLIPWAY_MOTO").map(PathBuf::from).filter(|b| b.join("moto_server").exists()) else {
-        assert!(std::env::var("SLIPWAY_REQUIRE_MOTO").as_deref() != Ok("1"), "SLIPWAY_REQUIRE_MOTO=1 but SLIPWAY_MOTO names no moto_server");
-        eprintln!("note: no moto (set SLIPWAY_MOTO to a virtualenv's bin with moto[server]); skipped");
-        return None;
-    };
-    let port = common::free_port();
-    let child = Command::new(bin.join("moto_server"))
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto_server");
-    let moto = Moto { child, url: format!("http://127.0.0.1:{port}"), bin };
-    common::wait_for(Duration::from_secs(60), "moto to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop));
-    Some(moto)
-}
 
 /// The queue and its dead-letter queue.
 struct Queues<'a> {
@@ -169,7 +139,7 @@ fn ecr_push(repository: &str, tag: &str, digest: &str) -> String {
 
 #[test]
 fn issue16_sqs_deploys_once_deduplicates_dead_letters_malformed_and_respects_auto_deploy() {
-    let Some(m) = moto() else { return };
+    let Some(m) = common::moto::start() else { return };
     let q = Queues::setup(&m);
     let dir = common::config_dir(&config(&m.url, &q.queue), &[]);
     let server = common::Server::start_with_env(dir.path(), Some(&common::sqlite_url(dir.path())), &[], &AWS_ENV);
@@ -278,7 +248,7 @@ fn proxy(upstream: &str) -> Proxy {
 
 #[test]
 fn issue16_sqs_a_node_killed_before_deleting_deploys_once_after_a_restart() {
-    let Some(m) = moto() else { return };
+    let Some(m) = common::moto::start() else { return };
     let q = Queues::setup(&m);
     let p = proxy(&m.url);
     let dir = common::config_dir(&config(&p.url, &q.queue), &[]);
@@ -318,7 +288,7 @@ fn issue16_sqs_a_node_killed_before_deleting_deploys_once_after_a_restart() {
 /// queue; killed, the other takes over once the lease lapses.
 #[test]
 fn issue16_sqs_one_node_reads_the_queue_and_another_takes_over() {
-    let Some(m) = moto() else { return };
+    let Some(m) = common::moto::start() else { return };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let Some(pg) = rt.block_on(common::postgres_url()) else { return };
     let q = Queues::setup(&m);

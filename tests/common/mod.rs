@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use slipway::store::{self, Store};
 
 pub mod fleet;
+pub mod moto;
 
 /// A database of its own on the test PostgreSQL server, or `None` (with a
 /// note) when there is none. With `SLIPWAY_REQUIRE_POSTGRES=1` a missing
