@@ -65,6 +65,28 @@ fn deploy(server: &common::Server, dir: &tempfile::TempDir, version: &str) -> st
     server.cli(dir.path(), &["deploy", "api", version])
 }
 
+/// `deploy api VERSION` in the background, once its migration's task has
+/// started (the test then stops the node under it).
+fn deploying_until_the_task_runs(server: &common::Server, dir: &tempfile::TempDir, aws: &ScriptedAws, version: &str) -> std::process::Child {
+    let child = server
+        .cli_command(dir.path(), &["deploy", "api", version])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("deploy");
+    common::wait_for(Duration::from_secs(60), "the migration's task to start", || (!aws.calls_of("RunTask").is_empty()).then_some(()));
+    child
+}
+
+/// The newest deployment's state once it has finished, with the status.
+fn finished(server: &common::Server, dir: &tempfile::TempDir) -> (String, Value) {
+    common::wait_for(Duration::from_secs(120), "the deployment to finish", || {
+        let v: Value = serde_json::from_slice(&server.cli(dir.path(), &["status", "--json"]).stdout).ok()?;
+        let state = v["deployments"][0]["state"].as_str()?.to_string();
+        (state != "running" && state != "pending" && state != "queued").then_some((state, v))
+    })
+}
+
 fn image(aws: &ScriptedAws, tag: &str) -> String {
     format!("{}@sha256:{}", aws.repository(), digest_of(tag))
 }
@@ -231,25 +253,14 @@ fn issue16_scripted_a_migration_outlives_a_killed_node_and_runs_once() {
     aws.with(|s| s.task_polls = u32::MAX);
     let dir = config(&aws, "60s");
     let mut server = serve(&dir, &["--lease", "3s"]);
-    let mut deploy = server
-        .cli_command(dir.path(), &["deploy", "api", "1.1"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("deploy");
-    common::wait_for(Duration::from_secs(60), "the migration's task to start", || (!aws.calls_of("RunTask").is_empty()).then_some(()));
+    let mut deploy = deploying_until_the_task_runs(&server, &dir, &aws, "1.1");
     server.kill9();
     let _ = deploy.kill();
     let _ = deploy.wait();
     // It runs on while no node watches it: the next node follows it.
     aws.tasks_stop_after(3);
     let server = serve(&dir, &["--lease", "3s"]);
-    let out = common::wait_for(Duration::from_secs(120), "the deployment to finish", || {
-        let out = server.cli(dir.path(), &["status", "--json"]);
-        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-        let state = v["deployments"][0]["state"].as_str()?.to_string();
-        (state != "running" && state != "pending" && state != "queued").then_some((state, v))
-    });
+    let out = finished(&server, &dir);
     assert_eq!(out.0, "succeeded", "{}", out.1);
     assert_eq!(aws.calls_of("RunTask").len(), 1, "the migration ran once: {:?}", aws.ops());
     let logs = text(&server.cli(dir.path(), &["logs", "1"]));
@@ -332,13 +343,7 @@ fn issue16_scripted_a_node_stopping_leaves_a_migration_running_for_the_next_to_f
     aws.with(|s| s.task_polls = u32::MAX);
     let dir = config(&aws, "60s");
     let mut server = serve(&dir, &["--shutdown-grace", "1s"]);
-    let mut deploying = server
-        .cli_command(dir.path(), &["deploy", "api", "1.1"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("deploy");
-    common::wait_for(Duration::from_secs(60), "the migration's task to start", || (!aws.calls_of("RunTask").is_empty()).then_some(()));
+    let mut deploying = deploying_until_the_task_runs(&server, &dir, &aws, "1.1");
     // A graceful stop: SIGTERM, the grace passes, the job is handed over.
     unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
     let status = common::wait_for(Duration::from_secs(30), "the node to stop", || server.child.try_wait().ok().flatten());
@@ -348,11 +353,7 @@ fn issue16_scripted_a_node_stopping_leaves_a_migration_running_for_the_next_to_f
     assert!(aws.calls_of("StopTask").is_empty(), "the task is left running: {:?}", aws.ops());
     aws.tasks_stop_after(3);
     let server = serve(&dir, &["--shutdown-grace", "1s"]);
-    let state = common::wait_for(Duration::from_secs(120), "the deployment to finish", || {
-        let v: Value = serde_json::from_slice(&server.cli(dir.path(), &["status", "--json"]).stdout).ok()?;
-        let state = v["deployments"][0]["state"].as_str()?.to_string();
-        (state != "running" && state != "pending" && state != "queued").then_some(state)
-    });
+    let (state, _) = finished(&server, &dir);
     assert_eq!(state, "succeeded");
     assert_eq!(aws.calls_of("RunTask").len(), 1, "the migration ran once: {:?}", aws.ops());
 }
