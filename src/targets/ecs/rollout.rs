@@ -370,7 +370,12 @@ async fn watch(
     let mut said = String::new();
     let mut last_error: Option<String>;
     loop {
-        match describe_service(c, s).await {
+        // A call may take up to its timeout: a cancel does not wait for it.
+        let described = tokio::select! {
+            _ = cancel.cancelled() => return Watch::Stopped,
+            d = describe_service(c, s) => d,
+        };
+        match described {
             Ok(svc) => {
                 last_error = None;
                 let mine = svc.deployments().iter().find(|d| match deployment_id {

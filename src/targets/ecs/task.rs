@@ -85,21 +85,19 @@ async fn one_off(target: &EcsTarget, req: &JobRequest, output: &OutputSink, canc
         }
     };
     say(output, format!("one-off task {task_arn}: {}", argv.join(" "))).await;
-    let stop = |why: &'static str| {
-        let call = c.ecs.stop_task().cluster(&s.cluster).task(&task_arn).reason(format!("slipway: {why}"));
-        async move {
-            match call.send().await {
-                Ok(_) => format!("task stopped: {why}"),
-                Err(e) => format!("{why}, and stopping the task failed (it may still run): {}", aws_error("StopTask", e).message),
-            }
-        }
-    };
     let mut said = String::new();
     let mut last_error: Option<String>;
     loop {
         // A failed look is waited out until the deadline (the task goes
         // on either way); it is named then.
-        match describe(&c, &s, &task_arn).await {
+        let described = tokio::select! {
+            _ = cancel.cancelled() => None,
+            d = describe(&c, &s, &task_arn) => Some(d),
+        };
+        let Some(described) = described else {
+            return Ok(cancelled(&c, &s, req, output, &task_arn).await);
+        };
+        match described {
             Ok(Some(t)) => {
                 last_error = None;
                 let status = t.last_status().unwrap_or("?").to_string();
@@ -115,7 +113,7 @@ async fn one_off(target: &EcsTarget, req: &JobRequest, output: &OutputSink, canc
             Err(e) => last_error = Some(e.message),
         }
         if Instant::now() >= deadline {
-            let why = stop("timed out").await;
+            let why = stop(&c, &s, &task_arn, "timed out").await;
             let detail = last_error.map(|e| format!(" (last answer: {e})")).unwrap_or_default();
             return Ok(RunResult {
                 outcome: Outcome::TimedOut,
@@ -125,19 +123,30 @@ async fn one_off(target: &EcsTarget, req: &JobRequest, output: &OutputSink, canc
             });
         }
         tokio::select! {
-            _ = cancel.cancelled() => {
-                // Handed over (this node stops, another took the job): the
-                // task goes on, and the next attempt follows it.
-                if req.stopping.handed_over() {
-                    say(output, format!("task {task_arn} left running: the next attempt follows it")).await;
-                    return Ok(RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(format!("handed over; task {task_arn} still runs")), parts: Vec::new() });
-                }
-                let why = stop("cancelled").await;
-                return Ok(RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(why), parts: Vec::new() });
-            }
+            _ = cancel.cancelled() => return Ok(cancelled(&c, &s, req, output, &task_arn).await),
             _ = tokio::time::sleep(target.poll.min(deadline.saturating_duration_since(Instant::now()))) => {}
         }
     }
+}
+
+/// `StopTask`, and what to say of it.
+async fn stop(c: &Clients, s: &ServiceSettings, task_arn: &str, why: &str) -> String {
+    match c.ecs.stop_task().cluster(&s.cluster).task(task_arn).reason(format!("slipway: {why}")).send().await {
+        Ok(_) => format!("task stopped: {why}"),
+        Err(e) => format!("{why}, and stopping the task failed (it may still run): {}", aws_error("StopTask", e).message),
+    }
+}
+
+/// The attempt's cancel fired: a job handed over (this node stops, or
+/// another took it) leaves the task running for the next attempt to
+/// follow; a cancelled one stops it.
+async fn cancelled(c: &Clients, s: &ServiceSettings, req: &JobRequest, output: &OutputSink, task_arn: &str) -> RunResult {
+    if req.stopping.handed_over() {
+        say(output, format!("task {task_arn} left running: the next attempt follows it")).await;
+        return RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(format!("handed over; task {task_arn} still runs")), parts: Vec::new() };
+    }
+    let why = stop(c, s, task_arn, "cancelled").await;
+    RunResult { outcome: Outcome::Cancelled, exit_code: None, reason: Some(why), parts: Vec::new() }
 }
 
 /// `family` of `arn:…:task-definition/family:revision` (or `family:revision`).
