@@ -357,3 +357,25 @@ fn issue16_scripted_a_node_stopping_leaves_a_migration_running_for_the_next_to_f
     assert_eq!(state, "succeeded");
     assert_eq!(aws.calls_of("RunTask").len(), 1, "the migration ran once: {:?}", aws.ops());
 }
+
+#[test]
+fn issue16_scripted_a_migration_that_failed_while_no_node_watched_is_not_run_again() {
+    let aws = ScriptedAws::start();
+    aws.with(|s| s.task_polls = u32::MAX);
+    let dir = config(&aws, "60s");
+    let mut server = serve(&dir, &["--lease", "3s"]);
+    let mut deploy = deploying_until_the_task_runs(&server, &dir, &aws, "1.1");
+    server.kill9();
+    let _ = deploy.kill();
+    let _ = deploy.wait();
+    // It exits 3 before any node looks again.
+    aws.with(|s| s.task_exit = 3);
+    aws.tasks_stop_after(0);
+    let server = serve(&dir, &["--lease", "3s"]);
+    let (state, status) = finished(&server, &dir);
+    assert_eq!(state, "failed", "{status}");
+    assert_eq!(aws.calls_of("RunTask").len(), 1, "the failed migration is not run a second time: {:?}", aws.ops());
+    assert!(aws.calls_of("UpdateService").is_empty(), "the service is untouched");
+    let logs = text(&server.cli(dir.path(), &["logs", "1"]));
+    assert!(logs.contains("ended while no node watched it: its result stands") && logs.contains("exit code 3"), "{logs}");
+}

@@ -605,6 +605,18 @@ impl Scheduler {
         }
     }
 
+    /// Whether `job`'s previous attempt was interrupted, asked only for a
+    /// target that finds an earlier attempt's work (one extra read per
+    /// retry there). Unknown (the store blinks): not resuming, as before.
+    async fn resuming(&self, job: &ClaimedJob) -> bool {
+        let target = job.spec.target.as_deref().unwrap_or(crate::targets::DEFAULT);
+        if job.attempt < 2 || !crate::targets::kind(target).is_some_and(|k| k.capabilities().resumes_jobs) {
+            return false;
+        }
+        let attempts = self.store.attempts(job.deployment_id).await.unwrap_or_default();
+        attempts.iter().any(|a| a.job == job.name && a.attempt == job.attempt - 1 && a.outcome == Outcome::Interrupted)
+    }
+
     /// Returns the next job to run in this slot, if the store gave one.
     /// `shutdown`: once it fires, no next job is taken.
     async fn run_job(
@@ -700,6 +712,7 @@ impl Scheduler {
                 values.insert("revision", job.revision.clone());
                 values.insert("service", job.service.clone().unwrap_or_default());
                 values.insert("version", job.version.clone().unwrap_or_default());
+                let resuming = self.resuming(&job).await;
                 let req = JobRequest {
                     deployment_id: job.deployment_id,
                     job: job.name.clone(),
@@ -708,6 +721,7 @@ impl Scheduler {
                     workdir,
                     values,
                     stopping,
+                    resuming,
                 };
                 let (tx, rx) = mpsc::channel(256);
                 let c = cancel.clone();

@@ -402,6 +402,7 @@ impl ServiceManager {
                 workdir: new.workdir.clone(),
                 values,
                 stopping: Default::default(),
+                resuming: false,
             };
             let r = match self.targets.get(crate::targets::DEFAULT).await {
                 Ok(t) => t.run(job, out.clone(), cancel.child_token()).await,

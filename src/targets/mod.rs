@@ -339,6 +339,11 @@ pub struct JobRequest {
     pub values: BTreeMap<&'static str, String>,
     /// Why the attempt's `cancel` fired, once it has.
     pub stopping: Stopping,
+    /// The attempt before this one was interrupted (its node died or
+    /// stopped), not failed: a target that finds that attempt's work
+    /// ([`Capabilities::resumes_jobs`]) takes its result, whatever it was,
+    /// rather than running it again. Set only for such targets.
+    pub resuming: bool,
 }
 
 /// Why an attempt is being stopped, said before its cancel fires: handed

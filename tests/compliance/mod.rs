@@ -1092,6 +1092,7 @@ async fn run_job(h: &Harness, spec: JobSpec, cancel: CancellationToken) -> (RunR
         workdir: h.dir().to_path_buf(),
         values,
         stopping: Default::default(),
+        resuming: false,
     };
     let ctx = JobContext { environment: h.scope.env.clone(), revision: "rev".into(), version: Some("1.0".into()) };
     let result = executor(&h.fx).run(ctx, req, &h.dir().join("artifacts"), tx, cancel).await;

@@ -70,6 +70,14 @@ async fn one_off(target: &EcsTarget, req: &JobRequest, output: &OutputSink, canc
             say(output, format!("task {arn} of attempt {} already ran to exit code 0: not run again", tag(&t, TAG_ATTEMPT).unwrap_or("?"))).await;
             return Ok(ended(&t, &s.container));
         }
+        // The interrupted attempt's own task ended while no node watched:
+        // its result is this attempt's (the job's retry policy decides on
+        // it), not a second run.
+        Some(t) if req.resuming && tag(&t, TAG_ATTEMPT).and_then(|a| a.parse::<i64>().ok()).unwrap_or(1) == req.attempt - 1 => {
+            let arn = t.task_arn().unwrap_or_default();
+            say(output, format!("task {arn} of the interrupted attempt {} ended while no node watched it: its result stands", req.attempt - 1)).await;
+            return Ok(ended(&t, &s.container));
+        }
         _ => {
             let (td, registered) = task_definition_for(target, &c, &s, &current, &image, req.deployment_id).await?;
             say(output, format!("task definition {} {td} ({image})", if registered { "registered:" } else { "of" })).await;
