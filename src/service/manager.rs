@@ -459,12 +459,17 @@ impl ServiceManager {
             revision: req.revision.clone(),
             deployment_id: req.deployment_id,
         };
-        // What the target says runs now, in its own names, for the record.
-        let target_ref = target.running_ref(&req.spec).await;
-        match self.commit(&req.environment, &g, target_ref, &Say(Some(&out))).await {
-            RunResult { outcome: Outcome::Succeeded, .. } => result,
-            failed => failed,
+        // Recorded first: a node that dies now restores what the target
+        // runs, not what it ran before.
+        if let failed @ RunResult { outcome: Outcome::Failed, .. } = self.commit(&req.environment, &g, None, &Say(Some(&out))).await {
+            return failed;
         }
+        // Then what the target says runs, in its own names, for status and
+        // why (the same version again: the row's previous one is kept).
+        if let Some(target_ref) = target.running_ref(&req.spec).await {
+            let _ = self.commit(&req.environment, &g, Some(target_ref), &Say(None)).await;
+        }
+        result
     }
 
     /// After a restart: a service its target rolls out itself, brought to
