@@ -78,9 +78,9 @@ mod sdk {
     }
 
     /// The SDK's configuration for `aws`: its region (else `fallback`, else
-    /// the chain's), its endpoint, the HTTPS client on ring, and these
-    /// timeouts. `credentials`: given ones (tests), else the standard chain.
-    pub async fn sdk_config(aws: &Aws, fallback: Option<&str>, credentials: Option<aws_sdk_sqs::config::Credentials>, t: Timeouts) -> aws_config::SdkConfig {
+    /// the chain's), its endpoint, the HTTPS client on ring, the standard
+    /// credential chain, and these timeouts.
+    pub async fn sdk_config(aws: &Aws, fallback: Option<&str>, t: Timeouts) -> aws_config::SdkConfig {
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring))
             .build_https();
@@ -95,9 +95,6 @@ mod sdk {
         }
         if let Some(e) = &aws.endpoint {
             loader = loader.endpoint_url(e.clone());
-        }
-        if let Some(c) = credentials {
-            loader = loader.credentials_provider(c);
         }
         loader.load().await
     }

@@ -78,6 +78,19 @@ fn deploying_until_the_task_runs(server: &common::Server, dir: &tempfile::TempDi
     child
 }
 
+/// A node killed while deployment 1's migration task runs; the task runs
+/// on until the test lets it stop.
+fn killed_while_the_migration_runs(aws: &ScriptedAws) -> tempfile::TempDir {
+    aws.with(|s| s.task_polls = u32::MAX);
+    let dir = config(aws, "60s");
+    let mut server = serve(&dir, &["--lease", "3s"]);
+    let mut deploy = deploying_until_the_task_runs(&server, &dir, aws, "1.1");
+    server.kill9();
+    let _ = deploy.kill();
+    let _ = deploy.wait();
+    dir
+}
+
 /// The newest deployment's state once it has finished, with the status.
 fn finished(server: &common::Server, dir: &tempfile::TempDir) -> (String, Value) {
     common::wait_for(Duration::from_secs(120), "the deployment to finish", || {
@@ -249,14 +262,7 @@ fn issue16_scripted_rollback_returns_to_the_task_definition_that_ran_before() {
 #[test]
 fn issue16_scripted_a_migration_outlives_a_killed_node_and_runs_once() {
     let aws = ScriptedAws::start();
-    // The task runs until the test lets it stop.
-    aws.with(|s| s.task_polls = u32::MAX);
-    let dir = config(&aws, "60s");
-    let mut server = serve(&dir, &["--lease", "3s"]);
-    let mut deploy = deploying_until_the_task_runs(&server, &dir, &aws, "1.1");
-    server.kill9();
-    let _ = deploy.kill();
-    let _ = deploy.wait();
+    let dir = killed_while_the_migration_runs(&aws);
     // It runs on while no node watches it: the next node follows it.
     aws.tasks_stop_after(3);
     let server = serve(&dir, &["--lease", "3s"]);
@@ -361,13 +367,7 @@ fn issue16_scripted_a_node_stopping_leaves_a_migration_running_for_the_next_to_f
 #[test]
 fn issue16_scripted_a_migration_that_failed_while_no_node_watched_is_not_run_again() {
     let aws = ScriptedAws::start();
-    aws.with(|s| s.task_polls = u32::MAX);
-    let dir = config(&aws, "60s");
-    let mut server = serve(&dir, &["--lease", "3s"]);
-    let mut deploy = deploying_until_the_task_runs(&server, &dir, &aws, "1.1");
-    server.kill9();
-    let _ = deploy.kill();
-    let _ = deploy.wait();
+    let dir = killed_while_the_migration_runs(&aws);
     // It exits 3 before any node looks again.
     aws.with(|s| s.task_exit = 3);
     aws.tasks_stop_after(0);
@@ -378,4 +378,26 @@ fn issue16_scripted_a_migration_that_failed_while_no_node_watched_is_not_run_aga
     assert!(aws.calls_of("UpdateService").is_empty(), "the service is untouched");
     let logs = text(&server.cli(dir.path(), &["logs", "1"]));
     assert!(logs.contains("ended while no node watched it: its result stands") && logs.contains("exit code 3"), "{logs}");
+}
+
+#[test]
+fn issue16_scripted_a_cancelled_rollout_is_reverted() {
+    let aws = ScriptedAws::start();
+    aws.with(|s| s.next_rollout = Some(Rollout::Hangs));
+    let dir = config(&aws, "10m");
+    let server = serve(&dir, &[]);
+    let mut deploying = server
+        .cli_command(dir.path(), &["deploy", "api", "1.1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("deploy");
+    common::wait_for(Duration::from_secs(60), "the service to move to 1.1's revision", || aws.service_task_definition().ends_with("api:2").then_some(()));
+    let out = server.cli(dir.path(), &["cancel", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let _ = deploying.wait();
+    let (state, status) = finished(&server, &dir);
+    assert_ne!(state, "succeeded", "{status}");
+    assert_eq!(aws.calls_of("UpdateService").len(), 2, "the rollout, then the revert: {:?}", aws.ops());
+    assert_eq!(aws.service_task_definition(), "arn:aws:ecs:eu-west-1:123456789012:task-definition/api:1");
 }

@@ -243,6 +243,15 @@ pub struct ArtifactRef {
     pub kind: ArtifactKind,
 }
 
+impl ArtifactRef {
+    /// A container image's `image@sha256:…`: the `url` without its tag,
+    /// pinned to the digest (what a one-off task or container runs).
+    pub fn pinned_image(&self) -> String {
+        let repository = self.url.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map(|(r, _)| r).unwrap_or(&self.url);
+        format!("{repository}@sha256:{}", self.sha256)
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ArtifactKind {

@@ -148,7 +148,7 @@ async fn poll_once(state: &AppState, node: &str, lease: Duration, wait: i32, que
 /// region, else the standard chain's; credentials from the standard chain.
 async fn client(aws: &Aws, queue_region: Option<&str>) -> aws_sdk_sqs::Client {
     let timeouts = crate::aws::Timeouts { connect: CONNECT, attempt: ATTEMPT, operation: OPERATION };
-    aws_sdk_sqs::Client::new(&crate::aws::sdk_config(aws, queue_region, None, timeouts).await)
+    aws_sdk_sqs::Client::new(&crate::aws::sdk_config(aws, queue_region, timeouts).await)
 }
 
 async fn visibility_of(client: &aws_sdk_sqs::Client, url: &str) -> Result<u32, String> {

@@ -264,10 +264,7 @@ impl Target for DockerTarget {
     /// code the job's, removed afterwards whatever happens.
     async fn run(&self, req: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
         let failed = |reason: String| RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(reason), parts: Vec::new() };
-        let Some(image) = req.spec.artifact.as_ref().map(|a| {
-            let repo = a.url.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map(|(r, _)| r).unwrap_or(&a.url);
-            format!("{repo}@sha256:{}", a.sha256)
-        }) else {
+        let Some(image) = req.spec.artifact.as_ref().map(|a| a.pinned_image()) else {
             return failed("no pinned image for this job".into());
         };
         let crate::config::Command::Argv(argv) = &req.spec.command else { return failed("a container job takes an argv command".into()) };

@@ -28,22 +28,12 @@ pub(super) struct Clients {
 
 pub struct EcsTarget {
     pub(super) installation: String,
-    /// Given credentials (tests); `None`: the standard chain.
-    credentials: Option<aws_sdk_ecs::config::Credentials>,
-    pub(super) poll: Duration,
     clients: tokio::sync::Mutex<HashMap<Aws, Clients>>,
 }
 
 impl EcsTarget {
     pub fn new(installation: String) -> Self {
-        EcsTarget { installation, credentials: None, poll: POLL, clients: Default::default() }
-    }
-
-    /// A target with these static credentials instead of the standard
-    /// chain's, asking ECS how a rollout is every `poll` (in-process tests).
-    pub fn with_credentials(installation: String, access_key: &str, secret_key: &str, poll: Duration) -> Self {
-        let creds = aws_sdk_ecs::config::Credentials::new(access_key, secret_key, None, None, "slipway-static");
-        EcsTarget { installation, credentials: Some(creds), poll, clients: Default::default() }
+        EcsTarget { installation, clients: Default::default() }
     }
 
     pub(super) async fn clients(&self, aws: &Aws) -> Clients {
@@ -52,7 +42,7 @@ impl EcsTarget {
             return c.clone();
         }
         let timeouts = crate::aws::Timeouts { connect: CONNECT, attempt: ATTEMPT, operation: OPERATION };
-        let sdk = crate::aws::sdk_config(aws, None, self.credentials.clone(), timeouts).await;
+        let sdk = crate::aws::sdk_config(aws, None, timeouts).await;
         let c = Clients { ecs: aws_sdk_ecs::Client::new(&sdk), ecr: aws_sdk_ecr::Client::new(&sdk) };
         cache.insert(aws.clone(), c.clone());
         c

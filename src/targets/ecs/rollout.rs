@@ -65,7 +65,7 @@ async fn describe_task_definition(c: &Clients, arn: &str) -> Result<(TaskDefinit
     Ok((td, out.tags().to_vec()))
 }
 
-fn tag<'a>(tags: &'a [Tag], key: &str) -> Option<&'a str> {
+pub(super) fn tag<'a>(tags: &'a [Tag], key: &str) -> Option<&'a str> {
     tags.iter().find(|t| t.key() == Some(key)).and_then(|t| t.value())
 }
 
@@ -303,7 +303,7 @@ async fn rollout(target: &EcsTarget, req: &RolloutRequest, output: &OutputSink, 
     };
     say(output, format!("ECS service {} in cluster {} now deploys {ours} (circuit breaker on)", s.ecs_service, s.cluster)).await;
     let deadline = Instant::now() + req.spec.health.deadline;
-    let why = match watch(target, &c, &s, &ours, deployment_id.as_deref(), deadline, output, &cancel).await {
+    let why = match watch(&c, &s, &ours, deployment_id.as_deref(), deadline, output, &cancel).await {
         Watch::Completed => {
             say(output, format!("ECS deployment of {ours} COMPLETED")).await;
             return Ok(ok());
@@ -354,9 +354,7 @@ fn ok() -> RunResult {
 /// update may lag).
 const UNLISTED_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
-#[allow(clippy::too_many_arguments)]
 async fn watch(
-    target: &EcsTarget,
     c: &Clients,
     s: &ServiceSettings,
     ours: &str,
@@ -427,7 +425,7 @@ async fn watch(
         }
         tokio::select! {
             _ = cancel.cancelled() => return Watch::Stopped,
-            _ = tokio::time::sleep(target.poll.min(deadline - now)) => {}
+            _ = tokio::time::sleep(super::client::POLL.min(deadline - now)) => {}
         }
     }
 }

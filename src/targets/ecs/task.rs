@@ -6,7 +6,8 @@
 //! `startedBy` and tags naming the installation, deployment, job and
 //! attempt, and an attempt first looks for a task of an earlier one (a
 //! node killed while it ran): one still running is followed, one that
-//! succeeded is the result, and only a failed one is run again.
+//! succeeded (or that an interrupted attempt left, whatever its end) is
+//! the result, and only one whose failure was recorded is run again.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::{Clients, EcsTarget, aws_error};
 use super::config::ServiceSettings;
-use super::rollout::{describe_service, pinned, say, task_definition_for};
+use super::rollout::{describe_service, say, tag, task_definition_for};
 use crate::store::Outcome;
 use crate::targets::{JobRequest, OutputSink, RunResult, TargetError};
 
@@ -31,8 +32,9 @@ fn started_by(installation: &str, deployment_id: i64, job: &str) -> String {
     format!("sw-{}", hex::encode(&h[..16]))
 }
 
-fn tag<'a>(task: &'a Task, key: &str) -> Option<&'a str> {
-    task.tags().iter().find(|t| t.key() == Some(key)).and_then(|t| t.value())
+/// The attempt that started a task (one without the tag: the first).
+fn attempt_of(task: &Task) -> i64 {
+    tag(task.tags(), TAG_ATTEMPT).and_then(|a| a.parse().ok()).unwrap_or(1)
 }
 
 pub(super) async fn run(target: &EcsTarget, req: JobRequest, output: OutputSink, cancel: CancellationToken) -> RunResult {
@@ -49,9 +51,7 @@ async fn one_off(target: &EcsTarget, req: &JobRequest, output: &OutputSink, canc
         return Err(TargetError::from("a one-off task on ECS takes an argv command"));
     };
     let argv: Vec<String> = argv.iter().map(|a| crate::process::substitute(a, &req.values)).collect();
-    let artifact = req.spec.artifact.as_ref().ok_or_else(|| TargetError::from("no pinned image for this job"))?;
-    let repository = artifact.url.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map(|(r, _)| r).unwrap_or(&artifact.url);
-    let image = pinned(repository, Some(&artifact.sha256))?;
+    let image = req.spec.artifact.as_ref().map(|a| a.pinned_image()).ok_or_else(|| TargetError::from("no pinned image for this job"))?;
     let c = target.clients(&s.aws).await;
     let by = started_by(&target.installation, req.deployment_id, &req.job);
     let deadline = Instant::now() + timeout;
@@ -62,18 +62,18 @@ async fn one_off(target: &EcsTarget, req: &JobRequest, output: &OutputSink, canc
     let task_arn = match earlier(&c, &s, &family, &by, req.attempt).await? {
         Some(t) if t.last_status() != Some("STOPPED") => {
             let arn = t.task_arn().unwrap_or_default().to_string();
-            say(output, format!("task {arn} of attempt {} still runs: following it (a one-off task is never started twice)", tag(&t, TAG_ATTEMPT).unwrap_or("?"))).await;
+            say(output, format!("task {arn} of attempt {} still runs: following it (a one-off task is never started twice)", attempt_of(&t))).await;
             arn
         }
         Some(t) if exit_code(&t, &s.container) == Some(0) => {
             let arn = t.task_arn().unwrap_or_default();
-            say(output, format!("task {arn} of attempt {} already ran to exit code 0: not run again", tag(&t, TAG_ATTEMPT).unwrap_or("?"))).await;
+            say(output, format!("task {arn} of attempt {} already ran to exit code 0: not run again", attempt_of(&t))).await;
             return Ok(ended(&t, &s.container));
         }
         // The interrupted attempt's own task ended while no node watched:
         // its result is this attempt's (the job's retry policy decides on
         // it), not a second run.
-        Some(t) if req.resuming && tag(&t, TAG_ATTEMPT).and_then(|a| a.parse::<i64>().ok()).unwrap_or(1) == req.attempt - 1 => {
+        Some(t) if req.resuming && attempt_of(&t) == req.attempt - 1 => {
             let arn = t.task_arn().unwrap_or_default();
             say(output, format!("task {arn} of the interrupted attempt {} ended while no node watched it: its result stands", req.attempt - 1)).await;
             return Ok(ended(&t, &s.container));
@@ -86,7 +86,7 @@ async fn one_off(target: &EcsTarget, req: &JobRequest, output: &OutputSink, canc
                 // The call may have started it before failing (a timeout):
                 // one found under this attempt is followed, never doubled.
                 Err(e) => match earlier(&c, &s, &family, &by, req.attempt + 1).await {
-                    Ok(Some(t)) if tag(&t, TAG_ATTEMPT) == Some(req.attempt.to_string().as_str()) => t.task_arn().unwrap_or_default().to_string(),
+                    Ok(Some(t)) if attempt_of(&t) == req.attempt => t.task_arn().unwrap_or_default().to_string(),
                     _ => return Err(e),
                 },
             }
@@ -132,7 +132,7 @@ async fn one_off(target: &EcsTarget, req: &JobRequest, output: &OutputSink, canc
         }
         tokio::select! {
             _ = cancel.cancelled() => return Ok(cancelled(&c, &s, req, output, &task_arn).await),
-            _ = tokio::time::sleep(target.poll.min(deadline.saturating_duration_since(Instant::now()))) => {}
+            _ = tokio::time::sleep(super::client::POLL.min(deadline.saturating_duration_since(Instant::now()))) => {}
         }
     }
 }
@@ -211,7 +211,7 @@ async fn earlier(c: &Clients, s: &ServiceSettings, family: &str, by: &str, attem
             out.tasks()
                 .iter()
                 .filter(|t| t.started_by() == Some(by))
-                .map(|t| (tag(t, TAG_ATTEMPT).and_then(|a| a.parse::<i64>().ok()).unwrap_or(1), t.clone()))
+                .map(|t| (attempt_of(t), t.clone()))
                 .filter(|(a, _)| *a < attempt),
         );
     }
