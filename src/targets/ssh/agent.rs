@@ -572,6 +572,15 @@ async fn run() -> u8 {
     unsafe {
         cmd.pre_exec(|| if libc::setsid() < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
     }
+    // Whoever ends the agent ends its job (its own session would outlive it).
+    // The handlers go in before the job starts: a SIGTERM that came between
+    // the marker and them would end the agent alone and orphan the job.
+    let mut signals = Vec::new();
+    for kind in [SignalKind::terminate(), SignalKind::hangup(), SignalKind::interrupt()] {
+        if let Ok(s) = signal(kind) {
+            signals.push(s);
+        }
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return agent_failed(&format!("cannot start {shown:?}: {}", os_message(&e))),
@@ -609,13 +618,6 @@ async fn run() -> u8 {
     // A backstop: the node ends a job at its timeout; the agent one grace
     // period later, so it acts only when the node could not.
     let deadline = (req.timeout_ms > 0).then(|| tokio::time::Instant::now() + Duration::from_millis(req.timeout_ms.saturating_add(req.kill_grace_ms)));
-    // Whoever ends the agent ends its job (its own session would outlive it).
-    let mut signals = Vec::new();
-    for kind in [SignalKind::terminate(), SignalKind::hangup(), SignalKind::interrupt()] {
-        if let Ok(s) = signal(kind) {
-            signals.push(s);
-        }
-    }
     let signalled = async {
         if signals.is_empty() {
             return std::future::pending().await;
