@@ -19,6 +19,7 @@
 //! - [`trigger`]: events from outside (GitHub and registry webhooks, published events) read, checked and decided into deployments.
 //! - [`service`]: managed services — rollouts behind health checks, the proxy, rollback, supervision.
 //! - [`api`]: the HTTP API, `/metrics`, `/healthz`; the only place wire types are serialized.
+//! - [`ui`]: the dashboard at `/` — a page, a stylesheet and a script embedded in the binary, using only the API.
 //! - [`aws`]: the `[aws]` table, and (feature `aws`) the SDK configuration every AWS client is built from, and AWS errors in words.
 //! - [`http`]: every outgoing HTTP client — reqwest with rustls (ring provider) and the system's CA roots.
 //! - [`values`]: versions, digests, image names and branches — checked once where they enter, then typed.
@@ -47,5 +48,6 @@ pub mod store;
 pub mod submit;
 pub mod targets;
 pub mod trigger;
+pub mod ui;
 pub mod values;
 pub mod why;

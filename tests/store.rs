@@ -1375,19 +1375,32 @@ async fn the_audit_log_keeps_entries_newest_first() {
     let dir = tempfile::tempdir().expect("tempdir");
     for b in backends(&dir).await {
         let (name, store) = &b;
-        for (n, status) in [(1, 202), (2, 401)] {
+        for (n, status, env, actor) in [(1, 202, Some("staging"), "anonymous"), (2, 401, None, "token ops"), (3, 202, Some("prod"), "token ops")] {
             let e = slipway::store::AuditEntry {
                 id: 0,
                 at: now_ms(),
-                actor: "anonymous".into(),
+                actor: actor.into(),
                 address: "127.0.0.1".into(),
                 action: "POST /api/v1/events".into(),
                 detail: format!("entry {n}"),
                 status,
+                environment: env.map(str::to_string),
             };
             store.record_audit(e).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
         }
-        let log = store.audit(10).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        // Filtered by environment, by actor, by both (issue 17: the
+        // dashboard's audit filter).
+        let filtered = |environment: Option<&str>, actor: Option<&str>| {
+            let f = slipway::store::AuditFilter { environment: environment.map(str::to_string), actor: actor.map(str::to_string) };
+            let store = store.clone();
+            async move { store.audit_filtered(&f, 10).await.unwrap_or_else(|e| panic!("{e}")).into_iter().map(|e| e.detail).collect::<Vec<_>>() }
+        };
+        assert_eq!(filtered(Some("prod"), None).await, ["entry 3"], "[{name}]");
+        assert_eq!(filtered(None, Some("token ops")).await, ["entry 3", "entry 2"], "[{name}]");
+        assert_eq!(filtered(Some("staging"), Some("token ops")).await, Vec::<String>::new(), "[{name}]");
+        assert_eq!(store.audit_filtered(&Default::default(), 1).await.unwrap_or_else(|e| panic!("{e}")).len(), 1, "[{name}]");
+        let log: Vec<_> = store.audit(10).await.unwrap_or_else(|e| panic!("[{name}] {e}")).into_iter().filter(|e| e.detail != "entry 3").collect();
+        assert_eq!(log[0].environment, None, "[{name}]");
         assert_eq!(log.iter().map(|e| (e.detail.as_str(), e.status)).collect::<Vec<_>>(), [("entry 2", 401), ("entry 1", 202)], "[{name}]");
         assert!(log[0].id > log[1].id);
     }

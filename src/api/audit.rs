@@ -20,6 +20,26 @@ use crate::store::AuditEntry;
 #[derive(Debug, Clone)]
 pub struct AuditNote(pub String);
 
+/// The environment a request acted in, for the audit log's filter, where
+/// the path does not say it (an event names it in its body).
+#[derive(Debug, Clone)]
+pub struct AuditEnvironment(pub String);
+
+/// The environment a request's path names: `/services/{env}/…` and
+/// `/environments/{env}/…` by name, `/deployments/{id}/…` by the
+/// deployment's (a refused approval is found under its environment too).
+async fn environment_of(s: &AppState, path: &str) -> Option<String> {
+    let mut parts = path.strip_prefix("/api/v1/")?.split('/');
+    match (parts.next(), parts.next()) {
+        (Some("services" | "environments"), Some(env)) if crate::config::valid_name(env) => Some(env.to_string()),
+        (Some("deployments"), Some(id)) => {
+            let id = id.parse::<i64>().ok()?;
+            s.store.deployment(id).await.ok().flatten().map(|d| d.environment)
+        }
+        _ => None,
+    }
+}
+
 /// Refused requests that anyone can send in any number (a hook delivery
 /// that is refused, a request with no valid token) are recorded one by
 /// one only so far: per source address, endpoint and status, the first
@@ -141,6 +161,7 @@ fn summary(key: &RefusalKey, w: &Window, now: std::time::Instant) -> Option<Audi
         action: key.action.clone(),
         detail: format!("and {} more refused {what} like this in {span} (HTTP {} from {}); the last: {}", w.more, key.status, key.address, last.detail),
         status: key.status,
+        environment: last.environment.clone(),
     })
 }
 
@@ -179,7 +200,11 @@ pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
     let res = next.run(req).await;
     let actor = res.extensions().get::<super::auth::Actor>().map(|a| a.0.clone()).unwrap_or_else(|| actor.to_string());
     let detail = res.extensions().get::<AuditNote>().map(|n| n.0.clone()).unwrap_or_default();
-    let entry = AuditEntry { id: 0, at: crate::store::now_ms(), actor, address, action, detail, status: i64::from(res.status().as_u16()) };
+    let environment = match res.extensions().get::<AuditEnvironment>() {
+        Some(e) => Some(e.0.clone()),
+        None => environment_of(&s, &path).await,
+    };
+    let entry = AuditEntry { id: 0, at: crate::store::now_ms(), actor, address, action, detail, status: i64::from(res.status().as_u16()), environment };
     // A request to no endpoint at all is refused in bulk as cheaply as a
     // bad hook delivery: bounded too.
     let no_endpoint = matched.is_none() && res.status().as_u16() >= 400;
@@ -224,6 +249,7 @@ mod tests {
             action: "POST /hooks/github".into(),
             detail: format!("refusal {n}"),
             status,
+            environment: None,
         }
     }
 

@@ -159,7 +159,7 @@ pub fn generate() -> String {
 }
 
 fn public(path: &str) -> bool {
-    matches!(path, "/healthz" | "/metrics" | "/api/v1/openapi.json") || path.starts_with("/hooks/")
+    matches!(path, "/healthz" | "/metrics" | "/api/v1/openapi.json") || path.starts_with("/hooks/") || crate::ui::is_public(path)
 }
 
 /// Authenticate every request (see the module header); reads need a role

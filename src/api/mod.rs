@@ -145,8 +145,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
-    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, create_token, list_tokens, revoke_token, gc_plan, gc_apply, list_hosts, drain_host, undrain_host, retention_plan, retention_apply, gates::list_environments, gates::list_approvals, gates::approve, gates::promote, gates::list_revisions, gates::check_revision, hooks::github, hooks::registry, hooks::published, healthz, metrics_text, openapi),
-    components(schemas(EventRequestSchema, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HostInfo, HostServiceInfo, HostDrained, RetentionInfo, RetentionRepositoryInfo, RetentionKeptInfo, RetentionDeleteInfo, HookAnswer, HookResult, PublishedRequest, WhyInfo, AuditInfo, TokenRequest, TokenCreated, TokenInfo, ApprovalInfo, EnvironmentInfo, PromoteRequest, RevisionInfo, TouchedJob, auth::Role, Health, ErrorBody, EventAnswer, TokenRevoked, SseEventInfo, Name, Version, EventId, Digest, Image)),
+    paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, whoami, create_token, list_tokens, revoke_token, gc_plan, gc_apply, list_hosts, drain_host, undrain_host, retention_plan, retention_apply, gates::list_environments, gates::list_approvals, gates::approve, gates::promote, gates::list_revisions, gates::check_revision, hooks::github, hooks::registry, hooks::published, healthz, metrics_text, openapi),
+    components(schemas(EventRequestSchema, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HostInfo, HostServiceInfo, HostDrained, RetentionInfo, RetentionRepositoryInfo, RetentionKeptInfo, RetentionDeleteInfo, HookAnswer, HookResult, PublishedRequest, WhyInfo, AuditInfo, WhoAmI, TokenRequest, TokenCreated, TokenInfo, ApprovalInfo, EnvironmentInfo, PromoteRequest, RevisionInfo, TouchedJob, auth::Role, Health, ErrorBody, EventAnswer, TokenRevoked, SseEventInfo, Name, Version, EventId, Digest, Image)),
     modifiers(&Contract)
 )]
 pub struct ApiDoc;
@@ -183,8 +183,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/hosts/{host}/undrain", post(undrain_host))
         .route("/api/v1/retention", get(retention_plan).post(retention_apply))
         .route("/api/v1/audit", get(list_audit))
+        .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/tokens/{name}", axum::routing::delete(revoke_token))
+        .merge(crate::ui::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(declared_body_limit))
@@ -342,9 +344,11 @@ async fn post_event(
     let sub = s.submitter.submit_by(request, req.id, payload, caller.name.as_ref().map(|_| caller.actor())).await?;
     let status = if sub.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
     let note = audit::AuditNote(format!("{what} → deployment {}{}", sub.deployment_id, if sub.duplicate { " (a repeated request)" } else { "" }));
+    let environment = s.store.deployment(sub.deployment_id).await?.map(|d| audit::AuditEnvironment(d.environment));
     Ok((
         status,
         axum::Extension(note),
+        environment.map(axum::Extension),
         Json(EventAccepted { event_id: sub.event_id, deployment_id: sub.deployment_id, duplicate: sub.duplicate, superseded: sub.superseded }),
     )
         .into_response())
@@ -408,7 +412,7 @@ async fn get_deployment(
     let d = readable(&s, &caller, id).await?;
     let jobs = s.store.jobs(id).await?.into_iter().map(Job::from).collect();
     let attempts = s.store.attempts(id).await?.into_iter().map(Attempt::from).collect();
-    Ok(Json(DeploymentDetail { deployment: d.into(), jobs, attempts }))
+    Ok(Json(DeploymentDetail::new(d.into(), jobs, attempts)))
 }
 
 /// The jobs of a deployment.
@@ -794,22 +798,54 @@ async fn why_service(
 
 /// The audit log, newest first: every request that changed something (or
 /// tried to), who sent it, from where, what it meant, what came of it.
-#[utoipa::path(get, path = "/api/v1/audit", params(("limit" = Option<i64>, Query, description = "At most this many, newest first (default 50; below 1 counts as 1, above 1000 as 1000)")),
-    responses((status = 200, description = "Entries, newest first", body = Vec<AuditInfo>)))]
+#[utoipa::path(get, path = "/api/v1/audit", params(AuditQuery),
+    responses((status = 200, description = "Entries, newest first", body = Vec<AuditInfo>), (status = 400, description = "A bad environment name", body = ErrorBody)))]
 async fn list_audit(
     State(s): State<Arc<AppState>>,
     axum::Extension(caller): axum::Extension<auth::Caller>,
-    q: Result<Query<ListQuery>, QueryRejection>,
+    q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<AuditInfo>>> {
     let Query(q) = q?;
     // It spans every environment (and names tokens and addresses).
     caller.require(auth::Need::Read, None)?;
-    let rows = s.store.audit(q.limit.unwrap_or(50).clamp(1, 1000)).await?;
+    if let Some(env) = q.environment.as_deref().filter(|e| !crate::config::valid_name(e)) {
+        return Err(ApiError::bad_request(format!("environment {env:?} is not a valid name")));
+    }
+    let filter = crate::store::AuditFilter { environment: q.environment.filter(|e| !e.is_empty()), actor: q.actor.filter(|a| !a.is_empty()) };
+    let rows = s.store.audit_filtered(&filter, q.limit.unwrap_or(50).clamp(1, 1000)).await?;
     Ok(Json(
         rows.into_iter()
-            .map(|a| AuditInfo { id: a.id, at: a.at, actor: a.actor, address: a.address, action: a.action, detail: a.detail, status: a.status as u16 })
+            .map(|a| AuditInfo {
+                id: a.id,
+                at: a.at,
+                actor: a.actor,
+                address: a.address,
+                action: a.action,
+                detail: a.detail,
+                status: a.status as u16,
+                environment: a.environment,
+            })
             .collect(),
     ))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct AuditQuery {
+    /// At most this many, newest first (default 50; below 1 counts as 1, above 1000 as 1000).
+    limit: Option<i64>,
+    /// Only entries that acted in this environment.
+    environment: Option<String>,
+    /// Only entries of this actor, as the log names it ("token alice").
+    actor: Option<String>,
+}
+
+/// Who the API takes the caller for: the token's name and roles, or an
+/// open API (no token exists yet). The dashboard shows the buttons these
+/// roles allow; the API checks them again on every request.
+#[utoipa::path(get, path = "/api/v1/whoami", responses((status = 200, description = "The caller", body = WhoAmI), (status = 401, description = "No token, or an unknown one", body = ErrorBody)))]
+async fn whoami(axum::Extension(caller): axum::Extension<auth::Caller>) -> Json<WhoAmI> {
+    Json(WhoAmI { open: caller.name.is_none(), actor: caller.actor(), name: caller.name.clone(), roles: caller.roles.clone() })
 }
 
 /// Create an API token; the answer holds the token, shown this once. The

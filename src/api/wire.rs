@@ -263,6 +263,33 @@ pub struct DeploymentDetail {
     pub jobs: Vec<Job>,
     /// Every attempt of every job, in order.
     pub attempts: Vec<Attempt>,
+    /// Job names by wave: a job's wave is its longest distance from a job
+    /// that needs nothing (the planner's columns).
+    #[serde(default)]
+    pub waves: Vec<Vec<String>>,
+    /// The chain of `needs` that took longest, first job first, by the
+    /// time each job took (a running job: so far; one not started: none).
+    #[serde(default)]
+    pub critical_path: Vec<String>,
+    #[serde(default)]
+    pub critical_path_ms: i64,
+}
+
+impl DeploymentDetail {
+    /// The deployment with its graph's shape worked out from its jobs.
+    pub fn new(deployment: Deployment, jobs: Vec<Job>, attempts: Vec<Attempt>) -> Self {
+        use crate::plan::shape::{RanJob, shape};
+        let ran: Vec<RanJob<'_>> = jobs
+            .iter()
+            .map(|j| RanJob { name: &j.name, needs: &j.needs, took: std::time::Duration::from_millis(j.duration_ms.unwrap_or(0).max(0) as u64) })
+            .collect();
+        let s = shape(&ran);
+        let name = |i: &usize| jobs[*i].name.clone();
+        let waves = s.waves.iter().map(|w| w.iter().map(name).collect()).collect();
+        let critical_path = s.critical_path.iter().map(name).collect();
+        let critical_path_ms = i64::try_from(s.critical_path_duration.as_millis()).unwrap_or(i64::MAX);
+        DeploymentDetail { deployment, jobs, attempts, waves, critical_path, critical_path_ms }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -353,6 +380,19 @@ pub struct TokenInfo {
 }
 
 /// One entry of the audit log.
+/// `GET /api/v1/whoami`: the caller as the API sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WhoAmI {
+    /// The token's name (None: no token exists yet and the API is open).
+    pub name: Option<String>,
+    /// How the audit log and approvals name this caller.
+    pub actor: String,
+    /// Role per environment (`*`: every one).
+    pub roles: std::collections::BTreeMap<String, super::auth::Role>,
+    /// No token exists yet: everything is allowed but approving.
+    pub open: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AuditInfo {
     pub id: i64,
@@ -367,6 +407,9 @@ pub struct AuditInfo {
     pub detail: String,
     /// The HTTP status answered.
     pub status: u16,
+    /// The environment it acted in, where it acted in one.
+    #[serde(default)]
+    pub environment: Option<String>,
 }
 
 /// `why`: why a service runs the version it runs.
@@ -595,6 +638,10 @@ pub struct ApprovalInfo {
     pub source_environment: Option<String>,
     pub source_deployment: Option<i64>,
     pub waiting_for: Option<String>,
+    /// Who asked for it (a token's actor, as the audit log names it): the
+    /// one caller who may not approve it.
+    #[serde(default)]
+    pub requested_by: Option<String>,
 }
 
 impl From<(store::DeploymentRow, store::Hold)> for ApprovalInfo {
@@ -609,6 +656,7 @@ impl From<(store::DeploymentRow, store::Hold)> for ApprovalInfo {
             source_environment: h.source_environment,
             source_deployment: h.source_deployment,
             waiting_for: h.waiting_for,
+            requested_by: h.requested_by,
         }
     }
 }

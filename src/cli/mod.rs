@@ -800,6 +800,7 @@ async fn token_local(config_path: &std::path::Path, store: Option<&str>, name: &
         action: "token create --local".into(),
         detail: format!("create token {name} with roles {}", serde_json::to_string(&roles).unwrap_or_default()),
         status: 201,
+        environment: None,
     };
     // The token exists now; a failed audit row must not hide it.
     if let Err(e) = store.record_audit(entry).await {

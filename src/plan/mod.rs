@@ -31,6 +31,7 @@ pub enum Selection {
 }
 
 pub mod changes;
+pub mod shape;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -196,21 +197,9 @@ pub fn build(config: &Config, env: &str, selection: &Selection, parallelism: usi
     }
 
     // Longest path by estimate (jobs are in dependency order).
-    let mut finish = vec![Duration::ZERO; jobs.len()];
-    let mut prev: Vec<Option<usize>> = vec![None; jobs.len()];
-    for p in 0..jobs.len() {
-        let (start, from) = jobs[p].needs.iter().map(|d| (finish[*d], Some(*d))).max_by_key(|(f, _)| *f).unwrap_or((Duration::ZERO, None));
-        finish[p] = start + jobs[p].estimate;
-        prev[p] = from;
-    }
-    let mut critical_path = Vec::new();
-    let mut at = (0..jobs.len()).max_by_key(|p| (finish[*p], std::cmp::Reverse(*p)));
-    let critical_path_duration = at.map(|p| finish[p]).unwrap_or_default();
-    while let Some(p) = at {
-        critical_path.push(p);
-        at = prev[p];
-    }
-    critical_path.reverse();
+    let needs: Vec<Vec<usize>> = jobs.iter().map(|j| j.needs.clone()).collect();
+    let estimates: Vec<Duration> = jobs.iter().map(|j| j.estimate).collect();
+    let (critical_path, critical_path_duration) = shape::longest_path(&needs, &estimates);
     let parallelism = parallelism.max(1);
     let estimated_duration = simulate(&jobs, parallelism);
     Ok(Plan {

@@ -33,6 +33,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "parts", include_str!("migrations/0002_parts.sql")),
     (3, "target_ref", include_str!("migrations/0003_target_ref.sql")),
     (4, "leases", include_str!("migrations/0004_leases.sql")),
+    (5, "audit_environment", include_str!("migrations/0005_audit_environment.sql")),
 ];
 
 /// The newest schema version this build knows.

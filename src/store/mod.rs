@@ -652,6 +652,17 @@ pub struct AuditEntry {
     pub detail: String,
     /// The HTTP status answered.
     pub status: i64,
+    /// The environment it acted in, where it acted in one.
+    pub environment: Option<String>,
+}
+
+/// Which audit entries to list (all: every field `None`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Entries that acted in this environment.
+    pub environment: Option<String>,
+    /// Entries of this actor, exactly as recorded ("token alice").
+    pub actor: Option<String>,
 }
 
 /// A stored event (a webhook delivery, a registry notification).
@@ -769,7 +780,11 @@ pub trait Store: Send + Sync + 'static {
     /// entry).
     async fn record_audit(&self, entry: AuditEntry) -> Result<()>;
     /// The audit log, newest first.
-    async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>>;
+    async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>> {
+        self.audit_filtered(&AuditFilter::default(), limit).await
+    }
+    /// The entries `filter` selects, newest first (at most 1,000).
+    async fn audit_filtered(&self, filter: &AuditFilter, limit: i64) -> Result<Vec<AuditEntry>>;
     /// Store a new API token (by its hash). False: the name is taken.
     async fn create_token(&self, token: TokenRow) -> Result<bool>;
     /// Every token, revoked ones included, oldest first.

@@ -1854,27 +1854,34 @@ impl Store for SqlStore {
     }
 
     async fn record_audit(&self, a: AuditEntry) -> Result<()> {
-        sqlx::query("INSERT INTO audit (at, actor, address, action, detail, status) VALUES ($1, $2, $3, $4, $5, $6)")
+        sqlx::query("INSERT INTO audit (at, actor, address, action, detail, status, environment) VALUES ($1, $2, $3, $4, $5, $6, $7)")
             .bind(a.at)
             .bind(&a.actor)
             .bind(&a.address)
             .bind(&a.action)
             .bind(&a.detail)
             .bind(a.status)
+            .bind(&a.environment)
             .execute(&self.pool)
             .await
             .map_err(StoreError::query("record an audit entry"))?;
         Ok(())
     }
 
-    async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>> {
+    async fn audit_filtered(&self, filter: &AuditFilter, limit: i64) -> Result<Vec<AuditEntry>> {
         let op = "list the audit log";
-        let rows = sqlx::query("SELECT id, at, actor, address, action, detail, status FROM audit ORDER BY id DESC LIMIT 1000")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::query(op))?;
+        // A filter left out matches everything: `$1 IS NULL OR ...`.
+        let rows = sqlx::query(
+            "SELECT id, at, actor, address, action, detail, status, environment FROM audit \
+             WHERE ($1 IS NULL OR environment = $1) AND ($2 IS NULL OR actor = $2) ORDER BY id DESC LIMIT $3",
+        )
+        .bind(&filter.environment)
+        .bind(&filter.actor)
+        .bind(limit.clamp(0, 1000))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::query(op))?;
         rows.iter()
-            .take(limit.clamp(0, 1000) as usize)
             .map(|r| {
                 let f = || -> std::result::Result<AuditEntry, sqlx::Error> {
                     Ok(AuditEntry {
@@ -1885,6 +1892,7 @@ impl Store for SqlStore {
                         action: r.try_get(4)?,
                         detail: r.try_get(5)?,
                         status: r.try_get(6)?,
+                        environment: r.try_get(7)?,
                     })
                 };
                 f().map_err(StoreError::query(op))

@@ -247,7 +247,7 @@ async fn audit(state: &AppState, url: &str, id: &str, status: i64, detail: Strin
     // Which node read it: with several, only the lease holder does.
     let detail = format!("{detail} (read by node {})", state.node);
     let entry =
-        AuditEntry { id: 0, at: crate::store::now_ms(), actor: "sqs".into(), address: url.to_string(), action: format!("SQS message {id}"), detail, status };
+        AuditEntry { id: 0, at: crate::store::now_ms(), actor: "sqs".into(), address: url.to_string(), action: format!("SQS message {id}"), detail, status, environment: None };
     if let Err(e) = state.store.record_audit(entry).await {
         tracing::warn!(error = %e, "cannot write the audit log");
     }
