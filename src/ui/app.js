@@ -247,7 +247,7 @@ function promoteButton(s, from) {
     onclick: () => act({
       verb: 'Promote', method: 'POST', path: `/api/v1/services/${encodeURIComponent(s.environment)}/${encodeURIComponent(s.service)}/promote`, body: { from },
       title: `Promote ${s.service} from ${from} to ${s.environment}?`,
-      text: `The version ${s.service} runs in ${from} is deployed to ${s.environment}, through ${s.environment}'s gates.`,
+      text: `The version ${s.service} runs in ${from} is deployed to ${s.environment}${s.version ? ` (where it runs ${s.version})` : ''}, through ${s.environment}'s gates.`,
       done: (r) => `Promotion of ${s.service} to ${s.environment}: deployment #${r.deployment_id}` + (r.duplicate ? ' (already asked for)' : ''),
     }),
   }, `Promote from ${from}`);
@@ -296,7 +296,16 @@ function renderInto(box, data, build) {
   }
 }
 
+/** Name each cell by its column, for narrow screens where rows stack. */
+function labelCells(headers, rows) {
+  for (const tr of rows.flat()) {
+    [...tr.children].forEach((td, i) => { if (headers[i]) td.setAttribute('data-label', headers[i]); });
+  }
+  return rows;
+}
+
 function table(headers, rows, caption) {
+  labelCells(headers, rows);
   return el('div', { class: 'table-wrap' },
     el('table', {},
       caption ? el('caption', { class: 'muted' }, caption) : null,
@@ -363,9 +372,20 @@ function overview(envs, services, holds, recent) {
         el('pre', {}, env.rejected.errors || 'no report')));
     }
     if (env.fetch_error) section.append(el('p', { class: 'badge s-failed' }, `fetching its config failed at ${fmtTime(env.fetch_failed_at)}: ${env.fetch_error}`));
-    if (here.length === 0) section.append(el('p', { class: 'muted' }, 'No service has been deployed here yet.'));
+    // What runs where this environment promotes from, but not here yet:
+    // a row with the Promote button alone.
+    const fresh = env.promote_from
+      ? services.filter((s) => s.environment === env.promote_from && !here.some((h) => h.service === s.service))
+        .map((s) => ({ environment: name, service: s.service, version: null, instances: [], restarts: 0, fresh: true }))
+      : [];
+    if (here.length + fresh.length === 0) section.append(el('p', { class: 'muted' }, 'No service has been deployed here yet.'));
     else {
-      section.append(table(['Service', 'Version', 'Instances', 'Last deployment', ''], here.map((s) => {
+      section.append(table(['Service', 'Version', 'Instances', 'Last deployment', ''], here.concat(fresh).map((s) => {
+        if (s.fresh) {
+          return el('tr', { 'data-service': `${s.environment}/${s.service}` },
+            el('td', {}, s.service), el('td', { class: 'muted' }, 'not deployed here yet'), el('td', {}, '—'), el('td', {}, ''),
+            el('td', {}, el('div', { class: 'actions' }, may('deploy', name) ? promoteButton(s, env.promote_from) : null)));
+        }
         const running = s.instances.filter((i) => i.running).length;
         const last = s.last_deployment;
         const buttons = [el('a', { href: `#/why/${encodeURIComponent(s.environment)}/${encodeURIComponent(s.service)}`, 'aria-label': `Why ${s.service} runs ${s.version} in ${s.environment}` }, 'Why?')];
@@ -496,6 +516,7 @@ async function deploymentPage(main, life, id) {
     const tr = el('tr', { 'data-job': job.name },
       el('td', {}, el('button', { class: 'link', 'data-key': `job-${job.name}`, onclick: () => pick(job.name), 'aria-label': `Show job ${job.name}: its attempts and log` }, job.name)),
       cells.state, cells.attempt, cells.took, cells.exit, cells.reason);
+    labelCells(['Job', 'State', 'Attempts', 'Took', 'Exit', 'Reason'], [tr]);
     jobRows.set(job.name, cells);
     jobBody.append(tr);
   }
