@@ -9,7 +9,7 @@
 //! it never appears in a URL. The strict Content-Security-Policy below
 //! (scripts only from this origin, nothing inline) is what keeps a stored
 //! string from ever running as script; the script itself inserts API data
-//! as text only. See `docs/design/dashboard.md`.
+//! as text only. Design notes: `docs/design/dashboard.md`.
 //!
 //! **Architecture Invariant:** the dashboard's handlers serve fixed bytes
 //! and read no state; there is no endpoint for the page alone.
