@@ -5,9 +5,9 @@
 //! artifacts); `SLIPWAY_UPDATE_SCREENSHOTS=1` also refreshes the README's
 //! copies in `docs/images/`.
 
-mod common;
 #[path = "common/browser.rs"]
 mod browser;
+mod common;
 
 use std::path::Path;
 use std::time::Duration;
@@ -136,7 +136,8 @@ async fn sign_out(b: &Browser) {
 
 /// Confirm the dialog an action opened, after checking it asks.
 async fn confirm(b: &Browser) {
-    b.until("the confirmation dialog", "const d = document.getElementById('confirm'); return d.open && document.getElementById('confirm-title').textContent").await;
+    b.until("the confirmation dialog", "const d = document.getElementById('confirm'); return d.open && document.getElementById('confirm-title').textContent")
+        .await;
     b.click("#confirm-yes").await;
 }
 
@@ -205,8 +206,16 @@ async fn issue17_sign_in_approve_as_an_approver_and_never_as_the_requester() {
     // The audit log, filtered by environment and actor.
     b.goto(&format!("{}/#/audit?environment=production&actor=token%20alice", g.server.url)).await;
     let audit = b.until_text("#audit table", &format!("approve deployment {promoted}")).await;
-    assert!(audit.contains(&format!("/deployments/{other}/approve")) && audit.contains("already approved by token carol"), "the refused approval is audited too: {audit}");
-    let actors = b.js("return [...new Set([...document.querySelectorAll('#audit tbody tr')].map(tr => tr.cells[1].textContent + ' in ' + tr.cells[2].textContent))]", vec![]).await;
+    assert!(
+        audit.contains(&format!("/deployments/{other}/approve")) && audit.contains("already approved by token carol"),
+        "the refused approval is audited too: {audit}"
+    );
+    let actors = b
+        .js(
+            "return [...new Set([...document.querySelectorAll('#audit tbody tr')].map(tr => tr.cells[1].textContent + ' in ' + tr.cells[2].textContent))]",
+            vec![],
+        )
+        .await;
     assert_eq!(actors, json!(["token alice in production"]), "{audit}");
     b.screenshot("audit").await;
     b.type_into("#audit-actor", "token carol").await;
@@ -322,7 +331,8 @@ async fn issue17_a_deployments_graph_and_log_change_live() {
     let columns = b
         .js("return ['first','wait','secretive','last'].map(n => document.querySelector(`svg.graph g.job[data-job='${n}']`).getAttribute('transform'))", vec![])
         .await;
-    let xs: Vec<String> = columns.as_array().expect("array").iter().map(|t| t.as_str().unwrap_or_default().split(',').next().unwrap_or_default().to_string()).collect();
+    let xs: Vec<String> =
+        columns.as_array().expect("array").iter().map(|t| t.as_str().unwrap_or_default().split(',').next().unwrap_or_default().to_string()).collect();
     assert!(xs[1] == xs[2] && xs[0] != xs[1] && xs[3] != xs[1], "waves as columns: {xs:?}");
     assert_eq!(b.count("svg.graph path.edge").await, 4, "one edge per need");
 

@@ -246,8 +246,16 @@ async fn extending<T>(client: &aws_sdk_sqs::Client, url: &str, receipt: &str, vi
 async fn audit(state: &AppState, url: &str, id: &str, status: i64, detail: String) {
     // Which node read it: with several, only the lease holder does.
     let detail = format!("{detail} (read by node {})", state.node);
-    let entry =
-        AuditEntry { id: 0, at: crate::store::now_ms(), actor: "sqs".into(), address: url.to_string(), action: format!("SQS message {id}"), detail, status, environment: None };
+    let entry = AuditEntry {
+        id: 0,
+        at: crate::store::now_ms(),
+        actor: "sqs".into(),
+        address: url.to_string(),
+        action: format!("SQS message {id}"),
+        detail,
+        status,
+        environment: None,
+    };
     if let Err(e) = state.store.record_audit(entry).await {
         tracing::warn!(error = %e, "cannot write the audit log");
     }
