@@ -13,31 +13,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use browser::Browser;
+use common::Api;
 use serde_json::{Value, json};
 
-/// The API as a client of the test (tokens, deploys the browser then sees).
-struct Api {
-    base: String,
-    http: reqwest::Client,
+/// Test-side shortcuts on the shared API client.
+trait Shortcuts {
+    async fn token(&self, admin: Option<&str>, name: &str, roles: Value) -> String;
+    async fn submit(&self, token: Option<&str>, body: Value) -> i64;
 }
 
-impl Api {
-    fn new(base: &str) -> Api {
-        Api { base: base.to_string(), http: slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client") }
-    }
-
-    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
-        let mut r = self.http.request(method.parse().expect("method"), format!("{}{path}", self.base));
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let r = r.send().await.expect("send");
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
+impl Shortcuts for Api {
     async fn token(&self, admin: Option<&str>, name: &str, roles: Value) -> String {
         let (s, t) = self.call("POST", "/api/v1/tokens", admin, Some(json!({"name": name, "roles": roles}))).await;
         assert_eq!(s, 201, "{t}");
@@ -48,15 +33,6 @@ impl Api {
         let (s, a) = self.call("POST", "/api/v1/events", token, Some(body)).await;
         assert!(s == 202 || s == 200, "{a}");
         a["deployment_id"].as_i64().expect("deployment id")
-    }
-
-    async fn wait_state(&self, id: i64, token: Option<&str>, states: &[&str]) -> Value {
-        common::eventually(Duration::from_secs(60), &format!("deployment {id} to reach {states:?}"), || async {
-            let (_, d) = self.call("GET", &format!("/api/v1/deployments/{id}"), token, None).await;
-            let d = d["deployment"].clone();
-            if states.contains(&d["state"].as_str().unwrap_or("")) { Ok(d) } else { Err(d) }
-        })
-        .await
     }
 }
 

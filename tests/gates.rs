@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::State;
+use common::Api;
 use serde_json::{Value, json};
 use slipway::node::{NodeOptions, start_node};
 use slipway::scheduler::SchedulerConfig;
@@ -31,36 +32,13 @@ async fn receiver() -> (String, Seen) {
     (format!("http://{addr}/hook"), seen)
 }
 
-struct Api {
-    base: String,
-    http: reqwest::Client,
+/// Lookups of this file's own on the shared test client.
+trait Lookups {
+    async fn deployment_of(&self, env: &str, version: &str, token: &str) -> Value;
+    async fn production(&self, version: &str, token: &str) -> Value;
 }
 
-impl Api {
-    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
-        let mut r = self.http.request(method.parse().expect("method"), format!("{}{path}", self.base));
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let r = r.send().await.expect("send");
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn deployment(&self, id: i64, token: &str) -> Value {
-        self.call("GET", &format!("/api/v1/deployments/{id}"), Some(token), None).await.1["deployment"].clone()
-    }
-
-    async fn wait_state(&self, id: i64, token: &str, done: &[&str]) -> Value {
-        common::eventually(Duration::from_secs(30), &format!("deployment {id} to reach {done:?}"), || async {
-            let d = self.deployment(id, token).await;
-            if done.contains(&d["state"].as_str().unwrap_or("")) { Ok(d) } else { Err(d) }
-        })
-        .await
-    }
-
+impl Lookups for Api {
     /// The deployment of `version` in `env`, once there is one.
     async fn deployment_of(&self, env: &str, version: &str, token: &str) -> Value {
         common::eventually(Duration::from_secs(15), &format!("a deployment of {version} in {env}"), || async {
@@ -126,7 +104,7 @@ on = ["waiting"]
         cfg.poll = Duration::from_millis(100);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "gates-test".into() });
-        let api = Api { base: format!("http://{}", node.addr), http: slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client") };
+        let api = Api::new(&format!("http://{}", node.addr));
         let (_, admin) = api.call("POST", "/api/v1/tokens", None, Some(json!({"name": "root", "roles": {"*": "admin"}}))).await;
         let admin = admin["token"].as_str().expect("admin token").to_string();
         let token = |name: &'static str, roles: Value| {
@@ -151,7 +129,7 @@ on = ["waiting"]
             |env: &str| a["results"].as_array().into_iter().flatten().find(|r| r["environment"] == env).cloned().unwrap_or_else(|| panic!("{env}: {a}"));
         assert_eq!(result("production")["held"], "production takes versions by promotion from staging: promoted there once it has succeeded in staging", "{a}");
         assert!(result("production")["deployment_id"].is_null(), "{a}");
-        let staged = api.wait_state(result("staging")["deployment_id"].as_i64().expect("id"), &admin, &["succeeded", "failed", "rolled_back"]).await;
+        let staged = api.wait_state(result("staging")["deployment_id"].as_i64().expect("id"), Some(&admin), &["succeeded", "failed", "rolled_back"]).await;
         assert_eq!(staged["state"], "succeeded", "{staged}");
         let p = api.production("1.0", &admin).await;
         let pid = p["id"].as_i64().expect("id");
@@ -178,7 +156,7 @@ on = ["waiting"]
 
         // It starts once the soak is over, not before, and production
         // serves 1.0 on its own address (staging keeps its own).
-        let done = api.wait_state(pid, &admin, &["succeeded", "failed", "rolled_back", "cancelled"]).await;
+        let done = api.wait_state(pid, Some(&admin), &["succeeded", "failed", "rolled_back", "cancelled"]).await;
         assert_eq!(done["state"], "succeeded", "{done}");
         assert!(done["started_at"].as_i64().expect("started") >= staged["finished_at"].as_i64().expect("finished") + SOAK_MS, "{done} vs {staged}");
         assert!(hello(production_port).is_some_and(|b| b.contains("1.0")), "production");
@@ -188,13 +166,13 @@ on = ["waiting"]
         // to 1.0, so 2.0 is not promoted, and says why.
         let (_, a) =
             api.call("POST", "/api/v1/events", Some(&bob), Some(json!({"kind": "deploy", "service": "web", "version": "2.0", "environment": "staging"}))).await;
-        api.wait_state(a["deployment_id"].as_i64().expect("id"), &admin, &["succeeded"]).await;
+        api.wait_state(a["deployment_id"].as_i64().expect("id"), Some(&admin), &["succeeded"]).await;
         let p2 = api.production("2.0", &admin).await;
         assert_eq!(p2["state"], "waiting", "{p2}");
         let (s, r) = api.call("POST", "/api/v1/services/staging/web/rollback", Some(&bob), None).await;
         assert_eq!(s, 202, "{r}");
-        api.wait_state(r["deployment_id"].as_i64().expect("id"), &admin, &["succeeded"]).await;
-        let dropped = api.wait_state(p2["id"].as_i64().expect("id"), &admin, &["cancelled"]).await;
+        api.wait_state(r["deployment_id"].as_i64().expect("id"), Some(&admin), &["succeeded"]).await;
+        let dropped = api.wait_state(p2["id"].as_i64().expect("id"), Some(&admin), &["cancelled"]).await;
         assert_eq!(dropped["reason"], "not promoted: staging no longer runs 2.0 (it runs 1.0)", "{dropped}");
 
         // `promote` by hand: the version staging runs, with the same gates.
@@ -203,11 +181,11 @@ on = ["waiting"]
         assert!(e["error"]["message"].as_str().unwrap_or("").contains("promotes from staging, not from weekend"), "{e}");
         let (s, a) = api.call("POST", "/api/v1/services/production/web/promote", Some(&bob), Some(json!({"from": "staging"}))).await;
         assert_eq!(s, 202, "{a}");
-        let manual = api.deployment(a["deployment_id"].as_i64().expect("id"), &admin).await;
+        let manual = api.deployment(a["deployment_id"].as_i64().expect("id"), Some(&admin)).await;
         assert_eq!((manual["version"].as_str(), manual["state"].as_str()), (Some("1.0"), Some("waiting")), "{manual}");
         let (s, _) = api.call("POST", &format!("/api/v1/deployments/{}/cancel", manual["id"]), Some(&bob), None).await;
         assert_eq!(s, 202);
-        assert_eq!(api.deployment(manual["id"].as_i64().expect("id"), &admin).await["reason"], "cancelled while waiting");
+        assert_eq!(api.deployment(manual["id"].as_i64().expect("id"), Some(&admin)).await["reason"], "cancelled while waiting");
 
         // Four eyes: whoever asks for a deployment cannot approve it, even
         // an admin.
@@ -220,7 +198,7 @@ on = ["waiting"]
         assert!(e["error"]["message"].as_str().unwrap_or("").contains("another approver"), "{e}");
         let (s, _) = api.call("POST", &format!("/api/v1/deployments/{own}/approve"), Some(&alice), None).await;
         assert_eq!(s, 200);
-        api.wait_state(own, &admin, &["succeeded"]).await;
+        api.wait_state(own, Some(&admin), &["succeeded"]).await;
 
         // The config changes while a deployment waits: when its gates pass
         // it is submitted again on the current revision (keeping its
@@ -228,16 +206,16 @@ on = ["waiting"]
         let (_, a) = api
             .call("POST", "/api/v1/events", Some(&bob), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "production"})))
             .await;
-        let stale = api.deployment(a["deployment_id"].as_i64().expect("id"), &admin).await;
+        let stale = api.deployment(a["deployment_id"].as_i64().expect("id"), Some(&admin)).await;
         assert_eq!(stale["state"], "waiting", "{stale}");
         let path = dir.path().join("slipway.toml");
         let text = std::fs::read_to_string(&path).expect("config");
         std::fs::write(&path, format!("{text}\n# edited while a deployment waited\n")).expect("edit");
         let (s, _) = api.call("POST", &format!("/api/v1/deployments/{}/approve", stale["id"]), Some(&alice), None).await;
         assert_eq!(s, 200);
-        let old = api.wait_state(stale["id"].as_i64().expect("id"), &admin, &["superseded", "cancelled"]).await;
+        let old = api.wait_state(stale["id"].as_i64().expect("id"), Some(&admin), &["superseded", "cancelled"]).await;
         let again = old["superseded_by"].as_i64().unwrap_or_else(|| panic!("submitted again: {old}"));
-        let fresh = api.wait_state(again, &admin, &["succeeded", "failed", "rolled_back"]).await;
+        let fresh = api.wait_state(again, Some(&admin), &["succeeded", "failed", "rolled_back"]).await;
         assert_eq!(fresh["state"], "succeeded", "{fresh}");
         assert_ne!(fresh["revision"], stale["revision"], "the current config, not the one it waited with");
 
@@ -245,7 +223,7 @@ on = ["waiting"]
         let (_, a) = api
             .call("POST", "/api/v1/events", Some(&admin), Some(json!({"kind": "deploy", "service": "web", "version": "1.0", "environment": "weekend"})))
             .await;
-        let w = api.deployment(a["deployment_id"].as_i64().expect("id"), &admin).await;
+        let w = api.deployment(a["deployment_id"].as_i64().expect("id"), Some(&admin)).await;
         assert_eq!(w["state"], "waiting", "{w}");
         let reason = w["reason"].as_str().unwrap_or("");
         assert!(reason.starts_with(&format!("waiting for the deploy window of weekend ({hour:02}:00-")) && reason.contains("next opens"), "{reason}");
@@ -297,7 +275,7 @@ health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
         cfg.poll = Duration::from_millis(100);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let node = start_node(NodeOptions { config_path: dir.path().join("slipway.toml"), store, scheduler: cfg, listener, scope: "chain-test".into() });
-        let api = Api { base: format!("http://{}", node.addr), http: slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client") };
+        let api = Api::new(&format!("http://{}", node.addr));
         let (_, admin) = api.call("POST", "/api/v1/tokens", None, Some(json!({"name": "root", "roles": {"*": "admin"}}))).await;
         let admin = admin["token"].as_str().expect("admin token").to_string();
 
@@ -310,7 +288,7 @@ health = {{ http = "/healthz", interval = "100ms", healthy_after = 1 }}
         for env in ["staging", "production", "dr"] {
             // The deployment of 1.0 in `env` (staging's is the one asked for).
             let id = api.deployment_of(env, "1.0", &admin).await["id"].as_i64().expect("id");
-            let d = api.wait_state(id, &admin, &["succeeded", "failed", "rolled_back", "cancelled", "superseded"]).await;
+            let d = api.wait_state(id, Some(&admin), &["succeeded", "failed", "rolled_back", "cancelled", "superseded"]).await;
             assert_eq!(d["state"], "succeeded", "{backend} {env}: {d}");
             assert!(d["started_at"].as_i64().unwrap_or(0) >= finished_before, "{backend} {env} started before the step before it finished: {d}");
             finished_before = d["finished_at"].as_i64().expect("finished");

@@ -546,3 +546,43 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     let (head, body) = text.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.trim().to_string()).or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.trim().to_string()))
 }
+
+/// The HTTP API as a test's client: calls with an optional bearer token,
+/// and waiting for a deployment to reach a state.
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        Api { base: base.to_string(), http: slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client") }
+    }
+
+    /// (status, JSON body or null).
+    pub async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        let mut r = self.http.request(method.parse().expect("method"), format!("{}{path}", self.base));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.expect("send");
+        (r.status().as_u16(), r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// The deployment (without its jobs).
+    pub async fn deployment(&self, id: i64, token: Option<&str>) -> serde_json::Value {
+        self.call("GET", &format!("/api/v1/deployments/{id}"), token, None).await.1["deployment"].clone()
+    }
+
+    /// The deployment once its state is one of `done` (within 60 s).
+    pub async fn wait_state(&self, id: i64, token: Option<&str>, done: &[&str]) -> serde_json::Value {
+        eventually(Duration::from_secs(60), &format!("deployment {id} to reach {done:?}"), || async {
+            let d = self.deployment(id, token).await;
+            if done.contains(&d["state"].as_str().unwrap_or("")) { Ok(d) } else { Err(d) }
+        })
+        .await
+    }
+}
