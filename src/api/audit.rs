@@ -200,15 +200,19 @@ pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
     let res = next.run(req).await;
     let actor = res.extensions().get::<super::auth::Actor>().map(|a| a.0.clone()).unwrap_or_else(|| actor.to_string());
     let detail = res.extensions().get::<AuditNote>().map(|n| n.0.clone()).unwrap_or_default();
-    let environment = match res.extensions().get::<AuditEnvironment>() {
-        Some(e) => Some(e.0.clone()),
-        None => environment_of(&s, &path).await,
-    };
-    let entry = AuditEntry { id: 0, at: crate::store::now_ms(), actor, address, action, detail, status: i64::from(res.status().as_u16()), environment };
+    let environment = res.extensions().get::<AuditEnvironment>().map(|e| e.0.clone());
+    let mut entry = AuditEntry { id: 0, at: crate::store::now_ms(), actor, address, action, detail, status: i64::from(res.status().as_u16()), environment };
     // A request to no endpoint at all is refused in bulk as cheaply as a
-    // bad hook delivery: bounded too.
-    let no_endpoint = matched.is_none() && res.status().as_u16() >= 400;
-    if !(no_endpoint || Refusals::bounded(&path, res.status().as_u16())) {
+    // bad hook delivery: bounded too, and so is a method a path does not
+    // take (a POST to the dashboard's files).
+    let status = res.status().as_u16();
+    let no_endpoint = (matched.is_none() || status == 405) && status >= 400;
+    if !(no_endpoint || Refusals::bounded(&path, status)) {
+        // Only for a row that is written: a flood of bounded refusals
+        // costs no store read.
+        if entry.environment.is_none() {
+            entry.environment = environment_of(&s, &path).await;
+        }
         record(&s, entry).await;
         return res;
     }

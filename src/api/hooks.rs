@@ -22,12 +22,22 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
 
-use super::audit::AuditNote;
+use super::audit::{AuditEnvironment, AuditNote};
 use super::wire::{HookAnswer, HookResult};
 use super::{ApiError, ApiResult, AppState};
 
-/// What a delivery meant, for the audit log.
-fn note_of(a: &HookAnswer) -> AuditNote {
+/// What a delivery meant, for the audit log, and the environment it acted
+/// in when all its deployments are in one.
+type Noted = (axum::Extension<AuditNote>, Option<axum::Extension<AuditEnvironment>>);
+
+fn note_of(a: &HookAnswer) -> Noted {
+    let mut envs = a.results.iter().map(|r| r.environment.as_str());
+    let first = envs.next();
+    let environment = first.filter(|f| envs.all(|e| e == *f)).map(|e| axum::Extension(AuditEnvironment(e.to_string())));
+    (axum::Extension(note_text(a)), environment)
+}
+
+fn note_text(a: &HookAnswer) -> AuditNote {
     let mut parts = vec![format!("{} {}{}", a.event, a.delivery, if a.duplicate { " (a redelivery)" } else { "" })];
     parts.extend(a.note.clone());
     for r in &a.results {
@@ -312,7 +322,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
         (status = 404, description = "[github] is not configured here", body = super::wire::ErrorBody), (status = 408, description = "The body did not arrive within 30 s", body = super::wire::ErrorBody),
         (status = 413, description = "Larger than [github] max_payload", body = super::wire::ErrorBody), (status = 422, description = "The config on disk is invalid", body = super::wire::ErrorBody),
         (status = 503, description = "Not every deployment or decision could be made now (store, registry, git): send it again", body = super::wire::ErrorBody)))]
-pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
+pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, Noted, Json<HookAnswer>)> {
     let loaded = s.submitter.config().await?;
     let Some(gh) = loaded.config.github.clone() else {
         return Err(ApiError::not_found("GitHub webhooks are not configured here: add [github] webhook_secret = \"SECRET-NAME\" to slipway.toml"));
@@ -400,7 +410,7 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
     let payload = serde_json::json!({ "event": event, "note": answer.note, "results": answer.results, "revisions": answer.revisions }).to_string();
     let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: format!("github.{event}"), payload }).await?;
     answer.duplicate = duplicate;
-    Ok((status, axum::Extension(note_of(&answer)), Json(answer)))
+    Ok((status, note_of(&answer), Json(answer)))
 }
 
 /// Notifications from a Docker distribution registry: tagged manifest
@@ -414,7 +424,7 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         (status = 408, description = "The body did not arrive within 30 s", body = super::wire::ErrorBody), (status = 413, description = "Larger than [registry_hook] max_payload", body = super::wire::ErrorBody),
         (status = 422, description = "The config on disk is invalid", body = super::wire::ErrorBody),
         (status = 503, description = "Not every deployment could be submitted now: the registry sends it again", body = super::wire::ErrorBody)))]
-pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
+pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, Noted, Json<HookAnswer>)> {
     let loaded = s.submitter.config().await?;
     let Some(hook) = loaded.config.registry_hook.clone() else {
         return Err(ApiError::not_found("registry notifications are not configured here: add [registry_hook] token = \"SECRET-NAME\" to slipway.toml"));
@@ -457,7 +467,7 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
     answer.duplicate = all_duplicates;
     // The registry retries anything but a 2xx: every event it sent is
     // either handled or deliberately ignored by now.
-    Ok((StatusCode::OK, axum::Extension(note_of(&answer)), Json(answer)))
+    Ok((StatusCode::OK, note_of(&answer), Json(answer)))
 }
 
 /// The generic "artifact published" event: an image (its followers) or a
@@ -472,7 +482,7 @@ pub async fn published(
     State(s): State<Arc<AppState>>,
     axum::Extension(caller): axum::Extension<super::auth::Caller>,
     body: Result<Json<super::wire::PublishedRequest>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
+) -> ApiResult<(StatusCode, Noted, Json<HookAnswer>)> {
     let Json(req) = body?;
     published_event(&s, &caller, req).await
 }
@@ -493,7 +503,7 @@ pub enum Queued {
 pub async fn published_from_queue(s: &AppState, req: super::wire::PublishedRequest) -> Queued {
     let caller = super::auth::Caller { name: None, roles: Default::default() };
     match published_event(s, &caller, req).await {
-        Ok((_, axum::Extension(note), _)) => Queued::Recorded(note.0),
+        Ok((_, (axum::Extension(note), _), _)) => Queued::Recorded(note.0),
         // 422 is the config on disk, not the message: it waits for a fix.
         Err(e) if matches!(e.status, StatusCode::BAD_REQUEST | StatusCode::CONFLICT) => Queued::Refused(e.message),
         Err(e) => Queued::Later(e.message),
@@ -506,7 +516,7 @@ pub(super) async fn published_event(
     s: &AppState,
     caller: &super::auth::Caller,
     req: super::wire::PublishedRequest,
-) -> ApiResult<(StatusCode, axum::Extension<AuditNote>, Json<HookAnswer>)> {
+) -> ApiResult<(StatusCode, Noted, Json<HookAnswer>)> {
     if let Some(d) = &req.digest
         && crate::service::artifact::parse_sha256(d).is_none()
     {
@@ -582,5 +592,5 @@ pub(super) async fn published_event(
     let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: "published".into(), payload }).await?;
     let answer =
         HookAnswer { delivery: id, event: "published".into(), duplicate, note: Some(format!("{what} {} published", req.version)), results, revisions: vec![] };
-    Ok((StatusCode::ACCEPTED, axum::Extension(note_of(&answer)), Json(answer)))
+    Ok((StatusCode::ACCEPTED, note_of(&answer), Json(answer)))
 }

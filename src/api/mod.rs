@@ -344,7 +344,9 @@ async fn post_event(
     let sub = s.submitter.submit_by(request, req.id, payload, caller.name.as_ref().map(|_| caller.actor())).await?;
     let status = if sub.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
     let note = audit::AuditNote(format!("{what} → deployment {}{}", sub.deployment_id, if sub.duplicate { " (a repeated request)" } else { "" }));
-    let environment = s.store.deployment(sub.deployment_id).await?.map(|d| audit::AuditEnvironment(d.environment));
+    // The event is accepted: a failed read here only leaves the audit
+    // row without its environment.
+    let environment = s.store.deployment(sub.deployment_id).await.ok().flatten().map(|d| audit::AuditEnvironment(d.environment));
     Ok((
         status,
         axum::Extension(note),
@@ -808,10 +810,12 @@ async fn list_audit(
     let Query(q) = q?;
     // It spans every environment (and names tokens and addresses).
     caller.require(auth::Need::Read, None)?;
-    if let Some(env) = q.environment.as_deref().filter(|e| !crate::config::valid_name(e)) {
+    // An empty value filters nothing (a form left blank).
+    let environment = q.environment.filter(|e| !e.is_empty());
+    if let Some(env) = environment.as_deref().filter(|e| !crate::config::valid_name(e)) {
         return Err(ApiError::bad_request(format!("environment {env:?} is not a valid name")));
     }
-    let filter = crate::store::AuditFilter { environment: q.environment.filter(|e| !e.is_empty()), actor: q.actor.filter(|a| !a.is_empty()) };
+    let filter = crate::store::AuditFilter { environment, actor: q.actor.filter(|a| !a.is_empty()) };
     let rows = s.store.audit_filtered(&filter, q.limit.unwrap_or(50).clamp(1, 1000)).await?;
     Ok(Json(
         rows.into_iter()

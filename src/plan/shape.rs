@@ -68,7 +68,9 @@ pub fn shape(jobs: &[RanJob<'_>]) -> Shape {
     let local_needs: Vec<Vec<usize>> = order.iter().map(|i| needs[*i].iter().map(|n| local[n]).collect()).collect();
     let took: Vec<Duration> = order.iter().map(|i| jobs[*i].took).collect();
     let (path, critical_path_duration) = longest_path(&local_needs, &took);
-    Shape { waves, critical_path: path.into_iter().map(|p| order[p]).collect(), critical_path_duration }
+    // Before any job has taken time there is no critical path to show.
+    let critical_path = if critical_path_duration.is_zero() { vec![] } else { path.into_iter().map(|p| order[p]).collect() };
+    Shape { waves, critical_path, critical_path_duration }
 }
 
 /// The longest path through jobs given in dependency order (`needs[p]`
@@ -130,6 +132,15 @@ mod tests {
         let waves: Vec<Vec<String>> = s.waves.iter().map(|w| names(&jobs, w)).collect();
         assert_eq!(waves, vec![vec!["root"], vec!["a", "b"]]);
         assert_eq!(names(&jobs, &s.critical_path), vec!["root"]);
+    }
+
+    #[test]
+    fn nothing_ran_yet_has_no_critical_path() {
+        let none: Vec<String> = vec![];
+        let a = vec!["a".to_string()];
+        let jobs = [ran("a", &none, 0), ran("b", &a, 0)];
+        let s = shape(&jobs);
+        assert_eq!((s.waves.len(), s.critical_path.len()), (2, 0));
     }
 
     #[test]

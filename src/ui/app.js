@@ -74,7 +74,7 @@ const TERMINAL = new Set(['succeeded', 'failed', 'rolled_back', 'cancelled', 'su
 const JOB_SIGN = { pending: '·', ready: '…', running: '▶', succeeded: '✓', failed: '✗', rolled_back: '↶', skipped: '–', cancelled: '■' };
 
 function depLink(id) {
-  return el('a', { href: `#/deployments/${id}` }, `#${id}`);
+  return el('a', { href: `#/deployments/${id}`, 'data-key': `deployment/${id}` }, `#${id}`);
 }
 
 function what(d) {
@@ -202,7 +202,7 @@ function approveButton(hold) {
   const d = hold.deployment;
   return el('button', {
     class: 'primary',
-    'data-key': `approve-${d.id}`,
+    'data-key': `approve/${d.id}`,
     'aria-label': `Approve deployment ${d.id} (${what(d)} in ${d.environment})`,
     onclick: () => act({
       verb: 'Approve', method: 'POST', path: `/api/v1/deployments/${d.id}/approve`,
@@ -216,7 +216,7 @@ function approveButton(hold) {
 function cancelButton(d) {
   return el('button', {
     class: 'danger',
-    'data-key': `cancel-${d.id}`,
+    'data-key': `cancel/${d.id}`,
     'aria-label': `Cancel deployment ${d.id} (${what(d)} in ${d.environment})`,
     onclick: () => act({
       verb: 'Cancel deployment', method: 'POST', path: `/api/v1/deployments/${d.id}/cancel`, danger: true,
@@ -229,7 +229,7 @@ function cancelButton(d) {
 
 function rollbackButton(s) {
   return el('button', {
-    'data-key': `rollback-${s.environment}-${s.service}`,
+    'data-key': `rollback/${s.environment}/${s.service}`,
     'aria-label': `Roll back ${s.service} in ${s.environment}`,
     onclick: () => act({
       verb: 'Roll back', method: 'POST', path: `/api/v1/services/${encodeURIComponent(s.environment)}/${encodeURIComponent(s.service)}/rollback`, danger: true,
@@ -242,7 +242,7 @@ function rollbackButton(s) {
 
 function promoteButton(s, from) {
   return el('button', {
-    'data-key': `promote-${s.environment}-${s.service}`,
+    'data-key': `promote/${s.environment}/${s.service}`,
     'aria-label': `Promote ${s.service} from ${from} to ${s.environment}`,
     onclick: () => act({
       verb: 'Promote', method: 'POST', path: `/api/v1/services/${encodeURIComponent(s.environment)}/${encodeURIComponent(s.service)}/promote`, body: { from },
@@ -261,6 +261,8 @@ function lifetime() {
     alive: true,
     aborts: [],
     wake: null,
+    /** An abort controller that ends with the page (at once if it has). */
+    track(ctl) { if (this.alive) this.aborts.push(ctl); else ctl.abort(); return ctl; },
     refresh() { if (this.wake) this.wake(); },
     stop() { this.alive = false; this.aborts.forEach((a) => a.abort()); this.refresh(); },
   };
@@ -285,7 +287,9 @@ const shownData = new WeakMap();
 
 /** Replace a box's content only when the data changed, keeping focus. */
 function renderInto(box, data, build) {
-  const key = JSON.stringify(data);
+  // A running deployment's duration grows on every poll; the tables show
+  // when it started instead, so it is no change.
+  const key = JSON.stringify(data, (k, v) => (k === 'duration_ms' ? undefined : v));
   if (shownData.get(box) === key) return;
   const focused = document.activeElement && box.contains(document.activeElement) ? document.activeElement.getAttribute('data-key') : null;
   box.replaceChildren(...[].concat(build()));
@@ -388,7 +392,7 @@ function overview(envs, services, holds, recent) {
         }
         const running = s.instances.filter((i) => i.running).length;
         const last = s.last_deployment;
-        const buttons = [el('a', { href: `#/why/${encodeURIComponent(s.environment)}/${encodeURIComponent(s.service)}`, 'aria-label': `Why ${s.service} runs ${s.version} in ${s.environment}` }, 'Why?')];
+        const buttons = [el('a', { href: `#/why/${encodeURIComponent(s.environment)}/${encodeURIComponent(s.service)}`, 'data-key': `why/${s.environment}/${s.service}`, 'aria-label': `Why ${s.service} runs ${s.version} in ${s.environment}` }, 'Why?')];
         if (may('deploy', s.environment)) {
           if (s.previous_version) buttons.push(rollbackButton(s));
           if (env.promote_from) buttons.push(promoteButton(s, env.promote_from));
@@ -418,7 +422,7 @@ function deploymentTable(list) {
     el('td', {}, d.environment),
     el('td', {}, badge(d.state), d.reason ? el('div', { class: 'muted' }, d.reason) : null),
     el('td', {}, fmtTime(d.created_at)),
-    el('td', {}, fmtDur(d.duration_ms)))));
+    el('td', {}, TERMINAL.has(d.state) ? fmtDur(d.duration_ms) : d.started_at ? `running since ${fmtTime(d.started_at).slice(11)}` : ''))));
 }
 
 async function deploymentsPage(main, life, query) {
@@ -503,6 +507,7 @@ function updateGraph(graph, detail, selected) {
 
 async function deploymentPage(main, life, id) {
   let detail = await api('GET', `/api/v1/deployments/${id}`);
+  if (!life.alive) return;
   let selected = null;
   const heading = el('h1', {}, `Deployment #${id}`);
   const summary = el('div', { id: 'summary' });
@@ -514,7 +519,7 @@ async function deploymentPage(main, life, id) {
   for (const job of detail.jobs) {
     const cells = { state: el('td', {}), attempt: el('td', {}), took: el('td', {}), exit: el('td', {}), reason: el('td', {}), shown: '' };
     const tr = el('tr', { 'data-job': job.name },
-      el('td', {}, el('button', { class: 'link', 'data-key': `job-${job.name}`, onclick: () => pick(job.name), 'aria-label': `Show job ${job.name}: its attempts and log` }, job.name)),
+      el('td', {}, el('button', { class: 'link', 'data-key': `job/${job.name}`, onclick: () => pick(job.name), 'aria-label': `Show job ${job.name}: its attempts and log` }, job.name)),
       cells.state, cells.attempt, cells.took, cells.exit, cells.reason);
     labelCells(['Job', 'State', 'Attempts', 'Took', 'Exit', 'Reason'], [tr]);
     jobRows.set(job.name, cells);
@@ -539,8 +544,7 @@ async function deploymentPage(main, life, id) {
     log.replaceChildren();
     logTitle.textContent = job ? `Log: job ${job}` : 'Log: every job';
     logNote.textContent = 'Streaming…';
-    stream = new AbortController();
-    life.aborts.push(stream);
+    stream = life.track(new AbortController());
     streamLogs(id, job, stream.signal, (l) => appendLine(log, l), (d) => { logNote.textContent = `The deployment ended ${d.state}: the log is complete.`; }, (msg) => { logNote.textContent = msg; });
   }
 
@@ -552,15 +556,16 @@ async function deploymentPage(main, life, id) {
   }
 
   function showJob() {
-    if (!selected) { jobPanel.replaceChildren(); return; }
+    if (!selected) { renderInto(jobPanel, null, () => []); return; }
     const job = detail.jobs.find((j) => j.name === selected);
     const attempts = detail.attempts.filter((a) => a.job === selected);
-    jobPanel.replaceChildren(el('h2', {}, `Job ${selected}`),
+    // Rebuilt only when what it shows changed: it is a live region.
+    renderInto(jobPanel, [selected, job.state, job.needs, job.node, attempts], () => [el('h2', {}, `Job ${selected}`),
       el('p', {}, badge(job.state), job.needs.length ? ` needs ${job.needs.join(', ')}` : ' needs nothing', job.node ? `; on node ${job.node}` : ''),
       attempts.length === 0 ? el('p', { class: 'muted' }, 'No attempt has ended yet.') : table(['Attempt', 'Node', 'Outcome', 'Took', 'Exit', 'Reason'], attempts.map((a) => [
         el('tr', {}, el('td', {}, a.attempt), el('td', {}, a.node), el('td', {}, badge(a.outcome)), el('td', {}, fmtDur(a.duration_ms)), el('td', {}, a.exit_code ?? ''), el('td', {}, a.reason || '')),
         ...(a.hosts || []).map((h) => el('tr', { class: 'host' }, el('td', {}, ''), el('td', {}, `host ${h.host}`), el('td', {}, badge(h.outcome)), el('td', {}, fmtDur(h.duration_ms)), el('td', {}, h.exit_code ?? ''), el('td', {}, h.reason || ''))),
-      ])));
+      ]))]);
   }
 
   async function render() {
@@ -572,10 +577,11 @@ async function deploymentPage(main, life, id) {
       el('dt', {}, 'Kind'), el('dd', {}, d.kind),
       el('dt', {}, 'Revision'), el('dd', { class: 'mono' }, d.revision),
       el('dt', {}, 'Created'), el('dd', {}, fmtTime(d.created_at)),
-      d.started_at ? [el('dt', {}, 'Took'), el('dd', {}, fmtDur(d.duration_ms))] : null,
+      d.started_at ? [el('dt', {}, TERMINAL.has(d.state) ? 'Took' : 'Started'), el('dd', {}, TERMINAL.has(d.state) ? fmtDur(d.duration_ms) : fmtTime(d.started_at))] : null,
       d.superseded_by ? [el('dt', {}, 'Superseded by'), el('dd', {}, depLink(d.superseded_by))] : null));
     let hold = null;
     if (d.state === 'waiting') hold = (await api('GET', '/api/v1/approvals')).find((h) => h.deployment.id === id) || null;
+    if (!life.alive) return;
     renderInto(actions, [d.state, d.cancel_requested, hold, me], () => {
       const b = [];
       if (hold) {
@@ -606,11 +612,14 @@ async function deploymentPage(main, life, id) {
   }
 
   await render();
+  if (!life.alive) return;
   follow(null);
   let ended = TERMINAL.has(detail.deployment.state);
   await every(life, 1000, async () => {
     if (ended) return;
-    detail = await api('GET', `/api/v1/deployments/${id}`);
+    const next = await api('GET', `/api/v1/deployments/${id}`);
+    if (!life.alive) return;
+    detail = next;
     ended = TERMINAL.has(detail.deployment.state);
     await render();
   });
@@ -645,6 +654,7 @@ async function streamLogs(id, job, signal, onLine, onEnd, onNote) {
         onNote(`The log cannot be read: ${(body && body.error && body.error.message) || `HTTP ${res.status}`}`);
         if (res.status < 500) return;
       } else {
+        onNote('Streaming…');
         const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
         let buf = '';
         for (;;) {
@@ -657,12 +667,16 @@ async function streamLogs(id, job, signal, onLine, onEnd, onNote) {
           while ((cut = buf.indexOf('\n\n')) >= 0) {
             const ev = parseEvent(buf.slice(0, cut));
             buf = buf.slice(cut + 2);
-            if (ev.event === 'line') {
-              const l = JSON.parse(ev.data);
-              after = l.seq;
-              onLine(l);
+            let data = null;
+            try { data = JSON.parse(ev.data); } catch (_) { data = null; }
+            if (ev.event === 'line' && data) {
+              after = data.seq;
+              onLine(data);
+            } else if (ev.event === 'line') {
+              // Not a line this page can read: skipped (`slipway logs` has it); the id still moves on.
+              if (/^\d+$/.test(ev.id || '')) after = Number(ev.id);
             } else if (ev.event === 'end') {
-              onEnd(JSON.parse(ev.data));
+              onEnd(data || { state: 'over' });
               return;
             } else if (ev.event === 'error') {
               onNote(`The store could not be read (${ev.data}); retrying.`);
@@ -718,6 +732,7 @@ async function whyPage(main, life, env, service) {
 async function auditPage(main, life, query) {
   main.append(el('h1', {}, 'Audit log'));
   const envs = await api('GET', '/api/v1/environments').catch(() => []);
+  if (!life.alive) return;
   const env = query.get('environment') || '';
   const actor = query.get('actor') || '';
   const envSelect = el('select', { id: 'audit-environment', name: 'environment' }, el('option', { value: '' }, 'any'),
@@ -799,9 +814,12 @@ function route() {
   const life = lifetime();
   view = life;
   showWho();
-  const main = document.getElementById('main');
-  main.replaceChildren();
-  const [path, q] = (location.hash.replace(/^#/, '') || '/').split('?');
+  // Each page writes into a container of its own: a page still finishing
+  // a call when another opens writes into a detached one.
+  const main = el('div', { class: 'page' });
+  document.getElementById('main').replaceChildren(main);
+  const hash = location.hash === '#main' ? '' : location.hash;
+  const [path, q] = (hash.replace(/^#/, '') || '/').split('?');
   const query = new URLSearchParams(q || '');
   const parts = path.split('/').filter(Boolean).map((p) => { try { return decodeURIComponent(p); } catch (_) { return p; } });
   for (const a of document.querySelectorAll('.top nav a')) {
@@ -838,5 +856,11 @@ async function start() {
   route();
 }
 
-window.addEventListener('hashchange', () => { document.getElementById('status').replaceChildren(); route(); });
+window.addEventListener('hashchange', () => {
+  if (location.hash === '#main') return;
+  document.getElementById('status').replaceChildren();
+  route();
+});
+// The skip link moves focus; it is no page of its own.
+document.getElementById('skip').addEventListener('click', (ev) => { ev.preventDefault(); document.getElementById('main').focus(); });
 start();
