@@ -655,3 +655,95 @@ fn issue16_a_build_without_aws_refuses_ecs_services() {
     let text = "[[service]]\nname = \"api\"\ntarget = \"ecs\"\ncluster = \"prod\"\nimage = \"123456789012.dkr.ecr.eu-west-1.amazonaws.com/api\"\n";
     assert!(problems(text).contains("runs on ECS, and this Slipway was built without AWS support"), "{}", problems(text));
 }
+
+// Issue 18: three type mistakes, an unknown key and a semantic mistake
+// (an unknown `needs`), all reported in one run, in words (no
+// `expected i64`).
+#[test]
+fn issue18_every_mistake_is_reported_in_one_run_in_words() {
+    let report = problems(
+        r#"
+[[service]]
+name = "web"
+instances = "3"
+listen = "127.0.0.1:8080"
+command = ["./web", "--port", "{port}"]
+health = { http = "/healthz", healthy_after = true, deadline = "10s" }
+stop_grace = 5
+
+[[job]]
+name = "build"
+command = ["make"]
+needs = ["nope"]
+retry = { attempts = 2, backof = "1s" }
+"#,
+    );
+    assert!(!report.contains("i64") && !report.contains("expected"), "{report}");
+    insta::assert_snapshot!(report);
+}
+
+// Issue 18: `slipway schema` is a JSON Schema every example config in the
+// repository passes (the README's TOML blocks that are whole documents,
+// examples/, the test fixtures) and that refuses a value of the wrong
+// type, checked with Python's `jsonschema` (in the OpenAPI tools'
+// virtualenv that scripts/test.sh installs).
+#[test]
+fn issue18_the_config_schema_accepts_every_example_and_refuses_wrong_types() {
+    let dir = std::env::var_os("SLIPWAY_OPENAPI_TOOLS").map(std::path::PathBuf::from);
+    let python = dir.map(|d| d.join("python3")).filter(|p| p.is_file());
+    let Some(python) = python else {
+        assert!(
+            std::env::var("SLIPWAY_REQUIRE_OPENAPI_TOOLS").as_deref() != Ok("1"),
+            "SLIPWAY_REQUIRE_OPENAPI_TOOLS=1 but no python3 in SLIPWAY_OPENAPI_TOOLS"
+        );
+        eprintln!("note: config schema test skipped: SLIPWAY_OPENAPI_TOOLS (scripts/test.sh) is not set");
+        return;
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs: Vec<(String, String)> = Vec::new();
+    for f in ["examples/demo/slipway.toml", "tests/fixtures/plan-demo.toml", "tests/fixtures/upgrade/config/slipway.toml"] {
+        docs.push((f.to_string(), std::fs::read_to_string(root.join(f)).expect(f)));
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
+    for (i, block) in readme.split("```toml\n").skip(1).enumerate() {
+        let block = block.split("```").next().unwrap_or_default();
+        // Blocks with placeholders ("…") are sketches, not documents.
+        if toml::from_str::<toml::Table>(block).is_ok() {
+            docs.push((format!("README.md toml block {}", i + 1), block.to_string()));
+        }
+    }
+    assert!(docs.len() >= 5, "examples found: {:?}", docs.iter().map(|d| &d.0).collect::<Vec<_>>());
+    // A wrong type the schema must refuse.
+    docs.push(("(wrong on purpose)".into(), "[[service]]\nname = \"web\"\ninstances = \"3\"\n".into()));
+    let schema = std::process::Command::new(env!("CARGO_BIN_EXE_slipway")).arg("schema").output().expect("slipway schema");
+    assert!(schema.status.success());
+    let input = serde_json::json!({"schema": serde_json::from_slice::<serde_json::Value>(&schema.stdout).expect("JSON"), "docs": docs});
+    let script = r#"
+import json, sys, tomllib, jsonschema
+data = json.load(sys.stdin)
+jsonschema.Draft202012Validator.check_schema(data["schema"])
+v = jsonschema.Draft202012Validator(data["schema"])
+out = {}
+for name, text in data["docs"]:
+    out[name] = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in v.iter_errors(tomllib.loads(text))]
+print(json.dumps(out))
+"#;
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    use std::io::Write;
+    child.stdin.take().expect("stdin").write_all(input.to_string().as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("python3 ran");
+    assert!(out.status.success(), "python3: {}", String::from_utf8_lossy(&out.stderr));
+    let errors: std::collections::BTreeMap<String, Vec<String>> = serde_json::from_slice(&out.stdout).expect("JSON");
+    for (name, errs) in &errors {
+        if name == "(wrong on purpose)" {
+            assert!(errs.iter().any(|e| e.contains("service/0/instances") && e.contains("integer")), "{errs:?}");
+        } else {
+            assert!(errs.is_empty(), "{name} does not pass the schema: {errs:#?}");
+        }
+    }
+}

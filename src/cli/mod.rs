@@ -71,6 +71,9 @@ pub enum Command {
     /// The targets this Slipway deploys to (`target = "…"` in a
     /// `[[service]]`): what each can do and the keys it adds.
     Targets,
+    /// Print a JSON Schema of `slipway.toml` for editors (taplo, Even
+    /// Better TOML): every key, its type and what it is for.
+    Schema,
     /// A target's side on a machine it deploys to, started there by
     /// Slipway itself over the target's own connection; not for people.
     #[command(hide = true)]
@@ -362,6 +365,10 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Validate => validate(&cli.config, cli.json),
         Command::Targets => {
             targets_cmd(cli.json);
+            Ok(exit::OK)
+        }
+        Command::Schema => {
+            print_json(&crate::config::json_schema());
             Ok(exit::OK)
         }
         Command::Agent { kind, args } => match crate::targets::kind(&kind) {

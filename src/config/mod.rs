@@ -13,7 +13,7 @@ pub mod diagnostic;
 pub mod environment;
 pub mod revision;
 mod schema;
-pub use schema::tables_named;
+pub use schema::{json_schema, tables_named};
 pub mod secret;
 pub mod service;
 pub mod validate;
@@ -358,25 +358,72 @@ pub fn parse_in(file: &str, text: &str, environments: &[String]) -> Result<Confi
             ]));
         }
     };
-    let mut problems = schema::check_keys(doc.get_ref());
-    let raw: Raw = match toml::from_str(text) {
+    let checked = schema::check_keys(doc.get_ref());
+    let mut problems = checked.problems;
+    // Values of the wrong type were reported (all of them); the typed pass
+    // reads the file as if they were not there, so the other checks still
+    // run and every problem is reported in one go.
+    let typed = if checked.wrong.is_empty() { text.to_string() } else { without(text, &checked.wrong) };
+    let raw: Raw = match toml::from_str(&typed) {
         Ok(raw) => raw,
         Err(e) => {
-            problems.push(type_problem(&e));
+            // serde's own complaint only when the walk had none (a wrong
+            // type it took away may leave a required key missing).
+            if !problems.iter().any(|p| matches!(p.kind, ProblemKind::WrongType | ProblemKind::MissingKey)) {
+                problems.push(type_problem(&e));
+            }
             problems.sort_by_key(|p| p.span.as_ref().map(|s| s.start).unwrap_or(0));
             return Err(errors(problems));
         }
     };
     // Semantic checks run even when values were wrong: a bad timeout and
     // an unknown `needs` are independent mistakes, both worth reporting.
-    let config = build(raw, &doc, environments, &mut problems);
-    validate::check(&config, &mut problems);
+    let mut later = Vec::new();
+    let config = build(raw, &doc, environments, &mut later);
+    validate::check(&config, &mut later);
+    // What reads the document itself (a target's own keys) may find a
+    // wrong value again: said once.
+    later.retain(|p| !p.span.as_ref().is_some_and(|s| checked.wrong.iter().any(|w| w.start <= s.start && s.end <= w.end)));
+    problems.extend(later);
     if problems.is_empty() {
         Ok(config)
     } else {
         problems.sort_by_key(|p| p.span.as_ref().map(|s| s.start).unwrap_or(0));
         Err(errors(problems))
     }
+}
+
+/// `text` with each range (a key and its wrong value) blanked out, line
+/// breaks kept so every other span stays where it was; a comma that
+/// separated it in an inline table or list goes with it.
+fn without(text: &str, ranges: &[std::ops::Range<usize>]) -> String {
+    let mut bytes = text.as_bytes().to_vec();
+    for r in ranges {
+        let (mut start, mut end) = (r.start.min(bytes.len()), r.end.min(bytes.len()));
+        let mut after = end;
+        while after < bytes.len() && matches!(bytes[after], b' ' | b'\t') {
+            after += 1;
+        }
+        if after < bytes.len() && bytes[after] == b',' {
+            end = after + 1;
+        } else {
+            let mut before = start;
+            while before > 0 && matches!(bytes[before - 1], b' ' | b'\t') {
+                before -= 1;
+            }
+            if before > 0 && bytes[before - 1] == b',' {
+                start = before - 1;
+            }
+        }
+        for b in &mut bytes[start..end] {
+            if *b != b'\n' && *b != b'\r' {
+                *b = b' ';
+            }
+        }
+    }
+    // Only ASCII bytes were replaced, each by a space, and never inside a
+    // multi-byte character unless the whole character went: valid UTF-8.
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 fn first_line(s: &str) -> String {
@@ -398,7 +445,10 @@ pub(crate) fn type_problem(e: &toml::de::Error) -> Problem {
     };
     let msg = msg
         .replace("data did not match any variant of untagged enum RawCommand", "invalid `command`")
-        .replace("data did not match any variant of untagged enum RawRetryOn", "invalid `retry.on`");
+        .replace("data did not match any variant of untagged enum RawRetryOn", "invalid `retry.on`")
+        .replace("expected i64", "expected a whole number")
+        .replace("expected a string", "expected text in quotes")
+        .replace("expected a sequence", "expected a list");
     let mut p = Problem::new(kind, e.span(), msg).label("here");
     p.hint = hint;
     p
