@@ -31,6 +31,7 @@ pub fn init_logging() {
 pub mod client;
 pub mod exit;
 mod gates;
+mod progress;
 pub mod serve;
 
 use std::io::IsTerminal;
@@ -603,12 +604,15 @@ async fn submit(client: &Client, req: EventRequest, detach: bool, json: bool) ->
     follow(client, accepted.deployment_id, json).await
 }
 
-/// Live progress: one line per job state change, until the deployment ends.
+/// Live progress until the deployment ends (see [`progress`]): job starts
+/// and ends, the rollout's steps, then the deployment's last line.
 async fn follow(client: &Client, mut id: i64, json: bool) -> Result<u8, CliError> {
     let mut seen: std::collections::HashMap<String, (JobState, i64)> = Default::default();
     let mut last_state = None;
     let mut last_reason: Option<String> = None;
     let mut failures = 0;
+    let mut shown_to: std::collections::HashMap<String, i64> = Default::default();
+    let mut display = if json { None } else { Some(progress::Display::new()) };
     loop {
         let detail: DeploymentDetail = match client.get(&format!("/api/v1/deployments/{id}")).await {
             Ok(d) => {
@@ -624,16 +628,17 @@ async fn follow(client: &Client, mut id: i64, json: bool) -> Result<u8, CliError
             Err(e) => return Err(e.into()),
         };
         let d = &detail.deployment;
-        if !json {
-            if last_state != Some(d.state) {
-                println!(
+        if let Some(out) = display.as_mut() {
+            // The end is said once, after every job's lines (below).
+            if last_state != Some(d.state) && !d.state.is_terminal() {
+                out.line(&format!(
                     "deployment {id}: {}{}",
                     d.state,
                     if d.state == DeploymentState::Running { format!(" (revision {})", config::revision::short(&d.revision)) } else { String::new() }
-                );
+                ));
                 if d.state == DeploymentState::Waiting {
                     // A gate may hold it for hours: say that leaving is safe.
-                    println!("  it starts by itself once its gates pass; Ctrl-C stops following, not the deployment (or use --detach)");
+                    out.line("  it starts by itself once its gates pass; Ctrl-C stops following, not the deployment (or use --detach)");
                 }
                 last_state = Some(d.state);
             }
@@ -641,24 +646,19 @@ async fn follow(client: &Client, mut id: i64, json: bool) -> Result<u8, CliError
             // (approved, now only the window…): show each change.
             if d.state == DeploymentState::Waiting && d.reason != last_reason {
                 if let Some(r) = &d.reason {
-                    println!("  {r}");
+                    out.line(&format!("  {r}"));
                 }
                 last_reason = d.reason.clone();
             }
-            for j in &detail.jobs {
-                let key = (j.state, j.attempt);
-                if seen.get(&j.name) == Some(&key) || j.state == JobState::Pending {
-                    continue;
-                }
-                seen.insert(j.name.clone(), key);
-                let extra = match j.state {
-                    JobState::Running => format!("started (attempt {}{})", j.attempt, j.node.as_deref().map(|n| format!(" on {n}")).unwrap_or_default()),
-                    JobState::Succeeded => format!("succeeded in {}", fmt_ms(j.duration_ms)),
-                    JobState::Ready if j.attempt > 0 => format!("waiting to retry: {}", j.reason.clone().unwrap_or_default()),
-                    JobState::Ready => "ready".into(),
-                    s => format!("{s}: {}", j.reason.clone().unwrap_or_default()),
-                };
-                println!("  {} {:<24} {extra}", symbol(j.state), j.name);
+            // The last output is flushed shortly after a job ends: one more
+            // read of the log once the deployment is over.
+            if d.state.is_terminal() {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let mut said = progress::job_events(&mut seen, &detail, symbol);
+            said.extend(rollout_steps(client, id, &detail, &mut shown_to).await);
+            for s in &progress::in_order(said) {
+                out.say(s);
             }
         }
         // Submitted again on a newer config while it waited (or replaced
@@ -677,36 +677,60 @@ async fn follow(client: &Client, mut id: i64, json: bool) -> Result<u8, CliError
                 Err(_) => None,
             };
             if n.is_some_and(|n| same_request(&detail, &n)) {
-                if !json {
-                    println!("deployment {id}: {}; following deployment {next}", d.reason.as_deref().unwrap_or("superseded"));
+                if let Some(out) = display.as_ref() {
+                    out.line(&format!("deployment {id}: {}; following deployment {next}", d.reason.as_deref().unwrap_or("superseded")));
                 }
                 id = next;
                 seen.clear();
+                shown_to.clear();
                 last_state = None;
                 last_reason = None;
                 continue;
             }
         }
         if d.state.is_terminal() {
-            if json {
-                print_json(&detail);
-            } else {
-                let done = detail.jobs.iter().filter(|j| j.state == JobState::Succeeded).count();
-                println!(
-                    "deployment {id} {} in {}: {done}/{} jobs succeeded{}",
-                    d.state,
-                    fmt_ms(d.duration_ms),
-                    detail.jobs.len(),
-                    d.reason.as_deref().map(|r| format!("\n  reason: {r}")).unwrap_or_default()
-                );
-                if d.state != DeploymentState::Succeeded {
-                    println!("  see the output with: slipway logs {id}");
+            match display.as_mut() {
+                None => print_json(&detail),
+                Some(out) => {
+                    out.finish();
+                    let done = detail.jobs.iter().filter(|j| j.state == JobState::Succeeded).count();
+                    out.line(&format!(
+                        "deployment {id} {} in {}: {done}/{} jobs succeeded{}",
+                        d.state,
+                        fmt_ms(d.duration_ms),
+                        detail.jobs.len(),
+                        d.reason.as_deref().map(|r| format!("\n  reason: {r}")).unwrap_or_default()
+                    ));
+                    if d.state != DeploymentState::Succeeded {
+                        println!("  see the output with: slipway logs {id}");
+                    }
                 }
             }
             return Ok(if d.state == DeploymentState::Succeeded { exit::OK } else { exit::DEPLOYMENT_FAILED });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// New lines of the deployment's rollout jobs (instances started, health,
+/// traffic, draining), after what was shown of each. A failed read shows
+/// nothing this time; the next look tries again.
+async fn rollout_steps(client: &Client, id: i64, detail: &DeploymentDetail, shown_to: &mut std::collections::HashMap<String, i64>) -> Vec<progress::Said> {
+    let mut out = Vec::new();
+    for j in detail.jobs.iter().filter(|j| progress::shows_log(&j.name) && j.started_at.is_some()) {
+        let after = shown_to.get(&j.name).copied().unwrap_or(0);
+        let path = format!("/api/v1/deployments/{id}/logs?job={}&after={after}", j.name);
+        let Ok(lines) = client.get::<Vec<LogLine>>(&path).await else { continue };
+        for l in &lines {
+            shown_to.insert(j.name.clone(), l.seq);
+            // The engine's own note of the attempt's end repeats the job's
+            // end line.
+            if !l.line.starts_with("[slipway]") {
+                out.push(progress::log_event(l));
+            }
+        }
+    }
+    out
 }
 
 /// Whether `next` carries on what `d` asked for: the same kind of

@@ -313,6 +313,9 @@ impl ServiceManager {
             return;
         }
         proxy.set_backends(keep.iter().map(|i| i.addr()).collect());
+        let in_flight: usize = old.iter().map(|i| proxy.in_flight(i.addr())).sum();
+        let addrs: Vec<String> = old.iter().map(|i| i.addr().to_string()).collect();
+        say.line(format!("draining {} ({in_flight} request(s) in flight, at most {})", addrs.join(", "), humantime::format_duration(drain))).await;
         let until = tokio::time::Instant::now() + drain;
         while tokio::time::Instant::now() < until && old.iter().any(|i| proxy.in_flight(i.addr()) > 0) {
             tokio::time::sleep(Duration::from_millis(20)).await;

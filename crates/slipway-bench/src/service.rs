@@ -484,9 +484,12 @@ fn split_rollout(from: &str, to: &str, total: Duration, lines: &[(Instant, Strin
         } else if line.starts_with("traffic →") {
             batches += 1;
         } else if line.starts_with("stopped ") && i > 0 {
-            // The line before is "traffic →" (or another "stopped" of the
-            // same retirement, which then adds ~0).
-            retire.push(at.saturating_duration_since(lines[i - 1].0));
+            // The line before (past the "draining" note) is "traffic →"
+            // (or another "stopped" of the same retirement, which then
+            // adds ~0).
+            if let Some((before, _)) = lines[..i].iter().rev().find(|(_, l)| !l.starts_with("draining ")) {
+                retire.push(at.saturating_duration_since(*before));
+            }
         }
     }
     let intervals: u32 = health.iter().map(|d| (d.as_nanos() / HEALTH_INTERVAL.as_nanos()) as u32).sum();
