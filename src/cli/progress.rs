@@ -148,10 +148,10 @@ impl Display {
         match self {
             Display::Lines => println!("{} {}", clock(s.at), s.text),
             Display::Live { multi, bars } => {
-                if s.ended {
-                    if let Some(b) = bars.remove(&s.job) {
-                        b.finish_and_clear();
-                    }
+                if s.ended
+                    && let Some(b) = bars.remove(&s.job)
+                {
+                    b.finish_and_clear();
                 }
                 if multi.println(&s.text).is_err() {
                     println!("{}", s.text);
