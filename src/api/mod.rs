@@ -99,6 +99,7 @@ impl From<SubmitError> for ApiError {
             }
             SubmitError::Plan(p) => Self::bad_request(p.to_string()),
             SubmitError::Invalid(m) | SubmitError::Unpinned(m) => Self::bad_request(m),
+            SubmitError::EnvironmentRequired(m) => Self::new(StatusCode::BAD_REQUEST, "environment_required", m),
             SubmitError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
             SubmitError::Unavailable(m) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
             SubmitError::Revision(r) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", r.to_string()),

@@ -24,6 +24,8 @@ impl ClientError {
             ClientError::Unreachable { .. } => exit::UNAVAILABLE,
             ClientError::Api { status: 404, .. } => exit::NOT_FOUND,
             ClientError::Api { kind, .. } if kind == "invalid_config" => exit::INVALID_CONFIG,
+            // As `plan` without `--env`: a usage mistake, whoever noticed.
+            ClientError::Api { kind, .. } if kind == "environment_required" => exit::USAGE,
             ClientError::Api { status: 503, .. } => exit::UNAVAILABLE,
             ClientError::Api { status: 401 | 403, .. } => exit::NOT_ALLOWED,
             ClientError::Api { status, .. } if (400..500).contains(status) => exit::REJECTED,

@@ -5,7 +5,9 @@
 pub const OK: u8 = 0;
 /// The deployment ended other than succeeded (failed, cancelled, superseded).
 pub const DEPLOYMENT_FAILED: u8 = 1;
-/// Bad command-line usage (also clap's own code for it).
+/// Bad command-line usage (also clap's own code for it), including a
+/// missing `--env` where the config has several environments, whether
+/// the CLI (`plan`) or the server (`deploy`, `run`, …) notices.
 pub const USAGE: u8 = 2;
 /// The config is invalid (`validate`, `plan`, `serve`, or refused by the server).
 pub const INVALID_CONFIG: u8 = 3;

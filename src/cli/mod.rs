@@ -35,7 +35,7 @@ mod progress;
 pub mod serve;
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -75,6 +75,19 @@ pub enum Command {
     /// Print a JSON Schema of `slipway.toml` for editors (taplo, Even
     /// Better TOML): every key, its type and what it is for.
     Schema,
+    /// Print a shell completion script: `slipway completions bash >
+    /// /etc/bash_completion.d/slipway` (zsh: into a directory of `$fpath`
+    /// as `_slipway`; fish: `~/.config/fish/completions/slipway.fish`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (`slipway.1` and one per command, `slipway-deploy.1`
+    /// …) into a directory, e.g. /usr/local/share/man/man1.
+    Man {
+        /// Where the pages go (made if missing).
+        dir: PathBuf,
+    },
     /// A target's side on a machine it deploys to, started there by
     /// Slipway itself over the target's own connection; not for people.
     #[command(hide = true)]
@@ -356,6 +369,30 @@ impl From<ClientError> for CliError {
     }
 }
 
+/// `slipway.1`, then `slipway-COMMAND.1` for each visible command.
+fn man_pages(dir: &Path) -> Result<u8, CliError> {
+    let io = |what: &Path, e: std::io::Error| CliError::new(exit::USAGE, format!("cannot write {}: {e}", what.display()));
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    // Global options (`--json`, `--server`…) reach each command's page.
+    cmd.build();
+    let mut written = 0;
+    let mut page = |name: String, cmd: clap::Command| -> Result<(), CliError> {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd.display_name(name.clone())).render(&mut out).map_err(|e| io(&path, e))?;
+        std::fs::write(&path, out).map_err(|e| io(&path, e))?;
+        written += 1;
+        Ok(())
+    };
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        page(format!("slipway-{}", sub.get_name()), sub.clone())?;
+    }
+    page("slipway".into(), cmd)?;
+    println!("{written} man pages in {}", dir.display());
+    Ok(exit::OK)
+}
+
 fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -372,6 +409,12 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             print_json(&crate::config::json_schema());
             Ok(exit::OK)
         }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "slipway", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
+        Command::Man { dir } => man_pages(&dir),
         Command::Agent { kind, args } => match crate::targets::kind(&kind) {
             Some(k) => k.agent(args).await.map_err(|e| CliError::new(exit::USAGE, e)),
             None => Err(CliError::new(exit::USAGE, format!("no target {kind:?}"))),

@@ -48,6 +48,10 @@ pub enum SubmitError {
     Revision(#[from] revision::RevisionError),
     #[error("{0}")]
     Invalid(String),
+    /// The config has several environments and the request named none: a
+    /// usage mistake (the CLI's exit 2, as `plan` without `--env`).
+    #[error("{0}")]
+    EnvironmentRequired(String),
     /// The request is well-formed but the state does not allow it.
     #[error("{0}")]
     Conflict(String),
@@ -857,7 +861,7 @@ pub fn resolve_environment(config: &config::Config, requested: Option<String>) -
         Some(e) if names.contains(&e) => Ok(e),
         Some(e) => Err(SubmitError::Plan(PlanError::UnknownEnvironment { env: e, known: names.join(", ") })),
         None if names.len() == 1 => Ok(names[0].clone()),
-        None => Err(SubmitError::Invalid(format!("this config has several environments ({}); say which with --env", names.join(", ")))),
+        None => Err(SubmitError::EnvironmentRequired(format!("this config has several environments ({}); say which with --env", names.join(", ")))),
     }
 }
 
