@@ -88,3 +88,30 @@ fn issue18_deploy_on_a_terminal_uses_the_live_display() {
     assert!(text.contains("\u{1b}["), "no live display:\n{text}");
     assert!(text.contains("web.rollout │ started web 1 on") && text.contains("deployment 1 succeeded in"), "{text}");
 }
+
+/// After `slipway rollback`, `status` and `why` call it a rollback (it was
+/// "deploy" and "the newest version seen").
+#[test]
+fn issue18_after_a_rollback_status_and_why_name_it() {
+    let dir = common::config_dir(&config(common::free_port()), &[]);
+    let state = tempfile::tempdir().expect("state");
+    let server = common::Server::start_logged(dir.path(), &format!("sqlite://{}/s.db", state.path().display()), &["--poll", "100ms"], state.path(), "");
+    for args in [&["deploy", "web", "1"][..], &["deploy", "web", "2"], &["rollback", "web"]] {
+        let out = server.cli(dir.path(), args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let status = server.cli(dir.path(), &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    let line = text.lines().find(|l| l.trim_start().starts_with("3 ")).unwrap_or_else(|| panic!("no deployment 3:\n{text}"));
+    assert!(line.contains("rollback") && line.contains("web@1"), "{line}");
+    let json = server.cli(dir.path(), &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    let d3 = v["deployments"].as_array().into_iter().flatten().find(|d| d["id"] == 3).cloned().unwrap_or_default();
+    assert_eq!(d3["cause"], "rollback", "{v}");
+    let d2 = v["deployments"].as_array().into_iter().flatten().find(|d| d["id"] == 2).cloned().unwrap_or_default();
+    assert!(d2.get("cause").is_none(), "a plain deploy has no cause: {d2}");
+    let why = server.cli(dir.path(), &["why", "web"]);
+    let text = String::from_utf8_lossy(&why.stdout);
+    assert!(text.contains("runs 1, not 2") && text.contains("a rollback #3 has since put 1 back"), "{text}");
+    assert!(!text.contains("the newest version seen"), "{text}");
+}

@@ -388,7 +388,50 @@ async fn list_deployments(
     };
     // Of the newest `limit`, those in environments the caller may read.
     let rows = s.store.deployments(limit, state).await?;
-    Ok(Json(rows.into_iter().filter(|d| caller.may(auth::Need::Read, Some(&d.environment))).map(Deployment::from).collect()))
+    let rows: Vec<_> = rows.into_iter().filter(|d| caller.may(auth::Need::Read, Some(&d.environment))).collect();
+    Ok(Json(with_causes(&s, rows).await?))
+}
+
+/// Deployments with what each was, where not a plain deploy or run
+/// (`Deployment::cause`): a rollback by its event, a promotion by its hold
+/// (or its event), a config change by its environment's revision events.
+async fn with_causes(s: &AppState, rows: Vec<crate::store::DeploymentRow>) -> ApiResult<Vec<Deployment>> {
+    let mut causes: std::collections::HashMap<i64, String> = Default::default();
+    for e in s.store.events_of_kind(crate::submit::ROLLBACK_EVENT, 1000).await? {
+        if let Some(id) = e.deployment_id {
+            causes.insert(id, "rollback".into());
+        }
+    }
+    let envs: std::collections::BTreeSet<&str> = rows.iter().map(|d| d.environment.as_str()).collect();
+    for env in envs {
+        for e in s.store.events_of_kind(&crate::submit::git::event_kind(env), 1000).await? {
+            if let Some(id) = e.deployment_id {
+                causes.entry(id).or_insert_with(|| "config change".into());
+            }
+        }
+    }
+    // Automatic promotions, by their events (one kind per environment and
+    // service).
+    let pairs: std::collections::BTreeSet<(&str, &str)> = rows.iter().filter_map(|d| d.service.as_deref().map(|sv| (d.environment.as_str(), sv))).collect();
+    for (env, service) in pairs {
+        for e in s.store.events_of_kind(&format!("promote:{env}:{service}:"), 200).await? {
+            let from = serde_json::from_str::<serde_json::Value>(&e.payload).ok().and_then(|v| v["from"].as_str().map(String::from));
+            if let (Some(id), Some(from)) = (e.deployment_id, from) {
+                causes.entry(id).or_insert_with(|| format!("promotion from {from}"));
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for d in rows {
+        let mut cause = causes.get(&d.id).cloned();
+        if cause.is_none() && d.service.is_some() && d.kind == crate::store::DeploymentKind::Deploy {
+            cause = s.store.hold(d.id).await?.and_then(|h| h.source_environment).map(|from| format!("promotion from {from}"));
+        }
+        let mut w = Deployment::from(d);
+        w.cause = cause;
+        out.push(w);
+    }
+    Ok(out)
 }
 
 /// A deployment the caller may read (404 if none, 403 if its environment
@@ -415,7 +458,8 @@ async fn get_deployment(
     let d = readable(&s, &caller, id).await?;
     let jobs = s.store.jobs(id).await?.into_iter().map(Job::from).collect();
     let attempts = s.store.attempts(id).await?.into_iter().map(Attempt::from).collect();
-    Ok(Json(DeploymentDetail::new(d.into(), jobs, attempts)))
+    let d = with_causes(&s, vec![d]).await?.pop().ok_or_else(|| ApiError::not_found(format!("no deployment {id}")))?;
+    Ok(Json(DeploymentDetail::new(d, jobs, attempts)))
 }
 
 /// The jobs of a deployment.
@@ -795,7 +839,9 @@ async fn why_service(
             promoted.insert(d.id, (from, h.source_deployment));
         }
     }
-    let e = crate::why::explain(&environment, &service, running, &deployments, &events, &promoted);
+    let rollbacks: crate::why::Rollbacks =
+        s.store.events_of_kind(crate::submit::ROLLBACK_EVENT, 1000).await?.into_iter().filter_map(|e| e.deployment_id).collect();
+    let e = crate::why::explain(&environment, &service, running, &deployments, &events, &promoted, &rollbacks);
     Ok(Json(WhyInfo { environment, service, running: e.running, newest: e.newest, verdict: e.verdict, history: e.history }))
 }
 

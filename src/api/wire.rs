@@ -143,6 +143,11 @@ pub struct Deployment {
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     pub duration_ms: Option<i64>,
+    /// What it was, where not a plain deploy or run: "rollback",
+    /// "promotion from staging", "config change" (a redeploy of what runs,
+    /// for a new config commit). In lists and single deployments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 impl From<store::DeploymentRow> for Deployment {
@@ -162,6 +167,7 @@ impl From<store::DeploymentRow> for Deployment {
             created_at: d.created_at,
             started_at: d.started_at,
             finished_at: d.finished_at,
+            cause: None,
         }
     }
 }

@@ -1174,6 +1174,13 @@ async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliErr
             println!("no deployments yet");
         }
         println!("{:>5}  {:<11} {:<8} {:<12} {:<20} {:>9}  REASON", "ID", "STATE", "KIND", "ENV", "SERVICE@VERSION", "DURATION");
+        // A rollback, a promotion or a config change is named as such.
+        let kind = |d: &Deployment| match d.cause.as_deref() {
+            Some(c) if c.starts_with("promotion") => "promote".to_string(),
+            Some("config change") => "config".to_string(),
+            Some(c) => c.to_string(),
+            None => d.kind.as_str().to_string(),
+        };
         for d in list {
             let what = match (&d.service, &d.version) {
                 (Some(s), Some(v)) => format!("{s}@{v}"),
@@ -1183,7 +1190,7 @@ async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliErr
                 "{:>5}  {:<11} {:<8} {:<12} {:<20} {:>9}  {}",
                 d.id,
                 d.state.as_str(),
-                d.kind.as_str(),
+                kind(&d),
                 d.environment,
                 what,
                 fmt_ms(d.duration_ms),
@@ -1198,7 +1205,7 @@ async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliErr
         return Ok(exit::OK);
     }
     let d = &detail.deployment;
-    println!("deployment {}: {} ({})", d.id, d.state, d.kind.as_str());
+    println!("deployment {}: {} ({})", d.id, d.state, d.cause.as_deref().unwrap_or(d.kind.as_str()));
     println!("  environment: {}", d.environment);
     if let (Some(s), Some(v)) = (&d.service, &d.version) {
         println!("  service:     {s} {v}");

@@ -226,6 +226,7 @@ mod tests {
             started_at: Some(0),
             finished_at: None,
             duration_ms: None,
+            cause: None,
         };
         DeploymentDetail::new(d, jobs, vec![])
     }

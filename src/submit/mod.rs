@@ -308,6 +308,8 @@ impl Submitter {
                 sub.version = Some(version);
                 sub.digest = row.previous_sha256;
                 sub.only = Some(job);
+                // Its event says so: `status` and `why` call it a rollback.
+                sub.event_kind = Some(ROLLBACK_EVENT.into());
                 self.submit_selection(sub).await
             }
             Request::Deploy { service, version, environment, digest } => {
@@ -853,6 +855,9 @@ fn release(
         (None, None) => Ok(None),
     }
 }
+
+/// The event kind of a rollback's deployment.
+pub const ROLLBACK_EVENT: &str = "rollback";
 
 /// The environment a request means: the one named, or the only one.
 pub fn resolve_environment(config: &config::Config, requested: Option<String>) -> Result<String, SubmitError> {

@@ -39,6 +39,10 @@ struct Sighting {
 /// Where a promotion came from: the source environment and deployment.
 pub type Promoted = std::collections::BTreeMap<i64, (String, Option<i64>)>;
 
+/// Deployments that were rollbacks (`slipway rollback`): a return to an
+/// older version, not a sighting of a newer one.
+pub type Rollbacks = std::collections::BTreeSet<i64>;
+
 fn promoted_from(promoted: &Promoted, id: i64) -> Option<String> {
     promoted.get(&id).map(|(from, src)| format!("promoted from {from}{}", src.map(|s| format!(" #{s}")).unwrap_or_default()))
 }
@@ -53,15 +57,17 @@ pub fn explain(
     deployments: &[DeploymentRow],
     events: &[EventRow],
     promoted: &Promoted,
+    rollbacks: &Rollbacks,
 ) -> Explanation {
     let mine = |d: &&DeploymentRow| d.environment == environment && d.service.as_deref() == Some(service) && d.version.is_some();
     let mut seen: Vec<Sighting> = Vec::new();
     for d in deployments.iter().filter(mine) {
         let how = promoted_from(promoted, d.id).map(|p| format!(", {p}")).unwrap_or_default();
+        let kind = if rollbacks.contains(&d.id) { "a rollback".to_string() } else { d.kind.to_string() };
         seen.push(Sighting {
             at: d.created_at,
             version: d.version.clone().unwrap_or_default(),
-            source: format!("deployment #{} ({}{how})", d.id, d.kind),
+            source: format!("deployment #{} ({kind}{how})", d.id),
             origins: vec![],
             deployment: Some(d.clone()),
             held: None,
@@ -141,7 +147,9 @@ pub fn explain(
             format!("{} {} from {}{from}: {}", when(s.at), s.version, s.source, fate(s))
         })
         .collect();
-    let Some(newest) = seen.first() else {
+    // The newest version seen: a rollback returns to an older one.
+    let is_rollback = |s: &Sighting| s.deployment.as_ref().is_some_and(|d| rollbacks.contains(&d.id));
+    let Some(newest) = seen.iter().find(|s| !is_rollback(s)).or(seen.first()) else {
         let verdict = match &running_text {
             Some(v) => format!("{service} runs {v} in {environment}; no other version has been seen"),
             None => format!("{service} has never been deployed to {environment}, and no version of it has been seen"),
@@ -153,7 +161,8 @@ pub fn explain(
         let by = running
             .map(|r| {
                 format!(
-                    ", deployed by deployment #{}{}",
+                    ", {} deployment #{}{}",
+                    if rollbacks.contains(&r.deployment_id) { "rolled back to by" } else { "deployed by" },
                     r.deployment_id,
                     promoted_from(promoted, r.deployment_id).map(|p| format!(", {p}")).unwrap_or_default()
                 )
@@ -180,7 +189,8 @@ pub fn explain(
             && let Some(r) = running
             && r.deployment_id != d.id
         {
-            why.push_str(&format!("; deployment #{} has since put {} back", r.deployment_id, r.version));
+            let by = if rollbacks.contains(&r.deployment_id) { "a rollback" } else { "deployment" };
+            why.push_str(&format!("; {by} #{} has since put {} back", r.deployment_id, r.version));
         }
         why
     };
@@ -266,27 +276,47 @@ mod tests {
     #[test]
     fn a_held_version_says_why_and_a_rolled_back_one_says_what_failed() {
         let deps = [dep(1, "1.0", DeploymentState::Succeeded, None, 100), dep(2, "1.1", DeploymentState::RolledBack, Some("GET /healthz → 500"), 200)];
-        let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new());
+        let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new(), &Rollbacks::new());
         assert_eq!(e.newest.as_deref(), Some("1.1"));
         assert!(e.verdict.starts_with("web runs 1.0, not 1.1: deployment #2 was rolled back: GET /healthz → 500"), "{}", e.verdict);
 
         let events = [held("1.2", "auto_deploy is off for production", 300)];
-        let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &events, &Promoted::new());
+        let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &events, &Promoted::new(), &Rollbacks::new());
         assert!(e.verdict.contains("not 1.2: available, not deployed: auto_deploy is off for production"), "{}", e.verdict);
         assert_eq!(e.history.len(), 3);
         assert!(e.history[0].contains("1.2 from a registry push"), "{:?}", e.history);
+    }
+
+    // Issue 18: after `slipway rollback` from 1.1 to 1.0, 1.0 is not "the
+    // newest version seen": 1.1 is, and the rollback put 1.0 back.
+    #[test]
+    fn issue18_a_rollback_is_named_and_is_no_newer_version() {
+        let deps = [
+            dep(3, "1.0", DeploymentState::Succeeded, None, 300),
+            dep(2, "1.1", DeploymentState::Succeeded, None, 200),
+            dep(1, "1.0", DeploymentState::Succeeded, None, 100),
+        ];
+        let rollbacks = Rollbacks::from([3]);
+        let e = explain("production", "web", Some(&row("1.0", 3)), &deps, &[], &Promoted::new(), &rollbacks);
+        assert_eq!(e.newest.as_deref(), Some("1.1"));
+        assert!(e.verdict.starts_with("web runs 1.0, not 1.1: "), "{}", e.verdict);
+        assert!(e.verdict.ends_with("; a rollback #3 has since put 1.0 back"), "{}", e.verdict);
+        assert!(e.history[0].contains("deployment #3 (a rollback)"), "{:?}", e.history);
+        // Without the rollback's mark, it read as the newest version.
+        let plain = explain("production", "web", Some(&row("1.0", 3)), &deps, &[], &Promoted::new(), &Rollbacks::new());
+        assert!(plain.verdict.contains("the newest version seen"), "{}", plain.verdict);
     }
 
     #[test]
     fn the_newest_running_and_a_queued_one_waiting_for_the_lock() {
         let deps = [dep(1, "1.0", DeploymentState::Succeeded, None, 100)];
         assert!(
-            explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new())
+            explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new(), &Rollbacks::new())
                 .verdict
                 .contains("runs 1.0, the newest version seen, deployed by deployment #1")
         );
         let promoted = Promoted::from([(1, ("staging".to_string(), Some(7)))]);
-        let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &promoted);
+        let e = explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &promoted, &Rollbacks::new());
         assert!(e.verdict.ends_with("deployed by deployment #1, promoted from staging #7"), "{}", e.verdict);
         assert!(e.history.iter().any(|h| h.contains("from deployment #1 (deploy, promoted from staging #7)")), "{:?}", e.history);
         let deps = [
@@ -294,9 +324,9 @@ mod tests {
             dep(2, "1.1", DeploymentState::Running, None, 200),
             dep(3, "1.2", DeploymentState::Queued, None, 300),
         ];
-        let v = explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new()).verdict;
+        let v = explain("production", "web", Some(&row("1.0", 1)), &deps, &[], &Promoted::new(), &Rollbacks::new()).verdict;
         assert!(v.contains("deployment #3 is queued; it waits for deployment #2 (1.1), which holds the service's lock"), "{v}");
-        let other = explain("staging", "web", None, &deps, &[], &Promoted::new());
+        let other = explain("staging", "web", None, &deps, &[], &Promoted::new(), &Rollbacks::new());
         assert!(other.verdict.contains("never been deployed to staging"), "{}", other.verdict);
     }
 }
