@@ -114,3 +114,48 @@ fn issue18_a_missing_env_is_exit_2_for_plan_and_deploy_alike() {
     let ok = server.cli(dir.path(), &["run", "hello", "--env", "staging"]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
 }
+
+/// `plan` says what a deploy will wait at and the check after its rollout.
+#[test]
+fn issue18_plan_shows_the_gates_and_the_verify_step() {
+    let demo = common::demo_bin();
+    let dir = common::config_dir(
+        &format!(
+            r#"
+[[environment]]
+name = "staging"
+
+[[environment]]
+name = "production"
+promote_from = "staging"
+soak = "1h"
+approval = true
+windows = ["Mon-Fri 09:00-17:00"]
+
+[[service]]
+name = "web"
+listen = "127.0.0.1:{}"
+command = ["{demo}", "serve", "--port", "{{port}}"]
+health = {{ http = "/healthz" }}
+verify = {{ command = ["./smoke", "--quick"], timeout = "2m" }}
+"#,
+            common::free_port()
+        ),
+        &[],
+    );
+    let out = slipway(&["--config", dir.path().to_str().expect("utf-8"), "plan", "--env", "production"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        "a deploy to production waits for",
+        "an approval by an approver of production",
+        "versions come by promotion from staging, after it has run 1h",
+        "a deploy window: Mon-Fri 09:00-17:00",
+        "web.rollout: then verify `./smoke --quick` (within 2m",
+        "an upper bound",
+    ] {
+        assert!(text.contains(want), "{want:?} missing:\n{text}");
+    }
+    let staging = slipway(&["--config", dir.path().to_str().expect("utf-8"), "plan", "--env", "staging"]);
+    assert!(!String::from_utf8_lossy(&staging.stdout).contains("waits for"), "staging has no gates");
+}

@@ -601,12 +601,52 @@ async fn plan_cmd(path: &std::path::Path, a: PlanArgs, json: bool) -> Result<u8,
         print!("{}", p.render_dot());
     } else {
         print!("{}", p.render_text());
+        print!("{}", render_gates_and_checks(&loaded.config, &p));
         print!("{}", render_plan_retention(plan_retention(&loaded.config, &url, sqlite_missing).await, sqlite_missing));
         if let Some(n) = history_note {
             eprintln!("{n}");
         }
     }
     Ok(exit::OK)
+}
+
+/// What a deploy of this plan will wait at before it starts (the
+/// environment's gates), and the checks after a rollout (`verify`).
+fn render_gates_and_checks(config: &config::Config, p: &plan::Plan) -> String {
+    let mut out = String::new();
+    if let Some(env) = config.environment(&p.environment) {
+        let mut gates = Vec::new();
+        if env.approval {
+            gates.push(format!("an approval by an approver of {} (not by whoever asked for it)", env.name));
+        }
+        if let Some(from) = &env.promote_from {
+            let soak = if env.soak.is_zero() { String::new() } else { format!(", after it has run {} there", plan::format_duration(env.soak)) };
+            gates.push(format!("versions come by promotion from {from}{soak}"));
+        }
+        if !env.windows.is_empty() {
+            let w: Vec<&str> = env.windows.iter().map(|w| w.text.as_str()).collect();
+            gates.push(format!("a deploy window: {} ({})", w.join(", "), env.timezone.name));
+        }
+        if !gates.is_empty() {
+            out.push_str(&format!("\na deploy to {} waits for (not in the estimate):\n", env.name));
+            for g in gates {
+                out.push_str(&format!("  - {g}\n"));
+            }
+        }
+    }
+    let mut checks = Vec::new();
+    for j in &p.jobs {
+        let Some(service) = j.name.strip_suffix(".rollout") else { continue };
+        if let Some(v) = config.services.iter().find(|s| s.name == service).and_then(|s| s.spec.as_ref()).and_then(|s| s.verify.as_ref()) {
+            checks.push(format!("  - {}: then verify `{}` (within {}; failing rolls back)", j.name, v.command.join(" "), plan::format_duration(v.timeout)));
+        }
+    }
+    if !checks.is_empty() {
+        out.push_str("\nafter a rollout:\n");
+        out.push_str(&checks.join("\n"));
+        out.push('\n');
+    }
+    out
 }
 
 fn fmt_ms(ms: Option<i64>) -> String {

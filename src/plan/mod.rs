@@ -310,7 +310,7 @@ impl Plan {
         } else if self.estimated_from_history == 0 {
             "from timeouts (no past runs recorded): an upper bound".to_string()
         } else {
-            format!("from recorded durations for {} of {} jobs, timeouts for the rest", self.estimated_from_history, self.jobs.len())
+            format!("from recorded durations for {} of {} jobs, timeouts for the rest: an upper bound", self.estimated_from_history, self.jobs.len())
         };
         let _ = writeln!(out, "estimated total: {} with parallelism {}, {basis}", format_duration(self.estimated_duration), self.parallelism);
         out
