@@ -393,6 +393,25 @@ fn man_pages(dir: &Path) -> Result<u8, CliError> {
     Ok(exit::OK)
 }
 
+/// A table for people: columns as wide as their widest cell (a version
+/// with its digest, an ECS ARN), no borders, two spaces between columns,
+/// never wrapped (a pipe gets whole lines). `right`: columns aligned right.
+pub fn table(headers: &[&str], rows: Vec<Vec<String>>, right: &[usize], indent: &str) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING).set_content_arrangement(comfy_table::ContentArrangement::Disabled);
+    t.set_header(headers.iter().copied());
+    for r in rows {
+        t.add_row(r);
+    }
+    for (i, col) in t.column_iter_mut().enumerate() {
+        col.set_padding((0, 2));
+        if right.contains(&i) {
+            col.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+    }
+    t.lines().map(|l| format!("{indent}{}\n", l.trim_end())).collect()
+}
+
 fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -944,14 +963,18 @@ async fn token(client: &Client, t: TokenCommand, json: bool) -> Result<u8, CliEr
             if json {
                 print_json(&tokens);
             } else {
-                for t in tokens {
-                    let roles: Vec<String> = t
-                        .roles
-                        .iter()
-                        .map(|(e, r)| format!("{e}={}", serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()))
-                        .collect();
-                    println!("{:<20} {:<40} {}", t.name, roles.join(","), if t.revoked_at.is_some() { "revoked" } else { "live" });
-                }
+                let rows = tokens
+                    .iter()
+                    .map(|t| {
+                        let roles: Vec<String> = t
+                            .roles
+                            .iter()
+                            .map(|(e, r)| format!("{e}={}", serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()))
+                            .collect();
+                        vec![t.name.clone(), roles.join(","), if t.revoked_at.is_some() { "revoked" } else { "live" }.to_string()]
+                    })
+                    .collect();
+                print!("{}", table(&["NAME", "ROLES", "STATE"], rows, &[], ""));
             }
         }
         TokenCommand::Revoke { name } => {
@@ -1017,28 +1040,28 @@ fn print_services(services: &[ServiceInfo]) {
     if services.is_empty() {
         return;
     }
-    println!("{:<12} {:<16} {:<12} {:<12} {:<22} {:<10} LAST DEPLOYMENT", "ENV", "SERVICE", "VERSION", "PREVIOUS", "LISTEN", "INSTANCES");
+    let mut rows = Vec::new();
     for s in services {
         let up = s.instances.iter().filter(|i| i.running).count();
         let last = s.last_deployment.as_ref().map(|d| format!("#{} {} {}", d.id, d.version.as_deref().unwrap_or("-"), d.state)).unwrap_or_else(|| "-".into());
-        println!(
-            "{:<12} {:<16} {:<12} {:<12} {:<22} {:<10} {}{}",
-            s.environment,
-            s.service,
+        rows.push(vec![
+            s.environment.clone(),
+            s.service.clone(),
             match &s.digest {
                 Some(d) => format!("{} ({})", s.version, &d[..d.len().min(19)]),
                 None => s.version.clone(),
             },
-            s.previous_version.as_deref().unwrap_or("-"),
-            s.listen.as_deref().unwrap_or(if s.runs.is_some() { "-" } else { "(other node)" }),
+            s.previous_version.clone().unwrap_or_else(|| "-".into()),
+            s.listen.clone().unwrap_or_else(|| if s.runs.is_some() { "-" } else { "(other node)" }.into()),
             format!("{up}/{}", s.instances.len()),
-            last,
-            if s.restarts > 0 { format!("  ({} restarts)", s.restarts) } else { String::new() }
-        );
+            format!("{last}{}", if s.restarts > 0 { format!("  ({} restarts)", s.restarts) } else { String::new() }),
+        ]);
+        // What the target itself runs (an ECS task definition), under it.
         if let Some(runs) = &s.runs {
-            println!("{:<12} runs {runs}", "");
+            rows.push(vec![String::new(), format!("runs {runs}")]);
         }
     }
+    print!("{}", table(&["ENV", "SERVICE", "VERSION", "PREVIOUS", "LISTEN", "INSTANCES", "LAST DEPLOYMENT"], rows, &[], ""));
     println!();
 }
 
@@ -1213,7 +1236,6 @@ async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliErr
         if list.is_empty() {
             println!("no deployments yet");
         }
-        println!("{:>5}  {:<11} {:<8} {:<12} {:<20} {:>9}  REASON", "ID", "STATE", "KIND", "ENV", "SERVICE@VERSION", "DURATION");
         // A rollback, a promotion or a config change is named as such.
         let kind = |d: &Deployment| match d.cause.as_deref() {
             Some(c) if c.starts_with("promotion") => "promote".to_string(),
@@ -1221,22 +1243,25 @@ async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliErr
             Some(c) => c.to_string(),
             None => d.kind.as_str().to_string(),
         };
-        for d in list {
-            let what = match (&d.service, &d.version) {
-                (Some(s), Some(v)) => format!("{s}@{v}"),
-                _ => "-".into(),
-            };
-            println!(
-                "{:>5}  {:<11} {:<8} {:<12} {:<20} {:>9}  {}",
-                d.id,
-                d.state.as_str(),
-                kind(&d),
-                d.environment,
-                what,
-                fmt_ms(d.duration_ms),
-                d.reason.unwrap_or_default()
-            );
-        }
+        let rows = list
+            .iter()
+            .map(|d| {
+                let what = match (&d.service, &d.version) {
+                    (Some(s), Some(v)) => format!("{s}@{v}"),
+                    _ => "-".into(),
+                };
+                vec![
+                    d.id.to_string(),
+                    d.state.as_str().into(),
+                    kind(d),
+                    d.environment.clone(),
+                    what,
+                    fmt_ms(d.duration_ms),
+                    d.reason.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        print!("{}", table(&["ID", "STATE", "KIND", "ENV", "SERVICE@VERSION", "DURATION", "REASON"], rows, &[0, 5], ""));
         return Ok(exit::OK);
     };
     let detail: DeploymentDetail = client.get(&format!("/api/v1/deployments/{id}")).await?;
@@ -1258,18 +1283,21 @@ async fn status(client: &Client, a: StatusArgs, json: bool) -> Result<u8, CliErr
     if let Some(s) = d.superseded_by {
         println!("  superseded by deployment {s}");
     }
-    println!("\n  {:<24} {:<10} {:>7} {:>9}  NODE / REASON", "JOB", "STATE", "ATTEMPT", "DURATION");
-    for j in &detail.jobs {
-        println!(
-            "  {} {:<22} {:<10} {:>7} {:>9}  {}",
-            symbol(j.state),
-            j.name,
-            j.state.as_str(),
-            j.attempt,
-            fmt_ms(j.duration_ms),
-            j.reason.clone().or(j.node.clone()).unwrap_or_default()
-        );
-    }
+    println!();
+    let rows = detail
+        .jobs
+        .iter()
+        .map(|j| {
+            vec![
+                format!("{} {}", symbol(j.state), j.name),
+                j.state.as_str().into(),
+                j.attempt.to_string(),
+                fmt_ms(j.duration_ms),
+                j.reason.clone().or(j.node.clone()).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["  JOB", "STATE", "ATTEMPT", "DURATION", "NODE / REASON"], rows, &[2, 3], "  "));
     // Jobs on hosts: each host of each job's last attempt.
     for j in &detail.jobs {
         let Some(last) = detail.attempts.iter().rev().find(|a| a.job == j.name && !a.hosts.is_empty()) else { continue };
@@ -1359,7 +1387,7 @@ async fn hosts(client: &Client, action: Option<HostsAction>, json: bool) -> Resu
                 println!("no [[hosts]] groups in the config");
                 return Ok(exit::OK);
             }
-            println!("{:<10} {:<22} {:<10} {:<52} RUNS", "GROUP", "HOST", "STATE", "HOST KEY / WHY");
+            let mut rows = Vec::new();
             for h in &hosts {
                 let state = if !h.reachable {
                     "down"
@@ -1381,8 +1409,9 @@ async fn hosts(client: &Client, action: Option<HostsAction>, json: bool) -> Resu
                 } else {
                     format!("{} ({})", h.name, h.address)
                 };
-                println!("{:<10} {:<22} {:<10} {:<52} {}", h.group, host, state, key, if runs.is_empty() { "-".into() } else { runs });
+                rows.push(vec![h.group.clone(), host, state.to_string(), key, if runs.is_empty() { "-".into() } else { runs }]);
             }
+            print!("{}", table(&["GROUP", "HOST", "STATE", "HOST KEY / WHY", "RUNS"], rows, &[], ""));
             return Ok(code);
         }
         Some(HostsAction::Drain { host }) => (host, "drain"),
@@ -1395,4 +1424,29 @@ async fn hosts(client: &Client, action: Option<HostsAction>, json: bool) -> Resu
         println!("{}", done.message);
     }
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::table;
+
+    // Issue 18: a version that carries a digest widened its column past
+    // the padding and pushed the rest of its row out of line.
+    #[test]
+    fn issue18_columns_stay_aligned_with_a_long_version() {
+        let rows = vec![
+            vec!["staging".into(), "web".into(), "1.4.0 (sha256:0123456789abcdef012)".into(), "2/2".into()],
+            vec!["production".into(), "api".into(), "1.3".into(), "1/1".into()],
+        ];
+        let out = table(&["ENV", "SERVICE", "VERSION", "INSTANCES"], rows, &[], "");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        for col in ["SERVICE", "VERSION", "INSTANCES"] {
+            let at = lines[0].find(col).expect(col);
+            let starts: Vec<char> = lines[1..].iter().map(|l| l.chars().nth(at).unwrap_or(' ')).collect();
+            assert!(starts.iter().all(|c| !c.is_whitespace()), "{col} does not line up:\n{out}");
+            assert!(lines[1..].iter().all(|l| l.chars().nth(at - 1) == Some(' ')), "{col} does not line up:\n{out}");
+        }
+        assert!(lines.iter().all(|l| !l.ends_with(' ')), "no trailing spaces:\n{out}");
+    }
 }
