@@ -550,7 +550,7 @@ impl Connection {
         let channel = self.guard("opening a session channel", self.inner.bound, self.inner.handle.channel_open_session()).await?;
         self.guard("starting a command", self.inner.bound, channel.exec(true, command)).await?;
         let (read, write) = channel.split();
-        Ok(RemoteProcess { read, write: Some(write), shared: self.inner.shared.clone(), label: self.inner.label.clone(), refused: false, closed: false })
+        Ok(RemoteProcess { read, write: Some(write), shared: self.inner.shared.clone(), label: self.inner.label.clone(), refused: false, closed: false, exit: None })
     }
 
     /// Run a short command with `stdin` as its input; everything within
@@ -701,6 +701,9 @@ impl AsyncWrite for Tunnel {
 }
 
 /// A command running on the host (see [`Connection::spawn`]).
+/// How long output may still arrive after a command's exit status.
+const EXIT_OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
 pub struct RemoteProcess {
     read: ChannelReadHalf,
     /// None once taken by `output` (which closes it itself).
@@ -711,6 +714,9 @@ pub struct RemoteProcess {
     refused: bool,
     /// The host closed the channel (a normal end).
     closed: bool,
+    /// The command's exit, held until its output has all arrived: sshd
+    /// may send exit-status before the last of a pipe's data.
+    exit: Option<RemoteExit>,
 }
 
 impl RemoteProcess {
@@ -733,31 +739,49 @@ impl RemoteProcess {
         }
     }
 
-    /// The next piece of output or the exit; None once the channel is
-    /// closed, or the connection lost (then [`RemoteProcess::lost`] says so).
+    /// The next piece of output or the exit (after all the output); None
+    /// once the channel is closed, or the connection lost (then
+    /// [`RemoteProcess::lost`] says so).
     pub async fn next(&mut self) -> Option<Chunk> {
         loop {
+            if self.closed {
+                return self.exit.take().map(Chunk::Exit);
+            }
             // The session task ends when the connection does (keepalives
-            // bound that); with it go the channel's senders: None.
-            let Some(msg) = self.read.wait().await else {
-                if !self.closed {
+            // bound that); with it go the channel's senders: None. With the
+            // exit in hand, output still coming is waited for briefly (a
+            // daemon the command left behind may hold its pipe open).
+            let msg = match self.exit {
+                Some(_) => match tokio::time::timeout(EXIT_OUTPUT_GRACE, self.read.wait()).await {
+                    Ok(m) => m,
+                    Err(_) => return self.exit.take().map(Chunk::Exit),
+                },
+                None => self.read.wait().await,
+            };
+            let Some(msg) = msg else {
+                if self.exit.is_none() {
                     settle(&self.shared).await;
                 }
-                return None;
+                return self.exit.take().map(Chunk::Exit);
             };
             match msg {
                 ChannelMsg::Data { data } => return Some(Chunk::Stdout(data.to_vec())),
                 ChannelMsg::ExtendedData { data, ext: 1 } => return Some(Chunk::Stderr(data.to_vec())),
-                ChannelMsg::ExitStatus { exit_status } => return Some(Chunk::Exit(RemoteExit::Code(exit_status as i32))),
+                ChannelMsg::ExitStatus { exit_status } => self.exit = Some(RemoteExit::Code(exit_status as i32)),
                 ChannelMsg::ExitSignal { signal_name, .. } => {
                     let name = match signal_name {
                         Sig::Custom(s) => s,
                         s => format!("{s:?}"),
                     };
-                    return Some(Chunk::Exit(RemoteExit::Signal(name)));
+                    self.exit = Some(RemoteExit::Signal(name));
                 }
+                // No more output after EOF: the exit can be told now.
+                ChannelMsg::Eof if self.exit.is_some() => return self.exit.take().map(Chunk::Exit),
                 ChannelMsg::Close => {
                     self.closed = true;
+                    if let Some(e) = self.exit.take() {
+                        return Some(Chunk::Exit(e));
+                    }
                     return None;
                 }
                 ChannelMsg::Failure => self.refused = true,
