@@ -17,6 +17,7 @@ pub use schema::tables_named;
 pub mod secret;
 pub mod service;
 pub mod validate;
+pub mod workflow;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -151,6 +152,8 @@ pub struct Service {
     /// Retention: keep this many newest tags of `follows` in its registry
     /// (older ones nothing runs or could roll back to are deleted).
     pub keep_tags: Option<u32>,
+    /// Deploy when this GitHub Actions workflow succeeds (`on_workflow`).
+    pub on_workflow: Option<workflow::OnWorkflow>,
 }
 
 /// `[github]`: webhooks from GitHub (`POST /hooks/github`).

@@ -39,7 +39,9 @@ const SERVICE: &[&str] = &[
     "auto_deploy",
     "tags",
     "keep_tags",
+    "on_workflow",
 ];
+const ON_WORKFLOW: &[&str] = &["workflow", "branch", "version", "repository", "events"];
 const ARTIFACT: &[&str] = &["url", "attempts", "timeout"];
 const HEALTH: &[&str] = &["http", "status", "command", "interval", "timeout", "healthy_after", "deadline"];
 const ROLLOUT: &[&str] = &["strategy", "max_surge", "max_unavailable", "drain"];
@@ -147,6 +149,7 @@ pub fn check_keys(doc: &DeTable<'_>) -> Vec<Problem> {
                     ("service", "bootstrap") => Some((STEP, "service.bootstrap")),
                     ("service", "verify") => Some((STEP, "service.verify")),
                     ("service", "artifact") => Some((ARTIFACT, "service.artifact")),
+                    ("service", "on_workflow") => Some((ON_WORKFLOW, "service.on_workflow")),
                     ("environment", "git") => Some((GIT, "environment.git")),
                     _ => None,
                 };
