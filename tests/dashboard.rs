@@ -10,7 +10,6 @@ mod browser;
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use browser::Browser;
 use common::Api;
