@@ -487,6 +487,27 @@ auto_deploy = ["staging"]
         }
         let scheduled: Vec<_> = decide_workflow(&config, &run("CI", "main", "schedule")).into_iter().map(|(d, v)| format!("{}={v}", d.service)).collect();
         assert_eq!(scheduled, ["nightly=acb5820ced9479c074f688cc328bf03f341a511d", "nightly=acb5820ced9479c074f688cc328bf03f341a511d"]);
+
+        // Ordered by run: a semantic version from the run number, filtered
+        // by semver. An older run that first succeeds late (a re-run of an
+        // old commit) is held, not deployed over a newer one.
+        let config = crate::config::parse(
+            "t.toml",
+            r#"
+[[service]]
+name = "web"
+on_workflow = { workflow = "CI", branch = "main", version = "1.0.{run_number}+{head_sha:7}" }
+auto_deploy = ["default"]
+tags = "semver"
+"#,
+        )
+        .expect("valid");
+        let (d, version) = decide_workflow(&config, &run("CI", "main", "push")).pop().expect("decided");
+        assert_eq!((d.held, version.as_str()), (None, "1.0.562+acb5820"));
+        let rule = config.services[0].tags.as_ref();
+        let stands = Standing { version: "1.0.570+c0ffee1".into(), digest: None, what: "runs in default (deployment #9)".into(), first_seen: Some(1) };
+        let held = not_newer(rule, &version, None, None, &[stands]).expect("held");
+        assert!(held.starts_with("older than 1.0.570+c0ffee1, which runs in default (deployment #9) (by semver)"), "{held}");
     }
 
     #[test]
