@@ -629,6 +629,63 @@ command = ["cat", "./data.txt"]
     assert_eq!(d3["deployment"]["revision"], revision2.as_str());
 }
 
+/// Issue 18: a log written into the config directory between two deploys
+/// made a new revision each time. What `.slipwayignore` matches is not
+/// part of the revision; what it does not match (or takes back with `!`)
+/// is; a pattern it cannot read is refused at its file, line and column.
+#[test]
+fn issue18_slipwayignore_keeps_logs_written_between_deploys_out_of_the_revision() {
+    let fx = Fx::new(
+        r#"
+[project]
+name = "hygiene"
+
+[[job]]
+name = "show"
+command = ["ls", "-A"]
+"#,
+        &[],
+    );
+    std::fs::write(fx.dir().join(".slipwayignore"), "# written by the demo while it runs\n*.log\n!keep.log\n").expect("write .slipwayignore");
+    let server = fx.serve(&fx.sqlite(), &["--poll", "200ms"]);
+    let deploy = || {
+        let id = submit_run(&server.url, &["show"], None);
+        let d = wait_done(&server.url, id, || logs_of(&[&server]));
+        assert_eq!(state(&d), "succeeded", "{d:#}");
+        (d["deployment"]["revision"].as_str().expect("revision").to_string(), stdout_of(&server, id, "show"))
+    };
+    let (first, files) = deploy();
+    assert!(files.contains(&".slipwayignore".to_string()) && files.contains(&"slipway.toml".to_string()), "{files:?}");
+
+    std::fs::write(fx.dir().join("serve.log"), "a log line\n").expect("write log");
+    let (second, files) = deploy();
+    assert_eq!(second, first, "a matching file written between deploys changes nothing");
+    assert!(!files.contains(&"serve.log".to_string()), "{files:?}");
+
+    std::fs::write(fx.dir().join("keep.log"), "kept\n").expect("write keep.log");
+    let (third, files) = deploy();
+    assert_ne!(third, first, "`!keep.log` takes it back");
+    assert!(files.contains(&"keep.log".to_string()), "{files:?}");
+
+    std::fs::write(fx.dir().join("notes.txt"), "n\n").expect("write notes");
+    let (fourth, _) = deploy();
+    assert_ne!(fourth, third, "a file nothing matches is part of the revision");
+
+    // An invalid pattern: `validate` says where, and serve refuses to take
+    // a revision it cannot make.
+    std::fs::write(fx.dir().join(".slipwayignore"), "*.log\n[z-a\n").expect("write .slipwayignore");
+    let out = Command::new(slipway_bin()).arg("--config").arg(fx.dir()).arg("validate").output().expect("validate");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let shown = text(&out);
+    assert!(shown.contains(".slipwayignore:2:1") && shown.contains("invalid pattern \"[z-a\""), "{shown}");
+    let body = serde_json::json!({"kind": "run", "jobs": ["show"]}).to_string();
+    let (status, v) = post_json(&format!("{}/api/v1/events", server.url), &body);
+    assert_eq!(status, 422, "{v}");
+    let p = &v["error"]["problems"][0];
+    assert!(p["file"].as_str().unwrap_or_default().ends_with("/.slipwayignore") && p["line"] == 2 && p["column"] == 1, "{v}");
+    assert!(p["message"].as_str().unwrap_or_default().starts_with("invalid pattern \"[z-a\": "), "{v}");
+}
+
 /// A timed-out job is killed with everything it started: a background
 /// process in its process group does not outlive it.
 #[test]

@@ -37,6 +37,11 @@ struct Hooks {
 
 impl Hooks {
     async fn start(store: std::sync::Arc<dyn slipway::store::Store>) -> Hooks {
+        Hooks::start_with(store, "").await
+    }
+
+    /// [`Hooks::start`] with `extra` appended to the config.
+    async fn start_with(store: std::sync::Arc<dyn slipway::store::Store>, extra: &str) -> Hooks {
         let secrets = tempfile::tempdir().expect("tempdir");
         std::fs::write(secrets.path().join("hook"), SECRET).expect("secret");
         let config = format!(
@@ -71,8 +76,9 @@ tags = "semver"
 name = "deploy-web"
 service = "web"
 command = ["true"]
-"#,
-            secrets.path().join("hook").display()
+{}"#,
+            secrets.path().join("hook").display(),
+            extra
         );
         let dir = common::config_dir(&config, &[]);
         let mut cfg = SchedulerConfig::new("hooks", dir.path().join(".slipway/work"));
@@ -504,5 +510,120 @@ async fn issue13_a_flood_of_refused_deliveries_adds_a_bounded_number_of_audit_ro
                 audit.iter().map(|a| a.detail.strip_prefix("and ").and_then(|d| d.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(1)).sum();
             assert_eq!(counted, 3300, "{backend}: {details:?}");
         }
+    }
+}
+
+/// A copy of a `workflow_run` fixture (GitHub's payload shape) with `f`
+/// applied.
+fn workflow_run(name: &str, f: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let mut v: Value = serde_json::from_str(&fixture(name)).expect("json");
+    f(&mut v);
+    serde_json::to_vec(&v).expect("json")
+}
+
+const ON_WORKFLOW: &str = r#"
+[[service]]
+name = "api"
+on_workflow = { workflow = "CI", branch = "main", version = "sha-{head_sha:7}" }
+auto_deploy = ["staging"]
+
+[[job]]
+name = "deploy-api"
+service = "api"
+command = ["true"]
+"#;
+
+// Issue 18: deploy when CI passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue18_a_successful_workflow_run_deploys_once_and_every_other_run_says_why_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let h = Hooks::start_with(store, ON_WORKFLOW).await;
+
+        // Requested and in progress: acknowledged, nothing deployed.
+        for (name, action) in [("workflow-run-requested.json", "requested"), ("workflow-run-in-progress.json", "in_progress")] {
+            let (s, a) = h.signed("workflow_run", "72d3162e-cc78-11e3-81ab-4c9367dc0950", &workflow_run(name, |_| {})).await;
+            assert_eq!(s, 202, "{backend}: {a}");
+            let note = a["note"].as_str().unwrap_or_default();
+            assert!(note.contains(&format!("action {action:?}")) && note.contains("only a completed run deploys"), "{backend}: {a}");
+            assert_eq!(a["results"], json!([]), "{backend}: {a}");
+        }
+        // Completed, but not a success: each says which conclusion.
+        for conclusion in ["failure", "cancelled", "skipped", "timed_out", "action_required", "neutral", "stale", "startup_failure"] {
+            let body = workflow_run("workflow-run-completed.json", |v| v["workflow_run"]["conclusion"] = conclusion.into());
+            let (s, a) = h.signed("workflow_run", "72d3162e-cc78-11e3-81ab-4c9367dc0951", &body).await;
+            assert_eq!(s, 202, "{backend}: {a}");
+            assert!(a["note"].as_str().unwrap_or_default().contains(&format!("concluded {conclusion:?}: only a successful run deploys")), "{backend}: {a}");
+            assert_eq!(a["results"], json!([]), "{backend}: {a}");
+        }
+        // Signed with another secret: refused.
+        let success = workflow_run("workflow-run-completed.json", |_| {});
+        let (s, _) = h.deliver("workflow_run", "72d3162e-cc78-11e3-81ab-4c9367dc0952", &success, Some(sign(b"not the secret", &success))).await;
+        assert_eq!(s, 401, "{backend}");
+        assert!(h.deployments().await.is_empty(), "{backend}: nothing deployed yet");
+
+        // Success on main: staging deploys the rendered version, production
+        // (not opted in) holds it, saying why.
+        let (s, a) = h.signed("workflow_run", "72d3162e-cc78-11e3-81ab-4c9367dc0953", &success).await;
+        assert_eq!(s, 202, "{backend}: {a}");
+        assert!(a["note"].as_str().unwrap_or_default().contains("workflow \"CI\" run 30433642 (attempt 1) of acb5820 on \"main\" succeeded"), "{a}");
+        let result = |a: &Value, env: &str| a["results"].as_array().and_then(|r| r.iter().find(|r| r["environment"] == env).cloned()).unwrap_or(Value::Null);
+        let staging = result(&a, "staging");
+        assert_eq!((staging["service"].as_str(), staging["version"].as_str()), (Some("api"), Some("sha-acb5820")), "{backend}: {a}");
+        let id = staging["deployment_id"].as_i64().unwrap_or_else(|| panic!("{backend}: deployed in staging: {a}"));
+        assert!(result(&a, "production")["held"].as_str().unwrap_or_default().contains("auto_deploy is off for production"), "{backend}: {a}");
+
+        // Redelivered (same X-GitHub-Delivery, same body): a duplicate.
+        let (s, b) = h.signed("workflow_run", "72d3162e-cc78-11e3-81ab-4c9367dc0953", &success).await;
+        assert_eq!((s, b["duplicate"].as_bool(), result(&b, "staging")["deployment_id"].as_i64()), (202, Some(true), Some(id)), "{backend}: {b}");
+        // The run re-run (attempt 2 of the same run and commit, a new
+        // delivery): the same deployment, nothing new.
+        let rerun = workflow_run("workflow-run-completed.json", |v| {
+            v["workflow_run"]["run_attempt"] = 2.into();
+            v["workflow_run"]["updated_at"] = "2020-01-22T19:40:01Z".into();
+            v["workflow_run"]["previous_attempt_url"] = "https://api.github.com/repos/octo-org/octo-repo/actions/runs/30433642/attempts/1".into();
+        });
+        let (s, c) = h.signed("workflow_run", "72d3162e-cc78-11e3-81ab-4c9367dc0954", &rerun).await;
+        assert_eq!((s, c["duplicate"].as_bool(), result(&c, "staging")["deployment_id"].as_i64()), (202, Some(false), Some(id)), "{backend}: {c}");
+
+        // Another branch, a pull request's run, another workflow: nothing,
+        // and the note says what the service waits for.
+        for (field, value) in [("head_branch", "feature/x"), ("event", "pull_request"), ("name", "Lint")] {
+            let body = workflow_run("workflow-run-completed.json", |v| {
+                v["workflow_run"][field] = value.into();
+                v["workflow_run"]["head_sha"] = "b".repeat(40).into();
+                if field == "name" {
+                    v["workflow"]["name"] = value.into();
+                    v["workflow"]["path"] = ".github/workflows/lint.yml".into();
+                }
+            });
+            let (s, d) = h.signed("workflow_run", "72d3162e-cc78-11e3-81ab-4c9367dc0955", &body).await;
+            assert_eq!(s, 202, "{backend}: {d}");
+            assert!(d["note"].as_str().unwrap_or_default().contains("api waits for \"CI\" on \"main\" from push"), "{backend}: {field}: {d}");
+            assert_eq!(d["results"], json!([]), "{backend}: {d}");
+        }
+
+        let list = h.deployments().await;
+        assert_eq!(list.len(), 1, "{backend}: deployed once: {list:?}");
+        assert_eq!(
+            (list[0]["service"].as_str(), list[0]["version"].as_str(), list[0]["environment"].as_str()),
+            (Some("api"), Some("sha-acb5820"), Some("staging"))
+        );
+        h.wait_done(id).await;
+        let d: Value = h.http.get(format!("{}/api/v1/deployments/{id}", h.base)).send().await.expect("get").json().await.expect("json");
+        assert_eq!(d["deployment"]["state"], "succeeded", "{backend}: {d}");
+
+        // A newer commit's successful run deploys its own version.
+        let next = workflow_run("workflow-run-completed.json", |v| {
+            v["workflow_run"]["head_sha"] = "c".repeat(40).into();
+            v["workflow_run"]["id"] = 30433777.into();
+        });
+        let (s, e) = h.signed("workflow_run", "72d3162e-cc78-11e3-81ab-4c9367dc0956", &next).await;
+        assert_eq!(s, 202, "{backend}: {e}");
+        let next_id = result(&e, "staging")["deployment_id"].as_i64().unwrap_or_else(|| panic!("{backend}: {e}"));
+        assert_ne!(next_id, id);
+        assert_eq!(result(&e, "staging")["version"], "sha-ccccccc");
+        h.wait_done(next_id).await;
+        h.stop().await;
     }
 }

@@ -30,6 +30,11 @@ fn the_quickstart_runs_as_the_readme_says() {
     assert!(ok, "quickstart.sh failed:\n{out}");
     assert!(out.contains(", 0 failed"), "no request fails during the rollout:\n{out}");
     assert!(out.contains("the deployment was rolled back, as expected"), "v3 is rolled back:\n{out}");
+    // Issue 18: its logs used to be written into the config directory, so
+    // every deploy ran a new revision.
+    assert!(out.contains(": 5 deployments, 1 revision(s)"), "one revision for every deployment:\n{out}");
+    // Issue 18: its last hint named a server it had already stopped.
+    assert!(out.contains("web.rollout stdout: [rollout] rolling back to 2"), "the rollback's account is shown while the server runs:\n{out}");
 }
 
 #[test]

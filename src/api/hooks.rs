@@ -313,7 +313,8 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// A delivery from GitHub (`push`, `registry_package`, `package`, `ping`).
+/// A delivery from GitHub (`push`, `registry_package`, `package`,
+/// `workflow_run`, `ping`).
 #[utoipa::path(post, path = "/hooks/github", request_body(content = Object, content_type = "application/json", description = "GitHub's payload, as GitHub signed it"),
     params(("X-GitHub-Event" = String, Header, pattern = "^[a-z_]{1,64}$", description = "The event"), ("X-GitHub-Delivery" = String, Header, pattern = "^[0-9A-Fa-f-]{1,64}$", description = "The delivery's id")),
     security(("github_signature" = [])),
@@ -392,6 +393,39 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
                     Ok(Err(e)) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("config of {env} not decided: {e}"))),
                     Err(_) => answer.note = Some(format!("{}; {env}: still deciding (slipway revisions {env})", answer.note.take().unwrap_or_default())),
                 }
+            }
+            StatusCode::ACCEPTED
+        }
+        Delivery::WorkflowRun(run) => {
+            // Each service renders its own version from the run, from the
+            // config each environment runs.
+            let versions = std::sync::Mutex::new(std::collections::BTreeMap::<(String, String), String>::new());
+            let decisions = per_environment(&s, &loaded.config, |c| {
+                let decided = crate::trigger::decide_workflow(c, &run);
+                let mut v = versions.lock().unwrap_or_else(|e| e.into_inner());
+                for (d, version) in &decided {
+                    v.insert((d.service.clone(), d.environment.clone()), version.clone());
+                }
+                decided.into_iter().map(|(d, _)| d).collect()
+            })
+            .await;
+            let versions = versions.into_inner().unwrap_or_else(|e| e.into_inner());
+            answer.note =
+                Some(if decisions.is_empty() { crate::trigger::workflow_unmatched(&loaded.config, &run) } else { format!("{} succeeded", run.describe()) });
+            let mut by_version = std::collections::BTreeMap::<String, Vec<Decision>>::new();
+            for d in decisions {
+                let Some(version) = versions.get(&(d.service.clone(), d.environment.clone())) else { continue };
+                by_version.entry(version.clone()).or_default().push(d);
+            }
+            // Keyed by what is published (service, version), as any other
+            // trigger: a redelivery, a re-run of the run and a
+            // `/published` event of the same version deploy once.
+            for (version, decisions) in by_version {
+                let (results, transient) = act(&s, decisions, &version, None, None, None).await;
+                if transient {
+                    return Err(retry_later(&results));
+                }
+                answer.results.extend(results);
             }
             StatusCode::ACCEPTED
         }

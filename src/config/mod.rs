@@ -17,6 +17,7 @@ pub use schema::{json_schema, tables_named};
 pub mod secret;
 pub mod service;
 pub mod validate;
+pub mod workflow;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -151,6 +152,8 @@ pub struct Service {
     /// Retention: keep this many newest tags of `follows` in its registry
     /// (older ones nothing runs or could roll back to are deleted).
     pub keep_tags: Option<u32>,
+    /// Deploy when this GitHub Actions workflow succeeds (`on_workflow`).
+    pub on_workflow: Option<workflow::OnWorkflow>,
 }
 
 /// `[github]`: webhooks from GitHub (`POST /hooks/github`).
@@ -337,7 +340,36 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigErrors> {
     if !inside.is_empty() {
         return Err(ConfigErrors { file: display, source: Arc::new(text), problems: inside });
     }
+    ignore_file(&dir)?;
     Ok(LoadedConfig { config, path: file, dir, text: Arc::new(text) })
+}
+
+/// `.slipwayignore` beside the config, checked as a revision will read it:
+/// a pattern the matcher refuses is reported at its line and column in
+/// that file.
+fn ignore_file(dir: &Path) -> Result<(), ConfigErrors> {
+    match revision::ignore_rules(dir) {
+        Ok(_) => Ok(()),
+        Err(revision::RevisionError::Ignore { path, line, column, message }) => {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let start: usize = text.split_inclusive('\n').take(line - 1).map(str::len).sum::<usize>() + column - 1;
+            let end = text[start.min(text.len())..].find('\n').map(|n| start + n).unwrap_or(text.len());
+            Err(ConfigErrors {
+                file: path.display().to_string(),
+                source: Arc::new(text),
+                problems: vec![
+                    Problem::new(ProblemKind::InvalidValue, Some(start..end), message)
+                        .label("invalid pattern")
+                        .hint("gitignore syntax: one pattern a line, `#` comments, `!` takes a match back, `\\` escapes a special character"),
+                ],
+            })
+        }
+        Err(e) => Err(ConfigErrors {
+            file: dir.join(revision::IGNORE_FILE).display().to_string(),
+            source: Arc::new(String::new()),
+            problems: vec![Problem::new(ProblemKind::Io, None, e.to_string())],
+        }),
+    }
 }
 
 /// Parse and validate config text. `file` is only used in messages.

@@ -5,6 +5,11 @@
 //! so the same tree always has the same id. The snapshot itself is a tar
 //! archive kept in the store: any node can materialize it, and a file
 //! edited while a deployment runs changes nothing for that deployment.
+//!
+//! What is not config stays out: Slipway's state and VCS data
+//! ([`EXCLUDED`]), and whatever the directory's `.slipwayignore` matches
+//! (gitignore syntax, the `ignore` crate's matcher: `*.log`, `tmp/`,
+//! `!keep.log`). `.slipwayignore` itself and `slipway.toml` are always in.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -13,6 +18,12 @@ use sha2::{Digest, Sha256};
 
 /// Directories never part of a revision: Slipway's own state, VCS data.
 const EXCLUDED: &[&str] = &[".slipway", ".git", "target"];
+/// The config directory's list of what is not part of its revision.
+pub const IGNORE_FILE: &str = ".slipwayignore";
+/// Files at the top of the directory never left out, whatever
+/// `.slipwayignore` says: the list itself (it changes what the revision
+/// is) and the config.
+const ALWAYS: &[&str] = &[IGNORE_FILE, super::CONFIG_FILE];
 /// A config directory larger than this is refused: it is not a config.
 pub const MAX_REVISION_BYTES: u64 = 64 << 20;
 pub const MAX_REVISION_FILES: usize = 20_000;
@@ -31,8 +42,38 @@ pub struct Revision {
 pub enum RevisionError {
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("config directory {dir} is too large for a revision ({what}); keep build outputs out of it")]
+    #[error("config directory {dir} is too large for a revision ({what}); keep build outputs out of it (or list them in {IGNORE_FILE})")]
     TooLarge { dir: PathBuf, what: String },
+    #[error("{path}:{line}:{column}: {message}")]
+    Ignore { path: PathBuf, line: usize, column: usize, message: String },
+}
+
+/// The rules of `dir/.slipwayignore` (`None`: there is none). A pattern
+/// the matcher refuses is an error naming the file, line and column.
+pub fn ignore_rules(dir: &Path) -> Result<Option<ignore::gitignore::Gitignore>, RevisionError> {
+    let path = dir.join(IGNORE_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(RevisionError::Io { path, source: e }),
+    };
+    let mut builder = ignore::gitignore::GitignoreBuilder::new(dir);
+    for (i, line) in text.lines().enumerate() {
+        if let Err(e) = builder.add_line(Some(path.clone()), line) {
+            let column = line.len() - line.trim_start().len() + 1;
+            return Err(RevisionError::Ignore { path, line: i + 1, column, message: format!("invalid pattern {:?}: {}", line.trim(), ignore_reason(&e)) });
+        }
+    }
+    builder.build().map(Some).map_err(|e| RevisionError::Ignore { path, line: 1, column: 1, message: ignore_reason(&e) })
+}
+
+/// The matcher's reason, without its wrappers ("error parsing glob …").
+fn ignore_reason(e: &ignore::Error) -> String {
+    let text = e.to_string();
+    match text.rsplit_once(": ") {
+        Some((_, why)) if text.starts_with("error parsing glob") => why.to_string(),
+        _ => text,
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RevisionError + '_ {
@@ -42,8 +83,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RevisionError + '_ {
 /// Snapshot `dir`. `config_text` is the already-validated config, stored
 /// beside the archive so a node can plan without unpacking it.
 pub fn snapshot(dir: &Path, config_text: &str) -> Result<Revision, RevisionError> {
+    let rules = ignore_rules(dir)?;
     let mut files = Vec::new();
-    collect(dir, dir, &mut files)?;
+    collect(dir, dir, rules.as_ref(), &mut files)?;
     files.sort();
     if files.len() > MAX_REVISION_FILES {
         return Err(RevisionError::TooLarge { dir: dir.to_path_buf(), what: format!("{} files", files.len()) });
@@ -86,17 +128,27 @@ pub fn snapshot(dir: &Path, config_text: &str) -> Result<Revision, RevisionError
     Ok(Revision { id: hex::encode(hasher.finalize()), config_text: config_text.to_string(), archive })
 }
 
-fn collect(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), RevisionError> {
+fn collect(root: &Path, dir: &Path, rules: Option<&ignore::gitignore::Gitignore>, out: &mut Vec<PathBuf>) -> Result<(), RevisionError> {
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
         let path = entry.path();
         let name = entry.file_name();
         let ft = entry.file_type().map_err(io(&path))?;
+        // A directory it leaves out is not walked (as git: nothing under
+        // it can be taken back with `!`).
+        let ignored = rules.is_some_and(|r| {
+            let rel = path.strip_prefix(root).unwrap_or(&path);
+            let always = dir == root && ALWAYS.iter().any(|a| name == *a);
+            !always && r.matched(rel, ft.is_dir()).is_ignore()
+        });
+        if ignored {
+            continue;
+        }
         if ft.is_dir() {
             if EXCLUDED.iter().any(|e| name == *e) {
                 continue;
             }
-            collect(root, &path, out)?;
+            collect(root, &path, rules, out)?;
         } else if ft.is_file() || ft.is_symlink() {
             out.push(path.strip_prefix(root).unwrap_or(&path).to_path_buf());
         }
@@ -134,4 +186,78 @@ pub fn materialize(work_dir: &Path, id: &str, archive: &[u8]) -> std::io::Result
 /// Short form of a revision id for humans.
 pub fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, rel: &str, body: &str) {
+        let p = dir.join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, body).expect("write");
+    }
+
+    fn files(rev: &Revision) -> Vec<String> {
+        let mut out: Vec<String> = tar::Archive::new(rev.archive.as_slice())
+            .entries()
+            .expect("entries")
+            .map(|e| e.expect("entry").path().expect("path").display().to_string())
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn issue18_what_slipwayignore_matches_is_left_out_of_the_revision() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        write(d, "slipway.toml", "[project]\nname = \"x\"\n");
+        write(d, "deploy.sh", "#!/bin/sh\n");
+        // It lists itself and the config: both stay in regardless.
+        write(d, IGNORE_FILE, "# logs\n*.log\n!keep.log\nscratch/\n.slipwayignore\nslipway.toml\n");
+        let first = snapshot(d, "").expect("snapshot");
+        assert_eq!(files(&first), [".slipwayignore", "deploy.sh", "slipway.toml"]);
+
+        // Matching files and a matching directory: the same revision.
+        write(d, "serve.log", "line\n");
+        write(d, "lb/access.log", "line\n");
+        write(d, "scratch/tmp.txt", "x");
+        write(d, "scratch/keep.log", "x");
+        assert_eq!(snapshot(d, "").expect("snapshot").id, first.id, "ignored files change nothing");
+
+        // Negation takes one back; a file nothing matches is in.
+        write(d, "keep.log", "kept\n");
+        let kept = snapshot(d, "").expect("snapshot");
+        assert_ne!(kept.id, first.id);
+        assert_eq!(
+            files(&kept),
+            [".slipwayignore", "deploy.sh", "keep.log", "slipway.toml"],
+            "a directory left out is not walked, so scratch/keep.log stays out"
+        );
+        write(d, "notes.txt", "n");
+        assert_ne!(snapshot(d, "").expect("snapshot").id, kept.id);
+
+        // The list is part of the revision: changing it is a new one.
+        let before = snapshot(d, "").expect("snapshot").id;
+        write(d, IGNORE_FILE, "*.log\n");
+        let after = snapshot(d, "").expect("snapshot");
+        assert_ne!(after.id, before);
+        assert!(!files(&after).contains(&"keep.log".to_string()));
+    }
+
+    #[test]
+    fn issue18_an_invalid_slipwayignore_pattern_names_its_file_line_and_column() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "slipway.toml", "");
+        write(dir.path(), IGNORE_FILE, "*.log\n\n  build/{a,b\n");
+        let e = snapshot(dir.path(), "").expect_err("invalid pattern");
+        let path = dir.path().join(IGNORE_FILE);
+        assert!(matches!(&e, RevisionError::Ignore { path: p, line: 3, column: 3, .. } if *p == path), "{e:?}");
+        let text = e.to_string();
+        assert!(text.starts_with(&format!("{}:3:3: invalid pattern \"build/{{a,b\": ", path.display())) && text.contains("unclosed alternate"), "{text}");
+        // No file at all: no rules.
+        std::fs::remove_file(&path).expect("rm");
+        assert!(ignore_rules(dir.path()).expect("no file").is_none());
+    }
 }

@@ -129,6 +129,14 @@ const SERVICE: &[K] = &[
     k("auto_deploy", Ty::TextList, "environments a new version deploys to by itself"),
     k("tags", Ty::Text, "which tags count as versions: a glob, or \"semver\""),
     k("keep_tags", Ty::Int("tags"), "retention: the newest tags kept"),
+    k("on_workflow", Ty::Table(ON_WORKFLOW), "deploy when a GitHub Actions workflow succeeds on a branch"),
+];
+const ON_WORKFLOW: &[K] = &[
+    req("workflow", Ty::Text, "the workflow's name or file path"),
+    req("branch", Ty::Text, "the branch whose successful runs deploy"),
+    req("version", Ty::Text, "the version, from {head_sha}, {head_sha:7}, {run_number}, {run_id}"),
+    k("repository", Ty::Text, "only runs of this repository (owner/name)"),
+    k("events", Ty::TextList, "the events whose runs count (default [\"push\"])"),
 ];
 const RETRY: &[K] = &[
     k("attempts", Ty::Int("attempts"), "tries in all"),

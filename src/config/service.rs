@@ -257,6 +257,7 @@ pub(super) struct RawService {
     pub auto_deploy: Option<Vec<Spanned<String>>>,
     pub tags: Option<Spanned<String>>,
     pub keep_tags: Option<Spanned<i64>>,
+    pub on_workflow: Option<Spanned<super::workflow::RawOnWorkflow>>,
 }
 
 #[derive(Deserialize)]
@@ -415,13 +416,15 @@ pub(super) fn build(
             auto_deploy.push(e.get_ref().clone());
         }
     }
+    let on_workflow = raw.on_workflow.as_ref().and_then(|w| super::workflow::build(w, problems));
     if let Some(a) = raw.auto_deploy.as_ref().and_then(|a| a.first())
         && follows.is_none()
+        && raw.on_workflow.is_none()
     {
         problems.push(
             Problem::new(ProblemKind::MissingKey, Some(a.span()), format!("service {name:?} has `auto_deploy` but follows no image"))
                 .label("nothing to follow")
-                .hint("add follows = \"registry/repository\" (a service on an image target follows its `image`)"),
+                .hint("add follows = \"registry/repository\" (a service on an image target follows its `image`), or on_workflow = { workflow = \"CI\", branch = \"main\", version = \"{head_sha:7}\" }"),
         );
     }
     let tags = raw.tags.as_ref().and_then(|t| match TagFilter::parse(t.get_ref()) {
@@ -453,7 +456,8 @@ pub(super) fn build(
         }
         Some(n as u32)
     });
-    let service = super::Service { span: raw.name.span(), name: name.clone(), target: target.clone(), spec: None, follows, auto_deploy, tags, keep_tags };
+    let service =
+        super::Service { span: raw.name.span(), name: name.clone(), target: target.clone(), spec: None, follows, auto_deploy, tags, keep_tags, on_workflow };
     // Keys this service's target does not take: the common ones its
     // capabilities rule out, and every other target's own.
     let able = |on: fn(&crate::targets::Capabilities) -> bool| {

@@ -469,7 +469,7 @@ impl Submitter {
         .await
         .map_err(|e| unavailable(e.to_string()))?
         .map_err(|e| match e {
-            revision::RevisionError::TooLarge { .. } => Checked::Invalid(e.to_string()),
+            revision::RevisionError::TooLarge { .. } | revision::RevisionError::Ignore { .. } => Checked::Invalid(e.to_string()),
             e => unavailable(e.to_string()),
         })
     }

@@ -53,6 +53,9 @@ pub enum Delivery {
     /// A push to a branch: environments whose config follows that branch
     /// of one of these repositories fetch it and decide on the new head.
     Push { branch: String, commit: String, repositories: Vec<String> },
+    /// A GitHub Actions workflow run that concluded with success: services
+    /// whose `on_workflow` names it deploy (`trigger::decide_workflow`).
+    WorkflowRun(super::WorkflowRun),
     /// Understood, but nothing to do, and why ("a push to refs/tags/x",
     /// "package event without a tag").
     Ignored(String),
@@ -114,8 +117,54 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Delivery, TriggerError> {
             let repositories = ["clone_url", "ssh_url", "git_url", "html_url", "url"].iter().filter_map(|k| repo[*k].as_str()).map(str::to_string).collect();
             Ok(Delivery::Push { branch: branch.to_string(), commit: commit.to_string(), repositories })
         }
+        "workflow_run" => workflow_run(&v),
         other => Ok(Delivery::Ignored(format!("event {other:?} is not one Slipway acts on"))),
     }
+}
+
+/// A `workflow_run` delivery: only `completed` with conclusion `success`
+/// deploys (as GitHub Actions' own `if: github.event.workflow_run.conclusion
+/// == 'success'`); every other action and conclusion is acknowledged with
+/// the reason. A run of a fork's commit never deploys.
+fn workflow_run(v: &serde_json::Value) -> Result<Delivery, TriggerError> {
+    let run = &v["workflow_run"];
+    let action = v["action"].as_str().unwrap_or("");
+    let name = run["name"].as_str().or_else(|| v["workflow"]["name"].as_str()).unwrap_or("");
+    let branch = run["head_branch"].as_str().unwrap_or("");
+    let id = run["id"].as_u64();
+    let attempt = run["run_attempt"].as_u64().unwrap_or(1);
+    let what = format!("workflow {name:?} run {} (attempt {attempt}) on {branch:?}", id.map(|i| i.to_string()).unwrap_or_else(|| "?".into()));
+    if action != "completed" {
+        return Ok(Delivery::Ignored(format!("workflow_run action {action:?} for {what}: only a completed run deploys")));
+    }
+    match run["conclusion"].as_str() {
+        Some("success") => {}
+        Some(c) => return Ok(Delivery::Ignored(format!("{what} concluded {c:?}: only a successful run deploys"))),
+        None => return Ok(Delivery::Ignored(format!("{what} completed without a conclusion: only a successful run deploys"))),
+    }
+    let Some(run_id) = id else { return Err(TriggerError::BadPayload("workflow_run: no workflow_run.id".into())) };
+    let head_sha = run["head_sha"].as_str().unwrap_or("");
+    if !crate::git::valid_commit(head_sha) {
+        return Err(TriggerError::BadPayload(format!("workflow_run: head_sha {head_sha:?} is not a commit id")));
+    }
+    let repository = v["repository"]["full_name"].as_str().unwrap_or("");
+    if let Some(head) = run["head_repository"]["full_name"].as_str()
+        && !repository.is_empty()
+        && !head.eq_ignore_ascii_case(repository)
+    {
+        return Ok(Delivery::Ignored(format!("{what} ran on a commit of {head:?}, not of {repository:?}: a fork's commit never deploys")));
+    }
+    Ok(Delivery::WorkflowRun(super::WorkflowRun {
+        workflow: name.to_string(),
+        path: v["workflow"]["path"].as_str().or_else(|| run["path"].as_str()).unwrap_or("").to_string(),
+        branch: branch.to_string(),
+        head_sha: head_sha.to_string(),
+        run_id,
+        run_number: run["run_number"].as_u64().unwrap_or(0),
+        run_attempt: attempt,
+        event: run["event"].as_str().unwrap_or("").to_string(),
+        repository: repository.to_string(),
+    }))
 }
 
 /// `X-GitHub-Delivery`: a GUID. Checked, since it becomes part of stored keys.
@@ -187,5 +236,62 @@ mod tests {
         }
         let body = serde_json::json!({"ref": "refs/heads/main", "after": "$(id)"});
         assert!(parse("push", body.to_string().as_bytes()).is_err());
+    }
+
+    /// A copy of a workflow_run fixture with `f` applied.
+    fn run_with(name: &str, f: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let mut v: serde_json::Value = serde_json::from_slice(&fixture(name)).expect("json");
+        f(&mut v);
+        serde_json::to_vec(&v).expect("json")
+    }
+
+    #[test]
+    fn issue18_only_a_completed_successful_workflow_run_deploys_and_every_other_says_why() {
+        match parse("workflow_run", &fixture("workflow-run-completed.json")) {
+            Ok(Delivery::WorkflowRun(run)) => assert_eq!(
+                run,
+                super::super::WorkflowRun {
+                    workflow: "CI".into(),
+                    path: ".github/workflows/ci.yml".into(),
+                    branch: "main".into(),
+                    head_sha: "acb5820ced9479c074f688cc328bf03f341a511d".into(),
+                    run_id: 30433642,
+                    run_number: 562,
+                    run_attempt: 1,
+                    event: "push".into(),
+                    repository: "octo-org/octo-repo".into(),
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+        for (fixture_name, action) in [("workflow-run-requested.json", "requested"), ("workflow-run-in-progress.json", "in_progress")] {
+            match parse("workflow_run", &fixture(fixture_name)) {
+                Ok(Delivery::Ignored(why)) => {
+                    assert!(why.starts_with(&format!("workflow_run action {action:?}")) && why.ends_with("only a completed run deploys"), "{why}")
+                }
+                other => panic!("{action}: {other:?}"),
+            }
+        }
+        for conclusion in ["failure", "cancelled", "skipped", "timed_out", "action_required", "neutral", "stale", "startup_failure"] {
+            let body = run_with("workflow-run-completed.json", |v| v["workflow_run"]["conclusion"] = conclusion.into());
+            match parse("workflow_run", &body) {
+                Ok(Delivery::Ignored(why)) => {
+                    assert_eq!(why, format!("workflow \"CI\" run 30433642 (attempt 1) on \"main\" concluded {conclusion:?}: only a successful run deploys"))
+                }
+                other => panic!("{conclusion}: {other:?}"),
+            }
+        }
+        let null = run_with("workflow-run-completed.json", |v| v["workflow_run"]["conclusion"] = serde_json::Value::Null);
+        assert!(matches!(parse("workflow_run", &null), Ok(Delivery::Ignored(why)) if why.contains("without a conclusion")));
+    }
+
+    #[test]
+    fn issue18_a_workflow_run_of_a_fork_or_with_a_bad_commit_never_deploys() {
+        let fork = run_with("workflow-run-completed.json", |v| v["workflow_run"]["head_repository"]["full_name"] = "mallory/octo-repo".into());
+        assert!(matches!(parse("workflow_run", &fork), Ok(Delivery::Ignored(why)) if why.contains("a fork's commit never deploys")), "fork");
+        for sha in ["$(touch x)", "acb5820", "ACB5820CED9479C074F688CC328BF03F341A511D", ""] {
+            let body = run_with("workflow-run-completed.json", |v| v["workflow_run"]["head_sha"] = sha.into());
+            assert!(matches!(parse("workflow_run", &body), Err(TriggerError::BadPayload(m)) if m.contains("is not a commit id")), "{sha:?}");
+        }
     }
 }

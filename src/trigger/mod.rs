@@ -88,6 +88,82 @@ fn decide_for(config: &Config, version: &str, follows: impl Fn(&crate::config::S
     out
 }
 
+/// A GitHub Actions workflow run that concluded with success (a
+/// `workflow_run` delivery, `github::parse`). Every string is only compared
+/// with the config or shown in a note; `head_sha` has passed
+/// `git::valid_commit`, so a version rendered from it is hexadecimal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkflowRun {
+    /// `workflow_run.name`: the workflow's name.
+    pub workflow: String,
+    /// The workflow's file (`.github/workflows/ci.yml`).
+    pub path: String,
+    /// `head_branch` (empty when the run has none).
+    pub branch: String,
+    pub head_sha: String,
+    pub run_id: u64,
+    pub run_number: u64,
+    pub run_attempt: u64,
+    /// What triggered the run: `push`, `pull_request`, `schedule`, …
+    pub event: String,
+    /// `repository.full_name`.
+    pub repository: String,
+}
+
+impl WorkflowRun {
+    /// "CI" run 30433642 (attempt 2) of 6113728 on main
+    pub fn describe(&self) -> String {
+        format!(
+            "workflow {:?} run {} (attempt {}) of {} on {:?}",
+            self.workflow,
+            self.run_id,
+            self.run_attempt,
+            &self.head_sha[..self.head_sha.len().min(7)],
+            self.branch
+        )
+    }
+
+    fn matches(&self, w: &crate::config::workflow::OnWorkflow) -> bool {
+        let workflow = w.workflow == self.workflow || (!self.path.is_empty() && w.workflow.trim_start_matches("./") == self.path);
+        workflow && w.branch == self.branch && w.events.contains(&self.event) && w.repository.as_ref().is_none_or(|r| r.eq_ignore_ascii_case(&self.repository))
+    }
+}
+
+/// For every service whose `on_workflow` names this run's workflow,
+/// branch, event (and repository, if it names one), in every
+/// environment: deploy or hold, as [`decide`] does, each with the version
+/// its template renders from the run.
+pub fn decide_workflow(config: &Config, run: &WorkflowRun) -> Vec<(Decision, String)> {
+    let facts = crate::config::workflow::RunFacts { head_sha: &run.head_sha, run_id: run.run_id, run_number: run.run_number };
+    let mut out = Vec::new();
+    for s in &config.services {
+        let Some(w) = s.on_workflow.as_ref().filter(|w| run.matches(w)) else { continue };
+        let version = w.version.render(&facts);
+        out.extend(decide_for(config, &version, |x| x.name == s.name).into_iter().map(|d| (d, version.clone())));
+    }
+    out
+}
+
+/// Why no service deploys on `run`: what each `on_workflow` waits for.
+pub fn workflow_unmatched(config: &Config, run: &WorkflowRun) -> String {
+    let waiting: Vec<String> = config
+        .services
+        .iter()
+        .filter_map(|s| {
+            let w = s.on_workflow.as_ref()?;
+            let repo = w.repository.as_ref().map(|r| format!(" in {r}")).unwrap_or_default();
+            Some(format!("{} waits for {:?} on {:?}{repo} from {}", s.name, w.workflow, w.branch, w.events.join("/")))
+        })
+        .collect();
+    format!(
+        "no service's on_workflow matches {} from a {:?} event in {} ({})",
+        run.describe(),
+        run.event,
+        run.repository,
+        if waiting.is_empty() { "no service has on_workflow".to_string() } else { waiting.join("; ") }
+    )
+}
+
 /// [`decide`] for a version known under several image names (a registry
 /// reached by more than one host name): each service and environment once.
 pub fn decide_any(config: &Config, images: &[crate::values::Image], version: &str) -> Vec<Decision> {
@@ -339,5 +415,135 @@ auto_deploy = ["staging"]
             decide(&config, &Published { image: "ghcr.io/o/other".parse().expect("image"), version: "1.0.0".parse().expect("version"), digest: None })
                 .is_empty()
         );
+    }
+
+    fn run(workflow: &str, branch: &str, event: &str) -> WorkflowRun {
+        WorkflowRun {
+            workflow: workflow.into(),
+            path: ".github/workflows/ci.yml".into(),
+            branch: branch.into(),
+            head_sha: "acb5820ced9479c074f688cc328bf03f341a511d".into(),
+            run_id: 30433642,
+            run_number: 562,
+            run_attempt: 1,
+            event: event.into(),
+            repository: "octo-org/octo-repo".into(),
+        }
+    }
+
+    #[test]
+    fn issue18_a_successful_workflow_run_deploys_where_on_workflow_matches_and_auto_deploy_opts_in() {
+        let config = crate::config::parse(
+            "t.toml",
+            r#"
+[[environment]]
+name = "staging"
+[[environment]]
+name = "production"
+promote_from = "staging"
+
+[[service]]
+name = "web"
+on_workflow = { workflow = "CI", branch = "main", version = "sha-{head_sha:7}" }
+auto_deploy = ["staging", "production"]
+
+[[service]]
+name = "worker"
+on_workflow = { workflow = ".github/workflows/ci.yml", branch = "main", version = "{run_number}.{head_sha:7}", repository = "Octo-Org/octo-repo" }
+auto_deploy = ["staging"]
+
+[[service]]
+name = "nightly"
+on_workflow = { workflow = "CI", branch = "main", version = "{head_sha}", events = ["schedule"] }
+auto_deploy = ["staging"]
+
+[[service]]
+name = "other"
+on_workflow = { workflow = "CI", branch = "main", version = "{head_sha:7}", repository = "octo-org/elsewhere" }
+auto_deploy = ["staging"]
+"#,
+        )
+        .expect("valid");
+        let mut d: Vec<Decision> = Vec::new();
+        let mut versions = Vec::new();
+        for (x, v) in decide_workflow(&config, &run("CI", "main", "push")) {
+            versions.push(format!("{}@{}={v}", x.service, x.environment));
+            d.push(x);
+        }
+        assert_eq!(versions, ["web@staging=sha-acb5820", "web@production=sha-acb5820", "worker@staging=562.acb5820", "worker@production=562.acb5820"]);
+        promotion_only(&config, &mut d);
+        let deployed: Vec<_> = d.iter().filter(|d| d.held.is_none()).map(|d| format!("{}@{}", d.service, d.environment)).collect();
+        assert_eq!(deployed, ["web@staging", "worker@staging"], "production only by promotion, worker only where opted in");
+        assert!(d.iter().any(|d| d.service == "worker" && d.held.as_deref().is_some_and(|h| h.contains("auto_deploy is off for production"))));
+
+        // Another branch, another workflow, a pull request's run: nothing,
+        // and the note says what each service waits for.
+        for r in [run("CI", "feature/x", "push"), run("Lint", "main", "push"), run("CI", "main", "pull_request")] {
+            let mut r = r;
+            r.path = ".github/workflows/other.yml".into();
+            assert!(decide_workflow(&config, &r).is_empty(), "{r:?}");
+            let why = workflow_unmatched(&config, &r);
+            assert!(why.contains("web waits for \"CI\" on \"main\" from push") && why.contains("nightly waits for \"CI\" on \"main\" from schedule"), "{why}");
+        }
+        let scheduled: Vec<_> = decide_workflow(&config, &run("CI", "main", "schedule")).into_iter().map(|(d, v)| format!("{}={v}", d.service)).collect();
+        assert_eq!(scheduled, ["nightly=acb5820ced9479c074f688cc328bf03f341a511d", "nightly=acb5820ced9479c074f688cc328bf03f341a511d"]);
+
+        // Ordered by run: a semantic version from the run number, filtered
+        // by semver. An older run that first succeeds late (a re-run of an
+        // old commit) is held, not deployed over a newer one.
+        let config = crate::config::parse(
+            "t.toml",
+            r#"
+[[service]]
+name = "web"
+on_workflow = { workflow = "CI", branch = "main", version = "1.0.{run_number}+{head_sha:7}" }
+auto_deploy = ["default"]
+tags = "semver"
+"#,
+        )
+        .expect("valid");
+        let (d, version) = decide_workflow(&config, &run("CI", "main", "push")).pop().expect("decided");
+        assert_eq!((d.held, version.as_str()), (None, "1.0.562+acb5820"));
+        let rule = config.services[0].tags.as_ref();
+        let stands = Standing { version: "1.0.570+c0ffee1".into(), digest: None, what: "runs in default (deployment #9)".into(), first_seen: Some(1) };
+        let held = not_newer(rule, &version, None, None, &[stands]).expect("held");
+        assert!(held.starts_with("older than 1.0.570+c0ffee1, which runs in default (deployment #9) (by semver)"), "{held}");
+    }
+
+    #[test]
+    fn issue18_on_workflow_mistakes_are_reported_at_their_place() {
+        let text = r#"[[service]]
+name = "web"
+on_workflow = { workflow = "", branch = "../x", version = "{branch}", repository = "nope", events = ["Push"], branches = ["main"] }
+auto_deploy = ["default"]
+
+[[service]]
+name = "api"
+auto_deploy = ["default"]
+"#;
+        let e = crate::config::parse("t.toml", text).expect_err("invalid");
+        let problems: Vec<(String, usize, usize)> = e
+            .problems
+            .iter()
+            .map(|p| {
+                let at = p.span.clone().expect("a place").start;
+                let line = text[..at].matches('\n').count() + 1;
+                let col = at - text[..at].rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+                (p.message.clone(), line, col)
+            })
+            .collect();
+        let find = |m: &str| problems.iter().find(|(x, _, _)| x.contains(m)).unwrap_or_else(|| panic!("{m}: {problems:?}")).clone();
+        let col = |needle: &str| text.lines().nth(2).expect("line 3").find(needle).expect("needle") + 1;
+        assert_eq!(find("unknown key `branches` in service.on_workflow"), ("unknown key `branches` in service.on_workflow".into(), 3, col("branches")));
+        assert_eq!(find("`on_workflow.workflow` is empty").1, 3);
+        assert_eq!(find("`on_workflow.workflow` is empty").2, col("\"\""));
+        assert_eq!(find("`on_workflow.branch` \"../x\" is not a branch name").2, col("\"../x\""));
+        assert_eq!(find("`on_workflow.version` is not a version template: unknown placeholder {branch}").2, col("\"{branch}\""));
+        assert_eq!(find("`on_workflow.repository` \"nope\" is not owner/name").2, col("\"nope\""));
+        assert_eq!(find("\"Push\", which is not a GitHub event name").2, col("\"Push\""));
+        // auto_deploy needs something to follow: an image or a workflow.
+        let (m, line, _) = find("service \"api\" has `auto_deploy` but follows no image");
+        assert_eq!(line, 8, "{m}");
+        assert!(!problems.iter().any(|(m, _, _)| m.contains("service \"web\" has `auto_deploy`")), "{problems:?}");
     }
 }
