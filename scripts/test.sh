@@ -30,6 +30,8 @@ command -v chromium >/dev/null || need_apt+=(chromium)
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 # tests/issue18_cli.rs: the unit in contrib/ and the man pages.
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+# tests/metrics.rs: promtool and a real Prometheus.
+command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v man >/dev/null || need_apt+=(man-db)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "test.sh: installing ${need_apt[*]}"

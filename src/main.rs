@@ -22,7 +22,8 @@ fn main() -> ExitCode {
     }
     // The agent's stderr is a job's stream on a host: no logging there.
     if !matches!(cli.command, slipway::cli::Command::Agent { .. }) {
-        slipway::cli::init_logging();
+        let json = matches!(&cli.command, slipway::cli::Command::Serve(a) if a.log_format == slipway::cli::LogFormat::Json);
+        slipway::cli::init_logging(json);
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -107,13 +107,57 @@ impl Metrics {
         self.queued_deployments.set(counts.queued_deployments);
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        classic_text(&out)
     }
+}
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// prometheus-client writes OpenMetrics; served as Prometheus' classic
+/// text format (what `promtool check metrics` and every scraper read) it
+/// needs three changes: a counter's HELP and TYPE name its `_total`
+/// samples, and OpenMetrics' `# EOF`, `# UNIT` and `_created` samples go.
+pub fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        if let Some((prefix, rest)) = meta {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            let name = if counters.contains(name) { format!("{name}_total") } else { name.to_string() };
+            out.push_str(&format!("{prefix}{name} {tail}\n"));
+            continue;
+        }
+        let sample = line.split(['{', ' ']).next().unwrap_or_default();
+        if sample.strip_suffix("_created").is_some_and(|f| counters.contains(f)) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// The metrics consumer of the node's event bus ([`crate::events`]).
 pub async fn consume(metrics: Arc<Metrics>, mut events: mpsc::Receiver<Arc<Event>>) {
     while let Some(ev) = events.recv().await {
         metrics.observe(&ev);
+    }
+}
+
+#[cfg(test)]
+mod classic_tests {
+    #[test]
+    fn issue18_counters_are_named_by_their_samples_and_openmetrics_only_lines_go() {
+        let om = "# HELP a_finished Done.\n# TYPE a_finished counter\na_finished_total{x=\"1\"} 2\na_finished_created{x=\"1\"} 1.5\n# HELP g A gauge.\n# TYPE g gauge\ng 3\n# EOF\n";
+        assert_eq!(
+            super::classic_text(om),
+            "# HELP a_finished_total Done.\n# TYPE a_finished_total counter\na_finished_total{x=\"1\"} 2\n# HELP g A gauge.\n# TYPE g gauge\ng 3\n"
+        );
     }
 }

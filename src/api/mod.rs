@@ -262,7 +262,8 @@ async fn healthz(State(s): State<Arc<AppState>>) -> impl IntoResponse {
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus' text format", body = String, content_type = "text/plain; version=0.0.4; charset=utf-8")))]
 async fn metrics_text(State(s): State<Arc<AppState>>) -> ApiResult<impl IntoResponse> {
     let counts = s.store.counts().await?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render(&counts)))
+    // The classic text format, as served (see `metrics::classic_text`).
+    Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], s.metrics.render(&counts)))
 }
 
 /// Submit an event; the deployment is stored before the answer.

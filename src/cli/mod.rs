@@ -10,7 +10,7 @@
 /// The AWS credential chain warns of every provider it tried on each call
 /// without credentials: only its errors are logged (the call's own error
 /// says what was missing).
-pub fn init_logging() {
+pub fn init_logging(json: bool) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_env("SLIPWAY_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     for directive in [
         "bollard=info",
@@ -25,7 +25,24 @@ pub fn init_logging() {
     ] {
         filter = filter.add_directive(directive.parse().expect("a constant, valid directive"));
     }
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        // One object per line: time, level, target, message and the
+        // event's fields (deployment, job, environment, node…) at the top.
+        fmt.json().flatten_event(true).with_current_span(false).with_span_list(false).init();
+    } else {
+        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
+}
+
+/// How `serve` writes its log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 pub mod client;
@@ -194,6 +211,10 @@ pub struct PlanArgs {
 pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:7878")]
     pub listen: String,
+    /// The log's format on stderr: text, or JSON (one object per line with
+    /// the event's deployment, job, environment and node fields).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// sqlite://PATH or postgres://USER@HOST:PORT/DB (default: SQLite next to the config).
     #[arg(long, env = "SLIPWAY_STORE")]
     pub store: Option<String>,

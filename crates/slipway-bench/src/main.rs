@@ -120,7 +120,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The scheduler bench runs Slipway's scheduler in-process: its logs go
     // where `slipway serve`'s go, filtered the same way.
-    slipway::cli::init_logging();
+    slipway::cli::init_logging(false);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
