@@ -158,6 +158,8 @@ on = ["waiting"]
         // serves 1.0 on its own address (staging keeps its own).
         let done = api.wait_state(pid, Some(&admin), &["succeeded", "failed", "rolled_back", "cancelled"]).await;
         assert_eq!(done["state"], "succeeded", "{done}");
+        // Issue 18: named as what it was (the gate loop's promotion).
+        assert_eq!(done["cause"], "promotion from staging", "{done}");
         assert!(done["started_at"].as_i64().expect("started") >= staged["finished_at"].as_i64().expect("finished") + SOAK_MS, "{done} vs {staged}");
         assert!(hello(production_port).is_some_and(|b| b.contains("1.0")), "production");
         assert!(hello(staging_port).is_some_and(|b| b.contains("1.0")), "staging");
@@ -183,6 +185,7 @@ on = ["waiting"]
         assert_eq!(s, 202, "{a}");
         let manual = api.deployment(a["deployment_id"].as_i64().expect("id"), Some(&admin)).await;
         assert_eq!((manual["version"].as_str(), manual["state"].as_str()), (Some("1.0"), Some("waiting")), "{manual}");
+        assert_eq!(manual["cause"], "promotion from staging", "a promotion asked for by hand: {manual}");
         let (s, _) = api.call("POST", &format!("/api/v1/deployments/{}/cancel", manual["id"]), Some(&bob), None).await;
         assert_eq!(s, 202);
         assert_eq!(api.deployment(manual["id"].as_i64().expect("id"), Some(&admin)).await["reason"], "cancelled while waiting");

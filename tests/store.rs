@@ -1366,6 +1366,14 @@ async fn an_event_without_a_deployment_is_stored_once_per_key() {
         let (other, dup) =
             store.record_event(slipway::store::NewEvent { key: Some("github:abd".into()), ..ev() }).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
         assert!(!dup && other != first, "[{name}]");
+        // By id (the API names each deployment's cause from its event).
+        let mut got: Vec<i64> =
+            store.events_by_id(&[other, first, i64::MAX]).await.unwrap_or_else(|e| panic!("[{name}] {e}")).into_iter().map(|e| e.id).collect();
+        got.sort_unstable();
+        let mut want = vec![first, other];
+        want.sort_unstable();
+        assert_eq!(got, want, "[{name}] the unknown id is left out");
+        assert!(store.events_by_id(&[]).await.unwrap_or_else(|e| panic!("[{name}] {e}")).is_empty());
     }
 }
 

@@ -394,38 +394,17 @@ async fn list_deployments(
 }
 
 /// Deployments with what each was, where not a plain deploy or run
-/// (`Deployment::cause`): a rollback by its event, a promotion by its hold
-/// (or its event), a config change by its environment's revision events.
+/// (`Deployment::cause`), read from the event each came from: one query
+/// for the lot (the dashboard polls this).
 async fn with_causes(s: &AppState, rows: Vec<crate::store::DeploymentRow>) -> ApiResult<Vec<Deployment>> {
-    let mut causes: std::collections::HashMap<i64, String> = Default::default();
-    for e in s.store.events_of_kind(crate::submit::ROLLBACK_EVENT, 1000).await? {
-        if let Some(id) = e.deployment_id {
-            causes.insert(id, "rollback".into());
-        }
-    }
-    let envs: std::collections::BTreeSet<&str> = rows.iter().map(|d| d.environment.as_str()).collect();
-    for env in envs {
-        for e in s.store.events_of_kind(&crate::submit::git::event_kind(env), 1000).await? {
-            if let Some(id) = e.deployment_id {
-                causes.entry(id).or_insert_with(|| "config change".into());
-            }
-        }
-    }
-    // Automatic promotions, by their events (one kind per environment and
-    // service).
-    let pairs: std::collections::BTreeSet<(&str, &str)> = rows.iter().filter_map(|d| d.service.as_deref().map(|sv| (d.environment.as_str(), sv))).collect();
-    for (env, service) in pairs {
-        for e in s.store.events_of_kind(&format!("promote:{env}:{service}:"), 200).await? {
-            let from = serde_json::from_str::<serde_json::Value>(&e.payload).ok().and_then(|v| v["from"].as_str().map(String::from));
-            if let (Some(id), Some(from)) = (e.deployment_id, from) {
-                causes.entry(id).or_insert_with(|| format!("promotion from {from}"));
-            }
-        }
-    }
+    let ids: Vec<i64> = rows.iter().map(|d| d.event_id).collect();
+    let events: std::collections::HashMap<i64, crate::store::EventRow> = s.store.events_by_id(&ids).await?.into_iter().map(|e| (e.id, e)).collect();
     let mut out = Vec::with_capacity(rows.len());
     for d in rows {
-        let mut cause = causes.get(&d.id).cloned();
-        if cause.is_none() && d.service.is_some() && d.kind == crate::store::DeploymentKind::Deploy {
+        let mut cause = events.get(&d.event_id).and_then(cause_of);
+        // A deployment submitted again at a newer revision carries its
+        // promotion in its hold, not in its event.
+        if cause.is_none() && events.get(&d.event_id).is_some_and(|e| e.kind == crate::submit::RESUBMIT_EVENT) {
             cause = s.store.hold(d.id).await?.and_then(|h| h.source_environment).map(|from| format!("promotion from {from}"));
         }
         let mut w = Deployment::from(d);
@@ -433,6 +412,22 @@ async fn with_causes(s: &AppState, rows: Vec<crate::store::DeploymentRow>) -> Ap
         out.push(w);
     }
     Ok(out)
+}
+
+/// What a deployment's event says it was: a rollback, a promotion (by the
+/// gate loop, or asked for), a config change; None for a plain request.
+fn cause_of(e: &crate::store::EventRow) -> Option<String> {
+    let payload: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
+    if e.kind == crate::submit::ROLLBACK_EVENT || payload["kind"] == "rollback" {
+        return Some("rollback".into());
+    }
+    if e.kind.starts_with("revision:") {
+        return Some("config change".into());
+    }
+    if e.kind.starts_with("promote:") || payload["kind"] == "promote" {
+        return Some(format!("promotion from {}", payload["from"].as_str().unwrap_or("another environment")));
+    }
+    None
 }
 
 /// A deployment the caller may read (404 if none, 403 if its environment

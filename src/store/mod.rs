@@ -800,6 +800,8 @@ pub trait Store: Send + Sync + 'static {
     async fn events(&self, prefixes: &[&str], limit: i64) -> Result<Vec<EventRow>>;
     /// Events of exactly this kind, newest first (indexed).
     async fn events_of_kind(&self, kind: &str, limit: i64) -> Result<Vec<EventRow>>;
+    /// The events with these ids (those that exist), in no set order.
+    async fn events_by_id(&self, ids: &[i64]) -> Result<Vec<EventRow>>;
     /// Newest first.
     async fn service_events(&self, environment: &str, service: &str, limit: i64) -> Result<Vec<ServiceEvent>>;
     /// Take the named lease for `holder`, or renew it, for `ttl` from now:

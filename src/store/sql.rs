@@ -1743,6 +1743,28 @@ impl Store for SqlStore {
             .collect()
     }
 
+    async fn events_by_id(&self, ids: &[i64]) -> Result<Vec<EventRow>> {
+        let op = "read events by id";
+        let mut out = Vec::with_capacity(ids.len());
+        // At most 500 ids a query: well within either database's limit on
+        // bound parameters.
+        for chunk in ids.chunks(500) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE id IN ({})", marks.join(", "));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for r in q.fetch_all(&self.pool).await.map_err(StoreError::query(op))? {
+                let f = || -> std::result::Result<EventRow, sqlx::Error> {
+                    Ok(EventRow { id: r.try_get(0)?, kind: r.try_get(1)?, payload: r.try_get(2)?, received_at: r.try_get(3)?, deployment_id: r.try_get(4)? })
+                };
+                out.push(f().map_err(StoreError::query(op))?);
+            }
+        }
+        Ok(out)
+    }
+
     async fn events(&self, prefixes: &[&str], limit: i64) -> Result<Vec<EventRow>> {
         let op = "list events";
         let mut out = Vec::new();

@@ -452,7 +452,7 @@ impl Submitter {
                 Submission::new(Selection::Exactly { jobs }, Some(d.environment.clone()), d.kind, key, payload)
             }
         };
-        sub.event_kind = Some("resubmit".into());
+        sub.event_kind = Some(RESUBMIT_EVENT.into());
         sub.actor = hold.requested_by.clone();
         sub.approved = hold.approved_by.clone().map(|by| (by, hold.approved_at.unwrap_or_default()));
         if let (Some(from), Some(dep)) = (&hold.source_environment, hold.source_deployment) {
@@ -662,7 +662,7 @@ impl Submitter {
         let waiting_approval = hold.as_ref().is_some_and(|h| h.approval);
         // A copy of a waiting deployment on a newer config supersedes it,
         // but nothing ended that anyone should hear about.
-        let resubmission = sub.event_kind.as_deref() == Some("resubmit");
+        let resubmission = sub.event_kind.as_deref() == Some(RESUBMIT_EVENT);
         let submitted = self
             .store
             .submit(NewDeployment {
@@ -858,6 +858,10 @@ fn release(
 
 /// The event kind of a rollback's deployment.
 pub const ROLLBACK_EVENT: &str = "rollback";
+
+/// The event kind of a waiting deployment submitted again at a newer
+/// revision.
+pub const RESUBMIT_EVENT: &str = "resubmit";
 
 /// The environment a request means: the one named, or the only one.
 pub fn resolve_environment(config: &config::Config, requested: Option<String>) -> Result<String, SubmitError> {
