@@ -15,26 +15,6 @@ use browser::Browser;
 use common::Api;
 use serde_json::{Value, json};
 
-/// Test-side shortcuts on the shared API client.
-trait Shortcuts {
-    async fn token(&self, admin: Option<&str>, name: &str, roles: Value) -> String;
-    async fn submit(&self, token: Option<&str>, body: Value) -> i64;
-}
-
-impl Shortcuts for Api {
-    async fn token(&self, admin: Option<&str>, name: &str, roles: Value) -> String {
-        let (s, t) = self.call("POST", "/api/v1/tokens", admin, Some(json!({"name": name, "roles": roles}))).await;
-        assert_eq!(s, 201, "{t}");
-        t["token"].as_str().expect("token").to_string()
-    }
-
-    async fn submit(&self, token: Option<&str>, body: Value) -> i64 {
-        let (s, a) = self.call("POST", "/api/v1/events", token, Some(body)).await;
-        assert!(s == 202 || s == 200, "{a}");
-        a["deployment_id"].as_i64().expect("deployment id")
-    }
-}
-
 fn store_url(dir: &Path) -> String {
     format!("sqlite://{}/slipway.db", dir.display())
 }

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::Api;
-use serde_json::{Value, json};
+use serde_json::json;
 use slipway::node::{NodeOptions, start_node};
 use slipway::scheduler::SchedulerConfig;
 
@@ -41,12 +41,6 @@ needs = ["b", "c"]
 command = ["true"]
 "#;
 
-async fn ids(api: &Api, token: Option<&str>, body: Value) -> i64 {
-    let (s, a) = api.call("POST", "/api/v1/events", token, Some(body)).await;
-    assert!(s == 202 || s == 200, "{a}");
-    a["deployment_id"].as_i64().expect("id")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue17_whoami_approvals_graph_shape_audit_filter_and_the_pages() {
     let scratch = tempfile::tempdir().expect("scratch");
@@ -63,7 +57,7 @@ async fn issue17_whoami_approvals_graph_shape_audit_filter_and_the_pages() {
         assert_eq!((s, me["open"].clone(), me["actor"].clone()), (200, json!(true), json!("anonymous")), "[{backend}] {me}");
 
         // The graph's shape: waves a | b, c | d; c is the slow branch.
-        let run = ids(&api, None, json!({"kind": "run", "jobs": ["d"], "environment": "staging"})).await;
+        let run = api.submit(None, json!({"kind": "run", "jobs": ["d"], "environment": "staging"})).await;
         api.wait_state(run, None, &["succeeded"]).await;
         let (_, detail) = api.call("GET", &format!("/api/v1/deployments/{run}"), None, None).await;
         let mut waves: Vec<Vec<String>> = serde_json::from_value(detail["waves"].clone()).expect("waves");
@@ -89,7 +83,7 @@ async fn issue17_whoami_approvals_graph_shape_audit_filter_and_the_pages() {
         );
 
         // Who asked for a waiting deployment.
-        let waiting = ids(&api, Some(&bob), json!({"kind": "run", "jobs": ["a"], "environment": "production"})).await;
+        let waiting = api.submit(Some(&bob), json!({"kind": "run", "jobs": ["a"], "environment": "production"})).await;
         api.wait_state(waiting, Some(&root), &["waiting"]).await;
         let (_, holds) = api.call("GET", "/api/v1/approvals", Some(&root), None).await;
         let hold = holds.as_array().into_iter().flatten().find(|h| h["deployment"]["id"] == waiting).cloned().unwrap_or_default();

@@ -572,6 +572,21 @@ impl Api {
         (r.status().as_u16(), r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// A new token's secret (`admin`: the token that may create it; none
+    /// for the first).
+    pub async fn token(&self, admin: Option<&str>, name: &str, roles: serde_json::Value) -> String {
+        let (s, t) = self.call("POST", "/api/v1/tokens", admin, Some(serde_json::json!({"name": name, "roles": roles}))).await;
+        assert_eq!(s, 201, "{t}");
+        t["token"].as_str().expect("token").to_string()
+    }
+
+    /// POST an event; the deployment it created (or found again).
+    pub async fn submit(&self, token: Option<&str>, body: serde_json::Value) -> i64 {
+        let (s, a) = self.call("POST", "/api/v1/events", token, Some(body)).await;
+        assert!(s == 202 || s == 200, "{a}");
+        a["deployment_id"].as_i64().expect("deployment id")
+    }
+
     /// The deployment (without its jobs).
     pub async fn deployment(&self, id: i64, token: Option<&str>) -> serde_json::Value {
         self.call("GET", &format!("/api/v1/deployments/{id}"), token, None).await.1["deployment"].clone()
