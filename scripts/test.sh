@@ -19,6 +19,8 @@ fi
 need_apt=()
 command -v ninja >/dev/null || need_apt+=(ninja-build)
 command -v curl >/dev/null || need_apt+=(curl)
+# tests/tls.rs, tests/api_tls.rs: certificates made by the tests.
+command -v openssl >/dev/null || need_apt+=(openssl)
 command -v docker-registry >/dev/null || need_apt+=(docker-registry)
 command -v htpasswd >/dev/null || need_apt+=(apache2-utils)
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)

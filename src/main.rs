@@ -9,16 +9,28 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = slipway::cli::Cli::parse();
     // A client's output piped into a reader that stops early (`slipway
-    // audit | head -1`) ends it quietly, as any Unix tool: by SIGPIPE,
-    // which Rust ignores by default (so println! would panic). Not for the
-    // daemons: a peer closing a pipe or a Unix socket (a job's stdin, the
-    // Docker Engine) must be an error there, never the end of the node.
+    // audit | head -1`) ends it quietly, as any Unix tool: by SIGPIPE. Not
+    // by setting SIGPIPE back to its default, though: a TLS handshake or a
+    // request written to a socket the server has closed would then kill
+    // the CLI with no word (issue 18, https to a plain server). SIGPIPE
+    // stays ignored, as Rust sets it, so sockets get EPIPE as an error,
+    // and a print to a closed stdout or stderr (which panics in println!)
+    // ends the process by SIGPIPE here. The daemons (`serve`, the agent)
+    // keep the default panic report: a closed pipe there is an error.
     if !matches!(cli.command, slipway::cli::Command::Serve(_) | slipway::cli::Command::Agent { .. }) {
-        // SAFETY: called before any other thread exists; SIG_DFL is a
-        // valid disposition for SIGPIPE.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info.payload().downcast_ref::<String>().map(String::as_str).or_else(|| info.payload().downcast_ref::<&str>().copied());
+            if message.is_some_and(|m| m.starts_with("failed printing to std") && m.contains("Broken pipe")) {
+                // SAFETY: restoring the default disposition and raising
+                // the signal this process would have died of.
+                unsafe {
+                    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                    libc::raise(libc::SIGPIPE);
+                }
+            }
+            report(info);
+        }));
     }
     // The agent's stderr is a job's stream on a host: no logging there.
     if !matches!(cli.command, slipway::cli::Command::Agent { .. }) {

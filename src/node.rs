@@ -54,6 +54,17 @@ pub struct RunningNode {
 /// notifications), the scheduler, the gate loop, the git poll and the API
 /// on `listener`.
 pub fn start_node(opts: NodeOptions) -> RunningNode {
+    start(opts, None)
+}
+
+/// [`start_node`] with the API served over TLS with `certificate` (which
+/// `serve` reloads on `SIGHUP`, see [`api::tls`]).
+pub fn start_node_tls(opts: NodeOptions, certificate: Arc<api::tls::Certificate>) -> Result<RunningNode, rustls::Error> {
+    let config = certificate.server_config()?;
+    Ok(start(opts, Some(config)))
+}
+
+fn start(opts: NodeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> RunningNode {
     let store = opts.store;
     let addr = opts.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
     let tasks = TaskTracker::new();
@@ -109,11 +120,22 @@ pub fn start_node(opts: NodeOptions) -> RunningNode {
     let app = api::router(state.clone());
     let server = {
         let stop = shutdown.clone();
-        tasks.spawn(async move {
-            axum::serve(opts.listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
+        match tls {
+            None => tasks.spawn(async move {
+                axum::serve(opts.listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            }),
+            Some(config) => {
+                let listener = api::tls::TlsListener::new(opts.listener, config);
+                let app = api::tls::with_peer(app);
+                tasks.spawn(async move {
+                    axum::serve(listener, app.into_make_service_with_connect_info::<api::tls::Peer>())
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await
+                })
+            }
+        }
     };
     let scheduler = tasks.spawn(Scheduler::run(sched, shutdown.clone()));
     let token = shutdown.clone();

@@ -1,7 +1,7 @@
-//! TLS is really there: HTTPS servers on 127.0.0.1 with certificates made
-//! by the `openssl` command-line tool (a test CA and a server certificate
-//! it signed, plus a self-signed stranger), served with rustls from this
-//! test. The real `slipway` binary is the client:
+//! TLS is really there, for Slipway as a client: HTTPS servers on
+//! 127.0.0.1 with certificates made by the `openssl` command-line tool
+//! (tests/common/pki.rs: a test CA and a server certificate it signed,
+//! plus a self-signed stranger), served with rustls from this test. The real `slipway` binary is the client:
 //!
 //! - the CLI (`--server https://…`) against the CA's server, first with
 //!   the system roots (the certificate is refused as an unknown issuer,
@@ -12,8 +12,6 @@
 //! - a node with `SSL_CERT_FILE` = the CA and two `[[notify]]` https URLs:
 //!   the CA's server gets the deliveries, the stranger's refusal is logged
 //!   as an unknown issuer.
-//!
-//! Without `openssl` on the PATH the tests say so and pass.
 
 mod common;
 
@@ -41,74 +39,12 @@ impl Pki {
     }
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).stdin(Stdio::null()).output().expect("run openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn pki() -> Option<Pki> {
-    if Command::new("openssl").arg("version").output().is_err() {
-        eprintln!("tls: no `openssl` on the PATH; skipped");
-        return None;
-    }
+fn pki() -> Pki {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    let leaf =
-        ["-addext", "basicConstraints=critical,CA:FALSE", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-addext", "extendedKeyUsage=serverAuth"];
-    openssl(
-        dir.path(),
-        &[
-            &["req", "-x509"],
-            &ec[..],
-            &[
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=Slipway test CA",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        ]
-        .concat(),
-    );
-    openssl(dir.path(), &[&["req"], &ec[..], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat());
-    std::fs::write(
-        dir.path().join("server.ext"),
-        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .expect("ext");
-    openssl(
-        dir.path(),
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-set_serial",
-            "2",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-            "-out",
-            "server.pem",
-        ],
-    );
-    openssl(
-        dir.path(),
-        &[&["req", "-x509"], &ec[..], &["-keyout", "stranger.key", "-out", "stranger.pem", "-days", "2", "-subj", "/CN=127.0.0.1"], &leaf[..]].concat(),
-    );
-    Some(Pki { dir })
+    common::pki::make_ca(dir.path(), "ca");
+    common::pki::make_server(dir.path(), "ca", "server");
+    common::pki::make_stranger(dir.path(), "stranger");
+    Pki { dir }
 }
 
 /// An HTTPS server on 127.0.0.1:0 answering every request `200 {}`.
@@ -220,7 +156,7 @@ fn cli_status(url: &str, env: &[(&str, &str)]) -> String {
 
 #[test]
 fn the_cli_speaks_tls_and_checks_the_certificate() {
-    let Some(pki) = pki() else { return };
+    let pki = pki();
     let server = TlsServer::start(&pki.path("server.pem"), &pki.path("server.key"));
 
     // The system roots do not know the test CA.
@@ -248,7 +184,7 @@ fn the_cli_speaks_tls_and_checks_the_certificate() {
 
 #[test]
 fn notifications_go_over_https_to_trusted_servers_only() {
-    let Some(pki) = pki() else { return };
+    let pki = pki();
     let trusted = TlsServer::start(&pki.path("server.pem"), &pki.path("server.key"));
     let stranger = TlsServer::start(&pki.path("stranger.pem"), &pki.path("stranger.key"));
     let config = format!(

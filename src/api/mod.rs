@@ -13,6 +13,7 @@ mod gates;
 mod hooks;
 pub use hooks::{Queued, published_from_queue};
 pub mod metrics;
+pub mod tls;
 pub mod wire;
 
 use std::convert::Infallible;

@@ -12,6 +12,10 @@ use crate::api::wire::*;
 pub enum ClientError {
     #[error("cannot reach the Slipway server at {url}: {reason}\nhint: start it with `slipway serve`, or point --server / SLIPWAY_SERVER at it")]
     Unreachable { url: String, reason: String },
+    #[error(
+        "cannot talk to the Slipway server at {url} over TLS: {reason}\nhint: a server with a certificate of its own CA needs --cacert FILE / SLIPWAY_CACERT with that CA"
+    )]
+    Untrusted { url: String, reason: String },
     #[error("{message}")]
     Api { status: u16, kind: String, message: String, problems: Vec<Problem> },
     #[error("unexpected answer from {url}: {reason}")]
@@ -21,7 +25,7 @@ pub enum ClientError {
 impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            ClientError::Unreachable { .. } => exit::UNAVAILABLE,
+            ClientError::Unreachable { .. } | ClientError::Untrusted { .. } => exit::UNAVAILABLE,
             ClientError::Api { status: 404, .. } => exit::NOT_FOUND,
             ClientError::Api { kind, .. } if kind == "invalid_config" => exit::INVALID_CONFIG,
             // As `plan` without `--env`: a usage mistake, whoever noticed.
@@ -34,6 +38,18 @@ impl ClientError {
     }
 }
 
+/// The certificates of a `--cacert` PEM file; an error names the file and
+/// says what was wrong.
+pub fn read_cacert(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("--cacert {}: cannot read it: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&bytes)
+        .map_err(|e| format!("--cacert {}: not readable as PEM certificates: {}", path.display(), crate::http::error_chain(&e)))?;
+    if certs.is_empty() {
+        return Err(format!("--cacert {}: found no certificate in it; expected PEM blocks starting -----BEGIN CERTIFICATE-----", path.display()));
+    }
+    Ok(certs)
+}
+
 pub struct Client {
     base: String,
     http: reqwest::Client,
@@ -43,6 +59,12 @@ pub struct Client {
 impl Client {
     /// `token`: sent as `Authorization: Bearer` on every request.
     pub fn new(base: &str, token: Option<&str>) -> Self {
+        Self::with_roots(base, token, None)
+    }
+
+    /// [`Client::new`] trusting only `roots` (from `--cacert`, see
+    /// [`read_cacert`]) for an https server, instead of the system's.
+    pub fn with_roots(base: &str, token: Option<&str>, roots: Option<&[reqwest::Certificate]>) -> Self {
         let base = base.trim_end_matches('/').to_string();
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(t) = token
@@ -51,12 +73,16 @@ impl Client {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let http = crate::http::client(|b| b.default_headers(headers.clone()).connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(30)))
+        let trust = |b: reqwest::ClientBuilder| match roots {
+            Some(r) => b.tls_certs_only(r.iter().cloned()),
+            None => b,
+        };
+        let http = crate::http::client(|b| trust(b).default_headers(headers.clone()).connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(30)))
             .unwrap_or_default();
         // Streams stay open for long; the server sends keep-alives, so a
         // silent connection for a minute is a dead one.
         let stream_http =
-            crate::http::client(|b| b.default_headers(headers.clone()).connect_timeout(Duration::from_secs(5)).read_timeout(Duration::from_secs(60)))
+            crate::http::client(|b| trust(b).default_headers(headers.clone()).connect_timeout(Duration::from_secs(5)).read_timeout(Duration::from_secs(60)))
                 .unwrap_or_default();
         Client { base, http, stream_http }
     }
@@ -100,6 +126,14 @@ impl Client {
         } else {
             e.to_string()
         };
+        // TLS mistakes get their own hint: the server is up.
+        let lower = reason.to_lowercase();
+        if lower.contains("certificate") || lower.contains("unknownissuer") {
+            return ClientError::Untrusted { url: url.into(), reason };
+        }
+        if lower.contains("corrupt message") || lower.contains("invalidcontenttype") {
+            return ClientError::Untrusted { url: url.into(), reason: format!("{reason} (does the server speak plain http? then --server needs http://)") };
+        }
         ClientError::Unreachable { url: url.into(), reason }
     }
 

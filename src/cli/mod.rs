@@ -72,6 +72,11 @@ pub struct Cli {
     /// The Slipway server the client commands talk to.
     #[arg(long, global = true, env = "SLIPWAY_SERVER", default_value = "http://127.0.0.1:7878")]
     pub server: String,
+    /// PEM file of the certificate authorities the client trusts for an
+    /// https --server, instead of the system's (a self-signed server's own
+    /// certificate works too).
+    #[arg(long, global = true, env = "SLIPWAY_CACERT", value_name = "PEM")]
+    pub cacert: Option<PathBuf>,
     /// API token (once tokens exist, the API needs one).
     #[arg(long, global = true, env = "SLIPWAY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -233,6 +238,13 @@ pub struct ServeArgs {
     /// On SIGTERM, how long running jobs may take to finish.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     pub shutdown_grace: Duration,
+    /// Serve the API and the dashboard over HTTPS with this PEM certificate
+    /// chain (the server's first); SIGHUP reloads it and the key.
+    #[arg(long, env = "SLIPWAY_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "SLIPWAY_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -438,7 +450,11 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 pub async fn run(cli: Cli) -> Result<u8, CliError> {
-    let client = Client::new(&cli.server, cli.token.as_deref());
+    let roots = match &cli.cacert {
+        Some(path) => Some(client::read_cacert(path).map_err(|e| CliError::new(exit::USAGE, e))?),
+        None => None,
+    };
+    let client = Client::with_roots(&cli.server, cli.token.as_deref(), roots.as_deref());
     match cli.command {
         Command::Validate => validate(&cli.config, cli.json),
         Command::Targets => {
@@ -476,6 +492,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 lease: a.lease,
                 poll: a.poll,
                 shutdown_grace: a.shutdown_grace,
+                tls: a.tls_cert.zip(a.tls_key).map(|(cert, key)| crate::api::tls::TlsFiles { cert, key }),
             })
             .await
         }

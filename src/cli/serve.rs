@@ -2,6 +2,9 @@
 //! locks a SQLite one), binds the listener, then starts one node
 //! ([`crate::node`]) and stops it on a signal.
 //!
+//! SIGHUP reloads the TLS certificate (`--tls-cert`), and does nothing
+//! else.
+//!
 //! Shutdown: the first SIGINT/SIGTERM stops claiming work and the API,
 //! and gives running jobs `--shutdown-grace` to finish; a second signal
 //! exits at once (the jobs' leases then expire and another node, or this
@@ -14,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{CliError, exit};
-use crate::node::{NodeOptions, start_node};
+use crate::node::{NodeOptions, start_node, start_node_tls};
 use crate::scheduler::{self, SchedulerConfig};
 use crate::store::{self, Store};
 
@@ -27,6 +30,8 @@ pub struct ServeOptions {
     pub lease: Option<Duration>,
     pub poll: Duration,
     pub shutdown_grace: Duration,
+    /// `--tls-cert` and `--tls-key`: the API over HTTPS.
+    pub tls: Option<crate::api::tls::TlsFiles>,
 }
 
 /// The store a command uses: `--store`, else `SLIPWAY_STORE` (clap reads
@@ -73,6 +78,11 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
             _ => CliError::new(exit::USAGE, format!("--lease/--poll: {e}")),
         });
     }
+    // Before the store: a wrong file is a usage mistake to fix first.
+    let certificate = match &opts.tls {
+        Some(files) => Some(crate::api::tls::Certificate::load(files.clone()).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?),
+        None => None,
+    };
     let url = store_url(opts.store.as_deref(), loaded.config.project.store.as_deref(), &loaded.dir);
     let _lock = match url.strip_prefix("sqlite://") {
         Some(path) => {
@@ -114,7 +124,13 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
     store.register_node(&node_id).await.map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
     // One identity for the installation's containers and processes.
     let scope = crate::process::installation_of_store(&url);
-    let node = start_node(NodeOptions { config_path: loaded.path.clone(), store: store.clone(), scheduler: cfg, listener, scope });
+    let node_opts = NodeOptions { config_path: loaded.path.clone(), store: store.clone(), scheduler: cfg, listener, scope };
+    let scheme = if certificate.is_some() { "https" } else { "http" };
+    let node = match certificate.clone() {
+        None => start_node(node_opts),
+        Some(c) => start_node_tls(node_opts, c).map_err(|e| CliError::new(exit::INTERNAL, format!("cannot set up TLS: {e}")))?,
+    };
+    tokio::spawn(crate::api::tls::reload_on_hangup(certificate, node.shutdown.clone()));
     let shutdown = node.shutdown.clone();
     {
         let shutdown = shutdown.clone();
@@ -133,7 +149,7 @@ pub async fn serve(opts: ServeOptions) -> Result<u8, CliError> {
 
     let _ = writeln!(
         std::io::stderr(),
-        "slipway serve: node {node_id}, listening on http://{local}, store {} ({}), parallelism {parallelism}, config {}",
+        "slipway serve: node {node_id}, listening on {scheme}://{local}, store {} ({}), parallelism {parallelism}, config {}",
         store::sql::redact_url(&url),
         store.backend(),
         loaded.path.display()

@@ -32,6 +32,11 @@ pub struct Browser {
 impl Browser {
     /// A headless Chromium `width` × `height` CSS pixels large.
     pub async fn start(width: u32, height: u32) -> Browser {
+        Browser::start_with(width, height, &[]).await
+    }
+
+    /// [`Browser::start`] with more Chromium flags.
+    pub async fn start_with(width: u32, height: u32, flags: &[String]) -> Browser {
         assert!(
             std::path::Path::new(CHROMEDRIVER).exists() && std::path::Path::new(CHROMIUM).exists(),
             "the dashboard's tests need Debian's chromium and chromium-driver: scripts/test.sh installs them"
@@ -51,15 +56,22 @@ impl Browser {
         }
         let mut caps = serde_json::Map::new();
         caps.insert("browserName".into(), json!("chrome"));
-        caps.insert(
-            "goog:chromeOptions".into(),
-            json!({
-                "binary": CHROMIUM,
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                         "--disable-extensions", "--hide-scrollbars", "--force-device-scale-factor=1",
-                         format!("--user-data-dir={}", profile.path().display()), format!("--window-size={width},{height}")],
-            }),
-        );
+        let mut args: Vec<String> = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--disable-extensions",
+            "--hide-scrollbars",
+            "--force-device-scale-factor=1",
+        ]
+        .map(String::from)
+        .into();
+        args.push(format!("--user-data-dir={}", profile.path().display()));
+        args.push(format!("--window-size={width},{height}"));
+        args.extend(flags.iter().cloned());
+        caps.insert("goog:chromeOptions".into(), json!({ "binary": CHROMIUM, "args": args }));
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
         let client = tokio::time::timeout(Duration::from_secs(60), ClientBuilder::new(connector).capabilities(caps).connect(&url))
             .await

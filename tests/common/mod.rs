@@ -12,6 +12,7 @@ use slipway::store::{self, Store};
 
 pub mod fleet;
 pub mod moto;
+pub mod pki;
 
 /// A database of its own on the test PostgreSQL server, or `None` (with a
 /// note) when there is none. With `SLIPWAY_REQUIRE_POSTGRES=1` a missing
