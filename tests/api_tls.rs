@@ -198,7 +198,7 @@ fn serve_fails(config: &Path, args: &[&str]) -> (Option<i32>, String) {
 }
 
 #[test]
-fn issue18_bad_tls_files_are_refused_at_start_naming_the_file() {
+fn issue18_bad_tls_files_are_refused_naming_the_file_and_a_ca_certificate_is_explained() {
     let dir = config();
     let pki = tempfile::tempdir().expect("pki");
     make_ca(pki.path(), "ca");
@@ -228,6 +228,23 @@ fn issue18_bad_tls_files_are_refused_at_start_naming_the_file() {
     let (code, err) = serve_fails(dir.path(), &["--tls-cert", &p(&cert)]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--tls-key"), "{err}");
+
+    // A self-signed certificate as `openssl req -x509` makes it by default
+    // (a CA's): the server takes it, clients refuse it, and the CLI says why.
+    openssl(
+        pki.path(),
+        &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-keyout", "self.key", "-out", "self.pem"]
+            .into_iter()
+            .chain(["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+            .collect::<Vec<_>>(),
+    );
+    let state = tempfile::tempdir().expect("state");
+    let server = https_server(dir.path(), state.path(), &pki.path().join("self.pem"), &pki.path().join("self.key"));
+    let out = cli(&server, dir.path(), Some(&pki.path().join("self.pem")), &["status"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("basicConstraints=critical,CA:FALSE") && !err.contains("ERROR"), "{err}");
+    drop(server);
 
     // The client's --cacert, checked before anything is sent.
     let out = Command::new(common::slipway_bin())

@@ -128,6 +128,14 @@ impl Client {
         };
         // TLS mistakes get their own hint: the server is up.
         let lower = reason.to_lowercase();
+        if lower.contains("causedasendentity") {
+            return ClientError::Untrusted {
+                url: url.into(),
+                reason: format!(
+                    "{reason} (the server's certificate is a CA's, basicConstraints CA:TRUE, which clients refuse for a server; `openssl req -x509` makes one unless given -addext basicConstraints=critical,CA:FALSE)"
+                ),
+            };
+        }
         if lower.contains("certificate") || lower.contains("unknownissuer") {
             return ClientError::Untrusted { url: url.into(), reason };
         }
