@@ -737,8 +737,9 @@ fn issue6_a_push_to_the_registry_deploys_where_auto_deploy_opts_in() {
     // A timeout says what Slipway and the registry did meanwhile.
     let serves = |port: u16, body: &str, what: &str| {
         let diag = || {
-            let list = common::get_json(&format!("{}/api/v1/deployments", server.url));
-            let audit = common::get_json(&format!("{}/api/v1/audit", server.url));
+            // Text, not JSON: a server that does not answer is the clue.
+            let list = common::get_text(&format!("{}/api/v1/deployments", server.url));
+            let audit = common::get_text(&format!("{}/api/v1/audit", server.url));
             format!("deployments: {list}\naudit: {audit}\nslipway log:\n{}\nregistry log:\n{}", server.log_text(), registry.log_text())
         };
         common::wait_for_diag(Duration::from_secs(60), what, diag, || (get(port).as_deref() == Some(body)).then_some(()));

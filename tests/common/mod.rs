@@ -399,7 +399,19 @@ pub fn wait_for_diag<T>(within: Duration, what: &str, diag: impl Fn() -> String,
 /// GET a JSON document from a server (blocking, for binary tests).
 pub fn get_json(url: &str) -> serde_json::Value {
     let out = Command::new("curl").args(["-sS", "--max-time", "10", url]).output().expect("curl");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bad JSON from {url}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("bad JSON from {url}: {e}: {} (curl: {}, {})", String::from_utf8_lossy(&out.stdout), out.status, String::from_utf8_lossy(&out.stderr).trim())
+    })
+}
+
+/// What a GET of `url` answered, or why there was no answer: for a
+/// test's diagnostics, which must never fail themselves (blocking).
+pub fn get_text(url: &str) -> String {
+    match Command::new("curl").args(["-sS", "--max-time", "10", url]).output() {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).to_string(),
+        Ok(out) => format!("(no answer: curl {}, {})", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+        Err(e) => format!("(cannot run curl: {e})"),
+    }
 }
 
 /// POST JSON, return (status, body).
