@@ -25,10 +25,13 @@ pub(super) enum Dialect {
 
 pub struct SqlStore {
     inner: Arc<Inner>,
-    /// SQLite only: claims and finishes go through one task that commits
-    /// whatever is queued in one transaction (group commit): one WAL
-    /// append for many jobs instead of one each.
-    batch: Option<mpsc::Sender<BatchOp>>,
+    /// Claims, finishes and log appends go through one task that commits
+    /// whatever is queued in one transaction (group commit): on SQLite one
+    /// WAL append for many jobs instead of one each; on PostgreSQL one
+    /// commit (an fsync) and one hold of the deployment row's lock for
+    /// many finishes instead of one each, which is what bounds a
+    /// deployment's throughput there (its finishes serialize on that row).
+    batch: mpsc::Sender<BatchOp>,
 }
 
 pub struct Inner {
@@ -59,6 +62,17 @@ enum Work {
     Claim { node: String, lease: Duration, limit: i64 },
 }
 
+impl Work {
+    /// The job a finish is about; claims and logs (no row lock on a
+    /// deployment) sort first.
+    fn job_id(&self) -> i64 {
+        match self {
+            Work::Finish(done) | Work::FinishClaim { done, .. } => done.job_id,
+            Work::Logs(_) | Work::Claim { .. } => i64::MIN,
+        }
+    }
+}
+
 /// Most operations one transaction carries.
 const MAX_BATCH: usize = 128;
 
@@ -70,6 +84,13 @@ async fn batcher(inner: Arc<Inner>, mut rx: mpsc::Receiver<BatchOp>) {
                 Ok(op) => ops.push(op),
                 Err(_) => break,
             }
+        }
+        if inner.dialect == Dialect::Postgres {
+            // Finishes lock their deployment's row: taken in one order
+            // (job ids grow with deployment ids), two nodes' batches never
+            // wait on each other in a circle. (If they ever did, PostgreSQL
+            // would abort one, and its operations would run alone below.)
+            ops.sort_by_key(|op| op.work.job_id());
         }
         let work: Vec<&Work> = ops.iter().map(|op| &op.work).collect();
         match inner.run_batch(&work).await {
@@ -92,13 +113,9 @@ async fn batcher(inner: Arc<Inner>, mut rx: mpsc::Receiver<BatchOp>) {
 }
 
 impl SqlStore {
-    /// Run `work` in a transaction of its own (PostgreSQL), or in the
-    /// SQLite writer's next group commit.
+    /// Run `work` in the writer task's next group commit.
     async fn write(&self, work: Work) -> Result<BatchResult> {
-        match &self.batch {
-            Some(batch) => self.batched(batch, work).await,
-            None => self.run_batch(&[&work]).await?.pop().ok_or_else(mismatch),
-        }
+        self.batched(&self.batch, work).await
     }
 
     /// Hand `work` to the SQLite writer task and wait for its committed answer.
@@ -605,11 +622,8 @@ impl SqlStore {
             .map_err(|_| StoreError::Unavailable(format!("connecting to {} timed out", redact_url(url))))?
             .map_err(|e| StoreError::Unavailable(format!("cannot connect to {}: {e}", redact_url(url))))?;
         let inner = Arc::new(Inner { pool, dialect, claim_info: Default::default() });
-        let batch = (dialect == Dialect::Sqlite).then(|| {
-            let (tx, rx) = mpsc::channel(1024);
-            tokio::spawn(batcher(inner.clone(), rx));
-            tx
-        });
+        let (batch, rx) = mpsc::channel(1024);
+        tokio::spawn(batcher(inner.clone(), rx));
         let store = SqlStore { inner, batch };
         store.migrate().await?;
         Ok(store)
@@ -1407,14 +1421,10 @@ impl Store for SqlStore {
     }
 
     async fn claim(&self, node: &str, lease: Duration, limit: i64) -> Result<Vec<ClaimedJob>> {
-        if let Some(batch) = &self.batch {
-            return match self.batched(batch, Work::Claim { node: node.to_string(), lease, limit }).await? {
-                BatchResult::Claim(jobs) => Ok(jobs),
-                _ => Err(mismatch()),
-            };
+        match self.write(Work::Claim { node: node.to_string(), lease, limit }).await? {
+            BatchResult::Claim(jobs) => Ok(jobs),
+            _ => Err(mismatch()),
         }
-        let mut conn = self.pool.acquire().await.map_err(StoreError::query("claim"))?;
-        self.claim_on(&mut conn, node, lease, limit).await
     }
 
     async fn renew(&self, node: &str, held: &[(i64, i64)], lease: Duration) -> Result<Vec<Renewal>> {
@@ -1535,13 +1545,7 @@ impl Store for SqlStore {
         if lines.is_empty() {
             return Ok(());
         }
-        if let Some(batch) = &self.batch {
-            return self.batched(batch, Work::Logs(lines.to_vec())).await.map(|_| ());
-        }
-        let mut tx = self.pool.begin().await.map_err(StoreError::query("append logs"))?;
-        self.append_logs_on(&mut tx, lines).await?;
-        tx.commit().await.map_err(StoreError::query("append logs"))?;
-        Ok(())
+        self.write(Work::Logs(lines.to_vec())).await.map(|_| ())
     }
 
     async fn logs(&self, deployment: i64, job: Option<&str>, after: i64, limit: i64) -> Result<Vec<LogRecord>> {

@@ -20,6 +20,7 @@
 //! both sides start each command through `/bin/sh -c`.
 
 pub mod docker;
+mod endtoend;
 pub mod service;
 pub mod wrk;
 use std::collections::VecDeque;
@@ -42,10 +43,35 @@ use slipway::store::{self, DeploymentState, JobState, Store, StoreError};
 use slipway::submit::{Request, SubmitError, Submitter};
 use slipway::targets::LocalTarget;
 
-/// Slipway's no-op makespan may be at most this multiple of ninja's.
-pub const NOOP_TARGET: f64 = 1.5;
-/// Slipway's sleep-graph makespan may be at most this multiple of the critical path.
+/// Slipway's no-op makespan may be at most this multiple of ninja's:
+/// on SQLite, and on PostgreSQL (every transaction a network round trip
+/// and an fsync).
+pub const NOOP_TARGET: f64 = 1.0;
+pub const NOOP_TARGET_POSTGRES: f64 = 1.5;
+/// A sleep graph's makespan may be at most this multiple of its critical
+/// path, on SQLite and on PostgreSQL.
 pub const SLEEP_TARGET: f64 = 1.02;
+pub const SLEEP_TARGET_POSTGRES: f64 = 1.05;
+
+/// Where the bench's Slipway keeps its state: a fresh store for every run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BenchStore {
+    /// A SQLite file in the run's directory.
+    Sqlite,
+    /// A database of its own on this server for each run, created through
+    /// this URL (a user allowed to `CREATE DATABASE`) and dropped after.
+    Postgres { admin_url: String },
+}
+
+impl BenchStore {
+    /// `sqlite` or `postgres`, for reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BenchStore::Sqlite => "sqlite",
+            BenchStore::Postgres { .. } => "postgres",
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -59,16 +85,47 @@ pub struct BenchOptions {
     /// No-op graph: how many times each of Slipway and ninja runs it
     /// (alternating); the report gives the median ratio.
     pub rounds: usize,
-    /// Sleep graph: each job sleeps uniformly in `[sleep_min_ms, sleep_max_ms]`.
+    /// Short-job graph: each job sleeps uniformly in `[0, short_max_ms]`.
+    pub short_max_ms: u64,
+    /// Slots for the short-job graph (Slipway's and ninja's).
+    pub short_parallelism: usize,
+    /// Long-job graph: each job sleeps uniformly in `[sleep_min_ms, sleep_max_ms]`.
     pub sleep_min_ms: u64,
     pub sleep_max_ms: u64,
+    /// Chain: this many jobs, one after the other, each sleeping
+    /// uniformly in `[0, chain_max_ms]`.
+    pub chain: usize,
+    pub chain_max_ms: u64,
+    pub store: BenchStore,
+    /// Nodes sharing the graph (PostgreSQL only), each with `parallelism`
+    /// (or the sleep graph's) slots.
+    pub nodes: usize,
+    /// Also time the real binary: `slipway serve` node(s) and `slipway run`
+    /// of every job, from the command's start to its end.
+    pub cli: Option<PathBuf>,
     /// Print a JSON report instead of the human table.
     pub json: bool,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { jobs: 1000, width: 50, parallelism: 8, seed: 1, rounds: 5, sleep_min_ms: 200, sleep_max_ms: 1000, json: false }
+        BenchOptions {
+            jobs: 1000,
+            width: 50,
+            parallelism: 8,
+            seed: 1,
+            rounds: 5,
+            short_max_ms: 200,
+            short_parallelism: 64,
+            sleep_min_ms: 200,
+            sleep_max_ms: 1000,
+            chain: 200,
+            chain_max_ms: 50,
+            store: BenchStore::Sqlite,
+            nodes: 1,
+            cli: None,
+            json: false,
+        }
     }
 }
 
@@ -94,6 +151,8 @@ pub enum BenchError {
     Timeout { what: String, after: Duration },
     #[error("cannot write the JSON report: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("bench PostgreSQL: {0}")]
+    Postgres(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
@@ -273,6 +332,11 @@ pub fn build_ninja(dag: &Dag, commands: &[String]) -> String {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    pub machine: Machine,
+    /// `sqlite` or `postgres`.
+    pub store: &'static str,
+    /// Slipway nodes sharing each graph.
+    pub nodes: usize,
     pub seed: u64,
     pub jobs: usize,
     pub levels: usize,
@@ -281,7 +345,11 @@ pub struct BenchReport {
     pub edges: usize,
     pub ninja_version: String,
     pub noop: NoopReport,
-    pub sleep: SleepReport,
+    /// The random graph with short jobs, with long jobs, and the chain.
+    pub graphs: Vec<GraphReport>,
+    /// The real binary, timed from `slipway run`'s start to its end, and
+    /// the same deployment's time on the server (`None` without `--cli`).
+    pub end_to_end: Option<Vec<EndToEnd>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -299,8 +367,17 @@ pub struct NoopReport {
     pub within_target: bool,
 }
 
+/// A graph of sleeping jobs: the best possible makespan is its critical
+/// path (the longest chain of sleeps), given enough slots.
 #[derive(Debug, Clone, Serialize)]
-pub struct SleepReport {
+pub struct GraphReport {
+    /// `short`, `long` or `chain`.
+    pub name: &'static str,
+    pub jobs: usize,
+    /// Jobs on the longest chain of needs (the number of hand-overs a
+    /// job's end makes on the critical path, plus one).
+    pub depth: usize,
+    /// Slots (per node), for Slipway and `ninja -j`.
     pub parallelism: usize,
     pub sleep_min_ms: u64,
     pub sleep_max_ms: u64,
@@ -308,73 +385,164 @@ pub struct SleepReport {
     pub slipway: SlipwayRun,
     /// Slipway ÷ critical path.
     pub ratio: f64,
+    /// (Slipway − critical path) ÷ depth: what each hand-over costs.
+    pub overhead_per_hop_ms: f64,
     pub target: f64,
     pub within_target: bool,
     pub ninja_secs: f64,
     pub ninja_cpu_secs: f64,
     /// Ninja ÷ critical path.
     pub ninja_ratio: f64,
+    pub ninja_overhead_per_hop_ms: f64,
 }
 
 /// One Slipway run, as seen from its events.
 #[derive(Debug, Clone, Serialize)]
 pub struct SlipwayRun {
-    /// From just before submit to the deployment's `DeploymentFinished`.
+    /// From just before submit to the deployment's `DeploymentFinished`:
+    /// the server-side time.
     pub makespan_secs: f64,
-    /// Most jobs running at once.
+    /// Most jobs running at once (over all nodes).
     pub peak_running: usize,
     /// Mean time from a job becoming ready to its start (store clock, ms resolution).
     pub mean_ready_to_start_ms: f64,
+    /// Jobs each node started, in node order.
+    pub started_per_node: Vec<u64>,
     /// CPU time (user + system) of this process and of the jobs it ran,
     /// during the run: a figure that holds up on a busy machine.
     pub cpu_secs: f64,
+}
+
+/// A graph run through the real binary: `slipway serve` node(s), and
+/// `slipway run` of every job, which waits for the end.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndToEnd {
+    /// `noop` or `short`.
+    pub graph: &'static str,
+    /// `slipway run`'s start to its exit: what a user waits.
+    pub cli_secs: f64,
+    /// The deployment's `finished_at − created_at` (store clock, ms).
+    pub server_secs: f64,
+    /// cli ÷ server: what the command adds (start-up, the submit, how
+    /// soon it learns the end).
+    pub cli_over_server: f64,
+    /// cli ÷ the peer: ninja's time (no-op graph, the same run's) or the
+    /// critical path (short graph).
+    pub cli_ratio: f64,
+    /// What `cli_ratio` divides by.
+    pub versus: &'static str,
 }
 
 impl BenchReport {
     pub fn human(&self) -> String {
         let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
         let n = &self.noop;
-        let s = &self.sleep;
-        format!(
-            "slipway-bench: seed {}, {} jobs in {} levels (widest {}), {} needs; {}\n\
-             no-op graph ({} jobs, {} levels, -j {}): slipway {:.2}s, ninja {:.2}s, ratio {:.2} (target ≤ {}) {}; median of {} rounds: {}\n\
-             sleep graph (critical path {:.2}s, -j {}): slipway {:.2}s (×{:.3} of critical path, target ≤ {}) {}, ninja {:.2}s (×{:.3})\n\
-             cpu time: no-op slipway {:.2}s vs ninja {:.2}s; sleep slipway {:.2}s vs ninja {:.2}s\n\
-             slipway detail: no-op peak {} running, ready→start {:.1}ms mean; sleep peak {} running, ready→start {:.1}ms mean\n",
+        let mut out = format!(
+            "slipway-bench scheduler: store {}, {} node(s); seed {}, {} jobs in {} levels (widest {}), {} needs; {}\n{}\n\n",
+            self.store,
+            self.nodes,
             self.seed,
             self.jobs,
             self.levels,
             self.max_level_width,
             self.edges,
             self.ninja_version,
-            self.jobs,
-            self.levels,
+            self.machine.human(),
+        );
+        let _ = writeln!(
+            out,
+            "no-op graph (-j {}): slipway {:.3}s, ninja {:.3}s → ×{:.2} of ninja (target ≤ {}) {}; rounds: {}",
             n.parallelism,
             n.slipway.makespan_secs,
             n.ninja_secs,
             n.ratio,
             n.target,
             verdict(n.within_target),
-            n.round_ratios.len(),
             n.round_ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" "),
-            s.critical_path_secs,
-            s.parallelism,
-            s.slipway.makespan_secs,
-            s.ratio,
-            s.target,
-            verdict(s.within_target),
-            s.ninja_secs,
-            s.ninja_ratio,
-            n.slipway.cpu_secs,
-            n.ninja_cpu_secs,
-            s.slipway.cpu_secs,
-            s.ninja_cpu_secs,
-            n.slipway.peak_running,
-            n.slipway.mean_ready_to_start_ms,
-            s.slipway.peak_running,
-            s.slipway.mean_ready_to_start_ms,
-        )
+        );
+        let _ = writeln!(out, "  cpu: slipway {:.2}s vs ninja {:.2}s; peak {} running; ready→start {:.1}ms mean", n.slipway.cpu_secs, n.ninja_cpu_secs, n.slipway.peak_running, n.slipway.mean_ready_to_start_ms);
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<7} {:>5} {:>5} {:>4} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8}",
+            "graph", "jobs", "depth", "-j", "sleeps ms", "critical", "slipway", "÷ crit", "ms/hop", "ninja", "÷ crit", "ms/hop"
+        );
+        for g in &self.graphs {
+            let _ = writeln!(
+                out,
+                "{:<7} {:>5} {:>5} {:>4} {:>10} {:>8.2}s {:>8.2}s {:>8.3} {:>8.2} {:>8.2}s {:>8.3} {:>8.2}  target ≤ {} {}",
+                g.name,
+                g.jobs,
+                g.depth,
+                g.parallelism,
+                format!("{}–{}", g.sleep_min_ms, g.sleep_max_ms),
+                g.critical_path_secs,
+                g.slipway.makespan_secs,
+                g.ratio,
+                g.overhead_per_hop_ms,
+                g.ninja_secs,
+                g.ninja_ratio,
+                g.ninja_overhead_per_hop_ms,
+                g.target,
+                verdict(g.within_target),
+            );
+        }
+        if self.nodes > 1 {
+            for g in &self.graphs {
+                let _ = writeln!(out, "  {}: jobs started per node {:?}", g.name, g.slipway.started_per_node);
+            }
+        }
+        if let Some(e2e) = &self.end_to_end {
+            let _ = writeln!(out, "\nthe real binary (slipway serve, then `slipway run` of every job):");
+            let _ = writeln!(out, "{:<7} {:>9} {:>9} {:>12} {:>10}", "graph", "cli", "server", "cli÷server", "cli÷peer");
+            for e in e2e {
+                let _ = writeln!(out, "{:<7} {:>8.3}s {:>8.3}s {:>12.3} {:>10.3}  (peer: {})", e.graph, e.cli_secs, e.server_secs, e.cli_over_server, e.cli_ratio, e.versus);
+            }
+        }
+        out
     }
+}
+
+// ---------------------------------------------------------------- the machine
+
+/// The machine a bench ran on, printed with every report so two runs can
+/// be compared: a ratio from a loaded 2-core box means something else than
+/// one from an idle 16-core one.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// `std::thread::available_parallelism` (cgroup limits included).
+    pub cores: usize,
+    /// `/proc/loadavg`'s 1-, 5- and 15-minute load when the bench started.
+    pub load_at_start: [f64; 3],
+    /// The same when the report was made.
+    pub load_at_end: [f64; 3],
+}
+
+impl Machine {
+    /// The core count and the load now; call [`Machine::finish`] at the end.
+    pub fn now() -> Machine {
+        let load = loadavg();
+        Machine { cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), load_at_start: load, load_at_end: load }
+    }
+
+    /// Record the load at the end of the run.
+    pub fn finish(mut self) -> Machine {
+        self.load_at_end = loadavg();
+        self
+    }
+
+    /// One line for the human report.
+    pub fn human(&self) -> String {
+        let l = |x: [f64; 3]| format!("{:.2} {:.2} {:.2}", x[0], x[1], x[2]);
+        format!("machine: {} cores; load {} at the start, {} at the end", self.cores, l(self.load_at_start), l(self.load_at_end))
+    }
+}
+
+/// `/proc/loadavg`'s three figures; zeros where it cannot be read.
+fn loadavg() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut it = text.split_whitespace().map(|f| f.parse::<f64>().unwrap_or(0.0));
+    [it.next().unwrap_or(0.0), it.next().unwrap_or(0.0), it.next().unwrap_or(0.0)]
 }
 
 // ---------------------------------------------------------------- running
@@ -421,100 +589,65 @@ fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { f64::INFINITY }
 }
 
-/// Run both graphs on Slipway and ninja, print the report (human or JSON)
-/// to stdout and return it.
-pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
-    if opts.jobs == 0 {
-        return Err(BenchError::Options("--jobs must be at least 1".into()));
-    }
-    if opts.width == 0 {
-        return Err(BenchError::Options("--width must be at least 1".into()));
-    }
-    if opts.rounds == 0 {
-        return Err(BenchError::Options("--rounds must be at least 1".into()));
-    }
-    if opts.parallelism == 0 {
-        return Err(BenchError::Options("--parallelism must be at least 1".into()));
+/// A chain: job i needs job i − 1.
+pub fn chain(jobs: usize) -> Dag {
+    Dag { level_sizes: vec![1; jobs], level: (0..jobs).collect(), needs: (0..jobs).map(|i| if i == 0 { vec![] } else { vec![i - 1] }).collect() }
+}
+
+fn check_options(opts: &BenchOptions) -> Result<(), BenchError> {
+    let positive = [("--jobs", opts.jobs), ("--width", opts.width), ("--rounds", opts.rounds), ("--parallelism", opts.parallelism), ("--short-parallelism", opts.short_parallelism), ("--chain", opts.chain), ("--nodes", opts.nodes)];
+    if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
+        return Err(BenchError::Options(format!("{flag} must be at least 1")));
     }
     if opts.sleep_min_ms > opts.sleep_max_ms {
         return Err(BenchError::Options(format!("the sleep range is empty: min {}ms > max {}ms", opts.sleep_min_ms, opts.sleep_max_ms)));
     }
-    if opts.sleep_max_ms > 50_000 {
+    if opts.sleep_max_ms.max(opts.short_max_ms).max(opts.chain_max_ms) > 50_000 {
         return Err(BenchError::Options("sleeps above 50s exceed the jobs' 60s timeout".into()));
     }
+    if opts.nodes > 1 && opts.store == BenchStore::Sqlite {
+        return Err(BenchError::Options("--nodes above 1 needs --store postgres://…: one SQLite store serves one node".into()));
+    }
+    if opts.nodes > 16 {
+        return Err(BenchError::Options("--nodes may be at most 16".into()));
+    }
+    Ok(())
+}
+
+/// Run every graph on Slipway and ninja (and, with `cli`, through the real
+/// binary), print the report (human or JSON) to stdout and return it.
+pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
+    check_options(&opts)?;
+    let machine = Machine::now();
     let ninja = find_on_path("ninja").ok_or(BenchError::NinjaMissing)?;
     let ninja_version = ninja_version(&ninja).await?;
+    if let Some(bin) = &opts.cli
+        && !bin.is_file()
+    {
+        return Err(BenchError::Options(format!("the slipway binary {} does not exist (cargo build --release)", bin.display())));
+    }
 
     let dag = generate(opts.jobs, opts.width, opts.seed);
-    let names = dag.names();
     let root = TempDir::create()?;
-    let progress = |msg: &str| eprintln!("slipway-bench: {msg}");
-
-    // No-op graph: alternate the two, each round in a fresh directory (a
-    // fresh store), and keep the round with the median ratio.
-    let noop_cmds = vec!["true".to_string(); dag.len()];
-    let noop_limit = Duration::from_secs(60) + Duration::from_millis(100) * dag.len() as u32;
-    let mut rounds = Vec::with_capacity(opts.rounds);
-    for round in 1..=opts.rounds {
-        let noop_dir = write_graph(&root.0.join(format!("noop-{round}")), &dag, &noop_cmds)?;
-        progress(&format!("no-op graph, round {round} of {}: slipway ({} jobs, -j {}), then ninja", opts.rounds, dag.len(), opts.parallelism));
-        let s = run_slipway("no-op", &noop_dir, &names, opts.parallelism, noop_limit).await?;
-        let n = run_ninja("no-op", &ninja, &noop_dir, opts.parallelism, noop_limit).await?;
-        rounds.push((s, n));
-    }
-    let round_ratios: Vec<f64> = rounds.iter().map(|(s, n)| ratio(s.makespan_secs, n.wall.as_secs_f64())).collect();
-    let mut order: Vec<usize> = (0..rounds.len()).collect();
-    order.sort_by(|&a, &b| round_ratios[a].total_cmp(&round_ratios[b]));
-    let median = order[order.len() / 2];
-    let (noop_slipway, noop_ninja) = rounds.swap_remove(median);
-
-    // Sleep graph, with as many slots as the widest level.
-    let sleeps = sleep_durations(dag.len(), opts.sleep_min_ms, opts.sleep_max_ms, opts.seed);
-    let crit_ms = critical_path(&dag.needs, &sleeps).ok_or_else(|| BenchError::Options("the generated graph has a cycle (a bug in `slipway-bench`)".into()))?;
-    let sleep_cmds: Vec<String> = sleeps.iter().map(|&ms| sleep_command(ms)).collect();
-    let sleep_dir = write_graph(&root.0.join("sleep"), &dag, &sleep_cmds)?;
-    let slots = dag.max_width().max(1);
-    let total_ms: u64 = sleeps.iter().sum();
-    let sleep_limit = Duration::from_secs(60) + Duration::from_millis(3 * (crit_ms + total_ms / slots as u64)) + Duration::from_millis(100) * dag.len() as u32;
-    progress(&format!("sleep graph on slipway (critical path {:.2}s, -j {slots})", crit_ms as f64 / 1000.0));
-    let sleep_slipway = run_slipway("sleep", &sleep_dir, &names, slots, sleep_limit).await?;
-    progress("sleep graph on ninja");
-    let sleep_ninja = run_ninja("sleep", &ninja, &sleep_dir, slots, sleep_limit).await?;
+    let stores = Stores::new(opts.store.clone());
+    let result = run_graphs(&opts, &dag, &ninja, &root.0, &stores).await;
+    stores.drop_all().await;
     drop(root);
+    let (noop, graphs, end_to_end) = result?;
 
-    let crit = crit_ms as f64 / 1000.0;
-    let noop_ratio = round_ratios[median];
-    let sleep_ratio = ratio(sleep_slipway.makespan_secs, crit);
     let report = BenchReport {
+        machine: machine.finish(),
+        store: opts.store.kind(),
+        nodes: opts.nodes,
         seed: opts.seed,
         jobs: dag.len(),
         levels: dag.levels(),
         max_level_width: dag.max_width(),
         edges: dag.edges(),
         ninja_version,
-        noop: NoopReport {
-            parallelism: opts.parallelism,
-            slipway: noop_slipway,
-            ninja_secs: noop_ninja.wall.as_secs_f64(),
-            ninja_cpu_secs: noop_ninja.cpu.as_secs_f64(),
-            ratio: noop_ratio,
-            round_ratios,
-            target: NOOP_TARGET,
-            within_target: noop_ratio <= NOOP_TARGET,
-        },
-        sleep: SleepReport {
-            parallelism: slots,
-            sleep_min_ms: opts.sleep_min_ms,
-            sleep_max_ms: opts.sleep_max_ms,
-            critical_path_secs: crit,
-            slipway: sleep_slipway,
-            ratio: sleep_ratio,
-            target: SLEEP_TARGET,
-            within_target: sleep_ratio <= SLEEP_TARGET,
-            ninja_secs: sleep_ninja.wall.as_secs_f64(),
-            ninja_cpu_secs: sleep_ninja.cpu.as_secs_f64(),
-            ninja_ratio: ratio(sleep_ninja.wall.as_secs_f64(), crit),
-        },
+        noop,
+        graphs,
+        end_to_end,
     };
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -522,6 +655,181 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         print!("{}", report.human());
     }
     Ok(report)
+}
+
+type Runs = (NoopReport, Vec<GraphReport>, Option<Vec<EndToEnd>>);
+
+async fn run_graphs(opts: &BenchOptions, dag: &Dag, ninja: &Path, root: &Path, stores: &Stores) -> Result<Runs, BenchError> {
+    let progress = |msg: &str| eprintln!("slipway-bench: {msg}");
+    let postgres = matches!(opts.store, BenchStore::Postgres { .. });
+    let names = dag.names();
+    let nodes = Nodes { count: opts.nodes, stores };
+
+    // No-op graph: alternate the two, each round in a fresh directory (a
+    // fresh store), and keep the round with the median ratio.
+    let noop_cmds = vec!["true".to_string(); dag.len()];
+    let noop_limit = Duration::from_secs(60) + Duration::from_millis(100) * dag.len() as u32;
+    let mut rounds = Vec::with_capacity(opts.rounds);
+    for round in 1..=opts.rounds {
+        let noop_dir = write_graph(&root.join(format!("noop-{round}")), dag, &noop_cmds)?;
+        progress(&format!("no-op graph, round {round} of {}: slipway ({} jobs, -j {}), then ninja", opts.rounds, dag.len(), opts.parallelism));
+        let s = run_slipway("no-op", &noop_dir, &names, opts.parallelism, noop_limit, &nodes).await?;
+        let n = run_ninja("no-op", ninja, &noop_dir, opts.parallelism, noop_limit).await?;
+        rounds.push((s, n));
+    }
+    let round_ratios: Vec<f64> = rounds.iter().map(|(s, n)| ratio(s.makespan_secs, n.wall.as_secs_f64())).collect();
+    let mut order: Vec<usize> = (0..rounds.len()).collect();
+    order.sort_by(|&a, &b| round_ratios[a].total_cmp(&round_ratios[b]));
+    let median = order[order.len() / 2];
+    let noop_ratio = round_ratios[median];
+    let (noop_slipway, noop_ninja) = rounds.swap_remove(median);
+    let noop_target = if postgres { NOOP_TARGET_POSTGRES } else { NOOP_TARGET };
+    let noop = NoopReport {
+        parallelism: opts.parallelism,
+        slipway: noop_slipway,
+        ninja_secs: noop_ninja.wall.as_secs_f64(),
+        ninja_cpu_secs: noop_ninja.cpu.as_secs_f64(),
+        ratio: noop_ratio,
+        round_ratios,
+        target: noop_target,
+        within_target: noop_ratio <= noop_target,
+    };
+
+    let sleep_target = if postgres { SLEEP_TARGET_POSTGRES } else { SLEEP_TARGET };
+    let chain_dag = chain(opts.chain);
+    let plans: [(&'static str, &Dag, u64, u64, usize); 3] = [
+        ("short", dag, 0, opts.short_max_ms, opts.short_parallelism),
+        ("long", dag, opts.sleep_min_ms, opts.sleep_max_ms, dag.max_width().max(1)),
+        ("chain", &chain_dag, 0, opts.chain_max_ms, 1),
+    ];
+    let mut graphs = Vec::new();
+    for (name, g, lo, hi, slots) in plans {
+        let sleeps = sleep_durations(g.len(), lo, hi, opts.seed);
+        let crit_ms = critical_path(&g.needs, &sleeps).ok_or_else(|| BenchError::Options("the generated graph has a cycle (a bug in `slipway-bench`)".into()))?;
+        let depth = critical_path(&g.needs, &vec![1; g.len()]).unwrap_or(1) as usize;
+        let cmds: Vec<String> = sleeps.iter().map(|&ms| sleep_command(ms)).collect();
+        let dir = write_graph(&root.join(name), g, &cmds)?;
+        let total_ms: u64 = sleeps.iter().sum();
+        let limit = Duration::from_secs(60) + Duration::from_millis(3 * (crit_ms + total_ms / slots as u64)) + Duration::from_millis(100) * g.len() as u32;
+        progress(&format!("{name} graph on slipway ({} jobs, sleeps {lo}–{hi} ms, critical path {:.2}s, -j {slots})", g.len(), crit_ms as f64 / 1000.0));
+        let s = run_slipway(name, &dir, &g.names(), slots, limit, &nodes).await?;
+        progress(&format!("{name} graph on ninja"));
+        let n = run_ninja(name, ninja, &dir, slots, limit).await?;
+        let crit = crit_ms as f64 / 1000.0;
+        let r = ratio(s.makespan_secs, crit);
+        let per_hop = |secs: f64| (secs - crit) * 1000.0 / depth.max(1) as f64;
+        graphs.push(GraphReport {
+            name,
+            jobs: g.len(),
+            depth,
+            parallelism: slots,
+            sleep_min_ms: lo,
+            sleep_max_ms: hi,
+            critical_path_secs: crit,
+            overhead_per_hop_ms: per_hop(s.makespan_secs),
+            slipway: s,
+            ratio: r,
+            target: sleep_target,
+            within_target: r <= sleep_target,
+            ninja_secs: n.wall.as_secs_f64(),
+            ninja_cpu_secs: n.cpu.as_secs_f64(),
+            ninja_ratio: ratio(n.wall.as_secs_f64(), crit),
+            ninja_overhead_per_hop_ms: per_hop(n.wall.as_secs_f64()),
+        });
+    }
+
+    let end_to_end = match &opts.cli {
+        None => None,
+        Some(bin) => {
+            let mut runs = Vec::new();
+            let noop_dir = write_graph(&root.join("cli-noop"), dag, &noop_cmds)?;
+            progress("no-op graph through the real binary: slipway serve, slipway run");
+            let (cli, server) = endtoend::run(bin, &noop_dir, &names, opts.parallelism, noop_limit, &nodes).await?;
+            runs.push(EndToEnd::new("noop", cli, server, noop.ninja_secs, "ninja on the no-op graph"));
+            let short = &graphs[0];
+            let sleeps = sleep_durations(dag.len(), 0, opts.short_max_ms, opts.seed);
+            let dir = write_graph(&root.join("cli-short"), dag, &sleeps.iter().map(|&ms| sleep_command(ms)).collect::<Vec<_>>())?;
+            progress("short graph through the real binary");
+            let limit = Duration::from_secs(120) + Duration::from_millis(100) * dag.len() as u32;
+            let (cli, server) = endtoend::run(bin, &dir, &names, short.parallelism, limit, &nodes).await?;
+            runs.push(EndToEnd::new("short", cli, server, short.critical_path_secs, "the short graph's critical path"));
+            Some(runs)
+        }
+    };
+    Ok((noop, graphs, end_to_end))
+}
+
+impl EndToEnd {
+    fn new(graph: &'static str, cli: Duration, server: Duration, peer_secs: f64, versus: &'static str) -> EndToEnd {
+        let (cli, server) = (cli.as_secs_f64(), server.as_secs_f64());
+        EndToEnd { graph, cli_secs: cli, server_secs: server, cli_over_server: ratio(cli, server), cli_ratio: ratio(cli, peer_secs), versus }
+    }
+}
+
+/// The fresh stores a bench made, so they can be removed at the end.
+pub(crate) struct Stores {
+    kind: BenchStore,
+    made: std::sync::Mutex<Vec<String>>,
+}
+
+impl Stores {
+    fn new(kind: BenchStore) -> Stores {
+        Stores { kind, made: Default::default() }
+    }
+
+    /// A store URL nothing has used, for one run in `dir`.
+    pub(crate) async fn fresh(&self, dir: &Path) -> Result<String, BenchError> {
+        match &self.kind {
+            BenchStore::Sqlite => Ok(format!("sqlite://{}", dir.join(".slipway").join("bench.db").display())),
+            BenchStore::Postgres { admin_url } => {
+                let name = {
+                    let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
+                    let name = format!("slipway_bench_{}_{}", std::process::id(), made.len());
+                    made.push(name.clone());
+                    name
+                };
+                admin(admin_url, &format!("CREATE DATABASE {name}")).await?;
+                let base = admin_url.split('?').next().unwrap_or(admin_url);
+                let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
+                Ok(format!("{base}/{name}"))
+            }
+        }
+    }
+
+    /// Drop every database made (best effort: a bench that failed still
+    /// cleans up what it can).
+    async fn drop_all(&self) {
+        let BenchStore::Postgres { admin_url } = &self.kind else { return };
+        let made = std::mem::take(&mut *self.made.lock().unwrap_or_else(|e| e.into_inner()));
+        for name in made {
+            if let Err(e) = admin(admin_url, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await {
+                eprintln!("slipway-bench: cannot drop the bench database {name}: {e}");
+            }
+        }
+    }
+}
+
+/// One statement on the PostgreSQL server, outside any transaction (as
+/// `CREATE DATABASE` must be), bounded by a timeout.
+async fn admin(url: &str, sql: &str) -> Result<(), BenchError> {
+    use sqlx::Connection as _;
+    let limit = Duration::from_secs(30);
+    let work = async {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut conn).await?;
+        conn.close().await
+    };
+    match tokio::time::timeout(limit, work).await {
+        Err(_) => Err(BenchError::Timeout { what: format!("PostgreSQL: {sql}"), after: limit }),
+        Ok(Err(e)) => Err(BenchError::Postgres(format!("{sql}: {e}"))),
+        Ok(Ok(())) => Ok(()),
+    }
+}
+
+/// How many nodes run each graph, and where their stores come from.
+pub(crate) struct Nodes<'a> {
+    pub count: usize,
+    pub stores: &'a Stores,
 }
 
 /// A directory holding `slipway.toml` and `build.ninja` for the graph.
@@ -535,23 +843,25 @@ fn write_graph(dir: &Path, dag: &Dag, commands: &[String]) -> Result<PathBuf, Be
     Ok(dir)
 }
 
-/// What the bench's own event consumer saw.
+/// What the bench's own event consumer saw, over every node.
 #[derive(Debug, Default)]
 struct Watched {
     peak_running: usize,
     started: u64,
+    started_per_node: Vec<u64>,
     ready_to_start: Duration,
 }
 
-async fn watch(mut rx: mpsc::Receiver<Arc<Event>>, finished: mpsc::UnboundedSender<(i64, DeploymentState, Instant)>) -> Watched {
-    let mut w = Watched::default();
+async fn watch(mut rx: mpsc::Receiver<(usize, Arc<Event>)>, nodes: usize, finished: mpsc::UnboundedSender<(i64, DeploymentState, Instant)>) -> Watched {
+    let mut w = Watched { started_per_node: vec![0; nodes], ..Watched::default() };
     let mut running = 0usize;
-    while let Some(ev) = rx.recv().await {
+    while let Some((node, ev)) = rx.recv().await {
         match &*ev {
             Event::JobStarted { queued_for, .. } => {
                 running += 1;
                 w.peak_running = w.peak_running.max(running);
                 w.started += 1;
+                w.started_per_node[node] += 1;
                 w.ready_to_start += *queued_for;
             }
             Event::JobFinished { .. } => running = running.saturating_sub(1),
@@ -564,34 +874,56 @@ async fn watch(mut rx: mpsc::Receiver<Arc<Event>>, finished: mpsc::UnboundedSend
     w
 }
 
-/// Run the graph in `dir` on an in-process Slipway node with a fresh
-/// SQLite store, wired as `slipway serve` wires it.
-async fn run_slipway(graph: &'static str, dir: &Path, names: &[String], parallelism: usize, limit: Duration) -> Result<SlipwayRun, BenchError> {
+/// Run the graph in `dir` on in-process Slipway node(s) over a fresh
+/// store, each wired as `slipway serve` wires it; the first one takes the
+/// submit.
+async fn run_slipway(graph: &'static str, dir: &Path, names: &[String], parallelism: usize, limit: Duration, nodes: &Nodes<'_>) -> Result<SlipwayRun, BenchError> {
     let config_path = dir.join(config::CONFIG_FILE);
     let loaded = config::load(&config_path).map_err(BenchError::Config)?;
     if loaded.config.jobs.len() != names.len() {
         return Err(BenchError::Slipway { graph, reason: format!("the config has {} jobs, expected {}", loaded.config.jobs.len(), names.len()) });
     }
-    let db = dir.join(".slipway").join("bench.db");
-    let store: Arc<dyn Store> = store::open(&format!("sqlite://{}", db.display())).await?;
-
-    let mut bus = EventBus::new();
-    let log_rx = bus.subscribe(4096);
-    let my_rx = bus.subscribe(4096);
-    let log_task = tokio::spawn(logwriter::run(store.clone(), log_rx));
+    let url = nodes.stores.fresh(dir).await?;
+    let (all_tx, all_rx) = mpsc::channel(4096);
     let (fin_tx, mut fin_rx) = mpsc::unbounded_channel();
-    let watch_task = tokio::spawn(watch(my_rx, fin_tx));
-
-    let mut cfg = SchedulerConfig::new("bench", dir.join(".slipway").join("work"));
-    cfg.parallelism = parallelism;
-    cfg.poll = Duration::from_millis(200);
-    cfg.shutdown_grace = Duration::from_secs(5);
-    let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget::default()), cfg, bus);
+    let watch_task = tokio::spawn(watch(all_rx, nodes.count, fin_tx));
+    let token = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut log_tasks = Vec::new();
+    let mut first: Option<(Arc<dyn Store>, slipway::scheduler::SchedulerHandle)> = None;
+    for node in 0..nodes.count {
+        // Each node its own store handle (its own connections), as
+        // separate `serve` processes have.
+        let store: Arc<dyn Store> = store::open(&url).await?;
+        let mut bus = EventBus::new();
+        let log_rx = bus.subscribe(4096);
+        let mut my_rx = bus.subscribe(4096);
+        log_tasks.push(tokio::spawn(logwriter::run(store.clone(), log_rx)));
+        let tx = all_tx.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = my_rx.recv().await {
+                if tx.send((node, ev)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut cfg = SchedulerConfig::new(format!("bench-{}", node + 1), dir.join(".slipway").join(format!("work-{}", node + 1)));
+        cfg.parallelism = parallelism;
+        cfg.poll = Duration::from_millis(200);
+        cfg.shutdown_grace = Duration::from_secs(5);
+        let sched = Scheduler::new(store.clone(), Arc::new(LocalTarget::default()), cfg, bus);
+        if first.is_none() {
+            first = Some((store.clone(), sched.handle()));
+        }
+        tasks.push(tokio::spawn(Scheduler::run(sched, token.clone())));
+    }
+    drop(all_tx);
+    let Some((store, wake)) = first else { return Err(BenchError::Options("--nodes must be at least 1".into())) };
     let submitter = Submitter {
         config_path,
         store: store.clone(),
         parallelism,
-        wake: Some(sched.handle()),
+        wake: Some(wake),
         targets: None,
         events: None,
         deciding: Default::default(),
@@ -599,9 +931,7 @@ async fn run_slipway(graph: &'static str, dir: &Path, names: &[String], parallel
         redeployed: Default::default(),
         fetch_failures: Default::default(),
     };
-    let token = CancellationToken::new();
-    let sched_task = tokio::spawn(Scheduler::run(sched, token.clone()));
-    // Let the node register and go idle, so its start-up is not timed.
+    // Let the nodes register and go idle, so their start-up is not timed.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let cpu_before = cpu_time();
@@ -623,50 +953,65 @@ async fn run_slipway(graph: &'static str, dir: &Path, names: &[String], parallel
             Ok(Some(x)) => x,
         };
         let makespan = at.duration_since(start);
-        let jobs = store.jobs(id).await?;
-        let bad: Vec<String> = jobs
-            .iter()
-            .filter(|j| j.state != JobState::Succeeded)
-            .take(3)
-            .map(|j| format!("{} {}{}", j.name, j.state, j.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()))
-            .collect();
-        if state != DeploymentState::Succeeded || jobs.len() != names.len() || !bad.is_empty() {
-            return Err(BenchError::Slipway {
-                graph,
-                reason: format!(
-                    "deployment {id} ended {state} with {} of {} jobs{}{}",
-                    jobs.len(),
-                    names.len(),
-                    if bad.is_empty() { "" } else { "; for instance: " },
-                    bad.join(", ")
-                ),
-            });
-        }
+        check_succeeded(graph, &store, id, state, names.len()).await?;
         Ok(makespan)
     }
     .await;
 
     let cpu = cpu_time().saturating_sub(cpu_before);
     // The last jobs' tasks are still winding down when the deployment's
-    // event arrives: let the node see them end before asking it to stop.
+    // event arrives: let the nodes see them end before asking them to stop.
     tokio::time::sleep(Duration::from_millis(200)).await;
     token.cancel();
-    let stopped = tokio::time::timeout(Duration::from_secs(30), sched_task).await;
+    drop(submitter);
+    drop(store);
+    let stop_limit = Duration::from_secs(30);
+    let stopped = tokio::time::timeout(stop_limit, futures_util::future::join_all(tasks)).await;
     let watched = tokio::time::timeout(Duration::from_secs(5), watch_task).await.ok().and_then(Result::ok).unwrap_or_default();
-    let _ = tokio::time::timeout(Duration::from_secs(5), log_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), futures_util::future::join_all(log_tasks)).await;
     let makespan = measured?;
     match stopped {
-        Err(_) => return Err(BenchError::Timeout { what: "stopping the bench scheduler".into(), after: Duration::from_secs(30) }),
-        Ok(Err(e)) => return Err(BenchError::Slipway { graph, reason: format!("scheduler task failed: {e}") }),
-        Ok(Ok(Err(e))) => return Err(BenchError::Slipway { graph, reason: format!("scheduler stopped: {e}") }),
-        Ok(Ok(Ok(()))) => {}
+        Err(_) => return Err(BenchError::Timeout { what: "stopping the bench scheduler(s)".into(), after: stop_limit }),
+        Ok(results) => {
+            for r in results {
+                match r {
+                    Err(e) => return Err(BenchError::Slipway { graph, reason: format!("scheduler task failed: {e}") }),
+                    Ok(Err(e)) => return Err(BenchError::Slipway { graph, reason: format!("scheduler stopped: {e}") }),
+                    Ok(Ok(())) => {}
+                }
+            }
+        }
     }
     Ok(SlipwayRun {
         makespan_secs: makespan.as_secs_f64(),
         peak_running: watched.peak_running,
         mean_ready_to_start_ms: if watched.started == 0 { 0.0 } else { watched.ready_to_start.as_secs_f64() * 1000.0 / watched.started as f64 },
+        started_per_node: watched.started_per_node,
         cpu_secs: cpu.as_secs_f64(),
     })
+}
+
+/// An error unless deployment `id` ended `succeeded` with `jobs` jobs, all succeeded.
+pub(crate) async fn check_succeeded(graph: &'static str, store: &Arc<dyn Store>, id: i64, state: DeploymentState, expected: usize) -> Result<(), BenchError> {
+    let jobs = store.jobs(id).await?;
+    let bad: Vec<String> = jobs
+        .iter()
+        .filter(|j| j.state != JobState::Succeeded)
+        .take(3)
+        .map(|j| format!("{} {}{}", j.name, j.state, j.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()))
+        .collect();
+    if state != DeploymentState::Succeeded || jobs.len() != expected || !bad.is_empty() {
+        return Err(BenchError::Slipway {
+            graph,
+            reason: format!(
+                "deployment {id} ended {state} with {} of {expected} jobs{}{}",
+                jobs.len(),
+                if bad.is_empty() { "" } else { "; for instance: " },
+                bad.join(", ")
+            ),
+        });
+    }
+    Ok(())
 }
 
 async fn ninja_version(ninja: &Path) -> Result<String, BenchError> {

@@ -45,17 +45,39 @@ struct Cli {
     /// reported (one run is at the mercy of whatever else the machine does).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// Sleeping graph: shortest job, in ms.
+    /// Short-job graph (the random graph again): each job sleeps 0 to this, in ms.
+    #[arg(long, default_value_t = 200)]
+    short_max_ms: u64,
+    /// Short-job graph: slots (Slipway's parallelism and ninja's -j).
+    #[arg(long, default_value_t = 64)]
+    short_parallelism: usize,
+    /// Long-job graph: shortest job, in ms (with as many slots as the widest level).
     #[arg(long, default_value_t = 200)]
     sleep_min_ms: u64,
-    /// Sleeping graph: longest job, in ms. (Much shorter jobs measure
-    /// process start-up more than scheduling: ninja itself then misses 2%.)
+    /// Long-job graph: longest job, in ms.
     #[arg(long, default_value_t = 1000)]
     sleep_max_ms: u64,
+    /// Chain graph: jobs, each needing the one before.
+    #[arg(long, default_value_t = 200)]
+    chain: usize,
+    /// Chain graph: each job sleeps 0 to this, in ms.
+    #[arg(long, default_value_t = 50)]
+    chain_max_ms: u64,
+    /// scheduler: the store, `sqlite` or a PostgreSQL URL whose user may
+    /// CREATE DATABASE (each run gets a database of its own, dropped after).
+    #[arg(long, default_value = "sqlite")]
+    store: String,
+    /// scheduler: nodes sharing each graph (PostgreSQL only).
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// scheduler: skip the runs through the real binary (`slipway serve`
+    /// and `slipway run`).
+    #[arg(long)]
+    no_cli: bool,
     /// services, docker: the `slipway-demo` binary [default: next to this one].
     #[arg(long)]
     demo_bin: Option<PathBuf>,
-    /// docker: the `slipway` binary that serves [default: next to this one].
+    /// scheduler, docker: the `slipway` binary [default: next to this one].
     #[arg(long)]
     slipway_bin: Option<PathBuf>,
 }
@@ -100,19 +122,37 @@ async fn run(cli: Cli) -> Result<(), (u8, String)> {
                 Err(e) => Err(internal(&e)),
             }
         }
-        BenchWhat::Scheduler => slipway_bench::run(slipway_bench::BenchOptions {
-            jobs: cli.jobs,
-            width: cli.width,
-            parallelism: cli.parallelism,
-            seed: cli.seed,
-            rounds: cli.rounds,
-            sleep_min_ms: cli.sleep_min_ms,
-            sleep_max_ms: cli.sleep_max_ms,
-            json: cli.json,
-        })
-        .await
-        .map(drop)
-        .map_err(|e| internal(&e)),
+        BenchWhat::Scheduler => {
+            let store = match cli.store.as_str() {
+                "sqlite" => slipway_bench::BenchStore::Sqlite,
+                url if url.starts_with("postgres://") || url.starts_with("postgresql://") => slipway_bench::BenchStore::Postgres { admin_url: url.to_string() },
+                other => return Err((exit::USAGE, format!("--store {other:?}: expected `sqlite` or a postgres:// URL"))),
+            };
+            let slipway = cli.slipway_bin.clone().unwrap_or_else(|| slipway_bench::sibling_bin("slipway"));
+            slipway_bench::run(slipway_bench::BenchOptions {
+                jobs: cli.jobs,
+                width: cli.width,
+                parallelism: cli.parallelism,
+                seed: cli.seed,
+                rounds: cli.rounds,
+                short_max_ms: cli.short_max_ms,
+                short_parallelism: cli.short_parallelism,
+                sleep_min_ms: cli.sleep_min_ms,
+                sleep_max_ms: cli.sleep_max_ms,
+                chain: cli.chain,
+                chain_max_ms: cli.chain_max_ms,
+                store,
+                nodes: cli.nodes,
+                cli: (!cli.no_cli).then_some(slipway),
+                json: cli.json,
+            })
+            .await
+            .map(drop)
+            .map_err(|e| match e {
+                slipway_bench::BenchError::Options(_) => (exit::USAGE, e.to_string()),
+                e => internal(&e),
+            })
+        }
     }
 }
 
