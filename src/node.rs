@@ -73,6 +73,7 @@ fn start(opts: NodeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> RunningNo
     let metrics_rx = bus.subscribe(4096);
     let report_rx = bus.subscribe(4096);
     let notify_rx = bus.subscribe(4096);
+    let changes_rx = bus.subscribe(4096);
     let metrics = Arc::new(Metrics::new());
     // The consumers end when every sender of the bus is gone (scheduler,
     // submitter), after they have handled what was queued.
@@ -80,6 +81,8 @@ fn start(opts: NodeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> RunningNo
     tasks.spawn(api::metrics::consume(metrics.clone(), metrics_rx));
     tasks.spawn(server_log::run(report_rx));
     tasks.spawn(crate::notify::run(store.clone(), opts.config_path.clone(), notify_rx));
+    let changes = Arc::new(api::changes::Changes::default());
+    tasks.spawn(api::changes::consume(changes.clone(), changes_rx));
     let node = opts.scheduler.node_id.clone();
     #[cfg(feature = "aws")]
     let lease = opts.scheduler.lease;
@@ -113,7 +116,7 @@ fn start(opts: NodeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> RunningNo
     tasks.spawn(crate::submit::gates::run(store.clone(), submitter.clone(), shutdown.clone()));
     tasks.spawn(crate::trigger::poll::run(submitter.clone(), shutdown.clone()));
     tasks.spawn(tend_machines(submitter.clone(), targets.clone(), shutdown.clone()));
-    let state = Arc::new(AppState { store: store.clone(), submitter, metrics, node, services: Some(services.clone()), refusals: Default::default() });
+    let state = Arc::new(AppState { store: store.clone(), submitter, metrics, node, services: Some(services.clone()), refusals: Default::default(), changes });
     // `[sqs]`: one node of the installation reads the queue (a lease).
     #[cfg(feature = "aws")]
     tasks.spawn(crate::trigger::sqs_consumer::run(state.clone(), state.node.clone(), lease, shutdown.clone()));

@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod changes;
 mod contract;
 mod gates;
 mod hooks;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub services: Option<Arc<crate::service::ServiceManager>>,
     /// How many refused requests the audit log records one by one.
     pub refusals: audit::Refusals,
+    /// What long polls of a deployment wait on.
+    pub changes: Arc<changes::Changes>,
 }
 
 #[derive(Debug)]
@@ -443,20 +446,44 @@ async fn deployment_or_404(s: &AppState, id: i64) -> ApiResult<crate::store::Dep
     s.store.deployment(id).await?.ok_or_else(|| ApiError::not_found(format!("no deployment {id}")))
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct DetailQuery {
+    /// With `after`: answer as soon as the deployment changes after that
+    /// point, or after this many milliseconds (at most 30000), whichever
+    /// comes first. Changes made on another node are seen only then.
+    wait_ms: Option<u64>,
+    /// The `seq` of the detail the caller has.
+    after: Option<u64>,
+}
+
 /// One deployment with its jobs and every attempt.
-#[utoipa::path(get, path = "/api/v1/deployments/{id}", params(("id" = i64, Path, description = "The deployment")),
-    responses((status = 200, description = "The deployment, its jobs and their attempts", body = DeploymentDetail), (status = 404, description = "No such deployment", body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", params(("id" = i64, Path, description = "The deployment"), DetailQuery),
+    responses((status = 200, description = "The deployment, its jobs and their attempts", body = DeploymentDetail), (status = 400, description = "A bad query", body = ErrorBody), (status = 404, description = "No such deployment", body = ErrorBody)))]
 async fn get_deployment(
     State(s): State<Arc<AppState>>,
     axum::Extension(caller): axum::Extension<auth::Caller>,
     id: Result<Path<i64>, PathRejection>,
+    query: Result<Query<DetailQuery>, QueryRejection>,
 ) -> ApiResult<Json<DeploymentDetail>> {
     let Path(id) = id?;
-    let d = readable(&s, &caller, id).await?;
+    let Query(q) = query?;
+    // The number is read before the rows: a change after it may or may
+    // not be in them, and the next wait then answers at once (never the
+    // reverse: a change in no answer and not waited for).
+    let mut seq = s.changes.seq();
+    let mut d = readable(&s, &caller, id).await?;
+    if let (Some(wait), Some(after)) = (q.wait_ms, q.after)
+        && !d.state.is_terminal()
+    {
+        s.changes.wait(id, after, Duration::from_millis(wait)).await;
+        seq = s.changes.seq();
+        d = readable(&s, &caller, id).await?;
+    }
     let jobs = s.store.jobs(id).await?.into_iter().map(Job::from).collect();
     let attempts = s.store.attempts(id).await?.into_iter().map(Attempt::from).collect();
     let d = with_causes(&s, vec![d]).await?.pop().ok_or_else(|| ApiError::not_found(format!("no deployment {id}")))?;
-    Ok(Json(DeploymentDetail::new(d, jobs, attempts)))
+    Ok(Json(DeploymentDetail { seq, ..DeploymentDetail::new(d, jobs, attempts) }))
 }
 
 /// The jobs of a deployment.

@@ -279,6 +279,11 @@ pub struct DeploymentDetail {
     pub critical_path: Vec<String>,
     #[serde(default)]
     pub critical_path_ms: i64,
+    /// The answering node's change counter when this was read: pass it
+    /// back as `after` (with `wait`) to be answered as soon as the
+    /// deployment changes.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 impl DeploymentDetail {
@@ -294,7 +299,7 @@ impl DeploymentDetail {
         let waves = s.waves.iter().map(|w| w.iter().map(name).collect()).collect();
         let critical_path = s.critical_path.iter().map(name).collect();
         let critical_path_ms = i64::try_from(s.critical_path_duration.as_millis()).unwrap_or(i64::MAX);
-        DeploymentDetail { deployment, jobs, attempts, waves, critical_path, critical_path_ms }
+        DeploymentDetail { deployment, jobs, attempts, waves, critical_path, critical_path_ms, seq: 0 }
     }
 }
 

@@ -756,10 +756,23 @@ async fn follow(client: &Client, mut id: i64, json: bool) -> Result<u8, CliError
     let mut failures = 0;
     let mut shown_to: std::collections::HashMap<String, i64> = Default::default();
     let mut display = if json { None } else { Some(progress::Display::new()) };
+    // Long polls: the server answers as soon as the deployment changes (or
+    // after FOLLOW_WAIT); asked at most every FOLLOW_EVERY, so a graph of
+    // many quick jobs is not read hundreds of times a second.
+    let mut after: Option<u64> = None;
+    let now = tokio::time::Instant::now();
+    let mut asked = now.checked_sub(FOLLOW_EVERY).unwrap_or(now);
     loop {
-        let detail: DeploymentDetail = match client.get(&format!("/api/v1/deployments/{id}")).await {
+        let path = match after {
+            Some(seq) => format!("/api/v1/deployments/{id}?wait_ms={}&after={seq}", FOLLOW_WAIT.as_millis()),
+            None => format!("/api/v1/deployments/{id}"),
+        };
+        tokio::time::sleep_until(asked + FOLLOW_EVERY).await;
+        asked = tokio::time::Instant::now();
+        let detail: DeploymentDetail = match client.get::<DeploymentDetail>(&path).await {
             Ok(d) => {
                 failures = 0;
+                after = Some(d.seq);
                 d
             }
             Err(ClientError::Unreachable { .. }) if failures < 20 => {
@@ -794,8 +807,9 @@ async fn follow(client: &Client, mut id: i64, json: bool) -> Result<u8, CliError
                 last_reason = d.reason.clone();
             }
             // The last output is flushed shortly after a job ends: one more
-            // read of the log once the deployment is over.
-            if d.state.is_terminal() {
+            // read of the log once the deployment is over (only where a
+            // job's log is shown).
+            if d.state.is_terminal() && detail.jobs.iter().any(|j| progress::shows_log(&j.name)) {
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
             let mut said = progress::job_events(&mut seen, &detail, symbol);
@@ -824,6 +838,7 @@ async fn follow(client: &Client, mut id: i64, json: bool) -> Result<u8, CliError
                     out.line(&format!("deployment {id}: {}; following deployment {next}", d.reason.as_deref().unwrap_or("superseded")));
                 }
                 id = next;
+                after = None;
                 seen.clear();
                 shown_to.clear();
                 last_state = None;
@@ -851,9 +866,14 @@ async fn follow(client: &Client, mut id: i64, json: bool) -> Result<u8, CliError
             }
             return Ok(if d.state == DeploymentState::Succeeded { exit::OK } else { exit::DEPLOYMENT_FAILED });
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// How long `follow` lets the server hold a read until the deployment
+/// changes: also how late it sees what another node did.
+const FOLLOW_WAIT: Duration = Duration::from_millis(500);
+/// At most one read of a followed deployment this often.
+const FOLLOW_EVERY: Duration = Duration::from_millis(100);
 
 /// New lines of the deployment's rollout jobs (instances started, health,
 /// traffic, draining), after what was shown of each. A failed read shows

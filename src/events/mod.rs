@@ -80,6 +80,22 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// The deployment a change of state is about (not output lines: they
+    /// come many per job, and reach the store later, through the log
+    /// writer).
+    pub fn deployment(&self) -> Option<i64> {
+        match self {
+            Event::DeploymentStarted { deployment, .. }
+            | Event::JobStarted { deployment, .. }
+            | Event::JobFinished { deployment, .. }
+            | Event::DeploymentFinished { deployment, .. }
+            | Event::DeploymentWaiting { deployment } => Some(*deployment),
+            Event::JobOutput { .. } | Event::RevisionRejected { .. } => None,
+        }
+    }
+}
+
 /// Fan-out to every consumer. Channels are bounded and sends wait, so a
 /// slow consumer slows the scheduler rather than losing output.
 #[derive(Clone, Default)]
