@@ -587,6 +587,10 @@ impl SqlStore {
                 // One connection: SQLite has one writer anyway, and this
                 // way no transaction ever meets SQLITE_BUSY half-way.
                 .max_connections(1)
+                // No ping before each use: the file cannot have gone away,
+                // and the ping is a round trip to sqlx's SQLite thread (two
+                // thread wake-ups) on every transaction.
+                .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(10))
                 .after_connect(|conn, _| {
                     Box::pin(async move {
