@@ -35,6 +35,13 @@ command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 # tests/metrics.rs: promtool and a real Prometheus.
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v man >/dev/null || need_apt+=(man-db)
+# crates/slipway-bench/tests/bench.rs: the services bench runs wrk against
+# Slipway's proxy and nginx side by side.
+command -v wrk >/dev/null || need_apt+=(wrk)
+# (nginx-light where Debian still has it: bookworm; plain nginx after.)
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  if apt-cache show nginx-light >/dev/null 2>&1; then need_apt+=(nginx-light); else need_apt+=(nginx); fi
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "test.sh: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -105,6 +112,7 @@ for line in sys.stdin:
         print(m["executable"])')
 [ -x "$SLIPWAY_DEMO_BIN" ] || { echo "test.sh: cannot build slipway-demo" >&2; exit 1; }
 export SLIPWAY_DEMO_BIN
+export SLIPWAY_REQUIRE_WRK=1
 
 scripts/fleet.sh sweep || true # SSH test fleets (namespaces, sshd's) a crashed run left behind
 

@@ -9,10 +9,17 @@
 //! stays counted until the backend's response body has been read to its
 //! end or the exchange is abandoned (client gone, timeout, error).
 //!
-//! Clients are served HTTP/1.1 with keep-alive (hyper); backends are
-//! reached through one pooled keep-alive client (hyper-util). A send that
-//! fails before any response (refused, reset, a pooled connection the
-//! backend just closed) is retried on the next backend, once per backend,
+//! Clients are served HTTP/1.1 with keep-alive (hyper). Each client
+//! connection keeps its own keep-alive connections to the backends it
+//! used, and one task drives the client connection and those together:
+//! a request and its response never cross to another task or thread (what
+//! a shared pool costs: a hand-off to the pooled connection's task, and
+//! back, per request), which is how nginx's single event loop does it. A
+//! client that closes its connection after each request (HTTP/1.0, or
+//! `Connection: close`) costs a connection to the backend each time, as
+//! with nginx without upstream `keepalive`. A send that fails before any
+//! response (refused, reset, a kept connection the backend just closed)
+//! is retried on the next backend, once per backend,
 //! which is what makes an instance dying mid-rollout invisible. Retrying
 //! needs the body again, so request bodies up to [`MAX_BUFFERED_BODY`] are
 //! buffered; larger ones are streamed and never retried. Non-idempotent
@@ -34,17 +41,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, BodyStream, Empty, Full, StreamBody};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
@@ -63,8 +70,6 @@ pub const MAX_BUFFERED_BODY: usize = 1024 * 1024;
 /// `keepalive_timeout`, because closing an idle connection races with a
 /// client reusing it.
 const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
-/// Idle pooled connections to backends are closed after this long.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Headers that describe one connection, not the message: never forwarded
 /// (RFC 9110 §7.6.1). `expect` is dropped separately: our own server side
@@ -86,6 +91,8 @@ type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 pub enum ProxyError {
     #[error("service {service:?}: cannot listen on {addr}: {}", bind_reason(source))]
     Bind { service: String, addr: SocketAddr, source: io::Error },
+    #[error("service {service:?}: cannot start the proxy's thread: {source}")]
+    Runtime { service: String, source: io::Error },
 }
 
 /// The OS's reason, and what to do about it.
@@ -137,7 +144,6 @@ struct Inner {
     service: String,
     local_addr: SocketAddr,
     options: ProxyOptions,
-    client: Client<HttpConnector, ProxyBody>,
     backends: Mutex<Backends>,
     requests: AtomicU64,
     errors: AtomicU64,
@@ -172,23 +178,47 @@ impl Proxy {
         let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
 
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(options.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE_TIMEOUT).pool_timer(TokioTimer::new()).build(connector);
-
         let (life, _) = watch::channel(Life { listening: true, connections: 0 });
         let inner = Arc::new(Inner {
             service: service.to_string(),
             local_addr,
             options,
-            client,
             backends: Mutex::new(Backends::default()),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             life,
         });
-        tokio::spawn(accept_loop(inner.clone(), listener, shutdown));
+        // One thread and one single-threaded runtime per proxy, as nginx
+        // runs a worker: a request, its backend exchange and its response
+        // never wake another thread (on tokio's shared multi-threaded
+        // runtime they did, and on two busy cores those hand-offs cost
+        // about a fifth of the proxy's CPU per request).
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| ProxyError::Runtime { service: service.to_string(), source: e })?;
+        let listener = listener.into_std().map_err(bind_err)?;
+        let (served, stop) = (inner.clone(), shutdown.clone());
+        let spawned = std::thread::Builder::new().name(format!("proxy-{service}")).spawn(move || {
+            runtime.block_on(async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(service = %served.service, error = %e, "proxy cannot use its listening socket");
+                        served.life.send_modify(|l| l.listening = false);
+                        return;
+                    }
+                };
+                accept_loop(served.clone(), listener, stop).await;
+                // Connections finish the request in progress (their own
+                // timeouts bound it), then end: the runtime must not drop
+                // them before.
+                let mut life = served.life.subscribe();
+                let _ = life.wait_for(|l| l.connections == 0).await;
+            });
+        });
+        if let Err(e) = spawned {
+            inner.life.send_modify(|l| l.listening = false);
+            return Err(ProxyError::Runtime { service: service.to_string(), source: e });
+        }
         Ok(Proxy { inner })
     }
 
@@ -273,21 +303,35 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
     let _guard = ConnectionGuard(inner.clone());
     let io = TokioIo::new(WriteDeadline::new(stream, inner.options.idle_timeout));
     let handler = inner.clone();
+    let (drive, mut to_drive) = mpsc::unbounded_channel();
+    let upstreams = Arc::new(Upstreams { idle: Mutex::new(Vec::new()), drive });
     let service = hyper::service::service_fn(move |req| {
-        let inner = handler.clone();
-        async move { Ok::<_, Infallible>(inner.handle(req, peer).await) }
+        let (inner, upstreams) = (handler.clone(), upstreams.clone());
+        async move { Ok::<_, Infallible>(inner.handle(req, peer, &upstreams).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).keep_alive(true).header_read_timeout(CLIENT_IDLE_TIMEOUT);
     let conn = builder.serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shutdown.cancelled() => {
-            // Finish the request in progress, then close instead of
-            // waiting for the next one.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    // This client's connections to backends, driven here (module doc);
+    // dropped, and so closed, when the client's connection ends.
+    let mut backend_conns: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>> = FuturesUnordered::new();
+    let mut stopping = false;
+    // Made once: a fresh `cancelled()` on every turn of the loop would
+    // register a waiter per wake-up.
+    let mut cancelled = std::pin::pin!(shutdown.cancelled());
+    let result = loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => break r,
+            Some(c) = to_drive.recv() => backend_conns.push(c),
+            Some(()) = backend_conns.next(), if !backend_conns.is_empty() => {}
+            _ = cancelled.as_mut(), if !stopping => {
+                // Finish the request in progress, then close instead of
+                // waiting for the next one.
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
         }
     };
     if let Err(e) = result {
@@ -320,6 +364,69 @@ impl Drop for InFlight {
             if *n == 0 {
                 b.in_flight.remove(&self.backend);
             }
+        }
+    }
+}
+
+/// A client connection's keep-alive connections to backends: the idle
+/// ones, and where a new one goes to be driven by the client
+/// connection's task.
+struct Upstreams {
+    idle: Mutex<Vec<(SocketAddr, SendRequest<ProxyBody>)>>,
+    drive: mpsc::UnboundedSender<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Upstreams {
+    fn lock(&self) -> MutexGuard<'_, Vec<(SocketAddr, SendRequest<ProxyBody>)>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle connection to `backend`, if one is kept (and not closed).
+    fn take(&self, backend: SocketAddr) -> Option<SendRequest<ProxyBody>> {
+        let mut idle = self.lock();
+        idle.retain(|(_, s)| !s.is_closed());
+        let i = idle.iter().position(|(b, _)| *b == backend)?;
+        Some(idle.swap_remove(i).1)
+    }
+}
+
+/// A connection to a backend, given back to its client connection's
+/// idle set once the response it carried was read to its end (dropped,
+/// and so closed, otherwise).
+struct Reuse {
+    upstreams: Arc<Upstreams>,
+    backend: SocketAddr,
+    sender: SendRequest<ProxyBody>,
+}
+
+impl Reuse {
+    fn give_back(self) {
+        self.upstreams.lock().push((self.backend, self.sender));
+    }
+}
+
+/// Why a request could not be sent to a backend.
+enum SendError {
+    /// Connecting failed or timed out: nothing was sent.
+    Connect(String),
+    /// hyper's error on a connection (canceled: the request was never written).
+    Http(hyper::Error),
+}
+
+impl SendError {
+    /// Whether the request certainly was not sent, so any method may go
+    /// to another backend.
+    fn nothing_sent(&self) -> bool {
+        match self {
+            SendError::Connect(_) => true,
+            SendError::Http(e) => e.is_canceled(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            SendError::Connect(e) => e.clone(),
+            SendError::Http(e) => error_chain(e),
         }
     }
 }
@@ -373,7 +480,47 @@ impl Inner {
         Pick::Backend(InFlight { inner: self.clone(), backend })
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    /// A connection to `backend` ready for a request: a kept one, or a new one.
+    async fn connection(&self, upstreams: &Arc<Upstreams>, backend: SocketAddr) -> Result<SendRequest<ProxyBody>, SendError> {
+        if let Some(mut kept) = upstreams.take(backend) {
+            // Ready once its last response was read; an error if the
+            // backend closed it meanwhile (then a new one is made).
+            if let Ok(Ok(())) = tokio::time::timeout(self.options.connect_timeout, kept.ready()).await {
+                return Ok(kept);
+            }
+        }
+        let stream = match tokio::time::timeout(self.options.connect_timeout, TcpStream::connect(backend)).await {
+            Err(_) => return Err(SendError::Connect(format!("connecting timed out after {}", humanize(self.options.connect_timeout)))),
+            Ok(Err(e)) => return Err(SendError::Connect(format!("cannot connect: {e}"))),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(SendError::Http)?;
+        let service = self.service.clone();
+        let driven: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%service, %backend, error = %e, "proxy connection to an instance ended with an error");
+            }
+        });
+        // The receiver lives as long as the client connection's task,
+        // which is running us: it cannot be gone.
+        let _ = upstreams.drive.send(driven);
+        Ok(sender)
+    }
+
+    /// Send `req` to `backend`; the response and the connection it came on.
+    async fn send(
+        &self,
+        upstreams: &Arc<Upstreams>,
+        backend: SocketAddr,
+        req: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, SendRequest<ProxyBody>), SendError> {
+        let mut sender = self.connection(upstreams, backend).await?;
+        let resp = sender.send_request(req).await.map_err(SendError::Http)?;
+        Ok((resp, sender))
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr, upstreams: &Arc<Upstreams>) -> Response<ProxyBody> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let (parts, body) = req.into_parts();
 
@@ -387,7 +534,8 @@ impl Inner {
         headers.remove(header::EXPECT);
         append_forwarded_for(&mut headers, peer);
         headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
-        let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        // Backends get the origin form (`/path?query`) whatever the client sent.
+        let uri = parts.uri.path_and_query().cloned().map(Uri::from).unwrap_or_else(|| Uri::from_static("/"));
 
         let mut body = match read_body(body, self.options.idle_timeout).await {
             Ok(b) => b,
@@ -411,25 +559,27 @@ impl Inner {
             let backend = guard.backend;
             tried.push(backend);
             let Some(attempt_body) = body.for_attempt() else { break };
-            let uri = match Uri::builder().scheme("http").authority(backend.to_string()).path_and_query(path_and_query.as_str()).build() {
-                Ok(u) => u,
-                Err(e) => return plain(StatusCode::BAD_REQUEST, format!("bad request target: {e}\n")),
-            };
             let mut out = Request::new(attempt_body);
             *out.method_mut() = parts.method.clone();
-            *out.uri_mut() = uri;
-            // Backends always get HTTP/1.1 so the pooled connection stays
+            *out.uri_mut() = uri.clone();
+            // Backends always get HTTP/1.1 so the connection stays
             // keep-alive whatever the client spoke.
             *out.version_mut() = Version::HTTP_11;
             *out.headers_mut() = headers.clone();
+            if !out.headers().contains_key(header::HOST)
+                && let Ok(host) = HeaderValue::from_str(&backend.to_string())
+            {
+                // An HTTP/1.0 client may send none; HTTP/1.1 requires one.
+                out.headers_mut().insert(header::HOST, host);
+            }
 
-            match tokio::time::timeout(self.options.response_timeout, self.client.request(out)).await {
-                Ok(Ok(resp)) => return self.relay(resp, guard),
+            match tokio::time::timeout(self.options.response_timeout, self.send(upstreams, backend, out)).await {
+                Ok(Ok((resp, sender))) => return self.relay(resp, guard, Reuse { upstreams: upstreams.clone(), backend, sender }),
                 Ok(Err(e)) => {
                     // If nothing was sent, any method may go elsewhere;
                     // otherwise the backend may have acted on it.
-                    let retry = body.replayable() && (nothing_sent(&e) || parts.method.is_idempotent());
-                    let described = error_chain(&e);
+                    let retry = body.replayable() && (e.nothing_sent() || parts.method.is_idempotent());
+                    let described = e.describe();
                     tracing::debug!(service = %self.service, %backend, error = %described, retry, "proxy send failed");
                     last_error = Some(format!("{backend}: {described}"));
                     if !retry {
@@ -460,33 +610,28 @@ impl Inner {
 
     /// The backend's response, with its body streamed through and the
     /// request counted against the backend until that body ends.
-    fn relay(&self, resp: Response<Incoming>, guard: InFlight) -> Response<ProxyBody> {
+    fn relay(&self, resp: Response<Incoming>, guard: InFlight, reuse: Reuse) -> Response<ProxyBody> {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
-        let body = Watched::new(body, self.options.idle_timeout, Some(guard)).boxed_unsync();
+        let mut body = Watched::new(body, self.options.idle_timeout, Some(guard));
+        body.reuse = Some(reuse);
+        // Nothing to read (a 204, a HEAD's answer): done with it already.
+        if body.inner.is_end_stream() {
+            body.finished();
+        }
+        let body = body.boxed_unsync();
         Response::from_parts(parts, body)
     }
 }
 
-/// Whether a failed send certainly wrote nothing: a connect failure, or a
-/// request hyper hands back unstarted (its error is then "canceled").
-fn nothing_sent(e: &hyper_util::client::legacy::Error) -> bool {
-    if e.is_connect() {
-        return true;
-    }
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        if c.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_canceled()) {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
-}
-
 /// Remove hop-by-hop headers, including those the `connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: a scan compares names without hashing,
+    // where a remove of each would hash all seven.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -578,11 +723,23 @@ struct Watched<B> {
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
     guard: Option<InFlight>,
+    /// The backend connection a response came on: kept for the next
+    /// request once the response was read to its end.
+    reuse: Option<Reuse>,
 }
 
 impl<B> Watched<B> {
     fn new(inner: B, idle: Duration, guard: Option<InFlight>) -> Self {
-        Watched { inner, idle, timer: None, armed: false, guard }
+        Watched { inner, idle, timer: None, armed: false, guard, reuse: None }
+    }
+
+    /// Read to its end: the request no longer counts against its backend,
+    /// and its connection may carry the next one.
+    fn finished(&mut self) {
+        self.guard = None;
+        if let Some(r) = self.reuse.take() {
+            r.give_back();
+        }
     }
 }
 
@@ -602,7 +759,7 @@ where
                 // The backend is done with the request once its last byte
                 // is here, even if hyper never polls us again.
                 if this.inner.is_end_stream() {
-                    this.guard = None;
+                    this.finished();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -611,7 +768,7 @@ where
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
-                this.guard = None;
+                this.finished();
                 Poll::Ready(None)
             }
             Poll::Pending => {

@@ -120,9 +120,8 @@ pub enum DockerBenchError {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DockerBenchReport {
-    /// `std::thread::available_parallelism`: wrk, dockerd, the containers,
-    /// docker-compose and Slipway share these.
-    pub cores: usize,
+    /// wrk, dockerd, the containers, docker-compose and Slipway share its cores.
+    pub machine: super::Machine,
     pub wrk_version: String,
     pub compose_version: String,
     pub engine_version: String,
@@ -240,9 +239,18 @@ impl DockerBenchReport {
         let (c, s) = (&l.compose, &l.slipway);
         let r = &self.rollout;
         let mut out = format!(
-            "slipway-bench docker: {} cores shared by wrk, dockerd, the containers, docker-compose and Slipway; {}; {}; Docker Engine {}\n\n\
+            "slipway-bench docker: {}; {}; Docker Engine {}\n{} (wrk, dockerd, the containers, docker-compose and Slipway share the cores)\n\n\
              one container of the demo under load (wrk -t{} -c{} -d{}s; the image changes {} → {} {:.1}s in):\n",
-            self.cores, self.wrk_version, self.compose_version, self.engine_version, l.threads, l.connections, l.duration_secs, l.from, l.to, l.change_at_secs,
+            self.wrk_version,
+            self.compose_version,
+            self.engine_version,
+            self.machine.human(),
+            l.threads,
+            l.connections,
+            l.duration_secs,
+            l.from,
+            l.to,
+            l.change_at_secs,
         );
         let row = |label: &str, a: String, b: String| format!("  {label:<46} {a:>22} {b:>22}\n");
         let errs = |x: &LoadRun| format!("{}/{}/{}/{}", x.socket_errors[0], x.socket_errors[1], x.socket_errors[2], x.socket_errors[3]);
@@ -922,6 +930,7 @@ fn run_id() -> String {
 /// the `slipway-demo` binary ([`super::sibling_bin`] finds both next to
 /// `slipway-bench`).
 pub async fn run(opts: LoadBenchOptions, slipway_bin: &Path, demo_bin: &Path) -> Result<DockerBenchReport, DockerBenchError> {
+    let started = super::Machine::now();
     opts.check_wrk()?;
     if opts.duration < Duration::from_secs(4) || opts.duration.subsec_nanos() != 0 {
         return Err(LoadBenchError::Options("--wrk-secs must be a whole number of seconds, at least 4 (the change needs room)".into()).into());
@@ -955,7 +964,8 @@ pub async fn run(opts: LoadBenchOptions, slipway_bin: &Path, demo_bin: &Path) ->
     for what in &not_removed {
         eprintln!("slipway-bench docker: WARNING: not removed: {what}");
     }
-    let report = measured?;
+    let mut report = measured?;
+    report.machine = super::Machine { load_at_start: started.load_at_start, ..report.machine };
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -1143,7 +1153,7 @@ async fn measure(
     let slipway_median = slipway_runs[median_by(&mut (0..slipway_runs.len()).collect(), &|i| slipway_runs[i].rollout_secs)].clone();
     let compose_median = compose_runs[median_by(&mut (0..compose_runs.len()).collect(), &|i| compose_runs[i].up_secs)].clone();
     Ok(DockerBenchReport {
-        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        machine: super::Machine::now(),
         wrk_version,
         compose_version,
         engine_version,

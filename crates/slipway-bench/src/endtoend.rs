@@ -100,7 +100,14 @@ fn tail(text: &str) -> String {
 
 /// Run every job of the graph in `dir` through `slipway run`; the CLI's
 /// time and the server's.
-pub(crate) async fn run(bin: &Path, dir: &Path, names: &[String], parallelism: usize, limit: Duration, nodes: &Nodes<'_>) -> Result<(Duration, Duration), BenchError> {
+pub(crate) async fn run(
+    bin: &Path,
+    dir: &Path,
+    names: &[String],
+    parallelism: usize,
+    limit: Duration,
+    nodes: &Nodes<'_>,
+) -> Result<(Duration, Duration), BenchError> {
     let store = nodes.stores.fresh(dir).await?;
     let mut started = Vec::new();
     for n in 1..=nodes.count {

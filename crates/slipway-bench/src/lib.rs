@@ -21,6 +21,7 @@
 
 pub mod docker;
 mod endtoend;
+pub mod nginx;
 pub mod service;
 pub mod wrk;
 use std::collections::VecDeque;
@@ -460,7 +461,11 @@ impl BenchReport {
             verdict(n.within_target),
             n.round_ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" "),
         );
-        let _ = writeln!(out, "  cpu: slipway {:.2}s vs ninja {:.2}s; peak {} running; ready→start {:.1}ms mean", n.slipway.cpu_secs, n.ninja_cpu_secs, n.slipway.peak_running, n.slipway.mean_ready_to_start_ms);
+        let _ = writeln!(
+            out,
+            "  cpu: slipway {:.2}s vs ninja {:.2}s; peak {} running; ready→start {:.1}ms mean",
+            n.slipway.cpu_secs, n.ninja_cpu_secs, n.slipway.peak_running, n.slipway.mean_ready_to_start_ms
+        );
         let _ = writeln!(out);
         let _ = writeln!(
             out,
@@ -496,7 +501,11 @@ impl BenchReport {
             let _ = writeln!(out, "\nthe real binary (slipway serve, then `slipway run` of every job):");
             let _ = writeln!(out, "{:<7} {:>9} {:>9} {:>12} {:>10}", "graph", "cli", "server", "cli÷server", "cli÷peer");
             for e in e2e {
-                let _ = writeln!(out, "{:<7} {:>8.3}s {:>8.3}s {:>12.3} {:>10.3}  (peer: {})", e.graph, e.cli_secs, e.server_secs, e.cli_over_server, e.cli_ratio, e.versus);
+                let _ = writeln!(
+                    out,
+                    "{:<7} {:>8.3}s {:>8.3}s {:>12.3} {:>10.3}  (peer: {})",
+                    e.graph, e.cli_secs, e.server_secs, e.cli_over_server, e.cli_ratio, e.versus
+                );
             }
         }
         out
@@ -595,7 +604,15 @@ pub fn chain(jobs: usize) -> Dag {
 }
 
 fn check_options(opts: &BenchOptions) -> Result<(), BenchError> {
-    let positive = [("--jobs", opts.jobs), ("--width", opts.width), ("--rounds", opts.rounds), ("--parallelism", opts.parallelism), ("--short-parallelism", opts.short_parallelism), ("--chain", opts.chain), ("--nodes", opts.nodes)];
+    let positive = [
+        ("--jobs", opts.jobs),
+        ("--width", opts.width),
+        ("--rounds", opts.rounds),
+        ("--parallelism", opts.parallelism),
+        ("--short-parallelism", opts.short_parallelism),
+        ("--chain", opts.chain),
+        ("--nodes", opts.nodes),
+    ];
     if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
         return Err(BenchError::Options(format!("{flag} must be at least 1")));
     }
@@ -705,7 +722,8 @@ async fn run_graphs(opts: &BenchOptions, dag: &Dag, ninja: &Path, root: &Path, s
     let mut graphs = Vec::new();
     for (name, g, lo, hi, slots) in plans {
         let sleeps = sleep_durations(g.len(), lo, hi, opts.seed);
-        let crit_ms = critical_path(&g.needs, &sleeps).ok_or_else(|| BenchError::Options("the generated graph has a cycle (a bug in `slipway-bench`)".into()))?;
+        let crit_ms =
+            critical_path(&g.needs, &sleeps).ok_or_else(|| BenchError::Options("the generated graph has a cycle (a bug in `slipway-bench`)".into()))?;
         let depth = critical_path(&g.needs, &vec![1; g.len()]).unwrap_or(1) as usize;
         let cmds: Vec<String> = sleeps.iter().map(|&ms| sleep_command(ms)).collect();
         let dir = write_graph(&root.join(name), g, &cmds)?;
@@ -877,7 +895,14 @@ async fn watch(mut rx: mpsc::Receiver<(usize, Arc<Event>)>, nodes: usize, finish
 /// Run the graph in `dir` on in-process Slipway node(s) over a fresh
 /// store, each wired as `slipway serve` wires it; the first one takes the
 /// submit.
-async fn run_slipway(graph: &'static str, dir: &Path, names: &[String], parallelism: usize, limit: Duration, nodes: &Nodes<'_>) -> Result<SlipwayRun, BenchError> {
+async fn run_slipway(
+    graph: &'static str,
+    dir: &Path,
+    names: &[String],
+    parallelism: usize,
+    limit: Duration,
+    nodes: &Nodes<'_>,
+) -> Result<SlipwayRun, BenchError> {
     let config_path = dir.join(config::CONFIG_FILE);
     let loaded = config::load(&config_path).map_err(BenchError::Config)?;
     if loaded.config.jobs.len() != names.len() {

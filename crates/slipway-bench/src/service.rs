@@ -12,6 +12,11 @@
 //!   a client sees on this machine", not the proxy's cost in isolation;
 //!   the CPU time per request of the proxy and of the demo is reported
 //!   next to it for that reason.
+//! - **against nginx**: in the same rounds, nginx (Debian's, installed if
+//!   missing; configured as [`super::nginx`] says: one worker, keep-alive
+//!   to the upstream) in front of the same demo instance. The report gives
+//!   Slipway's proxy ÷ nginx for requests/s and for the 99th percentile:
+//!   the goal is at least nginx's throughput with no worse a tail.
 //! - **rollout overhead**: a [`ServiceManager`] over a throw-away SQLite
 //!   store and the local target rolls `instances` demo instances from one
 //!   version to the next (rolling, max surge 1, max unavailable 0, HTTP
@@ -35,8 +40,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::nginx::{self, Nginx};
 use super::wrk::{LoadBenchError, LoadBenchOptions, find_demo, find_wrk, free_port, io, read_wrk, run_wrk, wrk_version};
-use super::{BenchError, TempDir, ms, ratio, rusage_cpu};
+use super::{BenchError, Machine, TempDir, ms, ratio, rusage_cpu};
 use slipway::config::service::{HealthCheck, HealthSpec, RolloutSpec, ServiceSpec, Strategy};
 use slipway::service::proxy::{Proxy, ProxyError};
 use slipway::service::{RolloutRequest, ServiceManager};
@@ -81,9 +87,10 @@ pub enum ServiceBenchError {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceBenchReport {
-    /// `std::thread::available_parallelism`: wrk, the demo and the proxy share these.
-    pub cores: usize,
+    /// wrk, the demo, the proxy and nginx share its cores.
+    pub machine: Machine,
     pub wrk_version: String,
+    pub nginx_version: String,
     pub proxy: ProxyBench,
     pub rollout: RolloutBench,
 }
@@ -106,6 +113,16 @@ pub struct ProxyBench {
     pub rps_ratio: f64,
     /// p99_proxy ÷ p99_direct (above 1: the proxy adds tail latency).
     pub p99_ratio: f64,
+    /// nginx in front of the same demo, medians over the rounds.
+    pub rps_nginx: f64,
+    pub p99_nginx_ms: f64,
+    pub p50_nginx_ms: f64,
+    /// rps_proxy ÷ rps_nginx (goal: at least 1).
+    pub rps_vs_nginx: f64,
+    /// p99_proxy ÷ p99_nginx (goal: at most 1).
+    pub p99_vs_nginx: f64,
+    pub rps_at_least_nginx: bool,
+    pub p99_at_most_nginx: bool,
     /// Every wrk run, in the order run.
     pub runs: Vec<WrkRun>,
     /// Requests the proxy answered itself with 502/503/504 (should be 0).
@@ -115,7 +132,7 @@ pub struct ProxyBench {
 /// One wrk run.
 #[derive(Debug, Clone, Serialize)]
 pub struct WrkRun {
-    /// "direct" or "proxy".
+    /// "direct", "proxy" (Slipway's) or "nginx".
     pub via: &'static str,
     pub rps: f64,
     pub p50_ms: f64,
@@ -123,8 +140,9 @@ pub struct WrkRun {
     pub requests: u64,
     /// Non-2xx/3xx answers plus socket errors (should be 0).
     pub errors: u64,
-    /// This process's CPU time (the proxy, when it is in the path) per request.
-    pub slipway_cpu_us_per_request: f64,
+    /// The front's CPU time per request: this process (Slipway's proxy)
+    /// or nginx's; 0 for direct.
+    pub front_cpu_us_per_request: f64,
     /// The demo's CPU time per request.
     pub demo_cpu_us_per_request: f64,
 }
@@ -184,29 +202,42 @@ impl ServiceBenchReport {
         let errors: u64 = p.runs.iter().map(|w| w.errors).sum::<u64>() + p.proxy_errors;
         let per_run = |via: &str| p.runs.iter().filter(|w| w.via == via).map(|w| format!("{:.2}", w.p99_ms)).collect::<Vec<_>>().join("/");
         let cpu = |via: &str, f: fn(&WrkRun) -> f64| median(&p.runs.iter().filter(|w| w.via == via).map(f).collect::<Vec<_>>());
+        let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
         let mut out = format!(
-            "slipway-bench service: {} cores shared by wrk, the demo and the proxy; {}\n\
-             proxy (wrk -t{} -c{} -d{}s, {} rounds each, alternating, medians): direct {:.0} req/s p99 {:.2}ms; through the proxy {:.0} req/s p99 {:.2}ms → req/s ×{:.2}, p99 ×{:.2}\n\
-             p99 per run (ms): direct {}, proxy {} (tails swing when wrk, the demo and the proxy outnumber the cores)\n\
-             cpu per request through the proxy: slipway (the proxy) {:.1}µs, demo {:.1}µs (direct: demo {:.1}µs)\n",
-            self.cores,
+            "slipway-bench services: {}; {}\n{} (wrk, the demo, the proxy and nginx share the cores)\n\n             wrk -t{} -c{} -d{}s against the demo, {} rounds of each front, alternating; medians:\n",
             self.wrk_version,
+            self.nginx_version,
+            self.machine.human(),
             p.threads,
             p.connections,
             p.duration_secs,
             p.rounds,
-            p.rps_direct,
-            p.p99_direct_ms,
-            p.rps_proxy,
-            p.p99_proxy_ms,
-            p.rps_ratio,
-            p.p99_ratio,
-            per_run("direct"),
-            per_run("proxy"),
-            cpu("proxy", |w| w.slipway_cpu_us_per_request),
-            cpu("proxy", |w| w.demo_cpu_us_per_request),
-            cpu("direct", |w| w.demo_cpu_us_per_request),
         );
+        out.push_str(&format!(
+            "{:<22} {:>10} {:>9} {:>9} {:>14} {:>13}  {}\n",
+            "front", "req/s", "p50 ms", "p99 ms", "front µs/req", "demo µs/req", "p99 per run (ms)"
+        ));
+        for (via, label, rps, p50, p99) in [
+            ("direct", "none (the demo itself)", p.rps_direct, p.p50_direct_ms, p.p99_direct_ms),
+            ("proxy", "slipway's proxy", p.rps_proxy, p.p50_proxy_ms, p.p99_proxy_ms),
+            ("nginx", "nginx", p.rps_nginx, p.p50_nginx_ms, p.p99_nginx_ms),
+        ] {
+            out.push_str(&format!(
+                "{label:<22} {rps:>10.0} {p50:>9.2} {p99:>9.2} {:>14.1} {:>13.1}  {}\n",
+                cpu(via, |w| w.front_cpu_us_per_request),
+                cpu(via, |w| w.demo_cpu_us_per_request),
+                per_run(via)
+            ));
+        }
+        out.push_str(&format!(
+            "slipway's proxy ÷ nginx: req/s ×{:.3} (goal ≥ 1) {}, p99 ×{:.3} (goal ≤ 1) {}; ÷ direct: req/s ×{:.2}, p99 ×{:.2}\n",
+            p.rps_vs_nginx,
+            verdict(p.rps_at_least_nginx),
+            p.p99_vs_nginx,
+            verdict(p.p99_at_most_nginx),
+            p.rps_ratio,
+            p.p99_ratio
+        ));
         if errors > 0 {
             out.push_str(&format!("WARNING: {errors} failed requests during the wrk runs: the req/s figures are not comparable\n"));
         }
@@ -273,22 +304,25 @@ pub async fn run(opts: LoadBenchOptions, demo_bin: &Path) -> Result<ServiceBench
     if !(1..=64).contains(&opts.rollout_instances) {
         return Err(LoadBenchError::Options("--instances must be between 1 and 64".into()).into());
     }
+    let machine = Machine::now();
     let wrk = find_wrk()?;
     let demo = find_demo(demo_bin)?;
     let wrk_version = wrk_version(&wrk).await?;
+    let nginx_bin = nginx::find_or_install().await?;
+    let nginx_version = nginx::version(&nginx_bin).await?;
     let progress = |msg: &str| eprintln!("slipway-bench service: {msg}");
 
     progress(&format!(
-        "proxy: wrk -t{} -c{} -d{}s, direct and through the proxy, {ROUNDS} rounds each",
+        "proxy: wrk -t{} -c{} -d{}s, direct, through Slipway's proxy and through nginx, {ROUNDS} rounds each",
         opts.threads,
         opts.connections,
         opts.duration.as_secs()
     ));
-    let proxy = bench_proxy(&opts, &wrk, &demo).await?;
+    let proxy = bench_proxy(&opts, &wrk, &demo, &nginx_bin).await?;
     progress(&format!("rollouts of {} demo instances: {}", opts.rollout_instances, ROLLOUT_VERSIONS.join(" → ")));
     let rollout = bench_rollouts(&opts, &demo).await?;
 
-    let report = ServiceBenchReport { cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), wrk_version, proxy, rollout };
+    let report = ServiceBenchReport { machine: machine.finish(), wrk_version, nginx_version, proxy, rollout };
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -353,20 +387,27 @@ fn proc_cpu(pid: u32) -> Option<Duration> {
     (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
-async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path) -> Result<ProxyBench, ServiceBenchError> {
+async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path, nginx_bin: &Path) -> Result<ProxyBench, ServiceBenchError> {
     let demo = Demo::start(demo_bin, "1.0").await?;
     let shutdown = CancellationToken::new();
     let _stop_proxy = shutdown.clone().drop_guard();
     let proxy = Proxy::bind("bench", SocketAddr::from(([127, 0, 0, 1], 0)), shutdown.clone()).await?;
     proxy.set_backends(vec![demo.addr]);
+    let nginx_dir = TempDir::create()?;
+    let nginx = Nginx::start(nginx_bin, &nginx_dir.0, demo.addr).await?;
 
-    let mut runs = Vec::with_capacity(2 * ROUNDS);
+    let mut runs = Vec::with_capacity(3 * ROUNDS);
     for round in 1..=ROUNDS {
-        for (via, addr) in [("direct", demo.addr), ("proxy", proxy.local_addr())] {
-            eprintln!("slipway-bench service: proxy round {round} of {ROUNDS}: {via}");
-            let (self_before, demo_before) = (rusage_cpu(libc::RUSAGE_SELF), demo.cpu());
+        for (via, addr) in [("direct", demo.addr), ("proxy", proxy.local_addr()), ("nginx", nginx.addr)] {
+            eprintln!("slipway-bench services: round {round} of {ROUNDS}: {via}");
+            let front_cpu = || match via {
+                "proxy" => rusage_cpu(libc::RUSAGE_SELF),
+                "nginx" => nginx.pid().and_then(proc_cpu).unwrap_or_default(),
+                _ => Duration::ZERO,
+            };
+            let (front_before, demo_before) = (front_cpu(), demo.cpu());
             let w = read_wrk(&run_wrk(wrk, opts, addr).await?)?;
-            let (self_cpu, demo_cpu) = (rusage_cpu(libc::RUSAGE_SELF).saturating_sub(self_before), demo.cpu().saturating_sub(demo_before));
+            let (front, demo_cpu) = (front_cpu().saturating_sub(front_before), demo.cpu().saturating_sub(demo_before));
             let per = |d: Duration| if w.requests == 0 { 0.0 } else { d.as_secs_f64() * 1e6 / w.requests as f64 };
             runs.push(WrkRun {
                 via,
@@ -375,7 +416,7 @@ async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path) -> Re
                 p99_ms: ms(w.p99),
                 requests: w.requests,
                 errors: w.non_2xx + w.socket_errors,
-                slipway_cpu_us_per_request: per(self_cpu),
+                front_cpu_us_per_request: per(front),
                 demo_cpu_us_per_request: per(demo_cpu),
             });
         }
@@ -383,11 +424,13 @@ async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path) -> Re
     let proxy_errors = proxy.stats().errors;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), proxy.stopped()).await;
+    drop(nginx);
+    drop(nginx_dir);
     drop(demo);
 
     let side = |via: &str, f: fn(&WrkRun) -> f64| median(&runs.iter().filter(|w| w.via == via).map(f).collect::<Vec<_>>());
-    let (rps_direct, rps_proxy) = (side("direct", |w| w.rps), side("proxy", |w| w.rps));
-    let (p99_direct_ms, p99_proxy_ms) = (side("direct", |w| w.p99_ms), side("proxy", |w| w.p99_ms));
+    let (rps_direct, rps_proxy, rps_nginx) = (side("direct", |w| w.rps), side("proxy", |w| w.rps), side("nginx", |w| w.rps));
+    let (p99_direct_ms, p99_proxy_ms, p99_nginx_ms) = (side("direct", |w| w.p99_ms), side("proxy", |w| w.p99_ms), side("nginx", |w| w.p99_ms));
     Ok(ProxyBench {
         duration_secs: opts.duration.as_secs(),
         connections: opts.connections,
@@ -401,6 +444,13 @@ async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path) -> Re
         p50_proxy_ms: side("proxy", |w| w.p50_ms),
         rps_ratio: ratio(rps_proxy, rps_direct),
         p99_ratio: ratio(p99_proxy_ms, p99_direct_ms),
+        rps_nginx,
+        p99_nginx_ms,
+        p50_nginx_ms: side("nginx", |w| w.p50_ms),
+        rps_vs_nginx: ratio(rps_proxy, rps_nginx),
+        p99_vs_nginx: ratio(p99_proxy_ms, p99_nginx_ms),
+        rps_at_least_nginx: rps_proxy >= rps_nginx,
+        p99_at_most_nginx: p99_proxy_ms <= p99_nginx_ms,
         runs,
         proxy_errors,
     })
