@@ -450,8 +450,9 @@ async fn deployment_or_404(s: &AppState, id: i64) -> ApiResult<crate::store::Dep
 #[into_params(parameter_in = Query)]
 struct DetailQuery {
     /// With `after`: answer as soon as the deployment changes after that
-    /// point, or after this many milliseconds (at most 30000), whichever
+    /// point, or after this many milliseconds (at most 2000), whichever
     /// comes first. Changes made on another node are seen only then.
+    #[param(maximum = 2000)]
     wait_ms: Option<u64>,
     /// The `seq` of the detail the caller has.
     after: Option<u64>,
@@ -468,6 +469,11 @@ async fn get_deployment(
 ) -> ApiResult<Json<DeploymentDetail>> {
     let Path(id) = id?;
     let Query(q) = query?;
+    if let Some(w) = q.wait_ms
+        && u128::from(w) > changes::MAX_WAIT.as_millis()
+    {
+        return Err(ApiError::bad_request(format!("wait_ms: at most {} (milliseconds), not {w}", changes::MAX_WAIT.as_millis())));
+    }
     // The number is read before the rows: a change after it may or may
     // not be in them, and the next wait then answers at once (never the
     // reverse: a change in no answer and not waited for).

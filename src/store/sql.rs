@@ -100,6 +100,20 @@ async fn batcher(inner: Arc<Inner>, mut rx: mpsc::Receiver<BatchOp>) {
                     let _ = op.reply.send(Ok(result));
                 }
             }
+            // Nothing to split, or the store could not answer at all (the
+            // batch was not at fault, and running each alone would only
+            // wait out the same timeout again per operation): every
+            // caller gets the error, and retries as it does.
+            Err(e) if ops.len() == 1 => {
+                if let Some(op) = ops.into_iter().next() {
+                    let _ = op.reply.send(Err(e));
+                }
+            }
+            Err(StoreError::Unavailable(why)) => {
+                for op in ops {
+                    let _ = op.reply.send(Err(StoreError::Unavailable(why.clone())));
+                }
+            }
             // Something failed and the batch was rolled back: run each
             // alone, so one bad operation fails only itself.
             Err(_) => {
