@@ -452,10 +452,11 @@ struct DetailQuery {
     /// With `after`: answer as soon as the deployment changes after that
     /// point, or after this many milliseconds (at most 2000), whichever
     /// comes first. Changes made on another node are seen only then.
-    #[param(maximum = 2000)]
-    wait_ms: Option<u64>,
+    #[param(minimum = 0, maximum = 2000)]
+    wait_ms: Option<i64>,
     /// The `seq` of the detail the caller has.
-    after: Option<u64>,
+    #[param(minimum = 0)]
+    after: Option<i64>,
 }
 
 /// One deployment with its jobs and every attempt.
@@ -470,9 +471,14 @@ async fn get_deployment(
     let Path(id) = id?;
     let Query(q) = query?;
     if let Some(w) = q.wait_ms
-        && u128::from(w) > changes::MAX_WAIT.as_millis()
+        && !(0..=changes::MAX_WAIT.as_millis() as i64).contains(&w)
     {
-        return Err(ApiError::bad_request(format!("wait_ms: at most {} (milliseconds), not {w}", changes::MAX_WAIT.as_millis())));
+        return Err(ApiError::bad_request(format!("wait_ms: between 0 and {} (milliseconds), not {w}", changes::MAX_WAIT.as_millis())));
+    }
+    if let Some(a) = q.after
+        && a < 0
+    {
+        return Err(ApiError::bad_request(format!("after: a `seq` from an earlier answer (0 or more), not {a}")));
     }
     // The number is read before the rows: a change after it may or may
     // not be in them, and the next wait then answers at once (never the
@@ -482,7 +488,7 @@ async fn get_deployment(
     if let (Some(wait), Some(after)) = (q.wait_ms, q.after)
         && !d.state.is_terminal()
     {
-        s.changes.wait(id, after, Duration::from_millis(wait)).await;
+        s.changes.wait(id, after.unsigned_abs(), Duration::from_millis(wait.unsigned_abs())).await;
         seq = s.changes.seq();
         d = readable(&s, &caller, id).await?;
     }

@@ -648,6 +648,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     let name = HeaderName::from_static("x-forwarded-for");
     let ip = peer.ip().to_string();
+    // The common case, no earlier proxy: the address alone.
+    if !headers.contains_key(&name) {
+        if let Ok(v) = HeaderValue::from_str(&ip) {
+            headers.insert(name, v);
+        }
+        return;
+    }
     let mut value: Vec<u8> = Vec::new();
     for prior in headers.get_all(&name) {
         value.extend_from_slice(prior.as_bytes());
@@ -671,6 +678,10 @@ enum BodyReadError {
 /// Buffer the body if it fits in [`MAX_BUFFERED_BODY`]; otherwise stream
 /// it (what was read so far, then the rest).
 async fn read_body(mut body: Incoming, idle: Duration) -> Result<RequestBody, BodyReadError> {
+    // Most requests (GET, HEAD) have none: no timer, no read.
+    if body.is_end_stream() {
+        return Ok(RequestBody::Buffered { data: Bytes::new(), trailers: None });
+    }
     let too_big = body.size_hint().lower() > MAX_BUFFERED_BODY as u64;
     if too_big {
         return Ok(RequestBody::Streaming(Some(Watched::new(body, idle, None).boxed_unsync())));

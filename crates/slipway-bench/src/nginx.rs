@@ -6,10 +6,10 @@
 //! The configuration is the shape of Slipway's proxy: one process
 //! ([`NGINX_WORKERS`] worker), HTTP/1.1 keep-alive to the upstream
 //! (`keepalive` pool, `proxy_http_version 1.1`, `Connection ""`), no
-//! access log (Slipway's proxy writes none), default buffers. Slipway's
-//! proxy runs on tokio's multi-threaded runtime and may use every core;
-//! nginx's worker uses one. On a 2-core machine shared with wrk and the
-//! backend, the cores are the limit for both.
+//! access log (Slipway's proxy writes none), default buffers. Each of
+//! Slipway's proxies runs on one thread of its own, as nginx's worker runs
+//! in one process: one core each. On a 2-core machine shared with wrk and
+//! the backend, the cores are the limit for both.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -49,7 +49,7 @@ use slipway::service::{RolloutRequest, ServiceManager};
 use slipway::store::{self, Outcome, StoreError};
 use slipway::targets::LocalTarget;
 
-/// wrk runs per side (direct, proxy), alternating.
+/// wrk runs per side (direct, Slipway's proxy, nginx), alternating.
 pub const ROUNDS: usize = 2;
 /// Timed rollouts: 1.0 → 2.0, then 2.0 → 2.1, 2.1 → 2.2.
 pub const ROLLOUT_VERSIONS: [&str; 4] = ["1.0", "2.0", "2.1", "2.2"];
@@ -204,7 +204,7 @@ impl ServiceBenchReport {
         let cpu = |via: &str, f: fn(&WrkRun) -> f64| median(&p.runs.iter().filter(|w| w.via == via).map(f).collect::<Vec<_>>());
         let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
         let mut out = format!(
-            "slipway-bench services: {}; {}\n{} (wrk, the demo, the proxy and nginx share the cores)\n\n             wrk -t{} -c{} -d{}s against the demo, {} rounds of each front, alternating; medians:\n",
+            "slipway-bench services: {}; {}\n{} (wrk, the demo, the proxy and nginx share the cores)\n\nwrk -t{} -c{} -d{}s against the demo, {} rounds of each front, alternating; medians:\n",
             self.wrk_version,
             self.nginx_version,
             self.machine.human(),
