@@ -893,6 +893,57 @@ async fn cancel_queued_and_running() {
     }
 }
 
+/// Issue 19 (found by `slipway-bench scheduler --store postgres://…`): a
+/// lease renewal and a batch of finishes locked the same job rows in
+/// opposite orders, and PostgreSQL stalled both for its deadlock_timeout
+/// (a second) before aborting the renewal. Here a transaction holds the
+/// lower job's row as a batch finishing it does, the renewal of both
+/// starts, and then the transaction takes the higher one: with the rows
+/// locked in id order by both, the renewal waits without holding
+/// anything, and both go through. The test database scans without
+/// indexes, so the rows are met where each row version lies (the
+/// renewed job's newest version last), as a bitmap scan meets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue19_a_lease_renewal_and_a_batch_of_finishes_do_not_deadlock() {
+    let Some(url) = common::postgres_url().await else { return };
+    let db = url.rsplit_once('/').map(|(_, d)| d.to_string()).expect("a database name");
+    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await.expect("connect");
+    for setting in ["enable_indexscan", "enable_bitmapscan", "enable_indexonlyscan"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("ALTER DATABASE {db} SET {setting} = off"))).execute(&mut admin).await.expect(setting);
+    }
+    let b: Backend = ("postgres", slipway::store::open(&url).await.expect("open postgres store"));
+    b.1.put_revision(&revision()).await.unwrap();
+    b.1.register_node(N1).await.unwrap();
+    submit(&b, new_deployment("prod/api", jobs(&[("a", &[]), ("b", &[])]))).await;
+    activate(&b, N1).await;
+    let mine = claim_with(&b, N1, LEASE, 10).await;
+    let (a, bj) = (by_name(&mine, "a"), by_name(&mine, "b"));
+    assert!(a.job_id < bj.job_id);
+    // a's newest row version now lies after b's.
+    sqlx::query("UPDATE jobs SET lease_until = lease_until WHERE id = $1").bind(a.job_id).execute(&mut admin).await.unwrap();
+
+    let mut batch = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await.expect("connect");
+    sqlx::query("BEGIN").execute(&mut batch).await.unwrap();
+    sqlx::query("UPDATE jobs SET lease_until = lease_until WHERE id = $1").bind(a.job_id).execute(&mut batch).await.unwrap();
+    let store = b.1.clone();
+    let held = [(bj.job_id, bj.fence), (a.job_id, a.fence)];
+    let renewal = tokio::spawn(async move { store.renew(N1, &held, LEASE).await });
+    // Let the renewal reach the row a holds (it waits there either way).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = tokio::time::timeout(
+        Duration::from_secs(10),
+        sqlx::query("UPDATE jobs SET lease_until = lease_until WHERE id = $1").bind(bj.job_id).execute(&mut batch),
+    )
+    .await
+    .expect("the batch's second row within 10 s");
+    second.expect("the batch's second row: not aborted as a deadlock");
+    sqlx::query("COMMIT").execute(&mut batch).await.unwrap();
+    let renewed = tokio::time::timeout(Duration::from_secs(10), renewal).await.expect("the renewal within 10 s").unwrap();
+    let renewed = renewed.expect("the renewal: not aborted as a deadlock");
+    // One answer per held job, in the order asked.
+    assert_eq!(renewed.iter().map(|r| (r.job_id, r.held)).collect::<Vec<_>>(), vec![(bj.job_id, true), (a.job_id, true)]);
+}
+
 /// 8. renew says whether this node still holds each (job, fence).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renew_detects_lost_leases() {

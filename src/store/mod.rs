@@ -737,7 +737,7 @@ pub trait Store: Send + Sync + 'static {
     async fn activate(&self, node: &str, lease: Duration) -> Result<Vec<i64>>;
     async fn claim(&self, node: &str, lease: Duration, limit: i64) -> Result<Vec<ClaimedJob>>;
     /// Extend this node's leases (jobs and locks) and report lost or
-    /// cancelled jobs.
+    /// cancelled jobs, one answer per held job in `held`'s order.
     async fn renew(&self, node: &str, held: &[(i64, i64)], lease: Duration) -> Result<Vec<Renewal>>;
     async fn finish(&self, done: FinishedAttempt) -> Result<FinishEffect>;
     /// Record an attempt and, unless it was stale, claim one more ready

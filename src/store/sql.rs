@@ -1458,9 +1458,22 @@ impl Store for SqlStore {
         // node id by a previous process must expire and be reaped. (A job
         // row has one current attempt, so its id names it.) One statement
         // per 500 jobs, not one per job.
-        for chunk in held.chunks(500) {
+        // On PostgreSQL the rows are locked in id order first, the order a
+        // batch of finishes locks them in: an UPDATE alone locks them in
+        // the order its scan meets them (a sequential or bitmap scan:
+        // where each row version lies), and a batch finishing two of them
+        // the other way round deadlocked with it, stalling both for
+        // PostgreSQL's deadlock_timeout (issue 19, found by the bench).
+        let mut ordered = held.to_vec();
+        ordered.sort_unstable();
+        for chunk in ordered.chunks(500) {
             let ids: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
-            let q = format!("UPDATE jobs SET lease_until = $1 WHERE node = $2 AND state = 'running' AND id IN ({})", ids.join(", "));
+            let q = format!(
+                "UPDATE jobs SET lease_until = $1 WHERE id IN \
+                 (SELECT id FROM jobs WHERE node = $2 AND state = 'running' AND id IN ({}) ORDER BY id{})",
+                ids.join(", "),
+                self.for_update()
+            );
             let mut query = query_dyn(q).bind(until).bind(node);
             for (job, _) in chunk {
                 query = query.bind(*job);

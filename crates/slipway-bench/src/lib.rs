@@ -24,7 +24,7 @@ mod endtoend;
 pub mod nginx;
 pub mod service;
 pub mod wrk;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -258,6 +258,78 @@ pub fn sleep_durations(jobs: usize, min_ms: u64, max_ms: u64, seed: u64) -> Vec<
 
 /// Longest path through the graph, summing the durations of its jobs.
 /// `None` if `needs` has a cycle or an index out of range.
+/// Where a run's time went along its realized critical chain: the job
+/// that ended last, the need of it that ended last, and so on back to a
+/// job with no needs. Times in ms from the submit (Slipway) or ninja's
+/// start, summed over the chain's jobs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ChainSplit {
+    /// Jobs on the chain.
+    pub jobs: usize,
+    /// The chain's first job's start.
+    pub first_start_ms: f64,
+    /// What the chain's jobs asked for (their sleeps).
+    pub sleeps_ms: f64,
+    /// Each job's start to its end, beyond its sleep: the process's own
+    /// start and exit, and whatever the tool does around it before it
+    /// counts the job as ended.
+    pub beyond_sleep_ms: f64,
+    /// Each need's end to its dependant's start: the hand-overs.
+    pub hand_over_ms: f64,
+    /// Of `beyond_sleep_ms`, the part from the job's result being known
+    /// to its end being seen: recording the result (Slipway only).
+    pub recording_ms: Option<f64>,
+}
+
+/// The split of a run whose jobs started and ended at `times` (None for a
+/// job never seen to run); `None` when no job was seen.
+pub fn chain_split(needs: &[Vec<usize>], sleeps: &[u64], times: &[Option<(f64, f64)>], results: Option<&[Option<f64>]>) -> Option<ChainSplit> {
+    let end = |j: usize| times.get(j).copied().flatten().map(|t| t.1);
+    let mut j = (0..times.len()).filter(|&j| end(j).is_some()).max_by(|&a, &b| end(a).unwrap_or(0.0).total_cmp(&end(b).unwrap_or(0.0)))?;
+    let mut split = ChainSplit::default();
+    // A graph has no cycles, but the walk is bounded all the same.
+    for _ in 0..times.len() {
+        let (start, finish) = times[j]?;
+        let sleep = sleeps.get(j).copied().unwrap_or(0) as f64;
+        split.jobs += 1;
+        split.sleeps_ms += sleep;
+        split.beyond_sleep_ms += finish - start - sleep;
+        if let Some(results) = results {
+            let known = results.get(j).copied().flatten().unwrap_or(finish);
+            *split.recording_ms.get_or_insert(0.0) += finish - known;
+        }
+        let last_need =
+            needs.get(j).into_iter().flatten().copied().filter(|&n| end(n).is_some()).max_by(|&a, &b| end(a).unwrap_or(0.0).total_cmp(&end(b).unwrap_or(0.0)));
+        match last_need {
+            Some(n) => {
+                split.hand_over_ms += start - end(n).unwrap_or(start);
+                j = n;
+            }
+            None => {
+                split.first_start_ms = start;
+                break;
+            }
+        }
+    }
+    Some(split)
+}
+
+/// Ninja's `.ninja_log` (v5 and later: `start end mtime output hash`, ms
+/// from ninja's start) as each job's (start, end), in `names`' order.
+pub fn ninja_log_times(log: &str, names: &[String]) -> Vec<Option<(f64, f64)>> {
+    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+    let mut times = vec![None; names.len()];
+    for line in log.lines().filter(|l| !l.starts_with('#')) {
+        let f: Vec<&str> = line.split('\t').collect();
+        if let [start, end, _, output, ..] = f[..]
+            && let (Ok(start), Ok(end), Some(&i)) = (start.parse::<f64>(), end.parse::<f64>(), index.get(output))
+        {
+            times[i] = Some((start, end));
+        }
+    }
+    times
+}
+
 pub fn critical_path(needs: &[Vec<usize>], durations: &[u64]) -> Option<u64> {
     let n = needs.len();
     if durations.len() != n || needs.iter().flatten().any(|&d| d >= n) {
@@ -395,6 +467,12 @@ pub struct GraphReport {
     /// Ninja ÷ critical path.
     pub ninja_ratio: f64,
     pub ninja_overhead_per_hop_ms: f64,
+    /// Where Slipway's time went on its critical chain (job start and
+    /// end as the bench's event consumer saw them: the end is after the
+    /// result's commit).
+    pub slipway_chain: Option<ChainSplit>,
+    /// The same for ninja, from its `.ninja_log` (ms resolution).
+    pub ninja_chain: Option<ChainSplit>,
 }
 
 /// One Slipway run, as seen from its events.
@@ -412,6 +490,14 @@ pub struct SlipwayRun {
     /// CPU time (user + system) of this process and of the jobs it ran,
     /// during the run: a figure that holds up on a busy machine.
     pub cpu_secs: f64,
+    /// Each job's (start, end) in ms from the submit, in the graph's
+    /// order, as the bench's event consumer saw them.
+    #[serde(skip)]
+    pub job_times: Vec<Option<(f64, f64)>>,
+    /// When each job's result was known (its summary line), before it is
+    /// recorded; ms from the submit.
+    #[serde(skip)]
+    pub result_times: Vec<Option<f64>>,
 }
 
 /// A graph run through the real binary: `slipway serve` node(s), and
@@ -491,6 +577,34 @@ impl BenchReport {
                 g.target,
                 verdict(g.within_target),
             );
+        }
+        let _ = writeln!(
+            out,
+            "\nthe critical chain as run (the job that ended last, the need of it that ended last, back to the first); ms, summed over its jobs:"
+        );
+        let _ = writeln!(
+            out,
+            "{:<7} {:<8} {:>5} {:>12} {:>10} {:>13} {:>11} {:>11} {:>9}",
+            "graph", "tool", "jobs", "first start", "sleeps", "beyond sleep", "(recording)", "hand-overs", "per job"
+        );
+        for g in &self.graphs {
+            for (tool, c) in [("slipway", &g.slipway_chain), ("ninja", &g.ninja_chain)] {
+                let Some(c) = c else { continue };
+                let per_job = (c.beyond_sleep_ms + c.hand_over_ms) / c.jobs.max(1) as f64;
+                let _ = writeln!(
+                    out,
+                    "{:<7} {:<8} {:>5} {:>12.1} {:>10.0} {:>13.1} {:>11} {:>11.1} {:>9.2}",
+                    g.name,
+                    tool,
+                    c.jobs,
+                    c.first_start_ms,
+                    c.sleeps_ms,
+                    c.beyond_sleep_ms,
+                    c.recording_ms.map(|r| format!("{r:.1}")).unwrap_or_else(|| "-".into()),
+                    c.hand_over_ms,
+                    per_job
+                );
+            }
         }
         if self.nodes > 1 {
             for g in &self.graphs {
@@ -736,6 +850,8 @@ async fn run_graphs(opts: &BenchOptions, dag: &Dag, ninja: &Path, root: &Path, s
         let crit = crit_ms as f64 / 1000.0;
         let r = ratio(s.makespan_secs, crit);
         let per_hop = |secs: f64| (secs - crit) * 1000.0 / depth.max(1) as f64;
+        let slipway_chain = chain_split(&g.needs, &sleeps, &s.job_times, Some(&s.result_times));
+        let ninja_chain = chain_split(&g.needs, &sleeps, &ninja_log_times(&n.log, &g.names()), None);
         graphs.push(GraphReport {
             name,
             jobs: g.len(),
@@ -753,6 +869,8 @@ async fn run_graphs(opts: &BenchOptions, dag: &Dag, ninja: &Path, root: &Path, s
             ninja_cpu_secs: n.cpu.as_secs_f64(),
             ninja_ratio: ratio(n.wall.as_secs_f64(), crit),
             ninja_overhead_per_hop_ms: per_hop(n.wall.as_secs_f64()),
+            slipway_chain,
+            ninja_chain,
         });
     }
 
@@ -868,6 +986,11 @@ struct Watched {
     started: u64,
     started_per_node: Vec<u64>,
     ready_to_start: Duration,
+    /// Each job's start and end events, by name, when they arrived.
+    times: HashMap<String, (Instant, Option<Instant>)>,
+    /// When each job's summary line (`[slipway] attempt …`) arrived, by name.
+    results: HashMap<String, Instant>,
+    names: HashMap<i64, String>,
 }
 
 async fn watch(mut rx: mpsc::Receiver<(usize, Arc<Event>)>, nodes: usize, finished: mpsc::UnboundedSender<(i64, DeploymentState, Instant)>) -> Watched {
@@ -875,14 +998,26 @@ async fn watch(mut rx: mpsc::Receiver<(usize, Arc<Event>)>, nodes: usize, finish
     let mut running = 0usize;
     while let Some((node, ev)) = rx.recv().await {
         match &*ev {
-            Event::JobStarted { queued_for, .. } => {
+            Event::JobStarted { queued_for, name, job_id, .. } => {
+                w.times.entry(name.clone()).or_insert((Instant::now(), None));
+                w.names.insert(*job_id, name.clone());
                 running += 1;
                 w.peak_running = w.peak_running.max(running);
                 w.started += 1;
                 w.started_per_node[node] += 1;
                 w.ready_to_start += *queued_for;
             }
-            Event::JobFinished { .. } => running = running.saturating_sub(1),
+            Event::JobOutput { job_id, stream: "slipway", line, .. } if line.starts_with("[slipway] attempt") => {
+                if let Some(name) = w.names.get(job_id) {
+                    w.results.insert(name.clone(), Instant::now());
+                }
+            }
+            Event::JobFinished { name, .. } => {
+                if let Some(t) = w.times.get_mut(name) {
+                    t.1 = Some(Instant::now());
+                }
+                running = running.saturating_sub(1)
+            }
             Event::DeploymentFinished { deployment, state } => {
                 let _ = finished.send((*deployment, *state, Instant::now()));
             }
@@ -960,8 +1095,9 @@ async fn run_slipway(
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let cpu_before = cpu_time();
+    let submitted_at = Instant::now();
     let measured = async {
-        let start = Instant::now();
+        let start = submitted_at;
         let submitted = submitter.submit(Request::Run { jobs: names.to_vec(), environment: None }, None, "{}".into()).await?;
         let id = submitted.deployment_id;
         let wait = async {
@@ -1013,6 +1149,15 @@ async fn run_slipway(
         mean_ready_to_start_ms: if watched.started == 0 { 0.0 } else { watched.ready_to_start.as_secs_f64() * 1000.0 / watched.started as f64 },
         started_per_node: watched.started_per_node,
         cpu_secs: cpu.as_secs_f64(),
+        job_times: names
+            .iter()
+            .map(|n| {
+                let (start, end) = watched.times.get(n)?;
+                let ms = |t: &Instant| t.saturating_duration_since(submitted_at).as_secs_f64() * 1000.0;
+                Some((ms(start), ms(&(*end)?)))
+            })
+            .collect(),
+        result_times: names.iter().map(|n| watched.results.get(n).map(|t| t.saturating_duration_since(submitted_at).as_secs_f64() * 1000.0)).collect(),
     })
 }
 
@@ -1073,6 +1218,8 @@ struct NinjaRun {
     wall: Duration,
     /// Ninja's and its commands' CPU time.
     cpu: Duration,
+    /// `.ninja_log`, read after the run.
+    log: String,
 }
 
 /// Time `ninja -f build.ninja -j P -C dir`. Ninja gets its own process
@@ -1116,7 +1263,8 @@ async fn run_ninja(graph: &'static str, ninja: &Path, dir: &Path, parallelism: u
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(BenchError::Ninja { graph, reason: format!("{}: {}", out.status, stderr.trim()) });
     }
-    Ok(NinjaRun { wall, cpu })
+    let log = std::fs::read_to_string(dir.join(".ninja_log")).unwrap_or_default();
+    Ok(NinjaRun { wall, cpu, log })
 }
 
 #[cfg(test)]
@@ -1162,6 +1310,31 @@ mod tests {
         assert_eq!(critical_path(&needs, &[3, 5, 10, 1, 20]), Some(20));
         assert_eq!(critical_path(&[vec![1], vec![0]], &[1, 1]), None, "a cycle has no critical path");
         assert_eq!(critical_path(&[], &[]), Some(0));
+    }
+
+    #[test]
+    fn the_chain_split_follows_the_needs_that_ended_last() {
+        // a → b → d, a → c → d, e alone; c ends after b, so the chain is a, c, d.
+        let needs = vec![vec![], vec![0], vec![0], vec![1, 2], vec![]];
+        let sleeps = [3, 5, 10, 1, 4];
+        let times = vec![Some((1.0, 5.0)), Some((6.0, 12.0)), Some((7.0, 18.0)), Some((20.0, 22.0)), Some((1.0, 6.0))];
+        let results = vec![Some(4.5), None, Some(17.0), Some(21.0), None];
+        let split = chain_split(&needs, &sleeps, &times, Some(&results)).expect("a split");
+        // Beyond sleep: (4 − 3) + (11 − 10) + (2 − 1); hand-overs: c starts 2 after a's end, d 2 after c's.
+        let want = ChainSplit { jobs: 3, first_start_ms: 1.0, sleeps_ms: 14.0, beyond_sleep_ms: 3.0, hand_over_ms: 4.0, recording_ms: Some(0.5 + 1.0 + 1.0) };
+        assert_eq!(split, want);
+        // Ninja's side has no result times; a job never seen is skipped as a need.
+        let partial = vec![Some((1.0, 5.0)), None, Some((7.0, 18.0)), Some((20.0, 22.0)), None];
+        let split = chain_split(&needs, &sleeps, &partial, None).expect("a split");
+        assert_eq!((split.jobs, split.hand_over_ms, split.recording_ms), (3, 4.0, None));
+        assert_eq!(chain_split(&needs, &sleeps, &[None, None, None, None, None], None), None);
+    }
+
+    #[test]
+    fn ninja_log_lines_are_read_by_output_name() {
+        let names: Vec<String> = ["j1", "j2", "j3"].iter().map(|s| s.to_string()).collect();
+        let log = "# ninja log v5\n0\t53\t0\tj2\t692f11a2e1c1f0df\n53\t54\t0\tj1\t486a3acadd116b47\nnot a line\n7\tx\t0\tj3\tff\n";
+        assert_eq!(ninja_log_times(log, &names), vec![Some((53.0, 54.0)), Some((0.0, 53.0)), None]);
     }
 
     #[test]

@@ -101,6 +101,21 @@ fn issue19_the_scheduler_bench_reports_every_graph_and_the_cli_beside_the_server
         assert!(makespan >= crit && g["ratio"].as_f64().unwrap() >= 1.0, "{g}");
         assert!(g["ninja_ratio"].as_f64().unwrap() >= 1.0, "{g}");
         assert_eq!(g["slipway"]["started_per_node"].as_array().map(|a| a.iter().filter_map(Value::as_u64).sum::<u64>()), g["jobs"].as_u64(), "{g}");
+        // The critical chain as each tool ran it: a chain of the graph
+        // (no deeper than it, its sleeps no more than the critical path),
+        // and recording times only where Slipway records.
+        for (tool, recording) in [("slipway_chain", true), ("ninja_chain", false)] {
+            let c = &g[tool];
+            let jobs = c["jobs"].as_u64().unwrap_or(0);
+            assert!(jobs >= 1 && jobs <= g["depth"].as_u64().unwrap(), "{tool}: {g}");
+            assert!(c["sleeps_ms"].as_f64().unwrap() <= crit * 1000.0 + 0.5, "{tool}: {g}");
+            assert!(c["hand_over_ms"].is_number() && c["first_start_ms"].as_f64().unwrap() >= 0.0, "{tool}: {g}");
+            assert_eq!(c["recording_ms"].is_number(), recording, "{tool}: {g}");
+        }
+        // A process runs at least as long as it sleeps; recording is part of that.
+        let s = &g["slipway_chain"];
+        let beyond = s["beyond_sleep_ms"].as_f64().unwrap();
+        assert!(beyond >= 0.0 && s["recording_ms"].as_f64().unwrap() <= beyond, "{g}");
     }
     let chain = &graphs[2];
     assert_eq!((chain["jobs"].as_u64(), chain["depth"].as_u64(), chain["parallelism"].as_u64()), (Some(12), Some(12), Some(1)), "{chain}");
