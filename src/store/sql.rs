@@ -86,10 +86,11 @@ async fn batcher(inner: Arc<Inner>, mut rx: mpsc::Receiver<BatchOp>) {
             }
         }
         if inner.dialect == Dialect::Postgres {
-            // Finishes lock their deployment's row: taken in one order
-            // (job ids grow with deployment ids), two nodes' batches never
-            // wait on each other in a circle. (If they ever did, PostgreSQL
-            // would abort one, and its operations would run alone below.)
+            // A batch locks its finishes' deployment rows first, all at
+            // once in id order (`lock_deployments_of`), then their job rows
+            // in job id order, as a lease renewal does: two nodes' batches
+            // never wait on each other in a circle. (If they ever did,
+            // PostgreSQL would abort one, and its callers would be told.)
             ops.sort_by_key(|op| op.work.job_id());
         }
         let work: Vec<&Work> = ops.iter().map(|op| &op.work).collect();
@@ -251,21 +252,9 @@ impl Inner {
     async fn finish_on(&self, tx: &mut sqlx::AnyConnection, done: FinishedAttempt, attempts: &mut Vec<AttemptRecord>) -> Result<(FinishEffect, Option<Final>)> {
         let op = "finish job";
         let now = now_ms();
-        // On PostgreSQL the deployment row is locked first (see
-        // lock_deployment), so a cancel cannot slip between our read of
-        // `cancel_requested` and our write. SQLite has one writer.
-        if self.dialect == Dialect::Postgres {
-            let dep_id: Option<i64> = sqlx::query("SELECT deployment_id FROM jobs WHERE id = $1")
-                .bind(done.job_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(StoreError::query(op))?
-                .map(|r| r.try_get(0))
-                .transpose()
-                .map_err(StoreError::query(op))?;
-            let dep_id = dep_id.ok_or_else(|| StoreError::Corrupt(format!("no job with id {}", done.job_id)))?;
-            self.lock_deployment(tx, dep_id).await?.ok_or_else(|| StoreError::Corrupt(format!("no deployment {dep_id}")))?;
-        }
+        // On PostgreSQL the caller has locked the deployment's row
+        // (`lock_deployments_of`), so a cancel cannot slip between our
+        // read of `cancel_requested` and our write. SQLite has one writer.
         if done.retry_at.is_some() {
             return self.finish_retry_on(tx, done, now, attempts).await;
         }
@@ -458,6 +447,16 @@ impl Inner {
         let mut finals: Vec<(usize, Final)> = Vec::new();
         // Finishes that want a next job, by the (node, lease) they claim with.
         let mut want: Vec<(usize, &str, Duration)> = Vec::new();
+        if self.dialect == Dialect::Postgres {
+            let finishing: Vec<i64> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    Work::Finish(done) | Work::FinishClaim { done, .. } => Some(done.job_id),
+                    Work::Logs(_) | Work::Claim { .. } => None,
+                })
+                .collect();
+            self.lock_deployments_of(tx, &finishing).await?;
+        }
         for (i, op) in ops.iter().enumerate() {
             results.push(match op {
                 Work::Logs(lines) => {
@@ -659,6 +658,26 @@ impl Inner {
             Dialect::Sqlite => "",
             Dialect::Postgres => " FOR UPDATE",
         }
+    }
+
+    /// Lock the rows of the deployments `jobs` belong to (PostgreSQL), in
+    /// id order, in one statement for a whole batch of finishes: what
+    /// `lock_deployment` does for one, without a round trip per finish.
+    async fn lock_deployments_of(&self, conn: &mut sqlx::AnyConnection, jobs: &[i64]) -> Result<()> {
+        for chunk in jobs.chunks(500) {
+            let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 1)).collect();
+            let q = format!(
+                "SELECT id FROM deployments WHERE id IN (SELECT deployment_id FROM jobs WHERE id IN ({})) ORDER BY id{}",
+                list.join(", "),
+                self.for_update()
+            );
+            let mut query = query_dyn(q);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            query.fetch_all(&mut *conn).await.map_err(StoreError::query("lock deployments"))?;
+        }
+        Ok(())
     }
 
     /// Serialize writers of one deployment (PostgreSQL): without it, two
