@@ -483,8 +483,13 @@ impl Inner {
     /// A connection to `backend` ready for a request: a kept one, or a new one.
     async fn connection(&self, upstreams: &Arc<Upstreams>, backend: SocketAddr) -> Result<SendRequest<ProxyBody>, SendError> {
         if let Some(mut kept) = upstreams.take(backend) {
-            // Ready once its last response was read; an error if the
-            // backend closed it meanwhile (then a new one is made).
+            // Kept only once its last response was read to the end, so it
+            // is almost always ready now: no timer for that case.
+            if kept.is_ready() {
+                return Ok(kept);
+            }
+            // Otherwise ready soon, or an error if the backend closed it
+            // meanwhile (then a new one is made).
             if let Ok(Ok(())) = tokio::time::timeout(self.options.connect_timeout, kept.ready()).await {
                 return Ok(kept);
             }
