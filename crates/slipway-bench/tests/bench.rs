@@ -119,6 +119,9 @@ fn issue19_the_scheduler_bench_reports_every_graph_and_the_cli_beside_the_server
     }
     let chain = &graphs[2];
     assert_eq!((chain["jobs"].as_u64(), chain["depth"].as_u64(), chain["parallelism"].as_u64()), (Some(12), Some(12), Some(1)), "{chain}");
+    // The issue sets goals for the short and long graphs, none for the chain.
+    let targets: Vec<(bool, bool)> = graphs.iter().map(|g| (g["target"].is_number(), g["within_target"].is_boolean())).collect();
+    assert_eq!(targets, [(true, true), (true, true), (false, false)]);
     let e2e = report["end_to_end"].as_array().expect("the real binary's runs");
     assert_eq!(e2e.iter().filter_map(|e| e["graph"].as_str()).collect::<Vec<_>>(), ["noop", "short"]);
     for e in e2e {
