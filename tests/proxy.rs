@@ -452,3 +452,77 @@ async fn shutdown_stops_accepting_and_lets_requests_finish() {
     assert_eq!(slow.await.unwrap(), (200, "b".to_string()));
     tokio::time::timeout(Duration::from_secs(5), p.stopped()).await.expect("proxy stops");
 }
+
+/// A raw HTTP/1.1 backend answering `ok` to GETs with keep-alive: on each
+/// connection it answers `answers` requests, then reads the next one and
+/// hangs up without answering (a keep-alive timeout firing just as a
+/// request arrives). Counts the connections it accepted.
+async fn keep_alive_backend(answers: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for answered in 0.. {
+                    // One request head (the tests send no bodies to it).
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    if answered == answers {
+                        return;
+                    }
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Issue 19 (each client connection keeps its own connections to the
+/// backends): a client's requests reuse one backend connection, and a
+/// kept connection the backend hung up on is replaced by a fresh one to
+/// the same backend for a request that may be sent again, as nginx does
+/// with its cached upstream connections, rather than counted as that
+/// backend's try (with one backend, a 502).
+#[tokio::test]
+async fn issue19_backend_connections_are_kept_per_client_and_replaced_when_dropped() {
+    // One client connection (reqwest keeps one when requests are sequential).
+    let c = slipway::http::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(1).build().unwrap();
+
+    let (steady, accepted) = keep_alive_backend(usize::MAX).await;
+    let shutdown = CancellationToken::new();
+    let p = Proxy::bind("web", "127.0.0.1:0".parse().unwrap(), shutdown.clone()).await.unwrap();
+    p.set_backends(vec![steady]);
+    for _ in 0..10 {
+        assert_eq!(get_text(&c, &url(&p, "/")).await, (200, "ok".to_string()));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "ten requests of one client over one backend connection");
+
+    // Every backend connection answers once, then drops the next request.
+    let (rude, accepted) = keep_alive_backend(1).await;
+    p.set_backends(vec![rude]);
+    for i in 0..6 {
+        assert_eq!(get_text(&c, &url(&p, "/")).await, (200, "ok".to_string()), "GET {i}");
+    }
+    assert_eq!(p.stats().errors, 0);
+    assert_eq!(accepted.load(Ordering::SeqCst), 6, "the first GET opened one; each later one met a dropped request and opened another");
+    // A POST that reached the backend is never sent again, fresh
+    // connection or not: the backend may have acted on it.
+    let r = c.post(url(&p, "/")).body("pay once").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 502);
+    assert_eq!(accepted.load(Ordering::SeqCst), 6);
+    shutdown.cancel();
+}

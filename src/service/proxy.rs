@@ -17,9 +17,13 @@
 //! back, per request), which is how nginx's single event loop does it. A
 //! client that closes its connection after each request (HTTP/1.0, or
 //! `Connection: close`) costs a connection to the backend each time, as
-//! with nginx without upstream `keepalive`. A send that fails before any
-//! response (refused, reset, a kept connection the backend just closed)
-//! is retried on the next backend, once per backend,
+//! with nginx without upstream `keepalive`. A request that may be sent
+//! again (below) and failed on a kept connection (the backend closed it,
+//! say at its keep-alive timeout) first goes to the same backend again
+//! on a new connection, as nginx
+//! does with its cached connections. A send that fails before any
+//! response (refused, reset) is retried on the next backend, once per
+//! backend,
 //! which is what makes an instance dying mid-rollout invisible. Retrying
 //! needs the body again, so request bodies up to [`MAX_BUFFERED_BODY`] are
 //! buffered; larger ones are streamed and never retried. Non-idempotent
@@ -409,8 +413,9 @@ impl Reuse {
 enum SendError {
     /// Connecting failed or timed out: nothing was sent.
     Connect(String),
-    /// hyper's error on a connection (canceled: the request was never written).
-    Http(hyper::Error),
+    /// hyper's error on a connection (canceled: the request was never
+    /// written); `kept`: on a connection kept from an earlier request.
+    Http { error: hyper::Error, kept: bool },
 }
 
 impl SendError {
@@ -419,14 +424,20 @@ impl SendError {
     fn nothing_sent(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Http(e) => e.is_canceled(),
+            SendError::Http { error, .. } => error.is_canceled(),
         }
+    }
+
+    /// A kept connection failed: the backend may just have closed it
+    /// (an idle timeout), which says nothing about the backend itself.
+    fn on_kept_connection(&self) -> bool {
+        matches!(self, SendError::Http { kept: true, .. })
     }
 
     fn describe(&self) -> String {
         match self {
             SendError::Connect(e) => e.clone(),
-            SendError::Http(e) => error_chain(e),
+            SendError::Http { error, .. } => error_chain(error),
         }
     }
 }
@@ -480,18 +491,19 @@ impl Inner {
         Pick::Backend(InFlight { inner: self.clone(), backend })
     }
 
-    /// A connection to `backend` ready for a request: a kept one, or a new one.
-    async fn connection(&self, upstreams: &Arc<Upstreams>, backend: SocketAddr) -> Result<SendRequest<ProxyBody>, SendError> {
-        if let Some(mut kept) = upstreams.take(backend) {
+    /// A connection to `backend` ready for a request: a kept one (unless
+    /// `fresh`), or a new one; and whether it was kept.
+    async fn connection(&self, upstreams: &Arc<Upstreams>, backend: SocketAddr, fresh: bool) -> Result<(SendRequest<ProxyBody>, bool), SendError> {
+        if let Some(mut kept) = upstreams.take(backend).filter(|_| !fresh) {
             // Kept only once its last response was read to the end, so it
             // is almost always ready now: no timer for that case.
             if kept.is_ready() {
-                return Ok(kept);
+                return Ok((kept, true));
             }
             // Otherwise ready soon, or an error if the backend closed it
             // meanwhile (then a new one is made).
             if let Ok(Ok(())) = tokio::time::timeout(self.options.connect_timeout, kept.ready()).await {
-                return Ok(kept);
+                return Ok((kept, true));
             }
         }
         let stream = match tokio::time::timeout(self.options.connect_timeout, TcpStream::connect(backend)).await {
@@ -500,7 +512,7 @@ impl Inner {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(SendError::Http)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|error| SendError::Http { error, kept: false })?;
         let service = self.service.clone();
         let driven: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
             if let Err(e) = conn.await {
@@ -510,7 +522,7 @@ impl Inner {
         // The receiver lives as long as the client connection's task,
         // which is running us: it cannot be gone.
         let _ = upstreams.drive.send(driven);
-        Ok(sender)
+        Ok((sender, false))
     }
 
     /// Send `req` to `backend`; the response and the connection it came on.
@@ -519,9 +531,10 @@ impl Inner {
         upstreams: &Arc<Upstreams>,
         backend: SocketAddr,
         req: Request<ProxyBody>,
+        fresh: bool,
     ) -> Result<(Response<Incoming>, SendRequest<ProxyBody>), SendError> {
-        let mut sender = self.connection(upstreams, backend).await?;
-        let resp = sender.send_request(req).await.map_err(SendError::Http)?;
+        let (mut sender, kept) = self.connection(upstreams, backend, fresh).await?;
+        let resp = sender.send_request(req).await.map_err(|error| SendError::Http { error, kept })?;
         Ok((resp, sender))
     }
 
@@ -554,15 +567,23 @@ impl Inner {
 
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_error: Option<String> = None;
+        // The same backend once more, on a new connection (see below).
+        let mut again: Option<InFlight> = None;
         loop {
-            let guard = match self.pick(&tried) {
-                Pick::Backend(g) => g,
-                // The set may have been emptied since the check above.
-                Pick::NoBackends if tried.is_empty() => return self.no_backends(),
-                Pick::NoBackends | Pick::Exhausted => break,
+            let fresh = again.is_some();
+            let guard = match again.take() {
+                Some(g) => g,
+                None => match self.pick(&tried) {
+                    Pick::Backend(g) => {
+                        tried.push(g.backend);
+                        g
+                    }
+                    // The set may have been emptied since the check above.
+                    Pick::NoBackends if tried.is_empty() => return self.no_backends(),
+                    Pick::NoBackends | Pick::Exhausted => break,
+                },
             };
             let backend = guard.backend;
-            tried.push(backend);
             let Some(attempt_body) = body.for_attempt() else { break };
             let mut out = Request::new(attempt_body);
             *out.method_mut() = parts.method.clone();
@@ -578,7 +599,7 @@ impl Inner {
                 out.headers_mut().insert(header::HOST, host);
             }
 
-            match tokio::time::timeout(self.options.response_timeout, self.send(upstreams, backend, out)).await {
+            match tokio::time::timeout(self.options.response_timeout, self.send(upstreams, backend, out, fresh)).await {
                 Ok(Ok((resp, sender))) => return self.relay(resp, guard, Reuse { upstreams: upstreams.clone(), backend, sender }),
                 Ok(Err(e)) => {
                     // If nothing was sent, any method may go elsewhere;
@@ -589,6 +610,13 @@ impl Inner {
                     last_error = Some(format!("{backend}: {described}"));
                     if !retry {
                         break;
+                    }
+                    // A kept connection the backend dropped (its keep-alive
+                    // timeout, say) says nothing of the backend: a new
+                    // connection to it before the next backend, as nginx
+                    // does with its cached upstream connections.
+                    if e.on_kept_connection() {
+                        again = Some(guard);
                     }
                 }
                 Err(_) => {
