@@ -470,25 +470,31 @@ async fn get_deployment(
 ) -> ApiResult<Json<DeploymentDetail>> {
     let Path(id) = id?;
     let Query(q) = query?;
-    if let Some(w) = q.wait_ms
-        && !(0..=changes::MAX_WAIT.as_millis() as i64).contains(&w)
-    {
-        return Err(ApiError::bad_request(format!("wait_ms: between 0 and {} (milliseconds), not {w}", changes::MAX_WAIT.as_millis())));
-    }
-    if let Some(a) = q.after
-        && a < 0
-    {
-        return Err(ApiError::bad_request(format!("after: a `seq` from an earlier answer (0 or more), not {a}")));
-    }
+    // int64 in the document (a larger number is refused when parsed);
+    // the range is checked here.
+    let max_wait = changes::MAX_WAIT.as_millis();
+    let wait_ms = q
+        .wait_ms
+        .map(|w| {
+            u64::try_from(w)
+                .ok()
+                .filter(|w| u128::from(*w) <= max_wait)
+                .ok_or_else(|| ApiError::bad_request(format!("wait_ms: between 0 and {max_wait} (milliseconds), not {w}")))
+        })
+        .transpose()?;
+    let after = q
+        .after
+        .map(|a| u64::try_from(a).map_err(|_| ApiError::bad_request(format!("after: a `seq` from an earlier answer (0 or more), not {a}"))))
+        .transpose()?;
     // The number is read before the rows: a change after it may or may
     // not be in them, and the next wait then answers at once (never the
     // reverse: a change in no answer and not waited for).
     let mut seq = s.changes.seq();
     let mut d = readable(&s, &caller, id).await?;
-    if let (Some(wait), Some(after)) = (q.wait_ms, q.after)
+    if let (Some(wait), Some(after)) = (wait_ms, after)
         && !d.state.is_terminal()
     {
-        s.changes.wait(id, after.unsigned_abs(), Duration::from_millis(wait.unsigned_abs())).await;
+        s.changes.wait(id, after, Duration::from_millis(wait)).await;
         seq = s.changes.seq();
         d = readable(&s, &caller, id).await?;
     }

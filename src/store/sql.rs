@@ -62,6 +62,11 @@ enum Work {
     Claim { node: String, lease: Duration, limit: i64 },
 }
 
+/// `$first, $first+1, …`: `n` numbered parameters for an `IN (…)` list.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
 impl Work {
     /// The job a finish is about; claims and logs (no row lock on a
     /// deployment) sort first.
@@ -414,13 +419,13 @@ impl Inner {
     async fn release_dependants_on(&self, tx: &mut sqlx::AnyConnection, succeeded: &[i64], now: Millis) -> Result<HashMap<i64, u64>> {
         let mut ready: HashMap<i64, u64> = HashMap::new();
         for chunk in succeeded.chunks(500) {
-            let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+            let list = placeholders(2, chunk.len());
             let q = format!(
                 "UPDATE jobs SET state = 'ready', ready_at = $1 WHERE state = 'pending' \
                  AND id IN (SELECT job_id FROM job_needs WHERE need_id IN ({})) \
                  AND NOT EXISTS (SELECT 1 FROM job_needs n JOIN jobs j2 ON j2.id = n.need_id WHERE n.job_id = jobs.id AND j2.state <> 'succeeded') \
                  RETURNING deployment_id",
-                list.join(", ")
+                list
             );
             let mut query = query_dyn(q).bind(now);
             for id in chunk {
@@ -665,12 +670,8 @@ impl Inner {
     /// `lock_deployment` does for one, without a round trip per finish.
     async fn lock_deployments_of(&self, conn: &mut sqlx::AnyConnection, jobs: &[i64]) -> Result<()> {
         for chunk in jobs.chunks(500) {
-            let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 1)).collect();
-            let q = format!(
-                "SELECT id FROM deployments WHERE id IN (SELECT deployment_id FROM jobs WHERE id IN ({})) ORDER BY id{}",
-                list.join(", "),
-                self.for_update()
-            );
+            let list = placeholders(1, chunk.len());
+            let q = format!("SELECT id FROM deployments WHERE id IN (SELECT deployment_id FROM jobs WHERE id IN ({})) ORDER BY id{}", list, self.for_update());
             let mut query = query_dyn(q);
             for id in chunk {
                 query = query.bind(*id);
@@ -1486,11 +1487,11 @@ impl Store for SqlStore {
         let mut ordered = held.to_vec();
         ordered.sort_unstable();
         for chunk in ordered.chunks(500) {
-            let ids: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
+            let ids = placeholders(3, chunk.len());
             let q = format!(
                 "UPDATE jobs SET lease_until = $1 WHERE id IN \
                  (SELECT id FROM jobs WHERE node = $2 AND state = 'running' AND id IN ({}) ORDER BY id{})",
-                ids.join(", "),
+                ids,
                 self.for_update()
             );
             let mut query = query_dyn(q).bind(until).bind(node);
@@ -1803,8 +1804,7 @@ impl Store for SqlStore {
         // At most 500 ids a query: well within either database's limit on
         // bound parameters.
         for chunk in ids.chunks(500) {
-            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let sql = format!("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE id IN ({})", marks.join(", "));
+            let sql = format!("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE id IN ({})", placeholders(1, chunk.len()));
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for id in chunk {
                 q = q.bind(*id);
