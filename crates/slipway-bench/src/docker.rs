@@ -955,7 +955,7 @@ pub async fn run(opts: LoadBenchOptions, slipway_bin: &Path, demo_bin: &Path) ->
     let mut left = Leftovers { docker: docker.clone(), images: Vec::new(), registry: None, server: None, compose: Vec::new(), env: format!("bench-{id}") };
 
     let measured = tokio::select! {
-        r = measure(&opts, &wrk, &compose_bin, &registry_bin, &slipway, &demo, &dir.0, &id, &mut left) => r,
+        r = measure(&opts, started, &wrk, &compose_bin, &registry_bin, &slipway, &demo, &dir.0, &id, &mut left) => r,
         _ = tokio::signal::ctrl_c() => Err(DockerBenchError::Interrupted),
     };
     eprintln!("slipway-bench docker: cleaning up (slipway serve, containers, compose projects, the registry, images)");
@@ -964,8 +964,7 @@ pub async fn run(opts: LoadBenchOptions, slipway_bin: &Path, demo_bin: &Path) ->
     for what in &not_removed {
         eprintln!("slipway-bench docker: WARNING: not removed: {what}");
     }
-    let mut report = measured?;
-    report.machine = super::Machine { load_at_start: started.load_at_start, ..report.machine };
+    let report = measured?;
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -977,6 +976,7 @@ pub async fn run(opts: LoadBenchOptions, slipway_bin: &Path, demo_bin: &Path) ->
 #[allow(clippy::too_many_arguments)]
 async fn measure(
     opts: &LoadBenchOptions,
+    machine: super::Machine,
     wrk: &Path,
     compose_bin: &Path,
     registry_bin: &Path,
@@ -1153,7 +1153,7 @@ async fn measure(
     let slipway_median = slipway_runs[median_by(&mut (0..slipway_runs.len()).collect(), &|i| slipway_runs[i].rollout_secs)].clone();
     let compose_median = compose_runs[median_by(&mut (0..compose_runs.len()).collect(), &|i| compose_runs[i].up_secs)].clone();
     Ok(DockerBenchReport {
-        machine: super::Machine::now(),
+        machine: machine.finish(),
         wrk_version,
         compose_version,
         engine_version,
