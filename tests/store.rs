@@ -745,6 +745,97 @@ async fn dependants_and_failure_propagation() {
     }
 }
 
+/// Finishes that arrive together share one transaction, and their plain
+/// ones one statement (`finish_many_on`): each still gets its own answer,
+/// a stale one changes nothing, a second finish of the same attempt is
+/// stale, a retried one is ready again, and successes and failures reach
+/// their own dependants only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue19_finishes_that_share_a_batch_each_get_their_own_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        use JobState::*;
+        // ok -> after_ok, bad -> after_bad; the rest stand alone.
+        let graph =
+            jobs(&[("ok", &[]), ("bad", &[]), ("stale", &[]), ("twice", &[]), ("retried", &[]), ("cancelled", &[]), ("after_ok", &[0]), ("after_bad", &[1])]);
+        let dep = submit(&b, new_deployment("prod/api", graph)).await.deployment_id;
+        assert_eq!(activate(&b, N1).await, vec![dep], "[{name}]");
+        let claimed = claim(&b, N1, 10).await;
+        assert_eq!(claimed.len(), 6, "[{name}] the six jobs without needs");
+        let mut stale = done(by_name(&claimed, "stale"), N1, Outcome::Succeeded);
+        stale.fence += 1;
+        let mut retried = done(by_name(&claimed, "retried"), N1, Outcome::Failed);
+        retried.retry_at = Some(now_ms());
+        let twice = done(by_name(&claimed, "twice"), N1, Outcome::Succeeded);
+        let finishes = vec![
+            ("ok", done(by_name(&claimed, "ok"), N1, Outcome::Succeeded)),
+            ("bad", done(by_name(&claimed, "bad"), N1, Outcome::Failed)),
+            ("stale", stale),
+            ("twice", twice.clone()),
+            ("twice", twice),
+            ("retried", retried),
+            ("cancelled", done(by_name(&claimed, "cancelled"), N1, Outcome::Cancelled)),
+        ];
+        // All at once, so the store's writer finds them queued together.
+        let tasks: Vec<_> = finishes
+            .into_iter()
+            .map(|(job, f)| {
+                let store = b.1.clone();
+                tokio::spawn(async move { (job, store.finish(f).await) })
+            })
+            .collect();
+        let mut stale_of: BTreeMap<&str, Vec<bool>> = BTreeMap::new();
+        for t in tasks {
+            let (job, effect) = t.await.unwrap();
+            let effect = effect.unwrap_or_else(|e| panic!("[{name}] finish {job}: {e}"));
+            stale_of.entry(job).or_default().push(effect.stale);
+        }
+        stale_of.get_mut("twice").unwrap().sort();
+        let want: BTreeMap<&str, Vec<bool>> = [
+            ("ok", vec![false]),
+            ("bad", vec![false]),
+            ("stale", vec![true]),
+            ("twice", vec![false, true]),
+            ("retried", vec![false]),
+            ("cancelled", vec![false]),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(stale_of, want, "[{name}] which finishes were stale");
+        assert_eq!(
+            job_states(&b, dep).await,
+            states(&[
+                ("ok", Succeeded),
+                ("bad", Failed),
+                ("stale", Running),
+                ("twice", Succeeded),
+                ("retried", Ready),
+                ("cancelled", Cancelled),
+                ("after_ok", Ready),
+                ("after_bad", Skipped),
+            ]),
+            "[{name}]"
+        );
+        let bad = job_row(&b, dep, "bad").await;
+        assert_eq!((bad.exit_code, bad.reason.as_deref()), (Some(1), Some("bad exited with 1")), "[{name}] each row got its own values");
+        let attempts = b.1.attempts(dep).await.unwrap();
+        let mut recorded: Vec<(&str, Outcome)> = attempts.iter().map(|a| (a.job.as_str(), a.outcome)).collect();
+        recorded.sort_by_key(|(j, _)| *j);
+        assert_eq!(
+            recorded,
+            vec![
+                ("bad", Outcome::Failed),
+                ("cancelled", Outcome::Cancelled),
+                ("ok", Outcome::Succeeded),
+                ("retried", Outcome::Failed),
+                ("twice", Outcome::Succeeded)
+            ],
+            "[{name}] one attempt row per finish that counted, none for the stale ones"
+        );
+    }
+}
+
 /// 6. A failed attempt with `retry_at` makes the job ready again, but not
 /// before then; every attempt is recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -255,41 +255,101 @@ impl Inner {
     /// returned, so that its dependants can be made ready (if it
     /// succeeded) and its deployment checked for completion.
     async fn finish_on(&self, tx: &mut sqlx::AnyConnection, done: FinishedAttempt, attempts: &mut Vec<AttemptRecord>) -> Result<(FinishEffect, Option<Final>)> {
-        let op = "finish job";
-        let now = now_ms();
         // On PostgreSQL the caller has locked the deployment's row
         // (`lock_deployments_of`), so a cancel cannot slip between our
         // read of `cancel_requested` and our write. SQLite has one writer.
         if done.retry_at.is_some() {
-            return self.finish_retry_on(tx, done, now, attempts).await;
+            return self.finish_retry_on(tx, done, now_ms(), attempts).await;
         }
-        // The common case in one statement: the job becomes final, fenced
-        // (another node's takeover matches nothing), and says what it was.
-        let r = sqlx::query(
-            "UPDATE jobs SET state = CASE WHEN $1 = 'succeeded' THEN 'succeeded' WHEN $1 = 'rolled_back' THEN 'rolled_back' \
-               WHEN $1 = 'cancelled' OR (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id) <> 0 THEN 'cancelled' ELSE 'failed' END, \
-             finished_at = $2, exit_code = $3, reason = $4, lease_until = NULL \
-             WHERE id = $5 AND fence = $6 AND state = 'running' AND ($7 = 0 OR lease_until < $2) \
-             RETURNING deployment_id, name, attempt, state, (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id)",
-        )
-        .bind(done.outcome.as_str())
-        .bind(now)
-        .bind(done.exit_code.map(i64::from))
-        .bind(done.reason.clone())
-        .bind(done.job_id)
-        .bind(done.fence)
-        .bind(i64::from(done.takeover))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(StoreError::query(op))?;
-        let Some(r) = r else {
+        let now = now_ms();
+        let row = self.finish_many_on(tx, &[&done], now).await?.pop().flatten();
+        self.finish_after(tx, &done, row, now, attempts).await
+    }
+
+    /// The common case of many finishes (none retried, each of a different
+    /// job) in one statement: each job becomes final, fenced (another
+    /// node's takeover matches nothing), and says what it was; `None` for
+    /// a stale one. One round trip for a whole batch, not one per finish.
+    async fn finish_many_on(&self, tx: &mut sqlx::AnyConnection, dones: &[&FinishedAttempt], now: Millis) -> Result<Vec<Option<FinishedRow>>> {
+        let op = "finish job";
+        let mut found: HashMap<i64, FinishedRow> = HashMap::with_capacity(dones.len());
+        for chunk in dones.chunks(100) {
+            // Typed casts: PostgreSQL cannot infer a parameter's type in
+            // VALUES. The job rows are locked in id order first (on
+            // PostgreSQL), as a lease renewal locks them: a join would lock
+            // them in whatever order its plan meets them, and the two could
+            // wait on each other.
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let b = 2 + i * 6;
+                    format!(
+                        "(CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS BIGINT))",
+                        b,
+                        b + 1,
+                        b + 2,
+                        b + 3,
+                        b + 4,
+                        b + 5
+                    )
+                })
+                .collect();
+            let q = format!(
+                "WITH v (id, fence, outcome, exit_code, reason, takeover) AS (VALUES {}) \
+                 UPDATE jobs SET state = CASE WHEN v.outcome = 'succeeded' THEN 'succeeded' WHEN v.outcome = 'rolled_back' THEN 'rolled_back' \
+                   WHEN v.outcome = 'cancelled' OR (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id) <> 0 THEN 'cancelled' ELSE 'failed' END, \
+                 finished_at = $1, exit_code = v.exit_code, reason = v.reason, lease_until = NULL \
+                 FROM v WHERE jobs.id = v.id AND jobs.fence = v.fence AND jobs.state = 'running' AND (v.takeover = 0 OR jobs.lease_until < $1) \
+                 AND jobs.id IN (SELECT id FROM jobs WHERE id IN (SELECT id FROM v) ORDER BY id{}) \
+                 RETURNING jobs.id, jobs.deployment_id, jobs.name, jobs.attempt, jobs.state, (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id)",
+                values.join(", "),
+                self.for_update()
+            );
+            let mut query = query_dyn(q).bind(now);
+            for done in chunk {
+                query = query
+                    .bind(done.job_id)
+                    .bind(done.fence)
+                    .bind(done.outcome.as_str())
+                    .bind(done.exit_code.map(i64::from))
+                    .bind(done.reason.clone())
+                    .bind(i64::from(done.takeover));
+            }
+            for r in query.fetch_all(&mut *tx).await.map_err(StoreError::query(op))? {
+                let f = || -> std::result::Result<(i64, FinishedRow), sqlx::Error> {
+                    Ok((
+                        r.try_get(0)?,
+                        FinishedRow {
+                            deployment_id: r.try_get(1)?,
+                            name: r.try_get(2)?,
+                            attempt: r.try_get(3)?,
+                            state: r.try_get(4)?,
+                            cancel_requested: r.try_get::<i64, _>(5)? != 0,
+                        },
+                    ))
+                };
+                let (id, row) = f().map_err(StoreError::query(op))?;
+                found.insert(id, row);
+            }
+        }
+        Ok(dones.iter().map(|d| found.remove(&d.job_id)).collect())
+    }
+
+    /// What follows a finish that became final (`row`; `None`: stale):
+    /// its attempt row for the caller to write, and what its outcome does
+    /// to the rest of its deployment.
+    async fn finish_after(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        done: &FinishedAttempt,
+        row: Option<FinishedRow>,
+        now: Millis,
+        attempts: &mut Vec<AttemptRecord>,
+    ) -> Result<(FinishEffect, Option<Final>)> {
+        let op = "finish job";
+        let Some(FinishedRow { deployment_id: dep_id, name, attempt, state: new_state, cancel_requested }) = row else {
             return Ok((FinishEffect { stale: true, ..Default::default() }, None));
         };
-        let f = || -> std::result::Result<(i64, String, i64, String, bool), sqlx::Error> {
-            Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get::<i64, _>(4)? != 0))
-        };
-        let (dep_id, name, attempt, new_state, cancel_requested) = f().map_err(StoreError::query(op))?;
-        attempts.push(AttemptRecord::of(&done, attempt, now));
+        attempts.push(AttemptRecord::of(done, attempt, now));
         if cancel_requested {
             sqlx::query("UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 WHERE deployment_id = $2 AND state IN ('pending', 'ready')")
                 .bind(now)
@@ -462,6 +522,22 @@ impl Inner {
                 .collect();
             self.lock_deployments_of(tx, &finishing).await?;
         }
+        // The plain finishes (not retried) of distinct jobs, all in one
+        // statement first; they touch only their own running rows, which
+        // nothing else in the batch does (a claim takes ready jobs).
+        // Another finish of the same job goes alone, below, and is stale.
+        let now = now_ms();
+        let mut seen = HashSet::new();
+        let plain: Vec<(usize, &FinishedAttempt)> = ops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, op)| match op {
+                Work::Finish(done) | Work::FinishClaim { done, .. } if done.retry_at.is_none() && seen.insert(done.job_id) => Some((i, done)),
+                _ => None,
+            })
+            .collect();
+        let rows = self.finish_many_on(tx, &plain.iter().map(|(_, d)| *d).collect::<Vec<_>>(), now).await?;
+        let mut finished: HashMap<usize, Option<FinishedRow>> = plain.iter().map(|(i, _)| *i).zip(rows).collect();
         for (i, op) in ops.iter().enumerate() {
             results.push(match op {
                 Work::Logs(lines) => {
@@ -469,7 +545,10 @@ impl Inner {
                     BatchResult::Logs
                 }
                 Work::Finish(done) | Work::FinishClaim { done, .. } => {
-                    let (effect, fin) = self.finish_on(tx, done.clone(), &mut attempts).await?;
+                    let (effect, fin) = match finished.remove(&i) {
+                        Some(row) => self.finish_after(tx, done, row, now, &mut attempts).await?,
+                        None => self.finish_on(tx, done.clone(), &mut attempts).await?,
+                    };
                     if let Some(f) = fin {
                         finals.push((i, f));
                     }
@@ -492,7 +571,6 @@ impl Inner {
                 _ => None,
             }
         }
-        let now = now_ms();
         self.insert_attempts_on(tx, &attempts).await?;
         let succeeded: Vec<i64> = finals.iter().filter(|(_, f)| f.succeeded).map(|(_, f)| f.job_id).collect();
         let ready = if succeeded.is_empty() { HashMap::new() } else { self.release_dependants_on(tx, &succeeded, now).await? };
@@ -533,6 +611,15 @@ impl Inner {
         tx.commit().await.map_err(StoreError::query("batch commit"))?;
         Ok(results)
     }
+}
+
+/// A job's row as a finish left it (`finish_many_on`).
+struct FinishedRow {
+    deployment_id: i64,
+    name: String,
+    attempt: i64,
+    state: String,
+    cancel_requested: bool,
 }
 
 /// A job that became final (not retried), as `run_ops_on` needs it.
