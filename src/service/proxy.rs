@@ -19,12 +19,11 @@
 //! `Connection: close`) costs a connection to the backend each time, as
 //! with nginx without upstream `keepalive`. A request that may be sent
 //! again (below) and failed on a kept connection (the backend closed it,
-//! say at its keep-alive timeout) first goes to the same backend again
-//! on a new connection, as nginx
-//! does with its cached connections. A send that fails before any
-//! response (refused, reset) is retried on the next backend, once per
-//! backend,
-//! which is what makes an instance dying mid-rollout invisible. Retrying
+//! say at its keep-alive timeout) first goes to the same backend again on
+//! a new connection, as nginx does with its cached connections. A send
+//! that fails before any response (refused, reset) is retried on the next
+//! backend, once per backend, which is what makes an instance dying
+//! mid-rollout invisible. Retrying
 //! needs the body again, so request bodies up to [`MAX_BUFFERED_BODY`] are
 //! buffered; larger ones are streamed and never retried. Non-idempotent
 //! requests are retried only when nothing was sent (connect failures).

@@ -67,6 +67,28 @@ fn placeholders(first: usize, n: usize) -> String {
     (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }
 
+/// `($first, …), (…), …`: `rows` tuples of numbered parameters for a
+/// multi-row `VALUES`, one per entry of `types`; a column with a type is
+/// `CAST($n AS type)` (PostgreSQL cannot infer a parameter's type in a
+/// bare `VALUES` list), one with `""` a bare `$n`.
+fn value_rows(first: usize, rows: usize, types: &[&str]) -> String {
+    let cols = types.len();
+    (0..rows)
+        .map(|r| {
+            let row: Vec<String> = types
+                .iter()
+                .enumerate()
+                .map(|(c, t)| {
+                    let n = first + r * cols + c;
+                    if t.is_empty() { format!("${n}") } else { format!("CAST(${n} AS {t})") }
+                })
+                .collect();
+            format!("({})", row.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Work {
     /// The job a finish is about; claims and logs (no row lock on a
     /// deployment) sort first.
@@ -164,15 +186,8 @@ impl Inner {
             return Ok(());
         }
         for chunk in lines.chunks(100) {
-            let mut q = String::from("INSERT INTO logs (deployment_id, job_id, attempt, ts, stream, line, part) VALUES ");
-            for i in 0..chunk.len() {
-                let b = i * 7;
-                if i > 0 {
-                    q.push_str(", ");
-                }
-                q.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7));
-            }
-            let mut query = query_dyn(q.clone());
+            let q = format!("INSERT INTO logs (deployment_id, job_id, attempt, ts, stream, line, part) VALUES {}", value_rows(1, chunk.len(), &[""; 7]));
+            let mut query = query_dyn(q);
             for l in chunk {
                 query = query.bind(l.deployment_id).bind(l.job_id).bind(l.attempt).bind(l.ts).bind(l.stream).bind(l.line.clone()).bind(l.part.clone());
             }
@@ -274,25 +289,10 @@ impl Inner {
         let op = "finish job";
         let mut found: HashMap<i64, FinishedRow> = HashMap::with_capacity(dones.len());
         for chunk in dones.chunks(100) {
-            // Typed casts: PostgreSQL cannot infer a parameter's type in
-            // VALUES. The job rows are locked in id order first (on
+            // The job rows are locked in id order first (on
             // PostgreSQL), as a lease renewal locks them: a join would lock
             // them in whatever order its plan meets them, and the two could
             // wait on each other.
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let b = 2 + i * 6;
-                    format!(
-                        "(CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS BIGINT))",
-                        b,
-                        b + 1,
-                        b + 2,
-                        b + 3,
-                        b + 4,
-                        b + 5
-                    )
-                })
-                .collect();
             let q = format!(
                 "WITH v (id, fence, outcome, exit_code, reason, takeover) AS (VALUES {}) \
                  UPDATE jobs SET state = CASE WHEN v.outcome = 'succeeded' THEN 'succeeded' WHEN v.outcome = 'rolled_back' THEN 'rolled_back' \
@@ -301,7 +301,7 @@ impl Inner {
                  FROM v WHERE jobs.id = v.id AND jobs.fence = v.fence AND jobs.state = 'running' AND (v.takeover = 0 OR jobs.lease_until < $1) \
                  AND jobs.id IN (SELECT id FROM jobs WHERE id IN (SELECT id FROM v) ORDER BY id{}) \
                  RETURNING jobs.id, jobs.deployment_id, jobs.name, jobs.attempt, jobs.state, (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id)",
-                values.join(", "),
+                value_rows(2, chunk.len(), &["BIGINT", "BIGINT", "TEXT", "BIGINT", "TEXT", "BIGINT"]),
                 self.for_update()
             );
             let mut query = query_dyn(q).bind(now);
@@ -424,14 +424,10 @@ impl Inner {
     /// Every attempt row of a transaction in one statement (per 100).
     async fn insert_attempts_on(&self, tx: &mut sqlx::AnyConnection, rows: &[AttemptRecord]) -> Result<()> {
         for chunk in rows.chunks(100) {
-            let mut q = String::from("INSERT INTO attempts (job_id, attempt, node, started_at, finished_at, outcome, exit_code, reason) VALUES ");
-            for i in 0..chunk.len() {
-                let b = i * 8;
-                if i > 0 {
-                    q.push_str(", ");
-                }
-                q.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8));
-            }
+            let q = format!(
+                "INSERT INTO attempts (job_id, attempt, node, started_at, finished_at, outcome, exit_code, reason) VALUES {}",
+                value_rows(1, chunk.len(), &[""; 8])
+            );
             let mut query = query_dyn(q);
             for a in chunk {
                 query = query
@@ -448,14 +444,10 @@ impl Inner {
         }
         let parts: Vec<(i64, i64, &crate::store::PartResult)> = rows.iter().flat_map(|a| a.parts.iter().map(|p| (a.job_id, a.attempt, p))).collect();
         for chunk in parts.chunks(100) {
-            let mut q = String::from("INSERT INTO attempt_parts (job_id, attempt, part, started_at, finished_at, outcome, exit_code, reason) VALUES ");
-            for i in 0..chunk.len() {
-                let b = i * 8;
-                if i > 0 {
-                    q.push_str(", ");
-                }
-                q.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8));
-            }
+            let q = format!(
+                "INSERT INTO attempt_parts (job_id, attempt, part, started_at, finished_at, outcome, exit_code, reason) VALUES {}",
+                value_rows(1, chunk.len(), &[""; 8])
+            );
             let mut query = query_dyn(q);
             for (job_id, attempt, p) in chunk {
                 query = query
@@ -1122,13 +1114,7 @@ impl Store for SqlStore {
             }
         }
         for chunk in edges.chunks(400) {
-            let mut q = String::from("INSERT INTO job_needs (job_id, need_id) VALUES ");
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    q.push_str(", ");
-                }
-                q.push_str(&format!("(${}, ${})", 2 * i + 1, 2 * i + 2));
-            }
+            let q = format!("INSERT INTO job_needs (job_id, need_id) VALUES {}", value_rows(1, chunk.len(), &[""; 2]));
             let mut query = query_dyn(q);
             for (job, need) in chunk {
                 query = query.bind(*job).bind(*need);
@@ -2095,5 +2081,18 @@ impl Store for SqlStore {
                 f().map_err(StoreError::query(op))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{placeholders, value_rows};
+
+    #[test]
+    fn numbered_parameters_for_lists_and_value_rows() {
+        assert_eq!(placeholders(2, 3), "$2, $3, $4");
+        assert_eq!(value_rows(1, 2, &["", ""]), "($1, $2), ($3, $4)");
+        assert_eq!(value_rows(2, 2, &["BIGINT", ""]), "(CAST($2 AS BIGINT), $3), (CAST($4 AS BIGINT), $5)");
+        assert_eq!(value_rows(1, 0, &[""]), "");
     }
 }
