@@ -206,7 +206,7 @@ fn default_agent() -> Arc<session::AgentBinary> {
         .get_or_init(|| {
             Arc::new(match std::env::var_os("SLIPWAY_SSH_AGENT") {
                 Some(p) if !p.is_empty() => session::AgentBinary::at(PathBuf::from(p)),
-                _ => session::AgentBinary::at(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))),
+                _ => session::AgentBinary::at(session::own_binary()),
             })
         })
         .clone()

@@ -806,6 +806,18 @@ impl Drop for RemoteProcess {
 
 // ---- the agent on the host -------------------------------------------------
 
+/// The running process's own binary, to ship to hosts as their agent. On
+/// Linux `/proc/self/exe`: the image this process runs even when its file
+/// was replaced or removed since it started (a package upgrade in place,
+/// a rebuild), where the path `current_exe` names would give another
+/// build, or nothing ("… (deleted)").
+pub fn own_binary() -> PathBuf {
+    if cfg!(target_os = "linux") {
+        return PathBuf::from("/proc/self/exe");
+    }
+    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
+}
+
 /// Slipway's binary as uploaded to hosts: its checksum names it there.
 /// The checksum and the compressed bytes are computed once per process
 /// (the compressed bytes only when a host lacks the binary).
@@ -819,7 +831,7 @@ impl AgentBinary {
     /// This process's own binary.
     pub fn current() -> &'static AgentBinary {
         static CURRENT: std::sync::OnceLock<AgentBinary> = std::sync::OnceLock::new();
-        CURRENT.get_or_init(|| AgentBinary::at(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))))
+        CURRENT.get_or_init(|| AgentBinary::at(own_binary()))
     }
 
     /// Another Slipway binary (tests: the built `slipway`, not the test harness).
