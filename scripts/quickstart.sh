@@ -17,11 +17,20 @@ case "${1:-}" in
 esac
 cd "$(dirname "$0")/.."
 
-echo "==> building slipway and the demo service (slipway-demo)"
-cargo build --quiet -p slipway -p slipway-demo
-bin="$PWD/target/debug/slipway"
+# SLIPWAY_BIN and SLIPWAY_DEMO_BIN, when both set, name the builds to use
+# instead of building here (tests/quickstarts.rs passes the suite's own: a
+# build here would relink binaries that other tests are running).
+if [ -n "${SLIPWAY_BIN:-}" ] && [ -n "${SLIPWAY_DEMO_BIN:-}" ]; then
+  bin=$SLIPWAY_BIN demo=$SLIPWAY_DEMO_BIN
+  echo "==> using the builds $bin and $demo"
+else
+  echo "==> building slipway and the demo service (slipway-demo)"
+  cargo build --quiet -p slipway -p slipway-demo
+  bin="$PWD/target/debug/slipway" demo="$PWD/target/debug/slipway-demo"
+fi
 # The demo config runs `slipway-demo` from PATH; its migration appends here.
-export PATH="$PWD/target/debug:$PATH"
+bindirs="$(dirname "$demo"):$(dirname "$bin")"
+export PATH="$bindirs:$PATH"
 
 # The config directory is the revision: everything in it is snapshotted
 # at each deploy. The demo's logs go beside it, not in it (the demo's
@@ -123,7 +132,7 @@ if [ -n "$keep" ]; then
   cat <<KEEP
 
 The demo's server is still running, until Ctrl-C. In another shell:
-  export SLIPWAY_CONFIG=$config SLIPWAY_SERVER=$SLIPWAY_SERVER PATH=$PWD/target/debug:\$PATH
+  export SLIPWAY_CONFIG=$config SLIPWAY_SERVER=$SLIPWAY_SERVER PATH=$bindirs:\$PATH
   slipway status ; slipway logs 5 web.rollout ; slipway why web --env staging
   dashboard: $SLIPWAY_SERVER/   (the API is open until the first token exists)
 KEEP

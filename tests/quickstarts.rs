@@ -2,11 +2,17 @@
 //! and (as root, on a throwaway fleet) `scripts/ssh-quickstart.sh`. Each
 //! must end with success and say what the README promises it shows.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Run a script of the repository to its end (killed after `within`): its
-/// exit status and everything it printed.
+/// exit status and everything it printed. It runs this suite's own builds
+/// of `slipway` and `slipway-demo` (`SLIPWAY_BIN`, `SLIPWAY_DEMO_BIN`):
+/// the `cargo build` it would run otherwise can relink `target/debug/slipway`
+/// (dev-dependencies unify features only for the test build) while other
+/// tests are running it.
 fn script(name: &str, within: Duration) -> (bool, String) {
     let root = env!("CARGO_MANIFEST_DIR");
     let child = Command::new("timeout")
@@ -18,6 +24,8 @@ fn script(name: &str, within: Duration) -> (bool, String) {
         .env_remove("SLIPWAY_CONFIG")
         .env_remove("SLIPWAY_SERVER")
         .env_remove("SLIPWAY_STORE")
+        .env("SLIPWAY_BIN", common::slipway_bin())
+        .env("SLIPWAY_DEMO_BIN", common::demo_bin())
         .spawn()
         .expect("run the script");
     let out = child.wait_with_output().expect("its output");
@@ -28,6 +36,10 @@ fn script(name: &str, within: Duration) -> (bool, String) {
 fn the_quickstart_runs_as_the_readme_says() {
     let (ok, out) = script("quickstart.sh", Duration::from_secs(600));
     assert!(ok, "quickstart.sh failed:\n{out}");
+    // Issue 19: its own `cargo build` relinked the binary other tests ran
+    // (`cannot read …/slipway (deleted)` in the SSH tests).
+    let ours = format!("==> using the builds {} and {}", common::slipway_bin().display(), common::demo_bin());
+    assert!(out.contains(&ours), "it runs the suite's builds, not one of its own:\n{out}");
     assert!(out.contains(", 0 failed"), "no request fails during the rollout:\n{out}");
     assert!(out.contains("the deployment was rolled back, as expected"), "v3 is rolled back:\n{out}");
     // Issue 18: its logs used to be written into the config directory, so
@@ -47,6 +59,8 @@ fn issue15_the_ssh_quickstart_runs_as_the_readme_says() {
     }
     let (ok, out) = script("ssh-quickstart.sh", Duration::from_secs(600));
     assert!(ok, "ssh-quickstart.sh failed:\n{out}");
+    let ours = format!("==> using the builds {} and {}", common::slipway_bin().display(), common::demo_bin());
+    assert!(out.contains(&ours), "it runs the suite's builds, not one of its own:\n{out}");
     for want in [
         "uptime attempt 1 on 3 hosts:",
         "h1: up since",

@@ -364,3 +364,30 @@ fn issue15_hosts_called_by_names_of_their_own() {
     let text = String::from_utf8_lossy(&listed.stdout);
     assert!(listed.status.success() && text.contains(&format!("web-a ({a1}:22)")) && text.contains(&format!("web-b ({a2}:22)")), "{text}");
 }
+
+#[test]
+fn issue19_hosts_get_the_running_build_after_its_file_is_gone() {
+    // A node ships its own binary to hosts as their agent. Its file can be
+    // replaced or removed while it runs (a package upgraded in place; in
+    // CI a `cargo build` relinking target/debug/slipway): the hosts must
+    // still get the build that runs, not "cannot read … (deleted)".
+    let fleet = Fleet::up(1);
+    let dir = common::config_dir(&config(&fleet, 1, "\n[[job]]\nname = \"where\"\ncommand = [\"hostname\"]\nhosts = \"web\"\n"), &[]);
+    let own = tempfile::tempdir().expect("tempdir");
+    let bin = own.path().join("slipway");
+    std::fs::copy(common::fleet::agent_binary(), &bin).expect("copy the binary");
+    let hash = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(std::fs::read(&bin).expect("read the binary")))[..16].to_string()
+    };
+    let server = fleet.serve_binary(dir.path(), &bin);
+    std::fs::remove_file(&bin).expect("remove the running binary's file");
+
+    let (id, out) = run(&server, dir.path(), "where");
+    assert!(out.status.success(), "{}\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), server.log_text());
+    let hosts = hosts_of(&detail(&server, id), "where");
+    assert_eq!(hosts.values().map(|(o, _, _)| o.as_str()).collect::<Vec<_>>(), ["succeeded"], "{hosts:?}");
+    let bins: Vec<String> =
+        std::fs::read_dir(fleet.host_root(1).join("bin")).expect("the host's bin").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(bins, [format!("slipway-{hash}")], "the host runs the build the node runs");
+}

@@ -172,6 +172,14 @@ impl Fleet {
         super::Server::start_with_env(dir, Some(&store), &["--node-id", "n1"], &[("SLIPWAY_SSH_AGENT", agent.to_str().expect("a UTF-8 path"))])
     }
 
+    /// [`Fleet::serve`] run from the binary `bin`, whose hosts get that
+    /// binary itself (no `SLIPWAY_SSH_AGENT`).
+    pub fn serve_binary(&self, dir: &Path, bin: &Path) -> super::Server {
+        self.enter();
+        let store = format!("sqlite://{}/store.db", dir.display());
+        super::Server::start_binary(bin, dir, Some(&store), &["--node-id", "n1"], &[("SLIPWAY_SSH_AGENT", "")])
+    }
+
     /// Where host `k`'s `/srv/slipway` lives on this machine.
     pub fn host_root(&self, k: usize) -> PathBuf {
         self.local.path().join(&self.host(k).name).join("root")

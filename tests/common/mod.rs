@@ -151,21 +151,26 @@ impl Server {
 
     /// Like [`Server::start`], with extra environment variables.
     pub fn start_with_env(config: &Path, store: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Server {
-        Server::spawn(config, store, extra, env, config, "")
+        Server::spawn(&slipway_bin(), config, store, extra, env, config, "")
+    }
+
+    /// [`Server::start_with_env`] of another copy of the binary, `bin`.
+    pub fn start_binary(bin: &Path, config: &Path, store: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::spawn(bin, config, store, extra, env, config, "")
     }
 
     /// [`Server::start`] with its log `serve-<name or port>.log` in
     /// `log_dir` (outside the config's directory, for a test that watches
     /// what lands there).
     pub fn start_logged(config: &Path, store: &str, extra: &[&str], log_dir: &Path, name: &str) -> Server {
-        Server::spawn(config, Some(store), extra, &[], log_dir, name)
+        Server::spawn(&slipway_bin(), config, Some(store), extra, &[], log_dir, name)
     }
 
-    fn spawn(config: &Path, store: Option<&str>, extra: &[&str], env: &[(&str, &str)], log_dir: &Path, name: &str) -> Server {
+    fn spawn(bin: &Path, config: &Path, store: Option<&str>, extra: &[&str], env: &[(&str, &str)], log_dir: &Path, name: &str) -> Server {
         let port = free_port();
         let log = log_dir.join(if name.is_empty() { format!("serve-{port}.log") } else { format!("serve-{name}.log") });
         let out = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(slipway_bin());
+        let mut cmd = Command::new(bin);
         cmd.arg("--config").arg(config).arg("serve").arg("--listen").arg(format!("127.0.0.1:{port}"));
         if let Some(s) = store {
             cmd.arg("--store").arg(s);
