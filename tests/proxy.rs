@@ -453,6 +453,28 @@ async fn shutdown_stops_accepting_and_lets_requests_finish() {
     tokio::time::timeout(Duration::from_secs(5), p.stopped()).await.expect("proxy stops");
 }
 
+#[tokio::test]
+async fn issue19_shutdown_closes_an_idle_keep_alive_client_connection() {
+    // A client connection waiting idle for its next request must close
+    // at shutdown, not at its 75 s idle timeout: nothing else would wake
+    // it, and the proxy would not stop before.
+    let b = Backend::start("b").await;
+    let (p, shutdown) = proxy(&[&b]).await;
+    let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+    while !got.windows(5).any(|w| w == b"\r\n\r\nb") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("the answer").unwrap();
+        assert!(n > 0, "closed before answering: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), p.stopped()).await.expect("the proxy stops with an idle client connection open");
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("the idle connection is closed").unwrap_or(0);
+    assert_eq!(n, 0, "more bytes instead of a close: {}", String::from_utf8_lossy(&buf[..n]));
+}
+
 /// A raw HTTP/1.1 backend answering `ok` to GETs with keep-alive: on each
 /// connection it answers `answers` requests, then reads the next one and
 /// hangs up without answering (a keep-alive timeout firing just as a
