@@ -223,7 +223,7 @@ pub struct Scheduler {
     /// or cancelled deployment freed a lock); otherwise only the poll tick
     /// looks, keeping a query off every job's path.
     activate: Arc<AtomicBool>,
-    materialized: Arc<Mutex<HashMap<String, PathBuf>>>,
+    materialized: Arc<Materialized>,
     store_seen: StoreSeen,
 }
 
@@ -242,25 +242,46 @@ impl SchedulerHandle {
     }
 }
 
+/// Unpacked revisions, by id: one cell per revision, so that the jobs of a
+/// deployment's first wave, which all start at once, wait for one load and
+/// unpack instead of each loading the archive from the store (issue 19:
+/// 46 loads of the same revision at the start of a 1,000-job graph on
+/// PostgreSQL).
+type Materialized = Mutex<HashMap<String, Arc<tokio::sync::OnceCell<PathBuf>>>>;
+
 /// The revision's files under `work_dir`, unpacked once per process.
-async fn materialize(store: &dyn Store, work_dir: &std::path::Path, cache: &Mutex<HashMap<String, PathBuf>>, revision_id: &str) -> Result<PathBuf, String> {
-    if let Some(p) = cache.lock().ok().and_then(|m| m.get(revision_id).cloned()) {
-        return Ok(p);
-    }
-    let rev = store
-        .revision(revision_id)
-        .await
-        .map_err(|e| format!("cannot load revision {}: {e}", revision::short(revision_id)))?
-        .ok_or_else(|| format!("revision {} is missing from the store", revision::short(revision_id)))?;
-    let (work, id) = (work_dir.to_path_buf(), revision_id.to_string());
-    let path = tokio::task::spawn_blocking(move || revision::materialize(&work, &id, &rev.archive))
-        .await
-        .map_err(|e| format!("unpacking revision: {e}"))?
-        .map_err(|e| format!("cannot unpack revision {} under {}: {e}", revision::short(revision_id), work_dir.display()))?;
-    if let Ok(mut m) = cache.lock() {
-        m.insert(revision_id.to_string(), path.clone());
-    }
-    Ok(path)
+async fn materialize(store: &dyn Store, work_dir: &std::path::Path, cache: &Materialized, revision_id: &str) -> Result<PathBuf, String> {
+    unpack_once(cache, work_dir, revision_id, || async {
+        let rev = store
+            .revision(revision_id)
+            .await
+            .map_err(|e| format!("cannot load revision {}: {e}", revision::short(revision_id)))?
+            .ok_or_else(|| format!("revision {} is missing from the store", revision::short(revision_id)))?;
+        Ok(rev.archive)
+    })
+    .await
+}
+
+/// The revision unpacked under `work_dir` by the first caller, with the
+/// archive `load` gives; callers that come meanwhile wait for that one.
+/// A failure is not kept: the next caller tries again.
+async fn unpack_once<F, Fut>(cache: &Materialized, work_dir: &std::path::Path, revision_id: &str, load: F) -> Result<PathBuf, String>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<u8>, String>>,
+{
+    let cell = cache.lock().unwrap_or_else(|e| e.into_inner()).entry(revision_id.to_string()).or_default().clone();
+    let path = cell
+        .get_or_try_init(|| async {
+            let archive = load().await?;
+            let (work, id) = (work_dir.to_path_buf(), revision_id.to_string());
+            tokio::task::spawn_blocking(move || revision::materialize(&work, &id, &archive))
+                .await
+                .map_err(|e| format!("unpacking revision: {e}"))?
+                .map_err(|e| format!("cannot unpack revision {} under {}: {e}", revision::short(revision_id), work_dir.display()))
+        })
+        .await?;
+    Ok(path.clone())
 }
 
 /// A node id unique to this process: host, pid and a random suffix.
@@ -962,5 +983,42 @@ mod tests {
         assert_eq!(minimum_lease(Duration::from_millis(500)), Duration::from_millis(1500));
         // The default lease fits the default poll interval.
         assert!(check_lease(SchedulerConfig::new("n", PathBuf::new()).lease, Duration::from_millis(500)).is_ok());
+    }
+
+    /// Issue 19: the jobs of a deployment's first wave start together;
+    /// each used to load the revision's archive from the store and unpack
+    /// it (46 loads at the start of a 1,000-job graph on PostgreSQL).
+    #[tokio::test]
+    async fn issue19_a_revision_is_loaded_once_however_many_jobs_start_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tar = tar::Builder::new(Vec::new());
+        let body = b"echo hi\n";
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(0o755);
+        header.set_cksum();
+        tar.append_data(&mut header, "run.sh", &body[..]).unwrap();
+        let archive = tar.into_inner().unwrap();
+
+        let cache = Materialized::default();
+        let loads = std::sync::atomic::AtomicUsize::new(0);
+        let load = || async {
+            loads.fetch_add(1, Ordering::SeqCst);
+            // The others arrive while this load is in progress.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(archive.clone())
+        };
+        let all = futures_util::future::join_all((0..20).map(|_| unpack_once(&cache, dir.path(), "rev-a", load))).await;
+        assert_eq!(loads.load(Ordering::SeqCst), 1, "one load for twenty jobs");
+        let first = all[0].clone().unwrap();
+        assert!(all.iter().all(|p| p.as_ref() == Ok(&first)), "{all:?}");
+        assert_eq!(std::fs::read(first.join("run.sh")).unwrap(), body);
+
+        // A failed load is not remembered: the next job tries again.
+        let failed = unpack_once(&cache, dir.path(), "rev-b", || async { Err::<Vec<u8>, _>("store gone".to_string()) }).await;
+        assert_eq!(failed, Err("store gone".to_string()));
+        let again = unpack_once(&cache, dir.path(), "rev-b", load).await.unwrap();
+        assert!(again.join("run.sh").is_file());
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
     }
 }
