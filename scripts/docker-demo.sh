@@ -15,16 +15,9 @@ for tool in docker docker-registry htpasswd curl python3; do
 done
 docker info >/dev/null 2>&1 || { echo "docker-demo: the Docker Engine does not answer (is dockerd running?)"; exit 1; }
 
-# SLIPWAY_BIN and SLIPWAY_DEMO_BIN, when both set, name the builds to use
-# instead of building here (a test suite passes its own, so that no build
-# here relinks a binary its other tests are running).
-if [ -n "${SLIPWAY_BIN:-}" ] && [ -n "${SLIPWAY_DEMO_BIN:-}" ]; then
-  bin=$SLIPWAY_BIN demo=$SLIPWAY_DEMO_BIN
-else
-  echo "==> building slipway and the demo service"
-  cargo build --quiet -p slipway -p slipway-demo
-  bin="$PWD/target/debug/slipway" demo="$PWD/target/debug/slipway-demo"
-fi
+# Build slipway and slipway-demo, or take the builds SLIPWAY_BIN and
+# SLIPWAY_DEMO_BIN name: sets $bin and $demo.
+. scripts/lib/builds.sh
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 work=$(mktemp -d /tmp/slipway-docker-demo.XXXXXX)

@@ -11,16 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# SLIPWAY_BIN and SLIPWAY_DEMO_BIN, when both set, name the builds to use
-# instead of building here (a test suite passes its own, so that no build
-# here relinks a binary its other tests are running).
-if [ -n "${SLIPWAY_BIN:-}" ] && [ -n "${SLIPWAY_DEMO_BIN:-}" ]; then
-  bin=$SLIPWAY_BIN demo=$SLIPWAY_DEMO_BIN
-else
-  echo "==> building slipway and the demo service"
-  cargo build --quiet -p slipway -p slipway-demo
-  bin="$PWD/target/debug/slipway" demo="$PWD/target/debug/slipway-demo"
-fi
+# Build slipway and slipway-demo, or take the builds SLIPWAY_BIN and
+# SLIPWAY_DEMO_BIN name: sets $bin and $demo.
+. scripts/lib/builds.sh
 
 work=$(mktemp -d /tmp/slipway-gitops.XXXXXX)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -17,17 +17,9 @@ case "${1:-}" in
 esac
 cd "$(dirname "$0")/.."
 
-# SLIPWAY_BIN and SLIPWAY_DEMO_BIN, when both set, name the builds to use
-# instead of building here (tests/quickstarts.rs passes the suite's own: a
-# build here would relink binaries that other tests are running).
-if [ -n "${SLIPWAY_BIN:-}" ] && [ -n "${SLIPWAY_DEMO_BIN:-}" ]; then
-  bin=$SLIPWAY_BIN demo=$SLIPWAY_DEMO_BIN
-  echo "==> using the builds $bin and $demo"
-else
-  echo "==> building slipway and the demo service (slipway-demo)"
-  cargo build --quiet -p slipway -p slipway-demo
-  bin="$PWD/target/debug/slipway" demo="$PWD/target/debug/slipway-demo"
-fi
+# Build slipway and slipway-demo, or take the builds SLIPWAY_BIN and
+# SLIPWAY_DEMO_BIN name: sets $bin and $demo.
+. scripts/lib/builds.sh
 # The demo config runs `slipway-demo` from PATH; its migration appends here.
 bindirs="$(dirname "$demo"):$(dirname "$bin")"
 export PATH="$bindirs:$PATH"

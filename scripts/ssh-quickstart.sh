@@ -13,17 +13,10 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 [ "$(id -u)" = 0 ] || { echo "ssh-quickstart: the test fleet needs root (network namespaces)" >&2; exit 1; }
-# SLIPWAY_BIN and SLIPWAY_DEMO_BIN, when both set, name the builds to use
-# instead of building here (tests/quickstarts.rs passes the suite's own: a
-# build here would relink binaries that other tests are running).
-if [ -n "${SLIPWAY_BIN:-}" ] && [ -n "${SLIPWAY_DEMO_BIN:-}" ]; then
-  BIN=$SLIPWAY_BIN DEMO=$SLIPWAY_DEMO_BIN
-  echo "==> using the builds $BIN and $DEMO"
-else
-  echo "==> building slipway and the demo service (slipway-demo)"
-  cargo build --quiet -p slipway -p slipway-demo
-  BIN=$ROOT/target/debug/slipway DEMO=$ROOT/target/debug/slipway-demo
-fi
+# Build slipway and slipway-demo, or take the builds SLIPWAY_BIN and
+# SLIPWAY_DEMO_BIN name: sets $bin and $demo.
+. "$ROOT/scripts/lib/builds.sh"
+BIN=$bin DEMO=$demo
 
 WORK=$(mktemp -d /tmp/slipway-ssh.XXXXXX)
 FLEET=$WORK/fleet

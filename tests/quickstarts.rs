@@ -32,14 +32,18 @@ fn script(name: &str, within: Duration) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// Issue 19: a script's own `cargo build` relinked the binary other tests
+/// were running (`cannot read …/slipway (deleted)` in the SSH tests).
+fn assert_ran_the_suites_builds(out: &str) {
+    let ours = format!("==> using the builds {} and {}", common::slipway_bin().display(), common::demo_bin());
+    assert!(out.contains(&ours), "it runs the suite's builds, not one of its own:\n{out}");
+}
+
 #[test]
 fn the_quickstart_runs_as_the_readme_says() {
     let (ok, out) = script("quickstart.sh", Duration::from_secs(600));
     assert!(ok, "quickstart.sh failed:\n{out}");
-    // Issue 19: its own `cargo build` relinked the binary other tests ran
-    // (`cannot read …/slipway (deleted)` in the SSH tests).
-    let ours = format!("==> using the builds {} and {}", common::slipway_bin().display(), common::demo_bin());
-    assert!(out.contains(&ours), "it runs the suite's builds, not one of its own:\n{out}");
+    assert_ran_the_suites_builds(&out);
     assert!(out.contains(", 0 failed"), "no request fails during the rollout:\n{out}");
     assert!(out.contains("the deployment was rolled back, as expected"), "v3 is rolled back:\n{out}");
     // Issue 18: its logs used to be written into the config directory, so
@@ -59,8 +63,7 @@ fn issue15_the_ssh_quickstart_runs_as_the_readme_says() {
     }
     let (ok, out) = script("ssh-quickstart.sh", Duration::from_secs(600));
     assert!(ok, "ssh-quickstart.sh failed:\n{out}");
-    let ours = format!("==> using the builds {} and {}", common::slipway_bin().display(), common::demo_bin());
-    assert!(out.contains(&ours), "it runs the suite's builds, not one of its own:\n{out}");
+    assert_ran_the_suites_builds(&out);
     for want in [
         "uptime attempt 1 on 3 hosts:",
         "h1: up since",

@@ -53,6 +53,19 @@ fn hosts_of(detail: &serde_json::Value, job: &str) -> std::collections::BTreeMap
         .collect()
 }
 
+/// The name a Slipway binary gets on a host: `slipway-` and the start of
+/// its checksum.
+fn agent_name(binary: &Path) -> String {
+    use sha2::Digest as _;
+    let sum = hex::encode(sha2::Sha256::digest(std::fs::read(binary).expect("read the binary")));
+    format!("slipway-{}", &sum[..16])
+}
+
+/// The agent binaries uploaded to host `k`.
+fn agents_on(fleet: &Fleet, k: usize) -> Vec<String> {
+    std::fs::read_dir(fleet.host_root(k).join("bin")).expect("the host's bin").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+}
+
 /// The job's script: prints where it runs, fails with 3 on the hosts
 /// named in FAIL_ON.
 const CHECK: &str = "#!/bin/sh\necho \"on $(hostname) in $(pwd) for $SLIPWAY_JOB\"\necho \"to stderr\" >&2\ncase \" $FAIL_ON \" in *\" $(hostname) \"*) exit 3;; esac\nexit 0\n";
@@ -100,19 +113,10 @@ max_failed = "5%"
 
     // The hosts run the build SLIPWAY_SSH_AGENT names (here: this one
     // without debug information), uploaded under its own checksum.
-    let hash = |p: &Path| {
-        use sha2::Digest as _;
-        hex::encode(sha2::Sha256::digest(std::fs::read(p).expect("read the binary")))[..16].to_string()
-    };
-    let (named, own) = (hash(&common::fleet::agent_binary()), hash(&common::slipway_bin()));
+    let (named, own) = (agent_name(&common::fleet::agent_binary()), agent_name(&common::slipway_bin()));
     assert_ne!(named, own, "strip made no other binary: nothing would tell the two apart");
     for k in [1, 20] {
-        let bins: Vec<String> = std::fs::read_dir(fleet.host_root(k).join("bin"))
-            .expect("the host's bin")
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(bins, [format!("slipway-{named}")], "host {k} got the named agent, and only it");
+        assert_eq!(agents_on(&fleet, k), std::slice::from_ref(&named), "host {k} got the named agent, and only it");
     }
 
     // Each host's output is its own: `logs --host` keeps one host's lines.
@@ -376,10 +380,7 @@ fn issue19_hosts_get_the_running_build_after_its_file_is_gone() {
     let own = tempfile::tempdir().expect("tempdir");
     let bin = own.path().join("slipway");
     std::fs::copy(common::fleet::agent_binary(), &bin).expect("copy the binary");
-    let hash = {
-        use sha2::Digest as _;
-        hex::encode(sha2::Sha256::digest(std::fs::read(&bin).expect("read the binary")))[..16].to_string()
-    };
+    let name = agent_name(&bin);
     let server = fleet.serve_binary(dir.path(), &bin);
     std::fs::remove_file(&bin).expect("remove the running binary's file");
 
@@ -387,7 +388,5 @@ fn issue19_hosts_get_the_running_build_after_its_file_is_gone() {
     assert!(out.status.success(), "{}\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), server.log_text());
     let hosts = hosts_of(&detail(&server, id), "where");
     assert_eq!(hosts.values().map(|(o, _, _)| o.as_str()).collect::<Vec<_>>(), ["succeeded"], "{hosts:?}");
-    let bins: Vec<String> =
-        std::fs::read_dir(fleet.host_root(1).join("bin")).expect("the host's bin").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    assert_eq!(bins, [format!("slipway-{hash}")], "the host runs the build the node runs");
+    assert_eq!(agents_on(&fleet, 1), [name], "the host runs the build the node runs");
 }

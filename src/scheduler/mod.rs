@@ -270,7 +270,14 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<Vec<u8>, String>>,
 {
-    let cell = cache.lock().unwrap_or_else(|e| e.into_inner()).entry(revision_id.to_string()).or_default().clone();
+    let cell = {
+        let mut cells = cache.lock().unwrap_or_else(|e| e.into_inner());
+        // Every job asks: the key is copied only for the first.
+        match cells.get(revision_id) {
+            Some(cell) => cell.clone(),
+            None => cells.entry(revision_id.to_string()).or_default().clone(),
+        }
+    };
     let path = cell
         .get_or_try_init(|| async {
             let archive = load().await?;

@@ -166,18 +166,19 @@ impl Fleet {
     /// the CLI it runs later lives there too. The hosts get
     /// [`agent_binary`] (through `SLIPWAY_SSH_AGENT`).
     pub fn serve(&self, dir: &Path) -> super::Server {
-        self.enter();
-        let store = format!("sqlite://{}/store.db", dir.display());
-        let agent = agent_binary();
-        super::Server::start_with_env(dir, Some(&store), &["--node-id", "n1"], &[("SLIPWAY_SSH_AGENT", agent.to_str().expect("a UTF-8 path"))])
+        self.serve_as(dir, &super::slipway_bin(), agent_binary().to_str().expect("a UTF-8 path"))
     }
 
     /// [`Fleet::serve`] run from the binary `bin`, whose hosts get that
     /// binary itself (no `SLIPWAY_SSH_AGENT`).
     pub fn serve_binary(&self, dir: &Path, bin: &Path) -> super::Server {
+        self.serve_as(dir, bin, "")
+    }
+
+    fn serve_as(&self, dir: &Path, bin: &Path, agent: &str) -> super::Server {
         self.enter();
         let store = format!("sqlite://{}/store.db", dir.display());
-        super::Server::start_binary(bin, dir, Some(&store), &["--node-id", "n1"], &[("SLIPWAY_SSH_AGENT", "")])
+        super::Server::start_binary(bin, dir, Some(&store), &["--node-id", "n1"], &[("SLIPWAY_SSH_AGENT", agent)])
     }
 
     /// Where host `k`'s `/srv/slipway` lives on this machine.

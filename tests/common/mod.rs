@@ -151,7 +151,7 @@ impl Server {
 
     /// Like [`Server::start`], with extra environment variables.
     pub fn start_with_env(config: &Path, store: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Server {
-        Server::spawn(&slipway_bin(), config, store, extra, env, config, "")
+        Server::start_binary(&slipway_bin(), config, store, extra, env)
     }
 
     /// [`Server::start_with_env`] of another copy of the binary, `bin`.
