@@ -548,3 +548,310 @@ async fn issue19_backend_connections_are_kept_per_client_and_replaced_when_dropp
     assert_eq!(accepted.load(Ordering::SeqCst), 6);
     shutdown.cancel();
 }
+
+/// One scripted answer of [`scripted_backend`]: the bytes, and whether
+/// the backend hangs up after them.
+struct Answer {
+    bytes: Vec<u8>,
+    close: bool,
+}
+
+fn answer(bytes: impl Into<Vec<u8>>) -> Answer {
+    Answer { bytes: bytes.into(), close: false }
+}
+
+fn answer_and_close(bytes: impl Into<Vec<u8>>) -> Answer {
+    Answer { bytes: bytes.into(), close: true }
+}
+
+/// What a [`scripted_backend`] saw.
+#[derive(Clone, Default)]
+struct Seen {
+    /// Each request whole (head and body as framed), in arrival order.
+    requests: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Seen {
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().iter().map(|r| String::from_utf8_lossy(r).into_owned()).collect()
+    }
+}
+
+/// The end of a request's framing in `buf` (head, then a content-length
+/// or chunked body), if all of it is there.
+fn request_end(buf: &[u8]) -> Option<usize> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    if head.contains("transfer-encoding: chunked") {
+        let body = &buf[head_end..];
+        let last = if body.starts_with(b"0\r\n") { 0 } else { body.windows(5).position(|w| w == b"\r\n0\r\n")? + 2 };
+        let end = body[last..]
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|p| last + p + 4)
+            .or_else(|| body[last..].starts_with(b"0\r\n\r\n").then_some(last + 5))?;
+        return Some(head_end + end);
+    }
+    let len = head.lines().find_map(|l| l.strip_prefix("content-length: ")).map(|v| v.trim().parse::<usize>().unwrap()).unwrap_or(0);
+    (buf.len() >= head_end + len).then_some(head_end + len)
+}
+
+/// A raw backend that answers each request with the script's next
+/// answer, written a few bytes at a time (so the proxy meets heads,
+/// chunk lines and bodies cut anywhere), and records what it got.
+async fn scripted_backend(script: Vec<Answer>) -> (SocketAddr, Seen) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Seen::default();
+    let script = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(script)));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            s.set_nodelay(true).unwrap();
+            record.accepted.fetch_add(1, Ordering::SeqCst);
+            let (record, script) = (record.clone(), script.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 64 * 1024];
+                loop {
+                    while request_end(&buf).is_none() {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = request_end(&buf).unwrap();
+                    record.requests.lock().unwrap().push(buf.drain(..end).collect());
+                    let Some(a) = script.lock().unwrap().pop_front() else { return };
+                    // Long answers in bigger pieces, or the test takes minutes.
+                    for piece in a.bytes.chunks(if a.bytes.len() < 2048 { 7 } else { 4096 }) {
+                        if s.write_all(piece).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    if a.close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+async fn proxy_to(backend: SocketAddr) -> (Proxy, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let p = Proxy::bind("web", "127.0.0.1:0".parse().unwrap(), shutdown.clone()).await.unwrap();
+    p.set_backends(vec![backend]);
+    (p, shutdown)
+}
+
+/// Send `request` on a raw connection and read the whole answer (the
+/// request asks the proxy to close after it).
+async fn raw_exchange(p: &Proxy, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await.expect("the proxy answers and closes").unwrap();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Issue 19 (the proxy's own client towards instances): every way an
+/// HTTP/1.1 response can be framed reaches the client whole, and the
+/// backend connection is kept exactly when the framing allows it.
+#[tokio::test]
+async fn issue19_every_response_framing_reaches_the_client_and_decides_reuse() {
+    let (b, seen) = scripted_backend(vec![
+        answer("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"),
+        answer("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc"),
+        answer("HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n"),
+        answer("HTTP/1.1 204 No Content\r\n\r\n"),
+        answer("HTTP/1.1 304 Not Modified\r\netag: \"x\"\r\n\r\n"),
+        answer_and_close("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"),
+        // HTTP/1.0 without keep-alive: not reused, though this backend would.
+        answer("HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nhi"),
+        answer_and_close("HTTP/1.1 200 OK\r\n\r\nup to the close"),
+        answer("HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok"),
+        answer("HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlast"),
+    ])
+    .await;
+    let (p, _shutdown) = proxy_to(b).await;
+    // One client connection, so one pool of backend connections.
+    let c = slipway::http::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(1).build().unwrap();
+    assert_eq!(get_text(&c, &url(&p, "/chunked")).await, (200, "hello world".into()));
+    assert_eq!(get_text(&c, &url(&p, "/interim")).await, (200, "abc".into()));
+    let r = c.head(url(&p, "/head")).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.headers().get("content-length").map(|v| v.to_str().unwrap().to_string())), (200, Some("1000".into())));
+    assert!(r.bytes().await.unwrap().is_empty());
+    assert_eq!(get_text(&c, &url(&p, "/204")).await, (204, String::new()));
+    assert_eq!(get_text(&c, &url(&p, "/304")).await, (304, String::new()));
+    assert_eq!(get_text(&c, &url(&p, "/close")).await, (200, "ok".into()));
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 1, "the first six answers over one backend connection");
+    assert_eq!(get_text(&c, &url(&p, "/http10")).await, (200, "hi".into()));
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 2, "connection: close is honoured");
+    assert_eq!(get_text(&c, &url(&p, "/until-close")).await, (200, "up to the close".into()));
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 3, "an HTTP/1.0 answer without keep-alive is not reused");
+    assert_eq!(get_text(&c, &url(&p, "/repeated-length")).await, (200, "ok".into()));
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 4, "a body read up to the close ends its connection");
+    assert_eq!(get_text(&c, &url(&p, "/last")).await, (200, "last".into()));
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 4, "a framed answer keeps its connection");
+
+    let paths: Vec<String> = seen.requests().iter().map(|r| r.lines().next().unwrap().to_string()).collect();
+    assert_eq!(
+        paths,
+        [
+            "GET /chunked HTTP/1.1",
+            "GET /interim HTTP/1.1",
+            "HEAD /head HTTP/1.1",
+            "GET /204 HTTP/1.1",
+            "GET /304 HTTP/1.1",
+            "GET /close HTTP/1.1",
+            "GET /http10 HTTP/1.1",
+            "GET /until-close HTTP/1.1",
+            "GET /repeated-length HTTP/1.1",
+            "GET /last HTTP/1.1"
+        ]
+    );
+    assert_eq!(p.stats().errors, 0);
+    assert_eq!(p.in_flight(b), 0);
+}
+
+/// Issue 19: a chunked answer's trailers reach a client that asked for them.
+#[tokio::test]
+async fn issue19_response_trailers_are_passed_on() {
+    let (b, _seen) =
+        scripted_backend(vec![answer("HTTP/1.1 200 OK\r\ntrailer: x-checksum\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-checksum: 42\r\n\r\n")])
+            .await;
+    let (p, _shutdown) = proxy_to(b).await;
+    let got = raw_exchange(&p, b"GET / HTTP/1.1\r\nhost: x\r\nte: trailers\r\nconnection: close\r\n\r\n").await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let body = got.split_once("\r\n\r\n").unwrap().1.to_ascii_lowercase();
+    assert_eq!(body, "2\r\nok\r\n0\r\nx-checksum: 42\r\n\r\n");
+}
+
+/// Issue 19: a response the proxy cannot read safely is its own 502 (when
+/// the head is bad) or a cut-off body (when the body is), never a hang,
+/// and the connection is not reused.
+#[tokio::test]
+async fn issue19_a_malformed_response_is_a_502_or_a_cut_body() {
+    let big = format!("HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n", "a".repeat(70 * 1024));
+    for (answer_bytes, says) in [
+        ("HTTP/1.1 200 OK\r\ncontent-length: 1x\r\n\r\n".to_string(), "invalid content-length"),
+        ("HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc".to_string(), "invalid content-length"),
+        ("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n".to_string(), "switched protocols"),
+        ("HTTQ/1.1 200 OK\r\n\r\n".to_string(), "invalid response head"),
+        (big, "longer than 64 KiB"),
+    ] {
+        let (b, _seen) = scripted_backend(vec![answer_and_close(answer_bytes.clone())]).await;
+        let (p, _shutdown) = proxy_to(b).await;
+        let (status, body) = get_text(&client(), &url(&p, "/")).await;
+        assert_eq!(status, 502, "{answer_bytes:.60}: {body}");
+        assert!(body.contains(says), "{answer_bytes:.60}: {body}");
+        assert_eq!(p.in_flight(b), 0);
+    }
+
+    for answer_bytes in [
+        "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX",
+    ] {
+        let (b, _seen) = scripted_backend(vec![answer_and_close(answer_bytes)]).await;
+        let (p, _shutdown) = proxy_to(b).await;
+        let r = client().get(url(&p, "/")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.bytes().await.is_err(), "{answer_bytes}: the client must see the body cut off, not a short one");
+        eventually("the request released", || p.in_flight(b) == 0).await;
+    }
+}
+
+/// Issue 19: what the backend gets is framed by the proxy for what it
+/// sends: the client's length, `content-length: 0` for an empty body the
+/// client framed, nothing for a request without one, and a length for a
+/// chunked upload small enough to be buffered.
+#[tokio::test]
+async fn issue19_request_bodies_are_framed_for_the_backend() {
+    let ok = || answer("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+    let (b, seen) = scripted_backend(vec![ok(), ok(), ok(), ok()]).await;
+    let (p, _shutdown) = proxy_to(b).await;
+    let c = client();
+    assert_eq!(c.post(url(&p, "/small")).body("abc").send().await.unwrap().status(), 200);
+    assert_eq!(c.post(url(&p, "/empty")).body("").send().await.unwrap().status(), 200);
+    assert_eq!(c.get(url(&p, "/none")).send().await.unwrap().status(), 200);
+    let chunks: Vec<Result<&'static str, std::io::Error>> = vec![Ok("one "), Ok("two")];
+    let streamed = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    assert_eq!(c.put(url(&p, "/chunked")).body(streamed).send().await.unwrap().status(), 200);
+
+    let requests = seen.requests();
+    let lower: Vec<String> = requests.iter().map(|r| r.to_ascii_lowercase()).collect();
+    assert!(
+        lower[0].starts_with("post /small http/1.1\r\n") && lower[0].contains("\r\ncontent-length: 3\r\n") && lower[0].ends_with("\r\n\r\nabc"),
+        "{}",
+        requests[0]
+    );
+    assert!(lower[1].contains("\r\ncontent-length: 0\r\n") && lower[1].ends_with("\r\n\r\n"), "{}", requests[1]);
+    assert!(!lower[2].contains("content-length") && !lower[2].contains("transfer-encoding"), "{}", requests[2]);
+    assert!(
+        lower[3].contains("\r\ncontent-length: 7\r\n") && !lower[3].contains("transfer-encoding") && lower[3].ends_with("\r\n\r\none two"),
+        "{}",
+        requests[3]
+    );
+    for r in &lower {
+        assert_eq!(
+            r.matches("content-length").count() + r.matches("transfer-encoding").count(),
+            usize::from(!r.starts_with("get ")),
+            "one framing header: {r}"
+        );
+    }
+}
+
+/// Issue 19: a backend that answers an upload before reading all of it (a
+/// 413, say) gets that answer to the client, rather than a 502 for the
+/// upload it cut short.
+#[tokio::test]
+async fn issue19_an_early_answer_to_a_streamed_upload_reaches_the_client() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large").await.unwrap();
+        // Drain what still comes, as a server lingering on close does.
+        while let Ok(n) = s.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let (p, _shutdown) = proxy_to(b).await;
+    let data = vec![7u8; 3 * 1024 * 1024];
+    let r = client().post(url(&p, "/upload")).body(data).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.text().await.unwrap(), "too large");
+    eventually("the request released", || p.in_flight(b) == 0).await;
+}
+
+/// Issue 19: an answer framed both ways is read by its chunks (RFC 9112
+/// §6.3), the client is not told the stale length, and the connection is
+/// not used again (a backend that confused the two may be out of step).
+#[tokio::test]
+async fn issue19_transfer_encoding_wins_over_content_length() {
+    let (b, seen) = scripted_backend(vec![
+        answer("HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+        answer("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    ])
+    .await;
+    let (p, _shutdown) = proxy_to(b).await;
+    let c = slipway::http::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(1).build().unwrap();
+    let r = c.get(url(&p, "/both")).send().await.unwrap();
+    assert_eq!(r.headers().get("content-length"), None, "{:?}", r.headers());
+    assert_eq!(r.text().await.unwrap(), "abc");
+    assert_eq!(get_text(&c, &url(&p, "/next")).await, (200, "ok".into()));
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+}
