@@ -756,6 +756,8 @@ async fn issue19_a_malformed_response_is_a_502_or_a_cut_body() {
         "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
         "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
         "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX",
+        // An empty size line is not the last chunk.
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n\r\n",
     ] {
         let (b, _seen) = scripted_backend(vec![answer_and_close(answer_bytes)]).await;
         let (p, _shutdown) = proxy_to(b).await;
@@ -854,4 +856,98 @@ async fn issue19_transfer_encoding_wins_over_content_length() {
     assert_eq!(r.text().await.unwrap(), "abc");
     assert_eq!(get_text(&c, &url(&p, "/next")).await, (200, "ok".into()));
     assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+}
+
+/// Issue 19: a backend that starts its answer before it has read a
+/// streamed upload (progress, an echo) still gets the whole upload: the
+/// rest is written beside the answer, not dropped when the head arrives.
+#[tokio::test]
+async fn issue19_an_upload_goes_on_while_the_answer_streams() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 64 * 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length: ")).expect("a length for a body with one").trim().parse().unwrap();
+        // The head of the answer, and a first chunk, before reading the body.
+        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n8\r\nreading \r\n").await.unwrap();
+        let mut got = buf.len() - head_end;
+        while got < len {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the upload stopped after {got} of {len} bytes");
+            got += n;
+        }
+        let end = format!("got {got}");
+        s.write_all(format!("{:x}\r\n{end}\r\n0\r\n\r\n", end.len()).as_bytes()).await.unwrap();
+    });
+    let (p, _shutdown) = proxy_to(b).await;
+    let data = vec![7u8; 3 * 1024 * 1024];
+    let r = client().post(url(&p, "/upload")).body(data).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), format!("reading got {}", 3 * 1024 * 1024));
+    eventually("the request released", || p.in_flight(b) == 0).await;
+}
+
+/// Issue 19: a client's request trailers reach the backend only if the
+/// client declared them, and never one that frames, routes or
+/// authenticates a request.
+#[tokio::test]
+async fn issue19_request_trailers_are_filtered() {
+    let (b, seen) = scripted_backend(vec![answer("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")]).await;
+    let (p, _shutdown) = proxy_to(b).await;
+    let got = raw_exchange(
+        &p,
+        b"POST / HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntrailer: x-sum, authorization\r\ntransfer-encoding: chunked\r\n\r\n\
+          3\r\nabc\r\n0\r\nx-sum: 6\r\nx-undeclared: 1\r\nauthorization: Bearer forged\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let request = seen.requests().pop().unwrap().to_ascii_lowercase();
+    let (_, body) = request.split_once("\r\n\r\n").unwrap();
+    assert_eq!(body, "3\r\nabc\r\n0\r\nx-sum: 6\r\n\r\n", "{request}");
+}
+
+/// Issue 19: an answer that repeats its length is passed on with it once
+/// (hyper's server refuses a repeated one and would drop the client).
+#[tokio::test]
+async fn issue19_a_repeated_content_length_is_passed_on_once() {
+    let (b, _seen) = scripted_backend(vec![answer("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n")]).await;
+    let (p, _shutdown) = proxy_to(b).await;
+    let r = client().head(url(&p, "/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let lengths: Vec<_> = r.headers().get_all("content-length").iter().map(|v| v.to_str().unwrap().to_string()).collect();
+    assert_eq!(lengths, ["5"]);
+}
+
+/// Issue 19: a backend that answers an upload and hangs up without
+/// reading the rest (its kernel then resets the connection) still gets
+/// its answer to the client, not a 502 for the write that failed.
+#[tokio::test]
+async fn issue19_an_early_answer_then_a_reset_reaches_the_client() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large").await.unwrap();
+        // Closed with unread bytes: a reset, not a FIN.
+    });
+    let (p, _shutdown) = proxy_to(b).await;
+    let data = vec![7u8; 3 * 1024 * 1024];
+    let r = client().post(url(&p, "/upload")).body(data).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.text().await.unwrap(), "too large");
+    eventually("the request released", || p.in_flight(b) == 0).await;
 }

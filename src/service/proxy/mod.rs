@@ -373,15 +373,16 @@ enum SendError {
     /// Connecting failed or timed out: nothing was sent.
     Connect(String),
     /// The exchange failed after connecting; `kept`: on a connection kept
-    /// from an earlier request.
-    Broken { error: String, kept: bool },
+    /// from an earlier request; `sent`: not on the request's first write
+    /// (a connection the backend had closed fails there, unsent).
+    Broken { error: String, kept: bool, sent: bool },
 }
 
 impl SendError {
     /// Whether the request certainly was not sent, so any method may go
     /// to another backend.
     fn nothing_sent(&self) -> bool {
-        matches!(self, SendError::Connect(_))
+        matches!(self, SendError::Connect(_) | SendError::Broken { sent: false, .. })
     }
 
     /// A kept connection failed: the backend may just have closed it
@@ -453,14 +454,15 @@ impl Inner {
         head_request: bool,
         fresh: bool,
     ) -> Result<(ResponseHead, Conn), SendError> {
-        let (mut conn, kept) = match pool.take(backend).filter(|_| !fresh) {
+        let (conn, kept) = match pool.take(backend).filter(|_| !fresh) {
             Some(c) => (c, true),
             None => (Conn::connect(backend, self.options.connect_timeout).await.map_err(SendError::Connect)?, false),
         };
-        match upstream::exchange(&mut conn, backend, head, body, head_request).await {
-            Ok(resp) => Ok((resp, conn)),
-            Err(Broken(error)) => Err(SendError::Broken { error, kept }),
-        }
+        upstream::exchange(conn, backend, head, body, head_request, self.options.idle_timeout).await.map_err(|Broken { message, sent }| SendError::Broken {
+            error: message,
+            kept,
+            sent,
+        })
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr, pool: &Arc<Pool>) -> Response<ProxyBody> {

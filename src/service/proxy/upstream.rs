@@ -36,12 +36,13 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::StatusCode;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::{BoxError, ProxyBody};
 
@@ -58,8 +59,24 @@ const COPY_BODY: usize = 16 * 1024;
 /// One connection to an instance, with what was read from it and not yet
 /// used.
 pub(super) struct Conn {
-    stream: TcpStream,
+    io: Io,
     buf: BytesMut,
+}
+
+/// A connection whole, or only its reading half while the rest of an
+/// upload is still being written beside the response (never kept).
+enum Io {
+    Whole(TcpStream),
+    Reading(OwnedReadHalf),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Whole(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Reading(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
 }
 
 impl Conn {
@@ -70,7 +87,7 @@ impl Conn {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
-        Ok(Conn { stream, buf: BytesMut::with_capacity(READ_SIZE) })
+        Ok(Conn { io: Io::Whole(stream), buf: BytesMut::with_capacity(READ_SIZE) })
     }
 
     /// A kept connection is usable if the instance has neither closed it
@@ -79,7 +96,10 @@ impl Conn {
     /// response was read).
     fn still_open(&self) -> bool {
         let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        match &self.io {
+            Io::Whole(s) => matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            Io::Reading(_) => false,
+        }
     }
 }
 
@@ -122,6 +142,9 @@ pub(super) enum Framing {
 pub(super) struct RequestHead {
     prefix: Vec<u8>,
     has_host: bool,
+    /// The trailer fields the client declared in `trailer`: the only ones
+    /// passed on (less those in [`FORBIDDEN_TRAILERS`]).
+    declared: Vec<HeaderName>,
 }
 
 impl RequestHead {
@@ -140,7 +163,9 @@ impl RequestHead {
             prefix.extend_from_slice(value.as_bytes());
             prefix.extend_from_slice(b"\r\n");
         }
-        RequestHead { prefix, has_host: headers.contains_key(header::HOST) }
+        let declared =
+            tokens(headers, &header::TRAILER).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).filter(|n| !FORBIDDEN_TRAILERS.contains(n)).collect();
+        RequestHead { prefix, has_host: headers.contains_key(header::HOST), declared }
     }
 
     /// The whole head for one attempt on `backend`, with room for a small body behind it.
@@ -170,12 +195,55 @@ pub(super) enum Outgoing<'a> {
     Streaming(ProxyBody),
 }
 
-/// An exchange that failed, in the instance's words or ours.
+/// An exchange that failed, in the instance's words or ours; `sent`:
+/// whether any of the request may have reached the instance.
 #[derive(Debug)]
-pub(super) struct Broken(pub(super) String);
+pub(super) struct Broken {
+    pub(super) message: String,
+    pub(super) sent: bool,
+}
+
+impl Broken {
+    fn new(message: impl Into<String>) -> Broken {
+        Broken { message: message.into(), sent: true }
+    }
+}
 
 fn broken(what: &str, e: io::Error) -> Broken {
-    Broken(format!("{what}: {e}"))
+    Broken::new(format!("{what}: {e}"))
+}
+
+/// Trailer fields never passed on to an instance, declared or not: they
+/// frame, route, authenticate or modify the request (RFC 9110 §6.5.1),
+/// and a backend that merged trailers into headers could be misled.
+const FORBIDDEN_TRAILERS: [HeaderName; 16] = [
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::HOST,
+    header::AUTHORIZATION,
+    header::PROXY_AUTHORIZATION,
+    header::COOKIE,
+    header::CONTENT_TYPE,
+    header::CONTENT_ENCODING,
+    header::CONTENT_RANGE,
+    header::TRAILER,
+    header::TE,
+    header::CONNECTION,
+    header::UPGRADE,
+    header::EXPECT,
+    header::RANGE,
+    header::MAX_FORWARDS,
+];
+
+/// What of `trailers` may go to the instance.
+fn allowed_trailers(trailers: &HeaderMap, declared: &[HeaderName]) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in declared {
+        for v in trailers.get_all(name) {
+            out.append(name.clone(), v.clone());
+        }
+    }
+    out
 }
 
 /// A parsed response head, and how its body follows.
@@ -194,67 +262,127 @@ enum BodyFraming {
     UntilClose,
 }
 
-/// Send one request on `conn` and read the response head. The body, if
-/// any, follows with [`UpstreamBody`].
-pub(super) async fn exchange(conn: &mut Conn, backend: SocketAddr, head: &RequestHead, body: Outgoing<'_>, head_request: bool) -> Result<ResponseHead, Broken> {
-    match body {
-        Outgoing::Buffered { data, trailers: None, send_framing } => {
-            let framing = if data.is_empty() && !send_framing { Framing::None } else { Framing::Length(data.len() as u64) };
-            let small = data.len() <= COPY_BODY;
-            let mut out = head.encode(backend, framing, if small { data.len() } else { 0 });
-            if small {
-                out.extend_from_slice(data);
-            }
-            conn.stream.write_all(&out).await.map_err(|e| broken("sending the request", e))?;
-            if !small {
-                conn.stream.write_all(data).await.map_err(|e| broken("sending the request body", e))?;
-            }
-            read_head(&mut conn.stream, &mut conn.buf, head_request).await
-        }
-        Outgoing::Buffered { data, trailers: Some(trailers), .. } => {
-            let mut out = head.encode(backend, Framing::Chunked, data.len() + 64);
-            if !data.is_empty() {
-                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                out.extend_from_slice(data);
-                out.extend_from_slice(b"\r\n");
-            }
-            last_chunk(&mut out, Some(trailers));
-            conn.stream.write_all(&out).await.map_err(|e| broken("sending the request", e))?;
-            read_head(&mut conn.stream, &mut conn.buf, head_request).await
-        }
-        Outgoing::Streaming(body) => {
-            let framing = match body.size_hint().exact() {
-                Some(n) => Framing::Length(n),
-                None => Framing::Chunked,
+/// Send one request on `conn` and read the response head; the connection
+/// comes back for the body, which follows with [`UpstreamBody`]. `idle`
+/// bounds each write of a streamed body.
+pub(super) async fn exchange(
+    mut conn: Conn,
+    backend: SocketAddr,
+    head: &RequestHead,
+    body: Outgoing<'_>,
+    head_request: bool,
+    idle: Duration,
+) -> Result<(ResponseHead, Conn), Broken> {
+    let (out, rest) = match body {
+        // The usual case: head and body in one write, then the answer.
+        Outgoing::Buffered { data, trailers, send_framing } if data.len() <= COPY_BODY => {
+            let trailers = trailers.map(|t| allowed_trailers(t, &head.declared)).filter(|t| !t.is_empty());
+            let out = match trailers {
+                None => {
+                    let framing = if data.is_empty() && !send_framing { Framing::None } else { Framing::Length(data.len() as u64) };
+                    let mut out = head.encode(backend, framing, data.len());
+                    out.extend_from_slice(data);
+                    out
+                }
+                Some(trailers) => {
+                    let mut out = head.encode(backend, Framing::Chunked, data.len() + 64);
+                    if !data.is_empty() {
+                        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        out.extend_from_slice(data);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    last_chunk(&mut out, &trailers);
+                    out
+                }
             };
-            let out = head.encode(backend, framing, 0);
-            let Conn { stream, buf } = conn;
-            let (mut rd, mut wr) = stream.split();
-            let write = write_streamed(&mut wr, out, body, framing);
-            let read = read_head(&mut rd, buf, head_request);
-            tokio::pin!(write, read);
-            // The instance may answer before it has read the whole body
-            // (a 413, say): that answer goes to the client, and the
-            // connection is not kept since the body was cut short.
-            tokio::select! {
-                biased;
-                written = &mut write => {
-                    written?;
-                    read.await
-                }
-                answered = &mut read => {
-                    let mut head = answered?;
-                    head.keep_alive = false;
-                    Ok(head)
-                }
-            }
+            (out, None)
         }
-    }
+        // Larger bodies are written beside the wait for the answer, which
+        // may come first (a 413, or a backend streaming its answer).
+        Outgoing::Buffered { data, trailers, .. } => {
+            let body = match trailers {
+                None => Full::new(data.clone()).map_err(|never| match never {}).boxed_unsync(),
+                Some(t) => {
+                    let frames = vec![Ok::<_, BoxError>(Frame::data(data.clone())), Ok(Frame::trailers(t.clone()))];
+                    StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+                }
+            };
+            (Vec::new(), Some(body))
+        }
+        Outgoing::Streaming(body) => (Vec::new(), Some(body)),
+    };
+    let Some(body) = rest else {
+        let Io::Whole(stream) = &mut conn.io else { return Err(Broken::new("a connection still sending an upload cannot carry a request")) };
+        // If the very first write fails, nothing reached the instance.
+        let n = stream.write(&out).await.map_err(|e| Broken { sent: false, ..broken("sending the request", e) })?;
+        stream.write_all(&out[n..]).await.map_err(|e| broken("sending the request", e))?;
+        let head = read_head(&mut conn.io, &mut conn.buf, head_request).await?;
+        return Ok((head, conn));
+    };
+    streamed(conn, backend, head, body, head_request, idle).await
 }
 
-fn last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
+/// A body written while the answer is awaited. If the answer's head comes
+/// first, the rest of the body goes on being written by a task of its own
+/// (bounded by `idle` per write and by the client's body's own idle
+/// timeout) while the answer is relayed, and the connection is not kept:
+/// a backend may answer before reading everything (a 413) or stream its
+/// answer while it reads.
+async fn streamed(
+    conn: Conn,
+    backend: SocketAddr,
+    head: &RequestHead,
+    body: ProxyBody,
+    head_request: bool,
+    idle: Duration,
+) -> Result<(ResponseHead, Conn), Broken> {
+    let framing = match body.size_hint().exact() {
+        Some(n) => Framing::Length(n),
+        None => Framing::Chunked,
+    };
+    let out = head.encode(backend, framing, 0);
+    let Conn { io: Io::Whole(stream), mut buf } = conn else { return Err(Broken::new("a connection still sending an upload cannot carry a request")) };
+    let (mut rd, wr) = stream.into_split();
+    let mut write = Box::pin(write_streamed(wr, out, body, framing, head.declared.clone(), idle));
+    // The read borrows the reading half and the buffer until it is done.
+    let outcome = {
+        let read = read_head(&mut rd, &mut buf, head_request);
+        tokio::pin!(read);
+        tokio::select! {
+            biased;
+            written = &mut write => match written {
+                Ok(wr) => read.await.map(|answer| (answer, Some(wr))),
+                // The instance may have answered and closed before taking it
+                // all (a 413): its answer, if there is one, says more.
+                Err(e) => match read.await {
+                    Ok(answer) => Ok((answer, None)),
+                    Err(_) => Err(e),
+                },
+            },
+            answered = &mut read => answered.map(|answer| {
+                tokio::spawn(async move {
+                    if let Err(e) = write.await {
+                        tracing::debug!(%backend, error = %e.message, "proxy: the rest of an upload was not sent");
+                    }
+                });
+                (answer, None)
+            }),
+        }
+    };
+    let (mut answer, wr) = outcome?;
+    let io = match wr {
+        Some(wr) => Io::Whole(rd.reunite(wr).map_err(|_| Broken::new("the connection's halves do not match"))?),
+        None => {
+            answer.keep_alive = false;
+            Io::Reading(rd)
+        }
+    };
+    Ok((answer, Conn { io, buf }))
+}
+
+fn last_chunk(out: &mut Vec<u8>, trailers: &HeaderMap) {
     out.extend_from_slice(b"0\r\n");
-    for (name, value) in trailers.into_iter().flatten() {
+    for (name, value) in trailers {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -263,31 +391,47 @@ fn last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
     out.extend_from_slice(b"\r\n");
 }
 
-async fn write_streamed<W: AsyncWrite + Unpin>(wr: &mut W, head: Vec<u8>, mut body: ProxyBody, framing: Framing) -> Result<(), Broken> {
-    wr.write_all(&head).await.map_err(|e| broken("sending the request", e))?;
-    let mut trailers = None;
+async fn write_streamed(
+    mut wr: OwnedWriteHalf,
+    head: Vec<u8>,
+    mut body: ProxyBody,
+    framing: Framing,
+    declared: Vec<HeaderName>,
+    idle: Duration,
+) -> Result<OwnedWriteHalf, Broken> {
+    async fn put(wr: &mut OwnedWriteHalf, bytes: &[u8], idle: Duration) -> Result<(), Broken> {
+        match tokio::time::timeout(idle, wr.write_all(bytes)).await {
+            Ok(r) => r.map_err(|e| broken("sending the request", e)),
+            Err(_) => Err(Broken::new(format!("the instance took no request bytes for {}", humantime::format_duration(idle)))),
+        }
+    }
+    put(&mut wr, &head, idle).await?;
+    let mut trailers = HeaderMap::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| Broken(format!("reading the client's body: {e}")))?;
+        let frame = frame.map_err(|e| Broken::new(format!("reading the client's body: {e}")))?;
         match frame.into_data() {
             Ok(data) if data.is_empty() => {}
-            Ok(data) => {
-                if framing == Framing::Chunked {
-                    wr.write_all(format!("{:x}\r\n", data.len()).as_bytes()).await.map_err(|e| broken("sending the request body", e))?;
-                }
-                wr.write_all(&data).await.map_err(|e| broken("sending the request body", e))?;
-                if framing == Framing::Chunked {
-                    wr.write_all(b"\r\n").await.map_err(|e| broken("sending the request body", e))?;
+            Ok(data) if framing == Framing::Chunked => {
+                let mut chunk = Vec::with_capacity(data.len() + 16);
+                chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                chunk.extend_from_slice(&data);
+                chunk.extend_from_slice(b"\r\n");
+                put(&mut wr, &chunk, idle).await?;
+            }
+            Ok(data) => put(&mut wr, &data, idle).await?,
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = allowed_trailers(&t, &declared);
                 }
             }
-            Err(frame) => trailers = frame.into_trailers().ok(),
         }
     }
     if framing == Framing::Chunked {
         let mut end = Vec::new();
-        last_chunk(&mut end, trailers.as_ref());
-        wr.write_all(&end).await.map_err(|e| broken("sending the request body", e))?;
+        last_chunk(&mut end, &trailers);
+        put(&mut wr, &end, idle).await?;
     }
-    Ok(())
+    Ok(wr)
 }
 
 /// Read until a final response head is complete, skipping interim 1xx answers.
@@ -303,10 +447,10 @@ async fn read_head<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, head_re
         buf.reserve(READ_SIZE);
         let n = rd.read_buf(buf).await.map_err(|e| broken("reading the response", e))?;
         if n == 0 {
-            return Err(Broken(if buf.is_empty() {
-                "the instance closed the connection without answering".into()
+            return Err(Broken::new(if buf.is_empty() {
+                "the instance closed the connection without answering"
             } else {
-                "the instance closed the connection in the middle of its response head".into()
+                "the instance closed the connection in the middle of its response head"
             }));
         }
     }
@@ -319,15 +463,15 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
     let used = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err(Broken(format!("the response head is longer than {} KiB", MAX_HEAD / 1024)));
+            return Err(Broken::new(format!("the response head is longer than {} KiB", MAX_HEAD / 1024)));
         }
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(Broken(format!("invalid response head: {e}"))),
+        Err(e) => return Err(Broken::new(format!("invalid response head: {e}"))),
     };
     let code = resp.code.unwrap_or(0);
-    let status = StatusCode::from_u16(code).map_err(|_| Broken(format!("invalid response status {code}")))?;
+    let status = StatusCode::from_u16(code).map_err(|_| Broken::new(format!("invalid response status {code}")))?;
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        return Err(Broken("the instance switched protocols, which the proxy never asks for".into()));
+        return Err(Broken::new("the instance switched protocols, which the proxy never asks for"));
     }
     let http10 = resp.version == Some(0);
     let mut headers = header_map(resp.headers)?;
@@ -351,6 +495,11 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
             keep_alive = false;
             headers.remove(header::CONTENT_LENGTH);
         }
+        // RFC 9112 §6.1: an HTTP/1.0 message with transfer-encoding is
+        // framed faultily; close after it.
+        if http10 {
+            keep_alive = false;
+        }
         if tokens(&headers, &header::TRANSFER_ENCODING).last().is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
             BodyFraming::Chunked
         } else {
@@ -363,14 +512,27 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
         keep_alive = false;
         BodyFraming::UntilClose
     };
+    // One length, as hyper's server wants it (`2, 2` or two equal lines
+    // are valid here but not there); a HEAD's or a 304's length describes
+    // a body not sent, so a bad one is dropped rather than fatal.
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        match content_length(&headers) {
+            Ok(n) => {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+            Err(_) => {
+                headers.remove(header::CONTENT_LENGTH);
+            }
+        }
+    }
     Ok(Some(ResponseHead { status, headers, body, keep_alive }))
 }
 
 fn header_map(parsed: &[httparse::Header<'_>]) -> Result<HeaderMap, Broken> {
     let mut headers = HeaderMap::with_capacity(parsed.len());
     for h in parsed {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Broken(format!("invalid header name {:?}", h.name)))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| Broken(format!("invalid value of header {:?}", h.name)))?;
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Broken::new(format!("invalid header name {:?}", h.name)))?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| Broken::new(format!("invalid value of header {:?}", h.name)))?;
         headers.append(name, value);
     }
     Ok(headers)
@@ -391,11 +553,39 @@ fn content_length(headers: &HeaderMap) -> Result<u64, Broken> {
             match (n, found) {
                 (Some(n), None) => found = Some(n),
                 (Some(n), Some(f)) if n == f => {}
-                _ => return Err(Broken(format!("invalid content-length {:?}", String::from_utf8_lossy(v.as_bytes())))),
+                _ => return Err(Broken::new(format!("invalid content-length {:?}", String::from_utf8_lossy(v.as_bytes())))),
             }
         }
     }
-    found.ok_or_else(|| Broken("invalid content-length".into()))
+    found.ok_or_else(|| Broken::new("invalid content-length"))
+}
+
+/// A chunk's size line at the front of `buf` (RFC 9112 §7.1): its length
+/// with the CRLF, and the size; `None` if more bytes are needed. Stricter
+/// than `httparse::parse_chunk_size`, which takes an empty line as the
+/// last chunk: hex digits first, then optional whitespace and extensions,
+/// without a bare CR or LF.
+fn chunk_size(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
+    const MAX_LINE: usize = 4096;
+    let Some(lf) = buf.iter().take(MAX_LINE).position(|b| *b == b'\n') else {
+        return if buf.len() >= MAX_LINE { Err("a chunk size line is too long") } else { Ok(None) };
+    };
+    let line = match buf[..lf].strip_suffix(b"\r") {
+        Some(l) if !l.contains(&b'\r') => l,
+        _ => return Err("a chunk size line does not end with CRLF"),
+    };
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err("invalid chunk size in the response body");
+    }
+    let rest = &line[digits..];
+    let rest = rest.trim_ascii_start();
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err("invalid chunk size in the response body");
+    }
+    let text = std::str::from_utf8(&line[..digits]).map_err(|_| "invalid chunk size in the response body")?;
+    let size = u64::from_str_radix(text, 16).map_err(|_| "invalid chunk size in the response body")?;
+    Ok(Some((lf + 1, size)))
 }
 
 /// Where a response body is in its framing.
@@ -484,15 +674,14 @@ impl Body for UpstreamBody {
                     let data = conn.buf.split().freeze();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                State::ChunkSize if !conn.buf.is_empty() => match httparse::parse_chunk_size(&conn.buf) {
-                    Ok(httparse::Status::Complete((used, size))) => {
+                State::ChunkSize if !conn.buf.is_empty() => match chunk_size(&conn.buf) {
+                    Ok(Some((used, size))) => {
                         conn.buf.advance(used);
                         this.state = if size == 0 { State::Trailers } else { State::ChunkData(size) };
                         continue;
                     }
-                    Ok(httparse::Status::Partial) if conn.buf.len() > MAX_HEAD => return this.fail("a chunk size line is too long".into()),
-                    Ok(httparse::Status::Partial) => {}
-                    Err(_) => return this.fail("invalid chunk size line in the response body".into()),
+                    Ok(None) => {}
+                    Err(e) => return this.fail(e.into()),
                 },
                 State::ChunkEnd if conn.buf.len() >= 2 => {
                     if &conn.buf[..2] != b"\r\n" {
@@ -513,7 +702,7 @@ impl Body for UpstreamBody {
                         Ok(httparse::Status::Complete((used, parsed))) => {
                             let trailers = match header_map(parsed) {
                                 Ok(t) => t,
-                                Err(Broken(e)) => return this.fail(format!("trailers: {e}")),
+                                Err(e) => return this.fail(format!("trailers: {}", e.message)),
                             };
                             conn.buf.advance(used);
                             this.done();
@@ -527,7 +716,7 @@ impl Body for UpstreamBody {
                 _ => {}
             }
             conn.buf.reserve(READ_SIZE);
-            let read = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf));
+            let read = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf));
             match read {
                 Ok(0) if state == State::UntilClose => {
                     this.conn = None;
@@ -551,5 +740,40 @@ impl Body for UpstreamBody {
             State::Length(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines() {
+        assert_eq!(chunk_size(b"5\r\nhello"), Ok(Some((3, 5))));
+        assert_eq!(chunk_size(b"1A;name=value\r\n"), Ok(Some((15, 26))));
+        assert_eq!(chunk_size(b"ff \t;x\r\n"), Ok(Some((8, 255))));
+        assert_eq!(chunk_size(b"0\r\n\r\n"), Ok(Some((3, 0))));
+        assert_eq!(chunk_size(b"5"), Ok(None));
+        assert_eq!(chunk_size(b"5\r"), Ok(None));
+        // What httparse would take as the last chunk, or let through.
+        for bad in [&b"\r\n"[..], b" \r\n", b";x\r\n", b"5\n", b"5;a\rb\r\n", b"zz\r\n", b"5 6\r\n", b"11111111111111111\r\n"] {
+            assert!(chunk_size(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert!(chunk_size(&[b'1'; 5000]).is_err());
+    }
+
+    #[test]
+    fn only_declared_and_harmless_trailers_go_on() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TRAILER, HeaderValue::from_static("x-sum, content-length, Authorization"));
+        let head = RequestHead::new(&hyper::Method::POST, "/", &headers);
+        assert_eq!(head.declared, vec![HeaderName::from_static("x-sum")]);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("1"));
+        trailers.insert("x-other", HeaderValue::from_static("2"));
+        trailers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        let allowed = allowed_trailers(&trailers, &head.declared);
+        assert_eq!(allowed.len(), 1);
+        assert_eq!(allowed.get("x-sum").unwrap(), "1");
     }
 }
