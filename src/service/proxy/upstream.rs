@@ -157,12 +157,7 @@ impl RequestHead {
         prefix.push(b' ');
         prefix.extend_from_slice(target.as_bytes());
         prefix.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in headers {
-            prefix.extend_from_slice(name.as_str().as_bytes());
-            prefix.extend_from_slice(b": ");
-            prefix.extend_from_slice(value.as_bytes());
-            prefix.extend_from_slice(b"\r\n");
-        }
+        put_fields(&mut prefix, headers);
         let declared =
             tokens(headers, &header::TRAILER).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).filter(|n| !FORBIDDEN_TRAILERS.contains(n)).collect();
         RequestHead { prefix, has_host: headers.contains_key(header::HOST), declared }
@@ -382,13 +377,18 @@ async fn streamed(
 
 fn last_chunk(out: &mut Vec<u8>, trailers: &HeaderMap) {
     out.extend_from_slice(b"0\r\n");
-    for (name, value) in trailers {
+    put_fields(out, trailers);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `name: value` lines, as a head or a trailer section has them.
+fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"\r\n");
 }
 
 async fn write_streamed(
