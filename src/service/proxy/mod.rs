@@ -10,7 +10,7 @@
 //! end or the exchange is abandoned (client gone, timeout, error).
 //!
 //! Clients are served HTTP/1.1 with keep-alive (hyper's server). Backends
-//! are spoken to by a small HTTP/1.1 client of our own ([`upstream`]: the
+//! are spoken to by a small HTTP/1.1 client of our own (`upstream.rs`: the
 //! request head written as bytes, the response head parsed in place),
 //! which took a fifth off the proxy's CPU per request against hyper's
 //! client. Each client connection keeps its own keep-alive connections to
