@@ -29,7 +29,8 @@
 //! mid-rollout invisible. Retrying
 //! needs the body again, so request bodies up to [`MAX_BUFFERED_BODY`] are
 //! buffered; larger ones are streamed and never retried. Non-idempotent
-//! requests are retried only when nothing was sent (connect failures).
+//! requests are retried only when nothing was sent (a failed connect, or a
+//! first write that fails on a kept connection the backend had closed).
 //!
 //! Every wait is bounded: connecting, the backend's response headers, a
 //! body that stops moving in either direction, and a client that stops

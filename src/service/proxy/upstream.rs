@@ -54,7 +54,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use super::{BoxError, ProxyBody};
 
 /// A response head (or a trailer section) longer than this is refused.
-pub(super) const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEAD: usize = 64 * 1024;
 /// Headers in one response head or trailer section.
 const MAX_HEADERS: usize = 128;
 /// What one read asks the socket for.
