@@ -230,14 +230,32 @@ fn nonzero<K: Copy + Eq + std::hash::Hash>(v: &[(K, i64)]) -> HashMap<K, i64> {
     v.iter().filter(|(_, n)| *n != 0).map(|(k, n)| (*k, *n)).collect()
 }
 
+/// How a node of the concurrency tests works: how many jobs it claims at a
+/// time, and how long it holds them before finishing (its "work").
+#[derive(Clone, Copy)]
+struct Slots {
+    claim: i64,
+    work: Duration,
+}
+
+/// Four at a time, finished at once: a node with parallel slots.
+const FOUR_AT_ONCE: Slots = Slots { claim: 4, work: Duration::ZERO };
+
+/// For a graph whose layers are four wide and each need the whole layer
+/// before: a node taking all four and finishing them at once would release
+/// the next layer and claim it again before any other node's poll could land
+/// (a CI run of 6a20ce1 saw one node run all 200). Two at a time, held a
+/// moment, leaves the other half of each layer to the other nodes.
+const TWO_HELD: Slots = Slots { claim: 2, work: Duration::from_millis(3) };
+
 /// One node of the concurrency tests: claim and finish until the
 /// deployment is over or stuck; returns the job ids this node ran.
-async fn drain(store: Arc<dyn Store>, label: &'static str, node: String, dep: i64) -> Vec<i64> {
+async fn drain(store: Arc<dyn Store>, label: &'static str, node: String, dep: i64, slots: Slots) -> Vec<i64> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut mine = Vec::new();
     loop {
         assert!(Instant::now() < deadline, "[{label}] {node}: no end after 60s");
-        let claimed = store.claim(&node, LEASE, 4).await.unwrap_or_else(|e| panic!("[{label}] {node} claim: {e}"));
+        let claimed = store.claim(&node, LEASE, slots.claim).await.unwrap_or_else(|e| panic!("[{label}] {node} claim: {e}"));
         if claimed.is_empty() {
             let d = store.deployment(dep).await.unwrap().unwrap();
             if d.state.is_terminal() {
@@ -259,6 +277,7 @@ async fn drain(store: Arc<dyn Store>, label: &'static str, node: String, dep: i6
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
+        tokio::time::sleep(slots.work).await;
         // Finish them all at once, as a node with parallel slots would.
         let results = futures_util::future::join_all(claimed.iter().map(|j| {
             store.finish(FinishedAttempt {
@@ -285,8 +304,8 @@ async fn drain(store: Arc<dyn Store>, label: &'static str, node: String, dep: i6
 }
 
 /// Three nodes drain `dep` concurrently; returns every node's job ids.
-async fn drain_with_three_nodes(b: &Backend, dep: i64) -> Vec<Vec<i64>> {
-    let tasks: Vec<_> = [N1, N2, N3].iter().map(|n| tokio::spawn(drain(b.1.clone(), b.0, n.to_string(), dep))).collect();
+async fn drain_with_three_nodes(b: &Backend, dep: i64, slots: Slots) -> Vec<Vec<i64>> {
+    let tasks: Vec<_> = [N1, N2, N3].iter().map(|n| tokio::spawn(drain(b.1.clone(), b.0, n.to_string(), dep, slots))).collect();
     let mut out = Vec::new();
     for t in tasks {
         out.push(t.await.unwrap_or_else(|e| panic!("[{}] node task: {e}", b.0)));
@@ -1129,13 +1148,13 @@ async fn concurrent_nodes_claim_each_job_once() {
         let name = b.0;
         let flat = submit(&b, new_deployment("prod/flat", independent(200))).await.deployment_id;
         assert_eq!(activate(&b, N1).await, vec![flat], "[{name}]");
-        let per_node = drain_with_three_nodes(&b, flat).await;
+        let per_node = drain_with_three_nodes(&b, flat, FOUR_AT_ONCE).await;
         assert_ran_exactly_once(&b, flat, &per_node, 200).await;
 
         let layers = submit(&b, new_deployment("prod/layers", layered(50, 4))).await.deployment_id;
         assert_eq!(activate(&b, N2).await, vec![layers], "[{name}]");
         assert_eq!(counts(&b).await.ready, 4, "[{name}] first layer only");
-        let per_node = drain_with_three_nodes(&b, layers).await;
+        let per_node = drain_with_three_nodes(&b, layers, TWO_HELD).await;
         assert_ran_exactly_once(&b, layers, &per_node, 200).await;
     }
 }

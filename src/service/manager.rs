@@ -684,11 +684,17 @@ impl ServiceManager {
         let mut backoff = Duration::from_secs(1);
         loop {
             tokio::select! {
+                biased;
                 _ = m.stop.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
             // try_lock: a rollout holds the lock and handles its own.
             let Ok(mut state) = m.state.try_lock() else { continue };
+            // Stopped while we slept or waited: whoever stopped us took
+            // the instances, and must not see new ones appear.
+            if m.stop.is_cancelled() {
+                return;
+            }
             let Some(g) = state.current.clone() else { continue };
             let dead: Vec<usize> = state.instances.iter().enumerate().filter(|(_, i)| i.exit().is_some()).map(|(n, _)| n).collect();
             // Missing: died now, or never started (a restore that failed).
@@ -967,12 +973,19 @@ impl ServiceManager {
         Ok(GarbageReport { garbage, applied: apply, notes })
     }
 
-    /// Stop every instance (node shutdown).
+    /// Stop every instance (node shutdown, or a host's service stopped).
     pub async fn stop_all_services(&self) {
         let services: Vec<Arc<Managed>> = self.services.lock().await.values().cloned().collect();
+        // Each restart loop stops first: one that found the instances gone
+        // would start them again (issue 19's CI run of a7bab2f: an instance
+        // left on an SSH host after its service was stopped).
+        for m in &services {
+            m.stop.cancel();
+        }
         for m in services {
             let mut state = m.state.lock().await;
             let grace = state.current.as_ref().map(|g| g.spec.stop_grace).unwrap_or(Duration::from_secs(5));
+            state.current = None;
             let instances = std::mem::take(&mut state.instances);
             m.proxy.set_backends(vec![]);
             self.stop_all(&instances, grace).await;

@@ -1034,6 +1034,14 @@ pub async fn dead_instance_is_replaced(fx: Arc<dyn Fixture>) {
             }
         })
         .await;
+
+        // Issue 19 (a CI run of a7bab2f): stopping the services while the
+        // node runs on (a host's service stopped) must stop the restart
+        // loop too; it used to find the instances gone and start them again.
+        m.stop_all_services().await;
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        let s = h.status(&m).await;
+        assert!(s.instances.is_empty(), "three ticks of the restart loop after the services stopped, nothing runs again: {s:?}");
     })
     .await;
 }

@@ -979,10 +979,12 @@ impl Supervisor {
             return Ok(result_line(Outcome::Succeeded, Some("it does not run on this host".into())));
         };
         if let Some(running) = op.take() {
+            // Its tasks (the restart loop among them) end before its
+            // instances are stopped, as at a node's shutdown.
+            running.shutdown.cancel();
             if tokio::time::timeout(STOP_WITHIN, running.manager.stop_all_services()).await.is_err() {
                 tracing::warn!(env = svc.environment, service = svc.name, "stopping the instances took too long; ending what is left");
             }
-            running.shutdown.cancel();
         }
         // Whatever still runs of it (started before a drain, orphans).
         let left: Vec<(i32, u64)> = read_markers(&svc.instances_dir()).into_iter().map(|(_, m)| (m.pid, m.start_time)).collect();
