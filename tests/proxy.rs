@@ -437,6 +437,47 @@ async fn slow_backend_is_504() {
     assert_eq!(p.in_flight(b.addr), 0);
 }
 
+/// One GET on an open connection: the status and body (the answer must
+/// carry a `content-length`).
+async fn get_on(s: &mut TcpStream, path: &str) -> (u16, String) {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap()).expect("a content-length");
+            if got.len() >= end + 4 + len {
+                let status = head[9..12].parse().unwrap();
+                return (status, String::from_utf8_lossy(&got[end + 4..end + 4 + len]).into_owned());
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("an answer in time").unwrap();
+        assert!(n > 0, "the proxy closed the connection: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Issue 19: one response timer per client connection, moved for each
+/// request: requests on one connection each get the whole timeout, and a
+/// timeout does not spoil the connection for the next request.
+#[tokio::test]
+async fn issue19_each_request_on_a_connection_gets_the_whole_response_timeout() {
+    let b = Backend::start("b").await;
+    let options = ProxyOptions { response_timeout: Duration::from_millis(800), ..ProxyOptions::default() };
+    let p = Proxy::bind_with("web", "127.0.0.1:0".parse().unwrap(), CancellationToken::new(), options).await.unwrap();
+    p.set_backends(vec![b.addr]);
+    let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
+    // Three answers of 500 ms each: 1.5 s on one connection.
+    for _ in 0..3 {
+        assert_eq!(get_on(&mut s, "/slow").await, (200, "b".to_string()));
+    }
+    let (status, body) = get_on(&mut s, "/hang").await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(get_on(&mut s, "/slow").await, (200, "b".to_string()), "the same connection after a timeout");
+    assert_eq!(p.stats().errors, 1);
+}
+
 #[tokio::test]
 async fn shutdown_stops_accepting_and_lets_requests_finish() {
     let b = Backend::start("b").await;
@@ -869,6 +910,21 @@ async fn issue19_a_repeated_content_length_is_passed_on_once() {
     assert_eq!(r.status(), 200);
     let lengths: Vec<_> = r.headers().get_all("content-length").iter().map(|v| v.to_str().unwrap().to_string()).collect();
     assert_eq!(lengths, ["5"]);
+}
+
+/// Issue 19: a CONNECT is refused by the proxy itself (it makes no
+/// tunnels); the instance never sees it.
+#[tokio::test]
+async fn issue19_connect_is_refused_by_the_proxy() {
+    let (b, seen) = scripted_backend(vec![answer("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")]).await;
+    let (p, _shutdown) = proxy_to(b).await;
+    let got = raw_exchange(&p, b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n").await;
+    assert!(got.starts_with("HTTP/1.1 405 "), "{got}");
+    assert!(got.contains("does not tunnel"), "{got}");
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 0, "the instance never sees a CONNECT");
+    // The proxy still serves the next client.
+    let (status, body) = get_text(&client(), &url(&p, "/")).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
 }
 
 /// Accept one connection and read one request head: what was read, and

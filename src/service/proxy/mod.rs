@@ -314,12 +314,10 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
     let _guard = ConnectionGuard(inner.clone());
     let io = TokioIo::new(WriteDeadline::new(stream, inner.options.idle_timeout));
     let handler = inner.clone();
-    // This client's connections to backends (module doc): dropped, and so
-    // closed, when the client's connection ends.
-    let pool = Arc::new(Pool::default());
+    let client = Arc::new(Client::new(peer));
     let service = hyper::service::service_fn(move |req| {
-        let (inner, pool) = (handler.clone(), pool.clone());
-        async move { Ok::<_, Infallible>(inner.handle(req, peer, &pool).await) }
+        let (inner, client) = (handler.clone(), client.clone());
+        async move { Ok::<_, Infallible>(inner.handle(req, &client).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).keep_alive(true).header_read_timeout(CLIENT_IDLE_TIMEOUT);
@@ -338,6 +336,21 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
     if let Err(e) = result {
         // Clients vanishing mid-exchange is ordinary; not worth a warning.
         tracing::debug!(service = %inner.service, %peer, error = %e, "proxy client connection ended with an error");
+    }
+}
+
+/// What the proxy keeps for one client connection.
+struct Client {
+    /// This client's connections to backends (module doc): dropped, and
+    /// so closed, when the client's connection ends.
+    pool: Arc<Pool>,
+    /// The client's address for `x-forwarded-for`, formatted once.
+    forwarded: Option<HeaderValue>,
+}
+
+impl Client {
+    fn new(peer: SocketAddr) -> Client {
+        Client { pool: Arc::new(Pool::default()), forwarded: HeaderValue::from_str(&peer.ip().to_string()).ok() }
     }
 }
 
@@ -466,9 +479,18 @@ impl Inner {
         })
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr, pool: &Arc<Pool>) -> Response<ProxyBody> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, client: &Client) -> Response<ProxyBody> {
+        let pool = &client.pool;
         self.requests.fetch_add(1, Ordering::Relaxed);
         let (parts, body) = req.into_parts();
+
+        // A CONNECT asks for a tunnel, which this proxy does not make:
+        // passed on, it would reach the instance as `CONNECT /`.
+        if parts.method == Method::CONNECT {
+            let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, format!("service {}: the proxy does not tunnel (CONNECT)\n", self.service));
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
 
         // Answer at once rather than first reading a body for nobody.
         if self.lock().list.is_empty() {
@@ -485,7 +507,7 @@ impl Inner {
         strip_hop_by_hop(&mut headers);
         headers.remove(header::EXPECT);
         headers.remove(header::CONTENT_LENGTH);
-        append_forwarded_for(&mut headers, peer);
+        append_forwarded_for(&mut headers, client.forwarded.as_ref());
         headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
         // Backends get the origin form (`/path?query`) whatever the client
         // sent, and always HTTP/1.1 so the connection stays keep-alive.
@@ -605,15 +627,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// `x-forwarded-for`: what earlier proxies said, then the client's address.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+/// `x-forwarded-for`: what earlier proxies said, then the client's
+/// address (`ip`, formatted once per connection).
+fn append_forwarded_for(headers: &mut HeaderMap, ip: Option<&HeaderValue>) {
     let name = HeaderName::from_static("x-forwarded-for");
-    let ip = peer.ip().to_string();
+    let Some(ip) = ip else { return };
     // The common case, no earlier proxy: the address alone.
     if !headers.contains_key(&name) {
-        if let Ok(v) = HeaderValue::from_str(&ip) {
-            headers.insert(name, v);
-        }
+        headers.insert(name, ip.clone());
         return;
     }
     let mut value: Vec<u8> = Vec::new();
@@ -624,11 +645,9 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     value.extend_from_slice(ip.as_bytes());
     // Earlier values were valid header bytes, so this holds; if not, the
     // client's own address alone is still true.
-    let value = HeaderValue::from_bytes(&value).or_else(|_| HeaderValue::from_str(&ip));
+    let value = HeaderValue::from_bytes(&value).unwrap_or_else(|_| ip.clone());
     headers.remove(&name);
-    if let Ok(v) = value {
-        headers.insert(name, v);
-    }
+    headers.insert(name, value);
 }
 
 enum BodyReadError {
