@@ -104,6 +104,7 @@ impl Work {
 const MAX_BATCH: usize = 128;
 
 async fn batcher(inner: Arc<Inner>, mut rx: mpsc::Receiver<BatchOp>) {
+    let mut held = Held::default();
     while let Some(first) = rx.recv().await {
         let mut ops = vec![first];
         while ops.len() < MAX_BATCH {
@@ -121,7 +122,7 @@ async fn batcher(inner: Arc<Inner>, mut rx: mpsc::Receiver<BatchOp>) {
             ops.sort_by_key(|op| op.work.job_id());
         }
         let work: Vec<&Work> = ops.iter().map(|op| &op.work).collect();
-        match inner.run_batch(&work).await {
+        match inner.run_batch(&mut held, &work).await {
             // Answers go out only after the commit.
             Ok(results) => {
                 for (op, result) in ops.into_iter().zip(results) {
@@ -146,7 +147,7 @@ async fn batcher(inner: Arc<Inner>, mut rx: mpsc::Receiver<BatchOp>) {
             // alone, so one bad operation fails only itself.
             Err(_) => {
                 for op in ops {
-                    let result = inner.run_batch(&[&op.work]).await.map(|mut r| r.remove(0));
+                    let result = inner.run_batch(&mut held, &[&op.work]).await.map(|mut r| r.remove(0));
                     let _ = op.reply.send(result);
                 }
             }
@@ -597,13 +598,41 @@ impl Inner {
         Ok(results)
     }
 
-    async fn run_batch(&self, ops: &[&Work]) -> Result<Vec<BatchResult>> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::query("batch"))?;
-        let results = self.run_ops_on(&mut tx, ops).await?;
-        tx.commit().await.map_err(StoreError::query("batch commit"))?;
-        Ok(results)
+    async fn run_batch(&self, held: &mut Held, ops: &[&Work]) -> Result<Vec<BatchResult>> {
+        if self.dialect == Dialect::Sqlite {
+            // Its one connection serves the readers too: not kept.
+            let mut tx = self.pool.begin().await.map_err(StoreError::query("batch"))?;
+            let results = self.run_ops_on(&mut tx, ops).await?;
+            tx.commit().await.map_err(StoreError::query("batch commit"))?;
+            return Ok(results);
+        }
+        let conn = match held.0.take() {
+            Some(c) => held.0.insert(c),
+            None => held.0.insert(self.pool.acquire().await.map_err(StoreError::query("batch"))?),
+        };
+        let result = async {
+            let mut tx = sqlx::Connection::begin(&mut **conn).await.map_err(StoreError::query("batch"))?;
+            let results = self.run_ops_on(&mut tx, ops).await?;
+            tx.commit().await.map_err(StoreError::query("batch commit"))?;
+            Ok(results)
+        }
+        .await;
+        if result.is_err() {
+            // Back to the pool, which tests it before anyone uses it again:
+            // a connection the store dropped is replaced there.
+            held.0 = None;
+        }
+        result
     }
 }
+
+/// The PostgreSQL writer's connection, kept from one batch to the next.
+/// sqlx tests a pooled connection with a round trip when it is taken
+/// and again when it comes back; on a batch of a few statements those
+/// two were a large share of its round trips (issue 19). Given back to
+/// the pool after any error.
+#[derive(Default)]
+struct Held(Option<sqlx::pool::PoolConnection<sqlx::Any>>);
 
 /// A job's row as a finish left it (`finish_many_on`).
 struct FinishedRow {
