@@ -974,6 +974,9 @@ impl ServiceManager {
     }
 
     /// Stop every instance (node shutdown, or a host's service stopped).
+    /// The manager is done with its services after this: their restart
+    /// loops and proxies stop with them (one token each), and a later
+    /// rollout needs a new manager, as after a node's restart.
     pub async fn stop_all_services(&self) {
         let services: Vec<Arc<Managed>> = self.services.lock().await.values().cloned().collect();
         // Each restart loop stops first: one that found the instances gone
