@@ -464,12 +464,12 @@ async fn get_on(s: &mut TcpStream, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn issue19_each_request_on_a_connection_gets_the_whole_response_timeout() {
     let b = Backend::start("b").await;
-    let options = ProxyOptions { response_timeout: Duration::from_millis(800), ..ProxyOptions::default() };
+    let options = ProxyOptions { response_timeout: Duration::from_millis(1200), ..ProxyOptions::default() };
     let p = Proxy::bind_with("web", "127.0.0.1:0".parse().unwrap(), CancellationToken::new(), options).await.unwrap();
     p.set_backends(vec![b.addr]);
     let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
-    // Three answers of 500 ms each: 1.5 s on one connection.
-    for _ in 0..3 {
+    // Four answers of 500 ms each: 2 s on one connection.
+    for _ in 0..4 {
         assert_eq!(get_on(&mut s, "/slow").await, (200, "b".to_string()));
     }
     let (status, body) = get_on(&mut s, "/hang").await;
@@ -921,6 +921,7 @@ async fn issue19_connect_is_refused_by_the_proxy() {
     let got = raw_exchange(&p, b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n").await;
     assert!(got.starts_with("HTTP/1.1 405 "), "{got}");
     assert!(got.contains("does not tunnel"), "{got}");
+    assert!(got.to_lowercase().contains("\r\nallow: "), "a 405 says what is allowed: {got}");
     assert_eq!(seen.accepted.load(Ordering::SeqCst), 0, "the instance never sees a CONNECT");
     // The proxy still serves the next client.
     let (status, body) = get_text(&client(), &url(&p, "/")).await;

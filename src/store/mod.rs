@@ -69,7 +69,8 @@ impl StoreError {
             // Timeouts, lock waits, a server shutting down or full, a busy
             // SQLite file: the store is there but cannot answer now.
             sqlx::Error::Database(ref d)
-                if d.code().is_some_and(|c| matches!(c.as_ref(), "57014" | "55P03" | "57P01" | "57P02" | "57P03" | "53300" | "5" | "6" | "261" | "517")) =>
+                if d.code()
+                    .is_some_and(|c| matches!(c.as_ref(), "57014" | "55P03" | "57P01" | "57P02" | "57P03" | "57P05" | "53300" | "5" | "6" | "261" | "517")) =>
             {
                 StoreError::Unavailable(format!("{op}: {e}"))
             }

@@ -606,23 +606,35 @@ impl Inner {
             tx.commit().await.map_err(StoreError::query("batch commit"))?;
             return Ok(results);
         }
-        let conn = match held.0.take() {
-            Some(c) => held.0.insert(c),
-            None => held.0.insert(self.pool.acquire().await.map_err(StoreError::query("batch"))?),
-        };
-        let result = async {
-            let mut tx = sqlx::Connection::begin(&mut **conn).await.map_err(StoreError::query("batch"))?;
-            let results = self.run_ops_on(&mut tx, ops).await?;
-            tx.commit().await.map_err(StoreError::query("batch commit"))?;
-            Ok(results)
+        // Twice at most: a kept connection the server dropped while it sat
+        // idle fails at BEGIN, before anything ran, and the batch goes once
+        // more on a connection the pool has tested.
+        for _ in 0..2 {
+            let reused = held.0.is_some();
+            let conn = match held.0.take() {
+                Some(c) => held.0.insert(c),
+                None => held.0.insert(self.pool.acquire().await.map_err(StoreError::query("batch"))?),
+            };
+            let mut began = false;
+            let result = async {
+                let mut tx = sqlx::Connection::begin(&mut **conn).await.map_err(StoreError::query("batch"))?;
+                began = true;
+                let results = self.run_ops_on(&mut tx, ops).await?;
+                tx.commit().await.map_err(StoreError::query("batch commit"))?;
+                Ok(results)
+            }
+            .await;
+            if result.is_err() {
+                // Back to the pool, which tests it before anyone uses it
+                // again: a connection the store dropped is replaced there.
+                held.0 = None;
+                if reused && !began {
+                    continue;
+                }
+            }
+            return result;
         }
-        .await;
-        if result.is_err() {
-            // Back to the pool, which tests it before anyone uses it again:
-            // a connection the store dropped is replaced there.
-            held.0 = None;
-        }
-        result
+        Err(StoreError::Unavailable("batch: cannot begin a transaction on a tested connection".into()))
     }
 }
 

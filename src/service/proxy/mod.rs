@@ -489,6 +489,8 @@ impl Inner {
         if parts.method == Method::CONNECT {
             let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, format!("service {}: the proxy does not tunnel (CONNECT)\n", self.service));
             r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            // RFC 9110 §15.5.6: a 405 names the methods that are allowed.
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
             return r;
         }
 
