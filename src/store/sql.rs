@@ -606,15 +606,16 @@ impl Inner {
             tx.commit().await.map_err(StoreError::query("batch commit"))?;
             return Ok(results);
         }
-        // Twice at most: a kept connection the server dropped while it sat
-        // idle fails at BEGIN, before anything ran, and the batch goes once
-        // more on a connection the pool has tested.
-        for _ in 0..2 {
+        // A kept connection the server dropped while it sat idle fails at
+        // BEGIN, before anything ran: the batch goes once more, on a
+        // connection the pool has tested (not kept, so no third time).
+        loop {
             let reused = held.0.is_some();
             let conn = match held.0.take() {
-                Some(c) => held.0.insert(c),
-                None => held.0.insert(self.pool.acquire().await.map_err(StoreError::query("batch"))?),
+                Some(c) => c,
+                None => self.pool.acquire().await.map_err(StoreError::query("batch"))?,
             };
+            let conn = held.0.insert(conn);
             let mut began = false;
             let result = async {
                 let mut tx = sqlx::Connection::begin(&mut **conn).await.map_err(StoreError::query("batch"))?;
@@ -634,7 +635,6 @@ impl Inner {
             }
             return result;
         }
-        Err(StoreError::Unavailable("batch: cannot begin a transaction on a tested connection".into()))
     }
 }
 
