@@ -16,7 +16,7 @@ use slipway::config::Command;
 use slipway::config::revision::Revision;
 use slipway::store::{
     ClaimedJob, Counts, DeploymentKind, DeploymentRow, DeploymentState, FinishEffect, FinishedAttempt, JobRow, JobSpec, JobState, NewDeployment, NewEvent,
-    NewJob, NewLogLine, Outcome, Store, Submitted, now_ms,
+    NewJob, NewLogLine, Outcome, PartResult, Store, Submitted, now_ms,
 };
 
 // ---------------------------------------------------------------- helpers
@@ -853,6 +853,106 @@ async fn issue19_finishes_that_share_a_batch_each_get_their_own_answer() {
             "[{name}] one attempt row per finish that counted, none for the stale ones"
         );
     }
+}
+
+/// Issue 19: on PostgreSQL one statement finishes a batch's plain
+/// finishes, writes their attempts (the parts' rows after it) and makes
+/// their dependants ready, reading the finishing jobs as they were before
+/// it. Whether or not the three finishes share a batch: a job whose two
+/// needs both succeed becomes ready once; one with a need that failed is
+/// skipped, never made ready; an attempt's parts are recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue19_needs_finishing_together_release_a_dependant_once_and_keep_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        use JobState::*;
+        let graph = jobs(&[("x", &[]), ("y", &[]), ("z", &[]), ("both", &[0, 1]), ("half", &[0, 2])]);
+        let dep = submit(&b, new_deployment("prod/api", graph)).await.deployment_id;
+        assert_eq!(activate(&b, N1).await, vec![dep], "[{name}]");
+        let claimed = claim(&b, N1, 10).await;
+        assert_eq!(names(&claimed), vec!["x", "y", "z"], "[{name}] the jobs without needs");
+        let mut x = done(by_name(&claimed, "x"), N1, Outcome::Succeeded);
+        let part = |host: &str, outcome: Outcome, exit_code: i64| PartResult {
+            part: host.to_string(),
+            started_at: x.started_at,
+            finished_at: x.started_at + 7,
+            outcome,
+            exit_code: Some(exit_code),
+            reason: (exit_code != 0).then(|| format!("exit code {exit_code}")),
+        };
+        let parts = vec![part("web-1", Outcome::Succeeded, 0), part("web-2", Outcome::Failed, 3)];
+        x.parts = parts.clone();
+        let finishes = vec![x, done(by_name(&claimed, "y"), N1, Outcome::Succeeded), done(by_name(&claimed, "z"), N1, Outcome::Failed)];
+        let tasks: Vec<_> = finishes
+            .into_iter()
+            .map(|f| {
+                let store = b.1.clone();
+                tokio::spawn(async move { store.finish(f).await })
+            })
+            .collect();
+        for t in tasks {
+            let effect = t.await.unwrap().unwrap_or_else(|e| panic!("[{name}] finish: {e}"));
+            assert!(!effect.stale, "[{name}] no finish was stale");
+        }
+        assert_eq!(job_states(&b, dep).await, states(&[("x", Succeeded), ("y", Succeeded), ("z", Failed), ("both", Ready), ("half", Skipped)]), "[{name}]");
+        let attempts = b.1.attempts(dep).await.unwrap();
+        let x_row = attempts.iter().find(|a| a.job == "x").unwrap_or_else(|| panic!("[{name}] x's attempt is recorded"));
+        let got: Vec<(&str, Outcome, Option<i64>, Option<&str>)> =
+            x_row.parts.iter().map(|p| (p.part.as_str(), p.outcome, p.exit_code, p.reason.as_deref())).collect();
+        assert_eq!(got, vec![("web-1", Outcome::Succeeded, Some(0), None), ("web-2", Outcome::Failed, Some(3), Some("exit code 3"))], "[{name}] x's parts");
+        assert_eq!((x_row.attempt, x_row.node.as_str(), x_row.exit_code), (1, N1, Some(0)), "[{name}] x's attempt row");
+        let z_row = attempts.iter().find(|a| a.job == "z").unwrap_or_else(|| panic!("[{name}] z's attempt is recorded"));
+        assert_eq!((z_row.outcome, z_row.reason.as_deref()), (Outcome::Failed, Some("z exited with 1")), "[{name}] z's attempt row");
+        assert_eq!(attempts.len(), 3, "[{name}] one attempt row per finish");
+        let next = claim(&b, N1, 10).await;
+        assert_eq!(names(&next), vec!["both"], "[{name}] made ready once, and alone");
+        let effect = finish_ok(&b, &next[0], N1, Outcome::Succeeded).await;
+        assert_eq!(effect.deployment_finished, Some((dep, DeploymentState::Failed)), "[{name}] z failed, so the deployment did");
+    }
+}
+
+/// Issue 19: the PostgreSQL writer keeps one connection from batch to
+/// batch. When the server ends it while it sits idle (a restart, an
+/// `idle_session_timeout`, an operator's `pg_terminate_backend`), the next
+/// batch fails at its first statement, before anything ran, and goes once
+/// more on a new connection: its callers see no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue19_a_kept_postgres_connection_the_server_ended_is_replaced() {
+    let Some(url) = common::postgres_url().await else { return };
+    let store = slipway::store::open(&url).await.expect("open postgres store");
+    store.put_revision(&revision()).await.unwrap();
+    let b: Backend = ("postgres", store);
+    let dep = submit(&b, new_deployment("prod/api", jobs(&[("a", &[]), ("b", &[0])]))).await.deployment_id;
+    assert_eq!(activate(&b, N1).await, vec![dep]);
+    // A batch: the writer now holds its connection.
+    let a = claim(&b, N1, 10).await;
+    assert_eq!(names(&a), vec!["a"]);
+    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await.expect("connect");
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()) t",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .expect("end the store's sessions");
+    assert!(ended >= 1, "the store's connections were found and ended");
+    sqlx::Connection::close(admin).await.expect("close the admin connection");
+    // pg_terminate_backend only signals: wait until they are gone.
+    common::eventually(Duration::from_secs(10), "the store's sessions to end", || {
+        let url = url.clone();
+        async move {
+            let mut c = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await.map_err(|e| e.to_string())?;
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                .fetch_one(&mut c)
+                .await
+                .map_err(|e| e.to_string())?;
+            if left == 0 { Ok(()) } else { Err(format!("{left} sessions left")) }
+        }
+    })
+    .await;
+    let effect = finish_ok(&b, &a[0], N1, Outcome::Succeeded).await;
+    assert_eq!(effect.newly_ready, 1, "b became ready in the batch that met the ended connection");
+    assert_eq!(run_to_end(&b, dep).await, DeploymentState::Succeeded);
 }
 
 /// 6. A failed attempt with `retry_at` makes the job ready again, but not

@@ -287,52 +287,62 @@ impl Inner {
     /// node's takeover matches nothing), and says what it was; `None` for
     /// a stale one. One round trip for a whole batch, not one per finish.
     async fn finish_many_on(&self, tx: &mut sqlx::AnyConnection, dones: &[&FinishedAttempt], now: Millis) -> Result<Vec<Option<FinishedRow>>> {
-        let op = "finish job";
         let mut found: HashMap<i64, FinishedRow> = HashMap::with_capacity(dones.len());
         for chunk in dones.chunks(100) {
-            // The job rows are locked in id order first (on
-            // PostgreSQL), as a lease renewal locks them: a join would lock
-            // them in whatever order its plan meets them, and the two could
-            // wait on each other.
-            let q = format!(
-                "WITH v (id, fence, outcome, exit_code, reason, takeover) AS (VALUES {}) \
-                 UPDATE jobs SET state = CASE WHEN v.outcome = 'succeeded' THEN 'succeeded' WHEN v.outcome = 'rolled_back' THEN 'rolled_back' \
-                   WHEN v.outcome = 'cancelled' OR (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id) <> 0 THEN 'cancelled' ELSE 'failed' END, \
-                 finished_at = $1, exit_code = v.exit_code, reason = v.reason, lease_until = NULL \
-                 FROM v WHERE jobs.id = v.id AND jobs.fence = v.fence AND jobs.state = 'running' AND (v.takeover = 0 OR jobs.lease_until < $1) \
-                 AND jobs.id IN (SELECT id FROM jobs WHERE id IN (SELECT id FROM v) ORDER BY id{}) \
-                 RETURNING jobs.id, jobs.deployment_id, jobs.name, jobs.attempt, jobs.state, (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id)",
-                value_rows(2, chunk.len(), &["BIGINT", "BIGINT", "TEXT", "BIGINT", "TEXT", "BIGINT"]),
-                self.for_update()
-            );
-            let mut query = query_dyn(q).bind(now);
-            for done in chunk {
-                query = query
-                    .bind(done.job_id)
-                    .bind(done.fence)
-                    .bind(done.outcome.as_str())
-                    .bind(done.exit_code.map(i64::from))
-                    .bind(done.reason.clone())
-                    .bind(i64::from(done.takeover));
-            }
-            for r in query.fetch_all(&mut *tx).await.map_err(StoreError::query(op))? {
-                let f = || -> std::result::Result<(i64, FinishedRow), sqlx::Error> {
-                    Ok((
-                        r.try_get(0)?,
-                        FinishedRow {
-                            deployment_id: r.try_get(1)?,
-                            name: r.try_get(2)?,
-                            attempt: r.try_get(3)?,
-                            state: r.try_get(4)?,
-                            cancel_requested: r.try_get::<i64, _>(5)? != 0,
-                        },
-                    ))
-                };
-                let (id, row) = f().map_err(StoreError::query(op))?;
+            let q = format!("WITH {} {}", finish_values(chunk.len(), false), finish_update(self.for_update()));
+            for r in bind_finishes(query_dyn(q).bind(now), chunk, false).fetch_all(&mut *tx).await.map_err(StoreError::query("finish job"))? {
+                let (id, row) = finished_row(&r)?;
                 found.insert(id, row);
             }
         }
         Ok(dones.iter().map(|d| found.remove(&d.job_id)).collect())
+    }
+
+    /// PostgreSQL's `finish_many_on`, which also writes the attempts' rows
+    /// and makes ready the dependants of the jobs that succeeded (in a
+    /// deployment not being cancelled), in the same statement: three
+    /// round trips of a batch in one (issue 19). Returns the rows, and how
+    /// many jobs became ready by deployment. Its sub-statements share one
+    /// snapshot, in which the finishing jobs are still running; the
+    /// dependants' check counts those that succeeded as done. They touch
+    /// different rows (running ones, pending ones), as PostgreSQL asks of
+    /// data-modifying `WITH`. The deployments are locked before this
+    /// statement starts (`lock_deployments_of`), so its snapshot already sees
+    /// every other finish of the same deployments.
+    async fn finish_many_released_on(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        dones: &[&FinishedAttempt],
+        now: Millis,
+    ) -> Result<(Vec<Option<FinishedRow>>, HashMap<i64, u64>)> {
+        let op = "finish job";
+        let mut found: HashMap<i64, FinishedRow> = HashMap::with_capacity(dones.len());
+        let mut ready: HashMap<i64, u64> = HashMap::new();
+        for chunk in dones.chunks(100) {
+            let q = format!(
+                "WITH {}, f AS ({}), \
+                 a AS (INSERT INTO attempts (job_id, attempt, node, started_at, finished_at, outcome, exit_code, reason) \
+                   SELECT f.id, f.attempt, v.node, v.started_at, $1, v.outcome, v.exit_code, v.reason FROM f JOIN v ON v.id = f.id ORDER BY f.id), \
+                 r AS (UPDATE jobs SET state = 'ready', ready_at = $1 WHERE state = 'pending' \
+                   AND id IN (SELECT n.job_id FROM job_needs n JOIN f ON f.id = n.need_id WHERE f.state = 'succeeded' AND f.cancel_requested = 0) \
+                   AND NOT EXISTS (SELECT 1 FROM job_needs n JOIN jobs j2 ON j2.id = n.need_id WHERE n.job_id = jobs.id AND j2.state <> 'succeeded' \
+                     AND j2.id NOT IN (SELECT id FROM f WHERE state = 'succeeded')) \
+                   RETURNING deployment_id) \
+                 SELECT id, deployment_id, name, attempt, state, cancel_requested, CAST(0 AS BIGINT) FROM f \
+                 UNION ALL SELECT 0, deployment_id, '', 0, '', 0, CAST(1 AS BIGINT) FROM r",
+                finish_values(chunk.len(), true),
+                finish_update(self.for_update())
+            );
+            for r in bind_finishes(query_dyn(q).bind(now), chunk, true).fetch_all(&mut *tx).await.map_err(StoreError::query(op))? {
+                if r.try_get::<i64, _>(6).map_err(StoreError::query(op))? == 1 {
+                    *ready.entry(r.try_get(1).map_err(StoreError::query(op))?).or_default() += 1;
+                } else {
+                    let (id, row) = finished_row(&r)?;
+                    found.insert(id, row);
+                }
+            }
+        }
+        Ok((dones.iter().map(|d| found.remove(&d.job_id)).collect(), ready))
     }
 
     /// What follows a finish that became final (`row`; `None`: stale):
@@ -422,7 +432,8 @@ impl Inner {
         Ok((FinishEffect::default(), None))
     }
 
-    /// Every attempt row of a transaction in one statement (per 100).
+    /// Every attempt row of a transaction in one statement (per 100),
+    /// without their parts (`insert_parts_on`).
     async fn insert_attempts_on(&self, tx: &mut sqlx::AnyConnection, rows: &[AttemptRecord]) -> Result<()> {
         for chunk in rows.chunks(100) {
             let q = format!(
@@ -443,7 +454,12 @@ impl Inner {
             }
             query.execute(&mut *tx).await.map_err(StoreError::query("record attempts"))?;
         }
-        let parts: Vec<(i64, i64, &crate::store::PartResult)> = rows.iter().flat_map(|a| a.parts.iter().map(|p| (a.job_id, a.attempt, p))).collect();
+        Ok(())
+    }
+
+    /// The rows of the parts (hosts) of `rows`' attempts, one statement per 100.
+    async fn insert_parts_on(&self, tx: &mut sqlx::AnyConnection, rows: impl Iterator<Item = &AttemptRecord>) -> Result<()> {
+        let parts: Vec<(i64, i64, &crate::store::PartResult)> = rows.flat_map(|a| a.parts.iter().map(|p| (a.job_id, a.attempt, p))).collect();
         for chunk in parts.chunks(100) {
             let q = format!(
                 "INSERT INTO attempt_parts (job_id, attempt, part, started_at, finished_at, outcome, exit_code, reason) VALUES {}",
@@ -498,11 +514,14 @@ impl Inner {
     /// one claim for every finish that wants a next job; then the
     /// completion checks, skipped for a deployment that has a job just
     /// made ready or handed out. A chain of jobs thus costs about two
-    /// statements per job. PostgreSQL runs the same with one operation.
+    /// statements per job. On PostgreSQL the plain finishes' statement
+    /// also writes their attempts and releases their dependants
+    /// (`finish_many_released_on`).
     async fn run_ops_on(&self, tx: &mut sqlx::AnyConnection, ops: &[&Work]) -> Result<Vec<BatchResult>> {
         let mut results: Vec<BatchResult> = Vec::with_capacity(ops.len());
         let mut attempts = Vec::new();
-        let mut finals: Vec<(usize, Final)> = Vec::new();
+        // With whether its dependants were released already.
+        let mut finals: Vec<(usize, Final, bool)> = Vec::new();
         // Finishes that want a next job, by the (node, lease) they claim with.
         let mut want: Vec<(usize, &str, Duration)> = Vec::new();
         if self.dialect == Dialect::Postgres {
@@ -529,7 +548,14 @@ impl Inner {
                 _ => None,
             })
             .collect();
-        let rows = self.finish_many_on(tx, &plain.iter().map(|(_, d)| *d).collect::<Vec<_>>(), now).await?;
+        let plain_dones: Vec<&FinishedAttempt> = plain.iter().map(|(_, d)| *d).collect();
+        // On PostgreSQL the plain finishes' attempts are written and their
+        // dependants released by the same statement; only their parts'
+        // rows are left (`recorded`).
+        let pg = self.dialect == Dialect::Postgres;
+        let (rows, mut ready) =
+            if pg { self.finish_many_released_on(tx, &plain_dones, now).await? } else { (self.finish_many_on(tx, &plain_dones, now).await?, HashMap::new()) };
+        let mut recorded = Vec::new();
         let mut finished: HashMap<usize, Option<FinishedRow>> = plain.iter().map(|(i, _)| *i).zip(rows).collect();
         for (i, op) in ops.iter().enumerate() {
             results.push(match op {
@@ -538,12 +564,16 @@ impl Inner {
                     BatchResult::Logs
                 }
                 Work::Finish(done) | Work::FinishClaim { done, .. } => {
-                    let (effect, fin) = match finished.remove(&i) {
+                    let row = finished.remove(&i);
+                    // A plain finish's dependants, on PostgreSQL, are released already.
+                    let released = pg && row.is_some();
+                    let (effect, fin) = match row {
+                        Some(row) if pg => self.finish_after(tx, done, row, now, &mut recorded).await?,
                         Some(row) => self.finish_after(tx, done, row, now, &mut attempts).await?,
                         None => self.finish_on(tx, done.clone(), &mut attempts).await?,
                     };
                     if let Some(f) = fin {
-                        finals.push((i, f));
+                        finals.push((i, f, released));
                     }
                     match op {
                         Work::FinishClaim { node, lease, .. } => {
@@ -565,9 +595,14 @@ impl Inner {
             }
         }
         self.insert_attempts_on(tx, &attempts).await?;
-        let succeeded: Vec<i64> = finals.iter().filter(|(_, f)| f.succeeded).map(|(_, f)| f.job_id).collect();
-        let ready = if succeeded.is_empty() { HashMap::new() } else { self.release_dependants_on(tx, &succeeded, now).await? };
-        for (i, f) in &finals {
+        self.insert_parts_on(tx, recorded.iter().chain(&attempts)).await?;
+        let succeeded: Vec<i64> = finals.iter().filter(|(_, f, released)| f.succeeded && !released).map(|(_, f, _)| f.job_id).collect();
+        if !succeeded.is_empty() {
+            for (dep, n) in self.release_dependants_on(tx, &succeeded, now).await? {
+                *ready.entry(dep).or_default() += n;
+            }
+        }
+        for (i, f, _) in &finals {
             if let (true, Some(n), Some(e)) = (f.succeeded, ready.get(&f.deployment_id), effect_of(&mut results[*i])) {
                 e.newly_ready = *n;
             }
@@ -584,7 +619,7 @@ impl Inner {
                 }
             }
         }
-        for (i, f) in finals {
+        for (i, f, _) in finals {
             // Checked once per deployment: the first check finishes it, a
             // second would find it finished already.
             if !busy.insert(f.deployment_id) {
@@ -653,6 +688,73 @@ struct FinishedRow {
     attempt: i64,
     state: String,
     cancel_requested: bool,
+}
+
+/// The `UPDATE` of a batch's plain finishes, over `v` (`finish_values`),
+/// `$1` the time; `lock` is the dialect's `FOR UPDATE`. The job rows are
+/// locked in id order first (on PostgreSQL), as a lease renewal locks
+/// them: a join would lock them in whatever order its plan meets them,
+/// and the two could wait on each other.
+fn finish_update(lock: &str) -> String {
+    format!(
+        "UPDATE jobs SET state = CASE WHEN v.outcome = 'succeeded' THEN 'succeeded' WHEN v.outcome = 'rolled_back' THEN 'rolled_back' \
+   WHEN v.outcome = 'cancelled' OR (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id) <> 0 THEN 'cancelled' ELSE 'failed' END, \
+ finished_at = $1, exit_code = v.exit_code, reason = v.reason, lease_until = NULL \
+ FROM v WHERE jobs.id = v.id AND jobs.fence = v.fence AND jobs.state = 'running' AND (v.takeover = 0 OR jobs.lease_until < $1) \
+ AND jobs.id IN (SELECT id FROM jobs WHERE id IN (SELECT id FROM v) ORDER BY id{lock}) \
+ RETURNING jobs.id, jobs.deployment_id, jobs.name, jobs.attempt, jobs.state, \
+ (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id) AS cancel_requested"
+    )
+}
+
+/// `v (…) AS (VALUES …)` for `n` finishes from `$2` on; with the
+/// attempt's node and start when the same statement writes attempts.
+fn finish_values(n: usize, attempts: bool) -> String {
+    let mut types = vec!["BIGINT", "BIGINT", "TEXT", "BIGINT", "TEXT", "BIGINT"];
+    let mut cols = "id, fence, outcome, exit_code, reason, takeover".to_string();
+    if attempts {
+        types.extend(["TEXT", "BIGINT"]);
+        cols.push_str(", node, started_at");
+    }
+    format!("v ({cols}) AS (VALUES {})", value_rows(2, n, &types))
+}
+
+/// Bind `finish_values`' parameters.
+fn bind_finishes<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    dones: &[&FinishedAttempt],
+    attempts: bool,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    for done in dones {
+        query = query
+            .bind(done.job_id)
+            .bind(done.fence)
+            .bind(done.outcome.as_str())
+            .bind(done.exit_code.map(i64::from))
+            .bind(done.reason.clone())
+            .bind(i64::from(done.takeover));
+        if attempts {
+            query = query.bind(done.node.clone()).bind(done.started_at);
+        }
+    }
+    query
+}
+
+/// A row of `finish_update`'s `RETURNING`, by its job id.
+fn finished_row(r: &AnyRow) -> Result<(i64, FinishedRow)> {
+    let f = || -> std::result::Result<(i64, FinishedRow), sqlx::Error> {
+        Ok((
+            r.try_get(0)?,
+            FinishedRow {
+                deployment_id: r.try_get(1)?,
+                name: r.try_get(2)?,
+                attempt: r.try_get(3)?,
+                state: r.try_get(4)?,
+                cancel_requested: r.try_get::<i64, _>(5)? != 0,
+            },
+        ))
+    };
+    f().map_err(StoreError::query("finish job"))
 }
 
 /// A job that became final (not retried), as `run_ops_on` needs it.
