@@ -71,6 +71,10 @@ struct Managed {
     state: Mutex<ServiceState>,
 }
 
+/// How long a rollout after `stop_all_services` waits for the stopped
+/// proxy to close its port before binding it again.
+const PROXY_RELEASE: Duration = Duration::from_secs(5);
+
 pub struct ServiceManager {
     /// Where instances start, by the service's target; `verify` steps run
     /// on the default target (they check the service from the node).
@@ -153,10 +157,18 @@ impl ServiceManager {
     async fn managed(self: &Arc<Self>, environment: &str, spec: &ServiceSpec) -> Result<Arc<Managed>, String> {
         let key = (environment.to_string(), spec.name.clone());
         let mut services = self.services.lock().await;
-        if let Some(m) = services.get(&key)
-            && (m.proxy.local_addr() == spec.listen || spec.listen.port() == 0)
-        {
-            return Ok(m.clone());
+        if let Some(m) = services.get(&key) {
+            if m.stop.is_cancelled() {
+                // Stopped (`stop_all_services`): its proxy and restart
+                // loop have ended, so a later rollout starts afresh, on a
+                // proxy of its own once the old one has let go of the
+                // port (its connections end within their own timeouts).
+                let old = m.clone();
+                services.remove(&key);
+                let _ = tokio::time::timeout(PROXY_RELEASE, old.proxy.stopped()).await;
+            } else if m.proxy.local_addr() == spec.listen || spec.listen.port() == 0 {
+                return Ok(m.clone());
+            }
         }
         let stop = self.shutdown.child_token();
         let proxy = Proxy::bind(&spec.name, spec.listen, stop.clone()).await.map_err(|e| e.to_string())?;
@@ -974,9 +986,9 @@ impl ServiceManager {
     }
 
     /// Stop every instance (node shutdown, or a host's service stopped).
-    /// The manager is done with its services after this: their restart
-    /// loops and proxies stop with them (one token each), and a later
-    /// rollout needs a new manager, as after a node's restart.
+    /// Their restart loops and proxies stop with them (one token each); a
+    /// later rollout on this manager starts the service afresh, with a
+    /// proxy and a restart loop of its own (`managed`).
     pub async fn stop_all_services(&self) {
         let services: Vec<Arc<Managed>> = self.services.lock().await.values().cloned().collect();
         // Each restart loop stops first: one that found the instances gone

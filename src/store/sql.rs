@@ -509,14 +509,14 @@ impl Inner {
     }
 
     /// Runs `ops` in one transaction, in three steps: every finish (and
-    /// log append, and plain claim) in order; then, once for all the
-    /// finishes, the attempt rows, the dependants that became ready and
-    /// one claim for every finish that wants a next job; then the
-    /// completion checks, skipped for a deployment that has a job just
-    /// made ready or handed out. A chain of jobs thus costs about two
-    /// statements per job. On PostgreSQL the plain finishes' statement
-    /// also writes their attempts and releases their dependants
-    /// (`finish_many_released_on`).
+    /// log append) in order; then, once for all the finishes, the attempt
+    /// rows, the dependants that became ready, one claim for every finish
+    /// that wants a next job, then the plain claims; then the completion
+    /// checks, skipped for a deployment that has a job just made ready or
+    /// handed out. A chain of jobs thus costs about two statements per
+    /// job. On PostgreSQL the plain finishes' statement also writes their
+    /// attempts and releases their dependants (`finish_many_released_on`),
+    /// before the other finishes' statements.
     async fn run_ops_on(&self, tx: &mut sqlx::AnyConnection, ops: &[&Work]) -> Result<Vec<BatchResult>> {
         let mut results: Vec<BatchResult> = Vec::with_capacity(ops.len());
         let mut attempts = Vec::new();
@@ -524,6 +524,9 @@ impl Inner {
         let mut finals: Vec<(usize, Final, bool)> = Vec::new();
         // Finishes that want a next job, by the (node, lease) they claim with.
         let mut want: Vec<(usize, &str, Duration)> = Vec::new();
+        // Plain claims, run after those (a finished job's slot goes on
+        // first; the rest of what the batch made ready is theirs).
+        let mut claims: Vec<(usize, &str, Duration, i64)> = Vec::new();
         if self.dialect == Dialect::Postgres {
             let finishing: Vec<i64> = ops
                 .iter()
@@ -585,7 +588,10 @@ impl Inner {
                         _ => BatchResult::Finish(effect),
                     }
                 }
-                Work::Claim { node, lease, limit } => BatchResult::Claim(self.claim_on(tx, node, *lease, *limit).await?),
+                Work::Claim { node, lease, limit } => {
+                    claims.push((i, node.as_str(), *lease, *limit));
+                    BatchResult::Claim(Vec::new())
+                }
             });
         }
         fn effect_of(r: &mut BatchResult) -> Option<&mut FinishEffect> {
@@ -618,6 +624,11 @@ impl Inner {
                     *next = Some(Box::new(job));
                 }
             }
+        }
+        for (i, node, lease, limit) in claims {
+            let claimed = self.claim_on(tx, node, lease, limit).await?;
+            busy.extend(claimed.iter().map(|j| j.deployment_id));
+            results[i] = BatchResult::Claim(claimed);
         }
         for (i, f, _) in finals {
             // Checked once per deployment: the first check finishes it, a

@@ -1042,6 +1042,24 @@ pub async fn dead_instance_is_replaced(fx: Arc<dyn Fixture>) {
         tokio::time::sleep(Duration::from_millis(1600)).await;
         let s = h.status(&m).await;
         assert!(s.instances.is_empty(), "three ticks of the restart loop after the services stopped, nothing runs again: {s:?}");
+
+        // A later rollout on the same manager starts the service afresh: a
+        // proxy that listens and a restart loop of its own. (It used to get
+        // the stopped entry back, whose proxy no longer listened.)
+        h.roll(&m, &spec, "2.0").await.assert_succeeded();
+        assert_serves(spec.listen, "2.0", 4).await;
+        let (_, id, _) = h.status(&m).await.instances[0].clone();
+        h.kill(&id).await;
+        eventually(Duration::from_secs(10), "the new restart loop to replace a dead instance", || async {
+            let s = h.status(&m).await;
+            if s.restarts >= 1 && s.instances.len() == 2 && s.instances.iter().all(|(_, i, alive)| *alive && *i != id) {
+                Ok(())
+            } else {
+                Err(format!("status: {s:?}"))
+            }
+        })
+        .await;
+        m.stop_all_services().await;
     })
     .await;
 }
