@@ -619,8 +619,13 @@ fn registry_failure(e: String) -> TargetError {
 /// The Engine says in words that a published port is taken (another
 /// process on this host took it between our pick and its bind).
 fn port_taken(e: String) -> TargetError {
-    let kind = if e.contains("port is already allocated") || e.contains("address already in use") { TargetErrorKind::PortTaken } else { TargetErrorKind::Failed };
-    TargetError::new(kind, e)
+    // A container's name carries its host port, so a name already in use
+    // (409 at create) means another container of this environment and
+    // service, perhaps another installation's or a test's beside us, was
+    // given the same port: another port will do (issue 19's CI run of
+    // 0510112, two processes offered one port by the kernel).
+    let taken = e.contains("port is already allocated") || e.contains("address already in use") || e.contains("is already in use by container");
+    TargetError::new(if taken { TargetErrorKind::PortTaken } else { TargetErrorKind::Failed }, e)
 }
 
 /// A tar of the secret files, built in memory. Mode 0444, as Docker's own
@@ -794,6 +799,20 @@ impl Drop for DockerInstance {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// The Engine's own words for a port or a name taken mean "try another
+    /// port"; anything else fails the start as it is.
+    #[test]
+    fn issue19_a_container_name_in_use_is_a_port_taken() {
+        let name = "creating a container of demo:1.0: Docker responded with status code 409: Conflict. The container name \"/slipway-staging-web-40649\" is already in use by container \"3f2a\". You have to remove (or rename) that container to be able to reuse that name.";
+        let port = "starting a container: Docker responded with status code 500: driver failed programming external connectivity: Bind for 127.0.0.1:40649 failed: port is already allocated";
+        let other = "creating a container of demo:1.0: Docker responded with status code 404: No such image: demo:1.0";
+        assert_eq!(port_taken(name.into()).kind, TargetErrorKind::PortTaken);
+        assert_eq!(port_taken(port.into()).kind, TargetErrorKind::PortTaken);
+        assert_eq!(port_taken(other.into()).kind, TargetErrorKind::Failed);
+    }
+
     #[test]
     fn a_store_scope_ignores_credentials_but_not_the_database() {
         let a = crate::process::scope_of_store("postgres://slipway:pw1@db.example.org:5432/prod");
