@@ -945,6 +945,96 @@ async fn issue19_needs_finishing_together_release_a_dependant_once_and_keep_part
     }
 }
 
+/// Issue 19: finishes that want their slot's next job, sent together so
+/// that the store's writer may take them in one batch (on SQLite one
+/// query finishes them, writes their attempts, releases their dependants
+/// and claims for them, telling the finishes it made final by a mark on
+/// their lease). Whatever the batches, the jobs the finishes released are
+/// handed out once each, to finishes that counted; a stale finish gets
+/// no job; every claimed job runs on the claiming node under a lease; and
+/// no job is left with the mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue19_finishes_that_want_a_next_job_get_distinct_ones_and_leave_no_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cases: Vec<(Backend, String)> =
+        vec![(("sqlite", slipway::store::open(&common::sqlite_url(dir.path())).await.expect("open sqlite store")), common::sqlite_url(dir.path()))];
+    if let Some(url) = common::postgres_url().await {
+        cases.push((("postgres", slipway::store::open(&url).await.expect("open postgres store")), url));
+    }
+    for (b, url) in cases {
+        let name = b.0;
+        b.1.put_revision(&revision()).await.unwrap();
+        use JobState::*;
+        let graph = jobs(&[("a", &[]), ("b", &[]), ("c", &[]), ("d", &[]), ("e", &[0]), ("f", &[1])]);
+        let dep = submit(&b, new_deployment("prod/api", graph)).await.deployment_id;
+        assert_eq!(activate(&b, N1).await, vec![dep], "[{name}]");
+        let claimed = claim(&b, N1, 10).await;
+        assert_eq!(names(&claimed), vec!["a", "b", "c", "d"], "[{name}] the jobs without needs");
+        let mut stale = done(by_name(&claimed, "d"), N1, Outcome::Succeeded);
+        stale.fence += 1;
+        let finishes = [
+            ("a", done(by_name(&claimed, "a"), N1, Outcome::Succeeded)),
+            ("b", done(by_name(&claimed, "b"), N1, Outcome::Succeeded)),
+            ("c", done(by_name(&claimed, "c"), N1, Outcome::Succeeded)),
+            ("d", stale),
+        ];
+        let tasks: Vec<_> = finishes
+            .into_iter()
+            .map(|(job, f)| {
+                let store = b.1.clone();
+                tokio::spawn(async move { (job, store.finish_and_claim(f, N1, LEASE).await) })
+            })
+            .collect();
+        let mut next: BTreeMap<&str, Option<ClaimedJob>> = BTreeMap::new();
+        for t in tasks {
+            let (job, result) = t.await.unwrap();
+            let (effect, got) = result.unwrap_or_else(|e| panic!("[{name}] finish and claim {job}: {e}"));
+            assert_eq!(effect.stale, job == "d", "[{name}] only d's finish is stale");
+            next.insert(job, got);
+        }
+        assert!(next["d"].is_none(), "[{name}] a stale finish gets no next job");
+        let mut handed: Vec<&str> = next.values().flatten().map(|j| j.name.as_str()).collect();
+        handed.sort();
+        assert_eq!(handed, vec!["e", "f"], "[{name}] what the finishes released, each handed out once");
+        assert_eq!(
+            job_states(&b, dep).await,
+            states(&[("a", Succeeded), ("b", Succeeded), ("c", Succeeded), ("d", Running), ("e", Running), ("f", Running)]),
+            "[{name}]"
+        );
+        for j in next.values().flatten() {
+            let row = job_row(&b, dep, &j.name).await;
+            assert_eq!((row.node.as_deref(), row.attempt, j.attempt), (Some(N1), 1, 1), "[{name}] {} runs on the claiming node", j.name);
+        }
+        let attempts = b.1.attempts(dep).await.unwrap();
+        let mut recorded: Vec<&str> = attempts.iter().map(|a| a.job.as_str()).collect();
+        recorded.sort();
+        assert_eq!(recorded, vec!["a", "b", "c"], "[{name}] one attempt row per finish that counted");
+        // Leases as the store keeps them: the claimed ones in the future,
+        // the finished ones cleared, none with the mark.
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await.expect("connect");
+        let leases: Vec<(String, Option<i64>)> = sqlx::query_as("SELECT name, lease_until FROM jobs WHERE deployment_id = $1 ORDER BY name")
+            .bind(dep)
+            .fetch_all(&mut conn)
+            .await
+            .expect("read leases");
+        let now = now_ms();
+        for (job, lease) in &leases {
+            match job.as_str() {
+                "a" | "b" | "c" => assert_eq!(*lease, None, "[{name}] {job} is final: no lease"),
+                _ => assert!(lease.is_some_and(|l| l > now), "[{name}] {job} runs under a lease in the future, not {lease:?}"),
+            }
+        }
+        // The rest runs to the end, each finish claiming as a slot does.
+        let mut effect = FinishEffect::default();
+        for j in [by_name(&claimed, "d")].into_iter().chain(next.values().flatten()) {
+            let (e, got) = b.1.finish_and_claim(done(j, N1, Outcome::Succeeded), N1, LEASE).await.unwrap();
+            assert!(!e.stale && got.is_none(), "[{name}] {} finishes; nothing is left to claim", j.name);
+            effect = e;
+        }
+        assert_eq!(effect.deployment_finished, Some((dep, DeploymentState::Succeeded)), "[{name}] the last finish ends the deployment");
+    }
+}
+
 /// Issue 19: the PostgreSQL writer keeps one connection from batch to
 /// batch. When the server ends it while it sits idle (a restart, an
 /// `idle_session_timeout`, an operator's `pg_terminate_backend`), the next

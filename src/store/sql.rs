@@ -198,7 +198,6 @@ impl Inner {
     }
 
     async fn claim_on(&self, conn: &mut sqlx::AnyConnection, node: &str, lease: Duration, limit: i64) -> Result<Vec<ClaimedJob>> {
-        let op = "claim";
         let now = now_ms();
         let skip = match self.dialect {
             Dialect::Sqlite => "",
@@ -208,13 +207,15 @@ impl Inner {
         // re-prepares a statement each time a bound LIMIT changes (its
         // planner may use the value), and a claim runs once per job. An
         // i64 formatted as digits cannot inject anything.
-        let limit = limit.max(0);
-        let q = format!(
-            "UPDATE jobs SET state = 'running', node = $1, lease_until = $2, fence = fence + 1, attempt = attempt + 1, started_at = $3 \
-             WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND not_before <= $3 ORDER BY id LIMIT {limit}{skip}) \
-             RETURNING id, deployment_id, name, attempt, fence, spec, ready_at"
-        );
-        let rows = query_dyn(q).bind(node).bind(now + ms(lease)).bind(now).fetch_all(&mut *conn).await.map_err(StoreError::query(op))?;
+        let q = claim_update(&limit.max(0).to_string(), 3, 1, 2, skip);
+        let rows = query_dyn(q).bind(node).bind(now + ms(lease)).bind(now).fetch_all(&mut *conn).await.map_err(StoreError::query("claim"))?;
+        self.claimed_jobs(conn, rows, now).await
+    }
+
+    /// The jobs of `claim_update`'s rows, with what each needs to know of
+    /// its deployment (cached: it never changes).
+    async fn claimed_jobs(&self, conn: &mut sqlx::AnyConnection, rows: Vec<AnyRow>, now: Millis) -> Result<Vec<ClaimedJob>> {
+        let op = "claim";
         let mut deps: HashMap<i64, ClaimInfo> = HashMap::new();
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
@@ -279,7 +280,7 @@ impl Inner {
         }
         let now = now_ms();
         let row = self.finish_many_on(tx, &[&done], now).await?.pop().flatten();
-        self.finish_after(tx, &done, row, now, attempts).await
+        self.finish_after(tx, &done, row, now, false, attempts).await
     }
 
     /// The common case of many finishes (none retried, each of a different
@@ -289,7 +290,7 @@ impl Inner {
     async fn finish_many_on(&self, tx: &mut sqlx::AnyConnection, dones: &[&FinishedAttempt], now: Millis) -> Result<Vec<Option<FinishedRow>>> {
         let mut found: HashMap<i64, FinishedRow> = HashMap::with_capacity(dones.len());
         for chunk in dones.chunks(100) {
-            let q = format!("WITH {} {}", finish_values(chunk.len(), false), finish_update(self.for_update()));
+            let q = format!("WITH {} {}", finish_values(chunk.len(), false), finish_update(self.for_update(), "NULL"));
             for r in bind_finishes(query_dyn(q).bind(now), chunk, false).fetch_all(&mut *tx).await.map_err(StoreError::query("finish job"))? {
                 let (id, row) = finished_row(&r)?;
                 found.insert(id, row);
@@ -331,7 +332,7 @@ impl Inner {
                  SELECT id, deployment_id, name, attempt, state, cancel_requested, CAST(0 AS BIGINT) FROM f \
                  UNION ALL SELECT 0, deployment_id, '', 0, '', 0, CAST(1 AS BIGINT) FROM r",
                 finish_values(chunk.len(), true),
-                finish_update(self.for_update())
+                finish_update(self.for_update(), "NULL")
             );
             for r in bind_finishes(query_dyn(q).bind(now), chunk, true).fetch_all(&mut *tx).await.map_err(StoreError::query(op))? {
                 if r.try_get::<i64, _>(6).map_err(StoreError::query(op))? == 1 {
@@ -345,6 +346,88 @@ impl Inner {
         Ok((dones.iter().map(|d| found.remove(&d.job_id)).collect(), ready))
     }
 
+    /// SQLite's `finish_many_released_on`, which also claims the next job
+    /// for each finish that wants one (`next`: the claimer, and per finish
+    /// whether it wants one), all in one query: one hand-off to sqlx's
+    /// SQLite thread instead of one per statement (issue 19). SQLite has
+    /// no data-modifying `WITH`, but the statements of one query run in
+    /// order, each seeing what the ones before it wrote. So the jobs the
+    /// first statement made final carry a mark (`FINISHED_MARK` as their
+    /// lease) by which the later ones tell them from stale finishes, and
+    /// the last statement clears it; SQLite has one writer, so nothing
+    /// else ever sees it. Also cancels the jobs not yet started of a
+    /// deployment being cancelled before the claim, as `finish_after`
+    /// would (`cancelled_before` tells it not to). Returns the rows, how
+    /// many jobs became ready by deployment, and the claimed jobs, for the
+    /// wanting finishes in their order.
+    async fn finish_many_released_sqlite_on(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        dones: &[&FinishedAttempt],
+        next: Option<(&str, Duration, &[bool])>,
+        now: Millis,
+    ) -> Result<(Vec<Option<FinishedRow>>, HashMap<i64, u64>, Vec<ClaimedJob>)> {
+        let op = "finish job";
+        // Parameters per finish in `finish_values(_, true)`; the job's id is the first.
+        const COLS: usize = 8;
+        const CHUNK: usize = 100;
+        let mark = FINISHED_MARK;
+        let mut found: HashMap<i64, FinishedRow> = HashMap::with_capacity(dones.len());
+        let mut ready: HashMap<i64, u64> = HashMap::new();
+        let mut claimed = Vec::new();
+        for (c, chunk) in dones.chunks(CHUNK).enumerate() {
+            let n = chunk.len();
+            let ids: Vec<String> = (0..n).map(|k| format!("${}", 2 + COLS * k)).collect();
+            let all = ids.join(", ");
+            let v = finish_values(n, true);
+            let mut q = format!(
+                "WITH {v} {}; \
+                 WITH {v} INSERT INTO attempts (job_id, attempt, node, started_at, finished_at, outcome, exit_code, reason) \
+                   SELECT j.id, j.attempt, v.node, v.started_at, $1, v.outcome, v.exit_code, v.reason FROM v JOIN jobs j ON j.id = v.id \
+                   WHERE j.lease_until = {mark} ORDER BY j.id; \
+                 UPDATE jobs SET state = 'ready', ready_at = $1 WHERE state = 'pending' \
+                   AND id IN (SELECT n.job_id FROM job_needs n JOIN jobs f ON f.id = n.need_id JOIN deployments d ON d.id = f.deployment_id \
+                     WHERE n.need_id IN ({all}) AND f.lease_until = {mark} AND f.state = 'succeeded' AND d.cancel_requested = 0) \
+                   AND NOT EXISTS (SELECT 1 FROM job_needs n JOIN jobs j2 ON j2.id = n.need_id WHERE n.job_id = jobs.id AND j2.state <> 'succeeded') \
+                   RETURNING deployment_id; \
+                 UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 \
+                   WHERE state IN ('pending', 'ready') AND deployment_id IN (SELECT f.deployment_id FROM jobs f JOIN deployments d ON d.id = f.deployment_id \
+                     WHERE f.id IN ({all}) AND f.lease_until = {mark} AND d.cancel_requested <> 0); ",
+                finish_update("", mark)
+            );
+            let wanting: Vec<&str> = match next {
+                Some((_, _, wants)) => ids.iter().enumerate().filter(|(k, _)| wants[c * CHUNK + k]).map(|(_, id)| id.as_str()).collect(),
+                None => Vec::new(),
+            };
+            if !wanting.is_empty() {
+                let limit = format!("(SELECT count(*) FROM jobs f WHERE f.id IN ({}) AND f.lease_until = {mark})", wanting.join(", "));
+                q.push_str(&claim_update(&limit, 1, 2 + COLS * n, 3 + COLS * n, ""));
+                q.push_str("; ");
+            }
+            q.push_str(&format!("UPDATE jobs SET lease_until = NULL WHERE id IN ({all}) AND lease_until = {mark}"));
+            let mut query = bind_finishes(query_dyn(q).bind(now), chunk, true);
+            if let (false, Some((node, lease, _))) = (wanting.is_empty(), next) {
+                query = query.bind(node.to_string()).bind(now + ms(lease));
+            }
+            let mut claims = Vec::new();
+            // Each statement's rows have their own width: 6 (the finishes),
+            // 1 (the released), 7 (the claimed).
+            for r in query.fetch_all(&mut *tx).await.map_err(StoreError::query(op))? {
+                match r.columns().len() {
+                    6 => {
+                        let (id, row) = finished_row(&r)?;
+                        found.insert(id, row);
+                    }
+                    1 => *ready.entry(r.try_get(0).map_err(StoreError::query(op))?).or_default() += 1,
+                    7 => claims.push(r),
+                    _ => return Err(mismatch()),
+                }
+            }
+            claimed.extend(self.claimed_jobs(tx, claims, now).await?);
+        }
+        Ok((dones.iter().map(|d| found.remove(&d.job_id)).collect(), ready, claimed))
+    }
+
     /// What follows a finish that became final (`row`; `None`: stale):
     /// its attempt row for the caller to write, and what its outcome does
     /// to the rest of its deployment.
@@ -354,6 +437,7 @@ impl Inner {
         done: &FinishedAttempt,
         row: Option<FinishedRow>,
         now: Millis,
+        cancelled_before: bool,
         attempts: &mut Vec<AttemptRecord>,
     ) -> Result<(FinishEffect, Option<Final>)> {
         let op = "finish job";
@@ -361,7 +445,9 @@ impl Inner {
             return Ok((FinishEffect { stale: true, ..Default::default() }, None));
         };
         attempts.push(AttemptRecord::of(done, attempt, now));
-        if cancel_requested {
+        if cancel_requested && cancelled_before {
+            // Done by the query that made it final.
+        } else if cancel_requested {
             sqlx::query("UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 WHERE deployment_id = $2 AND state IN ('pending', 'ready')")
                 .bind(now)
                 .bind(dep_id)
@@ -514,9 +600,11 @@ impl Inner {
     /// that wants a next job, then the plain claims; then the completion
     /// checks, skipped for a deployment that has a job just made ready or
     /// handed out. A chain of jobs thus costs about two statements per
-    /// job. On PostgreSQL the plain finishes' statement also writes their
-    /// attempts and releases their dependants (`finish_many_released_on`),
-    /// before the other finishes' statements.
+    /// job. The plain finishes' statement also writes their attempts and
+    /// releases their dependants, before the other finishes' statements:
+    /// on PostgreSQL one statement (`finish_many_released_on`), on SQLite
+    /// one query that also claims their next jobs
+    /// (`finish_many_released_sqlite_on`).
     async fn run_ops_on(&self, tx: &mut sqlx::AnyConnection, ops: &[&Work]) -> Result<Vec<BatchResult>> {
         let mut results: Vec<BatchResult> = Vec::with_capacity(ops.len());
         let mut attempts = Vec::new();
@@ -556,8 +644,27 @@ impl Inner {
         // dependants released by the same statement; only their parts'
         // rows are left (`recorded`).
         let pg = self.dialect == Dialect::Postgres;
-        let (rows, mut ready) =
-            if pg { self.finish_many_released_on(tx, &plain_dones, now).await? } else { (self.finish_many_on(tx, &plain_dones, now).await?, HashMap::new()) };
+        // On SQLite the same query also claims the next job of each plain
+        // finish that wants one, if they all claim alike (one node's
+        // scheduler: always); the rest claim below.
+        let claimers: Vec<(&str, Duration)> = plain
+            .iter()
+            .filter_map(|(i, _)| match ops[*i] {
+                Work::FinishClaim { node, lease, .. } => Some((node.as_str(), *lease)),
+                _ => None,
+            })
+            .collect();
+        let one_claimer = claimers.first().copied().filter(|c| claimers.iter().all(|x| x == c));
+        let (rows, mut ready, mut next_jobs) = if pg {
+            let (rows, ready) = self.finish_many_released_on(tx, &plain_dones, now).await?;
+            (rows, ready, None)
+        } else {
+            let wants: Vec<bool> = plain.iter().map(|(i, _)| matches!(ops[*i], Work::FinishClaim { .. })).collect();
+            let next = one_claimer.map(|(node, lease)| (node, lease, wants.as_slice()));
+            let (rows, ready, claimed) = self.finish_many_released_sqlite_on(tx, &plain_dones, next, now).await?;
+            (rows, ready, one_claimer.map(|_| claimed.into_iter()))
+        };
+        let mut handed_out = Vec::new();
         let mut recorded = Vec::new();
         let mut finished: HashMap<usize, Option<FinishedRow>> = plain.iter().map(|(i, _)| *i).zip(rows).collect();
         for (i, op) in ops.iter().enumerate() {
@@ -568,17 +675,24 @@ impl Inner {
                 }
                 Work::Finish(done) | Work::FinishClaim { done, .. } => {
                     let row = finished.remove(&i);
-                    // A plain finish's dependants, on PostgreSQL, are released already.
-                    let released = pg && row.is_some();
+                    // A plain finish's attempt is written and its dependants
+                    // released already; on SQLite, its deployment's jobs
+                    // not yet started are cancelled if it is being cancelled.
+                    let released = row.is_some();
                     let (effect, fin) = match row {
-                        Some(row) if pg => self.finish_after(tx, done, row, now, &mut recorded).await?,
-                        Some(row) => self.finish_after(tx, done, row, now, &mut attempts).await?,
+                        Some(row) => self.finish_after(tx, done, row, now, !pg, &mut recorded).await?,
                         None => self.finish_on(tx, done.clone(), &mut attempts).await?,
                     };
                     if let Some(f) = fin {
                         finals.push((i, f, released));
                     }
                     match op {
+                        // Its next job, claimed by the same query.
+                        Work::FinishClaim { .. } if released && next_jobs.is_some() => {
+                            let next = if effect.stale { None } else { next_jobs.as_mut().and_then(Iterator::next) };
+                            handed_out.extend(next.as_ref().map(|j| j.deployment_id));
+                            BatchResult::FinishClaim(effect, next.map(Box::new))
+                        }
                         Work::FinishClaim { node, lease, .. } => {
                             if !effect.stale {
                                 want.push((i, node.as_str(), *lease));
@@ -613,7 +727,7 @@ impl Inner {
                 e.newly_ready = *n;
             }
         }
-        let mut busy: HashSet<i64> = ready.keys().copied().collect();
+        let mut busy: HashSet<i64> = ready.keys().copied().chain(handed_out).collect();
         while let Some(&(_, node, lease)) = want.first() {
             let (group, rest): (Vec<_>, Vec<_>) = want.into_iter().partition(|(_, n, l)| *n == node && *l == lease);
             want = rest;
@@ -705,12 +819,13 @@ struct FinishedRow {
 /// `$1` the time; `lock` is the dialect's `FOR UPDATE`. The job rows are
 /// locked in id order first (on PostgreSQL), as a lease renewal locks
 /// them: a join would lock them in whatever order its plan meets them,
-/// and the two could wait on each other.
-fn finish_update(lock: &str) -> String {
+/// and the two could wait on each other. `lease` is what the finished
+/// jobs' `lease_until` becomes: `NULL`, or SQLite's mark (`FINISHED_MARK`).
+fn finish_update(lock: &str, lease: &str) -> String {
     format!(
         "UPDATE jobs SET state = CASE WHEN v.outcome = 'succeeded' THEN 'succeeded' WHEN v.outcome = 'rolled_back' THEN 'rolled_back' \
    WHEN v.outcome = 'cancelled' OR (SELECT cancel_requested FROM deployments d WHERE d.id = jobs.deployment_id) <> 0 THEN 'cancelled' ELSE 'failed' END, \
- finished_at = $1, exit_code = v.exit_code, reason = v.reason, lease_until = NULL \
+ finished_at = $1, exit_code = v.exit_code, reason = v.reason, lease_until = {lease} \
  FROM v WHERE jobs.id = v.id AND jobs.fence = v.fence AND jobs.state = 'running' AND (v.takeover = 0 OR jobs.lease_until < $1) \
  AND jobs.id IN (SELECT id FROM jobs WHERE id IN (SELECT id FROM v) ORDER BY id{lock}) \
  RETURNING jobs.id, jobs.deployment_id, jobs.name, jobs.attempt, jobs.state, \
@@ -750,6 +865,23 @@ fn bind_finishes<'q>(
     }
     query
 }
+
+/// The claim: up to `limit` ready jobs, lowest id first, become running on
+/// `$node` until `$lease` (the numbers of those parameters, and of `$now`).
+/// `limit` is SQL: digits, or a count the same query makes. Its rows are
+/// read by `claimed_jobs`.
+fn claim_update(limit: &str, now: usize, node: usize, lease: usize, skip: &str) -> String {
+    format!(
+        "UPDATE jobs SET state = 'running', node = ${node}, lease_until = ${lease}, fence = fence + 1, attempt = attempt + 1, started_at = ${now} \
+         WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND not_before <= ${now} ORDER BY id LIMIT {limit}{skip}) \
+         RETURNING id, deployment_id, name, attempt, fence, spec, ready_at"
+    )
+}
+
+/// What SQLite's one-query batch (`finish_many_released_sqlite_on`) sets a
+/// finished job's `lease_until` to until its last statement: a lease is a
+/// time in milliseconds, never negative.
+const FINISHED_MARK: &str = "-1";
 
 /// A row of `finish_update`'s `RETURNING`, by its job id.
 fn finished_row(r: &AnyRow) -> Result<(i64, FinishedRow)> {
