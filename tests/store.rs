@@ -39,6 +39,38 @@ async fn backends(dir: &tempfile::TempDir) -> Vec<Backend> {
     stores
 }
 
+/// Every backend, fresh, each with its URL for a connection from outside
+/// the store, and that URL again in the third place on PostgreSQL only.
+async fn backends_with_urls(dir: &tempfile::TempDir) -> Vec<(Backend, String, Option<String>)> {
+    let sqlite = common::sqlite_url(dir.path());
+    let mut cases = vec![(("sqlite", slipway::store::open(&sqlite).await.expect("open sqlite store")), sqlite, None)];
+    if let Some(url) = common::postgres_url().await {
+        cases.push((("postgres", slipway::store::open(&url).await.expect("open postgres store")), url.clone(), Some(url)));
+    }
+    for ((name, store), _, _) in &cases {
+        store.put_revision(&revision()).await.unwrap_or_else(|e| panic!("[{name}] put_revision: {e}"));
+    }
+    cases
+}
+
+/// On PostgreSQL (`url`), a transaction outside the store holding the
+/// deployment's row, so that the store's next batch of finishes waits on
+/// it and the finishes sent meanwhile queue up for the batch after it.
+async fn hold_deployment_row(url: Option<&str>, dep: i64) -> Option<sqlx::AnyConnection> {
+    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(url?).await.expect("connect");
+    sqlx::query("BEGIN").execute(&mut admin).await.expect("begin");
+    sqlx::query("SELECT id FROM deployments WHERE id = $1 FOR UPDATE").bind(dep).fetch_all(&mut admin).await.expect("hold the deployment's row");
+    Some(admin)
+}
+
+/// Let `hold_deployment_row`'s row go, after `wait` for the queue to fill.
+async fn release_deployment_row(held: Option<sqlx::AnyConnection>, wait: Duration) {
+    if let Some(mut admin) = held {
+        tokio::time::sleep(wait).await;
+        sqlx::query("COMMIT").execute(&mut admin).await.expect("let the row go");
+    }
+}
+
 fn revision() -> Revision {
     Revision { id: REV.to_string(), config_text: "[project]\nname = \"t\"\n".to_string(), archive: vec![] }
 }
@@ -868,14 +900,8 @@ async fn issue19_finishes_that_share_a_batch_each_get_their_own_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue19_needs_finishing_together_release_a_dependant_once_and_keep_parts() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cases: Vec<(Backend, Option<String>)> =
-        vec![(("sqlite", slipway::store::open(&common::sqlite_url(dir.path())).await.expect("open sqlite store")), None)];
-    if let Some(url) = common::postgres_url().await {
-        cases.push((("postgres", slipway::store::open(&url).await.expect("open postgres store")), Some(url)));
-    }
-    for (b, url) in cases {
+    for (b, _, url) in backends_with_urls(&dir).await {
         let name = b.0;
-        b.1.put_revision(&revision()).await.unwrap();
         use JobState::*;
         let graph = jobs(&[("w", &[]), ("x", &[]), ("y", &[]), ("z", &[]), ("both", &[1, 2]), ("half", &[1, 3])]);
         let dep = submit(&b, new_deployment("prod/api", graph)).await.deployment_id;
@@ -897,13 +923,7 @@ async fn issue19_needs_finishing_together_release_a_dependant_once_and_keep_part
             tokio::spawn(async move { store.finish(f).await })
         };
         // PostgreSQL: hold the deployment's row, so that w's batch waits.
-        let mut held = None;
-        if let Some(url) = &url {
-            let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(url).await.expect("connect");
-            sqlx::query("BEGIN").execute(&mut admin).await.expect("begin");
-            sqlx::query("SELECT id FROM deployments WHERE id = $1 FOR UPDATE").bind(dep).fetch_all(&mut admin).await.expect("hold the deployment's row");
-            held = Some(admin);
-        }
+        let held = hold_deployment_row(url.as_deref(), dep).await;
         let first = spawn(done(by_name(&claimed, "w"), N1, Outcome::Succeeded));
         if held.is_some() {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -911,10 +931,7 @@ async fn issue19_needs_finishing_together_release_a_dependant_once_and_keep_part
         }
         let x_task = spawn(x);
         let others = [spawn(done(by_name(&claimed, "y"), N1, Outcome::Succeeded)), spawn(done(by_name(&claimed, "z"), N1, Outcome::Failed))];
-        if let Some(mut admin) = held {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            sqlx::query("COMMIT").execute(&mut admin).await.expect("let the row go");
-        }
+        release_deployment_row(held, Duration::from_millis(300)).await;
         let x_effect = x_task.await.unwrap().unwrap_or_else(|e| panic!("[{name}] finish x: {e}"));
         assert!(!x_effect.stale, "[{name}] x's finish counted");
         for t in std::iter::once(first).chain(others) {
@@ -945,31 +962,28 @@ async fn issue19_needs_finishing_together_release_a_dependant_once_and_keep_part
     }
 }
 
-/// Issue 19: finishes that want their slot's next job, sent together so
-/// that the store's writer may take them in one batch (on SQLite one
-/// query finishes them, writes their attempts, releases their dependants
-/// and claims for them, telling the finishes it made final by a mark on
-/// their lease). Whatever the batches, the jobs the finishes released are
-/// handed out once each, to finishes that counted; a stale finish gets
-/// no job; every claimed job runs on the claiming node under a lease; and
-/// no job is left with the mark.
+/// Issue 19: finishes that want their slot's next job, sent together
+/// with one that wants none, so that the store's writer may take them in
+/// one batch (on SQLite one query finishes them, writes their attempts,
+/// releases their dependants and claims for them, telling the finishes it
+/// made final by a mark on their lease; on PostgreSQL one statement does
+/// all but the claim). Whatever the batches, the jobs the finishes released are handed
+/// out once each, to finishes that counted and want one; a stale finish
+/// gets no job; a job ready before is claimed the same way; every claimed
+/// job runs on the claiming node under a lease; and no job is left with
+/// the mark.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue19_finishes_that_want_a_next_job_get_distinct_ones_and_leave_no_mark() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cases: Vec<(Backend, String)> =
-        vec![(("sqlite", slipway::store::open(&common::sqlite_url(dir.path())).await.expect("open sqlite store")), common::sqlite_url(dir.path()))];
-    if let Some(url) = common::postgres_url().await {
-        cases.push((("postgres", slipway::store::open(&url).await.expect("open postgres store")), url));
-    }
-    for (b, url) in cases {
+    for (b, url, _) in backends_with_urls(&dir).await {
         let name = b.0;
-        b.1.put_revision(&revision()).await.unwrap();
         use JobState::*;
-        let graph = jobs(&[("a", &[]), ("b", &[]), ("c", &[]), ("d", &[]), ("e", &[0]), ("f", &[1])]);
+        // g is ready from the start but left unclaimed.
+        let graph = jobs(&[("a", &[]), ("b", &[]), ("c", &[]), ("d", &[]), ("e", &[0]), ("f", &[1]), ("g", &[])]);
         let dep = submit(&b, new_deployment("prod/api", graph)).await.deployment_id;
         assert_eq!(activate(&b, N1).await, vec![dep], "[{name}]");
-        let claimed = claim(&b, N1, 10).await;
-        assert_eq!(names(&claimed), vec!["a", "b", "c", "d"], "[{name}] the jobs without needs");
+        let claimed = claim(&b, N1, 4).await;
+        assert_eq!(names(&claimed), vec!["a", "b", "c", "d"], "[{name}] the lowest ids first");
         let mut stale = done(by_name(&claimed, "d"), N1, Outcome::Succeeded);
         stale.fence += 1;
         let finishes = [
@@ -982,7 +996,11 @@ async fn issue19_finishes_that_want_a_next_job_get_distinct_ones_and_leave_no_ma
             .into_iter()
             .map(|(job, f)| {
                 let store = b.1.clone();
-                tokio::spawn(async move { (job, store.finish_and_claim(f, N1, LEASE).await) })
+                // c's slot wants nothing more: a plain finish in the same batch.
+                tokio::spawn(async move {
+                    let result = if job == "c" { store.finish(f).await.map(|e| (e, None)) } else { store.finish_and_claim(f, N1, LEASE).await };
+                    (job, result)
+                })
             })
             .collect();
         let mut next: BTreeMap<&str, Option<ClaimedJob>> = BTreeMap::new();
@@ -993,12 +1011,14 @@ async fn issue19_finishes_that_want_a_next_job_get_distinct_ones_and_leave_no_ma
             next.insert(job, got);
         }
         assert!(next["d"].is_none(), "[{name}] a stale finish gets no next job");
-        let mut handed: Vec<&str> = next.values().flatten().map(|j| j.name.as_str()).collect();
+        // However the finishes were batched, the wanting ones took the
+        // lowest ids ready then: what they had just released, not g.
+        let (to, mut handed): (Vec<&str>, Vec<&str>) = next.iter().filter_map(|(k, j)| j.as_ref().map(|j| (*k, j.name.as_str()))).unzip();
         handed.sort();
-        assert_eq!(handed, vec!["e", "f"], "[{name}] what the finishes released, each handed out once");
+        assert_eq!((to, handed), (vec!["a", "b"], vec!["e", "f"]), "[{name}] what the finishes released, each handed out once, to a and b");
         assert_eq!(
             job_states(&b, dep).await,
-            states(&[("a", Succeeded), ("b", Succeeded), ("c", Succeeded), ("d", Running), ("e", Running), ("f", Running)]),
+            states(&[("a", Succeeded), ("b", Succeeded), ("c", Succeeded), ("d", Running), ("e", Running), ("f", Running), ("g", Ready)]),
             "[{name}]"
         );
         for j in next.values().flatten() {
@@ -1020,18 +1040,78 @@ async fn issue19_finishes_that_want_a_next_job_get_distinct_ones_and_leave_no_ma
         let now = now_ms();
         for (job, lease) in &leases {
             match job.as_str() {
-                "a" | "b" | "c" => assert_eq!(*lease, None, "[{name}] {job} is final: no lease"),
+                "a" | "b" | "c" | "g" => assert_eq!(*lease, None, "[{name}] {job} is final or ready: no lease"),
                 _ => assert!(lease.is_some_and(|l| l > now), "[{name}] {job} runs under a lease in the future, not {lease:?}"),
             }
         }
+        // d's slot takes g, which was ready before (not released by it).
+        let (e, g) = b.1.finish_and_claim(done(by_name(&claimed, "d"), N1, Outcome::Succeeded), N1, LEASE).await.unwrap();
+        assert!(!e.stale, "[{name}] d's finish with its own fence counts");
+        let g = g.unwrap_or_else(|| panic!("[{name}] d's slot gets g"));
+        assert_eq!((g.name.as_str(), g.attempt), ("g", 1), "[{name}]");
         // The rest runs to the end, each finish claiming as a slot does.
         let mut effect = FinishEffect::default();
-        for j in [by_name(&claimed, "d")].into_iter().chain(next.values().flatten()) {
+        for j in next.values().flatten().chain([&g]) {
             let (e, got) = b.1.finish_and_claim(done(j, N1, Outcome::Succeeded), N1, LEASE).await.unwrap();
             assert!(!e.stale && got.is_none(), "[{name}] {} finishes; nothing is left to claim", j.name);
             effect = e;
         }
         assert_eq!(effect.deployment_finished, Some((dep, DeploymentState::Succeeded)), "[{name}] the last finish ends the deployment");
+    }
+}
+
+/// Issue 19: a batch of more than 100 plain finishes goes in statements
+/// of 100 (their parameters), each seeing what the ones before it wrote:
+/// a job whose needs finish in different chunks is released once, by the
+/// later chunk. 150 roots finish and claim at once; on PostgreSQL they are
+/// made to share batches (the first waits on the deployment's row, held
+/// from outside, while the rest queue: 128 to a batch), on SQLite they
+/// mostly do. Every job released is handed out at most once, each wanting
+/// finish gets one while any is left, and the attempts are all recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue19_a_batch_of_more_than_a_hundred_finishes_releases_and_claims_across_its_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    const ROOTS: usize = 150;
+    for (b, _, url) in backends_with_urls(&dir).await {
+        let name = b.0;
+        // r000… roots; d000… each needs its root; "ends" needs the first and the last root.
+        let mut graph = independent(ROOTS);
+        for i in 0..ROOTS {
+            graph.push(NewJob { name: format!("d{i:03}"), needs: vec![i], spec: spec() });
+        }
+        graph.push(NewJob { name: "ends".into(), needs: vec![0, ROOTS - 1], spec: spec() });
+        let dep = submit(&b, new_deployment("prod/api", graph)).await.deployment_id;
+        assert_eq!(activate(&b, N1).await, vec![dep], "[{name}]");
+        let claimed = claim(&b, N1, ROOTS as i64).await;
+        assert_eq!(claimed.len(), ROOTS, "[{name}] every root");
+        let held = hold_deployment_row(url.as_deref(), dep).await;
+        let tasks: Vec<_> = claimed
+            .iter()
+            .map(|j| {
+                let (store, f) = (b.1.clone(), done(j, N1, Outcome::Succeeded));
+                tokio::spawn(async move { store.finish_and_claim(f, N1, LEASE).await })
+            })
+            .collect();
+        release_deployment_row(held, Duration::from_millis(500)).await;
+        let mut handed = Vec::new();
+        for t in tasks {
+            let (effect, next) = t.await.unwrap().unwrap_or_else(|e| panic!("[{name}] finish and claim: {e}"));
+            assert!(!effect.stale, "[{name}] no finish was stale");
+            handed.extend(next.map(|j| j.name));
+        }
+        let distinct: HashSet<&String> = handed.iter().collect();
+        assert_eq!(distinct.len(), handed.len(), "[{name}] no job handed out twice: {handed:?}");
+        // 151 jobs released for 150 wanting slots: every slot got one.
+        assert_eq!(handed.len(), ROOTS, "[{name}] every finish got a next job");
+        let rows = job_rows(&b, dep).await;
+        let count = |s: JobState| rows.iter().filter(|r| r.state == s).count();
+        assert_eq!(
+            (count(JobState::Succeeded), count(JobState::Running), count(JobState::Ready)),
+            (ROOTS, ROOTS, 1),
+            "[{name}] roots done, one job released but left"
+        );
+        assert!(rows.iter().all(|r| r.state != JobState::Pending), "[{name}] nothing left pending: ends was released once both its needs had");
+        assert_eq!(b.1.attempts(dep).await.unwrap().len(), ROOTS, "[{name}] one attempt row per finish");
     }
 }
 

@@ -199,15 +199,11 @@ impl Inner {
 
     async fn claim_on(&self, conn: &mut sqlx::AnyConnection, node: &str, lease: Duration, limit: i64) -> Result<Vec<ClaimedJob>> {
         let now = now_ms();
-        let skip = match self.dialect {
-            Dialect::Sqlite => "",
-            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
-        };
         // The limit is written into the statement, not bound: SQLite
         // re-prepares a statement each time a bound LIMIT changes (its
         // planner may use the value), and a claim runs once per job. An
         // i64 formatted as digits cannot inject anything.
-        let q = claim_update(&limit.max(0).to_string(), 3, 1, 2, skip);
+        let q = claim_update(&format!("id IN ({})", ready_select(&limit.max(0).to_string(), 3, self.for_update_skip())), 1, 2, 3);
         let rows = query_dyn(q).bind(node).bind(now + ms(lease)).bind(now).fetch_all(&mut *conn).await.map_err(StoreError::query("claim"))?;
         self.claimed_jobs(conn, rows, now).await
     }
@@ -216,9 +212,13 @@ impl Inner {
     /// its deployment (cached: it never changes).
     async fn claimed_jobs(&self, conn: &mut sqlx::AnyConnection, rows: Vec<AnyRow>, now: Millis) -> Result<Vec<ClaimedJob>> {
         let op = "claim";
+        // `RETURNING` comes in no set order; lowest id first, as claimed.
+        let mut rows: Vec<(i64, AnyRow)> =
+            rows.into_iter().map(|r| Ok((r.try_get(0)?, r))).collect::<std::result::Result<_, sqlx::Error>>().map_err(StoreError::query(op))?;
+        rows.sort_by_key(|(id, _)| *id);
         let mut deps: HashMap<i64, ClaimInfo> = HashMap::new();
         let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
+        for (_, r) in rows {
             let dep: i64 = r.try_get(1).map_err(StoreError::query(op))?;
             if let std::collections::hash_map::Entry::Vacant(e) = deps.entry(dep) {
                 let cached = self.claim_info.lock().ok().and_then(|c| c.get(&dep).cloned());
@@ -289,10 +289,10 @@ impl Inner {
     /// a stale one. One round trip for a whole batch, not one per finish.
     async fn finish_many_on(&self, tx: &mut sqlx::AnyConnection, dones: &[&FinishedAttempt], now: Millis) -> Result<Vec<Option<FinishedRow>>> {
         let mut found: HashMap<i64, FinishedRow> = HashMap::with_capacity(dones.len());
-        for chunk in dones.chunks(100) {
+        for chunk in dones.chunks(FINISH_CHUNK) {
             let q = format!("WITH {} {}", finish_values(chunk.len(), false), finish_update(self.for_update(), "NULL"));
             for r in bind_finishes(query_dyn(q).bind(now), chunk, false).fetch_all(&mut *tx).await.map_err(StoreError::query("finish job"))? {
-                let (id, row) = finished_row(&r)?;
+                let (id, row) = finished_row(&r, 4)?;
                 found.insert(id, row);
             }
         }
@@ -319,7 +319,7 @@ impl Inner {
         let op = "finish job";
         let mut found: HashMap<i64, FinishedRow> = HashMap::with_capacity(dones.len());
         let mut ready: HashMap<i64, u64> = HashMap::new();
-        for chunk in dones.chunks(100) {
+        for chunk in dones.chunks(FINISH_CHUNK) {
             let q = format!(
                 "WITH {}, f AS ({}), \
                  a AS (INSERT INTO attempts (job_id, attempt, node, started_at, finished_at, outcome, exit_code, reason) \
@@ -338,7 +338,7 @@ impl Inner {
                 if r.try_get::<i64, _>(6).map_err(StoreError::query(op))? == 1 {
                     *ready.entry(r.try_get(1).map_err(StoreError::query(op))?).or_default() += 1;
                 } else {
-                    let (id, row) = finished_row(&r)?;
+                    let (id, row) = finished_row(&r, 4)?;
                     found.insert(id, row);
                 }
             }
@@ -368,16 +368,13 @@ impl Inner {
         now: Millis,
     ) -> Result<(Vec<Option<FinishedRow>>, HashMap<i64, u64>, Vec<ClaimedJob>)> {
         let op = "finish job";
-        // Parameters per finish in `finish_values(_, true)`; the job's id is the first.
-        const COLS: usize = 8;
-        const CHUNK: usize = 100;
         let mark = FINISHED_MARK;
         let mut found: HashMap<i64, FinishedRow> = HashMap::with_capacity(dones.len());
         let mut ready: HashMap<i64, u64> = HashMap::new();
         let mut claimed = Vec::new();
-        for (c, chunk) in dones.chunks(CHUNK).enumerate() {
+        for (c, chunk) in dones.chunks(FINISH_CHUNK).enumerate() {
             let n = chunk.len();
-            let ids: Vec<String> = (0..n).map(|k| format!("${}", 2 + COLS * k)).collect();
+            let ids: Vec<String> = (0..n).map(|k| format!("${}", 2 + FINISH_COLS * k)).collect();
             let all = ids.join(", ");
             let v = finish_values(n, true);
             let mut q = format!(
@@ -395,13 +392,10 @@ impl Inner {
                      WHERE f.id IN ({all}) AND f.lease_until = {mark} AND d.cancel_requested <> 0); ",
                 finish_update("", mark)
             );
-            let wanting: Vec<&str> = match next {
-                Some((_, _, wants)) => ids.iter().enumerate().filter(|(k, _)| wants[c * CHUNK + k]).map(|(_, id)| id.as_str()).collect(),
-                None => Vec::new(),
-            };
+            let wanting = wanting_ids(n, next.map(|(_, _, w)| &w[c * FINISH_CHUNK..]));
             if !wanting.is_empty() {
                 let limit = format!("(SELECT count(*) FROM jobs f WHERE f.id IN ({}) AND f.lease_until = {mark})", wanting.join(", "));
-                q.push_str(&claim_update(&limit, 1, 2 + COLS * n, 3 + COLS * n, ""));
+                q.push_str(&claim_update(&format!("id IN ({})", ready_select(&limit, 1, "")), 2 + FINISH_COLS * n, 3 + FINISH_COLS * n, 1));
                 q.push_str("; ");
             }
             q.push_str(&format!("UPDATE jobs SET lease_until = NULL WHERE id IN ({all}) AND lease_until = {mark}"));
@@ -415,7 +409,7 @@ impl Inner {
             for r in query.fetch_all(&mut *tx).await.map_err(StoreError::query(op))? {
                 match r.columns().len() {
                     6 => {
-                        let (id, row) = finished_row(&r)?;
+                        let (id, row) = finished_row(&r, 4)?;
                         found.insert(id, row);
                     }
                     1 => *ready.entry(r.try_get(0).map_err(StoreError::query(op))?).or_default() += 1,
@@ -640,13 +634,15 @@ impl Inner {
             })
             .collect();
         let plain_dones: Vec<&FinishedAttempt> = plain.iter().map(|(_, d)| *d).collect();
-        // On PostgreSQL the plain finishes' attempts are written and their
-        // dependants released by the same statement; only their parts'
-        // rows are left (`recorded`).
+        // The plain finishes' attempts are written and their dependants
+        // released by the same statement (PostgreSQL) or query (SQLite);
+        // only their parts' rows are left (`recorded`).
         let pg = self.dialect == Dialect::Postgres;
         // On SQLite the same query also claims the next job of each plain
         // finish that wants one, if they all claim alike (one node's
-        // scheduler: always); the rest claim below.
+        // scheduler: always) and no other finish in the batch could make a
+        // job ready after it (a retry, a second finish of a job: rare);
+        // else they claim below, after every finish, as on PostgreSQL.
         let claimers: Vec<(&str, Duration)> = plain
             .iter()
             .filter_map(|(i, _)| match ops[*i] {
@@ -654,7 +650,8 @@ impl Inner {
                 _ => None,
             })
             .collect();
-        let one_claimer = claimers.first().copied().filter(|c| claimers.iter().all(|x| x == c));
+        let finishes = ops.iter().filter(|op| matches!(op, Work::Finish(_) | Work::FinishClaim { .. })).count();
+        let one_claimer = claimers.first().copied().filter(|c| finishes == plain.len() && claimers.iter().all(|x| x == c));
         let (rows, mut ready, mut next_jobs) = if pg {
             let (rows, ready) = self.finish_many_released_on(tx, &plain_dones, now).await?;
             (rows, ready, None)
@@ -662,7 +659,7 @@ impl Inner {
             let wants: Vec<bool> = plain.iter().map(|(i, _)| matches!(ops[*i], Work::FinishClaim { .. })).collect();
             let next = one_claimer.map(|(node, lease)| (node, lease, wants.as_slice()));
             let (rows, ready, claimed) = self.finish_many_released_sqlite_on(tx, &plain_dones, next, now).await?;
-            (rows, ready, one_claimer.map(|_| claimed.into_iter()))
+            (rows, ready, next.map(|_| claimed.into_iter()))
         };
         let mut handed_out = Vec::new();
         let mut recorded = Vec::new();
@@ -866,16 +863,32 @@ fn bind_finishes<'q>(
     query
 }
 
-/// The claim: up to `limit` ready jobs, lowest id first, become running on
-/// `$node` until `$lease` (the numbers of those parameters, and of `$now`).
-/// `limit` is SQL: digits, or a count the same query makes. Its rows are
-/// read by `claimed_jobs`.
-fn claim_update(limit: &str, now: usize, node: usize, lease: usize, skip: &str) -> String {
+/// The claim: the jobs `which` selects (SQL over `jobs`) become running on
+/// `$node` until `$lease`, started at `$now` (the numbers of those
+/// parameters). Its rows are read by `claimed_jobs`.
+fn claim_update(which: &str, node: usize, lease: usize, now: usize) -> String {
     format!(
         "UPDATE jobs SET state = 'running', node = ${node}, lease_until = ${lease}, fence = fence + 1, attempt = attempt + 1, started_at = ${now} \
-         WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND not_before <= ${now} ORDER BY id LIMIT {limit}{skip}) \
-         RETURNING id, deployment_id, name, attempt, fence, spec, ready_at"
+         WHERE {which} RETURNING id, deployment_id, name, attempt, fence, spec, ready_at"
     )
+}
+
+/// Up to `limit` ready jobs (SQL: digits, or a count the same query makes),
+/// lowest id first; `skip` is the dialect's `FOR UPDATE SKIP LOCKED`.
+fn ready_select(limit: &str, now: usize, skip: &str) -> String {
+    format!("SELECT id FROM jobs WHERE state = 'ready' AND not_before <= ${now} ORDER BY id LIMIT {limit}{skip}")
+}
+
+/// Finishes per statement of a batch, and the parameters of each in
+/// `finish_values(_, true)` (its job's id the first).
+const FINISH_CHUNK: usize = 100;
+const FINISH_COLS: usize = 8;
+
+/// The id parameters (`$N`, as in `finish_values(_, true)`) of the `n`
+/// finishes of a chunk that want a next job (`wants`, from the chunk's first).
+fn wanting_ids(n: usize, wants: Option<&[bool]>) -> Vec<String> {
+    let Some(wants) = wants else { return Vec::new() };
+    (0..n).filter(|k| wants[*k]).map(|k| format!("${}", 2 + FINISH_COLS * k)).collect()
 }
 
 /// What SQLite's one-query batch (`finish_many_released_sqlite_on`) sets a
@@ -883,8 +896,9 @@ fn claim_update(limit: &str, now: usize, node: usize, lease: usize, skip: &str) 
 /// time in milliseconds, never negative.
 const FINISHED_MARK: &str = "-1";
 
-/// A row of `finish_update`'s `RETURNING`, by its job id.
-fn finished_row(r: &AnyRow) -> Result<(i64, FinishedRow)> {
+/// A row of `finish_update`'s `RETURNING`, by its job id: its first four
+/// columns, then its state and `cancel_requested` from column `state` on.
+fn finished_row(r: &AnyRow, state: usize) -> Result<(i64, FinishedRow)> {
     let f = || -> std::result::Result<(i64, FinishedRow), sqlx::Error> {
         Ok((
             r.try_get(0)?,
@@ -892,8 +906,8 @@ fn finished_row(r: &AnyRow) -> Result<(i64, FinishedRow)> {
                 deployment_id: r.try_get(1)?,
                 name: r.try_get(2)?,
                 attempt: r.try_get(3)?,
-                state: r.try_get(4)?,
-                cancel_requested: r.try_get::<i64, _>(5)? != 0,
+                state: r.try_get(state)?,
+                cancel_requested: r.try_get::<i64, _>(state + 1)? != 0,
             },
         ))
     };
@@ -1027,6 +1041,14 @@ impl Inner {
         match self.dialect {
             Dialect::Sqlite => "",
             Dialect::Postgres => " FOR UPDATE",
+        }
+    }
+
+    /// A claim's lock: another node's claim passes over what this one took.
+    fn for_update_skip(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
         }
     }
 
