@@ -40,7 +40,14 @@ impl Backend {
             )
             .route("/hang", get(|| async { tokio::time::sleep(Duration::from_secs(30)).await }))
             .route("/stream", get(stream_body))
-            .route("/echo", any(echo));
+            .route("/echo", any(echo))
+            .route(
+                "/swallow",
+                any(|req: Request| async move {
+                    let _ = axum::body::to_bytes(req.into_body(), 64 * 1024 * 1024).await;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }),
+            );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -435,6 +442,44 @@ async fn slow_backend_is_504() {
     assert!(body.contains("service web") && body.contains(&b.addr.to_string()), "{body}");
     assert_eq!(p.stats().errors, 1);
     assert_eq!(p.in_flight(b.addr), 0);
+}
+
+/// An upload that keeps moving is not cut short by the response timeout,
+/// which starts at its last byte (as nginx's `proxy_read_timeout` follows
+/// its last write; a 504 mid-upload was the old behaviour); a backend that
+/// then does not answer still gets its 504.
+#[tokio::test]
+async fn an_upload_longer_than_the_response_timeout_goes_through() {
+    let b = Backend::start("b").await;
+    let options = ProxyOptions { response_timeout: Duration::from_millis(700), ..ProxyOptions::default() };
+    let p = Proxy::bind_with("web", "127.0.0.1:0".parse().unwrap(), CancellationToken::new(), options).await.unwrap();
+    p.set_backends(vec![b.addr]);
+    // 2 MiB at once (more than the proxy buffers, so it streams the
+    // upload to the instance), then 64 KiB every 200 ms for 2 s.
+    let slow_body = || {
+        let first = futures_util::stream::once(async { Ok::<_, std::io::Error>(bytes::Bytes::from(vec![1u8; 2 * 1024 * 1024])) });
+        let rest = futures_util::stream::unfold(0, |i| async move {
+            if i == 10 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Some((Ok(bytes::Bytes::from(vec![1u8; 64 * 1024])), i + 1))
+        });
+        reqwest::Body::wrap_stream(futures_util::StreamExt::chain(first, rest))
+    };
+    let total = 2 * 1024 * 1024 + 10 * 64 * 1024;
+    let started = Instant::now();
+    let r = client().post(url(&p, "/echo")).body(slow_body()).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((v["body_len"].as_u64(), v["body_sum"].as_u64()), (Some(total), Some(total)), "the whole upload arrived");
+    assert!(started.elapsed() > Duration::from_millis(1400), "the upload outlasted the response timeout twice over");
+    let r = client().post(url(&p, "/swallow")).body(slow_body()).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 504, "no answer after the upload: {}", r.text().await.unwrap());
+    assert_eq!(p.stats().errors, 1);
+    eventually("the requests released", || p.in_flight(b.addr) == 0).await;
 }
 
 /// One GET on an open connection: the status and body (the answer must

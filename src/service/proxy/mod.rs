@@ -68,7 +68,8 @@ use upstream::{Broken, Conn, Outgoing, Pool, RequestHead, ResponseHead, Upstream
 
 /// Connecting to a backend.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// From sending a request to having the backend's whole response head.
+/// From the request's last byte sent to having the backend's whole
+/// response head (an upload that keeps moving is not cut short by it).
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A body (either direction) that yields nothing for this long is
 /// abandoned, and so is a client that accepts no bytes for this long.
@@ -390,6 +391,8 @@ enum SendError {
     /// from an earlier request; `sent`: not on the request's first write
     /// (a connection the backend had closed fails there, unsent).
     Broken { error: String, kept: bool, sent: bool },
+    /// The request went out whole and no answer came in time.
+    NoAnswer,
 }
 
 impl SendError {
@@ -408,6 +411,7 @@ impl SendError {
     fn describe(&self) -> &str {
         match self {
             SendError::Connect(e) | SendError::Broken { error: e, .. } => e,
+            SendError::NoAnswer => "no answer in time",
         }
     }
 }
@@ -472,11 +476,9 @@ impl Inner {
             Some(c) => (c, true),
             None => (Conn::connect(backend, self.options.connect_timeout).await.map_err(SendError::Connect)?, false),
         };
-        upstream::exchange(conn, backend, head, body, head_request, self.options.idle_timeout).await.map_err(|Broken { message, sent }| SendError::Broken {
-            error: message,
-            kept,
-            sent,
-        })
+        upstream::exchange(conn, backend, head, body, head_request, self.options.idle_timeout, self.options.response_timeout)
+            .await
+            .map_err(|Broken { message, sent, no_answer }| if no_answer { SendError::NoAnswer } else { SendError::Broken { error: message, kept, sent } })
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, client: &Client) -> Response<ProxyBody> {
@@ -548,12 +550,23 @@ impl Inner {
             let backend = guard.backend;
             let Some(attempt_body) = body.for_attempt(framed) else { break };
             let sent = self.send(pool, backend, &head, attempt_body, head_request, fresh);
-            match tokio::time::timeout(self.options.response_timeout, sent).await {
-                Ok(Ok((resp, conn))) => {
+            // Every step of `sent` is bounded: the connect, each write of
+            // the request (idle timeout), and the answer once the request
+            // is out (response timeout).
+            match sent.await {
+                Ok((resp, conn)) => {
                     let body = UpstreamBody::new(conn, &resp, pool.clone(), backend);
                     return self.relay(resp, body, guard);
                 }
-                Ok(Err(e)) => {
+                Err(SendError::NoAnswer) => {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(service = %self.service, %backend, timeout = ?self.options.response_timeout, "instance did not answer in time");
+                    return plain(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("service {}: instance {backend} did not answer within {}\n", self.service, humanize(self.options.response_timeout)),
+                    );
+                }
+                Err(e) => {
                     // If nothing was sent, any method may go elsewhere;
                     // otherwise the backend may have acted on it.
                     let retry = body.replayable() && (e.nothing_sent() || parts.method.is_idempotent());
@@ -570,14 +583,6 @@ impl Inner {
                     if e.on_kept_connection() {
                         again = Some(guard);
                     }
-                }
-                Err(_) => {
-                    self.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(service = %self.service, %backend, timeout = ?self.options.response_timeout, "instance did not answer in time");
-                    return plain(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!("service {}: instance {backend} did not answer within {}\n", self.service, humanize(self.options.response_timeout)),
-                    );
                 }
             }
         }

@@ -203,12 +203,22 @@ pub(super) enum Outgoing<'a> {
 pub(super) struct Broken {
     pub(super) message: String,
     pub(super) sent: bool,
+    /// The whole request went out, and no answer came within the
+    /// response timeout.
+    pub(super) no_answer: bool,
 }
 
 impl Broken {
     fn new(message: impl Into<String>) -> Broken {
-        Broken { message: message.into(), sent: true }
+        Broken { message: message.into(), sent: true, no_answer: false }
     }
+}
+
+/// The answer's head, awaited at most `within` once the request is out.
+async fn answer_within<F: Future<Output = Result<ResponseHead, Broken>>>(within: Duration, read: F) -> Result<ResponseHead, Broken> {
+    tokio::time::timeout(within, read)
+        .await
+        .unwrap_or_else(|_| Err(Broken { message: format!("no answer within {}", humantime::format_duration(within)), sent: true, no_answer: true }))
 }
 
 fn broken(what: &str, e: io::Error) -> Broken {
@@ -274,6 +284,7 @@ pub(super) async fn exchange(
     body: Outgoing<'_>,
     head_request: bool,
     idle: Duration,
+    response: Duration,
 ) -> Result<(ResponseHead, Conn), Broken> {
     let (out, rest) = match body {
         // The usual case: head and body in one write, then the answer.
@@ -316,12 +327,17 @@ pub(super) async fn exchange(
     let Some(body) = rest else {
         let Io::Whole(stream) = &mut conn.io else { return Err(Broken::new("a connection still sending an upload cannot carry a request")) };
         // If the very first write fails, nothing reached the instance.
-        let n = stream.write(&out).await.map_err(|e| Broken { sent: false, ..broken("sending the request", e) })?;
-        stream.write_all(&out[n..]).await.map_err(|e| broken("sending the request", e))?;
-        let head = read_head(&mut conn.io, &mut conn.buf, head_request).await?;
+        // (At most 16 KiB: the socket's buffer takes it; bounded anyway.)
+        let stalled = || Broken::new(format!("sending the request: stalled for {}", humantime::format_duration(idle)));
+        let n = tokio::time::timeout(idle, stream.write(&out))
+            .await
+            .map_err(|_| stalled())?
+            .map_err(|e| Broken { sent: false, ..broken("sending the request", e) })?;
+        tokio::time::timeout(idle, stream.write_all(&out[n..])).await.map_err(|_| stalled())?.map_err(|e| broken("sending the request", e))?;
+        let head = answer_within(response, read_head(&mut conn.io, &mut conn.buf, head_request)).await?;
         return Ok((head, conn));
     };
-    streamed(conn, backend, head, body, head_request, idle).await
+    streamed(conn, backend, head, body, head_request, idle, response).await
 }
 
 /// A body written while the answer is awaited. If the answer's head comes
@@ -329,7 +345,9 @@ pub(super) async fn exchange(
 /// (bounded by `idle` per write and by the client's body's own idle
 /// timeout) while the answer is relayed, and the connection is not kept:
 /// a backend may answer before reading everything (a 413) or stream its
-/// answer while it reads.
+/// answer while it reads. The response timeout (`response`) starts once
+/// the body is out, as nginx's `proxy_read_timeout` follows its last
+/// write: an upload that keeps moving may take as long as it takes.
 async fn streamed(
     conn: Conn,
     backend: SocketAddr,
@@ -337,6 +355,7 @@ async fn streamed(
     body: ProxyBody,
     head_request: bool,
     idle: Duration,
+    response: Duration,
 ) -> Result<(ResponseHead, Conn), Broken> {
     let framing = match body.size_hint().exact() {
         Some(n) => Framing::Length(n),
@@ -353,10 +372,10 @@ async fn streamed(
         tokio::select! {
             biased;
             written = &mut write => match written {
-                Ok(wr) => read.await.map(|answer| (answer, Some(wr))),
+                Ok(wr) => answer_within(response, read).await.map(|answer| (answer, Some(wr))),
                 // The instance may have answered and closed before taking it
                 // all (a 413): its answer, if there is one, says more.
-                Err(e) => match read.await {
+                Err(e) => match answer_within(response, read).await {
                     Ok(answer) => Ok((answer, None)),
                     Err(_) => Err(e),
                 },
