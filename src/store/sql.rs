@@ -770,7 +770,16 @@ impl Inner {
             let reused = held.0.is_some();
             let conn = match held.0.take() {
                 Some(c) => c,
-                None => self.pool.acquire().await.map_err(StoreError::query("batch"))?,
+                None => {
+                    let mut c = self.pool.acquire().await.map_err(StoreError::query("batch"))?;
+                    // Generic plans on the writer's connection only: its
+                    // statements are key lookups, one shape per batch size,
+                    // and a custom plan made per batch cost more than running
+                    // it (docs/design/scheduler.md). Never given back to the
+                    // pool with this set (below).
+                    sqlx::Executor::execute(&mut *c, "SET plan_cache_mode = force_generic_plan").await.map_err(StoreError::query("batch"))?;
+                    c
+                }
             };
             let conn = held.0.insert(conn);
             let mut began = false;
@@ -783,9 +792,12 @@ impl Inner {
             }
             .await;
             if result.is_err() {
-                // Back to the pool, which tests it before anyone uses it
-                // again: a connection the store dropped is replaced there.
-                held.0 = None;
+                // Closed, not given back to the pool (it carries the
+                // writer's plan setting): the pool opens a new one, and
+                // the next batch takes it.
+                if let Some(c) = held.0.take() {
+                    drop(c.detach());
+                }
                 if reused && !began {
                     continue;
                 }
@@ -798,8 +810,9 @@ impl Inner {
 /// The PostgreSQL writer's connection, kept from one batch to the next.
 /// sqlx tests a pooled connection with a round trip when it is taken
 /// and again when it comes back; on a batch of a few statements those
-/// two were a large share of its round trips (issue 19). Given back to
-/// the pool after any error.
+/// two were a large share of its round trips (issue 19). It plans with
+/// generic plans (`plan_cache_mode`), so it is closed after any error
+/// rather than given back to the pool for others.
 #[derive(Default)]
 struct Held(Option<sqlx::pool::PoolConnection<sqlx::Any>>);
 
