@@ -101,6 +101,14 @@ async fn proxy(backends: &[&Backend]) -> (Proxy, CancellationToken) {
     (p, shutdown)
 }
 
+/// A proxy in front of `b` alone, with `response` as its response timeout.
+async fn proxy_answering_within(b: &Backend, response: Duration) -> Proxy {
+    let options = ProxyOptions { response_timeout: response, ..ProxyOptions::default() };
+    let p = Proxy::bind_with("web", "127.0.0.1:0".parse().unwrap(), CancellationToken::new(), options).await.unwrap();
+    p.set_backends(vec![b.addr]);
+    p
+}
+
 fn url(p: &Proxy, path: &str) -> String {
     format!("http://{}{path}", p.local_addr())
 }
@@ -433,10 +441,7 @@ async fn forwards_headers_and_bodies() {
 #[tokio::test]
 async fn slow_backend_is_504() {
     let b = Backend::start("b").await;
-    let shutdown = CancellationToken::new();
-    let options = ProxyOptions { response_timeout: Duration::from_millis(200), ..ProxyOptions::default() };
-    let p = Proxy::bind_with("web", "127.0.0.1:0".parse().unwrap(), shutdown, options).await.unwrap();
-    p.set_backends(vec![b.addr]);
+    let p = proxy_answering_within(&b, Duration::from_millis(200)).await;
     let (status, body) = get_text(&client(), &url(&p, "/hang")).await;
     assert_eq!(status, 504);
     assert!(body.contains("service web") && body.contains(&b.addr.to_string()), "{body}");
@@ -451,9 +456,7 @@ async fn slow_backend_is_504() {
 #[tokio::test]
 async fn an_upload_longer_than_the_response_timeout_goes_through() {
     let b = Backend::start("b").await;
-    let options = ProxyOptions { response_timeout: Duration::from_millis(700), ..ProxyOptions::default() };
-    let p = Proxy::bind_with("web", "127.0.0.1:0".parse().unwrap(), CancellationToken::new(), options).await.unwrap();
-    p.set_backends(vec![b.addr]);
+    let p = proxy_answering_within(&b, Duration::from_millis(700)).await;
     // 2 MiB at once (more than the proxy buffers, so it streams the
     // upload to the instance), then 64 KiB every 200 ms for 2 s.
     let slow_body = || {
@@ -503,15 +506,13 @@ async fn get_on(s: &mut TcpStream, path: &str) -> (u16, String) {
     }
 }
 
-/// Issue 19: one response timer per client connection, moved for each
-/// request: requests on one connection each get the whole timeout, and a
-/// timeout does not spoil the connection for the next request.
+/// Issue 19: requests on one client connection each get the whole
+/// response timeout, and a timeout does not spoil the connection for the
+/// next request.
 #[tokio::test]
 async fn issue19_each_request_on_a_connection_gets_the_whole_response_timeout() {
     let b = Backend::start("b").await;
-    let options = ProxyOptions { response_timeout: Duration::from_millis(1200), ..ProxyOptions::default() };
-    let p = Proxy::bind_with("web", "127.0.0.1:0".parse().unwrap(), CancellationToken::new(), options).await.unwrap();
-    p.set_backends(vec![b.addr]);
+    let p = proxy_answering_within(&b, Duration::from_millis(1200)).await;
     let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
     // Four answers of 500 ms each: 2 s on one connection.
     for _ in 0..4 {

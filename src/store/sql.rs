@@ -280,7 +280,7 @@ impl Inner {
         }
         let now = now_ms();
         let row = self.finish_many_on(tx, &[&done], now).await?.pop().flatten();
-        self.finish_after(tx, &done, row, now, false, attempts).await
+        self.finish_after(tx, &done, row, now, attempts).await
     }
 
     /// The common case of many finishes (none retried, each of a different
@@ -292,7 +292,7 @@ impl Inner {
         for chunk in dones.chunks(FINISH_CHUNK) {
             let q = format!("WITH {} {}", finish_values(chunk.len(), false), finish_update(self.for_update(), "NULL"));
             for r in bind_finishes(query_dyn(q).bind(now), chunk, false).fetch_all(&mut *tx).await.map_err(StoreError::query("finish job"))? {
-                let (id, row) = finished_row(&r, 4)?;
+                let (id, row) = finished_row(&r)?;
                 found.insert(id, row);
             }
         }
@@ -338,7 +338,7 @@ impl Inner {
                 if r.try_get::<i64, _>(6).map_err(StoreError::query(op))? == 1 {
                     *ready.entry(r.try_get(1).map_err(StoreError::query(op))?).or_default() += 1;
                 } else {
-                    let (id, row) = finished_row(&r, 4)?;
+                    let (id, row) = finished_row(&r)?;
                     found.insert(id, row);
                 }
             }
@@ -355,11 +355,12 @@ impl Inner {
     /// first statement made final carry a mark (`FINISHED_MARK` as their
     /// lease) by which the later ones tell them from stale finishes, and
     /// the last statement clears it; SQLite has one writer, so nothing
-    /// else ever sees it. Also cancels the jobs not yet started of a
-    /// deployment being cancelled before the claim, as `finish_after`
-    /// would (`cancelled_before` tells it not to). Returns the rows, how
-    /// many jobs became ready by deployment, and the claimed jobs, for the
-    /// wanting finishes in their order.
+    /// else ever sees it. The claim comes before `finish_after` cancels
+    /// what a cancelled deployment has not started: there is none to
+    /// claim, since `cancel` cancels those jobs in the transaction that
+    /// sets the flag, and nothing makes a job of such a deployment ready
+    /// after it. Returns the rows, how many jobs became ready by
+    /// deployment, and the claimed jobs, lowest id first.
     async fn finish_many_released_sqlite_on(
         &self,
         tx: &mut sqlx::AnyConnection,
@@ -386,13 +387,14 @@ impl Inner {
                    AND id IN (SELECT n.job_id FROM job_needs n JOIN jobs f ON f.id = n.need_id JOIN deployments d ON d.id = f.deployment_id \
                      WHERE n.need_id IN ({all}) AND f.lease_until = {mark} AND f.state = 'succeeded' AND d.cancel_requested = 0) \
                    AND NOT EXISTS (SELECT 1 FROM job_needs n JOIN jobs j2 ON j2.id = n.need_id WHERE n.job_id = jobs.id AND j2.state <> 'succeeded') \
-                   RETURNING deployment_id; \
-                 UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 \
-                   WHERE state IN ('pending', 'ready') AND deployment_id IN (SELECT f.deployment_id FROM jobs f JOIN deployments d ON d.id = f.deployment_id \
-                     WHERE f.id IN ({all}) AND f.lease_until = {mark} AND d.cancel_requested <> 0); ",
+                   RETURNING deployment_id; ",
                 finish_update("", mark)
             );
-            let wanting = wanting_ids(n, next.map(|(_, _, w)| &w[c * FINISH_CHUNK..]));
+            // The id parameters of the chunk's finishes that want a next job.
+            let wanting: Vec<&str> = match next {
+                Some((_, _, wants)) => ids.iter().zip(&wants[c * FINISH_CHUNK..]).filter(|(_, w)| **w).map(|(id, _)| id.as_str()).collect(),
+                None => Vec::new(),
+            };
             if !wanting.is_empty() {
                 let limit = format!("(SELECT count(*) FROM jobs f WHERE f.id IN ({}) AND f.lease_until = {mark})", wanting.join(", "));
                 q.push_str(&claim_update(&format!("id IN ({})", ready_select(&limit, 1, "")), 2 + FINISH_COLS * n, 3 + FINISH_COLS * n, 1));
@@ -409,7 +411,7 @@ impl Inner {
             for r in query.fetch_all(&mut *tx).await.map_err(StoreError::query(op))? {
                 match r.columns().len() {
                     6 => {
-                        let (id, row) = finished_row(&r, 4)?;
+                        let (id, row) = finished_row(&r)?;
                         found.insert(id, row);
                     }
                     1 => *ready.entry(r.try_get(0).map_err(StoreError::query(op))?).or_default() += 1,
@@ -431,7 +433,6 @@ impl Inner {
         done: &FinishedAttempt,
         row: Option<FinishedRow>,
         now: Millis,
-        cancelled_before: bool,
         attempts: &mut Vec<AttemptRecord>,
     ) -> Result<(FinishEffect, Option<Final>)> {
         let op = "finish job";
@@ -439,9 +440,7 @@ impl Inner {
             return Ok((FinishEffect { stale: true, ..Default::default() }, None));
         };
         attempts.push(AttemptRecord::of(done, attempt, now));
-        if cancel_requested && cancelled_before {
-            // Done by the query that made it final.
-        } else if cancel_requested {
+        if cancel_requested {
             sqlx::query("UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 WHERE deployment_id = $2 AND state IN ('pending', 'ready')")
                 .bind(now)
                 .bind(dep_id)
@@ -673,11 +672,10 @@ impl Inner {
                 Work::Finish(done) | Work::FinishClaim { done, .. } => {
                     let row = finished.remove(&i);
                     // A plain finish's attempt is written and its dependants
-                    // released already; on SQLite, its deployment's jobs
-                    // not yet started are cancelled if it is being cancelled.
+                    // released already.
                     let released = row.is_some();
                     let (effect, fin) = match row {
-                        Some(row) => self.finish_after(tx, done, row, now, !pg, &mut recorded).await?,
+                        Some(row) => self.finish_after(tx, done, row, now, &mut recorded).await?,
                         None => self.finish_on(tx, done.clone(), &mut attempts).await?,
                     };
                     if let Some(f) = fin {
@@ -897,21 +895,13 @@ fn ready_select(limit: &str, now: usize, skip: &str) -> String {
 const FINISH_CHUNK: usize = 100;
 const FINISH_COLS: usize = 8;
 
-/// The id parameters (`$N`, as in `finish_values(_, true)`) of the `n`
-/// finishes of a chunk that want a next job (`wants`, from the chunk's first).
-fn wanting_ids(n: usize, wants: Option<&[bool]>) -> Vec<String> {
-    let Some(wants) = wants else { return Vec::new() };
-    (0..n).filter(|k| wants[*k]).map(|k| format!("${}", 2 + FINISH_COLS * k)).collect()
-}
-
 /// What SQLite's one-query batch (`finish_many_released_sqlite_on`) sets a
 /// finished job's `lease_until` to until its last statement: a lease is a
 /// time in milliseconds, never negative.
 const FINISHED_MARK: &str = "-1";
 
-/// A row of `finish_update`'s `RETURNING`, by its job id: its first four
-/// columns, then its state and `cancel_requested` from column `state` on.
-fn finished_row(r: &AnyRow, state: usize) -> Result<(i64, FinishedRow)> {
+/// A row of `finish_update`'s `RETURNING`, by its job id.
+fn finished_row(r: &AnyRow) -> Result<(i64, FinishedRow)> {
     let f = || -> std::result::Result<(i64, FinishedRow), sqlx::Error> {
         Ok((
             r.try_get(0)?,
@@ -919,8 +909,8 @@ fn finished_row(r: &AnyRow, state: usize) -> Result<(i64, FinishedRow)> {
                 deployment_id: r.try_get(1)?,
                 name: r.try_get(2)?,
                 attempt: r.try_get(3)?,
-                state: r.try_get(state)?,
-                cancel_requested: r.try_get::<i64, _>(state + 1)? != 0,
+                state: r.try_get(4)?,
+                cancel_requested: r.try_get::<i64, _>(5)? != 0,
             },
         ))
     };
