@@ -2010,3 +2010,103 @@ async fn issue16_named_lease_has_one_holder_renews_and_passes_on() {
         assert!(!take(N3, LEASE).await, "[{name}] the old holder cannot renew what another took over");
     }
 }
+
+/// PostgreSQL runs a batch of claims, output lines and plain successful
+/// finishes in one call of `slipway_write_batch` (migration 6, no
+/// transaction around it), and the function gives back, having written
+/// nothing, a batch that may complete its deployment or finishes a job of
+/// one being cancelled: the general path then does what it always did. Counted by the server's own
+/// function statistics (`track_functions`), set for this test's database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue19_postgres_runs_a_common_batch_in_one_call_and_gives_back_the_rest() {
+    const CALLS: &str = "SELECT calls FROM pg_stat_user_functions WHERE funcname = 'slipway_write_batch'";
+    let Some(url) = common::postgres_url().await else { return };
+    let db = url.rsplit('/').next().expect("a database in the URL").to_string();
+    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await.expect("connect");
+    // Before the store opens, so that its connections count calls.
+    sqlx::query(sqlx::AssertSqlSafe(format!("ALTER DATABASE {db} SET track_functions = 'pl'"))).execute(&mut admin).await.expect("track function calls");
+    let b: Backend = ("postgres", slipway::store::open(&url).await.expect("open postgres store"));
+    b.1.put_revision(&revision()).await.expect("put_revision");
+    use JobState::*;
+
+    let dep = submit(&b, new_deployment("prod/api", jobs(&[("a", &[]), ("b", &[0]), ("c", &[0]), ("d", &[])]))).await.deployment_id;
+    assert_eq!(activate(&b, N1).await, vec![dep]);
+    let first = claim(&b, N1, 2).await;
+    assert_eq!(names(&first), vec!["a", "d"]);
+    // The common case: a's success releases b and c, and its slot takes b.
+    let (e, next) = b.1.finish_and_claim(done(by_name(&first, "a"), N1, Outcome::Succeeded), N1, LEASE).await.expect("finish a");
+    assert_eq!((e.stale, e.newly_ready, e.deployment_finished), (false, 2, None));
+    let b_job = next.expect("a's slot gets a next job");
+    assert_eq!((b_job.name.as_str(), b_job.attempt, b_job.deployment_id), ("b", 1, dep));
+    assert_eq!(b_job.spec, spec(), "the claimed job's spec read back whole");
+    assert_eq!(job_states(&b, dep).await, states(&[("a", Succeeded), ("b", Running), ("c", Ready), ("d", Running)]));
+    // The same finish again is stale: nothing written, nothing handed out.
+    let (e, next) = b.1.finish_and_claim(done(by_name(&first, "a"), N1, Outcome::Succeeded), N1, LEASE).await.expect("finish a again");
+    assert!(e.stale && next.is_none(), "a second finish of a is stale and gets nothing: {e:?}");
+    assert_eq!(job_row(&b, dep, "c").await.state, Ready, "c was not taken by a stale finish");
+    let c = claim(&b, N1, 1).await;
+    for job in [&b_job, by_name(&c, "c")] {
+        let e = b.1.finish(done(job, N1, Outcome::Succeeded)).await.expect("finish");
+        assert_eq!(e.deployment_finished, None, "d still runs");
+    }
+    // d is the last open job: the function gives the batch back, and the
+    // general path completes the deployment.
+    let e = b.1.finish(done(by_name(&first, "d"), N1, Outcome::Succeeded)).await.expect("finish d");
+    assert_eq!(e.deployment_finished, Some((dep, DeploymentState::Succeeded)));
+    let mut recorded: Vec<String> = b.1.attempts(dep).await.unwrap().into_iter().map(|a| a.job).collect();
+    recorded.sort();
+    assert_eq!(recorded, vec!["a", "b", "c", "d"], "one attempt row per finish that counted");
+
+    // A deployment being cancelled: its running job's success is recorded,
+    // nothing after it starts, and the deployment ends cancelled.
+    let dep2 = submit(&b, new_deployment("prod/web", jobs(&[("x", &[]), ("y", &[0]), ("z", &[])]))).await.deployment_id;
+    assert_eq!(activate(&b, N1).await, vec![dep2]);
+    let running = claim(&b, N1, 2).await;
+    assert_eq!(names(&running), vec!["x", "z"]);
+    b.1.cancel(dep2).await.expect("cancel").expect("the deployment exists");
+    let (e, next) = b.1.finish_and_claim(done(by_name(&running, "x"), N1, Outcome::Succeeded), N1, LEASE).await.expect("finish x");
+    assert!(!e.stale && next.is_none(), "x counts and its slot gets nothing: {e:?}, {next:?}");
+    assert_eq!(job_row(&b, dep2, "y").await.state, Cancelled, "y never starts");
+    let e = b.1.finish(done(by_name(&running, "z"), N1, Outcome::Cancelled)).await.expect("finish z");
+    assert_eq!(e.deployment_finished, Some((dep2, DeploymentState::Cancelled)));
+
+    // Every claim and plain successful finish went to the function (the
+    // claim of a and d, a, a again, the claim of c, b, c, d, the claim of
+    // x and z, x; z's finish was not a success): nine calls, one per batch,
+    // as each was awaited before the next.
+    let calls = common::wait_for_diag(Duration::from_secs(30), "the function's calls counted", String::new, || {
+        let url = url.clone();
+        let n = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await.ok()?;
+                let n: Option<i64> = sqlx::query_scalar(CALLS).fetch_optional(&mut conn).await.ok()?;
+                n
+            })
+        })
+        .join()
+        .ok()
+        .flatten();
+        n.filter(|n| *n >= 9)
+    });
+    assert_eq!(calls, 9, "one call per batch of claims and plain successful finishes");
+}
+
+/// A job's output line with a NUL byte in it (PostgreSQL's text cannot
+/// hold one) is stored with U+FFFD in its place, on both stores, and the
+/// lines sent with it and after it are stored too. Before, PostgreSQL
+/// refused the whole append, and the log writer kept retrying it: nothing
+/// that job or any other printed afterwards was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue19_an_output_line_with_a_nul_byte_is_stored_and_so_is_what_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let name = b.0;
+        let dep = submit(&b, new_deployment("prod/api", jobs(&[("build", &[])]))).await.deployment_id;
+        let job = job_rows(&b, dep).await[0].id;
+        let line = |text: &str| NewLogLine { deployment_id: dep, job_id: job, attempt: 1, ts: now_ms(), stream: "stdout", line: text.into(), part: None };
+        b.1.append_logs(&[line("before"), line("a\0b\0"), line("with it")]).await.unwrap_or_else(|e| panic!("[{name}] append a NUL byte: {e}"));
+        b.1.append_logs(&[line("after")]).await.unwrap_or_else(|e| panic!("[{name}] append after: {e}"));
+        let got: Vec<String> = b.1.logs(dep, None, 0, 100).await.unwrap().into_iter().map(|l| l.line).collect();
+        assert_eq!(got, vec!["before", "a\u{FFFD}b\u{FFFD}", "with it", "after"], "[{name}]");
+    }
+}

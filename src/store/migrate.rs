@@ -4,7 +4,9 @@
 //!
 //! One set of files for both dialects: `migrations/NNNN_name.sql`, with
 //! `{serial}` and `{blob}` filled per dialect before they run (so each
-//! store records the checksum of the SQL it actually ran).
+//! store records the checksum of the SQL it actually ran). A file named
+//! `NNNN_name.pg.sql` is PostgreSQL's alone (a function SQLite has no
+//! language for); SQLite records its version having run nothing.
 //!
 //! Rules, because a deployment engine is upgraded in place while it holds
 //! the deploy history and the record of what runs where:
@@ -28,13 +30,20 @@ use super::sql::Dialect;
 use super::{Result, StoreError};
 
 /// Every migration, oldest first: (version, name, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (1, "baseline", include_str!("migrations/0001_baseline.sql")),
-    (2, "parts", include_str!("migrations/0002_parts.sql")),
-    (3, "target_ref", include_str!("migrations/0003_target_ref.sql")),
-    (4, "leases", include_str!("migrations/0004_leases.sql")),
-    (5, "audit_environment", include_str!("migrations/0005_audit_environment.sql")),
+const MIGRATIONS: &[(i64, &str, Sql)] = &[
+    (1, "baseline", Sql::Both(include_str!("migrations/0001_baseline.sql"))),
+    (2, "parts", Sql::Both(include_str!("migrations/0002_parts.sql"))),
+    (3, "target_ref", Sql::Both(include_str!("migrations/0003_target_ref.sql"))),
+    (4, "leases", Sql::Both(include_str!("migrations/0004_leases.sql"))),
+    (5, "audit_environment", Sql::Both(include_str!("migrations/0005_audit_environment.sql"))),
+    (6, "write_batch", Sql::PostgresOnly(include_str!("migrations/0006_write_batch.pg.sql"))),
 ];
+
+/// A migration's SQL, and which dialects run it.
+enum Sql {
+    Both(&'static str),
+    PostgresOnly(&'static str),
+}
 
 /// The newest schema version this build knows.
 pub const LATEST: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -43,7 +52,12 @@ pub const LATEST: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 const PG_LOCK: i64 = 7467233;
 
 /// A migration's SQL as it runs on `dialect`.
-fn fill(sql: &str, dialect: Dialect) -> String {
+fn fill(sql: &Sql, dialect: Dialect) -> String {
+    let sql = match (sql, dialect) {
+        (Sql::Both(sql), _) | (Sql::PostgresOnly(sql), Dialect::Postgres) => sql,
+        // A statement, so the version is recorded like any other.
+        (Sql::PostgresOnly(_), Dialect::Sqlite) => "SELECT 1",
+    };
     let (serial, blob) = match dialect {
         Dialect::Sqlite => ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"),
         Dialect::Postgres => ("BIGSERIAL PRIMARY KEY", "BYTEA"),
@@ -127,7 +141,12 @@ mod tests {
             assert_eq!(*version, i as i64 + 1, "migration {name} is out of order");
             for d in [Dialect::Sqlite, Dialect::Postgres] {
                 let filled = fill(sql, d);
-                assert!(!filled.contains('{'), "migration {version} keeps a placeholder for {d:?}");
+                // A placeholder is `{word}` (a comment may hold other braces).
+                let placeholder = filled.split('{').skip(1).find_map(|rest| {
+                    let word = rest.split('}').next().filter(|w| rest.contains('}') && !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+                    word.map(str::to_string)
+                });
+                assert_eq!(placeholder, None, "migration {version} keeps a placeholder for {d:?}");
             }
         }
         assert_eq!(LATEST, MIGRATIONS.len() as i64);

@@ -190,7 +190,14 @@ impl Inner {
             let q = format!("INSERT INTO logs (deployment_id, job_id, attempt, ts, stream, line, part) VALUES {}", value_rows(1, chunk.len(), &[""; 7]));
             let mut query = query_dyn(q);
             for l in chunk {
-                query = query.bind(l.deployment_id).bind(l.job_id).bind(l.attempt).bind(l.ts).bind(l.stream).bind(l.line.clone()).bind(l.part.clone());
+                query = query
+                    .bind(l.deployment_id)
+                    .bind(l.job_id)
+                    .bind(l.attempt)
+                    .bind(l.ts)
+                    .bind(l.stream)
+                    .bind(storable(&l.line).into_owned())
+                    .bind(l.part.clone());
             }
             query.execute(&mut *tx).await.map_err(StoreError::query("append logs"))?;
         }
@@ -211,15 +218,17 @@ impl Inner {
     /// The jobs of `claim_update`'s rows, with what each needs to know of
     /// its deployment (cached: it never changes).
     async fn claimed_jobs(&self, conn: &mut sqlx::AnyConnection, rows: Vec<AnyRow>, now: Millis) -> Result<Vec<ClaimedJob>> {
+        let rows = rows.iter().map(ClaimedRow::of).collect::<std::result::Result<_, sqlx::Error>>().map_err(StoreError::query("claim"))?;
+        self.claimed_rows(conn, rows, now).await
+    }
+
+    async fn claimed_rows(&self, conn: &mut sqlx::AnyConnection, mut rows: Vec<ClaimedRow>, now: Millis) -> Result<Vec<ClaimedJob>> {
         let op = "claim";
         // `RETURNING` comes in no set order; lowest id first, as claimed.
-        let mut rows: Vec<(i64, AnyRow)> =
-            rows.into_iter().map(|r| Ok((r.try_get(0)?, r))).collect::<std::result::Result<_, sqlx::Error>>().map_err(StoreError::query(op))?;
-        rows.sort_by_key(|(id, _)| *id);
+        rows.sort_by_key(|r| r.0);
         let mut deps: HashMap<i64, ClaimInfo> = HashMap::new();
         let mut out = Vec::with_capacity(rows.len());
-        for (_, r) in rows {
-            let dep: i64 = r.try_get(1).map_err(StoreError::query(op))?;
+        for ClaimedRow(job_id, dep, name, attempt, fence, spec, ready_at) in rows {
             if let std::collections::hash_map::Entry::Vacant(e) = deps.entry(dep) {
                 let cached = self.claim_info.lock().ok().and_then(|c| c.get(&dep).cloned());
                 let info = match cached {
@@ -246,19 +255,18 @@ impl Inner {
                 e.insert(info);
             }
             let (revision, environment, service, version, event_at) = deps[&dep].clone();
-            let spec: String = r.try_get(5).map_err(StoreError::query(op))?;
             out.push(ClaimedJob {
-                job_id: r.try_get(0).map_err(StoreError::query(op))?,
+                job_id,
                 deployment_id: dep,
-                name: r.try_get(2).map_err(StoreError::query(op))?,
-                attempt: r.try_get(3).map_err(StoreError::query(op))?,
-                fence: r.try_get(4).map_err(StoreError::query(op))?,
+                name,
+                attempt,
+                fence,
                 spec: spec_or_unreadable(&spec),
                 revision,
                 environment,
                 service,
                 version,
-                ready_at: r.try_get::<Option<i64>, _>(6).map_err(StoreError::query(op))?.unwrap_or(now),
+                ready_at: ready_at.unwrap_or(now),
                 event_at,
             });
         }
@@ -753,6 +761,86 @@ impl Inner {
         Ok(results)
     }
 
+    /// PostgreSQL's common batch in one call of `slipway_write_batch`
+    /// (migration 6), outside a transaction (the call is one): one round
+    /// trip instead of three to six (docs/design/scheduler.md). `None`:
+    /// the function found the batch's finishes uncommon and wrote nothing;
+    /// the caller runs the general path.
+    async fn write_common_on(&self, conn: &mut sqlx::AnyConnection, ops: &[&Work], common: &CommonBatch<'_>) -> Result<Option<Vec<BatchResult>>> {
+        use serde_json::json;
+        let op = "batch";
+        let now = now_ms();
+        let mut finishes = Vec::new();
+        let mut logs = Vec::new();
+        let mut claims = Vec::new();
+        for op in ops {
+            match op {
+                Work::Finish(d) | Work::FinishClaim { done: d, .. } => finishes.push(json!({
+                    "id": d.job_id, "fence": d.fence, "outcome": d.outcome.as_str(), "exit_code": d.exit_code, "reason": d.reason,
+                    "takeover": i64::from(d.takeover), "node": d.node, "started_at": d.started_at, "want": matches!(op, Work::FinishClaim { .. }),
+                })),
+                Work::Logs(lines) => logs.extend(lines.iter().map(|l| {
+                    json!({
+                        "deployment_id": l.deployment_id, "job_id": l.job_id, "attempt": l.attempt, "ts": l.ts, "stream": l.stream,
+                        "line": storable(&l.line), "part": l.part,
+                    })
+                })),
+                Work::Claim { node, lease, limit } => claims.push(json!({ "node": node, "lease_until": now + ms(*lease), "limit": (*limit).max(0) })),
+            }
+        }
+        let mut batch = json!({ "now": now, "finishes": finishes, "logs": logs, "claims": claims });
+        if let Some((node, lease)) = common.claimer {
+            batch["claimer"] = json!(node);
+            batch["lease_until"] = json!(now + ms(lease));
+        }
+        let answer: Option<String> = sqlx::query("SELECT slipway_write_batch($1)")
+            .bind(batch.to_string())
+            .fetch_one(&mut *conn)
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(StoreError::query(op))?;
+        let Some(answer) = answer else { return Ok(None) };
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            finished: Option<Vec<(i64, i64)>>,
+            released: Option<Vec<i64>>,
+            next: Option<Vec<ClaimedRow>>,
+            claims: Vec<Vec<ClaimedRow>>,
+        }
+        let answer: Answer =
+            serde_json::from_str(&answer).map_err(|e| StoreError::Corrupt(format!("slipway_write_batch answered what this build cannot read: {e}")))?;
+        let finished: HashMap<i64, i64> = answer.finished.unwrap_or_default().into_iter().collect();
+        let mut ready: HashMap<i64, u64> = HashMap::new();
+        for dep in answer.released.unwrap_or_default() {
+            *ready.entry(dep).or_default() += 1;
+        }
+        // The finishes' next jobs, lowest id first: one for each finish that
+        // wanted one and was not stale, in order.
+        let mut next = self.claimed_rows(conn, answer.next.unwrap_or_default(), now).await?.into_iter();
+        let mut claims = answer.claims.into_iter();
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            results.push(match op {
+                Work::Logs(_) => BatchResult::Logs,
+                Work::Finish(done) | Work::FinishClaim { done, .. } => {
+                    let effect = match finished.get(&done.job_id) {
+                        Some(dep) => FinishEffect { newly_ready: ready.get(dep).copied().unwrap_or(0), ..Default::default() },
+                        None => FinishEffect { stale: true, ..Default::default() },
+                    };
+                    match op {
+                        Work::FinishClaim { .. } => {
+                            let job = if effect.stale { None } else { next.next() };
+                            BatchResult::FinishClaim(effect, job.map(Box::new))
+                        }
+                        _ => BatchResult::Finish(effect),
+                    }
+                }
+                Work::Claim { .. } => BatchResult::Claim(self.claimed_rows(conn, claims.next().ok_or_else(mismatch)?, now).await?),
+            });
+        }
+        Ok(Some(results))
+    }
+
     async fn run_batch(&self, held: &mut Held, ops: &[&Work]) -> Result<Vec<BatchResult>> {
         if self.dialect == Dialect::Sqlite {
             // Its one connection serves the readers too: not kept.
@@ -782,6 +870,15 @@ impl Inner {
             let conn = held.0.insert(conn);
             let mut began = false;
             let result = async {
+                // A failure here on a kept connection goes round once more,
+                // as at BEGIN: a database error rolled the call back, and a
+                // connection lost mid-call leaves the same doubt as one lost
+                // at COMMIT (the retry finds the finishes stale).
+                if let Some(common) = CommonBatch::of(ops)
+                    && let Some(results) = self.write_common_on(conn, ops, &common).await?
+                {
+                    return Ok(results);
+                }
                 let mut tx = sqlx::Connection::begin(&mut **conn).await.map_err(StoreError::query("batch"))?;
                 began = true;
                 let results = self.run_ops_on(&mut tx, ops).await?;
@@ -802,6 +899,39 @@ impl Inner {
             }
             return result;
         }
+    }
+}
+
+/// Whether `slipway_write_batch` can run a batch (`write_common_on`):
+/// its finishes each successful, not retried, of its own job and without
+/// parts, and those that want a next job all claiming alike (one node's
+/// scheduler: always); any logs and plain claims. Anything else takes the
+/// general path.
+struct CommonBatch<'a> {
+    /// Who the finishes that want a next job claim it for, if any do.
+    claimer: Option<(&'a str, Duration)>,
+}
+
+impl<'a> CommonBatch<'a> {
+    fn of(ops: &[&'a Work]) -> Option<Self> {
+        let mut seen = HashSet::with_capacity(ops.len());
+        let mut common = CommonBatch { claimer: None };
+        for op in ops {
+            let (done, claimer) = match op {
+                Work::Finish(done) => (done, None),
+                Work::FinishClaim { done, node, lease } => (done, Some((node.as_str(), *lease))),
+                Work::Logs(_) | Work::Claim { .. } => continue,
+            };
+            if done.outcome != Outcome::Succeeded || done.retry_at.is_some() || !done.parts.is_empty() || !seen.insert(done.job_id) {
+                return None;
+            }
+            if let Some(c) = claimer
+                && *common.claimer.get_or_insert(c) != c
+            {
+                return None;
+            }
+        }
+        Some(common)
     }
 }
 
@@ -956,6 +1086,25 @@ impl AttemptRecord {
 }
 
 type ClaimInfo = (String, String, Option<String>, Option<String>, i64);
+
+/// A claimed job's row as `claim_update` returns it: id, deployment, name,
+/// attempt, fence, spec, ready_at.
+#[derive(serde::Deserialize)]
+struct ClaimedRow(i64, i64, String, i64, i64, String, Option<i64>);
+
+impl ClaimedRow {
+    fn of(r: &AnyRow) -> std::result::Result<Self, sqlx::Error> {
+        Ok(ClaimedRow(r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?, r.try_get(5)?, r.try_get(6)?))
+    }
+}
+
+/// An output line as the store keeps it: PostgreSQL's text (and JSON)
+/// cannot hold a NUL byte, which a job may print; it becomes U+FFFD, as
+/// invalid UTF-8 already does. The same on SQLite, so both stores show
+/// the same line.
+fn storable(line: &str) -> std::borrow::Cow<'_, str> {
+    if line.contains('\0') { line.replace('\0', "\u{FFFD}").into() } else { line.into() }
+}
 
 /// SQL assembled at run time, only ever from constants in this file
 /// (never from input: values are always bound).
