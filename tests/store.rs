@@ -2110,3 +2110,48 @@ async fn issue19_an_output_line_with_a_nul_byte_is_stored_and_so_is_what_follows
         assert_eq!(got, vec!["before", "a\u{FFFD}b\u{FFFD}", "with it", "after"], "[{name}]");
     }
 }
+
+/// Finishes that want a next job for two different nodes in one batch
+/// (one store serves one node, so only a test sends this): each node gets
+/// a job of its own, running on it. On PostgreSQL the batch is forced by
+/// holding the deployment's row while the finishes queue; on SQLite they
+/// are sent together and usually share one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue19_finishes_claiming_for_two_nodes_in_one_batch_each_get_a_job_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    for (b, _, url) in backends_with_urls(&dir).await {
+        let name = b.0;
+        use JobState::*;
+        let dep = submit(&b, new_deployment("prod/api", jobs(&[("w", &[]), ("a", &[]), ("b", &[]), ("c", &[1]), ("d", &[2])]))).await.deployment_id;
+        assert_eq!(activate(&b, N1).await, vec![dep], "[{name}]");
+        let on_1 = claim(&b, N1, 2).await;
+        let on_2 = claim(&b, N2, 1).await;
+        assert_eq!((names(&on_1), names(&on_2)), (vec!["a", "w"], vec!["b"]), "[{name}]");
+        let held = hold_deployment_row(url.as_deref(), dep).await;
+        // w's batch waits for the held row; a's and b's queue behind it.
+        let store = b.1.clone();
+        let w = done(by_name(&on_1, "w"), N1, Outcome::Succeeded);
+        let first = tokio::spawn(async move { store.finish(w).await });
+        if held.is_some() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let finish = |job: &ClaimedJob, node: &'static str| {
+            let (store, f) = (b.1.clone(), done(job, node, Outcome::Succeeded));
+            tokio::spawn(async move { store.finish_and_claim(f, node, LEASE).await })
+        };
+        let (a, bb) = (finish(by_name(&on_1, "a"), N1), finish(by_name(&on_2, "b"), N2));
+        release_deployment_row(held, Duration::from_millis(300)).await;
+        first.await.unwrap().unwrap_or_else(|e| panic!("[{name}] finish w: {e}"));
+        let mut given = Vec::new();
+        for (node, task) in [(N1, a), (N2, bb)] {
+            let (effect, next) = task.await.unwrap().unwrap_or_else(|e| panic!("[{name}] finish for {node}: {e}"));
+            assert!(!effect.stale, "[{name}] {node}'s finish counted");
+            let next = next.unwrap_or_else(|| panic!("[{name}] {node}'s slot gets a next job"));
+            assert_eq!(job_row(&b, dep, &next.name).await.node.as_deref(), Some(node), "[{name}] {} runs on {node}, which claimed it", next.name);
+            given.push(next.name);
+        }
+        given.sort();
+        assert_eq!(given, vec!["c", "d"], "[{name}] each node got one of the released jobs, none twice");
+        assert_eq!(job_states(&b, dep).await, states(&[("w", Succeeded), ("a", Succeeded), ("b", Succeeded), ("c", Running), ("d", Running)]), "[{name}]");
+    }
+}
