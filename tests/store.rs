@@ -2027,6 +2027,8 @@ async fn issue19_postgres_runs_a_common_batch_in_one_call_and_gives_back_the_res
     sqlx::query(sqlx::AssertSqlSafe(format!("ALTER DATABASE {db} SET track_functions = 'pl'"))).execute(&mut admin).await.expect("track function calls");
     let b: Backend = ("postgres", slipway::store::open(&url).await.expect("open postgres store"));
     b.1.put_revision(&revision()).await.expect("put_revision");
+    // The test's own calls, on a session that counts them too.
+    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await.expect("connect");
     use JobState::*;
 
     let dep = submit(&b, new_deployment("prod/api", jobs(&[("a", &[]), ("b", &[0]), ("c", &[0]), ("d", &[])]))).await.deployment_id;
@@ -2044,13 +2046,24 @@ async fn issue19_postgres_runs_a_common_batch_in_one_call_and_gives_back_the_res
     let (e, next) = b.1.finish_and_claim(done(by_name(&first, "a"), N1, Outcome::Succeeded), N1, LEASE).await.expect("finish a again");
     assert!(e.stale && next.is_none(), "a second finish of a is stale and gets nothing: {e:?}");
     assert_eq!(job_row(&b, dep, "c").await.state, Ready, "c was not taken by a stale finish");
-    let c = claim(&b, N1, 1).await;
-    for job in [&b_job, by_name(&c, "c")] {
+    // The function itself, called as the store calls it: a common batch
+    // (a plain claim) is answered, and the answer carries what a claim
+    // needs of its deployment.
+    let answer = write_batch(&mut admin, serde_json::json!({ "now": now_ms(), "claims": [{ "node": N1, "lease_ms": 60_000, "limit": 1 }] })).await;
+    let answer: serde_json::Value = serde_json::from_str(&answer.expect("a plain claim is answered")).expect("JSON");
+    let c = &answer["claims"][0][0];
+    assert_eq!((c[2].as_str(), c[7].as_str(), c[8].as_str()), (Some("c"), Some(REV), Some("staging")), "c claimed, with its deployment's part: {answer}");
+    let c = ClaimedJob { job_id: c[0].as_i64().unwrap(), fence: c[4].as_i64().unwrap(), ..b_job.clone() };
+    for job in [&b_job, &c] {
         let e = b.1.finish(done(job, N1, Outcome::Succeeded)).await.expect("finish");
         assert_eq!(e.deployment_finished, None, "d still runs");
     }
-    // d is the last open job: the function gives the batch back, and the
-    // general path completes the deployment.
+    // d is the last open job: the function gives its finish back, having
+    // written nothing, and the general path completes the deployment.
+    let d = by_name(&first, "d");
+    let given_back = write_batch(&mut admin, serde_json::json!({ "now": now_ms(), "finishes": [finish_json(d)] })).await;
+    assert_eq!(given_back, None, "a finish that may complete its deployment is given back");
+    assert_eq!(job_row(&b, dep, "d").await.state, Running, "and nothing was written");
     let e = b.1.finish(done(by_name(&first, "d"), N1, Outcome::Succeeded)).await.expect("finish d");
     assert_eq!(e.deployment_finished, Some((dep, DeploymentState::Succeeded)));
     let mut recorded: Vec<String> = b.1.attempts(dep).await.unwrap().into_iter().map(|a| a.job).collect();
@@ -2064,6 +2077,9 @@ async fn issue19_postgres_runs_a_common_batch_in_one_call_and_gives_back_the_res
     let running = claim(&b, N1, 2).await;
     assert_eq!(names(&running), vec!["x", "z"]);
     b.1.cancel(dep2).await.expect("cancel").expect("the deployment exists");
+    let given_back = write_batch(&mut admin, serde_json::json!({ "now": now_ms(), "finishes": [finish_json(by_name(&running, "x"))] })).await;
+    assert_eq!(given_back, None, "a finish in a deployment being cancelled is given back");
+    assert_eq!(job_row(&b, dep2, "x").await.state, Running, "and nothing was written");
     let (e, next) = b.1.finish_and_claim(done(by_name(&running, "x"), N1, Outcome::Succeeded), N1, LEASE).await.expect("finish x");
     assert!(!e.stale && next.is_none(), "x counts and its slot gets nothing: {e:?}, {next:?}");
     assert_eq!(job_row(&b, dep2, "y").await.state, Cancelled, "y never starts");
@@ -2071,9 +2087,9 @@ async fn issue19_postgres_runs_a_common_batch_in_one_call_and_gives_back_the_res
     assert_eq!(e.deployment_finished, Some((dep2, DeploymentState::Cancelled)));
 
     // Every claim and plain successful finish went to the function (the
-    // claim of a and d, a, a again, the claim of c, b, c, d, the claim of
-    // x and z, x; z's finish was not a success): nine calls, one per batch,
-    // as each was awaited before the next.
+    // claim of a and d, a, a again, b, c, d, the claim of x and z, x; z's
+    // finish was not a success): eight calls, one per batch, as each was
+    // awaited before the next; and the test's own three.
     let calls = common::wait_for_diag(Duration::from_secs(30), "the function's calls counted", String::new, || {
         let url = url.clone();
         let n = std::thread::spawn(move || {
@@ -2086,9 +2102,9 @@ async fn issue19_postgres_runs_a_common_batch_in_one_call_and_gives_back_the_res
         .join()
         .ok()
         .flatten();
-        n.filter(|n| *n >= 9)
+        n.filter(|n| *n >= 11)
     });
-    assert_eq!(calls, 9, "one call per batch of claims and plain successful finishes");
+    assert_eq!(calls, 11, "one call per batch of claims and plain successful finishes");
 }
 
 /// A job's output line with a NUL byte in it (PostgreSQL's text cannot
@@ -2154,4 +2170,15 @@ async fn issue19_finishes_claiming_for_two_nodes_in_one_batch_each_get_a_job_of_
         assert_eq!(given, vec!["c", "d"], "[{name}] each node got one of the released jobs, none twice");
         assert_eq!(job_states(&b, dep).await, states(&[("w", Succeeded), ("a", Succeeded), ("b", Succeeded), ("c", Running), ("d", Running)]), "[{name}]");
     }
+}
+
+/// `slipway_write_batch`'s answer to `batch`, called from outside the store.
+async fn write_batch(conn: &mut sqlx::AnyConnection, batch: serde_json::Value) -> Option<String> {
+    sqlx::query_scalar("SELECT slipway_write_batch($1)").bind(batch.to_string()).fetch_one(conn).await.expect("call slipway_write_batch")
+}
+
+/// A successful finish of `job` as `slipway_write_batch` takes it.
+fn finish_json(job: &ClaimedJob) -> serde_json::Value {
+    serde_json::json!({ "id": job.job_id, "fence": job.fence, "outcome": "succeeded", "exit_code": 0, "reason": null, "takeover": 0,
+        "node": N1, "started_at": now_ms(), "want": false })
 }

@@ -226,51 +226,46 @@ impl Inner {
         let op = "claim";
         // `RETURNING` comes in no set order; lowest id first, as claimed.
         rows.sort_by_key(|r| r.0);
-        let mut deps: HashMap<i64, ClaimInfo> = HashMap::new();
         let mut out = Vec::with_capacity(rows.len());
-        for ClaimedRow(job_id, dep, name, attempt, fence, spec, ready_at) in rows {
-            if let std::collections::hash_map::Entry::Vacant(e) = deps.entry(dep) {
-                let cached = self.claim_info.lock().ok().and_then(|c| c.get(&dep).cloned());
-                let info = match cached {
-                    Some(i) => i,
-                    None => {
-                        let d = sqlx::query("SELECT revision, environment, service, version, created_at FROM deployments WHERE id = $1")
-                            .bind(dep)
-                            .fetch_one(&mut *conn)
-                            .await
-                            .map_err(StoreError::query(op))?;
-                        let f = || -> std::result::Result<ClaimInfo, sqlx::Error> {
-                            Ok((d.try_get(0)?, d.try_get(1)?, d.try_get(2)?, d.try_get(3)?, d.try_get(4)?))
-                        };
-                        let info = f().map_err(StoreError::query(op))?;
-                        if let Ok(mut c) = self.claim_info.lock() {
-                            if c.len() > 10_000 {
-                                c.clear();
-                            }
-                            c.insert(dep, info.clone());
-                        }
-                        info
-                    }
-                };
-                e.insert(info);
-            }
-            let (revision, environment, service, version, event_at) = deps[&dep].clone();
-            out.push(ClaimedJob {
-                job_id,
-                deployment_id: dep,
-                name,
-                attempt,
-                fence,
-                spec: spec_or_unreadable(&spec),
-                revision,
-                environment,
-                service,
-                version,
-                ready_at: ready_at.unwrap_or(now),
-                event_at,
-            });
+        for row in rows {
+            let dep = row.1;
+            let cached = self.claim_info.lock().ok().and_then(|c| c.get(&dep).cloned());
+            let info = match cached {
+                Some(i) => i,
+                None => {
+                    let d = sqlx::query("SELECT revision, environment, service, version, created_at FROM deployments WHERE id = $1")
+                        .bind(dep)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .map_err(StoreError::query(op))?;
+                    let f =
+                        || -> std::result::Result<ClaimInfo, sqlx::Error> { Ok((d.try_get(0)?, d.try_get(1)?, d.try_get(2)?, d.try_get(3)?, d.try_get(4)?)) };
+                    let info = f().map_err(StoreError::query(op))?;
+                    self.remember(dep, &info);
+                    info
+                }
+            };
+            out.push(claimed_job(row, info, now));
         }
         Ok(out)
+    }
+
+    /// A job `slipway_write_batch` claimed, with its deployment's part.
+    fn claimed_with_info(&self, c: ClaimedWithInfo, now: Millis) -> ClaimedJob {
+        let ClaimedWithInfo(id, dep, name, attempt, fence, spec, ready_at, revision, environment, service, version, created_at) = c;
+        let info = (revision, environment, service, version, created_at);
+        self.remember(dep, &info);
+        claimed_job(ClaimedRow(id, dep, name, attempt, fence, spec, ready_at), info, now)
+    }
+
+    /// Cache what a claim needs of a deployment (it never changes).
+    fn remember(&self, dep: i64, info: &ClaimInfo) {
+        if let Ok(mut c) = self.claim_info.lock() {
+            if c.len() > 10_000 {
+                c.clear();
+            }
+            c.insert(dep, info.clone());
+        }
     }
 
     /// Runs inside the caller's transaction; on a stale fence it writes
@@ -766,7 +761,15 @@ impl Inner {
     /// trip instead of three to six (docs/design/scheduler.md). `None`:
     /// the function found the batch's finishes uncommon and wrote nothing;
     /// the caller runs the general path.
-    async fn write_common_on(&self, conn: &mut sqlx::AnyConnection, ops: &[&Work], common: &CommonBatch<'_>) -> Result<Option<Vec<BatchResult>>> {
+    /// An error comes with whether the call may have committed: not when
+    /// the server answered that it ended the connection (the call, its
+    /// own transaction, was rolled back or never ran).
+    async fn write_common_on(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        ops: &[&Work],
+        common: &CommonBatch<'_>,
+    ) -> std::result::Result<Option<Vec<BatchResult>>, (StoreError, bool)> {
         use serde_json::json;
         let op = "batch";
         let now = now_ms();
@@ -785,30 +788,31 @@ impl Inner {
                         "line": storable(&l.line), "part": l.part,
                     })
                 })),
-                Work::Claim { node, lease, limit } => claims.push(json!({ "node": node, "lease_until": now + ms(*lease), "limit": (*limit).max(0) })),
+                Work::Claim { node, lease, limit } => claims.push(json!({ "node": node, "lease_ms": ms(*lease), "limit": (*limit).max(0) })),
             }
         }
         let mut batch = json!({ "now": now, "finishes": finishes, "logs": logs, "claims": claims });
         if let Some((node, lease)) = common.claimer {
             batch["claimer"] = json!(node);
-            batch["lease_until"] = json!(now + ms(lease));
+            batch["lease_ms"] = json!(ms(lease));
         }
-        let answer: Option<String> = sqlx::query("SELECT slipway_write_batch($1)")
-            .bind(batch.to_string())
-            .fetch_one(&mut *conn)
-            .await
-            .and_then(|r| r.try_get(0))
-            .map_err(StoreError::query(op))?;
+        let answer: Option<String> = match sqlx::query("SELECT slipway_write_batch($1)").bind(batch.to_string()).fetch_one(&mut *conn).await {
+            Ok(r) => r.try_get(0).map_err(|e| (StoreError::query(op)(e), true))?,
+            Err(sqlx::Error::Database(d)) if d.code().is_some_and(|c| c.starts_with("57P0") || c.starts_with("08")) => {
+                return Err((StoreError::query(op)(sqlx::Error::Database(d)), false));
+            }
+            Err(e) => return Err((StoreError::query(op)(e), true)),
+        };
         let Some(answer) = answer else { return Ok(None) };
         #[derive(serde::Deserialize)]
         struct Answer {
             finished: Option<Vec<(i64, i64)>>,
             released: Option<Vec<i64>>,
-            next: Option<Vec<ClaimedRow>>,
-            claims: Vec<Vec<ClaimedRow>>,
+            next: Option<Vec<ClaimedWithInfo>>,
+            claims: Vec<Vec<ClaimedWithInfo>>,
         }
         let answer: Answer =
-            serde_json::from_str(&answer).map_err(|e| StoreError::Corrupt(format!("slipway_write_batch answered what this build cannot read: {e}")))?;
+            serde_json::from_str(&answer).map_err(|e| (StoreError::Corrupt(format!("slipway_write_batch answered what this build cannot read: {e}")), true))?;
         let finished: HashMap<i64, i64> = answer.finished.unwrap_or_default().into_iter().collect();
         let mut ready: HashMap<i64, u64> = HashMap::new();
         for dep in answer.released.unwrap_or_default() {
@@ -816,7 +820,7 @@ impl Inner {
         }
         // The finishes' next jobs, lowest id first: one for each finish that
         // wanted one and was not stale, in order.
-        let mut next = self.claimed_rows(conn, answer.next.unwrap_or_default(), now).await?.into_iter();
+        let mut next = answer.next.unwrap_or_default().into_iter().map(|c| self.claimed_with_info(c, now));
         let mut claims = answer.claims.into_iter();
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
@@ -835,7 +839,9 @@ impl Inner {
                         _ => BatchResult::Finish(effect),
                     }
                 }
-                Work::Claim { .. } => BatchResult::Claim(self.claimed_rows(conn, claims.next().ok_or_else(mismatch)?, now).await?),
+                Work::Claim { .. } => {
+                    BatchResult::Claim(claims.next().ok_or_else(|| (mismatch(), true))?.into_iter().map(|c| self.claimed_with_info(c, now)).collect())
+                }
             });
         }
         Ok(Some(results))
@@ -850,11 +856,13 @@ impl Inner {
             return Ok(results);
         }
         // A kept connection the server dropped while it sat idle fails at
-        // BEGIN, before anything ran: the batch goes once more, on a
-        // connection the pool has tested (not kept, so no third time).
+        // BEGIN, before anything ran, or at the ping a connection idle for
+        // a while gets before a common batch (which has no BEGIN): the
+        // batch goes once more, on a connection the pool has tested (not
+        // kept, so no third time).
         loop {
-            let reused = held.0.is_some();
-            let conn = match held.0.take() {
+            let reused = held.conn.is_some();
+            let mut conn = match held.conn.take() {
                 Some(c) => c,
                 None => {
                     let mut c = self.pool.acquire().await.map_err(StoreError::query("batch"))?;
@@ -867,17 +875,31 @@ impl Inner {
                     c
                 }
             };
-            let conn = held.0.insert(conn);
+            let common = CommonBatch::of(ops);
+            // Under load batches follow each other and nothing is asked
+            // twice; after a pause, one round trip tells a live connection
+            // from one the server ended.
+            if reused && common.is_some() && held.used.elapsed() > KEPT_IDLE_CHECK {
+                let alive = tokio::time::timeout(Duration::from_secs(5), sqlx::Connection::ping(&mut *conn)).await;
+                if !matches!(alive, Ok(Ok(()))) {
+                    drop(conn.detach());
+                    continue;
+                }
+            }
+            let conn = held.conn.insert(conn);
             let mut began = false;
             let result = async {
-                // A failure here on a kept connection goes round once more,
-                // as at BEGIN: a database error rolled the call back, and a
-                // connection lost mid-call leaves the same doubt as one lost
-                // at COMMIT (the retry finds the finishes stale).
-                if let Some(common) = CommonBatch::of(ops)
-                    && let Some(results) = self.write_common_on(conn, ops, &common).await?
-                {
-                    return Ok(results);
+                if let Some(common) = &common {
+                    // A failure that leaves it unknown whether the call
+                    // committed (as one at COMMIT does) is not sent again.
+                    match self.write_common_on(conn, ops, common).await {
+                        Ok(Some(results)) => return Ok(results),
+                        Ok(None) => {}
+                        Err((e, may_have_committed)) => {
+                            began = may_have_committed;
+                            return Err(e);
+                        }
+                    }
                 }
                 let mut tx = sqlx::Connection::begin(&mut **conn).await.map_err(StoreError::query("batch"))?;
                 began = true;
@@ -886,11 +908,12 @@ impl Inner {
                 Ok(results)
             }
             .await;
+            held.used = std::time::Instant::now();
             if result.is_err() {
                 // Closed, not given back to the pool (it carries the
                 // writer's plan setting): the pool opens a new one, and
                 // the next batch takes it.
-                if let Some(c) = held.0.take() {
+                if let Some(c) = held.conn.take() {
                     drop(c.detach());
                 }
                 if reused && !began {
@@ -901,6 +924,10 @@ impl Inner {
         }
     }
 }
+
+/// How long the PostgreSQL writer's kept connection may sit unused before
+/// a common batch asks whether it is still alive (`run_batch`).
+const KEPT_IDLE_CHECK: Duration = Duration::from_millis(100);
 
 /// Whether `slipway_write_batch` can run a batch (`write_common_on`):
 /// its finishes each successful, not retried, of its own job and without
@@ -941,8 +968,17 @@ impl<'a> CommonBatch<'a> {
 /// two were a large share of its round trips (issue 19). It plans with
 /// generic plans (`plan_cache_mode`), so it is closed after any error
 /// rather than given back to the pool for others.
-#[derive(Default)]
-struct Held(Option<sqlx::pool::PoolConnection<sqlx::Any>>);
+struct Held {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    /// When the connection last ran a batch.
+    used: std::time::Instant,
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Held { conn: None, used: std::time::Instant::now() }
+    }
+}
 
 /// A job's row as a finish left it (`finish_many_on`).
 struct FinishedRow {
@@ -1095,6 +1131,31 @@ struct ClaimedRow(i64, i64, String, i64, i64, String, Option<i64>);
 impl ClaimedRow {
     fn of(r: &AnyRow) -> std::result::Result<Self, sqlx::Error> {
         Ok(ClaimedRow(r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?, r.try_get(5)?, r.try_get(6)?))
+    }
+}
+
+/// A `ClaimedRow` followed by its deployment's `ClaimInfo`, as
+/// `slipway_write_batch` answers it.
+#[derive(serde::Deserialize)]
+struct ClaimedWithInfo(i64, i64, String, i64, i64, String, Option<i64>, String, String, Option<String>, Option<String>, i64);
+
+/// The job of a claimed row and its deployment's part.
+fn claimed_job(row: ClaimedRow, info: ClaimInfo, now: Millis) -> ClaimedJob {
+    let ClaimedRow(job_id, deployment_id, name, attempt, fence, spec, ready_at) = row;
+    let (revision, environment, service, version, event_at) = info;
+    ClaimedJob {
+        job_id,
+        deployment_id,
+        name,
+        attempt,
+        fence,
+        spec: spec_or_unreadable(&spec),
+        revision,
+        environment,
+        service,
+        version,
+        ready_at: ready_at.unwrap_or(now),
+        event_at,
     }
 }
 

@@ -10,11 +10,12 @@
 -- deployments' lock sees every other finish of those deployments, as the
 -- general path's separate statements do.
 --
--- `batch` is a JSON object: `now`; `finishes` [{id, fence, outcome,
--- exit_code, reason, takeover, node, started_at, want}…] and, if any
--- wants a next job, `claimer` and `lease_until`; `logs` [{deployment_id,
+-- `batch` is a JSON object: `now` (the node's clock, ms; the time the
+-- call waited for the lock is added to it); `finishes` [{id, fence,
+-- outcome, exit_code, reason, takeover, node, started_at, want}…] and, if
+-- any wants a next job, `claimer` and `lease_ms`; `logs` [{deployment_id,
 -- job_id, attempt, ts, stream, line, part}…] in order; `claims` [{node,
--- lease_until, limit}…].
+-- lease_ms, limit}…].
 --
 -- Returns NULL, having written nothing, for finishes that are not common:
 -- one that did not succeed, a deployment being cancelled, or one this
@@ -23,13 +24,17 @@
 -- `finished` [[job, deployment]…] (a stale finish is absent), `released`
 -- [deployment…] (one per job made ready), `next` (the jobs claimed for the
 -- finishes that want one) and `claims` (one list per claim, in order):
--- lists of [id, deployment, name, attempt, fence, spec, ready_at], lowest
--- id first.
+-- lists of [id, deployment, name, attempt, fence, spec, ready_at, and the
+-- deployment's revision, environment, service, version, created_at],
+-- lowest id first: all the caller needs, so nothing it does after the
+-- call (which has committed) can fail.
 CREATE OR REPLACE FUNCTION slipway_write_batch(batch TEXT)
 RETURNS TEXT LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
     b JSONB := batch::jsonb;
     now_ms BIGINT := (b->>'now')::bigint;
+    -- The node's clock when the call arrived.
+    called BIGINT := (b->>'now')::bigint;
     fin JSONB := coalesce(b->'finishes', '[]'::jsonb);
     ids BIGINT[];
     finished JSONB;
@@ -55,6 +60,7 @@ BEGIN
         ) THEN
             RETURN NULL;
         END IF;
+        now_ms := called + (extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::bigint;
         -- The finishes (fenced: a stale one matches nothing; job rows
         -- locked in id order, as a lease renewal locks them), their
         -- attempts, and the dependants whose needs have all succeeded now.
@@ -91,25 +97,29 @@ BEGIN
     -- A next job for each finish that wants one, from what is ready now
     -- (what this batch released included), then the plain claims; another
     -- node's claim passes over what this one took.
+    now_ms := called + (extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::bigint;
     IF wanting > 0 THEN
         WITH c AS (
-            UPDATE jobs SET state = 'running', node = b->>'claimer', lease_until = (b->>'lease_until')::bigint, fence = fence + 1,
+            UPDATE jobs SET state = 'running', node = b->>'claimer', lease_until = now_ms + (b->>'lease_ms')::bigint, fence = fence + 1,
                 attempt = attempt + 1, started_at = now_ms
             WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND not_before <= now_ms ORDER BY id LIMIT wanting FOR UPDATE SKIP LOCKED)
             RETURNING id, deployment_id, name, attempt, fence, spec, ready_at
         )
-        SELECT jsonb_agg(jsonb_build_array(c.id, c.deployment_id, c.name, c.attempt, c.fence, c.spec, c.ready_at) ORDER BY c.id) INTO next_jobs FROM c;
+        SELECT jsonb_agg(jsonb_build_array(c.id, c.deployment_id, c.name, c.attempt, c.fence, c.spec, c.ready_at,
+            d.revision, d.environment, d.service, d.version, d.created_at) ORDER BY c.id)
+        INTO next_jobs FROM c JOIN deployments d ON d.id = c.deployment_id;
     END IF;
     FOR one IN SELECT value FROM jsonb_array_elements(coalesce(b->'claims', '[]'::jsonb)) LOOP
         WITH c AS (
-            UPDATE jobs SET state = 'running', node = one->>'node', lease_until = (one->>'lease_until')::bigint, fence = fence + 1,
+            UPDATE jobs SET state = 'running', node = one->>'node', lease_until = now_ms + (one->>'lease_ms')::bigint, fence = fence + 1,
                 attempt = attempt + 1, started_at = now_ms
             WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND not_before <= now_ms ORDER BY id
                 LIMIT greatest((one->>'limit')::bigint, 0) FOR UPDATE SKIP LOCKED)
             RETURNING id, deployment_id, name, attempt, fence, spec, ready_at
         )
-        SELECT coalesce(jsonb_agg(jsonb_build_array(c.id, c.deployment_id, c.name, c.attempt, c.fence, c.spec, c.ready_at) ORDER BY c.id), '[]'::jsonb)
-        INTO got FROM c;
+        SELECT coalesce(jsonb_agg(jsonb_build_array(c.id, c.deployment_id, c.name, c.attempt, c.fence, c.spec, c.ready_at,
+            d.revision, d.environment, d.service, d.version, d.created_at) ORDER BY c.id), '[]'::jsonb)
+        INTO got FROM c JOIN deployments d ON d.id = c.deployment_id;
         claims := claims || jsonb_build_array(got);
     END LOOP;
     RETURN jsonb_build_object('finished', finished, 'released', released, 'next', next_jobs, 'claims', claims)::text;
