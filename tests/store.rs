@@ -2109,7 +2109,8 @@ async fn issue19_postgres_runs_a_common_batch_in_one_call_and_gives_back_the_res
 
 /// A job's output line with a NUL byte in it (PostgreSQL's text cannot
 /// hold one) is stored with U+FFFD in its place, on both stores, and the
-/// lines sent with it and after it are stored too. Before, PostgreSQL
+/// lines sent with it and after it are stored too; so is a failure's
+/// reason quoting it. Before, PostgreSQL
 /// refused the whole append, and the log writer kept retrying it: nothing
 /// that job or any other printed afterwards was stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2124,6 +2125,15 @@ async fn issue19_an_output_line_with_a_nul_byte_is_stored_and_so_is_what_follows
         b.1.append_logs(&[line("after")]).await.unwrap_or_else(|e| panic!("[{name}] append after: {e}"));
         let got: Vec<String> = b.1.logs(dep, None, 0, 100).await.unwrap().into_iter().map(|l| l.line).collect();
         assert_eq!(got, vec!["before", "a\u{FFFD}b\u{FFFD}", "with it", "after"], "[{name}]");
+        // A reason quoting such output, as a failure's does.
+        assert_eq!(activate(&b, N1).await, vec![dep], "[{name}]");
+        let claimed = claim(&b, N1, 1).await;
+        let mut failed = done(&claimed[0], N1, Outcome::Failed);
+        failed.reason = Some("exit code 1; its last output: a\0b".into());
+        let effect = b.1.finish(failed).await.unwrap_or_else(|e| panic!("[{name}] finish with a NUL byte in its reason: {e}"));
+        assert_eq!(effect.deployment_finished.map(|(_, s)| s), Some(DeploymentState::Failed), "[{name}]");
+        let attempts = b.1.attempts(dep).await.unwrap();
+        assert_eq!(attempts[0].reason.as_deref(), Some("exit code 1; its last output: a\u{FFFD}b"), "[{name}]");
     }
 }
 

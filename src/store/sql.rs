@@ -190,14 +190,7 @@ impl Inner {
             let q = format!("INSERT INTO logs (deployment_id, job_id, attempt, ts, stream, line, part) VALUES {}", value_rows(1, chunk.len(), &[""; 7]));
             let mut query = query_dyn(q);
             for l in chunk {
-                query = query
-                    .bind(l.deployment_id)
-                    .bind(l.job_id)
-                    .bind(l.attempt)
-                    .bind(l.ts)
-                    .bind(l.stream)
-                    .bind(storable(&l.line).into_owned())
-                    .bind(l.part.clone());
+                query = query.bind(l.deployment_id).bind(l.job_id).bind(l.attempt).bind(l.ts).bind(l.stream).bind(l.line.clone()).bind(l.part.clone());
             }
             query.execute(&mut *tx).await.map_err(StoreError::query("append logs"))?;
         }
@@ -785,7 +778,7 @@ impl Inner {
                 Work::Logs(lines) => logs.extend(lines.iter().map(|l| {
                     json!({
                         "deployment_id": l.deployment_id, "job_id": l.job_id, "attempt": l.attempt, "ts": l.ts, "stream": l.stream,
-                        "line": storable(&l.line), "part": l.part,
+                        "line": l.line, "part": l.part,
                     })
                 })),
                 Work::Claim { node, lease, limit } => claims.push(json!({ "node": node, "lease_ms": ms(*lease), "limit": (*limit).max(0) })),
@@ -1159,12 +1152,27 @@ fn claimed_job(row: ClaimedRow, info: ClaimInfo, now: Millis) -> ClaimedJob {
     }
 }
 
-/// An output line as the store keeps it: PostgreSQL's text (and JSON)
-/// cannot hold a NUL byte, which a job may print; it becomes U+FFFD, as
-/// invalid UTF-8 already does. The same on SQLite, so both stores show
-/// the same line.
-fn storable(line: &str) -> std::borrow::Cow<'_, str> {
-    if line.contains('\0') { line.replace('\0', "\u{FFFD}").into() } else { line.into() }
+/// Text as the store keeps it: PostgreSQL's text (and JSON) cannot hold a
+/// NUL byte, which a job may print (in its output, and so in a reason
+/// quoting it); it becomes U+FFFD, as invalid UTF-8 already does. The same
+/// on SQLite, so both stores show the same text.
+fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') { text.replace('\0', "\u{FFFD}").into() } else { text.into() }
+}
+
+/// A finish with its texts `storable`.
+fn storable_finish(mut done: FinishedAttempt) -> FinishedAttempt {
+    let fix = |t: &mut String| {
+        if t.contains('\0') {
+            *t = storable(t).into_owned();
+        }
+    };
+    done.reason.iter_mut().for_each(fix);
+    for p in &mut done.parts {
+        fix(&mut p.part);
+        p.reason.iter_mut().for_each(fix);
+    }
+    done
 }
 
 /// SQL assembled at run time, only ever from constants in this file
@@ -2118,14 +2126,14 @@ impl Store for SqlStore {
     }
 
     async fn finish(&self, done: FinishedAttempt) -> Result<FinishEffect> {
-        match self.write(Work::Finish(done)).await? {
+        match self.write(Work::Finish(storable_finish(done))).await? {
             BatchResult::Finish(effect) => Ok(effect),
             _ => Err(mismatch()),
         }
     }
 
     async fn finish_and_claim(&self, done: FinishedAttempt, node: &str, lease: Duration) -> Result<(FinishEffect, Option<ClaimedJob>)> {
-        match self.write(Work::FinishClaim { done, node: node.to_string(), lease }).await? {
+        match self.write(Work::FinishClaim { done: storable_finish(done), node: node.to_string(), lease }).await? {
             BatchResult::FinishClaim(effect, next) => Ok((effect, next.map(|n| *n))),
             _ => Err(mismatch()),
         }
@@ -2190,7 +2198,9 @@ impl Store for SqlStore {
         if lines.is_empty() {
             return Ok(());
         }
-        self.write(Work::Logs(lines.to_vec())).await.map(|_| ())
+        let lines =
+            lines.iter().map(|l| NewLogLine { line: storable(&l.line).into_owned(), part: l.part.as_deref().map(|p| storable(p).into_owned()), ..l.clone() });
+        self.write(Work::Logs(lines.collect())).await.map(|_| ())
     }
 
     async fn logs(&self, deployment: i64, job: Option<&str>, after: i64, limit: i64) -> Result<Vec<LogRecord>> {
