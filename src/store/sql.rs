@@ -305,7 +305,9 @@ impl Inner {
     /// different rows (running ones, pending ones), as PostgreSQL asks of
     /// data-modifying `WITH`. The deployments are locked before this
     /// statement starts (`lock_deployments_of`), so its snapshot already sees
-    /// every other finish of the same deployments.
+    /// every other finish of the same deployments. `slipway_write_batch`
+    /// (migration 6) runs the same statement for PostgreSQL's common batch:
+    /// a change to one is a new migration for the other.
     async fn finish_many_released_on(
         &self,
         tx: &mut sqlx::AnyConnection,
