@@ -2051,8 +2051,8 @@ async fn issue19_postgres_runs_a_common_batch_in_one_call_and_gives_back_the_res
     // needs of its deployment.
     let answer = write_batch(&mut admin, serde_json::json!({ "now": now_ms(), "claims": [{ "node": N1, "lease_ms": 60_000, "limit": 1 }] })).await;
     let answer: serde_json::Value = serde_json::from_str(&answer.expect("a plain claim is answered")).expect("JSON");
-    let c = &answer["claims"][0][0];
-    assert_eq!((c[2].as_str(), c[7].as_str(), c[8].as_str()), (Some("c"), Some(REV), Some("staging")), "c claimed, with its deployment's part: {answer}");
+    let (c, info) = (&answer["claims"][0][0][0], &answer["claims"][0][0][1]);
+    assert_eq!((c[2].as_str(), info[0].as_str(), info[1].as_str()), (Some("c"), Some(REV), Some("staging")), "c claimed, with its deployment's part: {answer}");
     let c = ClaimedJob { job_id: c[0].as_i64().unwrap(), fence: c[4].as_i64().unwrap(), ..b_job.clone() };
     for job in [&b_job, &c] {
         let e = b.1.finish(done(job, N1, Outcome::Succeeded)).await.expect("finish");
@@ -2191,4 +2191,43 @@ async fn write_batch(conn: &mut sqlx::AnyConnection, batch: serde_json::Value) -
 fn finish_json(job: &ClaimedJob) -> serde_json::Value {
     serde_json::json!({ "id": job.job_id, "fence": job.fence, "outcome": "succeeded", "exit_code": 0, "reason": null, "takeover": 0,
         "node": N1, "started_at": now_ms(), "want": false })
+}
+
+/// On PostgreSQL a common batch that waited for its deployment's row (a
+/// cancel, another node's finish) stamps its finish and its next job's
+/// lease with the time after the wait, not the time it was sent: the lease
+/// is a whole lease, as on the general path, which reads the clock after
+/// its lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue19_a_common_batch_that_waited_for_the_lock_gets_a_whole_lease() {
+    let Some(url) = common::postgres_url().await else { return };
+    let b: Backend = ("postgres", slipway::store::open(&url).await.expect("open postgres store"));
+    b.1.put_revision(&revision()).await.expect("put_revision");
+    let dep = submit(&b, new_deployment("prod/api", jobs(&[("a", &[]), ("b", &[0]), ("c", &[])]))).await.deployment_id;
+    assert_eq!(activate(&b, N1).await, vec![dep]);
+    let first = claim(&b, N1, 2).await;
+    let held = hold_deployment_row(Some(&url), dep).await;
+    let store = b.1.clone();
+    let a = done(by_name(&first, "a"), N1, Outcome::Succeeded);
+    let task = tokio::spawn(async move { store.finish_and_claim(a, N1, LEASE).await });
+    let wait = Duration::from_millis(1500);
+    release_deployment_row(held, wait).await;
+    let released = now_ms();
+    let (effect, next) = task.await.unwrap().expect("finish a");
+    assert!(!effect.stale);
+    assert_eq!(next.expect("a's slot gets b").name, "b");
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await.expect("connect");
+    let (finished, lease): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT finished_at FROM jobs WHERE deployment_id = $1 AND name = 'a'), \
+         (SELECT lease_until FROM jobs WHERE deployment_id = $1 AND name = 'b')",
+    )
+    .bind(dep)
+    .fetch_one(&mut conn)
+    .await
+    .expect("read the stamps");
+    // Stamped after the wait (less a little for the moment between the
+    // row's release and this test reading its clock).
+    let slack = 200;
+    assert!(finished >= released - slack, "a's finish is stamped after the wait: {finished} < {released} - {slack}");
+    assert!(lease >= released + LEASE.as_millis() as i64 - slack, "b's lease runs a whole lease from after the wait: {lease}, released at {released}");
 }

@@ -211,12 +211,8 @@ impl Inner {
     /// The jobs of `claim_update`'s rows, with what each needs to know of
     /// its deployment (cached: it never changes).
     async fn claimed_jobs(&self, conn: &mut sqlx::AnyConnection, rows: Vec<AnyRow>, now: Millis) -> Result<Vec<ClaimedJob>> {
-        let rows = rows.iter().map(ClaimedRow::of).collect::<std::result::Result<_, sqlx::Error>>().map_err(StoreError::query("claim"))?;
-        self.claimed_rows(conn, rows, now).await
-    }
-
-    async fn claimed_rows(&self, conn: &mut sqlx::AnyConnection, mut rows: Vec<ClaimedRow>, now: Millis) -> Result<Vec<ClaimedJob>> {
         let op = "claim";
+        let mut rows: Vec<ClaimedRow> = rows.iter().map(ClaimedRow::of).collect::<std::result::Result<_, sqlx::Error>>().map_err(StoreError::query(op))?;
         // `RETURNING` comes in no set order; lowest id first, as claimed.
         rows.sort_by_key(|r| r.0);
         let mut out = Vec::with_capacity(rows.len());
@@ -244,11 +240,9 @@ impl Inner {
     }
 
     /// A job `slipway_write_batch` claimed, with its deployment's part.
-    fn claimed_with_info(&self, c: ClaimedWithInfo, now: Millis) -> ClaimedJob {
-        let ClaimedWithInfo(id, dep, name, attempt, fence, spec, ready_at, revision, environment, service, version, created_at) = c;
-        let info = (revision, environment, service, version, created_at);
-        self.remember(dep, &info);
-        claimed_job(ClaimedRow(id, dep, name, attempt, fence, spec, ready_at), info, now)
+    fn claimed_with_info(&self, (row, info): (ClaimedRow, ClaimInfo), now: Millis) -> ClaimedJob {
+        self.remember(row.1, &info);
+        claimed_job(row, info, now)
     }
 
     /// Cache what a claim needs of a deployment (it never changes).
@@ -803,8 +797,8 @@ impl Inner {
         struct Answer {
             finished: Option<Vec<(i64, i64)>>,
             released: Option<Vec<i64>>,
-            next: Option<Vec<ClaimedWithInfo>>,
-            claims: Vec<Vec<ClaimedWithInfo>>,
+            next: Option<Vec<(ClaimedRow, ClaimInfo)>>,
+            claims: Vec<Vec<(ClaimedRow, ClaimInfo)>>,
         }
         let answer: Answer =
             serde_json::from_str(&answer).map_err(|e| (StoreError::Corrupt(format!("slipway_write_batch answered what this build cannot read: {e}")), true))?;
@@ -1129,11 +1123,6 @@ impl ClaimedRow {
     }
 }
 
-/// A `ClaimedRow` followed by its deployment's `ClaimInfo`, as
-/// `slipway_write_batch` answers it.
-#[derive(serde::Deserialize)]
-struct ClaimedWithInfo(i64, i64, String, i64, i64, String, Option<i64>, String, String, Option<String>, Option<String>, i64);
-
 /// The job of a claimed row and its deployment's part.
 fn claimed_job(row: ClaimedRow, info: ClaimInfo, now: Millis) -> ClaimedJob {
     let ClaimedRow(job_id, deployment_id, name, attempt, fence, spec, ready_at) = row;
@@ -1158,21 +1147,18 @@ fn claimed_job(row: ClaimedRow, info: ClaimInfo, now: Millis) -> ClaimedJob {
 /// NUL byte, which a job may print (in its output, and so in a reason
 /// quoting it); it becomes U+FFFD, as invalid UTF-8 already does. The same
 /// on SQLite, so both stores show the same text.
-fn storable(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.contains('\0') { text.replace('\0', "\u{FFFD}").into() } else { text.into() }
+fn make_storable(text: &mut String) {
+    if text.contains('\0') {
+        *text = text.replace('\0', "\u{FFFD}");
+    }
 }
 
-/// A finish with its texts `storable`.
+/// A finish with its texts `make_storable`.
 fn storable_finish(mut done: FinishedAttempt) -> FinishedAttempt {
-    let fix = |t: &mut String| {
-        if t.contains('\0') {
-            *t = storable(t).into_owned();
-        }
-    };
-    done.reason.iter_mut().for_each(fix);
+    done.reason.iter_mut().for_each(make_storable);
     for p in &mut done.parts {
-        fix(&mut p.part);
-        p.reason.iter_mut().for_each(fix);
+        make_storable(&mut p.part);
+        p.reason.iter_mut().for_each(make_storable);
     }
     done
 }
@@ -2200,9 +2186,12 @@ impl Store for SqlStore {
         if lines.is_empty() {
             return Ok(());
         }
-        let lines =
-            lines.iter().map(|l| NewLogLine { line: storable(&l.line).into_owned(), part: l.part.as_deref().map(|p| storable(p).into_owned()), ..l.clone() });
-        self.write(Work::Logs(lines.collect())).await.map(|_| ())
+        let mut lines = lines.to_vec();
+        for l in &mut lines {
+            make_storable(&mut l.line);
+            l.part.iter_mut().for_each(make_storable);
+        }
+        self.write(Work::Logs(lines)).await.map(|_| ())
     }
 
     async fn logs(&self, deployment: i64, job: Option<&str>, after: i64, limit: i64) -> Result<Vec<LogRecord>> {

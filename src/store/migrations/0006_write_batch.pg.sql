@@ -24,8 +24,8 @@
 -- `finished` [[job, deployment]…] (a stale finish is absent), `released`
 -- [deployment…] (one per job made ready), `next` (the jobs claimed for the
 -- finishes that want one) and `claims` (one list per claim, in order):
--- lists of [id, deployment, name, attempt, fence, spec, ready_at, and the
--- deployment's revision, environment, service, version, created_at],
+-- lists of [[id, deployment, name, attempt, fence, spec, ready_at], [the
+-- deployment's revision, environment, service, version, created_at]],
 -- lowest id first: all the caller needs, so nothing it does after the
 -- call (which has committed) can fail.
 CREATE OR REPLACE FUNCTION slipway_write_batch(batch TEXT)
@@ -105,8 +105,8 @@ BEGIN
             WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND not_before <= now_ms ORDER BY id LIMIT wanting FOR UPDATE SKIP LOCKED)
             RETURNING id, deployment_id, name, attempt, fence, spec, ready_at
         )
-        SELECT jsonb_agg(jsonb_build_array(c.id, c.deployment_id, c.name, c.attempt, c.fence, c.spec, c.ready_at,
-            d.revision, d.environment, d.service, d.version, d.created_at) ORDER BY c.id)
+        SELECT jsonb_agg(jsonb_build_array(jsonb_build_array(c.id, c.deployment_id, c.name, c.attempt, c.fence, c.spec, c.ready_at),
+            jsonb_build_array(d.revision, d.environment, d.service, d.version, d.created_at)) ORDER BY c.id)
         INTO next_jobs FROM c JOIN deployments d ON d.id = c.deployment_id;
     END IF;
     FOR one IN SELECT value FROM jsonb_array_elements(coalesce(b->'claims', '[]'::jsonb)) LOOP
@@ -117,8 +117,8 @@ BEGIN
                 LIMIT greatest((one->>'limit')::bigint, 0) FOR UPDATE SKIP LOCKED)
             RETURNING id, deployment_id, name, attempt, fence, spec, ready_at
         )
-        SELECT coalesce(jsonb_agg(jsonb_build_array(c.id, c.deployment_id, c.name, c.attempt, c.fence, c.spec, c.ready_at,
-            d.revision, d.environment, d.service, d.version, d.created_at) ORDER BY c.id), '[]'::jsonb)
+        SELECT coalesce(jsonb_agg(jsonb_build_array(jsonb_build_array(c.id, c.deployment_id, c.name, c.attempt, c.fence, c.spec, c.ready_at),
+            jsonb_build_array(d.revision, d.environment, d.service, d.version, d.created_at)) ORDER BY c.id), '[]'::jsonb)
         INTO got FROM c JOIN deployments d ON d.id = c.deployment_id;
         claims := claims || jsonb_build_array(got);
     END LOOP;
