@@ -90,6 +90,9 @@ fn issue19_the_scheduler_bench_reports_every_graph_and_the_cli_beside_the_server
     assert_eq!(noop["parallelism"], 4);
     positive(&noop["ninja_secs"], "noop ninja_secs");
     positive(&noop["ratio"], "noop ratio");
+    // Slipway's own CPU is part of its whole (the jobs' processes are the rest).
+    let (own, all) = (positive(&noop["slipway"]["own_cpu_secs"], "own cpu"), positive(&noop["slipway"]["cpu_secs"], "cpu"));
+    assert!(own <= all, "{noop}");
     let graphs = report["graphs"].as_array().expect("graphs");
     let names: Vec<&str> = graphs.iter().filter_map(|g| g["name"].as_str()).collect();
     assert_eq!(names, ["short", "long", "chain"]);
