@@ -524,6 +524,23 @@ async fn issue19_each_request_on_a_connection_gets_the_whole_response_timeout() 
     assert_eq!(p.stats().errors, 1);
 }
 
+/// A client connection reuses one timer for its requests' response
+/// timeouts. One idle for longer than the timeout (its timer's deadline
+/// passes with no request waiting) still gives its next request the whole
+/// timeout, and a hang after that is still a 504.
+#[tokio::test]
+async fn issue19_a_connection_idle_past_the_response_timeout_times_its_next_requests_afresh() {
+    let b = Backend::start("b").await;
+    let p = proxy_answering_within(&b, Duration::from_millis(800)).await;
+    let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
+    assert_eq!(get_on(&mut s, "/slow").await, (200, "b".to_string()));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(get_on(&mut s, "/slow").await, (200, "b".to_string()), "a 500 ms answer after an idle spell");
+    let (status, body) = get_on(&mut s, "/hang").await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(p.stats().errors, 1);
+}
+
 #[tokio::test]
 async fn shutdown_stops_accepting_and_lets_requests_finish() {
     let b = Backend::start("b").await;

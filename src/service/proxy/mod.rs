@@ -38,7 +38,6 @@
 //!
 //! Design notes: `docs/design/rollouts.md` ("Where the proxy's time goes").
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -169,7 +168,7 @@ struct Backends {
     list: Vec<SocketAddr>,
     next: usize,
     /// Only non-zero counts are kept, so removed backends leave no trace.
-    in_flight: HashMap<SocketAddr, usize>,
+    in_flight: InFlightCounts,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -257,7 +256,7 @@ impl Proxy {
 
     /// Requests now in flight to `backend` (a rollout waits for 0, or its drain time, before stopping an instance).
     pub fn in_flight(&self, backend: SocketAddr) -> usize {
-        self.inner.lock().in_flight.get(&backend).copied().unwrap_or(0)
+        self.inner.lock().in_flight.get(backend)
     }
 
     /// Counters since start: requests served, and requests the proxy itself answered with an error (502/503/504).
@@ -347,11 +346,95 @@ struct Client {
     pool: Arc<Pool>,
     /// The client's address for `x-forwarded-for`, formatted once.
     forwarded: Option<HeaderValue>,
+    /// The timer each request's wait for its answer reuses (see
+    /// `upstream::answer_within`), lent to the request in progress.
+    timer: Mutex<Option<Pin<Box<Sleep>>>>,
 }
 
 impl Client {
     fn new(peer: SocketAddr) -> Client {
-        Client { pool: Arc::new(Pool::default()), forwarded: HeaderValue::from_str(&peer.ip().to_string()).ok() }
+        Client { pool: Arc::new(Pool::default()), forwarded: HeaderValue::from_str(&peer.ip().to_string()).ok(), timer: Mutex::new(None) }
+    }
+
+    /// The connection's timer, for one request; it comes back when the
+    /// loan drops. (HTTP/1.1 serves one request at a time per connection,
+    /// so a second loan at once only ever makes a timer of its own.)
+    fn lend_timer(&self) -> TimerLoan<'_> {
+        TimerLoan { client: self, timer: self.timer.lock().unwrap_or_else(|e| e.into_inner()).take() }
+    }
+}
+
+struct TimerLoan<'a> {
+    client: &'a Client,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl TimerLoan<'_> {
+    fn get(&mut self) -> &mut Pin<Box<Sleep>> {
+        // Made on a connection's first request; reset before each use.
+        self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(Instant::now())))
+    }
+}
+
+impl Drop for TimerLoan<'_> {
+    fn drop(&mut self) {
+        if let Some(timer) = self.timer.take() {
+            *self.client.timer.lock().unwrap_or_else(|e| e.into_inner()) = Some(timer);
+        }
+    }
+}
+
+/// Requests in flight per backend. A list, not a hash map: a proxy has a
+/// handful of backends (those of the set, and those draining), and a scan
+/// of a few entries costs less than hashing an address twice per request.
+#[derive(Default)]
+struct InFlightCounts(Vec<(SocketAddr, usize)>);
+
+impl InFlightCounts {
+    fn get(&self, backend: SocketAddr) -> usize {
+        self.0.iter().find(|(b, _)| *b == backend).map_or(0, |(_, n)| *n)
+    }
+
+    fn add_one(&mut self, backend: SocketAddr) {
+        match self.0.iter_mut().find(|(b, _)| *b == backend) {
+            Some((_, n)) => *n += 1,
+            None => self.0.push((backend, 1)),
+        }
+    }
+
+    /// A backend no request is in flight to leaves the list.
+    fn remove_one(&mut self, backend: SocketAddr) {
+        if let Some(i) = self.0.iter().position(|(b, _)| *b == backend) {
+            self.0[i].1 -= 1;
+            if self.0[i].1 == 0 {
+                self.0.swap_remove(i);
+            }
+        }
+    }
+}
+
+/// The backends a request went to: the first (nearly always the only
+/// one) kept without an allocation.
+#[derive(Default)]
+struct Tried {
+    first: Option<SocketAddr>,
+    more: Vec<SocketAddr>,
+}
+
+impl Tried {
+    fn push(&mut self, backend: SocketAddr) {
+        match self.first {
+            None => self.first = Some(backend),
+            Some(_) => self.more.push(backend),
+        }
+    }
+
+    fn contains(&self, backend: &SocketAddr) -> bool {
+        self.first.as_ref() == Some(backend) || self.more.contains(backend)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
     }
 }
 
@@ -374,12 +457,7 @@ struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let mut b = self.inner.lock();
-        if let Some(n) = b.in_flight.get_mut(&self.backend) {
-            *n -= 1;
-            if *n == 0 {
-                b.in_flight.remove(&self.backend);
-            }
-        }
+        b.in_flight.remove_one(self.backend);
     }
 }
 
@@ -445,7 +523,7 @@ impl Inner {
 
     /// Round-robin pick among the current set, skipping `tried`, counted
     /// in the same critical section as the pick (see the module doc).
-    fn pick(self: &Arc<Self>, tried: &[SocketAddr]) -> Pick {
+    fn pick(self: &Arc<Self>, tried: &Tried) -> Pick {
         let mut b = self.lock();
         let len = b.list.len();
         if len == 0 {
@@ -456,7 +534,7 @@ impl Inner {
         let Some(backend) = (0..len).map(|i| b.list[start.wrapping_add(i) % len]).find(|a| !tried.contains(a)) else {
             return Pick::Exhausted;
         };
-        *b.in_flight.entry(backend).or_insert(0) += 1;
+        b.in_flight.add_one(backend);
         Pick::Backend(InFlight { inner: self.clone(), backend })
     }
 
@@ -467,16 +545,16 @@ impl Inner {
         &self,
         pool: &Pool,
         backend: SocketAddr,
-        head: &RequestHead,
+        head: &mut RequestHead,
         body: Outgoing<'_>,
-        head_request: bool,
         fresh: bool,
+        timer: &mut Pin<Box<Sleep>>,
     ) -> Result<(ResponseHead, Conn), SendError> {
         let (conn, kept) = match pool.take(backend).filter(|_| !fresh) {
             Some(c) => (c, true),
             None => (Conn::connect(backend, self.options.connect_timeout).await.map_err(SendError::Connect)?, false),
         };
-        upstream::exchange(conn, backend, head, body, head_request, self.options.idle_timeout, self.options.response_timeout)
+        upstream::exchange(conn, backend, head, body, self.options.idle_timeout, self.options.response_timeout, timer)
             .await
             .map_err(|Broken { message, sent, no_answer }| if no_answer { SendError::NoAnswer } else { SendError::Broken { error: message, kept, sent } })
     }
@@ -511,13 +589,10 @@ impl Inner {
         strip_hop_by_hop(&mut headers);
         headers.remove(header::EXPECT);
         headers.remove(header::CONTENT_LENGTH);
-        append_forwarded_for(&mut headers, client.forwarded.as_ref());
-        headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
         // Backends get the origin form (`/path?query`) whatever the client
         // sent, and always HTTP/1.1 so the connection stays keep-alive.
         let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let head = RequestHead::new(&parts.method, target, &headers);
-        let head_request = parts.method == Method::HEAD;
+        let mut head = RequestHead::new(&parts.method, target, &headers, client.forwarded.as_ref());
 
         let mut body = match read_body(body, self.options.idle_timeout).await {
             Ok(b) => b,
@@ -529,7 +604,8 @@ impl Inner {
             }
         };
 
-        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut timer = client.lend_timer();
+        let mut tried = Tried::default();
         let mut last_error: Option<String> = None;
         // The same backend once more, on a new connection (see below).
         let mut again: Option<InFlight> = None;
@@ -549,7 +625,7 @@ impl Inner {
             };
             let backend = guard.backend;
             let Some(attempt_body) = body.for_attempt(framed) else { break };
-            let sent = self.send(pool, backend, &head, attempt_body, head_request, fresh);
+            let sent = self.send(pool, backend, &mut head, attempt_body, fresh, timer.get());
             // Every step of `sent` is bounded: the connect, each write of
             // the request (idle timeout), and the answer once the request
             // is out (response timeout).
@@ -632,29 +708,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
-}
-
-/// `x-forwarded-for`: what earlier proxies said, then the client's
-/// address (`ip`, formatted once per connection).
-fn append_forwarded_for(headers: &mut HeaderMap, ip: Option<&HeaderValue>) {
-    let name = HeaderName::from_static("x-forwarded-for");
-    let Some(ip) = ip else { return };
-    // The common case, no earlier proxy: the address alone.
-    if !headers.contains_key(&name) {
-        headers.insert(name, ip.clone());
-        return;
-    }
-    let mut value: Vec<u8> = Vec::new();
-    for prior in headers.get_all(&name) {
-        value.extend_from_slice(prior.as_bytes());
-        value.extend_from_slice(b", ");
-    }
-    value.extend_from_slice(ip.as_bytes());
-    // Earlier values were valid header bytes, so this holds; if not, the
-    // client's own address alone is still true.
-    let value = HeaderValue::from_bytes(&value).unwrap_or_else(|_| ip.clone());
-    headers.remove(&name);
-    headers.insert(name, value);
 }
 
 enum BodyReadError {

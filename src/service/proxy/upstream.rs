@@ -50,6 +50,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::time::{Instant, Sleep};
 
 use super::{BoxError, ProxyBody};
 
@@ -145,10 +146,15 @@ pub(super) enum Framing {
 }
 
 /// The request line and headers, made once per request: everything but
-/// the `host` fallback (it names the backend) and the framing header.
+/// the `host` fallback (it names the backend) and the framing header,
+/// which each attempt writes behind them in the same buffer.
 pub(super) struct RequestHead {
-    prefix: Vec<u8>,
+    bytes: Vec<u8>,
+    /// Where the request line and headers end in `bytes`.
+    prefix: usize,
     has_host: bool,
+    /// A HEAD request: its answer has no body, whatever its head says.
+    head_request: bool,
     /// The trailer fields the client declared in `trailer`: the only ones
     /// passed on (less those in [`FORBIDDEN_TRAILERS`]).
     declared: Vec<HeaderName>,
@@ -156,31 +162,58 @@ pub(super) struct RequestHead {
 
 impl RequestHead {
     /// `headers` must already be what the instance gets (hop-by-hop and
-    /// framing headers removed). hyper validated every part on the way
-    /// in, so nothing here can split a line.
-    pub(super) fn new(method: &hyper::Method, target: &str, headers: &HeaderMap) -> RequestHead {
-        let mut prefix = Vec::with_capacity(256 + headers.len() * 32);
-        prefix.extend_from_slice(method.as_str().as_bytes());
-        prefix.push(b' ');
-        prefix.extend_from_slice(target.as_bytes());
-        prefix.extend_from_slice(b" HTTP/1.1\r\n");
-        put_fields(&mut prefix, headers);
+    /// framing headers removed), but for `x-forwarded-*`, written here:
+    /// `x-forwarded-for` is what earlier proxies said, then the client's
+    /// address (`client`, formatted once per connection); `x-forwarded-proto`
+    /// is ours alone. (Written straight into the head rather than added to
+    /// `headers`, which would grow the map, a reallocation per request.)
+    /// hyper validated every part on the way in, so nothing here can split
+    /// a line.
+    pub(super) fn new(method: &hyper::Method, target: &str, headers: &HeaderMap, client: Option<&HeaderValue>) -> RequestHead {
+        let (xff, xfp) = (HeaderName::from_static("x-forwarded-for"), HeaderName::from_static("x-forwarded-proto"));
+        let mut bytes = Vec::with_capacity(256 + headers.len() * 32);
+        bytes.extend_from_slice(method.as_str().as_bytes());
+        bytes.push(b' ');
+        bytes.extend_from_slice(target.as_bytes());
+        bytes.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in headers {
+            if *name == xfp || (*name == xff && client.is_some()) {
+                continue;
+            }
+            put_field(&mut bytes, name, value);
+        }
+        if let Some(ip) = client {
+            bytes.extend_from_slice(b"x-forwarded-for: ");
+            for prior in headers.get_all(&xff) {
+                bytes.extend_from_slice(prior.as_bytes());
+                bytes.extend_from_slice(b", ");
+            }
+            bytes.extend_from_slice(ip.as_bytes());
+            bytes.extend_from_slice(b"\r\n");
+        }
+        bytes.extend_from_slice(b"x-forwarded-proto: http\r\n");
         let declared =
             tokens(headers, &header::TRAILER).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).filter(|n| !FORBIDDEN_TRAILERS.contains(n)).collect();
-        RequestHead { prefix, has_host: headers.contains_key(header::HOST), declared }
+        RequestHead { prefix: bytes.len(), bytes, has_host: headers.contains_key(header::HOST), head_request: method == hyper::Method::HEAD, declared }
     }
 
-    /// The whole head for one attempt on `backend`, with room for a small body behind it.
-    fn encode(&self, backend: SocketAddr, framing: Framing, room: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.prefix.len() + 64 + room);
-        out.extend_from_slice(&self.prefix);
+    /// The whole head for one attempt on `backend`, in the head's own
+    /// buffer (what an earlier attempt added is cut first); the body, if
+    /// any, goes behind it.
+    fn encode(&mut self, backend: SocketAddr, framing: Framing) -> &mut Vec<u8> {
+        use std::io::Write as _;
+        let out = &mut self.bytes;
+        out.truncate(self.prefix);
+        // Writing into a Vec cannot fail.
         if !self.has_host {
             // An HTTP/1.0 client may send none; HTTP/1.1 requires one.
-            out.extend_from_slice(format!("host: {backend}\r\n").as_bytes());
+            let _ = write!(out, "host: {backend}\r\n");
         }
         match framing {
             Framing::None => {}
-            Framing::Length(n) => out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+            Framing::Length(n) => {
+                let _ = write!(out, "content-length: {n}\r\n");
+            }
             Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         }
         out.extend_from_slice(b"\r\n");
@@ -214,11 +247,27 @@ impl Broken {
     }
 }
 
-/// The answer's head, awaited at most `within` once the request is out.
-async fn answer_within<F: Future<Output = Result<ResponseHead, Broken>>>(within: Duration, read: F) -> Result<ResponseHead, Broken> {
-    tokio::time::timeout(within, read)
-        .await
-        .unwrap_or_else(|_| Err(Broken { message: format!("no answer within {}", humantime::format_duration(within)), sent: true, no_answer: true }))
+/// The answer's head, awaited at most `within` once the request is out,
+/// on the client connection's one timer: moving a registered tokio timer
+/// later is an atomic update, where a new timer per request was an insert
+/// into the timer wheel and a removal from it.
+async fn answer_within<F: Future<Output = Result<ResponseHead, Broken>>>(
+    within: Duration,
+    timer: &mut Pin<Box<Sleep>>,
+    read: F,
+) -> Result<ResponseHead, Broken> {
+    timer.as_mut().reset(Instant::now() + within);
+    let mut read = std::pin::pin!(read);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(answer) = read.as_mut().poll(cx) {
+            return Poll::Ready(answer);
+        }
+        timer
+            .as_mut()
+            .poll(cx)
+            .map(|()| Err(Broken { message: format!("no answer within {}", humantime::format_duration(within)), sent: true, no_answer: true }))
+    })
+    .await
 }
 
 fn broken(what: &str, e: io::Error) -> Broken {
@@ -280,35 +329,32 @@ enum BodyFraming {
 pub(super) async fn exchange(
     mut conn: Conn,
     backend: SocketAddr,
-    head: &RequestHead,
+    head: &mut RequestHead,
     body: Outgoing<'_>,
-    head_request: bool,
     idle: Duration,
     response: Duration,
+    timer: &mut Pin<Box<Sleep>>,
 ) -> Result<(ResponseHead, Conn), Broken> {
-    let (out, rest) = match body {
+    let rest = match body {
         // The usual case: head and body in one write, then the answer.
         Outgoing::Buffered { data, trailers, send_framing } if data.len() <= COPY_BODY => {
             let trailers = trailers.map(|t| allowed_trailers(t, &head.declared)).filter(|t| !t.is_empty());
-            let out = match trailers {
+            match trailers {
                 None => {
                     let framing = if data.is_empty() && !send_framing { Framing::None } else { Framing::Length(data.len() as u64) };
-                    let mut out = head.encode(backend, framing, data.len());
-                    out.extend_from_slice(data);
-                    out
+                    head.encode(backend, framing).extend_from_slice(data);
                 }
                 Some(trailers) => {
-                    let mut out = head.encode(backend, Framing::Chunked, data.len() + 64);
+                    let out = head.encode(backend, Framing::Chunked);
                     if !data.is_empty() {
                         out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
                         out.extend_from_slice(data);
                         out.extend_from_slice(b"\r\n");
                     }
-                    last_chunk(&mut out, &trailers);
-                    out
+                    last_chunk(out, &trailers);
                 }
             };
-            (out, None)
+            None
         }
         // Larger bodies are written beside the wait for the answer, which
         // may come first (a 413, or a backend streaming its answer).
@@ -320,24 +366,30 @@ pub(super) async fn exchange(
                     StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
                 }
             };
-            (Vec::new(), Some(body))
+            Some(body)
         }
-        Outgoing::Streaming(body) => (Vec::new(), Some(body)),
+        Outgoing::Streaming(body) => Some(body),
     };
     let Some(body) = rest else {
         let Io::Whole(stream) = &mut conn.io else { return Err(Broken::new("a connection still sending an upload cannot carry a request")) };
+        let out = &head.bytes;
         // If the very first write fails, nothing reached the instance.
         // (At most 16 KiB: the socket's buffer takes it; bounded anyway.)
         let stalled = || Broken::new(format!("sending the request: stalled for {}", humantime::format_duration(idle)));
-        let n = tokio::time::timeout(idle, stream.write(&out))
-            .await
-            .map_err(|_| stalled())?
-            .map_err(|e| Broken { sent: false, ..broken("sending the request", e) })?;
-        tokio::time::timeout(idle, stream.write_all(&out[n..])).await.map_err(|_| stalled())?.map_err(|e| broken("sending the request", e))?;
-        let head = answer_within(response, read_head(&mut conn.io, &mut conn.buf, head_request)).await?;
+        let unsent = |e| Broken { sent: false, ..broken("sending the request", e) };
+        // The socket's buffer nearly always takes it at once: no timer then.
+        let n = match stream.try_write(out) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::time::timeout(idle, stream.write(out)).await.map_err(|_| stalled())?.map_err(unsent)?,
+            Err(e) => return Err(unsent(e)),
+        };
+        if n < out.len() {
+            tokio::time::timeout(idle, stream.write_all(&out[n..])).await.map_err(|_| stalled())?.map_err(|e| broken("sending the request", e))?;
+        }
+        let head = answer_within(response, timer, read_head(&mut conn.io, &mut conn.buf, head.head_request)).await?;
         return Ok((head, conn));
     };
-    streamed(conn, backend, head, body, head_request, idle, response).await
+    streamed(conn, backend, head, body, idle, response, timer).await
 }
 
 /// A body written while the answer is awaited. If the answer's head comes
@@ -351,31 +403,31 @@ pub(super) async fn exchange(
 async fn streamed(
     conn: Conn,
     backend: SocketAddr,
-    head: &RequestHead,
+    head: &mut RequestHead,
     body: ProxyBody,
-    head_request: bool,
     idle: Duration,
     response: Duration,
+    timer: &mut Pin<Box<Sleep>>,
 ) -> Result<(ResponseHead, Conn), Broken> {
     let framing = match body.size_hint().exact() {
         Some(n) => Framing::Length(n),
         None => Framing::Chunked,
     };
-    let out = head.encode(backend, framing, 0);
+    let out = head.encode(backend, framing).clone();
     let Conn { io: Io::Whole(stream), mut buf } = conn else { return Err(Broken::new("a connection still sending an upload cannot carry a request")) };
     let (mut rd, wr) = stream.into_split();
     let mut write = Box::pin(write_streamed(wr, out, body, framing, head.declared.clone(), idle));
     // The read borrows the reading half and the buffer until it is done.
     let outcome = {
-        let read = read_head(&mut rd, &mut buf, head_request);
+        let read = read_head(&mut rd, &mut buf, head.head_request);
         tokio::pin!(read);
         tokio::select! {
             biased;
             written = &mut write => match written {
-                Ok(wr) => answer_within(response, read).await.map(|answer| (answer, Some(wr))),
+                Ok(wr) => answer_within(response, timer, read).await.map(|answer| (answer, Some(wr))),
                 // The instance may have answered and closed before taking it
                 // all (a 413): its answer, if there is one, says more.
-                Err(e) => match answer_within(response, read).await {
+                Err(e) => match answer_within(response, timer, read).await {
                     Ok(answer) => Ok((answer, None)),
                     Err(_) => Err(e),
                 },
@@ -410,11 +462,15 @@ fn last_chunk(out: &mut Vec<u8>, trailers: &HeaderMap) {
 /// `name: value` lines, as a head or a trailer section has them.
 fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
     for (name, value) in fields {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_field(out, name, value);
     }
+}
+
+fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 async fn write_streamed(
@@ -500,8 +556,15 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
         return Err(Broken::new("the instance switched protocols, which the proxy never asks for"));
     }
     let http10 = resp.version == Some(0);
-    let mut headers = header_map(resp.headers)?;
-    buf.advance(used);
+    let mut headers = match header_spans(buf, resp.headers) {
+        // The parse's borrow of `buf` ends here: the head can be split off.
+        Some(spans) => shared_header_map(buf.split_to(used).freeze(), spans)?,
+        None => {
+            let h = header_map(resp.headers)?;
+            buf.advance(used);
+            h
+        }
+    };
 
     let mut keep_alive = !http10;
     for token in tokens(&headers, &header::CONNECTION) {
@@ -541,7 +604,11 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
     // One length, as hyper's server wants it (`2, 2` or two equal lines
     // are valid here but not there); a HEAD's or a 304's length describes
     // a body not sent, so a bad one is dropped rather than fatal.
-    if headers.contains_key(header::CONTENT_LENGTH) {
+    // A single plain number, the usual case, is kept as it came.
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let plain = |v: &HeaderValue| v.as_bytes().iter().all(u8::is_ascii_digit) && v.to_str().is_ok_and(|t| t.parse::<u64>().is_ok());
+    let one_plain = matches!((lengths.next(), lengths.next()), (Some(v), None) if plain(v));
+    if headers.contains_key(header::CONTENT_LENGTH) && !one_plain {
         match content_length(&headers) {
             Ok(n) => {
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
@@ -552,6 +619,43 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
         }
     }
     Ok(Some(ResponseHead { status, headers, body, keep_alive }))
+}
+
+/// Heads of at most this many headers are read without copying their
+/// values ([`shared_header_map`]); longer ones are copied.
+const SHARED_HEADERS: usize = 32;
+
+/// Offsets and lengths of each header's name and value in a head, and how many there are.
+type Spans = ([(usize, usize, usize, usize); SHARED_HEADERS], usize);
+
+/// Where each of `parsed` lies in `buf` (offsets and lengths of name and
+/// value), or `None` if there are more than [`SHARED_HEADERS`].
+fn header_spans(buf: &[u8], parsed: &[httparse::Header<'_>]) -> Option<Spans> {
+    if parsed.len() > SHARED_HEADERS {
+        return None;
+    }
+    let base = buf.as_ptr() as usize;
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); SHARED_HEADERS];
+    for (h, span) in parsed.iter().zip(spans.iter_mut()) {
+        // httparse's slices all point into `buf`.
+        *span = (h.name.as_ptr() as usize - base, h.name.len(), h.value.as_ptr() as usize - base, h.value.len());
+    }
+    Some((spans, parsed.len()))
+}
+
+/// The headers of `head` at `spans`, their values sharing the head's
+/// bytes instead of each being copied out (an allocation per header per
+/// response, in the proxy's hot path).
+fn shared_header_map(head: Bytes, (spans, count): Spans) -> Result<HeaderMap, Broken> {
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(name_at, name_len, value_at, value_len) in &spans[..count] {
+        let name_bytes = &head[name_at..name_at + name_len];
+        let name = HeaderName::from_bytes(name_bytes).map_err(|_| Broken::new(format!("invalid header name {:?}", String::from_utf8_lossy(name_bytes))))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
+            .map_err(|_| Broken::new(format!("invalid value of header {:?}", name.as_str())))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
 }
 
 fn header_map(parsed: &[httparse::Header<'_>]) -> Result<HeaderMap, Broken> {
@@ -810,11 +914,39 @@ mod tests {
         assert!(matches!(taken, Ok(Some(ref h)) if h.status == StatusCode::OK), "at the limit: {:?}", taken.map(|h| h.map(|h| h.status)));
     }
 
+    /// Heads of up to [`SHARED_HEADERS`] headers are read sharing the
+    /// head's bytes, longer ones by copying: both give the same headers,
+    /// repeated ones in order, and the rest of the buffer (the body)
+    /// stays where it was. One plain length is kept as sent; a list is
+    /// made one number.
+    #[test]
+    fn response_headers_are_the_same_however_they_are_read() {
+        for extra in [0usize, SHARED_HEADERS + 1] {
+            let mut text = String::from("HTTP/1.1 200 OK\r\nset-cookie: a=1\r\nX-Custom: v  \r\nset-cookie: b=2\r\ncontent-length: 007\r\n");
+            for i in 0..extra {
+                text.push_str(&format!("x-filler-{i}: {i}\r\n"));
+            }
+            text.push_str("\r\nbody-bytes");
+            let mut buf = BytesMut::from(text.as_str());
+            let head = parse_head(&mut buf, false).map_err(|e| e.message).expect("parsed").expect("complete");
+            let cookies: Vec<&str> = head.headers.get_all(header::SET_COOKIE).iter().map(|v| v.to_str().unwrap()).collect();
+            assert_eq!(cookies, ["a=1", "b=2"], "{extra} extra headers");
+            assert_eq!(head.headers.get("x-custom").unwrap(), "v", "{extra} extra headers");
+            assert_eq!(head.headers.get(header::CONTENT_LENGTH).unwrap(), "007");
+            assert_eq!(head.headers.len(), 4 + extra);
+            assert_eq!(head.body, BodyFraming::Length(7));
+            assert_eq!(&buf[..], b"body-bytes");
+        }
+        let mut listed = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n");
+        let head = parse_head(&mut listed, false).map_err(|e| e.message).expect("parsed").expect("complete");
+        assert_eq!(head.headers.get(header::CONTENT_LENGTH).unwrap(), "5");
+    }
+
     #[test]
     fn only_declared_and_harmless_trailers_go_on() {
         let mut headers = HeaderMap::new();
         headers.insert(header::TRAILER, HeaderValue::from_static("x-sum, content-length, Authorization"));
-        let head = RequestHead::new(&hyper::Method::POST, "/", &headers);
+        let head = RequestHead::new(&hyper::Method::POST, "/", &headers, None);
         assert_eq!(head.declared, vec![HeaderName::from_static("x-sum")]);
         let mut trailers = HeaderMap::new();
         trailers.insert("x-sum", HeaderValue::from_static("1"));
