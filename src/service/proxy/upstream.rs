@@ -608,16 +608,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
     // One length, as hyper's server wants it (`2, 2` or two equal lines
     // are valid here but not there); a HEAD's or a 304's length describes
     // a body not sent, so a bad one is dropped rather than fatal.
-    // A single plain number, the usual case, is kept as it came.
-    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
-    let plain = |v: &HeaderValue| {
-        let b = v.as_bytes();
-        // Digits only, no leading zero (`007` is still made `7`), and a u64.
-        b.iter().all(u8::is_ascii_digit) && (b.len() == 1 || b.first() != Some(&b'0')) && v.to_str().is_ok_and(|t| t.parse::<u64>().is_ok())
-    };
-    let one_plain = matches!((lengths.next(), lengths.next()), (Some(v), None) if plain(v));
-    if headers.contains_key(header::CONTENT_LENGTH) && !one_plain {
+    if headers.contains_key(header::CONTENT_LENGTH) {
         match content_length(&headers) {
+            // A single plain number, the usual case, is kept as it came.
+            Ok(_) if single_plain_number(&headers, &header::CONTENT_LENGTH) => {}
             Ok(n) => {
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
             }
@@ -627,6 +621,19 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
         }
     }
     Ok(Some(ResponseHead { status, headers, body, keep_alive }))
+}
+
+/// Whether `name` is one header of digits only, without a leading zero:
+/// as `HeaderValue::from` a number would write it.
+fn single_plain_number(headers: &HeaderMap, name: &HeaderName) -> bool {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => {
+            let b = v.as_bytes();
+            !b.is_empty() && b.iter().all(u8::is_ascii_digit) && (b.len() == 1 || b[0] != b'0')
+        }
+        _ => false,
+    }
 }
 
 /// Heads of at most this many headers are read without copying their
@@ -657,20 +664,24 @@ fn header_spans(buf: &[u8], parsed: &[httparse::Header<'_>]) -> Option<Spans> {
 fn shared_header_map(head: Bytes, (spans, count): Spans) -> Result<HeaderMap, Broken> {
     let mut headers = HeaderMap::with_capacity(count);
     for &(name_at, name_len, value_at, value_len) in &spans[..count] {
-        let name_bytes = &head[name_at..name_at + name_len];
-        let name = HeaderName::from_bytes(name_bytes).map_err(|_| Broken::new(format!("invalid header name {:?}", String::from_utf8_lossy(name_bytes))))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
-            .map_err(|_| Broken::new(format!("invalid value of header {:?}", name.as_str())))?;
+        let (name, value) = field(&head[name_at..name_at + name_len], || HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len)))?;
         headers.append(name, value);
     }
     Ok(headers)
 }
 
+/// One header of a response head or trailer section, its value made by `value`.
+fn field(name: &[u8], value: impl FnOnce() -> Result<HeaderValue, hyper::header::InvalidHeaderValue>) -> Result<(HeaderName, HeaderValue), Broken> {
+    let shown = || String::from_utf8_lossy(name).into_owned();
+    let name = HeaderName::from_bytes(name).map_err(|_| Broken::new(format!("invalid header name {:?}", shown())))?;
+    let value = value().map_err(|_| Broken::new(format!("invalid value of header {:?}", shown())))?;
+    Ok((name, value))
+}
+
 fn header_map(parsed: &[httparse::Header<'_>]) -> Result<HeaderMap, Broken> {
     let mut headers = HeaderMap::with_capacity(parsed.len());
     for h in parsed {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Broken::new(format!("invalid header name {:?}", h.name)))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| Broken::new(format!("invalid value of header {:?}", h.name)))?;
+        let (name, value) = field(h.name.as_bytes(), || HeaderValue::from_bytes(h.value))?;
         headers.append(name, value);
     }
     Ok(headers)
