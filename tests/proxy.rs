@@ -1065,3 +1065,154 @@ async fn issue19_an_early_answer_to_a_streamed_upload_reaches_the_client() {
         eventually("the request released", || p.in_flight(b) == 0).await;
     }
 }
+
+/// The head of an answer as a sorted list of lines, `date` left out
+/// unless the instance sent it (ours says the time), and its body.
+fn head_lines_and_body(answer: &str) -> (Vec<String>, String) {
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("a whole head: {answer:?}"));
+    let mut lines: Vec<String> = head.lines().filter(|l| !l.starts_with("date: ") || l.ends_with("1970 00:00:00 GMT")).map(str::to_string).collect();
+    lines[1..].sort();
+    (lines, body.to_string())
+}
+
+/// Issue 19 (the proxy's own server for plain requests): a plain request
+/// (HTTP/1.1, no body) gets, byte for byte but for the date and the order
+/// of header lines, the answer hyper's server gives the same request when
+/// it is not plain (here: it carries `content-length: 0`, which only
+/// hyper's path takes). Every way an instance frames its answer, a HEAD,
+/// trailers declared and not, hop-by-hop headers, the instance's own
+/// `date`, a status without a reason.
+#[tokio::test]
+async fn issue19_a_plain_request_gets_the_answer_hyper_would_give() {
+    let cases: [(&str, &str, bool); 10] = [
+        ("GET", "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\nx-a: 2\r\n\r\nhello", false),
+        ("GET", "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", false),
+        ("GET", "HTTP/1.1 404 Not Found\r\ncontent-length: 007\r\n\r\nmissing", false),
+        (
+            "GET",
+            "HTTP/1.1 201 Created\r\ntrailer: x-sum, set-cookie\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n3\r\n!!!\r\n0\r\nx-sum: 1\r\nset-cookie: a=b\r\nx-undeclared: 3\r\n\r\n",
+            false,
+        ),
+        (
+            "GET te: trailers",
+            "HTTP/1.1 201 Created\r\ntrailer: x-sum, set-cookie\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-sum: 1\r\nset-cookie: a=b\r\nx-undeclared: 3\r\n\r\n",
+            false,
+        ),
+        ("GET", "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\nx-undeclared: 3\r\n\r\n", false),
+        ("GET", "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n", false),
+        ("GET", "HTTP/1.1 304 Not Modified\r\netag: \"x\"\r\ncontent-length: 10\r\n\r\n", false),
+        ("HEAD", "HTTP/1.1 599 Whatever\r\ndate: Thu, 01 Jan 1970 00:00:00 GMT\r\ncontent-length: 1000\r\n\r\n", false),
+        ("GET", "HTTP/1.1 200 OK\r\nconnection: close, x-hop\r\nx-hop: 1\r\nkeep-alive: timeout=5\r\nx-kept: yes\r\n\r\nup to the close", true),
+    ];
+    for (request, answer_text, closes) in cases {
+        // A method, and a header the client sends, if any.
+        let (method, extra) = match request.split_once(' ') {
+            Some((m, h)) => (m, format!("{h}\r\n")),
+            None => (request, String::new()),
+        };
+        let twice = |_| if closes { answer_and_close(answer_text) } else { answer(answer_text) };
+        let (b, seen) = scripted_backend((0..2).map(twice).collect()).await;
+        let (p, _shutdown) = proxy_to(b).await;
+        let plain = raw_exchange(&p, format!("{method} /x HTTP/1.1\r\nhost: x\r\n{extra}connection: close\r\n\r\n").as_bytes()).await;
+        let through_hyper =
+            raw_exchange(&p, format!("{method} /x HTTP/1.1\r\nhost: x\r\n{extra}content-length: 0\r\nconnection: close\r\n\r\n").as_bytes()).await;
+        assert_eq!(head_lines_and_body(&plain), head_lines_and_body(&through_hyper), "{method} answered by {answer_text:?}");
+        assert!(plain.to_ascii_lowercase().contains("\r\ndate: "), "{plain}");
+        if !extra.is_empty() {
+            assert!(plain.contains("x-sum: 1"), "declared trailers reach a client that takes them: {plain}");
+        }
+        let requests = seen.requests();
+        assert_eq!(requests.len(), 2);
+        assert!(!requests[0].to_ascii_lowercase().contains("connection"), "hop-by-hop headers stay with the client: {}", requests[0]);
+        assert_eq!(p.in_flight(b), 0);
+    }
+    // The proxy's own answers (here a 503: no instance) too.
+    let (p, _shutdown) = proxy(&[]).await;
+    for method in ["GET", "HEAD"] {
+        let plain = raw_exchange(&p, format!("{method} /x HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await;
+        let through_hyper = raw_exchange(&p, format!("{method} /x HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes()).await;
+        assert!(plain.starts_with("HTTP/1.1 503 "), "{plain}");
+        assert_eq!(head_lines_and_body(&plain), head_lines_and_body(&through_hyper), "{method}, no instance");
+    }
+}
+
+/// Several answers read from one connection, each framed by its `content-length`.
+async fn read_answers(s: &mut TcpStream, count: usize) -> Vec<(u16, Vec<u8>)> {
+    let mut got = Vec::new();
+    let mut answers = Vec::new();
+    let mut buf = [0u8; 4096];
+    while answers.len() < count {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap()).expect("a content-length");
+            if got.len() >= end + 4 + len {
+                answers.push((head[9..12].parse().unwrap(), got[end + 4..end + 4 + len].to_vec()));
+                got.drain(..end + 4 + len);
+                continue;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("answers in time").unwrap();
+        assert!(n > 0, "the proxy closed the connection after {} answers: {}", answers.len(), String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    answers
+}
+
+/// Issue 19 (the proxy's own server for plain requests): requests sent
+/// together on one connection are answered in order, the plain ones by
+/// the proxy's own server, and from the first one that is not plain (a
+/// POST with a body) by hyper's, which gets the bytes read already. A
+/// head arriving a few bytes at a time, one over the plain limit, and a
+/// malformed one (hyper's 400) are served as before.
+#[tokio::test]
+async fn issue19_a_connection_goes_over_to_hyper_at_its_first_request_that_is_not_plain() {
+    let b = Backend::start("one").await;
+    let (p, _shutdown) = proxy(&[&b]).await;
+    let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
+    let together = "GET /echo?n=1 HTTP/1.1\r\nhost: a\r\n\r\n\
+                    GET /echo?n=2 HTTP/1.1\r\nhost: a\r\nX-Forwarded-For: 10.0.0.1\r\nConnection: keep-alive\r\n\r\n\
+                    POST /echo?n=3 HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\n\r\nbody\
+                    GET /echo?n=4 HTTP/1.1\r\nhost: a\r\n\r\n";
+    s.write_all(together.as_bytes()).await.unwrap();
+    let answers = read_answers(&mut s, 4).await;
+    let seen: Vec<Value> = answers
+        .iter()
+        .map(|(status, body)| {
+            assert_eq!(*status, 200);
+            serde_json::from_slice(body).unwrap()
+        })
+        .collect();
+    let uris: Vec<&str> = seen.iter().map(|v| v["uri"].as_str().unwrap()).collect();
+    assert_eq!(uris, ["/echo?n=1", "/echo?n=2", "/echo?n=3", "/echo?n=4"]);
+    assert_eq!(seen[2]["method"], "POST");
+    assert_eq!(seen[2]["body_len"], 4);
+    for v in &seen {
+        assert_eq!(v["headers"]["x-forwarded-proto"], json!(["http"]));
+        assert!(v["headers"].get("connection").is_none(), "{v}");
+    }
+    assert_eq!(seen[0]["headers"]["x-forwarded-for"], json!(["127.0.0.1"]));
+    assert_eq!(seen[1]["headers"]["x-forwarded-for"], json!(["10.0.0.1, 127.0.0.1"]));
+
+    // A head in small pieces, on a fresh connection.
+    let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
+    for piece in b"GET /echo?n=5 HTTP/1.1\r\nhost: a\r\nx-long: 0123456789\r\n\r\n".chunks(5) {
+        s.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let answers = read_answers(&mut s, 1).await;
+    let v: Value = serde_json::from_slice(&answers[0].1).unwrap();
+    assert_eq!((answers[0].0, v["uri"].as_str()), (200, Some("/echo?n=5")));
+
+    // A head longer than the plain limit (16 KiB) but within hyper's.
+    let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
+    s.write_all(format!("GET /echo?n=6 HTTP/1.1\r\nhost: a\r\nx-big: {}\r\n\r\n", "b".repeat(20 * 1024)).as_bytes()).await.unwrap();
+    let answers = read_answers(&mut s, 1).await;
+    let v: Value = serde_json::from_slice(&answers[0].1).unwrap();
+    assert_eq!(v["headers"]["x-big"][0].as_str().map(str::len), Some(20 * 1024));
+
+    // Malformed: hyper's own answer, and the instance sees nothing of it.
+    let got = raw_exchange(&p, b"GET /a b HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert!(got.starts_with("HTTP/1.1 400 "), "{got}");
+    assert_eq!(p.stats().errors, 0);
+    assert_eq!(p.in_flight(b.addr), 0);
+}

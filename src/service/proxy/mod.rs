@@ -61,6 +61,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+mod front;
 mod upstream;
 
 use upstream::{Broken, Conn, Outgoing, Pool, RequestHead, ResponseHead, UpstreamBody};
@@ -312,16 +313,28 @@ impl Drop for ConnectionGuard {
 
 async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
     let _guard = ConnectionGuard(inner.clone());
-    let io = TokioIo::new(WriteDeadline::new(stream, inner.options.idle_timeout));
-    let handler = inner.clone();
     let client = Arc::new(Client::new(peer));
+    let io = WriteDeadline::new(stream, inner.options.idle_timeout);
+    // Plain requests first (`front.rs`); the first other one hands the
+    // connection to hyper's server for good.
+    if let Some(rest) = front::serve(&inner, io, &client, &shutdown).await {
+        serve_with_hyper(inner, rest, client, shutdown).await;
+    }
+}
+
+async fn serve_with_hyper<T>(inner: Arc<Inner>, io: T, client: Arc<Client>, shutdown: CancellationToken)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let handler = inner.clone();
+    let peer = client.peer;
     let service = hyper::service::service_fn(move |req| {
         let (inner, client) = (handler.clone(), client.clone());
         async move { Ok::<_, Infallible>(inner.handle(req, &client).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).keep_alive(true).header_read_timeout(CLIENT_IDLE_TIMEOUT);
-    let conn = builder.serve_connection(io, service);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         biased;
@@ -341,6 +354,7 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
 
 /// What the proxy keeps for one client connection.
 struct Client {
+    peer: SocketAddr,
     /// This client's connections to backends (module doc): dropped, and
     /// so closed, when the client's connection ends.
     pool: Arc<Pool>,
@@ -353,7 +367,7 @@ struct Client {
 
 impl Client {
     fn new(peer: SocketAddr) -> Client {
-        Client { pool: Arc::new(Pool::default()), forwarded: HeaderValue::from_str(&peer.ip().to_string()).ok(), timer: Mutex::new(None) }
+        Client { peer, pool: Arc::new(Pool::default()), forwarded: HeaderValue::from_str(&peer.ip().to_string()).ok(), timer: Mutex::new(None) }
     }
 
     /// The connection's timer, for one request; it comes back when the
@@ -559,8 +573,9 @@ impl Inner {
             .map_err(|Broken { message, sent, no_answer }| if no_answer { SendError::NoAnswer } else { SendError::Broken { error: message, kept, sent } })
     }
 
+    /// A request served by hyper (see `front.rs` for which): everything
+    /// a client may send.
     async fn handle(self: Arc<Self>, req: Request<Incoming>, client: &Client) -> Response<ProxyBody> {
-        let pool = &client.pool;
         self.requests.fetch_add(1, Ordering::Relaxed);
         let (parts, body) = req.into_parts();
 
@@ -576,7 +591,7 @@ impl Inner {
 
         // Answer at once rather than first reading a body for nobody.
         if self.lock().list.is_empty() {
-            return self.no_backends();
+            return self.no_backends().into_response();
         }
 
         let mut headers = parts.headers;
@@ -603,7 +618,13 @@ impl Inner {
                 return plain(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}\n"));
             }
         };
+        self.route(&parts.method, &mut head, &mut body, framed, client).await.into_response()
+    }
 
+    /// Send a request to a backend, retrying where that is safe (module
+    /// doc), and say what the client gets.
+    async fn route(self: &Arc<Self>, method: &Method, head: &mut RequestHead, body: &mut RequestBody, framed: bool, client: &Client) -> Answer {
+        let pool = &client.pool;
         let mut timer = client.lend_timer();
         let mut tried = Tried::default();
         let mut last_error: Option<String> = None;
@@ -618,14 +639,14 @@ impl Inner {
                         tried.push(g.backend);
                         g
                     }
-                    // The set may have been emptied since the check above.
+                    // The set may have been emptied since the caller looked.
                     Pick::NoBackends if tried.is_empty() => return self.no_backends(),
                     Pick::NoBackends | Pick::Exhausted => break,
                 },
             };
             let backend = guard.backend;
             let Some(attempt_body) = body.for_attempt(framed) else { break };
-            let sent = self.send(pool, backend, &mut head, attempt_body, fresh, timer.get());
+            let sent = self.send(pool, backend, head, attempt_body, fresh, timer.get());
             // Every step of `sent` is bounded: the connect, each write of
             // the request (idle timeout), and the answer once the request
             // is out (response timeout).
@@ -637,7 +658,7 @@ impl Inner {
                 Err(SendError::NoAnswer) => {
                     self.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(service = %self.service, %backend, timeout = ?self.options.response_timeout, "instance did not answer in time");
-                    return plain(
+                    return Answer::Own(
                         StatusCode::GATEWAY_TIMEOUT,
                         format!("service {}: instance {backend} did not answer within {}\n", self.service, humanize(self.options.response_timeout)),
                     );
@@ -645,7 +666,7 @@ impl Inner {
                 Err(e) => {
                     // If nothing was sent, any method may go elsewhere;
                     // otherwise the backend may have acted on it.
-                    let retry = body.replayable() && (e.nothing_sent() || parts.method.is_idempotent());
+                    let retry = body.replayable() && (e.nothing_sent() || method.is_idempotent());
                     let described = e.describe();
                     tracing::debug!(service = %self.service, %backend, error = %described, retry, "proxy send failed");
                     last_error = Some(format!("{backend}: {described}"));
@@ -666,17 +687,17 @@ impl Inner {
         self.errors.fetch_add(1, Ordering::Relaxed);
         let last = last_error.unwrap_or_else(|| "no instance left to try".into());
         tracing::warn!(service = %self.service, error = %last, "no instance answered");
-        plain(StatusCode::BAD_GATEWAY, format!("service {}: no instance answered; last error: {last}\n", self.service))
+        Answer::Own(StatusCode::BAD_GATEWAY, format!("service {}: no instance answered; last error: {last}\n", self.service))
     }
 
-    fn no_backends(&self) -> Response<ProxyBody> {
+    fn no_backends(&self) -> Answer {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        plain(StatusCode::SERVICE_UNAVAILABLE, format!("service {} has no healthy instance\n", self.service))
+        Answer::Own(StatusCode::SERVICE_UNAVAILABLE, format!("service {} has no healthy instance\n", self.service))
     }
 
     /// The backend's response, with its body streamed through and the
     /// request counted against the backend until that body ends.
-    fn relay(&self, head: ResponseHead, body: UpstreamBody, guard: InFlight) -> Response<ProxyBody> {
+    fn relay(&self, head: ResponseHead, body: UpstreamBody, guard: InFlight) -> Answer {
         let ResponseHead { status, mut headers, .. } = head;
         strip_hop_by_hop(&mut headers);
         let mut body = Watched::new(body, self.options.idle_timeout, Some(guard));
@@ -684,10 +705,33 @@ impl Inner {
         if body.inner.is_end_stream() {
             body.finished();
         }
-        let mut resp = Response::new(body.boxed_unsync());
-        *resp.status_mut() = status;
-        *resp.headers_mut() = headers;
-        resp
+        Answer::Relay { status, headers, body }
+    }
+}
+
+/// What a client gets for a request.
+// One per request, moved once or twice: boxing the large variant would
+// cost an allocation per request on the proxy's hot path.
+#[allow(clippy::large_enum_variant)]
+enum Answer {
+    /// The backend's response; its hop-by-hop headers are gone.
+    Relay { status: StatusCode, headers: HeaderMap, body: Watched<UpstreamBody> },
+    /// The proxy's own answer, a line of plain text: 502, 503 or 504.
+    Own(StatusCode, String),
+}
+
+impl Answer {
+    /// For hyper's server.
+    fn into_response(self) -> Response<ProxyBody> {
+        match self {
+            Answer::Relay { status, headers, body } => {
+                let mut resp = Response::new(body.boxed_unsync());
+                *resp.status_mut() = status;
+                *resp.headers_mut() = headers;
+                resp
+            }
+            Answer::Own(status, message) => plain(status, message),
+        }
     }
 }
 

@@ -162,39 +162,56 @@ pub(super) struct RequestHead {
 
 impl RequestHead {
     /// `headers` must already be what the instance gets (hop-by-hop and
-    /// framing headers removed), but for `x-forwarded-*`, written here:
-    /// `x-forwarded-for` is what earlier proxies said, then the client's
-    /// address (`client`, formatted once per connection); `x-forwarded-proto`
-    /// is ours alone. (Written straight into the head rather than added to
-    /// `headers`, which would grow the map, a reallocation per request.)
-    /// hyper validated every part on the way in, so nothing here can split
-    /// a line.
+    /// framing headers removed), but for `x-forwarded-*`, written here
+    /// (see [`RequestHead::from_fields`]). hyper validated every part on
+    /// the way in, so nothing here can split a line.
     pub(super) fn new(method: &hyper::Method, target: &str, headers: &HeaderMap, client: Option<&HeaderValue>) -> RequestHead {
-        let (xff, xfp) = (HeaderName::from_static("x-forwarded-for"), HeaderName::from_static("x-forwarded-proto"));
-        let mut bytes = Vec::with_capacity(256 + headers.len() * 32);
+        let declared =
+            tokens(headers, &header::TRAILER).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).filter(|n| !FORBIDDEN_TRAILERS.contains(n)).collect();
+        let fields = || headers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+        RequestHead::from_fields(method, target, fields, client, declared)
+    }
+
+    /// The head of a request whose `fields` (name and value, as parsed:
+    /// names in any case; a fresh iterator each call) are what the instance gets, but for
+    /// `x-forwarded-*`: `x-forwarded-for` is what earlier proxies said,
+    /// then the client's address (`client`, formatted once per
+    /// connection); `x-forwarded-proto` is ours alone. (Written straight
+    /// into the head rather than added to a header map, which would grow
+    /// it, a reallocation per request.) The caller vouches that no name or
+    /// value holds a line break: parsed by hyper or `httparse`.
+    pub(super) fn from_fields<'f, I: Iterator<Item = (&'f [u8], &'f [u8])>>(
+        method: &hyper::Method,
+        target: &str,
+        fields: impl Fn() -> I,
+        client: Option<&HeaderValue>,
+        declared: Vec<HeaderName>,
+    ) -> RequestHead {
+        let is = |name: &[u8], what: &str| name.eq_ignore_ascii_case(what.as_bytes());
+        let mut bytes = Vec::with_capacity(512);
         bytes.extend_from_slice(method.as_str().as_bytes());
         bytes.push(b' ');
         bytes.extend_from_slice(target.as_bytes());
         bytes.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in headers {
-            if *name == xfp || (*name == xff && client.is_some()) {
+        let mut has_host = false;
+        for (name, value) in fields() {
+            has_host |= is(name, "host");
+            if is(name, "x-forwarded-proto") || (client.is_some() && is(name, "x-forwarded-for")) {
                 continue;
             }
-            put_field(&mut bytes, name, value);
+            put_raw_field(&mut bytes, name, value);
         }
         if let Some(ip) = client {
             bytes.extend_from_slice(b"x-forwarded-for: ");
-            for prior in headers.get_all(&xff) {
-                bytes.extend_from_slice(prior.as_bytes());
+            for (_, prior) in fields().filter(|(n, _)| is(n, "x-forwarded-for")) {
+                bytes.extend_from_slice(prior);
                 bytes.extend_from_slice(b", ");
             }
             bytes.extend_from_slice(ip.as_bytes());
             bytes.extend_from_slice(b"\r\n");
         }
         bytes.extend_from_slice(b"x-forwarded-proto: http\r\n");
-        let declared =
-            tokens(headers, &header::TRAILER).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).filter(|n| !FORBIDDEN_TRAILERS.contains(n)).collect();
-        RequestHead { prefix: bytes.len(), bytes, has_host: headers.contains_key(header::HOST), head_request: method == hyper::Method::HEAD, declared }
+        RequestHead { prefix: bytes.len(), bytes, has_host, head_request: method == hyper::Method::HEAD, declared }
     }
 
     /// The whole head for one attempt on `backend`, in the head's own
@@ -466,14 +483,14 @@ fn last_chunk(out: &mut Vec<u8>, trailers: &HeaderMap) {
 /// `name: value` lines, as a head or a trailer section has them.
 fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
     for (name, value) in fields {
-        put_field(out, name, value);
+        put_raw_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
 }
 
-fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
+pub(super) fn put_raw_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
     out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
