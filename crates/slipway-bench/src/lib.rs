@@ -1209,13 +1209,19 @@ async fn ninja_version(ninja: &Path) -> Result<String, BenchError> {
 
 /// CPU time (user + system) of `RUSAGE_SELF` or `RUSAGE_CHILDREN`.
 fn rusage_cpu(who: libc::c_int) -> Duration {
+    let (user, system) = rusage_user_system(who);
+    user + system
+}
+
+/// User and system CPU time of `who` (`RUSAGE_SELF`, `RUSAGE_CHILDREN`).
+fn rusage_user_system(who: libc::c_int) -> (Duration, Duration) {
     // SAFETY: getrusage only writes the struct we pass it.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     if unsafe { libc::getrusage(who, &mut u) } != 0 {
-        return Duration::ZERO;
+        return (Duration::ZERO, Duration::ZERO);
     }
     let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64);
-    tv(u.ru_utime) + tv(u.ru_stime)
+    (tv(u.ru_utime), tv(u.ru_stime))
 }
 
 /// This process and the children it has waited for (jobs, ninja and,

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::nginx::{self, Nginx};
 use super::wrk::{LoadBenchError, LoadBenchOptions, find_demo, find_wrk, free_port, io, read_wrk, run_wrk, wrk_version};
-use super::{BenchError, Machine, TempDir, ms, ratio, rusage_cpu};
+use super::{BenchError, Machine, TempDir, ms, ratio, rusage_cpu, rusage_user_system};
 use slipway::config::service::{HealthCheck, HealthSpec, RolloutSpec, ServiceSpec, Strategy};
 use slipway::service::proxy::{Proxy, ProxyError};
 use slipway::service::{RolloutRequest, ServiceManager};
@@ -123,6 +123,11 @@ pub struct ProxyBench {
     pub p99_vs_nginx: f64,
     pub rps_at_least_nginx: bool,
     pub p99_at_most_nginx: bool,
+    /// The proxy's user CPU per request ÷ nginx's (medians): the steadiest
+    /// comparison on a shared machine.
+    pub user_cpu_vs_nginx: f64,
+    /// The same for the kernel's share.
+    pub system_cpu_vs_nginx: f64,
     /// Every wrk run, in the order run.
     pub runs: Vec<WrkRun>,
     /// Requests the proxy answered itself with 502/503/504 (should be 0).
@@ -143,6 +148,12 @@ pub struct WrkRun {
     /// The front's CPU time per request: this process (Slipway's proxy)
     /// or nginx's; 0 for direct.
     pub front_cpu_us_per_request: f64,
+    /// Of the front's CPU time per request, user space and the kernel:
+    /// the kernel's share (the sends and receives) is most of it and
+    /// about the same for any front, so the user share is where fronts
+    /// differ. nginx's come from `/proc` in clock ticks (10 ms).
+    pub front_user_us_per_request: f64,
+    pub front_system_us_per_request: f64,
     /// The demo's CPU time per request.
     pub demo_cpu_us_per_request: f64,
 }
@@ -214,8 +225,8 @@ impl ServiceBenchReport {
             p.rounds,
         );
         out.push_str(&format!(
-            "{:<22} {:>10} {:>9} {:>9} {:>14} {:>13}  {}\n",
-            "front", "req/s", "p50 ms", "p99 ms", "front µs/req", "demo µs/req", "p99 per run (ms)"
+            "{:<22} {:>10} {:>9} {:>9} {:>14} {:>15} {:>13}  {}\n",
+            "front", "req/s", "p50 ms", "p99 ms", "front µs/req", "(user + kernel)", "demo µs/req", "p99 per run (ms)"
         ));
         for (via, label, rps, p50, p99) in [
             ("direct", "none (the demo itself)", p.rps_direct, p.p50_direct_ms, p.p99_direct_ms),
@@ -223,8 +234,9 @@ impl ServiceBenchReport {
             ("nginx", "nginx", p.rps_nginx, p.p50_nginx_ms, p.p99_nginx_ms),
         ] {
             out.push_str(&format!(
-                "{label:<22} {rps:>10.0} {p50:>9.2} {p99:>9.2} {:>14.1} {:>13.1}  {}\n",
+                "{label:<22} {rps:>10.0} {p50:>9.2} {p99:>9.2} {:>14.1} {:>15} {:>13.1}  {}\n",
                 cpu(via, |w| w.front_cpu_us_per_request),
+                format!("{:.1} + {:.1}", cpu(via, |w| w.front_user_us_per_request), cpu(via, |w| w.front_system_us_per_request)),
                 cpu(via, |w| w.demo_cpu_us_per_request),
                 per_run(via)
             ));
@@ -237,6 +249,10 @@ impl ServiceBenchReport {
             verdict(p.p99_at_most_nginx),
             p.rps_ratio,
             p.p99_ratio
+        ));
+        out.push_str(&format!(
+            "slipway's proxy ÷ nginx, CPU per request: user ×{:.3}, kernel ×{:.3} (this process's times against nginx's /proc ticks)\n",
+            p.user_cpu_vs_nginx, p.system_cpu_vs_nginx
         ));
         if errors > 0 {
             out.push_str(&format!("WARNING: {errors} failed requests during the wrk runs: the req/s figures are not comparable\n"));
@@ -398,14 +414,19 @@ fn proc_cpu_clock(pid: u32) -> Option<Duration> {
 }
 
 fn proc_cpu_ticks(pid: u32) -> Option<Duration> {
+    proc_user_system_ticks(pid).map(|(user, system)| user + system)
+}
+
+/// User and system CPU time of a process from `/proc/PID/stat`, in clock ticks.
+fn proc_user_system_ticks(pid: u32) -> Option<(Duration, Duration)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // After "pid (comm) ": state is field 3, utime 14, stime 15.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let (user, system): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
+    (hz > 0).then(|| (Duration::from_secs_f64(user as f64 / hz as f64), Duration::from_secs_f64(system as f64 / hz as f64)))
 }
 
 async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path, nginx_bin: &Path) -> Result<ProxyBench, ServiceBenchError> {
@@ -426,9 +447,16 @@ async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path, nginx
                 "nginx" => nginx.pid().and_then(proc_cpu).unwrap_or_default(),
                 _ => Duration::ZERO,
             };
-            let (front_before, demo_before) = (front_cpu(), demo.cpu());
+            let front_split = || match via {
+                "proxy" => rusage_user_system(libc::RUSAGE_SELF),
+                "nginx" => nginx.pid().and_then(proc_user_system_ticks).unwrap_or_default(),
+                _ => Default::default(),
+            };
+            let (front_before, split_before, demo_before) = (front_cpu(), front_split(), demo.cpu());
             let w = read_wrk(&run_wrk(wrk, opts, addr).await?)?;
             let (front, demo_cpu) = (front_cpu().saturating_sub(front_before), demo.cpu().saturating_sub(demo_before));
+            let split = front_split();
+            let (user, system) = (split.0.saturating_sub(split_before.0), split.1.saturating_sub(split_before.1));
             let per = |d: Duration| if w.requests == 0 { 0.0 } else { d.as_secs_f64() * 1e6 / w.requests as f64 };
             runs.push(WrkRun {
                 via,
@@ -438,6 +466,8 @@ async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path, nginx
                 requests: w.requests,
                 errors: w.non_2xx + w.socket_errors,
                 front_cpu_us_per_request: per(front),
+                front_user_us_per_request: per(user),
+                front_system_us_per_request: per(system),
                 demo_cpu_us_per_request: per(demo_cpu),
             });
         }
@@ -472,6 +502,8 @@ async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path, nginx
         p99_vs_nginx: ratio(p99_proxy_ms, p99_nginx_ms),
         rps_at_least_nginx: rps_proxy >= rps_nginx,
         p99_at_most_nginx: p99_proxy_ms <= p99_nginx_ms,
+        user_cpu_vs_nginx: ratio(side("proxy", |w| w.front_user_us_per_request), side("nginx", |w| w.front_user_us_per_request)),
+        system_cpu_vs_nginx: ratio(side("proxy", |w| w.front_system_us_per_request), side("nginx", |w| w.front_system_us_per_request)),
         runs,
         proxy_errors,
     })

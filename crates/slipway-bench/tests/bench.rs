@@ -216,5 +216,14 @@ fn issue19_the_services_bench_measures_slipways_proxy_beside_nginx() {
     assert!(runs.iter().all(|r| r["errors"] == 0), "no failed request through any front: {p}");
     assert_eq!(p["proxy_errors"], 0, "{p}");
     assert!(runs.iter().filter(|r| r["via"] != "direct").all(|r| r["front_cpu_us_per_request"].as_f64().is_some_and(|c| c > 0.0)), "{p}");
+    // The proxy's times are the bench process's own (to the microsecond): both shares are there.
+    for proxied in runs.iter().filter(|r| r["via"] == "proxy") {
+        positive(&proxied["front_user_us_per_request"], "front_user_us_per_request");
+        positive(&proxied["front_system_us_per_request"], "front_system_us_per_request");
+    }
+    assert!(runs.iter().all(|r| r["front_user_us_per_request"].as_f64().is_some_and(|c| c >= 0.0)), "{p}");
+    // nginx's come in 10 ms ticks: a short run may see none of its user time.
+    let nginx_user_seen = runs.iter().any(|r| r["via"] == "nginx" && r["front_user_us_per_request"].as_f64().is_some_and(|c| c > 0.0));
+    assert!(p["user_cpu_vs_nginx"].is_number() || !nginx_user_seen, "{p}");
     assert!(report["rollout"]["median"]["total_secs"].as_f64().is_some_and(|t| t > 0.0), "{}", report["rollout"]);
 }

@@ -9,11 +9,13 @@
 //! stays counted until the backend's response body has been read to its
 //! end or the exchange is abandoned (client gone, timeout, error).
 //!
-//! Clients are served HTTP/1.1 with keep-alive (hyper's server). Backends
-//! are spoken to by a small HTTP/1.1 client of our own (`upstream.rs`: the
-//! request head written as bytes, the response head parsed in place),
-//! which took a fifth off the proxy's CPU per request against hyper's
-//! client. Each client connection keeps its own keep-alive connections to
+//! Clients are served HTTP/1.1 with keep-alive: plain requests (no body,
+//! the common case) by a small server of our own (`front.rs`), everything
+//! else by hyper's server, which a connection goes over to at its first
+//! request that is not plain. Backends are spoken to by a small HTTP/1.1
+//! client of our own (`upstream.rs`: the request head written as bytes,
+//! the response head parsed in place). Each of the two took a share of
+//! the proxy's CPU per request that nginx does not spend. Each client connection keeps its own keep-alive connections to
 //! the backends it used, in the same task: a request and its response
 //! never cross to another task or thread (what a shared pool costs: a
 //! hand-off to the pooled connection's task, and back, per request),
@@ -36,7 +38,8 @@
 //! body that stops moving in either direction, and a client that stops
 //! reading what we write.
 //!
-//! Design notes: `docs/design/rollouts.md` ("Where the proxy's time goes").
+//! Design notes: `docs/design/rollouts.md` ("Where the proxy's time goes"
+//! and the sections after it).
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -8,8 +8,8 @@
 //! per request (`docs/design/rollouts.md`, "The proxy's own client
 //! towards instances"). Here the request head is bytes made once per
 //! request and written with its body in one write, and the response head
-//! is parsed in place by `httparse`, as nginx does; the client side
-//! (hyper's server) is unchanged.
+//! is parsed in place by `httparse`, as nginx does. (The side towards
+//! clients is `front.rs` for plain requests, hyper's server for others.)
 //!
 //! What it speaks, RFC 9112:
 //! - requests in origin form, always HTTP/1.1; a body framed by
