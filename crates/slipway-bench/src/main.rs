@@ -41,10 +41,12 @@ struct Cli {
     parallelism: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// No-op graph: runs of each, alternating; the median ratio is
-    /// reported (one run is at the mercy of whatever else the machine does).
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
+    /// scheduler: runs of the no-op graph through each, alternating (default
+    /// 5); services: wrk runs against each front, alternating (default 2).
+    /// Medians are reported: one run is at the mercy of whatever else the
+    /// machine does.
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Short-job graph (the random graph again): each job sleeps 0 to this, in ms.
     #[arg(long, default_value_t = 200)]
     short_max_ms: u64,
@@ -103,6 +105,7 @@ impl Cli {
             connections: self.connections,
             threads: 2,
             rollout_instances: self.instances,
+            rounds: self.rounds.unwrap_or(service::ROUNDS),
             json: self.json,
         }
     }
@@ -134,7 +137,7 @@ async fn run(cli: Cli) -> Result<(), (u8, String)> {
                 width: cli.width,
                 parallelism: cli.parallelism,
                 seed: cli.seed,
-                rounds: cli.rounds,
+                rounds: cli.rounds.unwrap_or(5),
                 short_max_ms: cli.short_max_ms,
                 short_parallelism: cli.short_parallelism,
                 sleep_min_ms: cli.sleep_min_ms,

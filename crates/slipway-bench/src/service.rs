@@ -5,7 +5,7 @@
 //!
 //! - **proxy overhead**: `wrk` against the demo directly, then through a
 //!   [`Proxy`] (in this process) with that one backend, alternating
-//!   direct, proxy, direct, proxy ([`ROUNDS`] rounds each); the report
+//!   direct, proxy, direct, proxy (`--rounds`, [`ROUNDS`] by default); the report
 //!   gives the medians of requests/s and of the 99th-percentile latency,
 //!   and proxy ÷ direct for both. Everything shares the machine: wrk, the
 //!   demo and the proxy compete for the same cores, so the ratio is "what
@@ -49,7 +49,7 @@ use slipway::service::{RolloutRequest, ServiceManager};
 use slipway::store::{self, Outcome, StoreError};
 use slipway::targets::LocalTarget;
 
-/// wrk runs per side (direct, Slipway's proxy, nginx), alternating.
+/// wrk runs per side (direct, Slipway's proxy, nginx), alternating, unless `--rounds` says otherwise.
 pub const ROUNDS: usize = 2;
 /// Timed rollouts: 1.0 → 2.0, then 2.0 → 2.1, 2.1 → 2.2.
 pub const ROLLOUT_VERSIONS: [&str; 4] = ["1.0", "2.0", "2.1", "2.2"];
@@ -317,6 +317,9 @@ pub async fn run(opts: LoadBenchOptions, demo_bin: &Path) -> Result<ServiceBench
     if opts.duration < Duration::from_secs(1) || opts.duration.subsec_nanos() != 0 {
         return Err(LoadBenchError::Options("--wrk-secs must be at least 1".into()).into());
     }
+    if opts.rounds == 0 {
+        return Err(LoadBenchError::Options("--rounds must be at least 1".into()).into());
+    }
     if !(1..=64).contains(&opts.rollout_instances) {
         return Err(LoadBenchError::Options("--instances must be between 1 and 64".into()).into());
     }
@@ -329,10 +332,11 @@ pub async fn run(opts: LoadBenchOptions, demo_bin: &Path) -> Result<ServiceBench
     let progress = |msg: &str| eprintln!("slipway-bench service: {msg}");
 
     progress(&format!(
-        "proxy: wrk -t{} -c{} -d{}s, direct, through Slipway's proxy and through nginx, {ROUNDS} rounds each",
+        "proxy: wrk -t{} -c{} -d{}s, direct, through Slipway's proxy and through nginx, {} rounds each",
         opts.threads,
         opts.connections,
-        opts.duration.as_secs()
+        opts.duration.as_secs(),
+        opts.rounds
     ));
     let proxy = bench_proxy(&opts, &wrk, &demo, &nginx_bin).await?;
     progress(&format!("rollouts of {} demo instances: {}", opts.rollout_instances, ROLLOUT_VERSIONS.join(" → ")));
@@ -438,10 +442,11 @@ async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path, nginx
     let nginx_dir = TempDir::create()?;
     let nginx = Nginx::start(nginx_bin, &nginx_dir.0, demo.addr).await?;
 
-    let mut runs = Vec::with_capacity(3 * ROUNDS);
-    for round in 1..=ROUNDS {
+    let rounds = opts.rounds;
+    let mut runs = Vec::with_capacity(3 * rounds);
+    for round in 1..=rounds {
         for (via, addr) in [("direct", demo.addr), ("proxy", proxy.local_addr()), ("nginx", nginx.addr)] {
-            eprintln!("slipway-bench services: round {round} of {ROUNDS}: {via}");
+            eprintln!("slipway-bench services: round {round} of {rounds}: {via}");
             let front_cpu = || match via {
                 "proxy" => rusage_cpu(libc::RUSAGE_SELF),
                 "nginx" => nginx.pid().and_then(proc_cpu).unwrap_or_default(),
@@ -486,7 +491,7 @@ async fn bench_proxy(opts: &LoadBenchOptions, wrk: &Path, demo_bin: &Path, nginx
         duration_secs: opts.duration.as_secs(),
         connections: opts.connections,
         threads: opts.threads,
-        rounds: ROUNDS,
+        rounds,
         rps_direct,
         rps_proxy,
         p99_direct_ms,

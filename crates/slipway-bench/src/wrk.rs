@@ -28,13 +28,15 @@ pub struct LoadBenchOptions {
     /// Instances of the service (`bench docker`: containers) in the timed
     /// rollouts.
     pub rollout_instances: u32,
+    /// `bench services`: wrk runs against each front, alternating.
+    pub rounds: usize,
     /// Print a JSON report instead of the human text.
     pub json: bool,
 }
 
 impl Default for LoadBenchOptions {
     fn default() -> Self {
-        LoadBenchOptions { duration: Duration::from_secs(10), connections: 32, threads: 2, rollout_instances: 4, json: false }
+        LoadBenchOptions { duration: Duration::from_secs(10), connections: 32, threads: 2, rollout_instances: 4, rounds: 2, json: false }
     }
 }
 

@@ -199,8 +199,15 @@ fn issue19_the_services_bench_measures_slipways_proxy_beside_nginx() {
         return;
     }
     let demo = workspace_bin("slipway-demo", "SLIPWAY_DEMO_BIN");
-    let report =
-        run_bench(&["--json", "services", "--wrk-secs", "1", "--connections", "4", "--instances", "1", "--demo-bin", demo.to_str().expect("utf-8 path")]);
+    let demo_arg = demo.to_str().expect("utf-8 path");
+    // No rounds is refused before anything starts.
+    let out = Command::new(env!("CARGO_BIN_EXE_slipway-bench"))
+        .args(["services", "--rounds", "0", "--demo-bin", demo_arg])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run slipway-bench");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--rounds must be at least 1"), "{out:?}");
+    let report = run_bench(&["--json", "services", "--wrk-secs", "1", "--connections", "4", "--instances", "1", "--rounds", "3", "--demo-bin", demo_arg]);
     machine(&report);
     assert!(report["nginx_version"].as_str().is_some_and(|v| v.starts_with("nginx/")), "{}", report["nginx_version"]);
     let p = &report["proxy"];
@@ -212,7 +219,8 @@ fn issue19_the_services_bench_measures_slipways_proxy_beside_nginx() {
     positive(&p["p99_vs_nginx"], "p99_vs_nginx");
     assert!(p["rps_at_least_nginx"].is_boolean() && p["p99_at_most_nginx"].is_boolean(), "{p}");
     let runs = p["runs"].as_array().expect("runs");
-    assert_eq!(runs.len(), 6, "two rounds of three fronts: {p}");
+    assert_eq!(runs.len(), 9, "three rounds (--rounds 3) of three fronts: {p}");
+    assert_eq!(p["rounds"], 3, "{p}");
     assert!(runs.iter().all(|r| r["errors"] == 0), "no failed request through any front: {p}");
     assert_eq!(p["proxy_errors"], 0, "{p}");
     assert!(runs.iter().filter(|r| r["via"] != "direct").all(|r| r["front_cpu_us_per_request"].as_f64().is_some_and(|c| c > 0.0)), "{p}");
