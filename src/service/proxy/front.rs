@@ -94,12 +94,17 @@ pub(super) async fn serve(inner: &Arc<Inner>, mut io: Socket, client: &Client, s
         // body get `content-length: 0` at the instance.
         let framed = matches!(method, Method::POST | Method::PUT | Method::PATCH);
         let mut body = RequestBody::Buffered { data: Bytes::new(), trailers: None };
-        let answer = inner.route(&method, &mut head, &mut body, framed, client).await;
+        let routed = watching_client(&mut io, &mut buf, inner.route(&method, &mut head, &mut body, framed, client)).await;
         // A shutdown lets the request in progress finish, then closes.
         let close = close || shutdown.is_cancelled();
-        let written = write_answer(&mut io, &mut out, answer, Asked { head: method == Method::HEAD, trailers, close }).await;
+        let written = match routed {
+            Ok(answer) => write_answer(&mut io, &mut buf, &mut out, answer, Asked { head: method == Method::HEAD, trailers, close }).await,
+            Err(gone) => Err(gone),
+        };
         if let Err(e) = written {
-            // The client went away, stopped reading, or the instance's body broke off: as with hyper, the connection ends.
+            // The client went away, stopped reading, or the instance's
+            // body broke off: as with hyper, the connection ends (and the
+            // exchange with the instance with it).
             tracing::debug!(service = %inner.service, peer = %client.peer, error = %e, "proxy client connection ended with an error");
             return None;
         }
@@ -108,6 +113,33 @@ pub(super) async fn serve(inner: &Arc<Inner>, mut io: Socket, client: &Client, s
             return None;
         }
     }
+}
+
+/// `work` (a request's exchange with an instance, or a wait for more of
+/// its answer's body), abandoned if the client closes its connection
+/// meanwhile, as hyper's server abandons a request whose client went away:
+/// the instance's exchange is dropped and its in-flight count released at
+/// once, not when the instance is done. Bytes the client sends meanwhile
+/// (its next request) are kept in `buf`, up to [`MAX_HEAD`]; past that the
+/// socket is left alone until `work` is done.
+async fn watching_client<F: Future>(io: &mut Socket, buf: &mut BytesMut, work: F) -> io::Result<F::Output> {
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx: &mut Context<'_>| {
+        if let Poll::Ready(done) = work.as_mut().poll(cx) {
+            return Poll::Ready(Ok(done));
+        }
+        while buf.len() < MAX_HEAD {
+            buf.reserve(READ_SIZE);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the client closed its connection"))),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => break,
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// What a connection's next bytes are.
@@ -150,11 +182,16 @@ async fn next_request(
     mut stopping: Pin<&mut WaitForCancellationFuture<'_>>,
 ) -> Next {
     let mut armed = false;
+    // How much of `buf` is known to hold no end of a head: a head arriving
+    // a byte at a time is parsed once, not once per byte.
+    let mut scanned: usize = 0;
     loop {
         if shutdown.is_cancelled() {
             return Next::End;
         }
-        if !buf.is_empty() {
+        let ended = head_ended(&buf[scanned.saturating_sub(2)..]);
+        scanned = buf.len();
+        if ended || buf.len() > MAX_HEAD {
             match parse(buf, client) {
                 Parsed::Plain(plain, used) => {
                     buf.advance(used);
@@ -197,6 +234,12 @@ async fn next_request(
     }
 }
 
+/// Whether `bytes` hold the empty line that ends a head (`httparse` takes
+/// a bare LF for a line's end too).
+fn head_ended(bytes: &[u8]) -> bool {
+    bytes.windows(2).enumerate().any(|(i, w)| w[0] == b'\n' && (w[1] == b'\n' || (w[1] == b'\r' && bytes.get(i + 2) == Some(&b'\n'))))
+}
+
 /// The request head at the front of `buf`, if it is plain (module doc).
 fn parse(buf: &[u8], client: &Client) -> Parsed {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -237,7 +280,10 @@ fn parse(buf: &[u8], client: &Client) -> Parsed {
     }
     // The hop-by-hop headers left (RFC 9110 §7.6.1; `transfer-encoding`
     // and `upgrade` are not here) stay with this connection.
-    let hop = |name: &str| ["connection", "keep-alive", "proxy-connection", "te"].iter().any(|n| name.eq_ignore_ascii_case(n));
+    // A `close` token names a header too (`strip_hop_by_hop` drops one so named).
+    let hop = |name: &str| {
+        ["connection", "keep-alive", "proxy-connection", "te"].iter().any(|n| name.eq_ignore_ascii_case(n)) || (close && name.eq_ignore_ascii_case("close"))
+    };
     let fields = || req.headers.iter().filter(|h| !hop(h.name)).map(|h| (h.name.as_bytes(), h.value));
     let head = RequestHead::from_fields(&method, target.as_str(), fields, client.forwarded.as_ref(), Vec::new());
     Parsed::Plain(Plain { method, head, close, trailers }, used)
@@ -255,15 +301,18 @@ struct Asked {
 
 /// Write `answer` as hyper's server would (module doc); the body is read
 /// and written to its end. An error leaves the connection unusable.
-async fn write_answer(io: &mut Socket, out: &mut Vec<u8>, answer: Answer, asked: Asked) -> io::Result<()> {
+async fn write_answer(io: &mut Socket, buf: &mut BytesMut, out: &mut Vec<u8>, answer: Answer, asked: Asked) -> io::Result<()> {
     let Asked { head: head_request, trailers: takes_trailers, close } = asked;
     out.clear();
     let (status, headers, mut body) = match answer {
         Answer::Own(status, message) => {
             status_line(out, status);
             out.extend_from_slice(b"content-type: text/plain; charset=utf-8\r\n");
+            if close {
+                out.extend_from_slice(b"connection: close\r\n");
+            }
             put_raw_field(out, b"content-length", message.len().to_string().as_bytes());
-            end_head(out, close, false);
+            end_head(out, false);
             if !head_request {
                 out.extend_from_slice(message.as_bytes());
             }
@@ -281,12 +330,15 @@ async fn write_answer(io: &mut Socket, out: &mut Vec<u8>, answer: Answer, asked:
     status_line(out, status);
     let (mut wrote_length, mut has_date) = (false, false);
     let mut declared: Vec<HeaderName> = Vec::new();
-    for (name, value) in &headers {
+    for name in headers.keys() {
+        let mut values = headers.get_all(name).iter();
         if *name == header::CONTENT_LENGTH {
             // A HEAD's describes the body a GET would get; otherwise it
-            // goes only with a body still to come.
-            if head_request || (may_have_body && !ended && length.is_some()) {
-                put_raw_field(out, name.as_str().as_bytes(), value.as_bytes());
+            // goes only with a body still to come. (`parse_head` left one.)
+            if let Some(value) = values.next()
+                && (head_request || (may_have_body && !ended && length.is_some()))
+            {
+                put_raw_field(out, b"content-length", value.as_bytes());
                 wrote_length = true;
             }
             continue;
@@ -295,11 +347,27 @@ async fn write_answer(io: &mut Socket, out: &mut Vec<u8>, answer: Answer, asked:
             if !may_have_body {
                 continue;
             }
-            let names = value.to_str().unwrap_or("").split(',').filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok());
-            declared.extend(names);
+            // One line, its values joined, as hyper writes it.
+            out.extend_from_slice(b"trailer: ");
+            for (i, value) in values.enumerate() {
+                if i > 0 {
+                    out.extend_from_slice(b", ");
+                }
+                out.extend_from_slice(value.as_bytes());
+                let names = value.to_str().unwrap_or("").split(',').filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok());
+                declared.extend(names);
+            }
+            out.extend_from_slice(b"\r\n");
+            continue;
         }
         has_date |= *name == header::DATE;
-        put_raw_field(out, name.as_str().as_bytes(), value.as_bytes());
+        for value in values {
+            put_raw_field(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    // hyper adds it to the response's headers: after the instance's, before the framing it adds.
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
     }
     if may_have_body {
         match (ended, length) {
@@ -309,7 +377,7 @@ async fn write_answer(io: &mut Socket, out: &mut Vec<u8>, answer: Answer, asked:
             (false, None) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         }
     }
-    end_head(out, close, has_date);
+    end_head(out, has_date);
     if !may_have_body || ended {
         return io.write_all(out).await;
     }
@@ -321,7 +389,7 @@ async fn write_answer(io: &mut Socket, out: &mut Vec<u8>, answer: Answer, asked:
             None => {
                 io.write_all(out).await?;
                 out.clear();
-                body.frame().await
+                watching_client(io, buf, body.frame()).await?
             }
         };
         let frame = match next {
@@ -339,7 +407,8 @@ async fn write_answer(io: &mut Socket, out: &mut Vec<u8>, answer: Answer, asked:
             Ok(data) if data.is_empty() => {}
             Ok(data) => {
                 if chunked {
-                    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    // Upper-case hex, as hyper writes it.
+                    out.extend_from_slice(format!("{:X}\r\n", data.len()).as_bytes());
                 }
                 if out.len() + data.len() > COPY_BODY {
                     io.write_all(out).await?;
@@ -385,12 +454,8 @@ fn status_line(out: &mut Vec<u8>, status: StatusCode) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// `connection: close` if the connection ends after this answer, `date`
-/// unless the instance sent one, and the empty line.
-fn end_head(out: &mut Vec<u8>, close: bool, has_date: bool) {
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
+/// `date` unless the instance sent one, and the empty line.
+fn end_head(out: &mut Vec<u8>, has_date: bool) {
     if !has_date {
         out.extend_from_slice(b"date: ");
         put_date(out);
