@@ -1318,9 +1318,35 @@ async fn issue19_a_connection_goes_over_to_hyper_at_its_first_request_that_is_no
     let v: Value = serde_json::from_slice(&answers[0].1).unwrap();
     assert_eq!(v["headers"]["x-big"][0].as_str().map(str::len), Some(20 * 1024));
 
-    // Malformed: hyper's own answer, and the instance sees nothing of it.
+    // Malformed: hyper's own answer, and the instance sees nothing of it;
+    // at once, before any empty line (here a TLS hello to the plain port).
     let got = raw_exchange(&p, b"GET /a b HTTP/1.1\r\nhost: a\r\n\r\n").await;
     assert!(got.starts_with("HTTP/1.1 400 "), "{got}");
+    let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
+    s.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03").await.unwrap();
+    let mut got = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await.expect("an answer to junk at once").unwrap();
+    assert_eq!(&got, b"HTTP/1.1 400", "{}", String::from_utf8_lossy(&got));
+
+    // A next request sent while the first waits for its instance: both
+    // answered, in order (the first's wait reads the second's bytes).
+    let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"GET /echo?n=7 HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let answers = read_answers(&mut s, 2).await;
+    assert_eq!((answers[0].0, answers[0].1.as_slice()), (200, &b"one"[..]));
+    let v: Value = serde_json::from_slice(&answers[1].1).unwrap();
+    assert_eq!(v["uri"], "/echo?n=7");
+
+    // Pipelined, then the client's side closed: the first request is
+    // still answered, as hyper answers it (a close after bytes of a next
+    // request does not cost the request in progress).
+    let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\nGET /echo?n=8 HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    s.shutdown().await.unwrap();
+    let answers = read_answers(&mut s, 1).await;
+    assert_eq!((answers[0].0, answers[0].1.as_slice()), (200, &b"one"[..]));
     assert_eq!(p.stats().errors, 0);
     assert_eq!(p.in_flight(b.addr), 0);
 }

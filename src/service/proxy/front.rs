@@ -119,22 +119,22 @@ pub(super) async fn serve(inner: &Arc<Inner>, mut io: Socket, client: &Client, s
 /// its answer's body), abandoned if the client closes its connection
 /// meanwhile, as hyper's server abandons a request whose client went away:
 /// the instance's exchange is dropped and its in-flight count released at
-/// once, not when the instance is done. Bytes the client sends meanwhile
-/// (its next request) are kept in `buf`, up to [`MAX_HEAD`]; past that the
-/// socket is left alone until `work` is done.
+/// once, not when the instance is done. As hyper does, the client's
+/// socket is watched only while nothing of it is waiting in `buf`: the
+/// first bytes that come (its next request) are kept there and end the
+/// watch, so a close after them never costs the request in progress.
 async fn watching_client<F: Future>(io: &mut Socket, buf: &mut BytesMut, work: F) -> io::Result<F::Output> {
     let mut work = std::pin::pin!(work);
     std::future::poll_fn(|cx: &mut Context<'_>| {
         if let Poll::Ready(done) = work.as_mut().poll(cx) {
             return Poll::Ready(Ok(done));
         }
-        while buf.len() < MAX_HEAD {
+        if buf.is_empty() {
             buf.reserve(READ_SIZE);
             match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the client closed its connection"))),
-                Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => break,
+                Poll::Ready(Ok(_)) | Poll::Pending => {}
             }
         }
         Poll::Pending
@@ -182,23 +182,27 @@ async fn next_request(
     mut stopping: Pin<&mut WaitForCancellationFuture<'_>>,
 ) -> Next {
     let mut armed = false;
-    // How much of `buf` is known to hold no end of a head: a head arriving
-    // a byte at a time is parsed once, not once per byte.
+    // How much of `buf` is known to hold no end of a head. The first bytes
+    // are parsed at once (so junk, a TLS hello say, gets hyper's 400 at
+    // once, as before); after that only once the head's empty line is
+    // there: a head arriving a byte at a time is not parsed once per byte.
     let mut scanned: usize = 0;
     loop {
         if shutdown.is_cancelled() {
             return Next::End;
         }
-        let ended = head_ended(&buf[scanned.saturating_sub(2)..]);
-        scanned = buf.len();
-        if ended || buf.len() > MAX_HEAD {
-            match parse(buf, client) {
-                Parsed::Plain(plain, used) => {
-                    buf.advance(used);
-                    return Next::Plain(plain);
+        if !buf.is_empty() {
+            let look = scanned == 0 || head_ended(&buf[scanned.saturating_sub(2)..]) || buf.len() > MAX_HEAD;
+            scanned = buf.len();
+            if look {
+                match parse(buf, client) {
+                    Parsed::Plain(plain, used) => {
+                        buf.advance(used);
+                        return Next::Plain(plain);
+                    }
+                    Parsed::Other => return Next::Other,
+                    Parsed::Partial => {}
                 }
-                Parsed::Other => return Next::Other,
-                Parsed::Partial => {}
             }
         }
         buf.reserve(READ_SIZE);
