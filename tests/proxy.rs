@@ -522,21 +522,8 @@ async fn an_upload_longer_than_the_response_timeout_goes_through() {
 /// carry a `content-length`).
 async fn get_on(s: &mut TcpStream, path: &str) -> (u16, String) {
     s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
-            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap()).expect("a content-length");
-            if got.len() >= end + 4 + len {
-                let status = head[9..12].parse().unwrap();
-                return (status, String::from_utf8_lossy(&got[end + 4..end + 4 + len]).into_owned());
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("an answer in time").unwrap();
-        assert!(n > 0, "the proxy closed the connection: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
+    let (status, body) = read_answers(s, 1).await.remove(0);
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Issue 19: requests on one client connection each get the whole
@@ -1186,20 +1173,7 @@ async fn issue19_a_plain_request_gets_the_answer_hyper_would_give() {
 
 /// One answer framed by its `content-length`, whole, as text.
 async fn read_one_answer(s: &mut TcpStream) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
-            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap()).expect("a content-length");
-            if got.len() >= end + 4 + len {
-                return String::from_utf8_lossy(&got[..end + 4 + len]).into_owned();
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("an answer in time").unwrap();
-        assert!(n > 0, "the proxy closed the connection: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
+    String::from_utf8_lossy(&read_whole_answers(s, 1).await.remove(0)).into_owned()
 }
 
 /// Issue 19 (found in review of the proxy's own server): a client that
@@ -1244,8 +1218,9 @@ async fn issue19_a_client_that_goes_away_releases_its_plain_request_at_once() {
     eventually("the body's request is released when its client goes away", || p.in_flight(slow) == 0).await;
 }
 
-/// Several answers read from one connection, each framed by its `content-length`.
-async fn read_answers(s: &mut TcpStream, count: usize) -> Vec<(u16, Vec<u8>)> {
+/// `count` answers read from one connection, each framed by its
+/// `content-length`, whole (head and body).
+async fn read_whole_answers(s: &mut TcpStream, count: usize) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
     let mut answers = Vec::new();
     let mut buf = [0u8; 4096];
@@ -1254,8 +1229,7 @@ async fn read_answers(s: &mut TcpStream, count: usize) -> Vec<(u16, Vec<u8>)> {
             let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
             let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap()).expect("a content-length");
             if got.len() >= end + 4 + len {
-                answers.push((head[9..12].parse().unwrap(), got[end + 4..end + 4 + len].to_vec()));
-                got.drain(..end + 4 + len);
+                answers.push(got.drain(..end + 4 + len).collect());
                 continue;
             }
         }
@@ -1264,6 +1238,19 @@ async fn read_answers(s: &mut TcpStream, count: usize) -> Vec<(u16, Vec<u8>)> {
         got.extend_from_slice(&buf[..n]);
     }
     answers
+}
+
+/// `count` answers read from one connection: each one's status and body.
+async fn read_answers(s: &mut TcpStream, count: usize) -> Vec<(u16, Vec<u8>)> {
+    let whole = read_whole_answers(s, count).await;
+    whole
+        .into_iter()
+        .map(|a| {
+            let end = a.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+            let status = String::from_utf8_lossy(&a[9..12]).parse().expect("a status");
+            (status, a[end..].to_vec())
+        })
+        .collect()
 }
 
 /// Issue 19 (the proxy's own server for plain requests): requests sent

@@ -51,11 +51,11 @@ use hyper::http::uri::PathAndQuery;
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::upstream::{RequestHead, put_raw_field};
-use super::{Answer, CLIENT_IDLE_TIMEOUT, Client, Inner, RequestBody, WriteDeadline};
+use super::{Answer, CLIENT_IDLE_TIMEOUT, Client, HOP_BY_HOP, Inner, RequestBody, WriteDeadline, poll_deadline};
 
 /// A request head longer than this (or still arriving past it) goes to
 /// hyper, whose own limit is larger and which answers 431 beyond it.
@@ -77,10 +77,9 @@ type Socket = WriteDeadline<TcpStream>;
 pub(super) async fn serve(inner: &Arc<Inner>, mut io: Socket, client: &Client, shutdown: &CancellationToken) -> Option<Rewind<Socket>> {
     let mut buf = BytesMut::with_capacity(READ_SIZE);
     let mut out = Vec::with_capacity(1024);
-    let mut head_timer: Option<Pin<Box<Sleep>>> = None;
     let mut stopping = std::pin::pin!(shutdown.cancelled());
     loop {
-        let plain = match next_request(&mut io, &mut buf, client, &mut head_timer, shutdown, stopping.as_mut()).await {
+        let plain = match next_request(&mut io, &mut buf, client, shutdown, stopping.as_mut()).await {
             Next::Plain(p) => p,
             Next::Other => return Some(Rewind { read: buf.freeze(), io }),
             Next::End => {
@@ -177,11 +176,11 @@ async fn next_request(
     io: &mut Socket,
     buf: &mut BytesMut,
     client: &Client,
-    timer: &mut Option<Pin<Box<Sleep>>>,
     shutdown: &CancellationToken,
     mut stopping: Pin<&mut WaitForCancellationFuture<'_>>,
 ) -> Next {
-    let mut armed = false;
+    // The connection's timer, lent at the first wait and set once.
+    let mut deadline = None;
     // How much of `buf` is known to hold no end of a head. The first bytes
     // are parsed at once (so junk, a TLS hello say, gets hyper's 400 at
     // once, as before); after that only once the head's empty line is
@@ -213,19 +212,12 @@ async fn next_request(
             if stopping.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(None);
             }
-            // One timer per connection, made at its first wait, moved
-            // (an atomic update) rather than made anew for each request.
-            let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(CLIENT_IDLE_TIMEOUT)));
-            if !armed {
-                timer.as_mut().reset(Instant::now() + CLIENT_IDLE_TIMEOUT);
-                armed = true;
-            }
-            // Outside tokio's cooperative budget, as `answer_within` polls its timer.
-            let mut deadline = tokio::task::coop::unconstrained(timer.as_mut());
-            match Pin::new(&mut deadline).poll(cx) {
-                Poll::Ready(()) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            }
+            let timer = deadline.get_or_insert_with(|| {
+                let mut loan = client.lend_timer();
+                loan.get().as_mut().reset(Instant::now() + CLIENT_IDLE_TIMEOUT);
+                loan
+            });
+            poll_deadline(timer.get(), cx).map(|()| None)
         })
         .await;
         match read {
@@ -236,6 +228,11 @@ async fn next_request(
             _ => return Next::End,
         }
     }
+}
+
+/// The comma-separated tokens of a header value, trimmed, empty ones left out.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|b| *b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty())
 }
 
 /// Whether `bytes` hold the empty line that ends a head (`httparse` takes
@@ -270,7 +267,7 @@ fn parse(buf: &[u8], client: &Client) -> Parsed {
         }
         if name.eq_ignore_ascii_case(b"connection") {
             // Any other token names a header to drop: hyper's path does that.
-            for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty()) {
+            for token in tokens(h.value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if !token.eq_ignore_ascii_case(b"keep-alive") {
@@ -279,15 +276,12 @@ fn parse(buf: &[u8], client: &Client) -> Parsed {
             }
         }
         if name.eq_ignore_ascii_case(b"te") {
-            trailers |= h.value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+            trailers |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
         }
     }
-    // The hop-by-hop headers left (RFC 9110 §7.6.1; `transfer-encoding`
-    // and `upgrade` are not here) stay with this connection.
-    // A `close` token names a header too (`strip_hop_by_hop` drops one so named).
-    let hop = |name: &str| {
-        ["connection", "keep-alive", "proxy-connection", "te"].iter().any(|n| name.eq_ignore_ascii_case(n)) || (close && name.eq_ignore_ascii_case("close"))
-    };
+    // Hop-by-hop headers stay with this connection, as on hyper's path; a
+    // `close` token names a header too (`strip_hop_by_hop` drops one so named).
+    let hop = |name: &str| HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_str())) || (close && name.eq_ignore_ascii_case("close"));
     let fields = || req.headers.iter().filter(|h| !hop(h.name)).map(|h| (h.name.as_bytes(), h.value));
     let head = RequestHead::from_fields(&method, target.as_str(), fields, client.forwarded.as_ref(), Vec::new());
     Parsed::Plain(Plain { method, head, close, trailers }, used)
@@ -358,8 +352,7 @@ async fn write_answer(io: &mut Socket, buf: &mut BytesMut, out: &mut Vec<u8>, an
                     out.extend_from_slice(b", ");
                 }
                 out.extend_from_slice(value.as_bytes());
-                let names = value.to_str().unwrap_or("").split(',').filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok());
-                declared.extend(names);
+                declared.extend(tokens(value.as_bytes()).filter_map(|t| HeaderName::from_bytes(t).ok()));
             }
             out.extend_from_slice(b"\r\n");
             continue;

@@ -15,8 +15,9 @@
 //! request that is not plain. Backends are spoken to by a small HTTP/1.1
 //! client of our own (`upstream.rs`: the request head written as bytes,
 //! the response head parsed in place). Each of the two took a share of
-//! the proxy's CPU per request that nginx does not spend. Each client connection keeps its own keep-alive connections to
-//! the backends it used, in the same task: a request and its response
+//! the proxy's CPU per request that nginx does not spend. Each client
+//! connection keeps its own keep-alive connections to the backends it
+//! used, in the same task: a request and its response
 //! never cross to another task or thread (what a shared pool costs: a
 //! hand-off to the pooled connection's task, and back, per request),
 //! which is how nginx's single event loop does it. A
@@ -363,8 +364,9 @@ struct Client {
     pool: Arc<Pool>,
     /// The client's address for `x-forwarded-for`, formatted once.
     forwarded: Option<HeaderValue>,
-    /// The timer each request's wait for its answer reuses (see
-    /// `upstream::answer_within`), lent to the request in progress.
+    /// The connection's one timer, lent to each wait in turn: for a
+    /// request's head (`front.rs`) and for its answer
+    /// (`upstream::answer_within`).
     timer: Mutex<Option<Pin<Box<Sleep>>>>,
 }
 
@@ -379,6 +381,15 @@ impl Client {
     fn lend_timer(&self) -> TimerLoan<'_> {
         TimerLoan { client: self, timer: self.timer.lock().unwrap_or_else(|e| e.into_inner()).take() }
     }
+}
+
+/// Poll `timer` outside tokio's cooperative budget, as
+/// `tokio::time::timeout` polls its own: a wait beside a read that used the
+/// task's budget up (a peer flooding bytes faster than they are parsed)
+/// would otherwise never see its deadline, and have no bound.
+fn poll_deadline(timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> Poll<()> {
+    let mut deadline = tokio::task::coop::unconstrained(timer.as_mut());
+    Pin::new(&mut deadline).poll(cx)
 }
 
 struct TimerLoan<'a> {

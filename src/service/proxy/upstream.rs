@@ -279,13 +279,8 @@ async fn answer_within<F: Future<Output = Result<ResponseHead, Broken>>>(
         if let Poll::Ready(answer) = read.as_mut().poll(cx) {
             return Poll::Ready(answer);
         }
-        // Outside tokio's cooperative budget, as `tokio::time::timeout`
-        // polls its timer: a read that used the task's budget up (a
-        // backend flooding 1xx heads, say) would otherwise keep the timer
-        // from ever being checked, and the wait would have no bound.
-        let mut deadline = tokio::task::coop::unconstrained(timer.as_mut());
-        Pin::new(&mut deadline)
-            .poll(cx)
+        // (A backend flooding 1xx heads uses the task's budget up.)
+        super::poll_deadline(timer, cx)
             .map(|()| Err(Broken { message: format!("no answer within {}", humantime::format_duration(within)), sent: true, no_answer: true }))
     })
     .await
