@@ -627,3 +627,40 @@ async fn issue18_a_successful_workflow_run_deploys_once_and_every_other_run_says
         h.stop().await;
     }
 }
+
+/// A publication whose id holds a NUL byte (which PostgreSQL's text
+/// cannot) deploys once, is audited, and an audit filter holding one
+/// answers. Before, on PostgreSQL, its submit failed (500), its audit
+/// entry was lost ("cannot write the audit log"), and
+/// `GET /api/v1/audit?actor=…%00…` answered 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue19_a_publication_whose_id_has_a_nul_byte_deploys_once_and_is_audited() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let h = Hooks::start(store).await;
+        let event = json!({"service": "web", "version": "2.0.0", "id": "build\u{0}77"});
+        let (s, a) = h.post_json("/api/v1/published", None, &event).await;
+        assert_eq!(s, 202, "{backend}: {a}");
+        let id = a["results"][0]["deployment_id"].as_i64().unwrap_or_else(|| panic!("{backend}: no deployment: {a}"));
+        let (s, again) = h.post_json("/api/v1/published", None, &event).await;
+        assert_eq!((s, again["duplicate"].as_bool(), again["results"][0]["deployment_id"].as_i64()), (202, Some(true), Some(id)), "{backend}: {again}");
+        assert_eq!(h.deployments().await.len(), 1, "{backend}");
+        h.wait_done(id).await;
+
+        let get = |path: &str| {
+            let url = format!("{}{path}", h.base);
+            let http = h.http.clone();
+            async move {
+                let r = http.get(url).send().await.expect("get");
+                (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+            }
+        };
+        let (s, log) = get("/api/v1/audit?limit=50").await;
+        assert_eq!(s, 200, "{backend}: {log}");
+        let published: Vec<&Value> = log.as_array().map(|a| a.iter().filter(|e| e["action"] == "POST /api/v1/published").collect()).unwrap_or_default();
+        assert_eq!(published.len(), 2, "{backend}: both deliveries audited: {log}");
+        let (s, none) = get("/api/v1/audit?actor=a%00b").await;
+        assert_eq!((s, none.as_array().map(Vec::len)), (200, Some(0)), "{backend}: {none}");
+        h.stop().await;
+    }
+}

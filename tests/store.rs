@@ -2137,6 +2137,66 @@ async fn issue19_an_output_line_with_a_nul_byte_is_stored_and_so_is_what_follows
     }
 }
 
+/// A NUL byte in text a client sends (an idempotency key, the audit entry
+/// quoting it, an approver's name, a filter) is kept as U+FFFD on both
+/// stores, and a lookup by the same text finds what was kept. PostgreSQL's
+/// text cannot hold the byte: there a `published` delivery whose id had
+/// one lost its audit entry, and `GET /api/v1/audit?actor=` with one
+/// answered 500.
+#[tokio::test]
+async fn issue19_text_a_client_sends_with_a_nul_byte_is_kept_and_found_alike_on_both_stores() {
+    use slipway::store::{AuditEntry, AuditFilter, Hold, ServiceEvent};
+    let dir = tempfile::tempdir().unwrap();
+    for b in backends(&dir).await {
+        let (name, store) = (b.0, b.1.clone());
+        let event = NewEvent { key: Some("x\0y".into()), kind: "published\0".into(), payload: "{\"id\":\"x\0y\"}".into() };
+        let (id, duplicate) = store.record_event(event.clone()).await.unwrap_or_else(|e| panic!("[{name}] record an event: {e}"));
+        assert!(!duplicate, "[{name}]");
+        assert_eq!(store.record_event(event).await.unwrap_or_else(|e| panic!("[{name}] {e}")), (id, true), "[{name}] the same key again");
+        let found = store.event_by_key("x\0y").await.unwrap_or_else(|e| panic!("[{name}] {e}")).unwrap_or_else(|| panic!("[{name}] not found by its key"));
+        assert_eq!((found.id, found.kind.as_str(), found.payload.as_str()), (id, "published\u{FFFD}", "{\"id\":\"x\u{FFFD}y\"}"), "[{name}]");
+        assert_eq!(store.events_of_kind("published\0", 10).await.unwrap_or_else(|e| panic!("[{name}] {e}")).len(), 1, "[{name}]");
+        assert_eq!(store.events(&["published\0"], 10).await.unwrap_or_else(|e| panic!("[{name}] {e}")).len(), 1, "[{name}]");
+
+        let entry = AuditEntry {
+            id: 0,
+            at: now_ms(),
+            actor: "token a\0b".into(),
+            address: "127.0.0.1".into(),
+            action: "POST /api/v1/published".into(),
+            detail: "published, id x\0y".into(),
+            status: 200,
+            environment: Some("prod\0".into()),
+        };
+        store.record_audit(entry).await.unwrap_or_else(|e| panic!("[{name}] record an audit entry: {e}"));
+        for filter in [AuditFilter { actor: Some("token a\0b".into()), environment: None }, AuditFilter { actor: None, environment: Some("prod\0".into()) }] {
+            let got = store.audit_filtered(&filter, 10).await.unwrap_or_else(|e| panic!("[{name}] {filter:?}: {e}"));
+            assert_eq!(got.iter().map(|e| e.detail.as_str()).collect::<Vec<_>>(), vec!["published, id x\u{FFFD}y"], "[{name}] {filter:?}");
+        }
+
+        let mut new = new_deployment("prod/api", jobs(&[("build", &[])]));
+        new.event.key = Some("k\0".into());
+        new.hold = Some(Hold { approval: true, requested_by: Some("token a\0b".into()), ..Default::default() });
+        let dep = submit(&b, new).await.deployment_id;
+        store.set_waiting_for(dep, "an approval from\0").await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        assert!(store.approve(dep, "token c\0").await.unwrap_or_else(|e| panic!("[{name}] approve: {e}")), "[{name}]");
+        let hold = store.hold(dep).await.unwrap_or_else(|e| panic!("[{name}] {e}")).unwrap_or_else(|| panic!("[{name}] no hold"));
+        assert_eq!(
+            (hold.approved_by.as_deref(), hold.requested_by.as_deref(), hold.waiting_for.as_deref()),
+            (Some("token c\u{FFFD}"), Some("token a\u{FFFD}b"), Some("an approval from\u{FFFD}")),
+            "[{name}]"
+        );
+        assert!(store.drop_waiting(dep, "cancelled by token a\0b", None).await.unwrap_or_else(|e| panic!("[{name}] {e}")), "[{name}]");
+        assert_eq!(deployment(&b, dep).await.reason.as_deref(), Some("cancelled by token a\u{FFFD}b"), "[{name}]");
+
+        let kept = ServiceEvent { environment: "prod".into(), service: "api".into(), at: now_ms(), kind: "restarted".into(), message: "exit\0".into() };
+        store.record_service_event(kept).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        let got = store.service_events("prod", "api", 10).await.unwrap_or_else(|e| panic!("[{name}] {e}"));
+        assert_eq!(got.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(), vec!["exit\u{FFFD}"], "[{name}]");
+        assert!(store.service_events("prod\0", "api", 10).await.unwrap_or_else(|e| panic!("[{name}] {e}")).is_empty(), "[{name}]");
+    }
+}
+
 /// Finishes that want a next job for two different nodes in one batch
 /// (one store serves one node, so only a test sends this): each node gets
 /// a job of its own, running on it. On PostgreSQL the batch is forced by

@@ -1145,12 +1145,27 @@ fn claimed_job(row: ClaimedRow, info: ClaimInfo, now: Millis) -> ClaimedJob {
 
 /// Text as the store keeps it: PostgreSQL's text (and JSON) cannot hold a
 /// NUL byte, which a job may print (in its output, and so in a reason
-/// quoting it); it becomes U+FFFD, as invalid UTF-8 already does. The same
-/// on SQLite, so both stores show the same text.
+/// quoting it) and a client may send (in an idempotency key, and so in the
+/// audit entry quoting it); it becomes U+FFFD, as invalid UTF-8 already
+/// does. The same on SQLite, so both stores keep and find the same text.
 fn make_storable(text: &mut String) {
-    if text.contains('\0') {
-        *text = text.replace('\0', "\u{FFFD}");
+    if let std::borrow::Cow::Owned(kept) = storable(text) {
+        *text = kept;
     }
+}
+
+/// [`make_storable`] of a borrowed text; for a key or filter, what the
+/// store kept of it, so that a lookup finds it (and does not fail on
+/// PostgreSQL).
+fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') { std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}")) } else { std::borrow::Cow::Borrowed(text) }
+}
+
+/// An event with its texts `make_storable`.
+fn make_event_storable(e: &mut NewEvent) {
+    e.key.iter_mut().for_each(make_storable);
+    make_storable(&mut e.kind);
+    make_storable(&mut e.payload);
 }
 
 /// A finish with its texts `make_storable`.
@@ -1487,8 +1502,14 @@ impl Store for SqlStore {
         .transpose()
     }
 
-    async fn submit(&self, new: NewDeployment) -> Result<Submitted> {
+    async fn submit(&self, mut new: NewDeployment) -> Result<Submitted> {
         let now = now_ms();
+        make_event_storable(&mut new.event);
+        if let Some(h) = &mut new.hold {
+            for text in [&mut h.approved_by, &mut h.waiting_for, &mut h.requested_by, &mut h.source_environment, &mut h.digest] {
+                text.iter_mut().for_each(make_storable);
+            }
+        }
         let op = "submit";
         if new.jobs.is_empty() {
             // It would run forever holding its lock.
@@ -1852,6 +1873,7 @@ impl Store for SqlStore {
     }
 
     async fn approve(&self, deployment: i64, by: &str) -> Result<bool> {
+        let by = &*storable(by);
         let n = sqlx::query(
             "UPDATE holds SET approved_by = $1, approved_at = $2 WHERE deployment_id = $3 AND approval = 1 AND approved_by IS NULL \
              AND EXISTS (SELECT 1 FROM deployments d WHERE d.id = $3 AND d.state = 'waiting')",
@@ -1867,6 +1889,7 @@ impl Store for SqlStore {
     }
 
     async fn set_waiting_for(&self, deployment: i64, what: &str) -> Result<()> {
+        let what = &*storable(what);
         for q in ["UPDATE holds SET waiting_for = $1 WHERE deployment_id = $2", "UPDATE deployments SET reason = $1 WHERE id = $2 AND state = 'waiting'"] {
             sqlx::query(q).bind(what).bind(deployment).execute(&self.pool).await.map_err(StoreError::query("set waiting_for"))?;
         }
@@ -1908,6 +1931,7 @@ impl Store for SqlStore {
     }
 
     async fn hold_back(&self, deployment: i64, waiting_for: &str) -> Result<bool> {
+        let waiting_for = &*storable(waiting_for);
         let op = "hold back a queued deployment";
         let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
         let n = sqlx::query("UPDATE deployments SET state = 'waiting', reason = $1 WHERE id = $2 AND state = 'queued'")
@@ -1930,6 +1954,7 @@ impl Store for SqlStore {
     }
 
     async fn drop_waiting(&self, deployment: i64, reason: &str, replaced_by: Option<i64>) -> Result<bool> {
+        let reason = &*storable(reason);
         let op = "drop waiting deployment";
         let now = now_ms();
         let state = if replaced_by.is_some() { DeploymentState::Superseded } else { DeploymentState::Cancelled };
@@ -2340,7 +2365,8 @@ impl Store for SqlStore {
             .collect()
     }
 
-    async fn record_event(&self, e: NewEvent) -> Result<(i64, bool)> {
+    async fn record_event(&self, mut e: NewEvent) -> Result<(i64, bool)> {
+        make_event_storable(&mut e);
         let op = "record an event";
         let inserted = sqlx::query("INSERT INTO events (key, kind, payload, received_at) VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING id")
             .bind(e.key.clone())
@@ -2360,6 +2386,7 @@ impl Store for SqlStore {
     }
 
     async fn event_by_key(&self, key: &str) -> Result<Option<EventRow>> {
+        let key = &*storable(key);
         let op = "read an event by its key";
         let row = sqlx::query("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE key = $1")
             .bind(key)
@@ -2376,6 +2403,7 @@ impl Store for SqlStore {
     }
 
     async fn events_of_kind(&self, kind: &str, limit: i64) -> Result<Vec<EventRow>> {
+        let kind = &*storable(kind);
         let op = "list events of a kind";
         let rows = sqlx::query("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE kind = $1 ORDER BY id DESC LIMIT $2")
             .bind(kind)
@@ -2418,6 +2446,7 @@ impl Store for SqlStore {
         let op = "list events";
         let mut out = Vec::new();
         for prefix in prefixes {
+            let prefix = &*storable(prefix);
             // LIKE narrows it down; the exact prefix test is below ('_'
             // is a LIKE wildcard).
             let rows = sqlx::query("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE kind LIKE $1 ORDER BY id DESC LIMIT 1000")
@@ -2440,7 +2469,8 @@ impl Store for SqlStore {
         Ok(out)
     }
 
-    async fn create_token(&self, t: TokenRow) -> Result<bool> {
+    async fn create_token(&self, mut t: TokenRow) -> Result<bool> {
+        make_storable(&mut t.name);
         let r = sqlx::query("INSERT INTO tokens (name, hash, roles, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
             .bind(&t.name)
             .bind(&t.hash)
@@ -2472,6 +2502,7 @@ impl Store for SqlStore {
     }
 
     async fn revoke_token(&self, name: &str) -> Result<Revoked> {
+        let name = &*storable(name);
         let op = "revoke a token";
         let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
         // The live tokens, locked (PostgreSQL): a concurrent revoke waits
@@ -2524,7 +2555,11 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn record_audit(&self, a: AuditEntry) -> Result<()> {
+    async fn record_audit(&self, mut a: AuditEntry) -> Result<()> {
+        for text in [&mut a.actor, &mut a.address, &mut a.action, &mut a.detail] {
+            make_storable(text);
+        }
+        a.environment.iter_mut().for_each(make_storable);
         sqlx::query("INSERT INTO audit (at, actor, address, action, detail, status, environment) VALUES ($1, $2, $3, $4, $5, $6, $7)")
             .bind(a.at)
             .bind(&a.actor)
@@ -2546,8 +2581,8 @@ impl Store for SqlStore {
             "SELECT id, at, actor, address, action, detail, status, environment FROM audit \
              WHERE ($1 IS NULL OR environment = $1) AND ($2 IS NULL OR actor = $2) ORDER BY id DESC LIMIT $3",
         )
-        .bind(&filter.environment)
-        .bind(&filter.actor)
+        .bind(filter.environment.as_deref().map(|e| storable(e).into_owned()))
+        .bind(filter.actor.as_deref().map(|a| storable(a).into_owned()))
         .bind(limit.clamp(0, 1000))
         .fetch_all(&self.pool)
         .await
@@ -2571,7 +2606,10 @@ impl Store for SqlStore {
             .collect()
     }
 
-    async fn record_service_event(&self, e: ServiceEvent) -> Result<()> {
+    async fn record_service_event(&self, mut e: ServiceEvent) -> Result<()> {
+        for text in [&mut e.environment, &mut e.service, &mut e.kind, &mut e.message] {
+            make_storable(text);
+        }
         sqlx::query("INSERT INTO service_events (environment, service, at, kind, message) VALUES ($1, $2, $3, $4, $5)")
             .bind(&e.environment)
             .bind(&e.service)
@@ -2585,6 +2623,7 @@ impl Store for SqlStore {
     }
 
     async fn service_events(&self, environment: &str, service: &str, limit: i64) -> Result<Vec<ServiceEvent>> {
+        let (environment, service) = (&*storable(environment), &*storable(service));
         let op = "list service events";
         let rows = sqlx::query(
             "SELECT environment, service, at, kind, message FROM service_events WHERE environment = $1 AND service = $2 ORDER BY id DESC LIMIT 1000",
