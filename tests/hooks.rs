@@ -664,3 +664,39 @@ async fn issue19_a_publication_whose_id_has_a_nul_byte_deploys_once_and_is_audit
         h.stop().await;
     }
 }
+
+/// Publications sent at once under one `id`, each of another version: the
+/// id names one publication, so one is acted on and the others are
+/// refused (409), naming it. The id used to be looked up first and
+/// recorded only after acting, so publications that arrived together all
+/// passed the lookup: several started deployments and were answered
+/// `"duplicate": true` (found by fuzzing the API, on both stores).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue19_publications_sent_at_once_under_one_id_start_one_deployment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let h = Hooks::start(store).await;
+        let sends = (1..=8).map(|i| {
+            let h = &h;
+            async move { h.post_json("/api/v1/published", None, &json!({"service": "web", "version": format!("3.0.{i}"), "id": "ci-build-42"})).await }
+        });
+        let answers = futures_util::future::join_all(sends).await;
+        let accepted: Vec<&Value> = answers.iter().filter(|(s, _)| *s == 202).map(|(_, a)| a).collect();
+        let refused =
+            answers.iter().filter(|(s, e)| *s == 409 && e["error"]["message"].as_str().unwrap_or("").contains("event id \"ci-build-42\" was already used"));
+        assert_eq!((accepted.len(), refused.count()), (1, 7), "{backend}: {answers:?}");
+        assert_eq!(accepted[0]["duplicate"].as_bool(), Some(false), "{backend}: {}", accepted[0]);
+        let id = accepted[0]["results"][0]["deployment_id"].as_i64().unwrap_or_else(|| panic!("{backend}: no deployment: {}", accepted[0]));
+        assert_eq!(h.deployments().await.len(), 1, "{backend}");
+        // The same publication again is a retry: answered from what it started.
+        let version = accepted[0]["results"][0]["version"].as_str().unwrap_or_default().to_string();
+        let (s, again) = h.post_json("/api/v1/published", None, &json!({"service": "web", "version": version, "id": "ci-build-42"})).await;
+        assert_eq!((s, again["duplicate"].as_bool(), again["results"][0]["deployment_id"].as_i64()), (202, Some(true), Some(id)), "{backend}: {again}");
+        // What the claim came to is recorded: a later refusal names it.
+        let (s, e) = h.post_json("/api/v1/published", None, &json!({"service": "web", "version": "3.1.0", "id": "ci-build-42"})).await;
+        let message = e["error"]["message"].as_str().unwrap_or("");
+        assert!(s == 409 && message.contains(&format!("web {version} published (deployment {id} in staging)")), "{backend}: {s} {e}");
+        h.wait_done(id).await;
+        h.stop().await;
+    }
+}

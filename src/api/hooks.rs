@@ -593,7 +593,15 @@ pub(super) async fn published_event(
     let digest = req.digest.as_deref().and_then(crate::service::artifact::parse_sha256);
     // An id names one publication: the same again is a retry (answered
     // from what it started), another one under it is refused, naming it.
-    if let Some(first) = s.store.event_by_key(&key).await? {
+    // The id is claimed before anything is acted on, in one statement, so
+    // that of publications sent at once under one id only the one that
+    // claimed it and its retries act (each deployment has its own key, so
+    // a retry starts nothing twice); the claim gets what came of it below.
+    // A claim left without results (a crash, a store that went away) is
+    // acted on again by a retry of the same publication.
+    let claim = serde_json::json!({ "what": what, "version": req.version, "digest": digest, "results": [] }).to_string();
+    let (event_id, duplicate) = s.store.record_event(NewEvent { key: Some(key.clone()), kind: "published".into(), payload: claim }).await?;
+    if duplicate && let Some(first) = s.store.event_by_key(&key).await? {
         let v: serde_json::Value = serde_json::from_str(&first.payload).unwrap_or_default();
         let same = v["what"].as_str() == Some(what.as_str())
             && v["version"].as_str() == Some(req.version.as_str())
@@ -623,7 +631,7 @@ pub(super) async fn published_event(
         return Err(retry_later(&results));
     }
     let payload = serde_json::json!({ "what": what, "version": req.version, "digest": digest, "results": results }).to_string();
-    let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: "published".into(), payload }).await?;
+    s.store.set_event_payload(event_id, &payload).await?;
     let answer =
         HookAnswer { delivery: id, event: "published".into(), duplicate, note: Some(format!("{what} {} published", req.version)), results, revisions: vec![] };
     Ok((StatusCode::ACCEPTED, note_of(&answer), Json(answer)))
