@@ -74,6 +74,7 @@ fn start(opts: NodeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> RunningNo
     let report_rx = bus.subscribe(4096);
     let notify_rx = bus.subscribe(4096);
     let changes_rx = bus.subscribe(4096);
+    let close_bus = bus.closer();
     let metrics = Arc::new(Metrics::new());
     // The consumers end when every sender of the bus is gone (scheduler,
     // submitter), after they have handled what was queued.
@@ -151,6 +152,10 @@ fn start(opts: NodeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> RunningNo
         let abort = server.abort_handle();
         if tokio::time::timeout(API_CLOSE, server).await.is_err() {
             abort.abort();
+            // A connection it abandoned (a client that never finished
+            // sending its request) lives on in its own task, holding the
+            // state and so the bus: the consumers would wait for it.
+            close_bus.cancel();
         }
         // Refusals counted but not yet summed up in the audit log.
         let _ = tokio::time::timeout(Duration::from_secs(5), api::audit::flush_refusals(&state)).await;

@@ -566,3 +566,33 @@ async fn issue19_a_long_poll_answers_when_the_deployment_changes() {
     })
     .await;
 }
+
+/// A client that never finishes sending its request does not hold up a
+/// stopping node. The API gives open connections 5 s to close and then
+/// abandons them, but an abandoned connection lives on in its own task,
+/// holding the API's state and with it the event bus, so the event
+/// consumers never saw their streams end: the node waited out its whole
+/// stop deadline on top (15 s in all, warning that the last job output
+/// might not be stored). Found by fuzzing the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue19_a_client_that_never_finishes_its_request_does_not_hold_up_a_stopping_node() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = slipway::store::open(&common::sqlite_url(dir.path())).await.unwrap();
+    let n = Node::start("sqlite", store).await;
+    let mut slow = tokio::net::TcpStream::connect(n.node.addr).await.unwrap();
+    slow.write_all(b"POST /api/v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"kind\":").await.unwrap();
+    // The server has the connection (and the head) before the stop.
+    let (status, _) = n.get("/healthz").await;
+    assert_eq!(status, 200);
+    let asked = std::time::Instant::now();
+    n.node.shutdown.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(60), n.node.task).await;
+    let took = asked.elapsed();
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "the node did not stop cleanly: {ended:?}");
+    assert!(
+        took < slipway::node::STOP_DEADLINE,
+        "stopping took {took:?}: the node waited out its stop deadline for consumers held by the abandoned connection"
+    );
+    drop(slow);
+}

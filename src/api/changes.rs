@@ -15,9 +15,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
-
-use crate::events::Event;
+use tokio::sync::watch;
 
 /// Events remembered with their deployment. A client further behind than
 /// this is answered at once.
@@ -86,7 +84,7 @@ impl Changes {
 }
 
 /// Number every event that names a deployment, until the bus closes.
-pub async fn consume(changes: Arc<Changes>, mut events: mpsc::Receiver<Arc<Event>>) {
+pub async fn consume(changes: Arc<Changes>, mut events: crate::events::Subscription) {
     while let Some(ev) = events.recv().await {
         if let Some(d) = ev.deployment() {
             changes.record(d);

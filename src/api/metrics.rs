@@ -13,7 +13,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::sync::mpsc;
 
 use crate::events::Event;
 use crate::store::{Counts, DeploymentState, JobState};
@@ -144,7 +143,7 @@ pub fn classic_text(openmetrics: &str) -> String {
 }
 
 /// The metrics consumer of the node's event bus ([`crate::events`]).
-pub async fn consume(metrics: Arc<Metrics>, mut events: mpsc::Receiver<Arc<Event>>) {
+pub async fn consume(metrics: Arc<Metrics>, mut events: crate::events::Subscription) {
     while let Some(ev) = events.recv().await {
         metrics.observe(&ev);
     }

@@ -5,8 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
 use super::Event;
 use crate::store::{NewLogLine, Store};
 
@@ -18,7 +16,7 @@ const MAX_BUFFERED: usize = 50_000;
 /// the last lines is asked again. The node's own stop deadline is longer.
 const LAST_FLUSH: Duration = Duration::from_secs(5);
 
-pub async fn run(store: Arc<dyn Store>, mut events: mpsc::Receiver<Arc<Event>>) {
+pub async fn run(store: Arc<dyn Store>, mut events: super::Subscription) {
     let mut buf: Vec<NewLogLine> = Vec::new();
     let mut dropped = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -33,7 +31,7 @@ pub async fn run(store: Arc<dyn Store>, mut events: mpsc::Receiver<Arc<Event>>) 
         };
         // Take everything already queued before writing: one transaction
         // for many lines and many finished jobs, not one per job.
-        while let Ok(ev) = events.try_recv() {
+        while let Some(ev) = events.try_recv() {
             flush_now |= take(&ev, &mut buf);
         }
         if flush_now || buf.len() >= 1000 {

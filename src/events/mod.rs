@@ -9,7 +9,10 @@
 //! into the store), [`server_log`] (the node's own log), the metrics
 //! (`api::metrics::consume`) and the notifier (`notify::run`); `node`
 //! wires them. A consumer's stream ends when every emitter has let go of
-//! the bus, which is how a stopping node lets them finish.
+//! the bus, which is how a stopping node lets them finish, or once the
+//! node closes the bus ([`EventBus::closer`]): a client connection the API
+//! had to abandon on its way down still holds a sender, and would
+//! otherwise keep the consumers, and the node's stop, waiting.
 //!
 //! This module depends on nothing but the store's types, so every other
 //! module may emit or consume without depending on the scheduler.
@@ -21,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::store::{DeploymentState, Millis, Outcome};
 
@@ -101,6 +105,7 @@ impl Event {
 #[derive(Clone, Default)]
 pub struct EventBus {
     consumers: Vec<mpsc::Sender<Arc<Event>>>,
+    closed: CancellationToken,
 }
 
 impl EventBus {
@@ -109,10 +114,16 @@ impl EventBus {
     }
 
     /// Add a consumer; it receives every event emitted from now on.
-    pub fn subscribe(&mut self, capacity: usize) -> mpsc::Receiver<Arc<Event>> {
+    pub fn subscribe(&mut self, capacity: usize) -> Subscription {
         let (tx, rx) = mpsc::channel(capacity);
         self.consumers.push(tx);
-        rx
+        Subscription { rx, closed: self.closed.clone() }
+    }
+
+    /// Cancelled, it ends every consumer's stream once what is queued has
+    /// been taken, whoever still holds a sender.
+    pub fn closer(&self) -> CancellationToken {
+        self.closed.clone()
     }
 
     pub async fn emit(&self, event: Event) {
@@ -121,5 +132,29 @@ impl EventBus {
             // A consumer that has gone away is not the scheduler's problem.
             let _ = c.send(event.clone()).await;
         }
+    }
+}
+
+/// A consumer's end of the bus: every event emitted since it subscribed,
+/// in order, until every sender is gone or the bus is closed.
+pub struct Subscription {
+    rx: mpsc::Receiver<Arc<Event>>,
+    closed: CancellationToken,
+}
+
+impl Subscription {
+    /// The next event; `None` once the stream has ended (what was queued
+    /// when the bus was closed is still given out first).
+    pub async fn recv(&mut self) -> Option<Arc<Event>> {
+        tokio::select! {
+            biased;
+            ev = self.rx.recv() => ev,
+            _ = self.closed.cancelled() => self.rx.try_recv().ok(),
+        }
+    }
+
+    /// An event already queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Arc<Event>> {
+        self.rx.try_recv().ok()
     }
 }

@@ -1,13 +1,9 @@
 //! The node's own log: one line per deployment and job event (output
 //! lines are the log writer's).
 
-use std::sync::Arc;
-
-use tokio::sync::mpsc;
-
 use super::Event;
 
-pub async fn run(mut rx: mpsc::Receiver<Arc<Event>>) {
+pub async fn run(mut rx: super::Subscription) {
     while let Some(ev) = rx.recv().await {
         match &*ev {
             Event::DeploymentStarted { deployment, .. } => tracing::info!(deployment, "deployment started"),

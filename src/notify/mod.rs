@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 
 use crate::config::{Notify, NotifyUrl};
 use crate::events::Event;
@@ -66,7 +66,7 @@ pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
 }
 
 /// Consume the event stream until it ends.
-pub async fn run(store: Arc<dyn Store>, config_path: PathBuf, mut rx: mpsc::Receiver<Arc<Event>>) {
+pub async fn run(store: Arc<dyn Store>, config_path: PathBuf, mut rx: crate::events::Subscription) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let http = http_client().unwrap_or_default();
