@@ -151,7 +151,7 @@ type ApiResult<T> = Result<T, ApiError>;
 #[openapi(
     info(title = "Slipway API", description = "Deployments, jobs and logs of a Slipway cluster."),
     paths(post_event, list_deployments, get_deployment, list_jobs, get_logs, stream_logs, cancel_deployment, list_nodes, list_services, rollback_service, service_events, why_service, list_audit, whoami, create_token, list_tokens, revoke_token, gc_plan, gc_apply, list_hosts, drain_host, undrain_host, retention_plan, retention_apply, gates::list_environments, gates::list_approvals, gates::approve, gates::promote, gates::list_revisions, gates::check_revision, hooks::github, hooks::registry, hooks::published, healthz, metrics_text, openapi),
-    components(schemas(EventRequestSchema, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HostInfo, HostServiceInfo, HostDrained, RetentionInfo, RetentionRepositoryInfo, RetentionKeptInfo, RetentionDeleteInfo, HookAnswer, HookResult, PublishedRequest, WhyInfo, AuditInfo, WhoAmI, TokenRequest, TokenCreated, TokenInfo, ApprovalInfo, EnvironmentInfo, PromoteRequest, RevisionInfo, TouchedJob, auth::Role, Health, ErrorBody, EventAnswer, TokenRevoked, SseEventInfo, Name, Version, EventId, Digest, Image)),
+    components(schemas(EventRequestSchema, EventAccepted, Deployment, DeploymentDetail, Job, Attempt, LogLine, Node, ServiceInfo, InstanceInfo, ServiceEventInfo, GarbageInfo, GarbageItemInfo, HostInfo, HostServiceInfo, HostDrained, RetentionInfo, RetentionRepositoryInfo, RetentionKeptInfo, RetentionDeleteInfo, HookAnswer, HookResult, PublishedRequest, WhyInfo, AuditInfo, WhoAmI, TokenRequest, TokenCreated, TokenInfo, ApprovalInfo, EnvironmentInfo, PromoteRequest, RevisionInfo, TouchedJob, auth::Role, Health, ErrorBody, EventAnswer, TokenRevoked, SseEventInfo, Name, NameFilter, HostName, Version, EventId, Digest, Image)),
     modifiers(&Contract)
 )]
 pub struct ApiDoc;
@@ -521,6 +521,7 @@ async fn list_jobs(
 #[into_params(parameter_in = Query)]
 struct LogQuery {
     /// Only this job's lines.
+    #[param(value_type = Option<Name>)]
     job: Option<String>,
     /// Lines after this `seq` (default 0: from the start).
     after: Option<i64>,
@@ -565,7 +566,7 @@ fn check_job_filter(job: Option<&str>) -> Result<(), ApiError> {
 /// (data: a LogLine, id: its seq), then one `end` event (data: the
 /// deployment) once it is over and every line was sent.
 #[utoipa::path(get, path = "/api/v1/deployments/{id}/logs/stream",
-    params(("id" = i64, Path, description = "The deployment"), ("job" = Option<String>, Query, description = "Only this job's lines"),
+    params(("id" = i64, Path, description = "The deployment"), ("job" = Option<Name>, Query, description = "Only this job's lines"),
            ("after" = Option<i64>, Query, description = "Lines after this `seq` (default 0: from the start)"),
            ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "A reconnecting client resumes after this `seq` (before `after`); anything but an integer is ignored")),
     responses((status = 200, description = "Server-sent events: `line` (data: a LogLine, id: its seq), `error` (data: why the store could not be read; the stream goes on), and last `end` (data: the Deployment)",
@@ -927,7 +928,8 @@ async fn list_audit(
 struct AuditQuery {
     /// At most this many, newest first (default 50; below 1 counts as 1, above 1000 as 1000).
     limit: Option<i64>,
-    /// Only entries that acted in this environment.
+    /// Only entries that acted in this environment (empty: every one).
+    #[param(value_type = Option<NameFilter>)]
     environment: Option<String>,
     /// Only entries of this actor, as the log names it ("token alice").
     actor: Option<String>,
@@ -1052,7 +1054,7 @@ async fn list_hosts(State(s): State<Arc<AppState>>) -> ApiResult<Json<Vec<HostIn
 
 /// Take a host out of service: rollouts pass it by and its proxies take
 /// no new connections (in-flight requests finish).
-#[utoipa::path(post, path = "/api/v1/hosts/{host}/drain", params(("host" = String, Path, description = "The host's name or address")),
+#[utoipa::path(post, path = "/api/v1/hosts/{host}/drain", params(("host" = HostName, Path, description = "The host's name or address")),
     responses((status = 200, description = "Drained", body = HostDrained), (status = 404, description = "No such host", body = ErrorBody), (status = 503, description = "The host cannot be reached", body = ErrorBody)))]
 async fn drain_host(
     State(s): State<Arc<AppState>>,
@@ -1063,7 +1065,7 @@ async fn drain_host(
 }
 
 /// Put a drained host back in service.
-#[utoipa::path(post, path = "/api/v1/hosts/{host}/undrain", params(("host" = String, Path, description = "The host's name or address")),
+#[utoipa::path(post, path = "/api/v1/hosts/{host}/undrain", params(("host" = HostName, Path, description = "The host's name or address")),
     responses((status = 200, description = "Back in service", body = HostDrained), (status = 404, description = "No such host", body = ErrorBody), (status = 503, description = "The host cannot be reached", body = ErrorBody)))]
 async fn undrain_host(
     State(s): State<Arc<AppState>>,
@@ -1073,9 +1075,15 @@ async fn undrain_host(
     set_drained(&s, &caller, host, false).await
 }
 
+/// A host named in a path: the characters a host's name or address in the
+/// config may hold (the document states it as [`HOST_PATTERN`]).
+fn valid_host(host: &str) -> bool {
+    !host.is_empty() && host.len() <= 255 && host.chars().all(|c| c.is_ascii_alphanumeric() || "-._:[]".contains(c))
+}
+
 async fn set_drained(s: &AppState, caller: &auth::Caller, host: String, drained: bool) -> ApiResult<(axum::Extension<audit::AuditNote>, Json<HostDrained>)> {
     caller.require(auth::Need::Deploy, None)?;
-    if host.is_empty() || host.len() > 255 || !host.chars().all(|c| c.is_ascii_alphanumeric() || "-._:[]".contains(c)) {
+    if !valid_host(&host) {
         return Err(ApiError::bad_request("invalid host name"));
     }
     let Some(m) = &s.services else { return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "this node runs no targets")) };

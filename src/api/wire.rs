@@ -758,6 +758,10 @@ pub struct EnvironmentInfo {
 
 /// `crate::config::valid_name`: environments, services, jobs, tokens.
 pub const NAME_PATTERN: &str = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$";
+/// A filter by name, where an empty value filters nothing.
+pub const NAME_FILTER_PATTERN: &str = "^([A-Za-z0-9_-][A-Za-z0-9._-]{0,63})?$";
+/// `super::valid_host`: a host named in a path (`/hosts/{host}/drain`).
+pub const HOST_PATTERN: &str = "^[A-Za-z0-9._:\\[\\]-]{1,255}$";
 /// `crate::submit::valid_version`.
 pub const VERSION_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$";
 /// `crate::submit::valid_key`: an event's idempotency key.
@@ -801,6 +805,18 @@ string_rule!(
     Name, NAME_PATTERN, 1, 64,
     "A name of an environment, service, job or token: letters, digits, '-', '_' and '.', at most 64 characters, not starting with '.'.",
     "staging"
+);
+string_rule!(
+    /// Document-only: a name to filter by, or empty (see [`NAME_FILTER_PATTERN`]).
+    NameFilter, NAME_FILTER_PATTERN, 0, 64,
+    "A name to filter by (letters, digits, '-', '_' and '.', at most 64 characters, not starting with '.'), or empty for no filter.",
+    "staging"
+);
+string_rule!(
+    /// Document-only: a host's name or address (see [`HOST_PATTERN`]).
+    HostName, HOST_PATTERN, 1, 255,
+    "A host's name or address as the config names it: letters, digits, '.', '_', '-', ':', '[' and ']', at most 255 characters.",
+    "web-1"
 );
 string_rule!(
     /// Document-only: a version (see [`VERSION_PATTERN`]).
@@ -920,8 +936,11 @@ mod tests {
     fn issue13_document_patterns_state_the_rules_the_server_checks() {
         let (name, version, key, digest, scope, image) =
             (re(NAME_PATTERN), re(VERSION_PATTERN), re(EVENT_ID_PATTERN), re(DIGEST_PATTERN), re(ROLE_SCOPE_PATTERN), re(IMAGE_PATTERN));
-        for s in samples() {
+        let (filter, host) = (re(NAME_FILTER_PATTERN), re(HOST_PATTERN));
+        for s in samples().into_iter().chain(["".to_string(), "[::1]".into(), "10.0.0.7:22".into(), "a\u{e9}".into()]) {
             assert_eq!(name.is_match(&s), crate::config::valid_name(&s), "name {s:?}");
+            assert_eq!(filter.is_match(&s), s.is_empty() || crate::config::valid_name(&s), "name filter {s:?}");
+            assert_eq!(host.is_match(&s), super::super::valid_host(&s), "host {s:?}");
             assert_eq!(version.is_match(&s), crate::submit::valid_version(&s), "version {s:?}");
             assert_eq!(key.is_match(&s), crate::submit::valid_key(&s), "event id {s:?}");
             assert_eq!(digest.is_match(&s), crate::service::artifact::parse_sha256(&s).is_some(), "digest {s:?}");
