@@ -31,6 +31,10 @@ pub const STOP_DEADLINE: Duration = Duration::from_secs(10);
 /// How long open API connections (log follows) may hold a graceful close.
 const API_CLOSE: Duration = Duration::from_secs(5);
 
+/// After connections were abandoned: how long handlers still running may
+/// go on emitting before the node closes the bus.
+const BUS_GRACE: Duration = Duration::from_secs(1);
+
 pub struct NodeOptions {
     pub config_path: PathBuf,
     pub store: Arc<dyn Store>,
@@ -77,7 +81,8 @@ fn start(opts: NodeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> RunningNo
     let close_bus = bus.closer();
     let metrics = Arc::new(Metrics::new());
     // The consumers end when every sender of the bus is gone (scheduler,
-    // submitter), after they have handled what was queued.
+    // submitter), or the node closes the bus, after they have handled what
+    // was queued.
     tasks.spawn(logwriter::run(store.clone(), log_rx));
     tasks.spawn(api::metrics::consume(metrics.clone(), metrics_rx));
     tasks.spawn(server_log::run(report_rx));
@@ -150,12 +155,9 @@ fn start(opts: NodeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> RunningNo
         // Open log streams would hold a graceful close forever; the
         // server's task holds the submitter, hence the bus, until it ends.
         let abort = server.abort_handle();
-        if tokio::time::timeout(API_CLOSE, server).await.is_err() {
+        let closed = matches!(tokio::time::timeout(API_CLOSE, server).await, Ok(Ok(_)));
+        if !closed {
             abort.abort();
-            // A connection it abandoned (a client that never finished
-            // sending its request) lives on in its own task, holding the
-            // state and so the bus: the consumers would wait for it.
-            close_bus.cancel();
         }
         // Refusals counted but not yet summed up in the audit log.
         let _ = tokio::time::timeout(Duration::from_secs(5), api::audit::flush_refusals(&state)).await;
@@ -163,6 +165,14 @@ fn start(opts: NodeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> RunningNo
         // the consumers see their streams end and finish.
         drop(state);
         tasks.close();
+        if !closed && tokio::time::timeout(BUS_GRACE, tasks.wait()).await.is_err() {
+            // A connection the server abandoned (a client that never
+            // finished sending its request) lives on in its own task,
+            // holding the state and so the bus: the consumers would wait
+            // for it. What the handlers still running emitted in the grace
+            // is taken first.
+            close_bus.cancel();
+        }
         if tokio::time::timeout(STOP_DEADLINE, tasks.wait()).await.is_err() {
             tracing::warn!(left = tasks.len(), "stopping without waiting longer for the node's tasks (the last job output may not be stored)");
         }

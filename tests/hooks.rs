@@ -628,24 +628,25 @@ async fn issue18_a_successful_workflow_run_deploys_once_and_every_other_run_says
     }
 }
 
-/// A publication whose id holds a NUL byte (which PostgreSQL's text
-/// cannot) deploys once, is audited, and an audit filter holding one
-/// answers. Before, on PostgreSQL, its submit failed (500), its audit
-/// entry was lost ("cannot write the audit log"), and
-/// `GET /api/v1/audit?actor=…%00…` answered 500.
+/// A NUL byte a client sends, quoted back in the error that refuses it,
+/// reaches the audit log: PostgreSQL's text cannot hold the byte, so there
+/// the entry was lost ("cannot write the audit log"), and
+/// `GET /api/v1/audit?actor=…%00…` answered 500. A publication's id with
+/// one (or any control character) is refused: keys are hashed from
+/// NUL-separated parts, and such an id could spell the key another
+/// publication deploys under.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn issue19_a_publication_whose_id_has_a_nul_byte_deploys_once_and_is_audited() {
+async fn issue19_text_with_a_nul_byte_is_refused_and_audited() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (backend, store) in common::stores(dir.path()).await {
         let h = Hooks::start(store).await;
-        let event = json!({"service": "web", "version": "2.0.0", "id": "build\u{0}77"});
-        let (s, a) = h.post_json("/api/v1/published", None, &event).await;
-        assert_eq!(s, 202, "{backend}: {a}");
-        let id = a["results"][0]["deployment_id"].as_i64().unwrap_or_else(|| panic!("{backend}: no deployment: {a}"));
-        let (s, again) = h.post_json("/api/v1/published", None, &event).await;
-        assert_eq!((s, again["duplicate"].as_bool(), again["results"][0]["deployment_id"].as_i64()), (202, Some(true), Some(id)), "{backend}: {again}");
-        assert_eq!(h.deployments().await.len(), 1, "{backend}");
-        h.wait_done(id).await;
+        let (s, e) = h.post_json("/api/v1/published", None, &json!({"service": "web", "version": "2.0.0", "id": "build\u{0}77"})).await;
+        assert_eq!(s, 400, "{backend}: {e}");
+        assert!(e["error"]["message"].as_str().unwrap_or("").contains("control character"), "{backend}: {e}");
+        let (s, e) = h.post_json("/api/v1/events", None, &json!({"kind": "run", "jobs": ["deploy-web"], "x\u{0}y": 1})).await;
+        assert_eq!(s, 400, "{backend}: {e}");
+        assert!(e["error"]["message"].as_str().unwrap_or("").contains("x\u{0}y"), "{backend}: the refusal quotes the byte: {e}");
+        assert!(h.deployments().await.is_empty(), "{backend}");
 
         let get = |path: &str| {
             let url = format!("{}{path}", h.base);
@@ -657,8 +658,9 @@ async fn issue19_a_publication_whose_id_has_a_nul_byte_deploys_once_and_is_audit
         };
         let (s, log) = get("/api/v1/audit?limit=50").await;
         assert_eq!(s, 200, "{backend}: {log}");
-        let published: Vec<&Value> = log.as_array().map(|a| a.iter().filter(|e| e["action"] == "POST /api/v1/published").collect()).unwrap_or_default();
-        assert_eq!(published.len(), 2, "{backend}: both deliveries audited: {log}");
+        let refused = log.as_array().map(|a| a.iter().filter(|e| e["action"] == "POST /api/v1/events" && e["status"] == 400).count()).unwrap_or(0);
+        assert_eq!(refused, 1, "{backend}: the refusal quoting a NUL byte is audited: {log}");
+        assert!(log.to_string().contains("x\u{FFFD}y"), "{backend}: kept as U+FFFD: {log}");
         let (s, none) = get("/api/v1/audit?actor=a%00b").await;
         assert_eq!((s, none.as_array().map(Vec::len)), (200, Some(0)), "{backend}: {none}");
         h.stop().await;

@@ -233,7 +233,10 @@ async fn act(
                 Err(e) => Err(e),
             };
             match (known, &sightings) {
-                (Ok(Some(id)), _) => r.deployment_id = Some(id.unwrap_or(0)),
+                (Ok(Some(Some(id))), _) => r.deployment_id = Some(id),
+                // (Never so: a publication's key is recorded with the
+                // deployment it started, in one transaction.)
+                (Ok(Some(None)), _) => r.held = Some(format!("{version} was announced before, and nothing was deployed for it")),
                 (Ok(None), Some(seen)) => {
                     let first_seen = seen.first_seen(&d.environment, &d.service, version);
                     r.held = crate::trigger::not_newer(
@@ -243,6 +246,15 @@ async fn act(
                         first_seen,
                         &seen.standing(&d.environment, &d.service),
                     );
+                    // What it is held behind may be this very publication,
+                    // started by a delivery of it that arrived at the same
+                    // time (its deployment and key are one transaction).
+                    if r.held.is_some()
+                        && let Ok(Some(e)) = s.store.event_by_key(&key).await
+                        && let Some(id) = e.deployment_id
+                    {
+                        (r.deployment_id, r.held) = (Some(id), None);
+                    }
                 }
                 (Ok(None), None) => {}
                 (Err(e), _) => {
@@ -504,6 +516,10 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
     Ok((StatusCode::OK, note_of(&answer), Json(answer)))
 }
 
+/// The kind (and key prefix) of the claim of a publication's `id`: not
+/// `published…`, so that lists of deliveries do not take it for one.
+const PUBLICATION_ID: &str = "publication-id";
+
 /// The generic "artifact published" event: an image (its followers) or a
 /// service, and a version. Deploys where `auto_deploy` opts in, the tag
 /// filter passes and the caller's token may deploy; holds it elsewhere.
@@ -579,6 +595,11 @@ pub(super) async fn published_event(
     if id.is_empty() || id.len() > 256 {
         return Err(ApiError::bad_request("`id` must be 1 to 256 characters"));
     }
+    // Keys are hashed from NUL-separated parts: a NUL in an id could spell
+    // another key's parts (the one a publication deploys under).
+    if id.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!("`id` {id:?} holds a control character: use printable characters only")));
+    }
     // What the token may not deploy is held, saying so.
     let decisions: Vec<Decision> = decisions
         .into_iter()
@@ -593,27 +614,33 @@ pub(super) async fn published_event(
     let digest = req.digest.as_deref().and_then(crate::service::artifact::parse_sha256);
     // An id names one publication: the same again is a retry (answered
     // from what it started), another one under it is refused, naming it.
-    // The id is claimed before anything is acted on, in one statement, so
-    // that of publications sent at once under one id only the one that
-    // claimed it and its retries act (each deployment has its own key, so
-    // a retry starts nothing twice); the claim gets what came of it below.
-    // A claim left without results (a crash, a store that went away) is
-    // acted on again by a retry of the same publication.
-    let claim = serde_json::json!({ "what": what, "version": req.version, "digest": digest, "results": [] }).to_string();
-    let (event_id, duplicate) = s.store.record_event(NewEvent { key: Some(key.clone()), kind: "published".into(), payload: claim }).await?;
-    if duplicate && let Some(first) = s.store.event_by_key(&key).await? {
+    // The id is claimed first, under a key of its own, in one statement:
+    // of publications sent at once under one id, only the claimer and its
+    // retries act (each deployment has its own key, so a retry starts
+    // nothing twice), the others are refused. What it started is recorded
+    // after, under `key`, by the first to finish; an id used before the
+    // claims (an older Slipway) is judged by that record alone.
+    let claim = serde_json::json!({ "what": what, "version": req.version, "digest": digest }).to_string();
+    let (_, claimed_before) = s.store.record_event(NewEvent { key: Some(key_of(PUBLICATION_ID, &[&id])), kind: PUBLICATION_ID.into(), payload: claim }).await?;
+    let recorded = s.store.event_by_key(&key).await?;
+    let first = match claimed_before {
+        true => s.store.event_by_key(&key_of(PUBLICATION_ID, &[&id])).await?,
+        false => recorded.clone(),
+    };
+    if let Some(first) = first {
         let v: serde_json::Value = serde_json::from_str(&first.payload).unwrap_or_default();
         let same = v["what"].as_str() == Some(what.as_str())
             && v["version"].as_str() == Some(req.version.as_str())
             && v.get("digest").is_none_or(|d| d.as_str() == digest.as_deref());
         if !same {
-            let started: Vec<String> = v["results"]
+            let results: serde_json::Value = recorded.map(|r| serde_json::from_str(&r.payload).unwrap_or_default()).unwrap_or_default();
+            let started: Vec<String> = results["results"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter_map(|r| Some(format!("deployment {} in {}", r["deployment_id"].as_i64()?, r["environment"].as_str()?)))
                 .collect();
-            let started = if started.is_empty() { "no deployment".to_string() } else { started.join(", ") };
+            let started = if started.is_empty() { "no deployment recorded yet".to_string() } else { started.join(", ") };
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "conflict",
@@ -631,7 +658,8 @@ pub(super) async fn published_event(
         return Err(retry_later(&results));
     }
     let payload = serde_json::json!({ "what": what, "version": req.version, "digest": digest, "results": results }).to_string();
-    s.store.set_event_payload(event_id, &payload).await?;
+    let (_, recorded_before) = s.store.record_event(NewEvent { key: Some(key), kind: "published".into(), payload }).await?;
+    let duplicate = claimed_before || recorded_before;
     let answer =
         HookAnswer { delivery: id, event: "published".into(), duplicate, note: Some(format!("{what} {} published", req.version)), results, revisions: vec![] };
     Ok((StatusCode::ACCEPTED, note_of(&answer), Json(answer)))

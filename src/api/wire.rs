@@ -97,7 +97,7 @@ pub enum EventRequestSchema {
         #[serde(default)]
         #[schema(value_type = Option<Digest>)]
         digest: Option<String>,
-        /// Idempotency key, any 1 to 256 characters; by default the
+        /// Idempotency key, 1 to 256 printable characters; by default the
         /// artifact and version themselves.
         #[serde(default)]
         #[schema(min_length = 1, max_length = 256)]
@@ -459,7 +459,7 @@ pub struct PublishedRequest {
     #[serde(default)]
     #[schema(value_type = Option<Digest>)]
     pub digest: Option<String>,
-    /// Idempotency key (any 1 to 256 characters); by default the artifact
+    /// Idempotency key (1 to 256 printable characters); by default the artifact
     /// and version themselves, so the same version published twice
     /// deploys once.
     #[serde(default)]

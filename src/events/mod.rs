@@ -158,3 +158,39 @@ impl Subscription {
         self.rx.try_recv().ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(n: i64) -> Event {
+        Event::JobOutput { deployment: 1, job_id: 1, attempt: 1, ts: n, stream: "stdout", line: n.to_string(), part: None }
+    }
+
+    /// Closing the bus ends a consumer's stream although a sender lives
+    /// on, after every event queued before the close; an event emitted
+    /// after the consumer has gone is dropped, not waited on.
+    #[tokio::test]
+    async fn issue19_a_closed_bus_hands_out_what_was_queued_and_then_ends() {
+        let mut bus = EventBus::new();
+        let mut sub = bus.subscribe(16);
+        for n in 0..3 {
+            bus.emit(line(n)).await;
+        }
+        bus.closer().cancel();
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut got = Vec::new();
+            while let Some(ev) = sub.recv().await {
+                if let Event::JobOutput { ts, .. } = *ev {
+                    got.push(ts);
+                }
+            }
+            got
+        })
+        .await
+        .expect("the stream ends once the bus is closed, though the bus lives on");
+        assert_eq!(got, vec![0, 1, 2]);
+        drop(sub);
+        tokio::time::timeout(Duration::from_secs(5), bus.emit(line(3))).await.expect("an emit after the consumer ended does not wait");
+    }
+}

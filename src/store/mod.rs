@@ -774,9 +774,6 @@ pub trait Store: Send + Sync + 'static {
     /// Store an event that starts no deployment by itself (a webhook
     /// delivery). Returns its id and whether its key was seen before.
     async fn record_event(&self, event: NewEvent) -> Result<(i64, bool)>;
-    /// Replace a recorded event's payload (an event recorded before it
-    /// was acted on, to claim its key, gets what came of it).
-    async fn set_event_payload(&self, id: i64, payload: &str) -> Result<()>;
     /// The event stored under an idempotency key, if any (to tell a
     /// repeated request from a different one reusing its key).
     async fn event_by_key(&self, key: &str) -> Result<Option<EventRow>>;

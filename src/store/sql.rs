@@ -2385,16 +2385,6 @@ impl Store for SqlStore {
         }
     }
 
-    async fn set_event_payload(&self, id: i64, payload: &str) -> Result<()> {
-        sqlx::query("UPDATE events SET payload = $1 WHERE id = $2")
-            .bind(&*storable(payload))
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::query("update an event's payload"))?;
-        Ok(())
-    }
-
     async fn event_by_key(&self, key: &str) -> Result<Option<EventRow>> {
         let key = &*storable(key);
         let op = "read an event by its key";
