@@ -702,3 +702,29 @@ async fn issue19_publications_sent_at_once_under_one_id_start_one_deployment() {
         h.stop().await;
     }
 }
+
+/// An id recorded before publications' ids were claimed (by an older
+/// Slipway: its record of what it started, no claim) keeps its
+/// publication: another one under it is refused every time it is sent,
+/// and a retry of the original is still a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue19_an_id_recorded_before_claims_keeps_its_publication() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let old = json!({"what": "web", "version": "1.0.0", "digest": null, "results": []}).to_string();
+        let key = slipway::submit::key_of("published", &["build-7"]);
+        store
+            .record_event(slipway::store::NewEvent { key: Some(key), kind: "published".into(), payload: old })
+            .await
+            .unwrap_or_else(|e| panic!("{backend}: {e}"));
+        let h = Hooks::start(store).await;
+        for _ in 0..2 {
+            let (s, e) = h.post_json("/api/v1/published", None, &json!({"service": "web", "version": "2.0.0", "id": "build-7"})).await;
+            assert!(s == 409 && e["error"]["message"].as_str().unwrap_or("").contains("already used for web 1.0.0 published"), "{backend}: {s} {e}");
+        }
+        let (s, again) = h.post_json("/api/v1/published", None, &json!({"service": "web", "version": "1.0.0", "id": "build-7"})).await;
+        assert_eq!((s, again["duplicate"].as_bool()), (202, Some(true)), "{backend}: {again}");
+        assert!(h.deployments().await.iter().all(|d| d["version"] != "2.0.0"), "{backend}");
+        h.stop().await;
+    }
+}

@@ -249,11 +249,16 @@ async fn act(
                     // What it is held behind may be this very publication,
                     // started by a delivery of it that arrived at the same
                     // time (its deployment and key are one transaction).
-                    if r.held.is_some()
-                        && let Ok(Some(e)) = s.store.event_by_key(&key).await
-                        && let Some(id) = e.deployment_id
-                    {
-                        (r.deployment_id, r.held) = (Some(id), None);
+                    if r.held.is_some() {
+                        match s.store.event_by_key(&key).await {
+                            Ok(Some(e)) if e.deployment_id.is_some() => (r.deployment_id, r.held) = (e.deployment_id, None),
+                            Ok(_) => {}
+                            Err(e) => {
+                                let e = ApiError::from(e);
+                                transient |= e.status == StatusCode::SERVICE_UNAVAILABLE;
+                                (r.error, r.held) = (Some(e.message), None);
+                            }
+                        }
                     }
                 }
                 (Ok(None), None) => {}
@@ -516,8 +521,9 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
     Ok((StatusCode::OK, note_of(&answer), Json(answer)))
 }
 
-/// The kind (and key prefix) of the claim of a publication's `id`: not
-/// `published…`, so that lists of deliveries do not take it for one.
+/// The kind of the claim of a publication's `id` (and the first part of
+/// its key): not `published…`, so that lists of deliveries do not take it
+/// for one.
 const PUBLICATION_ID: &str = "publication-id";
 
 /// The generic "artifact published" event: an image (its followers) or a
@@ -592,7 +598,7 @@ pub(super) async fn published_event(
         _ => return Err(ApiError::bad_request("name either `image` or `service` (a valid name)")),
     };
     let id = req.id.clone().unwrap_or_else(|| format!("{what}:{}", req.version));
-    if id.is_empty() || id.len() > 256 {
+    if id.is_empty() || id.chars().count() > 256 {
         return Err(ApiError::bad_request("`id` must be 1 to 256 characters"));
     }
     // Keys are hashed from NUL-separated parts: a NUL in an id could spell
@@ -618,14 +624,19 @@ pub(super) async fn published_event(
     // of publications sent at once under one id, only the claimer and its
     // retries act (each deployment has its own key, so a retry starts
     // nothing twice), the others are refused. What it started is recorded
-    // after, under `key`, by the first to finish; an id used before the
-    // claims (an older Slipway) is judged by that record alone.
+    // after, under `key`, by the first to finish, and is what a later one
+    // is judged by (so an id used before the claims, by an older Slipway,
+    // keeps its publication). The claim's key is in `published:`, which
+    // callers' deploy and run ids may not use, and an id holds no NUL, so
+    // no other key can be spelt to match it.
+    let claim_key = key_of("published", &[PUBLICATION_ID, &id]);
     let claim = serde_json::json!({ "what": what, "version": req.version, "digest": digest }).to_string();
-    let (_, claimed_before) = s.store.record_event(NewEvent { key: Some(key_of(PUBLICATION_ID, &[&id])), kind: PUBLICATION_ID.into(), payload: claim }).await?;
+    let (_, claimed_before) = s.store.record_event(NewEvent { key: Some(claim_key.clone()), kind: PUBLICATION_ID.into(), payload: claim }).await?;
     let recorded = s.store.event_by_key(&key).await?;
-    let first = match claimed_before {
-        true => s.store.event_by_key(&key_of(PUBLICATION_ID, &[&id])).await?,
-        false => recorded.clone(),
+    let first = match (&recorded, claimed_before) {
+        (Some(r), _) => Some(r.clone()),
+        (None, true) => s.store.event_by_key(&claim_key).await?,
+        (None, false) => None,
     };
     if let Some(first) = first {
         let v: serde_json::Value = serde_json::from_str(&first.payload).unwrap_or_default();
@@ -658,8 +669,9 @@ pub(super) async fn published_event(
         return Err(retry_later(&results));
     }
     let payload = serde_json::json!({ "what": what, "version": req.version, "digest": digest, "results": results }).to_string();
-    let (_, recorded_before) = s.store.record_event(NewEvent { key: Some(key), kind: "published".into(), payload }).await?;
-    let duplicate = claimed_before || recorded_before;
+    // A duplicate once what it started was recorded (a retry after a 503
+    // may still start what the first could not).
+    let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: "published".into(), payload }).await?;
     let answer =
         HookAnswer { delivery: id, event: "published".into(), duplicate, note: Some(format!("{what} {} published", req.version)), results, revisions: vec![] };
     Ok((StatusCode::ACCEPTED, note_of(&answer), Json(answer)))
