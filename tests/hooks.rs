@@ -728,3 +728,33 @@ async fn issue19_an_id_recorded_before_claims_keeps_its_publication() {
         h.stop().await;
     }
 }
+
+/// Deliveries of one publication that arrive at the same moment (a
+/// registry and GitHub both announcing it, a redelivery racing the first)
+/// start one deployment, and every answer names it: one that found the
+/// deployment its twin had just started was answered "held: … is queued
+/// (deployment #N)" with no deployment id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue19_deliveries_of_one_publication_at_once_all_name_its_deployment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let h = Hooks::start(store).await;
+        let body = published("5.0.0");
+        let sends = (0..8).map(|i| {
+            let (h, body) = (&h, &body);
+            async move { h.signed("registry_package", &format!("ad-{i}"), body).await }
+        });
+        let answers = futures_util::future::join_all(sends).await;
+        let staging: Vec<Option<i64>> = answers
+            .iter()
+            .map(|(s, a)| {
+                assert_eq!(*s, 202, "{backend}: {a}");
+                a["results"].as_array().and_then(|r| r.iter().find(|r| r["environment"] == "staging")).and_then(|r| r["deployment_id"].as_i64())
+            })
+            .collect();
+        let first = staging[0];
+        assert!(first.is_some() && staging.iter().all(|d| *d == first), "{backend}: every answer names the one deployment: {answers:?}");
+        assert_eq!(h.deployments().await.len(), 1, "{backend}");
+        h.stop().await;
+    }
+}
