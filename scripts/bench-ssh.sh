@@ -22,8 +22,10 @@ CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/slipway-bench
 SLIPWAY=${SLIPWAY_BIN:-$ROOT/target/debug/slipway}
 DEMO=${SLIPWAY_DEMO_BIN:-$(dirname "$SLIPWAY")/slipway-demo}
 
+. "$ROOT/scripts/lib/procs.sh"
 cleanup() {
-  [ -n "${SERVE_PID:-}" ] && kill -9 "$SERVE_PID" 2>/dev/null || true
+  stop_tree "${SERVE_PID:-}" KILL
+  stop_tree "${WWW_PID:-}"
   "$ROOT/scripts/fleet.sh" down "$FLEET" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -174,7 +176,8 @@ YML
   play 1.0
   t0=$(now); play 2.0; t1=$(now)
   A_ROLL=$(echo "$t1 - $t0" | bc)
-  kill "$WWW_PID" 2>/dev/null || true
+  stop_tree "$WWW_PID"
+  WWW_PID=""
   R_RATIO=$(echo "scale=3; $S_ROLL / $A_ROLL" | bc)
   R_JSON=$(printf ',"rollout":{"batch":5,"slipway_s":%s,"ansible_s":%s,"ratio":%s}' "$S_ROLL" "$A_ROLL" "$R_RATIO")
 fi

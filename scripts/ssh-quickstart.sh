@@ -23,8 +23,9 @@ FLEET=$WORK/fleet
 SERVE_PID=""
 LOAD_PID=""
 WWW_PID=""
+. "$ROOT/scripts/lib/procs.sh"
 cleanup() {
-  for p in "$LOAD_PID" "$WWW_PID" "$SERVE_PID"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  for p in "$LOAD_PID" "$WWW_PID" "$SERVE_PID"; do stop_tree "$p"; done
   "$ROOT/scripts/fleet.sh" down "$FLEET" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -118,7 +119,7 @@ LOAD_PID=$!
 sleep 1
 client "$BIN" deploy web 2 --env production --sha256 "$SHA"
 sleep 1
-kill "$LOAD_PID" 2>/dev/null || true; wait "$LOAD_PID" 2>/dev/null || true; LOAD_PID=""
+stop_tree "$LOAD_PID"; wait "$LOAD_PID" 2>/dev/null || true; LOAD_PID=""
 echo "requests during the rollout: $(grep -c 'hello from demo' "$WORK/load.log") answered, $(grep -c FAILED "$WORK/load.log" || true) failed"
 get_all
 

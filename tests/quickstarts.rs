@@ -77,4 +77,31 @@ fn issue15_the_ssh_quickstart_runs_as_the_readme_says() {
     // Every host ends on v2: the unhealthy v3 went nowhere.
     let last = out.rsplit("==> slipway hosts\n").next().unwrap_or_default();
     assert_eq!(last.matches("production/web 2 (1/1)").count(), 3, "{out}");
+    // Nothing it started outlives it. A background `fleet.sh client …` job
+    // is a shell, fleet.sh, timeout and the command: stopping the shell
+    // alone left the web server and `slipway serve` running on the bridge
+    // until their timeout, ten minutes later.
+    let work = out
+        .split("fleet.sh up ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|f| f.strip_suffix("/fleet"))
+        .unwrap_or_else(|| panic!("the fleet's directory in its output:\n{out}"))
+        .to_string();
+    let left = || -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&work))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !left().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(left(), Vec::<String>::new(), "processes of the walkthrough still running after it ended");
 }
