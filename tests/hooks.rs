@@ -122,6 +122,11 @@ command = ["true"]
         self.deliver(event, delivery, body, Some(sign(SECRET.as_bytes(), body))).await
     }
 
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.http.get(format!("{}{path}", self.base)).send().await.expect("get");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
     async fn deployments(&self) -> Vec<Value> {
         let v: Value = self.http.get(format!("{}/api/v1/deployments", self.base)).send().await.expect("get").json().await.expect("json");
         v.as_array().cloned().unwrap_or_default()
@@ -648,20 +653,12 @@ async fn issue19_text_with_a_nul_byte_is_refused_and_audited() {
         assert!(e["error"]["message"].as_str().unwrap_or("").contains("x\u{0}y"), "{backend}: the refusal quotes the byte: {e}");
         assert!(h.deployments().await.is_empty(), "{backend}");
 
-        let get = |path: &str| {
-            let url = format!("{}{path}", h.base);
-            let http = h.http.clone();
-            async move {
-                let r = http.get(url).send().await.expect("get");
-                (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
-            }
-        };
-        let (s, log) = get("/api/v1/audit?limit=50").await;
+        let (s, log) = h.get("/api/v1/audit?limit=50").await;
         assert_eq!(s, 200, "{backend}: {log}");
         let refused = log.as_array().map(|a| a.iter().filter(|e| e["action"] == "POST /api/v1/events" && e["status"] == 400).count()).unwrap_or(0);
         assert_eq!(refused, 1, "{backend}: the refusal quoting a NUL byte is audited: {log}");
         assert!(log.to_string().contains("x\u{FFFD}y"), "{backend}: kept as U+FFFD: {log}");
-        let (s, none) = get("/api/v1/audit?actor=a%00b").await;
+        let (s, none) = h.get("/api/v1/audit?actor=a%00b").await;
         assert_eq!((s, none.as_array().map(Vec::len)), (200, Some(0)), "{backend}: {none}");
         h.stop().await;
     }
