@@ -755,3 +755,81 @@ async fn issue19_deliveries_of_one_publication_at_once_all_name_its_deployment()
         h.stop().await;
     }
 }
+
+/// A registry's event id seen again with another push (another tag, or
+/// another digest) is that other push: it deploys, and is not answered
+/// as a duplicate. It used to deploy and be answered `"duplicate": true`,
+/// as if nothing had been done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue19_a_registry_event_id_seen_with_another_push_is_that_push_not_a_duplicate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let h = Hooks::start(store).await;
+        let staging = |a: &Value| a["results"].as_array().and_then(|r| r.iter().find(|r| r["environment"] == "staging").cloned()).unwrap_or(Value::Null);
+        let (s, a) = h.registry_push("ev-7", "1.4.0", &"a".repeat(64)).await;
+        assert_eq!((s, a["duplicate"].as_bool()), (200, Some(false)), "{backend}: {a}");
+        let first = staging(&a)["deployment_id"].as_i64().unwrap_or_else(|| panic!("{backend}: {a}"));
+        let (_, again) = h.registry_push("ev-7", "1.4.0", &"a".repeat(64)).await;
+        assert_eq!((again["duplicate"].as_bool(), staging(&again)["deployment_id"].as_i64()), (Some(true), Some(first)), "{backend}: {again}");
+        h.wait_done(first).await;
+
+        let (s, other) = h.registry_push("ev-7", "1.5.0", &"b".repeat(64)).await;
+        assert_eq!((s, other["duplicate"].as_bool()), (200, Some(false)), "{backend}: another push under a seen id: {other}");
+        let second = staging(&other)["deployment_id"].as_i64().unwrap_or_else(|| panic!("{backend}: 1.5.0 deploys: {other}"));
+        assert_ne!(second, first, "{backend}");
+        let (_, again) = h.registry_push("ev-7", "1.5.0", &"b".repeat(64)).await;
+        assert_eq!((again["duplicate"].as_bool(), staging(&again)["deployment_id"].as_i64()), (Some(true), Some(second)), "{backend}: {again}");
+        assert_eq!(h.deployments().await.len(), 2, "{backend}");
+        h.wait_done(second).await;
+        h.stop().await;
+    }
+}
+
+/// A publication sent again by a token that may not deploy where the
+/// first sender's deployed it: the answer names that deployment, as any
+/// retry's does. It used to say "held: … may not deploy in production"
+/// (a held decision did not look the publication up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue19_a_retry_by_a_token_that_may_not_deploy_there_names_what_the_publication_started() {
+    let extra = r#"
+[[service]]
+name = "api"
+follows = "ghcr.io/team/api"
+auto_deploy = ["staging", "production"]
+
+[[job]]
+name = "deploy-api"
+service = "api"
+command = ["true"]
+"#;
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (backend, store) in common::stores(dir.path()).await {
+        let h = Hooks::start_with(store, extra).await;
+        let (s, root) = h.post_json("/api/v1/tokens", None, &json!({"name": "root", "roles": {"*": "admin"}})).await;
+        assert_eq!(s, 201, "{backend}: {root}");
+        let root = root["token"].as_str().expect("token").to_string();
+        let (s, ci) = h.post_json("/api/v1/tokens", Some(&root), &json!({"name": "ci", "roles": {"staging": "deployer"}})).await;
+        assert_eq!(s, 201, "{backend}: {ci}");
+        let ci = ci["token"].as_str().expect("token").to_string();
+        let env = |a: &Value, e: &str| a["results"].as_array().and_then(|r| r.iter().find(|r| r["environment"] == e).cloned()).unwrap_or(Value::Null);
+
+        let body = json!({"service": "api", "version": "1.0.0", "id": "rel-1"});
+        let (s, a) = h.post_json("/api/v1/published", Some(&root), &body).await;
+        assert_eq!(s, 202, "{backend}: {a}");
+        let production = env(&a, "production")["deployment_id"].as_i64().unwrap_or_else(|| panic!("{backend}: {a}"));
+        let (s, b) = h.post_json("/api/v1/published", Some(&ci), &body).await;
+        assert_eq!((s, b["duplicate"].as_bool()), (202, Some(true)), "{backend}: {b}");
+        assert_eq!(env(&b, "production")["deployment_id"].as_i64(), Some(production), "{backend}: the retry names it: {b}");
+        assert!(env(&b, "production")["held"].is_null(), "{backend}: {b}");
+        assert_eq!(env(&b, "staging")["deployment_id"], env(&a, "staging")["deployment_id"], "{backend}: {b}");
+
+        // A publication of its own from that token is held there, saying why.
+        let (s, c) = h.post_json("/api/v1/published", Some(&ci), &json!({"service": "api", "version": "1.0.1", "id": "rel-2"})).await;
+        assert_eq!(s, 202, "{backend}: {c}");
+        assert!(env(&c, "production")["held"].as_str().is_some_and(|h| h.contains("may not deploy in production")), "{backend}: {c}");
+        for d in h.deployments().await {
+            h.wait_done(d["id"].as_i64().expect("id")).await;
+        }
+        h.stop().await;
+    }
+}

@@ -220,6 +220,16 @@ async fn act(
         };
         let what = service.as_ref().and_then(|x| x.follows.clone()).unwrap_or_else(|| format!("service {}", d.service));
         let key = crate::trigger::publication_key(&what, version, announced, &d.environment, &d.service);
+        // Held for this delivery (the config, or a token that may not
+        // deploy there), but another delivery of the publication, by a
+        // token that may, can have started it there: that answers, as a
+        // retry's would. A lookup that fails leaves the hold.
+        if d.held.is_some()
+            && let Ok(Some(e)) = s.store.event_by_key(&key).await
+            && e.deployment_id.is_some()
+        {
+            (r.deployment_id, r.held) = (e.deployment_id, None);
+        }
         if d.held.is_none() {
             // Announced before: what that started. Else: newer than what
             // stands, or held.
@@ -468,7 +478,7 @@ pub async fn github(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bo
 /// pushes deploy (as a published version, like GitHub's package events in
 /// [`github()`]); pulls, blobs
 /// and deletes are ignored. Each event is handled once, by its id.
-#[utoipa::path(post, path = "/hooks/registry", request_body(content = Object, content_type = "application/json", description = "The registry's notification envelope (`events`)"),
+#[utoipa::path(post, path = "/hooks/registry", request_body(content = super::wire::RegistryEnvelope, content_type = "application/json", description = "The registry's notification envelope (`events`)"),
     security(("registry_token" = [])),
     responses((status = 200, description = "Every event handled or deliberately ignored", body = HookAnswer), (status = 400, description = "Not a notification envelope", body = super::wire::ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = super::wire::ErrorBody), (status = 404, description = "[registry_hook] is not configured here", body = super::wire::ErrorBody),
@@ -510,8 +520,17 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
         if transient {
             return Err(retry_later(&results));
         }
-        let payload = serde_json::json!({ "images": p.images, "version": p.version, "results": results }).to_string();
-        let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: "registry.push".into(), payload }).await?;
+        let payload = serde_json::json!({ "images": p.images, "version": p.version, "digest": p.digest, "results": results }).to_string();
+        let (_, mut duplicate) = s.store.record_event(NewEvent { key: Some(key.clone()), kind: "registry.push".into(), payload: payload.clone() }).await?;
+        // A registry sends an event again under its id, but an id seen
+        // with another push (another registry, one that reuses ids) is
+        // that other push: recorded under a key of its own, and not a
+        // duplicate (`act` above deployed it if it deploys).
+        if duplicate && !same_push(s.store.event_by_key(&key).await?.map(|e| e.payload), &p) {
+            let digest = p.digest.as_ref().map_or("", |d| d.as_str());
+            let key = key_of("registry", &[&p.id, p.version.as_str(), digest]);
+            duplicate = s.store.record_event(NewEvent { key: Some(key), kind: "registry.push".into(), payload }).await?.1;
+        }
         all_duplicates &= duplicate;
         answer.results.extend(results);
     }
@@ -519,6 +538,20 @@ pub async fn registry(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
     // The registry retries anything but a 2xx: every event it sent is
     // either handled or deliberately ignored by now.
     Ok((StatusCode::OK, note_of(&answer), Json(answer)))
+}
+
+/// Whether the registry event recorded under a push's id (its payload)
+/// was this push: the same version of the same images, and the same
+/// digest where the record has one (records from before it was kept have
+/// none).
+fn same_push(recorded: Option<String>, p: &crate::trigger::registry::Pushed) -> bool {
+    let Some(v) = recorded.and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok()) else { return true };
+    let images: Vec<&str> = v["images"].as_array().into_iter().flatten().filter_map(|i| i.as_str()).collect();
+    let digest = p.digest.as_ref().map(|d| d.as_str());
+    v["version"].as_str() == Some(p.version.as_str())
+        && images.len() == p.images.len()
+        && p.images.iter().all(|i| images.contains(&i.as_str()))
+        && v.get("digest").is_none_or(|d| d.is_null() || d.as_str() == digest)
 }
 
 /// The kind of the claim of a publication's `id` (and the first part of
@@ -566,6 +599,17 @@ pub async fn published_from_queue(s: &AppState, req: super::wire::PublishedReque
     }
 }
 
+/// What is wrong with a publication's id, if anything (the document states
+/// the rule as [`super::wire::PUBLISHED_ID_PATTERN`]).
+pub(super) fn published_id_problem(id: &str) -> Option<String> {
+    if id.is_empty() || id.chars().count() > 256 {
+        return Some("`id` must be 1 to 256 characters".into());
+    }
+    // Keys are hashed from NUL-separated parts: a NUL in an id could spell
+    // another key's parts (the one a publication deploys under).
+    id.chars().any(char::is_control).then(|| format!("`id` {id:?} holds a control character: use printable characters only"))
+}
+
 /// An "artifact published" event from `/api/v1/published` or
 /// `/api/v1/events` (`kind = "published"`).
 pub(super) async fn published_event(
@@ -598,13 +642,8 @@ pub(super) async fn published_event(
         _ => return Err(ApiError::bad_request("name either `image` or `service` (a valid name)")),
     };
     let id = req.id.clone().unwrap_or_else(|| format!("{what}:{}", req.version));
-    if id.is_empty() || id.chars().count() > 256 {
-        return Err(ApiError::bad_request("`id` must be 1 to 256 characters"));
-    }
-    // Keys are hashed from NUL-separated parts: a NUL in an id could spell
-    // another key's parts (the one a publication deploys under).
-    if id.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(format!("`id` {id:?} holds a control character: use printable characters only")));
+    if let Some(problem) = published_id_problem(&id) {
+        return Err(ApiError::bad_request(problem));
     }
     // What the token may not deploy is held, saying so.
     let decisions: Vec<Decision> = decisions

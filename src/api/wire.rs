@@ -83,8 +83,9 @@ pub enum EventRequestSchema {
         #[schema(value_type = Option<EventId>)]
         id: Option<String>,
     },
-    /// An artifact was published (as `POST /api/v1/published`): `image`
-    /// (its followers) or `service`; deploys where `auto_deploy` opts in.
+    /// An artifact was published (as `POST /api/v1/published`): exactly
+    /// one of `image` (its followers) and `service`; deploys where
+    /// `auto_deploy` opts in.
     Published {
         #[serde(default)]
         #[schema(value_type = Option<Image>)]
@@ -100,7 +101,7 @@ pub enum EventRequestSchema {
         /// Idempotency key, 1 to 256 printable characters; by default the
         /// artifact and version themselves.
         #[serde(default)]
-        #[schema(min_length = 1, max_length = 256)]
+        #[schema(value_type = Option<PublishedId>)]
         id: Option<String>,
     },
 }
@@ -439,6 +440,7 @@ pub struct WhyInfo {
 }
 
 /// `POST /api/v1/published`: a version of an artifact was published.
+/// Names exactly one of `image` and `service` (400 otherwise).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(examples(json!({"image": "ghcr.io/team/web", "version": "1.4.2"}), json!({"service": "web", "version": "1.4.3", "digest": "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"})))]
@@ -463,8 +465,22 @@ pub struct PublishedRequest {
     /// and version themselves, so the same version published twice
     /// deploys once.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 256)]
+    #[schema(value_type = Option<PublishedId>)]
     pub id: Option<String>,
+}
+
+/// `POST /hooks/registry`: a registry's notification envelope (Docker
+/// Distribution's). Each tagged push of a manifest (`action` `push`, a
+/// `target` with a `tag` and a manifest `mediaType`, an `id`) is acted
+/// on; every other event is counted and ignored.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(examples(json!({"events": [{"id": "320678d8-ca14-430f-8bb6-4ca139cd83f7", "action": "push",
+    "target": {"mediaType": "application/vnd.docker.distribution.manifest.v2+json", "digest": "sha256:fc6a51919cfeb2e6763f62b6d9e8815acbf7cd2e476ea353743570610737b752",
+        "repository": "team/web", "tag": "1.4.0"}, "request": {"host": "registry.internal:5000"}}]})))]
+pub struct RegistryEnvelope {
+    /// The events, as the registry sends them.
+    #[schema(value_type = Vec<Value>)]
+    pub events: Vec<serde_json::Value>,
 }
 
 /// The answer to a webhook delivery.
@@ -766,6 +782,9 @@ pub const HOST_PATTERN: &str = "^[A-Za-z0-9._:\\[\\]-]{1,255}$";
 pub const VERSION_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$";
 /// `crate::submit::valid_key`: an event's idempotency key.
 pub const EVENT_ID_PATTERN: &str = "^[A-Za-z0-9._:-]{1,128}$";
+/// `super::hooks::published_id_problem`: a publication's id, any 1 to 256
+/// characters but control characters (Unicode's Cc).
+pub const PUBLISHED_ID_PATTERN: &str = "^[^\\x00-\\x1F\\x7F-\\x9F]{1,256}$";
 /// `crate::service::artifact::parse_sha256`.
 pub const DIGEST_PATTERN: &str = "^(sha256:)?[0-9A-Fa-f]{64}$";
 /// A token's role is given per environment name, or `*` for every one.
@@ -829,6 +848,12 @@ string_rule!(
     EventId, EVENT_ID_PATTERN, 1, 128,
     "The idempotency key of a deploy or run event: at most 128 letters, digits, '.', '_', '-' or ':'. Keys starting with github:, registry:, published:, git:, promote: or resubmit: are Slipway's own (400).",
     "ci-run-4711"
+);
+string_rule!(
+    /// Document-only: a publication's id (see [`PUBLISHED_ID_PATTERN`]).
+    PublishedId, PUBLISHED_ID_PATTERN, 1, 256,
+    "The id of one publication: 1 to 256 characters, none of them a control character. The same id again is a retry of that publication; another publication under it is refused (409).",
+    "build-4711"
 );
 string_rule!(
     /// Document-only: a SHA-256 digest (see [`DIGEST_PATTERN`]).
@@ -936,8 +961,12 @@ mod tests {
     fn issue13_document_patterns_state_the_rules_the_server_checks() {
         let (name, version, key, digest, scope, image) =
             (re(NAME_PATTERN), re(VERSION_PATTERN), re(EVENT_ID_PATTERN), re(DIGEST_PATTERN), re(ROLE_SCOPE_PATTERN), re(IMAGE_PATTERN));
-        let (filter, host) = (re(NAME_FILTER_PATTERN), re(HOST_PATTERN));
-        for s in samples().into_iter().chain(["".to_string(), "[::1]".into(), "10.0.0.7:22".into(), "a\u{e9}".into()]) {
+        let (filter, host, published) = (re(NAME_FILTER_PATTERN), re(HOST_PATTERN), re(PUBLISHED_ID_PATTERN));
+        let edges =
+            ["".to_string(), "[::1]".into(), "10.0.0.7:22".into(), "a\u{e9}".into(), "a\u{0}b".into(), "\u{7f}".into(), "x\u{85}".into(), "\u{a0}".into()];
+        let lengths = ["\u{e9}".repeat(256), "\u{e9}".repeat(257), "a".repeat(256), "a".repeat(257)];
+        for s in samples().into_iter().chain(edges).chain(lengths) {
+            assert_eq!(published.is_match(&s), super::super::hooks::published_id_problem(&s).is_none(), "published id {s:?}");
             assert_eq!(name.is_match(&s), crate::config::valid_name(&s), "name {s:?}");
             assert_eq!(filter.is_match(&s), s.is_empty() || crate::config::valid_name(&s), "name filter {s:?}");
             assert_eq!(host.is_match(&s), super::super::valid_host(&s), "host {s:?}");
