@@ -293,6 +293,45 @@ fn rollback_returns_to_the_previous_version_without_migrating() {
     assert_eq!(services[0]["previous_version"], "2.0", "{services}");
 }
 
+// Issue 19 (an audit of waits without a bound): `slipway status`, `GET
+// /api/v1/services` and the dashboard's overview waited for a rollout in
+// progress to let go of its service, for as long as its health deadline,
+// drains and stop graces took.
+#[test]
+fn issue19_services_are_listed_while_a_rollout_runs() {
+    let port = free_port();
+    let config = web_config(port, 2, r#"{ strategy = "rolling", max_surge = 1, drain = "100ms" }"#, "").replace(r#"deadline = "3s""#, r#"deadline = "15s""#);
+    let dir = config_dir(&config, &[]);
+    let server = Server::start(dir.path(), None, &[]);
+    assert!(deploy(&server, dir.path(), "1.0").status.success());
+
+    // 3.0 never becomes healthy: its rollout holds the service until the
+    // health deadline.
+    let bad = std::thread::scope(|scope| {
+        let rollout = scope.spawn(|| deploy(&server, dir.path(), "3.0"));
+        wait_for(Duration::from_secs(20), "an instance of 3.0 to start", || {
+            let out = std::process::Command::new("pgrep").args(["-f", "--", "--version 3.0"]).output().expect("pgrep");
+            out.status.success()
+        });
+        let status = server.cli(dir.path(), &["status"]);
+        let said = text(&status);
+        assert!(status.status.success(), "{said}");
+        let line = said.lines().find(|l| l.starts_with("staging") && l.contains("web")).unwrap_or_else(|| panic!("no service line in:\n{said}"));
+        assert!(line.contains("1.0") && line.contains("2/2"), "what runs until the rollout ends: {line}");
+        let deployments = get_json(&format!("{}/api/v1/deployments", server.url));
+        let states: Vec<(String, String)> = deployments
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| (d["version"].as_str().unwrap_or("").to_string(), d["state"].as_str().unwrap_or("").to_string()))
+            .collect();
+        assert!(states.contains(&("3.0".to_string(), "running".to_string())), "answered while 3.0 still rolls out: {states:?}");
+        rollout.join().expect("deploy thread")
+    });
+    assert_eq!(bad.status.code(), Some(1), "rolled back: {}", text(&bad));
+    assert_eq!(hello(port).as_deref(), Some("hello from demo 1.0"));
+}
+
 /// A tiny HTTP server for release tarballs: `GET /web-<v>.tar.gz` serves
 /// `tarball`; `/down-*` always answers 503; anything else 404. Counts hits.
 fn tarball_server(tarball: Vec<u8>) -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {

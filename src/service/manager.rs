@@ -67,8 +67,73 @@ struct Managed {
     /// service moved to another `listen` address).
     stop: CancellationToken,
     /// Held for a whole rollout: one rollout per service at a time, and
-    /// the supervisor keeps out while it runs.
+    /// the supervisor keeps out while it runs. Taken through
+    /// [`Managed::hold`], never directly, so that `shown` follows it.
     state: Mutex<ServiceState>,
+    /// The state as its last holder left it: what `status` shows, without
+    /// waiting for a rollout (which can take minutes: health deadlines,
+    /// drains, stop graces) to let go of `state`.
+    shown: std::sync::Mutex<Shown>,
+}
+
+/// What [`ServiceManager::status`] reads of a service.
+#[derive(Default, Clone)]
+struct Shown {
+    version: Option<String>,
+    instances: Vec<Arc<dyn Instance>>,
+    restarts: u32,
+}
+
+impl Managed {
+    fn new(proxy: Proxy, stop: CancellationToken, state: ServiceState) -> Managed {
+        let shown = std::sync::Mutex::new(Shown::of(&state));
+        Managed { proxy, stop, state: Mutex::new(state), shown }
+    }
+
+    async fn hold(&self) -> Held<'_> {
+        Held { state: self.state.lock().await, shown: &self.shown }
+    }
+
+    fn try_hold(&self) -> Option<Held<'_>> {
+        Some(Held { state: self.state.try_lock().ok()?, shown: &self.shown })
+    }
+
+    fn shown(&self) -> Shown {
+        self.shown.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The held state of a service; what it holds when let go (however it
+/// is let go: at the end, on an early return, a cancelled rollout) is
+/// what `status` shows from then on.
+struct Held<'a> {
+    state: tokio::sync::MutexGuard<'a, ServiceState>,
+    shown: &'a std::sync::Mutex<Shown>,
+}
+
+impl Shown {
+    fn of(s: &ServiceState) -> Shown {
+        Shown { version: s.current.as_ref().map(|g| g.version.clone()), instances: s.instances.clone(), restarts: s.restarts }
+    }
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = ServiceState;
+    fn deref(&self) -> &ServiceState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut ServiceState {
+        &mut self.state
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        *self.shown.lock().unwrap_or_else(|e| e.into_inner()) = Shown::of(&self.state);
+    }
 }
 
 /// How long a rollout after `stop_all_services` waits for the stopped
@@ -177,14 +242,14 @@ impl ServiceManager {
         // to); the old proxy and its supervisor stop.
         let mut state = ServiceState::default();
         if let Some(old) = services.get(&key) {
-            let mut o = old.state.lock().await;
+            let mut o = old.hold().await;
             state.current = o.current.take();
             state.instances = std::mem::take(&mut o.instances);
             state.restarts = o.restarts;
             proxy.set_backends(state.instances.iter().map(|i| i.addr()).collect());
             old.stop.cancel();
         }
-        let m = Arc::new(Managed { proxy, stop, state: Mutex::new(state) });
+        let m = Arc::new(Managed::new(proxy, stop, state));
         services.insert(key, m.clone());
         let me = self.clone();
         let (env, m2) = (environment.to_string(), m.clone());
@@ -355,7 +420,7 @@ impl ServiceManager {
             Ok(m) => m,
             Err(e) => return RunResult { outcome: Outcome::Failed, exit_code: None, reason: Some(e), parts: Vec::new() },
         };
-        let mut state = m.state.lock().await;
+        let mut state = m.hold().await;
         let new = Generation {
             sha256: req.sha256.clone(),
             version: req.version.clone(),
@@ -701,7 +766,7 @@ impl ServiceManager {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
             // try_lock: a rollout holds the lock and handles its own.
-            let Ok(mut state) = m.state.try_lock() else { continue };
+            let Some(mut state) = m.try_hold() else { continue };
             // Stopped while we slept or waited: whoever stopped us took
             // the instances, and must not see new ones appear.
             if m.stop.is_cancelled() {
@@ -837,7 +902,7 @@ impl ServiceManager {
                 revision: row.revision.clone(),
                 deployment_id: row.deployment_id,
             };
-            let mut state = m.state.lock().await;
+            let mut state = m.hold().await;
             // Instances of the recorded version that a dead Slipway left
             // running are kept (once healthy) instead of replaced.
             let adopted = self.adopt(&row.environment, &g).await;
@@ -920,14 +985,16 @@ impl ServiceManager {
         let services: Vec<((String, String), Arc<Managed>)> = self.services.lock().await.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let mut out = Vec::new();
         for ((environment, service), m) in services {
-            let state = m.state.lock().await;
+            // As the last holder left it: during a rollout, what ran
+            // before it (whose instances it may be stopping).
+            let shown = m.shown();
             out.push(ServiceStatus {
                 environment,
                 service,
-                version: state.current.as_ref().map(|g| g.version.clone()),
+                version: shown.version,
                 listen: m.proxy.local_addr(),
-                instances: state.instances.iter().map(|i| (i.addr(), i.id(), i.exit().is_none())).collect(),
-                restarts: state.restarts,
+                instances: shown.instances.iter().map(|i| (i.addr(), i.id(), i.exit().is_none())).collect(),
+                restarts: shown.restarts,
             });
         }
         out.sort_by(|a, b| (&a.environment, &a.service).cmp(&(&b.environment, &b.service)));
@@ -998,7 +1065,7 @@ impl ServiceManager {
             m.stop.cancel();
         }
         for m in services {
-            let mut state = m.state.lock().await;
+            let mut state = m.hold().await;
             let grace = state.current.as_ref().map(|g| g.spec.stop_grace).unwrap_or(Duration::from_secs(5));
             state.current = None;
             let instances = std::mem::take(&mut state.instances);
