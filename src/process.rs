@@ -30,10 +30,20 @@ pub fn substitute(arg: &str, values: &std::collections::BTreeMap<&'static str, S
     out
 }
 
+/// Slipway's own credentials, which its environment may hold for it (the
+/// store's URL and password, the CLI's token, the AWS keys of the ECS
+/// target and the SQS trigger). No process it starts inherits them (Nomad
+/// keeps the same out of tasks by default); one that needs a value lists
+/// it as a secret, `[secret.aws] env = "AWS_SECRET_ACCESS_KEY"`.
+pub const OWN_CREDENTIALS: &[&str] = &["SLIPWAY_STORE", "SLIPWAY_TOKEN", "PGPASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"];
+
 /// Take the variables that hold secrets out of a child's environment (it
 /// would inherit Slipway's own): a process gets a secret only by listing it.
 pub(crate) fn hide_secret_sources(cmd: &mut std::process::Command) {
     for var in crate::config::secret::env_sources() {
+        cmd.env_remove(var);
+    }
+    for var in OWN_CREDENTIALS {
         cmd.env_remove(var);
     }
 }

@@ -1534,6 +1534,85 @@ command = "echo peek sees ${{API_KEY:-nothing}}"
     assert!(!everything.contains("topsecret-9931"), "the value leaked: {everything}");
 }
 
+// Issue 19 (an audit of where secrets go): every process Slipway started
+// inherited its own credentials (the store's URL, PGPASSWORD, the CLI's
+// token, the AWS keys), and a job that printed its environment stored
+// them in its log in clear.
+#[test]
+fn issue19_no_process_inherits_slipways_own_credentials() {
+    let store_dir = tempfile::tempdir().expect("tempdir");
+    let store = format!("sqlite://{}", store_dir.path().join("own-store-8086.db").display());
+    let dir = common::config_dir(
+        r#"
+[secret.aws]
+env = "AWS_SECRET_ACCESS_KEY"
+
+[[job]]
+name = "dump"
+shell = true
+command = "env; test -z \"$SLIPWAY_STORE$PGPASSWORD$SLIPWAY_TOKEN$AWS_ACCESS_KEY_ID$AWS_SECRET_ACCESS_KEY$AWS_SESSION_TOKEN\""
+
+[[job]]
+name = "listed"
+shell = true
+secrets = { AWS_SECRET_ACCESS_KEY = "aws" }
+command = "test \"$AWS_SECRET_ACCESS_KEY\" = own-aws-secret-77 && echo listed has $AWS_SECRET_ACCESS_KEY"
+"#,
+        &[],
+    );
+    let own = [
+        ("SLIPWAY_STORE", store.as_str()),
+        ("PGPASSWORD", "own-pg-password-31"),
+        ("SLIPWAY_TOKEN", "own-token-5150"),
+        ("AWS_ACCESS_KEY_ID", "AKIDOWN42"),
+        ("AWS_SECRET_ACCESS_KEY", "own-aws-secret-77"),
+        ("AWS_SESSION_TOKEN", "own-session-token-64"),
+    ];
+    let server = common::Server::start_with_env(dir.path(), None, &[], &own);
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+
+    let dump = server.cli(dir.path(), &["run", "dump"]);
+    let logs = text(&server.cli(dir.path(), &["logs", "1"]));
+    assert!(dump.status.success(), "{}\n{logs}", text(&dump));
+    assert!(logs.contains("SLIPWAY_JOB=dump"), "the job printed its environment: {logs}");
+    for (name, value) in own {
+        assert!(!logs.contains(value) && !logs.contains(&format!("{name}=")), "{name} reached the job: {logs}");
+    }
+    // Listed as a secret, a job gets it, masked in what it prints.
+    let listed = server.cli(dir.path(), &["run", "listed"]);
+    let logs = text(&server.cli(dir.path(), &["logs", "2"]));
+    assert!(listed.status.success(), "{}\n{logs}", text(&listed));
+    assert!(logs.contains("listed has [secret aws]"), "{logs}");
+}
+
+// Issue 19 (an audit of where secrets go): a store password given as a
+// URL parameter was printed as given when the store could not be
+// reached, and `--help` printed SLIPWAY_STORE's value, password and all.
+#[test]
+fn issue19_the_store_password_is_never_printed() {
+    let dir = common::config_dir("", &[]);
+    let out = std::process::Command::new(common::slipway_bin())
+        .args(["--config", &dir.path().display().to_string(), "serve", "--listen", "127.0.0.1:0", "--store"])
+        .arg(format!("postgres://slipway@127.0.0.1:{}/db?password=pw-in-a-parameter-12", common::free_port()))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("slipway serve");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && said.contains("password=***"), "{said}");
+    assert!(!said.contains("pw-in-a-parameter-12"), "{said}");
+    for command in [&["serve", "--help"][..], &["plan", "--help"], &["token", "create", "--help"]] {
+        let out = std::process::Command::new(common::slipway_bin())
+            .args(command)
+            .env("SLIPWAY_STORE", "postgres://slipway:pw-in-the-url-34@127.0.0.1/db")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("slipway --help");
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && said.contains("SLIPWAY_STORE"), "{command:?}: {said}");
+        assert!(!said.contains("pw-in-the-url-34"), "{command:?}: {said}");
+    }
+}
+
 /// `slipway run` into an environment behind an approval: the CLI says
 /// what the deployment waits for, and when the config changes while it
 /// waits (so it is submitted again on the new revision once approved), the

@@ -205,7 +205,7 @@ pub struct PlanArgs {
     #[arg(long)]
     pub parallelism: Option<usize>,
     /// Store to read past durations from (default as for `serve`).
-    #[arg(long, env = "SLIPWAY_STORE")]
+    #[arg(long, env = "SLIPWAY_STORE", hide_env_values = true)]
     pub store: Option<String>,
     /// With --to: the jobs a new commit of the environment's config
     /// branch runs (what changed from this commit or branch).
@@ -224,7 +224,7 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// sqlite://PATH or postgres://USER@HOST:PORT/DB (default: SQLite next to the config).
-    #[arg(long, env = "SLIPWAY_STORE")]
+    #[arg(long, env = "SLIPWAY_STORE", hide_env_values = true)]
     pub store: Option<String>,
     /// Jobs this node runs at once.
     #[arg(long)]
@@ -287,7 +287,7 @@ pub enum TokenCommand {
         local: bool,
         /// With --local: the store, as `serve --store` (default: as `serve`
         /// finds it from the config).
-        #[arg(long, env = "SLIPWAY_STORE")]
+        #[arg(long, env = "SLIPWAY_STORE", hide_env_values = true)]
         store: Option<String>,
     },
     List,

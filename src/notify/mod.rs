@@ -137,6 +137,17 @@ fn wants(n: &Notify, what: &str, d: &DeploymentRow) -> bool {
 
 /// POST with retries; a 2xx ends it, a 4xx other than 408/429 too (it will
 /// not change), anything else is tried again after 1 s, 2 s, 4 s…
+/// A plain notification URL as a log line shows it: scheme and host only.
+/// A user and password, a token in the path (Slack's and most chat
+/// services' hooks) or the query stay out of the log.
+fn shown_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return "[a URL that is not one]".into() };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let more = if rest.len() > authority.len() { "/…" } else { "" };
+    format!("{scheme}://{host}{more}")
+}
+
 async fn deliver(http: &reqwest::Client, n: &Notify, body: &serde_json::Value, id: i64, what: &str) {
     let url = match &n.url {
         NotifyUrl::Plain(u) => u.clone(),
@@ -150,7 +161,7 @@ async fn deliver(http: &reqwest::Client, n: &Notify, body: &serde_json::Value, i
     };
     // Never the URL in a log line: it may be the secret.
     let shown = match &n.url {
-        NotifyUrl::Plain(u) => u.split('?').next().unwrap_or("").to_string(),
+        NotifyUrl::Plain(u) => shown_url(u),
         NotifyUrl::Secret(s) => format!("[secret {}]", s.name),
     };
     let mut delay = Duration::from_secs(1);
@@ -171,5 +182,20 @@ async fn deliver(http: &reqwest::Client, n: &Notify, body: &serde_json::Value, i
         }
         tokio::time::sleep(delay).await;
         delay *= 2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Issue 19 (an audit of where secrets go): a plain URL was logged up to
+    // its query, with its user, password and the token in its path.
+    #[test]
+    fn issue19_a_notification_url_is_logged_as_its_host_only() {
+        use super::shown_url;
+        assert_eq!(shown_url("http://bot:pw123@127.0.0.1:1/services/T0AAA/B0BBB/XXXXSECRET?x=1"), "http://127.0.0.1:1/…");
+        assert_eq!(shown_url("https://hooks.slack.com/services/T0/B0/tok"), "https://hooks.slack.com/…");
+        assert_eq!(shown_url("https://chat.example.org"), "https://chat.example.org");
+        assert_eq!(shown_url("https://u@chat.example.org?token=t"), "https://chat.example.org/…");
+        assert_eq!(shown_url("not a url"), "[a URL that is not one]");
     }
 }

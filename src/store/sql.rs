@@ -1359,18 +1359,33 @@ impl Inner {
     }
 }
 
-/// Never print a password from a store URL.
+/// Never print a password from a store URL: the one after the user
+/// (`postgres://user:PASSWORD@host/db`), nor one given as a parameter
+/// (`?password=`, `sslpassword=`: sqlx takes both).
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let base = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
+            let creds = &base[scheme + 3..at];
             match creds.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &creds[..colon], &url[at..]),
-                None => url.to_string(),
+                Some(colon) => format!("{}{}:***{}", &base[..scheme + 3], &creds[..colon], &base[at..]),
+                None => base.to_string(),
             }
         }
-        _ => url.to_string(),
-    }
+        _ => base.to_string(),
+    };
+    let Some(query) = query else { return base };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword") => format!("{k}=***"),
+            _ => p.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", params.join("&"))
 }
 
 const DEPLOYMENT_COLUMNS: &str =
@@ -2655,5 +2670,16 @@ mod tests {
         assert_eq!(value_rows(1, 2, &["", ""]), "($1, $2), ($3, $4)");
         assert_eq!(value_rows(2, 2, &["BIGINT", ""]), "(CAST($2 AS BIGINT), $3), (CAST($4 AS BIGINT), $5)");
         assert_eq!(value_rows(1, 0, &[""]), "");
+    }
+
+    // Issue 19 (an audit of where secrets go): a password given as a
+    // parameter was printed as given.
+    #[test]
+    fn issue19_a_store_url_is_printed_without_any_password() {
+        use super::redact_url;
+        assert_eq!(redact_url("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("postgres://u@h/db?password=s3cret&sslmode=require"), "postgres://u@h/db?password=***&sslmode=require");
+        assert_eq!(redact_url("postgres://u:p@ss@h/db?PassWord=x&sslpassword=y&options=a@b"), "postgres://u:***@h/db?PassWord=***&sslpassword=***&options=a@b");
+        assert_eq!(redact_url("sqlite:///var/lib/slipway/store.db"), "sqlite:///var/lib/slipway/store.db");
     }
 }
