@@ -324,3 +324,104 @@ fn issue13_sqlite_store_unavailable_longer_than_the_lease_loses_no_result() {
         assert_eq!(runs.get(name).copied().unwrap_or(0), 1, "{name}\n{diag}");
     }
 }
+
+/// A TCP relay in front of PostgreSQL that can go silent: each connection
+/// open when [`Relay::silence`] is called still carries what the client
+/// sends, but never again delivers the server's answer, and is never
+/// closed towards the client (a server host that died, a failover, a path
+/// cut without a reset). Connections opened later work. A fault injected
+/// between real parts, not a fake of either.
+struct Relay {
+    port: u16,
+    silenced_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    opened: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    fn start(to: u16) -> Relay {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let silenced_below = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (below, count) = (silenced_below.clone(), opened.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let id = count.fetch_add(1, SeqCst);
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else { continue };
+                let (Ok(mut from_client), Ok(mut to_server)) = (client.try_clone(), server.try_clone()) else { continue };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_client, &mut to_server);
+                    let _ = to_server.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut from_server, mut to_client, below) = (server, client, below.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n @ 1..) = from_server.read(&mut buf) {
+                        if id < below.load(SeqCst) {
+                            continue;
+                        }
+                        if to_client.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                    if id < below.load(SeqCst) {
+                        // Silent to the end: no FIN either.
+                        std::mem::forget(to_client);
+                    }
+                });
+            }
+        });
+        Relay { port, silenced_below, opened }
+    }
+
+    fn silence(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.silenced_below.store(self.opened.load(SeqCst), SeqCst);
+    }
+}
+
+/// Issue 19 (an audit of waits without a bound): a node on PostgreSQL
+/// whose store connections go silent mid-run (every one open at that
+/// moment) finishes its deployment on new ones. The writer that records
+/// results and output waited on its connection's answer forever (sqlx sets
+/// no keepalive, and the server's own timeouts cannot fire on a
+/// connection it no longer has), and with it every finish of the node.
+#[test]
+fn issue19_store_connections_that_go_silent_do_not_stall_the_node() {
+    let Some(pg) = own_postgres() else { return };
+    let relay = Relay::start(pg.port);
+    let store = format!("postgres://slipway@127.0.0.1:{}/postgres", relay.port);
+    // `chatty` prints a line every 10 ms for about 5 s: its output reaches
+    // the writer every 50 ms, so a batch is always in flight or about to go
+    // out on the writer's connection without a ping first.
+    let chatty = r#"
+[[job]]
+name = "chatty"
+idempotent = true
+command = ["sh", "-c", "echo \"$SLIPWAY_JOB $SLIPWAY_ATTEMPT\" >> \"$MARK\"; i=0; while [ $i -lt 500 ]; do echo line $i; i=$((i+1)); sleep 0.01; done"]
+env = { MARK = "@EXT@/marks" }
+"#;
+    let fx = Fx::new(&(graph(4, 5, "0.3") + chatty), 1);
+    let server = fx.serve(0, &store, "n1");
+    let id = submit_run(&server.url, &["done", "chatty"], "silent-1");
+    wait_mid_run(&server, id, "chatty to be running", |d| running(d).contains_key("chatty"));
+    relay.silence();
+    let d = wait(
+        Duration::from_secs(150),
+        &format!("deployment {id} to end"),
+        || logs_of(&[&server]),
+        || detail(&server.url, id).filter(|d| matches!(state(d), "succeeded" | "failed" | "cancelled" | "superseded")),
+    );
+    let diag = format!("{d:#}\n{}", logs_of(&[&server]));
+    assert_eq!(state(&d), "succeeded", "{diag}");
+    assert_eq!(jobs(&d).len(), 22, "{diag}");
+    // A job whose claim was committed but whose answer never came was not
+    // started by it: no job ran twice.
+    let runs = fx.runs();
+    for j in jobs(&d) {
+        let name = j["name"].as_str().unwrap_or("?");
+        assert_eq!(runs.get(name).copied(), Some(1), "{name} ran once\n{diag}");
+    }
+}

@@ -70,6 +70,12 @@ const FINISH_RETRY_LIMIT: Duration = Duration::from_secs(600);
 /// SIGKILL, seeing them gone).
 const SWEEP_MARGIN: Duration = Duration::from_millis(500);
 
+/// How long one pass of the loop (reap, activate, claim) may wait for the
+/// store: past the server's statement timeout (30 s) and the writer's own
+/// bound on a batch (40 s), so only a connection that will never answer
+/// reaches it.
+const STEP_DEADLINE: Duration = Duration::from_secs(45);
+
 /// How often a node renews its leases.
 pub fn renew_interval(lease: Duration) -> Duration {
     (lease / 3).min(Duration::from_secs(1)).max(Duration::from_millis(50))
@@ -432,8 +438,12 @@ impl Scheduler {
                     }
                 }
                 Ok::<(), StoreError>(())
-            }
-            .await;
+            };
+            // A store connection that went silent (its server gone without
+            // a reset) would hold the loop forever: sqlx sets no keepalive.
+            let step = tokio::time::timeout(STEP_DEADLINE, step)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable(format!("the store did not answer within {} s", STEP_DEADLINE.as_secs()))));
             this.store_seen.saw(&step);
             let pause = match step {
                 Ok(()) => {

@@ -877,7 +877,7 @@ impl Inner {
             }
             let conn = held.conn.insert(conn);
             let mut began = false;
-            let result = async {
+            let batch = async {
                 if let Some(common) = &common {
                     // A failure that leaves it unknown whether the call
                     // committed (as one at COMMIT does) is not sent again.
@@ -895,8 +895,21 @@ impl Inner {
                 let results = self.run_ops_on(&mut tx, ops).await?;
                 tx.commit().await.map_err(StoreError::query("batch commit"))?;
                 Ok(results)
-            }
-            .await;
+            };
+            // The server's own timeouts end a slow statement, but not a
+            // connection whose server is gone without a reset (a host that
+            // died, a failover, a cut path): sqlx sets no keepalive, and
+            // the writer, with every finish and log line behind it, would
+            // wait for an answer forever. Whether such a batch committed is
+            // unknown, as at a lost COMMIT: its callers are told the store
+            // is unavailable, and it is not sent again.
+            let result = match tokio::time::timeout(BATCH_DEADLINE, batch).await {
+                Ok(result) => result,
+                Err(_) => {
+                    began = true;
+                    Err(StoreError::Unavailable(format!("the store did not answer a batch of writes within {} s", BATCH_DEADLINE.as_secs())))
+                }
+            };
             held.used = std::time::Instant::now();
             if result.is_err() {
                 // Closed, not given back to the pool (it carries the
@@ -913,6 +926,12 @@ impl Inner {
         }
     }
 }
+
+/// How long the PostgreSQL writer waits for a batch's answer: past the
+/// server's own `statement_timeout` (30 s; a batch's statements are key
+/// lookups, each far below it), so only a connection that will never
+/// answer reaches it.
+const BATCH_DEADLINE: Duration = Duration::from_secs(40);
 
 /// How long the PostgreSQL writer's kept connection may sit unused before
 /// a common batch asks whether it is still alive (`run_batch`).
