@@ -314,6 +314,47 @@ fn issue15_the_supervisor_rolls_drains_and_survives_its_own_kill_here() {
 }
 
 /// The supervisor's exe, as its pid file says.
+// Issue 19 (an audit of where secrets go): a service's secrets are read on
+// the host, and may exist only there, so the node cannot mask them; what
+// the supervisor relayed of a rollout (an instance's last output in a
+// health failure, the reason) left the host in clear.
+#[test]
+fn issue19_what_a_rollout_relays_from_the_host_is_masked_there() {
+    let mut t = Local::new();
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let key = secrets.path().join("api-key");
+    std::fs::write(&key, "host-only-secret-4477\n").expect("write the secret");
+    let text = format!(
+        r#"
+[secret.api]
+file = "{key}"
+
+[[service]]
+name = "web"
+listen = "{listen}"
+instances = 1
+command = ["sh", "-c", "echo booting $0 with $API_KEY >&2; [ $0 = 3.0 ] && exit 3; exec {demo} serve --port \"$1\" --version \"$0\"", "{{version}}", "{{port}}"]
+secrets = {{ API_KEY = "api" }}
+health = {{ http = "/healthz", interval = "100ms", healthy_after = 2, deadline = "3s" }}
+artifact = {{ url = "http://127.0.0.1:9/web-{{version}}.tar.gz" }}
+"#,
+        key = key.display(),
+        listen = t.listen,
+        demo = common::demo_bin()
+    );
+    let config = slipway::config::parse("slipway.toml", &text).unwrap_or_else(|e| panic!("config: {e:?}"));
+    t.spec = slipway::store::spec::encode_service(config.services[0].spec.as_ref().expect("a managed service"));
+
+    let a = t.ask(&t.rollout("1.0"));
+    assert!(a.ok && a.outcome() == "succeeded", "{a:?}\n{}", t.log());
+    // 3.0 exits at once: the reason quotes its last output.
+    let a = t.ask(&t.rollout("3.0"));
+    assert_eq!(a.outcome(), "rolled_back", "{a:?}");
+    let relayed = format!("{a:?}");
+    assert!(relayed.contains("booting 3.0 with [secret api]"), "the last output, masked: {relayed}");
+    assert!(!relayed.contains("host-only-secret-4477"), "the value left the host: {relayed}");
+}
+
 fn supervisor_exe(t: &Local) -> String {
     let v: Value = serde_json::from_slice(&std::fs::read(t.base().join("pid")).expect("the pid file")).expect("JSON");
     v["exe"].as_str().unwrap_or_default().to_string()

@@ -872,6 +872,11 @@ impl Supervisor {
             *op = Some(self.start(&svc).await);
         }
         let Some(running) = op.as_ref() else { return Err("the service's manager did not start".into()) };
+        // The service's secrets are read here, on the host, and may exist
+        // only here: the node cannot mask what it cannot read, so what
+        // leaves the host (an instance's last output in a health failure,
+        // a verify step's output, the reason) is masked before it goes.
+        let mask = Arc::new(crate::config::secret::Redactor::of(spec.secrets.values().chain(spec.secret_files.values())));
         let rollout = RolloutRequest {
             sha256: req.sha256.clone(),
             environment: req.environment.clone(),
@@ -883,13 +888,15 @@ impl Supervisor {
         };
         let (out, mut lines): (OutputSink, _) = mpsc::channel(256);
         let relay_tx = tx.clone();
+        let relay_mask = mask.clone();
         let forward = tokio::spawn(async move {
             // Consumed to the end even when nobody reads any more.
             while let Some(l) = lines.recv().await {
-                let _ = relay_tx.send(json!({ "line": l.text })).await;
+                let _ = relay_tx.send(json!({ "line": relay_mask.redact(&l.text) })).await;
             }
         });
-        let result = running.manager.rollout(rollout, out, self.shutdown.child_token()).await;
+        let mut result = running.manager.rollout(rollout, out, self.shutdown.child_token()).await;
+        result.reason = result.reason.map(|r| mask.redact(&r));
         let _ = tokio::time::timeout(Duration::from_secs(5), forward).await;
         // Only what runs now needs its directory remembered.
         if let Ok(Some(row)) = svc.row().await {
