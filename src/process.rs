@@ -35,7 +35,8 @@ pub fn substitute(arg: &str, values: &std::collections::BTreeMap<&'static str, S
 /// target and the SQS trigger). No process it starts inherits them (Nomad
 /// keeps the same out of tasks by default); one that needs a value lists
 /// it as a secret, `[secret.aws] env = "AWS_SECRET_ACCESS_KEY"`.
-pub const OWN_CREDENTIALS: &[&str] = &["SLIPWAY_STORE", "SLIPWAY_TOKEN", "PGPASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"];
+pub const OWN_CREDENTIALS: &[&str] =
+    &["SLIPWAY_STORE", "SLIPWAY_TOKEN", "PGPASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN"];
 
 /// Take the variables that hold secrets out of a child's environment (it
 /// would inherit Slipway's own): a process gets a secret only by listing it.

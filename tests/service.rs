@@ -309,9 +309,11 @@ fn issue19_services_are_listed_while_a_rollout_runs() {
     // health deadline.
     let bad = std::thread::scope(|scope| {
         let rollout = scope.spawn(|| deploy(&server, dir.path(), "3.0"));
-        wait_for(Duration::from_secs(20), "an instance of 3.0 to start", || {
-            let out = std::process::Command::new("pgrep").args(["-f", "--", "--version 3.0"]).output().expect("pgrep");
-            out.status.success()
+        // The rollout says this once it holds the service.
+        wait_for(Duration::from_secs(20), "the rollout of 3.0 to hold the service", || {
+            let deployments = get_json(&format!("{}/api/v1/deployments", server.url));
+            let id = deployments.as_array().into_iter().flatten().find(|d| d["version"] == "3.0").and_then(|d| d["id"].as_i64());
+            id.is_some_and(|id| text(&server.cli(dir.path(), &["logs", &id.to_string()])).contains("[rollout] rolling web out"))
         });
         let status = server.cli(dir.path(), &["status"]);
         let said = text(&status);
@@ -475,6 +477,34 @@ artifact = {{ url = "http://127.0.0.1:{http}/{path}-{{version}}.tar.gz", attempt
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("HTTP 404") && text(&out).contains("after 1 try"), "{}", text(&out));
     assert_eq!(hits.lock().expect("lock").len(), 3);
+}
+
+// Issue 19 (an audit of where secrets go): an artifact URL's user and
+// password, or a token in its query (a private release store), were
+// printed with it in the job's output and the failure's reason.
+#[test]
+fn issue19_an_artifact_urls_credentials_are_never_shown() {
+    let (tarball, sha) = release_tarball();
+    let (http, hits) = tarball_server(tarball);
+    let port = free_port();
+    let config = format!(
+        r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:{port}"
+command = ["./bin/web", "{{port}}", "{{version}}"]
+artifact = {{ url = "http://reader:pw-in-the-url-56@127.0.0.1:{http}/down-{{version}}.tar.gz?token=tok-in-the-query-78", attempts = 2 }}
+"#
+    );
+    let dir = config_dir(&config, &[]);
+    let server = Server::start(dir.path(), None, &[]);
+    let out = server.cli(dir.path(), &["deploy", "web", "1.0", "--sha256", &sha]);
+    let said = format!("{}{}", text(&out), text(&server.cli(dir.path(), &["logs", "1"])));
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("HTTP 503") && said.contains("http://reader:***@127.0.0.1"), "what failed, and where: {said}");
+    assert_eq!(hits.lock().expect("lock").len(), 2, "{said}");
+    let everything = format!("{said}{}", server.log_text());
+    assert!(!everything.contains("pw-in-the-url-56") && !everything.contains("tok-in-the-query-78"), "{everything}");
 }
 
 #[test]

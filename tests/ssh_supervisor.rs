@@ -313,7 +313,6 @@ fn issue15_the_supervisor_rolls_drains_and_survives_its_own_kill_here() {
     assert!(!a.ok && a.last()["error"].is_string(), "{a:?}");
 }
 
-/// The supervisor's exe, as its pid file says.
 // Issue 19 (an audit of where secrets go): a service's secrets are read on
 // the host, and may exist only there, so the node cannot mask them; what
 // the supervisor relayed of a rollout (an instance's last output in a
@@ -355,6 +354,7 @@ artifact = {{ url = "http://127.0.0.1:9/web-{{version}}.tar.gz" }}
     assert!(!relayed.contains("host-only-secret-4477"), "the value left the host: {relayed}");
 }
 
+/// The supervisor's exe, as its pid file says.
 fn supervisor_exe(t: &Local) -> String {
     let v: Value = serde_json::from_slice(&std::fs::read(t.base().join("pid")).expect("the pid file")).expect("JSON");
     v["exe"].as_str().unwrap_or_default().to_string()

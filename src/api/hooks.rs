@@ -223,12 +223,10 @@ async fn act(
         // Held for this delivery (the config, or a token that may not
         // deploy there), but another delivery of the publication, by a
         // token that may, can have started it there: that answers, as a
-        // retry's would. A lookup that fails leaves the hold.
-        if d.held.is_some()
-            && let Ok(Some(e)) = s.store.event_by_key(&key).await
-            && e.deployment_id.is_some()
-        {
-            (r.deployment_id, r.held) = (e.deployment_id, None);
+        // retry's would. A lookup that fails is an error, as a held
+        // delivery's re-check below: a hold would be answered as final.
+        if d.held.is_some() {
+            transient |= answer_from_started(s, &key, &mut r).await;
         }
         if d.held.is_none() {
             // Announced before: what that started. Else: newer than what
@@ -260,15 +258,7 @@ async fn act(
                     // started by a delivery of it that arrived at the same
                     // time (its deployment and key are one transaction).
                     if r.held.is_some() {
-                        match s.store.event_by_key(&key).await {
-                            Ok(Some(e)) if e.deployment_id.is_some() => (r.deployment_id, r.held) = (e.deployment_id, None),
-                            Ok(_) => {}
-                            Err(e) => {
-                                let e = ApiError::from(e);
-                                transient |= e.status == StatusCode::SERVICE_UNAVAILABLE;
-                                (r.error, r.held) = (Some(e.message), None);
-                            }
-                        }
+                        transient |= answer_from_started(s, &key, &mut r).await;
                     }
                 }
                 (Ok(None), None) => {}
@@ -307,6 +297,25 @@ async fn act(
         results.push(r);
     }
     (results, transient)
+}
+
+/// A held `r` answered by what another delivery of its publication
+/// started there (its key), as a retry's would be. A lookup that fails is
+/// `r`'s error, not a hold (which the sender would take as final);
+/// whether that error is a passing one.
+async fn answer_from_started(s: &AppState, key: &str, r: &mut HookResult) -> bool {
+    match s.store.event_by_key(key).await {
+        Ok(Some(e)) if e.deployment_id.is_some() => {
+            (r.deployment_id, r.held) = (e.deployment_id, None);
+            false
+        }
+        Ok(_) => false,
+        Err(e) => {
+            let e = ApiError::from(e);
+            (r.error, r.held) = (Some(e.message), None);
+            e.status == StatusCode::SERVICE_UNAVAILABLE
+        }
+    }
 }
 
 /// 503 for a delivery whose deployments could not all be submitted for a

@@ -65,10 +65,9 @@ impl Mirror {
         }
         // Credentials go through git's environment (GIT_CONFIG_*), never
         // its arguments (which `ps` shows) nor the URL.
-        // Nor does git inherit the variables that hold Slipway's secrets.
-        for var in crate::config::secret::env_sources() {
-            cmd.env_remove(var);
-        }
+        // Nor does git inherit the variables that hold Slipway's secrets
+        // or its own credentials.
+        crate::process::hide_secret_sources(cmd.as_std_mut());
         if let Some(header) = self.source.authorization().map_err(|e| GitError::Invalid(format!("git credentials: {e}")))? {
             cmd.env("GIT_CONFIG_COUNT", "1").env("GIT_CONFIG_KEY_0", "http.extraHeader").env("GIT_CONFIG_VALUE_0", header);
         }

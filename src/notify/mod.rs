@@ -135,19 +135,18 @@ fn wants(n: &Notify, what: &str, d: &DeploymentRow) -> bool {
     n.on.iter().any(|o| o == what) && (n.environments.is_empty() || n.environments.contains(&d.environment))
 }
 
-/// POST with retries; a 2xx ends it, a 4xx other than 408/429 too (it will
-/// not change), anything else is tried again after 1 s, 2 s, 4 s…
 /// A plain notification URL as a log line shows it: scheme and host only.
 /// A user and password, a token in the path (Slack's and most chat
 /// services' hooks) or the query stay out of the log.
 fn shown_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return "[a URL that is not one]".into() };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
-    let more = if rest.len() > authority.len() { "/…" } else { "" };
-    format!("{scheme}://{host}{more}")
+    let Ok(u) = reqwest::Url::parse(url) else { return "[a URL that is not one]".into() };
+    let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
+    let more = if u.path().len() > 1 || u.query().is_some() { "/…" } else { "" };
+    format!("{}://{}{port}{more}", u.scheme(), u.host_str().unwrap_or(""))
 }
 
+/// POST with retries; a 2xx ends it, a 4xx other than 408/429 too (it will
+/// not change), anything else is tried again after 1 s, 2 s, 4 s…
 async fn deliver(http: &reqwest::Client, n: &Notify, body: &serde_json::Value, id: i64, what: &str) {
     let url = match &n.url {
         NotifyUrl::Plain(u) => u.clone(),
@@ -196,6 +195,8 @@ mod tests {
         assert_eq!(shown_url("https://hooks.slack.com/services/T0/B0/tok"), "https://hooks.slack.com/…");
         assert_eq!(shown_url("https://chat.example.org"), "https://chat.example.org");
         assert_eq!(shown_url("https://u@chat.example.org?token=t"), "https://chat.example.org/…");
+        assert_eq!(shown_url("http://bot:pa%2Fss@127.0.0.1:8080/x"), "http://127.0.0.1:8080/…");
+        assert!(!shown_url("http://bot:pa/ss@127.0.0.1/x").contains("pa"));
         assert_eq!(shown_url("not a url"), "[a URL that is not one]");
     }
 }

@@ -70,11 +70,21 @@ const FINISH_RETRY_LIMIT: Duration = Duration::from_secs(600);
 /// SIGKILL, seeing them gone).
 const SWEEP_MARGIN: Duration = Duration::from_millis(500);
 
-/// How long one pass of the loop (reap, activate, claim) may wait for the
-/// store: past the server's statement timeout (30 s) and the writer's own
-/// bound on a batch (40 s), so only a connection that will never answer
-/// reaches it.
-const STEP_DEADLINE: Duration = Duration::from_secs(45);
+/// How long a store call of the loop that does not go through the writer
+/// (which bounds its own batches) may wait: past the server's statement
+/// timeout (30 s), so only a connection that will never answer reaches
+/// it (`bounded`).
+const STORE_CALL_DEADLINE: Duration = Duration::from_secs(45);
+
+/// `call`, or the store unavailable after [`STORE_CALL_DEADLINE`]: a
+/// connection gone silent (its server gone without a reset; sqlx sets no
+/// keepalive) would hold the loop forever. Only the store call is cut
+/// short, never the events that follow what it did.
+async fn bounded<T>(call: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    tokio::time::timeout(STORE_CALL_DEADLINE, call)
+        .await
+        .unwrap_or_else(|_| Err(StoreError::Unavailable(format!("the store did not answer within {} s", STORE_CALL_DEADLINE.as_secs()))))
+}
 
 /// How often a node renews its leases.
 pub fn renew_interval(lease: Duration) -> Duration {
@@ -420,7 +430,7 @@ impl Scheduler {
                 }
                 if this.activate.swap(false, Ordering::SeqCst) || last_activate.elapsed() >= this.cfg.poll {
                     last_activate = Instant::now();
-                    let started = this.store.activate(&this.cfg.node_id, this.cfg.lease).await;
+                    let started = bounded(this.store.activate(&this.cfg.node_id, this.cfg.lease)).await;
                     if started.is_err() {
                         this.activate.store(true, Ordering::SeqCst);
                     }
@@ -438,12 +448,8 @@ impl Scheduler {
                     }
                 }
                 Ok::<(), StoreError>(())
-            };
-            // A store connection that went silent (its server gone without
-            // a reset) would hold the loop forever: sqlx sets no keepalive.
-            let step = tokio::time::timeout(STEP_DEADLINE, step)
-                .await
-                .unwrap_or_else(|_| Err(StoreError::Unavailable(format!("the store did not answer within {} s", STEP_DEADLINE.as_secs()))));
+            }
+            .await;
             this.store_seen.saw(&step);
             let pause = match step {
                 Ok(()) => {
@@ -542,8 +548,8 @@ impl Scheduler {
     /// Jobs whose node stopped renewing: retry if idempotent, else fail
     /// them as interrupted. Fenced, so two nodes reaping at once is safe.
     async fn reap(&self, running: &HashMap<(i64, i64), Running>) -> Result<(), StoreError> {
-        self.store.reap_locks(&self.cfg.node_id, self.cfg.lease).await?;
-        let expired = self.store.expired().await?;
+        bounded(self.store.reap_locks(&self.cfg.node_id, self.cfg.lease)).await?;
+        let expired = bounded(self.store.expired()).await?;
         // What a dead node left running on this host goes (and is seen
         // gone) before its jobs are retried.
         if expired.iter().any(|x| !running.contains_key(&(x.job_id, x.fence))) {

@@ -48,12 +48,23 @@ pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
     crate::http::client(|b| b.connect_timeout(Duration::from_secs(10)).read_timeout(Duration::from_secs(60)))
 }
 
+/// An artifact's URL as output and errors show it: without a user and
+/// password and without its query, either of which may carry a token.
+pub(crate) fn shown_url(url: &str) -> String {
+    let url = crate::config::environment::redact_userinfo(url);
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => url,
+    }
+}
+
 /// Fetch `url`, check it against `sha256`, unpack it under `cache`.
 /// Returns the unpacked directory. Errors say what happened on each try.
 pub async fn fetch(spec: &ArtifactSpec, url: &str, sha256: &str, cache: &Path, out: &OutputSink, cancel: &CancellationToken) -> Result<PathBuf, String> {
+    let shown = shown_url(url);
     let dir = dir_for(cache, sha256);
     if dir.join(".complete").exists() {
-        say(out, format!("{url}: sha256 {sha256} already in the cache ({})", dir.display())).await;
+        say(out, format!("{shown}: sha256 {sha256} already in the cache ({})", dir.display())).await;
         return Ok(dir);
     }
     std::fs::create_dir_all(cache).map_err(|e| format!("cannot create the artifact cache {}: {e}", cache.display()))?;
@@ -61,7 +72,7 @@ pub async fn fetch(spec: &ArtifactSpec, url: &str, sha256: &str, cache: &Path, o
     let mut failures: Vec<String> = Vec::new();
     let mut delay = Duration::from_secs(1);
     for attempt in 1..=spec.attempts.max(1) {
-        say(out, format!("GET {url} (try {attempt} of {})", spec.attempts)).await;
+        say(out, format!("GET {shown} (try {attempt} of {})", spec.attempts)).await;
         let tmp = cache.join(format!(".download-{sha256}-{}", std::process::id()));
         let result = tokio::select! {
             r = tokio::time::timeout(spec.timeout, download(&client, url, &tmp)) => match r {
@@ -74,19 +85,19 @@ pub async fn fetch(spec: &ArtifactSpec, url: &str, sha256: &str, cache: &Path, o
             Ok((bytes, got)) => {
                 if got != sha256 {
                     let _ = std::fs::remove_file(&tmp);
-                    return Err(format!("{url}: sha256 mismatch: expected {sha256}, got {got} ({bytes} bytes); refusing to use it"));
+                    return Err(format!("{shown}: sha256 mismatch: expected {sha256}, got {got} ({bytes} bytes); refusing to use it"));
                 }
                 say(out, format!("{bytes} bytes, sha256 {got} matches")).await;
                 let unpacked = unpack(&tmp, cache, sha256).await;
                 let _ = std::fs::remove_file(&tmp);
-                let dir = unpacked.map_err(|e| format!("{url}: {e}"))?;
+                let dir = unpacked.map_err(|e| format!("{shown}: {e}"))?;
                 say(out, format!("unpacked into {}", dir.display())).await;
                 return Ok(dir);
             }
             Err(TryError::Final(e)) => {
                 let _ = std::fs::remove_file(&tmp);
                 failures.push(format!("try {attempt}: {e}"));
-                return Err(format!("fetching {url} failed after {attempt} tr{}: {}", if attempt == 1 { "y" } else { "ies" }, failures.join("; ")));
+                return Err(format!("fetching {shown} failed after {attempt} tr{}: {}", if attempt == 1 { "y" } else { "ies" }, failures.join("; ")));
             }
             Err(TryError::Transient(e)) => {
                 let _ = std::fs::remove_file(&tmp);
@@ -103,12 +114,13 @@ pub async fn fetch(spec: &ArtifactSpec, url: &str, sha256: &str, cache: &Path, o
             }
         }
     }
-    Err(format!("fetching {url} failed after {} tries: {}", spec.attempts, failures.join("; ")))
+    Err(format!("fetching {shown} failed after {} tries: {}", spec.attempts, failures.join("; ")))
 }
 
 /// Stream the body to `tmp`, hashing as it comes. Returns (bytes, sha256).
 async fn download(client: &reqwest::Client, url: &str, tmp: &Path) -> Result<(u64, String), TryError> {
-    let resp = client.get(url).send().await.map_err(|e| TryError::Transient(crate::http::error_chain(&e)))?;
+    // Without the URL: it is shown apart, masked (`shown_url`).
+    let resp = client.get(url).send().await.map_err(|e| TryError::Transient(crate::http::error_chain(&e.without_url())))?;
     let status = resp.status();
     if !status.is_success() {
         let what = format!("HTTP {status}");
@@ -124,7 +136,8 @@ async fn download(client: &reqwest::Client, url: &str, tmp: &Path) -> Result<(u6
     let mut bytes: u64 = 0;
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| TryError::Transient(format!("download interrupted after {bytes} bytes: {}", crate::http::error_chain(&e))))?;
+        let chunk =
+            chunk.map_err(|e| TryError::Transient(format!("download interrupted after {bytes} bytes: {}", crate::http::error_chain(&e.without_url()))))?;
         bytes += chunk.len() as u64;
         if bytes > MAX_BYTES {
             return Err(TryError::Final(format!("larger than {MAX_BYTES} bytes")));

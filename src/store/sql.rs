@@ -860,7 +860,15 @@ impl Inner {
                     // and a custom plan made per batch cost more than running
                     // it (docs/design/scheduler.md). Never given back to the
                     // pool with this set (below).
-                    sqlx::Executor::execute(&mut *c, "SET plan_cache_mode = force_generic_plan").await.map_err(StoreError::query("batch"))?;
+                    let set = sqlx::Executor::execute(&mut *c, "SET plan_cache_mode = force_generic_plan");
+                    match tokio::time::timeout(RELEASE_PING, set).await {
+                        Ok(done) => done.map_err(StoreError::query("batch"))?,
+                        Err(_) => {
+                            // Closed, not pooled: the setting may have taken.
+                            drop(c.detach());
+                            return Err(StoreError::Unavailable("the store did not answer a new connection's first statement".into()));
+                        }
+                    };
                     c
                 }
             };
@@ -928,10 +936,16 @@ impl Inner {
 }
 
 /// How long the PostgreSQL writer waits for a batch's answer: past the
-/// server's own `statement_timeout` (30 s; a batch's statements are key
-/// lookups, each far below it), so only a connection that will never
-/// answer reaches it.
+/// server's own `statement_timeout` (30 s, per statement; a batch's are
+/// key lookups, far below it). A connection that will never answer
+/// reaches it; so, rarely, would a batch of several statements each kept
+/// near the limit by locks, whose callers are then told the store is
+/// unavailable and retry.
 const BATCH_DEADLINE: Duration = Duration::from_secs(40);
+
+/// How long a PostgreSQL connection given back to the pool may take to
+/// answer its ping (`after_release`).
+const RELEASE_PING: Duration = Duration::from_secs(5);
 
 /// How long the PostgreSQL writer's kept connection may sit unused before
 /// a common batch asks whether it is still alive (`run_batch`).
@@ -1254,7 +1268,25 @@ impl SqlStore {
                         // No statement may hang: a stuck query fails instead.
                         conn.execute("SET statement_timeout = 30000").await?;
                         conn.execute("SET lock_timeout = 20000").await?;
+                        // A transaction whose client is gone without a reset
+                        // (a timeout below gave it up) must not keep its row
+                        // locks until the server's keepalive notices.
+                        conn.execute("SET idle_in_transaction_session_timeout = 60000").await?;
                         Ok(())
+                    })
+                })
+                // A connection given back after its caller gave up on it
+                // (a timeout) is tested with a ping before it is pooled
+                // again, which sqlx does not bound: on a connection gone
+                // silent it would wait forever and hold its slot. Bounded
+                // here: one that does not answer is closed.
+                .after_release(|conn, _| {
+                    Box::pin(async move {
+                        match tokio::time::timeout(RELEASE_PING, sqlx::Connection::ping(conn)).await {
+                            Ok(Ok(())) => Ok(true),
+                            Ok(Err(e)) => Err(e),
+                            Err(_) => Err(sqlx::Error::PoolTimedOut),
+                        }
                     })
                 });
             (Dialect::Postgres, url.to_string(), opts)
@@ -1382,29 +1414,44 @@ impl Inner {
 /// (`postgres://user:PASSWORD@host/db`), nor one given as a parameter
 /// (`?password=`, `sslpassword=`: sqlx takes both).
 pub fn redact_url(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let base = match (base.find("://"), base.rfind('@')) {
+    // Everything up to the last '@' may be the password (a '?' or '/' in
+    // it included); what follows is host, database and parameters.
+    let (head, rest) = match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &base[scheme + 3..at];
-            match creds.find(':') {
-                Some(colon) => format!("{}{}:***{}", &base[..scheme + 3], &creds[..colon], &base[at..]),
-                None => base.to_string(),
-            }
+            let creds = &url[scheme + 3..at];
+            let user = match creds.split_once(':') {
+                Some((user, _)) if !user.contains(['/', '?']) => format!("{user}:***"),
+                None if !creds.contains(['/', '?']) => creds.to_string(),
+                _ => "***".to_string(),
+            };
+            (format!("{}{user}", &url[..scheme + 3]), &url[at..])
         }
-        _ => base.to_string(),
+        _ => (String::new(), url),
     };
-    let Some(query) = query else { return base };
+    let Some((base, query)) = rest.split_once('?') else { return format!("{head}{rest}") };
     let params: Vec<String> = query
         .split('&')
         .map(|p| match p.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword") => format!("{k}=***"),
+            Some((k, _)) if secret_param(k) => format!("{k}=***"),
             _ => p.to_string(),
         })
         .collect();
-    format!("{base}?{}", params.join("&"))
+    format!("{head}{base}?{}", params.join("&"))
+}
+
+/// A URL parameter that may hold a password, however its name is spelt
+/// (case, percent-encoding).
+fn secret_param(key: &str) -> bool {
+    let mut name = Vec::with_capacity(key.len());
+    let mut bytes = key.bytes();
+    while let Some(b) = bytes.next() {
+        let decoded = match b {
+            b'%' => bytes.next().zip(bytes.next()).and_then(|(h, l)| u8::from_str_radix(std::str::from_utf8(&[h, l]).ok()?, 16).ok()),
+            _ => Some(b),
+        };
+        name.push(decoded.unwrap_or(b'?').to_ascii_lowercase());
+    }
+    name.ends_with(b"password")
 }
 
 const DEPLOYMENT_COLUMNS: &str =
@@ -2698,7 +2745,17 @@ mod tests {
         use super::redact_url;
         assert_eq!(redact_url("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(redact_url("postgres://u@h/db?password=s3cret&sslmode=require"), "postgres://u@h/db?password=***&sslmode=require");
-        assert_eq!(redact_url("postgres://u:p@ss@h/db?PassWord=x&sslpassword=y&options=a@b"), "postgres://u:***@h/db?PassWord=***&sslpassword=***&options=a@b");
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/db?PassWord=x&sslpassword=y&application_name=a"),
+            "postgres://u:***@h/db?PassWord=***&sslpassword=***&application_name=a"
+        );
+        assert_eq!(redact_url("postgres://u:pa?ss@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("postgres://u@h/db?%70assword=x"), "postgres://u@h/db?%70assword=***");
+        // An '@' in a parameter: the host is hidden too, never the password shown.
+        assert!(!redact_url("postgres://u:secret@h/db?options=a@b").contains("secret"));
+        assert!(!redact_url("postgres://h/db?password=secret&options=a@b").contains("secret"));
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("postgres://h/db?password=%"), "postgres://h/db?password=***");
         assert_eq!(redact_url("sqlite:///var/lib/slipway/store.db"), "sqlite:///var/lib/slipway/store.db");
     }
 }
