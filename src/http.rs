@@ -51,6 +51,31 @@ pub fn client(configure: impl Fn(ClientBuilder) -> ClientBuilder) -> Result<Clie
 
 /// An error with its causes: reqwest's top line ("error sending
 /// request") says little; the cause ("connection refused") is below.
+/// A URL as a log line or an error shows it: no user or password, no
+/// query (either may carry a token), and with `path` false no path either
+/// (a chat service's hook carries its token there). One that does not
+/// parse is not shown at all.
+pub fn shown_url(url: &str, path: bool) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else { return "[a URL that is not one]".into() };
+    let more = u.query().is_some() || (!path && u.path().len() > 1);
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    if !path {
+        let _ = u.set_username("");
+        let _ = u.set_password(None);
+        u.set_path("");
+    }
+    u.set_query(None);
+    let shown = u.to_string();
+    let shown = shown.strip_suffix('/').unwrap_or(&shown);
+    match (more, path) {
+        (false, _) => shown.to_string(),
+        (true, true) => format!("{shown}?…"),
+        (true, false) => format!("{shown}/…"),
+    }
+}
+
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();

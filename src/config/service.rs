@@ -73,6 +73,12 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
+    /// Every secret the service's processes are given, as variables or
+    /// files: what their output is masked with.
+    pub fn secret_refs(&self) -> impl Iterator<Item = &SecretRef> {
+        self.secrets.values().chain(self.secret_files.values())
+    }
+
     /// The spec as deployed to `environment` (its own `listen`).
     pub fn for_environment(&self, environment: &str) -> ServiceSpec {
         let mut s = self.clone();

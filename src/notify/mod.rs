@@ -135,16 +135,6 @@ fn wants(n: &Notify, what: &str, d: &DeploymentRow) -> bool {
     n.on.iter().any(|o| o == what) && (n.environments.is_empty() || n.environments.contains(&d.environment))
 }
 
-/// A plain notification URL as a log line shows it: scheme and host only.
-/// A user and password, a token in the path (Slack's and most chat
-/// services' hooks) or the query stay out of the log.
-fn shown_url(url: &str) -> String {
-    let Ok(u) = reqwest::Url::parse(url) else { return "[a URL that is not one]".into() };
-    let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
-    let more = if u.path().len() > 1 || u.query().is_some() { "/…" } else { "" };
-    format!("{}://{}{port}{more}", u.scheme(), u.host_str().unwrap_or(""))
-}
-
 /// POST with retries; a 2xx ends it, a 4xx other than 408/429 too (it will
 /// not change), anything else is tried again after 1 s, 2 s, 4 s…
 async fn deliver(http: &reqwest::Client, n: &Notify, body: &serde_json::Value, id: i64, what: &str) {
@@ -160,7 +150,7 @@ async fn deliver(http: &reqwest::Client, n: &Notify, body: &serde_json::Value, i
     };
     // Never the URL in a log line: it may be the secret.
     let shown = match &n.url {
-        NotifyUrl::Plain(u) => shown_url(u),
+        NotifyUrl::Plain(u) => crate::http::shown_url(u, false),
         NotifyUrl::Secret(s) => format!("[secret {}]", s.name),
     };
     let mut delay = Duration::from_secs(1);
@@ -190,7 +180,7 @@ mod tests {
     // its query, with its user, password and the token in its path.
     #[test]
     fn issue19_a_notification_url_is_logged_as_its_host_only() {
-        use super::shown_url;
+        let shown_url = |u| crate::http::shown_url(u, false);
         assert_eq!(shown_url("http://bot:pw123@127.0.0.1:1/services/T0AAA/B0BBB/XXXXSECRET?x=1"), "http://127.0.0.1:1/…");
         assert_eq!(shown_url("https://hooks.slack.com/services/T0/B0/tok"), "https://hooks.slack.com/…");
         assert_eq!(shown_url("https://chat.example.org"), "https://chat.example.org");

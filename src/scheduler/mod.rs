@@ -974,8 +974,7 @@ fn redactor_for(spec: &crate::store::JobSpec) -> crate::config::secret::Redactor
     let mut refs: Vec<&crate::config::secret::SecretRef> = spec.secrets.values().chain(spec.secret_files.values()).collect();
     match &spec.command {
         crate::config::Command::Rollout(s) => {
-            refs.extend(s.secrets.values());
-            refs.extend(s.secret_files.values());
+            refs.extend(s.secret_refs());
         }
         crate::config::Command::Pull(c) => refs.extend(c.auth.iter().flat_map(|a| a.password.iter().chain(a.token.iter()))),
         _ => {}

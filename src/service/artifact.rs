@@ -48,20 +48,11 @@ pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
     crate::http::client(|b| b.connect_timeout(Duration::from_secs(10)).read_timeout(Duration::from_secs(60)))
 }
 
-/// An artifact's URL as output and errors show it: without a user and
-/// password and without its query, either of which may carry a token.
-pub(crate) fn shown_url(url: &str) -> String {
-    let url = crate::config::environment::redact_userinfo(url);
-    match url.split_once('?') {
-        Some((base, _)) => format!("{base}?…"),
-        None => url,
-    }
-}
-
 /// Fetch `url`, check it against `sha256`, unpack it under `cache`.
 /// Returns the unpacked directory. Errors say what happened on each try.
 pub async fn fetch(spec: &ArtifactSpec, url: &str, sha256: &str, cache: &Path, out: &OutputSink, cancel: &CancellationToken) -> Result<PathBuf, String> {
-    let shown = shown_url(url);
+    // Shown with its path (which release), without credentials.
+    let shown = crate::http::shown_url(url, true);
     let dir = dir_for(cache, sha256);
     if dir.join(".complete").exists() {
         say(out, format!("{shown}: sha256 {sha256} already in the cache ({})", dir.display())).await;
@@ -119,7 +110,7 @@ pub async fn fetch(spec: &ArtifactSpec, url: &str, sha256: &str, cache: &Path, o
 
 /// Stream the body to `tmp`, hashing as it comes. Returns (bytes, sha256).
 async fn download(client: &reqwest::Client, url: &str, tmp: &Path) -> Result<(u64, String), TryError> {
-    // Without the URL: it is shown apart, masked (`shown_url`).
+    // Without the URL: it is shown apart, masked (`crate::http::shown_url`).
     let resp = client.get(url).send().await.map_err(|e| TryError::Transient(crate::http::error_chain(&e.without_url())))?;
     let status = resp.status();
     if !status.is_success() {

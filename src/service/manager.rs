@@ -945,8 +945,7 @@ impl ServiceManager {
 
     /// The values of the secrets `g`'s instances get: what `note` masks.
     fn remember_secrets(&self, environment: &str, g: &Generation) {
-        let secrets = g.spec.secrets.values().chain(g.spec.secret_files.values());
-        self.remember(environment, &g.spec.name, crate::config::secret::Redactor::of(secrets));
+        self.remember(environment, &g.spec.name, crate::config::secret::Redactor::of(g.spec.secret_refs()));
     }
 
     fn remember(&self, environment: &str, service: &str, redactor: crate::config::secret::Redactor) {

@@ -849,7 +849,7 @@ fn release(
         }
         (Some(a), None) => Err(SubmitError::Invalid(format!(
             "service {service:?} is deployed from a release tarball ({}): give its SHA-256 with --sha256 (or `digest` in the event)",
-            crate::service::artifact::shown_url(&a.url)
+            crate::http::shown_url(&a.url, true)
         ))),
         (None, Some(_)) => Err(SubmitError::Invalid(format!("a SHA-256 was given, but service {service:?} has no `artifact` to check it against"))),
         (None, None) => Ok(None),

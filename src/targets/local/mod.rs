@@ -451,7 +451,7 @@ impl Target for LocalTarget {
                     config::Command::Argv(a) => a.first().cloned().unwrap_or_default(),
                     config::Command::Shell(_) => "/bin/sh".into(),
                     config::Command::Rollout(s) => format!("rollout of {}", s.name),
-                    config::Command::Fetch(a) => format!("fetch of {}", crate::service::artifact::shown_url(&a.url)),
+                    config::Command::Fetch(a) => format!("fetch of {}", crate::http::shown_url(&a.url, true)),
                     config::Command::Pull(c) => format!("pull of {}", c.repository),
                     config::Command::Unreadable(_) => "an unreadable job".into(),
                 };

@@ -876,7 +876,7 @@ impl Supervisor {
         // only here: the node cannot mask what it cannot read, so what
         // leaves the host (an instance's last output in a health failure,
         // a verify step's output, the reason) is masked before it goes.
-        let mask = Arc::new(crate::config::secret::Redactor::of(spec.secrets.values().chain(spec.secret_files.values())));
+        let mask = Arc::new(crate::config::secret::Redactor::of(spec.secret_refs()));
         let rollout = RolloutRequest {
             sha256: req.sha256.clone(),
             environment: req.environment.clone(),
