@@ -1335,5 +1335,7 @@ async fn issue19_a_connection_goes_over_to_hyper_at_its_first_request_that_is_no
     let answers = read_answers(&mut s, 1).await;
     assert_eq!((answers[0].0, answers[0].1.as_slice()), (200, &b"one"[..]));
     assert_eq!(p.stats().errors, 0);
-    assert_eq!(p.in_flight(b.addr), 0);
+    // The count drops once the exchange ends, which may be just after the
+    // client has read the answer (CI saw 1 here once).
+    eventually("the request no longer in flight", || p.in_flight(b.addr) == 0).await;
 }
