@@ -1534,6 +1534,42 @@ command = "echo peek sees ${{API_KEY:-nothing}}"
     assert!(!everything.contains("topsecret-9931"), "the value leaked: {everything}");
 }
 
+// Issue 19 (left by the twelfth session): a line longer than 16 KiB is
+// cut into pieces before it is masked, and a secret across the cut was
+// stored as two unmasked halves.
+#[test]
+fn issue19_a_secret_across_the_cut_of_a_long_line_is_masked() {
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let key = secrets.path().join("api-key");
+    std::fs::write(&key, "topsecret-5521-across\n").expect("write the secret");
+    let config = format!(
+        r#"
+[secret.api]
+file = "{key}"
+
+[[job]]
+name = "long"
+shell = true
+secrets = {{ API_KEY = "api" }}
+command = "for n in 16380 16375 16370; do head -c $n /dev/zero | tr '\\0' x; echo \"$API_KEY end\"; done"
+"#,
+        key = key.display()
+    );
+    let dir = common::config_dir(&config, &[]);
+    let server = common::Server::start(dir.path(), None, &[]);
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let run = server.cli(dir.path(), &["run", "long"]);
+    assert!(run.status.success(), "{}", text(&run));
+    let logs = text(&server.cli(dir.path(), &["logs", "1"]));
+    let api = common::get_json(&format!("{}/api/v1/deployments/1/logs", server.url)).to_string();
+    for shown in [&logs, &api] {
+        assert_eq!(shown.matches("[secret api] end").count(), 3, "each line's secret is masked whole: {}", &shown[shown.len().saturating_sub(600)..]);
+        for half in ["topsecret", "5521", "across"] {
+            assert!(!shown.contains(half), "a piece of the value leaked ({half})");
+        }
+    }
+}
+
 // Issue 19 (an audit of where secrets go): every process Slipway started
 // inherited its own credentials (the store's URL, PGPASSWORD, the CLI's
 // token, the AWS keys), and a job that printed its environment stored

@@ -311,6 +311,76 @@ impl Redactor {
         }
         out
     }
+
+    /// Masks lines that may come cut in pieces (one stream and part per
+    /// key): see [`Pieces::piece`].
+    pub fn pieces<K: Eq + std::hash::Hash>(&self) -> Pieces<'_, K> {
+        Pieces { redactor: self, held: std::collections::HashMap::new() }
+    }
+}
+
+/// A line longer than the targets' limit reaches the redactor in pieces,
+/// and a secret across a cut would pass as two halves that match nothing.
+/// So the end of a cut piece that could begin a secret is held back and
+/// put before the next piece of the same key.
+pub struct Pieces<'a, K> {
+    redactor: &'a Redactor,
+    held: std::collections::HashMap<K, String>,
+}
+
+impl<K: Eq + std::hash::Hash> Pieces<'_, K> {
+    /// What may be shown now of this piece, masked (`None`: all of it is
+    /// held back). `cut`: the line goes on in the next piece of `key`.
+    pub fn piece(&mut self, key: K, text: String, cut: bool) -> Option<String> {
+        let mut text = match self.held.remove(&key) {
+            Some(mut held) => {
+                held.push_str(&text);
+                held
+            }
+            None => text,
+        };
+        let longest = self.redactor.values.first().map_or(0, |(v, _)| v.len());
+        if longest == 0 {
+            return Some(text);
+        }
+        if !cut || longest < 2 {
+            return Some(self.redactor.redact(&text));
+        }
+        // Any secret still to be completed begins in the last longest-1
+        // bytes; one that begins before the cut and ends after it (as
+        // `redact` finds them: left to right, without overlap) is held
+        // whole. Each move is shorter than the longest value, and there are
+        // at most as many moves as values, so what is held stays bounded.
+        let mut at = floor_char_boundary(&text, (text.len() + 1).saturating_sub(longest));
+        for _ in 0..self.redactor.values.len() {
+            let across = self
+                .redactor
+                .values
+                .iter()
+                .flat_map(|(v, _)| text.match_indices(v.as_str()).map(|(i, m)| (i, i + m.len())))
+                .filter(|(i, end)| *i < at && *end > at)
+                .map(|(i, _)| i)
+                .min();
+            match across {
+                Some(i) => at = i,
+                None => break,
+            }
+        }
+        let rest = text.split_off(at);
+        if !rest.is_empty() {
+            self.held.insert(key, rest);
+        }
+        (!text.is_empty()).then(|| self.redactor.redact(&text))
+    }
+
+    /// What is still held when the output ends, masked.
+    pub fn finish(&mut self) -> Vec<(K, String)> {
+        self.held.drain().map(|(k, t)| (k, self.redactor.redact(&t))).collect()
+    }
+}
+
+fn floor_char_boundary(text: &str, at: usize) -> usize {
+    (0..=at.min(text.len())).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0)
 }
 
 pub(super) fn build_registries(raw: Vec<Spanned<RawRegistry>>, secrets: &BTreeMap<String, SecretRef>, problems: &mut Vec<Problem>) -> Vec<RegistryAuth> {
@@ -410,5 +480,40 @@ mod tests {
         let missing = SecretRef { name: "pw".into(), source: SecretSource::Env("SLIPWAY_TEST_SURELY_UNSET_VAR".into()) };
         let e = missing.read().unwrap_err();
         assert!(e.contains("SLIPWAY_TEST_SURELY_UNSET_VAR") && e.contains("\"pw\""), "{e}");
+    }
+
+    /// Issue 19 (left by the twelfth session): output is cut into pieces
+    /// before it is masked, so a secret across a cut was stored as two
+    /// unmasked halves.
+    #[test]
+    fn issue19_a_secret_cut_across_pieces_of_a_long_line_is_masked() {
+        let value = Secret("hunter2-across-the-cut".into());
+        let r = Redactor::of_values([("pw", &value)]);
+        for cut_at in 1..value.0.len() {
+            let mut p = r.pieces::<u8>();
+            let first = format!("{}{}", "x".repeat(100), &value.0[..cut_at]);
+            let second = format!("{} and {} again", &value.0[cut_at..], value.0);
+            let mut shown: String = p.piece(1, first, true).unwrap_or_default();
+            shown += &p.piece(1, second, false).unwrap_or_default();
+            shown.extend(p.finish().into_iter().map(|(_, t)| t));
+            assert_eq!(shown, format!("{}[secret pw] and [secret pw] again", "x".repeat(100)), "cut after {cut_at} bytes");
+        }
+        // Nothing is held across keys, and what a line still holds when
+        // the output ends is given back, masked.
+        let mut p = r.pieces::<u8>();
+        let line = format!("abc {} hunter2-acr", "y".repeat(40));
+        let shown = p.piece(1, line.clone(), true).expect("the start is shown at once");
+        assert!(line.starts_with(&shown) && shown.len() < line.len() - "hunter2-acr".len(), "{shown}");
+        assert_eq!(p.piece(2, "other".into(), false).as_deref(), Some("other"));
+        assert_eq!(p.finish(), vec![(1, line[shown.len()..].to_string())]);
+        // What is held stays bounded however long the line.
+        let mut p = r.pieces::<u8>();
+        for _ in 0..100 {
+            let _ = p.piece(1, "hunter2-across-the-cuthunter2-across".repeat(50), true);
+            assert!(p.held.values().all(|h| h.len() < 2 * value.0.len()), "{:?}", p.held.values().map(String::len).collect::<Vec<_>>());
+        }
+        // Without secrets, pieces pass as they are.
+        let none = Redactor::of_values([]);
+        assert_eq!(none.pieces::<u8>().piece(1, "hunter2-acr".into(), true).as_deref(), Some("hunter2-acr"));
     }
 }

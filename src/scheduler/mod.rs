@@ -935,26 +935,39 @@ impl Scheduler {
             line,
             part,
         };
-        while let Some(crate::targets::Line { stream, text: line, part }) = rx.recv().await {
-            let line = if redactor.is_empty() { line } else { redactor.redact(&line) };
-            let size = line.len() as u64 + 1;
-            // Once truncated, stay truncated: a log with holes misleads.
-            if dropped_lines > 0 || kept + size > max {
-                if dropped_lines == 0 {
-                    self.events
-                        .emit(ev(
-                            "slipway",
-                            format!("[slipway] output truncated: this attempt reached max_log_bytes ({max} bytes); further output is counted, not kept"),
-                            None,
-                        ))
-                        .await;
+        let mut pieces = redactor.pieces::<(crate::targets::Stream, Option<String>)>();
+        let mut ended = false;
+        while !ended {
+            // What the masker shows now, or at the end what it still held.
+            let shown: Vec<((crate::targets::Stream, Option<String>), String)> = match rx.recv().await {
+                Some(crate::targets::Line { stream, text, part, cut }) => {
+                    pieces.piece((stream, part.clone()), text, cut).map(|t| ((stream, part), t)).into_iter().collect()
                 }
-                dropped_lines += 1;
-                dropped_bytes += size;
-                continue;
+                None => {
+                    ended = true;
+                    pieces.finish()
+                }
+            };
+            for ((stream, part), line) in shown {
+                let size = line.len() as u64 + 1;
+                // Once truncated, stay truncated: a log with holes misleads.
+                if dropped_lines > 0 || kept + size > max {
+                    if dropped_lines == 0 {
+                        self.events
+                            .emit(ev(
+                                "slipway",
+                                format!("[slipway] output truncated: this attempt reached max_log_bytes ({max} bytes); further output is counted, not kept"),
+                                None,
+                            ))
+                            .await;
+                    }
+                    dropped_lines += 1;
+                    dropped_bytes += size;
+                    continue;
+                }
+                kept += size;
+                self.events.emit(ev(stream.as_str(), line, part)).await;
             }
-            kept += size;
-            self.events.emit(ev(stream.as_str(), line, part)).await;
         }
         if dropped_lines > 0 {
             self.events.emit(ev("slipway", format!("[slipway] {dropped_lines} lines ({dropped_bytes} bytes) of output were dropped"), None)).await;

@@ -363,7 +363,7 @@ impl Stopping {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stream {
     Stdout,
     Stderr,
@@ -386,11 +386,16 @@ pub struct Line {
     /// Which part of the job wrote it, for targets that run a job in parts
     /// (the host, for a job on a group of hosts); `None`: the job itself.
     pub part: Option<String>,
+    /// The line goes on in the next piece of the same stream and part: it
+    /// was longer than [`MAX_LINE_BYTES`] and cut ([`LineCutter`]). Whoever
+    /// masks secrets joins across the cut, or a secret cut in two would
+    /// pass as two unmasked halves.
+    pub cut: bool,
 }
 
 impl From<(Stream, String)> for Line {
     fn from((stream, text): (Stream, String)) -> Self {
-        Line { stream, text, part: None }
+        Line { stream, text, part: None, cut: false }
     }
 }
 
@@ -982,3 +987,81 @@ pub const TEND_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest line kept whole; longer ones are cut into pieces of this size
 /// so one line without a newline cannot exhaust memory.
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// Bytes of one stream into lines, for every target that reads a process's
+/// output: a line longer than [`MAX_LINE_BYTES`] is cut into pieces marked
+/// `cut`, at a character's boundary so that no character is cut in two.
+#[derive(Debug, Default)]
+pub struct LineCutter {
+    buf: Vec<u8>,
+}
+
+impl LineCutter {
+    /// The lines and pieces these bytes complete, in order: (text, cut).
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<(String, bool)> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        loop {
+            let newline = self.buf.iter().position(|b| *b == b'\n');
+            match newline {
+                Some(pos) if pos <= MAX_LINE_BYTES || (pos == MAX_LINE_BYTES + 1 && self.buf[MAX_LINE_BYTES] == b'\r') => {
+                    let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+                    line.pop();
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    out.push((String::from_utf8_lossy(&line).into_owned(), false));
+                }
+                // A line of exactly the limit waiting for its "\r\n" is
+                // kept whole.
+                _ if self.buf.len() > MAX_LINE_BYTES + 1 => {
+                    let at = char_boundary(&self.buf, MAX_LINE_BYTES);
+                    let piece: Vec<u8> = self.buf.drain(..at).collect();
+                    out.push((String::from_utf8_lossy(&piece).into_owned(), true));
+                }
+                _ => return out,
+            }
+        }
+    }
+
+    /// What is left when the stream ends: its last line had no newline.
+    pub fn finish(&mut self) -> Option<String> {
+        (!self.buf.is_empty()).then(|| String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned())
+    }
+}
+
+/// `at`, or up to three bytes before it where a UTF-8 character begins.
+/// (Bytes that are not UTF-8 are cut at `at`.)
+fn char_boundary(bytes: &[u8], at: usize) -> usize {
+    let continuation = |i: usize| bytes.get(i).is_some_and(|b| b & 0xC0 == 0x80);
+    (at.saturating_sub(3)..=at).rev().find(|i| !continuation(*i)).filter(|i| *i > 0).unwrap_or(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_line_is_cut_in_marked_pieces_and_never_inside_a_character() {
+        let mut c = LineCutter::default();
+        assert!(c.feed(&vec![b'a'; MAX_LINE_BYTES]).is_empty(), "a line of exactly the limit waits for its newline");
+        let got = c.feed(b"\r\nnext\n");
+        assert_eq!(got, vec![("a".repeat(MAX_LINE_BYTES), false), ("next".to_string(), false)]);
+
+        // 'é' is two bytes; one would straddle the limit.
+        let mut long = vec![b'a'; MAX_LINE_BYTES - 1];
+        long.extend_from_slice("éé tail\n".as_bytes());
+        let got = c.feed(&long);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!((got[0].0.len(), got[0].1), (MAX_LINE_BYTES - 1, true));
+        assert_eq!(got[1], ("éé tail".to_string(), false));
+        assert!(!got.iter().any(|(t, _)| t.contains('\u{FFFD}')));
+
+        // Bytes that are not UTF-8 are still cut at the limit.
+        let got = c.feed(&vec![0x80; MAX_LINE_BYTES + 2]);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].1);
+        assert_eq!(c.finish().map(|t| t.chars().count()), Some(2));
+        assert_eq!(c.finish(), None);
+    }
+}

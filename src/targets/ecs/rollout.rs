@@ -29,7 +29,7 @@ const REUSE_WITHIN: usize = 10;
 const EVENTS: usize = 8;
 
 pub(super) async fn say(output: &OutputSink, text: String) {
-    let _ = output.send(Line { stream: Stream::Stdout, text, part: None }).await;
+    let _ = output.send(Line { stream: Stream::Stdout, text, part: None, cut: false }).await;
 }
 
 /// The image a request pins: `repository@sha256:…`.

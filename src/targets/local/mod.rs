@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 mod instance;
 
-use super::{Capabilities, Instance, InstanceRequest, JobRequest, MAX_LINE_BYTES, NodeContext, OutputSink, RunResult, Stream, Target, TargetError, TargetKind};
+use super::{Capabilities, Instance, InstanceRequest, JobRequest, Line, LineCutter, NodeContext, OutputSink, RunResult, Stream, Target, TargetError, TargetKind};
 use crate::config;
 use crate::process::{hide_secret_sources, owner_is_dead, owner_mark, proc_stat, program_path, substitute};
 use crate::store::Outcome;
@@ -299,38 +299,21 @@ use crate::process::kill_group;
 
 /// Forward output as lines, cutting lines longer than MAX_LINE_BYTES.
 async fn pump(mut reader: impl AsyncRead + Unpin, stream: Stream, sink: OutputSink) {
-    let mut buf = Vec::with_capacity(8192);
+    let mut lines = LineCutter::default();
     let mut chunk = vec![0u8; 8192];
     loop {
         let n = match reader.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        buf.extend_from_slice(&chunk[..n]);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let mut line: Vec<u8> = buf.drain(..=pos).collect();
-            line.pop();
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            for piece in line.chunks(MAX_LINE_BYTES.max(1)) {
-                if sink.send((stream, String::from_utf8_lossy(piece).into_owned()).into()).await.is_err() {
-                    return;
-                }
-            }
-            if line.is_empty() && sink.send((stream, String::new()).into()).await.is_err() {
-                return;
-            }
-        }
-        while buf.len() >= MAX_LINE_BYTES {
-            let piece: Vec<u8> = buf.drain(..MAX_LINE_BYTES).collect();
-            if sink.send((stream, String::from_utf8_lossy(&piece).into_owned()).into()).await.is_err() {
+        for (text, cut) in lines.feed(&chunk[..n]) {
+            if sink.send(Line { stream, text, part: None, cut }).await.is_err() {
                 return;
             }
         }
     }
-    if !buf.is_empty() {
-        let _ = sink.send((stream, String::from_utf8_lossy(&buf).into_owned()).into()).await;
+    if let Some(text) = lines.finish() {
+        let _ = sink.send(Line { stream, text, part: None, cut: false }).await;
     }
 }
 

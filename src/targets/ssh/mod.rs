@@ -390,7 +390,7 @@ async fn run_on(s: &Shared<'_>, host: &Host) -> (PartResult, bool) {
         Some(r) => format!("[ssh] {}: {} ({})", host.name, outcome.as_str(), r),
         None => format!("[ssh] {}: {} in {:.1?}", host.name, outcome.as_str(), started.elapsed()),
     };
-    let _ = s.output.send(Line { stream: Stream::Stdout, text: line, part: Some(host.name.clone()) }).await;
+    let _ = s.output.send(Line { stream: Stream::Stdout, text: line, part: Some(host.name.clone()), cut: false }).await;
     (PartResult { part: host.name.clone(), started_at, finished_at: crate::store::now_ms(), outcome, exit_code, reason }, reached)
 }
 
@@ -584,40 +584,28 @@ async fn exchange<R: serde::Serialize + ?Sized>(conn: &Connection, agent: &str, 
 struct Splitter {
     stream: Stream,
     host: String,
-    buf: Vec<u8>,
+    lines: super::LineCutter,
 }
 
 impl Splitter {
     fn new(stream: Stream, host: String) -> Self {
-        Splitter { stream, host, buf: Vec::new() }
+        Splitter { stream, host, lines: super::LineCutter::default() }
     }
 
     async fn feed(&mut self, bytes: &[u8], output: &OutputSink) {
-        self.buf.extend_from_slice(bytes);
-        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-            let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
-            line.pop();
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            self.send(&line, output).await;
-        }
-        while self.buf.len() >= super::MAX_LINE_BYTES {
-            let piece: Vec<u8> = self.buf.drain(..super::MAX_LINE_BYTES).collect();
-            self.send(&piece, output).await;
+        for (text, cut) in self.lines.feed(bytes) {
+            self.send(text, cut, output).await;
         }
     }
 
     async fn flush(&mut self, output: &OutputSink) {
-        if !self.buf.is_empty() {
-            let rest = std::mem::take(&mut self.buf);
-            self.send(&rest, output).await;
+        if let Some(rest) = self.lines.finish() {
+            self.send(rest, false, output).await;
         }
     }
 
-    async fn send(&self, bytes: &[u8], output: &OutputSink) {
-        let line = Line { stream: self.stream, text: String::from_utf8_lossy(bytes).into_owned(), part: Some(self.host.clone()) };
-        let _ = output.send(line).await;
+    async fn send(&self, text: String, cut: bool, output: &OutputSink) {
+        let _ = output.send(Line { stream: self.stream, text, part: Some(self.host.clone()), cut }).await;
     }
 }
 

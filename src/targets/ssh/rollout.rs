@@ -142,7 +142,7 @@ impl Rollout<'_> {
             Some(r) => format!("[rollout] {}: {} ({r})", host.name, outcome.as_str()),
             None => format!("[rollout] {}: {} in {:.1?}", host.name, outcome.as_str(), started.elapsed()),
         };
-        let _ = self.output.send(Line { stream: Stream::Stdout, text: line, part: Some(host.name.clone()) }).await;
+        let _ = self.output.send(Line { stream: Stream::Stdout, text: line, part: Some(host.name.clone()), cut: false }).await;
         (PartResult { part: host.name.clone(), started_at, finished_at: crate::store::now_ms(), outcome, exit_code: None, reason }, before)
     }
 
@@ -201,7 +201,7 @@ impl Rollout<'_> {
                         let line: Vec<u8> = buf.drain(..=pos).collect();
                         let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else { continue };
                         if let Some(l) = v.get("line").and_then(|l| l.as_str()) {
-                            let _ = self.output.send(Line { stream: Stream::Stdout, text: l.to_string(), part: Some(host.name.clone()) }).await;
+                            let _ = self.output.send(Line { stream: Stream::Stdout, text: l.to_string(), part: Some(host.name.clone()), cut: false }).await;
                         } else if let Some(r) = v.get("result") {
                             result = Some(r.clone());
                         } else if let Some(e) = v.get("error").and_then(|e| e.as_str()) {

@@ -891,8 +891,14 @@ impl Supervisor {
         let relay_mask = mask.clone();
         let forward = tokio::spawn(async move {
             // Consumed to the end even when nobody reads any more.
+            let mut pieces = relay_mask.pieces();
             while let Some(l) = lines.recv().await {
-                let _ = relay_tx.send(json!({ "line": relay_mask.redact(&l.text) })).await;
+                if let Some(line) = pieces.piece((l.stream, l.part), l.text, l.cut) {
+                    let _ = relay_tx.send(json!({ "line": line })).await;
+                }
+            }
+            for (_, line) in pieces.finish() {
+                let _ = relay_tx.send(json!({ "line": line })).await;
             }
         });
         let mut result = running.manager.rollout(rollout, out, self.shutdown.child_token()).await;
