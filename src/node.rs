@@ -130,20 +130,8 @@ fn start(opts: NodeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> RunningNo
     let server = {
         let stop = shutdown.clone();
         match tls {
-            None => tasks.spawn(async move {
-                axum::serve(opts.listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-            }),
-            Some(config) => {
-                let listener = api::tls::TlsListener::new(opts.listener, config);
-                let app = api::tls::with_peer(app);
-                tasks.spawn(async move {
-                    axum::serve(listener, app.into_make_service_with_connect_info::<api::tls::Peer>())
-                        .with_graceful_shutdown(async move { stop.cancelled().await })
-                        .await
-                })
-            }
+            None => tasks.spawn(api::serve::serve(opts.listener, app, stop)),
+            Some(config) => tasks.spawn(api::serve::serve(api::tls::TlsListener::new(opts.listener, config), app, stop)),
         }
     };
     let scheduler = tasks.spawn(Scheduler::run(sched, shutdown.clone()));
@@ -166,11 +154,9 @@ fn start(opts: NodeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> RunningNo
         drop(state);
         tasks.close();
         if !closed && tokio::time::timeout(BUS_GRACE, tasks.wait()).await.is_err() {
-            // A connection the server abandoned (a client that never
-            // finished sending its request) lives on in its own task,
-            // holding the state and so the bus: the consumers would wait
-            // for it. What the handlers still running emitted in the grace
-            // is taken first.
+            // Something still holds the state and so the bus (a task a
+            // handler started): the consumers would wait for it. What the
+            // handlers still running emitted in the grace is taken first.
             close_bus.cancel();
         }
         if tokio::time::timeout(STOP_DEADLINE, tasks.wait()).await.is_err() {

@@ -14,6 +14,7 @@ mod gates;
 mod hooks;
 pub use hooks::{Queued, published_from_queue};
 pub mod metrics;
+pub mod serve;
 pub mod tls;
 pub mod wire;
 

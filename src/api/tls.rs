@@ -174,8 +174,8 @@ pub async fn reload_on_hangup(certificate: Option<Arc<Certificate>>, stop: tokio
 }
 
 /// The API's listener with TLS: TCP connections are accepted at once and
-/// their handshakes run in tasks of their own; [`axum::serve`] takes the
-/// finished streams.
+/// their handshakes run in tasks of their own; [`super::serve::serve`]
+/// takes the finished streams.
 pub struct TlsListener {
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
@@ -243,30 +243,6 @@ impl axum::serve::Listener for TlsListener {
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
     }
-}
-
-/// The peer's address of a TLS connection. axum gives `ConnectInfo` only
-/// for its own listeners; [`with_peer`] turns this one into the
-/// `ConnectInfo<SocketAddr>` the API reads.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
-/// The router with each request's `ConnectInfo<Peer>` also given as
-/// `ConnectInfo<SocketAddr>` (what the audit log and the loopback rule read).
-pub fn with_peer(router: axum::Router) -> axum::Router {
-    router.layer(axum::middleware::map_request(|mut req: axum::extract::Request| async move {
-        use axum::extract::ConnectInfo;
-        if let Some(ConnectInfo(Peer(addr))) = req.extensions().get::<ConnectInfo<Peer>>().copied() {
-            req.extensions_mut().insert(ConnectInfo(addr));
-        }
-        req
-    }))
 }
 
 #[cfg(test)]
