@@ -94,14 +94,12 @@ pub fn program_path(program: &str, workdir: &std::path::Path) -> std::ffi::OsStr
     if program.contains('/') && !program.starts_with('/') { workdir.join(program).into_os_string() } else { program.into() }
 }
 
-/// A store's scope label: a digest of its URL without credentials, the
-/// same on every node that shares the store.
+/// A store's scope label: a digest of its URL without credentials (user,
+/// password, a `?password=`), the same on every node that shares the store
+/// and after a password's rotation.
 pub fn scope_of_store(url: &str) -> String {
     use sha2::Digest;
-    let clean = match url.split_once("://") {
-        Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map(|(_, host)| host).unwrap_or(rest)),
-        None => url.to_string(),
-    };
+    let clean = crate::store::sql::url_without_credentials(url);
     hex::encode(&sha2::Sha256::digest(clean.as_bytes())[..6])
 }
 

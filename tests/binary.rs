@@ -1629,13 +1629,15 @@ fn issue19_the_store_password_is_never_printed() {
     let dir = common::config_dir("", &[]);
     let out = std::process::Command::new(common::slipway_bin())
         .args(["--config", &dir.path().display().to_string(), "serve", "--listen", "127.0.0.1:0", "--store"])
-        .arg(format!("postgres://slipway@127.0.0.1:{}/db?password=pw-in-a-parameter-12", common::free_port()))
+        // sslpassword: sqlx does not know it, and logged it with its value.
+        .arg(format!("postgres://slipway@127.0.0.1:{}/db?password=pw-in-a-parameter-12&sslpassword=sslpw-in-a-parameter-56", common::free_port()))
         .stdin(std::process::Stdio::null())
         .output()
         .expect("slipway serve");
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success() && said.contains("password=***"), "{said}");
-    assert!(!said.contains("pw-in-a-parameter-12"), "{said}");
+    assert!(!said.contains("pw-in-a-parameter-12") && !said.contains("sslpw-in-a-parameter-56"), "{said}");
+    assert!(said.contains("sslpassword"), "the parameter is named as ignored: {said}");
     for command in [&["serve", "--help"][..], &["plan", "--help"], &["token", "create", "--help"]] {
         let out = std::process::Command::new(common::slipway_bin())
             .args(command)

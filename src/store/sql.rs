@@ -1289,7 +1289,11 @@ impl SqlStore {
                         }
                     })
                 });
-            (Dialect::Postgres, url.to_string(), opts)
+            let (conn_url, ignored) = without_unknown_params(url);
+            for parameter in ignored {
+                tracing::warn!(%parameter, "the store URL's parameter is not supported and is ignored (its value is not shown)");
+            }
+            (Dialect::Postgres, conn_url, opts)
         } else {
             return Err(StoreError::BadUrl { url: redact_url(url), reason: "expected sqlite://PATH or postgres://USER@HOST:PORT/DB".into() });
         };
@@ -1437,6 +1441,61 @@ pub fn redact_url(url: &str) -> String {
         })
         .collect();
     format!("{head}{base}?{}", params.join("&"))
+}
+
+/// The connection parameters sqlx's PostgreSQL driver reads (sqlx 0.9,
+/// `PgConnectOptions::parse_from_url`).
+const PG_PARAMS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// The URL without the parameters sqlx does not read, and their names.
+/// sqlx ignores such a parameter but logs it at WARN with its value, which
+/// may be a secret (`sslpassword`, which it does not support): they are
+/// taken out before it sees them and named here without their value.
+fn without_unknown_params(url: &str) -> (String, Vec<String>) {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else { return (url.to_string(), Vec::new()) };
+    let pairs: Vec<(String, String)> = parsed.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    let (known, unknown): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(k, _)| PG_PARAMS.contains(&k.as_str()) || k.starts_with("options["));
+    if unknown.is_empty() {
+        return (url.to_string(), Vec::new());
+    }
+    if known.is_empty() {
+        parsed.set_query(None);
+    } else {
+        parsed.query_pairs_mut().clear().extend_pairs(known);
+    }
+    (parsed.to_string(), unknown.into_iter().map(|(k, _)| k).collect())
+}
+
+/// The URL as it names a database: without user, password or a
+/// parameter that holds a password (what [`crate::process::scope_of_store`]
+/// digests, so a rotated password leaves it the same).
+pub fn url_without_credentials(url: &str) -> String {
+    let clean = match url.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map(|(_, host)| host).unwrap_or(rest)),
+        None => url.to_string(),
+    };
+    let Some((base, query)) = clean.split_once('?') else { return clean };
+    let kept: Vec<&str> = query.split('&').filter(|p| !secret_param(p.split_once('=').map_or(*p, |(k, _)| k))).collect();
+    if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) }
 }
 
 /// A URL parameter that may hold a password, however its name is spelt
@@ -2757,5 +2816,33 @@ mod tests {
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("postgres://h/db?password=%"), "postgres://h/db?password=***");
         assert_eq!(redact_url("sqlite:///var/lib/slipway/store.db"), "sqlite:///var/lib/slipway/store.db");
+    }
+
+    // Issue 19 (left by the twelfth session): sqlx logged a parameter it
+    // does not know (`sslpassword`) at WARN with its value.
+    #[test]
+    fn issue19_a_parameter_sqlx_does_not_know_is_taken_out_and_named_without_its_value() {
+        use super::without_unknown_params;
+        let (url, ignored) = without_unknown_params("postgres://u@h:5432/db?sslmode=disable&sslpassword=key-pw-7&connect_timeout=10&options[search_path]=s");
+        assert_eq!(ignored, ["sslpassword", "connect_timeout"]);
+        assert!(!url.contains("key-pw-7") && url.contains("sslmode=disable") && url.contains("search_path"), "{url}");
+        assert_eq!(without_unknown_params("postgres://u:pw@h/db?sslmode=require").0, "postgres://u:pw@h/db?sslmode=require");
+        assert_eq!(without_unknown_params("postgres://u@h/db?sslpassword=x").0, "postgres://u@h/db");
+    }
+
+    // Issue 19 (left by the twelfth session): a `?password=` went into the
+    // installation's scope label, so rotating it made the node take its own
+    // containers for another installation's.
+    #[test]
+    fn issue19_a_store_password_in_a_parameter_is_not_part_of_the_scope() {
+        use crate::process::scope_of_store;
+        let scope = scope_of_store("postgres://slipway@db:5432/prod?sslmode=require");
+        assert_eq!(scope, scope_of_store("postgres://slipway@db:5432/prod?password=old&sslmode=require"));
+        assert_eq!(scope, scope_of_store("postgres://other:pw@db:5432/prod?sslmode=require&PASSWORD=new"));
+        assert_ne!(scope, scope_of_store("postgres://slipway@db:5432/prod"));
+        // Without parameters the label is what it was before (no upgrade
+        // changes an installation's scope).
+        assert_eq!(scope_of_store("postgres://slipway:pw@db:5432/prod?password=x"), scope_of_store("postgres://db:5432/prod"));
+        assert_eq!(crate::store::sql::url_without_credentials("postgres://u:p@db/prod"), "postgres://db/prod");
     }
 }
