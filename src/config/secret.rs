@@ -302,6 +302,15 @@ impl Redactor {
         self.values.is_empty()
     }
 
+    /// This one's values and `older`'s: after a secret's rotation, what
+    /// still runs with the old value (an instance draining) is masked too.
+    pub fn and(mut self, older: &Redactor) -> Redactor {
+        self.values.extend(older.values.iter().cloned());
+        self.values.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+        self.values.dedup_by(|a, b| a.0 == b.0);
+        self
+    }
+
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_string();
         for (value, name) in &self.values {
@@ -515,5 +524,17 @@ mod tests {
         // Without secrets, pieces pass as they are.
         let none = Redactor::of_values([]);
         assert_eq!(none.pieces::<u8>().piece(1, "hunter2-acr".into(), true).as_deref(), Some("hunter2-acr"));
+    }
+
+    /// Issue 19 (left by the twelfth session): a service's masking was
+    /// replaced at each instance start, so after a rotation what an older
+    /// instance printed with the old value was no longer masked.
+    #[test]
+    fn issue19_masking_after_a_rotation_keeps_the_old_value() {
+        let (old, new) = (Secret("old-value-1".into()), Secret("new-value-2".into()));
+        let r = Redactor::of_values([("api", &new)]).and(&Redactor::of_values([("api", &old)]));
+        assert_eq!(r.redact("old-value-1 new-value-2"), "[secret api] [secret api]");
+        let again = Redactor::of_values([("api", &new)]).and(&r);
+        assert_eq!(again.values.len(), 2, "a value seen twice is kept once");
     }
 }

@@ -948,9 +948,16 @@ impl ServiceManager {
         self.remember(environment, &g.spec.name, crate::config::secret::Redactor::of(g.spec.secret_refs()));
     }
 
+    /// Added to what was remembered, never in place of it: an instance
+    /// started before a secret's rotation still has the old value.
     fn remember(&self, environment: &str, service: &str, redactor: crate::config::secret::Redactor) {
         if let Ok(mut r) = self.redactors.lock() {
-            r.insert((environment.to_string(), service.to_string()), redactor);
+            let key = (environment.to_string(), service.to_string());
+            let joined = match r.get(&key) {
+                Some(older) => redactor.and(older),
+                None => redactor,
+            };
+            r.insert(key, joined);
         }
     }
 
