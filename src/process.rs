@@ -94,12 +94,19 @@ pub fn program_path(program: &str, workdir: &std::path::Path) -> std::ffi::OsStr
     if program.contains('/') && !program.starts_with('/') { workdir.join(program).into_os_string() } else { program.into() }
 }
 
-/// A store's scope label: a digest of its URL without credentials (user,
-/// password, a `?password=`), the same on every node that shares the store
-/// and after a password's rotation.
+/// A store's scope label: a digest of its URL without the user and
+/// password before its host, the same on every node that shares the
+/// store. Its parameters are part of it as written, a `?password=`
+/// included: leaving that out would change the label of an installation
+/// that has one on upgrade (its containers and processes would be taken
+/// for another installation's), so such a password is better given
+/// before the host or in `PGPASSWORD`, which a rotation may change.
 pub fn scope_of_store(url: &str) -> String {
     use sha2::Digest;
-    let clean = crate::store::sql::url_without_credentials(url);
+    let clean = match url.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map(|(_, host)| host).unwrap_or(rest)),
+        None => url.to_string(),
+    };
     hex::encode(&sha2::Sha256::digest(clean.as_bytes())[..6])
 }
 

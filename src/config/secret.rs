@@ -260,6 +260,9 @@ pub(super) fn env_secrets(
     out
 }
 
+/// Most values a service's masking keeps across rotations.
+const KEEP_VALUES: usize = 64;
+
 /// Masks secret values in text: every line of output Slipway keeps, and
 /// every reason it records, passes through the redactor of the secrets
 /// the job (or service) was given, so a value a process prints itself is
@@ -304,8 +307,11 @@ impl Redactor {
 
     /// This one's values and `older`'s: after a secret's rotation, what
     /// still runs with the old value (an instance draining) is masked too.
+    /// At most [`KEEP_VALUES`] in all (this one's first), so that many
+    /// rotations do not make masking ever slower.
     pub fn and(mut self, older: &Redactor) -> Redactor {
-        self.values.extend(older.values.iter().cloned());
+        let room = KEEP_VALUES.saturating_sub(self.values.len());
+        self.values.extend(older.values.iter().filter(|o| !self.values.iter().any(|v| v.0 == o.0)).take(room).cloned().collect::<Vec<_>>());
         self.values.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
         self.values.dedup_by(|a, b| a.0 == b.0);
         self
@@ -348,9 +354,11 @@ impl<K: Eq + std::hash::Hash> Pieces<'_, K> {
             }
             None => text,
         };
-        let longest = self.redactor.values.first().map_or(0, |(v, _)| v.len());
+        // A value that spans lines (a whole secret file) never matches
+        // within one: only single-line values decide what is held.
+        let longest = self.redactor.values.iter().filter(|(v, _)| !v.contains('\n')).map(|(v, _)| v.len()).max().unwrap_or(0);
         if longest == 0 {
-            return Some(text);
+            return Some(if self.redactor.values.is_empty() { text } else { self.redactor.redact(&text) });
         }
         if !cut || longest < 2 {
             return Some(self.redactor.redact(&text));
@@ -358,21 +366,23 @@ impl<K: Eq + std::hash::Hash> Pieces<'_, K> {
         // Any secret still to be completed begins in the last longest-1
         // bytes; one that begins before the cut and ends after it (as
         // `redact` finds them: left to right, without overlap) is held
-        // whole. Each move is shorter than the longest value, and there are
-        // at most as many moves as values, so what is held stays bounded.
+        // whole, until nothing crosses the cut (it only moves back). Values
+        // that overlap one another could move it back over a whole line of
+        // them, so what is held stays under HOLD_AT_MOST.
+        let floor = text.len().saturating_sub(HOLD_AT_MOST);
         let mut at = floor_char_boundary(&text, (text.len() + 1).saturating_sub(longest));
-        for _ in 0..self.redactor.values.len() {
-            let across = self
-                .redactor
-                .values
-                .iter()
-                .flat_map(|(v, _)| text.match_indices(v.as_str()).map(|(i, m)| (i, i + m.len())))
-                .filter(|(i, end)| *i < at && *end > at)
-                .map(|(i, _)| i)
-                .min();
-            match across {
-                Some(i) => at = i,
-                None => break,
+        let mut found: Vec<(usize, usize)> =
+            self.redactor.values.iter().flat_map(|(v, _)| text.match_indices(v.as_str()).map(|(i, m)| (i, i + m.len()))).collect();
+        // By end, last first: once one ends at or before the cut, so do
+        // all after it, and the cut only moves back, so none of those can
+        // cross it any more; one that began at or after the cut never will.
+        found.sort_unstable_by_key(|m| std::cmp::Reverse(m.1));
+        for (start, end) in found {
+            if end <= at {
+                break;
+            }
+            if start < at && start >= floor {
+                at = start;
             }
         }
         let rest = text.split_off(at);
@@ -387,6 +397,9 @@ impl<K: Eq + std::hash::Hash> Pieces<'_, K> {
         self.held.drain().map(|(k, t)| (k, self.redactor.redact(&t))).collect()
     }
 }
+
+/// The most a line's masking holds back across cuts: four pieces.
+const HOLD_AT_MOST: usize = 4 * crate::targets::MAX_LINE_BYTES;
 
 fn floor_char_boundary(text: &str, at: usize) -> usize {
     (0..=at.min(text.len())).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0)
@@ -521,6 +534,22 @@ mod tests {
             let _ = p.piece(1, "hunter2-across-the-cuthunter2-across".repeat(50), true);
             assert!(p.held.values().all(|h| h.len() < 2 * value.0.len()), "{:?}", p.held.values().map(String::len).collect::<Vec<_>>());
         }
+        // Values that overlap one another ("ab", "ba") are masked across a
+        // cut too, and what is held stays bounded even so.
+        let (ab, ba) = (Secret("ab".into()), Secret("ba".into()));
+        let r2 = Redactor::of_values([("x", &ab), ("y", &ba)]);
+        let mut p = r2.pieces::<u8>();
+        let mut shown = String::new();
+        for _ in 0..40 {
+            shown += &p.piece(1, "ab".repeat(4096), true).unwrap_or_default();
+            assert!(p.held.values().all(|h| h.len() <= HOLD_AT_MOST), "{:?}", p.held.values().map(String::len).collect::<Vec<_>>());
+        }
+        shown.extend(p.finish().into_iter().map(|(_, t)| t));
+        assert!(!shown.contains("ab") && !shown.contains("ba"), "{}", &shown[..200]);
+        // A value that spans lines does not make every cut line held.
+        let file = Secret("line one of a file\nline two of it".into());
+        let r3 = Redactor::of_values([("f", &file)]);
+        assert_eq!(r3.pieces::<u8>().piece(1, "x".repeat(100), true).map(|t| t.len()), Some(100 - ("line one of a file".len() - 1)));
         // Without secrets, pieces pass as they are.
         let none = Redactor::of_values([]);
         assert_eq!(none.pieces::<u8>().piece(1, "hunter2-acr".into(), true).as_deref(), Some("hunter2-acr"));

@@ -1416,7 +1416,7 @@ impl Inner {
 
 /// Never print a password from a store URL: the one after the user
 /// (`postgres://user:PASSWORD@host/db`), nor one given as a parameter
-/// (`?password=`, `sslpassword=`: sqlx takes both).
+/// (`?password=`, or `sslpassword=`, which sqlx does not read).
 pub fn redact_url(url: &str) -> String {
     // Everything up to the last '@' may be the password (a '?' or '/' in
     // it included); what follows is host, database and parameters.
@@ -1483,19 +1483,6 @@ fn without_unknown_params(url: &str) -> (String, Vec<String>) {
         parsed.query_pairs_mut().clear().extend_pairs(known);
     }
     (parsed.to_string(), unknown.into_iter().map(|(k, _)| k).collect())
-}
-
-/// The URL as it names a database: without user, password or a
-/// parameter that holds a password (what [`crate::process::scope_of_store`]
-/// digests, so a rotated password leaves it the same).
-pub fn url_without_credentials(url: &str) -> String {
-    let clean = match url.split_once("://") {
-        Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map(|(_, host)| host).unwrap_or(rest)),
-        None => url.to_string(),
-    };
-    let Some((base, query)) = clean.split_once('?') else { return clean };
-    let kept: Vec<&str> = query.split('&').filter(|p| !secret_param(p.split_once('=').map_or(*p, |(k, _)| k))).collect();
-    if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) }
 }
 
 /// A URL parameter that may hold a password, however its name is spelt
@@ -2828,21 +2815,5 @@ mod tests {
         assert!(!url.contains("key-pw-7") && url.contains("sslmode=disable") && url.contains("search_path"), "{url}");
         assert_eq!(without_unknown_params("postgres://u:pw@h/db?sslmode=require").0, "postgres://u:pw@h/db?sslmode=require");
         assert_eq!(without_unknown_params("postgres://u@h/db?sslpassword=x").0, "postgres://u@h/db");
-    }
-
-    // Issue 19 (left by the twelfth session): a `?password=` went into the
-    // installation's scope label, so rotating it made the node take its own
-    // containers for another installation's.
-    #[test]
-    fn issue19_a_store_password_in_a_parameter_is_not_part_of_the_scope() {
-        use crate::process::scope_of_store;
-        let scope = scope_of_store("postgres://slipway@db:5432/prod?sslmode=require");
-        assert_eq!(scope, scope_of_store("postgres://slipway@db:5432/prod?password=old&sslmode=require"));
-        assert_eq!(scope, scope_of_store("postgres://other:pw@db:5432/prod?sslmode=require&PASSWORD=new"));
-        assert_ne!(scope, scope_of_store("postgres://slipway@db:5432/prod"));
-        // Without parameters the label is what it was before (no upgrade
-        // changes an installation's scope).
-        assert_eq!(scope_of_store("postgres://slipway:pw@db:5432/prod?password=x"), scope_of_store("postgres://db:5432/prod"));
-        assert_eq!(crate::store::sql::url_without_credentials("postgres://u:p@db/prod"), "postgres://db/prod");
     }
 }

@@ -712,20 +712,30 @@ pub const KEEP_LINES: usize = 40;
 #[derive(Clone)]
 pub struct Lifeline {
     exit: tokio::sync::watch::Receiver<Option<String>>,
-    output: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+    output: Kept,
 }
+
+/// An instance's last lines or pieces of a line, each with its `cut` mark.
+type Kept = std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<(String, bool)>>>;
 
 /// Keeps an instance's last lines (see [`Lifeline::keeper`]).
 #[derive(Clone)]
-pub struct LineKeeper(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+pub struct LineKeeper(Kept);
 
 impl LineKeeper {
     pub fn push_line(&self, line: String) {
+        self.push_piece(line, false)
+    }
+
+    /// A piece of a line cut at [`MAX_LINE_BYTES`] (`cut`: the line goes
+    /// on in the next piece): [`Lifeline::last_output`] joins them again,
+    /// so that masking sees a secret across the cut whole.
+    pub fn push_piece(&self, text: String, cut: bool) {
         if let Ok(mut o) = self.0.lock() {
             if o.len() >= KEEP_LINES {
                 o.pop_front();
             }
-            o.push_back(line);
+            o.push_back((text, cut));
         }
     }
 }
@@ -784,8 +794,19 @@ impl Lifeline {
         }
     }
 
+    /// The last lines, the pieces of a cut line joined again.
     pub fn last_output(&self) -> Vec<String> {
-        self.output.lock().map(|o| o.iter().cloned().collect()).unwrap_or_default()
+        let Ok(kept) = self.output.lock() else { return Vec::new() };
+        let mut lines: Vec<String> = Vec::new();
+        let mut goes_on = false;
+        for (text, cut) in kept.iter() {
+            match lines.last_mut() {
+                Some(last) if goes_on => last.push_str(text),
+                _ => lines.push(text.clone()),
+            }
+            goes_on = *cut;
+        }
+        lines
     }
 }
 
@@ -1040,6 +1061,18 @@ fn char_boundary(bytes: &[u8], at: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instances_last_output_joins_the_pieces_of_a_cut_line() {
+        let (life, _exit) = Lifeline::new();
+        let keeper = life.keeper();
+        keeper.push_line("before".into());
+        keeper.push_piece("top".into(), true);
+        keeper.push_piece("sec".into(), true);
+        keeper.push_piece("ret end".into(), false);
+        keeper.push_piece("unfinished".into(), true);
+        assert_eq!(life.last_output(), ["before", "topsecret end", "unfinished"]);
+    }
 
     #[test]
     fn a_long_line_is_cut_in_marked_pieces_and_never_inside_a_character() {

@@ -153,7 +153,7 @@ macro_rules! compliance_suite {
             restart_restores_the_recorded_version, failed_restore_is_retried, zero_downtime_through_the_proxy,
             same_version_again_is_a_no_op, output_is_complete_once_exited, dead_instance_is_replaced,
             runs_jobs_with_exit_codes_and_output, jobs_stop_on_timeout_and_cancel, capabilities_match_what_it_does,
-            images_are_pinned_and_pulled, gc_keeps_what_runs, a_killed_node_comes_back_serving);
+            images_are_pinned_and_pulled, gc_keeps_what_runs, a_killed_node_comes_back_serving, long_lines_arrive_in_marked_pieces);
     };
     // A target that runs its own rollouts (SSH hosts): the manager hands it
     // the whole rollout, and no instance passes through the node, so the
@@ -162,7 +162,7 @@ macro_rules! compliance_suite {
     (own_rollout: $fixture:ty) => {
         $crate::compliance_suite!(@each $fixture;
             runs_jobs_with_exit_codes_and_output, jobs_stop_on_timeout_and_cancel, capabilities_match_what_it_does,
-            images_are_pinned_and_pulled, a_killed_node_comes_back_serving);
+            images_are_pinned_and_pulled, a_killed_node_comes_back_serving, long_lines_arrive_in_marked_pieces);
         $crate::compliance_suite!(@own $fixture;
             deploys_and_serves_on_hosts, unhealthy_version_rolls_back_on_hosts, crash_during_rollout_rolls_back_on_hosts,
             same_version_again_is_a_no_op_on_hosts, zero_downtime_on_hosts, dead_instance_is_replaced_on_hosts,
@@ -1095,11 +1095,17 @@ async fn demo_job(h: &Harness, args: &[&str], timeout: Duration) -> JobSpec {
 
 /// Run `spec` through the executor; its result and its output lines.
 async fn run_job(h: &Harness, spec: JobSpec, cancel: CancellationToken) -> (RunResult, Vec<String>) {
+    let (result, lines) = run_job_lines(h, spec, cancel).await;
+    (result, lines.into_iter().map(|l| l.text).collect())
+}
+
+/// [`run_job`] with each line as the target sent it (stream, cut mark).
+async fn run_job_lines(h: &Harness, spec: JobSpec, cancel: CancellationToken) -> (RunResult, Vec<slipway::targets::Line>) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<slipway::targets::Line>(256);
     let collector = tokio::spawn(async move {
         let mut lines = Vec::new();
-        while let Some(slipway::targets::Line { text: l, .. }) = rx.recv().await {
-            lines.push(l);
+        while let Some(line) = rx.recv().await {
+            lines.push(line);
         }
         lines
     });
@@ -1141,6 +1147,35 @@ pub async fn runs_jobs_with_exit_codes_and_output(fx: Arc<dyn Fixture>) {
         assert_eq!((r.outcome, r.exit_code), (Outcome::Failed, Some(1)), "{r:?}: {lines:?}");
         assert!(r.reason.as_deref().is_some_and(|why| numbers_in(why).contains(&1)), "the reason names exit code 1: {r:?}");
         assert!(lines.iter().any(|l| l.contains("cannot write /no/such/dir/migrations.log")), "stderr is kept: {lines:?}");
+    })
+    .await;
+}
+
+/// A line longer than [`slipway::targets::MAX_LINE_BYTES`] arrives in
+/// pieces no longer than that, each but the last marked `cut`, which
+/// together are the line: what masks secrets joins them (issue 19: a
+/// secret across a cut was stored as two unmasked halves).
+pub async fn long_lines_arrive_in_marked_pieces(fx: Arc<dyn Fixture>) {
+    let h = Harness::new(fx).await;
+    h.run("long_lines_arrive_in_marked_pieces", async {
+        let long = format!("{}é", "v".repeat(40_000));
+        let job = demo_job(&h, &["migrate", "--file", "migrations.log", "--version", &long], Duration::from_secs(60)).await;
+        let (r, lines) = run_job_lines(&h, job, CancellationToken::new()).await;
+        assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+        let first = lines
+            .iter()
+            .position(|l| l.text.starts_with("migration to vvv"))
+            .unwrap_or_else(|| panic!("no output line: {:?}", lines.iter().map(|l| l.text.len()).collect::<Vec<_>>()));
+        let last = lines[first..].iter().position(|l| !l.cut).map(|i| first + i).expect("the line ends");
+        let pieces = &lines[first..=last];
+        assert!(pieces.len() >= 3, "40 KB in pieces of at most 16 KiB: {:?}", pieces.iter().map(|l| (l.text.len(), l.cut)).collect::<Vec<_>>());
+        assert!(pieces.iter().all(|l| l.text.len() <= slipway::targets::MAX_LINE_BYTES && l.stream == pieces[0].stream && l.part == pieces[0].part));
+        let whole: String = pieces.iter().map(|l| l.text.as_str()).collect();
+        assert!(
+            whole.starts_with(&format!("migration to {long} applied")),
+            "the pieces are the line, no character cut: {}",
+            &whole[whole.len().saturating_sub(80)..]
+        );
     })
     .await;
 }

@@ -315,10 +315,20 @@ impl Target for DockerTarget {
         }
         let follow = async {
             let mut logs = self.docker.logs(&id, Some(LogsOptionsBuilder::default().follow(true).stdout(true).stderr(true).build()));
+            // Docker's frames are not lines (and it splits a line longer
+            // than 16 KiB): each stream is cut into lines as the other
+            // targets cut a process's output, marks and all.
+            let (mut out, mut err) = (super::LineCutter::default(), super::LineCutter::default());
             while let Some(Ok(chunk)) = logs.next().await {
-                let stream = if matches!(chunk, bollard::container::LogOutput::StdErr { .. }) { super::Stream::Stderr } else { super::Stream::Stdout };
-                for line in chunk.to_string().lines() {
-                    let _ = output.send((stream, line.to_string()).into()).await;
+                let (stream, cutter) =
+                    if matches!(chunk, bollard::container::LogOutput::StdErr { .. }) { (super::Stream::Stderr, &mut err) } else { (super::Stream::Stdout, &mut out) };
+                for (text, cut) in cutter.feed(&chunk.into_bytes()) {
+                    let _ = output.send(super::Line { stream, text, part: None, cut }).await;
+                }
+            }
+            for (stream, cutter) in [(super::Stream::Stdout, &mut out), (super::Stream::Stderr, &mut err)] {
+                if let Some(text) = cutter.finish() {
+                    let _ = output.send(super::Line { stream, text, part: None, cut: false }).await;
                 }
             }
         };

@@ -51,8 +51,9 @@ pub fn start(req: &InstanceRequest, target: &LocalTarget, port: u16) -> Result<A
     let collector = {
         let life = life.clone();
         tokio::spawn(async move {
-            while let Some(super::super::Line { text: line, .. }) = rx.recv().await {
-                life.push_line(line);
+            let keeper = life.keeper();
+            while let Some(super::super::Line { text, cut, .. }) = rx.recv().await {
+                keeper.push_piece(text, cut);
             }
         })
     };
