@@ -73,9 +73,14 @@ impl Client {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let trust = |b: reqwest::ClientBuilder| match roots {
-            Some(r) => b.tls_certs_only(r.iter().cloned()),
-            None => b,
+        // A connection idle for less than the server keeps one (30 s,
+        // `api::serve::HEAD_READ`) is never reused just as it closes it.
+        let trust = |b: reqwest::ClientBuilder| {
+            let b = b.pool_idle_timeout(Duration::from_secs(20));
+            match roots {
+                Some(r) => b.tls_certs_only(r.iter().cloned()),
+                None => b,
+            }
         };
         let http = crate::http::client(|b| trust(b).default_headers(headers.clone()).connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(30)))
             .unwrap_or_default();

@@ -574,7 +574,11 @@ pub struct Api {
 
 impl Api {
     pub fn new(base: &str) -> Api {
-        Api { base: base.to_string(), http: slipway::http::builder().timeout(Duration::from_secs(30)).build().expect("client") }
+        // Idle connections go before the server closes them (after 30 s).
+        Api {
+            base: base.to_string(),
+            http: slipway::http::builder().timeout(Duration::from_secs(30)).pool_idle_timeout(Duration::from_secs(20)).build().expect("client"),
+        }
     }
 
     /// (status, JSON body or null).
