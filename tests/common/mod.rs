@@ -167,38 +167,53 @@ impl Server {
     }
 
     fn spawn(bin: &Path, config: &Path, store: Option<&str>, extra: &[&str], env: &[(&str, &str)], log_dir: &Path, name: &str) -> Server {
-        let port = free_port();
-        let log = log_dir.join(if name.is_empty() { format!("serve-{port}.log") } else { format!("serve-{name}.log") });
-        let out = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(bin);
-        cmd.arg("--config").arg(config).arg("serve").arg("--listen").arg(format!("127.0.0.1:{port}"));
-        if let Some(s) = store {
-            cmd.arg("--store").arg(s);
+        // A port from `free_port` is free when chosen, not when bound: a
+        // test binary running beside this one may take it in between, and
+        // then this server cannot listen. It is started again on another.
+        for _ in 0..3 {
+            let port = free_port();
+            let log = log_dir.join(if name.is_empty() { format!("serve-{port}.log") } else { format!("serve-{name}.log") });
+            let out = std::fs::File::create(&log).expect("log file");
+            let mut cmd = Command::new(bin);
+            cmd.arg("--config").arg(config).arg("serve").arg("--listen").arg(format!("127.0.0.1:{port}"));
+            if let Some(s) = store {
+                cmd.arg("--store").arg(s);
+            }
+            // Only what the test says: none of the caller's own settings.
+            cmd.args(extra)
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().expect("dup"))
+                .stderr(out)
+                .env_remove("SLIPWAY_STORE")
+                .env_remove("SLIPWAY_CONFIG")
+                .env_remove("SLIPWAY_SERVER");
+            cmd.envs(env.iter().copied());
+            let child = cmd.spawn().expect("spawn slipway serve");
+            let mut s = Server { child, url: format!("http://127.0.0.1:{port}"), port, log };
+            match s.listening(Duration::from_secs(30)) {
+                Ok(()) => return s,
+                Err(log) if log.contains("port is in use") => continue,
+                Err(log) => panic!("slipway serve exited early:\n{log}"),
+            }
         }
-        // Only what the test says: none of the caller's own settings.
-        cmd.args(extra)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
-            .env_remove("SLIPWAY_STORE")
-            .env_remove("SLIPWAY_CONFIG")
-            .env_remove("SLIPWAY_SERVER");
-        cmd.envs(env.iter().copied());
-        let child = cmd.spawn().expect("spawn slipway serve");
-        let mut s = Server { child, url: format!("http://127.0.0.1:{port}"), port, log };
-        s.wait_healthy(Duration::from_secs(30));
-        s
+        panic!("slipway serve found its port taken three times");
     }
 
-    pub fn wait_healthy(&mut self, timeout: Duration) {
+    /// Wait until this server says it listens on its port (its own words,
+    /// not just any process's socket there) and the port answers; `Err`
+    /// with its log if it exited first.
+    fn listening(&mut self, timeout: Duration) -> Result<(), String> {
         let (log, port) = (self.log.clone(), self.port);
         let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+        let said = format!("listening on http://127.0.0.1:{port}");
+        let said_tls = format!("listening on https://127.0.0.1:{port}");
         wait_for_diag(timeout, "slipway serve to listen", log_text, || {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("slipway serve exited early ({status}):\n{}", log_text());
+                return Some(Err(format!("({status})\n{}", log_text())));
             }
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop)
-        });
+            let text = log_text();
+            (text.contains(&said) || text.contains(&said_tls)).then(|| std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| Ok(()))).flatten()
+        })
     }
 
     pub fn log_text(&self) -> String {
