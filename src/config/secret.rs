@@ -296,6 +296,12 @@ impl Redactor {
         let lines: Vec<(String, String)> =
             values.iter().flat_map(|(v, n)| v.lines().filter(|l| l.trim().len() >= 4).map(|l| (l.to_string(), n.clone())).collect::<Vec<_>>()).collect();
         values.extend(lines);
+        Redactor::ordered(values)
+    }
+
+    /// Longest value first (one that contains another is masked whole),
+    /// each value once.
+    fn ordered(mut values: Vec<(String, String)>) -> Redactor {
         values.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
         values.dedup_by(|a, b| a.0 == b.0);
         Redactor { values }
@@ -309,12 +315,10 @@ impl Redactor {
     /// still runs with the old value (an instance draining) is masked too.
     /// At most [`KEEP_VALUES`] in all (this one's first), so that many
     /// rotations do not make masking ever slower.
-    pub fn and(mut self, older: &Redactor) -> Redactor {
+    pub fn and(self, older: &Redactor) -> Redactor {
         let room = KEEP_VALUES.saturating_sub(self.values.len());
-        self.values.extend(older.values.iter().filter(|o| !self.values.iter().any(|v| v.0 == o.0)).take(room).cloned().collect::<Vec<_>>());
-        self.values.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
-        self.values.dedup_by(|a, b| a.0 == b.0);
-        self
+        let kept: Vec<(String, String)> = older.values.iter().filter(|o| !self.values.iter().any(|v| v.0 == o.0)).take(room).cloned().collect();
+        Redactor::ordered(self.values.into_iter().chain(kept).collect())
     }
 
     pub fn redact(&self, text: &str) -> String {
@@ -330,7 +334,10 @@ impl Redactor {
     /// Masks lines that may come cut in pieces (one stream and part per
     /// key): see [`Pieces::piece`].
     pub fn pieces<K: Eq + std::hash::Hash>(&self) -> Pieces<'_, K> {
-        Pieces { redactor: self, held: std::collections::HashMap::new() }
+        // A value that spans lines (a whole secret file) never matches
+        // within one: only single-line values decide what is held.
+        let longest = self.values.iter().filter(|(v, _)| !v.contains('\n')).map(|(v, _)| v.len()).max().unwrap_or(0);
+        Pieces { redactor: self, longest, held: std::collections::HashMap::new() }
     }
 }
 
@@ -340,6 +347,8 @@ impl Redactor {
 /// put before the next piece of the same key.
 pub struct Pieces<'a, K> {
     redactor: &'a Redactor,
+    /// The longest single-line value: how much of a cut piece may begin one.
+    longest: usize,
     held: std::collections::HashMap<K, String>,
 }
 
@@ -354,12 +363,10 @@ impl<K: Eq + std::hash::Hash> Pieces<'_, K> {
             }
             None => text,
         };
-        // A value that spans lines (a whole secret file) never matches
-        // within one: only single-line values decide what is held.
-        let longest = self.redactor.values.iter().filter(|(v, _)| !v.contains('\n')).map(|(v, _)| v.len()).max().unwrap_or(0);
-        if longest == 0 {
-            return Some(if self.redactor.values.is_empty() { text } else { self.redactor.redact(&text) });
+        if self.redactor.is_empty() {
+            return Some(text);
         }
+        let longest = self.longest;
         if !cut || longest < 2 {
             return Some(self.redactor.redact(&text));
         }
@@ -370,7 +377,7 @@ impl<K: Eq + std::hash::Hash> Pieces<'_, K> {
         // that overlap one another could move it back over a whole line of
         // them, so what is held stays under HOLD_AT_MOST.
         let floor = text.len().saturating_sub(HOLD_AT_MOST);
-        let mut at = floor_char_boundary(&text, (text.len() + 1).saturating_sub(longest));
+        let mut at = text.floor_char_boundary((text.len() + 1).saturating_sub(longest));
         let mut found: Vec<(usize, usize)> =
             self.redactor.values.iter().flat_map(|(v, _)| text.match_indices(v.as_str()).map(|(i, m)| (i, i + m.len()))).collect();
         // By end, last first: once one ends at or before the cut, so do
@@ -400,10 +407,6 @@ impl<K: Eq + std::hash::Hash> Pieces<'_, K> {
 
 /// The most a line's masking holds back across cuts: four pieces.
 const HOLD_AT_MOST: usize = 4 * crate::targets::MAX_LINE_BYTES;
-
-fn floor_char_boundary(text: &str, at: usize) -> usize {
-    (0..=at.min(text.len())).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0)
-}
 
 pub(super) fn build_registries(raw: Vec<Spanned<RawRegistry>>, secrets: &BTreeMap<String, SecretRef>, problems: &mut Vec<Problem>) -> Vec<RegistryAuth> {
     let mut out: Vec<RegistryAuth> = Vec::new();
