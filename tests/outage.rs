@@ -335,6 +335,9 @@ struct Relay {
     port: u16,
     silenced_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
     opened: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes that, once sent by a client, silence that one connection
+    /// from then on (once: the trap is then spent).
+    trap: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
 }
 
 impl Relay {
@@ -345,35 +348,55 @@ impl Relay {
         let port = listener.local_addr().expect("relay address").port();
         let silenced_below = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let opened = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (below, count) = (silenced_below.clone(), opened.clone());
+        let trap = std::sync::Arc::new(std::sync::Mutex::new(None::<Vec<u8>>));
+        let (below, count, traps) = (silenced_below.clone(), opened.clone(), trap.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let id = count.fetch_add(1, SeqCst);
                 let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else { continue };
                 let (Ok(mut from_client), Ok(mut to_server)) = (client.try_clone(), server.try_clone()) else { continue };
+                let trapped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (traps, caught) = (traps.clone(), trapped.clone());
                 std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from_client, &mut to_server);
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n @ 1..) = from_client.read(&mut buf) {
+                        if let Ok(mut t) = traps.lock()
+                            && t.as_ref().is_some_and(|m| buf[..n].windows(m.len()).any(|w| w == m.as_slice()))
+                        {
+                            *t = None;
+                            caught.store(true, SeqCst);
+                        }
+                        if to_server.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
                     let _ = to_server.shutdown(std::net::Shutdown::Write);
                 });
                 let (mut from_server, mut to_client, below) = (server, client, below.clone());
                 std::thread::spawn(move || {
+                    let silent = || id < below.load(SeqCst) || trapped.load(SeqCst);
                     let mut buf = [0u8; 16 * 1024];
                     while let Ok(n @ 1..) = from_server.read(&mut buf) {
-                        if id < below.load(SeqCst) {
+                        if silent() {
                             continue;
                         }
                         if to_client.write_all(&buf[..n]).is_err() {
                             return;
                         }
                     }
-                    if id < below.load(SeqCst) {
+                    if silent() {
                         // Silent to the end: no FIN either.
                         std::mem::forget(to_client);
                     }
                 });
             }
         });
-        Relay { port, silenced_below, opened }
+        Relay { port, silenced_below, opened, trap }
+    }
+
+    /// Silence the next connection that sends `bytes`, from that moment.
+    fn silence_on(&self, bytes: &[u8]) {
+        *self.trap.lock().expect("trap") = Some(bytes.to_vec());
     }
 
     fn silence(&self) {
@@ -424,4 +447,40 @@ env = { MARK = "@EXT@/marks" }
         let name = j["name"].as_str().unwrap_or("?");
         assert_eq!(runs.get(name).copied(), Some(1), "{name} ran once\n{diag}");
     }
+}
+
+/// Issue 19 (an audit of waits without a bound): an API read whose store
+/// connection goes silent after it was sent (the server host gone without
+/// a reset) is answered 503 "unavailable" within the store's answer
+/// deadline, and the next read works on another connection. Before, the
+/// request waited for ever, and so did its client: sqlx sets no TCP
+/// keepalive, and only the writer's batches had a deadline.
+#[test]
+fn issue19_an_api_read_on_a_store_connection_gone_silent_is_answered() {
+    let Some(pg) = own_postgres() else { return };
+    let relay = Relay::start(pg.port);
+    let store = format!("postgres://slipway@127.0.0.1:{}/postgres", relay.port);
+    let fx = Fx::new(&graph(1, 1, "0"), 1);
+    let server = fx.serve(0, &store, "n1");
+    let audit = format!("{}/api/v1/audit", server.url);
+    // The first audit read sends its statement's text (sqlx prepares it
+    // on each connection once); the connection carrying it goes silent.
+    relay.silence_on(b"FROM audit");
+    let started = Instant::now();
+    let out = Command::new("curl").args(["-sS", "--max-time", "120", "-o", "/dev/stderr", "-w", "%{http_code}", &audit]).output().expect("curl");
+    let (code, body) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+    let diag = format!("after {:?}: {code} {body}\n{}", started.elapsed(), logs_of(&[&server]));
+    assert_eq!(code, "503", "the read is answered, as the store being unavailable\n{diag}");
+    assert!(body.contains("did not answer within"), "{diag}");
+    // The trap is spent: the next read goes through on a new connection.
+    let v = wait(
+        Duration::from_secs(30),
+        "the audit to be read again",
+        || logs_of(&[&server]),
+        || {
+            let out = Command::new("curl").args(["-sS", "--max-time", "10", &audit]).output().ok()?;
+            serde_json::from_slice::<Value>(&out.stdout).ok().filter(Value::is_array)
+        },
+    );
+    assert!(v.is_array(), "{v}");
 }

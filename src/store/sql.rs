@@ -192,7 +192,7 @@ impl Inner {
             for l in chunk {
                 query = query.bind(l.deployment_id).bind(l.job_id).bind(l.attempt).bind(l.ts).bind(l.stream).bind(l.line.clone()).bind(l.part.clone());
             }
-            query.execute(&mut *tx).await.map_err(StoreError::query("append logs"))?;
+            query.execute(&mut *tx).answered().await.map_err(StoreError::query("append logs"))?;
         }
         Ok(())
     }
@@ -204,7 +204,7 @@ impl Inner {
         // planner may use the value), and a claim runs once per job. An
         // i64 formatted as digits cannot inject anything.
         let q = claim_update(&format!("id IN ({})", ready_select(&limit.max(0).to_string(), 3, self.for_update_skip())), 1, 2, 3);
-        let rows = query_dyn(q).bind(node).bind(now + ms(lease)).bind(now).fetch_all(&mut *conn).await.map_err(StoreError::query("claim"))?;
+        let rows = query_dyn(q).bind(node).bind(now + ms(lease)).bind(now).fetch_all(&mut *conn).answered().await.map_err(StoreError::query("claim"))?;
         self.claimed_jobs(conn, rows, now).await
     }
 
@@ -225,6 +225,7 @@ impl Inner {
                     let d = sqlx::query("SELECT revision, environment, service, version, created_at FROM deployments WHERE id = $1")
                         .bind(dep)
                         .fetch_one(&mut *conn)
+                        .answered()
                         .await
                         .map_err(StoreError::query(op))?;
                     let f =
@@ -281,7 +282,7 @@ impl Inner {
         let mut found: HashMap<i64, FinishedRow> = HashMap::with_capacity(dones.len());
         for chunk in dones.chunks(FINISH_CHUNK) {
             let q = format!("WITH {} {}", finish_values(chunk.len(), false), finish_update(self.for_update(), "NULL"));
-            for r in bind_finishes(query_dyn(q).bind(now), chunk, false).fetch_all(&mut *tx).await.map_err(StoreError::query("finish job"))? {
+            for r in bind_finishes(query_dyn(q).bind(now), chunk, false).fetch_all(&mut *tx).answered().await.map_err(StoreError::query("finish job"))? {
                 let (id, row) = finished_row(&r)?;
                 found.insert(id, row);
             }
@@ -326,7 +327,7 @@ impl Inner {
                 finish_values(chunk.len(), true),
                 finish_update(self.for_update(), "NULL")
             );
-            for r in bind_finishes(query_dyn(q).bind(now), chunk, true).fetch_all(&mut *tx).await.map_err(StoreError::query(op))? {
+            for r in bind_finishes(query_dyn(q).bind(now), chunk, true).fetch_all(&mut *tx).answered().await.map_err(StoreError::query(op))? {
                 if r.try_get::<i64, _>(6).map_err(StoreError::query(op))? == 1 {
                     *ready.entry(r.try_get(1).map_err(StoreError::query(op))?).or_default() += 1;
                 } else {
@@ -400,7 +401,7 @@ impl Inner {
             let mut claims = Vec::new();
             // Each statement's rows have their own width: 6 (the finishes),
             // 1 (the released), 7 (the claimed).
-            for r in query.fetch_all(&mut *tx).await.map_err(StoreError::query(op))? {
+            for r in query.fetch_all(&mut *tx).answered().await.map_err(StoreError::query(op))? {
                 match r.columns().len() {
                     6 => {
                         let (id, row) = finished_row(&r)?;
@@ -437,7 +438,7 @@ impl Inner {
                 .bind(now)
                 .bind(dep_id)
                 .execute(&mut *tx)
-                .await
+                .answered().await
                 .map_err(StoreError::query(op))?;
         } else if new_state == JobState::Succeeded.as_str() {
             // Its dependants: made ready by the caller.
@@ -452,6 +453,7 @@ impl Inner {
             .bind(now)
             .bind(format!("not run: it needs {name:?} (directly or through other jobs), which {new_state}"))
             .execute(&mut *tx)
+            .answered()
             .await
             .map_err(StoreError::query(op))?;
         }
@@ -474,6 +476,7 @@ impl Inner {
         )
         .bind(done.job_id)
         .fetch_optional(&mut *tx)
+        .answered()
         .await
         .map_err(StoreError::query(op))?
         .ok_or_else(|| StoreError::Corrupt(format!("no job with id {}", done.job_id)))?;
@@ -498,6 +501,7 @@ impl Inner {
         .bind(done.reason.clone().map(|r| format!("attempt {attempt}: {r}; retrying")))
         .bind(done.job_id)
         .execute(&mut *tx)
+        .answered()
         .await
         .map_err(StoreError::query(op))?;
         Ok((FinishEffect::default(), None))
@@ -523,7 +527,7 @@ impl Inner {
                     .bind(a.exit_code)
                     .bind(a.reason.clone());
             }
-            query.execute(&mut *tx).await.map_err(StoreError::query("record attempts"))?;
+            query.execute(&mut *tx).answered().await.map_err(StoreError::query("record attempts"))?;
         }
         Ok(())
     }
@@ -548,7 +552,7 @@ impl Inner {
                     .bind(p.exit_code)
                     .bind(p.reason.clone());
             }
-            query.execute(&mut *tx).await.map_err(StoreError::query("record the hosts of attempts"))?;
+            query.execute(&mut *tx).answered().await.map_err(StoreError::query("record the hosts of attempts"))?;
         }
         Ok(())
     }
@@ -571,7 +575,7 @@ impl Inner {
             for id in chunk {
                 query = query.bind(*id);
             }
-            for r in query.fetch_all(&mut *tx).await.map_err(StoreError::query("release dependants"))? {
+            for r in query.fetch_all(&mut *tx).answered().await.map_err(StoreError::query("release dependants"))? {
                 let dep: i64 = r.try_get(0).map_err(StoreError::query("release dependants"))?;
                 *ready.entry(dep).or_default() += 1;
             }
@@ -785,7 +789,7 @@ impl Inner {
             batch["claimer"] = json!(node);
             batch["lease_ms"] = json!(ms(lease));
         }
-        let answer: Option<String> = match sqlx::query("SELECT slipway_write_batch($1)").bind(batch.to_string()).fetch_one(&mut *conn).await {
+        let answer: Option<String> = match sqlx::query("SELECT slipway_write_batch($1)").bind(batch.to_string()).fetch_one(&mut *conn).answered().await {
             Ok(r) => r.try_get(0).map_err(|e| (StoreError::query(op)(e), true))?,
             Err(sqlx::Error::Database(d)) if d.code().is_some_and(|c| c.starts_with("57P0") || c.starts_with("08")) => {
                 return Err((StoreError::query(op)(sqlx::Error::Database(d)), false));
@@ -839,9 +843,9 @@ impl Inner {
     async fn run_batch(&self, held: &mut Held, ops: &[&Work]) -> Result<Vec<BatchResult>> {
         if self.dialect == Dialect::Sqlite {
             // Its one connection serves the readers too: not kept.
-            let mut tx = self.pool.begin().await.map_err(StoreError::query("batch"))?;
+            let mut tx = self.pool.begin().answered().await.map_err(StoreError::query("batch"))?;
             let results = self.run_ops_on(&mut tx, ops).await?;
-            tx.commit().await.map_err(StoreError::query("batch commit"))?;
+            tx.commit().answered().await.map_err(StoreError::query("batch commit"))?;
             return Ok(results);
         }
         // A kept connection the server dropped while it sat idle fails at
@@ -898,10 +902,10 @@ impl Inner {
                         }
                     }
                 }
-                let mut tx = sqlx::Connection::begin(&mut **conn).await.map_err(StoreError::query("batch"))?;
+                let mut tx = sqlx::Connection::begin(&mut **conn).answered().await.map_err(StoreError::query("batch"))?;
                 began = true;
                 let results = self.run_ops_on(&mut tx, ops).await?;
-                tx.commit().await.map_err(StoreError::query("batch commit"))?;
+                tx.commit().answered().await.map_err(StoreError::query("batch commit"))?;
                 Ok(results)
             };
             // The server's own timeouts end a slow statement, but not a
@@ -934,6 +938,36 @@ impl Inner {
         }
     }
 }
+
+/// How long one statement, `BEGIN`, `COMMIT` or `ROLLBACK` may wait for
+/// the store's answer before the store counts as unavailable for it.
+/// The server's own `statement_timeout` (30 s) and `lock_timeout` end a
+/// slow statement before this; what reaches it is a connection that will
+/// never answer: its server gone without a reset (a host that died, a
+/// failover, a cut path), which sqlx, setting no TCP keepalive, would wait
+/// on for ever, and with it the API request or the node's loop behind it.
+/// The future is dropped, and with it the connection: a pooled one is
+/// pinged before it is pooled again (`after_release`), and fails that.
+/// Migrations are not bounded by it (an index on a big table may take
+/// longer); they run before the node serves anything.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(40);
+
+/// `.answered()`: a store call bounded by [`ANSWER_DEADLINE`], failing
+/// as a lost connection does (`StoreError::Unavailable` through
+/// `StoreError::query`, a 503 at the API).
+trait Answered<T>: std::future::Future<Output = Result<T, sqlx::Error>> + Sized {
+    async fn answered(self) -> Result<T, sqlx::Error> {
+        match tokio::time::timeout(ANSWER_DEADLINE, self).await {
+            Ok(result) => result,
+            Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the store did not answer within {} s", ANSWER_DEADLINE.as_secs()),
+            ))),
+        }
+    }
+}
+
+impl<T, F: std::future::Future<Output = Result<T, sqlx::Error>>> Answered<T> for F {}
 
 /// How long the PostgreSQL writer waits for a batch's answer: past the
 /// server's own `statement_timeout` (30 s, per statement; a batch's are
@@ -1249,9 +1283,9 @@ impl SqlStore {
                 .after_connect(|conn, _| {
                     Box::pin(async move {
                         use sqlx::Executor;
-                        conn.execute("PRAGMA journal_mode=WAL").await?;
-                        conn.execute("PRAGMA synchronous=NORMAL").await?;
-                        conn.execute("PRAGMA busy_timeout=5000").await?;
+                        conn.execute("PRAGMA journal_mode=WAL").answered().await?;
+                        conn.execute("PRAGMA synchronous=NORMAL").answered().await?;
+                        conn.execute("PRAGMA busy_timeout=5000").answered().await?;
                         Ok(())
                     })
                 });
@@ -1266,12 +1300,12 @@ impl SqlStore {
                     Box::pin(async move {
                         use sqlx::Executor;
                         // No statement may hang: a stuck query fails instead.
-                        conn.execute("SET statement_timeout = 30000").await?;
-                        conn.execute("SET lock_timeout = 20000").await?;
+                        conn.execute("SET statement_timeout = 30000").answered().await?;
+                        conn.execute("SET lock_timeout = 20000").answered().await?;
                         // A transaction whose client is gone without a reset
                         // (a timeout below gave it up) must not keep its row
                         // locks until the server's keepalive notices.
-                        conn.execute("SET idle_in_transaction_session_timeout = 60000").await?;
+                        conn.execute("SET idle_in_transaction_session_timeout = 60000").answered().await?;
                         Ok(())
                     })
                 })
@@ -1342,7 +1376,7 @@ impl Inner {
             for id in chunk {
                 query = query.bind(*id);
             }
-            query.fetch_all(&mut *conn).await.map_err(StoreError::query("lock deployments"))?;
+            query.fetch_all(&mut *conn).answered().await.map_err(StoreError::query("lock deployments"))?;
         }
         Ok(())
     }
@@ -1352,7 +1386,7 @@ impl Inner {
     /// success and leave a dependant pending forever.
     async fn lock_deployment(&self, conn: &mut sqlx::AnyConnection, id: i64) -> Result<Option<AnyRow>> {
         let q = format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = $1{}", self.for_update());
-        query_dyn(q.clone()).bind(id).fetch_optional(&mut *conn).await.map_err(StoreError::query("lock deployment"))
+        query_dyn(q.clone()).bind(id).fetch_optional(&mut *conn).answered().await.map_err(StoreError::query("lock deployment"))
     }
 
     /// If every job of the deployment is terminal, finish the deployment
@@ -1362,6 +1396,7 @@ impl Inner {
         let open = sqlx::query("SELECT 1 FROM jobs WHERE deployment_id = $1 AND state IN ('pending', 'ready', 'running') LIMIT 1")
             .bind(id)
             .fetch_optional(&mut *tx)
+            .answered()
             .await
             .map_err(StoreError::query("count open jobs"))?;
         if open.is_some() {
@@ -1370,6 +1405,7 @@ impl Inner {
         let dep = sqlx::query("SELECT state, cancel_requested FROM deployments WHERE id = $1")
             .bind(id)
             .fetch_one(&mut *tx)
+            .answered()
             .await
             .map_err(StoreError::query("read deployment"))?;
         let state: String = dep.try_get(0).map_err(StoreError::query("read deployment"))?;
@@ -1384,6 +1420,7 @@ impl Inner {
         )
         .bind(id)
         .fetch_all(&mut *tx)
+        .answered()
         .await
         .map_err(StoreError::query("read failed jobs"))?;
         let (final_state, reason) = if cancel != 0 {
@@ -1407,9 +1444,10 @@ impl Inner {
             .bind(now)
             .bind(id)
             .execute(&mut *tx)
+            .answered()
             .await
             .map_err(StoreError::query("finish deployment"))?;
-        sqlx::query("DELETE FROM locks WHERE deployment_id = $1").bind(id).execute(&mut *tx).await.map_err(StoreError::query("release lock"))?;
+        sqlx::query("DELETE FROM locks WHERE deployment_id = $1").bind(id).execute(&mut *tx).answered().await.map_err(StoreError::query("release lock"))?;
         Ok(Some(final_state))
     }
 }
@@ -1597,7 +1635,7 @@ impl Store for SqlStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(StoreError::query("ping"))?;
+        sqlx::query("SELECT 1").execute(&self.pool).answered().await.map_err(StoreError::query("ping"))?;
         Ok(())
     }
 
@@ -1608,6 +1646,7 @@ impl Store for SqlStore {
             .bind(&rev.config_text)
             .bind(rev.archive.clone())
             .execute(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query("store revision"))?;
         Ok(())
@@ -1617,6 +1656,7 @@ impl Store for SqlStore {
         let row = sqlx::query("SELECT id, config_text, archive FROM revisions WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query("read revision"))?;
         row.map(|r| {
@@ -1642,12 +1682,17 @@ impl Store for SqlStore {
             // It would run forever holding its lock.
             return Err(StoreError::Corrupt("a deployment needs at least one job".into()));
         }
-        let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+        let mut tx = self.pool.begin().answered().await.map_err(StoreError::query(op))?;
         if self.dialect == Dialect::Postgres {
             // Submits on one lock key in id order = commit order, so a
             // newer deploy always supersedes the older queued ones (and
             // never the reverse) even when webhooks arrive in a burst.
-            sqlx::query("SELECT pg_advisory_xact_lock(7467234, hashtext($1))").bind(&new.lock_key).execute(&mut *tx).await.map_err(StoreError::query(op))?;
+            sqlx::query("SELECT pg_advisory_xact_lock(7467234, hashtext($1))")
+                .bind(&new.lock_key)
+                .execute(&mut *tx)
+                .answered()
+                .await
+                .map_err(StoreError::query(op))?;
         }
         if let Some(ran) = new.only_after {
             // Under the lock key's lock (PostgreSQL) or the one connection
@@ -1655,6 +1700,7 @@ impl Store for SqlStore {
             let busy = sqlx::query("SELECT id FROM deployments WHERE lock_key = $1 AND state IN ('waiting', 'queued', 'running') LIMIT 1")
                 .bind(&new.lock_key)
                 .fetch_optional(&mut *tx)
+                .answered()
                 .await
                 .map_err(StoreError::query(op))?
                 .is_some();
@@ -1662,13 +1708,14 @@ impl Store for SqlStore {
                 .bind(&new.environment)
                 .bind(new.service.clone().unwrap_or_default())
                 .fetch_optional(&mut *tx)
+                .answered()
                 .await
                 .map_err(StoreError::query(op))?
                 .map(|r| r.try_get(0))
                 .transpose()
                 .map_err(StoreError::query(op))?;
             if busy || recorded != Some(ran) {
-                tx.rollback().await.map_err(StoreError::query(op))?;
+                tx.rollback().answered().await.map_err(StoreError::query(op))?;
                 return Ok(Submitted { event_id: 0, deployment_id: 0, duplicate: false, superseded: vec![], busy: true });
             }
         }
@@ -1678,6 +1725,7 @@ impl Store for SqlStore {
             .bind(&new.event.payload)
             .bind(now)
             .fetch_optional(&mut *tx)
+            .answered()
             .await
             .map_err(StoreError::query(op))?;
         let Some(row) = inserted else {
@@ -1685,9 +1733,10 @@ impl Store for SqlStore {
             let row = sqlx::query("SELECT id, deployment_id FROM events WHERE key = $1")
                 .bind(new.event.key.clone())
                 .fetch_one(&mut *tx)
+                .answered()
                 .await
                 .map_err(StoreError::query(op))?;
-            tx.commit().await.map_err(StoreError::query(op))?;
+            tx.commit().answered().await.map_err(StoreError::query(op))?;
             return Ok(Submitted {
                 event_id: row.try_get(0).map_err(StoreError::query(op))?,
                 deployment_id: row.try_get::<Option<i64>, _>(1).map_err(StoreError::query(op))?.unwrap_or(0),
@@ -1711,6 +1760,7 @@ impl Store for SqlStore {
         .bind(now)
         .bind(if new.hold.is_some() { "waiting" } else { "queued" })
         .fetch_one(&mut *tx)
+        .answered()
         .await
         .map_err(StoreError::query(op))?
         .try_get(0)
@@ -1731,17 +1781,24 @@ impl Store for SqlStore {
             .bind(h.approved_by.clone())
             .bind(h.approved_at)
             .execute(&mut *tx)
-            .await
+            .answered().await
             .map_err(StoreError::query(op))?;
             // The reason of a waiting deployment is what it waits for.
             sqlx::query("UPDATE deployments SET reason = $1 WHERE id = $2")
                 .bind(h.waiting_for.clone())
                 .bind(dep_id)
                 .execute(&mut *tx)
+                .answered()
                 .await
                 .map_err(StoreError::query(op))?;
         }
-        sqlx::query("UPDATE events SET deployment_id = $1 WHERE id = $2").bind(dep_id).bind(event_id).execute(&mut *tx).await.map_err(StoreError::query(op))?;
+        sqlx::query("UPDATE events SET deployment_id = $1 WHERE id = $2")
+            .bind(dep_id)
+            .bind(event_id)
+            .execute(&mut *tx)
+            .answered()
+            .await
+            .map_err(StoreError::query(op))?;
         // Many rows per statement: a 1,000-job graph is a few dozen
         // statements, not 3,000. Ids come back matched by name (unique in
         // a deployment): RETURNING promises no order.
@@ -1760,7 +1817,7 @@ impl Store for SqlStore {
                 let spec = spec::encode_job(&job.spec).map_err(StoreError::Corrupt)?;
                 query = query.bind(job.name.clone()).bind(spec);
             }
-            for r in query.fetch_all(&mut *tx).await.map_err(StoreError::query(op))? {
+            for r in query.fetch_all(&mut *tx).answered().await.map_err(StoreError::query(op))? {
                 let f = || -> std::result::Result<(i64, String), sqlx::Error> { Ok((r.try_get(0)?, r.try_get(1)?)) };
                 let (id, name) = f().map_err(StoreError::query(op))?;
                 by_name.insert(name, id);
@@ -1784,7 +1841,7 @@ impl Store for SqlStore {
             for (job, need) in chunk {
                 query = query.bind(*job).bind(*need);
             }
-            query.execute(&mut *tx).await.map_err(StoreError::query(op))?;
+            query.execute(&mut *tx).answered().await.map_err(StoreError::query(op))?;
         }
         let mut superseded = Vec::new();
         if new.kind == DeploymentKind::Deploy {
@@ -1797,6 +1854,7 @@ impl Store for SqlStore {
             .bind(format!("superseded by deployment {dep_id} before it started"))
             .bind(&new.lock_key)
             .fetch_all(&mut *tx)
+            .answered()
             .await
             .map_err(StoreError::query(op))?;
             for r in rows {
@@ -1806,12 +1864,13 @@ impl Store for SqlStore {
                     .bind(now)
                     .bind(old)
                     .execute(&mut *tx)
+                    .answered()
                     .await
                     .map_err(StoreError::query(op))?;
                 superseded.push(old);
             }
         }
-        tx.commit().await.map_err(StoreError::query(op))?;
+        tx.commit().answered().await.map_err(StoreError::query(op))?;
         Ok(Submitted { event_id, deployment_id: dep_id, duplicate: false, superseded, busy: false })
     }
 
@@ -1822,9 +1881,12 @@ impl Store for SqlStore {
                     .bind(s.as_str())
                     .bind(limit)
                     .fetch_all(&self.pool)
+                    .answered()
                     .await
             }
-            None => query_dyn(format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments ORDER BY id DESC LIMIT $1")).bind(limit).fetch_all(&self.pool).await,
+            None => {
+                query_dyn(format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments ORDER BY id DESC LIMIT $1")).bind(limit).fetch_all(&self.pool).answered().await
+            }
         }
         .map_err(StoreError::query("list deployments"))?;
         rows.iter().map(deployment_row).collect()
@@ -1834,6 +1896,7 @@ impl Store for SqlStore {
         query_dyn(format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query("read deployment"))?
             .as_ref()
@@ -1848,11 +1911,13 @@ impl Store for SqlStore {
         )
         .bind(deployment)
         .fetch_all(&self.pool)
+        .answered()
         .await
         .map_err(StoreError::query(op))?;
         let needs = sqlx::query("SELECT n.job_id, j.name FROM job_needs n JOIN jobs j ON j.id = n.need_id WHERE j.deployment_id = $1 ORDER BY j.id")
             .bind(deployment)
             .fetch_all(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query(op))?;
         let mut by_job: HashMap<i64, Vec<String>> = HashMap::new();
@@ -1891,6 +1956,7 @@ impl Store for SqlStore {
         )
         .bind(deployment)
         .fetch_all(&self.pool)
+        .answered()
         .await
         .map_err(StoreError::query(op))?;
         let part_rows = sqlx::query(
@@ -1899,6 +1965,7 @@ impl Store for SqlStore {
         )
         .bind(deployment)
         .fetch_all(&self.pool)
+        .answered()
         .await
         .map_err(StoreError::query(op))?;
         let mut parts: HashMap<(i64, i64), Vec<crate::store::PartResult>> = HashMap::new();
@@ -1946,21 +2013,21 @@ impl Store for SqlStore {
     async fn cancel(&self, id: i64) -> Result<Option<DeploymentRow>> {
         let op = "cancel";
         let now = now_ms();
-        let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+        let mut tx = self.pool.begin().answered().await.map_err(StoreError::query(op))?;
         let Some(row) = self.lock_deployment(&mut tx, id).await? else {
             return Ok(None);
         };
         let dep = deployment_row(&row)?;
         if dep.state.is_terminal() {
-            tx.commit().await.map_err(StoreError::query(op))?;
+            tx.commit().answered().await.map_err(StoreError::query(op))?;
             return Ok(Some(dep));
         }
-        sqlx::query("UPDATE deployments SET cancel_requested = 1 WHERE id = $1").bind(id).execute(&mut *tx).await.map_err(StoreError::query(op))?;
+        sqlx::query("UPDATE deployments SET cancel_requested = 1 WHERE id = $1").bind(id).execute(&mut *tx).answered().await.map_err(StoreError::query(op))?;
         sqlx::query("UPDATE jobs SET state = 'cancelled', reason = 'deployment cancelled before the job started', finished_at = $1 WHERE deployment_id = $2 AND state IN ('pending', 'ready')")
             .bind(now)
             .bind(id)
             .execute(&mut *tx)
-            .await
+            .answered().await
             .map_err(StoreError::query(op))?;
         if matches!(dep.state, DeploymentState::Queued | DeploymentState::Waiting) {
             sqlx::query("UPDATE deployments SET state = 'cancelled', reason = $3, finished_at = $1 WHERE id = $2")
@@ -1968,13 +2035,14 @@ impl Store for SqlStore {
                 .bind(id)
                 .bind(if dep.state == DeploymentState::Queued { "cancelled while queued" } else { "cancelled while waiting" })
                 .execute(&mut *tx)
+                .answered()
                 .await
                 .map_err(StoreError::query(op))?;
         } else {
             self.complete_if_done(&mut tx, id, now).await?;
         }
         let row = self.lock_deployment(&mut tx, id).await?;
-        tx.commit().await.map_err(StoreError::query(op))?;
+        tx.commit().answered().await.map_err(StoreError::query(op))?;
         row.as_ref().map(deployment_row).transpose()
     }
 
@@ -1985,6 +2053,7 @@ impl Store for SqlStore {
             "SELECT {cols}, {HOLD_COLUMNS} FROM deployments d JOIN holds h ON h.deployment_id = d.id WHERE d.state = 'waiting' ORDER BY d.id"
         ))
         .fetch_all(&self.pool)
+        .answered()
         .await
         .map_err(StoreError::query(op))?;
         rows.iter().map(|r| Ok((deployment_row(r)?, hold_row(r)?))).collect()
@@ -1994,6 +2063,7 @@ impl Store for SqlStore {
         let row = query_dyn(format!("SELECT {HOLD_COLUMNS} FROM holds h WHERE h.deployment_id = $1"))
             .bind(deployment)
             .fetch_optional(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query("read hold"))?;
         row.as_ref().map(hold_row).transpose()
@@ -2009,6 +2079,7 @@ impl Store for SqlStore {
         .bind(now_ms())
         .bind(deployment)
         .execute(&self.pool)
+        .answered()
         .await
         .map_err(StoreError::query("approve"))?
         .rows_affected();
@@ -2018,7 +2089,7 @@ impl Store for SqlStore {
     async fn set_waiting_for(&self, deployment: i64, what: &str) -> Result<()> {
         let what = &*storable(what);
         for q in ["UPDATE holds SET waiting_for = $1 WHERE deployment_id = $2", "UPDATE deployments SET reason = $1 WHERE id = $2 AND state = 'waiting'"] {
-            sqlx::query(q).bind(what).bind(deployment).execute(&self.pool).await.map_err(StoreError::query("set waiting_for"))?;
+            sqlx::query(q).bind(what).bind(deployment).execute(&self.pool).answered().await.map_err(StoreError::query("set waiting_for"))?;
         }
         Ok(())
     }
@@ -2027,11 +2098,12 @@ impl Store for SqlStore {
         let n = sqlx::query("UPDATE deployments SET state = 'queued', reason = NULL WHERE id = $1 AND state = 'waiting'")
             .bind(deployment)
             .execute(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query("release"))?
             .rows_affected();
         if n > 0 {
-            let _ = sqlx::query("UPDATE holds SET waiting_for = NULL WHERE deployment_id = $1").bind(deployment).execute(&self.pool).await;
+            let _ = sqlx::query("UPDATE holds SET waiting_for = NULL WHERE deployment_id = $1").bind(deployment).execute(&self.pool).answered().await;
         }
         Ok(n > 0)
     }
@@ -2040,6 +2112,7 @@ impl Store for SqlStore {
         Ok(sqlx::query("SELECT id FROM deployments WHERE lock_key = $1 AND state IN ('waiting', 'queued', 'running') LIMIT 1")
             .bind(lock_key)
             .fetch_optional(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query("in flight on a lock"))?
             .is_some())
@@ -2052,6 +2125,7 @@ impl Store for SqlStore {
             "SELECT {cols}, {HOLD_COLUMNS} FROM deployments d JOIN holds h ON h.deployment_id = d.id WHERE d.state = 'queued' AND h.in_window = 1 ORDER BY d.id"
         ))
         .fetch_all(&self.pool)
+        .answered()
         .await
         .map_err(StoreError::query(op))?;
         rows.iter().map(|r| Ok((deployment_row(r)?, hold_row(r)?))).collect()
@@ -2060,11 +2134,12 @@ impl Store for SqlStore {
     async fn hold_back(&self, deployment: i64, waiting_for: &str) -> Result<bool> {
         let waiting_for = &*storable(waiting_for);
         let op = "hold back a queued deployment";
-        let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+        let mut tx = self.pool.begin().answered().await.map_err(StoreError::query(op))?;
         let n = sqlx::query("UPDATE deployments SET state = 'waiting', reason = $1 WHERE id = $2 AND state = 'queued'")
             .bind(waiting_for)
             .bind(deployment)
             .execute(&mut *tx)
+            .answered()
             .await
             .map_err(StoreError::query(op))?
             .rows_affected();
@@ -2073,10 +2148,11 @@ impl Store for SqlStore {
                 .bind(waiting_for)
                 .bind(deployment)
                 .execute(&mut *tx)
+                .answered()
                 .await
                 .map_err(StoreError::query(op))?;
         }
-        tx.commit().await.map_err(StoreError::query(op))?;
+        tx.commit().answered().await.map_err(StoreError::query(op))?;
         Ok(n > 0)
     }
 
@@ -2085,7 +2161,7 @@ impl Store for SqlStore {
         let op = "drop waiting deployment";
         let now = now_ms();
         let state = if replaced_by.is_some() { DeploymentState::Superseded } else { DeploymentState::Cancelled };
-        let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+        let mut tx = self.pool.begin().answered().await.map_err(StoreError::query(op))?;
         let n = sqlx::query("UPDATE deployments SET state = $1, superseded_by = $2, reason = $3, finished_at = $4 WHERE id = $5 AND state = 'waiting'")
             .bind(state.as_str())
             .bind(replaced_by)
@@ -2093,6 +2169,7 @@ impl Store for SqlStore {
             .bind(now)
             .bind(deployment)
             .execute(&mut *tx)
+            .answered()
             .await
             .map_err(StoreError::query(op))?
             .rows_affected();
@@ -2102,10 +2179,11 @@ impl Store for SqlStore {
                 .bind(now)
                 .bind(deployment)
                 .execute(&mut *tx)
+                .answered()
                 .await
                 .map_err(StoreError::query(op))?;
         }
-        tx.commit().await.map_err(StoreError::query(op))?;
+        tx.commit().answered().await.map_err(StoreError::query(op))?;
         Ok(n > 0)
     }
 
@@ -2115,6 +2193,7 @@ impl Store for SqlStore {
             .bind(node)
             .bind(now)
             .execute(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query("register node"))?;
         Ok(())
@@ -2123,6 +2202,7 @@ impl Store for SqlStore {
     async fn nodes(&self) -> Result<Vec<NodeRow>> {
         let rows = sqlx::query("SELECT id, started_at, heartbeat_at FROM nodes ORDER BY heartbeat_at DESC LIMIT 100")
             .fetch_all(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query("list nodes"))?;
         rows.iter()
@@ -2140,6 +2220,7 @@ impl Store for SqlStore {
         let op = "activate";
         let queued = sqlx::query("SELECT id, lock_key FROM deployments WHERE state = 'queued' ORDER BY id LIMIT 100")
             .fetch_all(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query(op))?;
         let mut tried = HashSet::new();
@@ -2152,7 +2233,7 @@ impl Store for SqlStore {
             if !tried.insert(key.clone()) {
                 continue;
             }
-            let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+            let mut tx = self.pool.begin().answered().await.map_err(StoreError::query(op))?;
             // Read the clock here, not once for the batch: the deployment
             // holding this lock may have finished (and released it) since,
             // and a start stamped before that finish would look like two
@@ -2165,10 +2246,11 @@ impl Store for SqlStore {
                     .bind(node)
                     .bind(now + ms(lease))
                     .fetch_optional(&mut *tx)
+                    .answered()
                     .await
                     .map_err(StoreError::query(op))?;
             if got.is_none() {
-                tx.rollback().await.map_err(StoreError::query(op))?;
+                tx.rollback().answered().await.map_err(StoreError::query(op))?;
                 continue;
             }
             // After the lock is ours (on PostgreSQL the insert waited for
@@ -2178,11 +2260,12 @@ impl Store for SqlStore {
                 .bind(now)
                 .bind(id)
                 .execute(&mut *tx)
+                .answered()
                 .await
                 .map_err(StoreError::query(op))?
                 .rows_affected();
             if started == 0 {
-                tx.rollback().await.map_err(StoreError::query(op))?;
+                tx.rollback().answered().await.map_err(StoreError::query(op))?;
                 continue;
             }
             sqlx::query(
@@ -2192,9 +2275,10 @@ impl Store for SqlStore {
             .bind(now)
             .bind(id)
             .execute(&mut *tx)
+            .answered()
             .await
             .map_err(StoreError::query(op))?;
-            tx.commit().await.map_err(StoreError::query(op))?;
+            tx.commit().answered().await.map_err(StoreError::query(op))?;
             activated.push(id);
         }
         Ok(activated)
@@ -2211,8 +2295,20 @@ impl Store for SqlStore {
         let op = "renew leases";
         let now = now_ms();
         let until = now + ms(lease);
-        sqlx::query("UPDATE nodes SET heartbeat_at = $1 WHERE id = $2").bind(now).bind(node).execute(&self.pool).await.map_err(StoreError::query(op))?;
-        sqlx::query("UPDATE locks SET lease_until = $1 WHERE node = $2").bind(until).bind(node).execute(&self.pool).await.map_err(StoreError::query(op))?;
+        sqlx::query("UPDATE nodes SET heartbeat_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(node)
+            .execute(&self.pool)
+            .answered()
+            .await
+            .map_err(StoreError::query(op))?;
+        sqlx::query("UPDATE locks SET lease_until = $1 WHERE node = $2")
+            .bind(until)
+            .bind(node)
+            .execute(&self.pool)
+            .answered()
+            .await
+            .map_err(StoreError::query(op))?;
         if held.is_empty() {
             return Ok(vec![]);
         }
@@ -2240,13 +2336,14 @@ impl Store for SqlStore {
             for (job, _) in chunk {
                 query = query.bind(*job);
             }
-            query.execute(&self.pool).await.map_err(StoreError::query(op))?;
+            query.execute(&self.pool).answered().await.map_err(StoreError::query(op))?;
         }
         let rows = sqlx::query(
             "SELECT j.id, j.fence, d.cancel_requested FROM jobs j JOIN deployments d ON d.id = j.deployment_id WHERE j.node = $1 AND j.state = 'running'",
         )
         .bind(node)
         .fetch_all(&self.pool)
+        .answered()
         .await
         .map_err(StoreError::query(op))?;
         let mut mine: HashMap<i64, (i64, bool)> = HashMap::new();
@@ -2284,7 +2381,7 @@ impl Store for SqlStore {
         let rows = sqlx::query("SELECT id, deployment_id, name, fence, node, attempt, started_at, spec FROM jobs WHERE state = 'running' AND lease_until < $1 ORDER BY id LIMIT 500")
             .bind(now_ms())
             .fetch_all(&self.pool)
-            .await
+            .answered().await
             .map_err(StoreError::query(op))?;
         rows.iter()
             .map(|r| {
@@ -2312,6 +2409,7 @@ impl Store for SqlStore {
         )
         .bind(now)
         .execute(&self.pool)
+        .answered()
         .await
         .map_err(StoreError::query(op))?
         .rows_affected();
@@ -2322,6 +2420,7 @@ impl Store for SqlStore {
             .bind(now + ms(lease))
             .bind(now)
             .execute(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query(op))?
             .rows_affected();
@@ -2329,8 +2428,12 @@ impl Store for SqlStore {
     }
 
     async fn expire_all_leases(&self) -> Result<()> {
-        sqlx::query("UPDATE jobs SET lease_until = 0 WHERE state = 'running'").execute(&self.pool).await.map_err(StoreError::query("expire leases"))?;
-        sqlx::query("UPDATE locks SET lease_until = 0").execute(&self.pool).await.map_err(StoreError::query("expire leases"))?;
+        sqlx::query("UPDATE jobs SET lease_until = 0 WHERE state = 'running'")
+            .execute(&self.pool)
+            .answered()
+            .await
+            .map_err(StoreError::query("expire leases"))?;
+        sqlx::query("UPDATE locks SET lease_until = 0").execute(&self.pool).answered().await.map_err(StoreError::query("expire leases"))?;
         Ok(())
     }
 
@@ -2357,9 +2460,10 @@ impl Store for SqlStore {
                     .bind(name)
                     .bind(limit)
                     .fetch_all(&self.pool)
+                    .answered()
                     .await
             }
-            None => query_dyn(format!("{base} ORDER BY l.id LIMIT $3")).bind(deployment).bind(after).bind(limit).fetch_all(&self.pool).await,
+            None => query_dyn(format!("{base} ORDER BY l.id LIMIT $3")).bind(deployment).bind(after).bind(limit).fetch_all(&self.pool).answered().await,
         }
         .map_err(StoreError::query(op))?;
         rows.iter()
@@ -2388,6 +2492,7 @@ impl Store for SqlStore {
         )
         .bind(environment)
         .fetch_all(&self.pool)
+        .answered()
         .await
         .map_err(StoreError::query(op))?;
         let mut samples: HashMap<String, Vec<i64>> = HashMap::new();
@@ -2411,7 +2516,7 @@ impl Store for SqlStore {
     async fn counts(&self) -> Result<Counts> {
         let op = "count";
         let mut counts = Counts::default();
-        for r in sqlx::query("SELECT state, COUNT(*) FROM deployments GROUP BY state").fetch_all(&self.pool).await.map_err(StoreError::query(op))? {
+        for r in sqlx::query("SELECT state, COUNT(*) FROM deployments GROUP BY state").fetch_all(&self.pool).answered().await.map_err(StoreError::query(op))? {
             let s: String = r.try_get(0).map_err(StoreError::query(op))?;
             let n: i64 = r.try_get(1).map_err(StoreError::query(op))?;
             if let Some(s) = DeploymentState::parse(&s) {
@@ -2421,7 +2526,7 @@ impl Store for SqlStore {
                 counts.deployments.push((s, n));
             }
         }
-        for r in sqlx::query("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetch_all(&self.pool).await.map_err(StoreError::query(op))? {
+        for r in sqlx::query("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetch_all(&self.pool).answered().await.map_err(StoreError::query(op))? {
             let s: String = r.try_get(0).map_err(StoreError::query(op))?;
             let n: i64 = r.try_get(1).map_err(StoreError::query(op))?;
             if let Some(s) = JobState::parse(&s) {
@@ -2458,7 +2563,7 @@ impl Store for SqlStore {
         .bind(row.sha256.clone())
         .bind(row.target_ref.clone())
         .execute(&self.pool)
-        .await
+        .answered().await
         .map_err(StoreError::query("record service version"))?;
         Ok(())
     }
@@ -2467,7 +2572,7 @@ impl Store for SqlStore {
         let op = "list services";
         let rows = sqlx::query("SELECT environment, service, version, previous_version, spec, revision, deployment_id, updated_at, artifact_dir, sha256, previous_sha256, target_ref FROM services ORDER BY environment, service")
             .fetch_all(&self.pool)
-            .await
+            .answered().await
             .map_err(StoreError::query(op))?;
         rows.iter()
             .map(|r| {
@@ -2501,12 +2606,18 @@ impl Store for SqlStore {
             .bind(&e.payload)
             .bind(now_ms())
             .fetch_optional(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query(op))?;
         match inserted {
             Some(row) => Ok((row.try_get(0).map_err(StoreError::query(op))?, false)),
             None => {
-                let row = sqlx::query("SELECT id FROM events WHERE key = $1").bind(e.key.clone()).fetch_one(&self.pool).await.map_err(StoreError::query(op))?;
+                let row = sqlx::query("SELECT id FROM events WHERE key = $1")
+                    .bind(e.key.clone())
+                    .fetch_one(&self.pool)
+                    .answered()
+                    .await
+                    .map_err(StoreError::query(op))?;
                 Ok((row.try_get(0).map_err(StoreError::query(op))?, true))
             }
         }
@@ -2518,6 +2629,7 @@ impl Store for SqlStore {
         let row = sqlx::query("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE key = $1")
             .bind(key)
             .fetch_optional(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query(op))?;
         row.map(|r| {
@@ -2536,6 +2648,7 @@ impl Store for SqlStore {
             .bind(kind)
             .bind(limit.clamp(0, 10_000))
             .fetch_all(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query(op))?;
         rows.iter()
@@ -2559,7 +2672,7 @@ impl Store for SqlStore {
             for id in chunk {
                 q = q.bind(*id);
             }
-            for r in q.fetch_all(&self.pool).await.map_err(StoreError::query(op))? {
+            for r in q.fetch_all(&self.pool).answered().await.map_err(StoreError::query(op))? {
                 let f = || -> std::result::Result<EventRow, sqlx::Error> {
                     Ok(EventRow { id: r.try_get(0)?, kind: r.try_get(1)?, payload: r.try_get(2)?, received_at: r.try_get(3)?, deployment_id: r.try_get(4)? })
                 };
@@ -2579,6 +2692,7 @@ impl Store for SqlStore {
             let rows = sqlx::query("SELECT id, kind, payload, received_at, deployment_id FROM events WHERE kind LIKE $1 ORDER BY id DESC LIMIT 1000")
                 .bind(format!("{prefix}%"))
                 .fetch_all(&self.pool)
+                .answered()
                 .await
                 .map_err(StoreError::query(op))?;
             for r in &rows {
@@ -2604,6 +2718,7 @@ impl Store for SqlStore {
             .bind(&t.roles)
             .bind(t.created_at)
             .execute(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query("create a token"))?;
         Ok(r.rows_affected() == 1)
@@ -2613,6 +2728,7 @@ impl Store for SqlStore {
         let op = "list tokens";
         let rows = sqlx::query("SELECT name, hash, roles, created_at, revoked_at FROM tokens ORDER BY created_at, name")
             .fetch_all(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query(op))?;
         rows.iter().map(|r| token_row(r).map_err(StoreError::query(op))).collect()
@@ -2623,6 +2739,7 @@ impl Store for SqlStore {
         let row = sqlx::query("SELECT name, hash, roles, created_at, revoked_at FROM tokens WHERE hash = $1 AND revoked_at IS NULL")
             .bind(hash)
             .fetch_optional(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query(op))?;
         row.as_ref().map(|r| token_row(r).map_err(StoreError::query(op))).transpose()
@@ -2631,13 +2748,13 @@ impl Store for SqlStore {
     async fn revoke_token(&self, name: &str) -> Result<Revoked> {
         let name = &*storable(name);
         let op = "revoke a token";
-        let mut tx = self.pool.begin().await.map_err(StoreError::query(op))?;
+        let mut tx = self.pool.begin().answered().await.map_err(StoreError::query(op))?;
         // The live tokens, locked (PostgreSQL): a concurrent revoke waits
         // here and then sees this one's result. On SQLite a writer that
         // committed since this read makes the UPDATE fail (busy snapshot)
         // rather than act on what it read.
         let q = format!("SELECT name, hash, roles, created_at, revoked_at FROM tokens WHERE revoked_at IS NULL{}", self.for_update());
-        let rows = query_dyn(q).fetch_all(&mut *tx).await.map_err(StoreError::query(op))?;
+        let rows = query_dyn(q).fetch_all(&mut *tx).answered().await.map_err(StoreError::query(op))?;
         let live = rows.iter().map(token_row).collect::<std::result::Result<Vec<_>, _>>().map_err(StoreError::query(op))?;
         let Some(target) = live.iter().find(|t| t.name == name) else { return Ok(Revoked::NoSuchToken) };
         if target.is_root_admin() && !live.iter().any(|t| t.name != name && t.is_root_admin()) {
@@ -2647,9 +2764,10 @@ impl Store for SqlStore {
             .bind(now_ms())
             .bind(name)
             .execute(&mut *tx)
+            .answered()
             .await
             .map_err(StoreError::query(op))?;
-        tx.commit().await.map_err(StoreError::query(op))?;
+        tx.commit().answered().await.map_err(StoreError::query(op))?;
         Ok(Revoked::Revoked)
     }
 
@@ -2666,7 +2784,7 @@ impl Store for SqlStore {
         .bind(expires)
         .bind(now)
         .execute(&self.pool)
-        .await
+        .answered().await
         .map_err(StoreError::query("take a lease"))?
         .rows_affected();
         Ok(taken == 1)
@@ -2677,6 +2795,7 @@ impl Store for SqlStore {
             .bind(name)
             .bind(holder)
             .execute(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query("release a lease"))?;
         Ok(())
@@ -2696,6 +2815,7 @@ impl Store for SqlStore {
             .bind(a.status)
             .bind(&a.environment)
             .execute(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query("record an audit entry"))?;
         Ok(())
@@ -2712,6 +2832,7 @@ impl Store for SqlStore {
         .bind(filter.actor.as_deref().map(|a| storable(a).into_owned()))
         .bind(limit.clamp(0, 1000))
         .fetch_all(&self.pool)
+        .answered()
         .await
         .map_err(StoreError::query(op))?;
         rows.iter()
@@ -2744,6 +2865,7 @@ impl Store for SqlStore {
             .bind(&e.kind)
             .bind(&e.message)
             .execute(&self.pool)
+            .answered()
             .await
             .map_err(StoreError::query("record service event"))?;
         Ok(())
@@ -2758,6 +2880,7 @@ impl Store for SqlStore {
         .bind(environment)
         .bind(service)
         .fetch_all(&self.pool)
+        .answered()
         .await
         .map_err(StoreError::query(op))?;
         rows.iter()
