@@ -495,6 +495,13 @@ pub struct SlipwayRun {
     /// Of `cpu_secs`, this process's own (the node, its store, the bench's
     /// watcher): what Slipway spends beyond the jobs' processes.
     pub own_cpu_secs: f64,
+    /// The PostgreSQL server's CPU time (user + system) during the run: its
+    /// postmaster, its live processes and those it reaped, from `/proc`.
+    /// `None` on SQLite, or when the server does not run on this host (its
+    /// processes cannot be read here). On a machine that runs the server
+    /// beside the jobs, it competes with them for the same cores; anything
+    /// else the server does meanwhile is counted too.
+    pub store_server_cpu_secs: Option<f64>,
     /// Each job's (start, end) in ms from the submit, in the graph's
     /// order, as the bench's event consumer saw them.
     #[serde(skip)]
@@ -562,6 +569,14 @@ impl BenchReport {
             n.slipway.peak_running,
             n.slipway.mean_ready_to_start_ms
         );
+        if let Some(server) = n.slipway.store_server_cpu_secs {
+            let _ = writeln!(
+                out,
+                "  cpu of the PostgreSQL server (on this host, sharing its cores): {:.2}s, {:.0}µs per job",
+                server,
+                server * 1e6 / self.jobs.max(1) as f64
+            );
+        }
         let _ = writeln!(out);
         let _ = writeln!(
             out,
@@ -918,11 +933,21 @@ impl EndToEnd {
 pub(crate) struct Stores {
     kind: BenchStore,
     made: std::sync::Mutex<Vec<String>>,
+    /// The PostgreSQL server's postmaster, when it runs on this host
+    /// (looked up once, at the first fresh store).
+    postmaster: tokio::sync::OnceCell<Option<u32>>,
 }
 
 impl Stores {
     fn new(kind: BenchStore) -> Stores {
-        Stores { kind, made: Default::default() }
+        Stores { kind, made: Default::default(), postmaster: Default::default() }
+    }
+
+    /// The PostgreSQL server's CPU time so far, when it runs on this host.
+    async fn server_cpu(&self) -> Option<Duration> {
+        let BenchStore::Postgres { admin_url } = &self.kind else { return None };
+        let pid = self.postmaster.get_or_init(|| postmaster_of(admin_url)).await;
+        server_cpu_of((*pid)?)
     }
 
     /// A store URL nothing has used, for one run in `dir`.
@@ -955,6 +980,64 @@ impl Stores {
             }
         }
     }
+}
+
+/// The postmaster of the server at `url`, if it runs on this host: the
+/// parent of the backend that answers, both named `postgres` in this
+/// host's `/proc` (a server elsewhere, or in another PID namespace, has
+/// no such pair here, or not one of its own).
+async fn postmaster_of(url: &str) -> Option<u32> {
+    use sqlx::Connection as _;
+    let ask = async {
+        let mut conn = sqlx::PgConnection::connect(url).await.ok()?;
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut conn).await.ok()?;
+        let _ = conn.close().await;
+        Some(pid)
+    };
+    let backend = u32::try_from(tokio::time::timeout(Duration::from_secs(10), ask).await.ok()??).ok()?;
+    let (comm, parent) = proc_stat(backend).map(|s| (s.comm, s.parent))?;
+    let postmaster = proc_stat(parent)?;
+    (comm == "postgres" && postmaster.comm == "postgres").then_some(parent)
+}
+
+/// What the bench reads of `/proc/PID/stat`.
+struct ProcStat {
+    comm: String,
+    parent: u32,
+    /// utime + stime, in clock ticks.
+    own: u64,
+    /// cutime + cstime: its children's that it has reaped, in clock ticks.
+    reaped: u64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid …": comm may hold spaces and parentheses.
+    let (head, rest) = text.rsplit_once(") ")?;
+    let comm = head.split_once(" (")?.1.to_string();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields from 3 (state): ppid is 4, utime 14, stime 15, cutime 16, cstime 17.
+    let n = |i: usize| f.get(i - 3).and_then(|x| x.parse::<u64>().ok());
+    Some(ProcStat { comm, parent: u32::try_from(n(4)?).ok()?, own: n(14)? + n(15)?, reaped: n(16)? + n(17)? })
+}
+
+/// The postmaster's CPU time, its reaped children's, and its live
+/// children's: a backend that ends between two readings moves its whole
+/// time from the last to the second, so the difference of two readings
+/// is what the server spent between them (to the clock tick).
+fn server_cpu_of(postmaster: u32) -> Option<Duration> {
+    let pm = proc_stat(postmaster)?;
+    let mut ticks = pm.own + pm.reaped;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if let Some(child) = proc_stat(pid).filter(|c| c.parent == postmaster) {
+            ticks += child.own;
+        }
+    }
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as u64 } else { 100 };
+    Some(Duration::from_micros(ticks.saturating_mul(1_000_000) / hz))
 }
 
 /// One statement on the PostgreSQL server, outside any transaction (as
@@ -1106,6 +1189,7 @@ async fn run_slipway(
     // Let the nodes register and go idle, so their start-up is not timed.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    let server_before = nodes.stores.server_cpu().await;
     let (cpu_before, own_before) = (cpu_time(), rusage_cpu(libc::RUSAGE_SELF));
     let submitted_at = Instant::now();
     let measured = async {
@@ -1133,6 +1217,10 @@ async fn run_slipway(
 
     let cpu = cpu_time().saturating_sub(cpu_before);
     let own_cpu = rusage_cpu(libc::RUSAGE_SELF).saturating_sub(own_before);
+    let server_cpu = match (server_before, nodes.stores.server_cpu().await) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+        _ => None,
+    };
     // The last jobs' tasks are still winding down when the deployment's
     // event arrives: let the nodes see them end before asking them to stop.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1163,6 +1251,7 @@ async fn run_slipway(
         started_per_node: watched.started_per_node,
         cpu_secs: cpu.as_secs_f64(),
         own_cpu_secs: own_cpu.as_secs_f64(),
+        store_server_cpu_secs: server_cpu.map(|d| d.as_secs_f64()),
         job_times: names
             .iter()
             .map(|n| {

@@ -93,6 +93,8 @@ fn issue19_the_scheduler_bench_reports_every_graph_and_the_cli_beside_the_server
     // Slipway's own CPU is part of its whole (the jobs' processes are the rest).
     let (own, all) = (positive(&noop["slipway"]["own_cpu_secs"], "own cpu"), positive(&noop["slipway"]["cpu_secs"], "cpu"));
     assert!(own <= all, "{noop}");
+    // No server to measure on SQLite.
+    assert!(noop["slipway"]["store_server_cpu_secs"].is_null(), "{noop}");
     let graphs = report["graphs"].as_array().expect("graphs");
     let names: Vec<&str> = graphs.iter().filter_map(|g| g["name"].as_str()).collect();
     assert_eq!(names, ["short", "long", "chain"]);
@@ -176,6 +178,15 @@ fn issue19_the_scheduler_bench_on_postgres_with_three_nodes() {
         assert_eq!(per_node.len(), 3, "{g}");
         assert_eq!(per_node.iter().filter_map(Value::as_u64).sum::<u64>(), g["jobs"].as_u64().unwrap(), "{g}");
         assert!(g["ratio"].as_f64().unwrap() >= 1.0, "{g}");
+    }
+    // A server on this host (scripts/test.sh starts one) has its CPU
+    // measured beside Slipway's, in every run.
+    if admin.contains("@127.0.0.1:") || admin.contains("@localhost:") {
+        let runs = std::iter::once(&report["noop"]["slipway"]).chain(report["graphs"].as_array().into_iter().flatten().map(|g| &g["slipway"]));
+        for run in runs {
+            let server = run["store_server_cpu_secs"].as_f64();
+            assert!(server.is_some_and(|x| x.is_finite() && x >= 0.0), "the server's CPU: {run}");
+        }
     }
 }
 

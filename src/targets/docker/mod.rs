@@ -679,17 +679,46 @@ fn watch(docker: &Docker, id: &str, pending: &Pending) -> Lifeline {
             None => return, // nobody holds the instance any more
         };
         why.push_str(&oom_note(&docker, &id).await);
-        // Its own last words, for the record of a failed rollout.
-        let logs = docker.logs(&id, Some(LogsOptionsBuilder::default().stdout(true).stderr(true).tail(&KEEP_LINES.to_string()).build()));
+        // Its own last words, for the record of a failed rollout. One
+        // entry more than is kept: the first may begin mid-line.
+        let want = KEEP_LINES + 1;
+        let logs = docker.logs(&id, Some(LogsOptionsBuilder::default().stdout(true).stderr(true).tail(&want.to_string()).build()));
         let chunks = tokio::time::timeout(Duration::from_secs(5), logs.collect::<Vec<_>>()).await.unwrap_or_default();
-        for chunk in chunks.into_iter().filter_map(Result::ok) {
-            for line in chunk.to_string().lines() {
-                lines.push_line(line.to_string());
-            }
+        let frames: Vec<(bool, bytes::Bytes)> =
+            chunks.into_iter().filter_map(Result::ok).map(|c| (matches!(c, bollard::container::LogOutput::StdErr { .. }), c.into_bytes())).collect();
+        let whole = frames.len() < want;
+        for (text, cut) in last_lines(frames, whole) {
+            lines.push_piece(text, cut);
         }
         exit_tx.send(why);
     });
     life
+}
+
+/// The lines of a container's last log entries, `(text, cut)` as
+/// [`super::LineCutter`] makes them. Docker's entries are not lines: it
+/// splits a line longer than 16 KiB into several. So, unless `whole` (the
+/// entries are the whole log), each stream's first entries up to its
+/// first line break may be the end of a line begun before them, and go:
+/// masking sees only whole lines, and a secret cut by the tail's start
+/// would be kept in part, unmasked.
+fn last_lines(frames: Vec<(bool, bytes::Bytes)>, whole: bool) -> Vec<(String, bool)> {
+    let (mut cutters, mut skipping) = ([super::LineCutter::default(), super::LineCutter::default()], [!whole, !whole]);
+    let mut out = Vec::new();
+    for (stderr, bytes) in frames {
+        let i = usize::from(stderr);
+        let mut b = &bytes[..];
+        if skipping[i] {
+            let Some(at) = b.iter().position(|&c| c == b'\n') else { continue };
+            b = &b[at + 1..];
+            skipping[i] = false;
+        }
+        out.extend(cutters[i].feed(b));
+    }
+    for cutter in &mut cutters {
+        out.extend(cutter.finish().map(|text| (text, false)));
+    }
+    out
 }
 
 /// Why a stopped container was killed, if memory is the likely reason.
@@ -810,6 +839,22 @@ impl Drop for DockerInstance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn issue19_a_containers_last_lines_start_at_a_whole_line() {
+        let f = |stderr: bool, text: &str| (stderr, bytes::Bytes::from(text.to_string()));
+        // A line split by Docker: its end begins the tail, then whole lines.
+        let frames = vec![f(false, "t=hunter2 end of a long line\n"), f(true, "err 1\n"), f(false, "out 1\n"), f(false, "out 2 no break")];
+        let got = last_lines(frames.clone(), false);
+        assert_eq!(got, [("out 1".to_string(), false), ("out 2 no break".to_string(), false)], "stderr's first entry may be a line's end too");
+        // The whole log: nothing goes.
+        let got = last_lines(frames, true);
+        assert_eq!(got.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["t=hunter2 end of a long line", "err 1", "out 1", "out 2 no break"]);
+        // Docker's pieces of one line are one line again (cut only where
+        // the shared cutter cuts).
+        let frames = vec![f(false, "a\nfirst half, "), f(false, "second half\n")];
+        assert_eq!(last_lines(frames, false), [("first half, second half".to_string(), false)]);
+    }
 
     /// The Engine's own words for a port or a name taken mean "try another
     /// port"; anything else fails the start as it is.

@@ -319,6 +319,24 @@ fn tail(path: &Path, n: u64) -> String {
     String::from_utf8_lossy(&tail_bytes(path, n)).trim().to_string()
 }
 
+/// The whole lines among the last `n` bytes of `path`: when the file is
+/// longer, what precedes the first line break is the end of a line cut
+/// by the start, and goes. Masking sees only whole lines: a secret cut by
+/// the start would be kept in part, unmasked.
+fn tail_lines(path: &Path, n: u64) -> String {
+    let bytes = tail_bytes(path, n);
+    let whole = std::fs::metadata(path).map(|m| m.len() <= n).unwrap_or(false);
+    let lines = if whole {
+        &bytes[..]
+    } else {
+        match bytes.iter().position(|&b| b == b'\n') {
+            Some(i) => &bytes[i + 1..],
+            None => &[],
+        }
+    };
+    String::from_utf8_lossy(lines).into_owned()
+}
+
 fn tail_bytes(path: &Path, n: u64) -> Vec<u8> {
     use std::io::{Read as _, Seek as _, SeekFrom};
     let Ok(mut f) = std::fs::File::open(path) else { return Vec::new() };
@@ -1227,7 +1245,7 @@ impl HostInstance {
             let Some(why) = why else { return };
             // What it left in its group goes with it.
             agent::kill_group(pid, libc::SIGKILL);
-            for line in tail(&log_path, 8192).lines().rev().take(crate::targets::KEEP_LINES).collect::<Vec<_>>().into_iter().rev() {
+            for line in tail_lines(&log_path, 8192).lines().rev().take(crate::targets::KEEP_LINES).collect::<Vec<_>>().into_iter().rev() {
                 keeper.push_line(line.to_string());
             }
             let _ = std::fs::remove_file(&marker_path);
@@ -1340,6 +1358,24 @@ impl Target for HostTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn issue19_the_tail_of_an_instance_log_starts_at_a_whole_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("1.log");
+        // A line cut by the tail's start (its secret in part) goes.
+        let mut text = b"first line\n".to_vec();
+        text.extend(std::iter::repeat_n(b'x', 100));
+        text.extend_from_slice(b"token=hunter2\nlast line\nno break at the end");
+        std::fs::write(&path, &text).expect("write");
+        let n = "hunter2\nlast line\nno break at the end".len() as u64;
+        assert_eq!(tail_lines(&path, n), "last line\nno break at the end");
+        // A file within the limit is whole, its first line included.
+        assert_eq!(tail_lines(&path, text.len() as u64), String::from_utf8_lossy(&text));
+        // One line longer than the tail: nothing of it.
+        assert_eq!(tail_lines(&path, 10), "");
+        assert_eq!(tail_lines(&dir.path().join("none.log"), 50), "");
+    }
 
     #[test]
     fn an_output_file_beyond_its_limit_keeps_its_end() {
