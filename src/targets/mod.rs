@@ -715,8 +715,10 @@ pub struct Lifeline {
     output: Kept,
 }
 
-/// An instance's last lines or pieces of a line, each with its `cut` mark.
-type Kept = std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<(String, bool)>>>;
+/// An instance's last lines or pieces of a line, each with its `cut`
+/// mark, and whether the oldest is headless: the rest of a line whose
+/// beginning was dropped to keep [`KEEP_LINES`].
+type Kept = std::sync::Arc<std::sync::Mutex<(std::collections::VecDeque<(String, bool)>, bool)>>;
 
 /// Keeps an instance's last lines (see [`Lifeline::keeper`]).
 #[derive(Clone)]
@@ -731,9 +733,10 @@ impl LineKeeper {
     /// on in the next piece): [`Lifeline::last_output`] joins them again,
     /// so that masking sees a secret across the cut whole.
     pub fn push_piece(&self, text: String, cut: bool) {
-        if let Ok(mut o) = self.0.lock() {
+        if let Ok(mut kept) = self.0.lock() {
+            let (o, headless) = &mut *kept;
             if o.len() >= KEEP_LINES {
-                o.pop_front();
+                *headless = o.pop_front().is_some_and(|(_, cut)| cut);
             }
             o.push_back((text, cut));
         }
@@ -797,9 +800,14 @@ impl Lifeline {
     /// The last lines, the pieces of a cut line joined again.
     pub fn last_output(&self) -> Vec<String> {
         let Ok(kept) = self.output.lock() else { return Vec::new() };
+        let (kept, headless) = &*kept;
+        // A line whose beginning was dropped goes whole: masking sees
+        // only whole lines, and a secret cut by the drop would be kept
+        // in part, unmasked.
+        let skip = if *headless { kept.iter().position(|(_, cut)| !cut).map_or(kept.len(), |i| i + 1) } else { 0 };
         let mut lines: Vec<String> = Vec::new();
         let mut goes_on = false;
-        for (text, cut) in kept.iter() {
+        for (text, cut) in kept.iter().skip(skip) {
             match lines.last_mut() {
                 Some(last) if goes_on => last.push_str(text),
                 _ => lines.push(text.clone()),
@@ -1072,6 +1080,27 @@ mod tests {
         keeper.push_piece("ret end".into(), false);
         keeper.push_piece("unfinished".into(), true);
         assert_eq!(life.last_output(), ["before", "topsecret end", "unfinished"]);
+    }
+
+    #[test]
+    fn issue19_a_line_whose_beginning_was_dropped_is_not_kept_in_part() {
+        let (life, _exit) = Lifeline::new();
+        let keeper = life.keeper();
+        // A line of KEEP_LINES + 2 pieces, then one whole line: the
+        // first two pieces go to keep KEEP_LINES, so the rest is headless.
+        for i in 0..KEEP_LINES + 1 {
+            keeper.push_piece(format!("p{i} "), true);
+        }
+        keeper.push_piece("end".into(), false);
+        assert_eq!(life.last_output(), Vec::<String>::new(), "nothing of the headless line");
+        keeper.push_line("after".into());
+        assert_eq!(life.last_output(), ["after"]);
+        // Once its pieces are all gone, what is kept starts at a line.
+        for i in 0..KEEP_LINES {
+            keeper.push_line(format!("l{i}"));
+        }
+        assert_eq!(life.last_output().first().map(String::as_str), Some("l0"));
+        assert_eq!(life.last_output().len(), KEEP_LINES);
     }
 
     #[test]
