@@ -99,6 +99,8 @@ run_pg "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/log" -w -t 60 \
   -o "-h 127.0.0.1 -p $port -k $pg_dir -c max_connections=300 -c fsync=off" start >/dev/null
 export SLIPWAY_TEST_POSTGRES="postgres://slipway@127.0.0.1:$port/postgres"
 export SLIPWAY_REQUIRE_POSTGRES=1
+# A process of this host (the bench reads its CPU from /proc).
+export SLIPWAY_TEST_POSTGRES_HERE=1
 echo "test.sh: PostgreSQL on 127.0.0.1:$port"
 
 # The demo service the tests deploy is a crate of its own, which a test of

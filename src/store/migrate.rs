@@ -26,7 +26,7 @@ use std::borrow::Cow;
 use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Row, SqlSafeStr};
 
-use super::sql::Dialect;
+use super::sql::{Answered as _, Dialect};
 use super::{Result, StoreError};
 
 /// Every migration, oldest first: (version, name, SQL).
@@ -87,13 +87,13 @@ pub(super) async fn run(pool: &AnyPool, dialect: Dialect) -> Result<()> {
         return apply(pool, dialect).await;
     }
     // Session-level, on a connection of its own: the migrator runs one
-    // transaction per migration on another. statement_timeout bounds the
-    // wait for a node that holds it.
+    // transaction per migration on another. lock_timeout bounds the wait
+    // for a node that holds it.
     let mut lock = pool.acquire().await.map_err(StoreError::query("migrate lock"))?;
-    sqlx::query("SELECT pg_advisory_lock($1)").bind(PG_LOCK).execute(&mut *lock).await.map_err(StoreError::query("migrate lock"))?;
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(PG_LOCK).execute(&mut *lock).answered().await.map_err(StoreError::query("migrate lock"))?;
     let result = apply(pool, dialect).await;
     // On failure the lock goes with the connection anyway.
-    let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(PG_LOCK).execute(&mut *lock).await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(PG_LOCK).execute(&mut *lock).answered().await;
     result
 }
 
@@ -103,14 +103,32 @@ async fn apply(pool: &AnyPool, dialect: Dialect) -> Result<()> {
     {
         return Err(StoreError::SchemaTooNew { found, known: LATEST });
     }
-    migrator(dialect).run(pool).await.map_err(|e| match e {
+    // Each statement of a migration is bounded by the server's
+    // statement_timeout (30 s, set on every connection); the whole by a
+    // deadline of its own, for a connection that goes silent.
+    let run = async { migrator(dialect).run(pool).await.map_err(Some) };
+    let ran = match tokio::time::timeout(MIGRATE_DEADLINE, run).await {
+        Ok(ran) => ran,
+        Err(_) => Err(None),
+    };
+    ran.map_err(|e| match e {
+        None => StoreError::Unavailable(format!("migrate: the store did not finish the schema migrations within {} s", MIGRATE_DEADLINE.as_secs())),
+        Some(e) => migrate_error(e),
+    })
+}
+
+/// How long the schema migrations of one start may take in all.
+const MIGRATE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
+
+fn migrate_error(e: MigrateError) -> StoreError {
+    match e {
         MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => StoreError::query("migrate")(e),
         MigrateError::VersionMismatch(v) => StoreError::Corrupt(format!(
             "schema migration {v} recorded in the store differs from this build's migration {v}: the store was migrated by a build with another migration {v}"
         )),
         MigrateError::Dirty(v) => StoreError::Corrupt(format!("schema migration {v} was started and never finished: the store needs repair by hand")),
         other => StoreError::Corrupt(format!("schema migration: {other}")),
-    })
+    }
 }
 
 /// The newest migration the store recorded, `None` for a store made before
@@ -120,12 +138,13 @@ pub(super) async fn applied(pool: &AnyPool, dialect: Dialect) -> Result<Option<i
         Dialect::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
         Dialect::Postgres => "SELECT COUNT(*) FROM information_schema.tables WHERE table_name = '_sqlx_migrations' AND table_schema = current_schema()",
     };
-    let n: i64 = sqlx::query(exists).fetch_one(pool).await.and_then(|r| r.try_get(0)).map_err(StoreError::query("read schema version"))?;
+    let n: i64 = sqlx::query(exists).fetch_one(pool).answered().await.and_then(|r| r.try_get(0)).map_err(StoreError::query("read schema version"))?;
     if n == 0 {
         return Ok(None);
     }
     sqlx::query("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
         .fetch_one(pool)
+        .answered()
         .await
         .and_then(|r| r.try_get::<Option<i64>, _>(0))
         .map_err(StoreError::query("read schema version"))

@@ -845,7 +845,7 @@ impl Inner {
             // Its one connection serves the readers too: not kept.
             let mut tx = self.pool.begin().answered().await.map_err(StoreError::query("batch"))?;
             let results = self.run_ops_on(&mut tx, ops).await?;
-            tx.commit().answered().await.map_err(StoreError::query("batch commit"))?;
+            tx.commit().committed().await.map_err(StoreError::query("batch commit"))?;
             return Ok(results);
         }
         // A kept connection the server dropped while it sat idle fails at
@@ -905,7 +905,7 @@ impl Inner {
                 let mut tx = sqlx::Connection::begin(&mut **conn).answered().await.map_err(StoreError::query("batch"))?;
                 began = true;
                 let results = self.run_ops_on(&mut tx, ops).await?;
-                tx.commit().answered().await.map_err(StoreError::query("batch commit"))?;
+                tx.commit().committed().await.map_err(StoreError::query("batch commit"))?;
                 Ok(results)
             };
             // The server's own timeouts end a slow statement, but not a
@@ -941,28 +941,39 @@ impl Inner {
 
 /// How long one statement, `BEGIN`, `COMMIT` or `ROLLBACK` may wait for
 /// the store's answer before the store counts as unavailable for it.
-/// The server's own `statement_timeout` (30 s) and `lock_timeout` end a
-/// slow statement before this; what reaches it is a connection that will
-/// never answer: its server gone without a reset (a host that died, a
-/// failover, a cut path), which sqlx, setting no TCP keepalive, would wait
-/// on for ever, and with it the API request or the node's loop behind it.
-/// The future is dropped, and with it the connection: a pooled one is
-/// pinged before it is pooled again (`after_release`), and fails that.
-/// Migrations are not bounded by it (an index on a big table may take
-/// longer); they run before the node serves anything.
+/// On PostgreSQL the server's own `statement_timeout` (30 s) and
+/// `lock_timeout` (20 s) end a slow statement before this; what reaches
+/// it is a connection that will never answer: its server gone without a
+/// reset (a host that died, a failover, a cut path), which sqlx, setting
+/// no TCP keepalive, would wait on for ever, and with it the API request
+/// or the node's loop behind it. The future is dropped, and with it the
+/// connection: a pooled one is pinged before it is pooled again
+/// (`after_release`), and fails that. On SQLite it is reached only by a
+/// disk that stalls: sqlx's SQLite thread goes on with the statement, so
+/// a write given up may still be made, as one whose `COMMIT` got no
+/// answer on PostgreSQL.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(40);
 
 /// `.answered()`: a store call bounded by [`ANSWER_DEADLINE`], failing
 /// as a lost connection does (`StoreError::Unavailable` through
-/// `StoreError::query`, a 503 at the API).
-trait Answered<T>: std::future::Future<Output = Result<T, sqlx::Error>> + Sized {
+/// `StoreError::query`, a 503 at the API). `.committed()`: the same for
+/// a `COMMIT`, whose answer says that what it commits may have been made.
+pub(super) trait Answered<T>: std::future::Future<Output = Result<T, sqlx::Error>> + Sized {
     async fn answered(self) -> Result<T, sqlx::Error> {
-        match tokio::time::timeout(ANSWER_DEADLINE, self).await {
-            Ok(result) => result,
-            Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("the store did not answer within {} s", ANSWER_DEADLINE.as_secs()),
-            ))),
+        bounded_by(self, ANSWER_DEADLINE, "").await
+    }
+
+    async fn committed(self) -> Result<T, sqlx::Error> {
+        bounded_by(self, ANSWER_DEADLINE, " to a COMMIT: whether it was made is not known").await
+    }
+}
+
+/// `call`, or after `limit` the error of a connection lost.
+async fn bounded_by<T>(call: impl std::future::Future<Output = Result<T, sqlx::Error>>, limit: Duration, what: &str) -> Result<T, sqlx::Error> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => {
+            Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the store did not answer within {} s{what}", limit.as_secs()))))
         }
     }
 }
@@ -1736,7 +1747,7 @@ impl Store for SqlStore {
                 .answered()
                 .await
                 .map_err(StoreError::query(op))?;
-            tx.commit().answered().await.map_err(StoreError::query(op))?;
+            tx.commit().committed().await.map_err(StoreError::query(op))?;
             return Ok(Submitted {
                 event_id: row.try_get(0).map_err(StoreError::query(op))?,
                 deployment_id: row.try_get::<Option<i64>, _>(1).map_err(StoreError::query(op))?.unwrap_or(0),
@@ -1870,7 +1881,7 @@ impl Store for SqlStore {
                 superseded.push(old);
             }
         }
-        tx.commit().answered().await.map_err(StoreError::query(op))?;
+        tx.commit().committed().await.map_err(StoreError::query(op))?;
         Ok(Submitted { event_id, deployment_id: dep_id, duplicate: false, superseded, busy: false })
     }
 
@@ -2019,7 +2030,7 @@ impl Store for SqlStore {
         };
         let dep = deployment_row(&row)?;
         if dep.state.is_terminal() {
-            tx.commit().answered().await.map_err(StoreError::query(op))?;
+            tx.commit().committed().await.map_err(StoreError::query(op))?;
             return Ok(Some(dep));
         }
         sqlx::query("UPDATE deployments SET cancel_requested = 1 WHERE id = $1").bind(id).execute(&mut *tx).answered().await.map_err(StoreError::query(op))?;
@@ -2042,7 +2053,7 @@ impl Store for SqlStore {
             self.complete_if_done(&mut tx, id, now).await?;
         }
         let row = self.lock_deployment(&mut tx, id).await?;
-        tx.commit().answered().await.map_err(StoreError::query(op))?;
+        tx.commit().committed().await.map_err(StoreError::query(op))?;
         row.as_ref().map(deployment_row).transpose()
     }
 
@@ -2152,7 +2163,7 @@ impl Store for SqlStore {
                 .await
                 .map_err(StoreError::query(op))?;
         }
-        tx.commit().answered().await.map_err(StoreError::query(op))?;
+        tx.commit().committed().await.map_err(StoreError::query(op))?;
         Ok(n > 0)
     }
 
@@ -2183,7 +2194,7 @@ impl Store for SqlStore {
                 .await
                 .map_err(StoreError::query(op))?;
         }
-        tx.commit().answered().await.map_err(StoreError::query(op))?;
+        tx.commit().committed().await.map_err(StoreError::query(op))?;
         Ok(n > 0)
     }
 
@@ -2278,7 +2289,7 @@ impl Store for SqlStore {
             .answered()
             .await
             .map_err(StoreError::query(op))?;
-            tx.commit().answered().await.map_err(StoreError::query(op))?;
+            tx.commit().committed().await.map_err(StoreError::query(op))?;
             activated.push(id);
         }
         Ok(activated)
@@ -2767,7 +2778,7 @@ impl Store for SqlStore {
             .answered()
             .await
             .map_err(StoreError::query(op))?;
-        tx.commit().answered().await.map_err(StoreError::query(op))?;
+        tx.commit().committed().await.map_err(StoreError::query(op))?;
         Ok(Revoked::Revoked)
     }
 

@@ -715,10 +715,11 @@ pub struct Lifeline {
     output: Kept,
 }
 
-/// An instance's last lines or pieces of a line, each with its `cut`
-/// mark, and whether the oldest is headless: the rest of a line whose
-/// beginning was dropped to keep [`KEEP_LINES`].
-type Kept = std::sync::Arc<std::sync::Mutex<(std::collections::VecDeque<(String, bool)>, bool)>>;
+/// An instance's last lines or pieces of a line, each with its stream and
+/// `cut` mark, and per stream (stdout, stderr) whether its oldest piece is
+/// headless: the rest of a line whose beginning was dropped to keep
+/// [`KEEP_LINES`].
+type Kept = std::sync::Arc<std::sync::Mutex<(std::collections::VecDeque<(Stream, String, bool)>, [bool; 2])>>;
 
 /// Keeps an instance's last lines (see [`Lifeline::keeper`]).
 #[derive(Clone)]
@@ -726,19 +727,22 @@ pub struct LineKeeper(Kept);
 
 impl LineKeeper {
     pub fn push_line(&self, line: String) {
-        self.push_piece(line, false)
+        self.push_piece(Stream::Stdout, line, false)
     }
 
     /// A piece of a line cut at [`MAX_LINE_BYTES`] (`cut`: the line goes
-    /// on in the next piece): [`Lifeline::last_output`] joins them again,
-    /// so that masking sees a secret across the cut whole.
-    pub fn push_piece(&self, text: String, cut: bool) {
+    /// on in the next piece of the same stream): [`Lifeline::last_output`]
+    /// joins them again, so that masking sees a secret across the cut
+    /// whole. The other stream's lines may come between.
+    pub fn push_piece(&self, stream: Stream, text: String, cut: bool) {
         if let Ok(mut kept) = self.0.lock() {
             let (o, headless) = &mut *kept;
-            if o.len() >= KEEP_LINES {
-                *headless = o.pop_front().is_some_and(|(_, cut)| cut);
+            if o.len() >= KEEP_LINES
+                && let Some((s, _, cut)) = o.pop_front()
+            {
+                headless[s as usize] = cut;
             }
-            o.push_back((text, cut));
+            o.push_back((stream, text, cut));
         }
     }
 }
@@ -804,15 +808,27 @@ impl Lifeline {
         // A line whose beginning was dropped goes whole: masking sees
         // only whole lines, and a secret cut by the drop would be kept
         // in part, unmasked.
-        let skip = if *headless { kept.iter().position(|(_, cut)| !cut).map_or(kept.len(), |i| i + 1) } else { 0 };
+        let mut skipping = *headless;
+        // Per stream, the line its last piece left open.
+        let mut open: [Option<usize>; 2] = [None, None];
         let mut lines: Vec<String> = Vec::new();
-        let mut goes_on = false;
-        for (text, cut) in kept.iter().skip(skip) {
-            match lines.last_mut() {
-                Some(last) if goes_on => last.push_str(text),
-                _ => lines.push(text.clone()),
+        for (stream, text, cut) in kept.iter() {
+            let i = *stream as usize;
+            if skipping[i] {
+                skipping[i] = *cut;
+                continue;
             }
-            goes_on = *cut;
+            let at = match open[i] {
+                Some(at) => {
+                    lines[at].push_str(text);
+                    at
+                }
+                None => {
+                    lines.push(text.clone());
+                    lines.len() - 1
+                }
+            };
+            open[i] = cut.then_some(at);
         }
         lines
     }
@@ -1075,11 +1091,13 @@ mod tests {
         let (life, _exit) = Lifeline::new();
         let keeper = life.keeper();
         keeper.push_line("before".into());
-        keeper.push_piece("top".into(), true);
-        keeper.push_piece("sec".into(), true);
-        keeper.push_piece("ret end".into(), false);
-        keeper.push_piece("unfinished".into(), true);
-        assert_eq!(life.last_output(), ["before", "topsecret end", "unfinished"]);
+        keeper.push_piece(Stream::Stdout, "top".into(), true);
+        // The other stream's line between two pieces of one line.
+        keeper.push_piece(Stream::Stderr, "an error".into(), false);
+        keeper.push_piece(Stream::Stdout, "sec".into(), true);
+        keeper.push_piece(Stream::Stdout, "ret end".into(), false);
+        keeper.push_piece(Stream::Stdout, "unfinished".into(), true);
+        assert_eq!(life.last_output(), ["before", "topsecret end", "an error", "unfinished"]);
     }
 
     #[test]
@@ -1089,12 +1107,14 @@ mod tests {
         // A line of KEEP_LINES + 2 pieces, then one whole line: the
         // first two pieces go to keep KEEP_LINES, so the rest is headless.
         for i in 0..KEEP_LINES + 1 {
-            keeper.push_piece(format!("p{i} "), true);
+            keeper.push_piece(Stream::Stdout, format!("p{i} "), true);
         }
-        keeper.push_piece("end".into(), false);
-        assert_eq!(life.last_output(), Vec::<String>::new(), "nothing of the headless line");
+        // Stderr's line between its pieces neither ends nor joins it.
+        keeper.push_piece(Stream::Stderr, "an error".into(), false);
+        keeper.push_piece(Stream::Stdout, "end".into(), false);
+        assert_eq!(life.last_output(), ["an error"], "nothing of the headless line");
         keeper.push_line("after".into());
-        assert_eq!(life.last_output(), ["after"]);
+        assert_eq!(life.last_output(), ["an error", "after"]);
         // Once its pieces are all gone, what is kept starts at a line.
         for i in 0..KEEP_LINES {
             keeper.push_line(format!("l{i}"));

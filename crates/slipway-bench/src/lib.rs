@@ -997,7 +997,8 @@ async fn postmaster_of(url: &str) -> Option<u32> {
     let backend = u32::try_from(tokio::time::timeout(Duration::from_secs(10), ask).await.ok()??).ok()?;
     let (comm, parent) = proc_stat(backend).map(|s| (s.comm, s.parent))?;
     let postmaster = proc_stat(parent)?;
-    (comm == "postgres" && postmaster.comm == "postgres").then_some(parent)
+    let named = |c: &str| c == "postgres" || c == "postmaster";
+    (named(&comm) && named(&postmaster.comm)).then_some(parent)
 }
 
 /// What the bench reads of `/proc/PID/stat`.
@@ -1022,22 +1023,37 @@ fn proc_stat(pid: u32) -> Option<ProcStat> {
 }
 
 /// The postmaster's CPU time, its reaped children's, and its live
-/// children's: a backend that ends between two readings moves its whole
-/// time from the last to the second, so the difference of two readings
-/// is what the server spent between them (to the clock tick).
+/// children's (with what they reaped): a backend that ends between two
+/// readings moves its whole time from the last to the second, so the
+/// difference of two readings is what the server spent between them, to
+/// the clock tick. The children are read first and the postmaster after;
+/// if a child ended meanwhile (its time may be in neither), again.
 fn server_cpu_of(postmaster: u32) -> Option<Duration> {
-    let pm = proc_stat(postmaster)?;
-    let mut ticks = pm.own + pm.reaped;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        if let Some(child) = proc_stat(pid).filter(|c| c.parent == postmaster) {
-            ticks += child.own;
+    let children = || -> Option<Vec<(u32, u64)>> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            if let Some(child) = proc_stat(pid).filter(|c| c.parent == postmaster) {
+                found.push((pid, child.own + child.reaped));
+            }
+        }
+        Some(found)
+    };
+    let mut ticks = None;
+    for _ in 0..5 {
+        let live = children()?;
+        let pm = proc_stat(postmaster)?;
+        let total = pm.own + pm.reaped + live.iter().map(|(_, t)| t).sum::<u64>();
+        let gone = live.iter().any(|(pid, _)| proc_stat(*pid).is_none_or(|c| c.parent != postmaster));
+        ticks = Some(total);
+        if !gone {
+            break;
         }
     }
     // SAFETY: sysconf reads a constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = if hz > 0 { hz as u64 } else { 100 };
-    Some(Duration::from_micros(ticks.saturating_mul(1_000_000) / hz))
+    Some(Duration::from_micros(ticks?.saturating_mul(1_000_000) / hz))
 }
 
 /// One statement on the PostgreSQL server, outside any transaction (as

@@ -683,12 +683,16 @@ fn watch(docker: &Docker, id: &str, pending: &Pending) -> Lifeline {
         // entry more than is kept: the first may begin mid-line.
         let want = KEEP_LINES + 1;
         let logs = docker.logs(&id, Some(LogsOptionsBuilder::default().stdout(true).stderr(true).tail(&want.to_string()).build()));
-        let chunks = tokio::time::timeout(Duration::from_secs(5), logs.collect::<Vec<_>>()).await.unwrap_or_default();
-        let frames: Vec<(bool, bytes::Bytes)> =
-            chunks.into_iter().filter_map(Result::ok).map(|c| (matches!(c, bollard::container::LogOutput::StdErr { .. }), c.into_bytes())).collect();
-        let whole = frames.len() < want;
-        for (text, cut) in last_lines(frames, whole) {
-            lines.push_piece(text, cut);
+        let chunks = tokio::time::timeout(Duration::from_secs(5), logs.collect::<Vec<_>>()).await;
+        // The whole log only if Docker gave all it had: fewer entries than
+        // asked for, and no error or timeout that cut the answer short.
+        let whole = chunks.as_ref().is_ok_and(|c| c.len() < want && c.iter().all(Result::is_ok));
+        let frames = chunks.unwrap_or_default().into_iter().filter_map(Result::ok).map(|c| {
+            let stream = if matches!(c, bollard::container::LogOutput::StdErr { .. }) { super::Stream::Stderr } else { super::Stream::Stdout };
+            (stream, c.into_bytes())
+        });
+        for (stream, text, cut) in last_lines(frames.collect(), whole) {
+            lines.push_piece(stream, text, cut);
         }
         exit_tx.send(why);
     });
@@ -702,21 +706,21 @@ fn watch(docker: &Docker, id: &str, pending: &Pending) -> Lifeline {
 /// first line break may be the end of a line begun before them, and go:
 /// masking sees only whole lines, and a secret cut by the tail's start
 /// would be kept in part, unmasked.
-fn last_lines(frames: Vec<(bool, bytes::Bytes)>, whole: bool) -> Vec<(String, bool)> {
+fn last_lines(frames: Vec<(super::Stream, bytes::Bytes)>, whole: bool) -> Vec<(super::Stream, String, bool)> {
     let (mut cutters, mut skipping) = ([super::LineCutter::default(), super::LineCutter::default()], [!whole, !whole]);
     let mut out = Vec::new();
-    for (stderr, bytes) in frames {
-        let i = usize::from(stderr);
+    for (stream, bytes) in frames {
+        let i = stream as usize;
         let mut b = &bytes[..];
         if skipping[i] {
             let Some(at) = b.iter().position(|&c| c == b'\n') else { continue };
             b = &b[at + 1..];
             skipping[i] = false;
         }
-        out.extend(cutters[i].feed(b));
+        out.extend(cutters[i].feed(b).into_iter().map(|(text, cut)| (stream, text, cut)));
     }
-    for cutter in &mut cutters {
-        out.extend(cutter.finish().map(|text| (text, false)));
+    for (stream, cutter) in [super::Stream::Stdout, super::Stream::Stderr].into_iter().zip(&mut cutters) {
+        out.extend(cutter.finish().map(|text| (stream, text, false)));
     }
     out
 }
@@ -842,18 +846,19 @@ mod tests {
 
     #[test]
     fn issue19_a_containers_last_lines_start_at_a_whole_line() {
-        let f = |stderr: bool, text: &str| (stderr, bytes::Bytes::from(text.to_string()));
+        use super::super::Stream::{Stderr, Stdout};
+        let f = |stream, text: &str| (stream, bytes::Bytes::from(text.to_string()));
+        let texts = |got: Vec<(super::super::Stream, String, bool)>| got.into_iter().map(|(_, t, _)| t).collect::<Vec<_>>();
         // A line split by Docker: its end begins the tail, then whole lines.
-        let frames = vec![f(false, "t=hunter2 end of a long line\n"), f(true, "err 1\n"), f(false, "out 1\n"), f(false, "out 2 no break")];
+        let frames = vec![f(Stdout, "t=hunter2 end of a long line\n"), f(Stderr, "err 1\n"), f(Stdout, "out 1\n"), f(Stdout, "out 2 no break")];
         let got = last_lines(frames.clone(), false);
-        assert_eq!(got, [("out 1".to_string(), false), ("out 2 no break".to_string(), false)], "stderr's first entry may be a line's end too");
+        assert_eq!(got, [(Stdout, "out 1".to_string(), false), (Stdout, "out 2 no break".to_string(), false)], "stderr's first entry may be a line's end too");
         // The whole log: nothing goes.
-        let got = last_lines(frames, true);
-        assert_eq!(got.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["t=hunter2 end of a long line", "err 1", "out 1", "out 2 no break"]);
+        assert_eq!(texts(last_lines(frames, true)), ["t=hunter2 end of a long line", "err 1", "out 1", "out 2 no break"]);
         // Docker's pieces of one line are one line again (cut only where
-        // the shared cutter cuts).
-        let frames = vec![f(false, "a\nfirst half, "), f(false, "second half\n")];
-        assert_eq!(last_lines(frames, false), [("first half, second half".to_string(), false)]);
+        // the shared cutter cuts), the other stream's entries between them.
+        let frames = vec![f(Stdout, "a\nfirst half, "), f(Stderr, "x\nan error\n"), f(Stdout, "second half\n")];
+        assert_eq!(texts(last_lines(frames, false)), ["an error", "first half, second half"]);
     }
 
     /// The Engine's own words for a port or a name taken mean "try another

@@ -52,8 +52,8 @@ pub fn start(req: &InstanceRequest, target: &LocalTarget, port: u16) -> Result<A
         let life = life.clone();
         tokio::spawn(async move {
             let keeper = life.keeper();
-            while let Some(super::super::Line { text, cut, .. }) = rx.recv().await {
-                keeper.push_piece(text, cut);
+            while let Some(super::super::Line { stream, text, cut, .. }) = rx.recv().await {
+                keeper.push_piece(stream, text, cut);
             }
         })
     };

@@ -319,18 +319,25 @@ fn tail(path: &Path, n: u64) -> String {
     String::from_utf8_lossy(&tail_bytes(path, n)).trim().to_string()
 }
 
-/// The whole lines among the last `n` bytes of `path`: when the file is
-/// longer, what precedes the first line break is the end of a line cut
-/// by the start, and goes. Masking sees only whole lines: a secret cut by
-/// the start would be kept in part, unmasked.
+/// The whole lines among the last `n` bytes of `path`. Unless they begin
+/// a line (the byte before them is a line break, or they begin a file
+/// never cut back by [`cap_log`], which may cut inside a line), what
+/// precedes their first line break is the end of a line begun before
+/// them, and goes. Masking sees only whole lines: a secret cut by the
+/// start would be kept in part, unmasked.
 fn tail_lines(path: &Path, n: u64) -> String {
-    let bytes = tail_bytes(path, n);
-    let whole = std::fs::metadata(path).map(|m| m.len() <= n).unwrap_or(false);
-    let lines = if whole {
-        &bytes[..]
+    // One byte more: the one before the last `n`.
+    let (bytes, len) = tail_bytes_of(path, n.saturating_add(1));
+    let (before, body) = if len > n { (bytes.first().copied(), bytes.get(1..).unwrap_or_default()) } else { (None, &bytes[..]) };
+    let starts_a_line = match before {
+        Some(b) => b == b'\n',
+        None => !std::path::Path::new(&old_log(path)).exists(),
+    };
+    let lines = if starts_a_line {
+        body
     } else {
-        match bytes.iter().position(|&b| b == b'\n') {
-            Some(i) => &bytes[i + 1..],
+        match body.iter().position(|&b| b == b'\n') {
+            Some(i) => &body[i + 1..],
             None => &[],
         }
     };
@@ -338,13 +345,25 @@ fn tail_lines(path: &Path, n: u64) -> String {
 }
 
 fn tail_bytes(path: &Path, n: u64) -> Vec<u8> {
+    tail_bytes_of(path, n).0
+}
+
+/// The last `n` bytes of `path`, and its length when they were read.
+fn tail_bytes_of(path: &Path, n: u64) -> (Vec<u8>, u64) {
     use std::io::{Read as _, Seek as _, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else { return Vec::new() };
+    let Ok(mut f) = std::fs::File::open(path) else { return (Vec::new(), 0) };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(n)));
     let mut buf = Vec::new();
     let _ = f.take(n).read_to_end(&mut buf);
-    buf
+    (buf, len)
+}
+
+/// Where [`cap_log`] keeps the end of `path` it cut off.
+fn old_log(path: &Path) -> std::ffi::OsString {
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    old
 }
 
 /// A connection to the supervisor of (dir, installation), started if none
@@ -422,9 +441,7 @@ pub async fn connect_or_start(paths: &Paths, dir: &str, installation: &str) -> R
 /// then truncated (appends go on at its new end).
 fn cap_log(path: &Path) {
     if std::fs::metadata(path).is_ok_and(|m| m.len() > LOG_LIMIT) {
-        let mut old = path.as_os_str().to_owned();
-        old.push(".1");
-        let _ = std::fs::write(&old, tail_bytes(path, LOG_KEEP));
+        let _ = std::fs::write(old_log(path), tail_bytes(path, LOG_KEEP));
         let _ = std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(0));
     }
 }
@@ -1370,11 +1387,20 @@ mod tests {
         std::fs::write(&path, &text).expect("write");
         let n = "hunter2\nlast line\nno break at the end".len() as u64;
         assert_eq!(tail_lines(&path, n), "last line\nno break at the end");
+        // Bytes that begin just after a line break are whole lines.
+        assert_eq!(tail_lines(&path, n - "hunter2\n".len() as u64), "last line\nno break at the end");
+        assert_eq!(tail_lines(&path, n + 1), "last line\nno break at the end");
         // A file within the limit is whole, its first line included.
         assert_eq!(tail_lines(&path, text.len() as u64), String::from_utf8_lossy(&text));
         // One line longer than the tail: nothing of it.
         assert_eq!(tail_lines(&path, 10), "");
         assert_eq!(tail_lines(&dir.path().join("none.log"), 50), "");
+        // A file cut back (`cap_log`, which may cut inside a line) does not
+        // begin a line, however short it is now.
+        std::fs::write(&path, "ret=hunter2\nnext\n").expect("write");
+        assert_eq!(tail_lines(&path, 100), "ret=hunter2\nnext\n");
+        std::fs::write(old_log(&path), "the part before").expect("write");
+        assert_eq!(tail_lines(&path, 100), "next\n");
     }
 
     #[test]
