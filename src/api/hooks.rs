@@ -321,6 +321,18 @@ async fn answer_from_started(s: &AppState, key: &str, r: &mut HookResult) -> boo
 /// 503 for a delivery whose deployments could not all be submitted for a
 /// passing reason: nothing of it is recorded as handled, the sender
 /// retries, and what was submitted is not submitted twice.
+/// The results a caller may see, and how many were left out: a deployment
+/// in an environment its token may not read (a retry of another sender's
+/// publication names what that one started) is not named. The record
+/// keeps them all.
+fn readable(caller: &super::auth::Caller, results: Vec<HookResult>) -> (Vec<HookResult>, usize) {
+    let before = results.len();
+    let shown: Vec<HookResult> =
+        results.into_iter().filter(|r| r.deployment_id.is_none() || caller.may(super::auth::Need::Read, Some(&r.environment))).collect();
+    let unseen = before - shown.len();
+    (shown, unseen)
+}
+
 fn retry_later(results: &[HookResult]) -> ApiError {
     let why: Vec<String> = results.iter().filter_map(|r| r.error.as_ref().map(|e| format!("{} in {}: {e}", r.service, r.environment))).collect();
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("not every deployment could be submitted; send it again: {}", why.join("; ")))
@@ -693,12 +705,18 @@ pub(super) async fn published_event(
             && v.get("digest").is_none_or(|d| d.as_str() == digest.as_deref());
         if !same {
             let results: serde_json::Value = recorded.map(|r| serde_json::from_str(&r.payload).unwrap_or_default()).unwrap_or_default();
-            let started: Vec<String> = results["results"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|r| Some(format!("deployment {} in {}", r["deployment_id"].as_i64()?, r["environment"].as_str()?)))
-                .collect();
+            let (mut started, mut unseen) = (Vec::new(), 0);
+            for r in results["results"].as_array().into_iter().flatten() {
+                let (Some(id), Some(env)) = (r["deployment_id"].as_i64(), r["environment"].as_str()) else { continue };
+                if caller.may(super::auth::Need::Read, Some(env)) {
+                    started.push(format!("deployment {id} in {env}"));
+                } else {
+                    unseen += 1;
+                }
+            }
+            if unseen > 0 {
+                started.push(format!("{unseen} in environments {} may not read", caller.actor()));
+            }
             let started = if started.is_empty() { "no deployment recorded yet".to_string() } else { started.join(", ") };
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -714,13 +732,17 @@ pub(super) async fn published_event(
     }
     let (results, transient) = act(s, decisions, &req.version, req.digest.as_deref(), None, digest.as_deref()).await;
     if transient {
-        return Err(retry_later(&results));
+        return Err(retry_later(&readable(caller, results).0));
     }
     let payload = serde_json::json!({ "what": what, "version": req.version, "digest": digest, "results": results }).to_string();
     // A duplicate once what it started was recorded (a retry after a 503
     // may still start what the first could not).
     let (_, duplicate) = s.store.record_event(NewEvent { key: Some(key), kind: "published".into(), payload }).await?;
-    let answer =
-        HookAnswer { delivery: id, event: "published".into(), duplicate, note: Some(format!("{what} {} published", req.version)), results, revisions: vec![] };
+    let (results, unseen) = readable(caller, results);
+    let mut note = format!("{what} {} published", req.version);
+    if unseen > 0 {
+        note.push_str(&format!("; {unseen} deployment(s) it started in environments {} may not read are not shown", caller.actor()));
+    }
+    let answer = HookAnswer { delivery: id, event: "published".into(), duplicate, note: Some(note), results, revisions: vec![] };
     Ok((StatusCode::ACCEPTED, note_of(&answer), Json(answer)))
 }
