@@ -823,7 +823,10 @@ command = ["true"]
         assert_eq!((s, b["duplicate"].as_bool()), (202, Some(true)), "{backend}: {b}");
         assert!(env(&b, "production").is_null(), "{backend}: ci may not read production: {b}");
         assert!(!b.to_string().contains(&format!("\"deployment_id\":{production}")), "{backend}: {b}");
-        assert!(b["note"].as_str().is_some_and(|n| n.contains("1 deployment(s) it started in environments token ci may not read are not shown")), "{backend}: {b}");
+        assert!(
+            b["note"].as_str().is_some_and(|n| n.contains("1 deployment(s) it started in environments token ci may not read are not shown")),
+            "{backend}: {b}"
+        );
         assert_eq!(env(&b, "staging")["deployment_id"], env(&a, "staging")["deployment_id"], "{backend}: {b}");
         // A token that may read production is told it, as any retry is.
         let (s, r) = h.post_json("/api/v1/published", Some(&root), &body).await;
