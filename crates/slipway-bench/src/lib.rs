@@ -934,8 +934,8 @@ pub(crate) struct Stores {
     kind: BenchStore,
     made: std::sync::Mutex<Vec<String>>,
     /// The PostgreSQL server's postmaster, when it runs on this host
-    /// (looked up once, at the first fresh store).
-    postmaster: tokio::sync::OnceCell<Option<u32>>,
+    /// (looked up at the first fresh store, from the backend that made it).
+    postmaster: std::sync::OnceLock<Option<u32>>,
 }
 
 impl Stores {
@@ -945,9 +945,7 @@ impl Stores {
 
     /// The PostgreSQL server's CPU time so far, when it runs on this host.
     async fn server_cpu(&self) -> Option<Duration> {
-        let BenchStore::Postgres { admin_url } = &self.kind else { return None };
-        let pid = self.postmaster.get_or_init(|| postmaster_of(admin_url)).await;
-        server_cpu_of((*pid)?)
+        server_cpu_of(self.postmaster.get().copied().flatten()?)
     }
 
     /// A store URL nothing has used, for one run in `dir`.
@@ -961,7 +959,10 @@ impl Stores {
                     made.push(name.clone());
                     name
                 };
-                admin(admin_url, &format!("CREATE DATABASE {name}")).await?;
+                let postmaster = admin(admin_url, &format!("CREATE DATABASE {name}")).await?;
+                if self.postmaster.get().is_none() {
+                    let _ = self.postmaster.set(postmaster);
+                }
                 let base = admin_url.split('?').next().unwrap_or(admin_url);
                 let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
                 Ok(format!("{base}/{name}"))
@@ -982,19 +983,13 @@ impl Stores {
     }
 }
 
-/// The postmaster of the server at `url`, if it runs on this host: the
-/// parent of the backend that answers, both named `postgres` in this
-/// host's `/proc` (a server elsewhere, or in another PID namespace, has
-/// no such pair here, or not one of its own).
-async fn postmaster_of(url: &str) -> Option<u32> {
-    use sqlx::Connection as _;
-    let ask = async {
-        let mut conn = sqlx::PgConnection::connect(url).await.ok()?;
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut conn).await.ok()?;
-        let _ = conn.close().await;
-        Some(pid)
-    };
-    let backend = u32::try_from(tokio::time::timeout(Duration::from_secs(10), ask).await.ok()??).ok()?;
+/// The postmaster of a server whose `backend` (its `pg_backend_pid()`,
+/// the connection still open) answered, if it runs on this host: the
+/// backend's parent, both named `postgres` in this host's `/proc` (a
+/// server elsewhere, or in another PID namespace, has no such pair here,
+/// or not one of its own).
+fn postmaster_of(backend: i32) -> Option<u32> {
+    let backend = u32::try_from(backend).ok()?;
     let (comm, parent) = proc_stat(backend).map(|s| (s.comm, s.parent))?;
     let postmaster = proc_stat(parent)?;
     let named = |c: &str| c == "postgres" || c == "postmaster";
@@ -1058,18 +1053,23 @@ fn server_cpu_of(postmaster: u32) -> Option<Duration> {
 
 /// One statement on the PostgreSQL server, outside any transaction (as
 /// `CREATE DATABASE` must be), bounded by a timeout.
-async fn admin(url: &str, sql: &str) -> Result<(), BenchError> {
+/// Answers the server's postmaster, if it runs on this host (see
+/// [`postmaster_of`]).
+async fn admin(url: &str, sql: &str) -> Result<Option<u32>, BenchError> {
     use sqlx::Connection as _;
     let limit = Duration::from_secs(30);
     let work = async {
         let mut conn = sqlx::PgConnection::connect(url).await?;
         sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut conn).await?;
-        conn.close().await
+        // Read while its backend is alive.
+        let backend: Option<i32> = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut conn).await.ok();
+        let postmaster = backend.and_then(postmaster_of);
+        conn.close().await.map(|()| postmaster)
     };
     match tokio::time::timeout(limit, work).await {
         Err(_) => Err(BenchError::Timeout { what: format!("PostgreSQL: {sql}"), after: limit }),
         Ok(Err(e)) => Err(BenchError::Postgres(format!("{sql}: {e}"))),
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(postmaster)) => Ok(postmaster),
     }
 }
 
