@@ -237,10 +237,14 @@ fn issue19_the_services_bench_measures_slipways_proxy_beside_nginx() {
     assert!(runs.iter().all(|r| r["errors"] == 0), "no failed request through any front: {p}");
     assert_eq!(p["proxy_errors"], 0, "{p}");
     assert!(runs.iter().filter(|r| r["via"] != "direct").all(|r| r["front_cpu_us_per_request"].as_f64().is_some_and(|c| c > 0.0)), "{p}");
-    // The proxy's times are the bench process's own (to the microsecond): both shares are there.
+    // The proxy's times are the bench process's own: some CPU, split
+    // between user and kernel time. The kernel splits a process's run time
+    // by the ticks it sampled in each mode, so a one-second run on a busy
+    // machine may show none in one of them (seen in CI: kernel time 0).
     for proxied in runs.iter().filter(|r| r["via"] == "proxy") {
-        positive(&proxied["front_user_us_per_request"], "front_user_us_per_request");
-        positive(&proxied["front_system_us_per_request"], "front_system_us_per_request");
+        let user = proxied["front_user_us_per_request"].as_f64().unwrap_or(-1.0);
+        let system = proxied["front_system_us_per_request"].as_f64().unwrap_or(-1.0);
+        assert!(user >= 0.0 && system >= 0.0 && user + system > 0.0, "{proxied}");
     }
     assert!(runs.iter().all(|r| r["front_user_us_per_request"].as_f64().is_some_and(|c| c >= 0.0)), "{p}");
     // nginx's come in 10 ms ticks: a short run may see none of its user time.
