@@ -248,7 +248,9 @@ fn issue19_the_services_bench_measures_slipways_proxy_beside_nginx() {
     }
     assert!(runs.iter().all(|r| r["front_user_us_per_request"].as_f64().is_some_and(|c| c >= 0.0)), "{p}");
     // nginx's come in 10 ms ticks: a short run may see none of its user time.
-    let nginx_user_seen = runs.iter().any(|r| r["via"] == "nginx" && r["front_user_us_per_request"].as_f64().is_some_and(|c| c > 0.0));
-    assert!(p["user_cpu_vs_nginx"].is_number() || !nginx_user_seen, "{p}");
+    // Either side's median user time may be 0 on a loaded machine (the
+    // tick split above): the ratio is then absent, else a positive number.
+    let ratio = &p["user_cpu_vs_nginx"];
+    assert!(ratio.is_null() || ratio.as_f64().is_some_and(|r| r.is_finite() && r > 0.0), "{p}");
     assert!(report["rollout"]["median"]["total_secs"].as_f64().is_some_and(|t| t > 0.0), "{}", report["rollout"]);
 }
