@@ -705,15 +705,9 @@ pub(super) async fn published_event(
             && v.get("digest").is_none_or(|d| d.as_str() == digest.as_deref());
         if !same {
             let results: serde_json::Value = recorded.map(|r| serde_json::from_str(&r.payload).unwrap_or_default()).unwrap_or_default();
-            let (mut started, mut unseen) = (Vec::new(), 0);
-            for r in results["results"].as_array().into_iter().flatten() {
-                let (Some(id), Some(env)) = (r["deployment_id"].as_i64(), r["environment"].as_str()) else { continue };
-                if caller.may(super::auth::Need::Read, Some(env)) {
-                    started.push(format!("deployment {id} in {env}"));
-                } else {
-                    unseen += 1;
-                }
-            }
+            let results: Vec<HookResult> = serde_json::from_value(results["results"].clone()).unwrap_or_default();
+            let (shown, unseen) = readable(caller, results);
+            let mut started: Vec<String> = shown.iter().filter_map(|r| Some(format!("deployment {} in {}", r.deployment_id?, r.environment))).collect();
             if unseen > 0 {
                 started.push(format!("{unseen} in environments {} may not read", caller.actor()));
             }

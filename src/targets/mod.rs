@@ -730,6 +730,20 @@ impl LineKeeper {
         self.push_piece(Stream::Stdout, line, false)
     }
 
+    /// What comes next of `stream` may begin inside a line (a tail read
+    /// from the middle of a log): [`Lifeline::last_output`] leaves out
+    /// everything up to that stream's first line end, as it does for a
+    /// line whose beginning fell out of what is kept. Only before the
+    /// stream's first piece; after it, nothing changes.
+    pub fn begins_mid_line(&self, stream: Stream) {
+        if let Ok(mut kept) = self.0.lock() {
+            let (o, headless) = &mut *kept;
+            if !o.iter().any(|(s, _, _)| *s == stream) {
+                headless[stream as usize] = true;
+            }
+        }
+    }
+
     /// A piece of a line cut at [`MAX_LINE_BYTES`] (`cut`: the line goes
     /// on in the next piece of the same stream): [`Lifeline::last_output`]
     /// joins them again, so that masking sees a secret across the cut

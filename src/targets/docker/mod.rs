@@ -691,38 +691,35 @@ fn watch(docker: &Docker, id: &str, pending: &Pending) -> Lifeline {
             let stream = if matches!(c, bollard::container::LogOutput::StdErr { .. }) { super::Stream::Stderr } else { super::Stream::Stdout };
             (stream, c.into_bytes())
         });
-        for (stream, text, cut) in last_lines(frames.collect(), whole) {
-            lines.push_piece(stream, text, cut);
-        }
+        keep_last_lines(&lines, frames, whole);
         exit_tx.send(why);
     });
     life
 }
 
-/// The lines of a container's last log entries, `(text, cut)` as
-/// [`super::LineCutter`] makes them. Docker's entries are not lines: it
-/// splits a line longer than 16 KiB into several. So, unless `whole` (the
-/// entries are the whole log), each stream's first entries up to its
-/// first line break may be the end of a line begun before them, and go:
-/// masking sees only whole lines, and a secret cut by the tail's start
-/// would be kept in part, unmasked.
-fn last_lines(frames: Vec<(super::Stream, bytes::Bytes)>, whole: bool) -> Vec<(super::Stream, String, bool)> {
-    let (mut cutters, mut skipping) = ([super::LineCutter::default(), super::LineCutter::default()], [!whole, !whole]);
-    let mut out = Vec::new();
+/// A container's last log entries into `keeper`, cut into lines by
+/// [`super::LineCutter`]: Docker's entries are not lines (it splits a
+/// line longer than 16 KiB into several). Unless `whole` (the entries are
+/// the whole log), each stream's first entries may be the end of a line
+/// begun before them, which the keeper then leaves out
+/// ([`super::LineKeeper::begins_mid_line`]): masking sees only whole
+/// lines, and a secret cut by the tail's start would be kept in part.
+fn keep_last_lines(keeper: &super::LineKeeper, frames: impl IntoIterator<Item = (super::Stream, bytes::Bytes)>, whole: bool) {
+    let streams = [super::Stream::Stdout, super::Stream::Stderr];
+    if !whole {
+        streams.iter().for_each(|s| keeper.begins_mid_line(*s));
+    }
+    let mut cutters = [super::LineCutter::default(), super::LineCutter::default()];
     for (stream, bytes) in frames {
-        let i = stream as usize;
-        let mut b = &bytes[..];
-        if skipping[i] {
-            let Some(at) = b.iter().position(|&c| c == b'\n') else { continue };
-            b = &b[at + 1..];
-            skipping[i] = false;
+        for (text, cut) in cutters[stream as usize].feed(&bytes) {
+            keeper.push_piece(stream, text, cut);
         }
-        out.extend(cutters[i].feed(b).into_iter().map(|(text, cut)| (stream, text, cut)));
     }
-    for (stream, cutter) in [super::Stream::Stdout, super::Stream::Stderr].into_iter().zip(&mut cutters) {
-        out.extend(cutter.finish().map(|text| (stream, text, false)));
+    for (stream, cutter) in streams.into_iter().zip(&mut cutters) {
+        if let Some(text) = cutter.finish() {
+            keeper.push_piece(stream, text, false);
+        }
     }
-    out
 }
 
 /// Why a stopped container was killed, if memory is the likely reason.
@@ -848,17 +845,20 @@ mod tests {
     fn issue19_a_containers_last_lines_start_at_a_whole_line() {
         use super::super::Stream::{Stderr, Stdout};
         let f = |stream, text: &str| (stream, bytes::Bytes::from(text.to_string()));
-        let texts = |got: Vec<(super::super::Stream, String, bool)>| got.into_iter().map(|(_, t, _)| t).collect::<Vec<_>>();
+        let last_lines = |frames: Vec<_>, whole| {
+            let (life, _exit) = super::super::Lifeline::new();
+            keep_last_lines(&life.keeper(), frames, whole);
+            life.last_output()
+        };
         // A line split by Docker: its end begins the tail, then whole lines.
         let frames = vec![f(Stdout, "t=hunter2 end of a long line\n"), f(Stderr, "err 1\n"), f(Stdout, "out 1\n"), f(Stdout, "out 2 no break")];
-        let got = last_lines(frames.clone(), false);
-        assert_eq!(got, [(Stdout, "out 1".to_string(), false), (Stdout, "out 2 no break".to_string(), false)], "stderr's first entry may be a line's end too");
+        assert_eq!(last_lines(frames.clone(), false), ["out 1", "out 2 no break"], "stderr's first entry may be a line's end too");
         // The whole log: nothing goes.
-        assert_eq!(texts(last_lines(frames, true)), ["t=hunter2 end of a long line", "err 1", "out 1", "out 2 no break"]);
+        assert_eq!(last_lines(frames, true), ["t=hunter2 end of a long line", "err 1", "out 1", "out 2 no break"]);
         // Docker's pieces of one line are one line again (cut only where
         // the shared cutter cuts), the other stream's entries between them.
         let frames = vec![f(Stdout, "a\nfirst half, "), f(Stderr, "x\nan error\n"), f(Stdout, "second half\n")];
-        assert_eq!(texts(last_lines(frames, false)), ["an error", "first half, second half"]);
+        assert_eq!(last_lines(frames, false), ["an error", "first half, second half"]);
     }
 
     /// The Engine's own words for a port or a name taken mean "try another
