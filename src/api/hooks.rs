@@ -318,9 +318,6 @@ async fn answer_from_started(s: &AppState, key: &str, r: &mut HookResult) -> boo
     }
 }
 
-/// 503 for a delivery whose deployments could not all be submitted for a
-/// passing reason: nothing of it is recorded as handled, the sender
-/// retries, and what was submitted is not submitted twice.
 /// The results a caller may see, and how many were left out: a deployment
 /// in an environment its token may not read (a retry of another sender's
 /// publication names what that one started) is not named. The record
@@ -333,6 +330,9 @@ fn readable(caller: &super::auth::Caller, results: Vec<HookResult>) -> (Vec<Hook
     (shown, unseen)
 }
 
+/// 503 for a delivery whose deployments could not all be submitted for a
+/// passing reason: nothing of it is recorded as handled, the sender
+/// retries, and what was submitted is not submitted twice.
 fn retry_later(results: &[HookResult]) -> ApiError {
     let why: Vec<String> = results.iter().filter_map(|r| r.error.as_ref().map(|e| format!("{} in {}: {e}", r.service, r.environment))).collect();
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("not every deployment could be submitted; send it again: {}", why.join("; ")))
